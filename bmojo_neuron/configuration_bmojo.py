@@ -1,0 +1,283 @@
+"""`BMojoConfig`: every hyper-parameter of a B'MOJO language model.
+
+The fields follow `shared/design/bmojo.md`. Validation runs at construction and
+raises `ValueError` naming the offending field, so a bad recipe fails before any
+weights are built.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from transformers import PretrainedConfig
+
+LAYER_KINDS = {
+    "B": "B'MOJO: attention over in-context + fading + eidetic memory",
+    "F": "B'MOJO-F: attention over in-context + fading memory",
+    "M": "SSM only (Mamba)",
+    "S": "sliding-window attention only",
+    "A": "full causal attention",
+}
+SSM_MIXERS = ("mamba1", "mamba2")
+MAX_HEAD_DIM = 128  # Trainium partition limit; the attention kernel puts head_dim on partitions.
+
+
+class BMojoConfig(PretrainedConfig):
+    """Configuration of `BMojoModel` / `BMojoForCausalLM`.
+
+    Layer layout:
+        layer_pattern: one letter per layer from `LAYER_KINDS` (default: all ``B``).
+
+    Attention (letters B, F, S, A):
+        num_attention_heads, num_key_value_heads (GQA), head_dim (<= 128, even),
+        rope_theta, attention_bias, window_size ``w``, fading_window ``w_f``
+        (default ``w``; 0 disables the fading path), tie_fading_projections.
+
+    Eidetic memory (letter B):
+        memory_size ``M`` slots, memory_chunk ``c`` (default ``w``), memory_picks
+        ``k`` per chunk, memory_decay ``gamma`` in [0, 1], innovation_loss_weight
+        ``lambda`` (must be > 0 when ``M > 0``: the predictor learns only from it).
+
+    SSM (letters B, F, M): ssm_mixer (``mamba2`` or ``mamba1``), ssm_expand,
+        ssm_state_size ``N``, ssm_head_dim ``P`` and ssm_n_groups (mamba2),
+        ssm_dt_rank (mamba1, ``"auto"`` = ceil(d/16)), ssm_conv_kernel,
+        ssm_chunk_size, ssm_dt_min/max/init_floor, ssm_A_init_range (mamba2),
+        ssm_conv_bias, ssm_proj_bias.
+
+    MLP and the rest: intermediate_size (SwiGLU; 0 = no MLP), rms_norm_eps,
+        initializer_range, rescale_prenorm_residual, tie_word_embeddings.
+    """
+
+    model_type = "bmojo"
+
+    def __init__(
+        self,
+        vocab_size: int = 50304,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        layer_pattern: str | None = None,
+        # attention
+        num_attention_heads: int = 12,
+        num_key_value_heads: int | None = None,
+        head_dim: int | None = None,
+        rope_theta: float = 10000.0,
+        attention_bias: bool = False,
+        window_size: int = 512,
+        fading_window: int | None = None,
+        tie_fading_projections: bool = True,
+        # eidetic memory
+        memory_size: int = 64,
+        memory_chunk: int | None = None,
+        memory_picks: int = 8,
+        memory_decay: float = 0.99,
+        innovation_loss_weight: float = 0.01,
+        # SSM
+        ssm_mixer: str = "mamba2",
+        ssm_expand: int = 2,
+        ssm_state_size: int = 64,
+        ssm_head_dim: int = 64,
+        ssm_n_groups: int = 1,
+        ssm_dt_rank: int | str = "auto",
+        ssm_conv_kernel: int = 4,
+        ssm_chunk_size: int = 128,
+        ssm_dt_min: float = 0.001,
+        ssm_dt_max: float = 0.1,
+        ssm_dt_init_floor: float = 1e-4,
+        ssm_A_init_range: tuple[float, float] | list[float] = (1.0, 16.0),
+        ssm_conv_bias: bool = True,
+        ssm_proj_bias: bool = False,
+        # MLP, norms, init
+        intermediate_size: int | None = None,
+        rms_norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+        rescale_prenorm_residual: bool = True,
+        tie_word_embeddings: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.layer_pattern = layer_pattern if layer_pattern is not None else "B" * num_hidden_layers
+
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
+        self.head_dim = head_dim if head_dim is not None else hidden_size // max(num_attention_heads, 1)
+        self.rope_theta = rope_theta
+        self.attention_bias = attention_bias
+        self.window_size = window_size
+        self.fading_window = fading_window if fading_window is not None else window_size
+        self.tie_fading_projections = tie_fading_projections
+
+        self.memory_size = memory_size
+        self.memory_chunk = memory_chunk if memory_chunk is not None else window_size
+        self.memory_picks = memory_picks
+        self.memory_decay = memory_decay
+        self.innovation_loss_weight = innovation_loss_weight
+
+        self.ssm_mixer = ssm_mixer
+        self.ssm_expand = ssm_expand
+        self.ssm_state_size = ssm_state_size
+        self.ssm_head_dim = ssm_head_dim
+        self.ssm_n_groups = ssm_n_groups
+        self.ssm_dt_rank = math.ceil(hidden_size / 16) if ssm_dt_rank == "auto" else ssm_dt_rank
+        self.ssm_conv_kernel = ssm_conv_kernel
+        self.ssm_chunk_size = ssm_chunk_size
+        self.ssm_dt_min = ssm_dt_min
+        self.ssm_dt_max = ssm_dt_max
+        self.ssm_dt_init_floor = ssm_dt_init_floor
+        self.ssm_A_init_range = list(ssm_A_init_range)
+        self.ssm_conv_bias = ssm_conv_bias
+        self.ssm_proj_bias = ssm_proj_bias
+
+        self.intermediate_size = intermediate_size if intermediate_size is not None else _swiglu_size(hidden_size)
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.rescale_prenorm_residual = rescale_prenorm_residual
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            **kwargs,
+        )
+        self.validate_bmojo()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def ssm_inner_size(self) -> int:
+        """Channels of the SSM (``d_inner = expand * hidden_size``)."""
+        return self.ssm_expand * self.hidden_size
+
+    @property
+    def ssm_num_heads(self) -> int:
+        """Mamba-2 heads (``d_inner / ssm_head_dim``)."""
+        return self.ssm_inner_size // self.ssm_head_dim
+
+    @property
+    def memory_lag(self) -> int:
+        """Chunks between a token's pick and its visibility: ``g = 1 + ceil((w + w_f) / c)``."""
+        return 1 + -(-(self.window_size + self.fading_window) // self.memory_chunk)
+
+    def layer_kind(self, layer_idx: int) -> str:
+        return self.layer_pattern[layer_idx]
+
+    def uses_ssm(self) -> bool:
+        return any(kind in "BFM" for kind in self.layer_pattern)
+
+    # ------------------------------------------------------------------ validation
+    def validate_bmojo(self) -> None:
+        """Raise `ValueError` naming the first inconsistent field."""
+        _require(isinstance(self.layer_pattern, str), "layer_pattern", f"must be a string, got {self.layer_pattern!r}")
+        bad = sorted(set(self.layer_pattern) - set(LAYER_KINDS))
+        _require(not bad, "layer_pattern", f"has letters {bad}; allowed letters are {''.join(LAYER_KINDS)}")
+        _require(
+            len(self.layer_pattern) == self.num_hidden_layers,
+            "layer_pattern",
+            f"has {len(self.layer_pattern)} letters but num_hidden_layers is {self.num_hidden_layers}",
+        )
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers"):
+            _require_int(self, name, minimum=1)
+        _require_int(self, "intermediate_size", minimum=0)
+        self._validate_attention()
+        self._validate_memory()
+        self._validate_ssm()
+        _require(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
+        _require(self.initializer_range > 0, "initializer_range", "must be > 0")
+
+    def _validate_attention(self) -> None:
+        if not any(kind in "BFSA" for kind in self.layer_pattern):
+            return
+        _require_int(self, "num_attention_heads", minimum=1)
+        _require_int(self, "num_key_value_heads", minimum=1)
+        _require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_key_value_heads",
+            f"({self.num_key_value_heads}) must divide num_attention_heads ({self.num_attention_heads})",
+        )
+        _require_int(self, "head_dim", minimum=2)
+        _require(
+            self.head_dim <= MAX_HEAD_DIM,
+            "head_dim",
+            f"is {self.head_dim}; at most {MAX_HEAD_DIM} (one Trainium partition tile)",
+        )
+        _require(self.head_dim % 2 == 0, "head_dim", f"is {self.head_dim}; RoPE needs an even head_dim")
+        _require(self.rope_theta > 0, "rope_theta", "must be > 0")
+        _require_int(self, "window_size", minimum=1)
+        _require_int(self, "fading_window", minimum=0)
+
+    def _validate_memory(self) -> None:
+        if "B" not in self.layer_pattern:
+            return
+        _require_int(self, "memory_size", minimum=0)
+        _require_int(self, "memory_chunk", minimum=1)
+        _require(0.0 <= self.memory_decay <= 1.0, "memory_decay", f"is {self.memory_decay}; must be in [0, 1]")
+        _require(self.innovation_loss_weight >= 0, "innovation_loss_weight", "must be >= 0")
+        if self.memory_size == 0:
+            return
+        _require_int(self, "memory_picks", minimum=1)
+        _require(
+            self.memory_picks <= self.memory_chunk,
+            "memory_picks",
+            f"({self.memory_picks}) cannot exceed memory_chunk ({self.memory_chunk})",
+        )
+        _require(
+            self.innovation_loss_weight > 0,
+            "innovation_loss_weight",
+            f"is 0 but memory_size is {self.memory_size}: the innovation predictor learns only "
+            "from the auxiliary loss, so memory selection would never improve; set it > 0 or memory_size=0",
+        )
+
+    def _validate_ssm(self) -> None:
+        if not self.uses_ssm():
+            return
+        _require(
+            self.ssm_mixer in SSM_MIXERS, "ssm_mixer", f"is {self.ssm_mixer!r}; choose one of {list(SSM_MIXERS)}"
+        )
+        for name in ("ssm_expand", "ssm_state_size", "ssm_conv_kernel", "ssm_chunk_size"):
+            _require_int(self, name, minimum=1)
+        _require(0 < self.ssm_dt_min <= self.ssm_dt_max, "ssm_dt_min", "must satisfy 0 < ssm_dt_min <= ssm_dt_max")
+        _require(self.ssm_dt_init_floor > 0, "ssm_dt_init_floor", "must be > 0")
+        if self.ssm_mixer == "mamba1":
+            _require_int(self, "ssm_dt_rank", minimum=1)
+            return
+        _require_int(self, "ssm_head_dim", minimum=1)
+        _require_int(self, "ssm_n_groups", minimum=1)
+        _require(
+            self.ssm_inner_size % self.ssm_head_dim == 0,
+            "ssm_head_dim",
+            f"({self.ssm_head_dim}) must divide ssm_expand * hidden_size ({self.ssm_inner_size})",
+        )
+        _require(
+            self.ssm_num_heads % self.ssm_n_groups == 0,
+            "ssm_n_groups",
+            f"({self.ssm_n_groups}) must divide the number of SSM heads ({self.ssm_num_heads})",
+        )
+        low, high = (self.ssm_A_init_range + [None, None])[:2]
+        _require(
+            len(self.ssm_A_init_range) == 2 and 0 < low <= high,
+            "ssm_A_init_range",
+            f"is {self.ssm_A_init_range}; must be [low, high] with 0 < low <= high",
+        )
+
+
+def _swiglu_size(hidden_size: int) -> int:
+    """LLaMA-style SwiGLU width: 8/3 * d rounded up to a multiple of 128."""
+    return 128 * -(-(8 * hidden_size // 3) // 128)
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"BMojoConfig.{field} {message}")
+
+
+def _require_int(config: BMojoConfig, field: str, minimum: int) -> None:
+    value = getattr(config, field)
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= minimum,
+        field,
+        f"must be an integer >= {minimum}, got {value!r}",
+    )
