@@ -1,0 +1,229 @@
+"""`bmojo-neuron` command line.
+
+Subcommands live in a registry. To add one, write a module in the
+`bmojo_neuron.commands` package (e.g. ``bmojo_neuron/commands/train.py``); every
+module there is imported when the parser is built, so registering is enough:
+
+    import argparse
+    from bmojo_neuron.cli import register_command
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--recipe", default="tiny")
+
+    @register_command("train", help="train a model", add_arguments=add_arguments)
+    def run(args: argparse.Namespace) -> int | None:
+        ...  # return an exit code, or None for 0
+
+Import heavy things (torch, datasets, Neuron) inside `run`, not at module top, so
+`bmojo-neuron --help` stays fast. A module that fails to import is reported as a
+warning on stderr and its commands are missing; the others still work. Expected failures (`ValueError`,
+`FileNotFoundError`, `NeuronUnavailableError`) raised by `run` are printed as
+``error: ...`` with exit status 2; anything else is a bug and shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import platform
+import sys
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Callable
+
+from bmojo_neuron._version import __version__
+from bmojo_neuron.neuron import NeuronUnavailableError, neuron_status
+
+COMMANDS_PACKAGE = "bmojo_neuron.commands"
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    NeuronUnavailableError,
+)
+
+AddArguments = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], "int | None"]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    add_arguments: AddArguments | None
+    run: Run
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def add_command(name: str, help: str, add_arguments: AddArguments | None, run: Run) -> Command:
+    """Register subcommand `name`; `run(args)` returns an exit code or None (0)."""
+    if name in COMMANDS and COMMANDS[name].run is not run:
+        raise ValueError(f"subcommand {name!r} is already registered")
+    COMMANDS[name] = command = Command(name, help, add_arguments, run)
+    return command
+
+
+def register_command(name: str, help: str, add_arguments: AddArguments | None = None) -> Callable[[Run], Run]:
+    """Decorator form of `add_command`; returns the function unchanged."""
+
+    def decorator(run: Run) -> Run:
+        add_command(name, help, add_arguments, run)
+        return run
+
+    return decorator
+
+
+def _load_command_modules() -> None:
+    """Import every module of `bmojo_neuron.commands` so their commands register."""
+    try:
+        package = importlib.import_module(COMMANDS_PACKAGE)
+    except ModuleNotFoundError as exc:
+        if exc.name in (COMMANDS_PACKAGE, "bmojo_neuron"):
+            return
+        raise
+    for module in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if module.name.startswith("_"):
+            continue
+        name = f"{COMMANDS_PACKAGE}.{module.name}"
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # keep the other commands (and `info`) usable
+            print(f"warning: could not load {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_command_modules()
+    parser = argparse.ArgumentParser(
+        prog="bmojo-neuron",
+        description="Train and run B'MOJO language models on CPU, CUDA and AWS Trainium.",
+    )
+    parser.add_argument("--version", action="version", version=f"bmojo-neuron {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for command in sorted(COMMANDS.values(), key=lambda c: c.name):
+        sub = subparsers.add_parser(command.name, help=command.help, description=command.help)
+        if command.add_arguments is not None:
+            command.add_arguments(sub)
+        sub.set_defaults(_run=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args._run(args)
+    except EXPECTED_ERRORS as exc:
+        message = str(exc) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0 if code is None else int(code)
+
+
+# --------------------------------------------------------------------------- info
+
+
+def _dist_version(dist: str) -> str | None:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _torch_info() -> dict[str, Any]:
+    try:
+        import torch
+    except Exception as exc:
+        return {"version": None, "cuda_available": False, "cuda_version": None,
+                "error": f"{type(exc).__name__}: {exc}"}
+    try:
+        cuda = bool(torch.cuda.is_available())
+    except Exception:
+        cuda = False
+    return {"version": torch.__version__, "cuda_available": cuda, "cuda_version": torch.version.cuda}
+
+
+def _op_backends() -> dict[str, Any]:
+    """`bmojo_neuron.ops.available_backends()`, or status "unknown" if it cannot be called."""
+    try:
+        from bmojo_neuron.ops import available_backends
+
+        backends = available_backends()
+        return {
+            "status": "ok",
+            "reason": None,
+            "backends": {
+                name: {"available": bool(ok), "reason": str(reason or "")}
+                for name, (ok, reason) in backends.items()
+            },
+        }
+    except Exception as exc:
+        return {"status": "unknown", "reason": f"{type(exc).__name__}: {exc}", "backends": {}}
+
+
+def collect_info() -> dict[str, Any]:
+    """Everything `bmojo-neuron info` reports, as JSON-serialisable data."""
+    return {
+        "bmojo_neuron": {"version": __version__},
+        "python": {"version": platform.python_version(), "executable": sys.executable,
+                   "platform": platform.platform()},
+        "torch": _torch_info(),
+        "transformers": {"version": _dist_version("transformers")},
+        "datasets": {"version": _dist_version("datasets")},
+        "op_backends": _op_backends(),
+        "neuron": neuron_status(),
+    }
+
+
+def _format_info(info: dict[str, Any]) -> str:
+    def ver(v: str | None) -> str:
+        return v if v else "not installed"
+
+    torch = info["torch"]
+    cuda = "yes" if torch["cuda_available"] else "no"
+    if torch["cuda_available"] and torch["cuda_version"]:
+        cuda += f", CUDA {torch['cuda_version']}"
+    lines = [
+        f"bmojo-neuron  {info['bmojo_neuron']['version']}",
+        f"python        {info['python']['version']} ({info['python']['executable']})",
+        f"torch         {ver(torch['version'])} (CUDA available: {cuda})",
+        f"transformers  {ver(info['transformers']['version'])}",
+        f"datasets      {ver(info['datasets']['version'])}",
+        "",
+        "op backends:",
+    ]
+    ops = info["op_backends"]
+    if ops["status"] != "ok":
+        lines.append(f"  unknown ({ops['reason']})")
+    for name, b in ops["backends"].items():
+        state = "available" if b["available"] else "unavailable"
+        lines.append(f"  {name:<20} {state}" + (f": {b['reason']}" if b["reason"] else ""))
+    lines += ["", "neuron packages:"]
+    for name, s in info["neuron"].items():
+        detail = s["version"] if s["importable"] else f"unavailable: {s['reason']}"
+        lines.append(f"  {name:<20} {detail}")
+    return "\n".join(lines)
+
+
+def _info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+@register_command("info", help="show versions, op backends and Neuron package status",
+                  add_arguments=_info_arguments)
+def _info(args: argparse.Namespace) -> int:
+    info = collect_info()
+    print(json.dumps(info, indent=2) if args.json else _format_info(info))
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the imported module, not this `__main__` copy, so commands registered via
+    # `from bmojo_neuron.cli import register_command` land in the registry used.
+    from bmojo_neuron.cli import main as _main
+
+    sys.exit(_main())

@@ -1,0 +1,286 @@
+"""B'MOJO attention: one mixer class for the attention layer kinds B, F, S and A.
+
+* ``S``: sliding-window attention over the last ``w`` tokens;
+* ``F``: adds the fading window: keys/values projected from the SSM output ``S``;
+* ``B``: adds the eidetic memory of high-innovation tokens;
+* ``A``: full causal attention (`scaled_dot_product_attention`).
+
+The parallel forward calls `ops.eidetic_attention`; decoding one token reads the
+layer's `AttentionLayerCache` (O(1) in the context length for B, F, S).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ..cache_bmojo import AttentionLayerCache
+from ..configuration_bmojo import BMojoConfig
+from .eidetic_memory import (
+    MemoryState,
+    innovation_scores,
+    memory_after_each_chunk,
+    update_memory,
+    visible_memory,
+)
+from .factory import get_layer_factory
+from .rope import RotaryEmbedding, apply_rotary
+from .ssm import build_ssm_mixer
+
+
+class BMojoAttention(nn.Module):
+    def __init__(self, config: BMojoConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.kind = config.layer_kind(layer_idx)
+        if self.kind not in "BFSA":
+            raise ValueError(f"BMojoAttention cannot build layer kind {self.kind!r}")
+        self.q_heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.window = config.window_size
+        self.fading_window = config.fading_window if self.kind in "BF" else 0
+        self.memory_size = config.memory_size if self.kind == "B" else 0
+        self.chunk = config.memory_chunk
+        self.picks = config.memory_picks
+        self.decay = config.memory_decay
+        self.lag = config.memory_lag
+
+        layers = get_layer_factory()
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = layers.column_linear(hidden, self.q_heads * self.head_dim, bias=bias)
+        self.k_proj = layers.column_linear(hidden, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = layers.column_linear(hidden, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = layers.row_linear(self.q_heads * self.head_dim, hidden, bias=bias)
+        self.rotary = RotaryEmbedding(self.head_dim, config.rope_theta)
+
+        needs_ssm = self.fading_window > 0 or self.memory_size > 0
+        self.ssm = build_ssm_mixer(config, layer_idx) if needs_ssm else None
+        self.tie_fading = config.tie_fading_projections
+        if self.fading_window > 0 and not self.tie_fading:
+            self.k_fading_proj = layers.column_linear(hidden, self.kv_heads * self.head_dim, bias=bias)
+            self.v_fading_proj = layers.column_linear(hidden, self.kv_heads * self.head_dim, bias=bias)
+        if self.memory_size > 0:
+            # K_hat_t = P(S_{t-1}); sharded by kv head like k_proj.
+            self.innovation_proj = layers.column_linear(hidden, self.kv_heads * self.head_dim, bias=False)
+
+    # ------------------------------------------------------------------ helpers
+    def _heads(self, x: Tensor, heads: int) -> Tensor:
+        """(batch, L, heads * head_dim) -> (batch, L, heads, head_dim)."""
+        return x.view(*x.shape[:-1], heads, self.head_dim)
+
+    def _rotate(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate (batch, heads, L, head_dim) at `positions` (L,)."""
+        cos, sin = self.rotary(positions, x.dtype)
+        return apply_rotary(x, cos, sin)
+
+    def _fading_kv(self, s: Tensor) -> tuple[Tensor, Tensor]:
+        """Fading keys/values (batch, L, kv_heads, head_dim) from the SSM output."""
+        k_proj = self.k_proj if self.tie_fading else self.k_fading_proj
+        v_proj = self.v_proj if self.tie_fading else self.v_fading_proj
+        return self._heads(k_proj(s), self.kv_heads), self._heads(v_proj(s), self.kv_heads)
+
+    def _innovation(self, k_raw: Tensor, s_prev: Tensor) -> Tensor:
+        """Innovation (batch, L) against the prediction from the previous SSM outputs (batch, L, d).
+
+        Both the target and the predictor's input are detached: the auxiliary loss
+        trains only the predictor (docs/design.md, "Innovation").
+        """
+        k_hat = self._heads(self.innovation_proj(s_prev.detach()), self.kv_heads)
+        return innovation_scores(k_raw.detach(), k_hat)
+
+    def _memory_rotation(self, chunk_index: Tensor) -> Tensor:
+        """Position at which chunk j reads its memory keys: max(0, j*c - w - w_f)."""
+        return (chunk_index * self.chunk - self.window - self.fading_window).clamp(min=0)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self, x: Tensor, start: int = 0, cache: AttentionLayerCache | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Mix `x` (batch, L, d) whose first token is at position `start`.
+
+        Returns the mixer output and the mean innovation (None for layers without memory),
+        which the model turns into the auxiliary loss.
+        """
+        if cache is not None and start > 0:
+            outputs = [self._decode_step(x[:, t : t + 1], start + t, cache) for t in range(x.shape[1])]
+            return torch.cat(outputs, dim=1), None
+        return self._forward_parallel(x, cache)
+
+    def _forward_parallel(self, x: Tensor, cache: AttentionLayerCache | None) -> tuple[Tensor, Tensor | None]:
+        batch, length, _ = x.shape
+        positions = torch.arange(length, device=x.device)
+        q = self._rotate(self._heads(self.q_proj(x), self.q_heads).transpose(1, 2), positions)
+        k_raw = self._heads(self.k_proj(x), self.kv_heads)
+        v = self._heads(self.v_proj(x), self.kv_heads)
+        k = self._rotate(k_raw.transpose(1, 2), positions)
+        v_t = v.transpose(1, 2)
+
+        if self.kind == "A":
+            out = F.scaled_dot_product_attention(q, k, v_t, is_causal=True, enable_gqa=self.q_heads != self.kv_heads)
+            if cache is not None:
+                cache.ctx_k, cache.ctx_v = k, v_t
+            return self._output(out), None
+
+        s = None
+        if self.ssm is not None:
+            cache_ssm = None
+            if cache is not None:
+                cache.ssm = cache_ssm = self.ssm.init_state(batch, x.device, x.dtype)
+            s = self.ssm(x, state=cache_ssm)
+
+        k_fading = v_fading = None
+        if self.fading_window > 0:
+            kf_raw, v_fading = self._fading_kv(s)
+            k_fading = self._rotate(kf_raw.transpose(1, 2), positions)
+            v_fading = v_fading.transpose(1, 2)
+
+        mean_innovation = None
+        mem_k = mem_v = mem_valid = None
+        memory_states: list[MemoryState] = []
+        innovation = None
+        if self.memory_size > 0:
+            s_prev = F.pad(s, (0, 0, 1, 0))[:, :-1]  # S_{t-1}, zero before the first token
+            innovation = self._innovation(k_raw, s_prev)
+            mean_innovation = innovation.mean()
+            memory_states = memory_after_each_chunk(
+                k_raw, v, innovation.detach(),
+                chunk=self.chunk, picks=self.picks, size=self.memory_size, decay=self.decay,
+            )
+            mem_k, mem_v, mem_valid = self._memory_for_chunks(memory_states, length, k_raw)
+
+        out, _ = ops.eidetic_attention(
+            q, k, v_t, k_fading, v_fading, mem_k, mem_v, mem_valid,
+            window=self.window, fading_window=self.fading_window, chunk=self.chunk,
+        )
+        if cache is not None:
+            self._fill_cache(cache, k, v_t, k_fading, v_fading, s, k_raw, v, innovation, memory_states)
+        return self._output(out), mean_innovation
+
+    def _memory_for_chunks(
+        self, states: list[MemoryState], length: int, like: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Per query chunk: rotated memory keys, values (batch, kv_heads, n_chunks, M, D) and validity."""
+        n_chunks = -(-length // self.chunk)
+        empty = MemoryState.empty(like.shape[0], self.memory_size, self.kv_heads, self.head_dim, like)
+        seen = visible_memory(states, n_chunks, self.lag, empty)
+        rotation = self._memory_rotation(torch.arange(n_chunks, device=like.device))
+        cos, sin = self.rotary(rotation, like.dtype)  # (n_chunks, D)
+        mem_k = apply_rotary(seen.k.permute(0, 3, 1, 2, 4), cos[:, None], sin[:, None])
+        return mem_k, seen.v.permute(0, 3, 1, 2, 4), seen.valid
+
+    def _output(self, out: Tensor) -> Tensor:
+        """(batch, heads, L, head_dim) -> o_proj over (batch, L, heads * head_dim)."""
+        batch, _, length, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.q_heads * self.head_dim))
+
+    # ------------------------------------------------------------------ decode
+    def _fill_cache(self, cache, k, v, k_fading, v_fading, s, k_raw, v_raw, innovation, memory_states) -> None:
+        """Store what decoding needs after a parallel forward over a whole prompt."""
+        length = k.shape[2]
+        cache.ctx_k, cache.ctx_v = k[:, :, -self.window :], v[:, :, -self.window :]
+        if self.fading_window > 0:
+            keep = self.window + self.fading_window
+            cache.fading_k, cache.fading_v = k_fading[:, :, -keep:], v_fading[:, :, -keep:]
+        if s is not None:
+            cache.prev_ssm_out = s[:, -1]
+        if self.memory_size > 0:
+            done = len(memory_states)
+            cache.memory = memory_states[-1] if memory_states else self._empty_memory(k_raw)
+            cache.snapshots = {j: memory_states[j] for j in range(max(0, done - self.lag), done)}
+            tail = slice(done * self.chunk, length)
+            cache.chunk_k, cache.chunk_v = k_raw[:, tail], v_raw[:, tail]
+            cache.chunk_innovation = innovation[:, tail].detach()
+
+    def _empty_memory(self, like: Tensor) -> MemoryState:
+        return MemoryState.empty(like.shape[0], self.memory_size, self.kv_heads, self.head_dim, like)
+
+    def _decode_step(self, x: Tensor, position: int, cache: AttentionLayerCache) -> Tensor:
+        """One token `x` (batch, 1, d) at `position`, reading and advancing `cache`."""
+        pos = torch.tensor([position], device=x.device)
+        q = self._rotate(self._heads(self.q_proj(x), self.q_heads).transpose(1, 2), pos)
+        k_raw = self._heads(self.k_proj(x), self.kv_heads)
+        v = self._heads(self.v_proj(x), self.kv_heads)
+        k = self._rotate(k_raw.transpose(1, 2), pos)
+        keep = None if self.kind == "A" else self.window
+        cache.ctx_k = _append(cache.ctx_k, k, keep)
+        cache.ctx_v = _append(cache.ctx_v, v.transpose(1, 2), keep)
+        keys, values, valid = [cache.ctx_k], [cache.ctx_v], []
+
+        s = self.ssm(x, state=cache.ssm) if self.ssm is not None else None
+        if self.fading_window > 0:
+            kf_raw, vf = self._fading_kv(s)
+            keep_f = self.window + self.fading_window
+            cache.fading_k = _append(cache.fading_k, self._rotate(kf_raw.transpose(1, 2), pos), keep_f)
+            cache.fading_v = _append(cache.fading_v, vf.transpose(1, 2), keep_f)
+            n_fading = max(0, cache.fading_k.shape[2] - self.window)  # tokens that left the window
+            keys.append(cache.fading_k[:, :, :n_fading])
+            values.append(cache.fading_v[:, :, :n_fading])
+
+        if self.memory_size > 0:
+            self._read_memory(cache, position, k_raw, keys, values, valid)
+            innovation = self._innovation(k_raw, cache.prev_ssm_out[:, None])
+            self._advance_memory(cache, position, k_raw, v, innovation)
+        if s is not None:
+            cache.prev_ssm_out = s[:, -1]
+
+        out = _attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), valid)
+        return self._output(out)
+
+    def _read_memory(self, cache, position, k_raw, keys, values, valid) -> None:
+        """Append the memory visible to `position`'s chunk to the key/value lists."""
+        memory = cache.snapshots.get(position // self.chunk - self.lag)
+        if memory is None:
+            memory = self._empty_memory(k_raw)
+        rotation = self._memory_rotation(torch.tensor([position // self.chunk], device=k_raw.device))
+        cos, sin = self.rotary(rotation, k_raw.dtype)
+        keys.append(apply_rotary(memory.k.transpose(1, 2), cos, sin))
+        values.append(memory.v.transpose(1, 2))
+        valid.append(memory.valid)
+
+    def _advance_memory(self, cache, position, k_raw, v, innovation) -> None:
+        """Add the token to the current chunk; when the chunk completes, pick and snapshot."""
+        cache.chunk_k = _cat_time(cache.chunk_k, k_raw)
+        cache.chunk_v = _cat_time(cache.chunk_v, v)
+        cache.chunk_innovation = _cat_time(cache.chunk_innovation, innovation.detach())
+        if (position + 1) % self.chunk:
+            return
+        j = position // self.chunk
+        cache.memory = update_memory(
+            cache.memory if cache.memory is not None else self._empty_memory(k_raw),
+            cache.chunk_k, cache.chunk_v, cache.chunk_innovation,
+            j * self.chunk, j, self.picks, self.decay,
+        )
+        cache.snapshots[j] = cache.memory
+        cache.snapshots.pop(j - self.lag, None)  # chunk j + 1 reads j + 1 - lag onwards
+        cache.chunk_k = cache.chunk_v = cache.chunk_innovation = None
+
+
+def _append(buffer: Tensor | None, new: Tensor, keep: int | None) -> Tensor:
+    """Append along time (dim 2) and keep the last `keep` entries (all if None)."""
+    out = new if buffer is None else torch.cat([buffer, new], dim=2)
+    return out if keep is None else out[:, :, -keep:]
+
+
+def _cat_time(buffer: Tensor | None, new: Tensor) -> Tensor:
+    return new if buffer is None else torch.cat([buffer, new], dim=1)
+
+
+def _attend(q: Tensor, keys: Tensor, values: Tensor, memory_valid: list[Tensor]) -> Tensor:
+    """Dense attention of one query (batch, q_heads, 1, D) over (batch, kv_heads, n, D) keys.
+
+    `memory_valid` masks the trailing memory slots (batch, M); all other keys are valid.
+    """
+    batch, q_heads, _, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    qg = q.view(batch, kv_heads, q_heads // kv_heads, head_dim).to(dtype)
+    scores = torch.einsum("bhgd,bhnd->bhgn", qg, keys.to(dtype)) / head_dim**0.5
+    if memory_valid:
+        mask = memory_valid[0]
+        valid = torch.cat([mask.new_ones(batch, keys.shape[2] - mask.shape[1]), mask], dim=1)
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhgn,bhnd->bhgd", probs, values.to(dtype))
+    return out.reshape(batch, q_heads, 1, head_dim).to(q.dtype)

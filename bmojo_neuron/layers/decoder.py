@@ -1,0 +1,44 @@
+"""The pre-norm decoder block: ``x + Mixer(RMSNorm(x))``, then ``x + MLP(RMSNorm(x))``."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from ..configuration_bmojo import BMojoConfig
+from .attention import BMojoAttention
+from .mlp import SwiGLU
+from .norms import RMSNorm
+from .ssm import build_ssm_mixer
+
+RESIDUAL_OUTPUTS = ("o_proj", "out_proj", "down_proj")  # scaled down at init (GPT-2 scheme)
+
+
+class BMojoDecoderLayer(GradientCheckpointingLayer):
+    """One layer of kind ``config.layer_pattern[layer_idx]``: SSM-only (``M``) or attention (B, F, S, A)."""
+
+    def __init__(self, config: BMojoConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.kind = config.layer_kind(layer_idx)
+        self.mixer_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mixer = build_ssm_mixer(config, layer_idx) if self.kind == "M" else BMojoAttention(config, layer_idx)
+        self.mlp_norm = self.mlp = None
+        if config.intermediate_size > 0:
+            self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        for name, module in self.named_modules():
+            if name.endswith(RESIDUAL_OUTPUTS):
+                module.is_residual_output = True
+
+    def forward(self, hidden_states: Tensor, start: int = 0, cache=None) -> tuple[Tensor, Tensor | None]:
+        """Returns the new hidden states and the layer's mean innovation (None without memory)."""
+        innovation = None
+        normed = self.mixer_norm(hidden_states)
+        if self.kind == "M":
+            mixed = self.mixer(normed, state=cache)
+        else:
+            mixed, innovation = self.mixer(normed, start=start, cache=cache)
+        hidden_states = hidden_states + mixed
+        if self.mlp is not None:
+            hidden_states = hidden_states + self.mlp(self.mlp_norm(hidden_states))
+        return hidden_states, innovation

@@ -1,0 +1,183 @@
+"""Mamba-2 mixer (SSD: scalar decay per head, chunked scan).
+
+Pipeline: ``in_proj_{z,x,bc,dt}`` -> causal depthwise convs on x and on (B, C)
+(+SiLU) -> SSD scan (``+ D x``) -> gated RMSNorm with ``silu(z)`` (grouped by
+``ssm_n_groups``) -> ``out_proj``.
+
+Tensor-parallel layout: one column-parallel projection per segment of Mamba-2's fused
+``in_proj``; heads, channels and B/C groups are split over ranks (per-head tensors
+``A_log``, ``D``, ``dt_bias`` and the convs are created at their local size).
+``in_proj_bc`` orders its outputs group-major, ``[B_0, C_0, B_1, C_1, ...]`` (each
+N wide), so a contiguous column shard holds whole groups with both their B and C;
+the norm is per group, so sharding never changes the result. ``dt_bias`` is a
+separate parameter handed to the scan (``dt_softplus=True``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bmojo_neuron import ops
+from bmojo_neuron.configuration_bmojo import BMojoConfig
+from bmojo_neuron.layers.factory import get_layer_factory
+from bmojo_neuron.layers.mamba1 import _mark_no_weight_decay, _wide, init_dt_bias_
+from bmojo_neuron.layers.norms import GatedRMSNorm
+from bmojo_neuron.layers.ssm_state import SSMState, causal_conv1d, causal_conv1d_step
+
+__all__ = ["Mamba2Mixer"]
+
+
+class Mamba2Mixer(nn.Module):
+    """Mamba-2 mixer: (batch, L, hidden) -> (batch, L, hidden), optionally with a decode `SSMState`."""
+
+    def __init__(self, config: BMojoConfig, layer_idx: int | None = None) -> None:
+        super().__init__()
+        factory = get_layer_factory()
+        tp = factory.tp_size
+        self.config = config
+        self.layer_idx = layer_idx
+        self.tp_size = tp
+        d, d_inner = config.hidden_size, config.ssm_inner_size
+        heads, groups = config.ssm_num_heads, config.ssm_n_groups
+        for name, value in (("ssm_num_heads", heads), ("ssm_n_groups", groups)):
+            if value % tp:
+                raise ValueError(f"{name} ({value}) must be divisible by tp_size ({tp}) for tensor parallelism")
+        self.d_inner = d_inner
+        self.head_dim = config.ssm_head_dim
+        self.state_size = config.ssm_state_size
+        self.conv_kernel = config.ssm_conv_kernel
+        self.chunk_size = config.ssm_chunk_size
+        self.num_heads_local = heads // tp
+        self.n_groups_local = groups // tp
+        self.d_inner_local = self.num_heads_local * self.head_dim
+        bc_local = 2 * self.n_groups_local * self.state_size
+        bias = config.ssm_proj_bias
+
+        self.in_proj_z = factory.column_linear(d, d_inner, bias=bias)
+        self.in_proj_x = factory.column_linear(d, d_inner, bias=bias)
+        self.in_proj_bc = factory.column_linear(d, 2 * groups * self.state_size, bias=bias)
+        self.in_proj_dt = factory.column_linear(d, heads, bias=bias)
+        self.conv_x = nn.Conv1d(
+            self.d_inner_local, self.d_inner_local, self.conv_kernel, groups=self.d_inner_local, bias=config.ssm_conv_bias
+        )
+        self.conv_bc = nn.Conv1d(bc_local, bc_local, self.conv_kernel, groups=bc_local, bias=config.ssm_conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads_local))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads_local))
+        self.D = nn.Parameter(torch.empty(self.num_heads_local))
+        self.norm = GatedRMSNorm(self.d_inner_local, group_size=d_inner // groups, eps=config.rms_norm_eps)
+        self.out_proj = factory.row_linear(d_inner, d, bias=bias)
+        _mark_no_weight_decay(self.dt_bias, self.A_log, self.D)
+        self.reset_ssm_parameters()
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """mamba_ssm init of the SSM-specific weights; idempotent, so the model's init may call it again.
+
+        dt_bias: inverse-softplus of a log-uniform dt; A_log = log(U[A_init_range]) per
+        head; D = 1; norm weight = 1; convs: torch default.
+        """
+        cfg = self.config
+        init_dt_bias_(self.dt_bias, cfg.ssm_dt_min, cfg.ssm_dt_max, cfg.ssm_dt_init_floor)
+        low, high = cfg.ssm_A_init_range
+        a = torch.empty(self.num_heads_local, dtype=torch.float64, device=self.A_log.device).uniform_(low, high)
+        self.A_log.copy_(torch.log(a))
+        self.D.fill_(1.0)
+        self.norm.reset_parameters()
+        self.conv_x.reset_parameters()
+        self.conv_bc.reset_parameters()
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> SSMState:
+        """Empty decode state: conv states in ``dtype``, SSM state (batch, H, P, N) in fp32 (or wider)."""
+        width = self.conv_kernel - 1
+        conv_states = {
+            "x": torch.zeros(batch_size, self.conv_x.in_channels, width, device=device, dtype=dtype),
+            "bc": torch.zeros(batch_size, self.conv_bc.in_channels, width, device=device, dtype=dtype),
+        }
+        ssm = torch.zeros(
+            batch_size,
+            self.num_heads_local,
+            self.head_dim,
+            self.state_size,
+            device=device,
+            dtype=torch.promote_types(dtype, torch.float32),
+        )
+        return SSMState(conv_states=conv_states, ssm_state=ssm, seen_tokens=0)
+
+    def _split_bc(self, bc: Tensor) -> tuple[Tensor, Tensor]:
+        """(..., G*2*N) group-major -> B, C each (..., G, N)."""
+        bc = bc.unflatten(-1, (self.n_groups_local, 2, self.state_size))
+        return bc[..., 0, :], bc[..., 1, :]
+
+    def forward(self, hidden_states: Tensor, state: SSMState | None = None) -> Tensor:
+        """Parallel forward; with ``state`` also continue from and update it.
+
+        With a state, one token runs the recurrent step; several tokens run the chunked
+        scan started from the state (conv prefixes + initial SSM state), which equals
+        stepping token by token and also covers prefill of a fresh state.
+        """
+        if state is not None and hidden_states.shape[1] == 1:
+            return self._step(hidden_states, state)
+        batch, length, _ = hidden_states.shape
+        z = self.in_proj_z(hidden_states)
+        x = self.in_proj_x(hidden_states).transpose(1, 2)  # (batch, channels, L) for the conv
+        bc = self.in_proj_bc(hidden_states).transpose(1, 2)
+        dt = self.in_proj_dt(hidden_states)  # (batch, L, H)
+        prefixes = state.conv_states if state is not None else {}
+        x, x_tail = causal_conv1d(x, self.conv_x.weight, self.conv_x.bias, prefixes.get("x"))
+        bc, bc_tail = causal_conv1d(bc, self.conv_bc.weight, self.conv_bc.bias, prefixes.get("bc"))
+        x = F.silu(x).transpose(1, 2).reshape(batch, length, self.num_heads_local, self.head_dim)
+        B, C = self._split_bc(F.silu(bc).transpose(1, 2))
+        out = ops.ssd_scan(
+            x,
+            dt,
+            -torch.exp(_wide(self.A_log)),
+            B,
+            C,
+            chunk_size=self.chunk_size,
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+            initial_state=state.ssm_state if state is not None else None,
+            return_final_state=state is not None,
+        )
+        if state is not None:
+            y, final = out
+            state.conv_states["x"] = x_tail
+            state.conv_states["bc"] = bc_tail
+            state.ssm_state = final
+            state.seen_tokens += length
+        else:
+            y = out
+        y = self.norm(y.reshape(batch, length, self.d_inner_local), z)
+        return self.out_proj(y)
+
+    def _step(self, hidden_states: Tensor, state: SSMState) -> Tensor:
+        """One decoding token: conv window updates + `ssd_state_update`."""
+        batch = hidden_states.shape[0]
+        z = self.in_proj_z(hidden_states)  # (batch, 1, d_inner)
+        x = self.in_proj_x(hidden_states)[:, 0]
+        bc = self.in_proj_bc(hidden_states)[:, 0]
+        dt = self.in_proj_dt(hidden_states)[:, 0]  # (batch, H)
+        x, x_state = causal_conv1d_step(x, self.conv_x.weight, self.conv_x.bias, state.conv_states["x"])
+        bc, bc_state = causal_conv1d_step(bc, self.conv_bc.weight, self.conv_bc.bias, state.conv_states["bc"])
+        x = F.silu(x).reshape(batch, self.num_heads_local, self.head_dim)
+        B, C = self._split_bc(F.silu(bc))
+        y, new_state = ops.ssd_state_update(
+            state.ssm_state,
+            x,
+            dt,
+            -torch.exp(_wide(self.A_log)),
+            B,
+            C,
+            D=self.D,
+            dt_bias=self.dt_bias,
+            dt_softplus=True,
+        )
+        state.conv_states["x"] = x_state
+        state.conv_states["bc"] = bc_state
+        state.ssm_state = new_state
+        state.seen_tokens += 1
+        y = self.norm(y.reshape(batch, 1, self.d_inner_local), z)
+        return self.out_proj(y)

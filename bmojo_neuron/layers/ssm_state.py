@@ -1,0 +1,82 @@
+"""Decode-time state of one SSM mixer.
+
+A mixer's recurrent memory is the last ``conv_kernel - 1`` inputs of each causal
+depthwise conv (``conv_states[name]``: (batch, channels, conv_kernel - 1), oldest
+first) plus the SSM state (Mamba-1: (batch, d_inner, N); Mamba-2: (batch, H, P, N)),
+kept in fp32 or wider. Its size does not grow with the sequence, which is the point
+of the fading memory. The conv helpers below define what the conv state holds, so
+both mixers share them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["SSMState", "causal_conv1d", "causal_conv1d_step"]
+
+
+@dataclass
+class SSMState:
+    """Conv windows, SSM state and the number of tokens already folded in.
+
+    The mixer replaces the tensors (it does not write into them), so a state can be
+    snapshotted by a shallow `copy()`.
+    """
+
+    conv_states: dict[str, Tensor] = field(default_factory=dict)
+    ssm_state: Tensor | None = None
+    seen_tokens: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.ssm_state.shape[0] if self.ssm_state is not None else 0
+
+    def reorder(self, index: torch.LongTensor) -> SSMState:
+        """Select/permute batch rows in place (beam search); returns self."""
+        self.conv_states = {
+            name: t.index_select(0, index.to(t.device)) for name, t in self.conv_states.items()
+        }
+        if self.ssm_state is not None:
+            self.ssm_state = self.ssm_state.index_select(0, index.to(self.ssm_state.device))
+        return self
+
+    def copy(self) -> SSMState:
+        """A new state object sharing the (never mutated in place) tensors."""
+        return SSMState(dict(self.conv_states), self.ssm_state, self.seen_tokens)
+
+    def reset(self) -> SSMState:
+        """Zero everything in place and forget all tokens; returns self."""
+        self.conv_states = {name: torch.zeros_like(t) for name, t in self.conv_states.items()}
+        if self.ssm_state is not None:
+            self.ssm_state = torch.zeros_like(self.ssm_state)
+        self.seen_tokens = 0
+        return self
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, prefix: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Causal depthwise conv over time, continuing from ``prefix``; also returns the new conv state.
+
+    x: (batch, channels, L); weight: (channels, 1, K) (an ``nn.Conv1d(groups=channels)``
+    weight); prefix: the previous ``K - 1`` inputs (batch, channels, K - 1), zeros if None.
+    Returns ``(out (batch, channels, L), last K - 1 inputs (batch, channels, K - 1))``;
+    for prompts shorter than ``K - 1`` the state keeps older prefix entries (zeros).
+    """
+    width = weight.shape[-1] - 1
+    if prefix is None:
+        prefix = x.new_zeros(x.shape[0], x.shape[1], width)
+    padded = torch.cat([prefix.to(x.dtype), x], dim=-1)
+    out = F.conv1d(padded, weight, bias, groups=x.shape[1])
+    return out, padded[..., padded.shape[-1] - width :]
+
+
+def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor) -> tuple[Tensor, Tensor]:
+    """One token of `causal_conv1d`: x (batch, channels) -> (out (batch, channels), new conv state)."""
+    window = torch.cat([conv_state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # (batch, channels, K)
+    out = torch.einsum("bck,ck->bc", window, weight[:, 0, :])
+    if bias is not None:
+        out = out + bias
+    return out, window[..., 1:]

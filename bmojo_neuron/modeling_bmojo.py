@@ -1,0 +1,263 @@
+"""B'MOJO language model: `BMojoModel` and `BMojoForCausalLM` (Hugging Face `PreTrainedModel`).
+
+The model is a stack of `BMojoDecoderLayer`s whose kinds come from
+``config.layer_pattern``. `BMojoForCausalLM` reports two losses separately:
+``lm_loss`` (next-token cross-entropy) and ``aux_loss`` (innovation auxiliary loss,
+``innovation_loss_weight * mean innovation`` over the B layers); ``loss`` is their
+sum. Generation uses the recurrent `BMojoCache`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .cache_bmojo import AttentionLayerCache, BMojoCache
+from .configuration_bmojo import BMojoConfig
+from .layers.decoder import BMojoDecoderLayer
+from .layers.factory import get_layer_factory
+from .layers.norms import RMSNorm
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class BMojoModelOutput(ModelOutput):
+    last_hidden_state: Tensor | None = None
+    cache: BMojoCache | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+    innovation: Tensor | None = None  # mean innovation over the B layers (differentiable in the predictors)
+
+
+@dataclass
+class BMojoCausalLMOutput(ModelOutput):
+    loss: Tensor | None = None
+    logits: Tensor | None = None
+    lm_loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+    cache: BMojoCache | None = None
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+class BMojoPreTrainedModel(PreTrainedModel):
+    config_class = BMojoConfig
+    config: BMojoConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BMojoDecoderLayer"]
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Normal(0, initializer_range) for projections and embeddings; Mamba init for SSM parameters.
+
+        Residual output projections are scaled by 1/sqrt(2 * layers) when
+        `rescale_prenorm_residual` is set. Writes go through `transformers.initialization`,
+        which skips tensors already loaded by `from_pretrained`.
+        """
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "is_residual_output", False) and self.config.rescale_prenorm_residual:
+                std = std / math.sqrt(2 * self.config.num_hidden_layers)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Conv1d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif hasattr(module, "reset_ssm_parameters"):
+            loaded = [getattr(p, "_is_hf_initialized", False) for p in module.parameters(recurse=False)]
+            if not all(loaded):
+                module.reset_ssm_parameters()
+        elif isinstance(module, nn.Module) and hasattr(module, "weight") and "RMSNorm" in type(module).__name__:
+            init.ones_(module.weight)
+
+
+class BMojoModel(BMojoPreTrainedModel):
+    """Embeddings, decoder layers and the final norm; returns hidden states."""
+
+    def __init__(self, config: BMojoConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = get_layer_factory().embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(BMojoDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        cache: BMojoCache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        attention_mask: Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BMojoModelOutput | tuple:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("BMojoModel: pass exactly one of input_ids or inputs_embeds")
+        _check_no_padding(attention_mask)
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if use_cache and cache is None:
+            cache = BMojoCache(self.config.num_hidden_layers)
+        start = cache.seen_tokens if cache is not None else 0
+
+        all_hidden = (hidden,) if output_hidden_states else None
+        innovations = []
+        for idx, layer in enumerate(self.layers):
+            layer_cache = self._layer_cache(cache, idx, layer, hidden) if cache is not None else None
+            hidden, innovation = layer(hidden, start, layer_cache)
+            if innovation is not None:
+                innovations.append(innovation)
+            if output_hidden_states:
+                all_hidden += (hidden,)
+        hidden = self.norm(hidden)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (hidden,)
+        if cache is not None:
+            cache.seen_tokens += hidden.shape[1]
+
+        innovation = torch.stack(innovations).mean() if innovations else None
+        output = BMojoModelOutput(hidden, cache, all_hidden, innovation)
+        return output if return_dict is not False else output.to_tuple()
+
+    @staticmethod
+    def _layer_cache(cache: BMojoCache, idx: int, layer: BMojoDecoderLayer, hidden: Tensor):
+        if cache.layers[idx] is None:
+            if layer.kind == "M":
+                cache.layers[idx] = layer.mixer.init_state(hidden.shape[0], hidden.device, hidden.dtype)
+            else:
+                cache.layers[idx] = AttentionLayerCache()
+        return cache.layers[idx]
+
+
+class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
+    """`BMojoModel` with a language-modelling head (tied to the embeddings by default)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: BMojoConfig) -> None:
+        super().__init__(config)
+        self.model = BMojoModel(config)
+        self.lm_head = get_layer_factory().column_linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        cache: BMojoCache | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        past_key_values: BMojoCache | None = None,
+        **kwargs: Any,
+    ) -> BMojoCausalLMOutput | tuple:
+        """Logits, and with `labels` (HF convention: shifted inside, -100 ignored) the losses.
+
+        ``loss = lm_loss + aux_loss``; ``aux_loss`` is reported whenever the model has
+        eidetic memory, with or without labels.
+        """
+        cache = cache if cache is not None else past_key_values
+        outputs = self.model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            attention_mask=attention_mask,
+        )
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden).float()
+
+        aux_loss = None
+        if outputs.innovation is not None:
+            aux_loss = self.config.innovation_loss_weight * outputs.innovation
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = causal_lm_loss(logits, labels)
+            loss = lm_loss if aux_loss is None else lm_loss + aux_loss
+        output = BMojoCausalLMOutput(loss, logits, lm_loss, aux_loss, outputs.cache, outputs.hidden_states)
+        return output if return_dict is not False else output.to_tuple()
+
+    # ------------------------------------------------------------------ generation
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # B'MOJO brings its own recurrent cache
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: Tensor,
+        cache: BMojoCache | None = None,
+        past_key_values: BMojoCache | None = None,
+        attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool | None = True,
+        logits_to_keep: int | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Feed only the tokens the cache has not seen (the whole prompt first, then one token)."""
+        cache = cache if cache is not None else past_key_values
+        if use_cache is not False and cache is None:
+            cache = BMojoCache(self.config.num_hidden_layers)
+        inputs: dict[str, Any] = {"cache": cache, "use_cache": use_cache, "attention_mask": attention_mask}
+        seen = cache.seen_tokens if cache is not None else 0
+        if inputs_embeds is not None and seen == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids[:, seen:] if cache is not None else input_ids
+        if logits_to_keep is not None:
+            inputs["logits_to_keep"] = logits_to_keep
+        return inputs
+
+    def _update_model_kwargs_for_generation(self, outputs: ModelOutput, model_kwargs: dict, *args, **kwargs) -> dict:
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        model_kwargs["cache"] = outputs.cache  # the same name on every transformers 5.x
+        model_kwargs.pop("past_key_values", None)
+        return model_kwargs
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy: position t predicts labels[t + 1]; -100 is ignored."""
+    shifted = labels[:, 1:].reshape(-1).to(logits.device)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted, ignore_index=IGNORE_INDEX)
+
+
+def _check_no_padding(attention_mask: Tensor | None) -> None:
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError(
+            "BMojoModel does not support padded batches (attention_mask with zeros): its recurrent "
+            "state would read the pad tokens. Batch sequences of equal length, or generate one at a time."
+        )

@@ -1,0 +1,68 @@
+"""Hot ops (selective scans, eidetic-window attention) behind one dispatch point.
+
+Call these functions, never a backend directly: `dispatch` routes each call to the
+active backend (``torch`` reference, ``nki`` on Trainium, ``nki-sim`` on CPU).
+Decode-step updates are small and always run in torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import dispatch
+from .dispatch import available_backends, get_backend, register_backend, set_backend, use_backend
+from .selective_scan import selective_state_update
+from .ssd import ssd_state_update
+
+
+def selective_scan(*args: Any, **kwargs: Any) -> Any:
+    """Mamba-1 selective scan; see `ops.reference.selective_scan` for layouts."""
+    return dispatch.resolve("selective_scan")(*args, **kwargs)
+
+
+def ssd_scan(*args: Any, **kwargs: Any) -> Any:
+    """Mamba-2 chunked SSD scan; see `ops.reference.ssd` for layouts."""
+    return dispatch.resolve("ssd_scan")(*args, **kwargs)
+
+
+def eidetic_attention(*args: Any, **kwargs: Any) -> Any:
+    """B'MOJO attention (window + fading + memory, one softmax); see `ops.reference.eidetic_attention`."""
+    return dispatch.resolve("eidetic_attention")(*args, **kwargs)
+
+
+def _torch_impls() -> dict:
+    from .reference.eidetic_attention import eidetic_attention as attention_ref
+    from .selective_scan import selective_scan as scan_ref
+    from .ssd import ssd_scan as ssd_ref
+
+    return {"selective_scan": scan_ref, "ssd_scan": ssd_ref, "eidetic_attention": attention_ref}
+
+
+def _nki_availability() -> tuple[bool, str]:
+    from bmojo_neuron.neuron import is_neuron_available
+
+    if not is_neuron_available():
+        return False, "the Neuron SDK is not installed (pip install 'bmojo-neuron[neuron]' on a Trn1 instance)"
+    return False, "the NKI kernels are not written yet (NKI kernel issues)"
+
+
+def _unloadable() -> dict:
+    raise AssertionError("an unavailable backend was loaded")
+
+
+register_backend("torch", lambda: (True, "reference implementation"), _torch_impls)
+register_backend("nki", _nki_availability, _unloadable)
+register_backend("nki-sim", lambda: (False, "the NKI emulator and kernels are not written yet (NKI kernel issues)"), _unloadable)
+
+__all__ = [
+    "available_backends",
+    "eidetic_attention",
+    "get_backend",
+    "register_backend",
+    "selective_scan",
+    "selective_state_update",
+    "set_backend",
+    "ssd_scan",
+    "ssd_state_update",
+    "use_backend",
+]

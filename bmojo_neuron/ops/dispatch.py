@@ -1,0 +1,99 @@
+"""One dispatch point for the hot ops, with interchangeable backends.
+
+Backends:
+  * ``torch``   -- the reference implementations in this package (CPU, CUDA).
+  * ``nki``     -- NKI kernels on Trainium (needs the Neuron SDK).
+  * ``nki-sim`` -- the same NKI kernels executed on CPU by the project's emulator.
+
+Model code calls `ops.selective_scan(...)`, `ops.ssd_scan(...)` and
+`ops.eidetic_attention(...)`; which implementation runs is chosen here, globally
+or per op, with `set_backend` / `use_backend` or the ``BMOJO_OPS_BACKEND``
+environment variable. Every backend takes the reference signatures and layouts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+OP_NAMES = ("selective_scan", "ssd_scan", "eidetic_attention")
+ENV_VAR = "BMOJO_OPS_BACKEND"
+
+
+@dataclass
+class Backend:
+    """A named set of op implementations and a check of whether it can run here."""
+
+    name: str
+    availability: Callable[[], tuple[bool, str]]
+    loader: Callable[[], dict[str, Callable]]
+    _impls: dict[str, Callable] | None = field(default=None, repr=False)
+
+    def impls(self) -> dict[str, Callable]:
+        if self._impls is None:
+            ok, reason = self.availability()
+            if not ok:
+                raise ValueError(f"ops backend {self.name!r} is not available: {reason}")
+            self._impls = self.loader()
+        return self._impls
+
+
+_BACKENDS: dict[str, Backend] = {}
+_active: dict[str, str] = {}
+
+
+def register_backend(name: str, availability: Callable[[], tuple[bool, str]], loader: Callable[[], dict]) -> None:
+    """Add a backend. `loader` is called lazily, on first use, so registering imports nothing heavy."""
+    _BACKENDS[name] = Backend(name, availability, loader)
+
+
+def available_backends() -> dict[str, tuple[bool, str]]:
+    """Every registered backend -> (available here?, reason)."""
+    return {name: backend.availability() for name, backend in _BACKENDS.items()}
+
+
+def get_backend(op: str = "selective_scan") -> str:
+    """Name of the backend that runs `op` now."""
+    _check_op(op)
+    if op not in _active:
+        _active[op] = os.environ.get(ENV_VAR, "torch")
+    return _active[op]
+
+
+def set_backend(name: str, ops: Sequence[str] = OP_NAMES) -> None:
+    """Route `ops` (default: all) to backend `name`; raises ValueError if it cannot run here."""
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown ops backend {name!r}; choose one of {sorted(_BACKENDS)}")
+    impls = _BACKENDS[name].impls()
+    for op in ops:
+        _check_op(op)
+        if op not in impls:
+            raise ValueError(f"ops backend {name!r} has no implementation of {op!r}")
+        _active[op] = name
+
+
+@contextlib.contextmanager
+def use_backend(name: str, ops: Sequence[str] = OP_NAMES) -> Iterator[None]:
+    """Run the block with `ops` routed to backend `name`."""
+    previous = {op: get_backend(op) for op in ops}
+    set_backend(name, ops)
+    try:
+        yield
+    finally:
+        for op, backend in previous.items():
+            _active[op] = backend
+
+
+def resolve(op: str) -> Callable:
+    """The implementation of `op` on its active backend."""
+    name = get_backend(op)
+    if name not in _BACKENDS:
+        raise ValueError(f"{ENV_VAR} or set_backend named unknown ops backend {name!r}; choose one of {sorted(_BACKENDS)}")
+    return _BACKENDS[name].impls()[op]
+
+
+def _check_op(op: str) -> None:
+    if op not in OP_NAMES:
+        raise ValueError(f"unknown op {op!r}; ops are {list(OP_NAMES)}")

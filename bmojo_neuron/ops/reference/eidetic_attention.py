@@ -1,0 +1,176 @@
+"""Reference eidetic-window attention: in-context window + fading window + memory, one softmax.
+
+For query ``i`` (chunk ``j = i // chunk``) the keys are
+
+* in-context: ``k[t]``, ``t in (i - window, i]``, ``t >= 0``;
+* fading:     ``k_fading[t]``, ``t in (i - window - fading_window, i - window]``, ``t >= 0``;
+* memory:     ``mem_k[j, m]`` for the slots with ``mem_valid[j, m]``,
+
+and one softmax (scale ``1/sqrt(head_dim)`` by default) weighs the matching values.
+
+Layouts (the NKI kernel takes the same):
+    q                 (batch, q_heads, L, head_dim), already rotated
+    k, v              (batch, kv_heads, L, head_dim), k rotated
+    k_fading, v_fading  same as k, v, or None (no fading path)
+    mem_k, mem_v      (batch, kv_heads, n_chunks, M, head_dim), n_chunks = ceil(L / chunk);
+                      the memory each chunk of queries sees, keys already rotated; or None
+    mem_valid         (batch, n_chunks, M) bool
+Returns ``(out (batch, q_heads, L, head_dim) in q.dtype, lse (batch, q_heads, L) float32)`` (float64 for float64 inputs)``.
+Query head ``h`` reads kv head ``h // (q_heads // kv_heads)`` (GQA).
+
+The computation is blocked: queries go in blocks of ``block`` rows, each reading a
+band of ``block + width - 1`` keys cut out with `unfold`, so time and memory are
+O(L * (window + fading_window + M)); no L x L matrix is ever formed. Everything is
+computed in float32 (float64 inputs stay float64, for gradcheck).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NEG_INF = float("-inf")
+
+
+def eidetic_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_fading: Tensor | None = None,
+    v_fading: Tensor | None = None,
+    mem_k: Tensor | None = None,
+    mem_v: Tensor | None = None,
+    mem_valid: Tensor | None = None,
+    *,
+    window: int,
+    fading_window: int = 0,
+    chunk: int = 1,
+    scale: float | None = None,
+    block: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """B'MOJO attention for every query of a sequence; see the module docstring."""
+    batch, q_heads, length, head_dim = q.shape
+    kv_heads = k.shape[1]
+    _check_shapes(q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, window, fading_window, chunk)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    window = min(window, length)
+    use_fading = k_fading is not None and fading_window > 0 and window < length
+    use_memory = mem_k is not None and mem_k.shape[3] > 0
+    block = block or _default_block(window)
+    block = min(block, length)
+    n_blocks = -(-length // block)
+
+    groups = q_heads // kv_heads
+    dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 math for bf16/fp16; fp64 stays fp64
+    qf = (q.to(dtype) * scale).reshape(batch, kv_heads, groups, length, head_dim)
+    q_blocks = _pad_to(qf, n_blocks * block, dim=3).reshape(batch, kv_heads, groups, n_blocks, block, head_dim)
+
+    # Scores of each part, each laid out per query (…, L, keys) after trimming padding.
+    ctx_k, ctx_v, ctx_mask = _band(k.to(dtype), v.to(dtype), window - 1, window, block, n_blocks)
+    parts = [_band_scores(q_blocks, ctx_k, ctx_mask, length)]
+    if use_fading:
+        fad_k, fad_v, fad_mask = _band(
+            k_fading.to(dtype), v_fading.to(dtype), window + fading_window - 1, fading_window, block, n_blocks
+        )
+        parts.append(_band_scores(q_blocks, fad_k, fad_mask, length))
+    if use_memory:
+        n_chunks = mem_k.shape[2]
+        q_chunks = _pad_to(qf, n_chunks * chunk, dim=3).reshape(batch, kv_heads, groups, n_chunks, chunk, head_dim)
+        mem_scores = torch.einsum("bhgcqd,bhcmd->bhgcqm", q_chunks, mem_k.to(dtype))
+        bias = torch.zeros(mem_valid.shape, dtype=dtype, device=q.device).masked_fill(~mem_valid, NEG_INF)
+        mem_scores = mem_scores + bias[:, None, None, :, None, :]
+        parts.append(mem_scores.reshape(batch, kv_heads, groups, n_chunks * chunk, -1)[..., :length, :])
+
+    # One softmax over the union of keys: a shared log-sum-exp normaliser. Every row has
+    # at least one finite score (the query's own key), so masked -inf entries are safe.
+    lse = torch.logsumexp(torch.cat(parts, dim=-1), dim=-1)  # (batch, kv_heads, groups, L)
+
+    out = _band_output(parts[0], lse, ctx_v, block, n_blocks, length)
+    if use_fading:
+        out = out + _band_output(parts[1], lse, fad_v, block, n_blocks, length)
+    if use_memory:
+        probs = torch.exp(parts[-1] - lse[..., None])
+        probs = _pad_to(probs, n_chunks * chunk, dim=3).reshape(batch, kv_heads, groups, n_chunks, chunk, -1)
+        mem_out = torch.einsum("bhgcqm,bhcmd->bhgcqd", probs, mem_v.to(dtype))
+        out = out + mem_out.reshape(batch, kv_heads, groups, n_chunks * chunk, head_dim)[..., :length, :]
+    out = out.reshape(batch, q_heads, length, head_dim).to(q.dtype)
+    return out, lse.reshape(batch, q_heads, length)
+
+
+def _default_block(window: int) -> int:
+    # A band costs (block + window) keys per query; blocks near the window size balance
+    # that against the number of blocks (Python and matmul overhead).
+    return max(16, min(window, 256))
+
+
+def _band(k: Tensor, v: Tensor, lag: int, width: int, block: int, n_blocks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Cut, for every query block, the keys ``t in [i - lag, i - lag + width)`` of its rows.
+
+    Block ``b`` (rows ``b*block + r``) reads keys ``t = b*block - lag + s`` for
+    ``s in [0, block + width - 1)``; row ``r`` may use ``s in [r, r + width)`` with ``t >= 0``.
+    Returns keys and values (batch, kv_heads, n_blocks, span, head_dim) and the mask
+    (n_blocks, block, span).
+    """
+    span = block + width - 1
+    needed = (n_blocks - 1) * block + span
+    length = k.shape[2]
+    front, back = lag, max(0, needed - lag - length)
+    kp = F.pad(k, (0, 0, front, back))[:, :, :needed]
+    vp = F.pad(v, (0, 0, front, back))[:, :, :needed]
+    k_band = kp.unfold(2, span, block).transpose(-1, -2)
+    v_band = vp.unfold(2, span, block).transpose(-1, -2)
+
+    rows = torch.arange(block, device=k.device)[:, None]
+    cols = torch.arange(span, device=k.device)[None, :]
+    in_band = (cols >= rows) & (cols < rows + width)
+    key_pos = torch.arange(n_blocks, device=k.device)[:, None] * block - lag + torch.arange(span, device=k.device)
+    mask = in_band[None] & (key_pos >= 0)[:, None, :]
+    return k_band, v_band, mask
+
+
+def _band_scores(q_blocks: Tensor, k_band: Tensor, mask: Tensor, length: int) -> Tensor:
+    batch, kv_heads, groups, n_blocks, block, _ = q_blocks.shape
+    scores = torch.einsum("bhgnqd,bhnsd->bhgnqs", q_blocks, k_band)
+    scores = scores.masked_fill(~mask[:, :, :], NEG_INF)
+    return scores.reshape(batch, kv_heads, groups, n_blocks * block, -1)[..., :length, :]
+
+
+def _band_output(scores: Tensor, lse: Tensor, v_band: Tensor, block: int, n_blocks: int, length: int) -> Tensor:
+    probs = torch.exp(scores - lse[..., None])
+    batch, kv_heads, groups = probs.shape[:3]
+    probs = _pad_to(probs, n_blocks * block, dim=3).reshape(batch, kv_heads, groups, n_blocks, block, -1)
+    out = torch.einsum("bhgnqs,bhnsd->bhgnqd", probs, v_band)
+    return out.reshape(batch, kv_heads, groups, n_blocks * block, -1)[..., :length, :]
+
+
+def _pad_to(x: Tensor, size: int, dim: int) -> Tensor:
+    extra = size - x.shape[dim]
+    if extra == 0:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, extra]
+    return F.pad(x, pad)
+
+
+def _check_shapes(q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, window, fading_window, chunk) -> None:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"eidetic_attention: q and k must be (batch, heads, L, head_dim), got {tuple(q.shape)}, {tuple(k.shape)}")
+    batch, q_heads, length, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[2:] != (length, head_dim):
+        raise ValueError(f"eidetic_attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if q_heads % k.shape[1]:
+        raise ValueError(f"eidetic_attention: kv heads ({k.shape[1]}) must divide query heads ({q_heads})")
+    if window < 1 or fading_window < 0 or chunk < 1:
+        raise ValueError(f"eidetic_attention: need window >= 1, fading_window >= 0, chunk >= 1; got {window}, {fading_window}, {chunk}")
+    if (k_fading is None) != (v_fading is None) or (k_fading is not None and k_fading.shape != k.shape):
+        raise ValueError("eidetic_attention: k_fading and v_fading must both be given with the shape of k, or both None")
+    if mem_k is None:
+        return
+    n_chunks = -(-length // chunk)
+    expected = (batch, k.shape[1], n_chunks, mem_k.shape[3], head_dim)
+    if tuple(mem_k.shape) != expected or mem_v is None or mem_v.shape != mem_k.shape:
+        raise ValueError(f"eidetic_attention: mem_k/mem_v must be {expected}, got {tuple(mem_k.shape)}")
+    if mem_valid is None or tuple(mem_valid.shape) != (batch, n_chunks, mem_k.shape[3]) or mem_valid.dtype != torch.bool:
+        raise ValueError(f"eidetic_attention: mem_valid must be a bool tensor {(batch, n_chunks, mem_k.shape[3])}")

@@ -1,0 +1,154 @@
+"""Mamba-2 / SSD scan: the torch reference of the op (and its one-step decode form).
+
+With a scalar decay per head the recurrence ``h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T``
+is a semi-separable matrix, so it is computed in chunks (state space duality,
+`ssd_minimal_discrete` in state-spaces/mamba):
+
+* inside a chunk, outputs are a masked attention-like matmul ``(C B^T * decay) (dt x)``
+  whose decay matrix ``exp(cs_i - cs_j)`` (``i >= j``) uses differences of in-chunk
+  cumulative sums of ``dt A``, masked to the causal triangle *before* the exp so no
+  positive exponent is ever evaluated;
+* across chunks, each chunk's end state is carried to the next by a short loop over
+  chunks (``L / chunk_size`` steps), which is exact and never forms a global cumsum.
+
+Layouts follow mamba_ssm's `mamba_chunk_scan_combined`: time before heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["ssd_scan", "ssd_state_update"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 at least; fp64 stays fp64 so tests can check to 1e-10."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _discretize_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, ct: torch.dtype) -> Tensor:
+    dt = dt.to(ct)
+    if dt_bias is not None:
+        dt = dt + dt_bias.to(ct)
+    return F.softplus(dt) if dt_softplus else dt
+
+
+def ssd_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = True,
+    initial_state: Tensor | None = None,
+    return_final_state: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Mamba-2 SSD scan over the whole sequence (parallel/training form).
+
+    Shapes: x (batch, L, H, P); dt (batch, L, H); A (H,); B, C (batch, L, G, N) where
+    head ``h`` reads group ``h // (H // G)``; D, dt_bias (H,); initial_state
+    (batch, H, P, N). Any L: the tail is padded to a multiple of ``chunk_size`` with
+    ``dt = 0`` (identity steps), so the final state is that after token ``L - 1``.
+
+    Math in fp32 (fp64 for fp64 inputs); y (batch, L, H, P) in ``x.dtype``, plus the
+    final state (batch, H, P, N) in the compute dtype if ``return_final_state``.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    batch, length, heads, head_dim = x.shape
+    groups, state_size = B.shape[-2:]
+    if heads % groups:
+        raise ValueError(f"B/C groups ({groups}) must divide the number of heads ({heads})")
+    hpg = heads // groups
+    ct = _compute_dtype(x.dtype)
+
+    dt_f = _discretize_dt(dt, dt_bias, dt_softplus, ct)
+    x_f, B_f, C_f = x.to(ct), B.to(ct), C.to(ct)
+    pad = (-length) % chunk_size
+    if pad:
+        x_f = F.pad(x_f, (0, 0, 0, 0, 0, pad))
+        dt_f = F.pad(dt_f, (0, 0, 0, pad))  # dt = 0 after the softplus: decay 1, no input
+        B_f = F.pad(B_f, (0, 0, 0, 0, 0, pad))
+        C_f = F.pad(C_f, (0, 0, 0, 0, 0, pad))
+    n_chunks = (length + pad) // chunk_size
+    T = chunk_size
+
+    # Heads split as (group, head-in-group) so B/C are never copied per head.
+    xc = x_f.reshape(batch, n_chunks, T, groups, hpg, head_dim)
+    dtc = dt_f.reshape(batch, n_chunks, T, groups, hpg)
+    Bc = B_f.reshape(batch, n_chunks, T, groups, state_size)
+    Cc = C_f.reshape(batch, n_chunks, T, groups, state_size)
+    cs = torch.cumsum(dtc * A.to(ct).reshape(groups, hpg), dim=2)  # in-chunk cumsum of dt*A
+
+    # 1) Intra-chunk outputs: y_i = sum_{j<=i} (C_i . B_j) exp(cs_i - cs_j) dt_j x_j.
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    seg = cs.unsqueeze(3) - cs.unsqueeze(2)  # (b, c, i, j, g, h)
+    decay = torch.exp(seg.masked_fill(~causal[:, :, None, None], float("-inf")))
+    scores = torch.einsum("bcign,bcjgn->bcijg", Cc, Bc).unsqueeze(-1) * decay * dtc.unsqueeze(2)
+    y = torch.einsum("bcijgh,bcjghp->bcighp", scores, xc)
+
+    # 2) State contributed by each chunk at its end: sum_j exp(cs_end - cs_j) dt_j x_j B_j^T.
+    to_end = torch.exp(cs[:, :, -1:] - cs) * dtc
+    chunk_states = torch.einsum("bcjgn,bcjgh,bcjghp->bcghpn", Bc, to_end, xc)
+    chunk_decay = torch.exp(cs[:, :, -1])  # (b, c, g, h)
+
+    # 3) Carry states across chunks (exact, L / chunk_size steps).
+    if initial_state is not None:
+        h = initial_state.to(ct).reshape(batch, groups, hpg, head_dim, state_size)
+    else:
+        h = x_f.new_zeros(batch, groups, hpg, head_dim, state_size)
+    starts = []
+    for s_c, a_c in zip(chunk_states.unbind(1), chunk_decay.unbind(1)):
+        starts.append(h)
+        h = a_c[..., None, None] * h + s_c
+    if starts:
+        start_states = torch.stack(starts, dim=1)  # state entering each chunk
+
+        # 4) Contribution of the entering state: C_i . (exp(cs_i) h_start).
+        y = y + torch.einsum("bcign,bcghpn,bcigh->bcighp", Cc, start_states, torch.exp(cs))
+
+    y = y.reshape(batch, n_chunks * T, heads, head_dim)[:, :length]
+    if D is not None:
+        y = y + D.to(ct)[:, None] * x_f[:, :length]
+    y = y.to(x.dtype)
+    if not return_final_state:
+        return y
+    return y, h.reshape(batch, heads, head_dim, state_size)
+
+
+def ssd_state_update(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """One recurrent step of `ssd_scan`, for decoding; functional (state is not mutated).
+
+    Shapes: state (batch, H, P, N); x (batch, H, P); dt (batch, H); A, D, dt_bias (H,);
+    B, C (batch, G, N). Returns ``(y (batch, H, P) in x.dtype, new_state)`` with the
+    new state in the compute dtype (fp32 or wider).
+    """
+    ct = _compute_dtype(torch.promote_types(x.dtype, state.dtype))
+    batch, heads, head_dim = x.shape
+    groups = B.shape[1]
+    hpg = heads // groups
+    d = _discretize_dt(dt, dt_bias, dt_softplus, ct)  # (b, H)
+    x_f = x.to(ct)
+    B_h = B.to(ct).repeat_interleave(hpg, dim=1)  # (b, H, N)
+    C_h = C.to(ct).repeat_interleave(hpg, dim=1)
+    decay = torch.exp(d * A.to(ct))
+    new_state = decay[..., None, None] * state.to(ct) + (d[..., None] * x_f).unsqueeze(-1) * B_h.unsqueeze(2)
+    y = torch.einsum("bhpn,bhn->bhp", new_state, C_h)
+    if D is not None:
+        y = y + D.to(ct)[:, None] * x_f
+    return y.to(x.dtype), new_state

@@ -1,0 +1,298 @@
+"""CLI, Neuron detection, packaging metadata and the CI/README contract."""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bmojo_neuron import cli, neuron
+from bmojo_neuron._version import FALLBACK_VERSION, __version__
+from nki_kernels import compat
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]
+NEURON_PINS = {
+    "torch-neuronx": "2.9.0.2.12.22436",
+    "neuronx-cc": "2.23.6484.0",
+    "neuronx-distributed": "0.17.26814",
+    "neuronx-distributed-training": "1.7.0",
+    "nki": "0.2.0",
+    "libneuronxla": "2.2.15515.0",
+}
+NEURON_DISTS = set(NEURON_PINS) | {"torch-xla"}
+
+
+@pytest.fixture(scope="module")
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+class _FakePackages(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes `import <name>` find a package whose import raises `error`."""
+
+    def __init__(self, errors: dict[str, BaseException]):
+        self.errors = errors
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname in self.errors:
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise self.errors[module.__name__]
+
+
+@pytest.fixture
+def fake_packages(monkeypatch):
+    def install(errors: dict[str, BaseException]) -> None:
+        for name in errors:
+            monkeypatch.delitem(sys.modules, name, raising=False)
+        monkeypatch.setattr(sys, "meta_path", [_FakePackages(errors), *sys.meta_path])
+
+    return install
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A copy of the command registry, restored after the test."""
+    monkeypatch.setattr(cli, "COMMANDS", dict(cli.COMMANDS))
+    return cli.COMMANDS
+
+
+# ----------------------------------------------------------------------- version
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"bmojo-neuron {__version__}"
+
+
+def test_version_module_entry_point():
+    out = subprocess.run(
+        [sys.executable, "-m", "bmojo_neuron.cli", "--version"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout
+    assert out.strip() == f"bmojo-neuron {__version__}"
+
+
+def test_version_matches_pyproject(pyproject):
+    assert FALLBACK_VERSION == pyproject["project"]["version"]
+    assert __version__ == pyproject["project"]["version"]
+
+
+# -------------------------------------------------------------------------- info
+
+
+def test_info_json(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(info) == {"bmojo_neuron", "python", "torch", "transformers", "datasets",
+                         "op_backends", "neuron"}
+    assert info["bmojo_neuron"]["version"] == __version__
+    assert info["python"]["version"] == ".".join(map(str, sys.version_info[:3]))
+    import torch
+
+    assert info["torch"]["version"] == torch.__version__
+    assert isinstance(info["torch"]["cuda_available"], bool)
+    assert info["transformers"]["version"] and info["datasets"]["version"]
+
+    ops = info["op_backends"]
+    assert ops["status"] in ("ok", "unknown")
+    if ops["status"] == "ok":
+        assert ops["backends"]
+        for backend in ops["backends"].values():
+            assert isinstance(backend["available"], bool) and isinstance(backend["reason"], str)
+    else:
+        assert ops["reason"]
+
+    assert set(info["neuron"]) == {"torch_neuronx", "neuronxcc", "neuronx_distributed", "nki", "torch_xla"}
+    for name, status in info["neuron"].items():
+        assert set(status) == {"importable", "version", "status", "reason"}
+        if importlib.util.find_spec(name) is None:  # this machine: nothing Neuron installed
+            assert status["importable"] is False
+            assert status["status"] == "not installed"
+            assert "not installed" in status["reason"]
+        elif not status["importable"]:
+            assert status["reason"]
+
+
+def test_info_text(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"bmojo-neuron  {__version__}")
+    for word in ("python", "torch", "transformers", "datasets", "op backends:",
+                 "neuron packages:", "torch_neuronx"):
+        assert word in out
+
+
+def test_info_without_op_backends(monkeypatch, capsys):
+    import bmojo_neuron
+
+    monkeypatch.setitem(sys.modules, "bmojo_neuron.ops", None)  # import fails
+    if hasattr(bmojo_neuron, "ops"):
+        monkeypatch.delattr(bmojo_neuron, "ops")
+    assert cli.main(["info", "--json"]) == 0
+    ops = json.loads(capsys.readouterr().out)["op_backends"]
+    assert ops["status"] == "unknown" and ops["reason"] and ops["backends"] == {}
+
+
+# ------------------------------------------------------------------------ neuron
+
+
+def test_require_neuron_message():
+    if neuron.is_neuron_available():
+        pytest.skip("Neuron SDK installed")
+    with pytest.raises(neuron.NeuronUnavailableError) as exc:
+        neuron.require_neuron("NKI selective scan")
+    message = str(exc.value)
+    assert isinstance(exc.value, RuntimeError)
+    assert "NKI selective scan" in message
+    assert 'pip install "bmojo-neuron[neuron]" --extra-index-url https://pip.repos.neuron.amazonaws.com' in message
+    assert "torch_neuronx" in message
+
+
+def test_placeholder_detected(fake_packages):
+    fake_packages({
+        "torch_neuronx": ImportError("WRONG PACKAGE: this is a placeholder, install from the Neuron repository"),
+        "nki": ImportError("WRONG PACKAGE"),
+    })
+    status = neuron.neuron_status()
+    for name in ("torch_neuronx", "nki"):
+        assert status[name]["importable"] is False
+        assert status[name]["status"] == "placeholder"
+        assert "placeholder" in status[name]["reason"] and "WRONG PACKAGE" in status[name]["reason"]
+    with pytest.raises(neuron.NeuronUnavailableError, match="placeholder"):
+        neuron.require_neuron("training on Trainium")
+    assert not neuron.is_neuron_available()
+
+    nki, nl, nisa, reason = compat._probe()
+    assert nki is nl is nisa is None
+    assert "placeholder" in reason
+
+
+def test_other_import_errors_do_not_escape(fake_packages):
+    missing_dep = ModuleNotFoundError("No module named 'torch_xla'", name="torch_xla")
+    fake_packages({
+        "neuronx_distributed": missing_dep,
+        "neuronxcc": RuntimeError("boom"),
+        "torch_xla": SystemExit(1),
+    })
+    status = neuron.neuron_status()
+    assert status["neuronx_distributed"]["status"] == "import error"
+    assert "torch_xla" in status["neuronx_distributed"]["reason"]
+    assert status["neuronxcc"]["status"] == "import error"
+    assert "RuntimeError: boom" in status["neuronxcc"]["reason"]
+    assert status["torch_xla"]["status"] == "import error"
+    with pytest.raises(neuron.NeuronUnavailableError, match="neuronx_distributed"):
+        neuron.import_neuron_module("neuronx_distributed.parallel_layers", "tensor parallelism")
+
+
+def test_nki_compat_without_nki():
+    if importlib.util.find_spec("nki") is not None:
+        pytest.skip("an nki package is installed")
+    assert compat.NKI_AVAILABLE is False
+    assert compat.nki is None and compat.nl is None and compat.nisa is None
+    assert "not installed" in compat.NKI_UNAVAILABLE_REASON
+
+
+# ---------------------------------------------------------------------- registry
+
+
+def test_registered_command_errors(registry, capsys):
+    def add_arguments(parser):
+        parser.add_argument("--kind", default="value")
+
+    @cli.register_command("explode", help="raise an error", add_arguments=add_arguments)
+    def explode(args):
+        if args.kind == "value":
+            raise ValueError("bad recipe field 'hidden_size'")
+        if args.kind == "neuron":
+            neuron.require_neuron("explode on Trainium", packages=("torch_neuronx",))
+        if args.kind == "bug":
+            raise KeyError("unexpected")
+        return 3
+
+    assert "explode" in registry
+    assert cli.main(["explode"]) == 2
+    assert capsys.readouterr().err.strip() == "error: bad recipe field 'hidden_size'"
+    if not neuron.is_neuron_available(("torch_neuronx",)):
+        assert cli.main(["explode", "--kind", "neuron"]) == 2
+        assert capsys.readouterr().err.startswith("error: explode on Trainium needs")
+    assert cli.main(["explode", "--kind", "other"]) == 3
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        cli.main(["explode", "--kind", "bug"])
+    with pytest.raises(ValueError, match="already registered"):
+        cli.add_command("explode", "again", None, lambda args: 0)
+
+
+def test_no_command_is_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([])
+    assert exc.value.code == 2
+
+
+# ------------------------------------------------------------------- packaging
+
+
+def test_base_dependencies_have_no_neuron_package(pyproject):
+    base = {canonicalize_name(Requirement(r).name) for r in pyproject["project"]["dependencies"]}
+    assert not base & NEURON_DISTS
+    assert {"torch", "transformers", "datasets"} <= base
+
+
+def test_neuron_extra_pins(pyproject):
+    extra = [Requirement(r) for r in pyproject["project"]["optional-dependencies"]["neuron"]]
+    pins = {}
+    for req in extra:
+        specs = list(req.specifier)
+        assert len(specs) == 1 and specs[0].operator == "==", str(req)
+        pins[canonicalize_name(req.name)] = specs[0].version
+    assert pins == NEURON_PINS
+
+
+def test_console_script(pyproject):
+    assert pyproject["project"]["scripts"] == {"bmojo-neuron": "bmojo_neuron.cli:main"}
+
+
+# --------------------------------------------------------------- README and CI
+
+
+def _quick_start_commands(readme: str) -> list[str]:
+    section = re.search(r"^## Quick start\n(.*?)(?=^## )", readme, re.S | re.M)
+    assert section, "README has no '## Quick start' section"
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", section.group(1), re.S | re.M)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    quick_start = _quick_start_commands(readme)
+    assert len(quick_start) == 2
+    assert quick_start[0] == "pip install torch==2.13.0 && pip install -e . && bmojo-neuron train"
+
+    result = subprocess.run(["bash", str(ROOT / ".ci" / "run"), "--print-command"],
+                            capture_output=True, text=True, check=True)
+    extracted = result.stdout.splitlines()
+    assert len(extracted) == 1
+    assert extracted[0] == quick_start[1]
+    assert extracted[0] == 'pip install torch==2.13.0 && pip install -e ".[dev]" && python -m pytest -q'

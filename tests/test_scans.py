@@ -1,0 +1,286 @@
+"""Selective scan (Mamba-1) and SSD scan (Mamba-2) against naive references written here.
+
+The references are textbook per-step recurrences (plain Python loops over time with
+direct indexing) and, for SSD, an independent chunked formula in the style of
+``ssd_minimal_discrete`` (segment sums by the masked-cumsum trick, inter-chunk states
+by a segment-sum matrix over chunks). Math checks run in float64 with tol 1e-10.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bmojo_neuron.ops.selective_scan import selective_scan, selective_state_update
+from bmojo_neuron.ops.ssd import ssd_scan, ssd_state_update
+
+F64 = torch.float64
+TOL = 1e-10
+
+
+# ----------------------------------------------------------------------------- naive references
+def naive_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=False, h0=None):
+    """h_t = exp(d_t A) h_{t-1} + d_t B_t u_t ; y_t = <h_t, C_t> + D u_t ; y *= silu(z)."""
+    batch, dim, length = u.shape
+    d = delta + (delta_bias[:, None] if delta_bias is not None else 0)
+    if softplus:
+        d = torch.log1p(torch.exp(d))
+    h = h0.clone() if h0 is not None else torch.zeros(batch, dim, A.shape[1], dtype=u.dtype)
+    ys = []
+    for t in range(length):
+        h = torch.exp(d[:, :, t, None] * A) * h + d[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]
+        y = (h * C[:, None, :, t]).sum(-1)
+        if D is not None:
+            y = y + D * u[:, :, t]
+        if z is not None:
+            y = y * z[:, :, t] * torch.sigmoid(z[:, :, t])
+        ys.append(y)
+    return torch.stack(ys, dim=-1), h
+
+
+def naive_ssd(x, dt, A, B, C, D=None, dt_bias=None, softplus=True, h0=None):
+    """Per head: h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T ; y_t = h_t C_t + D x_t."""
+    batch, length, heads, head_dim = x.shape
+    groups, n = B.shape[2:]
+    d = dt + (dt_bias if dt_bias is not None else 0)
+    if softplus:
+        d = torch.log1p(torch.exp(d))
+    h = h0.clone() if h0 is not None else torch.zeros(batch, heads, head_dim, n, dtype=x.dtype)
+    ys = torch.zeros_like(x)
+    for t in range(length):
+        for hd in range(heads):
+            g = hd // (heads // groups)
+            h[:, hd] = torch.exp(d[:, t, hd] * A[hd])[:, None, None] * h[:, hd] + (
+                d[:, t, hd, None, None] * x[:, t, hd, :, None] * B[:, t, g, None, :]
+            )
+            ys[:, t, hd] = (h[:, hd] * C[:, t, g, None, :]).sum(-1)
+            if D is not None:
+                ys[:, t, hd] += D[hd] * x[:, t, hd]
+    return ys, h
+
+
+def segsum_masked_cumsum(a):
+    """out[..., i, j] = sum_{k=j+1..i} a[..., k] for i >= j, -inf above the diagonal."""
+    T = a.shape[-1]
+    rep = a[..., None].expand(*a.shape, T)  # rep[..., k, j] = a[..., k]
+    strictly_lower = torch.ones(T, T, dtype=torch.bool).tril(-1)
+    rep = rep.masked_fill(~strictly_lower, 0.0)
+    out = torch.cumsum(rep, dim=-2)
+    return out.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+
+
+def chunked_ssd_reference(x, dt, A, B, C, chunk, D=None, dt_bias=None, softplus=True, h0=None):
+    """Independent SSD: heads-expanded B/C, masked-cumsum segsums, inter-chunk segsum matrix."""
+    batch, length, heads, head_dim = x.shape
+    groups, n = B.shape[2:]
+    d = dt + (dt_bias if dt_bias is not None else 0)
+    if softplus:
+        d = torch.log1p(torch.exp(d))
+    pad = (-length) % chunk
+    xp = torch.cat([x, x.new_zeros(batch, pad, heads, head_dim)], 1)
+    dp = torch.cat([d, d.new_zeros(batch, pad, heads)], 1)
+    Bh = torch.cat([B, B.new_zeros(batch, pad, groups, n)], 1).repeat_interleave(heads // groups, dim=2)
+    Ch = torch.cat([C, C.new_zeros(batch, pad, groups, n)], 1).repeat_interleave(heads // groups, dim=2)
+    nc = xp.shape[1] // chunk
+    # (b, c, l, h, ...) blocks
+    X = (xp * dp[..., None]).reshape(batch, nc, chunk, heads, head_dim)
+    Bb = Bh.reshape(batch, nc, chunk, heads, n)
+    Cb = Ch.reshape(batch, nc, chunk, heads, n)
+    Ab = (dp * A).reshape(batch, nc, chunk, heads).permute(0, 3, 1, 2)  # (b, h, c, l)
+    A_cs = torch.cumsum(Ab, -1)
+    L = torch.exp(segsum_masked_cumsum(Ab))  # (b, h, c, l, s)
+    Y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Cb, Bb, L, X)
+    decay_states = torch.exp(A_cs[..., -1:] - A_cs)
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bb, decay_states, X)
+    init = h0 if h0 is not None else torch.zeros(batch, heads, head_dim, n, dtype=x.dtype)
+    states = torch.cat([init[:, None], states], dim=1)
+    decay_chunk = torch.exp(segsum_masked_cumsum(F.pad(A_cs[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    new_states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
+    states, final = new_states[:, :-1], new_states[:, -1]
+    Y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cb, states, torch.exp(A_cs))
+    y = (Y_diag + Y_off).reshape(batch, nc * chunk, heads, head_dim)[:, :length]
+    if D is not None:
+        y = y + D[:, None] * x
+    return y, final
+
+
+# ----------------------------------------------------------------------------- inputs
+def mamba1_inputs(batch=2, dim=3, n=4, length=9, seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return dict(
+        u=r(batch, dim, length),
+        delta=r(batch, dim, length) * 0.5,
+        A=-torch.rand(dim, n, generator=g, dtype=dtype) * 2 - 0.1,
+        B=r(batch, n, length),
+        C=r(batch, n, length),
+        D=r(dim),
+        z=r(batch, dim, length),
+        delta_bias=r(dim) * 0.3,
+        initial_state=r(batch, dim, n),
+    )
+
+
+def ssd_inputs(batch=2, length=37, heads=4, head_dim=3, groups=1, n=5, seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return dict(
+        x=r(batch, length, heads, head_dim),
+        dt=r(batch, length, heads) * 0.5,
+        A=-torch.rand(heads, generator=g, dtype=dtype) * 2 - 0.1,
+        B=r(batch, length, groups, n),
+        C=r(batch, length, groups, n),
+        D=r(heads),
+        dt_bias=r(heads) * 0.3,
+        initial_state=r(batch, heads, head_dim, n),
+    )
+
+
+# ----------------------------------------------------------------------------- Mamba-1
+@pytest.mark.parametrize("length", [1, 2, 9, 37, 64])
+@pytest.mark.parametrize("full", [False, True])
+def test_selective_scan_matches_recurrence(length, full):
+    inp = mamba1_inputs(length=length, seed=length)
+    kw = dict(D=inp["D"], z=inp["z"], delta_bias=inp["delta_bias"], initial_state=inp["initial_state"]) if full else {}
+    delta = inp["delta"] if full else inp["delta"].abs()  # without softplus keep dt >= 0
+    y, last = selective_scan(
+        inp["u"], delta, inp["A"], inp["B"], inp["C"], delta_softplus=full, return_last_state=True, **kw
+    )
+    y_ref, last_ref = naive_selective_scan(
+        inp["u"],
+        delta,
+        inp["A"],
+        inp["B"],
+        inp["C"],
+        D=kw.get("D"),
+        z=kw.get("z"),
+        delta_bias=kw.get("delta_bias"),
+        softplus=full,
+        h0=kw.get("initial_state"),
+    )
+    assert y.dtype == F64 and last.shape == (2, 3, 4)
+    torch.testing.assert_close(y, y_ref, atol=TOL, rtol=0)
+    torch.testing.assert_close(last, last_ref, atol=TOL, rtol=0)
+    y_only = selective_scan(inp["u"], delta, inp["A"], inp["B"], inp["C"], delta_softplus=full, **kw)
+    torch.testing.assert_close(y_only, y, atol=0, rtol=0)
+
+
+def test_selective_scan_strong_decay_does_not_overflow():
+    """Sum of dt*A reaches about -1e5: a global exp(-cumsum) would overflow, products only underflow."""
+    inp = mamba1_inputs(length=200, seed=3)
+    A = inp["A"] * 50
+    delta = inp["delta"].abs() + 5.0
+    y, last = selective_scan(inp["u"], delta, A, inp["B"], inp["C"], return_last_state=True)
+    y_ref, last_ref = naive_selective_scan(inp["u"], delta, A, inp["B"], inp["C"])
+    torch.testing.assert_close(y, y_ref, atol=TOL, rtol=0)
+    torch.testing.assert_close(last, last_ref, atol=TOL, rtol=0)
+    y32 = selective_scan(*(inp[k].float() for k in ("u",)), delta.float(), A.float(), inp["B"].float(), inp["C"].float())
+    assert torch.isfinite(y32).all()
+    torch.testing.assert_close(y32.double(), y_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_selective_scan_low_precision_io():
+    inp = mamba1_inputs(length=16, seed=5)
+    args = [inp[k].bfloat16() for k in ("u", "delta", "A", "B", "C")]
+    y, last = selective_scan(*args, D=inp["D"], z=inp["z"].bfloat16(), delta_softplus=True, return_last_state=True)
+    assert y.dtype == torch.bfloat16 and last.dtype == torch.float32
+    y_ref, _ = naive_selective_scan(*(a.double() for a in args), D=inp["D"], z=inp["z"].bfloat16().double(), softplus=True)
+    torch.testing.assert_close(y.double(), y_ref, atol=0.05, rtol=0.02)  # bf16 output rounding
+
+
+def test_selective_state_update_chained_equals_scan():
+    inp = mamba1_inputs(length=11, seed=7)
+    y_par, last_par = selective_scan(
+        inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], D=inp["D"], z=inp["z"],
+        delta_bias=inp["delta_bias"], delta_softplus=True, initial_state=inp["initial_state"], return_last_state=True,
+    )  # fmt: skip
+    state, ys = inp["initial_state"], []
+    state_before = state.clone()
+    for t in range(11):
+        y, state = selective_state_update(
+            state, inp["u"][:, :, t], inp["delta"][:, :, t], inp["A"], inp["B"][:, :, t], inp["C"][:, :, t],
+            D=inp["D"], z=inp["z"][:, :, t], dt_bias=inp["delta_bias"], dt_softplus=True,
+        )  # fmt: skip
+        ys.append(y)
+    torch.testing.assert_close(inp["initial_state"], state_before, atol=0, rtol=0)  # functional
+    torch.testing.assert_close(torch.stack(ys, -1), y_par, atol=TOL, rtol=0)
+    torch.testing.assert_close(state, last_par, atol=TOL, rtol=0)
+
+
+def test_selective_scan_gradcheck():
+    inp = mamba1_inputs(batch=1, dim=2, n=2, length=5, seed=11)
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
+    tensors = [inp[k].clone().requires_grad_() for k in names]
+
+    def fn(u, delta, A, B, C, D, z, delta_bias, h0):
+        y, last = selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=True,
+                                 initial_state=h0, return_last_state=True)  # fmt: skip
+        return y, last
+
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- Mamba-2 / SSD
+@pytest.mark.parametrize(("length", "chunk"), [(37, 8), (37, 16), (32, 8), (5, 16), (1, 4)])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_ssd_matches_recurrence_and_chunked_formula(length, chunk, groups):
+    inp = ssd_inputs(length=length, groups=groups, seed=length + chunk + groups)
+    args = (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"])
+    kw = dict(D=inp["D"], dt_bias=inp["dt_bias"])
+    y, final = ssd_scan(*args, chunk, **kw, initial_state=inp["initial_state"], return_final_state=True)
+    y_rec, final_rec = naive_ssd(*args, **kw, h0=inp["initial_state"])
+    y_chk, final_chk = chunked_ssd_reference(*args, chunk, **kw, h0=inp["initial_state"])
+    assert y.shape == inp["x"].shape and final.shape == (2, 4, 3, 5)
+    torch.testing.assert_close(y, y_rec, atol=TOL, rtol=0)
+    torch.testing.assert_close(final, final_rec, atol=TOL, rtol=0)
+    torch.testing.assert_close(y, y_chk, atol=TOL, rtol=0)
+    torch.testing.assert_close(final, final_chk, atol=TOL, rtol=0)
+
+
+def test_ssd_without_optional_inputs_and_softplus():
+    inp = ssd_inputs(length=21, groups=2, seed=4)
+    dt = inp["dt"].abs()
+    args = (inp["x"], dt, inp["A"], inp["B"], inp["C"])
+    y = ssd_scan(*args, 8, dt_softplus=False)
+    y_rec, _ = naive_ssd(*args, softplus=False)
+    y_chk, _ = chunked_ssd_reference(*args, 8, softplus=False)
+    torch.testing.assert_close(y, y_rec, atol=TOL, rtol=0)
+    torch.testing.assert_close(y, y_chk, atol=TOL, rtol=0)
+
+
+def test_ssd_low_precision_io():
+    inp = ssd_inputs(length=20, seed=6)
+    args = [inp[k].bfloat16() for k in ("x", "dt", "A", "B", "C")]
+    y, final = ssd_scan(*args, 8, D=inp["D"], return_final_state=True)
+    assert y.dtype == torch.bfloat16 and final.dtype == torch.float32
+    y_ref, _ = naive_ssd(*(a.double() for a in args), D=inp["D"])
+    torch.testing.assert_close(y.double(), y_ref, atol=0.05, rtol=0.02)  # bf16 output rounding
+
+
+def test_ssd_state_update_chained_equals_scan():
+    inp = ssd_inputs(length=13, groups=2, seed=9)
+    y_par, final_par = ssd_scan(
+        inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], 4, D=inp["D"], dt_bias=inp["dt_bias"],
+        initial_state=inp["initial_state"], return_final_state=True,
+    )  # fmt: skip
+    state, ys = inp["initial_state"], []
+    for t in range(13):
+        y, state = ssd_state_update(
+            state, inp["x"][:, t], inp["dt"][:, t], inp["A"], inp["B"][:, t], inp["C"][:, t],
+            D=inp["D"], dt_bias=inp["dt_bias"],
+        )  # fmt: skip
+        ys.append(y)
+    torch.testing.assert_close(torch.stack(ys, 1), y_par, atol=TOL, rtol=0)
+    torch.testing.assert_close(state, final_par, atol=TOL, rtol=0)
+
+
+def test_ssd_gradcheck():
+    inp = ssd_inputs(batch=1, length=7, heads=2, head_dim=2, groups=1, n=2, seed=12)
+    names = ["x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state"]
+    tensors = [inp[k].clone().requires_grad_() for k in names]
+
+    def fn(x, dt, A, B, C, D, dt_bias, h0):
+        return ssd_scan(x, dt, A, B, C, 3, D=D, dt_bias=dt_bias, initial_state=h0, return_final_state=True)
+
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-7)
