@@ -15,10 +15,12 @@ module there is imported when the parser is built, so registering is enough:
         ...  # return an exit code, or None for 0
 
 Import heavy things (torch, datasets, Neuron) inside `run`, not at module top, so
-`bmojo-neuron --help` stays fast. A module that fails to import is reported as a
-warning on stderr and its commands are missing; the others still work. Expected failures (`ValueError`,
-`FileNotFoundError`, `NeuronUnavailableError`) raised by `run` are printed as
-``error: ...`` with exit status 2; anything else is a bug and shows a traceback.
+`bmojo-neuron --help` stays fast. Modules whose name starts with ``_`` are skipped;
+a module that fails to import is reported as a warning on stderr and its commands
+are missing, the others still work. `add_command(name, help, add_arguments, run)`
+is the non-decorator form. Expected failures (`ValueError`, `FileNotFoundError`,
+`NeuronUnavailableError`) raised by `run` are printed as ``error: ...`` with exit
+status 2; anything else is a bug and shows a traceback.
 """
 
 from __future__ import annotations

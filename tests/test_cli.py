@@ -245,6 +245,32 @@ def test_registered_command_errors(registry, capsys):
         cli.add_command("explode", "again", None, lambda args: 0)
 
 
+def test_command_modules_are_discovered(registry, monkeypatch, tmp_path, capsys):
+    package = tmp_path / "fake_bmojo_commands"
+    package.mkdir()
+    (package / "hello.py").write_text(
+        "from bmojo_neuron.cli import register_command\n"
+        "def add_arguments(parser):\n"
+        "    parser.add_argument('--name', default='world')\n"
+        "@register_command('hello', help='say hello', add_arguments=add_arguments)\n"
+        "def run(args):\n"
+        "    print(f'hello {args.name}')\n"
+    )
+    (package / "_helpers.py").write_text("raise RuntimeError('private modules are not imported')\n")
+    (package / "broken.py").write_text("import a_module_that_does_not_exist\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(cli, "COMMANDS_PACKAGE", "fake_bmojo_commands")
+    for name in ("fake_bmojo_commands", "fake_bmojo_commands.hello", "fake_bmojo_commands.broken"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+
+    assert cli.main(["hello", "--name", "trn1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "hello trn1\n"
+    assert "warning: could not load fake_bmojo_commands.broken" in captured.err
+    assert "_helpers" not in captured.err
+    assert cli.main(["info", "--json"]) == 0  # still there
+
+
 def test_no_command_is_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([])

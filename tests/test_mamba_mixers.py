@@ -208,8 +208,8 @@ def test_reset_ssm_parameters(name):
     assert dt.std().item() > 0  # sampled, not constant
     assert torch.equal(m.D.detach(), torch.ones_like(m.D))
     if name == "mamba1":
-        expected = torch.log(torch.arange(1, cfg.ssm_state_size + 1, dtype=torch.float32)).expand(m.d_inner, -1)
-        torch.testing.assert_close(m.A_log.detach(), expected, atol=1e-7, rtol=0)
+        expected = torch.log(torch.arange(1, cfg.ssm_state_size + 1, dtype=torch.float64)).float().expand(m.d_inner, -1)
+        torch.testing.assert_close(m.A_log.detach(), expected, atol=0, rtol=0)  # S4D-real, exactly
         bound = cfg.ssm_dt_rank**-0.5
         assert m.dt_proj.weight.abs().max().item() <= bound
     else:
@@ -270,7 +270,7 @@ def test_linears_come_from_factory_and_gradients_flow(name):
     with use_layer_factory(Recording()):
         m = MIXERS[name]()
     n_linear = sum(isinstance(mod, nn.Linear) for mod in m.modules())
-    assert len(calls) == n_linear and n_linear == (5 if name == "mamba1" else 5)
+    assert len(calls) == n_linear == 5  # four input-side projections + out_proj
     assert ("row", m.d_inner, 32) in calls  # out_proj
     m(inputs(2, 10)).square().mean().backward()
     for pname in ("A_log", "D", "dt_bias"):

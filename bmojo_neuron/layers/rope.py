@@ -7,16 +7,21 @@ from torch import Tensor, nn
 
 
 class RotaryEmbedding(nn.Module):
-    """Produces cos/sin tables for arbitrary integer positions."""
+    """Produces cos/sin tables for arbitrary integer positions.
+
+    The frequencies are recomputed per call (head_dim / 2 numbers) rather than kept in a
+    buffer: a non-persistent buffer is not restored by `from_pretrained`'s meta-device load.
+    """
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim = head_dim
+        self.theta = theta
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin of shape ``positions.shape + (head_dim,)``, computed in float32 then cast."""
-        freqs = positions.to(torch.float32)[..., None] * self.inv_freq.to(positions.device)
+        """cos, sin of shape ``positions.shape + (head_dim,)``, computed in float32 (as on Trainium, which has no float64) then cast."""
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device) / self.head_dim
+        freqs = positions.to(torch.float32)[..., None] / self.theta**exponent
         angles = torch.cat([freqs, freqs], dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 

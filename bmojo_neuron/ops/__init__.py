@@ -39,10 +39,10 @@ def _torch_impls() -> dict:
 
 
 def _nki_availability() -> tuple[bool, str]:
-    from bmojo_neuron.neuron import is_neuron_available
+    from bmojo_neuron.neuron import INSTALL_COMMAND, is_neuron_available
 
     if not is_neuron_available():
-        return False, "the Neuron SDK is not installed (pip install 'bmojo-neuron[neuron]' on a Trn1 instance)"
+        return False, f"the Neuron SDK is not installed ({INSTALL_COMMAND} on a Trn1 instance)"
     return False, "the NKI kernels are not written yet (NKI kernel issues)"
 
 

@@ -12,7 +12,9 @@ accumulating the in-chunk decay products, then the chunk-boundary states are car
 across chunks (``L/T`` steps) and added back with those products. That is
 ``~2*sqrt(L)`` Python steps instead of ``L``, uses only products of decays (no
 ``exp(-cumsum)``, which overflows) and only ``unbind``/``stack`` to move between time
-steps, so autograd stays linear in ``L``.
+steps, so autograd stays linear in ``L``. When one step is already large (``batch * dim * N``
+above a few thousand) the Python overhead is amortised and the plain one-level loop,
+which moves less memory, is used instead.
 """
 
 from __future__ import annotations
@@ -31,14 +33,32 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+# Per-step element count (batch * dim * N) above which one step already amortises the
+# Python/dispatch overhead, so the plain loop (less memory traffic) wins on CPU.
+_TWO_LEVEL_MAX_STEP_NUMEL = 8192
+
+
+def _sequential_scan(a: Tensor, b: Tensor, h0: Tensor | None) -> Tensor:
+    """``h_t = a_t * h_{t-1} + b_t`` one step at a time over ``unbind`` views (L Python steps)."""
+    h = h0 if h0 is not None else torch.zeros_like(b[:, :, 0])
+    states = []
+    for a_t, b_t in zip(a.unbind(2), b.unbind(2)):
+        h = a_t * h + b_t
+        states.append(h)
+    return torch.stack(states, dim=2)
+
+
 def _linear_scan(a: Tensor, b: Tensor, h0: Tensor | None) -> Tensor:
     """All states of ``h_t = a_t * h_{t-1} + b_t`` along dim 2 of (batch, dim, L, N) tensors.
 
-    Exact two-level scan (see the module docstring); returns (batch, dim, L, N).
+    Exact; small per-step work uses the two-level scan (see the module docstring),
+    large per-step work the plain loop. Returns (batch, dim, L, N).
     """
     batch, dim, length, n = a.shape
     if length == 0:
         return b
+    if batch * dim * n > _TWO_LEVEL_MAX_STEP_NUMEL:
+        return _sequential_scan(a, b, h0)
     chunk = math.isqrt(length - 1) + 1  # ceil(sqrt(L)): balances the two loops
     n_chunks = -(-length // chunk)
     pad = n_chunks * chunk - length

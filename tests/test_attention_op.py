@@ -1,0 +1,126 @@
+"""The reference eidetic-window attention op against an explicit per-query loop."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bmojo_neuron import ops
+from bmojo_neuron.ops.reference.eidetic_attention import eidetic_attention
+
+
+def loop_attention(q, k, v, kf, vf, mem_k, mem_v, mem_valid, window, fading_window, chunk):
+    """For each query, gather its keys by the definition in bmojo.md and take one softmax."""
+    batch, q_heads, length, head_dim = q.shape
+    group = q_heads // k.shape[1]
+    out = torch.zeros_like(q)
+    lse = torch.zeros(batch, q_heads, length, dtype=q.dtype)
+    for b in range(batch):
+        for h in range(q_heads):
+            kv = h // group
+            for i in range(length):
+                keys = [k[b, kv, t] for t in range(max(0, i - window + 1), i + 1)]
+                vals = [v[b, kv, t] for t in range(max(0, i - window + 1), i + 1)]
+                if kf is not None:
+                    fading = range(max(0, i - window - fading_window + 1), i - window + 1)
+                    keys += [kf[b, kv, t] for t in fading]
+                    vals += [vf[b, kv, t] for t in fading]
+                if mem_k is not None:
+                    j = i // chunk
+                    slots = [m for m in range(mem_k.shape[3]) if mem_valid[b, j, m]]
+                    keys += [mem_k[b, kv, j, m] for m in slots]
+                    vals += [mem_v[b, kv, j, m] for m in slots]
+                scores = torch.stack(keys) @ q[b, h, i] / math.sqrt(head_dim)
+                lse[b, h, i] = torch.logsumexp(scores, 0)
+                out[b, h, i] = torch.softmax(scores, 0) @ torch.stack(vals)
+    return out, lse
+
+
+def make_inputs(length, window, fading_window, chunk, memory, q_heads, kv_heads, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    batch, head_dim = 2, 8
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    q = rand(batch, q_heads, length, head_dim)
+    k, v = rand(batch, kv_heads, length, head_dim), rand(batch, kv_heads, length, head_dim)
+    kf = vf = mem_k = mem_v = mem_valid = None
+    if fading_window:
+        kf, vf = rand(batch, kv_heads, length, head_dim), rand(batch, kv_heads, length, head_dim)
+    if memory:
+        n_chunks = -(-length // chunk)
+        mem_k = rand(batch, kv_heads, n_chunks, memory, head_dim)
+        mem_v = rand(batch, kv_heads, n_chunks, memory, head_dim)
+        mem_valid = torch.rand(batch, n_chunks, memory, generator=gen) > 0.3
+        mem_valid[:, 0] = False  # the first chunk sees an empty memory
+        mem_valid[:, -1] = True  # and the last a full one
+    return q, k, v, kf, vf, mem_k, mem_v, mem_valid
+
+
+CASES = [
+    # length, window, fading_window, chunk, memory, q_heads, kv_heads, block
+    (37, 5, 3, 4, 3, 4, 2, None),  # fading clipped at 0, w != c, GQA 2, tail block
+    (20, 8, 8, 8, 2, 2, 1, 4),  # w == c, several blocks per window
+    (9, 16, 4, 4, 2, 2, 2, None),  # window longer than the sequence: no fading keys at all
+    (33, 4, 0, 6, 0, 4, 1, 8),  # w_f = 0 and M = 0 (plain sliding window), GQA 4
+    (24, 3, 5, 7, 4, 4, 4, 5),  # fading wider than window, block not dividing anything
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_matches_per_query_loop(case):
+    length, window, fading_window, chunk, memory, q_heads, kv_heads, block = case
+    inputs = make_inputs(length, window, fading_window, chunk, memory, q_heads, kv_heads)
+    out, lse = eidetic_attention(
+        *inputs, window=window, fading_window=fading_window, chunk=chunk, block=block
+    )
+    want_out, want_lse = loop_attention(*inputs, window, fading_window, chunk)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-12)
+
+
+def test_float32_inputs_return_float32_lse_and_match():
+    inputs = make_inputs(30, 6, 4, 5, 3, 4, 2, dtype=torch.float32)
+    out, lse = eidetic_attention(*inputs, window=6, fading_window=4, chunk=5)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    want_out, _ = loop_attention(*[t.double() if t is not None and t.is_floating_point() else t for t in inputs], 6, 4, 5)
+    torch.testing.assert_close(out.double(), want_out, rtol=0, atol=1e-5)
+
+
+def test_gradcheck_all_inputs():
+    q, k, v, kf, vf, mem_k, mem_v, mem_valid = make_inputs(11, 3, 2, 4, 2, 4, 2)
+    tensors = [t.requires_grad_() for t in (q, k, v, kf, vf, mem_k, mem_v)]
+
+    def fn(*args):
+        out, lse = eidetic_attention(*args, mem_valid, window=3, fading_window=2, chunk=4, block=4)
+        return out, lse
+
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-8)
+
+
+def test_dispatch_routes_to_reference_and_rejects_unavailable_backends():
+    inputs = make_inputs(12, 4, 2, 4, 2, 2, 1)
+    via_dispatch, _ = ops.eidetic_attention(*inputs, window=4, fading_window=2, chunk=4)
+    direct, _ = eidetic_attention(*inputs, window=4, fading_window=2, chunk=4)
+    assert torch.equal(via_dispatch, direct)
+    available = ops.available_backends()
+    assert available["torch"][0] is True
+    for name in ("nki", "nki-sim"):
+        ok, reason = available[name]
+        assert not ok and reason
+        with pytest.raises(ValueError, match=name):
+            ops.set_backend(name)
+    with pytest.raises(ValueError, match="unknown ops backend"):
+        ops.set_backend("cuda-magic")
+    assert ops.get_backend("eidetic_attention") == "torch"
+
+
+def test_shape_errors_name_the_problem():
+    q, k, v, kf, vf, mem_k, mem_v, mem_valid = make_inputs(12, 4, 2, 4, 2, 2, 1)
+    with pytest.raises(ValueError, match="mem_k"):
+        eidetic_attention(q, k, v, kf, vf, mem_k[:, :, :1], mem_v, mem_valid, window=4, fading_window=2, chunk=4)
+    with pytest.raises(ValueError, match="kv heads"):
+        eidetic_attention(q[:, :1].expand(-1, 3, -1, -1), k.expand(-1, 2, -1, -1), v.expand(-1, 2, -1, -1), window=4)

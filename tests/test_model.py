@@ -1,0 +1,192 @@
+"""BMojoForCausalLM on the reference path: decode = forward, causality, generate, losses, round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from naive import tiny_config
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from bmojo_neuron import BMojoCache, BMojoConfig, BMojoForCausalLM
+
+
+def build(config: BMojoConfig, seed: int = 0, dtype=torch.float32) -> BMojoForCausalLM:
+    torch.manual_seed(seed)
+    return BMojoForCausalLM(config).to(dtype).eval()
+
+
+def decode_logits(model: BMojoForCausalLM, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Prefill `prompt_len` tokens through the parallel forward, then one token at a time."""
+    cache = BMojoCache(model.config.num_hidden_layers)
+    with torch.no_grad():
+        logits = [model(ids[:, :prompt_len], cache=cache, use_cache=True).logits]
+        for t in range(prompt_len, ids.shape[1]):
+            logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+    assert cache.get_seq_length() == ids.shape[1]
+    return torch.cat(logits, dim=1)
+
+
+# w = 4, w_f = 3, c = 5, M = 3, k = 2 (tiny_config): prompts of 2 tokens (< w), 9 (> w + w_f) and
+# 23 (several chunks); 40 tokens span 8 chunks, so 16 picks overflow the 3 slots.
+PROMPTS = (1, 2, 9, 23)
+LENGTH = 40
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
+@pytest.mark.parametrize("decay", [0.0, 0.5, 1.0])
+def test_decode_equals_forward_bmojo_layer(mixer, decay):
+    model = build(tiny_config(ssm_mixer=mixer, memory_decay=decay))
+    ids = torch.randint(0, 64, (2, LENGTH), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+    for prompt_len in PROMPTS:
+        torch.testing.assert_close(decode_logits(model, ids, prompt_len), full, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
+@pytest.mark.parametrize("pattern", ["F", "M", "S", "A", "BFMSA"])
+def test_decode_equals_forward_other_layers(pattern, mixer):
+    model = build(tiny_config(layer_pattern=pattern, ssm_mixer=mixer))
+    ids = torch.randint(0, 64, (2, LENGTH), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids).logits
+    for prompt_len in (1, 9):
+        torch.testing.assert_close(decode_logits(model, ids, prompt_len), full, rtol=0, atol=1e-4)
+
+
+def test_memory_changes_the_output():
+    """Guard for the tests above: the memory path is live in the tiny config."""
+    ids = torch.randint(0, 64, (1, LENGTH), generator=torch.Generator().manual_seed(3))
+    model, no_memory = build(tiny_config()), build(tiny_config(memory_size=0))
+    missing, unexpected = no_memory.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all("innovation_proj" in name for name in unexpected)
+    with torch.no_grad():
+        with_memory, without = model(ids).logits, no_memory(ids).logits
+    lag_end = tiny_config().memory_lag * 5  # queries before this chunk see an empty memory
+    torch.testing.assert_close(with_memory[:, :lag_end], without[:, :lag_end], rtol=0, atol=1e-6)
+    assert (with_memory[:, lag_end:] - without[:, lag_end:]).abs().max() > 1e-3
+
+
+def test_generate_greedy_equals_repeated_full_forward():
+    model = build(tiny_config(layer_pattern="BM"))
+    prompt = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(4))
+    out = model.generate(prompt, max_new_tokens=25, do_sample=False, pad_token_id=0)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(25):
+            next_id = model(ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_id], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_generate_sampling_runs_and_respects_length():
+    model = build(tiny_config(layer_pattern="BS"))
+    prompt = torch.randint(0, 64, (1, 6))
+    torch.manual_seed(0)
+    out = model.generate(prompt, max_new_tokens=12, do_sample=True, temperature=0.8, top_k=10, top_p=0.9, pad_token_id=0)
+    assert out.shape == (1, 18) and torch.equal(out[:, :6], prompt)
+
+
+def test_padding_mask_is_rejected():
+    model = build(tiny_config())
+    ids = torch.randint(0, 64, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with pytest.raises(ValueError, match="padded"):
+        model(ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("position", [3, 17, 31])
+def test_causality_including_memory_selection(position):
+    model = build(tiny_config(layer_pattern="BFMSA", memory_decay=1.0), dtype=torch.float64)
+    ids = torch.randint(0, 64, (2, LENGTH), generator=torch.Generator().manual_seed(5))
+    changed = ids.clone()
+    changed[:, position] = (ids[:, position] + 7) % 64
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :position], b[:, :position], rtol=0, atol=1e-12)
+    assert (a[:, position:] - b[:, position:]).abs().max() > 1e-6
+
+
+def test_losses_reported_separately_and_summed():
+    config = tiny_config(innovation_loss_weight=0.3)
+    model = build(config)
+    ids = torch.randint(0, 64, (2, 20))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    out = model(ids, labels=labels)
+    expected_lm = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.lm_loss, expected_lm)
+    torch.testing.assert_close(out.loss, out.lm_loss + out.aux_loss)
+    attention = model.model.layers[0].mixer
+    s = attention.ssm(model.model.layers[0].mixer_norm(model.model.embed_tokens(ids)))
+    k = attention.k_proj(model.model.layers[0].mixer_norm(model.model.embed_tokens(ids)))
+    k_hat = attention.innovation_proj(torch.nn.functional.pad(s, (0, 0, 1, 0))[:, :-1])
+    torch.testing.assert_close(out.aux_loss, 0.3 * (k - k_hat).pow(2).mean(), rtol=1e-5, atol=1e-7)
+    assert build(tiny_config(memory_size=0))(ids, labels=labels).aux_loss is None
+
+
+def test_innovation_predictor_learns_only_from_aux_loss():
+    model = build(tiny_config(layer_pattern="BB"))
+    model.train()
+    ids = torch.randint(0, 64, (2, 30))
+    predictor_params = {n for n, _ in model.named_parameters() if "innovation_proj" in n}
+    assert len(predictor_params) == 2
+
+    out = model(ids, labels=ids)
+    out.lm_loss.backward()
+    for name, p in model.named_parameters():
+        if name in predictor_params:
+            assert p.grad is None or p.grad.abs().max() == 0, name
+    model.zero_grad(set_to_none=True)
+
+    out = model(ids, labels=ids)
+    out.aux_loss.backward()
+    for name, p in model.named_parameters():
+        if name in predictor_params:
+            assert p.grad is not None and p.grad.abs().max() > 0, name
+        else:  # the target K and the predictor's input S are detached
+            assert p.grad is None or p.grad.abs().max() == 0, name
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    model = build(tiny_config(layer_pattern="BFMSA", ssm_mixer="mamba1", tie_fading_projections=False))
+    ids = torch.randint(0, 64, (2, 24))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "bmojo"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded, BMojoForCausalLM)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    for (name, p), (_, q) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(p, q), name
+
+
+def test_untied_embeddings_round_trip(tmp_path):
+    model = build(tiny_config(layer_pattern="M", tie_word_embeddings=False))
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 64, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_tied_embeddings_share_storage():
+    model = build(tiny_config())
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_init_follows_the_design():
+    config = tiny_config(layer_pattern="BM", num_hidden_layers=2)
+    model = build(config)
+    std = config.initializer_range
+    q = model.model.layers[0].mixer.q_proj.weight
+    o = model.model.layers[0].mixer.o_proj.weight
+    assert abs(q.std().item() - std) < 0.2 * std
+    assert abs(o.std().item() - std / (2 * config.num_hidden_layers) ** 0.5) < 0.2 * std
+    mixer = model.model.layers[1].mixer
+    dt = torch.nn.functional.softplus(mixer.dt_bias)
+    assert dt.min() >= config.ssm_dt_init_floor * 0.999 and dt.max() <= config.ssm_dt_max * 1.001
+    assert torch.equal(mixer.D, torch.ones_like(mixer.D))
