@@ -106,10 +106,8 @@ def naive_mamba2(m: Mamba2Mixer, h: torch.Tensor) -> torch.Tensor:
             y[:, t, hd] = (state[:, hd] * Cv[:, None, :]).sum(-1) + m.D[hd] * xv
     gated = y.reshape(b, L, H * P) * F.silu(z)
     size = m.d_inner // G
-    normed = torch.cat(
-        [gated[..., i * size : (i + 1) * size] / gated[..., i * size : (i + 1) * size].pow(2).mean(-1, keepdim=True).add(cfg.rms_norm_eps).sqrt() for i in range(G)],
-        dim=-1,
-    )  # fmt: skip
+    parts = [gated[..., i * size : (i + 1) * size] for i in range(G)]
+    normed = torch.cat([p / torch.sqrt(p.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps) for p in parts], dim=-1)
     return m.out_proj(normed * m.norm.weight)
 
 
@@ -225,7 +223,8 @@ def test_reset_ssm_parameters(name):
 
 def test_dt_floor_applies():
     m = Mamba2Mixer(make_config("mamba2", ssm_dt_min=1e-6, ssm_dt_max=1e-5, ssm_dt_init_floor=1e-3), 0)
-    torch.testing.assert_close(F.softplus(m.dt_bias.detach().double()), torch.full((8,), 1e-3, dtype=torch.float64), atol=1e-9, rtol=1e-5)
+    dt = F.softplus(m.dt_bias.detach().double())
+    torch.testing.assert_close(dt, torch.full((8,), 1e-3, dtype=torch.float64), atol=1e-9, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["mamba1", "mamba2"])
@@ -300,7 +299,8 @@ def test_gated_rms_norm_groups():
     ref = torch.cat([h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) for h in halves], -1) * full.weight
     torch.testing.assert_close(full(x, z), ref, atol=MATH_TOL, rtol=0)
     ungated = GatedRMSNorm(8, eps=1e-6).double()
-    torch.testing.assert_close(ungated(x), x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6), atol=MATH_TOL, rtol=0)
+    ref_ungated = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(ungated(x), ref_ungated, atol=MATH_TOL, rtol=0)
     with pytest.raises(ValueError, match="group_size"):
         GatedRMSNorm(8, group_size=3)
     assert math.isclose(full.eps, 1e-6)

@@ -8,10 +8,13 @@ by a segment-sum matrix over chunks). Math checks run in float64 with tol 1e-10.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import bmojo_neuron.ops.selective_scan  # noqa: F401  (the module; `ops` re-exports a function of that name)
 from bmojo_neuron.ops.selective_scan import selective_scan, selective_state_update
 from bmojo_neuron.ops.ssd import ssd_scan, ssd_state_update
 
@@ -175,7 +178,7 @@ def test_selective_scan_strong_decay_does_not_overflow():
     y_ref, last_ref = naive_selective_scan(inp["u"], delta, A, inp["B"], inp["C"])
     torch.testing.assert_close(y, y_ref, atol=TOL, rtol=0)
     torch.testing.assert_close(last, last_ref, atol=TOL, rtol=0)
-    y32 = selective_scan(*(inp[k].float() for k in ("u",)), delta.float(), A.float(), inp["B"].float(), inp["C"].float())
+    y32 = selective_scan(inp["u"].float(), delta.float(), A.float(), inp["B"].float(), inp["C"].float())
     assert torch.isfinite(y32).all()
     torch.testing.assert_close(y32.double(), y_ref, atol=1e-4, rtol=1e-4)
 
@@ -185,7 +188,8 @@ def test_selective_scan_low_precision_io():
     args = [inp[k].bfloat16() for k in ("u", "delta", "A", "B", "C")]
     y, last = selective_scan(*args, D=inp["D"], z=inp["z"].bfloat16(), delta_softplus=True, return_last_state=True)
     assert y.dtype == torch.bfloat16 and last.dtype == torch.float32
-    y_ref, _ = naive_selective_scan(*(a.double() for a in args), D=inp["D"], z=inp["z"].bfloat16().double(), softplus=True)
+    z = inp["z"].bfloat16().double()
+    y_ref, _ = naive_selective_scan(*(a.double() for a in args), D=inp["D"], z=z, softplus=True)
     torch.testing.assert_close(y.double(), y_ref, atol=0.05, rtol=0.02)  # bf16 output rounding
 
 
@@ -208,8 +212,25 @@ def test_selective_state_update_chained_equals_scan():
     torch.testing.assert_close(state, last_par, atol=TOL, rtol=0)
 
 
-def test_selective_scan_gradcheck():
-    inp = mamba1_inputs(batch=1, dim=2, n=2, length=5, seed=11)
+@pytest.mark.parametrize("two_level", [False, True])
+def test_selective_scan_both_scan_paths(monkeypatch, two_level):
+    """The plain loop and the two-level scan (picked by size) agree with the recurrence."""
+    module = sys.modules["bmojo_neuron.ops.selective_scan"]
+    monkeypatch.setattr(module, "_SINGLE_THREAD_NUMEL", 1 << 30 if two_level else 0)
+    for length in (1, 16, 37, 50):
+        inp = mamba1_inputs(length=length, seed=20 + length)
+        y, last = selective_scan(inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], delta_softplus=True,
+                                 initial_state=inp["initial_state"], return_last_state=True)  # fmt: skip
+        y_ref, last_ref = naive_selective_scan(
+            inp["u"], inp["delta"], inp["A"], inp["B"], inp["C"], softplus=True, h0=inp["initial_state"]
+        )
+        torch.testing.assert_close(y, y_ref, atol=TOL, rtol=0)
+        torch.testing.assert_close(last, last_ref, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("length", [5, 17])  # 5: plain loop, 17: two-level scan (5 chunks of 4)
+def test_selective_scan_gradcheck(length):
+    inp = mamba1_inputs(batch=1, dim=2, n=2, length=length, seed=11)
     names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
     tensors = [inp[k].clone().requires_grad_() for k in names]
 

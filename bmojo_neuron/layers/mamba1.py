@@ -70,12 +70,9 @@ class Mamba1Mixer(nn.Module):
 
         self.in_proj_x = factory.column_linear(d, d_inner, bias=bias)
         self.in_proj_z = factory.column_linear(d, d_inner, bias=bias)
+        # Depthwise causal conv; `causal_conv1d` does the left padding (zeros or a decode state).
         self.conv_x = nn.Conv1d(
-            self.d_inner_local,
-            self.d_inner_local,
-            self.conv_kernel,
-            groups=self.d_inner_local,
-            bias=config.ssm_conv_bias,
+            self.d_inner_local, self.d_inner_local, self.conv_kernel, groups=self.d_inner_local, bias=config.ssm_conv_bias
         )
         self.x_proj = factory.row_linear(d_inner, self.dt_rank + 2 * self.state_size, bias=False)
         self.dt_proj = factory.column_linear(self.dt_rank, d_inner, bias=False)
@@ -102,7 +99,9 @@ class Mamba1Mixer(nn.Module):
         nn.init.uniform_(self.dt_proj.weight, -bound, bound)
         self.conv_x.reset_parameters()
 
-    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> SSMState:
+    def init_state(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> SSMState:
         """Empty decode state: conv state in ``dtype``, SSM state in fp32 (or wider)."""
         conv = torch.zeros(batch_size, self.d_inner_local, self.conv_kernel - 1, device=device, dtype=dtype)
         ssm = torch.zeros(

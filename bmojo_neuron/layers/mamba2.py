@@ -29,6 +29,11 @@ from bmojo_neuron.layers.ssm_state import SSMState, causal_conv1d, causal_conv1d
 __all__ = ["Mamba2Mixer"]
 
 
+def _depthwise_conv(channels: int, kernel: int, bias: bool) -> nn.Conv1d:
+    """Weights of a causal depthwise conv; padding is done by `causal_conv1d` (from zeros or a state)."""
+    return nn.Conv1d(channels, channels, kernel, groups=channels, bias=bias)
+
+
 class Mamba2Mixer(nn.Module):
     """Mamba-2 mixer: (batch, L, hidden) -> (batch, L, hidden), optionally with a decode `SSMState`."""
 
@@ -59,10 +64,8 @@ class Mamba2Mixer(nn.Module):
         self.in_proj_x = factory.column_linear(d, d_inner, bias=bias)
         self.in_proj_bc = factory.column_linear(d, 2 * groups * self.state_size, bias=bias)
         self.in_proj_dt = factory.column_linear(d, heads, bias=bias)
-        self.conv_x = nn.Conv1d(
-            self.d_inner_local, self.d_inner_local, self.conv_kernel, groups=self.d_inner_local, bias=config.ssm_conv_bias
-        )
-        self.conv_bc = nn.Conv1d(bc_local, bc_local, self.conv_kernel, groups=bc_local, bias=config.ssm_conv_bias)
+        self.conv_x = _depthwise_conv(self.d_inner_local, self.conv_kernel, config.ssm_conv_bias)
+        self.conv_bc = _depthwise_conv(bc_local, self.conv_kernel, config.ssm_conv_bias)
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads_local))
         self.A_log = nn.Parameter(torch.empty(self.num_heads_local))
         self.D = nn.Parameter(torch.empty(self.num_heads_local))
@@ -88,7 +91,9 @@ class Mamba2Mixer(nn.Module):
         self.conv_x.reset_parameters()
         self.conv_bc.reset_parameters()
 
-    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> SSMState:
+    def init_state(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    ) -> SSMState:
         """Empty decode state: conv states in ``dtype``, SSM state (batch, H, P, N) in fp32 (or wider)."""
         width = self.conv_kernel - 1
         conv_states = {

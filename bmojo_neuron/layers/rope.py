@@ -19,9 +19,13 @@ class RotaryEmbedding(nn.Module):
         self.theta = theta
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin of shape ``positions.shape + (head_dim,)``, computed in float32 (as on Trainium, which has no float64) then cast."""
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device) / self.head_dim
-        freqs = positions.to(torch.float32)[..., None] / self.theta**exponent
+        """cos, sin of shape ``positions.shape + (head_dim,)``.
+
+        Computed in float32 (Trainium has no float64), or float64 for a float64 model.
+        """
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        exponent = torch.arange(0, self.head_dim, 2, dtype=compute, device=positions.device) / self.head_dim
+        freqs = positions.to(compute)[..., None] / self.theta**exponent
         angles = torch.cat([freqs, freqs], dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 

@@ -57,7 +57,9 @@ class SSMState:
         return self
 
 
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, prefix: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def causal_conv1d(
+    x: Tensor, weight: Tensor, bias: Tensor | None, prefix: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Causal depthwise conv over time, continuing from ``prefix``; also returns the new conv state.
 
     x: (batch, channels, L); weight: (channels, 1, K) (an ``nn.Conv1d(groups=channels)``

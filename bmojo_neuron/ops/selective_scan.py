@@ -13,7 +13,7 @@ across chunks (``L/T`` steps) and added back with those products. That is
 ``~2*sqrt(L)`` Python steps instead of ``L``, uses only products of decays (no
 ``exp(-cumsum)``, which overflows) and only ``unbind``/``stack`` to move between time
 steps, so autograd stays linear in ``L``. When one step is already large (``batch * dim * N``
-above a few thousand) the Python overhead is amortised and the plain one-level loop,
+in the thousands) the Python overhead is amortised and the plain one-level loop,
 which moves less memory, is used instead.
 """
 
@@ -33,9 +33,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-# Per-step element count (batch * dim * N) above which one step already amortises the
-# Python/dispatch overhead, so the plain loop (less memory traffic) wins on CPU.
-_TWO_LEVEL_MAX_STEP_NUMEL = 8192
+# torch's intra-op grain size: element-wise ops below it run on one thread. The
+# two-level scan batches ``n_chunks`` steps per op and keeps each op below it, so on a
+# busy machine no op waits on a descheduled OpenMP worker (that costs milliseconds).
+_SINGLE_THREAD_NUMEL = 32768
+_MIN_CHUNKS = 4  # fewer chunks barely cut the Python steps; use the plain loop
 
 
 def _sequential_scan(a: Tensor, b: Tensor, h0: Tensor | None) -> Tensor:
@@ -51,15 +53,18 @@ def _sequential_scan(a: Tensor, b: Tensor, h0: Tensor | None) -> Tensor:
 def _linear_scan(a: Tensor, b: Tensor, h0: Tensor | None) -> Tensor:
     """All states of ``h_t = a_t * h_{t-1} + b_t`` along dim 2 of (batch, dim, L, N) tensors.
 
-    Exact; small per-step work uses the two-level scan (see the module docstring),
-    large per-step work the plain loop. Returns (batch, dim, L, N).
+    Exact. Uses the two-level scan (see the module docstring) with about ``sqrt(L)``
+    chunks, fewer if that would make its batched ops multi-threaded; when one step is
+    already large the Python overhead is amortised and the plain loop is used.
+    Returns (batch, dim, L, N).
     """
     batch, dim, length, n = a.shape
     if length == 0:
         return b
-    if batch * dim * n > _TWO_LEVEL_MAX_STEP_NUMEL:
+    n_chunks = min(math.isqrt(length - 1) + 1, _SINGLE_THREAD_NUMEL // (batch * dim * n))
+    if n_chunks < _MIN_CHUNKS:
         return _sequential_scan(a, b, h0)
-    chunk = math.isqrt(length - 1) + 1  # ceil(sqrt(L)): balances the two loops
+    chunk = -(-length // n_chunks)
     n_chunks = -(-length // chunk)
     pad = n_chunks * chunk - length
     if pad:

@@ -1,0 +1,520 @@
+"""Training recipes: one YAML file describes a whole run (model, data, optimiser, ...).
+
+A recipe is validated completely when it is loaded, so a typo or a wrong type fails
+with a message naming the dotted key (``train.steps``) before any data is read or
+any weight is built. The schema and every default are documented in
+``docs/recipes.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import yaml
+
+DEFAULT_RECIPE = "cpu-tiny"
+RECIPE_DIR = "recipes"
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+DATA_KINDS = ("mqar", "text")
+BYTE_VOCAB_SIZE = 256
+
+
+# ----------------------------------------------------------------------------- YAML
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``3e-4`` as a float (PyYAML's YAML 1.1 needs ``3.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml_value(text: str) -> Any:
+    """Parse one override value as a YAML scalar or flow list (``10``, ``BMBM``, ``[0.9,0.99]``)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+# ----------------------------------------------------------------------------- sections
+@dataclass
+class RunSection:
+    name: str = "run"
+    output_dir: str | None = None  # default: runs/<name>
+    seed: int = 0
+    device: str = "auto"
+
+    def check(self) -> None:
+        if self.device == "neuron":
+            _fail(
+                "run.device",
+                "is 'neuron', which is not supported yet (the Trn1 issue adds it); use auto, cpu or cuda",
+            )
+        _choice("run.device", self.device, DEVICES)
+        _require(bool(self.name), "run.name", "must not be empty")
+
+
+@dataclass
+class MqarDataSection:
+    kind: str = "mqar"
+    vocab_size: int = 128
+    seq_len: int = 64
+    num_kv_pairs: int = 8
+    power_a: float = 0.01
+    random_non_queries: bool = True
+    train_examples: int = 20000
+    eval_examples: int = 1000
+    seed: int = 0
+
+    def check(self) -> None:
+        for key in ("vocab_size", "seq_len", "num_kv_pairs", "train_examples", "eval_examples"):
+            _positive(f"data.{key}", getattr(self, key))
+        _require(self.power_a > 0, "data.power_a", f"is {self.power_a}; must be > 0")
+        from bmojo_neuron.data.mqar import check_mqar_args
+
+        try:
+            check_mqar_args(self.vocab_size, self.seq_len, self.num_kv_pairs)
+        except ValueError as err:
+            raise ValueError(f"recipe key data: {err}") from None
+
+
+@dataclass
+class TextDataSection:
+    kind: str = "text"
+    path: str | None = None  # None: the corpus shipped in bmojo_neuron/data/corpus
+    tokenizer: str = "byte"
+    block_size: int = 256
+    cache_dir: str | None = None  # default: <output_dir>/../data-cache
+    eval_fraction: float = 0.05
+    text_column: str = "text"
+
+    def check(self) -> None:
+        _positive("data.block_size", self.block_size)
+        _require(0 < self.eval_fraction < 1, "data.eval_fraction", f"is {self.eval_fraction}; must be in (0, 1)")
+        _require(bool(self.tokenizer), "data.tokenizer", "must not be empty")
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+
+    def check(self) -> None:
+        _require(self.lr > 0, "optim.lr", f"is {self.lr}; must be > 0")
+        _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            f"is {self.betas}; must be [beta1, beta2] with each in [0, 1)",
+        )
+        _require(self.eps > 0, "optim.eps", "must be > 0")
+        _require(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    precision: str = "fp32"
+    activation_checkpointing: bool = False
+    log_every: int = 10
+
+    def check(self) -> None:
+        for key in ("steps", "batch_size", "grad_accum", "log_every"):
+            _positive(f"train.{key}", getattr(self, key))
+        _choice("train.precision", self.precision, PRECISIONS)
+
+
+@dataclass
+class EvalSection:
+    every: int = 200
+    batches: int = 10
+    length_multipliers: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+
+    def check(self) -> None:
+        _positive("eval.every", self.every)
+        _positive("eval.batches", self.batches)
+        _require(bool(self.length_multipliers), "eval.length_multipliers", "must not be empty")
+        for value in self.length_multipliers:
+            _positive("eval.length_multipliers", value)
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 500
+    keep_last: int = 2
+
+    def check(self) -> None:
+        _positive("checkpoint.every", self.every)
+        _positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass
+class ParallelSection:
+    tp: int = 1
+    pp: int = 1
+    sp: bool = False
+    zero1: bool = False
+    microbatches: int = 1
+
+    def check(self) -> None:
+        for key in ("tp", "pp", "microbatches"):
+            _positive(f"parallel.{key}", getattr(self, key))
+
+
+@dataclass
+class Variant:
+    """A named set of dotted overrides: the `compare:` baseline or one `suite:` entry."""
+
+    name: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunSection,
+    "model": dict,
+    "data": MqarDataSection,  # replaced by the kind's class when parsing
+    "optim": OptimSection,
+    "train": TrainSection,
+    "eval": EvalSection,
+    "checkpoint": CheckpointSection,
+    "compare": Variant,
+    "suite": list,
+    "parallel": ParallelSection,
+}
+DATA_SECTIONS: dict[str, type] = {"mqar": MqarDataSection, "text": TextDataSection}
+OVERRIDABLE = ("run", "model", "data", "optim", "train", "eval", "checkpoint", "parallel", "compare")
+
+
+# ----------------------------------------------------------------------------- recipe
+@dataclass
+class Recipe:
+    """A validated run description; sections are attributes (``recipe.train.steps``)."""
+
+    run: RunSection
+    model: dict[str, Any]
+    data: MqarDataSection | TextDataSection
+    optim: OptimSection
+    train: TrainSection
+    eval: EvalSection
+    checkpoint: CheckpointSection
+    parallel: ParallelSection
+    compare: Variant | None = None
+    suite: list[Variant] = field(default_factory=list)
+    source: str | None = field(default=None, compare=False)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str | None = None) -> Recipe:
+        """Validate a nested mapping (the YAML document) and fill the defaults."""
+        return _build_recipe(copy.deepcopy(dict(data or {})), source)
+
+    def to_dict(self) -> dict[str, Any]:
+        """All keys with defaults resolved; `Recipe.from_dict(r.to_dict())` gives the same recipe."""
+        out: dict[str, Any] = {}
+        for name in ("run", "model", "data", "optim", "train", "eval", "checkpoint", "parallel"):
+            value = getattr(self, name)
+            out[name] = dict(value) if isinstance(value, dict) else dataclasses.asdict(value)
+        if self.compare is not None:
+            out["compare"] = dataclasses.asdict(self.compare)
+        if self.suite:
+            out["suite"] = [dataclasses.asdict(v) for v in self.suite]
+        return copy.deepcopy(out)
+
+    def with_overrides(self, overrides: Mapping[str, Any] | Sequence[str]) -> Recipe:
+        """A new recipe with dotted overrides applied: ``{"model.layer_pattern": "MM"}`` or ``["train.steps=10"]``."""
+        raw = copy.deepcopy(self.raw)
+        for key, value in _normalise_overrides(overrides):
+            section, sub = key.split(".", 1)
+            target = raw.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"recipe key {section}: is not a mapping, cannot set {key}")
+            target[sub] = value
+        return _build_recipe(raw, self.source)
+
+    def model_config(self) -> Any:
+        """The `BMojoConfig` of this recipe (vocab_size filled from the data when the model omits it)."""
+        return _model_config(self.model, self.data)
+
+    def variants(self) -> list[Variant]:
+        """The suite entries, or (name, no overrides) for this recipe alone."""
+        return list(self.suite) or [Variant(self.run.name, {})]
+
+
+def load_recipe(path_or_name: str | None = None, overrides: Sequence[str] = ()) -> Recipe:
+    """Load and validate a recipe file (a path, or a name under ``recipes/``) and apply ``key=value`` overrides."""
+    path = resolve_recipe_path(path_or_name or DEFAULT_RECIPE)
+    parsed = _normalise_overrides(overrides)  # fail on a bad override before reading anything
+    try:
+        document = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ValueError(f"recipe {path}: not valid YAML: {err}") from None
+    if document is None:
+        document = {}
+    if not isinstance(document, dict):
+        raise ValueError(f"recipe {path}: must be a mapping of sections, got {type(document).__name__}")
+    document.setdefault("run", {})
+    if isinstance(document["run"], dict):
+        document["run"].setdefault("name", path.stem)
+    recipe = _build_recipe(document, str(path))
+    return recipe.with_overrides(dict(parsed)) if parsed else recipe
+
+
+def resolve_recipe_path(path_or_name: str) -> Path:
+    """An existing file is used as is; otherwise ``recipes/<name>.yaml`` under the CWD, then the repository root."""
+    candidate = Path(path_or_name).expanduser()
+    if candidate.is_file():
+        return candidate
+    name = path_or_name if path_or_name.endswith((".yaml", ".yml")) else f"{path_or_name}.yaml"
+    roots = [Path.cwd() / RECIPE_DIR, repository_root() / RECIPE_DIR]
+    for root in roots:
+        if (root / name).is_file():
+            return root / name
+    known = sorted({str(p.relative_to(r))[: -len(".yaml")] for r in roots if r.is_dir() for p in r.rglob("*.yaml")})
+    raise FileNotFoundError(
+        f"recipe {path_or_name!r} not found: not a file, and no {name} under {', '.join(map(str, roots))}; "
+        f"known recipes: {', '.join(known) or 'none'}"
+    )
+
+
+def repository_root() -> Path:
+    """The checkout that holds ``bmojo_neuron/`` (and ``recipes/`` in a source install)."""
+    import bmojo_neuron
+
+    return Path(bmojo_neuron.__file__).resolve().parents[1]
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped under the repository's ``recipes/`` folder."""
+    root = repository_root() / RECIPE_DIR
+    return sorted(str(p.relative_to(root))[: -len(".yaml")] for p in root.rglob("*.yaml"))
+
+
+def count_parameters(recipe: Recipe) -> int:
+    """Parameter count of the recipe's model, built on the meta device (no memory, instant even for 1.4B)."""
+    import torch
+
+    from bmojo_neuron import BMojoForCausalLM
+
+    with torch.device("meta"):
+        model = BMojoForCausalLM(recipe.model_config())
+    return int(model.num_parameters())
+
+
+# ----------------------------------------------------------------------------- building
+def _build_recipe(raw: dict[str, Any], source: str | None) -> Recipe:
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"recipe key {unknown[0]}: unknown section; valid sections: {', '.join(SECTIONS)}")
+    for name, value in raw.items():
+        expected = list if name == "suite" else dict
+        if value is not None and not isinstance(value, expected):
+            raise ValueError(f"recipe key {name}: must be a {'list' if expected is list else 'mapping'}, got {value!r}")
+    run = _section(RunSection, "run", raw.get("run"))
+    if run.output_dir is None:
+        run.output_dir = str(Path("runs") / run.name)
+    data = _data_section(raw.get("data"), run)
+    model = _model_section(raw.get("model"), data)
+    recipe = Recipe(
+        run=run,
+        model=model,
+        data=data,
+        optim=_section(OptimSection, "optim", raw.get("optim")),
+        train=_section(TrainSection, "train", raw.get("train")),
+        eval=_section(EvalSection, "eval", raw.get("eval")),
+        checkpoint=_section(CheckpointSection, "checkpoint", raw.get("checkpoint")),
+        parallel=_section(ParallelSection, "parallel", raw.get("parallel")),
+        compare=_variant("compare", raw["compare"]) if raw.get("compare") is not None else None,
+        suite=[_variant(f"suite[{i}]", item) for i, item in enumerate(raw.get("suite") or [])],
+        source=source,
+        raw=raw,
+    )
+    _check_variants(recipe)
+    return recipe
+
+
+def _section(cls: type, name: str, values: Mapping[str, Any] | None) -> Any:
+    """Instantiate a section dataclass from user values, checking keys and types."""
+    values = dict(values or {})
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"recipe key {name}.{key}: unknown key; valid keys of {name}: {', '.join(fields)}")
+        values[key] = _check_type(f"{name}.{key}", value, hints[key])
+    section = cls(**values)
+    if hasattr(section, "check"):
+        section.check()
+    return section
+
+
+def _data_section(values: Mapping[str, Any] | None, run: RunSection) -> MqarDataSection | TextDataSection:
+    values = dict(values or {})
+    kind = values.get("kind", "mqar")
+    _choice("data.kind", kind, DATA_KINDS)
+    section = _section(DATA_SECTIONS[kind], "data", values)
+    if isinstance(section, TextDataSection) and section.cache_dir is None:
+        section.cache_dir = str(Path(run.output_dir).parent / "data-cache")
+    return section
+
+
+def _model_section(values: Mapping[str, Any] | None, data: Any) -> dict[str, Any]:
+    model = dict(values or {})
+    valid = _config_fields()
+    for key in model:
+        if key not in valid:
+            raise ValueError(f"recipe key model.{key}: unknown BMojoConfig field; valid fields: {', '.join(valid)}")
+    config = _model_config(model, data)
+    if isinstance(data, MqarDataSection) and config.vocab_size < data.vocab_size:
+        _fail("model.vocab_size", f"is {config.vocab_size}, smaller than data.vocab_size ({data.vocab_size})")
+    return model
+
+
+def _model_config(model: Mapping[str, Any], data: Any) -> Any:
+    from bmojo_neuron import BMojoConfig
+
+    fields = dict(model)
+    if "vocab_size" not in fields:
+        if isinstance(data, MqarDataSection):
+            fields["vocab_size"] = data.vocab_size
+        elif isinstance(data, TextDataSection) and data.tokenizer == "byte":
+            fields["vocab_size"] = BYTE_VOCAB_SIZE
+    try:
+        return BMojoConfig(**fields)
+    except ValueError as err:
+        match = re.match(r"BMojoConfig\.(\w+) (.*)", str(err), re.S)
+        if match:
+            raise ValueError(f"recipe key model.{match.group(1)}: {match.group(2)}") from None
+        raise ValueError(f"recipe key model: {err}") from None
+    except TypeError as err:
+        raise ValueError(f"recipe key model: {err}") from None
+
+
+def _config_fields() -> list[str]:
+    from bmojo_neuron import BMojoConfig
+
+    params = inspect.signature(BMojoConfig.__init__).parameters.values()
+    return [p.name for p in params if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+
+
+def _variant(name: str, values: Any) -> Variant:
+    if not isinstance(values, dict):
+        raise ValueError(f"recipe key {name}: must be a mapping with name and overrides, got {values!r}")
+    if "name" not in values:
+        raise ValueError(f"recipe key {name}.name: missing; every compare/suite entry needs a name")
+    return _section(Variant, name, values)
+
+
+def _check_variants(recipe: Recipe) -> None:
+    """Apply each compare/suite override set once so a bad key fails at load time."""
+    variants = ([("compare", recipe.compare)] if recipe.compare else []) + [
+        (f"suite[{i}]", v) for i, v in enumerate(recipe.suite)
+    ]
+    for label, variant in variants:
+        for key in variant.overrides:
+            if key.split(".", 1)[0] in ("compare", "suite"):
+                raise ValueError(f"recipe key {label}.overrides: cannot override {key}")
+        try:
+            recipe.with_overrides(variant.overrides)
+        except ValueError as err:
+            raise ValueError(f"recipe key {label}.overrides ({variant.name}): {err}") from None
+
+
+def _normalise_overrides(overrides: Mapping[str, Any] | Sequence[str]) -> list[tuple[str, Any]]:
+    """Turn ``{"a.b": v}`` or ``["a.b=v"]`` into checked (dotted key, value) pairs."""
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    if isinstance(overrides, Mapping):
+        pairs = list(overrides.items())
+    else:
+        pairs = []
+        for item in overrides:
+            if "=" not in item:
+                raise ValueError(f"override {item!r}: expected key.sub=value, e.g. train.steps=10")
+            key, text = item.split("=", 1)
+            pairs.append((key.strip(), parse_yaml_value(text)))
+    for key, _ in pairs:
+        section, _, sub = key.partition(".")
+        if not sub or "." in sub:
+            raise ValueError(f"override {key!r}: expected section.key, e.g. train.steps")
+        if section not in OVERRIDABLE:
+            raise ValueError(f"override {key!r}: unknown section {section!r}; valid sections: {', '.join(OVERRIDABLE)}")
+    return pairs
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_type(key: str, value: Any, hint: Any) -> Any:
+    """Return `value` if it matches `hint` (ints are accepted as floats); raise naming `key` otherwise."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _check_type(key, value, option)
+            except ValueError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            _fail(key, f"must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_check_type(key, v, item) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            _fail(key, f"must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        _fail(key, f"must be {_type_name(hint)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _type_name(hint: type) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(hint, hint.__name__)
+
+
+def _fail(key: str, message: str) -> typing.NoReturn:
+    raise ValueError(f"recipe key {key}: {message}")
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        _fail(key, message)
+
+
+def _positive(key: str, value: int) -> None:
+    _require(value >= 1, key, f"is {value}; must be a positive integer")
+
+
+def _choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    _require(value in choices, key, f"is {value!r}; choose one of {', '.join(choices)}")

@@ -1,0 +1,62 @@
+"""BMojoConfig: defaults derived from the design, and a clear ValueError naming each bad field."""
+
+from __future__ import annotations
+
+import pytest
+from naive import tiny_config
+
+from bmojo_neuron import BMojoConfig
+
+
+def test_defaults_follow_the_design():
+    config = BMojoConfig(hidden_size=256, num_hidden_layers=3, num_attention_heads=4, window_size=64)
+    assert config.layer_pattern == "BBB"
+    assert config.ssm_mixer == "mamba2"
+    assert config.fading_window == 64 and config.memory_chunk == 64
+    assert config.num_key_value_heads == 4 and config.head_dim == 64
+    assert config.memory_lag == 1 + 2  # 1 + ceil((64 + 64) / 64)
+    assert config.ssm_dt_rank == 16  # ceil(256 / 16) for mamba1
+    assert config.intermediate_size % 128 == 0
+    assert BMojoConfig(window_size=100, fading_window=30, memory_chunk=40, num_hidden_layers=1).memory_lag == 1 + 4
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(layer_pattern="BXM", num_hidden_layers=3), "layer_pattern"),
+        (dict(layer_pattern="BB", num_hidden_layers=3), "layer_pattern"),
+        (dict(num_attention_heads=6, num_key_value_heads=4), "num_key_value_heads"),
+        (dict(head_dim=256), "head_dim"),
+        (dict(head_dim=7), "head_dim"),
+        (dict(memory_size=4, innovation_loss_weight=0.0), "innovation_loss_weight"),
+        (dict(memory_picks=9, memory_chunk=5), "memory_picks"),
+        (dict(memory_picks=0), "memory_picks"),
+        (dict(memory_decay=1.5), "memory_decay"),
+        (dict(window_size=0), "window_size"),
+        (dict(fading_window=-1), "fading_window"),
+        (dict(ssm_mixer="mamba3"), "ssm_mixer"),
+        (dict(ssm_head_dim=7), "ssm_head_dim"),
+        (dict(ssm_n_groups=3), "ssm_n_groups"),
+        (dict(ssm_dt_min=0.5, ssm_dt_max=0.1), "ssm_dt_min"),
+        (dict(ssm_A_init_range=[0, 16]), "ssm_A_init_range"),
+        (dict(ssm_state_size=0), "ssm_state_size"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(vocab_size=2.5), "vocab_size"),
+        (dict(intermediate_size=-1), "intermediate_size"),
+    ],
+)
+def test_bad_fields_raise_value_error_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=rf"BMojoConfig\.{field}\b"):
+        tiny_config(**overrides)
+
+
+def test_memory_checks_apply_only_to_models_with_b_layers():
+    config = tiny_config(layer_pattern="MS", memory_size=4, innovation_loss_weight=0.0)
+    assert config.memory_size == 4
+    assert tiny_config(memory_size=0, innovation_loss_weight=0.0).memory_size == 0
+
+
+def test_round_trips_through_dict():
+    config = tiny_config(layer_pattern="BFMSA", ssm_mixer="mamba1", memory_decay=0.25)
+    again = BMojoConfig.from_dict(config.to_dict())
+    assert again.to_dict() == config.to_dict()

@@ -1,0 +1,192 @@
+"""Attention layers and eidetic-memory selection against naive code written here (dense masks, loops)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from naive import naive_attention, naive_memory_selection, naive_rope, tiny_config
+
+from bmojo_neuron.layers.attention import BMojoAttention
+from bmojo_neuron.layers.eidetic_memory import MemoryState, memory_after_each_chunk, visible_memory
+from bmojo_neuron.layers.rope import RotaryEmbedding, apply_rotary
+
+
+def make_layer(**overrides) -> BMojoAttention:
+    torch.manual_seed(0)
+    return BMojoAttention(tiny_config(**overrides), 0).double().eval()
+
+
+def project(layer: BMojoAttention, x: torch.Tensor):
+    heads = lambda t, n: t.view(*t.shape[:-1], n, layer.head_dim)  # noqa: E731
+    return (
+        heads(layer.q_proj(x), layer.q_heads),
+        heads(layer.k_proj(x), layer.kv_heads),
+        heads(layer.v_proj(x), layer.kv_heads),
+    )
+
+
+def naive_layer(layer: BMojoAttention, x: torch.Tensor, keys_for_query) -> torch.Tensor:
+    """Per-query loop; `keys_for_query(b, i, kv_head)` returns the (keys, values) lists of query i."""
+    q, _, _ = project(layer, x)
+    batch, length = x.shape[:2]
+    theta = layer.rotary.theta
+    group = layer.q_heads // layer.kv_heads
+    out = torch.zeros(batch, length, layer.q_heads, layer.head_dim, dtype=x.dtype)
+    for b in range(batch):
+        for i in range(length):
+            for h in range(layer.q_heads):
+                keys, values = keys_for_query(b, i, h // group)
+                out[b, i, h] = naive_attention(naive_rope(q[b, i, h], i, theta), torch.stack(keys), torch.stack(values))
+    return layer.o_proj(out.reshape(batch, length, -1))
+
+
+def test_rope_matches_the_pairwise_rotation():
+    rotary = RotaryEmbedding(8, 10000.0)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    positions = torch.tensor([0, 5, 123])
+    cos, sin = rotary(positions, torch.float64)
+    got = apply_rotary(x, cos, sin)
+    for row, p in enumerate(positions.tolist()):
+        torch.testing.assert_close(got[row], naive_rope(x[row], p, 10000.0), rtol=0, atol=1e-6)
+
+
+def test_swa_layer_equals_dense_sliding_window_mask():
+    layer = make_layer(layer_pattern="S", window_size=5)
+    x = torch.randn(2, 23, 32, dtype=torch.float64)
+    q, k, v = project(layer, x)
+    positions = torch.arange(23)
+    cos, sin = layer.rotary(positions, x.dtype)
+    qr = apply_rotary(q.transpose(1, 2), cos, sin)
+    kr = apply_rotary(k.transpose(1, 2), cos, sin).repeat_interleave(2, dim=1)
+    dist = positions[:, None] - positions[None, :]
+    mask = (dist >= 0) & (dist < 5)
+    scores = (qr @ kr.transpose(-1, -2)) / layer.head_dim**0.5
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    dense = probs @ v.transpose(1, 2).repeat_interleave(2, dim=1)
+    want = layer.o_proj(dense.transpose(1, 2).reshape(2, 23, -1))
+    got, innovation = layer(x)
+    assert innovation is None
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
+def test_bmojo_layer_with_window_covering_the_sequence_is_full_causal_attention(mixer):
+    layer = make_layer(window_size=32, fading_window=32, memory_chunk=8, ssm_mixer=mixer)
+    x = torch.randn(1, 20, 32, dtype=torch.float64)
+    _, k, v = project(layer, x)
+    theta = layer.rotary.theta
+    want = naive_layer(
+        layer, x, lambda b, i, h: ([naive_rope(k[b, t, h], t, theta) for t in range(i + 1)], [v[b, t, h] for t in range(i + 1)])
+    )
+    torch.testing.assert_close(layer(x)[0], want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("decay", [0.0, 0.7, 1.0])
+def test_bmojo_layer_equals_the_definition(tie, decay):
+    """Windows, fading keys, innovation, selection, lag and memory rotation, all from bmojo.md."""
+    window, fading, chunk, size, picks = 4, 3, 5, 3, 2
+    layer = make_layer(
+        window_size=window, fading_window=fading, memory_chunk=chunk, memory_size=size,
+        memory_picks=picks, memory_decay=decay, tie_fading_projections=tie,
+    )
+    lag = 1 + -(-(window + fading) // chunk)
+    assert layer.lag == lag == 3
+    x = torch.randn(2, 41, 32, dtype=torch.float64)
+    theta = layer.rotary.theta
+    _, k, v = project(layer, x)
+    s = layer.ssm(x)
+    kf_proj = layer.k_proj if tie else layer.k_fading_proj
+    vf_proj = layer.v_proj if tie else layer.v_fading_proj
+    kf = kf_proj(s).view(2, 41, layer.kv_heads, -1)
+    vf = vf_proj(s).view(2, 41, layer.kv_heads, -1)
+    s_prev = torch.cat([torch.zeros_like(s[:, :1]), s[:, :-1]], dim=1)
+    k_hat = layer.innovation_proj(s_prev).view_as(k)
+    innovation = (k - k_hat).pow(2).mean(dim=(-2, -1))
+    memory = [naive_memory_selection(innovation[b].tolist(), chunk, picks, size, decay) for b in range(2)]
+
+    def keys_for_query(b, i, h):
+        ctx = range(max(0, i - window + 1), i + 1)
+        fade = range(max(0, i - window - fading + 1), i - window + 1)
+        keys = [naive_rope(k[b, t, h], t, theta) for t in ctx] + [naive_rope(kf[b, t, h], t, theta) for t in fade]
+        values = [v[b, t, h] for t in ctx] + [vf[b, t, h] for t in fade]
+        j = i // chunk
+        if j - lag >= 0:
+            at = max(0, j * chunk - window - fading)
+            for p in memory[b][j - lag]:
+                assert p // chunk + lag <= j and i - p > window + fading  # the lag rule
+                keys.append(naive_rope(k[b, p, h], at, theta))
+                values.append(v[b, p, h])
+        return keys, values
+
+    got, mean_innovation = layer(x)
+    torch.testing.assert_close(mean_innovation, innovation.mean(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, naive_layer(layer, x, keys_for_query), rtol=0, atol=1e-10)
+
+
+def _states(innovation: torch.Tensor, chunk: int, picks: int, size: int, decay: float) -> list[MemoryState]:
+    batch, length = innovation.shape
+    k = torch.arange(length, dtype=torch.float64).view(1, length, 1, 1).expand(batch, length, 1, 2).clone()
+    return memory_after_each_chunk(k, k.clone(), innovation, chunk=chunk, picks=picks, size=size, decay=decay)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.3, 0.9, 1.0])
+@pytest.mark.parametrize("levels", [None, 3])  # 3 levels: many exact ties
+def test_retention_keeps_exactly_the_entries_of_the_scoring_rule(decay, levels):
+    gen = torch.Generator().manual_seed(7)
+    innovation = torch.rand(3, 64, generator=gen, dtype=torch.float64)
+    if levels:
+        innovation = (innovation * levels).floor() / levels + 0.1
+    chunk, picks, size = 6, 2, 5
+    states = _states(innovation, chunk, picks, size, decay)
+    for b in range(3):
+        want = naive_memory_selection(innovation[b].tolist(), chunk, picks, size, decay)
+        got = [sorted(p for p in s.position[b].tolist() if p >= 0) for s in states]
+        assert got == want
+        for s in states:  # the stored vectors are those of the stored positions
+            valid = s.position[b] >= 0
+            assert torch.equal(s.k[b, valid, 0, 0], s.position[b, valid].double())
+
+
+def test_zero_decay_is_a_fifo_of_the_most_recent_picks():
+    innovation = torch.rand(2, 50, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    chunk, picks, size = 5, 2, 5
+    states = _states(innovation, chunk, picks, size, 0.0)
+    for b in range(2):
+        all_picks: list[int] = []
+        for j, state in enumerate(states):
+            in_chunk = range(j * chunk, (j + 1) * chunk)
+            all_picks += sorted(in_chunk, key=lambda t: (-innovation[b, t].item(), t))[:picks]
+            most_recent = sorted(all_picks)[-size:]
+            assert sorted(p for p in state.position[b].tolist() if p >= 0) == most_recent
+
+
+def test_visible_memory_follows_the_lag():
+    innovation = torch.rand(1, 40, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    states = _states(innovation, 4, 2, 3, 0.5)
+    empty = MemoryState.empty(1, 3, 1, 2, torch.zeros(1, dtype=torch.float64))
+    seen = visible_memory(states, n_chunks=10, lag=3, empty=empty)
+    for j in range(10):
+        if j < 3:
+            assert not seen.valid[0, j].any()
+        else:
+            assert torch.equal(seen.position[0, j], states[j - 3].position[0])
+            assert all(p // 4 + 3 <= j for p in seen.position[0, j].tolist())
+
+
+def test_innovation_is_zero_prediction_at_the_first_token():
+    layer = make_layer()
+    x = torch.randn(1, 1, 32, dtype=torch.float64)
+    _, k, _ = project(layer, x)
+    _, mean_innovation = layer(x)
+    torch.testing.assert_close(mean_innovation, k.pow(2).mean(), rtol=0, atol=1e-12)
+
+
+def test_padded_blocks_do_not_leak_into_short_sequences():
+    layer = make_layer(layer_pattern="F", window_size=16, fading_window=8)
+    x = torch.randn(1, 37, 32, dtype=torch.float64)
+    full, _ = layer(x)
+    prefix, _ = layer(x[:, :21])
+    torch.testing.assert_close(full[:, :21], prefix, rtol=0, atol=1e-12)
+    assert F.mse_loss(full, torch.zeros_like(full)) > 0
