@@ -190,3 +190,18 @@ def test_init_follows_the_design():
     dt = torch.nn.functional.softplus(mixer.dt_bias)
     assert dt.min() >= config.ssm_dt_init_floor * 0.999 and dt.max() <= config.ssm_dt_max * 1.001
     assert torch.equal(mixer.D, torch.ones_like(mixer.D))
+
+
+def test_beam_search_scores_match_full_forward_log_probs():
+    """If `reorder_cache` mixed up beams, the cached states would not match the returned sequences."""
+    model = build(tiny_config(layer_pattern="BM"))
+    prompt = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(6))
+    out = model.generate(
+        prompt, max_new_tokens=8, num_beams=3, do_sample=False, length_penalty=0.0,
+        return_dict_in_generate=True, output_scores=True, pad_token_id=0, early_stopping=True,
+    )
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(out.sequences).logits, dim=-1)
+    new = out.sequences[:, 7:]
+    picked = log_probs[:, 6:-1].gather(-1, new[..., None]).squeeze(-1).sum(-1)
+    torch.testing.assert_close(out.sequences_scores, picked, rtol=0, atol=1e-4)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from bmojo_neuron import ops
 from bmojo_neuron.configuration_bmojo import BMojoConfig
 from bmojo_neuron.layers.factory import get_layer_factory
-from bmojo_neuron.layers.ssm_state import SSMState, causal_conv1d, causal_conv1d_step
+from bmojo_neuron.layers.ssm_state import SSMState, causal_conv1d, causal_conv1d_step, depthwise_conv
 
 __all__ = ["Mamba1Mixer", "init_dt_bias_"]
 
@@ -70,10 +70,7 @@ class Mamba1Mixer(nn.Module):
 
         self.in_proj_x = factory.column_linear(d, d_inner, bias=bias)
         self.in_proj_z = factory.column_linear(d, d_inner, bias=bias)
-        # Depthwise causal conv; `causal_conv1d` does the left padding (zeros or a decode state).
-        self.conv_x = nn.Conv1d(
-            self.d_inner_local, self.d_inner_local, self.conv_kernel, groups=self.d_inner_local, bias=config.ssm_conv_bias
-        )
+        self.conv_x = depthwise_conv(self.d_inner_local, self.conv_kernel, config.ssm_conv_bias)
         self.x_proj = factory.row_linear(d_inner, self.dt_rank + 2 * self.state_size, bias=False)
         self.dt_proj = factory.column_linear(self.dt_rank, d_inner, bias=False)
         self.dt_bias = nn.Parameter(torch.empty(self.d_inner_local))

@@ -24,14 +24,9 @@ from bmojo_neuron.configuration_bmojo import BMojoConfig
 from bmojo_neuron.layers.factory import get_layer_factory
 from bmojo_neuron.layers.mamba1 import _mark_no_weight_decay, _wide, init_dt_bias_
 from bmojo_neuron.layers.norms import GatedRMSNorm
-from bmojo_neuron.layers.ssm_state import SSMState, causal_conv1d, causal_conv1d_step
+from bmojo_neuron.layers.ssm_state import SSMState, causal_conv1d, causal_conv1d_step, depthwise_conv
 
 __all__ = ["Mamba2Mixer"]
-
-
-def _depthwise_conv(channels: int, kernel: int, bias: bool) -> nn.Conv1d:
-    """Weights of a causal depthwise conv; padding is done by `causal_conv1d` (from zeros or a state)."""
-    return nn.Conv1d(channels, channels, kernel, groups=channels, bias=bias)
 
 
 class Mamba2Mixer(nn.Module):
@@ -64,8 +59,8 @@ class Mamba2Mixer(nn.Module):
         self.in_proj_x = factory.column_linear(d, d_inner, bias=bias)
         self.in_proj_bc = factory.column_linear(d, 2 * groups * self.state_size, bias=bias)
         self.in_proj_dt = factory.column_linear(d, heads, bias=bias)
-        self.conv_x = _depthwise_conv(self.d_inner_local, self.conv_kernel, config.ssm_conv_bias)
-        self.conv_bc = _depthwise_conv(bc_local, self.conv_kernel, config.ssm_conv_bias)
+        self.conv_x = depthwise_conv(self.d_inner_local, self.conv_kernel, config.ssm_conv_bias)
+        self.conv_bc = depthwise_conv(bc_local, self.conv_kernel, config.ssm_conv_bias)
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads_local))
         self.A_log = nn.Parameter(torch.empty(self.num_heads_local))
         self.D = nn.Parameter(torch.empty(self.num_heads_local))

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["SSMState", "causal_conv1d", "causal_conv1d_step"]
+__all__ = ["SSMState", "causal_conv1d", "causal_conv1d_step", "depthwise_conv"]
 
 
 @dataclass
@@ -82,3 +82,8 @@ def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, conv_stat
     if bias is not None:
         out = out + bias
     return out, window[..., 1:]
+
+
+def depthwise_conv(channels: int, kernel: int, bias: bool) -> nn.Conv1d:
+    """The weights of a causal depthwise conv; `causal_conv1d` does the left padding (zeros or a state)."""
+    return nn.Conv1d(channels, channels, kernel, groups=channels, bias=bias)

@@ -1,0 +1,126 @@
+"""Multi-query associative recall (MQAR), the Zoology synthetic recall task.
+
+Definition (after Arora et al., "Zoology", `multiquery_ar`): a sequence starts with
+``num_kv_pairs`` key/value pairs ``k1 v1 k2 v2 ...`` (distinct keys from
+``[1, V/2)``, distinct values from ``[V/2, V)``). The rest of the sequence holds
+every key once more as a query, at slot offsets drawn without replacement from a
+power law ``p(g) ∝ g^(power_a - 1)`` (so most queries come soon after the pairs,
+a few much later), each query followed by its value. Other positions are filler:
+random tokens from ``[0, V)`` (``random_non_queries``) or 0. Labels are the value
+token at the answer positions and -100 elsewhere; with the Hugging Face shift the
+model predicts the value from the query key.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
+
+IGNORE_INDEX = -100
+
+
+def check_mqar_args(vocab_size: int, seq_len: int, num_kv_pairs: int) -> None:
+    """Raise `ValueError` if the pairs and their queries cannot fit the vocabulary or sequence."""
+    if num_kv_pairs < 1:
+        raise ValueError(f"num_kv_pairs is {num_kv_pairs}; must be >= 1")
+    keys, values = vocab_size // 2 - 1, vocab_size - vocab_size // 2
+    if num_kv_pairs > min(keys, values):
+        raise ValueError(
+            f"vocab_size {vocab_size} has {keys} keys and {values} values; too few for {num_kv_pairs} distinct pairs"
+        )
+    slots = (seq_len - 2 * num_kv_pairs) // 2
+    if slots < num_kv_pairs:
+        raise ValueError(
+            f"seq_len {seq_len} is too short for {num_kv_pairs} kv pairs: needs 2*{num_kv_pairs} tokens of pairs "
+            f"plus {num_kv_pairs} query slots of 2 tokens, i.e. seq_len >= {4 * num_kv_pairs}"
+        )
+
+
+def mqar_arrays(
+    vocab_size: int,
+    seq_len: int,
+    num_kv_pairs: int,
+    num_examples: int,
+    seed: int,
+    power_a: float = 0.01,
+    random_non_queries: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, labels) int64 arrays of shape (num_examples, seq_len); vectorised."""
+    check_mqar_args(vocab_size, seq_len, num_kv_pairs)
+    if power_a <= 0:
+        raise ValueError(f"power_a is {power_a}; must be > 0")
+    rng = np.random.default_rng(seed)
+    half = vocab_size // 2
+    keys = _distinct(rng, np.arange(1, half), num_examples, num_kv_pairs)
+    values = _distinct(rng, np.arange(half, vocab_size), num_examples, num_kv_pairs)
+
+    context = 2 * num_kv_pairs
+    slots = (seq_len - context) // 2
+    weights = power_a * np.arange(1, slots + 1, dtype=np.float64) ** (power_a - 1)
+    gaps = _weighted_distinct(rng, weights / weights.sum(), num_examples, num_kv_pairs)
+    query_pos = context + 2 * gaps  # key at query_pos, its value right after
+
+    if random_non_queries:
+        inputs = rng.integers(0, vocab_size, size=(num_examples, seq_len), dtype=np.int64)
+    else:
+        inputs = np.zeros((num_examples, seq_len), dtype=np.int64)
+    inputs[:, 0:context:2] = keys
+    inputs[:, 1:context:2] = values
+    np.put_along_axis(inputs, query_pos, keys, axis=1)
+    np.put_along_axis(inputs, query_pos + 1, values, axis=1)
+    labels = np.full((num_examples, seq_len), IGNORE_INDEX, dtype=np.int64)
+    np.put_along_axis(labels, query_pos + 1, values, axis=1)
+    return inputs, labels
+
+
+def generate_mqar(
+    vocab_size: int,
+    seq_len: int,
+    num_kv_pairs: int,
+    num_examples: int,
+    seed: int,
+    power_a: float = 0.01,
+    random_non_queries: bool = True,
+) -> Dataset:
+    """MQAR examples as a `datasets.Dataset` with int64 ``input_ids`` and ``labels`` of length seq_len."""
+    from datasets import Dataset, Features, Sequence, Value
+
+    if num_examples < 1:
+        raise ValueError(f"num_examples is {num_examples}; must be >= 1")
+    inputs, labels = mqar_arrays(vocab_size, seq_len, num_kv_pairs, num_examples, seed, power_a, random_non_queries)
+    column = Sequence(Value("int64"), length=seq_len)
+    features = Features({"input_ids": column, "labels": column})
+    return Dataset.from_dict({"input_ids": inputs, "labels": labels}, features=features)
+
+
+def mqar_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of answers right: argmax of logits at t-1 against labels[t], over labels != -100."""
+    predictions = logits[:, :-1].argmax(dim=-1)
+    targets = labels[:, 1:].to(predictions.device)
+    scored = targets != IGNORE_INDEX
+    total = int(scored.sum())
+    if total == 0:
+        raise ValueError("mqar_accuracy: labels have no scored positions (all -100)")
+    return float((predictions[scored] == targets[scored]).sum()) / total
+
+
+def _distinct(rng: np.random.Generator, choices: np.ndarray, rows: int, size: int) -> np.ndarray:
+    """`size` distinct draws from `choices` per row (uniform, without replacement)."""
+    order = np.argsort(rng.random((rows, len(choices))), axis=1)[:, :size]
+    return choices[order]
+
+
+def _weighted_distinct(rng: np.random.Generator, probs: np.ndarray, rows: int, size: int) -> np.ndarray:
+    """`size` distinct indices per row drawn without replacement with weights `probs`.
+
+    Gumbel top-k: the top `size` of log p + Gumbel noise are distributed exactly as
+    successive weighted draws without replacement.
+    """
+    gumbel = -np.log(-np.log(rng.random((rows, len(probs))) + 1e-300) + 1e-300)
+    scores = np.log(probs) + gumbel
+    return np.argsort(-scores, axis=1)[:, :size]

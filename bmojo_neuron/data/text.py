@@ -1,0 +1,300 @@
+"""Local (or hub) text → tokens → fixed-size blocks, cached on disk with `save_to_disk`.
+
+Sources: a .txt/.md file (one document), a .jsonl file (one document per line, in
+``text_column``), a folder of such files (recursive, sorted), a `save_to_disk`
+folder, a folder `datasets.load_dataset` understands (parquet/csv/json files), or a
+hub dataset name. Documents are tokenized with a batched `datasets.map`, joined
+with eos after every document and cut into ``block_size`` blocks (the tail shorter
+than a block is dropped). The last ``eval_fraction`` of the blocks is the eval
+split, so eval text is held out of training.
+
+The result is cached under ``cache_dir/text-<key>/`` (a `DatasetDict` with ``train``
+and ``eval`` plus ``meta.json``). The key hashes the source (paths, sizes, mtimes),
+the tokenizer and the packing settings. It is built in a temporary folder and
+renamed into place, so an interrupted run never leaves a half-written cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from bmojo_neuron.data.tokenizer import encode_batch, eos_token_id, load_tokenizer, tokenizer_fingerprint
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl",)
+CACHE_VERSION = 1
+DEFAULT_CACHE_DIR = Path("~/.cache/bmojo-neuron").expanduser()
+CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
+MAP_BATCH = 1000
+
+
+def load_text_dataset(
+    path: str | os.PathLike | None = None,
+    tokenizer: str = "byte",
+    block_size: int = 256,
+    cache_dir: str | os.PathLike | None = None,
+    eval_fraction: float = 0.05,
+    text_column: str = "text",
+) -> tuple[Dataset, Dataset]:
+    """(train, eval) datasets of packed ``input_ids``/``labels`` blocks; builds the cache on first use.
+
+    ``path=None`` reads the corpus shipped in ``bmojo_neuron/data/corpus``; ``cache_dir=None``
+    uses ``~/.cache/bmojo-neuron``.
+    """
+    from datasets import load_from_disk
+
+    if block_size < 1:
+        raise ValueError(f"data.block_size is {block_size}; must be >= 1")
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"data.eval_fraction is {eval_fraction}; must be in (0, 1)")
+    source = str(CORPUS_DIR if path is None else Path(path).expanduser())
+    kind = source_kind(source)
+    if kind == "packed":
+        packed = _load_packed(source, block_size)
+        return packed["train"], packed["eval"]
+    settings = {
+        "version": CACHE_VERSION,
+        "source": _source_fingerprint(source, kind),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "block_size": block_size,
+        "eval_fraction": eval_fraction,
+        "text_column": text_column,
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+    root = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR
+    final = root / f"text-{key}"
+    if not (final / "meta.json").is_file():
+        _build_cache(source, kind, tokenizer, block_size, eval_fraction, text_column, settings, final)
+    cached = load_from_disk(str(final))
+    return cached["train"], cached["eval"]
+
+
+def source_kind(source: str) -> str:
+    """Classify a data source: text-file, jsonl-file, folder, disk, packed, hub; raise if a local path is missing."""
+    path = Path(source)
+    if path.is_file():
+        if path.suffix in TEXT_SUFFIXES:
+            return "text-file"
+        if path.suffix in JSONL_SUFFIXES:
+            return "jsonl-file"
+        raise ValueError(f"data.path {source}: unsupported file type {path.suffix!r}; use .txt, .md or .jsonl")
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            return "packed" if _is_packed(path) else "disk"
+        return "folder" if _text_files(path) else "load_dataset"
+    if _looks_local(source):
+        raise FileNotFoundError(f"data.path {source}: no such file or folder")
+    return "hub"
+
+
+def pack_blocks(tokenized: Dataset, block_size: int, cache_file: str | None = None) -> Dataset:
+    """Concatenate the ``ids`` column in order and cut it into ``block_size`` blocks (tail dropped)."""
+    from datasets import Features, Sequence, Value
+
+    column = Sequence(Value("int64"), length=block_size)
+    return tokenized.map(
+        _Packer(block_size),
+        batched=True,
+        batch_size=MAP_BATCH,
+        remove_columns=tokenized.column_names,
+        features=Features({"input_ids": column, "labels": column}),
+        cache_file_name=cache_file,
+        load_from_cache_file=False,
+        desc="pack",
+    )
+
+
+class _Packer:
+    """Batched-map function that carries the unfinished block over to the next batch.
+
+    `datasets.map` runs batches in order in one process (no num_proc), so the
+    carried remainder makes the packing exactly that of the whole token stream.
+    """
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size = block_size
+        self.carry: list[int] = []
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        stream = self.carry
+        for ids in batch["ids"]:
+            stream.extend(ids)
+        full = len(stream) // self.block_size * self.block_size
+        blocks = [stream[i : i + self.block_size] for i in range(0, full, self.block_size)]
+        self.carry = stream[full:]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+
+# ----------------------------------------------------------------------------- building
+def _build_cache(
+    source: str,
+    kind: str,
+    tokenizer_name: str,
+    block_size: int,
+    eval_fraction: float,
+    text_column: str,
+    settings: dict[str, Any],
+    final: Path,
+) -> None:
+    """Tokenize, pack, split and save under `final` via a temporary folder and a rename."""
+    from datasets import DatasetDict
+
+    tokenizer = load_tokenizer(tokenizer_name)
+    docs = _documents(source, kind, text_column)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        tokens = _tokenize_documents(docs, tokenizer, text_column, str(work / "tokens.arrow"))
+        total = sum(len(ids) for ids in _iter_column(tokens, "ids"))
+        packed = pack_blocks(tokens, block_size, str(work / "blocks.arrow"))
+        train, evaluation = _split(packed, eval_fraction, total, block_size, source)
+        out = work / "dataset"
+        DatasetDict({"train": train, "eval": evaluation}).save_to_disk(str(out))
+        meta = dict(settings, tokens=total, blocks=len(packed), train_blocks=len(train), eval_blocks=len(evaluation))
+        (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        try:
+            os.replace(out, final)
+        except OSError:
+            if not (final / "meta.json").is_file():  # not a concurrent writer that won
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _tokenize_documents(docs: Dataset, tokenizer: Any, text_column: str, cache_file: str) -> Dataset:
+    """Batched map: each document's ids followed by eos."""
+    from datasets import Features, Sequence, Value
+
+    eos = eos_token_id(tokenizer)
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        return {"ids": [ids + [eos] for ids in encode_batch(tokenizer, batch[text_column])]}
+
+    return docs.map(
+        tokenize,
+        batched=True,
+        batch_size=MAP_BATCH,
+        remove_columns=docs.column_names,
+        features=Features({"ids": Sequence(Value("int64"))}),
+        cache_file_name=cache_file,
+        load_from_cache_file=False,
+        desc="tokenize",
+    )
+
+
+def _split(packed: Dataset, eval_fraction: float, total: int, block_size: int, source: str) -> tuple[Dataset, Dataset]:
+    """The last `eval_fraction` of the blocks (at least one) is the eval split."""
+    blocks = len(packed)
+    if blocks < 2:
+        raise ValueError(
+            f"data.path {source}: {total} tokens make {blocks} block(s) of block_size {block_size}; "
+            f"need at least 2 blocks ({2 * block_size} tokens) for a train and an eval split"
+        )
+    n_eval = min(blocks - 1, max(1, round(blocks * eval_fraction)))
+    return packed.select(range(blocks - n_eval)), packed.select(range(blocks - n_eval, blocks))
+
+
+def _documents(source: str, kind: str, text_column: str) -> Dataset:
+    """The source as a Dataset with one document per row in `text_column`, non-empty."""
+    from datasets import Dataset, load_dataset, load_from_disk
+
+    if kind in ("text-file", "jsonl-file", "folder"):
+        files = [Path(source)] if kind != "folder" else _text_files(Path(source))
+        docs = Dataset.from_dict({text_column: list(_read_files(files, text_column))})
+    elif kind == "disk":
+        docs = load_from_disk(source)
+    else:
+        try:
+            docs = load_dataset(source, split="train")
+        except Exception as err:  # noqa: BLE001 - datasets raises many types; report them all the same way
+            hint = "a hub dataset name" if kind == "hub" else "a folder datasets.load_dataset can read"
+            raise FileNotFoundError(f"data.path {source}: not a local file/folder and not {hint}: {err}") from None
+    if hasattr(docs, "keys"):  # DatasetDict: prefer train
+        docs = docs["train"] if "train" in docs else docs[next(iter(docs))]
+    if text_column not in docs.column_names:
+        raise ValueError(f"data.text_column {text_column!r}: not a column of {source} (columns: {docs.column_names})")
+    docs = docs.select_columns([text_column]).filter(lambda t: bool(t), input_columns=text_column)
+    if len(docs) == 0:
+        raise ValueError(f"data.path {source}: no text (no non-empty documents)")
+    return docs
+
+
+def _read_files(files: list[Path], text_column: str) -> Iterable[str]:
+    for file in files:
+        if file.suffix in JSONL_SUFFIXES:
+            yield from _read_jsonl(file, text_column)
+        else:
+            yield file.read_text(encoding="utf-8")
+
+
+def _read_jsonl(file: Path, text_column: str) -> Iterable[str]:
+    with file.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if text_column not in record:
+                raise ValueError(
+                    f"data.text_column {text_column!r}: missing in {file} line {number} (keys: {sorted(record)})"
+                )
+            yield record[text_column]
+
+
+def _load_packed(source: str, block_size: int) -> DatasetDict:
+    """A folder this module wrote (train/eval of packed blocks): use it directly."""
+    from datasets import load_from_disk
+
+    packed = load_from_disk(source)
+    length = len(packed["train"][0]["input_ids"])
+    if length != block_size:
+        raise ValueError(f"data.path {source}: holds packed blocks of {length} tokens but data.block_size is {block_size}")
+    return packed
+
+
+def _text_files(folder: Path) -> list[Path]:
+    suffixes = TEXT_SUFFIXES + JSONL_SUFFIXES
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes and not p.name.startswith("."))
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def _is_packed(folder: Path) -> bool:
+    if not (folder / "dataset_dict.json").is_file():
+        return False
+    splits = json.loads((folder / "dataset_dict.json").read_text())["splits"]
+    return {"train", "eval"} <= set(splits) and (folder / "train" / "state.json").is_file() and _has_columns(folder)
+
+
+def _has_columns(folder: Path) -> bool:
+    info = json.loads((folder / "train" / "dataset_info.json").read_text())
+    return {"input_ids", "labels"} <= set(info.get("features", {}))
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or Path(source).suffix != "" or os.sep + os.sep in source
+
+
+def _source_fingerprint(source: str, kind: str) -> str:
+    """Paths, sizes and mtimes of every file under a local source; the name of a hub dataset."""
+    path = Path(source)
+    if kind == "hub":
+        return source
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    parts = [f"{p.relative_to(path) if p != path else p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files]
+    return str(path.resolve()) + "|" + ";".join(parts)
+
+
+def _iter_column(dataset: Dataset, column: str) -> Iterable[list[int]]:
+    for batch in dataset.iter(batch_size=MAP_BATCH):
+        yield from batch[column]

@@ -1,0 +1,78 @@
+"""Tokenizers: a dependency-free byte tokenizer, or any Hugging Face tokenizer.
+
+The byte tokenizer needs no files, so the CPU recipes run offline. Its vocabulary is
+the 256 UTF-8 byte values; byte 0 (NUL, which never occurs in normal text) doubles
+as the end-of-document token ``eos_token_id = 0`` placed between packed documents.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+BYTE_TOKENIZER = "byte"
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: ids 0-255, vocab 256, eos = 0 (NUL)."""
+
+    name_or_path = BYTE_TOKENIZER
+    vocab_size = 256
+    eos_token_id = 0
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        """The UTF-8 bytes of `text`; no special tokens are added."""
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Bytes back to text (invalid UTF-8, e.g. a block cut mid-character, becomes U+FFFD)."""
+        data = bytes(int(i) for i in ids if not (skip_special_tokens and int(i) == self.eos_token_id))
+        return data.decode("utf-8", errors="replace")
+
+    def batch_encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """``"byte"`` → `ByteTokenizer`; otherwise a Hugging Face tokenizer from a local path or hub name."""
+    if name_or_path == BYTE_TOKENIZER:
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=False)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"data.tokenizer {name_or_path!r}: not 'byte' and not loadable as a Hugging Face tokenizer "
+            f"(a local folder with tokenizer files, or a hub name when online): {err}"
+        ) from None
+
+
+def encode_batch(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return tokenizer.batch_encode(texts)
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def eos_token_id(tokenizer: Any) -> int:
+    """The document separator; raises if the tokenizer has none."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no eos_token_id; "
+            "packing needs one to separate documents"
+        )
+    return int(eos)
+
+
+def tokenizer_fingerprint(name_or_path: str) -> str:
+    """Identity of a tokenizer for cache keys: its name, plus file sizes/mtimes for a local folder."""
+    path = Path(name_or_path).expanduser()
+    if name_or_path == BYTE_TOKENIZER or not path.exists():
+        return name_or_path
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return name_or_path + "|" + ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
