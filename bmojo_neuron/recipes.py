@@ -247,14 +247,7 @@ class Recipe:
 
     def with_overrides(self, overrides: Mapping[str, Any] | Sequence[str]) -> Recipe:
         """A new recipe with dotted overrides applied: ``{"model.layer_pattern": "MM"}`` or ``["train.steps=10"]``."""
-        raw = copy.deepcopy(self.raw)
-        for key, value in _normalise_overrides(overrides):
-            section, sub = key.split(".", 1)
-            target = raw.setdefault(section, {})
-            if not isinstance(target, dict):
-                raise ValueError(f"recipe key {section}: is not a mapping, cannot set {key}")
-            target[sub] = value
-        return _build_recipe(raw, self.source)
+        return _build_recipe(_apply_overrides(self.raw, overrides), self.source)
 
     def model_config(self) -> Any:
         """The `BMojoConfig` of this recipe (vocab_size filled from the data when the model omits it)."""
@@ -326,7 +319,21 @@ def count_parameters(recipe: Recipe) -> int:
 
 
 # ----------------------------------------------------------------------------- building
-def _build_recipe(raw: dict[str, Any], source: str | None) -> Recipe:
+def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
+    """A copy of the raw document with dotted overrides set."""
+    raw = copy.deepcopy(raw)
+    for key, value in _normalise_overrides(overrides):
+        section, sub = key.split(".", 1)
+        target = raw.setdefault(section, {})
+        if target is None:
+            target = raw[section] = {}
+        if not isinstance(target, dict):
+            raise ValueError(f"recipe key {section}: is not a mapping, cannot set {key}")
+        target[sub] = value
+    return raw
+
+
+def _build_recipe(raw: dict[str, Any], source: str | None, check_variants: bool = True) -> Recipe:
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ValueError(f"recipe key {unknown[0]}: unknown section; valid sections: {', '.join(SECTIONS)}")
@@ -353,7 +360,8 @@ def _build_recipe(raw: dict[str, Any], source: str | None) -> Recipe:
         source=source,
         raw=raw,
     )
-    _check_variants(recipe)
+    if check_variants:
+        _check_variants(recipe)
     return recipe
 
 
@@ -439,7 +447,7 @@ def _check_variants(recipe: Recipe) -> None:
             if key.split(".", 1)[0] in ("compare", "suite"):
                 raise ValueError(f"recipe key {label}.overrides: cannot override {key}")
         try:
-            recipe.with_overrides(variant.overrides)
+            _build_recipe(_apply_overrides(recipe.raw, variant.overrides), recipe.source, check_variants=False)
         except ValueError as err:
             raise ValueError(f"recipe key {label}.overrides ({variant.name}): {err}") from None
 

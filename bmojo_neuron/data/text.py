@@ -154,7 +154,9 @@ def _build_cache(
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
         tokens = _tokenize_documents(docs, tokenizer, text_column, str(work / "tokens.arrow"))
-        total = sum(len(ids) for ids in _iter_column(tokens, "ids"))
+        total = _count_tokens(tokens)
+        if total == 0:
+            raise ValueError(f"data.path {source}: no text (every document is empty)")
         packed = pack_blocks(tokens, block_size, str(work / "blocks.arrow"))
         train, evaluation = _split(packed, eval_fraction, total, block_size, source)
         out = work / "dataset"
@@ -171,13 +173,13 @@ def _build_cache(
 
 
 def _tokenize_documents(docs: Dataset, tokenizer: Any, text_column: str, cache_file: str) -> Dataset:
-    """Batched map: each document's ids followed by eos."""
+    """Batched map: each non-empty document's ids followed by eos."""
     from datasets import Features, Sequence, Value
 
     eos = eos_token_id(tokenizer)
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        return {"ids": [ids + [eos] for ids in encode_batch(tokenizer, batch[text_column])]}
+        return {"ids": [ids + [eos] if ids else [] for ids in encode_batch(tokenizer, batch[text_column])]}
 
     return docs.map(
         tokenize,
@@ -222,10 +224,9 @@ def _documents(source: str, kind: str, text_column: str) -> Dataset:
         docs = docs["train"] if "train" in docs else docs[next(iter(docs))]
     if text_column not in docs.column_names:
         raise ValueError(f"data.text_column {text_column!r}: not a column of {source} (columns: {docs.column_names})")
-    docs = docs.select_columns([text_column]).filter(lambda t: bool(t), input_columns=text_column)
     if len(docs) == 0:
-        raise ValueError(f"data.path {source}: no text (no non-empty documents)")
-    return docs
+        raise ValueError(f"data.path {source}: no text (no documents)")
+    return docs.select_columns([text_column])
 
 
 def _read_files(files: list[Path], text_column: str) -> Iterable[str]:
@@ -295,6 +296,7 @@ def _source_fingerprint(source: str, kind: str) -> str:
     return str(path.resolve()) + "|" + ";".join(parts)
 
 
-def _iter_column(dataset: Dataset, column: str) -> Iterable[list[int]]:
-    for batch in dataset.iter(batch_size=MAP_BATCH):
-        yield from batch[column]
+def _count_tokens(tokens: Dataset) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.list_value_length(tokens.data.column("ids"))).as_py() or 0)

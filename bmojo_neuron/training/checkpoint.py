@@ -282,3 +282,56 @@ def export_final(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return run_dir / FINAL
+
+
+# ---------------------------------------------------------------- loading for inference
+
+
+@dataclass
+class Trained:
+    """A model read back for eval / generate, with what is needed to feed it data."""
+
+    model: nn.Module
+    recipe: dict[str, Any]
+    tokenizer: str
+    source: Path  # the export or checkpoint directory actually read
+    run_dir: Path  # where eval outputs go by default
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """An export dir, a checkpoint dir, or a run dir (its ``final``, else its latest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if (path / RUN_INFO_FILE).is_file() or is_complete(path):
+        return path
+    if (path / FINAL / RUN_INFO_FILE).is_file():
+        return path / FINAL
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    if (path / "config.json").is_file():  # a plain save_pretrained export
+        return path
+    raise FileNotFoundError(f"{path} is neither a run directory, a checkpoint (step-XXXXXXX) nor a final export")
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Trained:
+    """Load the model behind `path` (see `resolve_model_dir`) in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    from bmojo_neuron import BMojoConfig, BMojoForCausalLM
+
+    source = resolve_model_dir(path)
+    if is_complete(source):  # a training checkpoint
+        model = BMojoForCausalLM(BMojoConfig.from_json_file(str(source / CONFIG_FILE)))
+        load_model_weights(model, source)
+        recipe = json.loads((source / RECIPE_FILE).read_text())
+        tokenizer = str(recipe.get("data", {}).get("tokenizer") or "byte")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(source))
+        info_file = source / RUN_INFO_FILE
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        recipe = info.get("recipe", {})
+        tokenizer = str(info.get("tokenizer") or "byte")
+    run_dir = source.parent if (source.name == FINAL or STEP_PATTERN.match(source.name)) else source
+    return Trained(model.to(device).eval(), recipe, tokenizer, source, run_dir)

@@ -155,11 +155,13 @@ def length_generalisation(
 
 
 def mqar_eval_dataset(recipe: Any, seq_len: int) -> Any:
-    """The recipe's MQAR eval set regenerated at `seq_len` (same seeds and key/value settings)."""
-    from bmojo_neuron.data import build_datasets
+    """The recipe's MQAR eval set regenerated at `seq_len`: same kv pairs, vocabulary and eval seed."""
+    from bmojo_neuron.data import build_eval_dataset
 
-    longer = recipe.with_overrides({"data.seq_len": seq_len})
-    return build_datasets(longer)[1]
+    base = recipe.data.seq_len
+    if seq_len % base:
+        raise ValueError(f"MQAR eval length {seq_len} is not a multiple of data.seq_len={base}")
+    return build_eval_dataset(recipe, seq_len // base)
 
 
 def format_length_table(rows: Sequence[LengthResult], title: str = "") -> str:

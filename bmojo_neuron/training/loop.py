@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,8 +80,8 @@ def check_recipe(recipe: Any) -> None:
     t, o = recipe.train, recipe.optim
     for key, value, minimum in (("train.steps", t.steps, 1), ("train.batch_size", t.batch_size, 1),
                                 ("train.grad_accum", t.grad_accum, 1), ("train.log_every", t.log_every, 1),
-                                ("eval.every", recipe.eval.every, 0), ("eval.batches", recipe.eval.batches, 1),
-                                ("checkpoint.every", recipe.checkpoint.every, 0),
+                                ("eval.every", recipe.eval.every, 1), ("eval.batches", recipe.eval.batches, 1),
+                                ("checkpoint.every", recipe.checkpoint.every, 1),
                                 ("checkpoint.keep_last", recipe.checkpoint.keep_last, 0),
                                 ("optim.warmup_steps", o.warmup_steps, 0)):
         if not isinstance(value, int) or value < minimum:
@@ -185,7 +186,7 @@ def train(
     mqar = recipe.data.kind == "mqar"
 
     previous = ckpt.load_latest(run_dir) if resume else None
-    if previous is None and _has_run(run_dir):
+    if previous is None and not resume and _has_run(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, or pick another "
                          "--output-dir")
     if previous is not None and (diff := recipe_differences(previous.recipe, recipe_dict)):
@@ -196,8 +197,8 @@ def train(
 
         datasets = build_datasets(recipe)
     train_data, eval_data = datasets
-    if e.every and len(eval_data) == 0:
-        raise ValueError("the eval dataset is empty but eval.every > 0")
+    if len(eval_data) == 0:
+        raise ValueError("the eval dataset is empty")
 
     seed_everything(recipe.run.seed)
     model = BMojoForCausalLM(recipe.model_config()).to(device)
@@ -213,9 +214,9 @@ def train(
         scheduler.load_state_dict(previous.scheduler)
         ckpt.set_rng_states(previous.rng)
         state = previous.state
-        tqdm.write(f"resuming {run_dir} from {previous.path.name} (step {state.step})")
+        print(f"resuming {run_dir} from {previous.path.name} (step {state.step})")
     elif resume:
-        tqdm.write(f"no checkpoint in {run_dir}: starting from scratch")
+        print(f"no checkpoint in {run_dir}: starting from scratch")
     ckpt.clean_stale(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt.write_text_atomic(run_dir / ckpt.RECIPE_FILE, json.dumps(recipe_dict, indent=2))
@@ -224,13 +225,10 @@ def train(
     logger = MetricsLogger(run_dir, state.metrics, state.step)
     tokens_per_step = t.batch_size * t.grad_accum * len(train_data[0]["input_ids"])
     params = count_parameters(model)
-    last_saved = state.step if previous is not None else -1
 
     def save() -> None:
-        nonlocal last_saved
         state.epoch, state.position, state.metrics = order.epoch, order.position, logger.records
         ckpt.save_checkpoint(run_dir, model, optimizer, scheduler, state, recipe_dict, c.keep_last)
-        last_saved = state.step
 
     def run_eval() -> dict[str, float]:
         result = evaluate(model, eval_data, t.batch_size, device, e.batches, t.precision, mqar)
@@ -238,8 +236,7 @@ def train(
         return result
 
     model.train()
-    bar = tqdm(total=t.steps, initial=state.step, unit="step", dynamic_ncols=True, disable=not progress,
-               desc=recipe.run.name)
+    bar = Progress(recipe.run.name, t.steps, state.step, enabled=progress)
     pending: list[torch.Tensor] = []  # per-step [loss, lm_loss, aux_loss, grad_norm], read at log time
     interval_start, interval_tokens = time.perf_counter(), 0
     eval_result: dict[str, float] = {}
@@ -266,28 +263,32 @@ def train(
         state.tokens += tokens_per_step
         interval_tokens += tokens_per_step
         pending.append(torch.cat([step_loss, grad_norm.detach().float().reshape(1)]))
-        bar.update(1)
+        bar.update()
 
         last = state.step == t.steps
-        if state.step % t.log_every == 0 or last or state.step == stop_after:
+        stop = stop_after is not None and state.step >= stop_after
+        save_now = last or stop or state.step % c.every == 0
+        eval_now = last or state.step % e.every == 0
+        if state.step % t.log_every == 0 or save_now:
             loss, lm, aux, gnorm = torch.stack(pending).mean(0).tolist()
-            elapsed = time.perf_counter() - interval_start
-            tps = interval_tokens / max(elapsed, 1e-9)
+            tps = interval_tokens / max(time.perf_counter() - interval_start, 1e-9)
             logger.log({"type": "train", "step": state.step, "loss": loss, "lm_loss": lm, "aux_loss": aux,
                         "grad_norm": gnorm, "lr": scheduler.get_last_lr()[0], "tokens": state.tokens,
                         "tokens_per_s": tps})
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}")
+            bar.show(state.step, loss, tps)
             pending, interval_start, interval_tokens = [], time.perf_counter(), 0
-        if (e.every and state.step % e.every == 0) or last:
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss} at step {state.step}; lower optim.lr or "
+                                         f"resume from an earlier checkpoint in {run_dir}")
+        if eval_now:
             eval_result = run_eval()
-            tqdm.write(f"step {state.step}: " + ", ".join(f"eval {k} {v:.4g}" for k, v in eval_result.items()
-                                                          if k != "tokens"))
-            interval_start = time.perf_counter()  # keep eval time out of tokens/s
-        if (c.every and state.step % c.every == 0) or last:
+            bar.write(f"step {state.step}: " + ", ".join(f"eval {k} {v:.4g}" for k, v in eval_result.items()
+                                                         if k != "tokens"))
+        if save_now:
             save()
-        if stop_after is not None and state.step >= stop_after and not last:
-            if last_saved != state.step:
-                save()
+        if eval_now or save_now:
+            interval_start = time.perf_counter()  # keep eval and checkpoint time out of tokens/s
+        if stop and not last:
             bar.close()
             logger.close()
             return TrainResult(run_dir, params, state.step, metrics=logger.records,
@@ -295,10 +296,10 @@ def train(
     bar.close()
 
     # finished (or resumed a finished run): final eval, plots and the export
-    if not eval_result:
-        eval_result = run_eval()
-    if last_saved != state.step:
-        save()
+    if not eval_result:  # resumed a run that had already finished: reuse its last eval
+        done = [r for r in logger.records if r["type"] == "eval" and r["step"] == state.step]
+        eval_result = ({k[5:]: v for k, v in done[-1].items() if k.startswith("eval_")} if done
+                       else run_eval())
     lengths: list[LengthResult] = []
     multipliers = list(e.length_multipliers or [])
     if any(int(m) != 1 for m in multipliers):
@@ -306,7 +307,7 @@ def train(
                                         e.batches, t.precision)
         (run_dir / LENGTH_FILE).write_text(json.dumps([r.__dict__ for r in lengths], indent=2))
         plot_length(lengths, run_dir / LENGTH_PLOT, title=recipe.run.name)
-        tqdm.write(format_length_table(lengths, title=f"{recipe.run.name}: length generalisation"))
+        print(format_length_table(lengths, title=f"{recipe.run.name}: length generalisation"))
     logger.close()
     plot_training(logger.records, run_dir / PLOT_FILE, title=recipe.run.name)
     final_dir = ckpt.export_final(run_dir, model, recipe_dict, _tokenizer_name(recipe), eval_result)
@@ -324,6 +325,41 @@ def _tokenizer_name(recipe: Any) -> str:
 
 
 # ------------------------------------------------------------------------ metrics
+
+
+class Progress:
+    """A live tqdm bar (loss, tokens/s, ETA) on a terminal; plain log lines when output is redirected."""
+
+    def __init__(self, name: str, total: int, initial: int, enabled: bool = True) -> None:
+        self.name, self.total, self.enabled = name, total, enabled
+        self.live = enabled and sys.stderr.isatty()
+        self.start_step, self.start_time = initial, time.perf_counter()
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=name,
+                        disable=not self.live)
+
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def show(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self.live:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        elif self.enabled:
+            per_step = (time.perf_counter() - self.start_time) / max(1, step - self.start_step)
+            eta = format_seconds(per_step * (self.total - step))
+            print(f"{self.name} step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
+                  f"eta {eta}", flush=True)
+
+    def write(self, text: str) -> None:
+        if self.enabled:
+            tqdm.write(text) if self.live else print(text, flush=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+
+
+_TB_NOTICE_SHOWN = False
 
 
 class MetricsLogger:
@@ -344,7 +380,10 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
         except ImportError:
-            tqdm.write("tensorboard is not installed: skipping TensorBoard logs (metrics.jsonl has them all)")
+            global _TB_NOTICE_SHOWN
+            if not _TB_NOTICE_SHOWN:
+                print("tensorboard is not installed: skipping TensorBoard logs (metrics.jsonl has them all)")
+                _TB_NOTICE_SHOWN = True
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)

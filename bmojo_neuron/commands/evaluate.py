@@ -1,0 +1,85 @@
+"""`bmojo-neuron eval PATH`: held-out loss / perplexity / MQAR recall at several lengths, table + PNG."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bmojo_neuron.cli import register_command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="CHECKPOINT_OR_EXPORT_DIR",
+                        help="a run directory (uses final/, else the latest checkpoint), a step-XXXXXXX "
+                             "checkpoint or a final export")
+    parser.add_argument("--data", nargs="+", default=[], metavar="RECIPE|key=value",
+                        help="evaluation data: a recipe whose data section replaces the run's, and/or "
+                             "data overrides such as seq_len=128 num_kv_pairs=16 (default: the run's data)")
+    parser.add_argument("--lengths", default="1,2,4,8",
+                        help="comma-separated multiples of the training length (default 1,2,4,8)")
+    parser.add_argument("--batches", type=int, default=None, help="eval batches per length (default: eval.batches)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--output-dir", default=None,
+                        help="where length_eval.{png,json} go (default: <run dir>/eval)")
+
+
+def parse_lengths(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--lengths must be comma-separated integers like 1,2,4,8, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise ValueError(f"--lengths must be positive integers, got {text!r}")
+    return values
+
+
+def eval_recipe(saved: dict, data_args: list[str]):
+    """The run's recipe with its data section replaced / overridden by ``--data``."""
+    from bmojo_neuron.recipes import Recipe, load_recipe
+
+    if not saved:
+        raise ValueError("this model has no recipe stored with it; cannot tell which data to evaluate on")
+    raw = dict(saved)
+    overrides = {}
+    for item in data_args:
+        if "=" in item:
+            key, value = item.split("=", 1)
+            key = key if key.startswith("data.") else f"data.{key}"
+            overrides[key] = value
+        else:
+            raw["data"] = load_recipe(item).to_dict()["data"]
+    recipe = Recipe.from_dict(raw)
+    if overrides:
+        recipe = recipe.with_overrides([f"{k}={v}" for k, v in overrides.items()])
+    return recipe
+
+
+@register_command("eval", help="evaluate a trained model: loss, perplexity, MQAR recall, length generalisation",
+                  add_arguments=add_arguments)
+def run(args: argparse.Namespace) -> int:
+    lengths = parse_lengths(args.lengths)
+    from bmojo_neuron.data import build_datasets
+    from bmojo_neuron.training.checkpoint import load_trained
+    from bmojo_neuron.training.evaluate import format_length_table, length_generalisation, plot_length
+    from bmojo_neuron.training.loop import resolve_device
+
+    device = resolve_device(args.device)
+    trained = load_trained(args.path, device)
+    recipe = eval_recipe(trained.recipe, args.data)
+    batch_size = args.batch_size or recipe.train.batch_size
+    batches = args.batches or recipe.eval.batches
+    if batch_size < 1 or batches < 1:
+        raise ValueError("--batch-size and --batches must be >= 1")
+    _, eval_data = build_datasets(recipe)
+    rows = length_generalisation(trained.model, recipe, eval_data, lengths, batch_size, device, batches,
+                                 recipe.train.precision)
+    title = f"{recipe.run.name} ({trained.source})"
+    print(format_length_table(rows, title=title))
+    out = Path(args.output_dir) if args.output_dir else trained.run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "length_eval.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+    plot = plot_length(rows, out / "length_eval.png", title=recipe.run.name)
+    print(f"\nwrote {out / 'length_eval.json'}" + (f" and {plot}" if plot else ""))
+    return 0

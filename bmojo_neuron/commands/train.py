@@ -1,0 +1,114 @@
+"""`bmojo-neuron train [RECIPE] [key=value ...]`: train a recipe, its `compare` baseline or its `suite`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from bmojo_neuron.cli import register_command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", nargs="?", default=None,
+                        help="recipe name under recipes/ or a YAML path (default: cpu-tiny)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="recipe overrides, e.g. train.steps=100 model.layer_pattern=MB")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in the output directory")
+    parser.add_argument("--output-dir", default=None,
+                        help="run directory (default: the recipe's run.output_dir)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def plan_runs(recipe: Any, output_dir: str | None) -> list[tuple[Any, Path]]:
+    """(recipe, run dir) of every run the recipe asks for.
+
+    A plain recipe trains into its output dir. With ``suite`` every entry, and with
+    ``compare`` the recipe and then its baseline, train into ``<output dir>/<name>``.
+    """
+    base = Path(output_dir or recipe.run.output_dir)
+    if recipe.suite:
+        variants = [(v.name, v.overrides) for v in recipe.suite]
+    elif recipe.compare is not None:
+        variants = [(recipe.run.name, {}), (recipe.compare.name, recipe.compare.overrides)]
+    else:
+        return [(recipe, base)]
+    runs = []
+    for name, overrides in variants:
+        variant = recipe.with_overrides({"run.name": name, **overrides})
+        runs.append((variant, base / name))
+    return runs
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """One line per trained model: params, final eval loss, perplexity / MQAR recall vs chance."""
+    mqar = any(r["recall"] is not None for r in rows)
+    header = f"{'model':<20} {'layers':<10} {'params':>10} {'eval loss':>9} " + (
+        f"{'recall':>7} {'chance':>7}" if mqar else f"{'ppl':>9}") + f" {'time':>7}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        tail = (f"{r['recall']:>7.3f} {r['chance']:>7.3f}" if mqar else f"{r['perplexity']:>9.3f}")
+        lines.append(f"{r['model']:<20.20} {r['layers']:<10.10} {r['params']:>10,} {r['eval_loss']:>9.4f} "
+                     f"{tail} {r['time']:>7}")
+    return "\n".join(lines)
+
+
+def describe(recipe: Any, params: int, run_dir: Path) -> str:
+    config = recipe.model_config()
+    d, t = recipe.data, recipe.train
+    length = d.seq_len if d.kind == "mqar" else d.block_size
+    data = (f"mqar (vocab {d.vocab_size}, {d.num_kv_pairs} kv pairs, {d.train_examples} train examples)"
+            if d.kind == "mqar" else f"text ({d.path or 'bundled corpus'}, tokenizer {d.tokenizer})")
+    return "\n".join([
+        f"== {recipe.run.name} ==",
+        f"  model    {config.layer_pattern}  d={config.hidden_size}  {params:,} parameters",
+        f"  data     {data}, length {length}",
+        f"  train    {t.steps} steps x batch {t.batch_size} x accum {t.grad_accum}, lr {recipe.optim.lr}, "
+        f"{t.precision}, device {recipe.run.device}",
+        f"  output   {run_dir}",
+    ])
+
+
+@register_command("train", help="train a recipe (default cpu-tiny: B'MOJO and its SSM baseline on MQAR)",
+                  add_arguments=add_arguments)
+def run(args: argparse.Namespace) -> int:
+    from bmojo_neuron.recipes import count_parameters, load_recipe
+    from bmojo_neuron.training.loop import format_seconds, train
+
+    name, overrides = args.recipe, list(args.overrides)
+    if name is not None and "=" in name:  # `bmojo-neuron train train.steps=5`: no recipe given
+        name, overrides = None, [name, *overrides]
+    recipe = load_recipe(name, overrides)
+    runs = plan_runs(recipe, args.output_dir)
+    for variant, run_dir in runs:  # check every run before the first long one starts
+        variant.model_config()
+    rows = []
+    for variant, run_dir in runs:
+        print(describe(variant, count_parameters(variant), run_dir), flush=True)
+        result = train(variant, run_dir, resume=args.resume, progress=not args.no_progress)
+        d = variant.data
+        rows.append({
+            "model": variant.run.name,
+            "layers": variant.model_config().layer_pattern,
+            "params": result.params,
+            "eval_loss": result.final_eval["loss"],
+            "perplexity": result.final_eval["perplexity"],
+            "recall": result.final_eval.get("accuracy"),
+            "chance": 1.0 / (d.vocab_size - d.vocab_size // 2) if d.kind == "mqar" else None,
+            "time": format_seconds(result.seconds),
+            "run_dir": str(run_dir),
+        })
+        print(f"{variant.run.name}: done in {format_seconds(result.seconds)}; final export in {result.final_dir}",
+              flush=True)
+    table = summary_table(rows)
+    print("\n" + table)
+    if len(runs) > 1:
+        base = Path(args.output_dir or recipe.run.output_dir)
+        (base / "summary.txt").write_text(table + "\n")
+        (base / "summary.json").write_text(json.dumps(rows, indent=2))
+        print(f"\nsummary written to {base / 'summary.txt'}")
+    if any(r["recall"] is not None for r in rows):
+        print("chance = a uniform guess among the value tokens (1 / (vocab_size - vocab_size // 2))")
+    return 0

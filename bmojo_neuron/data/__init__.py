@@ -1,0 +1,87 @@
+"""Training data: MQAR synthetic recall and packed text, both as `datasets.Dataset`.
+
+`build_datasets(recipe)` is what the training loop calls; every dataset it returns
+has int64 ``input_ids`` and ``labels`` columns of one fixed length, in torch format.
+`datasets` is imported lazily so importing this package stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bmojo_neuron.data.mqar import IGNORE_INDEX, generate_mqar, mqar_accuracy
+from bmojo_neuron.data.tokenizer import ByteTokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+    from bmojo_neuron.recipes import Recipe
+
+EVAL_SEED_OFFSET = 1_000_003  # eval MQAR examples come from a different stream than train
+
+
+def build_datasets(recipe: Recipe) -> tuple[Dataset, Dataset]:
+    """(train, eval) datasets for ``recipe.data`` at the training length, in torch format."""
+    data = recipe.data
+    if data.kind == "mqar":
+        train = _mqar(recipe, data.train_examples, data.seed, 1)
+        evaluation = _mqar(recipe, data.eval_examples, data.seed + EVAL_SEED_OFFSET, 1)
+    elif data.kind == "text":
+        train, evaluation = _text(recipe, data.block_size)
+    else:
+        raise ValueError(f"recipe key data.kind: unknown kind {data.kind!r}")
+    return train.with_format("torch"), evaluation.with_format("torch")
+
+
+def build_eval_dataset(recipe: Recipe, length_multiplier: int = 1) -> Dataset:
+    """The eval split at ``length_multiplier`` times the training length (for `eval.length_multipliers`).
+
+    MQAR keeps the same number of kv pairs in a longer sequence; text is re-packed
+    into longer blocks (a separate cache entry).
+    """
+    if length_multiplier < 1:
+        raise ValueError(f"length_multiplier is {length_multiplier}; must be >= 1")
+    data = recipe.data
+    if data.kind == "mqar":
+        evaluation = _mqar(recipe, data.eval_examples, data.seed + EVAL_SEED_OFFSET, length_multiplier)
+    else:
+        _, evaluation = _text(recipe, data.block_size * length_multiplier)
+    return evaluation.with_format("torch")
+
+
+def _mqar(recipe: Recipe, examples: int, seed: int, multiplier: int) -> Dataset:
+    data = recipe.data
+    return generate_mqar(
+        vocab_size=data.vocab_size,
+        seq_len=data.seq_len * multiplier,
+        num_kv_pairs=data.num_kv_pairs,
+        num_examples=examples,
+        seed=seed,
+        power_a=data.power_a,
+        random_non_queries=data.random_non_queries,
+    )
+
+
+def _text(recipe: Recipe, block_size: int) -> tuple[Dataset, Dataset]:
+    from bmojo_neuron.data.text import load_text_dataset
+
+    data = recipe.data
+    return load_text_dataset(
+        path=data.path,
+        tokenizer=data.tokenizer,
+        block_size=block_size,
+        cache_dir=data.cache_dir,
+        eval_fraction=data.eval_fraction,
+        text_column=data.text_column,
+    )
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ByteTokenizer",
+    "build_datasets",
+    "build_eval_dataset",
+    "generate_mqar",
+    "load_tokenizer",
+    "mqar_accuracy",
+]
