@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bmojo_neuron.ops.selective_scan  # noqa: F401  (the module; `ops` re-exports a function of that name)
-from bmojo_neuron.ops.selective_scan import selective_scan, selective_state_update
-from bmojo_neuron.ops.ssd import ssd_scan, ssd_state_update
+import bmojo_neuron.ops.reference.selective_scan  # noqa: F401
+from bmojo_neuron.ops.reference.selective_scan import selective_scan, selective_state_update
+from bmojo_neuron.ops.reference.ssd import ssd_scan, ssd_state_update
 
 F64 = torch.float64
 TOL = 1e-10
@@ -224,7 +224,7 @@ def test_selective_state_update_chained_equals_scan():
 @pytest.mark.parametrize("two_level", [False, True])
 def test_selective_scan_both_scan_paths(monkeypatch, two_level):
     """The plain loop and the two-level scan (picked by size) agree with the recurrence."""
-    module = sys.modules["bmojo_neuron.ops.selective_scan"]
+    module = sys.modules["bmojo_neuron.ops.reference.selective_scan"]
     monkeypatch.setattr(module, "_SINGLE_THREAD_NUMEL", 1 << 30 if two_level else 0)
     for length in (1, 16, 37, 50):
         inp = mamba1_inputs(length=length, seed=20 + length)

@@ -11,8 +11,8 @@ from typing import Any
 
 from . import dispatch
 from .dispatch import available_backends, get_backend, register_backend, set_backend, use_backend
-from .selective_scan import selective_state_update
-from .ssd import ssd_state_update
+from .reference.selective_scan import selective_state_update
+from .reference.ssd import ssd_state_update
 
 
 def selective_scan(*args: Any, **kwargs: Any) -> Any:
@@ -32,8 +32,8 @@ def eidetic_attention(*args: Any, **kwargs: Any) -> Any:
 
 def _torch_impls() -> dict:
     from .reference.eidetic_attention import eidetic_attention as attention_ref
-    from .selective_scan import selective_scan as scan_ref
-    from .ssd import ssd_scan as ssd_ref
+    from .reference.selective_scan import selective_scan as scan_ref
+    from .reference.ssd import ssd_scan as ssd_ref
 
     return {"selective_scan": scan_ref, "ssd_scan": ssd_ref, "eidetic_attention": attention_ref}
 
