@@ -21,15 +21,6 @@ DECODE_TOL = 1e-4  # float32 decode vs parallel
 MATH_TOL = 1e-10  # float64 mixer vs naive
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU they wait on busy cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_config(mixer: str, **kw) -> BMojoConfig:
     base = dict(
         vocab_size=64, hidden_size=32, num_hidden_layers=1, layer_pattern="M", ssm_mixer=mixer,

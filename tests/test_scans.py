@@ -22,15 +22,6 @@ F64 = torch.float64
 TOL = 1e-10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU they wait on busy cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # ----------------------------------------------------------------------------- naive references
 def naive_selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, softplus=False, h0=None):
     """h_t = exp(d_t A) h_{t-1} + d_t B_t u_t ; y_t = <h_t, C_t> + D u_t ; y *= silu(z)."""

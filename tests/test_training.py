@@ -1,0 +1,308 @@
+"""The trainer: exact resume, crash-safe checkpoints, optimizer groups, schedule, eval, generate, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bmojo_neuron import BMojoConfig, BMojoForCausalLM, cli
+from bmojo_neuron.commands.generate import generate_text
+from bmojo_neuron.data import build_datasets
+from bmojo_neuron.data.mqar import mqar_accuracy
+from bmojo_neuron.recipes import Recipe
+from bmojo_neuron.training import checkpoint as ckpt
+from bmojo_neuron.training import loop
+from bmojo_neuron.training.evaluate import evaluate, repack
+from bmojo_neuron.training.optim import build_optimizer, build_scheduler, lr_factor, parameter_groups
+
+TINY_MODEL = dict(
+    hidden_size=16, num_hidden_layers=2, layer_pattern="MB", num_attention_heads=2, num_key_value_heads=1,
+    intermediate_size=32, window_size=4, fading_window=4, memory_chunk=4, memory_size=4, memory_picks=1,
+    ssm_state_size=8, ssm_head_dim=8, ssm_chunk_size=16,
+)
+# 40 examples / batch 4 = 10 micro-batches per epoch: 6 steps x 2 accum cross an epoch boundary.
+TINY_RECIPE = {
+    "run": {"name": "tiny", "seed": 3, "device": "cpu"},
+    "model": TINY_MODEL,
+    "data": {"kind": "mqar", "vocab_size": 32, "seq_len": 16, "num_kv_pairs": 2, "train_examples": 40,
+             "eval_examples": 16, "seed": 1},
+    "optim": {"lr": 1e-2, "warmup_steps": 2, "min_lr_ratio": 0.1},
+    "train": {"steps": 6, "batch_size": 4, "grad_accum": 2, "log_every": 1},
+    "eval": {"every": 3, "batches": 2, "length_multipliers": [1]},
+    "checkpoint": {"every": 3, "keep_last": 2},
+}
+
+
+def tiny_recipe(**overrides) -> Recipe:
+    return Recipe.from_dict(TINY_RECIPE).with_overrides(overrides) if overrides else Recipe.from_dict(TINY_RECIPE)
+
+
+def train_losses(records: list[dict]) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in records if r["type"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> loop.TrainResult:
+    """One uninterrupted tiny run, shared by the tests that need a trained model."""
+    return loop.train(tiny_recipe(), tmp_path_factory.mktemp("reference"), progress=False)
+
+
+# ------------------------------------------------------------------------- resume
+
+
+def test_resume_equals_uninterrupted(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    first = loop.train(tiny_recipe(), run_dir, progress=False, stop_after=3)
+    assert first.final_dir is None and first.step == 3
+    assert ckpt.latest_checkpoint(run_dir).name == "step-0000003"
+    second = loop.train(tiny_recipe(), run_dir, resume=True, progress=False)
+
+    expected = train_losses(reference.metrics)
+    assert [s for s, _, _ in expected] == [1, 2, 3, 4, 5, 6]
+    assert train_losses(second.metrics) == expected  # bitwise: floats compared with ==
+    on_disk = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert train_losses(on_disk) == expected
+    a = BMojoForCausalLM.from_pretrained(reference.final_dir).state_dict()
+    b = BMojoForCausalLM.from_pretrained(second.final_dir).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_changed_recipe_and_a_used_dir(reference):
+    with pytest.raises(ValueError, match="already holds a run"):
+        loop.train(tiny_recipe(), reference.run_dir, progress=False)
+    with pytest.raises(ValueError, match="optim.lr"):
+        loop.train(tiny_recipe(**{"optim.lr": 0.5}), reference.run_dir, resume=True, progress=False)
+
+
+def test_bad_device_fails_before_work(tmp_path):
+    with pytest.raises(ValueError, match="neuron"):
+        loop.resolve_device("neuron")
+    recipe = tiny_recipe()
+    recipe.run.device = "tpu"
+    with pytest.raises(ValueError, match="run.device"):
+        loop.train(recipe, tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+# -------------------------------------------------------------------- checkpoints
+
+
+def _tiny_state():
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(tiny_recipe().model_config())
+    optimizer = build_optimizer(model, 1e-3, 0.1)
+    scheduler = build_scheduler(optimizer, 1, 10, 0.1)
+    return model, optimizer, scheduler
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model, optimizer, scheduler = _tiny_state()
+    saved = ckpt.save_checkpoint(tmp_path, model, optimizer, scheduler, ckpt.TrainerState(step=1), {"a": 1})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    for target in ("fsync_tree", "write_text_atomic"):  # mid-checkpoint, then while moving `latest`
+        with monkeypatch.context() as m:
+            m.setattr(ckpt, target, boom)
+            with pytest.raises(OSError, match="disk full"):
+                ckpt.save_checkpoint(tmp_path, model, optimizer, scheduler, ckpt.TrainerState(step=2), {"a": 2})
+        assert (tmp_path / "latest").read_text().strip() == "step-0000001"
+    # what a SIGKILL could leave: a temp dir and a published-looking dir without its state file
+    (tmp_path / ".tmp-step-0000009-dead").mkdir()
+    (tmp_path / ".tmp-step-0000009-dead" / "model.safetensors").write_bytes(b"partial")
+    (tmp_path / "step-0000009").mkdir()
+    (tmp_path / "step-0000009" / "model.safetensors").write_bytes(b"partial")
+
+    latest = ckpt.load_latest(tmp_path)
+    assert latest.path == saved and latest.state.step == 1 and latest.recipe == {"a": 1}
+    fresh, _, _ = _tiny_state()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    ckpt.load_model_weights(fresh, latest.path)
+    assert all(torch.equal(fresh.state_dict()[k], before[k]) for k in before)
+    ckpt.clean_stale(tmp_path)
+    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+
+
+def test_failure_during_training_save_then_resume(reference, tmp_path, monkeypatch):
+    """A crash inside the step-6 save leaves step 3 as latest; resuming reproduces the reference run."""
+    run_dir = tmp_path / "run"
+    real = ckpt.save_model
+    calls = []
+
+    def flaky(model, filename, *args, **kwargs):
+        calls.append(filename)
+        real(model, filename, *args, **kwargs)
+        if len(calls) == 2:
+            raise RuntimeError("killed while saving")
+
+    monkeypatch.setattr(ckpt, "save_model", flaky)
+    with pytest.raises(RuntimeError, match="killed"):
+        loop.train(tiny_recipe(), run_dir, progress=False)
+    monkeypatch.setattr(ckpt, "save_model", real)
+    assert (run_dir / "latest").read_text().strip() == "step-0000003"
+    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step-0000003"]
+    assert not (run_dir / "final").exists()
+    resumed = loop.train(tiny_recipe(), run_dir, resume=True, progress=False)
+    assert train_losses(resumed.metrics) == train_losses(reference.metrics)
+
+
+def test_keep_last_pruning(tmp_path):
+    model, optimizer, scheduler = _tiny_state()
+    for step in (1, 2, 3, 4):
+        ckpt.save_checkpoint(tmp_path, model, optimizer, scheduler, ckpt.TrainerState(step=step), {}, keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-0000003", "step-0000004"]
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-0000004"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-0000003", "step-0000004"]
+
+
+# ------------------------------------------------------------- optimizer, schedule
+
+
+def test_parameter_groups():
+    config = BMojoConfig(**{**TINY_MODEL, "vocab_size": 32, "layer_pattern": "MBF", "num_hidden_layers": 3})
+    model = BMojoForCausalLM(config)
+    mamba1 = BMojoForCausalLM(BMojoConfig(**{**TINY_MODEL, "vocab_size": 32, "ssm_mixer": "mamba1"}))
+    for m in (model, mamba1):
+        decay, no_decay = parameter_groups(m, 0.1)
+        names = dict(m.named_parameters())
+        assert sorted(decay["names"] + no_decay["names"]) == sorted(names)
+        assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+        for name in no_decay["names"]:
+            assert names[name].ndim == 1 or name.endswith(("A_log", ".D", "dt_bias")), name
+        for name in decay["names"]:
+            assert names[name].ndim >= 2 and not name.endswith(("A_log", ".D", "dt_bias")), name
+        assert any(n.endswith("mixer_norm.weight") for n in no_decay["names"])
+        assert any(n.endswith("embed_tokens.weight") for n in decay["names"])
+        assert all(any(n.endswith(s) for n in no_decay["names"]) for s in ("A_log", ".D", "dt_bias"))
+    a_log = [n for n in parameter_groups(mamba1, 0.1)[1]["names"] if n.endswith("A_log")]
+    assert a_log and all(dict(mamba1.named_parameters())[n].ndim == 2 for n in a_log)  # 2-D, still no decay
+    optimizer = build_optimizer(model, 1e-3, 0.1)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert optimizer.defaults["foreach"] is False
+
+
+def test_warmup_cosine_schedule():
+    w, total, low = 10, 110, 0.1
+    expected = {0: 0.1, 4: 0.5, 9: 1.0, 10: 1.0, 60: 0.55, 35: low + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)),
+                110: 0.1, 500: 0.1}
+    for step, value in expected.items():
+        assert lr_factor(step, w, total, low) == pytest.approx(value, abs=1e-12), step
+    assert lr_factor(0, 0, 10, 0.0) == 1.0
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(model, 2e-3, 0.0)
+    scheduler = build_scheduler(optimizer, w, total, low)
+    lrs = []
+    for _ in range(61):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(2e-4) and lrs[9] == pytest.approx(2e-3) and lrs[60] == pytest.approx(1.1e-3)
+
+
+def test_data_order_is_resumable():
+    order = loop.DataOrder(10, 3, seed=5)
+    batches = [order.next() for _ in range(7)]  # 3 per epoch: crosses two epoch boundaries
+    again = loop.DataOrder(10, 3, seed=5, epoch=1, position=1)
+    assert [again.next() for _ in range(3)] == batches[4:7]
+    assert len(set(sum(batches[:3], []))) == 9  # one epoch: 9 distinct indices, the 10th dropped
+    assert batches[:3] != batches[3:6]  # a fresh permutation per epoch
+
+
+# ------------------------------------------------------------------ eval, generate
+
+
+def test_eval_perplexity_and_recall(reference):
+    trained = ckpt.load_trained(reference.run_dir)
+    assert trained.source.name == "final"
+    _, eval_data = build_datasets(Recipe.from_dict(trained.recipe))
+    result = evaluate(trained.model, eval_data, batch_size=4, max_batches=3, mqar=True)
+    batch = eval_data[:12]
+    with torch.no_grad():
+        logits = trained.model(batch["input_ids"]).logits
+    logp = F.log_softmax(logits[:, :-1].double(), dim=-1)
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    nll = -logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask]
+    assert result["tokens"] == int(mask.sum())
+    assert result["loss"] == pytest.approx(nll.mean().item(), rel=1e-6)
+    assert result["perplexity"] == pytest.approx(math.exp(nll.mean().item()), rel=1e-6)
+    assert result["accuracy"] == pytest.approx(mqar_accuracy(logits, batch["labels"]))
+    # the trainer's final eval (eval.batches = 2, batch 4) is the same computation
+    final = evaluate(trained.model, eval_data, batch_size=4, max_batches=2, mqar=True)
+    assert final["loss"] == pytest.approx(reference.final_eval["loss"], rel=1e-6)
+
+
+def test_repack_joins_consecutive_blocks():
+    ids = torch.arange(40).reshape(5, 8)
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
+    packed = repack(data, 2)
+    assert packed["input_ids"].shape == (2, 16)
+    assert torch.equal(packed["input_ids"].reshape(-1), torch.arange(32))
+    assert repack(data, 8) is None
+
+
+def test_greedy_generate_equals_argmax_loop(reference):
+    trained = ckpt.load_trained(reference.run_dir / "step-0000006")  # a checkpoint dir works too
+    prompt = "\x05\x09\x11\x02"  # byte ids 5, 9, 17, 2: inside this model's vocabulary of 32
+    new, text = generate_text(trained, prompt, max_new_tokens=6, greedy=True)
+    ids = torch.tensor([[5, 9, 17, 2]])
+    expected = []
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = int(trained.model(ids).logits[0, -1].argmax())
+            expected.append(nxt)
+            if nxt == 0:  # the byte tokenizer's eos stops generation
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    assert new == expected
+    assert text == bytes(expected).decode("utf-8", errors="replace")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_eval_generate(tmp_path, capsys):
+    out = tmp_path / "runs"
+    model = [f"model.{k}={v}" for k, v in TINY_MODEL.items() if k not in ("layer_pattern", "num_hidden_layers")]
+    args = ["train", "cpu-tiny", *model, "model.num_hidden_layers=2", "model.layer_pattern=BB",
+            "data.train_examples=32", "data.eval_examples=8", "train.steps=2", "train.batch_size=4",
+            "train.log_every=1", "eval.every=1", "eval.batches=1", "eval.length_multipliers=[1,2]",
+            "checkpoint.every=1", "checkpoint.keep_last=1", "optim.warmup_steps=1",
+            "--output-dir", str(out), "--no-progress"]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "parameters" in printed and "chance" in printed and "recall" in printed
+    runs = [p for p in out.iterdir() if p.is_dir()]
+    assert len(runs) == 2  # cpu-tiny trains B'MOJO and its `compare` baseline
+    for run in runs:
+        assert (run / "metrics.jsonl").is_file() and (run / "training.png").stat().st_size > 0
+        assert (run / "length_eval.png").is_file()
+        assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-0000002"]  # keep_last=1
+        assert (run / "final" / "config.json").is_file() and (run / "final" / "model.safetensors").is_file()
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if r["type"] == "train"] == [1, 2]
+    assert (out / "summary.txt").read_text().count("\n") == 4
+
+    run = runs[0]
+    assert cli.main(["eval", str(run), "--lengths", "1,2", "--batches", "1", "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "recall" in table and (run / "eval" / "length_eval.png").is_file()
+    rows = json.loads((run / "eval" / "length_eval.json").read_text())
+    assert [r["seq_len"] for r in rows] == [64, 128]
+    assert cli.main(["generate", str(run), "--prompt", "\x05\x06", "--max-new-tokens", "3", "--greedy"]) == 0
+    assert capsys.readouterr().out.startswith("\x05\x06")
+    assert cli.main(["generate", str(run), "--prompt", "x", "--temperature", "0"]) == 2  # clear error
