@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -23,10 +22,7 @@ from transformers.utils import ModelOutput
 from .cache_bmojo import AttentionLayerCache, BMojoCache
 from .configuration_bmojo import BMojoConfig
 from .layers.decoder import BMojoDecoderLayer
-from .layers.factory import get_layer_factory
-from .layers.norms import RMSNorm
-
-IGNORE_INDEX = -100
+from .layers.factory import LayerFactory, get_layer_factory
 
 
 @dataclass
@@ -89,9 +85,10 @@ class BMojoModel(BMojoPreTrainedModel):
 
     def __init__(self, config: BMojoConfig) -> None:
         super().__init__(config)
-        self.embed_tokens = get_layer_factory().embedding(config.vocab_size, config.hidden_size)
+        self.factory = get_layer_factory()
+        self.embed_tokens = self.factory.embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(BMojoDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = self.factory.norm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -116,6 +113,10 @@ class BMojoModel(BMojoPreTrainedModel):
             raise ValueError("BMojoModel: pass exactly one of input_ids or inputs_embeds")
         _check_no_padding(attention_mask)
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.factory.sequence_parallel:
+            if cache is not None or use_cache:
+                raise ValueError("BMojoModel: decoding with a cache is not supported under sequence parallelism")
+            hidden = self.factory.scatter_sequence(hidden)
         if use_cache and cache is None:
             cache = BMojoCache(self.config.num_hidden_layers)
         start = cache.seen_tokens if cache is not None else 0
@@ -133,7 +134,7 @@ class BMojoModel(BMojoPreTrainedModel):
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden,)
         if cache is not None:
-            cache.seen_tokens += hidden.shape[1]
+            cache.seen_tokens += hidden.shape[1]  # no sequence parallelism here (checked above)
 
         innovation = torch.stack(innovations).mean() if innovations else None
         output = BMojoModelOutput(hidden, cache, all_hidden, innovation)
@@ -156,8 +157,11 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: BMojoConfig) -> None:
         super().__init__(config)
+        self.factory = get_layer_factory()
         self.model = BMojoModel(config)
-        self.lm_head = get_layer_factory().column_linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.vocab_size % self.factory.tp_size:
+            raise ValueError(f"vocab_size ({config.vocab_size}) must be divisible by the tensor-parallel size ({self.factory.tp_size})")
+        self.lm_head = self.factory.column_linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -198,17 +202,19 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
             attention_mask=attention_mask,
         )
         hidden = outputs.last_hidden_state
-        if logits_to_keep:
+        if logits_to_keep and not self.factory.sequence_parallel:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # this rank's vocabulary shard (all of it on one device)
 
         aux_loss = None
         if outputs.innovation is not None:
             aux_loss = self.config.innovation_loss_weight * outputs.innovation
         lm_loss = loss = None
         if labels is not None:
-            lm_loss = causal_lm_loss(logits, labels)
+            lm_loss = causal_lm_loss(logits, labels, self.factory)
             loss = lm_loss if aux_loss is None else lm_loss + aux_loss
+        logits = self.factory.gather_vocab(logits)
         output = BMojoCausalLMOutput(loss, logits, lm_loss, aux_loss, outputs.cache, outputs.hidden_states)
         return output if return_dict is not False else output.to_tuple()
 
@@ -249,10 +255,13 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         return model_kwargs
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy: position t predicts labels[t + 1]; -100 is ignored."""
+def causal_lm_loss(logits: Tensor, labels: Tensor, factory: LayerFactory) -> Tensor:
+    """Mean next-token cross-entropy: position t predicts labels[t + 1]; -100 is ignored.
+
+    `logits` may be a vocabulary shard: the factory's cross-entropy combines the shards.
+    """
     shifted = labels[:, 1:].reshape(-1).to(logits.device)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted, ignore_index=IGNORE_INDEX)
+    return factory.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted)
 
 
 def _check_no_padding(attention_mask: Tensor | None) -> None:

@@ -3,14 +3,13 @@
     from nki_kernels.compat import nki, nl, nisa, NKI_AVAILABLE
 
 `nki`, `nl` (`nki.language`) and `nisa` (`nki.isa`) are the real modules when the
-Neuron SDK's `nki` 0.2.x imports, otherwise None, with `NKI_UNAVAILABLE_REASON`
-saying why (not installed, the PyPI placeholder "WRONG PACKAGE", another version).
-NKI 0.3.0 broke compatibility with 0.2.0, so another version counts as unavailable
-until this module learns the differences.
-
-The CPU emulator of the `nki`/`nl`/`nisa` subset our kernels use arrives with the
-kernels issue; from then on it is returned here when the real NKI is absent, and
-these names are never None.
+Neuron SDK's `nki` 0.2.x imports (`NKI_AVAILABLE`), otherwise the project's CPU
+emulator (`nki_kernels.emulator`), so kernels always import and run; `NKI_IMPLEMENTATION`
+says which ("nki" or "emulator") and `NKI_UNAVAILABLE_REASON` why the real one is not
+used (not installed, the PyPI placeholder "WRONG PACKAGE", another version). NKI 0.3.0
+broke compatibility with 0.2.0, so another version counts as unavailable until this
+module learns the differences. `emulator()` always returns the emulator's
+(nki, nl, nisa), for the `nki-sim` backend even where the real NKI exists.
 """
 
 from __future__ import annotations
@@ -47,7 +46,20 @@ def _probe() -> tuple[ModuleType | None, ModuleType | None, ModuleType | None, s
     return _nki, _nl, _nisa, None
 
 
+def emulator() -> tuple[ModuleType, ModuleType, ModuleType]:
+    """The CPU emulator's (nki, nl, nisa)."""
+    from nki_kernels.emulator import nisa as _enisa
+    from nki_kernels.emulator import nki as _enki
+    from nki_kernels.emulator import nl as _enl
+
+    return _enki, _enl, _enisa
+
+
 nki, nl, nisa, NKI_UNAVAILABLE_REASON = _probe()
 NKI_AVAILABLE: bool = nki is not None
+NKI_IMPLEMENTATION: str = "nki" if NKI_AVAILABLE else "emulator"
+if not NKI_AVAILABLE:
+    nki, nl, nisa = emulator()
 
-__all__ = ["NKI_AVAILABLE", "NKI_UNAVAILABLE_REASON", "SUPPORTED_NKI", "nisa", "nki", "nl"]
+__all__ = ["NKI_AVAILABLE", "NKI_IMPLEMENTATION", "NKI_UNAVAILABLE_REASON", "SUPPORTED_NKI", "emulator", "nisa",
+           "nki", "nl"]

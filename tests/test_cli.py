@@ -207,11 +207,14 @@ def test_other_import_errors_do_not_escape(fake_packages):
         neuron.import_neuron_module("neuronx_distributed.parallel_layers", "tensor parallelism")
 
 
-def test_nki_compat_without_nki():
+def test_nki_compat_falls_back_to_the_emulator_without_nki():
     if importlib.util.find_spec("nki") is not None:
         pytest.skip("an nki package is installed")
+    from nki_kernels import emulator
+
     assert compat.NKI_AVAILABLE is False
-    assert compat.nki is None and compat.nl is None and compat.nisa is None
+    assert compat.NKI_IMPLEMENTATION == "emulator"
+    assert compat.nisa is emulator.isa and compat.nl is emulator.language
     assert "not installed" in compat.NKI_UNAVAILABLE_REASON
 
 

@@ -254,13 +254,13 @@ def test_linears_come_from_factory_and_gradients_flow(name):
     calls = []
 
     class Recording(LayerFactory):
-        def column_linear(self, i, o, bias=False):
+        def column_linear(self, i, o, bias=False, sequence_parallel=True):
             calls.append(("column", i, o))
-            return super().column_linear(i, o, bias)
+            return super().column_linear(i, o, bias, sequence_parallel)
 
-        def row_linear(self, i, o, bias=False):
+        def row_linear(self, i, o, bias=False, sequence_parallel=True):
             calls.append(("row", i, o))
-            return super().row_linear(i, o, bias)
+            return super().row_linear(i, o, bias, sequence_parallel)
 
         def replicated_linear(self, i, o, bias=False):
             calls.append(("replicated", i, o))

@@ -255,6 +255,32 @@ def test_repack_joins_consecutive_blocks():
     assert repack(data, 8) is None
 
 
+def test_text_length_generalisation_skips_short_data(reference):
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from bmojo_neuron.training.evaluate import format_length_table, length_generalisation
+
+    ids = torch.randint(0, 32, (3, 16), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
+    model = ckpt.load_trained(reference.run_dir).model
+    rows = length_generalisation(model, SimpleNamespace(data=SimpleNamespace(kind="text")), data, [1, 2, 4], 2)
+    assert [(r.seq_len, r.sequences, r.skipped is None) for r in rows] == [(16, 3, True), (32, 1, True),
+                                                                           (64, 0, False)]
+    whole = evaluate(model, {"input_ids": ids[:2].reshape(1, 32), "labels": ids[:2].reshape(1, 32)}, 1)
+    assert rows[1].loss == pytest.approx(whole["loss"], rel=1e-6)
+    assert "skipped: only 3 eval blocks, need 4" in format_length_table(rows)
+
+
+def test_bf16_activation_checkpointing_smoke(tmp_path):
+    recipe = tiny_recipe(**{"train.precision": "bf16", "train.activation_checkpointing": True, "train.steps": 2,
+                            "eval.batches": 1})
+    result = loop.train(recipe, tmp_path, progress=False)
+    assert all(math.isfinite(r["loss"]) for r in result.metrics if r["type"] == "train")
+    assert result.final_dir is not None and math.isfinite(result.final_eval["loss"])
+
+
 def test_greedy_generate_equals_argmax_loop(reference):
     trained = ckpt.load_trained(reference.run_dir / "step-0000006")  # a checkpoint dir works too
     prompt = "\x05\x09\x11\x02"  # byte ids 5, 9, 17, 2: inside this model's vocabulary of 32
@@ -306,3 +332,5 @@ def test_cli_train_eval_generate(tmp_path, capsys):
     assert cli.main(["generate", str(run), "--prompt", "\x05\x06", "--max-new-tokens", "3", "--greedy"]) == 0
     assert capsys.readouterr().out.startswith("\x05\x06")
     assert cli.main(["generate", str(run), "--prompt", "x", "--temperature", "0"]) == 2  # clear error
+    assert cli.main(args) == 2  # the same output dir again, without --resume: refused before any training
+    assert "already holds a run" in capsys.readouterr().err

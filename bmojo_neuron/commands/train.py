@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def plan_runs(recipe: Any, output_dir: str | None) -> list[tuple[Any, Path]]:
         return [(recipe, base)]
     runs = []
     for name, overrides in variants:
-        variant = recipe.with_overrides({"run.name": name, **overrides})
+        variant = recipe.with_overrides({"run.name": name, "run.output_dir": str(base / name), **overrides})
         runs.append((variant, base / name))
     return runs
 
@@ -75,7 +76,8 @@ def describe(recipe: Any, params: int, run_dir: Path) -> str:
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
     from bmojo_neuron.recipes import count_parameters, load_recipe
-    from bmojo_neuron.training.loop import format_seconds, train
+    from bmojo_neuron.training.checkpoint import latest_checkpoint
+    from bmojo_neuron.training.loop import check_recipe, format_seconds, has_run, train
 
     name, overrides = args.recipe, list(args.overrides)
     if name is not None and "=" in name:  # `bmojo-neuron train train.steps=5`: no recipe given
@@ -83,11 +85,20 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(name, overrides)
     runs = plan_runs(recipe, args.output_dir)
     for variant, run_dir in runs:  # check every run before the first long one starts
-        variant.model_config()
+        check_recipe(variant)
+        if not args.resume and has_run(run_dir):
+            raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, or pick another "
+                             "--output-dir")
     rows = []
     for variant, run_dir in runs:
         print(describe(variant, count_parameters(variant), run_dir), flush=True)
-        result = train(variant, run_dir, resume=args.resume, progress=not args.no_progress)
+        try:
+            result = train(variant, run_dir, resume=args.resume, progress=not args.no_progress)
+        except KeyboardInterrupt:
+            latest = latest_checkpoint(run_dir)
+            saved = f"its latest checkpoint is {latest.name}" if latest else "it has no checkpoint yet"
+            print(f"\n{variant.run.name} interrupted; {saved}: continue with --resume", file=sys.stderr)
+            raise
         d = variant.data
         rows.append({
             "model": variant.run.name,

@@ -218,8 +218,12 @@ def _documents(source: str, kind: str, text_column: str) -> Dataset:
         try:
             docs = load_dataset(source, split="train")
         except Exception as err:  # noqa: BLE001 - datasets raises many types; report them all the same way
-            hint = "a hub dataset name" if kind == "hub" else "a folder datasets.load_dataset can read"
-            raise FileNotFoundError(f"data.path {source}: not a local file/folder and not {hint}: {err}") from None
+            if kind == "hub":
+                raise FileNotFoundError(f"data.path {source}: not a local path, nor a hub dataset: {err}") from None
+            raise ValueError(
+                f"data.path {source}: no .txt/.md/.jsonl files in this folder, and datasets.load_dataset "
+                f"cannot read it either: {err}"
+            ) from None
     if hasattr(docs, "keys"):  # DatasetDict: prefer train
         docs = docs["train"] if "train" in docs else docs[next(iter(docs))]
     if text_column not in docs.column_names:
@@ -257,7 +261,9 @@ def _load_packed(source: str, block_size: int) -> DatasetDict:
     packed = load_from_disk(source)
     length = len(packed["train"][0]["input_ids"])
     if length != block_size:
-        raise ValueError(f"data.path {source}: holds packed blocks of {length} tokens but data.block_size is {block_size}")
+        raise ValueError(
+            f"data.path {source}: holds packed blocks of {length} tokens but data.block_size is {block_size}"
+        )
     return packed
 
 

@@ -36,8 +36,13 @@ class BMojoAttention(nn.Module):
         self.kind = config.layer_kind(layer_idx)
         if self.kind not in "BFSA":
             raise ValueError(f"BMojoAttention cannot build layer kind {self.kind!r}")
-        self.q_heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
+        layers = self.factory = get_layer_factory()
+        for name in ("num_attention_heads", "num_key_value_heads"):
+            if getattr(config, name) % layers.tp_size:
+                raise ValueError(f"{name} ({getattr(config, name)}) must be divisible by the tensor-parallel size ({layers.tp_size})")
+        self.q_heads = config.num_attention_heads // layers.tp_size  # heads on this rank
+        self.kv_heads = config.num_key_value_heads // layers.tp_size
+        self.kv_width = config.num_key_value_heads * config.head_dim  # innovation averages over all ranks' heads
         self.head_dim = config.head_dim
         self.window = config.window_size
         self.fading_window = config.fading_window if self.kind in "BF" else 0
@@ -47,23 +52,23 @@ class BMojoAttention(nn.Module):
         self.decay = config.memory_decay
         self.lag = config.memory_lag
 
-        layers = get_layer_factory()
         hidden, bias = config.hidden_size, config.attention_bias
-        self.q_proj = layers.column_linear(hidden, self.q_heads * self.head_dim, bias=bias)
-        self.k_proj = layers.column_linear(hidden, self.kv_heads * self.head_dim, bias=bias)
-        self.v_proj = layers.column_linear(hidden, self.kv_heads * self.head_dim, bias=bias)
-        self.o_proj = layers.row_linear(self.q_heads * self.head_dim, hidden, bias=bias)
+        q_width, kv_width = config.num_attention_heads * self.head_dim, self.kv_width
+        self.q_proj = layers.column_linear(hidden, q_width, bias=bias)
+        self.k_proj = layers.column_linear(hidden, kv_width, bias=bias)
+        self.v_proj = layers.column_linear(hidden, kv_width, bias=bias)
+        self.o_proj = layers.row_linear(q_width, hidden, bias=bias)
         self.rotary = RotaryEmbedding(self.head_dim, config.rope_theta)
 
         needs_ssm = self.fading_window > 0 or self.memory_size > 0
         self.ssm = build_ssm_mixer(config, layer_idx) if needs_ssm else None
         self.tie_fading = config.tie_fading_projections
         if self.fading_window > 0 and not self.tie_fading:
-            self.k_fading_proj = layers.column_linear(hidden, self.kv_heads * self.head_dim, bias=bias)
-            self.v_fading_proj = layers.column_linear(hidden, self.kv_heads * self.head_dim, bias=bias)
+            self.k_fading_proj = layers.column_linear(hidden, kv_width, bias=bias)
+            self.v_fading_proj = layers.column_linear(hidden, kv_width, bias=bias)
         if self.memory_size > 0:
-            # K_hat_t = P(S_{t-1}); sharded by kv head like k_proj.
-            self.innovation_proj = layers.column_linear(hidden, self.kv_heads * self.head_dim, bias=False)
+            # K_hat_t = P(S_{t-1}); sharded by kv head like k_proj. No bias, so P(0) = 0.
+            self.innovation_proj = layers.column_linear(hidden, kv_width, bias=False)
 
     # ------------------------------------------------------------------ helpers
     def _heads(self, x: Tensor, heads: int) -> Tensor:
@@ -81,14 +86,16 @@ class BMojoAttention(nn.Module):
         v_proj = self.v_proj if self.tie_fading else self.v_fading_proj
         return self._heads(k_proj(s), self.kv_heads), self._heads(v_proj(s), self.kv_heads)
 
-    def _innovation(self, k_raw: Tensor, s_prev: Tensor) -> Tensor:
-        """Innovation (batch, L) against the prediction from the previous SSM outputs (batch, L, d).
+    def _innovation(self, k_raw: Tensor, k_hat: Tensor) -> Tensor:
+        """Innovation (batch, L) of keys against their predictions (both (batch, L, local kv heads * D)).
 
-        Both the target and the predictor's input are detached: the auxiliary loss
-        trains only the predictor (docs/design.md, "Innovation").
+        The target is detached (and the predictor reads a detached S): the auxiliary
+        loss trains only the predictor (docs/design.md). Under tensor parallelism each
+        rank holds some kv heads, so the squared errors are summed over ranks before
+        anything is picked: every rank then selects the same tokens.
         """
-        k_hat = self._heads(self.innovation_proj(s_prev.detach()), self.kv_heads)
-        return innovation_scores(k_raw.detach(), k_hat)
+        local = innovation_scores(k_raw.detach(), self._heads(k_hat, self.kv_heads))
+        return self.factory.all_reduce(local * (self.kv_heads * self.head_dim)) / self.kv_width
 
     def _memory_rotation(self, chunk_index: Tensor) -> Tensor:
         """Position at which chunk j reads its memory keys: max(0, j*c - w - w_f)."""
@@ -109,9 +116,10 @@ class BMojoAttention(nn.Module):
         return self._forward_parallel(x, cache)
 
     def _forward_parallel(self, x: Tensor, cache: AttentionLayerCache | None) -> tuple[Tensor, Tensor | None]:
-        batch, length, _ = x.shape
+        q = self.q_proj(x)  # the whole sequence, even when x is a sequence-parallel shard
+        batch, length, _ = q.shape
         positions = torch.arange(length, device=x.device)
-        q = self._rotate(self._heads(self.q_proj(x), self.q_heads).transpose(1, 2), positions)
+        q = self._rotate(self._heads(q, self.q_heads).transpose(1, 2), positions)
         k_raw = self._heads(self.k_proj(x), self.kv_heads)
         v = self._heads(self.v_proj(x), self.kv_heads)
         k = self._rotate(k_raw.transpose(1, 2), positions)
@@ -141,8 +149,9 @@ class BMojoAttention(nn.Module):
         memory_states: list[MemoryState] = []
         innovation = None
         if self.memory_size > 0:
-            s_prev = F.pad(s, (0, 0, 1, 0))[:, :-1]  # S_{t-1}, zero before the first token
-            innovation = self._innovation(k_raw, s_prev)
+            # K_hat_t = P(S_{t-1}), zero at t = 0; P is linear, so shift its output.
+            k_hat = F.pad(self.innovation_proj(s.detach()), (0, 0, 1, 0))[:, :-1]
+            innovation = self._innovation(k_raw, k_hat)
             mean_innovation = innovation.mean()
             memory_states = memory_after_each_chunk(
                 k_raw, v, innovation.detach(),
@@ -220,7 +229,7 @@ class BMojoAttention(nn.Module):
 
         if self.memory_size > 0:
             self._read_memory(cache, position, k_raw, keys, values, valid)
-            innovation = self._innovation(k_raw, cache.prev_ssm_out[:, None])
+            innovation = self._innovation(k_raw, self.innovation_proj(cache.prev_ssm_out[:, None]))
             self._advance_memory(cache, position, k_raw, v, innovation)
         if s is not None:
             cache.prev_ssm_out = s[:, -1]

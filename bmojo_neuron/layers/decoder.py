@@ -8,7 +8,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from ..configuration_bmojo import BMojoConfig
 from .attention import BMojoAttention
 from .mlp import SwiGLU
-from .norms import RMSNorm
+from .factory import get_layer_factory
 from .ssm import build_ssm_mixer
 
 RESIDUAL_OUTPUTS = ("o_proj", "out_proj", "down_proj")  # scaled down at init (GPT-2 scheme)
@@ -20,11 +20,12 @@ class BMojoDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: BMojoConfig, layer_idx: int) -> None:
         super().__init__()
         self.kind = config.layer_kind(layer_idx)
-        self.mixer_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        layers = get_layer_factory()
+        self.mixer_norm = layers.norm(config.hidden_size, eps=config.rms_norm_eps)
         self.mixer = build_ssm_mixer(config, layer_idx) if self.kind == "M" else BMojoAttention(config, layer_idx)
         self.mlp_norm = self.mlp = None
         if config.intermediate_size > 0:
-            self.mlp_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp_norm = layers.norm(config.hidden_size, eps=config.rms_norm_eps)
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
         for name, module in self.named_modules():
             if name.endswith(RESIDUAL_OUTPUTS):

@@ -54,7 +54,7 @@ class Mamba1Mixer(nn.Module):
 
     def __init__(self, config: BMojoConfig, layer_idx: int | None = None) -> None:
         super().__init__()
-        factory = get_layer_factory()
+        factory = self.factory = get_layer_factory()
         self.config = config
         self.layer_idx = layer_idx
         self.tp_size = factory.tp_size
@@ -71,8 +71,9 @@ class Mamba1Mixer(nn.Module):
         self.in_proj_x = factory.column_linear(d, d_inner, bias=bias)
         self.in_proj_z = factory.column_linear(d, d_inner, bias=bias)
         self.conv_x = depthwise_conv(self.d_inner_local, self.conv_kernel, config.ssm_conv_bias)
-        self.x_proj = factory.row_linear(d_inner, self.dt_rank + 2 * self.state_size, bias=False)
-        self.dt_proj = factory.column_linear(self.dt_rank, d_inner, bias=False)
+        # x_proj and dt_proj work inside the mixer on the whole sequence: never sequence-sharded.
+        self.x_proj = factory.row_linear(d_inner, self.dt_rank + 2 * self.state_size, bias=False, sequence_parallel=False)
+        self.dt_proj = factory.column_linear(self.dt_rank, d_inner, bias=False, sequence_parallel=False)
         self.dt_bias = nn.Parameter(torch.empty(self.d_inner_local))
         self.A_log = nn.Parameter(torch.empty(self.d_inner_local, self.state_size))
         self.D = nn.Parameter(torch.empty(self.d_inner_local))
@@ -111,7 +112,9 @@ class Mamba1Mixer(nn.Module):
         return SSMState(conv_states={"x": conv}, ssm_state=ssm, seen_tokens=0)
 
     def _dt_b_c(self, x_dbl: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        dt_low, B, C = torch.split(x_dbl, [self.dt_rank, self.state_size, self.state_size], dim=-1)
+        """dt for this rank's channels, and B, C (shared by every rank's channels)."""
+        dt_low, bc = torch.split(x_dbl, [self.dt_rank, 2 * self.state_size], dim=-1)
+        B, C = self.factory.share_across_tp(bc).chunk(2, dim=-1)
         return self.dt_proj(dt_low), B, C
 
     def forward(self, hidden_states: Tensor, state: SSMState | None = None) -> Tensor:

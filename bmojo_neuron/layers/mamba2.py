@@ -119,8 +119,8 @@ class Mamba2Mixer(nn.Module):
         """
         if state is not None and hidden_states.shape[1] == 1:
             return self._step(hidden_states, state)
-        batch, length, _ = hidden_states.shape
         z = self.in_proj_z(hidden_states)
+        batch, length, _ = z.shape  # whole sequence (the input may be a sequence-parallel shard)
         x = self.in_proj_x(hidden_states).transpose(1, 2)  # (batch, channels, L) for the conv
         bc = self.in_proj_bc(hidden_states).transpose(1, 2)
         dt = self.in_proj_dt(hidden_states)  # (batch, L, H)

@@ -39,20 +39,41 @@ def _torch_impls() -> dict:
 
 
 def _nki_availability() -> tuple[bool, str]:
+    """The real kernels need the Neuron SDK and NKI 0.2 (never imported unless installed)."""
     from bmojo_neuron.neuron import INSTALL_COMMAND, is_neuron_available
 
     if not is_neuron_available():
         return False, f"the Neuron SDK is not installed ({INSTALL_COMMAND} on a Trn1 instance)"
-    return False, "the NKI kernels are not written yet (NKI kernel issues)"
+    from nki_kernels import compat
+
+    if not compat.NKI_AVAILABLE:
+        return False, f"NKI 0.2 is not usable: {compat.NKI_UNAVAILABLE_REASON}"
+    return True, "NKI kernels on Trainium (selective_scan, ssd_scan; XLA tensors)"
 
 
-def _unloadable() -> dict:
-    raise AssertionError("an unavailable backend was loaded")
+def _nki_sim_availability() -> tuple[bool, str]:
+    try:
+        import nki_kernels.emulator  # noqa: F401
+    except Exception as exc:  # e.g. ml_dtypes missing
+        return False, f"the NKI emulator failed to import ({type(exc).__name__}: {exc})"
+    return True, "NKI kernels on CPU through the emulator (selective_scan, ssd_scan; slow, exact)"
+
+
+def _nki_impls() -> dict:
+    from nki_kernels.torch_bridge import device_ops
+
+    return device_ops()
+
+
+def _nki_sim_impls() -> dict:
+    from nki_kernels.torch_bridge import emulator_ops
+
+    return emulator_ops()
 
 
 register_backend("torch", lambda: (True, "reference implementation"), _torch_impls)
-register_backend("nki", _nki_availability, _unloadable)
-register_backend("nki-sim", lambda: (False, "the NKI emulator and kernels are not written yet (NKI kernel issues)"), _unloadable)
+register_backend("nki", _nki_availability, _nki_impls)
+register_backend("nki-sim", _nki_sim_availability, _nki_sim_impls)
 
 __all__ = [
     "available_backends",

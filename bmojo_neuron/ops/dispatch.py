@@ -62,11 +62,17 @@ def get_backend(op: str = "selective_scan") -> str:
     return _active[op]
 
 
-def set_backend(name: str, ops: Sequence[str] = OP_NAMES) -> None:
-    """Route `ops` (default: all) to backend `name`; raises ValueError if it cannot run here."""
+def set_backend(name: str, ops: Sequence[str] | None = None) -> None:
+    """Route `ops` to backend `name`; raises ValueError if it cannot run here.
+
+    With no `ops`, every op the backend implements is routed to it (the others keep
+    their backend); an op named explicitly that the backend lacks raises ValueError.
+    """
     if name not in _BACKENDS:
         raise ValueError(f"unknown ops backend {name!r}; choose one of {sorted(_BACKENDS)}")
     impls = _BACKENDS[name].impls()
+    if ops is None:
+        ops = [op for op in OP_NAMES if op in impls]
     for op in ops:
         _check_op(op)
         if op not in impls:
@@ -75,15 +81,14 @@ def set_backend(name: str, ops: Sequence[str] = OP_NAMES) -> None:
 
 
 @contextlib.contextmanager
-def use_backend(name: str, ops: Sequence[str] = OP_NAMES) -> Iterator[None]:
-    """Run the block with `ops` routed to backend `name`."""
-    previous = {op: get_backend(op) for op in ops}
+def use_backend(name: str, ops: Sequence[str] | None = None) -> Iterator[None]:
+    """Run the block with `ops` (default: all the backend implements) routed to backend `name`."""
+    previous = {op: get_backend(op) for op in OP_NAMES}
     set_backend(name, ops)
     try:
         yield
     finally:
-        for op, backend in previous.items():
-            _active[op] = backend
+        _active.update(previous)
 
 
 def resolve(op: str) -> Callable:

@@ -270,8 +270,12 @@ def export_final(
     run_dir: str | Path, model: nn.Module, recipe: dict[str, Any], tokenizer: str, metrics: dict[str, Any]
 ) -> Path:
     """Atomically write ``<run_dir>/final``: `save_pretrained` + the run info (tokenizer, recipe, metrics)."""
+    from transformers.utils import logging as hf_logging
+
     run_dir = Path(run_dir)
     tmp = new_tmp_dir(run_dir, FINAL)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar for a one-file model
     try:
         model.save_pretrained(str(tmp))
         info = {"tokenizer": tokenizer, "recipe": recipe, "final_metrics": metrics}
@@ -281,6 +285,9 @@ def export_final(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return run_dir / FINAL
 
 

@@ -53,7 +53,7 @@ def evaluate(
     nll, tokens, correct = 0.0, 0, 0.0
     try:
         for start in starts:
-            batch = dataset[start : start + batch_size]
+            batch = _rows(dataset, start, start + batch_size)
             input_ids = batch["input_ids"].to(device)
             labels = batch["labels"].to(device)
             with autocast(device, precision):
@@ -78,6 +78,12 @@ def evaluate(
     if mqar:
         result["accuracy"] = correct / tokens
     return result
+
+
+def _rows(dataset: Any, start: int, stop: int) -> dict[str, torch.Tensor]:
+    if isinstance(dataset, dict):
+        return {key: value[start:stop] for key, value in dataset.items()}
+    return dataset[start:stop]
 
 
 # ---------------------------------------------------------------- length generalisation

@@ -1,8 +1,8 @@
 """The trainer: one readable loop from a `Recipe` to checkpoints, metrics and a final export.
 
 Determinism: the model is initialised under ``run.seed``; the data order is a
-permutation of the training set per epoch drawn from its own generator seeded with
-``seed + epoch``, so the next batch is fully given by ``(epoch, position)``.
+permutation of the training set per epoch drawn from its own generator seeded from
+``(seed, epoch)``, so the next batch is fully given by ``(epoch, position)``.
 Checkpoints store that position with the model, optimizer, scheduler and RNG states,
 which makes a resumed CPU run reproduce the uninterrupted one bitwise.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ LENGTH_PLOT = "length_eval.png"
 # Recipe keys that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = ("run.name", "run.output_dir", "run.device", "train.steps", "train.log_every",
                      "train.precision", "train.activation_checkpointing", "eval.", "checkpoint.",
-                     "compare", "suite")
+                     "data.cache_dir", "compare", "suite")
 
 
 @dataclass
@@ -186,7 +187,7 @@ def train(
     mqar = recipe.data.kind == "mqar"
 
     previous = ckpt.load_latest(run_dir) if resume else None
-    if previous is None and not resume and _has_run(run_dir):
+    if previous is None and not resume and has_run(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, or pick another "
                          "--output-dir")
     if previous is not None and (diff := recipe_differences(previous.recipe, recipe_dict)):
@@ -315,7 +316,8 @@ def train(
                        time.perf_counter() - started)
 
 
-def _has_run(run_dir: Path) -> bool:
+def has_run(run_dir: Path) -> bool:
+    """True when `run_dir` holds checkpoints, metrics or an export of an earlier run."""
     return bool(ckpt.list_checkpoints(run_dir)) or (run_dir / METRICS_FILE).exists() \
         or (run_dir / ckpt.FINAL).exists()
 
@@ -334,8 +336,8 @@ class Progress:
         self.name, self.total, self.enabled = name, total, enabled
         self.live = enabled and sys.stderr.isatty()
         self.start_step, self.start_time = initial, time.perf_counter()
-        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc=name,
-                        disable=not self.live)
+        width = {"dynamic_ncols": True} if _stderr_columns() > 0 else {"ncols": 100, "nrows": 30}  # sizeless pty
+        self.bar = tqdm(total=total, initial=initial, unit="step", desc=name, disable=not self.live, **width)
 
     def update(self) -> None:
         self.bar.update(1)
@@ -357,6 +359,13 @@ class Progress:
         self.bar.close()
 
 
+
+
+def _stderr_columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return 0
 
 
 _TB_NOTICE_SHOWN = False

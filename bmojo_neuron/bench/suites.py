@@ -1,0 +1,513 @@
+"""The benchmark suites: ``train-step``, ``scaling``, ``decode`` and ``kernels``.
+
+Each suite returns one JSON-serialisable report (schema in ``docs/benchmarks.md``):
+machine, settings, candidates (with parameter counts), one result row per
+(candidate, size), speed-ups against the Hugging Face baselines, fitted exponents
+where relevant, and the targets of issue 4 with whether they were met.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+
+from . import harness
+from .candidates import ALL, HF, OURS, TOY_SHAPE, CandidateFactory, Shape, check_names, first_layer, is_baseline
+from .harness import CAPPED, ERROR, OK, SKIPPED
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Settings:
+    """Options of one suite run (CLI flags; None = the suite's default)."""
+
+    suite: str
+    lengths: list[int] | None = None
+    repeats: int | None = None
+    warmup: int | None = None
+    cap_seconds: float | None = None
+    batch: int | None = None
+    candidates: list[str] | None = None
+    toy: bool = False
+    d_model: int | None = None
+    layers: int | None = None
+    window: int | None = None
+    vocab_size: int | None = None
+    device: str = "cpu"
+    seed: int = 0
+    probe: bool = True  # run the first unit in a forked child (cap + memory); False: inline
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    lengths: tuple[int, ...]
+    toy_lengths: tuple[int, ...]
+    candidates: tuple[str, ...]
+    repeats: int
+    warmup: int
+    cap_seconds: float
+    batch: int
+    toy_batch: int
+    toy_cap_seconds: float = 20.0
+
+
+DEFAULTS = {
+    "train-step": Defaults(lengths=(1024, 4096), toy_lengths=(64, 128),
+                           candidates=("bmojo", "bmojo-f", "mamba-only", "swa-only", "hf-mamba", "hf-mamba2",
+                                       "hf-mistral-swa", "hf-mistral"),
+                           repeats=3, warmup=1, cap_seconds=30.0, batch=4, toy_batch=2),
+    "scaling": Defaults(lengths=(1024, 2048, 4096, 8192, 16384), toy_lengths=(64, 128, 256),
+                        candidates=("bmojo", "bmojo-f", "hf-mamba", "hf-mamba2", "hf-mistral-swa", "hf-mistral"),
+                        repeats=3, warmup=1, cap_seconds=20.0, batch=1, toy_batch=1),
+    "decode": Defaults(lengths=(1024, 4096, 16384), toy_lengths=(64, 256),
+                       candidates=("bmojo", "hf-mistral", "hf-mistral-swa", "hf-mamba2"),
+                       repeats=16, warmup=3, cap_seconds=60.0, batch=1, toy_batch=1),
+    "kernels": Defaults(lengths=(1024, 4096), toy_lengths=(128,), candidates=(), repeats=1, warmup=0,
+                        cap_seconds=120.0, batch=1, toy_batch=1),
+}
+SUITES = tuple(DEFAULTS)
+
+
+def resolve(settings: Settings) -> Settings:
+    """Fill every None with the suite's default (toy defaults with ``toy``) and check the values."""
+    if settings.suite not in DEFAULTS:
+        raise ValueError(f"unknown suite {settings.suite!r}; choose from {list(SUITES)}")
+    d = DEFAULTS[settings.suite]
+    s = replace(settings)
+    if s.lengths is None:
+        s.lengths = list(d.toy_lengths if s.toy else d.lengths)
+    if s.repeats is None:
+        s.repeats = min(d.repeats, 3) if s.toy else d.repeats
+    if s.warmup is None:
+        s.warmup = min(d.warmup, 1) if s.toy else d.warmup
+    if s.cap_seconds is None:
+        s.cap_seconds = d.toy_cap_seconds if s.toy else d.cap_seconds
+    if s.batch is None:
+        s.batch = d.toy_batch if s.toy else d.batch
+    if s.candidates is None:
+        s.candidates = list(d.candidates)
+    check_names(s.candidates) if d.candidates else None
+    if any(not isinstance(n, int) or n < 1 for n in s.lengths) or not s.lengths:
+        raise ValueError(f"--lengths must be positive integers, got {s.lengths}")
+    s.lengths = sorted(set(s.lengths))
+    if s.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {s.repeats}")
+    if s.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {s.warmup}")
+    if s.cap_seconds <= 0:
+        raise ValueError(f"--cap-seconds must be > 0, got {s.cap_seconds}")
+    if s.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {s.batch}")
+    return s
+
+
+def shape_for(s: Settings) -> Shape:
+    base = TOY_SHAPE if s.toy else Shape()
+    changes: dict[str, Any] = {"max_length": max(max(s.lengths) + 64, base.max_length)}
+    if s.d_model is not None:
+        changes["hidden_size"] = s.d_model
+    if s.layers is not None:
+        changes["num_layers"] = s.layers
+    if s.window is not None:
+        changes["window"] = s.window
+    if s.vocab_size is not None:
+        changes["vocab_size"] = s.vocab_size
+    return replace(base, **changes)
+
+
+def run_suite(settings: Settings, log: Log = print) -> dict[str, Any]:
+    s = resolve(settings)
+    torch.manual_seed(s.seed)
+    started = time.perf_counter()
+    report: dict[str, Any] = {
+        "schema": harness.SCHEMA,
+        "suite": s.suite,
+        "created": harness.now_iso(),
+        "toy": s.toy,
+        "machine": harness.machine_info(s.device),
+        "settings": {k: v for k, v in asdict(s).items() if k not in ("extra",)},
+        "memory_method": harness.MEMORY_METHOD_CUDA if s.device.startswith("cuda") else (
+            harness.MEMORY_METHOD_CPU if s.probe and harness.cpu_probe_supported() else "not measured"),
+        "status": OK,
+        "message": None,
+        "candidates": [],
+        "results": [],
+        "speedups": [],
+        "fits": [],
+        "targets": [],
+    }
+    body = {"train-step": _train_step, "scaling": _scaling, "decode": _decode, "kernels": _kernels}[s.suite]
+    body(s, report, log)
+    report["machine"]["load_average_end"] = harness.load_average()
+    report["elapsed_s"] = round(time.perf_counter() - started, 2)
+    return report
+
+
+# ----------------------------------------------------------------------------- helpers
+def _describe(report: dict[str, Any], factory: CandidateFactory, built: dict, log: Log) -> None:
+    target = factory.target
+    for name, b in built.items():
+        info = b.describe(target)
+        report["candidates"].append(info)
+        log(f"  {name:<15} {info['class']:<22} params {b.params:>11,}  non-embedding {b.non_embedding_params:>11,}"
+            f"  ({info['params_vs_bmojo']:.3f}x B'MOJO)")
+
+
+def _row(name: str, length: int, status: str, **values: Any) -> dict[str, Any]:
+    row = {"candidate": name, "role": "baseline" if is_baseline(name) else "ours", "length": length,
+           "status": status, "median_s": None, "times_s": [], "peak_memory_bytes": None, "probe_s": None,
+           "note": None}
+    row.update(values)
+    return row
+
+
+def _cell(s: Settings, log: Log, length: int, names: list[str], make_unit: Callable[[str], Callable[[], Any]],
+          capped_at: dict[str, int], probe_extra: Callable[[str], Callable[[], dict]] | None = None,
+          ) -> tuple[dict[str, dict[str, Any]], dict[str, harness.Probe]]:
+    """Probe then time every candidate at one size; returns rows by name and the probes."""
+    rows: dict[str, dict[str, Any]] = {}
+    probes: dict[str, harness.Probe] = {}
+    units: dict[str, Callable[[], Any]] = {}
+    for name in names:
+        if name in capped_at:
+            rows[name] = _row(name, length, CAPPED, note=f"capped at the shorter length {capped_at[name]}")
+            continue
+        try:
+            unit = make_unit(name)
+        except Exception as exc:
+            rows[name] = _row(name, length, ERROR, note=f"{type(exc).__name__}: {exc}")
+            log(f"  L={length:<6} {name:<15} error: {exc}")
+            continue
+        p = harness.probe(probe_extra(name) if probe_extra else unit, s.cap_seconds, s.device, fork=s.probe)
+        probes[name] = p
+        if p.status != OK:
+            rows[name] = _row(name, length, p.status, probe_s=harness.rounded(p.seconds, 4), note=p.error)
+            if p.status == CAPPED:
+                capped_at[name] = length
+            log(f"  L={length:<6} {name:<15} {p.status}: {p.error or ''}")
+            continue
+        units[name] = unit
+    timings = harness.round_robin(units, s.warmup, s.repeats, s.device, cap_seconds=s.cap_seconds,
+                                  budget_seconds=s.cap_seconds)
+    for name, t in timings.items():
+        p = probes[name]
+        rows[name] = _row(name, length, t.status, median_s=harness.rounded(t.median),
+                          times_s=[harness.rounded(x) for x in t.times], peak_memory_bytes=p.peak_memory_bytes,
+                          probe_s=harness.rounded(p.seconds, 4), note=t.error)
+        if t.status == CAPPED:
+            capped_at[name] = length
+    return {name: rows[name] for name in names}, probes
+
+
+def _speedups(report: dict[str, Any], key: str, higher_is_better: bool) -> None:
+    """speedup = how many times faster `candidate` is than `baseline` (>1: faster), per length."""
+    by_length: dict[int, dict[str, dict]] = {}
+    for row in report["results"]:
+        if row["status"] == OK and row.get(key):
+            by_length.setdefault(row["length"], {})[row["candidate"]] = row
+    for length, rows in sorted(by_length.items()):
+        for cand, crow in rows.items():
+            if is_baseline(cand):
+                continue
+            for base, brow in rows.items():
+                if not is_baseline(base):
+                    continue
+                ratio = crow[key] / brow[key] if higher_is_better else brow[key] / crow[key]
+                report["speedups"].append({"length": length, "candidate": cand, "baseline": base,
+                                           "metric": key, "speedup": round(ratio, 4)})
+
+
+def _target(report: dict[str, Any], name: str, value: float | None, threshold: float, comparison: str,
+            note: str = "") -> None:
+    met = None if value is None else (value >= threshold if comparison == ">=" else value <= threshold)
+    report["targets"].append({"name": name, "value": None if value is None else round(value, 4),
+                              "threshold": threshold, "comparison": comparison, "met": met, "note": note})
+
+
+def _result(report: dict[str, Any], candidate: str, length: int) -> dict[str, Any] | None:
+    for row in report["results"]:
+        if row["candidate"] == candidate and row["length"] == length:
+            return row
+    return None
+
+
+# ----------------------------------------------------------------------------- train-step
+def _train_step(s: Settings, report: dict[str, Any], log: Log) -> None:
+    shape = shape_for(s)
+    report["settings"]["shape"] = shape.to_dict()
+    factory = CandidateFactory(shape)
+    log(f"train-step: d_model {shape.hidden_size}, {shape.num_layers} layers, batch {s.batch}, "
+        f"lengths {s.lengths}, {s.repeats} repeats, cap {s.cap_seconds:g} s")
+    built = {name: factory.build(name, seed=s.seed, device=s.device) for name in s.candidates}
+    _describe(report, factory, built, log)
+    optimizers = {name: torch.optim.AdamW(b.model.parameters(), lr=1e-4) for name, b in built.items()}
+    for b in built.values():
+        b.model.train()
+    generator = torch.Generator().manual_seed(s.seed)
+    capped_at: dict[str, int] = {}
+    for length in s.lengths:
+        ids = torch.randint(0, shape.vocab_size, (s.batch, length), generator=generator).to(s.device)
+
+        def make_unit(name: str, ids=ids) -> Callable[[], None]:
+            model, opt = built[name].model, optimizers[name]
+
+            def step() -> None:
+                opt.zero_grad(set_to_none=True)
+                loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+
+            return step
+
+        rows, _ = _cell(s, log, length, s.candidates, make_unit, capped_at)
+        for name, row in rows.items():
+            if row["median_s"]:
+                row["tokens_per_s"] = round(s.batch * length / row["median_s"], 2)
+                log(f"  L={length:<6} {name:<15} {row['median_s'] * 1e3:10.1f} ms/step  "
+                    f"{row['tokens_per_s']:10.1f} tok/s  peak +{_mib(row['peak_memory_bytes'])}")
+            else:
+                row["tokens_per_s"] = None
+            report["results"].append(row)
+    _speedups(report, "tokens_per_s", higher_is_better=True)
+    for length in s.lengths:
+        ours = _result(report, "bmojo", length)
+        for base, threshold in (("hf-mamba2", 1.0), ("hf-mistral-swa", 0.5)):
+            other = _result(report, base, length)
+            value = None
+            if ours and other and ours.get("tokens_per_s") and other.get("tokens_per_s"):
+                value = ours["tokens_per_s"] / other["tokens_per_s"]
+            _target(report, f"train-step L={length}: B'MOJO tokens/s / {base} tokens/s", value, threshold, ">=")
+
+
+# ----------------------------------------------------------------------------- scaling
+def _scaling(s: Settings, report: dict[str, Any], log: Log) -> None:
+    shape = shape_for(s)
+    report["settings"]["shape"] = shape.to_dict()
+    factory = CandidateFactory(shape, num_layers=1, causal_lm=False)
+    log(f"scaling: one layer, d_model {shape.hidden_size}, batch {s.batch}, lengths {s.lengths}, "
+        f"{s.repeats} repeats, cap {s.cap_seconds:g} s")
+    built = {name: factory.build(name, seed=s.seed, device=s.device) for name in s.candidates}
+    _describe(report, factory, built, log)
+    report["unit"] = "forward + backward of one layer (ours: BMojoDecoderLayer; HF: its *Model with one layer, " \
+                     "fed inputs_embeds) on (batch, L, d_model) float32"
+    capped_at: dict[str, int] = {}
+    generator = torch.Generator().manual_seed(s.seed)
+    for length in s.lengths:
+        x = torch.randn(s.batch, length, shape.hidden_size, generator=generator).to(s.device)
+
+        def make_unit(name: str, x=x) -> Callable[[], None]:
+            b = built[name]
+            if name in OURS:
+                layer = first_layer(b)
+
+                def forward(inp: torch.Tensor) -> torch.Tensor:
+                    out, innovation = layer(inp)
+                    loss = out.square().mean()
+                    return loss if innovation is None else loss + innovation
+                module = layer
+            else:
+                model = b.model
+
+                def forward(inp: torch.Tensor) -> torch.Tensor:
+                    return model(inputs_embeds=inp).last_hidden_state.square().mean()
+                module = model
+
+            def unit() -> None:
+                module.zero_grad(set_to_none=True)
+                inp = x.detach().requires_grad_(True)
+                forward(inp).backward()
+
+            return unit
+
+        rows, _ = _cell(s, log, length, s.candidates, make_unit, capped_at)
+        for name, row in rows.items():
+            row["tokens_per_s"] = round(s.batch * length / row["median_s"], 2) if row["median_s"] else None
+            if row["median_s"]:
+                log(f"  L={length:<6} {name:<15} {row['median_s'] * 1e3:10.1f} ms  peak +{_mib(row['peak_memory_bytes'])}")
+            report["results"].append(row)
+    for name in s.candidates:
+        ok = [r for r in report["results"] if r["candidate"] == name and r["status"] == OK and r["median_s"]]
+        lengths = [r["length"] for r in ok]
+        fit = {"candidate": name, "lengths": lengths,
+               "time_exponent": harness.fit_exponent(lengths, [r["median_s"] for r in ok]),
+               "memory_exponent": harness.fit_exponent(
+                   [r["length"] for r in ok if r["peak_memory_bytes"]],
+                   [r["peak_memory_bytes"] for r in ok if r["peak_memory_bytes"]]),
+               "capped_from": capped_at.get(name)}
+        report["fits"].append(fit)
+        log(f"  fit {name:<15} time exponent {fit['time_exponent']}  memory exponent {fit['memory_exponent']}"
+            + (f"  (capped from L={capped_at[name]})" if name in capped_at else ""))
+    _speedups(report, "median_s", higher_is_better=False)
+    fit = next((f for f in report["fits"] if f["candidate"] == "bmojo"), None)
+    _target(report, "scaling: B'MOJO layer time exponent", fit and fit["time_exponent"], 1.1, "<=",
+            note="1.0 is linear; full attention is the quadratic reference")
+
+
+# ----------------------------------------------------------------------------- decode
+def _forward_kwarg(model) -> str:
+    """`cache` on transformers 5.x and our models, `past_key_values` on older HF releases."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _out_cache(out):
+    for key in ("cache", "past_key_values", "cache_params"):
+        value = getattr(out, key, None)
+        if value is not None:
+            return value
+    raise ValueError("the model returned no cache")
+
+
+class Decoder:
+    """Prefill a context, then decode one token per call (no grad), for our models and HF's alike."""
+
+    def __init__(self, name: str, model, context: torch.Tensor) -> None:
+        self.name, self.model, self.context = name, model, context
+        self.kwarg = _forward_kwarg(model)
+        self.cache = None
+        self.token = context[:, -1:]
+
+    def prefill(self) -> None:
+        from bmojo_neuron import BMojoCache
+
+        with torch.no_grad():
+            cache = BMojoCache(self.model.config.num_hidden_layers) if self.name in OURS else None
+            kwargs = {self.kwarg: cache} if cache is not None else {}
+            out = self.model(input_ids=self.context, use_cache=True, logits_to_keep=1, **kwargs)
+            self.cache = _out_cache(out)
+            self.token = out.logits[:, -1:].argmax(-1)
+
+    def step(self) -> None:
+        with torch.no_grad():
+            # feed the same token every step: the work per token does not depend on its value
+            out = self.model(input_ids=self.token, use_cache=True, **{self.kwarg: self.cache})
+            self.cache = _out_cache(out)
+
+    def cache_bytes(self) -> int:
+        return harness.tensor_bytes(self.cache)
+
+
+def _decode(s: Settings, report: dict[str, Any], log: Log) -> None:
+    shape = shape_for(s)
+    report["settings"]["shape"] = shape.to_dict()
+    factory = CandidateFactory(shape)
+    log(f"decode: d_model {shape.hidden_size}, {shape.num_layers} layers, batch {s.batch}, contexts {s.lengths}, "
+        f"{s.repeats} timed tokens after {s.warmup} warm-up tokens, cap {s.cap_seconds:g} s")
+    built = {name: factory.build(name, seed=s.seed, device=s.device) for name in s.candidates}
+    _describe(report, factory, built, log)
+    for b in built.values():
+        b.model.eval()
+    report["unit"] = "one decoded token (batch 1) after prefilling the context; cache_bytes = all tensors in the cache"
+    capped_at: dict[str, int] = {}
+    generator = torch.Generator().manual_seed(s.seed)
+    for length in s.lengths:
+        context = torch.randint(0, shape.vocab_size, (s.batch, length), generator=generator).to(s.device)
+        decoders: dict[str, Decoder] = {}
+        prefill_s: dict[str, float] = {}
+
+        def probe_unit(name: str, context=context) -> Callable[[], dict]:
+            def unit() -> dict:
+                d = Decoder(name, built[name].model, context)
+                d.prefill()
+                d.step()
+                return {"cache_bytes": d.cache_bytes()}
+            return unit
+
+        # probe first (cap, memory), then prefill here only the candidates that passed
+        names = list(s.candidates)
+        rows_probe: dict[str, harness.Probe] = {}
+        for name in names:
+            if name not in capped_at:
+                rows_probe[name] = harness.probe(probe_unit(name), s.cap_seconds, s.device, fork=s.probe)
+        runnable = [n for n in names if n not in capped_at and rows_probe[n].status == OK]
+        for name in runnable:
+            decoders[name] = d = Decoder(name, built[name].model, context)
+            t0 = time.perf_counter()
+            d.prefill()
+            harness.sync(s.device)
+            prefill_s[name] = time.perf_counter() - t0
+        timings = harness.round_robin({n: decoders[n].step for n in runnable}, s.warmup, s.repeats, s.device,
+                                      cap_seconds=s.cap_seconds, budget_seconds=s.cap_seconds)
+        for name in names:
+            if name in capped_at and name not in rows_probe:
+                row = _row(name, length, CAPPED, note=f"capped at the shorter context {capped_at[name]}")
+            elif name not in runnable:
+                p = rows_probe[name]
+                row = _row(name, length, p.status, probe_s=harness.rounded(p.seconds, 4), note=p.error)
+                if p.status == CAPPED:
+                    capped_at[name] = length
+            else:
+                t, p = timings[name], rows_probe[name]
+                row = _row(name, length, t.status, median_s=harness.rounded(t.median),
+                           times_s=[harness.rounded(x) for x in t.times], peak_memory_bytes=p.peak_memory_bytes,
+                           probe_s=harness.rounded(p.seconds, 4), note=t.error)
+                row["prefill_s"] = harness.rounded(prefill_s[name], 4)
+                row["cache_bytes"] = decoders[name].cache_bytes()
+                if row["median_s"]:
+                    log(f"  ctx={length:<6} {name:<15} {row['median_s'] * 1e3:8.2f} ms/token  cache "
+                        f"{_mib(row['cache_bytes'])}  prefill {row['prefill_s']:.2f} s")
+            row.setdefault("cache_bytes", None)
+            row.setdefault("prefill_s", None)
+            row["latency_ms"] = round(row["median_s"] * 1e3, 4) if row["median_s"] else None
+            report["results"].append(row)
+        decoders.clear()
+    _speedups(report, "median_s", higher_is_better=False)
+    lo, hi = min(s.lengths), max(s.lengths)
+    for name in s.candidates:
+        a, b = _result(report, name, lo), _result(report, name, hi)
+        growth = (b["median_s"] / a["median_s"]) if a and b and a["median_s"] and b["median_s"] else None
+        cache_growth = (b["cache_bytes"] / a["cache_bytes"]) if a and b and a.get("cache_bytes") and b.get(
+            "cache_bytes") else None
+        report["fits"].append({"candidate": name, "lengths": [lo, hi],
+                               "latency_ratio_longest_to_shortest": growth and round(growth, 4),
+                               "cache_ratio_longest_to_shortest": cache_growth and round(cache_growth, 4)})
+    fit = next((f for f in report["fits"] if f["candidate"] == "bmojo"), None)
+    _target(report, f"decode: B'MOJO latency at context {hi} / at {lo}",
+            fit and fit["latency_ratio_longest_to_shortest"], 1.2, "<=")
+
+
+# ----------------------------------------------------------------------------- kernels
+KERNELS_MODULE = "bmojo_neuron.kernels.profile"
+KERNELS_FUNCTION = "profile_kernels"
+
+
+def _kernels(s: Settings, report: dict[str, Any], log: Log) -> None:
+    """Modelled Trn1 kernel times from the NKI emulator (``kernels profile``), when it exists.
+
+    Contract for the kernel issues: ``bmojo_neuron.kernels.profile.profile_kernels(
+    lengths: list[int], toy: bool) -> list[dict]``, each dict with at least
+    ``kernel``, ``length`` and ``modelled_s`` (modelled Trn1 seconds); extra keys
+    are kept. Until that module exists the suite reports ``"status": "skipped"``.
+    """
+    report["unit"] = "modelled Trn1 seconds per kernel call, from the NKI emulator's cost model"
+    try:
+        module = importlib.import_module(KERNELS_MODULE)
+        profile = getattr(module, KERNELS_FUNCTION)
+    except (ImportError, AttributeError) as exc:
+        report["status"] = SKIPPED
+        report["message"] = (f"skipped: the NKI emulator's `kernels profile` is not available yet "
+                             f"({KERNELS_MODULE}.{KERNELS_FUNCTION}: {type(exc).__name__}: {exc}); "
+                             "it lands with the kernel issues")
+        log(report["message"])
+        return
+    rows = profile(lengths=list(s.lengths), toy=s.toy)
+    for row in rows:
+        entry = {"candidate": row.get("kernel"), "role": "ours", "length": row.get("length"), "status": OK,
+                 "median_s": row.get("modelled_s"), "times_s": [], "peak_memory_bytes": None, "probe_s": None,
+                 "note": None}
+        entry.update({k: v for k, v in row.items() if k not in entry})
+        report["results"].append(entry)
+        log(f"  {entry['candidate']:<24} L={entry['length']:<6} modelled {entry['median_s']}")
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+__all__ = ["ALL", "DEFAULTS", "HF", "SUITES", "Settings", "resolve", "run_suite"]

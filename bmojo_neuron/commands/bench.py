@@ -1,0 +1,106 @@
+"""`bmojo-neuron bench SUITE`: measured speed and memory against the models users would pick instead.
+
+Suites: ``train-step``, ``scaling``, ``decode``, ``kernels`` (see ``docs/benchmarks.md``).
+Each writes a JSON report (``--json``) and a PNG plot (``--plot``); timings are
+medians of alternating repeats, and speed-ups are ratios measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bmojo_neuron.cli import register_command
+
+SUITES = ("train-step", "scaling", "decode", "kernels")
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(_expand_k(v)) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 1024,4096 or 1K,4K, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one length")
+    return values
+
+
+def _expand_k(value: str) -> int:
+    value = value.strip()
+    if value[-1:] in ("k", "K"):
+        return int(value[:-1]) * 1024
+    return int(value)
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("suite", choices=SUITES, help="which benchmark to run")
+    parser.add_argument("--json", dest="json_path", metavar="PATH", default=None,
+                        help="write the report here (default: bench-SUITE.json)")
+    parser.add_argument("--plot", dest="plot_path", metavar="PATH", default=None,
+                        help="write the PNG plot here (default: the --json path with .png)")
+    parser.add_argument("--lengths", type=_int_list, default=None,
+                        help="sequence / context lengths, e.g. 1K,4K (default: per suite)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats; the median is reported")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds")
+    parser.add_argument("--cap-seconds", type=float, default=None,
+                        help="time cap for one unit of work of a candidate; over it the candidate is reported "
+                             "'capped' (default: per suite)")
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: per suite)")
+    parser.add_argument("--candidates", type=_names, default=None,
+                        help="comma-separated candidates (default: per suite): bmojo, bmojo-f, mamba-only, "
+                             "swa-only, full-attn, hf-mamba, hf-mamba2, hf-mistral-swa, hf-mistral")
+    parser.add_argument("--d-model", type=int, default=None, help="hidden size (default 256; toy 64)")
+    parser.add_argument("--layers", type=int, default=None, help="layers (default 4; toy 2; scaling uses 1)")
+    parser.add_argument("--window", type=int, default=None, help="attention window w = w_f (default 512; toy 32)")
+    parser.add_argument("--vocab-size", type=int, default=None, help="vocabulary (default 512; toy 128)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-probe", action="store_true",
+                        help="run the first unit in-process instead of a forked child (no cap enforcement, "
+                             "no CPU memory numbers)")
+    parser.add_argument("--toy", action="store_true", help="tiny sizes (tests, CI): checks the plumbing, not speed")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary line")
+
+
+@register_command("bench", help="benchmark speed and memory against Hugging Face baselines (JSON + PNG)",
+                  add_arguments=add_arguments)
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is built locally; never reach the network
+    import torch
+
+    from bmojo_neuron.bench import harness
+    from bmojo_neuron.bench.plot import plot_report
+    from bmojo_neuron.bench.suites import Settings, run_suite
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available here")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    json_path = args.json_path or f"bench-{args.suite}.json"
+    plot_path = args.plot_path or os.path.splitext(json_path)[0] + ".png"
+    settings = Settings(suite=args.suite, lengths=args.lengths, repeats=args.repeats, warmup=args.warmup,
+                        cap_seconds=args.cap_seconds, batch=args.batch, candidates=args.candidates, toy=args.toy,
+                        d_model=args.d_model, layers=args.layers, window=args.window, vocab_size=args.vocab_size,
+                        device=args.device, seed=args.seed, probe=not args.no_probe)
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
+    report = run_suite(settings, log=log)
+    report["plot"] = os.path.abspath(plot_path)
+    plot_report(report, plot_path)
+    harness.write_json(json_path, report)
+    counts: dict[str, int] = {}
+    for row in report["results"]:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or report.get("message") or "no results"
+    print(f"bench {args.suite}: {summary}; {report['elapsed_s']} s; wrote {json_path} and {plot_path}")
+    for target in report["targets"]:
+        state = {True: "met", False: "MISSED", None: "n/a"}[target["met"]]
+        print(f"  target {target['name']} {target['comparison']} {target['threshold']}: {target['value']} ({state})")
+    return 0

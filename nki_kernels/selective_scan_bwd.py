@@ -1,0 +1,257 @@
+"""Mamba-1 selective scan, backward, in NKI 0.2.0.
+
+Same layout as the forward (channels on partitions, time tiles of 512 on the free
+axis). Nothing from the forward is saved but its inputs: per (batch, channel tile)
+
+* pass 1, time tiles in order: recompute h for every state (carried through
+  `initial`), keep a snapshot of the state entering each tile (P, N per tile), form
+  y, then dz = dy * y_pre * silu'(z) and dyp = dy * silu(z) (written to an HBM
+  scratch), and dD;
+* pass 2, time tiles in *reverse* order: per state recompute h from its snapshot,
+  then the adjoint g_t = dyp_t C_t + a_{t+1} g_{t+1}. `tensor_tensor_scan` only runs
+  forward in time, so the scan runs on time-reversed tiles: dt, dyp and C are reversed
+  once per tile and g once per state, each by Tensor-engine matmuls with an
+  anti-identity (`common.reverse_free`). In reversed time the scan computes
+  q_t = a_t g_t = a_t (c_t + q_{t+1}) (op0=add, op1=multiply), and g_t = c_t + q_{t+1}
+  is q shifted by one column, with q carried between tiles through `initial`.
+
+Gradients (Δ = softplus(delta + bias) when delta_softplus):
+  du = Δ Σ_n g B_n + D dyp,   dΔ = u Σ_n g B_n + Σ_n A_n g h_{t-1} a_t,
+  ddelta = dΔ σ(delta + bias),   dbias = Σ ddelta,   dA_n = Σ_t g h_{t-1} a_t Δ,
+  dB_n = Σ_ch g Δ u,   dC_n = Σ_ch dyp h,   dD = Σ dyp u,   dz as above.
+Channel sums (dB, dC) are selector matmuls accumulating in PSUM; sums over channel
+tiles and batches are DMA read-modify-write adds into fp32 HBM outputs.
+"""
+
+from __future__ import annotations
+
+from nki_kernels.common import (PMAX, SEQ_TILE, accumulate_out, broadcast_row, column_selectors, load_column,
+                                reversal, reversed_copy, reverse_free, selectors)
+from nki_kernels.compat import nisa, nki, nl
+from nki_kernels.selective_scan_fwd import _time_inputs
+
+
+def _load(src, p, t, dtype=None):
+    tile = nl.ndarray((p, t), dtype=dtype or nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=tile, src=src)
+    return tile
+
+
+def _mul(a, b, out=None):
+    out = out if out is not None else nl.ndarray(a.shape, dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_tensor(dst=out, data1=a, data2=b, op=nl.multiply)
+    return out
+
+
+def _acc(acc, value, first):
+    """acc = value (first) or acc + value."""
+    if first:
+        nisa.tensor_copy(dst=acc, src=value)
+    else:
+        nisa.tensor_tensor(dst=acc, data1=acc, data2=value, op=nl.add)
+
+
+def _row_sum(acc_col, data, first):
+    """acc_col (P, 1) (+)= sum of data over the free axis."""
+    red = nl.ndarray((data.shape[0], 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.tensor_reduce(dst=red, op=nl.add, data=data, axis=1)
+    _acc(acc_col, red, first)
+
+
+def _forward_pass(ctx, b, c0, p, snap, dd_acc, scratch):
+    """Pass 1: h for all states, snapshots, dz (stored), dyp (to scratch), dD."""
+    n_states, length = ctx["n"], ctx["length"]
+    carry = nl.ndarray((p, n_states), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=carry, value=0.0)
+    for k, t0 in enumerate(range(0, length, SEQ_TILE)):
+        t = min(SEQ_TILE, length - t0)
+        nisa.tensor_copy(dst=snap[:, k * n_states:(k + 1) * n_states], src=carry)
+        dt, du, u_t = _time_inputs(ctx["delta"], ctx["u"], b, c0, p, t0, t, ctx["bias"], ctx["softplus"])
+        b_rows = _load(ctx["B"][b, :, t0:t0 + t], n_states, t)
+        c_rows = _load(ctx["C"][b, :, t0:t0 + t], n_states, t)
+        y = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
+        for n in range(n_states):
+            d_a = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.activation(dst=d_a, op=nl.exp, data=dt, scale=ctx["a_t"][:, n:n + 1])
+            d_bu = _mul(du, broadcast_row(ctx["sel"], n, b_rows, p))
+            h = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_tensor_scan(dst=h, data0=d_a, data1=d_bu, initial=carry[:, n:n + 1], op0=nl.multiply,
+                                    op1=nl.add)
+            nisa.tensor_copy(dst=carry[:, n:n + 1], src=h[:, t - 1:t])
+            _acc(y, _mul(h, broadcast_row(ctx["sel"], n, c_rows, p)), n == 0)
+        dyp = _gate_grads(ctx, b, c0, p, t0, t, y, u_t)
+        nisa.dma_copy(dst=scratch[b, c0:c0 + p, t0:t0 + t], src=dyp)
+        if ctx["D"] is not None:
+            _row_sum(dd_acc, _mul(dyp, u_t), k == 0)
+
+
+def _gate_grads(ctx, b, c0, p, t0, t, y, u_t):
+    """y_pre = y + D u; dz = dy y_pre silu'(z) (stored); returns dyp = dy silu(z)."""
+    dy = _load(ctx["dy"][b, c0:c0 + p, t0:t0 + t], p, t)
+    if ctx["d_col"] is not None:
+        skip = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=skip, data=u_t, op0=nl.multiply, operand0=ctx["d_col"])
+        nisa.tensor_tensor(dst=y, data1=y, data2=skip, op=nl.add)
+    if ctx["z"] is None:
+        return dy
+    z_t = _load(ctx["z"][b, c0:c0 + p, t0:t0 + t], p, t)
+    gate = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=gate, op=nl.silu, data=z_t)
+    gate_dx = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=gate_dx, op=nl.silu_dx, data=z_t)
+    dz = _mul(_mul(dy, y), gate_dx)
+    nisa.dma_copy(dst=ctx["dz"][b, c0:c0 + p, t0:t0 + t], src=dz)
+    return _mul(dy, gate)
+
+
+def _reverse_pass(ctx, b, c0, p, snap, da_acc, db_acc, scratch):
+    """Pass 2: adjoint scan on reversed tiles; du, ddelta stored; dB/dC/dA/dbias accumulated."""
+    n_states, length = ctx["n"], ctx["length"]
+    q_carry = nl.ndarray((p, n_states), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=q_carry, value=0.0)
+    starts = list(range(0, length, SEQ_TILE))
+    for k in reversed(range(len(starts))):
+        t0 = starts[k]
+        t = min(SEQ_TILE, length - t0)
+        tile = _ReverseTile(ctx, b, c0, p, t0, t, scratch)
+        for n in range(n_states):
+            tile.state(n, snap[:, k * n_states + n:k * n_states + n + 1], q_carry[:, n:n + 1], da_acc[:, n:n + 1],
+                       first_tile=k == len(starts) - 1)
+        tile.finish(db_acc, first_tile=k == len(starts) - 1)
+
+
+class _ReverseTile:
+    """Per-tile tensors of pass 2 and the per-state adjoint step (a helper, not an NKI object)."""
+
+    def __init__(self, ctx, b, c0, p, t0, t, scratch):
+        self.ctx, self.b, self.c0, self.p, self.t0, self.t = ctx, b, c0, p, t0, t
+        self.dt, self.du, self.u = _time_inputs(ctx["delta"], ctx["u"], b, c0, p, t0, t, ctx["bias"], ctx["softplus"])
+        self.dyp = _load(scratch[b, c0:c0 + p, t0:t0 + t], p, t)
+        n_states = ctx["n"]
+        self.b_rows = _load(ctx["B"][b, :, t0:t0 + t], n_states, t)
+        c_rows = _load(ctx["C"][b, :, t0:t0 + t], n_states, t)
+        self.dt_rev = reversed_copy(self.dt, ctx["rev"])
+        self.dyp_rev = reversed_copy(self.dyp, ctx["rev"])
+        self.c_rev = reversed_copy(c_rows, ctx["rev"])
+        self.acc_gb = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
+        self.acc_gaha = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
+        self.db_ps = nl.ndarray((n_states, t), dtype=nl.float32, buffer=nl.psum)
+        self.dc_ps = nl.ndarray((n_states, t), dtype=nl.float32, buffer=nl.psum)
+
+    def _recompute_h(self, n, snap_col):
+        """hbuf (P, t+1): column 0 = h entering the tile, columns 1.. = h over the tile."""
+        ctx, p, t = self.ctx, self.p, self.t
+        d_a = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=d_a, op=nl.exp, data=self.dt, scale=ctx["a_t"][:, n:n + 1])
+        b_bc = broadcast_row(ctx["sel"], n, self.b_rows, p)
+        d_bu = _mul(self.du, b_bc)
+        hbuf = nl.ndarray((p, t + 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=hbuf[:, 0:1], src=snap_col)
+        nisa.tensor_tensor_scan(dst=hbuf[:, 1:t + 1], data0=d_a, data1=d_bu, initial=snap_col, op0=nl.multiply,
+                                op1=nl.add)
+        return hbuf, d_a, b_bc
+
+    def _adjoint(self, n, q_col):
+        """g (SBUF, forward time) for state n; q_col carries a_t g_t across tiles (reversed order)."""
+        ctx, p, t = self.ctx, self.p, self.t
+        a_rev = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=a_rev, op=nl.exp, data=self.dt_rev, scale=ctx["a_t"][:, n:n + 1])
+        c_rev = _mul(self.dyp_rev, broadcast_row(ctx["sel"], n, self.c_rev, p))
+        qbuf = nl.ndarray((p, t + 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=qbuf[:, 0:1], src=q_col)
+        nisa.tensor_tensor_scan(dst=qbuf[:, 1:t + 1], data0=c_rev, data1=a_rev, initial=q_col, op0=nl.add,
+                                op1=nl.multiply)
+        nisa.tensor_copy(dst=q_col, src=qbuf[:, t:t + 1])
+        g_rev = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_tensor(dst=g_rev, data1=c_rev, data2=qbuf[:, 0:t], op=nl.add)
+        g = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=g, op=nl.copy, data=reverse_free(g_rev, ctx["rev"]))
+        return g
+
+    def state(self, n, snap_col, q_col, da_col, first_tile):
+        ctx, p, t = self.ctx, self.p, self.t
+        hbuf, d_a, b_bc = self._recompute_h(n, snap_col)
+        ecol = ctx["ecol"][0:p, n * ctx["n"]:(n + 1) * ctx["n"]]
+        nisa.nc_matmul(dst=self.dc_ps, stationary=ecol, moving=_mul(self.dyp, hbuf[:, 1:t + 1]),
+                       is_stationary_onezero=True)
+        g = self._adjoint(n, q_col)
+        _acc(self.acc_gb, _mul(g, b_bc), n == 0)
+        gah = _mul(_mul(g, hbuf[:, 0:t]), d_a)  # g_t h_{t-1} a_t
+        _row_sum(da_col, _mul(gah, self.dt), first_tile)
+        gaha = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=gaha, data=gah, op0=nl.multiply, operand0=ctx["a_t"][:, n:n + 1],
+                           engine=nisa.engine.scalar)
+        _acc(self.acc_gaha, gaha, n == 0)
+        nisa.nc_matmul(dst=self.db_ps, stationary=ecol, moving=_mul(g, self.du), is_stationary_onezero=True)
+
+    def finish(self, db_acc, first_tile):
+        ctx, b, c0, p, t0, t = self.ctx, self.b, self.c0, self.p, self.t0, self.t
+        ddt = _mul(self.u, self.acc_gb)
+        nisa.tensor_tensor(dst=ddt, data1=ddt, data2=self.acc_gaha, op=nl.add)
+        du = _mul(self.dt, self.acc_gb)
+        if ctx["d_col"] is not None:
+            skip = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_scalar(dst=skip, data=self.dyp, op0=nl.multiply, operand0=ctx["d_col"])
+            nisa.tensor_tensor(dst=du, data1=du, data2=skip, op=nl.add)
+        if ctx["softplus"]:
+            d_in = _load(ctx["delta"][b, c0:c0 + p, t0:t0 + t], p, t)
+            sig = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.activation(dst=sig, op=nl.sigmoid, data=d_in, bias=ctx["bias"])
+            ddt = _mul(ddt, sig)
+        _row_sum(db_acc, ddt, first_tile)
+        nisa.dma_copy(dst=ctx["du_out"][b, c0:c0 + p, t0:t0 + t], src=du)
+        nisa.dma_copy(dst=ctx["ddelta_out"][b, c0:c0 + p, t0:t0 + t], src=ddt)
+        first_sum = c0 == 0
+        for ps, out in ((self.db_ps, ctx["dB_out"]), (self.dc_ps, ctx["dC_out"])):
+            sb = nl.ndarray(ps.shape, dtype=nl.float32, buffer=nl.sbuf)
+            nisa.tensor_copy(dst=sb, src=ps)
+            accumulate_out(out[b, :, t0:t0 + t], sb, first_sum)
+
+
+@nki.jit
+def selective_scan_bwd(dy, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Gradients of `selective_scan_fwd`'s y: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias).
+
+    du, ddelta, dz in u's dtype; dA (dim, N), dB, dC (batch, N, L), dD, ddelta_bias (dim,)
+    fp32 (sums). dD / dz / ddelta_bias are zeros when D / z / delta_bias are None.
+    """
+    batch, dim, length = u.shape
+    n_states = A.shape[1]
+    assert length % PMAX == 0 and n_states <= PMAX
+    ctx = {"u": u, "delta": delta, "B": B, "C": C, "D": D, "z": z, "dy": dy, "softplus": delta_softplus,
+           "n": n_states, "length": length, "sel": selectors(n_states, PMAX), "rev": reversal(PMAX),
+           "ecol": column_selectors(PMAX, n_states)}
+    ctx["du_out"] = nl.ndarray(u.shape, dtype=u.dtype, buffer=nl.shared_hbm)
+    ctx["ddelta_out"] = nl.ndarray(u.shape, dtype=u.dtype, buffer=nl.shared_hbm)
+    ctx["dz"] = nl.ndarray(u.shape, dtype=u.dtype, buffer=nl.shared_hbm)
+    ctx["dB_out"] = nl.ndarray((batch, n_states, length), dtype=nl.float32, buffer=nl.shared_hbm)
+    ctx["dC_out"] = nl.ndarray((batch, n_states, length), dtype=nl.float32, buffer=nl.shared_hbm)
+    da_out = nl.ndarray((dim, n_states), dtype=nl.float32, buffer=nl.shared_hbm)
+    dd_out = nl.ndarray((dim, 1), dtype=nl.float32, buffer=nl.shared_hbm)
+    dbias_out = nl.ndarray((dim, 1), dtype=nl.float32, buffer=nl.shared_hbm)
+    scratch = nl.ndarray(u.shape, dtype=nl.float32, buffer=nl.private_hbm)
+    if z is None:
+        zero = nl.zeros((PMAX, length), dtype=nl.float32, buffer=nl.sbuf)
+        for b in range(batch):
+            for c0 in range(0, dim, PMAX):
+                p = min(PMAX, dim - c0)
+                nisa.dma_copy(dst=ctx["dz"][b, c0:c0 + p, :], src=zero[0:p, :])
+    for c0 in range(0, dim, PMAX):
+        p = min(PMAX, dim - c0)
+        ctx["a_t"] = _load(A[c0:c0 + p, :], p, n_states)
+        ctx["bias"] = load_column(delta_bias, c0, p, 0.0)
+        ctx["d_col"] = load_column(D, c0, p) if D is not None else None
+        sums = nl.ndarray((p, n_states + 2), dtype=nl.float32, buffer=nl.sbuf)  # dA | dD | dbias
+        nisa.memset(dst=sums, value=0.0)
+        for b in range(batch):
+            snap = nl.ndarray((p, n_states * ((length + SEQ_TILE - 1) // SEQ_TILE)), dtype=nl.float32,
+                              buffer=nl.sbuf)
+            da_b = nl.ndarray((p, n_states + 2), dtype=nl.float32, buffer=nl.sbuf)
+            nisa.memset(dst=da_b, value=0.0)
+            _forward_pass(ctx, b, c0, p, snap, da_b[:, n_states:n_states + 1], scratch)
+            _reverse_pass(ctx, b, c0, p, snap, da_b[:, 0:n_states], da_b[:, n_states + 1:n_states + 2], scratch)
+            nisa.tensor_tensor(dst=sums, data1=sums, data2=da_b, op=nl.add)
+        nisa.dma_copy(dst=da_out[c0:c0 + p, :], src=sums[:, 0:n_states])
+        nisa.dma_copy(dst=dd_out[c0:c0 + p, :], src=sums[:, n_states:n_states + 1])
+        nisa.dma_copy(dst=dbias_out[c0:c0 + p, :], src=sums[:, n_states + 1:n_states + 2])
+    return (ctx["du_out"], ctx["ddelta_out"], da_out, ctx["dB_out"], ctx["dC_out"], dd_out, ctx["dz"], dbias_out)

@@ -1,0 +1,233 @@
+"""MQAR generator against its definition, tokenizers, and the text pipeline (sources, packing, cache, errors)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bmojo_neuron.data import ByteTokenizer, build_datasets, build_eval_dataset, generate_mqar, load_tokenizer
+from bmojo_neuron.data import mqar_accuracy, text
+from bmojo_neuron.data.mqar import mqar_arrays
+from bmojo_neuron.data.text import CORPUS_DIR, load_text_dataset
+from bmojo_neuron.recipes import Recipe
+
+V, L, KV = 64, 48, 6
+
+
+# ----------------------------------------------------------------------------- MQAR
+@pytest.mark.parametrize("random_non_queries", [True, False])
+def test_mqar_matches_definition(random_non_queries: bool) -> None:
+    inputs, labels = mqar_arrays(V, L, KV, 200, seed=3, random_non_queries=random_non_queries)
+    assert inputs.shape == labels.shape == (200, L) and inputs.dtype == labels.dtype == np.int64
+    assert inputs.min() >= 0 and inputs.max() < V
+    for x, y in zip(inputs, labels):
+        keys, values = x[0 : 2 * KV : 2], x[1 : 2 * KV : 2]
+        assert len(set(keys)) == KV and all(1 <= k < V // 2 for k in keys)
+        assert len(set(values)) == KV and all(V // 2 <= v < V for v in values)
+        pairs = dict(zip(keys.tolist(), values.tolist()))
+        answers = np.flatnonzero(y != -100)
+        assert len(answers) == KV and answers.min() >= 2 * KV + 1
+        assert ((answers - 2 * KV) % 2 == 1).all()  # queries sit on even offsets after the pairs, answers right after
+        for t in answers:
+            assert x[t - 1] in pairs, "every query key appeared in the kv region"
+            assert y[t] == x[t] == pairs[x[t - 1]], "label = input = the key's paired value"
+        assert sorted(x[answers - 1].tolist()) == sorted(pairs), "each key is queried exactly once"
+        if not random_non_queries:
+            filler = np.ones(L, bool)
+            filler[: 2 * KV] = False
+            filler[answers] = filler[answers - 1] = False
+            assert (x[filler] == 0).all()
+
+
+def test_mqar_power_law_gaps_favour_early_queries() -> None:
+    _, labels = mqar_arrays(128, 256, 4, 2000, seed=0, power_a=0.01)
+    slots = (np.argwhere(labels != -100)[:, 1] - 8 - 1) // 2
+    assert np.mean(slots < 60) > 0.6  # uniform would give 60/124 < 0.5
+
+
+def test_generate_mqar_dataset_and_determinism() -> None:
+    a = generate_mqar(V, L, KV, 20, seed=1)
+    b = generate_mqar(V, L, KV, 20, seed=1)
+    c = generate_mqar(V, L, KV, 20, seed=2)
+    assert a.column_names == ["input_ids", "labels"]
+    assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"]
+    assert a["input_ids"] != c["input_ids"]
+    batch = a.with_format("torch")[:4]
+    assert batch["input_ids"].shape == (4, L) and batch["input_ids"].dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [((64, 20, 6), "seq_len 20 is too short"), ((8, 64, 6), "too few for 6 distinct pairs"), ((64, 64, 0), ">= 1")],
+)
+def test_mqar_bad_arguments(args: tuple[int, int, int], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        generate_mqar(*args, num_examples=2, seed=0)
+
+
+def test_mqar_accuracy_uses_shifted_positions() -> None:
+    inputs, labels = mqar_arrays(V, L, KV, 8, seed=0)
+    labels_t = torch.from_numpy(labels)
+    perfect = torch.nn.functional.one_hot(torch.from_numpy(np.roll(inputs, -1, axis=1)), V).float()
+    assert mqar_accuracy(perfect, labels_t) == 1.0  # logits at t-1 predict the token at t
+    assert mqar_accuracy(torch.zeros(8, L, V), labels_t) == 0.0  # argmax 0 is never a value
+    with pytest.raises(ValueError, match="no scored positions"):
+        mqar_accuracy(perfect, torch.full((8, L), -100))
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def test_byte_tokenizer_round_trip() -> None:
+    tok = load_tokenizer("byte")
+    assert isinstance(tok, ByteTokenizer) and tok.vocab_size == len(tok) == 256 and tok.eos_token_id == 0
+    sample = "Grüße, B'MOJO ✓"
+    assert tok.decode(tok.encode(sample)) == sample
+    assert tok.decode([*tok.encode("a"), 0, *tok.encode("b")], skip_special_tokens=True) == "ab"
+
+
+def test_unknown_tokenizer_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="data.tokenizer"):
+        load_tokenizer(str(tmp_path / "no-tokenizer"))
+
+
+# ----------------------------------------------------------------------------- text
+DOCS = ["The red cup is in the kitchen.", "Zwölf Äpfel.\nTwo lines.", "Seven plus five is twelve. " * 3]
+
+
+def _stream(docs: list[str]) -> str:
+    return "".join(d + "\x00" for d in docs)
+
+
+def _decoded(*datasets) -> str:
+    tok = ByteTokenizer()
+    return "".join(tok.decode(row["input_ids"]) for ds in datasets for row in ds)
+
+
+def test_text_file_packing_round_trip(tmp_path: Path) -> None:
+    source = tmp_path / "one.txt"
+    source.write_text(DOCS[0] * 20, encoding="utf-8")
+    train, evaluation = load_text_dataset(source, block_size=32, cache_dir=tmp_path / "cache", eval_fraction=0.2)
+    stream = _stream([DOCS[0] * 20])
+    blocks = len(stream.encode()) // 32
+    assert len(train) + len(evaluation) == blocks and len(evaluation) == round(0.2 * blocks)
+    assert all(len(row["input_ids"]) == 32 and row["labels"] == row["input_ids"] for row in train)
+    assert _decoded(train, evaluation) == stream[: blocks * 32]  # ASCII: bytes == chars
+
+
+def test_text_folder_of_files_in_sorted_order(tmp_path: Path) -> None:
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text(DOCS[0], encoding="utf-8")
+    (folder / "sub" / "c.md").write_text(DOCS[2], encoding="utf-8")
+    lines = [json.dumps({"text": DOCS[1]}), "", json.dumps({"text": ""})]
+    (folder / "b.jsonl").write_text("\n".join(lines), encoding="utf-8")
+    (folder / "ignored.csv").write_text("x,y", encoding="utf-8")
+    train, evaluation = load_text_dataset(folder, block_size=8, cache_dir=tmp_path / "cache")
+    stream = _stream(DOCS).encode()
+    kept = len(stream) // 8 * 8
+    assert _decoded(train, evaluation) == stream[:kept].decode("utf-8", errors="replace")
+
+
+def test_text_save_to_disk_source_and_torch_format(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    Dataset.from_dict({"body": DOCS * 4}).save_to_disk(str(tmp_path / "saved"))
+    train, evaluation = load_text_dataset(
+        tmp_path / "saved", block_size=16, cache_dir=tmp_path / "cache", text_column="body"
+    )
+    assert len(train) > len(evaluation) >= 1
+    batch = train.with_format("torch")[:2]
+    assert batch["input_ids"].shape == (2, 16) and batch["input_ids"].dtype == torch.int64
+
+
+def test_text_cache_is_reused_and_packed_cache_is_a_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "doc.txt"
+    source.write_text(DOCS[2] * 5, encoding="utf-8")
+    first = load_text_dataset(source, block_size=16, cache_dir=tmp_path / "cache")
+    calls = []
+    monkeypatch.setattr(text, "_tokenize_documents", lambda *a, **k: calls.append(a))
+    second = load_text_dataset(source, block_size=16, cache_dir=tmp_path / "cache")
+    assert calls == [] and second[0]["input_ids"] == first[0]["input_ids"]
+    (entry,) = [p for p in (tmp_path / "cache").iterdir()]
+    assert entry.name.startswith("text-") and (entry / "meta.json").is_file()
+    assert json.loads((entry / "meta.json").read_text())["tokens"] == len(DOCS[2] * 5) + 1
+    reread = load_text_dataset(entry, block_size=16, cache_dir=tmp_path / "other")
+    assert reread[1]["input_ids"] == first[1]["input_ids"] and not (tmp_path / "other").exists()
+    with pytest.raises(ValueError, match="blocks of 16 tokens but data.block_size is 8"):
+        load_text_dataset(entry, block_size=8)
+
+
+def test_text_cache_key_changes_with_source_and_failed_build_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "doc.txt"
+    source.write_text(DOCS[0] * 4, encoding="utf-8")
+    load_text_dataset(source, block_size=16, cache_dir=tmp_path / "cache")
+    source.write_text(DOCS[1] * 4, encoding="utf-8")
+    train, _ = load_text_dataset(source, block_size=16, cache_dir=tmp_path / "cache")
+    assert _decoded(train).startswith(DOCS[1][:10])
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(text, "pack_blocks", killed)
+    source.write_text(DOCS[2] * 4, encoding="utf-8")
+    with pytest.raises(KeyboardInterrupt):
+        load_text_dataset(source, block_size=16, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # no half cache, no temp folder
+
+
+def test_text_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_text_dataset(tmp_path / "missing.txt", cache_dir=tmp_path / "cache")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "e.txt").write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match="no text"):
+        load_text_dataset(tmp_path / "empty", cache_dir=tmp_path / "cache")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(ValueError, match="no .txt/.md/.jsonl files"):
+        load_text_dataset(tmp_path / "nothing", cache_dir=tmp_path / "cache")
+    (tmp_path / "short.txt").write_text("only a few words", encoding="utf-8")
+    with pytest.raises(ValueError, match="17 tokens make 0 block"):
+        load_text_dataset(tmp_path / "short.txt", block_size=64, cache_dir=tmp_path / "cache")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "x"}), encoding="utf-8")
+    with pytest.raises(ValueError, match="data.text_column 'text'"):
+        load_text_dataset(tmp_path / "bad.jsonl", cache_dir=tmp_path / "cache")
+    (tmp_path / "x.pdf").write_bytes(b"%PDF")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        load_text_dataset(tmp_path / "x.pdf", cache_dir=tmp_path / "cache")
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "cache").iterdir())
+
+
+def test_shipped_corpus_is_deterministic_english(tmp_path: Path) -> None:
+    from bmojo_neuron.data import make_corpus
+
+    files = sorted(CORPUS_DIR.glob("*.txt"))
+    assert [f.name for f in files] == sorted(make_corpus.FILES)
+    assert 300_000 <= sum(f.stat().st_size for f in files) <= 500_000
+    name = "counting.txt"
+    assert make_corpus.make_file(name, make_corpus.FILES[name], 0) == (CORPUS_DIR / name).read_text(encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- build_datasets
+def test_build_datasets_mqar_and_text(tmp_path: Path) -> None:
+    mqar = Recipe.from_dict({"data": {"kind": "mqar", "vocab_size": 32, "seq_len": 32, "num_kv_pairs": 4,
+                                      "train_examples": 10, "eval_examples": 3}})
+    train, evaluation = build_datasets(mqar)
+    assert len(train) == 10 and len(evaluation) == 3
+    assert train[:2]["input_ids"].shape == (2, 32)
+    assert not torch.equal(train[:3]["input_ids"], evaluation[:3]["input_ids"])
+    assert build_eval_dataset(mqar, 2)[:1]["labels"].shape == (1, 64)
+
+    source = tmp_path / "doc.txt"
+    source.write_text(DOCS[2] * 10, encoding="utf-8")
+    text_recipe = Recipe.from_dict({"run": {"output_dir": str(tmp_path / "runs" / "x")},
+                                    "data": {"kind": "text", "path": str(source), "block_size": 16}})
+    assert text_recipe.data.cache_dir == str(tmp_path / "runs" / "data-cache")
+    train, evaluation = build_datasets(text_recipe)
+    assert train[:1]["input_ids"].shape == (1, 16) and len(evaluation) >= 1
+    assert build_eval_dataset(text_recipe, 2)[:1]["input_ids"].shape == (1, 32)

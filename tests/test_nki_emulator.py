@@ -1,0 +1,340 @@
+"""The NKI 0.2.0 emulator: each instruction against an independent NumPy expression of its
+documented semantics, and each hardware rule broken once by a small bad kernel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nki_kernels import compat
+from nki_kernels.emulator import NKIRuleError, nki, nisa, nl
+
+RNG = np.random.default_rng(0)
+
+
+def rand(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def load(src, dtype=nl.float32):
+    t = nl.ndarray(src.shape, dtype=dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=t, src=src)
+    return t
+
+
+def store(t):
+    out = nl.ndarray(t.shape, dtype=t.dtype, buffer=nl.shared_hbm)
+    nisa.dma_copy(dst=out, src=t)
+    return out
+
+
+def run(kernel, *args):
+    return nki.simulate_kernel(kernel, *args)
+
+
+def test_compat_returns_the_emulator_without_neuron():
+    if compat.NKI_AVAILABLE:
+        pytest.skip("the real NKI is installed")
+    assert compat.NKI_IMPLEMENTATION == "emulator"
+    assert compat.nisa is nisa and compat.nl is nl
+    assert compat.NKI_UNAVAILABLE_REASON
+
+
+def test_dma_copy_roundtrip_cast_and_rmw():
+    a, b = rand(64, 40), rand(64, 40)
+
+    def kernel(a, b):
+        t = load(a, nl.bfloat16)  # the DMA casts fp32 -> bf16
+        out = nl.ndarray(a.shape, dtype=nl.float32, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=out, src=t)
+        nisa.dma_copy(dst=out, src=load(b), dst_rmw_op=nl.add)
+        return out
+
+    import ml_dtypes
+
+    expected = a.astype(ml_dtypes.bfloat16).astype(np.float32) + b
+    np.testing.assert_allclose(run(kernel, a, b), expected, rtol=1e-6)
+
+
+def test_tensor_copy_memset_and_new_tiles_are_nan():
+    a = rand(32, 16)
+
+    def kernel(a):
+        t = nl.ndarray((32, 16), dtype=nl.float32)
+        nisa.tensor_copy(dst=t, src=load(a))
+        m = nl.ndarray((32, 16), dtype=nl.float32)
+        nisa.memset(dst=m, value=2.5)
+        fresh = nl.ndarray((32, 16), dtype=nl.float32)
+        return store(t), store(m), store(fresh)
+
+    t, m, fresh = run(kernel, a)
+    np.testing.assert_array_equal(t, a)
+    assert (m == 2.5).all() and np.isnan(fresh).all()
+
+
+@pytest.mark.parametrize("op,ref", [(nl.add, np.add), (nl.multiply, np.multiply), (nl.subtract, np.subtract),
+                                    (nl.maximum, np.maximum)])
+def test_tensor_tensor(op, ref):
+    a, b = rand(128, 64), rand(128, 64)
+
+    def kernel(a, b):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_tensor(dst=out, data1=load(a), data2=load(b), op=op)
+        return store(out)
+
+    np.testing.assert_allclose(run(kernel, a, b), ref(a, b), rtol=1e-6)
+
+
+def test_tensor_scalar_vector_and_scalar_operands_with_reverse():
+    a, v = rand(16, 32), rand(16, 1)
+
+    def kernel(a, v):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_scalar(dst=out, data=load(a), op0=nl.subtract, operand0=load(v), reverse0=True,
+                           op1=nl.multiply, operand1=3.0)
+        return store(out)
+
+    np.testing.assert_allclose(run(kernel, a, v), (v - a) * 3.0, rtol=1e-6)
+
+
+def test_tensor_reduce_over_trailing_axes_with_negate():
+    a = rand(8, 4, 5)
+
+    def kernel(a):
+        out = nl.ndarray((8, 4), dtype=nl.float32)
+        nisa.tensor_reduce(dst=out, op=nl.add, data=load(a), axis=2)
+        out2 = nl.ndarray((8, 1), dtype=nl.float32)
+        nisa.tensor_reduce(dst=out2, op=nl.maximum, data=load(a), axis=(1, 2), negate=True)
+        return store(out), store(out2)
+
+    s, m = run(kernel, a)
+    np.testing.assert_allclose(s, a.sum(axis=2), rtol=1e-5)
+    np.testing.assert_allclose(m[:, 0], -a.reshape(8, -1).max(axis=1), rtol=1e-6)
+
+
+def test_activation_scale_bias_and_reduce():
+    a, s, bias = rand(32, 24), rand(32, 1), rand(32, 1)
+
+    def kernel(a, s, bias):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        red = nl.ndarray((32, 1), dtype=nl.float32)
+        nisa.activation(dst=out, op=nl.exp, data=load(a), scale=load(s), bias=load(bias),
+                        reduce_op=nl.add, reduce_res=red, reduce_cmd=nisa.reduce_cmd.reset_reduce)
+        sp = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.activation(dst=sp, op=nl.softplus, data=load(a), scale=2.0)
+        return store(out), store(red), store(sp)
+
+    out, red, sp = run(kernel, a, s, bias)
+    expected = np.exp(a * s + bias)
+    np.testing.assert_allclose(out, expected, rtol=1e-5)
+    np.testing.assert_allclose(red[:, 0], expected.sum(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(sp, np.log1p(np.exp(2 * a)), rtol=1e-5)
+
+
+def _scan_ref(a, b, init):
+    out, prev = np.empty_like(a), np.broadcast_to(init, (a.shape[0],)).astype(np.float32)
+    for i in range(a.shape[1]):
+        prev = a[:, i] * prev + b[:, i]
+        out[:, i] = prev
+    return out
+
+
+@pytest.mark.parametrize("tile_initial", [False, True])
+def test_tensor_tensor_scan_initial_scalar_and_tile(tile_initial):
+    a, b, init = rand(64, 100), rand(64, 100), rand(64, 1)
+
+    def kernel(a, b, init):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        initial = load(init) if tile_initial else 0.5
+        nisa.tensor_tensor_scan(dst=out, data0=load(a), data1=load(b), initial=initial, op0=nl.multiply, op1=nl.add)
+        return store(out)
+
+    expected = _scan_ref(a, b, init[:, 0] if tile_initial else np.float32(0.5))
+    np.testing.assert_allclose(run(kernel, a, b, init), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_nc_matmul_accumulates_in_psum_and_transpose():
+    x1, y1, x2, y2 = rand(128, 96), rand(128, 200), rand(64, 96), rand(64, 200)
+
+    def kernel(x1, y1, x2, y2):
+        acc = nl.ndarray((96, 200), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=acc, stationary=load(x1), moving=load(y1))
+        nisa.nc_matmul(dst=acc, stationary=load(x2), moving=load(y2))  # accumulates
+        res = nl.ndarray((96, 200), dtype=nl.float32)
+        nisa.tensor_copy(dst=res, src=acc)
+        tr = nl.ndarray((96, 64), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_transpose(dst=tr, data=load(x2))
+        tr_sb = nl.ndarray((96, 64), dtype=nl.float32)
+        nisa.tensor_copy(dst=tr_sb, src=tr)
+        return store(res), store(tr_sb)
+
+    res, tr = run(kernel, x1, y1, x2, y2)
+    np.testing.assert_allclose(res, x1.T @ y1 + x2.T @ y2, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(tr, x2.T)
+
+
+def test_iota_and_affine_select():
+    a = rand(8, 12)
+
+    def kernel(a):
+        io = nl.ndarray((8, 12), dtype=nl.int32)
+        nisa.iota(dst=io, pattern=[[3, 4], [1, 3]], offset=5, channel_multiplier=100)
+        sel = nl.ndarray((8, 12), dtype=nl.float32)
+        nisa.affine_select(dst=sel, pattern=[[1, 12]], offset=0, channel_multiplier=-1, on_true_tile=load(a),
+                           on_false_value=-7.0, cmp_op=nl.greater_equal)
+        return store(io), store(sel)
+
+    io, sel = run(kernel, a)
+    p, w, x = np.arange(8)[:, None, None], np.arange(4)[None, :, None], np.arange(3)[None, None, :]
+    np.testing.assert_array_equal(io, (5 + 100 * p + 3 * w + x).reshape(8, 12))
+    i, j = np.arange(8)[:, None], np.arange(12)[None, :]
+    np.testing.assert_array_equal(sel, np.where(j - i >= 0, a, -7.0))
+
+
+def test_cost_model_charges_documented_cycles():
+    a = rand(128, 512)
+
+    def kernel(a):
+        t = load(a)
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_tensor(dst=out, data1=t, data2=t, op=nl.add)  # 2N
+        nisa.tensor_tensor_scan(dst=out, data0=t, data1=t, initial=0.0, op0=nl.multiply, op1=nl.add)  # 2N
+        nisa.activation(dst=out, op=nl.exp, data=t)  # N on Scalar
+        ps = nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps, stationary=t[:, 0:128], moving=t)  # 512 x 4 (fp32)
+        return store(out)
+
+    _, prof = nki.simulate(kernel, a)
+    from nki_kernels.emulator.core import ACCESS_OVERHEAD
+
+    assert prof.cycles["vector"] == 2 * (1024 + ACCESS_OVERHEAD)
+    assert prof.cycles["scalar"] == 512 + ACCESS_OVERHEAD
+    assert prof.cycles["tensor"] == 512 * 4
+    assert prof.hbm_bytes == 2 * a.nbytes
+    assert prof.peak_psum_bytes == 2048 and prof.peak_sbuf_bytes >= 2 * 2048
+    assert prof.bound == "vector" and prof.time_serial_s > prof.time_overlapped_s
+
+
+# ----------------------------------------------------------------------------- rules
+def _raises(kernel, *args, match):
+    with pytest.raises(NKIRuleError, match=match) as info:
+        run(kernel, *args)
+    return str(info.value)
+
+
+def test_rule_partition_at_most_128_and_first():
+    msg = _raises(lambda: nl.ndarray((256, 4), dtype=nl.float32), match="partition dimension must be <= 128")
+    assert "nl.ndarray" in msg and "(256, 4)" in msg
+
+    def index_partition(a):
+        return load(a)[3]
+
+    _raises(index_partition, rand(8, 4), match="partition axis must stay first")
+
+
+def test_rule_psum_bank_and_bank_count():
+    _raises(lambda: nl.ndarray((128, 1024), dtype=nl.float32, buffer=nl.psum), match="one bank")
+
+    def too_many():
+        return [nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum) for _ in range(9)]
+
+    _raises(too_many, match="8 banks")
+
+
+def test_rule_sbuf_capacity():
+    def big():
+        keep = [nl.ndarray((128, 40 * 1024), dtype=nl.float32) for _ in range(2)]
+        return keep
+
+    _raises(big, match="SBUF capacity")
+
+
+def test_rule_matmul_operand_limits():
+    def wide_stationary(a):
+        ps = nl.ndarray((128, 16), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps, stationary=load(a), moving=load(a)[:, 0:16])
+
+    _raises(wide_stationary, rand(64, 256), match="stationary free size must be <= 128")
+
+    def wide_moving(a, b):
+        ps = nl.ndarray((16, 512), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps, stationary=load(a), moving=load(b))
+
+    _raises(wide_moving, rand(8, 16), rand(8, 600), match="moving free size must be <= 512")
+
+    def sbuf_dst(a):
+        out = nl.ndarray((16, 16), dtype=nl.float32)
+        nisa.nc_matmul(dst=out, stationary=load(a), moving=load(a))
+
+    _raises(sbuf_dst, rand(8, 16), match="dst must be in psum")
+
+    def mixed(a):
+        ps = nl.ndarray((16, 16), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps, stationary=load(a), moving=load(a, nl.bfloat16))
+
+    _raises(mixed, rand(8, 16), match="float32 the other must be float32")
+
+
+def test_rule_no_two_psum_operands():
+    def kernel(a):
+        p1 = nl.ndarray((8, 8), dtype=nl.float32, buffer=nl.psum)
+        p2 = nl.ndarray((8, 8), dtype=nl.float32, buffer=nl.psum)
+        nisa.memset(dst=p1, value=0.0)
+        nisa.memset(dst=p2, value=0.0)
+        out = nl.ndarray((8, 8), dtype=nl.float32)
+        nisa.tensor_tensor(dst=out, data1=p1, data2=p2, op=nl.add)
+
+    msg = _raises(kernel, rand(8, 8), match="both be in PSUM")
+    assert msg.startswith("nisa.tensor_tensor")
+
+
+def test_rule_partition_start():
+    def kernel(a):
+        t = load(a)
+        out = nl.ndarray((4, 8), dtype=nl.float32)
+        nisa.tensor_copy(dst=out, src=t[5:9, :])
+
+    msg = _raises(kernel, rand(16, 8), match="partition start rule")
+    assert "starts at partition 5" in msg
+
+    def ok(a):
+        t = load(a)
+        out = nl.ndarray((16, 8), dtype=nl.float32)
+        nisa.tensor_copy(dst=out, src=t[32:48, :])
+        return store(out)
+
+    np.testing.assert_array_equal(run(ok, (a := rand(64, 8))), a[32:48])
+
+
+def test_rule_dtypes_and_engines():
+    def bad_scale(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.activation(dst=out, op=nl.exp, data=load(a), scale=load(a[:, 0:1], nl.bfloat16))
+
+    _raises(bad_scale, rand(8, 8), match="scale must be float32")
+
+    def scalar_bias(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.activation(dst=out, op=nl.exp, data=load(a), bias=1.0)
+
+    _raises(scalar_bias, rand(8, 8), match="bias must be a")
+
+    def gpsimd_psum(a):
+        p = nl.ndarray((8, 8), dtype=nl.float32, buffer=nl.psum)
+        nisa.memset(dst=p, value=0.0, engine=nisa.engine.gpsimd)
+
+    _raises(gpsimd_psum, rand(8, 8), match="GpSimd engine cannot access PSUM")
+
+    def scalar_copy(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_copy(dst=out, src=load(a), engine=nisa.engine.scalar)
+
+    _raises(scalar_copy, rand(8, 8), match="NeuronCore-v2")
+
+
+def test_item_assignment_is_rejected():
+    def kernel(a):
+        t = load(a)
+        t[0:1, :] = 0
+
+    _raises(kernel, rand(8, 8), match="written by instructions only")

@@ -1,0 +1,141 @@
+"""Recipes: every shipped file validates, the Trn1 ladder hits its sizes, overrides and each validation error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bmojo_neuron import BMojoConfig
+from bmojo_neuron.recipes import Recipe, count_parameters, list_recipes, load_recipe, resolve_recipe_path
+
+LADDER = {"trn1/bmojo-130m": 130e6, "trn1/bmojo-370m": 370e6, "trn1/bmojo-790m": 790e6, "trn1/bmojo-1.4b": 1.4e9}
+
+
+def test_every_shipped_recipe_validates() -> None:
+    names = list_recipes()
+    assert {"cpu-tiny", "cpu-text", "mqar-suite", *LADDER} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
+        assert isinstance(recipe.model_config(), BMojoConfig)
+        for variant in ([recipe.compare] if recipe.compare else []) + recipe.suite:
+            assert isinstance(recipe.with_overrides(variant.overrides).model_config(), BMojoConfig)
+        assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+@pytest.mark.parametrize("name", sorted(LADDER))
+def test_ladder_parameter_counts_within_5_percent(name: str) -> None:
+    recipe = load_recipe(name)
+    count = count_parameters(recipe)
+    print(f"{name}: {count / 1e6:.1f}M parameters (target {LADDER[name] / 1e6:.0f}M)")
+    assert abs(count / LADDER[name] - 1) <= 0.05
+    assert recipe.model["vocab_size"] == 50304 == -(-50280 // 128) * 128
+    assert recipe.data.kind == "text" and recipe.run.device == "auto"
+    assert recipe.data.block_size % 128 == 0 and 2048 <= recipe.data.block_size <= 8192
+
+
+def test_matched_parameter_counts_of_comparisons() -> None:
+    tiny = load_recipe("cpu-tiny")
+    base = count_parameters(tiny)
+    assert tiny.model["layer_pattern"] == "BB" and tiny.data.kind == "mqar"
+    assert abs(count_parameters(tiny.with_overrides(tiny.compare.overrides)) / base - 1) <= 0.05
+    suite = load_recipe("mqar-suite")
+    counts = {v.name: count_parameters(suite.with_overrides(v.overrides)) for v in suite.suite}
+    print("mqar-suite parameters:", counts)
+    assert set(counts) == {"bmojo", "bmojo-f", "mamba", "swa", "attention"}
+    assert max(counts.values()) / min(counts.values()) <= 1.1
+
+
+def test_default_name_resolution_and_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_recipe().run.name == "cpu-tiny"
+    assert load_recipe(None).source == str(resolve_recipe_path("cpu-tiny"))
+    custom = tmp_path / "mine.yaml"
+    custom.write_text("train: {steps: 3}\n", encoding="utf-8")
+    recipe = load_recipe(str(custom))
+    assert recipe.run.name == "mine" and recipe.run.output_dir == str(Path("runs") / "mine")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "local.yaml").write_text("run: {name: here}\n", encoding="utf-8")
+    assert load_recipe("local").run.name == "here"  # found under CWD/recipes
+    assert load_recipe("cpu-text").data.kind == "text"  # falls back to the repository's recipes/
+    with pytest.raises(FileNotFoundError, match="known recipes: .*cpu-tiny"):
+        load_recipe("no-such-recipe")
+
+
+def test_overrides_parse_yaml_values() -> None:
+    recipe = load_recipe("cpu-tiny", ["train.steps=10", "model.layer_pattern=BM", "optim.betas=[0.9,0.99]",
+                                      "optim.lr=3e-4", "run.name=x"])
+    assert recipe.train.steps == 10 and recipe.optim.betas == [0.9, 0.99] and recipe.optim.lr == 3e-4
+    assert recipe.model_config().layer_pattern == "BM"
+    assert recipe.run.output_dir == str(Path("runs") / "x")  # derived default follows the new name
+    again = recipe.with_overrides({"train.batch_size": 4})
+    assert again.train.batch_size == 4 and again.train.steps == 10 and recipe.train.batch_size != 4
+
+
+def test_model_config_fills_vocab_from_data() -> None:
+    assert Recipe.from_dict({"data": {"vocab_size": 96}}).model_config().vocab_size == 96
+    assert Recipe.from_dict({"data": {"kind": "text"}}).model_config().vocab_size == 256
+
+
+@pytest.mark.parametrize(
+    ("document", "match"),
+    [
+        ({"trian": {}}, r"recipe key trian: unknown section; valid sections: run, model"),
+        ({"train": {"stepz": 1}}, r"recipe key train.stepz: unknown key; valid keys of train: steps, batch_size"),
+        ({"train": {"steps": "ten"}}, r"recipe key train.steps: must be an integer, got str 'ten'"),
+        ({"train": {"steps": 1.5}}, r"recipe key train.steps: must be an integer"),
+        ({"train": {"activation_checkpointing": "yes"}}, r"train.activation_checkpointing: must be true or false"),
+        ({"train": {"steps": 0}}, r"recipe key train.steps: is 0; must be a positive integer"),
+        ({"train": {"precision": "fp8"}}, r"train.precision: is 'fp8'; choose one of fp32, bf16"),
+        ({"run": {"device": "neuron"}}, r"run.device: is 'neuron', which is not supported yet"),
+        ({"run": {"device": "tpu"}}, r"run.device: is 'tpu'; choose one of auto, cpu, cuda"),
+        ({"model": {"hidden_sise": 8}}, r"recipe key model.hidden_sise: unknown BMojoConfig field"),
+        ({"model": {"layer_pattern": "BX", "num_hidden_layers": 2}}, r"recipe key model.layer_pattern: has letters"),
+        ({"model": {"vocab_size": 16}}, r"model.vocab_size: is 16, smaller than data.vocab_size"),
+        ({"data": {"kind": "audio"}}, r"data.kind: is 'audio'; choose one of mqar, text"),
+        ({"data": {"kind": "text", "seq_len": 8}}, r"data.seq_len: unknown key; valid keys of data: kind, path"),
+        ({"data": {"seq_len": 8, "num_kv_pairs": 4}}, r"recipe key data: seq_len 8 is too short"),
+        ({"optim": {"betas": [0.9]}}, r"optim.betas: is \[0.9\]"),
+        ({"optim": {"betas": 0.9}}, r"optim.betas: must be a list"),
+        ({"parallel": {"tp": 0}}, r"parallel.tp: is 0; must be a positive integer"),
+        ({"parallel": {"sp": 1}}, r"parallel.sp: must be true or false"),
+        ({"eval": {"length_multipliers": [1, 0]}}, r"eval.length_multipliers: is 0"),
+        ({"compare": {"overrides": {}}}, r"recipe key compare.name: missing"),
+        (
+            {"compare": {"name": "m", "overrides": {"model.layer_patern": "M"}}},
+            r"compare.overrides \(m\): .*layer_patern",
+        ),
+        ({"suite": [{"name": "a", "overrides": {"train.steps": "x"}}]}, r"suite\[0\].overrides \(a\): .*train.steps"),
+        ({"train": [1]}, r"recipe key train: must be a mapping"),
+    ],
+)
+def test_validation_errors_name_the_key(document: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Recipe.from_dict(document)
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("train.steps", r"override 'train.steps': expected key.sub=value"),
+        ("train.stepz=3", r"recipe key train.stepz: unknown key"),
+        ("trian.steps=3", r"override 'trian.steps': unknown section 'trian'"),
+        ("steps=3", r"override 'steps': expected section.key"),
+        ("train.steps=ten", r"recipe key train.steps: must be an integer"),
+    ],
+)
+def test_bad_overrides(override: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        load_recipe("cpu-tiny", [override])
+
+
+def test_text_path_is_not_checked_at_parse_time() -> None:
+    recipe = Recipe.from_dict({"data": {"kind": "text", "path": "/definitely/missing"}})
+    assert recipe.data.path == "/definitely/missing"
+
+
+def test_count_parameters_matches_a_real_model() -> None:
+    from bmojo_neuron import BMojoForCausalLM
+
+    recipe = load_recipe("cpu-tiny")
+    assert count_parameters(recipe) == BMojoForCausalLM(recipe.model_config()).num_parameters()
