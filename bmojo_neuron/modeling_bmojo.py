@@ -43,6 +43,11 @@ class BMojoCausalLMOutput(ModelOutput):
     hidden_states: tuple[Tensor, ...] | None = None
 
 
+# Tensor-parallel layers (ours and NxD's) initialise like the plain ones they replace.
+PARALLEL_LINEARS = ("ColumnParallelLinear", "RowParallelLinear")
+PARALLEL_EMBEDDINGS = ("VocabParallelEmbedding", "ParallelEmbedding")
+
+
 class BMojoPreTrainedModel(PreTrainedModel):
     config_class = BMojoConfig
     config: BMojoConfig
@@ -60,13 +65,14 @@ class BMojoPreTrainedModel(PreTrainedModel):
         which skips tensors already loaded by `from_pretrained`.
         """
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
+        kind = type(module).__name__
+        if isinstance(module, nn.Linear) or kind in PARALLEL_LINEARS:
             if getattr(module, "is_residual_output", False) and self.config.rescale_prenorm_residual:
                 std = std / math.sqrt(2 * self.config.num_hidden_layers)
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
+        elif isinstance(module, nn.Embedding) or kind in PARALLEL_EMBEDDINGS:
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.Conv1d):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))

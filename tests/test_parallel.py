@@ -127,3 +127,72 @@ def test_degrees_that_do_not_divide_are_rejected(tp, overrides, field):
 
     with use_layer_factory(CountingOnlyFactory()), pytest.raises(ValueError, match=field):
         BMojoForCausalLM(tiny_config(**overrides))
+
+
+def test_trainium_factory_builds_nxd_layers_with_the_right_arguments(monkeypatch):
+    """Wiring only (no Neuron here): a test double of NxD's module API records what is built.
+
+    With tensor-parallel size 1 the doubles behave like plain layers, so the model built
+    through the NxD factory must also compute what the single-device model computes.
+    """
+    from types import SimpleNamespace
+
+    from bmojo_neuron.parallel import nxd
+
+    built = []
+
+    def layer(kind, make):
+        def build(*args, **kwargs):
+            built.append((kind, args, kwargs))
+            return make(*args)
+        return build
+
+    fake = {
+        "neuronx_distributed.parallel_layers.layers": SimpleNamespace(
+            ColumnParallelLinear=layer("column", lambda i, o: torch.nn.Linear(i, o, bias=False)),
+            RowParallelLinear=layer("row", lambda i, o: torch.nn.Linear(i, o, bias=False)),
+            ParallelEmbedding=layer("embedding", torch.nn.Embedding),
+        ),
+        "neuronx_distributed.parallel_layers.mappings": SimpleNamespace(
+            copy_to_tensor_model_parallel_region=lambda x: x,
+            reduce_from_tensor_model_parallel_region=lambda x: x,
+            gather_from_tensor_model_parallel_region=lambda x: x,
+        ),
+        "neuronx_distributed.parallel_layers.parallel_state": SimpleNamespace(
+            get_tensor_model_parallel_size=lambda: 1, get_tensor_model_parallel_rank=lambda: 0
+        ),
+        "neuronx_distributed.parallel_layers.loss_functions": SimpleNamespace(
+            parallel_cross_entropy=lambda logits, labels: torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        ),
+    }
+    monkeypatch.setattr(nxd, "import_neuron_module", lambda name, feature: fake[name])
+    config = _config("mamba1")
+    torch.manual_seed(0)
+    reference = BMojoForCausalLM(config)
+    with use_layer_factory(nxd.NxDTensorParallelFactory()):
+        model = BMojoForCausalLM(config)
+    model.load_state_dict(reference.state_dict())
+
+    kinds = [kind for kind, _, _ in built]
+    assert kinds.count("embedding") == 1 and built[0] == ("embedding", (64, 32), {})
+    assert all(kw == {"bias": False, "gather_output": False} for k, _, kw in built if k == "column")
+    assert all(kw == {"bias": False, "input_is_parallel": True} for k, _, kw in built if k == "row")
+    q_proj = next(args for kind, args, _ in built if kind == "column")
+    assert q_proj == (32, config.num_attention_heads * config.head_dim)
+    ids = torch.randint(0, 64, (2, 24))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    with torch.no_grad():
+        want, got = reference(ids, labels=labels), model(ids, labels=labels)
+    torch.testing.assert_close(got.logits, want.logits)
+    torch.testing.assert_close(got.loss, want.loss)
+    with pytest.raises(ValueError, match="parallel.sp"):
+        nxd.NxDTensorParallelFactory(sequence_parallel=True)
+
+
+def test_nxd_factory_without_neuron_says_what_to_install():
+    from bmojo_neuron.neuron import NeuronUnavailableError
+    from bmojo_neuron.parallel.nxd import NxDTensorParallelFactory
+
+    with pytest.raises(NeuronUnavailableError, match="neuronx"):
+        NxDTensorParallelFactory()

@@ -23,9 +23,10 @@ import random
 import re
 import shutil
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -270,14 +271,11 @@ def export_final(
     run_dir: str | Path, model: nn.Module, recipe: dict[str, Any], tokenizer: str, metrics: dict[str, Any]
 ) -> Path:
     """Atomically write ``<run_dir>/final``: `save_pretrained` + the run info (tokenizer, recipe, metrics)."""
-    from transformers.utils import logging as hf_logging
-
     run_dir = Path(run_dir)
     tmp = new_tmp_dir(run_dir, FINAL)
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Writing model shards" bar for a one-file model
     try:
-        model.save_pretrained(str(tmp))
+        with quiet_transformers():
+            model.save_pretrained(str(tmp))
         info = {"tokenizer": tokenizer, "recipe": recipe, "final_metrics": metrics}
         (tmp / RUN_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str))
@@ -285,10 +283,21 @@ def export_final(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
     return run_dir / FINAL
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars ("Writing model shards", "Loading weights") for one-file models."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 # ---------------------------------------------------------------- loading for inference
@@ -335,7 +344,8 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
         recipe = json.loads((source / RECIPE_FILE).read_text())
         tokenizer = str(recipe.get("data", {}).get("tokenizer") or "byte")
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(source))
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(str(source))
         info_file = source / RUN_INFO_FILE
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         recipe = info.get("recipe", {})
