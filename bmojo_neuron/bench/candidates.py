@@ -16,7 +16,7 @@ possible to B'MOJO's. `Shape` holds the shared sizes.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -280,11 +280,16 @@ class CandidateFactory:
         return self._widths[name]
 
     def build(self, name: str, seed: int = 0, device: str = "cpu") -> Built:
-        width = self.width(name)
-        config = _config(name, self.shape, self.num_layers, width)
-        torch.manual_seed(seed)
-        model = _instantiate(name, config, self.causal_lm).to(device)
-        return Built(name, model, config, width, total_params(model), non_embedding_params(model))
+        return build_candidate(name, self.shape, self.width(name), self.num_layers, self.causal_lm, seed, device)
+
+
+def build_candidate(name: str, shape: Shape, width: int | None, num_layers: int | None = None,
+                    causal_lm: bool = True, seed: int = 0, device: str = "cpu") -> Built:
+    """Build `name` with an already matched `width` (deterministic given `seed`)."""
+    config = _config(name, shape, num_layers, width)
+    torch.manual_seed(seed)
+    model = _instantiate(name, config, causal_lm).to(device)
+    return Built(name, model, config, width, total_params(model), non_embedding_params(model))
 
 
 def first_layer(built: Built) -> nn.Module:
@@ -293,5 +298,3 @@ def first_layer(built: Built) -> nn.Module:
     inner = getattr(model, "model", model)
     return inner.layers[0]
 
-
-LayerForward = Callable[[torch.Tensor], torch.Tensor]

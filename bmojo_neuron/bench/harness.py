@@ -2,40 +2,39 @@
 
 Method (also in ``docs/benchmarks.md``):
 
-* **Probe.** Before a candidate is timed at a size, one unit of its work (a training
-  step, a layer forward+backward, a prefill plus one decoded token) runs in a
-  *forked child process* with a deadline of ``cap_seconds``. A child that misses it
-  is killed and the candidate is reported ``"status": "capped"`` at that size (and
-  at every larger size) instead of hanging the suite. The child runs torch with one
-  thread: libgomp's thread pool does not survive ``fork()``, and a child that uses
-  it after the parent did deadlocks. The probe is therefore a conservative
-  (slower) estimate; the cap is a budget, not a measurement.
-* **Peak memory (CPU).** The probe child also measures memory. It pins glibc's
-  ``M_MMAP_THRESHOLD`` (so every block above 64 KiB is a fresh ``mmap`` returned
-  on ``free``, not reused from the parent's heap), resets the kernel's peak-RSS
-  counter (``/proc/self/clear_refs`` = 5) and reports ``VmHWM - VmRSS`` around the
-  unit: the peak *additional* resident memory of one unit of work above what was
-  resident before it (weights and, for a first training step, not yet the
-  gradients or optimizer state, which it allocates). On CUDA the same number comes
-  from ``torch.cuda.max_memory_allocated`` around the unit (no probe process;
-  CUDA cannot be forked). Elsewhere (no ``fork`` or no ``/proc``) memory is None.
-* **Timing.** In the parent process, all candidates of a cell run *alternating*
+* **Probe (time cap).** Before a candidate is timed at a size, one unit of its work
+  (a training step, a layer forward+backward, a prefill plus one decoded token)
+  runs in a separate process with a deadline of ``cap_seconds``; a probe that
+  misses it is killed and the candidate is reported ``"status": "capped"`` at that
+  size and every larger one, instead of hanging the suite. Probe processes are
+  forked from a multiprocessing *fork server* that imported torch but never
+  computed (libgomp's thread pool does not survive ``fork()`` of a process that
+  used it), so they run with the same thread count as the timing process.
+* **Peak memory.** The probe runs the unit a second time (when the first run took
+  at most half the cap) and reports the peak *additional* memory of that warm run
+  over what was resident just before it (weights, data, optimizer state; lazy
+  imports and first-call set-up excluded). CPU: glibc's ``M_MMAP_THRESHOLD`` is
+  pinned to 64 KiB in the probe (every large block is a fresh ``mmap``, returned
+  on ``free``), ``/proc/self/clear_refs`` = 5 resets the kernel's peak-RSS counter,
+  and the number is ``VmHWM - VmRSS(before)``. CUDA:
+  ``torch.cuda.max_memory_allocated() - memory_allocated()``.
+* **Timing.** In the main process all candidates of a cell run *alternating*
   (round-robin: A B C A B C ...), first ``warmup`` rounds untimed, then ``repeats``
   timed rounds; the reported time is the median. Alternating spreads machine noise
-  (other processes, thermal state) evenly over the candidates, so ratios measured
-  in one run are much steadier than absolute times.
+  evenly over the candidates, so ratios measured in one run are much steadier
+  than absolute times.
 """
 
 from __future__ import annotations
 
 import ctypes
 import datetime as _dt
+import importlib
 import json
 import math
+import multiprocessing as mp
 import os
 import platform
-import select
-import signal
 import statistics
 import sys
 import time
@@ -49,10 +48,10 @@ SCHEMA = "bmojo-neuron-bench/1"
 OK, CAPPED, ERROR, SKIPPED = "ok", "capped", "error", "skipped"
 
 MEMORY_METHOD_CPU = (
-    "peak additional RSS of one unit of work, measured in a forked probe process: glibc M_MMAP_THRESHOLD "
-    "pinned to 64 KiB, /proc/self/clear_refs=5 resets VmHWM, then VmHWM - VmRSS(before)"
+    "peak additional RSS of one warm unit of work in a probe process: glibc M_MMAP_THRESHOLD pinned to 64 KiB, "
+    "/proc/self/clear_refs=5 resets VmHWM, peak = VmHWM - VmRSS(before the unit)"
 )
-MEMORY_METHOD_CUDA = "torch.cuda.max_memory_allocated() - memory_allocated() around one unit of work"
+MEMORY_METHOD_CUDA = "torch.cuda.max_memory_allocated() - memory_allocated() around one warm unit, in a probe process"
 
 
 # ----------------------------------------------------------------------------- machine
@@ -146,8 +145,8 @@ def _pin_malloc() -> None:
         pass
 
 
-def cpu_probe_supported() -> bool:
-    return hasattr(os, "fork") and sys.platform.startswith("linux") and os.path.exists("/proc/self/clear_refs")
+def cpu_memory_supported() -> bool:
+    return os.path.exists("/proc/self/clear_refs") and os.path.exists("/proc/self/status")
 
 
 def sync(device: str) -> None:
@@ -156,115 +155,159 @@ def sync(device: str) -> None:
 
 
 # ----------------------------------------------------------------------------- probe
+# Modules the fork server imports once, so each probe process starts in milliseconds.
+PRELOAD = [
+    "torch", "transformers", "bmojo_neuron", "bmojo_neuron.bench.suites",
+    "transformers.models.mamba.modeling_mamba", "transformers.models.mamba2.modeling_mamba2",
+    "transformers.models.mistral.modeling_mistral",
+]
+_context: Any = None
+
+
+def probe_context():
+    """The multiprocessing ``forkserver`` context (None where there is none, e.g. Windows)."""
+    global _context
+    if _context is None:
+        if "forkserver" not in mp.get_all_start_methods():
+            return None
+        _context = mp.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    return _context
+
+
 @dataclass
 class Probe:
-    """Outcome of running one unit of work once under a deadline."""
+    """Outcome of running one unit of work under a deadline, in a fresh process."""
 
     status: str  # ok | capped | error
     seconds: float | None = None
     peak_memory_bytes: int | None = None
+    memory_warm: bool | None = None  # peak from a second (warm) run, not the cold first one
     error: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
-def probe(unit: Callable[[], dict[str, Any] | None], cap_seconds: float, device: str = "cpu",
-          fork: bool = True) -> Probe:
-    """Run `unit()` once with a deadline; measure its time and peak memory.
+def _load(builder: str) -> Callable:
+    module, name = builder.split(":")
+    return getattr(importlib.import_module(module), name)
 
-    On CPU with ``fork`` (Linux) the unit runs in a forked child, killed at the
-    deadline. Otherwise it runs here: it cannot be abandoned, but is reported
-    capped afterwards if it took longer than the cap. `unit` may return a dict of
-    extra JSON-serialisable numbers, passed back in `Probe.extra`.
-    """
+
+def _measure(unit, device: str) -> tuple[float, int | None]:
+    """Seconds and peak additional memory of one `unit.run()`."""
     if device.startswith("cuda"):
-        return _probe_cuda(unit, cap_seconds)
-    if fork and cpu_probe_supported():
-        return _probe_fork(unit, cap_seconds)
-    return _probe_inline(unit, cap_seconds, device)
-
-
-def _probe_inline(unit, cap_seconds: float, device: str) -> Probe:
-    try:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        extra = unit() or {}
-        sync(device)
-        seconds = time.perf_counter() - t0
-    except Exception as exc:  # a candidate that fails must not stop the others
-        return Probe(ERROR, error=f"{type(exc).__name__}: {exc}")
-    return Probe(CAPPED if seconds > cap_seconds else OK, seconds, None, extra=extra)
+        unit.run()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0, int(torch.cuda.max_memory_allocated() - base)
+    rss0 = _proc_status_kb("VmRSS")
+    reset = _reset_peak_rss()
+    t0 = time.perf_counter()
+    unit.run()
+    seconds = time.perf_counter() - t0
+    hwm = _proc_status_kb("VmHWM")
+    peak = (hwm - rss0) * 1024 if (reset and hwm is not None and rss0 is not None) else None
+    return seconds, peak
 
 
-def _probe_cuda(unit, cap_seconds: float) -> Probe:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    result = _probe_inline(unit, cap_seconds, "cuda")
-    result.peak_memory_bytes = int(torch.cuda.max_memory_allocated() - base)
+def _probe_child(builder: str, spec: dict[str, Any], threads: int, cap_seconds: float, conn) -> None:
+    """Probe process: build the unit, run it once (the parent enforces the cap), run it again for memory."""
+    try:
+        torch.set_num_threads(threads)
+        device = spec.get("device", "cpu")
+        if not device.startswith("cuda"):
+            _pin_malloc()
+        unit = _load(builder)(spec)
+        conn.send({"event": "built"})
+        seconds, peak = _measure(unit, device)
+        conn.send({"event": "first", "seconds": seconds})
+        warm = False
+        if seconds <= cap_seconds / 2:  # steady-state memory: lazy imports and first-call set-up excluded
+            _, peak = _measure(unit, device)
+            warm = True
+        info = unit.info() if hasattr(unit, "info") else {}
+        conn.send({"event": "done", "seconds": seconds, "peak": peak, "warm": warm, "info": info})
+    except BaseException as exc:  # noqa: BLE001 - report everything to the parent
+        conn.send({"event": "error", "error": f"{type(exc).__name__}: {exc}",
+                   "trace": traceback.format_exc(limit=6)})
+    finally:
+        conn.close()
+
+
+def probe(builder: str, spec: dict[str, Any], cap_seconds: float, build_seconds: float = 120.0,
+          isolate: bool = True) -> Probe:
+    """Run the unit `builder(spec)` once under a deadline; measure its time and peak memory.
+
+    `builder` is ``"module:function"``; the function takes the spec and returns an
+    object with ``run()`` (one unit of work) and optionally ``info()`` (a dict of
+    JSON numbers). With ``isolate`` the unit runs in a process forked from a
+    clean fork server (same thread count as here), killed if its first run takes
+    longer than `cap_seconds`. Without it (or without a fork server) it runs here:
+    it cannot be abandoned, is reported capped afterwards if over the cap, and
+    CPU memory is not measured.
+    """
+    ctx = probe_context() if isolate else None
+    if ctx is None:
+        return _probe_inline(builder, spec, cap_seconds)
+    parent_conn, child_conn = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_probe_child, args=(builder, spec, torch.get_num_threads(), cap_seconds, child_conn),
+                          daemon=True)
+    process.start()
+    child_conn.close()
+    result = Probe(ERROR, error="the probe process ended without a result")
+    first: float | None = None
+    deadline = time.monotonic() + build_seconds + cap_seconds
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not parent_conn.poll(left):
+                if first is None:
+                    result = Probe(CAPPED, error=f"one unit did not finish within the cap of {cap_seconds:g} s")
+                else:  # the memory run overran: keep the first run's numbers
+                    result = Probe(OK, first, None, None, error="memory run abandoned")
+                break
+            try:
+                message = parent_conn.recv()
+            except EOFError:
+                break
+            event = message.get("event")
+            if event == "built":
+                deadline = time.monotonic() + cap_seconds
+            elif event == "first":
+                first = float(message["seconds"])
+                deadline = time.monotonic() + 2 * first + 30
+            elif event == "done":
+                seconds = float(message["seconds"])
+                result = Probe(CAPPED if seconds > cap_seconds else OK, seconds, message.get("peak"),
+                               message.get("warm"), info=message.get("info") or {})
+                break
+            elif event == "error":
+                result = Probe(ERROR, error=message.get("error"), info={"trace": message.get("trace")})
+                break
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join(10)
+        parent_conn.close()
     return result
 
 
-def _probe_fork(unit, cap_seconds: float) -> Probe:
-    read_fd, write_fd = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # child: never return into the caller's code
-        code = 0
-        try:
-            os.close(read_fd)
-            torch.set_num_threads(1)
-            _pin_malloc()
-            rss0 = _proc_status_kb("VmRSS")
-            reset = _reset_peak_rss()
-            t0 = time.perf_counter()
-            extra = unit() or {}
-            seconds = time.perf_counter() - t0
-            hwm = _proc_status_kb("VmHWM")
-            peak = (hwm - rss0) * 1024 if (reset and hwm is not None and rss0 is not None) else None
-            message = {"status": OK, "seconds": seconds, "peak": peak, "extra": extra}
-        except BaseException as exc:  # noqa: BLE001 - report everything to the parent
-            message = {"status": ERROR, "error": f"{type(exc).__name__}: {exc}",
-                       "trace": traceback.format_exc(limit=4)}
-            code = 1
-        try:
-            with os.fdopen(write_fd, "w") as out:
-                out.write(json.dumps(message))
-        finally:
-            os._exit(code)
-    os.close(write_fd)
-    deadline = time.monotonic() + cap_seconds
-    chunks: list[bytes] = []
-    capped = False
-    with os.fdopen(read_fd, "rb") as pipe:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                capped = True
-                break
-            ready, _, _ = select.select([pipe], [], [], left)
-            if ready:
-                data = os.read(pipe.fileno(), 1 << 16)
-                if not data:
-                    break
-                chunks.append(data)
-    if capped:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    _, status = os.waitpid(pid, 0)
-    if capped:
-        return Probe(CAPPED, seconds=None, error=f"one unit did not finish within the cap of {cap_seconds:g} s")
+def _probe_inline(builder: str, spec: dict[str, Any], cap_seconds: float) -> Probe:
+    device = spec.get("device", "cpu")
     try:
-        message = json.loads(b"".join(chunks).decode() or "{}")
-    except json.JSONDecodeError:
-        message = {}
-    if message.get("status") == OK:
-        seconds = float(message["seconds"])
-        return Probe(CAPPED if seconds > cap_seconds else OK, seconds, message.get("peak"),
-                     extra=message.get("extra") or {})
-    error = message.get("error") or f"probe process exited with status {status}"
-    return Probe(ERROR, error=error, extra={"trace": message.get("trace")} if message.get("trace") else {})
+        unit = _load(builder)(spec)
+        if device.startswith("cuda"):
+            seconds, peak = _measure(unit, device)
+        else:
+            t0 = time.perf_counter()
+            unit.run()
+            seconds, peak = time.perf_counter() - t0, None
+        info = unit.info() if hasattr(unit, "info") else {}
+    except Exception as exc:  # a candidate that fails must not stop the others
+        return Probe(ERROR, error=f"{type(exc).__name__}: {exc}")
+    return Probe(CAPPED if seconds > cap_seconds else OK, seconds, peak, False, info=info)
 
 
 # ----------------------------------------------------------------------------- timing

@@ -17,7 +17,8 @@ from typing import Any, Callable
 import torch
 
 from . import harness
-from .candidates import ALL, HF, OURS, TOY_SHAPE, CandidateFactory, Shape, check_names, first_layer, is_baseline
+from .candidates import (ALL, HF, OURS, TOY_SHAPE, CandidateFactory, Shape, build_candidate, check_names, first_layer,
+                         is_baseline)
 from .harness import CAPPED, ERROR, OK, SKIPPED
 
 Log = Callable[[str], None]
@@ -41,7 +42,7 @@ class Settings:
     vocab_size: int | None = None
     device: str = "cpu"
     seed: int = 0
-    probe: bool = True  # run the first unit in a forked child (cap + memory); False: inline
+    probe: bool = True  # probe each candidate in a separate process (cap + memory); False: in-process
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -133,8 +134,7 @@ def run_suite(settings: Settings, log: Log = print) -> dict[str, Any]:
         "toy": s.toy,
         "machine": harness.machine_info(s.device),
         "settings": {k: v for k, v in asdict(s).items() if k not in ("extra",)},
-        "memory_method": harness.MEMORY_METHOD_CUDA if s.device.startswith("cuda") else (
-            harness.MEMORY_METHOD_CPU if s.probe and harness.cpu_probe_supported() else "not measured"),
+        "memory_method": _memory_method(s),
         "status": OK,
         "message": None,
         "candidates": [],
@@ -150,6 +150,167 @@ def run_suite(settings: Settings, log: Log = print) -> dict[str, Any]:
     return report
 
 
+def _memory_method(s: Settings) -> str:
+    if s.suite == "kernels":
+        return "not measured"
+    if not s.probe or harness.probe_context() is None:
+        return "not measured (no probe process)" if not s.device.startswith("cuda") else harness.MEMORY_METHOD_CUDA
+    if s.device.startswith("cuda"):
+        return harness.MEMORY_METHOD_CUDA
+    return harness.MEMORY_METHOD_CPU if harness.cpu_memory_supported() else "not measured (no /proc)"
+
+
+# ----------------------------------------------------------------------------- units
+# A unit builder takes a spec (plain dict: picklable, so a probe process can rebuild
+# the same unit) and an optional cache of built models (the main process keeps one
+# per suite run, so models and optimizer state persist across sizes). It returns an
+# object with run() (one unit of work) and info() (extra JSON numbers).
+BUILDERS = {
+    "train-step": "bmojo_neuron.bench.suites:train_step_unit",
+    "scaling": "bmojo_neuron.bench.suites:scaling_unit",
+    "decode": "bmojo_neuron.bench.suites:decode_unit",
+}
+
+
+def _built(spec: dict[str, Any], cache: dict[str, Any] | None, causal_lm: bool, num_layers: int | None):
+    cache = {} if cache is None else cache
+    name = spec["name"]
+    if name not in cache:
+        cache[name] = build_candidate(name, Shape(**spec["shape"]), spec["width"], num_layers, causal_lm,
+                                      spec["seed"], spec["device"])
+    return cache, cache[name]
+
+
+def _generator(spec: dict[str, Any]) -> torch.Generator:
+    return torch.Generator().manual_seed(spec["seed"] * 1_000_003 + spec["length"])
+
+
+class _Unit:
+    def __init__(self, run: Callable[[], Any], info: Callable[[], dict] | None = None) -> None:
+        self.run = run
+        self._info = info
+
+    def info(self) -> dict[str, Any]:
+        return self._info() if self._info else {}
+
+
+def train_step_unit(spec: dict[str, Any], cache: dict[str, Any] | None = None) -> _Unit:
+    """One AdamW training step (forward with labels, backward, optimizer step) on (batch, length) tokens."""
+    cache, built = _built(spec, cache, causal_lm=True, num_layers=None)
+    key = ("optimizer", spec["name"])
+    if key not in cache:
+        cache[key] = torch.optim.AdamW(built.model.parameters(), lr=1e-4)
+    model, opt = built.model, cache[key]
+    model.train()
+    shape = Shape(**spec["shape"])
+    ids = torch.randint(0, shape.vocab_size, (spec["batch"], spec["length"]), generator=_generator(spec))
+    ids = ids.to(spec["device"])
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+    return _Unit(step)
+
+
+def scaling_unit(spec: dict[str, Any], cache: dict[str, Any] | None = None) -> _Unit:
+    """Forward + backward of one layer on a (batch, length, d_model) float32 input."""
+    cache, built = _built(spec, cache, causal_lm=False, num_layers=1)
+    shape = Shape(**spec["shape"])
+    x = torch.randn(spec["batch"], spec["length"], shape.hidden_size, generator=_generator(spec))
+    x = x.to(spec["device"])
+    if spec["name"] in OURS:
+        module = first_layer(built)
+
+        def loss(inp: torch.Tensor) -> torch.Tensor:
+            out, innovation = module(inp)
+            value = out.square().mean()
+            return value if innovation is None else value + innovation
+    else:
+        module = built.model
+
+        def loss(inp: torch.Tensor) -> torch.Tensor:
+            return module(inputs_embeds=inp).last_hidden_state.square().mean()
+
+    module.train()
+
+    def unit() -> None:
+        module.zero_grad(set_to_none=True)
+        loss(x.detach().requires_grad_(True)).backward()
+
+    return _Unit(unit)
+
+
+def _forward_kwarg(model) -> str:
+    """`cache` on transformers 5.x and our models, `past_key_values` on older HF releases."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _out_cache(out):
+    for key in ("cache", "past_key_values", "cache_params"):
+        value = getattr(out, key, None)
+        if value is not None:
+            return value
+    raise ValueError("the model returned no cache")
+
+
+class Decoder:
+    """Prefill a context, then decode one token per `step()` (no grad), for our models and HF's alike."""
+
+    def __init__(self, name: str, model, context: torch.Tensor) -> None:
+        self.name, self.model, self.context = name, model, context
+        self.kwarg = _forward_kwarg(model)
+        self.cache = None
+        self.token = context[:, -1:]
+
+    def prefill(self) -> None:
+        from bmojo_neuron import BMojoCache
+
+        with torch.no_grad():
+            cache = BMojoCache(self.model.config.num_hidden_layers) if self.name in OURS else None
+            kwargs = {self.kwarg: cache} if cache is not None else {}
+            out = self.model(input_ids=self.context, use_cache=True, logits_to_keep=1, **kwargs)
+            self.cache = _out_cache(out)
+            self.token = out.logits[:, -1:].argmax(-1)
+
+    def step(self) -> None:
+        with torch.no_grad():
+            # the same token every step: the work per token does not depend on its value
+            out = self.model(input_ids=self.token, use_cache=True, **{self.kwarg: self.cache})
+            self.cache = _out_cache(out)
+
+    def cache_bytes(self) -> int:
+        return harness.tensor_bytes(self.cache)
+
+
+def decode_unit(spec: dict[str, Any], cache: dict[str, Any] | None = None) -> _Unit:
+    """Probe phase: prefill `length` tokens and decode one. Time phase: prefill now, then run() = one token."""
+    cache, built = _built(spec, cache, causal_lm=True, num_layers=None)
+    model = built.model
+    model.eval()
+    shape = Shape(**spec["shape"])
+    context = torch.randint(0, shape.vocab_size, (spec["batch"], spec["length"]), generator=_generator(spec))
+    context = context.to(spec["device"])
+    state: dict[str, Any] = {}
+    if spec.get("phase") == "time":
+        decoder = Decoder(spec["name"], model, context)
+        t0 = time.perf_counter()
+        decoder.prefill()
+        harness.sync(spec["device"])
+        state.update(decoder=decoder, prefill_s=time.perf_counter() - t0)
+        return _Unit(decoder.step, lambda: {"prefill_s": round(state["prefill_s"], 4),
+                                            "cache_bytes": decoder.cache_bytes()})
+
+    def prefill_and_step() -> None:
+        decoder = Decoder(spec["name"], model, context)
+        decoder.prefill()
+        decoder.step()
+        state["decoder"] = decoder
+
+    return _Unit(prefill_and_step, lambda: {"cache_bytes": state["decoder"].cache_bytes()})
+
+
 # ----------------------------------------------------------------------------- helpers
 def _describe(report: dict[str, Any], factory: CandidateFactory, built: dict, log: Log) -> None:
     target = factory.target
@@ -162,48 +323,70 @@ def _describe(report: dict[str, Any], factory: CandidateFactory, built: dict, lo
 
 def _row(name: str, length: int, status: str, **values: Any) -> dict[str, Any]:
     row = {"candidate": name, "role": "baseline" if is_baseline(name) else "ours", "length": length,
-           "status": status, "median_s": None, "times_s": [], "peak_memory_bytes": None, "probe_s": None,
-           "note": None}
+           "status": status, "median_s": None, "times_s": [], "peak_memory_bytes": None, "memory_warm": None,
+           "probe_s": None, "note": None}
     row.update(values)
     return row
 
 
-def _cell(s: Settings, log: Log, length: int, names: list[str], make_unit: Callable[[str], Callable[[], Any]],
-          capped_at: dict[str, int], probe_extra: Callable[[str], Callable[[], dict]] | None = None,
-          ) -> tuple[dict[str, dict[str, Any]], dict[str, harness.Probe]]:
-    """Probe then time every candidate at one size; returns rows by name and the probes."""
-    rows: dict[str, dict[str, Any]] = {}
-    probes: dict[str, harness.Probe] = {}
-    units: dict[str, Callable[[], Any]] = {}
-    for name in names:
-        if name in capped_at:
-            rows[name] = _row(name, length, CAPPED, note=f"capped at the shorter length {capped_at[name]}")
-            continue
-        try:
-            unit = make_unit(name)
-        except Exception as exc:
-            rows[name] = _row(name, length, ERROR, note=f"{type(exc).__name__}: {exc}")
-            log(f"  L={length:<6} {name:<15} error: {exc}")
-            continue
-        p = harness.probe(probe_extra(name) if probe_extra else unit, s.cap_seconds, s.device, fork=s.probe)
-        probes[name] = p
-        if p.status != OK:
-            rows[name] = _row(name, length, p.status, probe_s=harness.rounded(p.seconds, 4), note=p.error)
-            if p.status == CAPPED:
+def _prepare(s: Settings, report: dict[str, Any], log: Log, num_layers: int | None, causal_lm: bool
+             ) -> tuple[Shape, dict[str, Any], dict[str, Any]]:
+    """Build every candidate once (matched widths), describe them; returns shape, model cache, base spec."""
+    shape = shape_for(s)
+    report["settings"]["shape"] = shape.to_dict()
+    factory = CandidateFactory(shape, num_layers=num_layers, causal_lm=causal_lm)
+    cache: dict[str, Any] = {}
+    for name in s.candidates:
+        cache[name] = factory.build(name, seed=s.seed, device=s.device)
+    _describe(report, factory, cache, log)
+    base = {"suite": s.suite, "shape": shape.to_dict(), "batch": s.batch, "seed": s.seed, "device": s.device}
+    return shape, cache, base
+
+
+def _cells(s: Settings, report: dict[str, Any], log: Log, cache: dict[str, Any], base: dict[str, Any],
+           describe_row: Callable[[dict[str, Any]], str]) -> dict[str, int]:
+    """For every length: probe each candidate (cap, memory), then time the survivors alternating."""
+    builder = BUILDERS[s.suite]
+    capped_at: dict[str, int] = {}
+    for length in s.lengths:
+        rows: dict[str, dict[str, Any]] = {}
+        probes: dict[str, harness.Probe] = {}
+        units: dict[str, Any] = {}
+        for name in s.candidates:
+            if name in capped_at:
+                rows[name] = _row(name, length, CAPPED, note=f"capped at the shorter length {capped_at[name]}")
+                continue
+            spec = dict(base, name=name, length=length, width=cache[name].width, phase="probe")
+            p = harness.probe(builder, spec, s.cap_seconds, isolate=s.probe)
+            probes[name] = p
+            if p.status != OK:
+                rows[name] = _row(name, length, p.status, probe_s=harness.rounded(p.seconds, 4), note=p.error)
+                if p.status == CAPPED:
+                    capped_at[name] = length
+                log(f"  L={length:<6} {name:<15} {p.status}: {p.error or ''}")
+                continue
+            try:
+                units[name] = harness._load(builder)(dict(spec, phase="time"), cache)
+            except Exception as exc:
+                rows[name] = _row(name, length, ERROR, note=f"{type(exc).__name__}: {exc}")
+        timings = harness.round_robin({n: u.run for n, u in units.items()}, s.warmup, s.repeats, s.device,
+                                      cap_seconds=s.cap_seconds, budget_seconds=s.cap_seconds)
+        for name, t in timings.items():
+            p = probes[name]
+            rows[name] = _row(name, length, t.status, median_s=harness.rounded(t.median),
+                              times_s=[harness.rounded(x) for x in t.times], peak_memory_bytes=p.peak_memory_bytes,
+                              memory_warm=p.memory_warm, probe_s=harness.rounded(p.seconds, 4), note=t.error)
+            rows[name].update({f"probe_{k}": v for k, v in p.info.items()})
+            rows[name].update(units[name].info())
+            if t.status == CAPPED:
                 capped_at[name] = length
-            log(f"  L={length:<6} {name:<15} {p.status}: {p.error or ''}")
-            continue
-        units[name] = unit
-    timings = harness.round_robin(units, s.warmup, s.repeats, s.device, cap_seconds=s.cap_seconds,
-                                  budget_seconds=s.cap_seconds)
-    for name, t in timings.items():
-        p = probes[name]
-        rows[name] = _row(name, length, t.status, median_s=harness.rounded(t.median),
-                          times_s=[harness.rounded(x) for x in t.times], peak_memory_bytes=p.peak_memory_bytes,
-                          probe_s=harness.rounded(p.seconds, 4), note=t.error)
-        if t.status == CAPPED:
-            capped_at[name] = length
-    return {name: rows[name] for name in names}, probes
+        for name in s.candidates:
+            row = rows[name]
+            row["tokens_per_s"] = round(s.batch * length / row["median_s"], 2) if row["median_s"] else None
+            if row["median_s"]:
+                log(f"  L={length:<6} {name:<15} {describe_row(row)}")
+            report["results"].append(row)
+    return capped_at
 
 
 def _speedups(report: dict[str, Any], key: str, higher_is_better: bool) -> None:
@@ -241,105 +424,40 @@ def _result(report: dict[str, Any], candidate: str, length: int) -> dict[str, An
 # ----------------------------------------------------------------------------- train-step
 def _train_step(s: Settings, report: dict[str, Any], log: Log) -> None:
     shape = shape_for(s)
-    report["settings"]["shape"] = shape.to_dict()
-    factory = CandidateFactory(shape)
     log(f"train-step: d_model {shape.hidden_size}, {shape.num_layers} layers, batch {s.batch}, "
-        f"lengths {s.lengths}, {s.repeats} repeats, cap {s.cap_seconds:g} s")
-    built = {name: factory.build(name, seed=s.seed, device=s.device) for name in s.candidates}
-    _describe(report, factory, built, log)
-    optimizers = {name: torch.optim.AdamW(b.model.parameters(), lr=1e-4) for name, b in built.items()}
-    for b in built.values():
-        b.model.train()
-    generator = torch.Generator().manual_seed(s.seed)
-    capped_at: dict[str, int] = {}
-    for length in s.lengths:
-        ids = torch.randint(0, shape.vocab_size, (s.batch, length), generator=generator).to(s.device)
-
-        def make_unit(name: str, ids=ids) -> Callable[[], None]:
-            model, opt = built[name].model, optimizers[name]
-
-            def step() -> None:
-                opt.zero_grad(set_to_none=True)
-                loss = model(input_ids=ids, labels=ids).loss
-                loss.backward()
-                opt.step()
-
-            return step
-
-        rows, _ = _cell(s, log, length, s.candidates, make_unit, capped_at)
-        for name, row in rows.items():
-            if row["median_s"]:
-                row["tokens_per_s"] = round(s.batch * length / row["median_s"], 2)
-                log(f"  L={length:<6} {name:<15} {row['median_s'] * 1e3:10.1f} ms/step  "
-                    f"{row['tokens_per_s']:10.1f} tok/s  peak +{_mib(row['peak_memory_bytes'])}")
-            else:
-                row["tokens_per_s"] = None
-            report["results"].append(row)
+        f"lengths {s.lengths}, {s.warmup} warm-up + {s.repeats} timed rounds, cap {s.cap_seconds:g} s")
+    _, cache, base = _prepare(s, report, log, num_layers=None, causal_lm=True)
+    report["unit"] = "one training step: forward with labels, backward, AdamW step, on (batch, L) tokens"
+    _cells(s, report, log, cache, base, lambda r: f"{r['median_s'] * 1e3:10.1f} ms/step  {r['tokens_per_s']:10.1f} "
+                                                  f"tok/s  peak +{_mib(r['peak_memory_bytes'])}")
     _speedups(report, "tokens_per_s", higher_is_better=True)
     for length in s.lengths:
         ours = _result(report, "bmojo", length)
-        for base, threshold in (("hf-mamba2", 1.0), ("hf-mistral-swa", 0.5)):
-            other = _result(report, base, length)
+        for other_name, threshold in (("hf-mamba2", 1.0), ("hf-mistral-swa", 0.5)):
+            other = _result(report, other_name, length)
             value = None
             if ours and other and ours.get("tokens_per_s") and other.get("tokens_per_s"):
                 value = ours["tokens_per_s"] / other["tokens_per_s"]
-            _target(report, f"train-step L={length}: B'MOJO tokens/s / {base} tokens/s", value, threshold, ">=")
+            _target(report, f"train-step L={length}: B'MOJO tokens/s / {other_name} tokens/s", value, threshold, ">=")
 
 
 # ----------------------------------------------------------------------------- scaling
 def _scaling(s: Settings, report: dict[str, Any], log: Log) -> None:
     shape = shape_for(s)
-    report["settings"]["shape"] = shape.to_dict()
-    factory = CandidateFactory(shape, num_layers=1, causal_lm=False)
     log(f"scaling: one layer, d_model {shape.hidden_size}, batch {s.batch}, lengths {s.lengths}, "
-        f"{s.repeats} repeats, cap {s.cap_seconds:g} s")
-    built = {name: factory.build(name, seed=s.seed, device=s.device) for name in s.candidates}
-    _describe(report, factory, built, log)
-    report["unit"] = "forward + backward of one layer (ours: BMojoDecoderLayer; HF: its *Model with one layer, " \
-                     "fed inputs_embeds) on (batch, L, d_model) float32"
-    capped_at: dict[str, int] = {}
-    generator = torch.Generator().manual_seed(s.seed)
-    for length in s.lengths:
-        x = torch.randn(s.batch, length, shape.hidden_size, generator=generator).to(s.device)
-
-        def make_unit(name: str, x=x) -> Callable[[], None]:
-            b = built[name]
-            if name in OURS:
-                layer = first_layer(b)
-
-                def forward(inp: torch.Tensor) -> torch.Tensor:
-                    out, innovation = layer(inp)
-                    loss = out.square().mean()
-                    return loss if innovation is None else loss + innovation
-                module = layer
-            else:
-                model = b.model
-
-                def forward(inp: torch.Tensor) -> torch.Tensor:
-                    return model(inputs_embeds=inp).last_hidden_state.square().mean()
-                module = model
-
-            def unit() -> None:
-                module.zero_grad(set_to_none=True)
-                inp = x.detach().requires_grad_(True)
-                forward(inp).backward()
-
-            return unit
-
-        rows, _ = _cell(s, log, length, s.candidates, make_unit, capped_at)
-        for name, row in rows.items():
-            row["tokens_per_s"] = round(s.batch * length / row["median_s"], 2) if row["median_s"] else None
-            if row["median_s"]:
-                log(f"  L={length:<6} {name:<15} {row['median_s'] * 1e3:10.1f} ms  peak +{_mib(row['peak_memory_bytes'])}")
-            report["results"].append(row)
+        f"{s.warmup} warm-up + {s.repeats} timed rounds, cap {s.cap_seconds:g} s")
+    _, cache, base = _prepare(s, report, log, num_layers=1, causal_lm=False)
+    report["unit"] = ("forward + backward of one layer (ours: BMojoDecoderLayer; HF: its *Model with one layer, "
+                      "fed inputs_embeds) on a (batch, L, d_model) float32 input")
+    capped_at = _cells(s, report, log, cache, base,
+                       lambda r: f"{r['median_s'] * 1e3:10.1f} ms  peak +{_mib(r['peak_memory_bytes'])}")
     for name in s.candidates:
         ok = [r for r in report["results"] if r["candidate"] == name and r["status"] == OK and r["median_s"]]
-        lengths = [r["length"] for r in ok]
-        fit = {"candidate": name, "lengths": lengths,
-               "time_exponent": harness.fit_exponent(lengths, [r["median_s"] for r in ok]),
-               "memory_exponent": harness.fit_exponent(
-                   [r["length"] for r in ok if r["peak_memory_bytes"]],
-                   [r["peak_memory_bytes"] for r in ok if r["peak_memory_bytes"]]),
+        mem = [r for r in ok if r["peak_memory_bytes"]]
+        fit = {"candidate": name, "lengths": [r["length"] for r in ok],
+               "time_exponent": harness.fit_exponent([r["length"] for r in ok], [r["median_s"] for r in ok]),
+               "memory_exponent": harness.fit_exponent([r["length"] for r in mem],
+                                                       [r["peak_memory_bytes"] for r in mem]),
                "capped_from": capped_at.get(name)}
         report["fits"].append(fit)
         log(f"  fit {name:<15} time exponent {fit['time_exponent']}  memory exponent {fit['memory_exponent']}"
@@ -351,112 +469,21 @@ def _scaling(s: Settings, report: dict[str, Any], log: Log) -> None:
 
 
 # ----------------------------------------------------------------------------- decode
-def _forward_kwarg(model) -> str:
-    """`cache` on transformers 5.x and our models, `past_key_values` on older HF releases."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _out_cache(out):
-    for key in ("cache", "past_key_values", "cache_params"):
-        value = getattr(out, key, None)
-        if value is not None:
-            return value
-    raise ValueError("the model returned no cache")
-
-
-class Decoder:
-    """Prefill a context, then decode one token per call (no grad), for our models and HF's alike."""
-
-    def __init__(self, name: str, model, context: torch.Tensor) -> None:
-        self.name, self.model, self.context = name, model, context
-        self.kwarg = _forward_kwarg(model)
-        self.cache = None
-        self.token = context[:, -1:]
-
-    def prefill(self) -> None:
-        from bmojo_neuron import BMojoCache
-
-        with torch.no_grad():
-            cache = BMojoCache(self.model.config.num_hidden_layers) if self.name in OURS else None
-            kwargs = {self.kwarg: cache} if cache is not None else {}
-            out = self.model(input_ids=self.context, use_cache=True, logits_to_keep=1, **kwargs)
-            self.cache = _out_cache(out)
-            self.token = out.logits[:, -1:].argmax(-1)
-
-    def step(self) -> None:
-        with torch.no_grad():
-            # feed the same token every step: the work per token does not depend on its value
-            out = self.model(input_ids=self.token, use_cache=True, **{self.kwarg: self.cache})
-            self.cache = _out_cache(out)
-
-    def cache_bytes(self) -> int:
-        return harness.tensor_bytes(self.cache)
-
-
 def _decode(s: Settings, report: dict[str, Any], log: Log) -> None:
     shape = shape_for(s)
-    report["settings"]["shape"] = shape.to_dict()
-    factory = CandidateFactory(shape)
     log(f"decode: d_model {shape.hidden_size}, {shape.num_layers} layers, batch {s.batch}, contexts {s.lengths}, "
-        f"{s.repeats} timed tokens after {s.warmup} warm-up tokens, cap {s.cap_seconds:g} s")
-    built = {name: factory.build(name, seed=s.seed, device=s.device) for name in s.candidates}
-    _describe(report, factory, built, log)
-    for b in built.values():
-        b.model.eval()
-    report["unit"] = "one decoded token (batch 1) after prefilling the context; cache_bytes = all tensors in the cache"
-    capped_at: dict[str, int] = {}
-    generator = torch.Generator().manual_seed(s.seed)
-    for length in s.lengths:
-        context = torch.randint(0, shape.vocab_size, (s.batch, length), generator=generator).to(s.device)
-        decoders: dict[str, Decoder] = {}
-        prefill_s: dict[str, float] = {}
-
-        def probe_unit(name: str, context=context) -> Callable[[], dict]:
-            def unit() -> dict:
-                d = Decoder(name, built[name].model, context)
-                d.prefill()
-                d.step()
-                return {"cache_bytes": d.cache_bytes()}
-            return unit
-
-        # probe first (cap, memory), then prefill here only the candidates that passed
-        names = list(s.candidates)
-        rows_probe: dict[str, harness.Probe] = {}
-        for name in names:
-            if name not in capped_at:
-                rows_probe[name] = harness.probe(probe_unit(name), s.cap_seconds, s.device, fork=s.probe)
-        runnable = [n for n in names if n not in capped_at and rows_probe[n].status == OK]
-        for name in runnable:
-            decoders[name] = d = Decoder(name, built[name].model, context)
-            t0 = time.perf_counter()
-            d.prefill()
-            harness.sync(s.device)
-            prefill_s[name] = time.perf_counter() - t0
-        timings = harness.round_robin({n: decoders[n].step for n in runnable}, s.warmup, s.repeats, s.device,
-                                      cap_seconds=s.cap_seconds, budget_seconds=s.cap_seconds)
-        for name in names:
-            if name in capped_at and name not in rows_probe:
-                row = _row(name, length, CAPPED, note=f"capped at the shorter context {capped_at[name]}")
-            elif name not in runnable:
-                p = rows_probe[name]
-                row = _row(name, length, p.status, probe_s=harness.rounded(p.seconds, 4), note=p.error)
-                if p.status == CAPPED:
-                    capped_at[name] = length
-            else:
-                t, p = timings[name], rows_probe[name]
-                row = _row(name, length, t.status, median_s=harness.rounded(t.median),
-                           times_s=[harness.rounded(x) for x in t.times], peak_memory_bytes=p.peak_memory_bytes,
-                           probe_s=harness.rounded(p.seconds, 4), note=t.error)
-                row["prefill_s"] = harness.rounded(prefill_s[name], 4)
-                row["cache_bytes"] = decoders[name].cache_bytes()
-                if row["median_s"]:
-                    log(f"  ctx={length:<6} {name:<15} {row['median_s'] * 1e3:8.2f} ms/token  cache "
-                        f"{_mib(row['cache_bytes'])}  prefill {row['prefill_s']:.2f} s")
-            row.setdefault("cache_bytes", None)
-            row.setdefault("prefill_s", None)
-            row["latency_ms"] = round(row["median_s"] * 1e3, 4) if row["median_s"] else None
-            report["results"].append(row)
-        decoders.clear()
+        f"{s.warmup} warm-up + {s.repeats} timed tokens, cap {s.cap_seconds:g} s")
+    _, cache, base = _prepare(s, report, log, num_layers=None, causal_lm=True)
+    report["unit"] = ("one decoded token after prefilling the context (probe and memory: prefill + one token); "
+                      "cache_bytes = all tensors held by the cache after prefill and the timed tokens")
+    _cells(s, report, log, cache, base,
+           lambda r: f"{r['median_s'] * 1e3:8.2f} ms/token  cache {_mib(r.get('cache_bytes'))}  "
+                     f"prefill {r.get('prefill_s')} s  peak +{_mib(r['peak_memory_bytes'])}")
+    for row in report["results"]:
+        row["latency_ms"] = round(row["median_s"] * 1e3, 4) if row["median_s"] else None
+        row.pop("tokens_per_s", None)
+        row.setdefault("cache_bytes", None)
+        row.setdefault("prefill_s", None)
     _speedups(report, "median_s", higher_is_better=False)
     lo, hi = min(s.lengths), max(s.lengths)
     for name in s.candidates:

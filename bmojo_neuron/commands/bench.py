@@ -60,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-probe", action="store_true",
-                        help="run the first unit in-process instead of a forked child (no cap enforcement, "
-                             "no CPU memory numbers)")
+                        help="probe in this process instead of a separate one: the cap is checked only after "
+                             "the fact and CPU memory is not measured")
     parser.add_argument("--toy", action="store_true", help="tiny sizes (tests, CI): checks the plumbing, not speed")
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
 

@@ -1,0 +1,126 @@
+"""`bmojo-neuron bench`: every suite runs at toy sizes through the CLI and writes a well-formed report.
+
+These tests check the plumbing and the JSON schema, never the speed (benchmarks are
+commands, not timed tests; see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bmojo_neuron.cli import main
+
+ROW_KEYS = {"candidate", "role", "length", "status", "median_s", "times_s", "peak_memory_bytes", "memory_warm",
+            "probe_s", "note"}
+STATUSES = {"ok", "capped", "error", "skipped"}
+FAST = ["--toy", "--repeats", "1", "--warmup", "0"]
+
+
+def run_bench(tmp_path: Path, suite: str, *extra: str) -> dict:
+    out = tmp_path / f"{suite}.json"
+    plot = tmp_path / f"{suite}.png"
+    assert main(["bench", suite, "--json", str(out), "--plot", str(plot), "--quiet", *extra]) == 0
+    assert plot.exists() and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads(out.read_text())
+    check_common(report, suite)
+    return report
+
+
+def check_common(report: dict, suite: str) -> None:
+    assert report["schema"] == "bmojo-neuron-bench/1"
+    assert report["suite"] == suite
+    assert report["toy"] is True
+    assert report["status"] in STATUSES
+    machine = report["machine"]
+    for key in ("cpu", "cpu_count", "torch_threads", "torch", "transformers", "python", "device",
+                "load_average_start", "load_average_end"):
+        assert key in machine
+    for key in ("lengths", "repeats", "warmup", "cap_seconds", "batch", "candidates"):
+        assert key in report["settings"]
+    assert isinstance(report["memory_method"], str)
+    assert isinstance(report["elapsed_s"], float | int)
+    for key in ("candidates", "results", "speedups", "fits", "targets"):
+        assert isinstance(report[key], list)
+    for row in report["results"]:
+        assert ROW_KEYS <= set(row), row
+        assert row["status"] in STATUSES
+        if row["status"] == "ok":
+            assert row["median_s"] > 0 and len(row["times_s"]) >= 1
+    for target in report["targets"]:
+        assert {"name", "value", "threshold", "comparison", "met"} <= set(target)
+
+
+def check_candidates(report: dict, names: list[str]) -> None:
+    assert [c["name"] for c in report["candidates"]] == names
+    for c in report["candidates"]:
+        assert c["role"] == ("baseline" if c["name"].startswith("hf-") else "ours")
+        assert c["params"] >= c["non_embedding_params"] > 0
+        assert 0.9 <= c["params_vs_bmojo"] <= 1.1, c  # matched parameter count
+    lengths = report["settings"]["lengths"]
+    assert {(r["candidate"], r["length"]) for r in report["results"]} == {(n, L) for n in names for L in lengths}
+
+
+def test_train_step_all_candidates(tmp_path):
+    names = ["bmojo", "bmojo-f", "mamba-only", "swa-only", "hf-mamba", "hf-mamba2", "hf-mistral-swa", "hf-mistral"]
+    report = run_bench(tmp_path, "train-step", *FAST, "--lengths", "32")
+    check_candidates(report, names)
+    assert all(r["status"] == "ok" for r in report["results"]), report["results"]
+    for row in report["results"]:
+        assert row["tokens_per_s"] > 0
+    pairs = {(s["candidate"], s["baseline"]) for s in report["speedups"]}
+    assert ("bmojo", "hf-mamba2") in pairs and ("bmojo", "hf-mistral") in pairs
+    assert {t["name"] for t in report["targets"]} >= {
+        "train-step L=32: B'MOJO tokens/s / hf-mamba2 tokens/s",
+        "train-step L=32: B'MOJO tokens/s / hf-mistral-swa tokens/s",
+    }
+
+
+def test_scaling_fits_exponents(tmp_path):
+    names = ["bmojo", "hf-mistral"]
+    report = run_bench(tmp_path, "scaling", *FAST, "--lengths", "32,64", "--candidates", ",".join(names))
+    check_candidates(report, names)
+    fits = {f["candidate"]: f for f in report["fits"]}
+    assert set(fits) == set(names)
+    for fit in fits.values():
+        assert isinstance(fit["time_exponent"], float)
+        assert {"memory_exponent", "lengths", "capped_from"} <= set(fit)
+    assert report["targets"][0]["name"] == "scaling: B'MOJO layer time exponent"
+
+
+def test_decode_reports_latency_and_cache(tmp_path):
+    names = ["bmojo", "hf-mistral"]
+    report = run_bench(tmp_path, "decode", *FAST, "--lengths", "32,64", "--candidates", ",".join(names))
+    check_candidates(report, names)
+    for row in report["results"]:
+        assert row["status"] == "ok"
+        assert row["latency_ms"] > 0 and row["cache_bytes"] > 0 and row["prefill_s"] > 0
+    by = {(r["candidate"], r["length"]): r for r in report["results"]}
+    assert by["hf-mistral", 64]["cache_bytes"] > by["hf-mistral", 32]["cache_bytes"]  # full KV cache grows
+    assert by["bmojo", 64]["cache_bytes"] == by["bmojo", 32]["cache_bytes"]  # ours is fixed-size at both
+    assert {f["candidate"] for f in report["fits"]} == set(names)
+
+
+def test_kernels_skips_or_reports(tmp_path):
+    report = run_bench(tmp_path, "kernels", "--toy")
+    if report["status"] == "skipped":
+        assert "kernels profile" in report["message"] and report["results"] == []
+    else:
+        assert report["results"]
+
+
+def test_cap_reports_capped_candidate(tmp_path):
+    report = run_bench(tmp_path, "train-step", *FAST, "--lengths", "32,64", "--candidates", "swa-only,hf-mistral",
+                       "--cap-seconds", "0.000001")
+    assert {r["status"] for r in report["results"]} == {"capped"}
+    notes = [r["note"] for r in report["results"] if r["length"] == 64]
+    assert all("shorter length 32" in n for n in notes)
+
+
+def test_bad_arguments_are_expected_errors(tmp_path, capsys):
+    assert main(["bench", "train-step", "--toy", "--candidates", "nope", "--json", str(tmp_path / "x.json")]) == 2
+    assert "unknown candidate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "no-such-suite"])
