@@ -59,6 +59,7 @@ class RunSection:
     output_dir: str | None = None  # default: runs/<name>
     seed: int = 0
     device: str = "auto"
+    threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
 
     def check(self) -> None:
         if self.device == "neuron":
@@ -68,6 +69,7 @@ class RunSection:
             )
         _choice("run.device", self.device, DEVICES)
         _require(bool(self.name), "run.name", "must not be empty")
+        _require(self.threads >= 0, "run.threads", f"is {self.threads}; must be >= 0 (0: torch's default)")
 
 
 @dataclass

@@ -116,3 +116,15 @@ def accumulate_out(dst, src, first: bool):
         nisa.dma_copy(dst=dst, src=src)
     else:
         nisa.dma_copy(dst=dst, src=src, dst_rmw_op=nl.add)
+
+
+def triangle(size: int, lower: bool, strict: bool):
+    """(size, size) 0/1 triangle on (partition k, free t): lower -> 1 where k >= t (k > t if strict),
+    else upper -> 1 where k <= t (k < t if strict). As a matmul stationary over time on the
+    partitions, the upper one gives in-chunk cumulative sums, the lower one reverse cumulative sums."""
+    one = ones((size, size))
+    tri = nl.ndarray((size, size), dtype=nl.float32, buffer=nl.sbuf)
+    sign = 1 if lower else -1  # value = sign * (k - t)
+    nisa.affine_select(dst=tri, pattern=[[-sign, size]], offset=0, channel_multiplier=sign, on_true_tile=one,
+                       on_false_value=0.0, cmp_op=nl.greater if strict else nl.greater_equal)
+    return tri

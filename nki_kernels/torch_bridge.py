@@ -10,9 +10,8 @@ Two runners execute the same kernel source:
 The wrappers take the reference ops' exact signatures. Kernels need L a multiple of
 128, so other lengths are padded at the end (later steps never change earlier
 outputs); returning the final state of a padded sequence, or gradients through
-`initial_state`, raises NotImplementedError. The SSD backward kernel is not written
-yet: `ssd_scan`'s backward recomputes the reference op under autograd (see
-docs/kernels.md, "Missing").
+`initial_state`, raises NotImplementedError. Both scans' backwards are NKI kernels
+(`selective_scan_bwd`, `ssd_bwd`), which recompute what they need from the saved inputs.
 """
 
 from __future__ import annotations
@@ -158,7 +157,10 @@ def _selective_scan_with_state(runner, pad, u, delta, A, B, C, D, z, delta_bias,
 
 # ----------------------------------------------------------------------------- Mamba-2 / SSD
 class SsdScanFn(torch.autograd.Function):
-    """y = ssd_scan(...) via the NKI forward kernel; backward by reference recompute (no kernel yet)."""
+    """y = ssd_scan(...) via the NKI forward kernel; gradients via the NKI backward kernel (`ssd_bwd`).
+
+    Only the inputs are saved: the backward kernel recomputes the chunk states itself.
+    """
 
     @staticmethod
     def forward(ctx, runner, softplus, x, dt, A, B, C, D, dt_bias):  # type: ignore[override]
@@ -166,25 +168,31 @@ class SsdScanFn(torch.autograd.Function):
         args = [runner.to_kernel(t) for t in (x, dt, A, B, C, D, dt_bias)]
         y, _ = runner.call(fwd, *args, softplus)
         ctx.save_for_backward(x, dt, A, B, C, D, dt_bias)
-        ctx.softplus = softplus
+        ctx.runner, ctx.softplus = runner, softplus
         return runner.from_kernel(y, x.dtype, x.device)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        from bmojo_neuron.ops.reference.ssd import ssd_scan as ssd_ref
+        from nki_kernels.ssd_bwd import ssd_bwd
 
-        saved = ctx.saved_tensors
-        with torch.enable_grad():
-            inputs = [t.detach().requires_grad_(t.requires_grad or True) if t is not None else None for t in saved]
-            x, dt, A, B, C, D, dt_bias = inputs
-            y = ssd_ref(x, dt, A, B, C, TILE, D=D, dt_bias=dt_bias, dt_softplus=ctx.softplus)
-            wanted = [t for t in inputs if t is not None]
-            grads = iter(torch.autograd.grad(y, wanted, dy, allow_unused=True))
-        return (None, None, *[next(grads) if t is not None else None for t in inputs])
+        r = ctx.runner
+        x, dt, A, B, C, D, dt_bias = ctx.saved_tensors
+        dy = dy.to(x.dtype).contiguous()
+        args = [r.to_kernel(t) for t in (dy, x, dt, A, B, C, D, dt_bias)]
+        dx, ddt, dA, dB, dC, dD, dbias = r.call(ssd_bwd, *args, ctx.softplus)
+        dev = x.device
+        grads = [
+            r.from_kernel(dx, x.dtype, dev), r.from_kernel(ddt, dt.dtype, dev),
+            r.from_kernel(dA, A.dtype, dev).reshape(A.shape), r.from_kernel(dB, B.dtype, dev),
+            r.from_kernel(dC, C.dtype, dev),
+            None if D is None else r.from_kernel(dD, D.dtype, dev).reshape(D.shape),
+            None if dt_bias is None else r.from_kernel(dbias, dt_bias.dtype, dev).reshape(dt_bias.shape),
+        ]
+        return (None, None, *grads)
 
 
 def make_ssd_scan(runner: Runner) -> Callable[..., Any]:
-    """`ssd_scan` with the reference signature, running the forward kernel through `runner`."""
+    """`ssd_scan` with the reference signature, running the forward and backward kernels through `runner`."""
 
     def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
                  dt_bias: Tensor | None = None, dt_softplus: bool = True, initial_state: Tensor | None = None,
@@ -213,3 +221,119 @@ def device_ops() -> dict[str, Callable[..., Any]]:
     """The `nki` backend's ops (Trainium only)."""
     runner = device_runner()
     return {"selective_scan": make_selective_scan(runner), "ssd_scan": make_ssd_scan(runner)}
+
+
+# ----------------------------------------------------------------------------- eidetic attention
+# (added with the attention kernels; separate from the scan bridges above)
+ATTN_NEG = -1.0e30  # additive bias of an empty memory slot (finite: no inf - inf in the kernels)
+
+
+def _attention_kernels():
+    from nki_kernels.attention_bwd import eidetic_attention_bwd
+    from nki_kernels.attention_fwd import eidetic_attention_fwd
+
+    return eidetic_attention_fwd, eidetic_attention_bwd
+
+
+def _kernel_dtype(q: Tensor) -> torch.dtype:
+    """Matmul dtype of the attention kernels: bf16/fp16 stay, everything else runs in fp32."""
+    return q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def _tr(t: Tensor | None) -> Tensor | None:
+    """Last two axes swapped, contiguous (head dim onto the partitions)."""
+    return None if t is None else t.transpose(-1, -2).contiguous()
+
+
+class EideticAttentionFn(torch.autograd.Function):
+    """(out, lse) = eidetic_attention(...) via the NKI forward and backward kernels.
+
+    Tensors arrive padded (L a multiple of 128) with unused streams as None.
+    """
+
+    @staticmethod
+    def forward(ctx, runner, window, fading_window, chunk, scale, q, k, v, kf, vf, mem_k, mem_v,  # type: ignore[override]
+                mem_bias):
+        fwd, _ = _attention_kernels()
+        r = runner
+        kd = _kernel_dtype(q)
+        c = lambda t: None if t is None else t.to(kd).contiguous()  # noqa: E731
+        args = [r.to_kernel(x) for x in (_tr(c(q)), _tr(c(k)), c(v), _tr(c(kf)), c(vf), _tr(c(mem_k)), c(mem_v),
+                                         mem_bias)]
+        out, lse = r.call(fwd, *args, window, fading_window, chunk, scale)
+        out_t = r.from_kernel(out, kd, q.device)
+        lse_t = r.from_kernel(lse, torch.float32, q.device)
+        ctx.save_for_backward(q, k, v, kf, vf, mem_k, mem_v, mem_bias, out_t, lse_t)
+        ctx.runner, ctx.cfg = runner, (window, fading_window, chunk, scale)
+        return out_t.to(q.dtype), lse_t
+
+    @staticmethod
+    def backward(ctx, dout, dlse):  # type: ignore[override]
+        _, bwd = _attention_kernels()
+        r = ctx.runner
+        q, k, v, kf, vf, mem_k, mem_v, mem_bias, out, lse = ctx.saved_tensors
+        kd = _kernel_dtype(q)
+        c = lambda t: None if t is None else t.to(kd).contiguous()  # noqa: E731
+        dout = c(dout if dout is not None else torch.zeros_like(out))
+        dlse = None if dlse is None else dlse.float().contiguous()
+        tensors = (c(q), _tr(c(q)), c(k), _tr(c(k)), _tr(c(v)), c(kf), _tr(c(kf)), _tr(c(vf)), c(mem_k), _tr(c(mem_k)),
+                   _tr(c(mem_v)), mem_bias, out, dout, _tr(dout), lse, dlse)
+        grads = r.call(bwd, *[r.to_kernel(t) for t in tensors], *ctx.cfg)
+        dev = q.device
+        like = (q, k, v, kf, vf, mem_k, mem_v)
+        result = [None if g is None or t is None else r.from_kernel(g, t.dtype, dev) for g, t in zip(grads, like)]
+        return (None, None, None, None, None, *result, None)
+
+
+def make_eidetic_attention(runner: Runner) -> Callable[..., Any]:
+    """`eidetic_attention` with the reference signature, running the NKI kernels through `runner`.
+
+    Any L (padded at the end to a multiple of 128: later keys never reach earlier queries),
+    any chunk, window and memory size; head_dim <= 128; scale > 0. `block` is the
+    reference's blocking knob and is ignored.
+    """
+
+    def eidetic_attention(q: Tensor, k: Tensor, v: Tensor, k_fading: Tensor | None = None,
+                          v_fading: Tensor | None = None, mem_k: Tensor | None = None, mem_v: Tensor | None = None,
+                          mem_valid: Tensor | None = None, *, window: int, fading_window: int = 0, chunk: int = 1,
+                          scale: float | None = None, block: int | None = None):
+        from bmojo_neuron.ops.reference.eidetic_attention import _check_shapes
+
+        _check_shapes(q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, window, fading_window, chunk)
+        batch, _, length, head_dim = q.shape
+        if head_dim > TILE:
+            raise ValueError(f"eidetic_attention (NKI): head_dim must be <= {TILE}, got {head_dim}")
+        scale = 1.0 / head_dim ** 0.5 if scale is None else float(scale)
+        if scale <= 0:
+            raise ValueError(f"eidetic_attention (NKI): scale must be > 0, got {scale}")
+        window = min(window, length)
+        use_fading = k_fading is not None and fading_window > 0 and window < length
+        use_memory = mem_k is not None and mem_k.shape[3] > 0
+        pad = (-length) % TILE
+        padded = length + pad
+        q_p, k_p, v_p = (_pad_time(t, pad, 2) for t in (q, k, v))
+        kf_p = _pad_time(k_fading, pad, 2) if use_fading else None
+        vf_p = _pad_time(v_fading, pad, 2) if use_fading else None
+        mk = mv = bias = None
+        if use_memory:
+            extra = -(-padded // chunk) - mem_k.shape[2]  # chunks that hold only padding
+            mk, mv = _pad_time(mem_k, extra, 2), _pad_time(mem_v, extra, 2)
+            valid = torch.cat([mem_valid, mem_valid.new_zeros(batch, extra, mem_valid.shape[2])], 1) if extra else mem_valid
+            bias = torch.zeros(valid.shape, dtype=torch.float32, device=q.device).masked_fill(~valid, ATTN_NEG)
+        out, lse = EideticAttentionFn.apply(runner, window, fading_window if use_fading else 0, chunk, scale, q_p, k_p,
+                                            v_p, kf_p, vf_p, mk, mv, bias)
+        if pad:
+            out, lse = out[:, :, :length], lse[:, :, :length]
+        return out, lse
+
+    return eidetic_attention
+
+
+def attention_emulator_ops() -> dict[str, Callable[..., Any]]:
+    """The `nki-sim` backend's attention op."""
+    return {"eidetic_attention": make_eidetic_attention(emulator_runner())}
+
+
+def attention_device_ops() -> dict[str, Callable[..., Any]]:
+    """The `nki` backend's attention op (Trainium only)."""
+    return {"eidetic_attention": make_eidetic_attention(device_runner())}

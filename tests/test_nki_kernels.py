@@ -159,3 +159,70 @@ def test_model_forward_backward_nki_sim_equals_torch():
         assert abs(float(loss - ref_loss)) <= 1e-5 * abs(float(ref_loss))
         for name, g in ref_grads.items():
             assert rel_err(grads[name], g) <= 1e-4, (mixer, name)
+
+
+# ----------------------------------------------------------------------------- SSD backward kernel
+# Norm: rel_err = max |kernel - reference| / max |reference| over the whole tensor, per gradient.
+# fp32: <= 1e-4 (observed ~1e-6..3e-5; the largest are dA / dt_bias, sums over batch and time with
+# cancellation, where the fp32 reference itself is that far from an fp64 run).
+# bf16: inputs, dy and gradients bf16; both paths compute in fp32 from the same bf16 values, so the
+# difference is the final bf16 rounding of each gradient (each side within 2^-9 of the fp32 value,
+# so at most 2^-8 = 3.9e-3 of the max apart) plus fp32 summation order: 1e-2.
+SSD_GRADS = ("x", "dt", "A", "B", "C", "D", "dt_bias")
+
+
+def _ssd_grads_both(inputs, **kw):
+    _, g_ref = _grads(ssd_ref, inputs, chunk_size=128, **kw)
+    _, g = _grads(SIM["ssd_scan"], inputs, chunk_size=128, **kw)
+    return g, g_ref
+
+
+@pytest.mark.parametrize("groups,length", [(2, 384), (1, 300)])  # 3 chunks; 300 exercises the bridge's padding
+def test_ssd_backward_kernel_all_gradients_fp32(groups, length):
+    inputs = ssd_inputs(batch=2, length=length, heads=4, head_dim=16, groups=groups, n=8, seed=11 + groups)
+    g, g_ref = _ssd_grads_both(inputs)
+    for name in SSD_GRADS:
+        assert g[name].shape == g_ref[name].shape and g[name].dtype == g_ref[name].dtype, name
+        assert rel_err(g[name], g_ref[name]) <= 1e-4, (name, rel_err(g[name], g_ref[name]))
+
+
+def test_ssd_backward_kernel_without_optional_inputs_no_softplus():
+    inputs = ssd_inputs(batch=1, length=256, heads=2, head_dim=8, groups=1, n=4, seed=4)
+    for k in ("D", "dt_bias"):
+        inputs.pop(k)
+    with torch.no_grad():
+        inputs["dt"].abs_().add_(0.05)  # positive steps without the softplus
+    g, g_ref = _ssd_grads_both(inputs, dt_softplus=False)
+    for name in ("x", "dt", "A", "B", "C"):
+        assert rel_err(g[name], g_ref[name]) <= 1e-4, name
+
+
+def test_ssd_backward_kernel_bf16():
+    inputs = ssd_inputs(batch=2, length=256, heads=4, head_dim=16, groups=2, n=8, dtype=torch.bfloat16, seed=9)
+    g, g_ref = _ssd_grads_both(inputs)
+    for name in SSD_GRADS:
+        assert g[name].dtype == g_ref[name].dtype, name
+        assert rel_err(g[name], g_ref[name]) <= 1e-2, (name, rel_err(g[name], g_ref[name]))
+
+
+def test_ssd_backward_calls_the_kernel_not_the_reference(monkeypatch):
+    import bmojo_neuron.ops.reference.ssd as ref_mod
+    import nki_kernels.ssd_bwd as bwd_mod
+
+    inputs = ssd_inputs(batch=1, length=128, heads=2, head_dim=8, groups=1, n=4, seed=1)
+    calls = []
+    real = bwd_mod.ssd_bwd
+
+    def counting(*args, **kw):
+        calls.append(args[0].shape)
+        return real(*args, **kw)
+
+    def no_reference(*args, **kw):
+        raise AssertionError("the reference op ran inside the nki-sim backward")
+
+    monkeypatch.setattr(bwd_mod, "ssd_bwd", counting)
+    y = SIM["ssd_scan"](**inputs, chunk_size=128)
+    monkeypatch.setattr(ref_mod, "ssd_scan", no_reference)
+    y.sum().backward()
+    assert calls == [(1, 128, 2, 8)]
+    assert all(v.grad is not None for v in inputs.values())

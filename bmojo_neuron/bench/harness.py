@@ -36,7 +36,6 @@ import multiprocessing as mp
 import os
 import platform
 import statistics
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -323,21 +322,24 @@ class Timing:
 
 
 def round_robin(units: dict[str, Callable[[], Any]], warmup: int, repeats: int, device: str = "cpu",
-                cap_seconds: float | None = None, budget_seconds: float | None = None) -> dict[str, Timing]:
+                cap_seconds: float | None = None, budget_seconds: float | None = None,
+                deadline: float | None = None) -> dict[str, Timing]:
     """Time every unit alternating (A B C A B C ...): `warmup` untimed rounds, then `repeats` timed.
 
     A unit that raises is dropped (status error). With `cap_seconds`, a unit whose
     single run exceeds the cap is dropped after that run (status capped). With
     `budget_seconds`, a unit stops repeating once its timed runs add up to the
-    budget (at least one timed run is kept).
+    budget (at least one timed run is kept); likewise for all units once
+    `time.monotonic()` passes `deadline`.
     """
     out = {name: Timing() for name in units}
     active = list(units)
     spent = {name: 0.0 for name in units}
     for round_idx in range(warmup + repeats):
         for name in list(active):
-            if round_idx >= warmup and budget_seconds is not None and out[name].times \
-                    and spent[name] >= budget_seconds:
+            if round_idx >= warmup and out[name].times and (
+                    (budget_seconds is not None and spent[name] >= budget_seconds)
+                    or (deadline is not None and time.monotonic() > deadline)):
                 continue
             try:
                 sync(device)

@@ -40,7 +40,9 @@ def _capped_note(report: dict[str, Any]) -> str:
 def _title(report: dict[str, Any], what: str) -> str:
     m = report["machine"]
     toy = " [TOY SIZES]" if report.get("toy") else ""
-    return f"{what}{toy}\n{m.get('cpu')}, {m.get('torch_threads')} threads, torch {m.get('torch')}"
+    load = (m.get("load_average_start") or [None])[0]
+    return (f"{what}{toy}\n{m.get('cpu')}, {m.get('cpu_count')} cores, {m.get('torch_threads')} threads, "
+            f"torch {m.get('torch')}, load {load}")
 
 
 def plot_report(report: dict[str, Any], path: str) -> str:
@@ -51,11 +53,12 @@ def plot_report(report: dict[str, Any], path: str) -> str:
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     suite = report["suite"]
-    if report.get("status") == "skipped" or not report["results"]:
+    if report.get("status") == "skipped" or not any(r["status"] == "ok" for r in report["results"]):
+        message = report.get("message") or "no successful measurement. " + _capped_note(report) + " " + "; ".join(
+            sorted({f"{r['candidate']}: {r['status']}" for r in report["results"] if r["status"] == "skipped"}))
         fig, ax = plt.subplots(figsize=(7, 2.5))
         ax.axis("off")
-        ax.text(0.5, 0.5, f"bench {suite}: {report.get('message') or 'no results'}", ha="center", va="center",
-                wrap=True, fontsize=9)
+        ax.text(0.5, 0.5, f"bench {suite}: {message}", ha="center", va="center", wrap=True, fontsize=9)
     elif suite == "train-step":
         fig = _bars(plt, report)
     elif suite == "scaling":
@@ -121,7 +124,10 @@ def _lines(plt, report, panels, what, exponents: bool = False):
         ax.set_xlabel("sequence length" if report["suite"] == "scaling" else "context length")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
     axes[0].set_title(_title(report, what), fontsize=9)
     note = _capped_note(report)
     if note:

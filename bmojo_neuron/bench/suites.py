@@ -17,8 +17,8 @@ from typing import Any, Callable
 import torch
 
 from . import harness
-from .candidates import (ALL, HF, OURS, TOY_SHAPE, CandidateFactory, Shape, build_candidate, check_names, first_layer,
-                         is_baseline)
+from .candidates import (ALL, HF, OURS, TOY_SHAPE, CandidateFactory, Shape, build_candidate, check_names,
+                         first_layer, is_baseline)
 from .harness import CAPPED, ERROR, OK, SKIPPED
 
 Log = Callable[[str], None]
@@ -42,6 +42,7 @@ class Settings:
     vocab_size: int | None = None
     device: str = "cpu"
     seed: int = 0
+    budget_seconds: float | None = None  # whole-suite budget; cells past it are skipped
     probe: bool = True  # probe each candidate in a separate process (cap + memory); False: in-process
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -57,6 +58,7 @@ class Defaults:
     batch: int
     toy_batch: int
     toy_cap_seconds: float = 20.0
+    budget_seconds: float = 540.0  # the issue's "within 10 minutes on 2 cores", with a margin
 
 
 DEFAULTS = {
@@ -70,7 +72,7 @@ DEFAULTS = {
     "decode": Defaults(lengths=(1024, 4096, 16384), toy_lengths=(64, 256),
                        candidates=("bmojo", "hf-mistral", "hf-mistral-swa", "hf-mamba2"),
                        repeats=16, warmup=3, cap_seconds=60.0, batch=1, toy_batch=1),
-    "kernels": Defaults(lengths=(1024, 4096), toy_lengths=(128,), candidates=(), repeats=1, warmup=0,
+    "kernels": Defaults(lengths=(0,), toy_lengths=(0,), candidates=(), repeats=1, warmup=0,
                         cap_seconds=120.0, batch=1, toy_batch=1),
 }
 SUITES = tuple(DEFAULTS)
@@ -81,7 +83,7 @@ def resolve(settings: Settings) -> Settings:
     if settings.suite not in DEFAULTS:
         raise ValueError(f"unknown suite {settings.suite!r}; choose from {list(SUITES)}")
     d = DEFAULTS[settings.suite]
-    s = replace(settings)
+    s = replace(settings, extra=dict(settings.extra))
     if s.lengths is None:
         s.lengths = list(d.toy_lengths if s.toy else d.lengths)
     if s.repeats is None:
@@ -94,8 +96,12 @@ def resolve(settings: Settings) -> Settings:
         s.batch = d.toy_batch if s.toy else d.batch
     if s.candidates is None:
         s.candidates = list(d.candidates)
+    if s.budget_seconds is None:
+        s.budget_seconds = d.budget_seconds
+    if s.budget_seconds <= 0:
+        raise ValueError(f"--budget-seconds must be > 0, got {s.budget_seconds}")
     check_names(s.candidates) if d.candidates else None
-    if any(not isinstance(n, int) or n < 1 for n in s.lengths) or not s.lengths:
+    if s.suite != "kernels" and (any(not isinstance(n, int) or n < 1 for n in s.lengths) or not s.lengths):
         raise ValueError(f"--lengths must be positive integers, got {s.lengths}")
     s.lengths = sorted(set(s.lengths))
     if s.repeats < 1:
@@ -127,13 +133,14 @@ def run_suite(settings: Settings, log: Log = print) -> dict[str, Any]:
     s = resolve(settings)
     torch.manual_seed(s.seed)
     started = time.perf_counter()
+    s.extra["deadline"] = time.monotonic() + s.budget_seconds
     report: dict[str, Any] = {
         "schema": harness.SCHEMA,
         "suite": s.suite,
         "created": harness.now_iso(),
         "toy": s.toy,
         "machine": harness.machine_info(s.device),
-        "settings": {k: v for k, v in asdict(s).items() if k not in ("extra",)},
+        "settings": {k: v for k, v in asdict(s).items() if k != "extra"},
         "memory_method": _memory_method(s),
         "status": OK,
         "message": None,
@@ -356,6 +363,11 @@ def _cells(s: Settings, report: dict[str, Any], log: Log, cache: dict[str, Any],
             if name in capped_at:
                 rows[name] = _row(name, length, CAPPED, note=f"capped at the shorter length {capped_at[name]}")
                 continue
+            if time.monotonic() > s.extra["deadline"]:
+                rows[name] = _row(name, length, SKIPPED,
+                                  note=f"the suite's time budget ({s.budget_seconds:g} s) was spent")
+                log(f"  L={length:<6} {name:<15} skipped: time budget spent")
+                continue
             spec = dict(base, name=name, length=length, width=cache[name].width, phase="probe")
             p = harness.probe(builder, spec, s.cap_seconds, isolate=s.probe)
             probes[name] = p
@@ -370,7 +382,8 @@ def _cells(s: Settings, report: dict[str, Any], log: Log, cache: dict[str, Any],
             except Exception as exc:
                 rows[name] = _row(name, length, ERROR, note=f"{type(exc).__name__}: {exc}")
         timings = harness.round_robin({n: u.run for n, u in units.items()}, s.warmup, s.repeats, s.device,
-                                      cap_seconds=s.cap_seconds, budget_seconds=s.cap_seconds)
+                                      cap_seconds=s.cap_seconds, budget_seconds=s.cap_seconds,
+                                      deadline=s.extra["deadline"])
         for name, t in timings.items():
             p = probes[name]
             rows[name] = _row(name, length, t.status, median_s=harness.rounded(t.median),
@@ -500,37 +513,75 @@ def _decode(s: Settings, report: dict[str, Any], log: Log) -> None:
 
 
 # ----------------------------------------------------------------------------- kernels
-KERNELS_MODULE = "bmojo_neuron.kernels.profile"
-KERNELS_FUNCTION = "profile_kernels"
+KERNELS_MODULE = "bmojo_neuron.commands.kernels"  # `bmojo-neuron kernels profile`
+SCAN_KERNELS = ("mamba1_fwd", "mamba1_bwd", "ssd_fwd", "ssd_bwd")
+TOY_KERNEL_SHAPE = {"name": "toy", "d_inner": 128, "length": 256, "n1": 16, "n2": 16, "head_dim": 64, "groups": 1}
 
 
 def _kernels(s: Settings, report: dict[str, Any], log: Log) -> None:
-    """Modelled Trn1 kernel times from the NKI emulator (``kernels profile``), when it exists.
+    """Modelled Trn1 kernel times from the NKI emulator's cost model (``kernels profile``).
 
-    Contract for the kernel issues: ``bmojo_neuron.kernels.profile.profile_kernels(
-    lengths: list[int], toy: bool) -> list[dict]``, each dict with at least
-    ``kernel``, ``length`` and ``modelled_s`` (modelled Trn1 seconds); extra keys
-    are kept. Until that module exists the suite reports ``"status": "skipped"``.
+    Uses ``bmojo_neuron.commands.kernels``: ``profile_kernel(kernel, shape)`` for the scan
+    kernels at the calibration shape and the Trn1 recipes' shapes (``ladder_shapes()``),
+    and ``attention_rows(args)`` for the eidetic-attention kernels. Skipped with a
+    message where that module or the emulator is not there. ``--lengths`` does not
+    apply: the shapes come from ``recipes/trn1``. ``--toy``: one tiny shape, two kernels.
     """
-    report["unit"] = "modelled Trn1 seconds per kernel call, from the NKI emulator's cost model"
+    import argparse
+
+    report["unit"] = "modelled Trn1 seconds per kernel call (one NeuronCore, batch 1), NKI emulator cost model"
+    report["settings"]["lengths"] = []
     try:
         module = importlib.import_module(KERNELS_MODULE)
-        profile = getattr(module, KERNELS_FUNCTION)
+        profile_kernel = module.profile_kernel
+        importlib.import_module("nki_kernels.emulator")
     except (ImportError, AttributeError) as exc:
         report["status"] = SKIPPED
-        report["message"] = (f"skipped: the NKI emulator's `kernels profile` is not available yet "
-                             f"({KERNELS_MODULE}.{KERNELS_FUNCTION}: {type(exc).__name__}: {exc}); "
-                             "it lands with the kernel issues")
+        report["message"] = (f"skipped: the NKI emulator's `kernels profile` is not available here "
+                             f"({KERNELS_MODULE}: {type(exc).__name__}: {exc})")
         log(report["message"])
         return
-    rows = profile(lengths=list(s.lengths), toy=s.toy)
+    if s.toy:
+        jobs = [(k, TOY_KERNEL_SHAPE) for k in ("ssd_fwd", "mamba1_fwd")]
+        attention = None
+    else:
+        shapes = [module.CALIBRATION] + list(module.ladder_shapes())
+        jobs = [(k, shape) for shape in shapes for k in SCAN_KERNELS]
+        attention = getattr(module, "attention_rows", None)
+    rows: list[dict[str, Any]] = []
+    for kernel, shape in jobs:
+        if time.monotonic() > s.extra["deadline"]:
+            rows.append({"kernel": kernel, "shape": shape["name"], "length": shape["length"], "status": SKIPPED,
+                         "note": f"the suite's time budget ({s.budget_seconds:g} s) was spent"})
+            continue
+        try:
+            rows.append(dict(profile_kernel(kernel, shape), length=shape["length"]))
+        except Exception as exc:  # one kernel failing must not hide the others
+            rows.append({"kernel": kernel, "shape": shape["name"], "length": shape["length"], "status": ERROR,
+                         "note": f"{type(exc).__name__}: {exc}"})
+    if attention is not None:
+        if time.monotonic() > s.extra["deadline"]:
+            log("  attention kernels skipped: time budget spent")
+        else:
+            try:
+                for row in attention(argparse.Namespace(attention=",".join(getattr(
+                        module, "ATTENTION_KERNELS", ())), calibration_only=False)):
+                    length = int(str(row.get("dims", "L=0")).split()[0].split("=")[1])
+                    rows.append(dict(row, length=length))
+            except Exception as exc:
+                log(f"  attention kernels: {type(exc).__name__}: {exc}")
+                report["message"] = f"attention kernels failed: {type(exc).__name__}: {exc}"
     for row in rows:
-        entry = {"candidate": row.get("kernel"), "role": "ours", "length": row.get("length"), "status": OK,
-                 "median_s": row.get("modelled_s"), "times_s": [], "peak_memory_bytes": None, "probe_s": None,
-                 "note": None}
-        entry.update({k: v for k, v in row.items() if k not in entry})
+        ok = "time_ms" in row
+        entry = _row(f"{row['kernel']}", row["length"], row.get("status", OK) if not ok else OK,
+                     median_s=harness.rounded(row["time_ms"] / 1e3, 9) if ok else None, note=row.get("note"))
+        entry["role"] = "kernel"
+        entry.update({k: v for k, v in row.items() if k not in entry and k not in ("profile", "time_ms")})
+        entry["modelled_ms"] = harness.rounded(row.get("time_ms"), 6)
         report["results"].append(entry)
-        log(f"  {entry['candidate']:<24} L={entry['length']:<6} modelled {entry['median_s']}")
+        if ok:
+            log(f"  {entry['shape']:<24} {entry['kernel'] if 'kernel' in entry else entry['candidate']:<16} "
+                f"{entry.get('dims', ''):<40} modelled {entry['modelled_ms']:.3f} ms")
 
 
 def _mib(n: int | None) -> str:

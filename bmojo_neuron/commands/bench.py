@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cap-seconds", type=float, default=None,
                         help="time cap for one unit of work of a candidate; over it the candidate is reported "
                              "'capped' (default: per suite)")
+    parser.add_argument("--budget-seconds", type=float, default=None,
+                        help="time budget of the whole suite (default 540); candidates not yet probed when it "
+                             "is spent are reported 'skipped', timed ones stop repeating")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: per suite)")
     parser.add_argument("--candidates", type=_names, default=None,
                         help="comma-separated candidates (default: per suite): bmojo, bmojo-f, mamba-only, "
@@ -87,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     json_path = args.json_path or f"bench-{args.suite}.json"
     plot_path = args.plot_path or os.path.splitext(json_path)[0] + ".png"
     settings = Settings(suite=args.suite, lengths=args.lengths, repeats=args.repeats, warmup=args.warmup,
-                        cap_seconds=args.cap_seconds, batch=args.batch, candidates=args.candidates, toy=args.toy,
+                        cap_seconds=args.cap_seconds, budget_seconds=args.budget_seconds, batch=args.batch,
+                        candidates=args.candidates, toy=args.toy,
                         d_model=args.d_model, layers=args.layers, window=args.window, vocab_size=args.vocab_size,
                         device=args.device, seed=args.seed, probe=not args.no_probe)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))

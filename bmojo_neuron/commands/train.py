@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -90,8 +91,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, or pick another "
                              "--output-dir")
     rows = []
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints and writes summaries
     for variant, run_dir in runs:
-        print(describe(variant, count_parameters(variant), run_dir), flush=True)
+        if main:
+            print(describe(variant, count_parameters(variant), run_dir), flush=True)
         try:
             result = train(variant, run_dir, resume=args.resume, progress=not args.no_progress)
         except KeyboardInterrupt:
@@ -111,8 +114,11 @@ def run(args: argparse.Namespace) -> int:
             "time": format_seconds(result.seconds),
             "run_dir": str(run_dir),
         })
-        print(f"{variant.run.name}: done in {format_seconds(result.seconds)}; final export in {result.final_dir}",
+        if main:
+            print(f"{variant.run.name}: done in {format_seconds(result.seconds)}; final export in {result.final_dir}",
               flush=True)
+    if not main:
+        return 0
     table = summary_table(rows)
     print("\n" + table)
     if len(runs) > 1:

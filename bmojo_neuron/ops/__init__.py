@@ -48,7 +48,7 @@ def _nki_availability() -> tuple[bool, str]:
 
     if not compat.NKI_AVAILABLE:
         return False, f"NKI 0.2 is not usable: {compat.NKI_UNAVAILABLE_REASON}"
-    return True, "NKI kernels on Trainium (selective_scan, ssd_scan; XLA tensors)"
+    return True, "NKI kernels on Trainium (selective_scan, ssd_scan, eidetic_attention; XLA tensors)"
 
 
 def _nki_sim_availability() -> tuple[bool, str]:
@@ -56,19 +56,19 @@ def _nki_sim_availability() -> tuple[bool, str]:
         import nki_kernels.emulator  # noqa: F401
     except Exception as exc:  # e.g. ml_dtypes missing
         return False, f"the NKI emulator failed to import ({type(exc).__name__}: {exc})"
-    return True, "NKI kernels on CPU through the emulator (selective_scan, ssd_scan; slow, exact)"
+    return True, "NKI kernels on CPU through the emulator (selective_scan, ssd_scan, eidetic_attention; slow, exact)"
 
 
 def _nki_impls() -> dict:
-    from nki_kernels.torch_bridge import device_ops
+    from nki_kernels.torch_bridge import attention_device_ops, device_ops
 
-    return device_ops()
+    return {**device_ops(), **attention_device_ops()}
 
 
 def _nki_sim_impls() -> dict:
-    from nki_kernels.torch_bridge import emulator_ops
+    from nki_kernels.torch_bridge import attention_emulator_ops, emulator_ops
 
-    return emulator_ops()
+    return {**emulator_ops(), **attention_emulator_ops()}
 
 
 register_backend("torch", lambda: (True, "reference implementation"), _torch_impls)

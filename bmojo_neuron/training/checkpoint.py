@@ -43,6 +43,8 @@ RECIPE_FILE = "recipe.json"
 CONFIG_FILE = "config.json"
 RUN_INFO_FILE = "bmojo_run.json"
 REQUIRED_FILES = (MODEL_FILE, OPTIM_FILE, RECIPE_FILE, CONFIG_FILE, STATE_FILE)
+PARALLEL_FILE = "parallel.json"  # marks a sharded checkpoint of a parallel run (bmojo_neuron.parallel.checkpoint_format)
+SHARDED_REQUIRED_FILES = (PARALLEL_FILE, RECIPE_FILE, CONFIG_FILE, STATE_FILE)
 
 
 @dataclass
@@ -203,7 +205,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 
 
 def is_complete(path: Path) -> bool:
-    return all((path / f).is_file() for f in REQUIRED_FILES)
+    """A one-process or sharded checkpoint whose trainer state (written last) is on disk."""
+    return any(all((path / f).is_file() for f in files) for files in (REQUIRED_FILES, SHARDED_REQUIRED_FILES))
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
@@ -245,6 +248,11 @@ class Checkpoint:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read trainer state, recipe and optimizer/scheduler/RNG states of one checkpoint."""
     path = Path(path)
+    if (path / PARALLEL_FILE).is_file():
+        parallel = json.loads((path / PARALLEL_FILE).read_text())
+        raise ValueError(f"{path} is a sharded checkpoint (tp={parallel.get('tp')}, pp={parallel.get('pp')}): "
+                         "resume it under torchrun with the same parallel.tp / parallel.pp, or convert it with "
+                         "`bmojo-neuron checkpoint consolidate` and `bmojo-neuron checkpoint shard --tp 1 --pp 1`")
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (needs {', '.join(REQUIRED_FILES)})")
     state = TrainerState(**json.loads((path / STATE_FILE).read_text()))
@@ -339,8 +347,13 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
 
     source = resolve_model_dir(path)
     if is_complete(source):  # a training checkpoint
-        model = BMojoForCausalLM(BMojoConfig.from_json_file(str(source / CONFIG_FILE)))
-        load_model_weights(model, source)
+        if (source / PARALLEL_FILE).is_file():
+            from bmojo_neuron.training.distributed import consolidated_model
+
+            model = consolidated_model(source)
+        else:
+            model = BMojoForCausalLM(BMojoConfig.from_json_file(str(source / CONFIG_FILE)))
+            load_model_weights(model, source)
         recipe = json.loads((source / RECIPE_FILE).read_text())
         tokenizer = str(recipe.get("data", {}).get("tokenizer") or "byte")
     else:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from bmojo_neuron import BMojoForCausalLM
 from bmojo_neuron.training import checkpoint as ckpt
+from bmojo_neuron.training.distributed import ParallelRun, RecordsOnly
 from bmojo_neuron.training.evaluate import (
     LengthResult,
     autocast,
@@ -41,7 +42,7 @@ LENGTH_PLOT = "length_eval.png"
 # Recipe keys that may differ between a checkpoint and the run resuming it.
 RESUMABLE_CHANGES = ("run.name", "run.output_dir", "run.device", "train.steps", "train.log_every",
                      "train.precision", "train.activation_checkpointing", "eval.", "checkpoint.",
-                     "data.cache_dir", "compare", "suite")
+                     "data.cache_dir", "compare", "suite", "parallel.")  # parallel: checked on load
 
 
 @dataclass
@@ -182,11 +183,17 @@ def train(
     check_recipe(recipe)
     t, o, e, c = recipe.train, recipe.optim, recipe.eval, recipe.checkpoint
     device = resolve_device(recipe.run.device)
+    if recipe.run.threads:
+        torch.set_num_threads(recipe.run.threads)
     run_dir = Path(output_dir or recipe.run.output_dir)
     recipe_dict = _jsonable(recipe)
     mqar = recipe.data.kind == "mqar"
+    par = ParallelRun.from_recipe(recipe, device)  # None: one process (see training/distributed.py)
+    if par is not None:
+        device = par.device
+    main = par is None or par.is_main  # the rank that logs and writes shared files
 
-    previous = ckpt.load_latest(run_dir) if resume else None
+    previous = (par.load_latest(run_dir) if par else ckpt.load_latest(run_dir)) if resume else None
     if previous is None and not resume and has_run(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, or pick another "
                          "--output-dir")
@@ -202,14 +209,20 @@ def train(
         raise ValueError("the eval dataset is empty")
 
     seed_everything(recipe.run.seed)
-    model = BMojoForCausalLM(recipe.model_config()).to(device)
+    model = par.build_model(recipe.model_config()) if par else BMojoForCausalLM(recipe.model_config()).to(device)
     if t.activation_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
-    optimizer = build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps, device.type)
+    optimizer = (par.build_optimizer(model, o) if par
+                 else build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps, device.type))
     scheduler = build_scheduler(optimizer, o.warmup_steps, t.steps, o.min_lr_ratio)
     state = ckpt.TrainerState()
-    if previous is not None:
+    if previous is not None and par is not None:
+        par.restore(previous, model, optimizer, scheduler)
+        state = previous.state
+        if main:
+            print(f"resuming {run_dir} from {previous.path.name} (step {state.step})")
+    elif previous is not None:
         ckpt.load_model_weights(model, previous.path)
         optimizer.load_state_dict(previous.optimizer)
         scheduler.load_state_dict(previous.scheduler)
@@ -218,18 +231,25 @@ def train(
         print(f"resuming {run_dir} from {previous.path.name} (step {state.step})")
     elif resume:
         print(f"no checkpoint in {run_dir}: starting from scratch")
-    ckpt.clean_stale(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.write_text_atomic(run_dir / ckpt.RECIPE_FILE, json.dumps(recipe_dict, indent=2))
+    if par:
+        par.prepare_run_dir(run_dir)
+    else:
+        ckpt.clean_stale(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        ckpt.write_text_atomic(run_dir / ckpt.RECIPE_FILE, json.dumps(recipe_dict, indent=2))
 
     order = DataOrder(len(train_data), t.batch_size, recipe.run.seed, state.epoch, state.position)
-    logger = MetricsLogger(run_dir, state.metrics, state.step)
+    logger = MetricsLogger(run_dir, state.metrics, state.step) if main else RecordsOnly(state.metrics)
     tokens_per_step = t.batch_size * t.grad_accum * len(train_data[0]["input_ids"])
-    params = count_parameters(model)
+    params = par.parameter_count() if par else count_parameters(model)
 
     def save() -> None:
         state.epoch, state.position, state.metrics = order.epoch, order.position, logger.records
-        ckpt.save_checkpoint(run_dir, model, optimizer, scheduler, state, recipe_dict, c.keep_last)
+        if par:
+            par.save(run_dir, model, optimizer, scheduler, state, recipe_dict, c.keep_last)
+        else:
+            ckpt.save_checkpoint(run_dir, model, optimizer, scheduler, state, recipe_dict, c.keep_last)
 
     def run_eval() -> dict[str, float]:
         result = evaluate(model, eval_data, t.batch_size, device, e.batches, t.precision, mqar)
@@ -237,7 +257,7 @@ def train(
         return result
 
     model.train()
-    bar = Progress(recipe.run.name, t.steps, state.step, enabled=progress)
+    bar = Progress(recipe.run.name, t.steps, state.step, enabled=progress and main)
     pending: list[torch.Tensor] = []  # per-step [loss, lm_loss, aux_loss, grad_norm], read at log time
     interval_start, interval_tokens = time.perf_counter(), 0
     eval_result: dict[str, float] = {}
@@ -245,7 +265,8 @@ def train(
         # one optimizer update = grad_accum micro-batches
         step_loss = torch.zeros(3, device=device)
         for _ in range(t.grad_accum):
-            batch = train_data[order.next()]
+            indices = order.next()
+            batch = train_data[par.local_indices(indices) if par else indices]
             input_ids = batch["input_ids"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
             with autocast(device, t.precision):
@@ -253,8 +274,12 @@ def train(
             (out.loss / t.grad_accum).backward()
             aux = out.aux_loss.detach() if out.aux_loss is not None else torch.zeros((), device=device)
             step_loss += torch.stack([out.loss.detach(), out.lm_loss.detach(), aux]) / t.grad_accum
+        if par:
+            par.reduce_grads(model)  # sequence-parallel norms over tp, mean over data ranks
+            step_loss = par.average(step_loss)
         if o.grad_clip:
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            grad_norm = (par.clip_grad_norm(model, o.grad_clip) if par
+                         else torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip))
         else:
             grad_norm = torch.zeros((), device=device)
         optimizer.step()
@@ -306,12 +331,17 @@ def train(
     if any(int(m) != 1 for m in multipliers):
         lengths = length_generalisation(model, recipe, eval_data, multipliers, t.batch_size, device,
                                         e.batches, t.precision)
-        (run_dir / LENGTH_FILE).write_text(json.dumps([r.__dict__ for r in lengths], indent=2))
-        plot_length(lengths, run_dir / LENGTH_PLOT, title=recipe.run.name)
-        print(format_length_table(lengths, title=f"{recipe.run.name}: length generalisation"))
+        if main:
+            (run_dir / LENGTH_FILE).write_text(json.dumps([r.__dict__ for r in lengths], indent=2))
+            plot_length(lengths, run_dir / LENGTH_PLOT, title=recipe.run.name)
+            print(format_length_table(lengths, title=f"{recipe.run.name}: length generalisation"))
     logger.close()
-    plot_training(logger.records, run_dir / PLOT_FILE, title=recipe.run.name)
-    final_dir = ckpt.export_final(run_dir, model, recipe_dict, _tokenizer_name(recipe), eval_result)
+    if main:
+        plot_training(logger.records, run_dir / PLOT_FILE, title=recipe.run.name)
+    if par:
+        final_dir = par.export_final(run_dir, recipe_dict, _tokenizer_name(recipe), eval_result)
+    else:
+        final_dir = ckpt.export_final(run_dir, model, recipe_dict, _tokenizer_name(recipe), eval_result)
     return TrainResult(run_dir, params, state.step, final_dir, eval_result, lengths, logger.records,
                        time.perf_counter() - started)
 

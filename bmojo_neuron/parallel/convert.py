@@ -1,0 +1,147 @@
+"""Change a run's parallel degrees: sharded checkpoint -> one `save_pretrained` directory -> sharded at any degree.
+
+The consolidated directory is a normal Hugging Face export (``config.json``,
+``model.safetensors``; `eval` / `generate` / `from_pretrained` read it) plus
+``training_state.pt``: AdamW states keyed by parameter name, scheduler, RNG and
+trainer state, so a run resumed from its re-sharded copy continues exactly.
+Both directions write to a temp directory and publish it with one rename.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint_format as fmt
+from .sharding import shard_state_dict
+
+
+def resolve_sharded(path: str | Path) -> Path:
+    """A sharded ``step-XXXXXXX`` dir, or a run dir (its latest checkpoint)."""
+    from bmojo_neuron.training import checkpoint as ckpt
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if not fmt.is_sharded(path):
+        latest = ckpt.latest_checkpoint(path)
+        if latest is None or not fmt.is_sharded(latest):
+            raise FileNotFoundError(f"{path} is neither a sharded checkpoint (with {fmt.PARALLEL_FILE}) nor a run "
+                                    "directory whose latest checkpoint is one")
+        path = latest
+    if not ckpt.is_complete(path):
+        raise FileNotFoundError(f"{path} is incomplete (no {ckpt.STATE_FILE})")
+    return path
+
+
+def consolidate_checkpoint(source: str | Path, output: str | Path) -> Path:
+    """Write the full model of a sharded checkpoint (and its training state) to `output`."""
+    from bmojo_neuron.training import checkpoint as ckpt
+    from bmojo_neuron.training.distributed import consolidated_model
+
+    source, output = resolve_sharded(source), Path(output)
+    if output.exists():
+        raise ValueError(f"{output} already exists; pick a new output directory")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ckpt.new_tmp_dir(output.parent, output.name)
+    try:
+        model = consolidated_model(source)
+        with ckpt.quiet_transformers():
+            model.save_pretrained(str(tmp))
+        recipe = json.loads((source / ckpt.RECIPE_FILE).read_text())
+        state = json.loads((source / ckpt.STATE_FILE).read_text())
+        torch.save({**fmt.consolidate_optimizer(source), "trainer_state": state, "recipe": recipe},
+                   tmp / fmt.TRAINING_STATE_FILE)
+        (tmp / ckpt.RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
+        tokenizer = str(recipe.get("data", {}).get("tokenizer") or "byte")
+        info = {"tokenizer": tokenizer, "recipe": recipe, "consolidated_from": str(source), "step": state["step"]}
+        (tmp / ckpt.RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
+        ckpt.publish_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def shard_checkpoint(source: str | Path, run_dir: str | Path, tp: int, pp: int = 1,
+                     recipe: dict[str, Any] | None = None) -> Path:
+    """Write `source` (a `save_pretrained` dir, ideally from `consolidate_checkpoint`) as a sharded
+    checkpoint of `run_dir` for tensor degree `tp` and pipeline degree `pp`; `latest` points at it.
+
+    Without ``training_state.pt`` the checkpoint is step 0 with a fresh optimizer (a warm start).
+    """
+    from bmojo_neuron import BMojoConfig
+    from bmojo_neuron.training import checkpoint as ckpt
+    from bmojo_neuron.training.loop import has_run
+
+    source, run_dir = Path(source), Path(run_dir)
+    if tp < 1 or pp < 1:
+        raise ValueError(f"--tp and --pp must be >= 1, got {tp}, {pp}")
+    if pp > 1:
+        raise ValueError("--pp > 1: pipeline stages are not wired into `bmojo-neuron train` yet")
+    if not (source / ckpt.CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{source} has no {ckpt.CONFIG_FILE}: not a save_pretrained directory")
+    if has_run(run_dir):
+        raise ValueError(f"{run_dir} already holds a run; pick a new --output-dir")
+    config = BMojoConfig.from_json_file(str(source / ckpt.CONFIG_FILE))
+    full = _read_pretrained_weights(source)
+    state_file = source / fmt.TRAINING_STATE_FILE
+    training = torch.load(state_file, map_location="cpu", weights_only=False) if state_file.is_file() else None
+    if recipe is None:
+        recipe = training["recipe"] if training else json.loads((source / ckpt.RECIPE_FILE).read_text()) \
+            if (source / ckpt.RECIPE_FILE).is_file() else None
+    if recipe is None:
+        raise FileNotFoundError(f"{source} has no {ckpt.RECIPE_FILE} nor {fmt.TRAINING_STATE_FILE}: pass the recipe")
+    recipe = json.loads(json.dumps(recipe))
+    recipe.setdefault("parallel", {}).update(tp=tp, pp=pp)
+    state = training["trainer_state"] if training else ckpt.TrainerState().__dict__
+
+    full_shapes = fmt.shard_shapes(config, 1)
+    local_shapes = fmt.shard_shapes(config, tp)
+    for name in fmt.tied_names(config):
+        if name not in full and name in full_shapes:
+            full[name] = full["model.embed_tokens.weight"]
+    missing = sorted(set(full_shapes) - set(full))
+    if missing:
+        raise ValueError(f"{source} lacks tensors of the model: {missing[:5]}")
+    meta = fmt.parallel_meta(full_shapes, local_shapes, tp, pp, 1, bool(recipe["parallel"].get("sp", False)),
+                             bool(recipe["parallel"].get("zero1", False)))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = ckpt.step_dir_name(state["step"])
+    tmp = ckpt.new_tmp_dir(run_dir, name)
+    try:
+        for tp_rank in range(tp):
+            shard = shard_state_dict(full, local_shapes, tp_rank, tp)
+            fmt.save_tensors(shard, tmp / fmt.model_file(tp_rank, 0), fmt.tied_names(config))
+            optimizer = {} if training is None else fmt.shard_named_states(
+                training["optimizer"], meta["split_dims"], set(local_shapes), tp, tp_rank)
+            blob = {"optimizer": optimizer, "scheduler": training["scheduler"] if training else None,
+                    "rng": training["rng"] if training else ckpt.rng_states()}
+            torch.save(blob, tmp / fmt.optim_file(tp_rank, 0, 0))
+        (tmp / fmt.PARALLEL_FILE).write_text(json.dumps(meta, indent=1))
+        (tmp / ckpt.RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
+        config.to_json_file(str(tmp / ckpt.CONFIG_FILE))
+        (tmp / ckpt.STATE_FILE).write_text(json.dumps(state, indent=1))
+        ckpt.publish_dir(tmp, run_dir / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    ckpt.write_text_atomic(run_dir / ckpt.LATEST, name + "\n")
+    ckpt.write_text_atomic(run_dir / ckpt.RECIPE_FILE, json.dumps(recipe, indent=2))
+    return run_dir / name
+
+
+def _read_pretrained_weights(source: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(source.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{source} has no *.safetensors weights")
+    out: dict[str, torch.Tensor] = {}
+    for file in files:
+        out.update(load_file(str(file)))
+    return out

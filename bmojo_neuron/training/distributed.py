@@ -1,0 +1,319 @@
+"""The parallel plumbing of the trainer: everything `loop.py` does differently under torchrun.
+
+`ParallelRun.from_recipe` returns None for an ordinary one-process run, so the loop
+stays the single-device loop plus a few ``if par`` hooks. With it:
+
+- ranks form a ``dp × pp × tp`` grid (`bmojo_neuron.parallel.layout`, tp fastest);
+- the model is initialised whole under ``run.seed`` and each rank keeps its tensor
+  shard, so a parallel run starts from the very weights of the one-process run;
+- ``train.batch_size`` stays the *global* micro-batch: data rank ``d`` takes block
+  ``d`` of each batch the one-process loop would take, and gradients are averaged
+  over data ranks, so a run equals the one-process run on the same recipe (exactly
+  when every sequence has the same number of labelled tokens, as MQAR and text do);
+- ZeRO-1 (``parallel.zero1``) is `torch.distributed.optim.ZeroRedundancyOptimizer`
+  over the data-parallel group;
+- checkpoints are sharded per rank (layout in `bmojo_neuron.parallel.checkpoint_format`)
+  and published atomically by rank 0 after a barrier.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from bmojo_neuron.parallel import checkpoint_format as fmt
+from bmojo_neuron.parallel.layout import ParallelLayout, ProcessGroups, torchrun_env
+from bmojo_neuron.training import checkpoint as ckpt
+from bmojo_neuron.training.optim import parameter_groups
+
+CONVERT_HINT = ("convert it with `bmojo-neuron checkpoint consolidate RUN_DIR OUT` then "
+                "`bmojo-neuron checkpoint shard OUT --tp N --pp M --output-dir NEW_RUN_DIR`")
+
+
+def wants_parallel(recipe: Any) -> bool:
+    """True when the recipe asks for parallelism or the process was launched by torchrun with several ranks."""
+    p = recipe.parallel
+    world = dist.get_world_size() if dist.is_initialized() else torchrun_env()[2]
+    return world > 1 or p.tp > 1 or p.pp > 1 or p.zero1
+
+
+def check_parallel_recipe(recipe: Any, world: int) -> ParallelLayout:
+    """Fail fast, before any process group or weights exist, on degrees this trainer cannot run."""
+    p, t = recipe.parallel, recipe.train
+    layout = ParallelLayout.from_world(world, p.tp, p.pp)
+    if p.pp > 1:
+        raise ValueError("parallel.pp > 1 is not wired into `bmojo-neuron train` yet (pipeline stages exist in "
+                         "bmojo_neuron.parallel.pipeline); use parallel.pp=1")
+    if p.microbatches != 1:
+        raise ValueError("parallel.microbatches only applies to pipeline parallelism; use train.grad_accum")
+    if t.batch_size % layout.dp:
+        raise ValueError(f"train.batch_size ({t.batch_size}) is the global micro-batch and must be divisible by "
+                         f"the data-parallel degree {layout.dp} (world {world} / (tp {p.tp} × pp {p.pp}))")
+    if p.sp:
+        length = recipe.data.seq_len if recipe.data.kind == "mqar" else recipe.data.block_size
+        if length % p.tp:
+            raise ValueError(f"parallel.sp needs the sequence length ({length}) divisible by parallel.tp ({p.tp})")
+    if p.tp > 1:  # the model's divisibility errors (heads, groups, vocabulary), on the meta device: instant
+        fmt.shard_shapes(recipe.model_config(), p.tp)
+    return layout
+
+
+class RecordsOnly:
+    """The metrics logger of ranks other than 0: keeps the records, writes nothing."""
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = list(records)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def close(self) -> None:
+        pass
+
+
+class ParallelRun:
+    """One rank of a parallel training run."""
+
+    def __init__(self, recipe: Any, device: torch.device) -> None:
+        rank, local_rank, world = torchrun_env()
+        if dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+        self.layout = check_parallel_recipe(recipe, world)
+        self.layout = ParallelLayout(self.layout.tp, self.layout.pp, self.layout.dp, rank)
+        self.recipe, self.p = recipe, recipe.parallel
+        self.device = torch.device(f"cuda:{local_rank}") if device.type == "cuda" else device
+        if not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+        self.groups = ProcessGroups.create(self.layout)
+        self.is_main = rank == 0
+        self.dims: dict[str, int | None] = {}
+
+    @classmethod
+    def from_recipe(cls, recipe: Any, device: torch.device) -> ParallelRun | None:
+        return cls(recipe, device) if wants_parallel(recipe) else None
+
+    # ------------------------------------------------------------------ model and optimizer
+
+    def build_model(self, config: Any) -> nn.Module:
+        """This rank's shard of the model the one-process run would initialise (same seed, same weights)."""
+        from bmojo_neuron import BMojoForCausalLM
+        from bmojo_neuron.layers.factory import use_layer_factory
+        from bmojo_neuron.parallel import TorchTensorParallelFactory, shard_state_dict
+
+        full = BMojoForCausalLM(config)
+        after_init = torch.get_rng_state()
+        self.full_shapes = {k: v.shape for k, v in full.state_dict().items()}
+        if self.layout.tp == 1:
+            model = full
+        else:
+            with use_layer_factory(TorchTensorParallelFactory(self.groups.tp, sequence_parallel=self.p.sp)):
+                model = BMojoForCausalLM(config)
+            torch.set_rng_state(after_init)  # as if only the full model had been built
+            shapes = {k: v.shape for k, v in model.state_dict().items()}
+            fmt.load_into(model, shard_state_dict(full.state_dict(), shapes, self.layout.tp_rank, self.layout.tp),
+                          "the tensor shard")
+        self.local_shapes = {k: v.shape for k, v in model.state_dict().items()}
+        self.meta = fmt.parallel_meta(self.full_shapes, self.local_shapes, self.layout.tp, self.layout.pp,
+                                      self.layout.dp, self.p.sp, self.p.zero1)
+        self.dims = self.meta["split_dims"]
+        return model.to(self.device)
+
+    def parameter_count(self) -> int:
+        """Parameters of the whole model (every shard), the tied lm_head counted once."""
+        skip = fmt.tied_names(self.recipe.model_config())
+        return sum(torch.Size(s).numel() for k, s in self.full_shapes.items() if k not in skip)
+
+    def build_optimizer(self, model: nn.Module, o: Any) -> torch.optim.Optimizer:
+        """AdamW as in one process; with ZeRO-1 its states are partitioned over the data-parallel group."""
+        from bmojo_neuron.training.optim import build_optimizer
+
+        if not self.p.zero1:
+            return build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps, self.device.type)
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        b1, b2 = (float(b) for b in o.betas)
+        return ZeroRedundancyOptimizer(parameter_groups(model, o.weight_decay), optimizer_class=torch.optim.AdamW,
+                                       process_group=self.groups.dp, lr=o.lr, betas=(b1, b2), eps=o.eps,
+                                       foreach=False)
+
+    # ------------------------------------------------------------------------- one step
+
+    def local_indices(self, indices: list[int]) -> list[int]:
+        """This data rank's block of the global micro-batch."""
+        per = len(indices) // self.layout.dp
+        return indices[self.layout.dp_rank * per:(self.layout.dp_rank + 1) * per]
+
+    def reduce_grads(self, model: nn.Module) -> None:
+        """Sequence-parallel norm gradients summed over tp; every gradient averaged over data ranks."""
+        from bmojo_neuron.parallel import sync_sequence_parallel_grads
+
+        if self.p.sp and self.layout.tp > 1:
+            sync_sequence_parallel_grads(model, self.groups.tp)
+        if self.layout.dp > 1:
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.groups.dp)
+            flat /= self.layout.dp
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> Tensor:
+        """`clip_grad_norm_` of the whole (unsharded) model: shards' squares are summed over tp."""
+        sharded = torch.zeros((), dtype=torch.float64, device=self.device)
+        replicated = torch.zeros((), dtype=torch.float64, device=self.device)
+        grads = []
+        for name, param in model.named_parameters():
+            if param.grad is None:
+                continue
+            grads.append(param.grad)
+            square = param.grad.detach().double().pow(2).sum()
+            if self.dims.get(name) is None:
+                replicated += square
+            else:
+                sharded += square
+        if self.layout.tp > 1:
+            dist.all_reduce(sharded, group=self.groups.tp)
+        total = (sharded + replicated).sqrt().float()
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+        return total
+
+    def average(self, x: Tensor) -> Tensor:
+        """Mean over data ranks (the logged losses)."""
+        if self.layout.dp > 1:
+            x = x.clone()
+            dist.all_reduce(x, group=self.groups.dp)
+            x /= self.layout.dp
+        return x
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    # ------------------------------------------------------------------------ checkpoints
+
+    def prepare_run_dir(self, run_dir: Path) -> None:
+        if self.is_main:
+            ckpt.clean_stale(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+        self.barrier()
+
+    def save(self, run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, state: ckpt.TrainerState,
+             recipe: dict[str, Any], keep_last: int) -> None:
+        """Every rank writes its files into one temp dir; rank 0 publishes it after a barrier."""
+        name = ckpt.step_dir_name(state.step)
+        tmp = run_dir / f".tmp-{name}-parallel"  # one name every rank knows without communicating
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.barrier()
+        lay = self.layout
+        try:
+            if lay.dp_rank == 0:
+                fmt.save_tensors(model.state_dict(), tmp / fmt.model_file(lay.tp_rank, lay.pp_rank),
+                                 fmt.tied_names(model.config))
+            blob = {"optimizer": named_optimizer_states(model, optimizer), "scheduler": scheduler.state_dict(),
+                    "rng": ckpt.rng_states()}
+            torch.save(blob, tmp / fmt.optim_file(lay.tp_rank, lay.pp_rank, lay.dp_rank))
+        finally:
+            self.barrier()
+        if self.is_main:
+            try:
+                (tmp / fmt.PARALLEL_FILE).write_text(json.dumps(self.meta, indent=1))
+                (tmp / ckpt.RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str))
+                model.config.to_json_file(str(tmp / ckpt.CONFIG_FILE))
+                (tmp / ckpt.STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
+                ckpt.publish_dir(tmp, run_dir / name)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            ckpt.write_text_atomic(run_dir / ckpt.LATEST, name + "\n")
+            if keep_last > 0:
+                ckpt.prune(run_dir, keep_last)
+        self.barrier()
+
+    def load_latest(self, run_dir: Path) -> ckpt.Checkpoint | None:
+        """This rank's view of the latest checkpoint: its optimizer states and RNG; weights via `load_weights`."""
+        path = ckpt.latest_checkpoint(run_dir)
+        if path is None:
+            return None
+        if not fmt.is_sharded(path):
+            raise ValueError(f"{path} is a one-process checkpoint; to resume it in parallel, {CONVERT_HINT}")
+        meta = fmt.read_meta(path)
+        lay = self.layout
+        if (meta["tp"], meta["pp"]) != (lay.tp, lay.pp):
+            raise ValueError(f"{path} was saved with tp={meta['tp']}, pp={meta['pp']} but this run has "
+                             f"tp={lay.tp}, pp={lay.pp}; {CONVERT_HINT}")
+        blobs = fmt.load_optim_files(path, lay.tp_rank, lay.pp_rank)
+        mine = path / fmt.optim_file(lay.tp_rank, lay.pp_rank, lay.dp_rank)
+        own = torch.load(mine, map_location="cpu", weights_only=False) if mine.is_file() else blobs[0]
+        state = ckpt.TrainerState(**json.loads((path / ckpt.STATE_FILE).read_text()))
+        recipe = json.loads((path / ckpt.RECIPE_FILE).read_text())
+        return ckpt.Checkpoint(path, state, recipe, fmt.merge_named_states(blobs), own["scheduler"], own["rng"])
+
+    def restore(self, previous: ckpt.Checkpoint, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
+        lay = self.layout
+        tensors = fmt.load_file_tensors(previous.path / fmt.model_file(lay.tp_rank, lay.pp_rank))
+        fmt.load_into(model, tensors, f"{previous.path.name}/{fmt.model_file(lay.tp_rank, lay.pp_rank)}")
+        if previous.scheduler is None:  # `checkpoint shard` of a plain export: a warm start at step 0
+            return
+        load_named_optimizer_states(model, optimizer, previous.optimizer)
+        scheduler.load_state_dict(previous.scheduler)
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr  # LambdaLR does not restore the groups' lr itself
+        ckpt.set_rng_states(previous.rng)
+
+    def export_final(self, run_dir: Path, recipe: dict[str, Any], tokenizer: str,
+                     metrics: dict[str, Any]) -> Path:
+        """Rank 0 consolidates the last checkpoint into ``final/`` (`save_pretrained`)."""
+        self.barrier()
+        if self.is_main:
+            model = consolidated_model(ckpt.latest_checkpoint(run_dir))
+            ckpt.export_final(run_dir, model, recipe, tokenizer, metrics)
+        self.barrier()
+        return run_dir / ckpt.FINAL
+
+
+def _inner(optimizer: Any) -> torch.optim.Optimizer:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+
+
+def named_optimizer_states(model: nn.Module, optimizer: Any) -> dict[str, dict[str, Any]]:
+    """AdamW states of the parameters this rank's optimizer holds, keyed by parameter name."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = _inner(optimizer)
+    return {names[id(p)]: {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v)
+                           for k, v in opt.state[p].items()}
+            for group in opt.param_groups for p in group["params"] if p in opt.state}
+
+
+def load_named_optimizer_states(model: nn.Module, optimizer: Any, states: dict[str, dict[str, Any]]) -> None:
+    """Put back `named_optimizer_states` (ZeRO-1: only the parameters this rank owns)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = _inner(optimizer)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            if name not in states:
+                raise ValueError(f"the checkpoint has no optimizer state for {name}")
+            opt.state[p] = {k: (v.to(p.device) if k == "step" else v.to(p.device, p.dtype)) if isinstance(v, Tensor)
+                            else v for k, v in states[name].items()}
+
+
+def consolidated_model(path: Path) -> nn.Module:
+    """The full `BMojoForCausalLM` of a sharded checkpoint."""
+    from bmojo_neuron import BMojoConfig, BMojoForCausalLM
+
+    model = BMojoForCausalLM(BMojoConfig.from_json_file(str(path / ckpt.CONFIG_FILE)))
+    fmt.load_into(model, fmt.consolidate_model(path), str(path))
+    return model.eval()
