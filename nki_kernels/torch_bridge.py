@@ -252,7 +252,7 @@ class EideticAttentionFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, runner, window, fading_window, chunk, scale, q, k, v, kf, vf, mem_k, mem_v,  # type: ignore[override]
+    def forward(ctx, runner, window, fading_window, chunk, scale, q, k, v, kf, vf, mem_k, mem_v,  # type: ignore
                 mem_bias):
         fwd, _ = _attention_kernels()
         r = runner
@@ -318,7 +318,8 @@ def make_eidetic_attention(runner: Runner) -> Callable[..., Any]:
         if use_memory:
             extra = -(-padded // chunk) - mem_k.shape[2]  # chunks that hold only padding
             mk, mv = _pad_time(mem_k, extra, 2), _pad_time(mem_v, extra, 2)
-            valid = torch.cat([mem_valid, mem_valid.new_zeros(batch, extra, mem_valid.shape[2])], 1) if extra else mem_valid
+            valid = mem_valid if not extra else torch.cat(
+                [mem_valid, mem_valid.new_zeros(batch, extra, mem_valid.shape[2])], 1)
             bias = torch.zeros(valid.shape, dtype=torch.float32, device=q.device).masked_fill(~valid, ATTN_NEG)
         out, lse = EideticAttentionFn.apply(runner, window, fading_window if use_fading else 0, chunk, scale, q_p, k_p,
                                             v_p, kf_p, vf_p, mk, mv, bias)

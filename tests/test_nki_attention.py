@@ -142,8 +142,8 @@ def test_model_forward_backward_nki_sim_attention_equals_torch():
         return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     ref_loss, ref_grads = loss_and_grads()
-    with ops.use_backend("nki-sim", ["eidetic_attention"]):
-        assert ops.get_backend("eidetic_attention") == "nki-sim"
+    with ops.use_backend("nki-sim"):  # every op: attention, and the SSD scan of the fading path
+        assert ops.get_backend("eidetic_attention") == ops.get_backend("ssd_scan") == "nki-sim"
         loss, grads = loss_and_grads()
     assert abs(float(loss - ref_loss)) <= 1e-5 * abs(float(ref_loss))
     for name, g in ref_grads.items():

@@ -61,6 +61,8 @@ def plot_report(report: dict[str, Any], path: str) -> str:
         ax.text(0.5, 0.5, f"bench {suite}: {message}", ha="center", va="center", wrap=True, fontsize=9)
     elif suite == "train-step":
         fig = _bars(plt, report)
+    elif suite == "kernels":
+        fig = _kernel_bars(plt, report)
     elif suite == "scaling":
         fig = _lines(plt, report, [("median_s", "fwd+bwd time of one layer (s)"),
                                    ("peak_memory_bytes", "peak extra memory (bytes)")],
@@ -97,6 +99,19 @@ def _bars(plt, report):
     note = _capped_note(report)
     if note:
         fig.text(0.01, -0.02, note, fontsize=7)
+    return fig
+
+
+def _kernel_bars(plt, report):
+    rows = [r for r in report["results"] if r["status"] == "ok"]
+    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.3 * len(rows) + 1)))
+    labels = [f"{r.get('shape')} / {r['candidate']}" for r in rows]
+    ax.barh(range(len(rows)), [r["modelled_ms"] for r in rows], color="tab:blue")
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("modelled Trn1 time per call (ms), NKI emulator cost model")
+    ax.set_title(_title(report, "kernels"), fontsize=9)
     return fig
 
 

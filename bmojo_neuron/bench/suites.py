@@ -575,13 +575,14 @@ def _kernels(s: Settings, report: dict[str, Any], log: Log) -> None:
         ok = "time_ms" in row
         entry = _row(f"{row['kernel']}", row["length"], row.get("status", OK) if not ok else OK,
                      median_s=harness.rounded(row["time_ms"] / 1e3, 9) if ok else None, note=row.get("note"))
+        entry["times_s"] = [entry["median_s"]] if ok else []  # one modelled value, no repeats
         entry["role"] = "kernel"
         entry.update({k: v for k, v in row.items() if k not in entry and k not in ("profile", "time_ms")})
         entry["modelled_ms"] = harness.rounded(row.get("time_ms"), 6)
         report["results"].append(entry)
         if ok:
-            log(f"  {entry['shape']:<24} {entry['kernel'] if 'kernel' in entry else entry['candidate']:<16} "
-                f"{entry.get('dims', ''):<40} modelled {entry['modelled_ms']:.3f} ms")
+            log(f"  {entry['shape']:<24} {entry['candidate']:<16} {entry.get('dims', ''):<44} "
+                f"modelled {entry['modelled_ms']:.3f} ms")
 
 
 def _mib(n: int | None) -> str:

@@ -69,8 +69,10 @@ def markdown(report: dict[str, Any]) -> str:
         body = [[n] + [cell(n, L, "latency_ms") for L in lengths] + [cell(n, L, "cache_bytes") for L in lengths]
                 for n in names]
     else:
-        head = ["kernel", "length", "modelled s"]
-        body = [[r["candidate"], str(r["length"]), _fmt(r["median_s"])] for r in report["results"]]
+        head = ["shape", "kernel", "dims", "modelled ms", "bound"]
+        body = [[str(r.get("shape")), r["candidate"], str(r.get("dims", "")),
+                 _fmt(r.get("modelled_ms")) if r["status"] == "ok" else r["status"], str(r.get("bound", ""))]
+                for r in report["results"]]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     lines += ["| " + " | ".join(row) + " |" for row in body]
