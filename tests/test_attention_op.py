@@ -112,9 +112,12 @@ def test_dispatch_routes_to_reference_and_rejects_unavailable_backends():
     assert not ok and reason
     with pytest.raises(ValueError, match="nki"):
         ops.set_backend("nki")
-    assert available["nki-sim"][0] is True  # the NKI emulator runs anywhere, but has no attention kernel yet
-    with pytest.raises(ValueError, match="no implementation of 'eidetic_attention'"):
-        ops.set_backend("nki-sim", ["eidetic_attention"])
+    assert available["nki-sim"][0] is True  # the NKI emulator runs anywhere
+    with ops.use_backend("nki-sim", ["eidetic_attention"]):
+        assert ops.get_backend("eidetic_attention") == "nki-sim"
+        assert ops.get_backend("ssd_scan") == "torch"
+    with pytest.raises(ValueError, match="unknown op"):
+        ops.set_backend("torch", ["flash_magic"])
     with pytest.raises(ValueError, match="unknown ops backend"):
         ops.set_backend("cuda-magic")
     assert ops.get_backend("eidetic_attention") == "torch"

@@ -154,7 +154,7 @@ def test_model_forward_backward_nki_sim_equals_torch():
 
         ref_loss, ref_grads = loss_and_grads()
         with ops.use_backend("nki-sim"):
-            assert ops.get_backend("eidetic_attention") == "torch"
+            assert ops.get_backend("eidetic_attention") == "nki-sim"
             loss, grads = loss_and_grads()
         assert abs(float(loss - ref_loss)) <= 1e-5 * abs(float(ref_loss))
         for name, g in ref_grads.items():
