@@ -48,10 +48,10 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     """One line per trained model: params, final eval loss, perplexity / MQAR recall vs chance."""
     mqar = any(r["recall"] is not None for r in rows)
     header = f"{'model':<20} {'layers':<10} {'params':>10} {'eval loss':>9} " + (
-        f"{'recall':>7} {'chance':>7}" if mqar else f"{'ppl':>9}") + f" {'time':>7}"
+        f"{'recall':>7} {'chance':>7} {'guess':>7}" if mqar else f"{'ppl':>9}") + f" {'time':>7}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        tail = (f"{r['recall']:>7.3f} {r['chance']:>7.3f}" if mqar else f"{r['perplexity']:>9.3f}")
+        tail = (f"{r['recall']:>7.3f} {r['chance']:>7.3f} {r['guess']:>7.3f}" if mqar else f"{r['perplexity']:>9.3f}")
         lines.append(f"{r['model']:<20.20} {r['layers']:<10.10} {r['params']:>10,} {r['eval_loss']:>9.4f} "
                      f"{tail} {r['time']:>7}")
     return "\n".join(lines)
@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             "perplexity": result.final_eval["perplexity"],
             "recall": result.final_eval.get("accuracy"),
             "chance": 1.0 / (d.vocab_size - d.vocab_size // 2) if d.kind == "mqar" else None,
+            "guess": 1.0 / d.num_kv_pairs if d.kind == "mqar" else None,
             "time": format_seconds(result.seconds),
             "run_dir": str(run_dir),
         })
@@ -127,5 +128,7 @@ def run(args: argparse.Namespace) -> int:
         (base / "summary.json").write_text(json.dumps(rows, indent=2))
         print(f"\nsummary written to {base / 'summary.txt'}")
     if any(r["recall"] is not None for r in rows):
-        print("chance = a uniform guess among the value tokens (1 / (vocab_size - vocab_size // 2))")
+        print("chance = a uniform guess among the value tokens (1 / (vocab_size - vocab_size // 2)); "
+              "guess = a uniform guess among the values present in the sequence (1 / num_kv_pairs): "
+              "recall above it means the model matched keys to values")
     return 0
