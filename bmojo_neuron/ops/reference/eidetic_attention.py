@@ -68,34 +68,34 @@ def eidetic_attention(
     qf = (q.to(dtype) * scale).reshape(batch, kv_heads, groups, length, head_dim)
     q_blocks = _pad_to(qf, n_blocks * block, dim=3).reshape(batch, kv_heads, groups, n_blocks, block, head_dim)
 
-    # Scores of each part, each laid out per query (…, L, keys) after trimming padding.
+    # Scores of each part in its own layout: (..., n_groups_of_rows, rows, keys); the
+    # bands group rows in query blocks, the memory in chunks.
     ctx_k, ctx_v, ctx_mask = _band(k.to(dtype), v.to(dtype), window - 1, window, block, n_blocks)
-    parts = [_band_scores(q_blocks, ctx_k, ctx_mask, length)]
+    parts = [(_band_scores(q_blocks, ctx_k, ctx_mask), ctx_v[:, :, None])]
     if use_fading:
         fad_k, fad_v, fad_mask = _band(
             k_fading.to(dtype), v_fading.to(dtype), window + fading_window - 1, fading_window, block, n_blocks
         )
-        parts.append(_band_scores(q_blocks, fad_k, fad_mask, length))
+        parts.append((_band_scores(q_blocks, fad_k, fad_mask), fad_v[:, :, None]))
     if use_memory:
         n_chunks = mem_k.shape[2]
         q_chunks = _pad_to(qf, n_chunks * chunk, dim=3).reshape(batch, kv_heads, groups, n_chunks, chunk, head_dim)
         mem_scores = torch.einsum("bhgcqd,bhcmd->bhgcqm", q_chunks, mem_k.to(dtype))
         bias = torch.zeros(mem_valid.shape, dtype=dtype, device=q.device).masked_fill(~mem_valid, NEG_INF)
-        mem_scores = mem_scores + bias[:, None, None, :, None, :]
-        parts.append(mem_scores.reshape(batch, kv_heads, groups, n_chunks * chunk, -1)[..., :length, :])
+        parts.append((mem_scores + bias[:, None, None, :, None, :], mem_v.to(dtype)[:, :, None]))
 
-    # One softmax over the union of keys: a shared log-sum-exp normaliser. Every row has
-    # at least one finite score (the query's own key), so masked -inf entries are safe.
-    lse = torch.logsumexp(torch.cat(parts, dim=-1), dim=-1)  # (batch, kv_heads, groups, L)
+    # One softmax over the union of the parts' keys. The shift m is the row maximum over
+    # all parts (finite: every query sees its own key) and is a constant for autograd,
+    # which leaves the gradient of the softmax unchanged.
+    with torch.no_grad():
+        m = torch.stack([_rows(s.amax(dim=-1), length) for s, _ in parts]).amax(dim=0)
+    # Padding rows (zero queries: scores 0 or -inf) get shift 0: finite, then dropped.
+    exps = [torch.exp(s - _unrows(m, s.shape[3:5], fill=0.0)[..., None]) for s, _ in parts]
+    total = torch.stack([_rows(e.sum(dim=-1), length) for e in exps]).sum(dim=0)  # (batch, kv_heads, groups, L)
+    lse = m + torch.log(total)
 
-    out = _band_output(parts[0], lse, ctx_v, block, n_blocks, length)
-    if use_fading:
-        out = out + _band_output(parts[1], lse, fad_v, block, n_blocks, length)
-    if use_memory:
-        probs = torch.exp(parts[-1] - lse[..., None])
-        probs = _pad_to(probs, n_chunks * chunk, dim=3).reshape(batch, kv_heads, groups, n_chunks, chunk, -1)
-        mem_out = torch.einsum("bhgcqm,bhcmd->bhgcqd", probs, mem_v.to(dtype))
-        out = out + mem_out.reshape(batch, kv_heads, groups, n_chunks * chunk, head_dim)[..., :length, :]
+    # Normalise after the value products: dividing (L, head_dim) beats dividing (L, keys).
+    out = sum(_rows(torch.matmul(e, values), length) for e, (_, values) in zip(exps, parts)) / total[..., None]
     out = out.reshape(batch, q_heads, length, head_dim).to(q.dtype)
     return out, lse.reshape(batch, q_heads, length)
 
@@ -103,7 +103,7 @@ def eidetic_attention(
 def _default_block(window: int) -> int:
     # A band costs (block + window) keys per query; blocks near the window size balance
     # that against the number of blocks (Python and matmul overhead).
-    return max(16, min(window, 256))
+    return max(16, min(window // 4, 128))
 
 
 def _band(k: Tensor, v: Tensor, lag: int, width: int, block: int, n_blocks: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -131,19 +131,23 @@ def _band(k: Tensor, v: Tensor, lag: int, width: int, block: int, n_blocks: int)
     return k_band, v_band, mask
 
 
-def _band_scores(q_blocks: Tensor, k_band: Tensor, mask: Tensor, length: int) -> Tensor:
-    batch, kv_heads, groups, n_blocks, block, _ = q_blocks.shape
-    scores = torch.einsum("bhgnqd,bhnsd->bhgnqs", q_blocks, k_band)
-    scores = scores.masked_fill(~mask[:, :, :], NEG_INF)
-    return scores.reshape(batch, kv_heads, groups, n_blocks * block, -1)[..., :length, :]
+def _band_scores(q_blocks: Tensor, k_band: Tensor, mask: Tensor) -> Tensor:
+    """Scores (batch, kv_heads, groups, n_blocks, block, span), -inf outside each row's band."""
+    scores = torch.matmul(q_blocks, k_band[:, :, None].transpose(-1, -2))
+    return scores.masked_fill(~mask, NEG_INF)
 
 
-def _band_output(scores: Tensor, lse: Tensor, v_band: Tensor, block: int, n_blocks: int, length: int) -> Tensor:
-    probs = torch.exp(scores - lse[..., None])
-    batch, kv_heads, groups = probs.shape[:3]
-    probs = _pad_to(probs, n_blocks * block, dim=3).reshape(batch, kv_heads, groups, n_blocks, block, -1)
-    out = torch.einsum("bhgnqs,bhnsd->bhgnqd", probs, v_band)
-    return out.reshape(batch, kv_heads, groups, n_blocks * block, -1)[..., :length, :]
+def _rows(x: Tensor, length: int) -> Tensor:
+    """(..., n, size[, d]) grouped rows -> (..., L[, d]) per query, padding rows dropped."""
+    if x.dim() == 5:
+        return x.flatten(-2)[..., :length]
+    return x.flatten(-3, -2)[..., :length, :]
+
+
+def _unrows(x: Tensor, grouping: tuple[int, int], fill: float) -> Tensor:
+    """(..., L) per query -> (..., n, size) grouped rows; padding rows get `fill`."""
+    n, size = grouping
+    return F.pad(x, (0, n * size - x.shape[-1]), value=fill).unflatten(-1, (n, size))
 
 
 def _pad_to(x: Tensor, size: int, dim: int) -> Tensor:
