@@ -89,12 +89,15 @@ def ssd_scan(
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     seg = cs.unsqueeze(3) - cs.unsqueeze(2)  # (b, c, i, j, g, h)
     decay = torch.exp(seg.masked_fill(~causal[:, :, None, None], float("-inf")))
-    scores = torch.einsum("bcign,bcjgn->bcijg", Cc, Bc).unsqueeze(-1) * decay * dtc.unsqueeze(2)
-    y = torch.einsum("bcijgh,bcjghp->bcighp", scores, xc)
+    # dt is folded into x (size L*H*P) rather than into the (T x T) scores: one fewer
+    # full-size product, forward and backward.
+    x_dt = xc * dtc.unsqueeze(-1)
+    scores = torch.einsum("bcign,bcjgn->bcijg", Cc, Bc).unsqueeze(-1) * decay
+    y = torch.einsum("bcijgh,bcjghp->bcighp", scores, x_dt)
 
     # 2) State contributed by each chunk at its end: sum_j exp(cs_end - cs_j) dt_j x_j B_j^T.
-    to_end = torch.exp(cs[:, :, -1:] - cs) * dtc
-    chunk_states = torch.einsum("bcjgn,bcjgh,bcjghp->bcghpn", Bc, to_end, xc)
+    to_end = torch.exp(cs[:, :, -1:] - cs)
+    chunk_states = torch.einsum("bcjgn,bcjgh,bcjghp->bcghpn", Bc, to_end, x_dt)
     chunk_decay = torch.exp(cs[:, :, -1])  # (b, c, g, h)
 
     # 3) Carry states across chunks (exact, L / chunk_size steps).
