@@ -101,8 +101,8 @@ def eidetic_attention(
 
 
 def _default_block(window: int) -> int:
-    # A band costs (block + window) keys per query; blocks near the window size balance
-    # that against the number of blocks (Python and matmul overhead).
+    # A band costs (block + window) keys per query, so small blocks waste less; too
+    # small and the per-block overhead wins. Measured at w = 512: 128 rows beat 64 and 256.
     return max(16, min(window // 4, 128))
 
 
