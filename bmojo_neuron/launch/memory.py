@@ -1,0 +1,241 @@
+"""Per-NeuronCore HBM estimate of a training recipe (weights, gradients, optimizer, activations).
+
+A NeuronCore-v2 has 16 GiB: a Trn1 chip holds 32 GiB of HBM shared by its two cores.
+Parameter counts come from the model built on the meta device with the tensor-parallel
+shape factory (`bmojo_neuron.parallel.checkpoint_format.shard_shapes`), so they are
+exact; the activation part is a formula (documented in ``docs/trn1.md``) and an
+estimate. Everything here is arithmetic: nothing is allocated or compiled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+GIB = 1024**3
+NEURONCORE_HBM_BYTES = 16 * GIB  # NeuronCore-v2: 32 GiB HBM per Trn1 chip, two cores share it
+FP32 = 4
+
+
+@dataclass
+class StageParams:
+    """Parameters one tensor-parallel rank of pipeline stage `stage` holds."""
+
+    stage: int
+    layers: list[int]
+    sharded: int  # tensors split over tp (this rank's part)
+    replicated: int  # tensors every tp rank holds whole (norms; everything when tp = 1)
+
+    @property
+    def total(self) -> int:
+        return self.sharded + self.replicated
+
+
+@dataclass
+class StageMemory:
+    """Bytes on one NeuronCore of pipeline stage `stage`."""
+
+    stage: int
+    layers: list[int]
+    parameters: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations_per_microbatch: int  # with the recipe's activation_checkpointing setting
+    activations_full: int  # per micro-batch, every layer's tensors kept
+    activations_checkpointed: int  # per micro-batch, layer inputs kept + one layer recomputed
+    microbatches_in_flight: int
+    activations: int  # per_microbatch × in flight
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+@dataclass
+class MemoryEstimate:
+    tp: int
+    pp: int
+    dp: int
+    precision: str
+    zero1: bool
+    activation_checkpointing: bool
+    sequence_parallel: bool
+    seq_len: int
+    microbatch_size: int  # sequences per micro-batch on one data rank
+    stages: list[StageMemory] = field(default_factory=list)
+    budget: int = NEURONCORE_HBM_BYTES
+
+    @property
+    def peak(self) -> StageMemory:
+        return max(self.stages, key=lambda s: s.total)
+
+    @property
+    def total(self) -> int:
+        """The largest per-NeuronCore total over the pipeline stages."""
+        return self.peak.total
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.budget
+
+    def check(self) -> None:
+        """ValueError when the busiest NeuronCore needs more than the 16 GiB of a NeuronCore-v2."""
+        if not self.fits:
+            s = self.peak
+            raise ValueError(
+                f"the plan needs {gib(s.total)} GiB of HBM per NeuronCore (pipeline stage {s.stage}: weights "
+                f"{gib(s.weights)}, gradients {gib(s.gradients)}, optimizer {gib(s.optimizer)}, activations "
+                f"{gib(s.activations)} GiB), more than the 16 GiB of a NeuronCore-v2 (32 GiB HBM per Trn1 chip, "
+                "two cores share it); raise parallel.tp / parallel.pp, enable parallel.zero1, "
+                "train.activation_checkpointing or parallel.sp, or lower train.batch_size")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for stage, s in zip(out["stages"], self.stages):
+            stage["total"] = s.total
+        out["total"] = self.total
+        out["fits"] = self.fits
+        return out
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def seq_len_of(recipe: Any) -> int:
+    return recipe.data.seq_len if recipe.data.kind == "mqar" else recipe.data.block_size
+
+
+def _layer_index(name: str) -> int | None:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[0] == "model" and parts[1] == "layers":
+        return int(parts[2])
+    return None
+
+
+def stage_parameters(config: Any, tp: int, pp: int) -> list[StageParams]:
+    """Exact parameter counts per pipeline stage for one tensor rank (meta device, instant).
+
+    Stage 0 holds the embedding, the last stage the final norm and ``lm_head`` (a tied
+    ``lm_head`` is the embedding and is counted once, on stage 0).
+    """
+    from bmojo_neuron.parallel.checkpoint_format import shard_shapes, tied_names
+    from bmojo_neuron.parallel.pipeline import split_layers
+
+    blocks = split_layers(config.num_hidden_layers, pp)
+    stage_of_layer = {i: s for s, block in enumerate(blocks) for i in block}
+    full = shard_shapes(config, 1)
+    local = full if tp == 1 else shard_shapes(config, tp)
+    out = [StageParams(s, list(block), 0, 0) for s, block in enumerate(blocks)]
+    skip = tied_names(config)
+    for name, shape in local.items():
+        if name in skip:
+            continue
+        layer = _layer_index(name)
+        if layer is not None:
+            stage = stage_of_layer[layer]
+        elif name.startswith("model.embed_tokens"):
+            stage = 0
+        else:  # final norm, untied lm_head
+            stage = pp - 1
+        numel = shape.numel()
+        if tuple(shape) == tuple(full[name]):
+            out[stage].replicated += numel
+        else:
+            out[stage].sharded += numel
+    return out
+
+
+def layer_activation_bytes(config: Any, kind: str, tp: int, sp: bool, act: int) -> int:
+    """Bytes one token of one decoder layer keeps for backward (one tensor-parallel rank).
+
+    ``act`` is the activation element size (2 for bf16, 4 for fp32); softmax statistics,
+    innovations, dt and SSM chunk states are fp32. Head-, channel- and group-sized
+    tensors are split over tp; the d-sized residual-stream tensors only under SP.
+    """
+    d = config.hidden_size
+    res = d / tp if sp else d  # residual-stream sized tensors
+    elems = 4 * res  # residual stream: mixer_norm input + output, mlp_norm input + output
+    fp32 = 0.0
+    attention = kind in "BFSA"
+    fading = kind in "BF" and config.fading_window > 0
+    memory = kind == "B" and config.memory_size > 0
+    ssm = kind == "M" or fading
+    if attention:
+        hq = config.num_attention_heads // tp
+        hkv = config.num_key_value_heads // tp
+        hd = config.head_dim
+        # q, rotated q, k, rotated k, v, attention output (before o_proj); softmax log-sum-exp per head
+        elems += 3 * hq * hd + 3 * hkv * hd
+        fp32 += hq
+        if fading:
+            elems += 2 * hkv * hd + res  # fading keys + values from the SSM output s (d-sized)
+        if memory:
+            # eidetic memory: predicted keys K_hat, the innovation e_t (fp32), and the memory
+            # snapshot each chunk reads (M slots of key + value): 2·M·kv·D per c tokens
+            elems += hkv * hd + 2 * hkv * hd * config.memory_size / config.memory_chunk
+            fp32 += 1
+    if ssm:
+        di = config.ssm_inner_size // tp
+        n = config.ssm_state_size
+        q = config.ssm_chunk_size
+        if config.ssm_mixer == "mamba2":
+            hs = config.ssm_num_heads // tp
+            g = config.ssm_n_groups // tp
+            # z, x, conv(x), silu(conv x), y, y·silu(z), gated-norm output; B and C before/after conv and silu
+            elems += 7 * di + 3 * 2 * g * n
+            # dt (raw, softplus), chunk states (H·P·N per chunk of q tokens), intra-chunk decay and C·Bᵀ (q per token)
+            fp32 += 2 * hs + di * n / q + q * (hs + g)
+        else:
+            r = config.ssm_dt_rank
+            # z, x, conv(x), silu(conv x), y, y·silu(z); x_proj output (dt rank + B + C, whole sequence)
+            elems += 6 * di + (r + 2 * n)
+            fp32 += 2 * di + di * n / q  # dt (raw, softplus) and scan states per chunk
+    if config.intermediate_size > 0:
+        i = config.intermediate_size // tp
+        elems += 4 * i  # SwiGLU: gate, up, silu(gate), silu(gate)·up
+    return int(round(elems * act + fp32 * FP32))
+
+
+def estimate_memory(recipe: Any, world: int) -> MemoryEstimate:
+    """Per-NeuronCore bytes of `recipe` on `world` ranks (degrees from ``recipe.parallel``)."""
+    config = recipe.model_config()
+    p, t = recipe.parallel, recipe.train
+    tp, pp = p.tp, p.pp
+    dp = world // (tp * pp)
+    bf16 = t.precision == "bf16"
+    act = 2 if bf16 else 4
+    weight_bytes = 2 if bf16 else 4
+    # AdamW: exp_avg + exp_avg_sq in fp32, plus an fp32 master copy when the weights are bf16
+    optim_bytes = 8 + (4 if bf16 else 0)
+    seq = seq_len_of(recipe)
+    micro = max(t.batch_size // dp // p.microbatches, 1)
+    in_flight = p.microbatches if pp > 1 else 1  # GPipe keeps every micro-batch until its backward
+    d = config.hidden_size
+    res = d / tp if p.sp else d
+    pattern = config.layer_pattern
+    estimate = MemoryEstimate(tp, pp, dp, t.precision, p.zero1, t.activation_checkpointing, p.sp, seq, micro,
+                              budget=NEURONCORE_HBM_BYTES)
+    for sp_ in stage_parameters(config, tp, pp):
+        params = sp_.total
+        optim_params = -(-params // dp) if p.zero1 else params
+        per_layer = [layer_activation_bytes(config, pattern[i], tp, p.sp, act) for i in sp_.layers]
+        extra = 0.0
+        if sp_.stage == 0:
+            extra += res * act  # embedding output
+        if sp_.stage == pp - 1:
+            # final norm input + output, logits (vocab shard) and their fp32 copy for the cross-entropy
+            extra += 2 * res * act + config.vocab_size / tp * (act + FP32)
+        tokens = micro * seq
+        full = tokens * (sum(per_layer) + extra)
+        ckpt = tokens * (len(per_layer) * res * act + max(per_layer, default=0) + extra)
+        per_micro = ckpt if t.activation_checkpointing else full
+        estimate.stages.append(StageMemory(
+            stage=sp_.stage, layers=sp_.layers, parameters=params,
+            weights=params * weight_bytes, gradients=params * weight_bytes, optimizer=optim_params * optim_bytes,
+            activations_per_microbatch=int(per_micro), activations_full=int(full),
+            activations_checkpointed=int(ckpt), microbatches_in_flight=in_flight,
+            activations=int(per_micro) * in_flight,
+        ))
+    return estimate

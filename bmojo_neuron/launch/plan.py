@@ -1,0 +1,204 @@
+"""The launch plan of a recipe on Trn1: validation, rank layout, memory, environment, commands.
+
+`build_plan(recipe, nodes, instance)` checks everything before it builds anything:
+the Trainium tiling rules and parallel degrees (`validate_for_trainium`), then the
+per-NeuronCore memory estimate (a ValueError above 16 GiB); only then the torchrun
+and srun lines. Nothing here imports Neuron or runs a process.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from bmojo_neuron.launch.memory import MemoryEstimate, estimate_memory, gib, seq_len_of
+
+# NeuronCores (torchrun processes) per instance: 16 Trainium chips × 2 cores, or 1 chip × 2 cores.
+INSTANCES = {"trn1.32xlarge": 32, "trn1.2xlarge": 2}
+DEFAULT_INSTANCE = "trn1.32xlarge"
+DEFAULT_CACHE_DIR = "/var/tmp/neuron-compile-cache"  # the Neuron compiler's default cache
+DEFAULT_MASTER_PORT = 29500
+PARTITION = 128  # SBUF / PSUM partitions: the tile size the kernels work in
+
+
+@dataclass
+class LaunchPlan:
+    recipe: str
+    overrides: list[str]
+    instance: str
+    nodes: int
+    cores_per_node: int
+    world: int
+    tp: int
+    pp: int
+    dp: int
+    rank_layout: dict[str, Any]
+    memory: MemoryEstimate
+    env: dict[str, str]
+    torchrun: str
+    srun: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe, "overrides": self.overrides, "instance": self.instance, "nodes": self.nodes,
+            "cores_per_node": self.cores_per_node, "world": self.world, "tp": self.tp, "pp": self.pp,
+            "dp": self.dp, "rank_layout": self.rank_layout, "memory": self.memory.to_dict(), "env": self.env,
+            "torchrun": self.torchrun, "srun": self.srun, "notes": self.notes,
+        }
+
+    def env_lines(self) -> list[str]:
+        return [f"export {k}={shlex.quote(v)}" for k, v in self.env.items()]
+
+    def format(self) -> str:
+        m = self.memory
+        lines = [
+            f"recipe      {self.recipe}" + (f" {' '.join(self.overrides)}" if self.overrides else ""),
+            f"cluster     {self.nodes} × {self.instance} = {self.world} NeuronCores",
+            f"layout      tp {self.tp} × pp {self.pp} × dp {self.dp} (tensor fastest: "
+            "rank = (dp_rank·pp + pp_rank)·tp + tp_rank)",
+        ]
+        for stage in self.rank_layout["stages"]:
+            first, last = stage["layers"][0], stage["layers"][-1]
+            lines.append(f"  stage {stage['stage']}: decoder layers {first}-{last}, ranks {_ranges(stage['ranks'])}")
+        lines.append(f"  tensor groups (first): {self.rank_layout['tp_groups'][0]}; "
+                     f"data groups (first): {self.rank_layout['dp_groups'][0]}")
+        lines += ["", f"HBM per NeuronCore (GiB; budget 16 per NeuronCore-v2), micro-batch {m.microbatch_size} × "
+                      f"{m.seq_len} tokens, {m.precision}, zero1 {m.zero1}, checkpointing "
+                      f"{m.activation_checkpointing}, sp {m.sequence_parallel}:"]
+        lines.append(f"  {'stage':<6}{'params':>14}{'weights':>9}{'grads':>9}{'optim':>9}{'act':>9}"
+                     f"{'(full)':>9}{'(ckpt)':>9}{'total':>9}")
+        for s in m.stages:
+            lines.append(f"  {s.stage:<6}{s.parameters:>14,}{gib(s.weights):>9}{gib(s.gradients):>9}"
+                         f"{gib(s.optimizer):>9}{gib(s.activations):>9}{gib(s.activations_full):>9}"
+                         f"{gib(s.activations_checkpointed):>9}{gib(s.total):>9}")
+        lines += ["", "environment:"] + [f"  {line}" for line in self.env_lines()]
+        lines += ["", "per node (NODE_RANK = 0 .. nodes-1):", f"  {self.torchrun}", "", "Slurm:", f"  {self.srun}"]
+        if self.notes:
+            lines += ["", "notes:"] + [f"  - {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _ranges(ranks: list[int]) -> str:
+    if ranks == list(range(ranks[0], ranks[0] + len(ranks))):
+        return f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])
+    return ",".join(map(str, ranks))
+
+
+def _fail(key: str, message: str) -> None:
+    raise ValueError(f"recipe key {key}: {message}")
+
+
+def validate_for_trainium(recipe: Any, world: int) -> None:
+    """ValueError naming the key for any shape that breaks Trainium tiling or the parallel degrees."""
+    config = recipe.model_config()
+    p = recipe.parallel
+    tp, pp = p.tp, p.pp
+    seq_key = "data.seq_len" if recipe.data.kind == "mqar" else "data.block_size"
+    seq = seq_len_of(recipe)
+    if seq % PARTITION:
+        _fail(seq_key, f"is {seq}; on Trainium the sequence length must be a multiple of {PARTITION} "
+                       "(the partition tile of the attention and scan kernels)")
+    if "B" in config.layer_pattern and config.memory_size > 0 and seq % config.memory_chunk:
+        _fail(seq_key, f"is {seq}; on Trainium it must be a multiple of model.memory_chunk "
+                       f"({config.memory_chunk}): only whole memory chunks are compiled")
+    if config.head_dim > PARTITION:
+        _fail("model.head_dim", f"is {config.head_dim}; at most {PARTITION} (one partition tile)")
+    if world % (tp * pp):
+        raise ValueError(f"the world size {world} (cores per node × nodes) is not divisible by "
+                         f"parallel.tp × parallel.pp = {tp} × {pp}")
+    dp = world // (tp * pp)
+    attention = any(k in "BFSA" for k in config.layer_pattern)
+    ssm = any(k == "M" for k in config.layer_pattern) or (
+        config.fading_window > 0 and any(k in "BF" for k in config.layer_pattern))
+    checks = [("model.vocab_size", config.vocab_size)]
+    if attention:
+        checks += [("model.num_attention_heads", config.num_attention_heads),
+                   ("model.num_key_value_heads", config.num_key_value_heads)]
+    if ssm and config.ssm_mixer == "mamba2":
+        checks += [("model.ssm_num_heads (ssm_expand·hidden_size / ssm_head_dim)", config.ssm_num_heads),
+                   ("model.ssm_n_groups", config.ssm_n_groups)]
+    elif ssm:
+        checks += [("model.ssm_inner_size (ssm_expand·hidden_size)", config.ssm_inner_size)]
+    for key, value in checks:
+        if value % tp:
+            _fail(key, f"is {value}; must be divisible by parallel.tp ({tp})")
+    if p.sp and seq % tp:
+        _fail(seq_key, f"is {seq}; parallel.sp needs it divisible by parallel.tp ({tp})")
+    if pp > config.num_hidden_layers:
+        _fail("parallel.pp", f"is {pp}; at most model.num_hidden_layers ({config.num_hidden_layers})")
+    if pp > 1 and config.tie_word_embeddings:
+        _fail("model.tie_word_embeddings", "must be false with parallel.pp > 1 (the embedding and lm_head "
+                                           "sit on different pipeline stages)")
+    if pp == 1 and p.microbatches != 1:
+        _fail("parallel.microbatches", "only applies to pipeline parallelism (parallel.pp > 1); "
+                                       "use train.grad_accum")
+    if recipe.train.batch_size % (dp * p.microbatches):
+        _fail("train.batch_size", f"is {recipe.train.batch_size}, the global micro-batch; it must be divisible "
+                                  f"by the data-parallel degree {dp} (world {world} / (tp {tp} × pp {pp}))"
+              + (f" × parallel.microbatches ({p.microbatches})" if p.microbatches > 1 else ""))
+
+
+def rank_layout(world: int, tp: int, pp: int, num_layers: int) -> dict[str, Any]:
+    from bmojo_neuron.parallel.layout import ParallelLayout
+    from bmojo_neuron.parallel.pipeline import split_layers
+
+    layout = ParallelLayout.from_world(world, tp, pp)
+    blocks = split_layers(num_layers, pp)
+    stages = [{"stage": s, "layers": list(block),
+               "ranks": sorted(r for group in layout.pp_groups() for r in [group[s]])}
+              for s, block in enumerate(blocks)]
+    return {"order": "rank = (dp_rank * pp + pp_rank) * tp + tp_rank", "stages": stages,
+            "tp_groups": layout.tp_groups(), "pp_groups": layout.pp_groups(), "dp_groups": layout.dp_groups()}
+
+
+def neuron_env(recipe: Any, nodes: int, cache_dir: str) -> dict[str, str]:
+    flags = ["--model-type", "transformer", "--distribution-strategy", "llm-training",
+             f"--cache_dir={cache_dir}", "-O1", "--retry_failed_compilation"]
+    env = {"NEURON_CC_FLAGS": " ".join(flags)}
+    if recipe.train.precision == "bf16":
+        env["NEURON_RT_STOCHASTIC_ROUNDING_EN"] = "1"
+    env["NEURON_RT_NUM_CORES"] = "1"  # per process: torchrun starts one process per NeuronCore
+    if nodes > 1:
+        env.update({"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "FI_EFA_FORK_SAFE": "1"})
+    return env
+
+
+def build_plan(recipe: Any, recipe_arg: str, overrides: Sequence[str] = (), nodes: int = 1,
+               instance: str = DEFAULT_INSTANCE, cache_dir: str = DEFAULT_CACHE_DIR,
+               master_port: int = DEFAULT_MASTER_PORT) -> LaunchPlan:
+    """Validate, estimate (ValueError above 16 GiB per NeuronCore), then build the launch plan."""
+    if instance not in INSTANCES:
+        raise ValueError(f"--instance {instance!r}: choose one of {', '.join(INSTANCES)}")
+    if nodes < 1:
+        raise ValueError(f"--nodes is {nodes}; must be >= 1")
+    cores = INSTANCES[instance]
+    world = nodes * cores
+    validate_for_trainium(recipe, world)
+    memory = estimate_memory(recipe, world)
+    memory.check()
+    p = recipe.parallel
+    dp = world // (p.tp * p.pp)
+    config = recipe.model_config()
+    master = "localhost" if nodes == 1 else "$MASTER_ADDR"
+    node_rank = "0" if nodes == 1 else "$NODE_RANK"
+    train_args = " ".join(shlex.quote(a) for a in [recipe_arg, *overrides])
+    torchrun = (f"torchrun --nproc-per-node {cores} --nnodes {nodes} --node-rank {node_rank} "
+                f"--master-addr {master} --master-port {master_port} -m bmojo_neuron.cli train {train_args}")
+    inner = torchrun.replace("$MASTER_ADDR", '"$MASTER_ADDR"').replace("$NODE_RANK", "$SLURM_NODEID")
+    srun = (f"srun --nodes {nodes} --ntasks-per-node 1 --export ALL bash -c "
+            + shlex.quote('MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1) '
+                          + inner.replace("--master-addr localhost", '--master-addr "$MASTER_ADDR"')))
+    notes = ["`bmojo-neuron train` does not run on Neuron yet (run.device: neuron is refused until the rest of "
+             "issue 8 lands): today these lines describe the launch, they do not start a Trainium run"]
+    if p.pp > 1:
+        notes.append("parallel.pp > 1 is not wired into `bmojo-neuron train` yet (see docs/parallel.md)")
+    if nodes > 1:
+        notes.append("multi-node: the run directory must be on a shared filesystem; EFA needs the "
+                     "instances in one placement group with EFA interfaces")
+    return LaunchPlan(
+        recipe=recipe_arg, overrides=list(overrides), instance=instance, nodes=nodes, cores_per_node=cores,
+        world=world, tp=p.tp, pp=p.pp, dp=dp, rank_layout=rank_layout(world, p.tp, p.pp, config.num_hidden_layers),
+        memory=memory, env=neuron_env(recipe, nodes, cache_dir), torchrun=torchrun, srun=srun, notes=notes,
+    )

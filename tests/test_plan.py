@@ -1,0 +1,164 @@
+"""`bmojo-neuron plan`: Trainium validation, the per-NeuronCore HBM estimate and the launch lines."""
+
+from __future__ import annotations
+
+import json
+import pytest
+
+from bmojo_neuron.cli import main
+from bmojo_neuron.launch import build_plan, estimate_memory, validate_for_trainium
+from bmojo_neuron.launch.memory import NEURONCORE_HBM_BYTES, stage_parameters
+from bmojo_neuron.recipes import count_parameters, load_recipe
+
+GIB = 1024**3
+# The ladder at its intended degrees on one trn1.32xlarge (the recipes' comments): train.batch_size is the
+# global micro-batch (the recipes' per-worker batch × dp), Mamba-2 groups must divide by tp, and the 130M
+# recipe's 8 × 2048 tokens per core need activation checkpointing to fit 16 GiB (about 19 GiB without).
+LADDER = {
+    "trn1/bmojo-130m": ["train.batch_size=256", "train.activation_checkpointing=true"],
+    "trn1/bmojo-370m": ["train.batch_size=256"],
+    "trn1/bmojo-790m": ["train.batch_size=64", "model.ssm_n_groups=2"],
+    "trn1/bmojo-1.4b": ["train.batch_size=16", "model.ssm_n_groups=4"],
+}
+SMALL = ["model.num_hidden_layers=2", "model.layer_pattern=BB"]
+
+
+def recipe(name="trn1/bmojo-130m", *overrides):
+    return load_recipe(name, [*LADDER.get(name, []), *overrides])
+
+
+def test_parameter_part_is_count_parameters_times_bytes():
+    r = recipe("trn1/bmojo-130m")
+    n = count_parameters(r)
+    bf16 = estimate_memory(r, 32).stages[0]
+    assert bf16.parameters == n
+    assert bf16.weights == n * 2 and bf16.gradients == n * 2
+    assert bf16.optimizer == n * (4 + 4 + 4)  # exp_avg, exp_avg_sq, master weights: fp32
+    fp32 = estimate_memory(r.with_overrides(["train.precision=fp32"]), 32).stages[0]
+    assert fp32.weights == n * 4 and fp32.gradients == n * 4 and fp32.optimizer == n * 8
+
+
+def test_zero1_divides_optimizer_state_by_dp():
+    r = recipe("trn1/bmojo-130m")
+    n = count_parameters(r)
+    plain = estimate_memory(r, 32).stages[0]
+    zero = estimate_memory(r.with_overrides(["parallel.zero1=true"]), 32).stages[0]
+    assert zero.optimizer == -(-n // 32) * 12
+    assert zero.weights == plain.weights and zero.gradients == plain.gradients
+
+
+def test_checkpointing_lowers_activations():
+    r = recipe("trn1/bmojo-130m")
+    on = estimate_memory(r, 32).stages[0]
+    off = estimate_memory(r.with_overrides(["train.activation_checkpointing=false"]), 32).stages[0]
+    assert on.activations < off.activations / 2
+    assert on.activations == off.activations_checkpointed and off.activations == on.activations_full
+
+
+def test_tp_halves_sharded_weights():
+    r = recipe("trn1/bmojo-790m")
+    n = count_parameters(r)
+    (one,) = stage_parameters(r.model_config(), 1, 1)
+    (two,) = stage_parameters(r.model_config(), 2, 1)
+    assert one.sharded == 0 and one.replicated == n
+    assert 2 * two.sharded + two.replicated == n
+    assert two.replicated < n // 100  # only norms stay whole
+    stage = estimate_memory(r, 32).stages[0]  # the recipe's tp=2
+    assert stage.parameters == two.total and stage.weights == two.total * 2
+
+
+def test_pipeline_stages_split_layers_and_sum_to_the_model():
+    r = recipe("trn1/bmojo-130m", "parallel.pp=4", "model.tie_word_embeddings=false",
+               "train.batch_size=32")
+    stages = stage_parameters(r.model_config(), 1, 4)
+    assert [s.layers for s in stages] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    assert sum(s.total for s in stages) == count_parameters(r)
+    plan = build_plan(r, "trn1/bmojo-130m", nodes=1)
+    assert plan.dp == 8 and plan.rank_layout["stages"][1]["ranks"][:2] == [1, 5]
+
+
+def test_over_budget_raises_before_anything_else():
+    r = recipe("trn1/bmojo-1.4b", "parallel.tp=1", "model.ssm_n_groups=1", "parallel.zero1=false",
+               "train.activation_checkpointing=false", "train.batch_size=32")
+    assert estimate_memory(r, 32).total > NEURONCORE_HBM_BYTES
+    with pytest.raises(ValueError, match=r"GiB of HBM per NeuronCore.*16 GiB of a NeuronCore-v2"):
+        build_plan(r, "trn1/bmojo-1.4b")
+
+
+def test_cli_over_budget_prints_nothing_but_the_error(capsys):
+    code = main(["plan", "trn1/bmojo-1.4b", "parallel.tp=1", "model.ssm_n_groups=1", "parallel.zero1=false",
+                 "train.activation_checkpointing=false", "train.batch_size=32"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "16 GiB" in err
+
+
+@pytest.mark.parametrize("overrides, world, key", [
+    (["data.block_size=2000"], 32, "data.block_size"),  # not a multiple of 128
+    (["data.block_size=2176"], 32, "data.block_size"),  # 17 × 128, not a multiple of memory_chunk 256
+    (["parallel.tp=3"], 32, "world size 32"),
+    (["parallel.tp=8", "train.batch_size=64"], 32, "model.num_attention_heads"),  # 12 heads
+    (["model.num_key_value_heads=2", "parallel.tp=4", "model.ssm_n_groups=4", "train.batch_size=64"], 32,
+     "model.num_key_value_heads"),
+    (["model.ssm_head_dim=128", "parallel.tp=8", "model.num_attention_heads=8", "model.ssm_n_groups=4",
+      "train.batch_size=32"], 32, "model.ssm_num_heads"),  # 1536 / 128 = 12 SSM heads
+    (["parallel.tp=2", "train.batch_size=128"], 32, "model.ssm_n_groups"),
+    (["model.vocab_size=50281", "parallel.tp=2", "model.ssm_n_groups=2", "train.batch_size=128"], 32,
+     "model.vocab_size"),
+    (["train.batch_size=8"], 32, "train.batch_size"),
+    (["parallel.pp=2", "train.batch_size=128"], 32, "model.tie_word_embeddings"),
+])
+def test_validation_errors_name_the_key(overrides, world, key):
+    r = load_recipe("trn1/bmojo-130m", overrides)
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        validate_for_trainium(r, world)
+
+
+def test_head_dim_over_128_is_refused():
+    with pytest.raises(ValueError, match=r"model\.head_dim.*128"):
+        r = load_recipe("trn1/bmojo-130m", ["train.batch_size=256", "model.head_dim=256"])
+        validate_for_trainium(r, 32)
+
+
+def test_torchrun_and_env_lines():
+    r = recipe("trn1/bmojo-790m")
+    plan = build_plan(r, "trn1/bmojo-790m", LADDER["trn1/bmojo-790m"], nodes=4, cache_dir="s3://b/cache")
+    assert plan.world == 128 and plan.dp == 64
+    assert plan.torchrun.startswith("torchrun --nproc-per-node 32 --nnodes 4 --node-rank $NODE_RANK "
+                                    "--master-addr $MASTER_ADDR ")
+    assert "-m bmojo_neuron.cli train trn1/bmojo-790m train.batch_size=64 model.ssm_n_groups=2" in plan.torchrun
+    assert plan.srun.startswith("srun --nodes 4 --ntasks-per-node 1") and "$SLURM_NODEID" in plan.srun
+    flags = plan.env["NEURON_CC_FLAGS"]
+    for flag in ("--model-type transformer", "--distribution-strategy llm-training", "--cache_dir=s3://b/cache",
+                 "-O1"):
+        assert flag in flags
+    assert plan.env["NEURON_RT_STOCHASTIC_ROUNDING_EN"] == "1"
+    assert plan.env["NEURON_RT_NUM_CORES"] == "1"
+    assert {plan.env[k] for k in ("FI_EFA_USE_DEVICE_RDMA", "FI_EFA_FORK_SAFE")} == {"1"}
+    assert plan.env["FI_PROVIDER"] == "efa"
+    single = build_plan(r.with_overrides(["train.precision=fp32", "train.batch_size=1"]), "x",
+                        instance="trn1.2xlarge")
+    assert single.world == 2 and "--nproc-per-node 2 --nnodes 1 --node-rank 0 --master-addr localhost" in \
+        single.torchrun
+    assert "FI_PROVIDER" not in single.env and "NEURON_RT_STOCHASTIC_ROUNDING_EN" not in single.env
+
+
+def test_plan_json_is_valid(capsys):
+    assert main(["plan", "trn1/bmojo-370m", *LADDER["trn1/bmojo-370m"], "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["world"] == 32 and data["dp"] == 32 and data["memory"]["fits"] is True
+    assert data["rank_layout"]["stages"][0]["layers"] == list(range(24))
+
+
+@pytest.mark.parametrize("name", sorted(LADDER))
+def test_ladder_plans_on_one_trn1_32xlarge(name):
+    r = recipe(name)
+    plan = build_plan(r, name, LADDER[name], nodes=1)
+    assert plan.world == 32 and plan.memory.total <= 16 * GIB
+    assert "decoder layers 0-" in plan.format()
+
+
+def test_every_trn1_recipe_is_in_the_ladder():
+    from bmojo_neuron.recipes import repository_root
+
+    files = {f"trn1/{p.stem}" for p in (repository_root() / "recipes" / "trn1").glob("*.yaml")}
+    assert files == set(LADDER)
