@@ -1,0 +1,294 @@
+"""`bmojo-neuron precompile RECIPE [key=value ...]`: compile a training run's graphs into the Neuron cache first.
+
+It runs ``neuron_parallel_compile`` around the exact torchrun line `bmojo-neuron plan`
+builds (same recipe, overrides, node count, NEURON_CC_FLAGS), for a few steps, with
+the final step's eval and checkpoint save included so their graphs are compiled
+too, into a scratch run directory. Then it checks the cache: every entry the run
+created, changed or used must hold a NEFF and no failure. docs/compile-cache.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bmojo_neuron.cli import register_command
+
+TOOL = "neuron_parallel_compile"
+DEFAULT_STEPS = 3
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe name under recipes/ (e.g. trn1/bmojo-130m) or a YAML path")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="recipe overrides: use the same ones as the real run, or its graphs differ")
+    parser.add_argument("--nodes", type=int, default=1, help="number of instances, as in the real run (default 1)")
+    parser.add_argument("--instance", default="trn1.32xlarge", choices=("trn1.32xlarge", "trn1.2xlarge"),
+                        help="instance type, as in the real run")
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
+                        help=f"training steps of the trial run (default {DEFAULT_STEPS})")
+    parser.add_argument("--cache-dir", default=None,
+                        help="compile cache (path or s3://...; default: --cache_dir in NEURON_CC_FLAGS, else "
+                             "NEURON_COMPILE_CACHE_URL, else /var/tmp/neuron-compile-cache)")
+    parser.add_argument("--output-dir", default=None,
+                        help="run directory of the trial run (default: a scratch folder, removed afterwards; "
+                             "with --nodes > 1 it must be one folder on a filesystem all nodes share)")
+    parser.add_argument("--master-port", type=int, default=29500, help="torchrun rendezvous port")
+    parser.add_argument("--dry-run", action="store_true", help="print the command and the checks; run nothing")
+
+
+@register_command("precompile", help="compile every graph of a training run into the Neuron cache ahead of time "
+                                     "(neuron_parallel_compile) and check the cache", add_arguments=add_arguments)
+def run(args: argparse.Namespace) -> int:
+    from bmojo_neuron.compile_cache.location import resolve_cache_dir
+
+    if args.steps < 1:
+        raise ValueError(f"--steps is {args.steps}; must be >= 1")
+    cache_url, cache_source = resolve_cache_dir(args.cache_dir)
+    job = prepare(args, cache_url)
+    tool = shutil.which(TOOL)
+    if args.dry_run:
+        print(describe(job, args, cache_url, cache_source, tool))
+        return 0
+    if tool is None:
+        raise_missing_tool()
+    return execute(job, tool, cache_url)
+
+
+# ------------------------------------------------------------------ validation
+@dataclass
+class Job:
+    """What precompile runs: the plan, the trial-run command and environment, and its run directory."""
+
+    plan: Any  # bmojo_neuron.launch.plan.LaunchPlan of the real run
+    argv: list[str]  # the plan's torchrun line + the trial overrides (without neuron_parallel_compile)
+    env: dict[str, str]
+    output_dir: Path
+    scratch: bool  # output_dir is ours: removed after the run (by node 0 on multi-node runs)
+
+
+def trial_overrides(steps: int, output_dir: Path) -> list[str]:
+    """Stop after `steps` steps; eval and checkpoint only at the last one (the loop always does both there)."""
+    return [f"train.steps={steps}", f"eval.every={steps}", f"checkpoint.every={steps}",
+            f"run.output_dir={output_dir}"]
+
+
+def prepare(args: argparse.Namespace, cache_url: str) -> Job:
+    """Validate everything (recipe, plan, data, node environment, cache) and build the command."""
+    from bmojo_neuron.launch.plan import build_plan
+    from bmojo_neuron.recipes import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    plan = build_plan(recipe, args.recipe, args.overrides, nodes=args.nodes, instance=args.instance,
+                      cache_dir=cache_url, master_port=args.master_port)
+    output_dir = Path(args.output_dir) if args.output_dir else scratch_dir(recipe, args.nodes, os.environ)
+    extra = trial_overrides(args.steps, output_dir)
+    load_recipe(args.recipe, [*args.overrides, *extra])  # the trial run's recipe must load too
+    check_data(recipe)
+    check_cache_dir(cache_url)
+    base = launch_argv(plan, os.environ, strict=not args.dry_run)
+    first_node = plan.nodes == 1 or base[base.index("--node-rank") + 1] == "0"
+    return Job(plan, base + extra, {**os.environ, **plan.env}, output_dir, args.output_dir is None and first_node)
+
+
+def scratch_dir(recipe: Any, nodes: int, environ: Any) -> Path:
+    """A fresh run directory for the trial run.
+
+    One node: under the system temp folder. Several nodes: every rank writes its
+    checkpoint shard into one folder, so it sits next to the real run's directory
+    (which multi-node runs keep on a shared filesystem) under a name all nodes agree
+    on: the Slurm job step, else the node count.
+    """
+    name, job = recipe.run.name, environ.get("SLURM_JOB_ID")
+    if nodes == 1:
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        return Path(tempfile.gettempdir()) / "bmojo-precompile" / f"{name}-{stamp}"
+    stamp = f"slurm{job}.{environ.get('SLURM_STEP_ID', '0')}" if job else f"nodes{nodes}"
+    return Path(recipe.run.output_dir).absolute().parent / "precompile" / f"{name}-{stamp}"
+
+
+def launch_argv(plan: Any, environ: Any, strict: bool = True) -> list[str]:
+    """The plan's torchrun line as argv, with MASTER_ADDR and the node rank filled in on multi-node runs."""
+    argv = shlex.split(plan.torchrun)
+    if plan.nodes == 1:
+        return argv
+    master = environ.get("MASTER_ADDR")
+    rank = environ.get("NODE_RANK") or environ.get("SLURM_NODEID")
+    if not strict and not (master and rank):
+        return argv
+    if not master:
+        raise ValueError(f"--nodes {plan.nodes}: set MASTER_ADDR to the first node's address (under Slurm: "
+                         "MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)); "
+                         "run precompile on every node, see docs/compile-cache.md")
+    if rank is None or not rank.isdigit() or int(rank) >= plan.nodes:
+        raise ValueError(f"--nodes {plan.nodes}: set NODE_RANK to this node's rank 0..{plan.nodes - 1} (srun sets "
+                         f"SLURM_NODEID, which is used when NODE_RANK is unset); got {rank!r}")
+    return [master if a == "$MASTER_ADDR" else rank if a == "$NODE_RANK" else a for a in argv]
+
+
+def check_data(recipe: Any) -> None:
+    """A missing local data.path fails here, not minutes into the trial run."""
+    if recipe.data.kind != "text" or not recipe.data.path:
+        return
+    from bmojo_neuron.data.text import source_kind
+
+    try:
+        source_kind(str(Path(recipe.data.path).expanduser()))
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"recipe key {exc}; set data.path=<your data> (the trn1 recipes ship a "
+                                "placeholder) and prepare it with `bmojo-neuron data prepare`") from None
+
+
+def check_cache_dir(url: str) -> None:
+    from bmojo_neuron.compile_cache.location import is_s3
+
+    if is_s3(url):
+        from bmojo_neuron.compile_cache.s3 import make_client
+
+        make_client()  # boto3 installed? (the post-run check lists the bucket)
+        return
+    path = Path(url).expanduser()
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--cache-dir {url}: {existing} is not a writable folder")
+
+
+def raise_missing_tool() -> None:
+    from bmojo_neuron.neuron import INSTALL_COMMAND, NeuronUnavailableError
+
+    raise NeuronUnavailableError(
+        f"{TOOL} is not on PATH: it comes with the Neuron SDK's torch-neuronx / neuronx-cc packages "
+        f"(Neuron SDK 2.28). Install them on a Trn1 instance: {INSTALL_COMMAND}, and activate that environment")
+
+
+# ------------------------------------------------------------------ dry run
+def precompile_srun(args: argparse.Namespace, cache_url: str) -> str:
+    """The Slurm line that runs this precompile on every node (NODE_RANK comes from SLURM_NODEID)."""
+    inner = ["bmojo-neuron", "precompile", args.recipe, *args.overrides, "--nodes", str(args.nodes),
+             "--instance", args.instance, "--steps", str(args.steps), "--cache-dir", cache_url,
+             "--master-port", str(args.master_port)]
+    if args.output_dir:
+        inner += ["--output-dir", args.output_dir]
+    script = ('MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1) '
+              + " ".join(shlex.quote(a) for a in inner))
+    return f"srun --nodes {args.nodes} --ntasks-per-node 1 --export ALL bash -c {shlex.quote(script)}"
+
+
+def describe(job: Job, args: argparse.Namespace, cache_url: str, cache_source: str, tool: str | None) -> str:
+    plan = job.plan
+    command = shlex.join([TOOL, *job.argv])
+    lines = [
+        "precompile (dry run: nothing runs)",
+        f"recipe       {plan.recipe}" + (f" {' '.join(plan.overrides)}" if plan.overrides else ""),
+        f"cluster      {plan.nodes} × {plan.instance} = {plan.world} NeuronCores "
+        f"(tp {plan.tp} × pp {plan.pp} × dp {plan.dp})",
+        f"cache        {cache_url} ({cache_source})",
+        f"trial run    {args.steps} steps, eval and checkpoint save at the last one; run dir {job.output_dir}"
+        + ((" (removed afterwards" + (" by node 0)" if plan.nodes > 1 else ")")) if args.output_dir is None else ""),
+        "", "environment:", *(f"  {line}" for line in plan.env_lines()),
+        "", "command" + (" (on node NODE_RANK; MASTER_ADDR and NODE_RANK are filled in at run time)"
+                         if plan.nodes > 1 else "") + ":", f"  {command}",
+    ]
+    if plan.nodes > 1:
+        lines += ["", "on every node (Slurm):", f"  {precompile_srun(args, cache_url)}"]
+    found = f"found at {tool}" if tool else "NOT on PATH (install torch-neuronx / neuronx-cc)"
+    lines += ["", "checks:", "  recipe, Trainium shapes, HBM estimate: ok", f"  {TOOL}: {found}",
+              "", "afterwards, the real run (same nodes, recipe, overrides and NEURON_CC_FLAGS) uses the cache:",
+              f"  {plan.torchrun}"]
+    if plan.notes:
+        lines += ["", "notes:", *(f"  - {n}" for n in plan.notes)]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ running
+def execute(job: Job, tool: str, cache_url: str) -> int:
+    """Snapshot the cache, run the tool (streaming its output), check the cache, print a summary."""
+    from bmojo_neuron.compile_cache import open_cache
+    from bmojo_neuron.compile_cache.check import check_run, snapshot
+    from bmojo_neuron.compile_cache.s3 import s3_errors
+
+    cache = open_cache(cache_url)
+    with s3_errors(cache_url):
+        before = snapshot(_entries_or_none(cache))
+    print(f"running: {shlex.join([TOOL, *job.argv])}", flush=True)
+    try:
+        code, mentioned = stream([tool, *job.argv], job.env)
+    finally:
+        if job.scratch:
+            shutil.rmtree(job.output_dir, ignore_errors=True)
+    with s3_errors(cache_url):
+        result = check_run(before, _entries_or_none(cache), mentioned)
+    print(summary(result, code, cache_url, job.plan))
+    return 0 if code == 0 and result.ok else 1
+
+
+def _entries_or_none(cache: Any) -> list:
+    try:
+        return cache.entries()
+    except FileNotFoundError:  # a local cache the compiler has not created yet
+        return []
+
+
+def stream(argv: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
+    """Run `argv`, echoing its output line by line; (exit status, cache entries its output names)."""
+    from bmojo_neuron.compile_cache.check import keys_in_text
+
+    mentioned: list[str] = []
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace", bufsize=1)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            mentioned += keys_in_text(line)
+        return proc.wait(), mentioned
+    except KeyboardInterrupt:  # the tool got the same SIGINT from the terminal; give it time to stop
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+
+
+def summary(result: Any, code: int, cache_url: str, plan: Any) -> str:
+    lines = ["", f"precompile check of {cache_url}:", f"  {TOOL} exit status {code}",
+             f"  entries: {len(result.new)} new, {len(result.changed)} updated, "
+             f"{len(result.mentioned)} already compiled (named in the output)"]
+    for entry in result.bad:
+        lines.append(f"  {entry.status.upper():<10} {entry.key}: {entry.detail}")
+        lines += [f"      | {line}" for line in _log_tail(entry)]
+    for key in result.missing:
+        lines.append(f"  warning: the output names {key}, which is not in {cache_url} (another cache dir?)")
+    if not result.checked:
+        lines.append(f"FAILED: the run left no graph in {cache_url}; check the output above (did the training "
+                     "command start? is this the cache in NEURON_CC_FLAGS?)")
+    elif result.bad:
+        lines.append(f"FAILED: {len(result.bad)} of {len(result.checked)} graphs did not compile; the real run would "
+                     "compile them again (or fail): fix the error above, then rerun precompile (the plan's "
+                     "--retry_failed_compilation retries failed graphs)")
+    elif code != 0:
+        lines.append(f"FAILED: {TOOL} exited with status {code}; the graphs it did compile are complete")
+    else:
+        lines += [f"OK: {len(result.checked)} graphs complete. Run training with the same nodes, recipe, overrides "
+                  "and NEURON_CC_FLAGS:", f"  {plan.torchrun}"]
+    return "\n".join(lines)
+
+
+def _log_tail(entry: Any, lines: int = 5) -> list[str]:
+    """The last lines of a failed local entry's model.log (nothing for S3 or when absent)."""
+    path = Path(entry.location) / "model.log"
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    return text.strip().splitlines()[-lines:]

@@ -1,0 +1,218 @@
+"""`bmojo-neuron precompile`: the command it runs, the checks before, and the cache check after.
+
+A fake `neuron_parallel_compile` is put first on PATH: it records its argv and
+environment, writes cache entries into the --cache_dir of NEURON_CC_FLAGS (as the
+real tool does after extracting and compiling graphs) and prints the real tool's
+log lines, including a failed compile when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from bmojo_neuron.cli import main
+from bmojo_neuron.launch.plan import build_plan
+from bmojo_neuron.neuron import INSTALL_COMMAND
+from bmojo_neuron.recipes import load_recipe
+
+VERSION = "neuronxcc-2.23.6484.0+ab12cd34"
+RECIPE = "trn1/bmojo-130m"
+
+FAKE_TOOL = r'''#!{python}
+"""Stands in for neuron_parallel_compile: FAKE_NPC_MODE = ok | fail | warm | none, FAKE_NPC_EXIT = status."""
+import json, os, shlex, sys
+from pathlib import Path
+
+argv = sys.argv[1:]
+flags = os.environ.get("NEURON_CC_FLAGS", "")
+cache = Path([f.split("=", 1)[1] for f in shlex.split(flags) if f.startswith("--cache_dir=")][-1])
+Path(os.environ["FAKE_NPC_RECORD"]).write_text(json.dumps({{
+    "argv": argv, "env": {{k: os.environ.get(k) for k in ("NEURON_CC_FLAGS", "NEURON_RT_NUM_CORES",
+                                                         "NEURON_RT_STOCHASTIC_ROUNDING_EN")}}}}))
+run_dir = Path([a.split("=", 1)[1] for a in argv if a.startswith("run.output_dir=")][0])
+run_dir.mkdir(parents=True, exist_ok=True)
+(run_dir / "metrics.jsonl").write_text("{{}}\n")  # what the trial training run writes
+
+def entry(name, files):
+    folder = cache / "{version}" / ("MODULE_" + name + "+d41d8cd9")
+    folder.mkdir(parents=True, exist_ok=True)
+    for file, data in files.items():
+        (folder / file).write_bytes(data)
+    return folder
+
+mode = os.environ.get("FAKE_NPC_MODE", "ok")
+if mode in ("ok", "fail"):
+    graphs = ["111", "222"] + (["333"] if mode == "fail" else [])
+    for g in graphs:
+        folder = entry(g, {{"model.hlo_module.pb": b"hlo", "compile_flags.json": b"[]"}})
+        print(f"INFO ||NEURON_CC_WRAPPER||: Extracting graphs ({{folder}}/model.hlo_module.pb) for "
+              "ahead-of-time parallel compilation. No compilation was done.", flush=True)
+    for g in graphs[:2]:
+        entry(g, {{"model.neff": b"NEFF" * 100, "model.done": b""}})
+    if mode == "fail":
+        entry("333", {{"model.log": b"ERROR 1\nERROR 2: NCC_IXTP002 the tensorizer gave up\n"}})
+        print("INFO ||NEURON_PARALLEL_COMPILE||: Total failed compilations: 1", flush=True)
+elif mode == "warm":
+    print(f"INFO ||NCC_WRAPPER||: Using a cached neff at {{cache}}/{version}/MODULE_999+d41d8cd9/model.neff. "
+          "Exiting with a successfully compiled graph.", flush=True)
+sys.exit(int(os.environ.get("FAKE_NPC_EXIT", "0")))
+'''
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    """The fake tool first on PATH, a data file, a cache folder; returns a dict of paths."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "neuron_parallel_compile"
+    tool.write_text(FAKE_TOOL.format(python=sys.executable, version=VERSION))
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    record = tmp_path / "record.json"
+    monkeypatch.setenv("FAKE_NPC_RECORD", str(record))
+    for key in ("MASTER_ADDR", "NODE_RANK", "SLURM_NODEID", "SLURM_JOB_ID", "SLURM_STEP_ID", "NEURON_CC_FLAGS",
+                "FAKE_NPC_MODE", "FAKE_NPC_EXIT"):
+        monkeypatch.delenv(key, raising=False)
+    data = tmp_path / "data.txt"
+    data.write_text("some text to train on\n" * 10)
+    overrides = ["model.num_hidden_layers=2", "model.layer_pattern=BB", "train.batch_size=2",
+                 f"data.path={data}"]
+    return {"tmp": tmp_path, "record": record, "cache": tmp_path / "cache", "overrides": overrides,
+            "bin": bin_dir}
+
+
+def precompile(capsys, setup, *extra: str, overrides=None) -> tuple[int, str, str]:
+    argv = ["precompile", RECIPE, *(setup["overrides"] if overrides is None else overrides),
+            "--instance", "trn1.2xlarge", "--cache-dir", str(setup["cache"]), *extra]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def recorded(setup) -> dict:
+    return json.loads(setup["record"].read_text())
+
+
+def entry_key(graph: str) -> str:
+    return f"{VERSION}/MODULE_{graph}+d41d8cd9"
+
+
+def test_runs_the_plans_command_with_its_environment(setup, capsys):
+    code, out, _ = precompile(capsys, setup, "--steps", "5")
+    assert code == 0, out
+    rec = recorded(setup)
+    recipe = load_recipe(RECIPE, setup["overrides"])
+    plan = build_plan(recipe, RECIPE, setup["overrides"], instance="trn1.2xlarge", cache_dir=str(setup["cache"]))
+    base = shlex.split(plan.torchrun)
+    assert rec["argv"][:len(base)] == base  # the real run's line, untouched
+    run_dir = rec["argv"][-1].split("=", 1)[1]
+    assert rec["argv"][len(base):] == ["train.steps=5", "eval.every=5", "checkpoint.every=5",
+                                       f"run.output_dir={run_dir}"]
+    assert rec["env"]["NEURON_CC_FLAGS"] == plan.env["NEURON_CC_FLAGS"]
+    assert f"--cache_dir={setup['cache']}" in rec["env"]["NEURON_CC_FLAGS"]
+    assert rec["env"]["NEURON_RT_NUM_CORES"] == "1" and rec["env"]["NEURON_RT_STOCHASTIC_ROUNDING_EN"] == "1"
+    assert "Extracting graphs" in out  # the tool's output is streamed
+    assert "2 new" in out and "OK: 2 graphs complete" in out and plan.torchrun in out
+    assert not Path(run_dir).exists()  # the scratch run directory is removed
+
+
+def test_output_dir_is_kept_when_given(setup, capsys):
+    run_dir = setup["tmp"] / "trial-run"
+    code, _, _ = precompile(capsys, setup, "--output-dir", str(run_dir))
+    assert code == 0 and recorded(setup)["argv"][-1] == f"run.output_dir={run_dir}"
+    assert (run_dir / "metrics.jsonl").is_file()
+
+
+def test_failed_compile_fails_and_shows_the_log(setup, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_NPC_MODE", "fail")
+    code, out, _ = precompile(capsys, setup)
+    assert code == 1
+    assert f"FAILED     {entry_key('333')}" in out and "NCC_IXTP002 the tensorizer gave up" in out
+    assert "FAILED: 1 of 3 graphs did not compile" in out
+    assert entry_key("111") not in out.split("precompile check")[1]  # complete graphs are not listed
+
+
+def test_a_run_that_compiles_nothing_fails(setup, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_NPC_MODE", "none")
+    code, out, _ = precompile(capsys, setup)
+    assert code == 1 and "left no graph" in out
+
+
+def test_tool_exit_status_is_reported(setup, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_NPC_EXIT", "3")
+    code, out, _ = precompile(capsys, setup)
+    assert code == 1 and "exited with status 3" in out
+
+
+def test_warm_cache_counts_the_graphs_named_in_the_output(setup, capsys, monkeypatch):
+    for graph, files in (("999", ("model.neff", "model.done")), ("555", ("model.log",))):
+        folder = setup["cache"] / entry_key(graph)
+        folder.mkdir(parents=True)
+        for name in files:
+            (folder / name).write_bytes(b"x")
+    monkeypatch.setenv("FAKE_NPC_MODE", "warm")
+    code, out, _ = precompile(capsys, setup)
+    # the old failed entry 555 belongs to some other run: neither touched nor named, so not checked
+    assert code == 0 and "0 new, 0 updated, 1 already compiled" in out and entry_key("555") not in out
+
+
+def test_dry_run_runs_nothing(setup, capsys):
+    code, out, _ = precompile(capsys, setup, "--dry-run")
+    assert code == 0 and not setup["record"].exists()
+    assert "neuron_parallel_compile torchrun --nproc-per-node 2" in out and "train.steps=3" in out
+    assert f"--cache_dir={setup['cache']}" in out and f"found at {setup['bin']}" in out
+
+
+def test_missing_tool_names_the_neuron_packages(setup, capsys, monkeypatch):
+    empty = setup["tmp"] / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    code, out, err = precompile(capsys, setup)
+    assert code == 2 and out == ""
+    assert "neuron_parallel_compile is not on PATH" in err
+    assert "torch-neuronx" in err and "neuronx-cc" in err and INSTALL_COMMAND in err
+
+
+def test_multi_node_fills_in_master_and_rank(setup, capsys, monkeypatch):
+    monkeypatch.chdir(setup["tmp"])  # the trial run dir goes next to the real one (runs/<name>) under the CWD
+    overrides = [o if not o.startswith("train.batch_size") else "train.batch_size=4" for o in setup["overrides"]]
+    code, _, err = precompile(capsys, setup, "--nodes", "2", overrides=overrides)
+    assert code == 2 and "MASTER_ADDR" in err and not setup["record"].exists()
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
+    monkeypatch.setenv("SLURM_NODEID", "5")
+    code, _, err = precompile(capsys, setup, "--nodes", "2", overrides=overrides)
+    assert code == 2 and "NODE_RANK" in err and "'5'" in err
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    code, out, _ = precompile(capsys, setup, "--nodes", "2", overrides=overrides)
+    assert code == 0, out
+    argv = recorded(setup)["argv"]
+    assert argv[argv.index("--nnodes") + 1] == "2" and argv[argv.index("--node-rank") + 1] == "1"
+    assert argv[argv.index("--master-addr") + 1] == "10.0.0.7"
+    shared = setup["tmp"] / "runs" / "precompile" / "bmojo-130m-nodes2"  # the same name on every node
+    assert argv[-1] == f"run.output_dir={shared}"
+    assert shared.is_dir()  # node 1 leaves it; node 0 removes it
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_STEP_ID", "3")
+    assert precompile(capsys, setup, "--nodes", "2", overrides=overrides)[0] == 0
+    in_job = setup["tmp"] / "runs" / "precompile" / "bmojo-130m-slurm77.3"
+    assert recorded(setup)["argv"][-1] == f"run.output_dir={in_job}" and not in_job.exists()
+    code, out, _ = precompile(capsys, setup, "--nodes", "2", "--dry-run", overrides=overrides)
+    assert code == 0 and "srun --nodes 2 --ntasks-per-node 1" in out and "bmojo-neuron precompile" in out
+
+
+@pytest.mark.parametrize("extra, overrides, message", [
+    (["--steps", "0"], None, "--steps is 0"),
+    ([], ["model.num_hidden_layers=2", "model.layer_pattern=BB", "train.batch_size=2"], "data.path"),
+    ([], ["train.batch_size=3", "data.path=/tmp"], "train.batch_size"),
+    ([], ["trian.steps=3"], "trian"),
+])
+def test_bad_input_fails_before_running(setup, capsys, extra, overrides, message):
+    code, out, err = precompile(capsys, setup, *extra, overrides=overrides)
+    assert code == 2 and message in err and not setup["record"].exists()
