@@ -146,59 +146,76 @@ def test_parallel_recipe_errors_come_before_any_work():
 PP_BATCH, PP_MICROBATCHES = 4, 4
 
 
-def _pipeline_worker(rank: int, init_file: str) -> None:
+def _check_pipeline_gradients(rank: int, tied: bool) -> None:
     from naive import tiny_config
 
     from bmojo_neuron import BMojoForCausalLM
-    from bmojo_neuron.parallel.pipeline import PipelineStage, build_schedule
+    from bmojo_neuron.parallel.pipeline import PipelineStage, build_schedule, pipeline_loss, stage_io
 
+    config = tiny_config(layer_pattern="BMFB", num_hidden_layers=4, tie_word_embeddings=tied, memory_decay=0.9)
+    torch.manual_seed(0)
+    full = BMojoForCausalLM(config).double()
+    ids = torch.randint(0, config.vocab_size, (PP_BATCH, 24), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    ref = full(ids, labels=labels)
+    ref.loss.backward()
+    want = {n: p.grad.clone() for n, p in full.named_parameters()}  # a tied head is named as the embedding
+
+    torch.manual_seed(0)
+    stage = PipelineStage(BMojoForCausalLM(config).double(), rank, WORLD)
+    io = stage_io(stage, PP_BATCH // PP_MICROBATCHES, 24, train=True)
+    schedule = build_schedule(stage, None, PP_MICROBATCHES, pipeline_loss(config, PP_MICROBATCHES), io)
+    losses: list[torch.Tensor] = []
+    if rank == 0:
+        schedule.step(ids)
+    else:
+        schedule.step(target=labels, losses=losses)
+        assert len(losses) == PP_MICROBATCHES
+        torch.testing.assert_close(torch.stack(losses).sum(), ref.loss.detach(), rtol=1e-6, atol=1e-12)
+    if tied:  # each copy saw one use of the tied matrix: their sum is the one-process gradient
+        weight = stage.tied_weight()
+        assert weight is not None
+        dist.all_reduce(weight.grad)
+    names = stage.full_named_parameters()
+    owned = {n for n, _ in names}
+    assert ("model.embed_tokens.weight" in owned) == (rank == 0) and ("lm_head.weight" in owned) == (rank == 1)
+    for name, param in names:
+        key = "model.embed_tokens.weight" if tied and name == "lm_head.weight" else name
+        torch.testing.assert_close(param.grad, want[key], rtol=1e-6, atol=1e-12,
+                                   msg=lambda m, name=name: f"tied={tied}, stage {rank}, grad of {name}: {m}")
+    everything = [None] * WORLD
+    dist.all_gather_object(everything, sorted(owned - ({"lm_head.weight"} if tied else set())))
+    assert sorted(everything[0] + everything[1]) == sorted(want)
+
+
+def _pipeline_worker(rank: int, init_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        config = tiny_config(layer_pattern="BMFB", num_hidden_layers=4, tie_word_embeddings=False, memory_decay=0.9)
-        torch.manual_seed(0)
-        full = BMojoForCausalLM(config).double()
-        ids = torch.randint(0, config.vocab_size, (PP_BATCH, 24), generator=torch.Generator().manual_seed(1))
-        labels = ids.clone()
-        labels[:, :3] = -100
-        ref = full(ids, labels=labels)
-        ref.loss.backward()
-        want = {n: p.grad.clone() for n, p in full.named_parameters()}
-
-        torch.manual_seed(0)
-        stage = PipelineStage(BMojoForCausalLM(config).double(), rank, WORLD)
-        schedule = build_schedule(stage, None, PP_MICROBATCHES, config)
-        losses: list[torch.Tensor] = []
-        if rank == 0:
-            schedule.step(ids)
-        else:
-            schedule.step(target=labels, losses=losses)
-            assert len(losses) == PP_MICROBATCHES
-            torch.testing.assert_close(torch.stack(losses).sum(), ref.loss.detach(), rtol=1e-6, atol=1e-12)
-        names = stage.full_named_parameters()
-        assert names and all(n in want for n, _ in names)
-        owned = {n for n, _ in names}
-        assert ("model.embed_tokens.weight" in owned) == (rank == 0) and ("lm_head.weight" in owned) == (rank == 1)
-        for name, param in names:
-            torch.testing.assert_close(param.grad, want[name], rtol=1e-6, atol=1e-12,
-                                       msg=lambda m, name=name: f"stage {rank}, grad of {name}: {m}")
-        everything = [None] * WORLD
-        dist.all_gather_object(everything, sorted(owned))
-        assert sorted(everything[0] + everything[1]) == sorted(want)
+        for tied in (False, True):
+            _check_pipeline_gradients(rank, tied)
     finally:
         dist.destroy_process_group()
 
 
 def test_pipeline_parallel_equals_one_process_over_microbatches(tmp_path):
+    """A 2-stage GPipe schedule over 4 micro-batches (float64, static shapes) gives the one-process loss and
+    every gradient; with tied embeddings the two copies' gradients sum to the one-process gradient."""
     mp.start_processes(_pipeline_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, start_method="spawn",
                        join=True)
 
 
-def test_pipeline_split_and_tied_embeddings_error():
+def test_pipeline_split_and_tied_embeddings():
     from naive import tiny_config
 
-    from bmojo_neuron.parallel.pipeline import check_pipeline_config, split_layers
+    from bmojo_neuron.parallel.pipeline import check_pipeline_config, split_layers, stage_of
 
     assert split_layers(5, 2) == [range(0, 3), range(3, 5)]
-    with pytest.raises(ValueError, match="tie_word_embeddings"):
-        check_pipeline_config(tiny_config(num_hidden_layers=2, layer_pattern="BM"), 2)
+    config = tiny_config(num_hidden_layers=5, layer_pattern="BMBMB")
+    assert [stage_of(f"model.layers.{i}.mlp.up_proj.weight", config, 2) for i in range(5)] == [0, 0, 0, 1, 1]
+    assert stage_of("model.embed_tokens.weight", config, 3) == 0
+    assert stage_of("lm_head.weight", config, 3) == stage_of("model.norm.weight", config, 3) == 2
+    check_pipeline_config(config, 2, allow_tied=True)  # the torch path keeps a copy on the last stage
+    with pytest.raises(ValueError, match="tie_word_embeddings=false"):  # the NxD wiring does not yet
+        check_pipeline_config(config, 2)

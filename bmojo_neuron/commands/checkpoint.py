@@ -16,10 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shard.add_argument("source", help="a save_pretrained directory (from `checkpoint consolidate` to keep the "
                                       "optimizer and data position; a plain export starts at step 0)")
     shard.add_argument("--tp", type=int, required=True, help="tensor-parallel degree of the new run")
-    shard.add_argument("--pp", type=int, default=1, help="pipeline-parallel degree of the new run (default 1)")
+    shard.add_argument("--pp", type=int, default=1,
+                       help="pipeline-parallel degree of the new run (default 1; at most the model's layers)")
     shard.add_argument("--output-dir", required=True,
                        help="new run directory; continue with `torchrun ... bmojo-neuron train RECIPE "
-                            "parallel.tp=N --resume --output-dir DIR`")
+                            "parallel.tp=N parallel.pp=M --resume --output-dir DIR`")
 
 
 @register_command("checkpoint", help="consolidate a sharded checkpoint, or shard a model at new parallel degrees",

@@ -3,11 +3,15 @@
 A sharded checkpoint ``step-XXXXXXX/`` holds::
 
     parallel.json                 degrees (tp, pp, dp, sp, zero1), split dim and full shape of every tensor
-    rank-TT-PP.safetensors        model shard of tensor rank TT, pipeline stage PP (written by data rank 0)
+    rank-TT-PP.safetensors        model shard of tensor rank TT, pipeline stage PP (written by data rank 0);
+                                  each stage's file holds the tensors of that stage only
     optim-TT-PP-DDD.pt            per rank: AdamW states keyed by parameter name (ZeRO-1: only the
                                   names that rank owns), scheduler and RNG states
     recipe.json, config.json
     trainer_state.json            written last, by rank 0, after every rank's files are on disk
+
+A tied ``lm_head.weight`` is never stored: it is the embedding (stage 0's file and
+optimizer states); under pp the last stage reads its copy from there.
 
 Optimizer states are keyed by the full model's parameter names and hold this rank's
 shard of each tensor, so they are resharded exactly like the weights; a rank with
@@ -31,6 +35,8 @@ from ..layers.factory import LayerFactory, use_layer_factory
 from .sharding import split_dims
 
 PARALLEL_FILE = "parallel.json"
+EMBEDDING = "model.embed_tokens.weight"
+TIED_HEAD = "lm_head.weight"  # with tie_word_embeddings: the embedding, stored once under its name
 TRAINING_STATE_FILE = "training_state.pt"  # optimizer/scheduler/trainer state beside a consolidated export
 FORMAT = "bmojo-sharded-v1"
 
@@ -83,7 +89,7 @@ def shard_shapes(config: Any, tp: int, tp_rank: int = 0) -> dict[str, torch.Size
 
 def tied_names(config: Any) -> set[str]:
     """Names the files leave out because they alias another tensor (``lm_head.weight`` when tied)."""
-    return {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    return {TIED_HEAD} if getattr(config, "tie_word_embeddings", False) else set()
 
 
 def save_tensors(tensors: dict[str, Tensor], path: Path, skip: set[str] = frozenset()) -> None:
@@ -105,9 +111,20 @@ def load_into(model: nn.Module, tensors: dict[str, Tensor], what: str) -> None:
 
 
 def consolidate_model(path: str | Path) -> dict[str, Tensor]:
-    """The full model state dict from a sharded checkpoint's ``rank-TT-PP`` files."""
+    """The full model state dict from a sharded checkpoint's ``rank-TT-PP`` files (every stage's)."""
     path = Path(path)
     meta = read_meta(path)
+    out = _consolidate_stages(path, meta)
+    from bmojo_neuron import BMojoConfig
+
+    missing = sorted(set(meta["full_shapes"]) - set(out)
+                     - tied_names(BMojoConfig.from_json_file(str(path / "config.json"))))
+    if missing:
+        raise ValueError(f"{path}: no stage file holds {missing[:5]}; the checkpoint is incomplete")
+    return out
+
+
+def _consolidate_stages(path: Path, meta: dict[str, Any]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for pp_rank in range(meta["pp"]):
         shards = []

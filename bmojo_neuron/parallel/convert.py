@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from . import checkpoint_format as fmt
+from .pipeline import stage_of
 from .sharding import shard_state_dict
 
 
@@ -73,6 +74,8 @@ def shard_checkpoint(source: str | Path, run_dir: str | Path, tp: int, pp: int =
     checkpoint of `run_dir` for tensor degree `tp` and pipeline degree `pp`; `latest` points at it.
 
     Without ``training_state.pt`` the checkpoint is step 0 with a fresh optimizer (a warm start).
+    With ``pp > 1`` each stage's files hold that stage's tensors (`pipeline.stage_of`); a tied
+    ``lm_head.weight`` is stored once, as stage 0's embedding.
     """
     from bmojo_neuron import BMojoConfig
     from bmojo_neuron.training import checkpoint as ckpt
@@ -81,13 +84,13 @@ def shard_checkpoint(source: str | Path, run_dir: str | Path, tp: int, pp: int =
     source, run_dir = Path(source), Path(run_dir)
     if tp < 1 or pp < 1:
         raise ValueError(f"--tp and --pp must be >= 1, got {tp}, {pp}")
-    if pp > 1:
-        raise ValueError("--pp > 1: pipeline stages are not wired into `bmojo-neuron train` yet")
     if not (source / ckpt.CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{source} has no {ckpt.CONFIG_FILE}: not a save_pretrained directory")
     if has_run(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pick a new --output-dir")
     config = BMojoConfig.from_json_file(str(source / ckpt.CONFIG_FILE))
+    if pp > config.num_hidden_layers:
+        raise ValueError(f"--pp {pp} exceeds the model's {config.num_hidden_layers} layers")
     full = _read_pretrained_weights(source)
     state_file = source / fmt.TRAINING_STATE_FILE
     training = torch.load(state_file, map_location="cpu", weights_only=False) if state_file.is_file() else None
@@ -113,15 +116,18 @@ def shard_checkpoint(source: str | Path, run_dir: str | Path, tp: int, pp: int =
     run_dir.mkdir(parents=True, exist_ok=True)
     name = ckpt.step_dir_name(state["step"])
     tmp = ckpt.new_tmp_dir(run_dir, name)
+    stages = [{n for n in local_shapes if stage_of(n, config, pp) == s} for s in range(pp)]
     try:
         for tp_rank in range(tp):
             shard = shard_state_dict(full, local_shapes, tp_rank, tp)
-            fmt.save_tensors(shard, tmp / fmt.model_file(tp_rank, 0), fmt.tied_names(config))
-            optimizer = {} if training is None else fmt.shard_named_states(
-                training["optimizer"], meta["split_dims"], set(local_shapes), tp, tp_rank)
-            blob = {"optimizer": optimizer, "scheduler": training["scheduler"] if training else None,
-                    "rng": training["rng"] if training else ckpt.rng_states()}
-            torch.save(blob, tmp / fmt.optim_file(tp_rank, 0, 0))
+            for pp_rank, names in enumerate(stages):
+                fmt.save_tensors({n: shard[n] for n in names}, tmp / fmt.model_file(tp_rank, pp_rank),
+                                 fmt.tied_names(config))
+                optimizer = {} if training is None else fmt.shard_named_states(
+                    training["optimizer"], meta["split_dims"], names, tp, tp_rank)
+                blob = {"optimizer": optimizer, "scheduler": training["scheduler"] if training else None,
+                        "rng": training["rng"] if training else ckpt.rng_states()}
+                torch.save(blob, tmp / fmt.optim_file(tp_rank, pp_rank, 0))
         (tmp / fmt.PARALLEL_FILE).write_text(json.dumps(meta, indent=1))
         (tmp / ckpt.RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
         config.to_json_file(str(tmp / ckpt.CONFIG_FILE))

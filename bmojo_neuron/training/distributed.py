@@ -12,6 +12,12 @@ stays the single-device loop plus a few ``if par`` hooks. With it:
   when every sequence has the same number of labelled tokens, as MQAR and text do);
 - ZeRO-1 (``parallel.zero1``) is `torch.distributed.optim.ZeroRedundancyOptimizer`
   over the data-parallel group;
+- pipeline parallelism (``parallel.pp``) keeps this rank's stage
+  (`bmojo_neuron.parallel.pipeline`) and runs each micro-batch of the loop as a GPipe
+  schedule of ``parallel.microbatches`` pieces; the last stage computes the losses
+  (summed over the pipeline group for logging) and, with tied embeddings, the two
+  copies of the embedding (stage 0, last stage) have their gradients summed over an
+  "embedding group";
 - checkpoints are sharded per rank (layout in `bmojo_neuron.parallel.checkpoint_format`)
   and published atomically by rank 0 after a barrier.
 """
@@ -47,14 +53,20 @@ def check_parallel_recipe(recipe: Any, world: int) -> ParallelLayout:
     """Fail fast, before any process group or weights exist, on degrees this trainer cannot run."""
     p, t = recipe.parallel, recipe.train
     layout = ParallelLayout.from_world(world, p.tp, p.pp)
-    if p.pp > 1:
-        raise ValueError("parallel.pp > 1 is not wired into `bmojo-neuron train` yet (pipeline stages exist in "
-                         "bmojo_neuron.parallel.pipeline); use parallel.pp=1")
-    if p.microbatches != 1:
-        raise ValueError("parallel.microbatches only applies to pipeline parallelism; use train.grad_accum")
+    if p.pp == 1 and p.microbatches != 1:
+        raise ValueError("parallel.microbatches only applies to pipeline parallelism (parallel.pp > 1); "
+                         "use train.grad_accum")
     if t.batch_size % layout.dp:
         raise ValueError(f"train.batch_size ({t.batch_size}) is the global micro-batch and must be divisible by "
                          f"the data-parallel degree {layout.dp} (world {world} / (tp {p.tp} × pp {p.pp}))")
+    if p.pp > 1:
+        from bmojo_neuron.parallel.pipeline import check_pipeline_config
+
+        per_rank = t.batch_size // layout.dp
+        if per_rank % p.microbatches:
+            raise ValueError(f"parallel.microbatches ({p.microbatches}) must divide the per-data-rank batch "
+                             f"train.batch_size / dp = {t.batch_size} / {layout.dp} = {per_rank}")
+        check_pipeline_config(recipe.model_config(), p.pp, allow_tied=True)
     if p.sp:
         length = recipe.data.seq_len if recipe.data.kind == "mqar" else recipe.data.block_size
         if length % p.tp:
@@ -93,12 +105,42 @@ class ParallelRun:
                 torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
         self.groups = ProcessGroups.create(self.layout)
+        self.embedding_group = self._embedding_group(recipe)
         self.is_main = rank == 0
         self.dims: dict[str, int | None] = {}
+        self.pipeline: Any = None  # a `PipelineRunner` when pp > 1 (set by `build_model`)
 
     @classmethod
     def from_recipe(cls, recipe: Any, device: torch.device) -> ParallelRun | None:
         return cls(recipe, device) if wants_parallel(recipe) else None
+
+    def _embedding_group(self, recipe: Any) -> Any:
+        """With tied embeddings under pp > 1: this rank's pair (stage 0, last stage) of the same tensor and
+        data rank, if it is in one. Every rank creates every pair, in the same order (`new_group` is collective)."""
+        lay = self.layout
+        if lay.pp == 1 or not recipe.model_config().tie_word_embeddings:
+            return None
+        mine = None
+        for d in range(lay.dp):
+            for t in range(lay.tp):
+                ranks = [lay.rank_of(d, 0, t), lay.rank_of(d, lay.pp - 1, t)]
+                group = dist.new_group(ranks)
+                if lay.rank in ranks:
+                    mine = group
+        return mine
+
+    @staticmethod
+    def core(model: nn.Module) -> nn.Module:
+        """The `BMojoForCausalLM` (this stage's part of it under pp), whose names are the full model's."""
+        from bmojo_neuron.parallel.pipeline import PipelineStage
+
+        return model.model if isinstance(model, PipelineStage) else model
+
+    def tied_copy(self, model: nn.Module) -> bool:
+        """True on a last stage that holds a copy of a tied embedding (the copy is stored by stage 0)."""
+        from bmojo_neuron.parallel.pipeline import PipelineStage
+
+        return isinstance(model, PipelineStage) and model.holds_tied_copy
 
     # ------------------------------------------------------------------ model and optimizer
 
@@ -124,7 +166,15 @@ class ParallelRun:
         self.meta = fmt.parallel_meta(self.full_shapes, self.local_shapes, self.layout.tp, self.layout.pp,
                                       self.layout.dp, self.p.sp, self.p.zero1)
         self.dims = self.meta["split_dims"]
-        return model.to(self.device)
+        if self.layout.pp == 1:
+            return model.to(self.device)
+        from bmojo_neuron.parallel.pipeline import PipelineRunner, PipelineStage
+
+        bf16 = torch.bfloat16 if self.recipe.train.precision == "bf16" else None
+        stage = PipelineStage(model, self.layout.pp_rank, self.layout.pp, autocast_dtype=bf16).to(self.device)
+        last = self.groups.ranks["pp"][-1]
+        self.pipeline = PipelineRunner(stage, self.groups.pp, self.p.microbatches, last)
+        return stage
 
     def parameter_count(self) -> int:
         """Parameters of the whole model (every shard), the tied lm_head counted once."""
@@ -135,6 +185,7 @@ class ParallelRun:
         """AdamW as in one process; with ZeRO-1 its states are partitioned over the data-parallel group."""
         from bmojo_neuron.training.optim import build_optimizer
 
+        model = self.core(model)
         if not self.p.zero1:
             return build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps, self.device.type)
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -152,7 +203,8 @@ class ParallelRun:
         return indices[self.layout.dp_rank * per:(self.layout.dp_rank + 1) * per]
 
     def reduce_grads(self, model: nn.Module) -> None:
-        """Sequence-parallel norm gradients summed over tp; every gradient averaged over data ranks."""
+        """Sequence-parallel norm gradients summed over tp; every gradient averaged over data ranks; the two
+        copies of a tied embedding under pp (stage 0, last stage) get the sum of their gradients."""
         from bmojo_neuron.parallel import sync_sequence_parallel_grads
 
         if self.p.sp and self.layout.tp > 1:
@@ -164,16 +216,25 @@ class ParallelRun:
             flat /= self.layout.dp
             for g, part in zip(grads, flat.split([g.numel() for g in grads])):
                 g.copy_(part.view_as(g))
+        if self.embedding_group is not None:
+            weight = model.tied_weight()
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            dist.all_reduce(weight.grad, group=self.embedding_group)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> Tensor:
-        """`clip_grad_norm_` of the whole (unsharded) model: shards' squares are summed over tp."""
+        """`clip_grad_norm_` of the whole (unsharded) model: shards' squares are summed over tp, stages'
+        over pp (a tied embedding's copy on the last stage is not counted twice)."""
         sharded = torch.zeros((), dtype=torch.float64, device=self.device)
         replicated = torch.zeros((), dtype=torch.float64, device=self.device)
         grads = []
-        for name, param in model.named_parameters():
+        skip = fmt.tied_names(self.core(model).config) if self.tied_copy(model) else set()
+        for name, param in self.core(model).named_parameters():
             if param.grad is None:
                 continue
             grads.append(param.grad)
+            if name in skip:
+                continue
             square = param.grad.detach().double().pow(2).sum()
             if self.dims.get(name) is None:
                 replicated += square
@@ -181,18 +242,24 @@ class ParallelRun:
                 sharded += square
         if self.layout.tp > 1:
             dist.all_reduce(sharded, group=self.groups.tp)
-        total = (sharded + replicated).sqrt().float()
+        squares = sharded + replicated
+        if self.layout.pp > 1:
+            dist.all_reduce(squares, group=self.groups.pp)
+        total = squares.sqrt().float()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         for g in grads:
             g.mul_(coef.to(g.dtype))
         return total
 
     def average(self, x: Tensor) -> Tensor:
-        """Mean over data ranks (the logged losses)."""
+        """The logged losses: mean over data ranks; under pp, the last stage's (the others hold zeros)."""
         if self.layout.dp > 1:
             x = x.clone()
             dist.all_reduce(x, group=self.groups.dp)
             x /= self.layout.dp
+        if self.layout.pp > 1:
+            x = x.clone()
+            dist.all_reduce(x, group=self.groups.pp)
         return x
 
     def barrier(self) -> None:
@@ -215,13 +282,13 @@ class ParallelRun:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.barrier()
-        lay = self.layout
+        lay, core = self.layout, self.core(model)
+        tied = fmt.tied_names(core.config)  # a tied head is stored once, as the embedding (stage 0)
         try:
             if lay.dp_rank == 0:
-                fmt.save_tensors(model.state_dict(), tmp / fmt.model_file(lay.tp_rank, lay.pp_rank),
-                                 fmt.tied_names(model.config))
-            blob = {"optimizer": named_optimizer_states(model, optimizer), "scheduler": scheduler.state_dict(),
-                    "rng": ckpt.rng_states()}
+                fmt.save_tensors(core.state_dict(), tmp / fmt.model_file(lay.tp_rank, lay.pp_rank), tied)
+            states = {k: v for k, v in named_optimizer_states(core, optimizer).items() if k not in tied}
+            blob = {"optimizer": states, "scheduler": scheduler.state_dict(), "rng": ckpt.rng_states()}
             torch.save(blob, tmp / fmt.optim_file(lay.tp_rank, lay.pp_rank, lay.dp_rank))
         finally:
             self.barrier()
@@ -229,7 +296,7 @@ class ParallelRun:
             try:
                 (tmp / fmt.PARALLEL_FILE).write_text(json.dumps(self.meta, indent=1))
                 (tmp / ckpt.RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str))
-                model.config.to_json_file(str(tmp / ckpt.CONFIG_FILE))
+                core.config.to_json_file(str(tmp / ckpt.CONFIG_FILE))
                 (tmp / ckpt.STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
                 ckpt.publish_dir(tmp, run_dir / name)
             except BaseException:
@@ -257,15 +324,23 @@ class ParallelRun:
         own = torch.load(mine, map_location="cpu", weights_only=False) if mine.is_file() else blobs[0]
         state = ckpt.TrainerState(**json.loads((path / ckpt.STATE_FILE).read_text()))
         recipe = json.loads((path / ckpt.RECIPE_FILE).read_text())
-        return ckpt.Checkpoint(path, state, recipe, fmt.merge_named_states(blobs), own["scheduler"], own["rng"])
+        states = fmt.merge_named_states(blobs)
+        if self.embedding_group is not None and lay.pp_rank == lay.pp - 1:  # the tied copy: stage 0's states
+            embedding = fmt.merge_named_states(fmt.load_optim_files(path, lay.tp_rank, 0))
+            if fmt.EMBEDDING in embedding:
+                states[fmt.TIED_HEAD] = embedding[fmt.EMBEDDING]
+        return ckpt.Checkpoint(path, state, recipe, states, own["scheduler"], own["rng"])
 
     def restore(self, previous: ckpt.Checkpoint, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
-        lay = self.layout
+        lay, core = self.layout, self.core(model)
         tensors = fmt.load_file_tensors(previous.path / fmt.model_file(lay.tp_rank, lay.pp_rank))
-        fmt.load_into(model, tensors, f"{previous.path.name}/{fmt.model_file(lay.tp_rank, lay.pp_rank)}")
+        if self.tied_copy(model):  # the head is the embedding, stored once by stage 0
+            embedding = fmt.load_file_tensors(previous.path / fmt.model_file(lay.tp_rank, 0))
+            tensors[fmt.TIED_HEAD] = embedding[fmt.EMBEDDING]
+        fmt.load_into(core, tensors, f"{previous.path.name}/{fmt.model_file(lay.tp_rank, lay.pp_rank)}")
         if previous.scheduler is None:  # `checkpoint shard` of a plain export: a warm start at step 0
             return
-        load_named_optimizer_states(model, optimizer, previous.optimizer)
+        load_named_optimizer_states(core, optimizer, previous.optimizer)
         scheduler.load_state_dict(previous.scheduler)
         for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
             group["lr"] = lr  # LambdaLR does not restore the groups' lr itself

@@ -37,11 +37,15 @@ def evaluate(
     max_batches: int | None = None,
     precision: str = "fp32",
     mqar: bool = False,
+    pipeline: Any = None,
 ) -> dict[str, float]:
     """Mean loss, perplexity and (``mqar=True``) recall accuracy over the first batches of `dataset`.
 
     `dataset` yields ``input_ids`` / ``labels`` tensors when sliced (a torch-format
     `datasets.Dataset` or a dict of tensors). ``max_batches=None`` uses all of it.
+    Under pipeline parallelism `model` is this rank's stage and `pipeline` its
+    `bmojo_neuron.parallel.pipeline.PipelineRunner`: the batches go through the
+    pipeline (forward only), the last stage scores them and shares the totals.
     """
     device = torch.device(device)
     n = len(dataset["input_ids"]) if isinstance(dataset, dict) else len(dataset)
@@ -57,7 +61,9 @@ def evaluate(
             input_ids = batch["input_ids"].to(device)
             labels = batch["labels"].to(device)
             with autocast(device, precision):
-                logits = model(input_ids).logits
+                logits = pipeline.logits(input_ids) if pipeline is not None else model(input_ids).logits
+            if logits is None:  # a pipeline stage before the last: its part is done
+                continue
             targets = labels[:, 1:]
             count = int((targets != IGNORE_INDEX).sum())
             nll += F.cross_entropy(
@@ -71,6 +77,9 @@ def evaluate(
                 correct += mqar_accuracy(logits, labels) * count
     finally:
         model.train(was_training)
+    if pipeline is not None:
+        nll, tokens, correct = pipeline.share([nll, tokens, correct])
+        tokens = int(tokens)
     if tokens == 0:
         raise ValueError("evaluation dataset has no labelled tokens (all labels are -100)")
     loss = nll / tokens
@@ -129,12 +138,14 @@ def length_generalisation(
     device: torch.device | str = "cpu",
     max_batches: int | None = None,
     precision: str = "fp32",
+    pipeline: Any = None,
 ) -> list[LengthResult]:
     """Evaluate at ``m x`` the training length for each `m` in `multipliers`.
 
     MQAR: fresh eval data generated at the longer length with the recipe's settings
     (same eval seed). Text: the eval blocks re-packed (`repack`); a length without
-    enough eval tokens is skipped with a note.
+    enough eval tokens is skipped with a note. `pipeline`: as in `evaluate` (each length
+    gets its own static-shape schedule).
     """
     mqar = recipe.data.kind == "mqar"
     base_len = len(eval_dataset[0]["input_ids"])
@@ -154,7 +165,7 @@ def length_generalisation(
                 rows.append(LengthResult(m, seq_len, skipped=f"only {len(eval_dataset)} eval blocks, need {m}"))
                 continue
         n = len(data["input_ids"]) if isinstance(data, dict) else len(data)
-        result = evaluate(model, data, batch_size, device, max_batches, precision, mqar)
+        result = evaluate(model, data, batch_size, device, max_batches, precision, mqar, pipeline)
         used = min(n, max_batches * batch_size) if max_batches else n
         rows.append(LengthResult(m, seq_len, result["loss"], result["perplexity"], result.get("accuracy"), used))
     return rows
