@@ -373,7 +373,7 @@ def test_pytorchjob_script_commands(tmp_path, operator_env):
         ("plan", recipe, overrides, 4, env["BMOJO_CACHE_DIR"])
     precompile = parse_cli(calls[1]["argv"])
     assert (precompile.command, precompile.recipe, precompile.overrides, precompile.nodes) == \
-        ("precompile", recipe, overrides, 4)
+        ("precompile", recipe, overrides + [f"run.output_dir={env['BMOJO_OUTPUT_DIR']}"], 4)
     assert precompile.cache_dir == env["BMOJO_CACHE_DIR"] and precompile.master_port == 29500
     # precompile's multi-node trial run joins with MASTER_ADDR and this pod's NODE_RANK
     assert calls[1]["env"]["NODE_RANK"] == "2" and calls[1]["env"]["MASTER_ADDR"] == "bmojo-1p4b-master-0"
