@@ -105,13 +105,14 @@ def validate_for_trainium(recipe: Any, world: int) -> None:
                        f"({config.memory_chunk}): only whole memory chunks are compiled")
     if config.head_dim > PARTITION:
         _fail("model.head_dim", f"is {config.head_dim}; at most {PARTITION} (one partition tile)")
+    ssm = _uses_ssm_scan(config)
+    if ssm:
+        _check_ssm_tiles(config, tp)
     if world % (tp * pp):
         raise ValueError(f"the world size {world} (cores per node × nodes) is not divisible by "
                          f"parallel.tp × parallel.pp = {tp} × {pp}")
     dp = world // (tp * pp)
     attention = any(k in "BFSA" for k in config.layer_pattern)
-    ssm = any(k == "M" for k in config.layer_pattern) or (
-        config.fading_window > 0 and any(k in "BF" for k in config.layer_pattern))
     checks = [("model.vocab_size", config.vocab_size)]
     if attention:
         checks += [("model.num_attention_heads", config.num_attention_heads),
@@ -138,6 +139,31 @@ def validate_for_trainium(recipe: Any, world: int) -> None:
         _fail("train.batch_size", f"is {recipe.train.batch_size}, the global micro-batch; it must be divisible "
                                   f"by the data-parallel degree {dp} (world {world} / (tp {tp} × pp {pp}))"
               + (f" × parallel.microbatches ({p.microbatches})" if p.microbatches > 1 else ""))
+
+
+def _uses_ssm_scan(config: Any) -> bool:
+    """Whether some layer runs an SSM scan: M layers, F with a fading window, B with fading or memory."""
+    kinds = set(config.layer_pattern)
+    return "M" in kinds or (config.fading_window > 0 and bool(kinds & set("BF"))) or (
+        "B" in kinds and config.memory_size > 0)
+
+
+def _check_ssm_tiles(config: Any, tp: int) -> None:
+    """The scan kernels put the state (both mixers) and, for Mamba-2, the head dim and this rank's
+    heads on the 128 partitions: larger sizes do not tile."""
+    if config.ssm_state_size > PARTITION:
+        _fail("model.ssm_state_size", f"is {config.ssm_state_size}; at most {PARTITION} on Trainium "
+                                      "(the scan kernels keep the state on the partitions)")
+    if config.ssm_mixer != "mamba2":
+        return
+    if config.ssm_head_dim > PARTITION:
+        _fail("model.ssm_head_dim", f"is {config.ssm_head_dim}; at most {PARTITION} on Trainium "
+                                    "(one partition tile per SSD head)")
+    if config.ssm_num_heads > PARTITION * tp:
+        _fail("model.ssm_num_heads (ssm_expand·hidden_size / ssm_head_dim)",
+              f"is {config.ssm_num_heads}, {-(-config.ssm_num_heads // tp)} per tensor-parallel rank; at most "
+              f"{PARTITION} per rank on Trainium (the SSD kernels hold a rank's heads on the partitions): "
+              "raise model.ssm_head_dim or parallel.tp")
 
 
 def rank_layout(world: int, tp: int, pp: int, num_layers: int) -> dict[str, Any]:
@@ -190,8 +216,8 @@ def build_plan(recipe: Any, recipe_arg: str, overrides: Sequence[str] = (), node
     srun = (f"srun --nodes {nodes} --ntasks-per-node 1 --export ALL bash -c "
             + shlex.quote('MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1) '
                           + inner.replace("--master-addr localhost", '--master-addr "$MASTER_ADDR"')))
-    notes = ["`bmojo-neuron train` does not run on Neuron yet (run.device: neuron is refused until the rest of "
-             "issue 8 lands): today these lines describe the launch, they do not start a Trainium run"]
+    notes = ["these lines train on Trainium when run.device is neuron (as in recipes/trn1/; docs/training.md); "
+             "build a text recipe's data cache once first with `bmojo-neuron data prepare`"]
     if p.pp > 1:
         notes.append("parallel.pp > 1 is not wired into `bmojo-neuron train` yet (see docs/parallel.md)")
     if nodes > 1:

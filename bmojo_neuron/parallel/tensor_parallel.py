@@ -157,10 +157,16 @@ class TorchTensorParallelFactory(LayerFactory):
         return C.gather_last_dim(logits, self.group)
 
     def cross_entropy(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Mean over the rows whose label is not -100, as a masked mean over *every* row.
+
+        Selecting the kept rows (``logits[keep]``) would give a data-dependent shape
+        (a recompile per count on Neuron); an ignored row's label (-100) is in no
+        rank's shard, so its loss is finite and the mask zeroes it and its gradient.
+        """
         keep = labels != IGNORE_INDEX
         start = self.tp_rank * logits.shape[-1]
-        losses = _VocabParallelCrossEntropy.apply(logits[keep], labels[keep], start, self.group)
-        return losses.sum() / keep.sum().clamp(min=1)
+        losses = _VocabParallelCrossEntropy.apply(logits, labels, start, self.group)
+        return (losses * keep).sum() / keep.sum().clamp(min=1)
 
 
 def sync_sequence_parallel_grads(model: nn.Module, group=None) -> None:

@@ -1,0 +1,373 @@
+"""The Trainium training step has static shapes and no host syncs (issue 8).
+
+On Neuron every distinct graph is compiled ahead of time (minutes each), and a
+value read back to the host cuts the lazy XLA graph, so the training step must be
+one graph for the whole run: no shape that depends on tensor
+values (``nonzero``, boolean-mask indexing, ``unique``, ``masked_select``), no host
+sync (``.item()``, ``.tolist()``, ``bool(tensor)``) and no Python branch on a tensor
+value. We prove it on CPU: `torch.export` (strict, i.e. TorchDynamo) captures the
+loss ``model(input_ids, labels=labels).loss`` of every recipes/trn1 recipe at its
+sequence length, then the joint forward + backward graph is derived from it, and
+both graphs are scanned for data-dependent ops and symbolic shapes.
+
+Everything runs on fake tensors (no weight is allocated, nothing is computed), with
+the torch reference ops (the NKI kernels are custom calls with static shapes of their
+own). What is kept from each recipe (`_kept_settings`): the sequence length
+(data.block_size), head_dim, GQA ratio, window, fading window, memory chunk / size /
+picks / lag, the SSM mixer, state size, head dim, groups, conv and chunk, the
+vocabulary, the tying and the training dtype. What is shrunk: depth (one layer of
+each kind in the pattern; the layers of a kind are the same graph), the micro-batch
+(1: the shape rule does not depend on it) and, where recipes differ only in width
+(hidden size, head counts: 130m and 370m), the wider one is represented by the
+narrower. The negative tests show that the same check rejects each banned construct.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx import Graph, Node
+from torch.utils import _pytree as pytree
+
+from bmojo_neuron import ops
+from bmojo_neuron.recipes import load_recipe, repository_root
+
+TRN1_RECIPES = sorted(f"trn1/{p.stem}" for p in (repository_root() / "recipes" / "trn1").glob("*.yaml"))
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+# aten ops whose output shape or value must be read back from the device.
+BANNED_OPS = frozenset({
+    "nonzero", "nonzero_numpy", "argwhere", "masked_select", "unique", "_unique", "_unique2",
+    "unique_dim", "unique_consecutive", "item", "_local_scalar_dense",
+})
+# How Dynamo words its refusal of `if tensor...:` / `bool(tensor)` (the wording varies by version).
+DATA_DEPENDENT_BRANCH = r"(?i)data-dependent (branching|expression)"
+INDEX_OPS = frozenset({"index", "_unsafe_index", "index_put", "index_put_", "_unsafe_index_put", "_index_put_impl_"})
+
+
+class StaticShapeViolation(AssertionError):
+    """The traced training step has a data-dependent shape, a host sync or a value branch."""
+
+
+# ----------------------------------------------------------------------------- the check
+def _op_name(target) -> str | None:
+    packet = getattr(target, "overloadpacket", None)
+    return getattr(packet, "__name__", None)
+
+
+def _bool_index(node: Node) -> bool:
+    """An index/index_put whose indices include a boolean mask (a hidden nonzero)."""
+    indices = node.args[1] if len(node.args) > 1 else ()
+    return any(
+        isinstance(i, Node) and isinstance(i.meta.get("val"), torch.Tensor) and i.meta["val"].dtype == torch.bool
+        for i in indices or ()
+    )
+
+
+def _symbolic(value) -> bool:
+    """A SymInt/SymFloat/SymBool, or a tensor with a symbolic size: something read from data."""
+    for leaf in pytree.tree_leaves(value):
+        if isinstance(leaf, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            return True
+        if isinstance(leaf, torch.Tensor) and not all(type(size) is int for size in leaf.shape):
+            return True
+    return False
+
+
+def _source_line(node: Node) -> str:
+    """'at File "...", line N, in fn' of the innermost frame that made `node`, if recorded."""
+    trace = (node.meta.get("stack_trace") or "").splitlines()
+    frames = [line.strip() for line in trace if line.strip().startswith("File ")]
+    return f"at {frames[-1]}" if frames else ""
+
+
+def graph_violations(graph: Graph) -> list[str]:
+    """Every node of `graph` that is a banned op, a boolean-mask index, or has a non-static value."""
+    problems = []
+    for node in graph.nodes:
+        if node.op not in ("call_function", "placeholder"):
+            continue
+        name = _op_name(node.target)
+        where = _source_line(node)
+        if name in BANNED_OPS:
+            problems.append(f"{node.name}: aten.{name} (data-dependent result or host sync) {where}")
+        elif name in INDEX_OPS and _bool_index(node):
+            problems.append(f"{node.name}: aten.{name} with a boolean mask (data-dependent shape) {where}")
+        elif _symbolic(node.meta.get("val")):
+            problems.append(f"{node.name}: {node.target} has a data-dependent (symbolic) value {node.meta['val']}")
+    return problems
+
+
+def _fail_on(graph: Graph, what: str) -> None:
+    problems = graph_violations(graph)
+    if problems:
+        raise StaticShapeViolation(f"{what} graph is not static:\n  " + "\n  ".join(problems[:20]))
+
+
+def joint_program(forward: ExportedProgram) -> ExportedProgram:
+    """Forward + backward graph of `forward` (output 0 is the loss), as autograd emits it.
+
+    No decomposition table: the ops stay those torch-xla lowers (and tracing is faster
+    than `torch.export.experimental._export_forward_backward`'s core-ATen pass).
+    """
+    from torch.export.exported_program import _decompose_exported_program
+
+    return _decompose_exported_program(
+        forward, cia_to_decomp={}, python_decomp_table={}, joint_loss_index=0, decompose_custom_triton_ops=False
+    )
+
+
+def export_training_step(module: nn.Module, args: tuple) -> tuple[ExportedProgram, ExportedProgram]:
+    """Strict `torch.export` of `module(*args)` (a scalar loss) and its joint forward+backward.
+
+    Raises `StaticShapeViolation` when Dynamo refuses the code (a branch on a tensor
+    value, an unsupported host sync) or when either graph has a banned op or a
+    symbolic shape. Returns (forward program, joint program).
+    """
+    try:
+        forward = torch.export.export(module, args, strict=True)
+    except Exception as err:  # Dynamo's refusals have many types; all mean "not one static graph"
+        raise StaticShapeViolation(f"torch.export (strict) failed: {type(err).__name__}: {err}") from err
+    _fail_on(forward.graph, "forward")
+    joint = joint_program(forward)
+    _fail_on(joint.graph, "forward+backward")
+    return forward, joint
+
+
+# ----------------------------------------------------------------------------- the model
+class TrainingLoss(nn.Module):
+    """What the training step differentiates: the model's own loss (lm + innovation aux)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, labels=labels).loss  # the training loop passes no attention_mask
+
+
+def _one_layer_per_kind(pattern: str) -> str:
+    return "".join(dict.fromkeys(pattern))
+
+
+def _kept_settings(name: str) -> tuple:
+    """Everything the traced graph's structure and sequence shapes depend on (width excluded)."""
+    recipe = load_recipe(name)
+    c = recipe.model_config()
+    return (
+        recipe.data.block_size, recipe.train.precision, _one_layer_per_kind(c.layer_pattern), c.vocab_size,
+        c.head_dim, c.num_attention_heads // c.num_key_value_heads, c.window_size, c.fading_window,
+        c.memory_chunk, c.memory_size, c.memory_picks, c.memory_lag, c.ssm_mixer, c.ssm_state_size,
+        c.ssm_head_dim, c.ssm_n_groups, c.ssm_chunk_size, c.ssm_conv_kernel, c.tie_word_embeddings,
+        c.tie_fading_projections, c.intermediate_size > 0,
+    )
+
+
+def _recipe_groups() -> list[list[str]]:
+    """Recipes that differ only in width (hidden size, head counts) trace the same graph: trace one of each."""
+    groups: dict[tuple, list[str]] = {}
+    for name in TRN1_RECIPES:
+        groups.setdefault(_kept_settings(name), []).append(name)
+    return list(groups.values())
+
+
+RECIPE_GROUPS = _recipe_groups()
+
+
+def _fake_training_step(name: str):
+    """Fake-tensor model (one layer per kind) and inputs at the recipe's sequence length."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
+
+    pattern = _one_layer_per_kind(load_recipe(name).model_config().layer_pattern)
+    recipe = load_recipe(name, [f"model.num_hidden_layers={len(pattern)}", f"model.layer_pattern={pattern}"])
+    length = recipe.data.block_size
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPES[recipe.train.precision])  # `.to(dtype)` cannot swap tied fake weights
+    try:
+        with FakeTensorMode():
+            model = BMojoForCausalLM(recipe.model_config())
+            input_ids = torch.zeros(1, length, dtype=torch.long)
+            labels = torch.zeros(1, length, dtype=torch.long)
+    finally:
+        torch.set_default_dtype(default)
+    return recipe, model, (input_ids, labels)
+
+
+def _shapes(graph: Graph) -> set[tuple[int, ...]]:
+    return {tuple(n.meta["val"].shape) for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}
+
+
+@pytest.mark.parametrize("names", RECIPE_GROUPS, ids=["+".join(n.removeprefix("trn1/") for n in g)
+                                                     for g in RECIPE_GROUPS])
+def test_trn1_training_step_is_static(names):
+    recipe, model, args = _fake_training_step(names[0])
+    with ops.use_backend("torch"):  # resolved before tracing: no dispatch-table writes inside the graph
+        forward, joint = export_training_step(TrainingLoss(model), args)
+
+    # The graph runs the recipe's sequence shapes: memory per query chunk, SSD chunks, attention heads.
+    c, length = recipe.model_config(), recipe.data.block_size
+    shapes = _shapes(forward.graph)
+    assert (1, length // c.memory_chunk, c.memory_size) in shapes  # which memory slots each chunk reads
+    assert any(s[:3] == (1, length // c.ssm_chunk_size, c.ssm_chunk_size) for s in shapes)
+    assert (1, c.num_attention_heads, length, c.head_dim) in shapes
+    (loss,) = [s for s in forward.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
+    assert next(n for n in forward.graph.nodes if n.name == loss.arg.name).meta["val"].shape == ()
+    # The joint graph holds the whole backward: one gradient output per parameter.
+    params = {s.target for s in forward.graph_signature.input_specs if s.kind == InputKind.PARAMETER}
+    grads = {s.target for s in joint.graph_signature.output_specs if s.kind == OutputKind.GRADIENT_TO_PARAMETER}
+    assert grads == params and len(params) == len(list(model.parameters()))
+
+
+def test_every_trn1_recipe_is_traced():
+    assert len(TRN1_RECIPES) >= 4 and "trn1/bmojo-1.4b" in TRN1_RECIPES
+    assert sorted(name for group in RECIPE_GROUPS for name in group) == TRN1_RECIPES
+
+
+# ----------------------------------------------------------------------------- the check can fail
+class _Scaled(nn.Module):
+    """A parameter times the input, then `reduce`: the loss of a one-weight model."""
+
+    def __init__(self, reduce) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4, 8))
+        self.reduce = reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduce(self.weight * x)
+
+
+def _python_branch(y: torch.Tensor) -> torch.Tensor:
+    if y.sum() > 0:
+        return y.sum() * 2
+    return y.sum()
+
+
+def _padding_check(y: torch.Tensor) -> torch.Tensor:
+    from bmojo_neuron.modeling_bmojo import _check_no_padding
+
+    _check_no_padding(torch.ones_like(y, dtype=torch.bool))  # what passing an attention_mask would do
+    return y.sum()
+
+
+@pytest.mark.parametrize("reduce, reason", [
+    (lambda y: y * y.sum().item(), r"aten\.item"),
+    (lambda y: y.nonzero().sum() * y.sum(), r"aten\.nonzero"),
+    (lambda y: y[y > 0].sum(), r"aten\.index with a boolean mask"),
+    (lambda y: torch.masked_select(y, y > 0).sum(), r"aten\.masked_select"),
+    (lambda y: y.unique().sum(), r"unique"),
+    (lambda y: y * int(y.sum()), r"aten\.item"),
+    (lambda y: y * sum((y > 0).long().sum(0).tolist()), r"aten\.item|tolist"),
+    (_python_branch, DATA_DEPENDENT_BRANCH),
+    (_padding_check, DATA_DEPENDENT_BRANCH),
+], ids=["item", "nonzero", "bool-mask", "masked_select", "unique", "int", "tolist", "python-branch", "attention-mask"])
+def test_the_check_rejects_data_dependent_code(reduce, reason):
+    with pytest.raises(StaticShapeViolation, match=reason):
+        export_training_step(_Scaled(reduce), (torch.randn(4, 8),))
+
+
+def test_the_check_passes_a_static_module():
+    forward, joint = export_training_step(_Scaled(lambda y: (y * (y > 0)).sum()), (torch.randn(4, 8),))
+    assert graph_violations(forward.graph) == [] and graph_violations(joint.graph) == []
+
+
+def test_the_backward_scan_sees_backward_ops():
+    """A boolean-mask gather's backward is a boolean-mask index_put: the joint scan flags it too."""
+    module = _Scaled(lambda y: y[y > 0].sum())
+    joint = joint_program(torch.export.export(module, (torch.randn(4, 8),), strict=True))
+    flagged = " ".join(graph_violations(joint.graph))
+    assert "aten.index_put with a boolean mask" in flagged and "aten.index with a boolean mask" in flagged
+
+
+# ----------------------------------------------------------------------------- the static losses
+def _ignored_labels(rows: int, vocab: int) -> torch.Tensor:
+    labels = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(3))
+    labels[::3] = -100
+    return labels
+
+
+def test_tensor_parallel_cross_entropy_is_a_static_masked_mean(monkeypatch, tmp_path):
+    """The vocab-parallel loss sees every row (no `logits[keep]`) and equals cross_entropy(ignore_index=-100)."""
+    import torch.distributed as dist
+
+    from bmojo_neuron.parallel import tensor_parallel as tp
+
+    seen = []
+    original = tp._VocabParallelCrossEntropy.apply
+
+    def recording_apply(logits, labels, *rest):
+        seen.append((logits.shape, labels.shape))
+        return original(logits, labels, *rest)
+
+    monkeypatch.setattr(tp._VocabParallelCrossEntropy, "apply", recording_apply)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        factory = tp.TorchTensorParallelFactory()
+        logits = torch.randn(12, 16, dtype=torch.float64, requires_grad=True)
+        labels = _ignored_labels(12, 16)
+        loss = factory.cross_entropy(logits, labels)
+        (grad,) = torch.autograd.grad(loss, logits)
+    finally:
+        dist.destroy_process_group()
+    assert seen == [(torch.Size([12, 16]), torch.Size([12]))]
+    reference = logits.detach().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(reference, labels, ignore_index=-100)
+    (expected_grad,) = torch.autograd.grad(expected, reference)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+    assert torch.all(grad[::3] == 0)  # ignored rows get no gradient
+
+
+def _assert_static_function(fn, *args) -> None:
+    class Wrap(nn.Module):
+        def forward(self, *a):
+            return fn(*a)
+
+    assert graph_violations(torch.export.export(Wrap(), args, strict=True).graph) == []
+
+
+def test_causal_lm_loss_is_static_and_matches_ignore_index():
+    from bmojo_neuron.layers.factory import LayerFactory
+    from bmojo_neuron.modeling_bmojo import causal_lm_loss
+
+    logits = torch.randn(2, 9, 16, dtype=torch.float64)
+    labels = _ignored_labels(18, 16).view(2, 9)
+    got = causal_lm_loss(logits, labels, LayerFactory())
+    want = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 16), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    _assert_static_function(lambda x, y: causal_lm_loss(x, y, LayerFactory()), logits.float(), labels)
+
+
+# ----------------------------------------------------------------------------- recipe validation
+@pytest.mark.parametrize("overrides, key", [
+    (["data.block_size=2000"], r"data\.block_size.*multiple of 128"),
+    (["data.block_size=2176"], r"data\.block_size.*multiple of model\.memory_chunk"),  # 17 x 128, not x 256
+    (["model.head_dim=256"], r"model\.head_dim.*at most 128"),
+    (["model.ssm_state_size=256"], r"model\.ssm_state_size.*at most 128"),
+    (["model.ssm_mixer=mamba1", "model.ssm_state_size=192"], r"model\.ssm_state_size.*at most 128"),
+    (["model.ssm_head_dim=256"], r"model\.ssm_head_dim.*at most 128"),
+    (["model.ssm_head_dim=8"], r"model\.ssm_num_heads.*192, 192 per tensor-parallel rank.*at most 128"),
+])
+def test_validation_rejects_shapes_that_do_not_tile(overrides, key):
+    from bmojo_neuron.launch import validate_for_trainium
+
+    validate_for_trainium(load_recipe("trn1/bmojo-130m"), 32)  # the recipe itself tiles
+    with pytest.raises(ValueError, match=key):  # head_dim > 128 is refused as soon as the recipe loads
+        validate_for_trainium(load_recipe("trn1/bmojo-130m", overrides), 32)
+
+
+def test_ssm_tile_rules_apply_only_where_a_scan_runs():
+    from bmojo_neuron.launch import validate_for_trainium
+
+    # Sliding-window-only layers run no scan: an SSM size the kernels cannot tile is irrelevant.
+    swa_only = ["model.layer_pattern=SSSSSSSSSSSS", "model.ssm_state_size=256"]
+    validate_for_trainium(load_recipe("trn1/bmojo-130m", swa_only), 32)
+    # Mamba-2 heads are checked per tensor-parallel rank: 192 heads over tp 2 is 96 per rank.
+    narrow_heads = ["model.ssm_head_dim=8", "model.ssm_n_groups=2", "parallel.tp=2"]
+    validate_for_trainium(load_recipe("trn1/bmojo-130m", narrow_heads), 32)
