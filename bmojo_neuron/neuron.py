@@ -27,6 +27,9 @@ NEURON_PACKAGES: dict[str, str] = {
 }
 # What running a model on a NeuronCore needs unless a caller asks for more.
 DEFAULT_REQUIRED = ("torch_neuronx", "torch_xla", "neuronxcc")
+# What `bmojo-neuron train` with run.device: neuron needs: NxD and NKI besides the above.
+TRAINING_PACKAGES = ("torch_neuronx", "torch_xla", "neuronx_distributed", "neuronxcc", "nki")
+TRAINING_FEATURE = "training on Trainium (run.device: neuron)"
 
 # Status values of `neuron_status()[name]["status"]`.
 OK = "ok"
@@ -141,6 +144,8 @@ __all__ = [
     "NEURON_INDEX_URL",
     "NEURON_PACKAGES",
     "NeuronUnavailableError",
+    "TRAINING_FEATURE",
+    "TRAINING_PACKAGES",
     "import_neuron_module",
     "is_neuron_available",
     "neuron_status",

@@ -22,7 +22,7 @@ import yaml
 
 DEFAULT_RECIPE = "cpu-tiny"
 RECIPE_DIR = "recipes"
-DEVICES = ("auto", "cpu", "cuda")
+DEVICES = ("auto", "cpu", "cuda", "neuron")  # neuron: Trainium through torch-xla + NxD (training/neuron_loop.py)
 PRECISIONS = ("fp32", "bf16")
 DATA_KINDS = ("mqar", "text")
 BYTE_VOCAB_SIZE = 256
@@ -62,11 +62,6 @@ class RunSection:
     threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
 
     def check(self) -> None:
-        if self.device == "neuron":
-            _fail(
-                "run.device",
-                "is 'neuron', which is not supported yet (the Trn1 issue adds it); use auto, cpu or cuda",
-            )
         _choice("run.device", self.device, DEVICES)
         _require(bool(self.name), "run.name", "must not be empty")
         _require(self.threads >= 0, "run.threads", f"is {self.threads}; must be >= 0 (0: torch's default)")
@@ -264,6 +259,24 @@ def load_recipe(path_or_name: str | None = None, overrides: Sequence[str] = ()) 
     """Load and validate a recipe file (a path, or a name under ``recipes/``) and apply ``key=value`` overrides."""
     path = resolve_recipe_path(path_or_name or DEFAULT_RECIPE)
     parsed = _normalise_overrides(overrides)  # fail on a bad override before reading anything
+    recipe = _build_recipe(_read_document(path), str(path))
+    return recipe.with_overrides(dict(parsed)) if parsed else recipe
+
+
+def recipe_device(path_or_name: str | None = None, overrides: Sequence[str] = ()) -> str:
+    """``run.device`` of a recipe with its overrides applied, read from the YAML alone.
+
+    Cheap (no model config, so no torch or transformers import): `bmojo-neuron train`
+    uses it to refuse a ``neuron`` recipe on a machine without the Neuron SDK at once.
+    """
+    raw = _apply_overrides(_read_document(resolve_recipe_path(path_or_name or DEFAULT_RECIPE)), overrides)
+    run = raw.get("run")
+    device = run.get("device", RunSection.device) if isinstance(run, dict) else RunSection.device
+    _choice("run.device", device, DEVICES)
+    return device
+
+
+def _read_document(path: Path) -> dict[str, Any]:
     try:
         document = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except yaml.YAMLError as err:
@@ -275,8 +288,7 @@ def load_recipe(path_or_name: str | None = None, overrides: Sequence[str] = ()) 
     document.setdefault("run", {})
     if isinstance(document["run"], dict):
         document["run"].setdefault("name", path.stem)
-    recipe = _build_recipe(document, str(path))
-    return recipe.with_overrides(dict(parsed)) if parsed else recipe
+    return document
 
 
 def resolve_recipe_path(path_or_name: str) -> Path:

@@ -10,9 +10,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from bmojo_neuron import BMojoForCausalLM
 from bmojo_neuron.layers.decoder import BMojoDecoderLayer
+from bmojo_neuron.layers.factory import use_layer_factory
 from bmojo_neuron.neuron import NeuronUnavailableError
 from bmojo_neuron.parallel import nxd, nxd_training
 from bmojo_neuron.recipes import OptimSection, ParallelSection
@@ -40,7 +43,15 @@ def fake_nxd(monkeypatch):
 
     def initialize_parallel_optimizer(nxd_cfg, optimizer_class, parameters, **defaults):
         calls["optimizer"] = (nxd_cfg, optimizer_class, parameters, defaults)
+        if nxd_cfg["optimizer_config"]["zero_one_enabled"]:  # NxD's ZeRO-1 optimizer takes max_norm itself
+            defaults = {k: v for k, v in defaults.items() if k != "max_norm"}
         return optimizer_class(parameters, **defaults)
+
+    def layer(kind, make):  # records (kind, args, kwargs) in calls["layers"]
+        def build(*args, **kwargs):
+            calls.setdefault("layers", []).append((kind, args, kwargs))
+            return make(*args, **kwargs)
+        return build
 
     fake = {
         "neuronx_distributed.trainer": SimpleNamespace(
@@ -48,14 +59,15 @@ def fake_nxd(monkeypatch):
             initialize_parallel_optimizer=initialize_parallel_optimizer,
         ),
         "neuronx_distributed.parallel_layers.layers": SimpleNamespace(
-            ColumnParallelLinear=lambda i, o, bias, gather_output: torch.nn.Linear(i, o, bias=bias),
-            RowParallelLinear=lambda i, o, bias, input_is_parallel: torch.nn.Linear(i, o, bias=bias),
-            ParallelEmbedding=torch.nn.Embedding,
+            ColumnParallelLinear=layer("column", lambda i, o, bias, gather_output, **sp: torch.nn.Linear(i, o, bias=bias)),
+            RowParallelLinear=layer("row", lambda i, o, bias, input_is_parallel, **sp: torch.nn.Linear(i, o, bias=bias)),
+            ParallelEmbedding=layer("embedding", torch.nn.Embedding),
         ),
         "neuronx_distributed.parallel_layers.mappings": SimpleNamespace(
             copy_to_tensor_model_parallel_region=lambda x: x,
             reduce_from_tensor_model_parallel_region=lambda x: x,
             gather_from_tensor_model_parallel_region=lambda x: x,
+            scatter_to_sequence_parallel_region=lambda x, sequence_dimension=0: x,
         ),
         "neuronx_distributed.parallel_layers.parallel_state": SimpleNamespace(
             get_tensor_model_parallel_size=lambda: 1, get_tensor_model_parallel_rank=lambda: 0
@@ -101,8 +113,6 @@ def test_nxd_config_carries_the_recipe_degrees_and_zero1(fake_nxd):
     assert kw["pipeline_config"] is None and kw["activation_checkpoint_config"] is None
     assert kw["optimizer_config"]["zero_one_enabled"] is False and kw["optimizer_config"]["grad_clipping"] is False
     assert kw["mixed_precision_config"]["use_master_weights"] is False  # NxD refuses master weights without ZeRO-1
-    with pytest.raises(ValueError, match="parallel.sp"):
-        nxd_training.nxd_config(ParallelSection(tp=2, sp=True), False, False)
     with pytest.raises(ValueError, match="microbatches"):
         nxd_training.nxd_config(ParallelSection(microbatches=2), False, False)
 
@@ -126,7 +136,8 @@ def test_build_nxd_optimizer_uses_the_decay_and_no_decay_groups(fake_nxd):
     opt = nxd_training.build_nxd_optimizer(model, cfg, o)
     got_cfg, cls, groups, defaults = fake_nxd["optimizer"]
     assert got_cfg is cfg and cls is torch.optim.AdamW
-    assert defaults == {"lr": 3e-4, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.05}
+    # max_norm: NxD 0.17 does not pass optimizer_config["max_grad_norm"] to its ZeRO-1 optimizer
+    assert defaults == {"lr": 3e-4, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.05, "max_norm": 1.0}
     want = parameter_groups(model, 0.05)
     assert [g["name"] for g in groups] == ["decay", "no_decay"]
     for g, w in zip(groups, want):
@@ -142,3 +153,118 @@ def test_without_neuron_every_function_says_what_to_install():
         nxd_training.build_nxd_model(_config(), {"pipeline_parallel_size": 1})
     with pytest.raises(NeuronUnavailableError, match="neuronx"):
         nxd_training.build_nxd_optimizer(torch.nn.Linear(2, 2), {}, OptimSection())
+
+
+# ---------------------------------------------------------------- sequence parallelism on NxD
+SP_KWARGS = {"sequence_parallel_enabled": True, "sequence_dimension": 1}  # batch-first (B, S, H)
+
+
+def test_sequence_parallel_builds_batch_first_nxd_layers_and_marks_the_norms(fake_nxd):
+    cfg = nxd_training.nxd_config(ParallelSection(tp=2, sp=True), False, False)
+    assert fake_nxd["config"]["sequence_parallel"] is True  # NxD's optimizer sums the marked grads over tp
+    config = _config(ssm_mixer="mamba1")
+    model = nxd_training.build_nxd_model(config, cfg)
+    assert model.factory.sequence_parallel
+
+    layers = fake_nxd["layers"]
+    assert layers[0] == ("embedding", (64, 32), {})  # NxD's SP embedding is sequence-first: not used
+    columns = [(args, kw) for kind, args, kw in layers if kind == "column"]
+    rows = [(args, kw) for kind, args, kw in layers if kind == "row"]
+    # Mamba-1's x_proj (row) and dt_proj (column) work on the whole sequence: no SP arguments.
+    ssms = [m for _, m in model.named_modules() if type(m).__name__ == "Mamba1Mixer"]
+    assert len(ssms) == 3  # B and F layers read a fading memory from their own SSM
+    dt = (ssms[0].dt_rank, config.ssm_inner_size)
+    assert [a for a, kw in columns if "sequence_parallel_enabled" not in kw] == [dt] * 3
+    assert [kw for a, kw in rows if "sequence_parallel_enabled" not in kw] == [{"bias": False, "input_is_parallel": True}] * 3
+    # every other layer reads or writes the (sequence-sharded) residual stream
+    assert [kw for a, kw in columns if a != dt] == [{"bias": False, "gather_output": False, **SP_KWARGS}] * (len(columns) - 3)
+    assert all(a[0] == 32 for a, _ in columns if a != dt)
+    assert [kw for a, kw in rows if a[1] == 32] == [{"bias": False, "input_is_parallel": True, **SP_KWARGS}] * (len(rows) - 3)
+
+    marked = {n for n, p in model.named_parameters() if getattr(p, "sequence_parallel_enabled", False)}
+    norms = {n for n, m in model.named_modules() if type(m).__name__ == "RMSNorm"}
+    assert marked == {f"{n}.weight" for n in norms} and "model.norm.weight" in marked
+    assert len(marked) == 2 * config.num_hidden_layers + 1
+
+    # tp = 1 doubles: the model computes what the single-device model computes.
+    torch.manual_seed(0)
+    reference = BMojoForCausalLM(config)
+    model.load_state_dict(reference.state_dict())
+    ids = torch.randint(0, config.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, labels=ids).loss, reference(ids, labels=ids).loss)
+
+    model.factory.tp_size = 2
+    with pytest.raises(ValueError, match="sequence length 5 is not divisible by the tensor-parallel size 2"):
+        model.factory.scatter_sequence(torch.zeros(1, 5, 32))
+    # without parallel.sp nothing is marked and no SP arguments are passed
+    fake_nxd["layers"].clear()
+    plain = nxd_training.build_nxd_model(config, nxd_training.nxd_config(ParallelSection(tp=2), False, False))
+    assert fake_nxd["config"]["sequence_parallel"] is False and not plain.factory.sequence_parallel
+    assert not any("sequence_parallel_enabled" in kw for _, _, kw in fake_nxd["layers"])
+    assert not any(hasattr(p, "sequence_parallel_enabled") for p in plain.parameters())
+
+
+def _check_nxd_case(rank: int, world: int, mixer: str, sequence_parallel: bool) -> None:
+    import nxd_gloo
+    from bmojo_neuron.parallel import shard_state_dict, split_dims
+
+    config = _config(ssm_mixer=mixer, ssm_n_groups=2)
+    torch.manual_seed(0)
+    full = BMojoForCausalLM(config).double()
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    ref = full(ids, labels=labels)
+    ref.loss.backward()
+
+    nxd_gloo.BUILT.clear()
+    with use_layer_factory(nxd.NxDTensorParallelFactory(sequence_parallel=sequence_parallel)):
+        model = BMojoForCausalLM(config).double()
+    shapes = {name: p.shape for name, p in model.state_dict().items()}
+    model.load_state_dict(shard_state_dict(full.state_dict(), shapes, rank, world))
+    out = model(ids, labels=labels)
+    out.loss.backward()
+    # what NxD's optimizer wrapper does when its config has sequence_parallel=True
+    nxd_gloo.MODULES["neuronx_distributed.parallel_layers.grads"].allreduce_sequence_parallel_gradients(
+        torch.optim.SGD(model.parameters(), lr=0.0))
+
+    sp_layers = [kw for _, _, kw in nxd_gloo.BUILT if kw.get("sequence_parallel_enabled")]
+    assert len(sp_layers) > 0 if sequence_parallel else not sp_layers
+    for name in ("loss", "lm_loss", "aux_loss"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=1e-5, atol=1e-10, msg=name)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-9)
+    dims = split_dims(full.state_dict(), shapes, world)
+    full_params = dict(full.named_parameters())
+    for name, param in model.named_parameters():
+        grad = param.grad
+        if dims[name] is not None:
+            parts = [torch.empty_like(grad) for _ in range(world)]
+            dist.all_gather(parts, grad.contiguous())
+            grad = torch.cat(parts, dim=dims[name])
+        torch.testing.assert_close(grad, full_params[name].grad, rtol=1e-5, atol=1e-9,
+                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def _nxd_worker(rank: int, init_file: str, world: int) -> None:
+    import nxd_gloo
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    nxd.import_neuron_module = lambda name, feature: nxd_gloo.MODULES[name]  # this spawned process only
+    try:
+        for mixer, sequence_parallel in (("mamba1", True), ("mamba2", True), ("mamba2", False)):
+            try:
+                _check_nxd_case(rank, world, mixer, sequence_parallel)
+            except AssertionError as error:
+                raise AssertionError(f"{mixer}, sequence_parallel={sequence_parallel}: {error}") from error
+    finally:
+        dist.destroy_process_group()
+
+
+def test_nxd_factory_over_gloo_doubles_equals_single_process(tmp_path):
+    """Two ranks, NxD's layers and collectives played by `nxd_gloo` (NxD 0.17 semantics on gloo):
+    loss, logits and every gradient equal the single-process model (float64, rtol 1e-5), with and
+    without sequence parallelism."""
+    world = 2
+    mp.start_processes(_nxd_worker, args=(str(tmp_path / "init"), world), nprocs=world, start_method="spawn", join=True)

@@ -30,7 +30,7 @@ def test_ladder_parameter_counts_within_5_percent(name: str) -> None:
     print(f"{name}: {count / 1e6:.1f}M parameters (target {LADDER[name] / 1e6:.0f}M)")
     assert abs(count / LADDER[name] - 1) <= 0.05
     assert recipe.model["vocab_size"] == 50304 == -(-50280 // 128) * 128
-    assert recipe.data.kind == "text" and recipe.run.device == "auto"
+    assert recipe.data.kind == "text" and recipe.run.device == "neuron"
     assert recipe.data.block_size % 128 == 0 and 2048 <= recipe.data.block_size <= 8192
 
 
@@ -87,8 +87,7 @@ def test_model_config_fills_vocab_from_data() -> None:
         ({"train": {"activation_checkpointing": "yes"}}, r"train.activation_checkpointing: must be true or false"),
         ({"train": {"steps": 0}}, r"recipe key train.steps: is 0; must be a positive integer"),
         ({"train": {"precision": "fp8"}}, r"train.precision: is 'fp8'; choose one of fp32, bf16"),
-        ({"run": {"device": "neuron"}}, r"run.device: is 'neuron', which is not supported yet"),
-        ({"run": {"device": "tpu"}}, r"run.device: is 'tpu'; choose one of auto, cpu, cuda"),
+        ({"run": {"device": "tpu"}}, r"run.device: is 'tpu'; choose one of auto, cpu, cuda, neuron"),
         ({"model": {"hidden_sise": 8}}, r"recipe key model.hidden_sise: unknown BMojoConfig field"),
         ({"model": {"layer_pattern": "BX", "num_hidden_layers": 2}}, r"recipe key model.layer_pattern: has letters"),
         ({"model": {"vocab_size": 16}}, r"model.vocab_size: is 16, smaller than data.vocab_size"),

@@ -1,4 +1,10 @@
-"""`bmojo-neuron train [RECIPE] [key=value ...]`: train a recipe, its `compare` baseline or its `suite`."""
+"""`bmojo-neuron train [RECIPE | --recipe RECIPE] [key=value ...]`: train a recipe, its `compare` or its `suite`.
+
+A recipe with ``run.device: neuron`` trains on Trainium (`bmojo_neuron.training.neuron_loop`);
+without the Neuron SDK the command stops before importing torch, naming what to
+install. ``--dry-run`` validates and prints what would run (for Neuron: the launch
+plan of `bmojo-neuron plan`), and runs nothing.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ from bmojo_neuron.cli import register_command
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", default=None,
                         help="recipe name under recipes/ or a YAML path (default: cpu-tiny)")
+    parser.add_argument("--recipe", dest="recipe_option", metavar="RECIPE", default=None,
+                        help="the recipe, as an option (instead of the positional RECIPE)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="recipe overrides, e.g. train.steps=100 model.layer_pattern=MB")
     parser.add_argument("--resume", action="store_true",
@@ -22,6 +30,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default=None,
                         help="run directory (default: the recipe's run.output_dir)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the recipe and print what would run (Neuron: the launch plan); run nothing")
+
+
+def recipe_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The recipe (positional or ``--recipe``) and the overrides; a first positional with ``=`` is an override."""
+    name, overrides = args.recipe, list(args.overrides)
+    if name is not None and "=" in name:  # `bmojo-neuron train train.steps=5`: no positional recipe
+        name, overrides = None, [name, *overrides]
+    if args.recipe_option is not None:
+        if name is not None:
+            raise ValueError(f"give the recipe once: positional {name!r} and --recipe {args.recipe_option!r}")
+        name = args.recipe_option
+    return name, overrides
+
+
+def require_neuron_if_needed(name: str | None, overrides: list[str]) -> None:
+    """For a ``run.device: neuron`` recipe, `NeuronUnavailableError` at once when the Neuron SDK is missing.
+
+    Reads only the YAML (no torch, transformers or datasets import), so a Trainium
+    recipe started on the wrong machine fails in well under a second.
+    """
+    from bmojo_neuron.recipes import recipe_device
+
+    if recipe_device(name, overrides) == "neuron":
+        from bmojo_neuron.neuron import TRAINING_FEATURE, TRAINING_PACKAGES, require_neuron
+
+        require_neuron(TRAINING_FEATURE, TRAINING_PACKAGES)
 
 
 def plan_runs(recipe: Any, output_dir: str | None) -> list[tuple[Any, Path]]:
@@ -73,17 +109,105 @@ def describe(recipe: Any, params: int, run_dir: Path) -> str:
     ])
 
 
+# ------------------------------------------------------------------------ --dry-run
+
+
+def dry_run(recipe: Any, name: str | None, overrides: list[str], args: argparse.Namespace) -> int:
+    """Validate every run of the recipe and print what `train` would do; start nothing, write nothing."""
+    from bmojo_neuron.recipes import DEFAULT_RECIPE, count_parameters
+    from bmojo_neuron.training.loop import check_recipe
+
+    runs = plan_runs(recipe, args.output_dir)
+    for variant, _ in runs:
+        check_recipe(variant)
+    for variant, run_dir in runs:
+        print(describe(variant, count_parameters(variant), run_dir))
+        if variant.run.device != "neuron":
+            print(f"  parallel {parallel_line(variant)}")
+    if recipe.run.device == "neuron":
+        from bmojo_neuron.launch.plan import build_plan
+
+        print("\nlaunch plan (as `bmojo-neuron plan`; 1 × trn1.32xlarge, other clusters: plan --nodes/--instance):")
+        print(build_plan(recipe, name or DEFAULT_RECIPE, overrides).format())
+    print("\nchecks:")
+    for line in readiness(recipe, runs, args.resume):
+        print(f"  {line}")
+    print("dry run: nothing was started or written")
+    return 0
+
+
+def parallel_line(recipe: Any) -> str:
+    """The torchrun layout of a cpu/cuda run (degrees checked on the meta device, no process group)."""
+    from bmojo_neuron.parallel.layout import torchrun_env
+    from bmojo_neuron.training.distributed import check_parallel_recipe, wants_parallel
+
+    world = torchrun_env()[2]
+    if not wants_parallel(recipe):
+        return "one process"
+    layout = check_parallel_recipe(recipe, world)
+    p = recipe.parallel
+    return (f"tp {layout.tp} × pp {layout.pp} × dp {layout.dp} = {layout.world} ranks (sp {p.sp}, zero1 {p.zero1}; "
+            "world from torchrun's WORLD_SIZE)")
+
+
+def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[str]:
+    """One line per thing the run needs from this machine: Neuron packages, the data, the run directories."""
+    lines = []
+    if recipe.run.device == "neuron":
+        from bmojo_neuron.neuron import INSTALL_COMMAND, TRAINING_PACKAGES, neuron_status
+
+        status = neuron_status()
+        missing = [f"{n} ({status[n]['reason']})" for n in TRAINING_PACKAGES if not status[n]["importable"]]
+        lines.append("Neuron SDK: ok" if not missing else
+                     f"Neuron SDK: missing here, training would stop: {'; '.join(missing)}; install with "
+                     f"{INSTALL_COMMAND}")
+    lines.append(f"data: {data_line(recipe)}")
+    from bmojo_neuron.training.checkpoint import latest_checkpoint
+    from bmojo_neuron.training.loop import has_run
+
+    for _, run_dir in runs:
+        latest = latest_checkpoint(run_dir)
+        if resume:
+            lines.append(f"output {run_dir}: " + (f"resumes from {latest.name}" if latest else "no checkpoint yet, "
+                                                   "starts from scratch"))
+        elif has_run(run_dir):
+            lines.append(f"output {run_dir}: PROBLEM: already holds a run; train would refuse it without --resume")
+        else:
+            lines.append(f"output {run_dir}: new run")
+    return lines
+
+
+def data_line(recipe: Any) -> str:
+    """Where the training data comes from, and whether it is there."""
+    d = recipe.data
+    if d.kind == "mqar":
+        return "MQAR, generated in memory at start (nothing to prepare)"
+    from bmojo_neuron.data.text import CORPUS_DIR, source_kind
+
+    source = str(CORPUS_DIR if d.path is None else Path(d.path).expanduser())
+    try:
+        kind = source_kind(source)
+    except (FileNotFoundError, ValueError) as error:
+        return f"PROBLEM: {error}"
+    if kind == "packed":
+        return f"{source}: packed blocks (save_to_disk), read as they are"
+    return (f"{source} ({kind}): tokenized and packed into {d.cache_dir} on first use; build it once ahead with "
+            "`bmojo-neuron data prepare` before launching many ranks")
+
+
 @register_command("train", help="train a recipe (default cpu-tiny: B'MOJO and its SSM baseline on MQAR)",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
+    name, overrides = recipe_and_overrides(args)
+    if not args.dry_run:
+        require_neuron_if_needed(name, overrides)  # before anything imports torch
     from bmojo_neuron.recipes import count_parameters, load_recipe
     from bmojo_neuron.training.checkpoint import latest_checkpoint
     from bmojo_neuron.training.loop import check_recipe, format_seconds, has_run, train
 
-    name, overrides = args.recipe, list(args.overrides)
-    if name is not None and "=" in name:  # `bmojo-neuron train train.steps=5`: no recipe given
-        name, overrides = None, [name, *overrides]
     recipe = load_recipe(name, overrides)
+    if args.dry_run:
+        return dry_run(recipe, name, overrides, args)
     runs = plan_runs(recipe, args.output_dir)
     for variant, run_dir in runs:  # check every run before the first long one starts
         check_recipe(variant)

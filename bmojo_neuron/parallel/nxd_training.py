@@ -76,7 +76,7 @@ def nxd_config(
     model_config: Any = None,
     max_grad_norm: float = 1.0,
 ) -> dict:
-    """NxD's training config for a recipe's ``parallel`` section (``tp``, ``pp``, ``zero1``, ``microbatches``).
+    """NxD's training config for a recipe's ``parallel`` section (``tp``, ``pp``, ``sp``, ``zero1``, ``microbatches``).
 
     `model_config` (a `BMojoConfig`) is needed when ``pp > 1`` (the loss spec depends on
     the layer pattern). ``max_grad_norm`` 0 turns clipping off (``optim.grad_clip: 0``).
@@ -86,9 +86,6 @@ def nxd_config(
     trainer = _trainer()
     from ..layers.decoder import BMojoDecoderLayer
 
-    if getattr(parallel, "sp", False):
-        raise ValueError("parallel.sp on Trainium is not supported yet: NxD's sequence-parallel layers need "
-                         "sequence-first activations; set parallel.sp: false")
     if max_grad_norm < 0:
         raise ValueError(f"optim.grad_clip must be >= 0, got {max_grad_norm}")
     pipeline_config = None
@@ -112,18 +109,22 @@ def nxd_config(
         pipeline_config=pipeline_config,
         optimizer_config={"zero_one_enabled": zero1, "grad_clipping": max_grad_norm > 0,
                           "max_grad_norm": float(max_grad_norm)},
-        sequence_parallel=False,
+        sequence_parallel=bool(getattr(parallel, "sp", False)),  # NxD's optimizer then sums the norms' grads over tp
         activation_checkpoint_config=BMojoDecoderLayer if activation_checkpointing else None,
         mixed_precision_config={"use_master_weights": master, "use_fp32_grad_acc": master,
                                 "use_master_weights_in_ckpt": False},
     )
 
 
-def build_nxd_model(config: Any, nxd_cfg: dict) -> nn.Module:
+def build_nxd_model(config: Any, nxd_cfg: dict, *, one_device_init: bool = False) -> nn.Module:
     """``initialize_parallel_model`` over a `BMojoForCausalLM` built with NxD's tensor-parallel layers.
 
     The model is built inside NxD's ``model_fn`` (after NxD initialises its parallel
     state, which `NxDTensorParallelFactory` reads). ``pp > 1`` needs untied embeddings.
+    `one_device_init` first builds the whole one-device model (on CPU, from the current
+    torch RNG state) and loads this tensor rank's shard of it, so every tp degree
+    starts from the weights a one-process run would (NxD's layers initialise their
+    own way otherwise); the RNG is left as if only that model had been built.
     """
     trainer = _trainer()
     check_pipeline_config(config, nxd_cfg["pipeline_parallel_size"])
@@ -133,8 +134,20 @@ def build_nxd_model(config: Any, nxd_cfg: dict) -> nn.Module:
         from ..layers.factory import use_layer_factory
         from .nxd import NxDTensorParallelFactory
 
-        with use_layer_factory(NxDTensorParallelFactory()):
-            return BMojoForCausalLM(config)
+        full = BMojoForCausalLM(config) if one_device_init else None
+        after_init = torch.get_rng_state()
+        factory = NxDTensorParallelFactory(sequence_parallel=nxd_cfg.get("sequence_parallel", False))
+        with use_layer_factory(factory):
+            model = BMojoForCausalLM(config)
+        if full is not None:
+            from .checkpoint_format import load_into
+            from .sharding import shard_state_dict
+
+            torch.set_rng_state(after_init)
+            shapes = {k: v.shape for k, v in model.state_dict().items()}
+            load_into(model, shard_state_dict(full.state_dict(), shapes, factory.tp_rank, factory.tp_size),
+                      "the tensor shard of the one-device initialisation")
+        return model
 
     return trainer.initialize_parallel_model(nxd_cfg, model_fn)
 
@@ -148,9 +161,16 @@ def build_nxd_optimizer(model: nn.Module, nxd_cfg: dict, optim_section: Any) -> 
     if o.lr <= 0 or o.weight_decay < 0:
         raise ValueError(f"need optim.lr > 0 and optim.weight_decay >= 0, got {o.lr}, {o.weight_decay}")
     b1, b2 = (float(b) for b in o.betas)
+    extra = {}
+    optimizer_config = nxd_cfg.get("optimizer_config") or {}
+    if optimizer_config.get("zero_one_enabled") and optimizer_config.get("grad_clipping"):
+        # NxD 0.17 does not hand optimizer_config["max_grad_norm"] to its ZeRO-1 optimizer (torch-xla's
+        # ZeroRedundancyOptimizer then clips at its default 1.0); its `max_norm` argument comes through
+        # these keyword defaults. Without ZeRO-1 the defaults go to AdamW, which has no such argument.
+        extra["max_norm"] = float(optimizer_config["max_grad_norm"])
     return trainer.initialize_parallel_optimizer(
         nxd_cfg, torch.optim.AdamW, parameter_groups(model, o.weight_decay),
-        lr=o.lr, betas=(b1, b2), eps=o.eps, weight_decay=o.weight_decay,
+        lr=o.lr, betas=(b1, b2), eps=o.eps, weight_decay=o.weight_decay, **extra,
     )
 
 

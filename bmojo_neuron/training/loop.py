@@ -61,11 +61,10 @@ class TrainResult:
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """``cpu``, ``cuda`` (``cuda:N``) or ``auto``; Trainium is not wired into this trainer yet."""
+    """``cpu``, ``cuda`` (``cuda:N``), ``auto``, or ``neuron`` (the XLA device; `train` hands it to neuron_loop)."""
     name = (name or "auto").lower()
-    if name in ("neuron", "xla", "trn", "trn1", "trainium"):
-        raise ValueError("device 'neuron' is not supported by `bmojo-neuron train` yet (Trainium training "
-                         "is a later issue); use run.device=cpu, cuda or auto")
+    if name == "neuron":
+        return torch.device("xla")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
@@ -74,7 +73,7 @@ def resolve_device(name: str | None) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"run.device={name} but CUDA is not available here; use cpu or auto")
         return torch.device(name)
-    raise ValueError(f"run.device must be cpu, cuda or auto, got {name!r}")
+    raise ValueError(f"run.device must be cpu, cuda, auto or neuron, got {name!r}")
 
 
 def check_recipe(recipe: Any) -> None:
@@ -179,6 +178,9 @@ def train(
     checkpoint and no final export, as if the job had been preempted. `datasets`
     overrides ``build_datasets(recipe)`` with ``(train, eval)``.
     """
+    if recipe.run.device == "neuron":  # Trainium: torch-xla + NxD (training/neuron_loop.py)
+        from bmojo_neuron.training.neuron_loop import train_on_neuron
+        return train_on_neuron(recipe, output_dir, resume, progress, stop_after, datasets)
     started = time.perf_counter()
     check_recipe(recipe)
     t, o, e, c = recipe.train, recipe.optim, recipe.eval, recipe.checkpoint
@@ -252,7 +254,8 @@ def train(
             ckpt.save_checkpoint(run_dir, model, optimizer, scheduler, state, recipe_dict, c.keep_last)
 
     def run_eval() -> dict[str, float]:
-        result = evaluate(model, eval_data, t.batch_size, device, e.batches, t.precision, mqar)
+        result = evaluate(model, eval_data, t.batch_size, device, e.batches, t.precision, mqar,
+                          pipeline=par.pipeline if par else None)
         logger.log({"type": "eval", "step": state.step, **{f"eval_{k}": v for k, v in result.items()}})
         return result
 
@@ -269,6 +272,9 @@ def train(
             batch = train_data[par.local_indices(indices) if par else indices]
             input_ids = batch["input_ids"].to(device, non_blocking=True)
             labels = batch["labels"].to(device, non_blocking=True)
+            if par and par.pipeline:  # pp > 1: a GPipe schedule runs forward and backward of this batch
+                step_loss += par.pipeline.train_step(input_ids, labels, t.grad_accum)
+                continue
             with autocast(device, t.precision):
                 out = model(input_ids, labels=labels)
             (out.loss / t.grad_accum).backward()
@@ -330,7 +336,7 @@ def train(
     multipliers = list(e.length_multipliers or [])
     if any(int(m) != 1 for m in multipliers):
         lengths = length_generalisation(model, recipe, eval_data, multipliers, t.batch_size, device,
-                                        e.batches, t.precision)
+                                        e.batches, t.precision, pipeline=par.pipeline if par else None)
         if main:
             (run_dir / LENGTH_FILE).write_text(json.dumps([r.__dict__ for r in lengths], indent=2))
             plot_length(lengths, run_dir / LENGTH_PLOT, title=recipe.run.name)

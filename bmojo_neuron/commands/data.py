@@ -1,0 +1,78 @@
+"""`bmojo-neuron data prepare RECIPE [key=value ...]`: build a recipe's text data cache once, ahead of training.
+
+Text recipes tokenize and pack their corpus into a `save_to_disk` folder under
+``data.cache_dir`` the first time they load it (`bmojo_neuron.data.text`, built in
+a temporary folder and renamed into place). On Trainium every torchrun rank loads
+the data, so build the cache once on the node (or the shared filesystem) before
+launching: the ranks then only read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from bmojo_neuron.cli import register_command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    prepare = sub.add_parser("prepare", help="tokenize and pack the recipe's text data into its cache",
+                             description="tokenize and pack the recipe's text data into data.cache_dir "
+                                         "(a save_to_disk folder), then print where it is and its size")
+    prepare.add_argument("recipe", help="recipe name under recipes/ or a YAML path")
+    prepare.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="recipe overrides, e.g. data.path=/data/corpus data.cache_dir=/fsx/cache")
+
+
+@register_command("data", help="prepare training data ahead of a run (`data prepare RECIPE`)",
+                  add_arguments=add_arguments)
+def run(args: argparse.Namespace) -> int:
+    from bmojo_neuron.recipes import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.data.kind != "text":
+        print(f"{recipe.run.name}: data.kind is {recipe.data.kind}: generated in memory when training starts, "
+              "nothing to prepare")
+        return 0
+    report = prepare_text(recipe)
+    print("\n".join(report_lines(recipe, report)))
+    return 0
+
+
+def prepare_text(recipe: Any) -> dict[str, Any]:
+    """Build (or find) the recipe's text cache; where it is, whether it was built now, and its size."""
+    from bmojo_neuron.data.text import load_text_dataset
+
+    d = recipe.data
+    cache_root = Path(d.cache_dir).expanduser().resolve() if d.cache_dir else None
+    before = _entries(cache_root)
+    train, evaluation = load_text_dataset(path=d.path, tokenizer=d.tokenizer, block_size=d.block_size,
+                                          cache_dir=d.cache_dir, eval_fraction=d.eval_fraction,
+                                          text_column=d.text_column)
+    location = dataset_dir(train)
+    return {"path": location, "built": location not in before and location.parent == cache_root,
+            "train_blocks": len(train), "eval_blocks": len(evaluation), "block_size": d.block_size}
+
+
+def dataset_dir(split: Any) -> Path:
+    """The `save_to_disk` folder a loaded split reads (its arrow files sit in ``<folder>/<split>/``)."""
+    return Path(split.cache_files[0]["filename"]).resolve().parent.parent
+
+
+def _entries(root: Path | None) -> set[Path]:
+    return {p.resolve() for p in root.glob("text-*")} if root is not None and root.is_dir() else set()
+
+
+def report_lines(recipe: Any, report: dict[str, Any]) -> list[str]:
+    size = report["block_size"]
+    train, evaluation = report["train_blocks"], report["eval_blocks"]
+    how = "built now" if report["built"] else "already there" if report["path"].name.startswith("text-") \
+        else "packed source, read as it is"
+    return [
+        f"{recipe.run.name}: {report['path']} ({how})",
+        f"  train  {train:,} blocks × {size} tokens = {train * size:,} tokens",
+        f"  eval   {evaluation:,} blocks × {size} tokens = {evaluation * size:,} tokens",
+        "  train with the same data.* settings to use it (the cache key hashes the source, tokenizer and packing)",
+    ]

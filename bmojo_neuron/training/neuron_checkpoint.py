@@ -1,0 +1,221 @@
+"""Checkpoints of the Neuron trainer in the project's sharded format (`bmojo_neuron.parallel.checkpoint_format`).
+
+The files are those of a torchrun run on CPU (``rank-TT-PP.safetensors``,
+``optim-TT-PP-DDD.pt``, ``parallel.json``, published atomically by rank 0), so
+``bmojo-neuron checkpoint consolidate`` / ``shard``, ``eval``, ``generate`` and
+``--resume`` (with any data-parallel degree) read them. What differs on Trainium:
+
+- Tensors live on the XLA device; they reach the host through NxD's
+  ``move_all_tensor_to_cpu`` (one sync for many tensors), always after the step's
+  ``mark_step``, never inside a step graph.
+- Weights are stored in fp32. With bf16 + ZeRO-1 they are the optimizer's fp32
+  master weights, so a resumed run continues from the exact master copy and an
+  export is not rounded to bf16.
+- NxD's ZeRO-1 optimizer (torch-xla's ``ZeroRedundancyOptimizer``) keeps each
+  parameter's AdamW states as a dim-0 slice per data-parallel rank (the tensor
+  padded to a multiple of dp, then chunked). On save the slices are all-gathered
+  (every data rank joins the collective) and data rank 0 writes full, per-name
+  states for its tensor shard; the other data ranks write only their scheduler
+  and RNG states. On load each rank cuts its own slice again, so dp may change.
+- Names: NxD's activation checkpointing wraps decoder layers in a
+  ``CheckpointWrapper`` whose ``named_parameters`` carry a
+  ``_checkpoint_wrapped_module.`` infix; it is removed so optimizer states are keyed
+  like the state dict.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bmojo_neuron.parallel import checkpoint_format as fmt
+from bmojo_neuron.training import checkpoint as ckpt
+from bmojo_neuron.training.distributed import CONVERT_HINT
+from bmojo_neuron.training.neuron_runtime import NeuronRuntime
+
+WRAPPER_INFIX = "_checkpoint_wrapped_module."  # torch's checkpoint_wrapper prefix (NxD's activation checkpointing)
+
+
+def parameter_names(model: nn.Module) -> dict[int, str]:
+    """``id(param) -> state-dict name`` (a tied parameter once, under its first name)."""
+    return {id(p): name.replace(WRAPPER_INFIX, "") for name, p in model.named_parameters()}
+
+
+def zero1_optimizer(optimizer: Any) -> Any | None:
+    """NxD's ZeRO-1 optimizer inside the ``NxDOptimizer`` wrapper, or None without ZeRO-1."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner if hasattr(inner, "base_optimizer") else None
+
+
+def _zero1_pairs(zero: Any) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """(parameter, its dp shard held by the base optimizer), in the order ZeRO-1 created the shards."""
+    return [(p, s) for group, shards in zip(zero.param_groups, zero.base_optimizer.param_groups)
+            for p, s in zip(group["params"], shards["params"])]
+
+
+def dp_slice(full: Tensor, dp: int, dp_rank: int) -> Tensor:
+    """Data rank `dp_rank`'s ZeRO-1 slice of `full`: dim 0 padded to a multiple of dp, then chunked."""
+    if full.dim() == 0:
+        return full
+    pad = -full.shape[0] % dp
+    if pad:
+        full = F.pad(full, [0, 0] * (full.dim() - 1) + [0, pad])
+    return full.chunk(dp)[dp_rank]
+
+
+def _state_to_device(value: Any, like: Tensor) -> Any:
+    """An AdamW state value for a parameter like `like`; the scalar ``step`` stays a host tensor (as AdamW keeps it)."""
+    if not isinstance(value, Tensor) or value.dim() == 0:
+        return value
+    return value.to(like.device, like.dtype)
+
+
+# ------------------------------------------------------------------------------ save
+
+
+def host_state(model: nn.Module, optimizer: Any, runtime: NeuronRuntime) -> tuple[dict[str, Tensor], dict]:
+    """(fp32 weights, optimizer states by name) of this rank's tensor shard on the host; empty off data rank 0."""
+    keep = runtime.dp_rank == 0
+    names = parameter_names(model)
+    zero = zero1_optimizer(optimizer)
+    masters: dict[str, Tensor] = {}
+    if zero is None:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        states = {names[id(p)]: dict(inner.state[p]) for group in inner.param_groups for p in group["params"]
+                  if p in inner.state}
+        states = runtime.to_cpu(states) if keep else {}
+    else:  # every data rank joins every all-gather (and materialises it: XLA collectives run in graphs)
+        states = {}
+        for param, shard in _zero1_pairs(zero):
+            name = names[id(param)]
+            full = {k: _unshard(v, param, zero, runtime) for k, v in zero.base_optimizer.state.get(shard, {}).items()}
+            if shard.dtype != param.dtype:  # fp32 master weights of a bf16 model
+                full["__master__"] = _unshard(shard.detach(), param, zero, runtime)
+            full = runtime.to_cpu(full)
+            if keep:
+                master = full.pop("__master__", None)
+                if master is not None:
+                    masters[name] = master
+                states[name] = full
+    weights = {}
+    if keep:
+        weights = {k: v.float() for k, v in runtime.to_cpu(model.state_dict()).items()}
+        weights.update(masters)
+    return weights, states
+
+
+def _unshard(value: Any, param: Tensor, zero: Any, runtime: NeuronRuntime) -> Any:
+    if not isinstance(value, Tensor) or value.dim() == 0:
+        return value
+    return runtime.gather_over(value, zero.sharding_groups)[: param.shape[0]]
+
+
+def save_checkpoint(run_dir: Path, runtime: NeuronRuntime, model: nn.Module, optimizer: Any, scheduler: Any,
+                    state: ckpt.TrainerState, recipe: dict[str, Any], keep_last: int, meta: dict[str, Any]) -> Path:
+    """Every rank writes its files into one temp dir; rank 0 publishes it (then `latest`) after a barrier."""
+    name = ckpt.step_dir_name(state.step)
+    tmp = run_dir / f".tmp-{name}-parallel"  # one name every rank knows without communicating
+    if runtime.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    runtime.barrier(f"{name}-open")
+    tp_rank, pp_rank, dp_rank = runtime.tp_rank, runtime.pp_rank, runtime.dp_rank
+    try:
+        weights, states = host_state(model, optimizer, runtime)
+        if dp_rank == 0:
+            fmt.save_tensors(weights, tmp / fmt.model_file(tp_rank, pp_rank), fmt.tied_names(model.config))
+        blob = {"optimizer": states, "scheduler": scheduler.state_dict(),
+                "rng": {**ckpt.rng_states(), "xla": runtime.rng_state()}}
+        torch.save(blob, tmp / fmt.optim_file(tp_rank, pp_rank, dp_rank))
+    finally:
+        runtime.barrier(f"{name}-written")
+    if runtime.is_main:
+        try:
+            (tmp / fmt.PARALLEL_FILE).write_text(json.dumps(meta, indent=1))
+            (tmp / ckpt.RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str))
+            model.config.to_json_file(str(tmp / ckpt.CONFIG_FILE))
+            (tmp / ckpt.STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))  # last: marks it complete
+            ckpt.publish_dir(tmp, run_dir / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        ckpt.write_text_atomic(run_dir / ckpt.LATEST, name + "\n")
+        if keep_last > 0:
+            ckpt.prune(run_dir, keep_last)
+    runtime.barrier(f"{name}-published")
+    return run_dir / name
+
+
+# ------------------------------------------------------------------------------ load
+
+
+def load_latest(run_dir: Path, runtime: NeuronRuntime) -> ckpt.Checkpoint | None:
+    """This rank's view of the latest checkpoint: merged optimizer states of its shard, its scheduler and RNG."""
+    path = ckpt.latest_checkpoint(run_dir)
+    if path is None:
+        return None
+    if not fmt.is_sharded(path):
+        raise ValueError(f"{path} is a one-process checkpoint; to resume it on Neuron, {CONVERT_HINT}")
+    meta = fmt.read_meta(path)
+    if (meta["tp"], meta["pp"]) != (runtime.tp, runtime.pp):
+        raise ValueError(f"{path} was saved with tp={meta['tp']}, pp={meta['pp']} but this run has "
+                         f"tp={runtime.tp}, pp={runtime.pp}; {CONVERT_HINT}")
+    files = sorted(path.glob(f"optim-{runtime.tp_rank:02d}-{runtime.pp_rank:02d}-*.pt"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no optimizer file for tensor rank {runtime.tp_rank}, "
+                                f"stage {runtime.pp_rank}")
+    blobs = {f.name: torch.load(f, map_location="cpu", weights_only=False) for f in files}
+    own = blobs.get(fmt.optim_file(runtime.tp_rank, runtime.pp_rank, runtime.dp_rank), blobs[files[0].name])
+    trainer_state = ckpt.TrainerState(**json.loads((path / ckpt.STATE_FILE).read_text()))
+    recipe = json.loads((path / ckpt.RECIPE_FILE).read_text())
+    return ckpt.Checkpoint(path, trainer_state, recipe, fmt.merge_named_states(list(blobs.values())),
+                           own["scheduler"], own["rng"])
+
+
+def restore_weights(model: nn.Module, previous: ckpt.Checkpoint, runtime: NeuronRuntime) -> dict[str, Tensor]:
+    """Load this rank's model file into `model` (before the optimizer exists: ZeRO-1 shards copy the weights)."""
+    file = fmt.model_file(runtime.tp_rank, runtime.pp_rank)
+    tensors = fmt.load_file_tensors(previous.path / file)
+    fmt.load_into(model, tensors, f"{previous.path.name}/{file}")
+    return tensors
+
+
+def restore_training_state(model: nn.Module, optimizer: Any, scheduler: Any, previous: ckpt.Checkpoint,
+                           weights: dict[str, Tensor], runtime: NeuronRuntime) -> None:
+    """Optimizer states (ZeRO-1: this rank's slices and fp32 master weights), scheduler and RNG."""
+    if previous.scheduler is None:  # `checkpoint shard` of a plain export: a warm start at step 0
+        return
+    names = parameter_names(model)
+
+    def states_of(param: Tensor) -> dict[str, Any]:
+        name = names[id(param)]
+        if name not in previous.optimizer:
+            raise ValueError(f"{previous.path} has no optimizer state for {name}")
+        return previous.optimizer[name]
+
+    zero = zero1_optimizer(optimizer)
+    if zero is None:
+        inner = getattr(optimizer, "optimizer", optimizer)
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p] = {k: _state_to_device(v, p) for k, v in states_of(p).items()}
+    else:
+        dp, rank = zero.local_world_size, zero.local_rank
+        for param, shard in _zero1_pairs(zero):
+            cut = {k: dp_slice(v, dp, rank) if isinstance(v, Tensor) else v for k, v in states_of(param).items()}
+            zero.base_optimizer.state[shard] = {k: _state_to_device(v, shard) for k, v in cut.items()}
+            name = names[id(param)]
+            if shard.dtype != param.dtype and name in weights:  # the exact fp32 master copy
+                with torch.no_grad():
+                    shard.copy_(dp_slice(weights[name], dp, rank).to(shard.device, shard.dtype))
+    scheduler.load_state_dict(previous.scheduler)
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # LambdaLR does not restore the groups' lr itself
+    ckpt.set_rng_states(previous.rng)
+    runtime.set_rng_state(previous.rng.get("xla"))

@@ -1,0 +1,166 @@
+"""The Neuron side of a training process: XLA device, process group, NxD ranks, step marks.
+
+`NeuronRuntime.start` is the only place the Neuron trainer imports torch-xla and
+NeuronX Distributed (lazily, through `bmojo_neuron.neuron`, so a machine without
+them gets `NeuronUnavailableError` naming the packages). The loop then talks to
+the device through a handful of methods: `sync` (the one ``mark_step`` of a step),
+`add_step_closure`, the data-parallel collectives, `to_cpu` and `barrier`.
+
+API details checked against the pinned sources (torch-xla ``v2.9.0``, NxD
+``v2.28.0`` = 0.17): ``xm.mark_step`` (a deprecated alias of ``torch_xla.sync``
+in 2.9), ``xm.xla_device``, ``xm.add_step_closure(fn, args)`` (run in order after
+the graph of the step executed), ``xm.all_reduce(REDUCE_SUM, t, scale, groups)``,
+``xm.all_gather(t, dim, groups, pin_layout)``, ``xm.rendezvous(tag)``,
+``xm.get_rng_state`` / ``set_rng_state``; ``torch_xla.distributed.xla_backend``
+registers the ``"xla"`` process-group backend; NxD's ``parallel_state`` getters and
+``parallel_layers.utils.move_all_tensor_to_cpu`` (one sync for many tensors).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from bmojo_neuron.neuron import TRAINING_FEATURE as FEATURE
+from bmojo_neuron.neuron import TRAINING_PACKAGES, import_neuron_module, require_neuron
+
+STOCHASTIC_ROUNDING = "NEURON_RT_STOCHASTIC_ROUNDING_EN"
+
+
+def require_neuron_training() -> None:
+    """`NeuronUnavailableError` naming every missing package (and the install command) unless all import."""
+    require_neuron(FEATURE, TRAINING_PACKAGES)
+
+
+@dataclass
+class NeuronRuntime:
+    """One torchrun process on one NeuronCore."""
+
+    xm: Any  # torch_xla.core.xla_model
+    state: Any  # neuronx_distributed.parallel_layers.parallel_state
+    nxd_utils: Any  # neuronx_distributed.parallel_layers.utils
+    device: torch.device
+    rank: int
+    world: int
+    owns_process_group: bool = False
+    _tmp: Any = field(default=None, repr=False)
+
+    @classmethod
+    def start(cls, bf16: bool) -> NeuronRuntime:
+        """Check the packages, join (or create) the ``xla`` process group and pick this process's XLA device."""
+        require_neuron_training()
+        if bf16:  # pure bf16 weights need stochastic rounding in the runtime (trainium.md); read when it starts
+            os.environ.setdefault(STOCHASTIC_ROUNDING, "1")
+        xm = import_neuron_module("torch_xla.core.xla_model", FEATURE)
+        import_neuron_module("torch_xla.distributed.xla_backend", FEATURE)  # registers the "xla" backend
+        state = import_neuron_module("neuronx_distributed.parallel_layers.parallel_state", FEATURE)
+        nxd_utils = import_neuron_module("neuronx_distributed.parallel_layers.utils", FEATURE)
+        owns, tmp = False, None
+        if not dist.is_initialized():
+            if "WORLD_SIZE" in os.environ:  # torchrun: rank, world and the rendezvous come from its env://
+                dist.init_process_group("xla")
+            else:  # one process without torchrun: a private file store
+                tmp = tempfile.TemporaryDirectory(prefix="bmojo-xla-pg-")
+                dist.init_process_group("xla", init_method=f"file://{tmp.name}/store", rank=0, world_size=1)
+            owns = True
+        return cls(xm, state, nxd_utils, xm.xla_device(), dist.get_rank(), dist.get_world_size(), owns, tmp)
+
+    # ------------------------------------------------------------------ NxD ranks (after NxD's init)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def tp(self) -> int:
+        return self.state.get_tensor_model_parallel_size()
+
+    @property
+    def pp(self) -> int:
+        return self.state.get_pipeline_model_parallel_size()
+
+    @property
+    def dp(self) -> int:
+        return self.state.get_data_parallel_size()
+
+    @property
+    def tp_rank(self) -> int:
+        return self.state.get_tensor_model_parallel_rank()
+
+    @property
+    def pp_rank(self) -> int:
+        return self.state.get_pipeline_model_parallel_rank()
+
+    @property
+    def dp_rank(self) -> int:
+        return self.state.get_data_parallel_rank()
+
+    # ------------------------------------------------------------------ graph and host
+
+    def sync(self) -> None:
+        """Cut and run the pending graph (``mark_step``), then run the queued step closures."""
+        self.xm.mark_step()
+
+    def add_step_closure(self, fn: Callable[..., None], args: tuple = ()) -> None:
+        """Run ``fn(*args)`` right after the next `sync` executed the graph (its tensors are then on device)."""
+        self.xm.add_step_closure(fn, args)
+
+    def to_cpu(self, data: Any) -> Any:
+        """`data` with every XLA tensor copied to the host, after one sync of all of them."""
+        return self.nxd_utils.move_all_tensor_to_cpu(data)
+
+    def barrier(self, tag: str) -> None:
+        self.xm.rendezvous(tag)
+
+    def seed(self, seed: int) -> None:
+        self.xm.set_rng_state(seed)
+
+    def rng_state(self) -> int:
+        return int(self.xm.get_rng_state())
+
+    def set_rng_state(self, value: int | None) -> None:
+        if value is not None:
+            self.xm.set_rng_state(int(value))
+
+    # ------------------------------------------------------------------ data-parallel collectives
+
+    def mean_over_dp(self, x: Tensor) -> Tensor:
+        """Mean over the data-parallel replicas (inside the graph; identity for dp = 1)."""
+        if self.dp == 1:
+            return x
+        return self.xm.all_reduce(self.xm.REDUCE_SUM, x, scale=1.0 / self.dp,
+                                  groups=self.state.get_data_parallel_replica_groups())
+
+    def sum_over_dp(self, x: Tensor) -> Tensor:
+        if self.dp == 1:
+            return x
+        return self.xm.all_reduce(self.xm.REDUCE_SUM, x, groups=self.state.get_data_parallel_replica_groups())
+
+    def gather_over(self, x: Tensor, groups: Any) -> Tensor:
+        """Concatenation along dim 0 of `x` from every rank of this rank's group in `groups`."""
+        return self.xm.all_gather(x, dim=0, groups=groups, pin_layout=False)
+
+    def close(self) -> None:
+        """Tear down NxD's groups and the process group if this runtime created them (a next run re-creates)."""
+        if self.state.model_parallel_is_initialized():
+            self.state.destroy_model_parallel()
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+
+def rank0_first(runtime: NeuronRuntime, fn: Callable[[], Any], tag: str) -> Any:
+    """``fn()`` on rank 0 first (e.g. building a dataset cache), then on the other ranks."""
+    if not runtime.is_main:
+        runtime.barrier(f"{tag}-built")
+    result = fn()
+    if runtime.is_main:
+        runtime.barrier(f"{tag}-built")
+    return result

@@ -1,0 +1,294 @@
+"""The Neuron training loop (`bmojo_neuron.training.neuron_loop`) on the torch-xla / NxD test doubles.
+
+No Neuron here: `neuron_doubles` plays torch-xla 2.9 and NxD 0.17 on the CPU (one
+process, tp = 1), so `train()` on a ``run.device: neuron`` recipe runs the real
+loop — data loader, NxD wiring, step closures, sharded checkpoints, resume — and
+must reproduce the CPU loop on the same recipe. What the doubles cannot check
+(XLA compilation, NKI kernels, collectives across ranks, HBM) needs a Trn1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+import neuron_doubles
+from bmojo_neuron import BMojoForCausalLM, cli
+from bmojo_neuron.neuron import INSTALL_COMMAND, NeuronUnavailableError
+from bmojo_neuron.recipes import Recipe
+from bmojo_neuron.training import checkpoint as ckpt
+from bmojo_neuron.training import loop
+from bmojo_neuron.training.neuron_checkpoint import dp_slice
+from bmojo_neuron.training.neuron_data import StepRows, position_after
+from bmojo_neuron.training.neuron_loop import check_neuron_recipe, select_ops_backend
+
+TINY_MODEL = dict(
+    hidden_size=16, num_hidden_layers=2, layer_pattern="MB", num_attention_heads=2, num_key_value_heads=1,
+    intermediate_size=32, window_size=4, fading_window=4, memory_chunk=4, memory_size=4, memory_picks=1,
+    ssm_state_size=8, ssm_head_dim=8, ssm_chunk_size=16,
+)
+# Trainium shapes (sequence a multiple of 128 and of memory_chunk); 40 examples / batch 4 = 10 micro-batches
+# per epoch, so 6 steps × 2 accumulated micro-batches cross an epoch boundary.
+TINY = {
+    "run": {"name": "tiny", "seed": 3, "device": "neuron"},
+    "model": TINY_MODEL,
+    "data": {"kind": "mqar", "vocab_size": 32, "seq_len": 128, "num_kv_pairs": 2, "train_examples": 40,
+             "eval_examples": 16, "seed": 1},
+    "optim": {"lr": 1e-2, "warmup_steps": 2, "min_lr_ratio": 0.1},
+    "train": {"steps": 6, "batch_size": 4, "grad_accum": 2, "log_every": 1},
+    "eval": {"every": 3, "batches": 2, "length_multipliers": [1]},
+    "checkpoint": {"every": 3, "keep_last": 2},
+}
+STEPS, ACCUM = TINY["train"]["steps"], TINY["train"]["grad_accum"]
+RTOL = 1e-5  # fp32: the doubles' NxD clips over the optimizer's parameter order, the CPU loop over the model's
+
+
+def recipe(**overrides) -> Recipe:
+    return Recipe.from_dict(TINY).with_overrides(overrides) if overrides else Recipe.from_dict(TINY)
+
+
+def train_records(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["type"] == "train"]
+
+
+@pytest.fixture
+def doubles(monkeypatch):
+    """torch-xla and NxD doubles in sys.modules; the hot ops on the torch backend (the NKI kernels need a device)."""
+    monkeypatch.setenv("BMOJO_OPS_BACKEND", "torch")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("NEURON_RT_STOCHASTIC_ROUNDING_EN", raising=False)
+    return neuron_doubles.install(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory) -> loop.TrainResult:
+    return loop.train(recipe(**{"run.device": "cpu"}), tmp_path_factory.mktemp("cpu"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def neuron_run(tmp_path_factory):
+    """(result, doubles' log, host reads inside steps) of one uninterrupted run on the doubles."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BMOJO_OPS_BACKEND", "torch")
+        mp.delenv("WORLD_SIZE", raising=False)
+        log = neuron_doubles.install(mp)
+        with neuron_doubles.host_reads_in_steps(log) as reads:
+            result = loop.train(recipe(), tmp_path_factory.mktemp("neuron"), progress=False)
+    return result, log, reads
+
+
+# ------------------------------------------------------------------ equal to the CPU loop
+
+
+def test_neuron_run_equals_the_cpu_run(cpu_run, neuron_run):
+    result, _, _ = neuron_run
+    got, want = train_records(result.metrics), train_records(cpu_run.metrics)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for g, w in zip(got, want):
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "lr"):
+            assert g[key] == pytest.approx(w[key], rel=RTOL), (g["step"], key)
+        assert g["tokens"] == w["tokens"]
+    evals = [r for r in result.metrics if r["type"] == "eval"]
+    want_evals = [r for r in cpu_run.metrics if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [r["step"] for r in want_evals] == [3, 6]
+    for g, w in zip(evals, want_evals):
+        assert (g["eval_loss"], g["eval_accuracy"], g["eval_tokens"]) == pytest.approx(
+            (w["eval_loss"], w["eval_accuracy"], w["eval_tokens"]), rel=RTOL)
+    neuron_final = BMojoForCausalLM.from_pretrained(result.final_dir).state_dict()
+    cpu_final = BMojoForCausalLM.from_pretrained(cpu_run.final_dir).state_dict()
+    assert neuron_final.keys() == cpu_final.keys()
+    for name, tensor in cpu_final.items():
+        torch.testing.assert_close(neuron_final[name], tensor, rtol=RTOL, atol=1e-6, msg=name)
+    assert result.params == cpu_run.params and result.step == STEPS
+
+
+def test_one_mark_step_per_optimizer_step_and_no_host_reads_inside(neuron_run):
+    result, log, reads = neuron_run
+    assert reads == []  # no .item() / .tolist() / float() by our code between a batch and its mark_step
+    assert log.violations == []  # no eval forward, no host copy while a step graph was pending
+    steps = log.step_syncs()
+    assert len(steps) == STEPS and all(s["source"] == "code" for s in steps)  # our mark_step ran each step
+    assert [s["forwards"] for s in steps] == [ACCUM] * STEPS  # the micro-batches inside that one graph
+    loader = [s for s in log.syncs if s["source"] == "loader"]
+    assert len(loader) == log.fetches == STEPS  # one batch per step; the loader's own sync finds nothing pending
+    assert not any(s["step_work"] for s in loader)
+    assert log.closures_run == STEPS and len(train_records(result.metrics)) == STEPS  # log_every 1: read in closures
+    assert log.calls["initialize_model_parallel"] == 1
+
+
+# ------------------------------------------------------------------ checkpoints and resume
+
+
+def test_checkpoints_use_the_sharded_layout_and_consolidate_to_a_hf_model(neuron_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    result, _, _ = neuron_run
+    run_dir = result.run_dir
+    assert sorted(p.name for p in ckpt.list_checkpoints(run_dir)) == ["step-0000003", "step-0000006"]
+    last = ckpt.latest_checkpoint(run_dir)
+    assert sorted(p.name for p in last.iterdir()) == ["config.json", "optim-00-00-000.pt", "parallel.json",
+                                                      "rank-00-00.safetensors", "recipe.json", "trainer_state.json"]
+    meta = json.loads((last / "parallel.json").read_text())
+    assert (meta["tp"], meta["pp"], meta["dp"], meta["zero1"]) == (1, 1, 1, False)
+    out = tmp_path / "full"
+    assert cli.main(["checkpoint", "consolidate", str(run_dir), str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    final = BMojoForCausalLM.from_pretrained(result.final_dir)
+    for name, tensor in final.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    states = torch.load(out / "training_state.pt", weights_only=False)
+    assert {"exp_avg", "exp_avg_sq", "step"} <= set(states["optimizer"]["model.embed_tokens.weight"])
+
+
+def test_resume_reproduces_the_uninterrupted_run(neuron_run, doubles, tmp_path):
+    result, _, _ = neuron_run
+    first = loop.train(recipe(), tmp_path, progress=False, stop_after=3)
+    assert first.final_dir is None and first.step == 3 and ckpt.latest_checkpoint(tmp_path).name == "step-0000003"
+    second = loop.train(recipe(), tmp_path, resume=True, progress=False)
+    keys = ("step", "loss", "lm_loss", "aux_loss", "grad_norm", "lr", "tokens")
+    assert [[r[k] for k in keys] for r in train_records(second.metrics)] == \
+        [[r[k] for k in keys] for r in train_records(result.metrics)]  # bitwise
+    resumed = BMojoForCausalLM.from_pretrained(second.final_dir).state_dict()
+    for name, tensor in BMojoForCausalLM.from_pretrained(result.final_dir).state_dict().items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+def test_zero1_bf16_keeps_fp32_masters_and_resumes_exactly(doubles, tmp_path):
+    """ZeRO-1 + bf16 + activation checkpointing: bf16 model, fp32 master weights in the checkpoint,
+    NxD's fp32 master / accumulation config, and a resumed run equal to the uninterrupted one."""
+    import os
+
+    settings = {"parallel.zero1": True, "train.precision": "bf16", "train.activation_checkpointing": True,
+                "train.steps": 4, "eval.every": 4, "checkpoint.every": 2}
+    whole = loop.train(recipe(**settings), tmp_path / "whole", progress=False)
+    assert os.environ["NEURON_RT_STOCHASTIC_ROUNDING_EN"] == "1"
+    config = doubles.calls["config"]
+    assert config["mixed_precision_config"] == {"use_master_weights": True, "use_fp32_grad_acc": True,
+                                                "use_master_weights_in_ckpt": False}
+    assert config["activation_checkpoint_config"].__name__ == "BMojoDecoderLayer"
+    assert doubles.calls["optimizer_defaults"]["max_norm"] == 1.0  # optim.grad_clip reaches NxD's ZeRO-1
+
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ckpt.latest_checkpoint(tmp_path / "whole") / "rank-00-00.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert any(not torch.equal(w.bfloat16().float(), w) for w in weights.values())  # masters, not bf16 params
+
+    (tmp_path / "cut").mkdir()
+    loop.train(recipe(**settings), tmp_path / "cut", progress=False, stop_after=2)
+    resumed = loop.train(recipe(**settings), tmp_path / "cut", resume=True, progress=False)
+    keys = ("step", "loss", "grad_norm", "lr")
+    assert [[r[k] for k in keys] for r in train_records(resumed.metrics)] == \
+        [[r[k] for k in keys] for r in train_records(whole.metrics)]
+    cut = load_file(str(ckpt.latest_checkpoint(tmp_path / "cut") / "rank-00-00.safetensors"))
+    assert all(torch.equal(cut[k], v) for k, v in weights.items())
+
+
+# ------------------------------------------------------------------ failures and pieces
+
+
+def test_without_neuron_train_names_the_missing_packages(tmp_path):
+    with pytest.raises(NeuronUnavailableError) as error:
+        loop.train(recipe(), tmp_path / "run", progress=False)
+    for name in ("torch_neuronx", "torch_xla", "neuronx_distributed", "neuronxcc", "nki"):
+        assert name in str(error.value)
+    assert INSTALL_COMMAND in str(error.value) and not (tmp_path / "run").exists()
+
+
+def test_pipeline_parallelism_is_refused_before_neuron_is_needed():
+    with pytest.raises(ValueError, match="parallel.pp"):
+        check_neuron_recipe(recipe(**{"parallel.pp": 2, "parallel.microbatches": 2}))
+
+
+def test_hot_ops_default_to_nki(monkeypatch):
+    monkeypatch.delenv("BMOJO_OPS_BACKEND", raising=False)
+    assert select_ops_backend() == "nki"
+    monkeypatch.setenv("BMOJO_OPS_BACKEND", "torch")
+    assert select_ops_backend() == "torch"
+
+
+@pytest.mark.parametrize("epoch, position", [(0, 0), (0, 7), (0, 10), (2, 3)])
+def test_position_after_matches_data_order(epoch, position):
+    order = loop.DataOrder(43, 4, seed=5, epoch=epoch, position=position)  # 10 micro-batches per epoch
+    for taken in range(1, 26):
+        order.next()
+        assert position_after(epoch, position, order.per_epoch, taken) == (order.epoch, order.position), taken
+
+
+def test_step_rows_split_the_cpu_micro_batches_over_data_ranks():
+    order = loop.DataOrder(40, 4, seed=3)
+    want = [[order.next() for _ in range(ACCUM)] for _ in range(5)]
+    ranks = [list(StepRows(40, 4, 3, 0, 0, ACCUM, rank, 2, steps=5)) for rank in range(2)]
+    for step in range(5):
+        assert all(len(r[step]) == ACCUM * 2 for r in ranks)  # a fixed shape every step
+        for micro in range(ACCUM):
+            rows = ranks[0][step][micro * 2:(micro + 1) * 2] + ranks[1][step][micro * 2:(micro + 1) * 2]
+            assert rows == want[step][micro]
+
+
+def test_device_eval_equals_the_cpu_evaluate(doubles):
+    """Loss, perplexity and MQAR recall as `evaluate` computes them (recall strictly between 0 and 1 here)."""
+    from bmojo_neuron.data import build_datasets
+    from bmojo_neuron.training.evaluate import evaluate
+    from bmojo_neuron.training.neuron_eval import evaluate_on_device
+    from bmojo_neuron.training.neuron_runtime import NeuronRuntime
+
+    r = recipe()
+    _, data = build_datasets(r)
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(r.model_config())
+    with torch.no_grad():  # make half of the answers the model's own predictions: recall ~ 1/2
+        guess = model(data[:]["input_ids"]).logits[:, :-1].argmax(-1)
+    labels = data[:]["labels"].clone()
+    answers = (labels[:, 1:] != -100).nonzero()
+    keep = answers[::2]
+    labels[keep[:, 0], keep[:, 1] + 1] = guess[keep[:, 0], keep[:, 1]]
+    data = {"input_ids": data[:]["input_ids"], "labels": labels}
+    runtime = NeuronRuntime.start(bf16=False)
+    try:
+        got = evaluate_on_device(model, data, 4, runtime, max_batches=3, mqar=True)
+    finally:
+        runtime.close()
+    want = evaluate(model, data, 4, "cpu", max_batches=3, mqar=True)
+    assert 0.3 < want["accuracy"] < 0.9 and got["tokens"] == want["tokens"]
+    assert got == pytest.approx(want, rel=RTOL)
+
+
+def test_local_tensor_shards_get_nxd_attributes(doubles):
+    """At tp = 2 the Mamba tensors built at 1/tp size are marked for NxD's gradient norm; NxD's own layers
+    (marked by NxD) and replicated tensors are left alone."""
+    from naive import tiny_config
+
+    from bmojo_neuron.layers.factory import use_layer_factory
+    from bmojo_neuron.parallel import checkpoint_format as fmt
+    from bmojo_neuron.parallel import tensor_parallel as tpl
+    from bmojo_neuron.training.neuron_loop import mark_tensor_shards
+
+    config = tiny_config(layer_pattern="MB", ssm_n_groups=2, num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"), use_layer_factory(fmt._shape_only_factory(2, 0)):
+        model = BMojoForCausalLM(config)
+    nxd_layers = (tpl.ColumnParallelLinear, tpl.RowParallelLinear, tpl.VocabParallelEmbedding)
+    own = {f"{m}.{n}" for m, module in model.named_modules() if isinstance(module, nxd_layers)
+           for n, p in module.named_parameters(recurse=False)}
+    for name, param in model.named_parameters():
+        if name in own:
+            param.tensor_model_parallel = True  # what NxD's layers do for their weights
+    local = {k: v.shape for k, v in model.state_dict().items()}
+    dims = fmt.parallel_meta(fmt.shard_shapes(config, 1), local, 2, 1, 1, False, False)["split_dims"]
+    marked = mark_tensor_shards(model, dims, sys.modules["neuronx_distributed.parallel_layers.utils"])
+    assert set(marked) == {n for n, _ in model.named_parameters() if dims[n] is not None and n not in own}
+    for suffix in ("ssm.A_log", "ssm.D", "ssm.dt_bias", "ssm.conv_x.weight"):
+        assert any(n.endswith(suffix) for n in marked), suffix
+    params = dict(model.named_parameters())
+    assert all(params[n].partition_dim == dims[n] for n in marked)
+    assert not any(getattr(params[n], "tensor_model_parallel", False) for n in params if dims[n] is None)
+
+
+def test_dp_slice_is_torch_xla_zero1_sharding():
+    full = torch.arange(10.0).reshape(5, 2)
+    assert torch.equal(dp_slice(full, 2, 0), full[:3])
+    assert torch.equal(dp_slice(full, 2, 1), torch.tensor([[6.0, 7.0], [8.0, 9.0], [0.0, 0.0]]))  # zero-padded
+    assert torch.equal(dp_slice(torch.tensor(3.0), 4, 2), torch.tensor(3.0))  # a scalar (AdamW step) is shared
