@@ -162,3 +162,27 @@ def test_every_trn1_recipe_is_in_the_ladder():
 
     files = {f"trn1/{p.stem}" for p in (repository_root() / "recipes" / "trn1").glob("*.yaml")}
     assert files == set(LADDER)
+
+
+def test_hbm_estimate_of_a_hand_computed_case():
+    """Two full-attention layers, fp32, one core: every term worked out by hand below."""
+    r = load_recipe("cpu-tiny", [
+        "model.layer_pattern=AA", "model.num_hidden_layers=2", "model.hidden_size=128",
+        "model.num_attention_heads=2", "model.num_key_value_heads=2", "model.intermediate_size=256",
+        "model.tie_word_embeddings=false", "data.vocab_size=256", "data.seq_len=128",
+        "train.batch_size=2", "train.precision=fp32", "train.activation_checkpointing=false"])
+    assert r.model_config().head_dim == 64 and r.model_config().vocab_size == 256
+    s = estimate_memory(r, 1).stages[0]
+    n = count_parameters(r)
+    assert (s.weights, s.gradients, s.optimizer) == (4 * n, 4 * n, 8 * n)  # fp32 AdamW: no master copy
+    # Per token, 4-byte elements: residual stream 4·128 = 512; q, rope(q), k, rope(k), v, attention
+    # output 3·(2·64) + 3·(2·64) = 768; SwiGLU 4·256 = 1024; plus 2 fp32 log-sum-exps (one per head).
+    layer = (512 + 768 + 1024) * 4 + 2 * 4  # 9224 bytes
+    # Embedding output 128 elements; final norm in + out 2·128 and the logits 256 plus their fp32 copy.
+    outside = 128 * 4 + 2 * 128 * 4 + 256 * (4 + 4)  # 3584 bytes
+    tokens = 2 * 128
+    assert s.activations_full == tokens * (2 * layer + outside) == 5_640_192
+    # Checkpointed: each layer's input (128 elements) kept, one layer recomputed at a time.
+    assert s.activations_checkpointed == tokens * (2 * 128 * 4 + layer + outside) == 3_540_992
+    assert s.activations == s.activations_full and s.microbatches_in_flight == 1
+    assert s.total == 16 * n + 5_640_192
