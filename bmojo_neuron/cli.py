@@ -112,8 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """`parse_args`, except that ``key=value`` overrides may also follow the options.
+
+    argparse stops filling a ``nargs="*"`` positional at the first option, so
+    ``train RECIPE --dry-run run.seed=1`` would otherwise reject ``run.seed=1``.
+    """
+    args, extra = parser.parse_known_args(argv)
+    strays = [a for a in extra if a.startswith("-") or "=" not in a]
+    if extra and not strays and isinstance(getattr(args, "overrides", None), list):
+        args.overrides.extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     try:
         code = args._run(args)
     except EXPECTED_ERRORS as exc:

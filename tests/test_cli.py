@@ -325,3 +325,18 @@ def test_ci_runs_the_readme_test_command():
     assert len(extracted) == 1
     assert extracted[0] == quick_start[1]
     assert extracted[0] == 'pip install torch==2.13.0 && pip install -e ".[dev]" && python -m pytest -q'
+
+
+def test_overrides_may_follow_options(capsys):
+    assert cli.main(["plan", "trn1/bmojo-130m", "--json", "parallel.zero1=true", "train.batch_size=64"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["overrides"] == ["parallel.zero1=true", "train.batch_size=64"]
+    assert plan["memory"]["zero1"] is True and plan["memory"]["microbatch_size"] == 2
+
+
+def test_stray_arguments_after_options_are_still_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["plan", "trn1/bmojo-130m", "--json", "--nodez", "2"])
+    assert exc.value.code == 2 and "unrecognized arguments: --nodez 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a command without overrides takes no key=value
+        cli.main(["info", "run.seed=1"])
