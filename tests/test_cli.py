@@ -73,6 +73,9 @@ def fake_packages(monkeypatch):
 @pytest.fixture
 def registry(monkeypatch):
     """A copy of the command registry, restored after the test."""
+    # Register the real commands first: a command module imported while the copy is in place would
+    # register into the copy only, and never again (the module stays imported) once it is restored.
+    cli._load_command_modules()
     monkeypatch.setattr(cli, "COMMANDS", dict(cli.COMMANDS))
     return cli.COMMANDS
 
