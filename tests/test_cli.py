@@ -343,3 +343,25 @@ def test_stray_arguments_after_options_are_still_refused(capsys):
     assert exc.value.code == 2 and "unrecognized arguments: --nodez 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a command without overrides takes no key=value
         cli.main(["info", "run.seed=1"])
+
+
+def test_nxd_importing_transformers_4_fx_is_reported_importable(tmp_path, monkeypatch):
+    """NxD 0.17 runs `from transformers.utils.fx import HFTracer` on import; transformers 5 has no such module."""
+    from bmojo_neuron.neuron import neuron_status
+
+    package = tmp_path / "neuronx_distributed"
+    package.mkdir()
+    (package / "__init__.py").write_text("from transformers.utils.fx import HFTracer\n"
+                                         "class HFTracerWrapper(HFTracer):\n    pass\n__version__ = '0.17.0'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("neuronx_distributed", "transformers.utils.fx"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    try:
+        status = neuron_status()["neuronx_distributed"]
+    finally:  # drop the fake NxD and the stand-in it needed
+        import transformers.utils
+
+        for name in ("neuronx_distributed", "transformers.utils.fx"):
+            sys.modules.pop(name, None)
+        monkeypatch.delattr(transformers.utils, "fx", raising=False)
+    assert status["status"] == "ok" and status["version"] == "0.17.0", status

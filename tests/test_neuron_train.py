@@ -23,7 +23,7 @@ from bmojo_neuron.training import checkpoint as ckpt
 from bmojo_neuron.training import loop
 from bmojo_neuron.training.neuron_checkpoint import dp_slice
 from bmojo_neuron.training.neuron_data import StepRows, position_after
-from bmojo_neuron.training.neuron_loop import check_neuron_recipe, select_ops_backend
+from bmojo_neuron.training.neuron_loop import select_ops_backend
 
 TINY_MODEL = dict(
     hidden_size=16, num_hidden_layers=2, layer_pattern="MB", num_attention_heads=2, num_key_value_heads=1,
@@ -196,11 +196,6 @@ def test_without_neuron_train_names_the_missing_packages(tmp_path):
     for name in ("torch_neuronx", "torch_xla", "neuronx_distributed", "neuronxcc", "nki"):
         assert name in str(error.value)
     assert INSTALL_COMMAND in str(error.value) and not (tmp_path / "run").exists()
-
-
-def test_pipeline_parallelism_is_refused_before_neuron_is_needed():
-    with pytest.raises(ValueError, match="parallel.pp"):
-        check_neuron_recipe(recipe(**{"parallel.pp": 2, "parallel.microbatches": 2}))
 
 
 def test_hot_ops_default_to_nki(monkeypatch):

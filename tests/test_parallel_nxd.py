@@ -18,6 +18,7 @@ from bmojo_neuron.layers.decoder import BMojoDecoderLayer
 from bmojo_neuron.layers.factory import use_layer_factory
 from bmojo_neuron.neuron import NeuronUnavailableError
 from bmojo_neuron.parallel import nxd, nxd_training
+from bmojo_neuron.parallel.nxd_pipeline import PipelineCausalLM, PipelineDecoderLayer
 from bmojo_neuron.recipes import OptimSection, ParallelSection
 from bmojo_neuron.training.optim import parameter_groups
 from naive import tiny_config
@@ -78,6 +79,7 @@ def fake_nxd(monkeypatch):
         ),
     }
     monkeypatch.setattr(nxd_training, "import_neuron_module", lambda name, feature: fake[name])
+    calls["modules"] = fake
     monkeypatch.setattr(nxd, "import_neuron_module", lambda name, feature: fake[name])
     return calls
 
@@ -86,27 +88,25 @@ def test_nxd_config_carries_the_recipe_degrees_and_zero1(fake_nxd):
     config = _config()
     parallel = ParallelSection(tp=2, pp=2, zero1=True, microbatches=4)
     cfg = nxd_training.nxd_config(parallel, activation_checkpointing=True, mixed_precision=True,
-                                  model_config=config, max_grad_norm=0.5)
+                                  model_config=config, max_grad_norm=0.5, grad_accum=3)
     kw = fake_nxd["config"]
     assert kw["tensor_parallel_size"] == 2 and kw["pipeline_parallel_size"] == 2
     assert kw["sequence_parallel"] is False
     assert kw["optimizer_config"] == {"zero_one_enabled": True, "grad_clipping": True, "max_grad_norm": 0.5}
-    pc = kw["pipeline_config"]
-    assert pc["transformer_layer_cls"] is BMojoDecoderLayer
-    assert pc["num_microbatches"] == 4 and pc["input_names"] == ["input_ids", "labels"] and pc["auto_partition"]
+    pc = kw["pipeline_config"]  # NxDPPModel's arguments (see tests/test_neuron_pipeline.py for what they do)
+    assert pc["transformer_layer_cls"] is PipelineDecoderLayer and issubclass(PipelineDecoderLayer, BMojoDecoderLayer)
+    assert pc["num_microbatches"] == 4 * 3  # parallel.microbatches x train.grad_accum: one run_train per step
+    assert pc["input_names"] == ["input_ids", "labels"] and pc["output_loss_value_spec"] == (True, False)
+    assert pc["pipeline_cuts"] == ["model.layers.2"] and pc["auto_partition"] is False  # split_layers(5, 2)
+    assert pc["leaf_module_cls"] == ["RMSNorm"] and pc["tracer_cls"] == "torch"
+    assert pc["autowrap_modules"] == [fake_nxd["modules"]["neuronx_distributed.parallel_layers.mappings"],
+                                      fake_nxd["modules"]["neuronx_distributed.parallel_layers.loss_functions"]]
+    assert pc["return_loss_on_cpu"] is False and pc["use_optimizer_wrapper"] is True
+    assert pc["use_zero1_optimizer"] is True
     assert kw["activation_checkpoint_config"] is BMojoDecoderLayer
     assert kw["mixed_precision_config"] == {"use_master_weights": True, "use_fp32_grad_acc": True,
                                             "use_master_weights_in_ckpt": False}
     assert cfg["pipeline_parallel_size"] == 2
-
-    # The loss spec must name exactly the keys the model returns (NxD checks set equality).
-    for pattern in ("BFMSA", "MSA"):
-        c = _config(layer_pattern=pattern)
-        ids = torch.randint(0, c.vocab_size, (1, 8))
-        with torch.no_grad():
-            out = BMojoForCausalLM(c)(ids, labels=ids)
-        spec = nxd_training.loss_value_spec(c)
-        assert set(spec) == set(out.keys()) and [k for k, v in spec.items() if v] == ["loss"]
 
     nxd_training.nxd_config(ParallelSection(tp=1, pp=1, zero1=False), False, True, max_grad_norm=0.0)
     kw = fake_nxd["config"]
@@ -117,16 +117,17 @@ def test_nxd_config_carries_the_recipe_degrees_and_zero1(fake_nxd):
         nxd_training.nxd_config(ParallelSection(microbatches=2), False, False)
 
 
-def test_build_nxd_model_rejects_tied_embeddings_under_pp(fake_nxd):
+def test_build_nxd_model_hands_the_pipeline_a_model_sharing_the_tied_embedding(fake_nxd):
     cfg = nxd_training.nxd_config(ParallelSection(pp=2, microbatches=2), False, False, model_config=_config())
-    with pytest.raises(ValueError, match="tie_word_embeddings=false"):
-        nxd_training.build_nxd_model(_config(tie_word_embeddings=True), cfg)
-    assert "model" not in fake_nxd
-    model = nxd_training.build_nxd_model(_config(tie_word_embeddings=False), cfg)
-    assert isinstance(model, BMojoForCausalLM) and fake_nxd["model"][0] is cfg
-    # pp = 1 keeps tied embeddings
+    model = nxd_training.build_nxd_model(_config(tie_word_embeddings=True), cfg)
+    assert isinstance(model, PipelineCausalLM) and fake_nxd["model"][0] is cfg
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # one Parameter: NxD shares it across stages
+    assert all(isinstance(layer, PipelineDecoderLayer) for layer in model.model.layers)
+    untied = nxd_training.build_nxd_model(_config(tie_word_embeddings=False), cfg)
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+    # pp = 1: the causal LM itself, tied
     tied = nxd_training.build_nxd_model(_config(), nxd_training.nxd_config(ParallelSection(), False, False))
-    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert isinstance(tied, BMojoForCausalLM) and tied.lm_head.weight is tied.model.embed_tokens.weight
 
 
 def test_build_nxd_optimizer_uses_the_decay_and_no_decay_groups(fake_nxd):

@@ -216,6 +216,6 @@ def test_pipeline_split_and_tied_embeddings():
     assert [stage_of(f"model.layers.{i}.mlp.up_proj.weight", config, 2) for i in range(5)] == [0, 0, 0, 1, 1]
     assert stage_of("model.embed_tokens.weight", config, 3) == 0
     assert stage_of("lm_head.weight", config, 3) == stage_of("model.norm.weight", config, 3) == 2
-    check_pipeline_config(config, 2, allow_tied=True)  # the torch path keeps a copy on the last stage
-    with pytest.raises(ValueError, match="tie_word_embeddings=false"):  # the NxD wiring does not yet
-        check_pipeline_config(config, 2)
+    check_pipeline_config(config, 2)  # both pipeline wirings (torch, NxD) share a tied embedding
+    with pytest.raises(ValueError, match="tie_word_embeddings=false"):
+        check_pipeline_config(config, 2, allow_tied=False)

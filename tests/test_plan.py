@@ -105,7 +105,6 @@ def test_cli_over_budget_prints_nothing_but_the_error(capsys):
     (["model.vocab_size=50281", "parallel.tp=2", "model.ssm_n_groups=2", "train.batch_size=128"], 32,
      "model.vocab_size"),
     (["train.batch_size=8"], 32, "train.batch_size"),
-    (["parallel.pp=2", "train.batch_size=128"], 32, "model.tie_word_embeddings"),
 ])
 def test_validation_errors_name_the_key(overrides, world, key):
     r = load_recipe("trn1/bmojo-130m", overrides)

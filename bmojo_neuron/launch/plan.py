@@ -129,9 +129,6 @@ def validate_for_trainium(recipe: Any, world: int) -> None:
         _fail(seq_key, f"is {seq}; parallel.sp needs it divisible by parallel.tp ({tp})")
     if pp > config.num_hidden_layers:
         _fail("parallel.pp", f"is {pp}; at most model.num_hidden_layers ({config.num_hidden_layers})")
-    if pp > 1 and config.tie_word_embeddings:
-        _fail("model.tie_word_embeddings", "must be false with parallel.pp > 1 (the embedding and lm_head "
-                                           "sit on different pipeline stages)")
     if pp == 1 and p.microbatches != 1:
         _fail("parallel.microbatches", "only applies to pipeline parallelism (parallel.pp > 1); "
                                        "use train.grad_accum")
@@ -219,7 +216,8 @@ def build_plan(recipe: Any, recipe_arg: str, overrides: Sequence[str] = (), node
     notes = ["these lines train on Trainium when run.device is neuron (as in recipes/trn1/; docs/training.md); "
              "build a text recipe's data cache once first with `bmojo-neuron data prepare`"]
     if p.pp > 1:
-        notes.append("parallel.pp > 1 is not wired into `bmojo-neuron train` yet (see docs/parallel.md)")
+        notes.append("parallel.pp > 1 trains through NxD's pipeline (NxDPPModel); eval keeps the training shape, "
+                     "so length generalisation beyond x1 is left to `bmojo-neuron eval` (docs/training.md)")
     if nodes > 1:
         notes.append("multi-node: the run directory must be on a shared filesystem; EFA needs the "
                      "instances in one placement group with EFA interfaces")

@@ -3,38 +3,49 @@
 Three functions wrap ``neuronx_distributed.trainer``: `nxd_config` builds NxD's
 training config from the recipe's ``parallel.*`` keys, `build_nxd_model` builds the
 model through `NxDTensorParallelFactory` and hands it to ``initialize_parallel_model``
-(which wraps it in ``NxDPPModel`` when ``pp > 1``), and `build_nxd_optimizer` builds
-AdamW over the project's decay / no-decay parameter groups with
-``initialize_parallel_optimizer`` (NxD's ZeRO-1 optimizer when ``parallel.zero1``).
-NxD is imported lazily, through `bmojo_neuron.neuron.import_neuron_module`: without
-Neuron every function raises `NeuronUnavailableError` naming what to install.
+(which wraps it in ``NxDPPModel`` when ``pp > 1``: then the model handed over is the
+trace-friendly `bmojo_neuron.parallel.nxd_pipeline.PipelineCausalLM`), and
+`build_nxd_optimizer` builds AdamW over the project's decay / no-decay parameter
+groups with ``initialize_parallel_optimizer`` (NxD's ZeRO-1 optimizer when
+``parallel.zero1``). NxD is imported lazily, through
+`bmojo_neuron.neuron.import_neuron_module`: without Neuron every function raises
+`NeuronUnavailableError` naming what to install.
 
-Status: wiring only, tested with a test double of NxD's module API; never run on
-Trainium hardware.
+Status: used by the Neuron trainer (`bmojo_neuron.training.neuron_loop`); tested with
+test doubles of NxD's API (the pipeline double traces and cuts the model with
+``torch.fx`` as NxD does); never run on Trainium hardware.
 
-Argument names checked against NxD's public source, repository
-``aws-neuron/neuronx-distributed`` at commit ``0598cd8bfc046daf1105b79acd283ff5b6db657e``:
+Checked against NxD's source at the SDK 2.28 release (``aws-neuron/neuronx-distributed``
+tag ``v2.28.0``, commit ``73ab227``, ``_version.py`` 0.17.0):
 
-- ``src/neuronx_distributed/trainer/__init__.py`` exports ``neuronx_distributed_config``,
-  ``initialize_parallel_model``, ``initialize_parallel_optimizer``;
-- ``src/neuronx_distributed/trainer/trainer.py``:
-  ``neuronx_distributed_config(tensor_parallel_size, pipeline_parallel_size,
-  expert_parallel_size, pipeline_config, optimizer_config, activation_checkpoint_config,
-  pad_model, sequence_parallel, model_init_config, lora_config, mixed_precision_config)``;
-  optimizer_config keys ``zero_one_enabled``, ``grad_clipping``, ``max_grad_norm``;
-  mixed_precision_config keys ``use_master_weights``, ``use_fp32_grad_acc``,
-  ``use_master_weights_in_ckpt`` (master weights / fp32 accumulation without ZeRO-1
-  raise there); ``activation_checkpoint_config`` may be ``"full"`` or module classes;
-  ``initialize_parallel_model(nxd_config, model_fn, *args, **kwargs)``;
+- ``trainer/trainer.py``: ``neuronx_distributed_config(tensor_parallel_size,
+  pipeline_parallel_size, expert_parallel_size, context_parallel_size, pipeline_config,
+  optimizer_config, activation_checkpoint_config, pad_model, sequence_parallel,
+  model_init_config, lora_config, mixed_precision_config, ...)``; optimizer_config keys
+  ``zero_one_enabled``, ``grad_clipping``, ``max_grad_norm``; mixed_precision_config
+  keys ``use_master_weights``, ``use_fp32_grad_acc``, ``use_master_weights_in_ckpt``
+  (master weights / fp32 accumulation without ZeRO-1 raise there);
+  ``initialize_parallel_model(nxd_config, model_fn)`` passes ``pipeline_config`` as
+  keyword arguments to ``NxDPPModel`` (adding ``use_model_wrapper=True``);
   ``initialize_parallel_optimizer(nxd_config, optimizer_class, parameters, **defaults)``;
-- ``src/neuronx_distributed/pipeline/model.py``: ``NxDPPModel(module, transformer_layer_cls,
-  num_microbatches, output_loss_value_spec, input_names, auto_partition, ...)`` (the
-  ``pipeline_config`` keys);
-- ``src/neuronx_distributed/utils/serialization.py``: ``find_loss_from_output_and_spec``
-  needs a dict spec with exactly the output's keys (see `loss_value_spec`).
-
-Not confirmed: that this commit is the 0.17 release (0.17.26814 ships on the Neuron pip
-index, not on GitHub with a tag we could read); names may differ in 0.17.
+- ``pipeline/model.py``: ``NxDPPModel(module, transformer_layer_cls, num_microbatches,
+  output_loss_value_spec, use_zero1_optimizer, use_optimizer_wrapper, pipeline_cuts,
+  input_names, leaf_module_cls, autowrap_modules, tracer_cls, return_loss_on_cpu,
+  auto_partition, ...)``; with ``pipeline_cuts`` it traces and partitions at
+  construction; ``run_train(**inputs)`` / ``run_eval(**inputs)`` take host (CPU)
+  tensors named as ``input_names``, split them into ``num_microbatches`` along dim 0,
+  mark steps before, after and between the schedule's tasks, and return the mean of
+  the last stage's loss (on the host unless ``return_loss_on_cpu=False``); without
+  ``use_optimizer_wrapper`` / ``use_zero1_optimizer`` its schedule would also average
+  gradients over data ranks, which NxD's optimizer wrapper does;
+- ``pipeline/trace.py``: leaf modules are the transformer layer class, ``leaf_module_cls``
+  and NxD's parallel layers; ``autowrap_modules`` are modules whose functions become
+  leaf calls (NxD adds ``math``, ``neuronx_distributed``, ``parallel_layers``, ``xm``,
+  not ``parallel_layers.mappings`` / ``loss_functions``, which the factory calls);
+- ``pipeline/partition.py``: a Parameter used by modules of two stages is shared: its
+  gradient is all-reduced over those stages and only its first use counts in the
+  gradient norm (``shared`` attribute); ``utils/serialization.py``:
+  ``find_loss_from_output_and_spec``.
 """
 
 from __future__ import annotations
@@ -48,24 +59,56 @@ from ..neuron import import_neuron_module
 from .pipeline import check_pipeline_config
 
 FEATURE = "pipeline parallelism and ZeRO-1 on Trainium"
-INPUT_NAMES = ["input_ids", "labels"]
 
 
 def _trainer() -> Any:
+    from .nxd_compat import provide_transformers_fx
+
+    provide_transformers_fx()  # NxD 0.17 imports transformers 4's FX tracer at import time
     return import_neuron_module("neuronx_distributed.trainer", FEATURE)
 
 
-def loss_value_spec(model_config: Any) -> dict[str, bool]:
-    """NxD's ``output_loss_value_spec`` for ``BMojoForCausalLM(input_ids, labels=...)``.
+def nxd_microbatches(parallel: Any, grad_accum: int) -> int:
+    """NxD's ``num_microbatches`` under pp: ``parallel.microbatches`` per accumulated micro-batch, times
+    ``train.grad_accum`` (one ``run_train`` per optimizer step, see `pipeline_config`)."""
+    return parallel.microbatches * grad_accum
 
-    The output is a `BMojoCausalLMOutput` (a dict without its None fields): ``loss``,
-    ``logits``, ``lm_loss``, and ``aux_loss`` when the model has B (eidetic memory)
-    layers. NxD requires the spec's keys to equal the output's keys.
+
+def pipeline_config(parallel: Any, model_config: Any, grad_accum: int = 1) -> dict[str, Any]:
+    """``NxDPPModel``'s arguments for `PipelineCausalLM` (see `bmojo_neuron.parallel.nxd_pipeline`).
+
+    - cuts after the last layer of each `split_layers` block (named, not NxD's
+      ``auto_partition``, whose uneven splits differ);
+    - the decoder layers, our RMSNorm (its parameter would otherwise be read by the
+      traced top level, which NxD cannot pass between stages) and NxD's parallel
+      layers are leaf calls; the functions of NxD's ``mappings`` and ``loss_functions``
+      modules (the factory calls them: autograd Functions that cannot take an FX proxy)
+      are leaf calls through ``autowrap_modules``, as in NxD's Llama example;
+    - one ``run_train`` per optimizer step over all of its rows: ``train.grad_accum``
+      becomes more NxD micro-batches. NxD reduces shared (tied) gradients at the end of
+      every ``run_train``, so accumulating over several calls would sum them twice;
+    - the loss stays on the device (``return_loss_on_cpu=False``: no host sync in a step);
+    - gradients are averaged over data ranks once, by NxD's optimizer wrapper.
     """
-    spec = {"loss": True, "logits": False, "lm_loss": False}
-    if any(model_config.layer_kind(i) == "B" for i in range(model_config.num_hidden_layers)):
-        spec["aux_loss"] = False
-    return spec
+    from ..layers.norms import RMSNorm
+    from .nxd_pipeline import INPUT_NAMES, LOSS_SPEC, PipelineDecoderLayer, pipeline_cuts
+
+    mappings = import_neuron_module("neuronx_distributed.parallel_layers.mappings", FEATURE)
+    loss_functions = import_neuron_module("neuronx_distributed.parallel_layers.loss_functions", FEATURE)
+    return {
+        "transformer_layer_cls": PipelineDecoderLayer,
+        "num_microbatches": nxd_microbatches(parallel, grad_accum),
+        "output_loss_value_spec": LOSS_SPEC,
+        "input_names": list(INPUT_NAMES),
+        "pipeline_cuts": pipeline_cuts(model_config.num_hidden_layers, parallel.pp),
+        "auto_partition": False,
+        "leaf_module_cls": [RMSNorm.__name__],
+        "autowrap_modules": [mappings, loss_functions],
+        "tracer_cls": "torch",
+        "return_loss_on_cpu": False,
+        "use_zero1_optimizer": bool(parallel.zero1),
+        "use_optimizer_wrapper": True,
+    }
 
 
 def nxd_config(
@@ -75,30 +118,26 @@ def nxd_config(
     *,
     model_config: Any = None,
     max_grad_norm: float = 1.0,
+    grad_accum: int = 1,
 ) -> dict:
     """NxD's training config for a recipe's ``parallel`` section (``tp``, ``pp``, ``sp``, ``zero1``, ``microbatches``).
 
-    `model_config` (a `BMojoConfig`) is needed when ``pp > 1`` (the loss spec depends on
-    the layer pattern). ``max_grad_norm`` 0 turns clipping off (``optim.grad_clip: 0``).
-    `mixed_precision` (bf16) with ZeRO-1 keeps fp32 master weights and fp32 gradient
-    accumulation in the optimizer; NxD allows neither without ZeRO-1.
+    `model_config` (a `BMojoConfig`) is needed when ``pp > 1`` (the stage cuts depend on
+    the layer count), and so is ``train.grad_accum`` (see `pipeline_config`).
+    ``max_grad_norm`` 0 turns clipping off (``optim.grad_clip: 0``). `mixed_precision`
+    (bf16) with ZeRO-1 keeps fp32 master weights and fp32 gradient accumulation in the
+    optimizer; NxD allows neither without ZeRO-1.
     """
     trainer = _trainer()
     from ..layers.decoder import BMojoDecoderLayer
 
     if max_grad_norm < 0:
         raise ValueError(f"optim.grad_clip must be >= 0, got {max_grad_norm}")
-    pipeline_config = None
+    pipeline = None
     if parallel.pp > 1:
         if model_config is None:
             raise ValueError("nxd_config with parallel.pp > 1 needs model_config (the model's BMojoConfig)")
-        pipeline_config = {
-            "transformer_layer_cls": BMojoDecoderLayer,
-            "num_microbatches": parallel.microbatches,
-            "output_loss_value_spec": loss_value_spec(model_config),
-            "input_names": list(INPUT_NAMES),
-            "auto_partition": True,
-        }
+        pipeline = pipeline_config(parallel, model_config, grad_accum)
     elif parallel.microbatches != 1:
         raise ValueError("parallel.microbatches only applies to pipeline parallelism; use train.grad_accum")
     zero1 = bool(parallel.zero1)
@@ -106,28 +145,32 @@ def nxd_config(
     return trainer.neuronx_distributed_config(
         tensor_parallel_size=parallel.tp,
         pipeline_parallel_size=parallel.pp,
-        pipeline_config=pipeline_config,
+        pipeline_config=pipeline,
         optimizer_config={"zero_one_enabled": zero1, "grad_clipping": max_grad_norm > 0,
                           "max_grad_norm": float(max_grad_norm)},
         sequence_parallel=bool(getattr(parallel, "sp", False)),  # NxD's optimizer then sums the norms' grads over tp
-        activation_checkpoint_config=BMojoDecoderLayer if activation_checkpointing else None,
+        activation_checkpoint_config=BMojoDecoderLayer if activation_checkpointing else None,  # subclasses too
         mixed_precision_config={"use_master_weights": master, "use_fp32_grad_acc": master,
                                 "use_master_weights_in_ckpt": False},
     )
 
 
-def build_nxd_model(config: Any, nxd_cfg: dict, *, one_device_init: bool = False) -> nn.Module:
+def build_nxd_model(config: Any, nxd_cfg: dict, *, one_device_init: bool = False,
+                    count_correct: bool = False) -> nn.Module:
     """``initialize_parallel_model`` over a `BMojoForCausalLM` built with NxD's tensor-parallel layers.
 
     The model is built inside NxD's ``model_fn`` (after NxD initialises its parallel
-    state, which `NxDTensorParallelFactory` reads). ``pp > 1`` needs untied embeddings.
-    `one_device_init` first builds the whole one-device model (on CPU, from the current
-    torch RNG state) and loads this tensor rank's shard of it, so every tp degree
-    starts from the weights a one-process run would (NxD's layers initialise their
-    own way otherwise); the RNG is left as if only that model had been built.
+    state, which `NxDTensorParallelFactory` reads). `one_device_init` first builds the
+    whole one-device model (on CPU, from the current torch RNG state) and loads this
+    tensor rank's shard of it, so every tp degree starts from the weights a one-process
+    run would (NxD's layers initialise their own way otherwise); the RNG is left as if
+    only that model had been built. With ``pp > 1`` NxD gets the model as a
+    `PipelineCausalLM` (`count_correct`: its stats count right answers, for MQAR); a
+    tied embedding stays one Parameter, which NxD shares between the first and last stage.
     """
     trainer = _trainer()
-    check_pipeline_config(config, nxd_cfg["pipeline_parallel_size"])
+    pp = nxd_cfg["pipeline_parallel_size"]
+    check_pipeline_config(config, pp)
 
     def model_fn() -> nn.Module:
         from .. import BMojoForCausalLM
@@ -147,7 +190,11 @@ def build_nxd_model(config: Any, nxd_cfg: dict, *, one_device_init: bool = False
             shapes = {k: v.shape for k, v in model.state_dict().items()}
             load_into(model, shard_state_dict(full.state_dict(), shapes, factory.tp_rank, factory.tp_size),
                       "the tensor shard of the one-device initialisation")
-        return model
+        if pp == 1:
+            return model
+        from .nxd_pipeline import PipelineCausalLM
+
+        return PipelineCausalLM(model, count_correct=count_correct)
 
     return trainer.initialize_parallel_model(nxd_cfg, model_fn)
 
@@ -174,4 +221,4 @@ def build_nxd_optimizer(model: nn.Module, nxd_cfg: dict, optim_section: Any) -> 
     )
 
 
-__all__ = ["build_nxd_model", "build_nxd_optimizer", "loss_value_spec", "nxd_config"]
+__all__ = ["build_nxd_model", "build_nxd_optimizer", "nxd_config", "nxd_microbatches", "pipeline_config"]

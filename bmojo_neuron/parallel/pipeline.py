@@ -61,18 +61,18 @@ def stage_of(name: str, config: Any, stages: int) -> int:
     raise ValueError(f"{name!r} is not a tensor of a B'MOJO model with {config.num_hidden_layers} layers")
 
 
-def check_pipeline_config(config: Any, stages: int, allow_tied: bool = False) -> None:
+def check_pipeline_config(config: Any, stages: int, allow_tied: bool = True) -> None:
     """Clear errors before any stage is built.
 
-    The torch path (`PipelineStage`) passes ``allow_tied=True``: it keeps a copy of a tied
-    embedding on the last stage. The default refuses tied embeddings, for the NxD wiring
-    (`bmojo_neuron.parallel.nxd_training`), which does not declare the shared weight yet.
+    Both pipeline wirings share a tied embedding between the first and last stage (the
+    torch path keeps a copy on the last stage, NxD's pipeline shares the Parameter), so
+    tied embeddings are accepted; ``allow_tied=False`` refuses them, for a wiring that
+    cannot share the weight.
     """
     split_layers(config.num_hidden_layers, stages)
     if stages > 1 and config.tie_word_embeddings and not allow_tied:
-        raise ValueError("the NxD pipeline wiring does not share a tied embedding between stages yet: set "
-                         "model.tie_word_embeddings=false (`bmojo-neuron train` off Trainium supports tied "
-                         "embeddings under parallel.pp > 1)")
+        raise ValueError("this pipeline wiring cannot share a tied embedding between stages: set "
+                         "model.tie_word_embeddings=false")
 
 
 class PipelineStage(nn.Module):
@@ -153,7 +153,7 @@ class PipelineStage(nn.Module):
                 hidden = self.factory.scatter_sequence(hidden)
             aux = hidden.new_zeros(hidden.shape[0])
         else:
-            hidden = x
+            hidden, aux = _link_received(x, aux)
         for i in self.layer_ids:
             hidden, innovation = inner.layers[i](hidden, 0, None)
             if innovation is not None:
@@ -166,6 +166,18 @@ class PipelineStage(nn.Module):
     def full_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """Parameters under the full model's names."""
         return list(self.model.named_parameters())
+
+
+def _link_received(hidden: Tensor, aux: Tensor) -> tuple[Tensor, Tensor]:
+    """`hidden` and `aux` with a zero-weighted dependency on each other (values unchanged).
+
+    torch.distributed.pipelining before 2.13 demands a gradient for every tensor a stage
+    received and fails ("has gradients None and is expecting to send gradients") when
+    one is unused on a path; the link gives each received tensor an exact-zero gradient
+    there, so the schedule runs the same on every torch >= 2.9.
+    """
+    link = (hidden.sum() + aux.sum()) * 0
+    return hidden + link.to(hidden.dtype), aux + link.to(aux.dtype)
 
 
 class FullLogits(nn.Module):

@@ -21,6 +21,13 @@ The files are those of a torchrun run on CPU (``rank-TT-PP.safetensors``,
   ``CheckpointWrapper`` whose ``named_parameters`` carry a
   ``_checkpoint_wrapped_module.`` infix; it is removed so optimizer states are keyed
   like the state dict.
+- Pipeline stages (pp > 1): NxD's model wrapper names and saves only this stage's
+  parameters, under the full model's names, so each stage writes its
+  ``rank-TT-PP`` file. A tied embedding is one Parameter that NxD's pipeline places
+  on stage 0 (``model.embed_tokens.weight``) and on the last stage (``lm_head.weight``),
+  summing their gradients, so both copies and their AdamW states stay equal: as in
+  the torch path it is stored once, by stage 0, and the last stage reads its copy
+  (weights, AdamW states, ZeRO-1 master) from stage 0's files on resume.
 """
 
 from __future__ import annotations
@@ -45,6 +52,11 @@ WRAPPER_INFIX = "_checkpoint_wrapped_module."  # torch's checkpoint_wrapper pref
 def parameter_names(model: nn.Module) -> dict[int, str]:
     """``id(param) -> state-dict name`` (a tied parameter once, under its first name)."""
     return {id(p): name.replace(WRAPPER_INFIX, "") for name, p in model.named_parameters()}
+
+
+def holds_tied_copy(runtime: NeuronRuntime, config: Any) -> bool:
+    """Whether this rank's stage holds the copy of a tied embedding that stage 0 stores (the last of pp > 1)."""
+    return runtime.pp > 1 and runtime.last_stage and bool(getattr(config, "tie_word_embeddings", False))
 
 
 def zero1_optimizer(optimizer: Any) -> Any | None:
@@ -82,17 +94,20 @@ def _state_to_device(value: Any, like: Tensor) -> Any:
 def host_state(model: nn.Module, optimizer: Any, runtime: NeuronRuntime) -> tuple[dict[str, Tensor], dict]:
     """(fp32 weights, optimizer states by name) of this rank's tensor shard on the host; empty off data rank 0."""
     keep = runtime.dp_rank == 0
-    names = parameter_names(model)
+    tied = fmt.tied_names(model.config)  # stored once, as stage 0's embedding
+    names = {key: name for key, name in parameter_names(model).items() if name not in tied}
     zero = zero1_optimizer(optimizer)
     masters: dict[str, Tensor] = {}
     if zero is None:
         inner = getattr(optimizer, "optimizer", optimizer)
         states = {names[id(p)]: dict(inner.state[p]) for group in inner.param_groups for p in group["params"]
-                  if p in inner.state}
+                  if p in inner.state and id(p) in names}
         states = runtime.to_cpu(states) if keep else {}
     else:  # every data rank joins every all-gather (and materialises it: XLA collectives run in graphs)
         states = {}
         for param, shard in _zero1_pairs(zero):
+            if id(param) not in names:
+                continue  # the tied copy (every data rank of this stage skips it alike)
             name = names[id(param)]
             full = {k: _unshard(v, param, zero, runtime) for k, v in zero.base_optimizer.state.get(shard, {}).items()}
             if shard.dtype != param.dtype:  # fp32 master weights of a bf16 model
@@ -155,8 +170,11 @@ def save_checkpoint(run_dir: Path, runtime: NeuronRuntime, model: nn.Module, opt
 # ------------------------------------------------------------------------------ load
 
 
-def load_latest(run_dir: Path, runtime: NeuronRuntime) -> ckpt.Checkpoint | None:
-    """This rank's view of the latest checkpoint: merged optimizer states of its shard, its scheduler and RNG."""
+def load_latest(run_dir: Path, runtime: NeuronRuntime, tied_copy: bool = False) -> ckpt.Checkpoint | None:
+    """This rank's view of the latest checkpoint: merged optimizer states of its shard, its scheduler and RNG.
+
+    `tied_copy` (`holds_tied_copy`): add stage 0's embedding states as this stage's ``lm_head.weight``'s.
+    """
     path = ckpt.latest_checkpoint(run_dir)
     if path is None:
         return None
@@ -174,14 +192,22 @@ def load_latest(run_dir: Path, runtime: NeuronRuntime) -> ckpt.Checkpoint | None
     own = blobs.get(fmt.optim_file(runtime.tp_rank, runtime.pp_rank, runtime.dp_rank), blobs[files[0].name])
     trainer_state = ckpt.TrainerState(**json.loads((path / ckpt.STATE_FILE).read_text()))
     recipe = json.loads((path / ckpt.RECIPE_FILE).read_text())
-    return ckpt.Checkpoint(path, trainer_state, recipe, fmt.merge_named_states(list(blobs.values())),
-                           own["scheduler"], own["rng"])
+    states = fmt.merge_named_states(list(blobs.values()))
+    if tied_copy:
+        embedding = fmt.merge_named_states(fmt.load_optim_files(path, runtime.tp_rank, 0))
+        if fmt.EMBEDDING in embedding:  # absent for a warm start from a plain export
+            states[fmt.TIED_HEAD] = embedding[fmt.EMBEDDING]
+    return ckpt.Checkpoint(path, trainer_state, recipe, states, own["scheduler"], own["rng"])
 
 
 def restore_weights(model: nn.Module, previous: ckpt.Checkpoint, runtime: NeuronRuntime) -> dict[str, Tensor]:
-    """Load this rank's model file into `model` (before the optimizer exists: ZeRO-1 shards copy the weights)."""
+    """Load this rank's model file into `model` (before the optimizer exists: ZeRO-1 shards copy the weights);
+    the last stage's tied ``lm_head.weight`` is stage 0's embedding."""
     file = fmt.model_file(runtime.tp_rank, runtime.pp_rank)
     tensors = fmt.load_file_tensors(previous.path / file)
+    if holds_tied_copy(runtime, model.config):
+        embedding = fmt.load_file_tensors(previous.path / fmt.model_file(runtime.tp_rank, 0))
+        tensors[fmt.TIED_HEAD] = embedding[fmt.EMBEDDING]
     fmt.load_into(model, tensors, f"{previous.path.name}/{file}")
     return tensors
 

@@ -6,12 +6,20 @@ for a compiled device: only whole batches are used (one static shape, one graph)
 and the sums stay on the device until the end, so a whole evaluation reads the
 host once. Each data-parallel rank scores its block of every global batch of
 ``train.batch_size`` sequences and the sums are added over the replicas.
+
+Under pipeline parallelism (`evaluate_pipeline`) the batches go through NxD's
+``run_eval`` and the last stage's per-micro-batch stats (`PipelineStats`) are summed,
+then added over the stages. NxD fixes the shapes passed between stages at its first
+step, so evaluation feeds ``run_eval`` exactly the training step's shape: the host rows
+of ``train.grad_accum`` global batches at a time, a short last group padded with
+unlabelled rows (they add nothing to the sums). Other sequence lengths cannot go
+through that pipeline: length generalisation beyond ×1 is skipped there.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -69,7 +77,12 @@ def evaluate_on_device(model: nn.Module, dataset: Any, batch_size: int, runtime:
             runtime.sync()  # one graph per batch, the same every batch
     finally:
         model.train(was_training)
-    nll, tokens, correct = runtime.to_cpu(runtime.sum_over_dp(sums)).tolist()
+    return _summary(runtime.to_cpu(runtime.sum_over_dp(sums)).tolist(), mqar)
+
+
+def _summary(sums: list[float], mqar: bool) -> dict[str, float]:
+    """``{"loss", "perplexity", "tokens"[, "accuracy"]}`` from ``[summed nll, labelled tokens, right answers]``."""
+    nll, tokens, correct = sums
     if tokens == 0:
         raise ValueError("evaluation dataset has no labelled tokens (all labels are -100)")
     loss = nll / tokens
@@ -79,15 +92,59 @@ def evaluate_on_device(model: nn.Module, dataset: Any, batch_size: int, runtime:
     return result
 
 
+def pipeline_eval_inputs(dataset: Any, batch_size: int, batches: int, group: int, dp: int,
+                         dp_rank: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Host ``(input_ids, labels)`` of `group` global batches at a time: this data rank's block of each,
+    in order; past the last batch the block of the last one is repeated with every label -100."""
+    local = batch_size // dp
+    for first in range(0, batches, group):
+        ids, labels = [], []
+        for j in range(first, first + group):
+            start = min(j, batches - 1) * batch_size + dp_rank * local
+            rows = _rows(dataset, start, start + local)
+            ids.append(torch.as_tensor(rows["input_ids"]))
+            block = torch.as_tensor(rows["labels"])
+            labels.append(block if j < batches else torch.full_like(block, IGNORE_INDEX))
+        yield torch.cat(ids), torch.cat(labels)
+
+
+@torch.no_grad()
+def evaluate_pipeline(model: Any, stats: Any, dataset: Any, batch_size: int, group: int, runtime: NeuronRuntime,
+                      max_batches: int | None = None, mqar: bool = False) -> dict[str, float]:
+    """`evaluate_on_device` through NxD's pipeline (``model.run_eval``); `stats` is the `PipelineStats` of
+    `model`, `group` the number of global batches per ``run_eval`` (``train.grad_accum``)."""
+    batches = whole_batches(dataset, batch_size, max_batches)
+    sums = torch.zeros(3, device=runtime.device)
+    runtime.sync()
+    for ids, labels in pipeline_eval_inputs(dataset, batch_size, batches, group, runtime.dp, runtime.dp_rank):
+        model.run_eval(input_ids=ids, labels=labels)  # NxD cuts its own graphs (mark_step around every task)
+        sums = sums + stats.eval_sums(runtime.device)
+    totals = runtime.sum_over_pp(runtime.sum_over_dp(sums))  # only the last stage holds numbers
+    return _summary(runtime.to_cpu(totals).tolist(), mqar)
+
+
+PIPELINE_LENGTH_SKIP = ("not available under parallel.pp > 1 on Trainium (NxD's pipeline keeps the first "
+                        "step's shapes); run `bmojo-neuron eval` on the exported model")
+
+
 def length_eval_on_device(model: nn.Module, recipe: Any, eval_data: Any, multipliers: Sequence[int],
-                          batch_size: int, runtime: NeuronRuntime, max_batches: int | None) -> list[LengthResult]:
-    """`bmojo_neuron.training.evaluate.length_generalisation` on the device (one graph per length)."""
+                          batch_size: int, runtime: NeuronRuntime, max_batches: int | None,
+                          pipeline_stats: Any = None) -> list[LengthResult]:
+    """`bmojo_neuron.training.evaluate.length_generalisation` on the device (one graph per length).
+
+    With `pipeline_stats` (pp > 1) the model is NxD's pipeline: ×1 is evaluated through
+    it (`evaluate_pipeline`), longer lengths are skipped (`PIPELINE_LENGTH_SKIP`).
+    """
     mqar = recipe.data.kind == "mqar"
     base = len(eval_data[0]["input_ids"])
     rows = []
     for m in (int(m) for m in multipliers):
         if m < 1:
             raise ValueError(f"length multipliers must be >= 1, got {m}")
+        if pipeline_stats is not None:
+            rows.append(LengthResult(m, base * m, skipped=PIPELINE_LENGTH_SKIP) if m != 1 else
+                        _pipeline_row(model, pipeline_stats, recipe, eval_data, batch_size, runtime, max_batches))
+            continue
         data = eval_data if m == 1 else mqar_eval_dataset(recipe, base * m) if mqar else repack(eval_data, m)
         if data is None or _size(data) < batch_size:
             have = 0 if data is None else _size(data)
@@ -98,3 +155,13 @@ def length_eval_on_device(model: nn.Module, recipe: Any, eval_data: Any, multipl
         used = whole_batches(data, batch_size, max_batches) * batch_size
         rows.append(LengthResult(m, base * m, result["loss"], result["perplexity"], result.get("accuracy"), used))
     return rows
+
+
+def _pipeline_row(model: Any, stats: Any, recipe: Any, eval_data: Any, batch_size: int, runtime: NeuronRuntime,
+                  max_batches: int | None) -> LengthResult:
+    """The ×1 row of the length table through NxD's pipeline."""
+    result = evaluate_pipeline(model, stats, eval_data, batch_size, recipe.train.grad_accum, runtime, max_batches,
+                               recipe.data.kind == "mqar")
+    used = whole_batches(eval_data, batch_size, max_batches) * batch_size
+    return LengthResult(1, len(eval_data[0]["input_ids"]), result["loss"], result["perplexity"],
+                        result.get("accuracy"), used)

@@ -21,6 +21,18 @@ specific to a compiled XLA device:
   Nothing in the step reads a device value: losses are read by a step closure at
   log steps, after the graph ran;
 - eval and checkpoints run after the step's ``mark_step``, as graphs of their own.
+
+With ``parallel.pp > 1`` the model is NxD's pipeline (``NxDPPModel`` over
+`bmojo_neuron.parallel.nxd_pipeline.PipelineCausalLM`, cut after `split_layers`'
+blocks) and a step is one ``run_train`` over the host rows of the whole step:
+``parallel.microbatches × train.grad_accum`` NxD micro-batches, so the tied-embedding
+gradient that NxD sums over the first and last stage is summed once per step. NxD
+moves the micro-batches to the device and cuts the step into graphs itself (a
+``mark_step`` before and after ``run_train`` and after every task of its schedule);
+the loop adds exactly one, for the optimizer step. The last stage's per-micro-batch
+losses come from `PipelineStats` (NxD returns only the mean loss), are summed over the
+stages inside the graph (the others contribute zeros) and read by the step closure,
+as above. Eval runs through ``run_eval`` (`evaluate_pipeline`).
 """
 
 from __future__ import annotations
@@ -66,19 +78,11 @@ def select_ops_backend() -> str:
     return os.environ.get(ENV_VAR) or DEFAULT_OPS_BACKEND
 
 
-def check_neuron_recipe(recipe: Any) -> None:
-    """What the Neuron loop cannot run, refused before anything is imported or built."""
-    if recipe.parallel.pp > 1:
-        raise ValueError("parallel.pp > 1 is not wired into the Neuron training loop yet (NxDPPModel needs its own "
-                         "run_train step; see docs/training.md); use parallel.pp=1")
-
-
 def train_on_neuron(recipe: Any, output_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
                     stop_after: int | None = None, datasets: tuple[Any, Any] | None = None) -> TrainResult:
     """`bmojo_neuron.training.loop.train` on a NeuronCore (one torchrun process per core)."""
     started = time.perf_counter()
     check_recipe(recipe)
-    check_neuron_recipe(recipe)
     runtime = NeuronRuntime.start(bf16=recipe.train.precision == "bf16")
     from bmojo_neuron.ops.dispatch import use_backend
 
@@ -97,6 +101,7 @@ class NeuronTrainer:
         self.recipe, self.rt, self.run_dir = recipe, runtime, run_dir
         self.recipe_dict = _jsonable(recipe)
         self.mqar = recipe.data.kind == "mqar"
+        self.stats: Any = None  # `PipelineStats` under pp (set with the model)
 
     # ------------------------------------------------------------------ set-up
 
@@ -108,12 +113,14 @@ class NeuronTrainer:
         r = self.recipe
         validate_for_trainium(r, self.rt.world)  # shapes the kernels tile, degrees, batch divisible by dp
         return nxd_config(r.parallel, r.train.activation_checkpointing, r.train.precision == "bf16",
-                          model_config=r.model_config(), max_grad_norm=r.optim.grad_clip)
+                          model_config=r.model_config(), max_grad_norm=r.optim.grad_clip,
+                          grad_accum=r.train.grad_accum)
 
     def _load_previous(self, resume: bool) -> ckpt.Checkpoint | None:
-        from bmojo_neuron.training.neuron_checkpoint import load_latest
+        from bmojo_neuron.training.neuron_checkpoint import holds_tied_copy, load_latest
 
-        previous = load_latest(self.run_dir, self.rt) if resume else None
+        tied_copy = holds_tied_copy(self.rt, self.recipe.model_config())
+        previous = load_latest(self.run_dir, self.rt, tied_copy) if resume else None
         if previous is None and not resume and has_run(self.run_dir):
             raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it, or pick another "
                              "--output-dir")
@@ -127,18 +134,28 @@ class NeuronTrainer:
         from bmojo_neuron.parallel.nxd_training import build_nxd_model
         from bmojo_neuron.training.neuron_checkpoint import restore_weights
 
-        config = self.recipe.model_config()
-        model = build_nxd_model(config, nxd_cfg, one_device_init=True)  # on the XLA device, NxD-wrapped
+        config, rt = self.recipe.model_config(), self.rt
+        model = build_nxd_model(config, nxd_cfg, one_device_init=True, count_correct=self.mqar)  # NxD-wrapped
         if self.recipe.train.precision == "bf16":
             model.to(torch.bfloat16)  # before the optimizer: ZeRO-1 takes its fp32 master copies from these
+        self.stats = self._pipeline_stats(model, nxd_cfg)
         full_shapes = fmt.shard_shapes(config, 1)
-        local_shapes = {k: v.shape for k, v in model.state_dict().items()}
+        local_shapes = {**fmt.shard_shapes(config, rt.tp, rt.tp_rank),  # every stage's (a stage holds its own)
+                        **{k: v.shape for k, v in model.state_dict().items()}}
         p = self.recipe.parallel
-        self.meta = fmt.parallel_meta(full_shapes, local_shapes, self.rt.tp, self.rt.pp, self.rt.dp, p.sp, p.zero1)
-        mark_tensor_shards(model, self.meta["split_dims"], self.rt.nxd_utils)
+        self.meta = fmt.parallel_meta(full_shapes, local_shapes, rt.tp, rt.pp, rt.dp, p.sp, p.zero1)
+        mark_tensor_shards(model, self.meta["split_dims"], rt.nxd_utils)
         self.params = sum(torch.Size(s).numel() for k, s in full_shapes.items() if k not in fmt.tied_names(config))
-        weights = restore_weights(model, previous, self.rt) if previous is not None else {}
+        weights = restore_weights(model, previous, rt) if previous is not None else {}
         return model, weights
+
+    def _pipeline_stats(self, model: nn.Module, nxd_cfg: dict) -> Any:
+        """Under pp: the `PipelineStats` hook on the last stage (records nothing elsewhere); else None."""
+        if self.rt.pp == 1:
+            return None
+        from bmojo_neuron.parallel.nxd_pipeline import PipelineStats
+
+        return PipelineStats.of(model, nxd_cfg["pipeline_config"]["num_microbatches"], self.rt.last_stage)
 
     # ------------------------------------------------------------------ the run
 
@@ -199,19 +216,24 @@ class NeuronTrainer:
     # ------------------------------------------------------------------ steps
 
     def _device_batches(self) -> Any:
-        """The host loader of the remaining steps, wrapped in torch-xla's ``MpDeviceLoader``."""
+        """The host loader of the remaining steps, wrapped in torch-xla's ``MpDeviceLoader`` (under pp NxD
+        takes host tensors and moves its micro-batches itself)."""
         from bmojo_neuron.neuron import import_neuron_module
 
         t, state, rt = self.recipe.train, self.state, self.rt
         sampler = StepRows(len(self.train_data), t.batch_size, self.recipe.run.seed, state.epoch, state.position,
                            t.grad_accum, rt.dp_rank, rt.dp, t.steps - state.step)
+        loader = step_loader(self.train_data, sampler)
+        if rt.pp > 1:
+            return iter(loader)
         loader_module = import_neuron_module("torch_xla.distributed.parallel_loader", FEATURE)
-        return iter(loader_module.MpDeviceLoader(step_loader(self.train_data, sampler), rt.device))
+        return iter(loader_module.MpDeviceLoader(loader, rt.device))
 
     def _train_steps(self, stop_after: int | None) -> dict[str, float]:
         r, state = self.recipe, self.state
         t, e, c = r.train, r.eval, r.checkpoint
-        self.model.train()
+        if self.rt.pp == 1:  # under pp NxD's run_train / run_eval set the stages' mode themselves
+            self.model.train()
         batches = self._device_batches()
         self.log = LogWindow(self.recipe.train.batch_size * t.grad_accum * len(self.train_data[0]["input_ids"]))
         start_epoch, start_position, per_epoch = state.epoch, state.position, len(self.train_data) // t.batch_size
@@ -238,11 +260,9 @@ class NeuronTrainer:
         return eval_result
 
     def _step(self, batch: dict[str, Tensor], log_now: bool, step: int) -> None:
-        """Trace one optimizer step and run it with exactly one ``mark_step``; no host read inside."""
-        t, rt = self.recipe.train, self.rt
-        losses = torch.zeros(3, device=rt.device)
-        for ids, labels in micro_batches(batch, t.grad_accum):
-            losses = losses + _micro_step(self.model, ids, labels, t.grad_accum)
+        """Trace one optimizer step and run it with exactly one ``mark_step`` of ours; no host read inside."""
+        rt = self.rt
+        losses = self._pipeline_losses(batch) if rt.pp > 1 else self._accumulated_losses(batch)
         losses = rt.mean_over_dp(losses)  # the logged loss is the global batch's
         self.optimizer.step()  # NxD: gradients averaged over data ranks, clipped (grad_norm), AdamW
         self.scheduler.step()
@@ -254,6 +274,20 @@ class NeuronTrainer:
             rt.add_step_closure(self._log_train, (self.log.take(), step, self.scheduler.get_last_lr()[0],
                                                   self.state.tokens + self.log.tokens_per_step))
         rt.sync()
+
+    def _accumulated_losses(self, batch: dict[str, Tensor]) -> Tensor:
+        """Forward + backward of the step's ``train.grad_accum`` micro-batches; ``[loss, lm_loss, aux_loss]``."""
+        t = self.recipe.train
+        losses = torch.zeros(3, device=self.rt.device)
+        for ids, labels in micro_batches(batch, t.grad_accum):
+            losses = losses + _micro_step(self.model, ids, labels, t.grad_accum)
+        return losses
+
+    def _pipeline_losses(self, batch: dict[str, Tensor]) -> Tensor:
+        """NxD's pipeline over the step's host rows (forward, backward, shared-gradient sums; its own
+        ``mark_step``s); ``[loss, lm_loss, aux_loss]`` of the last stage, on every stage."""
+        self.model.run_train(input_ids=batch["input_ids"], labels=batch["labels"])
+        return self.rt.sum_over_pp(self.stats.train_losses(self.rt.device))
 
     def _log_train(self, records: list[Tensor], step: int, lr: float, tokens: int) -> None:
         """Step closure of a log step: the device values are ready; one host copy of them all."""
@@ -269,11 +303,15 @@ class NeuronTrainer:
     # ------------------------------------------------------------------ eval, checkpoints, export
 
     def _evaluate(self) -> dict[str, float]:
-        from bmojo_neuron.training.neuron_eval import evaluate_on_device
+        from bmojo_neuron.training.neuron_eval import evaluate_on_device, evaluate_pipeline
 
         r = self.recipe
-        result = evaluate_on_device(self.model, self.eval_data, r.train.batch_size, self.rt, r.eval.batches,
-                                    self.mqar)
+        if self.rt.pp > 1:
+            result = evaluate_pipeline(self.model, self.stats, self.eval_data, r.train.batch_size,
+                                       r.train.grad_accum, self.rt, r.eval.batches, self.mqar)
+        else:
+            result = evaluate_on_device(self.model, self.eval_data, r.train.batch_size, self.rt, r.eval.batches,
+                                        self.mqar)
         self.logger.log({"type": "eval", "step": self.state.step, **{f"eval_{k}": v for k, v in result.items()}})
         self.bar.write(f"step {self.state.step}: " + ", ".join(f"eval {k} {v:.4g}" for k, v in result.items()
                                                                  if k != "tokens"))
@@ -299,7 +337,7 @@ class NeuronTrainer:
         multipliers = [int(m) for m in (r.eval.length_multipliers or [])]
         if any(m != 1 for m in multipliers):
             lengths = length_eval_on_device(self.model, r, self.eval_data, multipliers, r.train.batch_size, rt,
-                                            r.eval.batches)
+                                            r.eval.batches, self.stats)
             if rt.is_main:
                 (self.run_dir / LENGTH_FILE).write_text(json.dumps([x.__dict__ for x in lengths], indent=2))
                 plot_length(lengths, self.run_dir / LENGTH_PLOT, title=r.run.name)

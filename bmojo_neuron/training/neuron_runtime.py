@@ -12,8 +12,12 @@ in 2.9), ``xm.xla_device``, ``xm.add_step_closure(fn, args)`` (run in order afte
 the graph of the step executed), ``xm.all_reduce(REDUCE_SUM, t, scale, groups)``,
 ``xm.all_gather(t, dim, groups, pin_layout)``, ``xm.rendezvous(tag)``,
 ``xm.get_rng_state`` / ``set_rng_state``; ``torch_xla.distributed.xla_backend``
-registers the ``"xla"`` process-group backend; NxD's ``parallel_state`` getters and
+registers the ``"xla"`` process-group backend; NxD's ``parallel_state`` getters
+(``get_pipeline_model_parallel_replica_groups`` among them) and
 ``parallel_layers.utils.move_all_tensor_to_cpu`` (one sync for many tensors).
+
+Before NxD is imported, `bmojo_neuron.parallel.nxd_compat.provide_transformers_fx`
+gives it the ``transformers.utils.fx`` module it imports (gone in transformers 5).
 """
 
 from __future__ import annotations
@@ -54,6 +58,9 @@ class NeuronRuntime:
     @classmethod
     def start(cls, bf16: bool) -> NeuronRuntime:
         """Check the packages, join (or create) the ``xla`` process group and pick this process's XLA device."""
+        from bmojo_neuron.parallel.nxd_compat import provide_transformers_fx
+
+        provide_transformers_fx()  # before NxD's first import (the package check imports it)
         require_neuron_training()
         if bf16:  # pure bf16 weights need stochastic rounding in the runtime (trainium.md); read when it starts
             os.environ.setdefault(STOCHASTIC_ROUNDING, "1")
@@ -101,6 +108,11 @@ class NeuronRuntime:
     def dp_rank(self) -> int:
         return self.state.get_data_parallel_rank()
 
+    @property
+    def last_stage(self) -> bool:
+        """Whether this rank runs the last pipeline stage (always with pp = 1)."""
+        return self.pp_rank == self.pp - 1
+
     # ------------------------------------------------------------------ graph and host
 
     def sync(self) -> None:
@@ -141,6 +153,14 @@ class NeuronRuntime:
         if self.dp == 1:
             return x
         return self.xm.all_reduce(self.xm.REDUCE_SUM, x, groups=self.state.get_data_parallel_replica_groups())
+
+    def sum_over_pp(self, x: Tensor) -> Tensor:
+        """Sum over the pipeline stages (inside the graph; identity for pp = 1): the last stage's numbers
+        on every stage when the others contribute zeros."""
+        if self.pp == 1:
+            return x
+        return self.xm.all_reduce(self.xm.REDUCE_SUM, x,
+                                  groups=self.state.get_pipeline_model_parallel_replica_groups())
 
     def gather_over(self, x: Tensor, groups: Any) -> Tensor:
         """Concatenation along dim 0 of `x` from every rank of this rank's group in `groups`."""

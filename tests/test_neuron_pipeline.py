@@ -1,0 +1,310 @@
+"""Pipeline parallelism in the Neuron training loop (``parallel.pp > 1`` through NxD) on test doubles.
+
+No Neuron here. `neuron_doubles` plays torch-xla 2.9 and NxD 0.17; its ``NxDPPModel``
+(`nxd_pp_double`) traces and cuts the model with ``torch.fx`` as NxD 0.17 does and runs
+one stage per process, sending activations and gradients over gloo. Two spawned ranks
+(pp = 2) run `train()` on a ``run.device: neuron`` recipe through the real loop, and the
+results must equal the one-process CPU loop on the same recipe.
+
+The model is ``BMB`` (eidetic memory on both stages: the innovation sum crosses the cut
+and its gradient flows back) with tied embeddings (NxD shares the Parameter between the
+first and last stage). ``train.grad_accum=2`` × ``parallel.microbatches=2`` gives NxD
+4 micro-batches per step; ``eval.batches=3`` makes evaluation pad its last group.
+
+Tolerances (float32): logged losses, gradient norms and eval numbers rtol 1e-5; final
+weights rtol 1e-5 with atol 1e-5 (as in tests/test_pipeline_training.py: splitting a
+batch into micro-batches changes float32 summation order, which moves an AdamW update
+of a near-zero gradient by a visible fraction of lr). A resumed run of the same degrees
+is compared bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import neuron_doubles
+import nxd_pp_double
+from bmojo_neuron import BMojoForCausalLM, cli
+from bmojo_neuron.parallel import checkpoint_format as fmt
+from bmojo_neuron.parallel.pipeline import stage_of
+from bmojo_neuron.recipes import ParallelSection, Recipe
+from bmojo_neuron.training import checkpoint as ckpt
+from bmojo_neuron.training import loop
+from test_neuron_train import TINY
+
+WORLD = 2
+STEPS = 4
+PP = {"parallel.pp": 2, "parallel.microbatches": 2}
+NXD_MICROBATCHES = 4  # parallel.microbatches × train.grad_accum
+SETTINGS = {"model.num_hidden_layers": 3, "model.layer_pattern": "BMB", "train.steps": STEPS, "eval.every": 2,
+            "eval.batches": 3, "eval.length_multipliers": [1, 2], "checkpoint.every": 2}
+ZERO1 = {"parallel.zero1": True, "train.activation_checkpointing": True}
+RTOL, ATOL = 1e-5, 1e-5
+TRAIN_KEYS = ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "tokens")
+EVAL_KEYS = ("eval_loss", "eval_accuracy", "eval_tokens")
+
+
+def recipe(**overrides) -> Recipe:
+    return Recipe.from_dict(TINY).with_overrides({**SETTINGS, **overrides})
+
+
+def _train(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["type"] == "train"]
+
+
+def _evals(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["type"] == "eval"]
+
+
+@pytest.fixture
+def doubles(monkeypatch):
+    monkeypatch.setenv("BMOJO_OPS_BACKEND", "torch")
+    return neuron_doubles.install(monkeypatch)
+
+
+# ------------------------------------------------------------------ the traced pipeline model (one process)
+
+
+def _reference(config, ids, labels):
+    """The model, and its [loss, lm_loss, aux_loss, tokens, right answers] (read before the wrapper adopts its
+    layers). Every other label is the model's own guess, so some answers are right."""
+    model = BMojoForCausalLM(config)
+    with torch.no_grad():
+        guesses = model(ids).logits[:, :-1].argmax(-1)
+        labels = labels.clone()
+        labels[:, 1::2] = torch.where(labels[:, 1::2] == -100, -100, guesses[:, ::2])
+        out = model(ids, labels=labels)
+    scored = labels[:, 1:] != -100
+    correct = ((out.logits[:, :-1].argmax(-1) == labels[:, 1:]) & scored).sum()
+    return model, labels, torch.stack([out.loss, out.lm_loss, out.aux_loss, scored.sum().float(), correct.float()])
+
+
+def test_pipeline_causal_lm_is_the_model():
+    """Same losses and counts as `BMojoForCausalLM` for every layer kind; same parameters, names and tie."""
+    from naive import tiny_config
+
+    from bmojo_neuron.parallel.nxd_pipeline import PipelineCausalLM
+
+    config = tiny_config(num_hidden_layers=5, layer_pattern="BFMSA", num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (2, 24))
+    labels = torch.where(torch.rand(2, 24) < 0.5, ids, torch.full_like(ids, -100))
+    model, labels, want = _reference(config, ids, labels)
+    names = [n for n, _ in model.named_parameters()]
+    wrapped = PipelineCausalLM(model, count_correct=True)
+    assert wrapped.memory_layers == 1 and [n for n, _ in wrapped.named_parameters()] == names
+    assert wrapped.lm_head.weight is wrapped.model.embed_tokens.weight
+    with torch.no_grad():
+        loss, stats = wrapped(ids, labels)
+    torch.testing.assert_close(stats, want, rtol=1e-6, atol=0)
+    assert stats[2] > 0 and 0 < stats[4] < stats[3] and loss == stats[0]
+
+
+def _nxd_model(doubles, pattern: str, tied: bool):
+    """A `BMojoForCausalLM` built with NxD's (double) layers, and the `PipelineCausalLM` of it."""
+    from naive import tiny_config
+
+    from bmojo_neuron.layers.factory import use_layer_factory
+    from bmojo_neuron.parallel.nxd import NxDTensorParallelFactory
+    from bmojo_neuron.parallel.nxd_pipeline import PipelineCausalLM
+
+    config = tiny_config(num_hidden_layers=len(pattern), layer_pattern=pattern, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (2, 24))
+    with use_layer_factory(NxDTensorParallelFactory()):
+        model, labels, want = _reference(config, ids, ids)
+    return config, PipelineCausalLM(model, count_correct=True), ids, labels, want
+
+
+def test_pipeline_config_traces_and_cuts_where_nxd_needs_it(doubles):
+    """NxD's tracing of `PipelineCausalLM` with our pipeline_config: cut after `split_layers`' blocks (not NxD's
+    auto split), stages equal to the model, only batch-first tensors crossing the cut, the tied embedding one
+    Parameter in both stages. Dropping our leaf / autowrap settings breaks the trace, as it would in NxD."""
+    from bmojo_neuron.parallel.nxd_training import pipeline_config
+
+    config, wrapped, ids, labels, want = _nxd_model(doubles, "BMB", tied=True)
+    cfg = pipeline_config(ParallelSection(pp=2, microbatches=2), config, grad_accum=2)
+    assert cfg["pipeline_cuts"] == ["model.layers.1"] and cfg["num_microbatches"] == NXD_MICROBATCHES
+    layers = [f"model.layers.{i}" for i in range(3)]
+    assert nxd_pp_double.create_partitions(2, layers) == ["model.layers.0"]  # NxD's auto_partition would differ
+
+    def traced(**drop):
+        settings = {k: v for k, v in cfg.items() if k not in drop}
+        return nxd_pp_double.trace(wrapped, settings["input_names"], [*settings.get("leaf_module_cls", []),
+                                   cfg["transformer_layer_cls"].__name__], settings.get("autowrap_modules", []), [],
+                                   doubles.env)
+
+    top, qualnames = nxd_pp_double.split(traced(), cfg["pipeline_cuts"])
+    owner, inputs = nxd_pp_double.stage_io(top)
+    crossing = [a for a in inputs[1] if a.op != "placeholder"]
+    values = {}
+    top.submod_0.register_forward_hook(lambda m, a, out: values.update(out=out))
+    with torch.no_grad():
+        loss, stats = top(input_ids=ids, labels=labels)
+    torch.testing.assert_close(stats, want, rtol=1e-6, atol=0)
+    leaves = [t for t in torch.utils._pytree.tree_leaves(values["out"]) if isinstance(t, torch.Tensor)]
+    assert len(crossing) == 1 and [t.dim() for t in leaves] == [3, 1]  # (hidden, innovation sum)
+    stages = [{qualnames[f"submod_{k}.{n.split('.')[0]}"] + n[len(n.split('.')[0]):]
+               for n, _ in top.get_submodule(f"submod_{k}").named_parameters(remove_duplicate=False)} for k in (0, 1)]
+    for k, names in enumerate(stages):
+        assert names == {n for n in wrapped.state_dict() if stage_of(n, config, 2) == k}, k
+    assert top.submod_0.model_embed_tokens.weight is top.submod_1.lm_head.weight  # NxD shares it
+
+    # without our RMSNorm leaf, its weight is read by the traced top level: NxD cannot pass it between stages
+    with pytest.raises(RuntimeError, match="model.norm.weight"):
+        nxd_pp_double.stage_io(nxd_pp_double.split(traced(leaf_module_cls=True), cfg["pipeline_cuts"])[0])
+    # without NxD's loss_functions in autowrap_modules, its autograd Function is traced into
+    with pytest.raises(RuntimeError, match="autowrap_modules"):
+        traced(autowrap_modules=True)
+
+
+def test_trainium_checks_accept_tied_embeddings_under_pp():
+    """The Trn1 recipes tie their embeddings; pp > 1 used to be refused for them before anything ran."""
+    from bmojo_neuron.launch.plan import validate_for_trainium
+    from bmojo_neuron.recipes import load_recipe
+
+    r = load_recipe("trn1/bmojo-130m", ["parallel.pp=2", "train.batch_size=128"])
+    assert r.model_config().tie_word_embeddings
+    validate_for_trainium(r, 32)
+
+
+# ------------------------------------------------------------------ training on two ranks (spawned)
+
+
+def _worker(rank: int, init: str, out: str) -> None:
+    os.environ["BMOJO_OPS_BACKEND"] = "torch"
+    os.environ.pop("WORLD_SIZE", None)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)
+    patch = pytest.MonkeyPatch()
+    log = neuron_doubles.install(patch)
+    out_dir, summary = Path(out), {}
+    try:
+        with neuron_doubles.host_reads_in_steps(log) as reads:
+            whole = loop.train(recipe(**PP), out_dir / "whole", progress=False)
+        summary["whole"] = _summary(whole, log, reads)
+        loop.train(recipe(**PP), out_dir / "cut", progress=False, stop_after=2)
+        summary["resumed"] = _summary(loop.train(recipe(**PP), out_dir / "cut", resume=True, progress=False))
+        loop.train(recipe(**PP, **ZERO1), out_dir / "zero1", progress=False, stop_after=2)
+        summary["zero1"] = _summary(loop.train(recipe(**PP, **ZERO1), out_dir / "zero1", resume=True,
+                                               progress=False))
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(summary))
+    finally:
+        patch.undo()
+        dist.destroy_process_group()
+
+
+def _summary(result, log=None, reads=None) -> dict:
+    out = {"metrics": result.metrics, "lengths": [x.__dict__ for x in result.length_eval],
+           "final": str(result.final_dir)}
+    if log is not None:
+        out["log"] = {"syncs": log.syncs, "violations": log.violations, "reads": reads,
+                      "train_forwards": log.train_forwards, "eval_forwards": log.eval_forwards,
+                      "closures_run": log.closures_run, "pipeline": log.calls["pipeline"],
+                      "shared": log.calls["shared_weights"]}
+    return json.loads(json.dumps(out, default=str))  # a copy: the doubles' log goes on recording
+
+
+@pytest.fixture(scope="module")
+def pp_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("neuron-pp")
+    mp.start_processes(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, start_method="spawn", join=True)
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory) -> loop.TrainResult:
+    return loop.train(recipe(**{"run.device": "cpu"}), tmp_path_factory.mktemp("cpu"), progress=False)
+
+
+def _assert_numbers_equal(got: dict, cpu: loop.TrainResult) -> None:
+    for g, w in zip(_train(got["metrics"]), _train(cpu.metrics), strict=True):
+        for key in TRAIN_KEYS:
+            assert g[key] == pytest.approx(w[key], rel=RTOL), (g["step"], key)
+    for g, w in zip(_evals(got["metrics"]), _evals(cpu.metrics), strict=True):
+        assert (g["step"], *[g[k] for k in EVAL_KEYS]) == pytest.approx((w["step"], *[w[k] for k in EVAL_KEYS]),
+                                                                         rel=RTOL)
+    one, two = got["lengths"]
+    assert one["loss"] == pytest.approx(cpu.length_eval[0].loss, rel=RTOL) and one["sequences"] == 12
+    assert two["loss"] is None and "parallel.pp" in two["skipped"]
+    final = BMojoForCausalLM.from_pretrained(got["final"]).state_dict()
+    for name, tensor in BMojoForCausalLM.from_pretrained(cpu.final_dir).state_dict().items():
+        torch.testing.assert_close(final[name], tensor, rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_pipeline_run_equals_the_cpu_run(pp_runs, cpu_run):
+    _, (main, _) = pp_runs
+    assert [r["step"] for r in _train(main["whole"]["metrics"])] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in _evals(main["whole"]["metrics"])] == [2, 4]
+    _assert_numbers_equal(main["whole"], cpu_run)
+
+
+def test_pipeline_step_marks_once_reads_nothing_and_passes_nxd_our_settings(pp_runs):
+    """Each rank: NxD cuts its own graphs inside run_train; our loop adds exactly one mark_step per step, no
+    host read inside a step, the loss stays on the device; NxD got host batches, our cuts and spec, and shares
+    the tied embedding between stage 0 (the embedding) and stage 1 (lm_head)."""
+    _, ranks = pp_runs
+    for rank, summary in enumerate(ranks):
+        log = summary["whole"]["log"]
+        assert log["reads"] == [] and log["violations"] == [], rank
+        ours = [s for s in log["syncs"] if s["source"] == "code" and s["step_work"]]
+        assert len(ours) == STEPS and not any(s["source"] == "loader" for s in log["syncs"])
+        assert sum(s["source"] == "pipeline" for s in log["syncs"]) > 2 * STEPS
+        assert log["closures_run"] == STEPS
+        assert log["train_forwards"] == STEPS * NXD_MICROBATCHES
+        assert log["eval_forwards"] == 3 * 2 * NXD_MICROBATCHES  # 2 evals + the ×1 length row, 2 groups each
+        pipeline = log["pipeline"]
+        assert pipeline["pipeline_cuts"] == ["model.layers.1"] and pipeline["num_microbatches"] == NXD_MICROBATCHES
+        assert pipeline["return_loss_on_cpu"] is False and pipeline["use_optimizer_wrapper"] is True
+        assert pipeline["tracer_cls"] == "torch" and pipeline["auto_partition"] is False
+        assert pipeline["output_loss_value_spec"] == [True, False] and pipeline["input_names"] == ["input_ids",
+                                                                                                  "labels"]
+        assert log["shared"] == [["model_embed_tokens.weight"], ["lm_head.weight"]][rank]
+
+
+def test_pipeline_checkpoints_hold_each_stage_and_consolidate(pp_runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out, (main, _) = pp_runs
+    run_dir = out / "whole"
+    last = ckpt.latest_checkpoint(run_dir)
+    assert sorted(p.name for p in last.iterdir()) == [
+        "config.json", "optim-00-00-000.pt", "optim-00-01-000.pt", "parallel.json", "rank-00-00.safetensors",
+        "rank-00-01.safetensors", "recipe.json", "trainer_state.json"]
+    config = recipe().model_config()
+    full = set(fmt.shard_shapes(config, 1)) - {fmt.TIED_HEAD}  # the tied head is the embedding, stored once
+    for stage in (0, 1):
+        names = set(load_file(str(last / fmt.model_file(0, stage))))
+        assert names == {n for n in full if stage_of(n, config, 2) == stage}, stage
+        states = torch.load(last / fmt.optim_file(0, stage, 0), weights_only=False)["optimizer"]
+        assert set(states) == names, stage
+    assert json.loads((last / "parallel.json").read_text())["pp"] == 2
+    assert cli.main(["checkpoint", "consolidate", str(run_dir), str(tmp_path / "full")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "full")
+    for name, tensor in BMojoForCausalLM.from_pretrained(main["whole"]["final"]).state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+def test_pipeline_resume_reproduces_the_uninterrupted_run(pp_runs):
+    _, (main, _) = pp_runs
+    keys = ("step", *TRAIN_KEYS)
+    assert [[r[k] for k in keys] for r in _train(main["resumed"]["metrics"])] == \
+        [[r[k] for k in keys] for r in _train(main["whole"]["metrics"])]  # bitwise
+    resumed = BMojoForCausalLM.from_pretrained(main["resumed"]["final"]).state_dict()
+    for name, tensor in BMojoForCausalLM.from_pretrained(main["whole"]["final"]).state_dict().items():
+        assert torch.equal(resumed[name], tensor), name
+
+
+def test_pipeline_zero1_with_activation_checkpointing_resumes_to_the_cpu_run(pp_runs, cpu_run):
+    """ZeRO-1 (the tied copy's states and master weight restored from stage 0's files) + activation
+    checkpointing of the pipeline's layers, cut and resumed: the one-process numbers."""
+    _, (main, _) = pp_runs
+    _assert_numbers_equal(main["zero1"], cpu_run)
