@@ -77,6 +77,17 @@ def test_pipeline_stages_split_layers_and_sum_to_the_model():
     assert plan.dp == 8 and plan.rank_layout["stages"][1]["ranks"][:2] == [1, 5]
 
 
+def test_tied_embeddings_under_pp_count_the_last_stage_copy():
+    r = recipe("trn1/bmojo-130m", "parallel.pp=4", "train.batch_size=32")
+    config = r.model_config()
+    stages = stage_parameters(config, 1, 4)
+    copy = config.vocab_size * config.hidden_size  # the last stage's lm_head copy of the embedding
+    assert sum(s.total for s in stages) == count_parameters(r) + copy
+    untied = stage_parameters(r.with_overrides(["model.tie_word_embeddings=false"]).model_config(), 1, 4)
+    assert [s.total for s in stages] == [s.total for s in untied]  # the same tensors, the copy included
+    assert stage_parameters(config, 1, 1)[0].total == count_parameters(r)  # one stage: no copy
+
+
 def test_over_budget_raises_before_anything_else():
     r = recipe("trn1/bmojo-1.4b", "parallel.tp=1", "model.ssm_n_groups=1", "parallel.zero1=false",
                "train.activation_checkpointing=false", "train.batch_size=32")

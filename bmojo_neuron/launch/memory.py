@@ -117,8 +117,9 @@ def _layer_index(name: str) -> int | None:
 def stage_parameters(config: Any, tp: int, pp: int) -> list[StageParams]:
     """Exact parameter counts per pipeline stage for one tensor rank (meta device, instant).
 
-    Stage 0 holds the embedding, the last stage the final norm and ``lm_head`` (a tied
-    ``lm_head`` is the embedding and is counted once, on stage 0).
+    Stage 0 holds the embedding, the last stage the final norm and ``lm_head``. A tied
+    ``lm_head`` is the embedding itself with one stage; with several, the last stage
+    holds its own copy (kept equal by summing the two gradients), counted there too.
     """
     from bmojo_neuron.parallel.checkpoint_format import shard_shapes, tied_names
     from bmojo_neuron.parallel.pipeline import split_layers
@@ -128,7 +129,7 @@ def stage_parameters(config: Any, tp: int, pp: int) -> list[StageParams]:
     full = shard_shapes(config, 1)
     local = full if tp == 1 else shard_shapes(config, tp)
     out = [StageParams(s, list(block), 0, 0) for s, block in enumerate(blocks)]
-    skip = tied_names(config)
+    skip = tied_names(config) if pp == 1 else set()
     for name, shape in local.items():
         if name in skip:
             continue
