@@ -74,13 +74,18 @@ def check_options(argv: list[str], known: set[str], tool: str) -> None:
     assert used <= known, f"{tool} has no option {sorted(used - known)} (in {shlex.join(argv)})"
 
 
-def parse_cli(argv: list[str]):
-    """The real `bmojo-neuron` parser on argv; a usage error fails the test with argparse's message."""
-    parser = build_parser()
+def parse_or_fail(parser, argv: list[str], tool: str):
+    """`parser` on argv; a usage error fails the test with argparse's message."""
     try:
-        args = parser.parse_args(argv)
+        return parser.parse_args(argv)
     except SystemExit as exc:
-        pytest.fail(f"bmojo-neuron rejects {shlex.join(argv)} (exit {exc.code})")
+        pytest.fail(f"{tool} rejects {shlex.join(argv)} (exit {exc.code})")
+
+
+def parse_cli(argv: list[str]):
+    """The real `bmojo-neuron` parser on argv."""
+    parser = build_parser()
+    args = parse_or_fail(parser, argv, "bmojo-neuron")
     check_options(argv, option_strings(parser), "bmojo-neuron")
     return args
 
@@ -89,10 +94,7 @@ def parse_torchrun(argv: list[str]):
     from torch.distributed.run import get_args_parser
 
     parser = get_args_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        pytest.fail(f"torchrun rejects {shlex.join(argv)} (exit {exc.code})")
+    args = parse_or_fail(parser, argv, "torchrun")
     script_at = argv.index(args.training_script)
     check_options(argv[:script_at], option_strings(parser), "torchrun")
     return args

@@ -1,7 +1,7 @@
 """Pipeline parallelism in the Neuron training loop (``parallel.pp > 1`` through NxD) on test doubles.
 
-No Neuron here. `neuron_doubles` plays torch-xla 2.9 and NxD 0.17; its ``NxDPPModel``
-(`nxd_pp_double`) traces and cuts the model with ``torch.fx`` as NxD 0.17 does and runs
+No Neuron here. `doubles.neuron_sdk` plays torch-xla 2.9 and NxD 0.17; its ``NxDPPModel``
+(`doubles.nxd_pp`) traces and cuts the model with ``torch.fx`` as NxD 0.17 does and runs
 one stage per process, sending activations and gradients over gloo. Two spawned ranks
 (pp = 2) run `train()` on a ``run.device: neuron`` recipe through the real loop, and the
 results must equal the one-process CPU loop on the same recipe.
@@ -28,17 +28,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from doubles import neuron_sdk, nxd_pp
 from safetensors.torch import load_file
+from test_neuron_train import TINY
 
-import neuron_doubles
-import nxd_pp_double
 from bmojo_neuron import BMojoForCausalLM, cli
 from bmojo_neuron.parallel import checkpoint_format as fmt
 from bmojo_neuron.parallel.pipeline import stage_of
 from bmojo_neuron.recipes import ParallelSection, Recipe
 from bmojo_neuron.training import checkpoint as ckpt
 from bmojo_neuron.training import loop
-from test_neuron_train import TINY
 
 WORLD = 2
 STEPS = 4
@@ -67,7 +66,7 @@ def _evals(records: list[dict]) -> list[dict]:
 @pytest.fixture
 def doubles(monkeypatch):
     monkeypatch.setenv("BMOJO_OPS_BACKEND", "torch")
-    return neuron_doubles.install(monkeypatch)
+    return neuron_sdk.install(monkeypatch)
 
 
 # ------------------------------------------------------------------ the traced pipeline model (one process)
@@ -134,16 +133,16 @@ def test_pipeline_config_traces_and_cuts_where_nxd_needs_it(doubles):
     cfg = pipeline_config(ParallelSection(pp=2, microbatches=2), config, grad_accum=2)
     assert cfg["pipeline_cuts"] == ["model.layers.1"] and cfg["num_microbatches"] == NXD_MICROBATCHES
     layers = [f"model.layers.{i}" for i in range(3)]
-    assert nxd_pp_double.create_partitions(2, layers) == ["model.layers.0"]  # NxD's auto_partition would differ
+    assert nxd_pp.create_partitions(2, layers) == ["model.layers.0"]  # NxD's auto_partition would differ
 
     def traced(**drop):
         settings = {k: v for k, v in cfg.items() if k not in drop}
-        return nxd_pp_double.trace(wrapped, settings["input_names"], [*settings.get("leaf_module_cls", []),
+        return nxd_pp.trace(wrapped, settings["input_names"], [*settings.get("leaf_module_cls", []),
                                    cfg["transformer_layer_cls"].__name__], settings.get("autowrap_modules", []), [],
                                    doubles.env)
 
-    top, qualnames = nxd_pp_double.split(traced(), cfg["pipeline_cuts"])
-    owner, inputs = nxd_pp_double.stage_io(top)
+    top, qualnames = nxd_pp.split(traced(), cfg["pipeline_cuts"])
+    owner, inputs = nxd_pp.stage_io(top)
     crossing = [a for a in inputs[1] if a.op != "placeholder"]
     values = {}
     top.submod_0.register_forward_hook(lambda m, a, out: values.update(out=out))
@@ -160,7 +159,7 @@ def test_pipeline_config_traces_and_cuts_where_nxd_needs_it(doubles):
 
     # without our RMSNorm leaf, its weight is read by the traced top level: NxD cannot pass it between stages
     with pytest.raises(RuntimeError, match="model.norm.weight"):
-        nxd_pp_double.stage_io(nxd_pp_double.split(traced(leaf_module_cls=True), cfg["pipeline_cuts"])[0])
+        nxd_pp.stage_io(nxd_pp.split(traced(leaf_module_cls=True), cfg["pipeline_cuts"])[0])
     # without NxD's loss_functions in autowrap_modules, its autograd Function is traced into
     with pytest.raises(RuntimeError, match="autowrap_modules"):
         traced(autowrap_modules=True)
@@ -185,10 +184,10 @@ def _worker(rank: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)
     patch = pytest.MonkeyPatch()
-    log = neuron_doubles.install(patch)
+    log = neuron_sdk.install(patch)
     out_dir, summary = Path(out), {}
     try:
-        with neuron_doubles.host_reads_in_steps(log) as reads:
+        with neuron_sdk.host_reads_in_steps(log) as reads:
             whole = loop.train(recipe(**PP), out_dir / "whole", progress=False)
         summary["whole"] = _summary(whole, log, reads)
         loop.train(recipe(**PP), out_dir / "cut", progress=False, stop_after=2)

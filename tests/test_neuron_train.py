@@ -1,6 +1,6 @@
 """The Neuron training loop (`bmojo_neuron.training.neuron_loop`) on the torch-xla / NxD test doubles.
 
-No Neuron here: `neuron_doubles` plays torch-xla 2.9 and NxD 0.17 on the CPU (one
+No Neuron here: `doubles.neuron_sdk` plays torch-xla 2.9 and NxD 0.17 on the CPU (one
 process, tp = 1), so `train()` on a ``run.device: neuron`` recipe runs the real
 loop — data loader, NxD wiring, step closures, sharded checkpoints, resume — and
 must reproduce the CPU loop on the same recipe. What the doubles cannot check
@@ -14,8 +14,9 @@ import sys
 
 import pytest
 import torch
+from doubles import neuron_sdk
+from test_training import TINY_RECIPE
 
-import neuron_doubles
 from bmojo_neuron import BMojoForCausalLM, cli
 from bmojo_neuron.neuron import INSTALL_COMMAND, NeuronUnavailableError
 from bmojo_neuron.recipes import Recipe
@@ -25,23 +26,11 @@ from bmojo_neuron.training.neuron_checkpoint import dp_slice
 from bmojo_neuron.training.neuron_data import StepRows, position_after
 from bmojo_neuron.training.neuron_loop import select_ops_backend
 
-TINY_MODEL = dict(
-    hidden_size=16, num_hidden_layers=2, layer_pattern="MB", num_attention_heads=2, num_key_value_heads=1,
-    intermediate_size=32, window_size=4, fading_window=4, memory_chunk=4, memory_size=4, memory_picks=1,
-    ssm_state_size=8, ssm_head_dim=8, ssm_chunk_size=16,
-)
-# Trainium shapes (sequence a multiple of 128 and of memory_chunk); 40 examples / batch 4 = 10 micro-batches
-# per epoch, so 6 steps × 2 accumulated micro-batches cross an epoch boundary.
-TINY = {
-    "run": {"name": "tiny", "seed": 3, "device": "neuron"},
-    "model": TINY_MODEL,
-    "data": {"kind": "mqar", "vocab_size": 32, "seq_len": 128, "num_kv_pairs": 2, "train_examples": 40,
-             "eval_examples": 16, "seed": 1},
-    "optim": {"lr": 1e-2, "warmup_steps": 2, "min_lr_ratio": 0.1},
-    "train": {"steps": 6, "batch_size": 4, "grad_accum": 2, "log_every": 1},
-    "eval": {"every": 3, "batches": 2, "length_multipliers": [1]},
-    "checkpoint": {"every": 3, "keep_last": 2},
-}
+# The CPU trainer tests' tiny recipe on the device, at Trainium shapes (sequence a multiple of 128 and of
+# memory_chunk); 40 examples / batch 4 = 10 micro-batches per epoch, so 6 steps × 2 accumulated micro-batches
+# cross an epoch boundary.
+TINY = {**TINY_RECIPE, "run": {**TINY_RECIPE["run"], "device": "neuron"},
+        "data": {**TINY_RECIPE["data"], "seq_len": 128}}
 STEPS, ACCUM = TINY["train"]["steps"], TINY["train"]["grad_accum"]
 RTOL = 1e-5  # fp32: the doubles' NxD clips over the optimizer's parameter order, the CPU loop over the model's
 
@@ -60,7 +49,7 @@ def doubles(monkeypatch):
     monkeypatch.setenv("BMOJO_OPS_BACKEND", "torch")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("NEURON_RT_STOCHASTIC_ROUNDING_EN", raising=False)
-    return neuron_doubles.install(monkeypatch)
+    return neuron_sdk.install(monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +63,8 @@ def neuron_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BMOJO_OPS_BACKEND", "torch")
         mp.delenv("WORLD_SIZE", raising=False)
-        log = neuron_doubles.install(mp)
-        with neuron_doubles.host_reads_in_steps(log) as reads:
+        log = neuron_sdk.install(mp)
+        with neuron_sdk.host_reads_in_steps(log) as reads:
             result = loop.train(recipe(), tmp_path_factory.mktemp("neuron"), progress=False)
     return result, log, reads
 

@@ -18,19 +18,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from nki_checks import assert_model_matches_on_nki_sim, rel_err
 
-from bmojo_neuron import ops
 from bmojo_neuron.ops.reference.eidetic_attention import eidetic_attention as attention_ref
 from nki_kernels.attention_fwd import eidetic_attention_fwd, plan_tile
 from nki_kernels.emulator import simulate
 from nki_kernels.torch_bridge import attention_emulator_ops
 
 SIM = attention_emulator_ops()["eidetic_attention"]
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def make_inputs(length, q_heads, kv_heads, head_dim, chunk, slots, batch=1, dtype=torch.float32, seed=0):
@@ -134,20 +129,8 @@ def test_model_forward_backward_nki_sim_attention_equals_torch():
                          memory_size=4)
     model = BMojoForCausalLM(config)
     ids = torch.randint(0, 64, (1, 256), generator=torch.Generator().manual_seed(1))
-
-    def loss_and_grads():
-        model.zero_grad()
-        out = model(ids, labels=ids)
-        out.loss.backward()
-        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    ref_loss, ref_grads = loss_and_grads()
-    with ops.use_backend("nki-sim"):  # every op: attention, and the SSD scan of the fading path
-        assert ops.get_backend("eidetic_attention") == ops.get_backend("ssd_scan") == "nki-sim"
-        loss, grads = loss_and_grads()
-    assert abs(float(loss - ref_loss)) <= 1e-5 * abs(float(ref_loss))
-    for name, g in ref_grads.items():
-        assert rel_err(grads[name], g) <= 1e-4, name
+    # every op on nki-sim: attention, and the SSD scan of the fading path
+    assert_model_matches_on_nki_sim(model, ids, ("eidetic_attention", "ssd_scan"))
 
 
 def test_forward_cost_model_small_shape():

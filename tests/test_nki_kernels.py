@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from nki_checks import assert_model_matches_on_nki_sim, rel_err
 
-from bmojo_neuron import ops
 from bmojo_neuron.ops.reference.selective_scan import selective_scan as scan_ref
 from bmojo_neuron.ops.reference.ssd import ssd_scan as ssd_ref
 from nki_kernels.emulator import nki
@@ -22,11 +22,6 @@ from nki_kernels.ssd_fwd import ssd_fwd
 from nki_kernels.torch_bridge import emulator_ops
 
 SIM = emulator_ops()
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def scan_inputs(batch=1, dim=160, length=640, n=3, dtype=torch.float32, seed=0):
@@ -145,20 +140,7 @@ def test_model_forward_backward_nki_sim_equals_torch():
                              memory_size=4)
         model = BMojoForCausalLM(config)
         ids = torch.randint(0, 64, (1, 128), generator=torch.Generator().manual_seed(1))
-
-        def loss_and_grads():
-            model.zero_grad()
-            out = model(ids, labels=ids)
-            out.loss.backward()
-            return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-        ref_loss, ref_grads = loss_and_grads()
-        with ops.use_backend("nki-sim"):
-            assert ops.get_backend("eidetic_attention") == "nki-sim"
-            loss, grads = loss_and_grads()
-        assert abs(float(loss - ref_loss)) <= 1e-5 * abs(float(ref_loss))
-        for name, g in ref_grads.items():
-            assert rel_err(grads[name], g) <= 1e-4, (mixer, name)
+        assert_model_matches_on_nki_sim(model, ids, ("eidetic_attention",), label=mixer)
 
 
 # ----------------------------------------------------------------------------- SSD backward kernel

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from doubles import nxd_api
 from naive import tiny_config
 
 from bmojo_neuron import BMojoCache, BMojoForCausalLM
@@ -34,41 +35,70 @@ def _config(mixer: str):
     )
 
 
-def _gather_grad(local: torch.Tensor, dim: int | None) -> torch.Tensor:
-    if dim is None:
-        return local
-    parts = [torch.empty_like(local) for _ in range(WORLD)]
-    dist.all_gather(parts, local.contiguous())
-    return torch.cat(parts, dim=dim)
-
-
-def _check_case(rank: int, mixer: str, sequence_parallel: bool) -> None:
-    config = _config(mixer)
+def single_process_run(config, length: int):
+    """The float64 single-process model after forward and backward on a fixed batch: (model, ids, labels, output)."""
     torch.manual_seed(0)
     full = BMojoForCausalLM(config).double()
-    ids = torch.randint(0, config.vocab_size, (2, LENGTH), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, config.vocab_size, (2, length), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
     labels[:, :3] = -100
     ref = full(ids, labels=labels)
     ref.loss.backward()
+    return full, ids, labels, ref
 
-    factory = TorchTensorParallelFactory(sequence_parallel=sequence_parallel)
+
+def load_shard(full: BMojoForCausalLM, factory, rank: int, world: int):
+    """`full`'s model built by `factory` holding this rank's shard of `full`'s weights, and its local shapes."""
     with use_layer_factory(factory):
-        model = BMojoForCausalLM(config).double()
+        model = BMojoForCausalLM(full.config).double()
     shapes = {name: p.shape for name, p in model.state_dict().items()}
-    model.load_state_dict(shard_state_dict(full.state_dict(), shapes, rank, WORLD))
-    out = model(ids, labels=labels)
-    out.loss.backward()
-    sync_sequence_parallel_grads(model)
+    model.load_state_dict(shard_state_dict(full.state_dict(), shapes, rank, world))
+    return model, shapes
 
+
+def gather_grad(local: torch.Tensor, dim: int | None, world: int) -> torch.Tensor:
+    if dim is None:
+        return local
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local.contiguous())
+    return torch.cat(parts, dim=dim)
+
+
+def assert_rank_matches(model, out, full, ref, shapes: dict, world: int) -> None:
+    """Losses, logits and every gradient (gathered over the ranks) equal the single-process ones (rtol 1e-5)."""
     for name in ("loss", "lm_loss", "aux_loss"):
         torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=1e-5, atol=1e-10, msg=name)
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-9)
-    dims = split_dims(full.state_dict(), shapes, WORLD)
+    dims = split_dims(full.state_dict(), shapes, world)
     full_params = dict(full.named_parameters())
     for name, param in model.named_parameters():
-        grad = _gather_grad(param.grad, dims[name])
-        torch.testing.assert_close(grad, full_params[name].grad, rtol=1e-5, atol=1e-9, msg=lambda m, name=name: f"grad of {name}: {m}")
+        grad = gather_grad(param.grad, dims[name], world)
+        torch.testing.assert_close(grad, full_params[name].grad, rtol=1e-5, atol=1e-9,
+                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def run_cases(rank: int, init_file: str, world: int, check, cases: list[tuple[str, bool]]) -> None:
+    """In a spawned rank: join the gloo group, then `check(rank, mixer, sequence_parallel)` for each case."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for mixer, sequence_parallel in cases:
+            try:
+                check(rank, mixer, sequence_parallel)
+            except AssertionError as error:
+                raise AssertionError(f"{mixer}, sequence_parallel={sequence_parallel}: {error}") from error
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_case(rank: int, mixer: str, sequence_parallel: bool) -> None:
+    config = _config(mixer)
+    full, ids, labels, ref = single_process_run(config, LENGTH)
+    model, shapes = load_shard(full, TorchTensorParallelFactory(sequence_parallel=sequence_parallel), rank, WORLD)
+    out = model(ids, labels=labels)
+    out.loss.backward()
+    sync_sequence_parallel_grads(model)
+    assert_rank_matches(model, out, full, ref, shapes, WORLD)
 
     if not sequence_parallel:  # the eidetic memory picks the same tokens on every rank and on one device
         with torch.no_grad():
@@ -93,17 +123,8 @@ def _check_case(rank: int, mixer: str, sequence_parallel: bool) -> None:
 
 
 def _worker(rank: int, init_file: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        for mixer in ("mamba2", "mamba1"):
-            for sequence_parallel in (False, True):
-                try:
-                    _check_case(rank, mixer, sequence_parallel)
-                except AssertionError as error:
-                    raise AssertionError(f"{mixer}, sequence_parallel={sequence_parallel}: {error}") from error
-    finally:
-        dist.destroy_process_group()
+    cases = [(mixer, sp) for mixer in ("mamba2", "mamba1") for sp in (False, True)]
+    run_cases(rank, init_file, WORLD, _check_case, cases)
 
 
 def test_tensor_and_sequence_parallel_equal_single_process(tmp_path):
@@ -135,37 +156,10 @@ def test_trainium_factory_builds_nxd_layers_with_the_right_arguments(monkeypatch
     With tensor-parallel size 1 the doubles behave like plain layers, so the model built
     through the NxD factory must also compute what the single-device model computes.
     """
-    from types import SimpleNamespace
-
     from bmojo_neuron.parallel import nxd
 
     built = []
-
-    def layer(kind, make):
-        def build(*args, **kwargs):
-            built.append((kind, args, kwargs))
-            return make(*args)
-        return build
-
-    fake = {
-        "neuronx_distributed.parallel_layers.layers": SimpleNamespace(
-            ColumnParallelLinear=layer("column", lambda i, o: torch.nn.Linear(i, o, bias=False)),
-            RowParallelLinear=layer("row", lambda i, o: torch.nn.Linear(i, o, bias=False)),
-            ParallelEmbedding=layer("embedding", torch.nn.Embedding),
-        ),
-        "neuronx_distributed.parallel_layers.mappings": SimpleNamespace(
-            copy_to_tensor_model_parallel_region=lambda x: x,
-            reduce_from_tensor_model_parallel_region=lambda x: x,
-            gather_from_tensor_model_parallel_region=lambda x: x,
-        ),
-        "neuronx_distributed.parallel_layers.parallel_state": SimpleNamespace(
-            get_tensor_model_parallel_size=lambda: 1, get_tensor_model_parallel_rank=lambda: 0
-        ),
-        "neuronx_distributed.parallel_layers.loss_functions": SimpleNamespace(
-            parallel_cross_entropy=lambda logits, labels: torch.nn.functional.cross_entropy(logits, labels, reduction="none")
-        ),
-    }
-    monkeypatch.setattr(nxd, "import_neuron_module", lambda name, feature: fake[name])
+    nxd_api.patch_imports(monkeypatch, nxd_api.parallel_layers(built), nxd)
     config = _config("mamba1")
     torch.manual_seed(0)
     reference = BMojoForCausalLM(config)

@@ -6,22 +6,22 @@ with tensor-parallel size 1 its layers are plain torch layers.
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+from doubles import nxd_api, nxd_gloo
+from naive import tiny_config
+from test_parallel import assert_rank_matches, load_shard, run_cases, single_process_run
 
 from bmojo_neuron import BMojoForCausalLM
 from bmojo_neuron.layers.decoder import BMojoDecoderLayer
-from bmojo_neuron.layers.factory import use_layer_factory
 from bmojo_neuron.neuron import NeuronUnavailableError
 from bmojo_neuron.parallel import nxd, nxd_training
 from bmojo_neuron.parallel.nxd_pipeline import PipelineCausalLM, PipelineDecoderLayer
 from bmojo_neuron.recipes import OptimSection, ParallelSection
 from bmojo_neuron.training.optim import parameter_groups
-from naive import tiny_config
+
+WORLD = 2
 
 
 def _config(**overrides):
@@ -32,55 +32,10 @@ def _config(**overrides):
 
 @pytest.fixture
 def fake_nxd(monkeypatch):
-    calls = {}
-
-    def config(**kwargs):
-        calls["config"] = kwargs
-        return dict(kwargs, expert_parallel_size=1)
-
-    def initialize_parallel_model(nxd_cfg, model_fn, *args, **kwargs):
-        calls["model"] = (nxd_cfg, args, kwargs)
-        return model_fn(*args, **kwargs)
-
-    def initialize_parallel_optimizer(nxd_cfg, optimizer_class, parameters, **defaults):
-        calls["optimizer"] = (nxd_cfg, optimizer_class, parameters, defaults)
-        if nxd_cfg["optimizer_config"]["zero_one_enabled"]:  # NxD's ZeRO-1 optimizer takes max_norm itself
-            defaults = {k: v for k, v in defaults.items() if k != "max_norm"}
-        return optimizer_class(parameters, **defaults)
-
-    def layer(kind, make):  # records (kind, args, kwargs) in calls["layers"]
-        def build(*args, **kwargs):
-            calls.setdefault("layers", []).append((kind, args, kwargs))
-            return make(*args, **kwargs)
-        return build
-
-    fake = {
-        "neuronx_distributed.trainer": SimpleNamespace(
-            neuronx_distributed_config=config, initialize_parallel_model=initialize_parallel_model,
-            initialize_parallel_optimizer=initialize_parallel_optimizer,
-        ),
-        "neuronx_distributed.parallel_layers.layers": SimpleNamespace(
-            ColumnParallelLinear=layer("column", lambda i, o, bias, gather_output, **sp: torch.nn.Linear(i, o, bias=bias)),
-            RowParallelLinear=layer("row", lambda i, o, bias, input_is_parallel, **sp: torch.nn.Linear(i, o, bias=bias)),
-            ParallelEmbedding=layer("embedding", torch.nn.Embedding),
-        ),
-        "neuronx_distributed.parallel_layers.mappings": SimpleNamespace(
-            copy_to_tensor_model_parallel_region=lambda x: x,
-            reduce_from_tensor_model_parallel_region=lambda x: x,
-            gather_from_tensor_model_parallel_region=lambda x: x,
-            scatter_to_sequence_parallel_region=lambda x, sequence_dimension=0: x,
-        ),
-        "neuronx_distributed.parallel_layers.parallel_state": SimpleNamespace(
-            get_tensor_model_parallel_size=lambda: 1, get_tensor_model_parallel_rank=lambda: 0
-        ),
-        "neuronx_distributed.parallel_layers.loss_functions": SimpleNamespace(
-            parallel_cross_entropy=lambda logits, labels: torch.nn.functional.cross_entropy(
-                logits, labels, reduction="none")
-        ),
-    }
-    monkeypatch.setattr(nxd_training, "import_neuron_module", lambda name, feature: fake[name])
-    calls["modules"] = fake
-    monkeypatch.setattr(nxd, "import_neuron_module", lambda name, feature: fake[name])
+    """NxD's module API at tp = 1 and a spy of its trainer (`doubles.nxd_api`); the calls they recorded."""
+    calls = {"layers": []}
+    calls["modules"] = {nxd_api.TRAINER: nxd_api.spy_trainer(calls), **nxd_api.parallel_layers(calls["layers"])}
+    nxd_api.patch_imports(monkeypatch, calls["modules"], nxd_training, nxd)
     return calls
 
 
@@ -206,24 +161,11 @@ def test_sequence_parallel_builds_batch_first_nxd_layers_and_marks_the_norms(fak
     assert not any(hasattr(p, "sequence_parallel_enabled") for p in plain.parameters())
 
 
-def _check_nxd_case(rank: int, world: int, mixer: str, sequence_parallel: bool) -> None:
-    import nxd_gloo
-    from bmojo_neuron.parallel import shard_state_dict, split_dims
-
+def _check_nxd_case(rank: int, mixer: str, sequence_parallel: bool) -> None:
     config = _config(ssm_mixer=mixer, ssm_n_groups=2)
-    torch.manual_seed(0)
-    full = BMojoForCausalLM(config).double()
-    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
-    labels = ids.clone()
-    labels[:, :3] = -100
-    ref = full(ids, labels=labels)
-    ref.loss.backward()
-
+    full, ids, labels, ref = single_process_run(config, 16)
     nxd_gloo.BUILT.clear()
-    with use_layer_factory(nxd.NxDTensorParallelFactory(sequence_parallel=sequence_parallel)):
-        model = BMojoForCausalLM(config).double()
-    shapes = {name: p.shape for name, p in model.state_dict().items()}
-    model.load_state_dict(shard_state_dict(full.state_dict(), shapes, rank, world))
+    model, shapes = load_shard(full, nxd.NxDTensorParallelFactory(sequence_parallel=sequence_parallel), rank, WORLD)
     out = model(ids, labels=labels)
     out.loss.backward()
     # what NxD's optimizer wrapper does when its config has sequence_parallel=True
@@ -232,40 +174,16 @@ def _check_nxd_case(rank: int, world: int, mixer: str, sequence_parallel: bool) 
 
     sp_layers = [kw for _, _, kw in nxd_gloo.BUILT if kw.get("sequence_parallel_enabled")]
     assert len(sp_layers) > 0 if sequence_parallel else not sp_layers
-    for name in ("loss", "lm_loss", "aux_loss"):
-        torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=1e-5, atol=1e-10, msg=name)
-    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-9)
-    dims = split_dims(full.state_dict(), shapes, world)
-    full_params = dict(full.named_parameters())
-    for name, param in model.named_parameters():
-        grad = param.grad
-        if dims[name] is not None:
-            parts = [torch.empty_like(grad) for _ in range(world)]
-            dist.all_gather(parts, grad.contiguous())
-            grad = torch.cat(parts, dim=dims[name])
-        torch.testing.assert_close(grad, full_params[name].grad, rtol=1e-5, atol=1e-9,
-                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+    assert_rank_matches(model, out, full, ref, shapes, WORLD)
 
 
-def _nxd_worker(rank: int, init_file: str, world: int) -> None:
-    import nxd_gloo
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _nxd_worker(rank: int, init_file: str) -> None:
     nxd.import_neuron_module = lambda name, feature: nxd_gloo.MODULES[name]  # this spawned process only
-    try:
-        for mixer, sequence_parallel in (("mamba1", True), ("mamba2", True), ("mamba2", False)):
-            try:
-                _check_nxd_case(rank, world, mixer, sequence_parallel)
-            except AssertionError as error:
-                raise AssertionError(f"{mixer}, sequence_parallel={sequence_parallel}: {error}") from error
-    finally:
-        dist.destroy_process_group()
+    run_cases(rank, init_file, WORLD, _check_nxd_case, [("mamba1", True), ("mamba2", True), ("mamba2", False)])
 
 
 def test_nxd_factory_over_gloo_doubles_equals_single_process(tmp_path):
-    """Two ranks, NxD's layers and collectives played by `nxd_gloo` (NxD 0.17 semantics on gloo):
+    """Two ranks, NxD's layers and collectives played by `doubles.nxd_gloo` (NxD 0.17 semantics on gloo):
     loss, logits and every gradient equal the single-process model (float64, rtol 1e-5), with and
     without sequence parallelism."""
-    world = 2
-    mp.start_processes(_nxd_worker, args=(str(tmp_path / "init"), world), nprocs=world, start_method="spawn", join=True)
+    mp.start_processes(_nxd_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, start_method="spawn", join=True)

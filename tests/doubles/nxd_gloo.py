@@ -2,7 +2,7 @@
 
 It lets a gloo run check `NxDTensorParallelFactory`'s wiring numerically. The
 behaviour copies what NxD's source does at the SDK 2.28 release
-(``aws-neuron/neuronx-distributed`` commit ``73ab227``, version 0.17.0), including
+(``aws-neuron/neuronx-distributed`` commit ``73ab227``, tag ``v2.28.0``, version 0.17.0), including
 the behaviour that makes a wrong call give wrong numbers:
 
 - ``sequence_dimension`` defaults to 0 (ColumnParallelLinear / RowParallelLinear

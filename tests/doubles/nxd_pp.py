@@ -54,9 +54,10 @@ from torch import Tensor, nn
 from torch.fx.passes.split_module import split_module
 from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 
+from .env import ON_DEVICE
+
 CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 PARALLEL_MODULE_NAMES = ["ColumnParallelLinear", "RowParallelLinear", "ParallelEmbedding"]
-ON_DEVICE = "_bmojo_xla_batch"  # set by the MpDeviceLoader double on the tensors it hands out
 PRIVATE_KEYS = {"_delay_tracing", "_turn_off_odd_even_scheduler", "_all_reduce_send_recv", "_fused_send_recv",
                 "_fused_fwd_bwd", "_mark_step_before_pp_runtime", "_mark_step_after_pp_runtime",
                 "_deallocate_send_tensors", "_use_gloo_for_metadata_comm", "_debug_mode", "_debug_pp_size",

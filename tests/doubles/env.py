@@ -1,0 +1,125 @@
+"""What the torch-xla and NxD doubles share: the log of what they saw, NxD's parallel grid and gloo groups."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2] / "bmojo_neuron")
+ON_DEVICE = "_bmojo_xla_batch"  # set by the MpDeviceLoader double on the tensors it hands out
+
+
+def fake_module(name: str, **attrs: Any) -> types.ModuleType:
+    """A package named `name` holding `attrs`, fit for ``sys.modules`` (submodules resolve from there)."""
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None, is_package=True)
+    module.__path__ = []
+    module.__dict__.update(attrs)
+    return module
+
+
+def bmojo_caller() -> str:
+    """The innermost bmojo_neuron frame on the stack ("file:line"), or "" when none."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(PACKAGE_ROOT):
+            return f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}"
+        frame = frame.f_back
+    return ""
+
+
+@dataclass
+class XlaLog:
+    """What the doubles saw."""
+
+    syncs: list[dict] = field(default_factory=list)  # {"source": "loader" | "code", "step_work", "forwards"}
+    fetches: int = 0
+    train_forwards: int = 0
+    eval_forwards: int = 0
+    step_work: bool = False  # a training forward ran since the last sync: a step graph is pending
+    in_step: bool = False  # between a loader fetch and the next sync
+    closures: list[Callable[[], None]] = field(default_factory=list)
+    closures_run: int = 0
+    violations: list[str] = field(default_factory=list)  # eval / host copies while a step was pending
+    rendezvous: list[str] = field(default_factory=list)
+    calls: dict[str, Any] = field(default_factory=dict)  # NxD calls: config kwargs, optimizer defaults ...
+    rng: int = 0
+    env: Any = None  # the `Env` of the doubles (set by `neuron_sdk.install`)
+    _forwards: int = 0  # training forwards since the last sync
+
+    def sync(self, source: str) -> None:
+        """A ``mark_step`` from the loader, our code or NxD's pipeline (``"pipeline"``: the graphs NxD cuts
+        inside ``run_train`` / ``run_eval``; the step stays pending until the caller's own mark_step)."""
+        self.syncs.append({"source": source, "step_work": self.step_work, "forwards": self._forwards})
+        if source == "pipeline":
+            return
+        self.step_work = self.in_step = False
+        self._forwards = 0
+        closures, self.closures = self.closures, []
+        for closure in closures:  # after the graph ran, in the order they were added
+            closure()
+            self.closures_run += 1
+
+    def step_syncs(self) -> list[dict]:
+        return [s for s in self.syncs if s["step_work"]]
+
+    def forward_seen(self, training: bool) -> None:
+        """A forward of NxD's model wrapper: training work makes a step graph pending."""
+        if training:
+            self.train_forwards += 1
+            self._forwards += 1
+            self.step_work = True
+        else:
+            self.eval_forwards += 1
+            if self.step_work:
+                self.violations.append("an eval forward while a step graph was pending")
+
+
+@dataclass
+class Env:
+    """What the torch-xla and NxD doubles share: the log, NxD's parallel grid and the gloo groups."""
+
+    log: XlaLog
+    grid: dict[str, int] = field(default_factory=dict)  # tp, pp, dp once NxD's parallel state is initialised
+    groups: dict[tuple[int, ...], Any] = field(default_factory=dict)
+    nxd_packages: list[types.ModuleType] = field(default_factory=list)  # NxD's own autowrap modules
+    parallel_functions: list[Callable] = field(default_factory=list)  # NxD's PARALLEL_FUNCTIONS
+
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    def pp_rank(self) -> int:
+        return self.rank() if self.grid.get("pp", 1) > 1 else 0  # pp = world: the global rank is the stage
+
+    def global_rank(self, pp_rank: int) -> int:
+        return pp_rank
+
+    def pp_groups(self) -> list[list[int]]:
+        return [list(range(self.grid.get("pp", 1)))]
+
+    def dp_groups(self) -> list[list[int]]:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return [[r] for r in range(world)] if self.grid.get("pp", 1) > 1 else [list(range(world))]
+
+    def group_of(self, ranks: list[int]) -> Any:
+        """The gloo group of `ranks` (created on first use: every rank must ask, in the same order)."""
+        key = tuple(sorted(ranks))
+        if key not in self.groups:
+            self.groups[key] = dist.new_group(list(key))
+        return self.groups[key]
+
+    def reduce(self, x: torch.Tensor, groups: Any, scale: float = 1.0) -> torch.Tensor:
+        """``xm.all_reduce(REDUCE_SUM, x, scale, groups)``: over this rank's group of `groups` (world 1: x)."""
+        mine = next((g for g in (groups or [[self.rank()]]) if self.rank() in g), [self.rank()])
+        if len(mine) == 1:
+            return x * scale
+        out = x.detach().clone()
+        dist.all_reduce(out, group=self.group_of(mine))
+        return out * scale

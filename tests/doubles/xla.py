@@ -1,0 +1,146 @@
+"""A double of torch-xla 2.9 (``pytorch/xla`` v2.9.0) on the CPU, one replica per process.
+
+- ``xm.mark_step`` calls ``torch_xla.sync``, which runs the queued step closures in
+  order (`XlaLog.sync`); ``MpDeviceLoader``'s per-device iterator calls
+  ``torch_xla.sync`` before every batch it hands out (``batches_per_execution=1``);
+  ``xm.rendezvous`` syncs too, then meets the other ranks at a gloo barrier;
+- ``xm.all_reduce`` sums over this rank's group of ``groups`` (a gloo all-reduce
+  when that group has several ranks: NxD's pipeline group);
+- the ``"xla"`` process-group backend (here gloo) comes with
+  ``torch_xla.distributed.xla_backend``.
+
+`host_reads_in_steps` finds the host reads of a tensor value that on XLA would run a
+step's graph early.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from .env import ON_DEVICE, PACKAGE_ROOT, Env, XlaLog, fake_module
+
+
+def xla_modules(env: Env) -> dict[str, types.ModuleType]:
+    """torch-xla's modules by import name, recording into ``env.log``."""
+    device, log = torch.device("cpu"), env.log
+
+    def sync(wait: bool = False, reset_scope: bool = True) -> None:
+        caller = sys._getframe(1).f_code
+        log.sync("loader" if caller.co_filename == __file__ and caller.co_name == "__next__" else "code")
+
+    def add_step_closure(closure: Callable, args: tuple = (), run_async: bool = False) -> None:
+        log.closures.append(lambda a=args: closure(*a))
+
+    def all_reduce(reduce_type: str, inputs: Any, scale: float = 1.0, groups: Any = None, pin_layout: bool = True):
+        assert reduce_type == "sum", reduce_type
+        return env.reduce(inputs, groups, scale)  # one replica per group but the pipeline's
+
+    def all_gather(value: torch.Tensor, dim: int = 0, groups: Any = None, pin_layout: bool = True) -> torch.Tensor:
+        return value.clone()  # one replica
+
+    def set_rng_state(seed: int, device: Any = None) -> None:
+        log.rng = int(seed)
+
+    def rendezvous(tag: str, payload: bytes = b"", replicas: Any = ()) -> list[bytes]:
+        sync()  # torch-xla 2.9's rendezvous syncs first (then exchanges payloads with collectives)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()
+        log.rendezvous.append(tag)
+        return [payload]
+
+    xm = fake_module(
+        "torch_xla.core.xla_model", REDUCE_SUM="sum", xla_device=lambda n=None, devkind=None: device,
+        mark_step=lambda wait=False, reset_scope=True: sync(wait, reset_scope), add_step_closure=add_step_closure,
+        all_reduce=all_reduce, all_gather=all_gather, rendezvous=rendezvous,
+        get_rng_state=lambda device=None: log.rng, set_rng_state=set_rng_state,
+        is_master_ordinal=lambda local=True: True,
+    )
+
+    class MpDeviceLoader:
+        """``MpDeviceLoader(loader, device)``: batches on the device, ``torch_xla.sync()`` before each."""
+
+        def __init__(self, loader: Any, device: torch.device, **kwargs: Any) -> None:
+            self._loader, self._device = loader, device
+
+        def __iter__(self) -> Iterator[Any]:
+            return _PerDeviceLoader(iter(self._loader), log, sync)
+
+        def __len__(self) -> int:
+            return len(self._loader)
+
+    _register_xla_backend()
+    runtime = fake_module("torch_xla.runtime",
+                          world_size=lambda: dist.get_world_size() if dist.is_initialized() else 1,
+                          global_ordinal=lambda: dist.get_rank() if dist.is_initialized() else 0)
+    return {
+        "torch_xla": fake_module("torch_xla", __version__="2.9.0+double", sync=sync,
+                                 device=lambda index=None: device, runtime=runtime),
+        "torch_xla.core": fake_module("torch_xla.core", xla_model=xm),
+        "torch_xla.core.xla_model": xm,
+        "torch_xla.runtime": runtime,
+        "torch_xla.distributed": fake_module("torch_xla.distributed"),
+        "torch_xla.distributed.parallel_loader": fake_module("torch_xla.distributed.parallel_loader",
+                                                             MpDeviceLoader=MpDeviceLoader),
+        "torch_xla.distributed.xla_backend": fake_module("torch_xla.distributed.xla_backend"),
+    }
+
+
+def _register_xla_backend() -> None:
+    if "xla" not in dist.Backend.backend_list:
+        def create(store, rank, size, timeout):
+            return dist.ProcessGroupGloo(store, rank, size, timeout)
+        dist.Backend.register_backend("xla", create, devices=["cpu"])
+
+
+class _PerDeviceLoader:
+    def __init__(self, batches: Iterator[Any], log: XlaLog, sync: Callable[..., None]) -> None:
+        self.batches, self.log, self._sync = batches, log, sync
+
+    def __iter__(self) -> _PerDeviceLoader:
+        return self
+
+    def __next__(self) -> Any:
+        self._sync()  # torch-xla 2.9 PerDeviceLoader.next(): sync, then hand out the next batch
+        batch = next(self.batches)
+        self.log.fetches += 1
+        self.log.in_step = True
+        on_device = {k: v.to("cpu") for k, v in batch.items()}
+        for tensor in on_device.values():
+            setattr(tensor, ON_DEVICE, True)  # NxD's pipeline refuses device batches
+        return on_device
+
+
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__")
+
+
+@contextmanager
+def host_reads_in_steps(log: XlaLog) -> Iterator[list[str]]:
+    """Record every host read of a tensor value (``.item()``, ``.tolist()``, ``float()`` ...) made by
+    bmojo_neuron code between a loader fetch and the step's sync: on XLA each one would run the graph early."""
+    found: list[str] = []
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def watch(name: str) -> Callable:
+        original = originals[name]
+
+        def read(self: torch.Tensor, *args: Any) -> Any:
+            caller = sys._getframe(1)  # the code that asked for the value (torch internals do not count)
+            if log.in_step and caller.f_code.co_filename.startswith(PACKAGE_ROOT):
+                found.append(f"Tensor.{name} at {Path(caller.f_code.co_filename).name}:{caller.f_lineno}")
+            return original(self, *args)
+        return read
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, watch(name))
+    try:
+        yield found
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
