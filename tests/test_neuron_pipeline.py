@@ -196,6 +196,7 @@ def _worker(rank: int, init: str, out: str) -> None:
         summary["zero1"] = _summary(loop.train(recipe(**PP, **ZERO1), out_dir / "zero1", resume=True,
                                                progress=False))
         (out_dir / f"rank{rank}.json").write_text(json.dumps(summary))
+        dist.barrier()  # all ranks done before any tears the group down: an early exit can abort a peer
     finally:
         patch.undo()
         dist.destroy_process_group()

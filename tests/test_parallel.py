@@ -87,6 +87,7 @@ def run_cases(rank: int, init_file: str, world: int, check, cases: list[tuple[st
                 check(rank, mixer, sequence_parallel)
             except AssertionError as error:
                 raise AssertionError(f"{mixer}, sequence_parallel={sequence_parallel}: {error}") from error
+        dist.barrier()  # all ranks done before any tears the group down: an early exit can abort a peer
     finally:
         dist.destroy_process_group()
 

@@ -82,6 +82,7 @@ def _worker(rank: int, init_file: str, root: str, reference: list[float]) -> Non
         torch.testing.assert_close(_losses(resumed.metrics), reference, rtol=2e-4, atol=0, msg="resumed")
         if rank == 0:
             _assert_same(_final_weights(root_dir / "tp1"), want_weights, "resumed at tp=1")
+        dist.barrier()  # all ranks done before any tears the group down: an early exit can abort a peer
     finally:
         dist.destroy_process_group()
 
@@ -195,6 +196,7 @@ def _pipeline_worker(rank: int, init_file: str) -> None:
     try:
         for tied in (False, True):
             _check_pipeline_gradients(rank, tied)
+        dist.barrier()  # all ranks done before any tears the group down: an early exit can abort a peer
     finally:
         dist.destroy_process_group()
 

@@ -145,6 +145,7 @@ def _pp_worker(rank: int, init_file: str, root: str, ref: dict, ref_tied: dict) 
         dist.barrier()
         converted = train(_recipe("parallel.tp=2"), root_dir / "tp2-from-pp2", resume=True, progress=False)
         _assert_numbers(_numbers(converted), ref, "pp=2 converted to tp=2")
+        dist.barrier()  # all ranks done before any tears the group down: an early exit can abort a peer
     finally:
         dist.destroy_process_group()
 
@@ -213,6 +214,7 @@ def _tp_pp_worker(rank: int, init_file: str, root: str, ref: dict) -> None:
         resumed = train(_recipe(*PP2, "parallel.microbatches=1", "parallel.zero1=true"), root_dir / "pp2dp2",
                         resume=True, progress=False)
         _assert_numbers(_numbers(resumed), ref, "tp=2 × pp=2 converted to pp=2 × dp=2 + ZeRO-1")
+        dist.barrier()  # all ranks done before any tears the group down: an early exit can abort a peer
     finally:
         dist.destroy_process_group()
 
