@@ -256,9 +256,22 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
 
     def _update_model_kwargs_for_generation(self, outputs: ModelOutput, model_kwargs: dict, *args, **kwargs) -> dict:
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
-        model_kwargs["cache"] = outputs.cache  # the same name on every transformers 5.x
-        model_kwargs.pop("past_key_values", None)
+        for name in ("cache", "past_key_values"):
+            model_kwargs.pop(name, None)
+        model_kwargs[_generation_cache_name()] = outputs.cache
         return model_kwargs
+
+
+def _generation_cache_name() -> str:
+    """The model_kwargs key under which this transformers' `generate` finds (and beam search reorders) a cache.
+
+    transformers 5.24 calls it ``cache``; earlier 5.x releases only look under
+    ``past_key_values``: a cache kept under another key is silently never reordered.
+    """
+    from transformers.generation import utils as generation_utils
+
+    names = getattr(generation_utils, "ALL_CACHE_NAMES", ["past_key_values"])
+    return "cache" if "cache" in names else "past_key_values"
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor, factory: LayerFactory) -> Tensor:
