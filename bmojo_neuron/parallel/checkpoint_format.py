@@ -53,6 +53,17 @@ def is_sharded(path: str | Path) -> bool:
     return (Path(path) / PARALLEL_FILE).is_file()
 
 
+def read_meta_for(path: str | Path, tp: int, pp: int, hint: str) -> dict[str, Any]:
+    """`read_meta` of a checkpoint a run at degrees (`tp`, `pp`) resumes; `hint` says how to convert it."""
+    if not is_sharded(path):
+        raise ValueError(f"{path} is a one-process checkpoint; to resume it with parallel degrees, {hint}")
+    meta = read_meta(path)
+    if (meta["tp"], meta["pp"]) != (tp, pp):
+        raise ValueError(f"{path} was saved with tp={meta['tp']}, pp={meta['pp']} but this run has "
+                         f"tp={tp}, pp={pp}; {hint}")
+    return meta
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     file = Path(path) / PARALLEL_FILE
     if not file.is_file():

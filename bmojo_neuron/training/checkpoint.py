@@ -119,6 +119,26 @@ def publish_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def publish_sharded(tmp: Path, run_dir: Path, name: str, meta: dict[str, Any], recipe: dict[str, Any],
+                    config: Any, state: Any, keep_last: int) -> None:
+    """Rank 0's end of a sharded save: the shared files into `tmp` (the state last, as the
+    completeness mark), then `tmp` published as ``run_dir/name``, ``latest`` moved, old steps pruned."""
+    from bmojo_neuron.parallel.checkpoint_format import PARALLEL_FILE
+
+    try:
+        (tmp / PARALLEL_FILE).write_text(json.dumps(meta, indent=1))
+        (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str))
+        config.to_json_file(str(tmp / CONFIG_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
+        publish_dir(tmp, run_dir / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text_atomic(run_dir / LATEST, name + "\n")
+    if keep_last > 0:
+        prune(run_dir, keep_last)
+
+
 def new_tmp_dir(run_dir: Path, label: str) -> Path:
     path = run_dir / f".tmp-{label}-{uuid.uuid4().hex[:8]}"
     path.mkdir(parents=True)

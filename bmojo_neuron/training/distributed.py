@@ -293,18 +293,7 @@ class ParallelRun:
         finally:
             self.barrier()
         if self.is_main:
-            try:
-                (tmp / fmt.PARALLEL_FILE).write_text(json.dumps(self.meta, indent=1))
-                (tmp / ckpt.RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str))
-                core.config.to_json_file(str(tmp / ckpt.CONFIG_FILE))
-                (tmp / ckpt.STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
-                ckpt.publish_dir(tmp, run_dir / name)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-            ckpt.write_text_atomic(run_dir / ckpt.LATEST, name + "\n")
-            if keep_last > 0:
-                ckpt.prune(run_dir, keep_last)
+            ckpt.publish_sharded(tmp, run_dir, name, self.meta, recipe, core.config, state, keep_last)
         self.barrier()
 
     def load_latest(self, run_dir: Path) -> ckpt.Checkpoint | None:
@@ -312,13 +301,8 @@ class ParallelRun:
         path = ckpt.latest_checkpoint(run_dir)
         if path is None:
             return None
-        if not fmt.is_sharded(path):
-            raise ValueError(f"{path} is a one-process checkpoint; to resume it in parallel, {CONVERT_HINT}")
-        meta = fmt.read_meta(path)
         lay = self.layout
-        if (meta["tp"], meta["pp"]) != (lay.tp, lay.pp):
-            raise ValueError(f"{path} was saved with tp={meta['tp']}, pp={meta['pp']} but this run has "
-                             f"tp={lay.tp}, pp={lay.pp}; {CONVERT_HINT}")
+        fmt.read_meta_for(path, lay.tp, lay.pp, CONVERT_HINT)
         blobs = fmt.load_optim_files(path, lay.tp_rank, lay.pp_rank)
         mine = path / fmt.optim_file(lay.tp_rank, lay.pp_rank, lay.dp_rank)
         own = torch.load(mine, map_location="cpu", weights_only=False) if mine.is_file() else blobs[0]

@@ -151,18 +151,7 @@ def save_checkpoint(run_dir: Path, runtime: NeuronRuntime, model: nn.Module, opt
     finally:
         runtime.barrier(f"{name}-written")
     if runtime.is_main:
-        try:
-            (tmp / fmt.PARALLEL_FILE).write_text(json.dumps(meta, indent=1))
-            (tmp / ckpt.RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str))
-            model.config.to_json_file(str(tmp / ckpt.CONFIG_FILE))
-            (tmp / ckpt.STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))  # last: marks it complete
-            ckpt.publish_dir(tmp, run_dir / name)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        ckpt.write_text_atomic(run_dir / ckpt.LATEST, name + "\n")
-        if keep_last > 0:
-            ckpt.prune(run_dir, keep_last)
+        ckpt.publish_sharded(tmp, run_dir, name, meta, recipe, model.config, state, keep_last)
     runtime.barrier(f"{name}-published")
     return run_dir / name
 
@@ -178,12 +167,7 @@ def load_latest(run_dir: Path, runtime: NeuronRuntime, tied_copy: bool = False) 
     path = ckpt.latest_checkpoint(run_dir)
     if path is None:
         return None
-    if not fmt.is_sharded(path):
-        raise ValueError(f"{path} is a one-process checkpoint; to resume it on Neuron, {CONVERT_HINT}")
-    meta = fmt.read_meta(path)
-    if (meta["tp"], meta["pp"]) != (runtime.tp, runtime.pp):
-        raise ValueError(f"{path} was saved with tp={meta['tp']}, pp={meta['pp']} but this run has "
-                         f"tp={runtime.tp}, pp={runtime.pp}; {CONVERT_HINT}")
+    fmt.read_meta_for(path, runtime.tp, runtime.pp, CONVERT_HINT)
     files = sorted(path.glob(f"optim-{runtime.tp_rank:02d}-{runtime.pp_rank:02d}-*.pt"))
     if not files:
         raise FileNotFoundError(f"{path} has no optimizer file for tensor rank {runtime.tp_rank}, "
