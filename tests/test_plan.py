@@ -196,3 +196,16 @@ def test_hbm_estimate_of_a_hand_computed_case():
     assert s.activations_checkpointed == tokens * (2 * 128 * 4 + layer + outside) == 3_540_992
     assert s.activations == s.activations_full and s.microbatches_in_flight == 1
     assert s.total == 16 * n + 5_640_192
+
+
+def test_1f1b_keeps_pp_minus_stage_microbatches_in_flight():
+    r = recipe("trn1/bmojo-130m", "parallel.pp=4", "parallel.microbatches=8", "train.batch_size=64",
+               "model.tie_word_embeddings=false")
+    validate_for_trainium(r, 32)  # dp 8: 8 sequences per data rank, 8 micro-batches of 1
+    stages = estimate_memory(r, 32).stages
+    assert [s.microbatches_in_flight for s in stages] == [4, 3, 2, 1]
+    assert all(s.activations == s.activations_per_microbatch * s.microbatches_in_flight for s in stages)
+    few = estimate_memory(r.with_overrides(["parallel.microbatches=2"]), 32).stages
+    assert [s.microbatches_in_flight for s in few] == [2, 2, 2, 1]  # a step of 2 holds at most 2
+    accum = estimate_memory(r.with_overrides(["parallel.microbatches=2", "train.grad_accum=2"]), 32).stages
+    assert [s.microbatches_in_flight for s in accum] == [4, 3, 2, 1]  # grad_accum folds into NxD's micro-batches

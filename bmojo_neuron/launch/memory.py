@@ -199,6 +199,16 @@ def layer_activation_bytes(config: Any, kind: str, tp: int, sp: bool, act: int) 
     return int(round(elems * act + fp32 * FP32))
 
 
+def microbatches_in_flight(stage: int, pp: int, microbatches: int) -> int:
+    """Micro-batches whose activations stage `stage` holds at once under NxD's 1F1B pipeline schedule.
+
+    1F1B runs ``pp - stage`` forwards before its first backward, then alternates, so
+    stage 0 holds the most; a step of fewer micro-batches holds them all. One stage: 1.
+    (The Neuron loop gives NxD ``parallel.microbatches × train.grad_accum`` per step.)
+    """
+    return min(microbatches, pp - stage) if pp > 1 else 1
+
+
 def estimate_memory(recipe: Any, world: int) -> MemoryEstimate:
     """Per-NeuronCore bytes of `recipe` on `world` ranks (degrees from ``recipe.parallel``)."""
     config = recipe.model_config()
@@ -212,7 +222,6 @@ def estimate_memory(recipe: Any, world: int) -> MemoryEstimate:
     optim_bytes = 8 + (4 if bf16 else 0)
     seq = seq_len_of(recipe)
     micro = max(t.batch_size // dp // p.microbatches, 1)
-    in_flight = p.microbatches if pp > 1 else 1  # GPipe keeps every micro-batch until its backward
     d = config.hidden_size
     res = d / tp if p.sp else d
     pattern = config.layer_pattern
@@ -232,6 +241,7 @@ def estimate_memory(recipe: Any, world: int) -> MemoryEstimate:
         full = tokens * (sum(per_layer) + extra)
         ckpt = tokens * (len(per_layer) * res * act + max(per_layer, default=0) + extra)
         per_micro = ckpt if t.activation_checkpointing else full
+        in_flight = microbatches_in_flight(sp_.stage, pp, p.microbatches * t.grad_accum)
         estimate.stages.append(StageMemory(
             stage=sp_.stage, layers=sp_.layers, parameters=params,
             weights=params * weight_bytes, gradients=params * weight_bytes, optimizer=optim_params * optim_bytes,
