@@ -109,9 +109,11 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    for target in ("fsync_tree", "write_text_atomic"):  # mid-checkpoint, then while moving `latest`
+    from bmojo_neuron import fsutil
+
+    for module, target in ((fsutil, "fsync_tree"), (ckpt, "write_text_atomic")):  # mid-publish, then `latest`
         with monkeypatch.context() as m:
-            m.setattr(ckpt, target, boom)
+            m.setattr(module, target, boom)
             with pytest.raises(OSError, match="disk full"):
                 ckpt.save_checkpoint(tmp_path, model, optimizer, scheduler, ckpt.TrainerState(step=2), {"a": 2})
         assert (tmp_path / "latest").read_text().strip() == "step-0000001"

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from bmojo_neuron.compile_cache.layout import Entry, group_entries, is_module_name, is_version_name
+from bmojo_neuron.fsutil import fsync_dir, fsync_tree
 
 LOCK_DIR = ".bmojo-locks"
 STAGING_PREFIX = ".bmojo-tmp-"
@@ -145,10 +146,10 @@ class LocalCache:
 
     def install(self, staging: Path, version: str, module: str) -> bool:
         """Rename a complete staging folder into place; False (staging untouched) when the entry exists."""
-        _fsync_tree(staging)
+        fsync_tree(staging)
         installed = rename_noreplace(staging, self.root / version / module)
         if installed:
-            _fsync_dir(self.root / version)
+            fsync_dir(self.root / version)
         return installed
 
     def remove(self, entry: Entry) -> None:
@@ -201,28 +202,6 @@ def _mtime(path: Path) -> float:
         return path.stat().st_mtime
     except FileNotFoundError:
         return time.time()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on a directory; the data files were synced
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file under `folder` to disk before it is renamed into the cache (crash safety)."""
-    for dirpath, _, filenames in os.walk(folder):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
 
 
 _AT_FDCWD = -100

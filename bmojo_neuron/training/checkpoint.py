@@ -33,6 +33,8 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from bmojo_neuron.fsutil import fsync_dir, publish_dir, write_text_atomic  # noqa: F401 (re-exported)
+
 LATEST = "latest"
 FINAL = "final"
 STEP_PATTERN = re.compile(r"^step-(\d{7,})$")
@@ -65,68 +67,12 @@ def step_dir_name(step: int) -> str:
 # ------------------------------------------------------------------ filesystem helpers
 
 
-def fsync_dir(path: Path) -> None:
-    """Persist a directory's entries (renames, new files); a no-op where unsupported."""
+def publish_step(tmp: Path, run_dir: Path, name: str, recipe: dict[str, Any], config: Any, state: Any,
+                 keep_last: int) -> Path:
+    """The shared end of every save: recipe, config and trainer state into `tmp` (the state last: it marks
+    the step complete), `tmp` published as ``run_dir/name``, ``latest`` moved, old steps pruned.
+    `tmp` is removed if anything fails before it is published."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    """fsync every file under `path`, then the directories themselves."""
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(Path(root))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one rename; readers see the old or the new content."""
-    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
-
-
-def publish_dir(tmp: Path, target: Path) -> None:
-    """Move the complete directory `tmp` to `target`, replacing an existing one.
-
-    A non-empty directory cannot be replaced by `os.replace`, so an old `target` is
-    first renamed aside (to a ``.trash-`` name) and deleted after the new one is in place.
-    """
-    fsync_tree(tmp)
-    trash = None
-    if target.exists():
-        trash = target.with_name(f".trash-{target.name}-{uuid.uuid4().hex[:8]}")
-        os.replace(target, trash)
-    os.replace(tmp, target)
-    fsync_dir(target.parent)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def publish_sharded(tmp: Path, run_dir: Path, name: str, meta: dict[str, Any], recipe: dict[str, Any],
-                    config: Any, state: Any, keep_last: int) -> None:
-    """Rank 0's end of a sharded save: the shared files into `tmp` (the state last, as the
-    completeness mark), then `tmp` published as ``run_dir/name``, ``latest`` moved, old steps pruned."""
-    from bmojo_neuron.parallel.checkpoint_format import PARALLEL_FILE
-
-    try:
-        (tmp / PARALLEL_FILE).write_text(json.dumps(meta, indent=1))
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str))
         config.to_json_file(str(tmp / CONFIG_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
@@ -137,6 +83,20 @@ def publish_sharded(tmp: Path, run_dir: Path, name: str, meta: dict[str, Any], r
     write_text_atomic(run_dir / LATEST, name + "\n")
     if keep_last > 0:
         prune(run_dir, keep_last)
+    return run_dir / name
+
+
+def publish_sharded(tmp: Path, run_dir: Path, name: str, meta: dict[str, Any], recipe: dict[str, Any],
+                    config: Any, state: Any, keep_last: int) -> None:
+    """Rank 0's end of a sharded save: ``parallel.json``, then `publish_step`."""
+    from bmojo_neuron.parallel.checkpoint_format import PARALLEL_FILE
+
+    try:
+        (tmp / PARALLEL_FILE).write_text(json.dumps(meta, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_step(tmp, run_dir, name, recipe, config, state, keep_last)
 
 
 def new_tmp_dir(run_dir: Path, label: str) -> Path:
@@ -198,17 +158,10 @@ def save_checkpoint(
             {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()},
             tmp / OPTIM_FILE,
         )
-        (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str))
-        model.config.to_json_file(str(tmp / CONFIG_FILE))
-        (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
-        publish_dir(tmp, run_dir / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_text_atomic(run_dir / LATEST, name + "\n")
-    if keep_last > 0:
-        prune(run_dir, keep_last)
-    return run_dir / name
+    return publish_step(tmp, run_dir, name, recipe, model.config, state, keep_last)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -1,0 +1,67 @@
+"""Durable writes: fsync helpers, atomic text replace and directory publish (no torch, so the cache CLI stays fast).
+
+Checkpoints (`bmojo_neuron.training.checkpoint`) and the compile cache
+(`bmojo_neuron.compile_cache`) both build a folder aside, flush it, then rename it
+into place, so a crash leaves either the old state or the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    """Persist a directory's entries (renames, new files); a no-op where unsupported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file under `path`, then the directories themselves."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(root))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename; readers see the old or the new content."""
+    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def publish_dir(tmp: Path, target: Path) -> None:
+    """Move the complete directory `tmp` to `target`, replacing an existing one.
+
+    A non-empty directory cannot be replaced by `os.replace`, so an old `target` is
+    first renamed aside (to a ``.trash-`` name) and deleted after the new one is in place.
+    """
+    fsync_tree(tmp)
+    trash = None
+    if target.exists():
+        trash = target.with_name(f".trash-{target.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(target, trash)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
