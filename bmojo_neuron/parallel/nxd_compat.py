@@ -11,7 +11,8 @@ transformers this project needs, importing NxD fails before any of it runs.
 ``torch.fx.Tracer`` subclass. NxD only uses ``HFTracerWrapper`` to trace a Hugging
 Face ``PreTrainedModel`` when no tracer is named; the pipeline wiring here traces its
 own (non-HF) module and names ``tracer_cls="torch"`` (`bmojo_neuron.parallel.nxd_training`),
-so the stand-in is never used to trace.
+so the stand-in is never used to trace. `bmojo_neuron.neuron` calls it before it first
+imports ``neuronx_distributed`` (every NxD import goes through `import_neuron_module`).
 """
 
 from __future__ import annotations

@@ -62,9 +62,6 @@ FEATURE = "pipeline parallelism and ZeRO-1 on Trainium"
 
 
 def _trainer() -> Any:
-    from .nxd_compat import provide_transformers_fx
-
-    provide_transformers_fx()  # NxD 0.17 imports transformers 4's FX tracer at import time
     return import_neuron_module("neuronx_distributed.trainer", FEATURE)
 
 

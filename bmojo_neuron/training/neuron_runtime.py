@@ -16,8 +16,8 @@ registers the ``"xla"`` process-group backend; NxD's ``parallel_state`` getters
 (``get_pipeline_model_parallel_replica_groups`` among them) and
 ``parallel_layers.utils.move_all_tensor_to_cpu`` (one sync for many tensors).
 
-Before NxD is imported, `bmojo_neuron.parallel.nxd_compat.provide_transformers_fx`
-gives it the ``transformers.utils.fx`` module it imports (gone in transformers 5).
+NxD is imported only through `bmojo_neuron.neuron`, whose package check first gives it
+the ``transformers.utils.fx`` module it needs (gone in transformers 5; `nxd_compat`).
 """
 
 from __future__ import annotations
@@ -58,9 +58,6 @@ class NeuronRuntime:
     @classmethod
     def start(cls, bf16: bool) -> NeuronRuntime:
         """Check the packages, join (or create) the ``xla`` process group and pick this process's XLA device."""
-        from bmojo_neuron.parallel.nxd_compat import provide_transformers_fx
-
-        provide_transformers_fx()  # before NxD's first import (the package check imports it)
         require_neuron_training()
         if bf16:  # pure bf16 weights need stochastic rounding in the runtime (trainium.md); read when it starts
             os.environ.setdefault(STOCHASTIC_ROUNDING, "1")
