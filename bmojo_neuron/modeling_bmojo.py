@@ -9,6 +9,7 @@ sum. Generation uses the recurrent `BMojoCache`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -262,6 +263,7 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         return model_kwargs
 
 
+@functools.cache  # read per decode step; the installed transformers does not change
 def _generation_cache_name() -> str:
     """The model_kwargs key under which this transformers' `generate` finds (and beam search reorders) a cache.
 
