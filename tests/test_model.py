@@ -205,3 +205,20 @@ def test_beam_search_scores_match_full_forward_log_probs():
     new = out.sequences[:, 7:]
     picked = log_probs[:, 6:-1].gather(-1, new[..., None]).squeeze(-1).sum(-1)
     torch.testing.assert_close(out.sequences_scores, picked, rtol=0, atol=1e-4)
+
+
+def test_generation_cache_key_follows_the_installed_transformers(monkeypatch):
+    """Beam search reorders only the caches under the names in ALL_CACHE_NAMES (5.24: `cache`; < 5.24 only
+    `past_key_values`), so the model must keep its cache under one of them."""
+    from transformers.generation import utils as generation_utils
+
+    from bmojo_neuron.modeling_bmojo import _generation_cache_name
+
+    assert _generation_cache_name() in generation_utils.ALL_CACHE_NAMES
+    before_5_24 = ["past_key_values", "cache_params", "state", "mems", "past_buckets_states"]
+    monkeypatch.setattr(generation_utils, "ALL_CACHE_NAMES", before_5_24)
+    _generation_cache_name.cache_clear()
+    try:
+        assert _generation_cache_name() == "past_key_values"
+    finally:
+        _generation_cache_name.cache_clear()
