@@ -9,6 +9,7 @@ plan of `bmojo-neuron plan`), and runs nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bmojo_neuron.cli import register_command
+from bmojo_neuron.locking import DirectoryLock
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -209,13 +211,24 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return dry_run(recipe, name, overrides, args)
     runs = plan_runs(recipe, args.output_dir)
-    for variant, run_dir in runs:  # check every run before the first long one starts
-        check_recipe(variant)
-        if not args.resume and has_run(run_dir):
-            raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, or pick another "
-                             "--output-dir")
-    rows = []
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints and writes summaries
+    with contextlib.ExitStack() as locks:
+        for variant, run_dir in runs:  # check every run before the first long one starts
+            check_recipe(variant)
+            if main:  # held for the whole command: a second train or --resume on a live run is refused
+                locks.enter_context(DirectoryLock(run_dir))
+            if not args.resume and has_run(run_dir):
+                raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, or pick another "
+                                 "--output-dir")
+        return train_all(runs, args, recipe, main)
+
+
+def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: Any, main: bool) -> int:
+    from bmojo_neuron.recipes import count_parameters
+    from bmojo_neuron.training.checkpoint import latest_checkpoint
+    from bmojo_neuron.training.loop import format_seconds, train
+
+    rows = []
     for variant, run_dir in runs:
         if main:
             print(describe(variant, count_parameters(variant), run_dir), flush=True)
