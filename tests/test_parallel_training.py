@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from baseline import check_run
 from safetensors.torch import load_file
 
 from bmojo_neuron.parallel import checkpoint_format as fmt
@@ -95,6 +96,9 @@ def test_parallel_training_equals_one_process(tmp_path):
     assert len(reference) == STEPS
     mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path), reference), nprocs=WORLD,
                        start_method="spawn", join=True)
+
+    for name in ("reference", "tp2-sp", "dp2-zero1", "tp1"):
+        check_run(f"parallel-{name}", tmp_path / name)
 
     # the sharded checkpoints follow the documented layout
     step = tmp_path / "tp2-sp" / "step-0000004"

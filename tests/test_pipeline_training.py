@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from baseline import check_run
 from safetensors.torch import load_file
 
 from bmojo_neuron.parallel import checkpoint_format as fmt
@@ -158,6 +159,11 @@ def test_pipeline_training_equals_one_process(tmp_path):
     mp.start_processes(_pp_worker, args=(str(tmp_path / "init"), str(tmp_path), _numbers(ref), _numbers(ref_tied)),
                        nprocs=2, start_method="spawn", join=True)
 
+    for name in ("reference", "reference-tied", "pp2", "pp2-tied"):
+        check_run(f"pipeline-{name}", tmp_path / name)
+    check_run("pipeline-pp2", tmp_path / "pp2-resumed")
+    check_run("pipeline-tp2-from-pp2", tmp_path / "tp2-from-pp2")
+
     want, want_tied = _weights(tmp_path / "reference"), _weights(tmp_path / "reference-tied")
     _assert_weights(_weights(tmp_path / "pp2"), want, "pp=2")
     _assert_weights(_weights(tmp_path / "pp2-tied"), want_tied, "pp=2, tied")
@@ -225,6 +231,9 @@ def test_tensor_times_pipeline_parallel_equals_one_process(tmp_path):
     ref = train(_recipe(), tmp_path / "reference", progress=False)
     mp.start_processes(_tp_pp_worker, args=(str(tmp_path / "init"), str(tmp_path), _numbers(ref)), nprocs=4,
                        start_method="spawn", join=True)
+    check_run("pipeline-reference", tmp_path / "reference")
+    check_run("pipeline-tp2-pp2-sp", tmp_path / "tp2pp2")
+    check_run("pipeline-pp2-dp2-zero1-from-tp2-pp2", tmp_path / "pp2dp2")
     want = _weights(tmp_path / "reference")
     _assert_weights(_weights(tmp_path / "tp2pp2"), want, "tp=2 × pp=2")
     _assert_weights(_weights(tmp_path / "pp2dp2"), want, "converted to pp=2 × dp=2")

@@ -1,0 +1,85 @@
+"""Recorded training numbers that a change to the trainer must reproduce bit for bit.
+
+`tests/golden/training_baseline.json` holds, per named run, every record of its
+``metrics.jsonl`` (per-step loss, lm loss, aux loss, gradient norm and lr; eval loss,
+perplexity and recall) and a fingerprint of its final weights: a SHA-256 over every
+tensor's name, dtype, shape and bytes, and per tensor the float64 sum and sum of
+squares. The runs are seeded and run on CPU with one thread, so on the machine and
+torch build that recorded them the numbers repeat exactly, and `check_run` compares
+them with ``==``. Elsewhere (another CPU instruction set or torch version, where
+kernels may round differently) it compares with rtol 1e-5, still far tighter than any
+change to the algorithm moves a loss.
+
+After an intended change of the numbers, regenerate and review the diff:
+
+    BMOJO_UPDATE_GOLDEN=1 python -m pytest -q tests/test_training_baseline.py tests/test_pipeline_training.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+GOLDEN = Path(__file__).parent / "golden" / "training_baseline.json"
+UPDATE = os.environ.get("BMOJO_UPDATE_GOLDEN") == "1"
+TOLERANCE = 1e-5  # relative, used only where the recording environment differs
+
+
+def environment() -> dict[str, str]:
+    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
+
+
+def fingerprint(run_dir: Path) -> dict[str, Any]:
+    """The metrics records and the final weights' fingerprint of one run directory."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("tokens_per_s", None)  # wall-clock
+    weights = load_file(str(run_dir / "final" / "model.safetensors"))
+    digest = hashlib.sha256()
+    sums = {}
+    for name in sorted(weights):
+        tensor = weights[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes())
+        wide = tensor.double()
+        sums[name] = [wide.sum().item(), wide.pow(2).sum().item()]
+    return {"records": records, "weights_sha256": digest.hexdigest(), "weight_sums": sums}
+
+
+def _load() -> dict[str, Any]:
+    return json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {"environment": environment(), "runs": {}}
+
+
+def check_run(name: str, run_dir: Path) -> None:
+    """Assert that `run_dir` reproduces the recorded run `name` (or record it under BMOJO_UPDATE_GOLDEN=1)."""
+    got = fingerprint(run_dir)
+    golden = _load()
+    if UPDATE:
+        golden["environment"] = environment()
+        golden["runs"][name] = got
+        GOLDEN.write_text(json.dumps(golden, indent=1, sort_keys=True) + "\n")
+        return
+    assert name in golden["runs"], f"{GOLDEN} has no run {name!r}; record it with BMOJO_UPDATE_GOLDEN=1"
+    want = golden["runs"][name]
+    assert [r["type"] for r in got["records"]] == [r["type"] for r in want["records"]], name
+    if golden["environment"] == environment():
+        assert got["records"] == want["records"], f"{name}: the logged numbers changed"
+        assert got["weights_sha256"] == want["weights_sha256"], f"{name}: the final weights changed"
+        return
+    for have, expected in zip(got["records"], want["records"]):
+        assert have.keys() == expected.keys(), name
+        for key, value in expected.items():
+            if isinstance(value, float):
+                torch.testing.assert_close(have[key], value, rtol=TOLERANCE, atol=0, msg=f"{name}: {key}")
+            else:
+                assert have[key] == value, f"{name}: {key}"
+    assert got["weight_sums"].keys() == want["weight_sums"].keys(), name
+    for tensor, (total, squares) in want["weight_sums"].items():
+        torch.testing.assert_close(got["weight_sums"][tensor], [total, squares], rtol=TOLERANCE, atol=1e-6,
+                                   msg=f"{name}: {tensor}")

@@ -1,0 +1,104 @@
+"""Checkpoints written by earlier versions keep loading: the committed fixtures in tests/golden/checkpoints/.
+
+The fixtures (made by ``tests/golden/checkpoints/make.sh`` from ``fixture.yaml``) are a
+one-process run stopped after step 2, the same run finished (step 3 and the ``final``
+export) and the run at tp=2 × pp=2 with tied embeddings (a sharded step 3 and its
+export). Every form must load for inference and give the recorded logits for a fixed
+prompt, compared like `baseline.check_run` compares training numbers (exactly on the
+recording machine, rtol 1e-5 elsewhere); the stopped run must resume to the finished
+run's numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from baseline import UPDATE, environment
+from safetensors.torch import load_file
+
+from bmojo_neuron.parallel.convert import consolidate_checkpoint
+from bmojo_neuron.recipes import load_recipe
+from bmojo_neuron.training import train
+from bmojo_neuron.training.checkpoint import load_trained
+
+FIXTURES = Path(__file__).parent / "golden" / "checkpoints"
+EXPECTED = FIXTURES / "expected.json"
+PROMPT = [[1, 5, 9, 2, 14, 3, 8, 8, 0, 11]]
+# (what to load, whose weights it holds)
+SOURCES = [
+    ("one-process", "step 2"),  # a run directory without an export: its latest checkpoint
+    ("one-process/step-0000002", "step 2"),
+    ("finished", "step 3"),  # its final/ export
+    ("finished/step-0000003", "step 3"),
+    ("finished/final", "step 3"),
+    ("tp2-pp2/step-0000003", "tp2-pp2 step 3"),  # sharded: consolidated on load
+    ("tp2-pp2/final", "tp2-pp2 step 3"),
+]
+
+
+def _logits(path: Path) -> list[list[float]]:
+    trained = load_trained(path, "cpu")
+    with torch.no_grad():
+        return trained.model(torch.tensor(PROMPT)).logits[0].tolist()
+
+
+def _expected() -> dict:
+    return json.loads(EXPECTED.read_text()) if EXPECTED.is_file() else {"environment": environment(), "logits": {}}
+
+
+def _assert_same(got, want, what: str, exact: bool) -> None:
+    if exact:
+        assert got == want, what
+    else:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=what)
+
+
+def test_every_stored_form_loads_with_the_recorded_logits():
+    expected = _expected()
+    exact = expected["environment"] == environment()
+    seen: dict[str, list] = {}
+    for source, weights in SOURCES:
+        got = _logits(FIXTURES / source)
+        if weights in seen:  # the same weights read through another form
+            assert got == seen[weights], f"{source} differs from the other forms of {weights}"
+        seen[weights] = got
+    if UPDATE:
+        EXPECTED.write_text(json.dumps({"environment": environment(), "logits": seen}, indent=1) + "\n")
+        return
+    for weights, got in seen.items():
+        _assert_same(got, expected["logits"][weights], weights, exact)
+
+
+def test_the_sharded_fixture_consolidates_to_its_export(tmp_path):
+    out = consolidate_checkpoint(FIXTURES / "tp2-pp2", tmp_path / "full")
+    want = load_file(str(FIXTURES / "tp2-pp2" / "final" / "model.safetensors"))
+    got = load_file(str(out / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    state = torch.load(out / "training_state.pt", weights_only=False)
+    assert state["trainer_state"]["step"] == 3 and "lm_head.weight" not in state["optimizer"]
+
+
+def test_the_stopped_fixture_resumes_to_the_finished_run(tmp_path):
+    if UPDATE:
+        pytest.skip("nothing to record")
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "one-process", run)
+    result = train(load_recipe(str(FIXTURES / "fixture.yaml")), run, resume=True, progress=False)
+    assert result.step == 3
+
+    def numbers(run_dir: Path) -> list[dict]:
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+    exact = _expected()["environment"] == environment()
+    got, want = numbers(run), numbers(FIXTURES / "finished")
+    assert [(r["type"], r["step"]) for r in got] == [(r["type"], r["step"]) for r in want]
+    _assert_same([list(r.values()) for r in got], [list(r.values()) for r in want], "metrics", exact)
+    a = load_file(str(run / "final" / "model.safetensors"))
+    b = load_file(str(FIXTURES / "finished" / "final" / "model.safetensors"))
+    _assert_same({k: v.tolist() for k, v in a.items()}, {k: v.tolist() for k, v in b.items()}, "final weights",
+                 exact)
