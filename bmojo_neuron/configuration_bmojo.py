@@ -31,8 +31,12 @@ class BMojoConfig(PretrainedConfig):
 
     Attention (letters B, F, S, A):
         num_attention_heads, num_key_value_heads (GQA), head_dim (<= 128, even),
-        rope_theta, attention_bias, window_size ``w``, fading_window ``w_f``
-        (default ``w``; 0 disables the fading path), tie_fading_projections.
+        rope_theta, rope_scaling_params (None, or a ``linear`` / ``llama3`` frequency
+        scaling, see `layers.rope`), attention_bias (on q/k/v and, unless
+        attention_output_bias says otherwise, on o), qk_norm (an RMSNorm over head_dim
+        on every query and key head before RoPE, as in Qwen3), window_size ``w``,
+        fading_window ``w_f`` (default ``w``; 0 disables the fading path),
+        tie_fading_projections.
 
     Eidetic memory (letter B):
         memory_size ``M`` slots, memory_chunk ``c`` (default ``w``), memory_picks
@@ -62,7 +66,10 @@ class BMojoConfig(PretrainedConfig):
         num_key_value_heads: int | None = None,
         head_dim: int | None = None,
         rope_theta: float = 10000.0,
+        rope_scaling_params: dict[str, Any] | None = None,
         attention_bias: bool = False,
+        attention_output_bias: bool | None = None,
+        qk_norm: bool = False,
         window_size: int = 512,
         fading_window: int | None = None,
         tie_fading_projections: bool = True,
@@ -107,7 +114,10 @@ class BMojoConfig(PretrainedConfig):
         self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
         self.head_dim = head_dim if head_dim is not None else hidden_size // max(num_attention_heads, 1)
         self.rope_theta = rope_theta
+        self.rope_scaling_params = dict(rope_scaling_params) if rope_scaling_params is not None else None
         self.attention_bias = attention_bias
+        self.attention_output_bias = attention_bias if attention_output_bias is None else attention_output_bias
+        self.qk_norm = qk_norm
         self.window_size = window_size
         self.fading_window = fading_window if fading_window is not None else window_size
         self.tie_fading_projections = tie_fading_projections
@@ -206,6 +216,8 @@ class BMojoConfig(PretrainedConfig):
         )
         _require(self.head_dim % 2 == 0, "head_dim", f"is {self.head_dim}; RoPE needs an even head_dim")
         _require(self.rope_theta > 0, "rope_theta", "must be > 0")
+        problem = check_rope_scaling(self.rope_scaling_params)
+        _require(problem is None, "rope_scaling_params", problem or "")
         _require_int(self, "window_size", minimum=1)
         _require_int(self, "fading_window", minimum=0)
 
@@ -262,6 +274,32 @@ class BMojoConfig(PretrainedConfig):
             "ssm_A_init_range",
             f"is {self.ssm_A_init_range}; must be [low, high] with 0 < low <= high",
         )
+
+
+ROPE_TYPES = {  # rope_type -> required keys of rope_scaling_params
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+def check_rope_scaling(params: Any) -> str | None:
+    """None if `params` is a supported RoPE frequency scaling (`layers.rope`), else what is wrong."""
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        return f"must be a mapping with rope_type, got {params!r}"
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        return f"has rope_type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}"
+    missing = [key for key in ROPE_TYPES[rope_type] if not isinstance(params.get(key), (int, float))]
+    if missing:
+        return f"({rope_type}) needs numeric {', '.join(missing)}"
+    if rope_type != "default" and params["factor"] <= 0:
+        return f"has factor {params['factor']}; must be > 0"
+    if rope_type == "llama3" and not 0 < params["low_freq_factor"] < params["high_freq_factor"]:
+        return "(llama3) needs 0 < low_freq_factor < high_freq_factor"
+    return None
 
 
 def _swiglu_size(hidden_size: int) -> int:

@@ -35,6 +35,15 @@ def _config(mixer: str):
     )
 
 
+def _config_with_primed_options(mixer: str):
+    """`_config` with the options priming uses: q/k norms (a weight shared by the heads of every rank),
+    biases on q/k/v/o and scaled RoPE."""
+    config = _config(mixer)
+    config.update({"qk_norm": True, "attention_bias": True, "attention_output_bias": True,
+                   "rope_scaling_params": {"rope_type": "linear", "factor": 2.0}})
+    return config
+
+
 def single_process_run(config, length: int):
     """The float64 single-process model after forward and backward on a fixed batch: (model, ids, labels, output)."""
     torch.manual_seed(0)
@@ -93,7 +102,7 @@ def run_cases(rank: int, init_file: str, world: int, check, cases: list[tuple[st
 
 
 def _check_case(rank: int, mixer: str, sequence_parallel: bool) -> None:
-    config = _config(mixer)
+    config = _config_with_primed_options(mixer)
     full, ids, labels, ref = single_process_run(config, LENGTH)
     model, shapes = load_shard(full, TorchTensorParallelFactory(sequence_parallel=sequence_parallel), rank, WORLD)
     out = model(ids, labels=labels)

@@ -25,7 +25,8 @@ from .eidetic_memory import (
     update_memory,
     visible_memory,
 )
-from .factory import get_layer_factory
+from .factory import LayerFactory, get_layer_factory
+from .norms import RMSNorm, rms_normalize
 from .rope import RotaryEmbedding, apply_rotary
 from .ssm import build_ssm_mixer
 
@@ -57,8 +58,12 @@ class BMojoAttention(nn.Module):
         self.q_proj = layers.column_linear(hidden, q_width, bias=bias)
         self.k_proj = layers.column_linear(hidden, kv_width, bias=bias)
         self.v_proj = layers.column_linear(hidden, kv_width, bias=bias)
-        self.o_proj = layers.row_linear(q_width, hidden, bias=bias)
-        self.rotary = RotaryEmbedding(self.head_dim, config.rope_theta)
+        self.o_proj = layers.row_linear(q_width, hidden, bias=config.attention_output_bias)
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            self.q_norm = HeadRMSNorm(self.head_dim, config.rms_norm_eps, layers)
+            self.k_norm = HeadRMSNorm(self.head_dim, config.rms_norm_eps, layers)
+        self.rotary = RotaryEmbedding(self.head_dim, config.rope_theta, config.rope_scaling_params)
 
         needs_ssm = self.fading_window > 0 or self.memory_size > 0
         self.ssm = build_ssm_mixer(config, layer_idx) if needs_ssm else None
@@ -75,6 +80,16 @@ class BMojoAttention(nn.Module):
         """(batch, L, heads * head_dim) -> (batch, L, heads, head_dim)."""
         return x.view(*x.shape[:-1], heads, self.head_dim)
 
+    def _queries(self, x: Tensor) -> Tensor:
+        """Un-rotated queries (batch, L, q_heads, head_dim), normalised per head with qk_norm."""
+        q = self._heads(self.q_proj(x), self.q_heads)
+        return q if self.q_norm is None else self.q_norm(q)
+
+    def _keys(self, x: Tensor, proj: nn.Module | None = None) -> Tensor:
+        """Un-rotated keys (batch, L, kv_heads, head_dim) of `x` through `proj` (default k_proj)."""
+        k = self._heads((proj or self.k_proj)(x), self.kv_heads)
+        return k if self.k_norm is None else self.k_norm(k)
+
     def _rotate(self, x: Tensor, positions: Tensor) -> Tensor:
         """Rotate (batch, heads, L, head_dim) at `positions` (L,)."""
         cos, sin = self.rotary(positions, x.dtype)
@@ -84,7 +99,7 @@ class BMojoAttention(nn.Module):
         """Fading keys/values (batch, L, kv_heads, head_dim) from the SSM output."""
         k_proj = self.k_proj if self.tie_fading else self.k_fading_proj
         v_proj = self.v_proj if self.tie_fading else self.v_fading_proj
-        return self._heads(k_proj(s), self.kv_heads), self._heads(v_proj(s), self.kv_heads)
+        return self._keys(s, k_proj), self._heads(v_proj(s), self.kv_heads)
 
     def _innovation(self, k_raw: Tensor, k_hat: Tensor) -> Tensor:
         """Innovation (batch, L) of keys against their predictions (both (batch, L, local kv heads * D)).
@@ -116,11 +131,11 @@ class BMojoAttention(nn.Module):
         return self._forward_parallel(x, cache)
 
     def _forward_parallel(self, x: Tensor, cache: AttentionLayerCache | None) -> tuple[Tensor, Tensor | None]:
-        q = self.q_proj(x)  # the whole sequence, even when x is a sequence-parallel shard
-        batch, length, _ = q.shape
+        q = self._queries(x)  # the whole sequence, even when x is a sequence-parallel shard
+        batch, length = q.shape[:2]
         positions = torch.arange(length, device=x.device)
-        q = self._rotate(self._heads(q, self.q_heads).transpose(1, 2), positions)
-        k_raw = self._heads(self.k_proj(x), self.kv_heads)
+        q = self._rotate(q.transpose(1, 2), positions)
+        k_raw = self._keys(x)
         v = self._heads(self.v_proj(x), self.kv_heads)
         k = self._rotate(k_raw.transpose(1, 2), positions)
         v_t = v.transpose(1, 2)
@@ -208,8 +223,8 @@ class BMojoAttention(nn.Module):
     def _decode_step(self, x: Tensor, position: int, cache: AttentionLayerCache) -> Tensor:
         """One token `x` (batch, 1, d) at `position`, reading and advancing `cache`."""
         pos = torch.tensor([position], device=x.device)
-        q = self._rotate(self._heads(self.q_proj(x), self.q_heads).transpose(1, 2), pos)
-        k_raw = self._heads(self.k_proj(x), self.kv_heads)
+        q = self._rotate(self._queries(x).transpose(1, 2), pos)
+        k_raw = self._keys(x)
         v = self._heads(self.v_proj(x), self.kv_heads)
         k = self._rotate(k_raw.transpose(1, 2), pos)
         keep = None if self.kind == "A" else self.window
@@ -264,6 +279,24 @@ class BMojoAttention(nn.Module):
         cache.snapshots[j] = cache.memory
         cache.snapshots.pop(j - self.lag, None)  # chunk j + 1 reads j + 1 - lag onwards
         cache.chunk_k = cache.chunk_v = cache.chunk_innovation = None
+
+
+class HeadRMSNorm(RMSNorm):
+    """RMSNorm over head_dim applied to every head (queries or keys); one weight shared by all heads.
+
+    Under tensor parallelism each rank holds some of the heads, so each rank's gradient
+    of the shared weight is partial: the weight enters the graph through
+    `share_across_tp`, whose backward sums the gradient over the ranks.
+    """
+
+    def __init__(self, head_dim: int, eps: float, factory: LayerFactory) -> None:
+        super().__init__(head_dim, eps=eps)
+        self.factory = factory
+
+    def forward(self, x: Tensor) -> Tensor:
+        ct = torch.promote_types(x.dtype, torch.float32)
+        weight = self.factory.share_across_tp(self.weight)
+        return (rms_normalize(x.to(ct), self.eps) * weight.to(ct)).to(x.dtype)
 
 
 def _append(buffer: Tensor | None, new: Tensor, keep: int | None) -> Tensor:

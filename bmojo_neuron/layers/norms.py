@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GatedRMSNorm", "RMSNorm"]
+__all__ = ["GatedRMSNorm", "RMSNorm", "rms_normalize"]
 
 
-def _rms_normalize(x: Tensor, eps: float) -> Tensor:
+def rms_normalize(x: Tensor, eps: float) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
 
 
@@ -39,7 +39,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         ct = _compute_dtype(x.dtype)
-        y = _rms_normalize(x.to(ct), self.eps) * self.weight.to(ct)
+        y = rms_normalize(x.to(ct), self.eps) * self.weight.to(ct)
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -70,7 +70,7 @@ class GatedRMSNorm(nn.Module):
         if z is not None:
             h = h * F.silu(z.to(ct))
         shape = h.shape
-        h = _rms_normalize(h.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size), self.eps)
+        h = rms_normalize(h.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size), self.eps)
         y = h.reshape(shape) * self.weight.to(ct)
         return y.to(x.dtype)
 

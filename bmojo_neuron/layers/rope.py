@@ -1,9 +1,60 @@
-"""Rotary position embeddings (RoPE), rotate-half convention."""
+"""Rotary position embeddings (RoPE), rotate-half convention, with optional frequency scaling.
+
+Angles are ``position / theta^(2i / head_dim)``, computed in float32 (float64 for a
+float64 model). Hugging Face's Llama and Qwen compute ``position * (1 / theta^(2i / head_dim))``:
+the same numbers up to rounding, so a primed all-attention model matches its source
+to about 1e-6 (relative), not bit for bit.
+
+Scaling (``config.rope_scaling_params``; ``None`` means none):
+
+* ``{"rope_type": "linear", "factor": f}``: every inverse frequency divided by ``f``;
+* ``{"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+  "original_max_position_embeddings"}``: the Llama 3.1 rule -- wavelengths shorter
+  than ``original / high_freq_factor`` are kept, those longer than
+  ``original / low_freq_factor`` are divided by ``factor``, the band in between is
+  interpolated linearly in ``original / wavelength``.
+
+Both are static (independent of the sequence length), so decoding and the parallel
+forward agree at any length. Types that change with the length (``dynamic``) or that
+rescale cos/sin (``yarn``, ``longrope``) are not supported.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+
+
+def rotation_periods(
+    head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """The head_dim / 2 divisors ``p_i`` of the rotation angles (``angle_i = position / p_i``), in `dtype`.
+
+    Unscaled, ``p_i = theta^(2i / head_dim)``; a scaling divides the inverse frequencies
+    ``1 / p_i`` as `scaling` says.
+    """
+    periods = theta ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim)
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "linear":
+        return periods * scaling["factor"]
+    if rope_type == "llama3":
+        return 1.0 / _llama3_scaled(1.0 / periods, scaling)
+    return periods
+
+
+def _llama3_scaled(inv_freq: Tensor, params: Mapping[str, Any]) -> Tensor:
+    factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+    original = params["original_max_position_embeddings"]
+    wavelength = 2 * math.pi / inv_freq
+    long_waves = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    blend = (original / wavelength - low) / (high - low)
+    blended = (1 - blend) * long_waves / factor + blend * long_waves
+    in_band = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(in_band, blended, long_waves)
 
 
 class RotaryEmbedding(nn.Module):
@@ -13,10 +64,11 @@ class RotaryEmbedding(nn.Module):
     buffer: a non-persistent buffer is not restored by `from_pretrained`'s meta-device load.
     """
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
+        self.scaling = dict(scaling) if scaling is not None else None
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin of shape ``positions.shape + (head_dim,)``.
@@ -24,8 +76,8 @@ class RotaryEmbedding(nn.Module):
         Computed in float32 (Trainium has no float64), or float64 for a float64 model.
         """
         compute = torch.float64 if dtype == torch.float64 else torch.float32
-        exponent = torch.arange(0, self.head_dim, 2, dtype=compute, device=positions.device) / self.head_dim
-        freqs = positions.to(compute)[..., None] / self.theta**exponent
+        periods = rotation_periods(self.head_dim, self.theta, self.scaling, compute).to(positions.device)
+        freqs = positions.to(compute)[..., None] / periods
         angles = torch.cat([freqs, freqs], dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 

@@ -1,0 +1,250 @@
+"""Priming: a B'MOJO model initialised from tiny Llama / Mistral / Qwen2 / Qwen3 checkpoints built here.
+
+The sources are Hugging Face models built from configs with random weights (std 0.2,
+so attention is far from uniform and a mis-mapped weight shows), saved to a temporary
+folder: nothing is downloaded. Logits are compared in float32 as
+``max |primed - source| / max |source|``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from bmojo_neuron.cli import main
+from bmojo_neuron.priming import expand_pattern, prime_model
+from bmojo_neuron.priming.compare import relative_difference
+from bmojo_neuron.training.checkpoint import load_trained
+
+VOCAB, LENGTH = 96, 48
+TOLERANCE = 1e-5
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+SOURCES = {
+    # GQA everywhere; each family adds what is particular to it
+    "llama-llama3-rope-bias": (LlamaConfig, LlamaForCausalLM,
+                               dict(rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, attention_bias=True)),
+    "llama-linear-rope-tied": (LlamaConfig, LlamaForCausalLM,
+                               dict(rope_scaling={"rope_type": "linear", "factor": 4.0}, tie_word_embeddings=True)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=None, rope_theta=1e6)),
+    "qwen2-qkv-bias": (Qwen2Config, Qwen2ForCausalLM, dict(tie_word_embeddings=True)),
+    "qwen3-qk-norm": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=32)),  # head_dim != hidden / heads
+}
+
+
+def build_source(path, name: str, **overrides):
+    """Save a random-weight source model of family `name` to `path`; returns the model (eval, float32)."""
+    config_cls, model_cls, extra = SOURCES[name]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**{**COMMON, **extra, **overrides})).eval()
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            param.normal_(1.0 if "norm" in param_name else 0.0, 0.2)
+    model.save_pretrained(str(path))
+    return model
+
+
+def source_logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def random_ids(length: int = LENGTH, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", list(SOURCES))
+def test_all_attention_pattern_equals_source(tmp_path, name):
+    source = build_source(tmp_path, name)
+    ids = random_ids()
+    primed = prime_model(tmp_path, "A")
+    assert primed.report["initialised"] == 0 and primed.report["seeded_from_source"] == 0
+    with torch.no_grad():
+        difference = relative_difference(source_logits(source, ids), primed.model(ids).logits)
+    assert difference <= TOLERANCE
+
+
+B_F_OPTIONS = dict(window_size=LENGTH, fading_window=16, memory_chunk=16, memory_size=4, memory_picks=2,
+                   ssm_chunk_size=16)
+
+
+@pytest.mark.parametrize("name", ["llama-llama3-rope-bias", "qwen2-qkv-bias", "qwen3-qk-norm"])
+@pytest.mark.parametrize("paths", ["on", "off"])
+def test_bmojo_layers_with_window_covering_the_sequence_equal_source(tmp_path, name, paths):
+    """A B or F layer whose window holds the whole sequence is full attention: no fading key or memory slot
+    is visible, whether those paths exist ("on") or are switched off (fading_window=0, memory_size=0)."""
+    source = build_source(tmp_path, name)
+    ids = random_ids()
+    options = dict(B_F_OPTIONS) if paths == "on" else dict(window_size=LENGTH, fading_window=0, memory_size=0)
+    primed = prime_model(tmp_path, "BF", options)
+    with torch.no_grad():
+        difference = relative_difference(source_logits(source, ids), primed.model(ids).logits)
+        shorter = dict(options, window_size=8)
+        narrow = prime_model(tmp_path, "BF", shorter).model(ids).logits
+    assert difference <= TOLERANCE
+    assert relative_difference(source_logits(source, ids), narrow) > 1e-2  # the window does matter
+
+
+def test_sliding_window_source_equals_swa_layers(tmp_path):
+    """Mistral with a 12-token sliding window: 'S' layers (window_size defaults to the source's) reproduce it."""
+    source = build_source(tmp_path, "mistral", sliding_window=12)
+    ids = random_ids()
+    primed = prime_model(tmp_path, "S")
+    assert primed.model.config.window_size == 12
+    with torch.no_grad():
+        assert relative_difference(source_logits(source, ids), primed.model(ids).logits) <= TOLERANCE
+    notes = prime_model(tmp_path, "A").report["notes"]
+    assert len(notes) == 2 and "sliding window" in notes[0]
+
+
+@pytest.mark.parametrize("name", ["llama-llama3-rope-bias", "qwen3-qk-norm"])
+def test_seeded_ssm_is_linear_attention_over_the_source_projections(tmp_path, name):
+    """With decay off (A = 0), dt = 1 and D = 0, the seeded SSM head h computes
+    y_t = sum_{s<=t} (silu(q_t^h) . silu(k_s^g)) silu(v_s^g), g = h // (heads / kv_heads),
+    from the source's own q/k/v projections (naive sum over s, written here independently)."""
+    source = build_source(tmp_path, name)
+    primed = prime_model(tmp_path, "M")
+    mixer = primed.model.model.layers[0].mixer
+    with torch.no_grad():
+        mixer.A_log.fill_(-float("inf"))  # A = -exp(A_log) = 0: no decay
+        mixer.dt_bias.fill_(float(torch.log(torch.expm1(torch.tensor(1.0)))))  # softplus(dt_bias) = 1
+        mixer.in_proj_dt.weight.zero_()
+        mixer.D.zero_()
+    captured = {}
+    mixer.norm.register_forward_hook(lambda module, args, out: captured.update(y=args[0]))
+    hidden = torch.randn(1, 10, COMMON["hidden_size"], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        mixer(hidden)
+        attention = source.model.layers[0].self_attn
+        heads, kv_heads, head_dim = 4, 2, primed.model.config.head_dim
+        q = F.silu(F.linear(hidden[0], attention.q_proj.weight, attention.q_proj.bias)).view(10, heads, head_dim)
+        k = F.silu(F.linear(hidden[0], attention.k_proj.weight, attention.k_proj.bias)).view(10, kv_heads, head_dim)
+        v = F.silu(F.linear(hidden[0], attention.v_proj.weight, attention.v_proj.bias)).view(10, kv_heads, head_dim)
+    expected = torch.zeros(10, heads, head_dim)
+    for t in range(10):
+        for h in range(heads):
+            g = h // (heads // kv_heads)
+            for s in range(t + 1):
+                expected[t, h] += (q[t, h] @ k[s, g]) * v[s, g]
+    torch.testing.assert_close(captured["y"][0].view(10, heads, head_dim), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_seeded_new_paths(tmp_path):
+    """Untied fading projections start as k_proj / v_proj, the innovation predictor at zero, the convs as identity;
+    the SSM gate is 0.5 (o_proj^T + v_proj repeated over the query heads of each kv head)."""
+    build_source(tmp_path, "llama-llama3-rope-bias")
+    primed = prime_model(tmp_path, "BA", dict(B_F_OPTIONS, tie_fading_projections=False))
+    mixer = primed.model.model.layers[0].mixer
+    torch.testing.assert_close(mixer.k_fading_proj.weight, mixer.k_proj.weight, rtol=0, atol=0)
+    torch.testing.assert_close(mixer.v_fading_proj.bias, mixer.v_proj.bias, rtol=0, atol=0)
+    assert not mixer.innovation_proj.weight.any()
+    conv = mixer.ssm.conv_bc.weight
+    assert torch.equal(conv[:, 0, -1], torch.ones(conv.shape[0])) and not conv[:, 0, :-1].any()
+    v_repeated = mixer.v_proj.weight.view(2, 1, 16, 64).expand(2, 2, 16, 64).reshape(64, 64)
+    torch.testing.assert_close(mixer.ssm.in_proj_z.weight, 0.5 * (mixer.o_proj.weight.t() + v_repeated))
+    assert primed.report["ssm_init"] == "attention"
+    random = prime_model(tmp_path, "BA", B_F_OPTIONS, ssm_init="random").model.model.layers[0].mixer
+    assert not torch.equal(random.ssm.in_proj_x.weight, mixer.ssm.in_proj_x.weight)
+
+
+def test_ssm_not_shaped_like_attention_keeps_mamba_init_or_is_refused(tmp_path):
+    build_source(tmp_path, "mistral")
+    primed = prime_model(tmp_path, "AM", {"ssm_mixer": "mamba1"})
+    assert primed.report["ssm_init"] == "random" and "cannot be seeded" in primed.report["notes"][0]
+    with pytest.raises(ValueError, match="ssm_state_size is 8, not 16"):
+        prime_model(tmp_path, "AM", {"ssm_state_size": 8}, ssm_init="attention")
+
+
+def test_expand_pattern():
+    assert expand_pattern("AB", 6) == "ABABAB"
+    assert expand_pattern("ABM", 3) == "ABM"
+    for bad in ("ABCD", "AX", ""):
+        with pytest.raises(ValueError, match="--pattern"):
+            expand_pattern(bad, 4 if bad != "ABCD" else 6)
+
+
+def save_tokenizer(path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 2)} | {"<unk>": VOCAB - 2, "</s>": VOCAB - 1}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="</s>").save_pretrained(str(path))
+
+
+def test_cli_writes_a_loadable_primed_folder_with_the_tokenizer(tmp_path, capsys):
+    source_dir, output = tmp_path / "source", tmp_path / "primed"
+    source = build_source(source_dir, "qwen3-qk-norm")
+    save_tokenizer(source_dir)
+    capsys.readouterr()
+    assert main(["prime", str(source_dir), str(output), "--pattern", "A", "--compare-tokens", "32"]) == 0
+    printed = capsys.readouterr().out
+    assert "copied" in printed and "max relative difference" in printed
+    assert float(printed.rsplit("difference", 1)[1]) <= TOLERANCE
+    info = json.loads((output / "bmojo_run.json").read_text())
+    assert info["tokenizer"] == str(output.resolve()) and info["priming"]["layer_pattern"] == "AA"
+    assert AutoTokenizer.from_pretrained(str(output)).encode("w3 w7") == [3, 7]
+    trained = load_trained(output)
+    ids = random_ids()
+    with torch.no_grad():
+        assert relative_difference(source_logits(source, ids), trained.model(ids).logits) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "overrides, args, message",
+    [
+        (dict(hidden_act="gelu"), ["--pattern", "A"], "hidden_act 'gelu' .* not supported"),
+        (dict(mlp_bias=True), ["--pattern", "A"], "mlp_bias true"),
+        (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}), ["--pattern", "A"], "RoPE type 'yarn'"),
+        (dict(head_dim=256), ["--pattern", "A"], "head_dim 256"),
+        ({}, ["--pattern", "ABA"], "has 3 letters; the source has 2 layers"),
+        ({}, ["--pattern", "B", "hidden_size=32"], "hidden_size=32: comes from the source"),
+        ({}, ["--pattern", "B", "window_size=0"], "window_size must be an integer >= 1"),
+        ({}, ["--pattern", "B", "no_such_option=1"], "no_such_option"),
+    ],
+)
+def test_cli_refuses_with_one_error_line(tmp_path, capsys, overrides, args, message):
+    build_source(tmp_path / "source", "llama-llama3-rope-bias", **overrides)
+    capsys.readouterr()
+    code = main(["prime", str(tmp_path / "source"), str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ")
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_other_sources_and_an_existing_output(tmp_path, capsys):
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    build_source(tmp_path / "llama", "mistral")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    capsys.readouterr()
+    cases = [
+        ([str(tmp_path / "gpt2"), str(tmp_path / "o1")], "model_type 'gpt2' is not supported"),
+        ([str(tmp_path / "missing"), str(tmp_path / "o2")], "not a local directory"),
+        ([str(tmp_path / "llama"), str(tmp_path / "taken")], "exists and is not empty"),
+    ]
+    for paths, message in cases:
+        assert main(["prime", *paths, "--pattern", "A"]) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "llama" / "model.safetensors").unlink()
+    assert main(["prime", str(tmp_path / "llama"), str(tmp_path / "o3"), "--pattern", "A"]) == 2
+    assert "no weights" in capsys.readouterr().err
