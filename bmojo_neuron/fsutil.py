@@ -1,6 +1,6 @@
 """Durable writes: fsync helpers, atomic text replace and directory publish (no torch, so the cache CLI stays fast).
 
-Checkpoints (`bmojo_neuron.training.checkpoint`) and the compile cache
+Checkpoints (`bmojo_neuron.checkpoints`) and the compile cache
 (`bmojo_neuron.compile_cache`) both build a folder aside, flush it, then rename it
 into place, so a crash leaves either the old state or the new one.
 """

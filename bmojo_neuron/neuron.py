@@ -61,7 +61,7 @@ def _probe(name: str) -> dict:
             info["reason"] = f"{dist} is not installed"
             return info
         if name == "neuronx_distributed":  # NxD 0.17 imports a module transformers 5 removed (nxd_compat)
-            from bmojo_neuron.parallel.nxd_compat import provide_transformers_fx
+            from bmojo_neuron.nxd_compat import provide_transformers_fx
 
             provide_transformers_fx()
         module = importlib.import_module(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import json
 import re
 import types
 import typing
@@ -22,7 +23,7 @@ import yaml
 
 DEFAULT_RECIPE = "cpu-tiny"
 RECIPE_DIR = "recipes"
-DEVICES = ("auto", "cpu", "cuda", "neuron")  # neuron: Trainium through torch-xla + NxD (training/neuron_loop.py)
+DEVICES = ("auto", "cpu", "cuda", "neuron")  # neuron: Trainium through torch-xla + NxD (the neuron training backend)
 PRECISIONS = ("fp32", "bf16")
 DATA_KINDS = ("mqar", "text")
 BYTE_VOCAB_SIZE = 256
@@ -253,6 +254,50 @@ class Recipe:
     def variants(self) -> list[Variant]:
         """The suite entries, or (name, no overrides) for this recipe alone."""
         return list(self.suite) or [Variant(self.run.name, {})]
+
+    def check(self) -> None:
+        """Validate every section again, types included: a recipe may have been edited since it was loaded.
+
+        The one set of rules: loading runs the same checks, so the trainer calls this
+        only to catch later edits, before any data or weights are built.
+        """
+        _choice("data.kind", self.data.kind, DATA_KINDS)
+        for name in ("run", "data", "optim", "train", "eval", "checkpoint", "parallel"):
+            section = getattr(self, name)
+            if isinstance(section, dict):
+                continue
+            hints = typing.get_type_hints(type(section))
+            for f in dataclasses.fields(section):
+                _check_type(f"{name}.{f.name}", getattr(section, f.name), hints[f.name])
+            section.check()
+
+    def record(self) -> dict[str, Any]:
+        """The recipe as a run stores it (``recipe.json``): `to_dict` through JSON, so tuples become lists and
+        a stored recipe compares equal to a freshly built one."""
+        return json.loads(json.dumps(self.to_dict(), default=str))
+
+
+# Recipe keys that may differ between a checkpoint and the run resuming it (dotted prefixes).
+RESUMABLE_CHANGES = ("run.name", "run.output_dir", "run.device", "train.steps", "train.log_every",
+                     "train.precision", "train.activation_checkpointing", "eval.", "checkpoint.",
+                     "data.cache_dir", "compare", "suite", "parallel.")  # parallel: checked on load
+
+
+def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between a stored recipe and `current` and that `RESUMABLE_CHANGES`
+    does not allow to change (both as `Recipe.record` gives them)."""
+    a, b = _flatten(saved), _flatten(current)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}."))
+    return out
 
 
 def load_recipe(path_or_name: str | None = None, overrides: Sequence[str] = ()) -> Recipe:

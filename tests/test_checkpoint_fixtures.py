@@ -20,10 +20,10 @@ import torch
 from baseline import UPDATE, environment
 from safetensors.torch import load_file
 
-from bmojo_neuron.parallel.convert import consolidate_checkpoint
+from bmojo_neuron.checkpoints.convert import consolidate_checkpoint
+from bmojo_neuron.checkpoints.inference import load_trained
 from bmojo_neuron.recipes import load_recipe
 from bmojo_neuron.training import train
-from bmojo_neuron.training.checkpoint import load_trained
 
 FIXTURES = Path(__file__).parent / "golden" / "checkpoints"
 EXPECTED = FIXTURES / "expected.json"

@@ -33,11 +33,12 @@ from safetensors.torch import load_file
 from test_neuron_train import TINY
 
 from bmojo_neuron import BMojoForCausalLM, cli
-from bmojo_neuron.parallel import checkpoint_format as fmt
+from bmojo_neuron.checkpoints import layout
+from bmojo_neuron.checkpoints import sharded as fmt
 from bmojo_neuron.parallel.pipeline import stage_of
+from bmojo_neuron.parallel.sharding import shard_shapes
 from bmojo_neuron.recipes import ParallelSection, Recipe
-from bmojo_neuron.training import checkpoint as ckpt
-from bmojo_neuron.training import loop
+from bmojo_neuron.training import TrainResult, train
 
 WORLD = 2
 STEPS = 4
@@ -188,12 +189,12 @@ def _worker(rank: int, init: str, out: str) -> None:
     out_dir, summary = Path(out), {}
     try:
         with neuron_sdk.host_reads_in_steps(log) as reads:
-            whole = loop.train(recipe(**PP), out_dir / "whole", progress=False)
+            whole = train(recipe(**PP), out_dir / "whole", progress=False)
         summary["whole"] = _summary(whole, log, reads)
-        loop.train(recipe(**PP), out_dir / "cut", progress=False, stop_after=2)
-        summary["resumed"] = _summary(loop.train(recipe(**PP), out_dir / "cut", resume=True, progress=False))
-        loop.train(recipe(**PP, **ZERO1), out_dir / "zero1", progress=False, stop_after=2)
-        summary["zero1"] = _summary(loop.train(recipe(**PP, **ZERO1), out_dir / "zero1", resume=True,
+        train(recipe(**PP), out_dir / "cut", progress=False, stop_after=2)
+        summary["resumed"] = _summary(train(recipe(**PP), out_dir / "cut", resume=True, progress=False))
+        train(recipe(**PP, **ZERO1), out_dir / "zero1", progress=False, stop_after=2)
+        summary["zero1"] = _summary(train(recipe(**PP, **ZERO1), out_dir / "zero1", resume=True,
                                                progress=False))
         (out_dir / f"rank{rank}.json").write_text(json.dumps(summary))
         dist.barrier()  # all ranks done before any tears the group down: an early exit can abort a peer
@@ -221,11 +222,11 @@ def pp_runs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cpu_run(tmp_path_factory) -> loop.TrainResult:
-    return loop.train(recipe(**{"run.device": "cpu"}), tmp_path_factory.mktemp("cpu"), progress=False)
+def cpu_run(tmp_path_factory) -> TrainResult:
+    return train(recipe(**{"run.device": "cpu"}), tmp_path_factory.mktemp("cpu"), progress=False)
 
 
-def _assert_numbers_equal(got: dict, cpu: loop.TrainResult) -> None:
+def _assert_numbers_equal(got: dict, cpu: TrainResult) -> None:
     for g, w in zip(_train(got["metrics"]), _train(cpu.metrics), strict=True):
         for key in TRAIN_KEYS:
             assert g[key] == pytest.approx(w[key], rel=RTOL), (g["step"], key)
@@ -275,12 +276,12 @@ def test_pipeline_checkpoints_hold_each_stage_and_consolidate(pp_runs, tmp_path)
 
     out, (main, _) = pp_runs
     run_dir = out / "whole"
-    last = ckpt.latest_checkpoint(run_dir)
+    last = layout.latest_checkpoint(run_dir)
     assert sorted(p.name for p in last.iterdir()) == [
         "config.json", "optim-00-00-000.pt", "optim-00-01-000.pt", "parallel.json", "rank-00-00.safetensors",
         "rank-00-01.safetensors", "recipe.json", "trainer_state.json"]
     config = recipe().model_config()
-    full = set(fmt.shard_shapes(config, 1)) - {fmt.TIED_HEAD}  # the tied head is the embedding, stored once
+    full = set(shard_shapes(config, 1)) - {fmt.TIED_HEAD}  # the tied head is the embedding, stored once
     for stage in (0, 1):
         names = set(load_file(str(last / fmt.model_file(0, stage))))
         assert names == {n for n in full if stage_of(n, config, 2) == stage}, stage

@@ -20,10 +20,11 @@ from test_training import TINY_RECIPE
 from bmojo_neuron import BMojoForCausalLM, cli
 from bmojo_neuron.neuron import INSTALL_COMMAND, NeuronUnavailableError
 from bmojo_neuron.recipes import Recipe
-from bmojo_neuron.training import checkpoint as ckpt
-from bmojo_neuron.training import loop
-from bmojo_neuron.training.neuron_checkpoint import dp_slice
-from bmojo_neuron.training.neuron_data import StepRows, position_after
+from bmojo_neuron.checkpoints import layout
+from bmojo_neuron.checkpoints.neuron import dp_slice
+from bmojo_neuron.training import TrainResult, train
+from bmojo_neuron.training.data_order import DataOrder, position_after
+from bmojo_neuron.training.neuron_data import StepRows
 from bmojo_neuron.training.neuron_loop import select_ops_backend
 
 # The CPU trainer tests' tiny recipe on the device, at Trainium shapes (sequence a multiple of 128 and of
@@ -53,8 +54,8 @@ def doubles(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def cpu_run(tmp_path_factory) -> loop.TrainResult:
-    return loop.train(recipe(**{"run.device": "cpu"}), tmp_path_factory.mktemp("cpu"), progress=False)
+def cpu_run(tmp_path_factory) -> TrainResult:
+    return train(recipe(**{"run.device": "cpu"}), tmp_path_factory.mktemp("cpu"), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def neuron_run(tmp_path_factory):
         mp.delenv("WORLD_SIZE", raising=False)
         log = neuron_sdk.install(mp)
         with neuron_sdk.host_reads_in_steps(log) as reads:
-            result = loop.train(recipe(), tmp_path_factory.mktemp("neuron"), progress=False)
+            result = train(recipe(), tmp_path_factory.mktemp("neuron"), progress=False)
     return result, log, reads
 
 
@@ -116,8 +117,8 @@ def test_checkpoints_use_the_sharded_layout_and_consolidate_to_a_hf_model(neuron
 
     result, _, _ = neuron_run
     run_dir = result.run_dir
-    assert sorted(p.name for p in ckpt.list_checkpoints(run_dir)) == ["step-0000003", "step-0000006"]
-    last = ckpt.latest_checkpoint(run_dir)
+    assert sorted(p.name for p in layout.list_checkpoints(run_dir)) == ["step-0000003", "step-0000006"]
+    last = layout.latest_checkpoint(run_dir)
     assert sorted(p.name for p in last.iterdir()) == ["config.json", "optim-00-00-000.pt", "parallel.json",
                                                       "rank-00-00.safetensors", "recipe.json", "trainer_state.json"]
     meta = json.loads((last / "parallel.json").read_text())
@@ -134,9 +135,9 @@ def test_checkpoints_use_the_sharded_layout_and_consolidate_to_a_hf_model(neuron
 
 def test_resume_reproduces_the_uninterrupted_run(neuron_run, doubles, tmp_path):
     result, _, _ = neuron_run
-    first = loop.train(recipe(), tmp_path, progress=False, stop_after=3)
-    assert first.final_dir is None and first.step == 3 and ckpt.latest_checkpoint(tmp_path).name == "step-0000003"
-    second = loop.train(recipe(), tmp_path, resume=True, progress=False)
+    first = train(recipe(), tmp_path, progress=False, stop_after=3)
+    assert first.final_dir is None and first.step == 3 and layout.latest_checkpoint(tmp_path).name == "step-0000003"
+    second = train(recipe(), tmp_path, resume=True, progress=False)
     keys = ("step", "loss", "lm_loss", "aux_loss", "grad_norm", "lr", "tokens")
     assert [[r[k] for k in keys] for r in train_records(second.metrics)] == \
         [[r[k] for k in keys] for r in train_records(result.metrics)]  # bitwise
@@ -152,7 +153,7 @@ def test_zero1_bf16_keeps_fp32_masters_and_resumes_exactly(doubles, tmp_path):
 
     settings = {"parallel.zero1": True, "train.precision": "bf16", "train.activation_checkpointing": True,
                 "train.steps": 4, "eval.every": 4, "checkpoint.every": 2}
-    whole = loop.train(recipe(**settings), tmp_path / "whole", progress=False)
+    whole = train(recipe(**settings), tmp_path / "whole", progress=False)
     assert os.environ["NEURON_RT_STOCHASTIC_ROUNDING_EN"] == "1"
     config = doubles.calls["config"]
     assert config["mixed_precision_config"] == {"use_master_weights": True, "use_fp32_grad_acc": True,
@@ -162,17 +163,17 @@ def test_zero1_bf16_keeps_fp32_masters_and_resumes_exactly(doubles, tmp_path):
 
     from safetensors.torch import load_file
 
-    weights = load_file(str(ckpt.latest_checkpoint(tmp_path / "whole") / "rank-00-00.safetensors"))
+    weights = load_file(str(layout.latest_checkpoint(tmp_path / "whole") / "rank-00-00.safetensors"))
     assert all(w.dtype == torch.float32 for w in weights.values())
     assert any(not torch.equal(w.bfloat16().float(), w) for w in weights.values())  # masters, not bf16 params
 
     (tmp_path / "cut").mkdir()
-    loop.train(recipe(**settings), tmp_path / "cut", progress=False, stop_after=2)
-    resumed = loop.train(recipe(**settings), tmp_path / "cut", resume=True, progress=False)
+    train(recipe(**settings), tmp_path / "cut", progress=False, stop_after=2)
+    resumed = train(recipe(**settings), tmp_path / "cut", resume=True, progress=False)
     keys = ("step", "loss", "grad_norm", "lr")
     assert [[r[k] for k in keys] for r in train_records(resumed.metrics)] == \
         [[r[k] for k in keys] for r in train_records(whole.metrics)]
-    cut = load_file(str(ckpt.latest_checkpoint(tmp_path / "cut") / "rank-00-00.safetensors"))
+    cut = load_file(str(layout.latest_checkpoint(tmp_path / "cut") / "rank-00-00.safetensors"))
     assert all(torch.equal(cut[k], v) for k, v in weights.items())
 
 
@@ -181,7 +182,7 @@ def test_zero1_bf16_keeps_fp32_masters_and_resumes_exactly(doubles, tmp_path):
 
 def test_without_neuron_train_names_the_missing_packages(tmp_path):
     with pytest.raises(NeuronUnavailableError) as error:
-        loop.train(recipe(), tmp_path / "run", progress=False)
+        train(recipe(), tmp_path / "run", progress=False)
     for name in ("torch_neuronx", "torch_xla", "neuronx_distributed", "neuronxcc", "nki"):
         assert name in str(error.value)
     assert INSTALL_COMMAND in str(error.value) and not (tmp_path / "run").exists()
@@ -196,14 +197,14 @@ def test_hot_ops_default_to_nki(monkeypatch):
 
 @pytest.mark.parametrize("epoch, position", [(0, 0), (0, 7), (0, 10), (2, 3)])
 def test_position_after_matches_data_order(epoch, position):
-    order = loop.DataOrder(43, 4, seed=5, epoch=epoch, position=position)  # 10 micro-batches per epoch
+    order = DataOrder(43, 4, seed=5, epoch=epoch, position=position)  # 10 micro-batches per epoch
     for taken in range(1, 26):
         order.next()
         assert position_after(epoch, position, order.per_epoch, taken) == (order.epoch, order.position), taken
 
 
 def test_step_rows_split_the_cpu_micro_batches_over_data_ranks():
-    order = loop.DataOrder(40, 4, seed=3)
+    order = DataOrder(40, 4, seed=3)
     want = [[order.next() for _ in range(ACCUM)] for _ in range(5)]
     ranks = [list(StepRows(40, 4, 3, 0, 0, ACCUM, rank, 2, steps=5)) for rank in range(2)]
     for step in range(5):
@@ -216,7 +217,7 @@ def test_step_rows_split_the_cpu_micro_batches_over_data_ranks():
 def test_device_eval_equals_the_cpu_evaluate(doubles):
     """Loss, perplexity and MQAR recall as `evaluate` computes them (recall strictly between 0 and 1 here)."""
     from bmojo_neuron.data import build_datasets
-    from bmojo_neuron.training.evaluate import evaluate
+    from bmojo_neuron.evaluation import evaluate
     from bmojo_neuron.training.neuron_eval import evaluate_on_device
     from bmojo_neuron.training.neuron_runtime import NeuronRuntime
 
@@ -246,13 +247,14 @@ def test_local_tensor_shards_get_nxd_attributes(doubles):
     (marked by NxD) and replicated tensors are left alone."""
     from naive import tiny_config
 
+    from bmojo_neuron.checkpoints.sharded import parallel_meta
     from bmojo_neuron.layers.factory import use_layer_factory
-    from bmojo_neuron.parallel import checkpoint_format as fmt
+    from bmojo_neuron.parallel import sharding
     from bmojo_neuron.parallel import tensor_parallel as tpl
     from bmojo_neuron.training.neuron_loop import mark_tensor_shards
 
     config = tiny_config(layer_pattern="MB", ssm_n_groups=2, num_attention_heads=4, num_key_value_heads=2)
-    with torch.device("meta"), use_layer_factory(fmt._shape_only_factory(2, 0)):
+    with torch.device("meta"), use_layer_factory(sharding.shape_only_factory(2, 0)):
         model = BMojoForCausalLM(config)
     nxd_layers = (tpl.ColumnParallelLinear, tpl.RowParallelLinear, tpl.VocabParallelEmbedding)
     own = {f"{m}.{n}" for m, module in model.named_modules() if isinstance(module, nxd_layers)
@@ -261,7 +263,7 @@ def test_local_tensor_shards_get_nxd_attributes(doubles):
         if name in own:
             param.tensor_model_parallel = True  # what NxD's layers do for their weights
     local = {k: v.shape for k, v in model.state_dict().items()}
-    dims = fmt.parallel_meta(fmt.shard_shapes(config, 1), local, 2, 1, 1, False, False)["split_dims"]
+    dims = parallel_meta(sharding.shard_shapes(config, 1), local, 2, 1, 1, False, False)["split_dims"]
     marked = mark_tensor_shards(model, dims, sys.modules["neuronx_distributed.parallel_layers.utils"])
     assert set(marked) == {n for n, _ in model.named_parameters() if dims[n] is not None and n not in own}
     for suffix in ("ssm.A_log", "ssm.D", "ssm.dt_bias", "ssm.conv_x.weight"):

@@ -23,7 +23,7 @@ from nki_checks import assert_model_matches_on_nki_sim, rel_err
 from bmojo_neuron.ops.reference.eidetic_attention import eidetic_attention as attention_ref
 from nki_kernels.attention_fwd import eidetic_attention_fwd, plan_tile
 from nki_kernels.emulator import simulate
-from nki_kernels.torch_bridge import attention_emulator_ops
+from bmojo_neuron.ops.nki_backend import attention_emulator_ops
 
 SIM = attention_emulator_ops()["eidetic_attention"]
 

@@ -19,7 +19,7 @@ from bmojo_neuron.ops.reference.ssd import ssd_scan as ssd_ref
 from nki_kernels.emulator import nki
 from nki_kernels.selective_scan_fwd import selective_scan_fwd
 from nki_kernels.ssd_fwd import ssd_fwd
-from nki_kernels.torch_bridge import emulator_ops
+from bmojo_neuron.ops.nki_backend import emulator_ops
 
 SIM = emulator_ops()
 
@@ -188,8 +188,8 @@ def test_ssd_backward_kernel_bf16():
 
 
 def test_ssd_backward_calls_the_kernel_not_the_reference(monkeypatch):
+    import bmojo_neuron.ops.nki_backend as bwd_mod
     import bmojo_neuron.ops.reference.ssd as ref_mod
-    import nki_kernels.ssd_bwd as bwd_mod
 
     inputs = ssd_inputs(batch=1, length=128, heads=2, head_dim=8, groups=1, n=4, seed=1)
     calls = []

@@ -89,7 +89,7 @@ def test_build_nxd_optimizer_uses_the_decay_and_no_decay_groups(fake_nxd):
     cfg = nxd_training.nxd_config(ParallelSection(zero1=True), False, False)
     model = nxd_training.build_nxd_model(_config(), cfg)
     o = OptimSection(lr=3e-4, weight_decay=0.05, betas=[0.8, 0.9], eps=1e-6)
-    opt = nxd_training.build_nxd_optimizer(model, cfg, o)
+    opt = nxd_training.build_nxd_optimizer(parameter_groups(model, o.weight_decay), cfg, o)
     got_cfg, cls, groups, defaults = fake_nxd["optimizer"]
     assert got_cfg is cfg and cls is torch.optim.AdamW
     # max_norm: NxD 0.17 does not pass optimizer_config["max_grad_norm"] to its ZeRO-1 optimizer
@@ -108,7 +108,7 @@ def test_without_neuron_every_function_says_what_to_install():
     with pytest.raises(NeuronUnavailableError, match="neuronx"):
         nxd_training.build_nxd_model(_config(), {"pipeline_parallel_size": 1})
     with pytest.raises(NeuronUnavailableError, match="neuronx"):
-        nxd_training.build_nxd_optimizer(torch.nn.Linear(2, 2), {}, OptimSection())
+        nxd_training.build_nxd_optimizer(parameter_groups(torch.nn.Linear(2, 2), 0.1), {}, OptimSection())
 
 
 # ---------------------------------------------------------------- sequence parallelism on NxD

@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 from baseline import check_run
 from safetensors.torch import load_file
 
-from bmojo_neuron.parallel import checkpoint_format as fmt
-from bmojo_neuron.parallel.convert import consolidate_checkpoint, shard_checkpoint
+from bmojo_neuron.checkpoints import sharded as fmt
+from bmojo_neuron.checkpoints.convert import consolidate_checkpoint, shard_checkpoint
 from bmojo_neuron.parallel.layout import ParallelLayout
 from bmojo_neuron.recipes import load_recipe
 

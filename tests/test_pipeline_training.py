@@ -25,8 +25,8 @@ import torch.multiprocessing as mp
 from baseline import check_run
 from safetensors.torch import load_file
 
-from bmojo_neuron.parallel import checkpoint_format as fmt
-from bmojo_neuron.parallel.convert import consolidate_checkpoint, shard_checkpoint
+from bmojo_neuron.checkpoints import sharded as fmt
+from bmojo_neuron.checkpoints.convert import consolidate_checkpoint, shard_checkpoint
 from bmojo_neuron.recipes import Recipe, load_recipe
 
 STEPS = 4
@@ -95,7 +95,7 @@ def _check_eval_through_pipeline(rank: int) -> None:
 
     from bmojo_neuron import BMojoForCausalLM
     from bmojo_neuron.parallel.pipeline import PipelineRunner, PipelineStage
-    from bmojo_neuron.training.evaluate import evaluate
+    from bmojo_neuron.evaluation import evaluate
 
     config = tiny_config(layer_pattern="BFMSA", tie_word_embeddings=True, memory_decay=0.9)
     torch.manual_seed(0)

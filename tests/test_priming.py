@@ -29,7 +29,7 @@ from transformers import (
 from bmojo_neuron.cli import main
 from bmojo_neuron.priming import expand_pattern, prime_model
 from bmojo_neuron.priming.compare import relative_difference
-from bmojo_neuron.training.checkpoint import load_trained
+from bmojo_neuron.checkpoints.inference import load_trained
 
 VOCAB, LENGTH = 96, 48
 TOLERANCE = 1e-5

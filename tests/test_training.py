@@ -13,10 +13,13 @@ from bmojo_neuron import BMojoConfig, BMojoForCausalLM, cli
 from bmojo_neuron.commands.generate import generate_text
 from bmojo_neuron.data import build_datasets
 from bmojo_neuron.data.mqar import mqar_accuracy
+from bmojo_neuron.checkpoints import layout, local
+from bmojo_neuron.checkpoints.inference import load_trained
+from bmojo_neuron.device import resolve_device
+from bmojo_neuron.evaluation import evaluate, repack
 from bmojo_neuron.recipes import Recipe
-from bmojo_neuron.training import checkpoint as ckpt
-from bmojo_neuron.training import loop
-from bmojo_neuron.training.evaluate import evaluate, repack
+from bmojo_neuron.training import TrainResult, train
+from bmojo_neuron.training.data_order import DataOrder
 from bmojo_neuron.training.optim import build_optimizer, build_scheduler, lr_factor, parameter_groups
 
 TINY_MODEL = dict(
@@ -46,9 +49,9 @@ def train_losses(records: list[dict]) -> list[tuple[int, float, float]]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> loop.TrainResult:
+def reference(tmp_path_factory) -> TrainResult:
     """One uninterrupted tiny run, shared by the tests that need a trained model."""
-    return loop.train(tiny_recipe(), tmp_path_factory.mktemp("reference"), progress=False)
+    return train(tiny_recipe(), tmp_path_factory.mktemp("reference"), progress=False)
 
 
 # ------------------------------------------------------------------------- resume
@@ -56,10 +59,10 @@ def reference(tmp_path_factory) -> loop.TrainResult:
 
 def test_resume_equals_uninterrupted(reference, tmp_path):
     run_dir = tmp_path / "run"
-    first = loop.train(tiny_recipe(), run_dir, progress=False, stop_after=3)
+    first = train(tiny_recipe(), run_dir, progress=False, stop_after=3)
     assert first.final_dir is None and first.step == 3
-    assert ckpt.latest_checkpoint(run_dir).name == "step-0000003"
-    second = loop.train(tiny_recipe(), run_dir, resume=True, progress=False)
+    assert layout.latest_checkpoint(run_dir).name == "step-0000003"
+    second = train(tiny_recipe(), run_dir, resume=True, progress=False)
 
     expected = train_losses(reference.metrics)
     assert [s for s, _, _ in expected] == [1, 2, 3, 4, 5, 6]
@@ -73,72 +76,27 @@ def test_resume_equals_uninterrupted(reference, tmp_path):
 
 def test_resume_refuses_a_changed_recipe_and_a_used_dir(reference):
     with pytest.raises(ValueError, match="already holds a run"):
-        loop.train(tiny_recipe(), reference.run_dir, progress=False)
+        train(tiny_recipe(), reference.run_dir, progress=False)
     with pytest.raises(ValueError, match="optim.lr"):
-        loop.train(tiny_recipe(**{"optim.lr": 0.5}), reference.run_dir, resume=True, progress=False)
+        train(tiny_recipe(**{"optim.lr": 0.5}), reference.run_dir, resume=True, progress=False)
 
 
 def test_bad_device_fails_before_work(tmp_path):
-    assert loop.resolve_device("neuron") == torch.device("xla")  # trained by training/neuron_loop.py
+    assert resolve_device("neuron") == torch.device("xla")  # trained by the Neuron backend
     recipe = tiny_recipe()
     recipe.run.device = "tpu"
     with pytest.raises(ValueError, match="run.device"):
-        loop.train(recipe, tmp_path, progress=False)
+        train(recipe, tmp_path, progress=False)
     assert not any(tmp_path.iterdir())
 
 
-# -------------------------------------------------------------------- checkpoints
-
-
-def _tiny_state():
-    torch.manual_seed(0)
-    model = BMojoForCausalLM(tiny_recipe().model_config())
-    optimizer = build_optimizer(model, 1e-3, 0.1)
-    scheduler = build_scheduler(optimizer, 1, 10, 0.1)
-    return model, optimizer, scheduler
-
-
-def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    model, optimizer, scheduler = _tiny_state()
-    saved = ckpt.save_checkpoint(tmp_path, model, optimizer, scheduler, ckpt.TrainerState(step=1), {"a": 1})
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
-
-    def boom(*args, **kwargs):
-        raise OSError("disk full")
-
-    from bmojo_neuron import fsutil
-
-    for module, target in ((fsutil, "fsync_tree"), (ckpt, "write_text_atomic")):  # mid-publish, then `latest`
-        with monkeypatch.context() as m:
-            m.setattr(module, target, boom)
-            with pytest.raises(OSError, match="disk full"):
-                ckpt.save_checkpoint(tmp_path, model, optimizer, scheduler, ckpt.TrainerState(step=2), {"a": 2})
-        assert (tmp_path / "latest").read_text().strip() == "step-0000001"
-    # what a SIGKILL could leave: a temp dir and a published-looking dir without its state file
-    (tmp_path / ".tmp-step-0000009-dead").mkdir()
-    (tmp_path / ".tmp-step-0000009-dead" / "model.safetensors").write_bytes(b"partial")
-    (tmp_path / "step-0000009").mkdir()
-    (tmp_path / "step-0000009" / "model.safetensors").write_bytes(b"partial")
-
-    latest = ckpt.load_latest(tmp_path)
-    assert latest.path == saved and latest.state.step == 1 and latest.recipe == {"a": 1}
-    fresh, _, _ = _tiny_state()
-    with torch.no_grad():
-        for p in fresh.parameters():
-            p.zero_()
-    ckpt.load_model_weights(fresh, latest.path)
-    assert all(torch.equal(fresh.state_dict()[k], before[k]) for k in before)
-    ckpt.clean_stale(tmp_path)
-    assert not any(p.name.startswith(".tmp-") for p in tmp_path.iterdir())
+# ------------------------------------------------------------------ checkpoints
 
 
 def test_failure_during_training_save_then_resume(reference, tmp_path, monkeypatch):
     """A crash inside the step-6 save leaves step 3 as latest; resuming reproduces the reference run."""
     run_dir = tmp_path / "run"
-    real = ckpt.save_model
+    real = local.save_model
     calls = []
 
     def flaky(model, filename, *args, **kwargs):
@@ -147,24 +105,15 @@ def test_failure_during_training_save_then_resume(reference, tmp_path, monkeypat
         if len(calls) == 2:
             raise RuntimeError("killed while saving")
 
-    monkeypatch.setattr(ckpt, "save_model", flaky)
+    monkeypatch.setattr(local, "save_model", flaky)
     with pytest.raises(RuntimeError, match="killed"):
-        loop.train(tiny_recipe(), run_dir, progress=False)
-    monkeypatch.setattr(ckpt, "save_model", real)
+        train(tiny_recipe(), run_dir, progress=False)
+    monkeypatch.setattr(local, "save_model", real)
     assert (run_dir / "latest").read_text().strip() == "step-0000003"
-    assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["step-0000003"]
+    assert [p.name for p in layout.list_checkpoints(run_dir)] == ["step-0000003"]
     assert not (run_dir / "final").exists()
-    resumed = loop.train(tiny_recipe(), run_dir, resume=True, progress=False)
+    resumed = train(tiny_recipe(), run_dir, resume=True, progress=False)
     assert train_losses(resumed.metrics) == train_losses(reference.metrics)
-
-
-def test_keep_last_pruning(tmp_path):
-    model, optimizer, scheduler = _tiny_state()
-    for step in (1, 2, 3, 4):
-        ckpt.save_checkpoint(tmp_path, model, optimizer, scheduler, ckpt.TrainerState(step=step), {}, keep_last=2)
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-0000003", "step-0000004"]
-    assert ckpt.latest_checkpoint(tmp_path).name == "step-0000004"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-0000003", "step-0000004"]
 
 
 # ------------------------------------------------------------- optimizer, schedule
@@ -212,9 +161,9 @@ def test_warmup_cosine_schedule():
 
 
 def test_data_order_is_resumable():
-    order = loop.DataOrder(10, 3, seed=5)
+    order = DataOrder(10, 3, seed=5)
     batches = [order.next() for _ in range(7)]  # 3 per epoch: crosses two epoch boundaries
-    again = loop.DataOrder(10, 3, seed=5, epoch=1, position=1)
+    again = DataOrder(10, 3, seed=5, epoch=1, position=1)
     assert [again.next() for _ in range(3)] == batches[4:7]
     assert len(set(sum(batches[:3], []))) == 9  # one epoch: 9 distinct indices, the 10th dropped
     assert batches[:3] != batches[3:6]  # a fresh permutation per epoch
@@ -224,7 +173,7 @@ def test_data_order_is_resumable():
 
 
 def test_eval_perplexity_and_recall(reference):
-    trained = ckpt.load_trained(reference.run_dir)
+    trained = load_trained(reference.run_dir)
     assert trained.source.name == "final"
     _, eval_data = build_datasets(Recipe.from_dict(trained.recipe))
     result = evaluate(trained.model, eval_data, batch_size=4, max_batches=3, mqar=True)
@@ -260,11 +209,11 @@ def test_text_length_generalisation_skips_short_data(reference):
 
     from datasets import Dataset
 
-    from bmojo_neuron.training.evaluate import format_length_table, length_generalisation
+    from bmojo_neuron.evaluation import format_length_table, length_generalisation
 
     ids = torch.randint(0, 32, (3, 16), generator=torch.Generator().manual_seed(0))
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()}).with_format("torch")
-    model = ckpt.load_trained(reference.run_dir).model
+    model = load_trained(reference.run_dir).model
     rows = length_generalisation(model, SimpleNamespace(data=SimpleNamespace(kind="text")), data, [1, 2, 4], 2)
     assert [(r.seq_len, r.sequences, r.skipped is None) for r in rows] == [(16, 3, True), (32, 1, True),
                                                                            (64, 0, False)]
@@ -276,13 +225,13 @@ def test_text_length_generalisation_skips_short_data(reference):
 def test_bf16_activation_checkpointing_smoke(tmp_path):
     recipe = tiny_recipe(**{"train.precision": "bf16", "train.activation_checkpointing": True, "train.steps": 2,
                             "eval.batches": 1})
-    result = loop.train(recipe, tmp_path, progress=False)
+    result = train(recipe, tmp_path, progress=False)
     assert all(math.isfinite(r["loss"]) for r in result.metrics if r["type"] == "train")
     assert result.final_dir is not None and math.isfinite(result.final_eval["loss"])
 
 
 def test_greedy_generate_equals_argmax_loop(reference):
-    trained = ckpt.load_trained(reference.run_dir / "step-0000006")  # a checkpoint dir works too
+    trained = load_trained(reference.run_dir / "step-0000006")  # a checkpoint dir works too
     prompt = "\x05\x09\x11\x02"  # byte ids 5, 9, 17, 2: inside this model's vocabulary of 32
     new, text = generate_text(trained, prompt, max_new_tokens=6, greedy=True)
     ids = torch.tensor([[5, 9, 17, 2]])
@@ -317,7 +266,7 @@ def test_cli_train_eval_generate(tmp_path, capsys):
     for run in runs:
         assert (run / "metrics.jsonl").is_file() and (run / "training.png").stat().st_size > 0
         assert (run / "length_eval.png").is_file()
-        assert [p.name for p in ckpt.list_checkpoints(run)] == ["step-0000002"]  # keep_last=1
+        assert [p.name for p in layout.list_checkpoints(run)] == ["step-0000002"]  # keep_last=1
         assert (run / "final" / "config.json").is_file() and (run / "final" / "model.safetensors").is_file()
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records if r["type"] == "train"] == [1, 2]

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 @register_command("checkpoint", help="consolidate a sharded checkpoint, or shard a model at new parallel degrees",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
-    from bmojo_neuron.parallel.convert import consolidate_checkpoint, shard_checkpoint
+    from bmojo_neuron.checkpoints.convert import consolidate_checkpoint, shard_checkpoint
 
     if args.action == "consolidate":
         out = consolidate_checkpoint(args.source, args.output)

@@ -60,10 +60,10 @@ def eval_recipe(saved: dict, data_args: list[str]):
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
     lengths = parse_lengths(args.lengths)
+    from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.data import build_datasets
-    from bmojo_neuron.training.checkpoint import load_trained
-    from bmojo_neuron.training.evaluate import format_length_table, length_generalisation, plot_length
-    from bmojo_neuron.training.loop import resolve_device
+    from bmojo_neuron.device import resolve_device
+    from bmojo_neuron.evaluation import format_length_table, length_generalisation, plot_length
 
     device = resolve_device(args.device)
     trained = load_trained(args.path, device)

@@ -68,8 +68,8 @@ def generate_text(trained, prompt: str, max_new_tokens: int, greedy: bool = Fals
 @register_command("generate", help="continue a prompt with a trained model", add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
-    from bmojo_neuron.training.checkpoint import load_trained
-    from bmojo_neuron.training.loop import resolve_device
+    from bmojo_neuron.checkpoints.inference import load_trained
+    from bmojo_neuron.device import resolve_device
 
     trained = load_trained(args.path, resolve_device(args.device))
     _, text = generate_text(trained, args.prompt, args.max_new_tokens, args.greedy, args.temperature,

@@ -1,6 +1,6 @@
 """`bmojo-neuron train [RECIPE | --recipe RECIPE] [key=value ...]`: train a recipe, its `compare` or its `suite`.
 
-A recipe with ``run.device: neuron`` trains on Trainium (`bmojo_neuron.training.neuron_loop`);
+A recipe with ``run.device: neuron`` trains on Trainium (the trainer's Neuron backend);
 without the Neuron SDK the command stops before importing torch, naming what to
 install. ``--dry-run`` validates and prints what would run (for Neuron: the launch
 plan of `bmojo-neuron plan`), and runs nothing.
@@ -117,11 +117,10 @@ def describe(recipe: Any, params: int, run_dir: Path) -> str:
 def dry_run(recipe: Any, name: str | None, overrides: list[str], args: argparse.Namespace) -> int:
     """Validate every run of the recipe and print what `train` would do; start nothing, write nothing."""
     from bmojo_neuron.recipes import DEFAULT_RECIPE, count_parameters
-    from bmojo_neuron.training.loop import check_recipe
 
     runs = plan_runs(recipe, args.output_dir)
     for variant, _ in runs:
-        check_recipe(variant)
+        variant.check()
     for variant, run_dir in runs:
         print(describe(variant, count_parameters(variant), run_dir))
         if variant.run.device != "neuron":
@@ -164,8 +163,7 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[s
                      f"Neuron SDK: missing here, training would stop: {'; '.join(missing)}; install with "
                      f"{INSTALL_COMMAND}")
     lines.append(f"data: {data_line(recipe)}")
-    from bmojo_neuron.training.checkpoint import latest_checkpoint
-    from bmojo_neuron.training.loop import has_run
+    from bmojo_neuron.checkpoints.layout import has_run, latest_checkpoint
 
     for _, run_dir in runs:
         latest = latest_checkpoint(run_dir)
@@ -203,9 +201,8 @@ def run(args: argparse.Namespace) -> int:
     name, overrides = recipe_and_overrides(args)
     if not args.dry_run:
         require_neuron_if_needed(name, overrides)  # before anything imports torch
-    from bmojo_neuron.recipes import count_parameters, load_recipe
-    from bmojo_neuron.training.checkpoint import latest_checkpoint
-    from bmojo_neuron.training.loop import check_recipe, format_seconds, has_run, train
+    from bmojo_neuron.checkpoints.layout import has_run
+    from bmojo_neuron.recipes import load_recipe
 
     recipe = load_recipe(name, overrides)
     if args.dry_run:
@@ -214,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints and writes summaries
     with contextlib.ExitStack() as locks:
         for variant, run_dir in runs:  # check every run before the first long one starts
-            check_recipe(variant)
+            variant.check()
             if main:  # held for the whole command: a second train or --resume on a live run is refused
                 locks.enter_context(DirectoryLock(run_dir))
             if not args.resume and has_run(run_dir):
@@ -224,9 +221,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: Any, main: bool) -> int:
+    from bmojo_neuron.checkpoints.layout import latest_checkpoint
     from bmojo_neuron.recipes import count_parameters
-    from bmojo_neuron.training.checkpoint import latest_checkpoint
-    from bmojo_neuron.training.loop import format_seconds, train
+    from bmojo_neuron.training import train
+    from bmojo_neuron.training.progress import format_seconds
 
     rows = []
     for variant, run_dir in runs:

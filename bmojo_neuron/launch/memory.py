@@ -2,7 +2,7 @@
 
 A NeuronCore-v2 has 16 GiB: a Trn1 chip holds 32 GiB of HBM shared by its two cores.
 Parameter counts come from the model built on the meta device with the tensor-parallel
-shape factory (`bmojo_neuron.parallel.checkpoint_format.shard_shapes`), so they are
+shape factory (`bmojo_neuron.parallel.sharding.shard_shapes`), so they are
 exact; the activation part is a formula (documented in ``docs/trn1.md``) and an
 estimate. Everything here is arithmetic: nothing is allocated or compiled.
 """
@@ -121,7 +121,7 @@ def stage_parameters(config: Any, tp: int, pp: int) -> list[StageParams]:
     ``lm_head`` is the embedding itself with one stage; with several, the last stage
     holds its own copy (kept equal by summing the two gradients), counted there too.
     """
-    from bmojo_neuron.parallel.checkpoint_format import shard_shapes, tied_names
+    from bmojo_neuron.parallel.sharding import shard_shapes, tied_names
     from bmojo_neuron.parallel.pipeline import split_layers
 
     blocks = split_layers(config.num_hidden_layers, pp)

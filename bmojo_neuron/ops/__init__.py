@@ -60,13 +60,13 @@ def _nki_sim_availability() -> tuple[bool, str]:
 
 
 def _nki_impls() -> dict:
-    from nki_kernels.torch_bridge import attention_device_ops, device_ops
+    from .nki_backend import attention_device_ops, device_ops
 
     return {**device_ops(), **attention_device_ops()}
 
 
 def _nki_sim_impls() -> dict:
-    from nki_kernels.torch_bridge import attention_emulator_ops, emulator_ops
+    from .nki_backend import attention_emulator_ops, emulator_ops
 
     return {**emulator_ops(), **attention_emulator_ops()}
 

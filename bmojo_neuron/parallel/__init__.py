@@ -3,7 +3,7 @@
 The model is built unchanged inside `use_layer_factory(TorchTensorParallelFactory(...))`;
 `shard_state_dict` / `consolidate_state_dicts` convert between one full checkpoint and
 per-rank shards; `layout` splits a job into dp × pp × tp groups, `pipeline` holds the
-pipeline stages, `checkpoint_format` / `convert` the sharded checkpoints. See docs/parallel.md.
+pipeline stages (the sharded checkpoints are `bmojo_neuron.checkpoints`'). See docs/parallel.md.
 """
 
 from .layout import ParallelLayout, ProcessGroups

@@ -5,7 +5,7 @@ training config from the recipe's ``parallel.*`` keys, `build_nxd_model` builds 
 model through `NxDTensorParallelFactory` and hands it to ``initialize_parallel_model``
 (which wraps it in ``NxDPPModel`` when ``pp > 1``: then the model handed over is the
 trace-friendly `bmojo_neuron.parallel.nxd_pipeline.PipelineCausalLM`), and
-`build_nxd_optimizer` builds AdamW over the project's decay / no-decay parameter
+`build_nxd_optimizer` builds AdamW over the trainer's decay / no-decay parameter
 groups with ``initialize_parallel_optimizer`` (NxD's ZeRO-1 optimizer when
 ``parallel.zero1``). NxD is imported lazily, through
 `bmojo_neuron.neuron.import_neuron_module`: without Neuron every function raises
@@ -180,8 +180,7 @@ def build_nxd_model(config: Any, nxd_cfg: dict, *, one_device_init: bool = False
         with use_layer_factory(factory):
             model = BMojoForCausalLM(config)
         if full is not None:
-            from .checkpoint_format import load_into
-            from .sharding import shard_state_dict
+            from .sharding import load_into, shard_state_dict
 
             torch.set_rng_state(after_init)
             shapes = {k: v.shape for k, v in model.state_dict().items()}
@@ -196,11 +195,10 @@ def build_nxd_model(config: Any, nxd_cfg: dict, *, one_device_init: bool = False
     return trainer.initialize_parallel_model(nxd_cfg, model_fn)
 
 
-def build_nxd_optimizer(model: nn.Module, nxd_cfg: dict, optim_section: Any) -> Any:
-    """AdamW over `bmojo_neuron.training.optim.parameter_groups`, wrapped by NxD (ZeRO-1 when configured)."""
+def build_nxd_optimizer(param_groups: list[dict], nxd_cfg: dict, optim_section: Any) -> Any:
+    """AdamW over `param_groups` (the trainer's decay / no-decay groups), wrapped by NxD (ZeRO-1 when
+    configured); lr, betas, eps and weight decay from the recipe's ``optim`` section."""
     trainer = _trainer()
-    from ..training.optim import parameter_groups
-
     o = optim_section
     if o.lr <= 0 or o.weight_decay < 0:
         raise ValueError(f"need optim.lr > 0 and optim.weight_decay >= 0, got {o.lr}, {o.weight_decay}")
@@ -213,7 +211,7 @@ def build_nxd_optimizer(model: nn.Module, nxd_cfg: dict, optim_section: Any) -> 
         # these keyword defaults. Without ZeRO-1 the defaults go to AdamW, which has no such argument.
         extra["max_norm"] = float(optimizer_config["max_grad_norm"])
     return trainer.initialize_parallel_optimizer(
-        nxd_cfg, torch.optim.AdamW, parameter_groups(model, o.weight_decay),
+        nxd_cfg, torch.optim.AdamW, param_groups,
         lr=o.lr, betas=(b1, b2), eps=o.eps, weight_decay=o.weight_decay, **extra,
     )
 

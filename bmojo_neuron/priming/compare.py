@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..training.checkpoint import quiet_transformers
+from ..checkpoints.export import quiet_transformers
 from .prime import PrimedModel
 
 

@@ -18,9 +18,9 @@ from typing import Any, Mapping
 
 import torch
 
+from ..checkpoints.export import quiet_transformers
 from ..configuration_bmojo import LAYER_KINDS, BMojoConfig
 from ..fsutil import publish_dir
-from ..training.checkpoint import quiet_transformers
 from .mapping import SSM_INITS, attention_ssm_mismatch, new_weights, shared_weights
 from .source import SourceModel, load_source_weights, read_source
 

@@ -18,28 +18,32 @@ stays the single-device loop plus a few ``if par`` hooks. With it:
   (summed over the pipeline group for logging) and, with tied embeddings, the two
   copies of the embedding (stage 0, last stage) have their gradients summed over an
   "embedding group";
-- checkpoints are sharded per rank (layout in `bmojo_neuron.parallel.checkpoint_format`)
-  and published atomically by rank 0 after a barrier.
+- checkpoints are sharded per rank (`bmojo_neuron.checkpoints.sharded`, this rank's files
+  `bmojo_neuron.checkpoints.torch_sharded`) and published atomically by rank 0 after a barrier.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from bmojo_neuron.parallel import checkpoint_format as fmt
+from bmojo_neuron.checkpoints import layout as ckpt
+from bmojo_neuron.checkpoints import sharded as fmt
+from bmojo_neuron.checkpoints import torch_sharded
+from bmojo_neuron.checkpoints.export import export_final
+from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState
+from bmojo_neuron.layers.factory import use_layer_factory
+from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
+from bmojo_neuron.parallel import TorchTensorParallelFactory, shard_state_dict, sync_sequence_parallel_grads
 from bmojo_neuron.parallel.layout import ParallelLayout, ProcessGroups, torchrun_env
-from bmojo_neuron.training import checkpoint as ckpt
-from bmojo_neuron.training.optim import parameter_groups
-
-CONVERT_HINT = ("convert it with `bmojo-neuron checkpoint consolidate RUN_DIR OUT` then "
-                "`bmojo-neuron checkpoint shard OUT --tp N --pp M --output-dir NEW_RUN_DIR`")
+from bmojo_neuron.parallel.pipeline import PipelineRunner, PipelineStage, check_pipeline_config
+from bmojo_neuron.parallel.sharding import load_into, shard_shapes, tied_names
+from bmojo_neuron.training.optim import build_optimizer, parameter_groups
 
 
 def wants_parallel(recipe: Any) -> bool:
@@ -60,8 +64,6 @@ def check_parallel_recipe(recipe: Any, world: int) -> ParallelLayout:
         raise ValueError(f"train.batch_size ({t.batch_size}) is the global micro-batch and must be divisible by "
                          f"the data-parallel degree {layout.dp} (world {world} / (tp {p.tp} × pp {p.pp}))")
     if p.pp > 1:
-        from bmojo_neuron.parallel.pipeline import check_pipeline_config
-
         per_rank = t.batch_size // layout.dp
         if per_rank % p.microbatches:
             raise ValueError(f"parallel.microbatches ({p.microbatches}) must divide the per-data-rank batch "
@@ -72,21 +74,8 @@ def check_parallel_recipe(recipe: Any, world: int) -> ParallelLayout:
         if length % p.tp:
             raise ValueError(f"parallel.sp needs the sequence length ({length}) divisible by parallel.tp ({p.tp})")
     if p.tp > 1:  # the model's divisibility errors (heads, groups, vocabulary), on the meta device: instant
-        fmt.shard_shapes(recipe.model_config(), p.tp)
+        shard_shapes(recipe.model_config(), p.tp)
     return layout
-
-
-class RecordsOnly:
-    """The metrics logger of ranks other than 0: keeps the records, writes nothing."""
-
-    def __init__(self, records: list[dict[str, Any]]) -> None:
-        self.records = list(records)
-
-    def log(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-
-    def close(self) -> None:
-        pass
 
 
 class ParallelRun:
@@ -132,24 +121,16 @@ class ParallelRun:
     @staticmethod
     def core(model: nn.Module) -> nn.Module:
         """The `BMojoForCausalLM` (this stage's part of it under pp), whose names are the full model's."""
-        from bmojo_neuron.parallel.pipeline import PipelineStage
-
         return model.model if isinstance(model, PipelineStage) else model
 
     def tied_copy(self, model: nn.Module) -> bool:
         """True on a last stage that holds a copy of a tied embedding (the copy is stored by stage 0)."""
-        from bmojo_neuron.parallel.pipeline import PipelineStage
-
         return isinstance(model, PipelineStage) and model.holds_tied_copy
 
     # ------------------------------------------------------------------ model and optimizer
 
     def build_model(self, config: Any) -> nn.Module:
         """This rank's shard of the model the one-process run would initialise (same seed, same weights)."""
-        from bmojo_neuron import BMojoForCausalLM
-        from bmojo_neuron.layers.factory import use_layer_factory
-        from bmojo_neuron.parallel import TorchTensorParallelFactory, shard_state_dict
-
         full = BMojoForCausalLM(config)
         after_init = torch.get_rng_state()
         self.full_shapes = {k: v.shape for k, v in full.state_dict().items()}
@@ -160,7 +141,7 @@ class ParallelRun:
                 model = BMojoForCausalLM(config)
             torch.set_rng_state(after_init)  # as if only the full model had been built
             shapes = {k: v.shape for k, v in model.state_dict().items()}
-            fmt.load_into(model, shard_state_dict(full.state_dict(), shapes, self.layout.tp_rank, self.layout.tp),
+            load_into(model, shard_state_dict(full.state_dict(), shapes, self.layout.tp_rank, self.layout.tp),
                           "the tensor shard")
         self.local_shapes = {k: v.shape for k, v in model.state_dict().items()}
         self.meta = fmt.parallel_meta(self.full_shapes, self.local_shapes, self.layout.tp, self.layout.pp,
@@ -168,8 +149,6 @@ class ParallelRun:
         self.dims = self.meta["split_dims"]
         if self.layout.pp == 1:
             return model.to(self.device)
-        from bmojo_neuron.parallel.pipeline import PipelineRunner, PipelineStage
-
         bf16 = torch.bfloat16 if self.recipe.train.precision == "bf16" else None
         stage = PipelineStage(model, self.layout.pp_rank, self.layout.pp, autocast_dtype=bf16).to(self.device)
         last = self.groups.ranks["pp"][-1]
@@ -178,18 +157,14 @@ class ParallelRun:
 
     def parameter_count(self) -> int:
         """Parameters of the whole model (every shard), the tied lm_head counted once."""
-        skip = fmt.tied_names(self.recipe.model_config())
+        skip = tied_names(self.recipe.model_config())
         return sum(torch.Size(s).numel() for k, s in self.full_shapes.items() if k not in skip)
 
     def build_optimizer(self, model: nn.Module, o: Any) -> torch.optim.Optimizer:
         """AdamW as in one process; with ZeRO-1 its states are partitioned over the data-parallel group."""
-        from bmojo_neuron.training.optim import build_optimizer
-
         model = self.core(model)
         if not self.p.zero1:
             return build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps, self.device.type)
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-
         b1, b2 = (float(b) for b in o.betas)
         return ZeroRedundancyOptimizer(parameter_groups(model, o.weight_decay), optimizer_class=torch.optim.AdamW,
                                        process_group=self.groups.dp, lr=o.lr, betas=(b1, b2), eps=o.eps,
@@ -205,8 +180,6 @@ class ParallelRun:
     def reduce_grads(self, model: nn.Module) -> None:
         """Sequence-parallel norm gradients summed over tp; every gradient averaged over data ranks; the two
         copies of a tied embedding under pp (stage 0, last stage) get the sum of their gradients."""
-        from bmojo_neuron.parallel import sync_sequence_parallel_grads
-
         if self.p.sp and self.layout.tp > 1:
             sync_sequence_parallel_grads(model, self.groups.tp)
         if self.layout.dp > 1:
@@ -228,7 +201,7 @@ class ParallelRun:
         sharded = torch.zeros((), dtype=torch.float64, device=self.device)
         replicated = torch.zeros((), dtype=torch.float64, device=self.device)
         grads = []
-        skip = fmt.tied_names(self.core(model).config) if self.tied_copy(model) else set()
+        skip = tied_names(self.core(model).config) if self.tied_copy(model) else set()
         for name, param in self.core(model).named_parameters():
             if param.grad is None:
                 continue
@@ -273,106 +246,29 @@ class ParallelRun:
             run_dir.mkdir(parents=True, exist_ok=True)
         self.barrier()
 
-    def save(self, run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, state: ckpt.TrainerState,
+    def save(self, run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainerState,
              recipe: dict[str, Any], keep_last: int) -> None:
         """Every rank writes its files into one temp dir; rank 0 publishes it after a barrier."""
-        name = ckpt.step_dir_name(state.step)
-        tmp = run_dir / f".tmp-{name}-parallel"  # one name every rank knows without communicating
-        if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.barrier()
-        lay, core = self.layout, self.core(model)
-        tied = fmt.tied_names(core.config)  # a tied head is stored once, as the embedding (stage 0)
-        try:
-            if lay.dp_rank == 0:
-                fmt.save_tensors(core.state_dict(), tmp / fmt.model_file(lay.tp_rank, lay.pp_rank), tied)
-            states = {k: v for k, v in named_optimizer_states(core, optimizer).items() if k not in tied}
-            blob = {"optimizer": states, "scheduler": scheduler.state_dict(), "rng": ckpt.rng_states()}
-            torch.save(blob, tmp / fmt.optim_file(lay.tp_rank, lay.pp_rank, lay.dp_rank))
-        finally:
-            self.barrier()
-        if self.is_main:
-            ckpt.publish_sharded(tmp, run_dir, name, self.meta, recipe, core.config, state, keep_last)
-        self.barrier()
+        core = self.core(model)
+        fmt.save_sharded(run_dir, state, self.is_main, lambda tag: self.barrier(),
+                         lambda tmp: torch_sharded.write_rank_files(tmp, self.layout, core, optimizer, scheduler),
+                         self.meta, recipe, core.config, keep_last)
 
-    def load_latest(self, run_dir: Path) -> ckpt.Checkpoint | None:
-        """This rank's view of the latest checkpoint: its optimizer states and RNG; weights via `load_weights`."""
-        path = ckpt.latest_checkpoint(run_dir)
-        if path is None:
-            return None
-        lay = self.layout
-        fmt.read_meta_for(path, lay.tp, lay.pp, CONVERT_HINT)
-        blobs = fmt.load_optim_files(path, lay.tp_rank, lay.pp_rank)
-        mine = path / fmt.optim_file(lay.tp_rank, lay.pp_rank, lay.dp_rank)
-        own = torch.load(mine, map_location="cpu", weights_only=False) if mine.is_file() else blobs[0]
-        state = ckpt.TrainerState(**json.loads((path / ckpt.STATE_FILE).read_text()))
-        recipe = json.loads((path / ckpt.RECIPE_FILE).read_text())
-        states = fmt.merge_named_states(blobs)
-        if self.embedding_group is not None and lay.pp_rank == lay.pp - 1:  # the tied copy: stage 0's states
-            embedding = fmt.merge_named_states(fmt.load_optim_files(path, lay.tp_rank, 0))
-            if fmt.EMBEDDING in embedding:
-                states[fmt.TIED_HEAD] = embedding[fmt.EMBEDDING]
-        return ckpt.Checkpoint(path, state, recipe, states, own["scheduler"], own["rng"])
+    def load_latest(self, run_dir: Path) -> Checkpoint | None:
+        """This rank's view of the latest checkpoint: its optimizer states and RNG; weights via `restore`."""
+        tied_copy = self.embedding_group is not None and self.layout.pp_rank == self.layout.pp - 1
+        return fmt.load_rank_view(run_dir, self.layout, tied_copy)
 
-    def restore(self, previous: ckpt.Checkpoint, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
-        lay, core = self.layout, self.core(model)
-        tensors = fmt.load_file_tensors(previous.path / fmt.model_file(lay.tp_rank, lay.pp_rank))
-        if self.tied_copy(model):  # the head is the embedding, stored once by stage 0
-            embedding = fmt.load_file_tensors(previous.path / fmt.model_file(lay.tp_rank, 0))
-            tensors[fmt.TIED_HEAD] = embedding[fmt.EMBEDDING]
-        fmt.load_into(core, tensors, f"{previous.path.name}/{fmt.model_file(lay.tp_rank, lay.pp_rank)}")
-        if previous.scheduler is None:  # `checkpoint shard` of a plain export: a warm start at step 0
-            return
-        load_named_optimizer_states(core, optimizer, previous.optimizer)
-        scheduler.load_state_dict(previous.scheduler)
-        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr  # LambdaLR does not restore the groups' lr itself
-        ckpt.set_rng_states(previous.rng)
+    def restore(self, previous: Checkpoint, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
+        torch_sharded.restore_rank(previous, self.layout, self.core(model), optimizer, scheduler,
+                                   self.tied_copy(model))
 
     def export_final(self, run_dir: Path, recipe: dict[str, Any], tokenizer: str,
                      metrics: dict[str, Any]) -> Path:
         """Rank 0 consolidates the last checkpoint into ``final/`` (`save_pretrained`)."""
         self.barrier()
         if self.is_main:
-            model = consolidated_model(ckpt.latest_checkpoint(run_dir))
-            ckpt.export_final(run_dir, model, recipe, tokenizer, metrics)
+            model = fmt.consolidated_model(ckpt.latest_checkpoint(run_dir))
+            export_final(run_dir, model, recipe, tokenizer, metrics)
         self.barrier()
         return run_dir / ckpt.FINAL
-
-
-def _inner(optimizer: Any) -> torch.optim.Optimizer:
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
-
-
-def named_optimizer_states(model: nn.Module, optimizer: Any) -> dict[str, dict[str, Any]]:
-    """AdamW states of the parameters this rank's optimizer holds, keyed by parameter name."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    opt = _inner(optimizer)
-    return {names[id(p)]: {k: (v.detach().cpu().clone() if isinstance(v, Tensor) else v)
-                           for k, v in opt.state[p].items()}
-            for group in opt.param_groups for p in group["params"] if p in opt.state}
-
-
-def load_named_optimizer_states(model: nn.Module, optimizer: Any, states: dict[str, dict[str, Any]]) -> None:
-    """Put back `named_optimizer_states` (ZeRO-1: only the parameters this rank owns)."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    opt = _inner(optimizer)
-    for group in opt.param_groups:
-        for p in group["params"]:
-            name = names[id(p)]
-            if name not in states:
-                raise ValueError(f"the checkpoint has no optimizer state for {name}")
-            opt.state[p] = {k: (v.to(p.device) if k == "step" else v.to(p.device, p.dtype)) if isinstance(v, Tensor)
-                            else v for k, v in states[name].items()}
-
-
-def consolidated_model(path: Path) -> nn.Module:
-    """The full `BMojoForCausalLM` of a sharded checkpoint."""
-    from bmojo_neuron import BMojoConfig, BMojoForCausalLM
-
-    model = BMojoForCausalLM(BMojoConfig.from_json_file(str(path / ckpt.CONFIG_FILE)))
-    fmt.load_into(model, fmt.consolidate_model(path), str(path))
-    return model.eval()

@@ -1,6 +1,6 @@
 """Training batches for the Neuron loop: one fixed-shape host batch per optimizer step.
 
-The order is the CPU trainer's `DataOrder` (a seeded permutation per epoch, the
+The order is the CPU trainer's `DataOrder` (`bmojo_neuron.training.data_order`) (a seeded permutation per epoch, the
 incomplete tail dropped), so a Neuron run sees the very sequences a one-process
 run sees: micro-batch ``k`` is ``order.next()``, and data-parallel rank ``d`` takes
 block ``d`` of it (``train.batch_size`` is the global micro-batch). The sampler
@@ -10,7 +10,7 @@ shape and one host-to-device transfer; the loop slices the micro-batches on devi
 
 `MpDeviceLoader` uploads batches from a background thread (it runs ahead of the
 step), so the position a checkpoint stores is computed from the step count with
-`position_after`, not read from the sampler.
+`data_order.position_after`, not read from the sampler.
 """
 
 from __future__ import annotations
@@ -20,17 +20,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bmojo_neuron.training.loop import DataOrder
-
-
-def position_after(epoch: int, position: int, per_epoch: int, micro_batches: int) -> tuple[int, int]:
-    """`DataOrder`'s ``(epoch, position)`` after `micro_batches` more calls of ``next()``."""
-    if micro_batches <= 0:
-        return epoch, position
-    if position >= per_epoch:  # next() first rolls over to the next epoch
-        epoch, position = epoch + 1, 0
-    total = position + micro_batches
-    return epoch + (total - 1) // per_epoch, (total - 1) % per_epoch + 1
+from bmojo_neuron.training.data_order import DataOrder
 
 
 class StepRows(Sampler[list[int]]):

@@ -1,6 +1,6 @@
 """Held-out evaluation on the XLA device, outside the training step's graph.
 
-Same numbers as `bmojo_neuron.training.evaluate.evaluate` (token-weighted mean
+Same numbers as `bmojo_neuron.evaluation.evaluate` (token-weighted mean
 next-token loss, perplexity, MQAR recall) over the same batches, with two changes
 for a compiled device: only whole batches are used (one static shape, one graph),
 and the sums stay on the device until the end, so a whole evaluation reads the
@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from bmojo_neuron.training.evaluate import IGNORE_INDEX, LengthResult, mqar_eval_dataset, repack
+from bmojo_neuron.evaluation import IGNORE_INDEX, LengthResult, mqar_eval_dataset, repack
 from bmojo_neuron.training.neuron_runtime import NeuronRuntime
 
 
@@ -130,7 +130,7 @@ PIPELINE_LENGTH_SKIP = ("not available under parallel.pp > 1 on Trainium (NxD's 
 def length_eval_on_device(model: nn.Module, recipe: Any, eval_data: Any, multipliers: Sequence[int],
                           batch_size: int, runtime: NeuronRuntime, max_batches: int | None,
                           pipeline_stats: Any = None) -> list[LengthResult]:
-    """`bmojo_neuron.training.evaluate.length_generalisation` on the device (one graph per length).
+    """`bmojo_neuron.evaluation.length_generalisation` on the device (one graph per length).
 
     With `pipeline_stats` (pp > 1) the model is NxD's pipeline: ×1 is evaluated through
     it (`evaluate_pipeline`), longer lengths are skipped (`PIPELINE_LENGTH_SKIP`).

@@ -47,25 +47,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bmojo_neuron.training import checkpoint as ckpt
-from bmojo_neuron.training.distributed import RecordsOnly, consolidated_model
-from bmojo_neuron.training.evaluate import LengthResult, format_length_table, plot_length
-from bmojo_neuron.training.loop import (
-    LENGTH_FILE,
-    LENGTH_PLOT,
-    PLOT_FILE,
-    MetricsLogger,
-    Progress,
-    TrainResult,
-    _jsonable,
-    _tokenizer_name,
-    check_recipe,
-    has_run,
-    plot_training,
-    recipe_differences,
-    seed_everything,
-)
-from bmojo_neuron.training.neuron_data import StepRows, micro_batches, position_after, step_loader
+from bmojo_neuron.checkpoints import layout as ckpt
+from bmojo_neuron.checkpoints.export import export_final
+from bmojo_neuron.checkpoints.sharded import consolidated_model
+from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState
+from bmojo_neuron.evaluation import LengthResult, format_length_table, plot_length
+from bmojo_neuron.fsutil import write_text_atomic
+from bmojo_neuron.recipes import resume_conflicts
+from bmojo_neuron.training.data_order import position_after, seed_everything
+from bmojo_neuron.training.metrics import MetricsLogger, RecordsOnly, plot_training
+from bmojo_neuron.training.neuron_data import StepRows, micro_batches, step_loader
+from bmojo_neuron.training.progress import Progress
+from bmojo_neuron.training.result import LENGTH_FILE, LENGTH_PLOT, PLOT_FILE, TrainResult, tokenizer_name
 from bmojo_neuron.training.neuron_runtime import FEATURE, NeuronRuntime, rank0_first
 
 DEFAULT_OPS_BACKEND = "nki"
@@ -82,7 +75,7 @@ def train_on_neuron(recipe: Any, output_dir: str | Path | None = None, resume: b
                     stop_after: int | None = None, datasets: tuple[Any, Any] | None = None) -> TrainResult:
     """`bmojo_neuron.training.loop.train` on a NeuronCore (one torchrun process per core)."""
     started = time.perf_counter()
-    check_recipe(recipe)
+    recipe.check()
     runtime = NeuronRuntime.start(bf16=recipe.train.precision == "bf16")
     from bmojo_neuron.ops.dispatch import use_backend
 
@@ -99,7 +92,7 @@ class NeuronTrainer:
 
     def __init__(self, recipe: Any, runtime: NeuronRuntime, run_dir: Path) -> None:
         self.recipe, self.rt, self.run_dir = recipe, runtime, run_dir
-        self.recipe_dict = _jsonable(recipe)
+        self.recipe_dict = recipe.record()
         self.mqar = recipe.data.kind == "mqar"
         self.stats: Any = None  # `PipelineStats` under pp (set with the model)
 
@@ -116,31 +109,32 @@ class NeuronTrainer:
                           model_config=r.model_config(), max_grad_norm=r.optim.grad_clip,
                           grad_accum=r.train.grad_accum)
 
-    def _load_previous(self, resume: bool) -> ckpt.Checkpoint | None:
-        from bmojo_neuron.training.neuron_checkpoint import holds_tied_copy, load_latest
+    def _load_previous(self, resume: bool) -> Checkpoint | None:
+        from bmojo_neuron.checkpoints.neuron import holds_tied_copy, load_latest
 
         tied_copy = holds_tied_copy(self.rt, self.recipe.model_config())
         previous = load_latest(self.run_dir, self.rt, tied_copy) if resume else None
-        if previous is None and not resume and has_run(self.run_dir):
+        if previous is None and not resume and ckpt.has_run(self.run_dir):
             raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it, or pick another "
                              "--output-dir")
-        if previous is not None and (diff := recipe_differences(previous.recipe, self.recipe_dict)):
+        if previous is not None and (diff := resume_conflicts(previous.recipe, self.recipe_dict)):
             raise ValueError(f"cannot resume {previous.path}: the recipe changed in {', '.join(diff)}")
         self.rt.barrier("run-dir-checked")  # every rank looked before rank 0 writes into the run dir
         return previous
 
-    def _build_model(self, nxd_cfg: dict, previous: ckpt.Checkpoint | None) -> tuple[nn.Module, dict[str, Tensor]]:
-        from bmojo_neuron.parallel import checkpoint_format as fmt
+    def _build_model(self, nxd_cfg: dict, previous: Checkpoint | None) -> tuple[nn.Module, dict[str, Tensor]]:
+        from bmojo_neuron.checkpoints import sharded as fmt
+        from bmojo_neuron.checkpoints.neuron import restore_weights
         from bmojo_neuron.parallel.nxd_training import build_nxd_model
-        from bmojo_neuron.training.neuron_checkpoint import restore_weights
+        from bmojo_neuron.parallel.sharding import shard_shapes
 
         config, rt = self.recipe.model_config(), self.rt
         model = build_nxd_model(config, nxd_cfg, one_device_init=True, count_correct=self.mqar)  # NxD-wrapped
         if self.recipe.train.precision == "bf16":
             model.to(torch.bfloat16)  # before the optimizer: ZeRO-1 takes its fp32 master copies from these
         self.stats = self._pipeline_stats(model, nxd_cfg)
-        full_shapes = fmt.shard_shapes(config, 1)
-        local_shapes = {**fmt.shard_shapes(config, rt.tp, rt.tp_rank),  # every stage's (a stage holds its own)
+        full_shapes = shard_shapes(config, 1)
+        local_shapes = {**shard_shapes(config, rt.tp, rt.tp_rank),  # every stage's (a stage holds its own)
                         **{k: v.shape for k, v in model.state_dict().items()}}
         p = self.recipe.parallel
         self.meta = fmt.parallel_meta(full_shapes, local_shapes, rt.tp, rt.pp, rt.dp, p.sp, p.zero1)
@@ -162,8 +156,8 @@ class NeuronTrainer:
     def run(self, resume: bool, progress: bool, stop_after: int | None, datasets: tuple[Any, Any] | None,
             started: float) -> TrainResult:
         from bmojo_neuron.parallel.nxd_training import build_nxd_optimizer
-        from bmojo_neuron.training.neuron_checkpoint import restore_training_state
-        from bmojo_neuron.training.optim import build_scheduler
+        from bmojo_neuron.checkpoints.neuron import restore_training_state
+        from bmojo_neuron.training.optim import build_scheduler, parameter_groups
 
         r, rt = self.recipe, self.rt
         t, o = r.train, r.optim
@@ -175,9 +169,9 @@ class NeuronTrainer:
         seed_everything(r.run.seed)
         rt.seed(r.run.seed)
         model, weights = self._build_model(nxd_cfg, previous)
-        optimizer = build_nxd_optimizer(model, nxd_cfg, o)
+        optimizer = build_nxd_optimizer(parameter_groups(model, o.weight_decay), nxd_cfg, o)
         scheduler = build_scheduler(optimizer, o.warmup_steps, t.steps, o.min_lr_ratio)
-        state = ckpt.TrainerState()
+        state = TrainerState()
         if previous is not None:
             restore_training_state(model, optimizer, scheduler, previous, weights, rt)
             state = previous.state
@@ -206,7 +200,7 @@ class NeuronTrainer:
         if self.rt.is_main:
             ckpt.clean_stale(self.run_dir)
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.write_text_atomic(self.run_dir / ckpt.RECIPE_FILE, json.dumps(self.recipe_dict, indent=2))
+            write_text_atomic(self.run_dir / ckpt.RECIPE_FILE, json.dumps(self.recipe_dict, indent=2))
         self.rt.barrier("run-dir")
 
     def _say(self, text: str) -> None:
@@ -318,7 +312,7 @@ class NeuronTrainer:
         return result
 
     def _save(self) -> None:
-        from bmojo_neuron.training.neuron_checkpoint import save_checkpoint
+        from bmojo_neuron.checkpoints.neuron import save_checkpoint
 
         self.state.metrics = self.logger.records
         save_checkpoint(self.run_dir, self.rt, self.model, self.optimizer, self.scheduler, self.state,
@@ -347,7 +341,7 @@ class NeuronTrainer:
         if rt.is_main:
             plot_training(self.logger.records, self.run_dir / PLOT_FILE, title=r.run.name)
             model = consolidated_model(ckpt.latest_checkpoint(self.run_dir))
-            ckpt.export_final(self.run_dir, model, self.recipe_dict, _tokenizer_name(r), eval_result)
+            export_final(self.run_dir, model, self.recipe_dict, tokenizer_name(r), eval_result)
         rt.barrier("export-done")
         return TrainResult(self.run_dir, self.params, state.step, self.run_dir / ckpt.FINAL, eval_result, lengths,
                            self.logger.records, time.perf_counter() - started)
@@ -361,7 +355,7 @@ def mark_tensor_shards(model: nn.Module, split_dims: dict[str, int | None], nxd_
     ``tensor_model_parallel`` as replicated (its square divided by tp, summed over tp),
     which would under-count these shards. Returns the names it marked.
     """
-    from bmojo_neuron.training.neuron_checkpoint import WRAPPER_INFIX
+    from bmojo_neuron.checkpoints.neuron import WRAPPER_INFIX
 
     marked = []
     for name, param in model.named_parameters():

@@ -23,7 +23,7 @@ def install(monkeypatch: Any) -> XlaLog:
     """Put every double into ``sys.modules`` (undone with `monkeypatch`); returns their shared log.
 
     ``transformers.utils.fx`` is hidden, as in transformers 5 (NxD 0.17 imports it; see
-    `bmojo_neuron.parallel.nxd_compat`), and whatever stands in for it is removed afterwards.
+    `bmojo_neuron.nxd_compat`), and whatever stands in for it is removed afterwards.
     """
     import transformers.utils
 

@@ -54,7 +54,7 @@ def eidetic_attention(
     """B'MOJO attention for every query of a sequence; see the module docstring."""
     batch, q_heads, length, head_dim = q.shape
     kv_heads = k.shape[1]
-    _check_shapes(q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, window, fading_window, chunk)
+    check_shapes(q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, window, fading_window, chunk)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     window = min(window, length)
     use_fading = k_fading is not None and fading_window > 0 and window < length
@@ -158,7 +158,8 @@ def _pad_to(x: Tensor, size: int, dim: int) -> Tensor:
     return F.pad(x, pad)
 
 
-def _check_shapes(q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, window, fading_window, chunk) -> None:
+def check_shapes(q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, window, fading_window, chunk) -> None:
+    """ValueError naming the first input whose shape does not fit the layouts above (shared by every backend)."""
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"eidetic_attention: q and k must be (batch, heads, L, head_dim), got {tuple(q.shape)}, {tuple(k.shape)}")
     batch, q_heads, length, head_dim = q.shape

@@ -44,7 +44,7 @@ def provide_transformers_fx() -> bool:
     class HFTracer(torch.fx.Tracer):
         """Stand-in for transformers 4's ``HFTracer`` (removed in transformers 5); never used to trace here."""
 
-    module = types.ModuleType(FX_MODULE, "Stand-in registered by bmojo_neuron.parallel.nxd_compat for NxD 0.17.")
+    module = types.ModuleType(FX_MODULE, "Stand-in registered by bmojo_neuron.nxd_compat for NxD 0.17.")
     module.HFTracer = HFTracer
     sys.modules[FX_MODULE] = module
     transformers.utils.fx = module

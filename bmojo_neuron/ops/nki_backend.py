@@ -1,4 +1,4 @@
-"""torch integration: autograd Functions that call the NKI forward and backward kernels.
+"""The ``nki`` and ``nki-sim`` op backends: autograd Functions that call the NKI kernels of `nki_kernels`.
 
 Two runners execute the same kernel source:
   * ``emulator`` (backend ``nki-sim``): CPU tensors -> NumPy -> the NKI emulator -> torch.
@@ -19,10 +19,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import ml_dtypes
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from nki_kernels.attention_bwd import eidetic_attention_bwd
+from nki_kernels.attention_fwd import eidetic_attention_fwd
+from nki_kernels.emulator import simulate_kernel
+from nki_kernels.selective_scan_bwd import selective_scan_bwd
+from nki_kernels.selective_scan_fwd import selective_scan_fwd
+from nki_kernels.ssd_bwd import ssd_bwd
+from nki_kernels.ssd_fwd import ssd_fwd
+
+from .reference.eidetic_attention import check_shapes
 
 TILE = 128
 
@@ -43,8 +54,6 @@ def _np_in(t: Tensor | None) -> np.ndarray | None:
         return None
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     if t.dtype not in (torch.float32, torch.float16):
         t = t.float()
@@ -59,8 +68,6 @@ def _np_out(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def emulator_runner() -> Runner:
-    from nki_kernels.emulator import simulate_kernel
-
     return Runner("emulator", simulate_kernel, _np_in, _np_out)
 
 
@@ -78,36 +85,26 @@ def _pad_time(t: Tensor | None, pad: int, dim: int) -> Tensor | None:
     return F.pad(t, spec)
 
 
-def _kernels():
-    from nki_kernels.selective_scan_bwd import selective_scan_bwd
-    from nki_kernels.selective_scan_fwd import selective_scan_fwd
-    from nki_kernels.ssd_fwd import ssd_fwd
-
-    return selective_scan_fwd, selective_scan_bwd, ssd_fwd
-
-
 # ----------------------------------------------------------------------------- Mamba-1
 class SelectiveScanFn(torch.autograd.Function):
     """y = selective_scan(u, delta, A, B, C, D, z, delta_bias, softplus) via the NKI kernels."""
 
     @staticmethod
     def forward(ctx, runner, softplus, u, delta, A, B, C, D, z, delta_bias):  # type: ignore[override]
-        fwd, _, _ = _kernels()
         r = runner
         args = [r.to_kernel(x) for x in (u, delta, A, B, C, D, z, delta_bias)]
-        y, _ = r.call(fwd, *args, softplus, None)
+        y, _ = r.call(selective_scan_fwd, *args, softplus, None)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.runner, ctx.softplus = runner, softplus
         return r.from_kernel(y, u.dtype, u.device)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        _, bwd, _ = _kernels()
         r = ctx.runner
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         dy = dy.to(u.dtype)
         args = [r.to_kernel(x) for x in (dy, u, delta, A, B, C, D, z, delta_bias)]
-        du, ddelta, dA, dB, dC, dD, dz, dbias = r.call(bwd, *args, ctx.softplus)
+        du, ddelta, dA, dB, dC, dD, dz, dbias = r.call(selective_scan_bwd, *args, ctx.softplus)
         dev = u.device
         grads = [
             r.from_kernel(du, u.dtype, dev), r.from_kernel(ddelta, delta.dtype, dev), r.from_kernel(dA, A.dtype, dev),
@@ -146,11 +143,10 @@ def _selective_scan_with_state(runner, pad, u, delta, A, B, C, D, z, delta_bias,
                                   "return_last_state; use the torch backend for that")
     if pad and ret:
         raise NotImplementedError("return_last_state needs L to be a multiple of 128 with the NKI kernels")
-    fwd, _, _ = _kernels()
     args = [runner.to_kernel(_pad_time(x, pad, 2) if x is not None and x.dim() == 3 and x is not A else x)
             for x in (u, delta, A, B, C, D, z, delta_bias)]
     h0 = runner.to_kernel(initial_state.float() if initial_state is not None else None)
-    y, last = runner.call(fwd, *args, bool(softplus), h0)
+    y, last = runner.call(selective_scan_fwd, *args, bool(softplus), h0)
     y = runner.from_kernel(y, u.dtype, u.device)[..., :u.shape[-1]]
     return (y, runner.from_kernel(last, torch.float32, u.device)) if ret else y
 
@@ -164,17 +160,14 @@ class SsdScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, runner, softplus, x, dt, A, B, C, D, dt_bias):  # type: ignore[override]
-        _, _, fwd = _kernels()
         args = [runner.to_kernel(t) for t in (x, dt, A, B, C, D, dt_bias)]
-        y, _ = runner.call(fwd, *args, softplus)
+        y, _ = runner.call(ssd_fwd, *args, softplus)
         ctx.save_for_backward(x, dt, A, B, C, D, dt_bias)
         ctx.runner, ctx.softplus = runner, softplus
         return runner.from_kernel(y, x.dtype, x.device)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        from nki_kernels.ssd_bwd import ssd_bwd
-
         r = ctx.runner
         x, dt, A, B, C, D, dt_bias = ctx.saved_tensors
         dy = dy.to(x.dtype).contiguous()
@@ -224,15 +217,7 @@ def device_ops() -> dict[str, Callable[..., Any]]:
 
 
 # ----------------------------------------------------------------------------- eidetic attention
-# (added with the attention kernels; separate from the scan bridges above)
 ATTN_NEG = -1.0e30  # additive bias of an empty memory slot (finite: no inf - inf in the kernels)
-
-
-def _attention_kernels():
-    from nki_kernels.attention_bwd import eidetic_attention_bwd
-    from nki_kernels.attention_fwd import eidetic_attention_fwd
-
-    return eidetic_attention_fwd, eidetic_attention_bwd
 
 
 def _kernel_dtype(q: Tensor) -> torch.dtype:
@@ -254,13 +239,12 @@ class EideticAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, runner, window, fading_window, chunk, scale, q, k, v, kf, vf, mem_k, mem_v,  # type: ignore
                 mem_bias):
-        fwd, _ = _attention_kernels()
         r = runner
         kd = _kernel_dtype(q)
         c = lambda t: None if t is None else t.to(kd).contiguous()  # noqa: E731
         args = [r.to_kernel(x) for x in (_tr(c(q)), _tr(c(k)), c(v), _tr(c(kf)), c(vf), _tr(c(mem_k)), c(mem_v),
                                          mem_bias)]
-        out, lse = r.call(fwd, *args, window, fading_window, chunk, scale)
+        out, lse = r.call(eidetic_attention_fwd, *args, window, fading_window, chunk, scale)
         out_t = r.from_kernel(out, kd, q.device)
         lse_t = r.from_kernel(lse, torch.float32, q.device)
         ctx.save_for_backward(q, k, v, kf, vf, mem_k, mem_v, mem_bias, out_t, lse_t)
@@ -269,7 +253,6 @@ class EideticAttentionFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):  # type: ignore[override]
-        _, bwd = _attention_kernels()
         r = ctx.runner
         q, k, v, kf, vf, mem_k, mem_v, mem_bias, out, lse = ctx.saved_tensors
         kd = _kernel_dtype(q)
@@ -278,7 +261,7 @@ class EideticAttentionFn(torch.autograd.Function):
         dlse = None if dlse is None else dlse.float().contiguous()
         tensors = (c(q), _tr(c(q)), c(k), _tr(c(k)), _tr(c(v)), c(kf), _tr(c(kf)), _tr(c(vf)), c(mem_k), _tr(c(mem_k)),
                    _tr(c(mem_v)), mem_bias, out, dout, _tr(dout), lse, dlse)
-        grads = r.call(bwd, *[r.to_kernel(t) for t in tensors], *ctx.cfg)
+        grads = r.call(eidetic_attention_bwd, *[r.to_kernel(t) for t in tensors], *ctx.cfg)
         dev = q.device
         like = (q, k, v, kf, vf, mem_k, mem_v)
         result = [None if g is None or t is None else r.from_kernel(g, t.dtype, dev) for g, t in zip(grads, like)]
@@ -297,9 +280,7 @@ def make_eidetic_attention(runner: Runner) -> Callable[..., Any]:
                           v_fading: Tensor | None = None, mem_k: Tensor | None = None, mem_v: Tensor | None = None,
                           mem_valid: Tensor | None = None, *, window: int, fading_window: int = 0, chunk: int = 1,
                           scale: float | None = None, block: int | None = None):
-        from bmojo_neuron.ops.reference.eidetic_attention import _check_shapes
-
-        _check_shapes(q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, window, fading_window, chunk)
+        check_shapes(q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, window, fading_window, chunk)
         batch, _, length, head_dim = q.shape
         if head_dim > TILE:
             raise ValueError(f"eidetic_attention (NKI): head_dim must be <= {TILE}, got {head_dim}")

@@ -1,4 +1,4 @@
-"""Checkpoints of the Neuron trainer in the project's sharded format (`bmojo_neuron.parallel.checkpoint_format`).
+"""A Neuron rank's half of a sharded checkpoint (`bmojo_neuron.checkpoints.sharded`): XLA tensors, NxD optimizers.
 
 The files are those of a torchrun run on CPU (``rank-TT-PP.safetensors``,
 ``optim-TT-PP-DDD.pt``, ``parallel.json``, published atomically by rank 0), so
@@ -32,21 +32,34 @@ The files are those of a torchrun run on CPU (``rank-TT-PP.safetensors``,
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bmojo_neuron.parallel import checkpoint_format as fmt
-from bmojo_neuron.training import checkpoint as ckpt
-from bmojo_neuron.training.distributed import CONVERT_HINT
-from bmojo_neuron.training.neuron_runtime import NeuronRuntime
+from . import sharded as fmt
+from .sharded import ShardRanks
+from .state import Checkpoint, TrainerState, rng_states, set_rng_states
 
 WRAPPER_INFIX = "_checkpoint_wrapped_module."  # torch's checkpoint_wrapper prefix (NxD's activation checkpointing)
+
+
+class NeuronRanks(ShardRanks, Protocol):
+    """What checkpointing needs of the Neuron runtime: the grid position, host copies and collectives."""
+
+    @property
+    def is_main(self) -> bool: ...
+    @property
+    def dp(self) -> int: ...
+    @property
+    def last_stage(self) -> bool: ...
+    def to_cpu(self, data: Any) -> Any: ...
+    def gather_over(self, x: Tensor, groups: Any) -> Tensor: ...
+    def barrier(self, tag: str) -> None: ...
+    def rng_state(self) -> int: ...
+    def set_rng_state(self, value: int | None) -> None: ...
 
 
 def parameter_names(model: nn.Module) -> dict[int, str]:
@@ -54,7 +67,7 @@ def parameter_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name.replace(WRAPPER_INFIX, "") for name, p in model.named_parameters()}
 
 
-def holds_tied_copy(runtime: NeuronRuntime, config: Any) -> bool:
+def holds_tied_copy(runtime: NeuronRanks, config: Any) -> bool:
     """Whether this rank's stage holds the copy of a tied embedding that stage 0 stores (the last of pp > 1)."""
     return runtime.pp > 1 and runtime.last_stage and bool(getattr(config, "tie_word_embeddings", False))
 
@@ -91,7 +104,7 @@ def _state_to_device(value: Any, like: Tensor) -> Any:
 # ------------------------------------------------------------------------------ save
 
 
-def host_state(model: nn.Module, optimizer: Any, runtime: NeuronRuntime) -> tuple[dict[str, Tensor], dict]:
+def host_state(model: nn.Module, optimizer: Any, runtime: NeuronRanks) -> tuple[dict[str, Tensor], dict]:
     """(fp32 weights, optimizer states by name) of this rank's tensor shard on the host; empty off data rank 0."""
     keep = runtime.dp_rank == 0
     tied = fmt.tied_names(model.config)  # stored once, as stage 0's embedding
@@ -125,79 +138,47 @@ def host_state(model: nn.Module, optimizer: Any, runtime: NeuronRuntime) -> tupl
     return weights, states
 
 
-def _unshard(value: Any, param: Tensor, zero: Any, runtime: NeuronRuntime) -> Any:
+def _unshard(value: Any, param: Tensor, zero: Any, runtime: NeuronRanks) -> Any:
     if not isinstance(value, Tensor) or value.dim() == 0:
         return value
     return runtime.gather_over(value, zero.sharding_groups)[: param.shape[0]]
 
 
-def save_checkpoint(run_dir: Path, runtime: NeuronRuntime, model: nn.Module, optimizer: Any, scheduler: Any,
-                    state: ckpt.TrainerState, recipe: dict[str, Any], keep_last: int, meta: dict[str, Any]) -> Path:
+def save_checkpoint(run_dir: Path, runtime: NeuronRanks, model: nn.Module, optimizer: Any, scheduler: Any,
+                    state: TrainerState, recipe: dict[str, Any], keep_last: int, meta: dict[str, Any]) -> Path:
     """Every rank writes its files into one temp dir; rank 0 publishes it (then `latest`) after a barrier."""
-    name = ckpt.step_dir_name(state.step)
-    tmp = run_dir / f".tmp-{name}-parallel"  # one name every rank knows without communicating
-    if runtime.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    runtime.barrier(f"{name}-open")
-    tp_rank, pp_rank, dp_rank = runtime.tp_rank, runtime.pp_rank, runtime.dp_rank
-    try:
+
+    def write_rank_files(tmp: Path) -> None:
         weights, states = host_state(model, optimizer, runtime)
-        if dp_rank == 0:
-            fmt.save_tensors(weights, tmp / fmt.model_file(tp_rank, pp_rank), fmt.tied_names(model.config))
+        if runtime.dp_rank == 0:
+            fmt.save_tensors(weights, tmp / fmt.model_file(runtime.tp_rank, runtime.pp_rank),
+                             fmt.tied_names(model.config))
         blob = {"optimizer": states, "scheduler": scheduler.state_dict(),
-                "rng": {**ckpt.rng_states(), "xla": runtime.rng_state()}}
-        torch.save(blob, tmp / fmt.optim_file(tp_rank, pp_rank, dp_rank))
-    finally:
-        runtime.barrier(f"{name}-written")
-    if runtime.is_main:
-        ckpt.publish_sharded(tmp, run_dir, name, meta, recipe, model.config, state, keep_last)
-    runtime.barrier(f"{name}-published")
-    return run_dir / name
+                "rng": {**rng_states(), "xla": runtime.rng_state()}}
+        torch.save(blob, tmp / fmt.optim_file(runtime.tp_rank, runtime.pp_rank, runtime.dp_rank))
+
+    return fmt.save_sharded(run_dir, state, runtime.is_main, runtime.barrier, write_rank_files, meta, recipe,
+                            model.config, keep_last)
 
 
 # ------------------------------------------------------------------------------ load
 
 
-def load_latest(run_dir: Path, runtime: NeuronRuntime, tied_copy: bool = False) -> ckpt.Checkpoint | None:
-    """This rank's view of the latest checkpoint: merged optimizer states of its shard, its scheduler and RNG.
-
-    `tied_copy` (`holds_tied_copy`): add stage 0's embedding states as this stage's ``lm_head.weight``'s.
-    """
-    path = ckpt.latest_checkpoint(run_dir)
-    if path is None:
-        return None
-    fmt.read_meta_for(path, runtime.tp, runtime.pp, CONVERT_HINT)
-    files = sorted(path.glob(f"optim-{runtime.tp_rank:02d}-{runtime.pp_rank:02d}-*.pt"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no optimizer file for tensor rank {runtime.tp_rank}, "
-                                f"stage {runtime.pp_rank}")
-    blobs = {f.name: torch.load(f, map_location="cpu", weights_only=False) for f in files}
-    own = blobs.get(fmt.optim_file(runtime.tp_rank, runtime.pp_rank, runtime.dp_rank), blobs[files[0].name])
-    trainer_state = ckpt.TrainerState(**json.loads((path / ckpt.STATE_FILE).read_text()))
-    recipe = json.loads((path / ckpt.RECIPE_FILE).read_text())
-    states = fmt.merge_named_states(list(blobs.values()))
-    if tied_copy:
-        embedding = fmt.merge_named_states(fmt.load_optim_files(path, runtime.tp_rank, 0))
-        if fmt.EMBEDDING in embedding:  # absent for a warm start from a plain export
-            states[fmt.TIED_HEAD] = embedding[fmt.EMBEDDING]
-    return ckpt.Checkpoint(path, trainer_state, recipe, states, own["scheduler"], own["rng"])
+def load_latest(run_dir: Path, runtime: NeuronRanks, tied_copy: bool = False) -> Checkpoint | None:
+    """This rank's view of the latest checkpoint (`sharded.load_rank_view`)."""
+    return fmt.load_rank_view(run_dir, runtime, tied_copy)
 
 
-def restore_weights(model: nn.Module, previous: ckpt.Checkpoint, runtime: NeuronRuntime) -> dict[str, Tensor]:
+def restore_weights(model: nn.Module, previous: Checkpoint, runtime: NeuronRanks) -> dict[str, Tensor]:
     """Load this rank's model file into `model` (before the optimizer exists: ZeRO-1 shards copy the weights);
     the last stage's tied ``lm_head.weight`` is stage 0's embedding."""
-    file = fmt.model_file(runtime.tp_rank, runtime.pp_rank)
-    tensors = fmt.load_file_tensors(previous.path / file)
-    if holds_tied_copy(runtime, model.config):
-        embedding = fmt.load_file_tensors(previous.path / fmt.model_file(runtime.tp_rank, 0))
-        tensors[fmt.TIED_HEAD] = embedding[fmt.EMBEDDING]
-    fmt.load_into(model, tensors, f"{previous.path.name}/{file}")
+    tensors = fmt.load_rank_weights(previous.path, runtime, holds_tied_copy(runtime, model.config))
+    fmt.load_into(model, tensors, f"{previous.path.name}/{fmt.model_file(runtime.tp_rank, runtime.pp_rank)}")
     return tensors
 
 
-def restore_training_state(model: nn.Module, optimizer: Any, scheduler: Any, previous: ckpt.Checkpoint,
-                           weights: dict[str, Tensor], runtime: NeuronRuntime) -> None:
+def restore_training_state(model: nn.Module, optimizer: Any, scheduler: Any, previous: Checkpoint,
+                           weights: dict[str, Tensor], runtime: NeuronRanks) -> None:
     """Optimizer states (ZeRO-1: this rank's slices and fp32 master weights), scheduler and RNG."""
     if previous.scheduler is None:  # `checkpoint shard` of a plain export: a warm start at step 0
         return
@@ -225,7 +206,6 @@ def restore_training_state(model: nn.Module, optimizer: Any, scheduler: Any, pre
                 with torch.no_grad():
                     shard.copy_(dp_slice(weights[name], dp, rank).to(shard.device, shard.dtype))
     scheduler.load_state_dict(previous.scheduler)
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-        group["lr"] = lr  # LambdaLR does not restore the groups' lr itself
-    ckpt.set_rng_states(previous.rng)
+    fmt.restore_lr(optimizer, scheduler)
+    set_rng_states(previous.rng)
     runtime.set_rng_state(previous.rng.get("xla"))

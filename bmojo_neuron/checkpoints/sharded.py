@@ -1,4 +1,4 @@
-"""The sharded checkpoint format of parallel runs, and its conversion to and from one full model.
+"""The sharded checkpoint format of parallel runs (torchrun and Neuron alike): files, metadata, consolidation.
 
 A sharded checkpoint ``step-XXXXXXX/`` holds::
 
@@ -18,27 +18,52 @@ shard of each tensor, so they are resharded exactly like the weights; a rank wit
 ZeRO-1 reads the files of every data rank of its (TT, PP) and keeps what it owns,
 so the data-parallel degree and ZeRO-1 can change freely on resume. Changing tp or
 pp goes through a consolidated directory (``bmojo-neuron checkpoint consolidate`` /
-``shard``): NxD cannot reshard on load either.
+``shard``, `bmojo_neuron.checkpoints.convert`): NxD cannot reshard on load either.
+
+What every rank of every backend does the same way lives here: `save_sharded` (one
+temp dir all ranks write into, published by rank 0 between barriers), `load_rank_view`
+(a rank's optimizer, scheduler and RNG states) and `load_rank_weights`. The
+backend-specific halves (how tensors reach the host) are `torch_sharded` and `neuron`.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..layers.factory import LayerFactory, use_layer_factory
-from .sharding import split_dims
+from bmojo_neuron.configuration_bmojo import BMojoConfig
+from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
+from bmojo_neuron.parallel.sharding import EMBEDDING, TIED_HEAD, load_into, split_dims, tied_names
 
-PARALLEL_FILE = "parallel.json"
-EMBEDDING = "model.embed_tokens.weight"
-TIED_HEAD = "lm_head.weight"  # with tie_word_embeddings: the embedding, stored once under its name
+from .layout import CONFIG_FILE, PARALLEL_FILE, latest_checkpoint, publish_step, step_dir_name
+from .state import Checkpoint, TrainerState, read_recipe, read_trainer_state
+
 TRAINING_STATE_FILE = "training_state.pt"  # optimizer/scheduler/trainer state beside a consolidated export
 FORMAT = "bmojo-sharded-v1"
+CONVERT_HINT = ("convert it with `bmojo-neuron checkpoint consolidate RUN_DIR OUT` then "
+                "`bmojo-neuron checkpoint shard OUT --tp N --pp M --output-dir NEW_RUN_DIR`")
+__all__ = ["EMBEDDING", "TIED_HEAD", "load_into", "tied_names"]  # re-exported: the names files use
+
+
+class ShardRanks(Protocol):
+    """Where a rank sits in the ``dp × pp × tp`` grid (`ParallelLayout`, the Neuron runtime)."""
+
+    @property
+    def tp(self) -> int: ...
+    @property
+    def pp(self) -> int: ...
+    @property
+    def tp_rank(self) -> int: ...
+    @property
+    def pp_rank(self) -> int: ...
+    @property
+    def dp_rank(self) -> int: ...
 
 
 def model_file(tp_rank: int, pp_rank: int) -> str:
@@ -74,35 +99,6 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def _shape_only_factory(tp: int, tp_rank: int) -> LayerFactory:
-    """A tensor-parallel factory without a process group: good for building shard-shaped (meta) layers only."""
-    from .tensor_parallel import TorchTensorParallelFactory
-
-    class ShapeOnly(TorchTensorParallelFactory):
-        def __init__(self) -> None:  # no collective runs while a model is built
-            self.group, self.tp_size, self.tp_rank, self.sequence_parallel = None, tp, tp_rank, False
-
-    return ShapeOnly()
-
-
-def shard_shapes(config: Any, tp: int, tp_rank: int = 0) -> dict[str, torch.Size]:
-    """State-dict shapes of tensor rank `tp_rank`'s model (built on the meta device, no process group)."""
-    from bmojo_neuron import BMojoForCausalLM
-
-    with torch.device("meta"):
-        if tp == 1:
-            model = BMojoForCausalLM(config)
-        else:
-            with use_layer_factory(_shape_only_factory(tp, tp_rank)):
-                model = BMojoForCausalLM(config)
-    return {name: t.shape for name, t in model.state_dict().items()}
-
-
-def tied_names(config: Any) -> set[str]:
-    """Names the files leave out because they alias another tensor (``lm_head.weight`` when tied)."""
-    return {TIED_HEAD} if getattr(config, "tie_word_embeddings", False) else set()
-
-
 def save_tensors(tensors: dict[str, Tensor], path: Path, skip: set[str] = frozenset()) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items() if k not in skip}, str(path))
 
@@ -113,23 +109,13 @@ def load_file_tensors(path: Path) -> dict[str, Tensor]:
     return load_file(str(path))
 
 
-def load_into(model: nn.Module, tensors: dict[str, Tensor], what: str) -> None:
-    """`load_state_dict` that accepts the tied names being absent, and nothing else missing."""
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if k not in tied_names(model.config)]
-    if missing or unexpected:
-        raise ValueError(f"{what} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-
-
 def consolidate_model(path: str | Path) -> dict[str, Tensor]:
     """The full model state dict from a sharded checkpoint's ``rank-TT-PP`` files (every stage's)."""
     path = Path(path)
     meta = read_meta(path)
     out = _consolidate_stages(path, meta)
-    from bmojo_neuron import BMojoConfig
-
     missing = sorted(set(meta["full_shapes"]) - set(out)
-                     - tied_names(BMojoConfig.from_json_file(str(path / "config.json"))))
+                     - tied_names(BMojoConfig.from_json_file(str(path / CONFIG_FILE))))
     if missing:
         raise ValueError(f"{path}: no stage file holds {missing[:5]}; the checkpoint is incomplete")
     return out
@@ -155,10 +141,15 @@ def _consolidate_stages(path: Path, meta: dict[str, Any]) -> dict[str, Tensor]:
 
 def load_optim_files(path: Path, tp_rank: int, pp_rank: int) -> list[dict[str, Any]]:
     """Every data rank's optimizer file of (tp_rank, pp_rank), in data-rank order."""
+    return list(_optim_blobs(path, tp_rank, pp_rank).values())
+
+
+def _optim_blobs(path: Path, tp_rank: int, pp_rank: int) -> dict[str, dict[str, Any]]:
+    """``file name -> content`` of every data rank's optimizer file of (tp_rank, pp_rank), in data-rank order."""
     files = sorted(path.glob(f"optim-{tp_rank:02d}-{pp_rank:02d}-*.pt"))
     if not files:
         raise FileNotFoundError(f"{path} has no optimizer file for tensor rank {tp_rank}, stage {pp_rank}")
-    return [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    return {f.name: torch.load(f, map_location="cpu", weights_only=False) for f in files}
 
 
 def merge_named_states(blobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -212,3 +203,82 @@ def parallel_meta(full_shapes: dict[str, torch.Size], local_shapes: dict[str, to
     dims = split_dims(full_like, local_shapes, tp)
     return {"format": FORMAT, "tp": tp, "pp": pp, "dp": dp, "sp": sp, "zero1": zero1,
             "split_dims": dims, "full_shapes": {k: list(s) for k, s in full_shapes.items()}}
+
+
+def consolidated_model(path: str | Path) -> BMojoForCausalLM:
+    """The full `BMojoForCausalLM` of a sharded checkpoint, in eval mode."""
+    path = Path(path)
+    model = BMojoForCausalLM(BMojoConfig.from_json_file(str(path / CONFIG_FILE)))
+    load_into(model, consolidate_model(path), str(path))
+    return model.eval()
+
+
+# ------------------------------------------------------------------ one rank's save and resume
+
+
+def save_sharded(run_dir: Path, state: TrainerState, is_main: bool, barrier: Callable[[str], None],
+                 write_rank_files: Callable[[Path], None], meta: dict[str, Any], recipe: dict[str, Any], config: Any,
+                 keep_last: int) -> Path:
+    """Every rank writes its files (`write_rank_files(tmp)`) into one temp dir; rank 0 publishes it (then
+    `latest`) after a barrier. Collective: every rank calls it, `barrier(tag)` waits for all of them."""
+    name = step_dir_name(state.step)
+    tmp = run_dir / f".tmp-{name}-parallel"  # one name every rank knows without communicating
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(f"{name}-open")
+    try:
+        write_rank_files(tmp)
+    finally:
+        barrier(f"{name}-written")
+    if is_main:
+        publish_sharded(tmp, run_dir, name, meta, recipe, config, state, keep_last)
+    barrier(f"{name}-published")
+    return run_dir / name
+
+
+def publish_sharded(tmp: Path, run_dir: Path, name: str, meta: dict[str, Any], recipe: dict[str, Any],
+                    config: Any, state: Any, keep_last: int) -> None:
+    """Rank 0's end of a sharded save: ``parallel.json``, then `publish_step`."""
+    try:
+        (tmp / PARALLEL_FILE).write_text(json.dumps(meta, indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_step(tmp, run_dir, name, recipe, config, state, keep_last)
+
+
+def load_rank_view(run_dir: Path, ranks: ShardRanks, tied_copy: bool = False) -> Checkpoint | None:
+    """This rank's view of the latest checkpoint of `run_dir` (None without one): the merged optimizer states
+    of its (tensor rank, stage) shard from every data rank's file, its own scheduler and RNG states.
+
+    `tied_copy`: this rank is a last stage holding the copy of a tied embedding; stage 0's
+    embedding states are added as its ``lm_head.weight``'s. The degrees must match the run's.
+    """
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return None
+    read_meta_for(path, ranks.tp, ranks.pp, CONVERT_HINT)
+    blobs = _optim_blobs(path, ranks.tp_rank, ranks.pp_rank)
+    own = blobs.get(optim_file(ranks.tp_rank, ranks.pp_rank, ranks.dp_rank), next(iter(blobs.values())))
+    states = merge_named_states(list(blobs.values()))
+    if tied_copy:
+        embedding = merge_named_states(load_optim_files(path, ranks.tp_rank, 0))
+        if EMBEDDING in embedding:  # absent for a warm start from a plain export
+            states[TIED_HEAD] = embedding[EMBEDDING]
+    return Checkpoint(path, read_trainer_state(path), read_recipe(path), states, own["scheduler"], own["rng"])
+
+
+def load_rank_weights(path: Path, ranks: ShardRanks, tied_copy: bool = False) -> dict[str, Tensor]:
+    """This rank's model file; with `tied_copy` its ``lm_head.weight`` is stage 0's embedding."""
+    tensors = load_file_tensors(path / model_file(ranks.tp_rank, ranks.pp_rank))
+    if tied_copy:
+        embedding = load_file_tensors(path / model_file(ranks.tp_rank, 0))
+        tensors[TIED_HEAD] = embedding[EMBEDDING]
+    return tensors
+
+
+def restore_lr(optimizer: Any, scheduler: Any) -> None:
+    """Set the groups' lr from a just-restored scheduler (``LambdaLR.load_state_dict`` does not)."""
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr

@@ -15,53 +15,55 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
-from . import checkpoint_format as fmt
-from .pipeline import stage_of
-from .sharding import shard_state_dict
+from bmojo_neuron.configuration_bmojo import BMojoConfig
+from bmojo_neuron.fsutil import publish_dir, write_text_atomic
+from bmojo_neuron.parallel.pipeline import stage_of
+from bmojo_neuron.parallel.sharding import shard_shapes, shard_state_dict
+
+from . import layout
+from . import sharded as fmt
+from .export import quiet_transformers
+from .state import TrainerState, rng_states
 
 
 def resolve_sharded(path: str | Path) -> Path:
     """A sharded ``step-XXXXXXX`` dir, or a run dir (its latest checkpoint)."""
-    from bmojo_neuron.training import checkpoint as ckpt
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if not fmt.is_sharded(path):
-        latest = ckpt.latest_checkpoint(path)
+        latest = layout.latest_checkpoint(path)
         if latest is None or not fmt.is_sharded(latest):
             raise FileNotFoundError(f"{path} is neither a sharded checkpoint (with {fmt.PARALLEL_FILE}) nor a run "
                                     "directory whose latest checkpoint is one")
         path = latest
-    if not ckpt.is_complete(path):
-        raise FileNotFoundError(f"{path} is incomplete (no {ckpt.STATE_FILE})")
+    if not layout.is_complete(path):
+        raise FileNotFoundError(f"{path} is incomplete (no {layout.STATE_FILE})")
     return path
 
 
 def consolidate_checkpoint(source: str | Path, output: str | Path) -> Path:
     """Write the full model of a sharded checkpoint (and its training state) to `output`."""
-    from bmojo_neuron.training import checkpoint as ckpt
-    from bmojo_neuron.training.distributed import consolidated_model
-
     source, output = resolve_sharded(source), Path(output)
     if output.exists():
         raise ValueError(f"{output} already exists; pick a new output directory")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt.new_tmp_dir(output.parent, output.name)
+    tmp = layout.new_tmp_dir(output.parent, output.name)
     try:
-        model = consolidated_model(source)
-        with ckpt.quiet_transformers():
+        model = fmt.consolidated_model(source)
+        with quiet_transformers():
             model.save_pretrained(str(tmp))
-        recipe = json.loads((source / ckpt.RECIPE_FILE).read_text())
-        state = json.loads((source / ckpt.STATE_FILE).read_text())
+        recipe = json.loads((source / layout.RECIPE_FILE).read_text())
+        state = json.loads((source / layout.STATE_FILE).read_text())
         torch.save({**fmt.consolidate_optimizer(source), "trainer_state": state, "recipe": recipe},
                    tmp / fmt.TRAINING_STATE_FILE)
-        (tmp / ckpt.RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
+        (tmp / layout.RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
         tokenizer = str(recipe.get("data", {}).get("tokenizer") or "byte")
         info = {"tokenizer": tokenizer, "recipe": recipe, "consolidated_from": str(source), "step": state["step"]}
-        (tmp / ckpt.RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
-        ckpt.publish_dir(tmp, output)
+        (tmp / layout.RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
+        publish_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -77,45 +79,41 @@ def shard_checkpoint(source: str | Path, run_dir: str | Path, tp: int, pp: int =
     With ``pp > 1`` each stage's files hold that stage's tensors (`pipeline.stage_of`); a tied
     ``lm_head.weight`` is stored once, as stage 0's embedding.
     """
-    from bmojo_neuron import BMojoConfig
-    from bmojo_neuron.training import checkpoint as ckpt
-    from bmojo_neuron.training.loop import has_run
-
     source, run_dir = Path(source), Path(run_dir)
     if tp < 1 or pp < 1:
         raise ValueError(f"--tp and --pp must be >= 1, got {tp}, {pp}")
-    if not (source / ckpt.CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{source} has no {ckpt.CONFIG_FILE}: not a save_pretrained directory")
-    if has_run(run_dir):
+    if not (source / layout.CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{source} has no {layout.CONFIG_FILE}: not a save_pretrained directory")
+    if layout.has_run(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pick a new --output-dir")
-    config = BMojoConfig.from_json_file(str(source / ckpt.CONFIG_FILE))
+    config = BMojoConfig.from_json_file(str(source / layout.CONFIG_FILE))
     if pp > config.num_hidden_layers:
         raise ValueError(f"--pp {pp} exceeds the model's {config.num_hidden_layers} layers")
     full = _read_pretrained_weights(source)
     state_file = source / fmt.TRAINING_STATE_FILE
     training = torch.load(state_file, map_location="cpu", weights_only=False) if state_file.is_file() else None
     if recipe is None:
-        recipe = training["recipe"] if training else json.loads((source / ckpt.RECIPE_FILE).read_text()) \
-            if (source / ckpt.RECIPE_FILE).is_file() else None
+        recipe = training["recipe"] if training else json.loads((source / layout.RECIPE_FILE).read_text()) \
+            if (source / layout.RECIPE_FILE).is_file() else None
     if recipe is None:
-        raise FileNotFoundError(f"{source} has no {ckpt.RECIPE_FILE} nor {fmt.TRAINING_STATE_FILE}: pass the recipe")
+        raise FileNotFoundError(f"{source} has no {layout.RECIPE_FILE} nor {fmt.TRAINING_STATE_FILE}: pass the recipe")
     recipe = json.loads(json.dumps(recipe))
     recipe.setdefault("parallel", {}).update(tp=tp, pp=pp)
-    state = training["trainer_state"] if training else ckpt.TrainerState().__dict__
+    state = training["trainer_state"] if training else TrainerState().__dict__
 
-    full_shapes = fmt.shard_shapes(config, 1)
-    local_shapes = fmt.shard_shapes(config, tp)
+    full_shapes = shard_shapes(config, 1)
+    local_shapes = shard_shapes(config, tp)
     for name in fmt.tied_names(config):
         if name not in full and name in full_shapes:
-            full[name] = full["model.embed_tokens.weight"]
+            full[name] = full[fmt.EMBEDDING]
     missing = sorted(set(full_shapes) - set(full))
     if missing:
         raise ValueError(f"{source} lacks tensors of the model: {missing[:5]}")
     meta = fmt.parallel_meta(full_shapes, local_shapes, tp, pp, 1, bool(recipe["parallel"].get("sp", False)),
                              bool(recipe["parallel"].get("zero1", False)))
     run_dir.mkdir(parents=True, exist_ok=True)
-    name = ckpt.step_dir_name(state["step"])
-    tmp = ckpt.new_tmp_dir(run_dir, name)
+    name = layout.step_dir_name(state["step"])
+    tmp = layout.new_tmp_dir(run_dir, name)
     stages = [{n for n in local_shapes if stage_of(n, config, pp) == s} for s in range(pp)]
     try:
         for tp_rank in range(tp):
@@ -126,24 +124,22 @@ def shard_checkpoint(source: str | Path, run_dir: str | Path, tp: int, pp: int =
                 optimizer = {} if training is None else fmt.shard_named_states(
                     training["optimizer"], meta["split_dims"], names, tp, tp_rank)
                 blob = {"optimizer": optimizer, "scheduler": training["scheduler"] if training else None,
-                        "rng": training["rng"] if training else ckpt.rng_states()}
+                        "rng": training["rng"] if training else rng_states()}
                 torch.save(blob, tmp / fmt.optim_file(tp_rank, pp_rank, 0))
         (tmp / fmt.PARALLEL_FILE).write_text(json.dumps(meta, indent=1))
-        (tmp / ckpt.RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
-        config.to_json_file(str(tmp / ckpt.CONFIG_FILE))
-        (tmp / ckpt.STATE_FILE).write_text(json.dumps(state, indent=1))
-        ckpt.publish_dir(tmp, run_dir / name)
+        (tmp / layout.RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
+        config.to_json_file(str(tmp / layout.CONFIG_FILE))
+        (tmp / layout.STATE_FILE).write_text(json.dumps(state, indent=1))
+        publish_dir(tmp, run_dir / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    ckpt.write_text_atomic(run_dir / ckpt.LATEST, name + "\n")
-    ckpt.write_text_atomic(run_dir / ckpt.RECIPE_FILE, json.dumps(recipe, indent=2))
+    write_text_atomic(run_dir / layout.LATEST, name + "\n")
+    write_text_atomic(run_dir / layout.RECIPE_FILE, json.dumps(recipe, indent=2))
     return run_dir / name
 
 
 def _read_pretrained_weights(source: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     files = sorted(source.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{source} has no *.safetensors weights")

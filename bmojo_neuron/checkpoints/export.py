@@ -1,0 +1,47 @@
+"""The ``final/`` export of a finished run: a Hugging Face `save_pretrained` directory plus the run's info."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from torch import nn
+from transformers.utils import logging as hf_logging
+
+from bmojo_neuron.fsutil import publish_dir
+
+from .layout import FINAL, RECIPE_FILE, RUN_INFO_FILE, new_tmp_dir
+
+
+def export_final(
+    run_dir: str | Path, model: nn.Module, recipe: dict[str, Any], tokenizer: str, metrics: dict[str, Any]
+) -> Path:
+    """Atomically write ``<run_dir>/final``: `save_pretrained` + the run info (tokenizer, recipe, metrics)."""
+    run_dir = Path(run_dir)
+    tmp = new_tmp_dir(run_dir, FINAL)
+    try:
+        with quiet_transformers():
+            model.save_pretrained(str(tmp))
+        info = {"tokenizer": tokenizer, "recipe": recipe, "final_metrics": metrics}
+        (tmp / RUN_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+        (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str))
+        publish_dir(tmp, run_dir / FINAL)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return run_dir / FINAL
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No transformers progress bars ("Writing model shards", "Loading weights") for one-file models."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

@@ -1,0 +1,76 @@
+"""Load a trained model for `eval` / `generate` from whatever a run left: an export, a checkpoint, a run directory.
+
+Nothing here imports the trainer: a one-process checkpoint is read with
+`local.load_model_weights`, a sharded one is consolidated in memory
+(`sharded.consolidated_model`), an export goes through ``AutoModelForCausalLM``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from bmojo_neuron.configuration_bmojo import BMojoConfig
+from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
+
+from .export import quiet_transformers
+from .layout import CONFIG_FILE, FINAL, RUN_INFO_FILE, STEP_PATTERN, is_complete, latest_checkpoint
+from .local import load_model_weights
+from .sharded import consolidated_model, is_sharded
+from .state import read_recipe
+
+
+@dataclass
+class Trained:
+    """A model read back for eval / generate, with what is needed to feed it data."""
+
+    model: nn.Module
+    recipe: dict[str, Any]
+    tokenizer: str
+    source: Path  # the export or checkpoint directory actually read
+    run_dir: Path  # where eval outputs go by default
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """An export dir, a checkpoint dir, or a run dir (its ``final``, else its latest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if (path / RUN_INFO_FILE).is_file() or is_complete(path):
+        return path
+    if (path / FINAL / RUN_INFO_FILE).is_file():
+        return path / FINAL
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    if (path / CONFIG_FILE).is_file():  # a plain save_pretrained export
+        return path
+    raise FileNotFoundError(f"{path} is neither a run directory, a checkpoint (step-XXXXXXX) nor a final export")
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Trained:
+    """Load the model behind `path` (see `resolve_model_dir`) in eval mode on `device`."""
+    source = resolve_model_dir(path)
+    if is_complete(source):  # a training checkpoint
+        if is_sharded(source):
+            model = consolidated_model(source)
+        else:
+            model = BMojoForCausalLM(BMojoConfig.from_json_file(str(source / CONFIG_FILE)))
+            load_model_weights(model, source)
+        recipe = read_recipe(source)
+        tokenizer = str(recipe.get("data", {}).get("tokenizer") or "byte")
+    else:
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(str(source))
+        info_file = source / RUN_INFO_FILE
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        recipe = info.get("recipe", {})
+        tokenizer = str(info.get("tokenizer") or "byte")
+    run_dir = source.parent if (source.name == FINAL or STEP_PATTERN.match(source.name)) else source
+    return Trained(model.to(device).eval(), recipe, tokenizer, source, run_dir)

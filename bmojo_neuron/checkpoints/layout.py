@@ -1,0 +1,135 @@
+"""The run directory on disk: its names, which checkpoints it holds, and the crash-safe publish of a new one.
+
+Layout of a run directory::
+
+    step-0000100/          one complete checkpoint (one-process: `local`; sharded: `sharded`)
+    step-0000200/
+    latest                 text file naming the newest complete checkpoint ("step-0000200")
+    recipe.json            the recipe of the run
+    metrics.jsonl          one JSON record per log / eval step
+    final/                 `save_pretrained` export of the finished model (`export`)
+
+Every checkpoint is written into a hidden temporary directory (``.tmp-...``), each
+file fsynced, then published with one `os.replace`; `latest` is rewritten the same
+way (temp file + rename). A kill at any moment therefore leaves either the old or the
+new state, never a half-written one, and discovery never looks at temp dirs. Old
+checkpoints are pruned only after the new one is published, and are first renamed to
+``.trash-...`` so a half-deleted directory is never mistaken for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bmojo_neuron.fsutil import fsync_dir, publish_dir, write_text_atomic
+
+LATEST = "latest"
+FINAL = "final"
+METRICS_FILE = "metrics.jsonl"
+STEP_PATTERN = re.compile(r"^step-(\d{7,})$")
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+RECIPE_FILE = "recipe.json"
+CONFIG_FILE = "config.json"
+RUN_INFO_FILE = "bmojo_run.json"
+PARALLEL_FILE = "parallel.json"  # marks a sharded checkpoint (`bmojo_neuron.checkpoints.sharded`)
+REQUIRED_FILES = (MODEL_FILE, OPTIM_FILE, RECIPE_FILE, CONFIG_FILE, STATE_FILE)
+SHARDED_REQUIRED_FILES = (PARALLEL_FILE, RECIPE_FILE, CONFIG_FILE, STATE_FILE)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+# ------------------------------------------------------------------ discovery
+
+
+def is_complete(path: Path) -> bool:
+    """A one-process or sharded checkpoint whose trainer state (written last) is on disk."""
+    return any(all((path / f).is_file() for f in files) for files in (REQUIRED_FILES, SHARDED_REQUIRED_FILES))
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete published checkpoints, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = []
+    for entry in run_dir.iterdir():
+        match = STEP_PATTERN.match(entry.name)
+        if match and entry.is_dir() and is_complete(entry):
+            found.append((int(match.group(1)), entry))
+    return [path for _, path in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names; if that file is missing or stale, the newest complete one."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / LATEST
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if STEP_PATTERN.match(name) and is_complete(run_dir / name):
+            return run_dir / name
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def has_run(run_dir: Path) -> bool:
+    """True when `run_dir` holds checkpoints, metrics or an export of an earlier run."""
+    return bool(list_checkpoints(run_dir)) or (run_dir / METRICS_FILE).exists() or (run_dir / FINAL).exists()
+
+
+# ------------------------------------------------------------------ writing
+
+
+def new_tmp_dir(parent: Path, label: str) -> Path:
+    path = parent / f".tmp-{label}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    return path
+
+
+def clean_stale(run_dir: Path) -> None:
+    """Delete temp / trash leftovers of a crashed run (never a published checkpoint)."""
+    if not run_dir.is_dir():
+        return
+    for entry in run_dir.iterdir():
+        if entry.name.startswith((".tmp-", ".trash-")):
+            shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints (never the one `latest` names)."""
+    latest = latest_checkpoint(run_dir)
+    for path in list_checkpoints(run_dir)[:-keep_last]:
+        if latest is not None and path.resolve() == latest.resolve():
+            continue
+        trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    fsync_dir(run_dir)
+
+
+def publish_step(tmp: Path, run_dir: Path, name: str, recipe: dict[str, Any], config: Any, state: Any,
+                 keep_last: int) -> Path:
+    """The shared end of every save: recipe, config and trainer state into `tmp` (the state last: it marks
+    the step complete), `tmp` published as ``run_dir/name``, ``latest`` moved, old steps pruned.
+    `tmp` is removed if anything fails before it is published."""
+    try:
+        (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str))
+        config.to_json_file(str(tmp / CONFIG_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
+        publish_dir(tmp, run_dir / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_text_atomic(run_dir / LATEST, name + "\n")
+    if keep_last > 0:
+        prune(run_dir, keep_last)
+    return run_dir / name

@@ -1,0 +1,71 @@
+"""One-process checkpoints: ``model.safetensors`` plus ``optimizer.pt`` (optimizer, scheduler and RNG states)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .layout import (MODEL_FILE, OPTIM_FILE, PARALLEL_FILE, REQUIRED_FILES, is_complete, latest_checkpoint,
+                     new_tmp_dir, publish_step, step_dir_name)
+from .state import Checkpoint, TrainerState, read_recipe, read_trainer_state, rng_states
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    state: TrainerState,
+    recipe: dict[str, Any],
+    keep_last: int = 0,
+) -> Path:
+    """Write checkpoint ``step-XXXXXXX``, point `latest` at it, then prune to `keep_last`.
+
+    `keep_last` <= 0 keeps every checkpoint. Returns the published directory.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = step_dir_name(state.step)
+    tmp = new_tmp_dir(run_dir, name)
+    try:
+        save_model(model, str(tmp / MODEL_FILE))
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states()},
+            tmp / OPTIM_FILE,
+        )
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return publish_step(tmp, run_dir, name, recipe, model.config, state, keep_last)
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read trainer state, recipe and optimizer/scheduler/RNG states of one one-process checkpoint."""
+    path = Path(path)
+    if (path / PARALLEL_FILE).is_file():
+        parallel = json.loads((path / PARALLEL_FILE).read_text())
+        raise ValueError(f"{path} is a sharded checkpoint (tp={parallel.get('tp')}, pp={parallel.get('pp')}): "
+                         "resume it under torchrun with the same parallel.tp / parallel.pp, or convert it with "
+                         "`bmojo-neuron checkpoint consolidate` and `bmojo-neuron checkpoint shard --tp 1 --pp 1`")
+    if not is_complete(path):
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (needs {', '.join(REQUIRED_FILES)})")
+    blob = torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=False)
+    return Checkpoint(path, read_trainer_state(path), read_recipe(path), blob["optimizer"], blob["scheduler"],
+                      blob["rng"])
+
+
+def load_latest(run_dir: str | Path) -> Checkpoint | None:
+    """The newest complete checkpoint of `run_dir`, or None; temp and partial dirs are ignored."""
+    path = latest_checkpoint(run_dir)
+    return None if path is None else load_checkpoint(path)
+
+
+def load_model_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a checkpoint's ``model.safetensors`` into `model` (strict)."""
+    load_model(model, str(Path(path) / MODEL_FILE), strict=True)

@@ -1,0 +1,65 @@
+"""What a checkpoint restores besides the weights: where training stands, the recipe, the RNG streams."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .layout import RECIPE_FILE, STATE_FILE
+
+
+@dataclass
+class TrainerState:
+    """Where training stands: enough to continue with the very same next batch."""
+
+    step: int = 0  # optimizer updates done
+    epoch: int = 0  # pass over the training set the next batch comes from
+    position: int = 0  # micro-batches already taken from that epoch's permutation
+    tokens: int = 0  # training tokens consumed
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl records so far
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back from disk (the model weights are loaded separately).
+
+    For a sharded checkpoint it is one rank's view: the optimizer states of its shard,
+    its own scheduler and RNG states.
+    """
+
+    path: Path
+    state: TrainerState
+    recipe: dict[str, Any]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None  # None: `checkpoint shard` of a plain export (a warm start)
+    rng: dict[str, Any]
+
+
+def read_trainer_state(path: Path) -> TrainerState:
+    return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+
+
+def read_recipe(path: Path) -> dict[str, Any]:
+    return json.loads((path / RECIPE_FILE).read_text())
+
+
+def rng_states() -> dict[str, Any]:
+    """The Python, NumPy, torch (and CUDA, once initialised) generator states of this process."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -1,0 +1,94 @@
+"""The records of a run: ``metrics.jsonl`` (and TensorBoard when installed), and the loss / recall plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bmojo_neuron.checkpoints.layout import METRICS_FILE
+from bmojo_neuron.fsutil import write_text_atomic
+
+_TB_NOTICE_SHOWN = False
+
+
+class MetricsLogger:
+    """Appends records to ``metrics.jsonl`` (and TensorBoard when installed).
+
+    On resume the file is rewritten from the checkpoint's records, dropping whatever
+    the interrupted run logged after its last checkpoint.
+    """
+
+    def __init__(self, run_dir: Path, records: list[dict[str, Any]], step: int) -> None:
+        self.records = list(records)
+        path = run_dir / METRICS_FILE
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
+        self._file = open(path, "a")
+        self._tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
+        except ImportError:
+            global _TB_NOTICE_SHOWN
+            if not _TB_NOTICE_SHOWN:
+                print("tensorboard is not installed: skipping TensorBoard logs (metrics.jsonl has them all)")
+                _TB_NOTICE_SHOWN = True
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            prefix = record["type"]
+            for key, value in record.items():
+                if key not in ("type", "step") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class RecordsOnly:
+    """The metrics logger of ranks other than 0: keeps the records, writes nothing."""
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = list(records)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+
+    def close(self) -> None:
+        pass
+
+
+def plot_training(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """PNG with the training / eval loss curves and, when present, eval MQAR recall."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    has_acc = any("eval_accuracy" in r for r in evals)
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5.5, 3.6), squeeze=False)
+    ax = axes[0][0]
+    ax.plot([r["step"] for r in train], [r["lm_loss"] for r in train], label="train loss")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], marker="o", label="eval loss")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")
+    ax.legend()
+    if has_acc:
+        acc = [r for r in evals if "eval_accuracy" in r]
+        axes[0][1].plot([r["step"] for r in acc], [r["eval_accuracy"] for r in acc], marker="o",
+                        color="tab:green")
+        axes[0][1].set(xlabel="step", ylabel="MQAR recall", title="eval recall", ylim=(0, 1.02))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
