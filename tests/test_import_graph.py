@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                "bmojo_neuron.cache_bmojo", "bmojo_neuron.modeling_bmojo", "bmojo_neuron")),
     ("parallel", ("bmojo_neuron.parallel",)),
     ("data", ("bmojo_neuron.data", "bmojo_neuron.recipes", "bmojo_neuron.compile_cache")),
-    ("checkpoints", ("bmojo_neuron.checkpoints", "bmojo_neuron.evaluation")),
+    ("checkpoints", ("bmojo_neuron.checkpoints", "bmojo_neuron.evaluation", "bmojo_neuron.generation")),
     ("priming", ("bmojo_neuron.priming",)),
     ("launch", ("bmojo_neuron.launch",)),
     ("training", ("bmojo_neuron.training",)),

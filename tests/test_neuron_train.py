@@ -1,4 +1,4 @@
-"""The Neuron training loop (`bmojo_neuron.training.neuron_loop`) on the torch-xla / NxD test doubles.
+"""The Neuron training backend (`bmojo_neuron.training.backends.neuron`) on the torch-xla / NxD test doubles.
 
 No Neuron here: `doubles.neuron_sdk` plays torch-xla 2.9 and NxD 0.17 on the CPU (one
 process, tp = 1), so `train()` on a ``run.device: neuron`` recipe runs the real
@@ -25,7 +25,7 @@ from bmojo_neuron.checkpoints.neuron import dp_slice
 from bmojo_neuron.training import TrainResult, train
 from bmojo_neuron.training.data_order import DataOrder, position_after
 from bmojo_neuron.training.neuron_data import StepRows
-from bmojo_neuron.training.neuron_loop import select_ops_backend
+from bmojo_neuron.training.backends.neuron import select_ops_backend
 
 # The CPU trainer tests' tiny recipe on the device, at Trainium shapes (sequence a multiple of 128 and of
 # memory_chunk); 40 examples / batch 4 = 10 micro-batches per epoch, so 6 steps × 2 accumulated micro-batches
@@ -251,7 +251,7 @@ def test_local_tensor_shards_get_nxd_attributes(doubles):
     from bmojo_neuron.layers.factory import use_layer_factory
     from bmojo_neuron.parallel import sharding
     from bmojo_neuron.parallel import tensor_parallel as tpl
-    from bmojo_neuron.training.neuron_loop import mark_tensor_shards
+    from bmojo_neuron.training.backends.neuron import mark_tensor_shards
 
     config = tiny_config(layer_pattern="MB", ssm_n_groups=2, num_attention_heads=4, num_key_value_heads=2)
     with torch.device("meta"), use_layer_factory(sharding.shape_only_factory(2, 0)):

@@ -138,7 +138,7 @@ def test_layout_puts_tensor_parallel_ranks_next_to_each_other():
 
 
 def test_parallel_recipe_errors_come_before_any_work():
-    from bmojo_neuron.training.distributed import check_parallel_recipe
+    from bmojo_neuron.training.backends.torchrun import check_parallel_recipe
 
     with pytest.raises(ValueError, match="train.batch_size"):
         check_parallel_recipe(_recipe("train.batch_size=3"), world=2)

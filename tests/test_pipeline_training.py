@@ -248,7 +248,7 @@ def test_tensor_times_pipeline_parallel_equals_one_process(tmp_path):
 def test_pipeline_recipe_errors_come_before_any_work():
     import pytest
 
-    from bmojo_neuron.training.distributed import check_parallel_recipe
+    from bmojo_neuron.training.backends.torchrun import check_parallel_recipe
 
     with pytest.raises(ValueError, match="parallel.microbatches .3. must divide the per-data-rank batch"):
         check_parallel_recipe(_recipe("parallel.pp=2", "parallel.microbatches=3"), world=2)

@@ -10,16 +10,18 @@ import torch
 import torch.nn.functional as F
 
 from bmojo_neuron import BMojoConfig, BMojoForCausalLM, cli
-from bmojo_neuron.commands.generate import generate_text
-from bmojo_neuron.data import build_datasets
-from bmojo_neuron.data.mqar import mqar_accuracy
 from bmojo_neuron.checkpoints import layout, local
 from bmojo_neuron.checkpoints.inference import load_trained
+from bmojo_neuron.data import build_datasets
+from bmojo_neuron.data.mqar import mqar_accuracy
 from bmojo_neuron.device import resolve_device
 from bmojo_neuron.evaluation import evaluate, repack
+from bmojo_neuron.generation import generate_text
 from bmojo_neuron.recipes import Recipe
-from bmojo_neuron.training import TrainResult, train
+from bmojo_neuron.training import TrainResult, Trainer, train
+from bmojo_neuron.training.backends.local import LocalBackend
 from bmojo_neuron.training.data_order import DataOrder
+from bmojo_neuron.training.objective import causal_lm_loss
 from bmojo_neuron.training.optim import build_optimizer, build_scheduler, lr_factor, parameter_groups
 
 TINY_MODEL = dict(
@@ -72,6 +74,42 @@ def test_resume_equals_uninterrupted(reference, tmp_path):
     a = BMojoForCausalLM.from_pretrained(reference.final_dir).state_dict()
     b = BMojoForCausalLM.from_pretrained(second.final_dir).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_request_stop_ends_the_run_at_a_step_boundary_with_a_checkpoint(reference, tmp_path):
+    """`Trainer.request_stop` (what a signal handler calls) mid-step: the step finishes, a checkpoint is written,
+    no export; the resumed run is the uninterrupted one, bitwise."""
+    recipe, run_dir = tiny_recipe(), tmp_path / "run"
+    backend = LocalBackend(recipe)
+    trainer = Trainer(recipe, backend, run_dir, progress=False)
+    steps = []
+
+    def step_then_stop(*args):
+        steps.append(len(steps) + 1)
+        if len(steps) == 2:
+            trainer.request_stop()
+        return LocalBackend.step(backend, *args)
+
+    backend.step = step_then_stop
+    stopped = trainer.run()
+    assert stopped.step == 2 and stopped.final_dir is None and steps == [1, 2]
+    assert layout.latest_checkpoint(run_dir).name == "step-0000002"  # not a checkpoint.every step
+    resumed = train(tiny_recipe(), run_dir, resume=True, progress=False)
+    assert train_losses(resumed.metrics) == train_losses(reference.metrics)
+
+
+def test_the_objective_is_what_the_step_minimises(reference, tmp_path):
+    """A backend calls its objective once per micro-batch; the default one is the model's causal-LM loss."""
+    recipe, calls = tiny_recipe(), []
+
+    def counted(model, input_ids, labels):
+        calls.append(input_ids.shape)
+        return causal_lm_loss(model, input_ids, labels)
+
+    result = Trainer(recipe, LocalBackend(recipe, counted), tmp_path / "run", progress=False).run()
+    t = recipe.train
+    assert calls == [(t.batch_size, recipe.data.seq_len)] * (t.steps * t.grad_accum)
+    assert train_losses(result.metrics) == train_losses(reference.metrics)
 
 
 def test_resume_refuses_a_changed_recipe_and_a_used_dir(reference):

@@ -33,43 +33,12 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError("--prompt must not be empty: generation needs at least one token to start from")
 
 
-def generate_text(trained, prompt: str, max_new_tokens: int, greedy: bool = False, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> tuple[list[int], str]:
-    """Continuation token ids and text of `prompt` (the prompt itself excluded)."""
-    import torch
-
-    from bmojo_neuron.data.tokenizer import eos_token_id, load_tokenizer
-
-    tokenizer = load_tokenizer(trained.tokenizer)
-    model = trained.model
-    ids = tokenizer.encode(prompt)
-    vocab = model.config.vocab_size
-    if not ids:
-        raise ValueError("the prompt encodes to no tokens")
-    if max(ids) >= vocab:
-        raise ValueError(f"the prompt has token id {max(ids)}, outside this model's vocabulary ({vocab}); "
-                         f"was it trained with tokenizer {trained.tokenizer!r}?")
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], device=device)
-    try:
-        eos = eos_token_id(tokenizer)
-    except ValueError:
-        eos = None
-    options = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature,
-                                                        top_k=top_k or 0, top_p=top_p or 1.0)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        out = model.generate(input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=eos,
-                             **options)
-    new = out[0, len(ids):].tolist()
-    return new, tokenizer.decode(new)
-
-
 @register_command("generate", help="continue a prompt with a trained model", add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.device import resolve_device
+    from bmojo_neuron.generation import generate_text
 
     trained = load_trained(args.path, resolve_device(args.device))
     _, text = generate_text(trained, args.prompt, args.max_new_tokens, args.greedy, args.temperature,

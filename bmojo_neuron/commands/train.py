@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -62,39 +60,6 @@ def require_neuron_if_needed(name: str | None, overrides: list[str]) -> None:
         require_neuron(TRAINING_FEATURE, TRAINING_PACKAGES)
 
 
-def plan_runs(recipe: Any, output_dir: str | None) -> list[tuple[Any, Path]]:
-    """(recipe, run dir) of every run the recipe asks for.
-
-    A plain recipe trains into its output dir. With ``suite`` every entry, and with
-    ``compare`` the recipe and then its baseline, train into ``<output dir>/<name>``.
-    """
-    base = Path(output_dir or recipe.run.output_dir)
-    if recipe.suite:
-        variants = [(v.name, v.overrides) for v in recipe.suite]
-    elif recipe.compare is not None:
-        variants = [(recipe.run.name, {}), (recipe.compare.name, recipe.compare.overrides)]
-    else:
-        return [(recipe, base)]
-    runs = []
-    for name, overrides in variants:
-        variant = recipe.with_overrides({"run.name": name, "run.output_dir": str(base / name), **overrides})
-        runs.append((variant, base / name))
-    return runs
-
-
-def summary_table(rows: list[dict[str, Any]]) -> str:
-    """One line per trained model: params, final eval loss, perplexity / MQAR recall vs chance."""
-    mqar = any(r["recall"] is not None for r in rows)
-    header = f"{'model':<20} {'layers':<10} {'params':>10} {'eval loss':>9} " + (
-        f"{'recall':>7} {'chance':>7} {'guess':>7}" if mqar else f"{'ppl':>9}") + f" {'time':>7}"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        tail = (f"{r['recall']:>7.3f} {r['chance']:>7.3f} {r['guess']:>7.3f}" if mqar else f"{r['perplexity']:>9.3f}")
-        lines.append(f"{r['model']:<20.20} {r['layers']:<10.10} {r['params']:>10,} {r['eval_loss']:>9.4f} "
-                     f"{tail} {r['time']:>7}")
-    return "\n".join(lines)
-
-
 def describe(recipe: Any, params: int, run_dir: Path) -> str:
     config = recipe.model_config()
     d, t = recipe.data, recipe.train
@@ -117,6 +82,7 @@ def describe(recipe: Any, params: int, run_dir: Path) -> str:
 def dry_run(recipe: Any, name: str | None, overrides: list[str], args: argparse.Namespace) -> int:
     """Validate every run of the recipe and print what `train` would do; start nothing, write nothing."""
     from bmojo_neuron.recipes import DEFAULT_RECIPE, count_parameters
+    from bmojo_neuron.training.suite import plan_runs
 
     runs = plan_runs(recipe, args.output_dir)
     for variant, _ in runs:
@@ -140,7 +106,7 @@ def dry_run(recipe: Any, name: str | None, overrides: list[str], args: argparse.
 def parallel_line(recipe: Any) -> str:
     """The torchrun layout of a cpu/cuda run (degrees checked on the meta device, no process group)."""
     from bmojo_neuron.parallel.layout import torchrun_env
-    from bmojo_neuron.training.distributed import check_parallel_recipe, wants_parallel
+    from bmojo_neuron.training.backends.torchrun import check_parallel_recipe, wants_parallel
 
     world = torchrun_env()[2]
     if not wants_parallel(recipe):
@@ -202,13 +168,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.dry_run:
         require_neuron_if_needed(name, overrides)  # before anything imports torch
     from bmojo_neuron.checkpoints.layout import has_run
+    from bmojo_neuron.parallel.layout import torchrun_env
     from bmojo_neuron.recipes import load_recipe
+    from bmojo_neuron.training.suite import plan_runs
 
     recipe = load_recipe(name, overrides)
     if args.dry_run:
         return dry_run(recipe, name, overrides, args)
     runs = plan_runs(recipe, args.output_dir)
-    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 prints and writes summaries
+    main = torchrun_env()[0] == 0  # under torchrun only rank 0 prints and writes summaries
     with contextlib.ExitStack() as locks:
         for variant, run_dir in runs:  # check every run before the first long one starts
             variant.check()
@@ -225,6 +193,7 @@ def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: An
     from bmojo_neuron.recipes import count_parameters
     from bmojo_neuron.training import train
     from bmojo_neuron.training.progress import format_seconds
+    from bmojo_neuron.training.suite import RECALL_NOTE, summary_row, summary_table, write_summary
 
     rows = []
     for variant, run_dir in runs:
@@ -237,33 +206,16 @@ def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: An
             saved = f"its latest checkpoint is {latest.name}" if latest else "it has no checkpoint yet"
             print(f"\n{variant.run.name} interrupted; {saved}: continue with --resume", file=sys.stderr)
             raise
-        d = variant.data
-        rows.append({
-            "model": variant.run.name,
-            "layers": variant.model_config().layer_pattern,
-            "params": result.params,
-            "eval_loss": result.final_eval["loss"],
-            "perplexity": result.final_eval["perplexity"],
-            "recall": result.final_eval.get("accuracy"),
-            "chance": 1.0 / (d.vocab_size - d.vocab_size // 2) if d.kind == "mqar" else None,
-            "guess": 1.0 / d.num_kv_pairs if d.kind == "mqar" else None,
-            "time": format_seconds(result.seconds),
-            "run_dir": str(run_dir),
-        })
+        rows.append(summary_row(variant, result))
         if main:
             print(f"{variant.run.name}: done in {format_seconds(result.seconds)}; final export in {result.final_dir}",
-              flush=True)
+                  flush=True)
     if not main:
         return 0
-    table = summary_table(rows)
-    print("\n" + table)
+    print("\n" + summary_table(rows))
     if len(runs) > 1:
-        base = Path(args.output_dir or recipe.run.output_dir)
-        (base / "summary.txt").write_text(table + "\n")
-        (base / "summary.json").write_text(json.dumps(rows, indent=2))
-        print(f"\nsummary written to {base / 'summary.txt'}")
+        path = write_summary(Path(args.output_dir or recipe.run.output_dir), rows)
+        print(f"\nsummary written to {path}")
     if any(r["recall"] is not None for r in rows):
-        print("chance = a uniform guess among the value tokens (1 / (vocab_size - vocab_size // 2)); "
-              "guess = a uniform guess among the values present in the sequence (1 / num_kv_pairs): "
-              "recall above it means the model matched keys to values")
+        print(RECALL_NOTE)
     return 0

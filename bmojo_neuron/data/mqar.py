@@ -109,6 +109,16 @@ def mqar_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return float((predictions[scored] == targets[scored]).sum()) / total
 
 
+def chance_recall(vocab_size: int) -> float:
+    """Recall of a uniform guess among the value tokens ``[V/2, V)``."""
+    return 1.0 / (vocab_size - vocab_size // 2)
+
+
+def guess_recall(num_kv_pairs: int) -> float:
+    """Recall of a uniform guess among the values present in the sequence: above it, keys are matched to values."""
+    return 1.0 / num_kv_pairs
+
+
 def _distinct(rng: np.random.Generator, choices: np.ndarray, rows: int, size: int) -> np.ndarray:
     """`size` distinct draws from `choices` per row (uniform, without replacement)."""
     order = np.argsort(rng.random((rows, len(choices))), axis=1)[:, :size]

@@ -11,7 +11,7 @@ groups with ``initialize_parallel_optimizer`` (NxD's ZeRO-1 optimizer when
 `bmojo_neuron.neuron.import_neuron_module`: without Neuron every function raises
 `NeuronUnavailableError` naming what to install.
 
-Status: used by the Neuron trainer (`bmojo_neuron.training.neuron_loop`); tested with
+Status: used by the Neuron training backend (`bmojo_neuron.training.backends.neuron`); tested with
 test doubles of NxD's API (the pipeline double traces and cuts the model with
 ``torch.fx`` as NxD does); never run on Trainium hardware.
 

@@ -12,7 +12,7 @@ model's own loss.
 Tied embeddings (``tie_word_embeddings: true``) are handled Megatron-style: the last
 stage keeps a copy of the embedding matrix as its ``lm_head.weight`` (initialised
 equal), and after backward the two gradients are summed over the ranks of stage 0
-and the last stage (`bmojo_neuron.training.distributed`), so both copies stay equal.
+and the last stage (`bmojo_neuron.training.backends.torchrun`), so both copies stay equal.
 
 Tensor (and sequence) parallelism compose: a stage is cut from the tensor-parallel
 model, the activations that travel are this tensor rank's (under SP, its slice of the

@@ -7,12 +7,12 @@ evaluation `bmojo_neuron.evaluation`.
 
 from __future__ import annotations
 
-from .loop import train
 from .optim import build_optimizer, build_scheduler, lr_factor, parameter_groups
-from .result import TrainResult
+from .trainer import TrainResult, Trainer, train
 
 __all__ = [
     "TrainResult",
+    "Trainer",
     "build_optimizer",
     "build_scheduler",
     "lr_factor",

@@ -171,13 +171,3 @@ class NeuronRuntime:
             dist.destroy_process_group()
         if self._tmp is not None:
             self._tmp.cleanup()
-
-
-def rank0_first(runtime: NeuronRuntime, fn: Callable[[], Any], tag: str) -> Any:
-    """``fn()`` on rank 0 first (e.g. building a dataset cache), then on the other ranks."""
-    if not runtime.is_main:
-        runtime.barrier(f"{tag}-built")
-    result = fn()
-    if runtime.is_main:
-        runtime.barrier(f"{tag}-built")
-    return result

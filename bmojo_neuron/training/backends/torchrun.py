@@ -1,7 +1,6 @@
-"""The parallel plumbing of the trainer: everything `loop.py` does differently under torchrun.
+"""The ``torchrun`` backend: one rank of a parallel run on torch.distributed (CPU with gloo, CUDA with NCCL).
 
-`ParallelRun.from_recipe` returns None for an ordinary one-process run, so the loop
-stays the single-device loop plus a few ``if par`` hooks. With it:
+It is the `local` backend with this rank's share of the work:
 
 - ranks form a ``dp × pp × tp`` grid (`bmojo_neuron.parallel.layout`, tp fastest);
 - the model is initialised whole under ``run.seed`` and each rank keeps its tensor
@@ -32,10 +31,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from bmojo_neuron.checkpoints import layout as ckpt
 from bmojo_neuron.checkpoints import sharded as fmt
 from bmojo_neuron.checkpoints import torch_sharded
 from bmojo_neuron.checkpoints.export import export_final
+from bmojo_neuron.checkpoints.layout import FINAL, latest_checkpoint
 from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState
 from bmojo_neuron.layers.factory import use_layer_factory
 from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
@@ -43,7 +42,10 @@ from bmojo_neuron.parallel import TorchTensorParallelFactory, shard_state_dict, 
 from bmojo_neuron.parallel.layout import ParallelLayout, ProcessGroups, torchrun_env
 from bmojo_neuron.parallel.pipeline import PipelineRunner, PipelineStage, check_pipeline_config
 from bmojo_neuron.parallel.sharding import load_into, shard_shapes, tied_names
+from bmojo_neuron.training.objective import Objective, causal_lm_loss
 from bmojo_neuron.training.optim import build_optimizer, parameter_groups
+
+from .local import LocalBackend
 
 
 def wants_parallel(recipe: Any) -> bool:
@@ -78,16 +80,18 @@ def check_parallel_recipe(recipe: Any, world: int) -> ParallelLayout:
     return layout
 
 
-class ParallelRun:
+class TorchrunBackend(LocalBackend):
     """One rank of a parallel training run."""
 
-    def __init__(self, recipe: Any, device: torch.device) -> None:
+    def __init__(self, recipe: Any, objective: Objective = causal_lm_loss) -> None:
+        super().__init__(recipe, objective)
+        device = self.device
         rank, local_rank, world = torchrun_env()
         if dist.is_initialized():
             rank, world = dist.get_rank(), dist.get_world_size()
-        self.layout = check_parallel_recipe(recipe, world)
-        self.layout = ParallelLayout(self.layout.tp, self.layout.pp, self.layout.dp, rank)
-        self.recipe, self.p = recipe, recipe.parallel
+        layout = check_parallel_recipe(recipe, world)
+        self.layout = ParallelLayout(layout.tp, layout.pp, layout.dp, rank)
+        self.p = recipe.parallel
         self.device = torch.device(f"cuda:{local_rank}") if device.type == "cuda" else device
         if not dist.is_initialized():
             if device.type == "cuda":
@@ -97,11 +101,7 @@ class ParallelRun:
         self.embedding_group = self._embedding_group(recipe)
         self.is_main = rank == 0
         self.dims: dict[str, int | None] = {}
-        self.pipeline: Any = None  # a `PipelineRunner` when pp > 1 (set by `build_model`)
-
-    @classmethod
-    def from_recipe(cls, recipe: Any, device: torch.device) -> ParallelRun | None:
-        return cls(recipe, device) if wants_parallel(recipe) else None
+        self.pipeline: PipelineRunner | None = None  # set by `build_model` when pp > 1
 
     def _embedding_group(self, recipe: Any) -> Any:
         """With tied embeddings under pp > 1: this rank's pair (stage 0, last stage) of the same tensor and
@@ -129,9 +129,18 @@ class ParallelRun:
 
     # ------------------------------------------------------------------ model and optimizer
 
-    def build_model(self, config: Any) -> nn.Module:
-        """This rank's shard of the model the one-process run would initialise (same seed, same weights)."""
-        full = BMojoForCausalLM(config)
+    def build_model(self, previous: Checkpoint | None) -> nn.Module:
+        """This rank's shard (and stage) of the model the one-process run would initialise (same seed, same
+        weights); a `PipelineStage` under pp."""
+        model = self.shard_model()
+        if self.recipe.train.activation_checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+        return model.train()
+
+    def shard_model(self) -> nn.Module:
+        config = self.recipe.model_config()
+        full = self.init_model()
         after_init = torch.get_rng_state()
         self.full_shapes = {k: v.shape for k, v in full.state_dict().items()}
         if self.layout.tp == 1:
@@ -155,13 +164,14 @@ class ParallelRun:
         self.pipeline = PipelineRunner(stage, self.groups.pp, self.p.microbatches, last)
         return stage
 
-    def parameter_count(self) -> int:
+    def parameter_count(self, model: nn.Module) -> int:
         """Parameters of the whole model (every shard), the tied lm_head counted once."""
         skip = tied_names(self.recipe.model_config())
         return sum(torch.Size(s).numel() for k, s in self.full_shapes.items() if k not in skip)
 
-    def build_optimizer(self, model: nn.Module, o: Any) -> torch.optim.Optimizer:
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """AdamW as in one process; with ZeRO-1 its states are partitioned over the data-parallel group."""
+        o = self.recipe.optim
         model = self.core(model)
         if not self.p.zero1:
             return build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps, self.device.type)
@@ -172,10 +182,23 @@ class ParallelRun:
 
     # ------------------------------------------------------------------------- one step
 
-    def local_indices(self, indices: list[int]) -> list[int]:
+    def local_rows(self, rows: list[int]) -> list[int]:
         """This data rank's block of the global micro-batch."""
-        per = len(indices) // self.layout.dp
-        return indices[self.layout.dp_rank * per:(self.layout.dp_rank + 1) * per]
+        per = len(rows) // self.layout.dp
+        return rows[self.layout.dp_rank * per:(self.layout.dp_rank + 1) * per]
+
+    def forward_backward(self, model: nn.Module, input_ids: Tensor, labels: Tensor) -> Tensor:
+        """pp > 1: a GPipe schedule runs forward and backward of this micro-batch (losses on the last stage)."""
+        if self.pipeline is None:
+            return super().forward_backward(model, input_ids, labels)
+        return self.pipeline.train_step(input_ids, labels, self.recipe.train.grad_accum)
+
+    def reduce(self, model: nn.Module, losses: Tensor) -> Tensor:
+        self.reduce_grads(model)
+        return self.average(losses)
+
+    def clip(self, model: nn.Module, max_norm: float) -> Tensor:
+        return self.clip_grad_norm(model, max_norm)
 
     def reduce_grads(self, model: nn.Module) -> None:
         """Sequence-parallel norm gradients summed over tp; every gradient averaged over data ranks; the two
@@ -235,24 +258,21 @@ class ParallelRun:
             dist.all_reduce(x, group=self.groups.pp)
         return x
 
-    def barrier(self) -> None:
+    def barrier(self, tag: str = "") -> None:
         dist.barrier()
+
+    def close(self) -> None:
+        pass  # the process group outlives the run: torchrun (or the caller) created it or may reuse it
 
     # ------------------------------------------------------------------------ checkpoints
 
-    def prepare_run_dir(self, run_dir: Path) -> None:
-        if self.is_main:
-            ckpt.clean_stale(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-        self.barrier()
-
     def save(self, run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainerState,
-             recipe: dict[str, Any], keep_last: int) -> None:
+             recipe: dict[str, Any]) -> None:
         """Every rank writes its files into one temp dir; rank 0 publishes it after a barrier."""
         core = self.core(model)
-        fmt.save_sharded(run_dir, state, self.is_main, lambda tag: self.barrier(),
+        fmt.save_sharded(run_dir, state, self.is_main, self.barrier,
                          lambda tmp: torch_sharded.write_rank_files(tmp, self.layout, core, optimizer, scheduler),
-                         self.meta, recipe, core.config, keep_last)
+                         self.meta, recipe, core.config, self.recipe.checkpoint.keep_last)
 
     def load_latest(self, run_dir: Path) -> Checkpoint | None:
         """This rank's view of the latest checkpoint: its optimizer states and RNG; weights via `restore`."""
@@ -263,12 +283,11 @@ class ParallelRun:
         torch_sharded.restore_rank(previous, self.layout, self.core(model), optimizer, scheduler,
                                    self.tied_copy(model))
 
-    def export_final(self, run_dir: Path, recipe: dict[str, Any], tokenizer: str,
-                     metrics: dict[str, Any]) -> Path:
+    def export(self, run_dir: Path, model: nn.Module, recipe: dict[str, Any], tokenizer: str,
+               metrics: dict[str, Any]) -> Path:
         """Rank 0 consolidates the last checkpoint into ``final/`` (`save_pretrained`)."""
         self.barrier()
         if self.is_main:
-            model = fmt.consolidated_model(ckpt.latest_checkpoint(run_dir))
-            export_final(run_dir, model, recipe, tokenizer, metrics)
+            export_final(run_dir, fmt.consolidated_model(latest_checkpoint(run_dir)), recipe, tokenizer, metrics)
         self.barrier()
-        return run_dir / ckpt.FINAL
+        return run_dir / FINAL

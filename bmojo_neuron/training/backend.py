@@ -1,0 +1,96 @@
+"""What the training loop needs from the machine it runs on: the `Backend` protocol, and choosing one.
+
+The loop (`bmojo_neuron.training.trainer`) is written once; a backend says how each of
+its steps happens here:
+
+==============  ===========================================================================
+``local``       one process on CPU or CUDA (`backends/local.py`)
+``torchrun``    tensor / sequence / data / pipeline parallelism and ZeRO-1 on torch.distributed,
+                one process per rank (`backends/torchrun.py`)
+``neuron``      Trainium through torch-xla and NeuronX Distributed (`backends/neuron.py`)
+==============  ===========================================================================
+
+Every backend reproduces the one-process run on the same recipe: same initial
+weights, same batches (``train.batch_size`` is the global micro-batch), same losses.
+A step's numbers are device tensors until `finish_step` reads them, which on an XLA
+device happens after the step's graph ran (a step closure), never inside it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState
+from bmojo_neuron.evaluation import LengthResult
+
+from .backends.local import LocalBackend
+from .backends.neuron import NeuronBackend
+from .backends.torchrun import TorchrunBackend, wants_parallel
+
+
+class Backend(Protocol):
+    """One process of a training run: its device, its share of the model and data, its collectives."""
+
+    is_main: bool  # the rank that logs, prints and writes the run's shared files
+
+    def seed(self, seed: int) -> None:
+        """Seed every generator the model's initialisation and the step use (before `build_model`)."""
+
+    def load_latest(self, run_dir: Path) -> Checkpoint | None:
+        """This process's view of the newest checkpoint of `run_dir`, or None."""
+
+    def build_model(self, previous: Checkpoint | None) -> nn.Module:
+        """The model (this rank's part of it) as the one-process run initialises it, in training mode."""
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """AdamW over the decay / no-decay parameter groups (`bmojo_neuron.training.optim`)."""
+
+    def restore(self, previous: Checkpoint, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
+        """Weights, optimizer, scheduler and RNG states from `previous` (`load_latest`)."""
+
+    def batches(self, train_data: Any, epoch: int, position: int, steps: int) -> Iterator[Any]:
+        """One item per optimizer step for `steps` steps, continuing the data order at ``(epoch, position)``."""
+
+    def step(self, model: nn.Module, optimizer: Any, batch: Any) -> Tensor:
+        """Forward and backward of the step's ``train.grad_accum`` micro-batches, gradients reduced and clipped,
+        then ``optimizer.step()``. Returns ``[loss, lm_loss, aux_loss, grad_norm]`` on the device, unread."""
+
+    def finish_step(self, records: Sequence[Tensor] | None, read: Callable[[list[float]], None]) -> None:
+        """End the step; if `records` is given, call `read` with their mean on the host once they are computed."""
+
+    def evaluate(self, model: nn.Module, eval_data: Any) -> dict[str, float]:
+        """Held-out loss, perplexity (and MQAR recall) over ``eval.batches`` batches, on every rank."""
+
+    def length_eval(self, model: nn.Module, eval_data: Any, multipliers: list[int]) -> list[LengthResult]:
+        """`evaluate` at multiples of the training length."""
+
+    def save(self, run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainerState,
+             recipe: dict[str, Any]) -> None:
+        """Write and publish checkpoint ``step-XXXXXXX`` of `state` (collective), pruning to ``checkpoint.keep_last``."""
+
+    def export(self, run_dir: Path, model: nn.Module, recipe: dict[str, Any], tokenizer: str,
+               metrics: dict[str, Any]) -> Path:
+        """Write ``final/``, the Hugging Face export of the whole model (collective); returns its path."""
+
+    def parameter_count(self, model: nn.Module) -> int:
+        """Parameters of the whole model (every shard and stage), a tied head counted once."""
+
+    def barrier(self, tag: str) -> None:
+        """Wait for every process of the run (`tag` names the meeting point where the runtime uses one)."""
+
+    def close(self) -> None:
+        """Release the process group and device state this backend created."""
+
+
+def open_backend(recipe: Any) -> Backend:
+    """The backend for ``run.device`` and the process world: ``neuron``; ``torchrun`` when the recipe asks for
+    parallelism or torchrun started several processes; otherwise ``local``."""
+    if recipe.run.device == "neuron":
+        return NeuronBackend.start(recipe)  # imports torch-xla and NxD (NeuronUnavailableError without them)
+    if wants_parallel(recipe):
+        return TorchrunBackend(recipe)
+    return LocalBackend(recipe)

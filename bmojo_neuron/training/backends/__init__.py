@@ -1,0 +1,1 @@
+"""The training backends: `local`, `torchrun` and `neuron` (see `bmojo_neuron.training.backend`)."""

@@ -1,0 +1,247 @@
+"""The ``neuron`` backend: one torchrun process per NeuronCore, through torch-xla and NeuronX Distributed.
+
+The same recipe semantics as the `local` backend: data order, global
+``train.batch_size``, losses, schedule, checkpoints and the final export; a run on
+one NeuronCore equals the one-process CPU run. What is specific to a compiled XLA
+device:
+
+- torch-xla and NeuronX Distributed (NxD) come in through `NeuronRuntime` (lazily;
+  `NeuronUnavailableError` names what is missing); NxD is initialised from
+  ``parallel.tp / pp / sp / zero1`` (`bmojo_neuron.parallel.nxd_training`) and the
+  model is built with NxD's tensor-parallel layers, starting from the one-device
+  initialisation's weights;
+- the hot ops run on the NKI backend (``BMOJO_OPS_BACKEND`` may name another);
+- ``train.precision: bf16`` casts the model to bf16 (``model.to(torch.bfloat16)``,
+  as SDK 2.28 expects; no ``XLA_USE_BF16``), with stochastic rounding and, under
+  ZeRO-1, NxD's fp32 master weights;
+- a step is one graph: the host batch of the whole step arrives through
+  ``MpDeviceLoader``; forward/backward of its ``grad_accum`` micro-batches,
+  NxD's optimizer step (data-parallel gradient reduction, clipping, AdamW), the
+  scheduler and ``zero_grad`` are traced, then exactly one ``mark_step`` runs it
+  (`finish_step`). Nothing in the step reads a device value: losses are read by a
+  step closure at log steps, after the graph ran;
+- eval and checkpoints run after the step's ``mark_step``, as graphs of their own.
+
+With ``parallel.pp > 1`` the model is NxD's pipeline (``NxDPPModel`` over
+`bmojo_neuron.parallel.nxd_pipeline.PipelineCausalLM`, cut after `split_layers`'
+blocks) and a step is one ``run_train`` over the host rows of the whole step:
+``parallel.microbatches × train.grad_accum`` NxD micro-batches, so the tied-embedding
+gradient that NxD sums over the first and last stage is summed once per step. NxD
+moves the micro-batches to the device and cuts the step into graphs itself (a
+``mark_step`` before and after ``run_train`` and after every task of its schedule);
+the backend adds exactly one, for the optimizer step. The last stage's per-micro-batch
+losses come from `PipelineStats` (NxD returns only the mean loss), are summed over the
+stages inside the graph (the others contribute zeros) and read by the step closure,
+as above. Eval runs through ``run_eval`` (`evaluate_pipeline`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from bmojo_neuron.checkpoints import neuron as neuron_checkpoints
+from bmojo_neuron.checkpoints.export import export_final
+from bmojo_neuron.checkpoints.layout import FINAL, latest_checkpoint
+from bmojo_neuron.checkpoints.sharded import consolidated_model, parallel_meta
+from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState
+from bmojo_neuron.evaluation import LengthResult
+from bmojo_neuron.launch.plan import validate_for_trainium
+from bmojo_neuron.neuron import import_neuron_module
+from bmojo_neuron.ops.dispatch import ENV_VAR, use_backend
+from bmojo_neuron.parallel.nxd_pipeline import PipelineStats
+from bmojo_neuron.parallel.nxd_training import build_nxd_model, build_nxd_optimizer, nxd_config
+from bmojo_neuron.parallel.sharding import shard_shapes, tied_names
+from bmojo_neuron.training.data_order import seed_everything
+from bmojo_neuron.training.neuron_data import StepRows, micro_batches, step_loader
+from bmojo_neuron.training.neuron_eval import evaluate_on_device, evaluate_pipeline, length_eval_on_device
+from bmojo_neuron.training.neuron_runtime import FEATURE, NeuronRuntime
+from bmojo_neuron.training.objective import Objective, causal_lm_loss
+from bmojo_neuron.training.optim import parameter_groups
+
+DEFAULT_OPS_BACKEND = "nki"
+
+
+def select_ops_backend() -> str:
+    """The hot ops' backend on Trainium: NKI, unless ``BMOJO_OPS_BACKEND`` names another (e.g. ``torch``)."""
+    return os.environ.get(ENV_VAR) or DEFAULT_OPS_BACKEND
+
+
+class NeuronBackend:
+    """This process's NeuronCore in a run: NxD's parallel state, the XLA device, step graphs."""
+
+    def __init__(self, recipe: Any, runtime: NeuronRuntime, objective: Objective = causal_lm_loss) -> None:
+        self.recipe, self.rt, self.objective = recipe, runtime, objective
+        self.mqar = recipe.data.kind == "mqar"
+        self.is_main = runtime.is_main
+        validate_for_trainium(recipe, runtime.world)  # shapes the kernels tile, degrees, batch divisible by dp
+        r = recipe  # NxD's config initialises its parallel state: the ranks below are NxD's from here on
+        self.nxd_cfg = nxd_config(r.parallel, r.train.activation_checkpointing, r.train.precision == "bf16",
+                                  model_config=r.model_config(), max_grad_norm=r.optim.grad_clip,
+                                  grad_accum=r.train.grad_accum)
+        self.stats: PipelineStats | None = None  # the last stage's loss hook under pp (set with the model)
+        self.restored: dict[str, Tensor] = {}  # this rank's weights read on resume (ZeRO-1's fp32 masters)
+        self.ops = use_backend(select_ops_backend())  # the hot ops on NKI for the whole run (undone by `close`)
+        self.ops.__enter__()
+
+    @classmethod
+    def start(cls, recipe: Any) -> NeuronBackend:
+        """Start the runtime (torch-xla, the ``xla`` process group, NxD) for `recipe`."""
+        runtime = NeuronRuntime.start(bf16=recipe.train.precision == "bf16")
+        try:
+            return cls(recipe, runtime)
+        except BaseException:
+            runtime.close()
+            raise
+
+    def close(self) -> None:
+        self.ops.__exit__(None, None, None)
+        self.rt.close()
+
+    # ------------------------------------------------------------------ set-up
+
+    def seed(self, seed: int) -> None:
+        seed_everything(seed)
+        self.rt.seed(seed)
+
+    def load_latest(self, run_dir: Path) -> Checkpoint | None:
+        tied_copy = neuron_checkpoints.holds_tied_copy(self.rt, self.recipe.model_config())
+        return neuron_checkpoints.load_latest(run_dir, self.rt, tied_copy)
+
+    def build_model(self, previous: Checkpoint | None) -> nn.Module:
+        """NxD's model (its pipeline under pp) from the one-device initialisation; on resume this rank's weights
+        are loaded here, before the optimizer exists (ZeRO-1 copies them into its shards)."""
+        config, rt = self.recipe.model_config(), self.rt
+        model = build_nxd_model(config, self.nxd_cfg, one_device_init=True, count_correct=self.mqar)
+        if self.recipe.train.precision == "bf16":
+            model.to(torch.bfloat16)  # before the optimizer: ZeRO-1 takes its fp32 master copies from these
+        if rt.pp > 1:
+            self.stats = PipelineStats.of(model, self.nxd_cfg["pipeline_config"]["num_microbatches"], rt.last_stage)
+        self.full_shapes = shard_shapes(config, 1)
+        local_shapes = {**shard_shapes(config, rt.tp, rt.tp_rank),  # every stage's (a stage holds its own)
+                        **{k: v.shape for k, v in model.state_dict().items()}}
+        p = self.recipe.parallel
+        self.meta = parallel_meta(self.full_shapes, local_shapes, rt.tp, rt.pp, rt.dp, p.sp, p.zero1)
+        mark_tensor_shards(model, self.meta["split_dims"], rt.nxd_utils)
+        if previous is not None:
+            self.restored = neuron_checkpoints.restore_weights(model, previous, rt)
+        if rt.pp == 1:  # under pp NxD's run_train / run_eval set the stages' mode themselves
+            model.train()
+        return model
+
+    def build_optimizer(self, model: nn.Module) -> Any:
+        o = self.recipe.optim
+        return build_nxd_optimizer(parameter_groups(model, o.weight_decay), self.nxd_cfg, o)
+
+    def restore(self, previous: Checkpoint, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
+        neuron_checkpoints.restore_training_state(model, optimizer, scheduler, previous, self.restored, self.rt)
+
+    def parameter_count(self, model: nn.Module) -> int:
+        skip = tied_names(self.recipe.model_config())
+        return sum(torch.Size(s).numel() for k, s in self.full_shapes.items() if k not in skip)
+
+    # ------------------------------------------------------------------ a step
+
+    def batches(self, train_data: Any, epoch: int, position: int, steps: int) -> Iterator[dict[str, Tensor]]:
+        """The host loader of the remaining steps (one fixed-shape batch of this rank's rows per step), wrapped
+        in torch-xla's ``MpDeviceLoader`` (under pp NxD takes host tensors and moves its micro-batches itself)."""
+        t, rt = self.recipe.train, self.rt
+        sampler = StepRows(len(train_data), t.batch_size, self.recipe.run.seed, epoch, position, t.grad_accum,
+                           rt.dp_rank, rt.dp, steps)
+        loader = step_loader(train_data, sampler)
+        if rt.pp > 1:
+            return iter(loader)
+        loader_module = import_neuron_module("torch_xla.distributed.parallel_loader", FEATURE)
+        return iter(loader_module.MpDeviceLoader(loader, rt.device))
+
+    def step(self, model: nn.Module, optimizer: Any, batch: dict[str, Tensor]) -> Tensor:
+        """Trace one optimizer step (`finish_step` runs it); no host read inside."""
+        rt = self.rt
+        losses = self.pipeline_losses(model, batch) if rt.pp > 1 else self.accumulated_losses(model, batch)
+        losses = rt.mean_over_dp(losses)  # the logged loss is the global batch's
+        optimizer.step()  # NxD: gradients averaged over data ranks, clipped (grad_norm), AdamW
+        grad_norm = optimizer.grad_norm
+        grad_norm = torch.zeros((), device=rt.device) if grad_norm is None else grad_norm.detach().float()
+        return torch.cat([losses, grad_norm.reshape(1)])
+
+    def accumulated_losses(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """Forward + backward of the step's ``train.grad_accum`` micro-batches; ``[loss, lm_loss, aux_loss]``."""
+        accum = self.recipe.train.grad_accum
+        losses = torch.zeros(3, device=self.rt.device)
+        for ids, labels in micro_batches(batch, accum):
+            losses = losses + self.forward_backward(model, ids, labels)
+        return losses
+
+    def forward_backward(self, model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
+        """One micro-batch; returns ``[loss, lm_loss, aux_loss] / grad_accum``. A method of its own so the model
+        output (and its logits) is dropped before ``mark_step``: every tensor still alive then becomes an output
+        of the step graph."""
+        accum = self.recipe.train.grad_accum
+        loss, parts = self.objective(model, ids, labels)
+        (loss / accum).backward()
+        return parts.float() / accum
+
+    def pipeline_losses(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """NxD's pipeline over the step's host rows (forward, backward, shared-gradient sums; its own
+        ``mark_step``s); ``[loss, lm_loss, aux_loss]`` of the last stage, on every stage."""
+        model.run_train(input_ids=batch["input_ids"], labels=batch["labels"])
+        return self.rt.sum_over_pp(self.stats.train_losses(self.rt.device))
+
+    def finish_step(self, records: Sequence[Tensor] | None, read: Callable[[list[float]], None]) -> None:
+        """The step's one ``mark_step``; `read` runs as a step closure, after the graph executed."""
+        if records:
+            self.rt.add_step_closure(lambda: read(torch.stack(self.rt.to_cpu(list(records))).mean(0).tolist()))
+        self.rt.sync()
+
+    # ------------------------------------------------------------------ eval, checkpoints, export
+
+    def evaluate(self, model: nn.Module, eval_data: Any) -> dict[str, float]:
+        r = self.recipe
+        if self.rt.pp > 1:
+            return evaluate_pipeline(model, self.stats, eval_data, r.train.batch_size, r.train.grad_accum, self.rt,
+                                     r.eval.batches, self.mqar)
+        return evaluate_on_device(model, eval_data, r.train.batch_size, self.rt, r.eval.batches, self.mqar)
+
+    def length_eval(self, model: nn.Module, eval_data: Any, multipliers: list[int]) -> list[LengthResult]:
+        r = self.recipe
+        return length_eval_on_device(model, r, eval_data, multipliers, r.train.batch_size, self.rt, r.eval.batches,
+                                     self.stats)
+
+    def save(self, run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainerState,
+             recipe: dict[str, Any]) -> None:
+        neuron_checkpoints.save_checkpoint(run_dir, self.rt, model, optimizer, scheduler, state, recipe,
+                                           self.recipe.checkpoint.keep_last, self.meta)
+
+    def export(self, run_dir: Path, model: nn.Module, recipe: dict[str, Any], tokenizer: str,
+               metrics: dict[str, Any]) -> Path:
+        """Rank 0 consolidates the last checkpoint (fp32 weights) into ``final/``."""
+        self.rt.barrier("export-open")
+        if self.is_main:
+            export_final(run_dir, consolidated_model(latest_checkpoint(run_dir)), recipe, tokenizer, metrics)
+        self.rt.barrier("export-done")
+        return run_dir / FINAL
+
+    def barrier(self, tag: str) -> None:
+        self.rt.barrier(tag)
+
+
+def mark_tensor_shards(model: nn.Module, split_dims: dict[str, int | None], nxd_utils: Any) -> list[str]:
+    """Give NxD's tensor-parallel attributes to the sharded parameters that are not NxD layers' own.
+
+    The Mamba mixers build some tensors at 1/tp size themselves (``conv_x``, ``A_log``,
+    ``D``, ``dt_bias``, the gated norm). NxD's gradient norm counts a parameter without
+    ``tensor_model_parallel`` as replicated (its square divided by tp, summed over tp),
+    which would under-count these shards. Returns the names it marked.
+    """
+    marked = []
+    for name, param in model.named_parameters():
+        name = name.replace(neuron_checkpoints.WRAPPER_INFIX, "")
+        dim = split_dims.get(name)
+        if dim is not None and not getattr(param, "tensor_model_parallel", False):
+            nxd_utils.set_tensor_model_parallel_attributes(param, True, dim, 1)
+            marked.append(name)
+    return marked

@@ -1,0 +1,265 @@
+"""The training loop: a `Recipe` in, checkpoints, metrics, plots and a final export out, on any backend.
+
+Read `Trainer.run` top to bottom: set-up (resume, data, model, optimizer), the step
+loop (one optimizer update per step, logging, eval and checkpoint cadence), and the
+finish (final eval, length generalisation, plots, ``final/``). How a step runs on
+this machine (one process, torchrun ranks, NeuronCores) is the backend's
+(`bmojo_neuron.training.backend`); what is on disk is `bmojo_neuron.checkpoints`'.
+
+Determinism: the model is initialised under ``run.seed`` and the batches follow
+`data_order.DataOrder`, so checkpoints (model, optimizer, scheduler, RNG states and
+the data position) make a resumed run reproduce the uninterrupted one; on CPU bitwise.
+
+Stopping early: `stop_after` steps, or `Trainer.request_stop()` (a signal handler may
+call it) ends the run at the next step boundary with a checkpoint and no export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from bmojo_neuron.checkpoints.layout import RECIPE_FILE, clean_stale, has_run
+from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState
+from bmojo_neuron.data import build_datasets
+from bmojo_neuron.evaluation import LengthResult, format_length_table, plot_length
+from bmojo_neuron.fsutil import write_text_atomic
+from bmojo_neuron.recipes import resume_conflicts
+
+from .backend import Backend, open_backend
+from .data_order import position_after
+from .metrics import MetricsLogger, RecordsOnly, plot_training
+from .optim import build_scheduler
+from .progress import Progress
+
+PLOT_FILE = "training.png"
+LENGTH_FILE = "length_eval.json"
+LENGTH_PLOT = "length_eval.png"
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    params: int
+    step: int
+    final_dir: Path | None = None  # None when stopped early
+    final_eval: dict[str, float] = field(default_factory=dict)
+    length_eval: list[LengthResult] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train(
+    recipe: Any,
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    datasets: tuple[Any, Any] | None = None,
+) -> TrainResult:
+    """Train `recipe` into `output_dir` (default ``recipe.run.output_dir``).
+
+    ``resume=True`` continues from the latest checkpoint there (starting fresh when
+    there is none). `stop_after` halts cleanly after that many optimizer steps with a
+    checkpoint and no final export, as if the job had been preempted. `datasets`
+    overrides ``build_datasets(recipe)`` with ``(train, eval)``.
+    """
+    started = time.perf_counter()
+    recipe.check()  # before any process group, data or weights
+    backend = open_backend(recipe)
+    try:
+        trainer = Trainer(recipe, backend, Path(output_dir or recipe.run.output_dir), progress)
+        return trainer.run(resume, stop_after, datasets, started)
+    finally:
+        backend.close()
+
+
+class Trainer:
+    """One run of a recipe on one backend (one process of it)."""
+
+    def __init__(self, recipe: Any, backend: Backend, run_dir: Path, progress: bool = True) -> None:
+        self.recipe, self.backend, self.run_dir = recipe, backend, run_dir
+        self.recipe_dict = recipe.record()
+        self.progress = progress and backend.is_main
+        self.stop_requested = False
+
+    def request_stop(self) -> None:
+        """End the run at the next step boundary: checkpoint, no export (safe from a signal handler)."""
+        self.stop_requested = True
+
+    def run(self, resume: bool = False, stop_after: int | None = None, datasets: tuple[Any, Any] | None = None,
+            started: float | None = None) -> TrainResult:
+        started = time.perf_counter() if started is None else started
+        r, be = self.recipe, self.backend
+        t, o, e, c = r.train, r.optim, r.eval, r.checkpoint
+
+        # ---------------------------------------------------------------- set-up
+        previous = self.previous_checkpoint(resume)
+        train_data, eval_data = datasets if datasets is not None else self.build_data()
+        if len(eval_data) == 0:
+            raise ValueError("the eval dataset is empty")
+        be.seed(r.run.seed)
+        model = be.build_model(previous)
+        optimizer = be.build_optimizer(model)
+        scheduler = build_scheduler(optimizer, o.warmup_steps, t.steps, o.min_lr_ratio)
+        state = TrainerState()
+        if previous is not None:
+            be.restore(previous, model, optimizer, scheduler)
+            state = previous.state
+            self.say(f"resuming {self.run_dir} from {previous.path.name} (step {state.step})")
+        elif resume:
+            self.say(f"no checkpoint in {self.run_dir}: starting from scratch")
+        self.prepare_run_dir()
+        logger = MetricsLogger(self.run_dir, state.metrics, state.step) if be.is_main else RecordsOnly(state.metrics)
+        bar = Progress(r.run.name, t.steps, state.step, enabled=self.progress)
+        params = be.parameter_count(model)
+        window = LogWindow(t.batch_size * t.grad_accum * len(train_data[0]["input_ids"]))
+
+        def log_train(values: list[float], step: int, lr: float, tokens: int) -> None:
+            loss, lm, aux, grad_norm = values
+            tps = window.tokens_per_s()
+            logger.log({"type": "train", "step": step, "loss": loss, "lm_loss": lm, "aux_loss": aux,
+                        "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "tokens_per_s": tps})
+            bar.show(step, loss, tps)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training loss is {loss} at step {step}; lower optim.lr or resume from an "
+                                         f"earlier checkpoint in {self.run_dir}")
+
+        def run_eval() -> dict[str, float]:
+            result = be.evaluate(model, eval_data)
+            logger.log({"type": "eval", "step": state.step, **{f"eval_{k}": v for k, v in result.items()}})
+            bar.write(f"step {state.step}: " + ", ".join(f"eval {k} {v:.4g}" for k, v in result.items()
+                                                         if k != "tokens"))
+            return result
+
+        # ---------------------------------------------------------------- the loop
+        batches = be.batches(train_data, state.epoch, state.position, t.steps - state.step)
+        start_step, start_epoch, start_position = state.step, state.epoch, state.position
+        per_epoch = len(train_data) // t.batch_size
+        eval_result: dict[str, float] = {}
+        while state.step < t.steps:
+            record = be.step(model, optimizer, next(batches))  # forward/backward of the step's micro-batches, update
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens += window.tokens_per_step
+            state.epoch, state.position = position_after(start_epoch, start_position, per_epoch,
+                                                         (state.step - start_step) * t.grad_accum)
+            window.add(record)
+
+            last = state.step == t.steps
+            stop = self.stop_requested or (stop_after is not None and state.step >= stop_after)
+            save_now = last or stop or state.step % c.every == 0
+            eval_now = last or state.step % e.every == 0
+            log_now = state.step % t.log_every == 0 or save_now
+            read = (lambda values, step=state.step, lr=scheduler.get_last_lr()[0], tokens=state.tokens:
+                    log_train(values, step, lr, tokens))
+            be.finish_step(window.take() if log_now else None, read)  # on XLA the losses are read after the graph
+            bar.update()
+            if eval_now:
+                eval_result = run_eval()
+            if save_now:
+                state.metrics = logger.records
+                be.save(self.run_dir, model, optimizer, scheduler, state, self.recipe_dict)
+            if eval_now or save_now:
+                window.restart_clock()  # keep eval and checkpoint time out of tokens/s
+            if stop and not last:
+                bar.close()
+                logger.close()
+                return TrainResult(self.run_dir, params, state.step, metrics=logger.records,
+                                   seconds=time.perf_counter() - started)
+        bar.close()
+
+        # ---------------------------------------------------------------- finish: final eval, plots, export
+        if not eval_result:  # resumed a run that had already finished: reuse its last eval
+            done = [x for x in logger.records if x["type"] == "eval" and x["step"] == state.step]
+            eval_result = {k[5:]: v for k, v in done[-1].items() if k.startswith("eval_")} if done else run_eval()
+        lengths: list[LengthResult] = []
+        multipliers = [int(m) for m in (e.length_multipliers or [])]
+        if any(m != 1 for m in multipliers):
+            lengths = be.length_eval(model, eval_data, multipliers)
+            if be.is_main:
+                (self.run_dir / LENGTH_FILE).write_text(json.dumps([x.__dict__ for x in lengths], indent=2))
+                plot_length(lengths, self.run_dir / LENGTH_PLOT, title=r.run.name)
+                print(format_length_table(lengths, title=f"{r.run.name}: length generalisation"))
+        logger.close()
+        if be.is_main:
+            plot_training(logger.records, self.run_dir / PLOT_FILE, title=r.run.name)
+        final_dir = be.export(self.run_dir, model, self.recipe_dict, tokenizer_name(r), eval_result)
+        return TrainResult(self.run_dir, params, state.step, final_dir, eval_result, lengths, logger.records,
+                           time.perf_counter() - started)
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    def previous_checkpoint(self, resume: bool) -> Checkpoint | None:
+        """The checkpoint to resume (None: start fresh); refuses a used run directory without `resume` and a
+        checkpoint whose recipe differs in a key that may not change."""
+        previous = self.backend.load_latest(self.run_dir) if resume else None
+        if previous is None and not resume and has_run(self.run_dir):
+            raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it, or pick another "
+                             "--output-dir")
+        if previous is not None and (diff := resume_conflicts(previous.recipe, self.recipe_dict)):
+            raise ValueError(f"cannot resume {previous.path}: the recipe changed in {', '.join(diff)}")
+        self.backend.barrier("run-dir-checked")  # every rank looked before rank 0 writes into the run dir
+        return previous
+
+    def build_data(self) -> tuple[Any, Any]:
+        """``(train, eval)`` datasets, built by the main process first (it fills the tokenized-data cache)."""
+        be = self.backend
+        if not be.is_main:
+            be.barrier("data-built")
+        datasets = build_datasets(self.recipe)
+        if be.is_main:
+            be.barrier("data-built")
+        return datasets
+
+    def prepare_run_dir(self) -> None:
+        """Rank 0 removes a crashed run's temp files and writes ``recipe.json``; the others wait."""
+        if self.backend.is_main:
+            clean_stale(self.run_dir)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.run_dir / RECIPE_FILE, json.dumps(self.recipe_dict, indent=2))
+        self.backend.barrier("run-dir")
+
+    def say(self, text: str) -> None:
+        if self.backend.is_main:
+            print(text, flush=True)
+
+
+def tokenizer_name(recipe: Any) -> str:
+    """The tokenizer an export records: the text data's, or the byte tokenizer (MQAR)."""
+    return str(getattr(recipe.data, "tokenizer", None) or "byte")
+
+
+class LogWindow:
+    """Per-step loss records waiting for the next log step, and the tokens/s clock."""
+
+    def __init__(self, tokens_per_step: int) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.pending: list[Tensor] = []
+        self.tokens = 0  # since the last log
+        self.since = time.perf_counter()
+
+    def add(self, record: Tensor) -> None:
+        self.pending.append(record)
+        self.tokens += self.tokens_per_step
+
+    def take(self) -> list[Tensor]:
+        records, self.pending = self.pending, []
+        return records
+
+    def tokens_per_s(self) -> float:
+        """Tokens/s since the last log (the clock restarts after eval and checkpoints); starts a new window."""
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.since, 1e-9)
+        self.tokens, self.since = 0, now
+        return rate
+
+    def restart_clock(self) -> None:
+        self.since = time.perf_counter()
