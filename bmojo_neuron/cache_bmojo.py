@@ -1,4 +1,4 @@
-"""The recurrent decode cache of a B'MOJO model (bmojo.md, "Generation").
+"""The recurrent decode cache of a B'MOJO model (docs/design.md, "The model" and "Decode cache").
 
 Per layer it holds only what the next token can read, so the work and memory per
 generated token do not grow with the context (except for full-attention ``A``

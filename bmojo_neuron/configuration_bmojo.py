@@ -1,6 +1,6 @@
 """`BMojoConfig`: every hyper-parameter of a B'MOJO language model.
 
-The fields follow `shared/design/bmojo.md`. Validation runs at construction and
+The fields follow the model definition in docs/design.md. Validation runs at construction and
 raises `ValueError` naming the offending field, so a bad recipe fails before any
 weights are built.
 """

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bmojo_neuron.data import build_eval_dataset
+from bmojo_neuron.data.mqar import mqar_accuracy
+
 IGNORE_INDEX = -100
 
 
@@ -72,8 +75,6 @@ def evaluate(
             ).item()
             tokens += count
             if mqar and count:
-                from bmojo_neuron.data.mqar import mqar_accuracy
-
                 correct += mqar_accuracy(logits, labels) * count
     finally:
         model.train(was_training)
@@ -173,8 +174,6 @@ def length_generalisation(
 
 def mqar_eval_dataset(recipe: Any, seq_len: int) -> Any:
     """The recipe's MQAR eval set regenerated at `seq_len`: same kv pairs, vocabulary and eval seed."""
-    from bmojo_neuron.data import build_eval_dataset
-
     base = recipe.data.seq_len
     if seq_len % base:
         raise ValueError(f"MQAR eval length {seq_len} is not a multiple of data.seq_len={base}")

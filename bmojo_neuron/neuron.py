@@ -1,7 +1,7 @@
 """The one place that imports AWS Neuron packages, always lazily.
 
 Nothing here imports a Neuron package at module import time: the CPU/CUDA path must
-never import `torch_xla` / `neuronx_distributed` (see shared/design/trainium.md).
+never import `torch_xla` / `neuronx_distributed` (docs/trn1.md).
 Code that needs Neuron calls `require_neuron(feature)` or
 `import_neuron_module(name, feature)` and gets a `NeuronUnavailableError` that says
 what is missing and how to install it.

@@ -51,7 +51,7 @@ def naive_rope(x: Tensor, position: int, theta: float) -> Tensor:
 def naive_memory_selection(
     innovation: list[float], chunk: int, picks: int, size: int, decay: float
 ) -> list[list[int]]:
-    """Positions in memory after each complete chunk, straight from the rule in bmojo.md.
+    """Positions in memory after each complete chunk, straight from the rule in docs/design.md ("The model", step 3).
 
     Picks: the `picks` largest innovations of the chunk (ties: lower position).
     Retention: the `size` entries of largest innovation * decay ** age (ties: more recent).

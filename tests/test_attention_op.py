@@ -12,7 +12,7 @@ from bmojo_neuron.ops.reference.eidetic_attention import eidetic_attention
 
 
 def loop_attention(q, k, v, kf, vf, mem_k, mem_v, mem_valid, window, fading_window, chunk):
-    """For each query, gather its keys by the definition in bmojo.md and take one softmax."""
+    """For each query, gather its keys as docs/design.md defines them ("The model", step 5), then one softmax."""
     batch, q_heads, length, head_dim = q.shape
     group = q_heads // k.shape[1]
     out = torch.zeros_like(q)

@@ -85,7 +85,7 @@ def test_bmojo_layer_with_window_covering_the_sequence_is_full_causal_attention(
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("decay", [0.0, 0.7, 1.0])
 def test_bmojo_layer_equals_the_definition(tie, decay):
-    """Windows, fading keys, innovation, selection, lag and memory rotation, all from bmojo.md."""
+    """Windows, fading keys, innovation, selection, lag and memory rotation, all from docs/design.md ("The model")."""
     window, fading, chunk, size, picks = 4, 3, 5, 3, 2
     layer = make_layer(
         window_size=window, fading_window=fading, memory_chunk=chunk, memory_size=size,

@@ -167,7 +167,7 @@ def test_pipeline_config_traces_and_cuts_where_nxd_needs_it(doubles):
 
 
 def test_trainium_checks_accept_tied_embeddings_under_pp():
-    """The Trn1 recipes tie their embeddings; pp > 1 used to be refused for them before anything ran."""
+    """The Trn1 recipes tie their embeddings, and pp > 1 trains them."""
     from bmojo_neuron.launch.plan import validate_for_trainium
     from bmojo_neuron.recipes import load_recipe
 

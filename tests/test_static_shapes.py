@@ -1,4 +1,4 @@
-"""The Trainium training step has static shapes and no host syncs (issue 8).
+"""The Trainium training step has static shapes and no host syncs.
 
 On Neuron every distinct graph is compiled ahead of time (minutes each), and a
 value read back to the host cuts the lazy XLA graph, so the training step must be

@@ -119,8 +119,8 @@ def run(args: argparse.Namespace) -> int | None:
 
 # ----------------------------------------------------------------------------- eidetic attention rows
 ATTENTION_KERNELS = ("attention_fwd", "attention_bwd", "attention_2pass")
-# The issue's example of a long-window Trn1 shape (the recipes use w = w_f = 512 at L 8192).
-ATTENTION_EXAMPLE = {"name": "example w2048 (issue 6)", "length": 8192, "heads": 16, "kv_heads": 16, "head_dim": 128,
+# A long-window Trn1 shape beside the recipes' (which use w = w_f = 512 at L 8192).
+ATTENTION_EXAMPLE = {"name": "long-window example w2048", "length": 8192, "heads": 16, "kv_heads": 16, "head_dim": 128,
                      "window": 2048, "fading": 2048, "memory": 256, "chunk": 2048}
 
 
@@ -132,7 +132,7 @@ def add_attention_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def attention_shapes() -> list[dict[str, Any]]:
-    """Attention shapes of the recipes in recipes/trn1 (one sequence each) plus the issue's example."""
+    """Attention shapes of the recipes in recipes/trn1 (one sequence each) plus a long-window example."""
     import yaml
 
     from bmojo_neuron.recipes import repository_root

@@ -1,4 +1,4 @@
-"""Innovation scoring and eidetic-memory selection (bmojo.md, steps 2-4).
+"""Innovation scoring and eidetic-memory selection (docs/design.md, "The model", steps 2-4).
 
 Tokens are grouped in chunks of ``c``. After each chunk the ``k`` tokens of largest
 innovation are picked (ties: lower position first) and merged with the memory: the

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from bmojo_neuron.neuron import INSTALL_COMMAND, is_neuron_available
+
 from . import dispatch
 from .dispatch import available_backends, get_backend, register_backend, set_backend, use_backend
+from .reference.eidetic_attention import eidetic_attention as attention_ref
+from .reference.selective_scan import selective_scan as scan_ref
 from .reference.selective_scan import selective_state_update
+from .reference.ssd import ssd_scan as ssd_ref
 from .reference.ssd import ssd_state_update
 
 
@@ -31,17 +36,11 @@ def eidetic_attention(*args: Any, **kwargs: Any) -> Any:
 
 
 def _torch_impls() -> dict:
-    from .reference.eidetic_attention import eidetic_attention as attention_ref
-    from .reference.selective_scan import selective_scan as scan_ref
-    from .reference.ssd import ssd_scan as ssd_ref
-
     return {"selective_scan": scan_ref, "ssd_scan": ssd_ref, "eidetic_attention": attention_ref}
 
 
 def _nki_availability() -> tuple[bool, str]:
     """The real kernels need the Neuron SDK and NKI 0.2 (never imported unless installed)."""
-    from bmojo_neuron.neuron import INSTALL_COMMAND, is_neuron_available
-
     if not is_neuron_available():
         return False, f"the Neuron SDK is not installed ({INSTALL_COMMAND} on a Trn1 instance)"
     from nki_kernels import compat
@@ -59,6 +58,8 @@ def _nki_sim_availability() -> tuple[bool, str]:
     return True, "NKI kernels on CPU through the emulator (selective_scan, ssd_scan, eidetic_attention; slow, exact)"
 
 
+# The NKI backends import the kernels (and with them the emulator) only when first selected, so importing the
+# model never pays for them.
 def _nki_impls() -> dict:
     from .nki_backend import attention_device_ops, device_ops
 

@@ -27,9 +27,7 @@ gradients over the tensor-parallel group when its config has
 ``neuronx_distributed.parallel_layers.grads.allreduce_sequence_parallel_gradients(optimizer)``
 after backward.
 
-Checked against ``aws-neuron/neuronx-distributed`` at ``73ab227`` (the SDK 2.28
-release commit, ``_version.py`` 0.17.0): ``parallel_layers/layers.py``,
-``layers_utils.py``, ``mappings.py``, ``grads.py``, ``trainer/optimizer.py``.
+The NxD sources this follows are listed in docs/trn1.md ("Sources and status").
 """
 
 from __future__ import annotations

@@ -11,41 +11,8 @@ groups with ``initialize_parallel_optimizer`` (NxD's ZeRO-1 optimizer when
 `bmojo_neuron.neuron.import_neuron_module`: without Neuron every function raises
 `NeuronUnavailableError` naming what to install.
 
-Status: used by the Neuron training backend (`bmojo_neuron.training.backends.neuron`); tested with
-test doubles of NxD's API (the pipeline double traces and cuts the model with
-``torch.fx`` as NxD does); never run on Trainium hardware.
-
-Checked against NxD's source at the SDK 2.28 release (``aws-neuron/neuronx-distributed``
-tag ``v2.28.0``, commit ``73ab227``, ``_version.py`` 0.17.0):
-
-- ``trainer/trainer.py``: ``neuronx_distributed_config(tensor_parallel_size,
-  pipeline_parallel_size, expert_parallel_size, context_parallel_size, pipeline_config,
-  optimizer_config, activation_checkpoint_config, pad_model, sequence_parallel,
-  model_init_config, lora_config, mixed_precision_config, ...)``; optimizer_config keys
-  ``zero_one_enabled``, ``grad_clipping``, ``max_grad_norm``; mixed_precision_config
-  keys ``use_master_weights``, ``use_fp32_grad_acc``, ``use_master_weights_in_ckpt``
-  (master weights / fp32 accumulation without ZeRO-1 raise there);
-  ``initialize_parallel_model(nxd_config, model_fn)`` passes ``pipeline_config`` as
-  keyword arguments to ``NxDPPModel`` (adding ``use_model_wrapper=True``);
-  ``initialize_parallel_optimizer(nxd_config, optimizer_class, parameters, **defaults)``;
-- ``pipeline/model.py``: ``NxDPPModel(module, transformer_layer_cls, num_microbatches,
-  output_loss_value_spec, use_zero1_optimizer, use_optimizer_wrapper, pipeline_cuts,
-  input_names, leaf_module_cls, autowrap_modules, tracer_cls, return_loss_on_cpu,
-  auto_partition, ...)``; with ``pipeline_cuts`` it traces and partitions at
-  construction; ``run_train(**inputs)`` / ``run_eval(**inputs)`` take host (CPU)
-  tensors named as ``input_names``, split them into ``num_microbatches`` along dim 0,
-  mark steps before, after and between the schedule's tasks, and return the mean of
-  the last stage's loss (on the host unless ``return_loss_on_cpu=False``); without
-  ``use_optimizer_wrapper`` / ``use_zero1_optimizer`` its schedule would also average
-  gradients over data ranks, which NxD's optimizer wrapper does;
-- ``pipeline/trace.py``: leaf modules are the transformer layer class, ``leaf_module_cls``
-  and NxD's parallel layers; ``autowrap_modules`` are modules whose functions become
-  leaf calls (NxD adds ``math``, ``neuronx_distributed``, ``parallel_layers``, ``xm``,
-  not ``parallel_layers.mappings`` / ``loss_functions``, which the factory calls);
-- ``pipeline/partition.py``: a Parameter used by modules of two stages is shared: its
-  gradient is all-reduced over those stages and only its first use counts in the
-  gradient norm (``shared`` attribute); ``utils/serialization.py``:
-  ``find_loss_from_output_and_spec``.
+The NxD API this follows (argument names, what each call does at NxD 0.17) and the
+upstream files it was read from are listed in docs/trn1.md ("Sources and status").
 """
 
 from __future__ import annotations

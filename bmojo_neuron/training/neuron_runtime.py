@@ -6,15 +6,8 @@ them gets `NeuronUnavailableError` naming the packages). The loop then talks to
 the device through a handful of methods: `sync` (the one ``mark_step`` of a step),
 `add_step_closure`, the data-parallel collectives, `to_cpu` and `barrier`.
 
-API details checked against the pinned sources (torch-xla ``v2.9.0``, NxD
-``v2.28.0`` = 0.17): ``xm.mark_step`` (a deprecated alias of ``torch_xla.sync``
-in 2.9), ``xm.xla_device``, ``xm.add_step_closure(fn, args)`` (run in order after
-the graph of the step executed), ``xm.all_reduce(REDUCE_SUM, t, scale, groups)``,
-``xm.all_gather(t, dim, groups, pin_layout)``, ``xm.rendezvous(tag)``,
-``xm.get_rng_state`` / ``set_rng_state``; ``torch_xla.distributed.xla_backend``
-registers the ``"xla"`` process-group backend; NxD's ``parallel_state`` getters
-(``get_pipeline_model_parallel_replica_groups`` among them) and
-``parallel_layers.utils.move_all_tensor_to_cpu`` (one sync for many tensors).
+The torch-xla and NxD calls used here, and the upstream sources they were read from,
+are listed in docs/trn1.md ("Sources and status").
 
 NxD is imported only through `bmojo_neuron.neuron`, whose package check first gives it
 the ``transformers.utils.fx`` module it needs (gone in transformers 5; `nxd_compat`).
@@ -59,7 +52,7 @@ class NeuronRuntime:
     def start(cls, bf16: bool) -> NeuronRuntime:
         """Check the packages, join (or create) the ``xla`` process group and pick this process's XLA device."""
         require_neuron_training()
-        if bf16:  # pure bf16 weights need stochastic rounding in the runtime (trainium.md); read when it starts
+        if bf16:  # pure bf16 weights need stochastic rounding in the runtime (docs/trn1.md); read when it starts
             os.environ.setdefault(STOCHASTIC_ROUNDING, "1")
         xm = import_neuron_module("torch_xla.core.xla_model", FEATURE)
         import_neuron_module("torch_xla.distributed.xla_backend", FEATURE)  # registers the "xla" backend
