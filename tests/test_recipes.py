@@ -138,3 +138,26 @@ def test_count_parameters_matches_a_real_model() -> None:
 
     recipe = load_recipe("cpu-tiny")
     assert count_parameters(recipe) == BMojoForCausalLM(recipe.model_config()).num_parameters()
+
+
+def test_check_catches_edits_made_after_loading() -> None:
+    """`Recipe.check` applies the loading rules again (the trainer's only validation): keep_last >= 1, types,
+    choices."""
+    recipe = load_recipe("cpu-tiny")
+    recipe.check()
+    for section, key, value, match in [("checkpoint", "keep_last", 0, "checkpoint.keep_last: is 0"),
+                                       ("train", "steps", "10", "train.steps: must be an integer"),
+                                       ("run", "device", "tpu", "run.device: is 'tpu'"),
+                                       ("optim", "grad_clip", -1.0, "optim.grad_clip")]:
+        edited = load_recipe("cpu-tiny")
+        setattr(getattr(edited, section), key, value)
+        with pytest.raises(ValueError, match=match):
+            edited.check()
+
+
+def test_resume_conflicts_name_the_keys_that_may_not_change() -> None:
+    from bmojo_neuron.recipes import resume_conflicts
+
+    saved = load_recipe("cpu-tiny").record()
+    changed = load_recipe("cpu-tiny", ["train.steps=7", "eval.every=3", "optim.lr=0.5", "model.hidden_size=32"])
+    assert resume_conflicts(saved, changed.record()) == ["model.hidden_size", "optim.lr"]

@@ -30,6 +30,7 @@ from bmojo_neuron.evaluation import LengthResult
 from .backends.local import LocalBackend
 from .backends.neuron import NeuronBackend
 from .backends.torchrun import TorchrunBackend, wants_parallel
+from .objective import objective_for
 
 
 class Backend(Protocol):
@@ -88,9 +89,11 @@ class Backend(Protocol):
 
 def open_backend(recipe: Any) -> Backend:
     """The backend for ``run.device`` and the process world: ``neuron``; ``torchrun`` when the recipe asks for
-    parallelism or torchrun started several processes; otherwise ``local``."""
+    parallelism or torchrun started several processes; otherwise ``local``. Its steps minimise the recipe's
+    objective (`objective.objective_for`)."""
+    objective = objective_for(recipe)
     if recipe.run.device == "neuron":
-        return NeuronBackend.start(recipe)  # imports torch-xla and NxD (NeuronUnavailableError without them)
+        return NeuronBackend.start(recipe, objective)  # imports torch-xla and NxD (NeuronUnavailableError without)
     if wants_parallel(recipe):
-        return TorchrunBackend(recipe)
-    return LocalBackend(recipe)
+        return TorchrunBackend(recipe, objective)
+    return LocalBackend(recipe, objective)

@@ -10,7 +10,7 @@ own loss on their last stage and take no objective.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -27,3 +27,8 @@ def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor) -> tuple
     loss = out.loss.detach()
     aux = out.aux_loss.detach() if out.aux_loss is not None else torch.zeros_like(loss)
     return out.loss, torch.stack([loss, out.lm_loss.detach(), aux])
+
+
+def objective_for(recipe: Any) -> Objective:
+    """The objective a recipe trains with (every recipe today: the model's causal-LM loss)."""
+    return causal_lm_loss

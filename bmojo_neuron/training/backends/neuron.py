@@ -89,11 +89,11 @@ class NeuronBackend:
         self.ops.__enter__()
 
     @classmethod
-    def start(cls, recipe: Any) -> NeuronBackend:
+    def start(cls, recipe: Any, objective: Objective = causal_lm_loss) -> NeuronBackend:
         """Start the runtime (torch-xla, the ``xla`` process group, NxD) for `recipe`."""
         runtime = NeuronRuntime.start(bf16=recipe.train.precision == "bf16")
         try:
-            return cls(recipe, runtime)
+            return cls(recipe, runtime, objective)
         except BaseException:
             runtime.close()
             raise
