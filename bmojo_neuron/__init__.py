@@ -3,10 +3,12 @@
 The model classes load lazily (PEP 562), so ``import bmojo_neuron`` and the
 ``bmojo-neuron`` command line start without importing torch or transformers: a
 command that fails on its arguments, or on a missing Neuron SDK, answers at once.
-Touching any model class (``from bmojo_neuron import BMojoForCausalLM``) imports
-`bmojo_neuron.modeling_bmojo`, which registers the ``bmojo`` model type with Hugging
-Face's `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`; `register_auto_classes()`
-does the same explicitly.
+
+``import bmojo_neuron`` is still enough for Hugging Face's `AutoConfig`,
+`AutoModel`, `AutoModelForCausalLM` and `pipeline` to know ``model_type="bmojo"``:
+the registration happens as soon as transformers' Auto classes are imported, before
+or after this package (`bmojo_neuron.auto_registration`). `register_auto_classes()`
+does it explicitly.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import auto_registration
 from ._version import __version__
 
 # public name -> the submodule that defines it
@@ -35,18 +38,18 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'bmojo_neuron' has no attribute {name!r}")
-    importlib.import_module(".modeling_bmojo", __name__)  # registers the Auto classes with every class
+    importlib.import_module(".modeling_bmojo", __name__)  # with the Auto classes it imports, "bmojo" registers
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
 
 
 def register_auto_classes() -> None:
-    """Register ``model_type="bmojo"`` with the transformers Auto classes (idempotent)."""
-    from .modeling_bmojo import register_auto_classes as register
-
-    register()
+    """Register ``model_type="bmojo"`` with the transformers Auto classes now (idempotent)."""
+    auto_registration.register_auto_classes()
 
 
 __all__ = ["BMojoCache", "BMojoConfig", "BMojoForCausalLM", "BMojoModel", "BMojoPreTrainedModel",
            "__version__", "register_auto_classes"]
+
+auto_registration.install()

@@ -8,6 +8,7 @@ weights are built.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -51,6 +52,11 @@ class BMojoConfig(PretrainedConfig):
 
     MLP and the rest: intermediate_size (SwiGLU; 0 = no MLP), rms_norm_eps,
         initializer_range, rescale_prenorm_residual, tie_word_embeddings.
+
+    Hugging Face conventions: use_cache (an eval-mode forward returns the recurrent
+    `BMojoCache` unless told otherwise; never in training mode), output_hidden_states.
+    `save_pretrained` also writes the ``auto_map`` and loader module of
+    `bmojo_neuron.auto_map`, so the directory loads by name.
     """
 
     model_type = "bmojo"
@@ -100,6 +106,7 @@ class BMojoConfig(PretrainedConfig):
         initializer_range: float = 0.02,
         rescale_prenorm_residual: bool = True,
         tie_word_embeddings: bool = True,
+        use_cache: bool = True,
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
         eos_token_id: int | None = None,
@@ -147,6 +154,7 @@ class BMojoConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.rescale_prenorm_residual = rescale_prenorm_residual
+        self.use_cache = use_cache
         super().__init__(
             tie_word_embeddings=tie_word_embeddings,
             pad_token_id=pad_token_id,
@@ -155,6 +163,14 @@ class BMojoConfig(PretrainedConfig):
             **kwargs,
         )
         self.validate_bmojo()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """`PretrainedConfig.save_pretrained`, plus what lets transformers load the directory by name."""
+        from .auto_map import AUTO_MAP, write_loader
+
+        self.auto_map = {**(getattr(self, "auto_map", None) or {}), **AUTO_MAP}
+        write_loader(save_directory)  # before the parent, which may push the directory to the Hub
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     # ------------------------------------------------------------------ derived sizes
     @property

@@ -292,14 +292,3 @@ def _check_no_padding(attention_mask: Tensor | None) -> None:
             "state would read the pad tokens. Batch sequences of equal length, or generate one at a time."
         )
 
-
-def register_auto_classes() -> None:
-    """Register ``model_type="bmojo"`` with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-    AutoConfig.register(BMojoConfig.model_type, BMojoConfig, exist_ok=True)
-    AutoModel.register(BMojoConfig, BMojoModel, exist_ok=True)
-    AutoModelForCausalLM.register(BMojoConfig, BMojoForCausalLM, exist_ok=True)
-
-
-register_auto_classes()  # importing the modeling file is enough for the Auto classes to find "bmojo"

@@ -76,3 +76,33 @@ def tokenizer_fingerprint(name_or_path: str) -> str:
         return name_or_path
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     return name_or_path + "|" + ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+def save_hf_tokenizer(name_or_path: str, directory: str | Path) -> None:
+    """Write tokenizer files into `directory` so that `AutoTokenizer` / `pipeline` load it from there.
+
+    The byte tokenizer becomes an equivalent Hugging Face byte-level tokenizer (the
+    same ids for every text, ``eos_token_id = 0``); any other tokenizer is saved as is.
+    """
+    tokenizer = hf_byte_tokenizer() if name_or_path == BYTE_TOKENIZER else load_tokenizer(name_or_path)
+    tokenizer.save_pretrained(str(directory))
+
+
+def hf_byte_tokenizer() -> Any:
+    """`ByteTokenizer` as a `PreTrainedTokenizerFast`: token id = UTF-8 byte value, eos = byte 0.
+
+    A byte-level BPE without merges over the 256 byte symbols gives exactly the byte
+    ids. ``split_special_tokens`` keeps the eos symbol (the character U+0100, byte
+    0's stand-in) from being matched inside text, where `ByteTokenizer` would encode it
+    as its two UTF-8 bytes.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbol = bytes_to_unicode()  # byte value -> the printable character byte-level BPE uses for it
+    backend = Tokenizer(models.BPE(vocab={symbol[b]: b for b in range(256)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    eos = symbol[ByteTokenizer.eos_token_id]
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=eos, split_special_tokens=True)
