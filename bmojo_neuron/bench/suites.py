@@ -513,7 +513,7 @@ def _decode(s: Settings, report: dict[str, Any], log: Log) -> None:
 
 
 # ----------------------------------------------------------------------------- kernels
-KERNELS_MODULE = "bmojo_neuron.commands.kernels"  # `bmojo-neuron kernels profile`
+KERNELS_MODULE = "bmojo_neuron.bench.kernel_profile"  # also behind `bmojo-neuron kernels profile`
 SCAN_KERNELS = ("mamba1_fwd", "mamba1_bwd", "ssd_fwd", "ssd_bwd")
 TOY_KERNEL_SHAPE = {"name": "toy", "d_inner": 128, "length": 256, "n1": 16, "n2": 16, "head_dim": 64, "groups": 1}
 
@@ -521,14 +521,12 @@ TOY_KERNEL_SHAPE = {"name": "toy", "d_inner": 128, "length": 256, "n1": 16, "n2"
 def _kernels(s: Settings, report: dict[str, Any], log: Log) -> None:
     """Modelled Trn1 kernel times from the NKI emulator's cost model (``kernels profile``).
 
-    Uses ``bmojo_neuron.commands.kernels``: ``profile_kernel(kernel, shape)`` for the scan
+    Uses `bmojo_neuron.bench.kernel_profile`: ``profile_kernel(kernel, shape)`` for the scan
     kernels at the calibration shape and the Trn1 recipes' shapes (``ladder_shapes()``),
-    and ``attention_rows(args)`` for the eidetic-attention kernels. Skipped with a
+    and ``attention_profiles(names)`` for the eidetic-attention kernels. Skipped with a
     message where that module or the emulator is not there. ``--lengths`` does not
     apply: the shapes come from ``recipes/trn1``. ``--toy``: one tiny shape, two kernels.
     """
-    import argparse
-
     report["unit"] = "modelled Trn1 seconds per kernel call (one NeuronCore, batch 1), NKI emulator cost model"
     report["settings"]["lengths"] = []
     try:
@@ -547,7 +545,7 @@ def _kernels(s: Settings, report: dict[str, Any], log: Log) -> None:
     else:
         shapes = [module.CALIBRATION] + list(module.ladder_shapes())
         jobs = [(k, shape) for shape in shapes for k in SCAN_KERNELS]
-        attention = getattr(module, "attention_rows", None)
+        attention = module.attention_profiles
     rows: list[dict[str, Any]] = []
     for kernel, shape in jobs:
         if time.monotonic() > s.extra["deadline"]:
@@ -564,8 +562,7 @@ def _kernels(s: Settings, report: dict[str, Any], log: Log) -> None:
             log("  attention kernels skipped: time budget spent")
         else:
             try:
-                for row in attention(argparse.Namespace(attention=",".join(getattr(
-                        module, "ATTENTION_KERNELS", ())), calibration_only=False)):
+                for row in attention(list(module.ATTENTION_KERNELS)):
                     length = int(str(row.get("dims", "L=0")).split()[0].split("=")[1])
                     rows.append(dict(row, length=length))
             except Exception as exc:
