@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from naive import naive_attention, naive_memory_selection, naive_rope, tiny_config
 
 from bmojo_neuron.layers.attention import BMojoAttention
-from bmojo_neuron.layers.eidetic_memory import MemoryState, memory_after_each_chunk, visible_memory
+from bmojo_neuron.layers import eidetic_memory
+from bmojo_neuron.layers.eidetic_memory import MemoryState, memory_after_each_chunk, update_memory, visible_memory
 from bmojo_neuron.layers.rope import RotaryEmbedding, apply_rotary
 
 
@@ -128,7 +129,40 @@ def test_bmojo_layer_equals_the_definition(tie, decay):
 def _states(innovation: torch.Tensor, chunk: int, picks: int, size: int, decay: float) -> list[MemoryState]:
     batch, length = innovation.shape
     k = torch.arange(length, dtype=torch.float64).view(1, length, 1, 1).expand(batch, length, 1, 2).clone()
-    return memory_after_each_chunk(k, k.clone(), innovation, chunk=chunk, picks=picks, size=size, decay=decay)
+    stacked = memory_after_each_chunk(k, k.clone(), innovation, chunk=chunk, picks=picks, size=size, decay=decay)
+    return [stacked.at(j) for j in range(length // chunk)]
+
+
+def _sequential_states(k, v, innovation, chunk, picks, size, decay) -> list[MemoryState]:
+    """The memory after each chunk by merging one chunk at a time (what the decode cache does)."""
+    memory = MemoryState.empty(k.shape[0], size, k.shape[2], k.shape[3], k)
+    states = []
+    for j in range(k.shape[1] // chunk):
+        part = slice(j * chunk, (j + 1) * chunk)
+        memory = update_memory(memory, k[:, part], v[:, part], innovation[:, part], j * chunk, j, picks, decay)
+        states.append(memory)
+    return states
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5, 0.99, 1.0])
+@pytest.mark.parametrize("block_elements", [None, 40])  # 40: blocks of one or two chunks
+def test_all_chunks_at_once_equal_merging_chunk_by_chunk(decay, block_elements, monkeypatch):
+    """The batched selection keeps the same tokens, in the same slots, with the same vectors."""
+    if block_elements:
+        monkeypatch.setattr(eidetic_memory, "BLOCK_ELEMENTS", block_elements)
+    gen = torch.Generator().manual_seed(11)
+    batch, length, chunk, picks, size = 3, 83, 4, 3, 7
+    k = torch.randn(batch, length, 2, 4, generator=gen)
+    v = torch.randn(batch, length, 2, 4, generator=gen)
+    innovation = torch.rand(batch, length, generator=gen)
+    innovation[1] = (innovation[1] * 3).floor()  # exact ties, and zeros (which still beat empty slots)
+    stacked = memory_after_each_chunk(k, v, innovation, chunk=chunk, picks=picks, size=size, decay=decay)
+    want = _sequential_states(k, v, innovation, chunk, picks, size, decay)
+    assert stacked.position.shape == (batch, length // chunk, size)
+    for j, state in enumerate(want):
+        got = stacked.at(j)
+        for name in ("position", "pick_chunk", "innovation", "k", "v"):
+            assert torch.equal(getattr(got, name), getattr(state, name)), (j, name)
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.3, 0.9, 1.0])
@@ -165,8 +199,8 @@ def test_zero_decay_is_a_fifo_of_the_most_recent_picks():
 def test_visible_memory_follows_the_lag():
     innovation = torch.rand(1, 40, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     states = _states(innovation, 4, 2, 3, 0.5)
-    empty = MemoryState.empty(1, 3, 1, 2, torch.zeros(1, dtype=torch.float64))
-    seen = visible_memory(states, n_chunks=10, lag=3, empty=empty)
+    stacked = MemoryState(*(torch.stack(parts, dim=1) for parts in zip(*(s._tensors() for s in states))))
+    seen = visible_memory(stacked, n_chunks=10, lag=3)
     for j in range(10):
         if j < 3:
             assert not seen.valid[0, j].any()

@@ -20,10 +20,12 @@ from ..cache_bmojo import AttentionLayerCache
 from ..configuration_bmojo import BMojoConfig
 from .eidetic_memory import (
     MemoryState,
+    Selection,
+    gather_memory,
     innovation_scores,
-    memory_after_each_chunk,
+    select_memory,
     update_memory,
-    visible_memory,
+    visible_selection,
 )
 from .factory import LayerFactory, get_layer_factory
 from .norms import RMSNorm, rms_normalize
@@ -161,36 +163,34 @@ class BMojoAttention(nn.Module):
 
         mean_innovation = None
         mem_k = mem_v = mem_valid = None
-        memory_states: list[MemoryState] = []
+        selection = None
         innovation = None
         if self.memory_size > 0:
             # K_hat_t = P(S_{t-1}), zero at t = 0; P is linear, so shift its output.
             k_hat = F.pad(self.innovation_proj(s.detach()), (0, 0, 1, 0))[:, :-1]
             innovation = self._innovation(k_raw, k_hat)
             mean_innovation = innovation.mean()
-            memory_states = memory_after_each_chunk(
-                k_raw, v, innovation.detach(),
-                chunk=self.chunk, picks=self.picks, size=self.memory_size, decay=self.decay,
+            selection = select_memory(
+                innovation, chunk=self.chunk, picks=self.picks, size=self.memory_size, decay=self.decay
             )
-            mem_k, mem_v, mem_valid = self._memory_for_chunks(memory_states, length, k_raw)
+            mem_k, mem_v, mem_valid = self._memory_for_chunks(selection, length, k_raw, v)
 
         out, _ = ops.eidetic_attention(
             q, k, v_t, k_fading, v_fading, mem_k, mem_v, mem_valid,
             window=self.window, fading_window=self.fading_window, chunk=self.chunk,
         )
         if cache is not None:
-            self._fill_cache(cache, k, v_t, k_fading, v_fading, s, k_raw, v, innovation, memory_states)
+            self._fill_cache(cache, k, v_t, k_fading, v_fading, s, k_raw, v, innovation, selection)
         return self._output(out), mean_innovation
 
     def _memory_for_chunks(
-        self, states: list[MemoryState], length: int, like: Tensor
+        self, selection: Selection, length: int, k_raw: Tensor, v: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Per query chunk: rotated memory keys, values (batch, kv_heads, n_chunks, M, D) and validity."""
         n_chunks = -(-length // self.chunk)
-        empty = MemoryState.empty(like.shape[0], self.memory_size, self.kv_heads, self.head_dim, like)
-        seen = visible_memory(states, n_chunks, self.lag, empty)
-        rotation = self._memory_rotation(torch.arange(n_chunks, device=like.device))
-        cos, sin = self.rotary(rotation, like.dtype)  # (n_chunks, D)
+        seen = gather_memory(k_raw, v, visible_selection(selection, n_chunks, self.lag))
+        rotation = self._memory_rotation(torch.arange(n_chunks, device=k_raw.device))
+        cos, sin = self.rotary(rotation, k_raw.dtype)  # (n_chunks, D)
         mem_k = apply_rotary(seen.k.permute(0, 3, 1, 2, 4), cos[:, None], sin[:, None])
         return mem_k, seen.v.permute(0, 3, 1, 2, 4), seen.valid
 
@@ -200,7 +200,7 @@ class BMojoAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.q_heads * self.head_dim))
 
     # ------------------------------------------------------------------ decode
-    def _fill_cache(self, cache, k, v, k_fading, v_fading, s, k_raw, v_raw, innovation, memory_states) -> None:
+    def _fill_cache(self, cache, k, v, k_fading, v_fading, s, k_raw, v_raw, innovation, selection) -> None:
         """Store what decoding needs after a parallel forward over a whole prompt."""
         length = k.shape[2]
         cache.ctx_k, cache.ctx_v = k[:, :, -self.window :], v[:, :, -self.window :]
@@ -210,9 +210,12 @@ class BMojoAttention(nn.Module):
         if s is not None:
             cache.prev_ssm_out = s[:, -1]
         if self.memory_size > 0:
-            done = len(memory_states)
-            cache.memory = memory_states[-1] if memory_states else self._empty_memory(k_raw)
-            cache.snapshots = {j: memory_states[j] for j in range(max(0, done - self.lag), done)}
+            done = selection.position.shape[1]
+            first = max(0, done - self.lag)
+            recent = gather_memory(k_raw, v_raw, Selection(*(t[:, first:] for t in selection)))
+            # Own copies, not views of the whole sequence's selection: the cache must not grow with the prompt.
+            cache.snapshots = {j: recent.at(j - first).clone() for j in range(first, done)}
+            cache.memory = cache.snapshots[done - 1] if done else self._empty_memory(k_raw)
             tail = slice(done * self.chunk, length)
             cache.chunk_k, cache.chunk_v = k_raw[:, tail], v_raw[:, tail]
             cache.chunk_innovation = innovation[:, tail].detach()

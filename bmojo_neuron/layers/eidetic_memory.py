@@ -6,18 +6,38 @@ innovation are picked (ties: lower position first) and merged with the memory: t
 survive (ties: the more recent entry wins). Chunk ``j`` reads the memory as it stood
 after chunk ``j - lag``.
 
-The same two functions, `pick_tokens` and `merge_into_memory`, run in the parallel
-forward (once per chunk) and in the decode cache (when a chunk completes), so both
-paths select exactly the same tokens. Every step is a fixed-size sort: no
-data-dependent shapes.
+Two forms compute the same memories:
+
+* `select_memory` (the parallel forward) computes the memory after *every* chunk at
+  once. Every entry's score decays by the same factor per chunk, so the ranking of
+  the entries never changes with age: the memory after chunk ``j`` is the top ``M``
+  of *all* picks up to chunk ``j``, ranked by their scores at ``j``. So the picks of
+  all chunks are one batched sort over ``(batch, chunks, c)``, and the memories of a
+  block of chunks are one masked sort over ``(batch, chunks in block, candidates)``
+  (picks of later chunks masked out), with the memory before the block as the only
+  carried state. Blocks only bound the work (``chunks x candidates``) on long
+  sequences with small chunks.
+* `update_memory` (the decode cache, when a chunk completes) merges one chunk's picks
+  into the memory.
+
+Both rank candidates with the same arithmetic (`retention_scores`) and the same tie
+rule (stable sorts: recency first, then score), so forward and decode keep the same
+tokens in the same slot order; `tests/test_layers.py` checks both against a loop of
+`update_memory` and the dense rule of bmojo.md. Every step is a fixed-size sort or
+gather: no data-dependent shapes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+NEG_INF = float("-inf")
+# Masked-sort work per batch row and block: chunks in the block x candidates.
+BLOCK_ELEMENTS = 1 << 16
 
 
 @dataclass
@@ -25,7 +45,8 @@ class MemoryState:
     """The eidetic memory of one layer for a batch: ``M`` slots.
 
     ``k`` are stored un-rotated; the reader rotates them to its own memory position.
-    Empty slots have ``position == -1``.
+    Empty slots have ``position == -1``. The tensors may carry extra axes between
+    batch and slot (e.g. one memory per chunk: (batch, n_chunks, M, ...)).
     """
 
     k: Tensor  # (batch, M, kv_heads, head_dim)
@@ -47,8 +68,23 @@ class MemoryState:
     def reorder(self, index: Tensor) -> MemoryState:
         return MemoryState(*(t.index_select(0, index) for t in self._tensors()))
 
+    def at(self, chunk: int) -> MemoryState:
+        """One memory out of a per-chunk stack (batch, n_chunks, M, ...)."""
+        return MemoryState(*(t[:, chunk] for t in self._tensors()))
+
+    def clone(self) -> MemoryState:
+        return MemoryState(*(t.clone() for t in self._tensors()))
+
     def _tensors(self) -> tuple[Tensor, ...]:
         return self.k, self.v, self.innovation, self.position, self.pick_chunk
+
+
+class Selection(NamedTuple):
+    """Which tokens fill the memory slots: (batch, ..., M) each; empty slots have position -1."""
+
+    position: Tensor
+    innovation: Tensor
+    pick_chunk: Tensor
 
 
 def innovation_scores(k_raw: Tensor, k_predicted: Tensor) -> Tensor:
@@ -57,9 +93,34 @@ def innovation_scores(k_raw: Tensor, k_predicted: Tensor) -> Tensor:
 
 
 def pick_tokens(innovation: Tensor, picks: int) -> Tensor:
-    """Indices (batch, picks) of the largest innovations in a chunk (batch, n); ties: lower index first."""
+    """Indices (..., picks) of the largest innovations along the last axis (..., n); ties: lower index first."""
     order = torch.sort(innovation, dim=-1, descending=True, stable=True).indices
-    return order[:, :picks]
+    return order[..., :picks]
+
+
+def retention_scores(innovation: Tensor, pick_chunk: Tensor, chunk_index: Tensor | int, eligible: Tensor,
+                     decay: float) -> Tensor:
+    """Score ``innovation * decay ** (chunk_index - pick_chunk)``; ``-inf`` where not `eligible`.
+
+    With ``decay = 0``, ``0 ** 0 = 1`` keeps new picks at their innovation and older
+    entries at 0 (a FIFO once recency breaks the ties).
+    """
+    age = (chunk_index - pick_chunk).to(innovation.dtype)
+    score = innovation * torch.pow(torch.full_like(age, decay), age)
+    return score.masked_fill(~eligible, NEG_INF)
+
+
+def _keep_best(position: Tensor, score: Tensor, size: int) -> Tensor:
+    """Indices of the `size` best candidates along the last axis: score first, then recency.
+
+    position: (..., C) (-1 for empty, so empties rank last among equal scores);
+    score: (..., J, C) or (..., C), one row of scores per target memory.
+    """
+    by_recency = torch.sort(position, dim=-1, descending=True, stable=True).indices
+    if score.dim() > position.dim():
+        by_recency = by_recency.unsqueeze(-2).expand(score.shape)
+    by_score = torch.sort(score.gather(-1, by_recency), dim=-1, descending=True, stable=True).indices
+    return by_recency.gather(-1, by_score[..., :size])
 
 
 def merge_into_memory(
@@ -83,14 +144,8 @@ def merge_into_memory(
     innovation = torch.cat([memory.innovation, new_innovation], dim=1)
     position = torch.cat([memory.position, new_position], dim=1)
     pick_chunk = torch.cat([memory.pick_chunk, new_chunk], dim=1)
-
-    age = (chunk_index - pick_chunk).to(innovation.dtype)
-    score = innovation * torch.pow(torch.full_like(age, decay), age)
-    score = score.masked_fill(position < 0, float("-inf"))
-    # Most recent first, then a stable sort by score: ties keep the most recent in front.
-    by_recency = torch.sort(position, dim=1, descending=True, stable=True).indices
-    by_score = torch.sort(score.gather(1, by_recency), dim=1, descending=True, stable=True).indices
-    keep = by_recency.gather(1, by_score)[:, :size]
+    score = retention_scores(innovation, pick_chunk, chunk_index, position >= 0, decay)
+    keep = _keep_best(position, score, size)
 
     def take(t: Tensor) -> Tensor:
         index = keep.view(keep.shape + (1,) * (t.dim() - 2)).expand(keep.shape + t.shape[2:])
@@ -123,6 +178,82 @@ def update_memory(
     )
 
 
+def empty_selection(batch: int, size: int, like: Tensor, chunks: int | None = None) -> Selection:
+    """`Selection` of empty slots, (batch, size) or with a chunk axis (batch, chunks, size)."""
+    shape = (batch, size) if chunks is None else (batch, chunks, size)
+    index = torch.full(shape, -1, dtype=torch.long, device=like.device)
+    return Selection(index, like.new_zeros(shape), index.clone())
+
+
+def select_memory(innovation: Tensor, *, chunk: int, picks: int, size: int, decay: float) -> Selection:
+    """Which tokens are in memory after every complete chunk: (batch, n_chunks, size) each.
+
+    `innovation` (batch, L) is read detached. See the module docstring for the method.
+    """
+    innovation = innovation.detach()
+    batch, length = innovation.shape
+    n_chunks = length // chunk
+    if n_chunks == 0 or size == 0:
+        return empty_selection(batch, size, innovation, chunks=n_chunks)
+    per_chunk = innovation[:, : n_chunks * chunk].view(batch, n_chunks, chunk)
+    index = pick_tokens(per_chunk, picks)  # (batch, n_chunks, k)
+    chunk_ids = torch.arange(n_chunks, device=innovation.device)
+    pick_position = index + (chunk_ids * chunk)[:, None]
+    pick_innovation = per_chunk.gather(-1, index)
+    pick_chunk = chunk_ids[:, None].expand_as(index)
+
+    block = _chunks_per_block(size, picks, n_chunks)
+    memory = empty_selection(batch, size, innovation)
+    states = []
+    for first in range(0, n_chunks, block):
+        last = min(first + block, n_chunks)
+        # Candidates: the memory before the block, then every pick of the block.
+        position = torch.cat([memory.position, pick_position[:, first:last].flatten(1)], dim=1)
+        cand_innovation = torch.cat([memory.innovation, pick_innovation[:, first:last].flatten(1)], dim=1)
+        cand_chunk = torch.cat([memory.pick_chunk, pick_chunk[:, first:last].flatten(1)], dim=1)
+        targets = chunk_ids[first:last, None]  # (J, 1): memory after chunk j sees picks of chunks <= j
+        eligible = (position >= 0)[:, None, :] & (cand_chunk[:, None, :] <= targets)  # (batch, J, C)
+        score = retention_scores(cand_innovation[:, None], cand_chunk[:, None], targets, eligible, decay)
+        keep = _keep_best(position, score, size)  # (batch, J, size)
+        kept = eligible.gather(-1, keep)
+
+        def take(t: Tensor, fill: float) -> Tensor:
+            return t[:, None].expand(-1, last - first, -1).gather(-1, keep).masked_fill(~kept, fill)
+
+        states.append(Selection(take(position, -1), take(cand_innovation, 0.0), take(cand_chunk, -1)))
+        memory = Selection(*(t[:, -1] for t in states[-1]))
+    return Selection(*(torch.cat(parts, dim=1) for parts in zip(*states)))
+
+
+def _chunks_per_block(size: int, picks: int, n_chunks: int) -> int:
+    """Largest number of chunks J whose masked sort, J x (size + J * picks), stays within BLOCK_ELEMENTS."""
+    block = 1
+    while block < n_chunks and (block + 1) * (size + (block + 1) * picks) <= BLOCK_ELEMENTS:
+        block += 1
+    return block
+
+
+def gather_memory(k_raw: Tensor, v: Tensor, selection: Selection) -> MemoryState:
+    """The memory vectors of `selection` (batch, ..., M) out of the sequence's k_raw, v (batch, L, kv_heads, head_dim).
+
+    Empty slots get zero vectors, as in `MemoryState.empty`.
+    """
+    batch, length, kv_heads, head_dim = k_raw.shape
+    slots = selection.position.shape[1:]
+    # Whole rows of the flattened (batch * L, kv_heads * head_dim) sequence: index_select
+    # copies rows (and its backward adds rows), much faster than an element-wise gather.
+    rows = selection.position.clamp(min=0) + length * torch.arange(batch, device=k_raw.device).view(
+        batch, *(1,) * len(slots))
+    rows = rows.flatten()
+    mask = (selection.position >= 0).flatten().to(k_raw.dtype)[:, None]
+
+    def take(t: Tensor) -> Tensor:
+        picked = t.reshape(batch * length, kv_heads * head_dim).index_select(0, rows) * mask
+        return picked.view(batch, *slots, kv_heads, head_dim)
+
+    return MemoryState(take(k_raw), take(v), selection.innovation, selection.position, selection.pick_chunk)
+
+
 def memory_after_each_chunk(
     k_raw: Tensor,
     v: Tensor,
@@ -132,24 +263,39 @@ def memory_after_each_chunk(
     picks: int,
     size: int,
     decay: float,
-    initial: MemoryState | None = None,
-) -> list[MemoryState]:
-    """Memory after every complete chunk of a sequence (k_raw, v: (batch, L, kv_heads, head_dim))."""
-    batch, length, kv_heads, head_dim = k_raw.shape
-    memory = initial or MemoryState.empty(batch, size, kv_heads, head_dim, k_raw)
-    states = []
-    for j in range(length // chunk):
-        part = slice(j * chunk, (j + 1) * chunk)
-        memory = update_memory(memory, k_raw[:, part], v[:, part], innovation[:, part], j * chunk, j, picks, decay)
-        states.append(memory)
-    return states
+) -> MemoryState:
+    """Memory after every complete chunk of a sequence (k_raw, v: (batch, L, kv_heads, head_dim)).
 
-
-def visible_memory(states: list[MemoryState], n_chunks: int, lag: int, empty: MemoryState) -> MemoryState:
-    """Stack, for each query chunk ``j < n_chunks``, the memory after chunk ``j - lag`` (empty before).
-
-    Returns a MemoryState whose tensors have an extra chunk axis after batch:
-    (batch, n_chunks, M, ...).
+    Returns one stacked MemoryState (batch, n_chunks, M, ...); `.at(j)` is the memory after chunk j.
     """
-    per_chunk = [states[j - lag] if j - lag >= 0 else empty for j in range(n_chunks)]
-    return MemoryState(*(torch.stack(parts, dim=1) for parts in zip(*(m._tensors() for m in per_chunk))))
+    selection = select_memory(innovation, chunk=chunk, picks=picks, size=size, decay=decay)
+    return gather_memory(k_raw, v, selection)
+
+
+def visible_selection(selection: Selection, n_chunks: int, lag: int) -> Selection:
+    """For each query chunk ``j < n_chunks``, the memory after chunk ``j - lag`` (empty before).
+
+    `selection` holds the memory after each complete chunk (batch, done, M); returns
+    (batch, n_chunks, M). Query chunk ``j`` needs chunk ``j - lag < done``, which
+    holds whenever ``lag >= 1`` and the sequence has ``n_chunks`` chunks.
+    """
+    batch, done, size = selection.position.shape
+    front = min(lag, n_chunks)
+    seen = n_chunks - front
+    if seen > done:
+        raise ValueError(f"visible_selection: {n_chunks} query chunks with lag {lag} need {seen} memories, have {done}")
+    empty = empty_selection(batch, size, selection.innovation, chunks=front)
+    return Selection(*(torch.cat([e, s[:, :seen]], dim=1) for e, s in zip(empty, selection)))
+
+
+def visible_memory(states: MemoryState, n_chunks: int, lag: int) -> MemoryState:
+    """`visible_selection` for a stacked MemoryState (batch, done, M, ...): empty slots are zeros."""
+    batch, done, size = states.position.shape
+    front = min(lag, n_chunks)
+    seen = n_chunks - front
+    empty = MemoryState.empty(batch, size * front, *states.k.shape[3:], states.k)
+    parts = []
+    for e, s in zip(empty._tensors(), states._tensors()):
+        e = e.view(batch, front, size, *e.shape[2:])
+        parts.append(torch.cat([e, s[:, :seen]], dim=1))
+    return MemoryState(*parts)
