@@ -60,10 +60,11 @@ def _probe(name: str) -> dict:
         if importlib.util.find_spec(name) is None:
             info["reason"] = f"{dist} is not installed"
             return info
-        if name == "neuronx_distributed":  # NxD 0.17 imports a module transformers 5 removed (nxd_compat)
-            from bmojo_neuron.nxd_compat import provide_transformers_fx
+        if name == "neuronx_distributed":  # what NxD 0.17 imports at import time (nxd_compat)
+            from bmojo_neuron.nxd_compat import hide_nxd_training, provide_transformers_fx
 
             provide_transformers_fx()
+            hide_nxd_training()
         module = importlib.import_module(name)
     except Exception as exc:
         text = f"{type(exc).__name__}: {exc}"

@@ -1,4 +1,5 @@
-"""What NeuronX Distributed 0.17 needs from transformers 4 that transformers 5 no longer has.
+"""What NeuronX Distributed 0.17 needs from transformers 4 that transformers 5 no longer has, and an
+optional import of NxD's that must not break ours.
 
 NxD 0.17 (SDK 2.28; ``aws-neuron/neuronx-distributed`` tag ``v2.28.0``,
 ``src/neuronx_distributed/pipeline/trace.py``) runs, at ``import neuronx_distributed``,
@@ -13,6 +14,14 @@ Face ``PreTrainedModel`` when no tracer is named; the pipeline wiring here trace
 own (non-HF) module and names ``tracer_cls="torch"`` (`bmojo_neuron.parallel.nxd_training`),
 so the stand-in is never used to trace. `bmojo_neuron.neuron` calls it before it first
 imports ``neuronx_distributed`` (every NxD import goes through `import_neuron_module`).
+
+NxD 0.17 also tries, at import (``utils/model_utils.py``), ``from
+neuronx_distributed_training.models.megatron.module import MegatronModule`` and only
+catches ``ImportError``. NxD Training pulls in NeMo, which can fail to import under
+transformers 5 with other exceptions, and nothing here uses it (NxD only needs it for
+``activation_checkpoint_config="full"`` on NxDT models). `hide_nxd_training` makes that
+import an ``ImportError`` unless NxD Training was already imported on purpose, so an
+installation that happens to include it (a Neuron DLAMI environment) cannot break ours.
 """
 
 from __future__ import annotations
@@ -23,6 +32,16 @@ import sys
 import types
 
 FX_MODULE = "transformers.utils.fx"
+NXD_TRAINING = "neuronx_distributed_training"
+
+
+def hide_nxd_training() -> bool:
+    """Make NxD's optional ``import neuronx_distributed_training`` raise ImportError (``None`` in
+    ``sys.modules``) unless it was already imported; True if it did."""
+    if NXD_TRAINING in sys.modules:
+        return False
+    sys.modules[NXD_TRAINING] = None  # type: ignore[assignment]  # "import of ... halted": a ModuleNotFoundError
+    return True
 
 
 def provide_transformers_fx() -> bool:

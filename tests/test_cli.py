@@ -30,11 +30,12 @@ NEURON_PINS = {
     "torch-neuronx": "2.9.0.2.12.22436",
     "neuronx-cc": "2.23.6484.0",
     "neuronx-distributed": "0.17.26814",
-    "neuronx-distributed-training": "1.7.0",
     "nki": "0.2.0",
     "libneuronxla": "2.2.15515.0",
 }
-NEURON_DISTS = set(NEURON_PINS) | {"torch-xla"}
+# NxD Training is not in the extra (unused; NxD's optional import of it is kept harmless by nxd_compat),
+# but it is a Neuron package all the same: never a base dependency.
+NEURON_DISTS = set(NEURON_PINS) | {"torch-xla", "neuronx-distributed-training"}
 
 
 @pytest.fixture(scope="module")
@@ -346,22 +347,30 @@ def test_stray_arguments_after_options_are_still_refused(capsys):
 
 
 def test_nxd_importing_transformers_4_fx_is_reported_importable(tmp_path, monkeypatch):
-    """NxD 0.17 runs `from transformers.utils.fx import HFTracer` on import; transformers 5 has no such module."""
+    """NxD 0.17 runs `from transformers.utils.fx import HFTracer` on import (transformers 5 has no such module)
+    and tries NxD Training, catching only ImportError: an installed NxD Training that raises otherwise (NeMo
+    under transformers 5) must not break the import."""
     from bmojo_neuron.neuron import neuron_status
 
     package = tmp_path / "neuronx_distributed"
     package.mkdir()
     (package / "__init__.py").write_text("from transformers.utils.fx import HFTracer\n"
-                                         "class HFTracerWrapper(HFTracer):\n    pass\n__version__ = '0.17.0'\n")
+                                         "class HFTracerWrapper(HFTracer):\n    pass\n__version__ = '0.17.0'\n"
+                                         "try:  # as NxD's utils/model_utils.py\n"
+                                         "    from neuronx_distributed_training.models.megatron.module import M\n"
+                                         "except ImportError:\n    pass\n")
+    nxdt = tmp_path / "neuronx_distributed_training"  # installed, and broken as NeMo under transformers 5 can be
+    nxdt.mkdir()
+    (nxdt / "__init__.py").write_text("raise AttributeError('NeMo needs transformers 4')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    for name in ("neuronx_distributed", "transformers.utils.fx"):
+    for name in ("neuronx_distributed", "transformers.utils.fx", "neuronx_distributed_training"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     try:
         status = neuron_status()["neuronx_distributed"]
-    finally:  # drop the fake NxD and the stand-in it needed
+    finally:  # drop the fake NxD and the stand-ins it needed
         import transformers.utils
 
-        for name in ("neuronx_distributed", "transformers.utils.fx"):
+        for name in ("neuronx_distributed", "transformers.utils.fx", "neuronx_distributed_training"):
             sys.modules.pop(name, None)
         monkeypatch.delattr(transformers.utils, "fx", raising=False)
     assert status["status"] == "ok" and status["version"] == "0.17.0", status

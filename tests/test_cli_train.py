@@ -91,7 +91,7 @@ def test_dry_run_of_a_neuron_recipe_prints_the_plan_and_the_checks(capsys, tmp_p
     assert "== bmojo-790m ==" in out and "device neuron" in out
     assert "layout      tp 2 × pp 1 × dp 16" in out and "HBM per NeuronCore" in out
     assert "torchrun --nproc-per-node 32 --nnodes 1" in out and "train trn1/bmojo-790m" in out
-    assert "export NEURON_RT_STOCHASTIC_ROUNDING_EN=1" in out  # bf16
+    assert "export NEURON_RT_STOCHASTIC_ROUNDING_EN=0" in out  # bf16 + ZeRO-1: NxD's fp32 master weights
     assert "Neuron SDK: missing here" in out and INSTALL_COMMAND in out
     assert "data: PROBLEM: data.path /path/to/your/dataset: no such file or folder" in out
     assert f"output {run_dir}: new run" in out and not run_dir.exists()

@@ -286,7 +286,7 @@ def test_pytorchjob_env_is_the_plan_env():
     plan = build_plan(load_recipe(env["BMOJO_RECIPE"], overrides), env["BMOJO_RECIPE"], overrides,
                       nodes=nodes, cache_dir=env["BMOJO_CACHE_DIR"])
     assert {k: env.get(k) for k in plan.env} == plan.env
-    neuron_keys = {k for k in env if k.startswith(("NEURON_", "FI_", "XLA_"))}
+    neuron_keys = {k for k in env if k.startswith(("NEURON_", "FI_", "XLA_", "MALLOC_"))}
     assert neuron_keys == set(plan.env)
 
 

@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from doubles import neuron_sdk, nxd_pp
+from doubles import mpmd, neuron_sdk, nxd_pp
 from safetensors.torch import load_file
 from test_neuron_train import TINY
 
@@ -210,7 +210,7 @@ def _summary(result, log=None, reads=None) -> dict:
         out["log"] = {"syncs": log.syncs, "violations": log.violations, "reads": reads,
                       "train_forwards": log.train_forwards, "eval_forwards": log.eval_forwards,
                       "closures_run": log.closures_run, "pipeline": log.calls["pipeline"],
-                      "shared": log.calls["shared_weights"]}
+                      "shared": log.calls["shared_weights"], "graphs": mpmd.graphs_of(log)}
     return json.loads(json.dumps(out, default=str))  # a copy: the doubles' log goes on recording
 
 
@@ -246,6 +246,17 @@ def test_pipeline_run_equals_the_cpu_run(pp_runs, cpu_run):
     assert [r["step"] for r in _train(main["whole"]["metrics"])] == list(range(1, STEPS + 1))
     assert [r["step"] for r in _evals(main["whole"]["metrics"])] == [2, 4]
     _assert_numbers_equal(main["whole"], cpu_run)
+
+
+def test_both_stages_cut_the_same_graphs_and_collectives(pp_runs):
+    """The stages run graphs of their own, but the collectives that span them meet: same order, same shapes
+    (`doubles.mpmd`)."""
+    _, ranks = pp_runs
+    graphs = {rank: mpmd.from_json(summary["whole"]["log"]["graphs"]) for rank, summary in enumerate(ranks)}
+    assert len(graphs[0]) > 3 * STEPS
+    assert mpmd.mismatches(graphs, {0: 0, 1: 1}) == []
+    assert mpmd.mismatches(graphs, {0: 0, 1: 0})  # as one stage they would differ: the check can fail
+    assert any(e[0] == "all_reduce" for g in graphs[0] for e in g)  # sum_over_pp: collectives to compare
 
 
 def test_pipeline_step_marks_once_reads_nothing_and_passes_nxd_our_settings(pp_runs):

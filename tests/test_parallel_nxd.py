@@ -6,15 +6,19 @@ with tensor-parallel size 1 its layers are plain torch layers.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 import torch.multiprocessing as mp
 from doubles import nxd_api, nxd_gloo
 from naive import tiny_config
-from test_parallel import assert_rank_matches, load_shard, run_cases, single_process_run
+from test_parallel import assert_rank_matches, run_cases, single_process_run
 
-from bmojo_neuron import BMojoForCausalLM
+from bmojo_neuron import BMojoConfig, BMojoForCausalLM
 from bmojo_neuron.layers.decoder import BMojoDecoderLayer
+from bmojo_neuron.layers.factory import use_layer_factory
+from bmojo_neuron.parallel.sharding import shard_state_dict
 from bmojo_neuron.neuron import NeuronUnavailableError
 from bmojo_neuron.parallel import nxd, nxd_training
 from bmojo_neuron.parallel.nxd_pipeline import PipelineCausalLM, PipelineDecoderLayer
@@ -161,29 +165,92 @@ def test_sequence_parallel_builds_batch_first_nxd_layers_and_marks_the_norms(fak
     assert not any(hasattr(p, "sequence_parallel_enabled") for p in plain.parameters())
 
 
+def _nxd_shard(full, factory, rank: int):
+    """`full`'s model built through `factory` (NxD's layers in ``factory.dtype``) holding this rank's shard."""
+    with use_layer_factory(factory):
+        model = BMojoForCausalLM(full.config)
+    shapes = {name: p.shape for name, p in model.state_dict().items()}
+    model.load_state_dict(shard_state_dict(full.state_dict(), shapes, rank, WORLD))
+    return model.to(factory.dtype), shapes
+
+
 def _check_nxd_case(rank: int, mixer: str, sequence_parallel: bool) -> None:
+    """fp32 through NxD's layers against the float64 one-device model (NxD's embedding hands out fp32 or bf16
+    only at tp > 1, so float64 cannot go through it)."""
     config = _config(ssm_mixer=mixer, ssm_n_groups=2)
     full, ids, labels, ref = single_process_run(config, 16)
     nxd_gloo.BUILT.clear()
-    model, shapes = load_shard(full, nxd.NxDTensorParallelFactory(sequence_parallel=sequence_parallel), rank, WORLD)
+    model, shapes = _nxd_shard(full, nxd.NxDTensorParallelFactory(sequence_parallel=sequence_parallel), rank)
     out = model(ids, labels=labels)
     out.loss.backward()
     # what NxD's optimizer wrapper does when its config has sequence_parallel=True
-    nxd_gloo.MODULES["neuronx_distributed.parallel_layers.grads"].allreduce_sequence_parallel_gradients(
+    nxd_gloo.modules()["neuronx_distributed.parallel_layers.grads"].allreduce_sequence_parallel_gradients(
         torch.optim.SGD(model.parameters(), lr=0.0))
 
     sp_layers = [kw for _, _, kw in nxd_gloo.BUILT if kw.get("sequence_parallel_enabled")]
     assert len(sp_layers) > 0 if sequence_parallel else not sp_layers
-    assert_rank_matches(model, out, full, ref, shapes, WORLD)
+    assert_rank_matches(model, out, full, ref, shapes, WORLD, rtol=2e-4, atol=1e-5)
+
+
+def _check_nxd_bf16(rank: int, mixer: str, sequence_parallel: bool) -> None:
+    """bf16 at tp = 2: every NxD layer's output and the residual stream stay bf16 end to end, so what the
+    checkpointed layers keep is what `bmojo-neuron plan` counts; built for fp32 and cast afterwards, NxD's
+    embedding hands out fp32 (the failure this guards against)."""
+    from doubles.nxd_runtime import nxd_checkpoint_wrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from bmojo_neuron.launch.memory import estimate_memory
+    from bmojo_neuron.recipes import Recipe
+
+    config = _config(ssm_mixer=mixer, ssm_n_groups=2)
+    torch.manual_seed(0)
+    full = BMojoForCausalLM(config)
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    late, _ = _nxd_shard(full, nxd.NxDTensorParallelFactory(sequence_parallel=sequence_parallel), rank)
+    late.to(torch.bfloat16)  # built for fp32, cast afterwards: NxD's embedding keeps dtype=fp32
+    assert late.model.embed_tokens(ids).dtype == torch.float32
+    with pytest.raises(ValueError, match="NxD layers not in torch.bfloat16"):
+        nxd.check_nxd_dtypes(late, torch.bfloat16)
+
+    factory = nxd.NxDTensorParallelFactory(sequence_parallel=sequence_parallel, dtype=torch.bfloat16)
+    model, _ = _nxd_shard(full, factory, rank)
+    nxd.check_nxd_dtypes(model, torch.bfloat16)
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=nxd_checkpoint_wrapper,
+                                   check_fn=lambda m: isinstance(m, BMojoDecoderLayer))  # NxD's, reentrant
+    outputs, kept = {}, []
+    for name, module in model.named_modules():
+        module.register_forward_hook(lambda m, a, o, name=name: outputs.update({name: o}))  # returns None
+        if type(module).__name__ == "NxDCheckpointWrapper":  # reentrant checkpoint: it keeps the tensor inputs
+            module.register_forward_pre_hook(lambda m, a: kept.extend(t.nbytes for t in a if torch.is_tensor(t)))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    wrong = {n: o.dtype for n, o in outputs.items() if torch.is_tensor(o) and o.is_floating_point()
+             and o.dtype != torch.bfloat16}
+    layer_outputs = {n: o[0].dtype for n, o in outputs.items() if isinstance(o, tuple) and n.endswith("layers.0")}
+    assert not wrong and layer_outputs, (wrong, layer_outputs)
+    assert all(p.grad is not None for p in model.parameters())  # reentrant checkpointing: grads reach every layer
+
+    fields = inspect.signature(BMojoConfig.__init__).parameters
+    recipe = Recipe.from_dict({
+        "run": {"name": "bf16-tp2", "device": "neuron"},
+        "model": {k: v for k, v in config.to_dict().items() if k in fields},
+        "data": {"kind": "mqar", "seq_len": ids.shape[1], "num_kv_pairs": 2, "vocab_size": config.vocab_size},
+        "train": {"batch_size": 2, "precision": "bf16", "activation_checkpointing": True},
+        "parallel": {"tp": WORLD, "sp": sequence_parallel},
+    })
+    planned = estimate_memory(recipe, WORLD).stages[0]
+    assert sum(kept) == planned.layer_inputs, (sum(kept), planned.layer_inputs)
 
 
 def _nxd_worker(rank: int, init_file: str) -> None:
-    nxd.import_neuron_module = lambda name, feature: nxd_gloo.MODULES[name]  # this spawned process only
+    nxd.import_neuron_module = lambda name, feature: nxd_gloo.modules()[name]  # this spawned process only
     run_cases(rank, init_file, WORLD, _check_nxd_case, [("mamba1", True), ("mamba2", True), ("mamba2", False)])
+    run_cases(rank, init_file + "-bf16", WORLD, _check_nxd_bf16, [("mamba2", False), ("mamba2", True)])
 
 
 def test_nxd_factory_over_gloo_doubles_equals_single_process(tmp_path):
     """Two ranks, NxD's layers and collectives played by `doubles.nxd_gloo` (NxD 0.17 semantics on gloo):
-    loss, logits and every gradient equal the single-process model (float64, rtol 1e-5), with and
-    without sequence parallelism."""
+    in fp32, loss, logits and every gradient equal the float64 single-process model (rtol 2e-4, atol 1e-5),
+    with and without sequence parallelism; in bf16 every output stays bf16 and the checkpointed layer
+    inputs are the bytes the plan counts."""
     mp.start_processes(_nxd_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, start_method="spawn", join=True)

@@ -30,20 +30,23 @@ def recipe(name="trn1/bmojo-130m", *overrides):
 def test_parameter_part_is_count_parameters_times_bytes():
     r = recipe("trn1/bmojo-130m")
     n = count_parameters(r)
-    bf16 = estimate_memory(r, 32).stages[0]
+    bf16 = estimate_memory(r, 32).stages[0]  # bf16 without ZeRO-1: AdamW's states take the bf16 dtype
     assert bf16.parameters == n
-    assert bf16.weights == n * 2 and bf16.gradients == n * 2
-    assert bf16.optimizer == n * (4 + 4 + 4)  # exp_avg, exp_avg_sq, master weights: fp32
+    assert bf16.weights == n * 2 and bf16.gradients == n * 2 and bf16.optimizer == n * (2 + 2)
     fp32 = estimate_memory(r.with_overrides(["train.precision=fp32"]), 32).stages[0]
     assert fp32.weights == n * 4 and fp32.gradients == n * 4 and fp32.optimizer == n * 8
+    # bf16 + ZeRO-1: fp32 main_grad of every parameter (NxD's fp32 accumulation); master + 2 states over dp
+    zero = estimate_memory(r.with_overrides(["parallel.zero1=true"]), 32).stages[0]
+    assert zero.weights == n * 2 and zero.gradients == n * 4 and zero.optimizer == -(-n // 32) * (4 + 4 + 4)
 
 
 def test_zero1_divides_optimizer_state_by_dp():
     r = recipe("trn1/bmojo-130m")
     n = count_parameters(r)
-    plain = estimate_memory(r, 32).stages[0]
-    zero = estimate_memory(r.with_overrides(["parallel.zero1=true"]), 32).stages[0]
-    assert zero.optimizer == -(-n // 32) * 12
+    fp32 = r.with_overrides(["train.precision=fp32"])
+    plain = estimate_memory(fp32, 32).stages[0]
+    zero = estimate_memory(fp32.with_overrides(["parallel.zero1=true"]), 32).stages[0]
+    assert zero.optimizer == -(-n // 32) * 8
     assert zero.weights == plain.weights and zero.gradients == plain.gradients
 
 
@@ -141,15 +144,17 @@ def test_torchrun_and_env_lines():
     for flag in ("--model-type transformer", "--distribution-strategy llm-training", "--cache_dir=s3://b/cache",
                  "-O1"):
         assert flag in flags
-    assert plan.env["NEURON_RT_STOCHASTIC_ROUNDING_EN"] == "1"
-    assert plan.env["NEURON_RT_NUM_CORES"] == "1"
+    assert plan.env["NEURON_RT_STOCHASTIC_ROUNDING_EN"] == "0"  # bf16 + ZeRO-1: NxD's fp32 master weights
+    assert plan.env["NEURON_RT_NUM_CORES"] == "1" and plan.env["MALLOC_ARENA_MAX"] == "64"
     assert {plan.env[k] for k in ("FI_EFA_USE_DEVICE_RDMA", "FI_EFA_FORK_SAFE")} == {"1"}
     assert plan.env["FI_PROVIDER"] == "efa"
     single = build_plan(r.with_overrides(["train.precision=fp32", "train.batch_size=1"]), "x",
                         instance="trn1.2xlarge")
     assert single.world == 2 and "--nproc-per-node 2 --nnodes 1 --node-rank 0 --master-addr localhost" in \
         single.torchrun
-    assert "FI_PROVIDER" not in single.env and "NEURON_RT_STOCHASTIC_ROUNDING_EN" not in single.env
+    assert "FI_PROVIDER" not in single.env and single.env["NEURON_RT_STOCHASTIC_ROUNDING_EN"] == "0"  # fp32
+    pure_bf16 = build_plan(r.with_overrides(["parallel.zero1=false"]), "x")
+    assert pure_bf16.env["NEURON_RT_STOCHASTIC_ROUNDING_EN"] == "1"  # bf16 weights updated in place: SR
 
 
 def test_plan_json_is_valid(capsys):

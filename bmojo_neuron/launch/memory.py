@@ -44,6 +44,7 @@ class StageMemory:
     activations_per_microbatch: int  # with the recipe's activation_checkpointing setting
     activations_full: int  # per micro-batch, every layer's tensors kept
     activations_checkpointed: int  # per micro-batch, layer inputs kept + one layer recomputed
+    layer_inputs: int  # per micro-batch, the decoder layers' inputs (what checkpointing keeps of them)
     microbatches_in_flight: int
     activations: int  # per_microbatch × in flight
 
@@ -209,17 +210,36 @@ def microbatches_in_flight(stage: int, pp: int, microbatches: int) -> int:
     return min(microbatches, pp - stage) if pp > 1 else 1
 
 
+def activation_element_bytes(precision: str) -> int:
+    """Bytes of one residual-stream element: the model's dtype, end to end (NxD's layers are built for it)."""
+    return 2 if precision == "bf16" else FP32
+
+
+def parameter_bytes(precision: str, zero1: bool) -> tuple[int, int, int]:
+    """(weight, gradient, optimizer) bytes per parameter as NxD 0.17 holds them on a NeuronCore.
+
+    - fp32: fp32 weights and gradients, AdamW's two fp32 states;
+    - bf16 without ZeRO-1: everything in bf16, AdamW's states included (they take the
+      parameter's dtype; stochastic rounding keeps the updates unbiased);
+    - bf16 with ZeRO-1: bf16 weights; NxD's fp32 gradient accumulation keeps an fp32
+      ``main_grad`` of every parameter's full shape; the optimizer holds an fp32 master
+      copy and two fp32 states (the optimizer part is divided by dp).
+    """
+    if precision != "bf16":
+        return FP32, FP32, 2 * FP32
+    if zero1:
+        return 2, FP32, 3 * FP32
+    return 2, 2, 2 * 2
+
+
 def estimate_memory(recipe: Any, world: int) -> MemoryEstimate:
     """Per-NeuronCore bytes of `recipe` on `world` ranks (degrees from ``recipe.parallel``)."""
     config = recipe.model_config()
     p, t = recipe.parallel, recipe.train
     tp, pp = p.tp, p.pp
     dp = world // (tp * pp)
-    bf16 = t.precision == "bf16"
-    act = 2 if bf16 else 4
-    weight_bytes = 2 if bf16 else 4
-    # AdamW: exp_avg + exp_avg_sq in fp32, plus an fp32 master copy when the weights are bf16
-    optim_bytes = 8 + (4 if bf16 else 0)
+    act = activation_element_bytes(t.precision)
+    weight_bytes, grad_bytes, optim_bytes = parameter_bytes(t.precision, p.zero1)
     seq = seq_len_of(recipe)
     micro = max(t.batch_size // dp // p.microbatches, 1)
     d = config.hidden_size
@@ -239,14 +259,15 @@ def estimate_memory(recipe: Any, world: int) -> MemoryEstimate:
             extra += 2 * res * act + config.vocab_size / tp * (act + FP32)
         tokens = micro * seq
         full = tokens * (sum(per_layer) + extra)
-        ckpt = tokens * (len(per_layer) * res * act + max(per_layer, default=0) + extra)
+        layer_inputs = tokens * len(per_layer) * res * act
+        ckpt = layer_inputs + tokens * (max(per_layer, default=0) + extra)
         per_micro = ckpt if t.activation_checkpointing else full
         in_flight = microbatches_in_flight(sp_.stage, pp, p.microbatches * t.grad_accum)
         estimate.stages.append(StageMemory(
             stage=sp_.stage, layers=sp_.layers, parameters=params,
-            weights=params * weight_bytes, gradients=params * weight_bytes, optimizer=optim_params * optim_bytes,
+            weights=params * weight_bytes, gradients=params * grad_bytes, optimizer=optim_params * optim_bytes,
             activations_per_microbatch=int(per_micro), activations_full=int(full),
-            activations_checkpointed=int(ckpt), microbatches_in_flight=in_flight,
+            activations_checkpointed=int(ckpt), layer_inputs=int(layer_inputs), microbatches_in_flight=in_flight,
             activations=int(per_micro) * in_flight,
         ))
     return estimate

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from bmojo_neuron.launch.memory import MemoryEstimate, estimate_memory, gib, seq_len_of
+
+if TYPE_CHECKING:  # imported where used: `python -m bmojo_neuron.launch.host_memory` runs that module
+    from bmojo_neuron.launch.host_memory import HostMemoryEstimate
 
 # NeuronCores (torchrun processes) per instance: 16 Trainium chips × 2 cores, or 1 chip × 2 cores.
 INSTANCES = {"trn1.32xlarge": 32, "trn1.2xlarge": 2}
@@ -35,6 +38,7 @@ class LaunchPlan:
     dp: int
     rank_layout: dict[str, Any]
     memory: MemoryEstimate
+    host: HostMemoryEstimate
     env: dict[str, str]
     torchrun: str
     srun: str
@@ -44,7 +48,8 @@ class LaunchPlan:
         return {
             "recipe": self.recipe, "overrides": self.overrides, "instance": self.instance, "nodes": self.nodes,
             "cores_per_node": self.cores_per_node, "world": self.world, "tp": self.tp, "pp": self.pp,
-            "dp": self.dp, "rank_layout": self.rank_layout, "memory": self.memory.to_dict(), "env": self.env,
+            "dp": self.dp, "rank_layout": self.rank_layout, "memory": self.memory.to_dict(),
+            "host_memory": self.host.to_dict(), "env": self.env,
             "torchrun": self.torchrun, "srun": self.srun, "notes": self.notes,
         }
 
@@ -73,11 +78,22 @@ class LaunchPlan:
             lines.append(f"  {s.stage:<6}{s.parameters:>14,}{gib(s.weights):>9}{gib(s.gradients):>9}"
                          f"{gib(s.optimizer):>9}{gib(s.activations):>9}{gib(s.activations_full):>9}"
                          f"{gib(s.activations_checkpointed):>9}{gib(s.total):>9}")
+        lines += ["", *self._host_lines()]
         lines += ["", "environment:"] + [f"  {line}" for line in self.env_lines()]
         lines += ["", "per node (NODE_RANK = 0 .. nodes-1):", f"  {self.torchrun}", "", "Slurm:", f"  {self.srun}"]
         if self.notes:
             lines += ["", "notes:"] + [f"  - {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+    def _host_lines(self) -> list[str]:
+        h = self.host
+        of = f" of {gib(h.host_memory)}" if h.host_memory else ""
+        return [f"host memory at start-up (GiB, per node of {h.local_world} ranks; docs/trn1.md): each rank builds "
+                f"the one-device model in fp32 ({gib(h.full_model)}) once, {h.ranks_per_wave} at a time "
+                f"({h.waves} wave{'s' if h.waves > 1 else ''})",
+                f"  per rank {gib(h.per_rank_building)} while building, {gib(h.per_rank_after)} after "
+                f"(shard {gib(h.shard)}); node peak {gib(h.node_peak)}{of}"]
 
 
 def _ranges(ranks: list[int]) -> str:
@@ -176,13 +192,35 @@ def rank_layout(world: int, tp: int, pp: int, num_layers: int) -> dict[str, Any]
             "tp_groups": layout.tp_groups(), "pp_groups": layout.pp_groups(), "dp_groups": layout.dp_groups()}
 
 
+STOCHASTIC_ROUNDING = "NEURON_RT_STOCHASTIC_ROUNDING_EN"
+# Variables that make torch-xla / NxD recast the model or change ZeRO-1 (NxD's optimizer becomes float64 with
+# XLA_DOWNCAST_BF16=1 and master weights): the trainer casts the model itself (model.to(bfloat16), SDK 2.28).
+CONFLICTING_ENV = ("XLA_USE_BF16", "XLA_DOWNCAST_BF16")
+
+
+def stochastic_rounding(recipe: Any) -> str:
+    """``NEURON_RT_STOCHASTIC_ROUNDING_EN`` for `recipe`: "1" when bf16 weights are updated in place (no
+    ZeRO-1, so no fp32 master copy: round-to-nearest would drop small updates), "0" when the optimizer keeps
+    fp32 master weights (bf16 + ZeRO-1, as NxD's examples set it) or the model is fp32."""
+    return "1" if recipe.train.precision == "bf16" and not recipe.parallel.zero1 else "0"
+
+
+def runtime_env(recipe: Any) -> dict[str, str]:
+    """What the trainer sets itself (unless already set) before the Neuron runtime starts."""
+    return {STOCHASTIC_ROUNDING: stochastic_rounding(recipe)}
+
+
+def conflicting_env(environ: Any) -> list[str]:
+    """The variables of `CONFLICTING_ENV` set to anything but "0" in `environ`."""
+    return [k for k in CONFLICTING_ENV if environ.get(k, "0") not in ("", "0")]
+
+
 def neuron_env(recipe: Any, nodes: int, cache_dir: str) -> dict[str, str]:
     flags = ["--model-type", "transformer", "--distribution-strategy", "llm-training",
              f"--cache_dir={cache_dir}", "-O1", "--retry_failed_compilation"]
-    env = {"NEURON_CC_FLAGS": " ".join(flags)}
-    if recipe.train.precision == "bf16":
-        env["NEURON_RT_STOCHASTIC_ROUNDING_EN"] = "1"
+    env = {"NEURON_CC_FLAGS": " ".join(flags), **runtime_env(recipe)}
     env["NEURON_RT_NUM_CORES"] = "1"  # per process: torchrun starts one process per NeuronCore
+    env["MALLOC_ARENA_MAX"] = "64"  # glibc: bounded malloc arenas per process (host memory; NxD's scripts)
     if nodes > 1:
         env.update({"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "FI_EFA_FORK_SAFE": "1"})
     return env
@@ -201,6 +239,9 @@ def build_plan(recipe: Any, recipe_arg: str, overrides: Sequence[str] = (), node
     validate_for_trainium(recipe, world)
     memory = estimate_memory(recipe, world)
     memory.check()
+    from bmojo_neuron.launch.host_memory import estimate_host_memory
+
+    host = estimate_host_memory(recipe, cores, instance)
     p = recipe.parallel
     dp = world // (p.tp * p.pp)
     config = recipe.model_config()
@@ -218,11 +259,15 @@ def build_plan(recipe: Any, recipe_arg: str, overrides: Sequence[str] = (), node
     if p.pp > 1:
         notes.append("parallel.pp > 1 trains through NxD's pipeline (NxDPPModel); eval keeps the training shape, "
                      "so length generalisation beyond x1 is left to `bmojo-neuron eval` (docs/training.md)")
+    if host.host_memory and host.node_peak > host.host_memory:
+        notes.append(f"start-up needs about {gib(host.node_peak)} GiB of host memory per node, more than the "
+                     f"{gib(host.host_memory)} GiB of a {instance}: expect the build to swap or fail")
     if nodes > 1:
         notes.append("multi-node: the run directory must be on a shared filesystem; EFA needs the "
                      "instances in one placement group with EFA interfaces")
     return LaunchPlan(
         recipe=recipe_arg, overrides=list(overrides), instance=instance, nodes=nodes, cores_per_node=cores,
         world=world, tp=p.tp, pp=p.pp, dp=dp, rank_layout=rank_layout(world, p.tp, p.pp, config.num_hidden_layers),
-        memory=memory, env=neuron_env(recipe, nodes, cache_dir), torchrun=torchrun, srun=srun, notes=notes,
+        memory=memory, host=host, env=neuron_env(recipe, nodes, cache_dir), torchrun=torchrun, srun=srun,
+        notes=notes,
     )

@@ -119,18 +119,21 @@ def nxd_config(
     )
 
 
-def build_nxd_model(config: Any, nxd_cfg: dict, *, one_device_init: bool = False,
-                    count_correct: bool = False) -> nn.Module:
+def build_nxd_model(config: Any, nxd_cfg: dict, *, dtype: torch.dtype = torch.float32,
+                    one_device_init: bool = False, count_correct: bool = False) -> nn.Module:
     """``initialize_parallel_model`` over a `BMojoForCausalLM` built with NxD's tensor-parallel layers.
 
     The model is built inside NxD's ``model_fn`` (after NxD initialises its parallel
-    state, which `NxDTensorParallelFactory` reads). `one_device_init` first builds the
-    whole one-device model (on CPU, from the current torch RNG state) and loads this
-    tensor rank's shard of it, so every tp degree starts from the weights a one-process
-    run would (NxD's layers initialise their own way otherwise); the RNG is left as if
-    only that model had been built. With ``pp > 1`` NxD gets the model as a
-    `PipelineCausalLM` (`count_correct`: its stats count right answers, for MQAR); a
-    tied embedding stays one Parameter, which NxD shares between the first and last stage.
+    state, which `NxDTensorParallelFactory` reads), in `dtype`: NxD's layers are built
+    for it (their output dtype depends on it, see `bmojo_neuron.parallel.nxd`) and the
+    rest is cast, on the host, before NxD moves it to the device. `one_device_init`
+    loads this tensor rank's shard of the whole one-device model built from the current
+    torch RNG state, so every tp degree starts from the weights a one-process run would
+    (NxD's layers initialise their own way otherwise); the ranks of a node build that
+    model in waves (`bmojo_neuron.parallel.one_device_init`), and the RNG is left as if only it had been
+    built. With ``pp > 1`` NxD gets the model as a `PipelineCausalLM` (`count_correct`:
+    its stats count right answers, for MQAR); a tied embedding stays one Parameter,
+    which NxD shares between the first and last stage.
     """
     trainer = _trainer()
     pp = nxd_cfg["pipeline_parallel_size"]
@@ -139,20 +142,17 @@ def build_nxd_model(config: Any, nxd_cfg: dict, *, one_device_init: bool = False
     def model_fn() -> nn.Module:
         from .. import BMojoForCausalLM
         from ..layers.factory import use_layer_factory
-        from .nxd import NxDTensorParallelFactory
+        from .nxd import NxDTensorParallelFactory, check_nxd_dtypes
+        from .one_device_init import one_device_shard
 
-        full = BMojoForCausalLM(config) if one_device_init else None
-        after_init = torch.get_rng_state()
-        factory = NxDTensorParallelFactory(sequence_parallel=nxd_cfg.get("sequence_parallel", False))
+        before = torch.get_rng_state()
+        factory = NxDTensorParallelFactory(sequence_parallel=nxd_cfg.get("sequence_parallel", False), dtype=dtype)
         with use_layer_factory(factory):
             model = BMojoForCausalLM(config)
-        if full is not None:
-            from .sharding import load_into, shard_state_dict
-
-            torch.set_rng_state(after_init)
-            shapes = {k: v.shape for k, v in model.state_dict().items()}
-            load_into(model, shard_state_dict(full.state_dict(), shapes, factory.tp_rank, factory.tp_size),
-                      "the tensor shard of the one-device initialisation")
+        if one_device_init:
+            one_device_shard(model, config, factory.tp_rank, factory.tp_size, before)
+        model.to(dtype)
+        check_nxd_dtypes(model, dtype)
         if pp == 1:
             return model
         from .nxd_pipeline import PipelineCausalLM

@@ -27,9 +27,6 @@ from torch import Tensor
 from bmojo_neuron.neuron import TRAINING_FEATURE as FEATURE
 from bmojo_neuron.neuron import TRAINING_PACKAGES, import_neuron_module, require_neuron
 
-STOCHASTIC_ROUNDING = "NEURON_RT_STOCHASTIC_ROUNDING_EN"
-
-
 def require_neuron_training() -> None:
     """`NeuronUnavailableError` naming every missing package (and the install command) unless all import."""
     require_neuron(FEATURE, TRAINING_PACKAGES)
@@ -49,11 +46,21 @@ class NeuronRuntime:
     _tmp: Any = field(default=None, repr=False)
 
     @classmethod
-    def start(cls, bf16: bool) -> NeuronRuntime:
-        """Check the packages, join (or create) the ``xla`` process group and pick this process's XLA device."""
+    def start(cls, env: dict[str, str]) -> NeuronRuntime:
+        """Check the packages, join (or create) the ``xla`` process group and pick this process's XLA device.
+
+        `env` (`bmojo_neuron.launch.plan.runtime_env`) is set where the environment does not already say
+        otherwise, before the Neuron runtime reads it.
+        """
+        from bmojo_neuron.launch.plan import CONFLICTING_ENV, conflicting_env
+
         require_neuron_training()
-        if bf16:  # pure bf16 weights need stochastic rounding in the runtime (docs/trn1.md); read when it starts
-            os.environ.setdefault(STOCHASTIC_ROUNDING, "1")
+        if bad := conflicting_env(os.environ):
+            raise ValueError(f"unset {', '.join(bad)}: the trainer casts the model itself (model.to(bfloat16)); "
+                             f"{' and '.join(CONFLICTING_ENV)} would recast it (and make NxD's ZeRO-1 optimizer "
+                             "float64)")
+        for key, value in env.items():
+            os.environ.setdefault(key, value)
         xm = import_neuron_module("torch_xla.core.xla_model", FEATURE)
         import_neuron_module("torch_xla.distributed.xla_backend", FEATURE)  # registers the "xla" backend
         state = import_neuron_module("neuronx_distributed.parallel_layers.parallel_state", FEATURE)

@@ -52,12 +52,27 @@ class XlaLog:
     calls: dict[str, Any] = field(default_factory=dict)  # NxD calls: config kwargs, optimizer defaults ...
     rng: int = 0
     env: Any = None  # the `Env` of the doubles (set by `neuron_sdk.install`)
+    graphs: list[list[tuple]] = field(default_factory=list)  # what each cut graph held (see `trace`)
+    extraction_reads: list[str] = field(default_factory=list)  # device values read with NEURON_EXTRACT_GRAPHS_ONLY
     _forwards: int = 0  # training forwards since the last sync
+    _events: list[tuple] = field(default_factory=list)  # traced since the last graph cut
+
+    def trace(self, *event: Any) -> None:
+        """Record what the pending graph holds: a forward, a collective, an optimizer step, a batch (with the
+        shapes and groups that make two graphs differ). Ranks whose host-side decisions differ trace different
+        events, or cut their graphs at different points (`doubles.mpmd`)."""
+        self._events.append(tuple(str(e) for e in event))
+
+    def cut(self, source: str) -> None:
+        """A graph boundary: the events traced since the last one form a graph."""
+        self.graphs.append([(source,), *self._events])
+        self._events = []
 
     def sync(self, source: str) -> None:
         """A ``mark_step`` from the loader, our code or NxD's pipeline (``"pipeline"``: the graphs NxD cuts
         inside ``run_train`` / ``run_eval``; the step stays pending until the caller's own mark_step)."""
         self.syncs.append({"source": source, "step_work": self.step_work, "forwards": self._forwards})
+        self.cut(source)
         if source == "pipeline":
             return
         self.step_work = self.in_step = False
@@ -70,8 +85,9 @@ class XlaLog:
     def step_syncs(self) -> list[dict]:
         return [s for s in self.syncs if s["step_work"]]
 
-    def forward_seen(self, training: bool) -> None:
+    def forward_seen(self, training: bool, shapes: Any = ()) -> None:
         """A forward of NxD's model wrapper: training work makes a step graph pending."""
+        self.trace("forward", "train" if training else "eval", shapes)
         if training:
             self.train_forwards += 1
             self._forwards += 1
@@ -91,6 +107,7 @@ class Env:
     groups: dict[tuple[int, ...], Any] = field(default_factory=dict)
     nxd_packages: list[types.ModuleType] = field(default_factory=list)  # NxD's own autowrap modules
     parallel_functions: list[Callable] = field(default_factory=list)  # NxD's PARALLEL_FUNCTIONS
+    rendezvous: Callable[[str], Any] = lambda tag: None  # ``xm.rendezvous`` (set by the torch-xla double)
 
     def rank(self) -> int:
         return dist.get_rank() if dist.is_initialized() else 0
@@ -117,6 +134,7 @@ class Env:
 
     def reduce(self, x: torch.Tensor, groups: Any, scale: float = 1.0) -> torch.Tensor:
         """``xm.all_reduce(REDUCE_SUM, x, scale, groups)``: over this rank's group of `groups` (world 1: x)."""
+        self.log.trace("all_reduce", groups, tuple(x.shape), x.dtype)
         mine = next((g for g in (groups or [[self.rank()]]) if self.rank() in g), [self.rank()])
         if len(mine) == 1:
             return x * scale

@@ -4,8 +4,8 @@ It does what NxD's source does at the SDK 2.28 release (``aws-neuron/neuronx-dis
 tag ``v2.28.0``: ``pipeline/model.py``, ``trace.py``, ``partition.py``) wherever our
 wiring depends on it, and fails where NxD would fail:
 
-- construction: the keyword arguments of NxD's signature only (a misspelt key is a
-  TypeError); ``auto_partition`` with ``pipeline_cuts`` is refused; ``input_names`` are
+- construction: NxD's exact signature (a misspelt key is a TypeError);
+  ``auto_partition`` with ``pipeline_cuts`` is refused; ``input_names`` are
   required; the model is traced with ``torch.fx`` (``param_shapes_constant=True``), the
   transformer layer class, ``leaf_module_cls`` and NxD's parallel layers as leaves,
   ``math``, NxD's packages and ``autowrap_modules`` searched for leaf functions (the
@@ -58,10 +58,6 @@ from .env import ON_DEVICE
 
 CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 PARALLEL_MODULE_NAMES = ["ColumnParallelLinear", "RowParallelLinear", "ParallelEmbedding"]
-PRIVATE_KEYS = {"_delay_tracing", "_turn_off_odd_even_scheduler", "_all_reduce_send_recv", "_fused_send_recv",
-                "_fused_fwd_bwd", "_mark_step_before_pp_runtime", "_mark_step_after_pp_runtime",
-                "_deallocate_send_tensors", "_use_gloo_for_metadata_comm", "_debug_mode", "_debug_pp_size",
-                "_debug_pp_rank"}
 
 
 class _Tracer(torch.fx.Tracer):
@@ -169,21 +165,22 @@ def find_loss(output: Any, spec: Any) -> Tensor | None:
 class NxDPPModel(nn.Module):
     """One pipeline stage of `module` on this process; see the module docstring."""
 
-    def __init__(self, env: Any, module: nn.Module, transformer_layer_cls: Any = None, num_microbatches: int = 1,
-                 virtual_pipeline_size: int = 1, output_loss_value_spec: Any = None, return_mb_loss: bool = False,
-                 broadcast_and_average_loss: bool = False, use_zero1_optimizer: bool = False,
-                 use_model_wrapper: bool = False, use_optimizer_wrapper: bool = False, pipeline_cuts: Any = None,
-                 input_names: Any = None, leaf_module_cls: Any = None, autowrap_functions: Any = None,
-                 autowrap_modules: Any = None, autowrap_obj_methods: Any = None, tracer_cls: Any = None,
-                 param_init_fn: Any = None, trace_file_path: Any = None, return_loss_on_cpu: bool = True,
-                 deallocate_pipeline_outputs: bool = False, auto_partition: bool = False,
-                 fuse_microbatches: bool = False, manual_pp_partition: bool = False,
-                 manual_pp_stage_partition_fn: Any = None, manual_pp_loss_fn: Any = None, **private: Any) -> None:
-        given = {k: v for k, v in locals().items() if k not in ("self", "env", "module", "private", "__class__")}
+    env: Any  # the doubles' `Env`, set on the class `doubles.nxd_runtime` binds
+
+    def __init__(self, module, transformer_layer_cls=None, num_microbatches=1, virtual_pipeline_size=1,
+                 output_loss_value_spec=None, return_mb_loss=False, broadcast_and_average_loss=False,
+                 use_zero1_optimizer=False, use_model_wrapper=False, use_optimizer_wrapper=False, pipeline_cuts=None,
+                 input_names=None, leaf_module_cls=None, autowrap_functions=None, autowrap_modules=None,
+                 autowrap_obj_methods=None, tracer_cls=None, param_init_fn=None, trace_file_path=None,
+                 return_loss_on_cpu=True, deallocate_pipeline_outputs=False, auto_partition=False,
+                 fuse_microbatches=False, manual_pp_partition=False, manual_pp_stage_partition_fn=None,
+                 manual_pp_loss_fn=None, _delay_tracing=False, _turn_off_odd_even_scheduler=False,
+                 _all_reduce_send_recv=False, _fused_send_recv=False, _fused_fwd_bwd=False,
+                 _mark_step_before_pp_runtime=True, _mark_step_after_pp_runtime=True, _deallocate_send_tensors=True,
+                 _use_gloo_for_metadata_comm=False, _debug_mode=False, _debug_pp_size=8, _debug_pp_rank=0):
+        given = {k: v for k, v in locals().items() if k not in ("self", "module", "__class__")}
         super().__init__()
-        unknown = set(private) - PRIVATE_KEYS
-        if unknown:
-            raise TypeError(f"NxDPPModel() got unexpected keyword arguments {sorted(unknown)}")
+        env = self.env
         if transformer_layer_cls is None:
             raise ValueError("NxDPPModel requires transformer_layer_cls as input")
         assert virtual_pipeline_size == 1 and not manual_pp_partition, "the double runs one chunk per stage"
@@ -196,7 +193,7 @@ class NxDPPModel(nn.Module):
         self.pp, self.stage = env.grid["pp"], env.pp_rank()
         self.io_shapes: dict[str, list] | None = None
         self.tracing = False
-        env.log.calls["pipeline"] = {**given, **private}
+        env.log.calls["pipeline"] = given
         if auto_partition and pipeline_cuts:
             raise RuntimeError("auto_partition is True and pipeline_cuts are provided")
         if auto_partition:
@@ -293,8 +290,8 @@ class NxDPPModel(nn.Module):
     def parameters(self, *args: Any, **kwargs: Any) -> Iterator[nn.Parameter]:
         return self.original_torch_module.parameters(*args, **kwargs)
 
-    def local_named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        for name, p in self.local_stage_modules[0].named_parameters():
+    def local_named_parameters(self, recurse=True):
+        for name, p in self.local_stage_modules[0].named_parameters(recurse=recurse):
             yield self.local_to_original[name.replace(CHECKPOINT_PREFIX, "")], p
 
     def local_named_buffers(self) -> Iterator[tuple[str, Tensor]]:
@@ -307,7 +304,7 @@ class NxDPPModel(nn.Module):
     def local_named_modules(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Module]]:
         yield from self.local_stage_modules[0].named_modules(*args, **kwargs)
 
-    def local_state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+    def local_state_dict(self, *args, **kwargs):
         out = {}
         for name, t in self.local_stage_modules[0].state_dict(*args, **kwargs).items():
             if name not in self.local_to_original:
@@ -315,13 +312,14 @@ class NxDPPModel(nn.Module):
             out[self.local_to_original[name]] = t
         return out
 
-    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True) -> Any:
+    def load_state_dict(self, state_dict, strict=True):
         local = {self.original_to_local[k]: v for k, v in state_dict.items() if k in self.original_to_local}
         return self.local_stage_modules[0].load_state_dict(local, strict=strict)
 
     # ------------------------------------------------------------------ runtime
 
-    def run_train(self, **inputs: Tensor) -> Tensor | None:
+    def run_train(self, *args, **kwargs):  # positional arguments are ignored once partitioned, as NxD
+        inputs = kwargs
         self._mark_step()
         self.log.step_work = self.log.in_step = True  # a step graph is pending until the caller's mark_step
         self.local_stage_modules[0].train()
@@ -329,7 +327,8 @@ class NxDPPModel(nn.Module):
         self._mark_step()
         return loss
 
-    def run_eval(self, **inputs: Tensor) -> Tensor | None:
+    def run_eval(self, *args, **kwargs):
+        inputs = kwargs
         if self.log.step_work:
             self.log.violations.append("run_eval while a step graph was pending")
         self._mark_step()
@@ -416,6 +415,7 @@ class NxDPPModel(nn.Module):
     def _count_forward(self, train: bool) -> None:
         if self.tracing:
             return
+        self.log.trace("stage_forward", self.stage, "train" if train else "eval")
         if train:
             self.log.train_forwards += 1
         else:
@@ -490,9 +490,9 @@ class NxDPPModel(nn.Module):
         params = dict(self.local_stage_modules[0].named_parameters())
         for name, group in self.shared.items():
             p = params[name]
-            if p.requires_grad:
-                assert p.grad is not None, f"Found shared weight {name} has None grad"
-                dist.all_reduce(p.grad, group=group)
+            if p.requires_grad:  # NxD: the gradient, or the ZeRO-1 hooks' main_grad when they took it
+                assert p.grad is not None or hasattr(p, "main_grad"), f"Found shared weight {name} has None grad"
+                dist.all_reduce(p.grad if p.grad is not None else p.main_grad, group=group)
 
     def _process_loss(self, losses: list[Tensor]) -> Tensor | None:
         if self.stage != self.pp - 1 or self.output_loss_value_spec is None:

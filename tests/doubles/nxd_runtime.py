@@ -3,22 +3,30 @@
 One process per rank on the CPU, tensor-parallel size 1, one data rank (with pipeline
 parallelism, one stage per process over gloo):
 
+- every callable has NxD's (or torch-xla's) exact signature (``tests/test_doubles.py``);
 - ``neuronx_distributed_config`` fills the same defaults and initialises the
   parallel state when a process group exists; ``initialize_parallel_model`` builds
-  through ``model_fn``, moves to the device, wraps in ``NxDModel`` and applies
-  activation checkpointing with torch's ``CheckpointWrapper`` (whose parameter
-  names carry ``_checkpoint_wrapped_module.``);
+  through ``model_fn``, moves to the device in NxD's waves of
+  ``sequential_move_factor`` local ranks (a rendezvous after each wave), wraps in
+  ``NxDModel`` and applies NxD's activation checkpointing: an ``NxDCheckpointWrapper``
+  (parameter names carry ``_checkpoint_wrapped_module.``, module names do not) running
+  torch-xla's *reentrant* checkpoint (no keyword arguments; parameter gradients only
+  flow when an input requires grad; the wrapped forward runs again in backward);
 - ``initialize_parallel_optimizer`` wraps AdamW in ``NxDOptimizer`` (gradient
   clipping, ``grad_norm``) or, with ZeRO-1, in a ZeRO-1 optimizer holding fp32
   shards of every parameter in a ``base_optimizer`` (torch-xla's layout: dim 0 padded
-  to a multiple of dp and chunked; with dp = 1 the shard is the whole tensor);
+  to a multiple of dp and chunked; with dp = 1 the shard is the whole tensor). With
+  ``use_fp32_grad_acc`` (bf16 + ZeRO-1) its gradient-accumulation hooks move each
+  gradient into an fp32 ``main_grad`` of the parameter's full shape as backward
+  produces it and set ``param.grad`` to None; ``zero_grad`` zeroes ``main_grad``;
 - pipeline parallelism (``pipeline_parallel_size`` = world, tp = dp = 1):
   ``initialize_parallel_model`` wraps the model in the `doubles.nxd_pp` ``NxDPPModel``
   and ``NxDModel`` speaks for the local stage (``named_parameters``, ``state_dict``,
   children); the gradient norm sums the stages' squares over the pipeline group and
   skips NxD's ``shared`` parameters;
 - ``parallel_layers`` is `doubles.nxd_api`'s (tp = 1) with the full ``parallel_state``
-  and ``utils`` (``move_all_tensor_to_cpu``, ``set_tensor_model_parallel_attributes``).
+  and ``utils`` (``move_all_tensor_to_cpu``, ``set_tensor_model_parallel_attributes``,
+  which warns as NxD does when ``num_partitions`` is left out).
 
 Everything is recorded in the `XlaLog` of the `Env` given (``log.calls``: config
 arguments, optimizer defaults, layers built; forwards; host copies while a step was pending).
@@ -26,21 +34,32 @@ arguments, optimizer defaults, layers built; forwards; host copies while a step 
 
 from __future__ import annotations
 
+import math
+import os
 import types
+import warnings
+from functools import partial
 from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    _CHECKPOINT_PREFIX,
+    CheckpointImpl,
+    CheckpointWrapper,
+    apply_activation_checkpointing,
+)
 
 from . import nxd_api, nxd_pp
 from .env import Env, bmojo_caller, fake_module
+from .xla import reentrant_checkpoint
 
 
 class NxDModel(nn.Module):
     """NxD 0.17's ``trainer.model.NxDModel``: forwards to its module; under pp it speaks for the local stage."""
 
-    def __init__(self, module: nn.Module, nxd_config: dict) -> None:
+    def __init__(self, module, nxd_config):
         super().__init__()
         self.module, self.nxd_config = module, nxd_config
         self.pp_enabled = nxd_config["pipeline_parallel_size"] > 1
@@ -70,7 +89,7 @@ class NxDModel(nn.Module):
     # NxD's wrapper names everything as its module does (no "module." prefix); under pp, the local stage's
     def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Parameter]]:
         if self.pp_enabled:
-            yield from self.module.local_named_parameters()
+            yield from self.module.local_named_parameters(*args, **kwargs)
             return
         yield from self.module.named_parameters(*args, **kwargs)
 
@@ -90,7 +109,7 @@ class NxDModel(nn.Module):
             return self.module.local_state_dict(*args, **kwargs)
         return self.module.state_dict(*args, **kwargs)
 
-    def load_state_dict(self, state_dict: dict, strict: bool = True) -> Any:
+    def load_state_dict(self, state_dict, strict=True):
         return self.module.load_state_dict(state_dict, strict=strict)
 
     def __getattr__(self, name: str) -> Any:
@@ -123,8 +142,10 @@ def clip_global_norm(params: list[nn.Parameter], max_norm: float, env: Env) -> t
 class NxDOptimizer(torch.optim.Optimizer):
     """NxD 0.17's ``trainer.optimizer.NxDOptimizer`` for dp = 1: clipping and ``grad_norm`` around an optimizer."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, nxd_config: dict, env: Env) -> None:  # no super().__init__
-        self.optimizer, self.nxd_config, self._grad_norm, self.env = optimizer, nxd_config, None, env
+    env: Env  # set on the class `nxd_modules` binds
+
+    def __init__(self, optimizer, nxd_config):  # no super().__init__, as NxD
+        self.optimizer, self.nxd_config, self._grad_norm = optimizer, nxd_config, None
         self.params = [p for group in self.param_groups for p in group["params"]]
 
     grad_norm = property(lambda self: self._grad_norm)
@@ -141,10 +162,11 @@ class NxDOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         self.optimizer.load_state_dict(state_dict)
 
-    def zero_grad(self, set_to_none: bool = False) -> None:
+    def zero_grad(self, set_to_none=False):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    def step(self, closure: Any = None) -> Any:
+    def step(self, closure=None):
+        self.env.log.trace("optimizer_step", len(self.params))
         config = self.nxd_config["optimizer_config"]
         if not config["zero_one_enabled"] and config["grad_clipping"]:  # (dp all-reduce: one replica)
             self._grad_norm = clip_global_norm(self.params, config["max_grad_norm"], self.env)
@@ -157,53 +179,115 @@ class NxDOptimizer(torch.optim.Optimizer):
 class Zero1Optimizer(torch.optim.Optimizer):
     """torch-xla 2.9's ``ZeroRedundancyOptimizer`` (as NxD's ``NeuronZero1Optimizer``) for one data rank."""
 
-    def __init__(self, params: Any, optimizer_class: type, optimizer_dtype: Any = None, grad_clipping: bool = True,
-                 max_norm: float | None = None, pin_layout: bool = True, sharding_groups: Any = None,
-                 grad_norm_groups: Any = None, use_grad_acc_hook: bool = False, higher_cc_precision: bool = False,
-                 save_master_weights: bool = False, env: Env | None = None, **defaults: Any) -> None:
+    env: Env  # set on the class `nxd_modules` binds
+
+    def __init__(self, params, optimizer_class, optimizer_dtype=None, grad_clipping=True, max_norm=None,
+                 pin_layout=True, sharding_groups=None, grad_norm_groups=None, lazy_init=False,
+                 bucket_cap_mb_all_gather=0, bucket_cap_mb_reduce_scatter=0, use_grad_acc_hook=False,
+                 save_master_weights=False, higher_cc_precision=False, **defaults):
         super().__init__(params, defaults)
-        self.env = env
-        self.optimizer_dtype = optimizer_dtype or torch.float32
+        if lazy_init:
+            raise NotImplementedError("the ZeRO-1 double does not model lazy_init")
+        self.optimizer_dtype = optimizer_dtype if optimizer_dtype is not None else torch.float32
         self.grad_clipping, self.max_norm = grad_clipping, 1.0 if max_norm is None else max_norm
-        self.sharding_groups, self.local_world_size, self.local_rank = sharding_groups or [[0]], 1, 0
+        self._sharding_groups, self.local_world_size, self.local_rank = sharding_groups or [[0]], 1, 0
+        self.use_grad_acc_hook, self.higher_cc_precision = use_grad_acc_hook, higher_cc_precision
+        self.grad_acc_hooks: list[Any] = []
         self._grad_norm = None
         shard_groups = []
         for group in self.param_groups:
-            shards = [nn.Parameter(p.detach().clone().to(self.optimizer_dtype)) for p in group["params"]]
+            shards = [nn.Parameter(p.detach().clone().to(self.optimizer_dtype), requires_grad=p.requires_grad)
+                      for p in group["params"]]
             for p, shard in zip(group["params"], shards):
                 if hasattr(p, "shared"):  # as NxD's ZeRO-1 copies it, for the gradient norm
                     shard.shared = p.shared
+                if use_grad_acc_hook:
+                    self._register_hook(p, shard)
             shard_groups.append({**group, "params": shards})
         self.base_optimizer = optimizer_class(shard_groups, **defaults)
 
     grad_norm = property(lambda self: self._grad_norm)
+    sharding_groups = property(lambda self: self._sharding_groups)
+
+    def _register_hook(self, param: nn.Parameter, shard: nn.Parameter) -> None:
+        """torch-xla's gradient-accumulation hook: on the parameter's grad accumulator, after each accumulation
+        the gradient moves into an fp32 ``main_grad`` of the parameter's full shape and ``param.grad`` is freed."""
+        def move_to_main_grad(*unused: Any) -> None:
+            if param.grad is not None:
+                if not hasattr(shard, "main_grad"):
+                    shard.main_grad = torch.zeros(param.shape, dtype=self.optimizer_dtype, device=param.device)
+                    param.main_grad = shard.main_grad
+                shard.main_grad.add_(param.grad.data.to(self.optimizer_dtype))
+                param.grad = None
+
+        if not param.requires_grad:
+            return
+        accumulator = param.expand_as(param).grad_fn.next_functions[0][0]
+        self.grad_acc_hooks.append(accumulator.register_hook(move_to_main_grad))
+        self._accumulators = getattr(self, "_accumulators", []) + [accumulator]  # keep them alive, as torch-xla
 
     def _pairs(self) -> list[tuple[nn.Parameter, nn.Parameter]]:
         return [(p, s) for g, sg in zip(self.param_groups, self.base_optimizer.param_groups)
                 for p, s in zip(g["params"], sg["params"])]
 
+    def _has_grad(self, param: nn.Parameter, shard: nn.Parameter) -> bool:
+        return param.grad is not None or (self.use_grad_acc_hook and hasattr(shard, "main_grad"))
+
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
+    def step(self, closure=None, **kwargs):
+        if kwargs:
+            raise NotImplementedError(f"the ZeRO-1 double does not model step arguments {sorted(kwargs)}")
         for group, shard_group in zip(self.param_groups, self.base_optimizer.param_groups):
             shard_group.update({k: v for k, v in group.items() if k != "params"})
-        for param, shard in self._pairs():  # reduce-scatter of one replica: the gradient itself
-            shard.grad = None if param.grad is None else param.grad.to(self.optimizer_dtype)
+        for param, shard in self._pairs():  # reduce-scatter of one replica: the (main) gradient itself
+            if self._has_grad(param, shard):
+                grad = shard.main_grad if self.use_grad_acc_hook else param.grad
+                shard.grad = grad.to(self.optimizer_dtype)
         shards = [s for _, s in self._pairs() if s.grad is not None]
         if self.grad_clipping:
             self._grad_norm = clip_global_norm(shards, self.max_norm, self.env)
         self.base_optimizer.step()
         self.base_optimizer.zero_grad(set_to_none=True)
         for param, shard in self._pairs():  # all-gather of one replica
-            param.data.copy_(shard.data.to(param.dtype))
+            if self._has_grad(param, shard):
+                param.data.copy_(shard.data.to(param.dtype))
+        for group, shard_group in zip(self.param_groups, self.base_optimizer.param_groups):
+            group.update({k: v for k, v in shard_group.items() if k != "params"})
+
+    def zero_grad(self, set_to_none=False):
+        super().zero_grad(set_to_none=set_to_none)
+        if self.use_grad_acc_hook:
+            for _, shard in self._pairs():
+                if hasattr(shard, "main_grad"):
+                    shard.main_grad.zero_()
+
+
+class NxDCheckpointWrapper(CheckpointWrapper):
+    """NxD's activation-checkpoint wrapper: module names without the wrapper's prefix (parameter names keep it)."""
+
+    def named_modules(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Module]]:
+        for name, module in super().named_modules(*args, **kwargs):
+            yield name.replace(_CHECKPOINT_PREFIX, ""), module
+
+
+def nxd_checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT, checkpoint_fn=None,
+                           **checkpoint_fn_kwargs):
+    """NxD's ``checkpoint_wrapper``: on torch >= 2.1 always torch-xla's reentrant checkpoint."""
+    if checkpoint_fn is None:
+        checkpoint_fn, checkpoint_impl = partial(reentrant_checkpoint, use_reentrant=True), CheckpointImpl.REENTRANT
+    return NxDCheckpointWrapper(module, checkpoint_impl, checkpoint_fn, **checkpoint_fn_kwargs)
 
 
 def nxd_modules(env: Env) -> dict[str, types.ModuleType]:
     """NxD's modules by import name, recording into ``env.log``."""
     initialize = _model_parallel_initializer(env)
     api = nxd_api.parallel_layers(env.log.calls.setdefault("layers", []), **_parallel_state(env, initialize))
+    bound = {name: type(name, (cls,), {"env": env}) for name, cls in
+             (("NxDModel", NxDModel), ("NxDOptimizer", NxDOptimizer), ("NeuronZero1Optimizer", Zero1Optimizer),
+              ("NxDPPModel", nxd_pp.NxDPPModel))}
     mappings, loss_functions = api[nxd_api.MAPPINGS], api[nxd_api.LOSS_FUNCTIONS]
     utils = _utils(env)
-    trainer = _trainer(env, initialize)
+    trainer = _trainer(env, initialize, bound)
     parallel_layers = fake_module("neuronx_distributed.parallel_layers", parallel_state=api[nxd_api.PARALLEL_STATE],
                                   layers=api[nxd_api.LAYERS], mappings=mappings, loss_functions=loss_functions,
                                   utils=utils, parallel_cross_entropy=loss_functions.parallel_cross_entropy,
@@ -218,6 +302,13 @@ def nxd_modules(env: Env) -> dict[str, types.ModuleType]:
     return {
         "neuronx_distributed": package,
         nxd_api.TRAINER: trainer,
+        "neuronx_distributed.trainer.model": fake_module("neuronx_distributed.trainer.model",
+                                                         NxDModel=bound["NxDModel"]),
+        "neuronx_distributed.trainer.optimizer": fake_module("neuronx_distributed.trainer.optimizer",
+                                                             NxDOptimizer=bound["NxDOptimizer"]),
+        "neuronx_distributed.optimizer": fake_module("neuronx_distributed.optimizer",
+                                                     NeuronZero1Optimizer=bound["NeuronZero1Optimizer"]),
+        "neuronx_distributed.pipeline": fake_module("neuronx_distributed.pipeline", NxDPPModel=bound["NxDPPModel"]),
         "neuronx_distributed.parallel_layers": parallel_layers,
         **api,
         "neuronx_distributed.parallel_layers.utils": utils,
@@ -226,8 +317,11 @@ def nxd_modules(env: Env) -> dict[str, types.ModuleType]:
 
 def _model_parallel_initializer(env: Env) -> Callable[..., None]:
     """``parallel_state.initialize_model_parallel``: the grid (tp = 1, dp = 1) and, under pp, its gloo group."""
-    def initialize_model_parallel(tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                                  **kwargs: Any) -> None:
+    def initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                                  context_parallel_size=1, expert_model_parallel_size=1, skip_collective_init=False,
+                                  lnc_size=1, mesh_only=False):
+        if context_parallel_size != 1 or expert_model_parallel_size != 1 or skip_collective_init or mesh_only:
+            raise NotImplementedError("the doubles model tensor and pipeline parallelism only")
         world = dist.get_world_size()  # needs the process group, as NxD
         tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
         assert tp == 1 and (pp == 1 and world == 1 or pp == world), "the doubles run tp = 1 and dp = 1"
@@ -261,9 +355,15 @@ def _utils(env: Env) -> types.ModuleType:
     """``parallel_layers.utils``: host copies (recorded when a step graph is pending) and tensor attributes."""
     log = env.log
 
-    def move_all_tensor_to_cpu(data: Any, convert: bool = True) -> Any:
+    def move_all_tensor_to_cpu(data, convert=True):
+        if not convert:
+            raise NotImplementedError("the doubles model convert=True only")
         if log.step_work:
             log.violations.append(f"host copy while a step graph was pending ({bmojo_caller()})")
+        log.cut("to_cpu")  # NxD syncs the tensors it copies: their pending graph runs now
+        if extracting():  # neuron_parallel_compile's trial run: the graphs ran as stubs with zero outputs
+            log.extraction_reads.append(bmojo_caller() or "move_all_tensor_to_cpu")
+            return _zeros_like(data)
         if isinstance(data, torch.Tensor):
             return data.detach().to("cpu", copy=True)
         if isinstance(data, dict):
@@ -272,73 +372,112 @@ def _utils(env: Env) -> types.ModuleType:
             return type(data)(move_all_tensor_to_cpu(v) for v in data)
         return data
 
-    def set_tensor_model_parallel_attributes(tensor: torch.Tensor, is_parallel: bool, dim: int, stride: int,
-                                             num_partitions: int = -1, rank_ordering: Any = None) -> None:
-        for attribute in ("tensor_model_parallel", "partition_dim", "partition_stride"):
+    def set_tensor_model_parallel_attributes(tensor, is_parallel, dim, stride, num_partitions=-1,
+                                             rank_ordering=None):
+        for attribute in ("tensor_model_parallel", "partition_dim", "partition_stride", "num_partitions"):
             assert not hasattr(tensor, attribute), attribute  # as NxD: never set twice
+        if num_partitions == -1:  # NxD's own warning (its default "may not work correctly")
+            warnings.warn('NeuronxDistributed: Please pass "num_partitions" argument to '
+                          "set_tensor_model_parallel_attributes() method. Default value may not work correctly and "
+                          "will be removed in later versions.")
+            num_partitions = env.grid.get("tp", 1)
         tensor.tensor_model_parallel, tensor.partition_dim, tensor.partition_stride = is_parallel, dim, stride
+        tensor.num_partitions, tensor.rank_ordering = num_partitions, rank_ordering
 
     return fake_module("neuronx_distributed.parallel_layers.utils", move_all_tensor_to_cpu=move_all_tensor_to_cpu,
                        set_tensor_model_parallel_attributes=set_tensor_model_parallel_attributes)
 
 
-def _trainer(env: Env, initialize: Callable[..., None]) -> types.ModuleType:
-    """``neuronx_distributed.trainer``: config, model and optimizer initialisation."""
+def extracting() -> bool:
+    """Whether this is ``neuron_parallel_compile``'s graph-extraction run (``NEURON_EXTRACT_GRAPHS_ONLY``):
+    torch-neuronx then executes empty stubs with zero outputs, so every device value read is invalid."""
+    return os.environ.get("NEURON_EXTRACT_GRAPHS_ONLY", "") not in ("", "0")
+
+
+def _zeros_like(data: Any) -> Any:
+    if isinstance(data, torch.Tensor):
+        return torch.zeros_like(data, device="cpu")
+    if isinstance(data, dict):
+        return {k: _zeros_like(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(_zeros_like(v) for v in data)
+    return data
+
+
+def _trainer(env: Env, initialize: Callable[..., None], bound: dict[str, type]) -> types.ModuleType:
+    """``neuronx_distributed.trainer``: config, model and optimizer initialisation (``trainer/trainer.py``)."""
     log, grid = env.log, env.grid
 
-    def neuronx_distributed_config(tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                                   expert_parallel_size: int = 1, context_parallel_size: int = 1,
-                                   pipeline_config: Any = None, optimizer_config: Any = None,
-                                   activation_checkpoint_config: Any = None, pad_model: bool = False,
-                                   sequence_parallel: bool = False, model_init_config: Any = None,
-                                   lora_config: Any = None, mixed_precision_config: Any = None,
-                                   sequential_move_factor: int = 11, lnc_size: int = 1) -> dict:
-        config = dict(locals())
-        log.calls["config"] = dict(config)
-        optimizer_config = optimizer_config or {"zero_one_enabled": False, "grad_clipping": True, "max_grad_norm": 1.0}
-        zero1 = optimizer_config["zero_one_enabled"]
-        config.update(optimizer_config=optimizer_config, mixed_precision_config=mixed_precision_config or {
-            "use_master_weights": zero1, "use_fp32_grad_acc": zero1, "use_master_weights_in_ckpt": False})
+    def neuronx_distributed_config(tensor_parallel_size=1, pipeline_parallel_size=1, expert_parallel_size=1,
+                                   context_parallel_size=1, pipeline_config=None, optimizer_config=None,
+                                   activation_checkpoint_config=None, pad_model=False, sequence_parallel=False,
+                                   model_init_config=None, lora_config=None, mixed_precision_config=None,
+                                   sequential_move_factor=11, lnc_size=1):
+        given = dict(locals())
+        log.calls["config"] = dict(given)
+        config = nxd_api.filled_config(given)
         if dist.is_initialized():
             initialize(tensor_parallel_size, pipeline_parallel_size)
         return config
 
-    def initialize_parallel_model(nxd_config: dict, model_fn: Callable, include_buffers: bool = False,
-                                  *args: Any, **kwargs: Any) -> NxDModel:
+    def initialize_parallel_model(nxd_config, model_fn, include_buffers=False, *model_args, **model_kwargs):
         if not grid:
             initialize(nxd_config["tensor_parallel_size"], nxd_config["pipeline_parallel_size"])
-        module = model_fn(*args, **kwargs).to(torch.device("cpu"))
+        init_config = nxd_config["model_init_config"]
+        if init_config["meta_device_init"]:
+            raise NotImplementedError("the NxD double does not model meta_device_init")
+        module = model_fn(*model_args, **model_kwargs)
         if nxd_config["pipeline_parallel_size"] > 1:  # as NxD: its pipeline wrapper, fed the pipeline_config
-            pipeline = dict(nxd_config["pipeline_config"], param_init_fn=None, use_model_wrapper=True,
-                            _delay_tracing=False)
-            module = nxd_pp.NxDPPModel(env, module, **pipeline)
-        model = NxDModel(module, nxd_config)
-        model.register_forward_pre_hook(lambda m, args: log.forward_seen(m.training))
+            nxd_config["pipeline_config"].update(param_init_fn=init_config.get("param_init_fn"),
+                                                 use_model_wrapper=True, _delay_tracing=False)
+            module = bound["NxDPPModel"](module, **nxd_config["pipeline_config"])
+        _move_in_waves(env, module, init_config["sequential_move_factor"])
+        model = bound["NxDModel"](module, nxd_config)
+        model.register_forward_pre_hook(
+            lambda m, args: log.forward_seen(m.training, [tuple(a.shape) for a in args if torch.is_tensor(a)]))
         classes = nxd_config["activation_checkpoint_config"]
         if classes is not None:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
-
+            if classes == "full":
+                raise NotImplementedError("the NxD double does not model activation_checkpoint_config='full'")
             classes = tuple(classes) if isinstance(classes, (list, tuple)) else (classes,)
-            for local in model.local_modules():  # NxD's own apply_activation_checkpointing wraps these
-                apply_activation_checkpointing(local, check_fn=lambda m: isinstance(m, classes))
+            assert classes and all(issubclass(c, nn.Module) for c in classes)
+            for local in model.local_modules():  # NxD's apply_activation_checkpointing wraps these
+                apply_activation_checkpointing(local, checkpoint_wrapper_fn=nxd_checkpoint_wrapper,
+                                               check_fn=lambda m: isinstance(m, classes))
         return model
 
-    def initialize_parallel_optimizer(nxd_config: dict, optimizer_class: type, parameters: Any,
-                                      **defaults: Any) -> NxDOptimizer:
+    def initialize_parallel_optimizer(nxd_config, optimizer_class, parameters, **defaults):
         log.calls["optimizer_defaults"] = dict(defaults)
         optimizer_config, precision = nxd_config["optimizer_config"], nxd_config["mixed_precision_config"]
         if optimizer_config["zero_one_enabled"]:
-            extra = {"use_grad_acc_hook": True, "higher_cc_precision": True} if precision["use_fp32_grad_acc"] else {}
-            optimizer = Zero1Optimizer(parameters, optimizer_class, grad_clipping=optimizer_config["grad_clipping"],
-                                       pin_layout=False, sharding_groups=[[0]], grad_norm_groups=[[0]],
-                                       save_master_weights=precision["use_master_weights_in_ckpt"], env=env,
-                                       **extra, **defaults)
+            dp = grid.get("dp", 1)
+            zero1 = {"grad_clipping": optimizer_config["grad_clipping"], "pin_layout": False,
+                     "sharding_groups": env.dp_groups(), "grad_norm_groups": [[env.rank()]],
+                     "bucket_cap_mb_all_gather": max(1, 130 // dp), "bucket_cap_mb_reduce_scatter": 130}
+            if precision["use_fp32_grad_acc"]:
+                zero1.update(use_grad_acc_hook=True, higher_cc_precision=True)
+            zero1["save_master_weights"] = bool(precision["use_master_weights_in_ckpt"])
+            defaults.pop("decoupled_weight_decay", None)
+            optimizer = bound["NeuronZero1Optimizer"](parameters, optimizer_class, **zero1, **defaults)
         else:
-            if precision["use_master_weights"] or precision["use_fp32_grad_acc"]:
+            if precision["use_master_weights"]:
                 raise RuntimeError("ZeRO-1 optimizer is not enabled, while `use_master_weights` is True.")
+            if precision["use_fp32_grad_acc"] or precision["use_master_weights_in_ckpt"]:
+                raise RuntimeError("Non Zero-1 optimizer does not support `use_fp32_grad_acc` of "
+                                   "`use_master_weights_in_ckpt`.")
             optimizer = optimizer_class(parameters, **defaults)
-        return NxDOptimizer(optimizer, nxd_config, env)
+        return bound["NxDOptimizer"](optimizer, nxd_config)
 
     return fake_module(nxd_api.TRAINER, neuronx_distributed_config=neuronx_distributed_config,
                        initialize_parallel_model=initialize_parallel_model,
                        initialize_parallel_optimizer=initialize_parallel_optimizer)
+
+
+def _move_in_waves(env: Env, module: nn.Module, sequential_move_factor: int) -> None:
+    """NxD's ``get_model_sequential``: the local ranks move their model to the device in waves of
+    `sequential_move_factor`, every rank meeting at a rendezvous after each wave."""
+    local_world = dist.get_world_size() if dist.is_initialized() else 1  # one node in the doubles
+    for wave in range(math.ceil(local_world / sequential_move_factor)):
+        if env.rank() // sequential_move_factor == wave:
+            module.to(torch.device("cpu"))
+        env.rendezvous(f"get_model_sequential{wave}")

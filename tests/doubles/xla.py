@@ -7,7 +7,10 @@
 - ``xm.all_reduce`` sums over this rank's group of ``groups`` (a gloo all-reduce
   when that group has several ranks: NxD's pipeline group);
 - the ``"xla"`` process-group backend (here gloo) comes with
-  ``torch_xla.distributed.xla_backend``.
+  ``torch_xla.distributed.xla_backend``;
+- ``torch_xla.utils.checkpoint.checkpoint`` is the reentrant checkpoint (keyword
+  arguments refused, ``use_reentrant=False`` refused, RNG state preserved);
+- every callable has torch-xla 2.9's exact signature (``tests/test_doubles.py``).
 
 `host_reads_in_steps` finds the host reads of a tensor value that on XLA would run a
 step's graph early.
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.utils.checkpoint
 import torch.distributed as dist
 
 from .env import ON_DEVICE, PACKAGE_ROOT, Env, XlaLog, fake_module
@@ -31,42 +35,65 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
     """torch-xla's modules by import name, recording into ``env.log``."""
     device, log = torch.device("cpu"), env.log
 
-    def sync(wait: bool = False, reset_scope: bool = True) -> None:
+    def sync(wait=False, reset_scope=True):
         caller = sys._getframe(1).f_code
+        if caller.co_name == "mark_step" and caller.co_filename == __file__:
+            caller = sys._getframe(2).f_code
         log.sync("loader" if caller.co_filename == __file__ and caller.co_name == "__next__" else "code")
 
-    def add_step_closure(closure: Callable, args: tuple = (), run_async: bool = False) -> None:
+    def mark_step(wait=False, reset_scope=True):
+        sync(wait, reset_scope)
+
+    def add_step_closure(closure, args=(), run_async=False):
         log.closures.append(lambda a=args: closure(*a))
 
-    def all_reduce(reduce_type: str, inputs: Any, scale: float = 1.0, groups: Any = None, pin_layout: bool = True):
+    def all_reduce(reduce_type, inputs, scale=1.0, groups=None, pin_layout=True):
         assert reduce_type == "sum", reduce_type
         return env.reduce(inputs, groups, scale)  # one replica per group but the pipeline's
 
-    def all_gather(value: torch.Tensor, dim: int = 0, groups: Any = None, pin_layout: bool = True) -> torch.Tensor:
+    def all_gather(value, dim=0, groups=None, output=None, pin_layout=True, channel_id=None,
+                   use_global_device_ids=None):
+        if output is not None or channel_id is not None or use_global_device_ids is not None:
+            raise NotImplementedError("the torch-xla double models all_gather(value, dim, groups, pin_layout)")
+        log.trace("all_gather", groups, dim, tuple(value.shape), value.dtype)
         return value.clone()  # one replica
 
-    def set_rng_state(seed: int, device: Any = None) -> None:
+    def xla_device(n=None, devkind=None):
+        return device
+
+    def get_rng_state(device=None):
+        return log.rng
+
+    def set_rng_state(seed, device=None):
         log.rng = int(seed)
 
-    def rendezvous(tag: str, payload: bytes = b"", replicas: Any = ()) -> list[bytes]:
+    def is_master_ordinal(local=True):
+        return env.rank() == 0
+
+    def rendezvous(tag, payload=b"", replicas=[]):
         sync()  # torch-xla 2.9's rendezvous syncs first (then exchanges payloads with collectives)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
         log.rendezvous.append(tag)
         return [payload]
 
+    env.rendezvous = rendezvous
     xm = fake_module(
-        "torch_xla.core.xla_model", REDUCE_SUM="sum", xla_device=lambda n=None, devkind=None: device,
-        mark_step=lambda wait=False, reset_scope=True: sync(wait, reset_scope), add_step_closure=add_step_closure,
-        all_reduce=all_reduce, all_gather=all_gather, rendezvous=rendezvous,
-        get_rng_state=lambda device=None: log.rng, set_rng_state=set_rng_state,
-        is_master_ordinal=lambda local=True: True,
+        "torch_xla.core.xla_model", REDUCE_SUM="sum", xla_device=xla_device, mark_step=mark_step,
+        add_step_closure=add_step_closure, all_reduce=all_reduce, all_gather=all_gather, rendezvous=rendezvous,
+        get_rng_state=get_rng_state, set_rng_state=set_rng_state, is_master_ordinal=is_master_ordinal,
     )
 
     class MpDeviceLoader:
-        """``MpDeviceLoader(loader, device)``: batches on the device, ``torch_xla.sync()`` before each."""
+        """``MpDeviceLoader(loader, device, **kwargs)``: batches on the device, ``torch_xla.sync()`` before each;
+        `kwargs` go to ``ParallelLoader``, whose arguments they must be."""
 
-        def __init__(self, loader: Any, device: torch.device, **kwargs: Any) -> None:
+        def __init__(self, loader, device, **kwargs):
+            unknown = set(kwargs) - PARALLEL_LOADER_ARGUMENTS
+            if unknown:
+                raise TypeError(f"ParallelLoader.__init__() got unexpected keyword arguments {sorted(unknown)}")
+            if kwargs.get("batches_per_execution", 1) != 1:
+                raise NotImplementedError("the torch-xla double models batches_per_execution=1 only")
             self._loader, self._device = loader, device
 
         def __iter__(self) -> Iterator[Any]:
@@ -75,13 +102,27 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
         def __len__(self) -> int:
             return len(self._loader)
 
+    def world_size():
+        return dist.get_world_size() if dist.is_initialized() else 1
+
+    def global_ordinal():
+        return env.rank()
+
+    def local_ordinal():
+        return env.rank()  # one node
+
+    def torch_xla_device(index=None):
+        return device
+
     _register_xla_backend()
-    runtime = fake_module("torch_xla.runtime",
-                          world_size=lambda: dist.get_world_size() if dist.is_initialized() else 1,
-                          global_ordinal=lambda: dist.get_rank() if dist.is_initialized() else 0)
+    runtime = fake_module("torch_xla.runtime", world_size=world_size, global_ordinal=global_ordinal,
+                          local_ordinal=local_ordinal)
+    checkpoint = fake_module("torch_xla.utils.checkpoint", checkpoint=reentrant_checkpoint)
     return {
         "torch_xla": fake_module("torch_xla", __version__="2.9.0+double", sync=sync,
-                                 device=lambda index=None: device, runtime=runtime),
+                                 device=torch_xla_device, runtime=runtime),
+        "torch_xla.utils": fake_module("torch_xla.utils", checkpoint=checkpoint),
+        "torch_xla.utils.checkpoint": checkpoint,
         "torch_xla.core": fake_module("torch_xla.core", xla_model=xm),
         "torch_xla.core.xla_model": xm,
         "torch_xla.runtime": runtime,
@@ -90,6 +131,21 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
                                                              MpDeviceLoader=MpDeviceLoader),
         "torch_xla.distributed.xla_backend": fake_module("torch_xla.distributed.xla_backend"),
     }
+
+
+PARALLEL_LOADER_ARGUMENTS = {"batchdim", "batches_per_execution", "loader_prefetch_size", "device_prefetch_size",
+                             "host_to_device_transfer_threads", "input_sharding"}
+
+
+def reentrant_checkpoint(function, *args, use_reentrant=True, **kwargs):
+    """torch-xla 2.9's ``torch_xla.utils.checkpoint.checkpoint``: reentrant only, no keyword arguments but
+    ``preserve_rng_state``; the forward runs without grad and again, with grad, in backward."""
+    preserve = kwargs.pop("preserve_rng_state", True)
+    if kwargs:
+        raise ValueError("Unexpected keyword arguments: " + ",".join(kwargs))
+    if not use_reentrant:
+        raise ValueError("XLA currently does not support use_reentrant==False")
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=True, preserve_rng_state=preserve)
 
 
 def _register_xla_backend() -> None:
@@ -110,6 +166,7 @@ class _PerDeviceLoader:
         self._sync()  # torch-xla 2.9 PerDeviceLoader.next(): sync, then hand out the next batch
         batch = next(self.batches)
         self.log.fetches += 1
+        self.log.trace("batch", sorted((k, tuple(v.shape)) for k, v in batch.items()))
         self.log.in_step = True
         on_device = {k: v.to("cpu") for k, v in batch.items()}
         for tensor in on_device.values():

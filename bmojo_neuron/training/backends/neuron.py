@@ -11,9 +11,10 @@ device:
   model is built with NxD's tensor-parallel layers, starting from the one-device
   initialisation's weights;
 - the hot ops run on the NKI backend (``BMOJO_OPS_BACKEND`` may name another);
-- ``train.precision: bf16`` casts the model to bf16 (``model.to(torch.bfloat16)``,
-  as SDK 2.28 expects; no ``XLA_USE_BF16``), with stochastic rounding and, under
-  ZeRO-1, NxD's fp32 master weights;
+- ``train.precision: bf16`` builds the model in bf16 (NxD's layers for bf16, the
+  rest cast with ``model.to``, as SDK 2.28 expects; no ``XLA_USE_BF16``); without
+  ZeRO-1 the bf16 weights are updated with stochastic rounding, with ZeRO-1 NxD keeps
+  fp32 master weights and fp32 gradient accumulation and rounds to nearest;
 - a step is one graph: the host batch of the whole step arrives through
   ``MpDeviceLoader``; forward/backward of its ``grad_accum`` micro-batches,
   NxD's optimizer step (data-parallel gradient reduction, clipping, AdamW), the
@@ -50,7 +51,7 @@ from bmojo_neuron.checkpoints.layout import FINAL, latest_checkpoint
 from bmojo_neuron.checkpoints.sharded import consolidated_model, parallel_meta
 from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState
 from bmojo_neuron.evaluation import LengthResult
-from bmojo_neuron.launch.plan import validate_for_trainium
+from bmojo_neuron.launch.plan import runtime_env, validate_for_trainium
 from bmojo_neuron.neuron import import_neuron_module
 from bmojo_neuron.ops.dispatch import ENV_VAR, use_backend
 from bmojo_neuron.parallel.nxd_pipeline import PipelineStats
@@ -91,7 +92,7 @@ class NeuronBackend:
     @classmethod
     def start(cls, recipe: Any, objective: Objective = causal_lm_loss) -> NeuronBackend:
         """Start the runtime (torch-xla, the ``xla`` process group, NxD) for `recipe`."""
-        runtime = NeuronRuntime.start(bf16=recipe.train.precision == "bf16")
+        runtime = NeuronRuntime.start(runtime_env(recipe))
         try:
             return cls(recipe, runtime, objective)
         except BaseException:
@@ -116,9 +117,9 @@ class NeuronBackend:
         """NxD's model (its pipeline under pp) from the one-device initialisation; on resume this rank's weights
         are loaded here, before the optimizer exists (ZeRO-1 copies them into its shards)."""
         config, rt = self.recipe.model_config(), self.rt
-        model = build_nxd_model(config, self.nxd_cfg, one_device_init=True, count_correct=self.mqar)
-        if self.recipe.train.precision == "bf16":
-            model.to(torch.bfloat16)  # before the optimizer: ZeRO-1 takes its fp32 master copies from these
+        dtype = torch.bfloat16 if self.recipe.train.precision == "bf16" else torch.float32
+        # in `dtype` before the optimizer exists (ZeRO-1 takes its fp32 master copies from it)
+        model = build_nxd_model(config, self.nxd_cfg, dtype=dtype, one_device_init=True, count_correct=self.mqar)
         if rt.pp > 1:
             self.stats = PipelineStats.of(model, self.nxd_cfg["pipeline_config"]["num_microbatches"], rt.last_stage)
         self.full_shapes = shard_shapes(config, 1)
@@ -126,7 +127,7 @@ class NeuronBackend:
                         **{k: v.shape for k, v in model.state_dict().items()}}
         p = self.recipe.parallel
         self.meta = parallel_meta(self.full_shapes, local_shapes, rt.tp, rt.pp, rt.dp, p.sp, p.zero1)
-        mark_tensor_shards(model, self.meta["split_dims"], rt.nxd_utils)
+        mark_tensor_shards(model, self.meta["split_dims"], rt.nxd_utils, rt.tp)
         if previous is not None:
             self.restored = neuron_checkpoints.restore_weights(model, previous, rt)
         if rt.pp == 1:  # under pp NxD's run_train / run_eval set the stages' mode themselves
@@ -229,19 +230,20 @@ class NeuronBackend:
         self.rt.barrier(tag)
 
 
-def mark_tensor_shards(model: nn.Module, split_dims: dict[str, int | None], nxd_utils: Any) -> list[str]:
+def mark_tensor_shards(model: nn.Module, split_dims: dict[str, int | None], nxd_utils: Any, tp: int) -> list[str]:
     """Give NxD's tensor-parallel attributes to the sharded parameters that are not NxD layers' own.
 
     The Mamba mixers build some tensors at 1/tp size themselves (``conv_x``, ``A_log``,
     ``D``, ``dt_bias``, the gated norm). NxD's gradient norm counts a parameter without
     ``tensor_model_parallel`` as replicated (its square divided by tp, summed over tp),
-    which would under-count these shards. Returns the names it marked.
+    which would under-count these shards; ``num_partitions`` is `tp` (NxD warns that its
+    default "may not work correctly"). Returns the names it marked.
     """
     marked = []
     for name, param in model.named_parameters():
         name = name.replace(neuron_checkpoints.WRAPPER_INFIX, "")
         dim = split_dims.get(name)
         if dim is not None and not getattr(param, "tensor_model_parallel", False):
-            nxd_utils.set_tensor_model_parallel_attributes(param, True, dim, 1)
+            nxd_utils.set_tensor_model_parallel_attributes(param, True, dim, 1, num_partitions=tp)
             marked.append(name)
     return marked

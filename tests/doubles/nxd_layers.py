@@ -1,0 +1,450 @@
+"""NxD 0.17's tensor-parallel layers, mappings and loss over a pluggable tensor-parallel group.
+
+One double of ``neuronx_distributed.parallel_layers`` (``layers``, ``mappings``,
+``loss_functions``, ``grads``; tag ``v2.28.0``) for two groups: `SingleRank`
+(tp = 1, no process group: `doubles.nxd_api`) and `GlooWorld` (tp = the gloo world:
+`doubles.nxd_gloo`). Every class and function has NxD's exact signature
+(``tests/test_doubles.py`` holds the real ones as data); what the double does not
+model raises ``NotImplementedError`` instead of quietly doing something else.
+
+Modelled as NxD does it, because a wrong call gives wrong numbers or wrong dtypes:
+
+- ``ParallelEmbedding`` keeps its ``dtype`` argument (fp32 by default) and at
+  tp > 1 casts its masked lookup with it: ``.to(self.dtype)`` when that is fp32,
+  else ``.to(torch.bfloat16)`` (``layers.py`` 361-364). ``model.to(bf16)`` does not
+  change the attribute, so a bf16 model built with the default gets an fp32 residual
+  stream. With ``sequence_parallel_enabled`` and a non-zero ``sequence_dimension`` it
+  returns the un-reduced per-rank lookup; with dimension 0 it reduce-scatters the
+  transposed (sequence-first) output;
+- weights are created in ``dtype`` and initialised as NxD does on the CPU: the whole
+  fp32 master tensor with ``init_method``, cast, this rank's block kept; they carry
+  NxD's tensor-parallel attributes (``num_partitions`` included); the row-parallel
+  bias carries ``sequence_parallel_enabled``;
+- ``RowParallelLinear`` reduces in ``reduce_dtype`` (fp32 by default) and casts back
+  to its input's dtype; sequence-parallel layers default ``sequence_dimension`` to 0;
+  ``ColumnParallelLinear`` refuses ``gather_output`` with sequence parallelism;
+- ``parallel_cross_entropy`` subtracts each row's maximum from its input *in place*
+  (``loss_functions.py``: ``vocab_parallel_logits.sub_``), so a caller's logits
+  change when it passes a view of them;
+- the mappings and the loss are autograd Functions in NxD, which cannot take an FX
+  proxy: the doubles refuse one (a pipeline trace must keep them as leaf calls).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import types
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+import torch.nn.init as init
+from torch import Tensor, nn
+
+MAPPING_NAMES = ("copy_to_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region",
+                 "gather_from_tensor_model_parallel_region", "scatter_to_sequence_parallel_region",
+                 "scatter_to_tensor_model_parallel_region")
+
+
+def refuse_proxy(name: str, x: Any) -> None:
+    """NxD's collectives are autograd Functions: traced through, an FX proxy reaches code that needs a tensor."""
+    if isinstance(x, torch.fx.Proxy):
+        raise RuntimeError(f"NxD's {name} was traced into (an FX proxy reached its autograd Function): pass its "
+                           "module in the pipeline's autowrap_modules")
+
+
+def _not_modelled(what: str) -> None:
+    raise NotImplementedError(f"the NxD double does not model {what}")
+
+
+# ---------------------------------------------------------------------------------------- tensor-parallel groups
+
+
+class SingleRank:
+    """Tensor-parallel size 1: every collective is the identity."""
+
+    size, rank = 1, 0
+
+    def all_reduce(self, x: Tensor, op: str = "sum") -> Tensor:
+        return x
+
+    def copy_to(self, x: Tensor) -> Tensor:
+        return x
+
+    def reduce_from(self, x: Tensor) -> Tensor:
+        return x
+
+    def gather(self, x: Tensor, dim: int) -> Tensor:
+        return x
+
+    def scatter(self, x: Tensor, dim: int) -> Tensor:
+        return x
+
+    def gather_sequence(self, x: Tensor, dim: int) -> Tensor:
+        return x
+
+    def reduce_scatter(self, x: Tensor, dim: int) -> Tensor:
+        return x
+
+
+class GlooWorld:
+    """The whole gloo world is the tensor-parallel group (autograd-aware, `bmojo_neuron.parallel.collectives`)."""
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.size, self.rank = dist.get_world_size(), dist.get_rank()
+
+    def all_reduce(self, x: Tensor, op: str = "sum") -> Tensor:
+        self.dist.all_reduce(x, op=self.dist.ReduceOp.MAX if op == "max" else self.dist.ReduceOp.SUM)
+        return x
+
+    def copy_to(self, x: Tensor) -> Tensor:
+        from bmojo_neuron.parallel import collectives as C
+
+        return C.copy_to_tp(x)
+
+    def reduce_from(self, x: Tensor) -> Tensor:
+        return _ReduceInPlace.apply(x, self.dist)
+
+    def gather(self, x: Tensor, dim: int) -> Tensor:
+        from bmojo_neuron.parallel import collectives as C
+
+        if dim % x.dim() != x.dim() - 1:
+            _not_modelled("a gather along a dimension other than the last")
+        return C.gather_last_dim(x)
+
+    def scatter(self, x: Tensor, dim: int) -> Tensor:
+        from bmojo_neuron.parallel import collectives as C
+
+        return _on_dim(C.scatter_sequence, x, dim)
+
+    def gather_sequence(self, x: Tensor, dim: int) -> Tensor:
+        from bmojo_neuron.parallel import collectives as C
+
+        return _on_dim(C.gather_sequence, x, dim)
+
+    def reduce_scatter(self, x: Tensor, dim: int) -> Tensor:
+        from bmojo_neuron.parallel import collectives as C
+
+        return _on_dim(C.reduce_scatter_sequence, x, dim)
+
+
+class _ReduceInPlace(torch.autograd.Function):
+    """NxD's ``reduce_from_tensor_model_parallel_region``: an all-reduce *in place* (NxD's ``comm.all_reduce``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dist: Any) -> Tensor:
+        if x.is_contiguous():
+            dist.all_reduce(x)
+        else:  # XLA has no strides; gloo needs a contiguous buffer
+            summed = x.contiguous()
+            dist.all_reduce(summed)
+            x.copy_(summed)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def _on_dim(collective: Callable[[Tensor], Tensor], x: Tensor, dim: int) -> Tensor:
+    """Apply a sequence collective of `collectives` (which works on dim 1) along `dim`."""
+    if dim % x.dim() == 1:
+        return collective(x)
+    return collective(x.transpose(dim, 1)).transpose(dim, 1)
+
+
+# ---------------------------------------------------------------------------------------- layers
+
+
+def _set_parallel_attributes(tensor: Tensor, dim: int, num_partitions: int) -> None:
+    """What NxD's ``set_tensor_model_parallel_attributes`` leaves on a sharded parameter."""
+    tensor.tensor_model_parallel, tensor.partition_dim, tensor.partition_stride = True, dim, 1
+    tensor.num_partitions, tensor.rank_ordering = num_partitions, None
+
+
+def _local_init(param: Tensor, dim: int, tp: Any, init_method: Callable[[Tensor], Any]) -> None:
+    """NxD's CPU initialisation: the whole fp32 master tensor, `init_method`, cast, this rank's block."""
+    shape = list(param.shape)
+    shape[dim] *= tp.size
+    master = torch.empty(shape, dtype=torch.float32)
+    init_method(master)
+    with torch.no_grad():
+        param.copy_(master.to(param.dtype).chunk(tp.size, dim=dim)[tp.rank])
+    _set_parallel_attributes(param, dim, tp.size)
+
+
+def _kaiming(weight: Tensor) -> None:
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+class _Recorded(nn.Module):
+    """Records ``(kind, args, kwargs)`` of every construction into the class's ``built`` list."""
+
+    kind = ""
+    built: list = []
+    tp: Any = SingleRank()
+
+    def _record(self, args: tuple, given: dict, signature: Any) -> None:
+        """Append ``(kind, args, the keyword arguments that differ from NxD's defaults)``."""
+        changed = {k: v for k, v in given.items() if not _is_default(v, signature[k].default)}
+        self.built.append((self.kind, args, changed))
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    if value is default:
+        return True
+    return type(value) is type(default) and not callable(value) and value == default
+
+
+class ParallelEmbedding(_Recorded):
+    kind = "embedding"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None,
+                 max_norm: Optional[float] = None, norm_type: float = 2.0, scale_grad_by_freq: bool = False,
+                 sparse: bool = False, init_method: Callable[[Any], Any] = init.normal_,
+                 device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32,
+                 shard_across_embedding: bool = False, pad: bool = False, sequence_parallel_enabled: bool = False,
+                 tensor_model_parallel_group: Any = None, use_spmd_rank: bool = False,
+                 sequence_dimension: Optional[int] = None, tile_cc: bool = False, rank_ordering: Optional[list] = None,
+                 collect_output: bool = True) -> None:
+        super().__init__()
+        given = {k: v for k, v in locals().items() if k not in ("self", "__class__", "num_embeddings", "embedding_dim")}
+        self._record((num_embeddings, embedding_dim), given, _EMBEDDING_DEFAULTS)
+        if (shard_across_embedding or pad or use_spmd_rank or tile_cc or rank_ordering is not None
+                or tensor_model_parallel_group is not None or not collect_output or device is not None
+                or padding_idx is not None or max_norm is not None or sparse or scale_grad_by_freq):
+            _not_modelled("ParallelEmbedding beyond a vocabulary-sharded lookup on the CPU")
+        tp = self.tp
+        if num_embeddings % tp.size:
+            raise AssertionError(f"{num_embeddings} is not divisible by {tp.size}")
+        per_rank = num_embeddings // tp.size
+        self.start_index, self.end_index = tp.rank * per_rank, (tp.rank + 1) * per_rank
+        self.dtype, self.tensor_model_parallel_size = dtype, tp.size
+        self.sequence_parallel_enabled, self.sequence_dim = sequence_parallel_enabled, sequence_dimension
+        self.weight = nn.Parameter(torch.empty(per_rank, embedding_dim, dtype=dtype))
+        _local_init(self.weight, 0, tp, init_method)
+
+    def forward(self, input_: Tensor) -> Tensor:
+        tp = self.tp
+        if tp.size > 1:
+            mask = (input_ >= self.start_index) & (input_ < self.end_index)
+            local = (input_.clone() - self.start_index) * mask.long()
+        else:
+            local = input_
+        out = F.embedding(local.long(), self.weight)
+        if tp.size > 1:  # NxD's cast: fp32 stays fp32, any other dtype becomes bf16
+            if self.dtype == torch.float32:
+                out = (out * mask.float().unsqueeze(-1)).to(self.dtype)
+            else:
+                out = (out * mask.bfloat16().unsqueeze(-1)).to(torch.bfloat16)
+        if self.sequence_parallel_enabled:
+            if self.sequence_dim:
+                return out  # NxD returns the un-reduced lookup here
+            return tp.reduce_scatter(out.transpose(0, 1).contiguous(), 0)
+        return tp.reduce_from(out)
+
+
+_EMBEDDING_DEFAULTS = inspect.signature(ParallelEmbedding.__init__).parameters
+
+
+class ColumnParallelLinear(_Recorded):
+    kind = "column"
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = True, gather_output: bool = True,
+                 dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None, stride: int = 1,
+                 init_method: Optional[Callable[[Any], Tensor]] = None, sequence_parallel_enabled: bool = False,
+                 sequence_dimension: Optional[int] = None, keep_master_weight: bool = False,
+                 skip_bias_add: bool = False, pad: bool = False, pad_alignment_size_per_rank: int = 1,
+                 keep_padded_output: bool = False, tensor_model_parallel_group: Any = None,
+                 reduce_dtype: torch.dtype = torch.float32, rank_ordering: Optional[list] = None) -> None:
+        super().__init__()
+        given = {k: v for k, v in locals().items() if k not in ("self", "__class__", "input_size", "output_size")}
+        self._record((input_size, output_size), given, _COLUMN_DEFAULTS)
+        if (device is not None or stride != 1 or keep_master_weight or skip_bias_add or pad or keep_padded_output
+                or tensor_model_parallel_group is not None or rank_ordering is not None):
+            _not_modelled("ColumnParallelLinear beyond a plain sharded linear on the CPU")
+        tp = self.tp
+        if sequence_parallel_enabled and sequence_dimension is None:
+            sequence_dimension = 0  # NxD warns and uses 0
+        if gather_output and sequence_parallel_enabled:
+            raise AssertionError  # NxD asserts `not self.sequence_parallel_enabled` when gathering
+        if output_size % tp.size:
+            raise AssertionError(f"{output_size} is not divisible by {tp.size}")
+        self.gather_output, self.dtype, self.reduce_dtype = gather_output, dtype, reduce_dtype
+        self.sequence_parallel_enabled, self.sequence_dimension = sequence_parallel_enabled, sequence_dimension
+        self.weight = nn.Parameter(torch.empty(output_size // tp.size, input_size, dtype=dtype))
+        _local_init(self.weight, 0, tp, init_method or _kaiming)
+        self.bias = None
+        if bias:
+            size = output_size if gather_output else output_size // tp.size
+            self.bias = nn.Parameter(torch.empty(size, dtype=dtype))
+            bound = 1 / math.sqrt(input_size) if input_size > 0 else 0  # NxD: 1 / sqrt(fan_in of the weight)
+            nn.init.uniform_(self.bias, -bound, bound)
+            if not gather_output:
+                _set_parallel_attributes(self.bias, 0, tp.size)
+
+    def forward(self, input: Tensor, slice_indices: Optional[Tensor] = None) -> Tensor:
+        if slice_indices is not None:
+            _not_modelled("slice_indices")
+        tp = self.tp
+        x = tp.gather_sequence(input, self.sequence_dimension) if self.sequence_parallel_enabled else tp.copy_to(input)
+        out = torch.einsum("...m,mn->...n", x, self.weight.t())
+        if self.gather_output:
+            out = tp.gather(out, -1)
+        return out if self.bias is None else out + self.bias
+
+
+_COLUMN_DEFAULTS = inspect.signature(ColumnParallelLinear.__init__).parameters
+
+
+class RowParallelLinear(_Recorded):
+    kind = "row"
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = True, input_is_parallel: bool = False,
+                 dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None, stride: int = 1,
+                 init_method: Optional[Callable[..., Any]] = None, sequence_parallel_enabled: bool = False,
+                 sequence_dimension: Optional[int] = None, keep_master_weight: bool = False,
+                 skip_bias_add: bool = False, pad: bool = False, reduce_output: bool = True,
+                 tensor_model_parallel_group: Any = None, reduce_dtype: torch.dtype = torch.float32,
+                 tile_cc: bool = False, rank_ordering: Optional[list] = None) -> None:
+        super().__init__()
+        given = {k: v for k, v in locals().items() if k not in ("self", "__class__", "input_size", "output_size")}
+        self._record((input_size, output_size), given, _ROW_DEFAULTS)
+        if (device is not None or stride != 1 or keep_master_weight or skip_bias_add or pad or not reduce_output
+                or tensor_model_parallel_group is not None or tile_cc or rank_ordering is not None):
+            _not_modelled("RowParallelLinear beyond a plain sharded linear on the CPU")
+        tp = self.tp
+        if sequence_parallel_enabled and not input_is_parallel:
+            raise RuntimeError("To enable `sequence_parallel_enabled`, `input_is_parallel` must be `True`")
+        if sequence_parallel_enabled and sequence_dimension is None:
+            sequence_dimension = 0  # NxD warns and uses 0
+        if input_size % tp.size:
+            raise AssertionError(f"{input_size} is not divisible by {tp.size}")
+        self.input_is_parallel, self.dtype, self.reduce_dtype = input_is_parallel, dtype, reduce_dtype
+        self.sequence_parallel_enabled, self.sequence_dimension = sequence_parallel_enabled, sequence_dimension
+        self.weight = nn.Parameter(torch.empty(output_size, input_size // tp.size, dtype=dtype))
+        _local_init(self.weight, 1, tp, init_method or _kaiming)
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size, dtype=dtype))
+            bound = 1 / math.sqrt(input_size // tp.size) if input_size else 0  # NxD: this rank's input features
+            nn.init.uniform_(self.bias, -bound, bound)
+            self.bias.sequence_parallel_enabled = sequence_parallel_enabled
+
+    def forward(self, input_: Tensor, slice_indices: Optional[Tensor] = None) -> Tensor:
+        if slice_indices is not None:
+            _not_modelled("slice_indices")
+        tp = self.tp
+        x = input_ if self.input_is_parallel else tp.scatter(input_, -1)
+        out = torch.einsum("...m,mn->...n", x, self.weight.t())
+        original = out.dtype
+        out = out.to(self.reduce_dtype)
+        out = tp.reduce_scatter(out, self.sequence_dimension) if self.sequence_parallel_enabled else tp.reduce_from(out)
+        out = out.to(original)
+        return out if self.bias is None else out + self.bias
+
+
+_ROW_DEFAULTS = inspect.signature(RowParallelLinear.__init__).parameters
+
+
+# ---------------------------------------------------------------------------------------- loss
+
+
+class _ParallelCrossEntropy(torch.autograd.Function):
+    """NxD's vocabulary-parallel cross-entropy, including the in-place shift of its input."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, label_smoothing: float, tp: Any) -> Tensor:
+        row_max = tp.all_reduce(torch.max(logits, dim=-1)[0], "max")
+        logits.sub_(row_max.unsqueeze(-1))  # in place, as NxD: the caller's tensor changes
+        vocab = logits.shape[-1]
+        start = tp.rank * vocab
+        mine = (target >= start) & (target < start + vocab)
+        index = (target.clone() - start) * mine.long()
+        flat = logits.view(-1, vocab)
+        picked = flat[torch.arange(flat.shape[0]), index.view(-1)].clone().view_as(target)
+        picked = tp.all_reduce(picked * mine.float())
+        exp = torch.exp(logits)
+        total = tp.all_reduce(exp.sum(dim=-1))
+        loss = torch.log(total) - picked
+        exp.div_(total.unsqueeze(-1))
+        ctx.save_for_backward(exp, mine, index.view(-1))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        softmax, mine, index = ctx.saved_tensors
+        vocab = softmax.shape[-1]
+        grad_2d = softmax.view(-1, vocab)
+        grad_2d[torch.arange(grad_2d.shape[0]), index] -= mine.view(-1).float()
+        softmax.mul_(grad.unsqueeze(-1))
+        return softmax, None, None, None
+
+
+# ---------------------------------------------------------------------------------------- modules
+
+
+def make(tp: Any, built: list, fake_module: Callable[..., types.ModuleType], **state: Callable
+         ) -> dict[str, types.ModuleType]:
+    """NxD's ``layers``, ``mappings``, ``loss_functions``, ``grads`` and ``parallel_state`` modules over `tp`.
+
+    Every layer built is appended to `built` as ``(kind, args, keyword arguments other than the defaults)``;
+    `state` adds functions to (or replaces them in) ``parallel_state``.
+    """
+    bound = {name: type(name, (cls,), {"tp": tp, "built": built})
+             for name, cls in (("ParallelEmbedding", ParallelEmbedding), ("ColumnParallelLinear", ColumnParallelLinear),
+                               ("RowParallelLinear", RowParallelLinear))}
+
+    def copy_to_tensor_model_parallel_region(input_: Tensor, process_group: Any = None) -> Tensor:
+        refuse_proxy("copy_to_tensor_model_parallel_region", input_)
+        return tp.copy_to(input_)
+
+    def reduce_from_tensor_model_parallel_region(input_: Tensor, process_group: Any = None) -> Tensor:
+        refuse_proxy("reduce_from_tensor_model_parallel_region", input_)
+        return tp.reduce_from(input_)
+
+    def gather_from_tensor_model_parallel_region(input_: Tensor, process_group: Any = None) -> Tensor:
+        refuse_proxy("gather_from_tensor_model_parallel_region", input_)
+        return tp.gather(input_, -1)
+
+    def scatter_to_sequence_parallel_region(input_: Tensor, sequence_dimension: int = 0,
+                                            process_group: Any = None) -> Tensor:
+        refuse_proxy("scatter_to_sequence_parallel_region", input_)
+        return tp.scatter(input_, sequence_dimension)
+
+    def scatter_to_tensor_model_parallel_region(input_: Tensor, process_group: Any = None) -> Tensor:
+        refuse_proxy("scatter_to_tensor_model_parallel_region", input_)
+        return tp.scatter(input_, -1)
+
+    def parallel_cross_entropy(vocab_parallel_logits: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        refuse_proxy("parallel_cross_entropy", vocab_parallel_logits)
+        if label_smoothing:
+            _not_modelled("label smoothing")
+        return _ParallelCrossEntropy.apply(vocab_parallel_logits, target, label_smoothing, tp)
+
+    def allreduce_sequence_parallel_gradients(optimizer: Any) -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if getattr(p, "sequence_parallel_enabled", False) and p.grad is not None:
+                    tp.all_reduce(p.grad)
+
+    mappings = {f.__name__: f for f in (copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,
+                                        gather_from_tensor_model_parallel_region, scatter_to_sequence_parallel_region,
+                                        scatter_to_tensor_model_parallel_region)}
+    parallel_state = {"get_tensor_model_parallel_size": lambda: tp.size, "get_tensor_model_parallel_rank": lambda: tp.rank,
+                      **state}
+    prefix = "neuronx_distributed.parallel_layers"
+    return {
+        f"{prefix}.layers": fake_module(f"{prefix}.layers", **bound),
+        f"{prefix}.mappings": fake_module(f"{prefix}.mappings", **mappings),
+        f"{prefix}.loss_functions": fake_module(f"{prefix}.loss_functions",
+                                                parallel_cross_entropy=parallel_cross_entropy),
+        f"{prefix}.grads": fake_module(f"{prefix}.grads",
+                                       allreduce_sequence_parallel_gradients=allreduce_sequence_parallel_gradients),
+        f"{prefix}.parallel_state": fake_module(f"{prefix}.parallel_state", **parallel_state),
+    }

@@ -1,0 +1,385 @@
+"""The test doubles of torch-xla 2.9 and NxD 0.17 against the real libraries (tests/doubles).
+
+`REAL_SIGNATURES` is data taken from the sources at the pinned versions
+(``aws-neuron/neuronx-distributed`` tag ``v2.28.0``, ``_version.py`` 0.17.0;
+``pytorch/xla`` tag ``v2.9.0``): every callable a double plays must have exactly that
+signature, so a keyword the real library does not take fails here as it would there,
+and a drift of the pins shows up as a diff. With ``BMOJO_REAL_SOURCES`` naming source
+checkouts (``nxd=<neuronx-distributed checkout>,xla=<xla checkout>``) the data itself
+is checked against them.
+
+Then what the doubles model where the real code is less kind than a plain stand-in:
+NxD's in-place loss, torch-xla's reentrant checkpoint, ZeRO-1's gradient hooks,
+``num_partitions``, the graph-extraction run, and graphs that differ between ranks.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.nn.init as init
+from doubles import mpmd, nxd_api
+from doubles.env import Env, XlaLog, fake_module
+from doubles.nxd_runtime import nxd_modules
+from doubles.xla import xla_modules
+
+# (import name our code uses, qualified name there, source file, name in that file, signature in the source)
+REAL_SIGNATURES = [
+    ("torch_xla", "sync", "xla:torch_xla/torch_xla.py", "sync",
+     "(wait=False, reset_scope=True)"),
+    ("torch_xla", "device", "xla:torch_xla/torch_xla.py", "device",
+     "(index=None)"),
+    ("torch_xla.core.xla_model", "xla_device", "xla:torch_xla/core/xla_model.py", "xla_device",
+     "(n=None, devkind=None)"),
+    ("torch_xla.core.xla_model", "mark_step", "xla:torch_xla/core/xla_model.py", "mark_step",
+     "(wait=False, reset_scope=True)"),
+    ("torch_xla.core.xla_model", "add_step_closure", "xla:torch_xla/core/xla_model.py", "add_step_closure",
+     "(closure, args=(), run_async=False)"),
+    ("torch_xla.core.xla_model", "all_reduce", "xla:torch_xla/core/xla_model.py", "all_reduce",
+     "(reduce_type, inputs, scale=1.0, groups=None, pin_layout=True)"),
+    ("torch_xla.core.xla_model", "all_gather", "xla:torch_xla/core/xla_model.py", "all_gather",
+     "(value, dim=0, groups=None, output=None, pin_layout=True, channel_id=None, use_global_device_ids=None)"),
+    ("torch_xla.core.xla_model", "rendezvous", "xla:torch_xla/core/xla_model.py", "rendezvous",
+     "(tag, payload=b'', replicas=[])"),
+    ("torch_xla.core.xla_model", "get_rng_state", "xla:torch_xla/core/xla_model.py", "get_rng_state",
+     "(device=None)"),
+    ("torch_xla.core.xla_model", "set_rng_state", "xla:torch_xla/core/xla_model.py", "set_rng_state",
+     "(seed, device=None)"),
+    ("torch_xla.core.xla_model", "is_master_ordinal", "xla:torch_xla/core/xla_model.py", "is_master_ordinal",
+     "(local=True)"),
+    ("torch_xla.runtime", "world_size", "xla:torch_xla/runtime.py", "world_size",
+     "()"),
+    ("torch_xla.runtime", "global_ordinal", "xla:torch_xla/runtime.py", "global_ordinal",
+     "()"),
+    ("torch_xla.runtime", "local_ordinal", "xla:torch_xla/runtime.py", "local_ordinal",
+     "()"),
+    ("torch_xla.distributed.parallel_loader", "MpDeviceLoader.__init__", "xla:torch_xla/distributed/parallel_loader.py", "MpDeviceLoader.__init__",
+     "(loader, device, **kwargs)"),
+    ("torch_xla.utils.checkpoint", "checkpoint", "xla:torch_xla/utils/checkpoint.py", "checkpoint",
+     "(function, *args, use_reentrant=True, **kwargs)"),
+    ("neuronx_distributed.optimizer", "NeuronZero1Optimizer.__init__", "xla:torch_xla/distributed/zero_redundancy_optimizer.py", "ZeroRedundancyOptimizer.__init__",
+     "(params, optimizer_class, optimizer_dtype=None, grad_clipping=True, max_norm=None, pin_layout=True, sharding_groups=None, grad_norm_groups=None, lazy_init=False, bucket_cap_mb_all_gather=0, bucket_cap_mb_reduce_scatter=0, use_grad_acc_hook=False, save_master_weights=False, higher_cc_precision=False, **defaults)"),
+    ("neuronx_distributed.optimizer", "NeuronZero1Optimizer.step", "xla:torch_xla/distributed/zero_redundancy_optimizer.py", "ZeroRedundancyOptimizer.step",
+     "(closure=None, **kwargs)"),
+    ("neuronx_distributed.optimizer", "NeuronZero1Optimizer.zero_grad", "xla:torch_xla/distributed/zero_redundancy_optimizer.py", "ZeroRedundancyOptimizer.zero_grad",
+     "(set_to_none=False)"),
+    ("neuronx_distributed.parallel_layers.layers", "ParallelEmbedding.__init__", "nxd:src/neuronx_distributed/parallel_layers/layers.py", "ParallelEmbedding.__init__",
+     "(num_embeddings, embedding_dim, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False, init_method=init.normal_, device=None, dtype=torch.float32, shard_across_embedding=False, pad=False, sequence_parallel_enabled=False, tensor_model_parallel_group=None, use_spmd_rank=False, sequence_dimension=None, tile_cc=False, rank_ordering=None, collect_output=True)"),
+    ("neuronx_distributed.parallel_layers.layers", "ParallelEmbedding.forward", "nxd:src/neuronx_distributed/parallel_layers/layers.py", "ParallelEmbedding.forward",
+     "(input_)"),
+    ("neuronx_distributed.parallel_layers.layers", "ColumnParallelLinear.__init__", "nxd:src/neuronx_distributed/parallel_layers/layers.py", "ColumnParallelLinear.__init__",
+     "(input_size, output_size, bias=True, gather_output=True, dtype=torch.float32, device=None, stride=1, init_method=None, sequence_parallel_enabled=False, sequence_dimension=None, keep_master_weight=False, skip_bias_add=False, pad=False, pad_alignment_size_per_rank=1, keep_padded_output=False, tensor_model_parallel_group=None, reduce_dtype=torch.float32, rank_ordering=None)"),
+    ("neuronx_distributed.parallel_layers.layers", "ColumnParallelLinear.forward", "nxd:src/neuronx_distributed/parallel_layers/layers.py", "ColumnParallelLinear.forward",
+     "(input, slice_indices=None)"),
+    ("neuronx_distributed.parallel_layers.layers", "RowParallelLinear.__init__", "nxd:src/neuronx_distributed/parallel_layers/layers.py", "RowParallelLinear.__init__",
+     "(input_size, output_size, bias=True, input_is_parallel=False, dtype=torch.float32, device=None, stride=1, init_method=None, sequence_parallel_enabled=False, sequence_dimension=None, keep_master_weight=False, skip_bias_add=False, pad=False, reduce_output=True, tensor_model_parallel_group=None, reduce_dtype=torch.float32, tile_cc=False, rank_ordering=None)"),
+    ("neuronx_distributed.parallel_layers.layers", "RowParallelLinear.forward", "nxd:src/neuronx_distributed/parallel_layers/layers.py", "RowParallelLinear.forward",
+     "(input_, slice_indices=None)"),
+    ("neuronx_distributed.parallel_layers.mappings", "copy_to_tensor_model_parallel_region", "nxd:src/neuronx_distributed/parallel_layers/mappings.py", "copy_to_tensor_model_parallel_region",
+     "(input_, process_group=None)"),
+    ("neuronx_distributed.parallel_layers.mappings", "reduce_from_tensor_model_parallel_region", "nxd:src/neuronx_distributed/parallel_layers/mappings.py", "reduce_from_tensor_model_parallel_region",
+     "(input_, process_group=None)"),
+    ("neuronx_distributed.parallel_layers.mappings", "gather_from_tensor_model_parallel_region", "nxd:src/neuronx_distributed/parallel_layers/mappings.py", "gather_from_tensor_model_parallel_region",
+     "(input_, process_group=None)"),
+    ("neuronx_distributed.parallel_layers.mappings", "scatter_to_sequence_parallel_region", "nxd:src/neuronx_distributed/parallel_layers/mappings.py", "scatter_to_sequence_parallel_region",
+     "(input_, sequence_dimension=0, process_group=None)"),
+    ("neuronx_distributed.parallel_layers.mappings", "scatter_to_tensor_model_parallel_region", "nxd:src/neuronx_distributed/parallel_layers/mappings.py", "scatter_to_tensor_model_parallel_region",
+     "(input_, process_group=None)"),
+    ("neuronx_distributed.parallel_layers.loss_functions", "parallel_cross_entropy", "nxd:src/neuronx_distributed/parallel_layers/loss_functions.py", "parallel_cross_entropy",
+     "(vocab_parallel_logits, target, label_smoothing=0.0)"),
+    ("neuronx_distributed.parallel_layers.parallel_state", "initialize_model_parallel", "nxd:src/neuronx_distributed/parallel_layers/parallel_state.py", "initialize_model_parallel",
+     "(tensor_model_parallel_size=1, pipeline_model_parallel_size=1, context_parallel_size=1, expert_model_parallel_size=1, skip_collective_init=False, lnc_size=1, mesh_only=False)"),
+    ("neuronx_distributed.parallel_layers.parallel_state", "model_parallel_is_initialized", "nxd:src/neuronx_distributed/parallel_layers/parallel_state.py", "model_parallel_is_initialized",
+     "()"),
+    ("neuronx_distributed.parallel_layers.parallel_state", "destroy_model_parallel", "nxd:src/neuronx_distributed/parallel_layers/parallel_state.py", "destroy_model_parallel",
+     "()"),
+    ("neuronx_distributed.parallel_layers.parallel_state", "get_tensor_model_parallel_size", "nxd:src/neuronx_distributed/parallel_layers/parallel_state.py", "get_tensor_model_parallel_size",
+     "()"),
+    ("neuronx_distributed.parallel_layers.parallel_state", "get_tensor_model_parallel_rank", "nxd:src/neuronx_distributed/parallel_layers/parallel_state.py", "get_tensor_model_parallel_rank",
+     "()"),
+    ("neuronx_distributed.parallel_layers.parallel_state", "get_pipeline_model_parallel_size", "nxd:src/neuronx_distributed/parallel_layers/parallel_state.py", "get_pipeline_model_parallel_size",
+     "()"),
+    ("neuronx_distributed.parallel_layers.parallel_state", "get_pipeline_model_parallel_rank", "nxd:src/neuronx_distributed/parallel_layers/parallel_state.py", "get_pipeline_model_parallel_rank",
+     "()"),
+    ("neuronx_distributed.parallel_layers.parallel_state", "get_data_parallel_size", "nxd:src/neuronx_distributed/parallel_layers/parallel_state.py", "get_data_parallel_size",
+     "()"),
+    ("neuronx_distributed.parallel_layers.parallel_state", "get_data_parallel_rank", "nxd:src/neuronx_distributed/parallel_layers/parallel_state.py", "get_data_parallel_rank",
+     "()"),
+    ("neuronx_distributed.parallel_layers.parallel_state", "get_data_parallel_replica_groups", "nxd:src/neuronx_distributed/parallel_layers/parallel_state.py", "get_data_parallel_replica_groups",
+     "()"),
+    ("neuronx_distributed.parallel_layers.parallel_state", "get_pipeline_model_parallel_replica_groups", "nxd:src/neuronx_distributed/parallel_layers/parallel_state.py", "get_pipeline_model_parallel_replica_groups",
+     "()"),
+    ("neuronx_distributed.parallel_layers.parallel_state", "get_tensor_model_parallel_replica_groups", "nxd:src/neuronx_distributed/parallel_layers/parallel_state.py", "get_tensor_model_parallel_replica_groups",
+     "()"),
+    ("neuronx_distributed.parallel_layers.parallel_state", "is_global_rank_zero", "nxd:src/neuronx_distributed/parallel_layers/parallel_state.py", "is_global_rank_zero",
+     "()"),
+    ("neuronx_distributed.parallel_layers.utils", "move_all_tensor_to_cpu", "nxd:src/neuronx_distributed/parallel_layers/utils.py", "move_all_tensor_to_cpu",
+     "(data, convert=True)"),
+    ("neuronx_distributed.parallel_layers.utils", "set_tensor_model_parallel_attributes", "nxd:src/neuronx_distributed/parallel_layers/utils.py", "set_tensor_model_parallel_attributes",
+     "(tensor, is_parallel, dim, stride, num_partitions=-1, rank_ordering=None)"),
+    ("neuronx_distributed.parallel_layers.grads", "allreduce_sequence_parallel_gradients", "nxd:src/neuronx_distributed/parallel_layers/grads.py", "allreduce_sequence_parallel_gradients",
+     "(optimizer)"),
+    ("neuronx_distributed.trainer", "neuronx_distributed_config", "nxd:src/neuronx_distributed/trainer/trainer.py", "neuronx_distributed_config",
+     "(tensor_parallel_size=1, pipeline_parallel_size=1, expert_parallel_size=1, context_parallel_size=1, pipeline_config=None, optimizer_config=None, activation_checkpoint_config=None, pad_model=False, sequence_parallel=False, model_init_config=None, lora_config=None, mixed_precision_config=None, sequential_move_factor=11, lnc_size=1)"),
+    ("neuronx_distributed.trainer", "initialize_parallel_model", "nxd:src/neuronx_distributed/trainer/trainer.py", "initialize_parallel_model",
+     "(nxd_config, model_fn, include_buffers=False, *model_args, **model_kwargs)"),
+    ("neuronx_distributed.trainer", "initialize_parallel_optimizer", "nxd:src/neuronx_distributed/trainer/trainer.py", "initialize_parallel_optimizer",
+     "(nxd_config, optimizer_class, parameters, **defaults)"),
+    ("neuronx_distributed.trainer.model", "NxDModel.__init__", "nxd:src/neuronx_distributed/trainer/model.py", "NxDModel.__init__",
+     "(module, nxd_config)"),
+    ("neuronx_distributed.trainer.model", "NxDModel.run_train", "nxd:src/neuronx_distributed/trainer/model.py", "NxDModel.run_train",
+     "(*args, **kwargs)"),
+    ("neuronx_distributed.trainer.model", "NxDModel.run_eval", "nxd:src/neuronx_distributed/trainer/model.py", "NxDModel.run_eval",
+     "(*args, **kwargs)"),
+    ("neuronx_distributed.trainer.model", "NxDModel.local_modules", "nxd:src/neuronx_distributed/trainer/model.py", "NxDModel.local_modules",
+     "()"),
+    ("neuronx_distributed.trainer.optimizer", "NxDOptimizer.__init__", "nxd:src/neuronx_distributed/trainer/optimizer.py", "NxDOptimizer.__init__",
+     "(optimizer, nxd_config)"),
+    ("neuronx_distributed.trainer.optimizer", "NxDOptimizer.step", "nxd:src/neuronx_distributed/trainer/optimizer.py", "NxDOptimizer.step",
+     "(closure=None)"),
+    ("neuronx_distributed.trainer.optimizer", "NxDOptimizer.zero_grad", "nxd:src/neuronx_distributed/trainer/optimizer.py", "NxDOptimizer.zero_grad",
+     "(set_to_none=False)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.__init__", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.__init__",
+     "(module, transformer_layer_cls=None, num_microbatches=1, virtual_pipeline_size=1, output_loss_value_spec=None, return_mb_loss=False, broadcast_and_average_loss=False, use_zero1_optimizer=False, use_model_wrapper=False, use_optimizer_wrapper=False, pipeline_cuts=None, input_names=None, leaf_module_cls=None, autowrap_functions=None, autowrap_modules=None, autowrap_obj_methods=None, tracer_cls=None, param_init_fn=None, trace_file_path=None, return_loss_on_cpu=True, deallocate_pipeline_outputs=False, auto_partition=False, fuse_microbatches=False, manual_pp_partition=False, manual_pp_stage_partition_fn=None, manual_pp_loss_fn=None, _delay_tracing=False, _turn_off_odd_even_scheduler=False, _all_reduce_send_recv=False, _fused_send_recv=False, _fused_fwd_bwd=False, _mark_step_before_pp_runtime=True, _mark_step_after_pp_runtime=True, _deallocate_send_tensors=True, _use_gloo_for_metadata_comm=False, _debug_mode=False, _debug_pp_size=8, _debug_pp_rank=0)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.run_train", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.run_train",
+     "(*args, **kwargs)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.run_eval", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.run_eval",
+     "(*args, **kwargs)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.local_named_parameters", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.local_named_parameters",
+     "(recurse=True)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.local_state_dict", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.local_state_dict",
+     "(*args, **kwargs)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.load_state_dict", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.load_state_dict",
+     "(state_dict, strict=True)"),
+]
+PLAIN_DOUBLES = {"neuronx_distributed.trainer"}  # also played by `nxd_api.spy_trainer`
+
+
+def _doubles() -> dict:
+    env = Env(XlaLog())
+    env.log.env = env
+    return {**xla_modules(env), **nxd_modules(env)}
+
+
+def _lookup(modules: dict, module: str, qualname: str):
+    obj = modules[module]
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _parameters(text: str) -> list[tuple[str, object, str | None]]:
+    """(name, kind, default source) of each parameter of a signature written as in the source."""
+    args = ast.parse(f"def f{text}: pass").body[0].args
+    out = []
+    positional = args.posonlyargs + args.args
+    defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+    for arg, default in zip(positional, defaults):
+        out.append((arg.arg, inspect.Parameter.POSITIONAL_OR_KEYWORD, default and ast.unparse(default)))
+    if args.vararg:
+        out.append((args.vararg.arg, inspect.Parameter.VAR_POSITIONAL, None))
+    for arg, default in zip(args.kwonlyargs, args.kw_defaults):
+        out.append((arg.arg, inspect.Parameter.KEYWORD_ONLY, default and ast.unparse(default)))
+    if args.kwarg:
+        out.append((args.kwarg.arg, inspect.Parameter.VAR_KEYWORD, None))
+    return out
+
+
+def _default_value(source: str):
+    return eval(source, {"torch": torch, "init": init})  # the defaults the sources use: literals, torch.*, init.*
+
+
+def _check_signature(double, real: str, what: str) -> None:
+    params = list(inspect.signature(double).parameters.values())
+    if params and params[0].name == "self":
+        params = params[1:]
+    want = _parameters(real)
+    assert [(p.name, p.kind) for p in params] == [(n, k) for n, k, _ in want], f"{what}: {inspect.signature(double)} != {real}"
+    for p, (name, _, default) in zip(params, want):
+        if default is None:
+            assert p.default is inspect.Parameter.empty, f"{what}: {name} has a default the real one lacks"
+        else:
+            value = _default_value(default)
+            assert p.default == value and type(p.default) is type(value), f"{what}: {name}={p.default!r}, real {default}"
+
+
+@pytest.mark.parametrize("module, qualname, source, real_name, signature", REAL_SIGNATURES,
+                         ids=[f"{m}.{q}" for m, q, *_ in REAL_SIGNATURES])
+def test_every_double_has_the_real_signature(module, qualname, source, real_name, signature):
+    _check_signature(_lookup(_doubles(), module, qualname), signature, f"{module}.{qualname}")
+    if module in PLAIN_DOUBLES:
+        spy = {nxd_api.TRAINER: nxd_api.spy_trainer({})}
+        _check_signature(_lookup(spy, module, qualname), signature, f"spy {module}.{qualname}")
+    tp1 = nxd_api.parallel_layers([])  # the tp = 1 modules of the wiring tests
+    if module in tp1 and hasattr(tp1[module], qualname.split(".")[0]):
+        _check_signature(_lookup(tp1, module, qualname), signature, f"tp=1 {module}.{qualname}")
+
+
+def _source_signature(path: Path, qualname: str) -> str:
+    node = ast.parse(path.read_text())
+    for part in qualname.split("."):
+        node = next(n for n in node.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == part)
+    args = node.args
+    text = []
+    positional = args.posonlyargs + args.args
+    defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+    for i, (arg, default) in enumerate(zip(positional, defaults)):
+        if i == 0 and "." in qualname and arg.arg in ("self", "cls"):
+            continue
+        text.append(arg.arg if default is None else f"{arg.arg}={ast.unparse(default)}")
+    if args.vararg:
+        text.append("*" + args.vararg.arg)
+    elif args.kwonlyargs:
+        text.append("*")
+    for arg, default in zip(args.kwonlyargs, args.kw_defaults):
+        text.append(arg.arg if default is None else f"{arg.arg}={ast.unparse(default)}")
+    if args.kwarg:
+        text.append("**" + args.kwarg.arg)
+    return "(" + ", ".join(text) + ")"
+
+
+@pytest.mark.skipif(not os.environ.get("BMOJO_REAL_SOURCES"), reason="set BMOJO_REAL_SOURCES=nxd=DIR,xla=DIR")
+def test_the_recorded_signatures_are_the_sources():
+    roots = dict(item.split("=", 1) for item in os.environ["BMOJO_REAL_SOURCES"].split(","))
+    for module, qualname, source, real_name, signature in REAL_SIGNATURES:
+        repo, path = source.split(":", 1)
+        assert _source_signature(Path(roots[repo]) / path, real_name) == signature, f"{module}.{qualname}"
+
+
+def test_a_keyword_the_real_library_does_not_take_fails():
+    modules = _doubles()
+    with pytest.raises(TypeError):
+        modules["torch_xla.core.xla_model"].mark_step(block=True)
+    with pytest.raises(TypeError):
+        modules["neuronx_distributed.parallel_layers.layers"].ColumnParallelLinear(4, 4, sequence_dim=1)
+    with pytest.raises(TypeError):
+        modules["torch_xla.distributed.parallel_loader"].MpDeviceLoader([], None, prefetch=2)
+    with pytest.raises(TypeError):
+        trainer = modules["neuronx_distributed.trainer"]  # NxD hands unknown keywords to the optimizer class
+        trainer.initialize_parallel_optimizer(trainer.neuronx_distributed_config(), torch.optim.AdamW,
+                                              torch.nn.Linear(2, 2).parameters(), foo=1)
+
+
+# ---------------------------------------------------------------------------------------- behaviour
+
+
+def test_parallel_cross_entropy_shifts_its_input_in_place():
+    """NxD subtracts each row's max from the logits it is given; loss and gradient are the cross-entropy's."""
+    loss_fn = nxd_api.parallel_layers([])[nxd_api.LOSS_FUNCTIONS].parallel_cross_entropy
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7, dtype=torch.float64)
+    labels = torch.randint(0, 7, (5,))
+    given = logits.clone().requires_grad_()
+    passed = given * 1.0  # a non-leaf the loss may modify
+    loss = loss_fn(passed, labels)
+    torch.testing.assert_close(passed.detach(), (logits - logits.max(-1, keepdim=True).values))
+    reference = logits.clone().requires_grad_()
+    want = F.cross_entropy(reference, labels, reduction="none")
+    torch.testing.assert_close(loss, want)
+    loss.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(given.grad, reference.grad)
+
+
+def test_reentrant_checkpoint_refuses_what_torch_xla_refuses():
+    checkpoint = _doubles()["torch_xla.utils.checkpoint"].checkpoint
+    layer = torch.nn.Linear(3, 3)
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="Unexpected keyword"):
+        checkpoint(layer, x, scale=2)
+    with pytest.raises(ValueError, match="use_reentrant==False"):
+        checkpoint(layer, x, use_reentrant=False)
+    with warnings.catch_warnings():  # reentrant: without an input that requires grad, no parameter gets one
+        warnings.simplefilter("ignore")
+        out = checkpoint(layer, x)
+    assert not out.requires_grad and layer.weight.grad is None
+    checkpoint(layer, x.requires_grad_()).sum().backward()
+    assert layer.weight.grad is not None
+
+
+def test_zero1_grad_hooks_move_gradients_into_fp32_main_grad():
+    """torch-xla's ZeRO-1 with use_grad_acc_hook (NxD: bf16 + ZeRO-1): param.grad is freed as backward
+    produces it, the fp32 main_grad of the parameter's full shape accumulates, zero_grad zeroes it."""
+    modules = _doubles()
+    zero1 = modules["neuronx_distributed.optimizer"].NeuronZero1Optimizer
+    layer = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    optimizer = zero1(layer.parameters(), torch.optim.AdamW, use_grad_acc_hook=True, higher_cc_precision=True,
+                      lr=0.1)
+    x = torch.randn(2, 4, dtype=torch.bfloat16)
+    layer(x).float().sum().backward()
+    layer(x).float().sum().backward()
+    assert layer.weight.grad is None and layer.weight.main_grad.dtype == torch.float32
+    assert layer.weight.main_grad.shape == layer.weight.shape
+    expected = 2 * torch.ones(3, 2) @ x.float()  # d sum(x W^T) / dW = 1^T x, twice
+    torch.testing.assert_close(layer.weight.main_grad, expected, rtol=1e-2, atol=1e-2)
+    before = layer.weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(layer.weight.detach(), before) and optimizer.grad_norm is not None
+    optimizer.zero_grad(set_to_none=True)
+    assert layer.weight.grad is None and torch.count_nonzero(layer.weight.main_grad) == 0
+
+
+def test_set_tensor_model_parallel_attributes_warns_without_num_partitions():
+    utils = _doubles()["neuronx_distributed.parallel_layers.utils"]
+    with pytest.warns(UserWarning, match="num_partitions"):
+        utils.set_tensor_model_parallel_attributes(torch.nn.Parameter(torch.zeros(2)), True, 0, 1)
+    p = torch.nn.Parameter(torch.zeros(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        utils.set_tensor_model_parallel_attributes(p, True, 0, 1, num_partitions=2)
+    assert (p.tensor_model_parallel, p.partition_dim, p.num_partitions) == (True, 0, 2)
+    with pytest.raises(AssertionError):  # NxD: never twice
+        utils.set_tensor_model_parallel_attributes(p, True, 0, 1, num_partitions=2)
+
+
+def test_extraction_run_hands_back_zeros_and_records_the_read(monkeypatch):
+    """neuron_parallel_compile's trial run executes empty stubs with zero outputs: every device value read
+    there is invalid (torch-neuronx's NEURON_EXTRACT_GRAPHS_ONLY)."""
+    env = Env(XlaLog())
+    utils = nxd_modules(env)["neuronx_distributed.parallel_layers.utils"]
+    value = {"loss": torch.tensor([2.5, 1.0])}
+    assert torch.equal(utils.move_all_tensor_to_cpu(value)["loss"], value["loss"]) and not env.log.extraction_reads
+    monkeypatch.setenv("NEURON_EXTRACT_GRAPHS_ONLY", "1")
+    assert torch.equal(utils.move_all_tensor_to_cpu(value)["loss"], torch.zeros(2))
+    assert len(env.log.extraction_reads) == 1
+
+
+def _one_rank_program(rank: int, read_on_main: bool) -> list:
+    """Two steps of a toy loop on rank `rank`'s own doubles; rank 0 may read the loss inside the step."""
+    env = Env(XlaLog())
+    env.log.env = env
+    modules = {**xla_modules(env), **nxd_modules(env)}
+    xm, utils = modules["torch_xla.core.xla_model"], modules["neuronx_distributed.parallel_layers.utils"]
+    model = torch.nn.Linear(4, 1)
+    for step in range(2):
+        env.log.trace("forward", "train", (2, 4))
+        loss = model(torch.ones(2, 4)).sum()
+        loss = xm.all_reduce(xm.REDUCE_SUM, loss, groups=[[0], [1]])  # every rank passes all the groups
+        if read_on_main and rank == 0:  # a host-side decision only rank 0 makes
+            utils.move_all_tensor_to_cpu(loss)
+        xm.mark_step()
+    return env.log.graphs
+
+
+def test_ranks_whose_host_decisions_differ_build_different_graphs():
+    same = {rank: _one_rank_program(rank, read_on_main=False) for rank in (0, 1)}
+    assert mpmd.mismatches(same) == []
+    differ = {rank: _one_rank_program(rank, read_on_main=True) for rank in (0, 1)}
+    found = mpmd.mismatches(differ)
+    assert found and "rank 1 cut 2 graphs, rank 0 4" in found[0]
+    # ranks of different pipeline stages may trace different work and cut different graphs, but the collectives
+    # that span the stages must meet
+    stages = {0: [[("code",), ("all_reduce", "[[0, 1]]", "()", "torch.float32"), ("stage_forward", "0")]],
+              1: [[("code",), ("all_reduce", "[[0, 1]]", "()", "torch.float32"), ("stage_forward", "1")],
+                  [("to_cpu",)]]}
+    assert mpmd.mismatches(stages, {0: 0, 1: 1}) == []
+    assert mpmd.mismatches(stages, {0: 0, 1: 0})
+    stages[1][0][1] = ("all_reduce", "[[0, 1]]", "(2,)", "torch.float32")
+    assert mpmd.mismatches(stages, {0: 0, 1: 1})
