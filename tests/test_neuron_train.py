@@ -10,6 +10,7 @@ must reproduce the CPU loop on the same recipe. What the doubles cannot check
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
 
@@ -96,18 +97,40 @@ def test_neuron_run_equals_the_cpu_run(cpu_run, neuron_run):
     assert result.params == cpu_run.params and result.step == STEPS
 
 
-def test_one_mark_step_per_optimizer_step_and_no_host_reads_inside(neuron_run):
+def step_graphs(log) -> list[list[tuple]]:
+    """The graphs the doubles saw cut that hold training work: micro-batch forwards or the optimizer step."""
+    return [g[1:] for g in log.graphs if any(e[0] == "optimizer_step" or e[:2] == ("forward", "train") for e in g)]
+
+
+def test_a_graph_per_micro_batch_one_for_the_update_and_no_host_reads_inside(neuron_run):
     result, log, reads = neuron_run
     assert reads == []  # no .item() / .tolist() / float() by our code between a batch and its mark_step
     assert log.violations == []  # no eval forward, no host copy while a step graph was pending
-    steps = log.step_syncs()
-    assert len(steps) == STEPS and all(s["source"] == "code" for s in steps)  # our mark_step ran each step
-    assert [s["forwards"] for s in steps] == [ACCUM] * STEPS  # the micro-batches inside that one graph
-    loader = [s for s in log.syncs if s["source"] == "loader"]
-    assert len(loader) == log.fetches == STEPS  # one batch per step; the loader's own sync finds nothing pending
-    assert not any(s["step_work"] for s in loader)
+    graphs = step_graphs(log)
+    kinds = [[e[0] for e in g if e[0] in ("forward", "optimizer_step")] for g in graphs]
+    assert kinds == ([["forward"]] * ACCUM + [["optimizer_step"]]) * STEPS
+    # every micro-batch is a device input of its own: the same shapes in every micro-batch graph
+    assert len({tuple(g) for g, k in zip(graphs, kinds) if k == ["forward"]}) == 1
+    # the loader's fetch cut the graph before every micro-batch but a step's first; ours cut before the update
+    # and ran it
+    assert [s["source"] for s in log.step_syncs()] == (["loader"] * (ACCUM - 1) + ["code"]) * STEPS
+    assert log.fetches == STEPS * ACCUM
     assert log.closures_run == STEPS and len(train_records(result.metrics)) == STEPS  # log_every 1: read in closures
     assert log.calls["initialize_model_parallel"] == 1
+
+
+def test_grad_accum_4_cuts_one_graph_per_micro_batch_and_one_for_the_update(doubles, tmp_path):
+    """Four micro-batches: four graphs of one forward + backward each, then the update in a graph of its own
+    (a step graph would otherwise grow with grad_accum); 4 loader fetches and 2 mark_steps of ours a step."""
+    steps = 2
+    result = train(recipe(**{"train.grad_accum": 4, "train.batch_size": 2, "train.steps": steps, "eval.every": 2,
+                             "checkpoint.every": 2}), tmp_path / "run", progress=False)
+    assert result.step == steps
+    kinds = [[e[0] for e in g if e[0] in ("forward", "optimizer_step")] for g in step_graphs(doubles)]
+    assert kinds == ([["forward"]] * 4 + [["optimizer_step"]]) * steps
+    assert doubles.fetches == 4 * steps
+    cuts = [s["source"] for s in doubles.step_syncs()]
+    assert cuts == (["loader"] * 3 + ["code"]) * steps
 
 
 # ------------------------------------------------------------------ checkpoints and resume
@@ -281,3 +304,77 @@ def test_dp_slice_is_torch_xla_zero1_sharding():
     assert torch.equal(dp_slice(full, 2, 0), full[:3])
     assert torch.equal(dp_slice(full, 2, 1), torch.tensor([[6.0, 7.0], [8.0, 9.0], [0.0, 0.0]]))  # zero-padded
     assert torch.equal(dp_slice(torch.tensor(3.0), 4, 2), torch.tensor(3.0))  # a scalar (AdamW step) is shared
+
+
+# ------------------------------------------------------------------ neuron_parallel_compile's trial run
+
+
+def test_graph_extraction_run_reads_no_device_value_finishes_and_cuts_the_real_graphs(doubles, tmp_path,
+                                                                                       monkeypatch):
+    """`bmojo-neuron precompile`'s trial run (its overrides) under NEURON_EXTRACT_GRAPHS_ONLY, where the device
+    values are zeros from empty stubs: it reads none of them (no loss closure, no eval sums, no checkpoint
+    copies), finishes, and traces and cuts the very graphs the real run does (steps, evals, the ZeRO-1 save)."""
+    from bmojo_neuron.commands.precompile import trial_overrides
+
+    settings = {"parallel.zero1": True, "train.precision": "bf16", "train.activation_checkpointing": True}
+    trial = dict(o.split("=", 1) for o in trial_overrides(3, tmp_path / "unused"))
+    trial = {k: int(v) for k, v in trial.items() if k != "run.output_dir"}  # steps, eval and checkpoint cadence
+
+    def graphs(run_dir):
+        start = len(doubles.graphs)
+        with neuron_sdk.host_reads_in_steps(doubles) as reads:
+            result = train(recipe(**settings, **trial), run_dir, progress=False)
+        work = [g[1:] for g in doubles.graphs[start:] if g[1:]]  # what each graph holds, whatever cut it
+        return result, work, reads
+
+    real, real_graphs, _ = graphs(tmp_path / "real")
+    assert doubles.extraction_reads == []
+    monkeypatch.setenv("NEURON_EXTRACT_GRAPHS_ONLY", "1")
+    trial_run, trial_graphs, reads = graphs(tmp_path / "trial")
+    assert doubles.extraction_reads == [] and reads == []  # nothing read back
+    assert trial_run.step == 3 and trial_graphs == real_graphs  # the same graphs, in the same order
+    assert any(e[0] == "all_gather" for g in trial_graphs for e in g)  # the ZeRO-1 save's graph is among them
+    assert not train_records(trial_run.metrics) and not layout.list_checkpoints(tmp_path / "trial")
+    evals = [r for r in trial_run.metrics if r["type"] == "eval"]
+    assert evals and all(math.isnan(r["eval_loss"]) for r in evals)
+    assert not (tmp_path / "trial" / "final").exists()
+
+
+def test_a_zero1_checkpoint_reads_everything_in_one_host_copy(doubles):
+    """ZeRO-1 + bf16: the save all-gathers every state and fp32 master, then copies them to the host once: one
+    graph for the whole save (a copy per parameter would compile and run one small graph each)."""
+    from naive import tiny_config
+
+    from bmojo_neuron.checkpoints.neuron import host_state
+    from bmojo_neuron.parallel import nxd_training
+    from bmojo_neuron.recipes import OptimSection, ParallelSection
+    from bmojo_neuron.training.neuron_runtime import NeuronRuntime
+    from bmojo_neuron.training.optim import parameter_groups
+
+    runtime = NeuronRuntime.start({})
+    try:
+        config = tiny_config(layer_pattern="BM", ssm_n_groups=2)
+        cfg = nxd_training.nxd_config(ParallelSection(zero1=True), False, True)
+        model = nxd_training.build_nxd_model(config, cfg, dtype=torch.bfloat16, one_device_init=True)
+        optim = OptimSection()
+        optimizer = nxd_training.build_nxd_optimizer(parameter_groups(model, optim.weight_decay), cfg, optim)
+        ids = torch.randint(0, config.vocab_size, (2, 10))
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        runtime.sync()
+        before = len(doubles.graphs)
+        weights, states = host_state(model, optimizer, runtime)
+    finally:
+        runtime.close()
+    save = doubles.graphs[before:]
+    assert [g[0] for g in save] == [("to_cpu",)]  # one host copy
+    gathers = [e for e in save[0] if e[0] == "all_gather"]
+    params = [n for n, _ in model.named_parameters() if n != "lm_head.weight"]  # the tied head is stored once
+    assert len(gathers) == 3 * len(params)  # exp_avg, exp_avg_sq, the fp32 master of every parameter
+    assert set(states) == set(params) and all(w.dtype == torch.float32 for w in weights.values())
+    zero = optimizer.optimizer
+    masters = {id(p): s for g, sg in zip(zero.param_groups, zero.base_optimizer.param_groups)
+               for p, s in zip(g["params"], sg["params"])}
+    for name, p in model.named_parameters():
+        if name in params:
+            assert torch.equal(weights[name], masters[id(p)].detach()), name  # the exact fp32 master

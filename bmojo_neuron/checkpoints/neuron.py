@@ -56,6 +56,7 @@ class NeuronRanks(ShardRanks, Protocol):
     @property
     def last_stage(self) -> bool: ...
     def to_cpu(self, data: Any) -> Any: ...
+    def sync(self) -> None: ...
     def gather_over(self, x: Tensor, groups: Any) -> Tensor: ...
     def barrier(self, tag: str) -> None: ...
     def rng_state(self) -> int: ...
@@ -104,37 +105,52 @@ def _state_to_device(value: Any, like: Tensor) -> Any:
 # ------------------------------------------------------------------------------ save
 
 
-def host_state(model: nn.Module, optimizer: Any, runtime: NeuronRanks) -> tuple[dict[str, Tensor], dict]:
-    """(fp32 weights, optimizer states by name) of this rank's tensor shard on the host; empty off data rank 0."""
+def device_state(model: nn.Module, optimizer: Any, runtime: NeuronRanks) -> dict[str, dict]:
+    """What a checkpoint reads from this rank's device: ``{"states": {name: {state: tensor}}, "weights":
+    state dict}``, the ZeRO-1 states (and fp32 masters as ``__master__``) all-gathered over the data ranks.
+
+    Every data rank joins every all-gather and materialises them (XLA collectives run in graphs), so each
+    gets the gathered states; only data rank 0 keeps them, and only it reads the weights and, without ZeRO-1,
+    its optimizer states.
+    """
     keep = runtime.dp_rank == 0
     tied = fmt.tied_names(model.config)  # stored once, as stage 0's embedding
     names = {key: name for key, name in parameter_names(model).items() if name not in tied}
     zero = zero1_optimizer(optimizer)
-    masters: dict[str, Tensor] = {}
+    states: dict[str, dict] = {}
     if zero is None:
         inner = getattr(optimizer, "optimizer", optimizer)
-        states = {names[id(p)]: dict(inner.state[p]) for group in inner.param_groups for p in group["params"]
-                  if p in inner.state and id(p) in names}
-        states = runtime.to_cpu(states) if keep else {}
-    else:  # every data rank joins every all-gather (and materialises it: XLA collectives run in graphs)
-        states = {}
+        if keep:
+            states = {names[id(p)]: dict(inner.state[p]) for group in inner.param_groups for p in group["params"]
+                      if p in inner.state and id(p) in names}
+    else:
         for param, shard in _zero1_pairs(zero):
             if id(param) not in names:
                 continue  # the tied copy (every data rank of this stage skips it alike)
-            name = names[id(param)]
             full = {k: _unshard(v, param, zero, runtime) for k, v in zero.base_optimizer.state.get(shard, {}).items()}
             if shard.dtype != param.dtype:  # fp32 master weights of a bf16 model
                 full["__master__"] = _unshard(shard.detach(), param, zero, runtime)
-            full = runtime.to_cpu(full)
-            if keep:
-                master = full.pop("__master__", None)
-                if master is not None:
-                    masters[name] = master
-                states[name] = full
-    weights = {}
-    if keep:
-        weights = {k: v.float() for k, v in runtime.to_cpu(model.state_dict()).items()}
-        weights.update(masters)
+            states[names[id(param)]] = full
+    return {"states": states, "weights": model.state_dict() if keep else {}}
+
+
+def host_state(model: nn.Module, optimizer: Any, runtime: NeuronRanks) -> tuple[dict[str, Tensor], dict]:
+    """(fp32 weights, optimizer states by name) of this rank's tensor shard on the host; empty off data rank 0.
+
+    One host read (`NeuronRanks.to_cpu`) of everything `device_state` traced, so the save runs as one graph
+    whatever the number of parameters (a read per parameter would compile and run one small graph each).
+    """
+    read = runtime.to_cpu(device_state(model, optimizer, runtime))
+    if runtime.dp_rank != 0:
+        return {}, {}
+    states, masters = {}, {}
+    for name, full in read["states"].items():
+        master = full.pop("__master__", None)
+        if master is not None:
+            masters[name] = master
+        states[name] = full
+    weights = {k: v.float() for k, v in read["weights"].items()}
+    weights.update(masters)
     return weights, states
 
 
@@ -142,6 +158,13 @@ def _unshard(value: Any, param: Tensor, zero: Any, runtime: NeuronRanks) -> Any:
     if not isinstance(value, Tensor) or value.dim() == 0:
         return value
     return runtime.gather_over(value, zero.sharding_groups)[: param.shape[0]]
+
+
+def trace_save(model: nn.Module, optimizer: Any, runtime: NeuronRanks) -> None:
+    """A save's device work (the ZeRO-1 all-gathers) cut as one graph, and nothing read or written: what a
+    graph-extraction run does instead of `save_checkpoint`, so the real run finds the save's graph compiled."""
+    device_state(model, optimizer, runtime)
+    runtime.sync()
 
 
 def save_checkpoint(run_dir: Path, runtime: NeuronRanks, model: nn.Module, optimizer: Any, scheduler: Any,

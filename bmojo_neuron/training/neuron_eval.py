@@ -77,7 +77,24 @@ def evaluate_on_device(model: nn.Module, dataset: Any, batch_size: int, runtime:
             runtime.sync()  # one graph per batch, the same every batch
     finally:
         model.train(was_training)
-    return _summary(runtime.to_cpu(runtime.sum_over_dp(sums)).tolist(), mqar)
+    return _read_summary(runtime.sum_over_dp(sums), runtime, mqar)
+
+
+def _read_summary(sums: Tensor, runtime: NeuronRuntime, mqar: bool) -> dict[str, float]:
+    """`_summary` of the device sums (one host read), or, in a graph-extraction run, their graph cut and
+    `EXTRACTION_RESULT` (the values there are zeros from empty stubs: nothing to read)."""
+    if runtime.extracting:
+        runtime.sync()
+        return extraction_result(mqar)
+    return _summary(runtime.to_cpu(sums).tolist(), mqar)
+
+
+def extraction_result(mqar: bool) -> dict[str, float]:
+    """What an evaluation reports in a graph-extraction run: no numbers."""
+    result = {"loss": math.nan, "perplexity": math.nan, "tokens": 0}
+    if mqar:
+        result["accuracy"] = math.nan
+    return result
 
 
 def _summary(sums: list[float], mqar: bool) -> dict[str, float]:
@@ -120,7 +137,7 @@ def evaluate_pipeline(model: Any, stats: Any, dataset: Any, batch_size: int, gro
         model.run_eval(input_ids=ids, labels=labels)  # NxD cuts its own graphs (mark_step around every task)
         sums = sums + stats.eval_sums(runtime.device)
     totals = runtime.sum_over_pp(runtime.sum_over_dp(sums))  # only the last stage holds numbers
-    return _summary(runtime.to_cpu(totals).tolist(), mqar)
+    return _read_summary(totals, runtime, mqar)
 
 
 PIPELINE_LENGTH_SKIP = ("not available under parallel.pp > 1 on Trainium (NxD's pipeline keeps the first "

@@ -27,6 +27,15 @@ from torch import Tensor
 from bmojo_neuron.neuron import TRAINING_FEATURE as FEATURE
 from bmojo_neuron.neuron import TRAINING_PACKAGES, import_neuron_module, require_neuron
 
+EXTRACT_GRAPHS_ONLY = "NEURON_EXTRACT_GRAPHS_ONLY"
+
+
+def extracting_graphs() -> bool:
+    """Whether this process is ``neuron_parallel_compile``'s trial run: torch-neuronx then only extracts the
+    graphs and executes empty stubs with zero outputs, so no device value read back means anything."""
+    return os.environ.get(EXTRACT_GRAPHS_ONLY, "") not in ("", "0")
+
+
 def require_neuron_training() -> None:
     """`NeuronUnavailableError` naming every missing package (and the install command) unless all import."""
     require_neuron(FEATURE, TRAINING_PACKAGES)
@@ -76,6 +85,12 @@ class NeuronRuntime:
         return cls(xm, state, nxd_utils, xm.xla_device(), dist.get_rank(), dist.get_world_size(), owns, tmp)
 
     # ------------------------------------------------------------------ NxD ranks (after NxD's init)
+
+    @property
+    def extracting(self) -> bool:
+        """``neuron_parallel_compile``'s graph-extraction run (`extracting_graphs`): trace and cut every graph
+        as a real run would, read nothing back."""
+        return extracting_graphs()
 
     @property
     def is_main(self) -> bool:

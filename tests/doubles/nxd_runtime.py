@@ -364,13 +364,7 @@ def _utils(env: Env) -> types.ModuleType:
         if extracting():  # neuron_parallel_compile's trial run: the graphs ran as stubs with zero outputs
             log.extraction_reads.append(bmojo_caller() or "move_all_tensor_to_cpu")
             return _zeros_like(data)
-        if isinstance(data, torch.Tensor):
-            return data.detach().to("cpu", copy=True)
-        if isinstance(data, dict):
-            return {k: move_all_tensor_to_cpu(v) for k, v in data.items()}
-        if isinstance(data, (list, tuple)):
-            return type(data)(move_all_tensor_to_cpu(v) for v in data)
-        return data
+        return _host_copy(data)
 
     def set_tensor_model_parallel_attributes(tensor, is_parallel, dim, stride, num_partitions=-1,
                                              rank_ordering=None):
@@ -392,6 +386,16 @@ def extracting() -> bool:
     """Whether this is ``neuron_parallel_compile``'s graph-extraction run (``NEURON_EXTRACT_GRAPHS_ONLY``):
     torch-neuronx then executes empty stubs with zero outputs, so every device value read is invalid."""
     return os.environ.get("NEURON_EXTRACT_GRAPHS_ONLY", "") not in ("", "0")
+
+
+def _host_copy(data: Any) -> Any:
+    if isinstance(data, torch.Tensor):
+        return data.detach().to("cpu", copy=True)
+    if isinstance(data, dict):
+        return {k: _host_copy(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(_host_copy(v) for v in data)
+    return data
 
 
 def _zeros_like(data: Any) -> Any:

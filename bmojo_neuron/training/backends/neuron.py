@@ -15,13 +15,23 @@ device:
   rest cast with ``model.to``, as SDK 2.28 expects; no ``XLA_USE_BF16``); without
   ZeRO-1 the bf16 weights are updated with stochastic rounding, with ZeRO-1 NxD keeps
   fp32 master weights and fp32 gradient accumulation and rounds to nearest;
-- a step is one graph: the host batch of the whole step arrives through
-  ``MpDeviceLoader``; forward/backward of its ``grad_accum`` micro-batches,
-  NxD's optimizer step (data-parallel gradient reduction, clipping, AdamW), the
-  scheduler and ``zero_grad`` are traced, then exactly one ``mark_step`` runs it
-  (`finish_step`). Nothing in the step reads a device value: losses are read by a
-  step closure at log steps, after the graph ran;
-- eval and checkpoints run after the step's ``mark_step``, as graphs of their own.
+- the micro-batches arrive one at a time through ``MpDeviceLoader``, whose fetch
+  cuts the graph before each: a step of ``train.grad_accum`` micro-batches is one
+  graph per micro-batch (forward + backward, gradients accumulated on the device;
+  every one after the first is the same graph), then, after a ``mark_step`` of its
+  own, NxD's optimizer step (data-parallel gradient reduction, clipping, AdamW), the
+  scheduler and ``zero_grad`` as one more graph, run by the step's final
+  ``mark_step`` (`finish_step`). A single micro-batch and its update stay one graph.
+  A step graph never grows with ``grad_accum`` (NxD's examples cut the same way).
+  Nothing in the step reads a device value: losses are read by a step closure at log
+  steps, after the graph ran;
+- eval and checkpoints run after the step's ``mark_step``, as graphs of their own; a
+  checkpoint reads everything it saves in one host copy;
+- under ``neuron_parallel_compile``'s trial run (``NEURON_EXTRACT_GRAPHS_ONLY``, set
+  by `bmojo-neuron precompile`) every graph is traced and cut as in a real run, but
+  no device value is read (they are zeros there): no loss closures, evaluations
+  report NaN, checkpoints trace their graph and write nothing, and no ``final/`` is
+  exported.
 
 With ``parallel.pp > 1`` the model is NxD's pipeline (``NxDPPModel`` over
 `bmojo_neuron.parallel.nxd_pipeline.PipelineCausalLM`, cut after `split_layers`'
@@ -58,7 +68,7 @@ from bmojo_neuron.parallel.nxd_pipeline import PipelineStats
 from bmojo_neuron.parallel.nxd_training import build_nxd_model, build_nxd_optimizer, nxd_config
 from bmojo_neuron.parallel.sharding import shard_shapes, tied_names
 from bmojo_neuron.training.data_order import seed_everything
-from bmojo_neuron.training.neuron_data import StepRows, micro_batches, step_loader
+from bmojo_neuron.training.neuron_data import MicroBatchRows, StepRows, step_loader, steps_of
 from bmojo_neuron.training.neuron_eval import evaluate_on_device, evaluate_pipeline, length_eval_on_device
 from bmojo_neuron.training.neuron_runtime import FEATURE, NeuronRuntime
 from bmojo_neuron.training.objective import Objective, causal_lm_loss
@@ -147,19 +157,21 @@ class NeuronBackend:
 
     # ------------------------------------------------------------------ a step
 
-    def batches(self, train_data: Any, epoch: int, position: int, steps: int) -> Iterator[dict[str, Tensor]]:
-        """The host loader of the remaining steps (one fixed-shape batch of this rank's rows per step), wrapped
-        in torch-xla's ``MpDeviceLoader`` (under pp NxD takes host tensors and moves its micro-batches itself)."""
-        t, rt = self.recipe.train, self.rt
-        sampler = StepRows(len(train_data), t.batch_size, self.recipe.run.seed, epoch, position, t.grad_accum,
-                           rt.dp_rank, rt.dp, steps)
-        loader = step_loader(train_data, sampler)
+    def batches(self, train_data: Any, epoch: int, position: int, steps: int) -> Iterator[Any]:
+        """Per remaining step: an iterator over its micro-batches on the device (torch-xla's ``MpDeviceLoader``
+        over a host loader of this rank's rows, one micro-batch per item); under pp, the step's host rows
+        (NxD takes host tensors and moves its micro-batches itself)."""
+        t, rt, seed = self.recipe.train, self.rt, self.recipe.run.seed
         if rt.pp > 1:
-            return iter(loader)
+            return iter(step_loader(train_data, StepRows(len(train_data), t.batch_size, seed, epoch, position,
+                                                         t.grad_accum, rt.dp_rank, rt.dp, steps)))
+        sampler = MicroBatchRows(len(train_data), t.batch_size, seed, epoch, position, rt.dp_rank, rt.dp,
+                                 steps * t.grad_accum)
         loader_module = import_neuron_module("torch_xla.distributed.parallel_loader", FEATURE)
-        return iter(loader_module.MpDeviceLoader(loader, rt.device))
+        return steps_of(iter(loader_module.MpDeviceLoader(step_loader(train_data, sampler), rt.device)),
+                        t.grad_accum)
 
-    def step(self, model: nn.Module, optimizer: Any, batch: dict[str, Tensor]) -> Tensor:
+    def step(self, model: nn.Module, optimizer: Any, batch: Any) -> Tensor:
         """Trace one optimizer step (`finish_step` runs it); no host read inside."""
         rt = self.rt
         losses = self.pipeline_losses(model, batch) if rt.pp > 1 else self.accumulated_losses(model, batch)
@@ -169,12 +181,14 @@ class NeuronBackend:
         grad_norm = torch.zeros((), device=rt.device) if grad_norm is None else grad_norm.detach().float()
         return torch.cat([losses, grad_norm.reshape(1)])
 
-    def accumulated_losses(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        """Forward + backward of the step's ``train.grad_accum`` micro-batches; ``[loss, lm_loss, aux_loss]``."""
-        accum = self.recipe.train.grad_accum
+    def accumulated_losses(self, model: nn.Module, micro_batches: Iterator[dict[str, Tensor]]) -> Tensor:
+        """Forward + backward of the step's ``train.grad_accum`` micro-batches, a graph each (the loader's fetch
+        cuts it), then a cut before the optimizer step; ``[loss, lm_loss, aux_loss]``."""
         losses = torch.zeros(3, device=self.rt.device)
-        for ids, labels in micro_batches(batch, accum):
-            losses = losses + self.forward_backward(model, ids, labels)
+        for micro in micro_batches:
+            losses = losses + self.forward_backward(model, micro["input_ids"], micro["labels"])
+        if self.recipe.train.grad_accum > 1:
+            self.rt.sync()  # the last micro-batch's graph; the update gets a graph of its own
         return losses
 
     def forward_backward(self, model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
@@ -193,8 +207,9 @@ class NeuronBackend:
         return self.rt.sum_over_pp(self.stats.train_losses(self.rt.device))
 
     def finish_step(self, records: Sequence[Tensor] | None, read: Callable[[list[float]], None]) -> None:
-        """The step's one ``mark_step``; `read` runs as a step closure, after the graph executed."""
-        if records:
+        """The step's final ``mark_step``; `read` runs as a step closure, after the graph executed (never in a
+        graph-extraction run: nothing there is worth reading)."""
+        if records and not self.rt.extracting:
             self.rt.add_step_closure(lambda: read(torch.stack(self.rt.to_cpu(list(records))).mean(0).tolist()))
         self.rt.sync()
 
@@ -214,14 +229,18 @@ class NeuronBackend:
 
     def save(self, run_dir: Path, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainerState,
              recipe: dict[str, Any]) -> None:
+        if self.rt.extracting:  # the save's graph, for the compile cache; no values to write
+            neuron_checkpoints.trace_save(model, optimizer, self.rt)
+            return
         neuron_checkpoints.save_checkpoint(run_dir, self.rt, model, optimizer, scheduler, state, recipe,
                                            self.recipe.checkpoint.keep_last, self.meta)
 
     def export(self, run_dir: Path, model: nn.Module, recipe: dict[str, Any], tokenizer: str,
                metrics: dict[str, Any]) -> Path:
-        """Rank 0 consolidates the last checkpoint (fp32 weights) into ``final/``."""
+        """Rank 0 consolidates the last checkpoint (fp32 weights) into ``final/`` (nothing in a graph-extraction
+        run, which writes no checkpoint)."""
         self.rt.barrier("export-open")
-        if self.is_main:
+        if self.is_main and not self.rt.extracting:
             export_final(run_dir, consolidated_model(latest_checkpoint(run_dir)), recipe, tokenizer, metrics)
         self.rt.barrier("export-done")
         return run_dir / FINAL
