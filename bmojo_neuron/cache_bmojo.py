@@ -68,6 +68,15 @@ class BMojoCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
+    @property
+    def is_linear(self) -> list[bool]:
+        """transformers' test for caches that cannot say how many tokens they hold (pure SSM states).
+
+        Every layer here can (`seen_tokens`), so `generate` may cut the tokens a
+        restarted prompt shares with the cache, as for attention caches.
+        """
+        return [False] * len(self.layers)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for layer in self.layers:
             if layer is not None:

@@ -64,7 +64,7 @@ def evaluate(
             input_ids = batch["input_ids"].to(device)
             labels = batch["labels"].to(device)
             with autocast(device, precision):
-                logits = pipeline.logits(input_ids) if pipeline is not None else model(input_ids).logits
+                logits = pipeline.logits(input_ids) if pipeline is not None else model(input_ids, use_cache=False).logits
             if logits is None:  # a pipeline stage before the last: its part is done
                 continue
             targets = labels[:, 1:]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -23,7 +24,7 @@ from transformers.utils import ModelOutput
 from .cache_bmojo import AttentionLayerCache, BMojoCache
 from .configuration_bmojo import BMojoConfig
 from .layers.decoder import BMojoDecoderLayer
-from .layers.factory import LayerFactory, get_layer_factory
+from .layers.factory import IGNORE_INDEX, LayerFactory, get_layer_factory
 
 
 @dataclass
@@ -56,6 +57,9 @@ class BMojoPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["BMojoDecoderLayer"]
     _is_stateful = True
+    # Not declared compilable: the decode step keeps Python state per chunk (memory snapshots,
+    # windows that grow to their size), so `generate` must not auto-compile it (docs/hf.md).
+    _can_compile_fullgraph = False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -116,8 +120,18 @@ class BMojoModel(BMojoPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs: Any,
     ) -> BMojoModelOutput | tuple:
+        """Hidden states of `input_ids` (or `inputs_embeds`); `cache` continues a sequence.
+
+        Unset options take the config's values, as in transformers: ``use_cache``
+        (never in training mode, nor under sequence parallelism unless asked for),
+        ``output_hidden_states``, ``return_dict``.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("BMojoModel: pass exactly one of input_ids or inputs_embeds")
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.use_return_dict if return_dict is None else return_dict
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training and not self.factory.sequence_parallel
         _check_no_padding(attention_mask)
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if self.factory.sequence_parallel:
@@ -144,8 +158,8 @@ class BMojoModel(BMojoPreTrainedModel):
             cache.seen_tokens += hidden.shape[1]  # no sequence parallelism here (checked above)
 
         innovation = torch.stack(innovations).mean() if innovations else None
-        output = BMojoModelOutput(hidden, cache, all_hidden, innovation)
-        return output if return_dict is not False else output.to_tuple()
+        output = BMojoModelOutput(hidden, cache if use_cache else None, all_hidden, innovation)
+        return output if return_dict else output.to_tuple()
 
     @staticmethod
     def _layer_cache(cache: BMojoCache, idx: int, layer: BMojoDecoderLayer, hidden: Tensor):
@@ -192,14 +206,23 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         past_key_values: BMojoCache | None = None,
+        shift_labels: Tensor | None = None,
         **kwargs: Any,
     ) -> BMojoCausalLMOutput | tuple:
-        """Logits, and with `labels` (HF convention: shifted inside, -100 ignored) the losses.
+        """Logits and, given targets, the losses, with transformers' loss conventions.
 
-        ``loss = lm_loss + aux_loss``; ``aux_loss`` is reported whenever the model has
-        eidetic memory, with or without labels.
+        Targets: `labels` (shifted inside: position t is scored against ``labels[t + 1]``)
+        or `shift_labels` (already aligned with the logits, as sequence- and
+        context-parallel trainers pass them; they win over `labels`); -100 is ignored.
+        ``num_items_in_batch`` (a keyword `Trainer` passes under gradient accumulation)
+        turns the mean into a sum over this micro-batch divided by that count.
+
+        ``loss = lm_loss + aux_loss``; ``aux_loss`` (the innovation loss) is reported
+        whenever the model has eidetic memory, with or without targets, and is scaled
+        like the LM loss's share of the batch when ``num_items_in_batch`` is given.
         """
         cache = cache if cache is not None else past_key_values
+        return_dict = self.config.use_return_dict if return_dict is None else return_dict
         outputs = self.model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -207,6 +230,7 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             attention_mask=attention_mask,
+            return_dict=True,
         )
         hidden = outputs.last_hidden_state
         if logits_to_keep and not self.factory.sequence_parallel:
@@ -218,12 +242,16 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         if outputs.innovation is not None:
             aux_loss = self.config.innovation_loss_weight * outputs.innovation
         lm_loss = loss = None
-        if labels is not None:
-            lm_loss = causal_lm_loss(logits, labels, self.factory)
+        if labels is not None or shift_labels is not None:
+            num_items = kwargs.get("num_items_in_batch")
+            lm_loss = causal_lm_loss(logits, labels, self.factory, shift_labels=shift_labels, num_items_in_batch=num_items)
+            if aux_loss is not None and num_items is not None:
+                targets = shift_labels if shift_labels is not None else shift_targets(labels)
+                aux_loss = aux_loss * (targets != IGNORE_INDEX).sum() / num_items
             loss = lm_loss if aux_loss is None else lm_loss + aux_loss
         logits = self.factory.gather_vocab(logits)
         output = BMojoCausalLMOutput(loss, logits, lm_loss, aux_loss, outputs.cache, outputs.hidden_states)
-        return output if return_dict is not False else output.to_tuple()
+        return output if return_dict else output.to_tuple()
 
     # ------------------------------------------------------------------ generation
     @classmethod
@@ -239,28 +267,61 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = True,
         logits_to_keep: int | None = None,
+        next_sequence_length: int | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """Feed only the tokens the cache has not seen (the whole prompt first, then one token)."""
+        """Feed only what the cache has not seen: the whole prompt first, then one token per step.
+
+        Without a cache (``use_cache=False``) every step feeds the whole sequence. A
+        prompt given as `inputs_embeds` is fed once; the generated ids follow it.
+        Other keywords (``output_hidden_states``, ...) reach `forward` unchanged.
+        """
         cache = cache if cache is not None else past_key_values
         if use_cache is not False and cache is None:
             cache = BMojoCache(self.config.num_hidden_layers)
         inputs: dict[str, Any] = {"cache": cache, "use_cache": use_cache, "attention_mask": attention_mask}
-        seen = cache.seen_tokens if cache is not None else 0
-        if inputs_embeds is not None and seen == 0:
-            inputs["inputs_embeds"] = inputs_embeds
-        else:
-            inputs["input_ids"] = input_ids[:, seen:] if cache is not None else input_ids
+        inputs.update(_unseen_inputs(input_ids, inputs_embeds, cache, next_sequence_length))
         if logits_to_keep is not None:
             inputs["logits_to_keep"] = logits_to_keep
+        for name, value in kwargs.items():
+            if name not in GENERATE_ONLY_KEYWORDS and name not in inputs:
+                inputs[name] = value
         return inputs
 
     def _update_model_kwargs_for_generation(self, outputs: ModelOutput, model_kwargs: dict, *args, **kwargs) -> dict:
+        """Keep the cache under the key this transformers' `generate` reorders for beam search; none without one."""
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
         for name in ("cache", "past_key_values"):
             model_kwargs.pop(name, None)
-        model_kwargs[_generation_cache_name()] = outputs.cache
+        if outputs.cache is not None:
+            model_kwargs[_generation_cache_name()] = outputs.cache
         return model_kwargs
+
+
+# `generate`'s own bookkeeping, never a `forward` input (transformers drops them the same way).
+GENERATE_ONLY_KEYWORDS = frozenset({"labels", "is_first_iteration", "cache_position", "position_ids"})
+
+
+def _unseen_inputs(
+    input_ids: Tensor, inputs_embeds: Tensor | None, cache: BMojoCache | None, next_sequence_length: int | None
+) -> dict[str, Tensor]:
+    """The part of the sequence `cache` has not read, as ``input_ids`` or ``inputs_embeds``.
+
+    The sequence is the prompt (ids, or `inputs_embeds` whose ids `generate` does not
+    know) followed by the generated ids. transformers >= 5.24 says how many tokens are
+    new (`next_sequence_length`); otherwise the cache's length tells.
+    """
+    if inputs_embeds is not None and cache is None:
+        raise ValueError("BMojoForCausalLM.generate from inputs_embeds needs use_cache=True: without a cache, "
+                         "later steps would have to re-read the prompt, which generate passes only once")
+    seen = cache.seen_tokens if cache is not None else 0
+    if inputs_embeds is not None and seen < inputs_embeds.shape[1]:
+        return {"inputs_embeds": inputs_embeds[:, seen:]}
+    if next_sequence_length is not None:
+        return {"input_ids": input_ids[:, -next_sequence_length:]}
+    if inputs_embeds is not None:  # input_ids hold only the ids generated after the embedded prompt
+        return {"input_ids": input_ids[:, seen - inputs_embeds.shape[1]:]}
+    return {"input_ids": input_ids[:, seen:] if cache is not None else input_ids}
 
 
 @functools.cache  # read per decode step; the installed transformers does not change
@@ -276,13 +337,35 @@ def _generation_cache_name() -> str:
     return "cache" if "cache" in names else "past_key_values"
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor, factory: LayerFactory) -> Tensor:
-    """Mean next-token cross-entropy: position t predicts labels[t + 1]; -100 is ignored.
+def shift_targets(labels: Tensor) -> Tensor:
+    """Targets aligned with the logits: position t gets ``labels[t + 1]``, the last position -100."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
-    `logits` may be a vocabulary shard: the factory's cross-entropy combines the shards.
+
+def causal_lm_loss(
+    logits: Tensor,
+    labels: Tensor | None,
+    factory: LayerFactory,
+    *,
+    shift_labels: Tensor | None = None,
+    num_items_in_batch: Tensor | int | None = None,
+) -> Tensor:
+    """Next-token cross-entropy of `logits` (batch, L, V); -100 is ignored.
+
+    Position t is scored against ``labels[t + 1]``, or against ``shift_labels[t]`` when
+    those (already aligned) targets are given. The mean over the counted targets, or
+    with `num_items_in_batch` their sum divided by it. `logits` may be a vocabulary
+    shard: the factory's cross-entropy combines the shards (and keeps static shapes:
+    no selection of the counted rows).
     """
-    shifted = labels[:, 1:].reshape(-1).to(logits.device)
-    return factory.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted)
+    targets = shift_labels if shift_labels is not None else shift_targets(labels)
+    flat = targets.reshape(-1).to(logits.device)
+    mean = factory.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat)
+    if num_items_in_batch is None:
+        return mean
+    if isinstance(num_items_in_batch, Tensor):
+        num_items_in_batch = num_items_in_batch.to(mean.device)
+    return mean * (flat != IGNORE_INDEX).sum() / num_items_in_batch
 
 
 def _check_no_padding(attention_mask: Tensor | None) -> None:

@@ -49,7 +49,7 @@ def whole_batches(dataset: Any, batch_size: int, max_batches: int | None) -> int
 
 def _batch_sums(model: nn.Module, ids: Tensor, labels: Tensor, mqar: bool) -> Tensor:
     """``[summed nll, labelled tokens, right answers]`` of one batch, on the device."""
-    out = model(ids, labels=labels)
+    out = model(ids, labels=labels, use_cache=False)
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
     count = scored.sum().float()

@@ -23,7 +23,7 @@ class Objective(Protocol):
 
 def causal_lm_loss(model: nn.Module, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     """The model's loss: next-token cross-entropy plus the aux loss it adds (B'MOJO's innovation loss)."""
-    out = model(input_ids, labels=labels)
+    out = model(input_ids, labels=labels, use_cache=False)
     loss = out.loss.detach()
     aux = out.aux_loss.detach() if out.aux_loss is not None else torch.zeros_like(loss)
     return out.loss, torch.stack([loss, out.lm_loss.detach(), aux])

@@ -1,0 +1,380 @@
+"""The conventions of transformers' common model tests, checked on B'MOJO with our own tests.
+
+transformers' `ModelTesterMixin`, `GenerationTesterMixin` and `ConfigTester` live in
+its repository's ``tests/`` and are not in the installed wheel, so they cannot run
+in CI. This module checks the same conventions with tests of our own: the config
+(serialisation, defaults, common keyword arguments), the model (save/load, batching,
+``output_hidden_states`` and ``use_cache`` from argument or config, tuple outputs,
+``inputs_embeds``, tied and resized embeddings, training with gradient
+checkpointing, the loss conventions ``shift_labels`` and ``num_items_in_batch``),
+and `generate` (greedy, sampling, beam search and beam sampling with and without the
+cache, dict outputs with scores, logits and hidden states, ``inputs_embeds``, a
+continued cache). Padding has its own module (test_padding.py). docs/hf.md lists
+what B'MOJO does not support and why.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig
+
+from bmojo_neuron import BMojoCache, BMojoConfig, BMojoForCausalLM, BMojoModel
+
+VOCAB, BATCH, LENGTH = 99, 3, 13
+NEW_TOKENS = 4
+
+
+def tester_config(**overrides) -> BMojoConfig:
+    """A B'MOJO layer and a Mamba layer; chunks, windows and memory all active within LENGTH tokens."""
+    fields = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, layer_pattern="BM", num_attention_heads=4,
+                  num_key_value_heads=2, ssm_state_size=8, ssm_head_dim=8, ssm_chunk_size=8, window_size=4,
+                  fading_window=3, memory_chunk=3, memory_size=3, memory_picks=2, intermediate_size=48,
+                  bos_token_id=VOCAB - 2, eos_token_id=None, pad_token_id=VOCAB - 1)
+    fields.update(overrides)
+    return BMojoConfig(**fields)
+
+
+def build(cls=BMojoForCausalLM, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return cls(tester_config(**overrides)).eval()
+
+
+def ids(batch: int = BATCH, length: int = LENGTH, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB - 2, (batch, length), generator=torch.Generator().manual_seed(seed))  # no bos, no pad
+
+
+# ----------------------------------------------------------------------------------------- config
+def test_config_serialises_and_round_trips(tmp_path):
+    config = tester_config(memory_decay=0.25)
+    assert BMojoConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+    assert json.loads(config.to_json_string())["memory_decay"] == 0.25
+    config.to_json_file(tmp_path / "c.json")
+    assert BMojoConfig.from_json_file(str(tmp_path / "c.json")).to_dict() == config.to_dict()
+    config.save_pretrained(tmp_path / "sub" / "dir")
+    assert BMojoConfig.from_pretrained(tmp_path / "sub" / "dir").to_dict() == config.to_dict()
+
+
+def test_config_defaults_and_common_arguments():
+    default = BMojoConfig()  # no arguments needed
+    assert default.use_cache is True and default.output_hidden_states is False and default.return_dict is True
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        assert hasattr(default, name)
+    common = dict(return_dict=False, output_hidden_states=True, use_cache=False, tie_word_embeddings=False,
+                  num_labels=5, torch_dtype="float32")
+    config = tester_config(**common)
+    for name, value in common.items():
+        if name != "torch_dtype":
+            assert getattr(config, name) == value, name
+    assert len(config.id2label) == 5
+    config.num_labels = 2
+    assert len(config.id2label) == 2
+
+
+def test_model_runs_without_the_special_token_ids():
+    config = tester_config()
+    fields = config.to_diff_dict()
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id", "tie_word_embeddings"):
+        fields.pop(name, None)
+    model = BMojoForCausalLM(BMojoConfig(**fields)).eval()
+    assert model(ids()).logits.shape == (BATCH, LENGTH, VOCAB)
+
+
+# ----------------------------------------------------------------------------------------- model
+def test_save_load_gives_the_same_outputs(tmp_path):
+    for cls in (BMojoModel, BMojoForCausalLM):
+        model = build(cls)
+        with torch.no_grad():
+            before = model(ids())[0]
+        model.save_pretrained(tmp_path / cls.__name__)
+        assert (tmp_path / cls.__name__ / "generation_config.json").is_file() == model.can_generate()
+        loaded = cls.from_pretrained(tmp_path / cls.__name__).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids())[0], before, rtol=0, atol=1e-6)
+        rebuilt = cls.from_pretrained(None, config=model.config, state_dict=model.state_dict())
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), rebuilt.parameters()))
+
+
+def test_weights_move_between_the_base_model_and_the_lm_head_model(tmp_path):
+    causal = build(BMojoForCausalLM)
+    causal.save_pretrained(tmp_path / "causal")
+    base = AutoModel.from_pretrained(tmp_path / "causal").eval()
+    assert isinstance(base, BMojoModel)
+    with torch.no_grad():
+        torch.testing.assert_close(base(ids()).last_hidden_state, causal.model(ids()).last_hidden_state, rtol=0, atol=0)
+    base.save_pretrained(tmp_path / "base")
+    causal_again = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    assert torch.equal(causal_again.model.embed_tokens.weight, base.embed_tokens.weight)
+    assert causal_again.lm_head.weight is causal_again.model.embed_tokens.weight  # tied, so nothing is missing
+
+
+def test_deterministic_and_batch_rows_independent():
+    model = build()
+    batch = ids(batch=4)
+    with torch.no_grad():
+        first, second = model(batch).logits, model(batch).logits
+        rows = torch.cat([model(batch[i : i + 1]).logits for i in range(4)])
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, rows, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [BMojoModel, BMojoForCausalLM])
+def test_output_hidden_states_from_argument_and_config(cls):
+    model = build(cls)
+    with torch.no_grad():
+        out = model(ids(), output_hidden_states=True)
+        assert model(ids()).hidden_states is None
+        model.config.output_hidden_states = True
+        from_config = model(ids())
+    states = out.hidden_states
+    assert len(states) == model.config.num_hidden_layers + 1
+    assert all(s.shape == (BATCH, LENGTH, 32) for s in states)
+    torch.testing.assert_close(states[0], (model.model if cls is BMojoForCausalLM else model).embed_tokens(ids()))
+    if cls is BMojoModel:
+        assert torch.equal(states[-1], out.last_hidden_state)  # the last one after the final norm
+    assert all(torch.equal(a, b) for a, b in zip(states, from_config.hidden_states))
+
+
+def test_hidden_states_keep_their_gradients():
+    model = build().train()
+    out = model(ids(), output_hidden_states=True)
+    out.hidden_states[0].retain_grad()
+    out.logits.sum().backward()
+    assert out.hidden_states[0].grad is not None and out.hidden_states[0].grad.abs().sum() > 0
+
+
+def test_use_cache_from_argument_config_and_mode():
+    model = build()
+    with torch.no_grad():
+        assert isinstance(model(ids()).cache, BMojoCache)  # config.use_cache, eval mode
+        assert model(ids(), use_cache=False).cache is None
+        model.config.use_cache = False
+        assert model(ids()).cache is None
+        assert isinstance(model(ids(), use_cache=True).cache, BMojoCache)
+        model.config.use_cache = True
+        model.train()
+        assert model(ids()).cache is None  # never while training
+
+
+def test_tuple_outputs_equal_dict_outputs():
+    model = build()
+    labels = ids(seed=2)
+    with torch.no_grad():
+        for extra in ({}, {"labels": labels}, {"output_hidden_states": True, "labels": labels}):
+            as_dict = model(ids(), return_dict=True, use_cache=False, **extra).to_tuple()
+            as_tuple = model(ids(), return_dict=False, use_cache=False, **extra)
+            assert len(as_dict) == len(as_tuple)
+            for a, b in zip(as_dict, as_tuple):
+                for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+                    assert torch.equal(x, y)
+        model.config.return_dict = False
+        assert isinstance(model(ids()), tuple)
+        if "labels" in extra:
+            assert model(ids(), labels=labels, use_cache=False)[0].dim() == 0  # the loss first
+
+
+def test_inputs_embeds_match_input_ids():
+    model = build()
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs_embeds=model.get_input_embeddings()(ids())).logits,
+                                   model(ids()).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="exactly one"):
+        model(input_ids=ids(), inputs_embeds=model.get_input_embeddings()(ids()))
+
+
+def test_tied_embeddings_and_resizing():
+    model = build()
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    for size in (VOCAB + 10, VOCAB - 9):
+        model.resize_token_embeddings(size)
+        assert model.config.vocab_size == size
+        assert model.get_input_embeddings().weight.shape[0] == size
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        assert model(ids() % size).logits.shape == (BATCH, LENGTH, size)
+    untied = build(tie_word_embeddings=False)
+    untied.resize_token_embeddings(VOCAB + 5)
+    assert untied.get_output_embeddings().weight.shape == (VOCAB + 5, 32)
+    assert untied.get_output_embeddings().weight is not untied.get_input_embeddings().weight
+
+
+def test_missing_weights_are_initialised_on_load(tmp_path):
+    model = build()
+    state = {k: v for k, v in model.state_dict().items() if "layers.1." not in k}
+    loaded = BMojoForCausalLM.from_pretrained(None, config=model.config, state_dict=state)
+    for name, param in loaded.named_parameters():
+        assert torch.isfinite(param).all(), name
+        if "layers.1.mixer" in name and name.endswith("D"):
+            assert torch.equal(param, torch.ones_like(param))  # the Mamba init, not left empty
+
+
+def test_training_and_gradient_checkpointing_give_the_same_gradients():
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = build().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert model.is_gradient_checkpointing
+        model(ids(), labels=ids(seed=2)).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ----------------------------------------------------------------------------------------- losses
+def test_loss_uses_shift_labels_when_given():
+    model = build()
+    labels = ids(seed=2)
+    with torch.no_grad():
+        logits = model(ids()).logits
+        aligned = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        plain = model(ids(), labels=labels)
+        shifted = model(ids(), shift_labels=aligned)
+        torch.testing.assert_close(shifted.lm_loss, plain.lm_loss, rtol=0, atol=0)
+        other = logits.argmin(-1)  # the least likely tokens: a loss that must be higher
+        moved = model(ids(), labels=labels, shift_labels=other)
+        assert moved.lm_loss > plain.lm_loss
+        torch.testing.assert_close(model(ids(), labels=labels.flip(0), shift_labels=other).lm_loss, moved.lm_loss)
+        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), other.reshape(-1))
+        torch.testing.assert_close(moved.lm_loss, expected)
+
+
+def test_num_items_in_batch_makes_accumulated_micro_batches_equal_the_batch():
+    """`Trainer` under gradient accumulation passes the batch's target count and does not average
+    the micro-batch losses: their sum must equal the whole batch's loss, the innovation loss included."""
+    model = build().train()
+    batch, labels = ids(batch=4), ids(batch=4, seed=2)
+    labels[0, :9] = -100  # unequal target counts per micro-batch
+    whole = model(batch, labels=labels)
+    count = (labels[:, 1:] != -100).sum()
+    parts = [model(batch[s], labels=labels[s], num_items_in_batch=count) for s in (slice(0, 2), slice(2, 4))]
+    torch.testing.assert_close(sum(p.lm_loss for p in parts), whole.lm_loss, rtol=1e-6, atol=1e-6)
+    for p in parts:
+        torch.testing.assert_close(p.loss, p.lm_loss + p.aux_loss)
+    # each micro-batch's innovation term is weighted by its share of the targets
+    n0 = (labels[:2, 1:] != -100).sum()
+    torch.testing.assert_close(parts[0].aux_loss, model(batch[:2], labels=labels[:2]).aux_loss * n0 / count)
+
+
+def test_trainer_gradient_accumulation_equals_one_big_batch(tmp_path):
+    """`Trainer` hands `num_items_in_batch` to models that take ``**kwargs``: two accumulated
+    micro-batches of 2 give the gradient of one batch of 4 (target counts differ per row)."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    labels = ids(batch=8, seed=2)
+    labels[::3, : LENGTH // 2] = -100
+    data = Dataset.from_dict({"input_ids": ids(batch=8).tolist(), "labels": labels.tolist()})
+
+    class FirstGradients(TrainerCallback):
+        grads: dict[str, torch.Tensor] = {}
+
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if not self.grads:
+                self.grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    def first_gradients(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+        args = TrainingArguments(output_dir=str(tmp_path / f"run{accumulation}"), per_device_train_batch_size=batch_size,
+                                 gradient_accumulation_steps=accumulation, max_steps=1, max_grad_norm=0.0,
+                                 report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, seed=3)
+        callback = FirstGradients()
+        callback.grads = {}
+        trainer = Trainer(model=build().train(), args=args, train_dataset=data, callbacks=[callback])
+        assert trainer.model_accepts_loss_kwargs
+        trainer.train()
+        return callback.grads
+
+    whole, accumulated = first_gradients(4, 1), first_gradients(2, 2)
+    assert whole.keys() == accumulated.keys() and len(whole) > 10
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------------------- generate
+MODES = {
+    "greedy": dict(do_sample=False, num_beams=1),
+    "sample": dict(do_sample=True, num_beams=1, top_k=10, top_p=0.7, temperature=0.7),
+    "beam": dict(do_sample=False, num_beams=2, length_penalty=2.0, early_stopping=False),
+    "beam_sample": dict(do_sample=True, num_beams=2, length_penalty=2.0, early_stopping=False),
+}
+
+
+def _generate(model, mode: str, use_cache: bool, **kwargs):
+    torch.manual_seed(0)
+    return model.generate(ids(batch=2, length=9), max_new_tokens=NEW_TOKENS, use_cache=use_cache,
+                          return_dict_in_generate=True, output_scores=True, output_logits=True,
+                          output_hidden_states=True, repetition_penalty=1.2, **MODES[mode], **kwargs)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_generate_dict_outputs_with_and_without_cache(mode):
+    model = build()
+    with_cache, without = _generate(model, mode, True), _generate(model, mode, False)
+    for out in (with_cache, without):
+        beams = MODES[mode]["num_beams"]
+        assert out.sequences.shape == (2, 9 + NEW_TOKENS)
+        assert len(out.scores) == len(out.logits) == len(out.hidden_states) == NEW_TOKENS
+        assert all(s.shape == (2 * beams, VOCAB) for s in out.scores)
+        for step, per_layer in enumerate(out.hidden_states):
+            assert len(per_layer) == model.config.num_hidden_layers + 1
+            # with the cache each step sees only its new token; without it, the whole sequence so far
+            fed = (9 if step == 0 else 1) if out is with_cache else 9 + step
+            assert all(h.shape == (2 * beams, fed, 32) for h in per_layer)
+    assert torch.equal(with_cache.sequences, without.sequences)
+    for a, b in zip(with_cache.scores, without.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_returns_several_sequences_per_prompt():
+    model = build()
+    torch.manual_seed(0)
+    sampled = model.generate(ids(batch=2, length=5), max_new_tokens=3, do_sample=True, num_return_sequences=3)
+    beams = model.generate(ids(batch=2, length=5), max_new_tokens=3, num_beams=3, num_return_sequences=2)
+    assert sampled.shape == (6, 8) and beams.shape == (4, 8)
+
+
+def test_generate_from_inputs_embeds_matches_input_ids():
+    model = build()
+    prompt = ids(batch=2, length=7)
+    from_ids = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(prompt), max_new_tokens=NEW_TOKENS,
+                                 do_sample=False)
+    assert torch.equal(from_embeds, from_ids[:, 7:])  # only the new tokens, as transformers returns them
+    with pytest.raises(ValueError, match="use_cache=True"):  # transformers 5.24 turns the cache on itself
+        model.prepare_inputs_for_generation(prompt[:, :0], inputs_embeds=model.get_input_embeddings()(prompt),
+                                            use_cache=False)
+
+
+def test_generate_continues_a_cache():
+    model = build()
+    prompt = ids(batch=2, length=10)
+    full = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
+    with torch.no_grad():
+        cache = model(prompt[:, :7], use_cache=True).cache
+    continued = model.generate(prompt, cache=cache, max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(continued, full)
+
+
+def test_generate_without_a_prompt_starts_from_bos():
+    model = build()
+    out = model.generate(max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 4) and out[0, 0] == VOCAB - 2
+
+
+def test_generation_config_comes_from_the_model_config():
+    model = build(eos_token_id=5)
+    assert model.generation_config.eos_token_id == 5 and model.generation_config.pad_token_id == VOCAB - 1
+    assert isinstance(model.generation_config, GenerationConfig)
+
+
+def test_declarations_for_generate():
+    """Stateful: transformers keeps assisted decoding away; not compilable: no auto-compile (docs/hf.md)."""
+    assert BMojoForCausalLM._is_stateful and not BMojoForCausalLM._can_compile_fullgraph
+    assert BMojoCache.is_compileable is False
+    model = build()
+    with pytest.raises(ValueError):
+        model.generate(ids(batch=1, length=5), max_new_tokens=2, assistant_model=copy.deepcopy(model))
