@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.generation import GenerationMode
 from transformers.utils import ModelOutput
 
 from .cache_bmojo import AttentionLayerCache, BMojoCache
@@ -175,6 +176,15 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
     """`BMojoModel` with a language-modelling head (tied to the embeddings by default)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    # Assisted and prompt-lookup decoding verify drafts by cropping the cache back,
+    # which a recurrent state cannot do. transformers up to 5.24 refused them for any
+    # `_is_stateful` model; later releases ask each model for the modes it supports.
+    _supported_generation_modes = [
+        GenerationMode.GREEDY_SEARCH,
+        GenerationMode.SAMPLE,
+        GenerationMode.BEAM_SEARCH,
+        GenerationMode.BEAM_SAMPLE,
+    ]
 
     def __init__(self, config: BMojoConfig) -> None:
         super().__init__(config)

@@ -378,3 +378,5 @@ def test_declarations_for_generate():
     model = build()
     with pytest.raises(ValueError):
         model.generate(ids(batch=1, length=5), max_new_tokens=2, assistant_model=copy.deepcopy(model))
+    with pytest.raises(ValueError):
+        model.generate(ids(batch=1, length=5), max_new_tokens=2, prompt_lookup_num_tokens=2)
