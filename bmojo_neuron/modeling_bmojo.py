@@ -130,7 +130,7 @@ class BMojoModel(BMojoPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("BMojoModel: pass exactly one of input_ids or inputs_embeds")
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        return_dict = self.config.use_return_dict if return_dict is None else return_dict
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training and not self.factory.sequence_parallel
         _check_no_padding(attention_mask)
@@ -232,7 +232,7 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         like the LM loss's share of the batch when ``num_items_in_batch`` is given.
         """
         cache = cache if cache is not None else past_key_values
-        return_dict = self.config.use_return_dict if return_dict is None else return_dict
+        return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
