@@ -18,14 +18,16 @@ Import heavy things (torch, datasets, Neuron) inside `run`, not at module top, s
 `bmojo-neuron --help` stays fast. Modules whose name starts with ``_`` are skipped;
 a module that fails to import is reported as a warning on stderr and its commands
 are missing, the others still work. `add_command(name, help, add_arguments, run)`
-is the non-decorator form. Expected failures (`ValueError`, `FileNotFoundError`,
-`NeuronUnavailableError`) raised by `run` are printed as ``error: ...`` with exit
-status 2; anything else is a bug and shows a traceback.
+is the non-decorator form. Expected failures raised by `run` (`ValueError`,
+`FileNotFoundError`, `NeuronUnavailableError`, `FloatingPointError`, a full disk
+however it is wrapped, and OSErrors of permissions and paths) are printed as one
+``error: ...`` line with exit status 2; anything else is a bug and shows a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import pkgutil
@@ -36,6 +38,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Callable
 
 from bmojo_neuron._version import __version__
+from bmojo_neuron.fsutil import disk_full_cause
 from bmojo_neuron.neuron import NeuronUnavailableError, neuron_status
 
 COMMANDS_PACKAGE = "bmojo_neuron.commands"
@@ -43,7 +46,11 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
     FileNotFoundError,
     NeuronUnavailableError,
+    FloatingPointError,  # a run that diverged (the message says what to change)
 )
+# OSErrors the user fixes on their side (space, permissions, paths), shown as one line wherever they arise.
+USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                         errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST, errno.ENOENT})
 
 AddArguments = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], "int | None"]
@@ -127,12 +134,28 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
+def user_error(exc: BaseException) -> str | None:
+    """The one-line message of an error the user can act on, or None for a bug (shown as a traceback)."""
+    if isinstance(exc, EXPECTED_ERRORS):
+        return str(exc) or type(exc).__name__
+    full = disk_full_cause(exc)
+    if full is not None:
+        where = f" writing {full.filename}" if full.filename else ""
+        return (f"disk full: {full.strerror}{where}; free some space and rerun (an interrupted train continues "
+                "from its last checkpoint with --resume)")
+    if isinstance(exc, OSError) and exc.errno in USER_ERRNOS:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     try:
         code = args._run(args)
-    except EXPECTED_ERRORS as exc:
-        message = str(exc) or type(exc).__name__
+    except Exception as exc:
+        message = user_error(exc)
+        if message is None:
+            raise
         print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -162,6 +162,8 @@ class BMojoConfig(PretrainedConfig):
             eos_token_id=eos_token_id,
             **kwargs,
         )
+        if head_dim is None:  # before validate_bmojo, whose head_dim checks would blame the derived value
+            self._check_heads_divide_hidden()
         self.validate_bmojo()
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
@@ -236,6 +238,20 @@ class BMojoConfig(PretrainedConfig):
         _require(problem is None, "rope_scaling_params", problem or "")
         _require_int(self, "window_size", minimum=1)
         _require_int(self, "fading_window", minimum=0)
+
+    def _check_heads_divide_hidden(self) -> None:
+        """Without an explicit head_dim the heads must split hidden_size exactly, or some dims go unused."""
+        ints = all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                   for v in (self.hidden_size, self.num_attention_heads))
+        if not (ints and isinstance(self.layer_pattern, str) and any(k in "BFSA" for k in self.layer_pattern)):
+            return  # validate_bmojo reports what is wrong with these
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "num_attention_heads",
+            f"({self.num_attention_heads}) must divide hidden_size ({self.hidden_size}) when head_dim is not set: "
+            f"head_dim {self.head_dim} would attend over {self.head_dim * self.num_attention_heads} of "
+            f"{self.hidden_size} dimensions; pick a divisor, or set head_dim explicitly",
+        )
 
     def _validate_memory(self) -> None:
         if "B" not in self.layer_pattern:

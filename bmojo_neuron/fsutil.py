@@ -7,10 +7,13 @@ into place, so a crash leaves either the old state or the new one.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import uuid
 from pathlib import Path
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def fsync_dir(path: Path) -> None:
@@ -65,3 +68,19 @@ def publish_dir(tmp: Path, target: Path) -> None:
     fsync_dir(target.parent)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def disk_full_cause(exc: BaseException) -> OSError | None:
+    """The "no space left" / "quota exceeded" OSError behind `exc`, if any.
+
+    Writers wrap it: torch.save's zip writer, for one, raises a RuntimeError about file
+    positions while handling the OSError, so the chain of causes is searched.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in DISK_FULL:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None

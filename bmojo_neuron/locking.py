@@ -1,63 +1,170 @@
-"""Exclusive locks on directories that one process at a time may write (run directories).
+"""Locks on directories that several processes may write: run directories and the compile cache.
 
-The lock is an ``flock`` on a ``.lock`` file inside the directory. The kernel drops it when the
-holder exits, however it exits, so a lock left by a dead process is free to take without any
-guessing from pids; the file only records who holds it so that the refused process can say so.
+A lock is an ``flock`` on a lock file. The kernel drops it when the holder exits, however it
+exits, so a lock left by a dead process is free to take without any guessing from pids; the
+files only record who holds a lock so that a refused process can name the holder.
+
+Two modes:
+
+- exclusive (`DirectoryLock`, the default): one holder, e.g. the `train` of a run directory,
+  or a `cache prune`;
+- shared (``shared=True``): any number of users at once, none while an exclusive holder has
+  it, e.g. the precompiles, pulls and Neuron training runs of one compile cache. Each shared
+  holder also keeps an exclusive lock on a file of its own under ``<lock file>.users/``, which
+  is how the exclusive side can tell live users (named in its error) from files left by dead
+  ones (deleted).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
+import sys
+import time
+import uuid
 from pathlib import Path
 from typing import IO
 
 LOCK_NAME = ".lock"
+USERS_SUFFIX = ".users"
+# errno of a filesystem without flock (e.g. Lustre mounted without the flock option)
+LOCK_UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 
 
 class DirectoryLocked(ValueError):
     """Another live process holds the lock on this directory."""
 
 
-class DirectoryLock:
-    """Hold an exclusive lock on ``directory`` between ``acquire`` and ``release`` (or as a context)."""
+def holder_text(purpose: str = "") -> str:
+    """How a lock file names its holder: ``pid 123 on host node-1 (precompile)``."""
+    return f"pid {os.getpid()} on host {socket.gethostname()}" + (f" ({purpose})" if purpose else "")
 
-    def __init__(self, directory: str | os.PathLike, what: str = "run directory") -> None:
+
+class DirectoryLock:
+    """Hold a lock on ``directory`` between ``acquire`` and ``release`` (or as a context).
+
+    `lock_file` (relative to `directory`, default ``.lock``) is the file that is locked; `what`
+    names the directory in errors ("run directory", "compile cache"); `purpose` is recorded with
+    the holder's pid and host. ``shared=True`` takes a shared lock (see the module docstring);
+    `wait` is how many seconds `acquire` keeps trying before it refuses.
+    """
+
+    def __init__(self, directory: str | os.PathLike, what: str = "run directory", *, lock_file: str = LOCK_NAME,
+                 shared: bool = False, purpose: str = "", wait: float = 0.0) -> None:
         self.directory = Path(directory)
-        self.what = what
+        self.what, self.lock_file, self.shared, self.purpose, self.wait = what, lock_file, shared, purpose, wait
         self._file: IO[str] | None = None
+        self._user_file: IO[str] | None = None
 
     @property
     def path(self) -> Path:
-        return self.directory / LOCK_NAME
+        return self.directory / self.lock_file
 
-    def acquire(self) -> "DirectoryLock":
-        self.directory.mkdir(parents=True, exist_ok=True)
+    @property
+    def users_dir(self) -> Path:
+        return self.path.with_name(self.path.name + USERS_SUFFIX)
+
+    def acquire(self) -> DirectoryLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "an unknown process"
-            f.close()
-            raise DirectoryLocked(
-                f"{self.directory} is in use by {holder}; wait for it to finish, stop it, or pick another "
-                f"{self.what}") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
-        f.flush()
+        deadline, waited = time.monotonic() + self.wait, False
+        while True:
+            try:
+                fcntl.flock(f, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    if not waited:
+                        print(f"waiting up to {self.wait:.0f} s for {'; '.join(self._holders(f)) or 'another process'}"
+                              f" to release {self.directory}", file=sys.stderr, flush=True)
+                        waited = True
+                    time.sleep(0.2)
+                    continue
+                holders = self._holders(f)
+                f.close()
+                raise DirectoryLocked(
+                    f"{self.directory} is in use by {'; '.join(holders) or 'an unknown process'}; wait for it to "
+                    f"finish, stop it, or pick another {self.what}") from None
+            except OSError as exc:
+                f.close()
+                if exc.errno not in LOCK_UNSUPPORTED:
+                    raise
+                print(f"warning: {self.path.parent} does not support file locks ({exc.strerror}); nothing keeps "
+                      f"a second process out of this {self.what}", file=sys.stderr)
+                return self
         self._file = f
+        f.seek(0)
+        f.truncate()  # shared: an exclusive holder's leftover line (it was killed) no longer applies
+        if self.shared:
+            self._register_user()
+        else:
+            f.write(holder_text(self.purpose) + "\n")
+            f.flush()
+            self._remove_dead_users()
         return self
 
     def release(self) -> None:
+        if self._user_file is not None:
+            Path(self._user_file.name).unlink(missing_ok=True)
+            self._user_file.close()
+            self._user_file = None
         if self._file is not None:
+            if not self.shared:
+                self._file.truncate(0)
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> "DirectoryLock":
+    def __enter__(self) -> DirectoryLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+    # ------------------------------------------------------------------ holders
+    def _holders(self, f: IO[str]) -> list[str]:
+        """Who holds the lock: the exclusive holder's line, else the live shared users."""
+        f.seek(0)
+        exclusive = f.read().strip()
+        return [exclusive] if exclusive else self.live_users()
+
+    def live_users(self) -> list[str]:
+        """The recorded holders of shared locks still alive (their user file is locked)."""
+        users = []
+        for path in sorted(self.users_dir.glob("*")) if self.users_dir.is_dir() else []:
+            if self._user_file is not None and path.name == Path(self._user_file.name).name:
+                continue
+            alive, text = _probe_user(path)
+            if alive:
+                users.append(text or "an unknown process")
+        return users
+
+    def _register_user(self) -> None:
+        self.users_dir.mkdir(exist_ok=True)
+        path = self.users_dir / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        user = open(path, "w")
+        fcntl.flock(user, fcntl.LOCK_EX)  # nobody else opens this name: never blocks
+        user.write(holder_text(self.purpose) + "\n")
+        user.flush()
+        self._user_file = user
+
+    def _remove_dead_users(self) -> None:
+        """Holding the lock exclusively, every user file is a dead process's leftover."""
+        if self.users_dir.is_dir():
+            for path in self.users_dir.glob("*"):
+                path.unlink(missing_ok=True)
+
+
+def _probe_user(path: Path) -> tuple[bool, str]:
+    """(whether the shared user that wrote `path` is alive, what it recorded)."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True, text
+            return False, text
+    except FileNotFoundError:
+        return False, ""

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import inspect
 import json
+import math
 import re
 import types
 import typing
@@ -206,6 +207,7 @@ SECTIONS: dict[str, type] = {
 }
 DATA_SECTIONS: dict[str, type] = {"mqar": MqarDataSection, "text": TextDataSection}
 OVERRIDABLE = ("run", "model", "data", "optim", "train", "eval", "checkpoint", "parallel", "compare")
+SWITCHABLE = ("compare", "suite")  # ``compare=none`` / ``suite=none`` (also null, ~, false, off) drops the section
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -382,6 +384,9 @@ def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any] | Sequenc
     """A copy of the raw document with dotted overrides set."""
     raw = copy.deepcopy(raw)
     for key, value in _normalise_overrides(overrides):
+        if key in SWITCHABLE:  # compare=none / suite=none
+            raw[key] = None
+            continue
         section, sub = key.split(".", 1)
         target = raw.setdefault(section, {})
         if target is None:
@@ -451,10 +456,11 @@ def _data_section(values: Mapping[str, Any] | None, run: RunSection) -> MqarData
 
 def _model_section(values: Mapping[str, Any] | None, data: Any) -> dict[str, Any]:
     model = dict(values or {})
-    valid = _config_fields()
-    for key in model:
-        if key not in valid:
-            raise ValueError(f"recipe key model.{key}: unknown BMojoConfig field; valid fields: {', '.join(valid)}")
+    hints = _config_fields()
+    for key, value in model.items():
+        if key not in hints:
+            raise ValueError(f"recipe key model.{key}: unknown BMojoConfig field; valid fields: {', '.join(hints)}")
+        _check_type(f"model.{key}", value, hints[key])  # checked, kept as written (an int stays an int)
     config = _model_config(model, data)
     if isinstance(data, MqarDataSection) and config.vocab_size < data.vocab_size:
         _fail("model.vocab_size", f"is {config.vocab_size}, smaller than data.vocab_size ({data.vocab_size})")
@@ -481,11 +487,14 @@ def _model_config(model: Mapping[str, Any], data: Any) -> Any:
         raise ValueError(f"recipe key model: {err}") from None
 
 
-def _config_fields() -> list[str]:
+def _config_fields() -> dict[str, Any]:
+    """Every `BMojoConfig` argument with its type hint, in signature order."""
     from bmojo_neuron import BMojoConfig
 
+    hints = typing.get_type_hints(BMojoConfig.__init__)
     params = inspect.signature(BMojoConfig.__init__).parameters.values()
-    return [p.name for p in params if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    return {p.name: hints.get(p.name, Any) for p in params
+            if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD}
 
 
 def _variant(name: str, values: Any) -> Variant:
@@ -524,7 +533,12 @@ def _normalise_overrides(overrides: Mapping[str, Any] | Sequence[str]) -> list[t
                 raise ValueError(f"override {item!r}: expected key.sub=value, e.g. train.steps=10")
             key, text = item.split("=", 1)
             pairs.append((key.strip(), parse_yaml_value(text)))
-    for key, _ in pairs:
+    for key, value in pairs:
+        if key in SWITCHABLE:
+            if not (value is None or value is False or value == "none"):
+                raise ValueError(f"override {key!r}: {key}=none is the only value accepted (it drops the recipe's "
+                                 f"{key}); change one of its keys with {key}.name=... or {key}.overrides=...")
+            continue
         section, _, sub = key.partition(".")
         if not sub or "." in sub:
             raise ValueError(f"override {key!r}: expected section.key, e.g. train.steps")
@@ -557,12 +571,19 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, dict):
             _fail(key, f"must be a mapping, got {value!r}")
         return dict(value)
+    if origin is tuple:
+        items = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            _fail(key, f"must be a list of {len(items)} values, got {value!r}")
+        return [_check_type(key, v, item) for v, item in zip(value, items)]
     if hint is Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         _fail(key, f"must be {_type_name(hint)}, got {type(value).__name__} {value!r}")
+    if hint is float and not math.isfinite(value):
+        _fail(key, f"must be a finite number, got {value!r}")
     return value
 
 

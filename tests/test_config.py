@@ -25,7 +25,7 @@ def test_defaults_follow_the_design():
     [
         (dict(layer_pattern="BXM", num_hidden_layers=3), "layer_pattern"),
         (dict(layer_pattern="BB", num_hidden_layers=3), "layer_pattern"),
-        (dict(num_attention_heads=6, num_key_value_heads=4), "num_key_value_heads"),
+        (dict(num_attention_heads=6, num_key_value_heads=4, head_dim=8), "num_key_value_heads"),
         (dict(head_dim=256), "head_dim"),
         (dict(head_dim=7), "head_dim"),
         (dict(memory_size=4, innovation_loss_weight=0.0), "innovation_loss_weight"),
@@ -60,3 +60,12 @@ def test_round_trips_through_dict():
     config = tiny_config(layer_pattern="BFMSA", ssm_mixer="mamba1", memory_decay=0.25)
     again = BMojoConfig.from_dict(config.to_dict())
     assert again.to_dict() == config.to_dict()
+
+
+def test_heads_must_split_hidden_size_unless_head_dim_is_given():
+    with pytest.raises(ValueError, match=r"num_attention_heads \(5\) must divide hidden_size \(64\).* 60 of 64"):
+        BMojoConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=5)
+    assert BMojoConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=5, head_dim=16).head_dim == 16
+    assert BMojoConfig(hidden_size=64, num_hidden_layers=1, layer_pattern="M", num_attention_heads=5).hidden_size == 64
+    saved = BMojoConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=5, head_dim=12)
+    assert BMojoConfig.from_dict(saved.to_dict()).head_dim == 12  # a saved config names its head_dim: reloads

@@ -12,7 +12,7 @@ import torch
 from bmojo_neuron.data import ByteTokenizer, build_datasets, build_eval_dataset, generate_mqar, load_tokenizer
 from bmojo_neuron.data import mqar_accuracy, text
 from bmojo_neuron.data.mqar import mqar_arrays
-from bmojo_neuron.data.text import CORPUS_DIR, load_text_dataset
+from bmojo_neuron.data.text import CORPUS_DIR, load_text_dataset, source_kind
 from bmojo_neuron.recipes import Recipe
 
 V, L, KV = 64, 48, 6
@@ -231,3 +231,42 @@ def test_build_datasets_mqar_and_text(tmp_path: Path) -> None:
     train, evaluation = build_datasets(text_recipe)
     assert train[:1]["input_ids"].shape == (1, 16) and len(evaluation) >= 1
     assert build_eval_dataset(text_recipe, 2)[:1]["input_ids"].shape == (1, 32)
+
+
+def test_text_that_is_not_utf8_names_the_file_and_byte_offset(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_bytes("naïve café\n".encode("utf-8") + "second line: café\n".encode("latin-1"))
+    offset = len("naïve café\n".encode("utf-8")) + len("second line: caf")
+    with pytest.raises(ValueError, match=rf"notes.txt is not UTF-8 text: byte 0xe9 at offset {offset} \(line 2\)"):
+        load_text_dataset(tmp_path / "notes.txt", cache_dir=tmp_path / "cache")
+    (tmp_path / "docs.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"docs.jsonl is not UTF-8 text: byte 0xe9 at offset 30 \(line 2\)"):
+        load_text_dataset(tmp_path / "docs.jsonl", cache_dir=tmp_path / "cache")
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n\n{"text": "cut\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"broken.jsonl line 3 is not JSON"):
+        load_text_dataset(tmp_path / "broken.jsonl", cache_dir=tmp_path / "cache")
+    (tmp_path / "numbers.jsonl").write_text('{"text": 12}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"numbers.jsonl line 1 holds int 12, not a string"):
+        load_text_dataset(tmp_path / "numbers.jsonl", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # every file is read before anything is written
+
+
+def test_local_paths_are_never_looked_up_on_the_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import datasets
+    import transformers
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("looked up on the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_network)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_network)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "corpora").mkdir()
+    for local in ("mycorpus", "corpora/missing", "a/b/c", "./x", "~/nothing-here", "data.txt", "owner//name"):
+        with pytest.raises(FileNotFoundError, match=rf"data.path {local}: no such file or folder"):
+            source_kind(local)
+    assert source_kind("roneneldan/TinyStories") == "hub"  # owner/name, and no folder "roneneldan" here
+    for local in ("./tok", "/no/such/tokenizer", "corpora/tok"):
+        with pytest.raises(ValueError, match=rf"data.tokenizer '{local}': no such folder"):
+            load_tokenizer(local)
+    with pytest.raises(AssertionError, match="hub"):  # bare and owner/name tokenizers may be hub names
+        load_tokenizer("gpt2")

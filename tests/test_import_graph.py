@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("checkpoints", ("bmojo_neuron.checkpoints", "bmojo_neuron.evaluation", "bmojo_neuron.generation")),
     ("priming", ("bmojo_neuron.priming",)),
     ("launch", ("bmojo_neuron.launch",)),
-    ("training", ("bmojo_neuron.training",)),
+    ("training", ("bmojo_neuron.training", "bmojo_neuron.preflight")),
     ("bench", ("bmojo_neuron.bench",)),
     ("commands", ("bmojo_neuron.commands", "bmojo_neuron.cli")),
 ]

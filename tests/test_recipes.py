@@ -106,6 +106,15 @@ def test_model_config_fills_vocab_from_data() -> None:
         ),
         ({"suite": [{"name": "a", "overrides": {"train.steps": "x"}}]}, r"suite\[0\].overrides \(a\): .*train.steps"),
         ({"train": [1]}, r"recipe key train: must be a mapping"),
+        ({"optim": {"lr": float("inf")}}, r"recipe key optim.lr: must be a finite number, got inf"),
+        ({"optim": {"lr": float("nan")}}, r"recipe key optim.lr: must be a finite number, got nan"),
+        ({"optim": {"lr": 0}}, r"recipe key optim.lr: is 0.0; must be > 0"),
+        ({"model": {"hidden_size": "abc"}}, r"recipe key model.hidden_size: must be an integer, got str 'abc'"),
+        ({"model": {"rope_theta": "big"}}, r"recipe key model.rope_theta: must be a number, got str 'big'"),
+        ({"model": {"memory_decay": float("inf")}}, r"recipe key model.memory_decay: must be a finite number"),
+        ({"model": {"ssm_A_init_range": [1, 2, 3]}}, r"model.ssm_A_init_range: is \[1, 2, 3\]; must be \[low, high\]"),
+        ({"model": {"ssm_A_init_range": "wide"}}, r"model.ssm_A_init_range: must be a list of 2 values"),
+        ({"model": {"num_attention_heads": 7}}, r"model.num_attention_heads: \(7\) must divide hidden_size \(768\)"),
     ],
 )
 def test_validation_errors_name_the_key(document: dict, match: str) -> None:
@@ -121,6 +130,10 @@ def test_validation_errors_name_the_key(document: dict, match: str) -> None:
         ("trian.steps=3", r"override 'trian.steps': unknown section 'trian'"),
         ("steps=3", r"override 'steps': expected section.key"),
         ("train.steps=ten", r"recipe key train.steps: must be an integer"),
+        ("optim.lr=.inf", r"recipe key optim.lr: must be a finite number, got inf"),
+        ("model.hidden_size=abc", r"recipe key model.hidden_size: must be an integer, got str 'abc'"),
+        ("compare=yes", r"override 'compare': compare=none is the only value accepted"),
+        ("compare.name=", r"recipe key compare.name: must be a string, got NoneType"),
     ],
 )
 def test_bad_overrides(override: str, match: str) -> None:
@@ -161,3 +174,12 @@ def test_resume_conflicts_name_the_keys_that_may_not_change() -> None:
     saved = load_recipe("cpu-tiny").record()
     changed = load_recipe("cpu-tiny", ["train.steps=7", "eval.every=3", "optim.lr=0.5", "model.hidden_size=32"])
     assert resume_conflicts(saved, changed.record()) == ["model.hidden_size", "optim.lr"]
+
+
+@pytest.mark.parametrize("off", ["none", "null", "~", "false", "off"])
+def test_compare_and_suite_can_be_switched_off_on_the_command_line(off: str) -> None:
+    assert load_recipe("cpu-tiny").compare is not None
+    assert load_recipe("cpu-tiny", [f"compare={off}"]).compare is None
+    assert load_recipe("mqar-suite", [f"suite={off}"]).suite == []
+    again = load_recipe("cpu-tiny", ["compare=none", "compare.name=again", "compare.overrides={}"])
+    assert again.compare is not None and again.compare.name == "again"  # later overrides win, in order

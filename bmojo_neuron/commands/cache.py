@@ -7,6 +7,7 @@ NEURON_CC_FLAGS, else NEURON_COMPILE_CACHE_URL, else /var/tmp/neuron-compile-cac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from typing import Any
@@ -147,8 +148,7 @@ def _verify(args: argparse.Namespace, url: str, source: str) -> int:
 def _prune(args: argparse.Namespace, url: str, source: str) -> int:
     from bmojo_neuron.compile_cache.local import LocalCache
     from bmojo_neuron.compile_cache.location import is_s3
-    from bmojo_neuron.compile_cache.prune import apply, select
-    from bmojo_neuron.compile_cache.units import format_age, format_size, parse_size
+    from bmojo_neuron.compile_cache.units import parse_size
 
     if is_s3(url):
         raise ValueError(f"prune works on a local cache folder; {url} is in S3 (expire its objects with an "
@@ -158,7 +158,18 @@ def _prune(args: argparse.Namespace, url: str, source: str) -> int:
     except ValueError as exc:
         raise ValueError(f"--max-size: {exc}") from None
     cache = LocalCache(url)
-    entries = _entries(url, source)
+    entries = _entries(url, source)  # a missing cache fails here, before a lock folder is made in it
+    with contextlib.ExitStack() as stack:
+        if not args.dry_run:  # alone: no precompile, pull or Neuron run may be using the cache meanwhile
+            stack.enter_context(cache.maintain("cache prune"))
+            entries = _entries(url, source)
+        return _prune_locked(args, url, cache, entries, max_size)
+
+
+def _prune_locked(args: argparse.Namespace, url: str, cache: Any, entries: list, max_size: int | None) -> int:
+    from bmojo_neuron.compile_cache.prune import apply, select
+    from bmojo_neuron.compile_cache.units import format_age, format_size
+
     now = time.time()
     plan = select(entries, cache.busy_reason, now=now, older_than_days=args.older_than, max_size=max_size,
                   failed=args.failed)
@@ -211,7 +222,7 @@ def _pull(args: argparse.Namespace, url: str, source: str) -> int:
     from bmojo_neuron.compile_cache.sync import pull
 
     cache, store = _sync_args(url, args.url)
-    with s3_errors(store.url):
+    with s3_errors(store.url), cache.use("cache pull"):
         report = pull(store, cache)
     print(f"{report.summary('pulled')} <- {store.url} into {url}")
     return 0

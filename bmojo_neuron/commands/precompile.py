@@ -10,6 +10,7 @@ created, changed or used must hold a NEFF and no failure. docs/compile-cache.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import shutil
@@ -212,21 +213,23 @@ def describe(job: Job, args: argparse.Namespace, cache_url: str, cache_source: s
 # ------------------------------------------------------------------ running
 def execute(job: Job, tool: str, cache_url: str) -> int:
     """Snapshot the cache, run the tool (streaming its output), check the cache, print a summary."""
-    from bmojo_neuron.compile_cache import open_cache
+    from bmojo_neuron.compile_cache import LocalCache, open_cache
     from bmojo_neuron.compile_cache.check import check_run, snapshot
     from bmojo_neuron.compile_cache.s3 import s3_errors
 
     cache = open_cache(cache_url)
-    with s3_errors(cache_url):
-        before = snapshot(_entries_or_none(cache))
-    print(f"running: {shlex.join([TOOL, *job.argv])}", flush=True)
-    try:
-        code, mentioned = stream([tool, *job.argv], job.env)
-    finally:
-        if job.scratch:
-            shutil.rmtree(job.output_dir, ignore_errors=True)
-    with s3_errors(cache_url):
-        result = check_run(before, _entries_or_none(cache), mentioned)
+    # a local cache is not pruned while we fill and check it (S3 has no locks: see docs/compile-cache.md)
+    with cache.use("precompile") if isinstance(cache, LocalCache) else contextlib.nullcontext():
+        with s3_errors(cache_url):
+            before = snapshot(_entries_or_none(cache))
+        print(f"running: {shlex.join([TOOL, *job.argv])}", flush=True)
+        try:
+            code, mentioned = stream([tool, *job.argv], job.env)
+        finally:
+            if job.scratch:
+                shutil.rmtree(job.output_dir, ignore_errors=True)
+        with s3_errors(cache_url):
+            result = check_run(before, _entries_or_none(cache), mentioned)
     print(summary(result, code, cache_url, job.plan))
     return 0 if code == 0 and result.ok else 1
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bmojo_neuron.cli import register_command
+from bmojo_neuron.fsutil import disk_full_cause
 from bmojo_neuron.locking import DirectoryLock
 
 
@@ -130,8 +131,10 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[s
                      f"{INSTALL_COMMAND}")
     lines.append(f"data: {data_line(recipe)}")
     from bmojo_neuron.checkpoints.layout import has_run, latest_checkpoint
+    from bmojo_neuron.preflight import describe_output, space_need
+    from bmojo_neuron.recipes import count_parameters
 
-    for _, run_dir in runs:
+    for variant, run_dir in runs:
         latest = latest_checkpoint(run_dir)
         if resume:
             lines.append(f"output {run_dir}: " + (f"resumes from {latest.name}" if latest else "no checkpoint yet, "
@@ -140,6 +143,8 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[s
             lines.append(f"output {run_dir}: PROBLEM: already holds a run; train would refuse it without --resume")
         else:
             lines.append(f"output {run_dir}: new run")
+        need = space_need(count_parameters(variant), variant.checkpoint.keep_last, resume)
+        lines.append(f"  disk {describe_output(run_dir, need)}")
     return lines
 
 
@@ -169,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
         require_neuron_if_needed(name, overrides)  # before anything imports torch
     from bmojo_neuron.checkpoints.layout import has_run
     from bmojo_neuron.parallel.layout import torchrun_env
-    from bmojo_neuron.recipes import load_recipe
+    from bmojo_neuron.preflight import check_run_dirs
+    from bmojo_neuron.recipes import count_parameters, load_recipe
     from bmojo_neuron.training.suite import plan_runs
 
     recipe = load_recipe(name, overrides)
@@ -177,9 +183,14 @@ def run(args: argparse.Namespace) -> int:
         return dry_run(recipe, name, overrides, args)
     runs = plan_runs(recipe, args.output_dir)
     main = torchrun_env()[0] == 0  # under torchrun only rank 0 prints and writes summaries
+    for variant, _ in runs:  # check every run before the first long one starts
+        variant.check()
+    if main:  # data there, output writable, room on disk
+        check_run_dirs(runs, [count_parameters(variant) for variant, _ in runs], args.resume)
     with contextlib.ExitStack() as locks:
-        for variant, run_dir in runs:  # check every run before the first long one starts
-            variant.check()
+        if recipe.run.device == "neuron" and torchrun_env()[1] == 0:
+            use_compile_cache(locks, recipe.run.name)
+        for variant, run_dir in runs:
             if main:  # held for the whole command: a second train or --resume on a live run is refused
                 locks.enter_context(DirectoryLock(run_dir))
             if not args.resume and has_run(run_dir):
@@ -188,8 +199,23 @@ def run(args: argparse.Namespace) -> int:
         return train_all(runs, args, recipe, main)
 
 
-def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: Any, main: bool) -> int:
+def use_compile_cache(locks: contextlib.ExitStack, run_name: str) -> None:
+    """One process per node holds the node's compile cache in shared use: no prune while the run may read it."""
+    from bmojo_neuron.compile_cache import LocalCache, is_s3, resolve_cache_dir
+
+    url, _ = resolve_cache_dir()
+    if not is_s3(url):
+        locks.enter_context(LocalCache(url).use(f"train {run_name}"))
+
+
+def last_checkpoint_text(run_dir: Path) -> str:
     from bmojo_neuron.checkpoints.layout import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir)
+    return f"its latest checkpoint is {latest}" if latest else f"{run_dir} has no checkpoint yet"
+
+
+def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: Any, main: bool) -> int:
     from bmojo_neuron.recipes import count_parameters
     from bmojo_neuron.training import train
     from bmojo_neuron.training.progress import format_seconds
@@ -202,10 +228,16 @@ def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: An
         try:
             result = train(variant, run_dir, resume=args.resume, progress=not args.no_progress)
         except KeyboardInterrupt:
-            latest = latest_checkpoint(run_dir)
-            saved = f"its latest checkpoint is {latest.name}" if latest else "it has no checkpoint yet"
-            print(f"\n{variant.run.name} interrupted; {saved}: continue with --resume", file=sys.stderr)
+            print(f"\n{variant.run.name} interrupted; {last_checkpoint_text(run_dir)}: continue with --resume",
+                  file=sys.stderr)
             raise
+        except Exception as exc:
+            full = disk_full_cause(exc)
+            if full is None:
+                raise
+            raise ValueError(f"disk full: {full.strerror} while writing {run_dir}; {last_checkpoint_text(run_dir)} "
+                             "(a checkpoint is written whole or not at all): free some space, then continue with "
+                             "--resume") from None
         rows.append(summary_row(variant, result))
         if main:
             print(f"{variant.run.name}: done in {format_seconds(result.seconds)}; final export in {result.final_dir}",

@@ -11,6 +11,9 @@ our own pulls and prunes. The rules here:
   ``<cache>/.bmojo-locks/``. Correctness does not depend on it (the renames are
   atomic on their own); it keeps N ranks from downloading the same entry N times.
 - We never remove an entry another process may be writing: see `busy_reason`.
+- The cache as a whole has a shared/exclusive lock (`use`, `maintain`): precompiles, pulls
+  and Neuron training runs use it together; a prune runs alone, and is refused, naming
+  them, while any of them is live.
 
 Everything we create besides entries starts with ``.bmojo-`` and is ignored by the
 layout (which only reads ``neuronxcc-*/MODULE_*``).
@@ -32,8 +35,12 @@ from typing import Iterator
 
 from bmojo_neuron.compile_cache.layout import Entry, group_entries, is_module_name, is_version_name
 from bmojo_neuron.fsutil import fsync_dir, fsync_tree
+from bmojo_neuron.locking import DirectoryLock
 
 LOCK_DIR = ".bmojo-locks"
+CACHE_LOCK = f"{LOCK_DIR}/cache.lock"
+# How long a user of the cache waits for a prune to finish (a prune renames and deletes: seconds).
+USE_WAIT_SECONDS = 300
 STAGING_PREFIX = ".bmojo-tmp-"
 TRASH_PREFIX = ".bmojo-trash-"
 # An entry with a file written this recently may still be being written (HLO extraction, a NEFF).
@@ -80,6 +87,19 @@ class LocalCache:
                     continue
                 yield f"{version}/{module}/", 0, _mtime(self.root / version / module)  # listed even when empty
                 yield from _files_under(self.root / version / module, f"{version}/{module}/")
+
+    # ---------------------------------------------------------------- whole-cache lock
+    def use(self, purpose: str) -> DirectoryLock:
+        """The shared lock of a process that adds to or reads the cache (precompile, pull, a Neuron run).
+
+        Many may hold it at once; it waits up to USE_WAIT_SECONDS for a running prune.
+        """
+        return DirectoryLock(self.root, "compile cache", lock_file=CACHE_LOCK, shared=True, purpose=purpose,
+                             wait=USE_WAIT_SECONDS)
+
+    def maintain(self, purpose: str) -> DirectoryLock:
+        """The exclusive lock of a prune: refused at once, naming the users, while any process uses the cache."""
+        return DirectoryLock(self.root, "compile cache", lock_file=CACHE_LOCK, purpose=purpose)
 
     # ---------------------------------------------------------------- safety
     def busy_reason(self, entry: Entry, now: float | None = None, check_lock: bool = True) -> str | None:

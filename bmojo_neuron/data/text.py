@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
+from bmojo_neuron.data.hub import may_be_hub_name
 from bmojo_neuron.data.tokenizer import encode_batch, eos_token_id, load_tokenizer, tokenizer_fingerprint
 
 if TYPE_CHECKING:
@@ -91,8 +92,9 @@ def source_kind(source: str) -> str:
         if _is_saved_dataset(path):
             return "packed" if _is_packed(path) else "disk"
         return "folder" if _text_files(path) else "load_dataset"
-    if _looks_local(source):
-        raise FileNotFoundError(f"data.path {source}: no such file or folder")
+    if not may_be_hub_name(source):
+        raise FileNotFoundError(f"data.path {source}: no such file or folder (a hub dataset would be named "
+                                "owner/name, e.g. roneneldan/TinyStories)")
     return "hub"
 
 
@@ -238,20 +240,37 @@ def _read_files(files: list[Path], text_column: str) -> Iterable[str]:
         if file.suffix in JSONL_SUFFIXES:
             yield from _read_jsonl(file, text_column)
         else:
-            yield file.read_text(encoding="utf-8")
+            yield read_utf8(file)
+
+
+def read_utf8(file: Path) -> str:
+    """The text of `file`; a ValueError naming the file, byte offset and line when it is not UTF-8."""
+    data = file.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"data.path: {file} is not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start} (line {line}) "
+            f"{err.reason}; convert it, e.g. iconv -f latin1 -t utf-8 {file} > {file.stem}.utf8{file.suffix}"
+        ) from None
 
 
 def _read_jsonl(file: Path, text_column: str) -> Iterable[str]:
-    with file.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
+    for number, line in enumerate(read_utf8(file).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            if text_column not in record:
-                raise ValueError(
-                    f"data.text_column {text_column!r}: missing in {file} line {number} (keys: {sorted(record)})"
-                )
-            yield record[text_column]
+        except json.JSONDecodeError as err:
+            raise ValueError(f"data.path: {file} line {number} is not JSON: {err.msg} at column {err.colno}") from None
+        if not isinstance(record, dict) or text_column not in record:
+            keys = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
+            raise ValueError(f"data.text_column {text_column!r}: missing in {file} line {number} (keys: {keys})")
+        if not isinstance(record[text_column], str):
+            raise ValueError(f"data.text_column {text_column!r}: {file} line {number} holds "
+                             f"{type(record[text_column]).__name__} {record[text_column]!r}, not a string")
+        yield record[text_column]
 
 
 def _load_packed(source: str, block_size: int) -> DatasetDict:
@@ -286,10 +305,6 @@ def _is_packed(folder: Path) -> bool:
 def _has_columns(folder: Path) -> bool:
     info = json.loads((folder / "train" / "dataset_info.json").read_text())
     return {"input_ids", "labels"} <= set(info.get("features", {}))
-
-
-def _looks_local(source: str) -> bool:
-    return source.startswith(("/", ".", "~")) or Path(source).suffix != "" or os.sep + os.sep in source
 
 
 def _source_fingerprint(source: str, kind: str) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
+from bmojo_neuron.data.hub import may_be_hub_name
+
 BYTE_TOKENIZER = "byte"
 
 
@@ -40,6 +42,9 @@ def load_tokenizer(name_or_path: str) -> Any:
     """``"byte"`` → `ByteTokenizer`; otherwise a Hugging Face tokenizer from a local path or hub name."""
     if name_or_path == BYTE_TOKENIZER:
         return ByteTokenizer()
+    if not Path(name_or_path).expanduser().exists() and not may_be_hub_name(name_or_path, bare=True):
+        raise ValueError(f"data.tokenizer {name_or_path!r}: no such folder (not 'byte', and a local path is never "
+                         "looked up on the hub)")
     from transformers import AutoTokenizer
 
     try:

@@ -1,0 +1,112 @@
+"""Checks of what a run needs from this machine, made before any long work starts.
+
+`train` calls `check_run_dirs` before it builds data or weights, so a read-only or full
+output directory, or a data path that is not there, is one ``error:`` line within seconds
+rather than a traceback after minutes. ``train --dry-run`` prints the same findings.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bmojo_neuron.compile_cache.units import format_size
+from bmojo_neuron.fsutil import DISK_FULL
+
+# Per parameter on disk: fp32 weights (4 B) and AdamW's two fp32 moments (8 B) in a checkpoint;
+# the weights again in the final export. Each also holds a few small files (config, recipe, RNG
+# states, headers: 70 KiB for cpu-tiny), and metrics, plots and TensorBoard logs get an allowance.
+CHECKPOINT_BYTES_PER_PARAMETER = 12
+EXPORT_BYTES_PER_PARAMETER = 4
+FILE_OVERHEAD = 2**20
+LOGS_ALLOWANCE = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class SpaceNeed:
+    """Bytes a run writes at its peak: `checkpoints` checkpoints side by side, the export and the logs."""
+
+    checkpoints: int
+    checkpoint_bytes: int
+    export_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.checkpoints * self.checkpoint_bytes + self.export_bytes + LOGS_ALLOWANCE
+
+    def describe(self) -> str:
+        return (f"about {format_size(self.total)}: {self.checkpoints} checkpoint(s) of "
+                f"{format_size(self.checkpoint_bytes)}, the {format_size(self.export_bytes)} export and logs")
+
+
+def space_need(parameters: int, keep_last: int, resume: bool) -> SpaceNeed:
+    """The peak disk use of a run of a model with `parameters` parameters.
+
+    A new checkpoint is published before the oldest is pruned, so ``keep_last + 1`` exist
+    for a moment; a resumed run already has its old ones on disk and adds one at a time.
+    """
+    return SpaceNeed(1 if resume else keep_last + 1, CHECKPOINT_BYTES_PER_PARAMETER * parameters + FILE_OVERHEAD,
+                     EXPORT_BYTES_PER_PARAMETER * parameters + FILE_OVERHEAD)
+
+
+def check_writable(directory: Path) -> None:
+    """Create `directory` if needed and write, sync and delete a probe file in it; ValueError naming why not."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".tmp-probe-") as probe:
+            probe.write(b"\0")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as exc:
+        full = " (disk full)" if exc.errno in DISK_FULL else ""
+        raise ValueError(f"output directory {directory} is not writable: {exc.strerror}{full}; pick another "
+                         "--output-dir (or run.output_dir)") from None
+
+
+def check_free_space(needs: list[tuple[Path, SpaceNeed]]) -> None:
+    """ValueError when the filesystem holding these (existing) run directories has less room than they all need."""
+    directory = needs[0][0]
+    free = shutil.disk_usage(directory).free
+    if free < sum(need.total for _, need in needs):
+        what = "; ".join(f"{run_dir} {need.describe()}" for run_dir, need in needs)
+        raise ValueError(f"{directory.parent if len(needs) > 1 else directory} has {format_size(free)} free, "
+                         f"too little for what the run writes: {what}; free some space or pick another "
+                         "--output-dir")
+
+
+def describe_output(run_dir: Path, need: SpaceNeed) -> str:
+    """For ``--dry-run``, which writes nothing: whether `run_dir` could be created and written, and the room."""
+    existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return f"PROBLEM: {existing} is not a writable folder"
+    free = shutil.disk_usage(existing).free
+    verdict = "ok" if free >= need.total else "PROBLEM: too little"
+    return f"{verdict}: {format_size(free)} free, the run writes {need.describe()}"
+
+
+def check_data_source(recipe: Any) -> None:
+    """A text recipe's data.path must exist (or be a hub name), so a typo fails before the run starts."""
+    if recipe.data.kind != "text" or recipe.data.path is None:
+        return
+    from bmojo_neuron.data.text import source_kind
+
+    source_kind(str(Path(recipe.data.path).expanduser()))
+
+
+def check_run_dirs(runs: list[tuple[Any, Path]], parameters: list[int], resume: bool) -> None:
+    """Each run's data source present, its directory writable, and room on disk for all of them.
+
+    `runs` are (recipe, run dir) pairs, `parameters` the model size of each.
+    """
+    by_filesystem: dict[int, list[tuple[Path, SpaceNeed]]] = {}
+    for (recipe, run_dir), count in zip(runs, parameters):
+        check_data_source(recipe)
+        check_writable(run_dir)
+        need = space_need(count, recipe.checkpoint.keep_last, resume)
+        by_filesystem.setdefault(run_dir.stat().st_dev, []).append((run_dir, need))
+    for needs in by_filesystem.values():
+        check_free_space(needs)
