@@ -42,7 +42,9 @@ class BMojoConfig(PretrainedConfig):
     Eidetic memory (letter B):
         memory_size ``M`` slots, memory_chunk ``c`` (default ``w``), memory_picks
         ``k`` per chunk, memory_decay ``gamma`` in [0, 1], innovation_loss_weight
-        ``lambda`` (must be > 0 when ``M > 0``: the predictor learns only from it).
+        ``lambda`` (must be > 0 when ``M > 0``: the predictor learns only from it),
+        freeze_innovation_predictor (keep the predictor at its initialisation; the
+        ablation that allows ``lambda = 0``).
 
     SSM (letters B, F, M): ssm_mixer (``mamba2`` or ``mamba1``), ssm_expand,
         ssm_state_size ``N``, ssm_head_dim ``P`` and ssm_n_groups (mamba2),
@@ -79,12 +81,16 @@ class BMojoConfig(PretrainedConfig):
         window_size: int = 512,
         fading_window: int | None = None,
         tie_fading_projections: bool = True,
+        fading_norm: bool = False,
+        fading_overlap: bool = False,
+        ssm_residual: bool = False,
         # eidetic memory
         memory_size: int = 64,
         memory_chunk: int | None = None,
         memory_picks: int = 8,
         memory_decay: float = 0.99,
         innovation_loss_weight: float = 0.01,
+        freeze_innovation_predictor: bool = False,
         # SSM
         ssm_mixer: str = "mamba2",
         ssm_expand: int = 2,
@@ -128,12 +134,16 @@ class BMojoConfig(PretrainedConfig):
         self.window_size = window_size
         self.fading_window = fading_window if fading_window is not None else window_size
         self.tie_fading_projections = tie_fading_projections
+        self.fading_norm = fading_norm
+        self.fading_overlap = fading_overlap
+        self.ssm_residual = ssm_residual
 
         self.memory_size = memory_size
         self.memory_chunk = memory_chunk if memory_chunk is not None else window_size
         self.memory_picks = memory_picks
         self.memory_decay = memory_decay
         self.innovation_loss_weight = innovation_loss_weight
+        self.freeze_innovation_predictor = freeze_innovation_predictor
 
         self.ssm_mixer = ssm_mixer
         self.ssm_expand = ssm_expand
@@ -269,10 +279,11 @@ class BMojoConfig(PretrainedConfig):
             f"({self.memory_picks}) cannot exceed memory_chunk ({self.memory_chunk})",
         )
         _require(
-            self.innovation_loss_weight > 0,
+            self.innovation_loss_weight > 0 or self.freeze_innovation_predictor,
             "innovation_loss_weight",
             f"is 0 but memory_size is {self.memory_size}: the innovation predictor learns only "
-            "from the auxiliary loss, so memory selection would never improve; set it > 0 or memory_size=0",
+            "from the auxiliary loss, so memory selection would never improve; set it > 0, or memory_size=0, "
+            "or freeze_innovation_predictor=true to select with the predictor as initialised (an ablation)",
         )
 
     def _validate_ssm(self) -> None:

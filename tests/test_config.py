@@ -56,6 +56,20 @@ def test_memory_checks_apply_only_to_models_with_b_layers():
     assert tiny_config(memory_size=0, innovation_loss_weight=0.0).memory_size == 0
 
 
+def test_zero_innovation_weight_needs_the_frozen_predictor_ablation():
+    import torch
+
+    from bmojo_neuron import BMojoForCausalLM
+
+    config = tiny_config(innovation_loss_weight=0.0, freeze_innovation_predictor=True)
+    model = BMojoForCausalLM(config)
+    predictor = model.model.layers[0].mixer.innovation_proj.weight
+    assert not predictor.requires_grad
+    before = predictor.clone()
+    model(torch.randint(0, 64, (1, 20)), labels=torch.randint(0, 64, (1, 20))).loss.backward()
+    assert predictor.grad is None and torch.equal(predictor, before)
+
+
 def test_round_trips_through_dict():
     config = tiny_config(layer_pattern="BFMSA", ssm_mixer="mamba1", memory_decay=0.25)
     again = BMojoConfig.from_dict(config.to_dict())

@@ -11,7 +11,7 @@ import torch
 
 from bmojo_neuron.data import ByteTokenizer, build_datasets, build_eval_dataset, generate_mqar, load_tokenizer
 from bmojo_neuron.data import mqar_accuracy, text
-from bmojo_neuron.data.mqar import mqar_arrays
+from bmojo_neuron.data.mqar import mqar_arrays, mqar_pairs
 from bmojo_neuron.data.text import CORPUS_DIR, load_text_dataset, source_kind
 from bmojo_neuron.recipes import Recipe
 
@@ -47,6 +47,36 @@ def test_mqar_power_law_gaps_favour_early_queries() -> None:
     _, labels = mqar_arrays(128, 256, 4, 2000, seed=0, power_a=0.01)
     slots = (np.argwhere(labels != -100)[:, 1] - 8 - 1) // 2
     assert np.mean(slots < 60) > 0.6  # uniform would give 60/124 < 0.5
+
+
+@pytest.mark.parametrize("spacing", [2, 4])
+def test_mqar_spacing_stretches_every_distance(spacing: int) -> None:
+    base_ids, base_labels = mqar_arrays(V, L, KV, 50, seed=5)
+    ids, labels = mqar_arrays(V, L * spacing, KV, 50, seed=5, spacing=spacing)
+    assert ids.shape == (50, L * spacing)
+    scored, base_scored = np.argwhere(labels != -100), np.argwhere(base_labels != -100)
+    # answers move from a to spacing * (a - 1) + 1: the query key is stretched, its value stays next to it
+    np.testing.assert_array_equal(scored[:, 1], spacing * (base_scored[:, 1] - 1) + 1)
+    np.testing.assert_array_equal(labels[labels != -100], base_labels[base_labels != -100])
+    for x, base in zip(ids, base_ids):
+        for i in range(KV):
+            assert x[spacing * 2 * i] == base[2 * i] and x[spacing * 2 * i + 1] == base[2 * i + 1]
+    for x, y, base, base_y in zip(ids, labels, base_ids, base_labels):
+        queries = np.flatnonzero(base_y != -100) - 1
+        np.testing.assert_array_equal(x[spacing * queries], base[queries])
+        np.testing.assert_array_equal(x[spacing * queries + 1], base[queries + 1])
+    with pytest.raises(ValueError, match="spacing"):
+        mqar_arrays(V, L * 2 + 1, KV, 2, seed=0, spacing=2)
+
+
+def test_mqar_pairs_finds_each_query_and_its_pair() -> None:
+    for spacing in (1, 3):
+        ids, labels = mqar_arrays(V, L * spacing, KV, 20, seed=7, spacing=spacing)
+        for x, y, pairs in zip(ids, labels, mqar_pairs(ids, labels)):
+            assert [q for q, _ in pairs] == (np.flatnonzero(y != -100) - 1).tolist()
+            for query, key in pairs:
+                assert key % (2 * spacing) == 0 and key < 2 * KV * spacing
+                assert x[key] == x[query] and x[key + 1] == y[query + 1]
 
 
 def test_generate_mqar_dataset_and_determinism() -> None:
@@ -221,7 +251,11 @@ def test_build_datasets_mqar_and_text(tmp_path: Path) -> None:
     assert len(train) == 10 and len(evaluation) == 3
     assert train[:2]["input_ids"].shape == (2, 32)
     assert not torch.equal(train[:3]["input_ids"], evaluation[:3]["input_ids"])
-    assert build_eval_dataset(mqar, 2)[:1]["labels"].shape == (1, 64)
+    longer = build_eval_dataset(mqar, 2)[:3]
+    assert longer["labels"].shape == (3, 64)
+    base = evaluation[:3]  # the same eval examples, every distance doubled (spacing 2)
+    assert torch.equal(longer["labels"][longer["labels"] != -100], base["labels"][base["labels"] != -100])
+    assert torch.equal(longer["input_ids"][:, 0:16:4], base["input_ids"][:, 0:8:2])
 
     source = tmp_path / "doc.txt"
     source.write_text(DOCS[2] * 10, encoding="utf-8")

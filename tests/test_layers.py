@@ -83,21 +83,42 @@ def test_bmojo_layer_with_window_covering_the_sequence_is_full_causal_attention(
     torch.testing.assert_close(layer(x)[0], want, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("tie", [True, False])
-@pytest.mark.parametrize("decay", [0.0, 0.7, 1.0])
-def test_bmojo_layer_equals_the_definition(tie, decay):
+OPTIONS = {  # the design options of how S enters the layer (docs/design.md), each tested alone and together
+    "spec": {},
+    "fading_norm": {"fading_norm": True},
+    "ssm_residual": {"ssm_residual": True},
+    "fading_overlap": {"fading_overlap": True},
+    "all": {"fading_norm": True, "ssm_residual": True, "fading_overlap": True},
+}
+
+
+DEFINITION_CASES = [(tie, decay, "spec") for tie in (True, False) for decay in (0.0, 0.7, 1.0)]
+DEFINITION_CASES += [(True, 0.7, option) for option in OPTIONS if option != "spec"]
+
+
+@pytest.mark.parametrize(("tie", "decay", "option"), DEFINITION_CASES)
+def test_bmojo_layer_equals_the_definition(tie, decay, option):
     """Windows, fading keys, innovation, selection, lag and memory rotation, all from docs/design.md ("The model")."""
     window, fading, chunk, size, picks = 4, 3, 5, 3, 2
     layer = make_layer(
         window_size=window, fading_window=fading, memory_chunk=chunk, memory_size=size,
-        memory_picks=picks, memory_decay=decay, tie_fading_projections=tie,
+        memory_picks=picks, memory_decay=decay, tie_fading_projections=tie, **OPTIONS[option],
     )
+    overlap = layer.fading_overlap
     lag = 1 + -(-(window + fading) // chunk)
     assert layer.lag == lag == 3
     x = torch.randn(2, 41, 32, dtype=torch.float64)
     theta = layer.rotary.theta
     _, k, v = project(layer, x)
-    s = layer.ssm(x)
+    s_out = layer.ssm(x)
+    s = s_out
+    if layer.ssm_norm is not None:  # RMSNorm with a non-trivial weight
+        with torch.no_grad():
+            layer.ssm_norm.weight.uniform_(0.5, 1.5)
+        s = s_out * torch.rsqrt(s_out.pow(2).mean(-1, keepdim=True) + layer.ssm_norm.eps) * layer.ssm_norm.weight
+    if layer.ssm_residual_gain is not None:
+        with torch.no_grad():
+            layer.ssm_residual_gain.normal_()
     kf_proj = layer.k_proj if tie else layer.k_fading_proj
     vf_proj = layer.v_proj if tie else layer.v_fading_proj
     kf = kf_proj(s).view(2, 41, layer.kv_heads, -1)
@@ -109,7 +130,7 @@ def test_bmojo_layer_equals_the_definition(tie, decay):
 
     def keys_for_query(b, i, h):
         ctx = range(max(0, i - window + 1), i + 1)
-        fade = range(max(0, i - window - fading + 1), i - window + 1)
+        fade = range(max(0, i - fading + 1), i + 1) if overlap else range(max(0, i - window - fading + 1), i - window + 1)
         keys = [naive_rope(k[b, t, h], t, theta) for t in ctx] + [naive_rope(kf[b, t, h], t, theta) for t in fade]
         values = [v[b, t, h] for t in ctx] + [vf[b, t, h] for t in fade]
         j = i // chunk
@@ -122,8 +143,11 @@ def test_bmojo_layer_equals_the_definition(tie, decay):
         return keys, values
 
     got, mean_innovation = layer(x)
+    want = naive_layer(layer, x, keys_for_query)
+    if layer.ssm_residual_gain is not None:
+        want = want + layer.ssm_residual_gain * s_out
     torch.testing.assert_close(mean_innovation, innovation.mean(), rtol=0, atol=1e-12)
-    torch.testing.assert_close(got, naive_layer(layer, x, keys_for_query), rtol=0, atol=1e-10)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
 def _states(innovation: torch.Tensor, chunk: int, picks: int, size: int, decay: float) -> list[MemoryState]:

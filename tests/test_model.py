@@ -43,6 +43,20 @@ def test_decode_equals_forward_bmojo_layer(mixer, decay):
         torch.testing.assert_close(decode_logits(model, ids, prompt_len), full, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("pattern", ["B", "BF"])
+def test_decode_equals_forward_with_every_ssm_option(pattern):
+    """fading_norm, ssm_residual (gain made non-zero) and fading_overlap keep decode = forward."""
+    model = build(tiny_config(layer_pattern=pattern, fading_norm=True, ssm_residual=True, fading_overlap=True))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mixer.ssm_residual_gain.normal_()
+    ids = torch.randint(0, 64, (2, LENGTH), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(ids).logits
+    for prompt_len in PROMPTS:
+        torch.testing.assert_close(decode_logits(model, ids, prompt_len), full, rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
 @pytest.mark.parametrize("pattern", ["F", "M", "S", "A", "BFMSA"])
 def test_decode_equals_forward_other_layers(pattern, mixer):

@@ -308,7 +308,8 @@ def test_cli_train_eval_generate(tmp_path, capsys):
         assert (run / "final" / "config.json").is_file() and (run / "final" / "model.safetensors").is_file()
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records if r["type"] == "train"] == [1, 2]
-    assert (out / "summary.txt").read_text().count("\n") == 4
+    summary = (out / "summary.txt").read_text()
+    assert summary.count("\n") == 4 and "recall@2x" in summary and (out / "summary.png").stat().st_size > 0
 
     run = runs[0]
     assert cli.main(["eval", str(run), "--lengths", "1,2", "--batches", "1", "--device", "cpu"]) == 0
@@ -316,6 +317,13 @@ def test_cli_train_eval_generate(tmp_path, capsys):
     assert "recall" in table and (run / "eval" / "length_eval.png").is_file()
     rows = json.loads((run / "eval" / "length_eval.json").read_text())
     assert [r["seq_len"] for r in rows] == [64, 128]
+    bmojo = out / "cpu-tiny"
+    assert cli.main(["inspect", str(bmojo), "--sequences", "2", "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "memory after each chunk" in table and "values in memory" in table
+    assert (bmojo / "eval" / "memory.png").stat().st_size > 0
+    report = json.loads((bmojo / "eval" / "memory.json").read_text())
+    assert [c["layer"] for c in report["coverage"]] == [0, 1] and report["coverage"][0]["queries"] > 0
     assert cli.main(["generate", str(run), "--prompt", "\x05\x06", "--max-new-tokens", "3", "--greedy"]) == 0
     assert capsys.readouterr().out.startswith("\x05\x06")
     assert cli.main(["generate", str(run), "--prompt", "x", "--temperature", "0"]) == 2  # clear error

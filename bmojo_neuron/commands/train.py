@@ -247,7 +247,7 @@ def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: An
     print("\n" + summary_table(rows))
     if len(runs) > 1:
         path = write_summary(Path(args.output_dir or recipe.run.output_dir), rows)
-        print(f"\nsummary written to {path}")
+        print(f"\nsummary written to {path} (plot: {path.with_suffix('.png')})")
     if any(r["recall"] is not None for r in rows):
         print(RECALL_NOTE)
     return 0

@@ -36,7 +36,8 @@ def build_datasets(recipe: Recipe) -> tuple[Dataset, Dataset]:
 def build_eval_dataset(recipe: Recipe, length_multiplier: int = 1) -> Dataset:
     """The eval split at ``length_multiplier`` times the training length (for `eval.length_multipliers`).
 
-    MQAR keeps the same number of kv pairs in a longer sequence; text is re-packed
+    MQAR stretches each training-length layout (same kv pairs, every pair-to-query
+    distance times the multiplier: `mqar_arrays`'s ``spacing``); text is re-packed
     into longer blocks (a separate cache entry).
     """
     if length_multiplier < 1:
@@ -59,6 +60,7 @@ def _mqar(recipe: Recipe, examples: int, seed: int, multiplier: int) -> Dataset:
         seed=seed,
         power_a=data.power_a,
         random_non_queries=data.random_non_queries,
+        spacing=multiplier,
     )
 
 

@@ -9,6 +9,13 @@ a few much later), each query followed by its value. Other positions are filler:
 random tokens from ``[0, V)`` (``random_non_queries``) or 0. Labels are the value
 token at the answer positions and -100 elsewhere; with the Hugging Face shift the
 model predicts the value from the query key.
+
+``spacing = m`` stretches that layout over ``m`` times the length: the example is
+drawn as at ``seq_len / m`` (same keys, values and query slots for the same seed) and
+every key moves from position ``p`` to ``m * p``, its value staying right after it;
+filler fills the rest. All distances between a pair and its query grow ``m``-fold,
+which is what a length-generalisation test of recall needs (appending filler alone
+would leave most queries next to their pairs).
 """
 
 from __future__ import annotations
@@ -49,9 +56,16 @@ def mqar_arrays(
     seed: int,
     power_a: float = 0.01,
     random_non_queries: bool = True,
+    spacing: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, labels) int64 arrays of shape (num_examples, seq_len); vectorised."""
-    check_mqar_args(vocab_size, seq_len, num_kv_pairs)
+    """(input_ids, labels) int64 arrays of shape (num_examples, seq_len); vectorised.
+
+    `spacing`: stretch the layout of a ``seq_len / spacing`` example by that factor (module docstring).
+    """
+    if spacing < 1 or seq_len % spacing:
+        raise ValueError(f"spacing is {spacing}; must be >= 1 and divide seq_len {seq_len}")
+    base_len = seq_len // spacing
+    check_mqar_args(vocab_size, base_len, num_kv_pairs)
     if power_a <= 0:
         raise ValueError(f"power_a is {power_a}; must be > 0")
     rng = np.random.default_rng(seed)
@@ -60,17 +74,18 @@ def mqar_arrays(
     values = _distinct(rng, np.arange(half, vocab_size), num_examples, num_kv_pairs)
 
     context = 2 * num_kv_pairs
-    slots = (seq_len - context) // 2
+    slots = (base_len - context) // 2
     weights = power_a * np.arange(1, slots + 1, dtype=np.float64) ** (power_a - 1)
     gaps = _weighted_distinct(rng, weights / weights.sum(), num_examples, num_kv_pairs)
-    query_pos = context + 2 * gaps  # key at query_pos, its value right after
+    query_pos = spacing * (context + 2 * gaps)  # key at query_pos, its value right after
+    pair_pos = spacing * np.arange(0, context, 2)[None, :].repeat(num_examples, axis=0)
 
     if random_non_queries:
         inputs = rng.integers(0, vocab_size, size=(num_examples, seq_len), dtype=np.int64)
     else:
         inputs = np.zeros((num_examples, seq_len), dtype=np.int64)
-    inputs[:, 0:context:2] = keys
-    inputs[:, 1:context:2] = values
+    np.put_along_axis(inputs, pair_pos, keys, axis=1)
+    np.put_along_axis(inputs, pair_pos + 1, values, axis=1)
     np.put_along_axis(inputs, query_pos, keys, axis=1)
     np.put_along_axis(inputs, query_pos + 1, values, axis=1)
     labels = np.full((num_examples, seq_len), IGNORE_INDEX, dtype=np.int64)
@@ -86,13 +101,16 @@ def generate_mqar(
     seed: int,
     power_a: float = 0.01,
     random_non_queries: bool = True,
+    spacing: int = 1,
 ) -> Dataset:
     """MQAR examples as a `datasets.Dataset` with int64 ``input_ids`` and ``labels`` of length seq_len."""
     from datasets import Dataset, Features, Sequence, Value
 
     if num_examples < 1:
         raise ValueError(f"num_examples is {num_examples}; must be >= 1")
-    inputs, labels = mqar_arrays(vocab_size, seq_len, num_kv_pairs, num_examples, seed, power_a, random_non_queries)
+    inputs, labels = mqar_arrays(
+        vocab_size, seq_len, num_kv_pairs, num_examples, seed, power_a, random_non_queries, spacing
+    )
     column = Sequence(Value("int64"), length=seq_len)
     features = Features({"input_ids": column, "labels": column})
     return Dataset.from_dict({"input_ids": inputs, "labels": labels}, features=features)
@@ -117,6 +135,27 @@ def chance_recall(vocab_size: int) -> float:
 def guess_recall(num_kv_pairs: int) -> float:
     """Recall of a uniform guess among the values present in the sequence: above it, keys are matched to values."""
     return 1.0 / num_kv_pairs
+
+
+def mqar_pairs(input_ids: np.ndarray, labels: np.ndarray) -> list[list[tuple[int, int]]]:
+    """Per row, ``(query position, key position)`` of every scored query.
+
+    The query key sits right before each labelled answer; its pair is the first
+    earlier occurrence of the bigram (key, answer). Works for any `spacing`; a filler
+    bigram equal to a pair before the pair itself (odds about 1 / V^2 per position)
+    would be taken for it.
+    """
+    input_ids, labels = np.asarray(input_ids), np.asarray(labels)
+    rows = []
+    for ids, row_labels in zip(input_ids, labels):
+        found = []
+        for answer in np.flatnonzero(row_labels != IGNORE_INDEX):
+            query = answer - 1
+            match = np.flatnonzero((ids[: query - 1] == ids[query]) & (ids[1:query] == row_labels[answer]))
+            if len(match):
+                found.append((int(query), int(match[0])))
+        rows.append(found)
+    return rows
 
 
 def _distinct(rng: np.random.Generator, choices: np.ndarray, rows: int, size: int) -> np.ndarray:

@@ -69,13 +69,22 @@ class BMojoAttention(nn.Module):
 
         needs_ssm = self.fading_window > 0 or self.memory_size > 0
         self.ssm = build_ssm_mixer(config, layer_idx) if needs_ssm else None
+        # Optional paths of the SSM output S (docs/design.md, "Options for how S enters the layer").
+        self.ssm_norm = layers.norm(hidden, eps=config.rms_norm_eps) if needs_ssm and config.fading_norm else None
+        self.ssm_residual_gain = None
+        if needs_ssm and config.ssm_residual:
+            self.ssm_residual_gain = nn.Parameter(torch.zeros(hidden))
+            self.ssm_residual_gain._no_weight_decay = True
         self.tie_fading = config.tie_fading_projections
+        self.fading_overlap = config.fading_overlap
         if self.fading_window > 0 and not self.tie_fading:
             self.k_fading_proj = layers.column_linear(hidden, kv_width, bias=bias)
             self.v_fading_proj = layers.column_linear(hidden, kv_width, bias=bias)
         if self.memory_size > 0:
             # K_hat_t = P(S_{t-1}); sharded by kv head like k_proj. No bias, so P(0) = 0.
             self.innovation_proj = layers.column_linear(hidden, kv_width, bias=False)
+            if config.freeze_innovation_predictor:  # ablation: select with the predictor as initialised
+                self.innovation_proj.weight.requires_grad_(False)
 
     # ------------------------------------------------------------------ helpers
     def _heads(self, x: Tensor, heads: int) -> Tensor:
@@ -154,10 +163,11 @@ class BMojoAttention(nn.Module):
             if cache is not None:
                 cache.ssm = cache_ssm = self.ssm.init_state(batch, x.device, x.dtype)
             s = self.ssm(x, state=cache_ssm)
+        features = self._ssm_features(s)
 
         k_fading = v_fading = None
         if self.fading_window > 0:
-            kf_raw, v_fading = self._fading_kv(s)
+            kf_raw, v_fading = self._fading_kv(features)
             k_fading = self._rotate(kf_raw.transpose(1, 2), positions)
             v_fading = v_fading.transpose(1, 2)
 
@@ -166,22 +176,41 @@ class BMojoAttention(nn.Module):
         selection = None
         innovation = None
         if self.memory_size > 0:
-            # K_hat_t = P(S_{t-1}), zero at t = 0; P is linear, so shift its output.
-            k_hat = F.pad(self.innovation_proj(s.detach()), (0, 0, 1, 0))[:, :-1]
-            innovation = self._innovation(k_raw, k_hat)
+            innovation, selection = self._select_memory(k_raw, features)
             mean_innovation = innovation.mean()
-            selection = select_memory(
-                innovation, chunk=self.chunk, picks=self.picks, size=self.memory_size, decay=self.decay
-            )
             mem_k, mem_v, mem_valid = self._memory_for_chunks(selection, length, k_raw, v)
 
         out, _ = ops.eidetic_attention(
             q, k, v_t, k_fading, v_fading, mem_k, mem_v, mem_valid,
             window=self.window, fading_window=self.fading_window, chunk=self.chunk,
+            **({"fading_overlap": True} if self.fading_overlap else {}),
         )
         if cache is not None:
-            self._fill_cache(cache, k, v_t, k_fading, v_fading, s, k_raw, v, innovation, selection)
-        return self._output(out), mean_innovation
+            self._fill_cache(cache, k, v_t, k_fading, v_fading, features, k_raw, v, innovation, selection)
+        return self._output(out, s), mean_innovation
+
+    def _select_memory(self, k_raw: Tensor, features: Tensor) -> tuple[Tensor, Selection]:
+        """Innovation (batch, L) of every token and which tokens are in memory after each complete chunk."""
+        # K_hat_t = P(S_{t-1}), zero at t = 0; P is linear, so shift its output.
+        k_hat = F.pad(self.innovation_proj(features.detach()), (0, 0, 1, 0))[:, :-1]
+        innovation = self._innovation(k_raw, k_hat)
+        selection = select_memory(
+            innovation, chunk=self.chunk, picks=self.picks, size=self.memory_size, decay=self.decay
+        )
+        return innovation, selection
+
+    @torch.no_grad()
+    def memory_trace(self, x: Tensor) -> tuple[Tensor, Selection]:
+        """What a `B` layer's memory holds for the mixer input `x` (batch, L, d), for inspection.
+
+        Returns the innovation of every token (batch, L) and the tokens in memory after
+        each complete chunk, (batch, n_chunks, M) each (chunk ``j`` reads the one after
+        chunk ``j - memory_lag``); the same computation as the forward, without the attention.
+        """
+        if self.memory_size == 0:
+            raise ValueError(f"layer kind {self.kind!r} with memory_size {self.memory_size} has no eidetic memory")
+        k_raw = self._heads(self.k_proj(x), self.kv_heads)
+        return self._select_memory(k_raw, self._ssm_features(self.ssm(x)))
 
     def _memory_for_chunks(
         self, selection: Selection, length: int, k_raw: Tensor, v: Tensor
@@ -194,10 +223,19 @@ class BMojoAttention(nn.Module):
         mem_k = apply_rotary(seen.k.permute(0, 3, 1, 2, 4), cos[:, None], sin[:, None])
         return mem_k, seen.v.permute(0, 3, 1, 2, 4), seen.valid
 
-    def _output(self, out: Tensor) -> Tensor:
-        """(batch, heads, L, head_dim) -> o_proj over (batch, L, heads * head_dim)."""
+    def _ssm_features(self, s: Tensor | None) -> Tensor | None:
+        """What the fading projections and the innovation predictor read: S, RMS-normalised with `fading_norm`."""
+        if s is None or self.ssm_norm is None:
+            return s
+        return self.ssm_norm(s)
+
+    def _output(self, out: Tensor, s: Tensor | None = None) -> Tensor:
+        """(batch, heads, L, head_dim) -> o_proj over (batch, L, heads * head_dim), plus gain * S with `ssm_residual`."""
         batch, _, length, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.q_heads * self.head_dim))
+        mixed = self.o_proj(out.transpose(1, 2).reshape(batch, length, self.q_heads * self.head_dim))
+        if self.ssm_residual_gain is not None:
+            mixed = mixed + self.ssm_residual_gain * s
+        return mixed
 
     # ------------------------------------------------------------------ decode
     def _fill_cache(self, cache, k, v, k_fading, v_fading, s, k_raw, v_raw, innovation, selection) -> None:
@@ -236,24 +274,29 @@ class BMojoAttention(nn.Module):
         keys, values, valid = [cache.ctx_k], [cache.ctx_v], []
 
         s = self.ssm(x, state=cache.ssm) if self.ssm is not None else None
+        features = self._ssm_features(s)
         if self.fading_window > 0:
-            kf_raw, vf = self._fading_kv(s)
+            kf_raw, vf = self._fading_kv(features)
             keep_f = self.window + self.fading_window
             cache.fading_k = _append(cache.fading_k, self._rotate(kf_raw.transpose(1, 2), pos), keep_f)
             cache.fading_v = _append(cache.fading_v, vf.transpose(1, 2), keep_f)
-            n_fading = max(0, cache.fading_k.shape[2] - self.window)  # tokens that left the window
-            keys.append(cache.fading_k[:, :, :n_fading])
-            values.append(cache.fading_v[:, :, :n_fading])
+            if self.fading_overlap:  # the last w_f tokens, this one included
+                keys.append(cache.fading_k[:, :, -self.fading_window :])
+                values.append(cache.fading_v[:, :, -self.fading_window :])
+            else:
+                n_fading = max(0, cache.fading_k.shape[2] - self.window)  # tokens that left the window
+                keys.append(cache.fading_k[:, :, :n_fading])
+                values.append(cache.fading_v[:, :, :n_fading])
 
         if self.memory_size > 0:
             self._read_memory(cache, position, k_raw, keys, values, valid)
             innovation = self._innovation(k_raw, self.innovation_proj(cache.prev_ssm_out[:, None]))
             self._advance_memory(cache, position, k_raw, v, innovation)
-        if s is not None:
-            cache.prev_ssm_out = s[:, -1]
+        if features is not None:
+            cache.prev_ssm_out = features[:, -1]
 
         out = _attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), valid)
-        return self._output(out)
+        return self._output(out, s)
 
     def _read_memory(self, cache, position, k_raw, keys, values, valid) -> None:
         """Append the memory visible to `position`'s chunk to the key/value lists."""

@@ -3,7 +3,8 @@
 For query ``i`` (chunk ``j = i // chunk``) the keys are
 
 * in-context: ``k[t]``, ``t in (i - window, i]``, ``t >= 0``;
-* fading:     ``k_fading[t]``, ``t in (i - window - fading_window, i - window]``, ``t >= 0``;
+* fading:     ``k_fading[t]``, ``t in (i - window - fading_window, i - window]``, ``t >= 0``
+  (``fading_overlap=True``: ``t in (i - fading_window, i]``, over the window instead of behind it);
 * memory:     ``mem_k[j, m]`` for the slots with ``mem_valid[j, m]``,
 
 and one softmax (scale ``1/sqrt(head_dim)`` by default) weighs the matching values.
@@ -50,6 +51,7 @@ def eidetic_attention(
     chunk: int = 1,
     scale: float | None = None,
     block: int | None = None,
+    fading_overlap: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """B'MOJO attention for every query of a sequence; see the module docstring."""
     batch, q_heads, length, head_dim = q.shape
@@ -57,7 +59,8 @@ def eidetic_attention(
     check_shapes(q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, window, fading_window, chunk)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     window = min(window, length)
-    use_fading = k_fading is not None and fading_window > 0 and window < length
+    fading_lag = fading_window - 1 if fading_overlap else window + fading_window - 1
+    use_fading = k_fading is not None and fading_window > 0 and (fading_overlap or window < length)
     use_memory = mem_k is not None and mem_k.shape[3] > 0
     block = block or _default_block(window)
     block = min(block, length)
@@ -74,7 +77,7 @@ def eidetic_attention(
     parts = [(_band_scores(q_blocks, ctx_k, ctx_mask), ctx_v[:, :, None])]
     if use_fading:
         fad_k, fad_v, fad_mask = _band(
-            k_fading.to(dtype), v_fading.to(dtype), window + fading_window - 1, fading_window, block, n_blocks
+            k_fading.to(dtype), v_fading.to(dtype), fading_lag, fading_window, block, n_blocks
         )
         parts.append((_band_scores(q_blocks, fad_k, fad_mask), fad_v[:, :, None]))
     if use_memory:

@@ -1,0 +1,71 @@
+"""`bmojo-neuron inspect PATH`: what each B layer's eidetic memory holds, as a table and a PNG.
+
+For a few eval sequences of the run's data: the memory after each chunk (positions and
+innovation scores) and, on MQAR, where each query's pair is when the query arrives
+(window, fading window, the memory its chunk reads, or lost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from bmojo_neuron.cli import register_command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="CHECKPOINT_OR_EXPORT_DIR",
+                        help="a run directory (uses final/, else the latest checkpoint), a step-XXXXXXX "
+                             "checkpoint or a final export")
+    parser.add_argument("--sequences", type=int, default=8,
+                        help="eval sequences to inspect (coverage counts all; the table shows --row)")
+    parser.add_argument("--row", type=int, default=0, help="which inspected sequence the table and PNG show")
+    parser.add_argument("--data", nargs="+", default=[], metavar="RECIPE|key=value",
+                        help="evaluation data, as for `eval` (default: the run's data)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--output-dir", default=None,
+                        help="where memory.{png,json} go (default: <run dir>/eval)")
+
+
+@register_command("inspect", help="show what each B layer's eidetic memory holds (table + PNG)",
+                  add_arguments=add_arguments)
+def run(args: argparse.Namespace) -> int:
+    if args.sequences < 1:
+        raise ValueError(f"--sequences must be >= 1, got {args.sequences}")
+    if not 0 <= args.row < args.sequences:
+        raise ValueError(f"--row must be in [0, --sequences) = [0, {args.sequences}), got {args.row}")
+    from bmojo_neuron.checkpoints.inference import load_trained
+    from bmojo_neuron.commands.evaluate import eval_recipe
+    from bmojo_neuron.data import build_datasets
+    from bmojo_neuron.device import resolve_device
+    from bmojo_neuron.memory_inspection import format_memory_table, kv_coverage, kv_positions, plot_memory, trace_memory
+
+    device = resolve_device(args.device)
+    trained = load_trained(args.path, device)
+    recipe = eval_recipe(trained.recipe, args.data)
+    _, eval_data = build_datasets(recipe)
+    rows = eval_data[: args.sequences]
+    if len(rows["input_ids"]) <= args.row:
+        raise ValueError(f"the eval data has only {len(rows['input_ids'])} sequences; lower --row")
+    traces = trace_memory(trained.model, rows["input_ids"].to(device))
+    ids, labels = rows["input_ids"].numpy(), rows["labels"].numpy()
+    mqar = recipe.data.kind == "mqar"
+    kv = kv_positions(ids, labels)[args.row] if mqar else None
+    coverage = [kv_coverage(t, ids, labels) for t in traces] if mqar else []
+    print(format_memory_table(traces, args.row, kv, coverage))
+
+    out = Path(args.output_dir) if args.output_dir else trained.run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "source": str(trained.source),
+        "layers": [{"layer": t.layer, "chunk": t.chunk, "lag": t.lag,
+                    "positions": t.positions.tolist(), "scores": t.scores.tolist()} for t in traces],
+        "coverage": [{"layer": c.layer, "queries": c.queries, "keys": c.keys, "values": c.values,
+                      "values_in_memory": c.memory_share("values"), "keys_in_memory": c.memory_share("keys")}
+                     for c in coverage],
+    }
+    (out / "memory.json").write_text(json.dumps(report, indent=2))
+    plot = plot_memory(traces, out / "memory.png", args.row, kv, title=f"{recipe.run.name}: sequence {args.row}")
+    print(f"\nwrote {out / 'memory.json'} and {plot}")
+    return 0

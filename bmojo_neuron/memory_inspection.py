@@ -1,0 +1,193 @@
+"""What each `B` layer's eidetic memory holds: per chunk, per sequence, and (MQAR) at query time.
+
+`trace_memory` runs the model once and asks every `B` layer (`BMojoAttention.memory_trace`)
+for the innovation of each token and the memory after each complete chunk. On MQAR,
+`kv_coverage` then answers the question that decides recall: when a query arrives,
+where is its pair — in the window, in the fading window, in the memory that query's
+chunk reads, or lost? `format_memory_table` prints it; `plot_memory` draws positions
+held against chunks with the kv tokens marked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from bmojo_neuron.data.mqar import mqar_pairs
+
+PLACES = ("window", "fading", "memory", "lost")
+
+
+@dataclass
+class LayerMemory:
+    """One `B` layer's memory over a batch of sequences (numpy, on the host).
+
+    ``positions[b, j]`` are the token positions held after chunk ``j`` (-1: empty
+    slot), ``scores[b, j]`` their innovations when picked; chunk ``j`` reads the
+    memory after chunk ``j - lag``.
+    """
+
+    layer: int
+    window: int
+    fading_window: int
+    chunk: int
+    lag: int
+    innovation: np.ndarray  # (batch, L)
+    positions: np.ndarray  # (batch, n_complete_chunks, M) int
+    scores: np.ndarray  # (batch, n_complete_chunks, M)
+
+    def visible(self, row: int, query: int) -> np.ndarray:
+        """Positions in the memory that the query at `query` reads (possibly empty)."""
+        source = query // self.chunk - self.lag
+        if source < 0 or source >= self.positions.shape[1]:
+            return np.empty(0, dtype=np.int64)
+        held = self.positions[row, source]
+        return held[held >= 0]
+
+    def place(self, row: int, query: int, token: int) -> str:
+        """Where the query at `query` can read the token at `token`: one of `PLACES`."""
+        distance = query - token
+        if distance < self.window:
+            return "window"
+        if distance < self.window + self.fading_window:
+            return "fading"
+        return "memory" if token in self.visible(row, query) else "lost"
+
+
+@dataclass
+class Coverage:
+    """Where the key and value tokens of every MQAR query are when the query arrives, for one layer."""
+
+    layer: int
+    queries: int = 0
+    keys: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PLACES, 0))
+    values: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PLACES, 0))
+
+    def memory_share(self, which: str = "values") -> float | None:
+        """Of the tokens outside both windows, the share the query's memory holds (None if none were outside)."""
+        counts = self.values if which == "values" else self.keys
+        outside = counts["memory"] + counts["lost"]
+        return counts["memory"] / outside if outside else None
+
+
+@torch.no_grad()
+def trace_memory(model: nn.Module, input_ids: torch.Tensor) -> list[LayerMemory]:
+    """Run `model` (a `BMojoForCausalLM`) on `input_ids` (batch, L) and trace every `B` layer's memory."""
+    layers = [(i, layer.mixer) for i, layer in enumerate(model.model.layers)
+              if layer.kind == "B" and layer.mixer.memory_size > 0]
+    if not layers:
+        raise ValueError(f"layer pattern {model.config.layer_pattern!r} has no B layer with memory: nothing to inspect")
+    inputs: dict[int, torch.Tensor] = {}
+    hooks = [mixer.register_forward_pre_hook(_keep_input(inputs, i)) for i, mixer in layers]
+    was_training = model.training
+    model.eval()
+    try:
+        model(input_ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    traces = []
+    for i, mixer in layers:
+        innovation, selection = mixer.memory_trace(inputs[i])
+        positions, scores = selection.position, selection.innovation
+        traces.append(LayerMemory(
+            layer=i, window=mixer.window, fading_window=mixer.fading_window, chunk=mixer.chunk, lag=mixer.lag,
+            innovation=innovation.float().cpu().numpy(), positions=positions.cpu().numpy(),
+            scores=scores.float().cpu().numpy(),
+        ))
+    return traces
+
+
+def _keep_input(store: dict[int, torch.Tensor], index: int):
+    def hook(module: nn.Module, args: tuple) -> None:
+        store[index] = args[0]
+    return hook
+
+
+def kv_coverage(trace: LayerMemory, input_ids: np.ndarray, labels: np.ndarray) -> Coverage:
+    """Where each MQAR query's key token and value token are for `trace`'s layer when the query arrives."""
+    coverage = Coverage(trace.layer)
+    for row, pairs in enumerate(mqar_pairs(input_ids, labels)):
+        for query, key in pairs:
+            coverage.queries += 1
+            coverage.keys[trace.place(row, query, key)] += 1
+            coverage.values[trace.place(row, query, key + 1)] += 1
+    return coverage
+
+
+def kv_positions(input_ids: np.ndarray, labels: np.ndarray) -> list[set[int]]:
+    """Per row, the positions of the kv-pair tokens (keys and values) that queries ask for."""
+    return [{p for _, key in pairs for p in (key, key + 1)} for pairs in mqar_pairs(input_ids, labels)]
+
+
+def format_memory_table(
+    traces: Sequence[LayerMemory], row: int = 0, kv: set[int] | None = None, coverage: Sequence[Coverage] = ()
+) -> str:
+    """Per `B` layer: the memory after each chunk of sequence `row` (kv tokens starred), then the MQAR coverage."""
+    lines = []
+    for trace in traces:
+        lines.append(f"layer {trace.layer} (B): memory after each chunk of sequence {row} "
+                     f"(chunk {trace.chunk}, read by chunk j + {trace.lag}; position(innovation), * = kv token)")
+        lines.append(f"{'chunk':>5} {'tokens':>11} {'held':>6} {'kv':>4}  positions")
+        for j in range(trace.positions.shape[1]):
+            held = trace.positions[row, j] >= 0
+            order = np.argsort(trace.positions[row, j][held], kind="stable")
+            pos, score = trace.positions[row, j][held][order], trace.scores[row, j][held][order]
+            kv_held = sum(int(p) in kv for p in pos) if kv is not None else 0
+            cells = " ".join(f"{p}{'*' if kv is not None and int(p) in kv else ''}({s:.3g})" for p, s in zip(pos, score))
+            span = f"{j * trace.chunk}-{(j + 1) * trace.chunk - 1}"
+            lines.append(f"{j:>5} {span:>11} {int(held.sum()):>3}/{held.size:<2} {kv_held:>4}  {cells}")
+        lines.append("")
+    if coverage:
+        lines.append("MQAR: where each query's pair is when the query arrives (all sequences inspected)")
+        header = (f"{'layer':>5} {'queries':>7}  " + " ".join(f"{'value ' + p:>13}" for p in PLACES)
+                  + f"  {'values in memory':>16} {'keys in memory':>14}")
+        lines += [header, "-" * len(header)]
+        for c in coverage:
+            shares = [c.memory_share("values"), c.memory_share("keys")]
+            text = [f"{s:.3f}" if s is not None else "-" for s in shares]
+            lines.append(f"{c.layer:>5} {c.queries:>7}  " + " ".join(f"{c.values[p]:>13}" for p in PLACES)
+                         + f"  {text[0]:>16} {text[1]:>14}")
+        lines.append("values/keys in memory: of the pair tokens outside both windows when their query arrives, "
+                     "the share the query's memory holds (the rest are lost to this layer)")
+    return "\n".join(lines)
+
+
+def plot_memory(
+    traces: Sequence[LayerMemory], path: str | Path, row: int = 0, kv: set[int] | None = None, title: str = ""
+) -> Path:
+    """PNG: for each `B` layer, the positions held after each chunk (colour: innovation), kv tokens ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(traces), figsize=(5 * len(traces), 4), squeeze=False)
+    for ax, trace in zip(axes[0], traces):
+        chunks, slots = trace.positions.shape[1:]
+        x = np.repeat(np.arange(chunks), slots)
+        pos, score = trace.positions[row].reshape(-1), trace.scores[row].reshape(-1)
+        held = pos >= 0
+        points = ax.scatter(x[held], pos[held], c=score[held], s=14, cmap="viridis")
+        if kv is not None:
+            marked = held & np.isin(pos, sorted(kv))
+            ax.scatter(x[marked], pos[marked], s=60, facecolors="none", edgecolors="red", label="kv token")
+            if marked.any():
+                ax.legend(loc="upper left", fontsize=8)
+        fig.colorbar(points, ax=ax, label="innovation at pick")
+        ax.set_xlabel("after chunk")
+        ax.set_ylabel("token position held")
+        ax.set_title(f"layer {trace.layer}")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

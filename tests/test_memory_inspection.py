@@ -1,0 +1,112 @@
+"""Memory inspection against a hand-built case, and the MQAR coverage count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from naive import tiny_config
+
+from bmojo_neuron import BMojoForCausalLM
+from bmojo_neuron.memory_inspection import (
+    LayerMemory,
+    format_memory_table,
+    kv_coverage,
+    kv_positions,
+    plot_memory,
+    trace_memory,
+)
+
+HIDDEN = 32
+
+
+def hand_built_model() -> BMojoForCausalLM:
+    """One B layer whose innovation of token n is exactly n**2.
+
+    Token n (< HIDDEN) embeds as the unit vector e_n, so the mixer's RMSNorm feeds it
+    sqrt(d) * e_n; k_proj maps that to the all-n key; the predictor is zero, so the
+    innovation is mean(K^2) = n^2. Chunk 5, 2 picks, 8 slots, decay 1: the memory
+    after chunk j holds the two largest tokens of every chunk up to j.
+    """
+    config = tiny_config(vocab_size=HIDDEN, hidden_size=HIDDEN, memory_size=8, memory_decay=1.0, memory_picks=2,
+                         memory_chunk=5, window_size=4, fading_window=3)
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(config).eval()
+    mixer = model.model.layers[0].mixer
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(HIDDEN))
+        mixer.k_proj.weight.zero_()
+        mixer.k_proj.weight.copy_(torch.arange(HIDDEN, dtype=torch.float32).expand_as(mixer.k_proj.weight) / HIDDEN**0.5)
+        mixer.innovation_proj.weight.zero_()
+    return model
+
+
+SEQUENCE = [1, 9, 2, 8, 3,  4, 5, 30, 6, 7,  20, 20, 1, 1, 1,  0, 2, 0, 3, 0,  11, 12]  # 4 chunks + 2 tokens
+# Per chunk, the two largest (ties: lower position first): (1, 3), (7, 9), (10, 11), (16, 18).
+EXPECTED = [[1, 3], [1, 3, 7, 9], [1, 3, 7, 9, 10, 11], [1, 3, 7, 9, 10, 11, 16, 18]]
+
+
+def test_trace_matches_the_hand_built_memory():
+    traces = trace_memory(hand_built_model(), torch.tensor([SEQUENCE]))
+    assert len(traces) == 1
+    trace = traces[0]
+    assert trace.positions.shape == (1, 4, 8) and trace.lag == 1 + -(-(4 + 3) // 5)
+    for j, expected in enumerate(EXPECTED):
+        held = trace.positions[0, j]
+        assert sorted(held[held >= 0].tolist()) == expected
+        scores = {int(p): s for p, s in zip(held, trace.scores[0, j]) if p >= 0}
+        for p in expected:
+            assert scores[p] == pytest.approx(SEQUENCE[p] ** 2, rel=1e-3)
+    np.testing.assert_allclose(trace.innovation[0], np.array(SEQUENCE, dtype=float) ** 2, rtol=1e-3)
+
+
+def test_table_stars_kv_tokens_and_plot_is_written(tmp_path):
+    traces = trace_memory(hand_built_model(), torch.tensor([SEQUENCE]))
+    table = format_memory_table(traces, kv={7, 16})
+    lines = table.splitlines()
+    row = next(line for line in lines if line.strip().startswith("3 "))
+    assert "7*(900)" in row and "16*(4)" in row and "9(49)" in row and " 8/8 " in row
+    assert plot_memory(traces, tmp_path / "memory.png", kv={7, 16}).stat().st_size > 0
+
+
+def hand_memory(positions: list[list[int]], window: int = 2, fading: int = 2, chunk: int = 4, lag: int = 2):
+    size = max(len(p) for p in positions)
+    held = np.full((1, len(positions), size), -1)
+    for j, p in enumerate(positions):
+        held[0, j, : len(p)] = p
+    return LayerMemory(0, window, fading, chunk, lag, np.zeros((1, 4 * len(positions))), held, np.ones(held.shape))
+
+
+def test_kv_coverage_places_each_pair():
+    # Pairs (10, 40) at 0-1 and (11, 41) at 2-3; queries: key 10 at 6, key 11 at 12.
+    # w = 2, w_f = 2, chunk 4, lag 2: query 6 (chunk 1) reads no memory; query 12 (chunk 3) reads
+    # the memory after chunk 1, which holds 1, 3 and 5.
+    ids = np.zeros((1, 16), dtype=np.int64)
+    ids[0, [0, 1, 2, 3, 6, 7, 12, 13]] = [10, 40, 11, 41, 10, 40, 11, 41]
+    labels = np.full((1, 16), -100)
+    labels[0, [7, 13]] = [40, 41]
+    memory = hand_memory([[0, 1, 3], [1, 3, 5]])
+    assert kv_positions(ids, labels) == [{0, 1, 2, 3}]
+    coverage = kv_coverage(memory, ids, labels)
+    assert coverage.queries == 2
+    # query 6: its key (6 back) and value (5 back) are past both windows (w + w_f = 4), no memory yet: lost.
+    # query 12: its key at 2 is not in chunk 1's memory (lost); its value at 3 is (memory).
+    assert coverage.keys == {"window": 0, "fading": 0, "memory": 0, "lost": 2}
+    assert coverage.values == {"window": 0, "fading": 0, "memory": 1, "lost": 1}
+    assert coverage.memory_share("values") == 0.5 and coverage.memory_share("keys") == 0.0
+
+
+def test_kv_coverage_counts_windows():
+    ids = np.zeros((1, 8), dtype=np.int64)
+    ids[0, [0, 1, 3, 4]] = [10, 40, 10, 40]  # query at 3: value 2 back (fading, w = 2), key 3 back (fading)
+    labels = np.full((1, 8), -100)
+    labels[0, 4] = 40
+    coverage = kv_coverage(hand_memory([[], []]), ids, labels)
+    assert coverage.keys["fading"] == 1 and coverage.values["fading"] == 1
+    assert coverage.memory_share("values") is None
+
+
+def test_models_without_memory_are_refused():
+    model = BMojoForCausalLM(tiny_config(layer_pattern="F"))
+    with pytest.raises(ValueError, match="no B layer"):
+        trace_memory(model, torch.zeros(1, 8, dtype=torch.long))
