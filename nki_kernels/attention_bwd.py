@@ -45,45 +45,57 @@ def _load_segment(seg: Segment, b: int, g: int, src: dict, mem_bias, dtype, d: i
     vt = nl.ndarray((d, seg.n), dtype=dtype, buffer=nl.sbuf)
     blocks = []
     bias = None
-    if seg.stream == "mem":
-        j = seg.chunk
+    mem, j = seg.stream == "mem", seg.chunk
+    if mem:
         nisa.dma_copy(dst=kt, src=kT_hbm[b, g, j, :, seg.k0:seg.k0 + seg.n])
         nisa.dma_copy(dst=vt, src=vT_hbm[b, g, j, :, seg.k0:seg.k0 + seg.n])
-        rows = lambda a, z: k_nat[b, g, j, a:z, :]  # noqa: E731
         bias = nl.ndarray((1, seg.n), dtype=nl.float32, buffer=nl.sbuf)
         nisa.dma_copy(dst=bias, src=mem_bias[b, j, seg.k0:seg.k0 + seg.n])
     else:
         nisa.dma_copy(dst=kt, src=kT_hbm[b, g, :, seg.k0:seg.k0 + seg.n])
         nisa.dma_copy(dst=vt, src=vT_hbm[b, g, :, seg.k0:seg.k0 + seg.n])
-        rows = lambda a, z: k_nat[b, g, a:z, :]  # noqa: E731
     for f0 in range(0, seg.n, PMAX):
         nb = min(PMAX, seg.n - f0)
+        r0 = seg.k0 + f0
         kb = nl.ndarray((nb, d), dtype=dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=kb, src=rows(seg.k0 + f0, seg.k0 + f0 + nb))
+        nisa.dma_copy(dst=kb, src=k_nat[b, g, j, r0:r0 + nb, :] if mem else k_nat[b, g, r0:r0 + nb, :])
         blocks.append(kb)
     return kt, vt, blocks, bias
 
 
-class _Accumulators:
-    """fp32 SBUF accumulators of dK and dV per key block, flushed to HBM when final."""
+class _BlockGrads(nl.NKIObject):
+    """fp32 SBUF accumulators of dK and dV of one key block (stream, memory chunk or -1, block index)."""
+
+    def __init__(self, stream: str, chunk: int, block: int, rows: int, d: int) -> None:
+        self.stream, self.chunk, self.block = stream, chunk, block
+        self.dk = nl.ndarray((rows, d), dtype=nl.float32, buffer=nl.sbuf)
+        self.dv = nl.ndarray((rows, d), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.memset(dst=self.dk, value=0.0)
+        nisa.memset(dst=self.dv, value=0.0, engine=nisa.engine.gpsimd)
+
+
+def block_name(stream: str, chunk: int, block: int) -> str:
+    """The string key of a key block (NKI dictionaries take string keys only)."""
+    return f"{stream}:{chunk}:{block}"
+
+
+class _Accumulators(nl.NKIObject):
+    """The live key blocks' dK / dV accumulators, by block name; flushed to HBM when final."""
 
     def __init__(self, d: int) -> None:
         self.d = d
-        self.tiles: dict[tuple, tuple] = {}
+        self.tiles = {}
 
-    def get(self, key: tuple, rows: int):
-        if key not in self.tiles:
-            dk = nl.ndarray((rows, self.d), dtype=nl.float32, buffer=nl.sbuf)
-            dv = nl.ndarray((rows, self.d), dtype=nl.float32, buffer=nl.sbuf)
-            nisa.memset(dst=dk, value=0.0)
-            nisa.memset(dst=dv, value=0.0, engine=nisa.engine.gpsimd)
-            self.tiles[key] = (dk, dv)
-        return self.tiles[key]
+    def get(self, stream: str, chunk: int, block: int, rows: int) -> _BlockGrads:
+        name = block_name(stream, chunk, block)
+        if name not in self.tiles:
+            self.tiles[name] = _BlockGrads(stream, chunk, block, rows, self.d)
+        return self.tiles[name]
 
-    def flush(self, key: tuple, dk_dst, dv_dst) -> None:
-        dk, dv = self.tiles.pop(key)
-        nisa.dma_copy(dst=dk_dst, src=dk)
-        nisa.dma_copy(dst=dv_dst, src=dv)
+    def flush(self, name: str, dk_dst, dv_dst) -> None:
+        blk = self.tiles.pop(name)
+        nisa.dma_copy(dst=dk_dst, src=blk.dk)
+        nisa.dma_copy(dst=dv_dst, src=blk.dv)
 
 
 def _segment_grads(seg: Segment, loaded, head, acc: _Accumulators, dq_ps, ones_row, scale: float, dtype, d: int):
@@ -102,15 +114,15 @@ def _segment_grads(seg: Segment, loaded, head, acc: _Accumulators, dq_ps, ones_r
     nisa.tensor_tensor(dst=ds, data1=t, data2=p, op=nl.multiply, engine=nisa.engine.gpsimd)  # SBUF only: GpSimd
     for i, kb in enumerate(k_blocks):
         f0, nb = i * PMAX, kb.shape[0]
-        key = (seg.stream, seg.chunk, (seg.k0 + f0) // PMAX)
-        dk_acc, dv_acc = acc.get(key, PMAX if seg.stream != "mem" else nb)
+        blk = acc.get(seg.stream, seg.chunk, (seg.k0 + f0) // PMAX, PMAX if seg.stream != "mem" else nb)
+        dk_acc, dv_acc = blk.dk, blk.dv
         dv_ps = nl.ndarray((nb, d), dtype=nl.float32, buffer=nl.psum)
         nisa.nc_matmul(dst=dv_ps, stationary=p[:, f0:f0 + nb], moving=do_nat)
         nisa.tensor_tensor(dst=dv_acc[0:nb, :], data1=dv_acc[0:nb, :], data2=dv_ps, op=nl.add)
         dk_ps = nl.ndarray((nb, d), dtype=nl.float32, buffer=nl.psum)
         nisa.nc_matmul(dst=dk_ps, stationary=ds[:, f0:f0 + nb], moving=q_nat)
         nisa.tensor_tensor(dst=dk_acc[0:nb, :], data1=dk_acc[0:nb, :], data2=dk_ps, op=nl.add)
-        dst_ps = nl.ndarray((nb, PMAX), dtype=dtype, buffer=nl.psum)
+        dst_ps = nl.ndarray((nb, PMAX), dtype=nl.float32, buffer=nl.psum)  # v2 Tensor-engine transposes write fp32
         nisa.nc_transpose(dst=dst_ps, data=ds[:, f0:f0 + nb])
         dst_sb = nl.ndarray((nb, PMAX), dtype=dtype, buffer=nl.sbuf)
         nisa.activation(dst=dst_sb, op=nl.copy, data=dst_ps)
@@ -141,19 +153,34 @@ def _load_head(b: int, h: int, q0: int, q, qT, o, do, doT, lse, dlse, dtype, d: 
     ls = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.dma_copy(dst=ls, src=lse[b, h, sl])
     neg_lse = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=neg_lse, data=ls, op0=nl.multiply, operand0=-1.0, engine=nisa.engine.gpsimd)
+    nisa.activation(dst=neg_lse, op=nl.copy, data=ls, scale=-1.0)
     neg_sdi = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=neg_sdi, data=di, op0=nl.multiply, operand0=-scale, engine=nisa.engine.gpsimd)
+    nisa.activation(dst=neg_sdi, op=nl.copy, data=di, scale=-scale)
     return qt, q_nat, do_nat, dot, neg_lse, neg_sdi
 
 
-def _last_tile(key: tuple, length: int, window: int, fading_window: int, chunk: int) -> int:
-    """Index of the last query tile that can read key block `key`."""
-    stream, j, blk = key
+def _last_tile(blk: _BlockGrads, length: int, window: int, fading_window: int, chunk: int) -> int:
+    """Index of the last query tile that can read key block `blk`."""
+    if blk.stream == "mem":
+        return (min(length, (blk.chunk + 1) * chunk) - 1) // PMAX
+    _, hi_lag = stream_lags(blk.stream, window, fading_window)
+    return min(length - 1, blk.block * PMAX + PMAX - 1 + hi_lag) // PMAX
+
+
+def _out_views(grads: dict, n_slots: int, stream: str, j: int, blk: int, b: int, g: int) -> tuple:
+    """The HBM (dK, dV) views of key block `blk` of `stream` (memory chunk `j`) for batch b, kv head g."""
+    dk_hbm, dv_hbm = grads[stream]
     if stream == "mem":
-        return (min(length, (j + 1) * chunk) - 1) // PMAX
-    _, hi_lag = stream_lags(stream, window, fading_window)
-    return min(length - 1, blk * PMAX + PMAX - 1 + hi_lag) // PMAX
+        a, z = blk * PMAX, min(n_slots, blk * PMAX + PMAX)
+        return dk_hbm[b, g, j, a:z, :], dv_hbm[b, g, j, a:z, :]
+    return dk_hbm[b, g, blk * PMAX:(blk + 1) * PMAX, :], dv_hbm[b, g, blk * PMAX:(blk + 1) * PMAX, :]
+
+
+def _flush(acc: _Accumulators, name: str, grads: dict, n_slots: int, b: int, g: int, done: dict) -> None:
+    blk = acc.tiles[name]
+    dk_view, dv_view = _out_views(grads, n_slots, blk.stream, blk.chunk, blk.block, b, g)
+    acc.flush(name, dk_view, dv_view)
+    done[name] = True
 
 
 @nki.jit
@@ -184,19 +211,10 @@ def eidetic_attention_bwd(q, qT, k, kT, vT, kf, kfT, vfT, memk, memkT, memvT, me
     zero = nl.ndarray((PMAX, d), dtype=f32, buffer=nl.sbuf)
     nisa.memset(dst=zero, value=0.0)
     n_tiles = length // PMAX
-
-    def out_views(key, b, g):
-        stream, j, blk = key
-        dk_hbm, dv_hbm = grads[stream]
-        if stream == "mem":
-            a, z = blk * PMAX, min(n_slots, blk * PMAX + PMAX)
-            return dk_hbm[b, g, j, a:z, :], dv_hbm[b, g, j, a:z, :]
-        return dk_hbm[b, g, blk * PMAX:(blk + 1) * PMAX, :], dv_hbm[b, g, blk * PMAX:(blk + 1) * PMAX, :]
-
     for b in nl.affine_range(batch):
         for g in nl.affine_range(kv_heads):
             acc = _Accumulators(d)
-            done: set = set()
+            done = {}  # names of the key blocks already written
             for tile in range(n_tiles):
                 q0 = tile * PMAX
                 plan = plan_tile(q0, length, window, fading_window, chunk, n_slots, use_fading, use_memory)
@@ -209,19 +227,19 @@ def eidetic_attention_bwd(q, qT, k, kT, vT, kf, kfT, vfT, memk, memkT, memvT, me
                     dq_sb = nl.ndarray((PMAX, d), dtype=f32, buffer=nl.sbuf)
                     nisa.tensor_copy(dst=dq_sb, src=dq_ps)
                     nisa.dma_copy(dst=dq[b, h, q0:q0 + PMAX, :], src=dq_sb)
-                for key in [key for key in acc.tiles if _last_tile(key, length, window, fading_window, chunk) <= tile]:
-                    acc.flush(key, *out_views(key, b, g))
-                    done.add(key)
-            for key in list(acc.tiles):
-                acc.flush(key, *out_views(key, b, g))
-                done.add(key)
+                final = [name for name, blk in acc.tiles.items()
+                         if _last_tile(blk, length, window, fading_window, chunk) <= tile]
+                for name in final:
+                    _flush(acc, name, grads, n_slots, b, g, done)
+            for name in list(acc.tiles):
+                _flush(acc, name, grads, n_slots, b, g, done)
             # blocks no query reads (e.g. the last w keys of the fading stream) get zeros
             for stream in grads:
-                keys = ([(stream, j, blk) for j in range(n_chunks) for blk in range(-(-n_slots // PMAX))]
-                        if stream == "mem" else [(stream, -1, blk) for blk in range(n_tiles)])
-                for key in keys:
-                    if key not in done:
-                        for view in out_views(key, b, g):
+                blocks = ([(j, blk) for j in range(n_chunks) for blk in range(-(-n_slots // PMAX))]
+                          if stream == "mem" else [(-1, blk) for blk in range(n_tiles)])
+                for j, blk in blocks:
+                    if block_name(stream, j, blk) not in done:
+                        for view in _out_views(grads, n_slots, stream, j, blk, b, g):
                             nisa.dma_copy(dst=view, src=zero[0:view.shape[0], :])
     return (dq, grads["ctx"][0], grads["ctx"][1], grads.get("fad", (None, None))[0], grads.get("fad", (None, None))[1],
             grads.get("mem", (None, None))[0], grads.get("mem", (None, None))[1])

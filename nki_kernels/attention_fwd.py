@@ -37,8 +37,6 @@ Requires scale > 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from nki_kernels.common import PMAX, ones
 from nki_kernels.compat import nisa, nki, nl
 
@@ -47,8 +45,7 @@ SEG = 512  # keys per segment: one PSUM bank of fp32 scores per partition
 STEP_SEGMENTS = 4  # segments (PSUM banks) per online-softmax step
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(nl.NKIObject):
     """One online-softmax step of a query tile: `n` keys of `stream` starting at `k0`.
 
     `conds` are affine_select conditions (offset, free step, channel multiplier), each
@@ -56,11 +53,30 @@ class Segment:
     `chunk` is the memory chunk for stream "mem"; `k0` is then the first slot.
     """
 
-    stream: str  # "ctx", "fad" or "mem"
-    k0: int
-    n: int
-    conds: tuple[tuple[int, int, int], ...]
-    chunk: int = -1
+    def __init__(self, stream: str, k0: int, n: int, conds: tuple, chunk: int = -1) -> None:
+        self.stream = stream  # "ctx", "fad" or "mem"
+        self.k0, self.n, self.conds, self.chunk = k0, n, conds, chunk
+
+
+def _edge_conds(k0: int, n: int, q0: int, lo_lag: int, hi_lag: int) -> tuple:
+    """Mask conditions a key block [k0, k0 + n) needs for rows q0.. of the window [i - hi_lag, i - lo_lag]."""
+    out = []
+    if k0 + n - 1 > q0 - lo_lag:  # some key is later than some row's newest key: keep t <= i - lo_lag
+        out.append((q0 - lo_lag - k0, -1, 1))
+    if k0 < q0 + PMAX - 1 - hi_lag:  # some key is older than some row's oldest key: keep t >= i - hi_lag
+        out.append((k0 - q0 + hi_lag, 1, -1))
+    return tuple(out)
+
+
+def _unmasked_run(stream: str, run: list, segs: list) -> None:
+    """Append consecutive unmasked 128-key blocks as segments of up to 512 keys."""
+    per_seg = SEG // PMAX
+    for i in range(0, len(run), per_seg):
+        part = run[i:i + per_seg]
+        total = 0
+        for block in part:
+            total += block[1]
+        segs.append(Segment(stream, part[0][0], total, ()))
 
 
 def window_segments(stream: str, q0: int, lo_lag: int, hi_lag: int, length: int) -> list[Segment]:
@@ -74,33 +90,18 @@ def window_segments(stream: str, q0: int, lo_lag: int, hi_lag: int, length: int)
     last = min(length - 1, q0 + PMAX - 1 - lo_lag)
     if last < first:
         return []
-
-    def conds(k0: int, n: int) -> tuple[tuple[int, int, int], ...]:
-        out = []
-        if k0 + n - 1 > q0 - lo_lag:  # some key is later than some row's newest key: keep t <= i - lo_lag
-            out.append((q0 - lo_lag - k0, -1, 1))
-        if k0 < q0 + PMAX - 1 - hi_lag:  # some key is older than some row's oldest key: keep t >= i - hi_lag
-            out.append((k0 - q0 + hi_lag, 1, -1))
-        return tuple(out)
-
-    blocks = [(k0, min(PMAX, last + 1 - k0)) for k0 in range((first // PMAX) * PMAX, last + 1, PMAX)]
     segs: list[Segment] = []
-    run: list[tuple[int, int]] = []  # consecutive unmasked blocks
-
-    def close_run() -> None:
-        for i in range(0, len(run), SEG // PMAX):
-            part = run[i:i + SEG // PMAX]
-            segs.append(Segment(stream, part[0][0], sum(n for _, n in part), ()))
-        run.clear()
-
-    for k0, n in blocks:
-        c = conds(k0, n)
-        if c:
-            close_run()
-            segs.append(Segment(stream, k0, n, c))
+    run: list = []  # consecutive unmasked blocks (k0, n)
+    for k0 in range((first // PMAX) * PMAX, last + 1, PMAX):
+        n = min(PMAX, last + 1 - k0)
+        conds = _edge_conds(k0, n, q0, lo_lag, hi_lag)
+        if conds:
+            _unmasked_run(stream, run, segs)
+            run = []
+            segs.append(Segment(stream, k0, n, conds))
         else:
             run.append((k0, n))
-    close_run()
+    _unmasked_run(stream, run, segs)
     return segs
 
 
@@ -121,7 +122,7 @@ def memory_segments(q0: int, chunk: int, n_slots: int) -> list[Segment]:
 def plan_tile(q0: int, length: int, window: int, fading_window: int, chunk: int, n_slots: int,
               use_fading: bool, use_memory: bool) -> list[Segment]:
     """Every online-softmax step of query tile q0, diagonal (in-context) segment first."""
-    segs = list(reversed(window_segments("ctx", q0, 0, window - 1, length)))
+    segs = window_segments("ctx", q0, 0, window - 1, length)[::-1]
     if use_fading:
         segs += window_segments("fad", q0, window, window + fading_window - 1, length)
     if use_memory:
@@ -133,14 +134,18 @@ def stream_lags(stream: str, window: int, fading_window: int) -> tuple[int, int]
     return (0, window - 1) if stream == "ctx" else (window, window + fading_window - 1)
 
 
-def plan_steps(plan: list[Segment]) -> list[list[Segment]]:
-    """Online-softmax steps: consecutive segments, at most 4 (PSUM banks of scores) and 2048 keys each."""
-    steps: list[list[Segment]] = []
-    for seg in plan:
-        if steps and len(steps[-1]) < STEP_SEGMENTS and sum(s.n for s in steps[-1]) + seg.n <= STEP_SEGMENTS * SEG:
-            steps[-1].append(seg)
+def plan_steps(plan: list[Segment]) -> list[list[int]]:
+    """Online-softmax steps as lists of indices into `plan`: consecutive segments, at most 4
+    (PSUM banks of scores) and 2048 keys each."""
+    steps: list[list[int]] = []
+    keys = 0
+    for i, seg in enumerate(plan):
+        if steps and len(steps[-1]) < STEP_SEGMENTS and keys + seg.n <= STEP_SEGMENTS * SEG:
+            steps[-1].append(i)
+            keys += seg.n
         else:
-            steps.append([seg])
+            steps.append([i])
+            keys = seg.n
     return steps
 
 
@@ -154,18 +159,19 @@ def load_keys(seg: Segment, b: int, g: int, streams: dict, mem_bias, dtype):
     kt = nl.ndarray((d, seg.n), dtype=dtype, buffer=nl.sbuf)
     blocks = []
     bias = None
-    if seg.stream == "mem":
+    mem = seg.stream == "mem"
+    if mem:
         nisa.dma_copy(dst=kt, src=kT_hbm[b, g, seg.chunk, :, seg.k0:seg.k0 + seg.n])
-        rows = lambda a, z: v_hbm[b, g, seg.chunk, a:z, :]  # noqa: E731
         bias = nl.ndarray((1, seg.n), dtype=nl.float32, buffer=nl.sbuf)
         nisa.dma_copy(dst=bias, src=mem_bias[b, seg.chunk, seg.k0:seg.k0 + seg.n])
     else:
         nisa.dma_copy(dst=kt, src=kT_hbm[b, g, :, seg.k0:seg.k0 + seg.n])
-        rows = lambda a, z: v_hbm[b, g, a:z, :]  # noqa: E731
     for f0 in range(0, seg.n, PMAX):
         nb = min(PMAX, seg.n - f0)
+        r0 = seg.k0 + f0
         vb = nl.ndarray((nb, d + 1), dtype=dtype, buffer=nl.sbuf)
-        nisa.dma_copy(dst=vb[:, 0:d], src=rows(seg.k0 + f0, seg.k0 + f0 + nb))
+        rows = v_hbm[b, g, seg.chunk, r0:r0 + nb, :] if mem else v_hbm[b, g, r0:r0 + nb, :]
+        nisa.dma_copy(dst=vb[:, 0:d], src=rows)
         nisa.memset(dst=vb[:, d:d + 1], value=1.0, engine=nisa.engine.gpsimd)
         blocks.append(vb)
     return kt, blocks, bias
@@ -190,7 +196,7 @@ def masked_scores(qt, kt, bias, ones_row, seg: Segment, copy_engine: str = "vect
     return s_sb
 
 
-class Balance:
+class Balance(nl.NKIObject):
     """Trace-time estimate of Vector and Scalar busy time (ns), to place the work either can do."""
 
     CLOCK = {"vector": 1.12, "scalar": 1.4}  # GHz
@@ -202,7 +208,9 @@ class Balance:
         self.ns[engine] += (max(64, n) + 60) / self.CLOCK[engine]
 
     def pick(self, n: int) -> str:
-        engine = min(self.ns, key=lambda e: self.ns[e] + (max(64, n) + 60) / self.CLOCK[e])
+        on_vector = self.ns["vector"] + (max(64, n) + 60) / self.CLOCK["vector"]
+        on_scalar = self.ns["scalar"] + (max(64, n) + 60) / self.CLOCK["scalar"]
+        engine = "vector" if on_vector <= on_scalar else "scalar"
         self.add(engine, n)
         return engine
 
@@ -214,7 +222,7 @@ def copy_on(engine: str, dst, src) -> None:
         nisa.tensor_copy(dst=dst, src=src)
 
 
-class SoftmaxState:
+class SoftmaxState(nl.NKIObject):
     """Running row max m, -scale*m and unnormalised [output | row sum] acc (128, d + 1) of one (head, tile)."""
 
     def __init__(self) -> None:
@@ -242,15 +250,16 @@ def softmax_step(st: SoftmaxState, scores: list, v_blocks: list, scale: float, d
         m_new = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_tensor(dst=m_new, data1=st.m, data2=m_step, op=nl.maximum, engine=gp)
     neg_m = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=neg_m, data=m_new, op0=nl.multiply, operand0=-scale, engine=gp)
+    nisa.activation(dst=neg_m, op=nl.copy, data=m_new, scale=-scale)
     pv = nl.ndarray((PMAX, d + 1), dtype=nl.float32, buffer=nl.psum)
     for sc, blocks in zip(scores, v_blocks):
         n = sc.shape[1]
         p = nl.ndarray((PMAX, n), dtype=dtype, buffer=nl.sbuf)
         nisa.activation(dst=p, op=nl.exp, data=sc, bias=neg_m, scale=scale)
         bal.add("scalar", n)
-        # P^T of every 128-key block side by side in one PSUM bank, evacuated by one copy
-        pt_ps = nl.ndarray((PMAX, len(blocks) * PMAX), dtype=dtype, buffer=nl.psum)
+        # P^T of every 128-key block side by side in one PSUM bank (fp32: a NeuronCore-v2 Tensor-engine
+        # transpose writes fp32), evacuated by one copy that casts back to the matmul dtype
+        pt_ps = nl.ndarray((PMAX, len(blocks) * PMAX), dtype=nl.float32, buffer=nl.psum)
         for i, vb in enumerate(blocks):
             nb = vb.shape[0]
             nisa.nc_transpose(dst=pt_ps[0:nb, i * PMAX:(i + 1) * PMAX], data=p[:, i * PMAX:i * PMAX + nb])
@@ -266,7 +275,8 @@ def softmax_step(st: SoftmaxState, scores: list, v_blocks: list, scale: float, d
         corr = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.activation(dst=corr, op=nl.exp, data=st.m, bias=neg_m, scale=scale)
         bal.add("scalar", 1)
-        nisa.tensor_scalar(dst=st.acc, data=st.acc, op0=nl.multiply, operand0=corr, engine=gp)
+        nisa.activation(dst=st.acc, op=nl.copy, data=st.acc, scale=corr)
+        bal.add("scalar", d + 1)
         nisa.tensor_tensor(dst=st.acc, data1=st.acc, data2=pv, op=nl.add)
         bal.add("vector", d + 1)
     st.m, st.neg_m = m_new, neg_m
@@ -276,7 +286,9 @@ def finish(st: SoftmaxState, out, lse, b: int, h: int, q0: int, d: int) -> None:
     """out = acc / l (in out's dtype), lse = scale*m + log l (l = the last column of acc)."""
     o_sb = nl.ndarray((PMAX, d), dtype=out.dtype, buffer=nl.sbuf)
     row_sum = st.acc[:, d:d + 1]
-    nisa.tensor_scalar(dst=o_sb, data=st.acc[:, 0:d], op0=nl.divide, operand0=row_sum, engine=nisa.engine.gpsimd)
+    inv = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=inv, op=nl.reciprocal, data=row_sum)  # row sums are >= 1: inside the valid range
+    nisa.activation(dst=o_sb, op=nl.copy, data=st.acc[:, 0:d], scale=inv)
     nisa.dma_copy(dst=out[b, h, q0:q0 + PMAX, :], src=o_sb)
     log_l = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.activation(dst=log_l, op=nl.log, data=row_sum)
@@ -313,17 +325,21 @@ def eidetic_attention_fwd(qT, kT, v, kfT, vf, memkT, memv, mem_bias, window, fad
         for g in nl.affine_range(kv_heads):
             for q0 in range(0, length, PMAX):
                 plan = plan_tile(q0, length, window, fading_window, chunk, n_slots, use_fading, use_memory)
-                keys = {seg: load_keys(seg, b, g, streams, mem_bias, dtype) for seg in plan}
+                keys = []  # per segment of the plan: (K^T, V blocks, bias row)
+                for seg in plan:
+                    keys.append(load_keys(seg, b, g, streams, mem_bias, dtype))
                 for h in range(g * groups, (g + 1) * groups):
                     qt = nl.ndarray((d, PMAX), dtype=dtype, buffer=nl.sbuf)
                     nisa.dma_copy(dst=qt, src=qT[b, h, :, q0:q0 + PMAX])
                     st, bal = SoftmaxState(), Balance()
                     for step in plan_steps(plan):
-                        scores = []
-                        for seg in step:
+                        scores, v_blocks = [], []
+                        for i in step:
+                            seg = plan[i]
                             eng = bal.pick(seg.n) if seg.conds else "vector"
-                            kt, _, bias = keys[seg]
+                            kt, blocks, bias = keys[i]
                             scores.append(masked_scores(qt, kt, bias, ones_row, seg, eng))
-                        softmax_step(st, scores, [keys[seg][1] for seg in step], scale, dtype, d, bal)
+                            v_blocks.append(blocks)
+                        softmax_step(st, scores, v_blocks, scale, dtype, d, bal)
                     finish(st, out, lse, b, h, q0, d)
     return out, lse

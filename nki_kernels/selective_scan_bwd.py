@@ -104,24 +104,28 @@ def _gate_grads(ctx, b, c0, p, t0, t, y, u_t):
     return _mul(dy, gate)
 
 
-def _reverse_pass(ctx, b, c0, p, snap, da_acc, db_acc, scratch):
-    """Pass 2: adjoint scan on reversed tiles; du, ddelta stored; dB/dC/dA/dbias accumulated."""
+def _reverse_pass(ctx, b, c0, p, snap, sums, scratch):
+    """Pass 2: adjoint scan on reversed tiles; du, ddelta stored; dB/dC/dA/dbias accumulated.
+
+    `sums` (P, N + 2) holds dA in columns 0..N-1 and dbias in column N + 1 (NKI 0.2 has no
+    nested slicing, so columns are taken from the tile itself).
+    """
     n_states, length = ctx["n"], ctx["length"]
     q_carry = nl.ndarray((p, n_states), dtype=nl.float32, buffer=nl.sbuf)
     nisa.memset(dst=q_carry, value=0.0)
     starts = list(range(0, length, SEQ_TILE))
-    for k in reversed(range(len(starts))):
+    for k in range(len(starts) - 1, -1, -1):
         t0 = starts[k]
         t = min(SEQ_TILE, length - t0)
         tile = _ReverseTile(ctx, b, c0, p, t0, t, scratch)
         for n in range(n_states):
-            tile.state(n, snap[:, k * n_states + n:k * n_states + n + 1], q_carry[:, n:n + 1], da_acc[:, n:n + 1],
+            tile.state(n, snap[:, k * n_states + n:k * n_states + n + 1], q_carry[:, n:n + 1], sums[:, n:n + 1],
                        first_tile=k == len(starts) - 1)
-        tile.finish(db_acc, first_tile=k == len(starts) - 1)
+        tile.finish(sums[:, n_states + 1:n_states + 2], first_tile=k == len(starts) - 1)
 
 
-class _ReverseTile:
-    """Per-tile tensors of pass 2 and the per-state adjoint step (a helper, not an NKI object)."""
+class _ReverseTile(nl.NKIObject):
+    """Per-tile tensors of pass 2 and the per-state adjoint step."""
 
     def __init__(self, ctx, b, c0, p, t0, t, scratch):
         self.ctx, self.b, self.c0, self.p, self.t0, self.t = ctx, b, c0, p, t0, t
@@ -249,7 +253,7 @@ def selective_scan_bwd(dy, u, delta, A, B, C, D=None, z=None, delta_bias=None, d
             da_b = nl.ndarray((p, n_states + 2), dtype=nl.float32, buffer=nl.sbuf)
             nisa.memset(dst=da_b, value=0.0)
             _forward_pass(ctx, b, c0, p, snap, da_b[:, n_states:n_states + 1], scratch)
-            _reverse_pass(ctx, b, c0, p, snap, da_b[:, 0:n_states], da_b[:, n_states + 1:n_states + 2], scratch)
+            _reverse_pass(ctx, b, c0, p, snap, da_b, scratch)
             nisa.tensor_tensor(dst=sums, data1=sums, data2=da_b, op=nl.add)
         nisa.dma_copy(dst=da_out[c0:c0 + p, :], src=sums[:, 0:n_states])
         nisa.dma_copy(dst=dd_out[c0:c0 + p, :], src=sums[:, n_states:n_states + 1])

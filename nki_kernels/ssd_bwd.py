@@ -45,6 +45,30 @@ def _ps(shape):
     return nl.ndarray(shape, dtype=F32, buffer=nl.psum)
 
 
+def _transposed_copy(src, shape):
+    """src^T in SBUF (Tensor-engine transpose into PSUM, Vector-engine copy out)."""
+    tp = _ps(shape)
+    nisa.nc_transpose(dst=tp, data=src)
+    out = _sb(shape)
+    nisa.tensor_copy(dst=out, src=tp)
+    return out
+
+
+def _transpose_into(src, dst, shape):
+    """dst (SBUF) = src^T (Tensor-engine transpose into PSUM, Scalar-engine copy out)."""
+    tp = _ps(shape)
+    nisa.nc_transpose(dst=tp, data=src)
+    nisa.activation(dst=dst, op=nl.copy, data=tp)
+
+
+def _transpose_pair(a, b, dst):
+    """dst (SBUF, (P, 2T)) = [a^T | b^T] for a, b (T, P): two transposes into one PSUM tile, one copy."""
+    tp = _ps(dst.shape)
+    nisa.nc_transpose(dst=tp[:, 0:CHUNK], data=a)
+    nisa.nc_transpose(dst=tp[:, CHUNK:2 * CHUNK], data=b)
+    nisa.activation(dst=dst, op=nl.copy, data=tp)
+
+
 def _chunk_values(k, b, t0):
     """Per chunk, all heads (T, H): dt after bias/softplus, sigmoid' factor, cs, cs^T, exp(cs),
     exp(cs_end) broadcast to every partition, and w = exp(cs_end - cs)."""
@@ -102,8 +126,13 @@ def _forward_states(k, b, scratch):
         nisa.dma_copy(dst=scratch[b, c + 1], src=state)
 
 
-class _Chunk:
-    """Pass-2 tensors of one chunk (all heads) and the per-head adjoint step (a helper, not an NKI object)."""
+class _Chunk(nl.NKIObject):
+    """Pass-2 tensors of one chunk (all heads) and the per-head adjoint step.
+
+    The per-head step is split into methods so that each PSUM tile lives only inside the
+    method that needs it (the emulator, like a reader, frees a tile when its last
+    reference goes; 8 banks must suffice).
+    """
 
     def __init__(self, k, b, c, scratch, gam, s_next_t):
         self.k, self.b, self.c, self.t0 = k, b, c, c * CHUNK
@@ -113,11 +142,7 @@ class _Chunk:
         self.v = _chunk_values(k, b, self.t0)
         self.ecs = _sb((CHUNK, n_heads))
         nisa.activation(dst=self.ecs, op=nl.exp, data=self.v["cs"])
-        cs_t_ps = _ps((n_heads, CHUNK))
-        nisa.nc_transpose(dst=cs_t_ps, data=self.v["cs"])
-        self.cs_t = _sb((n_heads, CHUNK))
-        nisa.tensor_copy(dst=self.cs_t, src=cs_t_ps)
-        del cs_t_ps
+        self.cs_t = _transposed_copy(self.v["cs"], (n_heads, CHUNK))
         self.s_t = None  # S^T (P, H*N) entering this chunk
         if not self.first:
             self.s_t = _sb((p, n_heads * n))
@@ -143,15 +168,31 @@ class _Chunk:
         nisa.dma_copy(dst=k["dB_out"][self.b, self.t0:self.t0 + CHUNK, g, :], src=acc[:, n:2 * n])
 
     def head(self, h, grp, first_in_group):
-        k, v, b, t0 = self.k, self.v, self.b, self.t0
-        n, p = k["N"], k["P"]
-        dt_col, cs_col, ecs_col, w_col = (v["dt"][:, h:h + 1], v["cs"][:, h:h + 1], self.ecs[:, h:h + 1],
-                                          v["w"][:, h:h + 1])
-        # decay L[i, j] (i on partitions), masked to i >= j before the exp; M = G * L
+        k, b, t0 = self.k, self.b, self.t0
+        p = k["P"]
+        decay, mat = self._decay(h, grp)
+        # inputs; u = dt x; [dy^T | u^T]
+        x2, dy_t = _sb((CHUNK, 2 * p)), _sb((CHUNK, p))  # x2 = [x | x]
+        nisa.dma_copy(dst=x2[:, 0:p], src=k["x"][b, t0:t0 + CHUNK, h, :])
+        nisa.dma_copy(dst=x2[:, p:2 * p], src=k["x"][b, t0:t0 + CHUNK, h, :])
+        nisa.dma_copy(dst=dy_t, src=k["dy"][b, t0:t0 + CHUNK, h, :])
+        u = _sb((CHUNK, p))
+        nisa.tensor_scalar(dst=u, data=x2[:, 0:p], op0=nl.multiply, operand0=self.v["dt"][:, h:h + 1],
+                           engine=nisa.engine.scalar)
+        tr = _sb((p, 2 * CHUNK))  # [dy^T | u^T]
+        _transpose_pair(dy_t, u, tr)
+        dg = self._dg(tr, decay)
+        self._cb_grads(h, grp, tr, dg, first_in_group)
+        self._x_grads(h, grp, mat, dy_t, x2)
+        if not self.first:
+            self._gam_step(h, grp, dy_t)
+
+    def _decay(self, h, grp):
+        """L[i, j] = exp(cs_i - cs_j) (i on partitions), masked to i >= j before the exp; M = G * L."""
+        k = self.k
         cs_bc = broadcast_row(k["sel_h"], h, self.cs_t, CHUNK)  # every row: cs_j
         seg = _sb((CHUNK, CHUNK))
-        nisa.activation(dst=seg, op=nl.copy, data=cs_bc, scale=-1.0, bias=cs_col)  # cs_i - cs_j
-        del cs_bc
+        nisa.activation(dst=seg, op=nl.copy, data=cs_bc, scale=-1.0, bias=self.v["cs"][:, h:h + 1])  # cs_i - cs_j
         masked = _sb((CHUNK, CHUNK))
         nisa.affine_select(dst=masked, pattern=[[-1, CHUNK]], offset=0, channel_multiplier=1, on_true_tile=seg,
                            on_false_value=NEG_BIG, cmp_op=nl.greater_equal)
@@ -159,69 +200,27 @@ class _Chunk:
         nisa.activation(dst=decay, op=nl.exp, data=masked)
         mat = _sb((CHUNK, CHUNK))
         nisa.tensor_tensor(dst=mat, data1=decay, data2=grp["gram"], op=nl.multiply)
-        # inputs; u = dt x; [dy^T | u^T]
-        x2, dy_t = _sb((CHUNK, 2 * p)), _sb((CHUNK, p))  # x2 = [x | x]
-        nisa.dma_copy(dst=x2[:, 0:p], src=k["x"][b, t0:t0 + CHUNK, h, :])
-        nisa.dma_copy(dst=x2[:, p:2 * p], src=k["x"][b, t0:t0 + CHUNK, h, :])
-        nisa.dma_copy(dst=dy_t, src=k["dy"][b, t0:t0 + CHUNK, h, :])
-        u = _sb((CHUNK, p))
-        nisa.tensor_scalar(dst=u, data=x2[:, 0:p], op0=nl.multiply, operand0=dt_col, engine=nisa.engine.scalar)
-        tr_ps = _ps((p, 2 * CHUNK))
-        nisa.nc_transpose(dst=tr_ps[:, 0:CHUNK], data=dy_t)
-        nisa.nc_transpose(dst=tr_ps[:, CHUNK:2 * CHUNK], data=u)
-        tr = _sb((p, 2 * CHUNK))
-        nisa.activation(dst=tr, op=nl.copy, data=tr_ps)
-        del tr_ps
-        dy_tr, u_tr = tr[:, 0:CHUNK], tr[:, CHUNK:2 * CHUNK]
-        # dM = dy u^T, dG = dM * L; this head's [dC | dB] = [dG B | dG^T C] + [Zh | dBs]
+        return decay, mat
+
+    @staticmethod
+    def _dg(tr, decay):
+        """dG = dM * L with dM = dy u^T."""
         dm = _ps((CHUNK, CHUNK))
-        nisa.nc_matmul(dst=dm, stationary=dy_tr, moving=u_tr)
+        nisa.nc_matmul(dst=dm, stationary=tr[:, 0:CHUNK], moving=tr[:, CHUNK:2 * CHUNK])
         dg = _sb((CHUNK, CHUNK))
         nisa.tensor_tensor(dst=dg, data1=dm, data2=decay, op=nl.multiply)
-        del dm
+        return dg
+
+    def _cb_grads(self, h, grp, tr, dg, first_in_group):
+        """This head's [dC | dB] = [dG B | dG^T C] + [Zh | dBs]: into dcs and the group's sum."""
+        k, n = self.k, self.k["N"]
         hcb = _ps((CHUNK, 2 * n))
         nisa.nc_matmul(dst=hcb[:, n:2 * n], stationary=dg, moving=grp["c_nat"])  # dB_j = sum_i dG[i,j] C_i
-        dg_t_ps = _ps((CHUNK, CHUNK))
-        nisa.nc_transpose(dst=dg_t_ps, data=dg)
-        dg_t = _sb((CHUNK, CHUNK))
-        nisa.tensor_copy(dst=dg_t, src=dg_t_ps)
-        del dg_t_ps
+        dg_t = _transposed_copy(dg, (CHUNK, CHUNK))
         nisa.nc_matmul(dst=hcb[:, 0:n], stationary=dg_t, moving=grp["b_nat"])  # dC_i = sum_j dG[i,j] B_j
-        # [du | dy] with du = M^T dy (+ w * B Gam)
-        dudy = _ps((CHUNK, 2 * p))
-        nisa.nc_matmul(dst=dudy[:, 0:p], stationary=mat, moving=dy_t)
-        nisa.nc_matmul(dst=dudy[:, p:2 * p], stationary=k["eye"], moving=dy_t, is_stationary_onezero=True)
-        small = _ps((CHUNK, 2 * n))  # [dy S^T | u Gam^T] before their row scales
-        if not self.last:
-            gam = self.gam[:, h * p:(h + 1) * p]
-            gam_t_ps = _ps((p, n))
-            nisa.nc_transpose(dst=gam_t_ps, data=gam)
-            gam_t = self.gam_t[:, h * n:(h + 1) * n]
-            nisa.activation(dst=gam_t, op=nl.copy, data=gam_t_ps)
-            del gam_t_ps
-            bg_ps = _ps((CHUNK, p))
-            nisa.nc_matmul(dst=bg_ps, stationary=grp["b_tr"], moving=gam)
-            bg = _sb((CHUNK, p))
-            nisa.tensor_scalar(dst=bg, data=bg_ps, op0=nl.multiply, operand0=w_col, engine=nisa.engine.scalar)
-            del bg_ps
-            nisa.nc_matmul(dst=dudy[:, 0:p], stationary=k["eye"], moving=bg, is_stationary_onezero=True)
-            nisa.nc_matmul(dst=small[:, n:2 * n], stationary=u_tr, moving=gam_t)
-        if not self.first:
-            nisa.nc_matmul(dst=small[:, 0:n], stationary=dy_tr, moving=self.s_t[:, h * n:(h + 1) * n])
         if not (self.first and self.last):
-            scaled = _sb((CHUNK, 2 * n))  # [Zh | dBs] = [exp(cs) dy S^T | w u Gam^T]
-            if self.first:
-                nisa.memset(dst=scaled[:, 0:n], value=0.0)
-            else:
-                nisa.tensor_scalar(dst=scaled[:, 0:n], data=small[:, 0:n], op0=nl.multiply, operand0=ecs_col,
-                                   engine=nisa.engine.scalar)
-            if self.last:
-                nisa.memset(dst=scaled[:, n:2 * n], value=0.0)
-            else:
-                nisa.tensor_scalar(dst=scaled[:, n:2 * n], data=small[:, n:2 * n], op0=nl.multiply,
-                                   operand0=w_col, engine=nisa.engine.scalar)
-            nisa.nc_matmul(dst=hcb, stationary=k["eye"], moving=scaled, is_stationary_onezero=True)
-        del small
+            nisa.nc_matmul(dst=hcb, stationary=k["eye"], moving=self._state_terms(h, grp, tr),
+                           is_stationary_onezero=True)
         # dcs = C.dC_h - B.dB_h (= rowsum - colsum of dG*G, + C.Zh - B.dBs); group sums of dC, dB
         prod = _sb((CHUNK, 2 * n))
         nisa.tensor_tensor(dst=prod, data1=hcb, data2=grp["cb"], op=nl.multiply)
@@ -230,34 +229,78 @@ class _Chunk:
             nisa.tensor_copy(dst=grp["acc"], src=hcb)
         else:
             nisa.tensor_tensor(dst=grp["acc"], data1=grp["acc"], data2=hcb, op=nl.add)
-        del hcb
-        # x.du (ddt direct) and x.dy (dD) in one reduce; dx = dt du + D dy
+
+    def _state_terms(self, h, grp, tr):
+        """[Zh | dBs] = [exp(cs) dy S^T | w u Gam^T] (SBUF); also Gam^T of this head into gam_t."""
+        k, v, n, p = self.k, self.v, self.k["N"], self.k["P"]
+        small = _ps((CHUNK, 2 * n))  # [dy S^T | u Gam^T] before their row scales
+        if not self.last:
+            gam_t = self.gam_t[:, h * n:(h + 1) * n]
+            _transpose_into(self.gam[:, h * p:(h + 1) * p], gam_t, (p, n))
+            nisa.nc_matmul(dst=small[:, n:2 * n], stationary=tr[:, CHUNK:2 * CHUNK], moving=gam_t)
+        if not self.first:
+            nisa.nc_matmul(dst=small[:, 0:n], stationary=tr[:, 0:CHUNK], moving=self.s_t[:, h * n:(h + 1) * n])
+        scaled = _sb((CHUNK, 2 * n))
+        if self.first:
+            nisa.memset(dst=scaled[:, 0:n], value=0.0)
+        else:
+            nisa.tensor_scalar(dst=scaled[:, 0:n], data=small[:, 0:n], op0=nl.multiply,
+                               operand0=self.ecs[:, h:h + 1], engine=nisa.engine.scalar)
+        if self.last:
+            nisa.memset(dst=scaled[:, n:2 * n], value=0.0)
+        else:
+            nisa.tensor_scalar(dst=scaled[:, n:2 * n], data=small[:, n:2 * n], op0=nl.multiply,
+                               operand0=v["w"][:, h:h + 1], engine=nisa.engine.scalar)
+        return scaled
+
+    def _x_grads(self, h, grp, mat, dy_t, x2):
+        """[du | dy] with du = M^T dy (+ w * B Gam); x.du (ddt direct) and x.dy (dD); dx = dt du + D dy."""
+        k, v, b, t0, p = self.k, self.v, self.b, self.t0, self.k["P"]
+        dudy = _ps((CHUNK, 2 * p))
+        nisa.nc_matmul(dst=dudy[:, 0:p], stationary=mat, moving=dy_t)
+        nisa.nc_matmul(dst=dudy[:, p:2 * p], stationary=k["eye"], moving=dy_t, is_stationary_onezero=True)
+        if not self.last:
+            nisa.nc_matmul(dst=dudy[:, 0:p], stationary=k["eye"], moving=self._b_gam(h, grp),
+                           is_stationary_onezero=True)
         prod2 = _sb((CHUNK, 2 * p))
         nisa.tensor_tensor(dst=prod2, data1=dudy, data2=x2, op=nl.multiply)
-        nisa.tensor_reduce(dst=self.pair[:, 2 * h:2 * h + 2], op=nl.add, data=prod2.reshape((CHUNK, 2, p)), axis=2)
+        # NKI numbers tensor_reduce axes from the most minor free axis: axis=1 sums each p-block
+        nisa.tensor_reduce(dst=self.pair[:, 2 * h:2 * h + 2], op=nl.add, data=prod2.reshape((CHUNK, 2, p)), axis=1)
         dx = _sb((CHUNK, p))
-        nisa.tensor_scalar(dst=dx, data=dudy[:, 0:p], op0=nl.multiply, operand0=dt_col, engine=nisa.engine.scalar)
-        del dudy
+        nisa.tensor_scalar(dst=dx, data=dudy[:, 0:p], op0=nl.multiply, operand0=v["dt"][:, h:h + 1],
+                           engine=nisa.engine.scalar)
         if k["D"] is not None:
             skip = _sb((CHUNK, p))
             nisa.tensor_scalar(dst=skip, data=dy_t, op0=nl.multiply, operand0=k["d_rows"][:, h:h + 1],
                                engine=nisa.engine.scalar)
             nisa.tensor_tensor(dst=dx, data1=dx, data2=skip, op=nl.add)
         nisa.dma_copy(dst=k["dx_out"][b, t0:t0 + CHUNK, h, :], src=dx)
-        # Gam <- exp(cs_end) Gam + (C exp(cs))^T dy: the gradient of the state entering this chunk
-        if not self.first:
-            c_e = _sb((CHUNK, n))
-            nisa.tensor_scalar(dst=c_e, data=grp["c_nat"], op0=nl.multiply, operand0=ecs_col,
+
+    def _b_gam(self, h, grp):
+        """w * (B Gam) of this head (SBUF)."""
+        p = self.k["P"]
+        bg_ps = _ps((CHUNK, p))
+        nisa.nc_matmul(dst=bg_ps, stationary=grp["b_tr"], moving=self.gam[:, h * p:(h + 1) * p])
+        bg = _sb((CHUNK, p))
+        nisa.tensor_scalar(dst=bg, data=bg_ps, op0=nl.multiply, operand0=self.v["w"][:, h:h + 1],
+                           engine=nisa.engine.scalar)
+        return bg
+
+    def _gam_step(self, h, grp, dy_t):
+        """Gam <- exp(cs_end) Gam + (C exp(cs))^T dy: the gradient of the state entering this chunk."""
+        k, v, n, p = self.k, self.v, self.k["N"], self.k["P"]
+        c_e = _sb((CHUNK, n))
+        nisa.tensor_scalar(dst=c_e, data=grp["c_nat"], op0=nl.multiply, operand0=self.ecs[:, h:h + 1],
+                           engine=nisa.engine.scalar)
+        new = _ps((n, p))
+        nisa.nc_matmul(dst=new, stationary=c_e, moving=dy_t)
+        gam = self.gam[:, h * p:(h + 1) * p]
+        if self.last:
+            nisa.tensor_copy(dst=gam, src=new)
+        else:
+            nisa.tensor_scalar(dst=gam, data=gam, op0=nl.multiply, operand0=v["dec"][0:n, h:h + 1],
                                engine=nisa.engine.scalar)
-            new = _ps((n, p))
-            nisa.nc_matmul(dst=new, stationary=c_e, moving=dy_t)
-            gam = self.gam[:, h * p:(h + 1) * p]
-            if self.last:
-                nisa.tensor_copy(dst=gam, src=new)
-            else:
-                nisa.tensor_scalar(dst=gam, data=gam, op0=nl.multiply, operand0=v["dec"][0:n, h:h + 1],
-                                   engine=nisa.engine.scalar)
-                nisa.tensor_tensor(dst=gam, data1=gam, data2=new, op=nl.add)
+            nisa.tensor_tensor(dst=gam, data1=gam, data2=new, op=nl.add)
 
     def finish(self):
         """da = reverse cumsum(dcs) + <Gam, S_end> for all heads; ddt_raw (stored); dA / dbias / dD partial sums."""
@@ -269,7 +312,7 @@ class _Chunk:
             kprod = self.gam_t  # in place: Gam^T is not needed after this
             nisa.tensor_tensor(dst=kprod, data1=self.gam_t, data2=self.s_next_t, op=nl.multiply)
             kp = _sb((p, n_heads))
-            nisa.tensor_reduce(dst=kp, op=nl.add, data=kprod.reshape((p, n_heads, n)), axis=2)
+            nisa.tensor_reduce(dst=kp, op=nl.add, data=kprod.reshape((p, n_heads, n)), axis=1)  # sums each n-block
             nisa.nc_matmul(dst=da, stationary=k["ones_tt"][0:p, :], moving=kp, is_stationary_onezero=True)
         pair = self.pair.reshape((CHUNK, n_heads, 2))
         ddt = _sb((CHUNK, n_heads))
@@ -277,7 +320,6 @@ class _Chunk:
         nisa.tensor_tensor(dst=ddt, data1=ddt, data2=pair[:, :, 0], op=nl.add)
         da_dt = _sb((CHUNK, n_heads))
         nisa.tensor_tensor(dst=da_dt, data1=da, data2=v["dt"], op=nl.multiply)
-        del da
         sums = k["sums"]  # (T, 3H): dA | dbias | dD
         nisa.tensor_tensor(dst=sums[:, 0:n_heads], data1=sums[:, 0:n_heads], data2=da_dt, op=nl.add)
         if k["softplus"]:
@@ -290,6 +332,15 @@ class _Chunk:
             nisa.tensor_tensor(dst=sums[:, 2 * n_heads:3 * n_heads], data1=sums[:, 2 * n_heads:3 * n_heads],
                                data2=pair[:, :, 1], op=nl.add)
         nisa.dma_copy(dst=k["ddt_out"][b, t0:t0 + CHUNK, :], src=ddt)
+
+
+def _reverse_chunk(k, b, c, scratch, gam, s_next_t):
+    """Pass 2 for chunk c; returns the state entering it (S^T). The chunk's other tiles die on return."""
+    ch = _Chunk(k, b, c, scratch, gam, s_next_t)
+    for g in range(k["G"]):
+        ch.group(g)
+    ch.finish()
+    return ch.s_t
 
 
 @nki.jit
@@ -324,13 +375,8 @@ def ssd_bwd(dy, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True):
         _forward_states(k, b, scratch)
         gam = _sb((n, n_heads * head_dim))  # dL/dS of the state leaving the current chunk, per head
         s_next_t = None  # S^T entering the chunk after the current one
-        for c in reversed(range(n_chunks)):
-            ch = _Chunk(k, b, c, scratch, gam, s_next_t)
-            for g in range(groups):
-                ch.group(g)
-            ch.finish()
-            s_next_t = ch.s_t
-            del ch  # free this chunk's tiles before the next one allocates
+        for c in range(n_chunks - 1, -1, -1):
+            s_next_t = _reverse_chunk(k, b, c, scratch, gam, s_next_t)
     tot = _ps((1, 3 * n_heads))
     nisa.nc_matmul(dst=tot, stationary=k["ones_col"], moving=k["sums"], is_stationary_onezero=True)
     tot_sb = _sb((1, 3 * n_heads))

@@ -188,23 +188,23 @@ def test_ssd_backward_kernel_bf16():
 
 
 def test_ssd_backward_calls_the_kernel_not_the_reference(monkeypatch):
-    import bmojo_neuron.ops.nki_backend as bwd_mod
     import bmojo_neuron.ops.reference.ssd as ref_mod
+    import nki_kernels.ssd_bwd as bwd_mod
 
-    inputs = ssd_inputs(batch=1, length=128, heads=2, head_dim=8, groups=1, n=4, seed=1)
-    calls = []
-    real = bwd_mod.ssd_bwd
+    inputs = ssd_inputs(batch=1, length=256, heads=2, head_dim=8, groups=1, n=4, seed=1)
+    chunks = []
+    real = bwd_mod._reverse_chunk  # pass 2 of the backward kernel, once per chunk
 
-    def counting(*args, **kw):
-        calls.append(args[0].shape)
-        return real(*args, **kw)
+    def counting(k, b, c, scratch, gam, s_next_t):
+        chunks.append(c)
+        return real(k, b, c, scratch, gam, s_next_t)
 
     def no_reference(*args, **kw):
         raise AssertionError("the reference op ran inside the nki-sim backward")
 
-    monkeypatch.setattr(bwd_mod, "ssd_bwd", counting)
+    monkeypatch.setattr(bwd_mod, "_reverse_chunk", counting)
     y = SIM["ssd_scan"](**inputs, chunk_size=128)
     monkeypatch.setattr(ref_mod, "ssd_scan", no_reference)
     y.sum().backward()
-    assert calls == [(1, 128, 2, 8)]
+    assert chunks == [1, 0]
     assert all(v.grad is not None for v in inputs.values())

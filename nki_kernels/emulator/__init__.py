@@ -1,24 +1,30 @@
-"""A CPU emulator of the NKI 0.2.0 subset our kernels use (`nki`, `nki.language`, `nki.isa`).
+"""A CPU emulator of NKI 0.2.0 (`nki`, `nki.language`, `nki.isa`) on a Trn1 NeuronCore-v2.
 
     from nki_kernels.emulator import nki, nl, nisa
     outputs = nki.simulate_kernel(kernel, *numpy_arrays)            # like the SDK's simulator
     outputs, profile = nki.simulate(kernel, *arrays, cost_only=False)  # + the Trn1 cost model
 
 Kernels written against NKI 0.2.0 run unchanged: `nki_kernels.compat` hands them this
-module when the real `nki` is absent. NumPy arrays passed in become HBM tensors; HBM
-tensors returned come back as NumPy arrays. See docs/kernels.md.
+module when the real `nki` is absent, and `as_nki()` installs it under the name `nki`
+for code that imports `nki` itself. Before a kernel runs, its source is checked against
+the 0.2.0 language (`frontend`); while it runs, every instruction checks its rules
+(`isa`, `core`) and is placed on the contention-aware timeline (`costmodel`). NumPy
+arrays passed in become HBM tensors; HBM tensors returned come back as NumPy arrays.
+See docs/kernels.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import core, isa, language
+from . import core, costmodel, frontend, isa, language
 from .core import NKIRuleError, NkiTensor, Profile
+from .frontend import NKILanguageError, NKILanguageWarning
 
 __version__ = "0.2.0-emulated"
 
@@ -41,19 +47,23 @@ def _to_host(value: Any) -> Any:
     return value
 
 
-def simulate(kernel: Callable, *args: Any, cost_only: bool = False, **kwargs: Any) -> tuple[Any, Profile]:
+def simulate(kernel: Callable, *args: Any, cost_only: bool = False, record_timeline: bool = False,
+             **kwargs: Any) -> tuple[Any, Profile]:
     """Run `kernel` on NumPy inputs; returns (outputs as NumPy, the modelled Trn1 profile).
 
-    With ``cost_only`` the rules are checked and costs charged but no arithmetic is
-    done (outputs are garbage): fast enough for full-size shapes.
+    The kernel's source is checked first (`frontend.check_kernel`). With ``cost_only``
+    the rules are checked and costs charged but no arithmetic is done (outputs are
+    garbage): fast enough for full-size shapes. ``record_timeline`` keeps every
+    instruction's (resource, name, start, end) in ``profile.timeline.events``.
     """
-    run = core.RunState(compute=not cost_only)
+    func = _unwrap(kernel)
+    frontend.check_kernel(func, args, kwargs)
+    run = core.RunState(compute=not cost_only, record_timeline=record_timeline)
     core.push_state(run)
     try:
-        isa._REDUCE_REGS.clear()
         device_args = [_to_device(a, i) for i, a in enumerate(args)]
         device_kwargs = {k: _to_device(v, -1) for k, v in kwargs.items()}
-        result = _unwrap(kernel)(*device_args, **device_kwargs)
+        result = func(*device_args, **device_kwargs)
         return _to_host(result), run.profile
     finally:
         core.pop_state()
@@ -74,7 +84,28 @@ def jit(func=None, mode="auto", **kwargs):
         return simulate_kernel(func, *args, **kw)
 
     wrapper.__nki_func__ = func  # type: ignore[attr-defined]
+    wrapper.__nki_jit__ = True  # type: ignore[attr-defined]
     return wrapper
+
+
+@contextlib.contextmanager
+def as_nki() -> Iterator[Any]:
+    """Install the emulator as the modules `nki`, `nki.language`, `nki.isa` while the block runs.
+
+    For code written against the real package (`import nki.isa as nisa`), e.g. AWS's
+    kernels run from a checkout; the previous modules (if any) come back afterwards.
+    """
+    names = ("nki", "nki.language", "nki.isa")
+    saved = {n: sys.modules.get(n) for n in names}
+    sys.modules.update({"nki": nki, "nki.language": language, "nki.isa": isa})
+    try:
+        yield nki
+    finally:
+        for n, module in saved.items():
+            if module is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = module
 
 
 # `nki` itself, as one object with .language / .isa like the real package.
@@ -82,4 +113,5 @@ nki = sys.modules[__name__]
 nl = language
 nisa = isa
 
-__all__ = ["NKIRuleError", "Profile", "isa", "jit", "language", "nisa", "nki", "nl", "simulate", "simulate_kernel"]
+__all__ = ["NKILanguageError", "NKILanguageWarning", "NKIRuleError", "Profile", "as_nki", "costmodel", "frontend",
+           "isa", "jit", "language", "nisa", "nki", "nl", "simulate", "simulate_kernel"]

@@ -1,39 +1,46 @@
-"""Emulator core: tensors in the NKI buffers, hardware rules, and the cost model.
+"""Emulator core: tensors in the NKI buffers, on-chip capacity, and the run state.
 
-The emulator runs the real source of our NKI 0.2.0 kernels on CPU with NumPy. Every
-tensor lives in a named buffer (``hbm``/``shared_hbm``/``private_hbm``, ``sbuf``,
-``psum``) and every `nisa` instruction checks the rules the hardware imposes before it
-computes, in fp32 as the engines do, and charges its cycle cost to its engine. The
-rules are enforced here rather than trusted to code review because a kernel that
+The emulator runs the real source of NKI 0.2.0 kernels on CPU with NumPy. Every tensor
+lives in a named buffer (``hbm``/``shared_hbm``/``private_hbm``, ``sbuf``, ``psum``)
+and every `nisa` instruction checks the rules the hardware imposes before it computes,
+in fp32 as the engines do, and issues itself to the cost model (`costmodel.Timeline`).
+The rules are enforced here rather than trusted to code review because a kernel that
 violates one compiles to nothing (or to wrong answers) on a Trn1 we may not have.
 
-Costs (Trn1, NeuronCore-v2; docs/kernels.md explains them): per instruction the
-documented cycle formula on its engine plus a fixed `ACCESS_OVERHEAD`, DMA bytes that
-touch HBM at `HBM_BYTES_PER_S`. A run returns a `Profile`.
+Capacities (NeuronCore-v2): SBUF 24 MiB = 128 partitions x 192 KiB, of which a kernel
+may use 192 KiB - 16 KiB (dynamic-DMA scratch) - 8 B (an accelerator-reserved word)
+per partition: the reservations nki-library makes (`core/mlp/mlp_cte/mlp_cte_constants.py`,
+MAX_AVAILABLE_SBUF_SIZE, written for the 224 KiB partitions of NeuronCore-v3). PSUM
+2 MiB = 128 partitions x 16 KiB in 8 banks of 2 KiB; PSUM tensors start at a bank
+(nki-migration-guide.rst, "Improved Allocation API"), so each takes whole banks.
 """
 
 from __future__ import annotations
 
-import weakref
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
-# --------------------------------------------------------------------- hardware figures
+from . import costmodel
+from .costmodel import (ACCESS_OVERHEAD, CLOCK_HZ, ENGINES, HBM_BYTES_PER_S, MIN_II, PSUM_PORT,  # noqa: F401
+                        RESOURCES, SBUF_PORT, Timeline)
+
+# --------------------------------------------------------------------- capacities
 PMAX = 128  # partitions
-SBUF_BYTES_PER_PARTITION = 192 * 1024  # trn1: 24 MiB / 128
+SBUF_BYTES_PER_PARTITION = 192 * 1024  # physical: 24 MiB / 128
+SBUF_RESERVED_BYTES_PER_PARTITION = 16 * 1024 + 8  # dynamic-DMA scratch + accelerator-reserved word
+SBUF_USABLE_BYTES_PER_PARTITION = SBUF_BYTES_PER_PARTITION - SBUF_RESERVED_BYTES_PER_PARTITION  # 180,216 B
 PSUM_BANK_BYTES = 2 * 1024  # per partition per bank: 512 fp32
 PSUM_BANKS = 8
 GEMM_STATIONARY_FMAX = 128
 GEMM_MOVING_FMAX = 512
-MIN_II = 64  # minimum initiation interval of a vector/scalar/gpsimd instruction, cycles
-ACCESS_OVERHEAD = 60  # fixed SBUF/PSUM access cycles charged per compute instruction
 GPSIMD_BASE = 150  # iota / affine_select fixed cost
-CLOCK_HZ = {"tensor": 2.8e9, "vector": 1.12e9, "scalar": 1.4e9, "gpsimd": 1.4e9}
-HBM_BYTES_PER_S = 820e9
-ENGINES = tuple(CLOCK_HZ)
+# free elements per partition a Vector / Scalar instruction may stream (arch guide, Vector and
+# Scalar Engine "Layout & Tile Size": "up to 64K elements for SBUF or 4K elements for PSUM")
+FREE_MAX = {"sbuf": 64 * 1024, "psum": 4 * 1024}
 
 SBUF, PSUM, HBM, SHARED_HBM, PRIVATE_HBM = "sbuf", "psum", "hbm", "shared_hbm", "private_hbm"
 ON_CHIP = (SBUF, PSUM)
@@ -53,16 +60,24 @@ def rule_error(instr: str, rule: str, detail: str) -> NKIRuleError:
 # --------------------------------------------------------------------- profile / run state
 @dataclass
 class Profile:
-    """What one emulated kernel run costs on a Trn1 NeuronCore (modelled, not measured)."""
+    """What one emulated kernel run costs on a Trn1 NeuronCore (modelled, not measured).
+
+    `time_s` is the contention-aware timeline's makespan (costmodel.Timeline);
+    `time_overlapped_s` the old perfect-overlap figure (busiest engine alone, no shared
+    ports, no dependencies), kept for comparison; `busy_s` per resource (engines, the
+    two shared SRAM ports, the DMA queues, HBM) says what bounds the kernel.
+    """
 
     cycles: dict[str, float] = field(default_factory=lambda: {e: 0.0 for e in ENGINES})
     instructions: dict[str, int] = field(default_factory=lambda: {e: 0 for e in ENGINES})
     # cycles the work would take at the engine's peak (all lanes/PEs busy, bf16 rate, no overhead)
     useful: dict[str, float] = field(default_factory=lambda: {e: 0.0 for e in ENGINES})
     hbm_bytes: int = 0
+    dma_bytes: int = 0
     dma_count: int = 0
     peak_sbuf_bytes: int = 0  # per partition
     peak_psum_bytes: int = 0  # per partition (banks x 2 KiB)
+    timeline: Timeline = field(default_factory=Timeline)
 
     def engine_seconds(self) -> dict[str, float]:
         return {e: self.cycles[e] / CLOCK_HZ[e] for e in ENGINES}
@@ -72,32 +87,51 @@ class Profile:
         return self.hbm_bytes / HBM_BYTES_PER_S
 
     @property
+    def busy_s(self) -> dict[str, float]:
+        """Seconds each resource is occupied: engines, SBUF port (Vector+GpSimd), PSUM port, DMA, HBM."""
+        return {**self.timeline.busy, "hbm": self.hbm_seconds}
+
+    @property
+    def time_s(self) -> float:
+        """Contention-aware modelled time: the timeline's makespan."""
+        return self.timeline.makespan
+
+    @property
     def time_overlapped_s(self) -> float:
-        """Perfect overlap: the busiest engine (or HBM) sets the time."""
+        """Perfect overlap, no contention: the busiest engine (or HBM) alone."""
         return max([*self.engine_seconds().values(), self.hbm_seconds])
 
     @property
     def time_serial_s(self) -> float:
         """No overlap at all: an upper bound."""
-        return sum(self.engine_seconds().values()) + self.hbm_seconds
+        return sum(self.engine_seconds().values()) + self.timeline.busy["dma"]
 
     def peak_share(self, engine: str) -> float:
         """Fraction of `engine`'s peak its charged cycles deliver (1.0 = every cycle fully used)."""
-        return self.useful[engine] / self.cycles[engine] if self.cycles[engine] else 0.0
+        return self.useful[engine] / self.cycles[engine] if self.cycles.get(engine) else 0.0
 
     @property
     def bound(self) -> str:
-        times = {**self.engine_seconds(), "hbm": self.hbm_seconds}
-        return max(times, key=times.get)
+        """What bounds the kernel: the busiest engine, 'dma' or 'hbm' - or a shared SRAM port
+        ('sbuf_port': Vector + GpSimd, 'psum_port': Vector + Scalar) when sharing it costs more
+        than 2 % over the busiest single resource."""
+        busy = self.busy_s
+        single = {k: v for k, v in busy.items() if k not in (SBUF_PORT, PSUM_PORT)}
+        top = max(single, key=single.get)
+        port = max((SBUF_PORT, PSUM_PORT), key=busy.get)
+        return port if busy[port] > 1.02 * single[top] else top
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "cycles": dict(self.cycles),
             "instructions": dict(self.instructions),
             "engine_seconds": self.engine_seconds(),
+            "busy_seconds": self.busy_s,
             "hbm_bytes": self.hbm_bytes,
             "hbm_seconds": self.hbm_seconds,
+            "dma_bytes": self.dma_bytes,
             "dma_count": self.dma_count,
+            "time_s": self.time_s,
             "time_overlapped_s": self.time_overlapped_s,
             "time_serial_s": self.time_serial_s,
             "bound": self.bound,
@@ -108,27 +142,55 @@ class Profile:
 
 
 class RunState:
-    """Per-run bookkeeping: live on-chip bytes and the profile. One run at a time."""
+    """Per-run bookkeeping: live on-chip bytes, the profile and its timeline. One run at a time."""
 
-    def __init__(self, compute: bool = True) -> None:
+    def __init__(self, compute: bool = True, record_timeline: bool = False) -> None:
         self.compute = compute
-        self.profile = Profile()
+        self.profile = Profile(timeline=Timeline(record=record_timeline))
         self.live = {SBUF: 0, PSUM: 0}
+        self.next_alloc = 0
+        self.reduce_regs = np.zeros((PMAX, 1), np.float32)  # Scalar-engine accumulation registers
 
-    def charge(self, engine: str, cycles: float, useful: float = 0.0) -> None:
+    def issue(self, engine: str, instr: str, cycles: float, reads: tuple["NkiTensor", ...],
+              writes: tuple["NkiTensor", ...], useful: float = 0.0, overhead: float = ACCESS_OVERHEAD) -> None:
+        """Charge one compute instruction of `cycles` (+ the SBUF/PSUM access overhead) and place it on the
+        timeline."""
+        cycles = cycles + overhead
         self.profile.cycles[engine] += cycles
         self.profile.instructions[engine] += 1
         self.profile.useful[engine] += useful
+        buffers = {t.buffer for t in (*reads, *writes)}
+        ports: tuple[str, ...] = ()
+        if engine == "gpsimd" or (engine == "vector" and SBUF in buffers):
+            ports += (SBUF_PORT,)
+        if engine in ("vector", "scalar") and PSUM in buffers:
+            ports += (PSUM_PORT,)
+        self.profile.timeline.issue(engine, instr, cycles, [t.region() for t in reads],
+                                    [t.region() for t in writes], ports)
 
-    def allocate(self, buffer: str, nbytes: int) -> None:
+    def dma(self, instr: str, dst: "NkiTensor", src: "NkiTensor", hbm_bytes: int) -> None:
+        """Charge one DMA transfer (bytes moved = the larger side) and place it on the DMA queues."""
+        nbytes = max(src.nbytes, dst.nbytes)
+        rows = max(t.partitions if t.buffer in ON_CHIP else 1 for t in (dst, src))
+        rows = rows if any(t.buffer in ON_CHIP for t in (dst, src)) else costmodel.DMA_QUEUES
+        self.profile.hbm_bytes += int(hbm_bytes)
+        self.profile.dma_bytes += int(nbytes)
+        self.profile.dma_count += 1
+        reads = [src.region()] + ([dst.region()] if hbm_bytes > nbytes else [])
+        self.profile.timeline.dma(instr, nbytes, rows, hbm_bytes, reads, [dst.region()])
+
+    def allocate(self, buffer: str, nbytes: int) -> int:
         self.live[buffer] += nbytes
         if buffer == SBUF:
             self.profile.peak_sbuf_bytes = max(self.profile.peak_sbuf_bytes, self.live[SBUF])
         else:
             self.profile.peak_psum_bytes = max(self.profile.peak_psum_bytes, self.live[PSUM])
+        self.next_alloc += 1
+        return self.next_alloc
 
-    def release(self, buffer: str, nbytes: int) -> None:
+    def release(self, buffer: str, nbytes: int, alloc_id: int) -> None:
         self.live[buffer] -= nbytes
+        self.profile.timeline.forget(alloc_id)
 
 
 _STATE: list[RunState] = [RunState()]
@@ -148,45 +210,67 @@ def pop_state() -> RunState:
 
 # --------------------------------------------------------------------- dtypes
 def as_dtype(dtype: Any) -> np.dtype:
-    """Any NKI / NumPy / torch-like dtype name -> NumPy dtype (bfloat16 via ml_dtypes)."""
+    """Any NKI / NumPy / torch-like dtype name -> NumPy dtype (bfloat16, float8 via ml_dtypes)."""
     if isinstance(dtype, str):
-        if dtype in ("bfloat16",):
-            return BFLOAT16
-        if dtype in ("tfloat32",):
-            return np.dtype(np.float32)
-        if dtype == "bool":
-            return np.dtype(np.uint8)
-        return np.dtype(dtype)
+        named = {"bfloat16": BFLOAT16, "tfloat32": np.dtype(np.float32), "bool": np.dtype(np.uint8),
+                 "float8_e4m3": np.dtype(ml_dtypes.float8_e4m3), "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+                 "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn)}
+        return named.get(dtype) or np.dtype(dtype)
     return np.dtype(dtype)
 
 
 def is_float(dtype: np.dtype) -> bool:
-    return dtype == BFLOAT16 or np.issubdtype(dtype, np.floating)
+    return dtype == BFLOAT16 or np.issubdtype(dtype, np.floating) or dtype.name.startswith("float8")
 
 
 # --------------------------------------------------------------------- tensors
 class _Allocation:
     """One allocated buffer region; frees its on-chip bytes when the last view dies."""
 
+    __slots__ = ("data", "buffer", "name", "bytes_per_partition", "base_address", "row_bytes", "id", "_run")
+
     def __init__(self, data: np.ndarray, buffer: str, name: str, bytes_per_partition: int) -> None:
         self.data = data
         self.buffer = buffer
         self.name = name
         self.bytes_per_partition = bytes_per_partition
+        self.base_address = data.__array_interface__["data"][0]
+        self.row_bytes = data.strides[0] if (buffer in ON_CHIP and data.ndim > 1) else max(data.nbytes, 1)
+        self._run = run = state()
         if buffer in ON_CHIP:
-            run = state()
-            run.allocate(buffer, bytes_per_partition)
-            weakref.finalize(self, run.release, buffer, bytes_per_partition)
+            self.id = run.allocate(buffer, bytes_per_partition)
+        else:
+            run.next_alloc += 1
+            self.id = run.next_alloc
+
+    def __del__(self) -> None:
+        run = self._run
+        if self.buffer in ON_CHIP:
+            run.release(self.buffer, self.bytes_per_partition, self.id)
+        else:
+            run.profile.timeline.forget(self.id)
+
+
+def _is_whole(key: tuple) -> bool:
+    return all(k is Ellipsis or (isinstance(k, slice) and k == slice(None)) for k in key)
 
 
 class NkiTensor:
-    """A tensor (or a view of one) in a NKI buffer; axis 0 is the partition axis on chip."""
+    """A tensor (or a view of one) in a NKI buffer; axis 0 is the partition axis on chip.
+
+    `indexed` marks views made by indexing or `.ap`: NKI 0.2 has no nested slicing
+    (nki-migration-guide.rst, "What features ... are not available": "Nested slicing is
+    not available"; nki-aps.rst, "Restriction on Nested Indexing"), so a view cannot be
+    indexed, reshaped or given an access pattern again.
+    """
 
     def __init__(self, alloc: _Allocation, view: np.ndarray, pstart: int = 0,
-                 acc: np.ndarray | None = None) -> None:
+                 acc: np.ndarray | None = None, indexed: bool = False) -> None:
         self._alloc = alloc
         self._view = view
         self.pstart = pstart  # first partition of this view (on-chip buffers)
+        self.indexed = indexed
+        self._region: tuple | None = None
         # PSUM only: True where the last write was an nc_matmul (its accumulation group is open)
         self._acc = acc if acc is not None else (
             np.zeros(view.shape, dtype=bool) if alloc.buffer == PSUM else None)
@@ -211,12 +295,25 @@ class NkiTensor:
     def ndim(self) -> int:
         return self._view.ndim
 
+    @property
+    def nbytes(self) -> int:
+        return int(self._view.size) * self._view.dtype.itemsize
+
     def __repr__(self) -> str:
         return f"NkiTensor({self.buffer}, shape={self.shape}, dtype={self.dtype}, pstart={self.pstart})"
+
+    def _no_nesting(self, what: str) -> None:
+        if self.indexed:
+            raise rule_error(what, "nested slicing is not available in NKI 0.2: index a tensor once, from the "
+                             "tensor itself (nki-migration-guide.rst; nki-aps.rst 'Restriction on Nested Indexing')",
+                             f"{self!r} is already a view")
 
     def __getitem__(self, key: Any) -> "NkiTensor":
         key = key if isinstance(key, tuple) else (key,)
         key = tuple(slice(k.start, k.start + k.size) if isinstance(k, DynSlice) else k for k in key)
+        if _is_whole(key):
+            return self
+        self._no_nesting("indexing")
         pstart = self.pstart
         if self.buffer in ON_CHIP and key and key[0] is not Ellipsis:
             first = key[0]
@@ -230,32 +327,95 @@ class NkiTensor:
             pstart += start
         view = self._view[key]
         acc = self._acc[key] if self._acc is not None else None
-        return NkiTensor(self._alloc, view, pstart, acc)
+        return NkiTensor(self._alloc, view, pstart, acc, indexed=True)
 
     def __setitem__(self, key: Any, value: Any) -> None:
         raise rule_error("assignment", "NKI 0.2 tiles are written by instructions only",
                          "use nisa.tensor_copy / nisa.dma_copy with dst=... instead of item assignment")
 
-    def reshape(self, shape: tuple[int, ...]) -> "NkiTensor":
-        """Reshape an HBM tensor (any shape) or an on-chip tile's free axes (partition kept)."""
-        shape = tuple(shape)
+    def reshape(self, shape: tuple[int, ...] | list[int]) -> "NkiTensor":
+        """Another view of the tensor's memory (language guide, "Creating Tensors"); the partition axis stays."""
+        self._no_nesting("reshape")
+        shape = tuple(int(s) for s in shape)
         if self.buffer in ON_CHIP and shape[0] != self.shape[0]:
             raise rule_error("reshape", "the partition axis of an on-chip tile cannot change",
                              f"{self.shape} -> {shape}")
         acc = self._acc.reshape(shape) if self._acc is not None else None
         return NkiTensor(self._alloc, self._view.reshape(shape), self.pstart, acc)
 
+    def ap(self, pattern, offset: int = 0, scalar_offset=None, vector_offset=None, indirect_dim: int = 0,
+           dtype=None) -> "NkiTensor":
+        """A hardware access pattern over the tensor flattened row-major (nki-aps.rst).
+
+        `pattern` is [[step, num], ...] in elements, outermost first; on SBUF/PSUM the
+        first pair walks the partitions and its step must be the tensor's free size.
+        Dynamic offsets (`scalar_offset`, `vector_offset`) are not emulated.
+        """
+        instr = "tensor.ap"
+        self._no_nesting(instr)
+        if scalar_offset is not None or vector_offset is not None:
+            raise NotImplementedError("tensor.ap with a dynamic (register / vector) offset is not emulated")
+        dims = [(int(step), int(num)) for step, num in pattern]
+        if not dims:
+            raise rule_error(instr, "pattern needs at least one [step, num] pair", f"pattern={pattern}")
+        base = self._view if dtype is None else self._view.view(as_dtype(dtype))
+        flat_size = base.size
+        free = int(np.prod(base.shape[1:], dtype=np.int64)) if base.ndim > 1 else 1
+        if self.buffer in ON_CHIP and dims[0][0] != free and dims[0][1] > 1:
+            raise rule_error(instr, "on SBUF/PSUM the first pair walks the partitions: its step must be the "
+                             "tensor's free size (nki-aps.rst, 'Restriction on SBUF/PSUM Tensors')",
+                             f"pattern {pattern} on {self.shape}")
+        lo = offset + sum(min(0, s * (n - 1)) for s, n in dims)
+        hi = offset + sum(max(0, s * (n - 1)) for s, n in dims)
+        if lo < 0 or hi >= flat_size:
+            raise rule_error(instr, "access pattern reaches outside the tensor",
+                             f"pattern {pattern} offset {offset} on {self.shape} ({flat_size} elements)")
+        itemsize = base.dtype.itemsize
+        if base.flags.c_contiguous:
+            flat = base.reshape(-1)
+            view = np.lib.stride_tricks.as_strided(flat[offset:], shape=[n for _, n in dims],
+                                                   strides=[s * itemsize for s, _ in dims])
+        else:  # a broadcast (cost-only) input: contents are never read
+            view = np.broadcast_to(np.zeros((), base.dtype), [n for _, n in dims])
+        pstart = self.pstart + (offset // free if self.buffer in ON_CHIP else 0)
+        acc = np.zeros(view.shape, dtype=bool) if self.buffer == PSUM else None
+        return NkiTensor(self._alloc, view, pstart, acc, indexed=True)
+
     # helpers for instructions -------------------------------------------------------
     @property
     def partitions(self) -> int:
-        return self.shape[0] if self.ndim else 1
+        shape = self._view.shape
+        return shape[0] if shape else 1
 
     @property
     def free_size(self) -> int:
-        return int(np.prod(self.shape[1:], dtype=np.int64)) if self.ndim > 1 else 1
+        return math.prod(self._view.shape[1:])
+
+    def region(self) -> tuple:
+        """(allocation id, p0, p1, f0, f1): the partitions and per-partition bytes this view covers."""
+        if self._region is None:
+            self._region = self._compute_region()
+        return self._region
+
+    def _compute_region(self) -> tuple:
+        view = self._view
+        off = view.__array_interface__["data"][0] - self._alloc.base_address
+        if view.ndim == 0 or view.size == 0:
+            return (self._alloc.id, 0, 0, 0, 0)
+        strides = view.strides
+        item = view.dtype.itemsize
+        if self.buffer in ON_CHIP:
+            row = self._alloc.row_bytes
+            lo = sum(min(0, s * (n - 1)) for s, n in zip(strides[1:], view.shape[1:]))
+            hi = sum(max(0, s * (n - 1)) for s, n in zip(strides[1:], view.shape[1:])) + item
+            p0, f0 = divmod(off, row) if row else (0, off)
+            return (self._alloc.id, p0, p0 + view.shape[0], f0 + lo, f0 + hi)
+        lo = sum(min(0, s * (n - 1)) for s, n in zip(strides, view.shape))
+        hi = sum(max(0, s * (n - 1)) for s, n in zip(strides, view.shape)) + item
+        return (self._alloc.id, 0, 1, off + lo, off + hi)
 
     def read(self) -> np.ndarray:
-        """Values as fp32 (P, F) (int32 tiles as int64), the engines' compute precision."""
+        """Values as fp32 (P, F) (integer tiles as int64), the engines' compute precision."""
         data = self._view
         out = data.astype(np.float32) if is_float(data.dtype) else data.astype(np.int64)
         return out.reshape(self.partitions, self.free_size)
@@ -302,16 +462,15 @@ def allocate(shape: tuple[int, ...] | list[int], dtype: Any, buffer: str | None,
     shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
     dt = as_dtype(dtype)
     per_partition = int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize if len(shape) > 1 else dt.itemsize
+    charge = per_partition
     if buffer in ON_CHIP:
         _check_on_chip_alloc(instr, shape, dt, buffer, per_partition)
+        if buffer == PSUM:  # whole banks
+            charge = -(-per_partition // PSUM_BANK_BYTES) * PSUM_BANK_BYTES
     run = state()
-    if run.compute or buffer in ON_CHIP:
-        data = np.empty(shape, dtype=dt)
-        if run.compute:
-            data.fill(_fill_value(dt) if isinstance(fill, str) else fill)
-    else:
-        data = np.empty(shape, dtype=dt)  # cost-only run: contents never read
-    charge = PSUM_BANK_BYTES if buffer == PSUM else per_partition  # a PSUM tile holds a whole bank
+    data = np.empty(shape, dtype=dt)
+    if run.compute:
+        data.fill(_fill_value(dt) if isinstance(fill, str) else fill)
     return NkiTensor(_Allocation(data, buffer, name, charge), data)
 
 
@@ -323,17 +482,19 @@ def _check_on_chip_alloc(instr: str, shape: tuple[int, ...], dt: np.dtype, buffe
         raise rule_error(instr, f"partition dimension must be <= {PMAX} and first", f"shape {shape} in {buffer}")
     run = state()
     if buffer == SBUF:
-        if run.live[SBUF] + per_partition > SBUF_BYTES_PER_PARTITION:
-            raise rule_error(instr, f"SBUF capacity {SBUF_BYTES_PER_PARTITION} bytes per partition exceeded",
-                             f"new tile {shape} {dt} needs {per_partition} B/partition, "
+        if run.live[SBUF] + per_partition > SBUF_USABLE_BYTES_PER_PARTITION:
+            raise rule_error(instr, f"usable SBUF is {SBUF_USABLE_BYTES_PER_PARTITION} bytes per partition "
+                             f"({SBUF_BYTES_PER_PARTITION} less the {SBUF_RESERVED_BYTES_PER_PARTITION} the runtime "
+                             "reserves)", f"new tile {shape} {dt} needs {per_partition} B/partition, "
                              f"{run.live[SBUF]} B already live")
         return
-    if per_partition > PSUM_BANK_BYTES:
-        raise rule_error(instr, f"a PSUM tile must fit one bank ({PSUM_BANK_BYTES} bytes per partition, 512 fp32)",
+    banks = -(-per_partition // PSUM_BANK_BYTES)
+    if banks > PSUM_BANKS:
+        raise rule_error(instr, f"PSUM holds {PSUM_BANKS * PSUM_BANK_BYTES} bytes per partition",
                          f"tile {shape} {dt} needs {per_partition} B/partition")
-    if run.live[PSUM] + PSUM_BANK_BYTES > PSUM_BANKS * PSUM_BANK_BYTES:
-        raise rule_error(instr, f"PSUM has {PSUM_BANKS} banks; all are in use",
-                         f"new tile {shape} {dt}; {run.live[PSUM] // PSUM_BANK_BYTES} banks live")
+    if run.live[PSUM] + banks * PSUM_BANK_BYTES > PSUM_BANKS * PSUM_BANK_BYTES:
+        raise rule_error(instr, f"PSUM has {PSUM_BANKS} banks of {PSUM_BANK_BYTES} B per partition; too few are free",
+                         f"new tile {shape} {dt} needs {banks}; {run.live[PSUM] // PSUM_BANK_BYTES} banks live")
 
 
 def wrap_hbm(array: np.ndarray, name: str = "") -> NkiTensor:

@@ -1,8 +1,17 @@
-"""Emulated `nki.isa` (NKI 0.2.0): the instructions our kernels use, with the stub's signatures.
+"""Emulated `nki.isa` (NKI 0.2.0) on NeuronCore-v2 (Trn1): instructions with the stub's signatures.
 
-Each instruction (1) checks the hardware rules and raises `NKIRuleError` naming the
-instruction, the rule and the shapes; (2) charges its documented cycle cost to its
-engine; (3) unless the run is cost-only, computes in fp32 and casts to `dst.dtype`.
+Each instruction (1) checks the documented rules and raises `NKIRuleError` naming the
+instruction, the rule and the shapes; (2) issues itself to the cost model with its
+engine, cycle count and the regions it reads and writes; (3) unless the run is
+cost-only, computes in fp32 and casts to `dst.dtype`.
+
+Sources, at aws-neuron-sdk 3c46990d unless noted (cited per rule below):
+[isa] nki/api/nki/isa/__init__.py (each instruction's docstring);
+[ops] nki/api/nki.api.shared.rst (ALU operator table, activation table, engine notes);
+[arch] nki/guides/architecture/trainium_inferentia2_arch.rst;
+[mig] nki/deep-dives/nki-migration-guide.rst;
+[lib] aws-neuron/nki-library 0759719 (where the docs are silent and the library's
+v2 code paths show the rule).
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import numpy as np
 
 from . import core
 from . import language as nl
-from .core import ACCESS_OVERHEAD, MIN_II, PSUM, SBUF, NkiTensor, is_float, rule_error, state
+from .core import MIN_II, PSUM, SBUF, NkiTensor, is_float, rule_error, state
 
 
 class dge_mode(Enum):  # noqa: N801
@@ -60,6 +69,8 @@ class matmul_perf_mode(Enum):  # noqa: N801
 
 tensor_engine, vector_engine, scalar_engine = engine.tensor, engine.vector, engine.scalar
 gpsimd_engine, dma_engine, unknown_engine = engine.gpsimd, engine.dma, engine.unknown
+_ENGINE_ENUM = engine
+_REDUCE_CMD = reduce_cmd
 
 
 def get_nc_version():
@@ -67,18 +78,21 @@ def get_nc_version():
     return nc_version.gen2
 
 
-_REDUCE_REGS: dict[str, np.ndarray] = {}
-_MATMUL_DTYPES = (np.dtype(np.float32), core.BFLOAT16, np.dtype(np.float16))
-_UFUNC_OPS = {np.add: nl.add, np.subtract: nl.subtract, np.multiply: nl.multiply, np.maximum: nl.maximum,
-              np.minimum: nl.minimum, np.divide: nl.divide, np.power: nl.power}
+# [isa] nc_matmul "Data types": float8_e4m3/float8_e5m2/bfloat16/float16/tfloat32/float32
+_MATMUL_DTYPES = (np.dtype(np.float32), core.BFLOAT16, np.dtype(np.float16), nl.float8_e4m3, nl.float8_e5m2)
 
 
 # ------------------------------------------------------------------ rule helpers
-def _op(instr: str, op: Any, kind: str = "alu") -> Any:
-    op = _UFUNC_OPS.get(op, op)
-    if not isinstance(op, nl._Op) or op.kind != kind:
-        want = "an ALU operator such as nl.multiply" if kind == "alu" else "an activation function such as nl.exp"
-        raise rule_error(instr, f"op must be {want}", f"got {op!r}")
+def _op(instr: str, op: Any, kind: str) -> nl._Op:
+    """`op` must be listed in the table `kind` names: "alu" (ALU operator table) or "act" (activations)."""
+    if not isinstance(op, nl._Op):
+        raise rule_error(instr, "op must be a nki.language operator identifier (nki.api.shared.rst tables)",
+                         f"got {op!r}")
+    ok = op.kinds & {"arith", "bitvec"} if kind == "alu" else op.is_("act")
+    if not ok:
+        table = ("the ALU operator table ('Supported Math Operators for NKI ISA')" if kind == "alu"
+                 else "the activation-function table ('Supported Activation Functions for NKI ISA')")
+        raise rule_error(instr, f"op must be listed in {table}", f"{op!r} is not")
     return op
 
 
@@ -91,7 +105,8 @@ def _partition_start_ok(n: int, start: int) -> bool:
 
 
 def _tile(instr: str, name: str, t: Any, buffers: tuple[str, ...] = (SBUF, PSUM)) -> NkiTensor:
-    """Check an on-chip operand: its buffer, partition count and partition start."""
+    """Check an on-chip operand: its buffer, partition count and partition start ([arch] "Accessing
+    SBUF/PSUM tensors using compute engines": start_partition rule)."""
     if not isinstance(t, NkiTensor):
         raise rule_error(instr, f"{name} must be a tile", f"got {type(t).__name__}")
     if t.buffer not in buffers:
@@ -104,6 +119,15 @@ def _tile(instr: str, name: str, t: Any, buffers: tuple[str, ...] = (SBUF, PSUM)
     return t
 
 
+def _free_limit(instr: str, tiles: dict[str, NkiTensor]) -> None:
+    """[arch] Vector/Scalar "Layout & Tile Size": free size up to 64K elements in SBUF, 4K in PSUM."""
+    for name, t in tiles.items():
+        limit = core.FREE_MAX[t.buffer]
+        if t.free_size > limit:
+            raise rule_error(instr, f"at most {limit} elements per partition of a {t.buffer} operand",
+                             f"{name} {t.shape} has {t.free_size}")
+
+
 def _same_layout(instr: str, names: tuple[str, ...], tiles: tuple[NkiTensor, ...]) -> None:
     p0, f0 = tiles[0].partitions, tiles[0].free_size
     for name, t in zip(names[1:], tiles[1:]):
@@ -113,9 +137,18 @@ def _same_layout(instr: str, names: tuple[str, ...], tiles: tuple[NkiTensor, ...
 
 
 def _not_both_psum(instr: str, a: NkiTensor, b: NkiTensor, names: tuple[str, str]) -> None:
+    """[isa] tensor_tensor / tensor_tensor_scan: the two inputs cannot both reside in PSUM."""
     if a.buffer == PSUM and b.buffer == PSUM:
         raise rule_error(instr, "two input operands of one instruction may not both be in PSUM",
                          f"{names[0]} {a.shape} and {names[1]} {b.shape} are both in psum")
+
+
+def _integer_tiles(instr: str, op: nl._Op, tiles: dict[str, NkiTensor]) -> None:
+    """[ops] bitvec operators expect integer data types (bit patterns, no casting)."""
+    if op.is_("bitvec"):
+        for name, t in tiles.items():
+            if is_float(t.dtype):
+                raise rule_error(instr, f"bitvec operator {op!r} needs integer tiles", f"{name} is {t.dtype}")
 
 
 def _scalar_operand(instr: str, name: str, value: Any, partitions: int) -> np.ndarray | float:
@@ -128,12 +161,15 @@ def _scalar_operand(instr: str, name: str, value: Any, partitions: int) -> np.nd
         if value.dtype != np.float32:
             raise rule_error(instr, f"{name} must be float32", f"{name} dtype {value.dtype}")
         return value.read() if state().compute else 0.0
-    if isinstance(value, (int, float, np.floating, np.integer)):
+    if isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool):
         return np.float32(value)
     raise rule_error(instr, f"{name} must be a compile-time scalar or a (P, 1) tile", f"got {type(value).__name__}")
 
 
 def _engine(instr: str, eng: Any, default: str, allowed: tuple[str, ...], tiles: tuple[NkiTensor, ...]) -> str:
+    """Resolve `engine=` and check it; GpSimd cannot reach PSUM ([arch] connectivity; [isa] tensor_copy)."""
+    if eng is not None and not isinstance(eng, engine):
+        raise rule_error(instr, "engine must be a nki.isa.engine member", f"engine={eng!r}")
     name = default if eng in (None, engine.unknown) else eng.name
     if name not in allowed:
         raise rule_error(instr, f"runs on {'/'.join(allowed)} only (NeuronCore-v2)", f"engine={name}")
@@ -142,43 +178,39 @@ def _engine(instr: str, eng: Any, default: str, allowed: tuple[str, ...], tiles:
     return name
 
 
-def _charge(engine_name: str, cycles: float, useful: float = 0.0) -> None:
-    state().charge(engine_name, cycles, useful)
-
-
 def _lanes(t: NkiTensor) -> float:
     """Elements per lane weighted by the share of the 128 lanes in use."""
     return t.free_size * t.partitions / core.PMAX
 
 
-def _elementwise_cost(n: int) -> int:
-    return max(MIN_II, n) + ACCESS_OVERHEAD
+def _issue(engine_name: str, instr: str, cycles: float, reads: tuple, writes: tuple, useful: float = 0.0,
+           overhead: float = core.ACCESS_OVERHEAD) -> None:
+    state().issue(engine_name, instr, cycles, tuple(t for t in reads if isinstance(t, NkiTensor)),
+                  tuple(writes), useful, overhead)
 
 
 # ------------------------------------------------------------------ data movement
 def dma_copy(dst, src, dst_rmw_op=None, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, unique_indices=True,
              name=None):
-    """dst = src (or dst += src), any of HBM/SBUF; element counts must match; PSUM is not reachable."""
+    """dst = src (or dst += src) between HBM and SBUF; element counts must match ([isa] dma_copy)."""
     instr = "nisa.dma_copy"
     for nm, t in (("dst", dst), ("src", src)):
         if not isinstance(t, NkiTensor):
             raise rule_error(instr, f"{nm} must be a tensor", f"got {type(t).__name__}")
-        if t.buffer == PSUM:
-            raise rule_error(instr, "DMA cannot access PSUM (copy through SBUF)", f"{nm} {t.shape} in psum")
+        if t.buffer == PSUM:  # [isa] "Both src and dst tiles can be in HBM or SBUF"
+            raise rule_error(instr, "DMA reaches HBM and SBUF only, not PSUM (copy through SBUF)",
+                             f"{nm} {t.shape} in psum")
         if t.buffer == SBUF and t.partitions > core.PMAX:
             raise rule_error(instr, "partition dimension must be <= 128", f"{nm} {t.shape}")
     if dst.numpy().size != src.numpy().size:
         raise rule_error(instr, "src and dst must hold the same number of elements", f"dst {dst.shape}, src {src.shape}")
-    if dst_rmw_op is not None and _UFUNC_OPS.get(dst_rmw_op, dst_rmw_op) is not nl.add:
+    if dst_rmw_op is not None and dst_rmw_op is not nl.add:  # [isa] "only nl.add is supported"
         raise rule_error(instr, "dst_rmw_op supports only nl.add", f"got {dst_rmw_op!r}")
     run = state()
-    src_bytes = src.numpy().size * src.dtype.itemsize
-    dst_bytes = dst.numpy().size * dst.dtype.itemsize
-    hbm = src_bytes if src.buffer in core.HBM_BUFFERS else 0
+    hbm = src.nbytes if src.buffer in core.HBM_BUFFERS else 0
     if dst.buffer in core.HBM_BUFFERS:
-        hbm += dst_bytes * (2 if dst_rmw_op is not None else 1)
-    run.profile.hbm_bytes += int(hbm)
-    run.profile.dma_count += 1
+        hbm += dst.nbytes * (2 if dst_rmw_op is not None else 1)
+    run.dma(instr, dst, src, hbm)
     if not run.compute:
         return
     same = dst.dtype == src.dtype and dst_rmw_op is None
@@ -193,43 +225,75 @@ def dma_copy(dst, src, dst_rmw_op=None, oob_mode=oob_mode.error, dge_mode=dge_mo
         dst.write(values)
 
 
-def tensor_copy(dst, src, engine=engine.unknown, name=None):
-    """Copy within SBUF/PSUM on Vector or GpSimd (NeuronCore-v2 has no Scalar-engine copy)."""
+def tensor_copy(dst, src, engine=engine.unknown, name=None, dtype=None):
+    """Copy within SBUF/PSUM on Vector or GpSimd ([isa] tensor_copy: NeuronCore v2 has no Scalar-engine copy).
+
+    `dtype=` is not in the 0.2.0 stub but AWS's own 0.2 code passes it (the matrix
+    multiplication examples at 3c46990d, nki-library's moe and topk kernels), sometimes
+    different from `dst.dtype`; the emulator accepts and ignores it: the docstring
+    defines the result by `dst`'s dtype (an intermediate fp32 cast when they differ).
+    """
     instr = "nisa.tensor_copy"
     _tile(instr, "dst", dst)
     _tile(instr, "src", src)
     _same_layout(instr, ("dst", "src"), (dst, src))
     eng = _engine(instr, engine, "vector", ("vector", "gpsimd"), (dst, src))
-    _charge(eng, _elementwise_cost(src.free_size), _lanes(src))
+    _free_limit(instr, {"dst": dst, "src": src})
+    _issue(eng, instr, max(MIN_II, src.free_size), (src,), (dst,), _lanes(src))
     if state().compute:
-        if dst.dtype == src.dtype:
-            dst.write(src.numpy().reshape(dst.shape)) if not is_float(dst.dtype) else dst.write(src.read())
+        if dst.dtype == src.dtype and not is_float(dst.dtype):
+            dst.write(src.numpy().reshape(dst.shape))
         else:
             dst.write(src.read())
 
 
 def memset(dst, value, engine=engine.unknown, name=None):
-    """Fill `dst` with a constant on Vector or GpSimd."""
+    """Fill `dst` with a compile-time constant on Vector or GpSimd ([isa] memset)."""
     instr = "nisa.memset"
     _tile(instr, "dst", dst)
     eng = _engine(instr, engine, "vector" if dst.buffer == PSUM else "gpsimd", ("vector", "gpsimd"), (dst,))
-    _charge(eng, _elementwise_cost(dst.free_size), _lanes(dst))
+    _issue(eng, instr, max(MIN_II, dst.free_size), (), (dst,), _lanes(dst))
     if state().compute:
         dst.write(np.full((dst.partitions, dst.free_size), value, dtype=np.float64))
 
 
 # ------------------------------------------------------------------ Tensor engine
+def _matmul_tiling(instr: str, stationary: NkiTensor, tile_position: Any, tile_size: Any) -> None:
+    """[isa] nc_matmul "Tiling mode" on NeuronCore-v2: 2x64 row tiles only; column_size 128, start_column 0."""
+    if not tile_position and not tile_size:
+        return
+    if not tile_position or not tile_size:
+        raise rule_error(instr, "tile_position and tile_size must both be set to enable tiling mode",
+                         f"tile_position={tile_position}, tile_size={tile_size}")
+    (row0, col0), (rows, cols) = tile_position, tile_size
+    if rows not in (64, 128):
+        raise rule_error(instr, "row tile size is 64 or 128 on NeuronCore-v2 (32 needs NeuronCore-v3)",
+                         f"tile_size={tile_size}")
+    if cols != 128 or col0 != 0:
+        raise rule_error(instr, "column tiling is not available: column_size must be 128 and start_column 0",
+                         f"tile_position={tile_position}, tile_size={tile_size}")
+    if row0 % rows or row0 + rows > 128:
+        raise rule_error(instr, "start_row must be a multiple of the row tile size within 128",
+                         f"tile_position={tile_position}, tile_size={tile_size}")
+    if stationary.partitions > rows:
+        raise rule_error(instr, "stationary partitions must fit the row tile", f"{stationary.shape}, rows {rows}")
+
+
 def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_onezero=False, is_transpose=False,
               tile_position=(), tile_size=(), perf_mode=matmul_perf_mode.none, name=None):
-    """dst (PSUM, fp32) = stationary.T @ moving, contracting over partitions; accumulates into an open group.
+    """dst (PSUM, fp32) = stationary.T @ moving, contracting over partitions ([isa] nc_matmul, [arch] Tensor Engine).
 
     Matmuls into the same PSUM region accumulate until another instruction writes it; the
-    first matmul into a fresh (or otherwise-written) region overwrites.
+    first matmul into a fresh (or otherwise-written) region overwrites ([arch] "Near-memory
+    accumulation in PSUM": a matmul accumulation group).
     """
     instr = "nisa.nc_matmul"
     _tile(instr, "stationary", stationary, (SBUF,))
     _tile(instr, "moving", moving, (SBUF,))
     _tile(instr, "dst", dst, (PSUM,))
+    if perf_mode not in (None, matmul_perf_mode.none):
+        raise rule_error(instr, "performance mode is not supported on NeuronCore-v2", f"perf_mode={perf_mode}")
+    _matmul_tiling(instr, stationary, tile_position, tile_size)
     k, m, n = stationary.partitions, stationary.free_size, moving.free_size
     if moving.partitions != k:
         raise rule_error(instr, "stationary and moving must have the same partition (contraction) size",
@@ -244,6 +308,7 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
                          f"dst {dst.shape}, stationary {stationary.shape}, moving {moving.shape}")
     if dst.dtype != np.float32:
         raise rule_error(instr, "dst must be a float32 PSUM tile on NeuronCore-v2", f"dst dtype {dst.dtype}")
+    _one_bank(instr, dst)
     for nm, t in (("stationary", stationary), ("moving", moving)):
         if t.dtype not in _MATMUL_DTYPES:
             raise rule_error(instr, "inputs must be float8/bfloat16/float16/tfloat32/float32", f"{nm} dtype {t.dtype}")
@@ -252,9 +317,12 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
         raise rule_error(instr, "if one input is float32 the other must be float32 too",
                          f"stationary {stationary.dtype}, moving {moving.dtype}")
     passes = 1
-    if all(fp32):
+    if all(fp32):  # [arch] "For FP32 input data type, the instruction cost is roughly 4x"; one/zero hint halves it
         passes = 2 if (is_stationary_onezero or is_moving_onezero) else 4
-    _charge("tensor", max(min(64, m), n) * passes, n * (k / core.PMAX) * (m / core.PMAX))
+    # [arch] Tensor Engine cost model: initiation interval max(N, 64) per MultiplyMoving; the access
+    # overhead of the Vector/Scalar model does not apply to the pipelined PE array
+    _issue("tensor", instr, max(min(64, m), n) * passes, (stationary, moving), (dst,),
+           n * (k / core.PMAX) * (m / core.PMAX), overhead=0)
     if not state().compute:
         return
     result = stationary.read().T.astype(np.float64) @ moving.read().astype(np.float64)
@@ -263,29 +331,58 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     dst.write(result.astype(np.float32), accumulate_group=True)
 
 
+def _one_bank(instr: str, dst: NkiTensor) -> None:
+    """[arch] "The output tile of a TensorE matrix multiplication instruction must fit into one PSUM bank"."""
+    _, _, _, f0, f1 = dst.region()
+    if f1 > f0 and f0 // core.PSUM_BANK_BYTES != (f1 - 1) // core.PSUM_BANK_BYTES:
+        raise rule_error(instr, f"dst must lie within one PSUM bank ({core.PSUM_BANK_BYTES} B per partition)",
+                         f"dst {dst.shape} {dst.dtype} spans bytes {f0}..{f1} of its partitions")
+
+
 def nc_transpose(dst, data, engine=engine.unknown, name=None):
-    """2-D transpose: Tensor engine (<=128x128, SBUF -> PSUM) or Vector engine (<=32x32)."""
+    """2-D transpose on the Tensor engine (<= 128x128, SBUF -> PSUM) or the Vector engine (<= 32x32).
+
+    [isa] nc_transpose: dst must have data's dtype. On NeuronCore-v2 the Tensor engine
+    writes fp32 only ([arch] Tensor Engine "Data Types": "the output data of a TensorE
+    calculation is always in FP32"; bf16 transposes on the PE array start with
+    NeuronCore-v3: [lib] core/qkv/qkv_cte_utils.py "Instances after >=Trn2 support BF16
+    transpose mode on PE Array" picks an fp32 PSUM transpose dtype on gen2,
+    core/moe/moe_cte/moe_cte_utils.py `compatible_dtype` likewise), so a Tensor-engine
+    transpose of a bf16 tile writes an fp32 PSUM tile there.
+    """
     instr = "nisa.nc_transpose"
     _tile(instr, "data", data)
     _tile(instr, "dst", dst)
     p, f = data.partitions, data.free_size
     if dst.partitions != f or dst.free_size != p:
         raise rule_error(instr, "dst must be data's transpose", f"data {data.shape}, dst {dst.shape}")
-    if dst.dtype != data.dtype:
-        raise rule_error(instr, "dst must have data's dtype", f"data {data.dtype}, dst {dst.dtype}")
-    eng = "tensor" if engine in (None, globals()["engine"].unknown) and (p > 32 or f > 32) else (
-        "vector" if engine in (None, globals()["engine"].unknown) else engine.name)
+    if engine in (None, _ENGINE_ENUM.unknown):
+        eng = "vector" if p <= 32 and f <= 32 and dst.dtype == data.dtype else "tensor"
+    elif isinstance(engine, _ENGINE_ENUM):
+        eng = engine.name
+    else:
+        raise rule_error(instr, "engine must be a nki.isa.engine member", f"engine={engine!r}")
     if eng == "tensor":
         if data.buffer != SBUF or dst.buffer != PSUM:
             raise rule_error(instr, "Tensor-engine transpose reads SBUF and writes PSUM",
                              f"data in {data.buffer}, dst in {dst.buffer}")
         if p > 128 or f > 128:
             raise rule_error(instr, "Tensor-engine transpose handles at most 128x128", f"data {data.shape}")
-        _charge("tensor", max(min(64, f), p) * (4 if data.dtype == np.float32 else 1), p * f / core.PMAX)
+        if dst.dtype != np.float32:
+            raise rule_error(instr, "a Tensor-engine transpose writes a float32 PSUM tile on NeuronCore-v2",
+                             f"data {data.dtype}, dst {dst.dtype}")
+        if data.dtype not in _MATMUL_DTYPES:
+            raise rule_error(instr, "Tensor-engine inputs must be float8/bfloat16/float16/float32",
+                             f"data {data.dtype}")
+        _one_bank(instr, dst)
+        _issue("tensor", instr, max(min(64, f), p) * (4 if data.dtype == np.float32 else 1), (data,), (dst,),
+               p * f / core.PMAX, overhead=0)
     elif eng == "vector":
         if p > 32 or f > 32:
             raise rule_error(instr, "Vector-engine transpose handles at most 32x32", f"data {data.shape}")
-        _charge("vector", _elementwise_cost(f), _lanes(data))
+        if dst.dtype != data.dtype:
+            raise rule_error(instr, "dst must have data's dtype", f"data {data.dtype}, dst {dst.dtype}")
+        _issue("vector", instr, max(MIN_II, f), (data,), (dst,), _lanes(data))
     else:
         raise rule_error(instr, "runs on the Tensor or Vector engine", f"engine={eng}")
     if state().compute:
@@ -294,53 +391,91 @@ def nc_transpose(dst, data, engine=engine.unknown, name=None):
 
 # ------------------------------------------------------------------ Vector / Scalar / GpSimd compute
 def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
-    """dst = op(data1, data2) element-wise in fp32 (Vector; GpSimd for nl.power)."""
+    """dst = op(data1, data2) element-wise in fp32 on Vector or GpSimd ([isa] tensor_tensor)."""
     instr = "nisa.tensor_tensor"
-    op = _op(instr, op)
+    op = _op(instr, op, "alu")
     for nm, t in (("dst", dst), ("data1", data1), ("data2", data2)):
         _tile(instr, nm, t)
     _same_layout(instr, ("dst", "data1", "data2"), (dst, data1, data2))
     _not_both_psum(instr, data1, data2, ("data1", "data2"))
+    _integer_tiles(instr, op, {"dst": dst, "data1": data1, "data2": data2})
+    # [isa] "nl.power (Which runs on the GpSimd engine)"; GpSimd cannot access PSUM
     eng = _engine(instr, engine, "gpsimd" if op is nl.power else "vector", ("vector", "gpsimd"), (dst, data1, data2))
+    if op is nl.power and eng != "gpsimd":
+        raise rule_error(instr, "nl.power runs on the GpSimd engine", f"engine={eng}")
+    _free_limit(instr, {"dst": dst, "data1": data1, "data2": data2})
     n = data1.free_size
+    # [arch] Vector cost model: "two input tiles ... roughly 2N cycles"; an input streamed from
+    # PSUM, or bf16 add/multiply, runs at N (the older isa docstrings; docs/kernels.md)
     fast = PSUM in (data1.buffer, data2.buffer) or (
         data1.dtype == core.BFLOAT16 and data2.dtype == core.BFLOAT16 and op in (nl.add, nl.multiply))
-    _charge(eng, max(MIN_II, n if fast else 2 * n) + ACCESS_OVERHEAD, _lanes(data1))
+    _issue(eng, instr, max(MIN_II, n if fast else 2 * n), (data1, data2), (dst,), _lanes(data1))
     if state().compute:
-        with np.errstate(all="ignore"):
-            dst.write(op.fn(data1.read(), data2.read()))
+        dst.write(op.fn(data1.read(), data2.read()))
 
 
 def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=None, reverse1=False,
                   engine=engine.unknown, name=None):
-    """dst = (data op0 operand0) op1 operand1 with scalar or per-partition (P, 1) operands."""
+    """dst = (data op0 operand0) op1 operand1 with scalar or per-partition (P, 1) operands ([isa] tensor_scalar)."""
     instr = "nisa.tensor_scalar"
     _tile(instr, "dst", dst)
     _tile(instr, "data", data)
     _same_layout(instr, ("dst", "data"), (dst, data))
-    op0 = _op(instr, op0)
-    v0 = _scalar_operand(instr, "operand0", operand0, data.partitions)
+    op0 = _op(instr, op0, "alu")
     if (op1 is None) != (operand1 is None):
         raise rule_error(instr, "op1 and operand1 go together (both None when unused)", f"op1={op1!r}")
-    eng = _engine(instr, engine, "vector", ("vector", "scalar", "gpsimd"), (dst, data))
-    _charge(eng, _elementwise_cost(data.free_size), _lanes(data))
-    v1 = None
     if op1 is not None:
-        op1 = _op(instr, op1)
-        v1 = _scalar_operand(instr, "operand1", operand1, data.partitions)
+        op1 = _op(instr, op1, "alu")
+        if op0.is_("bitvec") != op1.is_("bitvec"):  # [isa] "must be of the same type"
+            raise rule_error(instr, "op0 and op1 must both be bitvec or both arithmetic operators", f"{op0!r}, {op1!r}")
+    bitvec = op0.is_("bitvec")
+    eng = _engine(instr, engine, "vector", ("vector", "scalar", "gpsimd"), (dst, data))
+    if bitvec and eng != "vector":  # [isa] "If bitvec operators are used, ... must run on Vector Engine"
+        raise rule_error(instr, "bitvec operators run on the Vector engine only", f"engine={eng}")
+    if eng == "gpsimd" and not (op0 is nl.rsqrt and op1 is None):
+        # [isa] engine parameter: "nki.isa.gpsimd_engine (only allowed for rsqrt)"; [ops] engine selection
+        raise rule_error(instr, "on the GpSimd engine tensor_scalar is allowed only for op0=nl.rsqrt",
+                         f"op0={op0!r}, op1={op1!r}")
+    if eng == "scalar" and (op0, op1) not in ((nl.multiply, nl.add), (nl.multiply, None), (nl.add, None)):
+        # [isa] "The Scalar Engine ... only supports some operator combinations" (stated for trn2; NeuronCore-v2's
+        # Scalar engine is documented with no more, so the emulator applies the same list)
+        raise rule_error(instr, "on the Scalar engine tensor_scalar supports only (multiply, add), (multiply, None) "
+                         "and (add, None)", f"op0={op0!r}, op1={op1!r}")
+    _integer_tiles(instr, op0, {"dst": dst, "data": data})
+    v0 = _scalar_operand(instr, "operand0", operand0, data.partitions)
+    v1 = _scalar_operand(instr, "operand1", operand1, data.partitions) if op1 is not None else None
+    _free_limit(instr, {"dst": dst, "data": data})
+    # [ops] engine selection: rsqrt on GpSimd is 4x slower than on the Scalar engine
+    per_elem = 4 if eng == "gpsimd" else 1
+    _issue(eng, instr, max(MIN_II, per_elem * data.free_size), (data, operand0, operand1), (dst,), _lanes(data))
     if not state().compute:
         return
-    with np.errstate(all="ignore"):
-        x = data.read()
-        x = op0.fn(v0, x) if reverse0 else op0.fn(x, v0)
-        if op1 is not None:
-            x = op1.fn(v1, x) if reverse1 else op1.fn(x, v1)
+    x = data.read()
+    if bitvec:
+        v0, v1 = np.int64(v0) if np.ndim(v0) == 0 else v0.astype(np.int64), v1
+    x = op0.fn(v0, x) if reverse0 else op0.fn(x, v0)
+    if op1 is not None:
+        x = op1.fn(v1, x) if reverse1 else op1.fn(x, v1)
     dst.write(x)
+
+
+def _check_range(instr: str, op: nl._Op, x: np.ndarray) -> None:
+    """[ops] activation table: inputs outside the Valid Input Range give invalid results on the Scalar engine."""
+    if op.valid is None:
+        return
+    lo, hi = op.valid
+    mag = np.abs(x) if op.symmetric else x
+    bad = ~np.isnan(mag) & ((mag < lo) | (mag > hi))
+    if bad.any():
+        worst = x[bad].reshape(-1)[0]
+        rng = f"±[{lo:g}, {hi:g}]" if op.symmetric else f"[{lo:g}, {hi:g}]"
+        raise rule_error(instr, f"input of {op!r} outside its valid range {rng} (the Scalar engine returns invalid "
+                         "results there)", f"{int(bad.sum())} elements, e.g. {worst:g}")
 
 
 def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=None, reduce_cmd=reduce_cmd.idle,
                name=None):
-    """dst = op(data * scale + bias) on the Scalar engine, with the optional free-axis add-reduction."""
+    """dst = op(data * scale + bias) on the Scalar engine, with the optional free-axis add-reduction ([isa] activation)."""
     instr = "nisa.activation"
     op = _op(instr, op, "act")
     _tile(instr, "dst", dst)
@@ -352,80 +487,121 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
         if not isinstance(bias, NkiTensor):
             raise rule_error(instr, "on NeuronCore-v2 bias must be a (partitions, 1) vector, not a scalar",
                              f"bias={bias!r}")
+        if op is nl.reciprocal:  # [ops] "nki.isa.activation(op=nl.reciprocal) doesn't support setting bias on v2"
+            raise rule_error(instr, "activation(op=nl.reciprocal) takes no bias on NeuronCore-v2", "bias given")
         _tile(instr, "bias", bias)
         if bias.partitions != data.partitions or bias.free_size != 1:
             raise rule_error(instr, "bias must be a (partitions, 1) vector", f"bias {bias.shape}, data {data.shape}")
         if bias.dtype not in (np.dtype(np.float32), core.BFLOAT16, np.dtype(np.float16)):
             raise rule_error(instr, "bias must be float32/float16/bfloat16", f"bias dtype {bias.dtype}")
         b = bias.read() if state().compute else 0.0
-    if reduce_op is not None and _UFUNC_OPS.get(reduce_op, reduce_op) is not nl.add:
+    if reduce_op is not None and reduce_op is not nl.add:
         raise rule_error(instr, "reduce_op must be nl.add on NeuronCore-v2", f"reduce_op={reduce_op!r}")
-    _charge("scalar", _elementwise_cost(data.free_size), _lanes(data))
     if reduce_res is not None:
         _tile(instr, "reduce_res", reduce_res)
-        _charge("scalar", MIN_II)
+        if reduce_res.partitions != data.partitions or reduce_res.free_size != 1:
+            raise rule_error(instr, "reduce_res must be a (partitions, 1) tile",
+                             f"reduce_res {reduce_res.shape}, data {data.shape}")
+    _free_limit(instr, {"dst": dst, "data": data})
+    _issue("scalar", instr, max(MIN_II, data.free_size), (data, bias, scale), (dst,), _lanes(data))
+    if reduce_res is not None:  # [arch] "ActReadAccumulator ... roughly 64 ScalarE cycles"
+        _issue("scalar", instr + " (read accumulators)", MIN_II, (), (reduce_res,), overhead=0)
     if not state().compute:
         return
-    with np.errstate(all="ignore"):
-        out = op.fn(data.read() * s + b).astype(np.float32)
+    x = data.read() * s + b
+    _check_range(instr, op, x)
+    out = op.act_fn(x)
     dst.write(out)
-    regs = _REDUCE_REGS.setdefault("scalar", np.zeros((core.PMAX, 1), np.float32))
-    p = data.partitions
-    if reduce_cmd in (globals()["reduce_cmd"].reset, globals()["reduce_cmd"].reset_reduce):
+    run, p = state(), data.partitions
+    regs = run.reduce_regs
+    if reduce_cmd in (_REDUCE_CMD.reset, _REDUCE_CMD.reset_reduce):
         regs[:p] = 0.0
-    if reduce_cmd in (globals()["reduce_cmd"].reduce, globals()["reduce_cmd"].reset_reduce):
+    if reduce_cmd in (_REDUCE_CMD.reduce, _REDUCE_CMD.reset_reduce):
         regs[:p] += out.reshape(p, -1).sum(axis=1, keepdims=True)
     if reduce_res is not None:
         reduce_res.write(regs[:p])
 
 
+def activation_reduce(dst, op, data, reduce_op, reduce_res, bias=None, scale=1.0, name=None):
+    """`activation` with reduce_cmd=reset_reduce and reduce_res ([isa] activation_reduce)."""
+    activation(dst=dst, op=op, data=data, bias=bias, scale=scale, reduce_op=reduce_op, reduce_res=reduce_res,
+               reduce_cmd=_REDUCE_CMD.reset_reduce)
+
+
+def _reduce_axes(instr: str, axis: Any, data: NkiTensor) -> int:
+    """[isa] tensor_reduce: axes are numbered from the most-minor free axis (1) outwards, must contain 1
+    and be consecutive ([1], [1,2], [1,2,3], [1,2,3,4]). Returns how many trailing axes reduce."""
+    axes = sorted([axis] if isinstance(axis, int) else [int(a) for a in axis])
+    free_axes = data.ndim - 1
+    if not axes or axes != list(range(1, len(axes) + 1)) or len(axes) > min(4, free_axes):
+        raise rule_error(instr, "axis counts free axes from the most minor one (= 1) and must be [1], [1, 2], "
+                         "[1, 2, 3] or [1, 2, 3, 4] within the tile's free axes (never 0, the partition axis)",
+                         f"axis={axis}, data {data.shape}")
+    return len(axes)
+
+
 def tensor_reduce(dst, op, data, axis, negate=False, keepdims=False, name=None):
-    """Reduce the trailing free axes of `data` with an ALU op (Vector engine, fp32)."""
+    """Reduce the innermost free axes of `data` with an ALU op on the Vector engine ([isa] tensor_reduce)."""
     instr = "nisa.tensor_reduce"
-    op = _op(instr, op)
+    op = _op(instr, op, "alu")
+    if not op.reducible:  # [ops] ALU table, column "Legal Reduction op"
+        raise rule_error(instr, "op is not a legal reduction operator (ALU table, 'Legal Reduction op')", f"op {op!r}")
     _tile(instr, "dst", dst)
     _tile(instr, "data", data)
-    axes = sorted([axis] if isinstance(axis, int) else list(axis))
-    last = data.ndim - 1
-    if 0 in axes or not axes or axes[-1] != last or axes != list(range(axes[0], last + 1)):
-        raise rule_error(instr, "axis must be consecutive free axes ending at the last one (never 0)",
-                         f"axis={axis}, data {data.shape}")
-    kept = int(np.prod(data.shape[1:axes[0]], dtype=np.int64))
+    _integer_tiles(instr, op, {"dst": dst, "data": data})
+    if negate and op.is_("bitvec"):
+        raise rule_error(instr, "negate applies to arithmetic operators only", f"op {op!r}")
+    n_axes = _reduce_axes(instr, axis, data)
+    kept_shape = data.shape[1:data.ndim - n_axes]
+    kept = int(np.prod(kept_shape, dtype=np.int64))
     if dst.partitions != data.partitions or dst.free_size != kept:
         raise rule_error(instr, "dst must hold the reduced shape", f"dst {dst.shape}, data {data.shape}, axis {axis}")
-    if op.fn not in (np.add, np.multiply, np.maximum, np.minimum, np.subtract):
-        raise rule_error(instr, "op must be a legal reduction operator", f"op {op!r}")
-    _charge("vector", _elementwise_cost(data.free_size), _lanes(data))
+    _free_limit(instr, {"dst": dst, "data": data})
+    _issue("vector", instr, max(MIN_II, data.free_size), (data,), (dst,), _lanes(data))
     if not state().compute:
         return
-    x = data.read().reshape(data.shape).astype(np.float32)
-    out = op.fn.reduce(x, axis=tuple(axes)) if op.fn is not np.subtract else np.subtract.reduce(
-        x.reshape(data.partitions, kept, -1), axis=2)
+    out = op.reducer(data.read().reshape(data.partitions, kept, -1))
     dst.write(-out if negate else out)
 
 
 def tensor_tensor_scan(dst, data0, data1, initial, op0, op1, reverse0=False, reverse1=False, name=None):
-    """r[:, i] = op1(op0(data0[:, i], r[:, i-1]), data1[:, i]), r[:, -1] = initial; fp32 (Vector engine)."""
+    """r[:, i] = op1(op0(data0[:, i], r[:, i-1]), data1[:, i]), r[:, -1] = initial; fp32 on Vector ([isa])."""
     instr = "nisa.tensor_tensor_scan"
-    op0, op1 = _op(instr, op0), _op(instr, op1)
+    op0, op1 = _op(instr, op0, "alu"), _op(instr, op1, "alu")
+    for op in (op0, op1):
+        if not op.is_("arith"):
+            raise rule_error(instr, "op0 and op1 must be arithmetic operators", f"{op!r}")
     for nm, t in (("dst", dst), ("data0", data0), ("data1", data1)):
         _tile(instr, nm, t)
     _same_layout(instr, ("dst", "data0", "data1"), (dst, data0, data1))
     _not_both_psum(instr, data0, data1, ("data0", "data1"))
     init = _scalar_operand(instr, "initial", initial, data0.partitions)
+    _free_limit(instr, {"dst": dst, "data0": data0, "data1": data1})
     n = data0.free_size
-    _charge("vector", max(MIN_II, 2 * n) + ACCESS_OVERHEAD, _lanes(data0))
+    _issue("vector", instr, max(MIN_II, 2 * n), (data0, data1, initial), (dst,), _lanes(data0))
     if not state().compute:
         return
     a, b = data0.read(), data1.read()
     out = np.empty_like(a)
     prev = np.broadcast_to(np.asarray(init, np.float32).reshape(-1), (a.shape[0],)).astype(np.float32)
-    with np.errstate(all="ignore"):
-        for i in range(n):
-            x = op0.fn(prev, a[:, i]) if reverse0 else op0.fn(a[:, i], prev)
-            prev = (op1.fn(b[:, i], x) if reverse1 else op1.fn(x, b[:, i])).astype(np.float32)
-            out[:, i] = prev
+    for i in range(n):
+        x = op0.fn(prev, a[:, i]) if reverse0 else op0.fn(a[:, i], prev)
+        prev = (op1.fn(b[:, i], x) if reverse1 else op1.fn(x, b[:, i])).astype(np.float32)
+        out[:, i] = prev
     dst.write(out)
+
+
+def reciprocal(dst, data, name=None):
+    """dst = 1 / data on the Vector engine, max(MIN_II, 8N) cycles ([isa] reciprocal; [ops] engine selection)."""
+    instr = "nisa.reciprocal"
+    _tile(instr, "dst", dst)
+    _tile(instr, "data", data)
+    _same_layout(instr, ("dst", "data"), (dst, data))
+    _free_limit(instr, {"dst": dst, "data": data})
+    _issue("vector", instr, max(MIN_II, 8 * data.free_size), (data,), (dst,), _lanes(data))
+    if state().compute:
+        with np.errstate(divide="ignore"):
+            dst.write(1.0 / data.read())
 
 
 def _affine_values(instr: str, dst: NkiTensor, pattern: Any, offset: int, channel_multiplier: int) -> np.ndarray:
@@ -445,34 +621,42 @@ def _affine_values(instr: str, dst: NkiTensor, pattern: Any, offset: int, channe
     return value.reshape(1, -1) + channel
 
 
-def iota(dst, pattern, offset, channel_multiplier=0, name=None):
-    """dst[p, ...] = offset + p * channel_multiplier + sum(step * index) (GpSimd, int32 math)."""
+def iota(dst, pattern, offset=0, channel_multiplier=0, name=None):
+    """dst[p, ...] = offset + p * channel_multiplier + sum(step * index) (GpSimd, int32 math; [isa] iota).
+
+    `offset` defaults to 0 here although the stub lists it without a default: nki-library's
+    v2-capable kernels call `nisa.iota(pattern=..., dst=...)` (core/max/cascaded_max.py).
+    """
     instr = "nisa.iota"
     _tile(instr, "dst", dst, (SBUF,))
-    _charge("gpsimd", core.GPSIMD_BASE + dst.free_size, _lanes(dst))
     values = _affine_values(instr, dst, pattern, offset, channel_multiplier)
+    _issue("gpsimd", instr, core.GPSIMD_BASE + dst.free_size, (), (dst,), _lanes(dst), overhead=0)
     if state().compute:
         dst.write(values.astype(np.int32).astype(np.float64))
 
 
-def affine_select(dst, pattern, offset, channel_multiplier, on_true_tile, on_false_value, cmp_op=nl.equal, name=None):
-    """dst = on_true_tile where cmp_op(affine value, 0) else on_false_value (GpSimd)."""
+def affine_select(dst, pattern, offset=0, channel_multiplier=0, on_true_tile=None, on_false_value=0.0,
+                  cmp_op=nl.equal, name=None):
+    """dst = on_true_tile where cmp_op(affine value, 0) else on_false_value (GpSimd; [isa] affine_select).
+
+    `offset` / `channel_multiplier` default as nki-library's calls need (cascaded_max.py omits `offset`).
+    """
     instr = "nisa.affine_select"
     _tile(instr, "dst", dst, (SBUF,))
     _tile(instr, "on_true_tile", on_true_tile, (SBUF,))
     _same_layout(instr, ("dst", "on_true_tile"), (dst, on_true_tile))
-    cmp = _op(instr, cmp_op)
-    if not isinstance(on_false_value, (int, float, np.floating)):
+    cmp = _op(instr, cmp_op, "alu")
+    if not isinstance(on_false_value, (int, float, np.floating)) or isinstance(on_false_value, bool):
         raise rule_error(instr, "on_false_value must be a float32 scalar", f"got {on_false_value!r}")
-    _charge("gpsimd", core.GPSIMD_BASE + dst.free_size, _lanes(dst))
     values = _affine_values(instr, dst, pattern, offset, channel_multiplier)
+    _issue("gpsimd", instr, core.GPSIMD_BASE + dst.free_size, (on_true_tile,), (dst,), _lanes(dst), overhead=0)
     if state().compute:
         keep = cmp.fn(values.astype(np.float64), 0.0).astype(bool)
         dst.write(np.where(keep, on_true_tile.read(), np.float32(on_false_value)))
 
 
 __all__ = [
-    "activation", "affine_select", "dge_mode", "dma_copy", "engine", "get_nc_version", "iota", "matmul_perf_mode",
-    "memset", "nc_matmul", "nc_transpose", "nc_version", "oob_mode", "reduce_cmd", "tensor_copy", "tensor_reduce",
-    "tensor_scalar", "tensor_tensor", "tensor_tensor_scan",
+    "activation", "activation_reduce", "affine_select", "dge_mode", "dma_copy", "engine", "get_nc_version", "iota",
+    "matmul_perf_mode", "memset", "nc_matmul", "nc_transpose", "nc_version", "oob_mode", "reciprocal", "reduce_cmd",
+    "tensor_copy", "tensor_reduce", "tensor_scalar", "tensor_tensor", "tensor_tensor_scan",
 ]

@@ -1,34 +1,59 @@
 """Emulated `nki.language` (NKI 0.2.0): buffers, dtypes, creation, loop ranges, tile sizes, ops.
 
 Signatures follow the 0.2.0 stub (`nki/api/nki/language/__init__.py` at aws-neuron-sdk
-3c46990d). The arithmetic operators (`add`, `multiply`, ...) and activation functions
-(`exp`, `softplus`, ...) are *identifiers* passed to `nisa` instructions through `op=`;
-as in 0.2.0, calling one directly on tiles is not supported.
+3c46990d). The operators (`add`, `multiply`, ...) and activation functions (`exp`,
+`softplus`, ...) are *identifiers* passed to `nisa` instructions through `op=`; as in
+0.2.0, calling one directly on tiles is not supported. Which identifier an instruction
+accepts comes from the two tables of `nki/api/nki.api.shared.rst`: the ALU operator
+table ("Supported Math Operators for NKI ISA", with its "Legal Reduction op" column)
+and the activation-function table ("Supported Activation Functions", with each
+function's valid input range). `nl.divide` exists in `nki.language` but is in neither
+table, so no instruction takes it as `op=`.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
+import ml_dtypes
 import numpy as np
 
 from . import core
 from .core import BFLOAT16, allocate
 
+
+class NKIObject:
+    """Base class every user class in a NKI kernel must inherit (and no other class).
+
+    NKI language guide, "Class Support": the compiler only brings in class definitions
+    that derive from `NKIObject`; `nki_kernels.emulator.frontend` enforces it.
+    """
+
+
 # ---------------------------------------------------------------- dtypes (NumPy dtypes)
-bool_ = np.dtype(np.uint8)
+bool_ = np.dtype(np.uint8)  # "boolean stored as uint8" (nki.api.shared.rst, dtype table)
 int8, int16, int32 = np.dtype(np.int8), np.dtype(np.int16), np.dtype(np.int32)
 uint8, uint16, uint32 = np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32)
 float16, float32 = np.dtype(np.float16), np.dtype(np.float32)
 bfloat16 = BFLOAT16
 tfloat32 = np.dtype(np.float32)  # same storage; the PE array rounds inputs, we do not model it
+float8_e4m3 = np.dtype(ml_dtypes.float8_e4m3)
+float8_e5m2 = np.dtype(ml_dtypes.float8_e5m2)
+float8_e4m3fn = np.dtype(ml_dtypes.float8_e4m3fn)
 
 # ---------------------------------------------------------------- buffers
 sbuf, psum, hbm, shared_hbm, private_hbm = core.SBUF, core.PSUM, core.HBM, core.SHARED_HBM, core.PRIVATE_HBM
 
 
-class tile_size:  # noqa: N801 - NKI's name
-    """Tile size constants of NeuronCore-v2 (Trn1)."""
+class tile_size(NKIObject):  # noqa: N801 - NKI's name
+    """Tile size constants of NeuronCore-v2 (Trn1).
+
+    `total_available_sbuf_size` is bytes *per partition* a kernel may allocate: nki-library
+    uses it as the upper bound of its per-partition SBUF allocator (`utils/allocator.py`),
+    and reserves the dynamic-DMA scratch and an accelerator word below the physical size
+    (`mlp_cte_constants.py`: MAX_AVAILABLE_SBUF_SIZE); see core.SBUF_USABLE_BYTES_PER_PARTITION.
+    """
 
     pmax: int = core.PMAX
     psum_fmax: int = core.PSUM_BANK_BYTES // 4
@@ -37,12 +62,16 @@ class tile_size:  # noqa: N801 - NKI's name
     bn_stats_fmax: int = 512
     psum_min_align: int = 4
     sbuf_min_align: int = 1
-    total_available_sbuf_size: int = core.SBUF_BYTES_PER_PARTITION * core.PMAX
+    total_available_sbuf_size: int = core.SBUF_USABLE_BYTES_PER_PARTITION
 
 
 # ---------------------------------------------------------------- creation
-def ndarray(shape, dtype, buffer=None, name=""):
-    """New tensor in `buffer` (default sbuf), filled with NaN so uninitialised reads show."""
+def ndarray(shape, dtype, buffer=None, name="", address=None):
+    """New tensor in `buffer` (default sbuf), filled with NaN so uninitialised reads show.
+
+    `address` (the migration guide's manual placement) is accepted and ignored: the
+    emulator allocates every tensor separately.
+    """
     return allocate(shape, dtype, buffer, name, fill="nan", instr="nl.ndarray")
 
 
@@ -51,7 +80,7 @@ def zeros(shape, dtype, buffer=None, name=""):
     tensor = allocate(shape, dtype, buffer, name, fill=0, instr="nl.zeros")
     if tensor.buffer in core.ON_CHIP:
         engine = "vector" if tensor.buffer == core.PSUM else "gpsimd"
-        core.state().charge(engine, max(core.MIN_II, tensor.free_size) + core.ACCESS_OVERHEAD)
+        core.state().issue(engine, "nl.zeros", max(core.MIN_II, tensor.free_size), reads=(), writes=(tensor,))
     return tensor
 
 
@@ -91,11 +120,25 @@ def device_print(print_prefix, tensor):
 
 # ---------------------------------------------------------------- operators and activation functions
 class _Op:
-    """An ALU operator or activation function identifier (`op=` of nisa instructions)."""
+    """An operator or activation-function identifier (`op=` of nisa instructions).
 
-    def __init__(self, name: str, fn: Callable[..., np.ndarray], kind: str) -> None:
-        self.name, self.fn, self.kind = name, fn, kind
+    `kinds` says which table lists it: "arith" / "bitvec" (the ALU operator table),
+    "act" (the activation-function table); `reducible` is the table's "Legal Reduction
+    op" column; `valid` is the activation table's valid input range as (lo, hi) on |x|
+    when `symmetric`, else on x.
+    """
+
+    def __init__(self, name: str, fn: Callable[..., np.ndarray] | None, kinds: tuple[str, ...],
+                 reducible: bool = False, act_fn: Callable[[np.ndarray], np.ndarray] | None = None,
+                 valid: tuple[float, float] | None = None, symmetric: bool = False, unary: bool = False,
+                 reducer: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        self.name, self.fn, self.kinds, self.reducible = name, fn, frozenset(kinds), reducible
+        self.reducer = reducer  # reduces the last axis (tensor_reduce)
+        self.act_fn, self.valid, self.symmetric, self.unary = act_fn, valid, symmetric, unary
         self.__name__ = name
+
+    def is_(self, kind: str) -> bool:
+        return kind in self.kinds
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError(
@@ -105,59 +148,134 @@ class _Op:
         return f"nl.{self.name}"
 
 
-def _alu(name: str, fn: Callable[..., np.ndarray]) -> _Op:
-    return _Op(name, fn, "alu")
+def _f32(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    def wrapped(*args: Any) -> np.ndarray:
+        with np.errstate(all="ignore"):
+            return np.asarray(fn(*args), dtype=np.float32)
+
+    return wrapped
 
 
-def _act(name: str, fn: Callable[[np.ndarray], np.ndarray]) -> _Op:
-    return _Op(name, fn, "act")
+def _fold(fn: Callable[..., np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """Reduce the last axis by applying a binary `fn` left to right (ufuncs use their own reduce)."""
+    if isinstance(fn, np.ufunc):
+        return lambda x: fn.reduce(x, axis=-1)
+
+    def reduce(x: np.ndarray) -> np.ndarray:
+        out = x[..., 0]
+        for i in range(1, x.shape[-1]):
+            out = fn(out, x[..., i])
+        return out
+
+    return reduce
 
 
-def _softplus(x: np.ndarray) -> np.ndarray:
-    return np.logaddexp(np.float32(0), x).astype(np.float32)
+def _arith(name: str, fn: Callable[..., np.ndarray], reducible: bool = False, unary: bool = False,
+           act: Callable[[np.ndarray], np.ndarray] | None = None, valid=None, symmetric=False) -> _Op:
+    kinds = ("arith", "act") if act is not None else ("arith",)
+    return _Op(name, _f32(fn), kinds, reducible, act_fn=_f32(act) if act else None, valid=valid,
+               symmetric=symmetric, unary=unary, reducer=_f32(_fold(fn)) if reducible else None)
+
+
+def _bitvec(name: str, fn: Callable[..., np.ndarray], reducible: bool = False, unary: bool = False) -> _Op:
+    return _Op(name, fn, ("bitvec",), reducible, unary=unary, reducer=_fold(fn) if reducible else None)
+
+
+def _act(name: str, fn: Callable[[np.ndarray], np.ndarray], valid=None, symmetric=False) -> _Op:
+    return _Op(name, None, ("act",), act_fn=_f32(fn), valid=valid, symmetric=symmetric)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+_ERF = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    return _ERF(np.asarray(x, dtype=np.float64))
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+
+
+def _gelu_dx(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + _erf(x / math.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
 def _silu_dx(x: np.ndarray) -> np.ndarray:
     s = _sigmoid(x)
-    return (s * (1.0 + x * (1.0 - s))).astype(np.float32)
+    return s * (1.0 + x * (1.0 - s))
 
 
-add = _alu("add", np.add)
-subtract = _alu("subtract", np.subtract)
-multiply = _alu("multiply", np.multiply)
-divide = _alu("divide", np.divide)
-maximum = _alu("maximum", np.maximum)
-minimum = _alu("minimum", np.minimum)
-power = _alu("power", np.power)
-equal = _alu("equal", lambda a, b: (a == b).astype(np.float32))
-not_equal = _alu("not_equal", lambda a, b: (a != b).astype(np.float32))
-greater = _alu("greater", lambda a, b: (a > b).astype(np.float32))
-greater_equal = _alu("greater_equal", lambda a, b: (a >= b).astype(np.float32))
-less = _alu("less", lambda a, b: (a < b).astype(np.float32))
-less_equal = _alu("less_equal", lambda a, b: (a <= b).astype(np.float32))
+def _softplus(x: np.ndarray) -> np.ndarray:
+    return np.logaddexp(0.0, x)
 
+
+def _truthy(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a) != 0
+
+
+# ALU operator table ("Supported Math Operators for NKI ISA"): bitvec rows
+invert = _bitvec("invert", lambda a, b=None: np.invert(a), unary=True)
+bitwise_and = _bitvec("bitwise_and", np.bitwise_and, reducible=True)
+bitwise_or = _bitvec("bitwise_or", np.bitwise_or, reducible=True)
+bitwise_xor = _bitvec("bitwise_xor", np.bitwise_xor, reducible=True)
+left_shift = _bitvec("left_shift", np.left_shift)
+right_shift = _bitvec("right_shift", np.right_shift)
+# arithmetic rows (computed in fp32); rsqrt / reciprocal / abs are also activation functions
+add = _arith("add", np.add, reducible=True)
+subtract = _arith("subtract", np.subtract, reducible=True)
+multiply = _arith("multiply", np.multiply, reducible=True)
+maximum = _arith("maximum", np.maximum, reducible=True)
+minimum = _arith("minimum", np.minimum, reducible=True)
+equal = _arith("equal", lambda a, b: a == b)
+not_equal = _arith("not_equal", lambda a, b: a != b)
+greater_equal = _arith("greater_equal", lambda a, b: a >= b)
+greater = _arith("greater", lambda a, b: a > b)
+less_equal = _arith("less_equal", lambda a, b: a <= b)
+less = _arith("less", lambda a, b: a < b)
+logical_and = _arith("logical_and", lambda a, b: _truthy(a) & _truthy(b), reducible=True)
+logical_or = _arith("logical_or", lambda a, b: _truthy(a) | _truthy(b), reducible=True)
+logical_xor = _arith("logical_xor", lambda a, b: _truthy(a) ^ _truthy(b), reducible=True)
+rsqrt = _arith("rsqrt", lambda a, b=None: 1.0 / np.sqrt(a), unary=True, act=lambda x: 1.0 / np.sqrt(x),
+               valid=(2.0 ** -87, 2.0 ** 97))
+reciprocal = _arith("reciprocal", lambda a, b=None: 1.0 / a, unary=True, act=lambda x: 1.0 / x,
+                    valid=(2.0 ** -42, 2.0 ** 42), symmetric=True)
+abs = _arith("abs", lambda a, b=None: np.abs(a), unary=True, act=np.abs)  # noqa: A001 - NKI's name
+power = _arith("power", np.power)
+# in nki.language but in neither table: no instruction accepts it as op=
+divide = _Op("divide", _f32(np.divide), ())
+
+# activation-function table ("Supported Activation Functions for NKI ISA") with valid input ranges
 copy = _act("copy", lambda x: x)
-exp = _act("exp", np.exp)
-log = _act("log", np.log)
-softplus = _act("softplus", _softplus)
+square = _act("square", np.square)
 sigmoid = _act("sigmoid", _sigmoid)
+relu = _act("relu", lambda x: np.maximum(x, 0))
+gelu = _act("gelu", _gelu)
+gelu_dx = _act("gelu_dx", _gelu_dx)
+gelu_apprx_tanh = _act("gelu_apprx_tanh", _gelu_tanh)
+gelu_apprx_sigmoid = _act("gelu_apprx_sigmoid", lambda x: x * _sigmoid(1.702 * x))
+gelu_apprx_sigmoid_dx = _act("gelu_apprx_sigmoid_dx",
+                             lambda x: _sigmoid(1.702 * x) * (1.0 + 1.702 * x * (1.0 - _sigmoid(1.702 * x))))
 silu = _act("silu", lambda x: x * _sigmoid(x))
 silu_dx = _act("silu_dx", _silu_dx)
 tanh = _act("tanh", np.tanh)
-square = _act("square", np.square)
-relu = _act("relu", lambda x: np.maximum(x, 0))
-sqrt = _act("sqrt", np.sqrt)
-rsqrt = _act("rsqrt", lambda x: 1.0 / np.sqrt(x))
-reciprocal = _act("reciprocal", lambda x: 1.0 / x)
-abs = _act("abs", np.abs)  # noqa: A001 - NKI's name
+softplus = _act("softplus", _softplus)
+mish = _act("mish", lambda x: x * np.tanh(_softplus(x)))
+erf = _act("erf", _erf)
+erf_dx = _act("erf_dx", lambda x: 2.0 / math.sqrt(math.pi) * np.exp(-x * x))
+exp = _act("exp", np.exp)
+log = _act("log", np.log, valid=(2.0 ** -64, 2.0 ** 64))
+sin = _act("sin", np.sin, valid=(-math.pi, math.pi))
+arctan = _act("arctan", np.arctan, valid=(-math.pi / 2, math.pi / 2))
+sqrt = _act("sqrt", np.sqrt, valid=(2.0 ** -116, 2.0 ** 118))
 sign = _act("sign", np.sign)
 
-ARITHMETIC_OPS = (add, subtract, multiply, divide, maximum, minimum, power, equal, not_equal,
-                  greater, greater_equal, less, less_equal)
-ACTIVATIONS = (copy, exp, log, softplus, sigmoid, silu, silu_dx, tanh, square, relu, sqrt, rsqrt,
-               reciprocal, abs, sign)
+ALU_OPS = tuple(op for op in globals().values() if isinstance(op, _Op) and op.kinds & {"arith", "bitvec"})
+ACTIVATIONS = tuple(op for op in globals().values() if isinstance(op, _Op) and op.is_("act"))

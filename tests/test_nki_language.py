@@ -1,0 +1,266 @@
+"""The NKI 0.2.0 language front end: each documented rule broken by a small kernel and honoured by another;
+constructs no AWS NKI 0.2 kernel uses are warned about; our six kernels pass with no finding."""
+
+from __future__ import annotations
+
+import warnings
+from enum import Enum
+
+import numpy as np
+import pytest
+from emulator_helpers import load, rand, run, store
+
+from nki_kernels.emulator import NKILanguageError, NKILanguageWarning, NKIRuleError, frontend, nisa, nki, nl
+
+
+class _PlainTiles:
+    """A helper class that does not inherit NKIObject."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+class _Tiles(nl.NKIObject):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+class _Mode(Enum):
+    copy = 1
+    double = 2
+
+
+def copy_kernel(a):
+    out = nl.ndarray(a.shape, dtype=nl.float32)
+    nisa.tensor_copy(dst=out, src=load(a))
+    return store(out)
+
+
+def language_error(kernel, *args, match: str) -> str:
+    with pytest.raises(NKILanguageError, match=match) as info:
+        run(kernel, *args)
+    return str(info.value)
+
+
+# ----------------------------------------------------------------------------- classes
+def test_classes_must_inherit_nkiobject():
+    def plain(a):
+        t = _PlainTiles(a.shape[0])
+        return copy_kernel(a[0:t.n, :])
+
+    msg = language_error(plain, rand(4, 4), match="must inherit nl.NKIObject")
+    assert "test_nki_language.py:" in msg and "_PlainTiles" in msg
+
+    def derived(a):
+        t = _Tiles(a.shape[0])
+        return copy_kernel(a[0:t.n, :])
+
+    a = rand(4, 4)
+    np.testing.assert_array_equal(run(derived, a), a)
+
+
+def test_enumerations_are_allowed_and_objects_passed_in_are_checked():
+    def with_enum(a, mode):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        factor = 2.0 if mode == _Mode.double else 1.0
+        nisa.tensor_scalar(dst=out, data=load(a), op0=nl.multiply, operand0=factor)
+        return store(out)
+
+    a = rand(4, 4)
+    np.testing.assert_array_equal(run(with_enum, a, _Mode.double), 2 * a)
+
+    def with_object(a, tiles):
+        return copy_kernel(a[0:tiles.n, :])
+
+    language_error(with_object, a, _PlainTiles(2), match="must inherit nl.NKIObject")
+    np.testing.assert_array_equal(run(with_object, a, _Tiles(2)), a[0:2])
+
+
+# ----------------------------------------------------------------------------- dictionaries
+def test_dictionary_keys_are_strings():
+    def tuple_key(a):
+        tiles = {(0, 1): load(a)}
+        return store(tiles[(0, 1)])
+
+    language_error(tuple_key, rand(4, 4), match="dictionaries take only string keys")
+
+    def int_keys_from_a_loop(a):
+        tiles = {}
+        for i in range(2):
+            tiles[i] = load(a)
+        return store(tiles[0])
+
+    language_error(int_keys_from_a_loop, rand(4, 4), match="indexing a dict with a key of type int")
+
+    def annotated(a):
+        tiles: dict[tuple, object] = {}
+        return store(load(a))
+
+    language_error(annotated, rand(4, 4), match=r"annotated dict\[tuple, ...\]")
+
+    def object_keys(a):
+        t = _Tiles(4)
+        tiles = {t: load(a)}
+        return store(tiles[t])
+
+    language_error(object_keys, rand(4, 4), match="a key of type _Tiles")
+
+    def string_keys(a):
+        tiles = {"a": load(a)}
+        for i in range(2):
+            tiles[f"copy{i}"] = tiles["a"]
+        return store(tiles["copy1"])
+
+    a = rand(4, 4)
+    np.testing.assert_array_equal(run(string_keys, a), a)
+
+
+# ----------------------------------------------------------------------------- removed / unknown APIs
+def test_apis_the_migration_guide_removed():
+    def uses_load(a):
+        return store(nl.load(a))
+
+    language_error(uses_load, rand(4, 4), match="nl.load removed in NKI 0.2")
+
+    def uses_mask(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_copy(dst=out, src=load(a), mask=None)
+
+    language_error(uses_mask, rand(4, 4), match="mask parameter is no longer supported")
+
+    def unknown(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_copy_fast(dst=out, src=load(a))
+
+    language_error(unknown, rand(4, 4), match="nisa.tensor_copy_fast is not in the NKI 0.2.0 API")
+
+    def not_emulated(a):
+        out = nl.ndarray((4, 8), dtype=nl.float32)
+        nisa.max8(dst=out, src=load(a))
+
+    language_error(not_emulated, rand(4, 16), match="nisa.max8 is in NKI 0.2.0 but not emulated")
+
+
+def test_instructions_write_dst_and_return_nothing():
+    def uses_result(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        result = nisa.tensor_copy(dst=out, src=load(a))
+        return store(result)
+
+    language_error(uses_result, rand(4, 4), match="nki.isa instructions return nothing")
+
+
+@nki.jit
+def _decorated_helper(a):
+    return copy_kernel(a)
+
+
+def _plain_helper(a):
+    return copy_kernel(a)
+
+
+def test_sub_kernels_are_not_decorated():
+    def calls_decorated(a):
+        return _decorated_helper(a)
+
+    language_error(calls_decorated, rand(4, 4), match="must not be decorated with nki.jit")
+
+    def calls_plain(a):
+        return _plain_helper(a)
+
+    a = rand(4, 4)
+    np.testing.assert_array_equal(run(calls_plain, a), a)
+
+
+# ----------------------------------------------------------------------------- nested slicing (at run time)
+def test_no_nested_slicing():
+    def slice_of_slice(a):
+        t = load(a)
+        part = t[0:4, :]
+        return copy_kernel_tile(part[:, 0:2])
+
+    with pytest.raises(NKIRuleError, match="nested slicing is not available"):
+        run(slice_of_slice, rand(8, 4))
+
+    def reshape_of_slice(a):
+        t = load(a)
+        return copy_kernel_tile(t[0:4, :].reshape((4, 2, 2)))
+
+    with pytest.raises(NKIRuleError, match="nested slicing is not available"):
+        run(reshape_of_slice, rand(8, 4))
+
+    def ap_of_slice(a):
+        t = load(a)
+        return copy_kernel_tile(t[0:4, :].ap([[4, 4], [1, 2]]))
+
+    with pytest.raises(NKIRuleError, match="nested slicing is not available"):
+        run(ap_of_slice, rand(8, 4))
+
+    def one_index(a):
+        t = load(a)
+        return copy_kernel_tile(t[0:4, 0:2])
+
+    a = rand(8, 4)
+    np.testing.assert_array_equal(run(one_index, a), a[0:4, 0:2])
+
+
+def copy_kernel_tile(t):
+    out = nl.ndarray(t.shape, dtype=t.dtype)
+    nisa.tensor_copy(dst=out, src=t)
+    return store(out)
+
+
+def test_access_patterns():
+    """tensor.ap over the tensor flattened row-major; on chip the first pair walks the partitions."""
+
+    def strided(a):
+        t = load(a)
+        return copy_kernel_tile(t.ap([[8, 4], [2, 4]], offset=1))  # rows 0..3, odd columns
+
+    a = rand(4, 8)
+    np.testing.assert_array_equal(run(strided, a), a[:, 1::2])
+
+    def skips_partitions(a):
+        t = load(a)
+        return copy_kernel_tile(t.ap([[16, 2], [1, 8]]))
+
+    with pytest.raises(NKIRuleError, match="its step must be the tensor's free size"):
+        run(skips_partitions, rand(4, 8))
+
+
+# ----------------------------------------------------------------------------- constructs AWS kernels do not use
+def _unused_constructs(a):
+    out = nl.ndarray(a.shape, dtype=nl.float32)
+    pick = lambda t: t  # noqa: E731
+    seen = set()
+    total = sum(s for s in a.shape)
+    names = {str(i): i for i in range(2)}
+    tmp = load(a)
+    del tmp
+    nisa.tensor_copy(dst=out, src=pick(load(a)))
+    return store(out), seen, total, names
+
+
+def test_constructs_no_aws_kernel_uses_are_warned_about():
+    with pytest.warns(NKILanguageWarning) as record:
+        run(_unused_constructs, rand(4, 4))
+    found = " ".join(str(w.message) for w in record)
+    for what in ("lambda", "builtin set()", "builtin sum()", "generator expression", "dict comprehension", "del"):
+        assert f"{what} is used by no AWS NKI 0.2 kernel" in found or f"{what} is used by no" in found, what
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NKILanguageWarning)
+        run(copy_kernel, rand(4, 4))  # a plain kernel: no warning
+
+
+def test_our_kernels_pass_the_front_end_without_findings():
+    from nki_kernels.attention_bwd import eidetic_attention_bwd
+    from nki_kernels.attention_fwd import eidetic_attention_fwd
+    from nki_kernels.selective_scan_bwd import selective_scan_bwd
+    from nki_kernels.selective_scan_fwd import selective_scan_fwd
+    from nki_kernels.ssd_bwd import ssd_bwd
+    from nki_kernels.ssd_fwd import ssd_fwd
+
+    for kernel in (selective_scan_fwd, selective_scan_bwd, ssd_fwd, ssd_bwd, eidetic_attention_fwd,
+                   eidetic_attention_bwd):
+        findings = frontend._Checker().run(kernel.__nki_func__)
+        assert findings == [], (kernel.__name__, [str(f) for f in findings])

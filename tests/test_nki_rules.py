@@ -1,0 +1,593 @@
+"""Every NeuronCore-v2 instruction rule the emulator enforces: a small kernel that breaks it and one
+that honours it (docs/kernels.md, "Rules", cites the NKI 0.2.0 source of each).
+
+The honouring kernels also check their numbers against NumPy where the rule is about values.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from emulator_helpers import load, rand, raises, run, store
+
+from nki_kernels.emulator import nisa, nl
+from nki_kernels.emulator.core import SBUF_USABLE_BYTES_PER_PARTITION
+
+
+# ----------------------------------------------------------------------------- engines per instruction
+def test_tensor_copy_engines_on_v2():
+    def scalar_copy(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_copy(dst=out, src=load(a), engine=nisa.engine.scalar)
+
+    raises(scalar_copy, rand(8, 8), match="tensor_copy: runs on vector/gpsimd only")
+
+    def gpsimd_copy(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_copy(dst=out, src=load(a), engine=nisa.engine.gpsimd)
+        return store(out)
+
+    a = rand(8, 8)
+    np.testing.assert_array_equal(run(gpsimd_copy, a), a)
+
+
+def test_tensor_scalar_on_gpsimd_only_for_rsqrt():
+    def gpsimd_multiply(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_scalar(dst=out, data=load(a), op0=nl.multiply, operand0=2.0, engine=nisa.engine.gpsimd)
+
+    raises(gpsimd_multiply, rand(8, 8), match="GpSimd engine tensor_scalar is allowed only for op0=nl.rsqrt")
+
+    def gpsimd_rsqrt(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_scalar(dst=out, data=load(a), op0=nl.rsqrt, operand0=0.0, engine=nisa.engine.gpsimd)
+        return store(out)
+
+    a = np.abs(rand(8, 8)) + 0.5
+    np.testing.assert_allclose(run(gpsimd_rsqrt, a), 1 / np.sqrt(a), rtol=1e-6)
+
+
+def test_tensor_scalar_on_scalar_engine_operator_pairs():
+    def subtract_on_scalar(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_scalar(dst=out, data=load(a), op0=nl.subtract, operand0=1.0, engine=nisa.engine.scalar)
+
+    raises(subtract_on_scalar, rand(8, 8), match="Scalar engine tensor_scalar supports only")
+
+    def multiply_add_on_scalar(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_scalar(dst=out, data=load(a), op0=nl.multiply, operand0=3.0, op1=nl.add, operand1=1.0,
+                           engine=nisa.engine.scalar)
+        return store(out)
+
+    a = rand(8, 8)
+    np.testing.assert_allclose(run(multiply_add_on_scalar, a), a * 3 + 1, rtol=1e-6)
+
+
+def test_gpsimd_cannot_reach_psum():
+    def gpsimd_psum():
+        p = nl.ndarray((8, 8), dtype=nl.float32, buffer=nl.psum)
+        nisa.memset(dst=p, value=0.0, engine=nisa.engine.gpsimd)
+
+    raises(gpsimd_psum, match="GpSimd engine cannot access PSUM")
+
+    def vector_psum():
+        p = nl.ndarray((8, 8), dtype=nl.float32, buffer=nl.psum)
+        nisa.memset(dst=p, value=2.0, engine=nisa.engine.vector)
+        out = nl.ndarray((8, 8), dtype=nl.float32)
+        nisa.tensor_copy(dst=out, src=p)
+        return store(out)
+
+    assert (run(vector_psum) == 2.0).all()
+
+
+def test_power_runs_on_gpsimd():
+    def power_on_vector(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_tensor(dst=out, data1=load(a), data2=load(a), op=nl.power, engine=nisa.engine.vector)
+
+    raises(power_on_vector, rand(4, 4), match="nl.power runs on the GpSimd engine")
+
+    def power(a, b):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_tensor(dst=out, data1=load(a), data2=load(b), op=nl.power)
+        return store(out)
+
+    a, b = np.abs(rand(4, 4)) + 0.5, rand(4, 4)
+    np.testing.assert_allclose(run(power, a, b), a ** b, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- operator tables
+def test_alu_table_has_no_divide():
+    def divide(a, d):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_scalar(dst=out, data=load(a), op0=nl.divide, operand0=load(d))
+
+    raises(divide, rand(8, 4), rand(8, 1), match="op must be listed in the ALU operator table")
+
+    def reciprocal_then_multiply(a, d):
+        inv = nl.ndarray(d.shape, dtype=nl.float32)
+        nisa.reciprocal(dst=inv, data=load(d))
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_scalar(dst=out, data=load(a), op0=nl.multiply, operand0=inv)
+        return store(out)
+
+    a, d = rand(8, 4), np.abs(rand(8, 1)) + 0.5
+    np.testing.assert_allclose(run(reciprocal_then_multiply, a, d), a / d, rtol=1e-6)
+
+
+def test_activation_takes_only_activation_functions_and_alu_only_alu_ops():
+    def add_as_activation(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.activation(dst=out, op=nl.add, data=load(a))
+
+    raises(add_as_activation, rand(4, 4), match="activation-function table")
+
+    def exp_as_alu(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_tensor(dst=out, data1=load(a), data2=load(a), op=nl.exp)
+
+    raises(exp_as_alu, rand(4, 4), match="ALU operator table")
+
+    def numpy_op(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_tensor(dst=out, data1=load(a), data2=load(a), op=np.add)
+
+    raises(numpy_op, rand(4, 4), match="nki.language operator identifier")
+
+    def gelu(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.activation(dst=out, op=nl.gelu_apprx_tanh, data=load(a))
+        return store(out)
+
+    a = rand(4, 4)
+    expected = 0.5 * a * (1 + np.tanh(np.sqrt(2 / np.pi) * (a + 0.044715 * a ** 3)))
+    np.testing.assert_allclose(run(gelu, a), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op,bad,good", [(nl.log, 0.0, 1e-3), (nl.reciprocal, 1e-13, 1e-12),
+                                         (nl.sqrt, 1e-36, 1e-30), (nl.sin, 3.2, 3.1)])
+def test_activation_input_ranges(op, bad, good):
+    """nki.api.shared.rst: outside its valid input range the Scalar engine returns invalid results."""
+
+    def kernel(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.activation(dst=out, op=op, data=load(a))
+        return store(out)
+
+    raises(kernel, np.full((4, 4), bad, np.float32), match="outside its valid range")
+    a = np.full((4, 4), good, np.float32)
+    reference = {"log": np.log, "reciprocal": lambda x: 1 / x, "sqrt": np.sqrt, "sin": np.sin}[op.name]
+    np.testing.assert_allclose(run(kernel, a), reference(a), rtol=1e-6)
+
+
+def test_activation_range_is_checked_after_scale_and_bias():
+    def kernel(a, s):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.activation(dst=out, op=nl.log, data=load(a), scale=load(s))
+        return store(out)
+
+    a = np.ones((4, 4), np.float32)
+    raises(kernel, a, -np.ones((4, 1), np.float32), match="outside its valid range")
+    np.testing.assert_allclose(run(kernel, a, 2 * np.ones((4, 1), np.float32)), np.log(2 * a), rtol=1e-6)
+
+
+def test_bitvec_operators_need_integers_and_the_vector_engine():
+    def float_and(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_tensor(dst=out, data1=load(a), data2=load(a), op=nl.bitwise_and)
+
+    raises(float_and, rand(4, 4), match="bitvec operator nl.bitwise_and needs integer tiles")
+
+    def int_and(a, b):
+        out = nl.ndarray(a.shape, dtype=nl.int32)
+        nisa.tensor_tensor(dst=out, data1=load(a, nl.int32), data2=load(b, nl.int32), op=nl.bitwise_and)
+        return store(out)
+
+    a, b = np.arange(16, dtype=np.int32).reshape(4, 4), np.full((4, 4), 6, np.int32)
+    np.testing.assert_array_equal(run(int_and, a, b), a & b)
+
+
+# ----------------------------------------------------------------------------- activation specifics (v2)
+def test_activation_bias_is_a_vector_on_v2():
+    def scalar_bias(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.activation(dst=out, op=nl.exp, data=load(a), bias=1.0)
+
+    raises(scalar_bias, rand(8, 8), match="bias must be a .partitions, 1. vector, not a scalar")
+
+    def reciprocal_with_bias(a, b):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.activation(dst=out, op=nl.reciprocal, data=load(a), bias=load(b))
+
+    raises(reciprocal_with_bias, rand(8, 8), rand(8, 1), match="reciprocal. takes no bias on NeuronCore-v2")
+
+    def vector_bias(a, b):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.activation(dst=out, op=nl.exp, data=load(a), bias=load(b, nl.bfloat16))
+        return store(out)
+
+    a, b = rand(8, 8), rand(8, 1)
+    bb = b.astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_allclose(run(vector_bias, a, b), np.exp(a + bb), rtol=1e-5)
+
+
+def test_activation_scale_is_fp32_and_reduce_op_is_add():
+    def bf16_scale(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.activation(dst=out, op=nl.exp, data=load(a), scale=load(a[:, 0:1], nl.bfloat16))
+
+    raises(bf16_scale, rand(8, 8), match="scale must be float32")
+
+    def max_reduce(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        red = nl.ndarray((8, 1), dtype=nl.float32)
+        nisa.activation(dst=out, op=nl.exp, data=load(a), reduce_op=nl.maximum, reduce_res=red,
+                        reduce_cmd=nisa.reduce_cmd.reset_reduce)
+
+    raises(max_reduce, rand(8, 8), match="reduce_op must be nl.add on NeuronCore-v2")
+
+
+# ----------------------------------------------------------------------------- tensor_reduce axes
+def test_tensor_reduce_axes_are_numbered_from_the_most_minor():
+    """nki-library's cascaded_max reduces the last axis of a 3-D tile with axis=1; NumPy's axis=2 is illegal."""
+
+    def numpy_numbering(a):
+        out = nl.ndarray((4, 3), dtype=nl.float32)
+        nisa.tensor_reduce(dst=out, op=nl.maximum, data=load(a), axis=2)
+
+    raises(numpy_numbering, rand(4, 3, 5), match="axis counts free axes from the most minor one")
+
+    def partition_axis(a):
+        out = nl.ndarray((1, 5), dtype=nl.float32)
+        nisa.tensor_reduce(dst=out, op=nl.add, data=load(a), axis=0)
+
+    raises(partition_axis, rand(4, 5), match="never 0, the partition axis")
+
+    def nki_numbering(a):
+        out = nl.ndarray((4, 3), dtype=nl.float32)
+        nisa.tensor_reduce(dst=out, op=nl.maximum, data=load(a), axis=1)
+        return store(out)
+
+    a = rand(4, 3, 5)
+    np.testing.assert_array_equal(run(nki_numbering, a), a.max(axis=2))
+
+
+def test_tensor_reduce_needs_a_legal_reduction_operator():
+    def compare(a):
+        out = nl.ndarray((4, 1), dtype=nl.float32)
+        nisa.tensor_reduce(dst=out, op=nl.equal, data=load(a), axis=1)
+
+    raises(compare, rand(4, 5), match="not a legal reduction operator")
+
+    def minimum(a):
+        out = nl.ndarray((4, 1), dtype=nl.float32)
+        nisa.tensor_reduce(dst=out, op=nl.minimum, data=load(a), axis=1)
+        return store(out)
+
+    a = rand(4, 5)
+    np.testing.assert_array_equal(run(minimum, a)[:, 0], a.min(axis=1))
+
+
+# ----------------------------------------------------------------------------- Tensor engine
+def test_matmul_operand_limits():
+    def wide_stationary(a):
+        ps = nl.ndarray((128, 16), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps, stationary=load(a), moving=load(a[:, 0:16]))
+
+    raises(wide_stationary, rand(64, 256), match="stationary free size must be <= 128")
+
+    def wide_moving(a, b):
+        ps = nl.ndarray((16, 512), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps, stationary=load(a), moving=load(b))
+
+    raises(wide_moving, rand(8, 16), rand(8, 600), match="moving free size must be <= 512")
+
+    def sbuf_dst(a):
+        out = nl.ndarray((16, 16), dtype=nl.float32)
+        nisa.nc_matmul(dst=out, stationary=load(a), moving=load(a))
+
+    raises(sbuf_dst, rand(8, 16), match="dst must be in psum")
+
+    def mixed(a):
+        ps = nl.ndarray((16, 16), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps, stationary=load(a), moving=load(a, nl.bfloat16))
+
+    raises(mixed, rand(8, 16), match="float32 the other must be float32")
+
+    def bf16_dst(a):
+        ps = nl.ndarray((16, 16), dtype=nl.bfloat16, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps, stationary=load(a, nl.bfloat16), moving=load(a, nl.bfloat16))
+
+    raises(bf16_dst, rand(8, 16), match="dst must be a float32 PSUM tile on NeuronCore-v2")
+
+    def bf16_in_fp32_out(a, b):
+        ps = nl.ndarray((16, 24), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps, stationary=load(a, nl.bfloat16), moving=load(b, nl.bfloat16))
+        out = nl.ndarray((16, 24), dtype=nl.float32)
+        nisa.tensor_copy(dst=out, src=ps)
+        return store(out)
+
+    a, b = rand(8, 16), rand(8, 24)
+    bf = lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float64)  # noqa: E731
+    np.testing.assert_allclose(run(bf16_in_fp32_out, a, b), bf(a).T @ bf(b), rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_output_stays_in_one_psum_bank():
+    def straddles(a, b):
+        ps = nl.ndarray((16, 1024), dtype=nl.float32, buffer=nl.psum)  # two banks
+        nisa.nc_matmul(dst=ps[:, 256:768], stationary=load(a), moving=load(b))
+
+    raises(straddles, rand(8, 16), rand(8, 512), match="dst must lie within one PSUM bank")
+
+    def second_bank(a, b):
+        ps = nl.ndarray((16, 1024), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps[:, 512:1024], stationary=load(a), moving=load(b))
+        out = nl.ndarray((16, 512), dtype=nl.float32)
+        nisa.tensor_copy(dst=out, src=ps[:, 512:1024])
+        return store(out)
+
+    a, b = rand(8, 16), rand(8, 512)
+    np.testing.assert_allclose(run(second_bank, a, b), a.T @ b, rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_v2_modes():
+    def double_row(a):
+        ps = nl.ndarray((16, 16), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps, stationary=load(a, nl.bfloat16), moving=load(a, nl.bfloat16),
+                       perf_mode=nisa.matmul_perf_mode.double_row)
+
+    raises(double_row, rand(8, 16), match="performance mode is not supported on NeuronCore-v2")
+
+    def rows32(a):
+        ps = nl.ndarray((16, 16), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps, stationary=load(a), moving=load(a), tile_position=(0, 0), tile_size=(32, 128))
+
+    raises(rows32, rand(8, 16), match="row tile size is 64 or 128 on NeuronCore-v2")
+
+    def rows64(a):
+        ps = nl.ndarray((16, 16), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps, stationary=load(a), moving=load(a), tile_position=(64, 0), tile_size=(64, 128))
+        out = nl.ndarray((16, 16), dtype=nl.float32)
+        nisa.tensor_copy(dst=out, src=ps)
+        return store(out)
+
+    a = rand(8, 16)
+    np.testing.assert_allclose(run(rows64, a), a.T @ a, rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_engine_transpose_writes_fp32_on_v2():
+    def bf16_transpose_to_bf16(a):
+        tp = nl.ndarray((64, 128), dtype=nl.bfloat16, buffer=nl.psum)
+        nisa.nc_transpose(dst=tp, data=load(a, nl.bfloat16))
+
+    raises(bf16_transpose_to_bf16, rand(128, 64), match="Tensor-engine transpose writes a float32 PSUM tile")
+
+    def bf16_transpose_to_fp32(a):
+        tp = nl.ndarray((64, 128), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_transpose(dst=tp, data=load(a, nl.bfloat16))
+        out = nl.ndarray((64, 128), dtype=nl.bfloat16)
+        nisa.tensor_copy(dst=out, src=tp)
+        return store(out)
+
+    a = rand(128, 64)
+    expected = a.astype(ml_dtypes.bfloat16).T
+    np.testing.assert_array_equal(run(bf16_transpose_to_fp32, a), expected)
+
+
+def test_vector_engine_transpose_limits_and_dtype():
+    def too_big(a):
+        tp = nl.ndarray((40, 8), dtype=nl.float32)
+        nisa.nc_transpose(dst=tp, data=load(a), engine=nisa.engine.vector)
+
+    raises(too_big, rand(8, 40), match="Vector-engine transpose handles at most 32x32")
+
+    def cast(a):
+        tp = nl.ndarray((16, 8), dtype=nl.bfloat16)
+        nisa.nc_transpose(dst=tp, data=load(a), engine=nisa.engine.vector)
+
+    raises(cast, rand(8, 16), match="dst must have data's dtype")
+
+    def small(a):
+        tp = nl.ndarray((16, 8), dtype=nl.float32)
+        nisa.nc_transpose(dst=tp, data=load(a), engine=nisa.engine.vector)
+        return store(tp)
+
+    a = rand(8, 16)
+    np.testing.assert_array_equal(run(small, a), a.T)
+
+
+# ----------------------------------------------------------------------------- sizes and buffers
+def test_free_size_limits_of_vector_and_scalar_instructions():
+    def sbuf_64k(a):
+        t = nl.ndarray((1, 70000), dtype=nl.uint8)
+        nisa.memset(dst=t, value=1)
+        out = nl.ndarray((1, 70000), dtype=nl.uint8)
+        nisa.tensor_copy(dst=out, src=t)
+
+    raises(sbuf_64k, rand(1, 1), match="at most 65536 elements per partition of a sbuf operand")
+
+    def psum_4k(a):
+        p = nl.ndarray((8, 5000), dtype=nl.bfloat16, buffer=nl.psum)  # 10 KB: five banks
+        nisa.memset(dst=p, value=1.0)
+        out = nl.ndarray((8, 5000), dtype=nl.bfloat16)
+        nisa.activation(dst=out, op=nl.copy, data=p)
+
+    raises(psum_4k, rand(1, 1), match="at most 4096 elements per partition of a psum operand")
+
+    def psum_4096(a):
+        p = nl.ndarray((8, 4096), dtype=nl.bfloat16, buffer=nl.psum)
+        nisa.memset(dst=p, value=1.5)
+        out = nl.ndarray((8, 4096), dtype=nl.float32)
+        nisa.activation(dst=out, op=nl.copy, data=p)
+        return store(out)
+
+    assert (run(psum_4096, rand(1, 1)) == 1.5).all()
+
+
+def test_partition_dimension_and_start():
+    def tall():
+        nl.ndarray((256, 4), dtype=nl.float32)
+
+    msg = raises(tall, match="partition dimension must be <= 128")
+    assert "nl.ndarray" in msg and "(256, 4)" in msg
+
+    def index_partition(a):
+        out = nl.ndarray((4,), dtype=nl.float32, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=out, src=load(a)[3])
+
+    raises(index_partition, rand(8, 4), match="partition axis must stay first")
+
+    def bad_start(a):
+        out = nl.ndarray((4, 8), dtype=nl.float32)
+        nisa.tensor_copy(dst=out, src=load(a)[5:9, :])
+
+    assert "starts at partition 5" in raises(bad_start, rand(16, 8), match="partition start rule")
+
+    def good_start(a):
+        out = nl.ndarray((16, 8), dtype=nl.float32)
+        nisa.tensor_copy(dst=out, src=load(a)[32:48, :])
+        return store(out)
+
+    a = rand(64, 8)
+    np.testing.assert_array_equal(run(good_start, a), a[32:48])
+
+
+def test_usable_sbuf_is_192_kib_less_the_runtime_reservation():
+    per_partition = SBUF_USABLE_BYTES_PER_PARTITION  # 180,216 B
+    assert per_partition == 192 * 1024 - 16 * 1024 - 8
+
+    def fits():
+        keep = nl.ndarray((128, per_partition), dtype=nl.uint8)
+        nisa.memset(dst=keep[:, 0:4], value=0)
+
+    run(fits)
+
+    def one_byte_more():
+        keep = nl.ndarray((128, per_partition), dtype=nl.uint8)
+        more = nl.ndarray((128, 1), dtype=nl.uint8)
+        return keep, more
+
+    raises(one_byte_more, match="usable SBUF is 180216 bytes per partition")
+
+
+def test_psum_has_eight_banks_and_tiles_take_whole_banks():
+    def nine_banks():
+        return [nl.ndarray((128, 2), dtype=nl.float32, buffer=nl.psum) for _ in range(9)]  # 8 B each, a bank each
+
+    raises(nine_banks, match="PSUM has 8 banks")
+
+    def too_big():
+        nl.ndarray((128, 4097), dtype=nl.float32, buffer=nl.psum)
+
+    raises(too_big, match="PSUM holds 16384 bytes per partition")
+
+    def eight_banks():
+        tiles = [nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum) for _ in range(7)]
+        big = nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum)
+        return tiles, big
+
+    run(eight_banks)
+
+
+def test_psum_accumulation_group():
+    """Matmuls into one PSUM region accumulate until another instruction writes it; then they overwrite."""
+
+    def kernel(x, y):
+        acc = nl.ndarray((16, 32), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=acc, stationary=load(x), moving=load(y))
+        nisa.nc_matmul(dst=acc, stationary=load(x), moving=load(y))  # accumulates: 2 x^T y
+        first = nl.ndarray((16, 32), dtype=nl.float32)
+        nisa.tensor_copy(dst=first, src=acc)
+        nisa.memset(dst=acc, value=5.0)  # closes the group
+        nisa.nc_matmul(dst=acc, stationary=load(x), moving=load(y))  # overwrites
+        second = nl.ndarray((16, 32), dtype=nl.float32)
+        nisa.tensor_copy(dst=second, src=acc)
+        return store(first), store(second)
+
+    x, y = rand(8, 16), rand(8, 32)
+    first, second = run(kernel, x, y)
+    np.testing.assert_allclose(first, 2 * x.T @ y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(second, x.T @ y, rtol=1e-5, atol=1e-5)
+
+
+def test_two_psum_inputs_are_not_allowed():
+    def both(a):
+        p1 = nl.ndarray((8, 8), dtype=nl.float32, buffer=nl.psum)
+        p2 = nl.ndarray((8, 8), dtype=nl.float32, buffer=nl.psum)
+        nisa.memset(dst=p1, value=0.0)
+        nisa.memset(dst=p2, value=0.0)
+        out = nl.ndarray((8, 8), dtype=nl.float32)
+        nisa.tensor_tensor(dst=out, data1=p1, data2=p2, op=nl.add)
+
+    assert raises(both, rand(8, 8), match="both be in PSUM").startswith("nisa.tensor_tensor")
+
+    def one(a):
+        p1 = nl.ndarray((8, 8), dtype=nl.float32, buffer=nl.psum)
+        nisa.memset(dst=p1, value=1.0)
+        out = nl.ndarray((8, 8), dtype=nl.float32)
+        nisa.tensor_tensor(dst=out, data1=p1, data2=load(a), op=nl.add)
+        return store(out)
+
+    a = rand(8, 8)
+    np.testing.assert_allclose(run(one, a), a + 1, rtol=1e-6)
+
+
+def test_dma_reaches_hbm_and_sbuf_only_and_adds_only():
+    def from_psum():
+        p = nl.ndarray((8, 8), dtype=nl.float32, buffer=nl.psum)
+        nisa.memset(dst=p, value=0.0)
+        out = nl.ndarray((8, 8), dtype=nl.float32, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=out, src=p)
+
+    raises(from_psum, match="DMA reaches HBM and SBUF only")
+
+    def rmw_max(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=out, src=load(a), dst_rmw_op=nl.maximum)
+
+    raises(rmw_max, rand(4, 4), match="dst_rmw_op supports only nl.add")
+
+    def sizes(a):
+        out = nl.ndarray((4, 5), dtype=nl.float32, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=out, src=load(a))
+
+    raises(sizes, rand(4, 4), match="same number of elements")
+
+
+def test_scalar_operands_are_fp32_vectors_or_constants():
+    def bf16_operand(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_scalar(dst=out, data=load(a), op0=nl.multiply, operand0=load(a[:, 0:1], nl.bfloat16))
+
+    raises(bf16_operand, rand(8, 8), match="operand0 must be float32")
+
+    def wide_operand(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_scalar(dst=out, data=load(a), op0=nl.multiply, operand0=load(a[:, 0:2]))
+
+    raises(wide_operand, rand(8, 8), match="operand0 must be a scalar or a .partitions, 1. vector")
+
+
+def test_gpsimd_pattern_instructions_write_sbuf():
+    def iota_psum():
+        p = nl.ndarray((8, 4), dtype=nl.float32, buffer=nl.psum)
+        nisa.iota(dst=p, pattern=[[1, 4]], offset=0)
+
+    raises(iota_psum, match="dst must be in sbuf")
+
+    def select_tile_false(a):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.affine_select(dst=out, pattern=[[1, 4]], offset=0, channel_multiplier=1, on_true_tile=load(a),
+                           on_false_value=load(a))
+
+    raises(select_tile_false, rand(4, 4), match="on_false_value must be a float32 scalar")
+
+
+def test_item_assignment_is_rejected():
+    def kernel(a):
+        t = load(a)
+        t[0:1, :] = 0
+
+    raises(kernel, rand(8, 8), match="written by instructions only")
