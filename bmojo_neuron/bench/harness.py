@@ -35,7 +35,10 @@ import math
 import multiprocessing as mp
 import os
 import platform
+import signal
 import statistics
+import subprocess
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -307,6 +310,64 @@ def _probe_inline(builder: str, spec: dict[str, Any], cap_seconds: float) -> Pro
     except Exception as exc:  # a candidate that fails must not stop the others
         return Probe(ERROR, error=f"{type(exc).__name__}: {exc}")
     return Probe(CAPPED if seconds > cap_seconds else OK, seconds, peak, False, info=info)
+
+
+# ----------------------------------------------------------------------------- background load
+# Spins until its parent is gone, so a killed benchmark leaves no load behind.
+BUSY_LOOP = """
+import os
+parent = os.getppid()
+while os.getppid() == parent:
+    for _ in range(1_000_000):
+        pass
+"""
+
+
+class BusyLoad:
+    """A fixed background load: one single-threaded busy loop pinned to one core (`bench --busy`).
+
+    It stands in for a neighbour on a shared machine (a CI runner, a colleague's job).
+    It is a separate interpreter, not a fork of this process (libgomp), pinned to the
+    last core this process may use, and it lives only inside the ``with`` block.
+    `paused()` stops it (SIGSTOP) around one unit of work, so quiet and busy times can
+    be measured alternating in one run.
+    """
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.core: int | None = None
+
+    def __enter__(self) -> BusyLoad:
+        self.process = subprocess.Popen([sys.executable, "-c", BUSY_LOOP], stdin=subprocess.DEVNULL)
+        try:
+            self.core = max(os.sched_getaffinity(0))
+            os.sched_setaffinity(self.process.pid, {self.core})
+        except (AttributeError, OSError):  # no affinity control here: the loop still takes one core's worth
+            self.core = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "one single-threaded Python busy loop", "pinned_core": self.core,
+                "pid": self.process.pid if self.process else None}
+
+    def paused(self, work: Callable[[], Any]) -> Callable[[], Any]:
+        """`work` wrapped so that the load is stopped while it runs."""
+
+        def run() -> Any:
+            self.process.send_signal(signal.SIGSTOP)
+            try:
+                return work()
+            finally:
+                self.process.send_signal(signal.SIGCONT)
+
+        return run
 
 
 # ----------------------------------------------------------------------------- timing

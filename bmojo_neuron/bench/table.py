@@ -79,7 +79,7 @@ def markdown(report: dict[str, Any]) -> str:
     if report["targets"]:
         lines += ["", "Targets:", ""]
         for t in report["targets"]:
-            state = {True: "met", False: "**missed**", None: "n/a"}[t["met"]]
+            state = "met" if t["met"] else "**missed**"
             lines.append(f"- {t['name']} {t['comparison']} {t['threshold']}: {_fmt(t['value'])} ({state})")
     notes = [f"{r['candidate']} L={r['length']}: {r['note']}" for r in report["results"]
              if r["status"] != "ok" and r.get("note") and "shorter length" not in r["note"]]

@@ -65,6 +65,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-probe", action="store_true",
                         help="probe in this process instead of a separate one: the cap is checked only after "
                              "the fact and CPU memory is not measured")
+    parser.add_argument("--busy", action="store_true",
+                        help="run a fixed background load (one single-threaded busy loop pinned to one core) while "
+                             "timing; B'MOJO is also timed with the load paused, and busy / quiet becomes a target")
+    parser.add_argument("--check", action="store_true",
+                        help="exit with status 1 when any target is missed (a capped or failed B'MOJO misses its "
+                             "targets)")
     parser.add_argument("--toy", action="store_true", help="tiny sizes (tests, CI): checks the plumbing, not speed")
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
 
@@ -93,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
                         cap_seconds=args.cap_seconds, budget_seconds=args.budget_seconds, batch=args.batch,
                         candidates=args.candidates, toy=args.toy,
                         d_model=args.d_model, layers=args.layers, window=args.window, vocab_size=args.vocab_size,
-                        device=args.device, seed=args.seed, probe=not args.no_probe)
+                        device=args.device, seed=args.seed, probe=not args.no_probe, busy=args.busy)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     report = run_suite(settings, log=log)
     report["plot"] = os.path.abspath(plot_path)
@@ -105,6 +111,12 @@ def run(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or report.get("message") or "no results"
     print(f"bench {args.suite}: {summary}; {report['elapsed_s']} s; wrote {json_path} and {plot_path}")
     for target in report["targets"]:
-        state = {True: "met", False: "MISSED", None: "n/a"}[target["met"]]
-        print(f"  target {target['name']} {target['comparison']} {target['threshold']}: {target['value']} ({state})")
+        state = "met" if target["met"] else "MISSED"
+        note = f" -- {target['note']}" if target.get("note") else ""
+        print(f"  target {target['name']} {target['comparison']} {target['threshold']}: {target['value']} "
+              f"({state}){note}")
+    missed = [t for t in report["targets"] if not t["met"]]
+    if args.check and missed:
+        print(f"bench {args.suite} --check: {len(missed)} of {len(report['targets'])} targets missed")
+        return 1
     return 0
