@@ -134,3 +134,49 @@ def test_bad_arguments_are_expected_errors(tmp_path, capsys):
     assert "unknown candidate" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "no-such-suite"])
+
+
+def test_check_fails_a_capped_bmojo(tmp_path, capsys):
+    out = tmp_path / "t.json"
+    args = ["bench", "train-step", *FAST, "--lengths", "32", "--candidates", "bmojo,hf-mistral-swa",
+            "--cap-seconds", "0.000001", "--json", str(out), "--plot", str(tmp_path / "t.png"), "--quiet"]
+    assert main([*args, "--check"]) == 1
+    assert "targets missed" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    (target,) = report["targets"]
+    assert target["met"] is False and target["value"] is None
+    assert target["note"].startswith("missed: bmojo capped at 32")
+    assert main(args) == 0  # without --check a miss is reported, not an exit status
+
+
+def test_ratio_target_verdicts():
+    from bmojo_neuron.bench.suites import Settings, _ratio_target, _row
+
+    s = Settings(suite="decode", lengths=[8], candidates=["bmojo", "hf-mistral-swa"], cap_seconds=5.0)
+
+    def verdict(ours: dict, other: dict) -> dict:
+        report = {"results": [ours, other], "targets": []}
+        _ratio_target(report, s, "t", 8, "median_s", "bmojo", "hf-mistral-swa", 1.2, "<=")
+        return report["targets"][0]
+
+    ok = _row("bmojo", 8, "ok", median_s=1.1)
+    assert verdict(ok, _row("hf-mistral-swa", 8, "ok", median_s=1.0))["met"] is True
+    assert verdict(ok, _row("hf-mistral-swa", 8, "ok", median_s=0.5))["met"] is False
+    t = verdict(ok, _row("hf-mistral-swa", 8, "capped"))  # ours ran within the cap, the baseline did not
+    assert t["met"] is True and t["value"] is None and "capped" in t["note"]
+    t = verdict(_row("bmojo", 8, "error", note="boom"), _row("hf-mistral-swa", 8, "ok", median_s=1.0))
+    assert t["met"] is False and t["note"] == "missed: bmojo error at 8: boom"
+
+
+def test_busy_times_bmojo_with_and_without_the_load(tmp_path):
+    import os
+
+    report = run_bench(tmp_path, "train-step", *FAST, "--lengths", "32", "--candidates", "bmojo", "--busy")
+    load = report["machine"]["busy_load"]
+    (row,) = report["results"]
+    assert row["status"] == "ok" and row["quiet_median_s"] > 0
+    assert row["busy_over_quiet"] == pytest.approx(row["median_s"] / row["quiet_median_s"], rel=1e-3)
+    (target,) = [t for t in report["targets"] if "one core busy" in t["name"]]
+    assert target["threshold"] == 1.5 and target["value"] == pytest.approx(row["busy_over_quiet"], rel=1e-3)
+    with pytest.raises(ProcessLookupError):  # the load is gone once the suite is done
+        os.kill(load["pid"], 0)
