@@ -11,10 +11,16 @@ layers, whose KV cache grows by design):
   last ``g`` chunks (chunk ``j`` reads the one after chunk ``j - g``), and the
   current chunk's un-rotated keys, values and innovations;
 * the previous SSM output, which the innovation predictor reads.
+
+A padded batch (an ``attention_mask`` with zeros) keeps one cache per row instead
+(`BMojoCache.rows`): its rows hold different numbers of real tokens, so they sit at
+different positions, and a B layer's memory chunks end at different steps in each
+row (docs/hf.md, "Padding").
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +57,11 @@ class AttentionLayerCache:
             self.memory = self.memory.reorder(index)
         self.snapshots = {j: m.reorder(index) for j, m in self.snapshots.items()}
 
+    def copy(self) -> AttentionLayerCache:
+        """A new cache object sharing the tensors (decoding replaces them, never writes into them)."""
+        ssm = self.ssm.copy() if self.ssm is not None else None
+        return dataclasses.replace(self, ssm=ssm, snapshots=dict(self.snapshots))
+
 
 class BMojoCache:
     """Cache passed to `BMojoForCausalLM.forward` / `generate()` (argument ``cache`` or ``past_key_values``).
@@ -63,7 +74,33 @@ class BMojoCache:
 
     def __init__(self, num_layers: int) -> None:
         self.layers: list[AttentionLayerCache | SSMState | None] = [None] * num_layers
-        self.seen_tokens = 0
+        self.seen_tokens = 0  # input positions read, pads included
+        self.rows: list[BMojoCache] | None = None  # one cache per row once a padded batch arrives
+
+    def split_rows(self, batch_size: int, device: torch.device) -> None:
+        """Switch to one cache per row (each holding that row's state so far); `layers` is then unused."""
+        if self.rows is not None:
+            return
+        self.rows = [self._row(b, device) for b in range(batch_size)]
+        self.layers = [None] * len(self.layers)
+
+    def _row(self, b: int, device: torch.device) -> BMojoCache:
+        row = BMojoCache(len(self.layers))
+        row.seen_tokens = self.seen_tokens
+        index = torch.tensor([b], device=device)
+        for i, layer in enumerate(self.layers):
+            if layer is not None:
+                row.layers[i] = layer.copy()
+                row.layers[i].reorder(index)
+        return row
+
+    def copy(self) -> BMojoCache:
+        """A new cache object sharing the tensors, which decoding replaces but never writes into."""
+        new = BMojoCache(len(self.layers))
+        new.seen_tokens = self.seen_tokens
+        new.layers = [None if layer is None else layer.copy() for layer in self.layers]
+        new.rows = None if self.rows is None else [row.copy() for row in self.rows]
+        return new
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -78,6 +115,9 @@ class BMojoCache:
         return [False] * len(self.layers)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.rows is not None:  # a row picked twice must not share its state objects
+            self.rows = [self.rows[i].copy() for i in beam_idx.tolist()]
+            return
         for layer in self.layers:
             if layer is not None:
                 layer.reorder(beam_idx)

@@ -26,6 +26,7 @@ from .cache_bmojo import AttentionLayerCache, BMojoCache
 from .configuration_bmojo import BMojoConfig
 from .layers.decoder import BMojoDecoderLayer
 from .layers.factory import IGNORE_INDEX, LayerFactory, get_layer_factory
+from .padding import PackedLayout, has_padding, mask_for_inputs, pack, packed_layout, real_token_targets, unpack
 
 
 @dataclass
@@ -125,7 +126,9 @@ class BMojoModel(BMojoPreTrainedModel):
 
         Unset options take the config's values, as in transformers: ``use_cache``
         (never in training mode, nor under sequence parallelism unless asked for),
-        ``output_hidden_states``, ``return_dict``.
+        ``output_hidden_states``, ``return_dict``. An `attention_mask` (batch, L), or
+        covering the cached tokens too, removes the tokens where it is 0 from their
+        sequences (`bmojo_neuron.padding`; docs/hf.md, "Padding").
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("BMojoModel: pass exactly one of input_ids or inputs_embeds")
@@ -133,21 +136,50 @@ class BMojoModel(BMojoPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training and not self.factory.sequence_parallel
-        _check_no_padding(attention_mask)
-        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if self.factory.sequence_parallel:
-            if cache is not None or use_cache:
-                raise ValueError("BMojoModel: decoding with a cache is not supported under sequence parallelism")
-            hidden = self.factory.scatter_sequence(hidden)
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if attention_mask is not None:
+            attention_mask = mask_for_inputs(attention_mask, tokens.shape[1])
         if use_cache and cache is None:
             cache = BMojoCache(self.config.num_hidden_layers)
+        if cache is not None and attention_mask is not None and (cache.rows is not None or has_padding(attention_mask)):
+            output = self._forward_rows(input_ids, inputs_embeds, attention_mask, cache, output_hidden_states)
+        else:
+            layout = None
+            if attention_mask is not None and cache is None:
+                if self.factory.sequence_parallel and has_padding(attention_mask):
+                    raise ValueError("BMojoModel: padded batches (attention_mask with zeros) are not supported "
+                                     "under sequence parallelism; batch sequences of equal length")
+                layout = None if self.factory.sequence_parallel else packed_layout(attention_mask)
+            output = self._forward_packed(input_ids, inputs_embeds, layout, cache, output_hidden_states)
+        if not use_cache:
+            output.cache = None
+        return output if return_dict else output.to_tuple()
+
+    def _forward_packed(
+        self,
+        input_ids: Tensor | None,
+        inputs_embeds: Tensor | None,
+        layout: PackedLayout | None,
+        cache: BMojoCache | None,
+        output_hidden_states: bool,
+    ) -> BMojoModelOutput:
+        """The layers over a batch whose rows' real tokens come first (`layout`), or all real (None)."""
+        if layout is not None:
+            input_ids = None if input_ids is None else input_ids.gather(1, layout.order)
+            inputs_embeds = None if inputs_embeds is None else pack(inputs_embeds, layout)
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.factory.sequence_parallel:
+            if cache is not None:
+                raise ValueError("BMojoModel: decoding with a cache is not supported under sequence parallelism")
+            hidden = self.factory.scatter_sequence(hidden)
         start = cache.seen_tokens if cache is not None else 0
+        real = layout.real if layout is not None else None
 
         all_hidden = (hidden,) if output_hidden_states else None
         innovations = []
         for idx, layer in enumerate(self.layers):
             layer_cache = self._layer_cache(cache, idx, layer, hidden) if cache is not None else None
-            hidden, innovation = layer(hidden, start, layer_cache)
+            hidden, innovation = layer(hidden, start, layer_cache, real)
             if innovation is not None:
                 innovations.append(innovation)
             if output_hidden_states:
@@ -157,10 +189,62 @@ class BMojoModel(BMojoPreTrainedModel):
             all_hidden = all_hidden[:-1] + (hidden,)
         if cache is not None:
             cache.seen_tokens += hidden.shape[1]  # no sequence parallelism here (checked above)
+        if layout is not None:
+            hidden = unpack(hidden, layout)
+            all_hidden = None if all_hidden is None else tuple(unpack(h, layout) for h in all_hidden)
 
         innovation = torch.stack(innovations).mean() if innovations else None
-        output = BMojoModelOutput(hidden, cache if use_cache else None, all_hidden, innovation)
-        return output if return_dict else output.to_tuple()
+        return BMojoModelOutput(hidden, cache, all_hidden, innovation)
+
+    def _forward_rows(
+        self,
+        input_ids: Tensor | None,
+        inputs_embeds: Tensor | None,
+        attention_mask: Tensor,
+        cache: BMojoCache,
+        output_hidden_states: bool,
+    ) -> BMojoModelOutput:
+        """A padded batch with a cache: each row's real tokens continue that row's own cache.
+
+        Rows hold different numbers of real tokens, so they decode at different
+        positions and their memory chunks end at different steps: each row keeps its
+        own cache (`BMojoCache.rows`) and runs alone. Outputs are placed as in the
+        packed layout, so masked positions read the last real token's output.
+        """
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        batch, length = attention_mask.shape
+        cache.split_rows(batch, tokens.device)
+        layout = packed_layout(attention_mask)
+        real = attention_mask != 0
+        slots: list[list[Tensor]] = []  # per output (last hidden, then each hidden state): per-row packed rows
+        innovations, weights = [], []
+        for b in range(batch):
+            row = self(
+                input_ids=None if input_ids is None else input_ids[b:b + 1, real[b]],
+                inputs_embeds=None if inputs_embeds is None else inputs_embeds[b:b + 1, real[b]],
+                cache=cache.rows[b], use_cache=True, output_hidden_states=output_hidden_states, return_dict=True,
+            ) if bool(real[b].any()) else None
+            outputs = [] if row is None else [row.last_hidden_state, *(row.hidden_states or ())]
+            slots.append(outputs)
+            if row is not None and row.innovation is not None:
+                innovations.append(row.innovation)
+                weights.append(outputs[0].shape[1])
+        cache.seen_tokens += length
+
+        reference = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings().weight
+        n_outputs = 1 + (len(self.layers) + 1 if output_hidden_states else 0)
+        packed = []
+        for k in range(n_outputs):
+            full = reference.new_zeros(batch, length, self.config.hidden_size)
+            for b, outputs in enumerate(slots):
+                if outputs:
+                    full[b, : outputs[k].shape[1]] = outputs[k][0]
+            packed.append(unpack(full, layout))
+        innovation = None
+        if innovations:
+            innovation = sum(i * w for i, w in zip(innovations, weights)) / sum(weights)
+        hidden_states = tuple(packed[1:]) if output_hidden_states else None
+        return BMojoModelOutput(packed[0], cache, hidden_states, innovation)
 
     @staticmethod
     def _layer_cache(cache: BMojoCache, idx: int, layer: BMojoDecoderLayer, hidden: Tensor):
@@ -224,6 +308,9 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         Targets: `labels` (shifted inside: position t is scored against ``labels[t + 1]``)
         or `shift_labels` (already aligned with the logits, as sequence- and
         context-parallel trainers pass them; they win over `labels`); -100 is ignored.
+        With an `attention_mask`, masked positions are never scored and a real token's
+        target is the label of the next real token of its row: the loss of the
+        sequences with their masked tokens removed.
         ``num_items_in_batch`` (a keyword `Trainer` passes under gradient accumulation)
         turns the mean into a sum over this micro-batch divided by that count.
 
@@ -253,6 +340,12 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
             aux_loss = self.config.innovation_loss_weight * outputs.innovation
         lm_loss = loss = None
         if labels is not None or shift_labels is not None:
+            if attention_mask is not None:  # score real tokens against the next real token only
+                mask = mask_for_inputs(attention_mask, (labels if shift_labels is None else shift_labels).shape[1])
+                if shift_labels is not None:
+                    shift_labels = shift_labels.masked_fill(mask == 0, IGNORE_INDEX)
+                else:
+                    shift_labels = real_token_targets(labels, mask)
             num_items = kwargs.get("num_items_in_batch")
             lm_loss = causal_lm_loss(logits, labels, self.factory, shift_labels=shift_labels, num_items_in_batch=num_items)
             if aux_loss is not None and num_items is not None:
@@ -381,12 +474,3 @@ def causal_lm_loss(
     if isinstance(num_items_in_batch, Tensor):
         num_items_in_batch = num_items_in_batch.to(mean.device)
     return mean * (flat != IGNORE_INDEX).sum() / num_items_in_batch
-
-
-def _check_no_padding(attention_mask: Tensor | None) -> None:
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError(
-            "BMojoModel does not support padded batches (attention_mask with zeros): its recurrent "
-            "state would read the pad tokens. Batch sequences of equal length, or generate one at a time."
-        )
-

@@ -101,15 +101,6 @@ def test_generate_sampling_runs_and_respects_length():
     assert out.shape == (1, 18) and torch.equal(out[:, :6], prompt)
 
 
-def test_padding_mask_is_rejected():
-    model = build(tiny_config())
-    ids = torch.randint(0, 64, (2, 8))
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    with pytest.raises(ValueError, match="padded"):
-        model(ids, attention_mask=mask)
-
-
 @pytest.mark.parametrize("position", [3, 17, 31])
 def test_causality_including_memory_selection(position):
     model = build(tiny_config(layer_pattern="BFMSA", memory_decay=1.0), dtype=torch.float64)

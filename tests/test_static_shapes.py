@@ -223,6 +223,25 @@ def test_trn1_training_step_is_static(names):
     assert grads == params and len(params) == len(list(model.parameters()))
 
 
+class PaddedTrainingLoss(TrainingLoss):
+    """The loss of a padded batch: packing the real tokens first is a sort and gathers, no host sync."""
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, labels=labels, attention_mask=attention_mask).loss
+
+
+def test_padded_training_step_is_static():
+    names = RECIPE_GROUPS[0]
+    recipe, model, (input_ids, labels) = _fake_training_step(names[0])
+    mask = torch.ones_like(input_ids)  # a fake tensor too; its values never matter to the graph
+    with ops.use_backend("torch"):
+        forward, joint = export_training_step(PaddedTrainingLoss(model), (input_ids, labels, mask))
+    assert graph_violations(forward.graph) == [] and graph_violations(joint.graph) == []
+    user_inputs = [s.arg.name for s in forward.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    mask_node = next(n for n in forward.graph.nodes if n.name == user_inputs[-1])
+    assert mask_node.users, "the mask must reach the graph (packing and the loss read it)"
+
+
 def test_every_trn1_recipe_is_traced():
     assert len(TRN1_RECIPES) >= 4 and "trn1/bmojo-1.4b" in TRN1_RECIPES
     assert sorted(name for group in RECIPE_GROUPS for name in group) == TRN1_RECIPES
@@ -248,9 +267,10 @@ def _python_branch(y: torch.Tensor) -> torch.Tensor:
 
 
 def _padding_check(y: torch.Tensor) -> torch.Tensor:
-    from bmojo_neuron.modeling_bmojo import _check_no_padding
+    from bmojo_neuron.padding import has_padding
 
-    _check_no_padding(torch.ones_like(y, dtype=torch.bool))  # what passing an attention_mask would do
+    if has_padding(torch.ones_like(y, dtype=torch.bool)):  # what a cached (generation) forward asks
+        return y.sum() * 2
     return y.sum()
 
 
@@ -264,7 +284,7 @@ def _padding_check(y: torch.Tensor) -> torch.Tensor:
     (lambda y: y * sum((y > 0).long().sum(0).tolist()), r"aten\.item|tolist"),
     (_python_branch, DATA_DEPENDENT_BRANCH),
     (_padding_check, DATA_DEPENDENT_BRANCH),
-], ids=["item", "nonzero", "bool-mask", "masked_select", "unique", "int", "tolist", "python-branch", "attention-mask"])
+], ids=["item", "nonzero", "bool-mask", "masked_select", "unique", "int", "tolist", "python-branch", "padding-check"])
 def test_the_check_rejects_data_dependent_code(reduce, reason):
     with pytest.raises(StaticShapeViolation, match=reason):
         export_training_step(_Scaled(reduce), (torch.randn(4, 8),))

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..cache_bmojo import AttentionLayerCache
 from ..configuration_bmojo import BMojoConfig
+from ..padding import masked_mean
 from .eidetic_memory import (
     MemoryState,
     Selection,
@@ -129,19 +130,22 @@ class BMojoAttention(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(
-        self, x: Tensor, start: int = 0, cache: AttentionLayerCache | None = None
+        self, x: Tensor, start: int = 0, cache: AttentionLayerCache | None = None, real_tokens: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """Mix `x` (batch, L, d) whose first token is at position `start`.
 
-        Returns the mixer output and the mean innovation (None for layers without memory),
+        Returns the mixer output and the mean innovation (None for layers without memory)
+        over the `real_tokens` (batch, L) of a packed padded batch (all tokens if None),
         which the model turns into the auxiliary loss.
         """
         if cache is not None and start > 0:
             outputs = [self._decode_step(x[:, t : t + 1], start + t, cache) for t in range(x.shape[1])]
             return torch.cat(outputs, dim=1), None
-        return self._forward_parallel(x, cache)
+        return self._forward_parallel(x, cache, real_tokens)
 
-    def _forward_parallel(self, x: Tensor, cache: AttentionLayerCache | None) -> tuple[Tensor, Tensor | None]:
+    def _forward_parallel(
+        self, x: Tensor, cache: AttentionLayerCache | None, real_tokens: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         q = self._queries(x)  # the whole sequence, even when x is a sequence-parallel shard
         batch, length = q.shape[:2]
         positions = torch.arange(length, device=x.device)
@@ -177,7 +181,7 @@ class BMojoAttention(nn.Module):
         innovation = None
         if self.memory_size > 0:
             innovation, selection = self._select_memory(k_raw, features)
-            mean_innovation = innovation.mean()
+            mean_innovation = masked_mean(innovation, real_tokens)
             mem_k, mem_v, mem_valid = self._memory_for_chunks(selection, length, k_raw, v)
 
         out, _ = ops.eidetic_attention(

@@ -31,14 +31,20 @@ class BMojoDecoderLayer(GradientCheckpointingLayer):
             if name.endswith(RESIDUAL_OUTPUTS):
                 module.is_residual_output = True
 
-    def forward(self, hidden_states: Tensor, start: int = 0, cache=None) -> tuple[Tensor, Tensor | None]:
-        """Returns the new hidden states and the layer's mean innovation (None without memory)."""
+    def forward(
+        self, hidden_states: Tensor, start: int = 0, cache=None, real_tokens: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Returns the new hidden states and the layer's mean innovation (None without memory).
+
+        `real_tokens` (batch, L) marks the real tokens of a packed padded batch
+        (`bmojo_neuron.padding`); only they count in the mean innovation.
+        """
         innovation = None
         normed = self.mixer_norm(hidden_states)
         if self.kind == "M":
             mixed = self.mixer(normed, state=cache)
         else:
-            mixed, innovation = self.mixer(normed, start=start, cache=cache)
+            mixed, innovation = self.mixer(normed, start=start, cache=cache, real_tokens=real_tokens)
         hidden_states = hidden_states + mixed
         if self.mlp is not None:
             hidden_states = hidden_states + self.mlp(self.mlp_norm(hidden_states))
