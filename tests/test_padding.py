@@ -95,6 +95,21 @@ def test_padded_logits_equal_each_sequence_alone(side, path):
             assert not out.logits[b, : where[0]].any()
 
 
+@pytest.mark.parametrize("options", [dict(ssm_mixer="mamba1"), dict(ssm_residual=True, fading_norm=True, fading_overlap=True)],
+                         ids=["mamba1", "ssm-path-options"])
+def test_padded_logits_equal_alone_with_other_mixers_and_options(options):
+    model = build(**options)
+    rows = prompts()
+    ids, mask = padded(rows, "left")
+    with torch.no_grad():
+        packed = model(ids, attention_mask=mask, use_cache=False).logits
+        cached = model(ids, attention_mask=mask, cache=BMojoCache(5), use_cache=True).logits
+        for b, row in enumerate(rows):
+            alone = model(row[None], use_cache=False).logits[0]
+            torch.testing.assert_close(packed[b, real_positions(mask, b)], alone, rtol=0, atol=ATOL)
+            torch.testing.assert_close(cached[b, real_positions(mask, b)], alone, rtol=0, atol=ATOL)
+
+
 def test_pad_tokens_do_not_change_real_outputs():
     """Guard: the pad token id itself is irrelevant, and the memory is live (the test above can fail)."""
     model = build()
