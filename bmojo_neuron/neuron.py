@@ -14,6 +14,8 @@ import importlib.util
 from importlib.metadata import PackageNotFoundError, version
 from types import ModuleType
 
+from bmojo_neuron.nxd_compat import hide_nxd_training, provide_transformers_fx
+
 NEURON_INDEX_URL = "https://pip.repos.neuron.amazonaws.com"
 INSTALL_COMMAND = f'pip install "bmojo-neuron[neuron]" --extra-index-url {NEURON_INDEX_URL}'
 
@@ -61,8 +63,6 @@ def _probe(name: str) -> dict:
             info["reason"] = f"{dist} is not installed"
             return info
         if name == "neuronx_distributed":  # what NxD 0.17 imports at import time (nxd_compat)
-            from bmojo_neuron.nxd_compat import hide_nxd_training, provide_transformers_fx
-
             provide_transformers_fx()
             hide_nxd_training()
         module = importlib.import_module(name)

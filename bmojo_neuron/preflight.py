@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bmojo_neuron.compile_cache.units import format_size
+from bmojo_neuron.data.text import source_kind
 from bmojo_neuron.fsutil import DISK_FULL
 
 # Per parameter on disk: fp32 weights (4 B) and AdamW's two fp32 moments (8 B) in a checkpoint;
@@ -92,8 +93,6 @@ def check_data_source(recipe: Any) -> None:
     """A text recipe's data.path must exist (or be a hub name), so a typo fails before the run starts."""
     if recipe.data.kind != "text" or recipe.data.path is None:
         return
-    from bmojo_neuron.data.text import source_kind
-
     source_kind(str(Path(recipe.data.path).expanduser()))
 
 

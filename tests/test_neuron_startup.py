@@ -64,7 +64,7 @@ def test_one_device_build_runs_in_waves_and_hands_out_the_one_device_weights(dou
     monkeypatch.setattr(one_device_init, "HOST_BUILD_BUDGET", host_memory.full_model_bytes(config) * 2)  # 1 a wave
     built_after = []
     shard = sharding.shard_state_dict
-    monkeypatch.setattr(sharding, "shard_state_dict",
+    monkeypatch.setattr(one_device_init, "shard_state_dict",
                         lambda *a: built_after.append(list(doubles.rendezvous)) or shard(*a))
     torch.manual_seed(3)
     cfg = nxd_training.nxd_config(ParallelSection(), False, False)

@@ -314,7 +314,7 @@ def test_graph_extraction_run_reads_no_device_value_finishes_and_cuts_the_real_g
     """`bmojo-neuron precompile`'s trial run (its overrides) under NEURON_EXTRACT_GRAPHS_ONLY, where the device
     values are zeros from empty stubs: it reads none of them (no loss closure, no eval sums, no checkpoint
     copies), finishes, and traces and cuts the very graphs the real run does (steps, evals, the ZeRO-1 save)."""
-    from bmojo_neuron.commands.precompile import trial_overrides
+    from bmojo_neuron.launch.precompile import trial_overrides
 
     settings = {"parallel.zero1": True, "train.precision": "bf16", "train.activation_checkpointing": True}
     trial = dict(o.split("=", 1) for o in trial_overrides(3, tmp_path / "unused"))

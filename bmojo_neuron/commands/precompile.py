@@ -16,16 +16,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bmojo_neuron.cli import register_command
-
-TOOL = "neuron_parallel_compile"
-DEFAULT_STEPS = 3
+from bmojo_neuron.launch.precompile import DEFAULT_STEPS, TOOL, TrialRun, plan_trial_run, precompile_srun
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps is {args.steps}; must be >= 1")
     cache_url, cache_source = resolve_cache_dir(args.cache_dir)
-    job = prepare(args, cache_url)
+    job = plan_trial_run(args.recipe, args.overrides, nodes=args.nodes, instance=args.instance, cache_url=cache_url,
+                         master_port=args.master_port, steps=args.steps, output_dir=args.output_dir,
+                         environ=os.environ, strict=not args.dry_run)
     tool = shutil.which(TOOL)
     if args.dry_run:
         print(describe(job, args, cache_url, cache_source, tool))
@@ -63,104 +60,6 @@ def run(args: argparse.Namespace) -> int:
     if tool is None:
         raise_missing_tool()
     return execute(job, tool, cache_url)
-
-
-# ------------------------------------------------------------------ validation
-@dataclass
-class Job:
-    """What precompile runs: the plan, the trial-run command and environment, and its run directory."""
-
-    plan: Any  # bmojo_neuron.launch.plan.LaunchPlan of the real run
-    argv: list[str]  # the plan's torchrun line + the trial overrides (without neuron_parallel_compile)
-    env: dict[str, str]
-    output_dir: Path
-    scratch: bool  # output_dir is ours: removed after the run (by node 0 on multi-node runs)
-
-
-def trial_overrides(steps: int, output_dir: Path) -> list[str]:
-    """Stop after `steps` steps; eval and checkpoint only at the last one (the loop always does both there)."""
-    return [f"train.steps={steps}", f"eval.every={steps}", f"checkpoint.every={steps}",
-            f"run.output_dir={output_dir}"]
-
-
-def prepare(args: argparse.Namespace, cache_url: str) -> Job:
-    """Validate everything (recipe, plan, data, node environment, cache) and build the command."""
-    from bmojo_neuron.launch.plan import build_plan
-    from bmojo_neuron.recipes import load_recipe
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    plan = build_plan(recipe, args.recipe, args.overrides, nodes=args.nodes, instance=args.instance,
-                      cache_dir=cache_url, master_port=args.master_port)
-    output_dir = Path(args.output_dir) if args.output_dir else scratch_dir(recipe, args.nodes, os.environ)
-    extra = trial_overrides(args.steps, output_dir)
-    load_recipe(args.recipe, [*args.overrides, *extra])  # the trial run's recipe must load too
-    check_data(recipe)
-    check_cache_dir(cache_url)
-    base = launch_argv(plan, os.environ, strict=not args.dry_run)
-    first_node = plan.nodes == 1 or base[base.index("--node-rank") + 1] == "0"
-    return Job(plan, base + extra, {**os.environ, **plan.env}, output_dir, args.output_dir is None and first_node)
-
-
-def scratch_dir(recipe: Any, nodes: int, environ: Any) -> Path:
-    """A fresh run directory for the trial run.
-
-    One node: under the system temp folder. Several nodes: every rank writes its
-    checkpoint shard into one folder, so it sits next to the real run's directory
-    (which multi-node runs keep on a shared filesystem) under a name all nodes agree
-    on: the Slurm job step, else the node count.
-    """
-    name, job = recipe.run.name, environ.get("SLURM_JOB_ID")
-    if nodes == 1:
-        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
-        return Path(tempfile.gettempdir()) / "bmojo-precompile" / f"{name}-{stamp}"
-    stamp = f"slurm{job}.{environ.get('SLURM_STEP_ID', '0')}" if job else f"nodes{nodes}"
-    return Path(recipe.run.output_dir).absolute().parent / "precompile" / f"{name}-{stamp}"
-
-
-def launch_argv(plan: Any, environ: Any, strict: bool = True) -> list[str]:
-    """The plan's torchrun line as argv, with MASTER_ADDR and the node rank filled in on multi-node runs."""
-    argv = shlex.split(plan.torchrun)
-    if plan.nodes == 1:
-        return argv
-    master = environ.get("MASTER_ADDR")
-    rank = environ.get("NODE_RANK") or environ.get("SLURM_NODEID")
-    if not strict and not (master and rank):
-        return argv
-    if not master:
-        raise ValueError(f"--nodes {plan.nodes}: set MASTER_ADDR to the first node's address (under Slurm: "
-                         "MASTER_ADDR=$(scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n 1)); "
-                         "run precompile on every node, see docs/compile-cache.md")
-    if rank is None or not rank.isdigit() or int(rank) >= plan.nodes:
-        raise ValueError(f"--nodes {plan.nodes}: set NODE_RANK to this node's rank 0..{plan.nodes - 1} (srun sets "
-                         f"SLURM_NODEID, which is used when NODE_RANK is unset); got {rank!r}")
-    return [master if a == "$MASTER_ADDR" else rank if a == "$NODE_RANK" else a for a in argv]
-
-
-def check_data(recipe: Any) -> None:
-    """A missing local data.path fails here, not minutes into the trial run."""
-    if recipe.data.kind != "text" or not recipe.data.path:
-        return
-    from bmojo_neuron.data.text import source_kind
-
-    try:
-        source_kind(str(Path(recipe.data.path).expanduser()))
-    except FileNotFoundError as exc:
-        raise FileNotFoundError(f"recipe key {exc}; set data.path=<your data> (the trn1 recipes ship a "
-                                "placeholder) and prepare it with `bmojo-neuron data prepare`") from None
-
-
-def check_cache_dir(url: str) -> None:
-    from bmojo_neuron.compile_cache.location import is_s3
-
-    if is_s3(url):
-        from bmojo_neuron.compile_cache.s3 import make_client
-
-        make_client()  # boto3 installed? (the post-run check lists the bucket)
-        return
-    path = Path(url).expanduser()
-    existing = next(p for p in [path, *path.parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--cache-dir {url}: {existing} is not a writable folder")
 
 
 def raise_missing_tool() -> None:
@@ -172,19 +71,7 @@ def raise_missing_tool() -> None:
 
 
 # ------------------------------------------------------------------ dry run
-def precompile_srun(args: argparse.Namespace, cache_url: str) -> str:
-    """The Slurm line that runs this precompile on every node (NODE_RANK comes from SLURM_NODEID)."""
-    inner = ["bmojo-neuron", "precompile", args.recipe, *args.overrides, "--nodes", str(args.nodes),
-             "--instance", args.instance, "--steps", str(args.steps), "--cache-dir", cache_url,
-             "--master-port", str(args.master_port)]
-    if args.output_dir:
-        inner += ["--output-dir", args.output_dir]
-    script = ('MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1) '
-              + " ".join(shlex.quote(a) for a in inner))
-    return f"srun --nodes {args.nodes} --ntasks-per-node 1 --export ALL bash -c {shlex.quote(script)}"
-
-
-def describe(job: Job, args: argparse.Namespace, cache_url: str, cache_source: str, tool: str | None) -> str:
+def describe(job: TrialRun, args: argparse.Namespace, cache_url: str, cache_source: str, tool: str | None) -> str:
     plan = job.plan
     command = shlex.join([TOOL, *job.argv])
     lines = [
@@ -200,7 +87,9 @@ def describe(job: Job, args: argparse.Namespace, cache_url: str, cache_source: s
                          if plan.nodes > 1 else "") + ":", f"  {command}",
     ]
     if plan.nodes > 1:
-        lines += ["", "on every node (Slurm):", f"  {precompile_srun(args, cache_url)}"]
+        srun = precompile_srun(args.recipe, args.overrides, nodes=args.nodes, instance=args.instance, steps=args.steps,
+                               cache_url=cache_url, master_port=args.master_port, output_dir=args.output_dir)
+        lines += ["", "on every node (Slurm):", f"  {srun}"]
     found = f"found at {tool}" if tool else "NOT on PATH (install torch-neuronx / neuronx-cc)"
     lines += ["", "checks:", "  recipe, Trainium shapes, HBM estimate: ok", f"  {TOOL}: {found}",
               "", "afterwards, the real run (same nodes, recipe, overrides and NEURON_CC_FLAGS) uses the cache:",
@@ -211,7 +100,7 @@ def describe(job: Job, args: argparse.Namespace, cache_url: str, cache_source: s
 
 
 # ------------------------------------------------------------------ running
-def execute(job: Job, tool: str, cache_url: str) -> int:
+def execute(job: TrialRun, tool: str, cache_url: str) -> int:
     """Snapshot the cache, run the tool (streaming its output), check the cache, print a summary."""
     from bmojo_neuron.compile_cache import LocalCache, open_cache
     from bmojo_neuron.compile_cache.check import check_run, snapshot

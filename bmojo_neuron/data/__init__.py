@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from bmojo_neuron.data.mqar import IGNORE_INDEX, generate_mqar, mqar_accuracy
+from bmojo_neuron.data.text import load_text_dataset
 from bmojo_neuron.data.tokenizer import ByteTokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -65,8 +66,6 @@ def _mqar(recipe: Recipe, examples: int, seed: int, multiplier: int) -> Dataset:
 
 
 def _text(recipe: Recipe, block_size: int) -> tuple[Dataset, Dataset]:
-    from bmojo_neuron.data.text import load_text_dataset
-
     data = recipe.data
     return load_text_dataset(
         path=data.path,

@@ -13,9 +13,13 @@ which the estimate leaves out.
 
 from __future__ import annotations
 
+import gc
+import resource
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from bmojo_neuron.launch.memory import stage_parameters
+from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
 from bmojo_neuron.parallel.one_device_init import (
     BUILD_OVERHEAD,
     FP32,
@@ -23,6 +27,7 @@ from bmojo_neuron.parallel.one_device_init import (
     full_model_bytes,
     ranks_per_wave,
 )
+from bmojo_neuron.recipes import load_recipe
 
 GIB = 1024**3
 MIB = 1024**2
@@ -51,8 +56,6 @@ class HostMemoryEstimate:
 def estimate_host_memory(recipe: Any, local_world: int, instance: str | None = None,
                          one_device_init: bool = True) -> HostMemoryEstimate:
     """Host memory at start-up of `recipe` on a node of `local_world` ranks (its ``parallel`` degrees)."""
-    from bmojo_neuron.launch.memory import stage_parameters
-
     config = recipe.model_config()
     p = recipe.parallel
     element = 2 if recipe.train.precision == "bf16" else FP32
@@ -72,12 +75,6 @@ def estimate_host_memory(recipe: Any, local_world: int, instance: str | None = N
 
 def measure_build(recipe_name: str) -> dict[str, float]:
     """Build `recipe_name`'s one-device model in fp32 on the CPU; MiB of RSS before and after, and the ratio."""
-    import gc
-    import resource
-
-    from bmojo_neuron import BMojoForCausalLM
-    from bmojo_neuron.recipes import load_recipe
-
     config = load_recipe(recipe_name).model_config()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model = BMojoForCausalLM(config)

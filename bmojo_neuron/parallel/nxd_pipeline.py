@@ -35,6 +35,8 @@ from torch import Tensor, nn
 
 from ..layers.decoder import BMojoDecoderLayer
 from ..layers.factory import IGNORE_INDEX
+from ..modeling_bmojo import causal_lm_loss
+from .pipeline import split_layers
 
 LOSS_SPEC = (True, False)  # NxD's output_loss_value_spec for (loss, stats)
 STATS = ("loss", "lm_loss", "aux_loss", "tokens", "correct")
@@ -73,8 +75,6 @@ def pipeline_cuts(num_layers: int, stages: int) -> list[str]:
     `split_layers` (the torch pipeline, ``checkpoint shard``, the memory plan) to the
     first. Naming the cuts keeps one stage layout everywhere.
     """
-    from .pipeline import split_layers
-
     return [f"model.layers.{block[-1]}" for block in split_layers(num_layers, stages)[:-1]]
 
 
@@ -101,8 +101,6 @@ class PipelineCausalLM(nn.Module):
             PipelineDecoderLayer.adopt(layer)
 
     def forward(self, input_ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        from ..modeling_bmojo import causal_lm_loss
-
         hidden = self.model.embed_tokens(input_ids)
         if self.factory.sequence_parallel:
             hidden = self.factory.scatter_sequence(hidden)

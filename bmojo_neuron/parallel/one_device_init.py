@@ -17,11 +17,17 @@ fp32 parameter bytes, initialisation temporaries included.
 
 from __future__ import annotations
 
+import gc
 import math
+import os
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ..modeling_bmojo import BMojoForCausalLM
+from ..neuron import import_neuron_module
+from .sharding import load_into, shard_shapes, shard_state_dict, tied_names
 
 FP32 = 4
 BUILD_OVERHEAD = 1.31  # measured: bmojo-130m, (peak RSS after the build - before) / fp32 parameter bytes
@@ -30,8 +36,6 @@ HOST_BUILD_BUDGET = 128 * 1024**3  # transient full models per node: a quarter o
 
 def full_model_bytes(config: Any) -> int:
     """fp32 bytes of the whole one-device model (meta device: nothing allocated)."""
-    from .sharding import shard_shapes, tied_names
-
     skip = tied_names(config)
     return FP32 * sum(shape.numel() for name, shape in shard_shapes(config, 1).items() if name not in skip)
 
@@ -56,13 +60,6 @@ def one_device_shard(model: nn.Module, config: Any, tp_rank: int, tp: int, rng_s
     ``xm.rendezvous`` after each wave; every rank computes the same number of waves.
     The torch RNG is left where that build leaves it.
     """
-    import gc
-    import os
-
-    from .. import BMojoForCausalLM
-    from ..neuron import import_neuron_module
-    from .sharding import load_into, shard_state_dict
-
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     full_bytes = full_model_bytes(config)
     waves, per_wave = build_waves(local_world, full_bytes), ranks_per_wave(full_bytes)

@@ -31,7 +31,12 @@ from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from transformers.utils import logging as hf_logging
+
+from bmojo_neuron.layers.factory import get_layer_factory
+from bmojo_neuron.modeling_bmojo import causal_lm_loss
 
 
 def split_layers(num_layers: int, stages: int) -> list[range]:
@@ -125,8 +130,6 @@ class PipelineStage(nn.Module):
 
     def activation_checkpointing_enable(self, **kwargs: Any) -> None:
         """Activation checkpointing of this stage's decoder layers."""
-        from transformers.utils import logging as hf_logging
-
         enable = getattr(self.model, "activation_checkpointing_enable", None) or \
             self.model.gradient_checkpointing_enable
         # transformers warns that a later stage has no input embedding to hook; it needs none, as the
@@ -202,8 +205,6 @@ class PipelineLoss:
         self.records: list[Tensor] = []
 
     def __call__(self, output: tuple[Tensor, Tensor], labels: Tensor) -> Tensor:
-        from bmojo_neuron.modeling_bmojo import causal_lm_loss
-
         logits, aux = output
         lm_loss = causal_lm_loss(logits, labels, self.factory)
         aux_loss = (self.config.innovation_loss_weight * aux.mean() / self.b_layers if self.b_layers
@@ -215,8 +216,6 @@ class PipelineLoss:
 
 def pipeline_loss(config: Any, microbatches: int, factory: Any = None) -> PipelineLoss:
     """`PipelineLoss` for `microbatches` micro-batches (default factory: the active one)."""
-    from bmojo_neuron.layers.factory import get_layer_factory
-
     return PipelineLoss(config, factory or get_layer_factory(), microbatches)
 
 
@@ -255,6 +254,7 @@ def build_schedule(stage_module: PipelineStage, group: Any, microbatches: int, l
     step. `module` replaces the module the schedule runs (e.g. `FullLogits` for eval);
     ``loss_fn=None`` gives a forward-only schedule.
     """
+    # torch.distributed.pipelining builds on torch.fx and export: imported only when a pipeline is built
     from torch.distributed.pipelining import PipelineStage as TorchStage
     from torch.distributed.pipelining import ScheduleGPipe
 
@@ -319,8 +319,6 @@ class PipelineRunner:
 
     def share(self, values: list[float]) -> list[float]:
         """The last stage's `values` on every rank of the pipeline (float64, exact for Python floats)."""
-        import torch.distributed as dist
-
         device = next(self.stage.parameters()).device
         t = torch.tensor(values, dtype=torch.float64, device=device)
         dist.broadcast(t, src=self.last_rank, group=self.group)

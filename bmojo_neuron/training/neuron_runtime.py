@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from bmojo_neuron.launch.plan import CONFLICTING_ENV, conflicting_env
 from bmojo_neuron.neuron import TRAINING_FEATURE as FEATURE
 from bmojo_neuron.neuron import TRAINING_PACKAGES, import_neuron_module, require_neuron
 
@@ -61,8 +62,6 @@ class NeuronRuntime:
         `env` (`bmojo_neuron.launch.plan.runtime_env`) is set where the environment does not already say
         otherwise, before the Neuron runtime reads it.
         """
-        from bmojo_neuron.launch.plan import CONFLICTING_ENV, conflicting_env
-
         require_neuron_training()
         if bad := conflicting_env(os.environ):
             raise ValueError(f"unset {', '.join(bad)}: the trainer casts the model itself (model.to(bfloat16)); "
