@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from nki_kernels.emulator import NKILanguageWarning, as_nki, frontend
+from nki_kernels.emulator import NKILanguageWarning, NKIRuleError, as_nki, frontend, nki
 
 SDK_COMMIT = "3c46990de45d2ed76e22fe5990f8dcb6a7763f00"
 LIBRARY_COMMIT = "0759719"
@@ -113,22 +113,120 @@ def test_cumsum(library):
         assert np.allclose(out.astype(np.float32), golden.astype(np.float32), atol=1e-3, rtol=rtol)
 
 
+def test_cascaded_max(library):
+    """nki-library's test_cascaded_max.py: inputs randn(batch, seqlen, vocab) with seed 42, reference
+    torch.max(dim=-1, keepdim=True) (values, int32 indices), tolerance 1e-5 (here exact). Shapes from its
+    LNC-1 unit set: one partition tile, several, the Llama-3 vocab slices, and an odd vocab."""
+    mod = _import(library, "nkilib_src.nkilib.core.max.cascaded_max")
+    for batch, seqlen, vocab in ((1, 1, 3168), (8, 5, 4058), (4, 5, 8192), (1, 1, 16000), (65, 1, 3168),
+                                 (1, 127, 3999)):
+        np.random.seed(42)
+        x = np.random.randn(batch, seqlen, vocab).astype(np.float32)
+        values, indices = mod.cascaded_max(x)
+        np.testing.assert_array_equal(values, x.max(axis=-1, keepdims=True))
+        np.testing.assert_array_equal(indices.astype(np.int64), x.argmax(axis=-1)[..., None])
+
+
+def test_cascaded_max_bf16_needs_neuroncore_v4(library):
+    """Its bf16 sweep cases write nc_matmul results in bf16 to PSUM, which [isa] nc_matmul allows from
+    NeuronCore-v4 on; on v2 the emulator rejects them as neuronx-cc would."""
+    mod = _import(library, "nkilib_src.nkilib.core.max.cascaded_max")
+    with pytest.raises(NKIRuleError, match="nc_matmul: dst must be a float32 PSUM tile on NeuronCore-v2"):
+        mod.cascaded_max(RNG.standard_normal((2, 1, 256)).astype(BF16))
+
+
+def _rotate_half(x: np.ndarray, sign: int) -> np.ndarray:
+    half = x.shape[-1] // 2
+    return np.concatenate((-sign * x[..., half:], sign * x[..., :half]), axis=-1)
+
+
+@pytest.mark.parametrize("dtype,backward,packed", [
+    (np.float32, False, False), (BF16, False, False), (np.float32, True, False), (np.float32, False, True),
+])
+def test_rope_hf(library, dtype, backward, packed):
+    """nki-library's test_rope_hf.py golden, computed in the input dtype: forward q·cos + rotate_half(q)·sin,
+    backward q·cos + rotate_half⁻¹(q·sin); cos/sin separate (batch, seq, d) or one packed rope_cache
+    (seq, 2d); abs and rel tolerance 1e-6. Shapes: its GQA case (32/8 heads) cut to 4/2 heads, and d 64."""
+    mod = _import(library, "nkilib_src.nkilib.core.embeddings.rope_hf")
+    for batch, q_heads, kv_heads, seq, d in ((1, 4, 2, 256, 128), (2, 2, 1, 128, 64)):
+        q = RNG.standard_normal((batch, q_heads, seq, d)).astype(dtype)
+        k = RNG.standard_normal((batch, kv_heads, seq, d)).astype(dtype)
+        if packed:
+            cache = RNG.standard_normal((seq, 2 * d)).astype(dtype)
+            tables, cos, sin = {"rope_cache": cache}, cache[None, :, :d], cache[None, :, d:]
+        else:
+            cos, sin = (RNG.standard_normal((batch, seq, d)).astype(dtype) for _ in range(2))
+            tables = {"cos": cos, "sin": sin}
+        q_out, k_out = mod.rope_hf(q, k, np.zeros_like(q), np.zeros_like(k), backward=backward, **tables)
+        cos, sin = cos[:, None], sin[:, None]
+        for out, x in ((q_out, q), (k_out, k)):
+            golden = x * cos + _rotate_half(x * sin, -1) if backward else x * cos + _rotate_half(x, 1) * sin
+            assert out.dtype == golden.dtype
+            assert np.allclose(out.astype(np.float64), golden.astype(np.float64), atol=1e-6, rtol=1e-6)
+
+
+def _run_subkernel(kernel, *args, **kwargs):
+    """nki-library's test framework jits a sub-kernel (no @nki.jit of its own) itself: simulate it."""
+    with as_nki():
+        return nki.simulate_kernel(kernel, *args, **kwargs)
+
+
+@pytest.mark.parametrize("batch,seqlen,hidden,hidden_actual,dtype", [
+    (1, 1, 8192, None, np.float16), (1, 8, 8192, None, np.float16), (1, 1, 4096, 3072, np.float16),
+    (2, 8, 8192, None, np.float16), (128, 1, 8192, None, np.float16), (4, 8, 8192, None, np.float32),
+])
+def test_rmsnorm_tkg(library, batch, seqlen, hidden, hidden_actual, dtype):
+    """nki-library's test_rmsnorm_tkg.py: inputs randn with seed 42, its own torch reference for the
+    single-core output layout (rmsnorm_torch.rmsnorm_tkg_torch_ref_lnc1: fp32 RMSNorm, (128, B·S, H/128)),
+    rtol 2e-2, atol 1e-5. Shapes: its LNC-1 unit cases that take the v2 path, and its larger batches."""
+    import torch
+
+    mod = _import(library, "nkilib_src.nkilib.core.subkernels.rmsnorm_tkg")
+    reference = importlib.import_module("nkilib_src.nkilib.core.subkernels.rmsnorm_torch")
+    np.random.seed(42)
+    x = np.random.randn(batch, seqlen, hidden).astype(dtype)
+    gamma = np.random.randn(1, hidden).astype(dtype)
+    out = np.zeros((128, batch * seqlen, hidden // 128), dtype=dtype)
+    result = _run_subkernel(mod.rmsnorm_tkg, x, gamma, out, hidden_actual=hidden_actual)
+    golden = reference.rmsnorm_tkg_torch_ref_lnc1(torch.from_numpy(x), torch.from_numpy(gamma), torch.from_numpy(out),
+                                                  hidden_actual=hidden_actual)["out"].float().numpy()
+    assert result.dtype == dtype and result.shape == golden.shape
+    assert np.allclose(result.astype(np.float32), golden, rtol=2e-2, atol=1e-5)
+
+
+def test_rmsnorm_tkg_paths_that_need_a_later_neuroncore(library):
+    """Its few-token path for H <= 2048 transposes fp16 on the PE array into an fp16 PSUM tile (bf16/fp16
+    transpose mode is NeuronCore-v3 on: [lib] qkv_cte_utils.py; v2 writes fp32), and its hidden_dim_tp
+    layout loads with nisa.dma_transpose, which the emulator does not implement."""
+    mod = _import(library, "nkilib_src.nkilib.core.subkernels.rmsnorm_tkg")
+    x, gamma = RNG.standard_normal((1, 4, 2048)).astype(np.float16), RNG.standard_normal((1, 2048)).astype(np.float16)
+    with pytest.raises(NKIRuleError, match="nc_transpose: a Tensor-engine transpose writes a float32 PSUM tile"):
+        _run_subkernel(mod.rmsnorm_tkg, x, gamma, np.zeros((128, 4, 16), np.float16))
+    with pytest.raises(NKIRuleError, match="nisa.dma_transpose: is in NKI 0.2.0 but not emulated"):
+        _run_subkernel(mod.rmsnorm_tkg, x, gamma, np.zeros((128, 4, 16), np.float16), hidden_dim_tp=True)
+
+
 # ----------------------------------------------------------------------------- the front end accepts them
 FRONT_END_MODULES = [
     ("sdk", "tensor_addition.tensor_addition_nki_kernels"),
     ("sdk", "matrix_multiplication.matrix_multiplication_nki_kernels"),
     ("library", "nkilib_src.nkilib.core.cumsum.cumsum"),
     ("library", "nkilib_src.nkilib.core.embeddings.rope_hf"),
+    ("library", "nkilib_src.nkilib.core.max.cascaded_max"),
+    ("library", "nkilib_src.nkilib.core.subkernels.rmsnorm_tkg"),  # a sub-kernel: its test framework jits it
 ]
+SUBKERNELS = {"nkilib_src.nkilib.core.subkernels.rmsnorm_tkg": "rmsnorm_tkg"}
 
 
 @pytest.mark.parametrize("source,module", FRONT_END_MODULES)
 def test_front_end_finds_nothing_in_aws_kernels(request, source, module):
     """The language front end's reference set: AWS's 0.2 kernels raise no error and no warning."""
     mod = _import(request.getfixturevalue(source), module)
-    kernels = _kernels(mod)
-    assert kernels
+    functions = [k.__nki_func__ for k in _kernels(mod)]
+    if module in SUBKERNELS:
+        functions.append(getattr(mod, SUBKERNELS[module]))
+    assert functions
     with warnings.catch_warnings():
         warnings.simplefilter("error", NKILanguageWarning)
-        for kernel in kernels:
-            assert frontend._Checker().run(kernel.__nki_func__) == [], kernel.__name__
+        for function in functions:
+            assert frontend._Checker().run(function) == [], function.__name__

@@ -134,11 +134,28 @@ def test_apis_the_migration_guide_removed():
 
     language_error(unknown, rand(4, 4), match="nisa.tensor_copy_fast is not in the NKI 0.2.0 API")
 
-    def not_emulated(a):
-        out = nl.ndarray((4, 8), dtype=nl.float32)
-        nisa.max8(dst=out, src=load(a))
 
-    language_error(not_emulated, rand(4, 16), match="nisa.max8 is in NKI 0.2.0 but not emulated")
+
+def test_names_in_the_stub_the_emulator_cannot_run():
+    """A 0.2.0 name the emulator does not implement parses (nki-library keeps such calls on paths a
+    single-core v2 run never takes) and fails only when reached."""
+    def never_reached(a, use_bn_stats=False):
+        data = load(a)
+        if use_bn_stats:
+            nisa.bn_stats(dst=nl.ndarray((4, 6), dtype=nl.float32), data=data)
+        return store(data)
+
+    a = rand(4, 16)
+    np.testing.assert_array_equal(run(never_reached, a), a)
+    with pytest.raises(NKIRuleError, match="nisa.bn_stats: is in NKI 0.2.0 but not emulated"):
+        run(never_reached, a, True)
+
+    def packed_dtype(a):
+        assert str(nl.float8_e4m3fn_x4) == "float8_e4m3fn_x4"
+        nl.ndarray((4, 4), dtype=nl.float8_e4m3fn_x4)
+
+    with pytest.raises(NKIRuleError, match="nl.float8_e4m3fn_x4: is in NKI 0.2.0 but not emulated"):
+        run(packed_dtype, a)
 
 
 def test_instructions_write_dst_and_return_nothing():

@@ -591,3 +591,42 @@ def test_item_assignment_is_rejected():
         t[0:1, :] = 0
 
     raises(kernel, rand(8, 8), match="written by instructions only")
+
+
+# ----------------------------------------------------------------------------- top-8 search
+def test_max8_and_find_index8():
+    """[isa] max8 / nc_find_index8: 8..16,384 elements per partition, (P, 8) dst, uint16/uint32 indices."""
+    def top8(a):
+        data = load(a)
+        vals = nl.ndarray((a.shape[0], 8), dtype=nl.float32)
+        nisa.max8(dst=vals, src=data)
+        idx = nl.ndarray((a.shape[0], 8), dtype=nl.uint32)
+        nisa.nc_find_index8(dst=idx, data=data, vals=vals)
+        return store(vals), store(idx)
+
+    a = rand(16, 2, 50)
+    vals, idx = run(top8, a)
+    flat = a.reshape(16, -1)
+    np.testing.assert_array_equal(vals, -np.sort(-flat, axis=1)[:, :8])
+    np.testing.assert_array_equal(idx, np.argsort(-flat, axis=1, kind="stable")[:, :8])
+
+    def too_few(a):
+        nisa.max8(dst=nl.ndarray((a.shape[0], 8), dtype=nl.float32), src=load(a))
+
+    raises(too_few, rand(4, 7), match="max8: src is up to 5-D with 8 to 16,384 elements per partition")
+
+    def float_indices(a):
+        data = load(a)
+        vals = nl.ndarray((a.shape[0], 8), dtype=nl.float32)
+        nisa.max8(dst=vals, src=data)
+        nisa.nc_find_index8(dst=nl.ndarray((a.shape[0], 8), dtype=nl.float32), data=data, vals=vals)
+
+    raises(float_indices, rand(4, 32), match="nc_find_index8: dst must be uint16 or uint32")
+
+    def absent_value(a):
+        data = load(a)
+        vals = nl.ndarray((a.shape[0], 8), dtype=nl.float32)
+        nisa.memset(dst=vals, value=1e9)
+        nisa.nc_find_index8(dst=nl.ndarray((a.shape[0], 8), dtype=nl.uint32), data=data, vals=vals)
+
+    raises(absent_value, rand(4, 32), match="every value of vals must occur")

@@ -208,9 +208,40 @@ def pop_state() -> RunState:
     return _STATE.pop()
 
 
+# --------------------------------------------------------------------- names of 0.2.0 the emulator cannot run
+NOT_EMULATED = "is in NKI 0.2.0 but not emulated"
+
+
+def not_emulated(qualname: str):
+    """A stand-in for an NKI 0.2.0 function the emulator does not implement.
+
+    Code that names it imports and parses as under neuronx-cc (nki-library keeps such
+    calls on paths a NeuronCore-v2, single-core run never takes); calling it is an error.
+    """
+    def unsupported(*args: Any, **kwargs: Any) -> None:
+        raise rule_error(qualname, NOT_EMULATED, "the emulator cannot run it")
+
+    unsupported.__name__ = unsupported.__qualname__ = qualname.rsplit(".", 1)[-1]
+    return unsupported
+
+
+class NotEmulatedDtype:
+    """A 0.2.0 dtype the emulator cannot store (the packed x4 types): comparable by name, not allocatable."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+    __repr__ = __str__
+
+
 # --------------------------------------------------------------------- dtypes
 def as_dtype(dtype: Any) -> np.dtype:
     """Any NKI / NumPy / torch-like dtype name -> NumPy dtype (bfloat16, float8 via ml_dtypes)."""
+    if isinstance(dtype, NotEmulatedDtype):
+        raise rule_error(f"nl.{dtype.name}", NOT_EMULATED, "the emulator cannot store it")
     if isinstance(dtype, str):
         named = {"bfloat16": BFLOAT16, "tfloat32": np.dtype(np.float32), "bool": np.dtype(np.uint8),
                  "float8_e4m3": np.dtype(ml_dtypes.float8_e4m3), "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),

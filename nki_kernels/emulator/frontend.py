@@ -72,17 +72,6 @@ _REMOVED = {
     "mgrid": "use slicing or tensor.ap", "par_dim": "the partition axis is always first",
     "load_transpose2d": "use nisa.dma_copy and nisa.nc_transpose",
 }
-# in the 0.2.0 stubs (nki/api/nki/{isa,language}/__init__.py) but not emulated
-_STUB_ONLY = {
-    "isa": {"activation_reduce", "bn_aggr", "bn_stats", "core_barrier", "dma_compute", "dma_transpose", "exponential",
-            "dropout", "local_gather", "max8", "nc_find_index8", "nc_match_replace8", "nc_matmul_mx", "nc_n_gather",
-            "nc_stream_shuffle", "nonzero_with_count", "quantize_mx", "rand2", "rand_get_state", "rand_set_state",
-            "range_select", "register_alloc", "register_load", "register_move", "register_store", "rng",
-            "scalar_tensor_tensor", "select_reduce", "sendrecv", "sequence_bounds", "set_rng_seed",
-            "tensor_copy_predicated", "tensor_partition_reduce", "tensor_scalar_cumulative", "tensor_scalar_reduce"},
-    "language": {"shared_constant", "shared_identity_matrix", "bitwise_and", "float8_e5m2_x4", "float8_e4m3fn_x4",
-                 "float4_e2m1fn_x4"},
-}
 # nki.isa instructions that do return a value
 _RETURNING = {"register_alloc", "get_nc_version"}
 
@@ -395,8 +384,6 @@ class _FunctionWalker(ast.NodeVisitor):
             prefix = {"language": "nl", "isa": "nisa", "nki": "nki"}[space]
             if space == "language" and node.attr in _REMOVED:
                 self.add(node, f"{prefix}.{node.attr} {REMOVED_API}", _REMOVED[node.attr])
-            elif node.attr in _STUB_ONLY.get(space, ()):
-                self.add(node, f"{prefix}.{node.attr} is in NKI 0.2.0 but not emulated", "the emulator cannot run it")
             else:
                 self.add(node, f"{prefix}.{node.attr} is {UNKNOWN_API}", f"{base.__name__} has no {node.attr}")
         elif isinstance(base, (types.ModuleType, type)) and not space:

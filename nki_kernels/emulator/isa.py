@@ -655,8 +655,74 @@ def affine_select(dst, pattern, offset=0, channel_multiplier=0, on_true_tile=Non
         dst.write(np.where(keep, on_true_tile.read(), np.float32(on_false_value)))
 
 
+# ------------------------------------------------------------------ top-8 search (Vector)
+def _top8_operand(instr: str, name: str, t: Any) -> NkiTensor:
+    """[isa] max8 / nc_find_index8: the searched tile is up to 5-D with 8 to 16,384 elements per partition."""
+    _tile(instr, name, t)
+    if t.ndim > 5 or not 8 <= t.free_size <= 16384:
+        raise rule_error(instr, f"{name} is up to 5-D with 8 to 16,384 elements per partition", f"{name} {t.shape}")
+    return t
+
+
+def _top8_dst(instr: str, dst: Any, partitions: int, dtypes: tuple | None = None) -> NkiTensor:
+    _tile(instr, "dst", dst)
+    if dst.ndim != 2 or dst.shape != (partitions, 8):
+        raise rule_error(instr, "dst is a 2-D (partitions, 8) tile", f"dst {dst.shape} for {partitions} partitions")
+    if dtypes is not None and dst.dtype not in dtypes:
+        raise rule_error(instr, "dst must be uint16 or uint32", f"dst dtype {dst.dtype}")
+    return dst
+
+
+def max8(dst, src, name=None):
+    """The 8 largest values of each partition, descending, read as fp32 ([isa] max8). Vector engine,
+    as its siblings: [isa] nc_match_replace8 names the Vector engine for this family."""
+    instr = "nisa.max8"
+    _top8_operand(instr, "src", src)
+    _top8_dst(instr, dst, src.partitions)
+    _issue("vector", instr, max(MIN_II, src.free_size), (src,), (dst,), _lanes(src))
+    if state().compute:
+        data = src.read().reshape(src.partitions, -1).astype(np.float32)
+        dst.write(-np.sort(-data, axis=1)[:, :8])
+
+
+def nc_find_index8(dst, data, vals, name=None):
+    """Index (from 0, over the flattened free axes) of the first occurrence of each of the 8 `vals` in
+    each partition of `data` ([isa] nc_find_index8); dst (partitions, 8) uint16/uint32. A value not in
+    the partition is undefined behaviour on hardware: an error here."""
+    instr = "nisa.nc_find_index8"
+    _top8_operand(instr, "data", data)
+    _tile(instr, "vals", vals)
+    if vals.ndim > 3 or vals.free_size != 8 or vals.partitions != data.partitions:
+        raise rule_error(instr, "vals is up to 3-D with exactly 8 elements per partition, as many partitions as data",
+                         f"vals {vals.shape}, data {data.shape}")
+    _top8_dst(instr, dst, data.partitions, (np.dtype(np.uint16), np.dtype(np.uint32)))
+    _issue("vector", instr, max(MIN_II, data.free_size), (data, vals), (dst,), _lanes(data))
+    if not state().compute:
+        return
+    hay = data.read().reshape(data.partitions, -1).astype(np.float32)
+    needles = vals.read().reshape(vals.partitions, 8).astype(np.float32)
+    hits = hay[:, None, :] == needles[:, :, None]
+    if not hits.any(axis=2).all():
+        raise rule_error(instr, "every value of vals must occur in its partition of data (undefined otherwise)",
+                         f"data {data.shape}")
+    dst.write(hits.argmax(axis=2))
+
+
+# In the 0.2.0 stub but not emulated: callable names that raise when a kernel reaches them.
+NOT_EMULATED = (
+    "bn_aggr", "bn_stats", "core_barrier", "dma_compute", "dma_transpose", "exponential",
+    "dropout", "local_gather", "nc_match_replace8", "nc_matmul_mx", "nc_n_gather", "nc_stream_shuffle",
+    "nonzero_with_count", "quantize_mx", "rand2", "rand_get_state", "rand_set_state", "range_select",
+    "register_alloc", "register_load", "register_move", "register_store", "rng", "scalar_tensor_tensor",
+    "select_reduce", "sendrecv", "sequence_bounds", "set_rng_seed", "tensor_copy_predicated",
+    "tensor_partition_reduce", "tensor_scalar_cumulative", "tensor_scalar_reduce",
+)
+for _name in NOT_EMULATED:
+    globals()[_name] = core.not_emulated(f"nisa.{_name}")
+
+
 __all__ = [
     "activation", "activation_reduce", "affine_select", "dge_mode", "dma_copy", "engine", "get_nc_version", "iota",
-    "matmul_perf_mode", "memset", "nc_matmul", "nc_transpose", "nc_version", "oob_mode", "reciprocal", "reduce_cmd",
+    "matmul_perf_mode", "max8", "memset", "nc_find_index8", "nc_matmul", "nc_transpose", "nc_version", "oob_mode", "reciprocal", "reduce_cmd",
     "tensor_copy", "tensor_reduce", "tensor_scalar", "tensor_tensor", "tensor_tensor_scan",
 ]

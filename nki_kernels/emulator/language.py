@@ -41,6 +41,13 @@ tfloat32 = np.dtype(np.float32)  # same storage; the PE array rounds inputs, we 
 float8_e4m3 = np.dtype(ml_dtypes.float8_e4m3)
 float8_e5m2 = np.dtype(ml_dtypes.float8_e5m2)
 float8_e4m3fn = np.dtype(ml_dtypes.float8_e4m3fn)
+# packed types of the 0.2.0 stub the emulator cannot store (nki-library names them in size tables)
+float8_e5m2_x4 = core.NotEmulatedDtype("float8_e5m2_x4")
+float8_e4m3fn_x4 = core.NotEmulatedDtype("float8_e4m3fn_x4")
+float4_e2m1fn_x4 = core.NotEmulatedDtype("float4_e2m1fn_x4")
+# functions of the 0.2.0 stub the emulator does not implement: calling one is an error
+shared_constant = core.not_emulated("nl.shared_constant")
+shared_identity_matrix = core.not_emulated("nl.shared_identity_matrix")
 
 # ---------------------------------------------------------------- buffers
 sbuf, psum, hbm, shared_hbm, private_hbm = core.SBUF, core.PSUM, core.HBM, core.SHARED_HBM, core.PRIVATE_HBM
