@@ -1,4 +1,8 @@
-"""The reference eidetic-window attention op against an explicit per-query loop."""
+"""The reference eidetic-window attention op against an explicit per-query loop.
+
+Both implementations are checked: the fused one (what `eidetic_attention` runs on
+CPU) and the blocked one in plain torch ops (other devices, tracing).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,11 @@ import pytest
 import torch
 
 from bmojo_neuron import ops
-from bmojo_neuron.ops.reference.eidetic_attention import eidetic_attention
+from bmojo_neuron.ops.reference import eidetic_attention_fused as fused_module
+from bmojo_neuron.ops.reference.eidetic_attention import eidetic_attention, eidetic_attention_blocked
+from bmojo_neuron.ops.reference.eidetic_attention_fused import eidetic_attention_fused
+
+IMPLEMENTATIONS = {"fused": eidetic_attention_fused, "blocked": eidetic_attention_blocked}
 
 
 def loop_attention(q, k, v, kf, vf, mem_k, mem_v, mem_valid, window, fading_window, chunk):
@@ -70,35 +78,104 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("case", CASES)
-def test_matches_per_query_loop(case):
+def test_matches_per_query_loop(case, impl):
     length, window, fading_window, chunk, memory, q_heads, kv_heads, block = case
     inputs = make_inputs(length, window, fading_window, chunk, memory, q_heads, kv_heads)
-    out, lse = eidetic_attention(
-        *inputs, window=window, fading_window=fading_window, chunk=chunk, block=block
+    out, lse = IMPLEMENTATIONS[impl](
+        *inputs, window=window, fading_window=fading_window, chunk=chunk, scale=None, block=block
     )
     want_out, want_lse = loop_attention(*inputs, window, fading_window, chunk)
     torch.testing.assert_close(out, want_out, rtol=0, atol=1e-12)
     torch.testing.assert_close(lse, want_lse, rtol=0, atol=1e-12)
 
 
-def test_float32_inputs_return_float32_lse_and_match():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_float32_inputs_return_float32_lse_and_match(impl):
     inputs = make_inputs(30, 6, 4, 5, 3, 4, 2, dtype=torch.float32)
-    out, lse = eidetic_attention(*inputs, window=6, fading_window=4, chunk=5)
+    out, lse = IMPLEMENTATIONS[impl](*inputs, window=6, fading_window=4, chunk=5, scale=None, block=None)
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     want_out, _ = loop_attention(*[t.double() if t is not None and t.is_floating_point() else t for t in inputs], 6, 4, 5)
     torch.testing.assert_close(out.double(), want_out, rtol=0, atol=1e-5)
 
 
-def test_gradcheck_all_inputs():
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_gradcheck_all_inputs(impl):
     q, k, v, kf, vf, mem_k, mem_v, mem_valid = make_inputs(11, 3, 2, 4, 2, 4, 2)
     tensors = [t.requires_grad_() for t in (q, k, v, kf, vf, mem_k, mem_v)]
 
     def fn(*args):
-        out, lse = eidetic_attention(*args, mem_valid, window=3, fading_window=2, chunk=4, block=4)
-        return out, lse
+        return IMPLEMENTATIONS[impl](*args, mem_valid, window=3, fading_window=2, chunk=4, scale=None, block=4)
 
-    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-8)  # both outputs: out and lse
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("uses", ["out_and_lse", "lse_only"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]])
+def test_gradients_through_out_and_lse_match_per_query_loop(case, uses, impl):
+    """A loss on the log-sum-exp too (as the NKI kernels' tests use): every gradient equals the loop's autograd."""
+    length, window, fading_window, chunk, memory, q_heads, kv_heads, block = case
+    inputs = make_inputs(length, window, fading_window, chunk, memory, q_heads, kv_heads)
+    leaves = [t.requires_grad_() for t in inputs if t is not None and t.is_floating_point()]
+    gen = torch.Generator().manual_seed(5)
+    d_out = torch.randn(inputs[0].shape, generator=gen, dtype=torch.float64)
+    d_lse = torch.randn(inputs[0].shape[:3], generator=gen, dtype=torch.float64)
+
+    def loss(out, lse):
+        return (lse * d_lse).sum() + (0 if uses == "lse_only" else (out * d_out).sum())
+
+    def grads(out, lse):  # the lse does not depend on v: a missing gradient is a zero one
+        found = torch.autograd.grad(loss(out, lse), leaves, allow_unused=True)
+        return [torch.zeros_like(t) if g is None else g for g, t in zip(found, leaves)]
+
+    got = grads(*IMPLEMENTATIONS[impl](
+        *inputs, window=window, fading_window=fading_window, chunk=chunk, scale=None, block=block))
+    want = grads(*loop_attention(*inputs, window, fading_window, chunk))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_fused_equals_blocked_with_overlapping_fading_keys():
+    """fading_overlap: the fading keys cover distances [0, w_f - 1], over the window; outputs and gradients."""
+    inputs = make_inputs(40, 6, 9, 8, 3, 4, 2)
+    leaves = [t.requires_grad_() for t in inputs if t is not None and t.is_floating_point()]
+    gen = torch.Generator().manual_seed(6)
+    d_out, d_lse = torch.randn(inputs[0].shape, generator=gen, dtype=torch.float64), torch.randn(2, 4, 40)
+    results = {}
+    for name, impl in IMPLEMENTATIONS.items():
+        out, lse = impl(*inputs, window=6, fading_window=9, chunk=8, scale=None, block=4, fading_overlap=True)
+        results[name] = (out, lse, *torch.autograd.grad((out * d_out).sum() + (lse * d_lse).sum(), leaves))
+    for got, want in zip(results["fused"], results["blocked"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_fused_equals_blocked_in_float32_at_model_sizes():
+    """Outputs and every gradient agree to float32 round-off (w = w_f = 64, M = 16, several memory chunks)."""
+    inputs = list(make_inputs(300, 64, 64, 64, 16, 4, 2, dtype=torch.float32, seed=3))
+    leaves = [t.requires_grad_() if t is not None and t.is_floating_point() else t for t in inputs]
+    grad = torch.randn(2, 4, 300, 8, generator=torch.Generator().manual_seed(4))
+    results = {}
+    for name, impl in IMPLEMENTATIONS.items():
+        out, lse = impl(*leaves, window=64, fading_window=64, chunk=64, scale=None, block=None)
+        grads = torch.autograd.grad((out * grad).sum(), [t for t in leaves if t is not None and t.requires_grad])
+        results[name] = (out, lse, *grads)
+    for got, want in zip(results["fused"], results["blocked"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+def test_cpu_runs_the_fused_op_and_tracing_the_blocked_one():
+    inputs = make_inputs(12, 4, 2, 4, 2, 2, 1, dtype=torch.float32)
+    assert fused_module.fused_kernel_available(*inputs)
+    assert not fused_module.fused_kernel_available(*inputs[:2], inputs[2].to(torch.bfloat16))
+    with fused_module.fused_kernels_disabled():  # what the Neuron backend does for a whole run
+        assert not fused_module.fused_kernel_available(*inputs)
+    assert fused_module.fused_kernel_available(*inputs)
+    graph = torch.fx.experimental.proxy_tensor.make_fx(
+        lambda q, k, v: eidetic_attention(q, k, v, window=4)[0], tracing_mode="fake")(*inputs[:3])
+    targets = {str(node.target) for node in graph.graph.nodes}
+    assert not any("flash" in t for t in targets)
 
 
 def test_dispatch_routes_to_reference_and_rejects_unavailable_backends():

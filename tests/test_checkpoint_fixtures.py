@@ -83,6 +83,12 @@ def test_the_sharded_fixture_consolidates_to_its_export(tmp_path):
 
 
 def test_the_stopped_fixture_resumes_to_the_finished_run(tmp_path):
+    """Resumed from the stored step-2 checkpoint, the run ends where the stored finished run ended.
+
+    The fixtures were written by an earlier version of the code, whose ops may round
+    differently from today's, so this compares at rtol 1e-5; bitwise stop-and-resume of
+    today's code is tested in test_training_baseline.py.
+    """
     if UPDATE:
         pytest.skip("nothing to record")
     run = tmp_path / "run"
@@ -94,11 +100,14 @@ def test_the_stopped_fixture_resumes_to_the_finished_run(tmp_path):
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
 
-    exact = _expected()["environment"] == environment()
+    def values(records: list[dict]) -> list[list]:
+        return [[v for v in r.values() if not isinstance(v, str)] for r in records]
+
+    def weights(run_dir: Path) -> dict[str, list]:
+        return {k: v.tolist() for k, v in load_file(str(run_dir / "final" / "model.safetensors")).items()}
+
     got, want = numbers(run), numbers(FIXTURES / "finished")
     assert [(r["type"], r["step"]) for r in got] == [(r["type"], r["step"]) for r in want]
-    _assert_same([list(r.values()) for r in got], [list(r.values()) for r in want], "metrics", exact)
-    a = load_file(str(run / "final" / "model.safetensors"))
-    b = load_file(str(FIXTURES / "finished" / "final" / "model.safetensors"))
-    _assert_same({k: v.tolist() for k, v in a.items()}, {k: v.tolist() for k, v in b.items()}, "final weights",
-                 exact)
+    assert [r for r in got if r["step"] > 2], "the resumed run logged nothing"
+    _assert_same(values(got), values(want), "metrics", exact=False)
+    _assert_same(weights(run), weights(FIXTURES / "finished"), "final weights", exact=False)

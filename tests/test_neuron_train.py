@@ -219,6 +219,22 @@ def test_hot_ops_default_to_nki(monkeypatch):
     assert select_ops_backend() == "torch"
 
 
+def test_the_backend_runs_the_attention_an_xla_graph_runs(doubles):
+    """The doubles' XLA device is the CPU: for the whole run the reference attention is the blocked op (what a
+    Neuron graph is traced from), not the CPU-only fused kernels; `close` gives them back."""
+    from bmojo_neuron.ops.reference.eidetic_attention_fused import fused_kernel_available
+    from bmojo_neuron.training.backends.neuron import NeuronBackend
+
+    q = torch.zeros(1, 2, 128, 8)
+    assert fused_kernel_available(q)
+    backend = NeuronBackend.start(recipe())
+    try:
+        assert not fused_kernel_available(q)
+    finally:
+        backend.close()
+    assert fused_kernel_available(q)
+
+
 @pytest.mark.parametrize("epoch, position", [(0, 0), (0, 7), (0, 10), (2, 3)])
 def test_position_after_matches_data_order(epoch, position):
     order = DataOrder(43, 4, seed=5, epoch=epoch, position=position)  # 10 micro-batches per epoch

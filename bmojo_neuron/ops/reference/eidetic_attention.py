@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .eidetic_attention_fused import eidetic_attention_fused, fused_kernel_available
+
 NEG_INF = float("-inf")
 
 
@@ -53,7 +55,38 @@ def eidetic_attention(
     block: int | None = None,
     fading_overlap: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """B'MOJO attention for every query of a sequence; see the module docstring."""
+    """B'MOJO attention for every query of a sequence; see the module docstring.
+
+    On CPU (float32/float64, eager) it runs on fused attention kernels
+    (`eidetic_attention_fused`); elsewhere, and while tracing, `eidetic_attention_blocked`.
+    """
+    check_shapes(q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, window, fading_window, chunk)
+    args = (q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid)
+    if fused_kernel_available(*args):
+        return eidetic_attention_fused(*args, window=window, fading_window=fading_window, chunk=chunk, scale=scale,
+                                       block=block, fading_overlap=fading_overlap)
+    return eidetic_attention_blocked(*args, window=window, fading_window=fading_window, chunk=chunk, scale=scale,
+                                     block=block, fading_overlap=fading_overlap)
+
+
+def eidetic_attention_blocked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_fading: Tensor | None = None,
+    v_fading: Tensor | None = None,
+    mem_k: Tensor | None = None,
+    mem_v: Tensor | None = None,
+    mem_valid: Tensor | None = None,
+    *,
+    window: int,
+    fading_window: int = 0,
+    chunk: int = 1,
+    scale: float | None = None,
+    block: int | None = None,
+    fading_overlap: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The op in plain torch ops (autograd does the backward): any device, traceable."""
     batch, q_heads, length, head_dim = q.shape
     kv_heads = k.shape[1]
     check_shapes(q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, window, fading_window, chunk)

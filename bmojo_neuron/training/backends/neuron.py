@@ -48,6 +48,7 @@ as above. Eval runs through ``run_eval`` (`evaluate_pipeline`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -64,6 +65,7 @@ from bmojo_neuron.evaluation import LengthResult
 from bmojo_neuron.launch.plan import runtime_env, validate_for_trainium
 from bmojo_neuron.neuron import import_neuron_module
 from bmojo_neuron.ops.dispatch import ENV_VAR, use_backend
+from bmojo_neuron.ops.reference.eidetic_attention_fused import fused_kernels_disabled
 from bmojo_neuron.parallel.nxd_pipeline import PipelineStats
 from bmojo_neuron.parallel.nxd_training import build_nxd_model, build_nxd_optimizer, nxd_config
 from bmojo_neuron.parallel.sharding import shard_shapes, tied_names
@@ -96,8 +98,11 @@ class NeuronBackend:
                                   grad_accum=r.train.grad_accum)
         self.stats: PipelineStats | None = None  # the last stage's loss hook under pp (set with the model)
         self.restored: dict[str, Tensor] = {}  # this rank's weights read on resume (ZeRO-1's fp32 masters)
-        self.ops = use_backend(select_ops_backend())  # the hot ops on NKI for the whole run (undone by `close`)
-        self.ops.__enter__()
+        # For the whole run (undone by `close`): the hot ops on NKI, and where the torch backend is chosen, its
+        # blocked attention (what an XLA graph runs), never the CPU-only fused kernels.
+        self.ops = contextlib.ExitStack()
+        self.ops.enter_context(use_backend(select_ops_backend()))
+        self.ops.enter_context(fused_kernels_disabled())
 
     @classmethod
     def start(cls, recipe: Any, objective: Objective = causal_lm_loss) -> NeuronBackend:
@@ -110,7 +115,7 @@ class NeuronBackend:
             raise
 
     def close(self) -> None:
-        self.ops.__exit__(None, None, None)
+        self.ops.close()
         self.rt.close()
 
     # ------------------------------------------------------------------ set-up

@@ -1,0 +1,325 @@
+"""Eidetic attention from fused CPU attention kernels, merged by their log-sum-exps.
+
+Same inputs, outputs and math as `eidetic_attention.eidetic_attention` (see its
+docstring for the layouts); this is how that op runs on CPU.
+
+The keys of a query split into *pieces*, each an ordinary dense attention problem
+that torch's fused CPU kernel (``_scaled_dot_product_flash_attention_for_cpu``, the
+kernel behind `scaled_dot_product_attention` on CPU) solves without ever
+materialising a score matrix in memory:
+
+* queries and keys are cut in blocks of ``block`` rows; for a band of key
+  distances ``d = i - t`` in ``[d_lo, d_hi]`` (in-context: ``[0, w - 1]``, fading:
+  ``[w, w + w_f - 1]``, or ``[0, w_f - 1]`` with ``fading_overlap``), query block ``b`` meets key block ``b - o`` for a few
+  offsets ``o``, and every such pair has the same ``block x block`` mask. So one
+  offset is one kernel call over all blocks at once (blocks are the kernel's "heads"
+  axis): inner offsets need no mask at all, the two edge ones a fixed triangle;
+* the memory: queries in chunks of ``chunk`` rows against that chunk's ``M`` slots
+  (empty slots masked).
+
+Each piece returns its output normalised over its own keys and its log-sum-exp
+``lse_p``; the softmax over the union of all keys is then
+``out = sum_p exp(lse_p - lse) out_p`` with ``lse = logsumexp_p lse_p``.
+
+Backward: the fused kernel's backward, called per piece with the *merged* output and
+log-sum-exp, gives exactly that piece's share of the gradients (it recomputes the
+probabilities ``exp(s - lse)`` and the row term ``sum(dout * out)`` from what it is
+given), so the pieces' gradients add up to the gradient of the whole softmax. This is
+the split flash-attention backward uses for key blocks. A gradient flowing into the
+returned log-sum-exp is folded into the same calls through one extra feature column
+(`_fold_lse_gradient`); when the caller drops the lse (the model does) it costs nothing.
+
+Work per query is about ``w + w_f + M + 2 * block`` keys, all inside fused kernels;
+memory beyond inputs and outputs is O(L) (no L x keys tensor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NEG_INF = float("-inf")
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+_disabled = False  # set by `fused_kernels_disabled` (process-wide: NxD may run stages on other threads)
+
+
+@contextlib.contextmanager
+def fused_kernels_disabled() -> Iterator[None]:
+    """Run the block with the blocked op only, as an XLA (Neuron) graph would run it.
+
+    Real XLA tensors never reach the fused kernels (their device is not CPU); a CPU
+    stand-in of the XLA device (the torch-xla test double) would, so the Neuron
+    backend enters this for its whole run and the stand-in runs the ops a Neuron graph
+    is traced from.
+    """
+    global _disabled
+    previous, _disabled = _disabled, True
+    try:
+        yield
+    finally:
+        _disabled = previous
+
+
+def fused_kernel_available(*tensors: Tensor | None) -> bool:
+    """Whether the fused path can run these inputs: eager CPU float32/float64 tensors, not tracing, not under
+    `fused_kernels_disabled`."""
+    if _disabled or torch.compiler.is_compiling() or not hasattr(
+            torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        return False
+    present = [t for t in tensors if t is not None]
+    return all(
+        t.device.type == "cpu" and type(t) in (torch.Tensor, torch.nn.Parameter)  # no fake/functional wrappers
+        and (t.dtype in (torch.float32, torch.float64) or not t.is_floating_point())
+        for t in present
+    )
+
+
+@dataclass(frozen=True)
+class BandPiece:
+    """Query block b meets key block b - offset; `mask` (block, block) additive (None: all keys)."""
+
+    keys: str  # "ctx" or "fading"
+    offset: int
+    mask: Tensor | None
+    row_has_key: Tensor | None  # (block,) bool; None: every row has a key
+
+
+def band_pieces(keys: str, d_lo: int, d_hi: int, block: int, dtype: torch.dtype, device) -> list[BandPiece]:
+    """The block offsets whose keys hold distances ``d = i - t`` in [d_lo, d_hi]."""
+    rows = torch.arange(block, device=device)[:, None]
+    cols = torch.arange(block, device=device)[None, :]
+    pieces = []
+    first = max(0, -(-(d_lo - block + 1) // block))
+    for offset in range(first, (d_hi + block - 1) // block + 1):
+        # The block's distances are every integer in offset * block ± (block - 1): decide from
+        # the ends, in Python, so building the pieces never reads a tensor back to the host.
+        nearest, farthest = offset * block - (block - 1), offset * block + (block - 1)
+        if farthest < d_lo or nearest > d_hi:
+            continue
+        if d_lo <= nearest and farthest <= d_hi:
+            pieces.append(BandPiece(keys, offset, None, None))
+        else:
+            distance = offset * block + rows - cols
+            allowed = (distance >= d_lo) & (distance <= d_hi)
+            mask = torch.zeros(block, block, dtype=dtype, device=device).masked_fill(~allowed, NEG_INF)
+            pieces.append(BandPiece(keys, offset, mask, allowed.any(dim=1)))
+    return pieces
+
+
+def _to_blocks(x: Tensor, size: int, n: int) -> Tensor:
+    """(N, g, L, D) -> (N, n, g * size, D): rows of each block of `size` positions, all groups together."""
+    N, g, length, D = x.shape
+    x = F.pad(x, (0, 0, 0, n * size - length)) if n * size != length else x
+    if g == 1:
+        return x.view(N, n, size, D)
+    return x.view(N, g, n, size, D).transpose(1, 2).reshape(N, n, g * size, D)
+
+
+def _from_blocks(x: Tensor, g: int, length: int) -> Tensor:
+    """Inverse of `_to_blocks` for (N, n, g * size[, D]): -> (N, g, L[, D])."""
+    N, n, rows = x.shape[:3]
+    tail = x.shape[3:]
+    size = rows // g
+    x = x.reshape(N, n, g, size, *tail).transpose(1, 2).reshape(N, g, n * size, *tail)
+    return x[:, :, :length]
+
+
+class _Layout:
+    """Shapes and the pieces of one call."""
+
+    def __init__(self, q, k, k_fading, mem_k, window, fading_window, chunk, block, scale, dtype, fading_overlap):
+        self.batch, self.q_heads, self.length, self.head_dim = q.shape
+        self.kv_heads = k.shape[1]
+        self.groups = self.q_heads // self.kv_heads
+        self.N = self.batch * self.kv_heads
+        self.block = block
+        self.n_blocks = -(-self.length // block)
+        self.chunk = chunk
+        self.scale = scale
+        window = min(window, self.length)
+        self.pieces = band_pieces("ctx", 0, window - 1, block, dtype, q.device)
+        if k_fading is not None and fading_window > 0 and (fading_overlap or window < self.length):
+            nearest = 0 if fading_overlap else window  # overlap: the fading keys span the window's own distances
+            self.pieces += band_pieces("fading", nearest, nearest + fading_window - 1, block, dtype, q.device)
+        self.pieces = [p for p in self.pieces if p.offset < self.n_blocks]
+        self.use_memory = mem_k is not None and mem_k.shape[3] > 0
+        self.n_chunks = mem_k.shape[2] if self.use_memory else 0
+
+    def canon(self, x: Tensor) -> Tensor:
+        """(batch, heads, L, D) -> (N, heads per kv head, L, D), a view."""
+        return x.reshape(self.N, -1, *x.shape[2:])
+
+    def blocks(self, x: Tensor) -> Tensor:
+        return _to_blocks(x, self.block, self.n_blocks)
+
+    def chunks(self, x: Tensor) -> Tensor:
+        return _to_blocks(x, self.chunk, self.n_chunks)
+
+    def tile_rows(self, t: Tensor | None) -> Tensor | None:
+        """A per-row (block, ...) tensor repeated for every query group: (g * block, ...)."""
+        return t if t is None or self.groups == 1 else t.repeat(self.groups, *(1,) * (t.dim() - 1))
+
+
+def _memory_bias(mem_valid: Tensor, layout: _Layout, dtype: torch.dtype) -> Tensor:
+    """Additive mask (N, n_chunks, 1, M) from mem_valid (batch, n_chunks, M)."""
+    bias = torch.zeros(mem_valid.shape, dtype=dtype, device=mem_valid.device).masked_fill(~mem_valid, NEG_INF)
+    return bias[:, None, :, None, :].expand(-1, layout.kv_heads, -1, -1, -1).reshape(layout.N, layout.n_chunks, 1, -1)
+
+
+def _forward_pieces(layout: _Layout, q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid):
+    """Every piece's (output, lse) in canonical layout (N, g, L, D) / (N, g, L)."""
+    L, g = layout.length, layout.groups
+    qb = layout.blocks(layout.canon(q))
+    keys = {"ctx": (layout.blocks(layout.canon(k)), layout.blocks(layout.canon(v)))}
+    if k_fading is not None:
+        keys["fading"] = (layout.blocks(layout.canon(k_fading)), layout.blocks(layout.canon(v_fading)))
+    outs, lses = [], []
+    n = layout.n_blocks
+    for piece in layout.pieces:
+        kb, vb = keys[piece.keys]
+        o = piece.offset
+        out, lse = _flash(qb[:, o:], kb[:, : n - o], vb[:, : n - o], attn_mask=layout.tile_rows(piece.mask),
+                          scale=layout.scale)
+        if piece.row_has_key is not None:
+            lse = lse.masked_fill(~layout.tile_rows(piece.row_has_key), NEG_INF)
+        if o:  # query blocks before `o` have no key block at this offset
+            out = F.pad(out, (0, 0, 0, 0, o, 0))
+            lse = F.pad(lse, (0, 0, o, 0), value=NEG_INF)
+        outs.append(_from_blocks(out, g, L))
+        lses.append(_from_blocks(lse, g, L))
+    if layout.use_memory:
+        qc = layout.chunks(layout.canon(q))
+        mk = mem_k.reshape(layout.N, layout.n_chunks, *mem_k.shape[3:])
+        mv = mem_v.reshape(layout.N, layout.n_chunks, *mem_v.shape[3:])
+        out, lse = _flash(qc, mk, mv, attn_mask=_memory_bias(mem_valid, layout, q.dtype), scale=layout.scale)
+        any_valid = mem_valid.any(dim=-1)[:, None, :, None].expand(-1, layout.kv_heads, -1, -1)
+        lse = lse.masked_fill(~any_valid.reshape(layout.N, layout.n_chunks, 1), NEG_INF)
+        outs.append(_from_blocks(out, g, L))
+        lses.append(_from_blocks(lse, g, L))
+    return outs, lses
+
+
+def _merge(outs: list[Tensor], lses: list[Tensor]) -> tuple[Tensor, Tensor]:
+    lse = torch.logsumexp(torch.stack(lses), dim=0)  # finite: every query sees its own key
+    out = torch.zeros_like(outs[0])
+    for o, part in zip(outs, lses):
+        out.addcmul_(o, torch.exp(part - lse)[..., None])
+    return out, lse
+
+
+class _EideticAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, layout):
+        ctx.set_materialize_grads(False)  # an unused output (the model drops the lse) costs nothing in backward
+        outs, lses = _forward_pieces(layout, q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid)
+        out, lse = _merge(outs, lses)
+        ctx.layout = layout
+        ctx.save_for_backward(q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, out, lse)
+        shape = (layout.batch, layout.q_heads, layout.length)
+        return out.reshape(*shape, layout.head_dim), lse.reshape(shape)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, out, lse = ctx.saved_tensors
+        layout: _Layout = ctx.layout
+        if grad_out is None and grad_lse is None:
+            return (None,) * 9
+        grad = torch.zeros_like(out) if grad_out is None else layout.canon(grad_out.contiguous())
+        keys = (q, k, v, k_fading, v_fading, mem_k, mem_v)
+        if grad_lse is not None:
+            keys, grad, out = _fold_lse_gradient(keys, grad, out, layout.canon(grad_lse.contiguous()[..., None]))
+        grads = _backward_pieces(layout, *keys, mem_valid, grad, out, lse)
+        head_dim = layout.head_dim
+        return (*(None if t is None else t[..., :head_dim] for t in grads), None, None)
+
+
+def _fold_lse_gradient(keys, grad, out, grad_lse):
+    """Inputs for the fused backward that also carry the gradient flowing into the log-sum-exp.
+
+    The kernel's score gradient is ``p * (dO . v - D)`` with ``D = rowsum(dO * out)``;
+    ``d lse / d s = p`` adds ``grad_lse * p``, i.e. ``D`` becomes ``D - grad_lse``. One
+    extra feature column does that without touching anything else: ``dO`` gains a
+    column of ones and ``out`` one of ``-grad_lse`` (so ``D`` gains ``-grad_lse``), while
+    q, k, v gain a column of zeros (scores and ``dO . v`` unchanged, the scale is passed
+    explicitly). The extra column of every returned gradient is dropped by the caller.
+    """
+    pad = (lambda t: None if t is None else F.pad(t, (0, 1)))
+    ones = torch.ones_like(grad[..., :1])
+    return [pad(t) for t in keys], torch.cat([grad, ones], dim=-1), torch.cat([out, -grad_lse.to(out.dtype)], dim=-1)
+
+
+def _backward_pieces(layout: _Layout, q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, grad, out, lse):
+    """Gradients of q, k, v, k_fading, v_fading, mem_k, mem_v: every piece's fused backward, given the merged
+    output and log-sum-exp (canonical layout), adds that piece's share."""
+    n, g = layout.n_blocks, layout.groups
+    qb, gb, ob = layout.blocks(layout.canon(q)), layout.blocks(grad), layout.blocks(out)
+    lb = layout.blocks(lse[..., None])[..., 0]
+    dq = torch.zeros_like(qb)
+    tensors = {"ctx": (k, v), "fading": (k_fading, v_fading)}
+    grads: dict[str, tuple[Tensor, Tensor]] = {}
+    for piece in layout.pieces:
+        kt, vt = tensors[piece.keys]
+        kb, vb = layout.blocks(layout.canon(kt)), layout.blocks(layout.canon(vt))
+        if piece.keys not in grads:
+            grads[piece.keys] = (torch.zeros_like(kb), torch.zeros_like(vb))
+        dk, dv = grads[piece.keys]
+        o = piece.offset
+        dq_p, dk_p, dv_p = _flash_backward(gb[:, o:], qb[:, o:], kb[:, : n - o], vb[:, : n - o], ob[:, o:],
+                                           lb[:, o:], 0.0, False, attn_mask=layout.tile_rows(piece.mask),
+                                           scale=layout.scale)
+        dq[:, o:] += dq_p
+        dk[:, : n - o] += dk_p
+        dv[:, : n - o] += dv_p
+    d_q = _from_blocks(dq, g, layout.length)
+    d_mem_k = d_mem_v = None
+    if layout.use_memory:
+        mk = mem_k.reshape(layout.N, layout.n_chunks, *mem_k.shape[3:])
+        mv = mem_v.reshape(layout.N, layout.n_chunks, *mem_v.shape[3:])
+        chunks = layout.chunks
+        lc = chunks(lse[..., None])[..., 0]
+        dq_m, d_mem_k, d_mem_v = _flash_backward(
+            chunks(grad), chunks(layout.canon(q)), mk, mv, chunks(out), lc, 0.0, False,
+            attn_mask=_memory_bias(mem_valid, layout, q.dtype), scale=layout.scale)
+        d_q = d_q + _from_blocks(dq_m, g, layout.length)
+        d_mem_k, d_mem_v = d_mem_k.view_as(mem_k), d_mem_v.view_as(mem_v)
+
+    def unblock(t: Tensor | None, like: Tensor | None) -> Tensor | None:
+        return None if t is None else _from_blocks(t, 1, layout.length).view_as(like)
+
+    d_k, d_v = (unblock(t, k) for t in grads["ctx"])
+    d_kf = d_vf = None
+    if "fading" in grads:
+        d_kf, d_vf = (unblock(t, k_fading) for t in grads["fading"])
+    return d_q.reshape_as(q), d_k, d_v, d_kf, d_vf, d_mem_k, d_mem_v
+
+
+def eidetic_attention_fused(q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, *, window: int,
+                            fading_window: int, chunk: int, scale: float | None, block: int | None,
+                            fading_overlap: bool = False) -> tuple[Tensor, Tensor]:
+    """`eidetic_attention` on fused CPU kernels (inputs already checked); math in float32 or float64."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    block = block or default_block(window, q.shape[2])
+    layout = _Layout(q, k, k_fading, mem_k, window, fading_window, chunk, block, scale, dtype, fading_overlap)
+    cast = (lambda t: None if t is None else t.to(dtype).contiguous())
+    use_fading = any(p.keys == "fading" for p in layout.pieces)
+    out, lse = _EideticAttention.apply(
+        cast(q), cast(k), cast(v), cast(k_fading) if use_fading else None, cast(v_fading) if use_fading else None,
+        cast(mem_k) if layout.use_memory else None, cast(mem_v) if layout.use_memory else None,
+        mem_valid if layout.use_memory else None, layout)
+    return out.to(q.dtype), lse
+
+
+def default_block(window: int, length: int) -> int:
+    """Query/key block rows: one band costs about ``window + block`` keys per query, so smaller
+    blocks waste less; larger ones make fewer, larger kernel calls. Measured at w = 512."""
+    return max(16, min(128, window // 2, length))
