@@ -12,21 +12,24 @@ axis). Nothing from the forward is saved but its inputs: per (batch, channel til
   forward in time, so the scan runs on time-reversed tiles: dt, dyp and C are reversed
   once per tile and g once per state, each by Tensor-engine matmuls with an
   anti-identity (`common.reverse_free`). In reversed time the scan computes
-  q_t = a_t g_t = a_t (c_t + q_{t+1}) (op0=add, op1=multiply), and g_t = c_t + q_{t+1}
-  is q shifted by one column, with q carried between tiles through `initial`.
+  g_t = c_t + a_{t+1} g_{t+1} directly (op0=multiply, op1=add) with the decays shifted
+  one column, and a_t g_t of a tile's first step carried to the next (earlier) tile
+  through `initial`. The state's adjoint scan is issued before h is recomputed, so the
+  Vector engine works while the Tensor and Scalar engines reverse g.
 
 Gradients (Δ = softplus(delta + bias) when delta_softplus):
   du = Δ Σ_n g B_n + D dyp,   dΔ = u Σ_n g B_n + Σ_n A_n g h_{t-1} a_t,
   ddelta = dΔ σ(delta + bias),   dbias = Σ ddelta,   dA_n = Σ_t g h_{t-1} a_t Δ,
   dB_n = Σ_ch g Δ u,   dC_n = Σ_ch dyp h,   dD = Σ dyp u,   dz as above.
-Channel sums (dB, dC) are selector matmuls accumulating in PSUM; sums over channel
-tiles and batches are DMA read-modify-write adds into fp32 HBM outputs.
+Channel sums (dB, dC) are selector matmuls accumulating in PSUM, and so are the sums
+over states (Σ_n g B_n, Σ_n A_n g h a: identity matmuls, leaving Vector the products);
+sums over channel tiles and batches are DMA read-modify-write adds into fp32 HBM outputs.
 """
 
 from __future__ import annotations
 
-from nki_kernels.common import (PMAX, SEQ_TILE, accumulate_out, broadcast_row, column_selectors, load_column,
-                                reversal, reversed_copy, reverse_free, selectors)
+from nki_kernels.common import (PMAX, SEQ_TILE, accumulate_out, broadcast_row, column_selectors, identity,
+                                load_column, reversal, reversed_copy, reverse_free, selectors)
 from nki_kernels.compat import nisa, nki, nl
 from nki_kernels.selective_scan_fwd import _time_inputs
 
@@ -107,8 +110,8 @@ def _gate_grads(ctx, b, c0, p, t0, t, y, u_t):
 def _reverse_pass(ctx, b, c0, p, snap, sums, scratch):
     """Pass 2: adjoint scan on reversed tiles; du, ddelta stored; dB/dC/dA/dbias accumulated.
 
-    `sums` (P, N + 2) holds dA in columns 0..N-1 and dbias in column N + 1 (NKI 0.2 has no
-    nested slicing, so columns are taken from the tile itself).
+    `sums` (P, N + 2) holds dA in columns 0..N-1 and dbias in column N + 1 (columns are
+    taken from the tile itself, one index per view).
     """
     n_states, length = ctx["n"], ctx["length"]
     q_carry = nl.ndarray((p, n_states), dtype=nl.float32, buffer=nl.sbuf)
@@ -137,55 +140,70 @@ class _ReverseTile(nl.NKIObject):
         self.dt_rev = reversed_copy(self.dt, ctx["rev"])
         self.dyp_rev = reversed_copy(self.dyp, ctx["rev"])
         self.c_rev = reversed_copy(c_rows, ctx["rev"])
-        self.acc_gb = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
-        self.acc_gaha = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
+        # sums over states, accumulated in PSUM by identity matmuls (Tensor engine) instead of Vector adds
+        self.acc_gb = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.psum)
+        self.acc_gaha = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.psum)
         self.db_ps = nl.ndarray((n_states, t), dtype=nl.float32, buffer=nl.psum)
         self.dc_ps = nl.ndarray((n_states, t), dtype=nl.float32, buffer=nl.psum)
+        # a_rev shifted one column right, column 0 = 1: the adjoint scan's multiplier (see _adjoint)
+        self.a_shift = nl.ndarray((p, t + 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.memset(dst=self.a_shift[:, 0:1], value=1.0)
 
-    def _recompute_h(self, n, snap_col):
-        """hbuf (P, t+1): column 0 = h entering the tile, columns 1.. = h over the tile."""
+    def _decays(self, n):
+        """exp(Δ A_n) in forward time (d_a) and reversed, shifted into a_shift (Scalar engine)."""
         ctx, p, t = self.ctx, self.p, self.t
         d_a = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
         nisa.activation(dst=d_a, op=nl.exp, data=self.dt, scale=ctx["a_t"][:, n:n + 1])
+        nisa.activation(dst=self.a_shift[:, 1:t + 1], op=nl.exp, data=self.dt_rev, scale=ctx["a_t"][:, n:n + 1])
+        return d_a
+
+    def _adjoint_reversed(self, n, q_col):
+        """g for state n in reversed time, reversed back to forward time in PSUM (Tensor engine).
+
+        In reversed time i, g_i = c_i + a'_i g_{i-1} with a'_i the decay of the step after i in
+        forward time: a_rev shifted one column right. Column 0 is 1 and `initial` is q_col = a g
+        of the next tile's first step, so one scan yields g; the new q_col is a g of this tile's
+        first step (forward), the last reversed column.
+        """
+        ctx, p, t = self.ctx, self.p, self.t
+        c_rev = _mul(self.dyp_rev, broadcast_row(ctx["sel"], n, self.c_rev, p))
+        g_rev = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_tensor_scan(dst=g_rev, data0=self.a_shift[:, 0:t], data1=c_rev, initial=q_col, op0=nl.multiply,
+                                op1=nl.add)
+        nisa.tensor_tensor(dst=q_col, data1=g_rev[:, t - 1:t], data2=self.a_shift[:, t:t + 1], op=nl.multiply)
+        return reverse_free(g_rev, ctx["rev"])
+
+    def _recompute_h(self, n, snap_col, d_a):
+        """hbuf (P, t+1): column 0 = h entering the tile, columns 1.. = h over the tile."""
+        ctx, p, t = self.ctx, self.p, self.t
         b_bc = broadcast_row(ctx["sel"], n, self.b_rows, p)
         d_bu = _mul(self.du, b_bc)
         hbuf = nl.ndarray((p, t + 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_copy(dst=hbuf[:, 0:1], src=snap_col)
         nisa.tensor_tensor_scan(dst=hbuf[:, 1:t + 1], data0=d_a, data1=d_bu, initial=snap_col, op0=nl.multiply,
                                 op1=nl.add)
-        return hbuf, d_a, b_bc
-
-    def _adjoint(self, n, q_col):
-        """g (SBUF, forward time) for state n; q_col carries a_t g_t across tiles (reversed order)."""
-        ctx, p, t = self.ctx, self.p, self.t
-        a_rev = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.activation(dst=a_rev, op=nl.exp, data=self.dt_rev, scale=ctx["a_t"][:, n:n + 1])
-        c_rev = _mul(self.dyp_rev, broadcast_row(ctx["sel"], n, self.c_rev, p))
-        qbuf = nl.ndarray((p, t + 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_copy(dst=qbuf[:, 0:1], src=q_col)
-        nisa.tensor_tensor_scan(dst=qbuf[:, 1:t + 1], data0=c_rev, data1=a_rev, initial=q_col, op0=nl.add,
-                                op1=nl.multiply)
-        nisa.tensor_copy(dst=q_col, src=qbuf[:, t:t + 1])
-        g_rev = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=g_rev, data1=c_rev, data2=qbuf[:, 0:t], op=nl.add)
-        g = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.activation(dst=g, op=nl.copy, data=reverse_free(g_rev, ctx["rev"]))
-        return g
+        return hbuf, b_bc
 
     def state(self, n, snap_col, q_col, da_col, first_tile):
+        """One state's adjoint and gradients. Program order hides the reversal of g: the adjoint scan
+        goes first, and Vector recomputes h while the Tensor and Scalar engines reverse g."""
         ctx, p, t = self.ctx, self.p, self.t
-        hbuf, d_a, b_bc = self._recompute_h(n, snap_col)
+        d_a = self._decays(n)
+        g_ps = self._adjoint_reversed(n, q_col)
+        hbuf, b_bc = self._recompute_h(n, snap_col, d_a)
         ecol = ctx["ecol"][0:p, n * ctx["n"]:(n + 1) * ctx["n"]]
         nisa.nc_matmul(dst=self.dc_ps, stationary=ecol, moving=_mul(self.dyp, hbuf[:, 1:t + 1]),
                        is_stationary_onezero=True)
-        g = self._adjoint(n, q_col)
-        _acc(self.acc_gb, _mul(g, b_bc), n == 0)
+        g = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.activation(dst=g, op=nl.copy, data=g_ps)
+        eye = ctx["eye"][0:p, 0:p]
+        nisa.nc_matmul(dst=self.acc_gb, stationary=eye, moving=_mul(g, b_bc), is_stationary_onezero=True)
         gah = _mul(_mul(g, hbuf[:, 0:t]), d_a)  # g_t h_{t-1} a_t
         _row_sum(da_col, _mul(gah, self.dt), first_tile)
         gaha = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_scalar(dst=gaha, data=gah, op0=nl.multiply, operand0=ctx["a_t"][:, n:n + 1],
                            engine=nisa.engine.scalar)
-        _acc(self.acc_gaha, gaha, n == 0)
+        nisa.nc_matmul(dst=self.acc_gaha, stationary=eye, moving=gaha, is_stationary_onezero=True)
         nisa.nc_matmul(dst=self.db_ps, stationary=ecol, moving=_mul(g, self.du), is_stationary_onezero=True)
 
     def finish(self, db_acc, first_tile):
@@ -224,7 +242,7 @@ def selective_scan_bwd(dy, u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     assert length % PMAX == 0 and n_states <= PMAX
     ctx = {"u": u, "delta": delta, "B": B, "C": C, "D": D, "z": z, "dy": dy, "softplus": delta_softplus,
            "n": n_states, "length": length, "sel": selectors(n_states, PMAX), "rev": reversal(PMAX),
-           "ecol": column_selectors(PMAX, n_states)}
+           "ecol": column_selectors(PMAX, n_states), "eye": identity(PMAX)}
     ctx["du_out"] = nl.ndarray(u.shape, dtype=u.dtype, buffer=nl.shared_hbm)
     ctx["ddelta_out"] = nl.ndarray(u.shape, dtype=u.dtype, buffer=nl.shared_hbm)
     ctx["dz"] = nl.ndarray(u.shape, dtype=u.dtype, buffer=nl.shared_hbm)

@@ -112,6 +112,8 @@ def test_kernels_skips_or_reports(tmp_path):
         assert [r["candidate"] for r in report["results"]] == ["ssd_fwd", "mamba1_fwd"]
         for row in report["results"]:
             assert row["status"] == "ok" and row["modelled_ms"] > 0 and row["median_s"] > 0
+            # the contention-aware timeline never beats the busiest engine alone
+            assert row["overlap_ms"] <= row["modelled_ms"] and row["bound"]
 
 
 def test_cap_reports_capped_candidate(tmp_path):

@@ -206,6 +206,24 @@ def test_rmsnorm_tkg_paths_that_need_a_later_neuroncore(library):
         _run_subkernel(mod.rmsnorm_tkg, x, gamma, np.zeros((128, 4, 16), np.float16), hidden_dim_tp=True)
 
 
+def test_attention_bwd_needs_neuroncore_v3(library):
+    """nki-library's attention_bwd (its smallest fast-test shape cut to L 512, fp32, causal; inputs o and lse
+    from its own torch helper compute_o_lse) parses and runs until it copies PSUM to SBUF on the Scalar
+    engine (`transpose_tiles(..., engine=nisa.scalar_engine)`, unconditional), which [isa] tensor_copy
+    does not support on NeuronCore-v2. It targets v3 and later; on v2 it cannot run."""
+    import torch
+
+    mod = _import(library, "nkilib_src.nkilib.core.attention.attention_bwd")
+    reference = importlib.import_module("nkilib_src.nkilib.core.attention.attention_bwd_torch")
+    q, dy = (RNG.standard_normal((1, 1, 128, 512)).astype(np.float32) for _ in range(2))
+    k, v = (RNG.standard_normal((1, 1, 128, 512)).astype(np.float32) for _ in range(2))
+    o, lse, _ = reference.compute_o_lse(*(torch.from_numpy(t) for t in (q, k, v)), True, True)
+    with pytest.raises(NKIRuleError, match="tensor_copy: runs on vector/gpsimd only \\(NeuronCore-v2\\) "
+                                           "\\(engine=scalar\\)"):
+        mod.attention_bwd(q, k, v, o.float().numpy(), dy, lse.float().numpy(), use_causal_mask=True,
+                          mixed_precision=True)
+
+
 # ----------------------------------------------------------------------------- the front end accepts them
 FRONT_END_MODULES = [
     ("sdk", "tensor_addition.tensor_addition_nki_kernels"),
@@ -213,6 +231,7 @@ FRONT_END_MODULES = [
     ("library", "nkilib_src.nkilib.core.cumsum.cumsum"),
     ("library", "nkilib_src.nkilib.core.embeddings.rope_hf"),
     ("library", "nkilib_src.nkilib.core.max.cascaded_max"),
+    ("library", "nkilib_src.nkilib.core.attention.attention_bwd"),
     ("library", "nkilib_src.nkilib.core.subkernels.rmsnorm_tkg"),  # a sub-kernel: its test framework jits it
 ]
 SUBKERNELS = {"nkilib_src.nkilib.core.subkernels.rmsnorm_tkg": "rmsnorm_tkg"}

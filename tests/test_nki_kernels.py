@@ -19,6 +19,7 @@ from bmojo_neuron.ops.reference.ssd import ssd_scan as ssd_ref
 from nki_kernels.emulator import nki
 from nki_kernels.selective_scan_fwd import selective_scan_fwd
 from nki_kernels.ssd_fwd import ssd_fwd
+from nki_kernels.tutorial_mamba_v3 import tutorial_mamba_v3
 from bmojo_neuron.ops.nki_backend import emulator_ops
 
 SIM = emulator_ops()
@@ -115,17 +116,40 @@ def test_ssd_forward_bf16_and_final_state_kernel():
     assert rel_err(torch.from_numpy(final), final_ref) <= 1e-4
 
 
+def test_tutorial_kernel_numerics():
+    """The calibration kernel (the tutorial's mamba_v3 instruction mix) computes the selective scan."""
+    rng = np.random.default_rng(0)
+    b, d, length, n = 1, 128, 1024, 4
+    delta = rng.uniform(0.01, 0.2, (b, d, length)).astype(np.float32)
+    u = rng.standard_normal((b, d, length)).astype(np.float32)
+    A = -rng.uniform(0.5, 2.0, (d, n)).astype(np.float32)
+    B, C = (rng.standard_normal((b, n, length)).astype(np.float32) for _ in range(2))
+    y = nki.simulate_kernel(tutorial_mamba_v3, delta, u, A, B, C)
+    h, ref = np.zeros((b, d, n)), np.zeros((b, d, length))
+    for t in range(length):
+        h = np.exp(delta[:, :, t, None] * A[None]) * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        ref[:, :, t] = (h * C[:, None, :, t]).sum(-1)
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def test_calibration_mamba1_forward_and_ssd_speedup():
-    """Modelled Trn1 time at the tutorial's shape: Mamba-1 <= 36 ms (27.8 ms measured + 30%), SSD >= 4x faster."""
+    """The timeline, with its one fitted constant (two-input Vector cycles per element), reproduces the
+    tutorial's measured 27.8 ms for its own mamba_v3 instruction mix (batch 1, 4096 channels, L 8192,
+    16 states) within 3 %, and 1.6 ms at L 512 (not fitted) within 15 %; our Mamba-1 forward is faster than
+    the tutorial's; SSD >= 4x faster than Mamba-1 with perfect overlap (docs/kernels.md, Calibration)."""
     zeros = lambda *s: np.broadcast_to(np.float32(0), s)  # noqa: E731
     b, d, length, n = 1, 4096, 8192, 16
+    for seq, measured, tolerance in ((length, 27.8e-3, 0.03), (512, 1.6e-3, 0.15)):
+        _, tutorial = nki.simulate(tutorial_mamba_v3, zeros(b, d, seq), zeros(b, d, seq), zeros(d, n),
+                                   zeros(b, n, seq), zeros(b, n, seq), cost_only=True)
+        assert abs(tutorial.time_s / measured - 1) <= tolerance, (seq, tutorial.time_s)
     _, prof = nki.simulate(selective_scan_fwd, zeros(b, d, length), zeros(b, d, length), zeros(d, n),
                            zeros(b, n, length), zeros(b, n, length), None, None, None, False, cost_only=True)
     heads, head_dim = 64, 64
     _, prof_ssd = nki.simulate(ssd_fwd, zeros(b, length, heads, head_dim), zeros(b, length, heads), zeros(heads),
                                zeros(b, length, 1, n), zeros(b, length, 1, n), None, None, True, cost_only=True)
     assert prof.bound == "vector"
-    assert 20e-3 <= prof.time_overlapped_s <= 36e-3
+    assert prof.time_overlapped_s <= prof.time_s < 27.8e-3
     assert prof.time_overlapped_s >= 4 * prof_ssd.time_overlapped_s
 
 

@@ -630,3 +630,38 @@ def test_max8_and_find_index8():
         nisa.nc_find_index8(dst=nl.ndarray((a.shape[0], 8), dtype=nl.uint32), data=data, vals=vals)
 
     raises(absent_value, rand(4, 32), match="every value of vals must occur")
+
+
+def test_scalar_tensor_tensor():
+    """[isa] scalar_tensor_tensor: (data op0 operand0) op1 operand1 on Vector; operand0 a constant or a
+    (P, 1) tile, operand1 shaped like data, arithmetic operators only, data and operand1 not both in PSUM."""
+    def fused(a, col, b):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.scalar_tensor_tensor(dst=out, data=load(a), op0=nl.subtract, operand0=load(col), op1=nl.multiply,
+                                  operand1=load(b))
+        return store(out)
+
+    a, col, b = rand(8, 16), rand(8, 1), rand(8, 16)
+    np.testing.assert_allclose(run(fused, a, col, b), (a - col) * b, rtol=1e-6)
+
+    def reversed_ops(a, b):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.scalar_tensor_tensor(dst=out, data=load(a), op0=nl.subtract, operand0=2.0, reverse0=True,
+                                  op1=nl.subtract, operand1=load(b), reverse1=True)
+        return store(out)
+
+    np.testing.assert_allclose(run(reversed_ops, a, b), b - (2.0 - a), rtol=1e-6)
+
+    def wide_operand0(a, b):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.scalar_tensor_tensor(dst=out, data=load(a), op0=nl.add, operand0=load(b), op1=nl.multiply,
+                                  operand1=load(b))
+
+    raises(wide_operand0, a, b, match="operand0 must be a scalar or a \\(partitions, 1\\) tile")
+
+    def bitvec(a, b):
+        out = nl.ndarray(a.shape, dtype=nl.int32)
+        nisa.scalar_tensor_tensor(dst=out, data=load(a, nl.int32), op0=nl.bitwise_and, operand0=1,
+                                  op1=nl.add, operand1=load(b, nl.int32))
+
+    raises(bitvec, a, b, match="op0 and op1 must be arithmetic operators")

@@ -3,8 +3,9 @@
 Runs each kernel cost-only (rules checked, cycles charged, no arithmetic) at the Trn1
 ladder's shapes (one sequence of `block_size` tokens, the recipe's d_inner / heads /
 state size; Mamba-1 uses state 16 at the same d_inner) plus the calibration shape of
-the fused-Mamba tutorial, and prints modelled time, bound engine and the share of
-that engine's peak. Modelled, not measured: see docs/kernels.md.
+the fused-Mamba tutorial, and prints modelled time (the contention-aware timeline, beside
+the perfect-overlap and serial bounds), what bounds it and the share of that engine's
+peak. Modelled, not measured: see docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from nki_kernels.attention_bwd import eidetic_attention_bwd
 from nki_kernels.attention_fwd import eidetic_attention_fwd
 from nki_kernels.emulator import simulate
 from nki_kernels.emulator.core import Profile
+from nki_kernels.emulator.costmodel import HBM_BYTES_PER_S
 from nki_kernels.selective_scan_bwd import selective_scan_bwd
 from nki_kernels.selective_scan_fwd import selective_scan_fwd
 from nki_kernels.ssd_bwd import ssd_bwd
@@ -68,10 +70,19 @@ def profile_kernel(kernel: str, shape: dict[str, Any]) -> dict[str, Any]:
             _, prof = simulate(selective_scan_bwd, zeros(b, d, length), *base, zeros(d), zeros(b, d, length),
                                zeros(d), True, cost_only=True)
         dims = f"D={d} N={n}"
+    return {"shape": shape["name"], "kernel": kernel, "dims": f"L={length} {dims}", **_times(prof),
+            "profile": prof.to_dict()}
+
+
+def _times(prof: Profile, time_s: float | None = None) -> dict[str, Any]:
+    """The row's modelled times: `time_ms` from the contention-aware timeline (engines in program order,
+    shared SBUF/PSUM ports, DMA queues, dependencies), `overlap_ms` the perfect-overlap lower bound
+    (busiest engine alone), `serial_ms` no overlap at all; what bounds it and that engine's peak share."""
     bound = prof.bound
-    return {"shape": shape["name"], "kernel": kernel, "dims": f"L={length} {dims}",
-            "time_ms": prof.time_overlapped_s * 1e3, "serial_ms": prof.time_serial_s * 1e3, "bound": bound,
-            "peak_share": prof.peak_share(bound) if bound != "hbm" else None, "profile": prof.to_dict()}
+    engine = bound if bound in prof.cycles else None  # a port, 'dma' or 'hbm' has no peak share
+    return {"time_ms": (prof.time_s if time_s is None else time_s) * 1e3, "overlap_ms": prof.time_overlapped_s * 1e3,
+            "serial_ms": prof.time_serial_s * 1e3, "bound": bound,
+            "peak_share": prof.peak_share(engine) if engine else None}
 
 
 # ----------------------------------------------------------------------------- eidetic attention
@@ -145,7 +156,7 @@ def profile_attention(kernel: str, shape: dict[str, Any]) -> dict[str, Any]:
         flops = 4 * shape["head_dim"] * shape["heads"] * flop_keys
         first = _attention_profile(shape, w, 0, 0)
         second = _attention_profile({**shape, "window": w + wf}, w + wf, 0, 0)
-        prof = Profile()
+        prof = Profile()  # the three kernels run one after the other: their times add
         for part in (first, second):
             for e in prof.cycles:
                 prof.cycles[e] += part.cycles[e]
@@ -153,15 +164,15 @@ def profile_attention(kernel: str, shape: dict[str, Any]) -> dict[str, Any]:
                 prof.useful[e] += part.useful[e]
             prof.hbm_bytes += part.hbm_bytes
         # merge: read two bf16 outputs and two fp32 lse, write one bf16 output
-        prof.hbm_bytes += shape["heads"] * shape["length"] * (3 * 2 * shape["head_dim"] + 2 * 4)
-    bound = prof.bound
-    t = prof.time_overlapped_s
+        merge_bytes = shape["heads"] * shape["length"] * (3 * 2 * shape["head_dim"] + 2 * 4)
+        prof.hbm_bytes += merge_bytes
+        prof.timeline.busy.update({r: first.timeline.busy[r] + second.timeline.busy[r] for r in prof.timeline.busy})
+        prof.timeline.makespan = first.time_s + second.time_s + merge_bytes / HBM_BYTES_PER_S
+    row = _times(prof)
     dims = (f"L={shape['length']} H={shape['heads']}/{shape['kv_heads']} d={shape['head_dim']} w={w} "
             f"wf={wf} M={m if kernel != 'attention_2pass' else 0} c={shape['chunk']}")
-    return {"shape": shape["name"], "kernel": kernel, "dims": dims, "time_ms": t * 1e3,
-            "serial_ms": prof.time_serial_s * 1e3, "bound": bound,
-            "peak_share": prof.peak_share(bound) if bound != "hbm" else None,
-            "tensor_util": flops / (t * 92e12), "profile": prof.to_dict()}
+    return {"shape": shape["name"], "kernel": kernel, "dims": dims, **row,
+            "tensor_util": flops / (row["time_ms"] * 1e-3 * 92e12), "profile": prof.to_dict()}
 
 
 def check_kernels(names: list[str], known: tuple[str, ...]) -> None:

@@ -334,9 +334,13 @@ class NkiTensor:
         return f"NkiTensor({self.buffer}, shape={self.shape}, dtype={self.dtype}, pstart={self.pstart})"
 
     def _no_nesting(self, what: str) -> None:
+        """[aps] "Restriction on Nested Indexing": no access pattern (nor, conservatively, a reshape) on a
+        tile made by indexing or `.ap`. Slicing such a tile again is allowed: nki-library's 0.2
+        attention_bwd.py slices a slice (`dy_o_sum[h][:, a:b]`, then `[:, i]` in a callee)."""
         if self.indexed:
-            raise rule_error(what, "nested slicing is not available in NKI 0.2: index a tensor once, from the "
-                             "tensor itself (nki-migration-guide.rst; nki-aps.rst 'Restriction on Nested Indexing')",
+            raise rule_error(what, "nested indexing is not available in NKI 0.2: an access pattern or reshape "
+                             "applies to the tensor itself, not to a view made by indexing or .ap "
+                             "(nki-aps.rst 'Restriction on Nested Indexing'; nki-migration-guide.rst)",
                              f"{self!r} is already a view")
 
     def __getitem__(self, key: Any) -> "NkiTensor":
@@ -344,7 +348,6 @@ class NkiTensor:
         key = tuple(slice(k.start, k.start + k.size) if isinstance(k, DynSlice) else k for k in key)
         if _is_whole(key):
             return self
-        self._no_nesting("indexing")
         pstart = self.pstart
         if self.buffer in ON_CHIP and key and key[0] is not Ellipsis:
             first = key[0]

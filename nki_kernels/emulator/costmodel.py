@@ -43,6 +43,10 @@ ENGINES = tuple(CLOCK_HZ)
 MIN_II = 64  # minimum initiation interval of a vector/scalar/gpsimd instruction, cycles
 ACCESS_OVERHEAD = 60  # static SBUF/PSUM access cost per compute instruction, cycles
 DEPENDENT_STALL = 100  # extra cycles when an instruction waits on its engine's previous instruction
+# Vector cycles per element of an instruction streaming two SBUF inputs (tensor_tensor, tensor_tensor_scan,
+# scalar_tensor_tensor). The arch guide says "roughly 2N"; fitted to the fused-Mamba tutorial's measurement
+# instead (docs/kernels.md, "Calibration").
+TWO_INPUT_CYCLES_PER_ELEMENT = 1.12
 DMA_QUEUES = 16
 DMA_QUEUE_BYTES_PER_S = 27 * 2 ** 30
 HBM_BYTES_PER_S = 820e9  # per device (two NeuronCores); one kernel alone on the chip

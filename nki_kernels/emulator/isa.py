@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import core
+from . import core, costmodel
 from . import language as nl
 from .core import MIN_II, PSUM, SBUF, NkiTensor, is_float, rule_error, state
 
@@ -409,7 +409,8 @@ def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
     # PSUM, or bf16 add/multiply, runs at N (the older isa docstrings; docs/kernels.md)
     fast = PSUM in (data1.buffer, data2.buffer) or (
         data1.dtype == core.BFLOAT16 and data2.dtype == core.BFLOAT16 and op in (nl.add, nl.multiply))
-    _issue(eng, instr, max(MIN_II, n if fast else 2 * n), (data1, data2), (dst,), _lanes(data1))
+    _issue(eng, instr, max(MIN_II, n if fast else costmodel.TWO_INPUT_CYCLES_PER_ELEMENT * n), (data1, data2), (dst,),
+           _lanes(data1))
     if state().compute:
         dst.write(op.fn(data1.read(), data2.read()))
 
@@ -457,6 +458,42 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
     if op1 is not None:
         x = op1.fn(v1, x) if reverse1 else op1.fn(x, v1)
     dst.write(x)
+
+
+def scalar_tensor_tensor(dst, data, op0, operand0, op1, operand1, reverse0=False, reverse1=False, name=None):
+    """dst = (data op0 operand0) op1 operand1 on the Vector engine, fp32 math ([isa] scalar_tensor_tensor):
+    operand0 a constant or a (P, 1) tile, operand1 a tile shaped like data; data and operand1 not both in
+    PSUM; about the cost of one tensor_tensor."""
+    instr = "nisa.scalar_tensor_tensor"
+    op0, op1 = _op(instr, op0, "alu"), _op(instr, op1, "alu")
+    for op in (op0, op1):
+        if not op.is_("arith"):
+            raise rule_error(instr, "op0 and op1 must be arithmetic operators (no bitvec)", f"{op!r}")
+    for nm, t in (("dst", dst), ("data", data), ("operand1", operand1)):
+        _tile(instr, nm, t)
+    _same_layout(instr, ("dst", "data", "operand1"), (dst, data, operand1))
+    _not_both_psum(instr, data, operand1, ("data", "operand1"))
+    if isinstance(operand0, NkiTensor):
+        _tile(instr, "operand0", operand0)
+        if operand0.partitions != data.partitions or operand0.free_size != 1:
+            raise rule_error(instr, "operand0 must be a scalar or a (partitions, 1) tile",
+                             f"operand0 {operand0.shape} for data {data.shape}")
+        v0 = operand0.read().astype(np.float32) if state().compute else 0.0
+    elif isinstance(operand0, (int, float, np.floating, np.integer)) and not isinstance(operand0, bool):
+        v0 = np.float32(operand0)
+    else:
+        raise rule_error(instr, "operand0 must be a compile-time scalar or a (P, 1) tile", f"got {type(operand0).__name__}")
+    _free_limit(instr, {"dst": dst, "data": data, "operand1": operand1})
+    n = data.free_size
+    fast = PSUM in (data.buffer, operand1.buffer)
+    _issue("vector", instr, max(MIN_II, n if fast else costmodel.TWO_INPUT_CYCLES_PER_ELEMENT * n),
+           (data, operand0, operand1), (dst,), _lanes(data))
+    if not state().compute:
+        return
+    x = data.read().astype(np.float32)
+    x = op0.fn(v0, x) if reverse0 else op0.fn(x, v0)
+    y = operand1.read().astype(np.float32)
+    dst.write(op1.fn(y, x) if reverse1 else op1.fn(x, y))
 
 
 def _check_range(instr: str, op: nl._Op, x: np.ndarray) -> None:
@@ -578,7 +615,8 @@ def tensor_tensor_scan(dst, data0, data1, initial, op0, op1, reverse0=False, rev
     init = _scalar_operand(instr, "initial", initial, data0.partitions)
     _free_limit(instr, {"dst": dst, "data0": data0, "data1": data1})
     n = data0.free_size
-    _issue("vector", instr, max(MIN_II, 2 * n), (data0, data1, initial), (dst,), _lanes(data0))
+    _issue("vector", instr, max(MIN_II, costmodel.TWO_INPUT_CYCLES_PER_ELEMENT * n), (data0, data1, initial), (dst,),
+           _lanes(data0))
     if not state().compute:
         return
     a, b = data0.read(), data1.read()
@@ -713,7 +751,7 @@ NOT_EMULATED = (
     "bn_aggr", "bn_stats", "core_barrier", "dma_compute", "dma_transpose", "exponential",
     "dropout", "local_gather", "nc_match_replace8", "nc_matmul_mx", "nc_n_gather", "nc_stream_shuffle",
     "nonzero_with_count", "quantize_mx", "rand2", "rand_get_state", "rand_set_state", "range_select",
-    "register_alloc", "register_load", "register_move", "register_store", "rng", "scalar_tensor_tensor",
+    "register_alloc", "register_load", "register_move", "register_store", "rng",
     "select_reduce", "sendrecv", "sequence_bounds", "set_rng_seed", "tensor_copy_predicated",
     "tensor_partition_reduce", "tensor_scalar_cumulative", "tensor_scalar_reduce",
 )
