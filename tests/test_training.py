@@ -329,3 +329,27 @@ def test_cli_train_eval_generate(tmp_path, capsys):
     assert cli.main(["generate", str(run), "--prompt", "x", "--temperature", "0"]) == 2  # clear error
     assert cli.main(args) == 2  # the same output dir again, without --resume: refused before any training
     assert "already holds a run" in capsys.readouterr().err
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_default_threads_leave_one_core_free(monkeypatch, restore_threads):
+    from bmojo_neuron import device
+
+    assert [device.default_cpu_threads(n) for n in (1, 2, 4, 16)] == [1, 1, 3, 15]
+    for name in device.THREAD_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(device, "usable_cores", lambda: 4)
+    torch.set_num_threads(4)  # torch's own default: every core
+    assert device.set_cpu_threads(0) == 3
+    assert device.set_cpu_threads(None) == 3
+    torch.set_num_threads(2)  # a caller that chose fewer keeps them
+    assert device.set_cpu_threads(0) == 2
+    assert device.set_cpu_threads(4) == 4  # an explicit count is used as given
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")  # torch applied it: left alone
+    assert device.set_cpu_threads(0) == 4

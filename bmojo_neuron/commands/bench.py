@@ -59,7 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=None, help="layers (default 4; toy 2; scaling uses 1)")
     parser.add_argument("--window", type=int, default=None, help="attention window w = w_f (default 512; toy 32)")
     parser.add_argument("--vocab-size", type=int, default=None, help="vocabulary (default 512; toy 128)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: every usable core but one, at least one; "
+                             "OMP_NUM_THREADS wins when set)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-probe", action="store_true",
@@ -86,13 +88,13 @@ def run(args: argparse.Namespace) -> int:
     from bmojo_neuron.bench import harness
     from bmojo_neuron.bench.plot import plot_report
     from bmojo_neuron.bench.suites import Settings, run_suite
+    from bmojo_neuron.device import set_cpu_threads
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available here")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    set_cpu_threads(args.threads)
     json_path = args.json_path or f"bench-{args.suite}.json"
     plot_path = args.plot_path or os.path.splitext(json_path)[0] + ".png"
     settings = Settings(suite=args.suite, lengths=args.lengths, repeats=args.repeats, warmup=args.warmup,

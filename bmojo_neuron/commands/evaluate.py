@@ -62,10 +62,11 @@ def run(args: argparse.Namespace) -> int:
     lengths = parse_lengths(args.lengths)
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.data import build_datasets
-    from bmojo_neuron.device import resolve_device
+    from bmojo_neuron.device import resolve_device, set_cpu_threads
     from bmojo_neuron.evaluation import format_length_table, length_generalisation, plot_length
 
     device = resolve_device(args.device)
+    set_cpu_threads()
     trained = load_trained(args.path, device)
     recipe = eval_recipe(trained.recipe, args.data)
     batch_size = args.batch_size or recipe.train.batch_size

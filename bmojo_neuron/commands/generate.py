@@ -37,10 +37,12 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
     from bmojo_neuron.checkpoints.inference import load_trained
-    from bmojo_neuron.device import resolve_device
+    from bmojo_neuron.device import resolve_device, set_cpu_threads
     from bmojo_neuron.generation import generate_text
 
-    trained = load_trained(args.path, resolve_device(args.device))
+    device = resolve_device(args.device)
+    set_cpu_threads()
+    trained = load_trained(args.path, device)
     _, text = generate_text(trained, args.prompt, args.max_new_tokens, args.greedy, args.temperature,
                             args.top_k, args.top_p, args.seed)
     print(args.prompt + text)

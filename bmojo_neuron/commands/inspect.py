@@ -38,10 +38,11 @@ def run(args: argparse.Namespace) -> int:
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.commands.evaluate import eval_recipe
     from bmojo_neuron.data import build_datasets
-    from bmojo_neuron.device import resolve_device
+    from bmojo_neuron.device import resolve_device, set_cpu_threads
     from bmojo_neuron.memory_inspection import format_memory_table, kv_coverage, kv_positions, plot_memory, trace_memory
 
     device = resolve_device(args.device)
+    set_cpu_threads()
     trained = load_trained(args.path, device)
     recipe = eval_recipe(trained.recipe, args.data)
     _, eval_data = build_datasets(recipe)

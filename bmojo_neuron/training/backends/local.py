@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from bmojo_neuron.checkpoints.export import export_final
 from bmojo_neuron.checkpoints.local import load_latest, load_model_weights, save_checkpoint
 from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState, set_rng_states
-from bmojo_neuron.device import resolve_device
+from bmojo_neuron.device import resolve_device, set_cpu_threads
 from bmojo_neuron.evaluation import LengthResult, autocast, evaluate, length_generalisation
 from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
 from bmojo_neuron.training.data_order import DataOrder, seed_everything
@@ -35,8 +35,7 @@ class LocalBackend:
     def __init__(self, recipe: Any, objective: Objective = causal_lm_loss) -> None:
         self.recipe, self.objective = recipe, objective
         self.device = resolve_device(recipe.run.device)
-        if recipe.run.threads:
-            torch.set_num_threads(recipe.run.threads)
+        set_cpu_threads(recipe.run.threads)  # 0: every usable core but one (`device.default_cpu_threads`)
         self.mqar = recipe.data.kind == "mqar"
 
     # ------------------------------------------------------------------ set-up
