@@ -5,11 +5,13 @@ generated token do not grow with the context (except for full-attention ``A``
 layers, whose KV cache grows by design):
 
 * SSM: conv and scan states (`SSMState`, owned by the mixer);
-* windows: rotated keys/values of the last ``w`` tokens, and of the fading stream
-  for the last ``w + w_f`` tokens;
+* windows and memory, for B/F/S layers: one preallocated buffer of rotated keys and
+  values, ``[in-context ring (w) | fading ring | memory (M)]``, and an additive bias
+  saying which slots the next query reads; a token writes its keys in place
+  (`layers.attention.DecodeSlots`). ``A`` layers keep a growing KV cache;
 * eidetic memory: the memory after the last complete chunk, the snapshots of the
   last ``g`` chunks (chunk ``j`` reads the one after chunk ``j - g``), and the
-  current chunk's un-rotated keys, values and innovations;
+  current chunk's un-rotated keys, values and innovations (preallocated, ``c`` rows);
 * the previous SSM output, which the innovation predictor reads.
 
 A padded batch (an ``attention_mask`` with zeros) keeps one cache per row instead
@@ -34,20 +36,23 @@ from .layers.ssm_state import SSMState
 class AttentionLayerCache:
     """Decode state of one B/F/S/A layer. Key/value buffers are (batch, kv_heads, n, head_dim)."""
 
-    ctx_k: Tensor | None = None
+    keys: Tensor | None = None  # B/F/S: (batch, kv_heads, slots, head_dim), rotated
+    values: Tensor | None = None
+    bias: Tensor | None = None  # (batch, slots): 0 where the next query reads the slot, -inf elsewhere
+    ctx_k: Tensor | None = None  # A: every token so far
     ctx_v: Tensor | None = None
-    fading_k: Tensor | None = None
-    fading_v: Tensor | None = None
     ssm: SSMState | None = None
     prev_ssm_out: Tensor | None = None  # (batch, hidden)
     memory: MemoryState | None = None
     snapshots: dict[int, MemoryState] = field(default_factory=dict)
-    chunk_k: Tensor | None = None  # (batch, n < c, kv_heads, head_dim), un-rotated
+    memory_read: int | None = None  # the chunk whose visible memory is in the memory slots
+    chunk_k: Tensor | None = None  # (batch, c, kv_heads, head_dim), un-rotated; rows up to position % c are set
     chunk_v: Tensor | None = None
-    chunk_innovation: Tensor | None = None  # (batch, n)
+    chunk_innovation: Tensor | None = None  # (batch, c)
 
     def reorder(self, index: Tensor) -> None:
-        for name in ("ctx_k", "ctx_v", "fading_k", "fading_v", "prev_ssm_out", "chunk_k", "chunk_v", "chunk_innovation"):
+        for name in ("keys", "values", "bias", "ctx_k", "ctx_v", "prev_ssm_out", "chunk_k", "chunk_v",
+                     "chunk_innovation"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, index))
@@ -57,10 +62,15 @@ class AttentionLayerCache:
             self.memory = self.memory.reorder(index)
         self.snapshots = {j: m.reorder(index) for j, m in self.snapshots.items()}
 
+    # Decoding writes into these in place (one token's slots); every other tensor it replaces.
+    WRITTEN_IN_PLACE = ("keys", "values", "bias", "chunk_k", "chunk_v", "chunk_innovation")
+
     def copy(self) -> AttentionLayerCache:
-        """A new cache object sharing the tensors (decoding replaces them, never writes into them)."""
+        """A cache that decodes independently of this one: the buffers decoding writes into are cloned, the
+        tensors it only replaces are shared."""
         ssm = self.ssm.copy() if self.ssm is not None else None
-        return dataclasses.replace(self, ssm=ssm, snapshots=dict(self.snapshots))
+        own = {name: getattr(self, name).clone() for name in self.WRITTEN_IN_PLACE if getattr(self, name) is not None}
+        return dataclasses.replace(self, ssm=ssm, snapshots=dict(self.snapshots), **own)
 
 
 class BMojoCache:
@@ -95,7 +105,7 @@ class BMojoCache:
         return row
 
     def copy(self) -> BMojoCache:
-        """A new cache object sharing the tensors, which decoding replaces but never writes into."""
+        """A cache that decodes independently of this one (`AttentionLayerCache.copy`)."""
         new = BMojoCache(len(self.layers))
         new.seen_tokens = self.seen_tokens
         new.layers = [None if layer is None else layer.copy() for layer in self.layers]

@@ -43,6 +43,30 @@ def test_decode_equals_forward_bmojo_layer(mixer, decay):
         torch.testing.assert_close(decode_logits(model, ids, prompt_len), full, rtol=0, atol=1e-4)
 
 
+def test_decode_cache_stays_the_same_size_and_a_copy_decodes_on_its_own():
+    """B/F/S layers decode from fixed buffers written in place: the cache holds as many bytes after 17 more tokens
+    as after the prompt, and a copy of the cache (beam search, padded rows) is not written by the original."""
+    from bmojo_neuron.bench.harness import tensor_bytes
+
+    model = build(tiny_config(layer_pattern="BFS"))
+    ids = torch.randint(0, 64, (2, LENGTH), generator=torch.Generator().manual_seed(3))
+    cache = BMojoCache(model.config.num_hidden_layers)
+    with torch.no_grad():
+        model(ids[:, :23], cache=cache, use_cache=True)  # 4 chunks: as many snapshots as decoding keeps
+        after_prompt = [tensor_bytes(layer) for layer in cache.layers]
+        twin = cache.copy()
+        model(ids[:, 23:24], cache=cache, use_cache=True)
+        sizes = [tensor_bytes(layer) for layer in cache.layers]
+        # no view of the prompt's activations kept (a step's conv state is a view of its K-wide window)
+        assert all(a <= b for a, b in zip(after_prompt, sizes)), (after_prompt, sizes)
+        for t in range(24, LENGTH):
+            last = model(ids[:, t : t + 1], cache=cache, use_cache=True).logits
+        assert [tensor_bytes(layer) for layer in cache.layers] == sizes
+        for t in range(23, LENGTH):
+            again = model(ids[:, t : t + 1], cache=twin, use_cache=True).logits
+    torch.testing.assert_close(again, last, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("pattern", ["B", "BF"])
 def test_decode_equals_forward_with_every_ssm_option(pattern):
     """fading_norm, ssm_residual (gain made non-zero) and fading_overlap keep decode = forward."""

@@ -11,6 +11,8 @@ layer's `AttentionLayerCache` (O(1) in the context length for B, F, S).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -242,15 +244,34 @@ class BMojoAttention(nn.Module):
         return mixed
 
     # ------------------------------------------------------------------ decode
+    # A B/F/S layer decodes from one preallocated key/value buffer (`DecodeSlots`): the
+    # in-context ring, the fading ring and the memory slots side by side, with an additive
+    # bias saying which slots the next query reads. A token writes its keys in place and
+    # flips a few bias entries; the memory slots are rewritten once per chunk. Softmax
+    # attention does not care about key order, so the rings need no reordering.
+    def _slots(self) -> DecodeSlots:
+        ring = self.fading_window if self.fading_overlap else self.window + self.fading_window
+        return DecodeSlots(self.window, ring if self.fading_window > 0 else 0, self.memory_size)
+
     def _fill_cache(self, cache, k, v, k_fading, v_fading, s, k_raw, v_raw, innovation, selection) -> None:
         """Store what decoding needs after a parallel forward over a whole prompt."""
-        length = k.shape[2]
-        cache.ctx_k, cache.ctx_v = k[:, :, -self.window :], v[:, :, -self.window :]
-        if self.fading_window > 0:
-            keep = self.window + self.fading_window
-            cache.fading_k, cache.fading_v = k_fading[:, :, -keep:], v_fading[:, :, -keep:]
+        batch, _, length, _ = k.shape
+        slots = self._slots()
+        cache.keys = k.new_zeros(batch, self.kv_heads, slots.total, self.head_dim)
+        cache.values = v.new_zeros(batch, self.kv_heads, slots.total, self.head_dim)
+        cache.bias = torch.full((batch, slots.total), float("-inf"), dtype=_score_dtype(k), device=k.device)
+        last = length - 1
+        t = torch.arange(max(0, length - slots.window), length, device=k.device)
+        self._write_slots(cache, t % slots.window, k[:, :, t], v[:, :, t], t >= 0)
+        if slots.fading:
+            t = torch.arange(max(0, length - slots.fading), length, device=k.device)
+            if self.fading_overlap:
+                visible = t > last - self.fading_window
+            else:
+                visible = (t > last - self.window - self.fading_window) & (t <= last - self.window)
+            self._write_slots(cache, slots.window + t % slots.fading, k_fading[:, :, t], v_fading[:, :, t], visible)
         if s is not None:
-            cache.prev_ssm_out = s[:, -1]
+            cache.prev_ssm_out = s[:, -1].clone()  # own copy: the cache must not hold the prompt's SSM output
         if self.memory_size > 0:
             done = selection.position.shape[1]
             first = max(0, done - self.lag)
@@ -258,67 +279,88 @@ class BMojoAttention(nn.Module):
             # Own copies, not views of the whole sequence's selection: the cache must not grow with the prompt.
             cache.snapshots = {j: recent.at(j - first).clone() for j in range(first, done)}
             cache.memory = cache.snapshots[done - 1] if done else self._empty_memory(k_raw)
-            tail = slice(done * self.chunk, length)
-            cache.chunk_k, cache.chunk_v = k_raw[:, tail], v_raw[:, tail]
-            cache.chunk_innovation = innovation[:, tail].detach()
+            cache.memory_read = None
+            tail = length - done * self.chunk
+            cache.chunk_k = k_raw.new_zeros(batch, self.chunk, self.kv_heads, self.head_dim)
+            cache.chunk_v = v_raw.new_zeros(batch, self.chunk, self.kv_heads, self.head_dim)
+            cache.chunk_innovation = innovation.new_zeros(batch, self.chunk)
+            cache.chunk_k[:, :tail] = k_raw[:, done * self.chunk :]
+            cache.chunk_v[:, :tail] = v_raw[:, done * self.chunk :]
+            cache.chunk_innovation[:, :tail] = innovation[:, done * self.chunk :].detach()
+
+    @staticmethod
+    def _write_slots(cache, index: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> None:
+        """Put keys/values (batch, kv_heads, n, D) into buffer slots `index` (n,), visible where `visible` (n,)."""
+        cache.keys[:, :, index] = k
+        cache.values[:, :, index] = v
+        cache.bias[:, index] = torch.zeros_like(cache.bias[:1, index]).masked_fill(~visible, float("-inf"))
 
     def _empty_memory(self, like: Tensor) -> MemoryState:
         return MemoryState.empty(like.shape[0], self.memory_size, self.kv_heads, self.head_dim, like)
 
     def _decode_step(self, x: Tensor, position: int, cache: AttentionLayerCache) -> Tensor:
         """One token `x` (batch, 1, d) at `position`, reading and advancing `cache`."""
-        pos = torch.tensor([position], device=x.device)
-        q = self._rotate(self._queries(x).transpose(1, 2), pos)
+        cos, sin = self.rotary(torch.tensor([position], device=x.device), x.dtype)
+        q = apply_rotary(self._queries(x).transpose(1, 2), cos, sin)
         k_raw = self._keys(x)
         v = self._heads(self.v_proj(x), self.kv_heads)
-        k = self._rotate(k_raw.transpose(1, 2), pos)
-        keep = None if self.kind == "A" else self.window
-        cache.ctx_k = _append(cache.ctx_k, k, keep)
-        cache.ctx_v = _append(cache.ctx_v, v.transpose(1, 2), keep)
-        keys, values, valid = [cache.ctx_k], [cache.ctx_v], []
+        k = apply_rotary(k_raw.transpose(1, 2), cos, sin)
+        if self.kind == "A":  # the full KV cache grows by design
+            cache.ctx_k = torch.cat([cache.ctx_k, k], dim=2)
+            cache.ctx_v = torch.cat([cache.ctx_v, v.transpose(1, 2)], dim=2)
+            return self._output(_attend(q, cache.ctx_k, cache.ctx_v))
+
+        slots = self._slots()
+        slot = position % slots.window
+        cache.keys[:, :, slot] = k[:, :, 0]
+        cache.values[:, :, slot] = v[:, 0]
+        cache.bias[:, slot] = 0.0
 
         s = self.ssm(x, state=cache.ssm) if self.ssm is not None else None
         features = self._ssm_features(s)
-        if self.fading_window > 0:
+        if slots.fading:
             kf_raw, vf = self._fading_kv(features)
-            keep_f = self.window + self.fading_window
-            cache.fading_k = _append(cache.fading_k, self._rotate(kf_raw.transpose(1, 2), pos), keep_f)
-            cache.fading_v = _append(cache.fading_v, vf.transpose(1, 2), keep_f)
-            if self.fading_overlap:  # the last w_f tokens, this one included
-                keys.append(cache.fading_k[:, :, -self.fading_window :])
-                values.append(cache.fading_v[:, :, -self.fading_window :])
-            else:
-                n_fading = max(0, cache.fading_k.shape[2] - self.window)  # tokens that left the window
-                keys.append(cache.fading_k[:, :, :n_fading])
-                values.append(cache.fading_v[:, :, :n_fading])
+            slot = slots.window + position % slots.fading
+            cache.keys[:, :, slot] = apply_rotary(kf_raw.transpose(1, 2), cos, sin)[:, :, 0]
+            cache.values[:, :, slot] = vf[:, 0]
+            if self.fading_overlap:  # the ring holds exactly the last w_f tokens
+                cache.bias[:, slot] = 0.0
+            else:  # this token is in the window, not yet fading; the one leaving the window starts to fade
+                cache.bias[:, slot] = float("-inf")
+                if position >= self.window:
+                    cache.bias[:, slots.window + (position - self.window) % slots.fading] = 0.0
 
         if self.memory_size > 0:
-            self._read_memory(cache, position, k_raw, keys, values, valid)
+            self._read_memory(cache, position, slots)
             innovation = self._innovation(k_raw, self.innovation_proj(cache.prev_ssm_out[:, None]))
             self._advance_memory(cache, position, k_raw, v, innovation)
         if features is not None:
             cache.prev_ssm_out = features[:, -1]
+        return self._output(_attend(q, cache.keys, cache.values, cache.bias), s)
 
-        out = _attend(q, torch.cat(keys, dim=2), torch.cat(values, dim=2), valid)
-        return self._output(out, s)
-
-    def _read_memory(self, cache, position, k_raw, keys, values, valid) -> None:
-        """Append the memory visible to `position`'s chunk to the key/value lists."""
-        memory = cache.snapshots.get(position // self.chunk - self.lag)
+    def _read_memory(self, cache: AttentionLayerCache, position: int, slots: DecodeSlots) -> None:
+        """Put the memory visible to `position`'s chunk in the memory slots (once per chunk)."""
+        chunk = position // self.chunk
+        if cache.memory_read == chunk:
+            return
+        memory = cache.snapshots.get(chunk - self.lag)
         if memory is None:
-            memory = self._empty_memory(k_raw)
-        rotation = self._memory_rotation(torch.tensor([position // self.chunk], device=k_raw.device))
-        cos, sin = self.rotary(rotation, k_raw.dtype)
-        keys.append(apply_rotary(memory.k.transpose(1, 2), cos, sin))
-        values.append(memory.v.transpose(1, 2))
-        valid.append(memory.valid)
+            memory = self._empty_memory(cache.keys)
+        cos, sin = self.rotary(self._memory_rotation(torch.tensor([chunk], device=cache.keys.device)),
+                               cache.keys.dtype)
+        index = torch.arange(slots.memory_start, slots.total, device=cache.keys.device)
+        self._write_slots(cache, index, apply_rotary(memory.k.transpose(1, 2), cos, sin), memory.v.transpose(1, 2),
+                          torch.ones_like(index, dtype=torch.bool))
+        cache.bias[:, index] = cache.bias[:, index].masked_fill(~memory.valid, float("-inf"))
+        cache.memory_read = chunk
 
     def _advance_memory(self, cache, position, k_raw, v, innovation) -> None:
         """Add the token to the current chunk; when the chunk completes, pick and snapshot."""
-        cache.chunk_k = _cat_time(cache.chunk_k, k_raw)
-        cache.chunk_v = _cat_time(cache.chunk_v, v)
-        cache.chunk_innovation = _cat_time(cache.chunk_innovation, innovation.detach())
-        if (position + 1) % self.chunk:
+        at = position % self.chunk
+        cache.chunk_k[:, at] = k_raw[:, 0]
+        cache.chunk_v[:, at] = v[:, 0]
+        cache.chunk_innovation[:, at] = innovation[:, 0].detach()
+        if at < self.chunk - 1:
             return
         j = position // self.chunk
         cache.memory = update_memory(
@@ -328,7 +370,29 @@ class BMojoAttention(nn.Module):
         )
         cache.snapshots[j] = cache.memory
         cache.snapshots.pop(j - self.lag, None)  # chunk j + 1 reads j + 1 - lag onwards
-        cache.chunk_k = cache.chunk_v = cache.chunk_innovation = None
+
+
+@dataclass(frozen=True)
+class DecodeSlots:
+    """Slots of a B/F/S layer's decode buffer: ``[in-context ring | fading ring | memory]``.
+
+    Token ``t``'s keys sit in in-context slot ``t % window`` and fading slot
+    ``window + t % fading``; ``fading`` is ``window + w_f`` (a fading key is read once
+    its token has left the window, for ``w_f`` tokens) or ``w_f`` with overlapping
+    fading keys, 0 without a fading path.
+    """
+
+    window: int
+    fading: int
+    memory: int
+
+    @property
+    def memory_start(self) -> int:
+        return self.window + self.fading
+
+    @property
+    def total(self) -> int:
+        return self.window + self.fading + self.memory
 
 
 class HeadRMSNorm(RMSNorm):
@@ -349,30 +413,21 @@ class HeadRMSNorm(RMSNorm):
         return (rms_normalize(x.to(ct), self.eps) * weight.to(ct)).to(x.dtype)
 
 
-def _append(buffer: Tensor | None, new: Tensor, keep: int | None) -> Tensor:
-    """Append along time (dim 2) and keep the last `keep` entries (all if None)."""
-    out = new if buffer is None else torch.cat([buffer, new], dim=2)
-    return out if keep is None else out[:, :, -keep:]
+def _score_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
 
 
-def _cat_time(buffer: Tensor | None, new: Tensor) -> Tensor:
-    return new if buffer is None else torch.cat([buffer, new], dim=1)
-
-
-def _attend(q: Tensor, keys: Tensor, values: Tensor, memory_valid: list[Tensor]) -> Tensor:
+def _attend(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None = None) -> Tensor:
     """Dense attention of one query (batch, q_heads, 1, D) over (batch, kv_heads, n, D) keys.
 
-    `memory_valid` masks the trailing memory slots (batch, M); all other keys are valid.
+    `bias` (batch, n) is added to the scores (0 or -inf); None: every key is read.
     """
     batch, q_heads, _, head_dim = q.shape
     kv_heads = keys.shape[1]
-    dtype = torch.promote_types(q.dtype, torch.float32)
+    dtype = _score_dtype(q)
     qg = q.view(batch, kv_heads, q_heads // kv_heads, head_dim).to(dtype)
-    scores = torch.einsum("bhgd,bhnd->bhgn", qg, keys.to(dtype)) / head_dim**0.5
-    if memory_valid:
-        mask = memory_valid[0]
-        valid = torch.cat([mask.new_ones(batch, keys.shape[2] - mask.shape[1]), mask], dim=1)
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bhgn,bhnd->bhgd", probs, values.to(dtype))
+    scores = torch.matmul(qg, keys.to(dtype).transpose(2, 3)) / head_dim**0.5  # (batch, kv_heads, g, n)
+    if bias is not None:
+        scores = scores + bias[:, None, None, :]
+    out = torch.matmul(torch.softmax(scores, dim=-1), values.to(dtype))
     return out.reshape(batch, q_heads, 1, head_dim).to(q.dtype)

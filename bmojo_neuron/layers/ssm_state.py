@@ -72,7 +72,7 @@ def causal_conv1d(
         prefix = x.new_zeros(x.shape[0], x.shape[1], width)
     padded = torch.cat([prefix.to(x.dtype), x], dim=-1)
     out = F.conv1d(padded, weight, bias, groups=x.shape[1])
-    return out, padded[..., padded.shape[-1] - width :]
+    return out, padded[..., padded.shape[-1] - width :].clone()  # own copy: a state must not hold the whole input
 
 
 def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor) -> tuple[Tensor, Tensor]:
