@@ -289,8 +289,8 @@ def test_pipeline_checkpoints_hold_each_stage_and_consolidate(pp_runs, tmp_path)
     run_dir = out / "whole"
     last = layout.latest_checkpoint(run_dir)
     assert sorted(p.name for p in last.iterdir()) == [
-        "config.json", "optim-00-00-000.pt", "optim-00-01-000.pt", "parallel.json", "rank-00-00.safetensors",
-        "rank-00-01.safetensors", "recipe.json", "trainer_state.json"]
+        "config.json", "manifest.json", "optim-00-00-000.pt", "optim-00-01-000.pt", "parallel.json",
+        "rank-00-00.safetensors", "rank-00-01.safetensors", "recipe.json", "trainer_state.json"]
     config = recipe().model_config()
     full = set(shard_shapes(config, 1)) - {fmt.TIED_HEAD}  # the tied head is the embedding, stored once
     for stage in (0, 1):

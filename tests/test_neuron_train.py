@@ -143,8 +143,9 @@ def test_checkpoints_use_the_sharded_layout_and_consolidate_to_a_hf_model(neuron
     run_dir = result.run_dir
     assert sorted(p.name for p in layout.list_checkpoints(run_dir)) == ["step-0000003", "step-0000006"]
     last = layout.latest_checkpoint(run_dir)
-    assert sorted(p.name for p in last.iterdir()) == ["config.json", "optim-00-00-000.pt", "parallel.json",
-                                                      "rank-00-00.safetensors", "recipe.json", "trainer_state.json"]
+    assert sorted(p.name for p in last.iterdir()) == ["config.json", "manifest.json", "optim-00-00-000.pt",
+                                                      "parallel.json", "rank-00-00.safetensors", "recipe.json",
+                                                      "trainer_state.json"]
     meta = json.loads((last / "parallel.json").read_text())
     assert (meta["tp"], meta["pp"], meta["dp"], meta["zero1"]) == (1, 1, 1, False)
     out = tmp_path / "full"

@@ -103,7 +103,7 @@ def test_parallel_training_equals_one_process(tmp_path):
     # the sharded checkpoints follow the documented layout
     step = tmp_path / "tp2-sp" / "step-0000004"
     names = sorted(p.name for p in step.iterdir())
-    assert names == ["config.json", "optim-00-00-000.pt", "optim-01-00-000.pt", "parallel.json",
+    assert names == ["config.json", "manifest.json", "optim-00-00-000.pt", "optim-01-00-000.pt", "parallel.json",
                      "rank-00-00.safetensors", "rank-01-00.safetensors", "recipe.json", "trainer_state.json"]
     assert (tmp_path / "tp2-sp" / "latest").read_text().strip() == "step-0000004"
     zero = tmp_path / "dp2-zero1" / "step-0000004"

@@ -174,8 +174,8 @@ def test_pipeline_training_equals_one_process(tmp_path):
     # one file per stage; a tied head is stored once, as stage 0's embedding
     step = tmp_path / "pp2-tied" / "step-0000004"
     assert sorted(p.name for p in step.iterdir()) == [
-        "config.json", "optim-00-00-000.pt", "optim-00-01-000.pt", "parallel.json", "rank-00-00.safetensors",
-        "rank-00-01.safetensors", "recipe.json", "trainer_state.json"]
+        "config.json", "manifest.json", "optim-00-00-000.pt", "optim-00-01-000.pt", "parallel.json",
+        "rank-00-00.safetensors", "rank-00-01.safetensors", "recipe.json", "trainer_state.json"]
     first, last = load_file(str(step / fmt.model_file(0, 0))), load_file(str(step / fmt.model_file(0, 1)))
     assert fmt.EMBEDDING in first and fmt.TIED_HEAD not in last and "model.norm.weight" in last
     assert not set(first) & set(last)

@@ -2,6 +2,7 @@
 
 ========================  =============================================================
 `layout`                  the run directory: names, discovery, crash-safe publish, pruning
+`manifest`                each checkpoint's file sizes and SHA-256, written last, checked on load
 `state`                   trainer state, the checkpoint read back, RNG streams
 `local`                   one-process checkpoints (``model.safetensors`` + ``optimizer.pt``)
 `sharded`                 the sharded format of parallel runs; what every rank does alike

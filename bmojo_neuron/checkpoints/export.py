@@ -16,6 +16,7 @@ from bmojo_neuron.data.tokenizer import save_hf_tokenizer
 from bmojo_neuron.fsutil import publish_dir
 
 from .layout import FINAL, RECIPE_FILE, RUN_INFO_FILE, new_tmp_dir
+from .manifest import write_manifest
 
 
 def export_final(
@@ -35,6 +36,7 @@ def export_final(
         info = {"tokenizer": tokenizer, "recipe": recipe, "final_metrics": metrics}
         (tmp / RUN_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str))
+        write_manifest(tmp)
         publish_dir(tmp, run_dir / FINAL)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -15,6 +15,9 @@ way (temp file + rename). A kill at any moment therefore leaves either the old o
 new state, never a half-written one, and discovery never looks at temp dirs. Old
 checkpoints are pruned only after the new one is published, and are first renamed to
 ``.trash-...`` so a half-deleted directory is never mistaken for a checkpoint.
+Each checkpoint ends with ``manifest.json`` (sizes and SHA-256 of its files,
+`bmojo_neuron.checkpoints.manifest`); a resume skips a checkpoint whose files no
+longer match it and continues from the newest intact one.
 """
 
 from __future__ import annotations
@@ -25,9 +28,11 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bmojo_neuron.fsutil import fsync_dir, publish_dir, write_text_atomic
+
+from .manifest import DamagedCheckpointError, damage, write_manifest
 
 LATEST = "latest"
 FINAL = "final"
@@ -81,6 +86,23 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def latest_intact_checkpoint(run_dir: str | Path, hashes: bool = True,
+                             on_skip: Callable[[DamagedCheckpointError], None] | None = None) -> Path | None:
+    """The newest complete checkpoint whose files match its manifest (`latest_checkpoint` first, then older
+    ones); `on_skip` hears about each damaged one passed over. `hashes` False checks sizes only."""
+    newest = latest_checkpoint(run_dir)
+    if newest is None:
+        return None
+    older = [p for p in reversed(list_checkpoints(run_dir)) if p.name != newest.name]
+    for path in [newest, *older]:
+        problem = damage(path, hashes)
+        if problem is None:
+            return path
+        if on_skip is not None:
+            on_skip(problem)
+    return None
+
+
 def has_run(run_dir: Path) -> bool:
     """True when `run_dir` holds checkpoints, metrics or an export of an earlier run."""
     return bool(list_checkpoints(run_dir)) or (run_dir / METRICS_FILE).exists() or (run_dir / FINAL).exists()
@@ -118,13 +140,15 @@ def prune(run_dir: Path, keep_last: int) -> None:
 
 def publish_step(tmp: Path, run_dir: Path, name: str, recipe: dict[str, Any], config: Any, state: Any,
                  keep_last: int) -> Path:
-    """The shared end of every save: recipe, config and trainer state into `tmp` (the state last: it marks
-    the step complete), `tmp` published as ``run_dir/name``, ``latest`` moved, old steps pruned.
+    """The shared end of every save: recipe, config and trainer state into `tmp` (the state marks the step
+    complete), the manifest of all of them last, `tmp` published as ``run_dir/name``, ``latest`` moved, old
+    steps pruned.
     `tmp` is removed if anything fails before it is published."""
     try:
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str))
         config.to_json_file(str(tmp / CONFIG_FILE))
         (tmp / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1))
+        write_manifest(tmp)
         publish_dir(tmp, run_dir / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -41,7 +42,8 @@ from bmojo_neuron.configuration_bmojo import BMojoConfig
 from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
 from bmojo_neuron.parallel.sharding import EMBEDDING, TIED_HEAD, load_into, split_dims, tied_names
 
-from .layout import CONFIG_FILE, PARALLEL_FILE, latest_checkpoint, publish_step, step_dir_name
+from .layout import CONFIG_FILE, PARALLEL_FILE, latest_intact_checkpoint, publish_step, step_dir_name
+from .manifest import DamagedCheckpointError
 from .state import Checkpoint, TrainerState, read_recipe, read_trainer_state
 
 TRAINING_STATE_FILE = "training_state.pt"  # optimizer/scheduler/trainer state beside a consolidated export
@@ -255,7 +257,9 @@ def load_rank_view(run_dir: Path, ranks: ShardRanks, tied_copy: bool = False) ->
     `tied_copy`: this rank is a last stage holding the copy of a tied embedding; stage 0's
     embedding states are added as its ``lm_head.weight``'s. The degrees must match the run's.
     """
-    path = latest_checkpoint(run_dir)
+    # Sizes only: every rank must reach the same verdict without each reading every rank's bytes.
+    first_rank = ranks.tp_rank == ranks.pp_rank == ranks.dp_rank == 0
+    path = latest_intact_checkpoint(run_dir, hashes=False, on_skip=_warn_skipped if first_rank else None)
     if path is None:
         return None
     read_meta_for(path, ranks.tp, ranks.pp, CONVERT_HINT)
@@ -267,6 +271,11 @@ def load_rank_view(run_dir: Path, ranks: ShardRanks, tied_copy: bool = False) ->
         if EMBEDDING in embedding:  # absent for a warm start from a plain export
             states[TIED_HEAD] = embedding[EMBEDDING]
     return Checkpoint(path, read_trainer_state(path), read_recipe(path), states, own["scheduler"], own["rng"])
+
+
+def _warn_skipped(problem: DamagedCheckpointError) -> None:
+    print(f"warning: skipping {problem.directory.name}: {problem.file}: {problem.problem}; resuming from the "
+          "newest intact checkpoint before it", file=sys.stderr, flush=True)
 
 
 def load_rank_weights(path: Path, ranks: ShardRanks, tied_copy: bool = False) -> dict[str, Tensor]:

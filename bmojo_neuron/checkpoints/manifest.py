@@ -1,0 +1,104 @@
+"""A checkpoint's manifest: every file's size and SHA-256, written last, checked when it is read.
+
+``manifest.json`` sits in each checkpoint directory and in the ``final/`` export::
+
+    {"format": 1, "files": {"model.safetensors": {"bytes": 641344, "sha256": "9f2c..."}, ...}}
+
+It is written into the temporary directory after every other file, so a published
+directory either has a manifest that covers all of its files or (written before
+manifests existed) none. Publishing is already atomic (`layout.publish_step`); the
+manifest catches what happens to the files afterwards: a copy cut short, a disk that
+returns other bytes, a file replaced by hand. Sizes are checked first (no reading);
+hashes read every byte, so they are checked where a damaged file would otherwise
+surface as a deep traceback or a silently wrong model: loading for `eval` /
+`generate`, and resuming a one-process run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from bmojo_neuron.fsutil import write_text_atomic
+
+MANIFEST_FILE = "manifest.json"
+FORMAT = 1
+_CHUNK = 8 * 1024 * 1024
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint or export whose files do not match its manifest (one line: which file, what is wrong)."""
+
+    def __init__(self, directory: Path, file: str, problem: str) -> None:
+        super().__init__(f"{directory / file}: {problem}; the checkpoint is damaged (copy it again, or use an "
+                         "earlier step)")
+        self.directory, self.file, self.problem = directory, file, problem
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _listed_files(directory: Path) -> list[str]:
+    """Every regular file under `directory` but the manifest, as sorted relative POSIX paths."""
+    names = []
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            rel = (Path(root) / name).relative_to(directory).as_posix()
+            if rel != MANIFEST_FILE:
+                names.append(rel)
+    return sorted(names)
+
+
+def write_manifest(directory: Path) -> None:
+    """Record the size and SHA-256 of every file in `directory`; call it after the last other file is written."""
+    files = {}
+    for rel in _listed_files(directory):
+        path = directory / rel
+        files[rel] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    write_text_atomic(directory / MANIFEST_FILE, json.dumps({"format": FORMAT, "files": files}, indent=1) + "\n")
+
+
+def has_manifest(directory: Path) -> bool:
+    return (directory / MANIFEST_FILE).is_file()
+
+
+def verify_manifest(directory: str | Path, hashes: bool = True) -> None:
+    """Raise `DamagedCheckpointError` naming the first file that is missing, resized or (with `hashes`) changed.
+
+    A directory without a manifest (written before manifests existed) passes unchecked.
+    """
+    directory = Path(directory)
+    if not has_manifest(directory):
+        return
+    try:
+        listed = json.loads((directory / MANIFEST_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DamagedCheckpointError(directory, MANIFEST_FILE, f"unreadable manifest ({exc})") from None
+    for rel, entry in sorted(listed.items()):
+        path = directory / rel
+        if not path.is_file():
+            raise DamagedCheckpointError(directory, rel, "missing (listed in manifest.json)")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise DamagedCheckpointError(directory, rel, f"{size} bytes, manifest.json says {entry['bytes']} "
+                                                         "(truncated or replaced)")
+    if hashes:
+        for rel, entry in sorted(listed.items()):
+            if file_sha256(directory / rel) != entry["sha256"]:
+                raise DamagedCheckpointError(directory, rel, "SHA-256 differs from manifest.json (corrupted bytes)")
+
+
+def damage(directory: Path, hashes: bool = True) -> DamagedCheckpointError | None:
+    """The error `verify_manifest` would raise, or None for an intact directory."""
+    try:
+        verify_manifest(directory, hashes)
+    except DamagedCheckpointError as exc:
+        return exc
+    return None

@@ -1,0 +1,104 @@
+"""Checkpoint manifests: damaged files are named in one line, and a resume falls back to the newest intact step."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from test_training import tiny_recipe, train_losses
+
+from bmojo_neuron import BMojoConfig, BMojoForCausalLM, cli
+from bmojo_neuron.checkpoints import layout, local, manifest
+from bmojo_neuron.checkpoints.inference import load_trained
+from bmojo_neuron.training import train
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A tiny run with checkpoints at steps 3 and 6 and its export."""
+    return train(tiny_recipe(), tmp_path_factory.mktemp("finished"), progress=False)
+
+
+def truncate(path, keep: int = 100) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+
+
+def flip_byte(path, offset: int = -10) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_every_checkpoint_and_the_export_list_each_file_with_size_and_hash(finished):
+    for directory in [*layout.list_checkpoints(finished.run_dir), finished.run_dir / layout.FINAL]:
+        listed = json.loads((directory / manifest.MANIFEST_FILE).read_text())["files"]
+        on_disk = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*")
+                         if p.is_file() and p.name != manifest.MANIFEST_FILE)
+        assert sorted(listed) == on_disk
+        for name, entry in listed.items():
+            assert entry["bytes"] == (directory / name).stat().st_size
+            assert entry["sha256"] == manifest.file_sha256(directory / name)
+        manifest.verify_manifest(directory)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damage_is_named_in_one_line(finished, tmp_path, damage):
+    step = tmp_path / "step"
+    shutil.copytree(layout.latest_checkpoint(finished.run_dir), step)
+    target = step / layout.MODEL_FILE
+    {"truncate": truncate, "flip": flip_byte, "delete": lambda p: p.unlink()}[damage](target)
+    expected = {"truncate": "truncated", "flip": "SHA-256", "delete": "missing"}[damage]
+    with pytest.raises(manifest.DamagedCheckpointError, match=expected) as err:
+        manifest.verify_manifest(step)
+    assert err.value.file == layout.MODEL_FILE and "\n" not in str(err.value)
+    if damage != "flip":  # sizes alone catch what changes the length
+        assert manifest.damage(step, hashes=False) is not None
+    else:
+        assert manifest.damage(step, hashes=False) is None
+
+
+def test_resume_skips_a_damaged_latest_step_and_matches_the_uninterrupted_run(finished, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    partial = train(tiny_recipe(), run_dir, progress=False, stop_after=4)
+    assert [p.name for p in layout.list_checkpoints(run_dir)] == ["step-0000003", "step-0000004"]
+    truncate(run_dir / "step-0000004" / layout.MODEL_FILE)
+    assert partial.step == 4
+    resumed = train(tiny_recipe(), run_dir, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "skipping step-0000004: model.safetensors" in err and "truncated" in err
+    assert train_losses(resumed.metrics) == train_losses(finished.metrics)  # step 4 redone from step 3, bitwise
+
+
+def test_eval_of_a_damaged_export_is_one_error_line(finished, tmp_path, capsys):
+    export = tmp_path / "final"
+    shutil.copytree(finished.run_dir / layout.FINAL, export)
+    flip_byte(export / "model.safetensors", offset=-3)
+    with pytest.raises(manifest.DamagedCheckpointError):
+        load_trained(export)
+    assert cli.main(["eval", str(export)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "model.safetensors" in err[0]
+
+
+def test_weights_of_another_model_fail_in_one_line(finished):
+    config = BMojoConfig.from_json_file(str(layout.latest_checkpoint(finished.run_dir) / layout.CONFIG_FILE))
+    config.intermediate_size = 48
+    other = BMojoForCausalLM(config)
+    expected = r"layers.0.mlp.down_proj.weight has shape \[16, 32\], this model's is \[16, 48\]"
+    with pytest.raises(ValueError, match=expected) as err:
+        local.load_model_weights(other, layout.latest_checkpoint(finished.run_dir))
+    assert "another model" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_checkpoint_without_a_manifest_still_loads(finished, tmp_path):
+    step = tmp_path / "step-0000006"
+    shutil.copytree(layout.latest_checkpoint(finished.run_dir), step)
+    (step / manifest.MANIFEST_FILE).unlink()
+    assert layout.latest_intact_checkpoint(tmp_path) == step
+    model = BMojoForCausalLM(BMojoConfig.from_json_file(str(step / layout.CONFIG_FILE)))
+    local.load_model_weights(model, step)
+    trained = load_trained(finished.run_dir / layout.FINAL).model  # the step-6 weights, exported
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
