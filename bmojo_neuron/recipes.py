@@ -61,12 +61,12 @@ class RunSection:
     output_dir: str | None = None  # default: runs/<name>
     seed: int = 0
     device: str = "auto"
-    threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
+    threads: int = 0  # CPU intra-op threads; 0: every usable core but one (device.set_cpu_threads)
 
     def check(self) -> None:
         _choice("run.device", self.device, DEVICES)
         _require(bool(self.name), "run.name", "must not be empty")
-        _require(self.threads >= 0, "run.threads", f"is {self.threads}; must be >= 0 (0: torch's default)")
+        _require(self.threads >= 0, "run.threads", f"is {self.threads}; must be >= 0 (0: every usable core but one)")
 
 
 @dataclass

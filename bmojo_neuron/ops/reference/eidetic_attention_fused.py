@@ -10,10 +10,11 @@ materialising a score matrix in memory:
 
 * queries and keys are cut in blocks of ``block`` rows; for a band of key
   distances ``d = i - t`` in ``[d_lo, d_hi]`` (in-context: ``[0, w - 1]``, fading:
-  ``[w, w + w_f - 1]``, or ``[0, w_f - 1]`` with ``fading_overlap``), query block ``b`` meets key block ``b - o`` for a few
-  offsets ``o``, and every such pair has the same ``block x block`` mask. So one
-  offset is one kernel call over all blocks at once (blocks are the kernel's "heads"
-  axis): inner offsets need no mask at all, the two edge ones a fixed triangle;
+  ``[w, w + w_f - 1]``, or ``[0, w_f - 1]`` with ``fading_overlap``), query block
+  ``b`` meets key block ``b - o`` for a few offsets ``o``, and every such pair has the
+  same ``block x block`` mask. So one offset is one kernel call over all blocks at
+  once (blocks are the kernel's "heads" axis): inner offsets need no mask at all, the
+  two edge ones a fixed triangle;
 * the memory: queries in chunks of ``chunk`` rows against that chunk's ``M`` slots
   (empty slots masked).
 
