@@ -178,7 +178,7 @@ def selective_state_update(
     dA = torch.exp(d.unsqueeze(-1) * A.to(ct))  # (batch, dim, N)
     dBx = (d * x_f).unsqueeze(-1) * B.to(ct).unsqueeze(1)
     new_state = dA * state.to(ct) + dBx
-    y = torch.einsum("bdn,bn->bd", new_state, C.to(ct))
+    y = torch.matmul(new_state, C.to(ct).unsqueeze(-1)).squeeze(-1)  # (b, D)
     if D is not None:
         y = y + D.to(ct) * x_f
     if z is not None:

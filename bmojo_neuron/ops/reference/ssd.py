@@ -151,7 +151,7 @@ def ssd_state_update(
     C_h = C.to(ct).repeat_interleave(hpg, dim=1)
     decay = torch.exp(d * A.to(ct))
     new_state = decay[..., None, None] * state.to(ct) + (d[..., None] * x_f).unsqueeze(-1) * B_h.unsqueeze(2)
-    y = torch.einsum("bhpn,bhn->bhp", new_state, C_h)
+    y = torch.matmul(new_state, C_h.unsqueeze(-1)).squeeze(-1)  # (b, H, P)
     if D is not None:
         y = y + D.to(ct)[:, None] * x_f
     return y.to(x.dtype), new_state
