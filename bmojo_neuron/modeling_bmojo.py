@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.generation import GenerationMode
+from transformers.generation import utils as generation_utils
 from transformers.utils import ModelOutput
 
 from .cache_bmojo import AttentionLayerCache, BMojoCache
@@ -434,8 +435,6 @@ def _generation_cache_name() -> str:
     transformers 5.24 calls it ``cache``; earlier 5.x releases only look under
     ``past_key_values``: a cache kept under another key is silently never reordered.
     """
-    from transformers.generation import utils as generation_utils
-
     names = getattr(generation_utils, "ALL_CACHE_NAMES", ["past_key_values"])
     return "cache" if "cache" in names else "past_key_values"
 

@@ -178,3 +178,56 @@ def test_the_kernels_stand_alone(graph):
 @pytest.mark.parametrize("command", ["bmojo_neuron.commands.generate", "bmojo_neuron.commands.evaluate"])
 def test_inference_commands_never_reach_the_trainer(graph, command):
     assert not {t for t in reachable(graph, command) if t.startswith("bmojo_neuron.training")}
+
+
+# Imports inside functions, outside the command modules (which import their library lazily so that
+# `bmojo-neuron --help` is instant), and why each must wait. Anything else belongs at the top of its module.
+LAZY_IMPORTS: dict[str, tuple[set[str], str]] = {
+    "bmojo_neuron.auto_registration": ({"bmojo_neuron.configuration_bmojo", "bmojo_neuron.modeling_bmojo"},
+                                       "runs at `import bmojo_neuron`, which must not import torch"),
+    "bmojo_neuron.configuration_bmojo": ({"bmojo_neuron.auto_map"}, "auto_map imports the configuration"),
+    "bmojo_neuron.launch.memory": ({"bmojo_neuron.parallel.pipeline", "bmojo_neuron.parallel.sharding"},
+                                   "launch is torch-free: `plan` starts without torch"),
+    "bmojo_neuron.launch.plan": ({"bmojo_neuron.launch.host_memory", "bmojo_neuron.parallel.layout",
+                                  "bmojo_neuron.parallel.pipeline"},
+                                 "launch is torch-free: `plan` starts without torch"),
+    "bmojo_neuron.launch.precompile": ({"bmojo_neuron.compile_cache.s3", "bmojo_neuron.data.text"},
+                                       "boto3 only for an S3 cache; tokenizers only for text recipes"),
+    "bmojo_neuron.ops": ({"bmojo_neuron.ops.nki_backend", "nki_kernels", "nki_kernels.emulator"},
+                         "the NKI backends load when first chosen"),
+    "bmojo_neuron.recipes": ({"bmojo_neuron", "bmojo_neuron.data.mqar"},
+                             "recipes are read by `plan` and the launchers, without torch or numpy"),
+    "nki_kernels.compat": ({"nki_kernels.emulator"}, "the emulator stands in only where NKI is not installed"),
+    "nki_kernels.emulator.frontend": ({"nki_kernels.emulator"}, "the language module imports the front end"),
+}
+
+
+def function_level_imports() -> dict[str, set[str]]:
+    """``module -> package modules imported inside its functions``, command modules left out."""
+    found: dict[str, set[str]] = {}
+    for name, path in modules().items():
+        if name.startswith("bmojo_neuron.commands") or name == "bmojo_neuron.cli":
+            continue
+        here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        for function in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.ImportFrom):
+                    target = (".".join(here[:len(here) - node.level + 1] + ([node.module] if node.module else []))
+                              if node.level else node.module)
+                elif isinstance(node, ast.Import):
+                    target = node.names[0].name
+                else:
+                    continue
+                if target and target.split(".")[0] in PACKAGES:
+                    found.setdefault(name, set()).add(target)
+    return found
+
+
+def test_imports_wait_inside_functions_only_for_a_reason():
+    found = function_level_imports()
+    unexplained = {m: sorted(t - LAZY_IMPORTS.get(m, (set(), ""))[0]) for m, t in found.items()}
+    assert {m: t for m, t in unexplained.items() if t} == {}
+    stale = {m: sorted(t - found.get(m, set())) for m, (t, _) in LAZY_IMPORTS.items()}
+    assert {m: t for m, t in stale.items() if t} == {}, "LAZY_IMPORTS lists imports that are gone"

@@ -19,7 +19,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
+from transformers import Mamba2Config, MambaConfig, MistralConfig
+
+from bmojo_neuron.configuration_bmojo import BMojoConfig
+from bmojo_neuron.modeling_bmojo import BMojoForCausalLM, BMojoModel
 
 OURS = {"bmojo": "B", "bmojo-f": "F", "mamba-only": "M", "swa-only": "S", "full-attn": "A"}
 HF = ("hf-mamba", "hf-mamba2", "hf-mistral-swa", "hf-mistral")
@@ -80,8 +85,6 @@ def check_names(names: list[str], allowed: tuple[str, ...] = ALL) -> list[str]:
 
 # ----------------------------------------------------------------------------- configs
 def bmojo_config(shape: Shape, letter: str = "B", num_layers: int | None = None, intermediate_size: int | None = None):
-    from bmojo_neuron import BMojoConfig
-
     n = shape.num_layers if num_layers is None else num_layers
     return BMojoConfig(
         vocab_size=shape.vocab_size, hidden_size=shape.hidden_size, num_hidden_layers=n, layer_pattern=letter * n,
@@ -98,24 +101,18 @@ def hf_config(name: str, shape: Shape, num_layers: int | None = None, width: int
     n = shape.num_layers if num_layers is None else num_layers
     d = shape.hidden_size
     if name == "hf-mamba":
-        from transformers import MambaConfig
-
         config = MambaConfig(vocab_size=shape.vocab_size, hidden_size=d, state_size=16, num_hidden_layers=n,
                              expand=2, tie_word_embeddings=True, pad_token_id=0, bos_token_id=0, eos_token_id=0)
         if width is not None:
             config.intermediate_size = width  # = expand * d; set directly so any multiple of 8 works
         return config
     if name == "hf-mamba2":
-        from transformers import Mamba2Config
-
         inner = 2 * d if width is None else width  # Mamba2Config only takes an integer expand
         return Mamba2Config(vocab_size=shape.vocab_size, hidden_size=d, state_size=shape.ssm_state_size,
                             num_hidden_layers=n, head_dim=shape.ssm_head_dim, num_heads=inner // shape.ssm_head_dim,
                             expand=inner // d, n_groups=1, chunk_size=shape.ssm_chunk_size, tie_word_embeddings=True,
                             pad_token_id=0, bos_token_id=0, eos_token_id=0)
     if name in ("hf-mistral-swa", "hf-mistral"):
-        from transformers import MistralConfig
-
         config = MistralConfig(vocab_size=shape.vocab_size, hidden_size=d,
                                intermediate_size=width if width is not None else bmojo_config(shape).intermediate_size,
                                num_hidden_layers=n, num_attention_heads=shape.heads, num_key_value_heads=shape.heads,
@@ -128,8 +125,6 @@ def hf_config(name: str, shape: Shape, num_layers: int | None = None, width: int
 
 
 def _hf_class(name: str, causal_lm: bool):
-    import transformers
-
     base = {"hf-mamba": "Mamba", "hf-mamba2": "Mamba2", "hf-mistral-swa": "Mistral", "hf-mistral": "Mistral"}[name]
     return getattr(transformers, f"{base}ForCausalLM" if causal_lm else f"{base}Model")
 
@@ -142,8 +137,6 @@ def _config(name: str, shape: Shape, num_layers: int | None, width: int | None):
 
 def _instantiate(name: str, config, causal_lm: bool) -> nn.Module:
     if name in OURS:
-        from bmojo_neuron import BMojoForCausalLM, BMojoModel
-
         return (BMojoForCausalLM if causal_lm else BMojoModel)(config)
     return _hf_class(name, causal_lm)(config)
 

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import torch
 
+from bmojo_neuron.cache_bmojo import BMojoCache
+
 from . import harness
 from .candidates import (ALL, HF, OURS, TOY_SHAPE, CandidateFactory, Shape, build_candidate, check_names,
                          first_layer, is_baseline)
@@ -285,8 +287,6 @@ class Decoder:
         self.token = context[:, -1:]
 
     def prefill(self) -> None:
-        from bmojo_neuron import BMojoCache
-
         with torch.no_grad():
             cache = BMojoCache(self.model.config.num_hidden_layers) if self.name in OURS else None
             kwargs = {self.kwarg: cache} if cache is not None else {}

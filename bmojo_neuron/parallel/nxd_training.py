@@ -22,7 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..layers.decoder import BMojoDecoderLayer
+from ..layers.factory import use_layer_factory
+from ..layers.norms import RMSNorm
+from ..modeling_bmojo import BMojoForCausalLM
 from ..neuron import import_neuron_module
+from .nxd import NxDTensorParallelFactory, check_nxd_dtypes
+from .nxd_pipeline import INPUT_NAMES, LOSS_SPEC, PipelineCausalLM, PipelineDecoderLayer, pipeline_cuts
+from .one_device_init import one_device_shard
 from .pipeline import check_pipeline_config
 
 FEATURE = "pipeline parallelism and ZeRO-1 on Trainium"
@@ -54,9 +61,6 @@ def pipeline_config(parallel: Any, model_config: Any, grad_accum: int = 1) -> di
     - the loss stays on the device (``return_loss_on_cpu=False``: no host sync in a step);
     - gradients are averaged over data ranks once, by NxD's optimizer wrapper.
     """
-    from ..layers.norms import RMSNorm
-    from .nxd_pipeline import INPUT_NAMES, LOSS_SPEC, PipelineDecoderLayer, pipeline_cuts
-
     mappings = import_neuron_module("neuronx_distributed.parallel_layers.mappings", FEATURE)
     loss_functions = import_neuron_module("neuronx_distributed.parallel_layers.loss_functions", FEATURE)
     return {
@@ -93,8 +97,6 @@ def nxd_config(
     optimizer; NxD allows neither without ZeRO-1.
     """
     trainer = _trainer()
-    from ..layers.decoder import BMojoDecoderLayer
-
     if max_grad_norm < 0:
         raise ValueError(f"optim.grad_clip must be >= 0, got {max_grad_norm}")
     pipeline = None
@@ -140,11 +142,6 @@ def build_nxd_model(config: Any, nxd_cfg: dict, *, dtype: torch.dtype = torch.fl
     check_pipeline_config(config, pp)
 
     def model_fn() -> nn.Module:
-        from .. import BMojoForCausalLM
-        from ..layers.factory import use_layer_factory
-        from .nxd import NxDTensorParallelFactory, check_nxd_dtypes
-        from .one_device_init import one_device_shard
-
         before = torch.get_rng_state()
         factory = NxDTensorParallelFactory(sequence_parallel=nxd_cfg.get("sequence_parallel", False), dtype=dtype)
         with use_layer_factory(factory):
@@ -155,8 +152,6 @@ def build_nxd_model(config: Any, nxd_cfg: dict, *, dtype: torch.dtype = torch.fl
         check_nxd_dtypes(model, dtype)
         if pp == 1:
             return model
-        from .nxd_pipeline import PipelineCausalLM
-
         return PipelineCausalLM(model, count_correct=count_correct)
 
     return trainer.initialize_parallel_model(nxd_cfg, model_fn)

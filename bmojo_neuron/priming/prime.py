@@ -21,6 +21,7 @@ import torch
 from ..checkpoints.export import quiet_transformers
 from ..configuration_bmojo import LAYER_KINDS, BMojoConfig
 from ..fsutil import publish_dir
+from ..modeling_bmojo import BMojoForCausalLM
 from .mapping import SSM_INITS, attention_ssm_mismatch, new_weights, shared_weights
 from .source import SourceModel, load_source_weights, read_source
 
@@ -97,8 +98,6 @@ def prime_model(
     seed: int = 0,
 ) -> PrimedModel:
     """Build the primed model (float32, eval mode) in memory."""
-    from ..modeling_bmojo import BMojoForCausalLM
-
     if ssm_init not in ("auto",) + SSM_INITS:
         raise ValueError(f"--ssm-init {ssm_init!r}: choose one of auto, {', '.join(SSM_INITS)}")
     source = read_source(source_dir)
