@@ -14,10 +14,10 @@ layers, whose KV cache grows by design):
   current chunk's un-rotated keys, values and innovations (preallocated, ``c`` rows);
 * the previous SSM output, which the innovation predictor reads.
 
-A padded batch (an ``attention_mask`` with zeros) keeps one cache per row instead
-(`BMojoCache.rows`): its rows hold different numbers of real tokens, so they sit at
-different positions, and a B layer's memory chunks end at different steps in each
-row (docs/hf.md, "Padding").
+A padded batch (an ``attention_mask`` with zeros) keeps its rows in groups instead
+(`BMojoCache.groups`): rows that hold different numbers of real tokens sit at
+different positions, and a B layer's memory chunks end at different steps in each,
+so only rows of equal length share a batched cache (docs/hf.md, "Padding").
 """
 
 from __future__ import annotations
@@ -73,11 +73,21 @@ class AttentionLayerCache:
         return dataclasses.replace(self, ssm=ssm, snapshots=dict(self.snapshots), **own)
 
 
+@dataclass
+class RowGroup:
+    """Rows of a padded batch that have read the same number of real tokens, sharing one batched cache."""
+
+    rows: list[int]  # indices in the batch, in the order of `cache`'s rows
+    cache: BMojoCache
+
+
 class BMojoCache:
     """Cache passed to `BMojoForCausalLM.forward` / `generate()` (argument ``cache`` or ``past_key_values``).
 
     A fresh cache is filled by the first (parallel) forward; later calls advance it
-    token by token.
+    token by token. Once a padded batch arrives, the rows live in `groups`: rows that
+    have read the same number of real tokens sit at the same position and share a
+    batched cache; `layers` is then unused.
     """
 
     is_compileable = False
@@ -85,31 +95,30 @@ class BMojoCache:
     def __init__(self, num_layers: int) -> None:
         self.layers: list[AttentionLayerCache | SSMState | None] = [None] * num_layers
         self.seen_tokens = 0  # input positions read, pads included
-        self.rows: list[BMojoCache] | None = None  # one cache per row once a padded batch arrives
+        self.groups: list[RowGroup] | None = None
 
-    def split_rows(self, batch_size: int, device: torch.device) -> None:
-        """Switch to one cache per row (each holding that row's state so far); `layers` is then unused."""
-        if self.rows is not None:
+    def start_row_groups(self, batch_size: int) -> None:
+        """Move the batch's state into one group of all its rows (they have all read the same tokens so far)."""
+        if self.groups is not None:
             return
-        self.rows = [self._row(b, device) for b in range(batch_size)]
+        whole = BMojoCache(len(self.layers))
+        whole.layers, whole.seen_tokens = self.layers, self.seen_tokens
+        self.groups = [RowGroup(list(range(batch_size)), whole)]
         self.layers = [None] * len(self.layers)
 
-    def _row(self, b: int, device: torch.device) -> BMojoCache:
-        row = BMojoCache(len(self.layers))
-        row.seen_tokens = self.seen_tokens
-        index = torch.tensor([b], device=device)
-        for i, layer in enumerate(self.layers):
-            if layer is not None:
-                row.layers[i] = layer.copy()
-                row.layers[i].reorder(index)
-        return row
+    def select_rows(self, index: Tensor) -> BMojoCache:
+        """A new cache holding the rows `index` of this one (a row may appear twice); this one is unchanged."""
+        new = self.copy()
+        new.reorder_cache(index)
+        return new
 
     def copy(self) -> BMojoCache:
         """A cache that decodes independently of this one (`AttentionLayerCache.copy`)."""
         new = BMojoCache(len(self.layers))
         new.seen_tokens = self.seen_tokens
         new.layers = [None if layer is None else layer.copy() for layer in self.layers]
-        new.rows = None if self.rows is None else [row.copy() for row in self.rows]
+        if self.groups is not None:
+            new.groups = [RowGroup(list(g.rows), g.cache.copy()) for g in self.groups]
         return new
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -125,12 +134,24 @@ class BMojoCache:
         return [False] * len(self.layers)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.rows is not None:  # a row picked twice must not share its state objects
-            self.rows = [self.rows[i].copy() for i in beam_idx.tolist()]
+        if self.groups is not None:
+            self.groups = self._reordered_groups(beam_idx)
             return
         for layer in self.layers:
             if layer is not None:
                 layer.reorder(beam_idx)
+
+    def _reordered_groups(self, beam_idx: torch.LongTensor) -> list[RowGroup]:
+        """New row i takes old row ``beam_idx[i]``: rows drawn from one group form a new group."""
+        sources = beam_idx.tolist()
+        groups = []
+        for group in self.groups:
+            offset = {row: k for k, row in enumerate(group.rows)}
+            picked = [(i, offset[src]) for i, src in enumerate(sources) if src in offset]
+            if picked:
+                index = torch.tensor([k for _, k in picked], device=beam_idx.device)
+                groups.append(RowGroup([i for i, _ in picked], group.cache.select_rows(index)))
+        return groups
 
     def __len__(self) -> int:
         return len(self.layers)

@@ -23,7 +23,7 @@ from transformers.generation import GenerationMode
 from transformers.generation import utils as generation_utils
 from transformers.utils import ModelOutput
 
-from .cache_bmojo import AttentionLayerCache, BMojoCache
+from .cache_bmojo import AttentionLayerCache, BMojoCache, RowGroup
 from .configuration_bmojo import BMojoConfig
 from .layers.decoder import BMojoDecoderLayer
 from .layers.factory import IGNORE_INDEX, LayerFactory, get_layer_factory
@@ -142,7 +142,7 @@ class BMojoModel(BMojoPreTrainedModel):
             attention_mask = mask_for_inputs(attention_mask, tokens.shape[1])
         if use_cache and cache is None:
             cache = BMojoCache(self.config.num_hidden_layers)
-        if cache is not None and attention_mask is not None and (cache.rows is not None or has_padding(attention_mask)):
+        if cache is not None and attention_mask is not None and (cache.groups is not None or has_padding(attention_mask)):
             output = self._forward_rows(input_ids, inputs_embeds, attention_mask, cache, output_hidden_states)
         else:
             layout = None
@@ -205,47 +205,54 @@ class BMojoModel(BMojoPreTrainedModel):
         cache: BMojoCache,
         output_hidden_states: bool,
     ) -> BMojoModelOutput:
-        """A padded batch with a cache: each row's real tokens continue that row's own cache.
+        """A padded batch with a cache: rows continue in groups of equal length.
 
-        Rows hold different numbers of real tokens, so they decode at different
-        positions and their memory chunks end at different steps: each row keeps its
-        own cache (`BMojoCache.rows`) and runs alone. Outputs are placed as in the
-        packed layout, so masked positions read the last real token's output.
+        Rows that have read different numbers of real tokens sit at different positions
+        and their memory chunks end at different steps, so the cache keeps the rows in
+        groups (`BMojoCache.groups`) that have read the same number; the rows of a group
+        that get the same number of real tokens now run as one batch (a group splits
+        when they do not). Outputs are placed as in the packed layout, so masked
+        positions read the last real token's output.
         """
-        tokens = input_ids if input_ids is not None else inputs_embeds
         batch, length = attention_mask.shape
-        cache.split_rows(batch, tokens.device)
-        layout = packed_layout(attention_mask)
         real = attention_mask != 0
-        slots: list[list[Tensor]] = []  # per output (last hidden, then each hidden state): per-row packed rows
-        innovations, weights = [], []
-        for b in range(batch):
-            row = self(
-                input_ids=None if input_ids is None else input_ids[b:b + 1, real[b]],
-                inputs_embeds=None if inputs_embeds is None else inputs_embeds[b:b + 1, real[b]],
-                cache=cache.rows[b], use_cache=True, output_hidden_states=output_hidden_states, return_dict=True,
-            ) if bool(real[b].any()) else None
-            outputs = [] if row is None else [row.last_hidden_state, *(row.hidden_states or ())]
-            slots.append(outputs)
-            if row is not None and row.innovation is not None:
-                innovations.append(row.innovation)
-                weights.append(outputs[0].shape[1])
+        counts = real.sum(dim=1).tolist()
+        cache.start_row_groups(batch)
+        packed = [None] * (1 + (len(self.layers) + 1 if output_hidden_states else 0))
+        innovation_sum, innovation_tokens = 0.0, 0
+        groups = []
+        for group in cache.groups:
+            for n, members in _members_by_count(group.rows, counts).items():
+                rows = [group.rows[m] for m in members]
+                sub = group.cache
+                if len(members) < len(group.rows):
+                    sub = sub.select_rows(torch.tensor(members, device=attention_mask.device))
+                groups.append(RowGroup(rows, sub))
+                if n == 0:
+                    continue
+                keep = real[rows]
+                out = self(
+                    input_ids=None if input_ids is None else input_ids[rows][keep].view(len(rows), n),
+                    inputs_embeds=None if inputs_embeds is None else inputs_embeds[rows][keep].view(len(rows), n, -1),
+                    cache=sub, use_cache=True, output_hidden_states=output_hidden_states, return_dict=True,
+                )
+                for k, value in enumerate([out.last_hidden_state, *(out.hidden_states or ())]):
+                    if packed[k] is None:
+                        packed[k] = value.new_zeros(batch, length, value.shape[-1])
+                    packed[k][rows, :n] = value
+                if out.innovation is not None:
+                    innovation_sum = innovation_sum + out.innovation * (n * len(rows))
+                    innovation_tokens += n * len(rows)
+        cache.groups = groups
         cache.seen_tokens += length
 
-        reference = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings().weight
-        n_outputs = 1 + (len(self.layers) + 1 if output_hidden_states else 0)
-        packed = []
-        for k in range(n_outputs):
-            full = reference.new_zeros(batch, length, self.config.hidden_size)
-            for b, outputs in enumerate(slots):
-                if outputs:
-                    full[b, : outputs[k].shape[1]] = outputs[k][0]
-            packed.append(unpack(full, layout))
-        innovation = None
-        if innovations:
-            innovation = sum(i * w for i, w in zip(innovations, weights)) / sum(weights)
-        hidden_states = tuple(packed[1:]) if output_hidden_states else None
-        return BMojoModelOutput(packed[0], cache, hidden_states, innovation)
+        if packed[0] is None:  # no real token in this call
+            reference = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings().weight
+            packed = [reference.new_zeros(batch, length, self.config.hidden_size) for _ in packed]
+        layout = packed_layout(attention_mask)
+        outputs = [unpack(p, layout) for p in packed]
+        innovation = innovation_sum / innovation_tokens if innovation_tokens else None
+        return BMojoModelOutput(outputs[0], cache, tuple(outputs[1:]) if output_hidden_states else None, innovation)
 
     @staticmethod
     def _layer_cache(cache: BMojoCache, idx: int, layer: BMojoDecoderLayer, hidden: Tensor):
@@ -437,6 +444,14 @@ def _generation_cache_name() -> str:
     """
     names = getattr(generation_utils, "ALL_CACHE_NAMES", ["past_key_values"])
     return "cache" if "cache" in names else "past_key_values"
+
+
+def _members_by_count(rows: list[int], counts: list[int]) -> dict[int, list[int]]:
+    """Offsets within a group of its rows, by how many real tokens each row gets now."""
+    members: dict[int, list[int]] = {}
+    for offset, row in enumerate(rows):
+        members.setdefault(counts[row], []).append(offset)
+    return members
 
 
 def shift_targets(labels: Tensor) -> Tensor:

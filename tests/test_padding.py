@@ -79,7 +79,7 @@ def test_padded_logits_equal_each_sequence_alone(side, path):
     with torch.no_grad():
         if path == "train":  # no cache: the packed batch
             out = model(ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
-        else:  # a cache: one cache per row
+        else:  # a cache: rows in groups of equal length
             out = model(ids, attention_mask=mask, cache=BMojoCache(5), use_cache=True, output_hidden_states=True)
         for b, row in enumerate(rows):
             alone = model(row[None], use_cache=False, output_hidden_states=True)
@@ -197,6 +197,27 @@ def test_padded_decode_equals_padded_forward(side):
     real = full_mask == 1
     torch.testing.assert_close(torch.cat(steps, dim=1)[real], full[real], rtol=0, atol=1e-4)
     assert cache.get_seq_length() == full_ids.shape[1]
+
+
+def test_rows_of_equal_length_share_a_batched_cache_and_reorder_like_beams():
+    model = build()
+    rows = prompts((19, 7, 19))
+    ids, mask = padded(rows, "left")
+    cache = BMojoCache(5)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, cache=cache)
+        assert sorted(g.rows for g in cache.groups) == [[0, 2], [1]]
+        sources = [2, 2, 1]  # new rows 0 and 1 both continue old row 2: they must not share state
+        cache.reorder_cache(torch.tensor(sources))
+        assert sorted(g.rows for g in cache.groups) == [[0, 1], [2]]
+        new = torch.tensor([[5, 8], [6, 9], [7, 10]])
+        step_mask = torch.cat([mask[sources], torch.ones(3, 1, dtype=torch.long)], dim=1)
+        first = model(new[:, :1], attention_mask=step_mask, cache=cache).logits[:, -1]
+        second = model(new[:, 1:], attention_mask=torch.cat([step_mask, step_mask[:, -1:]], 1), cache=cache).logits
+        for i, src in enumerate(sources):
+            alone = model(torch.cat([rows[src], new[i]])[None], use_cache=False).logits[0]
+            torch.testing.assert_close(first[i], alone[-2], rtol=0, atol=1e-4)
+            torch.testing.assert_close(second[i, -1], alone[-1], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
