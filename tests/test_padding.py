@@ -231,6 +231,15 @@ def test_padded_greedy_generate_equals_each_prompt_alone(side):
         assert out[b, ids.shape[1]:].tolist() == alone[0, len(row):].tolist()
 
 
+def test_padded_generate_from_inputs_embeds_equals_from_ids():
+    model = build()
+    ids, mask = padded(prompts(), "left")
+    from_ids = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    embeds = model.get_input_embeddings()(ids)
+    from_embeds = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(from_embeds, from_ids[:, ids.shape[1]:])
+
+
 def test_padded_generate_without_cache_equals_with_cache():
     model = build()
     ids, mask = padded(prompts(), "left")
