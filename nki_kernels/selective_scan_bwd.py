@@ -14,8 +14,9 @@ axis). Nothing from the forward is saved but its inputs: per (batch, channel til
   anti-identity (`common.reverse_free`). In reversed time the scan computes
   g_t = c_t + a_{t+1} g_{t+1} directly (op0=multiply, op1=add) with the decays shifted
   one column, and a_t g_t of a tile's first step carried to the next (earlier) tile
-  through `initial`. The state's adjoint scan is issued before h is recomputed, so the
-  Vector engine works while the Tensor and Scalar engines reverse g.
+  through `initial`. Each state's adjoint scan is issued before h is recomputed and before
+  the previous state's last products, so the Vector engine works while the Tensor and
+  Scalar engines reverse g.
 
 Gradients (Δ = softplus(delta + bias) when delta_softplus):
   du = Δ Σ_n g B_n + D dyp,   dΔ = u Σ_n g B_n + Σ_n A_n g h_{t-1} a_t,
@@ -88,10 +89,23 @@ def _forward_pass(ctx, b, c0, p, snap, dd_acc, scratch):
             _row_sum(dd_acc, _mul(dyp, u_t), k == 0)
 
 
-def _gate_grads(ctx, b, c0, p, t0, t, y, u_t):
-    """y_pre = y + D u; dz = dy y_pre silu'(z) (stored); returns dyp = dy silu(z)."""
+def _saved_pass(ctx, b, c0, p, snap, dd_acc, scratch):
+    """Pass 1 from what the forward saved: the snapshots in one DMA, y_pre per tile for dz, dyp, dD."""
+    nisa.dma_copy(dst=snap, src=ctx["snaps"][b, c0:c0 + p, :])
+    for k, t0 in enumerate(range(0, ctx["length"], SEQ_TILE)):
+        t = min(SEQ_TILE, ctx["length"] - t0)
+        u_t = _load(ctx["u"][b, c0:c0 + p, t0:t0 + t], p, t)
+        y_pre = _load(ctx["y_pre"][b, c0:c0 + p, t0:t0 + t], p, t)
+        dyp = _gate_grads(ctx, b, c0, p, t0, t, y_pre, u_t, skip_added=True)
+        nisa.dma_copy(dst=scratch[b, c0:c0 + p, t0:t0 + t], src=dyp)
+        if ctx["D"] is not None:
+            _row_sum(dd_acc, _mul(dyp, u_t), k == 0)
+
+
+def _gate_grads(ctx, b, c0, p, t0, t, y, u_t, skip_added=False):
+    """y_pre = y + D u (unless skip_added); dz = dy y_pre silu'(z) (stored); returns dyp = dy silu(z)."""
     dy = _load(ctx["dy"][b, c0:c0 + p, t0:t0 + t], p, t)
-    if ctx["d_col"] is not None:
+    if ctx["d_col"] is not None and not skip_added:
         skip = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_scalar(dst=skip, data=u_t, op0=nl.multiply, operand0=ctx["d_col"])
         nisa.tensor_tensor(dst=y, data1=y, data2=skip, op=nl.add)
@@ -148,6 +162,7 @@ class _ReverseTile(nl.NKIObject):
         # a_rev shifted one column right, column 0 = 1: the adjoint scan's multiplier (see _adjoint)
         self.a_shift = nl.ndarray((p, t + 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.memset(dst=self.a_shift[:, 0:1], value=1.0)
+        self.pending = []  # accumulation matmuls of the previous state, not yet issued
 
     def _decays(self, n):
         """exp(Δ A_n) in forward time (d_a) and reversed, shifted into a_shift (Scalar engine)."""
@@ -157,7 +172,11 @@ class _ReverseTile(nl.NKIObject):
         nisa.activation(dst=self.a_shift[:, 1:t + 1], op=nl.exp, data=self.dt_rev, scale=ctx["a_t"][:, n:n + 1])
         return d_a
 
-    def _adjoint_reversed(self, n, q_col):
+    def _adjoint_input(self, n):
+        """c = dyp C_n in reversed time (the C row broadcast by the Tensor engine dies here: PSUM banks)."""
+        return _mul(self.dyp_rev, broadcast_row(self.ctx["sel"], n, self.c_rev, self.p))
+
+    def _adjoint_reversed(self, q_col, c_rev):
         """g for state n in reversed time, reversed back to forward time in PSUM (Tensor engine).
 
         In reversed time i, g_i = c_i + a'_i g_{i-1} with a'_i the decay of the step after i in
@@ -166,47 +185,62 @@ class _ReverseTile(nl.NKIObject):
         first step (forward), the last reversed column.
         """
         ctx, p, t = self.ctx, self.p, self.t
-        c_rev = _mul(self.dyp_rev, broadcast_row(ctx["sel"], n, self.c_rev, p))
         g_rev = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_tensor_scan(dst=g_rev, data0=self.a_shift[:, 0:t], data1=c_rev, initial=q_col, op0=nl.multiply,
                                 op1=nl.add)
         nisa.tensor_tensor(dst=q_col, data1=g_rev[:, t - 1:t], data2=self.a_shift[:, t:t + 1], op=nl.multiply)
         return reverse_free(g_rev, ctx["rev"])
 
-    def _recompute_h(self, n, snap_col, d_a):
+    def _recompute_h(self, snap_col, d_a, d_bu):
         """hbuf (P, t+1): column 0 = h entering the tile, columns 1.. = h over the tile."""
-        ctx, p, t = self.ctx, self.p, self.t
-        b_bc = broadcast_row(ctx["sel"], n, self.b_rows, p)
-        d_bu = _mul(self.du, b_bc)
+        p, t = self.p, self.t
         hbuf = nl.ndarray((p, t + 1), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_copy(dst=hbuf[:, 0:1], src=snap_col)
         nisa.tensor_tensor_scan(dst=hbuf[:, 1:t + 1], data0=d_a, data1=d_bu, initial=snap_col, op0=nl.multiply,
                                 op1=nl.add)
-        return hbuf, b_bc
+        return hbuf
 
     def state(self, n, snap_col, q_col, da_col, first_tile):
-        """One state's adjoint and gradients. Program order hides the reversal of g: the adjoint scan
-        goes first, and Vector recomputes h while the Tensor and Scalar engines reverse g."""
+        """One state's adjoint and gradients, in an order that keeps Vector busy while the Tensor and
+        Scalar engines reverse g: the B and C broadcasts are queued on the Tensor engine first, the
+        adjoint scan goes first on Vector, then the previous state's last products (`_flush`) and
+        the recompute of h fill the time until g is back."""
         ctx, p, t = self.ctx, self.p, self.t
+        b_bc = broadcast_row(ctx["sel"], n, self.b_rows, p)
+        c_rev = self._adjoint_input(n)
+        d_bu = _mul(self.du, b_bc)  # before the reversal: Vector's last PSUM read until g is back
         d_a = self._decays(n)
-        g_ps = self._adjoint_reversed(n, q_col)
-        hbuf, b_bc = self._recompute_h(n, snap_col, d_a)
+        # diag(A_n) scales g h a by A_n inside its accumulation matmul: built here, so the Scalar
+        # engine (in order) never waits on this state's Vector work before the next state's decays
+        eye = ctx["eye"][0:p, 0:p]
+        diag_a = nl.ndarray((p, p), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_scalar(dst=diag_a, data=eye, op0=nl.multiply, operand0=ctx["a_t"][:, n:n + 1],
+                           engine=nisa.engine.scalar)
+        g_ps = self._adjoint_reversed(q_col, c_rev)
+        self._flush()
+        hbuf = self._recompute_h(snap_col, d_a, d_bu)
         ecol = ctx["ecol"][0:p, n * ctx["n"]:(n + 1) * ctx["n"]]
         nisa.nc_matmul(dst=self.dc_ps, stationary=ecol, moving=_mul(self.dyp, hbuf[:, 1:t + 1]),
                        is_stationary_onezero=True)
         g = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
         nisa.activation(dst=g, op=nl.copy, data=g_ps)
-        eye = ctx["eye"][0:p, 0:p]
         nisa.nc_matmul(dst=self.acc_gb, stationary=eye, moving=_mul(g, b_bc), is_stationary_onezero=True)
         gah = _mul(_mul(g, hbuf[:, 0:t]), d_a)  # g_t h_{t-1} a_t
-        _row_sum(da_col, _mul(gah, self.dt), first_tile)
-        gaha = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_scalar(dst=gaha, data=gah, op0=nl.multiply, operand0=ctx["a_t"][:, n:n + 1],
-                           engine=nisa.engine.scalar)
-        nisa.nc_matmul(dst=self.acc_gaha, stationary=eye, moving=gaha, is_stationary_onezero=True)
-        nisa.nc_matmul(dst=self.db_ps, stationary=ecol, moving=_mul(g, self.du), is_stationary_onezero=True)
+        # The rest of this state runs inside the next one, after its adjoint scan: Vector has this work
+        # to do while the Tensor and Scalar engines reverse the next g, and the Tensor engine issues the
+        # next state's broadcasts before these matmuls.
+        self.pending = [(g, gah, diag_a, ecol, da_col, first_tile)]
+
+    def _flush(self):
+        """The previous state's dA row sum, its A_n g h a accumulation and its dB (g du) channel sum."""
+        for g, gah, diag_a, ecol, da_col, first_tile in self.pending:
+            nisa.nc_matmul(dst=self.acc_gaha, stationary=diag_a, moving=gah)  # += A_n g h a
+            _row_sum(da_col, _mul(gah, self.dt), first_tile)
+            nisa.nc_matmul(dst=self.db_ps, stationary=ecol, moving=_mul(g, self.du), is_stationary_onezero=True)
+        self.pending = []
 
     def finish(self, db_acc, first_tile):
+        self._flush()
         ctx, b, c0, p, t0, t = self.ctx, self.b, self.c0, self.p, self.t0, self.t
         ddt = _mul(self.u, self.acc_gb)
         nisa.tensor_tensor(dst=ddt, data1=ddt, data2=self.acc_gaha, op=nl.add)
@@ -231,18 +265,22 @@ class _ReverseTile(nl.NKIObject):
 
 
 @nki.jit
-def selective_scan_bwd(dy, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def selective_scan_bwd(dy, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, snaps=None,
+                       y_pre=None):
     """Gradients of `selective_scan_fwd`'s y: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias).
 
     du, ddelta, dz in u's dtype; dA (dim, N), dB, dC (batch, N, L), dD, ddelta_bias (dim,)
     fp32 (sums). dD / dz / ddelta_bias are zeros when D / z / delta_bias are None.
+    `snaps` and `y_pre` (both or neither) are what `selective_scan_fwd(..., save_for_backward=True)`
+    saved; with them pass 1 only reads them instead of running the forward again.
     """
     batch, dim, length = u.shape
     n_states = A.shape[1]
     assert length % PMAX == 0 and n_states <= PMAX
     ctx = {"u": u, "delta": delta, "B": B, "C": C, "D": D, "z": z, "dy": dy, "softplus": delta_softplus,
            "n": n_states, "length": length, "sel": selectors(n_states, PMAX), "rev": reversal(PMAX),
-           "ecol": column_selectors(PMAX, n_states), "eye": identity(PMAX)}
+           "ecol": column_selectors(PMAX, n_states), "eye": identity(PMAX), "snaps": snaps, "y_pre": y_pre}
+    assert (snaps is None) == (y_pre is None)
     ctx["du_out"] = nl.ndarray(u.shape, dtype=u.dtype, buffer=nl.shared_hbm)
     ctx["ddelta_out"] = nl.ndarray(u.shape, dtype=u.dtype, buffer=nl.shared_hbm)
     ctx["dz"] = nl.ndarray(u.shape, dtype=u.dtype, buffer=nl.shared_hbm)
@@ -270,7 +308,10 @@ def selective_scan_bwd(dy, u, delta, A, B, C, D=None, z=None, delta_bias=None, d
                               buffer=nl.sbuf)
             da_b = nl.ndarray((p, n_states + 2), dtype=nl.float32, buffer=nl.sbuf)
             nisa.memset(dst=da_b, value=0.0)
-            _forward_pass(ctx, b, c0, p, snap, da_b[:, n_states:n_states + 1], scratch)
+            if snaps is None:
+                _forward_pass(ctx, b, c0, p, snap, da_b[:, n_states:n_states + 1], scratch)
+            else:
+                _saved_pass(ctx, b, c0, p, snap, da_b[:, n_states:n_states + 1], scratch)
             _reverse_pass(ctx, b, c0, p, snap, da_b, scratch)
             nisa.tensor_tensor(dst=sums, data1=sums, data2=da_b, op=nl.add)
         nisa.dma_copy(dst=da_out[c0:c0 + p, :], src=sums[:, 0:n_states])

@@ -53,12 +53,14 @@ def scan_state(dt, du, a_col, carry_col, sel, n, b_rows, p, t):
     return h, d_a
 
 
-def _tile_output(y, z, d_col, u_t, b, c0, p, t0, t):
-    """y (SBUF accumulator) += D*u, then *= silu(z); stored to HBM (cast by the DMA)."""
+def _tile_output(y, z, d_col, u_t, b, c0, p, t0, t, y_pre_out=None):
+    """y (SBUF accumulator) += D*u (stored to y_pre_out when given), then *= silu(z)."""
     if d_col is not None:
         du_skip = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
         nisa.tensor_scalar(dst=du_skip, data=u_t, op0=nl.multiply, operand0=d_col)
         nisa.tensor_tensor(dst=y, data1=y, data2=du_skip, op=nl.add)
+    if y_pre_out is not None:
+        nisa.dma_copy(dst=y_pre_out[b, c0:c0 + p, t0:t0 + t], src=y)
     if z is not None:
         z_t = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
         nisa.dma_copy(dst=z_t, src=z[b, c0:c0 + p, t0:t0 + t])
@@ -69,17 +71,23 @@ def _tile_output(y, z, d_col, u_t, b, c0, p, t0, t):
 
 @nki.jit
 def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       initial_state=None):
+                       initial_state=None, save_for_backward=False):
     """y (batch, dim, L) in u's dtype, and the last state (batch, dim, N) fp32.
 
     u, delta, z (batch, dim, L); A (dim, N); B, C (batch, N, L); D, delta_bias (dim,);
     initial_state (batch, dim, N) or None. dim any size, L a multiple of 128, N <= 128.
+    With save_for_backward, also the state entering each time tile, (batch, dim, N · tiles)
+    fp32 (tile k in columns k·N .. k·N + N - 1), and y before the gate, (batch, dim, L) fp32:
+    what `selective_scan_bwd` would otherwise recompute in a pass of its own.
     """
     batch, dim, length = u.shape
     n_states = A.shape[1]
     assert length % PMAX == 0 and n_states <= PMAX
     y_out = nl.ndarray((batch, dim, length), dtype=u.dtype, buffer=nl.shared_hbm)
     last = nl.ndarray((batch, dim, n_states), dtype=nl.float32, buffer=nl.shared_hbm)
+    n_tiles = (length + SEQ_TILE - 1) // SEQ_TILE
+    snaps = nl.ndarray((batch, dim, n_states * n_tiles), dtype=nl.float32, buffer=nl.shared_hbm)
+    y_pre = nl.ndarray((batch, dim, length), dtype=nl.float32, buffer=nl.shared_hbm)
     sel = selectors(n_states, PMAX)
     for b in nl.affine_range(batch):
         for c0 in range(0, dim, PMAX):
@@ -93,8 +101,10 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
                 nisa.memset(dst=carry, value=0.0)
             else:
                 nisa.dma_copy(dst=carry, src=initial_state[b, c0:c0 + p, :])
-            for t0 in range(0, length, SEQ_TILE):
+            for k, t0 in enumerate(range(0, length, SEQ_TILE)):
                 t = min(SEQ_TILE, length - t0)
+                if save_for_backward:
+                    nisa.dma_copy(dst=snaps[b, c0:c0 + p, k * n_states:(k + 1) * n_states], src=carry)
                 dt, du, u_t = _time_inputs(delta, u, b, c0, p, t0, t, bias, delta_softplus)
                 b_rows, c_rows = _state_rows(B, b, t0, t), _state_rows(C, b, t0, t)
                 y = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
@@ -107,7 +117,9 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
                         hc = nl.ndarray((p, t), dtype=nl.float32, buffer=nl.sbuf)
                         nisa.tensor_tensor(dst=hc, data1=h, data2=c_bc, op=nl.multiply)
                         nisa.tensor_tensor(dst=y, data1=y, data2=hc, op=nl.add)
-                _tile_output(y, z, d_col, u_t, b, c0, p, t0, t)
+                _tile_output(y, z, d_col, u_t, b, c0, p, t0, t, y_pre if save_for_backward else None)
                 nisa.dma_copy(dst=y_out[b, c0:c0 + p, t0:t0 + t], src=y)
             nisa.dma_copy(dst=last[b, c0:c0 + p, :], src=carry)
+    if save_for_backward:
+        return y_out, last, snaps, y_pre
     return y_out, last

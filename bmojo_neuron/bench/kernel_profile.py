@@ -64,11 +64,13 @@ def profile_kernel(kernel: str, shape: dict[str, Any]) -> dict[str, Any]:
     else:
         n = shape["n1"]
         base = (zeros(b, d, length), zeros(b, d, length), zeros(d, n), zeros(b, n, length), zeros(b, n, length))
+        # as training runs them: the forward saves the tile states and pre-gate y, the backward reads them
         if kernel == "mamba1_fwd":
-            _, prof = simulate(selective_scan_fwd, *base, None, None, None, False, cost_only=True)
+            _, prof = simulate(selective_scan_fwd, *base, None, None, None, False, None, True, cost_only=True)
         else:
+            saved = (zeros(b, d, n * -(-length // 512)), zeros(b, d, length))
             _, prof = simulate(selective_scan_bwd, zeros(b, d, length), *base, zeros(d), zeros(b, d, length),
-                               zeros(d), True, cost_only=True)
+                               zeros(d), True, *saved, cost_only=True)
         dims = f"D={d} N={n}"
     return {"shape": shape["name"], "kernel": kernel, "dims": f"L={length} {dims}", **_times(prof),
             "profile": prof.to_dict()}

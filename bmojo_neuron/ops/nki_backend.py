@@ -93,9 +93,10 @@ class SelectiveScanFn(torch.autograd.Function):
     def forward(ctx, runner, softplus, u, delta, A, B, C, D, z, delta_bias):  # type: ignore[override]
         r = runner
         args = [r.to_kernel(x) for x in (u, delta, A, B, C, D, z, delta_bias)]
-        y, _ = r.call(selective_scan_fwd, *args, softplus, None)
+        y, _, snaps, y_pre = r.call(selective_scan_fwd, *args, softplus, None, True)
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias)
         ctx.runner, ctx.softplus = runner, softplus
+        ctx.kernel_saved = (snaps, y_pre)  # the states entering each time tile and y before the gate
         return r.from_kernel(y, u.dtype, u.device)
 
     @staticmethod
@@ -104,7 +105,7 @@ class SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
         dy = dy.to(u.dtype)
         args = [r.to_kernel(x) for x in (dy, u, delta, A, B, C, D, z, delta_bias)]
-        du, ddelta, dA, dB, dC, dD, dz, dbias = r.call(selective_scan_bwd, *args, ctx.softplus)
+        du, ddelta, dA, dB, dC, dD, dz, dbias = r.call(selective_scan_bwd, *args, ctx.softplus, *ctx.kernel_saved)
         dev = u.device
         grads = [
             r.from_kernel(du, u.dtype, dev), r.from_kernel(ddelta, delta.dtype, dev), r.from_kernel(dA, A.dtype, dev),
