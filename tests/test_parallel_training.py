@@ -83,9 +83,35 @@ def _worker(rank: int, init_file: str, root: str, reference: list[float]) -> Non
         torch.testing.assert_close(_losses(resumed.metrics), reference, rtol=2e-4, atol=0, msg="resumed")
         if rank == 0:
             _assert_same(_final_weights(root_dir / "tp1"), want_weights, "resumed at tp=1")
+        _stop_on_one_rank_stops_all(rank, root_dir / "stop")
         dist.barrier()  # all ranks done before any tears the group down: an early exit can abort a peer
     finally:
         dist.destroy_process_group()
+
+
+def _stop_on_one_rank_stops_all(rank: int, run_dir: Path) -> None:
+    """A stop asked on rank 0 only (a signal reaches ranks at different moments): every rank stops at that step
+    and the sharded checkpoint is written whole."""
+    from bmojo_neuron.checkpoints import layout
+    from bmojo_neuron.training import Trainer
+    from bmojo_neuron.training.backend import open_backend
+
+    recipe = _recipe("parallel.zero1=true")
+    backend = open_backend(recipe)
+    trainer = Trainer(recipe, backend, run_dir, progress=False)
+    step = backend.step
+
+    def step_then_stop_on_rank_0(*args):
+        out = step(*args)
+        if rank == 0:
+            trainer.request_stop()
+        return out
+
+    backend.step = step_then_stop_on_rank_0
+    stopped = trainer.run()
+    assert stopped.step == 1 and stopped.final_dir is None, (rank, stopped.step)
+    dist.barrier()
+    assert layout.latest_checkpoint(run_dir).name == "step-0000001"
 
 
 def test_parallel_training_equals_one_process(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,16 @@ def last_checkpoint_text(run_dir: Path) -> str:
     return f"its latest checkpoint is {latest}" if latest else f"{run_dir} has no checkpoint yet"
 
 
+def stopped(name: str, run_dir: Path, result: Any, main: bool) -> int:
+    """A run a signal ended early: say where it saved and exit with the signal's status (143, 130)."""
+    from bmojo_neuron.training.signals import exit_status
+
+    if main:
+        print(f"{name} stopped by {signal.Signals(result.stop_signal).name} after step {result.step}; "
+              f"{last_checkpoint_text(run_dir)}: continue with --resume", file=sys.stderr, flush=True)
+    return exit_status(result.stop_signal)
+
+
 def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: Any, main: bool) -> int:
     from bmojo_neuron.recipes import count_parameters
     from bmojo_neuron.training import train
@@ -238,6 +249,8 @@ def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: An
             raise ValueError(f"disk full: {full.strerror} while writing {run_dir}; {last_checkpoint_text(run_dir)} "
                              "(a checkpoint is written whole or not at all): free some space, then continue with "
                              "--resume") from None
+        if result.stop_signal is not None:
+            return stopped(variant.run.name, run_dir, result, main)
         rows.append(summary_row(variant, result))
         if main:
             print(f"{variant.run.name}: done in {format_seconds(result.seconds)}; final export in {result.final_dir}",

@@ -80,6 +80,9 @@ class Backend(Protocol):
     def parameter_count(self, model: nn.Module) -> int:
         """Parameters of the whole model (every shard and stage), a tied head counted once."""
 
+    def agree_to_stop(self, requested: bool) -> bool:
+        """True on every process when any asked to stop (a signal reaches ranks at different moments)."""
+
     def barrier(self, tag: str) -> None:
         """Wait for every process of the run (`tag` names the meeting point where the runtime uses one)."""
 

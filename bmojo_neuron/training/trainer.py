@@ -10,8 +10,9 @@ Determinism: the model is initialised under ``run.seed`` and the batches follow
 `data_order.DataOrder`, so checkpoints (model, optimizer, scheduler, RNG states and
 the data position) make a resumed run reproduce the uninterrupted one; on CPU bitwise.
 
-Stopping early: `stop_after` steps, or `Trainer.request_stop()` (a signal handler may
-call it) ends the run at the next step boundary with a checkpoint and no export.
+Stopping early: `stop_after` steps, or `Trainer.request_stop()` (what SIGTERM and SIGINT
+call, `signals.stop_on_signals`) ends the run at the next step boundary with a
+checkpoint and no export; every process of a parallel run stops at the same step.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .data_order import position_after
 from .metrics import MetricsLogger, RecordsOnly, plot_training
 from .optim import build_scheduler
 from .progress import Progress
+from .signals import stop_on_signals
 
 PLOT_FILE = "training.png"
 LENGTH_FILE = "length_eval.json"
@@ -53,6 +55,7 @@ class TrainResult:
     length_eval: list[LengthResult] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    stop_signal: int | None = None  # the signal that stopped the run early, if one did
 
 
 def train(
@@ -75,7 +78,8 @@ def train(
     backend = open_backend(recipe)
     try:
         trainer = Trainer(recipe, backend, Path(output_dir or recipe.run.output_dir), progress)
-        return trainer.run(resume, stop_after, datasets, started)
+        with stop_on_signals(trainer, announce=backend.is_main):
+            return trainer.run(resume, stop_after, datasets, started)
     finally:
         backend.close()
 
@@ -88,6 +92,7 @@ class Trainer:
         self.recipe_dict = recipe.record()
         self.progress = progress and backend.is_main
         self.stop_requested = False
+        self.stop_signal: int | None = None
 
     def request_stop(self) -> None:
         """End the run at the next step boundary: checkpoint, no export (safe from a signal handler)."""
@@ -154,7 +159,7 @@ class Trainer:
             window.add(record)
 
             last = state.step == t.steps
-            stop = self.stop_requested or (stop_after is not None and state.step >= stop_after)
+            stop = be.agree_to_stop(self.stop_requested) or (stop_after is not None and state.step >= stop_after)
             save_now = last or stop or state.step % c.every == 0
             eval_now = last or state.step % e.every == 0
             log_now = state.step % t.log_every == 0 or save_now
@@ -173,7 +178,7 @@ class Trainer:
                 bar.close()
                 logger.close()
                 return TrainResult(self.run_dir, params, state.step, metrics=logger.records,
-                                   seconds=time.perf_counter() - started)
+                                   seconds=time.perf_counter() - started, stop_signal=self.stop_signal)
         bar.close()
 
         # ---------------------------------------------------------------- finish: final eval, plots, export

@@ -138,6 +138,9 @@ class LocalBackend:
                metrics: dict[str, Any]) -> Path:
         return export_final(run_dir, model, recipe, tokenizer, metrics)
 
+    def agree_to_stop(self, requested: bool) -> bool:
+        return requested
+
     def barrier(self, tag: str) -> None:
         pass
 

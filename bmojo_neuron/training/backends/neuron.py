@@ -250,6 +250,15 @@ class NeuronBackend:
         self.rt.barrier("export-done")
         return run_dir / FINAL
 
+    def agree_to_stop(self, requested: bool) -> bool:
+        """Whether to stop, as this process asked; ranks are not polled (docs/trn1.md, Stopping a run).
+
+        Polling every rank is a host round trip per step, which the step graphs are built to
+        avoid; the ranks of one job get a scheduler's SIGTERM together, and a rank that stops
+        one step apart from the others waits in the save's rendezvous until the grace period ends.
+        """
+        return requested
+
     def barrier(self, tag: str) -> None:
         self.rt.barrier(tag)
 

@@ -258,6 +258,12 @@ class TorchrunBackend(LocalBackend):
             dist.all_reduce(x, group=self.groups.pp)
         return x
 
+    def agree_to_stop(self, requested: bool) -> bool:
+        """One tiny all-reduce per step: ranks must all save at the same step, or the save waits forever."""
+        flag = torch.tensor([int(requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def barrier(self, tag: str = "") -> None:
         dist.barrier()
 

@@ -1,0 +1,59 @@
+"""SIGTERM and SIGINT end a training run at a step boundary with a checkpoint, instead of losing it.
+
+Schedulers stop jobs with SIGTERM and then, after a grace period, SIGKILL: Slurm's
+``scancel`` and preemption, Kubernetes deleting a pod, torchrun passing on its own
+SIGTERM to every worker. Ctrl-C sends SIGINT. While `stop_on_signals` is active the
+first of either asks the trainer to stop (`Trainer.request_stop`): the current step
+finishes, a checkpoint is written and the run returns early, and the command exits
+with the signal's conventional status (128 + signal number: 143, 130). A second
+signal exits at once, with the default action of that signal; the last published
+checkpoint is intact either way (checkpoints are published atomically).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from typing import Any, Iterator
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Any, announce: bool = True) -> Iterator[None]:
+    """Route SIGTERM / SIGINT to ``trainer.request_stop()`` for the duration of the block.
+
+    Signal handlers can only be set from the main thread; elsewhere (a trainer driven
+    from a worker thread) the block runs with the handlers it found.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
+    def handle(signum: int, _frame: Any) -> None:
+        if trainer.stop_signal is not None:  # the second one: leave now
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        trainer.stop_signal = signum
+        trainer.request_stop()
+        if announce:
+            print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+                  "(send it again to exit at once)", file=sys.stderr, flush=True)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handle)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def exit_status(signum: int) -> int:
+    """The shell's status for a process ended by `signum` (SIGTERM 143, SIGINT 130)."""
+    return 128 + signum

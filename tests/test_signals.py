@@ -1,0 +1,100 @@
+"""SIGTERM / SIGINT during `bmojo-neuron train`: the step finishes, a checkpoint is written, the status says why."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_training import TINY_RECIPE, tiny_recipe, train_losses
+
+from bmojo_neuron.checkpoints import layout
+from bmojo_neuron.training import train
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 12
+# The child announces each step on stdout and can be slowed down, so the test knows when to signal.
+CHILD = """
+import sys, time
+from bmojo_neuron import cli
+from bmojo_neuron.training.backends.local import LocalBackend
+step, pause = LocalBackend.step, float(sys.argv[3])
+def announced(self, *args):
+    out = step(self, *args)
+    print("step done", flush=True)
+    time.sleep(pause)
+    return out
+LocalBackend.step = announced
+sys.exit(cli.main(["train", "--recipe", sys.argv[1], "--output-dir", sys.argv[2], "--no-progress"]))
+"""
+
+
+def recipe_overrides() -> dict:
+    return {"train.steps": STEPS, "checkpoint.every": 100, "eval.every": 100, "run.threads": 1}
+
+
+def write_recipe(path: Path) -> Path:
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["train"]["steps"], recipe["checkpoint"]["every"], recipe["eval"]["every"] = STEPS, 100, 100
+    recipe["run"]["threads"] = 1
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    return path
+
+
+def start(tmp_path: Path, pause: float) -> tuple[subprocess.Popen, Path]:
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(write_recipe(tmp_path / "tiny.yaml")), str(run_dir),
+                              str(pause)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    return child, run_dir
+
+
+def wait_for_steps(child: subprocess.Popen, count: int) -> None:
+    for _ in range(count):
+        line = child.stdout.readline()
+        assert line, f"the run ended early: {child.stderr.read()}"
+        while "step done" not in line:
+            line = child.stdout.readline()
+            assert line, f"the run ended early: {child.stderr.read()}"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return train(tiny_recipe(**recipe_overrides()), tmp_path_factory.mktemp("uninterrupted"), progress=False)
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_saves_at_the_step_boundary_and_the_resume_is_the_uninterrupted_run(
+        uninterrupted, tmp_path, signum, status):
+    child, run_dir = start(tmp_path, pause=0.2)
+    wait_for_steps(child, 2)
+    child.send_signal(signum)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == status, err
+    name = signal.Signals(signum).name
+    assert f"received {name}: finishing this step" in err
+    stopped_at = layout.latest_checkpoint(run_dir)
+    assert stopped_at is not None and f"stopped by {name} after step" in err and str(stopped_at) in err
+    step = int(stopped_at.name.split("-")[1])
+    assert 2 <= step < STEPS and not (run_dir / layout.FINAL).exists()
+    resumed = train(tiny_recipe(**recipe_overrides()), run_dir, resume=True, progress=False)
+    assert train_losses(resumed.metrics) == train_losses(uninterrupted.metrics)  # bitwise
+
+
+def test_a_second_signal_exits_at_once_and_leaves_no_partial_checkpoint(tmp_path):
+    child, run_dir = start(tmp_path, pause=30.0)  # a step that would take 30 s to finish
+    wait_for_steps(child, 1)
+    child.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    started = time.monotonic()
+    child.send_signal(signal.SIGTERM)
+    child.communicate(timeout=20)
+    assert time.monotonic() - started < 10
+    assert child.returncode == -signal.SIGTERM  # the default action: ended by the signal itself
+    assert layout.latest_checkpoint(run_dir) is None  # nothing half-written counts as a checkpoint
