@@ -182,3 +182,35 @@ def test_busy_times_bmojo_with_and_without_the_load(tmp_path):
     assert target["threshold"] == 1.5 and target["value"] == pytest.approx(row["busy_over_quiet"], rel=1e-3)
     with pytest.raises(ProcessLookupError):  # the load is gone once the suite is done
         os.kill(load["pid"], 0)
+
+
+def test_round_robin_times_with_the_clock_it_is_given():
+    from bmojo_neuron.bench import harness
+
+    ticks = iter(range(100))
+    timings = harness.round_robin({"a": lambda: None, "b": lambda: None}, warmup=1, repeats=2,
+                                  clock=lambda: 10.0 * next(ticks))
+    assert timings["a"].times == [10.0, 10.0] and timings["b"].times == [10.0, 10.0]  # one tick per run
+    assert set(harness.CLOCKS) == {"wall", "cpu"}
+
+
+def test_cpu_clock_excludes_time_spent_waiting(tmp_path):
+    import time
+
+    from bmojo_neuron.bench import harness
+
+    timings = harness.round_robin({"sleep": lambda: time.sleep(0.05)}, warmup=0, repeats=1,
+                                  clock=harness.CLOCKS["cpu"])
+    assert timings["sleep"].times[0] < 0.02  # asleep is not working
+    report = run_bench(tmp_path, "train-step", *FAST, "--lengths", "32", "--candidates", "swa-only",
+                       "--clock", "cpu", "--threads", "1")
+    assert report["settings"]["clock"] == "cpu" and report["results"][0]["status"] == "ok"
+
+
+@pytest.mark.parametrize(("extra", "message"), [(["--threads", "2"], "needs --threads 1"),
+                                                (["--threads", "1", "--busy"], "wall-clock slowdown")])
+def test_cpu_clock_refuses_what_it_cannot_time(tmp_path, capsys, extra, message):
+    args = ["bench", "train-step", *FAST, "--clock", "cpu", *extra, "--json", str(tmp_path / "x.json")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --clock cpu") and message in err

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import bmojo_neuron.ops.reference.selective_scan  # noqa: F401
 from bmojo_neuron.ops.reference.selective_scan import selective_scan, selective_state_update
+import bmojo_neuron.ops.reference.ssd as ssd_module
 from bmojo_neuron.ops.reference.ssd import ssd_scan, ssd_state_update
 
 F64 = torch.float64
@@ -305,3 +306,32 @@ def test_ssd_gradcheck():
         return ssd_scan(x, dt, A, B, C, 3, D=D, dt_bias=dt_bias, initial_state=h0, return_final_state=True)
 
     assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("per_slice", [1, 2, 3])
+def test_ssd_in_slices_of_chunks_matches_recurrence_and_gradcheck(monkeypatch, per_slice):
+    """Chunks taken a few at a time (the carried state links the slices): same outputs, state and gradients."""
+    monkeypatch.setattr(ssd_module, "chunks_per_slice", lambda *shape: per_slice)
+    inp = ssd_inputs(length=37, groups=2, seed=20 + per_slice)  # 5 chunks of 8, the last padded
+    args = (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"])
+    kw = dict(D=inp["D"], dt_bias=inp["dt_bias"])
+    y, final = ssd_scan(*args, 8, **kw, initial_state=inp["initial_state"], return_final_state=True)
+    y_rec, final_rec = naive_ssd(*args, **kw, h0=inp["initial_state"])
+    torch.testing.assert_close(y, y_rec, atol=TOL, rtol=0)
+    torch.testing.assert_close(final, final_rec, atol=TOL, rtol=0)
+
+    small = ssd_inputs(batch=1, length=7, heads=2, head_dim=2, groups=1, n=2, seed=13)
+    names = ["x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state"]
+    tensors = [small[k].clone().requires_grad_() for k in names]
+
+    def fn(x, dt, A, B, C, D, dt_bias, h0):
+        return ssd_scan(x, dt, A, B, C, 2, D=D, dt_bias=dt_bias, initial_state=h0, return_final_state=True)
+
+    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-7)
+
+
+def test_ssd_slices_keep_chunk_by_chunk_tensors_within_budget():
+    """The slice size follows the (chunk x chunk x heads) tensor size, at least one chunk."""
+    per_chunk = 4 * 128 * 128 * 8 * 4  # batch 4, chunk 128, 8 heads, fp32
+    assert ssd_module.chunks_per_slice(4, 128, 8, 4) == max(1, ssd_module.SLICE_BYTES // per_chunk)
+    assert ssd_module.chunks_per_slice(64, 256, 64, 8) == 1

@@ -47,6 +47,7 @@ class Settings:
     budget_seconds: float | None = None  # whole-suite budget; cells past it are skipped
     probe: bool = True  # probe each candidate in a separate process (cap + memory); False: in-process
     busy: bool = False  # run a fixed background load on one core while timing (harness.BusyLoad)
+    clock: str = "wall"  # harness.CLOCKS: wall, or this process's CPU time (one thread)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -400,7 +401,7 @@ def _cells(s: Settings, report: dict[str, Any], log: Log, cache: dict[str, Any],
             runs[QUIET_TOO + QUIET] = load.paused(units[QUIET_TOO].run)
         timings = harness.round_robin(runs, s.warmup, s.repeats, s.device,
                                       cap_seconds=s.cap_seconds, budget_seconds=s.cap_seconds,
-                                      deadline=s.extra["deadline"])
+                                      deadline=s.extra["deadline"], clock=harness.CLOCKS[s.clock])
         quiet = timings.pop(QUIET_TOO + QUIET, None)
         for name, t in timings.items():
             p = probes[name]

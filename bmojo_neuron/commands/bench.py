@@ -70,11 +70,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--busy", action="store_true",
                         help="run a fixed background load (one single-threaded busy loop pinned to one core) while "
                              "timing; B'MOJO is also timed with the load paused, and busy / quiet becomes a target")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="time the timed runs by wall clock (default) or by this process's CPU time; cpu needs "
+                             "--threads 1 and the CPU, and does not count waiting for a core on a shared machine")
     parser.add_argument("--check", action="store_true",
                         help="exit with status 1 when any target is missed (a capped or failed B'MOJO misses its "
                              "targets)")
     parser.add_argument("--toy", action="store_true", help="tiny sizes (tests, CI): checks the plumbing, not speed")
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
+
+
+def _check_clock(args: argparse.Namespace, threads: int) -> None:
+    """`--clock cpu` is one thread's CPU time: refuse where that is not the time of a step."""
+    if args.clock != "cpu":
+        return
+    if args.device != "cpu":
+        raise ValueError(f"--clock cpu: times CPU work, not {args.device}; use --clock wall")
+    if threads != 1:
+        raise ValueError(f"--clock cpu: needs --threads 1 (torch uses {threads}; CPU time would add up the threads)")
+    if args.busy:
+        raise ValueError("--clock cpu with --busy: busy / quiet is a wall-clock slowdown; use --clock wall")
 
 
 @register_command("bench", help="benchmark speed and memory against Hugging Face baselines (JSON + PNG)",
@@ -95,13 +110,15 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     set_cpu_threads(args.threads)
+    _check_clock(args, torch.get_num_threads())
     json_path = args.json_path or f"bench-{args.suite}.json"
     plot_path = args.plot_path or os.path.splitext(json_path)[0] + ".png"
     settings = Settings(suite=args.suite, lengths=args.lengths, repeats=args.repeats, warmup=args.warmup,
                         cap_seconds=args.cap_seconds, budget_seconds=args.budget_seconds, batch=args.batch,
                         candidates=args.candidates, toy=args.toy,
                         d_model=args.d_model, layers=args.layers, window=args.window, vocab_size=args.vocab_size,
-                        device=args.device, seed=args.seed, probe=not args.no_probe, busy=args.busy)
+                        device=args.device, seed=args.seed, probe=not args.no_probe, busy=args.busy,
+                        clock=args.clock)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     report = run_suite(settings, log=log)
     report["plot"] = os.path.abspath(plot_path)

@@ -11,6 +11,11 @@ is a semi-separable matrix, so it is computed in chunks (state space duality,
 * across chunks, each chunk's end state is carried to the next by a short loop over
   chunks (``L / chunk_size`` steps), which is exact and never forms a global cumsum.
 
+The chunks are processed a slice at a time (`chunks_per_slice`), carrying the state
+between slices: the per-chunk (chunk x chunk) tensors are linear in L in total, but
+formed for the whole sequence at once they fall out of the CPU caches at long L and the
+time per token grows with L; a slice's stay cache-resident.
+
 Layouts follow mamba_ssm's `mamba_chunk_scan_combined`: time before heads.
 """
 
@@ -21,6 +26,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["ssd_scan", "ssd_state_update"]
+
+# Bytes of one (chunk x chunk x heads) tensor per slice of chunks: small enough that the
+# few such tensors of a slice stay in a CPU's L2/L3 cache, large enough to amortise
+# per-op overhead.
+SLICE_BYTES = 1 << 21
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,8 +95,44 @@ def ssd_scan(
     Cc = C_f.reshape(batch, n_chunks, T, groups, state_size)
     cs = torch.cumsum(dtc * A.to(ct).reshape(groups, hpg), dim=2)  # in-chunk cumsum of dt*A
 
+    if initial_state is not None:
+        h = initial_state.to(ct).reshape(batch, groups, hpg, head_dim, state_size)
+    else:
+        h = x_f.new_zeros(batch, groups, hpg, head_dim, state_size)
+    # The chunks are taken a slice at a time so that the (chunk x chunk) decay and score
+    # tensors of a slice stay cache-resident; the carried state h links the slices.
+    step = chunks_per_slice(batch, T, heads, x_f.element_size())
+    # split(), not slicing: its backward concatenates the slices' gradients once, where
+    # each slice's backward would write into a zero tensor of the whole sequence.
+    ys = []
+    for parts in zip(*(t.split(step, dim=1) for t in (xc, dtc, Bc, Cc, cs))):
+        y_part, h = _scan_slice(*parts, h)
+        ys.append(y_part)
+    y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+
+    y = y.reshape(batch, n_chunks * T, heads, head_dim)[:, :length]
+    if D is not None:
+        y = y + D.to(ct)[:, None] * x_f[:, :length]
+    y = y.to(x.dtype)
+    if not return_final_state:
+        return y
+    return y, h.reshape(batch, heads, head_dim, state_size)
+
+
+def chunks_per_slice(batch: int, chunk_size: int, heads: int, itemsize: int) -> int:
+    """How many chunks one slice of `ssd_scan` takes: their (chunk x chunk) tensors fit `SLICE_BYTES`."""
+    per_chunk = batch * chunk_size * chunk_size * heads * itemsize
+    return max(1, SLICE_BYTES // per_chunk)
+
+
+def _scan_slice(xc: Tensor, dtc: Tensor, Bc: Tensor, Cc: Tensor, cs: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """Outputs of consecutive chunks entered with state `h`, and the state after the last.
+
+    xc (b, c, T, g, h, P); dtc, cs (b, c, T, g, h); Bc, Cc (b, c, T, g, N); h (b, g, h, P, N).
+    """
+    T = xc.shape[2]
     # 1) Intra-chunk outputs: y_i = sum_{j<=i} (C_i . B_j) exp(cs_i - cs_j) dt_j x_j.
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    causal = torch.ones(T, T, dtype=torch.bool, device=xc.device).tril()
     seg = cs.unsqueeze(3) - cs.unsqueeze(2)  # (b, c, i, j, g, h)
     decay = torch.exp(seg.masked_fill(~causal[:, :, None, None], float("-inf")))
     # dt is folded into x (size L*H*P) rather than into the (T x T) scores: one fewer
@@ -100,28 +146,16 @@ def ssd_scan(
     chunk_states = torch.einsum("bcjgn,bcjgh,bcjghp->bcghpn", Bc, to_end, x_dt)
     chunk_decay = torch.exp(cs[:, :, -1])  # (b, c, g, h)
 
-    # 3) Carry states across chunks (exact, L / chunk_size steps).
-    if initial_state is not None:
-        h = initial_state.to(ct).reshape(batch, groups, hpg, head_dim, state_size)
-    else:
-        h = x_f.new_zeros(batch, groups, hpg, head_dim, state_size)
+    # 3) Carry states across chunks (exact, one step per chunk).
     starts = []
     for s_c, a_c in zip(chunk_states.unbind(1), chunk_decay.unbind(1)):
         starts.append(h)
         h = a_c[..., None, None] * h + s_c
-    if starts:
-        start_states = torch.stack(starts, dim=1)  # state entering each chunk
+    start_states = torch.stack(starts, dim=1)  # state entering each chunk
 
-        # 4) Contribution of the entering state: C_i . (exp(cs_i) h_start).
-        y = y + torch.einsum("bcign,bcghpn,bcigh->bcighp", Cc, start_states, torch.exp(cs))
-
-    y = y.reshape(batch, n_chunks * T, heads, head_dim)[:, :length]
-    if D is not None:
-        y = y + D.to(ct)[:, None] * x_f[:, :length]
-    y = y.to(x.dtype)
-    if not return_final_state:
-        return y
-    return y, h.reshape(batch, heads, head_dim, state_size)
+    # 4) Contribution of the entering state: C_i . (exp(cs_i) h_start).
+    y = y + torch.einsum("bcign,bcghpn,bcigh->bcighp", Cc, start_states, torch.exp(cs))
+    return y, h
 
 
 def ssd_state_update(
