@@ -203,6 +203,11 @@ class BMojoConfig(PretrainedConfig):
     def layer_kind(self, layer_idx: int) -> str:
         return self.layer_pattern[layer_idx]
 
+    def ssm_layers(self) -> list[int]:
+        """Indices of the layers that build an SSM: M, F with a fading window, B with fading or memory."""
+        builds = {"M": True, "F": self.fading_window > 0, "B": self.fading_window > 0 or self.memory_size > 0}
+        return [i for i, kind in enumerate(self.layer_pattern) if builds.get(kind, False)]
+
     def uses_ssm(self) -> bool:
         return any(kind in "BFM" for kind in self.layer_pattern)
 
@@ -338,6 +343,9 @@ def check_rope_scaling(params: Any) -> str | None:
     missing = [key for key in ROPE_TYPES[rope_type] if not isinstance(params.get(key), (int, float))]
     if missing:
         return f"({rope_type}) needs numeric {', '.join(missing)}"
+    unknown = sorted(set(params) - {"rope_type", *ROPE_TYPES[rope_type]})
+    if unknown:  # e.g. a rope_theta here would silently disagree with the rope_theta field
+        return f"({rope_type}) has keys it does not use: {', '.join(unknown)}"
     if rope_type != "default" and params["factor"] <= 0:
         return f"has factor {params['factor']}; must be > 0"
     if rope_type == "llama3" and not 0 < params["low_freq_factor"] < params["high_freq_factor"]:

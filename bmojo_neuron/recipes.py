@@ -186,6 +186,30 @@ class ParallelSection:
 
 
 @dataclass
+class InitSection:
+    """Where a new run's weights come from. ``weights: null`` initialises at random (``run.seed``)."""
+
+    weights: str | None = None  # a primed folder (`bmojo-neuron prime`), an export, a checkpoint or a run directory
+
+    def check(self) -> None:
+        _require(self.weights is None or bool(self.weights), "init.weights", "must not be empty (null: random init)")
+
+
+@dataclass
+class DistillSection:
+    """Present: the run distils (docs/priming.md): only the new paths train, against the model's own attention."""
+
+    hidden_weight: float = 1.0  # layer-by-layer hidden-state MSE
+    kl_weight: float = 0.0  # KL of the next-token distributions to the teacher's
+    kl_temperature: float = 1.0
+
+    def check(self) -> None:
+        _require(self.hidden_weight >= 0 and self.kl_weight >= 0 and self.hidden_weight + self.kl_weight > 0,
+                 "distill.hidden_weight", "and distill.kl_weight must be >= 0, not both 0")
+        _require(self.kl_temperature > 0, "distill.kl_temperature", f"is {self.kl_temperature}; must be > 0")
+
+
+@dataclass
 class Variant:
     """A named set of dotted overrides: the `compare:` baseline or one `suite:` entry."""
 
@@ -204,9 +228,12 @@ SECTIONS: dict[str, type] = {
     "compare": Variant,
     "suite": list,
     "parallel": ParallelSection,
+    "init": InitSection,
+    "distill": DistillSection,
 }
 DATA_SECTIONS: dict[str, type] = {"mqar": MqarDataSection, "text": TextDataSection}
-OVERRIDABLE = ("run", "model", "data", "optim", "train", "eval", "checkpoint", "parallel", "compare")
+OVERRIDABLE = ("run", "model", "data", "optim", "train", "eval", "checkpoint", "parallel", "init", "distill",
+               "compare")
 SWITCHABLE = ("compare", "suite")  # ``compare=none`` / ``suite=none`` (also null, ~, false, off) drops the section
 
 
@@ -223,6 +250,8 @@ class Recipe:
     eval: EvalSection
     checkpoint: CheckpointSection
     parallel: ParallelSection
+    init: InitSection = field(default_factory=InitSection)
+    distill: DistillSection | None = None  # None: the causal-LM objective
     compare: Variant | None = None
     suite: list[Variant] = field(default_factory=list)
     source: str | None = field(default=None, compare=False)
@@ -236,9 +265,11 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         """All keys with defaults resolved; `Recipe.from_dict(r.to_dict())` gives the same recipe."""
         out: dict[str, Any] = {}
-        for name in ("run", "model", "data", "optim", "train", "eval", "checkpoint", "parallel"):
+        for name in ("run", "model", "data", "optim", "train", "eval", "checkpoint", "parallel", "init"):
             value = getattr(self, name)
             out[name] = dict(value) if isinstance(value, dict) else dataclasses.asdict(value)
+        if self.distill is not None:
+            out["distill"] = dataclasses.asdict(self.distill)
         if self.compare is not None:
             out["compare"] = dataclasses.asdict(self.compare)
         if self.suite:
@@ -251,7 +282,7 @@ class Recipe:
 
     def model_config(self) -> Any:
         """The `BMojoConfig` of this recipe (vocab_size filled from the data when the model omits it)."""
-        return _model_config(self.model, self.data)
+        return _model_config(self.model, self.data, self.init)
 
     def variants(self) -> list[Variant]:
         """The suite entries, or (name, no overrides) for this recipe alone."""
@@ -264,9 +295,9 @@ class Recipe:
         only to catch later edits, before any data or weights are built.
         """
         _choice("data.kind", self.data.kind, DATA_KINDS)
-        for name in ("run", "data", "optim", "train", "eval", "checkpoint", "parallel"):
+        for name in ("run", "data", "optim", "train", "eval", "checkpoint", "parallel", "init", "distill"):
             section = getattr(self, name)
-            if isinstance(section, dict):
+            if isinstance(section, dict) or section is None:
                 continue
             hints = typing.get_type_hints(type(section))
             for f in dataclasses.fields(section):
@@ -282,7 +313,8 @@ class Recipe:
 # Recipe keys that may differ between a checkpoint and the run resuming it (dotted prefixes).
 RESUMABLE_CHANGES = ("run.name", "run.output_dir", "run.device", "train.steps", "train.log_every",
                      "train.precision", "train.activation_checkpointing", "eval.", "checkpoint.",
-                     "data.cache_dir", "compare", "suite", "parallel.")  # parallel: checked on load
+                     "data.cache_dir", "compare", "suite", "parallel.",  # parallel: checked on load
+                     "init.")  # a resumed run continues from its checkpoint, not from init.weights
 
 
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -409,7 +441,8 @@ def _build_recipe(raw: dict[str, Any], source: str | None, check_variants: bool 
     if run.output_dir is None:
         run.output_dir = str(Path("runs") / run.name)
     data = _data_section(raw.get("data"), run)
-    model = _model_section(raw.get("model"), data)
+    init = _section(InitSection, "init", raw.get("init"))
+    model = _model_section(raw.get("model"), data, init)
     recipe = Recipe(
         run=run,
         model=model,
@@ -419,11 +452,15 @@ def _build_recipe(raw: dict[str, Any], source: str | None, check_variants: bool 
         eval=_section(EvalSection, "eval", raw.get("eval")),
         checkpoint=_section(CheckpointSection, "checkpoint", raw.get("checkpoint")),
         parallel=_section(ParallelSection, "parallel", raw.get("parallel")),
+        init=init,
+        distill=_section(DistillSection, "distill", raw["distill"]) if raw.get("distill") is not None else None,
         compare=_variant("compare", raw["compare"]) if raw.get("compare") is not None else None,
         suite=[_variant(f"suite[{i}]", item) for i, item in enumerate(raw.get("suite") or [])],
         source=source,
         raw=raw,
     )
+    if recipe.distill is not None:
+        _check_distill(recipe)
     if check_variants:
         _check_variants(recipe)
     return recipe
@@ -454,23 +491,23 @@ def _data_section(values: Mapping[str, Any] | None, run: RunSection) -> MqarData
     return section
 
 
-def _model_section(values: Mapping[str, Any] | None, data: Any) -> dict[str, Any]:
+def _model_section(values: Mapping[str, Any] | None, data: Any, init: InitSection | None = None) -> dict[str, Any]:
     model = dict(values or {})
     hints = _config_fields()
     for key, value in model.items():
         if key not in hints:
             raise ValueError(f"recipe key model.{key}: unknown BMojoConfig field; valid fields: {', '.join(hints)}")
         _check_type(f"model.{key}", value, hints[key])  # checked, kept as written (an int stays an int)
-    config = _model_config(model, data)
+    config = _model_config(model, data, init)
     if isinstance(data, MqarDataSection) and config.vocab_size < data.vocab_size:
         _fail("model.vocab_size", f"is {config.vocab_size}, smaller than data.vocab_size ({data.vocab_size})")
     return model
 
 
-def _model_config(model: Mapping[str, Any], data: Any) -> Any:
+def _model_config(model: Mapping[str, Any], data: Any, init: InitSection | None = None) -> Any:
     from bmojo_neuron import BMojoConfig
 
-    fields = dict(model)
+    fields = {**_init_config_fields(init), **model}
     if "vocab_size" not in fields:
         if isinstance(data, MqarDataSection):
             fields["vocab_size"] = data.vocab_size
@@ -485,6 +522,34 @@ def _model_config(model: Mapping[str, Any], data: Any) -> Any:
         raise ValueError(f"recipe key model: {err}") from None
     except TypeError as err:
         raise ValueError(f"recipe key model: {err}") from None
+
+
+def _init_config_fields(init: InitSection | None) -> dict[str, Any]:
+    """The model fields of ``init.weights``' config, which the model section then overrides.
+
+    A folder that does not exist (yet) contributes nothing: the model section must then
+    describe the model, and training checks the folder when it loads the weights.
+    """
+    if init is None or not init.weights:
+        return {}
+    folder = _model_folder(Path(init.weights).expanduser())
+    if folder is None:
+        return {}
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") != "bmojo":
+        _fail("init.weights", f"{folder} holds a {config.get('model_type')!r} model, not a B'MOJO one; "
+                              "start from it with `bmojo-neuron prime` first")
+    valid = set(_config_fields())
+    return {key: value for key, value in config.items() if key in valid}
+
+
+def _model_folder(path: Path) -> Path | None:
+    """The folder holding the model config behind `path`: itself (an export, a primed folder, a checkpoint), a
+    run directory's ``final/``, or the checkpoint its ``latest`` file names (docs/training.md's run layout)."""
+    candidates = [path, path / "final"]
+    if (path / "latest").is_file():
+        candidates.append(path / (path / "latest").read_text().strip())
+    return next((c for c in candidates if (c / "config.json").is_file()), None)
 
 
 def _config_fields() -> dict[str, Any]:
@@ -503,6 +568,23 @@ def _variant(name: str, values: Any) -> Variant:
     if "name" not in values:
         raise ValueError(f"recipe key {name}.name: missing; every compare/suite entry needs a name")
     return _section(Variant, name, values)
+
+
+def _check_distill(recipe: Recipe) -> None:
+    """A distillation (`bmojo_neuron.priming.distill`) needs a primed model to start from, a B or F layer with
+    an SSM to distil, no M layer (it keeps no attention to act as its teacher), and no pipeline or sequence split."""
+    _require(bool(recipe.init.weights), "init.weights",
+             "must name the primed model a distill run starts from (bmojo-neuron prime writes it)")
+    _require(recipe.parallel.pp == 1, "parallel.pp", "must be 1 with distill: the teacher pass runs every layer")
+    _require(not recipe.parallel.sp, "parallel.sp", "must be false with distill (the layer losses need whole sequences)")
+    config = recipe.model_config()
+    pattern = config.layer_pattern
+    _require("M" not in pattern, "model.layer_pattern",
+             f"is {pattern!r}; an M layer keeps no attention weights, so the model holds no teacher for it "
+             "(distil B or F layers)")
+    _require(bool(config.ssm_layers()), "model.layer_pattern",
+             f"is {pattern!r} (fading_window {config.fading_window}, memory_size {config.memory_size}): "
+             "no B or F layer with an SSM to distil")
 
 
 def _check_variants(recipe: Recipe) -> None:

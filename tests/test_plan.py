@@ -20,6 +20,8 @@ LADDER = {
     "trn1/bmojo-790m": ["train.batch_size=64", "model.ssm_n_groups=2"],
     "trn1/bmojo-1.4b": ["train.batch_size=16", "model.ssm_n_groups=4"],
 }
+# Hybrids primed from ~1B transformers (docs/priming.md), at the recipes' own degrees.
+PRIMING = ["trn1/prime-llama-3.2-1b-distill", "trn1/prime-llama-3.2-1b-finetune", "trn1/prime-qwen3-0.6b-distill"]
 SMALL = ["model.num_hidden_layers=2", "model.layer_pattern=BB"]
 
 
@@ -172,11 +174,24 @@ def test_ladder_plans_on_one_trn1_32xlarge(name):
     assert "decoder layers 0-" in plan.format()
 
 
-def test_every_trn1_recipe_is_in_the_ladder():
+def test_every_trn1_recipe_is_in_the_ladder_or_priming():
     from bmojo_neuron.recipes import repository_root
 
     files = {f"trn1/{p.stem}" for p in (repository_root() / "recipes" / "trn1").glob("*.yaml")}
-    assert files == set(LADDER)
+    assert files == set(LADDER) | set(PRIMING)
+
+
+@pytest.mark.parametrize("name", PRIMING)
+def test_priming_plans_on_one_trn1_32xlarge(name):
+    """A distillation gives gradients and optimizer states to the new paths only; a fine-tune to everything."""
+    r = recipe(name)
+    plan = build_plan(r, name, nodes=1)
+    stage = plan.memory.peak
+    assert plan.world == 32 and plan.memory.total <= 16 * GIB
+    distilling = r.distill is not None
+    assert (stage.trainable < stage.parameters / 4) == distilling
+    assert stage.gradients == stage.trainable * 2  # bf16
+    assert any(note.startswith("distill:") for note in plan.notes) == distilling
 
 
 def test_hbm_estimate_of_a_hand_computed_case():

@@ -39,8 +39,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 16}
 SOURCES = {
     # GQA everywhere; each family adds what is particular to it
-    "llama-llama3-rope-bias": (LlamaConfig, LlamaForCausalLM,
-                               dict(rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, attention_bias=True)),
+    "llama-llama3-rope-bias": (LlamaConfig, LlamaForCausalLM,  # (transformers adds keys to the dict it gets)
+                               dict(rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE), attention_bias=True)),
     "llama-linear-rope-tied": (LlamaConfig, LlamaForCausalLM,
                                dict(rope_scaling={"rope_type": "linear", "factor": 4.0}, tie_word_embeddings=True)),
     "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=None, rope_theta=1e6)),
@@ -248,3 +248,99 @@ def test_cli_refuses_other_sources_and_an_existing_output(tmp_path, capsys):
     (tmp_path / "llama" / "model.safetensors").unlink()
     assert main(["prime", str(tmp_path / "llama"), str(tmp_path / "o3"), "--pattern", "A"]) == 2
     assert "no weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, family", [
+    (dict(rope_scaling_params=dict(LLAMA3_ROPE), tie_word_embeddings=False), "llama"),
+    (dict(attention_bias=True, attention_output_bias=False), "qwen2"),
+    (dict(qk_norm=True, head_dim=32), "qwen3"),
+])
+def test_export_transformer_round_trip(tmp_path, capsys, options, family):
+    """An all-A B'MOJO model written as a transformer loads in transformers with the same logits, and priming it
+    back gives the same logits again."""
+    from transformers import AutoModelForCausalLM
+
+    from bmojo_neuron import BMojoConfig, BMojoForCausalLM
+
+    config = BMojoConfig(**{**COMMON, "layer_pattern": "AA", "rope_theta": 20000.0, **options})
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.normal_(1.0 if "norm" in name else 0.0, 0.2)
+    model.save_pretrained(str(tmp_path / "bmojo"))
+    assert main(["export-transformer", str(tmp_path / "bmojo"), str(tmp_path / "hf")]) == 0
+    assert f"wrote {family} checkpoint" in capsys.readouterr().out
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    ids = random_ids()
+    with torch.no_grad():
+        reference = model(ids).logits
+        assert relative_difference(reference, exported(ids).logits) <= TOLERANCE
+        assert relative_difference(reference, prime_model(tmp_path / "hf", "A").model(ids).logits) <= TOLERANCE
+
+
+def test_export_transformer_refuses_hybrids(tmp_path, capsys):
+    build_source(tmp_path / "source", "mistral")
+    prime_model(tmp_path / "source", "AB", B_F_OPTIONS).model.save_pretrained(str(tmp_path / "hybrid"))
+    capsys.readouterr()
+    assert main(["export-transformer", str(tmp_path / "hybrid"), str(tmp_path / "out")]) == 2
+    assert "only an all-attention" in capsys.readouterr().err
+
+
+# The published configs of the Trn1 recipes' sources (config.json of meta-llama/Llama-3.2-1B and Qwen/Qwen3-0.6B).
+PUBLISHED = {
+    "prime-llama-3.2-1b-distill": {
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 2048, "intermediate_size": 8192,
+        "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+        "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True,
+        "rope_scaling": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "bos_token_id": 128000, "eos_token_id": 128001, "attention_bias": False, "mlp_bias": False},
+    "prime-qwen3-0.6b-distill": {
+        "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
+        "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+        "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000, "tie_word_embeddings": True,
+        "rope_scaling": None, "sliding_window": None, "use_sliding_window": False, "max_window_layers": 28,
+        "bos_token_id": 151643, "eos_token_id": 151645, "attention_bias": False},
+}
+TRN1_OPTIONS = dict(window_size=512, fading_window=512, memory_chunk=512, memory_size=128, memory_picks=16)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_trn1_recipes_hold_the_config_prime_writes(tmp_path, name):
+    """The model section of each Trn1 priming recipe is what `prime --pattern AB` (with the options in its header)
+    derives from the source's published config.json (read alone: no weights needed, nothing downloaded)."""
+    from bmojo_neuron.priming import primed_config, read_source
+    from bmojo_neuron.recipes import load_recipe
+
+    (tmp_path / "config.json").write_text(json.dumps(PUBLISHED[name]))
+    primed = primed_config(read_source(tmp_path), "AB", TRN1_OPTIONS).to_dict()
+    recipe = load_recipe(f"trn1/{name}").model_config().to_dict()
+    for key in ("transformers_version", "architectures", "dtype", "torch_dtype"):
+        primed.pop(key, None), recipe.pop(key, None)
+    assert recipe == primed
+
+
+DEMO = {  # finetune/distill recipe -> (source recipe, prime --pattern, the options in the recipe's header)
+    "cpu-text": ("B", dict(window_size=32, fading_window=32, memory_chunk=32, memory_size=32, memory_picks=4,
+                           ssm_chunk_size=64)),
+    "cpu-mqar": ("B", dict(window_size=8, fading_window=8, memory_chunk=8, memory_size=32, memory_picks=4,
+                           memory_decay=1.0, ssm_chunk_size=32)),
+}
+
+
+@pytest.mark.parametrize("demo", sorted(DEMO))
+def test_cpu_demo_recipes_hold_the_config_prime_writes(tmp_path, demo):
+    """The demo's distill and finetune recipes restate the config `prime` writes from the exported source."""
+    from bmojo_neuron.priming import primed_config, read_source
+    from bmojo_neuron.priming.export import transformer_config
+    from bmojo_neuron.recipes import load_recipe
+
+    pattern, options = DEMO[demo]
+    transformer_config(load_recipe(f"priming/{demo}-source").model_config()).save_pretrained(str(tmp_path))
+    primed = primed_config(read_source(tmp_path), pattern, options).to_dict()
+    for stage in ("distill", "finetune"):
+        recipe = load_recipe(f"priming/{demo}-{stage}").model_config().to_dict()
+        for key in ("transformers_version", "architectures", "dtype", "torch_dtype"):
+            primed.pop(key, None), recipe.pop(key, None)
+        assert recipe == primed, stage

@@ -139,13 +139,17 @@ def export_training_step(module: nn.Module, args: tuple) -> tuple[ExportedProgra
 
 # ----------------------------------------------------------------------------- the model
 class TrainingLoss(nn.Module):
-    """What the training step differentiates: the model's own loss (lm + innovation aux)."""
+    """What the training step differentiates: the recipe's objective (default: the model's own loss, lm +
+    innovation aux; a distill recipe: the layer-by-layer distillation against the model's own attention)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, objective=None) -> None:
         super().__init__()
         self.model = model
+        self.objective = objective
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.objective is not None:
+            return self.objective(self.model, input_ids, labels)[0]
         return self.model(input_ids, labels=labels).loss  # the training loop passes no attention_mask
 
 
@@ -162,7 +166,7 @@ def _kept_settings(name: str) -> tuple:
         c.head_dim, c.num_attention_heads // c.num_key_value_heads, c.window_size, c.fading_window,
         c.memory_chunk, c.memory_size, c.memory_picks, c.memory_lag, c.ssm_mixer, c.ssm_state_size,
         c.ssm_head_dim, c.ssm_n_groups, c.ssm_chunk_size, c.ssm_conv_kernel, c.tie_word_embeddings,
-        c.tie_fading_projections, c.intermediate_size > 0,
+        c.tie_fading_projections, c.intermediate_size > 0, recipe.distill is not None,
     )
 
 
@@ -205,9 +209,14 @@ def _shapes(graph: Graph) -> set[tuple[int, ...]]:
 @pytest.mark.parametrize("names", RECIPE_GROUPS, ids=["+".join(n.removeprefix("trn1/") for n in g)
                                                      for g in RECIPE_GROUPS])
 def test_trn1_training_step_is_static(names):
+    from bmojo_neuron.priming.distill import freeze_shared
+    from bmojo_neuron.training.objective import objective_for
+
     recipe, model, args = _fake_training_step(names[0])
+    if recipe.distill is not None:  # the frozen source weights get no gradient
+        freeze_shared(model, recipe.model_config())
     with ops.use_backend("torch"):  # resolved before tracing: no dispatch-table writes inside the graph
-        forward, joint = export_training_step(TrainingLoss(model), args)
+        forward, joint = export_training_step(TrainingLoss(model, objective_for(recipe)), args)
 
     # The graph runs the recipe's sequence shapes: memory per query chunk, SSD chunks, attention heads.
     c, length = recipe.model_config(), recipe.data.block_size
@@ -220,7 +229,11 @@ def test_trn1_training_step_is_static(names):
     # The joint graph holds the whole backward: one gradient output per parameter.
     params = {s.target for s in forward.graph_signature.input_specs if s.kind == InputKind.PARAMETER}
     grads = {s.target for s in joint.graph_signature.output_specs if s.kind == OutputKind.GRADIENT_TO_PARAMETER}
-    assert grads == params and len(params) == len(list(model.parameters()))
+    unused = {name for name, _ in model.named_parameters()} - {p.removeprefix("model.") for p in params}
+    distill_without_logits = recipe.distill is not None and not recipe.distill.kl_weight
+    assert unused == ({"model.norm.weight"} if distill_without_logits else set())  # the teacher needs no logits
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert {g.removeprefix("model.") for g in grads} == trainable
 
 
 class PaddedTrainingLoss(TrainingLoss):

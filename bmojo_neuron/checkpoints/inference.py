@@ -76,3 +76,33 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
         tokenizer = str(info.get("tokenizer") or "byte")
     run_dir = source.parent if (source.name == FINAL or STEP_PATTERN.match(source.name)) else source
     return Trained(model.to(device).eval(), recipe, tokenizer, source, run_dir)
+
+
+def initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The whole model's weights behind `path` (export, primed folder, checkpoint or run), float32 on the CPU:
+    what a new run with ``init.weights`` starts from. Parallel backends take their shard of it."""
+    model = load_trained(path).model
+    if not isinstance(model, BMojoForCausalLM):
+        raise ValueError(f"init.weights {path}: holds a {type(model).__name__}, not a B'MOJO model; "
+                         "start from a transformer with `bmojo-neuron prime` first")
+    return {name: tensor.float() for name, tensor in model.state_dict().items()}
+
+
+def check_initial_weights(weights: dict[str, torch.Tensor], shapes: dict[str, Any], path: str | Path) -> None:
+    """`ValueError` naming the first tensor where `weights` (from `initial_weights`) and the recipe's model
+    (its state-dict `shapes`) differ in name or shape."""
+    missing, extra = sorted(set(shapes) - set(weights)), sorted(set(weights) - set(shapes))
+    if missing or extra:
+        raise ValueError(f"init.weights {path}: its model does not have the recipe's layers (missing "
+                         f"{missing[:3]}, unexpected {extra[:3]}); make the model section match it")
+    for name, shape in shapes.items():
+        if tuple(shape) != tuple(weights[name].shape):
+            raise ValueError(f"init.weights {path}: {name} has shape {tuple(weights[name].shape)}, the recipe's "
+                             f"model {tuple(shape)}; make the model section match it")
+
+
+def load_initial_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Copy `weights` (from `initial_weights`) into the whole one-device `model`, after `check_initial_weights`."""
+    own = model.state_dict()
+    check_initial_weights(weights, {name: t.shape for name, t in own.items()}, path)
+    model.load_state_dict({name: weights[name].to(own[name].dtype) for name in own})

@@ -36,12 +36,18 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def eval_recipe(saved: dict, data_args: list[str]):
-    """The run's recipe with its data section replaced / overridden by ``--data``."""
+    """The run's recipe with its data section replaced / overridden by ``--data``.
+
+    A model that no run produced (a primed or exported folder) stores no recipe: then the
+    first recipe named in ``--data`` is used whole (its data, batch size and precision).
+    """
     from bmojo_neuron.recipes import Recipe, load_recipe
 
-    if not saved:
-        raise ValueError("this model has no recipe stored with it; cannot tell which data to evaluate on")
-    raw = dict(saved)
+    named = [item for item in data_args if "=" not in item]
+    if not saved and not named:
+        raise ValueError("this model has no recipe stored with it (a primed or exported folder); name one with "
+                         "--data RECIPE to say which data to evaluate on")
+    raw = dict(saved) if saved else load_recipe(named[0]).to_dict()
     overrides = {}
     for item in data_args:
         if "=" in item:

@@ -10,7 +10,7 @@ estimate. Everything here is arithmetic: nothing is allocated or compiled.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 GIB = 1024**3
 NEURONCORE_HBM_BYTES = 16 * GIB  # NeuronCore-v2: 32 GiB HBM per Trn1 chip, two cores share it
@@ -25,10 +25,15 @@ class StageParams:
     layers: list[int]
     sharded: int  # tensors split over tp (this rank's part)
     replicated: int  # tensors every tp rank holds whole (norms; everything when tp = 1)
+    trainable: int = -1  # of which get gradients and optimizer states (-1: all; a distillation trains fewer)
 
     @property
     def total(self) -> int:
         return self.sharded + self.replicated
+
+    @property
+    def trained(self) -> int:
+        return self.total if self.trainable < 0 else self.trainable
 
 
 @dataclass
@@ -38,6 +43,7 @@ class StageMemory:
     stage: int
     layers: list[int]
     parameters: int
+    trainable: int  # parameters with gradients and optimizer states (fewer than `parameters` when distilling)
     weights: int
     gradients: int
     optimizer: int
@@ -115,12 +121,13 @@ def _layer_index(name: str) -> int | None:
     return None
 
 
-def stage_parameters(config: Any, tp: int, pp: int) -> list[StageParams]:
+def stage_parameters(config: Any, tp: int, pp: int, trains: Callable[[str], bool] | None = None) -> list[StageParams]:
     """Exact parameter counts per pipeline stage for one tensor rank (meta device, instant).
 
     Stage 0 holds the embedding, the last stage the final norm and ``lm_head``. A tied
     ``lm_head`` is the embedding itself with one stage; with several, the last stage
     holds its own copy (kept equal by summing the two gradients), counted there too.
+    `trains` (a parameter name -> bool) counts the trainable ones, when not all are.
     """
     from bmojo_neuron.parallel.sharding import shard_shapes, tied_names
     from bmojo_neuron.parallel.pipeline import split_layers
@@ -129,7 +136,7 @@ def stage_parameters(config: Any, tp: int, pp: int) -> list[StageParams]:
     stage_of_layer = {i: s for s, block in enumerate(blocks) for i in block}
     full = shard_shapes(config, 1)
     local = full if tp == 1 else shard_shapes(config, tp)
-    out = [StageParams(s, list(block), 0, 0) for s, block in enumerate(blocks)]
+    out = [StageParams(s, list(block), 0, 0, trainable=-1 if trains is None else 0) for s, block in enumerate(blocks)]
     skip = tied_names(config) if pp == 1 else set()
     for name, shape in local.items():
         if name in skip:
@@ -142,6 +149,8 @@ def stage_parameters(config: Any, tp: int, pp: int) -> list[StageParams]:
         else:  # final norm, untied lm_head
             stage = pp - 1
         numel = shape.numel()
+        if trains is not None and trains(name):
+            out[stage].trainable += numel
         if tuple(shape) == tuple(full[name]):
             out[stage].replicated += numel
         else:
@@ -247,9 +256,14 @@ def estimate_memory(recipe: Any, world: int) -> MemoryEstimate:
     pattern = config.layer_pattern
     estimate = MemoryEstimate(tp, pp, dp, t.precision, p.zero1, t.activation_checkpointing, p.sp, seq, micro,
                               budget=NEURONCORE_HBM_BYTES)
-    for sp_ in stage_parameters(config, tp, pp):
-        params = sp_.total
-        optim_params = -(-params // dp) if p.zero1 else params
+    trains = None
+    if recipe.distill is not None:  # only the new paths get gradients and optimizer states
+        from bmojo_neuron.priming.distill import is_new_parameter
+
+        trains = lambda name: is_new_parameter(name, pattern)  # noqa: E731
+    for sp_ in stage_parameters(config, tp, pp, trains):
+        params, trained = sp_.total, sp_.trained
+        optim_params = -(-trained // dp) if p.zero1 else trained
         per_layer = [layer_activation_bytes(config, pattern[i], tp, p.sp, act) for i in sp_.layers]
         extra = 0.0
         if sp_.stage == 0:
@@ -258,16 +272,34 @@ def estimate_memory(recipe: Any, world: int) -> MemoryEstimate:
             # final norm input + output, logits (vocab shard) and their fp32 copy for the cross-entropy
             extra += 2 * res * act + config.vocab_size / tp * (act + FP32)
         tokens = micro * seq
+        if recipe.distill is not None:
+            per_layer, extra = _distill_activations(recipe, config, sp_.layers, per_layer, extra, res, act, tp)
         full = tokens * (sum(per_layer) + extra)
         layer_inputs = tokens * len(per_layer) * res * act
         ckpt = layer_inputs + tokens * (max(per_layer, default=0) + extra)
         per_micro = ckpt if t.activation_checkpointing else full
         in_flight = microbatches_in_flight(sp_.stage, pp, p.microbatches * t.grad_accum)
         estimate.stages.append(StageMemory(
-            stage=sp_.stage, layers=sp_.layers, parameters=params,
-            weights=params * weight_bytes, gradients=params * grad_bytes, optimizer=optim_params * optim_bytes,
+            stage=sp_.stage, layers=sp_.layers, parameters=params, trainable=trained,
+            weights=params * weight_bytes, gradients=trained * grad_bytes, optimizer=optim_params * optim_bytes,
             activations_per_microbatch=int(per_micro), activations_full=int(full),
             activations_checkpointed=int(ckpt), layer_inputs=int(layer_inputs), microbatches_in_flight=in_flight,
             activations=int(per_micro) * in_flight,
         ))
     return estimate
+
+
+def _distill_activations(recipe: Any, config: Any, layers: list[int], per_layer: list[int], extra: float,
+                         res: float, act: int, tp: int) -> tuple[list[int], float]:
+    """Per-token activation bytes of a distillation step (`bmojo_neuron.priming.distill`): the teacher pass keeps
+    only its layers' outputs (no gradients), each distilled layer runs once as the student on them, and with
+    ``kl_weight > 0`` the student also runs end to end, with a second copy of the logits (the teacher's)."""
+    from bmojo_neuron.priming.distill import distilled_layers
+
+    distilled = set(distilled_layers(config))
+    teacher_states = (len(layers) + 1) * res * act
+    students = [cost for i, cost in zip(layers, per_layer) if i in distilled]
+    if recipe.distill.kl_weight > 0:
+        logits = config.vocab_size / tp * (act + FP32)
+        return per_layer + students, extra + teacher_states + logits
+    return students, teacher_states

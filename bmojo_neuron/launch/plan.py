@@ -256,6 +256,11 @@ def build_plan(recipe: Any, recipe_arg: str, overrides: Sequence[str] = (), node
                           + inner.replace("--master-addr localhost", '--master-addr "$MASTER_ADDR"')))
     notes = ["these lines train on Trainium when run.device is neuron (as in recipes/trn1/; docs/training.md); "
              "build a text recipe's data cache once first with `bmojo-neuron data prepare`"]
+    if recipe.distill is not None:
+        s = memory.peak
+        notes.append(f"distill: {s.trainable:,} of {s.parameters:,} parameters per NeuronCore train (the new paths "
+                     "of the primed model), so only they have gradients and optimizer states; init.weights names "
+                     "the primed folder (`bmojo-neuron prime`, docs/priming.md)")
     if p.pp > 1:
         notes.append("parallel.pp > 1 trains through NxD's pipeline (NxDPPModel); eval keeps the training shape, "
                      "so length generalisation beyond x1 is left to `bmojo-neuron eval` (docs/training.md)")

@@ -145,6 +145,22 @@ class BMojoAttention(nn.Module):
             return torch.cat(outputs, dim=1), None
         return self._forward_parallel(x, cache, real_tokens)
 
+    def full_attention(self, x: Tensor) -> Tensor:
+        """Full causal attention over all of `x` with this layer's projections, whatever its kind.
+
+        This is the transformer layer a primed B, F or S layer came from (distillation's
+        teacher): it reads the same q/k/v/o weights, so the teacher costs no memory.
+        """
+        q = self._queries(x)
+        positions = torch.arange(q.shape[1], device=x.device)
+        q = self._rotate(q.transpose(1, 2), positions)
+        k = self._rotate(self._keys(x).transpose(1, 2), positions)
+        v = self._heads(self.v_proj(x), self.kv_heads).transpose(1, 2)
+        return self._output(self._causal_attention(q, k, v))
+
+    def _causal_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.q_heads != self.kv_heads)
+
     def _forward_parallel(
         self, x: Tensor, cache: AttentionLayerCache | None, real_tokens: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
@@ -158,10 +174,9 @@ class BMojoAttention(nn.Module):
         v_t = v.transpose(1, 2)
 
         if self.kind == "A":
-            out = F.scaled_dot_product_attention(q, k, v_t, is_causal=True, enable_gqa=self.q_heads != self.kv_heads)
             if cache is not None:
                 cache.ctx_k, cache.ctx_v = k, v_t
-            return self._output(out), None
+            return self._output(self._causal_attention(q, k, v_t)), None
 
         s = None
         if self.ssm is not None:

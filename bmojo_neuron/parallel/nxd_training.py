@@ -122,7 +122,8 @@ def nxd_config(
 
 
 def build_nxd_model(config: Any, nxd_cfg: dict, *, dtype: torch.dtype = torch.float32,
-                    one_device_init: bool = False, count_correct: bool = False) -> nn.Module:
+                    one_device_init: bool = False, count_correct: bool = False,
+                    start_weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """``initialize_parallel_model`` over a `BMojoForCausalLM` built with NxD's tensor-parallel layers.
 
     The model is built inside NxD's ``model_fn`` (after NxD initialises its parallel
@@ -133,9 +134,10 @@ def build_nxd_model(config: Any, nxd_cfg: dict, *, dtype: torch.dtype = torch.fl
     torch RNG state, so every tp degree starts from the weights a one-process run would
     (NxD's layers initialise their own way otherwise); the ranks of a node build that
     model in waves (`bmojo_neuron.parallel.one_device_init`), and the RNG is left as if only it had been
-    built. With ``pp > 1`` NxD gets the model as a `PipelineCausalLM` (`count_correct`:
-    its stats count right answers, for MQAR); a tied embedding stays one Parameter,
-    which NxD shares between the first and last stage.
+    built. `start_weights` (the whole model's, from ``init.weights``, names and shapes
+    checked by the caller) replace that initialisation before it is sharded. With ``pp > 1`` NxD gets the
+    model as a `PipelineCausalLM` (`count_correct`: its stats count right answers, for MQAR); a tied
+    embedding stays one Parameter, which NxD shares between the first and last stage.
     """
     trainer = _trainer()
     pp = nxd_cfg["pipeline_parallel_size"]
@@ -147,7 +149,7 @@ def build_nxd_model(config: Any, nxd_cfg: dict, *, dtype: torch.dtype = torch.fl
         with use_layer_factory(factory):
             model = BMojoForCausalLM(config)
         if one_device_init:
-            one_device_shard(model, config, factory.tp_rank, factory.tp_size, before)
+            one_device_shard(model, config, factory.tp_rank, factory.tp_size, before, start_weights)
         model.to(dtype)
         check_nxd_dtypes(model, dtype)
         if pp == 1:

@@ -52,8 +52,10 @@ def build_waves(local_world: int, full_bytes: int, budget: int | None = None) ->
     return math.ceil(local_world / ranks_per_wave(full_bytes, budget))
 
 
-def one_device_shard(model: nn.Module, config: Any, tp_rank: int, tp: int, rng_state: Tensor) -> None:
-    """Load into `model` its shard of the one-device `BMojoForCausalLM(config)` built from `rng_state`.
+def one_device_shard(model: nn.Module, config: Any, tp_rank: int, tp: int, rng_state: Tensor,
+                     start_weights: dict[str, Tensor] | None = None) -> None:
+    """Load into `model` its shard of the one-device `BMojoForCausalLM(config)` built from `rng_state`,
+    with `start_weights` (the whole model's, e.g. a primed checkpoint) loaded into it first if given.
 
     The ranks of a node take turns (`build_waves`: the
     transient fp32 models of a wave fit the node's build budget), meeting at an
@@ -70,6 +72,8 @@ def one_device_shard(model: nn.Module, config: Any, tp_rank: int, tp: int, rng_s
             torch.set_rng_state(rng_state)
             full = BMojoForCausalLM(config)
             after = torch.get_rng_state()
+            if start_weights is not None:
+                full.load_state_dict(start_weights)
             shapes = {k: v.shape for k, v in model.state_dict().items()}
             load_into(model, shard_state_dict(full.state_dict(), shapes, tp_rank, tp),
                       "the tensor shard of the one-device initialisation")

@@ -30,13 +30,14 @@ from bmojo_neuron.evaluation import LengthResult
 from .backends.local import LocalBackend
 from .backends.neuron import NeuronBackend
 from .backends.torchrun import TorchrunBackend, wants_parallel
-from .objective import objective_for
+from .objective import Objective, objective_for
 
 
 class Backend(Protocol):
     """One process of a training run: its device, its share of the model and data, its collectives."""
 
     is_main: bool  # the rank that logs, prints and writes the run's shared files
+    objective: Objective  # what a step minimises (`objective_for`): its metric_names name the logged numbers
 
     def seed(self, seed: int) -> None:
         """Seed every generator the model's initialisation and the step use (before `build_model`)."""
@@ -58,7 +59,8 @@ class Backend(Protocol):
 
     def step(self, model: nn.Module, optimizer: Any, batch: Any) -> Tensor:
         """Forward and backward of the step's ``train.grad_accum`` micro-batches, gradients reduced and clipped,
-        then ``optimizer.step()``. Returns ``[loss, lm_loss, aux_loss, grad_norm]`` on the device, unread."""
+        then ``optimizer.step()``. Returns the objective's numbers and the gradient norm (``[loss, lm_loss,
+        aux_loss, grad_norm]``) on the device, unread."""
 
     def finish_step(self, records: Sequence[Tensor] | None, read: Callable[[list[float]], None]) -> None:
         """End the step; if `records` is given, call `read` with their mean on the host once they are computed."""
@@ -92,11 +94,10 @@ class Backend(Protocol):
 
 def open_backend(recipe: Any) -> Backend:
     """The backend for ``run.device`` and the process world: ``neuron``; ``torchrun`` when the recipe asks for
-    parallelism or torchrun started several processes; otherwise ``local``. Its steps minimise the recipe's
-    objective (`objective.objective_for`)."""
+    parallelism or torchrun started several processes; otherwise ``local``."""
     objective = objective_for(recipe)
     if recipe.run.device == "neuron":
-        return NeuronBackend.start(recipe, objective)  # imports torch-xla and NxD (NeuronUnavailableError without)
+        return NeuronBackend.start(recipe, objective)  # imports torch-xla and NxD (NeuronUnavailableError without them)
     if wants_parallel(recipe):
         return TorchrunBackend(recipe, objective)
     return LocalBackend(recipe, objective)

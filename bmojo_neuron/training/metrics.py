@@ -76,7 +76,8 @@ def plot_training(records: list[dict[str, Any]], path: Path, title: str = "") ->
     has_acc = any("eval_accuracy" in r for r in evals)
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5.5, 3.6), squeeze=False)
     ax = axes[0][0]
-    ax.plot([r["step"] for r in train], [r["lm_loss"] for r in train], label="train loss")
+    curve = "lm_loss" if not train or "lm_loss" in train[0] else "loss"  # a distillation logs hidden_mse instead
+    ax.plot([r["step"] for r in train], [r[curve] for r in train], label=f"train {curve.replace('_', ' ')}")
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], marker="o", label="eval loss")
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="loss")

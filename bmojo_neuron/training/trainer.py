@@ -31,11 +31,13 @@ from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState
 from bmojo_neuron.data import build_datasets
 from bmojo_neuron.evaluation import LengthResult, format_length_table, plot_length
 from bmojo_neuron.fsutil import write_text_atomic
+from bmojo_neuron.priming.distill import freeze_shared
 from bmojo_neuron.recipes import resume_conflicts
 
 from .backend import Backend, open_backend
 from .data_order import position_after
 from .metrics import MetricsLogger, RecordsOnly, plot_training
+from .objective import LM_METRICS
 from .optim import build_scheduler
 from .progress import Progress
 from .signals import stop_on_signals
@@ -111,6 +113,10 @@ class Trainer:
             raise ValueError("the eval dataset is empty")
         be.seed(r.run.seed)
         model = be.build_model(previous)
+        if r.distill is not None:  # only the paths priming added learn; the optimizer sees only them
+            trainable = freeze_shared(model, r.model_config())
+            self.say(f"distilling {trainable:,} parameters (SSMs, fading projections, innovation predictors); "
+                     "the source's weights are frozen and are the teacher")
         optimizer = be.build_optimizer(model)
         scheduler = build_scheduler(optimizer, o.warmup_steps, t.steps, o.min_lr_ratio)
         state = TrainerState()
@@ -126,10 +132,12 @@ class Trainer:
         params = be.parameter_count(model)
         window = LogWindow(t.batch_size * t.grad_accum * len(train_data[0]["input_ids"]))
 
+        names = getattr(be.objective, "metric_names", LM_METRICS)  # loss first
+
         def log_train(values: list[float], step: int, lr: float, tokens: int) -> None:
-            loss, lm, aux, grad_norm = values
-            tps = window.tokens_per_s()
-            logger.log({"type": "train", "step": step, "loss": loss, "lm_loss": lm, "aux_loss": aux,
+            *parts, grad_norm = values
+            loss, tps = parts[0], window.tokens_per_s()
+            logger.log({"type": "train", "step": step, **dict(zip(names, parts)),
                         "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "tokens_per_s": tps})
             bar.show(step, loss, tps)
             if not math.isfinite(loss):

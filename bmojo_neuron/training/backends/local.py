@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from bmojo_neuron.checkpoints.export import export_final
+from bmojo_neuron.checkpoints.inference import initial_weights, load_initial_weights
 from bmojo_neuron.checkpoints.local import load_latest, load_model_weights, save_checkpoint
 from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState, set_rng_states
 from bmojo_neuron.device import resolve_device, set_cpu_threads
@@ -47,15 +48,20 @@ class LocalBackend:
         return load_latest(run_dir)
 
     def build_model(self, previous: Checkpoint | None) -> nn.Module:
-        model = self.init_model().to(self.device)
+        model = self.init_model(start_weights=previous is None).to(self.device)
         if self.recipe.train.activation_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
         return model.train()
 
-    def init_model(self) -> nn.Module:
-        """The whole model under the current RNG state (`seed` first)."""
-        return BMojoForCausalLM(self.recipe.model_config())
+    def init_model(self, start_weights: bool = True) -> nn.Module:
+        """The whole model under the current RNG state (`seed` first); with `start_weights`, holding
+        ``init.weights`` when the recipe names them (a resumed run reads its checkpoint instead)."""
+        model = BMojoForCausalLM(self.recipe.model_config())
+        path = self.recipe.init.weights
+        if start_weights and path:
+            load_initial_weights(model, initial_weights(path), path)
+        return model
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         o = self.recipe.optim
@@ -90,9 +96,7 @@ class LocalBackend:
         return rows
 
     def step(self, model: nn.Module, optimizer: Any, batch: list[MicroBatch]) -> Tensor:
-        losses = torch.zeros(3, device=self.device)
-        for input_ids, labels in batch:
-            losses += self.forward_backward(model, input_ids, labels)
+        losses = sum(self.forward_backward(model, input_ids, labels) for input_ids, labels in batch)
         losses = self.reduce(model, losses)
         grad_clip = self.recipe.optim.grad_clip
         grad_norm = self.clip(model, grad_clip) if grad_clip else torch.zeros((), device=self.device)
@@ -100,7 +104,7 @@ class LocalBackend:
         return torch.cat([losses, grad_norm.detach().float().reshape(1)])
 
     def forward_backward(self, model: nn.Module, input_ids: Tensor, labels: Tensor) -> Tensor:
-        """One micro-batch; returns its ``[loss, lm_loss, aux_loss] / grad_accum``."""
+        """One micro-batch; returns its objective's numbers (``[loss, lm_loss, aux_loss]``) / ``grad_accum``."""
         accum = self.recipe.train.grad_accum
         with autocast(self.device, self.recipe.train.precision):
             loss, parts = self.objective(model, input_ids, labels)

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from bmojo_neuron.checkpoints import neuron as neuron_checkpoints
 from bmojo_neuron.checkpoints.export import export_final
+from bmojo_neuron.checkpoints.inference import check_initial_weights, initial_weights
 from bmojo_neuron.checkpoints.layout import FINAL, latest_checkpoint
 from bmojo_neuron.checkpoints.sharded import consolidated_model, parallel_meta
 from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState
@@ -132,9 +133,17 @@ class NeuronBackend:
         """NxD's model (its pipeline under pp) from the one-device initialisation; on resume this rank's weights
         are loaded here, before the optimizer exists (ZeRO-1 copies them into its shards)."""
         config, rt = self.recipe.model_config(), self.rt
-        dtype = torch.bfloat16 if self.recipe.train.precision == "bf16" else torch.float32
-        # in `dtype` before the optimizer exists (ZeRO-1 takes its fp32 master copies from it)
-        model = build_nxd_model(config, self.nxd_cfg, dtype=dtype, one_device_init=True, count_correct=self.mqar)
+    def accumulated_losses(self, model: nn.Module, micro_batches: Iterator[dict[str, Tensor]]) -> Tensor:
+        """Forward + backward of the step's ``train.grad_accum`` micro-batches, a graph each (the loader's fetch
+        cuts it), then a cut before the optimizer step; the objective's numbers (``[loss, lm_loss, aux_loss]``
+        for the causal-LM loss)."""
+        losses: Tensor | None = None
+        for micro in micro_batches:
+            numbers = self.forward_backward(model, micro["input_ids"], micro["labels"])
+            losses = numbers if losses is None else losses + numbers
+        if self.recipe.train.grad_accum > 1:
+            self.rt.sync()  # the last micro-batch's graph; the update gets a graph of its own
+        return losses
         if rt.pp > 1:
             self.stats = PipelineStats.of(model, self.nxd_cfg["pipeline_config"]["num_microbatches"], rt.last_stage)
         self.full_shapes = shard_shapes(config, 1)
@@ -186,18 +195,17 @@ class NeuronBackend:
         grad_norm = torch.zeros((), device=rt.device) if grad_norm is None else grad_norm.detach().float()
         return torch.cat([losses, grad_norm.reshape(1)])
 
-    def accumulated_losses(self, model: nn.Module, micro_batches: Iterator[dict[str, Tensor]]) -> Tensor:
-        """Forward + backward of the step's ``train.grad_accum`` micro-batches, a graph each (the loader's fetch
-        cuts it), then a cut before the optimizer step; ``[loss, lm_loss, aux_loss]``."""
-        losses = torch.zeros(3, device=self.rt.device)
-        for micro in micro_batches:
-            losses = losses + self.forward_backward(model, micro["input_ids"], micro["labels"])
-        if self.recipe.train.grad_accum > 1:
-            self.rt.sync()  # the last micro-batch's graph; the update gets a graph of its own
-        return losses
+        path, start = self.recipe.init.weights, None
+        if previous is None and path:
+            start = initial_weights(path)
+            check_initial_weights(start, shard_shapes(config, 1), path)
+        dtype = torch.bfloat16 if self.recipe.train.precision == "bf16" else torch.float32
+        # in `dtype` before the optimizer exists (ZeRO-1 takes its fp32 master copies from it)
+        model = build_nxd_model(config, self.nxd_cfg, dtype=dtype, one_device_init=True, count_correct=self.mqar,
+                                start_weights=start)
 
     def forward_backward(self, model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
-        """One micro-batch; returns ``[loss, lm_loss, aux_loss] / grad_accum``. A method of its own so the model
+        """One micro-batch; returns the objective's numbers / ``grad_accum``. A method of its own so the model
         output (and its logits) is dropped before ``mark_step``: every tensor still alive then becomes an output
         of the step graph."""
         accum = self.recipe.train.grad_accum

@@ -132,15 +132,15 @@ class TorchrunBackend(LocalBackend):
     def build_model(self, previous: Checkpoint | None) -> nn.Module:
         """This rank's shard (and stage) of the model the one-process run would initialise (same seed, same
         weights); a `PipelineStage` under pp."""
-        model = self.shard_model()
+        model = self.shard_model(start_weights=previous is None)
         if self.recipe.train.activation_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
         return model.train()
 
-    def shard_model(self) -> nn.Module:
+    def shard_model(self, start_weights: bool = True) -> nn.Module:
         config = self.recipe.model_config()
-        full = self.init_model()
+        full = self.init_model(start_weights)
         after_init = torch.get_rng_state()
         self.full_shapes = {k: v.shape for k, v in full.state_dict().items()}
         if self.layout.tp == 1:

@@ -1,0 +1,119 @@
+"""Write an all-attention B'MOJO model as a Hugging Face transformer checkpoint (the inverse of priming).
+
+A B'MOJO model whose every layer is ``A`` is a Llama (Qwen2 with q/k/v biases but no
+o bias, Qwen3 with q/k norms): `export_transformer` writes it in that family's layout,
+so any Hugging Face tool reads it, and so `prime` can start a hybrid from a transformer
+trained with this package (the CPU priming demo does exactly that).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from ..checkpoints.export import quiet_transformers
+from ..checkpoints.inference import load_trained
+from ..fsutil import publish_dir
+from .mapping import ATTENTION, LAYER_NORMS, MLP, QK_NORMS
+from .prime import RUN_INFO_FILE
+
+
+def transformer_family(config) -> str:
+    """``llama``, ``qwen2`` or ``qwen3``: the family whose layout holds this all-attention config."""
+    if set(config.layer_pattern) != {"A"}:
+        raise ValueError(f"layer_pattern {config.layer_pattern!r}: only an all-attention (all A) model is a "
+                         "transformer; prime turns transformers into hybrids, not back")
+    if config.intermediate_size == 0:
+        raise ValueError("intermediate_size 0 (no MLP): Llama and Qwen layers always have one")
+    output_bias = config.attention_output_bias
+    if config.qk_norm:
+        if config.attention_bias != output_bias:
+            raise ValueError("qk_norm with biases on q/k/v but not o has no Hugging Face family (Qwen3 has both or neither)")
+        return "qwen3"
+    if config.attention_bias and not output_bias:
+        return "qwen2"
+    if output_bias and not config.attention_bias:
+        raise ValueError("a bias on o but not on q/k/v has no Hugging Face family")
+    return "llama"
+
+
+def transformer_config(config):
+    """The Hugging Face config (Llama / Qwen2 / Qwen3) of an all-attention `BMojoConfig`."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    family = transformer_family(config)
+    rope = {"rope_type": "default", **(config.rope_scaling_params or {}), "rope_theta": config.rope_theta}
+    fields = dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, hidden_act="silu",
+        rms_norm_eps=config.rms_norm_eps, rope_parameters=rope, tie_word_embeddings=config.tie_word_embeddings,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+    )
+    if family == "llama":
+        return LlamaConfig(**fields, attention_bias=config.attention_bias)
+    if family == "qwen3":
+        return Qwen3Config(**fields, attention_bias=config.attention_bias)
+    return Qwen2Config(**fields)
+
+
+def transformer_state_dict(model) -> dict[str, torch.Tensor]:
+    """The weights of an all-attention `BMojoForCausalLM` under Hugging Face Llama / Qwen names."""
+    state = model.state_dict()
+    out = {"model.embed_tokens.weight": state["model.embed_tokens.weight"], "model.norm.weight": state["model.norm.weight"]}
+    if not model.config.tie_word_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    for i in range(model.config.num_hidden_layers):
+        layer = f"model.layers.{i}."
+        for hf_name, name in LAYER_NORMS.items():
+            out[layer + hf_name] = state[layer + name]
+        for proj in MLP:
+            out[f"{layer}mlp.{proj}.weight"] = state[f"{layer}mlp.{proj}.weight"]
+        for part in [f"{p}.{kind}" for p in ATTENTION for kind in ("weight", "bias")] + [f"{n}.weight" for n in QK_NORMS]:
+            if f"{layer}mixer.{part}" in state:
+                out[f"{layer}self_attn.{part}"] = state[f"{layer}mixer.{part}"]
+    return {name: t.detach().clone().contiguous() for name, t in out.items()}
+
+
+def export_transformer(path: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write the all-attention model behind `path` (run, checkpoint or export) as a Hugging Face folder."""
+    from transformers import AutoModelForCausalLM
+
+    output = Path(output_dir).expanduser()
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise ValueError(f"OUTPUT {output} exists and is not empty; pass --overwrite to replace it")
+    trained = load_trained(path)
+    hf_config = transformer_config(trained.model.config)
+    hf_model = AutoModelForCausalLM.from_config(hf_config)
+    weights = transformer_state_dict(trained.model)
+    expected = set(hf_model.state_dict()) - ({"lm_head.weight"} if hf_config.tie_word_embeddings else set())
+    if set(weights) != expected:
+        raise RuntimeError(f"export names differ from {hf_config.model_type}'s: {sorted(set(weights) ^ expected)[:5]}")
+    hf_model.load_state_dict(weights, strict=not hf_config.tie_word_embeddings)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".tmp-export-{uuid.uuid4().hex[:8]}"
+    try:
+        with quiet_transformers():
+            hf_model.save_pretrained(str(tmp))
+        _carry_tokenizer(trained.tokenizer, tmp)
+        publish_dir(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def _carry_tokenizer(tokenizer: str, folder: Path) -> None:
+    """Copy a local tokenizer folder's files, and name the tokenizer in ``bmojo_run.json`` (e.g. ``byte``)."""
+    source = Path(tokenizer).expanduser()
+    if source.is_dir():
+        from .source import TOKENIZER_FILES
+
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file() and not (folder / name).exists():
+                shutil.copy2(source / name, folder / name)
+    (folder / RUN_INFO_FILE).write_text(json.dumps({"tokenizer": tokenizer, "recipe": {}}, indent=2))
