@@ -20,6 +20,7 @@ from ..checkpoints.inference import load_trained
 from ..fsutil import publish_dir
 from .mapping import ATTENTION, LAYER_NORMS, MLP, QK_NORMS
 from .prime import RUN_INFO_FILE
+from .source import TOKENIZER_FILES
 
 
 def transformer_family(config) -> str:
@@ -111,8 +112,6 @@ def _carry_tokenizer(tokenizer: str, folder: Path) -> None:
     """Copy a local tokenizer folder's files, and name the tokenizer in ``bmojo_run.json`` (e.g. ``byte``)."""
     source = Path(tokenizer).expanduser()
     if source.is_dir():
-        from .source import TOKENIZER_FILES
-
         for name in TOKENIZER_FILES:
             if (source / name).is_file() and not (folder / name).exists():
                 shutil.copy2(source / name, folder / name)

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from bmojo_neuron.priming.distill import LayerwiseDistillation
+
 
 LM_METRICS = ("loss", "lm_loss", "aux_loss")
 
@@ -42,7 +44,5 @@ def objective_for(recipe: Any) -> Objective:
     """The objective `recipe` trains: the causal-LM loss, or with a ``distill`` section the distillation."""
     if recipe.distill is None:
         return causal_lm_loss
-    from bmojo_neuron.priming.distill import LayerwiseDistillation
-
     d = recipe.distill
     return LayerwiseDistillation(d.hidden_weight, d.kl_weight, d.kl_temperature)
