@@ -133,17 +133,14 @@ class NeuronBackend:
         """NxD's model (its pipeline under pp) from the one-device initialisation; on resume this rank's weights
         are loaded here, before the optimizer exists (ZeRO-1 copies them into its shards)."""
         config, rt = self.recipe.model_config(), self.rt
-    def accumulated_losses(self, model: nn.Module, micro_batches: Iterator[dict[str, Tensor]]) -> Tensor:
-        """Forward + backward of the step's ``train.grad_accum`` micro-batches, a graph each (the loader's fetch
-        cuts it), then a cut before the optimizer step; the objective's numbers (``[loss, lm_loss, aux_loss]``
-        for the causal-LM loss)."""
-        losses: Tensor | None = None
-        for micro in micro_batches:
-            numbers = self.forward_backward(model, micro["input_ids"], micro["labels"])
-            losses = numbers if losses is None else losses + numbers
-        if self.recipe.train.grad_accum > 1:
-            self.rt.sync()  # the last micro-batch's graph; the update gets a graph of its own
-        return losses
+        path, start = self.recipe.init.weights, None
+        if previous is None and path:
+            start = initial_weights(path)
+            check_initial_weights(start, shard_shapes(config, 1), path)
+        dtype = torch.bfloat16 if self.recipe.train.precision == "bf16" else torch.float32
+        # in `dtype` before the optimizer exists (ZeRO-1 takes its fp32 master copies from it)
+        model = build_nxd_model(config, self.nxd_cfg, dtype=dtype, one_device_init=True, count_correct=self.mqar,
+                                start_weights=start)
         if rt.pp > 1:
             self.stats = PipelineStats.of(model, self.nxd_cfg["pipeline_config"]["num_microbatches"], rt.last_stage)
         self.full_shapes = shard_shapes(config, 1)
@@ -195,14 +192,17 @@ class NeuronBackend:
         grad_norm = torch.zeros((), device=rt.device) if grad_norm is None else grad_norm.detach().float()
         return torch.cat([losses, grad_norm.reshape(1)])
 
-        path, start = self.recipe.init.weights, None
-        if previous is None and path:
-            start = initial_weights(path)
-            check_initial_weights(start, shard_shapes(config, 1), path)
-        dtype = torch.bfloat16 if self.recipe.train.precision == "bf16" else torch.float32
-        # in `dtype` before the optimizer exists (ZeRO-1 takes its fp32 master copies from it)
-        model = build_nxd_model(config, self.nxd_cfg, dtype=dtype, one_device_init=True, count_correct=self.mqar,
-                                start_weights=start)
+    def accumulated_losses(self, model: nn.Module, micro_batches: Iterator[dict[str, Tensor]]) -> Tensor:
+        """Forward + backward of the step's ``train.grad_accum`` micro-batches, a graph each (the loader's fetch
+        cuts it), then a cut before the optimizer step; the objective's numbers (``[loss, lm_loss, aux_loss]``
+        for the causal-LM loss)."""
+        losses: Tensor | None = None
+        for micro in micro_batches:
+            numbers = self.forward_backward(model, micro["input_ids"], micro["labels"])
+            losses = numbers if losses is None else losses + numbers
+        if self.recipe.train.grad_accum > 1:
+            self.rt.sync()  # the last micro-batch's graph; the update gets a graph of its own
+        return losses
 
     def forward_backward(self, model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
         """One micro-batch; returns the objective's numbers / ``grad_accum``. A method of its own so the model
