@@ -10,6 +10,8 @@ continues from the distilled export.
 
 from __future__ import annotations
 
+import copy
+import gc
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,10 @@ from doubles import neuron_sdk
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from bmojo_neuron import BMojoConfig, BMojoForCausalLM
+from bmojo_neuron.checkpoints.inference import load_trained
 from bmojo_neuron.priming import prime
-from bmojo_neuron.priming.distill import new_parameter_names
+from bmojo_neuron.priming.distill import LayerwiseDistillation, new_parameter_names
 from bmojo_neuron.recipes import Recipe
 from bmojo_neuron.training import train
 
@@ -65,6 +69,12 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
+def new_names(primed: Path) -> set[str]:
+    """The parameters priming added to the model in `primed`."""
+    with torch.device("meta"):
+        return set(new_parameter_names(BMojoForCausalLM(BMojoConfig.from_json_file(str(primed / "config.json")))))
+
+
 @pytest.fixture(scope="module")
 def distilled(primed, tmp_path_factory):
     return train(distill_recipe(primed), tmp_path_factory.mktemp("distill"), progress=False)
@@ -77,10 +87,7 @@ def test_model_comes_from_the_primed_folder(primed):
 
 def test_distillation_trains_only_the_new_paths(primed, distilled):
     start, end = weights(primed), weights(distilled.final_dir)
-    from bmojo_neuron import BMojoConfig, BMojoForCausalLM
-
-    with torch.device("meta"):
-        new = set(new_parameter_names(BMojoForCausalLM(BMojoConfig.from_json_file(str(primed / "config.json")))))
+    new = new_names(primed)
     assert new and set(end) == set(start)
     for name in start:
         changed = not torch.equal(start[name], end[name])
@@ -88,6 +95,56 @@ def test_distillation_trains_only_the_new_paths(primed, distilled):
     train_records = [r for r in distilled.metrics if r["type"] == "train"]
     assert {"loss", "hidden_mse", "kl", "aux_loss", "grad_norm"} <= set(train_records[0])
     assert "loss" in distilled.final_eval  # the student's language-model eval
+
+
+def copies_in_memory(references: dict[str, torch.Tensor]) -> dict[str, int]:
+    """For each reference tensor: how many live tensors (distinct storages, the references' own left out) hold
+    exactly its values, found by walking every object the garbage collector tracks."""
+    own = {t.untyped_storage().data_ptr() for t in references.values()}
+    storages: dict[int, torch.Tensor] = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu" and obj.dtype == torch.float32:
+            ptr = obj.untyped_storage().data_ptr()
+            if ptr not in own:
+                storages.setdefault(ptr, obj)
+    return {name: sum(t.shape == ref.shape and torch.equal(t, ref) for t in storages.values())
+            for name, ref in references.items()}
+
+
+def test_distillation_holds_each_source_weight_once(primed, monkeypatch, tmp_path):
+    """While a distillation runs through the trainer, every weight the source gave (embeddings, norms, MLPs,
+    q/k/v/o) is in memory once: the teacher pass reads the student's own frozen parameters, nothing loads a
+    second copy of the model and the start weights read from ``init.weights`` are gone. Counted over every
+    live tensor at each teacher pass (after the first step: new paths seeded from o_proj or k/v have moved
+    away from their source by then); a teacher kept as a copy of the model would count 2."""
+    new = new_names(primed)
+    shared = {name: t.float() for name, t in weights(primed).items() if name not in new}
+    assert len(shared) > 10 and any("q_proj" in n for n in shared) and any("mlp" in n for n in shared)
+    before = copies_in_memory(shared)
+    counts: list[dict[str, int]] = []
+    teacher_states = LayerwiseDistillation.teacher_states
+
+    def counting_teacher_states(self, model, input_ids):
+        states = teacher_states(self, model, input_ids)
+        counts.append(copies_in_memory(shared))
+        return states
+
+    monkeypatch.setattr(LayerwiseDistillation, "teacher_states", counting_teacher_states)
+    train(distill_recipe(primed, **{"train.steps": 2, "eval.every": 2, "checkpoint.every": 2}), tmp_path / "run",
+          progress=False)
+    assert len(counts) == 4  # 2 steps x 2 micro-batches
+    for step_counts in counts[2:]:
+        assert {name: n - before[name] for name, n in step_counts.items()} == {name: 1 for name in shared}
+
+    # the count sees a duplicate: a teacher held as a copy of the model doubles every count
+    gc.collect()
+    baseline = copies_in_memory(shared)
+    model = load_trained(primed).model  # as primed: each SSM out_proj still equals its o_proj
+    one = {name: n - baseline[name] for name, n in copies_in_memory(shared).items()}
+    teacher = copy.deepcopy(model)
+    two = {name: n - baseline[name] for name, n in copies_in_memory(shared).items()}
+    assert min(one.values()) == 1 and two == {name: 2 * n for name, n in one.items()}
+    del model, teacher
 
 
 def test_distillation_resumes_exactly(primed, distilled, tmp_path):
