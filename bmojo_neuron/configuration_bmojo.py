@@ -196,9 +196,17 @@ class BMojoConfig(PretrainedConfig):
         return self.ssm_inner_size // self.ssm_head_dim
 
     @property
+    def memory_horizon(self) -> int:
+        """How far back the windows reach: ``w + w_f``, or ``max(w, w_f)`` when the fading keys overlap the window."""
+        if self.fading_overlap:
+            return max(self.window_size, self.fading_window)
+        return self.window_size + self.fading_window
+
+    @property
     def memory_lag(self) -> int:
-        """Chunks between a token's pick and its visibility: ``g = 1 + ceil((w + w_f) / c)``."""
-        return 1 + -(-(self.window_size + self.fading_window) // self.memory_chunk)
+        """Chunks between a token's pick and its visibility: ``g = 1 + ceil(memory_horizon / c)``, so a
+        memory token is older than both windows of every query that reads it."""
+        return 1 + -(-self.memory_horizon // self.memory_chunk)
 
     def layer_kind(self, layer_idx: int) -> str:
         return self.layer_pattern[layer_idx]

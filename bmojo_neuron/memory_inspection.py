@@ -40,6 +40,7 @@ class LayerMemory:
     innovation: np.ndarray  # (batch, L)
     positions: np.ndarray  # (batch, n_complete_chunks, M) int
     scores: np.ndarray  # (batch, n_complete_chunks, M)
+    fading_overlap: bool = False  # fading keys over the window: both windows reach back max(w, w_f)
 
     def visible(self, row: int, query: int) -> np.ndarray:
         """Positions in the memory that the query at `query` reads (possibly empty)."""
@@ -54,7 +55,7 @@ class LayerMemory:
         distance = query - token
         if distance < self.window:
             return "window"
-        if distance < self.window + self.fading_window:
+        if distance < (max(self.window, self.fading_window) if self.fading_overlap else self.window + self.fading_window):
             return "fading"
         return "memory" if token in self.visible(row, query) else "lost"
 
@@ -99,7 +100,7 @@ def trace_memory(model: nn.Module, input_ids: torch.Tensor) -> list[LayerMemory]
         traces.append(LayerMemory(
             layer=i, window=mixer.window, fading_window=mixer.fading_window, chunk=mixer.chunk, lag=mixer.lag,
             innovation=innovation.float().cpu().numpy(), positions=positions.cpu().numpy(),
-            scores=scores.float().cpu().numpy(),
+            scores=scores.float().cpu().numpy(), fading_overlap=mixer.fading_overlap,
         ))
     return traces
 

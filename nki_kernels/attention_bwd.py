@@ -159,11 +159,12 @@ def _load_head(b: int, h: int, q0: int, q, qT, o, do, doT, lse, dlse, dtype, d: 
     return qt, q_nat, do_nat, dot, neg_lse, neg_sdi
 
 
-def _last_tile(blk: _BlockGrads, length: int, window: int, fading_window: int, chunk: int) -> int:
+def _last_tile(blk: _BlockGrads, length: int, window: int, fading_window: int, chunk: int,
+               fading_overlap: bool) -> int:
     """Index of the last query tile that can read key block `blk`."""
     if blk.stream == "mem":
         return (min(length, (blk.chunk + 1) * chunk) - 1) // PMAX
-    _, hi_lag = stream_lags(blk.stream, window, fading_window)
+    _, hi_lag = stream_lags(blk.stream, window, fading_window, fading_overlap)
     return min(length - 1, blk.block * PMAX + PMAX - 1 + hi_lag) // PMAX
 
 
@@ -185,7 +186,7 @@ def _flush(acc: _Accumulators, name: str, grads: dict, n_slots: int, b: int, g: 
 
 @nki.jit
 def eidetic_attention_bwd(q, qT, k, kT, vT, kf, kfT, vfT, memk, memkT, memvT, mem_bias, o, do, doT, lse, dlse,
-                          window, fading_window, chunk, scale):
+                          window, fading_window, chunk, scale, fading_overlap=False):
     """Gradients of B'MOJO attention; layouts in the module docstring."""
     batch, q_heads, d, length = qT.shape
     check_config(qT, kT, window, fading_window, chunk, scale)
@@ -217,7 +218,8 @@ def eidetic_attention_bwd(q, qT, k, kT, vT, kf, kfT, vfT, memk, memkT, memvT, me
             done = {}  # names of the key blocks already written
             for tile in range(n_tiles):
                 q0 = tile * PMAX
-                plan = plan_tile(q0, length, window, fading_window, chunk, n_slots, use_fading, use_memory)
+                plan = plan_tile(q0, length, window, fading_window, chunk, n_slots, use_fading, use_memory,
+                                 fading_overlap)
                 loaded = [_load_segment(seg, b, g, src, mem_bias, dtype, d) for seg in plan]
                 for h in range(g * groups, (g + 1) * groups):
                     head = _load_head(b, h, q0, q, qT, o, do, doT, lse, dlse, dtype, d, scale)
@@ -228,7 +230,7 @@ def eidetic_attention_bwd(q, qT, k, kT, vT, kf, kfT, vfT, memk, memkT, memvT, me
                     nisa.tensor_copy(dst=dq_sb, src=dq_ps)
                     nisa.dma_copy(dst=dq[b, h, q0:q0 + PMAX, :], src=dq_sb)
                 final = [name for name, blk in acc.tiles.items()
-                         if _last_tile(blk, length, window, fading_window, chunk) <= tile]
+                         if _last_tile(blk, length, window, fading_window, chunk, fading_overlap) <= tile]
                 for name in final:
                     _flush(acc, name, grads, n_slots, b, g, done)
             for name in list(acc.tiles):

@@ -4,7 +4,8 @@ For query ``i`` (chunk ``j = i // c``) one online softmax runs over three key se
 never concatenated and never forming an L x L score matrix:
 
 * in-context: ``k[t]``,  ``t in (i - w, i]``              (lags 0 .. w - 1)
-* fading:     ``k_f[t]``, ``t in (i - w - w_f, i - w]``     (lags w .. w + w_f - 1)
+* fading:     ``k_f[t]``, ``t in (i - w - w_f, i - w]``     (lags w .. w + w_f - 1), or with
+  ``fading_overlap`` ``t in (i - w_f, i]`` (lags 0 .. w_f - 1, over the in-context window)
 * memory:     the M slots ``mem_k[j]``, with an additive validity bias (0 or -1e30).
 
 Layouts (docs/kernels.md, "Attention"): the bridge passes queries and keys transposed,
@@ -120,18 +121,23 @@ def memory_segments(q0: int, chunk: int, n_slots: int) -> list[Segment]:
 
 
 def plan_tile(q0: int, length: int, window: int, fading_window: int, chunk: int, n_slots: int,
-              use_fading: bool, use_memory: bool) -> list[Segment]:
+              use_fading: bool, use_memory: bool, fading_overlap: bool = False) -> list[Segment]:
     """Every online-softmax step of query tile q0, diagonal (in-context) segment first."""
     segs = window_segments("ctx", q0, 0, window - 1, length)[::-1]
     if use_fading:
-        segs += window_segments("fad", q0, window, window + fading_window - 1, length)
+        lo_lag, hi_lag = stream_lags("fad", window, fading_window, fading_overlap)
+        segs += window_segments("fad", q0, lo_lag, hi_lag, length)
     if use_memory:
         segs += memory_segments(q0, chunk, n_slots)
     return segs
 
 
-def stream_lags(stream: str, window: int, fading_window: int) -> tuple[int, int]:
-    return (0, window - 1) if stream == "ctx" else (window, window + fading_window - 1)
+def stream_lags(stream: str, window: int, fading_window: int, fading_overlap: bool = False) -> tuple[int, int]:
+    """(nearest, farthest) lag ``i - t`` of the keys a query reads from `stream` ("ctx" or "fad")."""
+    if stream == "ctx":
+        return 0, window - 1
+    nearest = 0 if fading_overlap else window
+    return nearest, nearest + fading_window - 1
 
 
 def plan_steps(plan: list[Segment]) -> list[list[int]]:
@@ -306,7 +312,8 @@ def check_config(qT, kT, window: int, fading_window: int, chunk: int, scale: flo
 
 
 @nki.jit
-def eidetic_attention_fwd(qT, kT, v, kfT, vf, memkT, memv, mem_bias, window, fading_window, chunk, scale):
+def eidetic_attention_fwd(qT, kT, v, kfT, vf, memkT, memv, mem_bias, window, fading_window, chunk, scale,
+                          fading_overlap=False):
     """(out, lse) of B'MOJO attention; layouts in the module docstring."""
     batch, q_heads, d, length = qT.shape
     check_config(qT, kT, window, fading_window, chunk, scale)
@@ -324,7 +331,8 @@ def eidetic_attention_fwd(qT, kT, v, kfT, vf, memkT, memv, mem_bias, window, fad
     for b in nl.affine_range(batch):
         for g in nl.affine_range(kv_heads):
             for q0 in range(0, length, PMAX):
-                plan = plan_tile(q0, length, window, fading_window, chunk, n_slots, use_fading, use_memory)
+                plan = plan_tile(q0, length, window, fading_window, chunk, n_slots, use_fading, use_memory,
+                                 fading_overlap)
                 keys = []  # per segment of the plan: (K^T, V blocks, bias row)
                 for seg in plan:
                     keys.append(load_keys(seg, b, g, streams, mem_bias, dtype))

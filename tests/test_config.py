@@ -20,6 +20,15 @@ def test_defaults_follow_the_design():
     assert BMojoConfig(window_size=100, fading_window=30, memory_chunk=40, num_hidden_layers=1).memory_lag == 1 + 4
 
 
+@pytest.mark.parametrize("window, fading, chunk, lag", [(100, 30, 40, 1 + 3), (30, 100, 40, 1 + 3), (64, 64, 64, 1 + 1)])
+def test_overlapping_fading_keys_shorten_the_memory_lag(window, fading, chunk, lag):
+    """Fading keys over the window: both windows reach back max(w, w_f), and the memory starts right behind."""
+    config = BMojoConfig(window_size=window, fading_window=fading, memory_chunk=chunk, num_hidden_layers=1,
+                         fading_overlap=True)
+    assert config.memory_horizon == max(window, fading)
+    assert config.memory_lag == lag  # 1 + ceil(max(w, w_f) / c)
+
+
 @pytest.mark.parametrize(
     "overrides, field",
     [

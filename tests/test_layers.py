@@ -105,8 +105,9 @@ def test_bmojo_layer_equals_the_definition(tie, decay, option):
         memory_picks=picks, memory_decay=decay, tie_fading_projections=tie, **OPTIONS[option],
     )
     overlap = layer.fading_overlap
-    lag = 1 + -(-(window + fading) // chunk)
-    assert layer.lag == lag == 3
+    horizon = max(window, fading) if overlap else window + fading  # how far back the two windows reach
+    lag = 1 + -(-horizon // chunk)
+    assert layer.lag == lag == (2 if overlap else 3)
     x = torch.randn(2, 41, 32, dtype=torch.float64)
     theta = layer.rotary.theta
     _, k, v = project(layer, x)
@@ -135,9 +136,9 @@ def test_bmojo_layer_equals_the_definition(tie, decay, option):
         values = [v[b, t, h] for t in ctx] + [vf[b, t, h] for t in fade]
         j = i // chunk
         if j - lag >= 0:
-            at = max(0, j * chunk - window - fading)
+            at = max(0, j * chunk - horizon)
             for p in memory[b][j - lag]:
-                assert p // chunk + lag <= j and i - p > window + fading  # the lag rule
+                assert p // chunk + lag <= j and i - p > horizon  # the lag rule
                 keys.append(naive_rope(k[b, p, h], at, theta))
                 values.append(v[b, p, h])
         return keys, values

@@ -85,6 +85,17 @@ def test_forward_lse_and_all_gradients_fp32(case):
     assert_close(run_both(tensors, valid, window=w, fading_window=wf, chunk=c), 1e-4)
 
 
+@pytest.mark.parametrize("length, window, fading_window, chunk", [
+    (256, 64, 96, 64),  # fading keys reach past the window, one edge per tile straddles
+    (200, 150, 40, 48),  # fading window inside the window; L padded to 256 inside
+])
+def test_fading_keys_over_the_window_fp32(length, window, fading_window, chunk):
+    """fading_overlap: the fading keys cover lags 0 .. w_f - 1, as in the reference."""
+    tensors, valid = make_inputs(length, 4, 2, 16, chunk, 5, seed=4)
+    assert_close(run_both(tensors, valid, window=window, fading_window=fading_window, chunk=chunk,
+                          fading_overlap=True), 1e-4)
+
+
 def test_no_memory_and_unpadded_length_fp32():
     """M = 0 (mem given, no slots), and no memory at all with L = 200 (padded to 256 inside)."""
     tensors, valid = make_inputs(256, 2, 1, 16, 64, 0)

@@ -31,7 +31,7 @@ LENGTH = 40  # divisible by 2 for sequence parallelism; spans 8 memory chunks
 def _config(mixer: str):
     return tiny_config(
         layer_pattern="BFMSA", ssm_mixer=mixer, ssm_n_groups=2, num_attention_heads=4, num_key_value_heads=2,
-        tie_fading_projections=False, memory_decay=0.9,
+        tie_fading_projections=False, memory_decay=0.9, ssm_residual=True, fading_overlap=True,
     )
 
 

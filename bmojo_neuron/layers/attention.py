@@ -57,6 +57,7 @@ class BMojoAttention(nn.Module):
         self.picks = config.memory_picks
         self.decay = config.memory_decay
         self.lag = config.memory_lag
+        self.horizon = config.memory_horizon
 
         hidden, bias = config.hidden_size, config.attention_bias
         q_width, kv_width = config.num_attention_heads * self.head_dim, self.kv_width
@@ -76,8 +77,7 @@ class BMojoAttention(nn.Module):
         self.ssm_norm = layers.norm(hidden, eps=config.rms_norm_eps) if needs_ssm and config.fading_norm else None
         self.ssm_residual_gain = None
         if needs_ssm and config.ssm_residual:
-            self.ssm_residual_gain = nn.Parameter(torch.zeros(hidden))
-            self.ssm_residual_gain._no_weight_decay = True
+            self.ssm_residual_gain = layers.gain(hidden)
         self.tie_fading = config.tie_fading_projections
         self.fading_overlap = config.fading_overlap
         if self.fading_window > 0 and not self.tie_fading:
@@ -127,8 +127,8 @@ class BMojoAttention(nn.Module):
         return self.factory.all_reduce(local * (self.kv_heads * self.head_dim)) / self.kv_width
 
     def _memory_rotation(self, chunk_index: Tensor) -> Tensor:
-        """Position at which chunk j reads its memory keys: max(0, j*c - w - w_f)."""
-        return (chunk_index * self.chunk - self.window - self.fading_window).clamp(min=0)
+        """Position at which chunk j reads its memory keys, just behind both windows: max(0, j*c - memory_horizon)."""
+        return (chunk_index * self.chunk - self.horizon).clamp(min=0)
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -55,6 +56,16 @@ class LayerFactory:
     def norm(self, dim: int, eps: float) -> nn.Module:
         """An RMSNorm on the residual stream (sequence-sharded under sequence parallelism)."""
         return RMSNorm(dim, eps=eps)
+
+    def gain(self, dim: int) -> nn.Parameter:
+        """A per-channel gain on the residual stream, initialised at 0 and kept out of weight decay.
+
+        Replicated on every rank; under sequence parallelism it scales this rank's part of
+        the sequence, so the subclasses mark it for the gradient sum over ranks, as a norm's weight.
+        """
+        gain = nn.Parameter(torch.zeros(dim))
+        gain._no_weight_decay = True
+        return gain
 
     # ------------------------------------------------------------------ collectives
     def share_across_tp(self, x: Tensor) -> Tensor:

@@ -238,18 +238,18 @@ class EideticAttentionFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, runner, window, fading_window, chunk, scale, q, k, v, kf, vf, mem_k, mem_v,  # type: ignore
-                mem_bias):
+    def forward(ctx, runner, window, fading_window, chunk, scale, fading_overlap, q, k, v, kf, vf, mem_k,  # type: ignore
+                mem_v, mem_bias):
         r = runner
         kd = _kernel_dtype(q)
         c = lambda t: None if t is None else t.to(kd).contiguous()  # noqa: E731
         args = [r.to_kernel(x) for x in (_tr(c(q)), _tr(c(k)), c(v), _tr(c(kf)), c(vf), _tr(c(mem_k)), c(mem_v),
                                          mem_bias)]
-        out, lse = r.call(eidetic_attention_fwd, *args, window, fading_window, chunk, scale)
+        out, lse = r.call(eidetic_attention_fwd, *args, window, fading_window, chunk, scale, fading_overlap)
         out_t = r.from_kernel(out, kd, q.device)
         lse_t = r.from_kernel(lse, torch.float32, q.device)
         ctx.save_for_backward(q, k, v, kf, vf, mem_k, mem_v, mem_bias, out_t, lse_t)
-        ctx.runner, ctx.cfg = runner, (window, fading_window, chunk, scale)
+        ctx.runner, ctx.cfg = runner, (window, fading_window, chunk, scale, fading_overlap)
         return out_t.to(q.dtype), lse_t
 
     @staticmethod
@@ -266,21 +266,22 @@ class EideticAttentionFn(torch.autograd.Function):
         dev = q.device
         like = (q, k, v, kf, vf, mem_k, mem_v)
         result = [None if g is None or t is None else r.from_kernel(g, t.dtype, dev) for g, t in zip(grads, like)]
-        return (None, None, None, None, None, *result, None)
+        return (None, None, None, None, None, None, *result, None)
 
 
 def make_eidetic_attention(runner: Runner) -> Callable[..., Any]:
     """`eidetic_attention` with the reference signature, running the NKI kernels through `runner`.
 
     Any L (padded at the end to a multiple of 128: later keys never reach earlier queries),
-    any chunk, window and memory size; head_dim <= 128; scale > 0. `block` is the
-    reference's blocking knob and is ignored.
+    any chunk, window and memory size, the fading keys behind the window or over it
+    (`fading_overlap`); head_dim <= 128; scale > 0. `block` is the reference's blocking
+    knob and is ignored.
     """
 
     def eidetic_attention(q: Tensor, k: Tensor, v: Tensor, k_fading: Tensor | None = None,
                           v_fading: Tensor | None = None, mem_k: Tensor | None = None, mem_v: Tensor | None = None,
                           mem_valid: Tensor | None = None, *, window: int, fading_window: int = 0, chunk: int = 1,
-                          scale: float | None = None, block: int | None = None):
+                          scale: float | None = None, block: int | None = None, fading_overlap: bool = False):
         check_shapes(q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, window, fading_window, chunk)
         batch, _, length, head_dim = q.shape
         if head_dim > TILE:
@@ -289,7 +290,7 @@ def make_eidetic_attention(runner: Runner) -> Callable[..., Any]:
         if scale <= 0:
             raise ValueError(f"eidetic_attention (NKI): scale must be > 0, got {scale}")
         window = min(window, length)
-        use_fading = k_fading is not None and fading_window > 0 and window < length
+        use_fading = k_fading is not None and fading_window > 0 and (fading_overlap or window < length)
         use_memory = mem_k is not None and mem_k.shape[3] > 0
         pad = (-length) % TILE
         padded = length + pad
@@ -303,8 +304,8 @@ def make_eidetic_attention(runner: Runner) -> Callable[..., Any]:
             valid = mem_valid if not extra else torch.cat(
                 [mem_valid, mem_valid.new_zeros(batch, extra, mem_valid.shape[2])], 1)
             bias = torch.zeros(valid.shape, dtype=torch.float32, device=q.device).masked_fill(~valid, ATTN_NEG)
-        out, lse = EideticAttentionFn.apply(runner, window, fading_window if use_fading else 0, chunk, scale, q_p, k_p,
-                                            v_p, kf_p, vf_p, mk, mv, bias)
+        out, lse = EideticAttentionFn.apply(runner, window, fading_window if use_fading else 0, chunk, scale,
+                                            fading_overlap, q_p, k_p, v_p, kf_p, vf_p, mk, mv, bias)
         if pad:
             out, lse = out[:, :, :length], lse[:, :, :length]
         return out, lse

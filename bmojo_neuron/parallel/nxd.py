@@ -104,6 +104,12 @@ class NxDTensorParallelFactory(LayerFactory):
             setattr(norm.weight, SP_GRAD_ATTRIBUTE, True)
         return norm
 
+    def gain(self, dim: int) -> nn.Parameter:
+        gain = super().gain(dim)
+        if self.sequence_parallel:
+            setattr(gain, SP_GRAD_ATTRIBUTE, True)
+        return gain
+
     def share_across_tp(self, x: Tensor) -> Tensor:
         return self.mappings.copy_to_tensor_model_parallel_region(x)
 

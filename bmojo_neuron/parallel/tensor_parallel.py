@@ -144,6 +144,11 @@ class TorchTensorParallelFactory(LayerFactory):
         norm.weight.sequence_parallel = self.sequence_parallel
         return norm
 
+    def gain(self, dim: int) -> nn.Parameter:
+        gain = super().gain(dim)
+        gain.sequence_parallel = self.sequence_parallel
+        return gain
+
     def share_across_tp(self, x: Tensor) -> Tensor:
         return C.copy_to_tp(x, self.group)
 

@@ -1,0 +1,165 @@
+"""Train layer kinds on a grid of MQAR regimes through the CLI, seeds apart; table and plot of final recall.
+
+    python infra/recall_grid.py --out runs/grid --kv 4 16 32 --seq 64 256 --patterns BB MM FF \\
+        --seeds 0 1 2 --steps 1000 --jobs 2
+    python infra/recall_grid.py --out runs/grid --report   # table (mean ± std over seeds) and PNG only
+
+Every run is `bmojo-neuron train mqar-suite suite=none ...` with the overrides of its
+regime (`regime_overrides`), so what the grid measures is what a user gets from the
+CLI. Windows and chunks scale with the sequence (``w = w_f = c = L / 8``); every
+chunk may pick half its tokens and the memory holds every pick of a sequence
+(``k = c / 2``, ``M = L / 2``), so retention never drops a pick and a miss is
+selection's. Each pattern keeps the SwiGLU width that matches its parameters to the
+B'MOJO model's in the suite recipe. A finished run (a final eval in its
+``metrics.jsonl``) is not run again, so an interrupted grid resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# SwiGLU widths of recipes/mqar-suite.yaml per layer kind: each model's parameters within 10% of B'MOJO's.
+MLP_WIDTH = {"B": 128, "F": 160, "M": 224, "S": 288, "A": 288}
+VOCAB = 128  # keys 1..63: room for 32 distinct keys
+
+
+def regime_overrides(kv: int, seq: int) -> list[str]:
+    """Data and model overrides of one regime: windows, chunk and memory scaled with the sequence."""
+    window = max(8, seq // 8)
+    return [f"data.seq_len={seq}", f"data.num_kv_pairs={kv}", f"data.vocab_size={VOCAB}",
+            f"model.window_size={window}", f"model.fading_window={window}", f"model.memory_chunk={window}",
+            f"model.memory_picks={window // 2}", f"model.memory_size={seq // 2}",
+            f"model.ssm_chunk_size={min(seq, 64)}"]
+
+
+def run_name(pattern: str, variant: str, kv: int, seq: int, seed: int) -> str:
+    return f"{pattern}{'-' + variant if variant else ''}_kv{kv}_L{seq}_s{seed}"
+
+
+def final_recall(run_dir: Path) -> float | None:
+    """Recall of the last eval in the run's metrics.jsonl, None if the run has not finished one."""
+    metrics = run_dir / "metrics.jsonl"
+    if not (run_dir / "final").exists() or not metrics.exists():
+        return None
+    evals = [json.loads(line) for line in metrics.read_text().splitlines() if '"eval"' in line]
+    return evals[-1]["eval_accuracy"] if evals else None
+
+
+def train_one(out: Path, pattern: str, variant: str, extra: list[str], kv: int, seq: int, seed: int,
+              steps: int, eval_every: int) -> dict:
+    name = run_name(pattern, variant, kv, seq, seed)
+    run_dir = out / name
+    recall = final_recall(run_dir)
+    if recall is None:
+        if run_dir.exists():
+            subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+        argv = ["nice", "-n", "10", sys.executable, "-m", "bmojo_neuron.cli", "train", "mqar-suite", "suite=none",
+                "--output-dir", str(run_dir), "--no-progress", f"run.name={name}", f"run.seed={seed}",
+                f"data.seed={seed}", f"model.layer_pattern={pattern}",
+                f"model.intermediate_size={MLP_WIDTH[pattern[0]]}", f"model.num_hidden_layers={len(pattern)}", f"train.steps={steps}",
+                f"eval.every={eval_every or steps}", f"checkpoint.every={steps}", "eval.length_multipliers=[1]",
+                *regime_overrides(kv, seq), *extra]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with open(out / f"{name}.log", "w") as log:
+            subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False)
+        recall = final_recall(run_dir)
+    print(f"{name}: recall {recall}", flush=True)
+    return {"pattern": pattern, "variant": variant, "kv": kv, "seq": seq, "seed": seed, "steps": steps,
+            "recall": recall}
+
+
+def collect(out: Path) -> list[dict]:
+    """Every finished run under `out` (recorded in results.jsonl by the runs of this script)."""
+    path = out / "results.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    latest = {(r["pattern"], r["variant"], r["kv"], r["seq"], r["seed"], r["steps"]): r for r in rows}
+    return [r for r in latest.values() if r["recall"] is not None]
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per (model, regime, steps), recall mean ± std over seeds."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["kv"], r["seq"], r["steps"], r["pattern"] + (f" {r['variant']}" if r["variant"] else "")),
+                          []).append(r["recall"])
+    lines = ["| kv pairs | seq | steps | model | recall (mean ± std) | seeds |", "|---|---|---|---|---|---|"]
+    for (kv, seq, steps, model), values in sorted(groups.items()):
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(f"| {kv} | {seq} | {steps} | {model} | {statistics.mean(values):.3f} ± {spread:.3f} | "
+                     f"{len(values)} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """One panel per sequence length: recall against kv pairs, a line per model, seeds as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seqs = sorted({r["seq"] for r in rows})
+    fig, axes = plt.subplots(1, len(seqs), figsize=(4 * len(seqs), 3.4), squeeze=False, sharey=True)
+    for ax, seq in zip(axes[0], seqs):
+        models = sorted({(r["pattern"], r["variant"]) for r in rows if r["seq"] == seq})
+        for pattern, variant in models:
+            mine = [r for r in rows if r["seq"] == seq and (r["pattern"], r["variant"]) == (pattern, variant)]
+            kvs = sorted({r["kv"] for r in mine})
+            means = [statistics.mean(r["recall"] for r in mine if r["kv"] == kv) for kv in kvs]
+            line, = ax.plot(kvs, means, marker="o", label=pattern + (f" {variant}" if variant else ""))
+            ax.scatter([r["kv"] for r in mine], [r["recall"] for r in mine], s=8, color=line.get_color(), alpha=0.5)
+        steps = sorted({r["steps"] for r in rows if r["seq"] == seq})
+        ax.set(title=f"seq {seq} ({'/'.join(map(str, steps))} steps)", xlabel="kv pairs", xscale="log", ylim=(0, 1.02))
+        ax.set_xticks(sorted({r["kv"] for r in rows if r["seq"] == seq}))
+        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("MQAR recall")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder of the runs, results.jsonl, grid.md, grid.png")
+    parser.add_argument("--patterns", nargs="+", default=["BB", "MM", "FF"],
+                        help="layer patterns of one kind each (BB, MM, FF, SS, AA, or one layer: B, M, ...)")
+    parser.add_argument("--kv", type=int, nargs="+", default=[4, 16, 32])
+    parser.add_argument("--seq", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--eval-every", type=int, default=0, help="steps between evals (default: only at the end)")
+    parser.add_argument("--variant", default="", help="label of the extra overrides (part of each run's name)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (each uses one thread)")
+    parser.add_argument("--report", action="store_true", help="only write the table and plot of finished runs")
+    parser.add_argument("--plot", type=Path, help="PNG path (default: OUT/grid.png)")
+    parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run, key=value")
+    args = parser.parse_args()
+    for pattern in args.patterns:
+        if len(set(pattern)) != 1 or pattern[0] not in MLP_WIDTH:
+            parser.error(f"--patterns: {pattern!r} is not one layer kind of {''.join(MLP_WIDTH)} repeated")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        jobs = [(p, kv, seq, seed) for seq in args.seq for kv in args.kv for seed in args.seeds for p in args.patterns
+                if 4 * kv <= seq]
+        with ThreadPoolExecutor(args.jobs) as pool, open(args.out / "results.jsonl", "a") as results:
+            for row in pool.map(lambda job: train_one(args.out, job[0], args.variant, args.overrides, *job[1:],
+                                                      args.steps, args.eval_every), jobs):
+                results.write(json.dumps(row) + "\n")
+                results.flush()
+    rows = collect(args.out)
+    (args.out / "grid.md").write_text(table(rows) + "\n")
+    print(table(rows))
+    if rows:
+        plot(rows, args.plot or args.out / "grid.png")
+
+
+if __name__ == "__main__":
+    main()
