@@ -24,12 +24,16 @@ the tile are planned at trace time (`plan_tile`): each stream's range, clipped a
 into segments of at most 512 keys (one PSUM bank of fp32 scores); segments wholly outside
 a window are never emitted, and a segment gets an `affine_select` mask only for the
 window edges (or chunk edges, for memory) that cut through it. The K/V tiles of a query
-tile are loaded once and reused by every query head of the GQA group. Per segment: one
-``nc_matmul`` for the scores (queries x keys in PSUM, fp32 accumulation), the memory bias
-accumulated into the same PSUM tile by a rank-1 matmul, row max (Vector), exp with the
-row sum (Scalar, ``reduce_res``), P transposed per 128-key block on the Tensor engine,
-evacuated to SBUF (alternately Vector / Scalar) and multiplied with V into one PSUM
-tile; the running output is rescaled once per segment. Matmuls run in the inputs'
+tile are loaded once and reused by every query head of the GQA group. The query heads of
+``LANE_KV_HEADS`` kv heads form the *lanes* of a query tile; their online-softmax steps
+are issued in turn, so the engines work on one lane's chain while another lane waits on
+its own. Per segment: one ``nc_matmul`` for the scores (queries x keys in PSUM, fp32
+accumulation), the memory bias accumulated into the same PSUM tile by a rank-1 matmul,
+row max (Vector), exp (Scalar), P transposed per 128-key block on the Tensor engine,
+evacuated to SBUF (Vector or Scalar, whichever is less busy) and multiplied with V,
+extended by a ones column that yields the row sums, into one PSUM tile; the running
+output is rescaled once per step. V blocks come from a pool reused across query tiles
+(`VBlockPool`), so their ones column is written once, not on every load. Matmuls run in the inputs'
 dtype: bf16 in training (fp32 accumulation in PSUM), fp32 for fp32 inputs (tests).
 The in-context segment holding the diagonal goes first, so every row has a finite max
 from its first step (masked entries are -1e30, never -inf: no NaN even otherwise).
@@ -44,6 +48,7 @@ from nki_kernels.compat import nisa, nki, nl
 NEG = -1.0e30  # masked score; exp(scale * NEG - m) underflows to exactly 0
 SEG = 512  # keys per segment: one PSUM bank of fp32 scores per partition
 STEP_SEGMENTS = 4  # segments (PSUM banks) per online-softmax step
+LANE_KV_HEADS = 2
 
 
 class Segment(nl.NKIObject):
@@ -155,14 +160,46 @@ def plan_steps(plan: list[Segment]) -> list[list[int]]:
     return steps
 
 
-def load_keys(seg: Segment, b: int, g: int, streams: dict, mem_bias, dtype):
-    """K^T (d, n), the V blocks (<= 128 keys, d + 1) of a segment, and its bias row (1, n) or None.
+class VBlockPool(nl.NKIObject):
+    """SBUF V blocks (<= 128 keys, d + 1) reused from query tile to query tile.
 
-    Column d of every V block is 1, so the P.V matmul also yields the softmax row sums.
+    Column d of every V block is 1, so the P.V matmul also yields the softmax row sums;
+    it is set once per block, when the block is first allocated, not on every load (on
+    GpSimd, which shares the SBUF port with Vector). Two sets alternate by query tile, so
+    one group of lanes' loads do not wait for the previous group's P.V matmuls.
     """
+
+    def __init__(self, d: int, dtype) -> None:
+        self.d, self.dtype = d, dtype
+        self.sets = [[], []]
+        self.current = 0
+        self.used = 0
+
+    def next_set(self) -> None:
+        """Take blocks from the other set from now on, from its first block."""
+        self.current = 1 - self.current
+        self.used = 0
+
+    def take(self, rows: int):
+        blocks = self.sets[self.current]
+        if self.used < len(blocks) and blocks[self.used].shape[0] == rows:
+            vb = blocks[self.used]
+        else:
+            vb = nl.ndarray((rows, self.d + 1), dtype=self.dtype, buffer=nl.sbuf)
+            nisa.memset(dst=vb[:, self.d:self.d + 1], value=1.0, engine=nisa.engine.gpsimd)
+            if self.used < len(blocks):
+                blocks[self.used] = vb
+            else:
+                blocks.append(vb)
+        self.used += 1
+        return vb
+
+
+def load_keys(seg: Segment, b: int, g: int, streams: dict, mem_bias, pool: VBlockPool):
+    """K^T (d, n), the V blocks (<= 128 keys, d + 1, from `pool`) of a segment, and its bias row (1, n) or None."""
     kT_hbm, v_hbm = streams[seg.stream]
     d = kT_hbm.shape[-2]
-    kt = nl.ndarray((d, seg.n), dtype=dtype, buffer=nl.sbuf)
+    kt = nl.ndarray((d, seg.n), dtype=pool.dtype, buffer=nl.sbuf)
     blocks = []
     bias = None
     mem = seg.stream == "mem"
@@ -175,10 +212,9 @@ def load_keys(seg: Segment, b: int, g: int, streams: dict, mem_bias, dtype):
     for f0 in range(0, seg.n, PMAX):
         nb = min(PMAX, seg.n - f0)
         r0 = seg.k0 + f0
-        vb = nl.ndarray((nb, d + 1), dtype=dtype, buffer=nl.sbuf)
+        vb = pool.take(nb)
         rows = v_hbm[b, g, seg.chunk, r0:r0 + nb, :] if mem else v_hbm[b, g, r0:r0 + nb, :]
         nisa.dma_copy(dst=vb[:, 0:d], src=rows)
-        nisa.memset(dst=vb[:, d:d + 1], value=1.0, engine=nisa.engine.gpsimd)
         blocks.append(vb)
     return kt, blocks, bias
 
@@ -288,6 +324,21 @@ def softmax_step(st: SoftmaxState, scores: list, v_blocks: list, scale: float, d
     st.m, st.neg_m = m_new, neg_m
 
 
+class Lane(nl.NKIObject):
+    """One query head of a query tile: its head index, the K/V tiles it reads, its queries and softmax state."""
+
+    def __init__(self, head: int, keys: list, qt) -> None:
+        self.head, self.keys, self.qt = head, keys, qt
+        self.state = SoftmaxState()
+
+
+def load_queries(qT, b: int, h: int, q0: int, d: int, dtype):
+    """Q^T of one head's query tile (d, 128)."""
+    qt = nl.ndarray((d, PMAX), dtype=dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=qt, src=qT[b, h, :, q0:q0 + PMAX])
+    return qt
+
+
 def finish(st: SoftmaxState, out, lse, b: int, h: int, q0: int, d: int) -> None:
     """out = acc / l (in out's dtype), lse = scale*m + log l (l = the last column of acc)."""
     o_sb = nl.ndarray((PMAX, d), dtype=out.dtype, buffer=nl.sbuf)
@@ -328,26 +379,34 @@ def eidetic_attention_fwd(qT, kT, v, kfT, vf, memkT, memv, mem_bias, window, fad
     lse = nl.ndarray((batch, q_heads, length), dtype=nl.float32, buffer=nl.shared_hbm)
     streams = {"ctx": (kT, v), "fad": (kfT, vf), "mem": (memkT, memv)}
     ones_row = ones((1, PMAX)) if use_memory else None
+    pool = VBlockPool(d, dtype)
     for b in nl.affine_range(batch):
-        for g in nl.affine_range(kv_heads):
-            for q0 in range(0, length, PMAX):
-                plan = plan_tile(q0, length, window, fading_window, chunk, n_slots, use_fading, use_memory,
-                                 fading_overlap)
-                keys = []  # per segment of the plan: (K^T, V blocks, bias row)
-                for seg in plan:
-                    keys.append(load_keys(seg, b, g, streams, mem_bias, dtype))
-                for h in range(g * groups, (g + 1) * groups):
-                    qt = nl.ndarray((d, PMAX), dtype=dtype, buffer=nl.sbuf)
-                    nisa.dma_copy(dst=qt, src=qT[b, h, :, q0:q0 + PMAX])
-                    st, bal = SoftmaxState(), Balance()
-                    for step in plan_steps(plan):
+        for q0 in range(0, length, PMAX):
+            plan = plan_tile(q0, length, window, fading_window, chunk, n_slots, use_fading, use_memory,
+                             fading_overlap)
+            steps = plan_steps(plan)
+            for g0 in range(0, kv_heads, LANE_KV_HEADS):
+                pool.next_set()
+                lanes = []
+                for g in range(g0, min(g0 + LANE_KV_HEADS, kv_heads)):
+                    keys = []  # per segment of the plan: (K^T, V blocks, bias row)
+                    for seg in plan:
+                        keys.append(load_keys(seg, b, g, streams, mem_bias, pool))
+                    for h in range(g * groups, (g + 1) * groups):
+                        lanes.append(Lane(h, keys, load_queries(qT, b, h, q0, d, dtype)))
+                bal = Balance()
+                # The lanes' steps are issued in turn, so one lane's exp, transpose and evacuation
+                # run while the next lane's scores are on the Tensor engine.
+                for step in steps:
+                    for lane in lanes:
                         scores, v_blocks = [], []
                         for i in step:
                             seg = plan[i]
                             eng = bal.pick(seg.n) if seg.conds else "vector"
-                            kt, blocks, bias = keys[i]
-                            scores.append(masked_scores(qt, kt, bias, ones_row, seg, eng))
+                            kt, blocks, bias = lane.keys[i]
+                            scores.append(masked_scores(lane.qt, kt, bias, ones_row, seg, eng))
                             v_blocks.append(blocks)
-                        softmax_step(st, scores, v_blocks, scale, dtype, d, bal)
-                    finish(st, out, lse, b, h, q0, d)
+                        softmax_step(lane.state, scores, v_blocks, scale, dtype, d, bal)
+                for lane in lanes:
+                    finish(lane.state, out, lse, b, lane.head, q0, d)
     return out, lse
