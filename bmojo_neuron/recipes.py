@@ -62,11 +62,15 @@ class RunSection:
     seed: int = 0
     device: str = "auto"
     threads: int = 0  # CPU intra-op threads; 0: every usable core but one (device.set_cpu_threads)
+    jobs: int = 1  # runs of a suite / compare trained at once, one process each (training/run_pool.py)
 
     def check(self) -> None:
         _choice("run.device", self.device, DEVICES)
         _require(bool(self.name), "run.name", "must not be empty")
         _require(self.threads >= 0, "run.threads", f"is {self.threads}; must be >= 0 (0: every usable core but one)")
+        _positive("run.jobs", self.jobs)
+        _require(self.jobs == 1 or self.device != "neuron", "run.jobs",
+                 f"is {self.jobs}; a neuron run owns every NeuronCore of its instance: use 1")
 
 
 @dataclass
@@ -311,7 +315,7 @@ class Recipe:
 
 
 # Recipe keys that may differ between a checkpoint and the run resuming it (dotted prefixes).
-RESUMABLE_CHANGES = ("run.name", "run.output_dir", "run.device", "train.steps", "train.log_every",
+RESUMABLE_CHANGES = ("run.name", "run.output_dir", "run.device", "run.jobs", "train.steps", "train.log_every",
                      "train.precision", "train.activation_checkpointing", "eval.", "checkpoint.",
                      "data.cache_dir", "compare", "suite", "parallel.",  # parallel: checked on load
                      "init.")  # a resumed run continues from its checkpoint, not from init.weights

@@ -20,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "reliability.md"
-TINY = ["train.steps=2", "eval.every=2", "eval.batches=1", "checkpoint.every=2", "compare=none",
+TINY = ["train.steps=2", "eval.every=2", "eval.batches=1", "checkpoint.every=2", "suite=none",
         "data.train_examples=64", "data.eval_examples=16", "eval.length_multipliers=[1]"]
 
 

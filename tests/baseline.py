@@ -27,6 +27,8 @@ import torch
 from safetensors.torch import load_file
 
 GOLDEN = Path(__file__).parent / "golden" / "training_baseline.json"
+# The recipe the recorded runs start from (the default recipe when they were recorded).
+RECORDED_RECIPE = str(Path(__file__).parent / "golden" / "recorded-recipe.yaml")
 UPDATE = os.environ.get("BMOJO_UPDATE_GOLDEN") == "1"
 TOLERANCE = 1e-5  # relative, used only where the recording environment differs
 

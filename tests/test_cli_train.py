@@ -78,7 +78,7 @@ def test_recipe_option_takes_overrides(capsys, tmp_path):
     args = ["train", "--recipe", "cpu-tiny", "train.steps=7", "--dry-run", "--output-dir", str(tmp_path / "out")]
     assert cli.main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("7 steps x batch 32") == 2  # cpu-tiny and its compare baseline
+    assert out.count("7 steps x batch 32") == 3  # cpu-tiny: B'MOJO and its two baselines
 
 
 # ------------------------------------------------------------------ --dry-run
@@ -107,8 +107,8 @@ def test_dry_run_of_a_cpu_recipe_describes_every_run(capsys, tmp_path, monkeypat
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun --nproc-per-node 2
     assert cli.main(["train", "cpu-tiny", "parallel.zero1=true", "--dry-run", "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "== cpu-tiny ==" in out and "== mamba-only ==" in out
-    assert out.count("parallel tp 1 × pp 1 × dp 2 = 2 ranks (sp False, zero1 True") == 2
+    assert "== bmojo ==" in out and "== bmojo-f ==" in out and "== mamba ==" in out
+    assert out.count("parallel tp 1 × pp 1 × dp 2 = 2 ranks (sp False, zero1 True") == 3
     assert "data: MQAR, generated in memory" in out and "launch plan" not in out
     assert not any(tmp_path.iterdir())
 

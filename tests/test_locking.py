@@ -44,7 +44,7 @@ def test_a_live_holder_is_named_and_a_dead_one_is_taken_over(tmp_path):
 
 
 def test_train_on_a_live_run_directory_is_refused_in_one_line(tmp_path, capsys):
-    child = hold_in_child(tmp_path / "cpu-tiny")  # the first run of cpu-tiny's compare
+    child = hold_in_child(tmp_path / "bmojo")  # the first run of cpu-tiny's suite
     try:
         assert cli.main(["train", "cpu-tiny", "--output-dir", str(tmp_path)]) == 2
     finally:

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from baseline import check_run
+from baseline import RECORDED_RECIPE, check_run
 from safetensors.torch import load_file
 
 from bmojo_neuron.checkpoints import sharded as fmt
@@ -38,7 +38,7 @@ OVERRIDES = [
 
 
 def _recipe(*extra: str):
-    return load_recipe("cpu-tiny", [*OVERRIDES, *extra])
+    return load_recipe(RECORDED_RECIPE, [*OVERRIDES, *extra])
 
 
 def _losses(records: list[dict]) -> list[float]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from baseline import check_run
+from baseline import RECORDED_RECIPE, check_run
 from safetensors.torch import load_file
 
 from bmojo_neuron.checkpoints import sharded as fmt
@@ -48,8 +48,7 @@ EVAL_KEYS = ("eval_loss", "eval_perplexity", "eval_accuracy", "eval_tokens")
 
 
 def _recipe(*extra: str) -> Recipe:
-    raw = {k: v for k, v in load_recipe("cpu-tiny").raw.items() if k != "compare"}  # its baseline has 2 layers
-    return Recipe.from_dict(raw).with_overrides([*BASE, *extra])
+    return load_recipe(RECORDED_RECIPE, [*BASE, *extra])
 
 
 def _numbers(result) -> dict[str, list[float]]:

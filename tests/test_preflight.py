@@ -19,7 +19,7 @@ from bmojo_neuron.recipes import count_parameters, load_recipe
 from bmojo_neuron.checkpoints import layout
 from bmojo_neuron.checkpoints.local import load_checkpoint
 
-TOY = ["compare=none", "train.steps=4", "checkpoint.every=2", "eval.every=4", "eval.batches=1",
+TOY = ["suite=none", "train.steps=4", "checkpoint.every=2", "eval.every=4", "eval.batches=1",
        "eval.length_multipliers=[1]", "data.train_examples=256", "data.eval_examples=64", "train.log_every=2"]
 
 
@@ -56,10 +56,10 @@ def test_a_read_only_output_directory_is_refused_first(tmp_path, capsys, no_long
 def test_too_little_free_space_is_refused_first_naming_both_numbers(tmp_path, capsys, monkeypatch, no_long_work):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage._replace(free=2**20))
-    assert cli.main(["train", "cpu-tiny", "--output-dir", str(tmp_path)]) == 2  # B'MOJO and its baseline
+    assert cli.main(["train", "cpu-tiny", "--output-dir", str(tmp_path)]) == 2  # B'MOJO and its baselines
     err = one_error_line(capsys)
     assert f"{tmp_path} has 1.0 MiB free, too little" in err
-    assert f"{tmp_path / 'cpu-tiny'} about" in err and f"{tmp_path / 'mamba-only'} about" in err
+    assert all(f"{tmp_path / name} about" in err for name in ("bmojo", "bmojo-f", "mamba"))
     assert "2 checkpoint(s) of 2.7 MiB" in err  # cpu-tiny: 150,168 parameters x 12 B + 1 MiB, keep_last 1 + 1
 
 
@@ -111,7 +111,7 @@ def test_the_space_estimate_covers_what_a_run_writes(tmp_path):
 
 
 def test_a_run_that_diverges_ends_in_one_line(tmp_path, capsys):
-    args = ["compare=none", "optim.lr=1e6", "optim.warmup_steps=0", "train.steps=20", "train.log_every=1",
+    args = ["suite=none", "optim.lr=1e6", "optim.warmup_steps=0", "train.steps=20", "train.log_every=1",
             "data.train_examples=256", "data.eval_examples=64"]
     assert cli.main(["train", "cpu-tiny", *args, "--output-dir", str(tmp_path), "--no-progress"]) == 2
     assert re.search(r"training loss is (nan|inf) at step \d+; lower optim.lr", one_error_line(capsys))

@@ -34,16 +34,46 @@ def test_ladder_parameter_counts_within_5_percent(name: str) -> None:
     assert recipe.data.block_size % 128 == 0 and 2048 <= recipe.data.block_size <= 8192
 
 
+def test_default_recipe_trains_bmojo_against_its_ssm_and_fading_memory() -> None:
+    """`bmojo-neuron train` with no recipe trains B'MOJO, then B'MOJO-F and the SSM alone, each into its own folder,
+    on the same data and steps, with every B'MOJO layer's memory large enough for every pick of a sequence."""
+    from bmojo_neuron.training.suite import plan_runs
+
+    default = load_recipe()
+    runs = plan_runs(default, "out")
+    assert [(r.run.name, r.model_config().layer_pattern) for r, _ in runs] == [
+        ("bmojo", "BB"), ("bmojo-f", "FF"), ("mamba", "MM")]
+    assert [str(d) for _, d in runs] == [str(Path("out") / n) for n in ("bmojo", "bmojo-f", "mamba")]
+    for variant, _ in runs:
+        assert variant.data == default.data and variant.train == default.train and variant.optim == default.optim
+        assert variant.model_config().ssm_state_size == default.model_config().ssm_state_size
+    config, data = default.model_config(), default.data
+    assert data.kind == "mqar" and config.layer_pattern == "BB"
+    assert config.memory_size >= config.memory_picks * (data.seq_len // config.memory_chunk)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"memory_decay": 0.0}, {"memory_decay": 0.99}, {"memory_picks": 2}, {"memory_size": 16},
+    {"innovation_loss_weight": 0.0, "freeze_innovation_predictor": True},
+])
+def test_ablations_of_the_default_are_command_line_overrides(overrides: dict) -> None:
+    """docs/results.md's ablations: `suite=none model.<key>=<value>` trains one B'MOJO run with that change."""
+    from bmojo_neuron.training.suite import plan_runs
+
+    recipe = load_recipe(None, ["suite=none", *(f"model.{k}={str(v).lower()}" for k, v in overrides.items())])
+    [(run, _)] = plan_runs(recipe, "out")
+    config = run.model_config()
+    assert config.layer_pattern == "BB" and {k: getattr(config, k) for k in overrides} == overrides
+
+
 def test_matched_parameter_counts_of_comparisons() -> None:
-    tiny = load_recipe("cpu-tiny")
-    base = count_parameters(tiny)
-    assert tiny.model["layer_pattern"] == "BB" and tiny.data.kind == "mqar"
-    assert abs(count_parameters(tiny.with_overrides(tiny.compare.overrides)) / base - 1) <= 0.05
-    suite = load_recipe("mqar-suite")
-    counts = {v.name: count_parameters(suite.with_overrides(v.overrides)) for v in suite.suite}
-    print("mqar-suite parameters:", counts)
-    assert set(counts) == {"bmojo", "bmojo-f", "mamba", "swa", "attention"}
-    assert max(counts.values()) / min(counts.values()) <= 1.1
+    for name, expected in [("cpu-tiny", {"bmojo", "bmojo-f", "mamba"}),
+                           ("mqar-suite", {"bmojo", "bmojo-f", "mamba", "swa", "attention"})]:
+        recipe = load_recipe(name)
+        counts = {v.name: count_parameters(recipe.with_overrides(v.overrides)) for v in recipe.suite}
+        print(f"{name} parameters:", counts)
+        assert set(counts) == expected
+        assert all(abs(n / counts["bmojo"] - 1) <= 0.1 for n in counts.values()), counts
 
 
 def test_default_name_resolution_and_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -177,9 +207,12 @@ def test_resume_conflicts_name_the_keys_that_may_not_change() -> None:
 
 
 @pytest.mark.parametrize("off", ["none", "null", "~", "false", "off"])
-def test_compare_and_suite_can_be_switched_off_on_the_command_line(off: str) -> None:
-    assert load_recipe("cpu-tiny").compare is not None
-    assert load_recipe("cpu-tiny", [f"compare={off}"]).compare is None
+def test_compare_and_suite_can_be_switched_off_on_the_command_line(off: str, tmp_path: Path) -> None:
+    paired = tmp_path / "paired.yaml"
+    paired.write_text("compare: {name: ssm, overrides: {model.layer_pattern: MMMMMMMMMMMM}}\n", encoding="utf-8")
+    assert load_recipe(str(paired)).compare is not None
+    assert load_recipe(str(paired), [f"compare={off}"]).compare is None
     assert load_recipe("mqar-suite", [f"suite={off}"]).suite == []
-    again = load_recipe("cpu-tiny", ["compare=none", "compare.name=again", "compare.overrides={}"])
+    assert load_recipe("cpu-tiny", [f"suite={off}"]).suite == []  # the B'MOJO run alone (the ablations)
+    again = load_recipe(str(paired), ["compare=none", "compare.name=again", "compare.overrides={}"])
     assert again.compare is not None and again.compare.name == "again"  # later overrides win, in order

@@ -76,6 +76,32 @@ def test_resume_equals_uninterrupted(reference, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _without_clock(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+
+
+def test_runs_trained_at_once_equal_runs_trained_alone(reference, tmp_path):
+    """`run.jobs`: runs trained in worker processes log the numbers they log alone."""
+    from bmojo_neuron.training.run_pool import train_in_processes
+
+    runs = [(tiny_recipe(), tmp_path / "a"), (tiny_recipe(**{"run.seed": 4, "run.name": "other"}), tmp_path / "b")]
+    pooled = train_in_processes(runs, jobs=2)
+    assert [r.run_dir for r in pooled] == [tmp_path / "a", tmp_path / "b"]
+    assert _without_clock(pooled[0].metrics) == _without_clock(reference.metrics)
+    assert train_losses(pooled[1].metrics) != train_losses(reference.metrics)  # its own seed, its own run
+    assert all(r.final_dir is not None and (r.final_dir / "model.safetensors").is_file() for r in pooled)
+
+
+def test_a_failing_run_stops_the_pool_and_is_named(tmp_path):
+    from bmojo_neuron.training.run_pool import RunFailed, train_in_processes
+
+    bad = tiny_recipe(**{"run.name": "diverges", "optim.lr": 1e6, "optim.warmup_steps": 0, "train.log_every": 1})
+    long = tiny_recipe(**{"run.name": "long", "train.steps": 100000, "checkpoint.every": 100000})
+    with pytest.raises(RunFailed, match="diverges: FloatingPointError: training loss is"):
+        train_in_processes([(bad, tmp_path / "bad"), (long, tmp_path / "long")], jobs=2)
+    assert layout.list_checkpoints(tmp_path / "long")  # stopped at a step boundary with a checkpoint
+
+
 def test_request_stop_ends_the_run_at_a_step_boundary_with_a_checkpoint(reference, tmp_path):
     """`Trainer.request_stop` (what a signal handler calls) mid-step: the step finishes, a checkpoint is written,
     no export; the resumed run is the uninterrupted one, bitwise."""
@@ -294,13 +320,13 @@ def test_cli_train_eval_generate(tmp_path, capsys):
     args = ["train", "cpu-tiny", *model, "model.num_hidden_layers=2", "model.layer_pattern=BB",
             "data.train_examples=32", "data.eval_examples=8", "train.steps=2", "train.batch_size=4",
             "train.log_every=1", "eval.every=1", "eval.batches=1", "eval.length_multipliers=[1,2]",
-            "checkpoint.every=1", "checkpoint.keep_last=1", "optim.warmup_steps=1",
+            "checkpoint.every=1", "checkpoint.keep_last=1", "optim.warmup_steps=1", "run.jobs=1",
             "--output-dir", str(out), "--no-progress"]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "parameters" in printed and "chance" in printed and "recall" in printed
     runs = [p for p in out.iterdir() if p.is_dir()]
-    assert len(runs) == 2  # cpu-tiny trains B'MOJO and its `compare` baseline
+    assert len(runs) == 3  # cpu-tiny trains B'MOJO and its two baselines (`suite`)
     for run in runs:
         assert (run / "metrics.jsonl").is_file() and (run / "training.png").stat().st_size > 0
         assert (run / "length_eval.png").is_file()
@@ -309,7 +335,7 @@ def test_cli_train_eval_generate(tmp_path, capsys):
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in records if r["type"] == "train"] == [1, 2]
     summary = (out / "summary.txt").read_text()
-    assert summary.count("\n") == 4 and "recall@2x" in summary and (out / "summary.png").stat().st_size > 0
+    assert summary.count("\n") == 5 and "recall@2x" in summary and (out / "summary.png").stat().st_size > 0
 
     run = runs[0]
     assert cli.main(["eval", str(run), "--lengths", "1,2", "--batches", "1", "--device", "cpu"]) == 0
@@ -317,7 +343,7 @@ def test_cli_train_eval_generate(tmp_path, capsys):
     assert "recall" in table and (run / "eval" / "length_eval.png").is_file()
     rows = json.loads((run / "eval" / "length_eval.json").read_text())
     assert [r["seq_len"] for r in rows] == [64, 128]
-    bmojo = out / "cpu-tiny"
+    bmojo = out / "bmojo"
     assert cli.main(["inspect", str(bmojo), "--sequences", "2", "--device", "cpu"]) == 0
     table = capsys.readouterr().out
     assert "memory after each chunk" in table and "values in memory" in table

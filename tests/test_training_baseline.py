@@ -1,4 +1,5 @@
-"""The trainer reproduces recorded runs bitwise: `cpu-tiny` (shortened), and the same run stopped and resumed.
+"""The trainer reproduces recorded runs bitwise: the recorded recipe (shortened), and the same run stopped and
+resumed.
 
 The numbers in tests/golden/training_baseline.json were recorded before the trainer
 was restructured; `baseline.check_run` says how they are compared. The tensor × pipeline
@@ -7,21 +8,19 @@ parallel run is checked against the same file in tests/test_pipeline_training.py
 
 from __future__ import annotations
 
-from baseline import check_run
+from baseline import RECORDED_RECIPE, check_run
 
 from bmojo_neuron.recipes import load_recipe
 from bmojo_neuron.training import train
 
-# cpu-tiny's B'MOJO model and data, 6 steps: 4 micro-batches per epoch, so the run crosses an epoch boundary,
-# evaluates twice (with a x2 length row) and checkpoints at steps 3 and 6.
+# The recorded recipe's B'MOJO model and data, 6 steps: 4 micro-batches per epoch, so the run crosses an
+# epoch boundary, evaluates twice (with a x2 length row) and checkpoints at steps 3 and 6.
 SHORT = ["train.steps=6", "train.log_every=1", "data.train_examples=128", "data.eval_examples=32",
          "eval.every=3", "eval.batches=1", "checkpoint.every=3", "checkpoint.keep_last=2", "optim.warmup_steps=2"]
 
 
 def _recipe():
-    recipe = load_recipe("cpu-tiny", SHORT)
-    recipe.compare = None  # the B'MOJO run alone
-    return recipe
+    return load_recipe(RECORDED_RECIPE, SHORT)
 
 
 def test_cpu_tiny_reproduces_the_recorded_run(tmp_path):

@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -228,16 +229,56 @@ def stopped(name: str, run_dir: Path, result: Any, main: bool) -> int:
 
 def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: Any, main: bool) -> int:
     from bmojo_neuron.recipes import count_parameters
-    from bmojo_neuron.training import train
     from bmojo_neuron.training.progress import format_seconds
     from bmojo_neuron.training.suite import RECALL_NOTE, summary_row, summary_table, write_summary
 
-    rows = []
-    for variant, run_dir in runs:
-        if main:
+    if main:
+        for variant, run_dir in runs:
             print(describe(variant, count_parameters(variant), run_dir), flush=True)
+    jobs = run_jobs(recipe, len(runs))
+    if jobs > 1:
+        print(f"training {len(runs)} runs, {jobs} at a time (run.jobs)", flush=True)
+    rows = []
+    for (variant, run_dir), result in zip(runs, train_runs(runs, args, jobs)):
+        if result.stop_signal is not None:
+            return stopped(variant.run.name, run_dir, result, main)
+        rows.append(summary_row(variant, result))
+        if main:
+            print(f"{variant.run.name}: done in {format_seconds(result.seconds)}; final export in {result.final_dir}",
+                  flush=True)
+    if not main:
+        return 0
+    if len(rows) < len(runs):  # a signal came as the running ones finished: the rest never started
+        print(f"stopped by a signal after {len(rows)} of {len(runs)} runs; train again with --resume for the rest",
+              file=sys.stderr)
+        return 130
+    print("\n" + summary_table(rows))
+    if len(runs) > 1:
+        path = write_summary(Path(args.output_dir or recipe.run.output_dir), rows)
+        print(f"\nsummary written to {path} (plot: {path.with_suffix('.png')})")
+    if any(r["recall"] is not None for r in rows):
+        print(RECALL_NOTE)
+    return 0
+
+
+def run_jobs(recipe: Any, runs: int) -> int:
+    """How many runs train at once: ``run.jobs``, at most the number of runs, 1 under torchrun."""
+    from bmojo_neuron.parallel.layout import torchrun_env
+
+    return 1 if torchrun_env()[2] > 1 else max(1, min(recipe.run.jobs, runs))
+
+
+def train_runs(runs: list[tuple[Any, Path]], args: argparse.Namespace, jobs: int) -> Iterator[Any]:
+    """Each run's `TrainResult`, in order: one after another here, or `jobs` at a time in worker processes."""
+    from bmojo_neuron.training import train
+    from bmojo_neuron.training.run_pool import train_in_processes
+
+    if jobs > 1:
+        yield from train_in_processes(runs, jobs, resume=args.resume)
+        return
+    for variant, run_dir in runs:
         try:
-            result = train(variant, run_dir, resume=args.resume, progress=not args.no_progress)
+            yield train(variant, run_dir, resume=args.resume, progress=not args.no_progress)
         except KeyboardInterrupt:
             print(f"\n{variant.run.name} interrupted; {last_checkpoint_text(run_dir)}: continue with --resume",
                   file=sys.stderr)
@@ -249,18 +290,3 @@ def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: An
             raise ValueError(f"disk full: {full.strerror} while writing {run_dir}; {last_checkpoint_text(run_dir)} "
                              "(a checkpoint is written whole or not at all): free some space, then continue with "
                              "--resume") from None
-        if result.stop_signal is not None:
-            return stopped(variant.run.name, run_dir, result, main)
-        rows.append(summary_row(variant, result))
-        if main:
-            print(f"{variant.run.name}: done in {format_seconds(result.seconds)}; final export in {result.final_dir}",
-                  flush=True)
-    if not main:
-        return 0
-    print("\n" + summary_table(rows))
-    if len(runs) > 1:
-        path = write_summary(Path(args.output_dir or recipe.run.output_dir), rows)
-        print(f"\nsummary written to {path} (plot: {path.with_suffix('.png')})")
-    if any(r["recall"] is not None for r in rows):
-        print(RECALL_NOTE)
-    return 0

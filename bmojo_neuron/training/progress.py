@@ -11,11 +11,14 @@ from tqdm.auto import tqdm
 
 
 class Progress:
-    """A live tqdm bar (loss, tokens/s, ETA) on a terminal; plain log lines when output is redirected."""
+    """A live tqdm bar (loss, tokens/s, ETA) on a terminal; plain log lines when output is redirected.
 
-    def __init__(self, name: str, total: int, initial: int, enabled: bool = True) -> None:
+    ``enabled="lines"``: plain log lines even on a terminal (runs sharing one, `run_pool`).
+    """
+
+    def __init__(self, name: str, total: int, initial: int, enabled: bool | str = True) -> None:
         self.name, self.total, self.enabled = name, total, enabled
-        self.live = enabled and sys.stderr.isatty()
+        self.live = enabled is True and sys.stderr.isatty()
         self.start_step, self.start_time = initial, time.perf_counter()
         width = {"dynamic_ncols": True} if _stderr_columns() > 0 else {"ncols": 100, "nrows": 30}  # sizeless pty
         self.bar = tqdm(total=total, initial=initial, unit="step", desc=name, disable=not self.live, **width)

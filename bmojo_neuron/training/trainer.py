@@ -64,7 +64,7 @@ def train(
     recipe: Any,
     output_dir: str | Path | None = None,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool | str = True,
     stop_after: int | None = None,
     datasets: tuple[Any, Any] | None = None,
 ) -> TrainResult:
@@ -73,7 +73,8 @@ def train(
     ``resume=True`` continues from the latest checkpoint there (starting fresh when
     there is none). `stop_after` halts cleanly after that many optimizer steps with a
     checkpoint and no final export, as if the job had been preempted. `datasets`
-    overrides ``build_datasets(recipe)`` with ``(train, eval)``.
+    overrides ``build_datasets(recipe)`` with ``(train, eval)``. ``progress="lines"``: plain log lines even on a
+    terminal (no live bar).
     """
     started = time.perf_counter()
     recipe.check()  # before any process group, data or weights
@@ -89,10 +90,10 @@ def train(
 class Trainer:
     """One run of a recipe on one backend (one process of it)."""
 
-    def __init__(self, recipe: Any, backend: Backend, run_dir: Path, progress: bool = True) -> None:
+    def __init__(self, recipe: Any, backend: Backend, run_dir: Path, progress: bool | str = True) -> None:
         self.recipe, self.backend, self.run_dir = recipe, backend, run_dir
         self.recipe_dict = recipe.record()
-        self.progress = progress and backend.is_main
+        self.progress = progress if backend.is_main else False
         self.stop_requested = False
         self.stop_signal: int | None = None
 

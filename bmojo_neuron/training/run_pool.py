@@ -1,0 +1,120 @@
+"""Train the independent runs of a suite several at a time, each in its own process (``run.jobs``).
+
+A CPU run of a small model keeps one core busy (the CPU recipes use one thread: their
+ops are too small to gain from more), so on a machine with more cores the runs of a
+suite or comparison can share the machine instead of queueing. Each run is seeded and
+trains alone in its process, so its numbers are those it would have had one after
+another (`tests/test_training.py` checks it).
+
+Output: a worker prints plain log lines (prefixed by its run's name), never a live
+bar, since several bars would overwrite each other. Signals: workers run in their own
+process group, so a Ctrl-C reaches only this process, which passes SIGINT or SIGTERM on
+to every running worker; each then stops at its next step boundary with a checkpoint,
+and runs not yet started are not started. A worker that fails stops the others the
+same way, and its error is raised here once they have stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import traceback
+from collections.abc import Iterator
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+from .signals import STOP_SIGNALS
+from .trainer import TrainResult, train
+
+
+class RunFailed(RuntimeError):
+    """A worker's run raised; the message holds its name and traceback."""
+
+
+def train_in_processes(runs: list[tuple[Any, Path]], jobs: int, resume: bool = False) -> list[TrainResult]:
+    """Train every ``(recipe, run dir)`` with at most `jobs` at once; results in the order of `runs`.
+
+    When a signal or a failure stops the pool, the results of runs that never started
+    are missing (the list is shorter); the stopped runs' results carry ``stop_signal``.
+    """
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    results: dict[int, TrainResult] = {}
+    waiting = list(enumerate(runs))
+    active: dict[int, tuple[Any, Connection]] = {}  # index -> (process, its end of the result pipe)
+    failure: str | None = None
+    with _pass_signals_to(active) as stopping:
+        while active or (waiting and not stopping and failure is None):
+            while waiting and len(active) < jobs and not stopping and failure is None:
+                index, (recipe, run_dir) = waiting.pop(0)
+                ours, theirs = context.Pipe(duplex=False)
+                process = context.Process(target=_worker, args=(recipe, str(run_dir), resume, theirs),
+                                          name=f"train {recipe.run.name}", daemon=False)
+                process.start()
+                theirs.close()
+                active[index] = (process, ours)
+            ready = wait([conn for _, conn in active.values()] + [p.sentinel for p, _ in active.values()])
+            for index, (process, conn) in list(active.items()):
+                if conn not in ready and process.sentinel not in ready:
+                    continue
+                message = _receive(conn)
+                if message is None and process.is_alive():
+                    continue  # the pipe closed as the process exits: its sentinel follows
+                process.join()
+                del active[index]
+                kind, payload = message or ("error", f"{process.name}: worker ended with exit code "
+                                                     f"{process.exitcode} and no result")
+                if kind == "result":
+                    results[index] = payload
+                elif failure is None:
+                    failure = payload
+                    _signal_all(active, signal.SIGTERM)
+    if failure is not None:
+        raise RunFailed(failure)
+    return [results[i] for i in sorted(results)]
+
+
+def _receive(conn: Connection) -> tuple[str, Any] | None:
+    """The worker's ``(kind, payload)`` if it sent one, else None (nothing yet, or it died)."""
+    try:
+        return conn.recv() if conn.poll() else None
+    except (EOFError, OSError):
+        return None
+
+
+def _worker(recipe: Any, run_dir: str, resume: bool, conn: Connection) -> None:
+    os.setpgrp()  # terminal signals go to the parent, which passes them on
+    try:
+        result = train(recipe, run_dir, resume=resume, progress="lines")
+        conn.send(("result", result))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send(("error", f"{recipe.run.name}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+    finally:
+        conn.close()
+
+
+def _signal_all(active: dict[int, tuple[Any, Connection]], signum: int) -> None:
+    for process, _ in active.values():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signum)
+
+
+@contextlib.contextmanager
+def _pass_signals_to(active: dict[int, tuple[Any, Connection]]) -> Iterator[list[int]]:
+    """While the pool runs, SIGTERM / SIGINT go on to every worker; the yielded list records them."""
+    received: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
+    def handle(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        _signal_all(active, signum)
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handle)
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
