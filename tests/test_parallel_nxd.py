@@ -13,12 +13,13 @@ import torch
 import torch.multiprocessing as mp
 from doubles import nxd_api, nxd_gloo
 from naive import tiny_config
-from test_parallel import assert_rank_matches, run_cases, single_process_run
+from test_parallel import assert_rank_matches, gather_grad, run_cases, single_process_run
 
 from bmojo_neuron import BMojoConfig, BMojoForCausalLM
 from bmojo_neuron.layers.decoder import BMojoDecoderLayer
 from bmojo_neuron.layers.factory import use_layer_factory
-from bmojo_neuron.parallel.sharding import shard_state_dict
+from bmojo_neuron.parallel.sharding import shard_state_dict, split_dims
+from bmojo_neuron.priming.distill import LayerwiseDistillation, freeze_shared
 from bmojo_neuron.neuron import NeuronUnavailableError
 from bmojo_neuron.parallel import nxd, nxd_training
 from bmojo_neuron.parallel.nxd_pipeline import PipelineCausalLM, PipelineDecoderLayer
@@ -242,15 +243,43 @@ def _check_nxd_bf16(rank: int, mixer: str, sequence_parallel: bool) -> None:
     assert sum(kept) == planned.layer_inputs, (sum(kept), planned.layer_inputs)
 
 
+def _check_nxd_distill(rank: int, mixer: str, sequence_parallel: bool) -> None:
+    """The distillation objective at tp = 2 through NxD's layers: the teacher pass runs through the student's own
+    sharded layers (teacher and student sharded alike, no second model), and the loss, its parts and the new
+    paths' gradients equal the float64 one-device objective's; the frozen weights get no gradient."""
+    config = _config(layer_pattern="BFSA", ssm_mixer=mixer, ssm_n_groups=2)
+    torch.manual_seed(0)
+    full = BMojoForCausalLM(config).double()
+    ids = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    objective = LayerwiseDistillation(kl_weight=0.5)
+    freeze_shared(full)
+    ref_loss, ref_parts = objective(full, ids)
+    ref_loss.backward()
+    model, shapes = _nxd_shard(full, nxd.NxDTensorParallelFactory(sequence_parallel=sequence_parallel), rank)
+    freeze_shared(model)
+    loss, parts = objective(model, ids)
+    loss.backward()
+    torch.testing.assert_close(parts.double(), ref_parts, rtol=2e-4, atol=1e-7)
+    dims, full_params = split_dims(full.state_dict(), shapes, WORLD), dict(full.named_parameters())
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            assert param.grad is None and full_params[name].grad is None, name
+            continue
+        grad = gather_grad(param.grad, dims[name], WORLD)
+        torch.testing.assert_close(grad.double(), full_params[name].grad, rtol=2e-4, atol=1e-5,
+                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
 def _nxd_worker(rank: int, init_file: str) -> None:
     nxd.import_neuron_module = lambda name, feature: nxd_gloo.modules()[name]  # this spawned process only
     run_cases(rank, init_file, WORLD, _check_nxd_case, [("mamba1", True), ("mamba2", True), ("mamba2", False)])
     run_cases(rank, init_file + "-bf16", WORLD, _check_nxd_bf16, [("mamba2", False), ("mamba2", True)])
+    run_cases(rank, init_file + "-distill", WORLD, _check_nxd_distill, [("mamba2", False)])
 
 
 def test_nxd_factory_over_gloo_doubles_equals_single_process(tmp_path):
     """Two ranks, NxD's layers and collectives played by `doubles.nxd_gloo` (NxD 0.17 semantics on gloo):
     in fp32, loss, logits and every gradient equal the float64 single-process model (rtol 2e-4, atol 1e-5),
     with and without sequence parallelism; in bf16 every output stays bf16 and the checkpointed layer
-    inputs are the bytes the plan counts."""
+    inputs are the bytes the plan counts; the distillation objective equals the one-device one."""
     mp.start_processes(_nxd_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, start_method="spawn", join=True)
