@@ -7,6 +7,7 @@ weights are built.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from typing import Any
@@ -37,7 +38,9 @@ class BMojoConfig(PretrainedConfig):
         attention_output_bias says otherwise, on o), qk_norm (an RMSNorm over head_dim
         on every query and key head before RoPE, as in Qwen3), window_size ``w``,
         fading_window ``w_f`` (default ``w``; 0 disables the fading path),
-        tie_fading_projections.
+        tie_fading_projections; how the SSM output ``S`` of a B/F layer enters it:
+        ssm_residual (default on: the output gains ``g * S``, ``g`` initialised at 0),
+        fading_overlap (fading keys over the window), fading_norm (docs/design.md).
 
     Eidetic memory (letter B):
         memory_size ``M`` slots, memory_chunk ``c`` (default ``w``), memory_picks
@@ -83,7 +86,7 @@ class BMojoConfig(PretrainedConfig):
         tie_fading_projections: bool = True,
         fading_norm: bool = False,
         fading_overlap: bool = False,
-        ssm_residual: bool = False,
+        ssm_residual: bool = True,
         # eidetic memory
         memory_size: int = 64,
         memory_chunk: int | None = None,
@@ -175,6 +178,15 @@ class BMojoConfig(PretrainedConfig):
         if head_dim is None:  # before validate_bmojo, whose head_dim checks would blame the derived value
             self._check_heads_divide_hidden()
         self.validate_bmojo()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> BMojoConfig:
+        """`PretrainedConfig.from_dict`, keeping the layer a saved config was trained with (`saved_defaults`)."""
+        return super().from_dict(saved_defaults(config_dict), **kwargs)
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: str | os.PathLike) -> dict[str, Any]:
+        return saved_defaults(super()._dict_from_json_file(json_file))
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
         """`PretrainedConfig.save_pretrained`, plus what lets transformers load the directory by name."""
@@ -364,6 +376,30 @@ def check_rope_scaling(params: Any) -> str | None:
 def _swiglu_size(hidden_size: int) -> int:
     """LLaMA-style SwiGLU width: 8/3 * d rounded up to a multiple of 128."""
     return 128 * -(-(8 * hidden_size // 3) // 128)
+
+
+# Fields whose default has changed, with the value they had before they were written to
+# config.json: a saved B'MOJO config without the field comes from a model trained with that value.
+DEFAULTS_BEFORE_SAVED = {"ssm_residual": False}
+
+
+def saved_defaults(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """`config_dict` with `DEFAULTS_BEFORE_SAVED` filled in when it is a saved B'MOJO config (it names the model type)."""
+    if config_dict.get("model_type") != BMojoConfig.model_type:
+        return config_dict
+    return {**DEFAULTS_BEFORE_SAVED, **config_dict}
+
+
+def model_fields_as_trained(model_fields: dict[str, Any], saved_config: dict[str, Any] | None) -> dict[str, Any]:
+    """A recipe's ``model`` section with every field of `DEFAULTS_BEFORE_SAVED` written out: as the saved
+    config of a checkpoint says its weights were trained (`saved_config`, its config.json), or today's
+    default. A resumed run compares these, so a changed default cannot silently change the layer."""
+    out = dict(model_fields)
+    saved = saved_defaults(saved_config) if saved_config is not None else {}
+    defaults = inspect.signature(BMojoConfig.__init__).parameters
+    for name in DEFAULTS_BEFORE_SAVED:
+        out.setdefault(name, saved.get(name, defaults[name].default))
+    return out
 
 
 def _require(condition: bool, field: str, message: str) -> None:

@@ -28,16 +28,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # SwiGLU widths of recipes/mqar-suite.yaml per layer kind: each model's parameters within 10% of B'MOJO's.
 MLP_WIDTH = {"B": 128, "F": 160, "M": 224, "S": 288, "A": 288}
-VOCAB = 128  # keys 1..63: room for 32 distinct keys
-
-
-def regime_overrides(kv: int, seq: int) -> list[str]:
+def regime_overrides(kv: int, seq: int, vocab: int = 128) -> list[str]:
     """Data and model overrides of one regime: windows, chunk and memory scaled with the sequence."""
     window = max(8, seq // 8)
-    return [f"data.seq_len={seq}", f"data.num_kv_pairs={kv}", f"data.vocab_size={VOCAB}",
+    return [f"data.seq_len={seq}", f"data.num_kv_pairs={kv}", f"data.vocab_size={vocab}",
             f"model.window_size={window}", f"model.fading_window={window}", f"model.memory_chunk={window}",
             f"model.memory_picks={window // 2}", f"model.memory_size={seq // 2}",
             f"model.ssm_chunk_size={min(seq, 64)}"]
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    """``NAME[:key=value,key=value]`` -> (NAME, overrides)."""
+    name, _, overrides = text.partition(":")
+    return name, [o for o in overrides.split(",") if o]
 
 
 def run_name(pattern: str, variant: str, kv: int, seq: int, seed: int) -> str:
@@ -54,7 +57,7 @@ def final_recall(run_dir: Path) -> float | None:
 
 
 def train_one(out: Path, pattern: str, variant: str, extra: list[str], kv: int, seq: int, seed: int,
-              steps: int, eval_every: int) -> dict:
+              steps: int, eval_every: int, vocab: int) -> dict:
     name = run_name(pattern, variant, kv, seq, seed)
     run_dir = out / name
     recall = final_recall(run_dir)
@@ -66,7 +69,7 @@ def train_one(out: Path, pattern: str, variant: str, extra: list[str], kv: int, 
                 f"data.seed={seed}", f"model.layer_pattern={pattern}",
                 f"model.intermediate_size={MLP_WIDTH[pattern[0]]}", f"model.num_hidden_layers={len(pattern)}", f"train.steps={steps}",
                 f"eval.every={eval_every or steps}", f"checkpoint.every={steps}", "eval.length_multipliers=[1]",
-                *regime_overrides(kv, seq), *extra]
+                *regime_overrides(kv, seq, vocab), *extra]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with open(out / f"{name}.log", "w") as log:
             subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False)
@@ -135,8 +138,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--vocab", type=int, default=128, help="MQAR vocabulary (keys below V/2: 128 holds 32 pairs)")
     parser.add_argument("--eval-every", type=int, default=0, help="steps between evals (default: only at the end)")
-    parser.add_argument("--variant", default="", help="label of the extra overrides (part of each run's name)")
+    parser.add_argument("--variant", action="append", default=None, metavar="NAME[:KEY=VALUE,...]",
+                        help="a model variant: its name (part of each run's name) and its overrides; repeat "
+                             "for several (default: one unnamed variant)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each uses one thread)")
     parser.add_argument("--report", action="store_true", help="only write the table and plot of finished runs")
     parser.add_argument("--plot", type=Path, help="PNG path (default: OUT/grid.png)")
@@ -146,12 +152,13 @@ def main() -> None:
         if len(set(pattern)) != 1 or pattern[0] not in MLP_WIDTH:
             parser.error(f"--patterns: {pattern!r} is not one layer kind of {''.join(MLP_WIDTH)} repeated")
     args.out.mkdir(parents=True, exist_ok=True)
+    variants = [parse_variant(text) for text in args.variant or [""]]
     if not args.report:
-        jobs = [(p, kv, seq, seed) for seq in args.seq for kv in args.kv for seed in args.seeds for p in args.patterns
-                if 4 * kv <= seq]
+        jobs = [(p, name, extra, kv, seq, seed) for seq in args.seq for kv in args.kv for seed in args.seeds
+                for p in args.patterns for name, extra in variants if 4 * kv <= seq]
         with ThreadPoolExecutor(args.jobs) as pool, open(args.out / "results.jsonl", "a") as results:
-            for row in pool.map(lambda job: train_one(args.out, job[0], args.variant, args.overrides, *job[1:],
-                                                      args.steps, args.eval_every), jobs):
+            for row in pool.map(lambda job: train_one(args.out, job[0], job[1], [*args.overrides, *job[2]], *job[3:],
+                                                      args.steps, args.eval_every, args.vocab), jobs):
                 results.write(json.dumps(row) + "\n")
                 results.flush()
     rows = collect(args.out)

@@ -82,6 +82,16 @@ def test_the_sharded_fixture_consolidates_to_its_export(tmp_path):
     assert state["trainer_state"]["step"] == 3 and "lm_head.weight" not in state["optimizer"]
 
 
+def test_a_fixture_trained_before_the_ssm_residual_default_will_not_resume_with_it(tmp_path):
+    """The fixtures' config.json has no ssm_residual (written before it became the default): their layer had
+    none, so a recipe asking for it (as today's default does) is refused before any weight is loaded."""
+    run = tmp_path / "run"
+    shutil.copytree(FIXTURES / "one-process", run)
+    recipe = load_recipe(str(FIXTURES / "fixture.yaml"), ["model.ssm_residual=true"])
+    with pytest.raises(ValueError, match="recipe changed in model.ssm_residual"):
+        train(recipe, run, resume=True, progress=False)
+
+
 def test_the_stopped_fixture_resumes_to_the_finished_run(tmp_path):
     """Resumed from the stored step-2 checkpoint, the run ends where the stored finished run ended.
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from naive import tiny_config
+from transformers import AutoConfig
 
 from bmojo_neuron import BMojoConfig
 
@@ -18,6 +21,21 @@ def test_defaults_follow_the_design():
     assert config.ssm_dt_rank == 16  # ceil(256 / 16) for mamba1
     assert config.intermediate_size % 128 == 0
     assert BMojoConfig(window_size=100, fading_window=30, memory_chunk=40, num_hidden_layers=1).memory_lag == 1 + 4
+
+
+def test_the_ssm_output_enters_the_residual_stream_by_default_and_saved_configs_keep_their_layer(tmp_path):
+    """ssm_residual is on by default (docs/design.md, step 6); a config.json written before the field existed
+    (no key) loads with it off, the layer its weights were trained with, by every loading route."""
+    assert BMojoConfig().ssm_residual is True
+    tiny_config().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["ssm_residual"] is True  # written out, so a later default cannot change a saved model
+    del saved["ssm_residual"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert BMojoConfig.from_pretrained(tmp_path).ssm_residual is False
+    assert BMojoConfig.from_json_file(tmp_path / "config.json").ssm_residual is False
+    assert AutoConfig.from_pretrained(tmp_path).ssm_residual is False
+    assert BMojoConfig.from_dict({"hidden_size": 32, "num_attention_heads": 4}).ssm_residual is True  # not a saved one
 
 
 @pytest.mark.parametrize("window, fading, chunk, lag", [(100, 30, 40, 1 + 3), (30, 100, 40, 1 + 3), (64, 64, 64, 1 + 1)])

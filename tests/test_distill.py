@@ -37,7 +37,8 @@ def test_teacher_is_the_source(source_dir):
 def test_only_new_parameters_train(source_dir):
     model = prime_model(source_dir, "BF", NARROW).model.train()
     new = set(new_parameter_names(model))
-    assert new and all(".ssm." in n or "innovation_proj" in n for n in new)
+    assert new and all(".ssm." in n or "innovation_proj" in n or n.endswith("ssm_residual_gain") for n in new)
+    assert sum(n.endswith("ssm_residual_gain") for n in new) == 2  # the B and the F layer's
     trainable = freeze_shared(model)
     assert trainable == sum(p.numel() for n, p in model.named_parameters() if n in new)
     objective = LayerwiseDistillation(kl_weight=0.5)

@@ -84,10 +84,10 @@ def test_bmojo_layer_with_window_covering_the_sequence_is_full_causal_attention(
 
 
 OPTIONS = {  # the design options of how S enters the layer (docs/design.md), each tested alone and together
-    "spec": {},
-    "fading_norm": {"fading_norm": True},
-    "ssm_residual": {"ssm_residual": True},
-    "fading_overlap": {"fading_overlap": True},
+    "spec": {"ssm_residual": False},  # the definition without the options
+    "fading_norm": {"fading_norm": True, "ssm_residual": False},
+    "ssm_residual": {"ssm_residual": True},  # the default
+    "fading_overlap": {"fading_overlap": True, "ssm_residual": False},
     "all": {"fading_norm": True, "ssm_residual": True, "fading_overlap": True},
 }
 
@@ -149,6 +149,42 @@ def test_bmojo_layer_equals_the_definition(tie, decay, option):
         want = want + layer.ssm_residual_gain * s_out
     torch.testing.assert_close(mean_innovation, innovation.mean(), rtol=0, atol=1e-12)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+class _FixedOutput(torch.nn.Module):
+    """Stands in for a layer's SSM: returns a given output, so gradients with respect to it can be read."""
+
+    def __init__(self, s: torch.Tensor) -> None:
+        super().__init__()
+        self.s = s
+
+    def forward(self, x: torch.Tensor, state=None) -> torch.Tensor:
+        return self.s
+
+
+@pytest.mark.parametrize("option", ["spec", "fading_overlap", "ssm_residual"])
+def test_which_ssm_outputs_reach_a_query(option):
+    """In the definition, query i reads the SSM output S_t only for t in (i - w - w_f, i - w]: never S_i, the
+    one state that has read the query token, so a B layer cannot pass on its SSM's recall as an M layer does.
+    Overlapping fading keys read S_t for t in (i - w_f, i]; the residual gain passes S_i straight on."""
+    window, fading = 4, 3
+    layer = make_layer(window_size=window, fading_window=fading, memory_chunk=5, **OPTIONS[option])
+    if layer.ssm_residual_gain is not None:
+        with torch.no_grad():
+            layer.ssm_residual_gain.fill_(1.0)  # as it is once training has moved it off 0
+    x = torch.randn(1, 30, 32, dtype=torch.float64)
+    s = layer.ssm(x).detach().requires_grad_()
+    layer.ssm = _FixedOutput(s)
+    out, _ = layer(x)
+    i = 25
+    grad = torch.autograd.grad(out[0, i].sum(), s)[0][0]
+    reached = set(torch.nonzero(grad.abs().amax(-1) > 0).flatten().tolist())
+    want = {
+        "spec": set(range(i - window - fading + 1, i - window + 1)),
+        "fading_overlap": set(range(i - fading + 1, i + 1)),
+        "ssm_residual": set(range(i - window - fading + 1, i - window + 1)) | {i},
+    }[option]
+    assert reached == want
 
 
 def _states(innovation: torch.Tensor, chunk: int, picks: int, size: int, decay: float) -> list[MemoryState]:

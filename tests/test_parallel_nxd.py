@@ -144,8 +144,10 @@ def test_sequence_parallel_builds_batch_first_nxd_layers_and_marks_the_norms(fak
 
     marked = {n for n, p in model.named_parameters() if getattr(p, "sequence_parallel_enabled", False)}
     norms = {n for n, m in model.named_modules() if type(m).__name__ == "RMSNorm"}
-    assert marked == {f"{n}.weight" for n in norms} and "model.norm.weight" in marked
-    assert len(marked) == 2 * config.num_hidden_layers + 1
+    gains = {n for n, _ in model.named_parameters() if n.endswith("ssm_residual_gain")}  # scale the residual stream
+    assert len(gains) == 2  # the B and the F layer's
+    assert marked == {f"{n}.weight" for n in norms} | gains and "model.norm.weight" in marked
+    assert len(marked) == 2 * config.num_hidden_layers + 1 + len(gains)
 
     # tp = 1 doubles: the model computes what the single-device model computes.
     torch.manual_seed(0)

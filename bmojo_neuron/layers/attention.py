@@ -254,7 +254,7 @@ class BMojoAttention(nn.Module):
         """(batch, heads, L, head_dim) -> o_proj over (batch, L, heads * head_dim), plus gain * S with `ssm_residual`."""
         batch, _, length, _ = out.shape
         mixed = self.o_proj(out.transpose(1, 2).reshape(batch, length, self.q_heads * self.head_dim))
-        if self.ssm_residual_gain is not None:
+        if self.ssm_residual_gain is not None and s is not None:  # no S: the A kind, or the full-attention teacher
             mixed = mixed + self.ssm_residual_gain * s
         return mixed
 

@@ -18,7 +18,8 @@ No second model is loaded and no weight is duplicated.
    innovation loss of the ``B`` layers (it trains their predictors, as in pre-training).
 
 `freeze_shared` leaves only the parameters priming added trainable (`new_parameter_names`):
-the SSMs, untied fading projections and innovation predictors. ``M`` layers are refused:
+the SSMs (with their residual gains and `fading_norm` norms), untied fading projections and
+innovation predictors. ``M`` layers are refused:
 they keep no attention weights, so the model holds no teacher for them.
 """
 
@@ -32,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # Inside a B, F or S layer: the parameters priming adds (everything else is the source's).
-NEW_PARAMETER_PARTS = ("mixer.ssm.", "mixer.k_fading_proj.", "mixer.v_fading_proj.", "mixer.innovation_proj.")
+NEW_PARAMETER_PARTS = ("mixer.ssm.", "mixer.ssm_norm.", "mixer.ssm_residual_gain", "mixer.k_fading_proj.",
+                       "mixer.v_fading_proj.", "mixer.innovation_proj.")
 METRIC_NAMES = ("loss", "hidden_mse", "kl", "aux_loss")  # what the objective returns besides the loss
 
 
