@@ -379,8 +379,10 @@ def eidetic_attention_fwd(qT, kT, v, kfT, vf, memkT, memv, mem_bias, window, fad
     lse = nl.ndarray((batch, q_heads, length), dtype=nl.float32, buffer=nl.shared_hbm)
     streams = {"ctx": (kT, v), "fad": (kfT, vf), "mem": (memkT, memv)}
     ones_row = ones((1, PMAX)) if use_memory else None
-    pool = VBlockPool(d, dtype)
     for b in nl.affine_range(batch):
+        # One pool per batch element: blocks shared across `affine_range` iterations would be a
+        # loop-carried dependency the compiler is free to reorder.
+        pool = VBlockPool(d, dtype)
         for q0 in range(0, length, PMAX):
             plan = plan_tile(q0, length, window, fading_window, chunk, n_slots, use_fading, use_memory,
                              fading_overlap)
