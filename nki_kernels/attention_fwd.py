@@ -1,7 +1,7 @@
 """Fused eidetic-window (B'MOJO) attention, forward, in NKI 0.2.0.
 
-For query ``i`` (chunk ``j = i // c``) one online softmax runs over three key sets,
-never concatenated and never forming an L x L score matrix:
+For query ``i`` (chunk ``j = i // c``) one softmax runs over three key sets, never
+concatenated and never forming an L x L score matrix:
 
 * in-context: ``k[t]``,  ``t in (i - w, i]``              (lags 0 .. w - 1)
 * fading:     ``k_f[t]``, ``t in (i - w - w_f, i - w]``     (lags w .. w + w_f - 1), or with
@@ -19,40 +19,56 @@ head dim on the partitions, so ``Q K^T`` is one matmul with no on-chip transpose
     -> out (batch, q_heads, L, d) in q's dtype, lse (batch, q_heads, L) fp32 (natural log,
        of the scaled scores).
 
-Tiling: per (batch, kv head, query tile of 128 rows on the partitions) the key ranges of
-the tile are planned at trace time (`plan_tile`): each stream's range, clipped at 0, cut
-into segments of at most 512 keys (one PSUM bank of fp32 scores); segments wholly outside
-a window are never emitted, and a segment gets an `affine_select` mask only for the
-window edges (or chunk edges, for memory) that cut through it. The K/V tiles of a query
-tile are loaded once and reused by every query head of the GQA group. The query heads of
-``LANE_KV_HEADS`` kv heads form the *lanes* of a query tile; their online-softmax steps
-are issued in turn, so the engines work on one lane's chain while another lane waits on
-its own. Per segment: one ``nc_matmul`` for the scores (queries x keys in PSUM, fp32
-accumulation), the memory bias accumulated into the same PSUM tile by a rank-1 matmul,
-row max (Vector), exp (Scalar), P transposed per 128-key block on the Tensor engine,
-evacuated to SBUF (Vector or Scalar, whichever is less busy) and multiplied with V,
-extended by a ones column that yields the row sums, into one PSUM tile; the running
-output is rescaled once per step. V blocks come from a pool reused across query tiles
-(`VBlockPool`), so their ones column is written once, not on every load. Matmuls run in the inputs'
-dtype: bf16 in training (fp32 accumulation in PSUM), fp32 for fp32 inputs (tests).
-The in-context segment holding the diagonal goes first, so every row has a finite max
-from its first step (masked entries are -1e30, never -inf: no NaN even otherwise).
+Tiling: per (batch, query tile of 128 rows) the key ranges of the tile are planned at
+trace time (`plan_tile`): each stream's range, clipped at 0, cut into segments of at most
+512 keys; segments wholly outside a window are never emitted, and a segment is masked
+only for the window edges (or chunk edges, for memory) that cut through it. A *unit* is
+up to ``LANES`` query heads of a query tile (K/V loaded once per kv head of the unit).
+Per unit and query head, two passes over the tile's keys, with no online rescaling:
+
+1. Row max: ``S = Q K^T`` (queries on the partitions) one PSUM bank at a time, the
+   window-edge masks (0 / NEG, built once by ``affine_select``) and the memory validity
+   bias added into the same PSUM tile by matmuls, then ``tensor_reduce`` max (Vector,
+   straight from PSUM); the banks' maxima are combined on GpSimd. m is rounded to the
+   matmul dtype, so that ``-m`` is exact as a matmul operand.
+2. ``P^T`` directly: per block of 128 keys, ``S^T = K Q^T`` (keys on the partitions; the
+   masks and bias added transposed), and ``-m[q]`` added by one more matmul, ones (128,
+   keys) as stationary and ``diag(-m)`` as moving; then ``exp(scale * .)`` from PSUM
+   straight into SBUF (Scalar) is ``P^T``, the stationary of ``P V`` (V extended by a
+   ones column, so the same matmul yields the row sums l) accumulated in one PSUM tile
+   over every key of the tile. Nothing is transposed on the Tensor engine and nothing is
+   copied out of PSUM but the final [O | l].
+
+Per key that is two PSUM reads (the max on Vector, the exp on Scalar, which share the
+PSUM port on NeuronCore-v2) against three for an online softmax over P (max, exp and the
+evacuation of the transposed P), for one more Tensor-engine pass (K Q^T and the -m
+matmul replace the transpose). The units run as a software pipeline: unit i + 2 is
+loaded and unit i + 1's row max is issued one PSUM bank at a time between unit i's exps,
+so the Vector and Scalar engines take turns on the PSUM port; unit i - 1's outputs are
+finished (mostly on Vector) after unit i's first exps. V blocks come from a pool of three
+sets reused across units (`VBlockPool`), so their ones column is written once. Matmuls run
+in the inputs' dtype: bf16 in training (fp32 accumulation in PSUM), fp32 for fp32 inputs
+(tests). Every row has a finite max (its own key at lag 0); masked scores are -1e30,
+never -inf, so no row ever computes inf - inf.
 Requires scale > 0.
 """
 
 from __future__ import annotations
 
-from nki_kernels.common import PMAX, ones
+from nki_kernels.common import PMAX, identity, ones
 from nki_kernels.compat import nisa, nki, nl
 
-NEG = -1.0e30  # masked score; exp(scale * NEG - m) underflows to exactly 0
+NEG = -1.0e30  # mask value added to a score; exp(scale * (NEG + s - m)) underflows to exactly 0
 SEG = 512  # keys per segment: one PSUM bank of fp32 scores per partition
-STEP_SEGMENTS = 4  # segments (PSUM banks) per online-softmax step
-LANE_KV_HEADS = 2
+PIECE = SEG  # score columns per PSUM tile of the row max (one bank, so the max interleaves with exps)
+GROUP_BLOCKS = SEG // PMAX  # key blocks per PSUM bank of S^T (4 x 128 queries of fp32)
+LANES = 2  # query heads per unit of the software pipeline
+LOOKAHEAD = 1  # S^T banks each lane keeps open ahead of its exp
+KV_SBUF_BUDGET = 128 * 1024  # bytes per partition for the K/V of the three units in flight
 
 
 class Segment(nl.NKIObject):
-    """One online-softmax step of a query tile: `n` keys of `stream` starting at `k0`.
+    """A run of keys of a query tile: `n` keys of `stream` starting at `k0`.
 
     `conds` are affine_select conditions (offset, free step, channel multiplier), each
     meaning ``offset + step * f + cm * r >= 0`` keeps score (row r, key k0 + f).
@@ -127,7 +143,7 @@ def memory_segments(q0: int, chunk: int, n_slots: int) -> list[Segment]:
 
 def plan_tile(q0: int, length: int, window: int, fading_window: int, chunk: int, n_slots: int,
               use_fading: bool, use_memory: bool, fading_overlap: bool = False) -> list[Segment]:
-    """Every online-softmax step of query tile q0, diagonal (in-context) segment first."""
+    """Every segment of keys query tile q0 reads, diagonal (in-context) segment first."""
     segs = window_segments("ctx", q0, 0, window - 1, length)[::-1]
     if use_fading:
         lo_lag, hi_lag = stream_lags("fad", window, fading_window, fading_overlap)
@@ -143,80 +159,6 @@ def stream_lags(stream: str, window: int, fading_window: int, fading_overlap: bo
         return 0, window - 1
     nearest = 0 if fading_overlap else window
     return nearest, nearest + fading_window - 1
-
-
-def plan_steps(plan: list[Segment]) -> list[list[int]]:
-    """Online-softmax steps as lists of indices into `plan`: consecutive segments, at most 4
-    (PSUM banks of scores) and 2048 keys each."""
-    steps: list[list[int]] = []
-    keys = 0
-    for i, seg in enumerate(plan):
-        if steps and len(steps[-1]) < STEP_SEGMENTS and keys + seg.n <= STEP_SEGMENTS * SEG:
-            steps[-1].append(i)
-            keys += seg.n
-        else:
-            steps.append([i])
-            keys = seg.n
-    return steps
-
-
-class VBlockPool(nl.NKIObject):
-    """SBUF V blocks (<= 128 keys, d + 1) reused from query tile to query tile.
-
-    Column d of every V block is 1, so the P.V matmul also yields the softmax row sums;
-    it is set once per block, when the block is first allocated, not on every load (on
-    GpSimd, which shares the SBUF port with Vector). Two sets alternate by query tile, so
-    one group of lanes' loads do not wait for the previous group's P.V matmuls.
-    """
-
-    def __init__(self, d: int, dtype) -> None:
-        self.d, self.dtype = d, dtype
-        self.sets = [[], []]
-        self.current = 0
-        self.used = 0
-
-    def next_set(self) -> None:
-        """Take blocks from the other set from now on, from its first block."""
-        self.current = 1 - self.current
-        self.used = 0
-
-    def take(self, rows: int):
-        blocks = self.sets[self.current]
-        if self.used < len(blocks) and blocks[self.used].shape[0] == rows:
-            vb = blocks[self.used]
-        else:
-            vb = nl.ndarray((rows, self.d + 1), dtype=self.dtype, buffer=nl.sbuf)
-            nisa.memset(dst=vb[:, self.d:self.d + 1], value=1.0, engine=nisa.engine.gpsimd)
-            if self.used < len(blocks):
-                blocks[self.used] = vb
-            else:
-                blocks.append(vb)
-        self.used += 1
-        return vb
-
-
-def load_keys(seg: Segment, b: int, g: int, streams: dict, mem_bias, pool: VBlockPool):
-    """K^T (d, n), the V blocks (<= 128 keys, d + 1, from `pool`) of a segment, and its bias row (1, n) or None."""
-    kT_hbm, v_hbm = streams[seg.stream]
-    d = kT_hbm.shape[-2]
-    kt = nl.ndarray((d, seg.n), dtype=pool.dtype, buffer=nl.sbuf)
-    blocks = []
-    bias = None
-    mem = seg.stream == "mem"
-    if mem:
-        nisa.dma_copy(dst=kt, src=kT_hbm[b, g, seg.chunk, :, seg.k0:seg.k0 + seg.n])
-        bias = nl.ndarray((1, seg.n), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.dma_copy(dst=bias, src=mem_bias[b, seg.chunk, seg.k0:seg.k0 + seg.n])
-    else:
-        nisa.dma_copy(dst=kt, src=kT_hbm[b, g, :, seg.k0:seg.k0 + seg.n])
-    for f0 in range(0, seg.n, PMAX):
-        nb = min(PMAX, seg.n - f0)
-        r0 = seg.k0 + f0
-        vb = pool.take(nb)
-        rows = v_hbm[b, g, seg.chunk, r0:r0 + nb, :] if mem else v_hbm[b, g, r0:r0 + nb, :]
-        nisa.dma_copy(dst=vb[:, 0:d], src=rows)
-        blocks.append(vb)
-    return kt, blocks, bias
 
 
 def masked_scores(qt, kt, bias, ones_row, seg: Segment, copy_engine: str = "vector"):
@@ -238,98 +180,158 @@ def masked_scores(qt, kt, bias, ones_row, seg: Segment, copy_engine: str = "vect
     return s_sb
 
 
-class Balance(nl.NKIObject):
-    """Trace-time estimate of Vector and Scalar busy time (ns), to place the work either can do."""
 
-    CLOCK = {"vector": 1.12, "scalar": 1.4}  # GHz
+class KeyBlock(nl.NKIObject):
+    """Up to 128 consecutive keys of one segment of the plan: keys ``f0 .. f0 + n`` of segment `seg`,
+    at columns ``col .. col + n`` of the query tile's row of scores."""
 
-    def __init__(self) -> None:
-        self.ns = {"vector": 0.0, "scalar": 0.0}
-
-    def add(self, engine: str, n: int) -> None:
-        self.ns[engine] += (max(64, n) + 60) / self.CLOCK[engine]
-
-    def pick(self, n: int) -> str:
-        on_vector = self.ns["vector"] + (max(64, n) + 60) / self.CLOCK["vector"]
-        on_scalar = self.ns["scalar"] + (max(64, n) + 60) / self.CLOCK["scalar"]
-        engine = "vector" if on_vector <= on_scalar else "scalar"
-        self.add(engine, n)
-        return engine
+    def __init__(self, seg: int, f0: int, n: int, col: int) -> None:
+        self.seg, self.f0, self.n, self.col = seg, f0, n, col
 
 
-def copy_on(engine: str, dst, src) -> None:
-    if engine == "scalar":
-        nisa.activation(dst=dst, op=nl.copy, data=src)
-    else:
-        nisa.tensor_copy(dst=dst, src=src)
+def key_blocks(plan: list[Segment]) -> list[KeyBlock]:
+    """The plan's keys in blocks of at most 128 (one partition tile of S^T each), in plan order."""
+    blocks = []
+    col = 0
+    for i, seg in enumerate(plan):
+        for f0 in range(0, seg.n, PMAX):
+            n = min(PMAX, seg.n - f0)
+            blocks.append(KeyBlock(i, f0, n, col))
+            col += n
+    return blocks
 
 
-class SoftmaxState(nl.NKIObject):
-    """Running row max m, -scale*m and unnormalised [output | row sum] acc (128, d + 1) of one (head, tile)."""
+def bank_pieces(c0: int, c1: int, lo: int, hi: int) -> list:
+    """(start, end) pieces of columns [c0, c1) inside [lo, hi), cut at PSUM bank boundaries (every 512
+    columns of fp32, counted from `lo`, where the PSUM tile starts): a matmul writes one bank."""
+    out = []
+    a = max(c0, lo)
+    end = min(c1, hi)
+    while a < end:
+        b = min(end, lo + ((a - lo) // SEG + 1) * SEG)
+        out.append((a, b))
+        a = b
+    return out
 
-    def __init__(self) -> None:
-        self.m = self.neg_m = self.acc = None
+
+class Constants(nl.NKIObject):
+    """Tiles every query tile reuses: identity, negated identity and ones (the Tensor engine's adders),
+    the window-edge masks by their conditions, and each memory chunk's validity bias row."""
+
+    def __init__(self, dtype) -> None:
+        self.dtype = dtype
+        eye32 = identity(PMAX)
+        self.eye = nl.ndarray((PMAX, PMAX), dtype=dtype, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=self.eye, src=eye32, engine=nisa.engine.gpsimd)
+        self.neg_eye = nl.ndarray((PMAX, PMAX), dtype=dtype, buffer=nl.sbuf)
+        nisa.activation(dst=self.neg_eye, op=nl.copy, data=eye32, scale=-1.0)
+        self.ones = ones((PMAX, PMAX), dtype)
+        self.masks = {}  # conditions (as text) -> (mask (128 queries, n keys), its transpose)
+        self.bias_rows = {}  # "batch:chunk:first slot" -> (1, n) validity bias in the matmul dtype
 
 
-def softmax_step(st: SoftmaxState, scores: list, v_blocks: list, scale: float, dtype, d: int, bal: Balance) -> None:
-    """Fold one step (up to 4 segments of scores, their V blocks) into the running softmax state."""
+def mask_pair(consts: Constants, conds: tuple, f0: int, n: int):
+    """Additive masks (0 kept, NEG dropped) of keys f0 .. f0 + n of a segment with affine conditions
+    `conds`: as (128 queries, n keys) for the scores and as (n keys, 128 queries) for their transpose.
+    Built once per distinct set of conditions (GpSimd), then added on the Tensor engine."""
+    key = str(n)
+    for offset, step, cm in conds:
+        key = key + ";" + str(offset + step * f0) + "," + str(step) + "," + str(cm)
+    if key in consts.masks:
+        return consts.masks[key]
     gp = nisa.engine.gpsimd
-    if len(scores) == 1:
-        m_step = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_reduce(dst=m_step, op=nl.maximum, data=scores[0], axis=1)
+    rows = nl.ndarray((PMAX, n), dtype=consts.dtype, buffer=nl.sbuf)
+    cols = nl.ndarray((n, PMAX), dtype=consts.dtype, buffer=nl.sbuf)
+    nisa.memset(dst=rows, value=0.0, engine=gp)
+    nisa.memset(dst=cols, value=0.0, engine=gp)
+    for offset, step, cm in conds:  # keep where offset + step * (f0 + key) + cm * row >= 0
+        nisa.affine_select(dst=rows, pattern=[[step, n]], offset=offset + step * f0, channel_multiplier=cm,
+                           on_true_tile=rows, on_false_value=NEG, cmp_op=nl.greater_equal)
+        nisa.affine_select(dst=cols, pattern=[[cm, PMAX]], offset=offset + step * f0, channel_multiplier=step,
+                           on_true_tile=cols, on_false_value=NEG, cmp_op=nl.greater_equal)
+    consts.masks[key] = (rows, cols)
+    return rows, cols
+
+
+def memory_bias_row(consts: Constants, mem_bias, b: int, seg: Segment):
+    """The validity bias (1, n) of a memory segment in the matmul dtype, loaded once per batch and chunk."""
+    key = str(b) + ":" + str(seg.chunk) + ":" + str(seg.k0)
+    if key in consts.bias_rows:
+        return consts.bias_rows[key]
+    raw = nl.ndarray((1, seg.n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.dma_copy(dst=raw, src=mem_bias[b, seg.chunk, seg.k0:seg.k0 + seg.n])
+    row = raw
+    if consts.dtype != nl.float32:
+        row = nl.ndarray((1, seg.n), dtype=consts.dtype, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=row, src=raw, engine=nisa.engine.gpsimd)
+    consts.bias_rows[key] = row
+    return row
+
+
+class VBlockPool(nl.NKIObject):
+    """SBUF V blocks (<= 128 keys, d + 1) reused from query tile to query tile.
+
+    Column d of every V block is 1, so the P.V matmul also yields the softmax row sums;
+    it is set once per block, when the block is first allocated, not on every load (on
+    GpSimd, which shares the SBUF port with Vector). Three sets rotate by unit: the software
+    pipeline holds the K/V of three units (one running, one scored, one loading).
+    """
+
+    def __init__(self, d: int, dtype) -> None:
+        self.d, self.dtype = d, dtype
+        self.sets = [[], [], []]
+        self.current = 0
+        self.used = 0
+
+    def next_set(self) -> None:
+        """Take blocks from the other set from now on, from its first block."""
+        self.current = (self.current + 1) % len(self.sets)
+        self.used = 0
+
+    def take(self, rows: int):
+        blocks = self.sets[self.current]
+        if self.used < len(blocks) and blocks[self.used].shape[0] == rows:
+            vb = blocks[self.used]
+        else:
+            vb = nl.ndarray((rows, self.d + 1), dtype=self.dtype, buffer=nl.sbuf)
+            nisa.memset(dst=vb[:, self.d:self.d + 1], value=1.0, engine=nisa.engine.gpsimd)
+            if self.used < len(blocks):
+                blocks[self.used] = vb
+            else:
+                blocks.append(vb)
+        self.used += 1
+        return vb
+
+
+def load_keys(seg: Segment, b: int, g: int, streams: dict, pool: VBlockPool):
+    """K^T (d, n) of a segment and its V blocks (<= 128 keys, d + 1, from `pool`)."""
+    kT_hbm, v_hbm = streams[seg.stream]
+    d = kT_hbm.shape[-2]
+    kt = nl.ndarray((d, seg.n), dtype=pool.dtype, buffer=nl.sbuf)
+    mem = seg.stream == "mem"
+    if mem:
+        nisa.dma_copy(dst=kt, src=kT_hbm[b, g, seg.chunk, :, seg.k0:seg.k0 + seg.n])
     else:
-        parts = nl.ndarray((PMAX, len(scores)), dtype=nl.float32, buffer=nl.sbuf)
-        for i, sc in enumerate(scores):
-            nisa.tensor_reduce(dst=parts[:, i:i + 1], op=nl.maximum, data=sc, axis=1)
-        m_step = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_reduce(dst=m_step, op=nl.maximum, data=parts, axis=1)
-    for sc in scores:
-        bal.add("vector", sc.shape[1])
-    first = st.m is None
-    if first:
-        m_new = m_step
-    else:
-        m_new = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_tensor(dst=m_new, data1=st.m, data2=m_step, op=nl.maximum, engine=gp)
-    neg_m = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=neg_m, op=nl.copy, data=m_new, scale=-scale)
-    pv = nl.ndarray((PMAX, d + 1), dtype=nl.float32, buffer=nl.psum)
-    for sc, blocks in zip(scores, v_blocks):
-        n = sc.shape[1]
-        p = nl.ndarray((PMAX, n), dtype=dtype, buffer=nl.sbuf)
-        nisa.activation(dst=p, op=nl.exp, data=sc, bias=neg_m, scale=scale)
-        bal.add("scalar", n)
-        # P^T of every 128-key block side by side in one PSUM bank (fp32: a NeuronCore-v2 Tensor-engine
-        # transpose writes fp32), evacuated by one copy that casts back to the matmul dtype
-        pt_ps = nl.ndarray((PMAX, len(blocks) * PMAX), dtype=nl.float32, buffer=nl.psum)
-        for i, vb in enumerate(blocks):
-            nb = vb.shape[0]
-            nisa.nc_transpose(dst=pt_ps[0:nb, i * PMAX:(i + 1) * PMAX], data=p[:, i * PMAX:i * PMAX + nb])
-        pt = nl.ndarray((PMAX, len(blocks) * PMAX), dtype=dtype, buffer=nl.sbuf)
-        copy_on(bal.pick(len(blocks) * PMAX), pt, pt_ps)
-        for i, vb in enumerate(blocks):
-            nisa.nc_matmul(dst=pv, stationary=pt[0:vb.shape[0], i * PMAX:(i + 1) * PMAX], moving=vb)
-    if first:
-        acc = nl.ndarray((PMAX, d + 1), dtype=nl.float32, buffer=nl.sbuf)
-        copy_on(bal.pick(d + 1), acc, pv)
-        st.acc = acc
-    else:
-        corr = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.activation(dst=corr, op=nl.exp, data=st.m, bias=neg_m, scale=scale)
-        bal.add("scalar", 1)
-        nisa.activation(dst=st.acc, op=nl.copy, data=st.acc, scale=corr)
-        bal.add("scalar", d + 1)
-        nisa.tensor_tensor(dst=st.acc, data1=st.acc, data2=pv, op=nl.add)
-        bal.add("vector", d + 1)
-    st.m, st.neg_m = m_new, neg_m
+        nisa.dma_copy(dst=kt, src=kT_hbm[b, g, :, seg.k0:seg.k0 + seg.n])
+    blocks = []
+    for f0 in range(0, seg.n, PMAX):
+        nb = min(PMAX, seg.n - f0)
+        r0 = seg.k0 + f0
+        vb = pool.take(nb)
+        rows = v_hbm[b, g, seg.chunk, r0:r0 + nb, :] if mem else v_hbm[b, g, r0:r0 + nb, :]
+        nisa.dma_copy(dst=vb[:, 0:d], src=rows)
+        blocks.append(vb)
+    return kt, blocks
 
 
 class Lane(nl.NKIObject):
-    """One query head of a query tile: its head index, the K/V tiles it reads, its queries and softmax state."""
+    """One query head of a query tile: its head, queries, the K/V tiles and bias rows it reads (per
+    segment of the plan), then its row max and the P.V accumulator."""
 
-    def __init__(self, head: int, keys: list, qt) -> None:
-        self.head, self.keys, self.qt = head, keys, qt
-        self.state = SoftmaxState()
+    def __init__(self, head: int, qt, keys: list, biases: list) -> None:
+        self.head, self.qt, self.keys, self.biases = head, qt, keys, biases
+        self.m = self.parts = self.m32 = self.diag = self.pv = None
+        self.st = []  # S^T PSUM banks in flight, one per group of 4 key blocks
 
 
 def load_queries(qT, b: int, h: int, q0: int, d: int, dtype):
@@ -339,19 +341,242 @@ def load_queries(qT, b: int, h: int, q0: int, d: int, dtype):
     return qt
 
 
-def finish(st: SoftmaxState, out, lse, b: int, h: int, q0: int, d: int) -> None:
-    """out = acc / l (in out's dtype), lse = scale*m + log l (l = the last column of acc)."""
-    o_sb = nl.ndarray((PMAX, d), dtype=out.dtype, buffer=nl.sbuf)
-    row_sum = st.acc[:, d:d + 1]
+def max_pieces(blocks: list[KeyBlock]) -> int:
+    """PSUM tiles (of PIECE score columns) the row max of a query tile reads."""
+    total = blocks[-1].col + blocks[-1].n
+    return (total + PIECE - 1) // PIECE
+
+
+def row_max_piece(lane: Lane, plan: list[Segment], blocks: list[KeyBlock], consts: Constants, p: int) -> None:
+    """Piece p of lane.m (128, 1), the max over every key of the tile of the masked scores S = Q K^T,
+    rounded to the matmul dtype (so that -m is exact as a matmul operand).
+
+    S lives only in PSUM, PIECE columns at a time; window-edge masks and memory biases are added there
+    by matmuls. Each piece's max goes to a column of lane.parts; the last piece combines them on GpSimd
+    (idle; Vector is the engine that reads PSUM). Pieces are issued one at a time, between exps of the
+    unit in flight, so that the two take turns on the PSUM port.
+    """
+    total = blocks[-1].col + blocks[-1].n
+    pieces = max_pieces(blocks)
+    if p == 0:
+        lane.m = nl.ndarray((PMAX, 1), dtype=consts.dtype, buffer=nl.sbuf)
+        lane.parts = nl.ndarray((PMAX, pieces), dtype=nl.float32, buffer=nl.sbuf) if pieces > 1 else None
+    lo = p * PIECE
+    hi = min(total, lo + PIECE)
+    s_ps = nl.ndarray((PMAX, hi - lo), dtype=nl.float32, buffer=nl.psum)
+    for i, seg in enumerate(plan):  # Q K^T, one matmul per segment and bank
+        c0 = blocks[lane_first_block(plan, i)].col
+        kt = lane.keys[i][0]
+        for a, e in bank_pieces(c0, c0 + seg.n, lo, hi):
+            nisa.nc_matmul(dst=s_ps[:, a - lo:e - lo], stationary=lane.qt, moving=kt[:, a - c0:e - c0])
+        if lane.biases[i] is not None:  # + each memory slot's validity bias, on every query row
+            for a, e in bank_pieces(c0, c0 + seg.n, lo, hi):
+                nisa.nc_matmul(dst=s_ps[:, a - lo:e - lo], stationary=consts.ones[0:1, :],
+                               moving=lane.biases[i][:, a - c0:e - c0], is_stationary_onezero=True)
+    for blk in blocks:  # + NEG where a window or chunk edge drops a key
+        conds = plan[blk.seg].conds
+        if conds:
+            rows = mask_pair(consts, conds, blk.f0, blk.n)[0]
+            for a, e in bank_pieces(blk.col, blk.col + blk.n, lo, hi):
+                nisa.nc_matmul(dst=s_ps[:, a - lo:e - lo], stationary=consts.eye,
+                               moving=rows[:, a - blk.col:e - blk.col], is_stationary_onezero=True)
+    if pieces == 1:
+        nisa.tensor_reduce(dst=lane.m, op=nl.maximum, data=s_ps, axis=1)
+        return
+    nisa.tensor_reduce(dst=lane.parts[:, p:p + 1], op=nl.maximum, data=s_ps, axis=1)
+    if p == pieces - 1:
+        for j in range(1, pieces):
+            dst = lane.m if j == pieces - 1 else lane.parts[:, 0:1]
+            nisa.tensor_tensor(dst=dst, data1=lane.parts[:, 0:1], data2=lane.parts[:, j:j + 1], op=nl.maximum,
+                               engine=nisa.engine.gpsimd)
+
+
+def lane_first_block(plan: list[Segment], seg_index: int) -> int:
+    """Index in `key_blocks(plan)` of the first block of segment seg_index."""
+    first = 0
+    for i in range(seg_index):
+        first += (plan[i].n + PMAX - 1) // PMAX
+    return first
+
+
+def row_max(lane: Lane, plan: list[Segment], blocks: list[KeyBlock], consts: Constants) -> None:
+    """Every piece of `row_max_piece`, in order."""
+    for p in range(max_pieces(blocks)):
+        row_max_piece(lane, plan, blocks, consts, p)
+
+
+def shift_tile(lane: Lane, consts: Constants) -> None:
+    """diag(-m) (128, 128): as moving operand under a ones stationary it adds -m[q] to every key row of a
+    block of S^T (queries on the free axis, where the Scalar engine has no per-column bias)."""
+    m32 = lane.m
+    if consts.dtype != nl.float32:  # the activation scale operand is fp32; m is exact in it
+        m32 = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=m32, src=lane.m, engine=nisa.engine.gpsimd)
+    diag = nl.ndarray((PMAX, PMAX), dtype=consts.dtype, buffer=nl.sbuf)
+    nisa.activation(dst=diag, op=nl.copy, data=consts.neg_eye, scale=m32)
+    lane.m32, lane.diag = m32, diag
+
+
+def transposed_scores(lane: Lane, plan: list[Segment], blocks: list[KeyBlock], consts: Constants, g0: int) -> None:
+    """Open the S^T PSUM bank of key blocks g0 .. g0 + 3: K Q^T per block (keys on the partitions), plus
+    its masks and memory bias. The -m shift comes later (`probabilities`), once the row max is known."""
+    group = blocks[g0:g0 + GROUP_BLOCKS]
+    st = nl.ndarray((PMAX, len(group) * PMAX), dtype=nl.float32, buffer=nl.psum)
+    for i, blk in enumerate(group):
+        seg = plan[blk.seg]
+        dst = st[0:blk.n, i * PMAX:(i + 1) * PMAX]
+        nisa.nc_matmul(dst=dst, stationary=lane.keys[blk.seg][0][:, blk.f0:blk.f0 + blk.n], moving=lane.qt)
+        if seg.conds:
+            cols = mask_pair(consts, seg.conds, blk.f0, blk.n)[1]
+            nisa.nc_matmul(dst=dst, stationary=consts.eye[0:blk.n, 0:blk.n], moving=cols,
+                           is_stationary_onezero=True)
+        bias = lane.biases[blk.seg]
+        if bias is not None:
+            nisa.nc_matmul(dst=dst, stationary=bias[:, blk.f0:blk.f0 + blk.n], moving=consts.ones[0:1, :],
+                           is_moving_onezero=True)
+    lane.st.append(st)
+
+
+def probabilities(lane: Lane, blocks: list[KeyBlock], consts: Constants, g0: int, scale: float):
+    """P^T (keys, 4 x 128 queries) of blocks g0 .. g0 + 3 in the matmul dtype: the -m shift added to the
+    open S^T bank by one matmul per block, then exp(scale * .) straight from PSUM into SBUF."""
+    group = blocks[g0:g0 + GROUP_BLOCKS]
+    st = lane.st.pop(0)
+    for i, blk in enumerate(group):
+        nisa.nc_matmul(dst=st[0:blk.n, i * PMAX:(i + 1) * PMAX], stationary=consts.ones[:, 0:blk.n],
+                       moving=lane.diag, is_stationary_onezero=True)
+    pt = nl.ndarray((PMAX, len(group) * PMAX), dtype=consts.dtype, buffer=nl.sbuf)
+    full = 0
+    while full < len(group) and group[full].n == PMAX:
+        full += 1
+    if full > 0:
+        nisa.activation(dst=pt[:, 0:full * PMAX], op=nl.exp, data=st[:, 0:full * PMAX], scale=scale)
+    for i in range(full, len(group)):  # a short block: only its key rows were written
+        n = group[i].n
+        nisa.activation(dst=pt[0:n, i * PMAX:(i + 1) * PMAX], op=nl.exp, data=st[0:n, i * PMAX:(i + 1) * PMAX],
+                        scale=scale)
+    return pt
+
+
+def accumulate_pv(lane: Lane, blocks: list[KeyBlock], g0: int, pt, d: int) -> None:
+    """[O | l] += P V over blocks g0 .. g0 + 3 (V extended by its ones column: l = the row sums of P)."""
+    if lane.pv is None:
+        lane.pv = nl.ndarray((PMAX, d + 1), dtype=nl.float32, buffer=nl.psum)
+    for i, blk in enumerate(blocks[g0:g0 + GROUP_BLOCKS]):
+        vb = lane.keys[blk.seg][1][blk.f0 // PMAX]
+        nisa.nc_matmul(dst=lane.pv, stationary=pt[0:blk.n, i * PMAX:(i + 1) * PMAX], moving=vb)
+
+
+def finish(lane: Lane, out, lse, b: int, q0: int, d: int, scale: float) -> None:
+    """out = O / l (in out's dtype), lse = scale * m + log l. On the Vector engine but for the log: the
+    Scalar engine, busy with the exps, is the one the next P V matmuls wait on."""
+    acc = nl.ndarray((PMAX, d + 1), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.activation(dst=acc, op=nl.copy, data=lane.pv)  # the only PSUM read of the accumulator
+    lane.pv = None  # its PSUM bank is free from here on
+    row_sum = acc[:, d:d + 1]
     inv = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=inv, op=nl.reciprocal, data=row_sum)  # row sums are >= 1: inside the valid range
-    nisa.activation(dst=o_sb, op=nl.copy, data=st.acc[:, 0:d], scale=inv)
-    nisa.dma_copy(dst=out[b, h, q0:q0 + PMAX, :], src=o_sb)
+    nisa.reciprocal(dst=inv, data=row_sum)  # l >= ~1 (the max's own key)
+    o_sb = nl.ndarray((PMAX, d), dtype=out.dtype, buffer=nl.sbuf)
+    nisa.tensor_scalar(dst=o_sb, data=acc[:, 0:d], op0=nl.multiply, operand0=inv)
+    nisa.dma_copy(dst=out[b, lane.head, q0:q0 + PMAX, :], src=o_sb)
     log_l = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
     nisa.activation(dst=log_l, op=nl.log, data=row_sum)
     res = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_tensor(dst=res, data1=log_l, data2=st.neg_m, op=nl.subtract, engine=nisa.engine.gpsimd)
-    nisa.dma_copy(dst=lse[b, h, q0:q0 + PMAX], src=res)
+    nisa.tensor_scalar(dst=res, data=lane.m32, op0=nl.multiply, operand0=scale, op1=nl.add, operand1=log_l)
+    nisa.dma_copy(dst=lse[b, lane.head, q0:q0 + PMAX], src=res)
+
+
+class Unit(nl.NKIObject):
+    """The lanes (up to LANES query heads) of one query tile, with the tile's plan and key blocks."""
+
+    def __init__(self, q0: int, plan: list[Segment], blocks: list[KeyBlock], lanes: list[Lane]) -> None:
+        self.q0, self.plan, self.blocks, self.lanes = q0, plan, blocks, lanes
+
+
+def unit_lanes(cfg: dict, dtype) -> int:
+    """LANES query heads per unit, or 1 where the K/V of three units of LANES heads would not fit in
+    KV_SBUF_BUDGET (very long windows): per kv head, K^T takes n elements per partition and the V
+    blocks d + 1 per 128 keys, for the n keys of the longest query tile."""
+    keys, blocks = 0, 0
+    for q0 in range(0, cfg["length"], PMAX):
+        plan = plan_tile(q0, cfg["length"], cfg["window"], cfg["fading_window"], cfg["chunk"], cfg["n_slots"],
+                         cfg["use_fading"], cfg["use_memory"], cfg["fading_overlap"])
+        n, nb = 0, 0
+        for seg in plan:
+            n += seg.n
+            nb += (seg.n + PMAX - 1) // PMAX
+        keys, blocks = max(keys, n), max(blocks, nb)
+    kv_per_unit = min(LANES, (LANES + cfg["groups"] - 1) // cfg["groups"] + 1)
+    per_head = (keys + blocks * (cfg["d"] + 1)) * (4 if dtype == nl.float32 else 2)
+    return LANES if 3 * kv_per_unit * per_head <= KV_SBUF_BUDGET else 1
+
+
+def load_unit(cfg: dict, consts: Constants, pool: VBlockPool, b: int, q0: int, h0: int) -> Unit:
+    """A unit's K/V (once per kv head of the unit) and queries (query heads h0 .. h0 + lanes - 1 of
+    query tile q0), into the next set of the V-block pool."""
+    plan = plan_tile(q0, cfg["length"], cfg["window"], cfg["fading_window"], cfg["chunk"], cfg["n_slots"],
+                     cfg["use_fading"], cfg["use_memory"], cfg["fading_overlap"])
+    pool.next_set()
+    lanes = []
+    q_heads = cfg["qT"].shape[1]
+    last_g = -1
+    keys, biases = [], []
+    for h in range(h0, min(h0 + cfg["lanes"], q_heads)):
+        g = h // cfg["groups"]
+        if g != last_g:
+            keys, biases = [], []
+            for seg in plan:
+                keys.append(load_keys(seg, b, g, cfg["streams"], pool))
+                biases.append(memory_bias_row(consts, cfg["mem_bias"], b, seg) if seg.stream == "mem" else None)
+            last_g = g
+        lanes.append(Lane(h, load_queries(cfg["qT"], b, h, q0, cfg["d"], consts.dtype), keys, biases))
+    return Unit(q0, plan, key_blocks(plan), lanes)
+
+
+def complete_unit(unit: Unit, following, finishing, cfg: dict, consts: Constants, out, lse, b: int) -> None:
+    """Pass 2 of a unit (its row maxes done): per group of 4 key blocks and lane, S^T, P^T = exp, P V.
+
+    Woven in, so that no engine waits long on another's chain: the `following` unit's row max (loaded),
+    one PSUM bank after each exp (Vector's max and Scalar's exp alternate on the PSUM port), and its
+    shift tiles at the end; lane j of the `finishing` unit (whose P V is done) after group j's exps.
+    S^T banks are opened LOOKAHEAD groups ahead of their exp, so the Tensor engine has K Q^T work.
+    """
+    blocks, scale, d = unit.blocks, cfg["scale"], cfg["d"]
+    starts = list(range(0, len(blocks), GROUP_BLOCKS))
+    for j in range(min(LOOKAHEAD, len(starts))):
+        for lane in unit.lanes:
+            transposed_scores(lane, unit.plan, blocks, consts, starts[j])
+    queue = []  # (lane, piece) of the following unit's row max, in issue order
+    if following is not None:
+        for lane in following.lanes:
+            for p in range(max_pieces(following.blocks)):
+                queue.append((lane, p))
+    for j in range(len(starts)):
+        pts = []
+        for lane in unit.lanes:
+            pts.append(probabilities(lane, blocks, consts, starts[j], scale))
+            if j + LOOKAHEAD < len(starts):
+                transposed_scores(lane, unit.plan, blocks, consts, starts[j + LOOKAHEAD])
+            if queue:
+                nxt, p = queue.pop(0)
+                row_max_piece(nxt, following.plan, following.blocks, consts, p)
+        for lane, pt in zip(unit.lanes, pts):
+            accumulate_pv(lane, blocks, starts[j], pt, d)
+        if finishing is not None and j < len(finishing.lanes):
+            finish(finishing.lanes[j], out, lse, b, finishing.q0, d, scale)
+    if finishing is not None:
+        for k in range(len(starts), len(finishing.lanes)):
+            finish(finishing.lanes[k], out, lse, b, finishing.q0, d, scale)
+    if following is not None:
+        for nxt, p in queue:
+            row_max_piece(nxt, following.plan, following.blocks, consts, p)
+        for lane in following.lanes:
+            shift_tile(lane, consts)
+
+
+def finish_unit(unit: Unit, cfg: dict, out, lse, b: int) -> None:
+    for lane in unit.lanes:
+        finish(lane, out, lse, b, unit.q0, cfg["d"], cfg["scale"])
 
 
 def check_config(qT, kT, window: int, fading_window: int, chunk: int, scale: float) -> None:
@@ -362,6 +587,7 @@ def check_config(qT, kT, window: int, fading_window: int, chunk: int, scale: flo
     assert window >= 1 and fading_window >= 0 and chunk >= 1 and scale > 0
 
 
+
 @nki.jit
 def eidetic_attention_fwd(qT, kT, v, kfT, vf, memkT, memv, mem_bias, window, fading_window, chunk, scale,
                           fading_overlap=False):
@@ -369,46 +595,37 @@ def eidetic_attention_fwd(qT, kT, v, kfT, vf, memkT, memv, mem_bias, window, fad
     batch, q_heads, d, length = qT.shape
     check_config(qT, kT, window, fading_window, chunk, scale)
     kv_heads = kT.shape[1]
-    groups = q_heads // kv_heads
-    dtype = qT.dtype
-    window = min(window, length)
-    use_fading = kfT is not None and fading_window > 0
     n_slots = memkT.shape[-1] if memkT is not None else 0
-    use_memory = n_slots > 0
     out = nl.ndarray((batch, q_heads, length, d), dtype=qT.dtype, buffer=nl.shared_hbm)
     lse = nl.ndarray((batch, q_heads, length), dtype=nl.float32, buffer=nl.shared_hbm)
-    streams = {"ctx": (kT, v), "fad": (kfT, vf), "mem": (memkT, memv)}
-    ones_row = ones((1, PMAX)) if use_memory else None
+    cfg = {"qT": qT, "d": d, "length": length, "window": min(window, length), "fading_window": fading_window,
+           "chunk": chunk, "n_slots": n_slots, "use_fading": kfT is not None and fading_window > 0,
+           "use_memory": n_slots > 0, "fading_overlap": fading_overlap, "groups": q_heads // kv_heads,
+           "scale": scale, "mem_bias": mem_bias, "streams": {"ctx": (kT, v), "fad": (kfT, vf), "mem": (memkT, memv)}}
+    cfg["lanes"] = unit_lanes(cfg, qT.dtype)
+    units = []  # (first query row, first head) of each unit, in issue order
+    for q0 in range(0, length, PMAX):
+        for h0 in range(0, q_heads, cfg["lanes"]):
+            units.append((q0, h0))
     for b in nl.affine_range(batch):
-        # One pool per batch element: blocks shared across `affine_range` iterations would be a
-        # loop-carried dependency the compiler is free to reorder.
-        pool = VBlockPool(d, dtype)
-        for q0 in range(0, length, PMAX):
-            plan = plan_tile(q0, length, window, fading_window, chunk, n_slots, use_fading, use_memory,
-                             fading_overlap)
-            steps = plan_steps(plan)
-            for g0 in range(0, kv_heads, LANE_KV_HEADS):
-                pool.next_set()
-                lanes = []
-                for g in range(g0, min(g0 + LANE_KV_HEADS, kv_heads)):
-                    keys = []  # per segment of the plan: (K^T, V blocks, bias row)
-                    for seg in plan:
-                        keys.append(load_keys(seg, b, g, streams, mem_bias, pool))
-                    for h in range(g * groups, (g + 1) * groups):
-                        lanes.append(Lane(h, keys, load_queries(qT, b, h, q0, d, dtype)))
-                bal = Balance()
-                # The lanes' steps are issued in turn, so one lane's exp, transpose and evacuation
-                # run while the next lane's scores are on the Tensor engine.
-                for step in steps:
-                    for lane in lanes:
-                        scores, v_blocks = [], []
-                        for i in step:
-                            seg = plan[i]
-                            eng = bal.pick(seg.n) if seg.conds else "vector"
-                            kt, blocks, bias = lane.keys[i]
-                            scores.append(masked_scores(lane.qt, kt, bias, ones_row, seg, eng))
-                            v_blocks.append(blocks)
-                        softmax_step(lane.state, scores, v_blocks, scale, dtype, d, bal)
-                for lane in lanes:
-                    finish(lane.state, out, lse, b, lane.head, q0, d)
+        # Per batch element: tiles shared across `affine_range` iterations would be a loop-carried
+        # dependency the compiler is free to reorder.
+        consts = Constants(qT.dtype)
+        pool = VBlockPool(d, qT.dtype)
+        # Software pipeline over units: unit i + 2 is loaded and unit i + 1's row maxes are computed
+        # while unit i runs its exps and P V matmuls.
+        loaded = [load_unit(cfg, consts, pool, b, units[0][0], units[0][1])]
+        for lane in loaded[0].lanes:
+            row_max(lane, loaded[0].plan, loaded[0].blocks, consts)
+            shift_tile(lane, consts)
+        if len(units) > 1:
+            loaded.append(load_unit(cfg, consts, pool, b, units[1][0], units[1][1]))
+        finishing = None
+        for i in range(len(units)):
+            if i + 2 < len(units):
+                loaded.append(load_unit(cfg, consts, pool, b, units[i + 2][0], units[i + 2][1]))
+            following = loaded[1] if len(loaded) > 1 else None
+            complete_unit(loaded[0], following, finishing, cfg, consts, out, lse, b)
+            finishing = loaded.pop(0)
+        finish_unit(finishing, cfg, out, lse, b)
     return out, lse

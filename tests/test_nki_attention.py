@@ -75,6 +75,9 @@ CASES = {
     "gqa4_big_memory": (256, 4, 1, 8, 128, 128, 128, 130),  # M > 128: two slot blocks
     "no_fading": (384, 2, 1, 16, 96, 0, 64, 6),  # w_f = 0, 3 query tiles
     "window_beyond_length": (128, 2, 2, 16, 300, 64, 32, 4),  # w >= L: no fading keys at all
+    # > 1024 keys per query tile: the forward's row max in three PSUM pieces, three S^T banks, a short
+    # memory block; 3 query heads per kv head, so a unit of two heads can span two kv heads
+    "gqa3_long_tiles": (640, 6, 2, 16, 256, 256, 256, 300),
 }
 
 
@@ -104,6 +107,18 @@ def test_no_memory_and_unpadded_length_fp32():
     assert_close(run_both(tensors, valid, memory=False, window=48, fading_window=40, chunk=48), 1e-4)
     tensors, valid = make_inputs(200, 2, 2, 16, 48, 3, batch=2, seed=2)  # chunk count grows with padding
     assert_close(run_both(tensors, valid, window=40, fading_window=40, chunk=48), 1e-4)
+
+
+def test_forward_one_lane_per_unit_fp32(monkeypatch):
+    """Where the K/V of three two-head units would not fit in SBUF the forward runs one head per unit."""
+    import nki_kernels.attention_fwd as fwd
+
+    monkeypatch.setattr(fwd, "KV_SBUF_BUDGET", 0)
+    cfg = {"length": 256, "window": 64, "fading_window": 64, "chunk": 64, "n_slots": 8, "use_fading": True,
+           "use_memory": True, "fading_overlap": False, "groups": 2, "d": 16}
+    assert fwd.unit_lanes(cfg, np.float32) == 1
+    tensors, valid = make_inputs(256, 4, 2, 16, 64, 8, seed=5)
+    assert_close(run_both(tensors, valid, window=64, fading_window=64, chunk=64), 1e-4)
 
 
 def test_bf16():
