@@ -6,13 +6,15 @@ layers, whose KV cache grows by design):
 
 * SSM: conv and scan states (`SSMState`, owned by the mixer);
 * windows and memory, for B/F/S layers: one preallocated buffer of rotated keys and
-  values, ``[in-context ring (w) | fading ring | memory (M)]``, and an additive bias
-  saying which slots the next query reads; a token writes its keys in place
-  (`layers.attention.DecodeSlots`). ``A`` layers keep a growing KV cache;
+  values, ``[in-context ring (w) | fading ring (w_f) | memory (M)]``, an additive bias
+  saying which slots the next query reads, and a side ring of the fading keys of the
+  last ``w`` tokens, which start to fade when they leave the window; a token writes its
+  keys in place (`layers.attention.DecodeSlots`). ``A`` layers keep a growing KV cache;
 * eidetic memory: the memory after the last complete chunk, the snapshots of the
   last ``g`` chunks (chunk ``j`` reads the one after chunk ``j - g``), and the
-  current chunk's un-rotated keys, values and innovations (preallocated, ``c`` rows);
-* the previous SSM output, which the innovation predictor reads.
+  current chunk's un-rotated keys, values and the SSM outputs its innovation predictor
+  reads (preallocated, ``c`` rows; the innovations are scored when the chunk completes);
+* the previous SSM output.
 
 A padded batch (an ``attention_mask`` with zeros) keeps its rows in groups instead
 (`BMojoCache.groups`): rows that hold different numbers of real tokens sit at
@@ -38,7 +40,9 @@ class AttentionLayerCache:
 
     keys: Tensor | None = None  # B/F/S: (batch, kv_heads, slots, head_dim), rotated
     values: Tensor | None = None
-    bias: Tensor | None = None  # (batch, slots): 0 where the next query reads the slot, -inf elsewhere
+    bias: Tensor | None = None  # (batch, 1, 1, slots): 0 where the next query reads the slot, -inf elsewhere
+    pending_k: Tensor | None = None  # (batch, kv_heads, w, head_dim): rotated fading keys not yet read
+    pending_v: Tensor | None = None
     ctx_k: Tensor | None = None  # A: every token so far
     ctx_v: Tensor | None = None
     ssm: SSMState | None = None
@@ -48,11 +52,11 @@ class AttentionLayerCache:
     memory_read: int | None = None  # the chunk whose visible memory is in the memory slots
     chunk_k: Tensor | None = None  # (batch, c, kv_heads, head_dim), un-rotated; rows up to position % c are set
     chunk_v: Tensor | None = None
-    chunk_innovation: Tensor | None = None  # (batch, c)
+    chunk_ssm_prev: Tensor | None = None  # (batch, c, hidden): row i holds S of the token before the chunk's i-th
 
     def reorder(self, index: Tensor) -> None:
-        for name in ("keys", "values", "bias", "ctx_k", "ctx_v", "prev_ssm_out", "chunk_k", "chunk_v",
-                     "chunk_innovation"):
+        for name in ("keys", "values", "bias", "pending_k", "pending_v", "ctx_k", "ctx_v", "prev_ssm_out",
+                     "chunk_k", "chunk_v", "chunk_ssm_prev"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, index))
@@ -63,7 +67,7 @@ class AttentionLayerCache:
         self.snapshots = {j: m.reorder(index) for j, m in self.snapshots.items()}
 
     # Decoding writes into these in place (one token's slots); every other tensor it replaces.
-    WRITTEN_IN_PLACE = ("keys", "values", "bias", "chunk_k", "chunk_v", "chunk_innovation")
+    WRITTEN_IN_PLACE = ("keys", "values", "bias", "pending_k", "pending_v", "chunk_k", "chunk_v", "chunk_ssm_prev")
 
     def copy(self) -> AttentionLayerCache:
         """A cache that decodes independently of this one: the buffers decoding writes into are cloned, the

@@ -32,7 +32,7 @@ from .eidetic_memory import (
 )
 from .factory import LayerFactory, get_layer_factory
 from .norms import RMSNorm, rms_normalize
-from .rope import RotaryEmbedding, apply_rotary
+from .rope import RotaryEmbedding, apply_rotary, apply_rotary_rolled
 from .ssm import build_ssm_mixer
 
 
@@ -261,12 +261,15 @@ class BMojoAttention(nn.Module):
     # ------------------------------------------------------------------ decode
     # A B/F/S layer decodes from one preallocated key/value buffer (`DecodeSlots`): the
     # in-context ring, the fading ring and the memory slots side by side, with an additive
-    # bias saying which slots the next query reads. A token writes its keys in place and
-    # flips a few bias entries; the memory slots are rewritten once per chunk. Softmax
-    # attention does not care about key order, so the rings need no reordering.
+    # bias saying which slots the next query reads. A token writes its keys in place; the
+    # bias changes only while the rings first fill, and the memory slots are rewritten once
+    # per chunk. Softmax attention does not care about key order, so the rings need no
+    # reordering. Fading keys wait in a side ring of `w` slots until their token leaves the
+    # window, so the attended buffer holds only keys the query may read.
     def _slots(self) -> DecodeSlots:
-        ring = self.fading_window if self.fading_overlap else self.window + self.fading_window
-        return DecodeSlots(self.window, ring if self.fading_window > 0 else 0, self.memory_size)
+        if self.fading_window == 0:
+            return DecodeSlots(self.window, 0, self.memory_size, 0)
+        return DecodeSlots(self.window, self.fading_window, self.memory_size, 0 if self.fading_overlap else self.window)
 
     def _fill_cache(self, cache, k, v, k_fading, v_fading, s, k_raw, v_raw, innovation, selection) -> None:
         """Store what decoding needs after a parallel forward over a whole prompt."""
@@ -274,20 +277,25 @@ class BMojoAttention(nn.Module):
         slots = self._slots()
         cache.keys = k.new_zeros(batch, self.kv_heads, slots.total, self.head_dim)
         cache.values = v.new_zeros(batch, self.kv_heads, slots.total, self.head_dim)
-        cache.bias = torch.full((batch, slots.total), float("-inf"), dtype=_score_dtype(k), device=k.device)
+        # (batch, 1, 1, slots): broadcasts over heads and the query as the attention's mask
+        cache.bias = torch.full((batch, 1, 1, slots.total), float("-inf"), dtype=k.dtype, device=k.device)
         last = length - 1
         t = torch.arange(max(0, length - slots.window), length, device=k.device)
-        self._write_slots(cache, t % slots.window, k[:, :, t], v[:, :, t], t >= 0)
+        self._write_slots(cache, t % slots.window, k[:, :, t], v[:, :, t])
         if slots.fading:
-            t = torch.arange(max(0, length - slots.fading), length, device=k.device)
-            if self.fading_overlap:
-                visible = t > last - self.fading_window
-            else:
-                visible = (t > last - self.window - self.fading_window) & (t <= last - self.window)
-            self._write_slots(cache, slots.window + t % slots.fading, k_fading[:, :, t], v_fading[:, :, t], visible)
-        if s is not None:
-            cache.prev_ssm_out = s[:, -1].clone()  # own copy: the cache must not hold the prompt's SSM output
+            # the fading ring holds what the last prompt token read: its last w_f tokens with
+            # overlapping fading keys, else the w_f tokens before its window
+            newest = last if self.fading_overlap else last - self.window
+            t = torch.arange(max(0, newest + 1 - slots.fading), max(0, newest + 1), device=k.device)
+            self._write_slots(cache, slots.window + t % slots.fading, k_fading[:, :, t], v_fading[:, :, t])
+        if slots.pending:
+            cache.pending_k = k.new_zeros(batch, self.kv_heads, slots.pending, self.head_dim)
+            cache.pending_v = v.new_zeros(batch, self.kv_heads, slots.pending, self.head_dim)
+            t = torch.arange(max(0, length - slots.pending), length, device=k.device)
+            cache.pending_k[:, :, t % slots.pending] = k_fading[:, :, t]
+            cache.pending_v[:, :, t % slots.pending] = v_fading[:, :, t]
         if self.memory_size > 0:
+            cache.prev_ssm_out = s[:, -1].clone()  # own copy: the cache must not hold the prompt's SSM output
             done = selection.position.shape[1]
             first = max(0, done - self.lag)
             recent = gather_memory(k_raw, v_raw, Selection(*(t[:, first:] for t in selection)))
@@ -295,65 +303,91 @@ class BMojoAttention(nn.Module):
             cache.snapshots = {j: recent.at(j - first).clone() for j in range(first, done)}
             cache.memory = cache.snapshots[done - 1] if done else self._empty_memory(k_raw)
             cache.memory_read = None
-            tail = length - done * self.chunk
+            start = done * self.chunk
+            tail = length - start
             cache.chunk_k = k_raw.new_zeros(batch, self.chunk, self.kv_heads, self.head_dim)
             cache.chunk_v = v_raw.new_zeros(batch, self.chunk, self.kv_heads, self.head_dim)
-            cache.chunk_innovation = innovation.new_zeros(batch, self.chunk)
-            cache.chunk_k[:, :tail] = k_raw[:, done * self.chunk :]
-            cache.chunk_v[:, :tail] = v_raw[:, done * self.chunk :]
-            cache.chunk_innovation[:, :tail] = innovation[:, done * self.chunk :].detach()
+            cache.chunk_ssm_prev = s.new_zeros(batch, self.chunk, s.shape[-1])
+            cache.chunk_k[:, :tail] = k_raw[:, start:]
+            cache.chunk_v[:, :tail] = v_raw[:, start:]
+            # row i: S of the token before token start + i (zero before the first token)
+            cache.chunk_ssm_prev[:, :tail] = F.pad(s[:, max(0, start - 1) : last], (0, 0, 1 if start == 0 else 0, 0))
 
     @staticmethod
-    def _write_slots(cache, index: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> None:
-        """Put keys/values (batch, kv_heads, n, D) into buffer slots `index` (n,), visible where `visible` (n,)."""
+    def _write_slots(cache, index: Tensor, k: Tensor, v: Tensor, valid: Tensor | None = None) -> None:
+        """Put keys/values (batch, kv_heads, n, D) into buffer slots `index` (n,), readable where `valid` (n,)."""
         cache.keys[:, :, index] = k
         cache.values[:, :, index] = v
-        cache.bias[:, index] = torch.zeros_like(cache.bias[:1, index]).masked_fill(~visible, float("-inf"))
+        bias = cache.bias.new_zeros(index.shape)
+        if valid is not None:
+            bias = bias.masked_fill(~valid, float("-inf"))
+        cache.bias[..., index] = bias
 
     def _empty_memory(self, like: Tensor) -> MemoryState:
         return MemoryState.empty(like.shape[0], self.memory_size, self.kv_heads, self.head_dim, like)
 
     def _decode_step(self, x: Tensor, position: int, cache: AttentionLayerCache) -> Tensor:
         """One token `x` (batch, 1, d) at `position`, reading and advancing `cache`."""
-        cos, sin = self.rotary(torch.tensor([position], device=x.device), x.dtype)
-        q = apply_rotary(self._queries(x).transpose(1, 2), cos, sin)
-        k_raw = self._keys(x)
-        v = self._heads(self.v_proj(x), self.kv_heads)
-        k = apply_rotary(k_raw.transpose(1, 2), cos, sin)
+        cos, sin = self.rotary.at_position(position, x.dtype, x.device)
+        q = apply_rotary_rolled(self._queries(x).transpose(1, 2), cos, sin)
         if self.kind == "A":  # the full KV cache grows by design
+            k = apply_rotary_rolled(self._keys(x).transpose(1, 2), cos, sin)
             cache.ctx_k = torch.cat([cache.ctx_k, k], dim=2)
-            cache.ctx_v = torch.cat([cache.ctx_v, v.transpose(1, 2)], dim=2)
+            cache.ctx_v = torch.cat([cache.ctx_v, self._heads(self.v_proj(x), self.kv_heads).transpose(1, 2)], dim=2)
             return self._output(_attend(q, cache.ctx_k, cache.ctx_v))
-
-        slots = self._slots()
-        slot = position % slots.window
-        cache.keys[:, :, slot] = k[:, :, 0]
-        cache.values[:, :, slot] = v[:, 0]
-        cache.bias[:, slot] = 0.0
 
         s = self.ssm(x, state=cache.ssm) if self.ssm is not None else None
         features = self._ssm_features(s)
-        if slots.fading:
-            kf_raw, vf = self._fading_kv(features)
-            slot = slots.window + position % slots.fading
-            cache.keys[:, :, slot] = apply_rotary(kf_raw.transpose(1, 2), cos, sin)[:, :, 0]
-            cache.values[:, :, slot] = vf[:, 0]
-            if self.fading_overlap:  # the ring holds exactly the last w_f tokens
-                cache.bias[:, slot] = 0.0
-            else:  # this token is in the window, not yet fading; the one leaving the window starts to fade
-                cache.bias[:, slot] = float("-inf")
-                if position >= self.window:
-                    cache.bias[:, slots.window + (position - self.window) % slots.fading] = 0.0
-
+        k_raw, v = self._decode_keys(x, features)  # (batch, 1 or 2, kv_heads, D): the token's own, then fading
+        k = apply_rotary_rolled(k_raw, cos, sin)
+        self._write_token(cache, position, k, v)
         if self.memory_size > 0:
-            self._read_memory(cache, position, slots)
-            innovation = self._innovation(k_raw, self.innovation_proj(cache.prev_ssm_out[:, None]))
-            self._advance_memory(cache, position, k_raw, v, innovation)
-        if features is not None:
-            cache.prev_ssm_out = features[:, -1]
+            self._read_memory(cache, position)
+            self._advance_memory(cache, position, k_raw[:, :1], v[:, :1], features)
         return self._output(_attend(q, cache.keys, cache.values, cache.bias), s)
 
-    def _read_memory(self, cache: AttentionLayerCache, position: int, slots: DecodeSlots) -> None:
+    def _decode_keys(self, x: Tensor, features: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Un-rotated keys and values of the token (batch, 1, kv_heads, D), with its fading ones appended.
+
+        With tied fading projections the token and its SSM output share one product per projection.
+        """
+        if features is None or self.fading_window == 0:
+            return self._keys(x), self._heads(self.v_proj(x), self.kv_heads)
+        if self.tie_fading:
+            both = torch.cat([x, features], dim=1)
+            return self._keys(both), self._heads(self.v_proj(both), self.kv_heads)
+        k_fading, v_fading = self._fading_kv(features)
+        k = torch.cat([self._keys(x), k_fading], dim=1)
+        return k, torch.cat([self._heads(self.v_proj(x), self.kv_heads), v_fading], dim=1)
+
+    def _write_token(self, cache: AttentionLayerCache, position: int, k: Tensor, v: Tensor) -> None:
+        """Write the token's rotated keys (batch, 1 or 2, kv_heads, D) into the rings; move the fading key
+        of the token leaving the window from the side ring into the fading ring."""
+        slots = self._slots()
+        slot = position % slots.window
+        cache.keys[:, :, slot] = k[:, 0]
+        cache.values[:, :, slot] = v[:, 0]
+        if position < slots.window:  # filling the ring; afterwards every in-context slot stays readable
+            cache.bias[..., slot] = 0.0
+        if not slots.fading:
+            return
+        if slots.pending:
+            if position >= self.window:  # token position - w leaves the window and starts to fade
+                fading_slot = slots.window + (position - self.window) % slots.fading
+                cache.keys[:, :, fading_slot] = cache.pending_k[:, :, slot]
+                cache.values[:, :, fading_slot] = cache.pending_v[:, :, slot]
+                if position - self.window < slots.fading:
+                    cache.bias[..., fading_slot] = 0.0
+            cache.pending_k[:, :, slot] = k[:, 1]
+            cache.pending_v[:, :, slot] = v[:, 1]
+        else:  # overlapping fading keys are read from their own token on
+            fading_slot = slots.window + position % slots.fading
+            cache.keys[:, :, fading_slot] = k[:, 1]
+            cache.values[:, :, fading_slot] = v[:, 1]
+            if position < slots.fading:
+                cache.bias[..., fading_slot] = 0.0
+
+    def _read_memory(self, cache: AttentionLayerCache, position: int) -> None:
         """Put the memory visible to `position`'s chunk in the memory slots (once per chunk)."""
         chunk = position // self.chunk
         if cache.memory_read == chunk:
@@ -361,26 +395,33 @@ class BMojoAttention(nn.Module):
         memory = cache.snapshots.get(chunk - self.lag)
         if memory is None:
             memory = self._empty_memory(cache.keys)
+        slots = self._slots()
         cos, sin = self.rotary(self._memory_rotation(torch.tensor([chunk], device=cache.keys.device)),
                                cache.keys.dtype)
         index = torch.arange(slots.memory_start, slots.total, device=cache.keys.device)
-        self._write_slots(cache, index, apply_rotary(memory.k.transpose(1, 2), cos, sin), memory.v.transpose(1, 2),
-                          torch.ones_like(index, dtype=torch.bool))
-        cache.bias[:, index] = cache.bias[:, index].masked_fill(~memory.valid, float("-inf"))
+        self._write_slots(cache, index, apply_rotary(memory.k.transpose(1, 2), cos, sin), memory.v.transpose(1, 2))
+        cache.bias[..., index] = cache.bias[..., index].masked_fill(~memory.valid[:, None, None], float("-inf"))
         cache.memory_read = chunk
 
-    def _advance_memory(self, cache, position, k_raw, v, innovation) -> None:
-        """Add the token to the current chunk; when the chunk completes, pick and snapshot."""
+    def _advance_memory(self, cache, position, k_raw, v, features) -> None:
+        """Add the token (keys (batch, 1, kv_heads, D)) to the current chunk; when the chunk completes, score its
+        innovations, pick and snapshot.
+
+        The innovations are needed only at the chunk's end, so they are computed then, for the
+        whole chunk in one product, from the SSM outputs kept per row.
+        """
         at = position % self.chunk
         cache.chunk_k[:, at] = k_raw[:, 0]
         cache.chunk_v[:, at] = v[:, 0]
-        cache.chunk_innovation[:, at] = innovation[:, 0].detach()
+        cache.chunk_ssm_prev[:, at] = cache.prev_ssm_out
+        cache.prev_ssm_out = features[:, -1]
         if at < self.chunk - 1:
             return
         j = position // self.chunk
+        innovation = self._innovation(cache.chunk_k, self.innovation_proj(cache.chunk_ssm_prev))
         cache.memory = update_memory(
             cache.memory if cache.memory is not None else self._empty_memory(k_raw),
-            cache.chunk_k, cache.chunk_v, cache.chunk_innovation,
+            cache.chunk_k, cache.chunk_v, innovation,
             j * self.chunk, j, self.picks, self.decay,
         )
         cache.snapshots[j] = cache.memory
@@ -389,17 +430,19 @@ class BMojoAttention(nn.Module):
 
 @dataclass(frozen=True)
 class DecodeSlots:
-    """Slots of a B/F/S layer's decode buffer: ``[in-context ring | fading ring | memory]``.
+    """Slots of a B/F/S layer's decode buffer, ``[in-context ring | fading ring | memory]``, and its side ring.
 
-    Token ``t``'s keys sit in in-context slot ``t % window`` and fading slot
-    ``window + t % fading``; ``fading`` is ``window + w_f`` (a fading key is read once
-    its token has left the window, for ``w_f`` tokens) or ``w_f`` with overlapping
-    fading keys, 0 without a fading path.
+    Token ``t``'s keys sit in in-context slot ``t % window``. Its fading keys are read
+    from when it leaves the window for ``w_f`` tokens (from its own step with
+    overlapping fading keys); they wait in side-ring slot ``t % pending`` (``pending =
+    window``; 0 with overlapping fading keys) and then move to fading slot
+    ``window + t % fading`` (``fading = w_f``, 0 without a fading path).
     """
 
     window: int
     fading: int
     memory: int
+    pending: int
 
     @property
     def memory_start(self) -> int:
@@ -407,6 +450,7 @@ class DecodeSlots:
 
     @property
     def total(self) -> int:
+        """Slots the query reads (the side ring is not among them)."""
         return self.window + self.fading + self.memory
 
 
@@ -428,21 +472,9 @@ class HeadRMSNorm(RMSNorm):
         return (rms_normalize(x.to(ct), self.eps) * weight.to(ct)).to(x.dtype)
 
 
-def _score_dtype(x: Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 def _attend(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Dense attention of one query (batch, q_heads, 1, D) over (batch, kv_heads, n, D) keys.
+    """Attention of one query (batch, q_heads, 1, D) over (batch, kv_heads, n, D) keys, in one fused op.
 
-    `bias` (batch, n) is added to the scores (0 or -inf); None: every key is read.
+    `bias` (batch, 1, 1, n) is added to the scores (0 or -inf); None: every key is read.
     """
-    batch, q_heads, _, head_dim = q.shape
-    kv_heads = keys.shape[1]
-    dtype = _score_dtype(q)
-    qg = q.view(batch, kv_heads, q_heads // kv_heads, head_dim).to(dtype)
-    scores = torch.matmul(qg, keys.to(dtype).transpose(2, 3)) / head_dim**0.5  # (batch, kv_heads, g, n)
-    if bias is not None:
-        scores = scores + bias[:, None, None, :]
-    out = torch.matmul(torch.softmax(scores, dim=-1), values.to(dtype))
-    return out.reshape(batch, q_heads, 1, head_dim).to(q.dtype)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, enable_gqa=q.shape[1] != keys.shape[1])

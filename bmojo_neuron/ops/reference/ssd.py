@@ -177,15 +177,19 @@ def ssd_state_update(
     """
     ct = _compute_dtype(torch.promote_types(x.dtype, state.dtype))
     batch, heads, head_dim = x.shape
-    groups = B.shape[1]
+    groups, state_size = B.shape[1:]
     hpg = heads // groups
     d = _discretize_dt(dt, dt_bias, dt_softplus, ct)  # (b, H)
     x_f = x.to(ct)
-    B_h = B.to(ct).repeat_interleave(hpg, dim=1)  # (b, H, N)
-    C_h = C.to(ct).repeat_interleave(hpg, dim=1)
     decay = torch.exp(d * A.to(ct))
-    new_state = decay[..., None, None] * state.to(ct) + (d[..., None] * x_f).unsqueeze(-1) * B_h.unsqueeze(2)
-    y = torch.matmul(new_state, C_h.unsqueeze(-1)).squeeze(-1)  # (b, H, P)
+    # Heads viewed as (group, head-in-group), so B and C broadcast over a group's heads uncopied.
+    dx = (x_f * d[..., None]).view(batch, groups, hpg, head_dim, 1)
+    kept = (state.to(ct) * decay[..., None, None]).view(batch, groups, hpg, head_dim, state_size)
+    new_state = torch.addcmul(kept, dx, B.to(ct).view(batch, groups, 1, 1, state_size))
+    new_state = new_state.view(batch, heads, head_dim, state_size)
+    # one matrix-vector product per (batch, group): (hpg * P, N) @ (N, 1)
+    y = torch.matmul(new_state.view(batch, groups, hpg * head_dim, state_size), C.to(ct).view(batch, groups, state_size, 1))
+    y = y.view(batch, heads, head_dim)
     if D is not None:
-        y = y + D.to(ct)[:, None] * x_f
+        y = torch.addcmul(y, D.to(ct)[:, None], x_f)
     return y.to(x.dtype), new_state
