@@ -154,19 +154,22 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y)
 
     def _step(self, hidden_states: Tensor, state: SSMState) -> Tensor:
-        """One decoding token: conv window updates + `ssd_state_update`."""
+        """One decoding token: conv window updates + `ssd_state_update`.
+
+        Works on (batch, features) rows: at one token per step the per-op overhead, not
+        the arithmetic, is the cost, so the step avoids every reshape it can.
+        """
         batch = hidden_states.shape[0]
-        z = self.in_proj_z(hidden_states)  # (batch, 1, d_inner)
-        x = self.in_proj_x(hidden_states)[:, 0]
-        bc = self.in_proj_bc(hidden_states)[:, 0]
-        dt = self.in_proj_dt(hidden_states)[:, 0]  # (batch, H)
-        x, x_state = causal_conv1d_step(x, self.conv_x.weight, self.conv_x.bias, state.conv_states["x"])
-        bc, bc_state = causal_conv1d_step(bc, self.conv_bc.weight, self.conv_bc.bias, state.conv_states["bc"])
-        x = F.silu(x).reshape(batch, self.num_heads_local, self.head_dim)
+        h = hidden_states[:, 0]
+        z = self.in_proj_z(h)  # (batch, d_inner)
+        dt = self.in_proj_dt(h)  # (batch, H)
+        x, x_state = causal_conv1d_step(self.in_proj_x(h), self.conv_x.weight, self.conv_x.bias, state.conv_states["x"])
+        bc, bc_state = causal_conv1d_step(self.in_proj_bc(h), self.conv_bc.weight, self.conv_bc.bias,
+                                          state.conv_states["bc"])
         B, C = self._split_bc(F.silu(bc))
         y, new_state = ops.ssd_state_update(
             state.ssm_state,
-            x,
+            F.silu(x).view(batch, self.num_heads_local, self.head_dim),
             dt,
             -torch.exp(_wide(self.A_log)),
             B,
@@ -179,5 +182,4 @@ class Mamba2Mixer(nn.Module):
         state.conv_states["bc"] = bc_state
         state.ssm_state = new_state
         state.seen_tokens += 1
-        y = self.norm(y.reshape(batch, 1, self.d_inner_local), z)
-        return self.out_proj(y)
+        return self.out_proj(self.norm(y.view(batch, self.d_inner_local), z)).unsqueeze(1)

@@ -99,8 +99,10 @@ class RotaryEmbedding(nn.Module):
             sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(device=device, dtype=compute)
             self._decode_constants[key] = torch.cat([periods, periods]), sign
         periods, sign = self._decode_constants[key]
+        compute = periods.dtype
         angles = torch.full_like(periods, float(position)).div_(periods)
-        return angles.cos().to(dtype), angles.sin().mul_(sign).to(dtype)
+        cos, sin = angles.cos(), angles.sin().mul_(sign)
+        return (cos, sin) if dtype == compute else (cos.to(dtype), sin.to(dtype))
 
 
 def apply_rotary_rolled(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:

@@ -77,7 +77,9 @@ def causal_conv1d(
 
 def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor) -> tuple[Tensor, Tensor]:
     """One token of `causal_conv1d`: x (batch, channels) -> (out (batch, channels), new conv state)."""
-    window = torch.cat([conv_state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # (batch, channels, K)
+    if conv_state.dtype != x.dtype:
+        conv_state = conv_state.to(x.dtype)
+    window = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # (batch, channels, K)
     out = (window * weight[:, 0, :]).sum(-1)  # K products per channel: cheaper than einsum's batched matmul
     if bias is not None:
         out = out + bias

@@ -38,10 +38,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """`t` in `dtype`; no call into torch when it already is (the decode step runs per token)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _discretize_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, ct: torch.dtype) -> Tensor:
-    dt = dt.to(ct)
+    dt = _as(dt, ct)
     if dt_bias is not None:
-        dt = dt + dt_bias.to(ct)
+        dt = dt + _as(dt_bias, ct)
     return F.softplus(dt) if dt_softplus else dt
 
 
@@ -180,16 +185,16 @@ def ssd_state_update(
     groups, state_size = B.shape[1:]
     hpg = heads // groups
     d = _discretize_dt(dt, dt_bias, dt_softplus, ct)  # (b, H)
-    x_f = x.to(ct)
-    decay = torch.exp(d * A.to(ct))
+    x_f = _as(x, ct)
+    decay = torch.exp(d * _as(A, ct))
     # Heads viewed as (group, head-in-group), so B and C broadcast over a group's heads uncopied.
     dx = (x_f * d[..., None]).view(batch, groups, hpg, head_dim, 1)
-    kept = (state.to(ct) * decay[..., None, None]).view(batch, groups, hpg, head_dim, state_size)
-    new_state = torch.addcmul(kept, dx, B.to(ct).view(batch, groups, 1, 1, state_size))
+    kept = (_as(state, ct) * decay[..., None, None]).view(batch, groups, hpg, head_dim, state_size)
+    new_state = torch.addcmul(kept, dx, _as(B, ct).view(batch, groups, 1, 1, state_size))
     new_state = new_state.view(batch, heads, head_dim, state_size)
     # one matrix-vector product per (batch, group): (hpg * P, N) @ (N, 1)
-    y = torch.matmul(new_state.view(batch, groups, hpg * head_dim, state_size), C.to(ct).view(batch, groups, state_size, 1))
-    y = y.view(batch, heads, head_dim)
+    per_group = new_state.view(batch, groups, hpg * head_dim, state_size)
+    y = torch.matmul(per_group, _as(C, ct).view(batch, groups, state_size, 1)).view(batch, heads, head_dim)
     if D is not None:
-        y = torch.addcmul(y, D.to(ct)[:, None], x_f)
-    return y.to(x.dtype), new_state
+        y = torch.addcmul(y, _as(D, ct)[:, None], x_f)
+    return _as(y, x.dtype), new_state
