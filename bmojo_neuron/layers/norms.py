@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GatedRMSNorm", "RMSNorm", "as_dtype", "rms_normalize"]
+__all__ = ["GatedRMSNorm", "RMSNorm", "rms_normalize"]
 
 
 def rms_normalize(x: Tensor, eps: float) -> Tensor:
@@ -21,11 +21,6 @@ def rms_normalize(x: Tensor, eps: float) -> Tensor:
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
-
-
-def as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """`x` in `dtype`, without a call into torch when it already is (decoding runs these per token)."""
-    return x if x.dtype == dtype else x.to(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -44,8 +39,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         ct = _compute_dtype(x.dtype)
-        y = rms_normalize(as_dtype(x, ct), self.eps) * as_dtype(self.weight, ct)
-        return as_dtype(y, x.dtype)
+        y = rms_normalize(x.to(ct), self.eps) * self.weight.to(ct)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"
@@ -71,13 +66,13 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
         ct = _compute_dtype(x.dtype)
-        h = as_dtype(x, ct)
+        h = x.to(ct)
         if z is not None:
-            h = h * F.silu(as_dtype(z, ct))
+            h = h * F.silu(z.to(ct))
         shape = h.shape
         h = rms_normalize(h.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size), self.eps)
-        y = h.reshape(shape) * as_dtype(self.weight, ct)
-        return as_dtype(y, x.dtype)
+        y = h.reshape(shape) * self.weight.to(ct)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, group_size={self.group_size}, eps={self.eps}"

@@ -39,14 +39,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """`t` in `dtype`; no call into torch when it already is (the decode step runs per token)."""
+    """`t` in `dtype`; no call into torch when it already is (the decode step runs per token; the
+    parallel scan keeps plain casts, which symbolic tracing can follow)."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
 def _discretize_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, ct: torch.dtype) -> Tensor:
-    dt = _as(dt, ct)
+    dt = dt.to(ct)
     if dt_bias is not None:
-        dt = dt + _as(dt_bias, ct)
+        dt = dt + dt_bias.to(ct)
     return F.softplus(dt) if dt_softplus else dt
 
 
