@@ -324,7 +324,7 @@ def test_trn1_recipes_hold_the_config_prime_writes(tmp_path, name):
 DEMO = {  # finetune/distill recipe -> (source recipe, prime --pattern, the options in the recipe's header)
     "cpu-text": ("B", dict(window_size=32, fading_window=32, memory_chunk=32, memory_size=32, memory_picks=4,
                            ssm_chunk_size=64)),
-    "cpu-mqar": ("B", dict(window_size=8, fading_window=8, memory_chunk=8, memory_size=32, memory_picks=4,
+    "cpu-mqar": ("B", dict(window_size=8, fading_window=8, memory_chunk=1, memory_size=32, memory_picks=1,
                            memory_decay=1.0, ssm_chunk_size=32)),
 }
 
@@ -344,3 +344,43 @@ def test_cpu_demo_recipes_hold_the_config_prime_writes(tmp_path, demo):
         for key in ("transformers_version", "architectures", "dtype", "torch_dtype"):
             primed.pop(key, None), recipe.pop(key, None)
         assert recipe == primed, stage
+
+
+def _values_out_of_reach(config, input_ids, labels) -> tuple[int, int]:
+    """(queries, queries whose value token is in neither window nor the memory they read), for one B layer
+    whose memory holds every token of every complete chunk: what no selection can recover."""
+    import numpy as np
+
+    from bmojo_neuron.memory_inspection import LayerMemory, kv_coverage
+
+    rows, length = input_ids.shape
+    n_chunks = length // config.memory_chunk
+    token = np.arange(length)
+    held = np.where(token[None, :] < (np.arange(n_chunks)[:, None] + 1) * config.memory_chunk, token[None, :], -1)
+    trace = LayerMemory(layer=0, window=config.window_size, fading_window=config.fading_window,
+                        chunk=config.memory_chunk, lag=config.memory_lag, innovation=np.zeros((rows, length)),
+                        positions=np.broadcast_to(held, (rows, n_chunks, length)),
+                        scores=np.zeros((rows, n_chunks, length)))
+    coverage = kv_coverage(trace, input_ids, labels)
+    return coverage.queries, coverage.values["lost"]
+
+
+def test_cpu_mqar_demo_memory_can_reach_every_pair():
+    """In the MQAR demo every pair lies outside the 8-token window of most queries. A token enters the memory a
+    query reads only `memory_lag` chunks after its own chunk, so with chunks of 8 the values at distances
+    16 .. 16 + (query position mod 8) are in neither window nor memory: no training can recall them. With the
+    recipe's chunks of 1 every value a query asks for is within reach (the memory must still keep it)."""
+    from bmojo_neuron.data.mqar import mqar_arrays
+    from bmojo_neuron.recipes import load_recipe
+
+    recipe = load_recipe("priming/cpu-mqar-finetune")
+    data = recipe.data
+    input_ids, labels = mqar_arrays(data.vocab_size, data.seq_len, data.num_kv_pairs, 256, seed=1)
+    config = recipe.model_config()
+    assert (config.memory_chunk, config.memory_picks) == (1, 1)
+    queries, lost = _values_out_of_reach(config, input_ids, labels)
+    assert (queries, lost) == (1024, 0)
+
+    config.memory_chunk, config.memory_picks = 8, 4  # the chunking the demo used before
+    queries, lost = _values_out_of_reach(config, input_ids, labels)
+    assert 0.03 * queries < lost < 0.08 * queries
