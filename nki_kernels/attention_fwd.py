@@ -26,11 +26,11 @@ only for the window edges (or chunk edges, for memory) that cut through it. A *u
 up to ``LANES`` query heads of a query tile (K/V loaded once per kv head of the unit).
 Per unit and query head, two passes over the tile's keys, with no online rescaling:
 
-1. Row max: ``S = Q K^T`` (queries on the partitions) one PSUM bank at a time, the
+1. Row max: ``S = Q K^T`` (queries on the partitions) two PSUM banks at a time, the
    window-edge masks (0 / NEG, built once by ``affine_select``) and the memory validity
    bias added into the same PSUM tile by matmuls, then ``tensor_reduce`` max (Vector,
-   straight from PSUM); the banks' maxima are combined on GpSimd. m is rounded to the
-   matmul dtype, so that ``-m`` is exact as a matmul operand.
+   straight from PSUM); the pieces' maxima are combined on GpSimd. -m enters pass 2
+   rounded to the matmul dtype (exact as a matmul operand), and the lse uses m so rounded.
 2. ``P^T`` directly: per block of 128 keys, ``S^T = K Q^T`` (keys on the partitions; the
    masks and bias added transposed), and ``-m[q]`` added by one more matmul, ones (128,
    keys) as stationary and ``diag(-m)`` as moving; then ``exp(scale * .)`` from PSUM
@@ -42,10 +42,12 @@ Per unit and query head, two passes over the tile's keys, with no online rescali
 Per key that is two PSUM reads (the max on Vector, the exp on Scalar, which share the
 PSUM port on NeuronCore-v2) against three for an online softmax over P (max, exp and the
 evacuation of the transposed P), for one more Tensor-engine pass (K Q^T and the -m
-matmul replace the transpose). The units run as a software pipeline: unit i + 2 is
-loaded and unit i + 1's row max is issued one PSUM bank at a time between unit i's exps,
-so the Vector and Scalar engines take turns on the PSUM port; unit i - 1's outputs are
-finished (mostly on Vector) after unit i's first exps. V blocks come from a pool of three
+matmul replace the transpose). The units run as a software pipeline, so that the
+in-order engines rarely wait on each other's chains: unit i + 2 is loaded; unit i + 1's
+row max is issued one piece at a time between unit i's exps (Vector and Scalar take turns
+on the PSUM port) and its first S^T tiles before unit i's last P V; unit i - 1's outputs
+are finished in steps between unit i's exps ([O | l] out of PSUM, then log l, then the
+lse, each one exp after the previous). V blocks come from a pool of three
 sets reused across units (`VBlockPool`), so their ones column is written once. Matmuls run
 in the inputs' dtype: bf16 in training (fp32 accumulation in PSUM), fp32 for fp32 inputs
 (tests). Every row has a finite max (its own key at lag 0); masked scores are -1e30,
@@ -60,8 +62,8 @@ from nki_kernels.compat import nisa, nki, nl
 
 NEG = -1.0e30  # mask value added to a score; exp(scale * (NEG + s - m)) underflows to exactly 0
 SEG = 512  # keys per segment: one PSUM bank of fp32 scores per partition
-PIECE = SEG  # score columns per PSUM tile of the row max (one bank, so the max interleaves with exps)
-GROUP_BLOCKS = SEG // PMAX  # key blocks per PSUM bank of S^T (4 x 128 queries of fp32)
+PIECE = 2 * SEG  # score columns per PSUM tile of the row max (two banks)
+GROUP_BLOCKS = 2 * SEG // PMAX  # key blocks per S^T PSUM tile and exp (two banks of 4 x 128 queries)
 LANES = 2  # query heads per unit of the software pipeline
 LOOKAHEAD = 1  # S^T banks each lane keeps open ahead of its exp
 KV_SBUF_BUDGET = 128 * 1024  # bytes per partition for the K/V of the three units in flight
@@ -227,7 +229,12 @@ class Constants(nl.NKIObject):
         nisa.activation(dst=self.neg_eye, op=nl.copy, data=eye32, scale=-1.0)
         self.ones = ones((PMAX, PMAX), dtype)
         self.masks = {}  # conditions (as text) -> (mask (128 queries, n keys), its transpose)
-        self.bias_rows = {}  # "batch:chunk:first slot" -> (1, n) validity bias in the matmul dtype
+        # Chunk-edge masks of memory segments (conditions on the query row only) differ from query tile to
+        # query tile when the chunk is not a multiple of 128: kept for the current and the previous tile only.
+        self.row_masks, self.old_row_masks = {}, {}
+        self.tile_q0 = -1
+        self.bias_rows = {}  # "chunk:first slot" -> (1, n) validity bias in the matmul dtype, this tile's
+        self.old_bias_rows = {}  # and the previous tile's
 
 
 def mask_pair(consts: Constants, conds: tuple, f0: int, n: int):
@@ -237,8 +244,14 @@ def mask_pair(consts: Constants, conds: tuple, f0: int, n: int):
     key = str(n)
     for offset, step, cm in conds:
         key = key + ";" + str(offset + step * f0) + "," + str(step) + "," + str(cm)
-    if key in consts.masks:
-        return consts.masks[key]
+    row_only = True
+    for cond in conds:
+        row_only = row_only and cond[1] == 0
+    cache = consts.row_masks if row_only else consts.masks
+    if key in cache:
+        return cache[key]
+    if row_only and key in consts.old_row_masks:
+        return consts.old_row_masks[key]
     gp = nisa.engine.gpsimd
     rows = nl.ndarray((PMAX, n), dtype=consts.dtype, buffer=nl.sbuf)
     cols = nl.ndarray((n, PMAX), dtype=consts.dtype, buffer=nl.sbuf)
@@ -249,14 +262,18 @@ def mask_pair(consts: Constants, conds: tuple, f0: int, n: int):
                            on_true_tile=rows, on_false_value=NEG, cmp_op=nl.greater_equal)
         nisa.affine_select(dst=cols, pattern=[[cm, PMAX]], offset=offset + step * f0, channel_multiplier=step,
                            on_true_tile=cols, on_false_value=NEG, cmp_op=nl.greater_equal)
-    consts.masks[key] = (rows, cols)
+    cache[key] = (rows, cols)
     return rows, cols
 
 
 def memory_bias_row(consts: Constants, mem_bias, b: int, seg: Segment):
-    """The validity bias (1, n) of a memory segment in the matmul dtype, loaded once per batch and chunk."""
-    key = str(b) + ":" + str(seg.chunk) + ":" + str(seg.k0)
+    """The validity bias (1, n) of a memory segment in the matmul dtype, loaded once per chunk and query
+    tile (kept for the current and the previous query tile, which share most chunks)."""
+    key = str(seg.chunk) + ":" + str(seg.k0)
     if key in consts.bias_rows:
+        return consts.bias_rows[key]
+    if key in consts.old_bias_rows:
+        consts.bias_rows[key] = consts.old_bias_rows[key]
         return consts.bias_rows[key]
     raw = nl.ndarray((1, seg.n), dtype=nl.float32, buffer=nl.sbuf)
     nisa.dma_copy(dst=raw, src=mem_bias[b, seg.chunk, seg.k0:seg.k0 + seg.n])
@@ -330,8 +347,8 @@ class Lane(nl.NKIObject):
 
     def __init__(self, head: int, qt, keys: list, biases: list) -> None:
         self.head, self.qt, self.keys, self.biases = head, qt, keys, biases
-        self.m = self.parts = self.m32 = self.diag = self.pv = None
-        self.st = []  # S^T PSUM banks in flight, one per group of 4 key blocks
+        self.m = self.parts = self.m_used = self.diag = self.pv = self.acc = None
+        self.st = []  # S^T PSUM tiles in flight, one per group of GROUP_BLOCKS key blocks
 
 
 def load_queries(qT, b: int, h: int, q0: int, d: int, dtype):
@@ -348,18 +365,19 @@ def max_pieces(blocks: list[KeyBlock]) -> int:
 
 
 def row_max_piece(lane: Lane, plan: list[Segment], blocks: list[KeyBlock], consts: Constants, p: int) -> None:
-    """Piece p of lane.m (128, 1), the max over every key of the tile of the masked scores S = Q K^T,
-    rounded to the matmul dtype (so that -m is exact as a matmul operand).
+    """Piece p of lane.m (128, 1) fp32, the max over every key of the tile of the masked scores
+    S = Q K^T.
 
     S lives only in PSUM, PIECE columns at a time; window-edge masks and memory biases are added there
-    by matmuls. Each piece's max goes to a column of lane.parts; the last piece combines them on GpSimd
-    (idle; Vector is the engine that reads PSUM). Pieces are issued one at a time, between exps of the
-    unit in flight, so that the two take turns on the PSUM port.
+    by matmuls. Each piece's max goes to a column of lane.parts and is folded into lane.m on GpSimd as
+    it arrives (GpSimd is idle; Vector is the engine that reads PSUM), so one small op follows the
+    last piece. Pieces are issued one at a time, between exps of the unit in flight, so that the two
+    take turns on the PSUM port.
     """
     total = blocks[-1].col + blocks[-1].n
     pieces = max_pieces(blocks)
     if p == 0:
-        lane.m = nl.ndarray((PMAX, 1), dtype=consts.dtype, buffer=nl.sbuf)
+        lane.m = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
         lane.parts = nl.ndarray((PMAX, pieces), dtype=nl.float32, buffer=nl.sbuf) if pieces > 1 else None
     lo = p * PIECE
     hi = min(total, lo + PIECE)
@@ -384,11 +402,9 @@ def row_max_piece(lane: Lane, plan: list[Segment], blocks: list[KeyBlock], const
         nisa.tensor_reduce(dst=lane.m, op=nl.maximum, data=s_ps, axis=1)
         return
     nisa.tensor_reduce(dst=lane.parts[:, p:p + 1], op=nl.maximum, data=s_ps, axis=1)
-    if p == pieces - 1:
-        for j in range(1, pieces):
-            dst = lane.m if j == pieces - 1 else lane.parts[:, 0:1]
-            nisa.tensor_tensor(dst=dst, data1=lane.parts[:, 0:1], data2=lane.parts[:, j:j + 1], op=nl.maximum,
-                               engine=nisa.engine.gpsimd)
+    if p > 0:  # fold into the running max as the pieces arrive: one GpSimd op after the last
+        nisa.tensor_tensor(dst=lane.m, data1=lane.parts[:, 0:1] if p == 1 else lane.m,
+                           data2=lane.parts[:, p:p + 1], op=nl.maximum, engine=nisa.engine.gpsimd)
 
 
 def lane_first_block(plan: list[Segment], seg_index: int) -> int:
@@ -406,19 +422,22 @@ def row_max(lane: Lane, plan: list[Segment], blocks: list[KeyBlock], consts: Con
 
 
 def shift_tile(lane: Lane, consts: Constants) -> None:
-    """diag(-m) (128, 128): as moving operand under a ones stationary it adds -m[q] to every key row of a
-    block of S^T (queries on the free axis, where the Scalar engine has no per-column bias)."""
-    m32 = lane.m
-    if consts.dtype != nl.float32:  # the activation scale operand is fp32; m is exact in it
-        m32 = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-        nisa.tensor_copy(dst=m32, src=lane.m, engine=nisa.engine.gpsimd)
+    """diag(-m) (128, 128) in the matmul dtype: as moving operand under a ones stationary it adds -m[q]
+    to every key row of a block of S^T (queries on the free axis, where the Scalar engine has no
+    per-column bias). The rounding of -m to that dtype happens here; lane.m_used = m so rounded
+    (for the lse) is made after, off the path to the exps."""
     diag = nl.ndarray((PMAX, PMAX), dtype=consts.dtype, buffer=nl.sbuf)
-    nisa.activation(dst=diag, op=nl.copy, data=consts.neg_eye, scale=m32)
-    lane.m32, lane.diag = m32, diag
+    nisa.activation(dst=diag, op=nl.copy, data=consts.neg_eye, scale=lane.m)
+    lane.diag = diag
+    lane.m_used = lane.m
+    if consts.dtype != nl.float32:
+        rounded = nl.ndarray((PMAX, 1), dtype=consts.dtype, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=rounded, src=lane.m, engine=nisa.engine.gpsimd)
+        lane.m_used = rounded
 
 
 def transposed_scores(lane: Lane, plan: list[Segment], blocks: list[KeyBlock], consts: Constants, g0: int) -> None:
-    """Open the S^T PSUM bank of key blocks g0 .. g0 + 3: K Q^T per block (keys on the partitions), plus
+    """Open the S^T PSUM tile of the GROUP_BLOCKS key blocks from g0: K Q^T per block (keys on the partitions), plus
     its masks and memory bias. The -m shift comes later (`probabilities`), once the row max is known."""
     group = blocks[g0:g0 + GROUP_BLOCKS]
     st = nl.ndarray((PMAX, len(group) * PMAX), dtype=nl.float32, buffer=nl.psum)
@@ -438,9 +457,11 @@ def transposed_scores(lane: Lane, plan: list[Segment], blocks: list[KeyBlock], c
 
 
 def probabilities(lane: Lane, blocks: list[KeyBlock], consts: Constants, g0: int, scale: float):
-    """P^T (keys, 4 x 128 queries) of blocks g0 .. g0 + 3 in the matmul dtype: the -m shift added to the
+    """P^T (keys, GROUP_BLOCKS x 128 queries) of the blocks from g0 in the matmul dtype: the -m shift added to the
     open S^T bank by one matmul per block, then exp(scale * .) straight from PSUM into SBUF."""
     group = blocks[g0:g0 + GROUP_BLOCKS]
+    if lane.diag is None:
+        shift_tile(lane, consts)
     st = lane.st.pop(0)
     for i, blk in enumerate(group):
         nisa.nc_matmul(dst=st[0:blk.n, i * PMAX:(i + 1) * PMAX], stationary=consts.ones[:, 0:blk.n],
@@ -459,7 +480,7 @@ def probabilities(lane: Lane, blocks: list[KeyBlock], consts: Constants, g0: int
 
 
 def accumulate_pv(lane: Lane, blocks: list[KeyBlock], g0: int, pt, d: int) -> None:
-    """[O | l] += P V over blocks g0 .. g0 + 3 (V extended by its ones column: l = the row sums of P)."""
+    """[O | l] += P V over the GROUP_BLOCKS blocks from g0 (V extended by its ones column: l = the row sums)."""
     if lane.pv is None:
         lane.pv = nl.ndarray((PMAX, d + 1), dtype=nl.float32, buffer=nl.psum)
     for i, blk in enumerate(blocks[g0:g0 + GROUP_BLOCKS]):
@@ -467,23 +488,38 @@ def accumulate_pv(lane: Lane, blocks: list[KeyBlock], g0: int, pt, d: int) -> No
         nisa.nc_matmul(dst=lane.pv, stationary=pt[0:blk.n, i * PMAX:(i + 1) * PMAX], moving=vb)
 
 
-def finish(lane: Lane, out, lse, b: int, q0: int, d: int, scale: float) -> None:
-    """out = O / l (in out's dtype), lse = scale * m + log l. On the Vector engine but for the log: the
-    Scalar engine, busy with the exps, is the one the next P V matmuls wait on."""
+def finish_copy(lane: Lane, d: int) -> None:
+    """[O | l] out of PSUM once (Scalar), freeing the lane's P V bank."""
     acc = nl.ndarray((PMAX, d + 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=acc, op=nl.copy, data=lane.pv)  # the only PSUM read of the accumulator
-    lane.pv = None  # its PSUM bank is free from here on
-    row_sum = acc[:, d:d + 1]
+    nisa.activation(dst=acc, op=nl.copy, data=lane.pv)
+    lane.pv = None
+    lane.acc = acc
+
+
+def finish_output(lane: Lane, out, b: int, q0: int, d: int) -> None:
+    """out = O / l (in out's dtype) on Vector, from the copy of [O | l]."""
     inv = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.reciprocal(dst=inv, data=row_sum)  # l >= ~1 (the max's own key)
+    nisa.reciprocal(dst=inv, data=lane.acc[:, d:d + 1])  # l >= ~1 (the max's own key)
     o_sb = nl.ndarray((PMAX, d), dtype=out.dtype, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=o_sb, data=acc[:, 0:d], op0=nl.multiply, operand0=inv)
+    nisa.tensor_scalar(dst=o_sb, data=lane.acc[:, 0:d], op0=nl.multiply, operand0=inv)
     nisa.dma_copy(dst=out[b, lane.head, q0:q0 + PMAX, :], src=o_sb)
+
+
+def finish_log(lane: Lane, d: int) -> None:
+    """log l (Scalar). Issued an exp after `finish_output`: the log waits on the copy, and the in-order
+    Scalar engine should not."""
     log_l = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.activation(dst=log_l, op=nl.log, data=row_sum)
+    nisa.activation(dst=log_l, op=nl.log, data=lane.acc[:, d:d + 1])
+    lane.acc = log_l
+
+
+def finish_lse(lane: Lane, lse, b: int, q0: int, scale: float) -> None:
+    """lse = scale * m + log l, with m as rounded for the exps (Vector). Issued a step after
+    `finish_log`, so the in-order Vector engine does not wait on the log before its next row max."""
     res = nl.ndarray((PMAX, 1), dtype=nl.float32, buffer=nl.sbuf)
-    nisa.tensor_scalar(dst=res, data=lane.m32, op0=nl.multiply, operand0=scale, op1=nl.add, operand1=log_l)
+    nisa.tensor_scalar(dst=res, data=lane.m_used, op0=nl.multiply, operand0=scale, op1=nl.add, operand1=lane.acc)
     nisa.dma_copy(dst=lse[b, lane.head, q0:q0 + PMAX], src=res)
+    lane.acc = None
 
 
 class Unit(nl.NKIObject):
@@ -517,6 +553,10 @@ def load_unit(cfg: dict, consts: Constants, pool: VBlockPool, b: int, q0: int, h
     plan = plan_tile(q0, cfg["length"], cfg["window"], cfg["fading_window"], cfg["chunk"], cfg["n_slots"],
                      cfg["use_fading"], cfg["use_memory"], cfg["fading_overlap"])
     pool.next_set()
+    if q0 != consts.tile_q0:  # per-tile caches: keep this tile's and the previous tile's entries only
+        consts.old_row_masks, consts.row_masks = consts.row_masks, {}
+        consts.old_bias_rows, consts.bias_rows = consts.bias_rows, {}
+        consts.tile_q0 = q0
     lanes = []
     q_heads = cfg["qT"].shape[1]
     last_g = -1
@@ -534,19 +574,27 @@ def load_unit(cfg: dict, consts: Constants, pool: VBlockPool, b: int, q0: int, h
 
 
 def complete_unit(unit: Unit, following, finishing, cfg: dict, consts: Constants, out, lse, b: int) -> None:
-    """Pass 2 of a unit (its row maxes done): per group of 4 key blocks and lane, S^T, P^T = exp, P V.
+    """Pass 2 of a unit (its row maxes issued): per group of key blocks and lane, S^T, P^T = exp, P V.
 
     Woven in, so that no engine waits long on another's chain: the `following` unit's row max (loaded),
-    one PSUM bank after each exp (Vector's max and Scalar's exp alternate on the PSUM port), and its
-    shift tiles at the end; lane j of the `finishing` unit (whose P V is done) after group j's exps.
-    S^T banks are opened LOOKAHEAD groups ahead of their exp, so the Tensor engine has K Q^T work.
+    one piece after each exp (Vector's max and Scalar's exp alternate on the PSUM port), and its
+    first S^T banks before this unit's last P V; lane j of the `finishing` unit (whose P V is done)
+    after group j's exps. S^T banks are opened LOOKAHEAD groups ahead of their exp, so the Tensor
+    engine has K Q^T work; a lane's shift tile is issued one exp after its row max, or with its first
+    exp if that comes first (the Scalar engine runs in order: it must not wait on a max too early).
     """
     blocks, scale, d = unit.blocks, cfg["scale"], cfg["d"]
     starts = list(range(0, len(blocks), GROUP_BLOCKS))
-    for j in range(min(LOOKAHEAD, len(starts))):
-        for lane in unit.lanes:
-            transposed_scores(lane, unit.plan, blocks, consts, starts[j])
+    open_banks(unit, consts)
     queue = []  # (lane, piece) of the following unit's row max, in issue order
+    pending = None  # a following lane whose max is issued and whose shift tile is not
+    outputs = []  # finishing lanes whose [O | l] is copied out of PSUM and whose output is not
+    if finishing is not None:
+        for lane in finishing.lanes:  # first: frees their P V banks before this unit's row-max pieces
+            finish_copy(lane, d)
+            outputs.append(lane)
+    logs = []  # finishing lanes whose output is issued and whose log l is not
+    lses = []  # finishing lanes whose log l is issued and whose lse is not
     if following is not None:
         for lane in following.lanes:
             for p in range(max_pieces(following.blocks)):
@@ -557,26 +605,59 @@ def complete_unit(unit: Unit, following, finishing, cfg: dict, consts: Constants
             pts.append(probabilities(lane, blocks, consts, starts[j], scale))
             if j + LOOKAHEAD < len(starts):
                 transposed_scores(lane, unit.plan, blocks, consts, starts[j + LOOKAHEAD])
+            if pending is not None:
+                shift_tile(pending, consts)
+                pending = None
+            if lses:
+                finish_lse(lses.pop(0), lse, b, finishing.q0, scale)
+            if logs:
+                finish_log(logs[0], d)
+                lses.append(logs.pop(0))
             if queue:
                 nxt, p = queue.pop(0)
                 row_max_piece(nxt, following.plan, following.blocks, consts, p)
+                if p == max_pieces(following.blocks) - 1:
+                    pending = nxt  # its shift tile goes one exp later, when its max is ready
+            if outputs:  # Vector work while Scalar's next exp holds the PSUM port
+                lane_out = outputs.pop(0)
+                finish_output(lane_out, out, b, finishing.q0, d)
+                logs.append(lane_out)
+        if j == len(starts) - 1 and following is not None:
+            for nxt, p in queue:
+                row_max_piece(nxt, following.plan, following.blocks, consts, p)
+            queue = []
+            open_banks(following, consts)
         for lane, pt in zip(unit.lanes, pts):
             accumulate_pv(lane, blocks, starts[j], pt, d)
-        if finishing is not None and j < len(finishing.lanes):
-            finish(finishing.lanes[j], out, lse, b, finishing.q0, d, scale)
     if finishing is not None:
-        for k in range(len(starts), len(finishing.lanes)):
-            finish(finishing.lanes[k], out, lse, b, finishing.q0, d, scale)
-    if following is not None:
-        for nxt, p in queue:
-            row_max_piece(nxt, following.plan, following.blocks, consts, p)
-        for lane in following.lanes:
-            shift_tile(lane, consts)
+        for lane in outputs:
+            finish_output(lane, out, b, finishing.q0, d)
+            logs.append(lane)
+        for lane in logs:
+            finish_log(lane, d)
+            lses.append(lane)
+        for lane in lses:
+            finish_lse(lane, lse, b, finishing.q0, scale)
+
+
+def open_banks(unit: Unit, consts: Constants) -> None:
+    """Open each lane's first LOOKAHEAD S^T banks (those not open yet)."""
+    starts = list(range(0, len(unit.blocks), GROUP_BLOCKS))
+    for j in range(min(LOOKAHEAD, len(starts))):
+        for lane in unit.lanes:
+            if len(lane.st) <= j:
+                transposed_scores(lane, unit.plan, unit.blocks, consts, starts[j])
 
 
 def finish_unit(unit: Unit, cfg: dict, out, lse, b: int) -> None:
+    """The outputs of a unit whose P V is done (the last of the pipeline)."""
     for lane in unit.lanes:
-        finish(lane, out, lse, b, unit.q0, cfg["d"], cfg["scale"])
+        finish_copy(lane, cfg["d"])
+        finish_output(lane, out, b, unit.q0, cfg["d"])
+    for lane in unit.lanes:
+        finish_log(lane, cfg["d"])
+    for lane in unit.lanes:
+        finish_lse(lane, lse, b, unit.q0, cfg["scale"])
 
 
 def check_config(qT, kT, window: int, fading_window: int, chunk: int, scale: float) -> None:

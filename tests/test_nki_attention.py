@@ -109,6 +109,22 @@ def test_no_memory_and_unpadded_length_fp32():
     assert_close(run_both(tensors, valid, window=40, fading_window=40, chunk=48), 1e-4)
 
 
+def test_forward_sbuf_does_not_grow_with_length():
+    """Memory chunks that are no multiple of 128 give every query tile its own chunk-edge masks and bias
+    rows; the forward keeps those of two query tiles only, so its peak SBUF does not grow with L."""
+    import ml_dtypes
+
+    z = lambda *s, dt=ml_dtypes.bfloat16: np.broadcast_to(np.zeros((), dt), s)  # noqa: E731
+    peaks = []
+    for length in (2048, 4096):
+        nc = -(-length // 100)
+        _, prof = simulate(eidetic_attention_fwd, z(1, 2, 128, length), z(1, 2, 128, length), z(1, 2, length, 128),
+                           z(1, 2, 128, length), z(1, 2, length, 128), z(1, 2, nc, 128, 256), z(1, 2, nc, 256, 128),
+                           z(1, nc, 256, dt=np.float32), 512, 512, 100, 1 / math.sqrt(128), cost_only=True)
+        peaks.append(prof.peak_sbuf_bytes)
+    assert peaks[1] <= peaks[0] + 4096 and peaks[0] < 96 * 1024  # tile-to-tile variation only
+
+
 def test_forward_one_lane_per_unit_fp32(monkeypatch):
     """Where the K/V of three two-head units would not fit in SBUF the forward runs one head per unit."""
     import nki_kernels.attention_fwd as fwd
