@@ -36,7 +36,9 @@ def test_ladder_parameter_counts_within_5_percent(name: str) -> None:
 
 def test_default_recipe_trains_bmojo_against_its_ssm_and_fading_memory() -> None:
     """`bmojo-neuron train` with no recipe trains B'MOJO, then B'MOJO-F and the SSM alone, each into its own folder,
-    on the same data and steps, with every B'MOJO layer's memory large enough for every pick of a sequence."""
+    on the same data and steps, in the regime docs/recipes.md describes: more kv pairs than the SSM state's
+    dimension, both windows shorter than the block of pairs, and a memory with room for every pair and query
+    token but not for the whole sequence (innovation must choose)."""
     from bmojo_neuron.training.suite import plan_runs
 
     default = load_recipe()
@@ -49,7 +51,10 @@ def test_default_recipe_trains_bmojo_against_its_ssm_and_fading_memory() -> None
         assert variant.model_config().ssm_state_size == default.model_config().ssm_state_size
     config, data = default.model_config(), default.data
     assert data.kind == "mqar" and config.layer_pattern == "BB"
-    assert config.memory_size >= config.memory_picks * (data.seq_len // config.memory_chunk)
+    assert data.num_kv_pairs > config.ssm_state_size * config.ssm_n_groups
+    assert config.window_size + config.fading_window < 2 * data.num_kv_pairs
+    assert 4 * data.num_kv_pairs <= config.memory_size < data.seq_len
+    assert config.memory_picks * (data.seq_len // config.memory_chunk) > config.memory_size
 
 
 @pytest.mark.parametrize("overrides", [
