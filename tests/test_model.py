@@ -68,9 +68,12 @@ def test_decode_cache_stays_the_same_size_and_a_copy_decodes_on_its_own():
 
 
 @pytest.mark.parametrize("pattern", ["B", "BF"])
-def test_decode_equals_forward_with_every_ssm_option(pattern):
-    """fading_norm, ssm_residual (gain made non-zero) and fading_overlap keep decode = forward."""
-    model = build(tiny_config(layer_pattern=pattern, fading_norm=True, ssm_residual=True, fading_overlap=True))
+@pytest.mark.parametrize(("overlap", "tied"), [(True, True), (True, False), (False, False)])
+def test_decode_equals_forward_with_every_ssm_option(pattern, overlap, tied):
+    """fading_norm, ssm_residual (gain made non-zero), fading_overlap and untied fading projections keep
+    decode = forward (fading keys go straight to the fading ring with overlap, through the side ring without)."""
+    model = build(tiny_config(layer_pattern=pattern, fading_norm=True, ssm_residual=True, fading_overlap=overlap,
+                              tie_fading_projections=tied))
     with torch.no_grad():
         for layer in model.model.layers:
             layer.mixer.ssm_residual_gain.normal_()

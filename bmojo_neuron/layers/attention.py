@@ -141,6 +141,8 @@ class BMojoAttention(nn.Module):
         which the model turns into the auxiliary loss.
         """
         if cache is not None and start > 0:
+            if x.shape[1] == 1:
+                return self._decode_step(x, start, cache), None
             outputs = [self._decode_step(x[:, t : t + 1], start + t, cache) for t in range(x.shape[1])]
             return torch.cat(outputs, dim=1), None
         return self._forward_parallel(x, cache, real_tokens)
