@@ -4,8 +4,10 @@
 for the innovation of each token and the memory after each complete chunk. On MQAR,
 `kv_coverage` then answers the question that decides recall: when a query arrives,
 where is its pair — in the window, in the fading window, in the memory that query's
-chunk reads, or lost? `format_memory_table` prints it; `plot_memory` draws positions
-held against chunks with the kv tokens marked.
+chunk reads, dropped by that memory, or too recent to be in it yet? Given the
+model's predictions it also counts the queries answered wrong per place, which says
+which path the misses come from. `format_memory_table` prints it; `plot_memory` draws
+positions held against chunks with the kv tokens marked.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from torch import nn
 
 from bmojo_neuron.data.mqar import mqar_pairs
 
-PLACES = ("window", "fading", "memory", "lost")
+# Where a query can read an earlier token: in its window, in its fading window, in the memory its chunk
+# reads; or nowhere: "dropped" (old enough for that memory, not kept) or "unreachable" (past both windows
+# but too recent for that memory, which lags `memory_lag` chunks behind: no selection could hold it).
+PLACES = ("window", "fading", "memory", "dropped", "unreachable")
 
 
 @dataclass
@@ -57,22 +62,29 @@ class LayerMemory:
             return "window"
         if distance < (max(self.window, self.fading_window) if self.fading_overlap else self.window + self.fading_window):
             return "fading"
-        return "memory" if token in self.visible(row, query) else "lost"
+        if token // self.chunk > query // self.chunk - self.lag:
+            return "unreachable"
+        return "memory" if token in self.visible(row, query) else "dropped"
 
 
 @dataclass
 class Coverage:
-    """Where the key and value tokens of every MQAR query are when the query arrives, for one layer."""
+    """Where the key and value tokens of every MQAR query are when the query arrives, for one layer.
+
+    ``value_misses`` (when predictions were given): per place of the value token, the
+    queries answered wrong.
+    """
 
     layer: int
     queries: int = 0
     keys: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PLACES, 0))
     values: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PLACES, 0))
+    value_misses: dict[str, int] | None = None
 
     def memory_share(self, which: str = "values") -> float | None:
         """Of the tokens outside both windows, the share the query's memory holds (None if none were outside)."""
         counts = self.values if which == "values" else self.keys
-        outside = counts["memory"] + counts["lost"]
+        outside = counts["memory"] + counts["dropped"] + counts["unreachable"]
         return counts["memory"] / outside if outside else None
 
 
@@ -111,14 +123,25 @@ def _keep_input(store: dict[int, torch.Tensor], index: int):
     return hook
 
 
-def kv_coverage(trace: LayerMemory, input_ids: np.ndarray, labels: np.ndarray) -> Coverage:
-    """Where each MQAR query's key token and value token are for `trace`'s layer when the query arrives."""
+def kv_coverage(
+    trace: LayerMemory, input_ids: np.ndarray, labels: np.ndarray, predictions: np.ndarray | None = None
+) -> Coverage:
+    """Where each MQAR query's key token and value token are for `trace`'s layer when the query arrives.
+
+    `predictions` (batch, L): the model's next-token argmax; a query at ``q`` is answered
+    wrong when ``predictions[q] != labels[q + 1]``, counted under its value's place.
+    """
     coverage = Coverage(trace.layer)
+    if predictions is not None:
+        coverage.value_misses = dict.fromkeys(PLACES, 0)
     for row, pairs in enumerate(mqar_pairs(input_ids, labels)):
         for query, key in pairs:
             coverage.queries += 1
             coverage.keys[trace.place(row, query, key)] += 1
-            coverage.values[trace.place(row, query, key + 1)] += 1
+            value_place = trace.place(row, query, key + 1)
+            coverage.values[value_place] += 1
+            if predictions is not None and predictions[row, query] != labels[row, query + 1]:
+                coverage.value_misses[value_place] += 1
     return coverage
 
 
@@ -146,17 +169,21 @@ def format_memory_table(
             lines.append(f"{j:>5} {span:>11} {int(held.sum()):>3}/{held.size:<2} {kv_held:>4}  {cells}")
         lines.append("")
     if coverage:
-        lines.append("MQAR: where each query's pair is when the query arrives (all sequences inspected)")
-        header = (f"{'layer':>5} {'queries':>7}  " + " ".join(f"{'value ' + p:>13}" for p in PLACES)
+        missed = coverage[0].value_misses is not None
+        lines.append("MQAR: where each query's pair is when the query arrives (all sequences inspected"
+                     + ("; (n): of those queries, n answered wrong)" if missed else ")"))
+        header = (f"{'layer':>5} {'queries':>7}  " + " ".join(f"{'value ' + p:>17}" for p in PLACES)
                   + f"  {'values in memory':>16} {'keys in memory':>14}")
         lines += [header, "-" * len(header)]
         for c in coverage:
             shares = [c.memory_share("values"), c.memory_share("keys")]
             text = [f"{s:.3f}" if s is not None else "-" for s in shares]
-            lines.append(f"{c.layer:>5} {c.queries:>7}  " + " ".join(f"{c.values[p]:>13}" for p in PLACES)
+            cells = [f"{c.values[p]}" + (f" ({c.value_misses[p]})" if missed else "") for p in PLACES]
+            lines.append(f"{c.layer:>5} {c.queries:>7}  " + " ".join(f"{cell:>17}" for cell in cells)
                          + f"  {text[0]:>16} {text[1]:>14}")
         lines.append("values/keys in memory: of the pair tokens outside both windows when their query arrives, "
-                     "the share the query's memory holds (the rest are lost to this layer)")
+                     "the share the query's memory holds; dropped: old enough for that memory but not kept; "
+                     "unreachable: too recent for it (memory_lag), whatever the selection")
     return "\n".join(lines)
 
 

@@ -88,12 +88,20 @@ def test_kv_coverage_places_each_pair():
     memory = hand_memory([[0, 1, 3], [1, 3, 5]])
     assert kv_positions(ids, labels) == [{0, 1, 2, 3}]
     coverage = kv_coverage(memory, ids, labels)
-    assert coverage.queries == 2
-    # query 6: its key (6 back) and value (5 back) are past both windows (w + w_f = 4), no memory yet: lost.
-    # query 12: its key at 2 is not in chunk 1's memory (lost); its value at 3 is (memory).
-    assert coverage.keys == {"window": 0, "fading": 0, "memory": 0, "lost": 2}
-    assert coverage.values == {"window": 0, "fading": 0, "memory": 1, "lost": 1}
+    assert coverage.queries == 2 and coverage.value_misses is None
+    # query 6: its key (6 back) and value (5 back) are past both windows (w + w_f = 4), but in chunk 0,
+    # which only chunk 2 onwards reads: unreachable.
+    # query 12: its key at 2 is old enough for chunk 1's memory but not in it (dropped); its value at 3 is (memory).
+    assert coverage.keys == {"window": 0, "fading": 0, "memory": 0, "dropped": 1, "unreachable": 1}
+    assert coverage.values == {"window": 0, "fading": 0, "memory": 1, "dropped": 0, "unreachable": 1}
     assert coverage.memory_share("values") == 0.5 and coverage.memory_share("keys") == 0.0
+
+    predictions = np.zeros((1, 16), dtype=np.int64)
+    predictions[0, [6, 12]] = [40, 7]  # query 6 answered right, query 12 wrong
+    coverage = kv_coverage(memory, ids, labels, predictions)
+    assert coverage.value_misses == {"window": 0, "fading": 0, "memory": 1, "dropped": 0, "unreachable": 0}
+    table = format_memory_table([memory], kv={0, 1, 2, 3}, coverage=[coverage])
+    assert "n answered wrong" in table and "1 (1)" in table and "1 (0)" in table
 
 
 def test_kv_coverage_counts_windows():

@@ -347,22 +347,19 @@ def test_cpu_demo_recipes_hold_the_config_prime_writes(tmp_path, demo):
 
 
 def _values_out_of_reach(config, input_ids, labels) -> tuple[int, int]:
-    """(queries, queries whose value token is in neither window nor the memory they read), for one B layer
-    whose memory holds every token of every complete chunk: what no selection can recover."""
+    """(queries, queries whose value token is past both windows but too recent for the memory they read),
+    for one B layer of `config`: what no selection can recover."""
     import numpy as np
 
     from bmojo_neuron.memory_inspection import LayerMemory, kv_coverage
 
     rows, length = input_ids.shape
-    n_chunks = length // config.memory_chunk
-    token = np.arange(length)
-    held = np.where(token[None, :] < (np.arange(n_chunks)[:, None] + 1) * config.memory_chunk, token[None, :], -1)
+    empty = np.full((rows, length // config.memory_chunk, 1), -1)
     trace = LayerMemory(layer=0, window=config.window_size, fading_window=config.fading_window,
                         chunk=config.memory_chunk, lag=config.memory_lag, innovation=np.zeros((rows, length)),
-                        positions=np.broadcast_to(held, (rows, n_chunks, length)),
-                        scores=np.zeros((rows, n_chunks, length)))
+                        positions=empty, scores=np.zeros(empty.shape))
     coverage = kv_coverage(trace, input_ids, labels)
-    return coverage.queries, coverage.values["lost"]
+    return coverage.queries, coverage.values["unreachable"]
 
 
 def test_cpu_mqar_demo_memory_can_reach_every_pair():

@@ -350,6 +350,9 @@ def test_cli_train_eval_generate(tmp_path, capsys):
     assert (bmojo / "eval" / "memory.png").stat().st_size > 0
     report = json.loads((bmojo / "eval" / "memory.json").read_text())
     assert [c["layer"] for c in report["coverage"]] == [0, 1] and report["coverage"][0]["queries"] > 0
+    misses = report["coverage"][0]["misses_by_value_place"]
+    assert misses.keys() == report["coverage"][0]["values"].keys()
+    assert all(0 <= misses[p] <= n for p, n in report["coverage"][0]["values"].items())
     assert cli.main(["generate", str(run), "--prompt", "\x05\x06", "--max-new-tokens", "3", "--greedy"]) == 0
     assert capsys.readouterr().out.startswith("\x05\x06")
     assert cli.main(["generate", str(run), "--prompt", "x", "--temperature", "0"]) == 2  # clear error

@@ -2,7 +2,8 @@
 
 For a few eval sequences of the run's data: the memory after each chunk (positions and
 innovation scores) and, on MQAR, where each query's pair is when the query arrives
-(window, fading window, the memory its chunk reads, or lost).
+(window, fading window, the memory its chunk reads, dropped by that memory, or too
+recent for it) and how many of the queries at each place the model answers wrong.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from bmojo_neuron.cli import register_command
 
@@ -53,7 +55,10 @@ def run(args: argparse.Namespace) -> int:
     ids, labels = rows["input_ids"].numpy(), rows["labels"].numpy()
     mqar = recipe.data.kind == "mqar"
     kv = kv_positions(ids, labels)[args.row] if mqar else None
-    coverage = [kv_coverage(t, ids, labels) for t in traces] if mqar else []
+    coverage = []
+    if mqar:
+        predictions = _predictions(trained.model, rows["input_ids"].to(device))
+        coverage = [kv_coverage(t, ids, labels, predictions) for t in traces]
     print(format_memory_table(traces, args.row, kv, coverage))
 
     out = Path(args.output_dir) if args.output_dir else trained.run_dir / "eval"
@@ -63,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         "layers": [{"layer": t.layer, "chunk": t.chunk, "lag": t.lag,
                     "positions": t.positions.tolist(), "scores": t.scores.tolist()} for t in traces],
         "coverage": [{"layer": c.layer, "queries": c.queries, "keys": c.keys, "values": c.values,
+                      "misses_by_value_place": c.value_misses,
                       "values_in_memory": c.memory_share("values"), "keys_in_memory": c.memory_share("keys")}
                      for c in coverage],
     }
@@ -70,3 +76,11 @@ def run(args: argparse.Namespace) -> int:
     plot = plot_memory(traces, out / "memory.png", args.row, kv, title=f"{recipe.run.name}: sequence {args.row}")
     print(f"\nwrote {out / 'memory.json'} and {plot}")
     return 0
+
+
+def _predictions(model: Any, input_ids: Any) -> Any:
+    """The model's next-token argmax (batch, L) as a numpy array."""
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids).logits.argmax(-1).cpu().numpy()
