@@ -141,10 +141,8 @@ class BMojoAttention(nn.Module):
         which the model turns into the auxiliary loss.
         """
         if cache is not None and start > 0:
-            if x.shape[1] == 1:
-                return self._decode_step(x, start, cache), None
-            outputs = [self._decode_step(x[:, t : t + 1], start + t, cache) for t in range(x.shape[1])]
-            return torch.cat(outputs, dim=1), None
+            outputs = [self.decode_token(x[:, t], start + t, cache) for t in range(x.shape[1])]
+            return torch.stack(outputs, dim=1), None
         return self._forward_parallel(x, cache, real_tokens)
 
     def full_attention(self, x: Tensor) -> Tensor:
@@ -328,47 +326,68 @@ class BMojoAttention(nn.Module):
     def _empty_memory(self, like: Tensor) -> MemoryState:
         return MemoryState.empty(like.shape[0], self.memory_size, self.kv_heads, self.head_dim, like)
 
-    def _decode_step(self, x: Tensor, position: int, cache: AttentionLayerCache) -> Tensor:
-        """One token `x` (batch, 1, d) at `position`, reading and advancing `cache`."""
-        cos, sin = self.rotary.at_position(position, x.dtype, x.device)
-        q = apply_rotary_rolled(self._queries(x).transpose(1, 2), cos, sin)
-        if self.kind == "A":  # the full KV cache grows by design
-            k = apply_rotary_rolled(self._keys(x).transpose(1, 2), cos, sin)
-            cache.ctx_k = torch.cat([cache.ctx_k, k], dim=2)
-            cache.ctx_v = torch.cat([cache.ctx_v, self._heads(self.v_proj(x), self.kv_heads).transpose(1, 2)], dim=2)
-            return self._output(_attend(q, cache.ctx_k, cache.ctx_v))
+    def decode_token(self, x: Tensor, position: int, cache: AttentionLayerCache) -> Tensor:
+        """One token `x` (batch, d) at `position`, reading and advancing `cache`; returns (batch, d).
 
-        s = self.ssm(x, state=cache.ssm) if self.ssm is not None else None
+        Rows in, rows out: at one token per step the per-op overhead, not the arithmetic, is
+        the cost, so nothing here adds or drops a sequence axis, and the reshapes are views.
+        """
+        batch = x.shape[0]
+        cos, sin = self.rotary.at_position(position, x.dtype, x.device)
+        q = self.q_proj(x).view(batch, self.q_heads, 1, self.head_dim)  # as the attention reads it
+        q = apply_rotary_rolled(q if self.q_norm is None else self.q_norm(q), cos, sin)
+        if self.kind == "A":  # the full KV cache grows by design
+            k = apply_rotary_rolled(self._token_heads(self.k_proj(x), 1, batch, self.kv_heads, self.k_norm), cos, sin)
+            cache.ctx_k = torch.cat([cache.ctx_k, k.permute(1, 2, 0, 3)], dim=2)
+            v = self._token_heads(self.v_proj(x), 1, batch, self.kv_heads)
+            cache.ctx_v = torch.cat([cache.ctx_v, v.permute(1, 2, 0, 3)], dim=2)
+            return self._token_output(_attend(q, cache.ctx_k, cache.ctx_v))
+
+        s = self.ssm.step(x, cache.ssm) if self.ssm is not None else None
         features = self._ssm_features(s)
-        k_raw, v = self._decode_keys(x, features)  # (batch, 1 or 2, kv_heads, D): the token's own, then fading
+        k_raw, v = self._token_keys(x, features)  # (1 or 2, batch, kv_heads, D): the token's own, then fading
         k = apply_rotary_rolled(k_raw, cos, sin)
         self._write_token(cache, position, k, v)
         if self.memory_size > 0:
             self._read_memory(cache, position)
-            self._advance_memory(cache, position, k_raw[:, :1], v[:, :1], features)
-        return self._output(_attend(q, cache.keys, cache.values, cache.bias), s)
+            self._advance_memory(cache, position, k_raw[0], v[0], features)
+        return self._token_output(_attend(q, cache.keys, cache.values, cache.bias), s)
 
-    def _decode_keys(self, x: Tensor, features: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Un-rotated keys and values of the token (batch, 1, kv_heads, D), with its fading ones appended.
+    def _token_heads(self, rows: Tensor, n: int, batch: int, heads: int, norm: nn.Module | None = None) -> Tensor:
+        """Projected rows (n * batch, heads * D) as (n, batch, heads, D), normalised per head by `norm`."""
+        out = rows.view(n, batch, heads, self.head_dim)
+        return out if norm is None else norm(out)
+
+    def _token_keys(self, x: Tensor, features: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Un-rotated keys and values (n, batch, kv_heads, D) of the token (row 0) and, with a fading path, of its
+        SSM output (row 1).
 
         With tied fading projections the token and its SSM output share one product per projection.
         """
+        batch, kv = x.shape[0], self.kv_heads
         if features is None or self.fading_window == 0:
-            return self._keys(x), self._heads(self.v_proj(x), self.kv_heads)
+            return self._token_heads(self.k_proj(x), 1, batch, kv, self.k_norm), self._token_heads(self.v_proj(x), 1, batch, kv)
         if self.tie_fading:
-            both = torch.cat([x, features], dim=1)
-            return self._keys(both), self._heads(self.v_proj(both), self.kv_heads)
-        k_fading, v_fading = self._fading_kv(features)
-        k = torch.cat([self._keys(x), k_fading], dim=1)
-        return k, torch.cat([self._heads(self.v_proj(x), self.kv_heads), v_fading], dim=1)
+            both = torch.cat([x, features])  # (2 * batch, d)
+            return self._token_heads(self.k_proj(both), 2, batch, kv, self.k_norm), self._token_heads(self.v_proj(both), 2, batch, kv)
+        k = torch.stack([self.k_proj(x), self.k_fading_proj(features)])
+        v = torch.stack([self.v_proj(x), self.v_fading_proj(features)])
+        return self._token_heads(k, 2, batch, kv, self.k_norm), self._token_heads(v, 2, batch, kv)
+
+    def _token_output(self, out: Tensor, s: Tensor | None = None) -> Tensor:
+        """Attention output (batch, heads, 1, D) -> o_proj (batch, d), plus gain * S with `ssm_residual`."""
+        mixed = self.o_proj(out.reshape(out.shape[0], self.q_heads * self.head_dim))
+        if self.ssm_residual_gain is not None and s is not None:
+            return torch.addcmul(mixed, self.ssm_residual_gain, s)
+        return mixed
 
     def _write_token(self, cache: AttentionLayerCache, position: int, k: Tensor, v: Tensor) -> None:
-        """Write the token's rotated keys (batch, 1 or 2, kv_heads, D) into the rings; move the fading key
+        """Write the token's rotated keys (1 or 2, batch, kv_heads, D) into the rings; move the fading key
         of the token leaving the window from the side ring into the fading ring."""
         slots = self._slots()
         slot = position % slots.window
-        cache.keys[:, :, slot] = k[:, 0]
-        cache.values[:, :, slot] = v[:, 0]
+        cache.keys[:, :, slot] = k[0]
+        cache.values[:, :, slot] = v[0]
         if position < slots.window:  # filling the ring; afterwards every in-context slot stays readable
             cache.bias[..., slot] = 0.0
         if not slots.fading:
@@ -380,12 +399,12 @@ class BMojoAttention(nn.Module):
                 cache.values[:, :, fading_slot] = cache.pending_v[:, :, slot]
                 if position - self.window < slots.fading:
                     cache.bias[..., fading_slot] = 0.0
-            cache.pending_k[:, :, slot] = k[:, 1]
-            cache.pending_v[:, :, slot] = v[:, 1]
+            cache.pending_k[:, :, slot] = k[1]
+            cache.pending_v[:, :, slot] = v[1]
         else:  # overlapping fading keys are read from their own token on
             fading_slot = slots.window + position % slots.fading
-            cache.keys[:, :, fading_slot] = k[:, 1]
-            cache.values[:, :, fading_slot] = v[:, 1]
+            cache.keys[:, :, fading_slot] = k[1]
+            cache.values[:, :, fading_slot] = v[1]
             if position < slots.fading:
                 cache.bias[..., fading_slot] = 0.0
 
@@ -406,17 +425,17 @@ class BMojoAttention(nn.Module):
         cache.memory_read = chunk
 
     def _advance_memory(self, cache, position, k_raw, v, features) -> None:
-        """Add the token (keys (batch, 1, kv_heads, D)) to the current chunk; when the chunk completes, score its
-        innovations, pick and snapshot.
+        """Add the token (keys, values (batch, kv_heads, D), SSM features (batch, d)) to the current chunk; when
+        the chunk completes, score its innovations, pick and snapshot.
 
         The innovations are needed only at the chunk's end, so they are computed then, for the
         whole chunk in one product, from the SSM outputs kept per row.
         """
         at = position % self.chunk
-        cache.chunk_k[:, at] = k_raw[:, 0]
-        cache.chunk_v[:, at] = v[:, 0]
+        cache.chunk_k[:, at] = k_raw
+        cache.chunk_v[:, at] = v
         cache.chunk_ssm_prev[:, at] = cache.prev_ssm_out
-        cache.prev_ssm_out = features[:, -1]
+        cache.prev_ssm_out = features
         if at < self.chunk - 1:
             return
         j = position // self.chunk

@@ -39,6 +39,8 @@ class BMojoDecoderLayer(GradientCheckpointingLayer):
         `real_tokens` (batch, L) marks the real tokens of a packed padded batch
         (`bmojo_neuron.padding`); only they count in the mean innovation.
         """
+        if cache is not None and hidden_states.shape[1] == 1 and (start > 0 or self.kind == "M"):
+            return self.decode_token(hidden_states[:, 0], start, cache).unsqueeze(1), None
         innovation = None
         normed = self.mixer_norm(hidden_states)
         if self.kind == "M":
@@ -49,3 +51,16 @@ class BMojoDecoderLayer(GradientCheckpointingLayer):
         if self.mlp is not None:
             hidden_states = hidden_states + self.mlp(self.mlp_norm(hidden_states))
         return hidden_states, innovation
+
+    def decode_token(self, h: Tensor, position: int, cache) -> Tensor:
+        """One token's hidden state `h` (batch, d) at `position` through the layer, advancing its `cache`.
+
+        Rows in, rows out (the decode steps of the mixers work on rows): every linear then
+        is one matrix product, with no sequence axis to add and drop around it.
+        """
+        normed = self.mixer_norm(h)
+        mixed = self.mixer.step(normed, cache) if self.kind == "M" else self.mixer.decode_token(normed, position, cache)
+        h = h + mixed
+        if self.mlp is not None:
+            h = h + self.mlp(self.mlp_norm(h))
+        return h

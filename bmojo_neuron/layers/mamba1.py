@@ -125,7 +125,7 @@ class Mamba1Mixer(nn.Module):
         stepping token by token and also covers prefill of a fresh state.
         """
         if state is not None and hidden_states.shape[1] == 1:
-            return self._step(hidden_states, state)
+            return self.step(hidden_states[:, 0], state).unsqueeze(1)
         x = self.in_proj_x(hidden_states).transpose(1, 2)  # (batch, d_inner, L)
         z = self.in_proj_z(hidden_states).transpose(1, 2)
         prefix = state.conv_states["x"] if state is not None else None
@@ -154,10 +154,13 @@ class Mamba1Mixer(nn.Module):
             y = out
         return self.out_proj(y.transpose(1, 2))
 
-    def _step(self, hidden_states: Tensor, state: SSMState) -> Tensor:
-        """One decoding token: conv window update + `selective_state_update`."""
-        x = self.in_proj_x(hidden_states)[:, 0]  # (batch, d_inner)
-        z = self.in_proj_z(hidden_states)[:, 0]
+    def step(self, h: Tensor, state: SSMState) -> Tensor:
+        """One decoding token, as rows: h (batch, hidden) -> (batch, hidden); advances `state`.
+
+        Conv window update + `selective_state_update`, on rows (no sequence axis to add and drop).
+        """
+        x = self.in_proj_x(h)  # (batch, d_inner)
+        z = self.in_proj_z(h)
         x, conv_state = causal_conv1d_step(x, self.conv_x.weight, self.conv_x.bias, state.conv_states["x"])
         x = F.silu(x)
         dt, B, C = self._dt_b_c(self.x_proj(x))
@@ -176,4 +179,4 @@ class Mamba1Mixer(nn.Module):
         state.conv_states["x"] = conv_state
         state.ssm_state = new_state
         state.seen_tokens += 1
-        return self.out_proj(y.unsqueeze(1))
+        return self.out_proj(y)

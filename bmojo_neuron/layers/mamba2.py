@@ -118,7 +118,7 @@ class Mamba2Mixer(nn.Module):
         stepping token by token and also covers prefill of a fresh state.
         """
         if state is not None and hidden_states.shape[1] == 1:
-            return self._step(hidden_states, state)
+            return self.step(hidden_states[:, 0], state).unsqueeze(1)
         z = self.in_proj_z(hidden_states)
         batch, length, _ = z.shape  # whole sequence (the input may be a sequence-parallel shard)
         x = self.in_proj_x(hidden_states).transpose(1, 2)  # (batch, channels, L) for the conv
@@ -153,27 +153,26 @@ class Mamba2Mixer(nn.Module):
         y = self.norm(y.reshape(batch, length, self.d_inner_local), z)
         return self.out_proj(y)
 
-    def _step(self, hidden_states: Tensor, state: SSMState) -> Tensor:
-        """One decoding token: conv window updates + `ssd_state_update`.
+    def step(self, h: Tensor, state: SSMState) -> Tensor:
+        """One decoding token, as rows: h (batch, hidden) -> (batch, hidden); advances `state`.
 
-        Works on (batch, features) rows: at one token per step the per-op overhead, not
-        the arithmetic, is the cost, so the step avoids every reshape it can.
+        At one token per step the per-op overhead, not the arithmetic, is the cost, so the
+        step stays on (batch, features) rows and takes views, never reshapes or copies.
         """
-        batch = hidden_states.shape[0]
-        h = hidden_states[:, 0]
+        batch = h.shape[0]
         z = self.in_proj_z(h)  # (batch, d_inner)
         dt = self.in_proj_dt(h)  # (batch, H)
         x, x_state = causal_conv1d_step(self.in_proj_x(h), self.conv_x.weight, self.conv_x.bias, state.conv_states["x"])
         bc, bc_state = causal_conv1d_step(self.in_proj_bc(h), self.conv_bc.weight, self.conv_bc.bias,
                                           state.conv_states["bc"])
-        B, C = self._split_bc(F.silu(bc))
+        bc = F.silu(bc).view(batch, self.n_groups_local, 2, self.state_size)  # group-major [B_g, C_g]
         y, new_state = ops.ssd_state_update(
             state.ssm_state,
             F.silu(x).view(batch, self.num_heads_local, self.head_dim),
             dt,
             -torch.exp(_wide(self.A_log)),
-            B,
-            C,
+            bc[:, :, 0],
+            bc[:, :, 1],
             D=self.D,
             dt_bias=self.dt_bias,
             dt_softplus=True,
@@ -182,4 +181,4 @@ class Mamba2Mixer(nn.Module):
         state.conv_states["bc"] = bc_state
         state.ssm_state = new_state
         state.seen_tokens += 1
-        return self.out_proj(self.norm(y.view(batch, self.d_inner_local), z)).unsqueeze(1)
+        return self.out_proj(self.norm(y.view(batch, self.d_inner_local), z))

@@ -20,7 +20,9 @@ def rms_normalize(x: Tensor, eps: float) -> Tensor:
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
+    """fp32 for half precision, the dtype itself for fp32/fp64: `torch.promote_types(dtype, float32)` for
+    floating dtypes, without a call into torch (decoding runs every norm once per token)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 class RMSNorm(nn.Module):

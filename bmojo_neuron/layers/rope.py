@@ -72,6 +72,12 @@ class RotaryEmbedding(nn.Module):
         # Decoding asks for one position per token and layer: the periods and signs it
         # needs are kept per (dtype, device), a plain attribute (not a buffer, see above).
         self._decode_constants: dict[tuple[torch.dtype, torch.device], tuple[Tensor, Tensor]] = {}
+        self._settings = (head_dim, theta, repr(sorted(self.scaling.items())) if self.scaling else None)
+
+    # Every layer of a model asks for the same position in turn, and layers with the same
+    # settings get the same tables: the last position's tables are kept per settings, dtype and
+    # device, shared by all instances (never written after they are made).
+    _last_position: dict[tuple, tuple[int, Tensor, Tensor]] = {}
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin of shape ``positions.shape + (head_dim,)``.
@@ -91,6 +97,15 @@ class RotaryEmbedding(nn.Module):
         division), with sin's first half negated, so the rotation needs a roll instead of
         the negated, concatenated halves.
         """
+        shared = (self._settings, dtype, device)
+        last = RotaryEmbedding._last_position.get(shared)
+        if last is not None and last[0] == position:
+            return last[1], last[2]
+        cos, sin = self._tables_at(position, dtype, device)
+        RotaryEmbedding._last_position[shared] = (position, cos, sin)
+        return cos, sin
+
+    def _tables_at(self, position: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         key = (dtype, torch.device(device))
         if key not in self._decode_constants:
             compute = torch.float64 if dtype == torch.float64 else torch.float32

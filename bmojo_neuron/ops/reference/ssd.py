@@ -184,18 +184,18 @@ def ssd_state_update(
     ct = _compute_dtype(torch.promote_types(x.dtype, state.dtype))
     batch, heads, head_dim = x.shape
     groups, state_size = B.shape[1:]
-    hpg = heads // groups
-    d = _discretize_dt(dt, dt_bias, dt_softplus, ct)  # (b, H)
+    rows = heads // groups * head_dim
+    d = _discretize_dt(_as(dt, ct), dt_bias, dt_softplus, ct)  # (b, H)
     x_f = _as(x, ct)
     decay = torch.exp(d * _as(A, ct))
-    # Heads viewed as (group, head-in-group), so B and C broadcast over a group's heads uncopied.
-    dx = (x_f * d[..., None]).view(batch, groups, hpg, head_dim, 1)
-    kept = (_as(state, ct) * decay[..., None, None]).view(batch, groups, hpg, head_dim, state_size)
-    new_state = torch.addcmul(kept, dx, _as(B, ct).view(batch, groups, 1, 1, state_size))
-    new_state = new_state.view(batch, heads, head_dim, state_size)
-    # one matrix-vector product per (batch, group): (hpg * P, N) @ (N, 1)
-    per_group = new_state.view(batch, groups, hpg * head_dim, state_size)
-    y = torch.matmul(per_group, _as(C, ct).view(batch, groups, state_size, 1)).view(batch, heads, head_dim)
+    # Each group's heads as one (heads in group * P, N) matrix, so B and C broadcast over
+    # them uncopied and the read-out is one batched matrix-vector product per (batch, group).
+    # At one token per step the op count, not the arithmetic, is the cost: reshapes here are
+    # views (one op each) unless a caller passes strided slices.
+    kept = (_as(state, ct) * decay.view(batch, heads, 1, 1)).view(batch * groups, rows, state_size)
+    dx = (x_f * d.view(batch, heads, 1)).view(batch * groups, rows, 1)
+    new_state = torch.addcmul(kept, dx, _as(B, ct).reshape(batch * groups, 1, state_size))
+    y = torch.bmm(new_state, _as(C, ct).reshape(batch * groups, state_size, 1)).view(batch, heads, head_dim)
     if D is not None:
-        y = torch.addcmul(y, _as(D, ct)[:, None], x_f)
-    return _as(y, x.dtype), new_state
+        y = torch.addcmul(y, _as(D, ct).view(heads, 1), x_f)
+    return _as(y, x.dtype), new_state.view(batch, heads, head_dim, state_size)
