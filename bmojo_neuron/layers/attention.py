@@ -383,11 +383,14 @@ class BMojoAttention(nn.Module):
 
     def _write_token(self, cache: AttentionLayerCache, position: int, k: Tensor, v: Tensor) -> None:
         """Write the token's rotated keys (1 or 2, batch, kv_heads, D) into the rings; move the fading key
-        of the token leaving the window from the side ring into the fading ring."""
+        of the token leaving the window from the side ring into the fading ring.
+
+        Writes are `select(...).copy_`: at one token per step, indexing syntax costs as much as the copy.
+        """
         slots = self._slots()
         slot = position % slots.window
-        cache.keys[:, :, slot] = k[0]
-        cache.values[:, :, slot] = v[0]
+        cache.keys.select(2, slot).copy_(k[0])
+        cache.values.select(2, slot).copy_(v[0])
         if position < slots.window:  # filling the ring; afterwards every in-context slot stays readable
             cache.bias[..., slot] = 0.0
         if not slots.fading:
@@ -395,16 +398,16 @@ class BMojoAttention(nn.Module):
         if slots.pending:
             if position >= self.window:  # token position - w leaves the window and starts to fade
                 fading_slot = slots.window + (position - self.window) % slots.fading
-                cache.keys[:, :, fading_slot] = cache.pending_k[:, :, slot]
-                cache.values[:, :, fading_slot] = cache.pending_v[:, :, slot]
+                cache.keys.select(2, fading_slot).copy_(cache.pending_k.select(2, slot))
+                cache.values.select(2, fading_slot).copy_(cache.pending_v.select(2, slot))
                 if position - self.window < slots.fading:
                     cache.bias[..., fading_slot] = 0.0
-            cache.pending_k[:, :, slot] = k[1]
-            cache.pending_v[:, :, slot] = v[1]
+            cache.pending_k.select(2, slot).copy_(k[1])
+            cache.pending_v.select(2, slot).copy_(v[1])
         else:  # overlapping fading keys are read from their own token on
             fading_slot = slots.window + position % slots.fading
-            cache.keys[:, :, fading_slot] = k[1]
-            cache.values[:, :, fading_slot] = v[1]
+            cache.keys.select(2, fading_slot).copy_(k[1])
+            cache.values.select(2, fading_slot).copy_(v[1])
             if position < slots.fading:
                 cache.bias[..., fading_slot] = 0.0
 
@@ -432,9 +435,9 @@ class BMojoAttention(nn.Module):
         whole chunk in one product, from the SSM outputs kept per row.
         """
         at = position % self.chunk
-        cache.chunk_k[:, at] = k_raw
-        cache.chunk_v[:, at] = v
-        cache.chunk_ssm_prev[:, at] = cache.prev_ssm_out
+        cache.chunk_k.select(1, at).copy_(k_raw)
+        cache.chunk_v.select(1, at).copy_(v)
+        cache.chunk_ssm_prev.select(1, at).copy_(cache.prev_ssm_out)
         cache.prev_ssm_out = features
         if at < self.chunk - 1:
             return

@@ -80,10 +80,12 @@ def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, conv_stat
     if conv_state.dtype != x.dtype:
         conv_state = conv_state.to(x.dtype)
     window = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # (batch, channels, K)
-    out = (window * weight[:, 0, :]).sum(-1)  # K products per channel: cheaper than einsum's batched matmul
+    # K products per channel: cheaper than einsum's batched matmul. Method calls, not indexing
+    # syntax: at one token per step Python's slice handling costs as much as the op.
+    out = (window * weight.squeeze(1)).sum(-1)
     if bias is not None:
-        out = out + bias
-    return out, window[..., 1:]
+        out = out.add_(bias)  # a fresh tensor: added in place, no second allocation
+    return out, window.narrow(-1, 1, window.shape[-1] - 1)
 
 
 def depthwise_conv(channels: int, kernel: int, bias: bool) -> nn.Conv1d:

@@ -185,7 +185,8 @@ def ssd_state_update(
     batch, heads, head_dim = x.shape
     groups, state_size = B.shape[1:]
     rows = heads // groups * head_dim
-    d = _discretize_dt(_as(dt, ct), dt_bias, dt_softplus, ct)  # (b, H)
+    d = _as(dt, ct) if dt_bias is None else _as(dt, ct) + _as(dt_bias, ct)  # (b, H)
+    d = F.softplus(d) if dt_softplus else d
     x_f = _as(x, ct)
     decay = torch.exp(d * _as(A, ct))
     # Each group's heads as one (heads in group * P, N) matrix, so B and C broadcast over
