@@ -10,7 +10,7 @@ from naive import naive_attention, naive_memory_selection, naive_rope, tiny_conf
 from bmojo_neuron.layers.attention import BMojoAttention
 from bmojo_neuron.layers import eidetic_memory
 from bmojo_neuron.layers.eidetic_memory import MemoryState, memory_after_each_chunk, update_memory, visible_memory
-from bmojo_neuron.layers.rope import RotaryEmbedding, apply_rotary
+from bmojo_neuron.layers.rope import RotaryEmbedding, apply_rotary, apply_rotary_rolled
 
 
 def make_layer(**overrides) -> BMojoAttention:
@@ -50,6 +50,36 @@ def test_rope_matches_the_pairwise_rotation():
     got = apply_rotary(x, cos, sin)
     for row, p in enumerate(positions.tolist()):
         torch.testing.assert_close(got[row], naive_rope(x[row], p, 10000.0), rtol=0, atol=1e-6)
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 4.0}, LLAMA3])
+def test_rolled_rotation_of_one_position_equals_the_rotation(dtype, scaling):
+    """Decoding rotates by `at_position`'s tables with a roll; the parallel forward by `forward`'s tables with
+    negated, concatenated halves. Same products and sums, so the same numbers bit for bit."""
+    rotary = RotaryEmbedding(16, 10000.0, scaling)
+    x = torch.randn(2, 3, 1, 16, generator=torch.Generator().manual_seed(0)).to(dtype)  # (batch, heads, 1, D)
+    for position in (0, 1, 7, 511, 16383, 100_000):
+        cos, sin = rotary(torch.tensor([position]), dtype)
+        cos_1, signed_sin = rotary.at_position(position, dtype, x.device)
+        assert cos_1.shape == signed_sin.shape == (16,) and cos_1.dtype == signed_sin.dtype == dtype
+        torch.testing.assert_close(apply_rotary_rolled(x, cos_1, signed_sin), apply_rotary(x, cos, sin), rtol=0, atol=0)
+
+
+def test_tables_of_one_position_are_shared_only_between_equal_settings():
+    """Layers ask for the same position in turn and share its tables; other settings get their own."""
+    a, b, other = RotaryEmbedding(8, 10000.0), RotaryEmbedding(8, 10000.0), RotaryEmbedding(8, 500.0)
+    x = torch.randn(1, 8, dtype=torch.float64)
+    for position in (3, 3, 4, 3):
+        tables = a.at_position(position, torch.float64, x.device)
+        assert b.at_position(position, torch.float64, x.device)[0] is tables[0]
+        for rotary, theta in ((a, 10000.0), (other, 500.0)):
+            got = apply_rotary_rolled(x, *rotary.at_position(position, torch.float64, x.device))
+            torch.testing.assert_close(got[0], naive_rope(x[0], position, theta), rtol=0, atol=1e-12)
 
 
 def test_swa_layer_equals_dense_sliding_window_mask():
