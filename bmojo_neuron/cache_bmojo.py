@@ -38,11 +38,9 @@ from .layers.ssm_state import SSMState
 class AttentionLayerCache:
     """Decode state of one B/F/S/A layer. Key/value buffers are (batch, kv_heads, n, head_dim)."""
 
-    keys: Tensor | None = None  # B/F/S: (batch, kv_heads, slots, head_dim), rotated
-    values: Tensor | None = None
+    kv: Tensor | None = None  # B/F/S: (2, batch, kv_heads, slots, head_dim), [0] rotated keys, [1] values
     bias: Tensor | None = None  # (batch, 1, 1, slots): 0 where the next query reads the slot, -inf elsewhere
-    pending_k: Tensor | None = None  # (batch, kv_heads, w, head_dim): rotated fading keys not yet read
-    pending_v: Tensor | None = None
+    pending: Tensor | None = None  # (2, batch, kv_heads, w, head_dim): rotated fading keys and values not yet read
     ctx_k: Tensor | None = None  # A: every token so far
     ctx_v: Tensor | None = None
     ssm: SSMState | None = None
@@ -50,16 +48,18 @@ class AttentionLayerCache:
     memory: MemoryState | None = None
     snapshots: dict[int, MemoryState] = field(default_factory=dict)
     memory_read: int | None = None  # the chunk whose visible memory is in the memory slots
-    chunk_k: Tensor | None = None  # (batch, c, kv_heads, head_dim), un-rotated; rows up to position % c are set
-    chunk_v: Tensor | None = None
+    chunk_kv: Tensor | None = None  # (2, batch, c, kv_heads, head_dim): un-rotated keys, values; rows up to position % c are set
     chunk_ssm_prev: Tensor | None = None  # (batch, c, hidden): row i holds S of the token before the chunk's i-th
 
     def reorder(self, index: Tensor) -> None:
-        for name in ("keys", "values", "bias", "pending_k", "pending_v", "ctx_k", "ctx_v", "prev_ssm_out",
-                     "chunk_k", "chunk_v", "chunk_ssm_prev"):
+        for name in ("bias", "ctx_k", "ctx_v", "prev_ssm_out", "chunk_ssm_prev"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, index))
+        for name in ("kv", "pending", "chunk_kv"):  # keys and values stacked in front of the batch
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.index_select(1, index))
         if self.ssm is not None:
             self.ssm.reorder(index)
         if self.memory is not None:
@@ -67,7 +67,7 @@ class AttentionLayerCache:
         self.snapshots = {j: m.reorder(index) for j, m in self.snapshots.items()}
 
     # Decoding writes into these in place (one token's slots); every other tensor it replaces.
-    WRITTEN_IN_PLACE = ("keys", "values", "bias", "pending_k", "pending_v", "chunk_k", "chunk_v", "chunk_ssm_prev")
+    WRITTEN_IN_PLACE = ("kv", "bias", "pending", "chunk_kv", "chunk_ssm_prev")
 
     def copy(self) -> AttentionLayerCache:
         """A cache that decodes independently of this one: the buffers decoding writes into are cloned, the

@@ -271,12 +271,18 @@ class BMojoAttention(nn.Module):
             return DecodeSlots(self.window, 0, self.memory_size, 0)
         return DecodeSlots(self.window, self.fading_window, self.memory_size, 0 if self.fading_overlap else self.window)
 
+    def _new_buffer(self, like: Tensor, batch: int, slots: int) -> Tensor:
+        """Zeros for keys and values of `slots` slots, (2, batch, kv_heads, slots, D): [0] keys, [1] values.
+
+        One buffer for both, so a token writes its key and value with one copy.
+        """
+        return like.new_zeros(2, batch, self.kv_heads, slots, self.head_dim)
+
     def _fill_cache(self, cache, k, v, k_fading, v_fading, s, k_raw, v_raw, innovation, selection) -> None:
         """Store what decoding needs after a parallel forward over a whole prompt."""
         batch, _, length, _ = k.shape
         slots = self._slots()
-        cache.keys = k.new_zeros(batch, self.kv_heads, slots.total, self.head_dim)
-        cache.values = v.new_zeros(batch, self.kv_heads, slots.total, self.head_dim)
+        cache.kv = self._new_buffer(k, batch, slots.total)
         # (batch, 1, 1, slots): broadcasts over heads and the query as the attention's mask
         cache.bias = torch.full((batch, 1, 1, slots.total), float("-inf"), dtype=k.dtype, device=k.device)
         last = length - 1
@@ -289,11 +295,10 @@ class BMojoAttention(nn.Module):
             t = torch.arange(max(0, newest + 1 - slots.fading), max(0, newest + 1), device=k.device)
             self._write_slots(cache, slots.window + t % slots.fading, k_fading[:, :, t], v_fading[:, :, t])
         if slots.pending:
-            cache.pending_k = k.new_zeros(batch, self.kv_heads, slots.pending, self.head_dim)
-            cache.pending_v = v.new_zeros(batch, self.kv_heads, slots.pending, self.head_dim)
+            cache.pending = self._new_buffer(k, batch, slots.pending)
             t = torch.arange(max(0, length - slots.pending), length, device=k.device)
-            cache.pending_k[:, :, t % slots.pending] = k_fading[:, :, t]
-            cache.pending_v[:, :, t % slots.pending] = v_fading[:, :, t]
+            cache.pending[0][:, :, t % slots.pending] = k_fading[:, :, t]
+            cache.pending[1][:, :, t % slots.pending] = v_fading[:, :, t]
         if self.memory_size > 0:
             cache.prev_ssm_out = s[:, -1].clone()  # own copy: the cache must not hold the prompt's SSM output
             done = selection.position.shape[1]
@@ -305,19 +310,18 @@ class BMojoAttention(nn.Module):
             cache.memory_read = None
             start = done * self.chunk
             tail = length - start
-            cache.chunk_k = k_raw.new_zeros(batch, self.chunk, self.kv_heads, self.head_dim)
-            cache.chunk_v = v_raw.new_zeros(batch, self.chunk, self.kv_heads, self.head_dim)
+            cache.chunk_kv = k_raw.new_zeros(2, batch, self.chunk, self.kv_heads, self.head_dim)
             cache.chunk_ssm_prev = s.new_zeros(batch, self.chunk, s.shape[-1])
-            cache.chunk_k[:, :tail] = k_raw[:, start:]
-            cache.chunk_v[:, :tail] = v_raw[:, start:]
+            cache.chunk_kv[0, :, :tail] = k_raw[:, start:]
+            cache.chunk_kv[1, :, :tail] = v_raw[:, start:]
             # row i: S of the token before token start + i (zero before the first token)
             cache.chunk_ssm_prev[:, :tail] = F.pad(s[:, max(0, start - 1) : last], (0, 0, 1 if start == 0 else 0, 0))
 
     @staticmethod
     def _write_slots(cache, index: Tensor, k: Tensor, v: Tensor, valid: Tensor | None = None) -> None:
         """Put keys/values (batch, kv_heads, n, D) into buffer slots `index` (n,), readable where `valid` (n,)."""
-        cache.keys[:, :, index] = k
-        cache.values[:, :, index] = v
+        cache.kv[0][:, :, index] = k
+        cache.kv[1][:, :, index] = v
         bias = cache.bias.new_zeros(index.shape)
         if valid is not None:
             bias = bias.masked_fill(~valid, float("-inf"))
@@ -346,12 +350,11 @@ class BMojoAttention(nn.Module):
         s = self.ssm.step(x, cache.ssm) if self.ssm is not None else None
         features = self._ssm_features(s)
         k_raw, v = self._token_keys(x, features)  # (1 or 2, batch, kv_heads, D): the token's own, then fading
-        k = apply_rotary_rolled(k_raw, cos, sin)
-        self._write_token(cache, position, k, v)
+        self._write_token(cache, position, torch.stack([apply_rotary_rolled(k_raw, cos, sin), v]))
         if self.memory_size > 0:
             self._read_memory(cache, position)
-            self._advance_memory(cache, position, k_raw[0], v[0], features)
-        return self._token_output(_attend(q, cache.keys, cache.values, cache.bias), s)
+            self._advance_memory(cache, position, torch.stack([k_raw, v]).select(1, 0), features)
+        return self._token_output(_attend(q, cache.kv[0], cache.kv[1], cache.bias), s)
 
     def _token_heads(self, rows: Tensor, n: int, batch: int, heads: int, norm: nn.Module | None = None) -> Tensor:
         """Projected rows (n * batch, heads * D) as (n, batch, heads, D), normalised per head by `norm`."""
@@ -381,16 +384,16 @@ class BMojoAttention(nn.Module):
             return torch.addcmul(mixed, self.ssm_residual_gain, s)
         return mixed
 
-    def _write_token(self, cache: AttentionLayerCache, position: int, k: Tensor, v: Tensor) -> None:
-        """Write the token's rotated keys (1 or 2, batch, kv_heads, D) into the rings; move the fading key
-        of the token leaving the window from the side ring into the fading ring.
+    def _write_token(self, cache: AttentionLayerCache, position: int, kv: Tensor) -> None:
+        """Write the token's rotated keys and values (2, 1 or 2, batch, kv_heads, D) into the rings (row 0: its
+        own, row 1: its fading ones); move the fading key and value of the token leaving the window from the side
+        ring into the fading ring.
 
         Writes are `select(...).copy_`: at one token per step, indexing syntax costs as much as the copy.
         """
         slots = self._slots()
         slot = position % slots.window
-        cache.keys.select(2, slot).copy_(k[0])
-        cache.values.select(2, slot).copy_(v[0])
+        cache.kv.select(3, slot).copy_(kv.select(1, 0))
         if position < slots.window:  # filling the ring; afterwards every in-context slot stays readable
             cache.bias[..., slot] = 0.0
         if not slots.fading:
@@ -398,16 +401,13 @@ class BMojoAttention(nn.Module):
         if slots.pending:
             if position >= self.window:  # token position - w leaves the window and starts to fade
                 fading_slot = slots.window + (position - self.window) % slots.fading
-                cache.keys.select(2, fading_slot).copy_(cache.pending_k.select(2, slot))
-                cache.values.select(2, fading_slot).copy_(cache.pending_v.select(2, slot))
+                cache.kv.select(3, fading_slot).copy_(cache.pending.select(3, slot))
                 if position - self.window < slots.fading:
                     cache.bias[..., fading_slot] = 0.0
-            cache.pending_k.select(2, slot).copy_(k[1])
-            cache.pending_v.select(2, slot).copy_(v[1])
+            cache.pending.select(3, slot).copy_(kv.select(1, 1))
         else:  # overlapping fading keys are read from their own token on
             fading_slot = slots.window + position % slots.fading
-            cache.keys.select(2, fading_slot).copy_(k[1])
-            cache.values.select(2, fading_slot).copy_(v[1])
+            cache.kv.select(3, fading_slot).copy_(kv.select(1, 1))
             if position < slots.fading:
                 cache.bias[..., fading_slot] = 0.0
 
@@ -418,34 +418,33 @@ class BMojoAttention(nn.Module):
             return
         memory = cache.snapshots.get(chunk - self.lag)
         if memory is None:
-            memory = self._empty_memory(cache.keys)
+            memory = self._empty_memory(cache.kv[0])
         slots = self._slots()
-        cos, sin = self.rotary(self._memory_rotation(torch.tensor([chunk], device=cache.keys.device)),
-                               cache.keys.dtype)
-        index = torch.arange(slots.memory_start, slots.total, device=cache.keys.device)
+        cos, sin = self.rotary(self._memory_rotation(torch.tensor([chunk], device=cache.kv.device)), cache.kv.dtype)
+        index = torch.arange(slots.memory_start, slots.total, device=cache.kv.device)
         self._write_slots(cache, index, apply_rotary(memory.k.transpose(1, 2), cos, sin), memory.v.transpose(1, 2))
         cache.bias[..., index] = cache.bias[..., index].masked_fill(~memory.valid[:, None, None], float("-inf"))
         cache.memory_read = chunk
 
-    def _advance_memory(self, cache, position, k_raw, v, features) -> None:
-        """Add the token (keys, values (batch, kv_heads, D), SSM features (batch, d)) to the current chunk; when
-        the chunk completes, score its innovations, pick and snapshot.
+    def _advance_memory(self, cache, position, kv_raw, features) -> None:
+        """Add the token (un-rotated key and value (2, batch, kv_heads, D), SSM features (batch, d)) to the current
+        chunk; when the chunk completes, score its innovations, pick and snapshot.
 
         The innovations are needed only at the chunk's end, so they are computed then, for the
         whole chunk in one product, from the SSM outputs kept per row.
         """
         at = position % self.chunk
-        cache.chunk_k.select(1, at).copy_(k_raw)
-        cache.chunk_v.select(1, at).copy_(v)
+        cache.chunk_kv.select(2, at).copy_(kv_raw)
         cache.chunk_ssm_prev.select(1, at).copy_(cache.prev_ssm_out)
         cache.prev_ssm_out = features
         if at < self.chunk - 1:
             return
         j = position // self.chunk
-        innovation = self._innovation(cache.chunk_k, self.innovation_proj(cache.chunk_ssm_prev))
+        chunk_k, chunk_v = cache.chunk_kv
+        innovation = self._innovation(chunk_k, self.innovation_proj(cache.chunk_ssm_prev))
         cache.memory = update_memory(
-            cache.memory if cache.memory is not None else self._empty_memory(k_raw),
-            cache.chunk_k, cache.chunk_v, innovation,
+            cache.memory if cache.memory is not None else self._empty_memory(chunk_k),
+            chunk_k, chunk_v, innovation,
             j * self.chunk, j, self.picks, self.decay,
         )
         cache.snapshots[j] = cache.memory
