@@ -7,10 +7,12 @@ commands, not timed tests; see docs/benchmarks.md).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from bmojo_neuron.bench import harness
 from bmojo_neuron.cli import main
 
 ROW_KEYS = {"candidate", "role", "length", "status", "median_s", "times_s", "peak_memory_bytes", "memory_warm",
@@ -98,10 +100,38 @@ def test_decode_reports_latency_and_cache(tmp_path):
     for row in report["results"]:
         assert row["status"] == "ok"
         assert row["latency_ms"] > 0 and row["cache_bytes"] > 0 and row["prefill_s"] > 0
+        # the probe prefills while it sets up (measured apart), then caps and measures one token
+        assert row["probe_prefill_s"] > 0 and "probe_prefill_peak_memory_bytes" in row
     by = {(r["candidate"], r["length"]): r for r in report["results"]}
     assert by["hf-mistral", 512]["cache_bytes"] > 1.8 * by["hf-mistral", 256]["cache_bytes"]  # full KV cache grows
     assert by["bmojo", 512]["cache_bytes"] == by["bmojo", 256]["cache_bytes"]  # ours stays fixed-size
     assert {f["candidate"] for f in report["fits"]} == set(names)
+
+
+class SleepyUnit:
+    """A probe unit that sleeps `setup_s` while it is built and `run_s` per run."""
+
+    def __init__(self, spec: dict) -> None:
+        time.sleep(spec["setup_s"])
+        self.run_s = spec["run_s"]
+
+    def run(self) -> None:
+        time.sleep(self.run_s)
+
+
+def sleepy_unit(spec: dict) -> SleepyUnit:
+    return SleepyUnit(spec)
+
+
+def test_probe_caps_the_unit_and_bounds_its_set_up_apart():
+    """A set-up longer than the cap (decode's prefill) is not capped; a set-up past its own allowance is, and
+    says so; a unit past the cap is capped as before."""
+    builder = "test_bench:sleepy_unit"
+    assert harness.probe(builder, {"setup_s": 1.0, "run_s": 0.0}, cap_seconds=0.5, build_seconds=30).status == "ok"
+    slow_setup = harness.probe(builder, {"setup_s": 30.0, "run_s": 0.0}, cap_seconds=30, build_seconds=0.5)
+    assert slow_setup.status == "capped" and "setting up the unit did not finish within 0.5 s" in slow_setup.error
+    slow_unit = harness.probe(builder, {"setup_s": 0.0, "run_s": 30.0}, cap_seconds=0.5, build_seconds=30)
+    assert slow_unit.status == "capped" and "within the cap of 0.5 s" in slow_unit.error
 
 
 def test_kernels_skips_or_reports(tmp_path):
@@ -185,8 +215,6 @@ def test_busy_times_bmojo_with_and_without_the_load(tmp_path):
 
 
 def test_round_robin_times_with_the_clock_it_is_given():
-    from bmojo_neuron.bench import harness
-
     ticks = iter(range(100))
     timings = harness.round_robin({"a": lambda: None, "b": lambda: None}, warmup=1, repeats=2,
                                   clock=lambda: 10.0 * next(ticks))
@@ -195,10 +223,6 @@ def test_round_robin_times_with_the_clock_it_is_given():
 
 
 def test_cpu_clock_excludes_time_spent_waiting(tmp_path):
-    import time
-
-    from bmojo_neuron.bench import harness
-
     timings = harness.round_robin({"sleep": lambda: time.sleep(0.05)}, warmup=0, repeats=1,
                                   clock=harness.CLOCKS["cpu"])
     assert timings["sleep"].times[0] < 0.02  # asleep is not working

@@ -196,18 +196,26 @@ def _load(builder: str) -> Callable:
 
 def _measure(unit, device: str) -> tuple[float, int | None]:
     """Seconds and peak additional memory of one `unit.run()`."""
+    return measure_call(unit.run, device)
+
+
+def measure_call(fn: Callable[[], Any], device: str) -> tuple[float, int | None]:
+    """Seconds and peak additional memory of one call of `fn` (see the module docstring for the method).
+
+    A unit whose set-up is itself worth measuring (decode's prefill) calls this while it is built.
+    """
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        unit.run()
+        fn()
         torch.cuda.synchronize()
         return time.perf_counter() - t0, int(torch.cuda.max_memory_allocated() - base)
     rss0 = _proc_status_kb("VmRSS")
     reset = _reset_peak_rss()
     t0 = time.perf_counter()
-    unit.run()
+    fn()
     seconds = time.perf_counter() - t0
     hwm = _proc_status_kb("VmHWM")
     peak = (hwm - rss0) * 1024 if (reset and hwm is not None and rss0 is not None) else None
@@ -244,7 +252,8 @@ def probe(builder: str, spec: dict[str, Any], cap_seconds: float, build_seconds:
 
     `builder` is ``"module:function"``; the function takes the spec and returns an
     object with ``run()`` (one unit of work) and optionally ``info()`` (a dict of
-    JSON numbers). With ``isolate`` the unit runs in a process forked from a
+    JSON numbers). Building it (set-up that is not the unit of work, e.g. decode's
+    prefill) may take `build_seconds`; the cap applies to the unit. With ``isolate`` the unit runs in a process forked from a
     clean fork server (same thread count as here), killed if its first run takes
     longer than `cap_seconds`. Without it (or without a fork server) it runs here:
     it cannot be abandoned, is reported capped afterwards if over the cap, and
@@ -260,12 +269,15 @@ def probe(builder: str, spec: dict[str, Any], cap_seconds: float, build_seconds:
     child_conn.close()
     result = Probe(ERROR, error="the probe process ended without a result")
     first: float | None = None
+    built = False
     deadline = time.monotonic() + build_seconds + cap_seconds
     try:
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not parent_conn.poll(left):
-                if first is None:
+                if not built:
+                    result = Probe(CAPPED, error=f"setting up the unit did not finish within {build_seconds:g} s")
+                elif first is None:
                     result = Probe(CAPPED, error=f"one unit did not finish within the cap of {cap_seconds:g} s")
                 else:  # the memory run overran: keep the first run's numbers
                     result = Probe(OK, first, None, None, error="memory run abandoned")
@@ -276,6 +288,7 @@ def probe(builder: str, spec: dict[str, Any], cap_seconds: float, build_seconds:
                 break
             event = message.get("event")
             if event == "built":
+                built = True
                 deadline = time.monotonic() + cap_seconds
             elif event == "first":
                 first = float(message["seconds"])
