@@ -19,15 +19,8 @@ def rms_normalize(x: Tensor, eps: float) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """`t` in `dtype`, without a call into torch when it already is."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half precision, the dtype itself for fp32/fp64: `torch.promote_types(dtype, float32)` for
-    floating dtypes, without a call into torch (decoding runs every norm once per token)."""
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.promote_types(dtype, torch.float32)
 
 
 class RMSNorm(nn.Module):
@@ -46,8 +39,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         ct = _compute_dtype(x.dtype)
-        y = rms_normalize(_as(x, ct), self.eps) * _as(self.weight, ct)
-        return _as(y, x.dtype)
+        y = rms_normalize(x.to(ct), self.eps) * self.weight.to(ct)
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"
@@ -73,16 +66,16 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
         ct = _compute_dtype(x.dtype)
-        h = _as(x, ct)
+        h = x.to(ct)
         if z is not None:
-            h = h * F.silu(_as(z, ct))
+            h = h * F.silu(z.to(ct))
         if self.group_size == self.dim:  # one group: no reshapes (decoding runs this once per token and layer)
             h = rms_normalize(h, self.eps)
         else:
             shape = h.shape
             h = rms_normalize(h.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size), self.eps)
             h = h.reshape(shape)
-        return _as(h * _as(self.weight, ct), x.dtype)
+        return (h * self.weight.to(ct)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, group_size={self.group_size}, eps={self.eps}"
