@@ -95,6 +95,48 @@ def test_decode_equals_forward_other_layers(pattern, mixer):
         torch.testing.assert_close(decode_logits(model, ids, prompt_len), full, rtol=0, atol=1e-4)
 
 
+@pytest.fixture
+def compiled_decode():
+    """Turn the compiled decode step on for one test (backend "eager": the graph capture, without code generation)."""
+    from bmojo_neuron.layers import compiled_step, mamba2
+
+    step = compiled_step.CompiledOrEager(mamba2.Mamba2Mixer._step_rows)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mamba2, "_STEP", step)
+        compiled_step.set_compiled_decode(True, backend="eager")
+        try:
+            yield step
+        finally:
+            compiled_step.set_compiled_decode(False)
+
+
+def test_compiled_decode_step_captures_whole_and_equals_eager(compiled_decode):
+    """The opt-in compiled step traces as one graph (fullgraph) and decodes what the eager step does."""
+    model = build(tiny_config(layer_pattern="BM"))
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(6))
+    compiled = decode_logits(model, ids, 5)
+    assert compiled_decode.compiled is not None and not compiled_decode.failed
+    from bmojo_neuron.layers import compiled_step
+
+    compiled_step.set_compiled_decode(False)
+    torch.testing.assert_close(compiled, decode_logits(model, ids, 5), rtol=0, atol=1e-6)
+
+
+def test_compiled_decode_step_falls_back_to_eager(compiled_decode, monkeypatch):
+    """A compiler that fails warns once; the step then runs eagerly and decodes the same tokens."""
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = build(tiny_config(layer_pattern="BM"))
+    ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(7))
+    with pytest.warns(RuntimeWarning, match="running it eagerly"):
+        got = decode_logits(model, ids, 4)
+    assert compiled_decode.failed
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(ids).logits, rtol=0, atol=1e-4)
+
+
 def test_memory_changes_the_output():
     """Guard for the tests above: the memory path is live in the tiny config."""
     ids = torch.randint(0, 64, (1, LENGTH), generator=torch.Generator().manual_seed(3))

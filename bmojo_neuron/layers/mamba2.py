@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from bmojo_neuron import ops
 from bmojo_neuron.configuration_bmojo import BMojoConfig
+from bmojo_neuron.layers.compiled_step import CompiledOrEager
 from bmojo_neuron.layers.factory import get_layer_factory
 from bmojo_neuron.layers.mamba1 import _mark_no_weight_decay, _wide, init_dt_bias_
 from bmojo_neuron.layers.norms import GatedRMSNorm
@@ -157,17 +158,28 @@ class Mamba2Mixer(nn.Module):
         """One decoding token, as rows: h (batch, hidden) -> (batch, hidden); advances `state`.
 
         At one token per step the per-op overhead, not the arithmetic, is the cost, so the
-        step stays on (batch, features) rows and takes views, never reshapes or copies.
+        step stays on (batch, features) rows and takes views, never reshapes or copies; with
+        ``BMOJO_COMPILE_DECODE=1`` it runs compiled (`layers.compiled_step`).
         """
+        out, x_state, bc_state, ssm_state = _STEP(self, h, state.conv_states["x"], state.conv_states["bc"],
+                                                  state.ssm_state)
+        state.conv_states["x"] = x_state
+        state.conv_states["bc"] = bc_state
+        state.ssm_state = ssm_state
+        state.seen_tokens += 1
+        return out
+
+    def _step_rows(self, h: Tensor, x_state: Tensor, bc_state: Tensor, ssm_state: Tensor
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The step as a pure function: output and the new conv and SSM states (nothing is written)."""
         batch = h.shape[0]
         z = self.in_proj_z(h)  # (batch, d_inner)
         dt = self.in_proj_dt(h)  # (batch, H)
-        x, x_state = causal_conv1d_step(self.in_proj_x(h), self.conv_x.weight, self.conv_x.bias, state.conv_states["x"])
-        bc, bc_state = causal_conv1d_step(self.in_proj_bc(h), self.conv_bc.weight, self.conv_bc.bias,
-                                          state.conv_states["bc"])
+        x, x_state = causal_conv1d_step(self.in_proj_x(h), self.conv_x.weight, self.conv_x.bias, x_state)
+        bc, bc_state = causal_conv1d_step(self.in_proj_bc(h), self.conv_bc.weight, self.conv_bc.bias, bc_state)
         bc = F.silu(bc).view(batch, self.n_groups_local, 2, self.state_size)  # group-major [B_g, C_g]
-        y, new_state = ops.ssd_state_update(
-            state.ssm_state,
+        y, ssm_state = ops.ssd_state_update(
+            ssm_state,
             F.silu(x).view(batch, self.num_heads_local, self.head_dim),
             dt,
             -torch.exp(_wide(self.A_log)),
@@ -177,8 +189,7 @@ class Mamba2Mixer(nn.Module):
             dt_bias=self.dt_bias,
             dt_softplus=True,
         )
-        state.conv_states["x"] = x_state
-        state.conv_states["bc"] = bc_state
-        state.ssm_state = new_state
-        state.seen_tokens += 1
-        return self.out_proj(self.norm(y.view(batch, self.d_inner_local), z))
+        return self.out_proj(self.norm(y.view(batch, self.d_inner_local), z)), x_state, bc_state, ssm_state
+
+
+_STEP = CompiledOrEager(Mamba2Mixer._step_rows)
