@@ -193,10 +193,12 @@ def ssd_state_update(
     # them uncopied and the read-out is one batched matrix-vector product per (batch, group).
     # At one token per step the op count, not the arithmetic, is the cost: reshapes here are
     # views (one op each) unless a caller passes strided slices.
-    kept = (_as(state, ct) * decay.view(batch, heads, 1, 1)).view(batch * groups, rows, state_size)
+    # The state is the largest tensor here: it is read once and the new one written once
+    # (the input update is added in place into the decayed copy).
+    new_state = (_as(state, ct) * decay.view(batch, heads, 1, 1)).view(batch * groups, rows, state_size)
     dx = (x_f * d.view(batch, heads, 1)).view(batch * groups, rows, 1)
-    new_state = torch.addcmul(kept, dx, _as(B, ct).reshape(batch * groups, 1, state_size))
+    new_state.addcmul_(dx, _as(B, ct).reshape(batch * groups, 1, state_size))
     y = torch.bmm(new_state, _as(C, ct).reshape(batch * groups, state_size, 1)).view(batch, heads, head_dim)
     if D is not None:
-        y = torch.addcmul(y, _as(D, ct).view(heads, 1), x_f)
+        y = y.addcmul_(_as(D, ct).view(heads, 1), x_f)
     return _as(y, x.dtype), new_state.view(batch, heads, head_dim, state_size)
