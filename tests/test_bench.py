@@ -127,10 +127,11 @@ def test_probe_caps_the_unit_and_bounds_its_set_up_apart():
     """A set-up longer than the cap (decode's prefill) is not capped; a set-up past its own allowance is, and
     says so; a unit past the cap is capped as before."""
     builder = "test_bench:sleepy_unit"
-    assert harness.probe(builder, {"setup_s": 1.0, "run_s": 0.0}, cap_seconds=0.5, build_seconds=30).status == "ok"
-    slow_setup = harness.probe(builder, {"setup_s": 30.0, "run_s": 0.0}, cap_seconds=30, build_seconds=0.5)
-    assert slow_setup.status == "capped" and "setting up the unit did not finish within 0.5 s" in slow_setup.error
-    slow_unit = harness.probe(builder, {"setup_s": 0.0, "run_s": 30.0}, cap_seconds=0.5, build_seconds=30)
+    # generous set-up allowances where none should run out: a loaded machine starts processes slowly
+    assert harness.probe(builder, {"setup_s": 1.0, "run_s": 0.0}, cap_seconds=0.5, build_seconds=300).status == "ok"
+    slow_setup = harness.probe(builder, {"setup_s": 600.0, "run_s": 0.0}, cap_seconds=0.5, build_seconds=0.5)
+    assert slow_setup.status == "capped" and "setting up the unit did not finish within 1 s" in slow_setup.error
+    slow_unit = harness.probe(builder, {"setup_s": 0.0, "run_s": 600.0}, cap_seconds=0.5, build_seconds=300)
     assert slow_unit.status == "capped" and "within the cap of 0.5 s" in slow_unit.error
 
 

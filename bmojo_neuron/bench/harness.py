@@ -253,7 +253,7 @@ def probe(builder: str, spec: dict[str, Any], cap_seconds: float, build_seconds:
     `builder` is ``"module:function"``; the function takes the spec and returns an
     object with ``run()`` (one unit of work) and optionally ``info()`` (a dict of
     JSON numbers). Building it (set-up that is not the unit of work, e.g. decode's
-    prefill) may take `build_seconds`; the cap applies to the unit. With ``isolate`` the unit runs in a process forked from a
+    prefill) may take `build_seconds` (plus the cap); the cap applies to the unit. With ``isolate`` the unit runs in a process forked from a
     clean fork server (same thread count as here), killed if its first run takes
     longer than `cap_seconds`. Without it (or without a fork server) it runs here:
     it cannot be abandoned, is reported capped afterwards if over the cap, and
@@ -276,7 +276,8 @@ def probe(builder: str, spec: dict[str, Any], cap_seconds: float, build_seconds:
             left = deadline - time.monotonic()
             if left <= 0 or not parent_conn.poll(left):
                 if not built:
-                    result = Probe(CAPPED, error=f"setting up the unit did not finish within {build_seconds:g} s")
+                    result = Probe(CAPPED, error="setting up the unit did not finish within "
+                                                 f"{build_seconds + cap_seconds:g} s")
                 elif first is None:
                     result = Probe(CAPPED, error=f"one unit did not finish within the cap of {cap_seconds:g} s")
                 else:  # the memory run overran: keep the first run's numbers
