@@ -44,10 +44,13 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _discretize_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, ct: torch.dtype) -> Tensor:
-    dt = dt.to(ct)
+def _discretize_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, ct: torch.dtype,
+                   skip_same_dtype: bool = False) -> Tensor:
+    """softplus(dt + dt_bias) in `ct`; `skip_same_dtype` drops no-op casts (see `_as`)."""
+    cast = _as if skip_same_dtype else Tensor.to
+    dt = cast(dt, ct)
     if dt_bias is not None:
-        dt = dt + dt_bias.to(ct)
+        dt = dt + cast(dt_bias, ct)
     return F.softplus(dt) if dt_softplus else dt
 
 
@@ -185,8 +188,7 @@ def ssd_state_update(
     batch, heads, head_dim = x.shape
     groups, state_size = B.shape[1:]
     rows = heads // groups * head_dim
-    d = _as(dt, ct) if dt_bias is None else _as(dt, ct) + _as(dt_bias, ct)  # (b, H)
-    d = F.softplus(d) if dt_softplus else d
+    d = _discretize_dt(dt, dt_bias, dt_softplus, ct, skip_same_dtype=True)  # (b, H)
     x_f = _as(x, ct)
     decay = torch.exp(d * _as(A, ct))
     # Each group's heads as one (heads in group * P, N) matrix, so B and C broadcast over
