@@ -39,7 +39,8 @@ class BMojoConfig(PretrainedConfig):
         on every query and key head before RoPE, as in Qwen3), window_size ``w``,
         fading_window ``w_f`` (default ``w``; 0 disables the fading path),
         tie_fading_projections; how the SSM output ``S`` of a B/F layer enters it:
-        ssm_residual (default on: the output gains ``g * S``, ``g`` initialised at 0),
+        ssm_residual (default on: the output gains ``g * S``, ``g`` initialised at
+        ssm_residual_init, default 0),
         fading_overlap (fading keys over the window), fading_norm (docs/design.md).
 
     Eidetic memory (letter B):
@@ -87,6 +88,7 @@ class BMojoConfig(PretrainedConfig):
         fading_norm: bool = False,
         fading_overlap: bool = False,
         ssm_residual: bool = True,
+        ssm_residual_init: float = 0.0,
         # eidetic memory
         memory_size: int = 64,
         memory_chunk: int | None = None,
@@ -140,6 +142,7 @@ class BMojoConfig(PretrainedConfig):
         self.fading_norm = fading_norm
         self.fading_overlap = fading_overlap
         self.ssm_residual = ssm_residual
+        self.ssm_residual_init = ssm_residual_init
 
         self.memory_size = memory_size
         self.memory_chunk = memory_chunk if memory_chunk is not None else window_size
@@ -273,6 +276,12 @@ class BMojoConfig(PretrainedConfig):
         _require(problem is None, "rope_scaling_params", problem or "")
         _require_int(self, "window_size", minimum=1)
         _require_int(self, "fading_window", minimum=0)
+        _require(
+            isinstance(self.ssm_residual_init, (int, float)) and not isinstance(self.ssm_residual_init, bool)
+            and math.isfinite(self.ssm_residual_init),
+            "ssm_residual_init",
+            f"is {self.ssm_residual_init!r}; must be a finite number",
+        )
 
     def _check_heads_divide_hidden(self) -> None:
         """Without an explicit head_dim the heads must split hidden_size exactly, or some dims go unused."""

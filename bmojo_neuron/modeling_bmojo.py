@@ -74,6 +74,8 @@ class BMojoPreTrainedModel(PreTrainedModel):
         """
         std = self.config.initializer_range
         kind = type(module).__name__
+        if getattr(module, "ssm_residual_gain", None) is not None:
+            init.constant_(module.ssm_residual_gain, self.config.ssm_residual_init)
         if isinstance(module, nn.Linear) or kind in PARALLEL_LINEARS:
             if getattr(module, "is_residual_output", False) and self.config.rescale_prenorm_residual:
                 std = std / math.sqrt(2 * self.config.num_hidden_layers)

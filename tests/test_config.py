@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from naive import tiny_config
 from transformers import AutoConfig
 
@@ -76,11 +77,32 @@ def test_overlapping_fading_keys_shorten_the_memory_lag(window, fading, chunk, l
         (dict(hidden_size=0), "hidden_size"),
         (dict(vocab_size=2.5), "vocab_size"),
         (dict(intermediate_size=-1), "intermediate_size"),
+        (dict(ssm_residual_init=float("nan")), "ssm_residual_init"),
+        (dict(ssm_residual_init="1"), "ssm_residual_init"),
     ],
 )
 def test_bad_fields_raise_value_error_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"BMojoConfig\.{field}\b"):
         tiny_config(**overrides)
+
+
+def test_ssm_residual_init_sets_every_b_and_f_layers_gain_and_survives_save_and_load(tmp_path):
+    """The gain g of step 6 starts at ssm_residual_init (0 by default: the layer starts as steps 1-5)."""
+    from bmojo_neuron import BMojoForCausalLM
+
+    assert BMojoConfig().ssm_residual_init == 0.0
+    model = BMojoForCausalLM(tiny_config(layer_pattern="BFMS", ssm_residual_init=0.75))
+    gains = [layer.mixer.ssm_residual_gain for layer in model.model.layers
+             if getattr(layer.mixer, "ssm_residual_gain", None) is not None]
+    assert len(gains) == 2 and all(torch.equal(g, torch.full_like(g, 0.75)) for g in gains)
+    assert all(g._no_weight_decay for g in gains)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        gains[0].fill_(-2.0)
+    model.save_pretrained(tmp_path)
+    loaded = BMojoForCausalLM.from_pretrained(tmp_path)  # trained gains load over the init
+    assert torch.equal(loaded.model.layers[0].mixer.ssm_residual_gain, gains[0])
+    assert loaded.config.ssm_residual_init == 0.75
 
 
 def test_memory_checks_apply_only_to_models_with_b_layers():

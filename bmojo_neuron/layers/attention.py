@@ -77,7 +77,7 @@ class BMojoAttention(nn.Module):
         self.ssm_norm = layers.norm(hidden, eps=config.rms_norm_eps) if needs_ssm and config.fading_norm else None
         self.ssm_residual_gain = None
         if needs_ssm and config.ssm_residual:
-            self.ssm_residual_gain = layers.gain(hidden)
+            self.ssm_residual_gain = layers.gain(hidden, config.ssm_residual_init)
         self.tie_fading = config.tie_fading_projections
         self.fading_overlap = config.fading_overlap
         if self.fading_window > 0 and not self.tie_fading:

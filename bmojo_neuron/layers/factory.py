@@ -57,13 +57,13 @@ class LayerFactory:
         """An RMSNorm on the residual stream (sequence-sharded under sequence parallelism)."""
         return RMSNorm(dim, eps=eps)
 
-    def gain(self, dim: int) -> nn.Parameter:
-        """A per-channel gain on the residual stream, initialised at 0 and kept out of weight decay.
+    def gain(self, dim: int, init: float = 0.0) -> nn.Parameter:
+        """A per-channel gain on the residual stream, initialised at `init` and kept out of weight decay.
 
         Replicated on every rank; under sequence parallelism it scales this rank's part of
         the sequence, so the subclasses mark it for the gradient sum over ranks, as a norm's weight.
         """
-        gain = nn.Parameter(torch.zeros(dim))
+        gain = nn.Parameter(torch.full((dim,), float(init)))
         gain._no_weight_decay = True
         return gain
 

@@ -104,8 +104,8 @@ class NxDTensorParallelFactory(LayerFactory):
             setattr(norm.weight, SP_GRAD_ATTRIBUTE, True)
         return norm
 
-    def gain(self, dim: int) -> nn.Parameter:
-        gain = super().gain(dim)
+    def gain(self, dim: int, init: float = 0.0) -> nn.Parameter:
+        gain = super().gain(dim, init)
         if self.sequence_parallel:
             setattr(gain, SP_GRAD_ATTRIBUTE, True)
         return gain

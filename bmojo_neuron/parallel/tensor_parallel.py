@@ -144,8 +144,8 @@ class TorchTensorParallelFactory(LayerFactory):
         norm.weight.sequence_parallel = self.sequence_parallel
         return norm
 
-    def gain(self, dim: int) -> nn.Parameter:
-        gain = super().gain(dim)
+    def gain(self, dim: int, init: float = 0.0) -> nn.Parameter:
+        gain = super().gain(dim, init)
         gain.sequence_parallel = self.sequence_parallel
         return gain
 
