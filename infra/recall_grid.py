@@ -1,17 +1,17 @@
 """Train layer kinds on a grid of MQAR regimes through the CLI, seeds apart; table and plot of final recall.
 
-    python infra/recall_grid.py --out runs/grid --kv 4 16 32 --seq 64 256 --patterns BB MM FF \\
-        --seeds 0 1 2 --steps 1000 --jobs 2
+    python infra/recall_grid.py --out runs/grid --kv 4 8 --seq 64 --patterns BB FF MM \\
+        --seeds 0 1 2 --steps 600 --jobs 2 model.ssm_state_size=16
     python infra/recall_grid.py --out runs/grid --report   # table (mean ± std over seeds) and PNG only
 
-Every run is `bmojo-neuron train mqar-suite suite=none ...` with the overrides of its
-regime (`regime_overrides`), so what the grid measures is what a user gets from the
-CLI. Windows and chunks scale with the sequence (``w = w_f = c = L / 8``); every
-chunk may pick half its tokens and the memory holds every pick of a sequence
-(``k = c / 2``, ``M = L / 2``), so retention never drops a pick and a miss is
-selection's. Each pattern keeps the SwiGLU width that matches its parameters to the
-B'MOJO model's in the suite recipe. A finished run (a final eval in its
-``metrics.jsonl``) is not run again, so an interrupted grid resumes where it stopped.
+Every run is `bmojo-neuron train RECIPE suite=none ...` (`--recipe`, default cpu-tiny) with the
+overrides of its regime (`regime_overrides`), so what the grid measures is what a user gets
+from the CLI. Windows and chunks scale with the sequence (``w = w_f = c = L / 16``, at least
+4); every token is a candidate (``k = c``) and the memory holds half the sequence
+(``M = L / 2``), the default run's proportions. Each pattern keeps the SwiGLU width the
+recipe's own suite gives it (its parameters within 10% of the B'MOJO model's). Run seed and
+data seed are both the seed. A finished run (a final eval in its ``metrics.jsonl``) is not
+run again, so an interrupted grid resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -26,14 +26,26 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# SwiGLU widths of recipes/mqar-suite.yaml per layer kind: each model's parameters within 10% of B'MOJO's.
-MLP_WIDTH = {"B": 128, "F": 160, "M": 224, "S": 288, "A": 288}
+
+
+def mlp_widths(recipe: str) -> dict[str, int]:
+    """SwiGLU width per layer kind from the recipe's suite (the entry's override, else the recipe's own)."""
+    from bmojo_neuron.recipes import load_recipe
+
+    loaded = load_recipe(recipe)
+    widths = {}
+    for entry in loaded.suite or []:
+        pattern = entry.overrides.get("model.layer_pattern", loaded.model["layer_pattern"])
+        widths[pattern[0]] = entry.overrides.get("model.intermediate_size", loaded.model["intermediate_size"])
+    return widths
+
+
 def regime_overrides(kv: int, seq: int, vocab: int = 128) -> list[str]:
     """Data and model overrides of one regime: windows, chunk and memory scaled with the sequence."""
-    window = max(8, seq // 8)
+    window = max(4, seq // 16)
     return [f"data.seq_len={seq}", f"data.num_kv_pairs={kv}", f"data.vocab_size={vocab}",
             f"model.window_size={window}", f"model.fading_window={window}", f"model.memory_chunk={window}",
-            f"model.memory_picks={window // 2}", f"model.memory_size={seq // 2}",
+            f"model.memory_picks={window}", f"model.memory_size={seq // 2}",
             f"model.ssm_chunk_size={min(seq, 64)}"]
 
 
@@ -56,18 +68,18 @@ def final_recall(run_dir: Path) -> float | None:
     return evals[-1]["eval_accuracy"] if evals else None
 
 
-def train_one(out: Path, pattern: str, variant: str, extra: list[str], kv: int, seq: int, seed: int,
-              steps: int, eval_every: int, vocab: int) -> dict:
+def train_one(out: Path, recipe: str, width: int, pattern: str, variant: str, extra: list[str], kv: int, seq: int,
+              seed: int, steps: int, eval_every: int, vocab: int) -> dict:
     name = run_name(pattern, variant, kv, seq, seed)
     run_dir = out / name
     recall = final_recall(run_dir)
     if recall is None:
         if run_dir.exists():
             subprocess.run(["rm", "-rf", str(run_dir)], check=True)
-        argv = ["nice", "-n", "10", sys.executable, "-m", "bmojo_neuron.cli", "train", "mqar-suite", "suite=none",
+        argv = ["nice", "-n", "10", sys.executable, "-m", "bmojo_neuron.cli", "train", recipe, "suite=none",
                 "--output-dir", str(run_dir), "--no-progress", f"run.name={name}", f"run.seed={seed}",
                 f"data.seed={seed}", f"model.layer_pattern={pattern}",
-                f"model.intermediate_size={MLP_WIDTH[pattern[0]]}", f"model.num_hidden_layers={len(pattern)}", f"train.steps={steps}",
+                f"model.intermediate_size={width}", f"model.num_hidden_layers={len(pattern)}", f"train.steps={steps}",
                 f"eval.every={eval_every or steps}", f"checkpoint.every={steps}", "eval.length_multipliers=[1]",
                 *regime_overrides(kv, seq, vocab), *extra]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -132,6 +144,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder of the runs, results.jsonl, grid.md, grid.png")
+    parser.add_argument("--recipe", default="cpu-tiny", help="base recipe; its suite gives each kind's SwiGLU width")
     parser.add_argument("--patterns", nargs="+", default=["BB", "MM", "FF"],
                         help="layer patterns of one kind each (BB, MM, FF, SS, AA, or one layer: B, M, ...)")
     parser.add_argument("--kv", type=int, nargs="+", default=[4, 16, 32])
@@ -148,17 +161,20 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="PNG path (default: OUT/grid.png)")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run, key=value")
     args = parser.parse_args()
+    widths = mlp_widths(args.recipe)
     for pattern in args.patterns:
-        if len(set(pattern)) != 1 or pattern[0] not in MLP_WIDTH:
-            parser.error(f"--patterns: {pattern!r} is not one layer kind of {''.join(MLP_WIDTH)} repeated")
+        if len(set(pattern)) != 1 or pattern[0] not in widths:
+            parser.error(f"--patterns: {pattern!r} is not one layer kind of the {args.recipe} suite "
+                         f"({''.join(widths)}) repeated")
     args.out.mkdir(parents=True, exist_ok=True)
     variants = [parse_variant(text) for text in args.variant or [""]]
     if not args.report:
         jobs = [(p, name, extra, kv, seq, seed) for seq in args.seq for kv in args.kv for seed in args.seeds
                 for p in args.patterns for name, extra in variants if 4 * kv <= seq]
         with ThreadPoolExecutor(args.jobs) as pool, open(args.out / "results.jsonl", "a") as results:
-            for row in pool.map(lambda job: train_one(args.out, job[0], job[1], [*args.overrides, *job[2]], *job[3:],
-                                                      args.steps, args.eval_every, args.vocab), jobs):
+            for row in pool.map(lambda job: train_one(args.out, args.recipe, widths[job[0][0]], job[0], job[1],
+                                                      [*args.overrides, *job[2]], *job[3:], args.steps,
+                                                      args.eval_every, args.vocab), jobs):
                 results.write(json.dumps(row) + "\n")
                 results.flush()
     rows = collect(args.out)

@@ -60,7 +60,7 @@ def test_too_little_free_space_is_refused_first_naming_both_numbers(tmp_path, ca
     err = one_error_line(capsys)
     assert f"{tmp_path} has 1.0 MiB free, too little" in err
     assert all(f"{tmp_path / name} about" in err for name in ("bmojo", "bmojo-f", "mamba"))
-    assert "2 checkpoint(s) of 5.9 MiB" in err  # cpu-tiny: B'MOJO-F, the largest, 428,032 parameters x 12 B + 1 MiB, keep_last 1 + 1
+    assert "2 checkpoint(s) of 4.8 MiB" in err  # cpu-tiny: Mamba, the largest, 327,936 parameters x 12 B + 1 MiB, keep_last 1 + 1
 
 
 def test_disk_full_mid_run_is_named_and_loses_nothing(tmp_path, capsys, monkeypatch):

@@ -221,3 +221,29 @@ def test_compare_and_suite_can_be_switched_off_on_the_command_line(off: str, tmp
     assert load_recipe("cpu-tiny", [f"suite={off}"]).suite == []  # the B'MOJO run alone (the ablations)
     again = load_recipe(str(paired), ["compare=none", "compare.name=again", "compare.overrides={}"])
     assert again.compare is not None and again.compare.name == "again"  # later overrides win, in order
+
+
+def test_the_recall_grid_matches_parameters_in_every_regime() -> None:
+    """infra/recall_grid.py: each kind's SwiGLU width comes from the recipe's suite, and in every regime of the
+    grid in docs/results.md (the windows, chunk and memory scale with the sequence; they hold no parameters,
+    the vocabulary does) the baselines stay within 10% of B'MOJO's parameters."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("recall_grid", Path(__file__).parents[1] / "infra" / "recall_grid.py")
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    assert grid.mlp_widths("cpu-tiny") == {"B": 0, "F": 0, "M": 150}
+    assert grid.mlp_widths("mqar-suite") == {"B": 128, "F": 160, "M": 224, "S": 288, "A": 288}
+    overrides = grid.regime_overrides(16, 128)
+    assert {"model.window_size=8", "model.memory_chunk=8", "model.memory_picks=8", "model.memory_size=64",
+            "data.num_kv_pairs=16", "data.seq_len=128"} <= set(overrides)
+    assert "model.window_size=4" in grid.regime_overrides(4, 64)  # never below the default's 4
+    for kv, seq in [(4, 64), (8, 64), (8, 128), (16, 128)]:
+        counts = {}
+        for kind, width in grid.mlp_widths("cpu-tiny").items():
+            recipe = load_recipe("cpu-tiny", ["suite=none", f"model.layer_pattern={kind * 2}",
+                                              f"model.intermediate_size={width}", "model.ssm_state_size=16",
+                                              *grid.regime_overrides(kv, seq)])
+            assert recipe.data.seq_len == seq and recipe.model_config().memory_size == seq // 2
+            counts[kind] = count_parameters(recipe)
+        assert all(abs(n / counts["B"] - 1) <= 0.1 for n in counts.values()), (kv, seq, counts)
