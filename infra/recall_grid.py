@@ -114,29 +114,35 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """One panel per sequence length: recall against kv pairs, a line per model, seeds as dots."""
+    """One panel per sequence length: recall against kv pairs, a line per model (same colour in every
+    panel), seeds as dots."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     seqs = sorted({r["seq"] for r in rows})
+    models = sorted({(r["pattern"], r["variant"]) for r in rows})
+    colours = {model: f"C{i}" for i, model in enumerate(models)}
     fig, axes = plt.subplots(1, len(seqs), figsize=(4 * len(seqs), 3.4), squeeze=False, sharey=True)
     for ax, seq in zip(axes[0], seqs):
-        models = sorted({(r["pattern"], r["variant"]) for r in rows if r["seq"] == seq})
         for pattern, variant in models:
             mine = [r for r in rows if r["seq"] == seq and (r["pattern"], r["variant"]) == (pattern, variant)]
+            if not mine:
+                continue
             kvs = sorted({r["kv"] for r in mine})
             means = [statistics.mean(r["recall"] for r in mine if r["kv"] == kv) for kv in kvs]
-            line, = ax.plot(kvs, means, marker="o", label=pattern + (f" {variant}" if variant else ""))
-            ax.scatter([r["kv"] for r in mine], [r["recall"] for r in mine], s=8, color=line.get_color(), alpha=0.5)
+            colour = colours[(pattern, variant)]
+            ax.plot(kvs, means, marker="o", color=colour, label=pattern + (f" {variant}" if variant else ""))
+            ax.scatter([r["kv"] for r in mine], [r["recall"] for r in mine], s=8, color=colour, alpha=0.5)
         steps = sorted({r["steps"] for r in rows if r["seq"] == seq})
         ax.set(title=f"seq {seq} ({'/'.join(map(str, steps))} steps)", xlabel="kv pairs", xscale="log", ylim=(0, 1.02))
         ax.set_xticks(sorted({r["kv"] for r in rows if r["seq"] == seq}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("MQAR recall")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
