@@ -145,11 +145,15 @@ class TrainSection:
     precision: str = "fp32"
     activation_checkpointing: bool = False
     log_every: int = 10
+    compile: bool = False  # torch.compile the decoder layers (`layers.compiled_layers`; cpu/cuda, one process)
 
     def check(self) -> None:
         for key in ("steps", "batch_size", "grad_accum", "log_every"):
             _positive(f"train.{key}", getattr(self, key))
         _choice("train.precision", self.precision, PRECISIONS)
+        _require(not (self.compile and self.activation_checkpointing), "train.compile",
+                 "cannot be combined with train.activation_checkpointing (the recomputed layers would run eagerly); "
+                 "set one of them to false")
 
 
 @dataclass
@@ -316,7 +320,7 @@ class Recipe:
 
 # Recipe keys that may differ between a checkpoint and the run resuming it (dotted prefixes).
 RESUMABLE_CHANGES = ("run.name", "run.output_dir", "run.device", "run.jobs", "train.steps", "train.log_every",
-                     "train.precision", "train.activation_checkpointing", "eval.", "checkpoint.",
+                     "train.precision", "train.activation_checkpointing", "train.compile", "eval.", "checkpoint.",
                      "data.cache_dir", "compare", "suite", "parallel.",  # parallel: checked on load
                      "init.")  # a resumed run continues from its checkpoint, not from init.weights
 

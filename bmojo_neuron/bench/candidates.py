@@ -6,6 +6,11 @@ Baselines (Hugging Face `transformers`): ``hf-mamba`` (`MambaForCausalLM`),
 ``hf-mamba2`` (`Mamba2ForCausalLM`), ``hf-mistral-swa`` (`MistralForCausalLM` with
 ``sliding_window = w``) and ``hf-mistral`` (full attention).
 
+Compiled (`train-step` only): ``bmojo-compiled`` is ``bmojo`` with its decoder layers
+compiled as ``train.compile: true`` compiles them (`layers.compiled_layers`);
+``hf-mistral-swa-compiled`` is ``hf-mistral-swa`` compiled whole (``nn.Module.compile``).
+Each is built exactly as its eager twin (same width, same weights for the same seed).
+
 Every candidate has the same ``d_model``, number of layers, vocabulary, heads and
 head dim as the B'MOJO reference, tied embeddings, and its one free width (MLP
 ``intermediate_size``; for the MLP-free HF Mamba stacks the SSM inner width, i.e.
@@ -28,7 +33,8 @@ from bmojo_neuron.modeling_bmojo import BMojoForCausalLM, BMojoModel
 
 OURS = {"bmojo": "B", "bmojo-f": "F", "mamba-only": "M", "swa-only": "S", "full-attn": "A"}
 HF = ("hf-mamba", "hf-mamba2", "hf-mistral-swa", "hf-mistral")
-ALL = tuple(OURS) + HF
+COMPILED = {"bmojo-compiled": "bmojo", "hf-mistral-swa-compiled": "hf-mistral-swa"}  # -> the eager twin
+ALL = tuple(OURS) + HF + tuple(COMPILED)
 LABELS = {
     "bmojo": "B'MOJO",
     "bmojo-f": "B'MOJO-F",
@@ -39,6 +45,8 @@ LABELS = {
     "hf-mamba2": "HF Mamba2ForCausalLM",
     "hf-mistral-swa": "HF Mistral, sliding window",
     "hf-mistral": "HF Mistral, full attention",
+    "bmojo-compiled": "B'MOJO, compiled layers",
+    "hf-mistral-swa-compiled": "HF Mistral, sliding window, compiled",
 }
 
 
@@ -70,8 +78,13 @@ TOY_SHAPE = Shape(vocab_size=128, hidden_size=64, num_layers=2, head_dim=32, win
                   memory_picks=4, ssm_state_size=16, ssm_head_dim=32, ssm_chunk_size=32, max_length=1024)
 
 
+def eager_name(name: str) -> str:
+    """The eager candidate `name` is built as (itself unless it is a compiled one)."""
+    return COMPILED.get(name, name)
+
+
 def is_baseline(name: str) -> bool:
-    return name in HF
+    return eager_name(name) in HF
 
 
 def check_names(names: list[str], allowed: tuple[str, ...] = ALL) -> list[str]:
@@ -130,12 +143,14 @@ def _hf_class(name: str, causal_lm: bool):
 
 
 def _config(name: str, shape: Shape, num_layers: int | None, width: int | None):
+    name = eager_name(name)
     if name in OURS:
         return bmojo_config(shape, OURS[name], num_layers, width)
     return hf_config(name, shape, num_layers, width)
 
 
 def _instantiate(name: str, config, causal_lm: bool) -> nn.Module:
+    name = eager_name(name)
     if name in OURS:
         return (BMojoForCausalLM if causal_lm else BMojoModel)(config)
     return _hf_class(name, causal_lm)(config)
@@ -187,6 +202,7 @@ def matched_width(name: str, shape: Shape, target: int, num_layers: int | None =
     None for the reference itself. Parameter counts are monotone in the width, so a
     binary search over the grid finds the closest point with ~10 meta-device builds.
     """
+    name = eager_name(name)
     if name == "bmojo":
         return None
     grid = _width_grid(name, shape)
@@ -223,6 +239,7 @@ class Built:
             "label": LABELS[self.name],
             "role": "baseline" if is_baseline(self.name) else "ours",
             "class": type(self.model).__name__,
+            "compiled": self.name in COMPILED,
             "params": self.params,
             "non_embedding_params": self.non_embedding_params,
             "matched_width": self.width,
@@ -268,6 +285,7 @@ class CandidateFactory:
     def width(self, name: str) -> int | None:
         if not self.match:
             return None
+        name = eager_name(name)
         if name not in self._widths:
             self._widths[name] = matched_width(name, self.shape, self.target, self.num_layers, self.causal_lm)
         return self._widths[name]
@@ -278,11 +296,33 @@ class CandidateFactory:
 
 def build_candidate(name: str, shape: Shape, width: int | None, num_layers: int | None = None,
                     causal_lm: bool = True, seed: int = 0, device: str = "cpu") -> Built:
-    """Build `name` with an already matched `width` (deterministic given `seed`)."""
+    """Build `name` with an already matched `width` (deterministic given `seed`).
+
+    A compiled candidate is compiled here, lazily: its first call compiles (see `compile_candidate`).
+    """
     config = _config(name, shape, num_layers, width)
     torch.manual_seed(seed)
     model = _instantiate(name, config, causal_lm).to(device)
+    if name in COMPILED:
+        compile_candidate(name, model)
     return Built(name, model, config, width, total_params(model), non_embedding_params(model))
+
+
+def compile_candidate(name: str, model: nn.Module) -> None:
+    """Compile a ``*-compiled`` candidate in place (its parameter names and state dict stay as they are).
+
+    Ours: the decoder layers, as ``train.compile`` does in training. Hugging Face's: the
+    whole model (graph breaks allowed), as a user of theirs would compile it. Both with
+    static shapes: one compile per (batch, length).
+    """
+    from bmojo_neuron.layers.compiled_layers import compile_layers, default_backend
+
+    if eager_name(name) in OURS:
+        compiled = compile_layers(model)
+        if not compiled.active:
+            raise RuntimeError(f"{name}: torch.compile is unavailable here")
+    else:
+        model.compile(dynamic=False, backend=default_backend())
 
 
 def first_layer(built: Built) -> nn.Module:

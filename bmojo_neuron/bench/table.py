@@ -81,6 +81,10 @@ def markdown(report: dict[str, Any]) -> str:
         for t in report["targets"]:
             state = "met" if t["met"] else "**missed**"
             lines.append(f"- {t['name']} {t['comparison']} {t['threshold']}: {_fmt(t['value'])} ({state})")
+    if report.get("ratios"):
+        lines += ["", "Ratios (reported, not targets):", ""]
+        lines += [f"- {r['name']}: {_fmt(r['value'])}" + (f" ({r['note']})" if r.get("note") else "")
+                  for r in report["ratios"]]
     notes = [f"{r['candidate']} L={r['length']}: {r['note']}" for r in report["results"]
              if r["status"] != "ok" and r.get("note") and "shorter length" not in r["note"]]
     if notes:

@@ -54,7 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: per suite)")
     parser.add_argument("--candidates", type=_names, default=None,
                         help="comma-separated candidates (default: per suite): bmojo, bmojo-f, mamba-only, "
-                             "swa-only, full-attn, hf-mamba, hf-mamba2, hf-mistral-swa, hf-mistral")
+                             "swa-only, full-attn, hf-mamba, hf-mamba2, hf-mistral-swa, hf-mistral; train-step also "
+                             "bmojo-compiled, hf-mistral-swa-compiled (torch.compile; the first step, which "
+                             "compiles, is set-up and reported as compile_s)")
     parser.add_argument("--d-model", type=int, default=None, help="hidden size (default 256; toy 64)")
     parser.add_argument("--layers", type=int, default=None, help="layers (default 4; toy 2; scaling uses 1)")
     parser.add_argument("--window", type=int, default=None, help="attention window w = w_f (default 512; toy 32)")
@@ -134,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
         note = f" -- {target['note']}" if target.get("note") else ""
         print(f"  target {target['name']} {target['comparison']} {target['threshold']}: {target['value']} "
               f"({state}){note}")
+    for ratio in report.get("ratios", []):
+        note = f" -- {ratio['note']}" if ratio.get("note") else ""
+        print(f"  ratio {ratio['name']}: {ratio['value']}{note}")
     missed = [t for t in report["targets"] if not t["met"]]
     if args.check and missed:
         print(f"bench {args.suite} --check: {len(missed)} of {len(report['targets'])} targets missed")

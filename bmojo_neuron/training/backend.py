@@ -96,6 +96,9 @@ def open_backend(recipe: Any) -> Backend:
     """The backend for ``run.device`` and the process world: ``neuron``; ``torchrun`` when the recipe asks for
     parallelism or torchrun started several processes; otherwise ``local``."""
     objective = objective_for(recipe)
+    if recipe.train.compile and (recipe.run.device == "neuron" or wants_parallel(recipe)):
+        raise ValueError("recipe key train.compile: torch.compile runs one-process cpu or cuda training only "
+                         "(on neuron the step is compiled by neuronx-cc anyway); set train.compile=false")
     if recipe.run.device == "neuron":
         return NeuronBackend.start(recipe, objective)  # imports torch-xla and NxD (NeuronUnavailableError without them)
     if wants_parallel(recipe):

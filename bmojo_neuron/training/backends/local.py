@@ -19,6 +19,7 @@ from bmojo_neuron.checkpoints.local import load_latest, load_model_weights, save
 from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState, set_rng_states
 from bmojo_neuron.device import resolve_device, set_cpu_threads
 from bmojo_neuron.evaluation import LengthResult, autocast, evaluate, length_generalisation
+from bmojo_neuron.layers.compiled_layers import CompiledLayers, compile_layers
 from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
 from bmojo_neuron.training.data_order import DataOrder, seed_everything
 from bmojo_neuron.training.objective import Objective, causal_lm_loss
@@ -38,6 +39,8 @@ class LocalBackend:
         self.device = resolve_device(recipe.run.device)
         set_cpu_threads(recipe.run.threads)  # 0: every usable core but one (`device.default_cpu_threads`)
         self.mqar = recipe.data.kind == "mqar"
+        self.compiled: CompiledLayers | None = None  # train.compile: the layers' compiled forward
+        self.compile_checked = False  # a step has run through the compiled layers
 
     # ------------------------------------------------------------------ set-up
 
@@ -52,6 +55,8 @@ class LocalBackend:
         if self.recipe.train.activation_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
+        if self.recipe.train.compile:
+            self.compiled = compile_layers(model)
         return model.train()
 
     def init_model(self, start_weights: bool = True) -> nn.Module:
@@ -96,12 +101,32 @@ class LocalBackend:
         return rows
 
     def step(self, model: nn.Module, optimizer: Any, batch: list[MicroBatch]) -> Tensor:
-        losses = sum(self.forward_backward(model, input_ids, labels) for input_ids, labels in batch)
+        losses = self.forward_backward_all(model, optimizer, batch)
         losses = self.reduce(model, losses)
         grad_clip = self.recipe.optim.grad_clip
         grad_norm = self.clip(model, grad_clip) if grad_clip else torch.zeros((), device=self.device)
         optimizer.step()
         return torch.cat([losses, grad_norm.detach().float().reshape(1)])
+
+    def forward_backward_all(self, model: nn.Module, optimizer: Any, batch: list[MicroBatch]) -> Tensor:
+        """Forward and backward of every micro-batch of a step (their summed numbers).
+
+        Under ``train.compile`` the first step compiles the layers (forward and backward);
+        when that fails, the layers go back to eager and the step runs again from zero
+        gradients, so a compiler that does not work here costs one warning, not the run.
+        """
+        if self.compiled is None or not self.compiled.active or self.compile_checked:
+            return sum(self.forward_backward(model, input_ids, labels) for input_ids, labels in batch)
+        rng = torch.get_rng_state()
+        try:
+            losses = sum(self.forward_backward(model, input_ids, labels) for input_ids, labels in batch)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: train eagerly
+            self.compiled.disable(exc)
+            optimizer.zero_grad(set_to_none=True)
+            torch.set_rng_state(rng)
+            losses = sum(self.forward_backward(model, input_ids, labels) for input_ids, labels in batch)
+        self.compile_checked = True
+        return losses
 
     def forward_backward(self, model: nn.Module, input_ids: Tensor, labels: Tensor) -> Tensor:
         """One micro-batch; returns its objective's numbers (``[loss, lm_loss, aux_loss]``) / ``grad_accum``."""
