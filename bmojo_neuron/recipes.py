@@ -152,8 +152,8 @@ class TrainSection:
             _positive(f"train.{key}", getattr(self, key))
         _choice("train.precision", self.precision, PRECISIONS)
         _require(not (self.compile and self.activation_checkpointing), "train.compile",
-                 "cannot be combined with train.activation_checkpointing (the recomputed layers would run eagerly); "
-                 "set one of them to false")
+                 "cannot be combined with train.activation_checkpointing (compiled layers inside checkpointing "
+                 "are not supported yet); set one of them to false")
 
 
 @dataclass
