@@ -11,6 +11,7 @@ default). The other tests capture graphs with the ``eager`` compile backend
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import shutil
@@ -32,6 +33,15 @@ CONFIG = dict(vocab_size=64, hidden_size=32, num_hidden_layers=4, layer_pattern=
               num_key_value_heads=2, head_dim=16, window_size=16, fading_window=16, memory_size=4, memory_chunk=16,
               memory_picks=2, ssm_mixer="mamba2", ssm_state_size=8, ssm_head_dim=16, ssm_chunk_size=16,
               intermediate_size=64)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Drop every compiled graph after each test: their fake tensors must not outlive it (tests elsewhere
+    walk the garbage collector's tensors), nor may graphs compiled here be reused by another test."""
+    yield
+    torch._dynamo.reset()
+    gc.collect()
 
 
 def loss_and_grads(model: BMojoForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -104,7 +104,10 @@ def copies_in_memory(references: dict[str, torch.Tensor]) -> dict[str, int]:
     storages: dict[int, torch.Tensor] = {}
     for obj in gc.get_objects():
         if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu" and obj.dtype == torch.float32:
-            ptr = obj.untyped_storage().data_ptr()
+            try:
+                ptr = obj.untyped_storage().data_ptr()
+            except RuntimeError:  # a fake tensor a compiled graph left behind (another test's): holds no values
+                continue
             if ptr not in own:
                 storages.setdefault(ptr, obj)
     return {name: sum(t.shape == ref.shape and torch.equal(t, ref) for t in storages.values())
