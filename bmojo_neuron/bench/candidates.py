@@ -29,6 +29,7 @@ from torch import nn
 from transformers import Mamba2Config, MambaConfig, MistralConfig
 
 from bmojo_neuron.configuration_bmojo import BMojoConfig
+from bmojo_neuron.layers.compiled_layers import compile_layers, default_backend
 from bmojo_neuron.modeling_bmojo import BMojoForCausalLM, BMojoModel
 
 OURS = {"bmojo": "B", "bmojo-f": "F", "mamba-only": "M", "swa-only": "S", "full-attn": "A"}
@@ -315,8 +316,6 @@ def compile_candidate(name: str, model: nn.Module) -> None:
     whole model (graph breaks allowed), as a user of theirs would compile it. Both with
     static shapes: one compile per (batch, length).
     """
-    from bmojo_neuron.layers.compiled_layers import compile_layers, default_backend
-
     if eager_name(name) in OURS:
         compiled = compile_layers(model)
         if not compiled.active:
