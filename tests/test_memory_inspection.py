@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -112,6 +114,36 @@ def test_kv_coverage_counts_windows():
     coverage = kv_coverage(hand_memory([[], []]), ids, labels)
     assert coverage.keys["fading"] == 1 and coverage.values["fading"] == 1
     assert coverage.memory_share("values") is None
+
+
+@pytest.mark.parametrize("length", [1, 2])
+def test_inspect_reads_the_eval_data_stretched_by_length(length, tmp_path):
+    """`inspect --length 2` traces the stretched eval layout: with innovation n**2, the memory after chunk 0
+    (positions 0-4) holds its two largest tokens, the values 1 and 3 at 1x (k v k v k), and at 2x
+    (k v 0 0 k) the value at 1 and the larger of the keys at 0 and 4."""
+    from bmojo_neuron import cli
+    from bmojo_neuron.data import build_eval_dataset
+    from bmojo_neuron.recipes import load_recipe
+
+    hand_built_model().save_pretrained(tmp_path / "model")
+    data = ["cpu-tiny", f"vocab_size={HIDDEN}", "seq_len=16", "num_kv_pairs=3", "eval_examples=4"]
+    args = ["inspect", str(tmp_path / "model"), "--data", *data, "--sequences", "2", "--length", str(length),
+            "--device", "cpu", "--output-dir", str(tmp_path / "out")]
+    assert cli.main(args) == 0
+    report = json.loads((tmp_path / "out" / "memory.json").read_text())
+    assert report["length_multiplier"] == length
+    positions = np.array(report["layers"][0]["positions"])
+    assert positions.shape == (2, 16 * length // 5, 8)
+    recipe = load_recipe("cpu-tiny", [f"data.vocab_size={HIDDEN}", "data.seq_len=16", "data.num_kv_pairs=3",
+                                      "data.eval_examples=4"])
+    ids = build_eval_dataset(recipe, length)[:2]["input_ids"].numpy()
+    assert (ids[:, 1] >= HIDDEN // 2).all() and (ids[:, 3 if length == 1 else 2] > 0).all() == (length == 1)
+    for row in range(2):
+        held = positions[row, 0][positions[row, 0] >= 0]
+        want = {1, 3} if length == 1 else {1, 0 if ids[row, 0] > ids[row, 4] else 4}
+        assert set(held.tolist()) == want
+    assert sum(report["coverage"][0]["values"].values()) == 2 * 3  # every query of both sequences placed
+    assert cli.main([*args[:-2], "--length", "0"]) == 2  # a clear error
 
 
 def test_models_without_memory_are_refused():

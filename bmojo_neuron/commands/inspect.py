@@ -4,6 +4,8 @@ For a few eval sequences of the run's data: the memory after each chunk (positio
 innovation scores) and, on MQAR, where each query's pair is when the query arrives
 (window, fading window, the memory its chunk reads, dropped by that memory, or too
 recent for it) and how many of the queries at each place the model answers wrong.
+``--length M`` inspects the eval data at M times the training length, laid out as
+`eval --lengths` lays it out, to see why recall changes with length.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--row", type=int, default=0, help="which inspected sequence the table and PNG show")
     parser.add_argument("--data", nargs="+", default=[], metavar="RECIPE|key=value",
                         help="evaluation data, as for `eval` (default: the run's data)")
+    parser.add_argument("--length", type=int, default=1, metavar="M",
+                        help="inspect the eval data at M times the training length, stretched as `eval --lengths` "
+                             "stretches it (MQAR: every pair and query position p moves to M*p; default 1)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--output-dir", default=None,
                         help="where memory.{png,json} go (default: <run dir>/eval)")
@@ -37,9 +42,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--sequences must be >= 1, got {args.sequences}")
     if not 0 <= args.row < args.sequences:
         raise ValueError(f"--row must be in [0, --sequences) = [0, {args.sequences}), got {args.row}")
+    if args.length < 1:
+        raise ValueError(f"--length must be >= 1, got {args.length}")
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.commands.evaluate import eval_recipe
-    from bmojo_neuron.data import build_datasets
+    from bmojo_neuron.data import build_eval_dataset
     from bmojo_neuron.device import resolve_device, set_cpu_threads
     from bmojo_neuron.memory_inspection import format_memory_table, kv_coverage, kv_positions, plot_memory, trace_memory
 
@@ -47,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     set_cpu_threads()
     trained = load_trained(args.path, device)
     recipe = eval_recipe(trained.recipe, args.data)
-    _, eval_data = build_datasets(recipe)
+    eval_data = build_eval_dataset(recipe, args.length)
     rows = eval_data[: args.sequences]
     if len(rows["input_ids"]) <= args.row:
         raise ValueError(f"the eval data has only {len(rows['input_ids'])} sequences; lower --row")
@@ -65,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "source": str(trained.source),
+        "length_multiplier": args.length,
         "layers": [{"layer": t.layer, "chunk": t.chunk, "lag": t.lag,
                     "positions": t.positions.tolist(), "scores": t.scores.tolist()} for t in traces],
         "coverage": [{"layer": c.layer, "queries": c.queries, "keys": c.keys, "values": c.values,
@@ -73,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
                      for c in coverage],
     }
     (out / "memory.json").write_text(json.dumps(report, indent=2))
-    plot = plot_memory(traces, out / "memory.png", args.row, kv, title=f"{recipe.run.name}: sequence {args.row}")
+    plot = plot_memory(traces, out / "memory.png", args.row, kv, title=f"{recipe.run.name}: sequence {args.row}"
+                       + (f" at {args.length}x" if args.length > 1 else ""))
     print(f"\nwrote {out / 'memory.json'} and {plot}")
     return 0
 
