@@ -81,6 +81,10 @@ class MqarDataSection:
     num_kv_pairs: int = 8
     power_a: float = 0.01
     random_non_queries: bool = True
+    # Training examples are drawn at each of these spacings in turn (`mqar_arrays`'s `spacing`: the
+    # layout of a seq_len / s example stretched s-fold, filler between the pairs); eval at 1x uses
+    # spacing 1. [1]: every pair contiguous at the start, as in Zoology.
+    train_spacings: list[int] = field(default_factory=lambda: [1])
     train_examples: int = 20000
     eval_examples: int = 1000
     seed: int = 0
@@ -95,6 +99,16 @@ class MqarDataSection:
             check_mqar_args(self.vocab_size, self.seq_len, self.num_kv_pairs)
         except ValueError as err:
             raise ValueError(f"recipe key data: {err}") from None
+        _require(bool(self.train_spacings), "data.train_spacings", "must not be empty")
+        for spacing in self.train_spacings:
+            _require(isinstance(spacing, int) and spacing >= 1 and self.seq_len % spacing == 0,
+                     "data.train_spacings", f"holds {spacing!r}; each must be an integer >= 1 dividing "
+                     f"data.seq_len {self.seq_len}")
+            try:
+                check_mqar_args(self.vocab_size, self.seq_len // spacing, self.num_kv_pairs)
+            except ValueError as err:
+                raise ValueError(f"recipe key data.train_spacings: spacing {spacing} stretches a "
+                                 f"{self.seq_len // spacing}-token layout, and {err}") from None
 
 
 @dataclass
@@ -325,10 +339,18 @@ RESUMABLE_CHANGES = ("run.name", "run.output_dir", "run.device", "run.jobs", "tr
                      "init.")  # a resumed run continues from its checkpoint, not from init.weights
 
 
+# Recipe keys added after runs had been stored without them, with the value such a run was trained at.
+ADDED_KEYS = {"data.train_spacings": [1]}
+
+
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between a stored recipe and `current` and that `RESUMABLE_CHANGES`
-    does not allow to change (both as `Recipe.record` gives them)."""
+    does not allow to change (both as `Recipe.record` gives them); a stored recipe without a key of
+    `ADDED_KEYS` that `current` has was trained at that key's value there."""
     a, b = _flatten(saved), _flatten(current)
+    for key, value in ADDED_KEYS.items():
+        if key in b and key not in a:
+            a[key] = value
     keys = sorted(set(a) | set(b))
     return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 

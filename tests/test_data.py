@@ -11,7 +11,7 @@ import torch
 
 from bmojo_neuron.data import ByteTokenizer, build_datasets, build_eval_dataset, generate_mqar, load_tokenizer
 from bmojo_neuron.data import mqar_accuracy, text
-from bmojo_neuron.data.mqar import mqar_arrays, mqar_pairs
+from bmojo_neuron.data.mqar import mqar_arrays, mqar_mixed_arrays, mqar_pairs
 from bmojo_neuron.data.text import CORPUS_DIR, load_text_dataset, source_kind
 from bmojo_neuron.recipes import Recipe
 
@@ -241,6 +241,44 @@ def test_shipped_corpus_is_deterministic_english(tmp_path: Path) -> None:
     assert 300_000 <= sum(f.stat().st_size for f in files) <= 500_000
     name = "counting.txt"
     assert make_corpus.make_file(name, make_corpus.FILES[name], 0) == (CORPUS_DIR / name).read_text(encoding="utf-8")
+
+
+def test_mixed_spacings_take_rows_in_turn() -> None:
+    one = mqar_arrays(V, L, KV, 7, seed=4, spacing=2)
+    for got, want in zip(mqar_mixed_arrays(V, L, KV, 7, seed=4, spacings=[2]), one):
+        np.testing.assert_array_equal(got, want)  # one spacing: exactly mqar_arrays
+    ids, labels = mqar_mixed_arrays(V, L, KV, 7, seed=4, spacings=[1, 2])
+    dense, spaced = mqar_arrays(V, L, KV, 4, seed=4), mqar_arrays(V, L, KV, 3, seed=5, spacing=2)
+    np.testing.assert_array_equal(ids[0::2], dense[0])  # rows 0, 2, 4, 6: spacing 1 from the seed
+    np.testing.assert_array_equal(labels[0::2], dense[1])
+    np.testing.assert_array_equal(ids[1::2], spaced[0])  # rows 1, 3, 5: spacing 2 from seed + 1
+    np.testing.assert_array_equal(labels[1::2], spaced[1])
+    # by hand: spacing 2 puts pair i's key at 4i and its value at 4i + 1, so no key sits at 2 or 6
+    assert (ids[1::2, 0 : 4 * KV : 4] >= 1).all() and (ids[1::2, 0 : 4 * KV : 4] < V // 2).all()
+    assert (ids[1::2, 1 : 4 * KV : 4] >= V // 2).all()
+    assert (ids[0::2, 2 : 2 * KV : 2] < V // 2).all() and (ids[0::2, 2 : 2 * KV : 2] >= 1).all()
+    with pytest.raises(ValueError, match="spacings is empty"):
+        mqar_mixed_arrays(V, L, KV, 2, seed=0, spacings=[])
+
+
+def test_train_spacings_mix_the_training_set_only() -> None:
+    raw = {"data": {"kind": "mqar", "vocab_size": 32, "seq_len": 32, "num_kv_pairs": 4, "random_non_queries": False,
+                    "train_examples": 6, "eval_examples": 3}}
+    plain = Recipe.from_dict(raw)
+    assert plain.data.train_spacings == [1]
+    mixed = Recipe.from_dict({"data": {**raw["data"], "train_spacings": [1, 2]}})
+    (train, evaluation), (plain_train, plain_eval) = build_datasets(mixed), build_datasets(plain)
+    assert len(train) == 6
+    assert torch.equal(evaluation[:]["input_ids"], plain_eval[:]["input_ids"])
+    dense = mqar_arrays(32, 32, 4, 3, seed=0, random_non_queries=False)[0]  # 3 rows at spacing 1 from data.seed
+    np.testing.assert_array_equal(train[0::2]["input_ids"].numpy(), dense)
+    assert len(plain_train) == 6
+    spaced = train[1::2]["input_ids"]  # filler 0 between the stretched pairs
+    assert (spaced[:, 2:16:4] == 0).all() and (spaced[:, 3:16:4] == 0).all() and (spaced[:, 0:16:4] > 0).all()
+    for spacings, match in [([3], "dividing data.seq_len 32"), ([4], "spacing 4 stretches a 8-token layout"),
+                            ([], "must not be empty")]:
+        with pytest.raises(ValueError, match=match):
+            Recipe.from_dict({"data": {**raw["data"], "train_spacings": spacings}})
 
 
 # ----------------------------------------------------------------------------- build_datasets

@@ -25,7 +25,7 @@ def build_datasets(recipe: Recipe) -> tuple[Dataset, Dataset]:
     """(train, eval) datasets for ``recipe.data`` at the training length, in torch format."""
     data = recipe.data
     if data.kind == "mqar":
-        train = _mqar(recipe, data.train_examples, data.seed, 1)
+        train = _mqar(recipe, data.train_examples, data.seed, 1, data.train_spacings)
         evaluation = _mqar(recipe, data.eval_examples, data.seed + EVAL_SEED_OFFSET, 1)
     elif data.kind == "text":
         train, evaluation = _text(recipe, data.block_size)
@@ -51,7 +51,9 @@ def build_eval_dataset(recipe: Recipe, length_multiplier: int = 1) -> Dataset:
     return evaluation.with_format("torch")
 
 
-def _mqar(recipe: Recipe, examples: int, seed: int, multiplier: int) -> Dataset:
+def _mqar(recipe: Recipe, examples: int, seed: int, multiplier: int, spacings: list[int] | None = None) -> Dataset:
+    """`examples` MQAR rows at `multiplier` times the training length, stretched by it; `spacings`
+    (at multiplier 1: the training set's ``data.train_spacings``) mixes stretches row by row instead."""
     data = recipe.data
     return generate_mqar(
         vocab_size=data.vocab_size,
@@ -61,7 +63,7 @@ def _mqar(recipe: Recipe, examples: int, seed: int, multiplier: int) -> Dataset:
         seed=seed,
         power_a=data.power_a,
         random_non_queries=data.random_non_queries,
-        spacing=multiplier,
+        spacing=spacings if spacings is not None else multiplier,
     )
 
 

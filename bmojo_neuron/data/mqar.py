@@ -16,11 +16,17 @@ every key moves from position ``p`` to ``m * p``, its value staying right after 
 filler fills the rest. All distances between a pair and its query grow ``m``-fold,
 which is what a length-generalisation test of recall needs (appending filler alone
 would leave most queries next to their pairs).
+
+A training set may mix spacings (`mqar_mixed_arrays`): row ``i`` is drawn at
+``spacings[i % len(spacings)]``. With spacing 1 alone the pairs are always contiguous at
+the start, and a model can learn to tell a pair from an answered query by that context;
+stretched pairs (filler between them) then look like answered queries to it
+(docs/results.md, "Length generalisation").
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -93,6 +99,36 @@ def mqar_arrays(
     return inputs, labels
 
 
+def mqar_mixed_arrays(
+    vocab_size: int,
+    seq_len: int,
+    num_kv_pairs: int,
+    num_examples: int,
+    seed: int,
+    power_a: float = 0.01,
+    random_non_queries: bool = True,
+    spacings: Sequence[int] = (1,),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Like `mqar_arrays`, row ``i`` at spacing ``spacings[i % len(spacings)]``.
+
+    One spacing ``[s]`` gives exactly ``mqar_arrays(..., seed, spacing=s)``; with several, the
+    rows of the ``k``-th come from ``mqar_arrays(..., seed + k, spacing=spacings[k])``.
+    """
+    spacings = list(spacings)
+    if not spacings:
+        raise ValueError("spacings is empty; give at least one spacing")
+    args = (vocab_size, seq_len, num_kv_pairs)
+    if len(spacings) == 1:
+        return mqar_arrays(*args, num_examples, seed, power_a, random_non_queries, spacings[0])
+    inputs = np.empty((num_examples, seq_len), dtype=np.int64)
+    labels = np.empty((num_examples, seq_len), dtype=np.int64)
+    for k, spacing in enumerate(spacings):
+        rows = np.arange(k, num_examples, len(spacings))
+        if len(rows):
+            inputs[rows], labels[rows] = mqar_arrays(*args, len(rows), seed + k, power_a, random_non_queries, spacing)
+    return inputs, labels
+
+
 def generate_mqar(
     vocab_size: int,
     seq_len: int,
@@ -101,15 +137,19 @@ def generate_mqar(
     seed: int,
     power_a: float = 0.01,
     random_non_queries: bool = True,
-    spacing: int = 1,
+    spacing: int | Sequence[int] = 1,
 ) -> Dataset:
-    """MQAR examples as a `datasets.Dataset` with int64 ``input_ids`` and ``labels`` of length seq_len."""
+    """MQAR examples as a `datasets.Dataset` with int64 ``input_ids`` and ``labels`` of length seq_len.
+
+    `spacing`: one spacing (`mqar_arrays`) or a list mixed row by row (`mqar_mixed_arrays`).
+    """
     from datasets import Dataset, Features, Sequence, Value
 
     if num_examples < 1:
         raise ValueError(f"num_examples is {num_examples}; must be >= 1")
-    inputs, labels = mqar_arrays(
-        vocab_size, seq_len, num_kv_pairs, num_examples, seed, power_a, random_non_queries, spacing
+    spacings = [spacing] if isinstance(spacing, int) else list(spacing)
+    inputs, labels = mqar_mixed_arrays(
+        vocab_size, seq_len, num_kv_pairs, num_examples, seed, power_a, random_non_queries, spacings
     )
     column = Sequence(Value("int64"), length=seq_len)
     features = Features({"input_ids": column, "labels": column})
