@@ -85,6 +85,9 @@ class MqarDataSection:
     # layout of a seq_len / s example stretched s-fold, filler between the pairs); eval at 1x uses
     # spacing 1. [1]: every pair contiguous at the start, as in Zoology.
     train_spacings: list[int] = field(default_factory=lambda: [1])
+    # Whether a spacing > 1 (train_spacings, the length eval) spreads the kv pairs too (true) or keeps
+    # them contiguous at the start and stretches only the query region (false).
+    stretch_pairs: bool = True
     train_examples: int = 20000
     eval_examples: int = 1000
     seed: int = 0
@@ -340,7 +343,7 @@ RESUMABLE_CHANGES = ("run.name", "run.output_dir", "run.device", "run.jobs", "tr
 
 
 # Recipe keys added after runs had been stored without them, with the value such a run was trained at.
-ADDED_KEYS = {"data.train_spacings": [1]}
+ADDED_KEYS = {"data.train_spacings": [1], "data.stretch_pairs": True}
 
 
 def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -243,6 +243,24 @@ def test_shipped_corpus_is_deterministic_english(tmp_path: Path) -> None:
     assert make_corpus.make_file(name, make_corpus.FILES[name], 0) == (CORPUS_DIR / name).read_text(encoding="utf-8")
 
 
+@pytest.mark.parametrize("spacing", [2, 4])
+def test_mqar_stretch_pairs_off_stretches_only_the_query_region(spacing: int) -> None:
+    base_ids, base_labels = mqar_arrays(V, L, KV, 50, seed=5, random_non_queries=False)
+    ids, labels = mqar_arrays(V, L * spacing, KV, 50, seed=5, random_non_queries=False, spacing=spacing,
+                              stretch_pairs=False)
+    context = 2 * KV
+    np.testing.assert_array_equal(ids[:, :context], base_ids[:, :context])  # the kv region as at 1x
+    scored, base_scored = np.argwhere(labels != -100), np.argwhere(base_labels != -100)
+    # an answer at a = context + 2g + 1 moves to context + spacing * 2g + 1
+    np.testing.assert_array_equal(scored[:, 1], context + spacing * (base_scored[:, 1] - 1 - context) + 1)
+    np.testing.assert_array_equal(labels[labels != -100], base_labels[base_labels != -100])
+    np.testing.assert_array_equal(ids[labels != -100], base_ids[base_labels != -100])
+    assert (ids[:, L * spacing - (spacing - 1) * context:] == 0).all()  # the tail is filler
+    rows = mqar_mixed_arrays(V, L * spacing, KV, 50, seed=5, random_non_queries=False, spacings=[spacing],
+                             stretch_pairs=False)
+    np.testing.assert_array_equal(rows[0], ids)
+
+
 def test_mixed_spacings_take_rows_in_turn() -> None:
     one = mqar_arrays(V, L, KV, 7, seed=4, spacing=2)
     for got, want in zip(mqar_mixed_arrays(V, L, KV, 7, seed=4, spacings=[2]), one):
@@ -275,6 +293,10 @@ def test_train_spacings_mix_the_training_set_only() -> None:
     assert len(plain_train) == 6
     spaced = train[1::2]["input_ids"]  # filler 0 between the stretched pairs
     assert (spaced[:, 2:16:4] == 0).all() and (spaced[:, 3:16:4] == 0).all() and (spaced[:, 0:16:4] > 0).all()
+    queries_only = Recipe.from_dict({"data": {**raw["data"], "train_spacings": [1, 2], "stretch_pairs": False}})
+    spaced = build_datasets(queries_only)[0][1::2]["input_ids"]
+    assert (spaced[:, 0:8] > 0).all() and (spaced[:, 24:] == 0).all()  # pairs contiguous, a filler tail of 8
+    assert torch.equal(build_eval_dataset(queries_only, 2)[:]["input_ids"][:, :8], evaluation[:]["input_ids"][:, :8])
     for spacings, match in [([3], "dividing data.seq_len 32"), ([4], "spacing 4 stretches a 8-token layout"),
                             ([], "must not be empty")]:
         with pytest.raises(ValueError, match=match):

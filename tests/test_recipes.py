@@ -211,14 +211,16 @@ def test_resume_conflicts_name_the_keys_that_may_not_change() -> None:
     assert resume_conflicts(saved, changed.record()) == ["model.hidden_size", "optim.lr"]
 
 
-def test_a_run_stored_before_train_spacings_resumes_as_spacing_one() -> None:
+def test_a_run_stored_before_train_spacings_resumes_as_spacing_one_with_stretched_pairs() -> None:
     from bmojo_neuron.recipes import resume_conflicts
 
     saved = load_recipe("cpu-tiny").record()
-    del saved["data"]["train_spacings"]  # as a run stored before the key existed
+    del saved["data"]["train_spacings"], saved["data"]["stretch_pairs"]  # as a run stored before the keys existed
     assert resume_conflicts(saved, load_recipe("cpu-tiny").record()) == []
     mixed = load_recipe("cpu-tiny", ["data.train_spacings=[1,2]"]).record()
     assert resume_conflicts(saved, mixed) == ["data.train_spacings"]
+    assert resume_conflicts(saved, load_recipe("cpu-tiny", ["data.stretch_pairs=false"]).record()) == [
+        "data.stretch_pairs"]
 
 
 @pytest.mark.parametrize("off", ["none", "null", "~", "false", "off"])

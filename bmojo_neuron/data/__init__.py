@@ -64,6 +64,7 @@ def _mqar(recipe: Recipe, examples: int, seed: int, multiplier: int, spacings: l
         power_a=data.power_a,
         random_non_queries=data.random_non_queries,
         spacing=spacings if spacings is not None else multiplier,
+        stretch_pairs=data.stretch_pairs,
     )
 
 

@@ -15,7 +15,11 @@ drawn as at ``seq_len / m`` (same keys, values and query slots for the same seed
 every key moves from position ``p`` to ``m * p``, its value staying right after it;
 filler fills the rest. All distances between a pair and its query grow ``m``-fold,
 which is what a length-generalisation test of recall needs (appending filler alone
-would leave most queries next to their pairs).
+would leave most queries next to their pairs). ``stretch_pairs=False`` keeps the
+pairs contiguous at the start and stretches only the query region: a query in slot
+``g`` moves from ``2·kv + 2g`` to ``2·kv + m·2g``, and the last ``(m - 1)·2·kv``
+positions are filler. It separates the two things a stretch changes: the
+pair-to-query distances (both layouts) and the look of the kv region (the default only).
 
 A training set may mix spacings (`mqar_mixed_arrays`): row ``i`` is drawn at
 ``spacings[i % len(spacings)]``. With spacing 1 alone the pairs are always contiguous at
@@ -63,10 +67,12 @@ def mqar_arrays(
     power_a: float = 0.01,
     random_non_queries: bool = True,
     spacing: int = 1,
+    stretch_pairs: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, labels) int64 arrays of shape (num_examples, seq_len); vectorised.
 
-    `spacing`: stretch the layout of a ``seq_len / spacing`` example by that factor (module docstring).
+    `spacing`: stretch the layout of a ``seq_len / spacing`` example by that factor, the kv
+    pairs too unless `stretch_pairs` is off (module docstring).
     """
     if spacing < 1 or seq_len % spacing:
         raise ValueError(f"spacing is {spacing}; must be >= 1 and divide seq_len {seq_len}")
@@ -83,8 +89,9 @@ def mqar_arrays(
     slots = (base_len - context) // 2
     weights = power_a * np.arange(1, slots + 1, dtype=np.float64) ** (power_a - 1)
     gaps = _weighted_distinct(rng, weights / weights.sum(), num_examples, num_kv_pairs)
-    query_pos = spacing * (context + 2 * gaps)  # key at query_pos, its value right after
-    pair_pos = spacing * np.arange(0, context, 2)[None, :].repeat(num_examples, axis=0)
+    pair_stretch = spacing if stretch_pairs else 1
+    query_pos = pair_stretch * context + spacing * 2 * gaps  # key at query_pos, its value right after
+    pair_pos = pair_stretch * np.arange(0, context, 2)[None, :].repeat(num_examples, axis=0)
 
     if random_non_queries:
         inputs = rng.integers(0, vocab_size, size=(num_examples, seq_len), dtype=np.int64)
@@ -108,6 +115,7 @@ def mqar_mixed_arrays(
     power_a: float = 0.01,
     random_non_queries: bool = True,
     spacings: Sequence[int] = (1,),
+    stretch_pairs: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Like `mqar_arrays`, row ``i`` at spacing ``spacings[i % len(spacings)]``.
 
@@ -119,13 +127,15 @@ def mqar_mixed_arrays(
         raise ValueError("spacings is empty; give at least one spacing")
     args = (vocab_size, seq_len, num_kv_pairs)
     if len(spacings) == 1:
-        return mqar_arrays(*args, num_examples, seed, power_a, random_non_queries, spacings[0])
+        return mqar_arrays(*args, num_examples, seed, power_a, random_non_queries, spacings[0], stretch_pairs)
     inputs = np.empty((num_examples, seq_len), dtype=np.int64)
     labels = np.empty((num_examples, seq_len), dtype=np.int64)
     for k, spacing in enumerate(spacings):
         rows = np.arange(k, num_examples, len(spacings))
         if len(rows):
-            inputs[rows], labels[rows] = mqar_arrays(*args, len(rows), seed + k, power_a, random_non_queries, spacing)
+            inputs[rows], labels[rows] = mqar_arrays(
+                *args, len(rows), seed + k, power_a, random_non_queries, spacing, stretch_pairs
+            )
     return inputs, labels
 
 
@@ -138,6 +148,7 @@ def generate_mqar(
     power_a: float = 0.01,
     random_non_queries: bool = True,
     spacing: int | Sequence[int] = 1,
+    stretch_pairs: bool = True,
 ) -> Dataset:
     """MQAR examples as a `datasets.Dataset` with int64 ``input_ids`` and ``labels`` of length seq_len.
 
@@ -149,7 +160,7 @@ def generate_mqar(
         raise ValueError(f"num_examples is {num_examples}; must be >= 1")
     spacings = [spacing] if isinstance(spacing, int) else list(spacing)
     inputs, labels = mqar_mixed_arrays(
-        vocab_size, seq_len, num_kv_pairs, num_examples, seed, power_a, random_non_queries, spacings
+        vocab_size, seq_len, num_kv_pairs, num_examples, seed, power_a, random_non_queries, spacings, stretch_pairs
     )
     column = Sequence(Value("int64"), length=seq_len)
     features = Features({"input_ids": column, "labels": column})
