@@ -8,6 +8,7 @@ by a segment-sum matrix over chunks). Math checks run in float64 with tol 1e-10.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import pytest
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 import bmojo_neuron.ops.reference.selective_scan  # noqa: F401
 from bmojo_neuron.ops.reference.selective_scan import selective_scan, selective_state_update
 import bmojo_neuron.ops.reference.ssd as ssd_module
+from bmojo_neuron.ops.reference.eidetic_attention_fused import fused_kernels_disabled
 from bmojo_neuron.ops.reference.ssd import ssd_scan, ssd_state_update
 
 F64 = torch.float64
@@ -244,13 +246,20 @@ def test_selective_scan_gradcheck(length):
 
 
 # ----------------------------------------------------------------------------- Mamba-2 / SSD
+def ssd_path(path: str):
+    """Run `ssd_scan` on the eager CPU path (`ssd_fused`) or on the traced reference ops (as an XLA graph would)."""
+    return fused_kernels_disabled() if path == "reference" else contextlib.nullcontext()
+
+
 @pytest.mark.parametrize(("length", "chunk"), [(37, 8), (37, 16), (32, 8), (5, 16), (1, 4)])
 @pytest.mark.parametrize("groups", [1, 2])
-def test_ssd_matches_recurrence_and_chunked_formula(length, chunk, groups):
+@pytest.mark.parametrize("path", ["fused", "reference"])
+def test_ssd_matches_recurrence_and_chunked_formula(length, chunk, groups, path):
     inp = ssd_inputs(length=length, groups=groups, seed=length + chunk + groups)
     args = (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"])
     kw = dict(D=inp["D"], dt_bias=inp["dt_bias"])
-    y, final = ssd_scan(*args, chunk, **kw, initial_state=inp["initial_state"], return_final_state=True)
+    with ssd_path(path):
+        y, final = ssd_scan(*args, chunk, **kw, initial_state=inp["initial_state"], return_final_state=True)
     y_rec, final_rec = naive_ssd(*args, **kw, h0=inp["initial_state"])
     y_chk, final_chk = chunked_ssd_reference(*args, chunk, **kw, h0=inp["initial_state"])
     assert y.shape == inp["x"].shape and final.shape == (2, 4, 3, 5)
@@ -297,9 +306,9 @@ def test_ssd_state_update_chained_equals_scan():
     torch.testing.assert_close(state, final_par, atol=TOL, rtol=0)
 
 
-def ssd_gradcheck(chunk: int, seed: int) -> bool:
+def ssd_gradcheck(chunk: int, seed: int, groups: int = 1) -> bool:
     """gradcheck of `ssd_scan` (every input and the final state) on a 7-token float64 problem."""
-    inp = ssd_inputs(batch=1, length=7, heads=2, head_dim=2, groups=1, n=2, seed=seed)
+    inp = ssd_inputs(batch=1, length=7, heads=2, head_dim=2, groups=groups, n=2, seed=seed)
     names = ["x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state"]
     tensors = [inp[k].clone().requires_grad_() for k in names]
 
@@ -309,22 +318,54 @@ def ssd_gradcheck(chunk: int, seed: int) -> bool:
     return torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-7)
 
 
-def test_ssd_gradcheck():
-    assert ssd_gradcheck(chunk=3, seed=12)
+@pytest.mark.parametrize("path", ["fused", "reference"])
+def test_ssd_gradcheck(path):
+    with ssd_path(path):
+        assert ssd_gradcheck(chunk=3, seed=12)
+        assert ssd_gradcheck(chunk=4, seed=14, groups=2)
+
+
+def test_ssd_fused_path_in_sub_chunks_matches_reference_and_gradcheck(monkeypatch):
+    """The eager CPU path runs a model chunk in shorter chunks (`fused_chunk`); outputs, final state and every
+    gradient equal the reference path's, and its hand-written backward passes gradcheck."""
+    monkeypatch.setattr(ssd_module, "FUSED_CHUNK", 4)
+    assert ssd_module.fused_chunk(16) == 4 and ssd_module.fused_chunk(6) == 3 and ssd_module.fused_chunk(5) == 5
+    inp = ssd_inputs(length=48, groups=2, seed=31)  # whole chunks: no padding copies the strided B and C
+    names = ["x", "dt", "A", "bc", "D", "dt_bias", "initial_state"]
+    inp["bc"] = torch.stack([inp["B"], inp["C"]], dim=-2)  # (batch, L, groups, 2, N), as the mixer projects them
+    weights = torch.Generator()
+
+    def run(path):
+        t = {k: inp[k].clone().requires_grad_() for k in names}
+        B, C = t["bc"].unbind(-2)  # strided slices, as the mixer passes them
+        assert not B.is_contiguous()
+        with ssd_path(path):
+            y, final = ssd_scan(t["x"], t["dt"], t["A"], B, C, 16, D=t["D"], dt_bias=t["dt_bias"],
+                                initial_state=t["initial_state"], return_final_state=True)
+        gy = torch.randn(y.shape, generator=weights.manual_seed(3), dtype=F64)
+        gh = torch.randn(final.shape, generator=weights, dtype=F64)
+        ((y * gy).sum() + (final * gh).sum()).backward()
+        return [y, final] + [t[k].grad for k in names]
+
+    for fused, ref in zip(run("fused"), run("reference")):
+        torch.testing.assert_close(fused, ref, atol=TOL, rtol=0)
+    assert ssd_gradcheck(chunk=8, seed=15)  # runs in chunks of 4
 
 
 @pytest.mark.parametrize("per_slice", [1, 2, 3])
-def test_ssd_in_slices_of_chunks_matches_recurrence_and_gradcheck(monkeypatch, per_slice):
+@pytest.mark.parametrize("path", ["fused", "reference"])
+def test_ssd_in_slices_of_chunks_matches_recurrence_and_gradcheck(monkeypatch, per_slice, path):
     """Chunks taken a few at a time (the carried state links the slices): same outputs, state and gradients."""
     monkeypatch.setattr(ssd_module, "chunks_per_slice", lambda *shape: per_slice)
     inp = ssd_inputs(length=37, groups=2, seed=20 + per_slice)  # 5 chunks of 8, the last padded
     args = (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"])
     kw = dict(D=inp["D"], dt_bias=inp["dt_bias"])
-    y, final = ssd_scan(*args, 8, **kw, initial_state=inp["initial_state"], return_final_state=True)
+    with ssd_path(path):
+        y, final = ssd_scan(*args, 8, **kw, initial_state=inp["initial_state"], return_final_state=True)
+        assert ssd_gradcheck(chunk=2, seed=13)  # 4 chunks, so 2-4 slices
     y_rec, final_rec = naive_ssd(*args, **kw, h0=inp["initial_state"])
     torch.testing.assert_close(y, y_rec, atol=TOL, rtol=0)
     torch.testing.assert_close(final, final_rec, atol=TOL, rtol=0)
-    assert ssd_gradcheck(chunk=2, seed=13)  # 4 chunks, so 2-4 slices
 
 
 def test_ssd_slices_keep_chunk_by_chunk_tensors_within_budget():

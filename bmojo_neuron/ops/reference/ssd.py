@@ -16,6 +16,12 @@ between slices: the per-chunk (chunk x chunk) tensors are linear in L in total, 
 formed for the whole sequence at once they fall out of the CPU caches at long L and the
 time per token grows with L; a slice's stay cache-resident.
 
+On eager CPU tensors (float32/float64, not tracing: `fused_kernel_available`) the
+chunked core runs as one autograd Function with a hand-written backward
+(`ssd_fused.SSDChunks`), in chunks of at most `FUSED_CHUNK` (`fused_chunk`); the code
+below is what traced graphs (Neuron/XLA) and other devices run. Both give the same
+outputs and gradients up to round-off (`tests/test_scans.py` runs every SSD check on both).
+
 Layouts follow mamba_ssm's `mamba_chunk_scan_combined`: time before heads.
 """
 
@@ -25,12 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .eidetic_attention_fused import fused_kernel_available
+from .ssd_fused import SSDChunks
+
 __all__ = ["ssd_scan", "ssd_state_update"]
 
 # Bytes of one (chunk x chunk x heads) tensor per slice of chunks: small enough that the
 # few such tensors of a slice stay in a CPU's L2/L3 cache, large enough to amortise
 # per-op overhead.
 SLICE_BYTES = 1 << 21
+# Longest chunk the eager CPU path (`ssd_fused`) runs; see `fused_chunk`.
+FUSED_CHUNK = 64
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,6 +107,9 @@ def ssd_scan(
         C_f = F.pad(C_f, (0, 0, 0, 0, 0, pad))
     n_chunks = (length + pad) // chunk_size
     T = chunk_size
+    if fused_kernel_available(x_f, dt_f, B_f, C_f, initial_state):
+        y, h = _scan_fused(x_f, dt_f, A.to(ct), B_f, C_f, initial_state, T)
+        return _finish(y, x, x_f, D, h, length, return_final_state)
 
     # Heads split as (group, head-in-group) so B/C are never copied per head.
     xc = x_f.reshape(batch, n_chunks, T, groups, hpg, head_dim)
@@ -119,13 +133,52 @@ def ssd_scan(
         ys.append(y_part)
     y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
 
-    y = y.reshape(batch, n_chunks * T, heads, head_dim)[:, :length]
+    y = y.reshape(batch, n_chunks * T, heads, head_dim)
+    return _finish(y, x, x_f, D, h.reshape(batch, heads, head_dim, state_size), length, return_final_state)
+
+
+def _finish(y: Tensor, x: Tensor, x_f: Tensor, D: Tensor | None, h: Tensor, length: int,
+            return_final_state: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """y (batch, padded L, H, P) cut to `length`, plus ``D x``, in x's dtype; with the final state if asked."""
+    y = y[:, :length]
     if D is not None:
-        y = y + D.to(ct)[:, None] * x_f[:, :length]
+        y = y + D.to(y.dtype)[:, None] * x_f[:, :length]
     y = y.to(x.dtype)
     if not return_final_state:
         return y
-    return y, h.reshape(batch, heads, head_dim, state_size)
+    return y, h
+
+
+def fused_chunk(chunk_size: int) -> int:
+    """The chunk length `SSDChunks` runs a model chunk in: halved while longer than `FUSED_CHUNK` (and even).
+
+    Chunking is exact, so any divisor of the model's chunk gives the same outputs up to
+    round-off; on CPU, chunks of 64 beat 128 (the (chunk x chunk) work halves while the
+    products stay large enough), and 32 loses at long L (twice the chunk states).
+    """
+    while chunk_size > FUSED_CHUNK and chunk_size % 2 == 0:
+        chunk_size //= 2
+    return chunk_size
+
+
+def _scan_fused(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_state: Tensor | None,
+                chunk: int) -> tuple[Tensor, Tensor]:
+    """The chunked core through `SSDChunks` (eager CPU): y (batch, padded L, H, P) and the final state."""
+    batch, length, heads, head_dim = x.shape
+    groups, state_size = B.shape[-2:]
+    chunk = fused_chunk(chunk)
+    n = length // chunk
+    if initial_state is None:
+        h0 = x.new_zeros(batch, heads, head_dim, state_size)
+    else:
+        h0 = initial_state.to(x.dtype)
+    # Contiguous chunks (B and C are often strided slices of one projection): the Function takes views.
+    y, h = SSDChunks.apply(
+        x.contiguous().view(batch, n, chunk, heads, head_dim), dt.contiguous().view(batch, n, chunk, heads), A,
+        B.contiguous().view(batch, n, chunk, groups, state_size),
+        C.contiguous().view(batch, n, chunk, groups, state_size), h0,
+        chunks_per_slice(batch, chunk, heads, x.element_size()))
+    return y.view(batch, length, heads, head_dim), h
 
 
 def chunks_per_slice(batch: int, chunk_size: int, heads: int, itemsize: int) -> int:
