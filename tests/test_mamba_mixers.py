@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -304,3 +305,46 @@ def test_gated_rms_norm_groups():
     with pytest.raises(ValueError, match="group_size"):
         GatedRMSNorm(8, group_size=3)
     assert math.isclose(full.eps, 1e-6)
+
+
+@pytest.mark.parametrize("path", ["rows", "conv1d"])
+@pytest.mark.parametrize(("length", "with_prefix", "with_bias"), [(9, True, True), (2, False, True), (7, False, False)])
+def test_causal_conv_on_rows_matches_conv1d(path, length, with_prefix, with_bias):
+    """`causal_conv1d_rows` (time-major, K shifted multiply-adds on eager CPU; `conv1d` between transposes
+    while tracing) equals `causal_conv1d` in outputs, returned state and every gradient (float64)."""
+    from bmojo_neuron.ops.reference.eidetic_attention_fused import fused_kernels_disabled
+    from bmojo_neuron.layers.ssm_state import causal_conv1d, causal_conv1d_rows
+
+    g = torch.Generator().manual_seed(length)
+    x = torch.randn(2, length, 5, generator=g, dtype=torch.float64)
+    weight = torch.randn(5, 1, 4, generator=g, dtype=torch.float64)
+    bias = torch.randn(5, generator=g, dtype=torch.float64) if with_bias else None
+    prefix = torch.randn(2, 5, 3, generator=g, dtype=torch.float64) if with_prefix else None
+    grad_out = torch.randn(2, length, 5, generator=g, dtype=torch.float64)
+    grad_tail = torch.randn(2, 5, 3, generator=g, dtype=torch.float64)
+    leaves = [t for t in (x, weight, bias, prefix) if t is not None]
+
+    def run(rows: bool):
+        ins = [t.clone().requires_grad_() for t in leaves]
+        xi, wi = ins[0], ins[1]
+        bi = ins[2] if with_bias else None
+        pi = ins[-1] if with_prefix else None
+        if rows:
+            with fused_kernels_disabled() if path == "conv1d" else contextlib.nullcontext():
+                out, tail = causal_conv1d_rows(xi, wi, bi, pi)
+        else:
+            out, tail = causal_conv1d(xi.transpose(1, 2), wi, bi, pi)
+            out = out.transpose(1, 2)
+        ((out * grad_out).sum() + (tail * grad_tail).sum()).backward()
+        return [out, tail] + [t.grad for t in ins]
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, atol=MATH_TOL, rtol=0)
+    if path == "rows":
+        inputs_ = [t.clone().requires_grad_() for t in leaves]
+
+        def fn(*ts):
+            xi, wi = ts[0], ts[1]
+            return causal_conv1d_rows(xi, wi, ts[2] if with_bias else None, ts[-1] if with_prefix else None)
+
+        assert torch.autograd.gradcheck(fn, inputs_, eps=1e-6, atol=1e-7)

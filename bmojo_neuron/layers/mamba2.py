@@ -25,7 +25,7 @@ from bmojo_neuron.layers.compiled_step import CompiledOrEager
 from bmojo_neuron.layers.factory import get_layer_factory
 from bmojo_neuron.layers.mamba1 import _mark_no_weight_decay, _wide, init_dt_bias_
 from bmojo_neuron.layers.norms import GatedRMSNorm
-from bmojo_neuron.layers.ssm_state import SSMState, causal_conv1d, causal_conv1d_step, depthwise_conv
+from bmojo_neuron.layers.ssm_state import SSMState, causal_conv1d_rows, causal_conv1d_step, depthwise_conv
 
 __all__ = ["Mamba2Mixer"]
 
@@ -122,14 +122,15 @@ class Mamba2Mixer(nn.Module):
             return self.step(hidden_states[:, 0], state).unsqueeze(1)
         z = self.in_proj_z(hidden_states)
         batch, length, _ = z.shape  # whole sequence (the input may be a sequence-parallel shard)
-        x = self.in_proj_x(hidden_states).transpose(1, 2)  # (batch, channels, L) for the conv
-        bc = self.in_proj_bc(hidden_states).transpose(1, 2)
         dt = self.in_proj_dt(hidden_states)  # (batch, L, H)
         prefixes = state.conv_states if state is not None else {}
-        x, x_tail = causal_conv1d(x, self.conv_x.weight, self.conv_x.bias, prefixes.get("x"))
-        bc, bc_tail = causal_conv1d(bc, self.conv_bc.weight, self.conv_bc.bias, prefixes.get("bc"))
-        x = F.silu(x).transpose(1, 2).reshape(batch, length, self.num_heads_local, self.head_dim)
-        B, C = self._split_bc(F.silu(bc).transpose(1, 2))
+        # The convs run on the projections' time-major rows (batch, L, channels).
+        x, x_tail = causal_conv1d_rows(self.in_proj_x(hidden_states), self.conv_x.weight, self.conv_x.bias,
+                                       prefixes.get("x"))
+        bc, bc_tail = causal_conv1d_rows(self.in_proj_bc(hidden_states), self.conv_bc.weight, self.conv_bc.bias,
+                                         prefixes.get("bc"))
+        x = F.silu(x).reshape(batch, length, self.num_heads_local, self.head_dim)
+        B, C = self._split_bc(F.silu(bc))
         out = ops.ssd_scan(
             x,
             dt,

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SSMState", "causal_conv1d", "causal_conv1d_step", "depthwise_conv"]
+from ..ops.reference.eidetic_attention_fused import fused_kernel_available
+
+__all__ = ["SSMState", "causal_conv1d", "causal_conv1d_rows", "causal_conv1d_step", "depthwise_conv"]
 
 
 @dataclass
@@ -73,6 +75,59 @@ def causal_conv1d(
     padded = torch.cat([prefix.to(x.dtype), x], dim=-1)
     out = F.conv1d(padded, weight, bias, groups=x.shape[1])
     return out, padded[..., padded.shape[-1] - width :].clone()  # own copy: a state must not hold the whole input
+
+
+def causal_conv1d_rows(
+    x: Tensor, weight: Tensor, bias: Tensor | None, prefix: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """`causal_conv1d` on time-major input: x (batch, L, channels) -> out (batch, L, channels).
+
+    Same weights, prefix and returned state layout (batch, channels, K - 1) as
+    `causal_conv1d`. On eager CPU tensors (`fused_kernel_available`) it runs as ``K``
+    shifted multiply-adds over the time-major rows (`_CausalConvRows`), with no
+    transposes around it; CPU's depthwise ``conv1d`` wants channels before time and its
+    backward is ~10x its forward. Elsewhere (traced graphs, CUDA) it is `causal_conv1d`
+    between two transposes, as before.
+    """
+    if not fused_kernel_available(x, weight, bias, prefix):
+        out, tail = causal_conv1d(x.transpose(1, 2), weight, bias, prefix)
+        return out.transpose(1, 2), tail
+    width = weight.shape[-1] - 1
+    if prefix is None:
+        prefix = x.new_zeros(x.shape[0], x.shape[2], width)
+    padded = torch.cat([prefix.to(x.dtype).transpose(1, 2), x], dim=1)  # (batch, K - 1 + L, channels)
+    out = _CausalConvRows.apply(padded, weight.reshape(weight.shape[0], -1), bias)
+    return out, padded[:, padded.shape[1] - width :].transpose(1, 2).clone()
+
+
+class _CausalConvRows(torch.autograd.Function):
+    """out[:, t] = bias + sum_k w[:, k] * padded[:, t + k] over time-major rows (batch, K - 1 + L, channels)."""
+
+    @staticmethod
+    def forward(ctx, padded: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        K = weight.shape[1]
+        length = padded.shape[1] - (K - 1)
+        out = padded.narrow(1, K - 1, length) * weight[:, K - 1]
+        for k in range(K - 1):
+            out.addcmul_(padded.narrow(1, k, length), weight[:, k])
+        if bias is not None:
+            out += bias
+        ctx.save_for_backward(padded, weight)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        padded, weight = ctx.saved_tensors
+        K = weight.shape[1]
+        length = grad.shape[1]
+        d_padded = torch.zeros_like(padded)
+        d_weight = torch.empty_like(weight)
+        for k in range(K):
+            d_padded.narrow(1, k, length).addcmul_(grad, weight[:, k])
+            d_weight[:, k] = (grad * padded.narrow(1, k, length)).sum((0, 1))
+        d_bias = grad.sum((0, 1)) if ctx.has_bias else None
+        return d_padded, d_weight, d_bias
 
 
 def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor) -> tuple[Tensor, Tensor]:
