@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,28 @@ def test_rope_matches_the_pairwise_rotation():
     got = apply_rotary(x, cos, sin)
     for row, p in enumerate(positions.tolist()):
         torch.testing.assert_close(got[row], naive_rope(x[row], p, 10000.0), rtol=0, atol=1e-6)
+
+
+def test_rotation_on_cpu_equals_the_plain_expression_with_its_gradient():
+    """`apply_rotary` on eager CPU (`_Rotary`) gives the plain expression's numbers bit for bit and, in float64,
+    its gradient (and passes gradcheck); the plain expression is what traced graphs run."""
+    from bmojo_neuron.ops.reference.eidetic_attention_fused import fused_kernels_disabled
+
+    rotary = RotaryEmbedding(8, 10000.0)
+    cos, sin = rotary(torch.arange(6), torch.float64)
+    x = torch.randn(2, 3, 8, 6, dtype=torch.float64).transpose(-1, -2)  # strided, as queries arrive
+    grad = torch.randn(2, 3, 6, 8, dtype=torch.float64)
+    results = []
+    for disabled in (False, True):
+        leaf = x.clone().requires_grad_()
+        with fused_kernels_disabled() if disabled else contextlib.nullcontext():
+            out = apply_rotary(leaf, cos, sin)
+        out.backward(grad)
+        results.append((out, leaf.grad))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-15)
+    leaf = x.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: apply_rotary(t, cos, sin), (leaf,))
 
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
