@@ -126,8 +126,6 @@ def mqar_mixed_arrays(
     if not spacings:
         raise ValueError("spacings is empty; give at least one spacing")
     args = (vocab_size, seq_len, num_kv_pairs)
-    if len(spacings) == 1:
-        return mqar_arrays(*args, num_examples, seed, power_a, random_non_queries, spacings[0], stretch_pairs)
     inputs = np.empty((num_examples, seq_len), dtype=np.int64)
     labels = np.empty((num_examples, seq_len), dtype=np.int64)
     for k, spacing in enumerate(spacings):
