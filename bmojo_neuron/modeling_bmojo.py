@@ -27,6 +27,7 @@ from .cache_bmojo import AttentionLayerCache, BMojoCache, RowGroup
 from .configuration_bmojo import BMojoConfig
 from .layers.decoder import BMojoDecoderLayer
 from .layers.factory import IGNORE_INDEX, LayerFactory, get_layer_factory
+from .layers.norms import norm_rows
 from .padding import PackedLayout, has_padding, mask_for_inputs, pack, packed_layout, real_token_targets, unpack
 
 
@@ -178,6 +179,8 @@ class BMojoModel(BMojoPreTrainedModel):
         start = cache.seen_tokens if cache is not None else 0
         real = layout.real if layout is not None else None
 
+        if cache is not None and layout is None and start > 0 and hidden.shape[1] == 1 and not output_hidden_states:
+            return self._decode_token(hidden, start, cache)
         all_hidden = (hidden,) if output_hidden_states else None
         innovations = []
         for idx, layer in enumerate(self.layers):
@@ -198,6 +201,19 @@ class BMojoModel(BMojoPreTrainedModel):
 
         innovation = torch.stack(innovations).mean() if innovations else None
         return BMojoModelOutput(hidden, cache, all_hidden, innovation)
+
+    def _decode_token(self, hidden: Tensor, position: int, cache: BMojoCache) -> BMojoModelOutput:
+        """One token (batch, 1, d) at `position` through every layer's decode step, as rows (batch, d).
+
+        What the layer loop of `_forward_packed` does for a decoded token, without a module
+        call and a sequence axis added and dropped per layer (at one token per step those
+        cost about as much as a norm).
+        """
+        h = hidden.squeeze(1)
+        for idx, layer in enumerate(self.layers):
+            h = layer.decode_token(h, position, self._layer_cache(cache, idx, layer, hidden))
+        cache.seen_tokens += 1
+        return BMojoModelOutput(norm_rows(self.norm, h).unsqueeze(1), cache, None, None)
 
     def _forward_rows(
         self,

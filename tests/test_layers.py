@@ -106,6 +106,40 @@ def test_tables_of_one_position_are_shared_only_between_equal_settings():
             torch.testing.assert_close(got[0], naive_rope(x[0], position, theta), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tables_for_heads_rotate_some_heads_and_leave_the_others_exactly(dtype):
+    """One rotation over keys, values and queries side by side: the rotated heads get `at_position`'s rotation bit
+    for bit, the others come back unchanged."""
+    rotary = RotaryEmbedding(16, 10000.0)
+    layout = ((2, True), (2, False), (3, True))
+    x = torch.randn(2, 1, 7, 16, generator=torch.Generator().manual_seed(1)).to(dtype)  # (rows, batch, heads, D)
+    for position in (0, 5, 5, 4096):
+        cos, sin = rotary.at_position_for_heads(position, dtype, x.device, layout)
+        assert cos.shape == sin.shape == (7, 16)
+        got = apply_rotary_rolled(x, cos, sin)
+        expected = apply_rotary_rolled(x, *rotary.at_position(position, dtype, x.device))
+        for heads in (slice(0, 2), slice(4, 7)):
+            torch.testing.assert_close(got[:, :, heads], expected[:, :, heads], rtol=0, atol=0)
+        assert torch.equal(got[:, :, 2:4], x[:, :, 2:4])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_norm_rows_equal_the_norms(dtype):
+    """The decode step's fused norms (`rows`) give the modules' outputs; other dtypes and groups fall back."""
+    from bmojo_neuron.layers.norms import GatedRMSNorm, RMSNorm, norm_rows
+
+    gen = torch.Generator().manual_seed(2)
+    x, z = (torch.randn(3, 24, generator=gen).to(dtype) for _ in range(2))
+    norm, gated, grouped = RMSNorm(24).to(dtype), GatedRMSNorm(24).to(dtype), GatedRMSNorm(24, group_size=8).to(dtype)
+    with torch.no_grad():
+        for module in (norm, gated, grouped):
+            module.weight.normal_(generator=gen)
+        tol = 1e-6 if dtype == torch.float32 else 0
+        torch.testing.assert_close(norm_rows(norm, x), norm(x), rtol=tol, atol=tol)
+        torch.testing.assert_close(gated.rows(x, z), gated(x, z), rtol=tol, atol=tol)
+        torch.testing.assert_close(grouped.rows(x, z), grouped(x, z), rtol=0, atol=0)
+
+
 def test_swa_layer_equals_dense_sliding_window_mask():
     layer = make_layer(layer_pattern="S", window_size=5)
     x = torch.randn(2, 23, 32, dtype=torch.float64)

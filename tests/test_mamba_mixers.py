@@ -171,7 +171,7 @@ def test_state_contents_for_short_prompt(name):
     with torch.no_grad():
         m(h, state)
         x_in = m.in_proj_x(h).transpose(1, 2)
-    conv = state.conv_states["x"]
+    conv = state.conv_states["x" if name == "mamba1" else "xbc"][:, : m.conv_x.in_channels]  # mamba2: x, then B/C
     assert conv.shape == (3, m.conv_x.in_channels, m.conv_kernel - 1)
     assert torch.equal(conv[..., 0], torch.zeros_like(conv[..., 0]))
     torch.testing.assert_close(conv[..., 1:], x_in, atol=1e-6, rtol=0)

@@ -95,6 +95,60 @@ def test_decode_equals_forward_other_layers(pattern, mixer):
         torch.testing.assert_close(decode_logits(model, ids, prompt_len), full, rtol=0, atol=1e-4)
 
 
+def decode_logits_with_autograd(model: BMojoForCausalLM, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """`decode_logits` with autograd on: the decode steps then run projection by projection, without packs."""
+    cache = BMojoCache(model.config.num_hidden_layers)
+    with torch.enable_grad():
+        logits = [model(ids[:, :prompt_len], cache=cache, use_cache=True).logits.detach()]
+        for t in range(prompt_len, ids.shape[1]):
+            logits.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits.detach())
+    return torch.cat(logits, dim=1)
+
+
+def _packs(model: BMojoForCausalLM) -> list:
+    """The decode packs (`layers.decode_pack`) the model's modules hold, None where one does not apply."""
+    return [m.__dict__["_decode_packed"].value for m in model.modules() if "_decode_packed" in m.__dict__]
+
+
+@pytest.mark.parametrize(("pattern", "options"), [
+    ("B", {}),
+    ("BFM", {"attention_bias": True, "ssm_proj_bias": True, "fading_norm": True}),
+    ("BF", {"ssm_conv_bias": False, "attention_output_bias": False, "attention_bias": True}),
+])
+def test_packed_decode_step_equals_the_step_projection_by_projection(pattern, options):
+    """Without autograd the SSM step's input projections and a B/F layer's k/v/q run as one product each over
+    packed weights, with one conv and one rotation; that decodes what the projections one by one decode."""
+    model = build(tiny_config(layer_pattern=pattern, **options))
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(8))
+    packed = decode_logits(model, ids, 9)
+    mixers = sum(kind in "BF" for kind in pattern) * 2 + pattern.count("M")  # attention + SSM packs; M: SSM only
+    assert len(_packs(model)) == mixers and all(p is not None for p in _packs(model))
+    torch.testing.assert_close(packed, decode_logits_with_autograd(model, ids, 9), rtol=0, atol=1e-5)
+
+
+def test_layers_without_a_pack_decode_projection_by_projection():
+    """Per-head q/k norms leave the attention unpacked (the SSM step still packs); decode still equals forward."""
+    model = build(tiny_config(layer_pattern="BF", qk_norm=True))
+    ids = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        full = model(ids).logits
+    torch.testing.assert_close(decode_logits(model, ids, 6), full, rtol=0, atol=1e-4)
+    assert sum(p is None for p in _packs(model)) == 2 and sum(p is not None for p in _packs(model)) == 2
+
+
+def test_decode_packs_follow_the_weights():
+    """Weights changed in place between two decodes (an optimizer step) are read by the next cache's packs."""
+    model = build(tiny_config(layer_pattern="BM"))
+    ids = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(10))
+    decode_logits(model, ids, 6)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(part in name for part in ("k_proj", "q_proj", "in_proj_x", "in_proj_dt", "conv_bc", "A_log")):
+                p.mul_(1.5)
+        full = model(ids).logits
+    torch.testing.assert_close(decode_logits(model, ids, 6), full, rtol=0, atol=1e-4)
+
+
 @pytest.fixture
 def compiled_decode():
     """Turn the compiled decode step on for one test (backend "eager": the graph capture, without code generation)."""

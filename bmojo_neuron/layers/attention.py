@@ -30,8 +30,9 @@ from .eidetic_memory import (
     update_memory,
     visible_selection,
 )
+from .decode_pack import linear_weights, packed, plain_linears
 from .factory import LayerFactory, get_layer_factory
-from .norms import RMSNorm, rms_normalize
+from .norms import RMSNorm, norm_rows, rms_normalize
 from .rope import RotaryEmbedding, apply_rotary, apply_rotary_rolled
 from .ssm import build_ssm_mixer
 
@@ -267,9 +268,13 @@ class BMojoAttention(nn.Module):
     # reordering. Fading keys wait in a side ring of `w` slots until their token leaves the
     # window, so the attended buffer holds only keys the query may read.
     def _slots(self) -> DecodeSlots:
-        if self.fading_window == 0:
-            return DecodeSlots(self.window, 0, self.memory_size, 0)
-        return DecodeSlots(self.window, self.fading_window, self.memory_size, 0 if self.fading_overlap else self.window)
+        """The buffer's layout, made once (the sizes are fixed at construction; a token asks twice)."""
+        slots = self.__dict__.get("_decode_slots")
+        if slots is None:
+            pending = 0 if self.fading_window == 0 or self.fading_overlap else self.window
+            slots = self.__dict__["_decode_slots"] = DecodeSlots(self.window, self.fading_window, self.memory_size,
+                                                                 pending)
+        return slots
 
     def _new_buffer(self, like: Tensor, batch: int, slots: int) -> Tensor:
         """Zeros for keys and values of `slots` slots, (2, batch, kv_heads, slots, D): [0] keys, [1] values.
@@ -338,9 +343,8 @@ class BMojoAttention(nn.Module):
         """
         batch = x.shape[0]
         cos, sin = self.rotary.at_position(position, x.dtype, x.device)
-        q = self.q_proj(x).view(batch, self.q_heads, 1, self.head_dim)  # as the attention reads it
-        q = apply_rotary_rolled(q if self.q_norm is None else self.q_norm(q), cos, sin)
-        if self.kind == "A":  # the full KV cache grows by design
+        if self.kind == "A":
+            q = self._token_query(x, cos, sin)  # the full KV cache grows by design
             k = apply_rotary_rolled(self._token_heads(self.k_proj(x), 1, batch, self.kv_heads, self.k_norm), cos, sin)
             cache.ctx_k = torch.cat([cache.ctx_k, k.permute(1, 2, 0, 3)], dim=2)
             v = self._token_heads(self.v_proj(x), 1, batch, self.kv_heads)
@@ -348,13 +352,57 @@ class BMojoAttention(nn.Module):
             return self._token_output(_attend(q, cache.ctx_k, cache.ctx_v))
 
         s = self.ssm.step(x, cache.ssm) if self.ssm is not None else None
-        features = self._ssm_features(s)
-        k_raw, v = self._token_keys(x, features)  # (1 or 2, batch, kv_heads, D): the token's own, then fading
-        self._write_token(cache, position, torch.stack([apply_rotary_rolled(k_raw, cos, sin), v]))
+        features = s if s is None or self.ssm_norm is None else norm_rows(self.ssm_norm, s)  # `_ssm_features`
+        pack = None
+        if features is not None and self.fading_window > 0 and self.tie_fading:
+            pack = packed(self, "_decode_packed", cache, self._pack_sources, self._build_pack)
+        if pack is None:
+            q = self._token_query(x, cos, sin)
+            k_raw, v = self._token_keys(x, features)  # (1 or 2, batch, kv_heads, D): the token's own, then fading
+            kv, raw = torch.stack([apply_rotary_rolled(k_raw, cos, sin), v]), None
+        else:
+            q, kv, raw = self._packed_token(x, features, position, pack)
+        self._write_token(cache, position, kv)
         if self.memory_size > 0:
             self._read_memory(cache, position)
-            self._advance_memory(cache, position, torch.stack([k_raw, v]).select(1, 0), features)
+            if raw is None:
+                raw = torch.stack([k_raw, v]).select(1, 0)
+            self._advance_memory(cache, position, raw, features)
         return self._token_output(_attend(q, cache.kv[0], cache.kv[1], cache.bias), s)
+
+    # With tied fading projections the token and its SSM output both go through k_proj and
+    # v_proj, and the token through q_proj: one product over the three weights packed side by
+    # side (`decode_pack`) gives all of them, and one rotation, whose tables leave the value
+    # heads as they are, rotates the keys and the query together.
+    def _pack_sources(self) -> list[Tensor | None]:
+        """What `_build_pack` reads."""
+        return [t for m in (self.k_proj, self.v_proj, self.q_proj) for t in (m.weight, m.bias)]
+
+    def _build_pack(self) -> tuple[Tensor, Tensor | None] | None:
+        """k_proj, v_proj and q_proj as one weight and bias; None with per-head norms or non-plain projections."""
+        if self.q_norm is not None or self.k_norm is not None or not plain_linears(self.k_proj, self.v_proj, self.q_proj):
+            return None
+        return linear_weights(self.k_proj, self.v_proj, self.q_proj)
+
+    def _packed_token(self, x: Tensor, features: Tensor, position: int, pack: tuple[Tensor, Tensor | None]
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+        """The rotated query (batch, q_heads, 1, D), the rotated keys and values (2, 2, batch, kv_heads, D) of the
+        token and its SSM output, and the token's un-rotated key and value (2, batch, kv_heads, D), all views of
+        one product and one rotation."""
+        batch, kv, D = x.shape[0], self.kv_heads, self.head_dim
+        layout = ((kv, True), (kv, False), (self.q_heads, True))  # [k | v | q] heads; values are not rotated
+        cos, sin = self.rotary.at_position_for_heads(position, x.dtype, x.device, layout)
+        out = F.linear(torch.cat([x, features]), *pack).view(2, batch, 2 * kv + self.q_heads, D)
+        rotated = apply_rotary_rolled(out, cos, sin)
+        q = rotated.select(0, 0).narrow(1, 2 * kv, self.q_heads).unsqueeze(2)
+        kv_rotated = rotated.narrow(2, 0, 2 * kv).view(2, batch, 2, kv, D).permute(2, 0, 1, 3, 4)
+        raw = out.select(0, 0).narrow(1, 0, 2 * kv).view(batch, 2, kv, D).transpose(0, 1)
+        return q, kv_rotated, raw
+
+    def _token_query(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """The token's rotated query (batch, q_heads, 1, D), as the attention reads it."""
+        q = self.q_proj(x).view(x.shape[0], self.q_heads, 1, self.head_dim)
+        return apply_rotary_rolled(q if self.q_norm is None else self.q_norm(q), cos, sin)
 
     def _token_heads(self, rows: Tensor, n: int, batch: int, heads: int, norm: nn.Module | None = None) -> Tensor:
         """Projected rows (n * batch, heads * D) as (n, batch, heads, D), normalised per head by `norm`."""
@@ -379,7 +427,9 @@ class BMojoAttention(nn.Module):
 
     def _token_output(self, out: Tensor, s: Tensor | None = None) -> Tensor:
         """Attention output (batch, heads, 1, D) -> o_proj (batch, d), plus gain * S with `ssm_residual`."""
-        mixed = self.o_proj(out.reshape(out.shape[0], self.q_heads * self.head_dim))
+        out = out.reshape(out.shape[0], self.q_heads * self.head_dim)
+        o_proj = self.o_proj
+        mixed = F.linear(out, o_proj.weight, o_proj.bias) if type(o_proj) is nn.Linear else o_proj(out)
         if self.ssm_residual_gain is not None and s is not None:
             return torch.addcmul(mixed, self.ssm_residual_gain, s)
         return mixed

@@ -8,6 +8,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from ..configuration_bmojo import BMojoConfig
 from .attention import BMojoAttention
 from .mlp import SwiGLU
+from .norms import norm_rows
 from .factory import get_layer_factory
 from .ssm import build_ssm_mixer
 
@@ -58,9 +59,9 @@ class BMojoDecoderLayer(GradientCheckpointingLayer):
         Rows in, rows out (the decode steps of the mixers work on rows): every linear then
         is one matrix product, with no sequence axis to add and drop around it.
         """
-        normed = self.mixer_norm(h)
+        normed = norm_rows(self.mixer_norm, h)
         mixed = self.mixer.step(normed, cache) if self.kind == "M" else self.mixer.decode_token(normed, position, cache)
         h = h + mixed
         if self.mlp is not None:
-            h = h + self.mlp(self.mlp_norm(h))
+            h = h + self.mlp.rows(norm_rows(self.mlp_norm, h))
         return h

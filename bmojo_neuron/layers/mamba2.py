@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from bmojo_neuron import ops
 from bmojo_neuron.configuration_bmojo import BMojoConfig
-from bmojo_neuron.layers.compiled_step import CompiledOrEager
+from bmojo_neuron.layers.compiled_step import CompiledOrEager, compiled_decode_enabled
+from bmojo_neuron.layers.decode_pack import linear_weights, packed, plain_linears
 from bmojo_neuron.layers.factory import get_layer_factory
 from bmojo_neuron.layers.mamba1 import _mark_no_weight_decay, _wide, init_dt_bias_
 from bmojo_neuron.layers.norms import GatedRMSNorm
@@ -90,12 +91,15 @@ class Mamba2Mixer(nn.Module):
     def init_state(
         self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
     ) -> SSMState:
-        """Empty decode state: conv states in ``dtype``, SSM state (batch, H, P, N) in fp32 (or wider)."""
+        """Empty decode state: conv state in ``dtype``, SSM state (batch, H, P, N) in fp32 (or wider).
+
+        The two convs (x, and B/C) share one conv state, ``conv_states["xbc"]`` (batch,
+        x channels + B/C channels, K - 1), x's channels first: the decode step runs them as
+        one conv.
+        """
         width = self.conv_kernel - 1
-        conv_states = {
-            "x": torch.zeros(batch_size, self.conv_x.in_channels, width, device=device, dtype=dtype),
-            "bc": torch.zeros(batch_size, self.conv_bc.in_channels, width, device=device, dtype=dtype),
-        }
+        channels = self.conv_x.in_channels + self.conv_bc.in_channels
+        conv_states = {"xbc": torch.zeros(batch_size, channels, width, device=device, dtype=dtype)}
         ssm = torch.zeros(
             batch_size,
             self.num_heads_local,
@@ -123,12 +127,13 @@ class Mamba2Mixer(nn.Module):
         z = self.in_proj_z(hidden_states)
         batch, length, _ = z.shape  # whole sequence (the input may be a sequence-parallel shard)
         dt = self.in_proj_dt(hidden_states)  # (batch, L, H)
-        prefixes = state.conv_states if state is not None else {}
+        x_prefix = bc_prefix = None
+        if state is not None:
+            x_prefix, bc_prefix = state.conv_states["xbc"].split([self.d_inner_local, self.conv_bc.in_channels], 1)
         # The convs run on the projections' time-major rows (batch, L, channels).
-        x, x_tail = causal_conv1d_rows(self.in_proj_x(hidden_states), self.conv_x.weight, self.conv_x.bias,
-                                       prefixes.get("x"))
+        x, x_tail = causal_conv1d_rows(self.in_proj_x(hidden_states), self.conv_x.weight, self.conv_x.bias, x_prefix)
         bc, bc_tail = causal_conv1d_rows(self.in_proj_bc(hidden_states), self.conv_bc.weight, self.conv_bc.bias,
-                                         prefixes.get("bc"))
+                                         bc_prefix)
         x = F.silu(x).reshape(batch, length, self.num_heads_local, self.head_dim)
         B, C = self._split_bc(F.silu(bc))
         out = ops.ssd_scan(
@@ -146,8 +151,7 @@ class Mamba2Mixer(nn.Module):
         )
         if state is not None:
             y, final = out
-            state.conv_states["x"] = x_tail
-            state.conv_states["bc"] = bc_tail
+            state.conv_states["xbc"] = torch.cat([x_tail, bc_tail], dim=1)
             state.ssm_state = final
             state.seen_tokens += length
         else:
@@ -159,38 +163,76 @@ class Mamba2Mixer(nn.Module):
         """One decoding token, as rows: h (batch, hidden) -> (batch, hidden); advances `state`.
 
         At one token per step the per-op overhead, not the arithmetic, is the cost, so the
-        step stays on (batch, features) rows and takes views, never reshapes or copies; with
+        step stays on (batch, features) rows and takes views, never reshapes or copies. The
+        four input projections run as one product over packed weights (`decode_pack`) and the
+        two convs as one; where a pack does not apply (autograd on, sharded or wrapped
+        projections) the step runs the projections one by one. With
         ``BMOJO_COMPILE_DECODE=1`` it runs compiled (`layers.compiled_step`).
         """
-        out, x_state, bc_state, ssm_state = _STEP(self, h, state.conv_states["x"], state.conv_states["bc"],
-                                                  state.ssm_state)
-        state.conv_states["x"] = x_state
-        state.conv_states["bc"] = bc_state
+        conv_state, ssm_state = state.conv_states["xbc"], state.ssm_state
+        pack = None if compiled_decode_enabled() else packed(self, "_decode_packed", state, self._pack_sources,
+                                                              self._build_pack)
+        if pack is None:  # compiled, under autograd, or projections that are not plain linears
+            out, conv_state, ssm_state = _STEP(self, h, conv_state, ssm_state)
+        else:
+            weight, bias, conv_weight, conv_bias, A = pack
+            out, conv_state, ssm_state = self._step_from(
+                F.linear(h, weight, bias), conv_weight, conv_bias, A, conv_state, ssm_state, plain_out=True
+            )
+        state.conv_states["xbc"] = conv_state
         state.ssm_state = ssm_state
         state.seen_tokens += 1
         return out
 
-    def _step_rows(self, h: Tensor, x_state: Tensor, bc_state: Tensor, ssm_state: Tensor
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The step as a pure function: output and the new conv and SSM states (nothing is written)."""
-        batch = h.shape[0]
-        z = self.in_proj_z(h)  # (batch, d_inner)
-        dt = self.in_proj_dt(h)  # (batch, H)
-        x, x_state = causal_conv1d_step(self.in_proj_x(h), self.conv_x.weight, self.conv_x.bias, x_state)
-        bc, bc_state = causal_conv1d_step(self.in_proj_bc(h), self.conv_bc.weight, self.conv_bc.bias, bc_state)
-        bc = F.silu(bc).view(batch, self.n_groups_local, 2, self.state_size)  # group-major [B_g, C_g]
+    def _pack_sources(self) -> list[Tensor | None]:
+        """What `_build_pack` reads."""
+        modules = (self.in_proj_z, self.in_proj_x, self.in_proj_bc, self.in_proj_dt, self.conv_x, self.conv_bc)
+        return [t for m in modules for t in (m.weight, m.bias)] + [self.A_log, self.out_proj.weight]
+
+    def _build_pack(self) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor] | None:
+        """The input projections as one weight (z, x, B/C, dt rows) and bias, then `_conv_and_decay`; None unless
+        the projections (out_proj too) are plain linears."""
+        linears = (self.in_proj_z, self.in_proj_x, self.in_proj_bc, self.in_proj_dt)
+        if not plain_linears(*linears, self.out_proj):
+            return None
+        return (*linear_weights(*linears), *self._conv_and_decay())
+
+    def _conv_and_decay(self) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Both convs' weights as one (x channels + B/C channels, K), their biases, and A = -exp(A_log)."""
+        weight = torch.cat([self.conv_x.weight, self.conv_bc.weight]).squeeze(1)
+        bias = None if self.conv_x.bias is None else torch.cat([self.conv_x.bias, self.conv_bc.bias])
+        return weight, bias, -torch.exp(_wide(self.A_log))
+
+    def _step_rows(self, h: Tensor, conv_state: Tensor, ssm_state: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The step as a pure function, projection by projection: output and the new conv and SSM states
+        (nothing is written). What the compiled step captures, and the step under autograd."""
+        zxbcdt = torch.cat([self.in_proj_z(h), self.in_proj_x(h), self.in_proj_bc(h), self.in_proj_dt(h)], dim=-1)
+        return self._step_from(zxbcdt, *self._conv_and_decay(), conv_state, ssm_state)
+
+    def _step_from(self, zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, A: Tensor,
+                   conv_state: Tensor, ssm_state: Tensor, plain_out: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """The step after the input projections: `zxbcdt` (batch, z | x | B/C | dt) -> output, new conv and SSM
+        states. `plain_out`: out_proj is a plain linear, called as its weight product."""
+        batch = zxbcdt.shape[0]
+        d_inner, bc_width = self.d_inner_local, self.conv_bc.in_channels
+        xbc, conv_state = causal_conv1d_step(zxbcdt.narrow(1, d_inner, d_inner + bc_width), conv_weight, conv_bias,
+                                             conv_state)
+        xbc = F.silu(xbc)
+        bc = xbc.narrow(1, d_inner, bc_width).view(batch, self.n_groups_local, 2, self.state_size)  # [B_g, C_g]
         y, ssm_state = ops.ssd_state_update(
             ssm_state,
-            F.silu(x).view(batch, self.num_heads_local, self.head_dim),
-            dt,
-            -torch.exp(_wide(self.A_log)),
+            xbc.narrow(1, 0, d_inner).view(batch, self.num_heads_local, self.head_dim),
+            zxbcdt.narrow(1, 2 * d_inner + bc_width, self.num_heads_local),
+            A,
             bc.select(2, 0),
             bc.select(2, 1),
             D=self.D,
             dt_bias=self.dt_bias,
             dt_softplus=True,
         )
-        return self.out_proj(self.norm(y.view(batch, self.d_inner_local), z)), x_state, bc_state, ssm_state
+        y = self.norm.rows(y.view(batch, d_inner), zxbcdt.narrow(1, 0, d_inner))
+        out = F.linear(y, self.out_proj.weight, self.out_proj.bias) if plain_out else self.out_proj(y)
+        return out, conv_state, ssm_state
 
 
 _STEP = CompiledOrEager(Mamba2Mixer._step_rows)

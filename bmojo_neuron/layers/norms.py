@@ -12,11 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GatedRMSNorm", "RMSNorm", "rms_normalize"]
+__all__ = ["GatedRMSNorm", "RMSNorm", "norm_rows", "rms_normalize"]
 
 
 def rms_normalize(x: Tensor, eps: float) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+
+
+_WIDE = (torch.float32, torch.float64)
+
+
+def norm_rows(norm: nn.Module, x: Tensor) -> Tensor:
+    """`norm(x)` for the decode step: `RMSNorm.rows` for an `RMSNorm`, else the module's own call."""
+    return norm.rows(x) if type(norm) is RMSNorm else norm(x)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -41,6 +49,14 @@ class RMSNorm(nn.Module):
         ct = _compute_dtype(x.dtype)
         y = rms_normalize(x.to(ct), self.eps) * self.weight.to(ct)
         return y.to(x.dtype)
+
+    def rows(self, x: Tensor) -> Tensor:
+        """`forward` for the decode step: one fused `F.rms_norm` where x and the weight are both fp32 or fp64
+        (the same products and sums as `forward`), else `forward`. No module call: at one token per step its
+        overhead costs more than the norm."""
+        if x.dtype == self.weight.dtype and x.dtype in _WIDE:
+            return F.rms_norm(x, (self.dim,), self.weight, self.eps)
+        return self.forward(x)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, eps={self.eps}"
@@ -76,6 +92,12 @@ class GatedRMSNorm(nn.Module):
             h = rms_normalize(h.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size), self.eps)
             h = h.reshape(shape)
         return (h * self.weight.to(ct)).to(x.dtype)
+
+    def rows(self, x: Tensor, z: Tensor) -> Tensor:
+        """`forward` for the decode step (see `RMSNorm.rows`): fused where there is one group and fp32/fp64."""
+        if self.group_size == self.dim and x.dtype == z.dtype == self.weight.dtype and x.dtype in _WIDE:
+            return F.rms_norm(x * F.silu(z), (self.dim,), self.weight, self.eps)
+        return self.forward(x, z)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, group_size={self.group_size}, eps={self.eps}"

@@ -107,6 +107,24 @@ class RotaryEmbedding(nn.Module):
         RotaryEmbedding._last_position[shared] = (position, cos, sin)
         return cos, sin
 
+    def at_position_for_heads(self, position: int, dtype: torch.dtype, device: torch.device,
+                              layout: tuple[tuple[int, bool], ...]) -> tuple[Tensor, Tensor]:
+        """`at_position`'s tables for consecutive groups of heads, (heads, head_dim): `layout` lists (heads,
+        rotated); heads that are not rotated get cos 1 and sin 0, so `apply_rotary_rolled` returns them exactly.
+
+        Lets one rotation cover keys, values and queries projected side by side (decoding).
+        """
+        shared = (self._settings, dtype, device, layout)
+        last = RotaryEmbedding._last_position.get(shared)
+        if last is not None and last[0] == position:
+            return last[1], last[2]
+        cos, sin = self.at_position(position, dtype, device)
+        one, zero = torch.ones_like(cos), torch.zeros_like(sin)
+        cos = torch.cat([(cos if rotated else one).expand(heads, -1) for heads, rotated in layout])
+        sin = torch.cat([(sin if rotated else zero).expand(heads, -1) for heads, rotated in layout])
+        RotaryEmbedding._last_position[shared] = (position, cos, sin)
+        return cos, sin
+
     def _tables_at(self, position: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         key = (dtype, torch.device(device))
         if key not in self._decode_constants:

@@ -131,13 +131,16 @@ class _CausalConvRows(torch.autograd.Function):
 
 
 def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor) -> tuple[Tensor, Tensor]:
-    """One token of `causal_conv1d`: x (batch, channels) -> (out (batch, channels), new conv state)."""
+    """One token of `causal_conv1d`: x (batch, channels) -> (out (batch, channels), new conv state).
+
+    `weight` is the conv's (channels, 1, K) or already (channels, K).
+    """
     if conv_state.dtype != x.dtype:
         conv_state = conv_state.to(x.dtype)
     window = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # (batch, channels, K)
     # K products per channel: cheaper than einsum's batched matmul. Method calls, not indexing
     # syntax: at one token per step Python's slice handling costs as much as the op.
-    out = (window * weight.squeeze(1)).sum(-1)
+    out = (window * (weight.squeeze(1) if weight.dim() == 3 else weight)).sum(-1)
     if bias is not None:
         out = out.add_(bias)  # a fresh tensor: added in place, no second allocation
     return out, window.narrow(-1, 1, window.shape[-1] - 1)
