@@ -2,6 +2,7 @@
 
 A mixer's recurrent memory is the last ``conv_kernel - 1`` inputs of each causal
 depthwise conv (``conv_states[name]``: (batch, channels, conv_kernel - 1), oldest
+first; Mamba-1 has ``"x"``, Mamba-2 one ``"xbc"`` for both its convs, x's channels
 first) plus the SSM state (Mamba-1: (batch, d_inner, N); Mamba-2: (batch, H, P, N)),
 kept in fp32 or wider. Its size does not grow with the sequence, which is the point
 of the fading memory. The conv helpers below define what the conv state holds, so
