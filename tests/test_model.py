@@ -149,6 +149,22 @@ def test_decode_packs_follow_the_weights():
     torch.testing.assert_close(decode_logits(model, ids, 6), full, rtol=0, atol=1e-4)
 
 
+def test_a_model_that_has_decoded_saves_and_copies_whole():
+    """`torch.save` of the whole module and `copy.deepcopy` work after decoding; the copy packs its own weights."""
+    import copy
+    import io
+
+    model = build(tiny_config(layer_pattern="BM"))
+    ids = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(11))
+    expected = decode_logits(model, ids, 5)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        torch.testing.assert_close(decode_logits(twin, ids, 5), expected, rtol=0, atol=0)
+        assert all(p is not None for p in _packs(twin))
+
+
 @pytest.fixture
 def compiled_decode():
     """Turn the compiled decode step on for one test (backend "eager": the graph capture, without code generation)."""

@@ -40,8 +40,17 @@ def plain_linears(*modules: nn.Module) -> bool:
 class _Entry:
     __slots__ = ("key", "value", "state")
 
-    def __init__(self, key: tuple, value: Any, state: weakref.ref) -> None:
+    def __init__(self, key: tuple, value: Any, state: Callable[[], Any]) -> None:
         self.key, self.value, self.state = key, value, state
+
+    def __reduce__(self) -> tuple:
+        """Pickled (`torch.save` of a whole module) or copied as an entry that matches no state and no key: the
+        copy packs its own weights on its first decoded token (a weak reference cannot be pickled)."""
+        return _Entry, ((), None, _no_state)
+
+
+def _no_state() -> None:
+    return None
 
 
 def packed(owner: nn.Module, name: str, state: Any, sources: Callable[[], Sequence[Tensor | None]],
