@@ -98,3 +98,20 @@ def test_a_second_signal_exits_at_once_and_leaves_no_partial_checkpoint(tmp_path
     assert time.monotonic() - started < 10
     assert child.returncode == -signal.SIGTERM  # the default action: ended by the signal itself
     assert layout.latest_checkpoint(run_dir) is None  # nothing half-written counts as a checkpoint
+
+
+def test_a_signal_held_while_starting_stops_the_run_at_its_first_step_boundary(tmp_path):
+    """A pool worker holds SIGTERM from its first line (`hold_stop_signals`): one that arrives before the
+    trainer's handlers exist stops the run after step 1 with a checkpoint, as if it arrived during the step."""
+    from bmojo_neuron.training import signals
+
+    previous = {signum: signal.getsignal(signum) for signum in signals.STOP_SIGNALS}
+    try:
+        signals.hold_stop_signals()
+        signal.raise_signal(signal.SIGTERM)  # the default action would end this process
+        result = train(tiny_recipe(**recipe_overrides()), tmp_path / "run", progress=False)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert result.stop_signal == signal.SIGTERM and result.step == 1
+    assert layout.latest_checkpoint(tmp_path / "run").name == "step-0000001"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -100,6 +102,24 @@ def test_a_failing_run_stops_the_pool_and_is_named(tmp_path):
     with pytest.raises(RunFailed, match="diverges: FloatingPointError: training loss is"):
         train_in_processes([(bad, tmp_path / "bad"), (long, tmp_path / "long")], jobs=2)
     assert layout.list_checkpoints(tmp_path / "long")  # stopped at a step boundary with a checkpoint
+
+
+def test_a_signal_while_the_workers_start_stops_each_at_its_first_step_with_a_checkpoint(tmp_path):
+    """SIGTERM reaches the pool while its workers still import torch: none dies half-started; each
+    stops after its first step with a checkpoint, as a worker already training would."""
+    import threading
+
+    from bmojo_neuron.training.run_pool import train_in_processes
+
+    runs = [(tiny_recipe(**{"run.name": name, "train.steps": 100000, "checkpoint.every": 100000}), tmp_path / name)
+            for name in ("first", "second")]
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))  # a spawned worker takes seconds to start
+    timer.start()
+    results = train_in_processes(runs, jobs=2)
+    timer.join()
+    assert [r.stop_signal for r in results] == [signal.SIGTERM, signal.SIGTERM]
+    for result, (_, run_dir) in zip(results, runs):
+        assert layout.latest_checkpoint(run_dir).name == f"step-{result.step:07d}" and result.step >= 1
 
 
 def test_request_stop_ends_the_run_at_a_step_boundary_with_a_checkpoint(reference, tmp_path):

@@ -11,7 +11,10 @@ bar, since several bars would overwrite each other. Signals: workers run in thei
 process group, so a Ctrl-C reaches only this process, which passes SIGINT or SIGTERM on
 to every running worker; each then stops at its next step boundary with a checkpoint,
 and runs not yet started are not started. A worker that fails stops the others the
-same way, and its error is raised here once they have stopped.
+same way, and its error is raised here once they have stopped. A worker is signalled
+only once it has said it is ready (its own handlers hold the signal until its trainer
+takes it); one still starting gets the signal when it says so, so no run is killed
+half-started.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
-from .signals import STOP_SIGNALS
+from .signals import STOP_SIGNALS, hold_stop_signals
 from .trainer import TrainResult, train
 
 
@@ -44,8 +47,9 @@ def train_in_processes(runs: list[tuple[Any, Path]], jobs: int, resume: bool = F
     results: dict[int, TrainResult] = {}
     waiting = list(enumerate(runs))
     active: dict[int, tuple[Any, Connection]] = {}  # index -> (process, its end of the result pipe)
+    listening: dict[int, tuple[Any, Connection]] = {}  # the active workers whose signal handlers are set
     failure: str | None = None
-    with _pass_signals_to(active) as stopping:
+    with _pass_signals_to(listening) as stopping:
         while active or (waiting and not stopping and failure is None):
             while waiting and len(active) < jobs and not stopping and failure is None:
                 index, (recipe, run_dir) = waiting.pop(0)
@@ -60,17 +64,23 @@ def train_in_processes(runs: list[tuple[Any, Path]], jobs: int, resume: bool = F
                 if conn not in ready and process.sentinel not in ready:
                     continue
                 message = _receive(conn)
+                if message is not None and message[0] == "ready":
+                    listening[index] = active[index]
+                    if stopping or failure is not None:  # what it missed while starting
+                        _signal_all({index: active[index]}, stopping[-1] if stopping else signal.SIGTERM)
+                    continue
                 if message is None and process.is_alive():
                     continue  # the pipe closed as the process exits: its sentinel follows
                 process.join()
                 del active[index]
+                listening.pop(index, None)
                 kind, payload = message or ("error", f"{process.name}: worker ended with exit code "
                                                      f"{process.exitcode} and no result")
                 if kind == "result":
                     results[index] = payload
                 elif failure is None:
                     failure = payload
-                    _signal_all(active, signal.SIGTERM)
+                    _signal_all(listening, signal.SIGTERM)
     if failure is not None:
         raise RunFailed(failure)
     return [results[i] for i in sorted(results)]
@@ -86,6 +96,8 @@ def _receive(conn: Connection) -> tuple[str, Any] | None:
 
 def _worker(recipe: Any, run_dir: str, resume: bool, conn: Connection) -> None:
     os.setpgrp()  # terminal signals go to the parent, which passes them on
+    hold_stop_signals()
+    conn.send(("ready", None))
     try:
         result = train(recipe, run_dir, resume=resume, progress="lines")
         conn.send(("result", result))

@@ -21,6 +21,19 @@ from typing import Any, Iterator
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
+_held: list[int] = []  # signals received while held, before `stop_on_signals` took over
+
+
+def hold_stop_signals() -> None:
+    """Until `stop_on_signals` takes over, remember SIGTERM / SIGINT instead of dying of them.
+
+    A process that is still starting (importing torch, building data) when it is asked to
+    stop then stops like one already training: at its first step boundary, with a
+    checkpoint, so a run's directory never depends on how far start-up had got.
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda signum, _frame: _held.append(signum))
+
 
 @contextlib.contextmanager
 def stop_on_signals(trainer: Any, announce: bool = True) -> Iterator[None]:
@@ -47,6 +60,8 @@ def stop_on_signals(trainer: Any, announce: bool = True) -> Iterator[None]:
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, handle)
+    while _held:  # what arrived while held counts as if it arrived now, in order
+        handle(_held.pop(0), None)
     try:
         yield
     finally:
