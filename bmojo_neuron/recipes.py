@@ -139,9 +139,21 @@ class OptimSection:
     grad_clip: float = 1.0
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
+    # regular expression searched in a parameter's name -> factor of `lr` for the parameters it
+    # matches (e.g. {"mixer\\.[qkvo]_proj": 0.33}); see training/optim.py `parameter_groups`
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
 
     def check(self) -> None:
         _require(self.lr > 0, "optim.lr", f"is {self.lr}; must be > 0")
+        for pattern, factor in self.lr_multipliers.items():
+            key = f"optim.lr_multipliers[{pattern!r}]"
+            _require(isinstance(pattern, str) and pattern != "", key, "the pattern must be a non-empty string")
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                _fail(key, f"is not a regular expression ({err})")
+            _require(isinstance(factor, (int, float)) and not isinstance(factor, bool)
+                     and math.isfinite(factor) and factor > 0, key, f"is {factor!r}; must be a number > 0")
         _require(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),

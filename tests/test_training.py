@@ -226,6 +226,42 @@ def test_parameter_groups():
     assert optimizer.defaults["foreach"] is False
 
 
+def test_lr_multipliers_give_the_matched_parameters_their_own_rate_through_the_schedule():
+    """Each pattern's parameters form decay / no-decay groups at lr x factor; the rest keep lr;
+    the warmup + cosine schedule scales every group by the same factor."""
+    config = BMojoConfig(**{**TINY_MODEL, "vocab_size": 32, "layer_pattern": "BM", "num_hidden_layers": 2})
+    model = BMojoForCausalLM(config)
+    names = dict(model.named_parameters())
+    lr, factors = 3e-3, {r"mixer\.[qkvo]_proj": 0.33, "ssm_residual": 10.0, "no_such_parameter": 2.0}
+    groups = parameter_groups(model, 0.1, lr, factors)
+    by_name = {g["name"]: g for g in groups}
+    assert sorted(by_name) == ["decay", "decay:mixer\\.[qkvo]_proj", "no_decay", "no_decay:ssm_residual"]
+    assert sorted(sum((g["names"] for g in groups), [])) == sorted(names)  # every parameter exactly once
+    attn = by_name["decay:mixer\\.[qkvo]_proj"]
+    assert sorted(attn["names"]) == sorted(n for n in names if n.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    assert attn["lr"] == pytest.approx(lr * 0.33, rel=1e-12) and attn["weight_decay"] == 0.1
+    gain = by_name["no_decay:ssm_residual"]
+    assert gain["names"] == ["model.layers.0.mixer.ssm_residual_gain"]  # the M layer has no gain
+    assert gain["lr"] == pytest.approx(lr * 10, rel=1e-12) and gain["weight_decay"] == 0.0
+    assert "lr" not in by_name["decay"] and "lr" not in by_name["no_decay"]  # the optimiser's lr
+    assert not any("q_proj" in n or "ssm_residual" in n for n in by_name["decay"]["names"] + by_name["no_decay"]["names"])
+    # without multipliers: the two plain groups, as before
+    assert [g["name"] for g in parameter_groups(model, 0.1)] == ["decay", "no_decay"]
+
+    optimizer = build_optimizer(model, lr, 0.1, lr_multipliers=factors)
+    scheduler = build_scheduler(optimizer, 10, 110, 0.1)
+    expected = {g["name"]: lr * {"decay:mixer\\.[qkvo]_proj": 0.33, "no_decay:ssm_residual": 10.0}.get(g["name"], 1.0)
+                for g in optimizer.param_groups}
+    for step in range(61):
+        for g in optimizer.param_groups:
+            assert g["lr"] == pytest.approx(expected[g["name"]] * lr_factor(step, 10, 110, 0.1), rel=1e-9), (step, g["name"])
+        optimizer.step()
+        scheduler.step()
+
+    with pytest.raises(ValueError, match=r"q_proj.weight matches more than one pattern: proj, q_proj"):
+        parameter_groups(model, 0.1, lr, {"proj": 1.0, "q_proj": 2.0})
+
+
 def test_warmup_cosine_schedule():
     w, total, low = 10, 110, 0.1
     expected = {0: 0.1, 4: 0.5, 9: 1.0, 10: 1.0, 60: 0.55, 35: low + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)),

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+import re
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -18,21 +19,56 @@ def decays(name: str, param: nn.Parameter) -> bool:
     return param.ndim >= 2 and name.rsplit(".", 1)[-1] not in NO_DECAY_NAMES
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups, ``decay`` and ``no_decay``; each has ``names`` for inspection.
+def multiplier_pattern(name: str, lr_multipliers: Mapping[str, float]) -> str | None:
+    """The one pattern of `lr_multipliers` that `name` matches (``re.search``), or None.
+
+    A parameter matching two patterns is an error rather than a silent precedence rule:
+    the recipe must say which rate it learns at.
+    """
+    hits = [pattern for pattern in lr_multipliers if re.search(pattern, name)]
+    if len(hits) > 1:
+        raise ValueError(f"optim.lr_multipliers: parameter {name} matches more than one pattern: {', '.join(hits)}")
+    return hits[0] if hits else None
+
+
+def parameter_groups(
+    model: nn.Module, weight_decay: float, lr: float | None = None,
+    lr_multipliers: Mapping[str, float] | None = None,
+) -> list[dict]:
+    """AdamW groups ``decay`` and ``no_decay``; each has ``names`` for inspection.
+
+    With `lr_multipliers` (regular expression searched in the parameter name -> factor
+    of `lr`), the parameters a pattern matches form their own groups,
+    ``decay:<pattern>`` / ``no_decay:<pattern>`` (only when non-empty), holding
+    ``lr = lr * factor``; the two plain groups keep the optimiser's `lr`. The schedule
+    scales every group alike (`LambdaLR` multiplies each group's own initial lr), so the
+    ratios hold throughout. A pattern matching no parameter is not an error: one suite
+    recipe trains models with different parts.
 
     Tied weights (lm_head / embeddings) appear once: `named_parameters` deduplicates.
     """
-    decay, no_decay = [], []
+    lr_multipliers = dict(lr_multipliers or {})
+    if lr_multipliers and lr is None:
+        raise ValueError("parameter_groups: lr_multipliers need the base lr")
+    buckets: dict[tuple[bool, str | None], list[tuple[str, nn.Parameter]]] = {(True, None): [], (False, None): []}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if decays(name, param) else no_decay).append((name, param))
-    return [
-        {"name": "decay", "params": [p for _, p in decay], "names": [n for n, _ in decay],
-         "weight_decay": weight_decay},
-        {"name": "no_decay", "params": [p for _, p in no_decay], "names": [n for n, _ in no_decay],
-         "weight_decay": 0.0},
-    ]
+            key = (decays(name, param), multiplier_pattern(name, lr_multipliers))
+            buckets.setdefault(key, []).append((name, param))
+    groups = []
+    for decay in (True, False):
+        for pattern in (None, *lr_multipliers):
+            members = buckets.get((decay, pattern))
+            if members is None or (pattern is not None and not members):
+                continue
+            label = "decay" if decay else "no_decay"
+            group = {"name": label if pattern is None else f"{label}:{pattern}",
+                     "params": [p for _, p in members], "names": [n for n, _ in members],
+                     "weight_decay": weight_decay if decay else 0.0}
+            if pattern is not None:
+                group["lr"] = lr * float(lr_multipliers[pattern])
+            groups.append(group)
+    return groups
 
 
 def build_optimizer(
@@ -42,8 +78,9 @@ def build_optimizer(
     betas: Iterable[float] = (0.9, 0.95),
     eps: float = 1e-8,
     device_type: str = "cpu",
+    lr_multipliers: Mapping[str, float] | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over `parameter_groups`.
+    """AdamW over `parameter_groups` (with `lr_multipliers`, some groups learn at a multiple of `lr`).
 
     On CPU the plain for-loop implementation is used (``foreach=False, fused=False``):
     it is the one whose results we check bitwise across resume. CUDA gets the fused kernel.
@@ -55,7 +92,7 @@ def build_optimizer(
     b1, b2 = (float(b) for b in betas)
     fast = device_type == "cuda"
     return torch.optim.AdamW(
-        parameter_groups(model, weight_decay), lr=lr, betas=(b1, b2), eps=eps,
+        parameter_groups(model, weight_decay, lr, lr_multipliers), lr=lr, betas=(b1, b2), eps=eps,
         foreach=False, fused=fast,
     )
 

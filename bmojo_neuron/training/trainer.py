@@ -120,6 +120,10 @@ class Trainer:
             self.say(f"distilling {trainable:,} parameters (SSMs, fading projections, innovation predictors); "
                      "the source's weights are frozen and are the teacher")
         optimizer = be.build_optimizer(model)
+        if o.lr_multipliers:  # a pattern matching nothing is allowed (suites), so show what each one caught
+            caught = [f"{g['name']} {len(g['params'])} tensors lr {g['lr']:.3g}"
+                      for g in getattr(optimizer, "param_groups", []) if ":" in str(g.get("name", ""))]
+            self.say("lr multipliers: " + ("; ".join(caught) if caught else "no parameter matched"))
         scheduler = build_scheduler(optimizer, o.warmup_steps, t.steps, o.min_lr_ratio)
         state = TrainerState()
         if previous is not None:

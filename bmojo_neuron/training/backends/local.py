@@ -70,7 +70,7 @@ class LocalBackend:
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         o = self.recipe.optim
-        return build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps, self.device.type)
+        return build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps, self.device.type, o.lr_multipliers)
 
     def restore(self, previous: Checkpoint, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
         load_model_weights(model, previous.path)

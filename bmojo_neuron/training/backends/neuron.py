@@ -157,7 +157,7 @@ class NeuronBackend:
 
     def build_optimizer(self, model: nn.Module) -> Any:
         o = self.recipe.optim
-        return build_nxd_optimizer(parameter_groups(model, o.weight_decay), self.nxd_cfg, o)
+        return build_nxd_optimizer(parameter_groups(model, o.weight_decay, o.lr, o.lr_multipliers), self.nxd_cfg, o)
 
     def restore(self, previous: Checkpoint, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
         neuron_checkpoints.restore_training_state(model, optimizer, scheduler, previous, self.restored, self.rt)
