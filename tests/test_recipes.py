@@ -81,6 +81,28 @@ def test_matched_parameter_counts_of_comparisons() -> None:
         assert all(abs(n / counts["bmojo"] - 1) <= 0.1 for n in counts.values()), counts
 
 
+def test_the_suite_trains_every_models_attention_at_its_own_rate_and_nothing_else() -> None:
+    """mqar-suite: the attention projections (and only they) of every model that has them learn at
+    0.33 x lr (0.99e-3, about the default recipe's 1e-3); the SSM-only model gets the plain two groups at lr."""
+    from bmojo_neuron import BMojoForCausalLM
+    from bmojo_neuron.training.optim import parameter_groups
+
+    recipe = load_recipe("mqar-suite")
+    attention = ("q_proj", "k_proj", "v_proj", "o_proj")
+    for variant in recipe.suite:
+        run = recipe.with_overrides(variant.overrides)
+        o = run.optim
+        model = BMojoForCausalLM(run.model_config())
+        groups = {g["name"]: g for g in parameter_groups(model, o.weight_decay, o.lr, o.lr_multipliers)}
+        fast = [n for g in groups.values() if "lr" in g for n in g["names"]]
+        expected = [n for n, _ in model.named_parameters() if n.split(".")[-2] in attention]
+        assert sorted(fast) == sorted(expected), variant.name
+        assert all(g["lr"] == pytest.approx(0.33 * 3e-3, rel=1e-12) for g in groups.values() if "lr" in g)
+        assert o.lr == 3e-3
+        if variant.name == "mamba":
+            assert list(groups) == ["decay", "no_decay"] and not expected
+
+
 def test_default_name_resolution_and_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_recipe().run.name == "cpu-tiny"
     assert load_recipe(None).source == str(resolve_recipe_path("cpu-tiny"))
