@@ -58,8 +58,8 @@ def parameter_groups(
     groups = []
     for decay in (True, False):
         for pattern in (None, *lr_multipliers):
-            members = buckets.get((decay, pattern))
-            if members is None or (pattern is not None and not members):
+            members = buckets.get((decay, pattern))  # a pattern's bucket exists only once it has a member
+            if members is None:
                 continue
             label = "decay" if decay else "no_decay"
             group = {"name": label if pattern is None else f"{label}:{pattern}",
