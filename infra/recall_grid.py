@@ -91,10 +91,13 @@ def train_one(out: Path, recipe: str, width: int, pattern: str, variant: str, ex
             "recall": recall}
 
 
-def collect(out: Path) -> list[dict]:
-    """Every finished run under `out` (recorded in results.jsonl by the runs of this script)."""
-    path = out / "results.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+def collect(out: Path, include: list[Path] = ()) -> list[dict]:
+    """Every finished run under `out` (recorded in results.jsonl by the runs of this script), and the runs
+    recorded in `include` (results.jsonl files of runs made elsewhere, e.g. on another machine)."""
+    rows = []
+    for path in [*include, out / "results.jsonl"]:
+        if path.exists():
+            rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     latest = {(r["pattern"], r["variant"], r["kv"], r["seq"], r["seed"], r["steps"]): r for r in rows}
     return [r for r in latest.values() if r["recall"] is not None]
 
@@ -113,36 +116,53 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def rule_table(rows: list[dict], margin: float = 0.05) -> str:
+    """Markdown: per regime, whether B'MOJO (BB) is at least the SSM-only (MM) and the fading-only (FF)
+    model's mean recall minus `margin`; regimes without all three (unnamed variant) are left out."""
+    means: dict[tuple[int, int], dict[str, list[float]]] = {}
+    for r in rows:
+        if not r["variant"]:
+            means.setdefault((r["kv"], r["seq"]), {}).setdefault(r["pattern"], []).append(r["recall"])
+    lines = ["| kv pairs | seq | BB | MM | FF | BB - MM | BB - FF | rule |", "|---|---|---|---|---|---|---|---|"]
+    for (kv, seq), by in sorted(means.items()):
+        if not {"BB", "MM", "FF"} <= by.keys():
+            continue
+        bb, mm, ff = (statistics.mean(by[p]) for p in ("BB", "MM", "FF"))
+        holds = bb >= mm - margin and bb >= ff - margin
+        lines.append(f"| {kv} | {seq} | {bb:.3f} | {mm:.3f} | {ff:.3f} | {bb - mm:+.3f} | {bb - ff:+.3f} | "
+                     f"{'holds' if holds else 'FAILS'} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], path: Path) -> None:
-    """One panel per sequence length: recall against kv pairs, a line per model (same colour in every
-    panel), seeds as dots."""
+    """Recall in every regime of the grid (x: kv pairs / sequence, ordered by sequence then pairs), a line
+    of means per model (same colour everywhere), each seed as a dot beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    seqs = sorted({r["seq"] for r in rows})
+    regimes = sorted({(r["seq"], r["kv"]) for r in rows})
     models = sorted({(r["pattern"], r["variant"]) for r in rows})
-    colours = {model: f"C{i}" for i, model in enumerate(models)}
-    fig, axes = plt.subplots(1, len(seqs), figsize=(4 * len(seqs), 3.4), squeeze=False, sharey=True)
-    for ax, seq in zip(axes[0], seqs):
-        for pattern, variant in models:
-            mine = [r for r in rows if r["seq"] == seq and (r["pattern"], r["variant"]) == (pattern, variant)]
-            if not mine:
-                continue
-            kvs = sorted({r["kv"] for r in mine})
-            means = [statistics.mean(r["recall"] for r in mine if r["kv"] == kv) for kv in kvs]
-            colour = colours[(pattern, variant)]
-            ax.plot(kvs, means, marker="o", color=colour, label=pattern + (f" {variant}" if variant else ""))
-            ax.scatter([r["kv"] for r in mine], [r["recall"] for r in mine], s=8, color=colour, alpha=0.5)
-        steps = sorted({r["steps"] for r in rows if r["seq"] == seq})
-        ax.set(title=f"seq {seq} ({'/'.join(map(str, steps))} steps)", xlabel="kv pairs", xscale="log", ylim=(0, 1.02))
-        ax.set_xticks(sorted({r["kv"] for r in rows if r["seq"] == seq}))
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.get_xaxis().set_minor_locator(matplotlib.ticker.NullLocator())
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("MQAR recall")
-    axes[0][0].legend(fontsize=8)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(regimes) + 2), 3.6))
+    for i, (pattern, variant) in enumerate(models):
+        shift = 0.08 * (i - (len(models) - 1) / 2)  # seeds of different models side by side, not on top
+        xs, means = [], []
+        for x, (seq, kv) in enumerate(regimes):
+            recalls = [r["recall"] for r in rows
+                       if (r["seq"], r["kv"], r["pattern"], r["variant"]) == (seq, kv, pattern, variant)]
+            if recalls:
+                xs.append(x)
+                means.append(statistics.mean(recalls))
+                ax.scatter([x + shift] * len(recalls), recalls, s=9, color=f"C{i}", alpha=0.5)
+        ax.plot(xs, means, marker="o", color=f"C{i}", label=pattern + (f" {variant}" if variant else ""))
+    steps = ["/".join(map(str, sorted({r["steps"] for r in rows if (r["seq"], r["kv"]) == regime})))
+             for regime in regimes]
+    ax.set_xticks(range(len(regimes)))
+    ax.set_xticklabels([f"{kv} pairs\nseq {seq}\n{n} steps" for (seq, kv), n in zip(regimes, steps)], fontsize=8)
+    ax.set(ylabel="MQAR recall (mean; dots: seeds)", ylim=(0, 1.02), xlim=(-0.5, len(regimes) - 0.5))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -165,6 +185,8 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each uses one thread)")
     parser.add_argument("--report", action="store_true", help="only write the table and plot of finished runs")
     parser.add_argument("--plot", type=Path, help="PNG path (default: OUT/grid.png)")
+    parser.add_argument("--include", type=Path, nargs="+", default=[], metavar="RESULTS_JSONL",
+                        help="results.jsonl files of runs made elsewhere, added to the table and plot")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run, key=value")
     args = parser.parse_args()
     widths = mlp_widths(args.recipe)
@@ -183,9 +205,13 @@ def main() -> None:
                                                       args.eval_every, args.vocab), jobs):
                 results.write(json.dumps(row) + "\n")
                 results.flush()
-    rows = collect(args.out)
-    (args.out / "grid.md").write_text(table(rows) + "\n")
-    print(table(rows))
+    for path in args.include:
+        if not path.is_file():
+            parser.error(f"--include: {path} is not a file")
+    rows = collect(args.out, args.include)
+    report = f"{table(rows)}\n\n{rule_table(rows)}\n"
+    (args.out / "grid.md").write_text(report)
+    print(report, end="")
     if rows:
         plot(rows, args.plot or args.out / "grid.png")
 

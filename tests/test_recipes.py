@@ -262,22 +262,27 @@ def test_compare_and_suite_can_be_switched_off_on_the_command_line(off: str, tmp
     assert again.compare is not None and again.compare.name == "again"  # later overrides win, in order
 
 
-def test_the_recall_grid_matches_parameters_in_every_regime() -> None:
-    """infra/recall_grid.py: each kind's SwiGLU width comes from the recipe's suite, and in every regime of the
-    grid in docs/results.md (the windows, chunk and memory scale with the sequence; they hold no parameters,
-    the vocabulary does) the baselines stay within 10% of B'MOJO's parameters."""
+def _load_recall_grid():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("recall_grid", Path(__file__).parents[1] / "infra" / "recall_grid.py")
     grid = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(grid)
+    return grid
+
+
+def test_the_recall_grid_matches_parameters_in_every_regime() -> None:
+    """infra/recall_grid.py: each kind's SwiGLU width comes from the recipe's suite, and in every regime of the
+    grid in docs/results.md (the windows, chunk and memory scale with the sequence; they hold no parameters,
+    the vocabulary does) the baselines stay within 10% of B'MOJO's parameters."""
+    grid = _load_recall_grid()
     assert grid.mlp_widths("cpu-tiny") == {"B": 0, "F": 0, "M": 150}
     assert grid.mlp_widths("mqar-suite") == {"B": 128, "F": 160, "M": 224, "S": 288, "A": 288}
     overrides = grid.regime_overrides(16, 128)
     assert {"model.window_size=8", "model.memory_chunk=8", "model.memory_picks=8", "model.memory_size=64",
             "data.num_kv_pairs=16", "data.seq_len=128"} <= set(overrides)
     assert "model.window_size=4" in grid.regime_overrides(4, 64)  # never below the default's 4
-    for kv, seq in [(4, 64), (8, 64), (8, 128), (16, 128)]:
+    for kv, seq in [(4, 64), (8, 64), (8, 128), (16, 128), (16, 256), (32, 512)]:
         counts = {}
         for kind, width in grid.mlp_widths("cpu-tiny").items():
             recipe = load_recipe("cpu-tiny", ["suite=none", f"model.layer_pattern={kind * 2}",
@@ -286,3 +291,33 @@ def test_the_recall_grid_matches_parameters_in_every_regime() -> None:
             assert recipe.data.seq_len == seq and recipe.model_config().memory_size == seq // 2
             counts[kind] = count_parameters(recipe)
         assert all(abs(n / counts["B"] - 1) <= 0.1 for n in counts.values()), (kv, seq, counts)
+
+
+def test_the_recall_grid_report_merges_runs_made_elsewhere_and_judges_the_rule(tmp_path: Path) -> None:
+    """infra/recall_grid.py --report: runs recorded in an --include file join this folder's runs (a run of this
+    folder replaces the same run recorded elsewhere), and each regime with BB, MM and FF is judged by means
+    over seeds: BB >= MM - 0.05 and BB >= FF - 0.05."""
+    import json
+
+    grid = _load_recall_grid()
+
+    def row(pattern: str, kv: int, seq: int, seed: int, recall: float) -> str:
+        return json.dumps({"pattern": pattern, "variant": "", "kv": kv, "seq": seq, "seed": seed, "steps": 10,
+                           "recall": recall})
+
+    elsewhere = tmp_path / "elsewhere.jsonl"
+    elsewhere.write_text("\n".join([row("BB", 4, 64, 0, 0.5), row("MM", 4, 64, 0, 0.6), row("FF", 4, 64, 0, 0.2),
+                                      row("BB", 8, 128, 0, 0.1), row("MM", 8, 128, 0, 0.9)]) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.jsonl").write_text(row("BB", 4, 64, 0, 0.58) + "\n" + row("BB", 4, 64, 1, 0.5) + "\n")
+    rows = grid.collect(out, [elsewhere])
+    assert len(rows) == 6  # BB kv 4 seed 0 is this folder's run, not the one recorded elsewhere
+    assert sorted(r["recall"] for r in rows if (r["pattern"], r["kv"]) == ("BB", 4)) == [0.5, 0.58]
+    rule = grid.rule_table(rows).splitlines()
+    assert len(rule) == 3  # header, separator, kv 4 / seq 64 only: kv 8 has no FF run
+    # BB's mean 0.54 against MM's 0.6: -0.06, beyond the 0.05 margin
+    assert rule[2] == "| 4 | 64 | 0.540 | 0.600 | 0.200 | -0.060 | +0.340 | FAILS |"
+    assert "| holds |" in grid.rule_table(rows, margin=0.07)
+    grid.plot(rows, tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").stat().st_size > 0
