@@ -345,6 +345,31 @@ def test_zero_decay_is_a_fifo_of_the_most_recent_picks():
             assert sorted(p for p in state.position[b].tolist() if p >= 0) == most_recent
 
 
+@pytest.mark.parametrize("length", [12, 40])  # 12: more slots than tokens (gathered heads-first); 40: fewer
+def test_memory_gathered_heads_first_equals_the_gathered_memory_transposed(length):
+    """`gather_memory_by_head` returns `gather_memory`'s keys and values (zero for empty slots) as
+    (batch, kv_heads, n_chunks, M, D), and passes the same gradients back to the sequence."""
+    g = torch.Generator().manual_seed(4)
+    batch, kv_heads, head_dim, chunks, size = 2, 3, 4, 3, 5
+    k = torch.randn(batch, length, kv_heads, head_dim, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(batch, length, kv_heads, head_dim, generator=g, dtype=torch.float64, requires_grad=True)
+    position = torch.randint(0, length, (batch, chunks, size), generator=g)
+    position[0, 0] = -1  # a chunk with an empty memory
+    position[1, 2, :2] = -1  # and a partly filled one
+    selection = eidetic_memory.Selection(position, torch.rand(batch, chunks, size, generator=g), position.clone())
+    mem_k, mem_v = eidetic_memory.gather_memory_by_head(k, v, selection)
+    seen = eidetic_memory.gather_memory(k, v, selection)
+    expected_k, expected_v = seen.k.permute(0, 3, 1, 2, 4), seen.v.permute(0, 3, 1, 2, 4)
+    assert mem_k.shape == (batch, kv_heads, chunks, size, head_dim)
+    assert torch.equal(mem_k, expected_k) and torch.equal(mem_v, expected_v)
+    assert not mem_k[0, :, 0].any() and not mem_v[1, :, 2, :2].any()
+    weights = torch.randn(2, *mem_k.shape, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad((mem_k * weights[0]).sum() + (mem_v * weights[1]).sum(), (k, v))
+    reference = torch.autograd.grad((expected_k * weights[0]).sum() + (expected_v * weights[1]).sum(), (k, v))
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 def test_visible_memory_follows_the_lag():
     innovation = torch.rand(1, 40, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     states = _states(innovation, 4, 2, 3, 0.5)

@@ -25,6 +25,7 @@ from .eidetic_memory import (
     MemoryState,
     Selection,
     gather_memory,
+    gather_memory_by_head,
     innovation_scores,
     select_memory,
     update_memory,
@@ -239,11 +240,11 @@ class BMojoAttention(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Per query chunk: rotated memory keys, values (batch, kv_heads, n_chunks, M, D) and validity."""
         n_chunks = -(-length // self.chunk)
-        seen = gather_memory(k_raw, v, visible_selection(selection, n_chunks, self.lag))
+        visible = visible_selection(selection, n_chunks, self.lag)
+        mem_k, mem_v = gather_memory_by_head(k_raw, v, visible)
         rotation = self._memory_rotation(torch.arange(n_chunks, device=k_raw.device))
         cos, sin = self.rotary(rotation, k_raw.dtype)  # (n_chunks, D)
-        mem_k = apply_rotary(seen.k.permute(0, 3, 1, 2, 4), cos[:, None], sin[:, None])
-        return mem_k, seen.v.permute(0, 3, 1, 2, 4), seen.valid
+        return apply_rotary(mem_k, cos[:, None], sin[:, None]), mem_v, visible.position >= 0
 
     def _ssm_features(self, s: Tensor | None) -> Tensor | None:
         """What the fading projections and the innovation predictor read: S, RMS-normalised with `fading_norm`."""

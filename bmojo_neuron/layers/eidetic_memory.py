@@ -254,6 +254,33 @@ def gather_memory(k_raw: Tensor, v: Tensor, selection: Selection) -> MemoryState
     return MemoryState(take(k_raw), take(v), selection.innovation, selection.position, selection.pick_chunk)
 
 
+def gather_memory_by_head(k_raw: Tensor, v: Tensor, selection: Selection) -> tuple[Tensor, Tensor]:
+    """`gather_memory`'s keys and values in the layout the attention reads: (batch, kv_heads, ..., M, head_dim).
+
+    When the slots outnumber the sequence's tokens (many chunks, each with its own
+    memory), the sequence is transposed to heads-first once, with one zero row per head
+    that empty slots read, so the gather writes the memory in its final layout: no
+    transposed copy, no masking product of the (larger) memory, forward or backward.
+    Otherwise the memory is gathered as `gather_memory` does and returned as a
+    heads-first view. Same values either way.
+    """
+    batch, length, kv_heads, head_dim = k_raw.shape
+    position = selection.position
+    slots = position.shape[1:]
+    if position[0].numel() <= length:
+        seen = gather_memory(k_raw, v, selection)
+        order = (0, len(slots) + 1, *range(1, len(slots) + 1), len(slots) + 2)
+        return seen.k.permute(order), seen.v.permute(order)
+    per_head = torch.arange(batch * kv_heads, device=k_raw.device).view(batch, kv_heads, *(1,) * len(slots))
+    rows = (per_head * (length + 1) + torch.where(position >= 0, position, length)[:, None]).flatten()
+
+    def take(t: Tensor) -> Tensor:
+        padded = torch.cat([t.transpose(1, 2), t.new_zeros(batch, kv_heads, 1, head_dim)], dim=2)
+        return padded.view(-1, head_dim).index_select(0, rows).view(batch, kv_heads, *slots, head_dim)
+
+    return take(k_raw), take(v)
+
+
 def memory_after_each_chunk(
     k_raw: Tensor,
     v: Tensor,
