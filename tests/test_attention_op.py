@@ -75,6 +75,7 @@ CASES = [
     (9, 16, 4, 4, 2, 2, 2, None),  # window longer than the sequence: no fading keys at all
     (33, 4, 0, 6, 0, 4, 1, 8),  # w_f = 0 and M = 0 (plain sliding window), GQA 4
     (24, 3, 5, 7, 4, 4, 4, 5),  # fading wider than window, block not dividing anything
+    (30, 8, 8, 8, 3, 2, 2, 4),  # no query groups: lower-triangle pieces run on the kernel's causal flag, tail block
 ]
 
 
@@ -113,7 +114,7 @@ def test_gradcheck_all_inputs(impl):
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("uses", ["out_and_lse", "lse_only"])
-@pytest.mark.parametrize("case", [CASES[0], CASES[4]])
+@pytest.mark.parametrize("case", [CASES[0], CASES[4], CASES[5]])
 def test_gradients_through_out_and_lse_match_per_query_loop(case, uses, impl):
     """A loss on the log-sum-exp too (as the NKI kernels' tests use): every gradient equals the loop's autograd."""
     length, window, fading_window, chunk, memory, q_heads, kv_heads, block = case
@@ -149,6 +150,50 @@ def test_fused_equals_blocked_with_overlapping_fading_keys():
         results[name] = (out, lse, *torch.autograd.grad((out * d_out).sum() + (lse * d_lse).sum(), leaves))
     for got, want in zip(results["fused"], results["blocked"]):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_lower_triangle_pieces_are_marked_causal():
+    """The first in-context offset and the first fading one (when the fading band starts on a block edge)
+    are exactly the lower triangle; the edge pieces beyond them are not."""
+    pieces = fused_module.band_pieces("ctx", 0, 7, 4, torch.float64, "cpu")
+    pieces += fused_module.band_pieces("fading", 8, 15, 4, torch.float64, "cpu")
+    assert [(p.keys, p.offset, p.causal) for p in pieces] == [
+        ("ctx", 0, True), ("ctx", 1, False), ("ctx", 2, False),
+        ("fading", 2, True), ("fading", 3, False), ("fading", 4, False)]
+    for p in pieces:
+        if p.causal:
+            lower = torch.ones(4, 4, dtype=torch.bool).tril()
+            torch.testing.assert_close(p.mask, torch.zeros(4, 4, dtype=torch.float64).masked_fill(~lower, -math.inf))
+
+
+@pytest.mark.parametrize("q_heads", [2, 4])  # without and with query groups (the causal flag only without)
+def test_fused_equals_blocked_with_overlapping_fading_keys_on_block_edges(q_heads):
+    """fading_overlap with w_f a multiple of the block: the fading band's first piece is a lower triangle too."""
+    inputs = make_inputs(26, 8, 8, 8, 2, q_heads, 2)
+    leaves = [t.requires_grad_() for t in inputs if t is not None and t.is_floating_point()]
+    gen = torch.Generator().manual_seed(7)
+    d_out, d_lse = torch.randn(inputs[0].shape, generator=gen, dtype=torch.float64), torch.randn(2, q_heads, 26)
+    results = {}
+    for name, impl in IMPLEMENTATIONS.items():
+        out, lse = impl(*inputs, window=8, fading_window=8, chunk=8, scale=None, block=4, fading_overlap=True)
+        results[name] = (out, lse, *torch.autograd.grad((out * d_out).sum() + (lse * d_lse).sum(), leaves))
+    for got, want in zip(results["fused"], results["blocked"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_fused_equals_blocked_in_float32_at_bench_windows():
+    """The bench's windows (w = w_f = c = 512, default block), no query groups, a length that is not a
+    multiple of the block and reaches the fading band: outputs and gradients to float32 round-off."""
+    inputs = list(make_inputs(1100, 512, 512, 512, 16, 2, 2, dtype=torch.float32, seed=8))
+    leaves = [t.requires_grad_() if t is not None and t.is_floating_point() else t for t in inputs]
+    grad = torch.randn(2, 2, 1100, 8, generator=torch.Generator().manual_seed(9))
+    results = {}
+    for name, impl in IMPLEMENTATIONS.items():
+        out, lse = impl(*leaves, window=512, fading_window=512, chunk=512, scale=None, block=None)
+        grads = torch.autograd.grad((out * grad).sum(), [t for t in leaves if t is not None and t.requires_grad])
+        results[name] = (out, lse, *grads)
+    for got, want in zip(results["fused"], results["blocked"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
 def test_fused_equals_blocked_in_float32_at_model_sizes():
