@@ -195,8 +195,9 @@ def _memory_bias(mem_valid: Tensor, layout: _Layout, dtype: torch.dtype) -> Tens
 
 
 def _kernel_mask(layout: _Layout, piece: BandPiece) -> tuple[Tensor | None, bool]:
-    """(attn_mask, is_causal) for a piece's kernel call: the kernel's own causal flag skips the upper
-    triangle's work instead of masking it, but it reads rows as positions, so not with query groups."""
+    """(attn_mask, is_causal) for a piece's kernel call: the kernel's own causal flag needs no mask tensor
+    to read (and may skip tiles past the diagonal), but it reads rows as positions, so not with query
+    groups (their rows are several copies of one block's positions)."""
     if piece.causal and layout.groups == 1:
         return None, True
     return layout.tile_rows(piece.mask), False
