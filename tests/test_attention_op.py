@@ -181,29 +181,18 @@ def test_fused_equals_blocked_with_overlapping_fading_keys_on_block_edges(q_head
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
-def test_fused_equals_blocked_in_float32_at_bench_windows():
-    """The bench's windows (w = w_f = c = 512, default block), no query groups, a length that is not a
-    multiple of the block and reaches the fading band: outputs and gradients to float32 round-off."""
-    inputs = list(make_inputs(1100, 512, 512, 512, 16, 2, 2, dtype=torch.float32, seed=8))
+@pytest.mark.parametrize("length, window, q_heads, seed", [
+    (300, 64, 4, 3),  # model sizes: several memory chunks, query groups
+    (1100, 512, 2, 8),  # the bench's windows and default block, no query groups, a tail block, the fading band
+])
+def test_fused_equals_blocked_in_float32(length, window, q_heads, seed):
+    """Outputs and every gradient agree to float32 round-off (w = w_f = c, M = 16)."""
+    inputs = list(make_inputs(length, window, window, window, 16, q_heads, 2, dtype=torch.float32, seed=seed))
     leaves = [t.requires_grad_() if t is not None and t.is_floating_point() else t for t in inputs]
-    grad = torch.randn(2, 2, 1100, 8, generator=torch.Generator().manual_seed(9))
+    grad = torch.randn(2, q_heads, length, 8, generator=torch.Generator().manual_seed(seed + 1))
     results = {}
     for name, impl in IMPLEMENTATIONS.items():
-        out, lse = impl(*leaves, window=512, fading_window=512, chunk=512, scale=None, block=None)
-        grads = torch.autograd.grad((out * grad).sum(), [t for t in leaves if t is not None and t.requires_grad])
-        results[name] = (out, lse, *grads)
-    for got, want in zip(results["fused"], results["blocked"]):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
-
-
-def test_fused_equals_blocked_in_float32_at_model_sizes():
-    """Outputs and every gradient agree to float32 round-off (w = w_f = 64, M = 16, several memory chunks)."""
-    inputs = list(make_inputs(300, 64, 64, 64, 16, 4, 2, dtype=torch.float32, seed=3))
-    leaves = [t.requires_grad_() if t is not None and t.is_floating_point() else t for t in inputs]
-    grad = torch.randn(2, 4, 300, 8, generator=torch.Generator().manual_seed(4))
-    results = {}
-    for name, impl in IMPLEMENTATIONS.items():
-        out, lse = impl(*leaves, window=64, fading_window=64, chunk=64, scale=None, block=None)
+        out, lse = impl(*leaves, window=window, fading_window=window, chunk=window, scale=None, block=None)
         grads = torch.autograd.grad((out * grad).sum(), [t for t in leaves if t is not None and t.requires_grad])
         results[name] = (out, lse, *grads)
     for got, want in zip(results["fused"], results["blocked"]):
