@@ -138,15 +138,21 @@ def test_gradients_through_out_and_lse_match_per_query_loop(case, uses, impl):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
-def test_fused_equals_blocked_with_overlapping_fading_keys():
+@pytest.mark.parametrize("length, window, fading_window, slots, q_heads, seed", [
+    (40, 6, 9, 3, 4, 6),  # fading band not on a block edge
+    (26, 8, 8, 2, 2, 7),  # w_f a multiple of the block: its first piece is a lower triangle (the causal flag)
+    (26, 8, 8, 2, 4, 7),  # the same with query groups (the flag only without)
+])
+def test_fused_equals_blocked_with_overlapping_fading_keys(length, window, fading_window, slots, q_heads, seed):
     """fading_overlap: the fading keys cover distances [0, w_f - 1], over the window; outputs and gradients."""
-    inputs = make_inputs(40, 6, 9, 8, 3, 4, 2)
+    inputs = make_inputs(length, window, fading_window, 8, slots, q_heads, 2)
     leaves = [t.requires_grad_() for t in inputs if t is not None and t.is_floating_point()]
-    gen = torch.Generator().manual_seed(6)
-    d_out, d_lse = torch.randn(inputs[0].shape, generator=gen, dtype=torch.float64), torch.randn(2, 4, 40)
+    gen = torch.Generator().manual_seed(seed)
+    d_out, d_lse = torch.randn(inputs[0].shape, generator=gen, dtype=torch.float64), torch.randn(2, q_heads, length)
     results = {}
     for name, impl in IMPLEMENTATIONS.items():
-        out, lse = impl(*inputs, window=6, fading_window=9, chunk=8, scale=None, block=4, fading_overlap=True)
+        out, lse = impl(*inputs, window=window, fading_window=fading_window, chunk=8, scale=None, block=4,
+                        fading_overlap=True)
         results[name] = (out, lse, *torch.autograd.grad((out * d_out).sum() + (lse * d_lse).sum(), leaves))
     for got, want in zip(results["fused"], results["blocked"]):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
@@ -164,21 +170,6 @@ def test_lower_triangle_pieces_are_marked_causal():
         if p.causal:
             lower = torch.ones(4, 4, dtype=torch.bool).tril()
             torch.testing.assert_close(p.mask, torch.zeros(4, 4, dtype=torch.float64).masked_fill(~lower, -math.inf))
-
-
-@pytest.mark.parametrize("q_heads", [2, 4])  # without and with query groups (the causal flag only without)
-def test_fused_equals_blocked_with_overlapping_fading_keys_on_block_edges(q_heads):
-    """fading_overlap with w_f a multiple of the block: the fading band's first piece is a lower triangle too."""
-    inputs = make_inputs(26, 8, 8, 8, 2, q_heads, 2)
-    leaves = [t.requires_grad_() for t in inputs if t is not None and t.is_floating_point()]
-    gen = torch.Generator().manual_seed(7)
-    d_out, d_lse = torch.randn(inputs[0].shape, generator=gen, dtype=torch.float64), torch.randn(2, q_heads, 26)
-    results = {}
-    for name, impl in IMPLEMENTATIONS.items():
-        out, lse = impl(*inputs, window=8, fading_window=8, chunk=8, scale=None, block=4, fading_overlap=True)
-        results[name] = (out, lse, *torch.autograd.grad((out * d_out).sum() + (lse * d_lse).sum(), leaves))
-    for got, want in zip(results["fused"], results["blocked"]):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("length, window, q_heads, seed", [
