@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def train_one(out: Path, recipe: str, width: int, pattern: str, variant: str, ex
             "recall": recall}
 
 
-def collect(out: Path, include: list[Path] = ()) -> list[dict]:
+def collect(out: Path, include: Sequence[Path] = ()) -> list[dict]:
     """Every finished run under `out` (recorded in results.jsonl by the runs of this script), and the runs
     recorded in `include` (results.jsonl files of runs made elsewhere, e.g. on another machine)."""
     rows = []
@@ -117,49 +118,49 @@ def table(rows: list[dict]) -> str:
 
 
 def rule_table(rows: list[dict], margin: float = 0.05) -> str:
-    """Markdown: per regime, whether B'MOJO (BB) is at least the SSM-only (MM) and the fading-only (FF)
-    model's mean recall minus `margin`; regimes without all three (unnamed variant) are left out."""
-    means: dict[tuple[int, int], dict[str, list[float]]] = {}
+    """Markdown: per regime and step budget, whether B'MOJO (BB) is at least the SSM-only (MM) and the
+    fading-only (FF) model's mean recall minus `margin`; cells without all three (unnamed variant) are
+    left out."""
+    means: dict[tuple[int, int, int], dict[str, list[float]]] = {}
     for r in rows:
         if not r["variant"]:
-            means.setdefault((r["kv"], r["seq"]), {}).setdefault(r["pattern"], []).append(r["recall"])
-    lines = ["| kv pairs | seq | BB | MM | FF | BB - MM | BB - FF | rule |", "|---|---|---|---|---|---|---|---|"]
-    for (kv, seq), by in sorted(means.items()):
+            means.setdefault((r["kv"], r["seq"], r["steps"]), {}).setdefault(r["pattern"], []).append(r["recall"])
+    lines = ["| kv pairs | seq | steps | BB | MM | FF | BB - MM | BB - FF | rule |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for (kv, seq, steps), by in sorted(means.items()):
         if not {"BB", "MM", "FF"} <= by.keys():
             continue
         bb, mm, ff = (statistics.mean(by[p]) for p in ("BB", "MM", "FF"))
         holds = bb >= mm - margin and bb >= ff - margin
-        lines.append(f"| {kv} | {seq} | {bb:.3f} | {mm:.3f} | {ff:.3f} | {bb - mm:+.3f} | {bb - ff:+.3f} | "
+        lines.append(f"| {kv} | {seq} | {steps} | {bb:.3f} | {mm:.3f} | {ff:.3f} | {bb - mm:+.3f} | {bb - ff:+.3f} | "
                      f"{'holds' if holds else 'FAILS'} |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Recall in every regime of the grid (x: kv pairs / sequence, ordered by sequence then pairs), a line
-    of means per model (same colour everywhere), each seed as a dot beside it."""
+    """Recall in every regime and step budget of the grid (x: kv pairs / sequence / steps, ordered by
+    sequence, pairs, steps), a line of means per model (same colour everywhere), each seed as a dot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    regimes = sorted({(r["seq"], r["kv"]) for r in rows})
+    regimes = sorted({(r["seq"], r["kv"], r["steps"]) for r in rows})
     models = sorted({(r["pattern"], r["variant"]) for r in rows})
     fig, ax = plt.subplots(figsize=(max(5.0, 1.4 * len(regimes) + 2), 3.6))
     for i, (pattern, variant) in enumerate(models):
         shift = 0.08 * (i - (len(models) - 1) / 2)  # seeds of different models side by side, not on top
         xs, means = [], []
-        for x, (seq, kv) in enumerate(regimes):
+        for x, regime in enumerate(regimes):
             recalls = [r["recall"] for r in rows
-                       if (r["seq"], r["kv"], r["pattern"], r["variant"]) == (seq, kv, pattern, variant)]
+                       if (r["seq"], r["kv"], r["steps"], r["pattern"], r["variant"]) == (*regime, pattern, variant)]
             if recalls:
                 xs.append(x)
                 means.append(statistics.mean(recalls))
                 ax.scatter([x + shift] * len(recalls), recalls, s=9, color=f"C{i}", alpha=0.5)
         ax.plot(xs, means, marker="o", color=f"C{i}", label=pattern + (f" {variant}" if variant else ""))
-    steps = ["/".join(map(str, sorted({r["steps"] for r in rows if (r["seq"], r["kv"]) == regime})))
-             for regime in regimes]
     ax.set_xticks(range(len(regimes)))
-    ax.set_xticklabels([f"{kv} pairs\nseq {seq}\n{n} steps" for (seq, kv), n in zip(regimes, steps)], fontsize=8)
+    ax.set_xticklabels([f"{kv} pairs\nseq {seq}\n{steps} steps" for seq, kv, steps in regimes], fontsize=8)
     ax.set(ylabel="MQAR recall (mean; dots: seeds)", ylim=(0, 1.02), xlim=(-0.5, len(regimes) - 0.5))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -194,6 +195,9 @@ def main() -> None:
         if len(set(pattern)) != 1 or pattern[0] not in widths:
             parser.error(f"--patterns: {pattern!r} is not one layer kind of the {args.recipe} suite "
                          f"({''.join(widths)}) repeated")
+    for path in args.include:  # before any run starts
+        if not path.is_file():
+            parser.error(f"--include: {path} is not a file")
     args.out.mkdir(parents=True, exist_ok=True)
     variants = [parse_variant(text) for text in args.variant or [""]]
     if not args.report:
@@ -205,9 +209,6 @@ def main() -> None:
                                                       args.eval_every, args.vocab), jobs):
                 results.write(json.dumps(row) + "\n")
                 results.flush()
-    for path in args.include:
-        if not path.is_file():
-            parser.error(f"--include: {path} is not a file")
     rows = collect(args.out, args.include)
     report = f"{table(rows)}\n\n{rule_table(rows)}\n"
     (args.out / "grid.md").write_text(report)

@@ -317,7 +317,12 @@ def test_the_recall_grid_report_merges_runs_made_elsewhere_and_judges_the_rule(t
     rule = grid.rule_table(rows).splitlines()
     assert len(rule) == 3  # header, separator, kv 4 / seq 64 only: kv 8 has no FF run
     # BB's mean 0.54 against MM's 0.6: -0.06, beyond the 0.05 margin
-    assert rule[2] == "| 4 | 64 | 0.540 | 0.600 | 0.200 | -0.060 | +0.340 | FAILS |"
+    assert rule[2] == "| 4 | 64 | 10 | 0.540 | 0.600 | 0.200 | -0.060 | +0.340 | FAILS |"
     assert "| holds |" in grid.rule_table(rows, margin=0.07)
+    # a longer budget is a cell of its own, never averaged with the shorter one
+    longer = [{**r, "steps": 20, "recall": 0.9} for r in rows if (r["kv"], r["seed"]) == (4, 0)]
+    rule = grid.rule_table(rows + longer).splitlines()
+    assert rule[2:] == ["| 4 | 64 | 10 | 0.540 | 0.600 | 0.200 | -0.060 | +0.340 | FAILS |",
+                        "| 4 | 64 | 20 | 0.900 | 0.900 | 0.900 | +0.000 | +0.000 | holds |"]
     grid.plot(rows, tmp_path / "grid.png")
     assert (tmp_path / "grid.png").stat().st_size > 0

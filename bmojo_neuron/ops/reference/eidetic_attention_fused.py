@@ -324,11 +324,8 @@ def _backward_pieces(layout: _Layout, q, k, v, k_fading, v_fading, mem_k, mem_v,
         dq_p, dk_p, dv_p = _flash_backward(grad[:, o:], qb[:, o:], kb[:, : n - o], vb[:, : n - o], out[:, o:],
                                            lse[:, o:], 0.0, causal, attn_mask=mask, scale=layout.scale)
         dq = _accumulate(dq, dq_p, o, n, from_end=True)
-        if piece.keys in grads:
-            dk, dv = grads[piece.keys]
-            grads[piece.keys] = (_accumulate(dk, dk_p, o, n), _accumulate(dv, dv_p, o, n))
-        else:
-            grads[piece.keys] = (_accumulate(None, dk_p, o, n), _accumulate(None, dv_p, o, n))
+        dk, dv = grads.get(piece.keys, (None, None))
+        grads[piece.keys] = (_accumulate(dk, dk_p, o, n), _accumulate(dv, dv_p, o, n))
     d_q = _from_blocks(dq, g, layout.length)
     d_mem_k = d_mem_v = None
     if layout.use_memory:

@@ -176,7 +176,8 @@ class TorchrunBackend(LocalBackend):
         if not self.p.zero1:
             return build_optimizer(model, o.lr, o.weight_decay, o.betas, o.eps, self.device.type, o.lr_multipliers)
         b1, b2 = (float(b) for b in o.betas)
-        return ZeroRedundancyOptimizer(parameter_groups(model, o.weight_decay, o.lr, o.lr_multipliers), optimizer_class=torch.optim.AdamW,
+        groups = parameter_groups(model, o.weight_decay, o.lr, o.lr_multipliers)
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW,
                                        process_group=self.groups.dp, lr=o.lr, betas=(b1, b2), eps=o.eps,
                                        foreach=False)
 
