@@ -11,7 +11,9 @@ from the CLI. Windows and chunks scale with the sequence (``w = w_f = c = L / 16
 (``M = L / 2``), the default run's proportions. Each pattern keeps the SwiGLU width the
 recipe's own suite gives it (its parameters within 10% of the B'MOJO model's). Run seed and
 data seed are both the seed. A finished run (a final eval in its ``metrics.jsonl``) is not
-run again, so an interrupted grid resumes where it stopped.
+run again, so an interrupted grid resumes where it stopped. Recipe overrides go before the
+options or after ``--``: the list options (``--kv``, ``--seq``, ``--seeds``, ``--patterns``,
+``--include``) take every word up to the next option.
 """
 
 from __future__ import annotations
@@ -168,15 +170,32 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+MISPLACED_OVERRIDE = " (a recipe override? put overrides before the options, or after --)"
+
+
+def misplaced_override_hint(text: object) -> str:
+    """A hint for a key=value read as the value of a list option: those options take every word up to
+    the next option, so an override written after one of them lands in its list."""
+    return MISPLACED_OVERRIDE if "=" in str(text) else ""
+
+
+def grid_int(text: str) -> int:
+    """An integer option value; a misplaced override is named as one instead of as a bad integer."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer{misplaced_override_hint(text)}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder of the runs, results.jsonl, grid.md, grid.png")
     parser.add_argument("--recipe", default="cpu-tiny", help="base recipe; its suite gives each kind's SwiGLU width")
     parser.add_argument("--patterns", nargs="+", default=["BB", "MM", "FF"],
                         help="layer patterns of one kind each (BB, MM, FF, SS, AA, or one layer: B, M, ...)")
-    parser.add_argument("--kv", type=int, nargs="+", default=[4, 16, 32])
-    parser.add_argument("--seq", type=int, nargs="+", default=[64, 256])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--kv", type=grid_int, nargs="+", default=[4, 16, 32])
+    parser.add_argument("--seq", type=grid_int, nargs="+", default=[64, 256])
+    parser.add_argument("--seeds", type=grid_int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--vocab", type=int, default=128, help="MQAR vocabulary (keys below V/2: 128 holds 32 pairs)")
     parser.add_argument("--eval-every", type=int, default=0, help="steps between evals (default: only at the end)")
@@ -194,10 +213,10 @@ def main() -> None:
     for pattern in args.patterns:
         if len(set(pattern)) != 1 or pattern[0] not in widths:
             parser.error(f"--patterns: {pattern!r} is not one layer kind of the {args.recipe} suite "
-                         f"({''.join(widths)}) repeated")
+                         f"({''.join(widths)}) repeated{misplaced_override_hint(pattern)}")
     for path in args.include:  # before any run starts
         if not path.is_file():
-            parser.error(f"--include: {path} is not a file")
+            parser.error(f"--include: {path} is not a file{misplaced_override_hint(path)}")
     args.out.mkdir(parents=True, exist_ok=True)
     variants = [parse_variant(text) for text in args.variant or [""]]
     if not args.report:

@@ -326,3 +326,25 @@ def test_the_recall_grid_report_merges_runs_made_elsewhere_and_judges_the_rule(t
                         "| 4 | 64 | 20 | 0.900 | 0.900 | 0.900 | +0.000 | +0.000 | holds |"]
     grid.plot(rows, tmp_path / "grid.png")
     assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_the_recall_grid_names_an_override_caught_by_a_list_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """infra/recall_grid.py: --kv, --seq, --seeds, --patterns and --include take every word up to the next option,
+    so an override written after one lands in its list; the one error line says so, and `--` ends the list."""
+    grid = _load_recall_grid()
+    out = str(tmp_path / "out")
+    for option, words in [("--seeds", ["0", "1"]), ("--kv", ["4"]), ("--patterns", ["BB"]), ("--include", [])]:
+        monkeypatch.setattr("sys.argv", ["recall_grid.py", "--out", out, "--report", option, *words,
+                                         "model.ssm_state_size=16"])
+        with pytest.raises(SystemExit) as exit_info:
+            grid.main()
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("recall_grid.py: error:") and option in error, error
+        assert "'model.ssm_state_size=16'" in error or "model.ssm_state_size=16 is not" in error
+        assert error.endswith("(a recipe override? put overrides before the options, or after --)"), error
+    monkeypatch.setattr("sys.argv", ["recall_grid.py", "--out", out, "--report", "--seeds", "0", "--",
+                                     "model.ssm_state_size=16"])
+    grid.main()  # no runs to report, and no error
+    assert (tmp_path / "out" / "grid.md").is_file()
