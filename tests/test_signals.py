@@ -115,3 +115,60 @@ def test_a_signal_held_while_starting_stops_the_run_at_its_first_step_boundary(t
             signal.signal(signum, handler)
     assert result.stop_signal == signal.SIGTERM and result.step == 1
     assert layout.latest_checkpoint(tmp_path / "run").name == "step-0000001"
+
+
+# A run pool of two long runs; the test signals it while its spawned workers still import torch.
+POOL_CHILD = """
+import sys
+from pathlib import Path
+from test_training import tiny_recipe
+from bmojo_neuron.training.run_pool import train_in_processes
+runs = [(tiny_recipe(**{"run.name": name, "train.steps": 100000, "checkpoint.every": 100000}), Path(sys.argv[1]) / name)
+        for name in ("first", "second")]
+train_in_processes(runs, jobs=2)
+"""
+
+
+def spawned_workers(parent: int) -> list[int]:
+    """The multiprocessing workers whose parent is `parent`, found in /proc."""
+    workers = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == parent and b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                workers.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue  # ended while being read
+    return workers
+
+
+def is_running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the pool's workers in /proc")
+def test_a_second_signal_ends_a_run_pool_and_its_starting_workers_at_once(tmp_path):
+    """Two SIGTERMs reach a run pool (`run.jobs`) while its workers still start: every worker is killed, not
+    left to stop at its first step, and the pool ends by the signal itself, as a single run does."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT),
+                                                          os.environ.get("PYTHONPATH", "")])}
+    child = subprocess.Popen([sys.executable, "-c", POOL_CHILD, str(tmp_path)], cwd=ROOT, env=env,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(workers := spawned_workers(child.pid)) < 2:
+        assert child.poll() is None and time.monotonic() < deadline, "the pool did not start its two workers"
+        time.sleep(0.02)
+    child.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGTERM, err
+    deadline = time.monotonic() + 10
+    while any(is_running(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(is_running(pid) for pid in workers)
+    assert all(layout.latest_checkpoint(tmp_path / name) is None for name in ("first", "second"))

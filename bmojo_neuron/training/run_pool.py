@@ -14,7 +14,9 @@ and runs not yet started are not started. A worker that fails stops the others t
 same way, and its error is raised here once they have stopped. A worker is signalled
 only once it has said it is ready (its own handlers hold the signal until its trainer
 takes it); one still starting gets the signal when it says so, so no run is killed
-half-started.
+half-started. A second signal ends every worker at once and then this process, as a
+second signal ends a single run (`signals.stop_on_signals`); the checkpoints already
+published stay intact, since each is published whole or not at all.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def train_in_processes(runs: list[tuple[Any, Path]], jobs: int, resume: bool = F
     active: dict[int, tuple[Any, Connection]] = {}  # index -> (process, its end of the result pipe)
     listening: dict[int, tuple[Any, Connection]] = {}  # the active workers whose signal handlers are set
     failure: str | None = None
-    with _pass_signals_to(listening) as stopping:
+    with _pass_signals_to(listening, active) as stopping:
         while active or (waiting and not stopping and failure is None):
             while waiting and len(active) < jobs and not stopping and failure is None:
                 index, (recipe, run_dir) = waiting.pop(0)
@@ -114,14 +116,29 @@ def _signal_all(active: dict[int, tuple[Any, Connection]], signum: int) -> None:
 
 
 @contextlib.contextmanager
-def _pass_signals_to(active: dict[int, tuple[Any, Connection]]) -> Iterator[list[int]]:
-    """While the pool runs, SIGTERM / SIGINT go on to every worker; the yielded list records them."""
+def _pass_signals_to(listening: dict[int, tuple[Any, Connection]],
+                     active: dict[int, tuple[Any, Connection]]) -> Iterator[list[int]]:
+    """While the pool runs, SIGTERM / SIGINT go on to every listening worker; the yielded list records them.
+
+    The second one ends every active worker with SIGKILL, then this process with that signal's
+    default action. Passing the signal on would not do: a worker still starting holds what it
+    receives until its trainer takes it, and two signals that reach a process close together
+    run its Python handler once, so such a worker would only stop at its next step boundary.
+    """
     received: list[int] = []
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
 
     def handle(signum: int, _frame: Any) -> None:
         received.append(signum)
-        _signal_all(active, signum)
+        if len(received) == 1:
+            _signal_all(listening, signum)
+            return
+        workers = list(active.values())
+        _signal_all(dict(enumerate(workers)), signal.SIGKILL)
+        for process, _ in workers:
+            process.join(timeout=10)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, handle)
