@@ -97,7 +97,8 @@ def test_float32_inputs_return_float32_lse_and_match(impl):
     inputs = make_inputs(30, 6, 4, 5, 3, 4, 2, dtype=torch.float32)
     out, lse = IMPLEMENTATIONS[impl](*inputs, window=6, fading_window=4, chunk=5, scale=None, block=None)
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
-    want_out, _ = loop_attention(*[t.double() if t is not None and t.is_floating_point() else t for t in inputs], 6, 4, 5)
+    doubled = [t.double() if t is not None and t.is_floating_point() else t for t in inputs]
+    want_out, _ = loop_attention(*doubled, 6, 4, 5)
     torch.testing.assert_close(out.double(), want_out, rtol=0, atol=1e-5)
 
 
