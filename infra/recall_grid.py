@@ -170,13 +170,10 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-MISPLACED_OVERRIDE = " (a recipe override? put overrides before the options, or after --)"
-
-
 def misplaced_override_hint(text: object) -> str:
     """A hint for a key=value read as the value of a list option: those options take every word up to
     the next option, so an override written after one of them lands in its list."""
-    return MISPLACED_OVERRIDE if "=" in str(text) else ""
+    return " (a recipe override? put overrides before the options, or after --)" if "=" in str(text) else ""
 
 
 def grid_int(text: str) -> int:

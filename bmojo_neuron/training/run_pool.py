@@ -133,9 +133,8 @@ def _pass_signals_to(listening: dict[int, tuple[Any, Connection]],
         if len(received) == 1:
             _signal_all(listening, signum)
             return
-        workers = list(active.values())
-        _signal_all(dict(enumerate(workers)), signal.SIGKILL)
-        for process, _ in workers:
+        _signal_all(active, signal.SIGKILL)
+        for process, _ in active.values():
             process.join(timeout=10)
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
