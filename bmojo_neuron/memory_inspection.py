@@ -6,8 +6,12 @@ for the innovation of each token and the memory after each complete chunk. On MQ
 where is its pair — in the window, in the fading window, in the memory that query's
 chunk reads, dropped by that memory, or too recent to be in it yet? Given the
 model's predictions it also counts the queries answered wrong per place, which says
-which path the misses come from. `format_memory_table` prints it; `plot_memory` draws
-positions held against chunks with the kv tokens marked.
+which path the misses come from. `answer_breakdown` asks the question that follows when
+the pairs are in memory and the answers still wrong: how recall falls with the distance
+back to the pair, and whether a wrong answer is the value of another pair of the same
+sequence (the model found a value, not the right one) or something else.
+`format_memory_table` prints it; `plot_memory` draws positions held against chunks with
+the kv tokens marked.
 """
 
 from __future__ import annotations
@@ -86,6 +90,63 @@ class Coverage:
         counts = self.values if which == "values" else self.keys
         outside = counts["memory"] + counts["dropped"] + counts["unreachable"]
         return counts["memory"] / outside if outside else None
+
+
+@dataclass
+class Answers:
+    """Every MQAR query's answer, by the distance back from the query to its key.
+
+    Bucket ``i`` holds the queries whose key is ``[2**i, 2**(i+1))`` tokens back.
+    ``wrong_other_value``: wrong answers that are the value of another pair in the same
+    sequence (a model that retrieves a value but matches the wrong key), as against a
+    token that is no value there at all.
+    """
+
+    queries: list[int] = field(default_factory=list)
+    correct: list[int] = field(default_factory=list)
+    wrong: int = 0
+    wrong_other_value: int = 0
+
+    def add(self, distance: int, right: bool) -> None:
+        bucket = max(distance, 1).bit_length() - 1
+        while len(self.queries) <= bucket:
+            self.queries.append(0)
+            self.correct.append(0)
+        self.queries[bucket] += 1
+        self.correct[bucket] += int(right)
+        self.wrong += int(not right)
+
+    def buckets(self) -> list[tuple[int, int, int, int]]:
+        """``(first distance, last distance, queries, correct)`` of each non-empty bucket."""
+        return [(2**i, 2 ** (i + 1) - 1, n, c) for i, (n, c) in enumerate(zip(self.queries, self.correct)) if n]
+
+
+def answer_breakdown(input_ids: np.ndarray, labels: np.ndarray, predictions: np.ndarray) -> Answers:
+    """Recall of the MQAR queries by distance back to their key, and what their wrong answers were.
+
+    `predictions` (batch, L): the model's next-token argmax, read as for `kv_coverage`.
+    """
+    answers = Answers()
+    for row, pairs in enumerate(mqar_pairs(input_ids, labels)):
+        values = {int(input_ids[row, key + 1]) for _, key in pairs}
+        for query, key in pairs:
+            answer, predicted = int(labels[row, query + 1]), int(predictions[row, query])
+            answers.add(query - key, predicted == answer)
+            if predicted != answer and predicted in values:
+                answers.wrong_other_value += 1
+    return answers
+
+
+def format_answers(answers: Answers) -> str:
+    """Recall per distance bucket, then the wrong answers that were another pair's value."""
+    lines = ["MQAR answers by distance from the query back to its key (all sequences inspected)",
+             f"{'distance':>11} {'queries':>7} {'recall':>6}"]
+    for first, last, queries, correct in answers.buckets():
+        lines.append(f"{f'{first}-{last}':>11} {queries:>7} {correct / queries:>6.3f}")
+    if answers.wrong:
+        lines.append(f"wrong answers: {answers.wrong}, of which {answers.wrong_other_value} "
+                     f"({answers.wrong_other_value / answers.wrong:.0%}) the value of another pair in the sequence")
+    return "\n".join(lines)
 
 
 @torch.no_grad()

@@ -12,6 +12,8 @@ from naive import tiny_config
 from bmojo_neuron import BMojoForCausalLM
 from bmojo_neuron.memory_inspection import (
     LayerMemory,
+    answer_breakdown,
+    format_answers,
     format_memory_table,
     kv_coverage,
     kv_positions,
@@ -116,6 +118,23 @@ def test_kv_coverage_counts_windows():
     assert coverage.memory_share("values") is None
 
 
+def test_answers_by_distance_and_kind():
+    # Pairs (10, 40) at 0-1, (11, 41) at 2-3, (12, 42) at 4-5; queries: key 12 at 6 (2 back, bucket 2-3),
+    # key 10 at 9 (9 back, bucket 8-15), key 11 at 14 (12 back, bucket 8-15).
+    ids = np.zeros((1, 16), dtype=np.int64)
+    ids[0, [0, 1, 2, 3, 4, 5, 6, 7, 9, 10, 14, 15]] = [10, 40, 11, 41, 12, 42, 12, 42, 10, 40, 11, 41]
+    labels = np.full((1, 16), -100)
+    labels[0, [7, 10, 15]] = [42, 40, 41]
+    predictions = np.zeros((1, 16), dtype=np.int64)
+    predictions[0, [6, 9, 14]] = [42, 41, 5]  # right; another pair's value; no value at all
+    answers = answer_breakdown(ids, labels, predictions)
+    assert answers.buckets() == [(2, 3, 1, 1), (8, 15, 2, 0)]
+    assert (answers.wrong, answers.wrong_other_value) == (2, 1)
+    text = format_answers(answers)
+    assert "2-3       1  1.000" in text and "8-15       2  0.000" in text
+    assert "wrong answers: 2, of which 1 (50%) the value of another pair" in text
+
+
 @pytest.mark.parametrize("length", [1, 2])
 def test_inspect_reads_the_eval_data_stretched_by_length(length, tmp_path):
     """`inspect --length 2` traces the stretched eval layout: with innovation n**2, the memory after chunk 0
@@ -143,6 +162,8 @@ def test_inspect_reads_the_eval_data_stretched_by_length(length, tmp_path):
         want = {1, 3} if length == 1 else {1, 0 if ids[row, 0] > ids[row, 4] else 4}
         assert set(held.tolist()) == want
     assert sum(report["coverage"][0]["values"].values()) == 2 * 3  # every query of both sequences placed
+    assert sum(b["queries"] for b in report["answers_by_distance"]) == 2 * 3
+    assert report["wrong_answers"]["total"] == 2 * 3 - sum(b["correct"] for b in report["answers_by_distance"])
     assert cli.main([*args[:-2], "--length", "0"]) == 2  # a clear error
 
 

@@ -3,7 +3,8 @@
 For a few eval sequences of the run's data: the memory after each chunk (positions and
 innovation scores) and, on MQAR, where each query's pair is when the query arrives
 (window, fading window, the memory its chunk reads, dropped by that memory, or too
-recent for it) and how many of the queries at each place the model answers wrong.
+recent for it) and how many of the queries at each place the model answers wrong; then
+recall by the distance back to the pair, and how many wrong answers were another pair's value.
 ``--length M`` inspects the eval data at M times the training length, laid out as
 `eval --lengths` lays it out, to see why recall changes with length.
 """
@@ -48,7 +49,15 @@ def run(args: argparse.Namespace) -> int:
     from bmojo_neuron.commands.evaluate import eval_recipe
     from bmojo_neuron.data import build_eval_dataset
     from bmojo_neuron.device import resolve_device, set_cpu_threads
-    from bmojo_neuron.memory_inspection import format_memory_table, kv_coverage, kv_positions, plot_memory, trace_memory
+    from bmojo_neuron.memory_inspection import (
+        answer_breakdown,
+        format_answers,
+        format_memory_table,
+        kv_coverage,
+        kv_positions,
+        plot_memory,
+        trace_memory,
+    )
 
     device = resolve_device(args.device)
     set_cpu_threads()
@@ -62,11 +71,14 @@ def run(args: argparse.Namespace) -> int:
     ids, labels = rows["input_ids"].numpy(), rows["labels"].numpy()
     mqar = recipe.data.kind == "mqar"
     kv = kv_positions(ids, labels)[args.row] if mqar else None
-    coverage = []
+    coverage, answers = [], None
     if mqar:
         predictions = _predictions(trained.model, rows["input_ids"].to(device))
         coverage = [kv_coverage(t, ids, labels, predictions) for t in traces]
+        answers = answer_breakdown(ids, labels, predictions)
     print(format_memory_table(traces, args.row, kv, coverage))
+    if answers is not None:
+        print("\n" + format_answers(answers))
 
     out = Path(args.output_dir) if args.output_dir else trained.run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -80,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
                       "values_in_memory": c.memory_share("values"), "keys_in_memory": c.memory_share("keys")}
                      for c in coverage],
     }
+    if answers is not None:
+        report["answers_by_distance"] = [{"distance": [first, last], "queries": n, "correct": c}
+                                         for first, last, n, c in answers.buckets()]
+        report["wrong_answers"] = {"total": answers.wrong, "another_pairs_value": answers.wrong_other_value}
     (out / "memory.json").write_text(json.dumps(report, indent=2))
     plot = plot_memory(traces, out / "memory.png", args.row, kv, title=f"{recipe.run.name}: sequence {args.row}"
                        + (f" at {args.length}x" if args.length > 1 else ""))
