@@ -10,8 +10,8 @@ which path the misses come from. `answer_breakdown` asks the question that follo
 the pairs are in memory and the answers still wrong: how recall falls with the distance
 back to the pair, and whether a wrong answer is the value of another pair of the same
 sequence (the model found a value, not the right one) or something else.
-`format_memory_table` prints it; `plot_memory` draws positions held against chunks with
-the kv tokens marked.
+`format_memory_table` and `format_answers` print them; `plot_memory` draws positions
+held against chunks with the kv tokens marked.
 """
 
 from __future__ import annotations
@@ -104,8 +104,11 @@ class Answers:
 
     queries: list[int] = field(default_factory=list)
     correct: list[int] = field(default_factory=list)
-    wrong: int = 0
     wrong_other_value: int = 0
+
+    @property
+    def wrong(self) -> int:
+        return sum(self.queries) - sum(self.correct)
 
     def add(self, distance: int, right: bool) -> None:
         bucket = max(distance, 1).bit_length() - 1
@@ -114,7 +117,6 @@ class Answers:
             self.correct.append(0)
         self.queries[bucket] += 1
         self.correct[bucket] += int(right)
-        self.wrong += int(not right)
 
     def buckets(self) -> list[tuple[int, int, int, int]]:
         """``(first distance, last distance, queries, correct)`` of each non-empty bucket."""
