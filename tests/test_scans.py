@@ -325,11 +325,22 @@ def test_ssd_gradcheck(path):
         assert ssd_gradcheck(chunk=4, seed=14, groups=2)
 
 
+def test_fused_chunk_follows_head_and_state_size():
+    """The eager CPU chunk is the power of two at or above sqrt(P * N), within 16..64, and divides the model's."""
+    target = ssd_module.fused_target
+    assert [target(32, 4), target(32, 16), target(64, 64), target(64, 128), target(8, 2)] == [16, 32, 64, 64, 16]
+    assert target() == target(None, 16) == 64  # sizes unknown: the cap
+    assert ssd_module.fused_chunk(32, 32, 4) == 16 and ssd_module.fused_chunk(256, 32, 16) == 32
+    assert ssd_module.fused_chunk(128, 64, 64) == 64 and ssd_module.fused_chunk(48, 32, 4) == 12
+    assert ssd_module.fused_chunk(8, 64, 64) == 8 and ssd_module.fused_chunk(40, 32, 4) == 10
+
+
 def test_ssd_fused_path_in_sub_chunks_matches_reference_and_gradcheck(monkeypatch):
     """The eager CPU path runs a model chunk in shorter chunks (`fused_chunk`); outputs, final state and every
     gradient equal the reference path's, and its hand-written backward passes gradcheck."""
     monkeypatch.setattr(ssd_module, "FUSED_CHUNK", 4)
     assert ssd_module.fused_chunk(16) == 4 and ssd_module.fused_chunk(6) == 3 and ssd_module.fused_chunk(5) == 5
+    assert ssd_module.fused_chunk(16, head_dim=8, state_size=4) == 4  # the cap wins over the size rule
     inp = ssd_inputs(length=48, groups=2, seed=31)  # whole chunks: no padding copies the strided B and C
     names = ["x", "dt", "A", "bc", "D", "dt_bias", "initial_state"]
     inp["bc"] = torch.stack([inp["B"], inp["C"]], dim=-2)  # (batch, L, groups, 2, N), as the mixer projects them

@@ -18,7 +18,7 @@ time per token grows with L; a slice's stay cache-resident.
 
 On eager CPU tensors (float32/float64, not tracing: `fused_kernel_available`) the
 chunked core runs as one autograd Function with a hand-written backward
-(`ssd_fused.SSDChunks`), in chunks of at most `FUSED_CHUNK` (`fused_chunk`); the code
+(`ssd_fused.SSDChunks`), in chunks sized to the head and state (`fused_chunk`); the code
 below is what traced graphs (Neuron/XLA) and other devices run. Both give the same
 outputs and gradients up to round-off (`tests/test_scans.py` runs every SSD check on both).
 
@@ -26,6 +26,8 @@ Layouts follow mamba_ssm's `mamba_chunk_scan_combined`: time before heads.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +42,9 @@ __all__ = ["ssd_scan", "ssd_state_update"]
 # few such tensors of a slice stay in a CPU's L2/L3 cache, large enough to amortise
 # per-op overhead.
 SLICE_BYTES = 1 << 21
-# Longest chunk the eager CPU path (`ssd_fused`) runs; see `fused_chunk`.
+# Longest and shortest chunk the eager CPU path (`ssd_fused`) aims at; see `fused_chunk`.
 FUSED_CHUNK = 64
+FUSED_CHUNK_MIN = 16
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -149,16 +152,35 @@ def _finish(y: Tensor, x: Tensor, x_f: Tensor, D: Tensor | None, h: Tensor, leng
     return y, h
 
 
-def fused_chunk(chunk_size: int) -> int:
-    """The chunk length `SSDChunks` runs a model chunk in: halved while longer than `FUSED_CHUNK` (and even).
+def fused_chunk(chunk_size: int, head_dim: int | None = None, state_size: int | None = None) -> int:
+    """The chunk length `SSDChunks` runs a model chunk in: halved (while even) down to `fused_target`.
 
     Chunking is exact, so any divisor of the model's chunk gives the same outputs up to
-    round-off; on CPU, chunks of 64 beat 128 (the (chunk x chunk) work halves while the
-    products stay large enough), and 32 loses at long L (twice the chunk states).
+    round-off; only the time changes.
     """
-    while chunk_size > FUSED_CHUNK and chunk_size % 2 == 0:
+    target = fused_target(head_dim, state_size)
+    while chunk_size > target and chunk_size % 2 == 0:
         chunk_size //= 2
     return chunk_size
+
+
+def fused_target(head_dim: int | None = None, state_size: int | None = None) -> int:
+    """The chunk the eager CPU path aims at: the power of two at or above ``sqrt(P * N)``, within 16..64.
+
+    Per token, the in-chunk work grows with the chunk T (a (T x T) decay and score
+    tensor per head, element-wise passes over it forward and backward), while the chunk
+    states cost ``P * N`` per head once per chunk, i.e. ``P * N / T`` per token; the sum
+    is least near ``T = sqrt(P * N)``. Measured forward + backward on one CPU thread
+    (docs/ops.md, `infra/ssd_chunk_sweep.py`): P 32, N 4 runs fastest in chunks of 16
+    (a quarter faster than 32), P 32, N 16 in 16 or 32 (within noise, both a quarter
+    faster than 64 at L 512), P 64, N 64 equally in 32 and 64; below 16 the per-chunk
+    loop and small products cost more than they save, and above 64 the (T x T) work
+    dominates. Unknown sizes aim at 64.
+    """
+    if not head_dim or not state_size:
+        return FUSED_CHUNK
+    target = 1 << max(0, math.ceil(math.log2(math.sqrt(head_dim * state_size))))
+    return min(FUSED_CHUNK, max(FUSED_CHUNK_MIN, target))
 
 
 def _scan_fused(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_state: Tensor | None,
@@ -166,7 +188,7 @@ def _scan_fused(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_
     """The chunked core through `SSDChunks` (eager CPU): y (batch, padded L, H, P) and the final state."""
     batch, length, heads, head_dim = x.shape
     groups, state_size = B.shape[-2:]
-    chunk = fused_chunk(chunk)
+    chunk = fused_chunk(chunk, head_dim, state_size)
     n = length // chunk
     if initial_state is None:
         h0 = x.new_zeros(batch, heads, head_dim, state_size)
