@@ -106,12 +106,15 @@ def run(args: argparse.Namespace) -> int:
     from bmojo_neuron.bench.plot import plot_report
     from bmojo_neuron.bench.suites import Settings, run_suite
     from bmojo_neuron.device import set_cpu_threads
+    from bmojo_neuron.host_allocator import keep_freed_memory
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available here")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     set_cpu_threads(args.threads)
+    if not args.device.startswith("cuda"):
+        keep_freed_memory()  # time what `train` runs (`host_allocator`); the memory probe sets its own
     _check_clock(args, torch.get_num_threads())
     json_path = args.json_path or f"bench-{args.suite}.json"
     plot_path = args.plot_path or os.path.splitext(json_path)[0] + ".png"

@@ -19,6 +19,7 @@ from bmojo_neuron.checkpoints.local import load_latest, load_model_weights, save
 from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState, set_rng_states
 from bmojo_neuron.device import resolve_device, set_cpu_threads
 from bmojo_neuron.evaluation import LengthResult, autocast, evaluate, length_generalisation
+from bmojo_neuron.host_allocator import keep_freed_memory
 from bmojo_neuron.layers.compiled_layers import CompiledLayers, compile_layers
 from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
 from bmojo_neuron.training.data_order import DataOrder, seed_everything
@@ -38,6 +39,8 @@ class LocalBackend:
         self.recipe, self.objective = recipe, objective
         self.device = resolve_device(recipe.run.device)
         set_cpu_threads(recipe.run.threads)  # 0: every usable core but one (`device.default_cpu_threads`)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no fresh pages for every step's activations (`host_allocator`)
         self.mqar = recipe.data.kind == "mqar"
         self.compiled: CompiledLayers | None = None  # train.compile: the layers' compiled forward
         self.compile_checked = False  # a step has run through the compiled layers

@@ -1,0 +1,69 @@
+"""How the host's C allocator treats freed memory in a CPU run: keep it for reuse.
+
+An eager training step allocates and frees the same large activation and gradient
+buffers every step. glibc serves blocks above its ``mmap`` threshold (128 KiB at
+start, raised as blocks are freed) with fresh ``mmap`` pages and returns the top of
+its heap to the kernel once more than the trim threshold is free, so the next step
+touches new pages again: a page fault and a zeroed page per 4 KiB, paid in every op
+that writes a fresh output. At the small models of the recipes' CPU regimes that is a
+tenth of the step (docs/training.md, "Host memory"). Raising both thresholds keeps
+the freed blocks in the heap for the next step: the resident size stays at the step's
+peak instead of falling between steps, which is what a training process does anyway.
+
+glibc only (other C libraries, macOS and Windows are left alone); a user who sets any
+``MALLOC_*_`` tuning variable, or ``BMOJO_NEURON_HOST_ALLOCATOR=default``, keeps glibc's
+own behaviour (as does one who sets ``glibc.malloc.*`` in ``GLIBC_TUNABLES``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+# mallopt(3) parameter numbers (glibc's malloc.h).
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+
+# glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2: 32 MiB on 64-bit Linux.
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 1 << 30
+TOP_PAD = 64 << 20
+
+OPT_OUT_ENV = "BMOJO_NEURON_HOST_ALLOCATOR"
+GLIBC_TUNING_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+
+_applied = False
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc to keep freed blocks up to 32 MiB and the heap's free top up to 1 GiB; True if applied.
+
+    Idempotent, per process (a child started by ``fork`` inherits the setting; one
+    started by ``spawn`` calls this again). Returns False, changing nothing, off glibc,
+    when the user tuned malloc through the environment, or when opted out.
+    """
+    global _applied
+    if _applied:
+        return True
+    if not _should_apply(os.environ):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    # Each call returns 1 on success; the mmap threshold last, because setting it turns
+    # off glibc's own adjustment of both thresholds.
+    done = all(libc.mallopt(param, value) == 1 for param, value in (
+        (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD), (M_MMAP_THRESHOLD, MMAP_THRESHOLD)))
+    _applied = done
+    return done
+
+
+def _should_apply(environ: os._Environ | dict[str, str]) -> bool:
+    if environ.get(OPT_OUT_ENV, "").strip().lower() == "default":
+        return False
+    if any(name in environ for name in GLIBC_TUNING_ENV) or "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
+        return False
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
