@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from collections.abc import Mapping
 
 # mallopt(3) parameter numbers (glibc's malloc.h).
 M_TRIM_THRESHOLD = -1
@@ -53,15 +54,15 @@ def keep_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    # Each call returns 1 on success; the mmap threshold last, because setting it turns
-    # off glibc's own adjustment of both thresholds.
+    # Each call returns 1 on success. Setting any of them also stops glibc from moving
+    # the thresholds by itself as blocks are freed, so the three values hold from here.
     done = all(libc.mallopt(param, value) == 1 for param, value in (
         (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD), (M_MMAP_THRESHOLD, MMAP_THRESHOLD)))
     _applied = done
     return done
 
 
-def _should_apply(environ: os._Environ | dict[str, str]) -> bool:
+def _should_apply(environ: Mapping[str, str]) -> bool:
     if environ.get(OPT_OUT_ENV, "").strip().lower() == "default":
         return False
     if any(name in environ for name in GLIBC_TUNING_ENV) or "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
