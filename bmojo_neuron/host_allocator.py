@@ -1,4 +1,5 @@
-"""How the host's C allocator treats freed memory in a CPU run: keep it for reuse.
+"""How the host's C allocator treats freed memory in a CPU run: keep it for reuse (training, timing),
+or hand it back at once (the bench's memory probe).
 
 An eager training step allocates and frees the same large activation and gradient
 buffers every step. glibc serves blocks above its ``mmap`` threshold (128 KiB at
@@ -13,6 +14,10 @@ peak instead of falling between steps, which is what a training process does any
 glibc only (other C libraries, macOS and Windows are left alone); a user who sets any
 ``MALLOC_*_`` tuning variable, or ``BMOJO_NEURON_HOST_ALLOCATOR=default``, keeps glibc's
 own behaviour (as does one who sets ``glibc.malloc.*`` in ``GLIBC_TUNABLES``).
+
+`return_freed_memory` is the opposite, for measuring: every large block a fresh ``mmap``
+returned to the kernel on ``free``, so the peak resident size counts what a unit of work
+allocated, not what an earlier one left in the heap.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ M_MMAP_THRESHOLD = -3
 
 # glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2: 32 MiB on 64-bit Linux.
 MMAP_THRESHOLD = 32 << 20
+MEASURING_MMAP_THRESHOLD = 64 << 10
 TRIM_THRESHOLD = 1 << 30
 TOP_PAD = 64 << 20
 
@@ -68,3 +74,19 @@ def _should_apply(environ: Mapping[str, str]) -> bool:
     if any(name in environ for name in GLIBC_TUNING_ENV) or "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
         return False
     return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def return_freed_memory() -> None:
+    """Set glibc to serve every block above 64 KiB by ``mmap`` and return it on free; trim the heap now.
+
+    For a process that measures peak memory (`bench.harness`); a no-op where there is
+    no glibc. Undoes `keep_freed_memory` in this process.
+    """
+    global _applied
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, MEASURING_MMAP_THRESHOLD)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return
+    _applied = False

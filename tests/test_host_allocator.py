@@ -37,11 +37,13 @@ def test_opt_out_and_user_tuning_leave_glibc_alone():
     assert _should_apply({"BMOJO_NEURON_HOST_ALLOCATOR": "keep"}) == ON_GLIBC
 
 
-def _mmapped_blocks_after_malloc(env: dict[str, str]) -> tuple[bool, int]:
-    """In a fresh interpreter: apply the setting, malloc 16 MiB, and count the mmapped blocks it added."""
+def _mmapped_blocks_after_malloc(env: dict[str, str], then_return: bool = False) -> tuple[bool, int]:
+    """In a fresh interpreter: apply the setting (then `return_freed_memory` if asked), malloc 16 MiB, and
+    count the mmapped blocks it added."""
     script = textwrap.dedent("""
         import ctypes
-        from bmojo_neuron.host_allocator import keep_freed_memory
+        import sys
+        from bmojo_neuron.host_allocator import keep_freed_memory, return_freed_memory
 
         class MallInfo2(ctypes.Structure):
             _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
@@ -52,13 +54,16 @@ def _mmapped_blocks_after_malloc(env: dict[str, str]) -> tuple[bool, int]:
         libc.malloc.restype = ctypes.c_void_p
         libc.free.argtypes = [ctypes.c_void_p]
         applied = keep_freed_memory()
+        if sys.argv[1] == "return":
+            return_freed_memory()
         before = libc.mallinfo2().hblks
         block = libc.malloc(16 << 20)
         print(applied, libc.mallinfo2().hblks - before)
         libc.free(block)
     """)
     env = {k: v for k, v in os.environ.items() if k != "BMOJO_NEURON_HOST_ALLOCATOR"} | env
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    argv = [sys.executable, "-c", script, "return" if then_return else "keep"]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
     applied, added = out.stdout.split()
     return applied == "True", int(added)
 
@@ -68,6 +73,12 @@ def test_large_blocks_come_from_the_heap_once_applied():
     """glibc's default serves a first 16 MiB block by mmap (a fresh mapping, returned on free); applied, the heap."""
     assert _mmapped_blocks_after_malloc({"BMOJO_NEURON_HOST_ALLOCATOR": "default"}) == (False, 1)
     assert _mmapped_blocks_after_malloc({}) == (True, 0)
+
+
+@pytest.mark.skipif(not ON_GLIBC or not _has_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2)")
+def test_the_measuring_setting_maps_large_blocks_again():
+    """`return_freed_memory` (the bench's memory probe) undoes it: a 16 MiB block is a fresh mapping again."""
+    assert _mmapped_blocks_after_malloc({}, then_return=True) == (True, 1)
 
 
 def test_cpu_training_applies_it(monkeypatch):

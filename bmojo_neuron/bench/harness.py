@@ -27,7 +27,6 @@ Method (also in ``docs/benchmarks.md``):
 
 from __future__ import annotations
 
-import ctypes
 import datetime as _dt
 import importlib
 import json
@@ -45,6 +44,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from bmojo_neuron.host_allocator import return_freed_memory
 
 SCHEMA = "bmojo-neuron-bench/1"
 OK, CAPPED, ERROR, SKIPPED = "ok", "capped", "error", "skipped"
@@ -137,16 +138,6 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _pin_malloc() -> None:
-    """Make glibc return large blocks to the OS on free (so RSS peaks are honest)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD (also disables the dynamic threshold)
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def cpu_memory_supported() -> bool:
     return os.path.exists("/proc/self/clear_refs") and os.path.exists("/proc/self/status")
 
@@ -228,7 +219,7 @@ def _probe_child(builder: str, spec: dict[str, Any], threads: int, cap_seconds: 
         torch.set_num_threads(threads)
         device = spec.get("device", "cpu")
         if not device.startswith("cuda"):
-            _pin_malloc()
+            return_freed_memory()  # honest RSS peaks (`host_allocator`)
         unit = _load(builder)(spec)
         conn.send({"event": "built"})
         seconds, peak = _measure(unit, device)
