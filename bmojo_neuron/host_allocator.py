@@ -6,8 +6,9 @@ buffers every step. glibc serves blocks above its ``mmap`` threshold (128 KiB at
 start, raised as blocks are freed) with fresh ``mmap`` pages and returns the top of
 its heap to the kernel once more than the trim threshold is free, so the next step
 touches new pages again: a page fault and a zeroed page per 4 KiB, paid in every op
-that writes a fresh output. At the small models of the recipes' CPU regimes that is a
-tenth of the step (docs/training.md, "Host memory"). Raising both thresholds keeps
+that writes a fresh output. glibc raises its threshold as it goes, so a long run
+loses little (0-3 % of a cpu-tiny step through `train`, up to 7 % of a bench step at
+1K; docs/training.md, "Host memory on CPU"). Raising both thresholds keeps
 the freed blocks in the heap for the next step: the resident size stays at the step's
 peak instead of falling between steps, which is what a training process does anyway.
 
