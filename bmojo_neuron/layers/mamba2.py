@@ -130,12 +130,13 @@ class Mamba2Mixer(nn.Module):
         x_prefix = bc_prefix = None
         if state is not None:
             x_prefix, bc_prefix = state.conv_states["xbc"].split([self.d_inner_local, self.conv_bc.in_channels], 1)
-        # The convs run on the projections' time-major rows (batch, L, channels).
-        x, x_tail = causal_conv1d_rows(self.in_proj_x(hidden_states), self.conv_x.weight, self.conv_x.bias, x_prefix)
+        # The convs (with their SiLU) run on the projections' time-major rows (batch, L, channels).
+        x, x_tail = causal_conv1d_rows(self.in_proj_x(hidden_states), self.conv_x.weight, self.conv_x.bias, x_prefix,
+                                       silu=True)
         bc, bc_tail = causal_conv1d_rows(self.in_proj_bc(hidden_states), self.conv_bc.weight, self.conv_bc.bias,
-                                         bc_prefix)
-        x = F.silu(x).reshape(batch, length, self.num_heads_local, self.head_dim)
-        B, C = self._split_bc(F.silu(bc))
+                                         bc_prefix, silu=True)
+        x = x.reshape(batch, length, self.num_heads_local, self.head_dim)
+        B, C = self._split_bc(bc)
         out = ops.ssd_scan(
             x,
             dt,

@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.reference.eidetic_attention_fused import fused_kernel_available
+from ..ops.reference.elementwise_fused import gated_rms_norm, rms_norm
+
 __all__ = ["GatedRMSNorm", "RMSNorm", "norm_rows", "rms_normalize"]
 
 
@@ -46,6 +49,8 @@ class RMSNorm(nn.Module):
             self.weight.fill_(1.0)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype and fused_kernel_available(x, self.weight):
+            return rms_norm(x, self.weight, self.eps)  # eager CPU: a slice of rows at a time (`elementwise_fused`)
         ct = _compute_dtype(x.dtype)
         y = rms_normalize(x.to(ct), self.eps) * self.weight.to(ct)
         return y.to(x.dtype)
@@ -81,6 +86,9 @@ class GatedRMSNorm(nn.Module):
             self.weight.fill_(1.0)
 
     def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
+        if z is not None and x.dtype == z.dtype == self.weight.dtype and fused_kernel_available(x, z, self.weight):
+            # Eager CPU: the same chain a slice of rows at a time (`elementwise_fused`); 2x faster at 16K tokens.
+            return gated_rms_norm(x, z, self.weight, self.group_size, self.eps)
         ct = _compute_dtype(x.dtype)
         h = x.to(ct)
         if z is not None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.reference.eidetic_attention_fused import fused_kernel_available
+from ..ops.reference.elementwise_fused import conv_rows_silu
 
 __all__ = ["SSMState", "causal_conv1d", "causal_conv1d_rows", "causal_conv1d_step", "depthwise_conv"]
 
@@ -79,25 +80,29 @@ def causal_conv1d(
 
 
 def causal_conv1d_rows(
-    x: Tensor, weight: Tensor, bias: Tensor | None, prefix: Tensor | None = None
+    x: Tensor, weight: Tensor, bias: Tensor | None, prefix: Tensor | None = None, silu: bool = False
 ) -> tuple[Tensor, Tensor]:
     """`causal_conv1d` on time-major input: x (batch, L, channels) -> out (batch, L, channels).
 
     Same weights, prefix and returned state layout (batch, channels, K - 1) as
-    `causal_conv1d`. On eager CPU tensors (`fused_kernel_available`) it runs as ``K``
-    shifted multiply-adds over the time-major rows (`_CausalConvRows`), with no
-    transposes around it; CPU's depthwise ``conv1d`` wants channels before time and its
-    backward is ~10x its forward. Elsewhere (traced graphs, CUDA) it is `causal_conv1d`
-    between two transposes, as before.
+    `causal_conv1d`; with `silu` the output is ``silu(conv)``. On eager CPU tensors
+    (`fused_kernel_available`) it runs as ``K`` shifted multiply-adds over the time-major
+    rows (`_CausalConvRows`; with `silu`, `elementwise_fused.conv_rows_silu`, which also
+    applies the SiLU a slice of time at a time), with no transposes around it; CPU's
+    depthwise ``conv1d`` wants channels before time and its backward is ~10x its forward.
+    Elsewhere (traced graphs, CUDA) it is `causal_conv1d` between two transposes, then
+    `F.silu`.
     """
     if not fused_kernel_available(x, weight, bias, prefix):
         out, tail = causal_conv1d(x.transpose(1, 2), weight, bias, prefix)
-        return out.transpose(1, 2), tail
+        out = out.transpose(1, 2)
+        return (F.silu(out) if silu else out), tail
     width = weight.shape[-1] - 1
     if prefix is None:
         prefix = x.new_zeros(x.shape[0], x.shape[2], width)
     padded = torch.cat([prefix.to(x.dtype).transpose(1, 2), x], dim=1)  # (batch, K - 1 + L, channels)
-    out = _CausalConvRows.apply(padded, weight.reshape(weight.shape[0], -1), bias)
+    weight = weight.reshape(weight.shape[0], -1)
+    out = conv_rows_silu(padded, weight, bias) if silu else _CausalConvRows.apply(padded, weight, bias)
     return out, padded[:, padded.shape[1] - width :].transpose(1, 2).clone()
 
 
