@@ -49,7 +49,7 @@ class RMSNorm(nn.Module):
             self.weight.fill_(1.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == self.weight.dtype and fused_kernel_available(x, self.weight):
+        if fused_kernel_available(x, self.weight) and x.dtype == self.weight.dtype:
             return rms_norm(x, self.weight, self.eps)  # eager CPU: a slice of rows at a time (`elementwise_fused`)
         ct = _compute_dtype(x.dtype)
         y = rms_normalize(x.to(ct), self.eps) * self.weight.to(ct)
@@ -86,7 +86,7 @@ class GatedRMSNorm(nn.Module):
             self.weight.fill_(1.0)
 
     def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
-        if z is not None and x.dtype == z.dtype == self.weight.dtype and fused_kernel_available(x, z, self.weight):
+        if z is not None and fused_kernel_available(x, z, self.weight) and x.dtype == z.dtype == self.weight.dtype:
             # Eager CPU: the same chain a slice of rows at a time (`elementwise_fused`); 2x faster at 16K tokens.
             return gated_rms_norm(x, z, self.weight, self.group_size, self.eps)
         ct = _compute_dtype(x.dtype)

@@ -93,7 +93,8 @@ def fused_kernel_available(*tensors: Tensor | None) -> bool:
         return False
     present = [t for t in tensors if t is not None]
     return all(
-        t.device.type == "cpu" and type(t) in (torch.Tensor, torch.nn.Parameter)  # no fake/functional wrappers
+        # The type first: no fake/functional wrappers, and no FX proxy, whose attributes are proxies too.
+        type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
         and (t.dtype in (torch.float32, torch.float64) or not t.is_floating_point())
         for t in present
     )
