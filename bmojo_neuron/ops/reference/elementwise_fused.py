@@ -8,12 +8,12 @@ layer's norm of the SSM output), Mamba-2's gated output norm
 which reads and writes whole ``(tokens, width)`` tensors and saves some of them for the
 backward. Once those tensors outgrow the CPU caches (a 16K-token sequence at width 512
 is 32 MiB per tensor, the size of this machine's L3) every op streams them from memory,
-and the chain's time per token grows with the length: measured on one thread, the gated
-norm forward + backward took 280 ms at (1, 16K, 512) against 30 ms at (4, 1K, 512),
-2.3x per token (docs/benchmarks.md).
+and the chain's time per token grows with the length: measured on one thread, the plain
+gated norm's forward + backward took 250-290 ms at (1, 16K, 512) against 27-42 ms at
+(4, 1K, 512), 1.6-2.6x the time per token (docs/ops.md).
 
 Here each chain runs ``SLICE_BYTES`` of rows at a time, forward and backward, so a
-slice's intermediates stay in L2 while the whole chain runs over it; the backward is
+slice's intermediates stay in cache while the whole chain runs over it; the backward is
 written out (the same derivatives autograd takes) and recomputes what it needs from the
 saved inputs instead of saving intermediates. Outputs match the plain expressions to
 float32 round-off (`tests/test_elementwise_fused.py` checks them against the layers'
