@@ -11,6 +11,11 @@ loses little (0-3 % of a cpu-tiny step through `train`, up to 7 % of a bench ste
 1K; docs/training.md, "Host memory on CPU"). Raising both thresholds keeps
 the freed blocks in the heap for the next step: the resident size stays at the step's
 peak instead of falling between steps, which is what a training process does anyway.
+glibc caps the ``mmap`` threshold at 32 MiB, so blocks above it (a (16K, 512) float32
+activation already) would still be fresh mappings every time, at a cost that grows with
+the sequence; turning ``mmap`` off for the heap (``M_MMAP_MAX = 0``) serves them from the
+heap too. glibc still maps a block the heap cannot hold (a thread's arena is 64 MiB), so
+no request fails for it.
 
 glibc only (other C libraries, macOS and Windows are left alone); a user who sets any
 ``MALLOC_*_`` tuning variable, or ``BMOJO_NEURON_HOST_ALLOCATOR=default``, keeps glibc's
@@ -32,21 +37,23 @@ from collections.abc import Mapping
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 
 # glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2: 32 MiB on 64-bit Linux.
 MMAP_THRESHOLD = 32 << 20
 MEASURING_MMAP_THRESHOLD = 64 << 10
 TRIM_THRESHOLD = 1 << 30
 TOP_PAD = 64 << 20
+DEFAULT_MMAP_MAX = 65536  # glibc's own limit on live mapped blocks
 
 OPT_OUT_ENV = "BMOJO_NEURON_HOST_ALLOCATOR"
-GLIBC_TUNING_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
+GLIBC_TUNING_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
 
 _applied = False
 
 
 def keep_freed_memory() -> bool:
-    """Set glibc to keep freed blocks up to 32 MiB and the heap's free top up to 1 GiB; True if applied.
+    """Set glibc to serve large blocks from the heap, not ``mmap``, and keep 1 GiB of free top; True if applied.
 
     Idempotent, per process (a child started by ``fork`` inherits the setting; one
     started by ``spawn`` calls this again). Returns False, changing nothing, off glibc,
@@ -64,7 +71,8 @@ def keep_freed_memory() -> bool:
     # Each call returns 1 on success. Setting any of them also stops glibc from moving
     # the thresholds by itself as blocks are freed, so the three values hold from here.
     done = all(libc.mallopt(param, value) == 1 for param, value in (
-        (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD), (M_MMAP_THRESHOLD, MMAP_THRESHOLD)))
+        (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD), (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        (M_MMAP_MAX, 0)))
     _applied = done
     return done
 
@@ -86,6 +94,7 @@ def return_freed_memory() -> None:
     global _applied
     try:
         libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
         libc.mallopt(M_MMAP_THRESHOLD, MEASURING_MMAP_THRESHOLD)
         libc.malloc_trim(0)
     except (OSError, AttributeError):

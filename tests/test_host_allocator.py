@@ -30,6 +30,7 @@ def test_opt_out_and_user_tuning_leave_glibc_alone():
     assert not _should_apply({"MALLOC_MMAP_THRESHOLD_": "131072"})
     assert not _should_apply({"MALLOC_TRIM_THRESHOLD_": "0"})
     assert not _should_apply({"MALLOC_TOP_PAD_": "0"})
+    assert not _should_apply({"MALLOC_MMAP_MAX_": "0"})
     assert not _should_apply({"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"})
     # Tunables of other parts of glibc are not a malloc choice.
     assert _should_apply({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX512F"}) == ON_GLIBC
@@ -37,8 +38,8 @@ def test_opt_out_and_user_tuning_leave_glibc_alone():
     assert _should_apply({"BMOJO_NEURON_HOST_ALLOCATOR": "keep"}) == ON_GLIBC
 
 
-def _mmapped_blocks_after_malloc(env: dict[str, str], then_return: bool = False) -> tuple[bool, int]:
-    """In a fresh interpreter: apply the setting (then `return_freed_memory` if asked), malloc 16 MiB, and
+def _mmapped_blocks_after_malloc(env: dict[str, str], then_return: bool = False, mib: int = 16) -> tuple[bool, int]:
+    """In a fresh interpreter: apply the setting (then `return_freed_memory` if asked), malloc `mib` MiB, and
     count the mmapped blocks it added."""
     script = textwrap.dedent("""
         import ctypes
@@ -57,12 +58,12 @@ def _mmapped_blocks_after_malloc(env: dict[str, str], then_return: bool = False)
         if sys.argv[1] == "return":
             return_freed_memory()
         before = libc.mallinfo2().hblks
-        block = libc.malloc(16 << 20)
+        block = libc.malloc(int(sys.argv[2]) << 20)
         print(applied, libc.mallinfo2().hblks - before)
         libc.free(block)
     """)
     env = {k: v for k, v in os.environ.items() if k != "BMOJO_NEURON_HOST_ALLOCATOR"} | env
-    argv = [sys.executable, "-c", script, "return" if then_return else "keep"]
+    argv = [sys.executable, "-c", script, "return" if then_return else "keep", str(mib)]
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
     applied, added = out.stdout.split()
     return applied == "True", int(added)
@@ -70,15 +71,20 @@ def _mmapped_blocks_after_malloc(env: dict[str, str], then_return: bool = False)
 
 @pytest.mark.skipif(not ON_GLIBC or not _has_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2)")
 def test_large_blocks_come_from_the_heap_once_applied():
-    """glibc's default serves a first 16 MiB block by mmap (a fresh mapping, returned on free); applied, the heap."""
+    """glibc's default serves a first 16 MiB block by mmap (a fresh mapping, returned on free); applied, the heap,
+    also for a 256 MiB block, above the 32 MiB glibc allows as mmap threshold."""
     assert _mmapped_blocks_after_malloc({"BMOJO_NEURON_HOST_ALLOCATOR": "default"}) == (False, 1)
+    assert _mmapped_blocks_after_malloc({"BMOJO_NEURON_HOST_ALLOCATOR": "default"}, mib=256) == (False, 1)
     assert _mmapped_blocks_after_malloc({}) == (True, 0)
+    assert _mmapped_blocks_after_malloc({}, mib=256) == (True, 0)
 
 
 @pytest.mark.skipif(not ON_GLIBC or not _has_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2)")
 def test_the_measuring_setting_maps_large_blocks_again():
-    """`return_freed_memory` (the bench's memory probe) undoes it: a 16 MiB block is a fresh mapping again."""
+    """`return_freed_memory` (the bench's memory probe) undoes it: a 16 MiB or 256 MiB block is a fresh mapping
+    again."""
     assert _mmapped_blocks_after_malloc({}, then_return=True) == (True, 1)
+    assert _mmapped_blocks_after_malloc({}, then_return=True, mib=256) == (True, 1)
 
 
 def test_cpu_training_applies_it(monkeypatch):
