@@ -13,8 +13,8 @@ the freed blocks in the heap for the next step: the resident size stays at the s
 peak instead of falling between steps, which is what a training process does anyway.
 glibc caps the ``mmap`` threshold at 32 MiB, so blocks above it (a (16K, 512) float32
 activation already) would still be fresh mappings every time, at a cost that grows with
-the sequence; turning ``mmap`` off for the heap (``M_MMAP_MAX = 0``) serves them from the
-heap too. glibc still maps a block the heap cannot hold (a thread's arena is 64 MiB), so
+the sequence; allowing no mapped blocks (``M_MMAP_MAX = 0``) serves them from the heap
+too. glibc still maps a block the heap cannot hold (a thread's arena is 64 MiB), so
 no request fails for it.
 
 glibc only (other C libraries, macOS and Windows are left alone); a user who sets any
@@ -69,7 +69,7 @@ def keep_freed_memory() -> bool:
     except OSError:
         return False
     # Each call returns 1 on success. Setting any of them also stops glibc from moving
-    # the thresholds by itself as blocks are freed, so the three values hold from here.
+    # the thresholds by itself as blocks are freed, so these values hold from here.
     done = all(libc.mallopt(param, value) == 1 for param, value in (
         (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_TOP_PAD, TOP_PAD), (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
         (M_MMAP_MAX, 0)))

@@ -76,10 +76,11 @@ def test_rms_norm_equals_plain_formula(tiny_slices):
     assert torch.autograd.gradcheck(lambda a, w: elementwise_fused.rms_norm(a, w, 1e-6), inputs, eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("silu", [True, False])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("length", [1, 13])
-def test_conv_silu_equals_conv1d_then_silu(tiny_slices, with_bias, length):
-    """`conv_rows_silu` (through `causal_conv1d_rows(silu=True)`) equals `F.silu(causal_conv1d)` in outputs,
+def test_conv_rows_equals_conv1d(tiny_slices, with_bias, length, silu):
+    """`conv_rows` (through `causal_conv1d_rows`) equals `causal_conv1d`, then `F.silu` if asked, in outputs,
     the returned state and every gradient, continuing from a prefix."""
     g = torch.Generator().manual_seed(length)
     leaves = [torch.randn(2, length, 5, generator=g, dtype=torch.float64),
@@ -94,11 +95,12 @@ def test_conv_silu_equals_conv1d_then_silu(tiny_slices, with_bias, length):
         x, w, prefix, *bias = ins = [t.clone().requires_grad_() for t in leaves]
         bias = bias[0] if bias else None
         if fused:
-            out, tail = causal_conv1d_rows(x, w, bias, prefix, silu=True)
-            assert _names(out.grad_fn) & {"_ConvRowsSiluBackward"}
+            out, tail = causal_conv1d_rows(x, w, bias, prefix, silu=silu)
+            assert _names(out.grad_fn) & {"_ConvRowsBackward"}
         else:
             out, tail = causal_conv1d(x.transpose(1, 2), w, bias, prefix)
-            out = F.silu(out.transpose(1, 2))
+            out = out.transpose(1, 2)
+            out = F.silu(out) if silu else out
         ((out * grad_out).sum() + (tail * grad_tail).sum()).backward()
         return [out, tail] + [t.grad for t in ins]
 
@@ -107,7 +109,8 @@ def test_conv_silu_equals_conv1d_then_silu(tiny_slices, with_bias, length):
     padded = torch.randn(2, length + 3, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(5, dtype=torch.float64, requires_grad=True) if with_bias else None
-    assert torch.autograd.gradcheck(elementwise_fused.conv_rows_silu, (padded, weight, bias), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(lambda p, w, b: elementwise_fused.conv_rows(p, w, b, silu), (padded, weight, bias),
+                                   eps=1e-6, atol=1e-7)
 
 
 def test_layers_take_the_sliced_chains_on_eager_cpu_only():
@@ -127,7 +130,7 @@ def test_layers_take_the_sliced_chains_on_eager_cpu_only():
     assert not _names(plain.grad_fn) & {"_GatedRMSNormBackward"}
     scale = plain.abs().max()
     assert ((fast - plain).abs().max() / scale).item() < F32_TOL
-    assert not _names(conv_plain.grad_fn) & {"_ConvRowsSiluBackward"}
+    assert not _names(conv_plain.grad_fn) & {"_ConvRowsBackward"}
 
     plain_norm = RMSNorm(512)
     fast = plain_norm(x)

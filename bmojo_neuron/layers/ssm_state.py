@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.reference.eidetic_attention_fused import fused_kernel_available
-from ..ops.reference.elementwise_fused import conv_rows_silu
+from ..ops.reference.elementwise_fused import conv_rows
 
 __all__ = ["SSMState", "causal_conv1d", "causal_conv1d_rows", "causal_conv1d_step", "depthwise_conv"]
 
@@ -87,8 +87,8 @@ def causal_conv1d_rows(
     Same weights, prefix and returned state layout (batch, channels, K - 1) as
     `causal_conv1d`; with `silu` the output is ``silu(conv)``. On eager CPU tensors
     (`fused_kernel_available`) it runs as ``K`` shifted multiply-adds over the time-major
-    rows (`_CausalConvRows`; with `silu`, `elementwise_fused.conv_rows_silu`, which also
-    applies the SiLU a slice of time at a time), with no transposes around it; CPU's
+    rows, with the SiLU, a slice of time at a time (`elementwise_fused.conv_rows`), with
+    no transposes around it; CPU's
     depthwise ``conv1d`` wants channels before time and its backward is ~10x its forward.
     Elsewhere (traced graphs, CUDA) it is `causal_conv1d` between two transposes, then
     `F.silu`.
@@ -101,39 +101,8 @@ def causal_conv1d_rows(
     if prefix is None:
         prefix = x.new_zeros(x.shape[0], x.shape[2], width)
     padded = torch.cat([prefix.to(x.dtype).transpose(1, 2), x], dim=1)  # (batch, K - 1 + L, channels)
-    weight = weight.reshape(weight.shape[0], -1)
-    out = conv_rows_silu(padded, weight, bias) if silu else _CausalConvRows.apply(padded, weight, bias)
+    out = conv_rows(padded, weight.reshape(weight.shape[0], -1), bias, silu)
     return out, padded[:, padded.shape[1] - width :].transpose(1, 2).clone()
-
-
-class _CausalConvRows(torch.autograd.Function):
-    """out[:, t] = bias + sum_k w[:, k] * padded[:, t + k] over time-major rows (batch, K - 1 + L, channels)."""
-
-    @staticmethod
-    def forward(ctx, padded: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        K = weight.shape[1]
-        length = padded.shape[1] - (K - 1)
-        out = padded.narrow(1, K - 1, length) * weight[:, K - 1]
-        for k in range(K - 1):
-            out.addcmul_(padded.narrow(1, k, length), weight[:, k])
-        if bias is not None:
-            out += bias
-        ctx.save_for_backward(padded, weight)
-        ctx.has_bias = bias is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        padded, weight = ctx.saved_tensors
-        K = weight.shape[1]
-        length = grad.shape[1]
-        d_padded = torch.zeros_like(padded)
-        d_weight = torch.empty_like(weight)
-        for k in range(K):
-            d_padded.narrow(1, k, length).addcmul_(grad, weight[:, k])
-            d_weight[:, k] = (grad * padded.narrow(1, k, length)).sum((0, 1))
-        d_bias = grad.sum((0, 1)) if ctx.has_bias else None
-        return d_padded, d_weight, d_bias
 
 
 def causal_conv1d_step(x: Tensor, weight: Tensor, bias: Tensor | None, conv_state: Tensor) -> tuple[Tensor, Tensor]:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SLICE_BYTES", "conv_rows_silu", "gated_rms_norm", "rms_norm", "rows_per_slice"]
+__all__ = ["SLICE_BYTES", "conv_rows", "gated_rms_norm", "rms_norm", "rows_per_slice"]
 
 # Bytes of one operand's slice: small enough that a slice's handful of temporaries stay in a
 # core's L2/L3 share, large enough that the per-slice op dispatch stays a few percent
@@ -136,7 +136,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return _RMSNorm.apply(x.reshape(-1, shape[-1]), weight, eps).view(shape)
 
 
-# ----------------------------------------------------------------------------- conv + SiLU
+# ----------------------------------------------------------------------------- conv (+ SiLU)
 def _conv_into(out: Tensor, padded: Tensor, weight: Tensor, bias: Tensor | None, start: int) -> Tensor:
     """``bias + sum_k w[:, k] * padded[:, start + t + k]`` for the ``out.shape[1]`` rows t of `out`, written there."""
     K, rows = weight.shape[1], out.shape[1]
@@ -148,22 +148,26 @@ def _conv_into(out: Tensor, padded: Tensor, weight: Tensor, bias: Tensor | None,
     return out
 
 
-class _ConvRowsSilu(torch.autograd.Function):
-    """``silu(bias + sum_k w[:, k] * padded[:, t + k])`` over time-major rows (batch, K - 1 + L, channels).
+class _ConvRows(torch.autograd.Function):
+    """``bias + sum_k w[:, k] * padded[:, t + k]`` over time-major rows (batch, K - 1 + L, channels), then
+    the SiLU if `silu`.
 
-    Time slices of all batch rows at once; the backward recomputes each slice's
-    pre-activation from `padded` (K multiply-adds in cache) instead of saving it.
+    Time slices of all batch rows at once; with the SiLU the backward recomputes each
+    slice's pre-activation from `padded` (K multiply-adds in cache) instead of saving it.
     """
 
     @staticmethod
-    def forward(ctx, padded: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(ctx, padded: Tensor, weight: Tensor, bias: Tensor | None, silu: bool) -> Tensor:
         batch, total, channels = padded.shape
         length = total - (weight.shape[1] - 1)
         out = padded.new_empty(batch, length, channels)
         rows = rows_per_slice(batch * channels * padded.element_size())
         for i in _spans(length, rows):
-            F.silu(_conv_into(out[:, i:i + rows], padded, weight, bias, i), inplace=True)
+            pre = _conv_into(out[:, i:i + rows], padded, weight, bias, i)
+            if silu:
+                F.silu(pre, inplace=True)
         ctx.save_for_backward(padded, weight, bias)
+        ctx.silu = silu
         return out
 
     @staticmethod
@@ -175,19 +179,21 @@ class _ConvRowsSilu(torch.autograd.Function):
         d_padded, d_weight = torch.zeros_like(padded), torch.zeros_like(weight)
         d_bias = None if bias is None else torch.zeros_like(bias)
         rows = rows_per_slice(batch * channels * padded.element_size())
-        pre = padded.new_empty(batch, min(rows, length), channels)
+        pre = padded.new_empty(batch, min(rows, length), channels) if ctx.silu else None
         for i in _spans(length, rows):
             r = min(rows, length - i)
-            d_pre = _silu_backward(grad[:, i:i + r], _conv_into(pre[:, :r], padded, weight, bias, i))
+            d_pre = grad[:, i:i + r]
+            if ctx.silu:
+                d_pre = _silu_backward(d_pre, _conv_into(pre[:, :r], padded, weight, bias, i))
             for k in range(K):
                 d_padded[:, i + k:i + k + r].addcmul_(d_pre, weight[:, k])
                 d_weight[:, k] += (d_pre * padded[:, i + k:i + k + r]).sum((0, 1))
             if d_bias is not None:
                 d_bias += d_pre.sum((0, 1))
-        return d_padded, d_weight, d_bias
+        return d_padded, d_weight, d_bias, None
 
 
-def conv_rows_silu(padded: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``silu(causal depthwise conv)`` of time-major rows: padded (batch, K - 1 + L, channels) with its K - 1
-    leading rows of history, weight (channels, K), bias (channels,) or None -> (batch, L, channels)."""
-    return _ConvRowsSilu.apply(padded, weight, bias)
+def conv_rows(padded: Tensor, weight: Tensor, bias: Tensor | None, silu: bool = False) -> Tensor:
+    """Causal depthwise conv of time-major rows, then ``silu`` if asked: padded (batch, K - 1 + L, channels)
+    with its K - 1 leading rows of history, weight (channels, K), bias (channels,) or None -> (batch, L, channels)."""
+    return _ConvRows.apply(padded, weight, bias, silu)
