@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bmojo_neuron import ops
+from bmojo_neuron.ops.reference import eager_cpu
 from bmojo_neuron.ops.reference import eidetic_attention_fused as fused_module
 from bmojo_neuron.ops.reference.eidetic_attention import eidetic_attention, eidetic_attention_blocked
 from bmojo_neuron.ops.reference.eidetic_attention_fused import eidetic_attention_fused
@@ -193,11 +194,11 @@ def test_fused_equals_blocked_in_float32(length, window, q_heads, seed):
 
 def test_cpu_runs_the_fused_op_and_tracing_the_blocked_one():
     inputs = make_inputs(12, 4, 2, 4, 2, 2, 1, dtype=torch.float32)
-    assert fused_module.fused_kernel_available(*inputs)
-    assert not fused_module.fused_kernel_available(*inputs[:2], inputs[2].to(torch.bfloat16))
-    with fused_module.fused_kernels_disabled():  # what the Neuron backend does for a whole run
-        assert not fused_module.fused_kernel_available(*inputs)
-    assert fused_module.fused_kernel_available(*inputs)
+    assert eager_cpu.fused_kernel_available(*inputs)
+    assert not eager_cpu.fused_kernel_available(*inputs[:2], inputs[2].to(torch.bfloat16))
+    with eager_cpu.fused_kernels_disabled():  # what the Neuron backend does for a whole run
+        assert not eager_cpu.fused_kernel_available(*inputs)
+    assert eager_cpu.fused_kernel_available(*inputs)
     graph = torch.fx.experimental.proxy_tensor.make_fx(
         lambda q, k, v: eidetic_attention(q, k, v, window=4)[0], tracing_mode="fake")(*inputs[:3])
     targets = {str(node.target) for node in graph.graph.nodes}

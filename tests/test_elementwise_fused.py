@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import bmojo_neuron.ops.reference.elementwise_fused as elementwise_fused
 from bmojo_neuron.layers.norms import GatedRMSNorm, RMSNorm
 from bmojo_neuron.layers.ssm_state import causal_conv1d, causal_conv1d_rows
-from bmojo_neuron.ops.reference.eidetic_attention_fused import fused_kernels_disabled
+from bmojo_neuron.ops.reference.eager_cpu import fused_kernels_disabled
 
 MATH_TOL = 1e-10  # float64 against the plain formula
 F32_TOL = 2e-6  # float32, relative to the largest magnitude (sums over a few hundred terms)

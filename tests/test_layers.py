@@ -57,7 +57,7 @@ def test_rope_matches_the_pairwise_rotation():
 def test_rotation_on_cpu_equals_the_plain_expression_with_its_gradient():
     """`apply_rotary` on eager CPU (`_Rotary`) gives the plain expression's numbers bit for bit and, in float64,
     its gradient (and passes gradcheck); the plain expression is what traced graphs run."""
-    from bmojo_neuron.ops.reference.eidetic_attention_fused import fused_kernels_disabled
+    from bmojo_neuron.ops.reference.eager_cpu import fused_kernels_disabled
 
     rotary = RotaryEmbedding(8, 10000.0)
     cos, sin = rotary(torch.arange(6), torch.float64)

@@ -312,7 +312,7 @@ def test_gated_rms_norm_groups():
 def test_causal_conv_on_rows_matches_conv1d(path, length, with_prefix, with_bias):
     """`causal_conv1d_rows` (time-major, K shifted multiply-adds on eager CPU; `conv1d` between transposes
     while tracing) equals `causal_conv1d` in outputs, returned state and every gradient (float64)."""
-    from bmojo_neuron.ops.reference.eidetic_attention_fused import fused_kernels_disabled
+    from bmojo_neuron.ops.reference.eager_cpu import fused_kernels_disabled
     from bmojo_neuron.layers.ssm_state import causal_conv1d, causal_conv1d_rows
 
     g = torch.Generator().manual_seed(length)

@@ -223,7 +223,7 @@ def test_hot_ops_default_to_nki(monkeypatch):
 def test_the_backend_runs_the_attention_an_xla_graph_runs(doubles):
     """The doubles' XLA device is the CPU: for the whole run the reference attention is the blocked op (what a
     Neuron graph is traced from), not the CPU-only fused kernels; `close` gives them back."""
-    from bmojo_neuron.ops.reference.eidetic_attention_fused import fused_kernel_available
+    from bmojo_neuron.ops.reference.eager_cpu import fused_kernel_available
     from bmojo_neuron.training.backends.neuron import NeuronBackend
 
     q = torch.zeros(1, 2, 128, 8)

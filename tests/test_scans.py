@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import bmojo_neuron.ops.reference.selective_scan  # noqa: F401
 from bmojo_neuron.ops.reference.selective_scan import selective_scan, selective_state_update
 import bmojo_neuron.ops.reference.ssd as ssd_module
-from bmojo_neuron.ops.reference.eidetic_attention_fused import fused_kernels_disabled
+from bmojo_neuron.ops.reference.eager_cpu import fused_kernels_disabled
 from bmojo_neuron.ops.reference.ssd import ssd_scan, ssd_state_update
 
 F64 = torch.float64

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.reference.eidetic_attention_fused import fused_kernel_available
+from ..ops.reference.eager_cpu import fused_kernel_available
 from ..ops.reference.elementwise_fused import gated_rms_norm, rms_norm
 
 __all__ = ["GatedRMSNorm", "RMSNorm", "norm_rows", "rms_normalize"]

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..ops.reference.eidetic_attention_fused import fused_kernel_available
+from ..ops.reference.eager_cpu import fused_kernel_available
 
 
 def rotation_periods(

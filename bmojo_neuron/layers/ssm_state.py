@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.reference.eidetic_attention_fused import fused_kernel_available
+from ..ops.reference.eager_cpu import fused_kernel_available
 from ..ops.reference.elementwise_fused import conv_rows
 
 __all__ = ["SSMState", "causal_conv1d", "causal_conv1d_rows", "causal_conv1d_step", "depthwise_conv"]

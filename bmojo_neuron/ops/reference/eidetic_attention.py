@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .eidetic_attention_fused import eidetic_attention_fused, fused_kernel_available
+from .eager_cpu import fused_kernel_available
+from .eidetic_attention_fused import eidetic_attention_fused
 
 NEG_INF = float("-inf")
 

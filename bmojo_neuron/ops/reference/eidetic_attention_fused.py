@@ -51,9 +51,7 @@ memory beyond inputs and outputs is O(L) (no L x keys tensor).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -63,41 +61,6 @@ from torch import Tensor
 NEG_INF = float("-inf")
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-
-_disabled = False  # set by `fused_kernels_disabled` (process-wide: NxD may run stages on other threads)
-
-
-@contextlib.contextmanager
-def fused_kernels_disabled() -> Iterator[None]:
-    """Run the block with the blocked op only, as an XLA (Neuron) graph would run it.
-
-    Real XLA tensors never reach the fused kernels (their device is not CPU); a CPU
-    stand-in of the XLA device (the torch-xla test double) would, so the Neuron
-    backend enters this for its whole run and the stand-in runs the ops a Neuron graph
-    is traced from.
-    """
-    global _disabled
-    previous, _disabled = _disabled, True
-    try:
-        yield
-    finally:
-        _disabled = previous
-
-
-def fused_kernel_available(*tensors: Tensor | None) -> bool:
-    """Whether the fused path can run these inputs: eager CPU float32/float64 tensors, not tracing, not under
-    `fused_kernels_disabled`."""
-    if _disabled or torch.compiler.is_compiling() or not hasattr(
-            torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        return False
-    present = [t for t in tensors if t is not None]
-    return all(
-        # The type first: no fake/functional wrappers, and no FX proxy, whose attributes are proxies too.
-        type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
-        and (t.dtype in (torch.float32, torch.float64) or not t.is_floating_point())
-        for t in present
-    )
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .eidetic_attention_fused import fused_kernel_available
+from .eager_cpu import fused_kernel_available
 from .ssd_fused import SSDChunks
 
 __all__ = ["ssd_scan", "ssd_state_update"]

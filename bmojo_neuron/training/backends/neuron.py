@@ -66,7 +66,7 @@ from bmojo_neuron.evaluation import LengthResult
 from bmojo_neuron.launch.plan import runtime_env, validate_for_trainium
 from bmojo_neuron.neuron import import_neuron_module
 from bmojo_neuron.ops.dispatch import ENV_VAR, use_backend
-from bmojo_neuron.ops.reference.eidetic_attention_fused import fused_kernels_disabled
+from bmojo_neuron.ops.reference.eager_cpu import fused_kernels_disabled
 from bmojo_neuron.parallel.nxd_pipeline import PipelineStats
 from bmojo_neuron.parallel.nxd_training import build_nxd_model, build_nxd_optimizer, nxd_config
 from bmojo_neuron.parallel.sharding import shard_shapes, tied_names
