@@ -24,7 +24,8 @@ from bmojo_neuron.training import TrainResult, Trainer, train
 from bmojo_neuron.training.backends.local import LocalBackend
 from bmojo_neuron.training.data_order import DataOrder
 from bmojo_neuron.training.objective import causal_lm_loss
-from bmojo_neuron.training.optim import build_optimizer, build_scheduler, lr_factor, parameter_groups
+from bmojo_neuron.training.optim import (build_optimizer, build_scheduler, describe_lr_multipliers, lr_factor,
+                                         parameter_groups)
 
 TINY_MODEL = dict(
     hidden_size=16, num_hidden_layers=2, layer_pattern="MB", num_attention_heads=2, num_key_value_heads=1,
@@ -245,10 +246,17 @@ def test_lr_multipliers_give_the_matched_parameters_their_own_rate_through_the_s
     assert gain["lr"] == pytest.approx(lr * 10, rel=1e-12) and gain["weight_decay"] == 0.0
     assert "lr" not in by_name["decay"] and "lr" not in by_name["no_decay"]  # the optimiser's lr
     assert not any("q_proj" in n or "ssm_residual" in n for n in by_name["decay"]["names"] + by_name["no_decay"]["names"])
+    assert {g["name"]: g["lr_pattern"] for g in groups} == {
+        "decay": None, "no_decay": None, "decay:mixer\\.[qkvo]_proj": r"mixer\.[qkvo]_proj",
+        "no_decay:ssm_residual": "ssm_residual"}
     # without multipliers: the two plain groups, as before
     assert [g["name"] for g in parameter_groups(model, 0.1)] == ["decay", "no_decay"]
 
     optimizer = build_optimizer(model, lr, 0.1, lr_multipliers=factors)
+    assert describe_lr_multipliers(optimizer) == (
+        f"lr multipliers: decay:mixer\\.[qkvo]_proj {len(attn['names'])} tensors lr 0.00099; "
+        "no_decay:ssm_residual 1 tensors lr 0.03")
+    assert describe_lr_multipliers(build_optimizer(model, lr, 0.1)) == "lr multipliers: no parameter matched"
     scheduler = build_scheduler(optimizer, 10, 110, 0.1)
     expected = {g["name"]: lr * {"decay:mixer\\.[qkvo]_proj": 0.33, "no_decay:ssm_residual": 10.0}.get(g["name"], 1.0)
                 for g in optimizer.param_groups}

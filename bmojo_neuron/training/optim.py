@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -39,8 +39,8 @@ def parameter_groups(
 
     With `lr_multipliers` (regular expression searched in the parameter name -> factor
     of `lr`), the parameters a pattern matches form their own groups,
-    ``decay:<pattern>`` / ``no_decay:<pattern>`` (only when non-empty), holding
-    ``lr = lr * factor``; the two plain groups keep the optimiser's `lr`. The schedule
+    ``decay:<pattern>`` / ``no_decay:<pattern>`` (only when non-empty, with the pattern
+    in ``lr_pattern``; None in the plain groups), holding ``lr = lr * factor``; the two plain groups keep the optimiser's `lr`. The schedule
     scales every group alike (`LambdaLR` multiplies each group's own initial lr), so the
     ratios hold throughout. A pattern matching no parameter is not an error: one suite
     recipe trains models with different parts.
@@ -62,13 +62,24 @@ def parameter_groups(
             if members is None:
                 continue
             label = "decay" if decay else "no_decay"
-            group = {"name": label if pattern is None else f"{label}:{pattern}",
+            group = {"name": label if pattern is None else f"{label}:{pattern}", "lr_pattern": pattern,
                      "params": [p for _, p in members], "names": [n for n, _ in members],
                      "weight_decay": weight_decay if decay else 0.0}
             if pattern is not None:
                 group["lr"] = lr * float(lr_multipliers[pattern])
             groups.append(group)
     return groups
+
+
+def describe_lr_multipliers(optimizer: Any) -> str:
+    """One line naming each group an lr multiplier made, its tensor count and rate (or that none matched).
+
+    A pattern that matches nothing is allowed, so the run says what each one caught. The
+    groups are found by their ``lr_pattern`` entry; an optimizer wrapper that hides its
+    groups (no ``param_groups``) reads as no match."""
+    caught = [f"{g['name']} {len(g['params'])} tensors lr {g['lr']:.3g}"
+              for g in getattr(optimizer, "param_groups", []) if g.get("lr_pattern") is not None]
+    return "lr multipliers: " + ("; ".join(caught) if caught else "no parameter matched")
 
 
 def build_optimizer(

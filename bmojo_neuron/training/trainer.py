@@ -39,7 +39,7 @@ from .backend import Backend, open_backend
 from .data_order import position_after
 from .metrics import MetricsLogger, RecordsOnly, plot_training
 from .objective import LM_METRICS
-from .optim import build_scheduler
+from .optim import build_scheduler, describe_lr_multipliers
 from .progress import Progress
 from .signals import stop_on_signals
 
@@ -120,10 +120,8 @@ class Trainer:
             self.say(f"distilling {trainable:,} parameters (SSMs, fading projections, innovation predictors); "
                      "the source's weights are frozen and are the teacher")
         optimizer = be.build_optimizer(model)
-        if o.lr_multipliers:  # a pattern matching nothing is allowed (suites), so show what each one caught
-            caught = [f"{g['name']} {len(g['params'])} tensors lr {g['lr']:.3g}"
-                      for g in getattr(optimizer, "param_groups", []) if ":" in str(g.get("name", ""))]
-            self.say("lr multipliers: " + ("; ".join(caught) if caught else "no parameter matched"))
+        if o.lr_multipliers:
+            self.say(describe_lr_multipliers(optimizer))
         scheduler = build_scheduler(optimizer, o.warmup_steps, t.steps, o.min_lr_ratio)
         state = TrainerState()
         if previous is not None:
