@@ -35,19 +35,17 @@ import bmojo_neuron.layers.attention as attention_module
 from bmojo_neuron.bench.candidates import CandidateFactory, Shape, first_layer
 from bmojo_neuron.bench.harness import fit_exponent
 from bmojo_neuron.host_allocator import keep_freed_memory
-from bmojo_neuron.ops.reference.eidetic_attention_fused import _Layout, default_block
+from bmojo_neuron.ops.reference.eidetic_attention_fused import call_pieces, default_block
 
 
 def key_pairs(length: int, config) -> tuple[float, float]:
     """(computed, needed) key pairs per query of one call of the fused op, averaged over the sequence."""
-    heads, dim = config.num_attention_heads, config.head_dim
     window, fading, chunk = config.window_size, config.fading_window, config.memory_chunk
     size, picks = config.memory_size, config.memory_picks
     block = default_block(window, length)
-    q = torch.empty(1, heads, length, dim)
-    mem_k = torch.empty(1, heads, -(-length // chunk), size, dim)
-    layout = _Layout(q, q, q, mem_k, window, fading, chunk, block, 1.0, torch.float32, False)
-    band = sum((layout.n_blocks - piece.offset) * block * block for piece in layout.pieces)
+    n_blocks = -(-length // block)
+    pieces = call_pieces(length, window, fading, block, torch.float32, "cpu")
+    band = sum((n_blocks - piece.offset) * block * block for piece in pieces)
     computed = band / length + size  # the memory piece reads all M slots of its chunk, empty ones masked
     i = np.arange(length)
     # A query in chunk j reads the memory after chunk j - lag: the picks of chunks 0 .. j - lag, up to M.

@@ -174,6 +174,29 @@ def test_lower_triangle_pieces_are_marked_causal():
             torch.testing.assert_close(p.mask, torch.zeros(4, 4, dtype=torch.float64).masked_fill(~lower, -math.inf))
 
 
+@pytest.mark.parametrize("length, window, fading_window, block, overlap", [
+    (37, 8, 8, 4, False), (37, 8, 12, 3, False), (6, 8, 8, 4, False), (37, 8, 5, 4, True), (20, 6, 0, 4, False)])
+def test_call_pieces_cover_each_band_pair_once(length, window, fading_window, block, overlap):
+    """Laid over the (query, key) grid, a call's pieces cover every pair of the in-context band once and
+    every pair of the fading band once (none before the window stops covering the sequence), nothing else."""
+    i, t = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    d = i - t
+    near = 0 if overlap else window
+    want = {"ctx": (d >= 0) & (d < window)}
+    if fading_window and (overlap or window < length):
+        want["fading"] = (d >= near) & (d < near + fading_window)
+    n = -(-length // block)
+    got = {keys: torch.zeros(n * block, n * block, dtype=torch.int64) for keys in ("ctx", "fading")}
+    for p in fused_module.call_pieces(length, window, fading_window, block, torch.float64, "cpu", overlap):
+        allowed = torch.ones(block, block, dtype=torch.bool) if p.mask is None else p.mask == 0
+        for qb in range(p.offset, n):
+            kb = qb - p.offset
+            got[p.keys][qb * block:(qb + 1) * block, kb * block:(kb + 1) * block] += allowed.long()
+    for keys in ("ctx", "fading"):
+        expected = want.get(keys, torch.zeros(length, length, dtype=torch.bool)).long()
+        assert torch.equal(got[keys][:length, :length], expected), keys
+
+
 @pytest.mark.parametrize("length, window, q_heads, seed", [
     (300, 64, 4, 3),  # model sizes: several memory chunks, query groups
     (1100, 512, 2, 8),  # the bench's windows and default block, no query groups, a tail block, the fading band

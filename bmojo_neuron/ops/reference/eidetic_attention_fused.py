@@ -98,6 +98,21 @@ def band_pieces(keys: str, d_lo: int, d_hi: int, block: int, dtype: torch.dtype,
     return pieces
 
 
+def call_pieces(length: int, window: int, fading_window: int, block: int, dtype: torch.dtype, device,
+                fading_overlap: bool = False) -> list[BandPiece]:
+    """The band pieces one call over `length` queries runs (``fading_window`` 0: no fading keys).
+
+    Only offsets some query block reaches are kept; the fading band exists once the window
+    no longer covers the whole sequence (or always, with ``fading_overlap``)."""
+    window = min(window, length)
+    pieces = band_pieces("ctx", 0, window - 1, block, dtype, device)
+    if fading_window > 0 and (fading_overlap or window < length):
+        nearest = 0 if fading_overlap else window  # overlap: the fading keys span the window's own distances
+        pieces += band_pieces("fading", nearest, nearest + fading_window - 1, block, dtype, device)
+    n_blocks = -(-length // block)
+    return [p for p in pieces if p.offset < n_blocks]
+
+
 def _to_blocks(x: Tensor, size: int, n: int) -> Tensor:
     """(N, g, L, D) -> (N, n, g * size, D): rows of each block of `size` positions, all groups together."""
     N, g, length, D = x.shape
@@ -128,12 +143,8 @@ class _Layout:
         self.n_blocks = -(-self.length // block)
         self.chunk = chunk
         self.scale = scale
-        window = min(window, self.length)
-        self.pieces = band_pieces("ctx", 0, window - 1, block, dtype, q.device)
-        if k_fading is not None and fading_window > 0 and (fading_overlap or window < self.length):
-            nearest = 0 if fading_overlap else window  # overlap: the fading keys span the window's own distances
-            self.pieces += band_pieces("fading", nearest, nearest + fading_window - 1, block, dtype, q.device)
-        self.pieces = [p for p in self.pieces if p.offset < self.n_blocks]
+        self.pieces = call_pieces(self.length, window, fading_window if k_fading is not None else 0, block,
+                                  dtype, q.device, fading_overlap)
         self.use_memory = mem_k is not None and mem_k.shape[3] > 0
         self.n_chunks = mem_k.shape[2] if self.use_memory else 0
 
