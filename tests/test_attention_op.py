@@ -140,6 +140,32 @@ def test_gradients_through_out_and_lse_match_per_query_loop(case, uses, impl):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("blocks_per_slice", [1, 2, 3])
+@pytest.mark.parametrize("case", CASES)
+def test_fused_in_slices_of_query_blocks_equals_blocked(case, blocks_per_slice, monkeypatch):
+    """The fused op runs its pieces a slice of query blocks at a time; with slices of 1-3 blocks (the
+    merge, the lse and every gradient cut at slice edges, keys shared across them) outputs and gradients,
+    through both outputs, still equal the blocked op's."""
+    length, window, fading_window, chunk, memory, q_heads, kv_heads, block = case
+    block = block or fused_module.default_block(window, length)
+    per_block = 2 * q_heads * block * 8 * 8  # batch 2, head_dim 8, float64: one query block of every head
+    monkeypatch.setattr(fused_module, "SLICE_BYTES", blocks_per_slice * per_block)
+    inputs = make_inputs(length, window, fading_window, chunk, memory, q_heads, kv_heads, seed=blocks_per_slice)
+    leaves = [t.requires_grad_() for t in inputs if t is not None and t.is_floating_point()]
+    gen = torch.Generator().manual_seed(length)
+    d_out = torch.randn(inputs[0].shape, generator=gen, dtype=torch.float64)
+    d_lse = torch.randn(inputs[0].shape[:3], generator=gen, dtype=torch.float64)
+    results = {}
+    for name, impl in IMPLEMENTATIONS.items():
+        out, lse = impl(*inputs, window=window, fading_window=fading_window, chunk=chunk, scale=None, block=block)
+        grads = torch.autograd.grad((out * d_out).sum() + (lse * d_lse).sum(), leaves, allow_unused=True)
+        results[name] = (out, lse, *grads)  # None: fading keys no query reaches (window >= length)
+    for got, want in zip(results["fused"], results["blocked"]):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("length, window, fading_window, slots, q_heads, seed", [
     (40, 6, 9, 3, 4, 6),  # fading band not on a block edge
     (26, 8, 8, 2, 2, 7),  # w_f a multiple of the block: its first piece is a lower triangle (the causal flag)
