@@ -87,9 +87,9 @@ def causal_conv1d_rows(
     Same weights, prefix and returned state layout (batch, channels, K - 1) as
     `causal_conv1d`; with `silu` the output is ``silu(conv)``. On eager CPU tensors
     (`fused_kernel_available`) it runs as ``K`` shifted multiply-adds over the time-major
-    rows, with the SiLU, a slice of time at a time (`elementwise_fused.conv_rows`), with
-    no transposes around it; CPU's
-    depthwise ``conv1d`` wants channels before time and its backward is ~10x its forward.
+    rows, a slice of time at a time and with the SiLU applied in the same pass
+    (`elementwise_fused.conv_rows`), with no transposes around it; CPU's depthwise
+    ``conv1d`` wants channels before time and its backward is ~10x its forward.
     Elsewhere (traced graphs, CUDA) it is `causal_conv1d` between two transposes, then
     `F.silu`.
     """

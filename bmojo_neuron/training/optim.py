@@ -40,8 +40,8 @@ def parameter_groups(
     With `lr_multipliers` (regular expression searched in the parameter name -> factor
     of `lr`), the parameters a pattern matches form their own groups,
     ``decay:<pattern>`` / ``no_decay:<pattern>`` (only when non-empty, with the pattern
-    in ``lr_pattern``; None in the plain groups), holding ``lr = lr * factor``; the two plain groups keep the optimiser's `lr`. The schedule
-    scales every group alike (`LambdaLR` multiplies each group's own initial lr), so the
+    in ``lr_pattern``; None in the plain groups), holding ``lr = lr * factor``; the two
+    plain groups keep the optimiser's `lr`. The schedule scales every group alike (`LambdaLR` multiplies each group's own initial lr), so the
     ratios hold throughout. A pattern matching no parameter is not an error: one suite
     recipe trains models with different parts.
 
