@@ -66,6 +66,8 @@ class BMojoConfig(PretrainedConfig):
     """
 
     model_type = "bmojo"
+    # What `Trainer.predict` / `evaluate` leave out of the predictions, so they are the logits alone.
+    keys_to_ignore_at_inference = ["cache", "past_key_values", "lm_loss", "aux_loss"]
 
     def __init__(
         self,
@@ -251,8 +253,8 @@ class BMojoConfig(PretrainedConfig):
         self._validate_attention()
         self._validate_memory()
         self._validate_ssm()
-        _require(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
-        _require(self.initializer_range > 0, "initializer_range", "must be > 0")
+        _require_real(self, "rms_norm_eps", above=0.0)
+        _require_real(self, "initializer_range", above=0.0)
 
     def _validate_attention(self) -> None:
         if not any(kind in "BFSA" for kind in self.layer_pattern):
@@ -271,7 +273,7 @@ class BMojoConfig(PretrainedConfig):
             f"is {self.head_dim}; at most {MAX_HEAD_DIM} (one Trainium partition tile)",
         )
         _require(self.head_dim % 2 == 0, "head_dim", f"is {self.head_dim}; RoPE needs an even head_dim")
-        _require(self.rope_theta > 0, "rope_theta", "must be > 0")
+        _require_real(self, "rope_theta", above=0.0)
         problem = check_rope_scaling(self.rope_scaling_params)
         _require(problem is None, "rope_scaling_params", problem or "")
         _require_int(self, "window_size", minimum=1)
@@ -302,8 +304,8 @@ class BMojoConfig(PretrainedConfig):
             return
         _require_int(self, "memory_size", minimum=0)
         _require_int(self, "memory_chunk", minimum=1)
-        _require(0.0 <= self.memory_decay <= 1.0, "memory_decay", f"is {self.memory_decay}; must be in [0, 1]")
-        _require(self.innovation_loss_weight >= 0, "innovation_loss_weight", "must be >= 0")
+        _require_real(self, "memory_decay", at_least=0.0, at_most=1.0)
+        _require_real(self, "innovation_loss_weight", at_least=0.0)
         if self.memory_size == 0:
             return
         _require_int(self, "memory_picks", minimum=1)
@@ -328,8 +330,10 @@ class BMojoConfig(PretrainedConfig):
         )
         for name in ("ssm_expand", "ssm_state_size", "ssm_conv_kernel", "ssm_chunk_size"):
             _require_int(self, name, minimum=1)
-        _require(0 < self.ssm_dt_min <= self.ssm_dt_max, "ssm_dt_min", "must satisfy 0 < ssm_dt_min <= ssm_dt_max")
-        _require(self.ssm_dt_init_floor > 0, "ssm_dt_init_floor", "must be > 0")
+        _require_real(self, "ssm_dt_min", above=0.0)
+        _require_real(self, "ssm_dt_max", above=0.0)
+        _require(self.ssm_dt_min <= self.ssm_dt_max, "ssm_dt_min", "must satisfy 0 < ssm_dt_min <= ssm_dt_max")
+        _require_real(self, "ssm_dt_init_floor", above=0.0)
         if self.ssm_mixer == "mamba1":
             _require_int(self, "ssm_dt_rank", minimum=1)
             return
@@ -414,6 +418,19 @@ def model_fields_as_trained(model_fields: dict[str, Any], saved_config: dict[str
 def _require(condition: bool, field: str, message: str) -> None:
     if not condition:
         raise ValueError(f"BMojoConfig.{field} {message}")
+
+
+def _require_real(config: BMojoConfig, field: str, above: float | None = None, at_least: float | None = None,
+                  at_most: float | None = None) -> None:
+    """A finite int or float (not a bool or a string from a hand-edited JSON) within the given bounds."""
+    value = getattr(config, field)
+    bounds = [f"> {above}" if above is not None else "", f">= {at_least}" if at_least is not None else "",
+              f"<= {at_most}" if at_most is not None else ""]
+    wanted = " ".join(["a finite number", " and ".join(b for b in bounds if b)]).strip()
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (above is None or value > above) and (at_least is None or value >= at_least)
+    ok = ok and (at_most is None or value <= at_most)
+    _require(ok, field, f"must be {wanted}, got {value!r}")
 
 
 def _require_int(config: BMojoConfig, field: str, minimum: int) -> None:

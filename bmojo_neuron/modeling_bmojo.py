@@ -21,7 +21,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.generation import GenerationMode
 from transformers.generation import utils as generation_utils
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .cache_bmojo import AttentionLayerCache, BMojoCache, RowGroup
 from .configuration_bmojo import BMojoConfig
@@ -29,6 +29,8 @@ from .layers.decoder import BMojoDecoderLayer
 from .layers.factory import IGNORE_INDEX, LayerFactory, get_layer_factory
 from .layers.norms import norm_rows
 from .padding import PackedLayout, has_padding, mask_for_inputs, pack, packed_layout, real_token_targets, unpack
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -64,6 +66,12 @@ class BMojoPreTrainedModel(PreTrainedModel):
     # Not declared compilable: the decode step keeps Python state per chunk (memory snapshots,
     # windows that grow to their size), so `generate` must not auto-compile it (docs/hf.md).
     _can_compile_fullgraph = False
+
+    def __init__(self, config: BMojoConfig, *inputs: Any, **kwargs: Any) -> None:
+        # `from_pretrained(path, window_size=...)` sets keyword overrides on the config after
+        # BMojoConfig.__init__ has checked it, so the model checks it again before building.
+        config.validate_bmojo()
+        super().__init__(config, *inputs, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -140,6 +148,8 @@ class BMojoModel(BMojoPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if use_cache is None:
             use_cache = self.config.use_cache and not self.training and not self.factory.sequence_parallel
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = self._cache_under_checkpointing(cache, use_cache)
         tokens = input_ids if input_ids is not None else inputs_embeds
         if attention_mask is not None:
             attention_mask = mask_for_inputs(attention_mask, tokens.shape[1])
@@ -158,6 +168,22 @@ class BMojoModel(BMojoPreTrainedModel):
         if not use_cache:
             output.cache = None
         return output if return_dict else output.to_tuple()
+
+    @staticmethod
+    def _cache_under_checkpointing(cache: BMojoCache | None, use_cache: bool) -> bool:
+        """`use_cache` when the backward pass will replay every layer: a replayed layer would
+        advance the recurrent cache a second time, so no cache is kept (as transformers' models
+        do) and continuing a given one is refused rather than silently corrupted."""
+        if cache is not None:
+            raise ValueError(
+                "BMojoModel: cannot continue a cache with gradient checkpointing in training mode (the backward "
+                "pass replays each layer, which would advance the cache twice); call model.eval(), run under "
+                "torch.no_grad(), or turn gradient checkpointing off"
+            )
+        if use_cache:
+            logger.warning_once("BMojoModel: use_cache=True is incompatible with gradient checkpointing in "
+                                "training mode; setting use_cache=False")
+        return False
 
     def _forward_packed(
         self,
@@ -326,14 +352,16 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         logits_to_keep: int = 0,
         past_key_values: BMojoCache | None = None,
-        shift_labels: Tensor | None = None,
         **kwargs: Any,
     ) -> BMojoCausalLMOutput | tuple:
         """Logits and, given targets, the losses, with transformers' loss conventions.
 
         Targets: `labels` (shifted inside: position t is scored against ``labels[t + 1]``)
-        or `shift_labels` (already aligned with the logits, as sequence- and
+        or the keyword ``shift_labels`` (already aligned with the logits, as sequence- and
         context-parallel trainers pass them; they win over `labels`); -100 is ignored.
+        ``shift_labels`` comes through `kwargs`, as in transformers' models, because
+        `Trainer` takes every named forward argument containing "label" for a label it
+        must find in each evaluation batch.
         With an `attention_mask`, masked positions are never scored and a real token's
         target is the label of the next real token of its row: the loss of the
         sequences with their masked tokens removed.
@@ -342,9 +370,12 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
 
         ``loss = lm_loss + aux_loss``; ``aux_loss`` (the innovation loss) is reported
         whenever the model has eidetic memory, with or without targets, and is scaled
-        like the LM loss's share of the batch when ``num_items_in_batch`` is given.
+        like the LM loss's share of the batch when ``num_items_in_batch`` is given (the
+        accumulated innovation loss then equals one big batch's only when every micro-batch
+        has as many real tokens per target; docs/hf.md, "Fine-tuning with `Trainer`").
         """
         cache = cache if cache is not None else past_key_values
+        shift_labels: Tensor | None = kwargs.get("shift_labels")
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.model(
             input_ids=input_ids,

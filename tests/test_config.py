@@ -9,7 +9,7 @@ import torch
 from naive import tiny_config
 from transformers import AutoConfig
 
-from bmojo_neuron import BMojoConfig
+from bmojo_neuron import BMojoConfig, BMojoForCausalLM
 
 
 def test_defaults_follow_the_design():
@@ -79,6 +79,13 @@ def test_overlapping_fading_keys_shorten_the_memory_lag(window, fading, chunk, l
         (dict(intermediate_size=-1), "intermediate_size"),
         (dict(ssm_residual_init=float("nan")), "ssm_residual_init"),
         (dict(ssm_residual_init="1"), "ssm_residual_init"),
+        (dict(memory_decay="0.9"), "memory_decay"),  # a string from a hand-edited config.json
+        (dict(memory_decay=float("nan")), "memory_decay"),
+        (dict(rope_theta=float("inf")), "rope_theta"),
+        (dict(rms_norm_eps=True), "rms_norm_eps"),
+        (dict(innovation_loss_weight=float("inf")), "innovation_loss_weight"),
+        (dict(ssm_dt_max="0.1"), "ssm_dt_max"),
+        (dict(initializer_range=0.0), "initializer_range"),
     ],
 )
 def test_bad_fields_raise_value_error_naming_the_field(overrides, field):
@@ -138,3 +145,20 @@ def test_heads_must_split_hidden_size_unless_head_dim_is_given():
     assert BMojoConfig(hidden_size=64, num_hidden_layers=1, layer_pattern="M", num_attention_heads=5).hidden_size == 64
     saved = BMojoConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=5, head_dim=12)
     assert BMojoConfig.from_dict(saved.to_dict()).head_dim == 12  # a saved config names its head_dim: reloads
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [(dict(window_size=0), "window_size"), (dict(num_hidden_layers=3), "layer_pattern"),
+     (dict(memory_picks=100), "memory_picks"), (dict(memory_decay="0.5"), "memory_decay")],
+)
+def test_from_pretrained_overrides_are_checked_before_the_model_is_built(tmp_path, overrides, field):
+    """`from_pretrained(path, field=value)` sets the value on the loaded config after its own
+    checks ran; the model checks again, so a bad override is a ValueError naming the field."""
+    BMojoForCausalLM(tiny_config(layer_pattern="BM", num_hidden_layers=2)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"BMojoConfig\.{field}\b"):
+        BMojoForCausalLM.from_pretrained(tmp_path, **overrides)
+    config = BMojoConfig.from_pretrained(tmp_path)
+    config.window_size = 0  # set by hand after construction
+    with pytest.raises(ValueError, match=r"BMojoConfig\.window_size\b"):
+        BMojoForCausalLM(config)

@@ -245,7 +245,8 @@ def test_loss_uses_shift_labels_when_given():
 
 def test_num_items_in_batch_makes_accumulated_micro_batches_equal_the_batch():
     """`Trainer` under gradient accumulation passes the batch's target count and does not average
-    the micro-batch losses: their sum must equal the whole batch's loss, the innovation loss included."""
+    the micro-batch losses: their LM losses must sum to the whole batch's, and each innovation loss
+    is its micro-batch's mean weighted by its share of the targets (docs/hf.md)."""
     model = build().train()
     batch, labels = ids(batch=4), ids(batch=4, seed=2)
     labels[0, :9] = -100  # unequal target counts per micro-batch
@@ -267,7 +268,8 @@ def test_trainer_gradient_accumulation_equals_one_big_batch(tmp_path):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     labels = ids(batch=8, seed=2)
-    labels[::3, : LENGTH // 2] = -100
+    labels[::3, : LENGTH // 2] = -100  # rows 0 and 3 of the batch of 4: each micro-batch has one, so equal
+    # real tokens per target and the innovation loss's gradient matches too (docs/hf.md)
     data = Dataset.from_dict({"input_ids": ids(batch=8).tolist(), "labels": labels.tolist()})
 
     class FirstGradients(TrainerCallback):
@@ -292,6 +294,45 @@ def test_trainer_gradient_accumulation_equals_one_big_batch(tmp_path):
     assert whole.keys() == accumulated.keys() and len(whole) > 10
     for name in whole:
         torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_trainer_evaluate_reports_the_loss_and_predict_gives_the_logits(tmp_path):
+    """`Trainer` takes every forward argument with "label" in its name for a label it needs in each
+    evaluation batch, and returns every output but the ignored keys as predictions."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+    from transformers.utils import find_labels
+
+    assert find_labels(BMojoForCausalLM) == ["labels"]
+    batch, labels = ids(batch=4), ids(batch=4, seed=2)
+    data = Dataset.from_dict({"input_ids": batch.tolist(), "labels": labels.tolist()})
+    model = build()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, eval_dataset=data)
+    with torch.no_grad():
+        expected = model(batch, labels=labels)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(expected.loss.item(), rel=1e-5)
+    predicted = trainer.predict(data)
+    assert predicted.label_ids is not None
+    torch.testing.assert_close(torch.as_tensor(predicted.predictions), expected.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_checkpointing_in_training_keeps_no_cache():
+    """The backward pass replays each checkpointed layer; a recurrent cache advanced in the
+    forward would be advanced again, so none is kept and a given one is refused."""
+    model = build().train()
+    model.gradient_checkpointing_enable()
+    out = model(ids(), labels=ids(seed=2), use_cache=True)
+    assert out.cache is None
+    out.loss.backward()
+    prefix = build()(ids()[:, :8], use_cache=True).cache
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(ids()[:, 8:], cache=prefix, labels=ids(seed=2)[:, 8:])
+    with torch.no_grad():  # no backward, nothing replayed: the cache continues as in eval mode
+        continued = model(ids()[:, 8:], cache=prefix).logits
+        torch.testing.assert_close(continued, build()(ids()).logits[:, 8:], rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- generate
