@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,75 @@ def test_a_checkpoint_without_a_manifest_still_loads(finished, tmp_path):
     local.load_model_weights(model, step)
     trained = load_trained(finished.run_dir / layout.FINAL).model  # the step-6 weights, exported
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), trained.state_dict().values()))
+
+
+@pytest.mark.parametrize("deleted", [layout.MODEL_FILE, layout.STATE_FILE])
+def test_resume_names_a_file_deleted_from_the_newest_step(finished, tmp_path, capsys, deleted):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished.run_dir, run_dir)
+    (run_dir / "step-0000006" / deleted).unlink()
+    assert local.load_latest(run_dir).path == run_dir / "step-0000003"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: skipping step-0000006: {deleted}: missing (listed in manifest.json); resuming from "
+                   "the newest intact checkpoint before it"]
+
+
+SHARDED_FIXTURE = Path(__file__).parent / "golden" / "checkpoints" / "tp2-pp2" / "step-0000003"
+
+
+def sharded_copy(tmp_path, with_manifest: bool) -> Path:
+    """The committed tp=2 × pp=2 checkpoint (written before manifests existed), with or without one now."""
+    step = tmp_path / "step-0000003"
+    shutil.copytree(SHARDED_FIXTURE, step)
+    if with_manifest:
+        manifest.write_manifest(step)
+    return step
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_consolidate_of_a_truncated_shard_names_it_from_the_manifest(tmp_path, capsys):
+    step = sharded_copy(tmp_path, with_manifest=True)
+    size = (step / "rank-01-00.safetensors").stat().st_size
+    truncate(step / "rank-01-00.safetensors", keep=500)
+    assert cli.main(["checkpoint", "consolidate", str(step), str(tmp_path / "full")]) == 2
+    assert f"rank-01-00.safetensors: 500 bytes, manifest.json says {size} (truncated or replaced)" \
+        in one_error_line(capsys)
+    assert not (tmp_path / "full").exists()
+
+
+@pytest.mark.parametrize("file, kind", [("rank-01-00.safetensors", "safetensors"),
+                                        ("optim-01-01-000.pt", "torch.save")])
+def test_consolidate_of_a_truncated_shard_without_a_manifest_is_one_error_line(tmp_path, capsys, file, kind):
+    step = sharded_copy(tmp_path, with_manifest=False)
+    truncate(step / file, keep=500)
+    assert cli.main(["checkpoint", "consolidate", str(step), str(tmp_path / "full")]) == 2
+    assert f"{file}: not a readable {kind} file (" in one_error_line(capsys)
+
+
+def test_consolidate_and_shard_write_manifests_that_catch_later_damage(tmp_path, capsys):
+    full, resharded = tmp_path / "full", tmp_path / "tp1"
+    assert cli.main(["checkpoint", "consolidate", str(sharded_copy(tmp_path, True)), str(full)]) == 0
+    assert cli.main(["checkpoint", "shard", str(full), "--tp", "1", "--output-dir", str(resharded)]) == 0
+    for directory in (full, resharded / "step-0000003"):
+        listed = json.loads((directory / manifest.MANIFEST_FILE).read_text())["files"]
+        assert sorted(listed) == sorted(p.name for p in directory.iterdir() if p.name != manifest.MANIFEST_FILE)
+        manifest.verify_manifest(directory)
+    flip_byte(full / "model.safetensors")
+    capsys.readouterr()
+    assert cli.main(["checkpoint", "shard", str(full), "--tp", "2", "--output-dir", str(tmp_path / "tp2")]) == 2
+    assert "model.safetensors: SHA-256 differs from manifest.json" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("what", ["final", "step-0000006"])
+def test_eval_of_truncated_weights_without_a_manifest_is_one_error_line(finished, tmp_path, capsys, what):
+    target = tmp_path / what
+    shutil.copytree(finished.run_dir / what, target)
+    (target / manifest.MANIFEST_FILE).unlink()
+    truncate(target / layout.MODEL_FILE, keep=500)
+    assert cli.main(["eval", str(target), "--lengths", "1"]) == 2
+    assert f"{target / layout.MODEL_FILE}: not a readable safetensors file (" in one_error_line(capsys)

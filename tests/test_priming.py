@@ -13,6 +13,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import (
     AutoTokenizer,
     LlamaConfig,
@@ -381,3 +382,16 @@ def test_cpu_mqar_demo_memory_can_reach_every_pair():
     config.memory_chunk, config.memory_picks = 8, 4  # the chunking the demo used before
     queries, lost = _values_out_of_reach(config, input_ids, labels)
     assert 0.03 * queries < lost < 0.08 * queries
+
+
+def test_a_primed_folder_shards_and_consolidates_back_bit_identically(tmp_path, capsys):
+    """`prime` writes no recipe (its bmojo_run.json says ``"recipe": {}``): `checkpoint shard` takes that one and
+    starts at step 0, and consolidating the shards gives back the primed weights bit for bit."""
+    source_dir, primed, run_dir, full = (tmp_path / n for n in ("source", "primed", "run", "full"))
+    build_source(source_dir, "llama-linear-rope-tied")
+    assert main(["prime", str(source_dir), str(primed), "--pattern", "A"]) == 0
+    assert main(["checkpoint", "shard", str(primed), "--tp", "2", "--pp", "2", "--output-dir", str(run_dir)]) == 0
+    assert json.loads((run_dir / "step-0000000" / "recipe.json").read_text()) == {"parallel": {"tp": 2, "pp": 2}}
+    assert main(["checkpoint", "consolidate", str(run_dir), str(full)]) == 0
+    want, got = load_file(str(primed / "model.safetensors")), load_file(str(full / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

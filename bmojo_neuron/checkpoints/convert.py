@@ -4,7 +4,8 @@ The consolidated directory is a normal Hugging Face export (``config.json``,
 ``model.safetensors``; `eval` / `generate` / `from_pretrained` read it) plus
 ``training_state.pt``: AdamW states keyed by parameter name, scheduler, RNG and
 trainer state, so a run resumed from its re-sharded copy continues exactly.
-Both directions write to a temp directory and publish it with one rename.
+Both directions check the source against its ``manifest.json`` first, write to a temp
+directory with a manifest of its own (as the trainer does) and publish it with one rename.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from bmojo_neuron.configuration_bmojo import BMojoConfig
 from bmojo_neuron.fsutil import publish_dir, write_text_atomic
@@ -25,6 +25,7 @@ from bmojo_neuron.parallel.sharding import shard_shapes, shard_state_dict
 from . import layout
 from . import sharded as fmt
 from .export import quiet_transformers
+from .manifest import read_safetensors, read_torch_file, verify_manifest, write_manifest
 from .state import TrainerState, rng_states
 
 
@@ -49,6 +50,7 @@ def consolidate_checkpoint(source: str | Path, output: str | Path) -> Path:
     source, output = resolve_sharded(source), Path(output)
     if output.exists():
         raise ValueError(f"{output} already exists; pick a new output directory")
+    verify_manifest(source)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = layout.new_tmp_dir(output.parent, output.name)
     try:
@@ -63,6 +65,7 @@ def consolidate_checkpoint(source: str | Path, output: str | Path) -> Path:
         tokenizer = str(recipe.get("data", {}).get("tokenizer") or "byte")
         info = {"tokenizer": tokenizer, "recipe": recipe, "consolidated_from": str(source), "step": state["step"]}
         (tmp / layout.RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
+        write_manifest(tmp)
         publish_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -75,7 +78,8 @@ def shard_checkpoint(source: str | Path, run_dir: str | Path, tp: int, pp: int =
     """Write `source` (a `save_pretrained` dir, ideally from `consolidate_checkpoint`) as a sharded
     checkpoint of `run_dir` for tensor degree `tp` and pipeline degree `pp`; `latest` points at it.
 
-    Without ``training_state.pt`` the checkpoint is step 0 with a fresh optimizer (a warm start).
+    Without ``training_state.pt`` the checkpoint is step 0 with a fresh optimizer (a warm start) and the
+    source's recipe (`source_recipe`).
     With ``pp > 1`` each stage's files hold that stage's tensors (`pipeline.stage_of`); a tied
     ``lm_head.weight`` is stored once, as stage 0's embedding.
     """
@@ -86,17 +90,15 @@ def shard_checkpoint(source: str | Path, run_dir: str | Path, tp: int, pp: int =
         raise FileNotFoundError(f"{source} has no {layout.CONFIG_FILE}: not a save_pretrained directory")
     if layout.has_run(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pick a new --output-dir")
+    verify_manifest(source)
     config = BMojoConfig.from_json_file(str(source / layout.CONFIG_FILE))
     if pp > config.num_hidden_layers:
         raise ValueError(f"--pp {pp} exceeds the model's {config.num_hidden_layers} layers")
     full = _read_pretrained_weights(source)
     state_file = source / fmt.TRAINING_STATE_FILE
-    training = torch.load(state_file, map_location="cpu", weights_only=False) if state_file.is_file() else None
+    training = read_torch_file(state_file) if state_file.is_file() else None
     if recipe is None:
-        recipe = training["recipe"] if training else json.loads((source / layout.RECIPE_FILE).read_text()) \
-            if (source / layout.RECIPE_FILE).is_file() else None
-    if recipe is None:
-        raise FileNotFoundError(f"{source} has no {layout.RECIPE_FILE} nor {fmt.TRAINING_STATE_FILE}: pass the recipe")
+        recipe = training["recipe"] if training else source_recipe(source)
     recipe = json.loads(json.dumps(recipe))
     recipe.setdefault("parallel", {}).update(tp=tp, pp=pp)
     state = training["trainer_state"] if training else TrainerState().__dict__
@@ -126,17 +128,23 @@ def shard_checkpoint(source: str | Path, run_dir: str | Path, tp: int, pp: int =
                 blob = {"optimizer": optimizer, "scheduler": training["scheduler"] if training else None,
                         "rng": training["rng"] if training else rng_states()}
                 torch.save(blob, tmp / fmt.optim_file(tp_rank, pp_rank, 0))
-        (tmp / fmt.PARALLEL_FILE).write_text(json.dumps(meta, indent=1))
-        (tmp / layout.RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
-        config.to_json_file(str(tmp / layout.CONFIG_FILE))
-        (tmp / layout.STATE_FILE).write_text(json.dumps(state, indent=1))
-        publish_dir(tmp, run_dir / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_text_atomic(run_dir / layout.LATEST, name + "\n")
+    # the trainer's own end of a save: parallel.json, recipe, config, trainer state, manifest, publish, `latest`
+    fmt.publish_sharded(tmp, run_dir, name, meta, recipe, config, TrainerState(**state), keep_last=0)
     write_text_atomic(run_dir / layout.RECIPE_FILE, json.dumps(recipe, indent=2))
     return run_dir / name
+
+
+def source_recipe(source: Path) -> dict[str, Any]:
+    """The recipe a `save_pretrained` directory was trained with: its ``recipe.json``, else the one in
+    ``bmojo_run.json`` (empty for a `prime` output, which no recipe trained), else none (``{}``)."""
+    if (source / layout.RECIPE_FILE).is_file():
+        return json.loads((source / layout.RECIPE_FILE).read_text())
+    info = source / layout.RUN_INFO_FILE
+    recipe = json.loads(info.read_text()).get("recipe") if info.is_file() else None
+    return recipe if isinstance(recipe, dict) else {}
 
 
 def _read_pretrained_weights(source: Path) -> dict[str, torch.Tensor]:
@@ -145,5 +153,5 @@ def _read_pretrained_weights(source: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{source} has no *.safetensors weights")
     out: dict[str, torch.Tensor] = {}
     for file in files:
-        out.update(load_file(str(file)))
+        out.update(read_safetensors(file))
     return out

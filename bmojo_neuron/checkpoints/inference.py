@@ -22,7 +22,7 @@ from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
 from .export import quiet_transformers
 from .layout import CONFIG_FILE, FINAL, RUN_INFO_FILE, STEP_PATTERN, is_complete, latest_checkpoint
 from .local import load_model_weights
-from .manifest import verify_manifest
+from .manifest import check_safetensors, verify_manifest
 from .sharded import consolidated_model, is_sharded
 from .state import read_recipe
 
@@ -59,6 +59,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
     """Load the model behind `path` (see `resolve_model_dir`) in eval mode on `device`."""
     source = resolve_model_dir(path)
     verify_manifest(source)  # a damaged file fails here in one line, not deep inside a loader
+    check_safetensors(source)  # the same for a directory written before manifests existed
     if is_complete(source):  # a training checkpoint
         if is_sharded(source):
             model = consolidated_model(source)

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from bmojo_neuron.fsutil import fsync_dir, publish_dir, write_text_atomic
 
-from .manifest import DamagedCheckpointError, damage, write_manifest
+from .manifest import DamagedCheckpointError, damage, has_manifest, write_manifest
 
 LATEST = "latest"
 FINAL = "final"
@@ -88,19 +88,34 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def latest_intact_checkpoint(run_dir: str | Path, hashes: bool = True,
                              on_skip: Callable[[DamagedCheckpointError], None] | None = None) -> Path | None:
-    """The newest complete checkpoint whose files match its manifest (`latest_checkpoint` first, then older
-    ones); `on_skip` hears about each damaged one passed over. `hashes` False checks sizes only."""
-    newest = latest_checkpoint(run_dir)
-    if newest is None:
-        return None
-    older = [p for p in reversed(list_checkpoints(run_dir)) if p.name != newest.name]
-    for path in [newest, *older]:
+    """The newest complete checkpoint whose files match its manifest (the one `latest` names first, then the
+    others, newest first); `on_skip` hears about each damaged one passed over. `hashes` False checks sizes only.
+
+    A step directory that lacks a file its manifest lists is damaged too, not merely incomplete: a
+    checkpoint is published whole, so a file missing from a published one was deleted afterwards."""
+    run_dir = Path(run_dir)
+    for path in _resume_candidates(run_dir):
         problem = damage(path, hashes)
-        if problem is None:
+        if problem is None and is_complete(path):
             return path
-        if on_skip is not None:
+        if problem is not None and on_skip is not None:
             on_skip(problem)
     return None
+
+
+def _resume_candidates(run_dir: Path) -> list[Path]:
+    """Published step directories that are complete or have a manifest: the one `latest` names first, then
+    the others, newest first."""
+    if not run_dir.is_dir():
+        return []
+    found = sorted((int(m.group(1)), entry) for entry in run_dir.iterdir()
+                   if (m := STEP_PATTERN.match(entry.name)) and entry.is_dir()
+                   and (is_complete(entry) or has_manifest(entry)))
+    candidates = [path for _, path in reversed(found)]
+    pointer = run_dir / LATEST
+    named = pointer.read_text().strip() if pointer.is_file() else ""
+    first = [p for p in candidates if p.name == named]
+    return first + [p for p in candidates if p.name != named]
 
 
 def has_run(run_dir: Path) -> bool:

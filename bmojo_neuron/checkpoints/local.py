@@ -15,7 +15,7 @@ from torch import nn
 
 from .layout import (MODEL_FILE, OPTIM_FILE, PARALLEL_FILE, REQUIRED_FILES, is_complete, latest_intact_checkpoint,
                      new_tmp_dir, publish_step, step_dir_name)
-from .manifest import DamagedCheckpointError, verify_manifest
+from .manifest import DamagedCheckpointError, read_torch_file, verify_manifest
 from .state import Checkpoint, TrainerState, read_recipe, read_trainer_state, rng_states
 
 
@@ -59,7 +59,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if not is_complete(path):
         raise FileNotFoundError(f"{path} is not a complete checkpoint (needs {', '.join(REQUIRED_FILES)})")
     verify_manifest(path)
-    blob = torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=False)
+    blob = read_torch_file(path / OPTIM_FILE)
     return Checkpoint(path, read_trainer_state(path), read_recipe(path), blob["optimizer"], blob["scheduler"],
                       blob["rng"])
 

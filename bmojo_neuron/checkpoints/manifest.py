@@ -11,7 +11,9 @@ manifest catches what happens to the files afterwards: a copy cut short, a disk 
 returns other bytes, a file replaced by hand. Sizes are checked first (no reading);
 hashes read every byte, so they are checked where a damaged file would otherwise
 surface as a deep traceback or a silently wrong model: loading for `eval` /
-`generate`, and resuming a one-process run.
+`generate`, resuming a one-process run, `checkpoint consolidate` and `shard`.
+A directory without a manifest is read through `read_safetensors` / `read_torch_file` /
+`check_safetensors`, which turn a file their parser rejects into the same one-line error.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
+from typing import Any
 
 from bmojo_neuron.fsutil import write_text_atomic
 
@@ -93,6 +97,49 @@ def verify_manifest(directory: str | Path, hashes: bool = True) -> None:
         for rel, entry in sorted(listed.items()):
             if file_sha256(directory / rel) != entry["sha256"]:
                 raise DamagedCheckpointError(directory, rel, "SHA-256 differs from manifest.json (corrupted bytes)")
+
+
+def _unreadable(file: Path, kind: str, exc: BaseException) -> DamagedCheckpointError:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DamagedCheckpointError(file.parent, file.name, f"not a readable {kind} file ({detail})")
+
+
+def check_safetensors(directory: Path) -> None:
+    """Open the header of every ``*.safetensors`` file in `directory` (which also checks that the file is as long
+    as the header says): a cut or garbled file fails here in one line instead of inside a loader."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except OSError:  # unreadable for reasons of the file system, not of its bytes
+            raise
+        except Exception as exc:  # safetensors' own error type differs between its releases
+            raise _unreadable(file, "safetensors", exc) from None
+
+
+def read_safetensors(file: Path) -> dict[str, Any]:
+    """`safetensors.torch.load_file` of a checkpoint file; one it cannot parse is a `DamagedCheckpointError`."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except OSError:  # unreadable for reasons of the file system, not of its bytes
+        raise
+    except Exception as exc:  # safetensors' own error type differs between its releases
+        raise _unreadable(Path(file), "safetensors", exc) from None
+
+
+def read_torch_file(file: Path) -> Any:
+    """`torch.load` (on the CPU) of a checkpoint's own pickle; one it cannot parse is a `DamagedCheckpointError`."""
+    import torch
+
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, pickle.UnpicklingError) as exc:
+        # what a cut zip archive or pickle raises
+        raise _unreadable(Path(file), "torch.save", exc) from None
 
 
 def damage(directory: Path, hashes: bool = True) -> DamagedCheckpointError | None:

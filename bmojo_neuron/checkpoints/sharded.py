@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from bmojo_neuron.configuration_bmojo import BMojoConfig
@@ -43,7 +43,7 @@ from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
 from bmojo_neuron.parallel.sharding import EMBEDDING, TIED_HEAD, load_into, split_dims, tied_names
 
 from .layout import CONFIG_FILE, PARALLEL_FILE, latest_intact_checkpoint, publish_step, step_dir_name
-from .manifest import DamagedCheckpointError
+from .manifest import DamagedCheckpointError, read_safetensors, read_torch_file
 from .state import Checkpoint, TrainerState, read_recipe, read_trainer_state
 
 TRAINING_STATE_FILE = "training_state.pt"  # optimizer/scheduler/trainer state beside a consolidated export
@@ -108,7 +108,7 @@ def save_tensors(tensors: dict[str, Tensor], path: Path, skip: set[str] = frozen
 def load_file_tensors(path: Path) -> dict[str, Tensor]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete")
-    return load_file(str(path))
+    return read_safetensors(Path(path))
 
 
 def consolidate_model(path: str | Path) -> dict[str, Tensor]:
@@ -131,7 +131,7 @@ def _consolidate_stages(path: Path, meta: dict[str, Any]) -> dict[str, Tensor]:
             file = path / model_file(tp_rank, pp_rank)
             if not file.is_file():
                 raise FileNotFoundError(f"{file} is missing: the checkpoint is incomplete")
-            shards.append(load_file(str(file)))
+            shards.append(read_safetensors(file))
         for name in shards[0]:
             dim = meta["split_dims"][name]
             out[name] = shards[0][name] if dim is None else torch.cat([s[name] for s in shards], dim=dim)
@@ -151,7 +151,7 @@ def _optim_blobs(path: Path, tp_rank: int, pp_rank: int) -> dict[str, dict[str, 
     files = sorted(path.glob(f"optim-{tp_rank:02d}-{pp_rank:02d}-*.pt"))
     if not files:
         raise FileNotFoundError(f"{path} has no optimizer file for tensor rank {tp_rank}, stage {pp_rank}")
-    return {f.name: torch.load(f, map_location="cpu", weights_only=False) for f in files}
+    return {f.name: read_torch_file(f) for f in files}
 
 
 def merge_named_states(blobs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

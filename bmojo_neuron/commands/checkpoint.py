@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     con.add_argument("output", help="new directory for the Hugging Face export (+ training_state.pt)")
     shard = sub.add_parser("shard", help="save_pretrained directory -> sharded checkpoint at any degree")
     shard.add_argument("source", help="a save_pretrained directory (from `checkpoint consolidate` to keep the "
-                                      "optimizer and data position; a plain export starts at step 0)")
+                                      "optimizer and data position; a plain export or `prime` output starts at step 0)")
     shard.add_argument("--tp", type=int, required=True, help="tensor-parallel degree of the new run")
     shard.add_argument("--pp", type=int, default=1,
                        help="pipeline-parallel degree of the new run (default 1; at most the model's layers)")
