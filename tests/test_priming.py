@@ -231,6 +231,56 @@ def test_cli_refuses_with_one_error_line(tmp_path, capsys, overrides, args, mess
     assert not (tmp_path / "out").exists()
 
 
+def _edit_config(**changes):
+    def edit(folder):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return edit
+
+
+def _truncate_weights(folder):
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_edit_config(hidden_size=128), r"model\.embed_tokens\.weight has shape \(96, 64\) in the weights, but "
+                                    r"config\.json implies \(96, 128\)"),
+    (_edit_config(vocab_size=200), r"model\.embed_tokens\.weight has shape \(96, 64\) in the weights, but "
+                                   r"config\.json implies \(200, 64\)"),
+    (_edit_config(intermediate_size=80), r"layers\.0\.mlp\.gate_proj\.weight has shape \(96, 64\) .* \(80, 64\)"),
+    (_edit_config(head_dim=15), r"head_dim 15 is not supported"),
+    (_edit_config(head_dim=None, hidden_size=60, num_attention_heads=8),
+     r"could not be read as a llama config: .*hidden size \(60\) is not a multiple"),
+    (_truncate_weights, r"model\.safetensors is not a readable weight file \(.*\); is it complete\?"),
+], ids=["hidden_size", "vocab_size", "intermediate_size", "odd_head_dim", "heads_do_not_divide", "truncated"])
+def test_cli_refuses_a_damaged_source_with_one_error_line(tmp_path, capsys, damage, message):
+    """A config.json that does not describe the weights (edited sizes), one transformers refuses, or a truncated
+    weight file: one error line naming it, no traceback, nothing written."""
+    build_source(tmp_path / "source", "llama-llama3-rope-bias")
+    damage(tmp_path / "source")
+    capsys.readouterr()
+    code = main(["prime", str(tmp_path / "source"), str(tmp_path / "out"), "--pattern", "A"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: source {tmp_path / 'source'}")
+    assert __import__("re").search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tied, seeded", [
+    (True, "(SSM as linear attention; zero innovation predictor)"),
+    (False, "(SSM as linear attention; untied fading projections; zero innovation predictor)"),
+])
+def test_cli_summary_names_what_was_seeded(tmp_path, capsys, tied, seeded):
+    build_source(tmp_path / "source", "llama-llama3-rope-bias")
+    capsys.readouterr()
+    options = [f"{k}={v}" for k, v in B_F_OPTIONS.items()] + [f"tie_fading_projections={str(tied).lower()}"]
+    assert main(["prime", str(tmp_path / "source"), str(tmp_path / "out"), "--pattern", "AB", *options,
+                 "--compare-tokens", "0"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("seeded"))
+    assert line.endswith("new paths from the attention weights " + seeded), line
+
+
 def test_cli_refuses_other_sources_and_an_existing_output(tmp_path, capsys):
     (tmp_path / "gpt2").mkdir()
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
@@ -286,6 +336,48 @@ def test_export_transformer_refuses_hybrids(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export-transformer", str(tmp_path / "hybrid"), str(tmp_path / "out")]) == 2
     assert "only an all-attention" in capsys.readouterr().err
+
+
+def test_export_transformer_refuses_a_transformer(tmp_path, capsys):
+    build_source(tmp_path / "source", "llama-llama3-rope-bias")
+    capsys.readouterr()
+    assert main(["export-transformer", str(tmp_path / "source"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {tmp_path / 'source'} is not a B'MOJO model (its config.json has model_type 'llama'); "
+                   "export-transformer writes an all-attention B'MOJO model as a transformer")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_of_a_primed_folder_names_its_own_tokenizer(tmp_path, capsys):
+    """The export carries the tokenizer files and names itself, so it keeps working once the primed folder moves."""
+    source, primed, exported = tmp_path / "source", tmp_path / "primed", tmp_path / "exported"
+    build_source(source, "qwen3-qk-norm")
+    save_tokenizer(source)
+    assert main(["prime", str(source), str(primed), "--pattern", "A", "--compare-tokens", "0"]) == 0
+    assert main(["export-transformer", str(primed), str(exported)]) == 0
+    primed.rename(tmp_path / "moved")
+    info = json.loads((exported / "bmojo_run.json").read_text())
+    assert info["tokenizer"] == str(exported.resolve())
+    assert AutoTokenizer.from_pretrained(info["tokenizer"]).encode("w3 w7") == [3, 7]
+    assert load_trained(exported).tokenizer == str(exported.resolve())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prime_then_export_keeps_the_dtype_and_max_positions(tmp_path, capsys, dtype):
+    """The export is written in the primed model's dtype, with the source's max_position_embeddings (which
+    BMojoConfig does not hold; the priming report carries it)."""
+    from safetensors.torch import load_file
+
+    build_source(tmp_path / "source", "llama-linear-rope-tied", max_position_embeddings=256)
+    assert main(["prime", str(tmp_path / "source"), str(tmp_path / "primed"), "--pattern", "A", "--dtype", dtype,
+                 "--compare-tokens", "0"]) == 0
+    assert main(["export-transformer", str(tmp_path / "primed"), str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["dtype"] == dtype and config["max_position_embeddings"] == 256
+    primed = load_file(str(tmp_path / "primed" / "model.safetensors"))
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert {t.dtype for t in exported.values()} == {getattr(torch, dtype)}
+    assert torch.equal(exported["model.layers.1.self_attn.q_proj.weight"], primed["model.layers.1.mixer.q_proj.weight"])
 
 
 # The published configs of the Trn1 recipes' sources (config.json of meta-llama/Llama-3.2-1B and Qwen/Qwen3-0.6B).

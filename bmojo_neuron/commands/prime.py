@@ -69,7 +69,7 @@ def format_report(primed, output: str) -> str:
     ]
     if report["seeded_from_source"]:
         lines.append(f"  seeded       {report['seeded_from_source']:>12,}  new paths from the attention weights "
-                     "(SSM as linear attention; untied fading projections; zero innovation predictor)")
+                     f"({'; '.join(report['seeded_paths'])})")
     if report["initialised"]:
         names = ", ".join(sorted({_short_name(n) for n in report["initialised_names"]}))
         lines.append(f"  initialised  {report['initialised']:>12,}  ({names})")

@@ -16,11 +16,14 @@ from pathlib import Path
 import torch
 
 from ..checkpoints.export import quiet_transformers
-from ..checkpoints.inference import load_trained
+from ..checkpoints.inference import load_trained, resolve_model_dir
+from ..checkpoints.layout import CONFIG_FILE
+from ..configuration_bmojo import BMojoConfig
 from ..fsutil import publish_dir
+from ..modeling_bmojo import BMojoForCausalLM
 from .mapping import ATTENTION, LAYER_NORMS, MLP, QK_NORMS
 from .prime import RUN_INFO_FILE
-from .source import TOKENIZER_FILES
+from .source import copy_tokenizer_files
 
 
 def transformer_family(config) -> str:
@@ -42,8 +45,12 @@ def transformer_family(config) -> str:
     return "llama"
 
 
-def transformer_config(config):
-    """The Hugging Face config (Llama / Qwen2 / Qwen3) of an all-attention `BMojoConfig`."""
+def transformer_config(config, dtype: torch.dtype = torch.float32, max_position_embeddings: int | None = None):
+    """The Hugging Face config (Llama / Qwen2 / Qwen3) of an all-attention `BMojoConfig`, weights in `dtype`.
+
+    `max_position_embeddings` is the source transformer's (B'MOJO has no such limit, so its config does not
+    hold it); None leaves the Hugging Face class's default.
+    """
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     family = transformer_family(config)
@@ -54,7 +61,10 @@ def transformer_config(config):
         num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, hidden_act="silu",
         rms_norm_eps=config.rms_norm_eps, rope_parameters=rope, tie_word_embeddings=config.tie_word_embeddings,
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        dtype=dtype,
     )
+    if max_position_embeddings is not None:
+        fields["max_position_embeddings"] = max_position_embeddings
     if family == "llama":
         return LlamaConfig(**fields, attention_bias=config.attention_bias)
     if family == "qwen3":
@@ -81,15 +91,20 @@ def transformer_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def export_transformer(path: str | Path, output_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write the all-attention model behind `path` (run, checkpoint or export) as a Hugging Face folder."""
+    """Write the all-attention model behind `path` (run, checkpoint or export) as a Hugging Face folder, in the
+    model's own dtype."""
     from transformers import AutoModelForCausalLM
 
     output = Path(output_dir).expanduser()
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise ValueError(f"OUTPUT {output} exists and is not empty; pass --overwrite to replace it")
+    _require_bmojo(path)
     trained = load_trained(path)
-    hf_config = transformer_config(trained.model.config)
-    hf_model = AutoModelForCausalLM.from_config(hf_config)
+    if not isinstance(trained.model, BMojoForCausalLM):
+        raise ValueError(f"{path} is not a B'MOJO model (it holds a {type(trained.model).__name__})")
+    dtype = next(trained.model.parameters()).dtype
+    hf_config = transformer_config(trained.model.config, dtype, _source_max_positions(trained.source))
+    hf_model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     weights = transformer_state_dict(trained.model)
     expected = set(hf_model.state_dict()) - ({"lm_head.weight"} if hf_config.tie_word_embeddings else set())
     if set(weights) != expected:
@@ -100,7 +115,7 @@ def export_transformer(path: str | Path, output_dir: str | Path, overwrite: bool
     try:
         with quiet_transformers():
             hf_model.save_pretrained(str(tmp))
-        _carry_tokenizer(trained.tokenizer, tmp)
+        _carry_tokenizer(trained.tokenizer, tmp, output)
         publish_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -108,11 +123,37 @@ def export_transformer(path: str | Path, output_dir: str | Path, overwrite: bool
     return output
 
 
-def _carry_tokenizer(tokenizer: str, folder: Path) -> None:
-    """Copy a local tokenizer folder's files, and name the tokenizer in ``bmojo_run.json`` (e.g. ``byte``)."""
+def _require_bmojo(path: str | Path) -> None:
+    """Refuse, before any weight is read, a folder whose config.json is not a B'MOJO model's (e.g. a
+    Hugging Face transformer, which needs no export)."""
+    config_file = resolve_model_dir(path) / CONFIG_FILE
+    if not config_file.is_file():
+        return  # load_trained says what is missing
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return
+    if model_type != BMojoConfig.model_type:
+        raise ValueError(f"{path} is not a B'MOJO model (its config.json has model_type {model_type!r}); "
+                         "export-transformer writes an all-attention B'MOJO model as a transformer")
+
+
+def _source_max_positions(model_dir: Path) -> int | None:
+    """The source transformer's ``max_position_embeddings`` when `model_dir` is a primed folder."""
+    info = model_dir / RUN_INFO_FILE
+    if not info.is_file():
+        return None
+    try:
+        return (json.loads(info.read_text()).get("priming") or {}).get("source_max_position_embeddings")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def _carry_tokenizer(tokenizer: str, folder: Path, output: Path) -> None:
+    """Copy a local tokenizer folder's files into `folder` (published as `output`) and name the tokenizer in
+    ``bmojo_run.json``: `output` itself once its files are there, as `prime` does; else as given (e.g. ``byte``)."""
     source = Path(tokenizer).expanduser()
-    if source.is_dir():
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file() and not (folder / name).exists():
-                shutil.copy2(source / name, folder / name)
+    # replace=False keeps the generation_config.json written with the model
+    if source.is_dir() and copy_tokenizer_files(source, folder, replace=False):
+        tokenizer = str(output.resolve())
     (folder / RUN_INFO_FILE).write_text(json.dumps({"tokenizer": tokenizer, "recipe": {}}, indent=2))

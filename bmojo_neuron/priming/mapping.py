@@ -89,6 +89,17 @@ def new_weights(tensors: dict[str, Tensor], config: BMojoConfig, ssm_init: str) 
     return out
 
 
+def seeded_paths(names: Any) -> list[str]:
+    """What the `new_weights` entries `names` seeded, in words, in a fixed order (for the priming summary)."""
+    names = list(names)
+    found = {
+        "SSM as linear attention": any(not ("fading_proj" in n or "innovation_proj" in n) for n in names),
+        "untied fading projections": any("fading_proj" in n for n in names),
+        "zero innovation predictor": any("innovation_proj" in n for n in names),
+    }
+    return [what for what, present in found.items() if present]
+
+
 def attention_ssm_mismatch(config: BMojoConfig) -> str | None:
     """Why the SSM cannot be seeded from the attention weights (None if it can)."""
     heads, head_dim = config.num_attention_heads, config.head_dim

@@ -22,8 +22,8 @@ from ..checkpoints.export import quiet_transformers
 from ..configuration_bmojo import LAYER_KINDS, BMojoConfig
 from ..fsutil import publish_dir
 from ..modeling_bmojo import BMojoForCausalLM
-from .mapping import SSM_INITS, attention_ssm_mismatch, new_weights, shared_weights
-from .source import SourceModel, load_source_weights, read_source
+from .mapping import SSM_INITS, attention_ssm_mismatch, new_weights, seeded_paths, shared_weights
+from .source import SourceModel, copy_tokenizer_files, load_source_weights, read_source
 
 RUN_INFO_FILE = "bmojo_run.json"  # the run-info file every exported model carries (tokenizer, recipe, ...)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -130,9 +130,11 @@ def prime_model(
         "seed": seed,
         "copied": _count(model, mapped),
         "seeded_from_source": _count(model, seeded),
+        "seeded_paths": seeded_paths(seeded),
         "initialised": _count(model, initialised),
         "initialised_names": _group_names(initialised),
         "notes": notes,
+        "source_max_position_embeddings": source.max_position_embeddings,
     }
     return PrimedModel(model, source, report)
 
@@ -174,10 +176,7 @@ def prime(
 
 def _copy_tokenizer(source: SourceModel, tmp: Path, output: Path) -> str | None:
     """Copy the tokenizer files; the tokenizer the primed folder names (itself, or what the source named)."""
-    files = source.tokenizer_files()
-    for file in files:
-        shutil.copy2(file, tmp / file.name)
-    if any(f.name.startswith("tokenizer") or f.name in ("vocab.json", "merges.txt") for f in files):
+    if copy_tokenizer_files(source.path, tmp):
         return str(output.resolve())
     info = source.path / RUN_INFO_FILE
     if info.is_file():  # a source exported by bmojo-neuron names its tokenizer (e.g. "byte")

@@ -17,6 +17,8 @@ q/k RMSNorms, and Mistral / Qwen sliding windows (recorded per layer, see
 from __future__ import annotations
 
 import json
+import pickle
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,9 @@ class SourceModel:
     qk_norm: bool
     sliding_windows: list[int | None] = field(default_factory=list)  # per layer; None = full attention
     special_tokens: dict[str, Any] = field(default_factory=dict)
+    # B'MOJO has no position limit (RoPE), so BMojoConfig has no such field; the priming report keeps the
+    # source's value so that `export_transformer` can write it back
+    max_position_embeddings: int | None = None
 
     def config_fields(self) -> dict[str, Any]:
         """The `BMojoConfig` fields the source fixes (a user override of one of them is refused)."""
@@ -79,8 +84,17 @@ class SourceModel:
             **self.special_tokens,
         }
 
-    def tokenizer_files(self) -> list[Path]:
-        return [self.path / name for name in TOKENIZER_FILES if (self.path / name).is_file()]
+
+def copy_tokenizer_files(source: Path, folder: Path, replace: bool = True) -> bool:
+    """Copy `source`'s tokenizer files (`TOKENIZER_FILES`) into `folder` (only those it lacks unless `replace`);
+    whether a tokenizer itself came with them (not only ``generation_config.json`` or a chat template), so that
+    `folder` can name itself as its tokenizer."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file() and (replace or not (folder / name).exists()):
+            shutil.copy2(source / name, folder / name)
+            copied.append(name)
+    return any(name.startswith("tokenizer") or name in ("vocab.json", "merges.txt") for name in copied)
 
 
 def read_source(path: str | Path) -> SourceModel:
@@ -100,9 +114,7 @@ def read_source(path: str | Path) -> SourceModel:
     _refuse_unsupported(path, config)
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    if head_dim > MAX_HEAD_DIM or head_dim % 2:
-        raise ValueError(f"source {path}: head_dim {head_dim} is not supported (B'MOJO needs an even head_dim "
-                         f"<= {MAX_HEAD_DIM}, one Trainium partition tile)")
+    _check_head_dim(path, head_dim)
     theta, scaling = _rope(path, config)
     attention_bias = bool(config.get("attention_bias", False))
     return SourceModel(
@@ -124,11 +136,13 @@ def read_source(path: str | Path) -> SourceModel:
         qk_norm=model_type == "qwen3",
         sliding_windows=_sliding_windows(config),
         special_tokens={k: config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None},
+        max_position_embeddings=config.get("max_position_embeddings"),
     )
 
 
 def _load_config(path: Path) -> dict[str, Any]:
     """The checkpoint's config with the defaults of its transformers class filled in."""
+    from huggingface_hub.errors import StrictDataclassError  # transformers' config validation errors
     from transformers import AutoConfig
 
     try:
@@ -137,10 +151,21 @@ def _load_config(path: Path) -> dict[str, Any]:
         raise ValueError(f"source {path}: config.json is not readable JSON: {err}") from None
     if raw.get("model_type") not in SUPPORTED_TYPES:
         return raw
+    if isinstance(raw.get("head_dim"), int):  # transformers refuses some (odd) with its own, longer message
+        _check_head_dim(path, raw["head_dim"])
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True).to_dict()
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"source {path}: config.json could not be read as a {raw['model_type']} config: {err}") from None
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as err:
+        message = " ".join(str(err).split())  # transformers' validation messages span several lines
+        raise ValueError(f"source {path}: config.json could not be read as a {raw['model_type']} config: "
+                         f"{message}") from None
+
+
+def _check_head_dim(path: Path, head_dim: int) -> None:
+    """Refuse a head_dim B'MOJO's kernels do not take (rotary pairs need it even; one tile holds 128)."""
+    if head_dim > MAX_HEAD_DIM or head_dim % 2:
+        raise ValueError(f"source {path}: head_dim {head_dim} is not supported (B'MOJO needs an even head_dim "
+                         f"<= {MAX_HEAD_DIM}, one Trainium partition tile)")
 
 
 def _refuse_unsupported(path: Path, config: dict[str, Any]) -> None:
@@ -195,14 +220,46 @@ def _sliding_windows(config: dict[str, Any]) -> list[int | None]:
 
 
 def load_source_weights(source: SourceModel, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """Every tensor of the checkpoint, named ``model.…`` / ``lm_head.weight`` as in `LlamaForCausalLM`, in `dtype`."""
+    """Every tensor of the checkpoint, named ``model.…`` / ``lm_head.weight`` as in `LlamaForCausalLM`, in `dtype`;
+    a tensor whose shape is not the one config.json implies is refused, naming it."""
     files = _weight_files(source.path)
     tensors: dict[str, Tensor] = {}
     for file in files:
         tensors.update(_read_weight_file(file))
     if tensors and not any(name.startswith("model.") for name in tensors):  # saved from the bare decoder
         tensors = {(n if n == "lm_head.weight" else f"model.{n}"): t for n, t in tensors.items()}
+    _check_shapes(source, tensors)
     return {name: t.to(dtype) for name, t in tensors.items()}
+
+
+def expected_shapes(source: SourceModel) -> dict[str, tuple[int, ...]]:
+    """The shape config.json implies for each tensor priming reads (Llama names; biases and q/k norms included
+    whether or not the source has them: only the names present are compared)."""
+    d, inner = source.hidden_size, source.intermediate_size
+    q, kv = source.num_heads * source.head_dim, source.num_kv_heads * source.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (source.vocab_size, d), "lm_head.weight": (source.vocab_size, d),
+        "model.norm.weight": (d,),
+    }
+    per_layer = {
+        "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
+        "mlp.gate_proj.weight": (inner, d), "mlp.up_proj.weight": (inner, d), "mlp.down_proj.weight": (d, inner),
+        "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d), "self_attn.v_proj.weight": (kv, d),
+        "self_attn.o_proj.weight": (d, q), "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (d,),
+        "self_attn.q_norm.weight": (source.head_dim,), "self_attn.k_norm.weight": (source.head_dim,),
+    }
+    for i in range(source.num_layers):
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
+    return shapes
+
+
+def _check_shapes(source: SourceModel, tensors: dict[str, Tensor]) -> None:
+    """Refuse weights whose shapes are not the ones config.json describes (an edited or mismatched config)."""
+    for name, shape in expected_shapes(source).items():
+        if name in tensors and tuple(tensors[name].shape) != shape:
+            raise ValueError(f"source {source.path}: {name} has shape {tuple(tensors[name].shape)} in the weights, "
+                             f"but config.json implies {shape}; the config does not describe these weights")
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -220,8 +277,15 @@ def _weight_files(path: Path) -> list[Path]:
 
 
 def _read_weight_file(file: Path) -> dict[str, Tensor]:
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """The tensors of one weight file; a damaged file (truncated, not a checkpoint) is named in one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-        return load_file(str(file))
-    return torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        if file.suffix == ".safetensors":
+            return load_file(str(file))
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (SafetensorError, EOFError, RuntimeError, pickle.UnpicklingError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(f"source {file.parent}: {file.name} is not a readable weight file ({message}); "
+                         "is it complete?") from None
