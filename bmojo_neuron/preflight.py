@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bmojo_neuron.checkpoints.inference import initial_weights_dir
 from bmojo_neuron.compile_cache.units import format_size
 from bmojo_neuron.data.text import source_kind
 from bmojo_neuron.fsutil import DISK_FULL
@@ -99,8 +100,6 @@ def check_data_source(recipe: Any) -> None:
 def check_init_weights(recipe: Any) -> None:
     """A new run's ``init.weights`` must name a model folder, so a typo fails before the run starts."""
     if recipe.init.weights:
-        from bmojo_neuron.checkpoints.inference import initial_weights_dir
-
         initial_weights_dir(recipe.init.weights)
 
 
