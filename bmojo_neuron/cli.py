@@ -148,6 +148,12 @@ def user_error(exc: BaseException) -> str | None:
     return None
 
 
+def require_nonempty(option: str, value: str | None) -> None:
+    """ValueError for an option given as an empty string, which would otherwise quietly mean its default."""
+    if value is not None and not value.strip():
+        raise ValueError(f"{option} must not be empty")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(build_parser(), argv)
     try:

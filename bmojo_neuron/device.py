@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """``cpu``, ``cuda`` (``cuda:N``), ``auto`` (CUDA when available, else CPU), or ``neuron`` (the XLA device).
+def resolve_device(name: str | None, key: str = "run.device", neuron: bool = True) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N``, ``auto`` (CUDA when available, else CPU), or, where `neuron`, ``neuron``
+    (the XLA device: only training runs there; eval, inspect and generate pass False).
 
-    ValueError for an unknown name, or CUDA asked for where it is not available.
+    ValueError naming `key` (the recipe key or the option) for an unknown name, or CUDA asked for where it
+    is not available.
     """
     name = (name or "auto").lower()
-    if name == "neuron":
+    if name == "neuron" and neuron:
         return torch.device("xla")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cpu":
         return torch.device("cpu")
-    if name.startswith("cuda"):
+    if re.fullmatch(r"cuda(:\d+)?", name):
         if not torch.cuda.is_available():
-            raise ValueError(f"run.device={name} but CUDA is not available here; use cpu or auto")
+            raise ValueError(f"{key}={name} but CUDA is not available here; use cpu or auto")
         return torch.device(name)
-    raise ValueError(f"run.device must be cpu, cuda, auto or neuron, got {name!r}")
+    choices = "cpu, cuda, auto or neuron" if neuron else "cpu, cuda or auto"
+    raise ValueError(f"{key} must be {choices}, got {name!r}")
 
 
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")

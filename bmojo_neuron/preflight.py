@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bmojo_neuron.checkpoints.inference import initial_weights_dir
 from bmojo_neuron.compile_cache.units import format_size
 from bmojo_neuron.data.text import source_kind
 from bmojo_neuron.fsutil import DISK_FULL
@@ -54,8 +55,9 @@ def space_need(parameters: int, keep_last: int, resume: bool) -> SpaceNeed:
                      EXPORT_BYTES_PER_PARAMETER * parameters + FILE_OVERHEAD)
 
 
-def check_writable(directory: Path) -> None:
-    """Create `directory` if needed and write, sync and delete a probe file in it; ValueError naming why not."""
+def check_writable(directory: Path, remedy: str = "pick another --output-dir (or run.output_dir)") -> None:
+    """Create `directory` if needed and write, sync and delete a probe file in it; ValueError naming why not
+    and ending with `remedy` (what the user changes: the option of the command that writes there)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".tmp-probe-") as probe:
@@ -64,8 +66,7 @@ def check_writable(directory: Path) -> None:
             os.fsync(probe.fileno())
     except OSError as exc:
         full = " (disk full)" if exc.errno in DISK_FULL else ""
-        raise ValueError(f"output directory {directory} is not writable: {exc.strerror}{full}; pick another "
-                         "--output-dir (or run.output_dir)") from None
+        raise ValueError(f"output directory {directory} is not writable: {exc.strerror}{full}; {remedy}") from None
 
 
 def check_free_space(needs: list[tuple[Path, SpaceNeed]]) -> None:
@@ -96,14 +97,23 @@ def check_data_source(recipe: Any) -> None:
     source_kind(str(Path(recipe.data.path).expanduser()))
 
 
+def check_init_weights(recipe: Any) -> None:
+    """A new run's ``init.weights`` must name a model folder, so a typo fails before the run starts."""
+    if recipe.init.weights:
+        initial_weights_dir(recipe.init.weights)
+
+
 def check_run_dirs(runs: list[tuple[Any, Path]], parameters: list[int], resume: bool) -> None:
-    """Each run's data source present, its directory writable, and room on disk for all of them.
+    """Each run's data source (and a new run's ``init.weights``) present, its directory writable, and room on
+    disk for all of them.
 
     `runs` are (recipe, run dir) pairs, `parameters` the model size of each.
     """
     by_filesystem: dict[int, list[tuple[Path, SpaceNeed]]] = {}
     for (recipe, run_dir), count in zip(runs, parameters):
         check_data_source(recipe)
+        if not resume:  # a resumed run starts from its checkpoint
+            check_init_weights(recipe)
         check_writable(run_dir)
         need = space_need(count, recipe.checkpoint.keep_last, resume)
         by_filesystem.setdefault(run_dir.stat().st_dev, []).append((run_dir, need))

@@ -54,6 +54,18 @@ def parse_yaml_value(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what it was parsing, what it found, and where in the value
+    (its own message spans several lines, with the text quoted and a caret under the column)."""
+    problem = getattr(err, "problem", None)
+    if problem is None:
+        return " ".join(str(err).split())
+    context = getattr(err, "context", None)
+    mark = getattr(err, "problem_mark", None)
+    where = f" (at character {mark.column + 1} of the value)" if mark is not None and mark.line == 0 else ""
+    return f"{context + ', ' if context else ''}{problem}{where}"
+
+
 # ----------------------------------------------------------------------------- sections
 @dataclass
 class RunSection:
@@ -67,6 +79,8 @@ class RunSection:
     def check(self) -> None:
         _choice("run.device", self.device, DEVICES)
         _require(bool(self.name), "run.name", "must not be empty")
+        _require(self.output_dir is None or bool(self.output_dir), "run.output_dir",
+                 "must not be empty (null: runs/<run.name>)")
         _require(self.threads >= 0, "run.threads", f"is {self.threads}; must be >= 0 (0: every usable core but one)")
         _positive("run.jobs", self.jobs)
         _require(self.jobs == 1 or self.device != "neuron", "run.jobs",
@@ -197,6 +211,10 @@ class EvalSection:
         _require(bool(self.length_multipliers), "eval.length_multipliers", "must not be empty")
         for value in self.length_multipliers:
             _positive("eval.length_multipliers", value)
+        repeated = sorted({m for m in self.length_multipliers if self.length_multipliers.count(m) > 1})
+        _require(not repeated, "eval.length_multipliers",
+                 f"is {self.length_multipliers}; each length must appear once (repeated: "
+                 f"{', '.join(map(str, repeated))})")
 
 
 @dataclass
@@ -659,7 +677,11 @@ def _normalise_overrides(overrides: Mapping[str, Any] | Sequence[str]) -> list[t
             if "=" not in item:
                 raise ValueError(f"override {item!r}: expected key.sub=value, e.g. train.steps=10")
             key, text = item.split("=", 1)
-            pairs.append((key.strip(), parse_yaml_value(text)))
+            try:
+                value = parse_yaml_value(text)
+            except yaml.YAMLError as err:
+                raise ValueError(f"override {item!r}: not valid YAML: {_yaml_problem(err)}") from None
+            pairs.append((key.strip(), value))
     for key, value in pairs:
         if key in SWITCHABLE:
             if not (value is None or value is False or value == "none"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from bmojo_neuron.neuron import INSTALL_COMMAND, TRAINING_PACKAGES, NeuronUnavai
 
 ROOT = Path(__file__).resolve().parents[1]
 TRN1 = "recipes/trn1/bmojo-130m.yaml"
+FIXTURES = ROOT / "tests" / "golden" / "checkpoints"  # checkpoint fixtures and their recipe
 
 
 def _cli(*args: str, code: str | None = None) -> subprocess.CompletedProcess:
@@ -118,6 +120,38 @@ def test_dry_run_sees_a_used_run_directory(capsys, tmp_path):
     assert cli.main(["train", "cpu-text", "--dry-run", "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "already holds a run" in out and "tokenized and packed into" in out
+
+
+def test_dry_run_resume_makes_the_recipe_check_of_the_real_resume(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(FIXTURES / "one-process", run_dir)  # stopped after step 2
+    argv = ["train", str(FIXTURES / "fixture.yaml"), "--resume", "--output-dir", str(run_dir), "--no-progress"]
+    assert cli.main([*argv, "--dry-run"]) == 0
+    assert f"output {run_dir}: resumes from step-0000002" in capsys.readouterr().out
+    refusal = f"error: cannot resume {run_dir / 'step-0000002'}: the recipe changed in model.hidden_size, optim.lr\n"
+    changed = [*argv, "model.hidden_size=16", "optim.lr=0.01"]
+    assert cli.main([*changed, "--dry-run"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == refusal
+    assert cli.main(changed) == 2  # the real resume: the same words
+    assert capsys.readouterr().err == refusal
+
+
+def test_a_missing_init_weights_folder_is_named_by_its_key(capsys, tmp_path):
+    missing = tmp_path / "no-such"
+    argv = ["train", "cpu-tiny", "suite=none", f"init.weights={missing}", "--output-dir", str(tmp_path / "run")]
+    assert cli.main([*argv, "--dry-run"]) == 0
+    assert f"init.weights: PROBLEM: recipe key init.weights: {missing} does not exist\n" in capsys.readouterr().out
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == f"error: recipe key init.weights: {missing} does not exist\n"
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def test_an_override_that_is_not_yaml_is_one_error_line(capsys):
+    assert cli.main(["train", "cpu-tiny", "optim.betas=[0.9"]) == 2
+    assert capsys.readouterr().err == ("error: override 'optim.betas=[0.9': not valid YAML: while parsing a flow "
+                                       "sequence, expected ',' or ']', but got '<stream end>' (at character 5 of "
+                                       "the value)\n")
 
 
 # ------------------------------------------------------------------ data prepare

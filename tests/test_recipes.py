@@ -156,6 +156,9 @@ def test_model_config_fills_vocab_from_data() -> None:
         ({"parallel": {"tp": 0}}, r"parallel.tp: is 0; must be a positive integer"),
         ({"parallel": {"sp": 1}}, r"parallel.sp: must be true or false"),
         ({"eval": {"length_multipliers": [1, 0]}}, r"eval.length_multipliers: is 0"),
+        ({"eval": {"length_multipliers": [1, 2, 1]}},
+         r"^recipe key eval.length_multipliers: is \[1, 2, 1\]; each length must appear once \(repeated: 1\)$"),
+        ({"run": {"output_dir": ""}}, r"^recipe key run.output_dir: must not be empty \(null: runs/<run.name>\)$"),
         ({"compare": {"overrides": {}}}, r"recipe key compare.name: missing"),
         (
             {"compare": {"name": "m", "overrides": {"model.layer_patern": "M"}}},
@@ -196,6 +199,10 @@ def test_validation_errors_name_the_key(document: dict, match: str) -> None:
         ("model.hidden_size=abc", r"recipe key model.hidden_size: must be an integer, got str 'abc'"),
         ("compare=yes", r"override 'compare': compare=none is the only value accepted"),
         ("compare.name=", r"recipe key compare.name: must be a string, got NoneType"),
+        ("optim.betas=[0.9", r"^override 'optim.betas=\[0.9': not valid YAML: while parsing a flow sequence, "
+                             r"expected ',' or '\]', but got '<stream end>' \(at character 5 of the value\)$"),
+        ('run.name="abc', r"^override 'run.name=\"abc': not valid YAML: while scanning a quoted scalar, "
+                          r"found unexpected end of stream \(at character 5 of the value\)$"),
     ],
 )
 def test_bad_overrides(override: str, match: str) -> None:

@@ -79,10 +79,19 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
     return Trained(model.to(device).eval(), recipe, tokenizer, source, run_dir)
 
 
+def initial_weights_dir(path: str | Path) -> Path:
+    """The model folder behind ``init.weights`` (`resolve_model_dir`); FileNotFoundError naming the key when
+    there is none, so the message says which setting to fix."""
+    try:
+        return resolve_model_dir(Path(path).expanduser())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"recipe key init.weights: {err}") from None
+
+
 def initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The whole model's weights behind `path` (export, primed folder, checkpoint or run), float32 on the CPU:
     what a new run with ``init.weights`` starts from. Parallel backends take their shard of it."""
-    model = load_trained(path).model
+    model = load_trained(initial_weights_dir(path)).model
     if not isinstance(model, BMojoForCausalLM):
         raise ValueError(f"init.weights {path}: holds a {type(model).__name__}, not a B'MOJO model; "
                          "start from a transformer with `bmojo-neuron prime` first")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
-from bmojo_neuron.cli import register_command
+from bmojo_neuron.cli import register_command, require_nonempty
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +63,37 @@ def eval_recipe(saved: dict, data_args: list[str]):
     return recipe
 
 
+def check_vocabulary(model: Any, recipe: Any) -> None:
+    """ValueError when the evaluation data holds token ids the model has no embedding for (data of a larger
+    vocabulary than the one it was trained on), before any data is built."""
+    from bmojo_neuron.data import data_vocabulary
+
+    size, source = data_vocabulary(recipe.data)
+    vocab = model.config.vocab_size
+    if size > vocab:
+        raise ValueError(f"the evaluation data has token ids up to {size - 1} ({source}), outside this model's "
+                         f"vocabulary ({vocab}); pick --data of the kind the model was trained on")
+
+
+def count_option(option: str, value: int | None, default: int) -> int:
+    """`value` of a count option, `default` when it was not given; ValueError below 1."""
+    if value is None:
+        return default
+    if value < 1:
+        raise ValueError(f"{option} must be >= 1, got {value}")
+    return value
+
+
+def output_dir(option: str | None, trained: Any) -> Path:
+    """Where eval and inspect write: ``--output-dir``, else ``<run dir>/eval``; created and checked writable
+    now, so a bad folder fails before the evaluation rather than after it."""
+    from bmojo_neuron.preflight import check_writable
+
+    out = Path(option) if option is not None else trained.run_dir / "eval"
+    check_writable(out, "pick another --output-dir")
+    return out
+
+
 @register_command("eval", help="evaluate a trained model: loss, perplexity, MQAR recall, length generalisation",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
@@ -71,21 +103,20 @@ def run(args: argparse.Namespace) -> int:
     from bmojo_neuron.device import resolve_device, set_cpu_threads
     from bmojo_neuron.evaluation import format_length_table, length_generalisation, plot_length
 
-    device = resolve_device(args.device)
+    require_nonempty("--output-dir", args.output_dir)
+    device = resolve_device(args.device, "--device", neuron=False)
     set_cpu_threads()
     trained = load_trained(args.path, device)
     recipe = eval_recipe(trained.recipe, args.data)
-    batch_size = args.batch_size or recipe.train.batch_size
-    batches = args.batches or recipe.eval.batches
-    if batch_size < 1 or batches < 1:
-        raise ValueError("--batch-size and --batches must be >= 1")
+    batch_size = count_option("--batch-size", args.batch_size, recipe.train.batch_size)
+    batches = count_option("--batches", args.batches, recipe.eval.batches)
+    check_vocabulary(trained.model, recipe)
+    out = output_dir(args.output_dir, trained)
     _, eval_data = build_datasets(recipe)
     rows = length_generalisation(trained.model, recipe, eval_data, lengths, batch_size, device, batches,
                                  recipe.train.precision)
     title = f"{recipe.run.name} ({trained.source})"
     print(format_length_table(rows, title=title))
-    out = Path(args.output_dir) if args.output_dir else trained.run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
     (out / "length_eval.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2))
     plot = plot_length(rows, out / "length_eval.png", title=recipe.run.name)
     print(f"\nwrote {out / 'length_eval.json'}" + (f" and {plot}" if plot else ""))

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from bmojo_neuron.device import resolve_device, set_cpu_threads
     from bmojo_neuron.generation import generate_text
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device", neuron=False)
     set_cpu_threads()
     trained = load_trained(args.path, device)
     _, text = generate_text(trained, args.prompt, args.max_new_tokens, args.greedy, args.temperature,

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
-from bmojo_neuron.cli import register_command
+from bmojo_neuron.cli import register_command, require_nonempty
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if args.length < 1:
         raise ValueError(f"--length must be >= 1, got {args.length}")
     from bmojo_neuron.checkpoints.inference import load_trained
-    from bmojo_neuron.commands.evaluate import eval_recipe
+    from bmojo_neuron.commands.evaluate import check_vocabulary, eval_recipe, output_dir
     from bmojo_neuron.data import build_eval_dataset
     from bmojo_neuron.device import resolve_device, set_cpu_threads
     from bmojo_neuron.memory_inspection import (
@@ -59,10 +58,13 @@ def run(args: argparse.Namespace) -> int:
         trace_memory,
     )
 
-    device = resolve_device(args.device)
+    require_nonempty("--output-dir", args.output_dir)
+    device = resolve_device(args.device, "--device", neuron=False)
     set_cpu_threads()
     trained = load_trained(args.path, device)
     recipe = eval_recipe(trained.recipe, args.data)
+    check_vocabulary(trained.model, recipe)
+    out = output_dir(args.output_dir, trained)
     eval_data = build_eval_dataset(recipe, args.length)
     rows = eval_data[: args.sequences]
     if len(rows["input_ids"]) <= args.row:
@@ -80,8 +82,6 @@ def run(args: argparse.Namespace) -> int:
     if answers is not None:
         print("\n" + format_answers(answers))
 
-    out = Path(args.output_dir) if args.output_dir else trained.run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
     report = {
         "source": str(trained.source),
         "length_multiplier": args.length,

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bmojo_neuron.cli import register_command
+from bmojo_neuron.cli import register_command, require_nonempty
 from bmojo_neuron.fsutil import disk_full_cause
 from bmojo_neuron.locking import DirectoryLock
 
@@ -88,8 +88,10 @@ def dry_run(recipe: Any, name: str | None, overrides: list[str], args: argparse.
     from bmojo_neuron.training.suite import plan_runs
 
     runs = plan_runs(recipe, args.output_dir)
-    for variant, _ in runs:
+    for variant, run_dir in runs:
         variant.check()
+        if args.resume:
+            check_resume(variant, run_dir)
     for variant, run_dir in runs:
         print(describe(variant, count_parameters(variant), run_dir))
         if variant.run.device != "neuron":
@@ -104,6 +106,18 @@ def dry_run(recipe: Any, name: str | None, overrides: list[str], args: argparse.
         print(f"  {line}")
     print("dry run: nothing was started or written")
     return 0
+
+
+def check_resume(recipe: Any, run_dir: Path) -> None:
+    """What ``--resume`` checks when training starts: ValueError, worded as the trainer words it, when the
+    recipe changed since `run_dir`'s latest checkpoint in a key that may not change."""
+    from bmojo_neuron.checkpoints.layout import latest_checkpoint
+    from bmojo_neuron.checkpoints.state import read_recipe
+    from bmojo_neuron.training.trainer import check_resumable
+
+    latest = latest_checkpoint(run_dir)
+    if latest is not None:
+        check_resumable(latest, read_recipe(latest), recipe.record())
 
 
 def parallel_line(recipe: Any) -> str:
@@ -132,6 +146,8 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[s
                      f"Neuron SDK: missing here, training would stop: {'; '.join(missing)}; install with "
                      f"{INSTALL_COMMAND}")
     lines.append(f"data: {data_line(recipe)}")
+    if recipe.init.weights:
+        lines.append(f"init.weights: {init_line(recipe)}")
     from bmojo_neuron.checkpoints.layout import has_run, latest_checkpoint
     from bmojo_neuron.preflight import describe_output, space_need
     from bmojo_neuron.recipes import count_parameters
@@ -148,6 +164,17 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[s
         need = space_need(count_parameters(variant), variant.checkpoint.keep_last, resume)
         lines.append(f"  disk {describe_output(run_dir, need)}")
     return lines
+
+
+def init_line(recipe: Any) -> str:
+    """Where a new run's weights come from, and whether they are there (`check_run_dirs` makes the same check)."""
+    from bmojo_neuron.preflight import check_init_weights
+
+    try:
+        check_init_weights(recipe)
+    except FileNotFoundError as error:
+        return f"PROBLEM: {error}"
+    return f"{recipe.init.weights}: ok"
 
 
 def data_line(recipe: Any) -> str:
@@ -172,6 +199,7 @@ def data_line(recipe: Any) -> str:
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
     name, overrides = recipe_and_overrides(args)
+    require_nonempty("--output-dir", args.output_dir)
     if not args.dry_run:
         require_neuron_if_needed(name, overrides)  # before anything imports torch
     from bmojo_neuron.checkpoints.layout import has_run

@@ -16,7 +16,7 @@ from bmojo_neuron.data.tokenizer import ByteTokenizer, load_tokenizer
 if TYPE_CHECKING:
     from datasets import Dataset
 
-    from bmojo_neuron.recipes import Recipe
+    from bmojo_neuron.recipes import MqarDataSection, Recipe, TextDataSection
 
 EVAL_SEED_OFFSET = 1_000_003  # eval MQAR examples come from a different stream than train
 
@@ -49,6 +49,15 @@ def build_eval_dataset(recipe: Recipe, length_multiplier: int = 1) -> Dataset:
     else:
         _, evaluation = _text(recipe, data.block_size * length_multiplier)
     return evaluation.with_format("torch")
+
+
+def data_vocabulary(data: MqarDataSection | TextDataSection) -> tuple[int, str]:
+    """How many token ids a data section produces (the ids run 0 to that count - 1), and what sets the count:
+    MQAR's ``data.vocab_size``, or the size of the text data's tokenizer."""
+    if data.kind == "mqar":
+        return data.vocab_size, f"data.vocab_size {data.vocab_size}"
+    size = len(load_tokenizer(data.tokenizer))
+    return size, f"tokenizer {data.tokenizer!r}, {size} ids"
 
 
 def _mqar(recipe: Recipe, examples: int, seed: int, multiplier: int, spacings: list[int] | None = None) -> Dataset:
@@ -85,6 +94,7 @@ __all__ = [
     "ByteTokenizer",
     "build_datasets",
     "build_eval_dataset",
+    "data_vocabulary",
     "generate_mqar",
     "load_tokenizer",
     "mqar_accuracy",

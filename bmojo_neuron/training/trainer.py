@@ -221,18 +221,10 @@ class Trainer:
         if previous is None and not resume and has_run(self.run_dir):
             raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it, or pick another "
                              "--output-dir")
-        if previous is not None and (diff := resume_conflicts(*self._recipes_as_trained(previous))):
-            raise ValueError(f"cannot resume {previous.path}: the recipe changed in {', '.join(diff)}")
+        if previous is not None:
+            check_resumable(Path(previous.path), previous.recipe, self.recipe_dict)
         self.backend.barrier("run-dir-checked")  # every rank looked before rank 0 writes into the run dir
         return previous
-
-    def _recipes_as_trained(self, previous: Checkpoint) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The checkpoint's recipe and this one, with the model fields whose default has changed written out."""
-        config_file = Path(previous.path) / CONFIG_FILE
-        saved_config = json.loads(config_file.read_text()) if config_file.exists() else None
-        saved, current = previous.recipe, self.recipe_dict
-        return ({**saved, "model": model_fields_as_trained(saved.get("model") or {}, saved_config)},
-                {**current, "model": model_fields_as_trained(current.get("model") or {}, None)})
 
     def build_data(self) -> tuple[Any, Any]:
         """``(train, eval)`` datasets, built by the main process first (it fills the tokenized-data cache)."""
@@ -255,6 +247,19 @@ class Trainer:
     def say(self, text: str) -> None:
         if self.backend.is_main:
             print(text, flush=True)
+
+
+def check_resumable(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """ValueError when the run's recipe `current` (`Recipe.record`) changed from `saved`, the recipe stored
+    with `checkpoint`, in a key a resumed run may not change (`resume_conflicts`). Both are compared with the
+    model fields whose default has changed written out: as the checkpoint's config says its weights were
+    trained, and today's default for the current recipe. ``train --dry-run --resume`` runs the same check."""
+    config_file = checkpoint / CONFIG_FILE
+    saved_config = json.loads(config_file.read_text()) if config_file.exists() else None
+    as_trained = {**saved, "model": model_fields_as_trained(saved.get("model") or {}, saved_config)}
+    as_now = {**current, "model": model_fields_as_trained(current.get("model") or {}, None)}
+    if diff := resume_conflicts(as_trained, as_now):
+        raise ValueError(f"cannot resume {checkpoint}: the recipe changed in {', '.join(diff)}")
 
 
 def tokenizer_name(recipe: Any) -> str:

@@ -1,0 +1,93 @@
+"""`bmojo-neuron eval`, `inspect` and `generate`: bad options and data are one error line, before any evaluation.
+
+They read a copy of the committed checkpoint fixture ``tests/golden/checkpoints/finished``
+(a 2-layer model of vocabulary 16 on MQAR), so a command that writes where it should not
+cannot touch the fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bmojo_neuron import cli
+from bmojo_neuron.device import resolve_device
+
+FIXTURE = Path(__file__).parent / "golden" / "checkpoints" / "finished"
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Path:
+    return Path(shutil.copytree(FIXTURE, tmp_path / "run"))
+
+
+def _error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """The one stderr line of a command that must fail with status 2, having printed nothing else."""
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err, (out, err)
+    return err.strip()
+
+
+@pytest.mark.parametrize("command", [["eval", "--lengths", "1"], ["inspect", "--sequences", "1"]])
+def test_data_of_a_larger_vocabulary_is_refused_before_evaluating(command, run, tmp_path, capsys):
+    out = tmp_path / "out"
+    name, *options = command
+    argv = [name, str(run), *options, "--device", "cpu", "--output-dir", str(out)]
+    assert _error(capsys, [*argv, "--data", "vocab_size=32"]) == (
+        "error: the evaluation data has token ids up to 31 (data.vocab_size 32), outside this model's vocabulary "
+        "(16); pick --data of the kind the model was trained on")
+    assert _error(capsys, [*argv, "--data", "cpu-text"]) == (
+        "error: the evaluation data has token ids up to 255 (tokenizer 'byte', 256 ids), outside this model's "
+        "vocabulary (16); pick --data of the kind the model was trained on")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("option", "value"), [("--batches", "0"), ("--batch-size", "0"), ("--batches", "-1")])
+def test_eval_counts_below_one_are_refused(option, value, run, tmp_path, capsys):
+    argv = ["eval", str(run), "--lengths", "1", "--device", "cpu", "--output-dir", str(tmp_path), option, value]
+    assert _error(capsys, argv) == f"error: {option} must be >= 1, got {value}"
+
+
+@pytest.mark.parametrize("command", ["eval", "inspect"])
+def test_an_output_dir_that_is_a_file_fails_before_evaluating(command, run, tmp_path, capsys):
+    file = tmp_path / "taken"
+    file.write_text("")
+    argv = [command, str(run), "--device", "cpu", "--output-dir", str(file)]
+    assert _error(capsys, argv) == (
+        f"error: output directory {file} is not writable: File exists; pick another --output-dir")
+
+
+@pytest.mark.parametrize("command", [["eval", "RUN"], ["inspect", "RUN"], ["train", "cpu-tiny", "--dry-run"]])
+def test_an_empty_output_dir_is_refused(command, run, capsys):
+    command = [str(run) if arg == "RUN" else arg for arg in command]
+    assert _error(capsys, [*command, "--output-dir", ""]) == "error: --output-dir must not be empty"
+    assert not (run / "eval").exists()
+
+
+def test_eval_writes_its_report_into_the_output_dir(run, tmp_path, capsys):
+    out = tmp_path / "new" / "eval"
+    argv = ["eval", str(run), "--lengths", "1", "--batches", "1", "--device", "cpu", "--output-dir", str(out)]
+    assert cli.main(argv) == 0
+    assert f"wrote {out / 'length_eval.json'}" in capsys.readouterr().out
+    assert [row["seq_len"] for row in json.loads((out / "length_eval.json").read_text())] == [16]
+
+
+@pytest.mark.parametrize("command", [["eval"], ["inspect"], ["generate", "--prompt", "x"]])
+def test_device_choices_of_the_inference_commands(command, run, capsys):
+    name, *options = command
+    for device in ("tpu", "neuron", "cudax"):
+        assert _error(capsys, [name, str(run), *options, "--device", device]) == (
+            f"error: --device must be cpu, cuda or auto, got '{device}'")
+    with pytest.raises(SystemExit):
+        cli.main([name, "--help"])
+    assert "cpu, cuda or auto" in capsys.readouterr().out
+
+
+def test_training_devices_include_neuron():
+    with pytest.raises(ValueError, match=r"^run.device must be cpu, cuda, auto or neuron, got 'tpu'$"):
+        resolve_device("tpu")
+    assert resolve_device("neuron").type == "xla"
