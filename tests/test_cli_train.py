@@ -1,16 +1,21 @@
-"""`bmojo-neuron train`: --recipe, --dry-run, the immediate failure without Neuron; `bmojo-neuron data prepare`."""
+"""`bmojo-neuron train`: --recipe, --dry-run, the immediate failure without Neuron, a suite's resume and output;
+`bmojo-neuron data prepare`."""
 
 from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_training import TINY_RECIPE
 
 from bmojo_neuron import cli
+from bmojo_neuron.checkpoints import layout
 from bmojo_neuron.commands.train import require_neuron_if_needed
 from bmojo_neuron.neuron import INSTALL_COMMAND, TRAINING_PACKAGES, NeuronUnavailableError
 
@@ -118,6 +123,42 @@ def test_dry_run_sees_a_used_run_directory(capsys, tmp_path):
     assert cli.main(["train", "cpu-text", "--dry-run", "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "already holds a run" in out and "tokenized and packed into" in out
+
+
+# ------------------------------------------------------------------ a suite
+
+
+def write_suite(path: Path) -> Path:
+    """The tiny test recipe as a suite of two runs (2 steps, a checkpoint after each)."""
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["train"].update(steps=2, grad_accum=1)
+    recipe["checkpoint"]["every"] = 1
+    recipe["suite"] = [{"name": "first", "overrides": {}},
+                       {"name": "second", "overrides": {"model.layer_pattern": "MM"}}]
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    return path
+
+
+def test_a_suite_whose_recipe_changed_is_refused_before_any_run_starts(capsys, tmp_path):
+    """Every run's checkpoint is checked against its recipe before the first run starts: one `error:` line
+    (the trainer's words), status 2, and no run trained, also in worker processes (`run.jobs`)."""
+    recipe, out = write_suite(tmp_path / "suite.yaml"), tmp_path / "out"
+    assert cli.main(["train", str(recipe), "run.jobs=1", "--output-dir", str(out), "--no-progress"]) == 0
+    for run in ("first", "second"):
+        assert [p.name for p in layout.list_checkpoints(out / run)] == ["step-0000001", "step-0000002"]
+    shutil.rmtree(out / "first")  # resumed, it starts from scratch: nothing stops it but the check
+    capsys.readouterr()
+    changed = ["train", str(recipe), "optim.lr=0.5", "train.steps=3", "run.jobs=2", "--resume", "--output-dir",
+               str(out), "--no-progress"]
+    assert cli.main([*changed, "--dry-run"]) == 0
+    assert (f"output {out / 'second'}: PROBLEM: cannot resume {out / 'second' / 'step-0000002'}: the recipe changed "
+            "in optim.lr\n") in capsys.readouterr().out
+    code = cli.main(changed)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == f"error: cannot resume {out / 'second' / 'step-0000002'}: the recipe changed in optim.lr\n"
+    assert not (out / "first").exists()  # the run that could start fresh did not start
+    assert layout.latest_checkpoint(out / "second").name == "step-0000002"
 
 
 # ------------------------------------------------------------------ data prepare

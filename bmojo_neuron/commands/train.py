@@ -139,7 +139,7 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[s
     for variant, run_dir in runs:
         latest = latest_checkpoint(run_dir)
         if resume:
-            lines.append(f"output {run_dir}: " + (f"resumes from {latest.name}" if latest else "no checkpoint yet, "
+            lines.append(f"output {run_dir}: " + (resume_line(variant, latest) if latest else "no checkpoint yet, "
                                                    "starts from scratch"))
         elif has_run(run_dir):
             lines.append(f"output {run_dir}: PROBLEM: already holds a run; train would refuse it without --resume")
@@ -148,6 +148,14 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[s
         need = space_need(count_parameters(variant), variant.checkpoint.keep_last, resume)
         lines.append(f"  disk {describe_output(run_dir, need)}")
     return lines
+
+
+def resume_line(recipe: Any, checkpoint: Path) -> str:
+    """Whether `recipe` may resume `checkpoint` (the newest one; train checks the newest intact one)."""
+    from bmojo_neuron.checkpoints.state import read_recipe, resume_refusal
+
+    refusal = resume_refusal(checkpoint, read_recipe(checkpoint), recipe.record())
+    return f"PROBLEM: {refusal}" if refusal else f"resumes from {checkpoint.name}"
 
 
 def data_line(recipe: Any) -> str:
@@ -176,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         require_neuron_if_needed(name, overrides)  # before anything imports torch
     from bmojo_neuron.checkpoints.layout import has_run
     from bmojo_neuron.parallel.layout import torchrun_env
-    from bmojo_neuron.preflight import check_run_dirs
+    from bmojo_neuron.preflight import check_resumable, check_run_dirs
     from bmojo_neuron.recipes import count_parameters, load_recipe
     from bmojo_neuron.training.suite import plan_runs
 
@@ -187,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
     main = torchrun_env()[0] == 0  # under torchrun only rank 0 prints and writes summaries
     for variant, _ in runs:  # check every run before the first long one starts
         variant.check()
+    if args.resume:
+        check_resumable(runs)
     if main:  # data there, output writable, room on disk
         check_run_dirs(runs, [count_parameters(variant) for variant, _ in runs], args.resume)
     with contextlib.ExitStack() as locks:

@@ -26,14 +26,12 @@ from typing import Any
 
 from torch import Tensor
 
-from bmojo_neuron.checkpoints.layout import CONFIG_FILE, RECIPE_FILE, clean_stale, has_run
-from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState
-from bmojo_neuron.configuration_bmojo import model_fields_as_trained
+from bmojo_neuron.checkpoints.layout import RECIPE_FILE, clean_stale, has_run
+from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState, resume_refusal
 from bmojo_neuron.data import build_datasets
 from bmojo_neuron.evaluation import LengthResult, format_length_table, plot_length
 from bmojo_neuron.fsutil import write_text_atomic
 from bmojo_neuron.priming.distill import freeze_shared
-from bmojo_neuron.recipes import resume_conflicts
 
 from .backend import Backend, open_backend
 from .data_order import position_after
@@ -221,18 +219,11 @@ class Trainer:
         if previous is None and not resume and has_run(self.run_dir):
             raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it, or pick another "
                              "--output-dir")
-        if previous is not None and (diff := resume_conflicts(*self._recipes_as_trained(previous))):
-            raise ValueError(f"cannot resume {previous.path}: the recipe changed in {', '.join(diff)}")
+        if previous is not None and (refusal := resume_refusal(Path(previous.path), previous.recipe,
+                                                               self.recipe_dict)):
+            raise ValueError(refusal)
         self.backend.barrier("run-dir-checked")  # every rank looked before rank 0 writes into the run dir
         return previous
-
-    def _recipes_as_trained(self, previous: Checkpoint) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The checkpoint's recipe and this one, with the model fields whose default has changed written out."""
-        config_file = Path(previous.path) / CONFIG_FILE
-        saved_config = json.loads(config_file.read_text()) if config_file.exists() else None
-        saved, current = previous.recipe, self.recipe_dict
-        return ({**saved, "model": model_fields_as_trained(saved.get("model") or {}, saved_config)},
-                {**current, "model": model_fields_as_trained(current.get("model") or {}, None)})
 
     def build_data(self) -> tuple[Any, Any]:
         """``(train, eval)`` datasets, built by the main process first (it fills the tokenized-data cache)."""
