@@ -161,6 +161,16 @@ def test_a_suite_whose_recipe_changed_is_refused_before_any_run_starts(capsys, t
     assert layout.latest_checkpoint(out / "second").name == "step-0000002"
 
 
+def test_no_progress_drops_only_the_bar_not_the_step_and_eval_lines(capsys, tmp_path):
+    recipe = write_suite(tmp_path / "suite.yaml")
+    assert cli.main(["train", str(recipe), "suite=none", "train.log_every=1", "eval.every=2", "--output-dir",
+                     str(tmp_path / "out"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split("  loss")[0] for line in out.splitlines() if " step " in line] == ["tiny step 1/2",
+                                                                                        "tiny step 2/2"]
+    assert "\nstep 2: eval loss " in out
+
+
 # ------------------------------------------------------------------ data prepare
 
 

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue from the latest checkpoint in the output directory")
     parser.add_argument("--output-dir", default=None,
                         help="run directory (default: the recipe's run.output_dir)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no live progress bar: plain step and eval lines, as when output is redirected")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the recipe and print what would run (Neuron: the launch plan); run nothing")
 
@@ -288,7 +289,8 @@ def train_runs(runs: list[tuple[Any, Path]], args: argparse.Namespace, jobs: int
         return
     for variant, run_dir in runs:
         try:
-            yield train(variant, run_dir, resume=args.resume, progress=not args.no_progress)
+            # --no-progress drops the live bar only: the plain step and eval lines stay ("lines")
+            yield train(variant, run_dir, resume=args.resume, progress="lines" if args.no_progress else True)
         except KeyboardInterrupt:
             print(f"\n{variant.run.name} interrupted; {last_checkpoint_text(run_dir)}: continue with --resume",
                   file=sys.stderr)
