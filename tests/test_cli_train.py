@@ -7,6 +7,7 @@ import importlib.abc
 import importlib.machinery
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -169,6 +170,54 @@ def test_no_progress_drops_only_the_bar_not_the_step_and_eval_lines(capsys, tmp_
     assert [line.split("  loss")[0] for line in out.splitlines() if " step " in line] == ["tiny step 1/2",
                                                                                         "tiny step 2/2"]
     assert "\nstep 2: eval loss " in out
+
+
+def write_three(path: Path) -> Path:
+    """`write_suite` with a third run, so one of them can be left unstarted."""
+    recipe = json.loads(write_suite(path).read_text())
+    recipe["suite"].append({"name": "third", "overrides": {"run.seed": 5}})
+    path.write_text(json.dumps(recipe))
+    return path
+
+
+def test_a_stopped_suite_reports_every_run(capsys, tmp_path, monkeypatch):
+    """SIGINT stopped a suite run two at a time: each stopped run says where it stopped, the one that never
+    started says so, and the status is SIGINT's (the pool's results are faked: no training here)."""
+    from bmojo_neuron.training import TrainResult, run_pool
+
+    out = tmp_path / "out"
+
+    def stopped_pool(runs, jobs, resume=False, signals=None):
+        assert jobs == 2
+        signals.append(signal.SIGINT)
+        return [TrainResult(out / "first", 10, 7, stop_signal=signal.SIGINT),
+                TrainResult(out / "second", 10, 9, stop_signal=signal.SIGINT)]
+
+    monkeypatch.setattr(run_pool, "train_in_processes", stopped_pool)
+    assert cli.main(["train", str(write_three(tmp_path / "suite.yaml")), "run.jobs=2", "--output-dir", str(out),
+                     "--no-progress"]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        f"first: stopped by SIGINT after step 7; {out / 'first'} has no checkpoint yet: continue with --resume",
+        f"second: stopped by SIGINT after step 9; {out / 'second'} has no checkpoint yet: continue with --resume",
+        "third: not started (stopped by SIGINT); train again with --resume to run it"]
+
+
+def test_a_suite_trained_one_at_a_time_starts_no_run_after_a_stopped_one(capsys, tmp_path, monkeypatch):
+    import bmojo_neuron.training as training
+
+    out, trained = tmp_path / "out", []
+
+    def first_one_stopped(recipe, run_dir, resume=False, progress=True):
+        trained.append(recipe.run.name)
+        return training.TrainResult(run_dir, 10, 4, stop_signal=signal.SIGTERM)
+
+    monkeypatch.setattr(training, "train", first_one_stopped)
+    assert cli.main(["train", str(write_three(tmp_path / "suite.yaml")), "run.jobs=1", "--output-dir", str(out),
+                     "--no-progress"]) == 143
+    assert trained == ["first"]
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        "second: not started (stopped by SIGTERM); train again with --resume to run it",
+        "third: not started (stopped by SIGTERM); train again with --resume to run it"]
 
 
 # ------------------------------------------------------------------ data prepare

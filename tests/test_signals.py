@@ -117,6 +117,25 @@ def test_a_signal_held_while_starting_stops_the_run_at_its_first_step_boundary(t
     assert layout.latest_checkpoint(tmp_path / "run").name == "step-0000001"
 
 
+def test_a_run_sharing_its_output_names_itself_on_every_line(tmp_path, capsys):
+    """``progress="shared"`` (a `run.jobs` worker): the eval lines and the signal's notice start with the run's
+    name, as its step lines do, so interleaved runs can be told apart."""
+    from bmojo_neuron.training import signals
+
+    previous = {signum: signal.getsignal(signum) for signum in signals.STOP_SIGNALS}
+    try:
+        signals.hold_stop_signals()
+        signal.raise_signal(signal.SIGINT)
+        train(tiny_recipe(**{**recipe_overrides(), "eval.every": 1}), tmp_path / "run", progress="shared")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    captured = capsys.readouterr()
+    assert "\ntiny: received SIGINT: finishing this step" in captured.err
+    assert [line.split(" 3.")[0] for line in captured.out.splitlines()] == [
+        "tiny step 1/12  loss", "tiny: step 1: eval loss"]
+
+
 # A run pool of two long runs; the test signals it while its spawned workers still import torch.
 POOL_CHILD = """
 import sys

@@ -228,14 +228,29 @@ def last_checkpoint_text(run_dir: Path) -> str:
     return f"its latest checkpoint is {latest}" if latest else f"{run_dir} has no checkpoint yet"
 
 
-def stopped(name: str, run_dir: Path, result: Any, main: bool) -> int:
-    """A run a signal ended early: say where it saved and exit with the signal's status (143, 130)."""
+def stopped_line(name: str, run_dir: Path, result: Any) -> str:
+    """Where a run a signal ended early stands: the step it stopped after and its checkpoint."""
+    return (f"{name}: stopped by {signal.Signals(result.stop_signal).name} after step {result.step}; "
+            f"{last_checkpoint_text(run_dir)}: continue with --resume")
+
+
+def report_stop(runs: list[tuple[Any, Path]], results: list[Any], signum: int | None, main: bool) -> int:
+    """After a signal: one line per run (stopped with its checkpoint, finished, or not started), then the
+    signal's status (143, 130), so a scheduler sees the command was interrupted."""
     from bmojo_neuron.training.signals import exit_status
 
+    by = signal.Signals(signum).name if signum is not None else "a signal"
     if main:
-        print(f"{name} stopped by {signal.Signals(result.stop_signal).name} after step {result.step}; "
-              f"{last_checkpoint_text(run_dir)}: continue with --resume", file=sys.stderr, flush=True)
-    return exit_status(result.stop_signal)
+        for index, (variant, run_dir) in enumerate(runs):
+            result = results[index] if index < len(results) else None
+            if result is None:
+                line = f"{variant.run.name}: not started (stopped by {by}); train again with --resume to run it"
+            elif result.stop_signal is not None:
+                line = stopped_line(variant.run.name, run_dir, result)
+            else:
+                line = f"{variant.run.name}: finished; final export in {result.final_dir}"
+            print(line, file=sys.stderr, flush=True)
+    return exit_status(signum) if signum is not None else 130
 
 
 def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: Any, main: bool) -> int:
@@ -249,20 +264,22 @@ def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: An
     jobs = run_jobs(recipe, len(runs))
     if jobs > 1:
         print(f"training {len(runs)} runs, {jobs} at a time (run.jobs)", flush=True)
-    rows = []
-    for (variant, run_dir), result in zip(runs, train_runs(runs, args, jobs)):
+    rows: list[dict[str, Any]] = []
+    results: list[Any] = []
+    received: list[int] = []  # the signals a pool of workers passed on
+    for (variant, run_dir), result in zip(runs, train_runs(runs, args, jobs, received)):
+        results.append(result)
         if result.stop_signal is not None:
-            return stopped(variant.run.name, run_dir, result, main)
+            continue
         rows.append(summary_row(variant, result))
         if main:
             print(f"{variant.run.name}: done in {format_seconds(result.seconds)}; final export in {result.final_dir}",
                   flush=True)
+    signum = next((r.stop_signal for r in results if r.stop_signal is not None), received[0] if received else None)
+    if signum is not None or len(results) < len(runs):  # runs not started are missing from the results
+        return report_stop(runs, results, signum, main)
     if not main:
         return 0
-    if len(rows) < len(runs):  # a signal came as the running ones finished: the rest never started
-        print(f"stopped by a signal after {len(rows)} of {len(runs)} runs; train again with --resume for the rest",
-              file=sys.stderr)
-        return 130
     print("\n" + summary_table(rows))
     if len(runs) > 1:
         path = write_summary(Path(args.output_dir or recipe.run.output_dir), rows)
@@ -279,26 +296,40 @@ def run_jobs(recipe: Any, runs: int) -> int:
     return 1 if torchrun_env()[2] > 1 else max(1, min(recipe.run.jobs, runs))
 
 
-def train_runs(runs: list[tuple[Any, Path]], args: argparse.Namespace, jobs: int) -> Iterator[Any]:
-    """Each run's `TrainResult`, in order: one after another here, or `jobs` at a time in worker processes."""
-    from bmojo_neuron.training import train
+def train_runs(runs: list[tuple[Any, Path]], args: argparse.Namespace, jobs: int,
+               signals: list[int]) -> Iterator[Any]:
+    """Each run's `TrainResult`, in order: one after another here, or `jobs` at a time in worker processes.
+
+    A run a signal stopped is the last one yielded: the runs after it do not start. `signals` receives
+    the signals a pool of workers passed on.
+    """
     from bmojo_neuron.training.run_pool import train_in_processes
 
     if jobs > 1:
-        yield from train_in_processes(runs, jobs, resume=args.resume)
+        yield from train_in_processes(runs, jobs, resume=args.resume, signals=signals)
         return
     for variant, run_dir in runs:
-        try:
-            # --no-progress drops the live bar only: the plain step and eval lines stay ("lines")
-            yield train(variant, run_dir, resume=args.resume, progress="lines" if args.no_progress else True)
-        except KeyboardInterrupt:
-            print(f"\n{variant.run.name} interrupted; {last_checkpoint_text(run_dir)}: continue with --resume",
-                  file=sys.stderr)
+        result = train_one(variant, run_dir, args)
+        yield result
+        if result.stop_signal is not None:
+            return
+
+
+def train_one(variant: Any, run_dir: Path, args: argparse.Namespace) -> Any:
+    """One run in this process; a full disk becomes one error line naming the checkpoint to resume from."""
+    from bmojo_neuron.training import train
+
+    try:
+        # --no-progress drops the live bar only: the plain step and eval lines stay ("lines")
+        return train(variant, run_dir, resume=args.resume, progress="lines" if args.no_progress else True)
+    except KeyboardInterrupt:
+        print(f"\n{variant.run.name} interrupted; {last_checkpoint_text(run_dir)}: continue with --resume",
+              file=sys.stderr)
+        raise
+    except Exception as exc:
+        full = disk_full_cause(exc)
+        if full is None:
             raise
-        except Exception as exc:
-            full = disk_full_cause(exc)
-            if full is None:
-                raise
-            raise ValueError(f"disk full: {full.strerror} while writing {run_dir}; {last_checkpoint_text(run_dir)} "
-                             "(a checkpoint is written whole or not at all): free some space, then continue with "
-                             "--resume") from None
+        raise ValueError(f"disk full: {full.strerror} while writing {run_dir}; {last_checkpoint_text(run_dir)} "
+                         "(a checkpoint is written whole or not at all): free some space, then continue with "
+                         "--resume") from None

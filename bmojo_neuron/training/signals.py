@@ -36,8 +36,11 @@ def hold_stop_signals() -> None:
 
 
 @contextlib.contextmanager
-def stop_on_signals(trainer: Any, announce: bool = True) -> Iterator[None]:
+def stop_on_signals(trainer: Any, announce: bool = True, prefix: str = "") -> Iterator[None]:
     """Route SIGTERM / SIGINT to ``trainer.request_stop()`` for the duration of the block.
+
+    With `announce`, the first signal is acknowledged in a line that starts with `prefix` (the run's
+    name where several runs share the output).
 
     Signal handlers can only be set from the main thread; elsewhere (a trainer driven
     from a worker thread) the block runs with the handlers it found.
@@ -55,7 +58,7 @@ def stop_on_signals(trainer: Any, announce: bool = True) -> Iterator[None]:
         trainer.stop_signal = signum
         trainer.request_stop()
         if announce:
-            print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+            print(f"\n{prefix}received {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
                   "(send it again to exit at once)", file=sys.stderr, flush=True)
 
     for signum in STOP_SIGNALS:

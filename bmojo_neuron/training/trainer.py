@@ -38,7 +38,7 @@ from .data_order import position_after
 from .metrics import MetricsLogger, RecordsOnly, plot_training
 from .objective import LM_METRICS
 from .optim import build_scheduler, describe_lr_multipliers
-from .progress import Progress
+from .progress import Progress, run_prefix
 from .signals import stop_on_signals
 
 PLOT_FILE = "training.png"
@@ -73,14 +73,15 @@ def train(
     there is none). `stop_after` halts cleanly after that many optimizer steps with a
     checkpoint and no final export, as if the job had been preempted. `datasets`
     overrides ``build_datasets(recipe)`` with ``(train, eval)``. ``progress="lines"``: plain log lines even on a
-    terminal (no live bar).
+    terminal (no live bar); ``"shared"``: the same with every line prefixed by the run's name (runs sharing
+    one output).
     """
     started = time.perf_counter()
     recipe.check()  # before any process group, data or weights
     backend = open_backend(recipe)
     try:
         trainer = Trainer(recipe, backend, Path(output_dir or recipe.run.output_dir), progress)
-        with stop_on_signals(trainer, announce=backend.is_main):
+        with stop_on_signals(trainer, announce=backend.is_main, prefix=trainer.prefix):
             return trainer.run(resume, stop_after, datasets, started)
     finally:
         backend.close()
@@ -93,6 +94,7 @@ class Trainer:
         self.recipe, self.backend, self.run_dir = recipe, backend, run_dir
         self.recipe_dict = recipe.record()
         self.progress = progress if backend.is_main else False
+        self.prefix = run_prefix(recipe.run.name, progress)  # starts each line `say` prints
         self.stop_requested = False
         self.stop_signal: int | None = None
 
@@ -245,7 +247,7 @@ class Trainer:
 
     def say(self, text: str) -> None:
         if self.backend.is_main:
-            print(text, flush=True)
+            print(self.prefix + text, flush=True)
 
 
 def tokenizer_name(recipe: Any) -> str:
