@@ -220,6 +220,26 @@ def test_a_suite_trained_one_at_a_time_starts_no_run_after_a_stopped_one(capsys,
         "third: not started (stopped by SIGTERM); train again with --resume to run it"]
 
 
+def test_a_signal_between_two_runs_starts_no_further_run(capsys, tmp_path, monkeypatch, stop_signals_caught):
+    import bmojo_neuron.training as training
+
+    out, trained = tmp_path / "out", []
+
+    def finished_then_signalled(recipe, run_dir, resume=False, progress=True):
+        trained.append(recipe.run.name)
+        signal.raise_signal(signal.SIGTERM)  # after its trainer let go of the signals: held by the command
+        return training.TrainResult(run_dir, 10, 2, run_dir / "final", {"loss": 1.0, "perplexity": 2.7})
+
+    monkeypatch.setattr(training, "train", finished_then_signalled)
+    assert cli.main(["train", str(write_three(tmp_path / "suite.yaml")), "run.jobs=1", "--output-dir", str(out),
+                     "--no-progress"]) == 143
+    assert trained == ["first"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"first: finished; final export in {out / 'first' / 'final'}",
+        "second: not started (stopped by SIGTERM); train again with --resume to run it",
+        "third: not started (stopped by SIGTERM); train again with --resume to run it"]
+
+
 # ------------------------------------------------------------------ data prepare
 
 

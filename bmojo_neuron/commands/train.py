@@ -237,9 +237,9 @@ def stopped_line(name: str, run_dir: Path, result: Any) -> str:
 def report_stop(runs: list[tuple[Any, Path]], results: list[Any], signum: int | None, main: bool) -> int:
     """After a signal: one line per run (stopped with its checkpoint, finished, or not started), then the
     signal's status (143, 130), so a scheduler sees the command was interrupted."""
-    from bmojo_neuron.training.signals import exit_status
+    from bmojo_neuron.training.signals import exit_status, signal_name
 
-    by = signal.Signals(signum).name if signum is not None else "a signal"
+    by = signal_name(signum)
     if main:
         for index, (variant, run_dir) in enumerate(runs):
             result = results[index] if index < len(results) else None
@@ -256,7 +256,8 @@ def report_stop(runs: list[tuple[Any, Path]], results: list[Any], signum: int | 
 def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: Any, main: bool) -> int:
     from bmojo_neuron.recipes import count_parameters
     from bmojo_neuron.training.progress import format_seconds
-    from bmojo_neuron.training.suite import RECALL_NOTE, summary_row, summary_table, write_summary
+    from bmojo_neuron.training.signals import holding_stop_signals, pending_signal, signal_name
+    from bmojo_neuron.training.suite import summary_row
 
     if main:
         for variant, run_dir in runs:
@@ -264,29 +265,41 @@ def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: An
     jobs = run_jobs(recipe, len(runs))
     if jobs > 1:
         print(f"training {len(runs)} runs, {jobs} at a time (run.jobs)", flush=True)
-    rows: list[dict[str, Any]] = []
-    results: list[Any] = []
-    received: list[int] = []  # the signals a pool of workers passed on
-    for (variant, run_dir), result in zip(runs, train_runs(runs, args, jobs, received)):
-        results.append(result)
-        if result.stop_signal is not None:
-            continue
-        rows.append(summary_row(variant, result))
+    with holding_stop_signals():  # between runs and after the last one a signal is held, not fatal
+        rows: list[dict[str, Any]] = []
+        results: list[Any] = []
+        received: list[int] = []  # the signals a pool of workers passed on, or one held between runs
+        for (variant, run_dir), result in zip(runs, train_runs(runs, args, jobs, received)):
+            results.append(result)
+            if result.stop_signal is not None:
+                continue
+            rows.append(summary_row(variant, result))
+            if main:
+                print(f"{variant.run.name}: done in {format_seconds(result.seconds)}; final export in "
+                      f"{result.final_dir}", flush=True)
+        signum = next((r.stop_signal for r in results if r.stop_signal is not None),
+                      received[0] if received else None)
+        if signum is not None or len(results) < len(runs):  # runs not started are missing from the results
+            return report_stop(runs, results, signum, main)
         if main:
-            print(f"{variant.run.name}: done in {format_seconds(result.seconds)}; final export in {result.final_dir}",
-                  flush=True)
-    signum = next((r.stop_signal for r in results if r.stop_signal is not None), received[0] if received else None)
-    if signum is not None or len(results) < len(runs):  # runs not started are missing from the results
-        return report_stop(runs, results, signum, main)
-    if not main:
-        return 0
+            print_summary(runs, rows, args, recipe)
+        if (late := pending_signal()) is not None and main:
+            print(f"received {signal_name(late)} after every run had finished and exported: nothing was "
+                  "interrupted", file=sys.stderr, flush=True)
+    return 0
+
+
+def print_summary(runs: list[tuple[Any, Path]], rows: list[dict[str, Any]], args: argparse.Namespace,
+                  recipe: Any) -> None:
+    """The table of the trained runs; with several runs also summary.txt / .json / .png in the output dir."""
+    from bmojo_neuron.training.suite import RECALL_NOTE, summary_table, write_summary
+
     print("\n" + summary_table(rows))
     if len(runs) > 1:
         path = write_summary(Path(args.output_dir or recipe.run.output_dir), rows)
         print(f"\nsummary written to {path} (plot: {path.with_suffix('.png')})")
     if any(r["recall"] is not None for r in rows):
         print(RECALL_NOTE)
-    return 0
 
 
 def run_jobs(recipe: Any, runs: int) -> int:
@@ -300,15 +313,20 @@ def train_runs(runs: list[tuple[Any, Path]], args: argparse.Namespace, jobs: int
                signals: list[int]) -> Iterator[Any]:
     """Each run's `TrainResult`, in order: one after another here, or `jobs` at a time in worker processes.
 
-    A run a signal stopped is the last one yielded: the runs after it do not start. `signals` receives
-    the signals a pool of workers passed on.
+    A run a signal stopped is the last one yielded: the runs after it do not start, nor do they after a
+    signal held between two runs. `signals` receives the signals a pool of workers passed on, and a held one.
     """
     from bmojo_neuron.training.run_pool import train_in_processes
 
     if jobs > 1:
         yield from train_in_processes(runs, jobs, resume=args.resume, signals=signals)
         return
+    from bmojo_neuron.training.signals import pending_signal
+
     for variant, run_dir in runs:
+        if (held := pending_signal()) is not None:  # came between two runs: the next one does not start
+            signals.append(held)
+            return
         result = train_one(variant, run_dir, args)
         yield result
         if result.stop_signal is not None:

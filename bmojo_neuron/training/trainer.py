@@ -12,7 +12,9 @@ the data position) make a resumed run reproduce the uninterrupted one; on CPU bi
 
 Stopping early: `stop_after` steps, or `Trainer.request_stop()` (what SIGTERM and SIGINT
 call, `signals.stop_on_signals`) ends the run at the next step boundary with a
-checkpoint and no export; every process of a parallel run stops at the same step.
+checkpoint and no export; every process of a parallel run stops at the same step. After
+the last step (checkpointed) a stop skips the rest of the finish before the next length
+evaluation or the export; once the export begins the run ends complete.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 from torch import Tensor
 
-from bmojo_neuron.checkpoints.layout import RECIPE_FILE, clean_stale, has_run
+from bmojo_neuron.checkpoints.layout import FINAL, RECIPE_FILE, clean_stale, has_run
 from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState, resume_refusal
 from bmojo_neuron.data import build_datasets
 from bmojo_neuron.evaluation import LengthResult, format_length_table, plot_length
@@ -39,11 +41,14 @@ from .metrics import MetricsLogger, RecordsOnly, plot_training
 from .objective import LM_METRICS
 from .optim import build_scheduler, describe_lr_multipliers
 from .progress import Progress, run_prefix
-from .signals import stop_on_signals
+from .signals import signal_name, stop_on_signals
 
 PLOT_FILE = "training.png"
 LENGTH_FILE = "length_eval.json"
 LENGTH_PLOT = "length_eval.png"
+# What a signal does once the last step is checkpointed (`stop_on_signals` prints it).
+END_NOTICE = "the last step is checkpointed; skipping the rest of the finish (length evaluation, export)"
+EXPORT_NOTICE = "writing final/ first: the run then ends complete, status 0"
 
 
 @dataclass
@@ -97,6 +102,7 @@ class Trainer:
         self.prefix = run_prefix(recipe.run.name, progress)  # starts each line `say` prints
         self.stop_requested = False
         self.stop_signal: int | None = None
+        self.stop_notice: str | None = None  # what a signal does now, if not the step loop's stop
 
     def request_stop(self) -> None:
         """End the run at the next step boundary: checkpoint, no export (safe from a signal handler)."""
@@ -194,23 +200,45 @@ class Trainer:
         bar.close()
 
         # ---------------------------------------------------------------- finish: final eval, plots, export
+        # The last step is checkpointed: a signal from here on skips what is left of the finish
+        # (`stop_before`), and --resume of the run does it again.
+        self.stop_notice = END_NOTICE
+
+        def stopped(what: str) -> TrainResult:
+            self.say(f"{signal_name(self.stop_signal)} came after the last step: skipped {what}; --resume does it")
+            logger.close()
+            return TrainResult(self.run_dir, params, state.step, metrics=logger.records,
+                               seconds=time.perf_counter() - started, stop_signal=self.stop_signal)
+
         if not eval_result:  # resumed a run that had already finished: reuse its last eval
             done = [x for x in logger.records if x["type"] == "eval" and x["step"] == state.step]
             eval_result = {k[5:]: v for k, v in done[-1].items() if k.startswith("eval_")} if done else run_eval()
         lengths: list[LengthResult] = []
         multipliers = [int(m) for m in (e.length_multipliers or [])]
         if any(m != 1 for m in multipliers):
-            lengths = be.length_eval(model, eval_data, multipliers)
+            for index, m in enumerate(multipliers):  # one length at a time: a signal waits for one length only
+                if self.stop_before():
+                    left = ", ".join(f"x{x}" for x in multipliers[index:])
+                    return stopped(f"the length evaluation at {left} and the export ({FINAL}/)")
+                lengths += be.length_eval(model, eval_data, [m])
             if be.is_main:
                 (self.run_dir / LENGTH_FILE).write_text(json.dumps([x.__dict__ for x in lengths], indent=2))
                 plot_length(lengths, self.run_dir / LENGTH_PLOT, title=r.run.name)
                 print(format_length_table(lengths, title=f"{r.run.name}: length generalisation"))
+        if self.stop_before():
+            return stopped(f"the export ({FINAL}/)")
+        # From here a signal stops nothing: the plot and ``final/`` are written and the run ends complete.
+        self.stop_notice = EXPORT_NOTICE
         logger.close()
         if be.is_main:
             plot_training(logger.records, self.run_dir / PLOT_FILE, title=r.run.name)
         final_dir = be.export(self.run_dir, model, self.recipe_dict, tokenizer_name(r), eval_result)
         return TrainResult(self.run_dir, params, state.step, final_dir, eval_result, lengths, logger.records,
                            time.perf_counter() - started)
+
+    def stop_before(self) -> bool:
+        """Whether a stop was asked for (on any process: every rank calls it at the same points of the finish)."""
+        return self.backend.agree_to_stop(self.stop_requested)
 
     # ------------------------------------------------------------------ set-up helpers
 
