@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from bmojo_neuron.checkpoints.inference import initial_weights_dir
+from bmojo_neuron.checkpoints.layout import latest_intact_checkpoint
+from bmojo_neuron.checkpoints.state import read_recipe, resume_refusal
 from bmojo_neuron.compile_cache.units import format_size
 from bmojo_neuron.data.text import source_kind
 from bmojo_neuron.fsutil import DISK_FULL
@@ -119,3 +121,17 @@ def check_run_dirs(runs: list[tuple[Any, Path]], parameters: list[int], resume: 
         by_filesystem.setdefault(run_dir.stat().st_dev, []).append((run_dir, need))
     for needs in by_filesystem.values():
         check_free_space(needs)
+
+
+def check_resumable(runs: list[tuple[Any, Path]]) -> None:
+    """ValueError when a run's checkpoint cannot be resumed with its recipe (a key that may not change did).
+
+    Checked for every run before the first starts, so a suite whose recipe changed is refused
+    as a whole instead of training some runs and failing on another. The checkpoint is the
+    one the trainer will take (the newest intact one; sizes only, the trainer hashes it).
+    """
+    for recipe, run_dir in runs:
+        checkpoint = latest_intact_checkpoint(run_dir, hashes=False)
+        if checkpoint is not None and (refusal := resume_refusal(checkpoint, read_recipe(checkpoint),
+                                                                 recipe.record())):
+            raise ValueError(refusal)

@@ -10,7 +10,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))  # tests import the shared naive oracles from naive.py
+
+
+@pytest.fixture
+def stop_signals_caught():
+    """SIGTERM / SIGINT recorded, not fatal, for a test that raises one in this process: if the code under test
+    did not take it, the test fails on its assertions instead of the signal ending the whole session."""
+    import signal
+
+    caught: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, _frame: caught.append(signum))
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    yield caught
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)

@@ -1,17 +1,22 @@
-"""`bmojo-neuron train`: --recipe, --dry-run, the immediate failure without Neuron; `bmojo-neuron data prepare`."""
+"""`bmojo-neuron train`: --recipe, --dry-run, the immediate failure without Neuron, a suite's resume and output;
+`bmojo-neuron data prepare`."""
 
 from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from test_training import TINY_RECIPE
 
 from bmojo_neuron import cli
+from bmojo_neuron.checkpoints import layout
 from bmojo_neuron.commands.train import require_neuron_if_needed
 from bmojo_neuron.neuron import INSTALL_COMMAND, TRAINING_PACKAGES, NeuronUnavailableError
 
@@ -130,9 +135,8 @@ def test_dry_run_resume_makes_the_recipe_check_of_the_real_resume(capsys, tmp_pa
     assert f"output {run_dir}: resumes from step-0000002" in capsys.readouterr().out
     refusal = f"error: cannot resume {run_dir / 'step-0000002'}: the recipe changed in model.hidden_size, optim.lr\n"
     changed = [*argv, "model.hidden_size=16", "optim.lr=0.01"]
-    assert cli.main([*changed, "--dry-run"]) == 2
-    out, err = capsys.readouterr()
-    assert out == "" and err == refusal
+    assert cli.main([*changed, "--dry-run"]) == 0  # a dry run reports problems, as for every other check
+    assert f"output {run_dir}: PROBLEM: {refusal.removeprefix('error: ')}" in capsys.readouterr().out
     assert cli.main(changed) == 2  # the real resume: the same words
     assert capsys.readouterr().err == refusal
 
@@ -152,6 +156,120 @@ def test_an_override_that_is_not_yaml_is_one_error_line(capsys):
     assert capsys.readouterr().err == ("error: override 'optim.betas=[0.9': not valid YAML: while parsing a flow "
                                        "sequence, expected ',' or ']', but got '<stream end>' (at character 5 of "
                                        "the value)\n")
+
+
+# ------------------------------------------------------------------ a suite
+
+
+def write_suite(path: Path) -> Path:
+    """The tiny test recipe as a suite of two runs (2 steps, a checkpoint after each)."""
+    recipe = json.loads(json.dumps(TINY_RECIPE))
+    recipe["train"].update(steps=2, grad_accum=1)
+    recipe["checkpoint"]["every"] = 1
+    recipe["suite"] = [{"name": "first", "overrides": {}},
+                       {"name": "second", "overrides": {"model.layer_pattern": "MM"}}]
+    path.write_text(json.dumps(recipe))  # JSON is YAML
+    return path
+
+
+def test_a_suite_whose_recipe_changed_is_refused_before_any_run_starts(capsys, tmp_path):
+    """Every run's checkpoint is checked against its recipe before the first run starts: one `error:` line
+    (the trainer's words), status 2, and no run trained, also in worker processes (`run.jobs`)."""
+    recipe, out = write_suite(tmp_path / "suite.yaml"), tmp_path / "out"
+    assert cli.main(["train", str(recipe), "run.jobs=1", "--output-dir", str(out), "--no-progress"]) == 0
+    for run in ("first", "second"):
+        assert [p.name for p in layout.list_checkpoints(out / run)] == ["step-0000001", "step-0000002"]
+    shutil.rmtree(out / "first")  # resumed, it starts from scratch: nothing stops it but the check
+    capsys.readouterr()
+    changed = ["train", str(recipe), "optim.lr=0.5", "train.steps=3", "run.jobs=2", "--resume", "--output-dir",
+               str(out), "--no-progress"]
+    assert cli.main([*changed, "--dry-run"]) == 0
+    assert (f"output {out / 'second'}: PROBLEM: cannot resume {out / 'second' / 'step-0000002'}: the recipe changed "
+            "in optim.lr\n") in capsys.readouterr().out
+    code = cli.main(changed)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err == f"error: cannot resume {out / 'second' / 'step-0000002'}: the recipe changed in optim.lr\n"
+    assert not (out / "first").exists()  # the run that could start fresh did not start
+    assert layout.latest_checkpoint(out / "second").name == "step-0000002"
+
+
+def test_no_progress_drops_only_the_bar_not_the_step_and_eval_lines(capsys, tmp_path):
+    recipe = write_suite(tmp_path / "suite.yaml")
+    assert cli.main(["train", str(recipe), "suite=none", "train.log_every=1", "eval.every=2", "--output-dir",
+                     str(tmp_path / "out"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split("  loss")[0] for line in out.splitlines() if " step " in line] == ["tiny step 1/2",
+                                                                                        "tiny step 2/2"]
+    assert "\nstep 2: eval loss " in out
+
+
+def write_three(path: Path) -> Path:
+    """`write_suite` with a third run, so one of them can be left unstarted."""
+    recipe = json.loads(write_suite(path).read_text())
+    recipe["suite"].append({"name": "third", "overrides": {"run.seed": 5}})
+    path.write_text(json.dumps(recipe))
+    return path
+
+
+def test_a_stopped_suite_reports_every_run(capsys, tmp_path, monkeypatch):
+    """SIGINT stopped a suite run two at a time: each stopped run says where it stopped, the one that never
+    started says so, and the status is SIGINT's (the pool's results are faked: no training here)."""
+    from bmojo_neuron.training import TrainResult, run_pool
+
+    out = tmp_path / "out"
+
+    def stopped_pool(runs, jobs, resume=False, signals=None):
+        assert jobs == 2
+        signals.append(signal.SIGINT)
+        return [TrainResult(out / "first", 10, 7, stop_signal=signal.SIGINT),
+                TrainResult(out / "second", 10, 9, stop_signal=signal.SIGINT)]
+
+    monkeypatch.setattr(run_pool, "train_in_processes", stopped_pool)
+    assert cli.main(["train", str(write_three(tmp_path / "suite.yaml")), "run.jobs=2", "--output-dir", str(out),
+                     "--no-progress"]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        f"first: stopped by SIGINT after step 7; {out / 'first'} has no checkpoint yet: continue with --resume",
+        f"second: stopped by SIGINT after step 9; {out / 'second'} has no checkpoint yet: continue with --resume",
+        "third: not started (stopped by SIGINT); train again with --resume to run it"]
+
+
+def test_a_suite_trained_one_at_a_time_starts_no_run_after_a_stopped_one(capsys, tmp_path, monkeypatch):
+    import bmojo_neuron.training as training
+
+    out, trained = tmp_path / "out", []
+
+    def first_one_stopped(recipe, run_dir, resume=False, progress=True):
+        trained.append(recipe.run.name)
+        return training.TrainResult(run_dir, 10, 4, stop_signal=signal.SIGTERM)
+
+    monkeypatch.setattr(training, "train", first_one_stopped)
+    assert cli.main(["train", str(write_three(tmp_path / "suite.yaml")), "run.jobs=1", "--output-dir", str(out),
+                     "--no-progress"]) == 143
+    assert trained == ["first"]
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        "second: not started (stopped by SIGTERM); train again with --resume to run it",
+        "third: not started (stopped by SIGTERM); train again with --resume to run it"]
+
+
+def test_a_signal_between_two_runs_starts_no_further_run(capsys, tmp_path, monkeypatch, stop_signals_caught):
+    import bmojo_neuron.training as training
+
+    out, trained = tmp_path / "out", []
+
+    def finished_then_signalled(recipe, run_dir, resume=False, progress=True):
+        trained.append(recipe.run.name)
+        signal.raise_signal(signal.SIGTERM)  # after its trainer let go of the signals: held by the command
+        return training.TrainResult(run_dir, 10, 2, run_dir / "final", {"loss": 1.0, "perplexity": 2.7})
+
+    monkeypatch.setattr(training, "train", finished_then_signalled)
+    assert cli.main(["train", str(write_three(tmp_path / "suite.yaml")), "run.jobs=1", "--output-dir", str(out),
+                     "--no-progress"]) == 143
+    assert trained == ["first"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"first: finished; final export in {out / 'first' / 'final'}",
+        "second: not started (stopped by SIGTERM); train again with --resume to run it",
+        "third: not started (stopped by SIGTERM); train again with --resume to run it"]
 
 
 # ------------------------------------------------------------------ data prepare

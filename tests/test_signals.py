@@ -117,6 +117,85 @@ def test_a_signal_held_while_starting_stops_the_run_at_its_first_step_boundary(t
     assert layout.latest_checkpoint(tmp_path / "run").name == "step-0000001"
 
 
+def test_a_run_sharing_its_output_names_itself_on_every_line(tmp_path, capsys):
+    """``progress="shared"`` (a `run.jobs` worker): the eval lines and the signal's notice start with the run's
+    name, as its step lines do, so interleaved runs can be told apart."""
+    from bmojo_neuron.training import signals
+
+    previous = {signum: signal.getsignal(signum) for signum in signals.STOP_SIGNALS}
+    try:
+        signals.hold_stop_signals()
+        signal.raise_signal(signal.SIGINT)
+        train(tiny_recipe(**{**recipe_overrides(), "eval.every": 1}), tmp_path / "run", progress="shared")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    captured = capsys.readouterr()
+    assert "\ntiny: received SIGINT: finishing this step" in captured.err
+    assert [line.split(" 3.")[0] for line in captured.out.splitlines()] == [
+        "tiny step 1/12  loss", "tiny: step 1: eval loss"]
+
+
+def signal_after(monkeypatch, method: str, signum: int = signal.SIGTERM) -> list[int]:
+    """Make `LocalBackend.<method>` raise `signum` in this process once, after it ran; returns its calls' arguments
+    (the length multipliers for ``length_eval``)."""
+    from bmojo_neuron.training.backends.local import LocalBackend
+
+    original, calls = getattr(LocalBackend, method), []
+
+    def then_signal(self, *args):
+        out = original(self, *args)
+        calls.append(args[-1])
+        if len(calls) == 1:
+            signal.raise_signal(signum)
+        return out
+
+    monkeypatch.setattr(LocalBackend, method, then_signal)
+    return calls
+
+
+def test_a_signal_after_the_last_step_skips_the_length_eval_and_the_resume_does_it(tmp_path, monkeypatch, capsys, stop_signals_caught):
+    """The last step is checkpointed; a signal during the length eval stops before the next length: no export,
+    the signal's result, and --resume does the length eval and the export."""
+    recipe = tiny_recipe(**{**recipe_overrides(), "eval.length_multipliers": [1, 2, 4]})
+    calls = signal_after(monkeypatch, "length_eval")
+    result = train(recipe, tmp_path / "run", progress=False)
+    assert (result.stop_signal, result.step, result.final_dir) == (signal.SIGTERM, STEPS, None)
+    assert calls == [[1]] and not (tmp_path / "run" / layout.FINAL).exists()
+    assert layout.latest_checkpoint(tmp_path / "run").name == f"step-{STEPS:07d}"
+    captured = capsys.readouterr()
+    assert "received SIGTERM: the last step is checkpointed; skipping the rest of the finish" in captured.err
+    assert "SIGTERM came after the last step: skipped the length evaluation at x2, x4 and the export (final/)" \
+        in captured.out
+    resumed = train(recipe, tmp_path / "run", resume=True, progress=False)
+    assert resumed.stop_signal is None and [r.multiplier for r in resumed.length_eval] == [1, 2, 4]
+    assert (resumed.final_dir / "model.safetensors").is_file()
+
+
+def test_a_signal_during_the_export_lets_the_run_end_complete(tmp_path, monkeypatch, capsys, stop_signals_caught):
+    signal_after(monkeypatch, "export")
+    result = train(tiny_recipe(**recipe_overrides()), tmp_path / "run", progress=False)
+    assert result.stop_signal is None and (result.final_dir / "model.safetensors").is_file()
+    assert "received SIGTERM: writing final/ first: the run then ends complete, status 0" in capsys.readouterr().err
+
+
+def test_a_signal_after_every_run_finished_exits_0_and_says_so(tmp_path, monkeypatch, capsys, stop_signals_caught):
+    from bmojo_neuron import cli
+    from bmojo_neuron.commands import train as command
+
+    summary = command.print_summary
+
+    def signalled_summary(*args):
+        signal.raise_signal(signal.SIGTERM)  # held: no trainer runs now
+        summary(*args)
+
+    monkeypatch.setattr(command, "print_summary", signalled_summary)
+    assert cli.main(["train", "--recipe", str(write_recipe(tmp_path / "tiny.yaml")), "--output-dir",
+                     str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().err.endswith(
+        "received SIGTERM after every run had finished and exported: nothing was interrupted\n")
+
+
 # A run pool of two long runs; the test signals it while its spawned workers still import torch.
 POOL_CHILD = """
 import sys

@@ -11,7 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .layout import RECIPE_FILE, STATE_FILE
+from bmojo_neuron.configuration_bmojo import model_fields_as_trained
+from bmojo_neuron.recipes import resume_conflicts
+
+from .layout import CONFIG_FILE, RECIPE_FILE, STATE_FILE
 
 
 @dataclass
@@ -47,6 +50,21 @@ def read_trainer_state(path: Path) -> TrainerState:
 
 def read_recipe(path: Path) -> dict[str, Any]:
     return json.loads((path / RECIPE_FILE).read_text())
+
+
+def resume_refusal(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Why `checkpoint` (whose recipe is `saved`) cannot be resumed with the recipe `current`, or None.
+
+    Both are compared with the model fields whose default has changed written out as the
+    checkpoint's config.json says its weights were trained, so a changed default cannot
+    silently change a resumed layer. The trainer and the CLI's check before any run starts
+    (`preflight.check_resumable`) share it, so a suite refuses with the trainer's words.
+    """
+    config_file = checkpoint / CONFIG_FILE
+    saved_config = json.loads(config_file.read_text()) if config_file.exists() else None
+    diff = resume_conflicts({**saved, "model": model_fields_as_trained(saved.get("model") or {}, saved_config)},
+                            {**current, "model": model_fields_as_trained(current.get("model") or {}, None)})
+    return f"cannot resume {checkpoint}: the recipe changed in {', '.join(diff)}" if diff else None
 
 
 def rng_states() -> dict[str, Any]:

@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue from the latest checkpoint in the output directory")
     parser.add_argument("--output-dir", default=None,
                         help="run directory (default: the recipe's run.output_dir)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no live progress bar: plain step and eval lines, as when output is redirected")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the recipe and print what would run (Neuron: the launch plan); run nothing")
 
@@ -88,10 +89,8 @@ def dry_run(recipe: Any, name: str | None, overrides: list[str], args: argparse.
     from bmojo_neuron.training.suite import plan_runs
 
     runs = plan_runs(recipe, args.output_dir)
-    for variant, run_dir in runs:
+    for variant, _ in runs:
         variant.check()
-        if args.resume:
-            check_resume(variant, run_dir)
     for variant, run_dir in runs:
         print(describe(variant, count_parameters(variant), run_dir))
         if variant.run.device != "neuron":
@@ -106,18 +105,6 @@ def dry_run(recipe: Any, name: str | None, overrides: list[str], args: argparse.
         print(f"  {line}")
     print("dry run: nothing was started or written")
     return 0
-
-
-def check_resume(recipe: Any, run_dir: Path) -> None:
-    """What ``--resume`` checks when training starts: ValueError, worded as the trainer words it, when the
-    recipe changed since `run_dir`'s latest checkpoint in a key that may not change."""
-    from bmojo_neuron.checkpoints.layout import latest_checkpoint
-    from bmojo_neuron.checkpoints.state import read_recipe
-    from bmojo_neuron.training.trainer import check_resumable
-
-    latest = latest_checkpoint(run_dir)
-    if latest is not None:
-        check_resumable(latest, read_recipe(latest), recipe.record())
 
 
 def parallel_line(recipe: Any) -> str:
@@ -155,7 +142,7 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[s
     for variant, run_dir in runs:
         latest = latest_checkpoint(run_dir)
         if resume:
-            lines.append(f"output {run_dir}: " + (f"resumes from {latest.name}" if latest else "no checkpoint yet, "
+            lines.append(f"output {run_dir}: " + (resume_line(variant, latest) if latest else "no checkpoint yet, "
                                                    "starts from scratch"))
         elif has_run(run_dir):
             lines.append(f"output {run_dir}: PROBLEM: already holds a run; train would refuse it without --resume")
@@ -175,6 +162,14 @@ def init_line(recipe: Any) -> str:
     except FileNotFoundError as error:
         return f"PROBLEM: {error}"
     return f"{recipe.init.weights}: ok"
+
+
+def resume_line(recipe: Any, checkpoint: Path) -> str:
+    """Whether `recipe` may resume `checkpoint` (the newest one; train checks the newest intact one)."""
+    from bmojo_neuron.checkpoints.state import read_recipe, resume_refusal
+
+    refusal = resume_refusal(checkpoint, read_recipe(checkpoint), recipe.record())
+    return f"PROBLEM: {refusal}" if refusal else f"resumes from {checkpoint.name}"
 
 
 def data_line(recipe: Any) -> str:
@@ -204,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         require_neuron_if_needed(name, overrides)  # before anything imports torch
     from bmojo_neuron.checkpoints.layout import has_run
     from bmojo_neuron.parallel.layout import torchrun_env
-    from bmojo_neuron.preflight import check_run_dirs
+    from bmojo_neuron.preflight import check_resumable, check_run_dirs
     from bmojo_neuron.recipes import count_parameters, load_recipe
     from bmojo_neuron.training.suite import plan_runs
 
@@ -215,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
     main = torchrun_env()[0] == 0  # under torchrun only rank 0 prints and writes summaries
     for variant, _ in runs:  # check every run before the first long one starts
         variant.check()
+    if args.resume:
+        check_resumable(runs)
     if main:  # data there, output writable, room on disk
         check_run_dirs(runs, [count_parameters(variant) for variant, _ in runs], args.resume)
     with contextlib.ExitStack() as locks:
@@ -245,20 +242,36 @@ def last_checkpoint_text(run_dir: Path) -> str:
     return f"its latest checkpoint is {latest}" if latest else f"{run_dir} has no checkpoint yet"
 
 
-def stopped(name: str, run_dir: Path, result: Any, main: bool) -> int:
-    """A run a signal ended early: say where it saved and exit with the signal's status (143, 130)."""
-    from bmojo_neuron.training.signals import exit_status
+def stopped_line(name: str, run_dir: Path, result: Any) -> str:
+    """Where a run a signal ended early stands: the step it stopped after and its checkpoint."""
+    return (f"{name}: stopped by {signal.Signals(result.stop_signal).name} after step {result.step}; "
+            f"{last_checkpoint_text(run_dir)}: continue with --resume")
 
+
+def report_stop(runs: list[tuple[Any, Path]], results: list[Any], signum: int | None, main: bool) -> int:
+    """After a signal: one line per run (stopped with its checkpoint, finished, or not started), then the
+    signal's status (143, 130), so a scheduler sees the command was interrupted."""
+    from bmojo_neuron.training.signals import exit_status, signal_name
+
+    by = signal_name(signum)
     if main:
-        print(f"{name} stopped by {signal.Signals(result.stop_signal).name} after step {result.step}; "
-              f"{last_checkpoint_text(run_dir)}: continue with --resume", file=sys.stderr, flush=True)
-    return exit_status(result.stop_signal)
+        for index, (variant, run_dir) in enumerate(runs):
+            result = results[index] if index < len(results) else None
+            if result is None:
+                line = f"{variant.run.name}: not started (stopped by {by}); train again with --resume to run it"
+            elif result.stop_signal is not None:
+                line = stopped_line(variant.run.name, run_dir, result)
+            else:
+                line = f"{variant.run.name}: finished; final export in {result.final_dir}"
+            print(line, file=sys.stderr, flush=True)
+    return exit_status(signum) if signum is not None else 130
 
 
 def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: Any, main: bool) -> int:
     from bmojo_neuron.recipes import count_parameters
     from bmojo_neuron.training.progress import format_seconds
-    from bmojo_neuron.training.suite import RECALL_NOTE, summary_row, summary_table, write_summary
+    from bmojo_neuron.training.signals import holding_stop_signals, pending_signal, signal_name
+    from bmojo_neuron.training.suite import summary_row
 
     if main:
         for variant, run_dir in runs:
@@ -266,27 +279,41 @@ def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: An
     jobs = run_jobs(recipe, len(runs))
     if jobs > 1:
         print(f"training {len(runs)} runs, {jobs} at a time (run.jobs)", flush=True)
-    rows = []
-    for (variant, run_dir), result in zip(runs, train_runs(runs, args, jobs)):
-        if result.stop_signal is not None:
-            return stopped(variant.run.name, run_dir, result, main)
-        rows.append(summary_row(variant, result))
+    with holding_stop_signals():  # between runs and after the last one a signal is held, not fatal
+        rows: list[dict[str, Any]] = []
+        results: list[Any] = []
+        received: list[int] = []  # the signals a pool of workers passed on, or one held between runs
+        for (variant, run_dir), result in zip(runs, train_runs(runs, args, jobs, received)):
+            results.append(result)
+            if result.stop_signal is not None:
+                continue
+            rows.append(summary_row(variant, result))
+            if main:
+                print(f"{variant.run.name}: done in {format_seconds(result.seconds)}; final export in "
+                      f"{result.final_dir}", flush=True)
+        signum = next((r.stop_signal for r in results if r.stop_signal is not None),
+                      received[0] if received else None)
+        if signum is not None or len(results) < len(runs):  # runs not started are missing from the results
+            return report_stop(runs, results, signum, main)
         if main:
-            print(f"{variant.run.name}: done in {format_seconds(result.seconds)}; final export in {result.final_dir}",
-                  flush=True)
-    if not main:
-        return 0
-    if len(rows) < len(runs):  # a signal came as the running ones finished: the rest never started
-        print(f"stopped by a signal after {len(rows)} of {len(runs)} runs; train again with --resume for the rest",
-              file=sys.stderr)
-        return 130
+            print_summary(runs, rows, args, recipe)
+        if (late := pending_signal()) is not None and main:
+            print(f"received {signal_name(late)} after every run had finished and exported: nothing was "
+                  "interrupted", file=sys.stderr, flush=True)
+    return 0
+
+
+def print_summary(runs: list[tuple[Any, Path]], rows: list[dict[str, Any]], args: argparse.Namespace,
+                  recipe: Any) -> None:
+    """The table of the trained runs; with several runs also summary.txt / .json / .png in the output dir."""
+    from bmojo_neuron.training.suite import RECALL_NOTE, summary_table, write_summary
+
     print("\n" + summary_table(rows))
     if len(runs) > 1:
         path = write_summary(Path(args.output_dir or recipe.run.output_dir), rows)
         print(f"\nsummary written to {path} (plot: {path.with_suffix('.png')})")
     if any(r["recall"] is not None for r in rows):
         print(RECALL_NOTE)
-    return 0
 
 
 def run_jobs(recipe: Any, runs: int) -> int:
@@ -296,25 +323,45 @@ def run_jobs(recipe: Any, runs: int) -> int:
     return 1 if torchrun_env()[2] > 1 else max(1, min(recipe.run.jobs, runs))
 
 
-def train_runs(runs: list[tuple[Any, Path]], args: argparse.Namespace, jobs: int) -> Iterator[Any]:
-    """Each run's `TrainResult`, in order: one after another here, or `jobs` at a time in worker processes."""
-    from bmojo_neuron.training import train
+def train_runs(runs: list[tuple[Any, Path]], args: argparse.Namespace, jobs: int,
+               signals: list[int]) -> Iterator[Any]:
+    """Each run's `TrainResult`, in order: one after another here, or `jobs` at a time in worker processes.
+
+    A run a signal stopped is the last one yielded: the runs after it do not start, nor do they after a
+    signal held between two runs. `signals` receives the signals a pool of workers passed on, and a held one.
+    """
     from bmojo_neuron.training.run_pool import train_in_processes
 
     if jobs > 1:
-        yield from train_in_processes(runs, jobs, resume=args.resume)
+        yield from train_in_processes(runs, jobs, resume=args.resume, signals=signals)
         return
+    from bmojo_neuron.training.signals import pending_signal
+
     for variant, run_dir in runs:
-        try:
-            yield train(variant, run_dir, resume=args.resume, progress=not args.no_progress)
-        except KeyboardInterrupt:
-            print(f"\n{variant.run.name} interrupted; {last_checkpoint_text(run_dir)}: continue with --resume",
-                  file=sys.stderr)
+        if (held := pending_signal()) is not None:  # came between two runs: the next one does not start
+            signals.append(held)
+            return
+        result = train_one(variant, run_dir, args)
+        yield result
+        if result.stop_signal is not None:
+            return
+
+
+def train_one(variant: Any, run_dir: Path, args: argparse.Namespace) -> Any:
+    """One run in this process; a full disk becomes one error line naming the checkpoint to resume from."""
+    from bmojo_neuron.training import train
+
+    try:
+        # --no-progress drops the live bar only: the plain step and eval lines stay ("lines")
+        return train(variant, run_dir, resume=args.resume, progress="lines" if args.no_progress else True)
+    except KeyboardInterrupt:
+        print(f"\n{variant.run.name} interrupted; {last_checkpoint_text(run_dir)}: continue with --resume",
+              file=sys.stderr)
+        raise
+    except Exception as exc:
+        full = disk_full_cause(exc)
+        if full is None:
             raise
-        except Exception as exc:
-            full = disk_full_cause(exc)
-            if full is None:
-                raise
-            raise ValueError(f"disk full: {full.strerror} while writing {run_dir}; {last_checkpoint_text(run_dir)} "
-                             "(a checkpoint is written whole or not at all): free some space, then continue with "
-                             "--resume") from None
+        raise ValueError(f"disk full: {full.strerror} while writing {run_dir}; {last_checkpoint_text(run_dir)} "
+                         "(a checkpoint is written whole or not at all): free some space, then continue with "
+                         "--resume") from None

@@ -13,11 +13,14 @@ from tqdm.auto import tqdm
 class Progress:
     """A live tqdm bar (loss, tokens/s, ETA) on a terminal; plain log lines when output is redirected.
 
-    ``enabled="lines"``: plain log lines even on a terminal (runs sharing one, `run_pool`).
+    ``enabled="lines"``: plain log lines even on a terminal (``train --no-progress``). ``"shared"``: the
+    same for runs sharing one output (`run_pool`), where every line starts with the run's name, so
+    interleaved runs can be told apart (the step lines always do).
     """
 
     def __init__(self, name: str, total: int, initial: int, enabled: bool | str = True) -> None:
         self.name, self.total, self.enabled = name, total, enabled
+        self.prefix = run_prefix(name, enabled)
         self.live = enabled is True and sys.stderr.isatty()
         self.start_step, self.start_time = initial, time.perf_counter()
         width = {"dynamic_ncols": True} if _stderr_columns() > 0 else {"ncols": 100, "nrows": 30}  # sizeless pty
@@ -37,10 +40,15 @@ class Progress:
 
     def write(self, text: str) -> None:
         if self.enabled:
-            tqdm.write(text) if self.live else print(text, flush=True)
+            tqdm.write(text) if self.live else print(self.prefix + text, flush=True)
 
     def close(self) -> None:
         self.bar.close()
+
+
+def run_prefix(name: str, progress: bool | str) -> str:
+    """What starts each line a run prints: its name when several runs share the output (``"shared"``)."""
+    return f"{name}: " if progress == "shared" else ""
 
 
 def _stderr_columns() -> int:

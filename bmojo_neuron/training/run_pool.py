@@ -6,8 +6,8 @@ suite or comparison can share the machine instead of queueing. Each run is seede
 trains alone in its process, so its numbers are those it would have had one after
 another (`tests/test_training.py` checks it).
 
-Output: a worker prints plain log lines (prefixed by its run's name), never a live
-bar, since several bars would overwrite each other. Signals: workers run in their own
+Output: a worker prints plain log lines, each starting with its run's name
+(``progress="shared"``), never a live bar, since several bars would overwrite each other. Signals: workers run in their own
 process group, so a Ctrl-C reaches only this process, which passes SIGINT or SIGTERM on
 to every running worker; each then stops at its next step boundary with a checkpoint,
 and runs not yet started are not started. A worker that fails stops the others the
@@ -39,11 +39,15 @@ class RunFailed(RuntimeError):
     """A worker's run raised; the message holds its name and traceback."""
 
 
-def train_in_processes(runs: list[tuple[Any, Path]], jobs: int, resume: bool = False) -> list[TrainResult]:
+def train_in_processes(runs: list[tuple[Any, Path]], jobs: int, resume: bool = False,
+                       signals: list[int] | None = None) -> list[TrainResult]:
     """Train every ``(recipe, run dir)`` with at most `jobs` at once; results in the order of `runs`.
 
     When a signal or a failure stops the pool, the results of runs that never started
-    are missing (the list is shorter); the stopped runs' results carry ``stop_signal``.
+    are missing (runs start in order, so the list is a shorter prefix); the stopped runs'
+    results carry ``stop_signal``. `signals`, when given, receives the signals the pool
+    passed on: a signal that came as the last running runs finished stopped no run but
+    still kept the rest from starting.
     """
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     results: dict[int, TrainResult] = {}
@@ -51,7 +55,7 @@ def train_in_processes(runs: list[tuple[Any, Path]], jobs: int, resume: bool = F
     active: dict[int, tuple[Any, Connection]] = {}  # index -> (process, its end of the result pipe)
     listening: dict[int, tuple[Any, Connection]] = {}  # the active workers whose signal handlers are set
     failure: str | None = None
-    with _pass_signals_to(listening, active) as stopping:
+    with _pass_signals_to(listening, active, signals) as stopping:
         while active or (waiting and not stopping and failure is None):
             while waiting and len(active) < jobs and not stopping and failure is None:
                 index, (recipe, run_dir) = waiting.pop(0)
@@ -101,7 +105,7 @@ def _worker(recipe: Any, run_dir: str, resume: bool, conn: Connection) -> None:
     hold_stop_signals()
     conn.send(("ready", None))
     try:
-        result = train(recipe, run_dir, resume=resume, progress="lines")
+        result = train(recipe, run_dir, resume=resume, progress="shared")
         conn.send(("result", result))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("error", f"{recipe.run.name}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
@@ -116,16 +120,17 @@ def _signal_all(active: dict[int, tuple[Any, Connection]], signum: int) -> None:
 
 
 @contextlib.contextmanager
-def _pass_signals_to(listening: dict[int, tuple[Any, Connection]],
-                     active: dict[int, tuple[Any, Connection]]) -> Iterator[list[int]]:
-    """While the pool runs, SIGTERM / SIGINT go on to every listening worker; the yielded list records them.
+def _pass_signals_to(listening: dict[int, tuple[Any, Connection]], active: dict[int, tuple[Any, Connection]],
+                     received: list[int] | None = None) -> Iterator[list[int]]:
+    """While the pool runs, SIGTERM / SIGINT go on to every listening worker; the yielded list (`received`
+    when given) records them.
 
     The second one ends every active worker with SIGKILL, then this process with that signal's
     default action. Passing the signal on would not do: a worker still starting holds what it
     receives until its trainer takes it, and two signals that reach a process close together
     run its Python handler once, so such a worker would only stop at its next step boundary.
     """
-    received: list[int] = []
+    received = [] if received is None else received
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
 
     def handle(signum: int, _frame: Any) -> None:

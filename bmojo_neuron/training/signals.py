@@ -32,12 +32,50 @@ def hold_stop_signals() -> None:
     checkpoint, so a run's directory never depends on how far start-up had got.
     """
     for signum in STOP_SIGNALS:
-        signal.signal(signum, lambda signum, _frame: _held.append(signum))
+        signal.signal(signum, _hold)
+
+
+def _hold(signum: int, _frame: Any) -> None:
+    """Remember the first signal; a second one exits at once, as it does while training."""
+    if _held:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    _held.append(signum)
 
 
 @contextlib.contextmanager
-def stop_on_signals(trainer: Any, announce: bool = True) -> Iterator[None]:
+def holding_stop_signals() -> Iterator[list[int]]:
+    """`hold_stop_signals` for the block (the handlers found are restored after it), from the main thread.
+
+    The train command holds them around its runs, so a signal between two runs or after the last
+    one is not the default action's sudden death: it yields the list of held signals, which the
+    next run's trainer takes (`stop_on_signals`), or which the command reads with `pending_signal`.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield _held
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    hold_stop_signals()
+    try:
+        yield _held
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _held.clear()
+
+
+def pending_signal() -> int | None:
+    """The signal held and not yet taken by a trainer, if any."""
+    return _held[0] if _held else None
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer: Any, announce: bool = True, prefix: str = "") -> Iterator[None]:
     """Route SIGTERM / SIGINT to ``trainer.request_stop()`` for the duration of the block.
+
+    With `announce`, the first signal is acknowledged in a line that starts with `prefix` (the run's
+    name where several runs share the output).
 
     Signal handlers can only be set from the main thread; elsewhere (a trainer driven
     from a worker thread) the block runs with the handlers it found.
@@ -55,8 +93,9 @@ def stop_on_signals(trainer: Any, announce: bool = True) -> Iterator[None]:
         trainer.stop_signal = signum
         trainer.request_stop()
         if announce:
-            print(f"\nreceived {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-                  "(send it again to exit at once)", file=sys.stderr, flush=True)
+            what = getattr(trainer, "stop_notice", None) or "finishing this step, then writing a checkpoint"
+            print(f"\n{prefix}received {signal.Signals(signum).name}: {what} (send it again to exit at once)",
+                  file=sys.stderr, flush=True)
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, handle)
@@ -67,6 +106,11 @@ def stop_on_signals(trainer: Any, announce: bool = True) -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def signal_name(signum: int | None) -> str:
+    """``SIGTERM`` / ``SIGINT`` (``a signal`` when none is known)."""
+    return signal.Signals(signum).name if signum is not None else "a signal"
 
 
 def exit_status(signum: int) -> int:

@@ -12,7 +12,9 @@ the data position) make a resumed run reproduce the uninterrupted one; on CPU bi
 
 Stopping early: `stop_after` steps, or `Trainer.request_stop()` (what SIGTERM and SIGINT
 call, `signals.stop_on_signals`) ends the run at the next step boundary with a
-checkpoint and no export; every process of a parallel run stops at the same step.
+checkpoint and no export; every process of a parallel run stops at the same step. After
+the last step (checkpointed) a stop skips the rest of the finish before the next length
+evaluation or the export; once the export begins the run ends complete.
 """
 
 from __future__ import annotations
@@ -26,26 +28,27 @@ from typing import Any
 
 from torch import Tensor
 
-from bmojo_neuron.checkpoints.layout import CONFIG_FILE, RECIPE_FILE, clean_stale, has_run
-from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState
-from bmojo_neuron.configuration_bmojo import model_fields_as_trained
+from bmojo_neuron.checkpoints.layout import FINAL, RECIPE_FILE, clean_stale, has_run
+from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState, resume_refusal
 from bmojo_neuron.data import build_datasets
 from bmojo_neuron.evaluation import LengthResult, format_length_table, plot_length
 from bmojo_neuron.fsutil import write_text_atomic
 from bmojo_neuron.priming.distill import freeze_shared
-from bmojo_neuron.recipes import resume_conflicts
 
 from .backend import Backend, open_backend
 from .data_order import position_after
 from .metrics import MetricsLogger, RecordsOnly, plot_training
 from .objective import LM_METRICS
 from .optim import build_scheduler, describe_lr_multipliers
-from .progress import Progress
-from .signals import stop_on_signals
+from .progress import Progress, run_prefix
+from .signals import signal_name, stop_on_signals
 
 PLOT_FILE = "training.png"
 LENGTH_FILE = "length_eval.json"
 LENGTH_PLOT = "length_eval.png"
+# What a signal does once the last step is checkpointed (`stop_on_signals` prints it).
+END_NOTICE = "the last step is checkpointed; skipping the rest of the finish (length evaluation, export)"
+EXPORT_NOTICE = "writing final/ first: the run then ends complete, status 0"
 
 
 @dataclass
@@ -75,14 +78,15 @@ def train(
     there is none). `stop_after` halts cleanly after that many optimizer steps with a
     checkpoint and no final export, as if the job had been preempted. `datasets`
     overrides ``build_datasets(recipe)`` with ``(train, eval)``. ``progress="lines"``: plain log lines even on a
-    terminal (no live bar).
+    terminal (no live bar); ``"shared"``: the same with every line prefixed by the run's name (runs sharing
+    one output).
     """
     started = time.perf_counter()
     recipe.check()  # before any process group, data or weights
     backend = open_backend(recipe)
     try:
         trainer = Trainer(recipe, backend, Path(output_dir or recipe.run.output_dir), progress)
-        with stop_on_signals(trainer, announce=backend.is_main):
+        with stop_on_signals(trainer, announce=backend.is_main, prefix=trainer.prefix):
             return trainer.run(resume, stop_after, datasets, started)
     finally:
         backend.close()
@@ -95,8 +99,10 @@ class Trainer:
         self.recipe, self.backend, self.run_dir = recipe, backend, run_dir
         self.recipe_dict = recipe.record()
         self.progress = progress if backend.is_main else False
+        self.prefix = run_prefix(recipe.run.name, progress)  # starts each line `say` prints
         self.stop_requested = False
         self.stop_signal: int | None = None
+        self.stop_notice: str | None = None  # what a signal does now, if not the step loop's stop
 
     def request_stop(self) -> None:
         """End the run at the next step boundary: checkpoint, no export (safe from a signal handler)."""
@@ -194,23 +200,45 @@ class Trainer:
         bar.close()
 
         # ---------------------------------------------------------------- finish: final eval, plots, export
+        # The last step is checkpointed: a signal from here on skips what is left of the finish
+        # (`stop_before`), and --resume of the run does it again.
+        self.stop_notice = END_NOTICE
+
+        def stopped(what: str) -> TrainResult:
+            self.say(f"{signal_name(self.stop_signal)} came after the last step: skipped {what}; --resume does it")
+            logger.close()
+            return TrainResult(self.run_dir, params, state.step, metrics=logger.records,
+                               seconds=time.perf_counter() - started, stop_signal=self.stop_signal)
+
         if not eval_result:  # resumed a run that had already finished: reuse its last eval
             done = [x for x in logger.records if x["type"] == "eval" and x["step"] == state.step]
             eval_result = {k[5:]: v for k, v in done[-1].items() if k.startswith("eval_")} if done else run_eval()
         lengths: list[LengthResult] = []
         multipliers = [int(m) for m in (e.length_multipliers or [])]
         if any(m != 1 for m in multipliers):
-            lengths = be.length_eval(model, eval_data, multipliers)
+            for index, m in enumerate(multipliers):  # one length at a time: a signal waits for one length only
+                if self.stop_before():
+                    left = ", ".join(f"x{x}" for x in multipliers[index:])
+                    return stopped(f"the length evaluation at {left} and the export ({FINAL}/)")
+                lengths += be.length_eval(model, eval_data, [m])
             if be.is_main:
                 (self.run_dir / LENGTH_FILE).write_text(json.dumps([x.__dict__ for x in lengths], indent=2))
                 plot_length(lengths, self.run_dir / LENGTH_PLOT, title=r.run.name)
                 print(format_length_table(lengths, title=f"{r.run.name}: length generalisation"))
+        if self.stop_before():
+            return stopped(f"the export ({FINAL}/)")
+        # From here a signal stops nothing: the plot and ``final/`` are written and the run ends complete.
+        self.stop_notice = EXPORT_NOTICE
         logger.close()
         if be.is_main:
             plot_training(logger.records, self.run_dir / PLOT_FILE, title=r.run.name)
         final_dir = be.export(self.run_dir, model, self.recipe_dict, tokenizer_name(r), eval_result)
         return TrainResult(self.run_dir, params, state.step, final_dir, eval_result, lengths, logger.records,
                            time.perf_counter() - started)
+
+    def stop_before(self) -> bool:
+        """Whether a stop was asked for (on any process: every rank calls it at the same points of the finish)."""
+        return self.backend.agree_to_stop(self.stop_requested)
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -221,8 +249,9 @@ class Trainer:
         if previous is None and not resume and has_run(self.run_dir):
             raise ValueError(f"{self.run_dir} already holds a run; pass --resume to continue it, or pick another "
                              "--output-dir")
-        if previous is not None:
-            check_resumable(Path(previous.path), previous.recipe, self.recipe_dict)
+        if previous is not None and (refusal := resume_refusal(Path(previous.path), previous.recipe,
+                                                               self.recipe_dict)):
+            raise ValueError(refusal)
         self.backend.barrier("run-dir-checked")  # every rank looked before rank 0 writes into the run dir
         return previous
 
@@ -246,20 +275,7 @@ class Trainer:
 
     def say(self, text: str) -> None:
         if self.backend.is_main:
-            print(text, flush=True)
-
-
-def check_resumable(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """ValueError when the run's recipe `current` (`Recipe.record`) changed from `saved`, the recipe stored
-    with `checkpoint`, in a key a resumed run may not change (`resume_conflicts`). Both are compared with the
-    model fields whose default has changed written out: as the checkpoint's config says its weights were
-    trained, and today's default for the current recipe. ``train --dry-run --resume`` runs the same check."""
-    config_file = checkpoint / CONFIG_FILE
-    saved_config = json.loads(config_file.read_text()) if config_file.exists() else None
-    as_trained = {**saved, "model": model_fields_as_trained(saved.get("model") or {}, saved_config)}
-    as_now = {**current, "model": model_fields_as_trained(current.get("model") or {}, None)}
-    if diff := resume_conflicts(as_trained, as_now):
-        raise ValueError(f"cannot resume {checkpoint}: the recipe changed in {', '.join(diff)}")
+            print(self.prefix + text, flush=True)
 
 
 def tokenizer_name(recipe: Any) -> str:
