@@ -16,7 +16,6 @@ from typing import Any
 
 from bmojo_neuron.compile_cache.units import format_size
 from bmojo_neuron.data.text import source_kind
-from bmojo_neuron.data.tokenizer import check_tokenizer
 from bmojo_neuron.fsutil import DISK_FULL
 
 # Per parameter on disk: fp32 weights (4 B) and AdamW's two fp32 moments (8 B) in a checkpoint;
@@ -91,13 +90,14 @@ def describe_output(run_dir: Path, need: SpaceNeed) -> str:
 
 
 def check_data_source(recipe: Any) -> None:
-    """A text recipe's data.path and data.tokenizer must exist (or be on the hub), so a typo fails before the
-    run starts."""
-    if recipe.data.kind != "text":
+    """A text recipe's data.path must exist (or be a hub name), so a typo fails before the run starts.
+
+    data.tokenizer is not checked here: with the data cache already built (`data prepare` on
+    another machine) the run never loads it, so an offline node without it must still train.
+    """
+    if recipe.data.kind != "text" or recipe.data.path is None:
         return
-    if recipe.data.path is not None:
-        source_kind(str(Path(recipe.data.path).expanduser()))
-    check_tokenizer(recipe.data.tokenizer)
+    source_kind(str(Path(recipe.data.path).expanduser()))
 
 
 def check_run_dirs(runs: list[tuple[Any, Path]], parameters: list[int], resume: bool) -> None:

@@ -67,23 +67,6 @@ def load_tokenizer(name_or_path: str) -> Any:
         ) from None
 
 
-def check_tokenizer(name_or_path: str) -> None:
-    """Raise `load_tokenizer`'s error for a tokenizer that cannot be found, without loading one.
-
-    ``byte``, an existing path and a hub repository in the local Hugging Face cache
-    pass; another hub name costs one quick look-up on the hub.
-    """
-    if name_or_path == BYTE_TOKENIZER or Path(name_or_path).expanduser().exists():
-        return
-    _refuse_missing_local_path(name_or_path)
-    from huggingface_hub import snapshot_download
-
-    try:
-        snapshot_download(name_or_path, local_files_only=True)
-    except Exception:  # not cached here (the error type varies across huggingface_hub versions)
-        _check_on_hub(name_or_path)
-
-
 def _refuse_missing_local_path(name: str) -> None:
     """A name that is not on this machine and cannot be a hub name is a mistyped local path: fail at once."""
     if not may_be_hub_name(name, bare=True):
