@@ -29,9 +29,12 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import io
 import json
+import os
 import pkgutil
 import platform
+import stat
 import sys
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -49,6 +52,7 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     FloatingPointError,  # a run that diverged (the message says what to change)
 )
 # OSErrors the user fixes on their side (space, permissions, paths), shown as one line wherever they arise.
+SIGPIPE_STATUS = 128 + 13  # what a shell reports for a process that SIGPIPE ended
 USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
                          errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST, errno.ENOENT})
 
@@ -155,9 +159,44 @@ def require_nonempty(option: str, value: str | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status. A reader that closes our stdout early (``cmd | head -1``) ends the
+    command quietly with `SIGPIPE_STATUS`, as a shell reports a tool that SIGPIPE ended."""
+    try:
+        try:
+            return _run_command(argv)
+        finally:  # `--help`'s SystemExit included: a closed pipe shows here, not in the interpreter's exit flush
+            sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_is_pipe():  # then the pipe was another one (a subprocess, a socket): a real error
+            raise
+        _discard_stdout()
+        return SIGPIPE_STATUS
+
+
+def _stdout_is_pipe() -> bool:
+    try:
+        mode = os.fstat(sys.stdout.fileno()).st_mode
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that nothing flushed later (at exit) meets the closed pipe again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):  # a stdout without a file descriptor: nothing flushes
+        pass
+
+
+def _run_command(argv: list[str] | None) -> int:
     args = parse_args(build_parser(), argv)
     try:
         code = args._run(args)
+    except BrokenPipeError:
+        raise
     except Exception as exc:
         message = user_error(exc)
         if message is None:

@@ -93,7 +93,11 @@ def describe_output(run_dir: Path, need: SpaceNeed) -> str:
 
 
 def check_data_source(recipe: Any) -> None:
-    """A text recipe's data.path must exist (or be a hub name), so a typo fails before the run starts."""
+    """A text recipe's data.path must exist (or be a hub name), so a typo fails before the run starts.
+
+    data.tokenizer is not checked here: with the data cache already built (`data prepare` on
+    another machine) the run never loads it, so an offline node without it must still train.
+    """
     if recipe.data.kind != "text" or recipe.data.path is None:
         return
     source_kind(str(Path(recipe.data.path).expanduser()))

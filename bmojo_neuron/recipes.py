@@ -434,11 +434,16 @@ def _read_document(path: Path) -> dict[str, Any]:
 
 
 def resolve_recipe_path(path_or_name: str) -> Path:
-    """An existing file is used as is; otherwise ``recipes/<name>.yaml`` under the CWD, then the repository root."""
+    """An existing file is used as is; otherwise ``recipes/<name>.yaml`` under the CWD, then the repository root.
+
+    A shipped recipe's path as the docs write it (``recipes/priming/cpu-mqar-source.yaml``)
+    names the same recipe from any folder: a leading ``recipes/`` is the recipe folder.
+    """
     candidate = Path(path_or_name).expanduser()
     if candidate.is_file():
         return candidate
     name = path_or_name if path_or_name.endswith((".yaml", ".yml")) else f"{path_or_name}.yaml"
+    name = name.removeprefix(f"{RECIPE_DIR}/")
     roots = [Path.cwd() / RECIPE_DIR, repository_root() / RECIPE_DIR]
     for root in roots:
         if (root / name).is_file():

@@ -252,6 +252,30 @@ def test_registered_command_errors(registry, capsys):
         cli.add_command("explode", "again", None, lambda args: 0)
 
 
+def test_a_closed_stdout_ends_the_command_quietly_with_141(tmp_path):
+    """`bmojo-neuron cache ls --json | head -1`: the reader is gone, so the command stops, without a traceback."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # every write to `write` fails with EPIPE, as after `head -1` has exited
+    try:
+        for args in (["cache", "ls", "--json", "--cache-dir", str(tmp_path)], ["plan", "trn1/bmojo-130m"]):
+            done = subprocess.run([sys.executable, "-m", "bmojo_neuron.cli", *args], cwd=ROOT, stdout=write,
+                                  stderr=subprocess.PIPE, text=True, timeout=120)
+            assert (done.returncode, done.stderr) == (141, ""), args  # 128 + SIGPIPE, as a shell reports
+    finally:
+        os.close(write)
+
+
+def test_a_broken_pipe_that_is_not_stdout_stays_an_error(registry, capsys):
+    @cli.register_command("pipe", help="a subprocess' pipe breaks")
+    def pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):  # stdout (pytest's capture) is no pipe: not the reader going away
+        cli.main(["pipe"])
+
+
 def test_command_modules_are_discovered(registry, monkeypatch, tmp_path, capsys):
     package = tmp_path / "fake_bmojo_commands"
     package.mkdir()

@@ -295,3 +295,27 @@ def test_data_prepare_builds_the_cache_once(capsys, tmp_path):
 def test_data_prepare_has_nothing_to_do_for_mqar(capsys):
     assert cli.main(["data", "prepare", "cpu-tiny"]) == 0
     assert "nothing to prepare" in capsys.readouterr().out
+
+
+def test_text_cache_follows_the_output_dir_and_nothing_lands_in_the_cwd(capsys, tmp_path, monkeypatch):
+    """docs/data.md: the text cache is ``<output_dir>/../data-cache``, ``--output-dir`` included."""
+    import json
+
+    cwd, root = tmp_path / "cwd", tmp_path / "root"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    tiny = ["data.block_size=32", "train.steps=1", "train.batch_size=2", "eval.batches=1",
+            "eval.length_multipliers=[1]", "model.hidden_size=32", "model.intermediate_size=32",
+            "model.num_hidden_layers=2", "model.layer_pattern=BM", "--no-progress"]
+    assert cli.main(["train", "cpu-text", *tiny, "--output-dir", str(root / "text")]) == 0
+    assert json.loads((root / "text" / "recipe.json").read_text())["data"]["cache_dir"] == str(root / "data-cache")
+    assert [p.name[:5] for p in (root / "data-cache").iterdir()] == ["text-"]
+    assert list(cwd.iterdir()) == []
+    capsys.readouterr()
+    other = tmp_path / "elsewhere"  # an explicit data.cache_dir wins
+    assert cli.main(["train", "cpu-text", f"data.cache_dir={other}", "--dry-run", "--output-dir",
+                     str(root / "b")]) == 0
+    assert f"tokenized and packed into {other} on first use" in capsys.readouterr().out
+    assert cli.main(["train", "cpu-text", "data.path=missing.txt", "--output-dir", str(root / "c")]) == 2
+    assert "error: data.path missing.txt: no such file or folder" in capsys.readouterr().err
+    assert list(cwd.iterdir()) == [] and not (root / "c").exists()

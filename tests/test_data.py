@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -364,3 +368,72 @@ def test_local_paths_are_never_looked_up_on_the_hub(tmp_path: Path, monkeypatch:
             load_tokenizer(local)
     with pytest.raises(AssertionError, match="hub"):  # bare and owner/name tokenizers may be hub names
         load_tokenizer("gpt2")
+
+
+def test_a_missing_hub_tokenizer_fails_fast_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """With HF_HUB_OFFLINE a bare name that is not cached is refused by `train` at once, in one error line."""
+    import time
+
+    from huggingface_hub import constants
+
+    from bmojo_neuron import cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read once at import: the running process's switch
+    Recipe.from_dict({"data": {"kind": "text"}}).model_config()  # imports done before the clock starts
+    expected = ("data.tokenizer 'nosuchtok': not 'byte', not a local folder and not in the local Hugging Face "
+                "cache, and the hub cannot be reached (OfflineModeIsEnabled: ")
+    start = time.monotonic()
+    with pytest.raises(ValueError) as error:
+        load_tokenizer("nosuchtok")
+    assert time.monotonic() - start < 3 and str(error.value).startswith(expected)
+    monkeypatch.chdir(tmp_path)
+    start = time.monotonic()
+    tiny = ["model.hidden_size=32", "model.intermediate_size=32", "model.num_hidden_layers=2", "model.layer_pattern=BM"]
+    assert cli.main(["train", "cpu-text", "data.tokenizer=nosuchtok", *tiny, "--no-progress"]) == 2
+    assert time.monotonic() - start < 5 and capsys.readouterr().err.startswith(f"error: {expected}")
+
+
+def _run_with_hub(code: str, **env: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter whose huggingface_hub reads `env` (its settings are read once, at import);
+    offline only when `env` says so."""
+    environ = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    return subprocess.run([sys.executable, "-c", code], env={**environ, **env}, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_missing_hub_tokenizer_fails_fast_when_the_hub_cannot_be_reached(tmp_path: Path) -> None:
+    """No route to the hub and no HF_HUB_OFFLINE: one look-up fails, instead of a minute of download retries.
+
+    The hub is a local port nobody listens on, so the test needs no network and every connection is refused.
+    """
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = ("import time; import transformers.utils.hub; from bmojo_neuron.data.tokenizer import load_tokenizer\n"
+            "start = time.monotonic()\ntry: load_tokenizer('nosuchtok')\n"
+            "except ValueError as error: print(round(time.monotonic() - start, 1), error)")
+    done = _run_with_hub(code, HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HUB_CACHE=str(tmp_path))
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, done.stderr[-2000:]
+    for line in lines:
+        seconds, message = line.split(" ", 1)
+        assert float(seconds) < 5 and message.startswith(
+            "data.tokenizer 'nosuchtok': not 'byte', not a local folder and not in the local Hugging Face cache, "
+            "and the hub cannot be reached (ConnectError: "), line
+
+
+def test_a_cached_hub_tokenizer_loads_offline(tmp_path: Path) -> None:
+    """A hub tokenizer in the local Hugging Face cache loads with HF_HUB_OFFLINE=1 (no look-up at all)."""
+    from bmojo_neuron.data.tokenizer import save_hf_tokenizer
+
+    snapshot = tmp_path / "hub" / "models--someone--tok" / "snapshots" / ("0" * 40)
+    save_hf_tokenizer("byte", snapshot)
+    (snapshot / "config.json").write_text("{}")  # AutoTokenizer fetches the repo's config.json too
+    (tmp_path / "hub" / "models--someone--tok" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tok" / "refs" / "main").write_text("0" * 40)
+    code = ("from bmojo_neuron.data.tokenizer import load_tokenizer; "
+            "print(load_tokenizer('someone/tok').encode('hi', add_special_tokens=False))")
+    done = _run_with_hub(code, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    assert done.returncode == 0 and done.stdout.strip() == "[104, 105]", done.stderr[-2000:]

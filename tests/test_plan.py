@@ -108,6 +108,16 @@ def test_cli_over_budget_prints_nothing_but_the_error(capsys):
     assert code == 2 and out == "" and "16 GiB" in err
 
 
+@pytest.mark.parametrize("port", ["0", "99999", "-1"])
+def test_master_port_outside_the_tcp_range_is_refused(port, capsys):
+    """A port torchrun cannot bind would otherwise go into every launch line and fail only at rendezvous."""
+    assert main(["plan", "trn1/bmojo-130m", "--master-port", port]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: --master-port is {port}; must be a TCP port, 1..65535\n"
+    assert main(["plan", "trn1/bmojo-130m", "--master-port", "65535"]) == 0
+    assert "--master-port 65535 -m bmojo_neuron.cli train" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("overrides, world, key", [
     (["data.block_size=2000"], 32, "data.block_size"),  # not a multiple of 128
     (["data.block_size=2176"], 32, "data.block_size"),  # 17 × 128, not a multiple of memory_chunk 256

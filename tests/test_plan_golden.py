@@ -65,3 +65,15 @@ def test_plan_matches_golden(name, capsys):
 def test_normalise_only_touches_the_repository_root():
     text = f"recipe {ROOT}/recipes/trn1/bmojo-130m.yaml\ncache /var/tmp/neuron-compile-cache\n"
     assert normalise(text) == "recipe <repo>/recipes/trn1/bmojo-130m.yaml\ncache /var/tmp/neuron-compile-cache\n"
+
+
+@pytest.mark.parametrize("args, sentence", [
+    (["trn1/bmojo-130m", "data.path=/data"], "a micro-batch of 8 × 2048 tokens per core and\n   {total} GiB of the 16"),
+    (["trn1/bmojo-1.4b", "train.batch_size=64", "--nodes", "4"], "on 128 NeuronCores, {total} GiB per NeuronCore"),
+])
+def test_trn1_walkthrough_quotes_what_plan_prints(args, sentence, capsys):
+    """docs/trn1.md's "Expect ..." lines give the HBM total the documented `plan` command prints."""
+    capsys.readouterr()
+    assert main(["plan", *args]) == 0
+    [stage] = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("  0 ")]
+    assert sentence.format(total=stage[-1]) in (ROOT / "docs" / "trn1.md").read_text()

@@ -216,3 +216,21 @@ def test_multi_node_fills_in_master_and_rank(setup, capsys, monkeypatch):
 def test_bad_input_fails_before_running(setup, capsys, extra, overrides, message):
     code, out, err = precompile(capsys, setup, *extra, overrides=overrides)
     assert code == 2 and message in err and not setup["record"].exists()
+
+
+def test_bad_output_dir_fails_before_running(setup, capsys):
+    """--output-dir is checked as train checks its run directory: writable, and not holding a run."""
+    used = setup["tmp"] / "used"
+    used.mkdir()
+    (used / "metrics.jsonl").write_text("{}\n")
+    a_file = setup["tmp"] / "a-file"
+    a_file.write_text("")
+    for output_dir, message in [
+        (used, f"error: --output-dir {used} already holds a run; the trial run would refuse it"),
+        (a_file / "run", f"error: --output-dir {a_file / 'run'}: {a_file} is not a writable folder"),
+    ]:
+        for dry_run in ([], ["--dry-run"]):
+            code, out, err = precompile(capsys, setup, "--output-dir", str(output_dir), *dry_run)
+            assert code == 2 and err.startswith(message) and not setup["record"].exists(), err
+    code, _, _ = precompile(capsys, setup, "--master-port", "70000")
+    assert code == 2 and not setup["record"].exists()

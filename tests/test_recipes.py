@@ -355,3 +355,23 @@ def test_the_recall_grid_names_an_override_caught_by_a_list_option(tmp_path: Pat
                                      "model.ssm_state_size=16"])
     grid.main()  # no runs to report, and no error
     assert (tmp_path / "out" / "grid.md").is_file()
+
+
+def test_a_shipped_recipe_path_resolves_from_any_folder(tmp_path, monkeypatch, capsys):
+    """docs/priming.md writes `bmojo-neuron train recipes/priming/cpu-mqar-source.yaml`: it works outside the checkout."""
+    from bmojo_neuron import cli
+    from bmojo_neuron.recipes import repository_root
+
+    monkeypatch.chdir(tmp_path)
+    shipped = repository_root() / "recipes" / "priming" / "cpu-mqar-source.yaml"
+    assert resolve_recipe_path("recipes/priming/cpu-mqar-source.yaml") == shipped
+    assert resolve_recipe_path("recipes/priming/cpu-mqar-source") == shipped
+    assert cli.main(["train", "recipes/priming/cpu-mqar-source.yaml", "--dry-run", "--output-dir",
+                     str(tmp_path / "out")]) == 0
+    assert "== " in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match=r"recipe 'recipes/nosuch.yaml' not found: not a file, and no nosuch"):
+        resolve_recipe_path("recipes/nosuch.yaml")
+    (tmp_path / "recipes" / "priming").mkdir(parents=True)  # a file of that path here is used as it is
+    (tmp_path / "recipes" / "priming" / "cpu-mqar-source.yaml").write_text("run: {name: mine}\n")
+    assert resolve_recipe_path("recipes/priming/cpu-mqar-source.yaml").resolve() == (
+        tmp_path / "recipes" / "priming" / "cpu-mqar-source.yaml")

@@ -132,7 +132,7 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[s
         lines.append("Neuron SDK: ok" if not missing else
                      f"Neuron SDK: missing here, training would stop: {'; '.join(missing)}; install with "
                      f"{INSTALL_COMMAND}")
-    lines.append(f"data: {data_line(recipe)}")
+    lines.append(f"data: {data_line(runs[0][0])}")  # a run's recipe: its cache follows its output dir
     if recipe.init.weights:
         lines.append(f"init.weights: {init_line(recipe)}")
     from bmojo_neuron.checkpoints.layout import has_run, latest_checkpoint

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from bmojo_neuron.data.hub import may_be_hub_name
 
 BYTE_TOKENIZER = "byte"
+HUB_LOOKUP_TIMEOUT = 10.0  # seconds for the one look-up of a tokenizer that is not cached here
 
 
 class ByteTokenizer:
@@ -39,21 +40,65 @@ class ByteTokenizer:
 
 
 def load_tokenizer(name_or_path: str) -> Any:
-    """``"byte"`` → `ByteTokenizer`; otherwise a Hugging Face tokenizer from a local path or hub name."""
+    """``"byte"`` → `ByteTokenizer`; otherwise a Hugging Face tokenizer from a local path or hub name.
+
+    A hub name is read from the local Hugging Face cache when it is there, so a
+    downloaded tokenizer needs no network. Otherwise one quick look-up asks the hub
+    whether the repository exists before the download: offline (no route, or
+    ``HF_HUB_OFFLINE=1``) the download would retry for about a minute before failing,
+    the look-up fails in well under a second.
+    """
     if name_or_path == BYTE_TOKENIZER:
         return ByteTokenizer()
-    if not Path(name_or_path).expanduser().exists() and not may_be_hub_name(name_or_path, bare=True):
-        raise ValueError(f"data.tokenizer {name_or_path!r}: no such folder (not 'byte', and a local path is never "
-                         "looked up on the hub)")
+    if not Path(name_or_path).expanduser().exists():
+        _refuse_missing_local_path(name_or_path)
+        cached = _cached_hub_tokenizer(name_or_path)
+        if cached is not None:
+            return cached
+        _check_on_hub(name_or_path)
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name_or_path, local_files_only=False)
+        return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise ValueError(
             f"data.tokenizer {name_or_path!r}: not 'byte' and not loadable as a Hugging Face tokenizer "
             f"(a local folder with tokenizer files, or a hub name when online): {err}"
         ) from None
+
+
+def _refuse_missing_local_path(name: str) -> None:
+    """A name that is not on this machine and cannot be a hub name is a mistyped local path: fail at once."""
+    if not may_be_hub_name(name, bare=True):
+        raise ValueError(f"data.tokenizer {name!r}: no such folder (not 'byte', and a local path is never "
+                         "looked up on the hub)")
+
+
+def _cached_hub_tokenizer(name: str) -> Any | None:
+    """The tokenizer of hub repository `name` from the local Hugging Face cache, or None when it is not there."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
+def _check_on_hub(name: str) -> None:
+    """Raise the ``data.tokenizer`` error at once when hub repository `name` does not exist or the hub is unreachable."""
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    hint = "not 'byte', not a local folder and not in the local Hugging Face cache"
+    try:
+        huggingface_hub.model_info(name, timeout=HUB_LOOKUP_TIMEOUT)
+    except RepositoryNotFoundError:
+        raise ValueError(f"data.tokenizer {name!r}: {hint}, and the hub has no such repository (or it is "
+                         "private: log in with `hf auth login`)") from None
+    except Exception as err:  # offline mode, no route, DNS, TLS, timeout: the transport's error types vary
+        raise ValueError(f"data.tokenizer {name!r}: {hint}, and the hub cannot be reached "
+                         f"({type(err).__name__}: {err}); download it where online, or point data.tokenizer "
+                         "at a folder with its files") from None
 
 
 def encode_batch(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:

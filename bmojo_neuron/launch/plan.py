@@ -22,6 +22,7 @@ INSTANCES = {"trn1.32xlarge": 32, "trn1.2xlarge": 2}
 DEFAULT_INSTANCE = "trn1.32xlarge"
 DEFAULT_CACHE_DIR = "/var/tmp/neuron-compile-cache"  # the Neuron compiler's default cache
 DEFAULT_MASTER_PORT = 29500
+MAX_PORT = 65535
 PARTITION = 128  # SBUF / PSUM partitions: the tile size the kernels work in
 
 
@@ -234,6 +235,8 @@ def build_plan(recipe: Any, recipe_arg: str, overrides: Sequence[str] = (), node
         raise ValueError(f"--instance {instance!r}: choose one of {', '.join(INSTANCES)}")
     if nodes < 1:
         raise ValueError(f"--nodes is {nodes}; must be >= 1")
+    if not 1 <= master_port <= MAX_PORT:  # torchrun would only fail at rendezvous, on every node
+        raise ValueError(f"--master-port is {master_port}; must be a TCP port, 1..{MAX_PORT}")
     cores = INSTANCES[instance]
     world = nodes * cores
     validate_for_trainium(recipe, world)

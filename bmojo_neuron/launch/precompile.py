@@ -54,6 +54,8 @@ def plan_trial_run(recipe_name: str, overrides: Sequence[str], *, nodes: int, in
     recipe = load_recipe(recipe_name, list(overrides))
     plan = build_plan(recipe, recipe_name, list(overrides), nodes=nodes, instance=instance,
                       cache_dir=cache_url, master_port=master_port)
+    if output_dir:
+        check_output_dir(Path(output_dir))
     run_dir = Path(output_dir) if output_dir else scratch_dir(recipe, nodes, environ)
     extra = trial_overrides(steps, run_dir)
     load_recipe(recipe_name, [*overrides, *extra])  # the trial run's recipe must load too
@@ -119,10 +121,26 @@ def check_cache_dir(url: str) -> None:
 
         make_client()  # boto3 installed? (the post-run check lists the bucket)
         return
-    path = Path(url).expanduser()
+    _check_writable_folder("--cache-dir", Path(url).expanduser())
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """The trial run's ``--output-dir`` must be writable (or creatable) and hold no run, as `train` requires:
+    otherwise the trial run would stop there only after the compiler had started."""
+    from bmojo_neuron.checkpoints.layout import has_run  # the checkpoints package imports torch
+
+    _check_writable_folder("--output-dir", run_dir.expanduser())
+    if has_run(run_dir.expanduser()):
+        raise ValueError(f"--output-dir {run_dir} already holds a run; the trial run would refuse it: pick an "
+                         "empty folder, or leave --output-dir out for a scratch folder removed afterwards")
+
+
+def _check_writable_folder(option: str, path: Path) -> None:
+    """`path`, or the nearest folder above it that exists, is a folder this process may write into; checked
+    without creating anything (a dry run writes nothing)."""
     existing = next(p for p in [path, *path.parents] if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--cache-dir {url}: {existing} is not a writable folder")
+        raise ValueError(f"{option} {path}: {existing} is not a writable folder")
 
 
 def precompile_srun(recipe_name: str, overrides: Sequence[str], *, nodes: int, instance: str, steps: int,

@@ -21,12 +21,17 @@ def plan_runs(recipe: Any, output_dir: str | Path | None = None) -> list[tuple[A
 
     A plain recipe trains into its output dir. With ``suite`` every entry, and with
     ``compare`` the recipe and then its baseline, train into ``<output dir>/<name>``.
+    An ``output_dir`` (``--output-dir``) becomes each run's ``run.output_dir``, so what
+    derives from it (the text data cache ``<output dir>/../data-cache`` unless
+    ``data.cache_dir`` is set, the stored ``recipe.json``) follows it too.
     """
     base = Path(output_dir or recipe.run.output_dir)
     if recipe.suite:
         variants = [(v.name, v.overrides) for v in recipe.suite]
     elif recipe.compare is not None:
         variants = [(recipe.run.name, {}), (recipe.compare.name, recipe.compare.overrides)]
+    elif output_dir is not None and str(base) != recipe.run.output_dir:
+        return [(recipe.with_overrides({"run.output_dir": str(base)}), base)]
     else:
         return [(recipe, base)]
     runs = []
