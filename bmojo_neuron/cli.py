@@ -51,8 +51,8 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     NeuronUnavailableError,
     FloatingPointError,  # a run that diverged (the message says what to change)
 )
-# OSErrors the user fixes on their side (space, permissions, paths), shown as one line wherever they arise.
 SIGPIPE_STATUS = 128 + 13  # what a shell reports for a process that SIGPIPE ended
+# OSErrors the user fixes on their side (space, permissions, paths), shown as one line wherever they arise.
 USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
                          errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST, errno.ENOENT})
 
@@ -140,6 +140,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 def user_error(exc: BaseException) -> str | None:
     """The one-line message of an error the user can act on, or None for a bug (shown as a traceback)."""
+    worker_error = getattr(exc, "error", None)  # `run_pool.RunFailed`: a suite's run failed in its own process
+    if isinstance(worker_error, BaseException) and getattr(exc, "run_name", None):
+        message = user_error(worker_error)
+        return f"{exc.run_name}: {message}" if message is not None else None
     if isinstance(exc, EXPECTED_ERRORS):
         return str(exc) or type(exc).__name__
     full = disk_full_cause(exc)

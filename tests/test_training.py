@@ -100,9 +100,16 @@ def test_a_failing_run_stops_the_pool_and_is_named(tmp_path):
 
     bad = tiny_recipe(**{"run.name": "diverges", "optim.lr": 1e6, "optim.warmup_steps": 0, "train.log_every": 1})
     long = tiny_recipe(**{"run.name": "long", "train.steps": 100000, "checkpoint.every": 100000})
-    with pytest.raises(RunFailed, match="diverges: FloatingPointError: training loss is"):
+    with pytest.raises(RunFailed, match="diverges: FloatingPointError: training loss is") as failed:
         train_in_processes([(bad, tmp_path / "bad"), (long, tmp_path / "long")], jobs=2)
     assert layout.list_checkpoints(tmp_path / "long")  # stopped at a step boundary with a checkpoint
+    # the worker's own exception came along, so the command words it as for a single run: one line
+    assert failed.value.run_name == "diverges" and isinstance(failed.value.error, FloatingPointError)
+    from bmojo_neuron.cli import user_error
+
+    assert user_error(failed.value) == f"diverges: {failed.value.error}"
+    assert str(failed.value.error).startswith("training loss is")
+    assert user_error(RunFailed("crashed: KeyError: 'x'\nTraceback ...", "crashed", KeyError("x"))) is None  # a bug
 
 
 def test_a_signal_while_the_workers_start_stops_each_at_its_first_step_with_a_checkpoint(tmp_path):

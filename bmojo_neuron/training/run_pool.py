@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import pickle
 import signal
 import traceback
 from collections.abc import Iterator
@@ -36,7 +37,16 @@ from .trainer import TrainResult, train
 
 
 class RunFailed(RuntimeError):
-    """A worker's run raised; the message holds its name and traceback."""
+    """A worker's run raised; the message holds its name and traceback.
+
+    `error` is the worker's exception itself when it survives pickling, so the command can word a
+    user's error (bad input, a diverged run, a full disk) in one line, as it does for a single run.
+    """
+
+    def __init__(self, message: str, run_name: str | None = None, error: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.run_name = run_name
+        self.error = error
 
 
 def train_in_processes(runs: list[tuple[Any, Path]], jobs: int, resume: bool = False,
@@ -54,7 +64,7 @@ def train_in_processes(runs: list[tuple[Any, Path]], jobs: int, resume: bool = F
     waiting = list(enumerate(runs))
     active: dict[int, tuple[Any, Connection]] = {}  # index -> (process, its end of the result pipe)
     listening: dict[int, tuple[Any, Connection]] = {}  # the active workers whose signal handlers are set
-    failure: str | None = None
+    failure: RunFailed | None = None
     with _pass_signals_to(listening, active, signals) as stopping:
         while active or (waiting and not stopping and failure is None):
             while waiting and len(active) < jobs and not stopping and failure is None:
@@ -80,15 +90,16 @@ def train_in_processes(runs: list[tuple[Any, Path]], jobs: int, resume: bool = F
                 process.join()
                 del active[index]
                 listening.pop(index, None)
-                kind, payload = message or ("error", f"{process.name}: worker ended with exit code "
-                                                     f"{process.exitcode} and no result")
+                name = runs[index][0].run.name
+                kind, payload = message or ("error", (name, f"{name}: worker ended with exit code "
+                                                     f"{process.exitcode} and no result", None))
                 if kind == "result":
                     results[index] = payload
                 elif failure is None:
-                    failure = payload
+                    failure = RunFailed(payload[1], payload[0], payload[2])
                     _signal_all(listening, signal.SIGTERM)
     if failure is not None:
-        raise RunFailed(failure)
+        raise failure
     return [results[i] for i in sorted(results)]
 
 
@@ -108,9 +119,19 @@ def _worker(recipe: Any, run_dir: str, resume: bool, conn: Connection) -> None:
         result = train(recipe, run_dir, resume=resume, progress="shared")
         conn.send(("result", result))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
-        conn.send(("error", f"{recipe.run.name}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        text = f"{recipe.run.name}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        conn.send(("error", (recipe.run.name, text, _picklable(exc))))
     finally:
         conn.close()
+
+
+def _picklable(exc: BaseException) -> BaseException | None:
+    """`exc` when it crosses the pipe intact (its type and message), else None."""
+    try:
+        copy = pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - an exception that does not pickle is reported by its text alone
+        return None
+    return copy if type(copy) is type(exc) and str(copy) == str(exc) else None
 
 
 def _signal_all(active: dict[int, tuple[Any, Connection]], signum: int) -> None:
