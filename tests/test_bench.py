@@ -156,9 +156,9 @@ def test_cap_reports_capped_candidate(tmp_path):
 
 
 def test_budget_skips_what_is_left(tmp_path):
-    report = run_bench(tmp_path, "scaling", *FAST, "--lengths", "32", "--candidates", "bmojo,hf-mistral",
+    report = run_bench(tmp_path, "scaling", *FAST, "--lengths", "32,64", "--candidates", "bmojo,hf-mistral",
                        "--budget-seconds", "0.000001")
-    assert [r["status"] for r in report["results"]] == ["skipped", "skipped"]
+    assert [r["status"] for r in report["results"]] == ["skipped"] * 4
     assert "time budget" in report["results"][0]["note"]
 
 
@@ -239,3 +239,160 @@ def test_cpu_clock_refuses_what_it_cannot_time(tmp_path, capsys, extra, message)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --clock cpu") and message in err
+
+
+# ----------------------------------------------------------------------------- bad input, refused up front
+def bench_error(capsys, *args: str) -> str:
+    """Run `bench` with `args`; it must refuse with exit status 2 and one error line, before any output."""
+    assert main(["bench", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing ran: no header, no timing
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return lines[0]
+
+
+def test_bad_output_paths_are_refused_before_timing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir").mkdir()
+    common = ["train-step", *FAST, "--candidates", "bmojo", "--lengths", "32"]
+    assert bench_error(capsys, *common, "--json", "afile/out.json") == (
+        f"error: --json afile/out.json: {tmp_path / 'afile'} is a file, not a folder")
+    assert bench_error(capsys, *common, "--plot", "afile/p.png") == (
+        f"error: --plot afile/p.png: {tmp_path / 'afile'} is a file, not a folder")
+    assert bench_error(capsys, *common, "--json", "adir") == "error: --json adir: is a folder; give a file path"
+    assert "the plot would overwrite the report" in bench_error(capsys, *common, "--json", "same.png")
+    assert "the plot would overwrite" in bench_error(capsys, *common, "--json", "r.png", "--plot", "./r.png")
+    assert bench_error(capsys, *common, "--json", "") == "error: --json must not be empty"
+    assert not (tmp_path / "adir.png").exists() and not (tmp_path / "same.png").exists()
+
+
+def test_plot_path_gets_the_png_suffix_it_is_written_with(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["bench", "train-step", *FAST, "--candidates", "swa-only", "--lengths", "32", "--json", str(out),
+            "--plot", str(tmp_path / "noext")]
+    assert main(args) == 0
+    written = tmp_path / "noext.png"
+    assert written.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "noext").exists()
+    assert json.loads(out.read_text())["plot"] == str(written)
+    assert f"wrote {out} and {written}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("suite", ["train-step", "scaling", "decode"])
+def test_unknown_device_is_refused_up_front(tmp_path, capsys, suite):
+    assert bench_error(capsys, suite, *FAST, "--device", "foo", "--json", str(tmp_path / "x.json")) == (
+        "error: --device must be cpu, cuda or auto, got 'foo'")
+
+
+@pytest.mark.parametrize(("option", "value"), [("--cap-seconds", "inf"), ("--cap-seconds", "nan"),
+                                               ("--budget-seconds", "nan"), ("--budget-seconds", "inf"),
+                                               ("--cap-seconds", "0")])
+def test_time_limits_must_be_finite_and_positive(tmp_path, capsys, option, value):
+    line = bench_error(capsys, "train-step", *FAST, option, value, "--json", str(tmp_path / "x.json"))
+    assert line == f"error: {option} must be a finite number of seconds > 0, got {float(value)}"
+
+
+def test_report_is_strict_json(tmp_path):
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        harness.write_json(str(tmp_path / "r.json"), {"value": float("nan")})
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize(("extra", "given"), [(["--candidates", "nope"], "--candidates does not apply"),
+                                              (["--busy", "--device", "foo"], "--device, --busy do not apply"),
+                                              (["--lengths", "64"], "--lengths does not apply")])
+def test_kernels_refuses_options_it_would_ignore(tmp_path, capsys, extra, given):
+    line = bench_error(capsys, "kernels", "--toy", *extra, "--json", str(tmp_path / "x.json"))
+    assert line.startswith(f"error: bench kernels: {given}")
+
+
+def test_duplicates_are_refused(tmp_path, capsys):
+    line = bench_error(capsys, "train-step", *FAST, "--candidates", "bmojo,hf-mistral,bmojo",
+                       "--json", str(tmp_path / "x.json"))
+    assert line == "error: candidate(s) ['bmojo'] given more than once; name each once"
+    assert main(["kernels", "profile", "--kernels", "ssd_fwd,ssd_fwd"]) == 2
+    assert capsys.readouterr().err == "error: kernels ['ssd_fwd'] given more than once; name each once\n"
+
+
+def test_kernels_profile_needs_a_kernel(capsys):
+    assert main(["kernels", "profile", "--kernels", ""]) == 2
+    assert capsys.readouterr().err.startswith("error: no kernels given: --kernels is empty")
+    assert main(["kernels", "profile", "--kernels", "none", "--calibration-only"]) == 2
+    assert capsys.readouterr().err.startswith("error: no kernels given: --kernels and --attention")
+
+
+def test_scaling_needs_two_lengths(tmp_path, capsys):
+    line = bench_error(capsys, "scaling", *FAST, "--lengths", "64,64", "--json", str(tmp_path / "x.json"))
+    assert line == "error: scaling fits an exponent across lengths: --lengths needs at least two, got [64]"
+
+
+def test_a_target_without_a_value_prints_missed_and_why():
+    from bmojo_neuron.commands.bench import target_line
+
+    missed = {"name": "t", "comparison": "<=", "threshold": 1.05, "value": None, "met": False,
+              "note": "missed: bmojo capped at 64"}
+    assert target_line(missed) == "  target t <= 1.05: missed -- bmojo capped at 64"
+    met = dict(missed, met=True, note="hf-mistral-swa capped at 64 (over 1 s) while bmojo ran")
+    assert target_line(met) == "  target t <= 1.05: met -- hf-mistral-swa capped at 64 (over 1 s) while bmojo ran"
+    valued = dict(missed, value=1.2, note="1.0 is linear")
+    assert target_line(valued) == "  target t <= 1.05: 1.2 (MISSED) -- 1.0 is linear"
+
+
+def test_busy_needs_a_second_core(tmp_path, capsys, monkeypatch):
+    import bmojo_neuron.device
+
+    monkeypatch.setattr(bmojo_neuron.device, "usable_cores", lambda: 1)
+    line = bench_error(capsys, "train-step", *FAST, "--busy", "--json", str(tmp_path / "x.json"))
+    assert line == ("error: --busy needs a second core for its load, but this process may use only 1 (CPU "
+                    "affinity); run without --busy or allow more cores")
+
+
+def test_table_reports_each_bad_file(tmp_path, capsys):
+    from bmojo_neuron.bench import table
+
+    (tmp_path / "a.json").write_text('{"a": 1}')
+    (tmp_path / "b.json").write_text("not json")
+    (tmp_path / "c.json").write_text('{"schema": "bmojo-neuron-bench/1"}')
+    paths = [str(tmp_path / n) for n in ("a.json", "b.json", "c.json", "missing.json")] + [str(tmp_path)]
+    assert table.main(paths) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        f"error: {paths[0]}: not a bench report (no \"schema\": \"bmojo-neuron-bench/...\"); give the --json "
+        "files `bmojo-neuron bench` wrote",
+        f"error: {paths[1]}: not JSON (Expecting value: line 1 column 1 (char 0))",
+        f"error: {paths[2]}: incomplete bench report (missing key 'machine')",
+        f"error: {paths[3]}: No such file or directory",
+        f"error: {paths[4]}: Is a directory",
+    ]
+    with pytest.raises(SystemExit) as exc:
+        table.main([])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        table.main(["--help"])
+    assert exc.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_table_renders_a_report(tmp_path, capsys):
+    from bmojo_neuron.bench import table
+
+    report = run_bench(tmp_path, "train-step", *FAST, "--lengths", "32", "--candidates", "swa-only")
+    capsys.readouterr()
+    assert table.main([str(tmp_path / "train-step.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("`train-step`, ") and "| swa-only |" in out and report["results"][0]["status"] == "ok"
+
+
+def test_scaling_target_without_an_exponent_says_why(monkeypatch):
+    from bmojo_neuron.bench import suites
+
+    s = suites.resolve(suites.Settings(suite="scaling", lengths=[32, 64], candidates=["bmojo"], toy=True))
+    report = {"results": [suites._row("bmojo", n, "ok", median_s=1e-7) for n in (32, 64)], "fits": [],
+              "targets": [], "speedups": [], "settings": {}, "candidates": []}
+    monkeypatch.setattr(suites, "_prepare", lambda *a, **k: (None, {}, {}))
+    monkeypatch.setattr(suites, "_cells", lambda *a, **k: {})
+    monkeypatch.setattr(suites.harness, "fit_exponent", lambda xs, ys: None)
+    suites._scaling(s, report, log=lambda message: None)
+    (target,) = report["targets"]
+    assert target["met"] is False and target["note"] == "missed: B'MOJO's times at [32, 64] give no exponent"

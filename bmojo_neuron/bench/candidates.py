@@ -94,6 +94,9 @@ def check_names(names: list[str], allowed: tuple[str, ...] = ALL) -> list[str]:
         raise ValueError(f"unknown candidate(s) {bad}; choose from {list(allowed)}")
     if not names:
         raise ValueError("no candidates given")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"candidate(s) {repeated} given more than once; name each once")
     return names
 
 

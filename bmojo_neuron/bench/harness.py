@@ -453,11 +453,13 @@ def rounded(x: float | None, digits: int = 6) -> float | None:
 
 
 def write_json(path: str, data: dict[str, Any]) -> None:
+    """Write `data` as strict JSON: a NaN or infinity (which `json` would write as invalid ``NaN`` / ``Infinity``)
+    is a ValueError before the file is touched; a number that was not measured is ``null``."""
+    text = json.dumps(data, indent=2, allow_nan=False)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     with open(path, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+        f.write(text + "\n")
 
 
 def tensor_bytes(obj: Any) -> int:

@@ -178,10 +178,13 @@ def profile_attention(kernel: str, shape: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_kernels(names: list[str], known: tuple[str, ...]) -> None:
-    """ValueError naming the unknown ones among `names`."""
+    """ValueError naming the unknown ones among `names`, or those named twice (each would be profiled twice)."""
     unknown = set(names) - set(known)
     if unknown:
         raise ValueError(f"unknown kernels {sorted(unknown)}; choose from {', '.join(known)}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"kernels {repeated} given more than once; name each once")
 
 
 def attention_profiles(names: list[str]) -> list[dict[str, Any]]:

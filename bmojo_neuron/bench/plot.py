@@ -70,7 +70,7 @@ def plot_report(report: dict[str, Any], path: str) -> str:
     else:
         key2 = ("cache_bytes", "cache size (bytes)")
         fig = _lines(plt, report, [("latency_ms", "per-token latency (ms)"), key2], "decode: per-token latency")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110, bbox_inches="tight", format="png")  # a named format: no suffix appended
     plt.close(fig)
     return path
 

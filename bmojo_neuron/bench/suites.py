@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
@@ -104,22 +105,28 @@ def resolve(settings: Settings) -> Settings:
         s.candidates = list(d.candidates)
     if s.budget_seconds is None:
         s.budget_seconds = d.budget_seconds
-    if s.budget_seconds <= 0:
-        raise ValueError(f"--budget-seconds must be > 0, got {s.budget_seconds}")
+    _check_seconds("--budget-seconds", s.budget_seconds)
     if d.candidates:
         check_names(s.candidates, ALL if s.suite == "train-step" else tuple(n for n in ALL if n not in COMPILED))
     if s.suite != "kernels" and (any(not isinstance(n, int) or n < 1 for n in s.lengths) or not s.lengths):
         raise ValueError(f"--lengths must be positive integers, got {s.lengths}")
     s.lengths = sorted(set(s.lengths))
+    if s.suite == "scaling" and len(s.lengths) < 2:
+        raise ValueError(f"scaling fits an exponent across lengths: --lengths needs at least two, got {s.lengths}")
     if s.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {s.repeats}")
     if s.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {s.warmup}")
-    if s.cap_seconds <= 0:
-        raise ValueError(f"--cap-seconds must be > 0, got {s.cap_seconds}")
+    _check_seconds("--cap-seconds", s.cap_seconds)
     if s.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {s.batch}")
     return s
+
+
+def _check_seconds(option: str, value: float) -> None:
+    """A time limit must be a finite number > 0 (``float`` parses ``nan`` and ``inf`` too)."""
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{option} must be a finite number of seconds > 0, got {value}")
 
 
 def shape_for(s: Settings) -> Shape:
@@ -600,6 +607,8 @@ def _scaling(s: Settings, report: dict[str, Any], log: Log) -> None:
         if fit["capped_from"] is not None or len(fit["lengths"]) < len(s.lengths):
             met = False
             note = f"missed: B'MOJO has times for {fit['lengths']} only, not every length of {s.lengths}"
+        elif fit["time_exponent"] is None:  # e.g. times too short for the clock to tell apart from zero
+            note = f"missed: B'MOJO's times at {fit['lengths']} give no exponent"
         _target(report, "scaling: B'MOJO layer time exponent", fit["time_exponent"], SCALING_EXPONENT, "<=",
                 note=note, met=met)
     _busy_targets(report, s, "scaling")

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Any
@@ -80,7 +81,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Targets:", ""]
         for t in report["targets"]:
             state = "met" if t["met"] else "**missed**"
-            lines.append(f"- {t['name']} {t['comparison']} {t['threshold']}: {_fmt(t['value'])} ({state})")
+            why = f" — {t['note']}" if t["value"] is None and t.get("note") else ""
+            lines.append(f"- {t['name']} {t['comparison']} {t['threshold']}: {_fmt(t['value'])} ({state}){why}")
     if report.get("ratios"):
         lines += ["", "Ratios (reported, not targets):", ""]
         lines += [f"- {r['name']}: {_fmt(r['value'])}" + (f" ({r['note']})" if r.get("note") else "")
@@ -92,11 +94,50 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    for path in (sys.argv[1:] if argv is None else argv):
+SCHEMA_PREFIX = "bmojo-neuron-bench/"  # harness.SCHEMA without its version (harness imports torch)
+
+
+def load_report(path: str) -> dict[str, Any]:
+    """The report in `path`; ValueError saying why it is not one (unreadable, not JSON, not a bench report)."""
+    try:
         with open(path) as f:
-            print(markdown(json.load(f)))
-    return 0
+            report = json.load(f)
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(report, dict) or not str(report.get("schema", "")).startswith(SCHEMA_PREFIX):
+        raise ValueError(f"{path}: not a bench report (no \"schema\": \"{SCHEMA_PREFIX}...\"); "
+                         "give the --json files `bmojo-neuron bench` wrote")
+    return report
+
+
+def table(path: str) -> str:
+    """The Markdown of the report in `path`; ValueError for a file that is not a complete report."""
+    report = load_report(path)
+    try:
+        return markdown(report)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        what = f"missing key {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"{path}: incomplete bench report ({what})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print each report's tables; one ``error:`` line per file that is not a report (exit status 2)."""
+    parser = argparse.ArgumentParser(prog="python -m bmojo_neuron.bench.table",
+                                     description="Markdown tables from `bmojo-neuron bench` JSON reports.")
+    parser.add_argument("reports", nargs="+", metavar="REPORT", help="JSON reports written by bench --json")
+    args = parser.parse_args(argv)
+    status = 0
+    for path in args.reports:
+        try:
+            text = table(path)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 2
+            continue
+        print(text)
+    return status
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ medians of alternating repeats, and speed-ups are ratios measured in the same ru
 from __future__ import annotations
 
 import argparse
+import os
 
-from bmojo_neuron.cli import register_command
+from bmojo_neuron.cli import register_command, require_nonempty
 
 SUITES = ("train-step", "scaling", "decode", "kernels")
 
@@ -64,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: every usable core but one, at least one; "
                              "OMP_NUM_THREADS wins when set)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda (cuda:N) or auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-probe", action="store_true",
                         help="probe in this process instead of a separate one: the cap is checked only after "
@@ -82,63 +83,140 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="print only the summary line")
 
 
-def _check_clock(args: argparse.Namespace, threads: int) -> None:
+def _check_clock(args: argparse.Namespace, device: str, threads: int) -> None:
     """`--clock cpu` is one thread's CPU time: refuse where that is not the time of a step."""
     if args.clock != "cpu":
         return
-    if args.device != "cpu":
-        raise ValueError(f"--clock cpu: times CPU work, not {args.device}; use --clock wall")
+    if device != "cpu":
+        raise ValueError(f"--clock cpu: times CPU work, not {device}; use --clock wall")
     if threads != 1:
         raise ValueError(f"--clock cpu: needs --threads 1 (torch uses {threads}; CPU time would add up the threads)")
     if args.busy:
         raise ValueError("--clock cpu with --busy: busy / quiet is a wall-clock slowdown; use --clock wall")
 
 
+# Options that only the timed suites read: `kernels` models kernels from the recipes' shapes, so any of these
+# given to it would be ignored; it refuses them instead (dest -> option).
+TIMED_ONLY = {"lengths": "--lengths", "repeats": "--repeats", "warmup": "--warmup", "cap_seconds": "--cap-seconds",
+              "batch": "--batch", "candidates": "--candidates", "d_model": "--d-model", "layers": "--layers",
+              "window": "--window", "vocab_size": "--vocab-size", "threads": "--threads", "device": "--device",
+              "seed": "--seed", "no_probe": "--no-probe", "busy": "--busy", "clock": "--clock"}
+
+
+def _check_options_apply(args: argparse.Namespace) -> None:
+    """ValueError naming the options given to `kernels` that it would ignore."""
+    if args.suite != "kernels":
+        return
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = vars(parser.parse_args([args.suite]))
+    given = [option for dest, option in TIMED_ONLY.items() if getattr(args, dest) != defaults[dest]]
+    if given:
+        raise ValueError(f"bench kernels: {', '.join(given)} do{'es' if len(given) == 1 else ''} not apply "
+                         "(the kernels are modelled at the recipes' shapes); leave "
+                         f"{'it' if len(given) == 1 else 'them'} out")
+
+
+def _check_busy() -> None:
+    """`--busy` pins its load on a core of its own; with one usable core that is the benchmark's core, and the
+    suite would time two processes sharing it instead of a neighbour's load."""
+    from bmojo_neuron.device import usable_cores
+
+    cores = usable_cores()
+    if cores < 2:
+        raise ValueError(f"--busy needs a second core for its load, but this process may use only {cores} "
+                         "(CPU affinity); run without --busy or allow more cores")
+
+
+def _check_output_file(option: str, path: str) -> None:
+    """`path` can be written as a file: not a folder, and its folder exists and is writable or can be created.
+
+    Checked before the suite runs, so a bad path does not cost the measurements. Creates nothing.
+    """
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        raise ValueError(f"{option} {path}: is a folder; give a file path")
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise ValueError(f"{option} {path}: the file exists and is not writable")
+    folder = os.path.dirname(target)
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"{option} {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: {existing} is not a writable folder")
+
+
+def output_paths(args: argparse.Namespace) -> tuple[str, str]:
+    """The report's and the plot's paths, checked. The plot is always PNG: a `--plot` not ending in ``.png``
+    gets the suffix (as matplotlib would add it), so the path printed and recorded is the one written."""
+    json_path = args.json_path or f"bench-{args.suite}.json"
+    plot_path = args.plot_path or os.path.splitext(json_path)[0] + ".png"
+    if not plot_path.lower().endswith(".png"):
+        plot_path += ".png"
+    _check_output_file("--json", json_path)
+    _check_output_file("--plot", plot_path)
+    if os.path.realpath(json_path) == os.path.realpath(plot_path):
+        raise ValueError(f"--json {json_path} is also the plot's path, so the plot would overwrite the report; "
+                         "give --json a .json name or --plot another path")
+    return json_path, plot_path
+
+
+def target_line(target: dict) -> str:
+    """One printed line per target; one without a value says missed (or met) and why, not "None"."""
+    state = "met" if target["met"] else "MISSED"
+    value = f"{target['value']} ({state})" if target["value"] is not None else state.lower()
+    note = target.get("note") or ""
+    if target["value"] is None and note.startswith("missed: "):
+        note = note[len("missed: "):]  # the state already says missed
+    note = f" -- {note}" if note else ""
+    return f"  target {target['name']} {target['comparison']} {target['threshold']}: {value}{note}"
+
+
 @register_command("bench", help="benchmark speed and memory against Hugging Face baselines (JSON + PNG)",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
-    import os
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is built locally; never reach the network
+    require_nonempty("--json", args.json_path)
+    require_nonempty("--plot", args.plot_path)
+    _check_options_apply(args)
+    json_path, plot_path = output_paths(args)
     import torch
 
     from bmojo_neuron.bench import harness
     from bmojo_neuron.bench.plot import plot_report
     from bmojo_neuron.bench.suites import Settings, run_suite
-    from bmojo_neuron.device import set_cpu_threads
+    from bmojo_neuron.device import resolve_device, set_cpu_threads
     from bmojo_neuron.host_allocator import keep_freed_memory
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available here")
+    device = str(resolve_device(args.device, "--device", neuron=False))
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.busy:
+        _check_busy()
     set_cpu_threads(args.threads)
-    if not args.device.startswith("cuda"):
+    if not device.startswith("cuda"):
         keep_freed_memory()  # time what `train` runs (`host_allocator`); the memory probe sets its own
-    _check_clock(args, torch.get_num_threads())
-    json_path = args.json_path or f"bench-{args.suite}.json"
-    plot_path = args.plot_path or os.path.splitext(json_path)[0] + ".png"
+    _check_clock(args, device, torch.get_num_threads())
     settings = Settings(suite=args.suite, lengths=args.lengths, repeats=args.repeats, warmup=args.warmup,
                         cap_seconds=args.cap_seconds, budget_seconds=args.budget_seconds, batch=args.batch,
                         candidates=args.candidates, toy=args.toy,
                         d_model=args.d_model, layers=args.layers, window=args.window, vocab_size=args.vocab_size,
-                        device=args.device, seed=args.seed, probe=not args.no_probe, busy=args.busy,
+                        device=device, seed=args.seed, probe=not args.no_probe, busy=args.busy,
                         clock=args.clock)
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
     report = run_suite(settings, log=log)
     report["plot"] = os.path.abspath(plot_path)
+    harness.write_json(json_path, report)  # the report first: it holds the measurements
     plot_report(report, plot_path)
-    harness.write_json(json_path, report)
     counts: dict[str, int] = {}
     for row in report["results"]:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or report.get("message") or "no results"
     print(f"bench {args.suite}: {summary}; {report['elapsed_s']} s; wrote {json_path} and {plot_path}")
     for target in report["targets"]:
-        state = "met" if target["met"] else "MISSED"
-        note = f" -- {target['note']}" if target.get("note") else ""
-        print(f"  target {target['name']} {target['comparison']} {target['threshold']}: {target['value']} "
-              f"({state}){note}")
+        print(target_line(target))
     for ratio in report.get("ratios", []):
         note = f" -- {ratio['note']}" if ratio.get("note") else ""
         print(f"  ratio {ratio['name']}: {ratio['value']}{note}")

@@ -33,18 +33,24 @@ def run(args: argparse.Namespace) -> int | None:
     from bmojo_neuron.bench import kernel_profile as kp
 
     kernels, attention_kernels = _names(args.kernels), _names(args.attention)
+    if not kernels and not args.kernels.strip():
+        raise ValueError(f"no kernels given: --kernels is empty; name some of {SCAN_KERNELS}, or none for "
+                         "attention kernels only")
     kp.check_kernels(kernels, kp.SCAN_KERNELS)
     kp.check_kernels(attention_kernels, kp.ATTENTION_KERNELS)
+    if args.calibration_only:
+        attention_kernels = []  # the attention kernels have no calibration shape
+    if not kernels and not attention_kernels:
+        raise ValueError("no kernels given: --kernels and --attention (skipped with --calibration-only) select "
+                         "none; name at least one kernel")
     shapes = [kp.CALIBRATION] + ([] if args.calibration_only else kp.ladder_shapes())
     rows = [kp.profile_kernel(k, s) for s in shapes for k in kernels]
-    attention = [] if args.calibration_only or not attention_kernels else kp.attention_profiles(attention_kernels)
+    attention = kp.attention_profiles(attention_kernels) if attention_kernels else []
     if args.json:
         print(json.dumps(rows + attention, indent=1))
     else:
-        print(scan_table(rows))
-        if attention:
-            print()
-            print(attention_table(attention))
+        tables = ([scan_table(rows)] if rows else []) + ([attention_table(attention)] if attention else [])
+        print("\n\n".join(tables))
     return 0
 
 
