@@ -405,6 +405,20 @@ def load_recipe(path_or_name: str | None = None, overrides: Sequence[str] = ()) 
     return recipe.with_overrides(dict(parsed)) if parsed else recipe
 
 
+def shadowed_overrides(recipe: Recipe, overrides: Sequence[str]) -> list[str]:
+    """One note per command-line override that a compare/suite entry of `recipe` sets to another value.
+
+    An entry's keys are applied after the whole recipe's, so they win (a suite's arms differ on
+    purpose, e.g. in matched widths or step counts); the note keeps that from going unnoticed
+    when a user shortens or changes every run from the command line."""
+    given = dict(_normalise_overrides(overrides))
+    variants = list(recipe.suite) + ([recipe.compare] if recipe.compare is not None else [])
+    return [f"{variant.name} keeps its suite entry's {key}={variant.overrides[key]!r}, not the command line's "
+            f"{given[key]!r} (an entry's keys win; suite=none trains the recipe alone)"
+            for variant in variants for key in given
+            if key in variant.overrides and variant.overrides[key] != given[key]]
+
+
 def recipe_device(path_or_name: str | None = None, overrides: Sequence[str] = ()) -> str:
     """``run.device`` of a recipe with its overrides applied, read from the YAML alone.
 

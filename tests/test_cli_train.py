@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -170,6 +171,37 @@ def write_suite(path: Path) -> Path:
                        {"name": "second", "overrides": {"model.layer_pattern": "MM"}}]
     path.write_text(json.dumps(recipe))  # JSON is YAML
     return path
+
+
+def test_a_parallel_recipe_at_one_rank_runs_without_a_launcher(tmp_path):
+    """ZeRO-1 over one rank shards nothing; run as a plain process (no torchrun, so no MASTER_ADDR) it forms
+    a one-rank group of its own and logs the losses of the run without it."""
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(json.dumps(TINY_RECIPE))
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    losses = {}
+    for name, extra in (("plain", []), ("zero1", ["parallel.zero1=true"])):
+        done = subprocess.run([sys.executable, "-m", "bmojo_neuron.cli", "train", str(recipe), *extra, "--output-dir",
+                               str(tmp_path / name), "--no-progress"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in records if r["type"] == "train"]
+    assert len(losses["plain"]) >= 2
+    assert losses["zero1"] == pytest.approx(losses["plain"], rel=1e-5)
+
+
+def test_a_command_line_override_a_suite_entry_sets_is_noted(capsys, tmp_path):
+    """A suite entry's keys win over the command line's (its arms differ on purpose); a note says so."""
+    recipe, out = write_suite(tmp_path / "suite.yaml"), str(tmp_path / "out")
+    assert cli.main(["train", str(recipe), "model.layer_pattern=BB", "--output-dir", out, "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ("note: second keeps its suite entry's model.layer_pattern='MM', not the command line's "
+                            "'BB' (an entry's keys win; suite=none trains the recipe alone)\n")
+    assert "model    BB " in captured.out and "model    MM " in captured.out  # first takes the override, second not
+    assert cli.main(["train", str(recipe), "model.layer_pattern=MM", "train.steps=1", "--output-dir", out,
+                     "--dry-run"]) == 0
+    assert capsys.readouterr().err == ""  # the same value, or a key no entry sets: nothing to note
 
 
 def test_a_suite_whose_recipe_changed_is_refused_before_any_run_starts(capsys, tmp_path):

@@ -370,6 +370,12 @@ def test_local_paths_are_never_looked_up_on_the_hub(tmp_path: Path, monkeypatch:
         load_tokenizer("gpt2")
 
 
+# The hub client's download retries of a missing repository wait about a minute in all; one look-up that
+# fails takes a second on a quiet machine. The bound sits between the two, far enough from both that a
+# busy CI machine cannot cross it.
+NO_RETRIES_S = 30
+
+
 def test_a_missing_hub_tokenizer_fails_fast_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture) -> None:
     """With HF_HUB_OFFLINE a bare name that is not cached is refused by `train` at once, in one error line."""
@@ -387,12 +393,12 @@ def test_a_missing_hub_tokenizer_fails_fast_offline(tmp_path: Path, monkeypatch:
     start = time.monotonic()
     with pytest.raises(ValueError) as error:
         load_tokenizer("nosuchtok")
-    assert time.monotonic() - start < 3 and str(error.value).startswith(expected)
+    assert time.monotonic() - start < NO_RETRIES_S and str(error.value).startswith(expected)
     monkeypatch.chdir(tmp_path)
     start = time.monotonic()
     tiny = ["model.hidden_size=32", "model.intermediate_size=32", "model.num_hidden_layers=2", "model.layer_pattern=BM"]
     assert cli.main(["train", "cpu-text", "data.tokenizer=nosuchtok", *tiny, "--no-progress"]) == 2
-    assert time.monotonic() - start < 5 and capsys.readouterr().err.startswith(f"error: {expected}")
+    assert time.monotonic() - start < NO_RETRIES_S and capsys.readouterr().err.startswith(f"error: {expected}")
 
 
 def _run_with_hub(code: str, **env: str) -> subprocess.CompletedProcess:
@@ -419,7 +425,7 @@ def test_a_missing_hub_tokenizer_fails_fast_when_the_hub_cannot_be_reached(tmp_p
     assert len(lines) == 1, done.stderr[-2000:]
     for line in lines:
         seconds, message = line.split(" ", 1)
-        assert float(seconds) < 5 and message.startswith(
+        assert float(seconds) < NO_RETRIES_S and message.startswith(
             "data.tokenizer 'nosuchtok': not 'byte', not a local folder and not in the local Hugging Face cache, "
             "and the hub cannot be reached (ConnectError: "), line
 

@@ -10,8 +10,10 @@ continues from the distilled export.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
+import io
 from pathlib import Path
 
 import pytest
@@ -25,7 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from bmojo_neuron import BMojoConfig, BMojoForCausalLM
 from bmojo_neuron.checkpoints.inference import load_trained
 from bmojo_neuron.priming import prime
-from bmojo_neuron.priming.distill import LayerwiseDistillation, new_parameter_names
+from bmojo_neuron.priming.distill import LayerwiseDistillation, is_new_parameter, new_parameter_names
 from bmojo_neuron.recipes import Recipe
 from bmojo_neuron.training import train
 
@@ -188,11 +190,15 @@ def test_init_weights_errors(primed, tmp_path):
 # ------------------------------------------------------------------ tensor parallelism (gloo) and the Neuron backend
 
 
-def _tp_worker(rank: int, init_file: str, primed: str, root: str, want_losses: list[float]) -> None:
+def _tp_worker(rank: int, init_file: str, primed: str, root: str, want_losses: list[float], new_values: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        result = train(distill_recipe(Path(primed), **{"parallel.tp": 2}), Path(root) / "tp2", progress=False)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            result = train(distill_recipe(Path(primed), **{"parallel.tp": 2}), Path(root) / "tp2", progress=False)
+        if rank == 0:  # the whole model's trainable count, not this rank's shard of it
+            assert f"distilling {new_values:,} parameters" in printed.getvalue(), printed.getvalue()
         losses = [r["loss"] for r in result.metrics if r["type"] == "train"]
         torch.testing.assert_close(losses, want_losses, rtol=2e-4, atol=0)
         dist.barrier()
@@ -203,8 +209,10 @@ def _tp_worker(rank: int, init_file: str, primed: str, root: str, want_losses: l
 def test_tensor_parallel_distillation_equals_one_process(primed, distilled, tmp_path):
     """Teacher and student are sharded alike: the teacher pass reuses the student's sharded layers."""
     losses = [r["loss"] for r in distilled.metrics if r["type"] == "train"]
-    mp.start_processes(_tp_worker, args=(str(tmp_path / "init"), str(primed), str(tmp_path), losses), nprocs=2,
-                       start_method="spawn", join=True)
+    pattern = distill_recipe(primed).model_config().layer_pattern
+    new_values = sum(t.numel() for n, t in weights(primed).items() if is_new_parameter(n, pattern))
+    mp.start_processes(_tp_worker, args=(str(tmp_path / "init"), str(primed), str(tmp_path), losses, new_values),
+                       nprocs=2, start_method="spawn", join=True)
     want, got = weights(distilled.final_dir), weights(tmp_path / "tp2" / "final")
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=2e-4, atol=2e-5, msg=name)

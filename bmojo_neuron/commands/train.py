@@ -200,14 +200,17 @@ def run(args: argparse.Namespace) -> int:
     from bmojo_neuron.checkpoints.layout import has_run
     from bmojo_neuron.parallel.layout import torchrun_env
     from bmojo_neuron.preflight import check_resumable, check_run_dirs
-    from bmojo_neuron.recipes import count_parameters, load_recipe
+    from bmojo_neuron.recipes import count_parameters, load_recipe, shadowed_overrides
     from bmojo_neuron.training.suite import plan_runs
 
     recipe = load_recipe(name, overrides)
+    main = torchrun_env()[0] == 0  # under torchrun only rank 0 prints and writes summaries
+    if main:
+        for note in shadowed_overrides(recipe, overrides):
+            print(f"note: {note}", file=sys.stderr)
     if args.dry_run:
         return dry_run(recipe, name, overrides, args)
     runs = plan_runs(recipe, args.output_dir)
-    main = torchrun_env()[0] == 0  # under torchrun only rank 0 prints and writes summaries
     for variant, _ in runs:  # check every run before the first long one starts
         variant.check()
     if args.resume:

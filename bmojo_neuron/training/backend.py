@@ -79,8 +79,9 @@ class Backend(Protocol):
                metrics: dict[str, Any]) -> Path:
         """Write ``final/``, the Hugging Face export of the whole model (collective); returns its path."""
 
-    def parameter_count(self, model: nn.Module) -> int:
-        """Parameters of the whole model (every shard and stage), a tied head counted once."""
+    def parameter_count(self, model: nn.Module, which: Callable[[str], bool] | None = None) -> int:
+        """Parameters of the whole model (every shard and stage), a tied head counted once; with `which`, only
+        those whose name it accepts."""
 
     def agree_to_stop(self, requested: bool) -> bool:
         """True on every process when any asked to stop (a signal reaches ranks at different moments)."""

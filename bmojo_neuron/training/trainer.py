@@ -33,7 +33,7 @@ from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState, resume_refu
 from bmojo_neuron.data import build_datasets
 from bmojo_neuron.evaluation import LengthResult, format_length_table, plot_length
 from bmojo_neuron.fsutil import write_text_atomic
-from bmojo_neuron.priming.distill import freeze_shared
+from bmojo_neuron.priming.distill import freeze_shared, is_new_parameter
 
 from .backend import Backend, open_backend
 from .data_order import position_after
@@ -122,7 +122,9 @@ class Trainer:
         be.seed(r.run.seed)
         model = be.build_model(previous)
         if r.distill is not None:  # only the paths priming added learn; the optimizer sees only them
-            trainable = freeze_shared(model, r.model_config())
+            freeze_shared(model, r.model_config())
+            pattern = r.model_config().layer_pattern  # counted over every shard, as the header's total is
+            trainable = be.parameter_count(model, lambda name: is_new_parameter(name, pattern))
             self.say(f"distilling {trainable:,} parameters (SSMs, fading projections, innovation predictors); "
                      "the source's weights are frozen and are the teacher")
         optimizer = be.build_optimizer(model)

@@ -81,8 +81,8 @@ class LocalBackend:
         scheduler.load_state_dict(previous.scheduler)
         set_rng_states(previous.rng)
 
-    def parameter_count(self, model: nn.Module) -> int:
-        return sum(p.numel() for p in model.parameters())
+    def parameter_count(self, model: nn.Module, which: Callable[[str], bool] | None = None) -> int:
+        return sum(p.numel() for name, p in model.named_parameters() if which is None or which(name))
 
     # ------------------------------------------------------------------ a step
 

@@ -162,9 +162,10 @@ class NeuronBackend:
     def restore(self, previous: Checkpoint, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
         neuron_checkpoints.restore_training_state(model, optimizer, scheduler, previous, self.restored, self.rt)
 
-    def parameter_count(self, model: nn.Module) -> int:
+    def parameter_count(self, model: nn.Module, which: Callable[[str], bool] | None = None) -> int:
         skip = tied_names(self.recipe.model_config())
-        return sum(torch.Size(s).numel() for k, s in self.full_shapes.items() if k not in skip)
+        return sum(torch.Size(s).numel() for k, s in self.full_shapes.items()
+                   if k not in skip and (which is None or which(k)))
 
     # ------------------------------------------------------------------ a step
 

@@ -23,8 +23,9 @@ It is the `local` backend with this rank's share of the work:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -80,6 +81,15 @@ def check_parallel_recipe(recipe: Any, world: int) -> ParallelLayout:
     return layout
 
 
+def _init_process_group(backend: str, rank: int, world: int) -> None:
+    """The default process group: torchrun's rendezvous (``env://``), or, for a parallel recipe run as one
+    plain process (``parallel.zero1`` or ``sp`` at one rank, no launcher), an in-memory store of its own."""
+    if world == 1 and "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return
+    dist.init_process_group(backend, rank=rank, world_size=world)
+
+
 class TorchrunBackend(LocalBackend):
     """One rank of a parallel training run."""
 
@@ -96,7 +106,7 @@ class TorchrunBackend(LocalBackend):
         if not dist.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(self.device)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+            _init_process_group("nccl" if device.type == "cuda" else "gloo", rank, world)
         self.groups = ProcessGroups.create(self.layout)
         self.embedding_group = self._embedding_group(recipe)
         self.is_main = rank == 0
@@ -164,10 +174,11 @@ class TorchrunBackend(LocalBackend):
         self.pipeline = PipelineRunner(stage, self.groups.pp, self.p.microbatches, last)
         return stage
 
-    def parameter_count(self, model: nn.Module) -> int:
+    def parameter_count(self, model: nn.Module, which: Callable[[str], bool] | None = None) -> int:
         """Parameters of the whole model (every shard), the tied lm_head counted once."""
         skip = tied_names(self.recipe.model_config())
-        return sum(torch.Size(s).numel() for k, s in self.full_shapes.items() if k not in skip)
+        return sum(torch.Size(s).numel() for k, s in self.full_shapes.items()
+                   if k not in skip and (which is None or which(k)))
 
     def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """AdamW as in one process; with ZeRO-1 its states are partitioned over the data-parallel group."""
