@@ -58,13 +58,30 @@ def cases(work: Path) -> list[Case]:
         Case("eval of an export with a truncated weights file", ["eval", str(work / "damaged" / "final")], "damaged"),
         Case("generate from an export with a truncated weights file",
              ["generate", str(work / "damaged" / "final"), "--prompt", "ab"], "damaged"),
+        Case("an override value that is not YAML", [*train, "optim.betas=[0.9"]),
+        Case("a length multiple given twice", [*train, "eval.length_multipliers=[1,1]"]),
+        Case("an empty --output-dir", ["train", "--output-dir", ""]),
+        Case("a resume with a changed learning rate", [*train, *TINY, "optim.lr=2e-3", "--resume"], "used"),
+        Case("an unknown hub tokenizer, offline", ["train", "cpu-text", "--output-dir", str(work / "tokenizer"),
+                                                    "data.tokenizer=no-such-tokenizer", "suite=none",
+                                                    "train.steps=2"]),
+        Case("eval with zero batches", ["eval", out, "--batches", "0"], "used"),
+        Case("eval of an MQAR model on text (a larger vocabulary)", ["eval", out, "--data", "cpu-text"], "used"),
+        Case("eval into an output directory that is a file", ["eval", out, "--output-dir",
+                                                               str(work / "a-file")], "file"),
+        Case("export-transformer of a Hugging Face Llama (not B'MOJO)",
+             ["export-transformer", str(work / "llama"), str(work / "exported")], "llama"),
+        Case("prime from a Llama whose config.json does not match its weights",
+             ["prime", str(work / "llama-edited"), str(work / "primed"), "--pattern", "A"], "llama_edited"),
+        Case("a launch plan with port 99999", ["plan", "trn1/bmojo-130m", "--master-port", "99999"]),
         Case("an option that does not exist", [*train, "--bogus"]),
         Case("a Neuron recipe without the Neuron SDK", ["train", "trn1/bmojo-130m", "--output-dir", out]),
     ]
 
 
 def cli(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1"}  # as on a cluster node without a route out: nothing may wait on the hub
     return subprocess.run([sys.executable, "-m", "bmojo_neuron.cli", *argv], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 
@@ -77,10 +94,26 @@ def prepare(step: str, work: Path) -> None:
         os.chmod(work / "ro", 0o555)
     elif step == "used" and not (work / "out" / "final").exists():
         cli(["train", "--no-progress", "--output-dir", str(work / "out"), *TINY], work)
+    elif step == "file":
+        (work / "a-file").write_text("not a directory\n")
+    elif step == "llama" and not (work / "llama").exists():
+        save_tiny_llama(work / "llama")
+    elif step == "llama_edited" and not (work / "llama-edited").exists():
+        save_tiny_llama(work / "llama-edited")
+        config = work / "llama-edited" / "config.json"
+        config.write_text(config.read_text().replace('"vocab_size": 128', '"vocab_size": 200'))
     elif step == "damaged" and not (work / "damaged" / "final").exists():
         cli(["train", "--no-progress", "--output-dir", str(work / "damaged"), *TINY], work)
         weights = work / "damaged" / "final" / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:200])
+
+
+def save_tiny_llama(path: Path) -> None:
+    """A 2-layer Llama with random weights (vocabulary 128), as a user's source checkpoint."""
+    code = ("import sys, torch, transformers as t; torch.manual_seed(0); "
+            "c = t.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, "
+            "num_attention_heads=4, num_key_value_heads=2); t.LlamaForCausalLM(c).save_pretrained(sys.argv[1])")
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True, capture_output=True, timeout=300)
 
 
 def handled(done: subprocess.CompletedProcess) -> bool:
@@ -137,6 +170,9 @@ def write_doc(rows: list) -> None:
         "  `checkpoint consolidate` / `shard` of a damaged source, and `eval` of weights without a",
         "  manifest that safetensors cannot read, end in one `error:` line naming the file.",
         "- `tests/test_locking.py`: two runs on one directory, and a resume of a live run, are refused.",
+        "- `tests/test_cli.py`: a reader that closes stdout early (`bmojo-neuron cache ls --json | head -1`)",
+        "  ends any command quietly with exit status 141 (128 + SIGPIPE, what a shell reports for tools",
+        "  that SIGPIPE ends), no traceback.",
         "",
         "## Bad input",
         "",
