@@ -91,3 +91,20 @@ def test_training_devices_include_neuron():
     with pytest.raises(ValueError, match=r"^run.device must be cpu, cuda, auto or neuron, got 'tpu'$"):
         resolve_device("tpu")
     assert resolve_device("neuron").type == "xla"
+
+
+@pytest.mark.parametrize("new_ids, note", [
+    ([5, 6, 7], ""),
+    ([5, 0], "note: stopped after 2 of 3 new tokens: the model generated its end-of-sequence token\n"),
+])
+def test_generate_says_when_it_stopped_at_the_end_of_sequence_token(run, capsys, monkeypatch, new_ids, note):
+    import bmojo_neuron.generation as generation
+
+    def fake(trained, prompt, max_new_tokens, *args):
+        assert max_new_tokens == 3
+        return new_ids, "".join(chr(i) for i in new_ids)
+
+    monkeypatch.setattr(generation, "generate_text", fake)
+    assert cli.main(["generate", str(run), "--prompt", "x", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "x" + "".join(chr(i) for i in new_ids) + "\n" and err == note

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from bmojo_neuron.cli import register_command
 
@@ -43,7 +44,10 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, "--device", neuron=False)
     set_cpu_threads()
     trained = load_trained(args.path, device)
-    _, text = generate_text(trained, args.prompt, args.max_new_tokens, args.greedy, args.temperature,
-                            args.top_k, args.top_p, args.seed)
+    new, text = generate_text(trained, args.prompt, args.max_new_tokens, args.greedy, args.temperature,
+                              args.top_k, args.top_p, args.seed)
     print(args.prompt + text)
+    if len(new) < args.max_new_tokens:  # `generate` ends a sequence early only at its end-of-sequence token
+        print(f"note: stopped after {len(new)} of {args.max_new_tokens} new tokens: the model generated its "
+              "end-of-sequence token", file=sys.stderr)
     return 0
