@@ -70,6 +70,18 @@ def publish_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def unwritable_reason(path: Path) -> str | None:
+    """Why a folder could not be made or filled at `path`, checked without creating anything (a dry run, or a
+    check before long work): the nearest part of it that exists must be a folder this process may write
+    into. None when it could."""
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not a writable folder"
+    return None
+
+
 def disk_full_cause(exc: BaseException) -> OSError | None:
     """The "no space left" / "quota exceeded" OSError behind `exc`, if any.
 

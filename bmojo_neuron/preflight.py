@@ -19,7 +19,7 @@ from bmojo_neuron.checkpoints.layout import latest_intact_checkpoint
 from bmojo_neuron.checkpoints.state import read_recipe, resume_refusal
 from bmojo_neuron.compile_cache.units import format_size
 from bmojo_neuron.data.text import source_kind
-from bmojo_neuron.fsutil import DISK_FULL
+from bmojo_neuron.fsutil import DISK_FULL, unwritable_reason
 
 # Per parameter on disk: fp32 weights (4 B) and AdamW's two fp32 moments (8 B) in a checkpoint;
 # the weights again in the final export. Each also holds a few small files (config, recipe, RNG
@@ -84,9 +84,10 @@ def check_free_space(needs: list[tuple[Path, SpaceNeed]]) -> None:
 
 def describe_output(run_dir: Path, need: SpaceNeed) -> str:
     """For ``--dry-run``, which writes nothing: whether `run_dir` could be created and written, and the room."""
+    problem = unwritable_reason(run_dir)
+    if problem:
+        return f"PROBLEM: {problem}"
     existing = next(p for p in [run_dir, *run_dir.parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        return f"PROBLEM: {existing} is not a writable folder"
     free = shutil.disk_usage(existing).free
     verdict = "ok" if free >= need.total else "PROBLEM: too little"
     return f"{verdict}: {format_size(free)} free, the run writes {need.describe()}"

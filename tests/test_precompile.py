@@ -227,7 +227,7 @@ def test_bad_output_dir_fails_before_running(setup, capsys):
     a_file.write_text("")
     for output_dir, message in [
         (used, f"error: --output-dir {used} already holds a run; the trial run would refuse it"),
-        (a_file / "run", f"error: --output-dir {a_file / 'run'}: {a_file} is not a writable folder"),
+        (a_file / "run", f"error: --output-dir {a_file / 'run'}: {a_file} is a file, not a folder"),
     ]:
         for dry_run in ([], ["--dry-run"]):
             code, out, err = precompile(capsys, setup, "--output-dir", str(output_dir), *dry_run)

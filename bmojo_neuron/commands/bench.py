@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from bmojo_neuron.cli import register_command, require_nonempty
+from bmojo_neuron.fsutil import unwritable_reason
 
 SUITES = ("train-step", "scaling", "decode", "kernels")
 
@@ -138,14 +140,9 @@ def _check_output_file(option: str, path: str) -> None:
         raise ValueError(f"{option} {path}: is a folder; give a file path")
     if os.path.exists(target) and not os.access(target, os.W_OK):
         raise ValueError(f"{option} {path}: the file exists and is not writable")
-    folder = os.path.dirname(target)
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError(f"{option} {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path}: {existing} is not a writable folder")
+    problem = unwritable_reason(Path(target).parent)
+    if problem:
+        raise ValueError(f"{option} {path}: {problem}")
 
 
 def output_paths(args: argparse.Namespace) -> tuple[str, str]:

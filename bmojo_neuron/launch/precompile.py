@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 from bmojo_neuron.compile_cache.location import is_s3
 from bmojo_neuron.launch.plan import LaunchPlan, build_plan
+from bmojo_neuron.fsutil import unwritable_reason
 from bmojo_neuron.recipes import load_recipe
 
 TOOL = "neuron_parallel_compile"
@@ -138,9 +139,9 @@ def check_output_dir(run_dir: Path) -> None:
 def _check_writable_folder(option: str, path: Path) -> None:
     """`path`, or the nearest folder above it that exists, is a folder this process may write into; checked
     without creating anything (a dry run writes nothing)."""
-    existing = next(p for p in [path, *path.parents] if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{option} {path}: {existing} is not a writable folder")
+    problem = unwritable_reason(path)
+    if problem:
+        raise ValueError(f"{option} {path}: {problem}")
 
 
 def precompile_srun(recipe_name: str, overrides: Sequence[str], *, nodes: int, instance: str, steps: int,
