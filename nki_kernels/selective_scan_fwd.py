@@ -86,8 +86,10 @@ def selective_scan_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     y_out = nl.ndarray((batch, dim, length), dtype=u.dtype, buffer=nl.shared_hbm)
     last = nl.ndarray((batch, dim, n_states), dtype=nl.float32, buffer=nl.shared_hbm)
     n_tiles = (length + SEQ_TILE - 1) // SEQ_TILE
-    snaps = nl.ndarray((batch, dim, n_states * n_tiles), dtype=nl.float32, buffer=nl.shared_hbm)
-    y_pre = nl.ndarray((batch, dim, length), dtype=nl.float32, buffer=nl.shared_hbm)
+    snaps, y_pre = None, None  # outputs only when saved: an unreturned shared_hbm tensor needs a name
+    if save_for_backward:
+        snaps = nl.ndarray((batch, dim, n_states * n_tiles), dtype=nl.float32, buffer=nl.shared_hbm)
+        y_pre = nl.ndarray((batch, dim, length), dtype=nl.float32, buffer=nl.shared_hbm)
     sel = selectors(n_states, PMAX)
     for b in nl.affine_range(batch):
         for c0 in range(0, dim, PMAX):

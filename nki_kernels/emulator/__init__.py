@@ -64,6 +64,7 @@ def simulate(kernel: Callable, *args: Any, cost_only: bool = False, record_timel
         device_args = [_to_device(a, i) for i, a in enumerate(args)]
         device_kwargs = {k: _to_device(v, -1) for k, v in kwargs.items()}
         result = func(*device_args, **device_kwargs)
+        frontend.check_io(func, tuple(device_args), device_kwargs, result, run)
         return _to_host(result), run.profile
     finally:
         core.pop_state()

@@ -18,6 +18,8 @@ MAX_AVAILABLE_SBUF_SIZE, written for the 224 KiB partitions of NeuronCore-v3). P
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +152,9 @@ class RunState:
         self.live = {SBUF: 0, PSUM: 0}
         self.next_alloc = 0
         self.reduce_regs = np.zeros((PMAX, 1), np.float32)  # Scalar-engine accumulation registers
+        # shared_hbm tensors allocated without a name, with the kernel line that made them: one that
+        # is not a kernel output needs a name (checked when the kernel returns, frontend.check_outputs)
+        self.unnamed_shared_hbm: list[tuple["_Allocation", str, int]] = []
 
     def issue(self, engine: str, instr: str, cycles: float, reads: tuple["NkiTensor", ...],
               writes: tuple["NkiTensor", ...], useful: float = 0.0, overhead: float = ACCESS_OVERHEAD) -> None:
@@ -505,7 +510,21 @@ def allocate(shape: tuple[int, ...] | list[int], dtype: Any, buffer: str | None,
     data = np.empty(shape, dtype=dt)
     if run.compute:
         data.fill(_fill_value(dt) if isinstance(fill, str) else fill)
-    return NkiTensor(_Allocation(data, buffer, name, charge), data)
+    alloc = _Allocation(data, buffer, name, charge)
+    if buffer == SHARED_HBM and not name:
+        run.unnamed_shared_hbm.append((alloc, *kernel_site()))
+    return NkiTensor(alloc, data)
+
+
+_EMULATOR_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def kernel_site() -> tuple[str, int]:
+    """(file, line) of the innermost caller outside the emulator: the kernel line being run."""
+    frame = sys._getframe(1)
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _EMULATOR_DIR:
+        frame = frame.f_back
+    return (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("<kernel>", 0)
 
 
 def _check_on_chip_alloc(instr: str, shape: tuple[int, ...], dt: np.dtype, buffer: str, per_partition: int) -> None:
@@ -542,5 +561,5 @@ def ceil_div(a: int, b: int) -> int:
 
 __all__ = [
     "BFLOAT16", "DynSlice", "NKIRuleError", "NkiTensor", "Profile", "RunState", "allocate", "as_dtype",
-    "ceil_div", "is_float", "rule_error", "state", "wrap_hbm",
+    "ceil_div", "is_float", "kernel_site", "rule_error", "state", "wrap_hbm",
 ]

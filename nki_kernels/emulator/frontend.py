@@ -22,6 +22,9 @@ source and the source of every Python function and class it reaches, and
     on sub-kernels");
   - using the value of a `nki.isa` instruction: 0.2 instructions write `dst` and
     return nothing (migration guide, "All ISA functions require a destination parameter");
+  - binary operators other than == and != on enumeration values (language guide,
+    "Enumerations");
+* warns, as the 0.2 compiler's tracing does, about keyword-only arguments;
 * warns (`NKILanguageWarning`) about Python constructs and builtins that no AWS NKI 0.2
   kernel uses (the kernels of aws-neuron/nki-library 0759719 and the 0.2 examples at
   aws-neuron-sdk 3c46990d): lambdas, sets, `del`, dict and generator comprehensions,
@@ -29,7 +32,9 @@ source and the source of every Python function and class it reaches, and
   outside the set those kernels call. Our kernels use none of them.
 
 Nested slicing (also on the migration guide's list) is a property of values, not of
-syntax: `core.NkiTensor` rejects it when the kernel runs.
+syntax: `core.NkiTensor` rejects it when the kernel runs. So are the rules on what a
+kernel takes and returns (HBM tensors; an unreturned `shared_hbm` tensor needs a name):
+`check_io` applies them when the kernel returns.
 """
 
 from __future__ import annotations
@@ -66,6 +71,14 @@ JIT_SUBKERNEL = "functions called from a kernel must not be decorated with nki.j
 RESULT_USED = ("nki.isa instructions return nothing in NKI 0.2: the result goes to dst= "
                "(migration guide, All ISA functions require a destination parameter)")
 UNUSED_BY_AWS = "used by no AWS NKI 0.2 kernel"
+ENUM_OPS = ("enumeration values support == and != only: no other binary operator "
+            "(language guide, Enumerations)")
+KEYWORD_ONLY = ("keyword-only arguments are not supported in NKI (the 0.2 compiler's tracing warning, "
+                "quickstart-implement-run-kernel.rst, Confirmation)")
+KERNEL_IO = ("the input and output parameters of a NKI kernel must be HBM tensor references "
+             "(memory-hierarchy-overview.rst, device memory)")
+SHARED_HBM_NAME = ("a shared_hbm tensor that is not a kernel input or output must be given a name "
+                   "(nki.language stub, ndarray: name)")
 
 _REMOVED = {
     "load": "use nisa.dma_copy", "store": "use nisa.dma_copy", "arange": "use slicing or tensor.ap",
@@ -85,6 +98,9 @@ _WARN_NODES: dict[type, str] = {
 }
 if hasattr(ast, "TryStar"):
     _WARN_NODES[ast.TryStar] = "try/except*"
+# comparisons the language guide leaves to enumeration values: structural equality; `is` and `in` are
+# not operators on the values themselves
+_ENUM_COMPARE_OK = (ast.Eq, ast.NotEq, ast.Is, ast.IsNot, ast.In, ast.NotIn)
 # builtins AWS 0.2 kernels call, plus the containers and helpers the language guide names
 _BUILTINS_OK = {
     "divmod", "enumerate", "float", "getattr", "int", "isinstance", "len", "list", "map", "max", "min", "print",
@@ -137,6 +153,52 @@ def check_kernel(kernel: Callable, args: tuple = (), kwargs: dict | None = None)
     for f in found:
         warnings.warn(NKILanguageWarning(str(f)), stacklevel=3)
     return found
+
+
+def check_io(kernel: Callable, args: tuple, kwargs: dict, result: Any, run: Any) -> None:
+    """The rules on what a kernel takes and returns, checked when it returns (they are about values).
+
+    Tensors passed in and returned must be in HBM (tuples and lists of outputs are walked; `None`
+    is let through); a `shared_hbm` tensor the kernel made without a name must be one of its
+    outputs. Raises `NKILanguageError` naming the kernel (or allocation) line.
+    """
+    from .core import HBM_BUFFERS, NkiTensor
+
+    path = inspect.getsourcefile(kernel) or "<kernel>"
+    try:
+        line = inspect.getsourcelines(kernel)[1]
+    except (OSError, TypeError):
+        line = 0
+    errors = [Finding(path, line, KERNEL_IO, f"argument {name} is a tensor in {value.buffer}", True)
+              for name, value in _named_args(kernel, args, kwargs)
+              if isinstance(value, NkiTensor) and value.buffer not in HBM_BUFFERS]
+    returned: set[int] = set()
+    for where, value in _outputs(result, "return value"):
+        if isinstance(value, NkiTensor) and value.buffer in HBM_BUFFERS:
+            returned.add(id(value._alloc))
+        elif value is not None:
+            what = f"a tensor in {value.buffer}" if isinstance(value, NkiTensor) else f"a {type(value).__name__}"
+            errors.append(Finding(path, line, KERNEL_IO, f"{where} is {what}", True))
+    for alloc, site_path, site_line in run.unnamed_shared_hbm:
+        if id(alloc) not in returned:
+            shape = tuple(alloc.data.shape)
+            errors.append(Finding(site_path, site_line, SHARED_HBM_NAME,
+                                  f"nl.ndarray({shape}, buffer=nl.shared_hbm) is not returned", True))
+    if errors:
+        head = "".join(f"\n  {f}" for f in errors)
+        raise NKILanguageError(str(errors[0]) if len(errors) == 1 else f"{len(errors)} NKI language errors:{head}")
+
+
+def _named_args(kernel: Callable, args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
+    names = list(inspect.signature(kernel).parameters)
+    return [*((names[i] if i < len(names) else str(i), a) for i, a in enumerate(args)), *kwargs.items()]
+
+
+def _outputs(value: Any, where: str) -> list[tuple[str, Any]]:
+    """The leaves of a kernel's return value, each with where it sits (`return value[1]`)."""
+    if isinstance(value, (tuple, list)):
+        return [leaf for i, v in enumerate(value) for leaf in _outputs(v, f"{where}[{i}]")]
+    return [(where, value)]
 
 
 def _emulator_or_nki(obj: Any) -> bool:
@@ -341,6 +403,9 @@ class _FunctionWalker(ast.NodeVisitor):
     # -------------------------------------------------------------- entry points
     def walk(self, node: ast.FunctionDef) -> None:
         args = node.args
+        if args.kwonlyargs:
+            self.add(node, KEYWORD_ONLY, f"def {node.name}(..., *, {', '.join(a.arg for a in args.kwonlyargs)})",
+                     error=False)
         for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]:
             t = _annotation_type(a.annotation)
             self.types[a.arg] = t
@@ -464,7 +529,18 @@ class _FunctionWalker(ast.NodeVisitor):
             self._dict_subscript(node)
         self.generic_visit(node)
 
+    def visit_BinOp(self, node: ast.BinOp) -> None:
+        for side in (node.left, node.right):
+            if self._enum_value(side):
+                self.add(node, ENUM_OPS, f"{type(node.op).__name__} on {ast.unparse(side)}")
+        self.generic_visit(node)
+
     def visit_Compare(self, node: ast.Compare) -> None:
+        left = node.left
+        for op, right in zip(node.ops, node.comparators):
+            if not isinstance(op, _ENUM_COMPARE_OK) and (self._enum_value(left) or self._enum_value(right)):
+                self.add(node, ENUM_OPS, f"{type(op).__name__} between {ast.unparse(left)} and {ast.unparse(right)}")
+            left = right
         for op, right in zip(node.ops, node.comparators):
             if isinstance(op, (ast.In, ast.NotIn)) and self._is_dict(right):
                 t = self.type_of(node.left)
@@ -473,6 +549,15 @@ class _FunctionWalker(ast.NodeVisitor):
         self.generic_visit(node)
 
     # -------------------------------------------------------------- rule helpers
+    def _enum_value(self, node: ast.AST) -> bool:
+        """An enumeration member (`E.x`), or a name annotated with an Enum class (`e: E`)."""
+        if isinstance(self.resolve(node), enum.Enum):
+            return True
+        if isinstance(node, ast.Name) and isinstance(self.types.get(node.id), str):
+            cls = self.globals.get(self.types[node.id])
+            return isinstance(cls, type) and issubclass(cls, enum.Enum)
+        return False
+
     def _result_used(self, value: ast.AST) -> None:
         if isinstance(value, ast.Call) and _is_isa(self.resolve(value.func)):
             name = _name(value.func)
@@ -577,5 +662,6 @@ def _name(node: ast.AST) -> str:
     return "<expr>"
 
 
-__all__ = ["CLASS_BASE", "DICT_KEYS", "Finding", "JIT_SUBKERNEL", "MASK", "NKILanguageError", "NKILanguageWarning",
-           "REMOVED_API", "RESULT_USED", "UNKNOWN_API", "UNUSED_BY_AWS", "check_kernel"]
+__all__ = ["CLASS_BASE", "DICT_KEYS", "ENUM_OPS", "Finding", "JIT_SUBKERNEL", "KERNEL_IO", "KEYWORD_ONLY", "MASK",
+           "NKILanguageError", "NKILanguageWarning", "REMOVED_API", "RESULT_USED", "SHARED_HBM_NAME", "UNKNOWN_API",
+           "UNUSED_BY_AWS", "check_io", "check_kernel"]
