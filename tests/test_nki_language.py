@@ -356,3 +356,32 @@ def test_keyword_only_arguments_are_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error", NKILanguageWarning)
         np.testing.assert_array_equal(nki.simulate_kernel(positional, a, rows=2), a[0:2])
+
+
+def test_device_print_takes_a_string_and_an_sbuf_or_hbm_tensor(capsys):
+    """The nl.device_print stub: print_prefix a constant string; the tensor in SBUF or HBM."""
+
+    def from_psum(a):
+        acc = nl.ndarray((4, 4), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=acc, stationary=load(a), moving=load(a))
+        nl.device_print("acc", acc)
+        return copy_kernel(a)
+
+    with pytest.raises(NKIRuleError, match=r"nl.device_print: the tensor must be in SBUF or HBM"):
+        run(from_psum, rand(4, 4))
+
+    def number_prefix(a):
+        nl.device_print(1, a)
+        return copy_kernel(a)
+
+    with pytest.raises(NKIRuleError, match=r"print_prefix must be a constant string \(nki.language stub\) "
+                                           r"\(got int\)"):
+        run(number_prefix, rand(4, 4))
+
+    def from_sbuf(a):
+        nl.device_print("tile", load(a))
+        return copy_kernel(a)
+
+    a = np.ones((2, 2), np.float32)
+    run(from_sbuf, a)
+    assert capsys.readouterr().out.startswith("tile [[1. 1.]")

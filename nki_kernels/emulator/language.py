@@ -122,6 +122,14 @@ def program_ndim():
 
 
 def device_print(print_prefix, tensor):
+    """Print `tensor` after `print_prefix`. The 0.2.0 stub: the prefix is a string constant
+    evaluated at trace time, and the tensor is in SBUF or HBM (not PSUM)."""
+    if not isinstance(print_prefix, str):
+        raise core.rule_error("nl.device_print", "print_prefix must be a constant string (nki.language stub)",
+                              f"got {type(print_prefix).__name__}")
+    if tensor.buffer == core.PSUM:
+        raise core.rule_error("nl.device_print", "the tensor must be in SBUF or HBM (nki.language stub)",
+                              f"{tensor!r}")
     print(print_prefix, tensor.numpy())
 
 
