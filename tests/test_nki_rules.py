@@ -869,3 +869,22 @@ def test_iota_offsets_are_int32():
         return store(t)
 
     np.testing.assert_array_equal(run(ramp), np.arange(4)[None, :] - 3 + 10 * np.arange(4)[:, None])
+
+
+def test_affine_select_compares():
+    """[isa] affine_select: "cmp_op: comparison operator to use for predicate evaluation"."""
+    def subtract_predicate(a):
+        t = load(a)
+        nisa.affine_select(dst=t, pattern=[[1, 4]], offset=0, channel_multiplier=-1, on_true_tile=t,
+                           on_false_value=0.0, cmp_op=nl.subtract)
+
+    raises(subtract_predicate, rand(4, 4), match=r"affine_select: cmp_op must be a comparison operator .*nl.subtract")
+
+    def strict_upper(a):
+        t, out = load(a), nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.affine_select(dst=out, pattern=[[1, 4]], offset=0, channel_multiplier=-1, on_true_tile=t,
+                           on_false_value=0.0, cmp_op=nl.greater)
+        return store(out)
+
+    a = rand(4, 4)
+    np.testing.assert_array_equal(run(strict_upper, a), np.triu(a, 1))

@@ -665,6 +665,10 @@ def reciprocal(dst, data, name=None):
             dst.write(1.0 / data.read())
 
 
+# the comparison rows of the [ops] ALU operator table
+_COMPARISONS = (nl.equal, nl.not_equal, nl.greater_equal, nl.greater, nl.less_equal, nl.less)
+
+
 def _int32(instr: str, name: str, value: Any) -> int:
     """[isa] iota / affine_select: offset and channel_multiplier are int32 values."""
     integral = isinstance(value, (int, np.integer)) or (
@@ -718,6 +722,9 @@ def affine_select(dst, pattern, offset=0, channel_multiplier=0, on_true_tile=Non
     _tile(instr, "on_true_tile", on_true_tile, (SBUF,))
     _same_layout(instr, ("dst", "on_true_tile"), (dst, on_true_tile))
     cmp = _op(instr, cmp_op, "alu")
+    if cmp not in _COMPARISONS:  # [isa] affine_select "cmp_op: comparison operator to use for predicate evaluation"
+        raise rule_error(instr, "cmp_op must be a comparison operator (equal, not_equal, greater_equal, greater, "
+                         "less_equal, less)", f"cmp_op={cmp!r}")
     if not isinstance(on_false_value, (int, float, np.floating)) or isinstance(on_false_value, bool):
         raise rule_error(instr, "on_false_value must be a float32 scalar", f"got {on_false_value!r}")
     values = _affine_values(instr, dst, pattern, offset, channel_multiplier)
