@@ -106,6 +106,12 @@ def test_alu_table_has_no_divide():
 
     raises(divide, rand(8, 4), rand(8, 1), match="op must be listed in the ALU operator table")
 
+    def logical_not(a):  # in the 0.2.0 nki.language stub, in neither table
+        t = load(a, nl.uint8)
+        nisa.tensor_tensor(dst=nl.ndarray(a.shape, dtype=nl.uint8), data1=t, data2=t, op=nl.logical_not)
+
+    raises(logical_not, rand(8, 4), match="tensor_tensor: op must be listed in the ALU operator table")
+
     def reciprocal_then_multiply(a, d):
         inv = nl.ndarray(d.shape, dtype=nl.float32)
         nisa.reciprocal(dst=inv, data=load(d))
@@ -664,3 +670,220 @@ def test_scalar_tensor_tensor():
                                   op1=nl.add, operand1=load(b, nl.int32))
 
     raises(bitvec, a, b, match="op0 and op1 must be arithmetic operators")
+
+
+# ----------------------------------------------------------------------------- operands, dtypes, placement
+def test_tensor_dtypes_are_nki_language_types():
+    """nki.api.shared.rst "Supported Data Types": a dtype must be a nki.language data type (no 64-bit)."""
+    def float64_tile(a):
+        t = nl.ndarray(a.shape, dtype=np.float64)
+        nisa.dma_copy(dst=t, src=a)
+
+    raises(float64_tile, rand(4, 4), match=r"nl.ndarray: dtype must be a nki.language data type .*\(dtype float64\)")
+
+    def int64_hbm():
+        nl.zeros((4, 4), dtype=np.int64, buffer=nl.shared_hbm)
+
+    raises(int64_hbm, match=r"nl.zeros: dtype must be a nki.language data type .*\(dtype int64\)")
+
+    def int64_view(a):
+        t = load(a)
+        nisa.tensor_copy(dst=nl.ndarray((4, 2), dtype=nl.float32), src=t.ap([[4, 4], [1, 2]], dtype=np.int64))
+
+    raises(int64_view, rand(4, 4), match=r"tensor.ap: dtype must be a nki.language data type")
+
+    def every_nki_dtype(a):
+        outs = []
+        for dt in (nl.bool_, nl.int8, nl.int16, nl.int32, nl.uint8, nl.uint16, nl.uint32, nl.float16,
+                   nl.float32, nl.bfloat16, nl.tfloat32, nl.float8_e4m3, nl.float8_e5m2, nl.float8_e4m3fn, np.bool_):
+            outs.append(store(load(a, dt)))
+        return tuple(outs)
+
+    a = np.abs(rand(4, 4)).round() + 1
+    for out in run(every_nki_dtype, a):
+        np.testing.assert_array_equal(out.astype(np.float32), a.astype(out.dtype).astype(np.float32))
+
+
+@pytest.mark.parametrize("op", [nl.abs, nl.rsqrt, nl.reciprocal])
+def test_elementwise_tensor_ops_need_binary_operators(op):
+    """[isa] tensor_tensor "Any supported *binary* operator", tensor_tensor_scan "a binary arithmetic math
+    operator", scalar_tensor_tensor op1 as tensor_tensor's op: the one-input ALU operators are refused."""
+    def tt(a):
+        t = load(a)
+        nisa.tensor_tensor(dst=nl.ndarray(a.shape, dtype=nl.float32), data1=t, data2=t, op=op)
+
+    raises(tt, rand(4, 4), match=f"tensor_tensor: op must be a binary operator; nl.{op.name} takes one input")
+
+    def scan(a):
+        t = load(a)
+        nisa.tensor_tensor_scan(dst=nl.ndarray(a.shape, dtype=nl.float32), data0=t, data1=t, initial=0.0,
+                                op0=op, op1=nl.add)
+
+    raises(scan, rand(4, 4), match=f"tensor_tensor_scan: op0 must be a binary operator; nl.{op.name}")
+
+    def stt(a):
+        t = load(a)
+        nisa.scalar_tensor_tensor(dst=nl.ndarray(a.shape, dtype=nl.float32), data=t, op0=nl.add, operand0=1.0,
+                                  op1=op, operand1=t)
+
+    raises(stt, rand(4, 4), match=f"scalar_tensor_tensor: op1 must be a binary operator; nl.{op.name}")
+
+    def unary_in_tensor_scalar(a):  # tensor_scalar takes them (the [ops] rsqrt example passes operand0=0.0)
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_scalar(dst=out, data=load(a), op0=op, operand0=0.0)
+        return store(out)
+
+    a = np.abs(rand(4, 4)) + 0.5
+    expected = {"abs": np.abs(a), "rsqrt": 1 / np.sqrt(a), "reciprocal": 1 / a}[op.name]
+    np.testing.assert_allclose(run(unary_in_tensor_scalar, a), expected, rtol=1e-6)
+
+
+def test_binary_operators_in_tensor_tensor_and_scan():
+    def tt_and_scan(a, b):
+        x, y = load(a), load(b)
+        prod = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_tensor(dst=prod, data1=x, data2=y, op=nl.subtract)
+        scan = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.tensor_tensor_scan(dst=scan, data0=x, data1=y, initial=1.0, op0=nl.multiply, op1=nl.add)
+        return store(prod), store(scan)
+
+    a, b = rand(4, 6), rand(4, 6)
+    prod, scan = run(tt_and_scan, a, b)
+    np.testing.assert_allclose(prod, a - b, rtol=1e-6)
+    ref, prev = np.empty_like(a), np.ones(4, np.float32)
+    for i in range(6):
+        prev = a[:, i] * prev + b[:, i]
+        ref[:, i] = prev
+    np.testing.assert_allclose(scan, ref, rtol=1e-5)
+
+
+def test_dma_hardware_dge_needs_v3():
+    """[isa] dma_copy: "Hardware based DGE is only supported for NeuronCore-v3 or newer"."""
+    def hwdge(a):
+        nisa.dma_copy(dst=nl.ndarray(a.shape, dtype=nl.float32), src=a, dge_mode=nisa.dge_mode.hwdge)
+
+    raises(hwdge, rand(4, 4), match="dma_copy: dge_mode=hwdge .hardware DGE. needs NeuronCore-v3 or newer")
+
+    def swdge(a):
+        t = nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.dma_copy(dst=t, src=a, dge_mode=nisa.dge_mode.swdge)
+        return store(t)
+
+    a = rand(4, 4)
+    np.testing.assert_array_equal(run(swdge, a), a)
+
+
+def test_psum_address_starts_a_bank():
+    """nki-migration-guide.rst: "The allocation for PSUM tensors must start at the beginning of each bank"."""
+    def mid_bank():
+        nl.ndarray((128, 256), dtype=nl.float32, buffer=nl.psum, address=(0, 1024))
+
+    raises(mid_bank, match=r"nl.ndarray: a PSUM address must start a bank .* \(address=\(0, 1024\)")
+
+    def bank_three(a):
+        p = nl.ndarray((4, 4), dtype=nl.float32, buffer=nl.psum, address=(0, 3 * 2048))
+        nisa.tensor_copy(dst=p, src=load(a))
+        out = nl.ndarray((4, 4), dtype=nl.float32, address=(0, 100))  # SBUF addresses need no bank
+        nisa.tensor_copy(dst=out, src=p)
+        return store(out)
+
+    a = rand(4, 4)
+    np.testing.assert_array_equal(run(bank_three, a), a)
+
+
+def test_memset_value_is_a_constant():
+    """[isa] memset fills dst with "a compile-time constant value"."""
+    def tile_value(a):
+        t = load(a)
+        nisa.memset(dst=nl.ndarray(a.shape, dtype=nl.float32), value=t[:, 0:1])
+
+    raises(tile_value, rand(4, 4), match="memset: value must be a compile-time constant")
+
+    def constant(a):
+        t = nl.ndarray(a.shape, dtype=nl.int32)
+        nisa.memset(dst=t, value=7)
+        return store(t)
+
+    np.testing.assert_array_equal(run(constant, rand(4, 4)), np.full((4, 4), 7, np.int32))
+
+
+def test_activation_has_no_load_reduce():
+    """[isa] activation documents reduce_cmd reset / idle / reduce / reset_reduce; load_reduce has no value
+    to load there."""
+    def load_reduce(a):
+        nisa.activation(dst=nl.ndarray(a.shape, dtype=nl.float32), op=nl.copy, data=load(a), reduce_op=nl.add,
+                        reduce_cmd=nisa.reduce_cmd.load_reduce)
+
+    raises(load_reduce, rand(4, 4), match="activation: reduce_cmd=load_reduce is not documented for activation")
+
+    def two_steps(a, b):
+        out = nl.ndarray(a.shape, dtype=nl.float32)
+        res = nl.ndarray((a.shape[0], 1), dtype=nl.float32)
+        nisa.activation(dst=out, op=nl.copy, data=load(a), reduce_op=nl.add, reduce_cmd=nisa.reduce_cmd.reset_reduce)
+        nisa.activation(dst=out, op=nl.copy, data=load(b), reduce_op=nl.add, reduce_cmd=nisa.reduce_cmd.reduce,
+                        reduce_res=res)
+        return store(res)
+
+    a, b = rand(4, 4), rand(4, 4)
+    np.testing.assert_allclose(run(two_steps, a, b)[:, 0], a.sum(1) + b.sum(1), rtol=1e-5, atol=1e-6)
+
+
+def test_activation_reduce_adds_on_v2():
+    """[isa] activation_reduce: "On NeuronCore-v2, the reduce_op must be nl.add" (None is not nl.add)."""
+    def no_reduce_op(a):
+        res = nl.ndarray((a.shape[0], 1), dtype=nl.float32)
+        nisa.activation_reduce(dst=nl.ndarray(a.shape, dtype=nl.float32), op=nl.exp, data=load(a), reduce_op=None,
+                               reduce_res=res)
+
+    raises(no_reduce_op, rand(4, 4),
+           match=r"activation_reduce: reduce_op must be nl.add on NeuronCore-v2 \(reduce_op=None\)")
+
+    def summed(a):
+        res = nl.ndarray((a.shape[0], 1), dtype=nl.float32)
+        nisa.activation_reduce(dst=nl.ndarray(a.shape, dtype=nl.float32), op=nl.exp, data=load(a), reduce_op=nl.add,
+                               reduce_res=res)
+        return store(res)
+
+    a = rand(4, 4)
+    np.testing.assert_allclose(run(summed, a)[:, 0], np.exp(a).sum(1), rtol=1e-5)
+
+
+def test_iota_offsets_are_int32():
+    """[isa] iota / affine_select: "an int32 offset value", "an int32 multiplier"."""
+    def half_offset():
+        nisa.iota(dst=nl.ndarray((4, 4), dtype=nl.int32), pattern=[[1, 4]], offset=0.5)
+
+    raises(half_offset, match=r"iota: offset must be an int32 value \(offset=0.5\)")
+
+    def huge_multiplier(a):
+        t = load(a)
+        nisa.affine_select(dst=t, pattern=[[1, 4]], offset=0, channel_multiplier=2 ** 31, on_true_tile=t,
+                           on_false_value=0.0)
+
+    raises(huge_multiplier, rand(4, 4), match="affine_select: channel_multiplier must be an int32 value")
+
+    def ramp():
+        t = nl.ndarray((4, 4), dtype=nl.int32)
+        nisa.iota(dst=t, pattern=[[1, 4]], offset=-3, channel_multiplier=10)
+        return store(t)
+
+    np.testing.assert_array_equal(run(ramp), np.arange(4)[None, :] - 3 + 10 * np.arange(4)[:, None])
+
+
+def test_affine_select_compares():
+    """[isa] affine_select: "cmp_op: comparison operator to use for predicate evaluation"."""
+    def subtract_predicate(a):
+        t = load(a)
+        nisa.affine_select(dst=t, pattern=[[1, 4]], offset=0, channel_multiplier=-1, on_true_tile=t,
+                           on_false_value=0.0, cmp_op=nl.subtract)
+
+    raises(subtract_predicate, rand(4, 4), match=r"affine_select: cmp_op must be a comparison operator .*nl.subtract")
+
+    def strict_upper(a):
+        t, out = load(a), nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.affine_select(dst=out, pattern=[[1, 4]], offset=0, channel_multiplier=-1, on_true_tile=t,
+                           on_false_value=0.0, cmp_op=nl.greater)
+        return store(out)
+
+    a = rand(4, 4)
+    np.testing.assert_array_equal(run(strict_upper, a), np.triu(a, 1))

@@ -252,7 +252,27 @@ def as_dtype(dtype: Any) -> np.dtype:
                  "float8_e4m3": np.dtype(ml_dtypes.float8_e4m3), "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
                  "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn)}
         return named.get(dtype) or np.dtype(dtype)
-    return np.dtype(dtype)
+    dt = np.dtype(dtype)
+    return np.dtype(np.uint8) if dt == np.bool_ else dt  # nl.bool_ is "boolean stored as uint8"
+
+
+# nki.api.shared.rst "Supported Data Types": a tensor's `dtype` "must be a nki.language data
+# type" (the integer types up to 32 bits, float8_e4m3/e5m2, float16, bfloat16, tfloat32 (stored
+# as float32 here), float32, bool (stored as uint8, NumPy's bool too)); the 0.2.0 language stub
+# adds float8_e4m3fn. No 64-bit or complex type is among them.
+NKI_DTYPES = frozenset(np.dtype(d) for d in (
+    np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.float16, np.float32,
+    ml_dtypes.bfloat16, ml_dtypes.float8_e4m3, ml_dtypes.float8_e5m2, ml_dtypes.float8_e4m3fn))
+
+
+def nki_dtype(instr: str, dtype: Any) -> np.dtype:
+    """`as_dtype`, refusing what is not a nki.language data type (float64, int64, ...)."""
+    dt = as_dtype(dtype)
+    if dt not in NKI_DTYPES:
+        raise rule_error(instr, "dtype must be a nki.language data type (nki.api.shared.rst 'Supported Data "
+                         "Types': int8/16/32, uint8/16/32, float8_e4m3/e5m2, float16, bfloat16, tfloat32, "
+                         "float32, bool)", f"dtype {dt}")
+    return dt
 
 
 def is_float(dtype: np.dtype) -> bool:
@@ -397,7 +417,7 @@ class NkiTensor:
         dims = [(int(step), int(num)) for step, num in pattern]
         if not dims:
             raise rule_error(instr, "pattern needs at least one [step, num] pair", f"pattern={pattern}")
-        base = self._view if dtype is None else self._view.view(as_dtype(dtype))
+        base = self._view if dtype is None else self._view.view(nki_dtype(instr, dtype))
         flat_size = base.size
         free = int(np.prod(base.shape[1:], dtype=np.int64)) if base.ndim > 1 else 1
         if self.buffer in ON_CHIP and dims[0][0] != free and dims[0][1] > 1:
@@ -499,7 +519,7 @@ def allocate(shape: tuple[int, ...] | list[int], dtype: Any, buffer: str | None,
     if buffer not in ON_CHIP + HBM_BUFFERS:
         raise rule_error(instr, "unknown buffer", f"buffer={buffer!r}")
     shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
-    dt = as_dtype(dtype)
+    dt = nki_dtype(instr, dtype)
     per_partition = int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize if len(shape) > 1 else dt.itemsize
     charge = per_partition
     if buffer in ON_CHIP:
@@ -561,5 +581,5 @@ def ceil_div(a: int, b: int) -> int:
 
 __all__ = [
     "BFLOAT16", "DynSlice", "NKIRuleError", "NkiTensor", "Profile", "RunState", "allocate", "as_dtype",
-    "ceil_div", "is_float", "kernel_site", "rule_error", "state", "wrap_hbm",
+    "ceil_div", "is_float", "kernel_site", "nki_dtype", "rule_error", "state", "wrap_hbm",
 ]

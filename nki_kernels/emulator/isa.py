@@ -71,6 +71,7 @@ tensor_engine, vector_engine, scalar_engine = engine.tensor, engine.vector, engi
 gpsimd_engine, dma_engine, unknown_engine = engine.gpsimd, engine.dma, engine.unknown
 _ENGINE_ENUM = engine
 _REDUCE_CMD = reduce_cmd
+_DGE_MODE = dge_mode
 
 
 def get_nc_version():
@@ -143,6 +144,14 @@ def _not_both_psum(instr: str, a: NkiTensor, b: NkiTensor, names: tuple[str, str
                          f"{names[0]} {a.shape} and {names[1]} {b.shape} are both in psum")
 
 
+def _binary(instr: str, name: str, op: nl._Op) -> None:
+    """[isa] tensor_tensor "Any supported *binary* operator", tensor_tensor_scan "a binary arithmetic math
+    operator", scalar_tensor_tensor's op1 "= tensor_tensor(temp_result, op1, operand1)": the ALU table's
+    one-input operators (invert, rsqrt, reciprocal, abs) are not binary."""
+    if op.unary:
+        raise rule_error(instr, f"{name} must be a binary operator; {op!r} takes one input", f"{name}={op!r}")
+
+
 def _integer_tiles(instr: str, op: nl._Op, tiles: dict[str, NkiTensor]) -> None:
     """[ops] bitvec operators expect integer data types (bit patterns, no casting)."""
     if op.is_("bitvec"):
@@ -204,6 +213,8 @@ def dma_copy(dst, src, dst_rmw_op=None, oob_mode=oob_mode.error, dge_mode=dge_mo
             raise rule_error(instr, "partition dimension must be <= 128", f"{nm} {t.shape}")
     if dst.numpy().size != src.numpy().size:
         raise rule_error(instr, "src and dst must hold the same number of elements", f"dst {dst.shape}, src {src.shape}")
+    if dge_mode == _DGE_MODE.hwdge:  # [isa] dma_copy: "Hardware based DGE is only supported for NeuronCore-v3 or newer"
+        raise rule_error(instr, "dge_mode=hwdge (hardware DGE) needs NeuronCore-v3 or newer", "dge_mode=hwdge")
     if dst_rmw_op is not None and dst_rmw_op is not nl.add:  # [isa] "only nl.add is supported"
         raise rule_error(instr, "dst_rmw_op supports only nl.add", f"got {dst_rmw_op!r}")
     run = state()
@@ -251,6 +262,8 @@ def memset(dst, value, engine=engine.unknown, name=None):
     """Fill `dst` with a compile-time constant on Vector or GpSimd ([isa] memset)."""
     instr = "nisa.memset"
     _tile(instr, "dst", dst)
+    if not isinstance(value, (int, float, np.floating, np.integer)):  # [isa] "a compile-time constant value"
+        raise rule_error(instr, "value must be a compile-time constant", f"got {type(value).__name__}")
     eng = _engine(instr, engine, "vector" if dst.buffer == PSUM else "gpsimd", ("vector", "gpsimd"), (dst,))
     _issue(eng, instr, max(MIN_II, dst.free_size), (), (dst,), _lanes(dst))
     if state().compute:
@@ -394,6 +407,7 @@ def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
     """dst = op(data1, data2) element-wise in fp32 on Vector or GpSimd ([isa] tensor_tensor)."""
     instr = "nisa.tensor_tensor"
     op = _op(instr, op, "alu")
+    _binary(instr, "op", op)
     for nm, t in (("dst", dst), ("data1", data1), ("data2", data2)):
         _tile(instr, nm, t)
     _same_layout(instr, ("dst", "data1", "data2"), (dst, data1, data2))
@@ -469,6 +483,7 @@ def scalar_tensor_tensor(dst, data, op0, operand0, op1, operand1, reverse0=False
     for op in (op0, op1):
         if not op.is_("arith"):
             raise rule_error(instr, "op0 and op1 must be arithmetic operators (no bitvec)", f"{op!r}")
+    _binary(instr, "op1", op1)
     for nm, t in (("dst", dst), ("data", data), ("operand1", operand1)):
         _tile(instr, nm, t)
     _same_layout(instr, ("dst", "data", "operand1"), (dst, data, operand1))
@@ -534,6 +549,9 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
         b = bias.read() if state().compute else 0.0
     if reduce_op is not None and reduce_op is not nl.add:
         raise rule_error(instr, "reduce_op must be nl.add on NeuronCore-v2", f"reduce_op={reduce_op!r}")
+    if reduce_cmd == _REDUCE_CMD.load_reduce:  # [isa] activation documents reset, idle, reduce, reset_reduce only
+        raise rule_error(instr, "reduce_cmd=load_reduce is not documented for activation (it takes no value to "
+                         "load) and is not emulated", "reduce_cmd=load_reduce")
     if reduce_res is not None:
         _tile(instr, "reduce_res", reduce_res)
         if reduce_res.partitions != data.partitions or reduce_res.free_size != 1:
@@ -561,6 +579,9 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
 
 def activation_reduce(dst, op, data, reduce_op, reduce_res, bias=None, scale=1.0, name=None):
     """`activation` with reduce_cmd=reset_reduce and reduce_res ([isa] activation_reduce)."""
+    if reduce_op is not nl.add:  # [isa] activation_reduce: "On NeuronCore-v2, the reduce_op must be nl.add"
+        raise rule_error("nisa.activation_reduce", "reduce_op must be nl.add on NeuronCore-v2",
+                         f"reduce_op={reduce_op!r}")
     activation(dst=dst, op=op, data=data, bias=bias, scale=scale, reduce_op=reduce_op, reduce_res=reduce_res,
                reduce_cmd=_REDUCE_CMD.reset_reduce)
 
@@ -608,6 +629,8 @@ def tensor_tensor_scan(dst, data0, data1, initial, op0, op1, reverse0=False, rev
     for op in (op0, op1):
         if not op.is_("arith"):
             raise rule_error(instr, "op0 and op1 must be arithmetic operators", f"{op!r}")
+    _binary(instr, "op0", op0)
+    _binary(instr, "op1", op1)
     for nm, t in (("dst", dst), ("data0", data0), ("data1", data1)):
         _tile(instr, nm, t)
     _same_layout(instr, ("dst", "data0", "data1"), (dst, data0, data1))
@@ -642,7 +665,22 @@ def reciprocal(dst, data, name=None):
             dst.write(1.0 / data.read())
 
 
+# the comparison rows of the [ops] ALU operator table
+_COMPARISONS = (nl.equal, nl.not_equal, nl.greater_equal, nl.greater, nl.less_equal, nl.less)
+
+
+def _int32(instr: str, name: str, value: Any) -> int:
+    """[isa] iota / affine_select: offset and channel_multiplier are int32 values."""
+    integral = isinstance(value, (int, np.integer)) or (
+        isinstance(value, (float, np.floating)) and float(value).is_integer())
+    if isinstance(value, bool) or not integral or not -2 ** 31 <= int(value) < 2 ** 31:
+        raise rule_error(instr, f"{name} must be an int32 value", f"{name}={value!r}")
+    return int(value)
+
+
 def _affine_values(instr: str, dst: NkiTensor, pattern: Any, offset: int, channel_multiplier: int) -> np.ndarray:
+    offset = _int32(instr, "offset", offset)
+    channel_multiplier = _int32(instr, "channel_multiplier", channel_multiplier)
     dims = [list(map(int, d)) for d in pattern]
     if not 1 <= len(dims) <= 4:
         raise rule_error(instr, "pattern has 1 to 4 [step, num] pairs", f"pattern={pattern}")
@@ -684,6 +722,9 @@ def affine_select(dst, pattern, offset=0, channel_multiplier=0, on_true_tile=Non
     _tile(instr, "on_true_tile", on_true_tile, (SBUF,))
     _same_layout(instr, ("dst", "on_true_tile"), (dst, on_true_tile))
     cmp = _op(instr, cmp_op, "alu")
+    if cmp not in _COMPARISONS:  # [isa] affine_select "cmp_op: comparison operator to use for predicate evaluation"
+        raise rule_error(instr, "cmp_op must be a comparison operator (equal, not_equal, greater_equal, greater, "
+                         "less_equal, less)", f"cmp_op={cmp!r}")
     if not isinstance(on_false_value, (int, float, np.floating)) or isinstance(on_false_value, bool):
         raise rule_error(instr, "on_false_value must be a float32 scalar", f"got {on_false_value!r}")
     values = _affine_values(instr, dst, pattern, offset, channel_multiplier)

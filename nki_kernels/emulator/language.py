@@ -76,9 +76,14 @@ class tile_size(NKIObject):  # noqa: N801 - NKI's name
 def ndarray(shape, dtype, buffer=None, name="", address=None):
     """New tensor in `buffer` (default sbuf), filled with NaN so uninitialised reads show.
 
-    `address` (the migration guide's manual placement) is accepted and ignored: the
-    emulator allocates every tensor separately.
+    `address` (the migration guide's manual placement, (partition, byte offset)) is
+    otherwise ignored: the emulator allocates every tensor separately. A PSUM address
+    must start a bank (nki-migration-guide.rst: "The allocation for PSUM tensors must start
+    at the beginning of each bank - the compiler will throw an error otherwise").
     """
+    if address is not None and buffer == psum and int(address[1]) % core.PSUM_BANK_BYTES:
+        raise core.rule_error("nl.ndarray", f"a PSUM address must start a bank (a multiple of "
+                              f"{core.PSUM_BANK_BYTES} bytes)", f"address={tuple(address)}, shape {tuple(shape)}")
     return allocate(shape, dtype, buffer, name, fill="nan", instr="nl.ndarray")
 
 
@@ -266,6 +271,7 @@ abs = _arith("abs", lambda a, b=None: np.abs(a), unary=True, act=np.abs)  # noqa
 power = _arith("power", np.power)
 # in nki.language but in neither table: no instruction accepts it as op=
 divide = _Op("divide", _f32(np.divide), ())
+logical_not = _Op("logical_not", _f32(lambda a: np.asarray(a) == 0), ())
 
 # activation-function table ("Supported Activation Functions for NKI ISA") with valid input ranges
 copy = _act("copy", lambda x: x)
