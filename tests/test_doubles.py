@@ -10,7 +10,9 @@ is checked against them.
 
 Then what the doubles model where the real code is less kind than a plain stand-in:
 NxD's in-place loss, torch-xla's reentrant checkpoint, ZeRO-1's gradient hooks,
-``num_partitions``, the graph-extraction run, and graphs that differ between ranks.
+``num_partitions``, the graph-extraction run, graphs that differ between ranks, and
+torch-xla 2.9's deprecated and removed ``xla_model`` functions, ``rendezvous``'s
+payload and ``all_reduce`` with one replica.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.nn.init as init
-from doubles import mpmd, nxd_api
+from doubles import mpmd, neuron_sdk, nxd_api
 from doubles.env import Env, XlaLog, fake_module
 from doubles.nxd_runtime import nxd_modules
 from doubles.xla import xla_modules
@@ -270,6 +272,77 @@ def test_a_keyword_the_real_library_does_not_take_fails():
 # ---------------------------------------------------------------------------------------- behaviour
 
 
+def test_deprecated_xla_model_functions_warn_and_record_bmojo_callers():
+    """torch-xla 2.9 wraps ``xm.mark_step`` / ``xm.xla_device`` in ``@deprecated("Use torch_xla.sync instead")``
+    / ``("Use torch_xla.device instead")`` (torch_xla/core/xla_model.py); the Neuron 2.9 guide calls them
+    end-of-support warnings. Calls from tests are not recorded, only bmojo_neuron's."""
+    env = Env(XlaLog())
+    modules = xla_modules(env)
+    xm, torch_xla = modules["torch_xla.core.xla_model"], modules["torch_xla"]
+    with pytest.warns(DeprecationWarning, match="^Use torch_xla.sync instead$") as caught:
+        xm.mark_step()
+    assert caught[0].filename == __file__  # attributed to the caller, as typing_extensions.deprecated does
+    with pytest.warns(DeprecationWarning, match="^Use torch_xla.device instead$"):
+        assert xm.xla_device() == torch_xla.device()
+    assert env.log.deprecated == [] and len(env.log.syncs) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch_xla.sync()  # the replacements do not warn
+    assert len(env.log.syncs) == 2
+
+
+def test_functions_torch_xla_removed_are_absent():
+    """``xm.xrt_world_size`` / ``xm.get_ordinal`` are gone since torch-xla 2.7 (AttributeError; the Neuron
+    2.9 guide's known issues): ``torch_xla.runtime.world_size`` / ``global_ordinal`` replace them."""
+    modules = _doubles()
+    xm, runtime = modules["torch_xla.core.xla_model"], modules["torch_xla.runtime"]
+    for name in ("xrt_world_size", "get_ordinal"):
+        with pytest.raises(AttributeError):
+            getattr(xm, name)
+    assert (runtime.world_size(), runtime.global_ordinal()) == (1, 0)
+
+
+def test_rendezvous_takes_bytes_and_all_replicas_only():
+    """torch-xla 2.9's ``xla_rendezvous``: a non-bytes payload is a TypeError, a replica list that is not the
+    whole world a ValueError; it syncs first and returns every rank's payload."""
+    env = Env(XlaLog())
+    xm = xla_modules(env)["torch_xla.core.xla_model"]
+    with pytest.raises(TypeError, match="`payload` must be bytes, not <class 'str'>"):
+        xm.rendezvous("tag", "text")
+    with pytest.raises(ValueError, match="Only global rendezvous is supported"):
+        xm.rendezvous("tag", b"", [0, 1])
+    assert env.log.syncs == [] and env.log.rendezvous == []
+    assert xm.rendezvous("tag", b"x", [0]) == [b"x"]
+    assert env.log.rendezvous == ["tag"] and len(env.log.syncs) == 1
+
+
+def test_host_copies_inside_a_step_are_host_reads():
+    """On XLA ``.cpu()`` and ``.numpy()`` of a device tensor run the pending graph and copy its value to the
+    host, as ``.item()`` does: inside a step, each is a graph cut the step did not plan."""
+    from bmojo_neuron.ops.nki_backend import _np_in  # bmojo_neuron code that copies a tensor to the host
+
+    log = XlaLog()
+    with neuron_sdk.host_reads_in_steps(log) as reads:
+        _np_in(torch.ones(2))
+        assert reads == []  # outside a step: allowed
+        log.in_step = True
+        _np_in(torch.ones(2))
+    assert [r.split(" at ")[0] for r in reads] == ["Tensor.cpu", "Tensor.numpy"]
+    assert all(r.split(" at ")[1].startswith("nki_backend.py:") for r in reads)
+
+
+def test_all_reduce_with_one_replica_is_a_clone_without_scale():
+    """torch-xla 2.9's ``all_reduce``: with a world of one it returns ``inputs.clone()`` (a list as it is) and
+    never applies `scale`."""
+    xm = _doubles()["torch_xla.core.xla_model"]
+    x = torch.tensor([2.0, 4.0])
+    out = xm.all_reduce(xm.REDUCE_SUM, x, scale=0.5)
+    assert torch.equal(out, torch.tensor([2.0, 4.0])) and out is not x
+    tensors = [torch.tensor([1.0])]
+    assert xm.all_reduce(xm.REDUCE_SUM, tensors, scale=0.5) is tensors and tensors[0].item() == 1.0
+
+
+
 def test_parallel_cross_entropy_shifts_its_input_in_place():
     """NxD subtracts each row's max from the logits it is given; loss and gradient are the cross-entropy's."""
     loss_fn = nxd_api.parallel_layers([])[nxd_api.LOSS_FUNCTIONS].parallel_cross_entropy
@@ -364,7 +437,7 @@ def _one_rank_program(rank: int, read_on_main: bool) -> list:
         loss = xm.all_reduce(xm.REDUCE_SUM, loss, groups=[[0], [1]])  # every rank passes all the groups
         if read_on_main and rank == 0:  # a host-side decision only rank 0 makes
             utils.move_all_tensor_to_cpu(loss)
-        xm.mark_step()
+        modules["torch_xla"].sync()
     return env.log.graphs
 
 

@@ -102,6 +102,14 @@ def step_graphs(log) -> list[list[tuple]]:
     return [g[1:] for g in log.graphs if any(e[0] == "optimizer_step" or e[:2] == ("forward", "train") for e in g)]
 
 
+def test_the_run_calls_no_deprecated_torch_xla_function(neuron_run):
+    """torch-xla 2.9 deprecates ``xm.mark_step`` and ``xm.xla_device`` (a DeprecationWarning at every call):
+    the trainer cuts its graphs with ``torch_xla.sync`` and takes its device from ``torch_xla.device``."""
+    _, log, _ = neuron_run
+    assert log.deprecated == []
+    assert [s["source"] for s in log.syncs].count("code") >= STEPS  # its own syncs went through torch_xla.sync
+
+
 def test_a_graph_per_micro_batch_one_for_the_update_and_no_host_reads_inside(neuron_run):
     result, log, reads = neuron_run
     assert reads == []  # no .item() / .tolist() / float() by our code between a batch and its mark_step

@@ -3,8 +3,10 @@
 `NeuronRuntime.start` is the only place the Neuron trainer imports torch-xla and
 NeuronX Distributed (lazily, through `bmojo_neuron.neuron`, so a machine without
 them gets `NeuronUnavailableError` naming the packages). The loop then talks to
-the device through a handful of methods: `sync` (the one ``mark_step`` of a step),
-`add_step_closure`, the data-parallel collectives, `to_cpu` and `barrier`.
+the device through a handful of methods: `sync` (the one graph cut of a step),
+`add_step_closure`, the data-parallel collectives, `to_cpu` and `barrier`. The graph cut
+and the device come from ``torch_xla.sync`` / ``torch_xla.device``: torch-xla 2.9 deprecates
+``xm.mark_step`` / ``xm.xla_device`` (a ``DeprecationWarning`` at every call).
 
 The torch-xla and NxD calls used here, and the upstream sources they were read from,
 are listed in docs/trn1.md ("Sources and status").
@@ -46,6 +48,7 @@ def require_neuron_training() -> None:
 class NeuronRuntime:
     """One torchrun process on one NeuronCore."""
 
+    xla: Any  # torch_xla
     xm: Any  # torch_xla.core.xla_model
     state: Any  # neuronx_distributed.parallel_layers.parallel_state
     nxd_utils: Any  # neuronx_distributed.parallel_layers.utils
@@ -69,6 +72,7 @@ class NeuronRuntime:
                              "float64)")
         for key, value in env.items():
             os.environ.setdefault(key, value)
+        xla = import_neuron_module("torch_xla", FEATURE)
         xm = import_neuron_module("torch_xla.core.xla_model", FEATURE)
         import_neuron_module("torch_xla.distributed.xla_backend", FEATURE)  # registers the "xla" backend
         state = import_neuron_module("neuronx_distributed.parallel_layers.parallel_state", FEATURE)
@@ -81,7 +85,7 @@ class NeuronRuntime:
                 tmp = tempfile.TemporaryDirectory(prefix="bmojo-xla-pg-")
                 dist.init_process_group("xla", init_method=f"file://{tmp.name}/store", rank=0, world_size=1)
             owns = True
-        return cls(xm, state, nxd_utils, xm.xla_device(), dist.get_rank(), dist.get_world_size(), owns, tmp)
+        return cls(xla, xm, state, nxd_utils, xla.device(), dist.get_rank(), dist.get_world_size(), owns, tmp)
 
     # ------------------------------------------------------------------ NxD ranks (after NxD's init)
 
@@ -127,8 +131,8 @@ class NeuronRuntime:
     # ------------------------------------------------------------------ graph and host
 
     def sync(self) -> None:
-        """Cut and run the pending graph (``mark_step``), then run the queued step closures."""
-        self.xm.mark_step()
+        """Cut and run the pending graph (``torch_xla.sync``), then run the queued step closures."""
+        self.xla.sync()
 
     def add_step_closure(self, fn: Callable[..., None], args: tuple = ()) -> None:
         """Run ``fn(*args)`` right after the next `sync` executed the graph (its tensors are then on device)."""

@@ -49,6 +49,7 @@ class XlaLog:
     closures_run: int = 0
     violations: list[str] = field(default_factory=list)  # eval / host copies while a step was pending
     rendezvous: list[str] = field(default_factory=list)
+    deprecated: list[str] = field(default_factory=list)  # deprecated torch-xla calls made by bmojo_neuron code
     calls: dict[str, Any] = field(default_factory=dict)  # NxD calls: config kwargs, optimizer defaults ...
     rng: int = 0
     env: Any = None  # the `Env` of the doubles (set by `neuron_sdk.install`)

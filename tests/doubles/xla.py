@@ -1,11 +1,19 @@
 """A double of torch-xla 2.9 (``pytorch/xla`` v2.9.0) on the CPU, one replica per process.
 
-- ``xm.mark_step`` calls ``torch_xla.sync``, which runs the queued step closures in
-  order (`XlaLog.sync`); ``MpDeviceLoader``'s per-device iterator calls
+- ``torch_xla.sync`` runs the queued step closures in order (`XlaLog.sync`);
+  ``xm.mark_step`` and ``xm.xla_device`` are 2.9's deprecated aliases of ``torch_xla.sync``
+  and ``torch_xla.device``: each call warns (``DeprecationWarning``, as
+  ``typing_extensions.deprecated`` does) and, made by bmojo_neuron, is recorded in
+  ``XlaLog.deprecated``; ``MpDeviceLoader``'s per-device iterator calls
   ``torch_xla.sync`` before every batch it hands out (``batches_per_execution=1``);
-  ``xm.rendezvous`` syncs too, then meets the other ranks at a gloo barrier;
-- ``xm.all_reduce`` sums over this rank's group of ``groups`` (a gloo all-reduce
-  when that group has several ranks: NxD's pipeline group);
+- ``xm.rendezvous`` takes a ``bytes`` payload only (TypeError) and all replicas only
+  (ValueError), syncs, meets the other ranks and returns every rank's payload;
+- ``xm.all_reduce`` with one replica in the world returns a clone and ignores ``scale``
+  (as torch-xla 2.9 does unless ``XLA_ALWAYS_ALLREDUCE``); otherwise it sums over this
+  rank's group of ``groups`` (a gloo all-reduce when that group has several ranks: NxD's
+  pipeline group), out of place for a tensor, in place for a list of tensors;
+- the functions torch-xla 2.7 removed from ``xla_model`` (``xrt_world_size``,
+  ``get_ordinal``) are absent (AttributeError), as is everything the double does not play;
 - the ``"xla"`` process-group backend (here gloo) comes with
   ``torch_xla.distributed.xla_backend``;
 - ``torch_xla.utils.checkpoint.checkpoint`` is the reentrant checkpoint (keyword
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,7 +37,16 @@ import torch
 import torch.utils.checkpoint
 import torch.distributed as dist
 
-from .env import ON_DEVICE, PACKAGE_ROOT, Env, XlaLog, fake_module
+from .env import ON_DEVICE, PACKAGE_ROOT, Env, XlaLog, bmojo_caller, fake_module
+
+
+def _deprecated(log: XlaLog, name: str, replacement: str) -> None:
+    """What ``typing_extensions.deprecated`` does at a call of `name` in torch-xla 2.9 (a DeprecationWarning
+    at the caller), and a record in `log` when the caller is bmojo_neuron code."""
+    warnings.warn(f"Use {replacement} instead", DeprecationWarning, stacklevel=3)
+    caller = sys._getframe(2).f_code.co_filename
+    if caller.startswith(PACKAGE_ROOT):
+        log.deprecated.append(f"xm.{name} at {bmojo_caller()}")
 
 
 def xla_modules(env: Env) -> dict[str, types.ModuleType]:
@@ -42,6 +60,7 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
         log.sync("loader" if caller.co_filename == __file__ and caller.co_name == "__next__" else "code")
 
     def mark_step(wait=False, reset_scope=True):
+        _deprecated(log, "mark_step", "torch_xla.sync")
         sync(wait, reset_scope)
 
     def add_step_closure(closure, args=(), run_async=False):
@@ -49,7 +68,13 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
 
     def all_reduce(reduce_type, inputs, scale=1.0, groups=None, pin_layout=True):
         assert reduce_type == "sum", reduce_type
-        return env.reduce(inputs, groups, scale)  # one replica per group but the pipeline's
+        if world_size() == 1:  # torch-xla 2.9: a no-op with one device, `scale` not applied
+            return inputs.clone() if isinstance(inputs, torch.Tensor) else inputs
+        if isinstance(inputs, torch.Tensor):
+            return env.reduce(inputs, groups, scale)  # one replica per group but the pipeline's
+        for tensor in inputs:  # a list: reduced in place, the list itself returned
+            tensor.copy_(env.reduce(tensor, groups, scale))
+        return inputs
 
     def all_gather(value, dim=0, groups=None, output=None, pin_layout=True, channel_id=None,
                    use_global_device_ids=None):
@@ -59,6 +84,7 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
         return value.clone()  # one replica
 
     def xla_device(n=None, devkind=None):
+        _deprecated(log, "xla_device", "torch_xla.device")
         return device
 
     def get_rng_state(device=None):
@@ -71,11 +97,17 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
         return env.rank() == 0
 
     def rendezvous(tag, payload=b"", replicas=[]):
+        if replicas and len(replicas) != world_size():  # xla_rendezvous: all replicas or none named
+            raise ValueError("Only global rendezvous is supported")
+        if not isinstance(payload, bytes):
+            raise TypeError("`payload` must be bytes, not {}".format(type(payload)))
         sync()  # torch-xla 2.9's rendezvous syncs first (then exchanges payloads with collectives)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()
         log.rendezvous.append(tag)
-        return [payload]
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return [payload]
+        payloads: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(payloads, payload)  # every rank waits for all: a barrier
+        return payloads
 
     env.rendezvous = rendezvous
     xm = fake_module(
@@ -174,12 +206,13 @@ class _PerDeviceLoader:
         return on_device
 
 
-HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__")
+# Every Tensor method that hands a device value to the host: on XLA each runs the pending graph first.
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
 
 
 @contextmanager
 def host_reads_in_steps(log: XlaLog) -> Iterator[list[str]]:
-    """Record every host read of a tensor value (``.item()``, ``.tolist()``, ``float()`` ...) made by
+    """Record every host read of a tensor value (``.item()``, ``.tolist()``, ``float()``, ``.cpu()`` ...) made by
     bmojo_neuron code between a loader fetch and the step's sync: on XLA each one would run the graph early."""
     found: list[str] = []
     originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
