@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -554,6 +555,47 @@ def test_sbatch_usage_errors(tmp_path, args, extra, message):
     result = run_sbatch(args, {**env, **extra})
     assert result.returncode == 2 and message in result.stderr
     assert read_log(log) == []
+
+
+def sbatch_directives() -> dict[str, str]:
+    """The script's `#SBATCH --key[=value]` lines (the header sbatch reads) as {--key: value}."""
+    found = {}
+    for line in SBATCH.read_text().splitlines()[1:]:
+        if not line.startswith("#"):
+            break
+        if line.startswith("#SBATCH "):
+            key, _, value = line.split(None, 1)[1].partition("=")
+            found[key] = value
+    return found
+
+
+def test_sbatch_signals_the_training_ranks_before_the_time_limit():
+    """--signal without `B:` reaches every job step (the srun tasks running torchrun and the ranks),
+    with a signal the trainer stops on; `B:` would signal only this shell, which does not pass it on."""
+    from bmojo_neuron.training.signals import STOP_SIGNALS
+
+    directives = sbatch_directives()
+    match = re.fullmatch(r"(?:(?P<flags>[RB]+):)?(?P<sig>[A-Z0-9]+)@(?P<time>\d+)", directives["--signal"])
+    assert match and not match["flags"], directives["--signal"]
+    name = match["sig"] if match["sig"].isdigit() else "SIG" + match["sig"].removeprefix("SIG")
+    assert (signal.Signals(int(name)) if name.isdigit() else signal.Signals[name]) in STOP_SIGNALS
+    assert int(match["time"]) >= 60  # Slurm may send it up to 60 s early; leave a step plus a save
+
+
+def test_sbatch_is_requeueable_and_keeps_its_log():
+    """Requeued jobs rerun the script with the same job id (and resume); append keeps the first log."""
+    directives = sbatch_directives()
+    assert "--requeue" in directives and "--no-requeue" not in directives
+    assert directives["--open-mode"] == "append"
+    assert directives["--output"] == "%x-%j.out"
+
+
+def test_runbook_signal_advice_matches_the_script():
+    """docs/trn1.md never tells Slurm users to signal only the batch shell (`B:`): train.sbatch does not
+    forward signals to its srun steps."""
+    text = (ROOT / "docs" / "trn1.md").read_text()
+    assert not re.search(r"--signal=B:", text)
+    assert "--signal=TERM@300" in text
 
 
 def test_sbatch_help():
