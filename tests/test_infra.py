@@ -419,6 +419,47 @@ def test_dockerfile_builds_on_the_neuron_training_image():
         assert f"|{package}|" in runs.replace("^(", "|").replace(")==", "|"), package
 
 
+def sdk_pin_table() -> dict[str, tuple[str, bool]]:
+    """docs/trn1.md's table of the Neuron SDK 2.28 Trn1 packages (n2-manifest.json at aws-neuron-sdk
+    3c46990d): {canonical name: (version, in the `neuron` extra)}."""
+    from packaging.utils import canonicalize_name
+
+    text = (ROOT / "docs" / "trn1.md").read_text()
+    section = text.split("### The pinned Neuron stack", 1)[1].split("\n### ", 1)[0]
+    assert "n2-manifest.json" in section and "3c46990d" in section  # the table names its source
+    rows = re.findall(r"^\| ([\w-]+) \| ([\d.]+) \| (yes|no)\b", section, re.M)
+    return {canonicalize_name(name): (version, extra == "yes") for name, version, extra in rows}
+
+
+def test_the_neuron_extra_is_the_documented_sdk_2_28_stack():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    table = sdk_pin_table()
+    assert len(table) == 6
+    extra = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())
+             ["project"]["optional-dependencies"]["neuron"]]
+    pins = {canonicalize_name(r.name): str(r.specifier) for r in extra}
+    assert pins == {name: f"=={version}" for name, (version, in_extra) in table.items() if in_extra}
+
+
+def test_dockerfile_names_the_documented_versions():
+    """Every `package version` the Dockerfile's notes name is the SDK 2.28 version of the table."""
+    from packaging.utils import canonicalize_name
+
+    table = sdk_pin_table()
+    notes = " ".join(line for line in DOCKERFILE.read_text().splitlines() if line.startswith("#"))
+    named = {canonicalize_name(name): version for name, version in
+             re.findall(r"\b(torch-neuronx|neuronx-cc|neuronx_distributed(?:_training)?|nki|libneuronxla)"
+                        r"\s+(\d[\d.]*\d)", notes)}
+    assert len(named) >= 4
+    assert named == {name: table[name][0] for name in named}
+
+
 # ----------------------------------------------------------------------------- setup-venv.sh
 
 
@@ -436,6 +477,34 @@ def test_setup_venv_installs_the_neuron_extra(tmp_path):
     assert commands[-1] == [str(tmp_path / "venv" / "bin" / "bmojo-neuron"), "info"]
     code = [line for line in SETUP.read_text().splitlines() if not line.lstrip().startswith("#")]
     assert not any("torch==" in line for line in code), "never install a torch pin on Trn1"
+
+
+def fake_python(tmp_path: Path, version: tuple[int, int]) -> Path:
+    """An interpreter that runs `-c CODE` with this Python but reports `version` as sys.version_info."""
+    path = tmp_path / f"python{version[0]}.{version[1]}"
+    path.write_text(f"#!/usr/bin/env bash\n[[ $1 == -c ]] || exit 9\n"
+                    f"exec {shlex.quote(sys.executable)} -c 'import sys; sys.version_info = "
+                    f"({version[0]}, {version[1]}, 0, \"final\", 0); exec(sys.argv[1])' \"$2\"\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("version", [(3, 9), (3, 13)])
+def test_setup_venv_rejects_pythons_without_neuron_wheels(tmp_path, version):
+    """SDK 2.28's Neuron packages are built for Python 3.10-3.12 (docs/trn1.md, n2-manifest.json)."""
+    python = fake_python(tmp_path, version)
+    result = subprocess.run(["bash", str(SETUP), "--dry-run", str(tmp_path / "venv")],
+                            capture_output=True, text=True, env={**os.environ, "PYTHON": str(python)})
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"setup-venv.sh: error: {python} is Python {version[0]}.{version[1]}; the Neuron SDK 2.28 packages "
+        "need 3.10, 3.11 or 3.12 (set PYTHON)")
+
+
+def test_setup_venv_accepts_python_3_12(tmp_path):
+    result = subprocess.run(["bash", str(SETUP), "--dry-run", str(tmp_path / "venv")], capture_output=True,
+                            text=True, env={**os.environ, "PYTHON": str(fake_python(tmp_path, (3, 12)))})
+    assert result.returncode == 0, result.stderr
 
 
 def test_setup_venv_rejects_unknown_options():
