@@ -36,6 +36,7 @@ PCLUSTER = INFRA / "parallelcluster" / "trn1-cluster.yaml"
 PYTORCHJOB = INFRA / "eks" / "pytorchjob.yaml"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 CORES = 32  # NeuronCores (torchrun processes) per trn1.32xlarge
+TORCHRUN_SHUTDOWN_TIMEOUT_S = 30  # torch.distributed.elastic: SIGTERM to the ranks, SIGKILL this much later
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
@@ -260,6 +261,9 @@ def test_pytorchjob_manifest():
     for spec in specs.values():
         pod = spec["template"]["spec"]
         assert pod["nodeSelector"]["node.kubernetes.io/instance-type"] == "trn1.32xlarge"
+        # Longer than torchrun's shutdown timeout, the ranks' time to checkpoint after a SIGTERM;
+        # Kubernetes' default grace period (30 s) would SIGKILL the pod no later than torchrun does.
+        assert pod["terminationGracePeriodSeconds"] > TORCHRUN_SHUTDOWN_TIMEOUT_S
         (container,) = pod["containers"]
         assert container["name"] == "pytorch"  # the training operator's default container name
         assert {"name": "pytorchjob-port", "containerPort": 29500} in container["ports"]
@@ -275,6 +279,17 @@ def test_pytorchjob_manifest():
         env = container_env(container)
         for key in ("BMOJO_OUTPUT_DIR", "BMOJO_CACHE_DIR"):  # run dir and cache on the shared volume
             assert env[key].startswith(mounts["shared"] + "/")
+
+
+def test_torchrun_shutdown_timeout_is_the_documented_one():
+    """torchrun gives its ranks 30 s between the SIGTERM it passes on and SIGKILL (this torch's default)."""
+    import inspect
+
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    assert inspect.signature(LocalElasticAgent._shutdown).parameters["timeout"].default == \
+        TORCHRUN_SHUTDOWN_TIMEOUT_S
+    assert f"{TORCHRUN_SHUTDOWN_TIMEOUT_S} s by default" in (ROOT / "docs" / "trn1.md").read_text()
 
 
 def test_pytorchjob_env_is_the_plan_env():
