@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -35,6 +36,7 @@ PCLUSTER = INFRA / "parallelcluster" / "trn1-cluster.yaml"
 PYTORCHJOB = INFRA / "eks" / "pytorchjob.yaml"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
 CORES = 32  # NeuronCores (torchrun processes) per trn1.32xlarge
+TORCHRUN_SHUTDOWN_TIMEOUT_S = 30  # torch.distributed.elastic: SIGTERM to the ranks, SIGKILL this much later
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
@@ -259,6 +261,9 @@ def test_pytorchjob_manifest():
     for spec in specs.values():
         pod = spec["template"]["spec"]
         assert pod["nodeSelector"]["node.kubernetes.io/instance-type"] == "trn1.32xlarge"
+        # Longer than torchrun's shutdown timeout, the ranks' time to checkpoint after a SIGTERM;
+        # Kubernetes' default grace period (30 s) would SIGKILL the pod no later than torchrun does.
+        assert pod["terminationGracePeriodSeconds"] > TORCHRUN_SHUTDOWN_TIMEOUT_S
         (container,) = pod["containers"]
         assert container["name"] == "pytorch"  # the training operator's default container name
         assert {"name": "pytorchjob-port", "containerPort": 29500} in container["ports"]
@@ -274,6 +279,17 @@ def test_pytorchjob_manifest():
         env = container_env(container)
         for key in ("BMOJO_OUTPUT_DIR", "BMOJO_CACHE_DIR"):  # run dir and cache on the shared volume
             assert env[key].startswith(mounts["shared"] + "/")
+
+
+def test_torchrun_shutdown_timeout_is_the_documented_one():
+    """torchrun gives its ranks 30 s between the SIGTERM it passes on and SIGKILL (this torch's default)."""
+    import inspect
+
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    assert inspect.signature(LocalElasticAgent._shutdown).parameters["timeout"].default == \
+        TORCHRUN_SHUTDOWN_TIMEOUT_S
+    assert f"{TORCHRUN_SHUTDOWN_TIMEOUT_S} s by default" in (ROOT / "docs" / "trn1.md").read_text()
 
 
 def test_pytorchjob_env_is_the_plan_env():
@@ -418,6 +434,47 @@ def test_dockerfile_builds_on_the_neuron_training_image():
         assert f"|{package}|" in runs.replace("^(", "|").replace(")==", "|"), package
 
 
+def sdk_pin_table() -> dict[str, tuple[str, bool]]:
+    """docs/trn1.md's table of the Neuron SDK 2.28 Trn1 packages (n2-manifest.json at aws-neuron-sdk
+    3c46990d): {canonical name: (version, in the `neuron` extra)}."""
+    from packaging.utils import canonicalize_name
+
+    text = (ROOT / "docs" / "trn1.md").read_text()
+    section = text.split("### The pinned Neuron stack", 1)[1].split("\n### ", 1)[0]
+    assert "n2-manifest.json" in section and "3c46990d" in section  # the table names its source
+    rows = re.findall(r"^\| ([\w-]+) \| ([\d.]+) \| (yes|no)\b", section, re.M)
+    return {canonicalize_name(name): (version, extra == "yes") for name, version, extra in rows}
+
+
+def test_the_neuron_extra_is_the_documented_sdk_2_28_stack():
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    table = sdk_pin_table()
+    assert len(table) == 6
+    extra = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())
+             ["project"]["optional-dependencies"]["neuron"]]
+    pins = {canonicalize_name(r.name): str(r.specifier) for r in extra}
+    assert pins == {name: f"=={version}" for name, (version, in_extra) in table.items() if in_extra}
+
+
+def test_dockerfile_names_the_documented_versions():
+    """Every `package version` the Dockerfile's notes name is the SDK 2.28 version of the table."""
+    from packaging.utils import canonicalize_name
+
+    table = sdk_pin_table()
+    notes = " ".join(line for line in DOCKERFILE.read_text().splitlines() if line.startswith("#"))
+    named = {canonicalize_name(name): version for name, version in
+             re.findall(r"\b(torch-neuronx|neuronx-cc|neuronx_distributed(?:_training)?|nki|libneuronxla)"
+                        r"\s+(\d[\d.]*\d)", notes)}
+    assert len(named) >= 4
+    assert named == {name: table[name][0] for name in named}
+
+
 # ----------------------------------------------------------------------------- setup-venv.sh
 
 
@@ -435,6 +492,34 @@ def test_setup_venv_installs_the_neuron_extra(tmp_path):
     assert commands[-1] == [str(tmp_path / "venv" / "bin" / "bmojo-neuron"), "info"]
     code = [line for line in SETUP.read_text().splitlines() if not line.lstrip().startswith("#")]
     assert not any("torch==" in line for line in code), "never install a torch pin on Trn1"
+
+
+def fake_python(tmp_path: Path, version: tuple[int, int]) -> Path:
+    """An interpreter that runs `-c CODE` with this Python but reports `version` as sys.version_info."""
+    path = tmp_path / f"python{version[0]}.{version[1]}"
+    path.write_text(f"#!/usr/bin/env bash\n[[ $1 == -c ]] || exit 9\n"
+                    f"exec {shlex.quote(sys.executable)} -c 'import sys; sys.version_info = "
+                    f"({version[0]}, {version[1]}, 0, \"final\", 0); exec(sys.argv[1])' \"$2\"\n")
+    path.chmod(0o755)
+    return path
+
+
+@pytest.mark.parametrize("version", [(3, 9), (3, 13)])
+def test_setup_venv_rejects_pythons_without_neuron_wheels(tmp_path, version):
+    """SDK 2.28's Neuron packages are built for Python 3.10-3.12 (docs/trn1.md, n2-manifest.json)."""
+    python = fake_python(tmp_path, version)
+    result = subprocess.run(["bash", str(SETUP), "--dry-run", str(tmp_path / "venv")],
+                            capture_output=True, text=True, env={**os.environ, "PYTHON": str(python)})
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"setup-venv.sh: error: {python} is Python {version[0]}.{version[1]}; the Neuron SDK 2.28 packages "
+        "need 3.10, 3.11 or 3.12 (set PYTHON)")
+
+
+def test_setup_venv_accepts_python_3_12(tmp_path):
+    result = subprocess.run(["bash", str(SETUP), "--dry-run", str(tmp_path / "venv")], capture_output=True,
+                            text=True, env={**os.environ, "PYTHON": str(fake_python(tmp_path, (3, 12)))})
+    assert result.returncode == 0, result.stderr
 
 
 def test_setup_venv_rejects_unknown_options():
@@ -554,6 +639,47 @@ def test_sbatch_usage_errors(tmp_path, args, extra, message):
     result = run_sbatch(args, {**env, **extra})
     assert result.returncode == 2 and message in result.stderr
     assert read_log(log) == []
+
+
+def sbatch_directives() -> dict[str, str]:
+    """The script's `#SBATCH --key[=value]` lines (the header sbatch reads) as {--key: value}."""
+    found = {}
+    for line in SBATCH.read_text().splitlines()[1:]:
+        if not line.startswith("#"):
+            break
+        if line.startswith("#SBATCH "):
+            key, _, value = line.split(None, 1)[1].partition("=")
+            found[key] = value
+    return found
+
+
+def test_sbatch_signals_the_training_ranks_before_the_time_limit():
+    """--signal without `B:` reaches every job step (the srun tasks running torchrun and the ranks),
+    with a signal the trainer stops on; `B:` would signal only this shell, which does not pass it on."""
+    from bmojo_neuron.training.signals import STOP_SIGNALS
+
+    directives = sbatch_directives()
+    match = re.fullmatch(r"(?:(?P<flags>[RB]+):)?(?P<sig>[A-Z0-9]+)@(?P<time>\d+)", directives["--signal"])
+    assert match and not match["flags"], directives["--signal"]
+    name = match["sig"] if match["sig"].isdigit() else "SIG" + match["sig"].removeprefix("SIG")
+    assert (signal.Signals(int(name)) if name.isdigit() else signal.Signals[name]) in STOP_SIGNALS
+    assert int(match["time"]) >= 60  # Slurm may send it up to 60 s early; leave a step plus a save
+
+
+def test_sbatch_is_requeueable_and_keeps_its_log():
+    """Requeued jobs rerun the script with the same job id (and resume); append keeps the first log."""
+    directives = sbatch_directives()
+    assert "--requeue" in directives and "--no-requeue" not in directives
+    assert directives["--open-mode"] == "append"
+    assert directives["--output"] == "%x-%j.out"
+
+
+def test_runbook_signal_advice_matches_the_script():
+    """docs/trn1.md never tells Slurm users to signal only the batch shell (`B:`): train.sbatch does not
+    forward signals to its srun steps."""
+    text = (ROOT / "docs" / "trn1.md").read_text()
+    assert not re.search(r"--signal=B:", text)
+    assert "--signal=TERM@300" in text
 
 
 def test_sbatch_help():

@@ -16,7 +16,8 @@
 #   VENV_DIR            where to create the venv (default: $BMOJO_VENV, else ~/bmojo-venv);
 #                       an existing venv is reused and updated
 #   --dry-run           print the commands, run nothing
-#   PYTHON              interpreter for the venv (default: python3.12 if present, else python3)
+#   PYTHON              interpreter for the venv, Python 3.10-3.12 (default: python3.12 if
+#                       present, else python3)
 #   NEURON_PIP_INDEX    the Neuron pip repository (default https://pip.repos.neuron.amazonaws.com)
 #
 # Afterwards: `source VENV_DIR/bin/activate` (infra/slurm/train.sbatch does it via BMOJO_VENV).
@@ -50,9 +51,11 @@ elif python3.12 -c '' 2> /dev/null; then  # runs, not just on PATH (a pyenv shim
 else
     python=python3
 fi
-"$python" -c '' 2> /dev/null || die "$python does not run (set PYTHON to an interpreter >= 3.10)"
-"$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
-    || die "$python is $("$python" -c 'import platform; print(platform.python_version())'); bmojo-neuron needs >= 3.10"
+"$python" -c '' 2> /dev/null || die "$python does not run (set PYTHON to a Python 3.10, 3.11 or 3.12)"
+# The Neuron SDK 2.28 wheels exist for Python 3.10-3.12 only (n2-manifest.json, docs/trn1.md):
+# any other version fails here rather than deep inside pip's resolver.
+"$python" -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 12))' \
+    || die "$python is Python $("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])'); the Neuron SDK 2.28 packages need 3.10, 3.11 or 3.12 (set PYTHON)"
 
 # Environment checks: warnings only, so the venv can also be built on a machine without the devices.
 if [[ -r /etc/os-release ]]; then
