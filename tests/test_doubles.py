@@ -25,12 +25,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torch.nn.init as init
 from doubles import mpmd, neuron_sdk, nxd_api
 from doubles.env import Env, XlaLog, fake_module
 from doubles.nxd_runtime import nxd_modules
 from doubles.xla import xla_modules
+
+PARALLEL_STATE = "neuronx_distributed.parallel_layers.parallel_state"
 
 # (import name our code uses, qualified name there, source file, name in that file, signature in the source)
 REAL_SIGNATURES = [
@@ -377,10 +380,25 @@ def test_reentrant_checkpoint_refuses_what_torch_xla_refuses():
     assert layer.weight.grad is not None
 
 
-def test_zero1_grad_hooks_move_gradients_into_fp32_main_grad():
+@pytest.fixture
+def one_rank(tmp_path):
+    """A one-process gloo group (NxD's parallel state needs a process group)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _initialized() -> dict:
+    """The doubles with NxD's parallel state initialised (tp = pp = dp = 1)."""
+    modules = _doubles()
+    modules[PARALLEL_STATE].initialize_model_parallel()
+    return modules
+
+
+def test_zero1_grad_hooks_move_gradients_into_fp32_main_grad(one_rank):
     """torch-xla's ZeRO-1 with use_grad_acc_hook (NxD: bf16 + ZeRO-1): param.grad is freed as backward
     produces it, the fp32 main_grad of the parameter's full shape accumulates, zero_grad zeroes it."""
-    modules = _doubles()
+    modules = _initialized()
     zero1 = modules["neuronx_distributed.optimizer"].NeuronZero1Optimizer
     layer = torch.nn.Linear(4, 3).to(torch.bfloat16)
     optimizer = zero1(layer.parameters(), torch.optim.AdamW, use_grad_acc_hook=True, higher_cc_precision=True,
@@ -456,3 +474,142 @@ def test_ranks_whose_host_decisions_differ_build_different_graphs():
     assert mpmd.mismatches(stages, {0: 0, 1: 0})
     stages[1][0][1] = ("all_reduce", "[[0, 1]]", "(2,)", "torch.float32")
     assert mpmd.mismatches(stages, {0: 0, 1: 1})
+
+
+# ---------------------------------------------------------------------------------------- NxD's refusals
+
+
+def _doubles_and_env() -> tuple[dict, Env]:
+    env = Env(XlaLog())
+    env.log.env = env
+    return {**xla_modules(env), **nxd_modules(env)}, env
+
+
+def test_initialize_model_parallel_checks_as_nxd(one_rank, monkeypatch):
+    """NxD clips each degree to the world size, then needs the world divisible by their product."""
+    state = _doubles()[PARALLEL_STATE]
+    state.initialize_model_parallel(tensor_model_parallel_size=2)  # clipped to the one rank
+    assert state.get_tensor_model_parallel_size() == 1
+    state.destroy_model_parallel()
+    monkeypatch.setattr(dist, "get_world_size", lambda *args, **kwargs: 3)
+    with pytest.raises(RuntimeError, match=r"invalid implied data parallel degree: `world_size` \(3\) is not "
+                                           r"divisible by tensor_model_parallel_size \(1\) x "
+                                           r"pipeline_model_parallel_size \(2\)"):
+        state.initialize_model_parallel(pipeline_model_parallel_size=2)
+    assert not state.model_parallel_is_initialized()
+
+
+def test_initialize_model_parallel_needs_a_process_group():
+    with pytest.raises(AssertionError):
+        _doubles()[PARALLEL_STATE].initialize_model_parallel()
+
+
+def test_parallel_state_getters_need_initialize(one_rank):
+    state = _doubles()[PARALLEL_STATE]
+    for getter in ("get_tensor_model_parallel_size", "get_data_parallel_size", "get_pipeline_model_parallel_rank",
+                   "get_data_parallel_replica_groups"):
+        with pytest.raises(AssertionError, match="group is not initialized"):
+            getattr(state, getter)()
+    state.initialize_model_parallel()
+    assert (state.get_tensor_model_parallel_size(), state.get_data_parallel_size(),
+            state.get_pipeline_model_parallel_rank(), state.get_data_parallel_replica_groups()) == (1, 1, 0, [[0]])
+    state.destroy_model_parallel()
+    with pytest.raises(AssertionError, match="intra_layer_model parallel group is not initialized"):
+        state.get_tensor_model_parallel_size()
+
+
+def test_zero1_needs_the_parallel_state(one_rank):
+    modules = _doubles()
+    zero1 = modules["neuronx_distributed.optimizer"].NeuronZero1Optimizer
+    with pytest.raises(RuntimeError, match="initialize_model_parallel need to be called before creating "
+                                           "NeuronZero1Optimizer"):
+        zero1(torch.nn.Linear(2, 2).parameters(), torch.optim.AdamW, lr=0.1)
+    modules[PARALLEL_STATE].initialize_model_parallel()
+    assert zero1(torch.nn.Linear(2, 2).parameters(), torch.optim.AdamW, lr=0.1).optimizer_dtype == torch.float32
+
+
+@pytest.mark.parametrize("key", ["optimizer_config", "mixed_precision_config", "model_init_config"])
+def test_config_sections_must_be_dicts(key):
+    for trainer in (_doubles()[nxd_api.TRAINER], nxd_api.spy_trainer({})):
+        with pytest.raises(AssertionError, match=f"{key} must be a dict"):
+            trainer.neuronx_distributed_config(**{key: [("zero_one_enabled", False)]})
+        assert isinstance(trainer.neuronx_distributed_config(**{key: {}})[key], dict)
+
+
+def test_sequence_parallel_gradients_include_zero1_main_grad():
+    """NxD all-reduces a marked parameter's gradient, or its main_grad when ZeRO-1's hooks took the gradient."""
+    from doubles import nxd_layers
+
+    reduced = []
+
+    class Recording(nxd_layers.SingleRank):
+        def all_reduce(self, x, op="sum"):
+            reduced.append(x)
+            return x
+
+    grads = nxd_layers.make(Recording(), [], fake_module)["neuronx_distributed.parallel_layers.grads"]
+    with_grad, with_main, unmarked = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    with_grad.grad, with_main.main_grad, unmarked.grad = torch.ones(2), torch.full((2,), 2.0), torch.ones(2)
+    with_grad.sequence_parallel_enabled = with_main.sequence_parallel_enabled = True
+    grads.allreduce_sequence_parallel_gradients(torch.optim.SGD([with_grad, with_main, unmarked], lr=0.1))
+    assert [t is want for t, want in zip(reduced, (with_grad.grad, with_main.main_grad))] == [True, True]
+    assert len(reduced) == 2
+
+
+def test_column_parallel_gather_output_with_sequence_parallel_fails_in_forward():
+    """NxD builds the layer and asserts in its forward (layers.py ``_cpl_maybe_gather_output``)."""
+    layers = nxd_api.parallel_layers([])[nxd_api.LAYERS]
+    layer = layers.ColumnParallelLinear(4, 4, gather_output=True, sequence_parallel_enabled=True)
+    with pytest.raises(AssertionError):
+        layer(torch.randn(2, 3, 4))
+    out = layers.ColumnParallelLinear(4, 4, gather_output=False, sequence_parallel_enabled=True,
+                                      sequence_dimension=1)(torch.randn(2, 3, 4))
+    assert out.shape == (2, 3, 4)
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Layer(), _Layer()])
+
+    def forward(self, x, y):
+        return ((self.layers[1](self.layers[0](x)) - y) ** 2).mean()
+
+
+def _pipeline(env: Env, modules: dict, cuts: list[str], pp: int = 2):
+    env.grid.update(tp=1, pp=pp, dp=1)
+    return modules["neuronx_distributed.pipeline"].NxDPPModel(
+        _Stack(), transformer_layer_cls=_Layer, pipeline_cuts=cuts, input_names=["x", "y"],
+        output_loss_value_spec=True, return_loss_on_cpu=False)
+
+
+def test_pipeline_model_needs_the_parallel_state():
+    modules = _doubles()
+    with pytest.raises(RuntimeError, match="Model parallelism needs to be initialzed before applying NxDPPModel"):
+        modules["neuronx_distributed.pipeline"].NxDPPModel(_Stack(), transformer_layer_cls=_Layer,
+                                                           pipeline_cuts=["layers.0"], input_names=["x", "y"])
+
+
+def test_pipeline_cuts_are_marked_once_and_make_pp_stages(one_rank):
+    modules, env = _doubles_and_env()
+    with pytest.raises(AssertionError, match="each cutpoint can be only marked once, but layers.0 is marked twice"):
+        _pipeline(env, modules, ["layers.0", "layers.0"], pp=3)
+    with pytest.raises(ValueError, match="User cut stages 2 mismatch the initialized pipeline parallel size 3"):
+        _pipeline(env, modules, ["layers.0"], pp=3)
+    assert len(_pipeline(env, modules, ["layers.0"]).partitions) == 2
+
+
+def test_pipeline_inputs_share_their_batch_dimension(one_rank):
+    modules, env = _doubles_and_env()
+    model = _pipeline(env, modules, ["layers.0"])
+    with pytest.raises(AssertionError, match="batch dimension does not match, 2 and 4"):
+        model.run_train(x=torch.randn(2, 3), y=torch.randn(4, 3))

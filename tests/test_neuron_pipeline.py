@@ -70,6 +70,18 @@ def doubles(monkeypatch):
     return neuron_sdk.install(monkeypatch)
 
 
+@pytest.fixture
+def nxd_state(doubles, tmp_path):
+    """NxD's parallel state on a one-rank gloo group: NxD's layers (and our factory) read it when built."""
+    from neuronx_distributed.parallel_layers import parallel_state
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    yield doubles
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------ the traced pipeline model (one process)
 
 
@@ -124,10 +136,11 @@ def _nxd_model(doubles, pattern: str, tied: bool):
     return config, PipelineCausalLM(model, count_correct=True), ids, labels, want
 
 
-def test_pipeline_config_traces_and_cuts_where_nxd_needs_it(doubles):
+def test_pipeline_config_traces_and_cuts_where_nxd_needs_it(nxd_state):
     """NxD's tracing of `PipelineCausalLM` with our pipeline_config: cut after `split_layers`' blocks (not NxD's
     auto split), stages equal to the model, only batch-first tensors crossing the cut, the tied embedding one
     Parameter in both stages. Dropping our leaf / autowrap settings breaks the trace, as it would in NxD."""
+    doubles = nxd_state
     from bmojo_neuron.parallel.nxd_training import pipeline_config
 
     config, wrapped, ids, labels, want = _nxd_model(doubles, "BMB", tied=True)

@@ -282,6 +282,7 @@ def test_device_eval_equals_the_cpu_evaluate(doubles):
     labels[keep[:, 0], keep[:, 1] + 1] = guess[keep[:, 0], keep[:, 1]]
     data = {"input_ids": data[:]["input_ids"], "labels": labels}
     runtime = NeuronRuntime.start({})
+    runtime.state.initialize_model_parallel()  # as the trainer's NxD config does: the ranks are NxD's
     try:
         got = evaluate_on_device(model, data, 4, runtime, max_batches=3, mqar=True)
     finally:

@@ -45,7 +45,9 @@ def parallel_layers(built: list[tuple[str, tuple, dict]], **state: Callable) -> 
 
 def filled_config(given: dict[str, Any]) -> dict[str, Any]:
     """``neuronx_distributed_config``'s result for its arguments `given`: NxD's defaults filled in
-    (``trainer/trainer.py``: optimizer, mixed-precision and model-init configs)."""
+    (``trainer/trainer.py``: optimizer, mixed-precision and model-init configs, each a dict or None)."""
+    for key in ("optimizer_config", "mixed_precision_config", "model_init_config"):  # trainer.py 51, 73, 102
+        assert given[key] is None or isinstance(given[key], dict), f"{key} must be a dict."
     optimizer_config = given["optimizer_config"]
     if optimizer_config is None:
         optimizer_config = {"zero_one_enabled": False, "grad_clipping": True, "max_grad_norm": 1.0}

@@ -22,7 +22,8 @@ Modelled as NxD does it, because a wrong call gives wrong numbers or wrong dtype
   bias carries ``sequence_parallel_enabled``;
 - ``RowParallelLinear`` reduces in ``reduce_dtype`` (fp32 by default) and casts back
   to its input's dtype; sequence-parallel layers default ``sequence_dimension`` to 0;
-  ``ColumnParallelLinear`` refuses ``gather_output`` with sequence parallelism;
+  ``ColumnParallelLinear`` refuses ``gather_output`` with sequence parallelism in its
+  forward (not when built, as NxD);
 - ``parallel_cross_entropy`` subtracts each row's maximum from its input *in place*
   (``loss_functions.py``: ``vocab_parallel_logits.sub_``), so a caller's logits
   change when it passes a view of them;
@@ -271,11 +272,10 @@ class ColumnParallelLinear(_Recorded):
         tp = self.tp
         if sequence_parallel_enabled and sequence_dimension is None:
             sequence_dimension = 0  # NxD warns and uses 0
-        if gather_output and sequence_parallel_enabled:
-            raise AssertionError  # NxD asserts `not self.sequence_parallel_enabled` when gathering
         if output_size % tp.size:
             raise AssertionError(f"{output_size} is not divisible by {tp.size}")
-        self.gather_output, self.dtype, self.reduce_dtype = gather_output, dtype, reduce_dtype
+        self.gather_output, self.dtype = gather_output, dtype
+        self.reduce_dtype = reduce_dtype if reduce_dtype is not None else dtype  # NxD: None means dtype
         self.sequence_parallel_enabled, self.sequence_dimension = sequence_parallel_enabled, sequence_dimension
         self.weight = nn.Parameter(torch.empty(output_size // tp.size, input_size, dtype=dtype))
         _local_init(self.weight, 0, tp, init_method or _kaiming)
@@ -295,6 +295,7 @@ class ColumnParallelLinear(_Recorded):
         x = tp.gather_sequence(input, self.sequence_dimension) if self.sequence_parallel_enabled else tp.copy_to(input)
         out = torch.einsum("...m,mn->...n", x, self.weight.t())
         if self.gather_output:
+            assert not self.sequence_parallel_enabled  # NxD's forward (layers.py 794), not its constructor
             out = tp.gather(out, -1)
         return out if self.bias is None else out + self.bias
 
@@ -325,7 +326,8 @@ class RowParallelLinear(_Recorded):
             sequence_dimension = 0  # NxD warns and uses 0
         if input_size % tp.size:
             raise AssertionError(f"{input_size} is not divisible by {tp.size}")
-        self.input_is_parallel, self.dtype, self.reduce_dtype = input_is_parallel, dtype, reduce_dtype
+        self.input_is_parallel, self.dtype = input_is_parallel, dtype
+        self.reduce_dtype = reduce_dtype if reduce_dtype is not None else dtype  # NxD: None means dtype
         self.sequence_parallel_enabled, self.sequence_dimension = sequence_parallel_enabled, sequence_dimension
         self.weight = nn.Parameter(torch.empty(output_size, input_size // tp.size, dtype=dtype))
         _local_init(self.weight, 1, tp, init_method or _kaiming)
@@ -428,10 +430,14 @@ def make(tp: Any, built: list, fake_module: Callable[..., types.ModuleType], **s
         return _ParallelCrossEntropy.apply(vocab_parallel_logits, target, label_smoothing, tp)
 
     def allreduce_sequence_parallel_gradients(optimizer: Any) -> None:
+        # NxD (grads.py 340-346): the gradient, or the ZeRO-1 hooks' main_grad when they took it
         for group in optimizer.param_groups:
             for p in group["params"]:
-                if getattr(p, "sequence_parallel_enabled", False) and p.grad is not None:
-                    tp.all_reduce(p.grad)
+                if getattr(p, "sequence_parallel_enabled", False):
+                    if p.grad is not None:
+                        tp.all_reduce(p.grad)
+                    elif hasattr(p, "main_grad"):
+                        tp.all_reduce(p.main_grad)
 
     mappings = {f.__name__: f for f in (copy_to_tensor_model_parallel_region, reduce_from_tensor_model_parallel_region,
                                         gather_from_tensor_model_parallel_region, scatter_to_sequence_parallel_region,

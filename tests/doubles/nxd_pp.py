@@ -181,6 +181,10 @@ class NxDPPModel(nn.Module):
         given = {k: v for k, v in locals().items() if k not in ("self", "module", "__class__")}
         super().__init__()
         env = self.env
+        if not env.grid and not _debug_mode:  # NxD reads the stage from its parallel state
+            raise RuntimeError("Model parallelism needs to be initialzed before applying NxDPPModel wrapper. Please "
+                               "call neuronx_distributed.parallel_layers.initialize_model_parallel("
+                               "pipeline_model_parallel_size, tensor_model_parallel_size)")
         if transformer_layer_cls is None:
             raise ValueError("NxDPPModel requires transformer_layer_cls as input")
         assert virtual_pipeline_size == 1 and not manual_pp_partition, "the double runs one chunk per stage"
@@ -197,12 +201,21 @@ class NxDPPModel(nn.Module):
         if auto_partition and pipeline_cuts:
             raise RuntimeError("auto_partition is True and pipeline_cuts are provided")
         if auto_partition:
-            pipeline_cuts = create_partitions(self.pp, self._layer_names(module))
-        if not pipeline_cuts or len(pipeline_cuts) != self.pp - 1:
-            raise ValueError(f"{self.pp} stages need {self.pp - 1} pipeline cuts, got {pipeline_cuts}")
+            layers = self._layer_names(module)
+            if not layers:
+                raise ValueError(f"No modules of type {transformer_layer_cls} found in the model.")
+            pipeline_cuts = create_partitions(self.pp, layers)
+        if not pipeline_cuts:
+            raise NotImplementedError("the double traces and partitions when built (NxD delays both to the first "
+                                      "run_train): it needs pipeline_cuts or auto_partition")
         if input_names is None:
             raise ValueError("Input names are required for tracing when the NxD optimizer and model wrapper are "
                              "not used")
+        for i, cut in enumerate(pipeline_cuts):  # NxD's cut_pipeline_stage
+            assert cut not in pipeline_cuts[:i], f"each cutpoint can be only marked once, but {cut} is marked twice"
+        if len(pipeline_cuts) + 1 != self.pp:  # NxD's partition
+            raise ValueError(f"User cut stages {len(pipeline_cuts) + 1} mismatch the initialized pipeline parallel "
+                             f"size {self.pp}")
         if tracer_cls not in (None, "torch"):
             raise ValueError(f"the double traces with NxD's torch tracer only, got tracer_cls={tracer_cls!r}")
         traced = trace(module, input_names, [*(leaf_module_cls or []), transformer_layer_cls.__name__],
@@ -343,6 +356,9 @@ class NxDPPModel(nn.Module):
 
     def _run(self, inputs: dict[str, Tensor], train: bool) -> Tensor | None:
         self._check_inputs(inputs)
+        sizes = [t.shape[0] for t in inputs.values()]
+        for size in sizes[1:]:  # NxD's get_batch_iterator
+            assert size == sizes[0], f"batch dimension does not match, {sizes[0]} and {size}"
         pieces = {k: self._split(v) for k, v in inputs.items()}
         if self.io_shapes is None:  # NxD's shape inference: one forward per stage, results dropped
             self.io_shapes, self.tracing = {}, True
@@ -378,6 +394,7 @@ class NxDPPModel(nn.Module):
                 raise ValueError(f"model inputs should be all on cpu device, but getting {name} on the XLA device")
 
     def _split(self, t: Tensor) -> list[Tensor]:
+        assert t.shape[0]
         if t.shape[0] % self.num_microbatches:
             raise RuntimeError(f"Input batch size {t.shape[0]} must be divisible with the num_microbatches "
                                f"{self.num_microbatches}")

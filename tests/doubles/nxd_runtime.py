@@ -5,7 +5,9 @@ parallelism, one stage per process over gloo):
 
 - every callable has NxD's (or torch-xla's) exact signature (``tests/test_doubles.py``);
 - ``neuronx_distributed_config`` fills the same defaults and initialises the
-  parallel state when a process group exists; ``initialize_parallel_model`` builds
+  parallel state when a process group exists, with NxD's checks (``parallel_state.py``:
+  a process group, degrees clipped to the world, the world divisible by tp x pp); the
+  ``parallel_state`` getters, ZeRO-1 and ``NxDPPModel`` assert that it was initialised; ``initialize_parallel_model`` builds
   through ``model_fn``, moves to the device in NxD's waves of
   ``sequential_move_factor`` local ranks (a rendezvous after each wave), wraps in
   ``NxDModel`` and applies NxD's activation checkpointing: an ``NxDCheckpointWrapper``
@@ -185,6 +187,8 @@ class Zero1Optimizer(torch.optim.Optimizer):
                  pin_layout=True, sharding_groups=None, grad_norm_groups=None, lazy_init=False,
                  bucket_cap_mb_all_gather=0, bucket_cap_mb_reduce_scatter=0, use_grad_acc_hook=False,
                  save_master_weights=False, higher_cc_precision=False, **defaults):
+        if not self.env.grid:  # NxD's NeuronZero1Optimizer.__init__ (optimizer/zero_redundancy_optimizer.py 32)
+            raise RuntimeError("initialize_model_parallel need to be called before creating NeuronZero1Optimizer")
         super().__init__(params, defaults)
         if lazy_init:
             raise NotImplementedError("the ZeRO-1 double does not model lazy_init")
@@ -316,15 +320,24 @@ def nxd_modules(env: Env) -> dict[str, types.ModuleType]:
 
 
 def _model_parallel_initializer(env: Env) -> Callable[..., None]:
-    """``parallel_state.initialize_model_parallel``: the grid (tp = 1, dp = 1) and, under pp, its gloo group."""
+    """``parallel_state.initialize_model_parallel``: NxD's checks, then the grid (tp = 1, dp = 1) and, under pp,
+    its gloo group."""
     def initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                   context_parallel_size=1, expert_model_parallel_size=1, skip_collective_init=False,
                                   lnc_size=1, mesh_only=False):
-        if context_parallel_size != 1 or expert_model_parallel_size != 1 or skip_collective_init or mesh_only:
+        assert dist.is_initialized()  # as NxD (parallel_state.py 557)
+        world = dist.get_world_size()
+        # NxD clips every degree to the world size and needs the world divisible by their product (564-579)
+        tp, pp = min(tensor_model_parallel_size, world), min(pipeline_model_parallel_size, world)
+        cp = min(context_parallel_size, world)
+        if world % (tp * pp * cp):
+            raise RuntimeError(f"invalid implied data parallel degree: `world_size` ({world}) is not divisible by "
+                               f"tensor_model_parallel_size ({tp}) x pipeline_model_parallel_size ({pp})"
+                               f"context_parallel_size ({cp})")
+        if cp != 1 or expert_model_parallel_size != 1 or skip_collective_init or mesh_only:
             raise NotImplementedError("the doubles model tensor and pipeline parallelism only")
-        world = dist.get_world_size()  # needs the process group, as NxD
-        tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-        assert tp == 1 and (pp == 1 and world == 1 or pp == world), "the doubles run tp = 1 and dp = 1"
+        if tp != 1 or pp * tp != world:
+            raise NotImplementedError(f"the doubles run tp = 1 and dp = 1, got tp = {tp}, pp = {pp}, world {world}")
         env.grid.update(tp=tp, pp=pp, dp=world // (tp * pp))
         if pp > 1:
             env.group_of(list(range(pp)))  # NxD creates its groups here, on every rank
@@ -333,21 +346,37 @@ def _model_parallel_initializer(env: Env) -> Callable[..., None]:
 
 
 def _parallel_state(env: Env, initialize: Callable[..., None]) -> dict[str, Callable]:
-    """``parallel_state``'s functions beyond the tp = 1 basics of `nxd_api`, read from ``env.grid``."""
+    """``parallel_state``'s functions beyond the tp = 1 basics of `nxd_api`, read from ``env.grid``.
+
+    As NxD's, every getter of a group, size or rank asserts that ``initialize_model_parallel`` ran (and
+    ``destroy_model_parallel`` did not since): NxD reads them from its process groups.
+    """
     grid = env.grid
+
+    def initialized(group: str, read: Callable[[], Any]) -> Callable[[], Any]:
+        def getter() -> Any:
+            assert grid, f"{group} group is not initialized"
+            return read()
+        return getter
 
     def destroy_model_parallel() -> None:
         grid.clear()
         env.groups.clear()
 
+    tp, dp, pp = "intra_layer_model parallel", "data parallel", "pipeline_model parallel"
     return dict(
         initialize_model_parallel=initialize, model_parallel_is_initialized=lambda: bool(grid),
-        destroy_model_parallel=destroy_model_parallel, get_tensor_model_parallel_size=lambda: grid.get("tp", 1),
-        get_tensor_model_parallel_rank=lambda: 0, get_pipeline_model_parallel_size=lambda: grid.get("pp", 1),
-        get_pipeline_model_parallel_rank=env.pp_rank, get_data_parallel_size=lambda: grid.get("dp", 1),
-        get_data_parallel_rank=lambda: 0, get_data_parallel_replica_groups=env.dp_groups,
-        get_pipeline_model_parallel_replica_groups=env.pp_groups,
-        get_tensor_model_parallel_replica_groups=lambda: [[env.rank()]], is_global_rank_zero=lambda: env.rank() == 0,
+        destroy_model_parallel=destroy_model_parallel,
+        get_tensor_model_parallel_size=initialized(tp, lambda: grid["tp"]),
+        get_tensor_model_parallel_rank=initialized(tp, lambda: 0),
+        get_pipeline_model_parallel_size=initialized(pp, lambda: grid["pp"]),
+        get_pipeline_model_parallel_rank=initialized(pp, env.pp_rank),
+        get_data_parallel_size=initialized(dp, lambda: grid["dp"]),
+        get_data_parallel_rank=initialized(dp, lambda: 0),
+        get_data_parallel_replica_groups=initialized(dp, env.dp_groups),
+        get_pipeline_model_parallel_replica_groups=initialized(pp, env.pp_groups),
+        get_tensor_model_parallel_replica_groups=initialized(tp, lambda: [[env.rank()]]),
+        is_global_rank_zero=lambda: env.rank() == 0,
     )
 
 
