@@ -107,9 +107,24 @@ def _load_command_modules() -> None:
             print(f"warning: could not load {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, except that `--help` / `--version` into a closed stdout end like any other output to it.
+
+    argparse swallows an OSError from writing its help, so ``bmojo-neuron --help | head -1`` would exit 0 where
+    every other command exits `SIGPIPE_STATUS`; the BrokenPipeError is let through for `main` to handle.
+    Subcommand parsers are of this class too (argparse makes them of the parent's class).
+    """
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        if message and file is sys.stdout:
+            file.write(message)
+            return
+        super()._print_message(message, file)
+
+
 def build_parser() -> argparse.ArgumentParser:
     _load_command_modules()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bmojo-neuron",
         description="Train and run B'MOJO language models on CPU, CUDA and AWS Trainium.",
     )

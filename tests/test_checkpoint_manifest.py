@@ -84,6 +84,36 @@ def test_eval_of_a_damaged_export_is_one_error_line(finished, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "model.safetensors" in err[0]
 
 
+def test_a_damaged_step_checkpoint_suggests_an_earlier_step(finished, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished.run_dir, run_dir)
+    truncate(run_dir / "step-0000006" / layout.MODEL_FILE)
+    assert cli.main(["eval", str(run_dir / "step-0000006")]) == 2
+    assert one_error_line(capsys).endswith("; the checkpoint is damaged (copy it again, or use an earlier step)")
+
+
+def test_a_damaged_run_export_names_the_command_that_exports_it_again(finished, tmp_path, capsys):
+    """An export has no earlier step: the advice is the resume that writes ``final/`` anew, and it works."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished.run_dir, run_dir)
+    truncate(run_dir / layout.FINAL / layout.MODEL_FILE)
+    assert cli.main(["eval", str(run_dir)]) == 2
+    command = f"bmojo-neuron train {run_dir / 'recipe.json'} --resume --output-dir {run_dir}"
+    assert one_error_line(capsys).endswith(
+        f"; the export is damaged (copy it again, or export it again from the run's last checkpoint: {command})")
+    assert cli.main(command.split()[1:] + ["--no-progress"]) == 0
+    manifest.verify_manifest(run_dir / layout.FINAL)
+
+
+def test_a_damaged_export_away_from_its_run_suggests_exporting_it_again(finished, tmp_path, capsys):
+    export = tmp_path / "final"
+    shutil.copytree(finished.run_dir / layout.FINAL, export)
+    truncate(export / layout.MODEL_FILE)
+    assert cli.main(["eval", str(export)]) == 2
+    assert one_error_line(capsys).endswith(
+        "; the export is damaged (copy it again, or export it again from the checkpoint it was made from)")
+
+
 def test_weights_of_another_model_fail_in_one_line(finished):
     config = BMojoConfig.from_json_file(str(layout.latest_checkpoint(finished.run_dir) / layout.CONFIG_FILE))
     config.intermediate_size = 48
@@ -164,7 +194,10 @@ def test_consolidate_and_shard_write_manifests_that_catch_later_damage(tmp_path,
     flip_byte(full / "model.safetensors")
     capsys.readouterr()
     assert cli.main(["checkpoint", "shard", str(full), "--tp", "2", "--output-dir", str(tmp_path / "tp2")]) == 2
-    assert "model.safetensors: SHA-256 differs from manifest.json" in one_error_line(capsys)
+    line = one_error_line(capsys)
+    assert "model.safetensors: SHA-256 differs from manifest.json" in line
+    assert line.endswith(f"; the export is damaged (copy it again, or delete it and consolidate it again: "
+                         f"bmojo-neuron checkpoint consolidate {tmp_path / 'step-0000003'} {full})")
 
 
 @pytest.mark.parametrize("what", ["final", "step-0000006"])

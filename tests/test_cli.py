@@ -267,6 +267,28 @@ def test_a_closed_stdout_ends_the_command_quietly_with_141(tmp_path):
         os.close(write)
 
 
+def test_help_and_version_into_a_closed_stdout_end_with_141_like_other_output(tmp_path):
+    """`bmojo-neuron --help | head -1`: argparse would swallow the broken pipe and exit 0."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        for args in (["--help"], ["train", "--help"], ["checkpoint", "shard", "--help"], ["--version"]):
+            done = subprocess.run([sys.executable, "-m", "bmojo_neuron.cli", *args], cwd=ROOT, stdout=write,
+                                  stderr=subprocess.PIPE, text=True, timeout=120)
+            assert (done.returncode, done.stderr) == (141, ""), args
+    finally:
+        os.close(write)
+
+
+def test_help_into_an_open_stdout_still_exits_0(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: bmojo-neuron train [-h]")
+
+
 def test_a_broken_pipe_that_is_not_stdout_stays_an_error(registry, capsys):
     @cli.register_command("pipe", help="a subprocess' pipe breaks")
     def pipe(args):

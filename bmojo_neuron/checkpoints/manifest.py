@@ -36,9 +36,36 @@ class DamagedCheckpointError(ValueError):
     """A checkpoint or export whose files do not match its manifest (one line: which file, what is wrong)."""
 
     def __init__(self, directory: Path, file: str, problem: str) -> None:
-        super().__init__(f"{directory / file}: {problem}; the checkpoint is damaged (copy it again, or use an "
-                         "earlier step)")
+        super().__init__(f"{directory / file}: {problem}; {repair_advice(directory)}")
         self.directory, self.file, self.problem = directory, file, problem
+
+
+def repair_advice(directory: Path) -> str:
+    """What the user can do about a damaged `directory`: a training checkpoint has earlier steps to fall back
+    on; an export has none, but can be written again from what it was made from."""
+    from .layout import FINAL, RECIPE_FILE, RUN_INFO_FILE, STATE_FILE, STEP_PATTERN, latest_checkpoint
+
+    if STEP_PATTERN.match(directory.name) or (directory / STATE_FILE).is_file():
+        return "the checkpoint is damaged (copy it again, or use an earlier step)"
+    source = _consolidated_from(directory / RUN_INFO_FILE)
+    if source is not None:
+        return (f"the export is damaged (copy it again, or delete it and consolidate it again: bmojo-neuron "
+                f"checkpoint consolidate {source} {directory})")
+    run = directory.parent
+    if directory.name == FINAL and (run / RECIPE_FILE).is_file() and latest_checkpoint(run) is not None:
+        # resuming a finished run redoes its export from the last checkpoint
+        return (f"the export is damaged (copy it again, or export it again from the run's last checkpoint: "
+                f"bmojo-neuron train {run / RECIPE_FILE} --resume --output-dir {run})")
+    return "the export is damaged (copy it again, or export it again from the checkpoint it was made from)"
+
+
+def _consolidated_from(run_info: Path) -> str | None:
+    """The sharded checkpoint a `checkpoint consolidate` folder was made from, as its run info records it."""
+    try:
+        source = json.loads(run_info.read_text()).get("consolidated_from")
+    except (OSError, ValueError, AttributeError):  # no run info, or one damaged too
+        return None
+    return source if isinstance(source, str) and source else None
 
 
 def file_sha256(path: Path) -> str:
