@@ -487,3 +487,19 @@ def test_a_primed_folder_shards_and_consolidates_back_bit_identically(tmp_path, 
     assert main(["checkpoint", "consolidate", str(run_dir), str(full)]) == 0
     want, got = load_file(str(primed / "model.safetensors")), load_file(str(full / "model.safetensors"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_resuming_a_sharded_primed_folder_points_at_init_weights(tmp_path, capsys):
+    """A sharded `prime` output has no run to continue (its recipe holds only the degrees): `--resume` on it is
+    one error line that names the primed folder for `init.weights`, not a list of every recipe key as changed."""
+    source_dir, primed, run_dir = (tmp_path / n for n in ("source", "primed", "run"))
+    build_source(source_dir, "llama-linear-rope-tied")
+    assert main(["prime", str(source_dir), str(primed), "--pattern", "A"]) == 0
+    assert main(["checkpoint", "shard", str(primed), "--tp", "1", "--output-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    assert main(["train", "cpu-tiny", "suite=none", "--resume", "--no-progress", "--output-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert f"init.weights={primed.resolve()} instead of --resume" in lines[0]
+    assert "the recipe changed" not in lines[0]

@@ -113,6 +113,7 @@ def shard_checkpoint(source: str | Path, run_dir: str | Path, tp: int, pp: int =
         raise ValueError(f"{source} lacks tensors of the model: {missing[:5]}")
     meta = fmt.parallel_meta(full_shapes, local_shapes, tp, pp, 1, bool(recipe["parallel"].get("sp", False)),
                              bool(recipe["parallel"].get("zero1", False)))
+    meta["sharded_from"] = str(source.resolve())  # named by resume's refusal of a checkpoint no recipe trained
     run_dir.mkdir(parents=True, exist_ok=True)
     name = layout.step_dir_name(state["step"])
     tmp = layout.new_tmp_dir(run_dir, name)

@@ -14,7 +14,7 @@ import torch
 from bmojo_neuron.configuration_bmojo import model_fields_as_trained
 from bmojo_neuron.recipes import resume_conflicts
 
-from .layout import CONFIG_FILE, RECIPE_FILE, STATE_FILE
+from .layout import CONFIG_FILE, PARALLEL_FILE, RECIPE_FILE, STATE_FILE
 
 
 @dataclass
@@ -60,11 +60,28 @@ def resume_refusal(checkpoint: Path, saved: dict[str, Any], current: dict[str, A
     silently change a resumed layer. The trainer and the CLI's check before any run starts
     (`preflight.check_resumable`) share it, so a suite refuses with the trainer's words.
     """
+    if not set(saved) - {"parallel"}:
+        return _recipe_free_refusal(checkpoint)
     config_file = checkpoint / CONFIG_FILE
     saved_config = json.loads(config_file.read_text()) if config_file.exists() else None
     diff = resume_conflicts({**saved, "model": model_fields_as_trained(saved.get("model") or {}, saved_config)},
                             {**current, "model": model_fields_as_trained(current.get("model") or {}, None)})
     return f"cannot resume {checkpoint}: the recipe changed in {', '.join(diff)}" if diff else None
+
+
+def _recipe_free_refusal(checkpoint: Path) -> str:
+    """Why a checkpoint no recipe trained (`checkpoint shard` of a `prime` output) is not resumed.
+
+    Its recipe holds only the degrees, so every key of the current one would read as changed;
+    what the user wants is a new run from those weights, which `init.weights` starts (and shards).
+    """
+    try:
+        source = json.loads((checkpoint / PARALLEL_FILE).read_text()).get("sharded_from")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    weights = source or "<the folder it was sharded from>"
+    return (f"cannot resume {checkpoint}: it was sharded from weights no recipe trained (a `prime` output), "
+            f"so there is no run to continue; start one from them with init.weights={weights} instead of --resume")
 
 
 def rng_states() -> dict[str, Any]:
