@@ -7,7 +7,7 @@ The files are those of a torchrun run on CPU (``rank-TT-PP.safetensors``,
 
 - Tensors live on the XLA device; they reach the host through NxD's
   ``move_all_tensor_to_cpu`` (one sync for many tensors), always after the step's
-  ``mark_step``, never inside a step graph.
+  ``torch_xla.sync``, never inside a step graph.
 - Weights are stored in fp32. With bf16 + ZeRO-1 they are the optimizer's fp32
   master weights, so a resumed run continues from the exact master copy and an
   export is not rounded to bf16.

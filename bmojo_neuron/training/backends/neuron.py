@@ -18,14 +18,14 @@ device:
 - the micro-batches arrive one at a time through ``MpDeviceLoader``, whose fetch
   cuts the graph before each: a step of ``train.grad_accum`` micro-batches is one
   graph per micro-batch (forward + backward, gradients accumulated on the device;
-  every one after the first is the same graph), then, after a ``mark_step`` of its
+  every one after the first is the same graph), then, after a ``torch_xla.sync`` of its
   own, NxD's optimizer step (data-parallel gradient reduction, clipping, AdamW), the
   scheduler and ``zero_grad`` as one more graph, run by the step's final
-  ``mark_step`` (`finish_step`). A single micro-batch and its update stay one graph.
+  ``torch_xla.sync`` (`finish_step`). A single micro-batch and its update stay one graph.
   A step graph never grows with ``grad_accum`` (NxD's examples cut the same way).
   Nothing in the step reads a device value: losses are read by a step closure at log
   steps, after the graph ran;
-- eval and checkpoints run after the step's ``mark_step``, as graphs of their own; a
+- eval and checkpoints run after the step's ``torch_xla.sync``, as graphs of their own; a
   checkpoint reads everything it saves in one host copy;
 - under ``neuron_parallel_compile``'s trial run (``NEURON_EXTRACT_GRAPHS_ONLY``, set
   by `bmojo-neuron precompile`) every graph is traced and cut as in a real run, but
@@ -39,7 +39,7 @@ blocks) and a step is one ``run_train`` over the host rows of the whole step:
 ``parallel.microbatches × train.grad_accum`` NxD micro-batches, so the tied-embedding
 gradient that NxD sums over the first and last stage is summed once per step. NxD
 moves the micro-batches to the device and cuts the step into graphs itself (a
-``mark_step`` before and after ``run_train`` and after every task of its schedule);
+``xm.mark_step`` before and after ``run_train`` and after every task of its schedule);
 the backend adds exactly one, for the optimizer step. The last stage's per-micro-batch
 losses come from `PipelineStats` (NxD returns only the mean loss), are summed over the
 stages inside the graph (the others contribute zeros) and read by the step closure,
@@ -207,7 +207,7 @@ class NeuronBackend:
 
     def forward_backward(self, model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
         """One micro-batch; returns the objective's numbers / ``grad_accum``. A method of its own so the model
-        output (and its logits) is dropped before ``mark_step``: every tensor still alive then becomes an output
+        output (and its logits) is dropped before ``torch_xla.sync``: every tensor still alive then becomes an output
         of the step graph."""
         accum = self.recipe.train.grad_accum
         loss, parts = self.objective(model, ids, labels)
@@ -216,12 +216,12 @@ class NeuronBackend:
 
     def pipeline_losses(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """NxD's pipeline over the step's host rows (forward, backward, shared-gradient sums; its own
-        ``mark_step``s); ``[loss, lm_loss, aux_loss]`` of the last stage, on every stage."""
+        ``xm.mark_step`` calls); ``[loss, lm_loss, aux_loss]`` of the last stage, on every stage."""
         model.run_train(input_ids=batch["input_ids"], labels=batch["labels"])
         return self.rt.sum_over_pp(self.stats.train_losses(self.rt.device))
 
     def finish_step(self, records: Sequence[Tensor] | None, read: Callable[[list[float]], None]) -> None:
-        """The step's final ``mark_step``; `read` runs as a step closure, after the graph executed (never in a
+        """The step's final ``torch_xla.sync``; `read` runs as a step closure, after the graph executed (never in a
         graph-extraction run: nothing there is worth reading)."""
         if records and not self.rt.extracting:
             self.rt.add_step_closure(lambda: read(torch.stack(self.rt.to_cpu(list(records))).mean(0).tolist()))
