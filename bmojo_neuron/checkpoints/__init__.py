@@ -1,7 +1,8 @@
 """Checkpoints of training runs: the on-disk format, the writers and readers, conversion and loading for inference.
 
 ========================  =============================================================
-`layout`                  the run directory: names, discovery, crash-safe publish, pruning
+`names`                   the names in a run directory (files, step folders, the export)
+`layout`                  the run directory: discovery, crash-safe publish, pruning
 `manifest`                each checkpoint's file sizes and SHA-256, written last, checked on load
 `state`                   trainer state, the checkpoint read back, RNG streams
 `local`                   one-process checkpoints (``model.safetensors`` + ``optimizer.pt``)

@@ -1,6 +1,6 @@
-"""The run directory on disk: its names, which checkpoints it holds, and the crash-safe publish of a new one.
+"""The run directory on disk: which checkpoints it holds, and the crash-safe publish of a new one.
 
-Layout of a run directory::
+Layout of a run directory (the names are `names`'s)::
 
     step-0000100/          one complete checkpoint (one-process: `local`; sharded: `sharded`)
     step-0000200/
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
@@ -33,24 +32,8 @@ from typing import Any, Callable
 from bmojo_neuron.fsutil import fsync_dir, publish_dir, write_text_atomic
 
 from .manifest import DamagedCheckpointError, damage, has_manifest, write_manifest
-
-LATEST = "latest"
-FINAL = "final"
-METRICS_FILE = "metrics.jsonl"
-STEP_PATTERN = re.compile(r"^step-(\d{7,})$")
-MODEL_FILE = "model.safetensors"
-OPTIM_FILE = "optimizer.pt"
-STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
-RECIPE_FILE = "recipe.json"
-CONFIG_FILE = "config.json"
-RUN_INFO_FILE = "bmojo_run.json"
-PARALLEL_FILE = "parallel.json"  # marks a sharded checkpoint (`bmojo_neuron.checkpoints.sharded`)
-REQUIRED_FILES = (MODEL_FILE, OPTIM_FILE, RECIPE_FILE, CONFIG_FILE, STATE_FILE)
-SHARDED_REQUIRED_FILES = (PARALLEL_FILE, RECIPE_FILE, CONFIG_FILE, STATE_FILE)
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:07d}"
+from .names import (CONFIG_FILE, FINAL, LATEST, METRICS_FILE, MODEL_FILE, OPTIM_FILE, PARALLEL_FILE, RECIPE_FILE,
+                    REQUIRED_FILES, RUN_INFO_FILE, SHARDED_REQUIRED_FILES, STATE_FILE, STEP_PATTERN, step_dir_name)
 
 
 # ------------------------------------------------------------------ discovery

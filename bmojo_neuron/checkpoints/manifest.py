@@ -27,6 +27,8 @@ from typing import Any
 
 from bmojo_neuron.fsutil import write_text_atomic
 
+from .names import FINAL, RECIPE_FILE, RUN_INFO_FILE, STATE_FILE, STEP_PATTERN
+
 MANIFEST_FILE = "manifest.json"
 FORMAT = 1
 _CHUNK = 8 * 1024 * 1024
@@ -43,8 +45,6 @@ class DamagedCheckpointError(ValueError):
 def repair_advice(directory: Path) -> str:
     """What the user can do about a damaged `directory`: a training checkpoint has earlier steps to fall back
     on; an export has none, but can be written again from what it was made from."""
-    from .layout import FINAL, RECIPE_FILE, RUN_INFO_FILE, STATE_FILE, STEP_PATTERN, latest_checkpoint
-
     if STEP_PATTERN.match(directory.name) or (directory / STATE_FILE).is_file():
         return "the checkpoint is damaged (copy it again, or use an earlier step)"
     source = _consolidated_from(directory / RUN_INFO_FILE)
@@ -52,11 +52,16 @@ def repair_advice(directory: Path) -> str:
         return (f"the export is damaged (copy it again, or delete it and consolidate it again: bmojo-neuron "
                 f"checkpoint consolidate {source} {directory})")
     run = directory.parent
-    if directory.name == FINAL and (run / RECIPE_FILE).is_file() and latest_checkpoint(run) is not None:
+    if directory.name == FINAL and (run / RECIPE_FILE).is_file() and _has_complete_step(run):
         # resuming a finished run redoes its export from the last checkpoint
         return (f"the export is damaged (copy it again, or export it again from the run's last checkpoint: "
                 f"bmojo-neuron train {run / RECIPE_FILE} --resume --output-dir {run})")
     return "the export is damaged (copy it again, or export it again from the checkpoint it was made from)"
+
+
+def _has_complete_step(run: Path) -> bool:
+    """Whether `run` holds a step checkpoint whose trainer state (written last) is on disk."""
+    return any(STEP_PATTERN.match(p.name) and (p / STATE_FILE).is_file() for p in run.iterdir())
 
 
 def _consolidated_from(run_info: Path) -> str | None:

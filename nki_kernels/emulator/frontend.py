@@ -50,7 +50,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .core import NKIRuleError
+from .core import HBM_BUFFERS, NKIRuleError, NkiTensor
 
 
 class NKILanguageError(NKIRuleError):
@@ -162,8 +162,6 @@ def check_io(kernel: Callable, args: tuple, kwargs: dict, result: Any, run: Any)
     is let through); a `shared_hbm` tensor the kernel made without a name must be one of its
     outputs. Raises `NKILanguageError` naming the kernel (or allocation) line.
     """
-    from .core import HBM_BUFFERS, NkiTensor
-
     path = inspect.getsourcefile(kernel) or "<kernel>"
     try:
         line = inspect.getsourcelines(kernel)[1]

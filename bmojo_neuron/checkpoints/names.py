@@ -1,0 +1,28 @@
+"""The names in a run directory: its files, its step folders, its export.
+
+They sit apart from `layout` (which finds, publishes and prunes checkpoints) so that
+`manifest` can word its damage advice by what a folder is without importing `layout`,
+which imports it.
+"""
+
+from __future__ import annotations
+
+import re
+
+LATEST = "latest"
+FINAL = "final"
+METRICS_FILE = "metrics.jsonl"
+STEP_PATTERN = re.compile(r"^step-(\d{7,})$")
+MODEL_FILE = "model.safetensors"
+OPTIM_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+RECIPE_FILE = "recipe.json"
+CONFIG_FILE = "config.json"
+RUN_INFO_FILE = "bmojo_run.json"
+PARALLEL_FILE = "parallel.json"  # marks a sharded checkpoint (`bmojo_neuron.checkpoints.sharded`)
+REQUIRED_FILES = (MODEL_FILE, OPTIM_FILE, RECIPE_FILE, CONFIG_FILE, STATE_FILE)
+SHARDED_REQUIRED_FILES = (PARALLEL_FILE, RECIPE_FILE, CONFIG_FILE, STATE_FILE)
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:07d}"
