@@ -332,7 +332,7 @@ def _model_parallel_initializer(env: Env) -> Callable[..., None]:
         cp = min(context_parallel_size, world)
         if world % (tp * pp * cp):
             raise RuntimeError(f"invalid implied data parallel degree: `world_size` ({world}) is not divisible by "
-                               f"tensor_model_parallel_size ({tp}) x pipeline_model_parallel_size ({pp})"
+                               f"tensor_model_parallel_size ({tp}) x pipeline_model_parallel_size ({pp}) x "
                                f"context_parallel_size ({cp})")
         if cp != 1 or expert_model_parallel_size != 1 or skip_collective_init or mesh_only:
             raise NotImplementedError("the doubles model tensor and pipeline parallelism only")
