@@ -182,6 +182,11 @@ def test_sub_kernels_are_not_decorated():
 
     language_error(calls_decorated, rand(4, 4), match="must not be decorated with nki.jit")
 
+    def launches_decorated(a):
+        return _decorated_helper[1](a)
+
+    language_error(launches_decorated, rand(4, 4), match="must not be decorated with nki.jit")
+
     def calls_plain(a):
         return _plain_helper(a)
 

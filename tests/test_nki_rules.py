@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from emulator_helpers import load, rand, raises, run, store
 
-from nki_kernels.emulator import nisa, nl
+from nki_kernels.emulator import NKIRuleError, nisa, nki, nl
 from nki_kernels.emulator.core import SBUF_USABLE_BYTES_PER_PARTITION
 
 
@@ -887,3 +887,74 @@ def test_affine_select_compares():
 
     a = rand(4, 4)
     np.testing.assert_array_equal(run(strict_upper, a), np.triu(a, 1))
+
+
+# ----------------------------------------------------------------------------- kernel launches
+@nki.jit
+def _halves_plus_one(x):
+    """x + 1 for x of shape (2, P, F), each program of the launch grid taking its share of the halves
+    (the work split of the LNC-aware example in get-started/about/lnc.rst)."""
+    out = nl.ndarray(x.shape, dtype=x.dtype, buffer=nl.shared_hbm)
+    per_program = x.shape[0] // nl.num_programs()
+    first = nl.program_id(0) * per_program
+    for i in nl.affine_range(per_program):
+        t = load(x[first + i])
+        nisa.tensor_scalar(dst=t, data=t, op0=nl.add, operand0=1.0)
+        nisa.dma_copy(dst=out[first + i], src=t)
+    return out
+
+
+@nki.jit
+def _launch_queries():
+    """program_id(0), num_programs(), num_programs(axes=0), program_ndim() as one int32 row."""
+    t = nl.ndarray((1, 4), dtype=nl.int32, buffer=nl.sbuf)
+    answers = [nl.program_id(0), nl.num_programs(), nl.num_programs(axes=0), nl.program_ndim()]
+    for col, value in enumerate(answers):
+        nisa.memset(dst=t[:, col:col + 1], value=value)
+    return store(t)
+
+
+def test_launch_grid_is_one_number():
+    """lnc.rst: "The bracket syntax must contain only one number, the number of cores to use"."""
+    x = rand(2, 8, 16)
+    for grid in ((1, 1), (1,), 1.0, nl.int32):
+        with pytest.raises(NKIRuleError, match=r"_halves_plus_one\[...\]: the launch grid is one number"):
+            _halves_plus_one[grid]
+    with pytest.raises(AttributeError, match="nl.nc is not in the NKI 0.2.0 nki.language stub"):
+        nl.nc(2)
+    with pytest.raises(AttributeError, match="nl.spmd_dim is not in the NKI 0.2.0 nki.language stub"):
+        nl.spmd_dim(1, 2)
+    np.testing.assert_array_equal(_halves_plus_one[1](x), x + 1)
+    np.testing.assert_array_equal(_halves_plus_one(x), x + 1)  # no brackets: one core (lnc.rst)
+
+
+def test_trn1_launches_on_one_logical_core():
+    """NCC_EARG001: "On trn1, only lnc=1 is supported"; lnc.rst: a count too large for the architecture
+    is an error."""
+    for count in (2, 8, 0):
+        with pytest.raises(NKIRuleError, match=r"only lnc=1 is supported on trn1 .* \(got _halves_plus_one"):
+            _halves_plus_one[count]
+    x = rand(2, 8, 16)
+    np.testing.assert_array_equal(_halves_plus_one[np.int64(1)](x), x + 1)
+
+
+def test_program_queries_with_and_without_a_grid():
+    """lnc.rst: without LNC num_programs() is 1 and program_id(0) is 0; program_ndim() is 0 without
+    brackets (nki-library kernel_helpers.get_program_sharding_info) and 1 for kernel[n]."""
+    np.testing.assert_array_equal(_launch_queries(), [[0, 1, 1, 0]])
+    np.testing.assert_array_equal(_launch_queries[1](), [[0, 1, 1, 1]])
+
+
+def test_program_id_names_an_axis_of_the_grid():
+    """The launch grid has one axis (lnc.rst: one number), so program_id / num_programs take axis 0."""
+    def second_axis():
+        nl.program_id(1)
+
+    raises(nki.jit(second_axis)[1], match=r"nl.program_id: a launch grid has one axis, 0 .*axis=1, grid \[1\]")
+    raises(second_axis, match=r"nl.program_id: a launch grid has one axis, 0 .*axis=1, grid none")
+
+    def programs_on_second_axis():
+        nl.num_programs(axes=(0, 1))
+
+    raises(programs_on_second_axis, match=r"nl.num_programs: a launch grid has one axis")
+    np.testing.assert_array_equal(_launch_queries[1](), [[0, 1, 1, 1]])

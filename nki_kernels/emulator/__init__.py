@@ -3,6 +3,7 @@
     from nki_kernels.emulator import nki, nl, nisa
     outputs = nki.simulate_kernel(kernel, *numpy_arrays)            # like the SDK's simulator
     outputs, profile = nki.simulate(kernel, *arrays, cost_only=False)  # + the Trn1 cost model
+    outputs = kernel(*numpy_arrays)          # an @nki.jit kernel; kernel[1](...) launches a grid of 1
 
 Kernels written against NKI 0.2.0 run unchanged: `nki_kernels.compat` hands them this
 module when the real `nki` is absent, and `as_nki()` installs it under the name `nki`
@@ -22,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import core, costmodel, frontend, isa, language
+from . import core, costmodel, frontend, isa, language, launch
 from .core import NKIRuleError, NkiTensor, Profile
 from .frontend import NKILanguageError, NKILanguageWarning
 
@@ -54,11 +55,13 @@ def simulate(kernel: Callable, *args: Any, cost_only: bool = False, record_timel
     The kernel's source is checked first (`frontend.check_kernel`). With ``cost_only``
     the rules are checked and costs charged but no arithmetic is done (outputs are
     garbage): fast enough for full-size shapes. ``record_timeline`` keeps every
-    instruction's (resource, name, start, end) in ``profile.timeline.events``.
+    instruction's (resource, name, start, end) in ``profile.timeline.events``. A launched
+    kernel (``kernel[n]``) runs with its grid; a Trn1 allows only ``n = 1`` (`launch`).
     """
     func = _unwrap(kernel)
+    grid = getattr(kernel, "__nki_grid__", ())
     frontend.check_kernel(func, args, kwargs)
-    run = core.RunState(compute=not cost_only, record_timeline=record_timeline)
+    run = core.RunState(compute=not cost_only, record_timeline=record_timeline, grid=grid, program=(0,) * len(grid))
     core.push_state(run)
     try:
         device_args = [_to_device(a, i) for i, a in enumerate(args)]
@@ -75,18 +78,35 @@ def simulate_kernel(kernel: Callable, *args: Any, **kwargs: Any) -> Any:
     return simulate(kernel, *args, **kwargs)[0]
 
 
+class Kernel:
+    """What `@nki.jit` makes of a function: `kernel(*arrays)` simulates it on one logical core,
+    `kernel[n](*arrays)` launches it on `n` (the launch rules are in `launch`)."""
+
+    __nki_jit__ = True
+
+    def __init__(self, func: Callable, grid: tuple[int, ...] = ()) -> None:
+        functools.update_wrapper(self, func)
+        self.__nki_func__ = func
+        self.__nki_grid__ = grid
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return simulate_kernel(self, *args, **kwargs)
+
+    def __getitem__(self, subscript: Any) -> "Kernel":
+        if self.__nki_grid__:
+            raise TypeError(f"{self.__name__}{list(self.__nki_grid__)} is already launched with a grid")
+        return Kernel(self.__nki_func__, launch.launch_grid(self.__name__, subscript))
+
+    def __repr__(self) -> str:
+        grid = list(self.__nki_grid__) if self.__nki_grid__ else ""
+        return f"<nki.jit kernel {self.__name__}{grid}>"
+
+
 def jit(func=None, mode="auto", **kwargs):
-    """`@nki.jit`: in the emulator, calling the kernel on NumPy arrays simulates it."""
+    """`@nki.jit`: in the emulator, calling the kernel (or `kernel[n]`) on NumPy arrays simulates it."""
     if func is None:
         return functools.partial(jit, mode=mode, **kwargs)
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kw: Any) -> Any:
-        return simulate_kernel(func, *args, **kw)
-
-    wrapper.__nki_func__ = func  # type: ignore[attr-defined]
-    wrapper.__nki_jit__ = True  # type: ignore[attr-defined]
-    return wrapper
+    return Kernel(func)
 
 
 @contextlib.contextmanager
@@ -114,5 +134,5 @@ nki = sys.modules[__name__]
 nl = language
 nisa = isa
 
-__all__ = ["NKILanguageError", "NKILanguageWarning", "NKIRuleError", "Profile", "as_nki", "costmodel", "frontend",
-           "isa", "jit", "language", "nisa", "nki", "nl", "simulate", "simulate_kernel"]
+__all__ = ["Kernel", "NKILanguageError", "NKILanguageWarning", "NKIRuleError", "Profile", "as_nki", "costmodel",
+           "frontend", "isa", "jit", "language", "launch", "nisa", "nki", "nl", "simulate", "simulate_kernel"]

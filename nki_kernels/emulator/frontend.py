@@ -346,6 +346,9 @@ class _Checker:
             return
         if isinstance(obj, type):
             self._class(obj, path, line)
+        elif hasattr(obj, "__nki_func__"):  # an nki.jit kernel (`nki_kernels.emulator.Kernel`)
+            self.add(path, line, JIT_SUBKERNEL, f"{obj.__name__} is decorated with nki.jit")
+            self.reached(obj.__nki_func__, path, line)
         elif isinstance(obj, types.FunctionType):
             if getattr(obj, "__nki_jit__", False) or hasattr(obj, "__nki_func__"):
                 self.add(path, line, JIT_SUBKERNEL, f"{obj.__name__} is decorated with nki.jit")

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import ml_dtypes
 import numpy as np
 
-from . import core
+from . import core, launch
 from .core import BFLOAT16, allocate
 
 
@@ -114,16 +114,27 @@ def static_range(start, stop=None, step=1):
     return range(start, stop, step) if stop is not None else range(start)
 
 
+# ---------------------------------------------------------------- the launch grid (rules in `launch`)
 def program_id(axis):
-    return 0
+    """Index of the running program along `axis` of the launch grid (0 without one)."""
+    return launch.program_id(axis)
 
 
 def num_programs(axes=None):
-    return 1
+    """Programs along `axes` of the launch grid, all of them when None (1 without a grid)."""
+    return launch.num_programs(axes)
 
 
 def program_ndim():
-    return 0
+    """Axes of the launch grid: 0 for `kernel(...)`, 1 for `kernel[n](...)`."""
+    return launch.program_ndim()
+
+
+def __getattr__(name: str) -> Any:
+    # the beta's SPMD grid helpers, named in the SDK's tutorials: say what 0.2.0 takes instead
+    if name in ("spmd_dim", "nc"):
+        raise AttributeError(launch.NOT_IN_0_2.format(name=name))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def device_print(print_prefix, tensor):
