@@ -36,6 +36,30 @@ def test_dma_copy_roundtrip_cast_and_rmw():
     np.testing.assert_allclose(run(kernel, a, b), expected, rtol=1e-6)
 
 
+def test_dma_copy_converts_integers_through_float32():
+    """[isa] dma_copy "Data types" (and nki-dma-overview.rst): between dtypes the DMA casts src.dtype ->
+    float32 -> dst.dtype, a read-modify-write adds in float32; between equal dtypes it moves the bits.
+    2^24 + 1 and 2^24 + 3 are ties in float32 and round to the even neighbours 2^24 and 2^24 + 4."""
+    a = np.array([[2 ** 24 + 1, 2 ** 24 + 3, 2, -7]], np.int32)
+
+    def kernel(a):
+        t = load(a, nl.int32)  # int32 -> int32: the bits
+        same = nl.ndarray(a.shape, dtype=nl.int32, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=same, src=t)
+        widened = nl.ndarray((1, 2), dtype=nl.uint32, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=widened, src=t[:, 0:2])  # int32 -> uint32, through float32
+        summed = nl.ndarray((1, 1), dtype=nl.int32, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=summed, src=t[:, 0:1])
+        nisa.dma_copy(dst=summed, src=t[:, 2:3], dst_rmw_op=nl.add)  # (2^24 + 1) + 2, added in float32
+        return same, widened, summed
+
+    same, widened, summed = run(kernel, a)
+    np.testing.assert_array_equal(same, a)
+    assert widened.dtype == np.uint32
+    np.testing.assert_array_equal(widened, [[2 ** 24, 2 ** 24 + 4]])
+    np.testing.assert_array_equal(summed, [[2 ** 24 + 2]])  # float32(2^24 + 1) = 2^24, + 2
+
+
 def test_tensor_copy_memset_and_new_tiles_are_nan():
     a = rand(32, 16)
 

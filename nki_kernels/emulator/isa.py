@@ -224,16 +224,28 @@ def dma_copy(dst, src, dst_rmw_op=None, oob_mode=oob_mode.error, dge_mode=dge_mo
     run.dma(instr, dst, src, hbm)
     if not run.compute:
         return
-    same = dst.dtype == src.dtype and dst_rmw_op is None
-    values = src.numpy().reshape(dst.shape) if same else src.read().reshape(dst.shape)
-    if dst_rmw_op is not None:
-        values = dst.read().reshape(dst.shape) + values
-    if same:
-        dst.numpy()[...] = values
+    if dst.dtype == src.dtype and dst_rmw_op is None:  # nothing to convert: the bits move
+        dst.numpy()[...] = src.numpy().reshape(dst.shape)
         if dst._acc is not None:
             dst._acc[...] = False
-    else:
-        dst.write(values)
+        return
+    dst.write(_dma_convert(src, dst, dst_rmw_op is not None))
+
+
+def _dma_convert(src: NkiTensor, dst: NkiTensor, add: bool) -> np.ndarray:
+    """What a converting or read-modify-write DMA writes, before the cast to `dst.dtype`.
+
+    [isa] dma_copy, "Data types": a conversion casts `src.dtype` to float32, then float32 to
+    `dst.dtype`, and a read-modify-write casts its inputs to float32 and adds there; the DMA
+    overview (get-started/about/nki-dma-overview.rst) says the same "if working with integer
+    types". So integers beyond float32's 24-bit mantissa round (to nearest even) on the way,
+    integer to integer included. The float32-to-integer step is not documented: the emulator
+    truncates toward zero and wraps out-of-range values as NumPy's int64 casts do.
+    """
+    values = src.read().astype(np.float32).reshape(dst.shape)
+    if add:
+        values = dst.read().astype(np.float32).reshape(dst.shape) + values
+    return values if is_float(dst.dtype) else values.astype(np.int64)
 
 
 def tensor_copy(dst, src, engine=engine.unknown, name=None, dtype=None):
