@@ -9,7 +9,8 @@ Kernels written against NKI 0.2.0 run unchanged: `nki_kernels.compat` hands them
 module when the real `nki` is absent, and `as_nki()` installs it under the name `nki`
 for code that imports `nki` itself. Before a kernel runs, its source is checked against
 the 0.2.0 language (`frontend`); while it runs, every instruction checks its rules
-(`isa`, `core`) and is placed on the contention-aware timeline (`costmodel`). NumPy
+(`isa`, `core`; `loops` for dependencies between `affine_range` iterations) and is
+placed on the contention-aware timeline (`costmodel`). NumPy
 arrays passed in become HBM tensors; HBM tensors returned come back as NumPy arrays.
 See docs/kernels.md.
 """

@@ -158,11 +158,16 @@ class RunState:
         # shared_hbm tensors allocated without a name, with the kernel line that made them: one that
         # is not a kernel output needs a name (checked when the kernel returns, frontend.check_outputs)
         self.unnamed_shared_hbm: list[tuple["_Allocation", str, int]] = []
+        # the running affine_range nest and its write stamps (loops.AffineLoops), made by the first
+        # affine_range of a run that computes values; None skips the loop-carried dependency check
+        self.affine_loops: Any = None
 
     def issue(self, engine: str, instr: str, cycles: float, reads: tuple["NkiTensor", ...],
               writes: tuple["NkiTensor", ...], useful: float = 0.0, overhead: float = ACCESS_OVERHEAD) -> None:
         """Charge one compute instruction of `cycles` (+ the SBUF/PSUM access overhead) and place it on the
         timeline."""
+        if self.affine_loops is not None and self.affine_loops.active:
+            self.affine_loops.access(instr, reads, writes)
         cycles = cycles + overhead
         self.profile.cycles[engine] += cycles
         self.profile.instructions[engine] += 1
@@ -178,6 +183,8 @@ class RunState:
 
     def dma(self, instr: str, dst: "NkiTensor", src: "NkiTensor", hbm_bytes: int) -> None:
         """Charge one DMA transfer (bytes moved = the larger side) and place it on the DMA queues."""
+        if self.affine_loops is not None and self.affine_loops.active:
+            self.affine_loops.access(instr, (src,), (dst,))  # an accumulating DMA's read of dst is a reduction
         nbytes = max(src.nbytes, dst.nbytes)
         rows = max(t.partitions if t.buffer in ON_CHIP else 1 for t in (dst, src))
         rows = rows if any(t.buffer in ON_CHIP for t in (dst, src)) else costmodel.DMA_QUEUES
@@ -286,7 +293,7 @@ def is_float(dtype: np.dtype) -> bool:
 class _Allocation:
     """One allocated buffer region; frees its on-chip bytes when the last view dies."""
 
-    __slots__ = ("data", "buffer", "name", "bytes_per_partition", "base_address", "row_bytes", "id", "_run")
+    __slots__ = ("data", "buffer", "name", "bytes_per_partition", "base_address", "row_bytes", "id", "site", "_run")
 
     def __init__(self, data: np.ndarray, buffer: str, name: str, bytes_per_partition: int) -> None:
         self.data = data
@@ -295,6 +302,7 @@ class _Allocation:
         self.bytes_per_partition = bytes_per_partition
         self.base_address = data.__array_interface__["data"][0]
         self.row_bytes = data.strides[0] if (buffer in ON_CHIP and data.ndim > 1) else max(data.nbytes, 1)
+        self.site: tuple[str, int] | None = None  # the kernel line that allocated it (rule messages)
         self._run = run = state()
         if buffer in ON_CHIP:
             self.id = run.allocate(buffer, bytes_per_partition)
@@ -304,6 +312,8 @@ class _Allocation:
 
     def __del__(self) -> None:
         run = self._run
+        if run.affine_loops is not None:
+            run.affine_loops.forget(self.id)
         if self.buffer in ON_CHIP:
             run.release(self.buffer, self.bytes_per_partition, self.id)
         else:
@@ -534,8 +544,9 @@ def allocate(shape: tuple[int, ...] | list[int], dtype: Any, buffer: str | None,
     if run.compute:
         data.fill(_fill_value(dt) if isinstance(fill, str) else fill)
     alloc = _Allocation(data, buffer, name, charge)
+    alloc.site = kernel_site()
     if buffer == SHARED_HBM and not name:
-        run.unnamed_shared_hbm.append((alloc, *kernel_site()))
+        run.unnamed_shared_hbm.append((alloc, *alloc.site))
     return NkiTensor(alloc, data)
 
 

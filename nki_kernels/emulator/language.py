@@ -21,6 +21,7 @@ import numpy as np
 
 from . import core, launch
 from .core import BFLOAT16, allocate
+from .loops import AffineLoops
 
 
 class NKIObject:
@@ -103,7 +104,15 @@ def ds(start, size):
 
 # ---------------------------------------------------------------- loop ranges (the emulator runs them in order)
 def affine_range(start, stop=None, step=1):
-    return range(start, stop, step) if stop is not None else range(start)
+    """The iterations in order; where values are computed, a read of what another iteration
+    wrote is a rule error (`loops.AffineLoops`: the compiler may reorder the iterations)."""
+    values = range(start, stop, step) if stop is not None else range(start)
+    run = core.state()
+    if not run.compute:
+        return values
+    if run.affine_loops is None:
+        run.affine_loops = AffineLoops()
+    return run.affine_loops.iterate(values)
 
 
 def sequential_range(start, stop=None, step=1):
