@@ -345,6 +345,23 @@ def test_all_reduce_with_one_replica_is_a_clone_without_scale():
     assert xm.all_reduce(xm.REDUCE_SUM, tensors, scale=0.5) is tensors and tensors[0].item() == 1.0
 
 
+def test_all_reduce_without_groups_sums_over_every_rank(monkeypatch):
+    """torch-xla 2.9's ``all_reduce(..., groups=None)``: one group of all the replicas (rank 1 of a world of 3
+    here; gloo's all-reduce stands in, each rank holding the same value)."""
+    env = Env(XlaLog())
+    xm = xla_modules(env)["torch_xla.core.xla_model"]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 3)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    groups_asked: list[list[int]] = []
+    monkeypatch.setattr(env, "group_of", lambda ranks: groups_asked.append(ranks) or "the group")
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, group=None: tensor.mul_(3))
+    assert torch.equal(xm.all_reduce(xm.REDUCE_SUM, torch.tensor([1.0, 2.0])), torch.tensor([3.0, 6.0]))
+    assert groups_asked == [[0, 1, 2]]
+    assert torch.equal(xm.all_reduce(xm.REDUCE_SUM, torch.tensor([1.0]), groups=[[0], [1, 2]]), torch.tensor([3.0]))
+    assert groups_asked == [[0, 1, 2], [1, 2]]
+
+
 
 def test_parallel_cross_entropy_shifts_its_input_in_place():
     """NxD subtracts each row's max from the logits it is given; loss and gradient are the cross-entropy's."""

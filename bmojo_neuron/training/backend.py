@@ -14,6 +14,8 @@ Every backend reproduces the one-process run on the same recipe: same initial
 weights, same batches (``train.batch_size`` is the global micro-batch), same losses.
 A step's numbers are device tensors until `finish_step` reads them, which on an XLA
 device happens after the step's graph ran (a step closure), never inside it.
+`finish_step` also settles whether every process stops after the step (`agree_to_stop`
+answers the same question at once, where a host round trip costs nothing that matters).
 """
 
 from __future__ import annotations
@@ -62,8 +64,11 @@ class Backend(Protocol):
         then ``optimizer.step()``. Returns the objective's numbers and the gradient norm (``[loss, lm_loss,
         aux_loss, grad_norm]``) on the device, unread."""
 
-    def finish_step(self, records: Sequence[Tensor] | None, read: Callable[[list[float]], None]) -> None:
-        """End the step; if `records` is given, call `read` with their mean on the host once they are computed."""
+    def finish_step(self, records: Sequence[Tensor], read: Callable[[list[float]], None], log: bool,
+                    stop_requested: bool) -> bool:
+        """End the step and say whether the run stops after it: true on every process or on none, once any asked
+        (`stop_requested` is this one's wish; a signal reaches ranks at different moments). When `log` is set or
+        the run stops, `read` gets the mean of `records` on the host once they are computed."""
 
     def evaluate(self, model: nn.Module, eval_data: Any) -> dict[str, float]:
         """Held-out loss, perplexity (and MQAR recall) over ``eval.batches`` batches, on every rank."""
@@ -84,7 +89,7 @@ class Backend(Protocol):
         those whose name it accepts."""
 
     def agree_to_stop(self, requested: bool) -> bool:
-        """True on every process when any asked to stop (a signal reaches ranks at different moments)."""
+        """True on every process when any asked to stop, at once (each process calls it at the same point)."""
 
     def barrier(self, tag: str) -> None:
         """Wait for every process of the run (`tag` names the meeting point where the runtime uses one)."""

@@ -177,6 +177,11 @@ class NeuronRuntime:
         return self.xm.all_reduce(self.xm.REDUCE_SUM, x,
                                   groups=self.state.get_pipeline_model_parallel_replica_groups())
 
+    def sum_over_world(self, x: Tensor) -> Tensor:
+        """Sum over every rank of the run (inside the graph; ``groups=None`` is one group of all replicas in
+        torch-xla 2.9's ``all_reduce``, a clone with one replica)."""
+        return self.xm.all_reduce(self.xm.REDUCE_SUM, x)
+
     def gather_over(self, x: Tensor, groups: Any) -> Tensor:
         """Concatenation along dim 0 of `x` from every rank of this rank's group in `groups`."""
         return self.xm.all_gather(x, dim=0, groups=groups, pin_layout=False)

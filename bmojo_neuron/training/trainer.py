@@ -12,7 +12,8 @@ the data position) make a resumed run reproduce the uninterrupted one; on CPU bi
 
 Stopping early: `stop_after` steps, or `Trainer.request_stop()` (what SIGTERM and SIGINT
 call, `signals.stop_on_signals`) ends the run at the next step boundary with a
-checkpoint and no export; every process of a parallel run stops at the same step. After
+checkpoint and no export; every process of a parallel run stops at the same step (the
+backend's `finish_step` says which; on Neuron it is one step later). After
 the last step (checkpointed) a stop skips the rest of the finish before the next length
 evaluation or the export; once the export begins the run ends complete.
 """
@@ -179,13 +180,18 @@ class Trainer:
             window.add(record)
 
             last = state.step == t.steps
-            stop = be.agree_to_stop(self.stop_requested) or (stop_after is not None and state.step >= stop_after)
-            save_now = last or stop or state.step % c.every == 0
+            stop_after_reached = stop_after is not None and state.step >= stop_after  # every process at once
+            save_now = last or stop_after_reached or state.step % c.every == 0
             eval_now = last or state.step % e.every == 0
             log_now = state.step % t.log_every == 0 or save_now
             read = (lambda values, step=state.step, lr=scheduler.get_last_lr()[0], tokens=state.tokens:
                     log_train(values, step, lr, tokens))
-            be.finish_step(window.take() if log_now else None, read)  # on XLA the losses are read after the graph
+            # On XLA the losses are read after the graph ran. A stop asked on any process stops every one after
+            # the same step (on Neuron one step after the request reached the graphs); its losses are logged.
+            stop = be.finish_step(window.pending, read, log_now, self.stop_requested) or stop_after_reached
+            if log_now or stop:
+                window.clear()
+            save_now = save_now or stop
             bar.update()
             if eval_now:
                 eval_result = run_eval()
@@ -239,7 +245,8 @@ class Trainer:
                            time.perf_counter() - started)
 
     def stop_before(self) -> bool:
-        """Whether a stop was asked for (on any process: every rank calls it at the same points of the finish)."""
+        """Whether a stop was asked for on any process (every rank calls it at the same points of the finish, and
+        all get the same answer)."""
         return self.backend.agree_to_stop(self.stop_requested)
 
     # ------------------------------------------------------------------ set-up helpers
@@ -298,9 +305,9 @@ class LogWindow:
         self.pending.append(record)
         self.tokens += self.tokens_per_step
 
-    def take(self) -> list[Tensor]:
-        records, self.pending = self.pending, []
-        return records
+    def clear(self) -> None:
+        """Drop the records the backend was given to read."""
+        self.pending = []
 
     def tokens_per_s(self) -> float:
         """Tokens/s since the last log (the clock restarts after eval and checkpoints); starts a new window."""

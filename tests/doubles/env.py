@@ -134,9 +134,11 @@ class Env:
         return self.groups[key]
 
     def reduce(self, x: torch.Tensor, groups: Any, scale: float = 1.0) -> torch.Tensor:
-        """``xm.all_reduce(REDUCE_SUM, x, scale, groups)``: over this rank's group of `groups` (world 1: x)."""
+        """``xm.all_reduce(REDUCE_SUM, x, scale, groups)``: over this rank's group of `groups`, every rank when
+        `groups` is None or empty (torch-xla 2.9: one group of all replicas); world 1: x."""
         self.log.trace("all_reduce", groups, tuple(x.shape), x.dtype)
-        mine = next((g for g in (groups or [[self.rank()]]) if self.rank() in g), [self.rank()])
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        mine = next((g for g in (groups or [list(range(world))]) if self.rank() in g), [self.rank()])
         if len(mine) == 1:
             return x * scale
         out = x.detach().clone()

@@ -10,8 +10,9 @@
   (ValueError), syncs, meets the other ranks and returns every rank's payload;
 - ``xm.all_reduce`` with one replica in the world returns a clone and ignores ``scale``
   (as torch-xla 2.9 does unless ``XLA_ALWAYS_ALLREDUCE``); otherwise it sums over this
-  rank's group of ``groups`` (a gloo all-reduce when that group has several ranks: NxD's
-  pipeline group), out of place for a tensor, in place for a list of tensors;
+  rank's group of ``groups``, all ranks when ``groups`` is None (a gloo all-reduce when
+  that group has several ranks: NxD's pipeline group, the world), out of place for a
+  tensor, in place for a list of tensors;
 - the functions torch-xla 2.7 removed from ``xla_model`` (``xrt_world_size``,
   ``get_ordinal``) are absent (AttributeError), as is everything the double does not play;
 - the ``"xla"`` process-group backend (here gloo) comes with

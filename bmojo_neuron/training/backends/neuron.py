@@ -24,7 +24,8 @@ device:
   ``torch_xla.sync`` (`finish_step`). A single micro-batch and its update stay one graph.
   A step graph never grows with ``grad_accum`` (NxD's examples cut the same way).
   Nothing in the step reads a device value: losses are read by a step closure at log
-  steps, after the graph ran;
+  steps, after the graph ran; whether to stop is settled by a one-element all-reduce
+  in each step's graph, read one step later (`finish_step`);
 - eval and checkpoints run after the step's ``torch_xla.sync``, as graphs of their own; a
   checkpoint reads everything it saves in one host copy;
 - under ``neuron_parallel_compile``'s trial run (``NEURON_EXTRACT_GRAPHS_ONLY``, set
@@ -99,6 +100,8 @@ class NeuronBackend:
                                   grad_accum=r.train.grad_accum)
         self.stats: PipelineStats | None = None  # the last stage's loss hook under pp (set with the model)
         self.restored: dict[str, Tensor] = {}  # this rank's weights read on resume (ZeRO-1's fp32 masters)
+        self.stop_flag: tuple[bool, Tensor] | None = None  # this rank's wish to stop, as the step graphs take it
+        self.stop_votes: Tensor | None = None  # the last step graph's sum of the ranks' stop flags, unread
         # For the whole run (undone by `close`): the hot ops on NKI, and where the torch backend is chosen, its
         # blocked attention (what an XLA graph runs), never the CPU-only fused kernels.
         self.ops = contextlib.ExitStack()
@@ -220,12 +223,54 @@ class NeuronBackend:
         model.run_train(input_ids=batch["input_ids"], labels=batch["labels"])
         return self.rt.sum_over_pp(self.stats.train_losses(self.rt.device))
 
-    def finish_step(self, records: Sequence[Tensor] | None, read: Callable[[list[float]], None]) -> None:
-        """The step's final ``torch_xla.sync``; `read` runs as a step closure, after the graph executed (never in a
-        graph-extraction run: nothing there is worth reading)."""
-        if records and not self.rt.extracting:
-            self.rt.add_step_closure(lambda: read(torch.stack(self.rt.to_cpu(list(records))).mean(0).tolist()))
-        self.rt.sync()
+    def finish_step(self, records: Sequence[Tensor], read: Callable[[list[float]], None], log: bool,
+                    stop_requested: bool) -> bool:
+        """The step's final ``torch_xla.sync``, and whether every rank stops after this step.
+
+        At log steps `read` runs as a step closure, after the graph executed; at a stop step off the log cadence,
+        after the stop is settled (never in a graph-extraction run: nothing there is worth reading).
+        """
+        records, rt = list(records), self.rt
+        votes = self.vote_to_stop(stop_requested)
+        if log and records and not rt.extracting:
+            rt.add_step_closure(lambda: read(self.host_mean(records)))
+        rt.sync()
+        stop = self.settle_stop(stop_requested, votes)
+        if stop and not log and records and not rt.extracting:
+            read(self.host_mean(records))
+        return stop
+
+    def host_mean(self, records: list[Tensor]) -> list[float]:
+        return torch.stack(self.rt.to_cpu(records)).mean(0).tolist()
+
+    def vote_to_stop(self, requested: bool) -> Tensor | None:
+        """This rank's stop flag summed over every rank, traced into the pending step graph (None with one rank).
+
+        The flag is a one-element device tensor, a graph input: the step graph is the same whatever it holds,
+        and it is uploaded again only when this rank's wish changes.
+        """
+        if self.rt.world == 1:
+            return None
+        if self.stop_flag is None or self.stop_flag[0] != requested:
+            self.stop_flag = (requested, torch.tensor([float(requested)]).to(self.rt.device))
+        return self.rt.sum_over_world(self.stop_flag[1])
+
+    def settle_stop(self, requested: bool, votes: Tensor | None) -> bool:
+        """Whether the ranks stop after the step just queued: the previous step graph's sum of their flags.
+
+        Reading a device value waits for the graph that computed it: in torch-xla 2.9 a read takes the device
+        lock, which a queued graph holds only until it is handed to the runtime (``XLATensor::ToTensor``, then
+        PJRT's ``ExecuteComputation``, which returns without waiting for the execution), then awaits that
+        value's buffer. The previous step's graph ran while this step was traced, and this step's graph keeps the
+        device busy during the read, so no step waits on its own graph; a read of this step's sum would. Every
+        rank reads the same sum at the same step, so all stop together, one step after the request reached a
+        step graph (docs/trn1.md, Stopping a run). One rank needs no agreement; a graph-extraction run reads no
+        device value and goes by this rank's own flag.
+        """
+        if votes is None or self.rt.extracting:
+            return requested
+        previous, self.stop_votes = self.stop_votes, votes
+        return previous is not None and self.rt.to_cpu([previous])[0].item() > 0
 
     # ------------------------------------------------------------------ eval, checkpoints, export
 
@@ -260,13 +305,17 @@ class NeuronBackend:
         return run_dir / FINAL
 
     def agree_to_stop(self, requested: bool) -> bool:
-        """Whether to stop, as this process asked; ranks are not polled (docs/trn1.md, Stopping a run).
-
-        Polling every rank is a host round trip per step, which the step graphs are built to
-        avoid; the ranks of one job get a scheduler's SIGTERM together, and a rank that stops
-        one step apart from the others waits in the save's rendezvous until the grace period ends.
-        """
-        return requested
+        """Whether any rank asked to stop, the same answer on every rank, at once: a one-element all-reduce over
+        the world and a host read of it. The finish calls it a few times per run, with no step graph to keep busy;
+        the step loop settles its stops in `finish_step`. A graph-extraction run traces and cuts the same graph and
+        goes by this rank's own flag."""
+        if self.rt.world == 1:
+            return requested
+        votes = self.rt.sum_over_world(torch.tensor([float(requested)]).to(self.rt.device))
+        if self.rt.extracting:
+            self.rt.sync()
+            return requested
+        return self.rt.to_cpu([votes])[0].item() > 0
 
     def barrier(self, tag: str) -> None:
         self.rt.barrier(tag)
