@@ -361,6 +361,19 @@ def test_rendezvous_takes_bytes_and_all_replicas_only():
     assert env.log.rendezvous == ["tag"] and len(env.log.syncs) == 1
 
 
+def test_set_rng_state_takes_an_unsigned_64_bit_seed():
+    """torch-xla 2.9's ``xm.set_rng_state`` passes the seed to a pybind11 binding taking ``uint64_t``
+    (torch_xla/csrc/init_python_bindings.cpp ``_xla_set_rng_seed``): a negative, too large or float seed is a
+    TypeError there."""
+    xm = _doubles()["torch_xla.core.xla_model"]
+    for bad in (-1, 2**64, 1.5):
+        with pytest.raises(TypeError, match="incompatible function arguments"):
+            xm.set_rng_state(bad)
+    for good in (0, 2**64 - 1):
+        xm.set_rng_state(good)
+        assert xm.get_rng_state() == good
+
+
 def test_host_copies_inside_a_step_are_host_reads():
     """On XLA ``.cpu()`` and ``.numpy()`` of a device tensor run the pending graph and copy its value to the
     host, as ``.item()`` does: inside a step, each is a graph cut the step did not plan."""
