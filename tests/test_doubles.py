@@ -163,7 +163,55 @@ REAL_SIGNATURES = [
      "(*args, **kwargs)"),
     ("neuronx_distributed.pipeline", "NxDPPModel.load_state_dict", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.load_state_dict",
      "(state_dict, strict=True)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.local_named_buffers", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.local_named_buffers",
+     "(prefix='', recurse=True)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.local_named_modules", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.local_named_modules",
+     "(memo=None, prefix='', remove_duplicate=True)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.local_named_children", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.local_named_children",
+     "()"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.forward", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.forward",
+     "(*args, **kwargs)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.train", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.train",
+     "(*args, **kwargs)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.state_dict", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.state_dict",
+     "(*args, **kwargs)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.named_parameters", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.named_parameters",
+     "(*args, **kwargs)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.parameters", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.parameters",
+     "(*args, **kwargs)"),
+    ("neuronx_distributed.trainer.model", "NxDModel.original_module", "nxd:src/neuronx_distributed/trainer/model.py", "NxDModel.original_module",
+     "()"),
+    ("neuronx_distributed.trainer.model", "NxDModel.forward", "nxd:src/neuronx_distributed/trainer/model.py", "NxDModel.forward",
+     "(*args, **kwargs)"),
+    ("neuronx_distributed.trainer.model", "NxDModel.named_parameters", "nxd:src/neuronx_distributed/trainer/model.py", "NxDModel.named_parameters",
+     "(*args, **kwargs)"),
+    ("neuronx_distributed.trainer.model", "NxDModel.named_buffers", "nxd:src/neuronx_distributed/trainer/model.py", "NxDModel.named_buffers",
+     "(*args, **kwargs)"),
+    ("neuronx_distributed.trainer.model", "NxDModel.named_children", "nxd:src/neuronx_distributed/trainer/model.py", "NxDModel.named_children",
+     "()"),
+    ("neuronx_distributed.trainer.model", "NxDModel.named_modules", "nxd:src/neuronx_distributed/trainer/model.py", "NxDModel.named_modules",
+     "(*args, **kwargs)"),
+    ("neuronx_distributed.trainer.model", "NxDModel.state_dict", "nxd:src/neuronx_distributed/trainer/model.py", "NxDModel.state_dict",
+     "(*args, **kwargs)"),
+    ("neuronx_distributed.trainer.model", "NxDModel.load_state_dict", "nxd:src/neuronx_distributed/trainer/model.py", "NxDModel.load_state_dict",
+     "(state_dict, strict=True)"),
+    ("neuronx_distributed.trainer.optimizer", "NxDOptimizer.state_dict", "nxd:src/neuronx_distributed/trainer/optimizer.py", "NxDOptimizer.state_dict",
+     "()"),
+    ("neuronx_distributed.trainer.optimizer", "NxDOptimizer.load_state_dict", "nxd:src/neuronx_distributed/trainer/optimizer.py", "NxDOptimizer.load_state_dict",
+     "(state_dict)"),
 ]
+# What ``neuronx_distributed.parallel_layers`` holds (src/neuronx_distributed/parallel_layers/__init__.py, tag
+# v2.28.0): its imports, its own lists and the submodules a training run imports.
+NXD_PARALLEL_LAYERS_NAMES = {
+    "parallel_state", "load", "save", "clip_grad_norm", "ColumnParallelLinear", "ParallelEmbedding",
+    "RowParallelLinear", "parallel_cross_entropy", "copy_to_tensor_model_parallel_region",
+    "gather_from_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region",
+    "scatter_to_tensor_model_parallel_region", "initialize_model_parallel", "get_xla_rng_tracker",
+    "model_parallel_xla_manual_seed", "copy_tensor_model_parallel_attributes", "move_model_to_device",
+    "set_defaults_if_not_set_tensor_model_parallel_attributes", "set_tensor_model_parallel_attributes",
+    "split_tensor_along_last_dim", "PARALLEL_MODULES", "PARALLEL_FUNCTIONS",
+    "layers", "mappings", "loss_functions", "utils", "grads",
+}
 PLAIN_DOUBLES = {"neuronx_distributed.trainer"}  # also played by `nxd_api.spy_trainer`
 
 
@@ -317,6 +365,19 @@ def test_rendezvous_takes_bytes_and_all_replicas_only():
     assert env.log.syncs == [] and env.log.rendezvous == []
     assert xm.rendezvous("tag", b"x", [0]) == [b"x"]
     assert env.log.rendezvous == ["tag"] and len(env.log.syncs) == 1
+
+
+def test_set_rng_state_takes_an_unsigned_64_bit_seed():
+    """torch-xla 2.9's ``xm.set_rng_state`` passes the seed to a pybind11 binding taking ``uint64_t``
+    (torch_xla/csrc/init_python_bindings.cpp ``_xla_set_rng_seed``): a negative, too large or float seed is a
+    TypeError there."""
+    xm = _doubles()["torch_xla.core.xla_model"]
+    for bad in (-1, 2**64, 1.5):
+        with pytest.raises(TypeError, match="incompatible function arguments"):
+            xm.set_rng_state(bad)
+    for good in (0, 2**64 - 1):
+        xm.set_rng_state(good)
+        assert xm.get_rng_state() == good
 
 
 def test_host_copies_inside_a_step_are_host_reads():
@@ -630,3 +691,77 @@ def test_pipeline_inputs_share_their_batch_dimension(one_rank):
     model = _pipeline(env, modules, ["layers.0"])
     with pytest.raises(AssertionError, match="batch dimension does not match, 2 and 4"):
         model.run_train(x=torch.randn(2, 3), y=torch.randn(4, 3))
+
+
+def test_pipeline_model_wrapper_hands_buffer_arguments_to_the_stage(one_rank):
+    """NxD's ``NxDModel.named_buffers(*args, **kwargs)`` passes its arguments to ``NxDPPModel.local_named_buffers
+    (prefix, recurse)`` (trainer/model.py, pipeline/model.py at v2.28.0): the stage's own buffers only with
+    ``recurse=False``, named as in the original module."""
+    modules, env = _doubles_and_env()
+    env.grid.update(tp=1, pp=2, dp=1)
+    stack = _Stack()
+    stack.layers[0].register_buffer("scale", torch.ones(3))
+    pipeline = modules["neuronx_distributed.pipeline"].NxDPPModel(
+        stack, transformer_layer_cls=_Layer, pipeline_cuts=["layers.0"], input_names=["x", "y"],
+        output_loss_value_spec=True, return_loss_on_cpu=False)
+    model = modules["neuronx_distributed.trainer.model"].NxDModel(pipeline, {"pipeline_parallel_size": 2})
+    assert [name for name, _ in model.named_buffers()] == ["layers.0.scale"]
+    assert list(model.named_buffers(recurse=False)) == []
+    assert [name for name, _ in model.named_modules(prefix="stage")][0] == "stage"
+
+
+def test_nxd_parallel_layers_package_holds_only_nxd_names(monkeypatch):
+    """NxD's ``parallel_layers/__init__.py`` (v2.28.0) imports four of the mapping functions into the package;
+    ``scatter_to_sequence_parallel_region`` is only in ``parallel_layers.mappings``, so importing it from the
+    package is an ImportError there and must be one here."""
+    neuron_sdk.install(monkeypatch)
+    with pytest.raises(ImportError):
+        from neuronx_distributed.parallel_layers import scatter_to_sequence_parallel_region  # noqa: F401
+    from neuronx_distributed.parallel_layers.mappings import scatter_to_sequence_parallel_region  # noqa: F401
+    package = _doubles()["neuronx_distributed.parallel_layers"]
+    assert {n for n in vars(package) if not n.startswith("_")} <= NXD_PARALLEL_LAYERS_NAMES
+
+
+def _real_module_file(roots: dict[str, str], module: str) -> Path | None:
+    repo = "xla" if module.startswith("torch_xla") else "nxd"
+    base = Path(roots[repo]) / ("" if repo == "xla" else "src") / module.replace(".", "/")
+    return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.exists()), None)
+
+
+def _real_module_has(roots: dict[str, str], module: str, name: str, depth: int = 0) -> bool:
+    """Whether the real `module` defines `name`, imports it (``*`` imports followed), or has it as a submodule."""
+    path = _real_module_file(roots, module)
+    if path is None or depth > 6:
+        return False
+    if _real_module_file(roots, f"{module}.{name}"):
+        return True
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node in tree.body and node.name == name:
+            return True
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            return True
+        if isinstance(node, ast.Import) and any((a.asname or a.name.split(".")[0]) == name for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom):
+            parts = module.split(".")[: len(module.split(".")) - (path.name != "__init__.py") - max(node.level - 1, 0)]
+            source = ".".join(parts + [node.module or ""]).strip(".") if node.level else node.module or ""
+            for alias in node.names:
+                if alias.name == "*" and source.startswith(("torch_xla", "neuronx_distributed")):
+                    if _real_module_has(roots, source, name, depth + 1):
+                        return True
+                elif (alias.asname or alias.name) == name:
+                    return True
+    return False
+
+
+@pytest.mark.skipif(not os.environ.get("BMOJO_REAL_SOURCES"), reason="set BMOJO_REAL_SOURCES=nxd=DIR,xla=DIR")
+def test_every_name_a_double_module_holds_is_in_the_real_module():
+    roots = dict(item.split("=", 1) for item in os.environ["BMOJO_REAL_SOURCES"].split(","))
+    for module, double in _doubles().items():
+        extra = [n for n in vars(double) if not n.startswith("_") and not _real_module_has(roots, module, n)]
+        assert extra == [], f"{module} holds {extra}, the real module does not"
+    missing = [n for n in NXD_PARALLEL_LAYERS_NAMES
+               if not _real_module_has(roots, "neuronx_distributed.parallel_layers", n)]
+    assert missing == [], f"NXD_PARALLEL_LAYERS_NAMES holds {missing}, NxD's parallel_layers does not"

@@ -292,6 +292,22 @@ def test_device_eval_equals_the_cpu_evaluate(doubles):
     assert got == pytest.approx(want, rel=RTOL)
 
 
+def test_a_negative_seed_seeds_the_xla_generator_as_torch_reads_it(doubles):
+    """``run.seed`` may be negative (torch.manual_seed takes it as seed + 2**64); torch-xla's generator takes an
+    unsigned 64-bit seed only, so the runtime hands it the seed torch uses."""
+    from bmojo_neuron.training.neuron_runtime import NeuronRuntime
+
+    runtime = NeuronRuntime.start({})
+    try:
+        runtime.seed(-3)
+        torch.manual_seed(-3)
+        assert runtime.rng_state() == torch.initial_seed() == 2**64 - 3
+        runtime.seed(7)
+        assert runtime.rng_state() == 7
+    finally:
+        runtime.close()
+
+
 def test_local_tensor_shards_get_nxd_attributes(doubles):
     """At tp = 2 the Mamba tensors built at 1/tp size are marked for NxD's gradient norm; NxD's own layers
     (marked by NxD) and replicated tensors are left alone."""

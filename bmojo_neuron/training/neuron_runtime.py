@@ -146,7 +146,9 @@ class NeuronRuntime:
         self.xm.rendezvous(tag)
 
     def seed(self, seed: int) -> None:
-        self.xm.set_rng_state(seed)
+        """Seed the XLA generator with `seed` as torch.manual_seed reads it: torch-xla's binding takes an unsigned
+        64-bit seed only (a negative one is a TypeError), and torch maps a negative seed to ``seed + 2**64``."""
+        self.xm.set_rng_state(seed % 2**64)
 
     def rng_state(self) -> int:
         return int(self.xm.get_rng_state())

@@ -307,15 +307,17 @@ class NxDPPModel(nn.Module):
         for name, p in self.local_stage_modules[0].named_parameters(recurse=recurse):
             yield self.local_to_original[name.replace(CHECKPOINT_PREFIX, "")], p
 
-    def local_named_buffers(self) -> Iterator[tuple[str, Tensor]]:
-        for name, b in self.local_stage_modules[0].named_buffers():
-            yield self.local_to_original[name.replace(CHECKPOINT_PREFIX, "")], b
+    def local_named_buffers(self, prefix="", recurse=True):
+        # as NxD: names looked up as the stage module gives them (no checkpoint-wrapper prefix removed)
+        for name, b in self.local_stage_modules[0].named_buffers(prefix=prefix, recurse=recurse):
+            yield self.local_to_original[name], b
 
     def local_named_children(self) -> Iterator[tuple[str, nn.Module]]:
         yield from self.local_stage_modules[0].named_children()
 
-    def local_named_modules(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Module]]:
-        yield from self.local_stage_modules[0].named_modules(*args, **kwargs)
+    def local_named_modules(self, memo=None, prefix="", remove_duplicate=True):
+        yield from self.local_stage_modules[0].named_modules(memo=memo, prefix=prefix,
+                                                             remove_duplicate=remove_duplicate)
 
     def local_state_dict(self, *args, **kwargs):
         out = {}

@@ -96,7 +96,7 @@ class NxDModel(nn.Module):
         yield from self.module.named_parameters(*args, **kwargs)
 
     def named_buffers(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from (self.module.local_named_buffers() if self.pp_enabled
+        yield from (self.module.local_named_buffers(*args, **kwargs) if self.pp_enabled
                     else self.module.named_buffers(*args, **kwargs))
 
     def named_children(self) -> Iterator[tuple[str, nn.Module]]:
@@ -282,6 +282,12 @@ def nxd_checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT, 
     return NxDCheckpointWrapper(module, checkpoint_impl, checkpoint_fn, **checkpoint_fn_kwargs)
 
 
+# The mapping functions NxD's ``parallel_layers/__init__.py`` (v2.28.0) imports into the package: not
+# ``scatter_to_sequence_parallel_region``, which only ``parallel_layers.mappings`` holds.
+PACKAGE_MAPPINGS = ("copy_to_tensor_model_parallel_region", "gather_from_tensor_model_parallel_region",
+                    "reduce_from_tensor_model_parallel_region", "scatter_to_tensor_model_parallel_region")
+
+
 def nxd_modules(env: Env) -> dict[str, types.ModuleType]:
     """NxD's modules by import name, recording into ``env.log``."""
     initialize = _model_parallel_initializer(env)
@@ -295,7 +301,7 @@ def nxd_modules(env: Env) -> dict[str, types.ModuleType]:
     parallel_layers = fake_module("neuronx_distributed.parallel_layers", parallel_state=api[nxd_api.PARALLEL_STATE],
                                   layers=api[nxd_api.LAYERS], mappings=mappings, loss_functions=loss_functions,
                                   utils=utils, parallel_cross_entropy=loss_functions.parallel_cross_entropy,
-                                  **{k: v for k, v in vars(mappings).items() if not k.startswith("_")})
+                                  **{name: getattr(mappings, name) for name in PACKAGE_MAPPINGS})
     package = fake_module("neuronx_distributed", __version__="0.17.0+double", trainer=trainer,
                           parallel_layers=parallel_layers)
     env.nxd_packages[:] = [package, parallel_layers]  # what NxD's trace adds to autowrap_modules (with math, xm)

@@ -6,6 +6,7 @@
   ``typing_extensions.deprecated`` does) and, made by bmojo_neuron, is recorded in
   ``XlaLog.deprecated``; ``MpDeviceLoader``'s per-device iterator calls
   ``torch_xla.sync`` before every batch it hands out (``batches_per_execution=1``);
+- ``xm.set_rng_state`` takes an unsigned 64-bit seed only (TypeError otherwise, as its pybind11 binding);
 - ``xm.rendezvous`` takes a ``bytes`` payload only (TypeError) and all replicas only
   (ValueError), syncs, meets the other ranks and returns every rank's payload;
 - ``xm.all_reduce`` with one replica in the world returns a clone and ignores ``scale``
@@ -27,6 +28,7 @@ step's graph early.
 
 from __future__ import annotations
 
+import operator
 import sys
 import types
 import warnings
@@ -92,7 +94,11 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
         return log.rng
 
     def set_rng_state(seed, device=None):
-        log.rng = int(seed)
+        # torch-xla 2.9 hands the seed to ``_xla_set_rng_seed(uint64_t seed, ...)`` (csrc/init_python_bindings.cpp):
+        # pybind11 refuses a float or an int outside [0, 2**64) with a TypeError
+        if isinstance(seed, float) or not hasattr(seed, "__index__") or not 0 <= operator.index(seed) < 2**64:
+            raise TypeError(f"_xla_set_rng_seed(): incompatible function arguments (seed: uint64), got {seed!r}")
+        log.rng = operator.index(seed)
 
     def is_master_ordinal(local=True):
         return env.rank() == 0
