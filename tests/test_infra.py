@@ -582,8 +582,9 @@ def test_sbatch_precompiles_on_every_node_then_trains(tmp_path):
         assert bucket in call["argv"] and cache_args.cache_dir == cache
     for call in calls[1 + nodes:1 + 2 * nodes]:
         precompile = parse_cli(call["argv"])
+        # the multi-node trial run writes its shards next to run.output_dir: the shared run directory
         assert (precompile.recipe, precompile.overrides, precompile.nodes, precompile.cache_dir) == \
-            (recipe, overrides, nodes, cache)
+            (recipe, overrides + ["run.output_dir=/fsx/runs/1p4b"], nodes, cache)
         assert precompile.steps == 3 and precompile.master_port == 29500
         assert call["env"]["MASTER_ADDR"] == "trn1-dy-trn1-32xlarge-1"  # with SLURM_NODEID: the trial run's rank
     for rank, call in enumerate(calls[-nodes:]):
