@@ -10,6 +10,7 @@ either side fails here.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -681,6 +682,19 @@ def test_runbook_signal_advice_matches_the_script():
     text = (ROOT / "docs" / "trn1.md").read_text()
     assert not re.search(r"--signal=B:", text)
     assert "--signal=TERM@300" in text
+
+
+def test_reliability_report_help_runs_nothing(capsys, monkeypatch):
+    """`infra/reliability_report.py --help` prints its usage and exits: a run takes minutes and rewrites
+    docs/reliability.md."""
+    spec = importlib.util.spec_from_file_location("reliability_report", INFRA / "reliability_report.py")
+    report = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, report)  # its dataclasses look their module up there
+    spec.loader.exec_module(report)
+    report.cli = lambda *a, **k: pytest.fail("--help ran a case")
+    with pytest.raises(SystemExit) as exit_:
+        report.main(["--help"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: ")
 
 
 def test_sbatch_help():
