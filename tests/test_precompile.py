@@ -181,15 +181,16 @@ def test_missing_tool_names_the_neuron_packages(setup, capsys, monkeypatch):
 
 def test_multi_node_fills_in_master_and_rank(setup, capsys, monkeypatch):
     monkeypatch.chdir(setup["tmp"])  # the trial run dir goes next to the real one (runs/<name>) under the CWD
-    overrides = [o if not o.startswith("train.batch_size") else "train.batch_size=4" for o in setup["overrides"]]
-    code, _, err = precompile(capsys, setup, "--nodes", "2", overrides=overrides)
+    # several nodes need EFA, so trn1.32xlarge (dp 64: the global batch divides by it)
+    overrides = [o if not o.startswith("train.batch_size") else "train.batch_size=64" for o in setup["overrides"]]
+    code, _, err = precompile(capsys, setup, "--nodes", "2", "--instance", "trn1.32xlarge", overrides=overrides)
     assert code == 2 and "MASTER_ADDR" in err and not setup["record"].exists()
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
     monkeypatch.setenv("SLURM_NODEID", "5")
-    code, _, err = precompile(capsys, setup, "--nodes", "2", overrides=overrides)
+    code, _, err = precompile(capsys, setup, "--nodes", "2", "--instance", "trn1.32xlarge", overrides=overrides)
     assert code == 2 and "NODE_RANK" in err and "'5'" in err
     monkeypatch.setenv("SLURM_NODEID", "1")
-    code, out, _ = precompile(capsys, setup, "--nodes", "2", overrides=overrides)
+    code, out, _ = precompile(capsys, setup, "--nodes", "2", "--instance", "trn1.32xlarge", overrides=overrides)
     assert code == 0, out
     argv = recorded(setup)["argv"]
     assert argv[argv.index("--nnodes") + 1] == "2" and argv[argv.index("--node-rank") + 1] == "1"
@@ -200,10 +201,10 @@ def test_multi_node_fills_in_master_and_rank(setup, capsys, monkeypatch):
     monkeypatch.setenv("SLURM_NODEID", "0")
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SLURM_STEP_ID", "3")
-    assert precompile(capsys, setup, "--nodes", "2", overrides=overrides)[0] == 0
+    assert precompile(capsys, setup, "--nodes", "2", "--instance", "trn1.32xlarge", overrides=overrides)[0] == 0
     in_job = setup["tmp"] / "runs" / "precompile" / "bmojo-130m-slurm77.3"
     assert recorded(setup)["argv"][-1] == f"run.output_dir={in_job}" and not in_job.exists()
-    code, out, _ = precompile(capsys, setup, "--nodes", "2", "--dry-run", overrides=overrides)
+    code, out, _ = precompile(capsys, setup, "--nodes", "2", "--instance", "trn1.32xlarge", "--dry-run", overrides=overrides)
     assert code == 0 and "srun --nodes 2 --ntasks-per-node 1" in out and "bmojo-neuron precompile" in out
 
 
