@@ -380,12 +380,17 @@ def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str
     """Dotted keys whose values differ between a stored recipe and `current` and that `RESUMABLE_CHANGES`
     does not allow to change (both as `Recipe.record` gives them); a stored recipe without a key of
     `ADDED_KEYS` that `current` has was trained at that key's value there."""
+    return list(resume_conflict_values(saved, current))
+
+
+def resume_conflict_values(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """`resume_conflicts` with each key's (stored, current) value, so a refusal can say what to pass."""
     a, b = _flatten(saved), _flatten(current)
     for key, value in ADDED_KEYS.items():
         if key in b and key not in a:
             a[key] = value
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    return {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_CHANGES)}
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -10,6 +10,7 @@ traceback. The kill tests are run by the test suite; their figures are quoted.
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -124,7 +125,9 @@ def handled(done: subprocess.CompletedProcess) -> bool:
             and (first.startswith("error:") or first.startswith("bmojo-neuron: error:")))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    # Only --help: a run takes minutes and rewrites docs/reliability.md, so `--help` must not start one.
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

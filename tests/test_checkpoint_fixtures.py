@@ -20,7 +20,7 @@ import torch
 from baseline import UPDATE, environment
 from safetensors.torch import load_file
 
-from bmojo_neuron.checkpoints.convert import consolidate_checkpoint
+from bmojo_neuron.checkpoints.convert import consolidate_checkpoint, shard_checkpoint
 from bmojo_neuron.checkpoints.inference import load_trained
 from bmojo_neuron.recipes import load_recipe
 from bmojo_neuron.training import train
@@ -80,6 +80,16 @@ def test_the_sharded_fixture_consolidates_to_its_export(tmp_path):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     state = torch.load(out / "training_state.pt", weights_only=False)
     assert state["trainer_state"]["step"] == 3 and "lm_head.weight" not in state["optimizer"]
+
+
+@pytest.mark.parametrize("source", ["tp2-pp2", "tp2-pp2/step-0000003", "one-process/step-0000002"])
+def test_shard_refuses_a_run_or_checkpoint_and_names_consolidate(tmp_path, source):
+    """`checkpoint shard` takes one full copy: a run or a checkpoint (sharded, or one process's without the
+    consolidated training state) is refused naming `consolidate`, and nothing is written."""
+    with pytest.raises(ValueError, match=r"not one full copy of a model: convert it with `bmojo-neuron checkpoint "
+                                         r"consolidate .* FULL` first"):
+        shard_checkpoint(FIXTURES / source, tmp_path / "out", tp=1)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_fixture_trained_before_the_ssm_residual_default_will_not_resume_with_it(tmp_path):

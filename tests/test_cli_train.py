@@ -134,7 +134,8 @@ def test_dry_run_resume_makes_the_recipe_check_of_the_real_resume(capsys, tmp_pa
     argv = ["train", str(FIXTURES / "fixture.yaml"), "--resume", "--output-dir", str(run_dir), "--no-progress"]
     assert cli.main([*argv, "--dry-run"]) == 0
     assert f"output {run_dir}: resumes from step-0000002" in capsys.readouterr().out
-    refusal = f"error: cannot resume {run_dir / 'step-0000002'}: the recipe changed in model.hidden_size, optim.lr\n"
+    refusal = (f"error: cannot resume {run_dir / 'step-0000002'}: the recipe changed in model.hidden_size (8 in the "
+               "checkpoint, 16 now), optim.lr (0.003 in the checkpoint, 0.01 now)\n")
     changed = [*argv, "model.hidden_size=16", "optim.lr=0.01"]
     assert cli.main([*changed, "--dry-run"]) == 0  # a dry run reports problems, as for every other check
     assert f"output {run_dir}: PROBLEM: {refusal.removeprefix('error: ')}" in capsys.readouterr().out
@@ -216,12 +217,13 @@ def test_a_suite_whose_recipe_changed_is_refused_before_any_run_starts(capsys, t
     changed = ["train", str(recipe), "optim.lr=0.5", "train.steps=3", "run.jobs=2", "--resume", "--output-dir",
                str(out), "--no-progress"]
     assert cli.main([*changed, "--dry-run"]) == 0
+    change = "optim.lr (0.01 in the checkpoint, 0.5 now)"  # both values: the override to resume with is shown
     assert (f"output {out / 'second'}: PROBLEM: cannot resume {out / 'second' / 'step-0000002'}: the recipe changed "
-            "in optim.lr\n") in capsys.readouterr().out
+            f"in {change}\n") in capsys.readouterr().out
     code = cli.main(changed)
     err = capsys.readouterr().err
     assert code == 2, err
-    assert err == f"error: cannot resume {out / 'second' / 'step-0000002'}: the recipe changed in optim.lr\n"
+    assert err == f"error: cannot resume {out / 'second' / 'step-0000002'}: the recipe changed in {change}\n"
     assert not (out / "first").exists()  # the run that could start fresh did not start
     assert layout.latest_checkpoint(out / "second").name == "step-0000002"
 

@@ -10,6 +10,7 @@ either side fails here.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
@@ -582,8 +583,9 @@ def test_sbatch_precompiles_on_every_node_then_trains(tmp_path):
         assert bucket in call["argv"] and cache_args.cache_dir == cache
     for call in calls[1 + nodes:1 + 2 * nodes]:
         precompile = parse_cli(call["argv"])
+        # the multi-node trial run writes its shards next to run.output_dir: the shared run directory
         assert (precompile.recipe, precompile.overrides, precompile.nodes, precompile.cache_dir) == \
-            (recipe, overrides, nodes, cache)
+            (recipe, overrides + ["run.output_dir=/fsx/runs/1p4b"], nodes, cache)
         assert precompile.steps == 3 and precompile.master_port == 29500
         assert call["env"]["MASTER_ADDR"] == "trn1-dy-trn1-32xlarge-1"  # with SLURM_NODEID: the trial run's rank
     for rank, call in enumerate(calls[-nodes:]):
@@ -680,6 +682,19 @@ def test_runbook_signal_advice_matches_the_script():
     text = (ROOT / "docs" / "trn1.md").read_text()
     assert not re.search(r"--signal=B:", text)
     assert "--signal=TERM@300" in text
+
+
+def test_reliability_report_help_runs_nothing(capsys, monkeypatch):
+    """`infra/reliability_report.py --help` prints its usage and exits: a run takes minutes and rewrites
+    docs/reliability.md."""
+    spec = importlib.util.spec_from_file_location("reliability_report", INFRA / "reliability_report.py")
+    report = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, report)  # its dataclasses look their module up there
+    spec.loader.exec_module(report)
+    report.cli = lambda *a, **k: pytest.fail("--help ran a case")
+    with pytest.raises(SystemExit) as exit_:
+        report.main(["--help"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: ")
 
 
 def test_sbatch_help():

@@ -53,6 +53,15 @@ def test_host_estimate_is_the_measured_build_arithmetic():
     assert host_memory.build_waves(32, full, budget=1) == 32  # one rank at a time at the least
 
 
+def test_host_memory_measurement_reports_a_bad_recipe_in_one_error_line(capsys):
+    """docs/trn1.md's `python -m bmojo_neuron.launch.host_memory RECIPE`: a misspelt recipe or key is one
+    `error:` line and status 2 (as the CLI reports it), checked before any model is built."""
+    assert host_memory.main(["trn1/bmojo-130mm"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: recipe 'trn1/bmojo-130mm' not found") and err.count("\n") == 1
+    assert host_memory.main([]) == 2 and capsys.readouterr().err.startswith("usage: ")
+
+
 def test_one_device_build_runs_in_waves_and_hands_out_the_one_device_weights(doubles, monkeypatch):
     """Local rank 1 of 3, one rank per wave: it builds in the second wave (after the first rendezvous), every
     rank meets all three rendezvous, and the weights and the RNG afterwards are the one-device build's."""

@@ -170,8 +170,9 @@ def test_parallel_recipe_errors_come_before_any_work():
         check_parallel_recipe(_recipe("train.batch_size=3"), world=2)
     with pytest.raises(ValueError, match="parallel.sp"):
         check_parallel_recipe(_recipe("parallel.tp=3", "parallel.sp=true", "data.seq_len=32"), world=3)
-    with pytest.raises(ValueError, match="world size 1"):
-        check_parallel_recipe(_recipe("parallel.tp=2"), world=1)
+    # one process (a plain `bmojo-neuron train`): the error says how many ranks to start, and how
+    with pytest.raises(ValueError, match=r"world size 1\): launch it with torchrun --nproc-per-node 4 "):
+        check_parallel_recipe(_recipe("parallel.tp=2", "parallel.pp=2"), world=1)
 
 
 PP_BATCH, PP_MICROBATCHES = 4, 4

@@ -118,6 +118,17 @@ def test_master_port_outside_the_tcp_range_is_refused(port, capsys):
     assert "--master-port 65535 -m bmojo_neuron.cli train" in capsys.readouterr().out
 
 
+def test_several_trn1_2xlarge_nodes_are_refused_for_lack_of_efa(capsys):
+    """Neuron's Trn1 multi-node guide: EFA, which multi-node runs need, exists only on the 32xlarge size."""
+    argv = ["plan", "trn1/bmojo-130m", "train.batch_size=4", "--instance", "trn1.2xlarge"]
+    assert main([*argv, "--nodes", "2"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == ("error: --nodes 2 with --instance trn1.2xlarge: multi-node runs need EFA between the "
+                                 "nodes, which trn1.2xlarge lacks (Neuron's Trn1 multi-node setup guide); use "
+                                 "trn1.32xlarge\n")
+    assert main(argv) == 0  # one trn1.2xlarge plans
+
+
 @pytest.mark.parametrize("overrides, world, key", [
     (["data.block_size=2000"], 32, "data.block_size"),  # not a multiple of 128
     (["data.block_size=2176"], 32, "data.block_size"),  # 17 × 128, not a multiple of memory_chunk 256

@@ -32,10 +32,11 @@ from pathlib import Path
 argv = sys.argv[1:]
 flags = os.environ.get("NEURON_CC_FLAGS", "")
 cache = Path([f.split("=", 1)[1] for f in shlex.split(flags) if f.startswith("--cache_dir=")][-1])
+run_dir = Path([a.split("=", 1)[1] for a in argv if a.startswith("run.output_dir=")][0])
 Path(os.environ["FAKE_NPC_RECORD"]).write_text(json.dumps({{
     "argv": argv, "env": {{k: os.environ.get(k) for k in ("NEURON_CC_FLAGS", "NEURON_RT_NUM_CORES",
-                                                         "NEURON_RT_STOCHASTIC_ROUNDING_EN")}}}}))
-run_dir = Path([a.split("=", 1)[1] for a in argv if a.startswith("run.output_dir=")][0])
+                                                         "NEURON_RT_STOCHASTIC_ROUNDING_EN")}},
+    "run_dir_found": sorted(p.name for p in run_dir.iterdir()) if run_dir.exists() else None}}))
 run_dir.mkdir(parents=True, exist_ok=True)
 (run_dir / "metrics.jsonl").write_text("{{}}\n")  # what the trial training run writes
 
@@ -181,15 +182,16 @@ def test_missing_tool_names_the_neuron_packages(setup, capsys, monkeypatch):
 
 def test_multi_node_fills_in_master_and_rank(setup, capsys, monkeypatch):
     monkeypatch.chdir(setup["tmp"])  # the trial run dir goes next to the real one (runs/<name>) under the CWD
-    overrides = [o if not o.startswith("train.batch_size") else "train.batch_size=4" for o in setup["overrides"]]
-    code, _, err = precompile(capsys, setup, "--nodes", "2", overrides=overrides)
+    # several nodes need EFA, so trn1.32xlarge (dp 64: the global batch divides by it)
+    overrides = [o if not o.startswith("train.batch_size") else "train.batch_size=64" for o in setup["overrides"]]
+    code, _, err = precompile(capsys, setup, "--nodes", "2", "--instance", "trn1.32xlarge", overrides=overrides)
     assert code == 2 and "MASTER_ADDR" in err and not setup["record"].exists()
     monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
     monkeypatch.setenv("SLURM_NODEID", "5")
-    code, _, err = precompile(capsys, setup, "--nodes", "2", overrides=overrides)
+    code, _, err = precompile(capsys, setup, "--nodes", "2", "--instance", "trn1.32xlarge", overrides=overrides)
     assert code == 2 and "NODE_RANK" in err and "'5'" in err
     monkeypatch.setenv("SLURM_NODEID", "1")
-    code, out, _ = precompile(capsys, setup, "--nodes", "2", overrides=overrides)
+    code, out, _ = precompile(capsys, setup, "--nodes", "2", "--instance", "trn1.32xlarge", overrides=overrides)
     assert code == 0, out
     argv = recorded(setup)["argv"]
     assert argv[argv.index("--nnodes") + 1] == "2" and argv[argv.index("--node-rank") + 1] == "1"
@@ -200,11 +202,28 @@ def test_multi_node_fills_in_master_and_rank(setup, capsys, monkeypatch):
     monkeypatch.setenv("SLURM_NODEID", "0")
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SLURM_STEP_ID", "3")
-    assert precompile(capsys, setup, "--nodes", "2", overrides=overrides)[0] == 0
+    assert precompile(capsys, setup, "--nodes", "2", "--instance", "trn1.32xlarge", overrides=overrides)[0] == 0
     in_job = setup["tmp"] / "runs" / "precompile" / "bmojo-130m-slurm77.3"
     assert recorded(setup)["argv"][-1] == f"run.output_dir={in_job}" and not in_job.exists()
-    code, out, _ = precompile(capsys, setup, "--nodes", "2", "--dry-run", overrides=overrides)
+    code, out, _ = precompile(capsys, setup, "--nodes", "2", "--instance", "trn1.32xlarge", "--dry-run", overrides=overrides)
     assert code == 0 and "srun --nodes 2 --ntasks-per-node 1" in out and "bmojo-neuron precompile" in out
+
+
+def test_node_0_clears_a_trial_run_a_killed_precompile_left(setup, capsys, monkeypatch):
+    """The multi-node scratch folder's name is fixed (node count, or job step): a precompile killed during its
+    hours of compiling leaves a finished trial run there, which the next trial run would refuse. Node 0
+    removes it before the tool starts."""
+    monkeypatch.chdir(setup["tmp"])
+    overrides = [o if not o.startswith("train.batch_size") else "train.batch_size=64" for o in setup["overrides"]]
+    stale = setup["tmp"] / "runs" / "precompile" / "bmojo-130m-nodes2"
+    (stale / "step-0000003").mkdir(parents=True)
+    (stale / "metrics.jsonl").write_text("{}\n")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    code, out, _ = precompile(capsys, setup, "--nodes", "2", "--instance", "trn1.32xlarge", overrides=overrides)
+    assert code == 0, out
+    assert f"removing {stale}, left by an earlier precompile" in out
+    assert recorded(setup)["run_dir_found"] is None and not stale.exists()  # gone before the tool ran
 
 
 @pytest.mark.parametrize("extra, overrides, message", [

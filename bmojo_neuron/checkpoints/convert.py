@@ -86,6 +86,11 @@ def shard_checkpoint(source: str | Path, run_dir: str | Path, tp: int, pp: int =
     source, run_dir = Path(source), Path(run_dir)
     if tp < 1 or pp < 1:
         raise ValueError(f"--tp and --pp must be >= 1, got {tp}, {pp}")
+    if layout.has_run(source) or (source / layout.STATE_FILE).is_file():
+        # A checkpoint's files are shards or lack the consolidated training state: read as an export they
+        # would give a fresh step-0 optimizer, or no model at all.
+        raise ValueError(f"{source} is a training run or checkpoint, not one full copy of a model: convert it with "
+                         f"`bmojo-neuron checkpoint consolidate {source} FULL` first, then shard FULL")
     if not (source / layout.CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{source} has no {layout.CONFIG_FILE}: not a save_pretrained directory")
     if layout.has_run(run_dir):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from bmojo_neuron.configuration_bmojo import model_fields_as_trained
-from bmojo_neuron.recipes import resume_conflicts
+from bmojo_neuron.recipes import resume_conflict_values
 
 from .layout import CONFIG_FILE, PARALLEL_FILE, RECIPE_FILE, STATE_FILE
 
@@ -64,9 +64,14 @@ def resume_refusal(checkpoint: Path, saved: dict[str, Any], current: dict[str, A
         return _recipe_free_refusal(checkpoint)
     config_file = checkpoint / CONFIG_FILE
     saved_config = json.loads(config_file.read_text()) if config_file.exists() else None
-    diff = resume_conflicts({**saved, "model": model_fields_as_trained(saved.get("model") or {}, saved_config)},
-                            {**current, "model": model_fields_as_trained(current.get("model") or {}, None)})
-    return f"cannot resume {checkpoint}: the recipe changed in {', '.join(diff)}" if diff else None
+    diff = resume_conflict_values(
+        {**saved, "model": model_fields_as_trained(saved.get("model") or {}, saved_config)},
+        {**current, "model": model_fields_as_trained(current.get("model") or {}, None)})
+    if not diff:
+        return None
+    # Each key with both values: the override that makes the run resumable is then on the screen.
+    changes = ", ".join(f"{key} ({old!r} in the checkpoint, {new!r} now)" for key, (old, new) in diff.items())
+    return f"cannot resume {checkpoint}: the recipe changed in {changes}"
 
 
 def _recipe_free_refusal(checkpoint: Path) -> str:

@@ -111,6 +111,12 @@ def execute(job: TrialRun, tool: str, cache_url: str) -> int:
     with cache.use("precompile") if isinstance(cache, LocalCache) else contextlib.nullcontext():
         with s3_errors(cache_url):
             before = snapshot(_entries_or_none(cache))
+        if job.scratch and job.output_dir.exists():
+            # A multi-node scratch folder has a fixed name (job step or node count): one a killed precompile
+            # left would make the trial run refuse it as a finished run. Node 0 clears it before its torchrun
+            # starts, and no rank of any node writes before that torchrun's rendezvous.
+            print(f"removing {job.output_dir}, left by an earlier precompile", flush=True)
+            shutil.rmtree(job.output_dir)
         print(f"running: {shlex.join([TOOL, *job.argv])}", flush=True)
         try:
             code, mentioned = stream([tool, *job.argv], job.env)

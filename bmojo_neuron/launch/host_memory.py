@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import resource
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -86,10 +87,22 @@ def measure_build(recipe_name: str) -> dict[str, float]:
             "peak_mib": peak / MIB, "build_overhead": (peak - before) / (params * FP32)}
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> int:
+    """`python -m bmojo_neuron.launch.host_memory RECIPE` (docs/trn1.md): the measurement as JSON; a bad recipe
+    name or key is one `error:` line and status 2, as the CLI reports it."""
     import json
-    import sys
 
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m bmojo_neuron.launch.host_memory RECIPE (e.g. trn1/bmojo-130m)")
-    print(json.dumps(measure_build(sys.argv[1]), indent=2))
+    if len(argv) != 1:
+        print("usage: python -m bmojo_neuron.launch.host_memory RECIPE (e.g. trn1/bmojo-130m)", file=sys.stderr)
+        return 2
+    try:
+        measured = measure_build(argv[0])
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(measured, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

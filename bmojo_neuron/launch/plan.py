@@ -19,6 +19,10 @@ if TYPE_CHECKING:  # imported where used: `python -m bmojo_neuron.launch.host_me
 
 # NeuronCores (torchrun processes) per instance: 16 Trainium chips × 2 cores, or 1 chip × 2 cores.
 INSTANCES = {"trn1.32xlarge": 32, "trn1.2xlarge": 2}
+# Instances with EFA, which multi-node runs need: "EFA is currently not available on the smaller instances
+# sizes and they cannot be used for running multi-node jobs" (aws-neuron-sdk 3c46990d,
+# frameworks/torch/torch-neuronx/setup-trn1-multi-node-execution.rst, line 6).
+MULTI_NODE_INSTANCES = ("trn1.32xlarge",)
 DEFAULT_INSTANCE = "trn1.32xlarge"
 DEFAULT_CACHE_DIR = "/var/tmp/neuron-compile-cache"  # the Neuron compiler's default cache
 DEFAULT_MASTER_PORT = 29500
@@ -235,6 +239,10 @@ def build_plan(recipe: Any, recipe_arg: str, overrides: Sequence[str] = (), node
         raise ValueError(f"--instance {instance!r}: choose one of {', '.join(INSTANCES)}")
     if nodes < 1:
         raise ValueError(f"--nodes is {nodes}; must be >= 1")
+    if nodes > 1 and instance not in MULTI_NODE_INSTANCES:
+        raise ValueError(f"--nodes {nodes} with --instance {instance}: multi-node runs need EFA between the nodes, "
+                         f"which {instance} lacks (Neuron's Trn1 multi-node setup guide); use "
+                         f"{' or '.join(MULTI_NODE_INSTANCES)}")
     if not 1 <= master_port <= MAX_PORT:  # torchrun would only fail at rendezvous, on every node
         raise ValueError(f"--master-port is {master_port}; must be a TCP port, 1..{MAX_PORT}")
     cores = INSTANCES[instance]

@@ -59,6 +59,10 @@ def wants_parallel(recipe: Any) -> bool:
 def check_parallel_recipe(recipe: Any, world: int) -> ParallelLayout:
     """Fail fast, before any process group or weights exist, on degrees this trainer cannot run."""
     p, t = recipe.parallel, recipe.train
+    if world == 1 and p.tp * p.pp > 1:  # a plain `bmojo-neuron train`: say how to start the ranks
+        raise ValueError(f"parallel.tp × parallel.pp = {p.tp} × {p.pp} needs {p.tp * p.pp} ranks and this is one "
+                         f"process (world size 1): launch it with torchrun --nproc-per-node {p.tp * p.pp} "
+                         "-m bmojo_neuron.cli train RECIPE ... (docs/parallel.md)")
     layout = ParallelLayout.from_world(world, p.tp, p.pp)
     if p.pp == 1 and p.microbatches != 1:
         raise ValueError("parallel.microbatches only applies to pipeline parallelism (parallel.pp > 1); "
