@@ -387,7 +387,13 @@ def test_overrides_may_follow_options(capsys):
 def test_stray_arguments_after_options_are_still_refused(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["plan", "trn1/bmojo-130m", "--json", "--nodez", "2"])
-    assert exc.value.code == 2 and "unrecognized arguments: --nodez 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "unrecognized arguments: --nodez 2" in err
+    # the usage shown is the command's, which lists the options it does take
+    assert err.startswith("usage: bmojo-neuron plan ") and "--nodes NODES" in err
+    with pytest.raises(SystemExit):  # a subcommand's action too
+        cli.main(["checkpoint", "consolidate", "run", "out", "--bogus"])
+    assert capsys.readouterr().err.startswith("usage: bmojo-neuron checkpoint consolidate ")
     with pytest.raises(SystemExit):  # a command without overrides takes no key=value
         cli.main(["info", "run.seed=1"])
 
