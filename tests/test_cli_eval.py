@@ -93,6 +93,12 @@ def test_training_devices_include_neuron():
     assert resolve_device("neuron").type == "xla"
 
 
+def test_generate_on_an_mqar_model_says_its_tokens_are_not_text(run, capsys):
+    assert _error(capsys, ["generate", str(run), "--prompt", "hello", "--device", "cpu"]) == (
+        "error: the prompt has token id 111, outside this model's vocabulary (16); this model was trained on MQAR "
+        "(data.kind: mqar), whose tokens are task ids, not text: `bmojo-neuron eval` and `inspect` measure it")
+
+
 @pytest.mark.parametrize("new_ids, note", [
     ([5, 6, 7], ""),
     ([5, 0], "note: stopped after 2 of 3 new tokens: the model generated its end-of-sequence token\n"),
