@@ -458,15 +458,16 @@ def resolve_recipe_path(path_or_name: str) -> Path:
         return candidate
     name = path_or_name if path_or_name.endswith((".yaml", ".yml")) else f"{path_or_name}.yaml"
     name = name.removeprefix(f"{RECIPE_DIR}/")
-    roots = [Path.cwd() / RECIPE_DIR, repository_root() / RECIPE_DIR]
+    # one folder when the current directory is the checkout, so the message names it once
+    roots = list(dict.fromkeys([Path.cwd() / RECIPE_DIR, repository_root() / RECIPE_DIR]))
     for root in roots:
         if (root / name).is_file():
             return root / name
     known = sorted({str(p.relative_to(r))[: -len(".yaml")] for r in roots if r.is_dir() for p in r.rglob("*.yaml")})
-    raise FileNotFoundError(
-        f"recipe {path_or_name!r} not found: not a file, and no {name} under {', '.join(map(str, roots))}; "
-        f"known recipes: {', '.join(known) or 'none'}"
-    )
+    # an absolute path is looked up nowhere else, so "no /abs/x.yaml under recipes/" would mislead
+    where = "no such file" if candidate.is_absolute() else (
+        f"not a file, and no {name} under {', '.join(map(str, roots))}")
+    raise FileNotFoundError(f"recipe {path_or_name!r} not found: {where}; known recipes: {', '.join(known) or 'none'}")
 
 
 def repository_root() -> Path:

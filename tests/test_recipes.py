@@ -371,6 +371,13 @@ def test_a_shipped_recipe_path_resolves_from_any_folder(tmp_path, monkeypatch, c
     assert "== " in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match=r"recipe 'recipes/nosuch.yaml' not found: not a file, and no nosuch"):
         resolve_recipe_path("recipes/nosuch.yaml")
+    with pytest.raises(FileNotFoundError, match=r"^recipe '/nowhere/x.yaml' not found: no such file; known recipes: "):
+        resolve_recipe_path("/nowhere/x.yaml")
+    monkeypatch.chdir(repository_root())  # the checkout's recipes/ is both places looked in: named once
+    with pytest.raises(FileNotFoundError) as missing:
+        resolve_recipe_path("nosuch")
+    assert str(missing.value).count(str(repository_root() / "recipes")) == 1
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "recipes" / "priming").mkdir(parents=True)  # a file of that path here is used as it is
     (tmp_path / "recipes" / "priming" / "cpu-mqar-source.yaml").write_text("run: {name: mine}\n")
     assert resolve_recipe_path("recipes/priming/cpu-mqar-source.yaml").resolve() == (
