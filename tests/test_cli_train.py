@@ -324,6 +324,25 @@ def test_data_prepare_builds_the_cache_once(capsys, tmp_path):
     assert "(already there)" in capsys.readouterr().out and list(cache.glob("text-*")) == entries
 
 
+def test_data_prepare_builds_the_cache_where_train_reads_it(capsys, tmp_path, monkeypatch):
+    """A run's text cache is ``<its output dir>/../data-cache``: `train --output-dir DIR` reads DIR/../data-cache,
+    a comparison's or suite's runs DIR/data-cache. `data prepare` with the same --output-dir builds it there."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "pair.yaml"
+    recipe.write_text("data: {kind: text, block_size: 512}\n"
+                      "compare: {name: fast, overrides: {optim.lr: 0.002}}\n")
+    for name, out, cache in [("cpu-text", tmp_path / "exp" / "one", tmp_path / "exp" / "data-cache"),
+                             (str(recipe), tmp_path / "pair", tmp_path / "pair" / "data-cache")]:
+        assert cli.main(["train", name, "--dry-run", "--output-dir", str(out)]) == 0
+        assert f"tokenized and packed into {cache} on first use" in capsys.readouterr().out
+        assert cli.main(["data", "prepare", name, "--output-dir", str(out)]) == 0
+        printed = capsys.readouterr().out
+        entries = list(cache.glob("text-*"))
+        assert len(entries) == 1 and f"{entries[0].resolve()} (built now)" in printed
+        assert printed.count("built now") == 1  # the comparison's two runs read one cache: built once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "pair", "pair.yaml"]  # no runs/ in the cwd
+
+
 def test_data_prepare_has_nothing_to_do_for_mqar(capsys):
     assert cli.main(["data", "prepare", "cpu-tiny"]) == 0
     assert "nothing to prepare" in capsys.readouterr().out

@@ -187,7 +187,7 @@ def data_line(recipe: Any) -> str:
     if kind == "packed":
         return f"{source}: packed blocks (save_to_disk), read as they are"
     return (f"{source} ({kind}): tokenized and packed into {d.cache_dir} on first use; build it once ahead with "
-            "`bmojo-neuron data prepare` before launching many ranks")
+            "`bmojo-neuron data prepare` (the same overrides and --output-dir) before launching many ranks")
 
 
 @register_command("train", help="train a recipe (default cpu-tiny: B'MOJO and its SSM baseline on MQAR)",
