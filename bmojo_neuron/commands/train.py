@@ -190,7 +190,7 @@ def data_line(recipe: Any) -> str:
             "`bmojo-neuron data prepare` (the same overrides and --output-dir) before launching many ranks")
 
 
-@register_command("train", help="train a recipe (default cpu-tiny: B'MOJO and its SSM baseline on MQAR)",
+@register_command("train", help="train a recipe (default cpu-tiny: B'MOJO against B'MOJO-F and Mamba on MQAR)",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
     name, overrides = recipe_and_overrides(args)
