@@ -705,8 +705,11 @@ def _normalise_overrides(overrides: Mapping[str, Any] | Sequence[str]) -> list[t
     for key, value in pairs:
         if key in SWITCHABLE:
             if not (value is None or value is False or value == "none"):
+                # compare is a section with keys; a suite is a list, whose entries only the recipe file sets
+                how = (f"change one of its keys with {key}.name=... or {key}.overrides=..." if key == "compare"
+                       else "its entries are set in the recipe file")
                 raise ValueError(f"override {key!r}: {key}=none is the only value accepted (it drops the recipe's "
-                                 f"{key}); change one of its keys with {key}.name=... or {key}.overrides=...")
+                                 f"{key}); {how}")
             continue
         section, _, sub = key.partition(".")
         if not sub or "." in sub:

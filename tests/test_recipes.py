@@ -197,7 +197,10 @@ def test_validation_errors_name_the_key(document: dict, match: str) -> None:
         ("train.steps=ten", r"recipe key train.steps: must be an integer"),
         ("optim.lr=.inf", r"recipe key optim.lr: must be a finite number, got inf"),
         ("model.hidden_size=abc", r"recipe key model.hidden_size: must be an integer, got str 'abc'"),
-        ("compare=yes", r"override 'compare': compare=none is the only value accepted"),
+        ("compare=yes", r"override 'compare': compare=none is the only value accepted \(it drops the recipe's "
+                        r"compare\); change one of its keys with compare.name=... or compare.overrides=...$"),
+        ("suite=[]", r"^override 'suite': suite=none is the only value accepted \(it drops the recipe's suite\); "
+                     r"its entries are set in the recipe file$"),  # suite.name=... is no override: a list has no keys
         ("compare.name=", r"recipe key compare.name: must be a string, got NoneType"),
         ("optim.betas=[0.9", r"^override 'optim.betas=\[0.9': not valid YAML: while parsing a flow sequence, "
                              r"expected ',' or '\]', but got '<stream end>' \(at character 5 of the value\)$"),
