@@ -173,6 +173,24 @@ def write_suite(path: Path) -> Path:
     return path
 
 
+def test_a_suite_is_not_trained_into_a_run_directory(capsys, tmp_path):
+    """A suite's runs go into <output dir>/<name>: an output dir holding a run of its own (one model of a suite,
+    given to continue it) is refused, naming the command that continues that run, instead of a fresh suite
+    inside it."""
+    recipe, run = write_suite(tmp_path / "suite.yaml"), tmp_path / "first"
+    (run / "step-0000002").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    argv = ["train", str(recipe), "--output-dir", str(run), "--no-progress"]
+    problem = (f"{run} holds a run of its own, and this recipe's suite trains into {run}/<name>; to continue that "
+               f"run, train it alone: bmojo-neuron train {run / 'recipe.json'} --resume --output-dir {run}")
+    for extra in ([], ["--resume"]):
+        assert cli.main([*argv, *extra]) == 2
+        assert capsys.readouterr().err == f"error: {problem}\n"
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "step-0000002"]
+    assert cli.main([*argv, "--dry-run"]) == 0
+    assert f"output: PROBLEM: {problem}\n" in capsys.readouterr().out
+
+
 def test_a_parallel_recipe_at_one_rank_runs_without_a_launcher(tmp_path):
     """ZeRO-1 over one rank shards nothing; run as a plain process (no torchrun, so no MASTER_ADDR) it forms
     a one-rank group of its own and logs the losses of the run without it."""

@@ -139,6 +139,9 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[s
     from bmojo_neuron.preflight import describe_output, space_need
     from bmojo_neuron.recipes import count_parameters
 
+    problem = suite_root_problem(recipe, runs)
+    if problem:
+        lines.append(f"output: PROBLEM: {problem}")
     for variant, run_dir in runs:
         latest = latest_checkpoint(run_dir)
         if resume:
@@ -162,6 +165,25 @@ def init_line(recipe: Any) -> str:
     except FileNotFoundError as error:
         return f"PROBLEM: {error}"
     return f"{recipe.init.weights}: ok"
+
+
+def suite_root_problem(recipe: Any, runs: list[tuple[Any, Path]]) -> str | None:
+    """Why a suite or comparison may not train into its output dir, or None.
+
+    Its runs go into ``<output dir>/<name>``, so an output dir that holds a run of its own is most likely
+    that run, given to continue it (one model of cpu-tiny's suite, say): training the recipe there would
+    start every model of the suite afresh inside it.
+    """
+    if not (recipe.suite or recipe.compare is not None):
+        return None
+    from bmojo_neuron.checkpoints.layout import has_run
+
+    root = runs[0][1].parent
+    if not has_run(root):
+        return None
+    what = "suite" if recipe.suite else "comparison"
+    return (f"{root} holds a run of its own, and this recipe's {what} trains into {root}/<name>; to continue "
+            f"that run, train it alone: bmojo-neuron train {root / 'recipe.json'} --resume --output-dir {root}")
 
 
 def resume_line(recipe: Any, checkpoint: Path) -> str:
@@ -213,6 +235,9 @@ def run(args: argparse.Namespace) -> int:
     runs = plan_runs(recipe, args.output_dir)
     for variant, _ in runs:  # check every run before the first long one starts
         variant.check()
+    problem = suite_root_problem(recipe, runs)
+    if problem:
+        raise ValueError(problem)
     if args.resume:
         check_resumable(runs)
     if main:  # data there, output writable, room on disk
