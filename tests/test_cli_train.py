@@ -182,13 +182,31 @@ def test_a_suite_is_not_trained_into_a_run_directory(capsys, tmp_path):
     (run / "metrics.jsonl").write_text("")
     argv = ["train", str(recipe), "--output-dir", str(run), "--no-progress"]
     problem = (f"{run} holds a run of its own, and this recipe's suite trains into {run}/<name>; to continue that "
-               f"run, train it alone: bmojo-neuron train {run / 'recipe.json'} --resume --output-dir {run}")
+               f"run, train it alone: bmojo-neuron train {run / 'recipe.json'} suite=none --resume --output-dir {run}")
     for extra in ([], ["--resume"]):
         assert cli.main([*argv, *extra]) == 2
         assert capsys.readouterr().err == f"error: {problem}\n"
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "step-0000002"]
     assert cli.main([*argv, "--dry-run"]) == 0
     assert f"output: PROBLEM: {problem}\n" in capsys.readouterr().out
+
+
+def test_a_suite_run_stores_the_recipe_of_that_run_alone(capsys, tmp_path):
+    """Each run of a suite stores its own recipe, without the suite: its recipe.json (the resume command that
+    a damaged export names) resumes that run in its directory, not a new suite inside it."""
+    recipe, out = write_suite(tmp_path / "suite.yaml"), tmp_path / "out"
+    assert cli.main(["train", str(recipe), "run.jobs=1", "--output-dir", str(out), "--no-progress"]) == 0
+    second = out / "second"
+    stored = json.loads((second / "recipe.json").read_text())
+    assert "suite" not in stored and "compare" not in stored
+    assert (stored["run"]["name"], stored["model"]["layer_pattern"]) == ("second", "MM")
+    capsys.readouterr()
+    argv = ["train", str(second / "recipe.json"), "--resume", "--output-dir", str(second), "--no-progress"]
+    assert cli.main([*argv, "--dry-run"]) == 0
+    assert f"output {second}: resumes from step-0000002\n" in capsys.readouterr().out
+    assert cli.main(argv) == 0  # a finished run: redoes the length eval and the export, nothing else
+    assert not (second / "first").exists() and not (second / "second").exists()
+    assert layout.latest_checkpoint(second).name == "step-0000002" and (second / "final").is_dir()
 
 
 def test_a_parallel_recipe_at_one_rank_runs_without_a_launcher(tmp_path):

@@ -181,9 +181,11 @@ def suite_root_problem(recipe: Any, runs: list[tuple[Any, Path]]) -> str | None:
     root = runs[0][1].parent
     if not has_run(root):
         return None
-    what = "suite" if recipe.suite else "comparison"
+    what, key = ("suite", "suite") if recipe.suite else ("comparison", "compare")
+    # `<key>=none`: a run stored by a version that kept the suite in each run's recipe.json trains alone too
     return (f"{root} holds a run of its own, and this recipe's {what} trains into {root}/<name>; to continue "
-            f"that run, train it alone: bmojo-neuron train {root / 'recipe.json'} --resume --output-dir {root}")
+            f"that run, train it alone: bmojo-neuron train {root / 'recipe.json'} {key}=none --resume "
+            f"--output-dir {root}")
 
 
 def resume_line(recipe: Any, checkpoint: Path) -> str:
