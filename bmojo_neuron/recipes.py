@@ -54,15 +54,20 @@ def parse_yaml_value(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """PyYAML's error on one line: what it was parsing, what it found, and where in the value
-    (its own message spans several lines, with the text quoted and a caret under the column)."""
+def _yaml_problem(err: yaml.YAMLError, in_file: bool = False) -> str:
+    """PyYAML's error on one line: what it was parsing, what it found, and where in the value (an override)
+    or the file (its own message spans several lines, with the text quoted and a caret under the column)."""
     problem = getattr(err, "problem", None)
     if problem is None:
         return " ".join(str(err).split())
     context = getattr(err, "context", None)
     mark = getattr(err, "problem_mark", None)
-    where = f" (at character {mark.column + 1} of the value)" if mark is not None and mark.line == 0 else ""
+    if mark is None:
+        where = ""
+    elif in_file:
+        where = f" (line {mark.line + 1}, column {mark.column + 1})"
+    else:
+        where = f" (at character {mark.column + 1} of the value)" if mark.line == 0 else ""
     return f"{context + ', ' if context else ''}{problem}{where}"
 
 
@@ -436,7 +441,7 @@ def _read_document(path: Path) -> dict[str, Any]:
     try:
         document = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except yaml.YAMLError as err:
-        raise ValueError(f"recipe {path}: not valid YAML: {err}") from None
+        raise ValueError(f"recipe {path}: not valid YAML: {_yaml_problem(err, in_file=True)}") from None
     if document is None:
         document = {}
     if not isinstance(document, dict):

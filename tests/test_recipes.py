@@ -213,6 +213,15 @@ def test_bad_overrides(override: str, match: str) -> None:
         load_recipe("cpu-tiny", [override])
 
 
+def test_a_recipe_file_that_is_not_yaml_is_one_line_naming_where(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: {name: x}\ntrain: {steps: 5\n")
+    with pytest.raises(ValueError) as err:
+        load_recipe(str(bad))
+    assert str(err.value) == (f"recipe {bad}: not valid YAML: while parsing a flow mapping, expected ',' or '}}', "
+                              "but got '<stream end>' (line 3, column 1)")
+
+
 def test_text_path_is_not_checked_at_parse_time() -> None:
     recipe = Recipe.from_dict({"data": {"kind": "text", "path": "/definitely/missing"}})
     assert recipe.data.path == "/definitely/missing"
