@@ -182,7 +182,7 @@ def suite_root_problem(recipe: Any, runs: list[tuple[Any, Path]]) -> str | None:
     if not has_run(root):
         return None
     what, key = ("suite", "suite") if recipe.suite else ("comparison", "compare")
-    # `<key>=none`: a run stored by a version that kept the suite in each run's recipe.json trains alone too
+    # `<key>=none`: the run trains alone even where its recipe.json carries the suite
     return (f"{root} holds a run of its own, and this recipe's {what} trains into {root}/<name>; to continue "
             f"that run, train it alone: bmojo-neuron train {root / 'recipe.json'} {key}=none --resume "
             f"--output-dir {root}")
