@@ -19,7 +19,7 @@ def generate_text(trained: Trained, prompt: str, max_new_tokens: int, greedy: bo
         raise ValueError("the prompt encodes to no tokens")
     if max(ids) >= vocab:
         raise ValueError(f"the prompt has token id {max(ids)}, outside this model's vocabulary ({vocab}); "
-                         f"was it trained with tokenizer {trained.tokenizer!r}?")
+                         + _vocabulary_hint(trained))
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)
     try:
@@ -34,3 +34,11 @@ def generate_text(trained: Trained, prompt: str, max_new_tokens: int, greedy: bo
                              **options)
     new = out[0, len(ids):].tolist()
     return new, tokenizer.decode(new)
+
+
+def _vocabulary_hint(trained: Trained) -> str:
+    """Why a prompt may not fit the model: an MQAR model reads task token ids, not text, which no tokenizer helps."""
+    if (trained.recipe.get("data") or {}).get("kind") == "mqar":
+        return ("this model was trained on MQAR (data.kind: mqar), whose tokens are task ids, not text: "
+                "`bmojo-neuron eval` and `inspect` measure it")
+    return f"was it trained with tokenizer {trained.tokenizer!r}?"

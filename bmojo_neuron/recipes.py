@@ -54,15 +54,20 @@ def parse_yaml_value(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """PyYAML's error on one line: what it was parsing, what it found, and where in the value
-    (its own message spans several lines, with the text quoted and a caret under the column)."""
+def _yaml_problem(err: yaml.YAMLError, in_file: bool = False) -> str:
+    """PyYAML's error on one line: what it was parsing, what it found, and where in the value (an override)
+    or the file (its own message spans several lines, with the text quoted and a caret under the column)."""
     problem = getattr(err, "problem", None)
     if problem is None:
         return " ".join(str(err).split())
     context = getattr(err, "context", None)
     mark = getattr(err, "problem_mark", None)
-    where = f" (at character {mark.column + 1} of the value)" if mark is not None and mark.line == 0 else ""
+    if mark is None:
+        where = ""
+    elif in_file:
+        where = f" (line {mark.line + 1}, column {mark.column + 1})"
+    else:
+        where = f" (at character {mark.column + 1} of the value)" if mark.line == 0 else ""
     return f"{context + ', ' if context else ''}{problem}{where}"
 
 
@@ -441,7 +446,7 @@ def _read_document(path: Path) -> dict[str, Any]:
     try:
         document = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except yaml.YAMLError as err:
-        raise ValueError(f"recipe {path}: not valid YAML: {err}") from None
+        raise ValueError(f"recipe {path}: not valid YAML: {_yaml_problem(err, in_file=True)}") from None
     if document is None:
         document = {}
     if not isinstance(document, dict):
@@ -463,15 +468,16 @@ def resolve_recipe_path(path_or_name: str) -> Path:
         return candidate
     name = path_or_name if path_or_name.endswith((".yaml", ".yml")) else f"{path_or_name}.yaml"
     name = name.removeprefix(f"{RECIPE_DIR}/")
-    roots = [Path.cwd() / RECIPE_DIR, repository_root() / RECIPE_DIR]
+    # one folder when the current directory is the checkout, so the message names it once
+    roots = list(dict.fromkeys([Path.cwd() / RECIPE_DIR, repository_root() / RECIPE_DIR]))
     for root in roots:
         if (root / name).is_file():
             return root / name
     known = sorted({str(p.relative_to(r))[: -len(".yaml")] for r in roots if r.is_dir() for p in r.rglob("*.yaml")})
-    raise FileNotFoundError(
-        f"recipe {path_or_name!r} not found: not a file, and no {name} under {', '.join(map(str, roots))}; "
-        f"known recipes: {', '.join(known) or 'none'}"
-    )
+    # an absolute path is looked up nowhere else, so "no /abs/x.yaml under recipes/" would mislead
+    where = "no such file" if candidate.is_absolute() else (
+        f"not a file, and no {name} under {', '.join(map(str, roots))}")
+    raise FileNotFoundError(f"recipe {path_or_name!r} not found: {where}; known recipes: {', '.join(known) or 'none'}")
 
 
 def repository_root() -> Path:
@@ -709,8 +715,11 @@ def _normalise_overrides(overrides: Mapping[str, Any] | Sequence[str]) -> list[t
     for key, value in pairs:
         if key in SWITCHABLE:
             if not (value is None or value is False or value == "none"):
+                # compare is a section with keys; a suite is a list, whose entries only the recipe file sets
+                how = (f"change one of its keys with {key}.name=... or {key}.overrides=..." if key == "compare"
+                       else "its entries are set in the recipe file")
                 raise ValueError(f"override {key!r}: {key}=none is the only value accepted (it drops the recipe's "
-                                 f"{key}); change one of its keys with {key}.name=... or {key}.overrides=...")
+                                 f"{key}); {how}")
             continue
         section, _, sub = key.partition(".")
         if not sub or "." in sub:

@@ -4,7 +4,7 @@
 
 Each case runs `bmojo-neuron` in a fresh process and is handled when the command
 exits with status 2, its error output starts with ``error:`` (argparse's own
-``usage:`` line and ``bmojo-neuron: error:`` for a bad option) and holds no
+``usage:`` line and ``bmojo-neuron COMMAND: error:`` for a bad option) and holds no
 traceback. The kill tests are run by the test suite; their figures are quoted.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -122,7 +123,7 @@ def handled(done: subprocess.CompletedProcess) -> bool:
              if line.strip() and not line.startswith(("warning:", "usage:", " "))]
     first = lines[0] if lines else ""
     return (done.returncode == 2 and "Traceback" not in done.stderr
-            and (first.startswith("error:") or first.startswith("bmojo-neuron: error:")))
+            and (first.startswith("error:") or re.match(r"bmojo-neuron( [a-z-]+)*: error:", first) is not None))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -377,6 +377,15 @@ def test_ci_runs_the_readme_test_command():
     assert extracted[0] == 'pip install torch==2.13.0 && pip install -e ".[dev]" && python -m pytest -q'
 
 
+def test_readme_lists_every_command():
+    readme = (ROOT / "README.md").read_text()
+    table = re.search(r"^## Commands\n(.*?)(?=^## )", readme, re.S | re.M)
+    assert table, "README has no '## Commands' section"
+    cli.build_parser()
+    listed = set(re.findall(r"^\| `bmojo-neuron ([a-z-]+)", table.group(1), re.M))
+    assert listed == set(cli.COMMANDS)
+
+
 def test_overrides_may_follow_options(capsys):
     assert cli.main(["plan", "trn1/bmojo-130m", "--json", "parallel.zero1=true", "train.batch_size=64"]) == 0
     plan = json.loads(capsys.readouterr().out)
@@ -387,7 +396,13 @@ def test_overrides_may_follow_options(capsys):
 def test_stray_arguments_after_options_are_still_refused(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["plan", "trn1/bmojo-130m", "--json", "--nodez", "2"])
-    assert exc.value.code == 2 and "unrecognized arguments: --nodez 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "unrecognized arguments: --nodez 2" in err
+    # the usage shown is the command's, which lists the options it does take
+    assert err.startswith("usage: bmojo-neuron plan ") and "--nodes NODES" in err
+    with pytest.raises(SystemExit):  # a subcommand's action too
+        cli.main(["checkpoint", "consolidate", "run", "out", "--bogus"])
+    assert capsys.readouterr().err.startswith("usage: bmojo-neuron checkpoint consolidate ")
     with pytest.raises(SystemExit):  # a command without overrides takes no key=value
         cli.main(["info", "run.seed=1"])
 

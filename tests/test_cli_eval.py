@@ -93,6 +93,24 @@ def test_training_devices_include_neuron():
     assert resolve_device("neuron").type == "xla"
 
 
+def test_generate_help_states_the_defaults_it_uses(capsys):
+    args = cli.build_parser().parse_args(["generate", "RUN", "--prompt", "x"])
+    assert (args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed) == (64, 1.0, None, None, 0)
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())
+    for option, default in [("--max-new-tokens MAX_NEW_TOKENS", "(default 64)"),
+                            ("--temperature TEMPERATURE", "(default 1.0)"), ("--top-k TOP_K", "(default: all)"),
+                            ("--top-p TOP_P", "(default 1: all)"), ("--seed SEED", "(default 0)")]:
+        assert default in help_text.split(option, 1)[1].split(" --", 1)[0], option
+
+
+def test_generate_on_an_mqar_model_says_its_tokens_are_not_text(run, capsys):
+    assert _error(capsys, ["generate", str(run), "--prompt", "hello", "--device", "cpu"]) == (
+        "error: the prompt has token id 111, outside this model's vocabulary (16); this model was trained on MQAR "
+        "(data.kind: mqar), whose tokens are task ids, not text: `bmojo-neuron eval` and `inspect` measure it")
+
+
 @pytest.mark.parametrize("new_ids, note", [
     ([5, 6, 7], ""),
     ([5, 0], "note: stopped after 2 of 3 new tokens: the model generated its end-of-sequence token\n"),

@@ -174,6 +174,42 @@ def write_suite(path: Path) -> Path:
     return path
 
 
+def test_a_suite_is_not_trained_into_a_run_directory(capsys, tmp_path):
+    """A suite's runs go into <output dir>/<name>: an output dir holding a run of its own (one model of a suite,
+    given to continue it) is refused, naming the command that continues that run, instead of a fresh suite
+    inside it."""
+    recipe, run = write_suite(tmp_path / "suite.yaml"), tmp_path / "first"
+    (run / "step-0000002").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("")
+    argv = ["train", str(recipe), "--output-dir", str(run), "--no-progress"]
+    problem = (f"{run} holds a run of its own, and this recipe's suite trains into {run}/<name>; to continue that "
+               f"run, train it alone: bmojo-neuron train {run / 'recipe.json'} suite=none --resume --output-dir {run}")
+    for extra in ([], ["--resume"]):
+        assert cli.main([*argv, *extra]) == 2
+        assert capsys.readouterr().err == f"error: {problem}\n"
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "step-0000002"]
+    assert cli.main([*argv, "--dry-run"]) == 0
+    assert f"output: PROBLEM: {problem}\n" in capsys.readouterr().out
+
+
+def test_a_suite_run_stores_the_recipe_of_that_run_alone(capsys, tmp_path):
+    """Each run of a suite stores its own recipe, without the suite: its recipe.json (the resume command that
+    a damaged export names) resumes that run in its directory, not a new suite inside it."""
+    recipe, out = write_suite(tmp_path / "suite.yaml"), tmp_path / "out"
+    assert cli.main(["train", str(recipe), "run.jobs=1", "--output-dir", str(out), "--no-progress"]) == 0
+    second = out / "second"
+    stored = json.loads((second / "recipe.json").read_text())
+    assert "suite" not in stored and "compare" not in stored
+    assert (stored["run"]["name"], stored["model"]["layer_pattern"]) == ("second", "MM")
+    capsys.readouterr()
+    argv = ["train", str(second / "recipe.json"), "--resume", "--output-dir", str(second), "--no-progress"]
+    assert cli.main([*argv, "--dry-run"]) == 0
+    assert f"output {second}: resumes from step-0000002\n" in capsys.readouterr().out
+    assert cli.main(argv) == 0  # a finished run: redoes the length eval and the export, nothing else
+    assert not (second / "first").exists() and not (second / "second").exists()
+    assert layout.latest_checkpoint(second).name == "step-0000002" and (second / "final").is_dir()
+
+
 def test_a_parallel_recipe_at_one_rank_runs_without_a_launcher(tmp_path):
     """ZeRO-1 over one rank shards nothing; run as a plain process (no torchrun, so no MASTER_ADDR) it forms
     a one-rank group of its own and logs the losses of the run without it."""
@@ -324,6 +360,25 @@ def test_data_prepare_builds_the_cache_once(capsys, tmp_path):
     assert f"eval   {len(evaluation):,} blocks × 512 tokens" in first
     assert cli.main(args) == 0
     assert "(already there)" in capsys.readouterr().out and list(cache.glob("text-*")) == entries
+
+
+def test_data_prepare_builds_the_cache_where_train_reads_it(capsys, tmp_path, monkeypatch):
+    """A run's text cache is ``<its output dir>/../data-cache``: `train --output-dir DIR` reads DIR/../data-cache,
+    a comparison's or suite's runs DIR/data-cache. `data prepare` with the same --output-dir builds it there."""
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "pair.yaml"
+    recipe.write_text("data: {kind: text, block_size: 512}\n"
+                      "compare: {name: fast, overrides: {optim.lr: 0.002}}\n")
+    for name, out, cache in [("cpu-text", tmp_path / "exp" / "one", tmp_path / "exp" / "data-cache"),
+                             (str(recipe), tmp_path / "pair", tmp_path / "pair" / "data-cache")]:
+        assert cli.main(["train", name, "--dry-run", "--output-dir", str(out)]) == 0
+        assert f"tokenized and packed into {cache} on first use" in capsys.readouterr().out
+        assert cli.main(["data", "prepare", name, "--output-dir", str(out)]) == 0
+        printed = capsys.readouterr().out
+        entries = list(cache.glob("text-*"))
+        assert len(entries) == 1 and f"{entries[0].resolve()} (built now)" in printed
+        assert printed.count("built now") == 1  # the comparison's two runs read one cache: built once
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "pair", "pair.yaml"]  # no runs/ in the cwd
 
 
 def test_data_prepare_has_nothing_to_do_for_mqar(capsys):

@@ -197,7 +197,10 @@ def test_validation_errors_name_the_key(document: dict, match: str) -> None:
         ("train.steps=ten", r"recipe key train.steps: must be an integer"),
         ("optim.lr=.inf", r"recipe key optim.lr: must be a finite number, got inf"),
         ("model.hidden_size=abc", r"recipe key model.hidden_size: must be an integer, got str 'abc'"),
-        ("compare=yes", r"override 'compare': compare=none is the only value accepted"),
+        ("compare=yes", r"override 'compare': compare=none is the only value accepted \(it drops the recipe's "
+                        r"compare\); change one of its keys with compare.name=... or compare.overrides=...$"),
+        ("suite=[]", r"^override 'suite': suite=none is the only value accepted \(it drops the recipe's suite\); "
+                     r"its entries are set in the recipe file$"),  # suite.name=... is no override: a list has no keys
         ("compare.name=", r"recipe key compare.name: must be a string, got NoneType"),
         ("optim.betas=[0.9", r"^override 'optim.betas=\[0.9': not valid YAML: while parsing a flow sequence, "
                              r"expected ',' or '\]', but got '<stream end>' \(at character 5 of the value\)$"),
@@ -208,6 +211,15 @@ def test_validation_errors_name_the_key(document: dict, match: str) -> None:
 def test_bad_overrides(override: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         load_recipe("cpu-tiny", [override])
+
+
+def test_a_recipe_file_that_is_not_yaml_is_one_line_naming_where(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: {name: x}\ntrain: {steps: 5\n")
+    with pytest.raises(ValueError) as err:
+        load_recipe(str(bad))
+    assert str(err.value) == (f"recipe {bad}: not valid YAML: while parsing a flow mapping, expected ',' or '}}', "
+                              "but got '<stream end>' (line 3, column 1)")
 
 
 def test_text_path_is_not_checked_at_parse_time() -> None:
@@ -371,6 +383,13 @@ def test_a_shipped_recipe_path_resolves_from_any_folder(tmp_path, monkeypatch, c
     assert "== " in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match=r"recipe 'recipes/nosuch.yaml' not found: not a file, and no nosuch"):
         resolve_recipe_path("recipes/nosuch.yaml")
+    with pytest.raises(FileNotFoundError, match=r"^recipe '/nowhere/x.yaml' not found: no such file; known recipes: "):
+        resolve_recipe_path("/nowhere/x.yaml")
+    monkeypatch.chdir(repository_root())  # the checkout's recipes/ is both places looked in: named once
+    with pytest.raises(FileNotFoundError) as missing:
+        resolve_recipe_path("nosuch")
+    assert str(missing.value).count(str(repository_root() / "recipes")) == 1
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "recipes" / "priming").mkdir(parents=True)  # a file of that path here is used as it is
     (tmp_path / "recipes" / "priming" / "cpu-mqar-source.yaml").write_text("run: {name: mine}\n")
     assert resolve_recipe_path("recipes/priming/cpu-mqar-source.yaml").resolve() == (

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from bmojo_neuron.cli import register_command
+from bmojo_neuron.cli import register_command, require_nonempty
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prepare.add_argument("recipe", help="recipe name under recipes/ or a YAML path")
     prepare.add_argument("overrides", nargs="*", metavar="key=value",
                          help="recipe overrides, e.g. data.path=/data/corpus data.cache_dir=/fsx/cache")
+    prepare.add_argument("--output-dir", default=None,
+                         help="the --output-dir the training will get: the cache is built where that run reads "
+                              "it (<dir>/../data-cache, a suite's <dir>/data-cache, unless data.cache_dir is set)")
 
 
 @register_command("data", help="prepare training data ahead of a run (`data prepare RECIPE`)",
@@ -30,14 +33,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from bmojo_neuron.data.prepare import prepare_text
     from bmojo_neuron.recipes import load_recipe
+    from bmojo_neuron.training.suite import plan_runs
 
+    require_nonempty("--output-dir", args.output_dir)
     recipe = load_recipe(args.recipe, args.overrides)
     if recipe.data.kind != "text":
         print(f"{recipe.run.name}: data.kind is {recipe.data.kind}: generated in memory when training starts, "
               "nothing to prepare")
         return 0
-    report = prepare_text(recipe)
-    print("\n".join(report_lines(recipe, report)))
+    # The data section of each run `train` would start: the cache's default folder derives from the run's
+    # output dir, which --output-dir and a suite's run folders move, so the recipe's own would miss it.
+    prepared: list[Any] = []
+    for variant, _ in plan_runs(recipe, args.output_dir):
+        if variant.data not in prepared:
+            prepared.append(variant.data)
+            print("\n".join(report_lines(variant, prepare_text(variant))))
     return 0
 
 

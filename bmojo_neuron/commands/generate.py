@@ -12,12 +12,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="CHECKPOINT_OR_EXPORT_DIR",
                         help="a run directory, a step-XXXXXXX checkpoint or a final export")
     parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, > 0 (default 1.0)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="sample among the k likeliest tokens only (default: all)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="sample among the likeliest tokens whose probabilities sum to p, in (0, 1] "
+                             "(default 1: all)")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (ignores the sampling flags)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
 
 

@@ -139,6 +139,9 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[s
     from bmojo_neuron.preflight import describe_output, space_need
     from bmojo_neuron.recipes import count_parameters
 
+    problem = suite_root_problem(recipe, runs)
+    if problem:
+        lines.append(f"output: PROBLEM: {problem}")
     for variant, run_dir in runs:
         latest = latest_checkpoint(run_dir)
         if resume:
@@ -164,6 +167,27 @@ def init_line(recipe: Any) -> str:
     return f"{recipe.init.weights}: ok"
 
 
+def suite_root_problem(recipe: Any, runs: list[tuple[Any, Path]]) -> str | None:
+    """Why a suite or comparison may not train into its output dir, or None.
+
+    Its runs go into ``<output dir>/<name>``, so an output dir that holds a run of its own is most likely
+    that run, given to continue it (one model of cpu-tiny's suite, say): training the recipe there would
+    start every model of the suite afresh inside it.
+    """
+    if not (recipe.suite or recipe.compare is not None):
+        return None
+    from bmojo_neuron.checkpoints.layout import has_run
+
+    root = runs[0][1].parent
+    if not has_run(root):
+        return None
+    what, key = ("suite", "suite") if recipe.suite else ("comparison", "compare")
+    # `<key>=none`: the run trains alone even where its recipe.json carries the suite
+    return (f"{root} holds a run of its own, and this recipe's {what} trains into {root}/<name>; to continue "
+            f"that run, train it alone: bmojo-neuron train {root / 'recipe.json'} {key}=none --resume "
+            f"--output-dir {root}")
+
+
 def resume_line(recipe: Any, checkpoint: Path) -> str:
     """Whether `recipe` may resume `checkpoint` (the newest one; train checks the newest intact one)."""
     from bmojo_neuron.checkpoints.state import read_recipe, resume_refusal
@@ -187,10 +211,10 @@ def data_line(recipe: Any) -> str:
     if kind == "packed":
         return f"{source}: packed blocks (save_to_disk), read as they are"
     return (f"{source} ({kind}): tokenized and packed into {d.cache_dir} on first use; build it once ahead with "
-            "`bmojo-neuron data prepare` before launching many ranks")
+            "`bmojo-neuron data prepare` (the same overrides and --output-dir) before launching many ranks")
 
 
-@register_command("train", help="train a recipe (default cpu-tiny: B'MOJO and its SSM baseline on MQAR)",
+@register_command("train", help="train a recipe (default cpu-tiny: B'MOJO against B'MOJO-F and Mamba on MQAR)",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
     name, overrides = recipe_and_overrides(args)
@@ -213,6 +237,9 @@ def run(args: argparse.Namespace) -> int:
     runs = plan_runs(recipe, args.output_dir)
     for variant, _ in runs:  # check every run before the first long one starts
         variant.check()
+    problem = suite_root_problem(recipe, runs)
+    if problem:
+        raise ValueError(problem)
     if args.resume:
         check_resumable(runs)
     if main:  # data there, output writable, room on disk

@@ -36,7 +36,10 @@ def plan_runs(recipe: Any, output_dir: str | Path | None = None) -> list[tuple[A
         return [(recipe, base)]
     runs = []
     for name, overrides in variants:
-        variant = recipe.with_overrides({"run.name": name, "run.output_dir": str(base / name), **overrides})
+        # Each run is one model: without the suite or comparison it came from, so the recipe.json it stores
+        # trains (or resumes) that run alone, in its own directory, not the whole suite inside it.
+        variant = recipe.with_overrides({"run.name": name, "run.output_dir": str(base / name), **overrides,
+                                         "suite": None, "compare": None})
         runs.append((variant, base / name))
     return runs
 
