@@ -32,13 +32,7 @@ def export_final(
     run_dir = Path(run_dir)
     tmp = new_tmp_dir(run_dir, FINAL)
     try:
-        with quiet_transformers():
-            hf_tok = _loadable_tokenizer(tokenizer)
-            if hf_tok is not None and (recipe.get("data") or {}).get("kind") == "text":
-                stop_at_end_of_text(model, hf_tok.eos_token_id)
-            model.save_pretrained(str(tmp))
-            if hf_tok is not None:
-                hf_tok.save_pretrained(str(tmp))
+        save_for_hf(tmp, model, recipe, tokenizer)
         info = {"tokenizer": tokenizer, "recipe": recipe, "final_metrics": metrics}
         (tmp / RUN_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str))
@@ -48,6 +42,18 @@ def export_final(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return run_dir / FINAL
+
+
+def save_for_hf(directory: Path, model: nn.Module, recipe: dict[str, Any], tokenizer: str) -> None:
+    """`save_pretrained` of a trained model with its tokenizer's files and, for a text model, the tokenizer's
+    end-of-text id as its eos (`stop_at_end_of_text`)."""
+    with quiet_transformers():
+        hf_tok = _loadable_tokenizer(tokenizer)
+        if hf_tok is not None and (recipe.get("data") or {}).get("kind") == "text":
+            stop_at_end_of_text(model, hf_tok.eos_token_id)
+        model.save_pretrained(str(directory))
+        if hf_tok is not None:
+            hf_tok.save_pretrained(str(directory))
 
 
 def _loadable_tokenizer(tokenizer: str) -> Any:
