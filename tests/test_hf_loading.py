@@ -109,3 +109,18 @@ def test_pipeline_loads_a_final_export_by_path(tmp_path):
                              pad_token_id=0)
     new = [t for t in out[0, 3:].tolist() if t != 0]  # the pipeline drops eos (byte 0) as a special token
     assert text == bytes(new).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("kind,eos", [("text", 0), ("mqar", None)])
+def test_a_text_model_exports_the_tokenizers_end_of_text_as_its_eos(tmp_path, kind, eos):
+    """A text model's export stops Hugging Face generation at the tokenizer's end-of-text id (byte 0 for the
+    byte tokenizer); an MQAR model's tokens are task ids, not text, so it gets none."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = BMojoForCausalLM(tiny_config(vocab_size=256)).eval()
+    final = export_final(tmp_path / "run", model, {"model": {}, "data": {"kind": kind}}, "byte", {})
+    loaded = AutoModelForCausalLM.from_pretrained(str(final))
+    assert loaded.config.eos_token_id == eos
+    assert GenerationConfig.from_pretrained(str(final)).eos_token_id == eos
+    assert loaded.generation_config.eos_token_id == eos
+    assert loaded.generation_config.pad_token_id == eos

@@ -24,7 +24,7 @@ from bmojo_neuron.parallel.sharding import shard_shapes, shard_state_dict
 
 from . import layout
 from . import sharded as fmt
-from .export import quiet_transformers
+from .export import save_for_hf
 from .manifest import read_safetensors, read_torch_file, verify_manifest, write_manifest
 from .state import TrainerState, rng_states
 
@@ -54,15 +54,13 @@ def consolidate_checkpoint(source: str | Path, output: str | Path) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = layout.new_tmp_dir(output.parent, output.name)
     try:
-        model = fmt.consolidated_model(source)
-        with quiet_transformers():
-            model.save_pretrained(str(tmp))
         recipe = json.loads((source / layout.RECIPE_FILE).read_text())
+        tokenizer = str(recipe.get("data", {}).get("tokenizer") or "byte")
+        save_for_hf(tmp, fmt.consolidated_model(source), recipe, tokenizer)
         state = json.loads((source / layout.STATE_FILE).read_text())
         torch.save({**fmt.consolidate_optimizer(source), "trainer_state": state, "recipe": recipe},
                    tmp / fmt.TRAINING_STATE_FILE)
         (tmp / layout.RECIPE_FILE).write_text(json.dumps(recipe, indent=2))
-        tokenizer = str(recipe.get("data", {}).get("tokenizer") or "byte")
         info = {"tokenizer": tokenizer, "recipe": recipe, "consolidated_from": str(source), "step": state["step"]}
         (tmp / layout.RUN_INFO_FILE).write_text(json.dumps(info, indent=2))
         write_manifest(tmp)

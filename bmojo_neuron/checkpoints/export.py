@@ -12,7 +12,7 @@ from typing import Any, Iterator
 from torch import nn
 from transformers.utils import logging as hf_logging
 
-from bmojo_neuron.data.tokenizer import save_hf_tokenizer
+from bmojo_neuron.data.tokenizer import hf_tokenizer
 from bmojo_neuron.fsutil import publish_dir
 
 from .layout import FINAL, RECIPE_FILE, RUN_INFO_FILE, new_tmp_dir
@@ -25,14 +25,14 @@ def export_final(
     """Atomically write ``<run_dir>/final``: `save_pretrained` + tokenizer files + the run info (tokenizer, recipe, metrics).
 
     With the tokenizer files beside the weights, ``pipeline("text-generation", model=final)``
-    works after ``import bmojo_neuron`` (docs/hf.md).
+    works after ``import bmojo_neuron`` (docs/hf.md). A model trained on text gets the
+    tokenizer's end-of-text id as its ``eos_token_id`` (config and generation config), so a
+    plain ``model.generate`` stops where the training documents ended.
     """
     run_dir = Path(run_dir)
     tmp = new_tmp_dir(run_dir, FINAL)
     try:
-        with quiet_transformers():
-            model.save_pretrained(str(tmp))
-            _save_tokenizer_files(tokenizer, tmp)
+        save_for_hf(tmp, model, recipe, tokenizer)
         info = {"tokenizer": tokenizer, "recipe": recipe, "final_metrics": metrics}
         (tmp / RUN_INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=2, default=str))
@@ -44,14 +44,40 @@ def export_final(
     return run_dir / FINAL
 
 
-def _save_tokenizer_files(tokenizer: str, directory: Path) -> None:
-    """Tokenizer files for `pipeline`; a tokenizer this machine cannot load (pre-tokenized data, offline)
-    costs only that convenience, not the export."""
+def save_for_hf(directory: Path, model: nn.Module, recipe: dict[str, Any], tokenizer: str) -> None:
+    """`save_pretrained` of a trained model with its tokenizer's files and, for a text model, the tokenizer's
+    end-of-text id as its eos (`stop_at_end_of_text`)."""
+    with quiet_transformers():
+        hf_tok = _loadable_tokenizer(tokenizer)
+        if hf_tok is not None and (recipe.get("data") or {}).get("kind") == "text":
+            stop_at_end_of_text(model, hf_tok.eos_token_id)
+        model.save_pretrained(str(directory))
+        if hf_tok is not None:
+            hf_tok.save_pretrained(str(directory))
+
+
+def _loadable_tokenizer(tokenizer: str) -> Any:
+    """The tokenizer whose files go beside the weights for `pipeline`, or None: a tokenizer this machine cannot
+    load (pre-tokenized data, offline) costs only that convenience and the eos id, not the export."""
     try:
-        save_hf_tokenizer(tokenizer, directory)
+        return hf_tokenizer(tokenizer)
     except (OSError, ValueError) as err:
-        print(f"warning: the export has no tokenizer files ({err}); pass the tokenizer to pipeline() yourself",
-              file=sys.stderr)
+        print(f"warning: the export has no tokenizer files and no eos_token_id ({err}); pass the tokenizer to "
+              "pipeline() and eos_token_id to generate() yourself", file=sys.stderr)
+        return None
+
+
+def stop_at_end_of_text(model: nn.Module, eos_token_id: int | None) -> None:
+    """Make `eos_token_id` the model's end of sequence for Hugging Face generation; the pad id defaults to it
+    (the training data packs documents with nothing between them but that id)."""
+    if eos_token_id is None:
+        return
+    model.config.eos_token_id = eos_token_id
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.eos_token_id = eos_token_id
+        if generation.pad_token_id is None:
+            generation.pad_token_id = eos_token_id
 
 
 @contextmanager

@@ -129,13 +129,14 @@ def tokenizer_fingerprint(name_or_path: str) -> str:
 
 
 def save_hf_tokenizer(name_or_path: str, directory: str | Path) -> None:
-    """Write tokenizer files into `directory` so that `AutoTokenizer` / `pipeline` load it from there.
+    """Write tokenizer files into `directory` so that `AutoTokenizer` / `pipeline` load it from there."""
+    hf_tokenizer(name_or_path).save_pretrained(str(directory))
 
-    The byte tokenizer becomes an equivalent Hugging Face byte-level tokenizer (the
-    same ids for every text, ``eos_token_id = 0``); any other tokenizer is saved as is.
-    """
-    tokenizer = hf_byte_tokenizer() if name_or_path == BYTE_TOKENIZER else load_tokenizer(name_or_path)
-    tokenizer.save_pretrained(str(directory))
+
+def hf_tokenizer(name_or_path: str) -> Any:
+    """The tokenizer `name_or_path` as a Hugging Face tokenizer: the byte tokenizer becomes an equivalent
+    byte-level one (the same ids for every text, ``eos_token_id = 0``); any other is loaded as is."""
+    return hf_byte_tokenizer() if name_or_path == BYTE_TOKENIZER else load_tokenizer(name_or_path)
 
 
 def hf_byte_tokenizer() -> Any:
