@@ -315,6 +315,16 @@ def test_duplicates_are_refused(tmp_path, capsys):
     assert capsys.readouterr().err == "error: kernels ['ssd_fwd'] given more than once; name each once\n"
 
 
+def test_kernels_profile_names_the_list_with_an_unknown_kernel(capsys):
+    assert main(["kernels", "profile", "--kernels", "foo"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown kernels ['foo']; choose from mamba1_fwd")
+    assert main(["kernels", "profile", "--attention", "foo"]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown attention kernels ['foo']; choose from attention_fwd")
+    assert main(["kernels", "profile", "--attention", "attention_fwd,attention_fwd"]) == 2
+    assert capsys.readouterr().err == ("error: attention kernels ['attention_fwd'] given more than once; "
+                                       "name each once\n")
+
+
 def test_kernels_profile_needs_a_kernel(capsys):
     assert main(["kernels", "profile", "--kernels", ""]) == 2
     assert capsys.readouterr().err.startswith("error: no kernels given: --kernels is empty")

@@ -177,17 +177,20 @@ def profile_attention(kernel: str, shape: dict[str, Any]) -> dict[str, Any]:
             "tensor_util": flops / (row["time_ms"] * 1e-3 * 92e12), "profile": prof.to_dict()}
 
 
-def check_kernels(names: list[str], known: tuple[str, ...]) -> None:
-    """ValueError naming the unknown ones among `names`, or those named twice (each would be profiled twice)."""
+def check_kernels(names: list[str], known: tuple[str, ...], what: str = "kernels") -> None:
+    """ValueError naming the unknown ones among `names`, or those named twice (each would be profiled twice).
+
+    `what` names the list in the message (e.g. "attention kernels"), so the user sees which option was wrong.
+    """
     unknown = set(names) - set(known)
     if unknown:
-        raise ValueError(f"unknown kernels {sorted(unknown)}; choose from {', '.join(known)}")
+        raise ValueError(f"unknown {what} {sorted(unknown)}; choose from {', '.join(known)}")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ValueError(f"kernels {repeated} given more than once; name each once")
+        raise ValueError(f"{what} {repeated} given more than once; name each once")
 
 
 def attention_profiles(names: list[str]) -> list[dict[str, Any]]:
     """`profile_attention` of each kernel in `names` at every shape of `attention_shapes`."""
-    check_kernels(names, ATTENTION_KERNELS)
+    check_kernels(names, ATTENTION_KERNELS, "attention kernels")
     return [profile_attention(k, s) for s in attention_shapes() for k in names]

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int | None:
         raise ValueError(f"no kernels given: --kernels is empty; name some of {SCAN_KERNELS}, or none for "
                          "attention kernels only")
     kp.check_kernels(kernels, kp.SCAN_KERNELS)
-    kp.check_kernels(attention_kernels, kp.ATTENTION_KERNELS)
+    kp.check_kernels(attention_kernels, kp.ATTENTION_KERNELS, "attention kernels")
     if args.calibration_only:
         attention_kernels = []  # the attention kernels have no calibration shape
     if not kernels and not attention_kernels:
