@@ -26,7 +26,7 @@ from transformers.utils import ModelOutput, logging
 from .cache_bmojo import AttentionLayerCache, BMojoCache, RowGroup
 from .configuration_bmojo import BMojoConfig
 from .layers.decoder import BMojoDecoderLayer
-from .layers.factory import IGNORE_INDEX, LayerFactory, get_layer_factory
+from .layers.factory import IGNORE_INDEX, LayerFactory, check_tp_split, get_layer_factory
 from .layers.norms import norm_rows
 from .padding import PackedLayout, has_padding, mask_for_inputs, pack, packed_layout, real_token_targets, unpack
 
@@ -326,8 +326,7 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.factory = get_layer_factory()
         self.model = BMojoModel(config)
-        if config.vocab_size % self.factory.tp_size:
-            raise ValueError(f"vocab_size ({config.vocab_size}) must be divisible by the tensor-parallel size ({self.factory.tp_size})")
+        check_tp_split("vocab_size", config.vocab_size, self.factory.tp_size)
         self.lm_head = self.factory.column_linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 

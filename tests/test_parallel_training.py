@@ -175,6 +175,24 @@ def test_parallel_recipe_errors_come_before_any_work():
         check_parallel_recipe(_recipe("parallel.tp=2", "parallel.pp=2"), world=1)
 
 
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model.ssm_n_groups=1"], "model.ssm_n_groups (1) must be divisible by parallel.tp (2)"),
+    (["model.num_key_value_heads=1"], "model.num_key_value_heads (1) must be divisible by parallel.tp (2)"),
+    (["model.vocab_size=257"], "model.vocab_size (257) must be divisible by parallel.tp (2)"),
+    # 2·24 / 16 = 3 Mamba-2 heads; Mamba-1 with ssm_expand 1 has 33 channels
+    (["model.hidden_size=24", "model.ssm_n_groups=1"],
+     "model.ssm_num_heads (3, from ssm_expand·hidden_size / ssm_head_dim) must be divisible by parallel.tp (2)"),
+    (["model.ssm_mixer=mamba1", "model.hidden_size=33", "model.head_dim=16", "model.ssm_expand=1"],
+     "model.ssm_inner_size (33, from ssm_expand·hidden_size) must be divisible by parallel.tp (2)"),
+])
+def test_tensor_parallel_split_errors_name_the_recipe_keys(overrides, message):
+    from bmojo_neuron.training.backends.torchrun import check_parallel_recipe
+
+    with pytest.raises(ValueError) as raised:
+        check_parallel_recipe(_recipe("parallel.tp=2", *overrides), world=2)
+    assert str(raised.value) == message
+
+
 PP_BATCH, PP_MICROBATCHES = 4, 4
 
 

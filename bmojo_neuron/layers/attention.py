@@ -32,7 +32,7 @@ from .eidetic_memory import (
     visible_selection,
 )
 from .decode_pack import linear_weights, packed, plain_linears
-from .factory import LayerFactory, get_layer_factory
+from .factory import LayerFactory, check_tp_split, get_layer_factory
 from .norms import RMSNorm, norm_rows, rms_normalize
 from .rope import RotaryEmbedding, apply_rotary, apply_rotary_rolled
 from .ssm import build_ssm_mixer
@@ -46,8 +46,7 @@ class BMojoAttention(nn.Module):
             raise ValueError(f"BMojoAttention cannot build layer kind {self.kind!r}")
         layers = self.factory = get_layer_factory()
         for name in ("num_attention_heads", "num_key_value_heads"):
-            if getattr(config, name) % layers.tp_size:
-                raise ValueError(f"{name} ({getattr(config, name)}) must be divisible by the tensor-parallel size ({layers.tp_size})")
+            check_tp_split(name, getattr(config, name), layers.tp_size)
         self.q_heads = config.num_attention_heads // layers.tp_size  # heads on this rank
         self.kv_heads = config.num_key_value_heads // layers.tp_size
         self.kv_width = config.num_key_value_heads * config.head_dim  # innovation averages over all ranks' heads

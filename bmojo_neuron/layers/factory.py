@@ -27,6 +27,24 @@ from .norms import RMSNorm
 IGNORE_INDEX = -100
 
 
+class TensorParallelSplitError(ValueError):
+    """A model config field whose size the tensor-parallel degree does not divide.
+
+    It carries the `BMojoConfig` field name, so a caller that built the config from a recipe can name the
+    recipe keys (``model.<field>``, ``parallel.tp``) instead.
+    """
+
+    def __init__(self, field: str, value: int, tp: int) -> None:
+        super().__init__(f"{field} ({value}) must be divisible by the tensor-parallel size ({tp})")
+        self.field, self.value, self.tp = field, value, tp
+
+
+def check_tp_split(field: str, value: int, tp: int) -> None:
+    """`TensorParallelSplitError` unless `tp` divides config field `field` (of size `value`)."""
+    if value % tp:
+        raise TensorParallelSplitError(field, value, tp)
+
+
 class LayerFactory:
     """Single-device layers. Subclasses return sharded versions with the same API.
 

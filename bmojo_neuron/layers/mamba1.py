@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from bmojo_neuron import ops
 from bmojo_neuron.configuration_bmojo import BMojoConfig
-from bmojo_neuron.layers.factory import get_layer_factory
+from bmojo_neuron.layers.factory import check_tp_split, get_layer_factory
 from bmojo_neuron.layers.ssm_state import SSMState, causal_conv1d, causal_conv1d_step, depthwise_conv
 
 __all__ = ["Mamba1Mixer", "init_dt_bias_"]
@@ -59,8 +59,7 @@ class Mamba1Mixer(nn.Module):
         self.layer_idx = layer_idx
         self.tp_size = factory.tp_size
         d, d_inner = config.hidden_size, config.ssm_inner_size
-        if d_inner % self.tp_size:
-            raise ValueError(f"ssm_inner_size ({d_inner}) must be divisible by tp_size ({self.tp_size})")
+        check_tp_split("ssm_inner_size", d_inner, self.tp_size)
         self.d_inner = d_inner
         self.d_inner_local = d_inner // self.tp_size
         self.state_size = config.ssm_state_size

@@ -23,7 +23,7 @@ from bmojo_neuron import ops
 from bmojo_neuron.configuration_bmojo import BMojoConfig
 from bmojo_neuron.layers.compiled_step import CompiledOrEager, compiled_decode_enabled
 from bmojo_neuron.layers.decode_pack import linear_weights, packed, plain_linears
-from bmojo_neuron.layers.factory import get_layer_factory
+from bmojo_neuron.layers.factory import check_tp_split, get_layer_factory
 from bmojo_neuron.layers.mamba1 import _mark_no_weight_decay, _wide, init_dt_bias_
 from bmojo_neuron.layers.norms import GatedRMSNorm
 from bmojo_neuron.layers.ssm_state import SSMState, causal_conv1d_rows, causal_conv1d_step, depthwise_conv
@@ -43,9 +43,8 @@ class Mamba2Mixer(nn.Module):
         self.tp_size = tp
         d, d_inner = config.hidden_size, config.ssm_inner_size
         heads, groups = config.ssm_num_heads, config.ssm_n_groups
-        for name, value in (("ssm_num_heads", heads), ("ssm_n_groups", groups)):
-            if value % tp:
-                raise ValueError(f"{name} ({value}) must be divisible by tp_size ({tp}) for tensor parallelism")
+        check_tp_split("ssm_num_heads", heads, tp)
+        check_tp_split("ssm_n_groups", groups, tp)
         self.d_inner = d_inner
         self.head_dim = config.ssm_head_dim
         self.state_size = config.ssm_state_size

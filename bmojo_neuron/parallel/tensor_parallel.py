@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layers.factory import IGNORE_INDEX, LayerFactory
+from ..layers.factory import IGNORE_INDEX, LayerFactory, check_tp_split
 from ..layers.norms import RMSNorm
 from . import collectives as C
 
@@ -77,7 +77,8 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, factory: TorchTensorParallelFactory) -> None:
         super().__init__()
         self.factory = factory
-        local = _shard(num_embeddings, factory.tp_size, "vocab_size")
+        check_tp_split("vocab_size", num_embeddings, factory.tp_size)
+        local = num_embeddings // factory.tp_size
         self.start = factory.tp_rank * local
         self.weight = nn.Parameter(torch.empty(local, embedding_dim))
         nn.init.normal_(self.weight)

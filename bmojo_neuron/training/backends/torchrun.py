@@ -37,7 +37,7 @@ from bmojo_neuron.checkpoints import torch_sharded
 from bmojo_neuron.checkpoints.export import export_final
 from bmojo_neuron.checkpoints.layout import FINAL, latest_checkpoint
 from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState
-from bmojo_neuron.layers.factory import use_layer_factory
+from bmojo_neuron.layers.factory import TensorParallelSplitError, use_layer_factory
 from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
 from bmojo_neuron.parallel import TorchTensorParallelFactory, shard_state_dict, sync_sequence_parallel_grads
 from bmojo_neuron.parallel.layout import ParallelLayout, ProcessGroups, torchrun_env
@@ -81,8 +81,22 @@ def check_parallel_recipe(recipe: Any, world: int) -> ParallelLayout:
         if length % p.tp:
             raise ValueError(f"parallel.sp needs the sequence length ({length}) divisible by parallel.tp ({p.tp})")
     if p.tp > 1:  # the model's divisibility errors (heads, groups, vocabulary), on the meta device: instant
-        shard_shapes(recipe.model_config(), p.tp)
+        try:
+            shard_shapes(recipe.model_config(), p.tp)
+        except TensorParallelSplitError as e:
+            raise ValueError(f"model.{e.field} ({e.value}{_derivation(e.field)}) must be divisible by parallel.tp "
+                             f"({e.tp})") from None
     return layout
+
+
+# Config sizes that no recipe key sets directly: the model keys they are computed from.
+_DERIVED_SIZES = {"ssm_num_heads": "ssm_expand·hidden_size / ssm_head_dim", "ssm_inner_size": "ssm_expand·hidden_size"}
+
+
+def _derivation(field: str) -> str:
+    """``", from <keys>"`` for a computed model size, so the user knows which recipe keys to change."""
+    derived = _DERIVED_SIZES.get(field)
+    return f", from {derived}" if derived else ""
 
 
 def _init_process_group(backend: str, rank: int, world: int) -> None:
