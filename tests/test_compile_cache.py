@@ -110,6 +110,34 @@ def test_cache_dir_precedence_matches_the_neuron_wrapper():
     assert DEFAULT_CACHE_DIR == plan.DEFAULT_CACHE_DIR
 
 
+BAD_LOCATIONS = ["s3:/typo", "s3:bucket", "S3://x", "gs://x", "https://x/y", "s3:///x", "s3://b/a//c"]
+
+
+@pytest.mark.parametrize("bad", BAD_LOCATIONS)
+def test_a_malformed_cache_url_is_refused_from_every_source(bad):
+    with pytest.raises(ValueError, match="^--cache-dir"):
+        resolve_cache_dir(bad, {})
+    with pytest.raises(ValueError, match="^--cache_dir in NEURON_CC_FLAGS"):
+        resolve_cache_dir(None, {"NEURON_CC_FLAGS": f"--cache_dir={bad}"})
+    with pytest.raises(ValueError, match="^NEURON_COMPILE_CACHE_URL"):
+        resolve_cache_dir(None, {"NEURON_COMPILE_CACHE_URL": bad})
+
+
+@pytest.mark.parametrize("good", ["cache", "./s3:bucket", "runs/neff-cache", "/var/tmp/x", "s3://b", "s3://b/p/q"])
+def test_local_paths_and_s3_urls_are_taken_as_given(good):
+    assert resolve_cache_dir(good, {}) == (good, "--cache-dir")
+
+
+@pytest.mark.parametrize("command", [["cache", "ls"], ["plan", "trn1/bmojo-130m"],
+                                     ["precompile", "trn1/bmojo-130m", "--dry-run"]])
+@pytest.mark.parametrize("bad", ["s3:/typo", "S3://x"])
+def test_commands_refuse_a_malformed_cache_url_with_one_line(capsys, command, bad):
+    code, out, err = cli(capsys, *command, "--cache-dir", bad)
+    assert code == 2 and out == ""
+    assert err == (f"error: --cache-dir is {bad!r}, which looks like a URL but is not s3://bucket[/prefix], the "
+                   f"only remote cache; for a local folder with a colon in its name write ./{bad}\n")
+
+
 def test_sizes_and_s3_urls():
     assert parse_size("50G") == 50 * 2**30
     assert parse_size("1.5M") == 3 * 2**19

@@ -25,9 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                "HBM per NeuronCore) and validate the shapes; runs nothing",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
+    from bmojo_neuron.compile_cache.location import check_cache_location
     from bmojo_neuron.launch.plan import build_plan
     from bmojo_neuron.recipes import load_recipe
 
+    check_cache_location(args.cache_dir, "--cache-dir")
     recipe = load_recipe(args.recipe, args.overrides)
     plan = build_plan(recipe, args.recipe, args.overrides, nodes=args.nodes, instance=args.instance,
                       cache_dir=args.cache_dir, master_port=args.master_port)
