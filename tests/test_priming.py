@@ -362,6 +362,44 @@ def test_export_of_a_primed_folder_names_its_own_tokenizer(tmp_path, capsys):
     assert load_trained(exported).tokenizer == str(exported.resolve())
 
 
+def _all_attention_bmojo(path, tokenizer: str) -> None:
+    """A saved all-A B'MOJO model whose bmojo_run.json names `tokenizer` (vocabulary 256: the byte ids)."""
+    from bmojo_neuron import BMojoConfig, BMojoForCausalLM
+
+    torch.manual_seed(0)
+    BMojoForCausalLM(BMojoConfig(**{**COMMON, "vocab_size": 256, "layer_pattern": "AA"})).save_pretrained(str(path))
+    (path / "bmojo_run.json").write_text(json.dumps({"tokenizer": tokenizer, "recipe": {}}))
+
+
+def test_export_of_a_byte_tokenizer_model_writes_its_tokenizer_files(tmp_path, capsys):
+    """The byte tokenizer is written as the equivalent Hugging Face tokenizer, so pipeline() loads the export."""
+    from transformers import pipeline
+
+    _all_attention_bmojo(tmp_path / "bmojo", "byte")
+    capsys.readouterr()
+    assert main(["export-transformer", str(tmp_path / "bmojo"), str(tmp_path / "hf")]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "hf" / "bmojo_run.json").read_text())["tokenizer"] == "byte"
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert tokenizer.encode("hi é") == [104, 105, 32, 0xC3, 0xA9]  # the UTF-8 bytes
+    generate = pipeline("text-generation", model=str(tmp_path / "hf"))
+    out = generate("hi", max_new_tokens=3, do_sample=False)[0]["generated_text"]
+    assert out.startswith("hi")
+
+
+def test_export_with_a_tokenizer_it_cannot_load_warns_and_writes_the_model(tmp_path, capsys):
+    no_tokenizer = tmp_path / "not-a-tokenizer"
+    no_tokenizer.mkdir()
+    _all_attention_bmojo(tmp_path / "bmojo", str(no_tokenizer))
+    capsys.readouterr()
+    assert main(["export-transformer", str(tmp_path / "bmojo"), str(tmp_path / "hf")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: the export has no tokenizer files (") and err.count("\n") == 1
+    assert "pass the tokenizer to pipeline() yourself" in err
+    assert (tmp_path / "hf" / "model.safetensors").is_file() and not (tmp_path / "hf" / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "hf" / "bmojo_run.json").read_text())["tokenizer"] == str(no_tokenizer)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_prime_then_export_keeps_the_dtype_and_max_positions(tmp_path, capsys, dtype):
     """The export is written in the primed model's dtype, with the source's max_position_embeddings (which

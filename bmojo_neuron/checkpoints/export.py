@@ -56,14 +56,27 @@ def save_for_hf(directory: Path, model: nn.Module, recipe: dict[str, Any], token
             hf_tok.save_pretrained(str(directory))
 
 
-def _loadable_tokenizer(tokenizer: str) -> Any:
+def save_tokenizer_files(directory: Path, tokenizer: str) -> bool:
+    """Write the Hugging Face files of `tokenizer` (``byte`` included, as `hf_tokenizer` builds it) into
+    `directory`, so that ``pipeline(model=directory)`` finds a tokenizer; False, after a warning, when this
+    machine cannot load it."""
+    with quiet_transformers():
+        hf_tok = _loadable_tokenizer(tokenizer, lost="no tokenizer files", advice="pass the tokenizer to pipeline()")
+        if hf_tok is None:
+            return False
+        hf_tok.save_pretrained(str(directory))
+    return True
+
+
+def _loadable_tokenizer(tokenizer: str, lost: str = "no tokenizer files and no eos_token_id",
+                        advice: str = "pass the tokenizer to pipeline() and eos_token_id to generate()") -> Any:
     """The tokenizer whose files go beside the weights for `pipeline`, or None: a tokenizer this machine cannot
-    load (pre-tokenized data, offline) costs only that convenience and the eos id, not the export."""
+    load (pre-tokenized data, offline) costs only that convenience (`lost`, in the warning), not the export."""
     try:
         return hf_tokenizer(tokenizer)
     except (OSError, ValueError) as err:
-        print(f"warning: the export has no tokenizer files and no eos_token_id ({err}); pass the tokenizer to "
-              "pipeline() and eos_token_id to generate() yourself", file=sys.stderr)
+        reason = " ".join(str(err).split())  # transformers' messages span lines; the warning is one
+        print(f"warning: the export has {lost} ({reason}); {advice} yourself", file=sys.stderr)
         return None
 
 

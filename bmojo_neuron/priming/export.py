@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints.export import quiet_transformers
+from ..checkpoints.export import quiet_transformers, save_tokenizer_files
 from ..checkpoints.inference import load_trained, resolve_model_dir
 from ..checkpoints.layout import CONFIG_FILE
 from ..configuration_bmojo import BMojoConfig
@@ -150,10 +150,17 @@ def _source_max_positions(model_dir: Path) -> int | None:
 
 
 def _carry_tokenizer(tokenizer: str, folder: Path, output: Path) -> None:
-    """Copy a local tokenizer folder's files into `folder` (published as `output`) and name the tokenizer in
-    ``bmojo_run.json``: `output` itself once its files are there, as `prime` does; else as given (e.g. ``byte``)."""
+    """Put the tokenizer's files into `folder` (published as `output`) and name the tokenizer in
+    ``bmojo_run.json``.
+
+    A local tokenizer folder's files are copied and `output` names itself, as `prime` does. Any other tokenizer
+    (``byte``, a hub name) is named as given, and its Hugging Face files are written as a run's ``final/``
+    export writes them, so ``pipeline(model=output)`` works; one this machine cannot load costs a warning.
+    """
     source = Path(tokenizer).expanduser()
     # replace=False keeps the generation_config.json written with the model
     if source.is_dir() and copy_tokenizer_files(source, folder, replace=False):
         tokenizer = str(output.resolve())
+    else:
+        save_tokenizer_files(folder, tokenizer)
     (folder / RUN_INFO_FILE).write_text(json.dumps({"tokenizer": tokenizer, "recipe": {}}, indent=2))
