@@ -386,6 +386,25 @@ def test_data_prepare_has_nothing_to_do_for_mqar(capsys):
     assert "nothing to prepare" in capsys.readouterr().out
 
 
+def test_no_progress_silences_the_data_libraries_bars_and_restores_them(capsys, tmp_path):
+    """Building a text cache under --no-progress prints no datasets bars (tokenize, pack, save_to_disk);
+    the process's own setting is back afterwards."""
+    import datasets
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    tiny = ["data.block_size=32", "train.steps=1", "train.batch_size=2", "eval.batches=1",
+            "eval.length_multipliers=[1]", "model.hidden_size=32", "model.intermediate_size=32",
+            "model.num_hidden_layers=2", "model.layer_pattern=BM", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert datasets.is_progress_bar_enabled() and not are_progress_bars_disabled()
+    capsys.readouterr()
+    assert cli.main(["train", "cpu-text", *tiny, "--no-progress", "--output-dir", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert len(list((tmp_path / "cache").glob("text-*"))) == 1  # the cache was built in this run
+    for bar in ("tokenize", "pack", "Saving the dataset", "%|", "\r"):
+        assert bar not in err, err
+    assert datasets.is_progress_bar_enabled() and not are_progress_bars_disabled()
+
+
 def test_text_cache_follows_the_output_dir_and_nothing_lands_in_the_cwd(capsys, tmp_path, monkeypatch):
     """docs/data.md: the text cache is ``<output_dir>/../data-cache``, ``--output-dir`` included."""
     import json

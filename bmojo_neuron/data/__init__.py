@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from bmojo_neuron.data.mqar import IGNORE_INDEX, generate_mqar, mqar_accuracy
-from bmojo_neuron.data.text import load_text_dataset
+from bmojo_neuron.data.text import library_progress_bars, load_text_dataset
 from bmojo_neuron.data.tokenizer import ByteTokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -96,6 +96,7 @@ __all__ = [
     "build_eval_dataset",
     "data_vocabulary",
     "generate_mqar",
+    "library_progress_bars",
     "load_tokenizer",
     "mqar_accuracy",
 ]

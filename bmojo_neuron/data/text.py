@@ -21,8 +21,9 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from bmojo_neuron.data.hub import may_be_hub_name
 from bmojo_neuron.data.tokenizer import encode_batch, eos_token_id, load_tokenizer, tokenizer_fingerprint
@@ -77,6 +78,34 @@ def load_text_dataset(
         _build_cache(source, kind, tokenizer, block_size, eval_fraction, text_column, settings, final)
     cached = load_from_disk(str(final))
     return cached["train"], cached["eval"]
+
+
+@contextmanager
+def library_progress_bars(enabled: bool) -> Iterator[None]:
+    """With `enabled` False, no progress bars from `datasets` (tokenize, pack, save_to_disk, load_from_disk) or
+    `huggingface_hub` (hub downloads) inside the block; each library's previous setting is restored after it.
+
+    Both switches are process-wide, so a caller that prints its own progress as plain lines (``train
+    --no-progress``) turns the libraries' bars off around the work that builds its data.
+    """
+    if enabled:
+        yield
+        return
+    import datasets
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    datasets_on, hub_on = datasets.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    if datasets_on:
+        datasets.disable_progress_bars()
+    if hub_on:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if datasets_on:
+            datasets.enable_progress_bars()
+        if hub_on:
+            enable_progress_bars()
 
 
 def source_kind(source: str) -> str:

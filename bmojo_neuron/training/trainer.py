@@ -31,7 +31,7 @@ from torch import Tensor
 
 from bmojo_neuron.checkpoints.layout import FINAL, RECIPE_FILE, clean_stale, has_run
 from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState, resume_refusal
-from bmojo_neuron.data import build_datasets
+from bmojo_neuron.data import build_datasets, library_progress_bars
 from bmojo_neuron.evaluation import LengthResult, format_length_table, plot_length
 from bmojo_neuron.fsutil import write_text_atomic
 from bmojo_neuron.priming.distill import freeze_shared, is_new_parameter
@@ -87,7 +87,9 @@ def train(
     backend = open_backend(recipe)
     try:
         trainer = Trainer(recipe, backend, Path(output_dir or recipe.run.output_dir), progress)
-        with stop_on_signals(trainer, announce=backend.is_main, prefix=trainer.prefix):
+        # the data libraries' bars only beside this run's live bar: not with plain lines, nor on other ranks
+        with stop_on_signals(trainer, announce=backend.is_main, prefix=trainer.prefix), \
+                library_progress_bars(trainer.progress is True):
             return trainer.run(resume, stop_after, datasets, started)
     finally:
         backend.close()
