@@ -396,3 +396,18 @@ def test_scaling_target_without_an_exponent_says_why(monkeypatch):
     suites._scaling(s, report, log=lambda message: None)
     (target,) = report["targets"]
     assert target["met"] is False and target["note"] == "missed: B'MOJO's times at [32, 64] give no exponent"
+
+
+def test_cpu_peak_memory_is_never_below_the_baseline(monkeypatch):
+    """Memory returned to the OS as the peak counter resets: the peak is 0 more than the baseline, not less."""
+    status = {"VmRSS": 1000, "VmHWM": 1200}
+
+    def reset_returning_memory() -> bool:  # the kernel resets VmHWM to the current RSS, which has just shrunk
+        status["VmRSS"] = 960
+        status["VmHWM"] = 960
+        return True
+
+    monkeypatch.setattr(harness, "_proc_status_kb", lambda key: status[key])
+    monkeypatch.setattr(harness, "_reset_peak_rss", reset_returning_memory)
+    _, peak = harness.measure_call(lambda: None, "cpu")
+    assert peak == 0

@@ -203,8 +203,10 @@ def measure_call(fn: Callable[[], Any], device: str) -> tuple[float, int | None]
         fn()
         torch.cuda.synchronize()
         return time.perf_counter() - t0, int(torch.cuda.max_memory_allocated() - base)
-    rss0 = _proc_status_kb("VmRSS")
+    # The baseline is read after the reset: the peak counter then covers every RSS from that reading on, so the
+    # difference is never negative (memory freed in between would otherwise lower the peak below the baseline).
     reset = _reset_peak_rss()
+    rss0 = _proc_status_kb("VmRSS")
     t0 = time.perf_counter()
     fn()
     seconds = time.perf_counter() - t0
