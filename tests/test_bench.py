@@ -411,3 +411,17 @@ def test_cpu_peak_memory_is_never_below_the_baseline(monkeypatch):
     monkeypatch.setattr(harness, "_reset_peak_rss", reset_returning_memory)
     _, peak = harness.measure_call(lambda: None, "cpu")
     assert peak == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_json_in_a_folder_that_takes_no_files_is_refused_before_timing(capsys, monkeypatch):
+    """/proc passes `os.access` for root but takes no new files; the suite must not run before that shows."""
+    from bmojo_neuron.bench import suites
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the suite ran before the --json path was checked")
+
+    monkeypatch.setattr(suites, "run_suite", must_not_run)
+    message = bench_error(capsys, "train-step", *FAST, "--candidates", "bmojo", "--lengths", "32",
+                          "--json", "/proc/bench-report.json")
+    assert message.startswith("error: --json /proc/bench-report.json: ")
