@@ -425,3 +425,13 @@ def test_json_in_a_folder_that_takes_no_files_is_refused_before_timing(capsys, m
     message = bench_error(capsys, "train-step", *FAST, "--candidates", "bmojo", "--lengths", "32",
                           "--json", "/proc/bench-report.json")
     assert message.startswith("error: --json /proc/bench-report.json: ")
+
+
+def test_scaling_prints_an_unmeasured_exponent_as_na(tmp_path, capsys):
+    """--no-probe measures no CPU memory, so there is no memory exponent: the fit line says n/a."""
+    args = ["bench", "scaling", *FAST, "--candidates", "bmojo", "--lengths", "32,64", "--no-probe",
+            "--device", "cpu", "--json", str(tmp_path / "s.json")]
+    assert main(args) == 0
+    fit_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  fit bmojo"))
+    assert fit_line.endswith("memory exponent n/a"), fit_line
+    assert json.loads((tmp_path / "s.json").read_text())["fits"][0]["memory_exponent"] is None
