@@ -7,6 +7,7 @@ commands, not timed tests; see docs/benchmarks.md).
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -435,3 +436,39 @@ def test_scaling_prints_an_unmeasured_exponent_as_na(tmp_path, capsys):
     fit_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  fit bmojo"))
     assert fit_line.endswith("memory exponent n/a"), fit_line
     assert json.loads((tmp_path / "s.json").read_text())["fits"][0]["memory_exponent"] is None
+
+
+def _process_gone(pid: int) -> bool:
+    """No process `pid`, or only its zombie (an orphan waiting for a reaper that may never come)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_busy_load_dies_with_a_killed_benchmark_even_while_paused():
+    """A benchmark killed (SIGKILL) while the load is paused for a quiet run leaves no stopped loop behind."""
+    import signal
+    import subprocess
+    import sys
+
+    benchmark = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys, time\n"
+         "from bmojo_neuron.bench.harness import BusyLoad\n"
+         "with BusyLoad() as load:\n"
+         "    load.process.send_signal(signal.SIGSTOP)\n"
+         "    print(load.process.pid, flush=True)\n"
+         "    time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+    loop_pid = int(benchmark.stdout.readline())
+    try:
+        benchmark.kill()
+        benchmark.wait(10)
+        deadline = time.monotonic() + 5
+        while not _process_gone(loop_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _process_gone(loop_pid)
+    finally:
+        if not _process_gone(loop_pid):
+            os.kill(loop_pid, signal.SIGKILL)
