@@ -7,6 +7,7 @@ commands, not timed tests; see docs/benchmarks.md).
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -406,3 +407,78 @@ def test_scaling_target_without_an_exponent_says_why(monkeypatch):
     suites._scaling(s, report, log=lambda message: None)
     (target,) = report["targets"]
     assert target["met"] is False and target["note"] == "missed: B'MOJO's times at [32, 64] give no exponent"
+
+
+def test_cpu_peak_memory_is_never_below_the_baseline(monkeypatch):
+    """Memory returned to the OS as the peak counter resets: the peak is 0 more than the baseline, not less."""
+    status = {"VmRSS": 1000, "VmHWM": 1200}
+
+    def reset_returning_memory() -> bool:  # the kernel resets VmHWM to the current RSS, which has just shrunk
+        status["VmRSS"] = 960
+        status["VmHWM"] = 960
+        return True
+
+    monkeypatch.setattr(harness, "_proc_status_kb", lambda key: status[key])
+    monkeypatch.setattr(harness, "_reset_peak_rss", reset_returning_memory)
+    _, peak = harness.measure_call(lambda: None, "cpu")
+    assert peak == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_json_in_a_folder_that_takes_no_files_is_refused_before_timing(capsys, monkeypatch):
+    """/proc passes `os.access` for root but takes no new files; the suite must not run before that shows."""
+    from bmojo_neuron.bench import suites
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the suite ran before the --json path was checked")
+
+    monkeypatch.setattr(suites, "run_suite", must_not_run)
+    message = bench_error(capsys, "train-step", *FAST, "--candidates", "bmojo", "--lengths", "32",
+                          "--json", "/proc/bench-report.json")
+    assert message.startswith("error: --json /proc/bench-report.json: ")
+
+
+def test_scaling_prints_an_unmeasured_exponent_as_na(tmp_path, capsys):
+    """--no-probe measures no CPU memory, so there is no memory exponent: the fit line says n/a."""
+    args = ["bench", "scaling", *FAST, "--candidates", "bmojo", "--lengths", "32,64", "--no-probe",
+            "--device", "cpu", "--json", str(tmp_path / "s.json")]
+    assert main(args) == 0
+    fit_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  fit bmojo"))
+    assert fit_line.endswith("memory exponent n/a"), fit_line
+    assert json.loads((tmp_path / "s.json").read_text())["fits"][0]["memory_exponent"] is None
+
+
+def _process_gone(pid: int) -> bool:
+    """No process `pid`, or only its zombie (an orphan waiting for a reaper that may never come)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_busy_load_dies_with_a_killed_benchmark_even_while_paused():
+    """A benchmark killed (SIGKILL) while the load is paused for a quiet run leaves no stopped loop behind."""
+    import signal
+    import subprocess
+    import sys
+
+    benchmark = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys, time\n"
+         "from bmojo_neuron.bench.harness import BusyLoad\n"
+         "with BusyLoad() as load:\n"
+         "    load.process.send_signal(signal.SIGSTOP)\n"
+         "    print(load.process.pid, flush=True)\n"
+         "    time.sleep(60)\n"], stdout=subprocess.PIPE, text=True)
+    loop_pid = int(benchmark.stdout.readline())
+    try:
+        benchmark.kill()
+        benchmark.wait(10)
+        deadline = time.monotonic() + 5
+        while not _process_gone(loop_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _process_gone(loop_pid)
+    finally:
+        if not _process_gone(loop_pid):
+            os.kill(loop_pid, signal.SIGKILL)

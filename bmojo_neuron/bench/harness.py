@@ -203,8 +203,10 @@ def measure_call(fn: Callable[[], Any], device: str) -> tuple[float, int | None]
         fn()
         torch.cuda.synchronize()
         return time.perf_counter() - t0, int(torch.cuda.max_memory_allocated() - base)
-    rss0 = _proc_status_kb("VmRSS")
+    # The baseline is read after the reset: the peak counter then covers every RSS from that reading on, so the
+    # difference is never negative (memory freed in between would otherwise lower the peak below the baseline).
     reset = _reset_peak_rss()
+    rss0 = _proc_status_kb("VmRSS")
     t0 = time.perf_counter()
     fn()
     seconds = time.perf_counter() - t0
@@ -318,10 +320,17 @@ def _probe_inline(builder: str, spec: dict[str, Any], cap_seconds: float) -> Pro
 
 
 # ----------------------------------------------------------------------------- background load
-# Spins until its parent is gone, so a killed benchmark leaves no load behind.
+# Spins until its parent is gone, so a killed benchmark leaves no load behind. Polling alone misses a parent
+# killed while the loop is stopped (SIGSTOP, a quiet run): a stopped loop polls nothing and stays stopped until
+# something continues it. On Linux the kernel therefore kills it with its parent (PR_SET_PDEATHSIG = 1, SIGKILL,
+# which also ends a stopped process; the parent's main thread starts it); the poll still covers a parent that
+# died before the request.
 BUSY_LOOP = """
-import os
+import ctypes, os, signal, sys
 parent = os.getppid()
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)
+print("ready", flush=True)
 while os.getppid() == parent:
     for _ in range(1_000_000):
         pass
@@ -343,7 +352,10 @@ class BusyLoad:
         self.core: int | None = None
 
     def __enter__(self) -> BusyLoad:
-        self.process = subprocess.Popen([sys.executable, "-c", BUSY_LOOP], stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen([sys.executable, "-c", BUSY_LOOP], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, text=True)
+        self.process.stdout.readline()  # the loop has started (and asked to die with this process): time from here
+        self.process.stdout.close()
         try:
             self.core = max(os.sched_getaffinity(0))
             os.sched_setaffinity(self.process.pid, {self.core})

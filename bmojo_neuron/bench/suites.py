@@ -597,7 +597,8 @@ def _scaling(s: Settings, report: dict[str, Any], log: Log) -> None:
                                                        [r["peak_memory_bytes"] for r in mem]),
                "capped_from": capped_at.get(name)}
         report["fits"].append(fit)
-        log(f"  fit {name:<15} time exponent {fit['time_exponent']}  memory exponent {fit['memory_exponent']}"
+        log(f"  fit {name:<15} time exponent {_or_na(fit['time_exponent'])}  "
+            f"memory exponent {_or_na(fit['memory_exponent'])}"
             + (f"  (capped from L={capped_at[name]})" if name in capped_at else ""))
     _speedups(report, "median_s", higher_is_better=False)
     fit = next((f for f in report["fits"] if f["candidate"] == "bmojo"), None)
@@ -726,6 +727,11 @@ def _kernels(s: Settings, report: dict[str, Any], log: Log) -> None:
 
 def _mib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _or_na(value: float | None) -> str:
+    """A printed number that may not have been measured (no CPU memory with --no-probe): "n/a", not "None"."""
+    return "n/a" if value is None else str(value)
 
 
 __all__ = ["ALL", "DEFAULTS", "HF", "SUITES", "Settings", "resolve", "run_suite"]

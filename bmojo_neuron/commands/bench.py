@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 from bmojo_neuron.cli import register_command, require_nonempty
@@ -133,16 +134,29 @@ def _check_busy() -> None:
 def _check_output_file(option: str, path: str) -> None:
     """`path` can be written as a file: not a folder, and its folder exists and is writable or can be created.
 
-    Checked before the suite runs, so a bad path does not cost the measurements. Creates nothing.
+    Checked before the suite runs, so a bad path does not cost the measurements. Leaves nothing behind.
     """
     target = os.path.abspath(path)
     if os.path.isdir(target):
         raise ValueError(f"{option} {path}: is a folder; give a file path")
     if os.path.exists(target) and not os.access(target, os.W_OK):
         raise ValueError(f"{option} {path}: the file exists and is not writable")
-    problem = unwritable_reason(Path(target).parent)
+    folder = Path(target).parent
+    problem = unwritable_reason(folder)
     if problem:
         raise ValueError(f"{option} {path}: {problem}")
+    if folder.is_dir():
+        _check_file_can_be_created(option, path, folder)
+
+
+def _check_file_can_be_created(option: str, path: str, folder: Path) -> None:
+    """Create and remove a file in `folder`. Permission bits do not tell everything: root passes every
+    `os.access` check, yet cannot create files in /proc or /sys, nor, squashed, on an NFS share."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{option} {path}: cannot create a file in {folder} ({exc.strerror or exc})") from exc
 
 
 def output_paths(args: argparse.Namespace) -> tuple[str, str]:
