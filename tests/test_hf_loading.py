@@ -124,3 +124,12 @@ def test_a_text_model_exports_the_tokenizers_end_of_text_as_its_eos(tmp_path, ki
     assert GenerationConfig.from_pretrained(str(final)).eos_token_id == eos
     assert loaded.generation_config.eos_token_id == eos
     assert loaded.generation_config.pad_token_id == eos
+
+
+def test_a_model_smaller_than_its_tokenizer_exports_no_tokenizer_files(tmp_path):
+    """An MQAR model (64 task ids, named after the byte tokenizer) gets no tokenizer files: with them,
+    pipeline() would encode text into ids its embedding lacks and fail with an IndexError."""
+    model = BMojoForCausalLM(tiny_config(vocab_size=64)).eval()
+    final = export_final(tmp_path / "run", model, {"model": {}, "data": {"kind": "mqar"}}, "byte", {})
+    assert (final / "model.safetensors").is_file()
+    assert not (final / "tokenizer.json").exists() and not (final / "tokenizer_config.json").exists()

@@ -46,9 +46,12 @@ def export_final(
 
 def save_for_hf(directory: Path, model: nn.Module, recipe: dict[str, Any], tokenizer: str) -> None:
     """`save_pretrained` of a trained model with its tokenizer's files and, for a text model, the tokenizer's
-    end-of-text id as its eos (`stop_at_end_of_text`)."""
+    end-of-text id as its eos (`stop_at_end_of_text`). A model whose vocabulary the tokenizer does not fit
+    (MQAR's task ids under the byte tokenizer's name) gets neither (`tokenizer_fits`)."""
     with quiet_transformers():
         hf_tok = _loadable_tokenizer(tokenizer)
+        if hf_tok is not None and not tokenizer_fits(hf_tok, model.config.vocab_size):
+            hf_tok = None
         if hf_tok is not None and (recipe.get("data") or {}).get("kind") == "text":
             stop_at_end_of_text(model, hf_tok.eos_token_id)
         model.save_pretrained(str(directory))
@@ -56,16 +59,23 @@ def save_for_hf(directory: Path, model: nn.Module, recipe: dict[str, Any], token
             hf_tok.save_pretrained(str(directory))
 
 
-def save_tokenizer_files(directory: Path, tokenizer: str) -> bool:
+def save_tokenizer_files(directory: Path, tokenizer: str, vocab_size: int) -> bool:
     """Write the Hugging Face files of `tokenizer` (``byte`` included, as `hf_tokenizer` builds it) into
-    `directory`, so that ``pipeline(model=directory)`` finds a tokenizer; False, after a warning, when this
-    machine cannot load it."""
+    `directory`, so that ``pipeline(model=directory)`` finds a tokenizer; False when this machine cannot load
+    it (after a warning) or it does not fit a model of `vocab_size` ids (`tokenizer_fits`)."""
     with quiet_transformers():
         hf_tok = _loadable_tokenizer(tokenizer, lost="no tokenizer files", advice="pass the tokenizer to pipeline()")
-        if hf_tok is None:
+        if hf_tok is None or not tokenizer_fits(hf_tok, vocab_size):
             return False
         hf_tok.save_pretrained(str(directory))
     return True
+
+
+def tokenizer_fits(hf_tok: Any, vocab_size: int) -> bool:
+    """Whether every id `hf_tok` produces is in a model of `vocab_size` ids. An MQAR model is trained on task
+    ids (64 of them in cpu-tiny) and named after the byte tokenizer: with the byte tokenizer's files beside
+    it, ``pipeline`` would encode text into ids the embedding does not have and fail with an IndexError."""
+    return len(hf_tok) <= vocab_size
 
 
 def _loadable_tokenizer(tokenizer: str, lost: str = "no tokenizer files and no eos_token_id",

@@ -115,7 +115,7 @@ def export_transformer(path: str | Path, output_dir: str | Path, overwrite: bool
     try:
         with quiet_transformers():
             hf_model.save_pretrained(str(tmp))
-        _carry_tokenizer(trained.tokenizer, tmp, output)
+        _carry_tokenizer(trained.tokenizer, tmp, output, hf_config.vocab_size)
         publish_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -149,18 +149,19 @@ def _source_max_positions(model_dir: Path) -> int | None:
         return None
 
 
-def _carry_tokenizer(tokenizer: str, folder: Path, output: Path) -> None:
+def _carry_tokenizer(tokenizer: str, folder: Path, output: Path, vocab_size: int) -> None:
     """Put the tokenizer's files into `folder` (published as `output`) and name the tokenizer in
     ``bmojo_run.json``.
 
     A local tokenizer folder's files are copied and `output` names itself, as `prime` does. Any other tokenizer
     (``byte``, a hub name) is named as given, and its Hugging Face files are written as a run's ``final/``
-    export writes them, so ``pipeline(model=output)`` works; one this machine cannot load costs a warning.
+    export writes them (only for a model whose vocabulary it fits), so ``pipeline(model=output)`` works; one
+    this machine cannot load costs a warning.
     """
     source = Path(tokenizer).expanduser()
     # replace=False keeps the generation_config.json written with the model
     if source.is_dir() and copy_tokenizer_files(source, folder, replace=False):
         tokenizer = str(output.resolve())
     else:
-        save_tokenizer_files(folder, tokenizer)
+        save_tokenizer_files(folder, tokenizer, vocab_size)
     (folder / RUN_INFO_FILE).write_text(json.dumps({"tokenizer": tokenizer, "recipe": {}}, indent=2))
