@@ -9,7 +9,9 @@ says which ("nki" or "emulator") and `NKI_UNAVAILABLE_REASON` why the real one i
 used (not installed, the PyPI placeholder "WRONG PACKAGE", another version). NKI 0.3.0
 broke compatibility with 0.2.0, so another version counts as unavailable until this
 module learns the differences. `emulator()` always returns the emulator's
-(nki, nl, nisa), for the `nki-sim` backend even where the real NKI exists.
+(nki, nl, nisa); the kernel modules, though, bind whichever this module chose when
+they are imported, so where the real NKI is used they cannot run on the emulator
+(the `nki-sim` backend reports itself unavailable there).
 """
 
 from __future__ import annotations

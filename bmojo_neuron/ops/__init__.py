@@ -53,8 +53,13 @@ def _nki_availability() -> tuple[bool, str]:
 def _nki_sim_availability() -> tuple[bool, str]:
     try:
         import nki_kernels.emulator  # noqa: F401
+        from nki_kernels import compat
     except Exception as exc:  # e.g. ml_dtypes missing
         return False, f"the NKI emulator failed to import ({type(exc).__name__}: {exc})"
+    if compat.NKI_AVAILABLE:
+        # The kernel modules bind nki/nl/nisa once, at import, from compat: with the real NKI
+        # present they are real `nki.jit` kernels, which the emulator cannot run.
+        return False, "the kernels are bound to the real NKI 0.2 here (the emulator runs them only where it is absent)"
     return True, "NKI kernels on CPU through the emulator (selective_scan, ssd_scan, eidetic_attention; slow, exact)"
 
 

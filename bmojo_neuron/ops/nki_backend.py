@@ -1,11 +1,13 @@
 """The ``nki`` and ``nki-sim`` op backends: autograd Functions that call the NKI kernels of `nki_kernels`.
 
-Two runners execute the same kernel source:
+Two runners execute the same kernel source with the same call, `kernel(*args)` on the
+`nki.jit` object, every parameter positional (tensors, `None` for an absent one, Python
+constants); inputs not in float32/float16/bfloat16 become float32 first in both:
   * ``emulator`` (backend ``nki-sim``): CPU tensors -> NumPy -> the NKI emulator -> torch.
     Slow and exact; for tests and debugging.
   * ``device`` (backend ``nki``): XLA tensors passed straight to the `nki.jit` kernels,
     which the Neuron compiler turns into custom calls in the graph. Only built on
-    Trainium (the real NKI 0.2 must import).
+    Trainium (the real NKI 0.2 must import); tensors off the XLA device are refused.
 
 The wrappers take the reference ops' exact signatures. Kernels need L a multiple of
 128, so other lengths are padded at the end (later steps never change earlier
@@ -27,7 +29,6 @@ from torch import Tensor
 
 from nki_kernels.attention_bwd import eidetic_attention_bwd
 from nki_kernels.attention_fwd import eidetic_attention_fwd
-from nki_kernels.emulator import simulate_kernel
 from nki_kernels.selective_scan_bwd import selective_scan_bwd
 from nki_kernels.selective_scan_fwd import selective_scan_fwd
 from nki_kernels.ssd_bwd import ssd_bwd
@@ -49,14 +50,23 @@ class Runner:
     from_kernel: Callable[[Any, torch.dtype, torch.device], Tensor]
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the kernels take; NKI has no float64
+
+
+def _kernel_input(t: Tensor | None) -> Tensor | None:
+    """`t` in a dtype the kernels take (others become float32), so both runners hand a kernel the same dtypes."""
+    if t is None or t.dtype in KERNEL_DTYPES:
+        return t
+    return t.float()
+
+
 def _np_in(t: Tensor | None) -> np.ndarray | None:
+    t = _kernel_input(t)
     if t is None:
         return None
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    if t.dtype not in (torch.float32, torch.float16):
-        t = t.float()
     return t.numpy()
 
 
@@ -67,13 +77,32 @@ def _np_out(a: np.ndarray, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.from_numpy(a.copy()).to(device=device, dtype=dtype)
 
 
+def _call_jit(kernel: Callable[..., Any], *args: Any) -> Any:
+    """Call an `nki.jit` kernel as torch code does: positionally, tensors and compile-time constants."""
+    return kernel(*args)
+
+
 def emulator_runner() -> Runner:
-    return Runner("emulator", simulate_kernel, _np_in, _np_out)
+    """The emulator's `nki.jit` kernels on NumPy copies of CPU tensors (same call as `device_runner`)."""
+    return Runner("emulator", _call_jit, _np_in, _np_out)
+
+
+def _xla_in(t: Tensor | None) -> Tensor | None:
+    """A kernel argument for the real `nki.jit` under torch: a tensor on the XLA device.
+
+    The NKI guide (nki/guides/framework_custom_op.rst) calls kernels on tensors moved to
+    `xm.xla_device()`; the kernel becomes a custom call in the XLA graph, which a CPU/CUDA
+    tensor is not part of.
+    """
+    if t is not None and t.device.type != "xla":
+        raise ValueError(f"ops backend 'nki' needs tensors on the XLA device, got one on {t.device}; "
+                         "move the model and batch to torch_xla.device() or use backend 'nki-sim'")
+    return _kernel_input(t)
 
 
 def device_runner() -> Runner:
     """Real NKI on XLA tensors; the kernels are `nki.jit` functions called directly."""
-    return Runner("device", lambda kernel, *args: kernel(*args), lambda t: t,
+    return Runner("device", _call_jit, _xla_in,
                   lambda a, dtype, device: a.to(dtype))
 
 

@@ -37,6 +37,10 @@ def _unwrap(kernel: Callable) -> Callable:
 
 def _to_device(value: Any, index: int) -> Any:
     if isinstance(value, np.ndarray):
+        if value.dtype not in core.NKI_DTYPES and value.dtype != np.bool_:  # a float64/int64 tensor has no NKI dtype to be traced as
+            raise TypeError(f"kernel argument {index} has dtype {value.dtype}, which is not a nki.language data "
+                            "type (nki/api/nki/language: int8/16/32, uint8/16/32, float8, float16, bfloat16, "
+                            "float32, bool); cast it before the call")
         return core.wrap_hbm(value, name=f"arg{index}")
     return value
 
@@ -91,6 +95,10 @@ class Kernel:
         self.__nki_grid__ = grid
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if core.kernel_running():  # called from a kernel's body: a sub-kernel
+            raise TypeError(f"{self.__name__} is an @nki.jit kernel called from inside another kernel; NKI 0.2 "
+                            "compiles only top-level kernels (nki-migration-guide.rst 'Remove nki.jit decorator "
+                            "on sub-kernels'): call the undecorated function instead")
         return simulate_kernel(self, *args, **kwargs)
 
     def __getitem__(self, subscript: Any) -> "Kernel":
@@ -103,8 +111,18 @@ class Kernel:
         return f"<nki.jit kernel {self.__name__}{grid}>"
 
 
+JIT_MODES = ("jax", "torchxla", "auto")  # nki/api/nki/__init__.py `jit`: "Supported values are ..."
+
+
 def jit(func=None, mode="auto", **kwargs):
-    """`@nki.jit`: in the emulator, calling the kernel (or `kernel[n]`) on NumPy arrays simulates it."""
+    """`@nki.jit`: in the emulator, calling the kernel (or `kernel[n]`) on NumPy arrays simulates it.
+
+    `mode` must be one NKI 0.2.0 supports (Beta 1's "trace", "baremetal", "simulation" are
+    gone); whatever the mode, the emulator runs the kernel on NumPy arrays. Other keyword
+    arguments are accepted, as the 0.2.0 signature's ``**kwargs`` does, and ignored.
+    """
+    if mode not in JIT_MODES:
+        raise ValueError(f"nki.jit: mode must be one of {list(JIT_MODES)} in NKI 0.2.0, got {mode!r}")
     if func is None:
         return functools.partial(jit, mode=mode, **kwargs)
     return Kernel(func)

@@ -223,6 +223,11 @@ def pop_state() -> RunState:
     return _STATE.pop()
 
 
+def kernel_running() -> bool:
+    """Whether a kernel is being simulated (a run state above the idle one)."""
+    return len(_STATE) > 1
+
+
 # --------------------------------------------------------------------- names of 0.2.0 the emulator cannot run
 NOT_EMULATED = "is in NKI 0.2.0 but not emulated"
 
