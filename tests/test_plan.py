@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shlex
+
 import pytest
 
 from bmojo_neuron.cli import main
@@ -164,8 +166,7 @@ def test_torchrun_and_env_lines():
     assert "-m bmojo_neuron.cli train trn1/bmojo-790m train.batch_size=64 model.ssm_n_groups=2" in plan.torchrun
     assert plan.srun.startswith("srun --nodes 4 --ntasks-per-node 1") and "$SLURM_NODEID" in plan.srun
     flags = plan.env["NEURON_CC_FLAGS"]
-    for flag in ("--model-type transformer", "--distribution-strategy llm-training", "--cache_dir=s3://b/cache",
-                 "-O1"):
+    for flag in ("--model-type transformer", "--cache_dir=s3://b/cache", "-O1", "--retry_failed_compilation"):
         assert flag in flags
     assert plan.env["NEURON_RT_STOCHASTIC_ROUNDING_EN"] == "0"  # bf16 + ZeRO-1: NxD's fp32 master weights
     assert plan.env["NEURON_RT_NUM_CORES"] == "1" and plan.env["MALLOC_ARENA_MAX"] == "64"
@@ -178,6 +179,103 @@ def test_torchrun_and_env_lines():
     assert "FI_PROVIDER" not in single.env and single.env["NEURON_RT_STOCHASTIC_ROUNDING_EN"] == "0"  # fp32
     pure_bf16 = build_plan(r.with_overrides(["parallel.zero1=false"]), "x")
     assert pure_bf16.env["NEURON_RT_STOCHASTIC_ROUNDING_EN"] == "1"  # bf16 weights updated in place: SR
+
+
+# What the plan may set, each pinned to the documentation of the pinned stack (aws-neuron-sdk 3c46990d; NxD
+# v2.28.0); a flag or variable missing here fails `test_plan_env_is_documented`. Values: the documented set,
+# None for a switch without a value, or a predicate where the documentation gives a range.
+DOCUMENTED_CC_FLAGS = {
+    # compiler/neuronx-cc/api-reference-guide/index.rst:94-100: generic (default), transformer, unet-inference
+    "--model-type": {"generic", "transformer", "unet-inference"},
+    # index.rst:139-145: --optlevel / -O, "Possible numeric values are {1, 2, 3}" (default 2)
+    "-O": {"1", "2", "3"},
+    # about-neuron/arch/neuron-features/neuron-caching.rst:110,116 and torch-neuron-envvars.rst:38-43: a local
+    # folder or an s3:// URL; it takes precedence over NEURON_COMPILE_CACHE_URL
+    "--cache_dir": lambda v: bool(v),
+    # neuron-caching.rst:130-137, pytorch-neuron-parallel-compile.rst:135-139: recompile a cached failure
+    "--retry_failed_compilation": None,
+    # Left out on purpose: --distribution-strategy llm-training (index.rst:126-130) "should not be enabled when
+    # using the Neuron Kernel Interface" (release-notes/components/nxd-training.rst:82), our default ops backend.
+}
+DOCUMENTED_ENV = {
+    "NEURON_CC_FLAGS": None,  # torch-neuron-envvars.rst:13-17; its words are checked against DOCUMENTED_CC_FLAGS
+    # torch-neuron-envvars.rst:140-146, about-neuron/arch/neuron-features/rounding-modes.rst:89-90: 0 = round to
+    # nearest even, 1 = stochastic
+    "NEURON_RT_STOCHASTIC_ROUNDING_EN": {"0", "1"},
+    # neuron-runtime/nrt-configurable-parameters.rst:30-35: an integer "from 1 to Max NeuronCore in the system"
+    "NEURON_RT_NUM_CORES": lambda v: v.isdigit() and 1 <= int(v) <= 32,
+    # glibc's arena cap (a positive integer); NxD v2.28.0 examples/training/llama/tp_zero1_llama_hf_pretrain/
+    # tp_zero1_llama3_8B_hf_pretrain.sh:15 sets 64; SDK release notes (_backup-rn/torch/torch-neuronx/
+    # index.rst:861) name it against glibc's malloc growth
+    "MALLOC_ARENA_MAX": lambda v: v.isdigit() and int(v) >= 1,
+    # frameworks/torch/torch-neuronx/setup-trn1-multi-node-execution.rst:157-159
+    "FI_PROVIDER": {"efa"},
+    "FI_EFA_USE_DEVICE_RDMA": {"1"},
+    "FI_EFA_FORK_SAFE": {"1"},
+}
+
+
+def parse_cc_flags(flags: str) -> list[tuple[str, str | None]]:
+    """(option, value) pairs of a NEURON_CC_FLAGS string in the spellings neuronx-cc accepts: ``-O1`` or
+    ``-O 1``, ``--opt=value`` or ``--opt value``; an option missing from DOCUMENTED_CC_FLAGS fails."""
+    words, pairs = shlex.split(flags), []
+    while words:
+        word = words.pop(0)
+        name, _, value = word.partition("=")
+        if name.startswith("-O") and not name.startswith("--"):
+            name, value = "-O", name[2:] or words.pop(0)
+        assert name in DOCUMENTED_CC_FLAGS, f"{name} in NEURON_CC_FLAGS is not in the documented set"
+        if DOCUMENTED_CC_FLAGS[name] is not None and not value:
+            value = words.pop(0)
+        pairs.append((name, value or None))
+    return pairs
+
+
+def allowed(spec, value) -> bool:
+    return spec(value) if callable(spec) else (value in spec if spec is not None else value is None)
+
+
+@pytest.mark.parametrize("name, overrides, nodes, instance", [
+    ("trn1/bmojo-790m", [*LADDER["trn1/bmojo-790m"]], 4, "trn1.32xlarge"),  # EFA, bf16 + ZeRO-1
+    ("trn1/bmojo-130m", [*LADDER["trn1/bmojo-130m"]], 1, "trn1.32xlarge"),  # bf16 without ZeRO-1
+    ("trn1/bmojo-790m", [*LADDER["trn1/bmojo-790m"], "train.precision=fp32", "train.batch_size=1"], 1,
+     "trn1.2xlarge"),
+    *[(name, [], 1, "trn1.32xlarge") for name in PRIMING],
+])
+def test_plan_env_is_documented(name, overrides, nodes, instance):
+    plan = build_plan(load_recipe(name, overrides), name, overrides, nodes=nodes,
+                      instance=instance, cache_dir="/fsx/neuron-cache")
+    undocumented = set(plan.env) - set(DOCUMENTED_ENV)
+    assert not undocumented, f"plan sets undocumented variables {sorted(undocumented)}"
+    for key, value in plan.env.items():
+        if key != "NEURON_CC_FLAGS":
+            assert allowed(DOCUMENTED_ENV[key], value), f"{key}={value!r} is outside its documented values"
+    pairs = parse_cc_flags(plan.env["NEURON_CC_FLAGS"])
+    for option, value in pairs:
+        assert allowed(DOCUMENTED_CC_FLAGS[option], value), f"{option} {value!r} is outside its documented values"
+    assert dict(pairs) == {"--model-type": "transformer", "--cache_dir": "/fsx/neuron-cache", "-O": "1",
+                           "--retry_failed_compilation": None}
+
+
+def test_cache_dir_with_white_space_is_refused(capsys):
+    with pytest.raises(ValueError, match="white space"):
+        build_plan(recipe(), "trn1/bmojo-130m", LADDER["trn1/bmojo-130m"], cache_dir="/fsx/neuron cache")
+    assert main(["plan", "trn1/bmojo-130m", *LADDER["trn1/bmojo-130m"], "--cache-dir", "/fsx/a b"]) != 0
+    assert "error: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, problem", [
+    ("--model-type transformer --distribution-strategy llm-training", "--distribution-strategy"),
+    ("--model-type=llm", "--model-type"),
+    ("-O4", "-O"),
+    ("--optlevel 1", "--optlevel"),
+    ("--retry-failed-compilation", "--retry-failed-compilation"),
+])
+def test_documented_flag_check_refuses(flags, problem):
+    """The check itself: an option outside the set, or a value outside an option's documented values."""
+    with pytest.raises(AssertionError, match=problem):
+        for option, value in parse_cc_flags(flags):
+            assert allowed(DOCUMENTED_CC_FLAGS[option], value), option
 
 
 def test_plan_json_is_valid(capsys):

@@ -220,10 +220,26 @@ def conflicting_env(environ: Any) -> list[str]:
     return [k for k in CONFLICTING_ENV if environ.get(k, "0") not in ("", "0")]
 
 
+def compiler_flags(cache_dir: str) -> list[str]:
+    """``NEURON_CC_FLAGS`` as a word list; tests/test_plan.py pins each flag to the documentation.
+
+    No ``--distribution-strategy llm-training``: NxD Training's SDK 2.22 release notes say that flag "should
+    not be enabled when using the Neuron Kernel Interface", and the hot ops run on NKI by default
+    (aws-neuron-sdk 3c46990d, release-notes/components/nxd-training.rst line 82).
+    A cache folder with white space in its name is refused: the flags are one space-separated string, so the
+    folder would reach the compiler as several words.
+    """
+    if any(c.isspace() for c in cache_dir):
+        raise ValueError(f"the compile cache {cache_dir!r} contains white space, which NEURON_CC_FLAGS "
+                         "(one space-separated string) cannot carry in --cache_dir; choose a folder without it")
+    return ["--model-type", "transformer",  # transformer-specific optimisations (neuronx-cc reference)
+            f"--cache_dir={cache_dir}",  # torch-neuronx's persistent cache; wins over NEURON_COMPILE_CACHE_URL
+            "-O1",  # optlevel 1: shortest compiles; the default is 2
+            "--retry_failed_compilation"]  # recompile an entry the cache holds as failed instead of failing
+
+
 def neuron_env(recipe: Any, nodes: int, cache_dir: str) -> dict[str, str]:
-    flags = ["--model-type", "transformer", "--distribution-strategy", "llm-training",
-             f"--cache_dir={cache_dir}", "-O1", "--retry_failed_compilation"]
-    env = {"NEURON_CC_FLAGS": " ".join(flags), **runtime_env(recipe)}
+    env = {"NEURON_CC_FLAGS": " ".join(compiler_flags(cache_dir)), **runtime_env(recipe)}
     env["NEURON_RT_NUM_CORES"] = "1"  # per process: torchrun starts one process per NeuronCore
     env["MALLOC_ARENA_MAX"] = "64"  # glibc: bounded malloc arenas per process (host memory; NxD's scripts)
     if nodes > 1:
