@@ -432,10 +432,10 @@ def test_a_missing_hub_tokenizer_fails_fast_when_the_hub_cannot_be_reached(tmp_p
 
 def test_a_cached_hub_tokenizer_loads_offline(tmp_path: Path) -> None:
     """A hub tokenizer in the local Hugging Face cache loads with HF_HUB_OFFLINE=1 (no look-up at all)."""
-    from bmojo_neuron.data.tokenizer import save_hf_tokenizer
+    from bmojo_neuron.data.tokenizer import hf_tokenizer
 
     snapshot = tmp_path / "hub" / "models--someone--tok" / "snapshots" / ("0" * 40)
-    save_hf_tokenizer("byte", snapshot)
+    hf_tokenizer("byte").save_pretrained(str(snapshot))
     (snapshot / "config.json").write_text("{}")  # AutoTokenizer fetches the repo's config.json too
     (tmp_path / "hub" / "models--someone--tok" / "refs").mkdir()
     (tmp_path / "hub" / "models--someone--tok" / "refs" / "main").write_text("0" * 40)

@@ -395,7 +395,7 @@ def test_export_with_a_tokenizer_it_cannot_load_warns_and_writes_the_model(tmp_p
     assert main(["export-transformer", str(tmp_path / "bmojo"), str(tmp_path / "hf")]) == 0
     err = capsys.readouterr().err
     assert err.startswith("warning: the export has no tokenizer files (") and err.count("\n") == 1
-    assert "pass the tokenizer to pipeline() yourself" in err
+    assert "pass the tokenizer to pipeline() (and a text model's eos_token_id to generate()) yourself" in err
     assert (tmp_path / "hf" / "model.safetensors").is_file() and not (tmp_path / "hf" / "tokenizer.json").exists()
     assert json.loads((tmp_path / "hf" / "bmojo_run.json").read_text())["tokenizer"] == str(no_tokenizer)
 

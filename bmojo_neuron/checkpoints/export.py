@@ -46,12 +46,9 @@ def export_final(
 
 def save_for_hf(directory: Path, model: nn.Module, recipe: dict[str, Any], tokenizer: str) -> None:
     """`save_pretrained` of a trained model with its tokenizer's files and, for a text model, the tokenizer's
-    end-of-text id as its eos (`stop_at_end_of_text`). A model whose vocabulary the tokenizer does not fit
-    (MQAR's task ids under the byte tokenizer's name) gets neither (`tokenizer_fits`)."""
+    end-of-text id as its eos (`stop_at_end_of_text`); both only where the tokenizer fits (`fitting_tokenizer`)."""
     with quiet_transformers():
-        hf_tok = _loadable_tokenizer(tokenizer)
-        if hf_tok is not None and not tokenizer_fits(hf_tok, model.config.vocab_size):
-            hf_tok = None
+        hf_tok = fitting_tokenizer(tokenizer, model.config.vocab_size)
         if hf_tok is not None and (recipe.get("data") or {}).get("kind") == "text":
             stop_at_end_of_text(model, hf_tok.eos_token_id)
         model.save_pretrained(str(directory))
@@ -59,35 +56,32 @@ def save_for_hf(directory: Path, model: nn.Module, recipe: dict[str, Any], token
             hf_tok.save_pretrained(str(directory))
 
 
-def save_tokenizer_files(directory: Path, tokenizer: str, vocab_size: int) -> bool:
-    """Write the Hugging Face files of `tokenizer` (``byte`` included, as `hf_tokenizer` builds it) into
-    `directory`, so that ``pipeline(model=directory)`` finds a tokenizer; False when this machine cannot load
-    it (after a warning) or it does not fit a model of `vocab_size` ids (`tokenizer_fits`)."""
+def save_tokenizer_files(directory: Path, tokenizer: str, vocab_size: int) -> None:
+    """Write the Hugging Face files of `tokenizer` (``byte`` included) into `directory`, so that
+    ``pipeline(model=directory)`` finds a tokenizer, where it fits a model of `vocab_size` ids."""
     with quiet_transformers():
-        hf_tok = _loadable_tokenizer(tokenizer, lost="no tokenizer files", advice="pass the tokenizer to pipeline()")
-        if hf_tok is None or not tokenizer_fits(hf_tok, vocab_size):
-            return False
-        hf_tok.save_pretrained(str(directory))
-    return True
+        hf_tok = fitting_tokenizer(tokenizer, vocab_size)
+        if hf_tok is not None:
+            hf_tok.save_pretrained(str(directory))
 
 
-def tokenizer_fits(hf_tok: Any, vocab_size: int) -> bool:
-    """Whether every id `hf_tok` produces is in a model of `vocab_size` ids. An MQAR model is trained on task
-    ids (64 of them in cpu-tiny) and named after the byte tokenizer: with the byte tokenizer's files beside
-    it, ``pipeline`` would encode text into ids the embedding does not have and fail with an IndexError."""
-    return len(hf_tok) <= vocab_size
+def fitting_tokenizer(tokenizer: str, vocab_size: int) -> Any:
+    """`tokenizer` as a Hugging Face tokenizer (`hf_tokenizer`), or None where no files should go beside a model
+    of `vocab_size` ids.
 
-
-def _loadable_tokenizer(tokenizer: str, lost: str = "no tokenizer files and no eos_token_id",
-                        advice: str = "pass the tokenizer to pipeline() and eos_token_id to generate()") -> Any:
-    """The tokenizer whose files go beside the weights for `pipeline`, or None: a tokenizer this machine cannot
-    load (pre-tokenized data, offline) costs only that convenience (`lost`, in the warning), not the export."""
+    None when this machine cannot load it (pre-tokenized data, offline: a warning, and the export goes on
+    without that convenience) and when it produces ids the model lacks: an MQAR model is trained on task ids
+    (64 in cpu-tiny) and named after the byte tokenizer, whose files would make ``pipeline`` encode text into
+    ids past the embedding (an IndexError).
+    """
     try:
-        return hf_tokenizer(tokenizer)
+        hf_tok = hf_tokenizer(tokenizer)
     except (OSError, ValueError) as err:
         reason = " ".join(str(err).split())  # transformers' messages span lines; the warning is one
-        print(f"warning: the export has {lost} ({reason}); {advice} yourself", file=sys.stderr)
+        print(f"warning: the export has no tokenizer files ({reason}); pass the tokenizer to pipeline() (and "
+              "a text model's eos_token_id to generate()) yourself", file=sys.stderr)
         return None
+    return hf_tok if len(hf_tok) <= vocab_size else None
 
 
 def stop_at_end_of_text(model: nn.Module, eos_token_id: int | None) -> None:

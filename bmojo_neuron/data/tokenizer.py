@@ -128,11 +128,6 @@ def tokenizer_fingerprint(name_or_path: str) -> str:
     return name_or_path + "|" + ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
-def save_hf_tokenizer(name_or_path: str, directory: str | Path) -> None:
-    """Write tokenizer files into `directory` so that `AutoTokenizer` / `pipeline` load it from there."""
-    hf_tokenizer(name_or_path).save_pretrained(str(directory))
-
-
 def hf_tokenizer(name_or_path: str) -> Any:
     """The tokenizer `name_or_path` as a Hugging Face tokenizer: the byte tokenizer becomes an equivalent
     byte-level one (the same ids for every text, ``eos_token_id = 0``); any other is loaded as is."""
