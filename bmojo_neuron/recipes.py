@@ -381,15 +381,11 @@ RESUMABLE_CHANGES = ("run.name", "run.output_dir", "run.device", "run.jobs", "tr
 ADDED_KEYS = {"data.train_spacings": [1], "data.stretch_pairs": True}
 
 
-def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def resume_conflicts(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Dotted keys whose values differ between a stored recipe and `current` and that `RESUMABLE_CHANGES`
-    does not allow to change (both as `Recipe.record` gives them); a stored recipe without a key of
-    `ADDED_KEYS` that `current` has was trained at that key's value there."""
-    return list(resume_conflict_values(saved, current))
-
-
-def resume_conflict_values(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """`resume_conflicts` with each key's (stored, current) value, so a refusal can say what to pass."""
+    does not allow to change (both as `Recipe.record` gives them), in order, each with its (stored, current)
+    value so a refusal can say what to pass; a stored recipe without a key of `ADDED_KEYS` that `current` has
+    was trained at that key's value there."""
     a, b = _flatten(saved), _flatten(current)
     for key, value in ADDED_KEYS.items():
         if key in b and key not in a:

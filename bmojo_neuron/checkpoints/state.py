@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from bmojo_neuron.configuration_bmojo import model_fields_as_trained
-from bmojo_neuron.recipes import resume_conflict_values
+from bmojo_neuron.recipes import resume_conflicts
 
 from .layout import CONFIG_FILE, PARALLEL_FILE, RECIPE_FILE, STATE_FILE
 
@@ -64,7 +64,7 @@ def resume_refusal(checkpoint: Path, saved: dict[str, Any], current: dict[str, A
         return _recipe_free_refusal(checkpoint)
     config_file = checkpoint / CONFIG_FILE
     saved_config = json.loads(config_file.read_text()) if config_file.exists() else None
-    diff = resume_conflict_values(
+    diff = resume_conflicts(
         {**saved, "model": model_fields_as_trained(saved.get("model") or {}, saved_config)},
         {**current, "model": model_fields_as_trained(current.get("model") or {}, None)})
     if not diff:
