@@ -66,7 +66,7 @@ def simulate(kernel: Callable, *args: Any, cost_only: bool = False, record_timel
     func = _unwrap(kernel)
     grid = getattr(kernel, "__nki_grid__", ())
     frontend.check_kernel(func, args, kwargs)
-    run = core.RunState(compute=not cost_only, record_timeline=record_timeline, grid=grid, program=(0,) * len(grid))
+    run = core.RunState(compute=not cost_only, record_timeline=record_timeline, grid=grid)
     core.push_state(run)
     try:
         device_args = [_to_device(a, i) for i, a in enumerate(args)]

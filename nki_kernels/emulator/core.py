@@ -146,11 +146,9 @@ class Profile:
 class RunState:
     """Per-run bookkeeping: live on-chip bytes, the profile and its timeline. One run at a time."""
 
-    def __init__(self, compute: bool = True, record_timeline: bool = False, grid: tuple[int, ...] = (),
-                 program: tuple[int, ...] = ()) -> None:
+    def __init__(self, compute: bool = True, record_timeline: bool = False, grid: tuple[int, ...] = ()) -> None:
         self.compute = compute
-        # the launch grid (`kernel[n]`; empty for a launch without brackets) and this program's index in it
-        self.grid, self.program = grid, program
+        self.grid = grid  # the launch grid (`kernel[n]`; empty without brackets): one program on Trn1 (`launch`)
         self.profile = Profile(timeline=Timeline(record=record_timeline))
         self.live = {SBUF: 0, PSUM: 0}
         self.next_alloc = 0

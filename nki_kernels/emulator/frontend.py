@@ -350,7 +350,7 @@ class _Checker:
             self.add(path, line, JIT_SUBKERNEL, f"{obj.__name__} is decorated with nki.jit")
             self.reached(obj.__nki_func__, path, line)
         elif isinstance(obj, types.FunctionType):
-            if getattr(obj, "__nki_jit__", False) or hasattr(obj, "__nki_func__"):
+            if getattr(obj, "__nki_jit__", False):
                 self.add(path, line, JIT_SUBKERNEL, f"{obj.__name__} is decorated with nki.jit")
             origin = _origin(obj)
             if origin == "user":
