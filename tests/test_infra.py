@@ -278,8 +278,37 @@ def test_pytorchjob_manifest():
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes["shared"]["persistentVolumeClaim"]["claimName"]
         env = container_env(container)
-        for key in ("BMOJO_OUTPUT_DIR", "BMOJO_CACHE_DIR"):  # run dir and cache on the shared volume
-            assert env[key].startswith(mounts["shared"] + "/")
+        assert env["BMOJO_OUTPUT_DIR"].startswith(mounts["shared"] + "/")  # the run directory is shared
+        check_node_local_cache(env, mounts, volumes)
+
+
+def check_node_local_cache(env: dict[str, str], mounts: dict[str, str], volumes: dict[str, dict]) -> None:
+    """One compile cache per pod (node): Neuron's training troubleshooting guide warns that a cache folder shared
+    by several instances over NFS/EFS/FSx fails multi-instance runs and asks for one per instance
+    (aws-neuron-sdk 3c46990d, frameworks/torch/torch-neuronx/training-troubleshooting.rst:198-207)."""
+    cache = env["BMOJO_CACHE_DIR"]
+    assert not cache.startswith(mounts["shared"] + "/") and cache != mounts["shared"]
+    (cache_volume,) = [name for name, path in mounts.items() if path == cache]
+    assert set(volumes[cache_volume]) == {"name", "emptyDir"}  # the pod's own, on the node's disk
+    flags = shlex.split(env["NEURON_CC_FLAGS"])
+    assert f"--cache_dir={cache}" in flags and not [f for f in flags if f.startswith("--cache_dir=/shared")]
+    assert env["BMOJO_CACHE_S3"] == "" or env["BMOJO_CACHE_S3"].startswith("s3://")
+
+
+def test_the_cache_check_refuses_a_shared_cache():
+    """The check itself: the manifest as it was, with the cache on the shared volume, fails it."""
+    mounts, volumes = {"shared": "/shared", "neuron-cache": "/var/tmp/neuron-compile-cache"}, {
+        "shared": {"name": "shared", "persistentVolumeClaim": {"claimName": "x"}},
+        "neuron-cache": {"name": "neuron-cache", "emptyDir": {}}}
+    shared = {"BMOJO_CACHE_DIR": "/shared/neuron-compile-cache", "BMOJO_CACHE_S3": "",
+              "NEURON_CC_FLAGS": "--cache_dir=/shared/neuron-compile-cache"}
+    with pytest.raises(AssertionError):
+        check_node_local_cache(shared, mounts, volumes)
+    local = {**shared, "BMOJO_CACHE_DIR": "/var/tmp/neuron-compile-cache",
+             "NEURON_CC_FLAGS": "--cache_dir=/var/tmp/neuron-compile-cache"}
+    check_node_local_cache(local, mounts, volumes)
+    with pytest.raises(AssertionError):  # a persistent volume at the cache path would be shared again
+        check_node_local_cache(local, mounts, {**volumes, "neuron-cache": volumes["shared"]})
 
 
 def test_torchrun_shutdown_timeout_is_the_documented_one():
@@ -376,16 +405,26 @@ def test_pytorchjob_script_is_shellcheck_clean(tmp_path):
     {"PET_NNODES": "4", "PET_NODE_RANK": "2", "WORLD_SIZE": "128", "RANK": "2"},  # training-operator v1 today
     {"WORLD_SIZE": "4", "RANK": "2"},  # older operators: pods and pod index only
 ], ids=["pet-variables", "world-size-and-rank"])
-def test_pytorchjob_script_commands(tmp_path, operator_env):
+@pytest.mark.parametrize("bucket", ["", "s3://my-bucket/neuron-cache"], ids=["no-s3", "s3"])
+def test_pytorchjob_script_commands(tmp_path, operator_env, bucket):
     log = write_stubs(tmp_path / "bin")
     container = pytorchjob()["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
     env = {"PATH": f"{tmp_path / 'bin'}:{SYSTEM_PATH}", "STUB_LOG": str(log), "STUB_PLAN_JSON": os.devnull,
            "MASTER_ADDR": "bmojo-1p4b-master-0", "MASTER_PORT": "29500", **container_env(container),
-           **operator_env}
+           **operator_env, "BMOJO_CACHE_S3": bucket}
     result = subprocess.run(["bash", "-c", pytorchjob_script()], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     calls = read_log(log)
-    assert [c["tool"] for c in calls] == ["bmojo-neuron", "bmojo-neuron", "torchrun"]
+    steps = [c["argv"][0] if c["tool"] == "bmojo-neuron" else c["tool"] for c in calls]
+    if bucket:  # the pod's own cache is seeded before and published after precompiling
+        assert steps == ["plan", "cache", "precompile", "cache", "torchrun"]
+        for call, action in ((calls[1], "pull"), (calls[3], "push")):
+            sync = parse_cli(call["argv"])
+            assert (sync.command, call["argv"][1], sync.url, sync.cache_dir) == \
+                ("cache", action, bucket, env["BMOJO_CACHE_DIR"])
+        calls = [calls[0], calls[2], calls[4]]
+    else:
+        assert steps == ["plan", "precompile", "torchrun"]
     recipe, overrides = env["BMOJO_RECIPE"], env["BMOJO_OVERRIDES"].split()
     plan = parse_cli(calls[0]["argv"])
     assert (plan.command, plan.recipe, plan.overrides, plan.nodes, plan.cache_dir) == \
@@ -427,7 +466,8 @@ def test_dockerfile_builds_on_the_neuron_training_image():
     runs = " ".join(args for op, args in steps if op == "RUN")
     (install,) = [shlex.split(part) for part in re.split(r";|&&", runs) if "pip install" in part]
     assert install[install.index("-c") + 1] == "/tmp/neuron-constraints.txt"
-    assert install[-2:] == ["-e", "."]  # the package itself, no `[neuron]` extra
+    # the package itself with boto3 for `cache pull/push` (the EKS job's S3 cache); no `[neuron]` extra
+    assert install[-2:] == ["-e", ".[s3]"]
     # the image's torch / Neuron packages are constraints, never installed or replaced here
     assert not [t for t in install if t.startswith(("torch", "neuronx", "nki", "libneuronxla"))]
     assert "--force-reinstall" not in install and "-U" not in install and "--upgrade" not in install
@@ -557,7 +597,7 @@ def plan_json(tmp_path: Path, recipe: str, overrides: list[str], nodes: int, cac
 
 def test_sbatch_precompiles_on_every_node_then_trains(tmp_path):
     nodes, recipe, overrides = 4, "trn1/bmojo-1.4b", ["train.batch_size=64", "data.path=/fsx/data/pile"]
-    cache, bucket = "/fsx/neuron-compile-cache", "s3://my-bucket/neuron-cache"
+    cache, bucket = "/var/tmp/neuron-compile-cache", "s3://my-bucket/neuron-cache"  # node-local, synced via S3
     plan_file, plan_env = plan_json(tmp_path, recipe, overrides, nodes, cache)
     env, log = slurm_env(tmp_path, nodes, STUB_PLAN_JSON=str(plan_file), BMOJO_CACHE_DIR=cache,
                          BMOJO_CACHE_S3=bucket, BMOJO_PRECOMPILE_STEPS="3", BMOJO_OUTPUT_DIR="/fsx/runs/1p4b")
@@ -627,6 +667,36 @@ def test_sbatch_stops_at_the_plan_before_any_node_runs(tmp_path):
     assert result.returncode != 0
     assert "train.batch_size" in result.stderr
     assert [c["tool"] for c in read_log(log)] == ["bmojo-neuron"]
+
+
+def stub_filesystem(env: dict[str, str], fs_type: str) -> None:
+    """A `stat` in the job's venv that names every path's filesystem `fs_type`, as `stat -f -c %T` prints it."""
+    stub = Path(env["BMOJO_VENV"]) / "bin" / "stat"
+    stub.write_text(f"#!/usr/bin/env bash\n[[ $1 == -f && $2 == -c && $3 == %T ]] || exit 9\necho {fs_type}\n")
+    stub.chmod(0o755)
+
+
+@pytest.mark.parametrize("fs_type", ["lustre", "nfs"])  # FSx for Lustre; NFS, EFS and FSx for ONTAP/OpenZFS
+def test_sbatch_refuses_a_compile_cache_all_nodes_share(tmp_path, fs_type):
+    """Neuron's training troubleshooting guide: one cache folder shared by several instances over NFS/EFS/FSx
+    fails multi-instance runs; the job stops before the plan, naming the node-local + S3 alternative."""
+    env, log = slurm_env(tmp_path, 4, BMOJO_CACHE_DIR="/fsx/neuron-compile-cache")
+    stub_filesystem(env, fs_type)
+    result = run_sbatch(["trn1/bmojo-1.4b", "train.batch_size=64"], env)
+    assert result.returncode == 2 and read_log(log) == []
+    assert f"BMOJO_CACHE_DIR=/fsx/neuron-compile-cache is on {fs_type}, so all 4 nodes would share" in result.stderr
+    assert "BMOJO_CACHE_S3" in result.stderr
+
+
+def test_sbatch_keeps_a_shared_filesystem_cache_for_one_node(tmp_path):
+    """One node is one instance: a cache folder on FSx is then its own (the guide's warning is multi-instance)."""
+    recipe = "trn1/bmojo-130m"
+    plan_file, _ = plan_json(tmp_path, recipe, [], 1, "/fsx/neuron-compile-cache")
+    env, log = slurm_env(tmp_path, 1, STUB_PLAN_JSON=str(plan_file), BMOJO_CACHE_DIR="/fsx/neuron-compile-cache")
+    stub_filesystem(env, "lustre")
+    result = run_sbatch(["--no-precompile", recipe], env)
+    assert result.returncode == 0, result.stderr
+    assert [c["tool"] for c in read_log(log) if c["tool"] != "srun"] == ["bmojo-neuron", "torchrun"]
 
 
 @pytest.mark.parametrize("args, extra, message", [

@@ -172,6 +172,8 @@ def test_torchrun_and_env_lines():
     assert plan.env["NEURON_RT_NUM_CORES"] == "1" and plan.env["MALLOC_ARENA_MAX"] == "64"
     assert {plan.env[k] for k in ("FI_EFA_USE_DEVICE_RDMA", "FI_EFA_FORK_SAFE")} == {"1"}
     assert plan.env["FI_PROVIDER"] == "efa"
+    # several nodes: one compile cache per node (Neuron's training troubleshooting guide), said where it is planned
+    assert any("the compile cache not: one cache folder per node" in note for note in plan.notes)
     single = build_plan(r.with_overrides(["train.precision=fp32", "train.batch_size=1"]), "x",
                         instance="trn1.2xlarge")
     assert single.world == 2 and "--nproc-per-node 2 --nnodes 1 --node-rank 0 --master-addr localhost" in \
@@ -194,6 +196,11 @@ DOCUMENTED_CC_FLAGS = {
     "--cache_dir": lambda v: bool(v),
     # neuron-caching.rst:130-137, pytorch-neuron-parallel-compile.rst:135-139: recompile a cached failure
     "--retry_failed_compilation": None,
+    # index.rst:153: clamps +/-inf before compiler-introduced matmul transposes, "Only needed on trn1" (every
+    # plan is for trn1), "a potential performance impact"; set by NxD v2.28.0's GPT-NeoX (tp_dp_gpt_neox_20b_hf_
+    # pretrain.sh:6), Mixtral (run_mixtral_pretrain_ptl.sh:32-33) and DBRX training scripts, not its Llama ones;
+    # kept because our step graphs carry -inf (the eidetic memory's retention scores)
+    "--enable-saturate-infinity": None,
     # Left out on purpose: --distribution-strategy llm-training (index.rst:126-130) "should not be enabled when
     # using the Neuron Kernel Interface" (release-notes/components/nxd-training.rst:82), our default ops backend.
 }
@@ -202,8 +209,11 @@ DOCUMENTED_ENV = {
     # torch-neuron-envvars.rst:140-146, about-neuron/arch/neuron-features/rounding-modes.rst:89-90: 0 = round to
     # nearest even, 1 = stochastic
     "NEURON_RT_STOCHASTIC_ROUNDING_EN": {"0", "1"},
-    # neuron-runtime/nrt-configurable-parameters.rst:30-35: an integer "from 1 to Max NeuronCore in the system"
-    "NEURON_RT_NUM_CORES": lambda v: v.isdigit() and 1 <= int(v) <= 32,
+    # neuron-runtime/nrt-configurable-parameters.rst:30-35: "Number of NeuronCores required by the process", 1 to
+    # the instance's count; torchrun starts one process per NeuronCore, so exactly 1 (NxD's scripts' 32 is their
+    # processes per node; torch-xla 2.9 sets NEURON_RT_VISIBLE_CORES=LOCAL_RANK under torchrun,
+    # torch_xla/_internal/neuron.py:76-77, which wins over it, nrt-configurable-parameters.rst:152)
+    "NEURON_RT_NUM_CORES": {"1"},
     # glibc's arena cap (a positive integer); NxD v2.28.0 examples/training/llama/tp_zero1_llama_hf_pretrain/
     # tp_zero1_llama3_8B_hf_pretrain.sh:15 sets 64; SDK release notes (_backup-rn/torch/torch-neuronx/
     # index.rst:861) name it against glibc's malloc growth
@@ -254,7 +264,33 @@ def test_plan_env_is_documented(name, overrides, nodes, instance):
     for option, value in pairs:
         assert allowed(DOCUMENTED_CC_FLAGS[option], value), f"{option} {value!r} is outside its documented values"
     assert dict(pairs) == {"--model-type": "transformer", "--cache_dir": "/fsx/neuron-cache", "-O": "1",
-                           "--retry_failed_compilation": None}
+                           "--retry_failed_compilation": None, "--enable-saturate-infinity": None}
+
+
+@pytest.mark.parametrize("instance", ["trn1.32xlarge", "trn1.2xlarge"])
+def test_each_process_reserves_the_cores_of_one_torchrun_process(instance):
+    """NEURON_RT_NUM_CORES is per process: times the processes torchrun starts per node, the node's cores.
+    NxD's scripts export 32 (their processes per node); per process that would reserve every core of the node
+    for the first rank wherever NEURON_RT_VISIBLE_CORES is not set."""
+    overrides = ["train.batch_size=64"] if instance == "trn1.32xlarge" else ["train.batch_size=2"]
+    plan = build_plan(recipe("trn1/bmojo-130m", *overrides), "trn1/bmojo-130m", overrides, instance=instance)
+    launch = shlex.split(plan.torchrun)
+    per_node = int(launch[launch.index("--nproc-per-node") + 1])
+    assert int(plan.env["NEURON_RT_NUM_CORES"]) * per_node == plan.cores_per_node == per_node
+
+
+def test_saturate_infinity_is_needed_by_the_graphs_we_compile():
+    """The reason the flag is set: the eidetic memory's step graph holds -inf (scores of empty slots), which a
+    compiler-made transpose on trn1 would turn into NaN. If the scores ever become finite, revisit the flag."""
+    import torch
+
+    from bmojo_neuron.layers.eidetic_memory import retention_scores
+
+    scores = retention_scores(torch.ones(4), torch.zeros(4, dtype=torch.long), 1,
+                              torch.tensor([True, False, True, False]), 0.5)
+    assert torch.isneginf(scores).tolist() == [False, True, False, True]
+    assert "--enable-saturate-infinity" in build_plan(recipe(), "trn1/bmojo-130m",
+                                                      LADDER["trn1/bmojo-130m"]).env["NEURON_CC_FLAGS"]
 
 
 def test_cache_dir_with_white_space_is_refused(capsys):

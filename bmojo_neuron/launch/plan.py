@@ -198,6 +198,11 @@ def rank_layout(world: int, tp: int, pp: int, num_layers: int) -> dict[str, Any]
 
 
 STOCHASTIC_ROUNDING = "NEURON_RT_STOCHASTIC_ROUNDING_EN"
+# NEURON_RT_NUM_CORES is what one process reserves (neuron-runtime/nrt-configurable-parameters.rst line 31), and
+# torchrun starts one process per NeuronCore, so 1. Under torchrun torch-xla 2.9 also sets NEURON_RT_VISIBLE_CORES
+# to the LOCAL_RANK (torch_xla/_internal/neuron.py lines 76-77), which takes precedence (the runtime page, line
+# 152); 1 keeps any launch without it from reserving every core. NxD's scripts' 32 is their processes per node.
+CORES_PER_PROCESS = "1"
 # Variables that make torch-xla / NxD recast the model or change ZeRO-1 (NxD's optimizer becomes float64 with
 # XLA_DOWNCAST_BF16=1 and master weights): the trainer casts the model itself (model.to(bfloat16), SDK 2.28).
 CONFLICTING_ENV = ("XLA_USE_BF16", "XLA_DOWNCAST_BF16")
@@ -226,6 +231,12 @@ def compiler_flags(cache_dir: str) -> list[str]:
     No ``--distribution-strategy llm-training``: NxD Training's SDK 2.22 release notes say that flag "should
     not be enabled when using the Neuron Kernel Interface", and the hot ops run on NKI by default
     (aws-neuron-sdk 3c46990d, release-notes/components/nxd-training.rst line 82).
+    ``--enable-saturate-infinity``: on trn1 the compiler transposes tensors through the matrix engine, where an
+    infinity times the identity's zeros gives NaN; the flag clamps +/-inf to the largest finite values first
+    (compiler/neuronx-cc/api-reference-guide/index.rst line 153: "Only needed on trn1", with "a potential
+    performance impact"). Our step graphs carry -inf on purpose (the eidetic memory's retention scores of
+    empty slots, layers/eidetic_memory.py `retention_scores`), so every plan, all for trn1, sets it, as NxD
+    v2.28.0's GPT-NeoX, Mixtral and DBRX training scripts do (docs/trn1.md, "What the plan contains").
     A cache folder with white space in its name is refused: the flags are one space-separated string, so the
     folder would reach the compiler as several words.
     """
@@ -235,12 +246,13 @@ def compiler_flags(cache_dir: str) -> list[str]:
     return ["--model-type", "transformer",  # transformer-specific optimisations (neuronx-cc reference)
             f"--cache_dir={cache_dir}",  # torch-neuronx's persistent cache; wins over NEURON_COMPILE_CACHE_URL
             "-O1",  # optlevel 1: shortest compiles; the default is 2
-            "--retry_failed_compilation"]  # recompile an entry the cache holds as failed instead of failing
+            "--retry_failed_compilation",  # recompile an entry the cache holds as failed instead of failing
+            "--enable-saturate-infinity"]  # no NaN from -inf in compiler-made transposes on trn1 (above)
 
 
 def neuron_env(recipe: Any, nodes: int, cache_dir: str) -> dict[str, str]:
     env = {"NEURON_CC_FLAGS": " ".join(compiler_flags(cache_dir)), **runtime_env(recipe)}
-    env["NEURON_RT_NUM_CORES"] = "1"  # per process: torchrun starts one process per NeuronCore
+    env["NEURON_RT_NUM_CORES"] = CORES_PER_PROCESS
     env["MALLOC_ARENA_MAX"] = "64"  # glibc: bounded malloc arenas per process (host memory; NxD's scripts)
     if nodes > 1:
         env.update({"FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "FI_EFA_FORK_SAFE": "1"})
@@ -295,8 +307,10 @@ def build_plan(recipe: Any, recipe_arg: str, overrides: Sequence[str] = (), node
         notes.append(f"start-up needs about {gib(host.node_peak)} GiB of host memory per node, more than the "
                      f"{gib(host.host_memory)} GiB of a {instance}: expect the build to swap or fail")
     if nodes > 1:
-        notes.append("multi-node: the run directory must be on a shared filesystem; EFA needs the "
-                     "instances in one placement group with EFA interfaces")
+        notes.append("multi-node: the run directory must be on a shared filesystem, the compile cache not: one "
+                     "cache folder per node, as Neuron's training troubleshooting guide asks (share compiled graphs "
+                     "with `bmojo-neuron cache push/pull`, docs/compile-cache.md); EFA needs the instances in one "
+                     "placement group with EFA interfaces")
     return LaunchPlan(
         recipe=recipe_arg, overrides=list(overrides), instance=instance, nodes=nodes, cores_per_node=cores,
         world=world, tp=p.tp, pp=p.pp, dp=dp, rank_layout=rank_layout(world, p.tp, p.pp, config.num_hidden_layers),
