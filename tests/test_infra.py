@@ -271,6 +271,9 @@ def test_pytorchjob_manifest():
         resources = container["resources"]
         # a whole trn1.32xlarge: 16 Trainium devices (32 NeuronCores) and its 8 EFA devices
         assert resources["limits"]["aws.amazon.com/neuron"] == 16
+        # the device plugin passes the pod's cores as NEURON_RT_VISIBLE_CORES; torch-xla 2.9 gives each torchrun
+        # process one and raises unless their count is the processes per node (neuron_utils.remap_visible_cores)
+        assert resources["limits"]["aws.amazon.com/neuron"] * 2 == int(job["spec"]["nprocPerNode"]) == CORES
         assert resources["limits"]["vpc.amazonaws.com/efa"] == 8
         for extended in ("aws.amazon.com/neuron", "vpc.amazonaws.com/efa"):
             assert resources["requests"][extended] == resources["limits"][extended]
