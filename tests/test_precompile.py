@@ -253,3 +253,27 @@ def test_bad_output_dir_fails_before_running(setup, capsys):
             assert code == 2 and err.startswith(message) and not setup["record"].exists(), err
     code, _, _ = precompile(capsys, setup, "--master-port", "70000")
     assert code == 2 and not setup["record"].exists()
+
+
+def test_multi_node_refuses_a_cache_folder_on_a_network_filesystem(setup, capsys, monkeypatch, tmp_path):
+    """Neuron's training troubleshooting guide: one cache folder shared by several instances over NFS/EFS/FSx
+    fails multi-instance runs. With --nodes > 1 a cache on nfs/lustre is refused before anything runs; one node
+    may use it (one instance), and an ext4 folder on several nodes is each node's own."""
+    import bmojo_neuron.compile_cache.shared_fs as shared_fs
+
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(f"22 1 259:1 / / rw,relatime shared:1 - ext4 /dev/root rw\n"
+                         f"90 22 0:50 / {setup['cache']} rw,relatime shared:40 - lustre 10.0.0.5@tcp:/fsx rw\n")
+    monkeypatch.setattr(shared_fs, "MOUNTINFO", mountinfo)
+    monkeypatch.chdir(setup["tmp"])
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.7")
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    overrides = [o if not o.startswith("train.batch_size") else "train.batch_size=64" for o in setup["overrides"]]
+    several = ("--nodes", "2", "--instance", "trn1.32xlarge")
+    code, out, err = precompile(capsys, setup, *several, overrides=overrides)
+    assert code == 2 and not setup["record"].exists()
+    assert f"error: the compile cache {setup['cache']} is on lustre, so all 2 nodes would share" in err
+    assert precompile(capsys, setup, *several, "--dry-run", overrides=overrides)[0] == 2  # a dry run says so too
+    assert precompile(capsys, setup)[0] == 0  # one node: its own folder, wherever it is
+    mountinfo.write_text("22 1 259:1 / / rw,relatime shared:1 - ext4 /dev/root rw\n")
+    assert precompile(capsys, setup, *several, overrides=overrides)[0] == 0

@@ -4,6 +4,7 @@ Modules, one job each:
 
 - `layout`   — the ``neuronxcc-<version>/MODULE_<hash>/`` tree as `Entry` objects, and their status
 - `location` — which cache to use (``--cache-dir``, NEURON_CC_FLAGS, NEURON_COMPILE_CACHE_URL, default)
+- `shared_fs` — whether a cache folder is on a network filesystem several nodes would share
 - `local`    — a cache on a filesystem: listing, locks, atomic install and removal
 - `s3`       — a cache in S3 through boto3 (imported lazily)
 - `manifest` — the completion marker of a published entry

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from bmojo_neuron.compile_cache.location import is_s3
+from bmojo_neuron.compile_cache.shared_fs import shared_cache_problem
 from bmojo_neuron.launch.plan import LaunchPlan, build_plan
 from bmojo_neuron.fsutil import unwritable_reason
 from bmojo_neuron.recipes import load_recipe
@@ -61,7 +62,7 @@ def plan_trial_run(recipe_name: str, overrides: Sequence[str], *, nodes: int, in
     extra = trial_overrides(steps, run_dir)
     load_recipe(recipe_name, [*overrides, *extra])  # the trial run's recipe must load too
     check_data(recipe)
-    check_cache_dir(cache_url)
+    check_cache_dir(cache_url, nodes)
     base = launch_argv(plan, environ, strict=strict)
     first_node = plan.nodes == 1 or base[base.index("--node-rank") + 1] == "0"
     return TrialRun(plan, base + extra, {**environ, **plan.env}, run_dir, output_dir is None and first_node)
@@ -115,14 +116,18 @@ def check_data(recipe: Any) -> None:
                                 "placeholder) and prepare it with `bmojo-neuron data prepare`") from None
 
 
-def check_cache_dir(url: str) -> None:
-    """A local cache folder must be writable (or creatable); an S3 cache needs boto3."""
+def check_cache_dir(url: str, nodes: int = 1) -> None:
+    """A local cache folder must be writable (or creatable) and, on several nodes, not on a network filesystem
+    (one folder for all nodes: `compile_cache.shared_fs`); an S3 cache needs boto3."""
     if is_s3(url):
         from bmojo_neuron.compile_cache.s3 import make_client  # boto3 only for an S3 cache
 
         make_client()  # boto3 installed? (the post-run check lists the bucket)
         return
     _check_writable_folder("--cache-dir", Path(url).expanduser())
+    problem = shared_cache_problem(url, nodes)
+    if problem:
+        raise ValueError(problem)
 
 
 def check_output_dir(run_dir: Path) -> None:

@@ -1,0 +1,76 @@
+"""`compile_cache.shared_fs`: the filesystem of a cache folder, read from a mountinfo table (proc(5))."""
+
+from __future__ import annotations
+
+import pytest
+
+from bmojo_neuron.compile_cache.shared_fs import filesystem_type, shared_cache_problem
+
+# A trn1 node of ParallelCluster: root on ext4, FSx for Lustre at /fsx, the head node's /home over NFS, EFS over
+# nfs4 at a path with a space (mountinfo escapes it as \040), and /fsx/local over-mounted by a local disk.
+MOUNTINFO = "\n".join([
+    "22 1 259:1 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p1 rw,discard",
+    "25 22 0:22 / /proc rw,nosuid,nodev,noexec,relatime shared:12 - proc proc rw",
+    "90 22 0:50 / /fsx rw,relatime shared:40 - lustre 10.0.0.5@tcp:/abcdef rw,flock,lazystatfs",
+    "91 22 0:51 / /home rw,relatime shared:41 - nfs 10.0.0.9:/home rw,vers=3",
+    r"92 22 0:52 / /mnt/efs\040cache rw,relatime shared:42 - nfs4 fs-1.efs.us-east-1.amazonaws.com:/ rw,vers=4.1",
+    "93 90 259:2 / /fsx/local rw,relatime shared:43 - xfs /dev/nvme1n1 rw",
+    "94 22 0:53 / /var/tmp/neuron-compile-cache rw,relatime shared:44 master:2 - ext4 /dev/nvme2n1 rw",
+]) + "\n"
+
+
+@pytest.mark.parametrize("path, fs_type", [
+    ("/fsx/neuron-compile-cache", "lustre"),  # need not exist: its nearest existing parent decides
+    ("/fsx", "lustre"),
+    ("/fsxother/cache", "ext4"),  # /fsx is a prefix of the string, not a parent folder
+    ("/fsx/local/cache", "xfs"),  # the deepest mount wins
+    ("/home/ubuntu/neuron_cache", "nfs"),
+    ("/mnt/efs cache/x", "nfs4"),
+    ("/var/tmp/neuron-compile-cache", "ext4"),
+    ("relative/cache", "ext4"),  # made absolute from the working directory (under /, here)
+])
+def test_filesystem_type(path, fs_type, monkeypatch, tmp_path):
+    monkeypatch.chdir("/")
+    assert filesystem_type(path, MOUNTINFO) == fs_type
+
+
+@pytest.mark.parametrize("path, nodes, refused", [
+    ("/fsx/neuron-compile-cache", 4, True),
+    ("/home/ubuntu/neuron_cache", 2, True),
+    ("/mnt/efs cache/x", 2, True),
+    ("/fsx/neuron-compile-cache", 1, False),  # one instance: its own folder
+    ("/var/tmp/neuron-compile-cache", 4, False),
+    ("/fsx/local/cache", 4, False),
+])
+def test_shared_cache_problem(path, nodes, refused):
+    problem = shared_cache_problem(path, nodes, MOUNTINFO, hostname="trn1-st-trn1-1")
+    assert (problem is not None) == refused
+    if refused:
+        assert problem.startswith(f"the compile cache {path} is on ") and f"all {nodes} nodes" in problem
+
+
+def test_unreadable_mountinfo_says_nothing(monkeypatch, tmp_path):
+    import bmojo_neuron.compile_cache.shared_fs as shared_fs
+
+    monkeypatch.setattr(shared_fs, "MOUNTINFO", tmp_path / "absent")
+    assert filesystem_type("/fsx") is None and shared_cache_problem("/fsx", 4) is None
+
+
+def test_the_deepest_mount_wins_whatever_the_line_order(monkeypatch):
+    monkeypatch.chdir("/")
+    reordered = "\n".join(reversed(MOUNTINFO.splitlines())) + "\n"
+    assert filesystem_type("/fsx/local/cache", reordered) == "xfs"
+    assert filesystem_type("/fsx/cache", reordered) == "lustre"
+    assert filesystem_type("/opt/x", reordered) == "ext4"
+
+
+@pytest.mark.parametrize("path, host", [
+    ("/home/ubuntu/neuron_cache/bert/trn1-st-trn1-1", "trn1-st-trn1-1"),
+    ("/home/ubuntu/neuron_cache/bert/trn1-st-trn1-1", "trn1-st-trn1-1.ec2.internal"),  # the short name
+    ("/fsx/cache/trn1-st-trn1-1.ec2.internal/x", "trn1-st-trn1-1.ec2.internal"),
+])
+def test_a_folder_named_after_the_host_is_the_guides_per_instance_layout(path, host):
+    """training-troubleshooting.rst:207: --cache_dir=$HOME/neuron_cache/bert/`hostname` on a shared home."""
+    assert shared_cache_problem(path, 4, MOUNTINFO, hostname=host) is None
+    for other in ("/fsx/cache/trn1-st-trn1-2", "/fsx/cache/trn1-st-trn1-10"):  # another host's, not a prefix
+        assert shared_cache_problem(other, 4, MOUNTINFO, hostname=host) is not None
