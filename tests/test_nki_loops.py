@@ -1,16 +1,20 @@
 """Loop-carried dependencies in `nl.affine_range` (emulator/loops.py): the 0.2.0 stub calls them unsafe (the
-compiler may reorder the iterations); the emulator refuses a read of what another iteration wrote, and accepts
-independent iterations, buffers reused per iteration, and accumulation into one PSUM tile."""
+compiler may reorder the iterations); the emulator refuses a read of what another iteration wrote, a write over
+what another iteration read or wrote, and accepts independent iterations, buffers allocated per iteration and
+accumulation into one tile (matmuls into PSUM, `acc = acc + x`, accumulating DMAs)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from emulator_helpers import load, rand, run
+import emulator_helpers
+from emulator_helpers import load, raises, rand, run, store
 
 from nki_kernels.emulator import NKIRuleError, nisa, nl
 
 CARRIED = "an affine_range iteration must not read what another iteration wrote"
+OVERWRITTEN = "an affine_range iteration must not overwrite what another iteration wrote"
+READ_THEN_OVERWRITTEN = "an affine_range iteration must not overwrite what another iteration read"
 
 
 def chunked_scan(a, b, loop):
@@ -49,22 +53,147 @@ def test_a_carried_value_in_affine_range_is_refused_and_sequential_range_runs_it
     assert "test_nki_loops.py:" in msg and "use nl.sequential_range" in msg
 
 
-def reused_buffer(a):
-    """Independent iterations that share one scratch tile allocated outside the loop: each writes it, then
-    reads only what it wrote."""
+def reused_buffer(a, inside: bool):
+    """Iterations that each write a scratch tile, then read only what they wrote: one tile allocated outside
+    the loop (`inside=False`, nki-migration-guide.rst's `sb_blocks_migrated_incorrect`) or one per iteration."""
     parts, n = a.shape
     out = nl.ndarray((parts, n), dtype=nl.float32, buffer=nl.shared_hbm)
-    scratch = nl.ndarray((parts, 4), dtype=nl.float32, buffer=nl.sbuf)
+    shared = nl.ndarray((parts, 4), dtype=nl.float32, buffer=nl.sbuf)
     for i in nl.affine_range(n // 4):
         cols = slice(4 * i, 4 * i + 4)
+        scratch = nl.ndarray((parts, 4), dtype=nl.float32, buffer=nl.sbuf) if inside else shared
         nisa.tensor_scalar(dst=scratch, data=load(a[:, cols]), op0=nl.multiply, operand0=2.0)
         nisa.dma_copy(dst=out[:, cols], src=scratch)
     return out
 
 
-def test_a_buffer_each_iteration_writes_before_reading_is_accepted():
+def test_a_buffer_every_iteration_reuses_is_refused_and_one_per_iteration_is_accepted():
+    """Output dependency: iteration 1 overwrites the scratch tile iteration 0 wrote (and read)."""
     a = rand(8, 16)
-    np.testing.assert_array_equal(run(reused_buffer, a), 2 * a)
+    np.testing.assert_array_equal(run(reused_buffer, a, True), 2 * a)
+    msg = raises(reused_buffer, a, False, match=OVERWRITTEN)
+    first = reused_buffer.__code__.co_firstlineno
+    assert msg.startswith("nisa.tensor_scalar:")
+    assert f"iteration 1 of the affine_range at {__file__}:{first + 6} writes the tensor allocated at " \
+           f"{__file__}:{first + 5}, also written by iteration 0" in msg
+    assert "allocate it inside the loop body" in msg and "nl.sequential_range" in msg
+
+
+def shift_left(a, loop):
+    """x[:, i] = x[:, i + 1] in place: each iteration overwrites the column the previous one read."""
+    parts, n = a.shape
+    x = load(a)
+    for i in loop(n - 1):
+        nisa.tensor_copy(dst=x[:, i:i + 1], src=x[:, i + 1:i + 2])
+    return store(x)
+
+
+def test_overwriting_what_another_iteration_read_is_refused():
+    """Anti-dependency: run in another order, iteration 0 would read the value iteration 1 wrote."""
+    a = rand(8, 5)
+    np.testing.assert_array_equal(run(shift_left, a, nl.sequential_range), np.concatenate([a[:, 1:], a[:, 4:]], 1))
+    msg = raises(shift_left, a, nl.affine_range, match=READ_THEN_OVERWRITTEN)
+    loop = shift_left.__code__.co_firstlineno + 4
+    assert msg.startswith("nisa.tensor_copy:")
+    assert f"iteration 1 of the affine_range at {__file__}:{loop} writes the tensor allocated at " \
+           f"{emulator_helpers.__file__}:" in msg and "read by iteration 0" in msg
+
+
+def read_by_all_overwritten_by_last(a):
+    """Every iteration reads column 0; the last one then overwrites it."""
+    parts, n = a.shape
+    x = load(a)
+    out = nl.ndarray((parts, n), dtype=nl.float32, buffer=nl.shared_hbm)
+    for i in nl.affine_range(n):
+        nisa.dma_copy(dst=out[:, i:i + 1], src=x[:, 0:1])
+        if i == n - 1:
+            nisa.memset(dst=x[:, 0:1], value=0.0)
+    return out
+
+
+def test_an_overwrite_is_checked_against_every_earlier_reader_not_only_the_last():
+    """Iterations 0..3 read the column and iteration 3 writes it: its own read is no excuse for iteration 0's."""
+    msg = raises(read_by_all_overwritten_by_last, rand(4, 4), match=READ_THEN_OVERWRITTEN)
+    assert msg.startswith("nisa.memset:") and "iteration 3 of the affine_range" in msg
+    assert "read by iteration 0" in msg
+
+
+def last_row_wins(a, loop):
+    """Every iteration stores its row into the same HBM row: the result is whichever iteration ran last."""
+    rows, n = a.shape
+    out = nl.ndarray((1, n), dtype=nl.float32, buffer=nl.shared_hbm)
+    for i in loop(rows):
+        nisa.dma_copy(dst=out, src=load(a[i:i + 1, :]))
+    return out
+
+
+def test_two_iterations_writing_one_element_are_refused():
+    """Output dependency in HBM: sequential_range keeps the last row; affine_range leaves it to the schedule."""
+    a = rand(3, 8)
+    np.testing.assert_array_equal(run(last_row_wins, a, nl.sequential_range), a[2:3])
+    msg = raises(last_row_wins, a, nl.affine_range, match=OVERWRITTEN)
+    first = last_row_wins.__code__.co_firstlineno
+    assert msg.startswith("nisa.dma_copy:")
+    assert f"iteration 1 of the affine_range at {__file__}:{first + 4} writes the tensor allocated at " \
+           f"{__file__}:{first + 3}, also written by iteration 0" in msg
+
+
+def zeroed_in_every_iteration(a):
+    """An accumulator cleared inside the loop: the clear overwrites the previous iteration's accumulation."""
+    parts, n = a.shape
+    acc = nl.ndarray((parts, 1), dtype=nl.float32, buffer=nl.sbuf)
+    for j in nl.affine_range(n):
+        nisa.memset(dst=acc, value=0.0)
+        nisa.tensor_tensor(dst=acc, data1=acc, data2=load(a[:, j:j + 1]), op=nl.add)
+    return store(acc)
+
+
+def test_an_overwrite_of_an_accumulation_is_not_a_reduction():
+    msg = raises(zeroed_in_every_iteration, rand(4, 3), match=OVERWRITTEN)
+    assert msg.startswith("nisa.memset:") and "iteration 1 of the affine_range" in msg
+    assert "also written by iteration 0" in msg
+
+
+def accumulated_dma(a):
+    """Every iteration adds its row into one HBM row (dma_copy dst_rmw_op=nl.add): an associative reduction."""
+    rows, n = a.shape
+    out = nl.ndarray((1, n), dtype=nl.float32, buffer=nl.shared_hbm)
+    zero = nl.ndarray((1, n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=zero, value=0.0)
+    nisa.dma_copy(dst=out, src=zero)
+    for i in nl.affine_range(rows):
+        nisa.dma_copy(dst=out, src=load(a[i:i + 1, :]), dst_rmw_op=nl.add)
+    return out
+
+
+def test_dmas_accumulating_into_one_tensor_are_accepted():
+    a = rand(5, 8)
+    np.testing.assert_allclose(run(accumulated_dma, a), a.sum(axis=0, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
+def previous_column_bits(a, loop):
+    """Column i of an fp32 tile is written by iteration i; iteration i reads column i - 1 through a bfloat16
+    access pattern (nki-aps.rst: `.ap(..., dtype=)`), two bf16 halves per fp32 element."""
+    parts, n = a.shape
+    t = nl.ndarray((parts, n), dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=t, value=0.0)
+    out = nl.ndarray((parts, 2 * (n - 1)), dtype=nl.bfloat16, buffer=nl.shared_hbm)
+    for i in loop(1, n):
+        nisa.dma_copy(dst=t[:, i:i + 1], src=a[:, i:i + 1])
+        halves = nl.ndarray((parts, 2), dtype=nl.bfloat16, buffer=nl.sbuf)
+        nisa.tensor_copy(dst=halves, src=t.ap(pattern=[[2 * n, parts], [1, 2]], offset=2 * (i - 1), dtype=nl.bfloat16))
+        nisa.dma_copy(dst=out[:, 2 * (i - 1):2 * i], src=halves)
+    return out
+
+
+def test_the_check_follows_a_view_that_reinterprets_the_dtype():
+    a = rand(4, 4)
+    before = np.concatenate([np.zeros((4, 1), np.float32), a[:, 1:3]], axis=1)
+    np.testing.assert_array_equal(run(previous_column_bits, a, nl.sequential_range).view(np.uint16),
+                                  before.view(np.uint16))
+    msg = raises(previous_column_bits, a, nl.affine_range, match=CARRIED)
+    assert msg.startswith("nisa.tensor_copy:")
+    assert "iteration 2 of the affine_range" in msg and "written by iteration 1" in msg
 
 
 def summed_products(x, y):

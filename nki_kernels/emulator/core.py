@@ -161,11 +161,12 @@ class RunState:
         self.affine_loops: Any = None
 
     def issue(self, engine: str, instr: str, cycles: float, reads: tuple["NkiTensor", ...],
-              writes: tuple["NkiTensor", ...], useful: float = 0.0, overhead: float = ACCESS_OVERHEAD) -> None:
+              writes: tuple["NkiTensor", ...], useful: float = 0.0, overhead: float = ACCESS_OVERHEAD,
+              accumulates: bool = False) -> None:
         """Charge one compute instruction of `cycles` (+ the SBUF/PSUM access overhead) and place it on the
-        timeline."""
+        timeline. `accumulates`: its writes add into the destination (nc_matmul into PSUM)."""
         if self.affine_loops is not None and self.affine_loops.active:
-            self.affine_loops.access(instr, reads, writes)
+            self.affine_loops.access(instr, reads, writes, accumulates)
         cycles = cycles + overhead
         self.profile.cycles[engine] += cycles
         self.profile.instructions[engine] += 1
@@ -179,10 +180,11 @@ class RunState:
         self.profile.timeline.issue(engine, instr, cycles, [t.region() for t in reads],
                                     [t.region() for t in writes], ports)
 
-    def dma(self, instr: str, dst: "NkiTensor", src: "NkiTensor", hbm_bytes: int) -> None:
-        """Charge one DMA transfer (bytes moved = the larger side) and place it on the DMA queues."""
+    def dma(self, instr: str, dst: "NkiTensor", src: "NkiTensor", hbm_bytes: int, accumulates: bool = False) -> None:
+        """Charge one DMA transfer (bytes moved = the larger side) and place it on the DMA queues.
+        `accumulates`: it adds into `dst` (`dst_rmw_op`), an associative reduction."""
         if self.affine_loops is not None and self.affine_loops.active:
-            self.affine_loops.access(instr, (src,), (dst,))  # an accumulating DMA's read of dst is a reduction
+            self.affine_loops.access(instr, (src,), (dst,), accumulates)
         nbytes = max(src.nbytes, dst.nbytes)
         rows = max(t.partitions if t.buffer in ON_CHIP else 1 for t in (dst, src))
         rows = rows if any(t.buffer in ON_CHIP for t in (dst, src)) else costmodel.DMA_QUEUES

@@ -193,9 +193,9 @@ def _lanes(t: NkiTensor) -> float:
 
 
 def _issue(engine_name: str, instr: str, cycles: float, reads: tuple, writes: tuple, useful: float = 0.0,
-           overhead: float = core.ACCESS_OVERHEAD) -> None:
+           overhead: float = core.ACCESS_OVERHEAD, accumulates: bool = False) -> None:
     state().issue(engine_name, instr, cycles, tuple(t for t in reads if isinstance(t, NkiTensor)),
-                  tuple(writes), useful, overhead)
+                  tuple(writes), useful, overhead, accumulates)
 
 
 # ------------------------------------------------------------------ data movement
@@ -221,7 +221,7 @@ def dma_copy(dst, src, dst_rmw_op=None, oob_mode=oob_mode.error, dge_mode=dge_mo
     hbm = src.nbytes if src.buffer in core.HBM_BUFFERS else 0
     if dst.buffer in core.HBM_BUFFERS:
         hbm += dst.nbytes * (2 if dst_rmw_op is not None else 1)
-    run.dma(instr, dst, src, hbm)
+    run.dma(instr, dst, src, hbm, accumulates=dst_rmw_op is not None)
     if not run.compute:
         return
     if dst.dtype == src.dtype and dst_rmw_op is None:  # nothing to convert: the bits move
@@ -345,9 +345,10 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     if all(fp32):  # [arch] "For FP32 input data type, the instruction cost is roughly 4x"; one/zero hint halves it
         passes = 2 if (is_stationary_onezero or is_moving_onezero) else 4
     # [arch] Tensor Engine cost model: initiation interval max(N, 64) per MultiplyMoving; the access
-    # overhead of the Vector/Scalar model does not apply to the pipelined PE array
+    # overhead of the Vector/Scalar model does not apply to the pipelined PE array. Accumulating into PSUM
+    # is [nl]'s associative reduction, no loop-carried dependency in an affine_range (loops.AffineLoops)
     _issue("tensor", instr, max(min(64, m), n) * passes, (stationary, moving), (dst,),
-           n * (k / core.PMAX) * (m / core.PMAX), overhead=0)
+           n * (k / core.PMAX) * (m / core.PMAX), overhead=0, accumulates=True)
     if not state().compute:
         return
     result = stationary.read().T.astype(np.float64) @ moving.read().astype(np.float64)
