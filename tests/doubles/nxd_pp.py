@@ -32,8 +32,10 @@ wiring depends on it, and fails where NxD would fail:
   run and after every task (source ``"pipeline"`` in the log); the mean loss returns
   on the last stage, moved to the host when ``return_loss_on_cpu`` (a host sync inside
   the step, recorded as a violation);
-- ``train()`` and ``forward()`` raise, as NxD's do; ``local_named_parameters``,
-  ``local_state_dict``, ``load_state_dict`` speak original names.
+- ``train()``, ``forward()`` and ``state_dict()`` raise, as NxD's do; ``local_named_parameters``,
+  ``local_state_dict`` (with NxD's handling of a keyword ``prefix``), ``load_state_dict`` speak original
+  names; ``parameters`` / ``buffers`` and their named forms are the wrapped module's, and any other attribute
+  ``nn.Module`` does not find is looked up on the wrapped module (NxD's ``__getattr__``).
 
 Micro-batches run one after the other (forward then backward), not in NxD's 1F1B
 order: the same gradients, not the same timeline. Transfers go straight from the
@@ -297,11 +299,41 @@ class NxDPPModel(nn.Module):
         raise RuntimeError("model.state_dict() is not supported in pipeline mode. Use model.local_state_dict() "
                            "instead.")
 
+    def __getattr__(self, name: str) -> Any:
+        """NxD (pipeline/model.py 385-390): what ``nn.Module`` does not find comes from the wrapped module, whose
+        own AttributeError (naming the wrapped class) reaches the caller."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.original_torch_module, name)
+
     def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Parameter]]:
         return self.original_torch_module.named_parameters(*args, **kwargs)
 
     def parameters(self, *args: Any, **kwargs: Any) -> Iterator[nn.Parameter]:
         return self.original_torch_module.parameters(*args, **kwargs)
+
+    def named_buffers(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, Tensor]]:
+        return self.original_torch_module.named_buffers(*args, **kwargs)
+
+    def buffers(self, *args: Any, **kwargs: Any) -> Iterator[Tensor]:
+        return self.original_torch_module.buffers(*args, **kwargs)
+
+    def local_parameters(self, recurse=True):
+        for _, p in self.local_named_parameters(recurse=recurse):
+            yield p
+
+    def local_buffers(self, recurse=True):
+        for _, b in self.local_named_buffers(recurse=recurse):
+            yield b
+
+    def local_modules(self):
+        for _, m in self.local_named_modules():
+            yield m
+
+    def local_children(self):
+        for _, c in self.local_named_children():
+            yield c
 
     def local_named_parameters(self, recurse=True):
         for name, p in self.local_stage_modules[0].named_parameters(recurse=recurse):
@@ -320,11 +352,17 @@ class NxDPPModel(nn.Module):
                                                              remove_duplicate=remove_duplicate)
 
     def local_state_dict(self, *args, **kwargs):
+        """NxD's ``local_state_dict`` + ``translate_local_state_dict_to_origin_state_dict`` (pipeline/model.py
+        1893-1926): the stage's state_dict with `args` / `kwargs`; only a keyword ``prefix`` is taken off each name
+        (its first occurrence, wherever it is) and put back before the original name, so a prefix given by
+        position reaches the names and fails the lookup."""
+        prefix = kwargs.get("prefix", "")
         out = {}
         for name, t in self.local_stage_modules[0].state_dict(*args, **kwargs).items():
+            name = name.replace(prefix, "", 1)
             if name not in self.local_to_original:
                 raise ValueError(f"parameter {name} in local_state_dict does not exist in local module")
-            out[self.local_to_original[name]] = t
+            out[f"{prefix}{self.local_to_original[name]}"] = t
         return out
 
     def load_state_dict(self, state_dict, strict=True):
