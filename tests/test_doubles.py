@@ -443,6 +443,29 @@ def test_all_reduce_without_groups_sums_over_every_rank(monkeypatch):
     assert groups_asked == [[0, 1, 2], [1, 2]]
 
 
+def test_all_gather_concatenates_the_shards_of_the_group(monkeypatch):
+    """torch-xla 2.9's ``all_gather`` (xla_model.py 456-561): one shard per replica of this rank's group (every
+    replica without ``groups``); without ``pin_layout``, groups of one size only; rank 1 of a world of 4 here, gloo
+    standing in."""
+    env = Env(XlaLog())
+    xm = xla_modules(env)["torch_xla.core.xla_model"]
+    x = torch.tensor([[1.0, 2.0]])
+    assert torch.equal(xm.all_gather(x, dim=0, groups=[[0], [1]], pin_layout=False), x)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(env, "group_of", lambda ranks: tuple(ranks))
+
+    def gather(parts, tensor, group=None):
+        for i, part in enumerate(parts):
+            part.copy_(tensor + 10 * group[i])
+    monkeypatch.setattr(dist, "all_gather", gather)
+    assert torch.equal(xm.all_gather(x, dim=1, groups=[[0, 1], [2, 3]], pin_layout=False),
+                       torch.tensor([[1.0, 2.0, 11.0, 12.0]]))
+    assert xm.all_gather(x, dim=0).shape == (4, 2)
+    with pytest.raises(AssertionError, match="Replica groups must have the same number of replicas/shards"):
+        xm.all_gather(x, groups=[[0], [1, 2, 3]], pin_layout=False)
+
 
 def test_mp_device_loader_syncs_before_each_batch_and_once_more_at_the_end():
     """``PerDeviceLoader.next()`` (parallel_loader.py 39-56): ``torch_xla.sync()`` before each batch, and again

@@ -20,6 +20,8 @@
   rank's group of ``groups``, all ranks when ``groups`` is None (a gloo all-reduce when
   that group has several ranks: NxD's pipeline group, the world), out of place for a
   tensor, in place for a list of tensors;
+- ``xm.all_gather`` concatenates the shards of the caller's group along ``dim`` (gloo when
+  the group has several ranks), groups of one size asserted without ``pin_layout``;
 - the functions torch-xla 2.7 removed from ``xla_model`` (``xrt_world_size``,
   ``get_ordinal``) are absent (AttributeError), as is everything the double does not play;
 - the ``"xla"`` process-group backend (here gloo) comes with
@@ -88,10 +90,21 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
 
     def all_gather(value, dim=0, groups=None, output=None, pin_layout=True, channel_id=None,
                    use_global_device_ids=None):
+        """xla_model.py 456-561: the shards of this rank's group (every replica without `groups`) concatenated
+        along `dim` (here in rank order, through gloo), even with one replica in the world; without
+        `pin_layout` the groups must be of one size (with it, torch-xla pads and all-reduces instead)."""
         if output is not None or channel_id is not None or use_global_device_ids is not None:
             raise NotImplementedError("the torch-xla double models all_gather(value, dim, groups, pin_layout)")
+        if groups and not pin_layout:
+            assert all(len(group) == len(groups[0]) for group in groups), \
+                "Replica groups must have the same number of replicas/shards."
         log.trace("all_gather", groups, dim, tuple(value.shape), value.dtype)
-        return value.clone()  # one replica
+        mine = next(g for g in (groups or [list(range(world_size()))]) if env.rank() in g)
+        if len(mine) == 1:
+            return value.clone()
+        parts = [torch.empty_like(value) for _ in mine]
+        dist.all_gather(parts, value.contiguous(), group=env.group_of(mine))
+        return torch.cat(parts, dim)
 
     def xla_device(n=None, devkind=None):
         _deprecated(log, "xla_device", "torch_xla.device")
