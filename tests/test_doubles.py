@@ -473,7 +473,7 @@ def test_mp_device_loader_syncs_before_each_batch_and_once_more_at_the_end():
     env = Env(XlaLog())
     loader = xla_modules(env)["torch_xla.distributed.parallel_loader"].MpDeviceLoader(
         [{"x": torch.zeros(2)}, {"x": torch.ones(2)}], torch.device("cpu"))
-    assert len(loader) == 2
+    assert len(loader) == len(iter(loader)) == 2  # the per-device iterator's: the host loader's, one device
     batches = list(loader)
     assert [b["x"].tolist() for b in batches] == [[0.0, 0.0], [1.0, 1.0]]
     # one sync per batch, then the third next(): one before asking for a batch, one on finding none

@@ -205,8 +205,11 @@ class ParallelLoader:
                  device_prefetch_size=8, host_to_device_transfer_threads=1, input_sharding=None):
         if batches_per_execution != 1 or input_sharding is not None:
             raise NotImplementedError("the torch-xla double models batches_per_execution=1 without input_sharding")
-        self._devices = [torch.device(x) for x in devices]
+        self._cpu_loader, self._devices = cpu_loader, [torch.device(x) for x in devices]
         self.batches = iter(cpu_loader)
+
+    def per_device_samples(self) -> int:
+        return len(self._cpu_loader) // len(self._devices)
 
 
 def reentrant_checkpoint(function, *args, use_reentrant=True, **kwargs):
@@ -232,10 +235,13 @@ class _PerDeviceLoader:
     batch, and one more when the loader is exhausted, before ``StopIteration``."""
 
     def __init__(self, loader: ParallelLoader, log: XlaLog, sync: Callable[..., None]) -> None:
-        self.batches, self.log, self._sync = loader.batches, log, sync
+        self._loader, self.batches, self.log, self._sync = loader, loader.batches, log, sync
 
     def __iter__(self) -> _PerDeviceLoader:
         return self
+
+    def __len__(self) -> int:
+        return self._loader.per_device_samples()
 
     def __next__(self) -> Any:
         self._sync()
