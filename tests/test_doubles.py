@@ -692,6 +692,16 @@ def test_parallel_state_getters_need_initialize(one_rank):
         state.get_tensor_model_parallel_size()
 
 
+def test_tensor_parallel_replica_groups_list_every_rank(one_rank, monkeypatch):
+    """NxD's ``get_tensor_model_parallel_replica_groups`` (parallel_state.py 847-850) gives every tensor-parallel
+    group of the world, not only the caller's: at tp = 1, one group per rank (ZeRO-1's ``grad_norm_groups``)."""
+    modules, env = _doubles_and_env()
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(env, "group_of", lambda ranks: None)
+    state = modules[PARALLEL_STATE]
+    state.initialize_model_parallel(pipeline_model_parallel_size=2)
+    assert state.get_tensor_model_parallel_replica_groups() == [[0], [1]]
+
 def test_zero1_needs_the_parallel_state(one_rank):
     modules = _doubles()
     zero1 = modules["neuronx_distributed.optimizer"].NeuronZero1Optimizer
@@ -881,6 +891,20 @@ def test_pipeline_model_forwards_unknown_attributes_to_the_wrapped_module(one_ra
     with pytest.raises(AttributeError, match="^'_Stack' object has no attribute 'vocab'$"):
         pipeline.vocab
 
+
+def test_pipeline_shape_inference_runs_with_grad_enabled(one_rank):
+    """NxD's first run_train / run_eval infers the stage shapes with one forward "with grads set to true"
+    (pipeline/model.py 916-921), before ``_run_eval`` sets eval mode and ``no_grad`` (1021-1027): a stage built in
+    train mode runs it in train mode; the micro-batches of run_eval then run in eval mode without grad.
+    Stage 0 of 2 on one process here, its sends dropped."""
+    modules, env = _doubles_and_env()
+    pipeline = _pipeline(env, modules, ["layers.0"])
+    pipeline._send = lambda *args: None
+    seen = []
+    pipeline.local_stage_modules[0].register_forward_hook(
+        lambda module, *args: seen.append((pipeline.tracing, torch.is_grad_enabled(), module.training)))
+    assert pipeline.run_eval(x=torch.randn(2, 3), y=torch.randn(2, 3)) is None  # not the last stage
+    assert seen == [(True, True, True), (False, False, False)]
 
 def test_nxd_parallel_layers_package_holds_only_nxd_names(monkeypatch):
     """NxD's ``parallel_layers/__init__.py`` (v2.28.0) imports four of the mapping functions into the package;

@@ -21,7 +21,8 @@ wiring depends on it, and fails where NxD would fail:
 - ``run_train(**inputs)`` / ``run_eval(**inputs)``: host tensors named as
   ``input_names`` (a batch from ``MpDeviceLoader`` is refused), split into
   ``num_microbatches`` along dim 0; the first call runs one shape-inference forward
-  per stage (``tracing`` set meanwhile, as NxD), and later calls must keep the shapes
+  per stage (``tracing`` set meanwhile, grad enabled, the stage in the mode it was
+  left in, even in ``run_eval``, as NxD), and later calls must keep the shapes
   passed between stages; every
   micro-batch runs forward on each stage with point-to-point transfers (a 0-dim tensor
   cannot cross: NxD's XLA ``send`` reads ``tensor.size(0)``), the last stage's output
@@ -375,7 +376,6 @@ class NxDPPModel(nn.Module):
         inputs = kwargs
         self._mark_step()
         self.log.step_work = self.log.in_step = True  # a step graph is pending until the caller's mark_step
-        self.local_stage_modules[0].train()
         loss = self._run(inputs, train=True)
         self._mark_step()
         return loss
@@ -385,9 +385,7 @@ class NxDPPModel(nn.Module):
         if self.log.step_work:
             self.log.violations.append("run_eval while a step graph was pending")
         self._mark_step()
-        self.local_stage_modules[0].eval()
-        with torch.no_grad():
-            loss = self._run(inputs, train=False)
+        loss = self._run(inputs, train=False)
         self._mark_step()
         return loss
 
@@ -401,11 +399,14 @@ class NxDPPModel(nn.Module):
             assert size == sizes[0], f"batch dimension does not match, {sizes[0]} and {size}"
         pieces = {k: self._split(v) for k, v in inputs.items()}
         if self.io_shapes is None:  # NxD's shape inference: one forward per stage, results dropped
+            # grad enabled, the stage in the mode it was left in (pipeline/model.py 894-931, 1009-1027: before
+            # _run_train / _run_eval set the mode and run_eval's no_grad)
             self.io_shapes, self.tracing = {}, True
-            with torch.no_grad():
+            with torch.enable_grad():
                 self._forward({k: v[0] for k, v in pieces.items()}, train=False)
             self.tracing = False
             self._mark_step()
+        self.local_stage_modules[0].train(train)
         losses = []
         for mb in range(self.num_microbatches):
             with torch.set_grad_enabled(train):

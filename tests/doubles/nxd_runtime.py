@@ -408,7 +408,8 @@ def _parallel_state(env: Env, initialize: Callable[..., None]) -> dict[str, Call
         get_data_parallel_rank=initialized(dp, lambda: 0),
         get_data_parallel_replica_groups=initialized(dp, env.dp_groups),
         get_pipeline_model_parallel_replica_groups=initialized(pp, env.pp_groups),
-        get_tensor_model_parallel_replica_groups=initialized(tp, lambda: [[env.rank()]]),
+        # every tp group of the world, as NxD's (parallel_state.py 847-850): one rank each at tp = 1
+        get_tensor_model_parallel_replica_groups=initialized(tp, lambda: [[r] for r in range(env.world())]),
         is_global_rank_zero=lambda: env.rank() == 0,
     )
 
@@ -518,7 +519,7 @@ def _trainer(env: Env, initialize: Callable[..., None], bound: dict[str, type]) 
         if optimizer_config["zero_one_enabled"]:
             bucket_cap = zero1_bucket_cap(precision["use_master_weights"])
             zero1 = {"grad_clipping": optimizer_config["grad_clipping"], "pin_layout": False,
-                     "sharding_groups": env.dp_groups(), "grad_norm_groups": [[env.rank()]],
+                     "sharding_groups": env.dp_groups(), "grad_norm_groups": [[r] for r in range(env.world())],
                      "bucket_cap_mb_all_gather": max(1, bucket_cap // grid.get("dp", 1)),
                      "bucket_cap_mb_reduce_scatter": bucket_cap}
             if precision["use_master_weights"] and os.environ.get("XLA_DOWNCAST_BF16") == "1":
