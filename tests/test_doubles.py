@@ -59,6 +59,8 @@ REAL_SIGNATURES = [
      "(seed, device=None)"),
     ("torch_xla.core.xla_model", "is_master_ordinal", "xla:torch_xla/core/xla_model.py", "is_master_ordinal",
      "(local=True)"),
+    ("torch_xla.core.xla_model", "get_local_ordinal", "xla:torch_xla/core/xla_model.py", "get_local_ordinal",
+     "()"),
     ("torch_xla.runtime", "world_size", "xla:torch_xla/runtime.py", "world_size",
      "()"),
     ("torch_xla.runtime", "global_ordinal", "xla:torch_xla/runtime.py", "global_ordinal",
@@ -67,6 +69,8 @@ REAL_SIGNATURES = [
      "()"),
     ("torch_xla.distributed.parallel_loader", "MpDeviceLoader.__init__", "xla:torch_xla/distributed/parallel_loader.py", "MpDeviceLoader.__init__",
      "(loader, device, **kwargs)"),
+    ("torch_xla.distributed.parallel_loader", "ParallelLoader.__init__", "xla:torch_xla/distributed/parallel_loader.py", "ParallelLoader.__init__",
+     "(cpu_loader, devices, batchdim=0, batches_per_execution=1, loader_prefetch_size=16, device_prefetch_size=8, host_to_device_transfer_threads=1, input_sharding=None)"),
     ("torch_xla.utils.checkpoint", "checkpoint", "xla:torch_xla/utils/checkpoint.py", "checkpoint",
      "(function, *args, use_reentrant=True, **kwargs)"),
     ("neuronx_distributed.optimizer", "NeuronZero1Optimizer.__init__", "xla:torch_xla/distributed/zero_redundancy_optimizer.py", "ZeroRedundancyOptimizer.__init__",
@@ -179,6 +183,20 @@ REAL_SIGNATURES = [
      "(*args, **kwargs)"),
     ("neuronx_distributed.pipeline", "NxDPPModel.parameters", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.parameters",
      "(*args, **kwargs)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.__getattr__", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.__getattr__",
+     "(name)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.named_buffers", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.named_buffers",
+     "(*args, **kwargs)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.buffers", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.buffers",
+     "(*args, **kwargs)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.local_parameters", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.local_parameters",
+     "(recurse=True)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.local_buffers", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.local_buffers",
+     "(recurse=True)"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.local_modules", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.local_modules",
+     "()"),
+    ("neuronx_distributed.pipeline", "NxDPPModel.local_children", "nxd:src/neuronx_distributed/pipeline/model.py", "NxDPPModel.local_children",
+     "()"),
     ("neuronx_distributed.trainer.model", "NxDModel.original_module", "nxd:src/neuronx_distributed/trainer/model.py", "NxDModel.original_module",
      "()"),
     ("neuronx_distributed.trainer.model", "NxDModel.forward", "nxd:src/neuronx_distributed/trainer/model.py", "NxDModel.forward",
@@ -312,8 +330,10 @@ def test_a_keyword_the_real_library_does_not_take_fails():
         modules["torch_xla.core.xla_model"].mark_step(block=True)
     with pytest.raises(TypeError):
         modules["neuronx_distributed.parallel_layers.layers"].ColumnParallelLinear(4, 4, sequence_dim=1)
-    with pytest.raises(TypeError):
-        modules["torch_xla.distributed.parallel_loader"].MpDeviceLoader([], None, prefetch=2)
+    loader = modules["torch_xla.distributed.parallel_loader"].MpDeviceLoader([], torch.device("cpu"), prefetch=2)
+    with pytest.raises(TypeError, match=r"^ParallelLoader\.__init__\(\) got an unexpected keyword argument "
+                                        r"'prefetch'$"):
+        iter(loader)  # torch-xla hands the keywords to ParallelLoader only here (parallel_loader.py 272-284)
     with pytest.raises(TypeError):
         trainer = modules["neuronx_distributed.trainer"]  # NxD hands unknown keywords to the optimizer class
         trainer.initialize_parallel_optimizer(trainer.neuronx_distributed_config(), torch.optim.AdamW,
@@ -423,6 +443,64 @@ def test_all_reduce_without_groups_sums_over_every_rank(monkeypatch):
     assert groups_asked == [[0, 1, 2], [1, 2]]
 
 
+def test_all_gather_concatenates_the_shards_of_the_group(monkeypatch):
+    """torch-xla 2.9's ``all_gather`` (xla_model.py 456-561): one shard per replica of this rank's group (every
+    replica without ``groups``); without ``pin_layout``, groups of one size only; rank 1 of a world of 4 here, gloo
+    standing in."""
+    env = Env(XlaLog())
+    xm = xla_modules(env)["torch_xla.core.xla_model"]
+    x = torch.tensor([[1.0, 2.0]])
+    assert torch.equal(xm.all_gather(x, dim=0, groups=[[0], [1]], pin_layout=False), x)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(env, "group_of", lambda ranks: tuple(ranks))
+
+    def gather(parts, tensor, group=None):
+        for i, part in enumerate(parts):
+            part.copy_(tensor + 10 * group[i])
+    monkeypatch.setattr(dist, "all_gather", gather)
+    assert torch.equal(xm.all_gather(x, dim=1, groups=[[0, 1], [2, 3]], pin_layout=False),
+                       torch.tensor([[1.0, 2.0, 11.0, 12.0]]))
+    assert xm.all_gather(x, dim=0).shape == (4, 2)
+    with pytest.raises(AssertionError, match="Replica groups must have the same number of replicas/shards"):
+        xm.all_gather(x, groups=[[0], [1, 2, 3]], pin_layout=False)
+
+
+def test_mp_device_loader_syncs_before_each_batch_and_once_more_at_the_end():
+    """``PerDeviceLoader.next()`` (parallel_loader.py 39-56): ``torch_xla.sync()`` before each batch, and again
+    before ``StopIteration`` when the host loader is done."""
+    env = Env(XlaLog())
+    loader = xla_modules(env)["torch_xla.distributed.parallel_loader"].MpDeviceLoader(
+        [{"x": torch.zeros(2)}, {"x": torch.ones(2)}], torch.device("cpu"))
+    assert len(loader) == len(iter(loader)) == 2  # the per-device iterator's: the host loader's, one device
+    batches = list(loader)
+    assert [b["x"].tolist() for b in batches] == [[0.0, 0.0], [1.0, 1.0]]
+    # one sync per batch, then the third next(): one before asking for a batch, one on finding none
+    assert [s["source"] for s in env.log.syncs] == ["loader"] * 4 and env.log.fetches == 2
+    with pytest.raises(NotImplementedError):  # the double's limit, met when iterated, as torch-xla's checks are
+        iter(xla_modules(env)["torch_xla.distributed.parallel_loader"].MpDeviceLoader([], "cpu",
+                                                                                     batches_per_execution=2))
+
+
+def test_local_ordinal_is_the_local_rank(monkeypatch):
+    """torch-xla 2.9 keeps ``xm.get_local_ordinal`` (xla_model.py 86-94, undeprecated; its own
+    test/pjrt/test_runtime.py calls it), although the Neuron 2.9 guide (introducing-pytorch-2-9.rst 138-141) says
+    it was removed in 2.7. It is ``runtime.local_ordinal()`` (runtime.py 143-149): ``PJRT_LOCAL_PROCESS_RANK``
+    x devices per process (1) + device index (0), that variable being LOCAL_RANK under torchrun
+    (_internal/neuron.py 89). ``is_master_ordinal()`` asks the local ordinal, ``local=False`` the global one."""
+    modules = _doubles()
+    xm, xr = modules["torch_xla.core.xla_model"], modules["torch_xla.runtime"]
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.delenv("PJRT_LOCAL_PROCESS_RANK", raising=False)
+    assert xm.get_local_ordinal() == xr.local_ordinal() == 0 and xm.is_master_ordinal()
+    monkeypatch.setenv("PJRT_LOCAL_PROCESS_RANK", "2")
+    assert xm.get_local_ordinal() == 2
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")  # torchrun: LOCAL_RANK wins
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert xm.get_local_ordinal() == xr.local_ordinal() == 3
+    assert not xm.is_master_ordinal() and xm.is_master_ordinal(local=False)  # global rank 0: no process group
+
 
 def test_parallel_cross_entropy_shifts_its_input_in_place():
     """NxD subtracts each row's max from the logits it is given; loss and gradient are the cross-entropy's."""
@@ -493,6 +571,24 @@ def test_zero1_grad_hooks_move_gradients_into_fp32_main_grad(one_rank):
     assert not torch.equal(layer.weight.detach(), before) and optimizer.grad_norm is not None
     optimizer.zero_grad(set_to_none=True)
     assert layer.weight.grad is None and torch.count_nonzero(layer.weight.main_grad) == 0
+
+
+def test_gradient_clipping_sums_squares_in_the_first_parameters_dtype():
+    """NxD's ``clip_grad_norm`` (parallel_layers/grads.py 41-256 at v2.28.0) adds each gradient's squared norm into a
+    one-element tensor of the first parameter's dtype: for a bf16 model, 256 + 64 x 0.25 stays 256 in bf16 (its
+    spacing there is 2), so the norm is 16, not sqrt(272) = 16.49; the gradients are scaled by 1 / 16."""
+    trainer = _doubles()[nxd_api.TRAINER]
+    big = torch.nn.Parameter(torch.zeros(256, dtype=torch.bfloat16))
+    small = [torch.nn.Parameter(torch.zeros(1, dtype=torch.bfloat16)) for _ in range(64)]
+    big.grad = torch.ones(256, dtype=torch.bfloat16)
+    for p in small:
+        p.grad = torch.full((1,), 0.5, dtype=torch.bfloat16)
+    optimizer = trainer.initialize_parallel_optimizer(trainer.neuronx_distributed_config(), torch.optim.SGD,
+                                                      [big, *small], lr=0.0)
+    optimizer.step()
+    norm = optimizer.grad_norm
+    assert norm.shape == (1,) and norm.dtype == torch.bfloat16 and norm.item() == 16.0
+    assert torch.all(big.grad == 1 / 16) and all(p.grad.item() == 0.5 / 16 for p in small)
 
 
 def test_set_tensor_model_parallel_attributes_warns_without_num_partitions():
@@ -596,6 +692,16 @@ def test_parallel_state_getters_need_initialize(one_rank):
         state.get_tensor_model_parallel_size()
 
 
+def test_tensor_parallel_replica_groups_list_every_rank(one_rank, monkeypatch):
+    """NxD's ``get_tensor_model_parallel_replica_groups`` (parallel_state.py 847-850) gives every tensor-parallel
+    group of the world, not only the caller's: at tp = 1, one group per rank (ZeRO-1's ``grad_norm_groups``)."""
+    modules, env = _doubles_and_env()
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(env, "group_of", lambda ranks: None)
+    state = modules[PARALLEL_STATE]
+    state.initialize_model_parallel(pipeline_model_parallel_size=2)
+    assert state.get_tensor_model_parallel_replica_groups() == [[0], [1]]
+
 def test_zero1_needs_the_parallel_state(one_rank):
     modules = _doubles()
     zero1 = modules["neuronx_distributed.optimizer"].NeuronZero1Optimizer
@@ -604,6 +710,51 @@ def test_zero1_needs_the_parallel_state(one_rank):
         zero1(torch.nn.Linear(2, 2).parameters(), torch.optim.AdamW, lr=0.1)
     modules[PARALLEL_STATE].initialize_model_parallel()
     assert zero1(torch.nn.Linear(2, 2).parameters(), torch.optim.AdamW, lr=0.1).optimizer_dtype == torch.float32
+
+
+@pytest.mark.parametrize("environ, master, caps, dtype", [
+    ({}, True, (130, 130), torch.float32),
+    ({"XLA_DOWNCAST_BF16": "0"}, True, (65, 65), torch.float32),
+    ({"XLA_DOWNCAST_BF16": "0"}, False, (130, 130), torch.float32),
+    ({"XLA_DOWNCAST_BF16": "1"}, True, (130, 130), torch.float64),
+    ({"XLA_DOWNCAST_BF16": "1"}, False, (130, 130), torch.float32),
+    ({"XLA_DOWNCAST_BF16": "0", "ALL_GATHER_REDUCE_SCATTER_BUCKET_CAP_MB": "40"}, True, (40, 40), torch.float32),
+])
+def test_zero1_set_up_reads_nxd_environment_switches(one_rank, monkeypatch, environ, master, caps, dtype):
+    """NxD's ``initialize_optimizer_from_class`` (trainer/trainer.py 258-283 at v2.28.0): bucket caps 130 MB,
+    65 with ``XLA_DOWNCAST_BF16=0`` and master weights, ``ALL_GATHER_REDUCE_SCATTER_BUCKET_CAP_MB`` over both
+    (all-gather: cap // dp); ``XLA_DOWNCAST_BF16=1`` with master weights makes the optimizer float64."""
+    for key in ("XLA_DOWNCAST_BF16", "ALL_GATHER_REDUCE_SCATTER_BUCKET_CAP_MB"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    trainer = _doubles()[nxd_api.TRAINER]
+    config = trainer.neuronx_distributed_config(
+        optimizer_config={"zero_one_enabled": True},
+        mixed_precision_config={"use_master_weights": master, "use_fp32_grad_acc": False})
+    layer = torch.nn.Linear(2, 2)
+    zero1 = trainer.initialize_parallel_optimizer(config, torch.optim.AdamW, layer.parameters(), lr=0.1).optimizer
+    assert (zero1.bucket_cap_mb_all_gather, zero1.bucket_cap_mb_reduce_scatter) == caps
+    assert zero1.optimizer_dtype == dtype
+    assert {p.dtype for g in zero1.base_optimizer.param_groups for p in g["params"]} == {dtype}
+
+
+def test_bucket_caps_must_be_integers(one_rank, monkeypatch):
+    """NxD reads ``ALL_GATHER_REDUCE_SCATTER_BUCKET_CAP_MB`` when it builds ZeRO-1 (trainer/trainer.py 274-276) and,
+    without ZeRO-1, ``ALLREDUCE_BUCKET_CAP_MB`` at every optimizer step (parallel_layers/grads.py 264), both
+    through ``int()``."""
+    trainer = _doubles()[nxd_api.TRAINER]
+    monkeypatch.setenv("ALL_GATHER_REDUCE_SCATTER_BUCKET_CAP_MB", "40MB")
+    config = trainer.neuronx_distributed_config(optimizer_config={"zero_one_enabled": True})
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        trainer.initialize_parallel_optimizer(config, torch.optim.AdamW, torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    monkeypatch.setenv("ALLREDUCE_BUCKET_CAP_MB", "512MB")
+    layer = torch.nn.Linear(2, 2)
+    optimizer = trainer.initialize_parallel_optimizer(trainer.neuronx_distributed_config(), torch.optim.AdamW,
+                                                      layer.parameters(), lr=0.1)
+    layer(torch.ones(1, 2)).sum().backward()
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        optimizer.step()
 
 
 @pytest.mark.parametrize("key", ["optimizer_config", "mixed_precision_config", "model_init_config"])
@@ -709,6 +860,51 @@ def test_pipeline_model_wrapper_hands_buffer_arguments_to_the_stage(one_rank):
     assert list(model.named_buffers(recurse=False)) == []
     assert [name for name, _ in model.named_modules(prefix="stage")][0] == "stage"
 
+
+def test_pipeline_local_state_dict_takes_a_keyword_prefix(one_rank):
+    """NxD's ``local_state_dict`` (pipeline/model.py 1893-1926) reads ``prefix`` from the keywords, takes it off
+    each stage name and puts it before the original name; a prefix given by position stays on the stage names,
+    which then are not found (ValueError)."""
+    modules, env = _doubles_and_env()
+    pipeline = _pipeline(env, modules, ["layers.0"])
+    weight = pipeline.original_torch_module.layers[0].linear.weight
+    assert sorted(pipeline.local_state_dict()) == ["layers.0.linear.bias", "layers.0.linear.weight"]
+    found = pipeline.local_state_dict(prefix="model.")
+    assert sorted(found) == ["model.layers.0.linear.bias", "model.layers.0.linear.weight"]
+    assert torch.equal(found["model.layers.0.linear.weight"], weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about positional state_dict arguments
+        with pytest.raises(ValueError, match=r"parameter model\.layers_0\.linear\.(weight|bias) in "
+                                             r"local_state_dict does not exist in local module"):
+            pipeline.local_state_dict(None, "model.")
+
+
+def test_pipeline_model_forwards_unknown_attributes_to_the_wrapped_module(one_rank):
+    """NxD's ``NxDPPModel.__getattr__`` (pipeline/model.py 385-390): what ``nn.Module`` does not find is looked
+    up on the wrapped module, whose AttributeError names the wrapped class."""
+    modules, env = _doubles_and_env()
+    pipeline = _pipeline(env, modules, ["layers.0"])
+    pipeline.original_torch_module.config = {"vocab_size": 7}
+    assert pipeline.config == {"vocab_size": 7}
+    assert pipeline.layers is pipeline.original_torch_module.layers
+    assert [n for n, _ in pipeline.named_buffers()] == [] and list(pipeline.local_parameters())
+    with pytest.raises(AttributeError, match="^'_Stack' object has no attribute 'vocab'$"):
+        pipeline.vocab
+
+
+def test_pipeline_shape_inference_runs_with_grad_enabled(one_rank):
+    """NxD's first run_train / run_eval infers the stage shapes with one forward "with grads set to true"
+    (pipeline/model.py 916-921), before ``_run_eval`` sets eval mode and ``no_grad`` (1021-1027): a stage built in
+    train mode runs it in train mode; the micro-batches of run_eval then run in eval mode without grad.
+    Stage 0 of 2 on one process here, its sends dropped."""
+    modules, env = _doubles_and_env()
+    pipeline = _pipeline(env, modules, ["layers.0"])
+    pipeline._send = lambda *args: None
+    seen = []
+    pipeline.local_stage_modules[0].register_forward_hook(
+        lambda module, *args: seen.append((pipeline.tracing, torch.is_grad_enabled(), module.training)))
+    assert pipeline.run_eval(x=torch.randn(2, 3), y=torch.randn(2, 3)) is None  # not the last stage
+    assert seen == [(True, True, True), (False, False, False)]
 
 def test_nxd_parallel_layers_package_holds_only_nxd_names(monkeypatch):
     """NxD's ``parallel_layers/__init__.py`` (v2.28.0) imports four of the mapping functions into the package;

@@ -113,6 +113,10 @@ class Env:
     def rank(self) -> int:
         return dist.get_rank() if dist.is_initialized() else 0
 
+    def world(self) -> int:
+        """The ranks of NxD's grid (tp x pp x dp)."""
+        return self.grid["tp"] * self.grid["pp"] * self.grid["dp"]
+
     def pp_rank(self) -> int:
         return self.rank() if self.grid.get("pp", 1) > 1 else 0  # pp = world: the global rank is the stage
 

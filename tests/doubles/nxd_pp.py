@@ -21,7 +21,8 @@ wiring depends on it, and fails where NxD would fail:
 - ``run_train(**inputs)`` / ``run_eval(**inputs)``: host tensors named as
   ``input_names`` (a batch from ``MpDeviceLoader`` is refused), split into
   ``num_microbatches`` along dim 0; the first call runs one shape-inference forward
-  per stage (``tracing`` set meanwhile, as NxD), and later calls must keep the shapes
+  per stage (``tracing`` set meanwhile, grad enabled, the stage in the mode it was
+  left in, even in ``run_eval``, as NxD), and later calls must keep the shapes
   passed between stages; every
   micro-batch runs forward on each stage with point-to-point transfers (a 0-dim tensor
   cannot cross: NxD's XLA ``send`` reads ``tensor.size(0)``), the last stage's output
@@ -32,8 +33,10 @@ wiring depends on it, and fails where NxD would fail:
   run and after every task (source ``"pipeline"`` in the log); the mean loss returns
   on the last stage, moved to the host when ``return_loss_on_cpu`` (a host sync inside
   the step, recorded as a violation);
-- ``train()`` and ``forward()`` raise, as NxD's do; ``local_named_parameters``,
-  ``local_state_dict``, ``load_state_dict`` speak original names.
+- ``train()``, ``forward()`` and ``state_dict()`` raise, as NxD's do; ``local_named_parameters``,
+  ``local_state_dict`` (with NxD's handling of a keyword ``prefix``), ``load_state_dict`` speak original
+  names; ``parameters`` / ``buffers`` and their named forms are the wrapped module's, and any other attribute
+  ``nn.Module`` does not find is looked up on the wrapped module (NxD's ``__getattr__``).
 
 Micro-batches run one after the other (forward then backward), not in NxD's 1F1B
 order: the same gradients, not the same timeline. Transfers go straight from the
@@ -297,11 +300,41 @@ class NxDPPModel(nn.Module):
         raise RuntimeError("model.state_dict() is not supported in pipeline mode. Use model.local_state_dict() "
                            "instead.")
 
+    def __getattr__(self, name: str) -> Any:
+        """NxD (pipeline/model.py 385-390): what ``nn.Module`` does not find comes from the wrapped module, whose
+        own AttributeError (naming the wrapped class) reaches the caller."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.original_torch_module, name)
+
     def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Parameter]]:
         return self.original_torch_module.named_parameters(*args, **kwargs)
 
     def parameters(self, *args: Any, **kwargs: Any) -> Iterator[nn.Parameter]:
         return self.original_torch_module.parameters(*args, **kwargs)
+
+    def named_buffers(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, Tensor]]:
+        return self.original_torch_module.named_buffers(*args, **kwargs)
+
+    def buffers(self, *args: Any, **kwargs: Any) -> Iterator[Tensor]:
+        return self.original_torch_module.buffers(*args, **kwargs)
+
+    def local_parameters(self, recurse=True):
+        for _, p in self.local_named_parameters(recurse=recurse):
+            yield p
+
+    def local_buffers(self, recurse=True):
+        for _, b in self.local_named_buffers(recurse=recurse):
+            yield b
+
+    def local_modules(self):
+        for _, m in self.local_named_modules():
+            yield m
+
+    def local_children(self):
+        for _, c in self.local_named_children():
+            yield c
 
     def local_named_parameters(self, recurse=True):
         for name, p in self.local_stage_modules[0].named_parameters(recurse=recurse):
@@ -320,11 +353,17 @@ class NxDPPModel(nn.Module):
                                                              remove_duplicate=remove_duplicate)
 
     def local_state_dict(self, *args, **kwargs):
+        """NxD's ``local_state_dict`` + ``translate_local_state_dict_to_origin_state_dict`` (pipeline/model.py
+        1893-1926): the stage's state_dict with `args` / `kwargs`; only a keyword ``prefix`` is taken off each name
+        (its first occurrence, wherever it is) and put back before the original name, so a prefix given by
+        position reaches the names and fails the lookup."""
+        prefix = kwargs.get("prefix", "")
         out = {}
         for name, t in self.local_stage_modules[0].state_dict(*args, **kwargs).items():
+            name = name.replace(prefix, "", 1)
             if name not in self.local_to_original:
                 raise ValueError(f"parameter {name} in local_state_dict does not exist in local module")
-            out[self.local_to_original[name]] = t
+            out[f"{prefix}{self.local_to_original[name]}"] = t
         return out
 
     def load_state_dict(self, state_dict, strict=True):
@@ -337,7 +376,6 @@ class NxDPPModel(nn.Module):
         inputs = kwargs
         self._mark_step()
         self.log.step_work = self.log.in_step = True  # a step graph is pending until the caller's mark_step
-        self.local_stage_modules[0].train()
         loss = self._run(inputs, train=True)
         self._mark_step()
         return loss
@@ -347,9 +385,7 @@ class NxDPPModel(nn.Module):
         if self.log.step_work:
             self.log.violations.append("run_eval while a step graph was pending")
         self._mark_step()
-        self.local_stage_modules[0].eval()
-        with torch.no_grad():
-            loss = self._run(inputs, train=False)
+        loss = self._run(inputs, train=False)
         self._mark_step()
         return loss
 
@@ -363,11 +399,14 @@ class NxDPPModel(nn.Module):
             assert size == sizes[0], f"batch dimension does not match, {sizes[0]} and {size}"
         pieces = {k: self._split(v) for k, v in inputs.items()}
         if self.io_shapes is None:  # NxD's shape inference: one forward per stage, results dropped
+            # grad enabled, the stage in the mode it was left in (pipeline/model.py 894-931, 1009-1027: before
+            # _run_train / _run_eval set the mode and run_eval's no_grad)
             self.io_shapes, self.tracing = {}, True
-            with torch.no_grad():
+            with torch.enable_grad():
                 self._forward({k: v[0] for k, v in pieces.items()}, train=False)
             self.tracing = False
             self._mark_step()
+        self.local_stage_modules[0].train(train)
         losses = []
         for mb in range(self.num_microbatches):
             with torch.set_grad_enabled(train):

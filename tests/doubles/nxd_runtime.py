@@ -20,7 +20,11 @@ parallelism, one stage per process over gloo):
   to a multiple of dp and chunked; with dp = 1 the shard is the whole tensor). With
   ``use_fp32_grad_acc`` (bf16 + ZeRO-1) its gradient-accumulation hooks move each
   gradient into an fp32 ``main_grad`` of the parameter's full shape as backward
-  produces it and set ``param.grad`` to None; ``zero_grad`` zeroes ``main_grad``;
+  produces it and set ``param.grad`` to None; ``zero_grad`` zeroes ``main_grad``.
+  The environment switches NxD's optimizer set-up reads are honoured as there:
+  ``XLA_DOWNCAST_BF16=1`` with master weights makes the shards float64,
+  ``XLA_DOWNCAST_BF16=0`` with master weights halves the bucket caps and
+  ``ALL_GATHER_REDUCE_SCATTER_BUCKET_CAP_MB`` sets them (``zero1_bucket_cap``);
 - pipeline parallelism (``pipeline_parallel_size`` = world, tp = dp = 1):
   ``initialize_parallel_model`` wraps the model in the `doubles.nxd_pp` ``NxDPPModel``
   and ``NxDModel`` speaks for the local stage (``named_parameters``, ``state_dict``,
@@ -120,24 +124,40 @@ class NxDModel(nn.Module):
         except AttributeError:
             return getattr(self.module, name)
 
+    # NxD's transformers.PreTrainedModel properties (trainer/model.py at v2.28.0): the original module's
+    @property
+    def dtype(self) -> Any:
+        return self.original_module().dtype
+
     @property
     def config(self) -> Any:
         return self.original_module().config
 
+    @property
+    def name_or_path(self) -> Any:
+        return self.original_module().name_or_path
+
 
 def clip_global_norm(params: list[nn.Parameter], max_norm: float, env: Env) -> torch.Tensor:
-    """NxD's gradient clipping (``parallel_layers.grads.clip_grad_norm``, as torch's ``clip_grad_norm_``
-    computes it): the norm of every stage's gradients, a ``shared`` parameter (a later use of one
-    Parameter by another stage) counted once, summed over the pipeline group."""
-    if env.grid.get("pp", 1) == 1:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    grads = [p.grad for p in params if p.grad is not None]
-    counted = [p.grad for p in params if p.grad is not None and not getattr(p, "shared", False)]
-    norms = torch.stack([torch.linalg.vector_norm(g) for g in counted])
-    total = env.reduce(norms.pow(2).sum(), env.pp_groups()).sqrt()
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef)
+    """NxD's gradient clipping, norm type 2 at tp = 1 (``parallel_layers/grads.py`` ``get_grad_norm`` 41-189 and
+    ``clip_grad_norm`` / ``clip_grads_with_norm`` 192-256 at v2.28.0): each gradient's norm squared is added, one
+    after the other, into a one-element tensor of the *first parameter's* dtype (a bf16 model's norm is summed in
+    bf16), a ``shared`` parameter (a later use of one Parameter by another stage) skipped; the sum is all-reduced
+    over the pipeline group, its square root taken, and every gradient scaled by max_norm / (norm + 1e-6) where
+    that is below 1. Returns the norm, shape (1,)."""
+    first = params[0]
+    total = torch.zeros(1, dtype=first.dtype, device=first.device)
+    for p in params:
+        if p.grad is not None and not getattr(p, "shared", False):
+            total += torch.norm(p.grad.detach(), 2.0) ** 2.0
+    if env.grid.get("pp", 1) > 1:
+        total = env.reduce(total, env.pp_groups())
+    total = torch.pow(total, 0.5)
+    coeff = max_norm / (total + 1.0e-6)
+    one = torch.tensor(1.0, dtype=total.dtype, device=total.device)
+    for p in params:
+        if p.grad is not None:
+            p.grad.detach().mul_(torch.where(coeff < 1, coeff.to(total.dtype), one))
     return total
 
 
@@ -170,8 +190,12 @@ class NxDOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         self.env.log.trace("optimizer_step", len(self.params))
         config = self.nxd_config["optimizer_config"]
-        if not config["zero_one_enabled"] and config["grad_clipping"]:  # (dp all-reduce: one replica)
-            self._grad_norm = clip_global_norm(self.params, config["max_grad_norm"], self.env)
+        if not config["zero_one_enabled"]:
+            # NxD's bucket_allreduce_gradients reads its bucket size on every step (parallel_layers/grads.py 264);
+            # one data rank: nothing to reduce
+            int(os.environ.get("ALLREDUCE_BUCKET_CAP_MB", 512))
+            if config["grad_clipping"]:
+                self._grad_norm = clip_global_norm(self.params, config["max_grad_norm"], self.env)
         result = self.optimizer.step(closure)
         if config["zero_one_enabled"]:
             self._grad_norm = self.optimizer.grad_norm
@@ -196,6 +220,9 @@ class Zero1Optimizer(torch.optim.Optimizer):
         self.grad_clipping, self.max_norm = grad_clipping, 1.0 if max_norm is None else max_norm
         self._sharding_groups, self.local_world_size, self.local_rank = sharding_groups or [[0]], 1, 0
         self.use_grad_acc_hook, self.higher_cc_precision = use_grad_acc_hook, higher_cc_precision
+        # kept as torch-xla keeps them (zero_redundancy_optimizer.py 105-108); one replica: nothing to bucket
+        self.bucket_cap_mb_all_gather, self.bucket_cap_mb_reduce_scatter = (bucket_cap_mb_all_gather,
+                                                                            bucket_cap_mb_reduce_scatter)
         self.grad_acc_hooks: list[Any] = []
         self._grad_norm = None
         shard_groups = []
@@ -381,7 +408,8 @@ def _parallel_state(env: Env, initialize: Callable[..., None]) -> dict[str, Call
         get_data_parallel_rank=initialized(dp, lambda: 0),
         get_data_parallel_replica_groups=initialized(dp, env.dp_groups),
         get_pipeline_model_parallel_replica_groups=initialized(pp, env.pp_groups),
-        get_tensor_model_parallel_replica_groups=initialized(tp, lambda: [[env.rank()]]),
+        # every tp group of the world, as NxD's (parallel_state.py 847-850): one rank each at tp = 1
+        get_tensor_model_parallel_replica_groups=initialized(tp, lambda: [[r] for r in range(env.world())]),
         is_global_rank_zero=lambda: env.rank() == 0,
     )
 
@@ -489,14 +517,18 @@ def _trainer(env: Env, initialize: Callable[..., None], bound: dict[str, type]) 
         log.calls["optimizer_defaults"] = dict(defaults)
         optimizer_config, precision = nxd_config["optimizer_config"], nxd_config["mixed_precision_config"]
         if optimizer_config["zero_one_enabled"]:
-            dp = grid.get("dp", 1)
+            bucket_cap = zero1_bucket_cap(precision["use_master_weights"])
             zero1 = {"grad_clipping": optimizer_config["grad_clipping"], "pin_layout": False,
-                     "sharding_groups": env.dp_groups(), "grad_norm_groups": [[env.rank()]],
-                     "bucket_cap_mb_all_gather": max(1, 130 // dp), "bucket_cap_mb_reduce_scatter": 130}
+                     "sharding_groups": env.dp_groups(), "grad_norm_groups": [[r] for r in range(env.world())],
+                     "bucket_cap_mb_all_gather": max(1, bucket_cap // grid.get("dp", 1)),
+                     "bucket_cap_mb_reduce_scatter": bucket_cap}
+            if precision["use_master_weights"] and os.environ.get("XLA_DOWNCAST_BF16") == "1":
+                defaults["optimizer_dtype"] = torch.double  # trainer.py 281-283
             if precision["use_fp32_grad_acc"]:
                 zero1.update(use_grad_acc_hook=True, higher_cc_precision=True)
             zero1["save_master_weights"] = bool(precision["use_master_weights_in_ckpt"])
             defaults.pop("decoupled_weight_decay", None)
+            log.calls["zero1_config"] = dict(zero1)
             optimizer = bound["NeuronZero1Optimizer"](parameters, optimizer_class, **zero1, **defaults)
         else:
             if precision["use_master_weights"]:
@@ -510,6 +542,14 @@ def _trainer(env: Env, initialize: Callable[..., None], bound: dict[str, type]) 
     return fake_module(nxd_api.TRAINER, neuronx_distributed_config=neuronx_distributed_config,
                        initialize_parallel_model=initialize_parallel_model,
                        initialize_parallel_optimizer=initialize_parallel_optimizer)
+
+
+def zero1_bucket_cap(use_master_weights: bool) -> int:
+    """The ZeRO-1 reduce-scatter bucket in MB NxD's ``initialize_optimizer_from_class`` picks (trainer/trainer.py
+    258-279 at v2.28.0, torch >= 2.2): 130, 65 when ``XLA_DOWNCAST_BF16`` is "0" with master weights, and
+    ``ALL_GATHER_REDUCE_SCATTER_BUCKET_CAP_MB`` over both (``int()`` of it: a ValueError when not an integer)."""
+    default = 65 if os.environ.get("XLA_DOWNCAST_BF16") == "0" and use_master_weights else 130
+    return int(os.environ.get("ALL_GATHER_REDUCE_SCATTER_BUCKET_CAP_MB", default))
 
 
 def _move_in_waves(env: Env, module: nn.Module, sequential_move_factor: int) -> None:

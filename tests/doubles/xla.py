@@ -4,8 +4,14 @@
   ``xm.mark_step`` and ``xm.xla_device`` are 2.9's deprecated aliases of ``torch_xla.sync``
   and ``torch_xla.device``: each call warns (``DeprecationWarning``, as
   ``typing_extensions.deprecated`` does) and, made by bmojo_neuron, is recorded in
-  ``XlaLog.deprecated``; ``MpDeviceLoader``'s per-device iterator calls
-  ``torch_xla.sync`` before every batch it hands out (``batches_per_execution=1``);
+  ``XlaLog.deprecated``; ``MpDeviceLoader`` hands its keyword arguments to
+  ``ParallelLoader`` only when iterated (an unknown one is a TypeError there), and its
+  per-device iterator calls ``torch_xla.sync`` before every batch it hands out
+  (``batches_per_execution=1``) and once more when the loader is exhausted;
+- ``xm.get_local_ordinal`` is there (2.9 keeps it, undeprecated; the Neuron guide's
+  "removed since 2.7" is wrong for it): ``runtime.local_ordinal()``, which is
+  ``LOCAL_RANK`` under torchrun; ``xm.is_master_ordinal(local)`` asks the local or
+  the global ordinal;
 - ``xm.set_rng_state`` takes an unsigned 64-bit seed only (TypeError otherwise, as its pybind11 binding);
 - ``xm.rendezvous`` takes a ``bytes`` payload only (TypeError) and all replicas only
   (ValueError), syncs, meets the other ranks and returns every rank's payload;
@@ -14,6 +20,8 @@
   rank's group of ``groups``, all ranks when ``groups`` is None (a gloo all-reduce when
   that group has several ranks: NxD's pipeline group, the world), out of place for a
   tensor, in place for a list of tensors;
+- ``xm.all_gather`` concatenates the shards of the caller's group along ``dim`` (gloo when
+  the group has several ranks), groups of one size asserted without ``pin_layout``;
 - the functions torch-xla 2.7 removed from ``xla_model`` (``xrt_world_size``,
   ``get_ordinal``) are absent (AttributeError), as is everything the double does not play;
 - the ``"xla"`` process-group backend (here gloo) comes with
@@ -29,6 +37,7 @@ step's graph early.
 from __future__ import annotations
 
 import operator
+import os
 import sys
 import types
 import warnings
@@ -81,10 +90,21 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
 
     def all_gather(value, dim=0, groups=None, output=None, pin_layout=True, channel_id=None,
                    use_global_device_ids=None):
+        """xla_model.py 456-561: the shards of this rank's group (every replica without `groups`) concatenated
+        along `dim` (here in rank order, through gloo), even with one replica in the world; without
+        `pin_layout` the groups must be of one size (with it, torch-xla pads and all-reduces instead)."""
         if output is not None or channel_id is not None or use_global_device_ids is not None:
             raise NotImplementedError("the torch-xla double models all_gather(value, dim, groups, pin_layout)")
+        if groups and not pin_layout:
+            assert all(len(group) == len(groups[0]) for group in groups), \
+                "Replica groups must have the same number of replicas/shards."
         log.trace("all_gather", groups, dim, tuple(value.shape), value.dtype)
-        return value.clone()  # one replica
+        mine = next(g for g in (groups or [list(range(world_size()))]) if env.rank() in g)
+        if len(mine) == 1:
+            return value.clone()
+        parts = [torch.empty_like(value) for _ in mine]
+        dist.all_gather(parts, value.contiguous(), group=env.group_of(mine))
+        return torch.cat(parts, dim)
 
     def xla_device(n=None, devkind=None):
         _deprecated(log, "xla_device", "torch_xla.device")
@@ -100,8 +120,11 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
             raise TypeError(f"_xla_set_rng_seed(): incompatible function arguments (seed: uint64), got {seed!r}")
         log.rng = operator.index(seed)
 
+    def get_local_ordinal():
+        return local_ordinal()  # xla_model.py 86-94: still there in 2.9, not deprecated
+
     def is_master_ordinal(local=True):
-        return env.rank() == 0
+        return (local_ordinal() if local else global_ordinal()) == 0  # xla_model.py 97-110
 
     def rendezvous(tag, payload=b"", replicas=[]):
         if replicas and len(replicas) != world_size():  # xla_rendezvous: all replicas or none named
@@ -121,22 +144,19 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
         "torch_xla.core.xla_model", REDUCE_SUM="sum", xla_device=xla_device, mark_step=mark_step,
         add_step_closure=add_step_closure, all_reduce=all_reduce, all_gather=all_gather, rendezvous=rendezvous,
         get_rng_state=get_rng_state, set_rng_state=set_rng_state, is_master_ordinal=is_master_ordinal,
+        get_local_ordinal=get_local_ordinal,
     )
 
     class MpDeviceLoader:
-        """``MpDeviceLoader(loader, device, **kwargs)``: batches on the device, ``torch_xla.sync()`` before each;
-        `kwargs` go to ``ParallelLoader``, whose arguments they must be."""
+        """``MpDeviceLoader(loader, device, **kwargs)`` (parallel_loader.py 253-287): keeps `kwargs` and hands them
+        to ``ParallelLoader`` at each ``iter()``, so a wrong keyword fails there, not when built."""
 
         def __init__(self, loader, device, **kwargs):
-            unknown = set(kwargs) - PARALLEL_LOADER_ARGUMENTS
-            if unknown:
-                raise TypeError(f"ParallelLoader.__init__() got unexpected keyword arguments {sorted(unknown)}")
-            if kwargs.get("batches_per_execution", 1) != 1:
-                raise NotImplementedError("the torch-xla double models batches_per_execution=1 only")
-            self._loader, self._device = loader, device
+            self._loader, self._device, self._parallel_loader_kwargs = loader, device, kwargs
 
         def __iter__(self) -> Iterator[Any]:
-            return _PerDeviceLoader(iter(self._loader), log, sync)
+            parallel = ParallelLoader(self._loader, [self._device], **self._parallel_loader_kwargs)
+            return _PerDeviceLoader(parallel, log, sync)
 
         def __len__(self) -> int:
             return len(self._loader)
@@ -148,7 +168,12 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
         return env.rank()
 
     def local_ordinal():
-        return env.rank()  # one node
+        # runtime.py 143-149: PJRT_LOCAL_PROCESS_RANK x devices per process (1 on Neuron) + the device index (0);
+        # under torchrun torch-xla's Neuron set-up (_internal/neuron.py 49-89) sets that variable from LOCAL_RANK
+        # when torch_xla is imported
+        from torch.distributed import is_torchelastic_launched
+        name = "LOCAL_RANK" if is_torchelastic_launched() else "PJRT_LOCAL_PROCESS_RANK"
+        return int(os.environ.get(name, "0"))
 
     def torch_xla_device(index=None):
         return device
@@ -166,14 +191,25 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
         "torch_xla.core.xla_model": xm,
         "torch_xla.runtime": runtime,
         "torch_xla.distributed": fake_module("torch_xla.distributed"),
-        "torch_xla.distributed.parallel_loader": fake_module("torch_xla.distributed.parallel_loader",
-                                                             MpDeviceLoader=MpDeviceLoader),
+        "torch_xla.distributed.parallel_loader": fake_module(
+            "torch_xla.distributed.parallel_loader", MpDeviceLoader=MpDeviceLoader, ParallelLoader=ParallelLoader),
         "torch_xla.distributed.xla_backend": fake_module("torch_xla.distributed.xla_backend"),
     }
 
 
-PARALLEL_LOADER_ARGUMENTS = {"batchdim", "batches_per_execution", "loader_prefetch_size", "device_prefetch_size",
-                             "host_to_device_transfer_threads", "input_sharding"}
+class ParallelLoader:
+    """torch-xla 2.9's ``ParallelLoader`` as ``MpDeviceLoader.__iter__`` builds it (parallel_loader.py 85-120): its
+    signature checks the keywords (a TypeError naming the first unknown one), ``torch.device`` each device."""
+
+    def __init__(self, cpu_loader, devices, batchdim=0, batches_per_execution=1, loader_prefetch_size=16,
+                 device_prefetch_size=8, host_to_device_transfer_threads=1, input_sharding=None):
+        if batches_per_execution != 1 or input_sharding is not None:
+            raise NotImplementedError("the torch-xla double models batches_per_execution=1 without input_sharding")
+        self._cpu_loader, self._devices = cpu_loader, [torch.device(x) for x in devices]
+        self.batches = iter(cpu_loader)
+
+    def per_device_samples(self) -> int:
+        return len(self._cpu_loader) // len(self._devices)
 
 
 def reentrant_checkpoint(function, *args, use_reentrant=True, **kwargs):
@@ -195,15 +231,24 @@ def _register_xla_backend() -> None:
 
 
 class _PerDeviceLoader:
-    def __init__(self, batches: Iterator[Any], log: XlaLog, sync: Callable[..., None]) -> None:
-        self.batches, self.log, self._sync = batches, log, sync
+    """``PerDeviceLoader.next()`` (parallel_loader.py 39-56) with ``batches_per_execution=1``: a sync before every
+    batch, and one more when the loader is exhausted, before ``StopIteration``."""
+
+    def __init__(self, loader: ParallelLoader, log: XlaLog, sync: Callable[..., None]) -> None:
+        self._loader, self.batches, self.log, self._sync = loader, loader.batches, log, sync
 
     def __iter__(self) -> _PerDeviceLoader:
         return self
 
+    def __len__(self) -> int:
+        return self._loader.per_device_samples()
+
     def __next__(self) -> Any:
-        self._sync()  # torch-xla 2.9 PerDeviceLoader.next(): sync, then hand out the next batch
-        batch = next(self.batches)
+        self._sync()
+        batch = next(self.batches, None)
+        if batch is None:
+            self._sync()
+            raise StopIteration
         self.log.fetches += 1
         self.log.trace("batch", sorted((k, tuple(v.shape)) for k, v in batch.items()))
         self.log.in_step = True
