@@ -335,13 +335,19 @@ def test_missing_weights_are_initialised_on_load(tmp_path):
             assert torch.equal(param, torch.ones_like(param))  # the Mamba init, not left empty
 
 
-def test_training_and_gradient_checkpointing_give_the_same_gradients():
+@pytest.mark.parametrize("kwargs", [None, {"use_reentrant": True}, {"use_reentrant": False}])
+def test_training_and_gradient_checkpointing_give_the_same_gradients(kwargs):
+    """The same gradients, and the layers really are replayed in the backward pass (each runs twice)."""
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
         model = build().train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             assert model.is_gradient_checkpointing
+        runs = []
+        for layer in model.model.layers:
+            layer.mixer.register_forward_hook(lambda *_: runs.append(1))
         model(ids(), labels=ids(seed=2)).loss.backward()
+        assert len(runs) == model.config.num_hidden_layers * (2 if checkpointing else 1)
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     plain, checkpointed = grads(False), grads(True)
