@@ -3,14 +3,16 @@
 transformers' `ModelTesterMixin`, `GenerationTesterMixin` and `ConfigTester` live in
 its repository's ``tests/`` and are not in the installed wheel, so they cannot run
 in CI. This module checks the same conventions with tests of our own: the config
-(serialisation, defaults, common keyword arguments), the model (save/load, batching,
-``output_hidden_states`` and ``use_cache`` from argument or config, tuple outputs,
-``inputs_embeds``, tied and resized embeddings, training with gradient
-checkpointing, the loss conventions ``shift_labels`` and ``num_items_in_batch``),
-and `generate` (greedy, sampling, beam search and beam sampling with and without the
-cache, dict outputs with scores, logits and hidden states, ``inputs_embeds``, a
-continued cache). Padding has its own module (test_padding.py). docs/hf.md lists
-what B'MOJO does not support and why.
+(serialisation, defaults, common keyword arguments), the model (save/load, bfloat16 and
+``dtype="auto"`` loading, meta-device init, batching, positional arguments,
+``output_hidden_states`` and ``use_cache`` from argument or config, ``output_attentions``
+refused, tuple outputs, ``inputs_embeds``, ``logits_to_keep``, tied and resized
+embeddings, training with gradient checkpointing, no dropout, the loss conventions
+``shift_labels`` and ``num_items_in_batch``), and `generate` (greedy, sampling, beam
+search and beam sampling with and without the cache, dict outputs with scores, logits
+and hidden states, ``inputs_embeds``, a continued cache under either name, a
+transformers cache refused, eos). Padding has its own module (test_padding.py).
+docs/hf.md lists what B'MOJO does not support and why.
 """
 
 from __future__ import annotations
