@@ -73,6 +73,20 @@ class BMojoPreTrainedModel(PreTrainedModel):
         config.validate_bmojo()
         super().__init__(config, *inputs, **kwargs)
 
+    def _refuse_attention_outputs(self, output_attentions: bool | None) -> None:
+        """Refuse ``output_attentions`` (argument, or the config's when unset) rather than ignore it.
+
+        The SSM and eidetic-memory parts have no attention matrix to return. Ignoring the
+        request would hand back outputs without ``attentions``, and `generate` would then
+        fail reading them; an error says why instead (docs/hf.md, "Generation").
+        """
+        requested = self.config.output_attentions if output_attentions is None else output_attentions
+        if requested:
+            raise ValueError(
+                f"{type(self).__name__}: output_attentions is not supported: B'MOJO's SSM and memory layers have no "
+                "attention weights to return; leave output_attentions unset or False (argument, config or generate)"
+            )
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Normal(0, initializer_range) for projections and embeddings; Mamba init for SSM parameters.
@@ -126,12 +140,13 @@ class BMojoModel(BMojoPreTrainedModel):
     def forward(
         self,
         input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         inputs_embeds: Tensor | None = None,
         cache: BMojoCache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        attention_mask: Tensor | None = None,
         return_dict: bool | None = None,
+        past_key_values: BMojoCache | None = None,
         **kwargs: Any,
     ) -> BMojoModelOutput | tuple:
         """Hidden states of `input_ids` (or `inputs_embeds`); `cache` continues a sequence.
@@ -140,8 +155,13 @@ class BMojoModel(BMojoPreTrainedModel):
         (never in training mode, nor under sequence parallelism unless asked for),
         ``output_hidden_states``, ``return_dict``. An `attention_mask` (batch, L), or
         covering the cached tokens too, removes the tokens where it is 0 from their
-        sequences (`bmojo_neuron.padding`; docs/hf.md, "Padding").
+        sequences (`bmojo_neuron.padding`; docs/hf.md, "Padding"). The positional order
+        (`input_ids`, `attention_mask`, `inputs_embeds`) and the older name of the cache
+        argument, `past_key_values`, are `BMojoForCausalLM`'s and transformers' decoder models'.
         """
+        self._refuse_attention_outputs(kwargs.get("output_attentions"))
+        cache = cache if cache is not None else past_key_values
+        check_cache_type(cache, type(self).__name__)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("BMojoModel: pass exactly one of input_ids or inputs_embeds")
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -373,6 +393,7 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         accumulated innovation loss then equals one big batch's only when every micro-batch
         has as many real tokens per target; docs/hf.md, "Fine-tuning with `Trainer`").
         """
+        self._refuse_attention_outputs(kwargs.get("output_attentions"))
         cache = cache if cache is not None else past_key_values
         shift_labels: Tensor | None = kwargs.get("shift_labels")
         return_dict = self.config.return_dict if return_dict is None else return_dict
@@ -436,6 +457,7 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         Other keywords (``output_hidden_states``, ...) reach `forward` unchanged.
         """
         cache = cache if cache is not None else past_key_values
+        check_cache_type(cache, type(self).__name__)
         if use_cache is not False and cache is None:
             cache = BMojoCache(self.config.num_hidden_layers)
         inputs: dict[str, Any] = {"cache": cache, "use_cache": use_cache, "attention_mask": attention_mask}
@@ -459,6 +481,22 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
 
 # `generate`'s own bookkeeping, never a `forward` input (transformers drops them the same way).
 GENERATE_ONLY_KEYWORDS = frozenset({"labels", "is_first_iteration", "cache_position", "position_ids"})
+
+
+def check_cache_type(cache: object, owner: str) -> None:
+    """Refuse a cache that is not a `BMojoCache` (e.g. transformers' `DynamicCache`) with a clear error.
+
+    A transformers `Cache` holds per-layer keys and values (and, for Mamba2, conv and
+    SSM states); B'MOJO's layers keep windows, fading keys and an eidetic memory it has
+    no slots for. Read without this check, such a cache fails deep inside with an
+    `AttributeError`; filled silently in its place, the caller's object would stay empty.
+    """
+    if cache is not None and not isinstance(cache, BMojoCache):
+        raise TypeError(
+            f"{owner}: cache must be a BMojoCache (the `.cache` of an earlier forward or generate, or a new "
+            f"BMojoCache(config.num_hidden_layers)), got {type(cache).__name__}; transformers' Cache classes "
+            "cannot hold B'MOJO's windows and memory"
+        )
 
 
 def _unseen_inputs(

@@ -3,14 +3,16 @@
 transformers' `ModelTesterMixin`, `GenerationTesterMixin` and `ConfigTester` live in
 its repository's ``tests/`` and are not in the installed wheel, so they cannot run
 in CI. This module checks the same conventions with tests of our own: the config
-(serialisation, defaults, common keyword arguments), the model (save/load, batching,
-``output_hidden_states`` and ``use_cache`` from argument or config, tuple outputs,
-``inputs_embeds``, tied and resized embeddings, training with gradient
-checkpointing, the loss conventions ``shift_labels`` and ``num_items_in_batch``),
-and `generate` (greedy, sampling, beam search and beam sampling with and without the
-cache, dict outputs with scores, logits and hidden states, ``inputs_embeds``, a
-continued cache). Padding has its own module (test_padding.py). docs/hf.md lists
-what B'MOJO does not support and why.
+(serialisation, defaults, common keyword arguments), the model (save/load, bfloat16 and
+``dtype="auto"`` loading, meta-device init, batching, positional arguments,
+``output_hidden_states`` and ``use_cache`` from argument or config, ``output_attentions``
+refused, tuple outputs, ``inputs_embeds``, ``logits_to_keep``, tied and resized
+embeddings, training with gradient checkpointing, no dropout, the loss conventions
+``shift_labels`` and ``num_items_in_batch``), and `generate` (greedy, sampling, beam
+search and beam sampling with and without the cache, dict outputs with scores, logits
+and hidden states, ``inputs_embeds``, a continued cache under either name, a
+transformers cache refused, eos). Padding has its own module (test_padding.py).
+docs/hf.md lists what B'MOJO does not support and why.
 """
 
 from __future__ import annotations
@@ -185,6 +187,97 @@ def test_inputs_embeds_match_input_ids():
         model(input_ids=ids(), inputs_embeds=model.get_input_embeddings()(ids()))
 
 
+def test_base_model_takes_the_mask_second_like_the_causal_lm():
+    """transformers' decoder models take ``(input_ids, attention_mask, ...)`` positionally; so do both classes."""
+    mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
+    mask[0, :4] = 0
+    for cls in (BMojoModel, BMojoForCausalLM):
+        model = build(cls)
+        with torch.no_grad():
+            assert torch.equal(model(ids(), mask)[0], model(input_ids=ids(), attention_mask=mask)[0]), cls.__name__
+
+
+@pytest.mark.parametrize("cls", [BMojoModel, BMojoForCausalLM])
+def test_output_attentions_is_refused_with_a_clear_error(cls):
+    """No attention weights exist to return: asked for (argument or config), the model says so instead of
+    returning outputs without ``attentions`` (on which `generate` would fail with an AttributeError)."""
+    model = build(cls)
+    with torch.no_grad():
+        assert model(ids(), output_attentions=False)[0].shape[:2] == (BATCH, LENGTH)
+        with pytest.raises(ValueError, match="output_attentions is not supported"):
+            model(ids(), output_attentions=True)
+        model.config.output_attentions = True
+        with pytest.raises(ValueError, match="output_attentions is not supported"):
+            model(ids())
+    if cls is BMojoForCausalLM:
+        model.config.output_attentions = False
+        with pytest.raises(ValueError, match="output_attentions is not supported"):
+            model.generate(ids(), max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
+
+
+def test_logits_to_keep_gives_the_last_positions():
+    model = build()
+    with torch.no_grad():
+        full = model(ids(), use_cache=False).logits
+        for keep in (1, 5):
+            torch.testing.assert_close(model(ids(), logits_to_keep=keep, use_cache=False).logits, full[:, -keep:],
+                                       rtol=0, atol=1e-6)  # the head over fewer rows: summation order only
+
+
+def test_no_dropout_so_training_mode_gives_the_eval_outputs():
+    """The config has no dropout (docs/hf.md): train() changes what is cached, not the numbers."""
+    model = build()
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    with torch.no_grad():
+        evaluated = model(ids(), labels=ids(seed=2))
+        model.train()
+        trained = model(ids(), labels=ids(seed=2))
+    assert torch.equal(trained.logits, evaluated.logits) and torch.equal(trained.loss, evaluated.loss)
+
+
+def test_from_pretrained_in_bfloat16_and_auto_dtype(tmp_path):
+    model = build()
+    model.save_pretrained(tmp_path / "fp32")
+    with torch.no_grad():
+        reference = model(ids()).logits
+    for option in (dict(torch_dtype=torch.bfloat16), dict(dtype=torch.bfloat16)):  # the old name and the new
+        half = BMojoForCausalLM.from_pretrained(tmp_path / "fp32", **option)
+        assert half.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in half.parameters())
+        assert half.lm_head.weight is half.model.embed_tokens.weight
+        with torch.no_grad():
+            logits = half(ids()).logits
+        assert logits.dtype == torch.float32  # the head's output is promoted for the loss and sampling
+        torch.testing.assert_close(logits, reference, rtol=0, atol=2e-2)  # bf16 weights: ~3e-3 measured here
+    assert BMojoForCausalLM.from_pretrained(tmp_path / "fp32", dtype="auto").dtype == torch.float32
+    half.save_pretrained(tmp_path / "bf16")
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert auto.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(auto(ids()).logits, logits)
+    generated = auto.generate(ids(batch=2, length=9), max_new_tokens=NEW_TOKENS, do_sample=False)
+    assert torch.equal(generated, auto.generate(ids(batch=2, length=9), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                                use_cache=False))  # bf16 decode follows the bf16 forward
+
+
+def test_meta_device_init_and_low_cpu_mem_usage(tmp_path):
+    """Built on the meta device, the model initialises on `to_empty` + `init_weights` like a normal build
+    (finite weights, the Mamba init, tied head); loading with ``low_cpu_mem_usage`` gives the saved weights."""
+    with torch.device("meta"):
+        empty = BMojoForCausalLM(tester_config())
+    assert all(p.is_meta for p in empty.parameters())
+    empty.to_empty(device="cpu")
+    empty.init_weights()
+    for name, param in empty.named_parameters():
+        assert torch.isfinite(param).all(), name
+        if name.endswith("mixer.D"):
+            assert torch.equal(param, torch.ones_like(param)), name
+    assert empty.lm_head.weight is empty.model.embed_tokens.weight
+    model = build()
+    model.save_pretrained(tmp_path)
+    loaded = BMojoForCausalLM.from_pretrained(tmp_path, low_cpu_mem_usage=True)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
 def test_tied_embeddings_and_resizing():
     model = build()
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
@@ -200,6 +293,40 @@ def test_tied_embeddings_and_resizing():
     assert untied.get_output_embeddings().weight is not untied.get_input_embeddings().weight
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_resized_embeddings_keep_their_rows_and_save_and_load(tmp_path, tied):
+    model = build(tie_word_embeddings=tied)
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    model.resize_token_embeddings(VOCAB + 3, pad_to_multiple_of=16)
+    size = 112  # VOCAB + 3 rounded up to a multiple of 16
+    assert model.config.vocab_size == size and model.get_input_embeddings().weight.shape == (size, 32)
+    assert model.get_output_embeddings().weight.shape == (size, 32)
+    assert torch.equal(model.get_input_embeddings().weight[:VOCAB], old_in)
+    assert torch.equal(model.get_output_embeddings().weight[:VOCAB], old_out)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    model.save_pretrained(tmp_path)
+    loaded = BMojoForCausalLM.from_pretrained(tmp_path)
+    assert (loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight) == tied
+    big = ids() % (size - VOCAB) + VOCAB  # new token ids only
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(big).logits, model(big).logits, rtol=0, atol=0)
+
+
+def test_set_input_embeddings_and_tie_weights():
+    model = build()
+    new = torch.nn.Embedding(VOCAB, 32)
+    model.set_input_embeddings(new)
+    assert model.get_input_embeddings() is new and model.model.embed_tokens is new
+    model.tie_weights()
+    assert model.get_output_embeddings().weight is new.weight
+    untied = build(tie_word_embeddings=False)
+    head = torch.nn.Linear(32, VOCAB, bias=False)
+    untied.set_output_embeddings(head)
+    untied.tie_weights()  # untied by the config: tie_weights leaves the head alone
+    assert untied.get_output_embeddings() is head and head.weight is not untied.get_input_embeddings().weight
+
+
 def test_missing_weights_are_initialised_on_load(tmp_path):
     model = build()
     state = {k: v for k, v in model.state_dict().items() if "layers.1." not in k}
@@ -210,13 +337,19 @@ def test_missing_weights_are_initialised_on_load(tmp_path):
             assert torch.equal(param, torch.ones_like(param))  # the Mamba init, not left empty
 
 
-def test_training_and_gradient_checkpointing_give_the_same_gradients():
+@pytest.mark.parametrize("kwargs", [None, {"use_reentrant": True}, {"use_reentrant": False}])
+def test_training_and_gradient_checkpointing_give_the_same_gradients(kwargs):
+    """The same gradients, and the layers really are replayed in the backward pass (each runs twice)."""
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
         model = build().train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             assert model.is_gradient_checkpointing
+        runs = []
+        for layer in model.model.layers:
+            layer.mixer.register_forward_hook(lambda *_: runs.append(1))
         model(ids(), labels=ids(seed=2)).loss.backward()
+        assert len(runs) == model.config.num_hidden_layers * (2 if checkpointing else 1)
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     plain, checkpointed = grads(False), grads(True)
@@ -368,6 +501,50 @@ def test_generate_dict_outputs_with_and_without_cache(mode):
     assert torch.equal(with_cache.sequences, without.sequences)
     for a, b in zip(with_cache.scores, without.scores):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_stops_at_eos():
+    """A row stops at eos and is filled with the pad id; greedy and beam search (tokens after eos are pads)."""
+    model = build()
+    prompt = ids(batch=3, length=5)
+    free = model.generate(prompt, max_new_tokens=6, do_sample=False)[:, 5:]
+    eos = int(free[0, 1])  # row 0's second token
+    stopped = model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=eos)[:, 5:]
+    for row, full in zip(stopped.tolist(), free.tolist()):
+        end = full.index(eos) + 1 if eos in full else len(full)
+        assert row[:end] == full[:end] and all(t == VOCAB - 1 for t in row[end:])
+    assert len(stopped[0]) > 2 and (stopped[0, 2:] == VOCAB - 1).all()
+    beams = model.generate(prompt, max_new_tokens=6, num_beams=3, num_return_sequences=3, do_sample=False,
+                           eos_token_id=eos)[:, 5:]
+    for row in beams.tolist():
+        if eos in row:
+            assert all(t == VOCAB - 1 for t in row[row.index(eos) + 1:])
+
+
+@pytest.mark.parametrize("cls", [BMojoModel, BMojoForCausalLM])
+def test_a_cache_continues_under_either_name(cls):
+    """``cache`` (transformers >= 5.24's name) or ``past_key_values`` (the older one), on both classes."""
+    model = build(cls)
+    with torch.no_grad():
+        whole = model(ids())[0]
+        for name in ("cache", "past_key_values"):
+            prefix = model(ids()[:, :8], use_cache=True).cache
+            rest = model(ids()[:, 8:], **{name: prefix})[0]
+            torch.testing.assert_close(rest, whole[:, 8:], rtol=1e-4, atol=1e-5, msg=name)  # decode == forward
+
+
+def test_a_transformers_cache_is_refused_with_a_clear_error():
+    """transformers' `DynamicCache` has no room for windows and eidetic memory: refused, not half-used."""
+    from transformers import DynamicCache
+
+    model = build()
+    with pytest.raises(TypeError, match="must be a BMojoCache"):
+        model(ids(), cache=DynamicCache())
+    with pytest.raises(TypeError, match="must be a BMojoCache"):
+        model.model(ids(), past_key_values=DynamicCache())
+    with pytest.raises(TypeError, match="must be a BMojoCache"):
+        model.generate(ids(), cache=DynamicCache(), max_new_tokens=2)
+    assert model.generate(ids(), cache=BMojoCache(2), max_new_tokens=2).shape == (BATCH, LENGTH + 2)
 
 
 def test_generate_returns_several_sequences_per_prompt():

@@ -87,6 +87,29 @@ def test_export_loads_by_name_without_importing_bmojo_neuron(tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_loading_by_name_without_the_package_names_it(tmp_path):
+    """docs/hf.md: without bmojo-neuron installed, transformers says which package the saved loader needs."""
+    BMojoForCausalLM(tiny_config()).save_pretrained(tmp_path / "export")
+    code = """
+        import importlib.abc, sys
+
+        class NotInstalled(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] == "bmojo_neuron":
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+        sys.meta_path.insert(0, NotInstalled())
+        from transformers import AutoModelForCausalLM
+        try:
+            AutoModelForCausalLM.from_pretrained("export", trust_remote_code=True)
+        except ImportError as err:
+            print(err)
+    """
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bmojo_neuron" in result.stdout and "pip install" in result.stdout, result.stdout
+
+
 def test_hf_byte_tokenizer_gives_the_byte_tokenizer_ids():
     text = "plain ascii, héllo wörld, 中文, emoji 🙂, NUL \x00 and U+0100 \u0100 as text\n\t"
     ours, theirs = ByteTokenizer(), hf_byte_tokenizer()

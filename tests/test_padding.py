@@ -231,6 +231,23 @@ def test_padded_greedy_generate_equals_each_prompt_alone(side):
         assert out[b, ids.shape[1]:].tolist() == alone[0, len(row):].tolist()
 
 
+def test_padded_generate_stops_each_row_at_eos_as_alone():
+    """A row that emits eos stops there and gets pad ids after it, while its neighbours (in other row
+    groups of the cache) go on: each row's tokens are those it generates alone."""
+    model = build()
+    rows = prompts()
+    eos = int(model.generate(rows[1][None], max_new_tokens=2, do_sample=False)[0, -1])  # row 1's second token
+    options = dict(max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
+    ids, mask = padded(rows, "left")
+    out = model.generate(ids, attention_mask=mask, **options)[:, ids.shape[1]:]
+    lengths = []
+    for b, row in enumerate(rows):
+        alone = model.generate(row[None], **options)[0, len(row):].tolist()
+        lengths.append(len(alone))
+        assert out[b].tolist() == alone + [PAD] * (out.shape[1] - len(alone))
+    assert min(lengths) == 2 and max(lengths) == 8  # one row stopped early, another ran to max_new_tokens
+
+
 def test_padded_generate_from_inputs_embeds_equals_from_ids():
     model = build()
     ids, mask = padded(prompts(), "left")
