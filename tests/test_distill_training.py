@@ -214,8 +214,12 @@ def test_tensor_parallel_distillation_equals_one_process(primed, distilled, tmp_
     mp.start_processes(_tp_worker, args=(str(tmp_path / "init"), str(primed), str(tmp_path), losses, new_values),
                        nprocs=2, start_method="spawn", join=True)
     want, got = weights(distilled.final_dir), weights(tmp_path / "tp2" / "final")
+    # atol 1e-4, a thirtieth of one step's lr (3e-3): AdamW's first updates are lr * g / |g|-like, so an
+    # entry whose gradient is near zero moves by a visible fraction of lr when the tensor shards sum its
+    # gradient in another order (seen: 2.8e-5 on one conv weight on an AMD EPYC, under 2e-5 elsewhere).
+    # A wrong gradient moves entries by whole steps of lr, and the losses above are compared at 2e-4.
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=2e-4, atol=2e-5, msg=name)
+        torch.testing.assert_close(got[name], want[name], rtol=2e-4, atol=1e-4, msg=name)
 
 
 def test_neuron_backend_distillation_equals_the_cpu_run(primed, distilled, monkeypatch, tmp_path):
