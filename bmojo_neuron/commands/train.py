@@ -135,7 +135,7 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[s
     lines.append(f"data: {data_line(runs[0][0])}")  # a run's recipe: its cache follows its output dir
     if recipe.init.weights:
         lines.append(f"init.weights: {init_line(recipe)}")
-    from bmojo_neuron.checkpoints.layout import has_run, latest_checkpoint
+    from bmojo_neuron.checkpoints.layout import abandoned_attempt, has_run, latest_checkpoint
     from bmojo_neuron.preflight import describe_output, space_need
     from bmojo_neuron.recipes import count_parameters
 
@@ -149,6 +149,9 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[s
                                                    "starts from scratch"))
         elif has_run(run_dir):
             lines.append(f"output {run_dir}: PROBLEM: already holds a run; train would refuse it without --resume")
+        elif abandoned_attempt(run_dir):
+            lines.append(f"output {run_dir}: new run, replacing the logs of an attempt that ended before its first "
+                         "checkpoint")
         else:
             lines.append(f"output {run_dir}: new run")
         need = space_need(count_parameters(variant), variant.checkpoint.keep_last, resume)
