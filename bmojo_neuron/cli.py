@@ -198,7 +198,7 @@ def print_error(message: str) -> None:
     if world <= 1:
         print(line, file=sys.stderr)
         return
-    handed_over = _record_for_torchrun(line)
+    handed_over = record_for_torchrun(line)
     if rank == 0:
         print(line, file=sys.stderr)
     elif not handed_over:
@@ -213,13 +213,16 @@ def _launch_rank() -> tuple[int, int]:
         return 0, 1
 
 
-def _record_for_torchrun(line: str) -> bool:
+def record_for_torchrun(line: str) -> bool:
     """Write `line` into this worker's torchrun error file (``TORCHELASTIC_ERROR_FILE``); whether it was written.
+
+    torchrun shows it, for each rank that exits non-zero, in the failure summary it prints instead of its
+    placeholder: the error of `print_error`, or why a run stopped (`train` after a signal).
 
     The format is the one torch's `ErrorHandler.record_exception` writes and its agent reads
     (`torch/distributed/elastic/multiprocessing/errors/{error_handler,__init__}.py`: ``ProcessFailure``
     takes the timestamp from ``message.extraInfo``; the summary shows ``py_callstack`` when present, else
-    ``message``). It leaves out the call stack: the message is the whole story of an expected error.
+    ``message``). It leaves out the call stack: the line is the whole story of an expected ending.
     """
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:

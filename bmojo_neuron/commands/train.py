@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bmojo_neuron.cli import register_command, require_nonempty
+from bmojo_neuron.cli import record_for_torchrun, register_command, require_nonempty
 from bmojo_neuron.fsutil import disk_full_cause
 from bmojo_neuron.locking import DirectoryLock
 
@@ -287,6 +287,10 @@ def report_stop(runs: list[tuple[Any, Path]], results: list[Any], signum: int | 
     from bmojo_neuron.training.signals import exit_status, signal_name
 
     by = signal_name(signum)
+    # What torchrun's failure summary shows for this rank when only the ranks were signalled (torchrun judges
+    # them by their status, and a stopped run must not look finished: docs/training.md, Stopping a run).
+    record_for_torchrun(f"stopped by {by}, gracefully (each run that had started is checkpointed); continue "
+                        "with --resume")
     if main:
         for index, (variant, run_dir) in enumerate(runs):
             result = results[index] if index < len(results) else None
