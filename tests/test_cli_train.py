@@ -436,3 +436,20 @@ def test_text_cache_follows_the_output_dir_and_nothing_lands_in_the_cwd(capsys, 
     assert cli.main(["train", "cpu-text", "data.path=missing.txt", "--output-dir", str(root / "c")]) == 2
     assert "error: data.path missing.txt: no such file or folder" in capsys.readouterr().err
     assert list(cwd.iterdir()) == [] and not (root / "c").exists()
+
+
+def test_dry_run_sees_a_data_cache_already_built(capsys, tmp_path):
+    """After `data prepare` (same overrides and --output-dir), the dry run names the built cache instead of asking
+    for it to be built; other packing settings are another cache, still to build."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a few words of text, repeated. " * 200)
+    out = tmp_path / "runs" / "text"
+    args = ["cpu-text", f"data.path={corpus}", "data.block_size=32", "--output-dir", str(out)]
+    assert cli.main(["data", "prepare", *args]) == 0
+    built = capsys.readouterr().out.splitlines()[0].split(": ", 1)[1].split(" (built now)")[0]
+    assert cli.main(["train", *args, "--dry-run"]) == 0
+    assert f"data: {corpus} (text-file): already tokenized and packed in {built} (a `data prepare` or an earlier " \
+           "run)" in capsys.readouterr().out
+    assert cli.main(["train", *args, "data.block_size=16", "--dry-run"]) == 0
+    assert f"data: {corpus} (text-file): tokenized and packed into {out.parent / 'data-cache'} on first use" \
+           in capsys.readouterr().out

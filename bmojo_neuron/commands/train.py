@@ -204,7 +204,7 @@ def data_line(recipe: Any) -> str:
     d = recipe.data
     if d.kind == "mqar":
         return "MQAR, generated in memory at start (nothing to prepare)"
-    from bmojo_neuron.data.text import CORPUS_DIR, source_kind
+    from bmojo_neuron.data.text import CORPUS_DIR, built_cache, source_kind
 
     source = str(CORPUS_DIR if d.path is None else Path(d.path).expanduser())
     try:
@@ -213,6 +213,9 @@ def data_line(recipe: Any) -> str:
         return f"PROBLEM: {error}"
     if kind == "packed":
         return f"{source}: packed blocks (save_to_disk), read as they are"
+    cached = built_cache(d.path, d.tokenizer, d.block_size, d.cache_dir, d.eval_fraction, d.text_column)
+    if cached is not None:
+        return f"{source} ({kind}): already tokenized and packed in {cached} (a `data prepare` or an earlier run)"
     return (f"{source} ({kind}): tokenized and packed into {d.cache_dir} on first use; build it once ahead with "
             "`bmojo-neuron data prepare` (the same overrides and --output-dir) before launching many ranks")
 
