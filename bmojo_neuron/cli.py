@@ -206,7 +206,8 @@ def print_error(message: str) -> None:
 
 
 def _launch_rank() -> tuple[int, int]:
-    """``(rank, world size)`` from torchrun's variables; ``(0, 1)`` without them or when they are not numbers."""
+    """``(rank, world size)`` from torchrun's variables; ``(0, 1)`` without them or when they are not numbers.
+    (`parallel.layout.torchrun_env` reads the same, but its module imports torch, which the CLI defers.)"""
     try:
         return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     except ValueError:

@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassError  # what transformers 5's strict configs raise
 from torch import nn
-from huggingface_hub.errors import StrictDataclassError
 from transformers import Mamba2Config, MambaConfig, MistralConfig
 
 from bmojo_neuron.configuration_bmojo import BMojoConfig

@@ -82,8 +82,8 @@ DEFAULTS = {
 }
 SUITES = tuple(DEFAULTS)
 SETUP_SECONDS = 120.0  # building a candidate's unit in a probe process (`harness.probe`'s build_seconds)
-SEED_RANGE = (-2**63, 2**64 - 1)  # what `torch.manual_seed` accepts (a 64-bit seed, signed or not)
 COMPILE_SECONDS = 600.0  # the same for a compiled candidate, whose set-up compiles (minutes on a small CPU)
+SEED_RANGE = (-2**63, 2**64 - 1)  # what `torch.manual_seed` accepts (a 64-bit seed, signed or not)
 
 
 def resolve(settings: Settings) -> Settings:
