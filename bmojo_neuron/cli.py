@@ -220,9 +220,10 @@ def record_for_torchrun(line: str) -> bool:
     torchrun shows it, for each rank that exits non-zero, in the failure summary it prints instead of its
     placeholder: the error of `print_error`, or why a run stopped (`train` after a signal).
 
-    The format is the one torch's `ErrorHandler.record_exception` writes and its agent reads
-    (`torch/distributed/elastic/multiprocessing/errors/{error_handler,__init__}.py`: ``ProcessFailure``
-    takes the timestamp from ``message.extraInfo``; the summary shows ``py_callstack`` when present, else
+    The format is the one torch's `ErrorHandler.record_exception` writes and its agent reads (torch 2.13,
+    `torch/distributed/elastic/multiprocessing/`: `api.py:390` sets the variable per worker,
+    `errors/error_handler.py:69` writes the file, `errors/__init__.py:118-158` (``ProcessFailure``) reads the
+    timestamp from ``message.extraInfo``, and `:278-295` shows ``py_callstack`` when present, else
     ``message``). It leaves out the call stack: the line is the whole story of an expected ending.
     """
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
