@@ -195,11 +195,8 @@ def print_error(message: str) -> None:
     """
     line = f"error: {message}"
     rank, world = _launch_rank()
-    if world <= 1:
-        print(line, file=sys.stderr)
-        return
     handed_over = record_for_torchrun(line)
-    if rank == 0:
+    if rank == 0 or world <= 1:
         print(line, file=sys.stderr)
     elif not handed_over:
         print(f"error: rank {rank}: {message}", file=sys.stderr)

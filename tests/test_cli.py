@@ -481,9 +481,13 @@ def test_a_rank_without_a_torchrun_error_file_prints_its_error_with_its_rank(mon
     assert capsys.readouterr().err.startswith("error: rank 1: recipe 'no-such-recipe' not found")
 
 
-def test_one_process_prints_its_error_and_writes_no_error_file(monkeypatch, capsys, tmp_path):
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+def test_one_process_prints_its_error(monkeypatch, capsys, tmp_path):
+    """Without torchrun: the line, and no file. Under ``torchrun --nproc-per-node 1``: the line and the file."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_ERROR_FILE"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
     assert cli.main(["train", "no-such-recipe"]) == 2
-    assert capsys.readouterr().err.startswith(ERROR) and not (tmp_path / "error.json").exists()
+    assert capsys.readouterr().err.startswith(ERROR) and not list(tmp_path.iterdir())
+    torchrun_rank(monkeypatch, 0, tmp_path / "error.json")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert cli.main(["train", "no-such-recipe"]) == 2
+    assert capsys.readouterr().err.startswith(ERROR) and failure_message(tmp_path / "error.json").startswith(ERROR)
