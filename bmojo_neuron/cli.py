@@ -21,7 +21,8 @@ are missing, the others still work. `add_command(name, help, add_arguments, run)
 is the non-decorator form. Expected failures raised by `run` (`ValueError`,
 `FileNotFoundError`, `NeuronUnavailableError`, `FloatingPointError`, a full disk
 however it is wrapped, and OSErrors of permissions and paths) are printed as one
-``error: ...`` line with exit status 2; anything else is a bug and shows a traceback.
+``error: ...`` line with exit status 2 (under torchrun by rank 0 only: `print_error`); anything else is a
+bug and shows a traceback.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import pkgutil
 import platform
 import stat
 import sys
+import time
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Callable
@@ -182,6 +184,57 @@ def user_error(exc: BaseException) -> str | None:
     return None
 
 
+def print_error(message: str) -> None:
+    """Print ``error: <message>`` on stderr, once per job under torchrun.
+
+    Every rank runs the command, and most errors (a bad recipe, a missing data path) are the same on all
+    of them: only rank 0 prints the line. A rank's error is still never lost, since it may be its own (a
+    file missing on one node): every rank hands the line to torchrun through the error file torchrun gives
+    each worker, which torchrun's failure summary shows per failed rank, and a rank that cannot (another
+    launcher set RANK) prints it prefixed with its rank. Every rank still exits non-zero.
+    """
+    line = f"error: {message}"
+    rank, world = _launch_rank()
+    handed_over = record_for_torchrun(line)
+    if rank == 0 or world <= 1:
+        print(line, file=sys.stderr)
+    elif not handed_over:
+        print(f"error: rank {rank}: {message}", file=sys.stderr)
+
+
+def _launch_rank() -> tuple[int, int]:
+    """``(rank, world size)`` from torchrun's variables; ``(0, 1)`` without them or when they are not numbers.
+    (`parallel.layout.torchrun_env` reads the same, but its module imports torch, which the CLI defers.)"""
+    try:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        return 0, 1
+
+
+def record_for_torchrun(line: str) -> bool:
+    """Write `line` into this worker's torchrun error file (``TORCHELASTIC_ERROR_FILE``); whether it was written.
+
+    torchrun shows it, for each rank that exits non-zero, in the failure summary it prints instead of its
+    placeholder: the error of `print_error`, or why a run stopped (`train` after a signal).
+
+    The format is the one torch's `ErrorHandler.record_exception` writes and its agent reads (torch 2.13,
+    `torch/distributed/elastic/multiprocessing/`: `api.py:390` sets the variable per worker,
+    `errors/error_handler.py:69` writes the file, `errors/__init__.py:118-158` (``ProcessFailure``) reads the
+    timestamp from ``message.extraInfo``, and `:278-295` shows ``py_callstack`` when present, else
+    ``message``). It leaves out the call stack: the line is the whole story of an expected ending.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return False
+    data = {"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+    except OSError:
+        return False
+    return True
+
+
 def require_nonempty(option: str, value: str | None) -> None:
     """ValueError for an option given as an empty string, which would otherwise quietly mean its default."""
     if value is not None and not value.strip():
@@ -231,7 +284,7 @@ def _run_command(argv: list[str] | None) -> int:
         message = user_error(exc)
         if message is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
+        print_error(message)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

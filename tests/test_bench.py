@@ -334,7 +334,7 @@ def test_kernels_profile_needs_a_kernel(capsys):
 
 
 def test_scaling_needs_two_lengths(tmp_path, capsys):
-    line = bench_error(capsys, "scaling", *FAST, "--lengths", "64,64", "--json", str(tmp_path / "x.json"))
+    line = bench_error(capsys, "scaling", *FAST, "--lengths", "64", "--json", str(tmp_path / "x.json"))
     assert line == "error: scaling fits an exponent across lengths: --lengths needs at least two, got [64]"
 
 
@@ -482,3 +482,45 @@ def test_busy_load_dies_with_a_killed_benchmark_even_while_paused():
     finally:
         if not _process_gone(loop_pid):
             os.kill(loop_pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(("lengths", "message"), [
+    ("1K,1K,4K", "error: --lengths: 1024 given more than once (1K = 1024); name each length once"),
+    ("1K,1024", "error: --lengths: 1024 given more than once (1K = 1024); name each length once"),
+    ("64,32,64,32", "error: --lengths: 32, 64 given more than once; name each length once")])
+def test_repeated_lengths_are_refused(tmp_path, capsys, lengths, message):
+    assert bench_error(capsys, "train-step", *FAST, "--lengths", lengths, "--json", str(tmp_path / "x.json")) == message
+
+
+SHAPE_OPTIONS = "(--d-model, --layers, --window, --vocab-size)"
+
+
+@pytest.mark.parametrize(("suite", "extra", "message"), [
+    ("train-step", ["--window", "0"], "error: --window must be >= 1, got 0"),
+    ("decode", ["--d-model", "-8"], "error: --d-model must be >= 1, got -8"),
+    ("scaling", ["--layers", "0"], "error: --layers must be >= 1, got 0"),
+    ("train-step", ["--vocab-size", "0"], "error: --vocab-size must be >= 1, got 0"),
+    ("decode", ["--window", "2"], f"error: bmojo cannot be built at d_model 64, 2 layer(s), window 2, vocab 128 "
+                                  f"{SHAPE_OPTIONS}: BMojoConfig.memory_picks (4) cannot exceed memory_chunk (2)"),
+    ("train-step", ["--d-model", "8"], f"error: bmojo cannot be built at d_model 8, 2 layer(s), window 32, vocab "
+                                       f"128 {SHAPE_OPTIONS}: BMojoConfig.ssm_head_dim (32) must divide "
+                                       "ssm_expand * hidden_size (16)"),
+    ("train-step", ["--seed", str(2**64)], f"error: --seed must be an integer from {-2**63} to {2**64 - 1}, "
+                                           f"got {2**64}")])
+def test_bad_sizes_are_refused_before_any_output(tmp_path, capsys, suite, extra, message):
+    """Every option is checked before the suite prints its header: the sizes by building each candidate on
+    the meta device, as the suite would build it (the candidates' own configs reject what they cannot take)."""
+    args = [suite, *FAST, "--candidates", "bmojo,hf-mamba2", *extra, "--json", str(tmp_path / "x.json")]
+    assert bench_error(capsys, *args) == message
+
+
+def test_hf_mamba2_is_matched_at_any_width_its_config_takes():
+    """Mamba2Config needs expand * d_model = num_heads * head_dim; the matched-width search only tries widths
+    that are whole multiples of both (d_model 48 with head dim 32: 96, 192, ...)."""
+    from dataclasses import replace
+
+    from bmojo_neuron.bench.candidates import TOY_SHAPE, _width_grid, check_buildable
+
+    shape = replace(TOY_SHAPE, hidden_size=48)
+    assert _width_grid("hf-mamba2", shape) == list(range(96, 16 * 48 + 1, 96))
+    check_buildable(["hf-mamba2"], shape, num_layers=3)  # no error

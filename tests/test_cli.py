@@ -435,3 +435,59 @@ def test_nxd_importing_transformers_4_fx_is_reported_importable(tmp_path, monkey
             sys.modules.pop(name, None)
         monkeypatch.delattr(transformers.utils, "fx", raising=False)
     assert status["status"] == "ok" and status["version"] == "0.17.0", status
+
+
+# ----------------------------------------------------------------------------- errors under torchrun
+def torchrun_rank(monkeypatch, rank: int, error_file: Path | None) -> None:
+    """The variables torchrun gives worker `rank` of 2 (`torch/distributed/elastic/multiprocessing/api.py` sets
+    TORCHELASTIC_ERROR_FILE per worker)."""
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    if error_file is None:
+        monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    else:
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+
+
+def failure_message(error_file: Path) -> str:
+    """What torchrun's failure summary shows for a worker that wrote `error_file`, read by torch's own reader."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    failure = ProcessFailure(local_rank=1, pid=1, exitcode=2, error_file=str(error_file))
+    summary = ChildFailedError("bmojo_neuron.cli", {1: failure}).format_msg()
+    return next(line.split(":", 1)[1].strip() for line in summary.splitlines() if line.strip().startswith("traceback"))
+
+
+ERROR = "error: recipe 'no-such-recipe' not found"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torchrun_only_rank_0_prints_the_error_and_torchrun_gets_each_ranks(monkeypatch, capsys, tmp_path,
+                                                                                  rank):
+    """A bad recipe fails every rank alike: one line (rank 0's), every rank still exits 2, and each rank's
+    message is in its torchrun error file, so a rank that failed alone is named in torchrun's summary."""
+    error_file = tmp_path / "error.json"
+    torchrun_rank(monkeypatch, rank, error_file)
+    assert cli.main(["train", "no-such-recipe"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(ERROR) if rank == 0 else err == ""
+    assert failure_message(error_file).startswith(ERROR)
+
+
+def test_a_rank_without_a_torchrun_error_file_prints_its_error_with_its_rank(monkeypatch, capsys):
+    torchrun_rank(monkeypatch, 1, None)  # RANK set by another launcher
+    assert cli.main(["train", "no-such-recipe"]) == 2
+    assert capsys.readouterr().err.startswith("error: rank 1: recipe 'no-such-recipe' not found")
+
+
+def test_one_process_prints_its_error(monkeypatch, capsys, tmp_path):
+    """Without torchrun: the line, and no file. Under ``torchrun --nproc-per-node 1``: the line and the file."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_ERROR_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["train", "no-such-recipe"]) == 2
+    assert capsys.readouterr().err.startswith(ERROR) and not list(tmp_path.iterdir())
+    torchrun_rank(monkeypatch, 0, tmp_path / "error.json")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert cli.main(["train", "no-such-recipe"]) == 2
+    assert capsys.readouterr().err.startswith(ERROR) and failure_message(tmp_path / "error.json").startswith(ERROR)

@@ -122,10 +122,19 @@ def test_dry_run_of_a_cpu_recipe_describes_every_run(capsys, tmp_path, monkeypat
 
 
 def test_dry_run_sees_a_used_run_directory(capsys, tmp_path):
-    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / "final").mkdir()  # a finished run's export
     assert cli.main(["train", "cpu-text", "--dry-run", "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "already holds a run" in out and "tokenized and packed into" in out
+
+
+def test_dry_run_sees_the_logs_of_an_abandoned_attempt(capsys, tmp_path):
+    """Logs without a checkpoint are what a run that failed early leaves: train starts afresh there."""
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert cli.main(["train", "cpu-text", "--dry-run", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert (f"output {tmp_path}: new run, replacing the logs of an attempt that ended before its first "
+            "checkpoint") in out and "PROBLEM" not in out
 
 
 def test_dry_run_resume_makes_the_recipe_check_of_the_real_resume(capsys, tmp_path):
@@ -179,7 +188,7 @@ def test_a_suite_is_not_trained_into_a_run_directory(capsys, tmp_path):
     given to continue it) is refused, naming the command that continues that run, instead of a fresh suite
     inside it."""
     recipe, run = write_suite(tmp_path / "suite.yaml"), tmp_path / "first"
-    (run / "step-0000002").mkdir(parents=True)
+    (run / "final").mkdir(parents=True)  # a finished run's export
     (run / "metrics.jsonl").write_text("")
     argv = ["train", str(recipe), "--output-dir", str(run), "--no-progress"]
     problem = (f"{run} holds a run of its own, and this recipe's suite trains into {run}/<name>; to continue that "
@@ -187,7 +196,7 @@ def test_a_suite_is_not_trained_into_a_run_directory(capsys, tmp_path):
     for extra in ([], ["--resume"]):
         assert cli.main([*argv, *extra]) == 2
         assert capsys.readouterr().err == f"error: {problem}\n"
-    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl", "step-0000002"]
+    assert sorted(p.name for p in run.iterdir()) == ["final", "metrics.jsonl"]
     assert cli.main([*argv, "--dry-run"]) == 0
     assert f"output: PROBLEM: {problem}\n" in capsys.readouterr().out
 
@@ -427,3 +436,20 @@ def test_text_cache_follows_the_output_dir_and_nothing_lands_in_the_cwd(capsys, 
     assert cli.main(["train", "cpu-text", "data.path=missing.txt", "--output-dir", str(root / "c")]) == 2
     assert "error: data.path missing.txt: no such file or folder" in capsys.readouterr().err
     assert list(cwd.iterdir()) == [] and not (root / "c").exists()
+
+
+def test_dry_run_sees_a_data_cache_already_built(capsys, tmp_path):
+    """After `data prepare` (same overrides and --output-dir), the dry run names the built cache instead of asking
+    for it to be built; other packing settings are another cache, still to build."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a few words of text, repeated. " * 200)
+    out = tmp_path / "runs" / "text"
+    args = ["cpu-text", f"data.path={corpus}", "data.block_size=32", "--output-dir", str(out)]
+    assert cli.main(["data", "prepare", *args]) == 0
+    built = capsys.readouterr().out.splitlines()[0].split(": ", 1)[1].split(" (built now)")[0]
+    assert cli.main(["train", *args, "--dry-run"]) == 0
+    assert f"data: {corpus} (text-file): already tokenized and packed in {built} (a `data prepare` or an earlier " \
+           "run)" in capsys.readouterr().out
+    assert cli.main(["train", *args, "data.block_size=16", "--dry-run"]) == 0
+    assert f"data: {corpus} (text-file): tokenized and packed into {out.parent / 'data-cache'} on first use" \
+           in capsys.readouterr().out

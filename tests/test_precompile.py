@@ -240,8 +240,7 @@ def test_bad_input_fails_before_running(setup, capsys, extra, overrides, message
 def test_bad_output_dir_fails_before_running(setup, capsys):
     """--output-dir is checked as train checks its run directory: writable, and not holding a run."""
     used = setup["tmp"] / "used"
-    used.mkdir()
-    (used / "metrics.jsonl").write_text("{}\n")
+    (used / "final").mkdir(parents=True)  # a finished run's export
     a_file = setup["tmp"] / "a-file"
     a_file.write_text("")
     for output_dir, message in [

@@ -6,6 +6,7 @@ estimate of a run's disk use against the sizes a real run writes.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -110,11 +111,26 @@ def test_the_space_estimate_covers_what_a_run_writes(tmp_path):
     assert need.checkpoints == 2 and need.total >= 2 * step + final + size(tmp_path) - size(tmp_path / "step-0000004")
 
 
-def test_a_run_that_diverges_ends_in_one_line(tmp_path, capsys):
+def test_a_run_that_diverges_ends_in_one_line_and_a_retry_just_works(tmp_path, capsys):
+    """A run that fails before its first checkpoint leaves only its logs; training again into the same directory
+    (no --resume) starts afresh and replaces them, TensorBoard's events included."""
     args = ["suite=none", "optim.lr=1e6", "optim.warmup_steps=0", "train.steps=20", "train.log_every=1",
             "data.train_examples=256", "data.eval_examples=64"]
     assert cli.main(["train", "cpu-tiny", *args, "--output-dir", str(tmp_path), "--no-progress"]) == 2
-    assert re.search(r"training loss is (nan|inf) at step \d+; lower optim.lr", one_error_line(capsys))
+    line = one_error_line(capsys)
+    assert re.search(r"training loss is (nan|inf) at step \d+; lower optim.lr and train again "
+                     rf"\({re.escape(str(tmp_path))} has no checkpoint yet: the retry starts afresh\)", line), line
+    assert (tmp_path / layout.METRICS_FILE).read_text() and not layout.list_checkpoints(tmp_path)
+    old_events = sorted(p.name for p in (tmp_path / "tensorboard").iterdir())
+    assert old_events  # the attempt logged to TensorBoard too
+
+    assert cli.main(["train", "cpu-tiny", *TOY, "--output-dir", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert (f"{tmp_path} holds only the logs of an earlier attempt that ended before its first checkpoint: "
+            "starting afresh, replacing them") in out
+    records = [json.loads(line) for line in (tmp_path / layout.METRICS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "train"] == [2, 4]  # the retry's records only
+    assert not set(old_events) & {p.name for p in (tmp_path / "tensorboard").iterdir()}
 
 
 @pytest.mark.parametrize(("error", "message"), [

@@ -251,3 +251,20 @@ def test_a_second_signal_ends_a_run_pool_and_its_starting_workers_at_once(tmp_pa
         time.sleep(0.1)
     assert not any(is_running(pid) for pid in workers)
     assert all(layout.latest_checkpoint(tmp_path / name) is None for name in ("first", "second"))
+
+
+def test_a_stopped_rank_tells_torchrun_why_it_exits_143(monkeypatch, tmp_path, capsys):
+    """When only the ranks are signalled, torchrun sees each exit 143 and prints its failure summary; the line the
+    rank leaves in its torchrun error file says it stopped gracefully, read here with torch's own reader. The
+    status stays 143: 0 would make torchrun report an unfinished run as finished (docs/training.md)."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from bmojo_neuron.commands.train import report_stop
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    assert report_stop([], [], signal.SIGTERM, main=False) == 143
+    failure = ProcessFailure(local_rank=1, pid=1, exitcode=143, error_file=str(error_file))
+    assert failure.message["message"] == ("stopped by SIGTERM, gracefully (each run that had started is "
+                                          "checkpointed); continue with --resume")
+    assert capsys.readouterr().err == ""  # not rank 0: nothing printed

@@ -20,11 +20,14 @@ possible to B'MOJO's. `Shape` holds the shared sizes.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassError  # what transformers 5's strict configs raise
 from torch import nn
 from transformers import Mamba2Config, MambaConfig, MistralConfig
 
@@ -192,13 +195,15 @@ def _count(name: str, shape: Shape, num_layers: int | None, width: int | None, c
 def _width_grid(name: str, shape: Shape) -> list[int]:
     """Candidate values of `name`'s free width: MLP size for models with an MLP, SSM inner width otherwise."""
     d = shape.hidden_size
-    if name == "hf-mamba2":
-        return list(range(d, 16 * d + 1, d))  # Mamba2Config takes an integer expand only
+    if name == "hf-mamba2":  # an integer expand, and whole heads: inner = expand * d = num_heads * head_dim
+        step = math.lcm(d, shape.ssm_head_dim)
+        return list(range(step, 16 * d + 1, step)) or [step]
     if name == "hf-mamba":
         return list(range(16, 16 * d + 1, 16))
     return list(range(0 if name in OURS else 32, 16 * d + 1, 32))  # ours: 0 = no MLP is allowed
 
 
+@functools.lru_cache(maxsize=None)  # the suite's up-front check and its build ask the same question
 def matched_width(name: str, shape: Shape, target: int, num_layers: int | None = None,
                   causal_lm: bool = True) -> int | None:
     """The free width that brings `name`'s non-embedding parameters closest to `target`.
@@ -266,6 +271,29 @@ def _config_summary(name: str, config) -> dict[str, Any]:
             if isinstance(value, (int, float, str)) or value is None:
                 out[key] = value
     return out
+
+
+def check_buildable(names: list[str], shape: Shape, num_layers: int | None = None, causal_lm: bool = True) -> None:
+    """ValueError naming the first candidate that cannot be built at `shape`, checked as the suite builds them
+    (B'MOJO, the reference, first; the others at their matched widths) but on the meta device: no weights, so
+    a bad --d-model, --layers, --window or --vocab-size is refused in well under a second."""
+    factory = CandidateFactory(shape, num_layers, causal_lm)
+    for name in dict.fromkeys(["bmojo", *names]):
+        try:
+            with torch.device("meta"):
+                _instantiate(name, _config(name, shape, num_layers, factory.width(name)), causal_lm)
+        except (ValueError, StrictDataclassError) as exc:  # the configs' own checks (HF's: strict dataclasses)
+            layers = shape.num_layers if num_layers is None else num_layers
+            raise ValueError(f"{name} cannot be built at d_model {shape.hidden_size}, {layers} layer(s), window "
+                             f"{shape.window}, vocab {shape.vocab_size} (--d-model, --layers, --window, "
+                             f"--vocab-size): {_cause(exc)}") from None
+
+
+def _cause(exc: Exception) -> str:
+    """The innermost message of a config check (HF wraps its validators' ValueErrors in one of its own)."""
+    while isinstance(exc, StrictDataclassError) and isinstance(exc.__cause__, Exception):
+        exc = exc.__cause__
+    return str(exc).strip()
 
 
 class CandidateFactory:

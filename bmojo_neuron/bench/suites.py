@@ -21,7 +21,7 @@ from bmojo_neuron.cache_bmojo import BMojoCache
 
 from . import harness
 from .candidates import (ALL, COMPILED, HF, OURS, TOY_SHAPE, CandidateFactory, Shape, build_candidate,
-                         check_names, first_layer, is_baseline)
+                         check_buildable, check_names, first_layer, is_baseline)
 from .harness import CAPPED, ERROR, OK, SKIPPED
 
 Log = Callable[[str], None]
@@ -83,6 +83,7 @@ DEFAULTS = {
 SUITES = tuple(DEFAULTS)
 SETUP_SECONDS = 120.0  # building a candidate's unit in a probe process (`harness.probe`'s build_seconds)
 COMPILE_SECONDS = 600.0  # the same for a compiled candidate, whose set-up compiles (minutes on a small CPU)
+SEED_RANGE = (-2**63, 2**64 - 1)  # what `torch.manual_seed` accepts (a 64-bit seed, signed or not)
 
 
 def resolve(settings: Settings) -> Settings:
@@ -110,7 +111,12 @@ def resolve(settings: Settings) -> Settings:
         check_names(s.candidates, ALL if s.suite == "train-step" else tuple(n for n in ALL if n not in COMPILED))
     if s.suite != "kernels" and (any(not isinstance(n, int) or n < 1 for n in s.lengths) or not s.lengths):
         raise ValueError(f"--lengths must be positive integers, got {s.lengths}")
-    s.lengths = sorted(set(s.lengths))
+    repeated = sorted({n for n in s.lengths if s.lengths.count(n) > 1})
+    if repeated:  # 1K and 1024 are one length: a report would hold fewer rows than the lengths asked for
+        hint = " (1K = 1024)" if any(n % 1024 == 0 for n in repeated) else ""
+        raise ValueError(f"--lengths: {', '.join(map(str, repeated))} given more than once{hint}; name each length "
+                         "once")
+    s.lengths = sorted(s.lengths)
     if s.suite == "scaling" and len(s.lengths) < 2:
         raise ValueError(f"scaling fits an exponent across lengths: --lengths needs at least two, got {s.lengths}")
     if s.repeats < 1:
@@ -120,7 +126,22 @@ def resolve(settings: Settings) -> Settings:
     _check_seconds("--cap-seconds", s.cap_seconds)
     if s.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {s.batch}")
+    if not SEED_RANGE[0] <= s.seed <= SEED_RANGE[1]:
+        raise ValueError(f"--seed must be an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]}, got {s.seed}")
+    if s.suite != "kernels":
+        _check_shape(s)
     return s
+
+
+def _check_shape(s: Settings) -> None:
+    """The sizes given must be >= 1 and every candidate buildable at them (as the suite builds it: scaling
+    builds one layer, without the LM head), so a bad size is refused before the suite prints anything."""
+    for option, value in (("--d-model", s.d_model), ("--layers", s.layers), ("--window", s.window),
+                          ("--vocab-size", s.vocab_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
+    scaling = s.suite == "scaling"
+    check_buildable(s.candidates, shape_for(s), num_layers=1 if scaling else None, causal_lm=not scaling)
 
 
 def _check_seconds(option: str, value: float) -> None:

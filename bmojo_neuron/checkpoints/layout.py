@@ -102,8 +102,18 @@ def _resume_candidates(run_dir: Path) -> list[Path]:
 
 
 def has_run(run_dir: Path) -> bool:
-    """True when `run_dir` holds checkpoints, metrics or an export of an earlier run."""
-    return bool(list_checkpoints(run_dir)) or (run_dir / METRICS_FILE).exists() or (run_dir / FINAL).exists()
+    """True when `run_dir` holds checkpoints or an export of an earlier run: what a new run would overwrite.
+
+    The logs alone (`abandoned_attempt`) do not count: nothing there can be resumed, and a
+    retry that is refused them would only be told to ``--resume``, which starts afresh anyway.
+    """
+    return bool(list_checkpoints(run_dir)) or (run_dir / FINAL).exists()
+
+
+def abandoned_attempt(run_dir: Path) -> bool:
+    """True when `run_dir` holds only the logs (``metrics.jsonl``, ``recipe.json``, TensorBoard) of a run that
+    ended before its first checkpoint: failed, killed or interrupted early. A new run replaces them."""
+    return (run_dir / METRICS_FILE).exists() and not has_run(run_dir)
 
 
 # ------------------------------------------------------------------ writing

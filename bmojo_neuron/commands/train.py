@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bmojo_neuron.cli import register_command, require_nonempty
+from bmojo_neuron.cli import record_for_torchrun, register_command, require_nonempty
 from bmojo_neuron.fsutil import disk_full_cause
 from bmojo_neuron.locking import DirectoryLock
 
@@ -135,7 +135,7 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[s
     lines.append(f"data: {data_line(runs[0][0])}")  # a run's recipe: its cache follows its output dir
     if recipe.init.weights:
         lines.append(f"init.weights: {init_line(recipe)}")
-    from bmojo_neuron.checkpoints.layout import has_run, latest_checkpoint
+    from bmojo_neuron.checkpoints.layout import abandoned_attempt, has_run, latest_checkpoint
     from bmojo_neuron.preflight import describe_output, space_need
     from bmojo_neuron.recipes import count_parameters
 
@@ -149,6 +149,9 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[s
                                                    "starts from scratch"))
         elif has_run(run_dir):
             lines.append(f"output {run_dir}: PROBLEM: already holds a run; train would refuse it without --resume")
+        elif abandoned_attempt(run_dir):
+            lines.append(f"output {run_dir}: new run, replacing the logs of an attempt that ended before its first "
+                         "checkpoint")
         else:
             lines.append(f"output {run_dir}: new run")
         need = space_need(count_parameters(variant), variant.checkpoint.keep_last, resume)
@@ -201,7 +204,7 @@ def data_line(recipe: Any) -> str:
     d = recipe.data
     if d.kind == "mqar":
         return "MQAR, generated in memory at start (nothing to prepare)"
-    from bmojo_neuron.data.text import CORPUS_DIR, source_kind
+    from bmojo_neuron.data.text import CORPUS_DIR, built_cache, source_kind
 
     source = str(CORPUS_DIR if d.path is None else Path(d.path).expanduser())
     try:
@@ -210,6 +213,9 @@ def data_line(recipe: Any) -> str:
         return f"PROBLEM: {error}"
     if kind == "packed":
         return f"{source}: packed blocks (save_to_disk), read as they are"
+    cached = built_cache(d.path, d.tokenizer, d.block_size, d.cache_dir, d.eval_fraction, d.text_column)
+    if cached is not None:
+        return f"{source} ({kind}): already tokenized and packed in {cached} (a `data prepare` or an earlier run)"
     return (f"{source} ({kind}): tokenized and packed into {d.cache_dir} on first use; build it once ahead with "
             "`bmojo-neuron data prepare` (the same overrides and --output-dir) before launching many ranks")
 
@@ -284,6 +290,10 @@ def report_stop(runs: list[tuple[Any, Path]], results: list[Any], signum: int | 
     from bmojo_neuron.training.signals import exit_status, signal_name
 
     by = signal_name(signum)
+    # What torchrun's failure summary shows for this rank when only the ranks were signalled (torchrun judges
+    # them by their status, and a stopped run must not look finished: docs/training.md, Stopping a run).
+    record_for_torchrun(f"stopped by {by}, gracefully (each run that had started is checkpointed); continue "
+                        "with --resume")
     if main:
         for index, (variant, run_dir) in enumerate(runs):
             result = results[index] if index < len(results) else None

@@ -63,7 +63,32 @@ def load_text_dataset(
     if kind == "packed":
         packed = _load_packed(source, block_size)
         return packed["train"], packed["eval"]
-    settings = {
+    settings = _cache_settings(source, kind, tokenizer, block_size, eval_fraction, text_column)
+    final = _cache_folder(settings, cache_dir)
+    if not (final / "meta.json").is_file():
+        _build_cache(source, kind, tokenizer, block_size, eval_fraction, text_column, settings, final)
+    cached = load_from_disk(str(final))
+    return cached["train"], cached["eval"]
+
+
+def built_cache(path: str | os.PathLike | None = None, tokenizer: str = "byte", block_size: int = 256,
+                cache_dir: str | os.PathLike | None = None, eval_fraction: float = 0.05,
+                text_column: str = "text") -> Path | None:
+    """The cache folder `load_text_dataset` with these arguments would read, if it is already built; else None
+    (also for a packed source, read as it is). Reads file sizes and times only: nothing is tokenized."""
+    source = str(CORPUS_DIR if path is None else Path(path).expanduser())
+    kind = source_kind(source)
+    if kind == "packed":
+        return None
+    final = _cache_folder(_cache_settings(source, kind, tokenizer, block_size, eval_fraction, text_column),
+                          cache_dir)
+    return final if (final / "meta.json").is_file() else None
+
+
+def _cache_settings(source: str, kind: str, tokenizer: str, block_size: int, eval_fraction: float,
+                    text_column: str) -> dict[str, Any]:
+    """What the cache key hashes: the source's files, the tokenizer, the packing settings."""
+    return {
         "version": CACHE_VERSION,
         "source": _source_fingerprint(source, kind),
         "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -71,13 +96,12 @@ def load_text_dataset(
         "eval_fraction": eval_fraction,
         "text_column": text_column,
     }
+
+
+def _cache_folder(settings: dict[str, Any], cache_dir: str | os.PathLike | None) -> Path:
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
     root = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR
-    final = root / f"text-{key}"
-    if not (final / "meta.json").is_file():
-        _build_cache(source, kind, tokenizer, block_size, eval_fraction, text_column, settings, final)
-    cached = load_from_disk(str(final))
-    return cached["train"], cached["eval"]
+    return root / f"text-{key}"
 
 
 @contextmanager

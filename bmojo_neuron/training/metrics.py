@@ -9,6 +9,7 @@ from typing import Any
 from bmojo_neuron.checkpoints.layout import METRICS_FILE
 from bmojo_neuron.fsutil import write_text_atomic
 
+TENSORBOARD_DIR = "tensorboard"  # the run directory's TensorBoard event files
 _TB_NOTICE_SHOWN = False
 
 
@@ -28,7 +29,7 @@ class MetricsLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step or None)
+            self._tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=step or None)
         except ImportError:
             global _TB_NOTICE_SHOWN
             if not _TB_NOTICE_SHOWN:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,8 @@ from typing import Any
 
 from torch import Tensor
 
-from bmojo_neuron.checkpoints.layout import FINAL, RECIPE_FILE, clean_stale, has_run
+from bmojo_neuron.checkpoints.layout import (FINAL, RECIPE_FILE, abandoned_attempt, clean_stale, has_run,
+                                             list_checkpoints)
 from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState, resume_refusal
 from bmojo_neuron.data import build_datasets, library_progress_bars
 from bmojo_neuron.evaluation import LengthResult, format_length_table, plot_length
@@ -38,7 +40,7 @@ from bmojo_neuron.priming.distill import freeze_shared, is_new_parameter
 
 from .backend import Backend, open_backend
 from .data_order import position_after
-from .metrics import MetricsLogger, RecordsOnly, plot_training
+from .metrics import TENSORBOARD_DIR, MetricsLogger, RecordsOnly, plot_training
 from .objective import LM_METRICS
 from .optim import build_scheduler, describe_lr_multipliers
 from .progress import Progress, run_prefix
@@ -141,7 +143,7 @@ class Trainer:
             self.say(f"resuming {self.run_dir} from {previous.path.name} (step {state.step})")
         elif resume:
             self.say(f"no checkpoint in {self.run_dir}: starting from scratch")
-        self.prepare_run_dir()
+        self.prepare_run_dir(fresh=previous is None)
         logger = MetricsLogger(self.run_dir, state.metrics, state.step) if be.is_main else RecordsOnly(state.metrics)
         bar = Progress(r.run.name, t.steps, state.step, enabled=self.progress)
         params = be.parameter_count(model)
@@ -156,8 +158,7 @@ class Trainer:
                         "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "tokens_per_s": tps})
             bar.show(step, loss, tps)
             if not math.isfinite(loss):
-                raise FloatingPointError(f"training loss is {loss} at step {step}; lower optim.lr or resume from an "
-                                         f"earlier checkpoint in {self.run_dir}")
+                raise FloatingPointError(f"training loss is {loss} at step {step}; {self.retry_advice()}")
 
         def run_eval() -> dict[str, float]:
             result = be.evaluate(model, eval_data)
@@ -263,6 +264,9 @@ class Trainer:
         if previous is not None and (refusal := resume_refusal(Path(previous.path), previous.recipe,
                                                                self.recipe_dict)):
             raise ValueError(refusal)
+        if previous is None and abandoned_attempt(self.run_dir):
+            self.say(f"{self.run_dir} holds only the logs of an earlier attempt that ended before its first "
+                     "checkpoint: starting afresh, replacing them")
         self.backend.barrier("run-dir-checked")  # every rank looked before rank 0 writes into the run dir
         return previous
 
@@ -276,10 +280,20 @@ class Trainer:
             be.barrier("data-built")
         return datasets
 
-    def prepare_run_dir(self) -> None:
-        """Rank 0 removes a crashed run's temp files and writes ``recipe.json``; the others wait."""
+    def retry_advice(self) -> str:
+        """What to do after the run diverged: a changed optim.lr cannot resume this run's checkpoints."""
+        if list_checkpoints(self.run_dir):
+            return (f"lower optim.lr and train into a new --output-dir ({self.run_dir} holds checkpoints, which a "
+                    "changed optim.lr cannot resume)")
+        return f"lower optim.lr and train again ({self.run_dir} has no checkpoint yet: the retry starts afresh)"
+
+    def prepare_run_dir(self, fresh: bool) -> None:
+        """Rank 0 removes a crashed run's temp files (and, starting `fresh`, an abandoned attempt's TensorBoard
+        events, which would otherwise show beside the new ones) and writes ``recipe.json``; the others wait."""
         if self.backend.is_main:
             clean_stale(self.run_dir)
+            if fresh:
+                shutil.rmtree(self.run_dir / TENSORBOARD_DIR, ignore_errors=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.run_dir / RECIPE_FILE, json.dumps(self.recipe_dict, indent=2))
         self.backend.barrier("run-dir")
