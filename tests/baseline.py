@@ -6,7 +6,7 @@ perplexity and recall) and a fingerprint of its final weights: a SHA-256 over ev
 tensor's name, dtype, shape and bytes, and per tensor the float64 sum and sum of
 squares. The runs are seeded and run on CPU with one thread, so on the machine and
 torch build that recorded them the numbers repeat exactly, and `check_run` compares
-them with ``==``. Elsewhere (another CPU instruction set or torch version, where
+them with ``==``. Elsewhere (another CPU model or torch version, where
 kernels may round differently) it compares with rtol 1e-5, still far tighter than any
 change to the algorithm moves a loss.
 
@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,25 @@ TOLERANCE = 1e-5  # relative, used only where the recording environment differs
 
 
 def environment() -> dict[str, str]:
-    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability()}
+    """What decides whether the recorded numbers repeat bit for bit: torch build, vector ISA and CPU model.
+
+    The ISA alone is not enough: oneDNN and the vectorised kernels pick blockings and reduction
+    orders per CPU model, so an AMD EPYC and an Intel Xeon that both report AVX2 round differently.
+    """
+    return {"torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(), "cpu_model": cpu_model()}
+
+
+def cpu_model() -> str:
+    """The first CPU's vendor and model name from /proc/cpuinfo (Linux), else `platform.processor()`."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    first: dict[str, str] = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        first.setdefault(key.strip(), value.strip())
+    return " ".join(filter(None, (first.get("vendor_id"), first.get("model name")))) or platform.machine()
 
 
 def fingerprint(run_dir: Path) -> dict[str, Any]:
