@@ -47,7 +47,8 @@ class PackedLayout:
 def packed_layout(attention_mask: Tensor) -> PackedLayout:
     """The packing of `attention_mask` (batch, L); nonzero means a real token."""
     mask = attention_mask != 0
-    order = torch.sort(mask.to(torch.uint8), dim=1, descending=True, stable=True).indices
+    # A float key: torch-xla lowers sort to the Neuron compiler's TopK, which refuses integer input.
+    order = torch.sort(mask.to(torch.float32), dim=1, descending=True, stable=True).indices
     count = mask.long().cumsum(dim=1)
     return PackedLayout(order, mask.gather(1, order), (count - 1).clamp(min=0), count > 0)
 

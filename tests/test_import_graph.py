@@ -21,7 +21,7 @@ PACKAGES = ("bmojo_neuron", "nki_kernels")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("nki_kernels",)),
     ("base", ("bmojo_neuron._version", "bmojo_neuron.fsutil", "bmojo_neuron.locking", "bmojo_neuron.neuron",
-              "bmojo_neuron.nxd_compat", "bmojo_neuron.device")),
+              "bmojo_neuron.nxd_compat", "bmojo_neuron.device", "bmojo_neuron.compiler_rules")),
     ("model", ("bmojo_neuron.configuration_bmojo", "bmojo_neuron.ops", "bmojo_neuron.layers",
                "bmojo_neuron.cache_bmojo", "bmojo_neuron.modeling_bmojo", "bmojo_neuron")),
     ("parallel", ("bmojo_neuron.parallel",)),

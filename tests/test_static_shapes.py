@@ -8,7 +8,8 @@ sync (``.item()``, ``.tolist()``, ``bool(tensor)``) and no Python branch on a te
 value. We prove it on CPU: `torch.export` (strict, i.e. TorchDynamo) captures the
 loss ``model(input_ids, labels=labels).loss`` of every recipes/trn1 recipe at its
 sequence length, then the joint forward + backward graph is derived from it, and
-both graphs are scanned for data-dependent ops and symbolic shapes.
+both graphs are scanned for data-dependent ops and symbolic shapes, and for what the
+Neuron compiler refuses by its error-code pages (`bmojo_neuron.compiler_rules`).
 
 Everything runs on fake tensors (no weight is allocated, nothing is computed), with
 the torch reference ops (the NKI kernels are custom calls with static shapes of their
@@ -17,7 +18,8 @@ own). What is kept from each recipe (`_kept_settings`): the sequence length
 picks / lag, the SSM mixer, state size, head dim, groups, conv and chunk, the
 vocabulary, the tying and the training dtype. What is shrunk: depth (one layer of
 each kind in the pattern; the layers of a kind are the same graph), the micro-batch
-(1: the shape rule does not depend on it) and, where recipes differ only in width
+(1: no rule depends on it; the outputs, whose size the 4 GB limit bounds, are the loss and
+the gradients) and, where recipes differ only in width
 (hidden size, head counts: 130m and 370m), the wider one is represented by the
 narrower. The negative tests show that the same check rejects each banned construct.
 """
@@ -33,6 +35,7 @@ from torch.fx import Graph, Node
 from torch.utils import _pytree as pytree
 
 from bmojo_neuron import ops
+from bmojo_neuron.compiler_rules import compiler_violations, op_name, source_line
 from bmojo_neuron.recipes import load_recipe, repository_root
 
 TRN1_RECIPES = sorted(f"trn1/{p.stem}" for p in (repository_root() / "recipes" / "trn1").glob("*.yaml"))
@@ -52,12 +55,11 @@ class StaticShapeViolation(AssertionError):
     """The traced training step has a data-dependent shape, a host sync or a value branch."""
 
 
+class CompilerRuleViolation(AssertionError):
+    """The traced training step has an op, dtype or constant that neuronx-cc refuses (`compiler_rules`)."""
+
+
 # ----------------------------------------------------------------------------- the check
-def _op_name(target) -> str | None:
-    packet = getattr(target, "overloadpacket", None)
-    return getattr(packet, "__name__", None)
-
-
 def _bool_index(node: Node) -> bool:
     """An index/index_put whose indices include a boolean mask (a hidden nonzero)."""
     indices = node.args[1] if len(node.args) > 1 else ()
@@ -77,21 +79,14 @@ def _symbolic(value) -> bool:
     return False
 
 
-def _source_line(node: Node) -> str:
-    """'at File "...", line N, in fn' of the innermost frame that made `node`, if recorded."""
-    trace = (node.meta.get("stack_trace") or "").splitlines()
-    frames = [line.strip() for line in trace if line.strip().startswith("File ")]
-    return f"at {frames[-1]}" if frames else ""
-
-
 def graph_violations(graph: Graph) -> list[str]:
     """Every node of `graph` that is a banned op, a boolean-mask index, or has a non-static value."""
     problems = []
     for node in graph.nodes:
         if node.op not in ("call_function", "placeholder"):
             continue
-        name = _op_name(node.target)
-        where = _source_line(node)
+        name = op_name(node.target)
+        where = source_line(node)
         if name in BANNED_OPS:
             problems.append(f"{node.name}: aten.{name} (data-dependent result or host sync) {where}")
         elif name in INDEX_OPS and _bool_index(node):
@@ -105,6 +100,9 @@ def _fail_on(graph: Graph, what: str) -> None:
     problems = graph_violations(graph)
     if problems:
         raise StaticShapeViolation(f"{what} graph is not static:\n  " + "\n  ".join(problems[:20]))
+    refused = [str(v) for v in compiler_violations(graph)]
+    if refused:
+        raise CompilerRuleViolation(f"neuronx-cc would refuse the {what} graph:\n  " + "\n  ".join(refused[:20]))
 
 
 def joint_program(forward: ExportedProgram) -> ExportedProgram:
@@ -125,7 +123,9 @@ def export_training_step(module: nn.Module, args: tuple) -> tuple[ExportedProgra
 
     Raises `StaticShapeViolation` when Dynamo refuses the code (a branch on a tensor
     value, an unsupported host sync) or when either graph has a banned op or a
-    symbolic shape. Returns (forward program, joint program).
+    symbolic shape, and `CompilerRuleViolation` when either graph breaks a rule of
+    neuronx-cc's error-code pages (`bmojo_neuron.compiler_rules`). Returns (forward
+    program, joint program).
     """
     try:
         forward = torch.export.export(module, args, strict=True)
@@ -316,6 +316,82 @@ def test_the_backward_scan_sees_backward_ops():
     assert "aten.index_put with a boolean mask" in flagged and "aten.index with a boolean mask" in flagged
 
 
+# ----------------------------------------------------------------------------- the compiler's refusals
+def _index(y: torch.Tensor) -> torch.Tensor:
+    return torch.arange(y.shape[-1]).remainder(2).expand(y.shape)
+
+
+def _triangular_solve(y: torch.Tensor) -> torch.Tensor:
+    square = y[:, :4] + torch.eye(4)
+    return torch.linalg.solve_triangular(square, y, upper=True).sum()
+
+
+# One small module per rule of `bmojo_neuron.compiler_rules`; the joint graph is built too.
+@pytest.mark.parametrize("reduce, code", [
+    (lambda y: y.double().sum().float(), "ESPP004"),
+    (lambda y: torch.view_as_real(y.to(torch.complex64) * 1j).sum(), "EVRF004"),
+    (lambda y: y.to(torch.float8_e4m3fnuz).float().sum(), "EVRF005"),
+    (lambda y: y.to(torch.float8_e4m3fn).float().sum(), "ESPP047"),
+    (lambda y: y * torch.topk(y.long(), 2).values.sum(), "EVRF013"),
+    (lambda y: y * torch.sort(y.int(), stable=True).values.sum(), "EVRF013"),
+    (lambda y: y.gather(-1, torch.argsort((y > 0).long(), stable=True)).sum(), "EVRF013"),
+    (lambda y: y * torch.zeros(4, 2, dtype=torch.long).scatter_add(-1, _index(y), (y > 0).long()).sum(), "EVRF016"),
+    (lambda y: y * torch.zeros(4, 8, dtype=torch.int32).index_put((_index(y),), torch.ones(4, 8, dtype=torch.int32),
+                                                                 accumulate=True).sum(), "EVRF016"),
+    (lambda y: y * (y.long() + 5_000_000_000).sum(), "ESFH002"),
+    (lambda y: y * (y.to(torch.int16) >> 1).sum(), "EVRF022"),
+    (_triangular_solve, "EUOC002"),
+    (lambda y: torch.nn.functional.max_pool1d(y.unsqueeze(0), 2, dilation=2).sum(), "EVRF018"),
+    (lambda y: torch.cummax(y, dim=-1).values.sum(), "EVRF019"),
+    (lambda y: torch.nn.functional.conv_transpose1d(y.unsqueeze(0), torch.ones(4, 4, 2), stride=2, dilation=2).sum(),
+     "EVRF010"),
+], ids=["float64", "complex", "fp8-fnuz", "fp8-e4m3fn", "topk-int", "sort-int", "argsort-bool", "scatter-add-int",
+        "index-put-accumulate-int", "int64-constant", "shift-int16", "triangular-solve", "pool-dilation",
+        "cummax", "conv-transpose-dilation"])
+def test_the_check_rejects_what_neuronx_cc_refuses(reduce, code):
+    with pytest.raises(CompilerRuleViolation, match=rf"NCC_{code} \(compiler/error-codes/{code}\.rst, "
+                                                   rf"aws-neuron-sdk 3c46990d\).* at File .*test_static_shapes\.py"):
+        export_training_step(_Scaled(reduce), (torch.randn(4, 8),))
+
+
+def test_the_backward_of_a_strided_dilated_convolution_is_refused():
+    """The forward conv (stride 2, dilation 2) compiles; its input gradient dilates input and kernel."""
+    conv = lambda y: torch.nn.functional.conv1d(y.unsqueeze(0), torch.ones(4, 4, 2), stride=2, dilation=2).sum()
+    forward = torch.export.export(_Scaled(conv), (torch.randn(4, 8),), strict=True)
+    assert compiler_violations(forward.graph) == []
+    (refused,) = compiler_violations(joint_program(forward).graph)
+    assert refused.code == "EVRF010" and "convolution_backward" in refused.problem
+
+
+def test_an_output_above_4_gb_is_refused():
+    class Broadcast(nn.Module):  # a view: export allocates nothing
+        def forward(self, x):
+            return x.expand(2**20 + 1, 1024)
+
+    graph = torch.export.export(Broadcast(), (torch.randn(1, 1024),), strict=True).graph
+    (refused,) = compiler_violations(graph)
+    assert refused.code == "EVRF024" and "(1048577, 1024) torch.float32" in refused.problem
+    small = torch.export.export(Broadcast(), (torch.randn(1, 1024, dtype=torch.bfloat16),), strict=True).graph
+    assert compiler_violations(small) == []  # 2 GiB in bf16
+
+
+@pytest.mark.parametrize("reduce", [
+    lambda y: torch.topk(y, 2).values.sum() + torch.sort(y, stable=True).values.sum(),
+    lambda y: y.gather(-1, torch.argsort((y > 0).float(), stable=True)).sum(),
+    lambda y: (y * torch.zeros(4, 2).scatter_add(-1, _index(y), y).sum()).sum(),
+    lambda y: (y * (y.long() + (2**31 - 1)).sum() * (y.int() >> 1).sum()).sum() + y.long()[:, 1:].sum(),
+    lambda y: torch.nn.functional.conv1d(y.unsqueeze(0), torch.ones(4, 4, 2), stride=2).sum()
+              + torch.nn.functional.max_pool1d(y.unsqueeze(0), 2).sum() + y.cumsum(-1).sum(),
+    lambda y: y.to(torch.float8_e5m2).float().sum(),
+], ids=["float-topk-sort", "float-argsort", "float-scatter-add", "int32-constant-and-shift", "strided-conv-pool-cumsum",
+        "fp8-e5m2"])
+def test_the_compiler_rules_pass_what_neuronx_cc_takes(reduce):
+    """The allowed side of each rule: floating-point TopK and scatter-reduce, constants within 32 bits (a
+    slice's open end, sys.maxsize, is a shape, not a constant), an int32 shift, stride without dilation, a
+    cumsum (a one-operand reduce-window), the FP8 type the device lists."""
+    export_training_step(_Scaled(reduce), (torch.randn(4, 8),))
+
+
 # ----------------------------------------------------------------------------- the static losses
 def _ignored_labels(rows: int, vocab: int) -> torch.Tensor:
     labels = torch.randint(0, vocab, (rows,), generator=torch.Generator().manual_seed(3))
@@ -360,7 +436,8 @@ def _assert_static_function(fn, *args) -> None:
         def forward(self, *a):
             return fn(*a)
 
-    assert graph_violations(torch.export.export(Wrap(), args, strict=True).graph) == []
+    graph = torch.export.export(Wrap(), args, strict=True).graph
+    assert graph_violations(graph) == [] and [str(v) for v in compiler_violations(graph)] == []
 
 
 def test_causal_lm_loss_is_static_and_matches_ignore_index():
@@ -375,6 +452,22 @@ def test_causal_lm_loss_is_static_and_matches_ignore_index():
     )
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     _assert_static_function(lambda x, y: causal_lm_loss(x, y, LayerFactory()), logits.float(), labels)
+
+
+def test_memory_selection_and_packing_sort_floating_point_keys():
+    """The recency order of memory candidates and the packing of a mask are sorts, which torch-xla lowers
+    to the compiler's TopK: their keys are float32 (NCC_EVRF013), with the integer keys' order."""
+    from bmojo_neuron.layers.eidetic_memory import _keep_best
+    from bmojo_neuron.padding import packed_layout
+
+    # Equal scores go to the more recent entry; positions up to 2**24 are exact in float32.
+    position = torch.tensor([[2**24 - 2, -1, 2**24 - 1, 5]])
+    score = torch.tensor([[1.0, 1.0, 1.0, 0.5]])
+    assert _keep_best(position, score, 3).tolist() == [[2, 0, 1]]
+    mask = torch.tensor([[0, 1, 1, 0, 1], [1, 1, 1, 1, 0]])
+    assert packed_layout(mask).order.tolist() == [[1, 2, 4, 0, 3], [0, 1, 2, 3, 4]]
+    _assert_static_function(lambda p, s: _keep_best(p, s, 3), position, score)
+    _assert_static_function(lambda m: packed_layout(m).order, mask)
 
 
 # ----------------------------------------------------------------------------- recipe validation

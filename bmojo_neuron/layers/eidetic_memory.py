@@ -116,7 +116,9 @@ def _keep_best(position: Tensor, score: Tensor, size: int) -> Tensor:
     position: (..., C) (-1 for empty, so empties rank last among equal scores);
     score: (..., J, C) or (..., C), one row of scores per target memory.
     """
-    by_recency = torch.sort(position, dim=-1, descending=True, stable=True).indices
+    # Sorted as float32: torch-xla lowers sort to the Neuron compiler's TopK, which refuses
+    # integer input (NCC_EVRF013). Positions below 2**24 are exact in float32: same order.
+    by_recency = torch.sort(position.to(torch.float32), dim=-1, descending=True, stable=True).indices
     if score.dim() > position.dim():
         by_recency = by_recency.unsqueeze(-2).expand(score.shape)
     by_score = torch.sort(score.gather(-1, by_recency), dim=-1, descending=True, stable=True).indices
