@@ -1,7 +1,8 @@
 """Loop-carried dependencies in `nl.affine_range` (emulator/loops.py): the 0.2.0 stub calls them unsafe (the
 compiler may reorder the iterations); the emulator refuses a read of what another iteration wrote, a write over
 what another iteration read or wrote, and accepts independent iterations, buffers allocated per iteration and
-accumulation into one tile (matmuls into PSUM, `acc = acc + x`, accumulating DMAs)."""
+accumulation into one tile (matmuls into PSUM, accumulating DMAs, in-place updates that are associative reductions
+such as `acc = acc + x`, but not `x - acc`, `exp(acc)` or `acc * x + 1`)."""
 
 from __future__ import annotations
 
@@ -277,3 +278,111 @@ def test_an_instruction_accumulating_into_its_own_destination_is_accepted():
 
     a = rand(8, 6)
     np.testing.assert_allclose(run(column_sums, a), a.sum(axis=1, keepdims=True), rtol=1e-5, atol=1e-6)
+
+
+# In-place updates across the iterations of an affine_range: the stub exempts associative reductions only
+# (loops.associative_update): acc = acc op x with op associative and commutative, or acc - x (an add
+# reduction of -x). Each case: (update of the (P, 1) accumulator `acc` by the column `x`, dtype, initial value,
+# the same update in NumPy).
+F32, I32 = nl.float32, nl.int32
+
+
+def activation_bias_and_scale(acc, x):
+    one = nl.ndarray(acc.shape, dtype=nl.float32, buffer=nl.sbuf)
+    nisa.memset(dst=one, value=1.0)
+    nisa.activation(dst=acc, op=nl.copy, data=acc, scale=x, bias=one)
+
+
+ASSOCIATIVE_UPDATES = {
+    "acc + x": (lambda acc, x: nisa.tensor_tensor(dst=acc, data1=acc, data2=x, op=nl.add), F32, 0.0, np.add),
+    "x + acc": (lambda acc, x: nisa.tensor_tensor(dst=acc, data1=x, data2=acc, op=nl.add), F32, 0.0, np.add),
+    "acc - x": (lambda acc, x: nisa.tensor_tensor(dst=acc, data1=acc, data2=x, op=nl.subtract), F32, 0.0,
+                np.subtract),
+    "x * acc": (lambda acc, x: nisa.tensor_tensor(dst=acc, data1=x, data2=acc, op=nl.multiply), F32, 1.0,
+                np.multiply),
+    "max(acc, x)": (lambda acc, x: nisa.tensor_tensor(dst=acc, data1=acc, data2=x, op=nl.maximum), F32, -9.0,
+                    np.maximum),
+    "min(x, acc)": (lambda acc, x: nisa.tensor_tensor(dst=acc, data1=x, data2=acc, op=nl.minimum), F32, 9.0,
+                    np.minimum),
+    "acc & x": (lambda acc, x: nisa.tensor_tensor(dst=acc, data1=acc, data2=x, op=nl.bitwise_and), I32, -1,
+                np.bitwise_and),
+    "x | acc": (lambda acc, x: nisa.tensor_tensor(dst=acc, data1=x, data2=acc, op=nl.bitwise_or), I32, 0,
+                np.bitwise_or),
+    "acc ^ x": (lambda acc, x: nisa.tensor_tensor(dst=acc, data1=acc, data2=x, op=nl.bitwise_xor), I32, 0,
+                np.bitwise_xor),
+    "tensor_scalar acc + x - 1": (
+        lambda acc, x: nisa.tensor_scalar(dst=acc, data=acc, op0=nl.add, operand0=x, op1=nl.subtract, operand1=1.0),
+        F32, 0.0, lambda acc, x: acc + x - 1),
+    "tensor_scalar x * acc": (
+        lambda acc, x: nisa.tensor_scalar(dst=acc, data=acc, op0=nl.multiply, operand0=x, reverse0=True),
+        F32, 1.0, np.multiply),
+    "scalar_tensor_tensor acc + 2x": (
+        lambda acc, x: nisa.scalar_tensor_tensor(dst=acc, data=x, op0=nl.multiply, operand0=2.0, op1=nl.add,
+                                                 operand1=acc),
+        F32, 0.0, lambda acc, x: acc + 2 * x),
+    "activation copy acc * x": (lambda acc, x: nisa.activation(dst=acc, op=nl.copy, data=acc, scale=x), F32, 1.0,
+                                np.multiply),
+    "activation copy acc + x": (lambda acc, x: nisa.activation(dst=acc, op=nl.copy, data=acc, bias=x), F32, 0.0,
+                                np.add),
+}
+
+NOT_ASSOCIATIVE = {
+    "x - acc": ("nisa.tensor_tensor",
+                lambda acc, x: nisa.tensor_tensor(dst=acc, data1=x, data2=acc, op=nl.subtract)),
+    "acc ** x": ("nisa.tensor_tensor", lambda acc, x: nisa.tensor_tensor(dst=acc, data1=acc, data2=x, op=nl.power)),
+    "acc + acc": ("nisa.tensor_tensor", lambda acc, x: nisa.tensor_tensor(dst=acc, data1=acc, data2=acc, op=nl.add)),
+    "exp(acc)": ("nisa.activation", lambda acc, x: nisa.activation(dst=acc, op=nl.exp, data=acc)),
+    "activation copy acc * x + 1": ("nisa.activation", activation_bias_and_scale),
+    "tensor_scalar x - acc": (
+        "nisa.tensor_scalar",
+        lambda acc, x: nisa.tensor_scalar(dst=acc, data=acc, op0=nl.subtract, operand0=x, reverse0=True)),
+    "tensor_scalar acc * x + 1": (
+        "nisa.tensor_scalar",
+        lambda acc, x: nisa.tensor_scalar(dst=acc, data=acc, op0=nl.multiply, operand0=x, op1=nl.add, operand1=1.0)),
+    "scalar_tensor_tensor 2x - acc": (
+        "nisa.scalar_tensor_tensor",
+        lambda acc, x: nisa.scalar_tensor_tensor(dst=acc, data=x, op0=nl.multiply, operand0=2.0, op1=nl.subtract,
+                                                 operand1=acc)),
+}
+
+
+def updated_in_place(a, update, dtype, initial):
+    """`update(acc, x)` for every column x of `a` in an affine_range, into one accumulator allocated before it."""
+    parts, n = a.shape
+    acc = nl.ndarray((parts, 1), dtype=dtype, buffer=nl.sbuf, name="acc")
+    nisa.memset(dst=acc, value=initial)
+    for j in nl.affine_range(n):
+        update(acc, load(a[:, j:j + 1], dtype=dtype))
+    return store(acc)
+
+
+@pytest.mark.parametrize("case", ASSOCIATIVE_UPDATES)
+def test_an_associative_update_of_an_accumulator_in_place_is_accepted(case):
+    update, dtype, initial, numpy_update = ASSOCIATIVE_UPDATES[case]
+    a = rand(8, 5) if dtype == F32 else np.random.default_rng(7).integers(-2 ** 20, 2 ** 20, (8, 5), np.int32)
+    expected = np.full((8, 1), initial, a.dtype)
+    for j in range(a.shape[1]):
+        expected = numpy_update(expected, a[:, j:j + 1])
+    np.testing.assert_allclose(run(updated_in_place, a, update, dtype, initial), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", NOT_ASSOCIATIVE)
+def test_an_in_place_update_that_is_not_an_associative_reduction_is_refused(case):
+    instr, update = NOT_ASSOCIATIVE[case]
+    msg = raises(updated_in_place, np.abs(rand(8, 5)) + 0.5, update, F32, 1.0, match=CARRIED)
+    assert msg.startswith(f"{instr}:")
+    assert "iteration 1 of the affine_range at" in msg and "updates acc in place, written by iteration 0" in msg
+    assert "not an associative reduction" in msg and "use nl.sequential_range" in msg
+
+
+def test_accumulations_of_two_operators_into_one_tile_are_refused():
+    """acc = acc * x + 1 as two in-place instructions, each an associative update on its own: together a scan
+    (the order of the iterations matters), so the second iteration's multiply over the first's add is refused."""
+
+    def multiply_then_add(acc, x):
+        nisa.tensor_scalar(dst=acc, data=acc, op0=nl.multiply, operand0=x)
+        nisa.tensor_scalar(dst=acc, data=acc, op0=nl.add, operand0=1.0)
+
+    msg = raises(updated_in_place, rand(8, 5), multiply_then_add, F32, 0.0, match=OVERWRITTEN)
+    assert msg.startswith("nisa.tensor_scalar:") and "iteration 1 of the affine_range at" in msg
+    assert "accumulates into acc with another operator than iteration 0 did" in msg and "a scan" in msg

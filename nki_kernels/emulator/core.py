@@ -162,9 +162,10 @@ class RunState:
 
     def issue(self, engine: str, instr: str, cycles: float, reads: tuple["NkiTensor", ...],
               writes: tuple["NkiTensor", ...], useful: float = 0.0, overhead: float = ACCESS_OVERHEAD,
-              accumulates: bool = False) -> None:
+              accumulates: str = "") -> None:
         """Charge one compute instruction of `cycles` (+ the SBUF/PSUM access overhead) and place it on the
-        timeline. `accumulates`: its writes add into the destination (nc_matmul into PSUM)."""
+        timeline. `accumulates`: the associative operator its writes accumulate into the destination with
+        ("add" for nc_matmul into PSUM; "" when they do not; loops.associative_update)."""
         if self.affine_loops is not None and self.affine_loops.active:
             self.affine_loops.access(instr, reads, writes, accumulates)
         cycles = cycles + overhead
@@ -180,9 +181,9 @@ class RunState:
         self.profile.timeline.issue(engine, instr, cycles, [t.region() for t in reads],
                                     [t.region() for t in writes], ports)
 
-    def dma(self, instr: str, dst: "NkiTensor", src: "NkiTensor", hbm_bytes: int, accumulates: bool = False) -> None:
+    def dma(self, instr: str, dst: "NkiTensor", src: "NkiTensor", hbm_bytes: int, accumulates: str = "") -> None:
         """Charge one DMA transfer (bytes moved = the larger side) and place it on the DMA queues.
-        `accumulates`: it adds into `dst` (`dst_rmw_op`), an associative reduction."""
+        `accumulates`: "add" when it adds into `dst` (`dst_rmw_op`), an associative reduction."""
         if self.affine_loops is not None and self.affine_loops.active:
             self.affine_loops.access(instr, (src,), (dst,), accumulates)
         nbytes = max(src.nbytes, dst.nbytes)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import core, costmodel
+from . import core, costmodel, loops
 from . import language as nl
 from .core import MIN_II, PSUM, SBUF, NkiTensor, is_float, rule_error, state
 
@@ -192,8 +192,24 @@ def _lanes(t: NkiTensor) -> float:
     return t.free_size * t.partitions / core.PMAX
 
 
+def _accumulates(dst: NkiTensor, data: Any, op0: nl._Op, operand0: Any, reverse0: bool = False,
+                 op1: nl._Op | None = None, operand1: Any = None, reverse1: bool = False) -> str:
+    """The reduction family when `dst = (data op0 operand0) op1 operand1` (an operand first where its
+    `reverse` is set, as tensor_scalar / scalar_tensor_tensor compute) overwrites exactly one of its
+    inputs as an associative reduction into it ('' otherwise): loops.associative_update."""
+    held = [isinstance(t, NkiTensor) and t.region() == dst.region() for t in (data, operand0, operand1)]
+    if sum(held) != 1:
+        return ""
+    if held[2]:
+        return loops.associative_update([(op1.name, reverse1)]) if op1 is not None else ""
+    steps = [(op0.name, reverse0 if held[1] else not reverse0)]
+    if op1 is not None:
+        steps.append((op1.name, not reverse1))
+    return loops.associative_update(steps)
+
+
 def _issue(engine_name: str, instr: str, cycles: float, reads: tuple, writes: tuple, useful: float = 0.0,
-           overhead: float = core.ACCESS_OVERHEAD, accumulates: bool = False) -> None:
+           overhead: float = core.ACCESS_OVERHEAD, accumulates: str = "") -> None:
     state().issue(engine_name, instr, cycles, tuple(t for t in reads if isinstance(t, NkiTensor)),
                   tuple(writes), useful, overhead, accumulates)
 
@@ -221,7 +237,7 @@ def dma_copy(dst, src, dst_rmw_op=None, oob_mode=oob_mode.error, dge_mode=dge_mo
     hbm = src.nbytes if src.buffer in core.HBM_BUFFERS else 0
     if dst.buffer in core.HBM_BUFFERS:
         hbm += dst.nbytes * (2 if dst_rmw_op is not None else 1)
-    run.dma(instr, dst, src, hbm, accumulates=dst_rmw_op is not None)
+    run.dma(instr, dst, src, hbm, accumulates="add" if dst_rmw_op is not None else "")
     if not run.compute:
         return
     if dst.dtype == src.dtype and dst_rmw_op is None:  # nothing to convert: the bits move
@@ -348,7 +364,7 @@ def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_on
     # overhead of the Vector/Scalar model does not apply to the pipelined PE array. Accumulating into PSUM
     # is [nl]'s associative reduction, no loop-carried dependency in an affine_range (loops.AffineLoops)
     _issue("tensor", instr, max(min(64, m), n) * passes, (stationary, moving), (dst,),
-           n * (k / core.PMAX) * (m / core.PMAX), overhead=0, accumulates=True)
+           n * (k / core.PMAX) * (m / core.PMAX), overhead=0, accumulates="add")
     if not state().compute:
         return
     result = stationary.read().T.astype(np.float64) @ moving.read().astype(np.float64)
@@ -437,7 +453,7 @@ def tensor_tensor(dst, data1, data2, op, engine=engine.unknown, name=None):
     fast = PSUM in (data1.buffer, data2.buffer) or (
         data1.dtype == core.BFLOAT16 and data2.dtype == core.BFLOAT16 and op in (nl.add, nl.multiply))
     _issue(eng, instr, max(MIN_II, n if fast else costmodel.TWO_INPUT_CYCLES_PER_ELEMENT * n), (data1, data2), (dst,),
-           _lanes(data1))
+           _lanes(data1), accumulates=_accumulates(dst, data1, op, data2))
     if state().compute:
         dst.write(op.fn(data1.read(), data2.read()))
 
@@ -475,7 +491,8 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
     _free_limit(instr, {"dst": dst, "data": data})
     # [ops] engine selection: rsqrt on GpSimd is 4x slower than on the Scalar engine
     per_elem = 4 if eng == "gpsimd" else 1
-    _issue(eng, instr, max(MIN_II, per_elem * data.free_size), (data, operand0, operand1), (dst,), _lanes(data))
+    _issue(eng, instr, max(MIN_II, per_elem * data.free_size), (data, operand0, operand1), (dst,), _lanes(data),
+           accumulates=_accumulates(dst, data, op0, operand0, reverse0, op1, operand1, reverse1))
     if not state().compute:
         return
     x = data.read()
@@ -515,7 +532,8 @@ def scalar_tensor_tensor(dst, data, op0, operand0, op1, operand1, reverse0=False
     n = data.free_size
     fast = PSUM in (data.buffer, operand1.buffer)
     _issue("vector", instr, max(MIN_II, n if fast else costmodel.TWO_INPUT_CYCLES_PER_ELEMENT * n),
-           (data, operand0, operand1), (dst,), _lanes(data))
+           (data, operand0, operand1), (dst,), _lanes(data),
+           accumulates=_accumulates(dst, data, op0, operand0, reverse0, op1, operand1, reverse1))
     if not state().compute:
         return
     x = data.read().astype(np.float32)
@@ -571,7 +589,8 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
             raise rule_error(instr, "reduce_res must be a (partitions, 1) tile",
                              f"reduce_res {reduce_res.shape}, data {data.shape}")
     _free_limit(instr, {"dst": dst, "data": data})
-    _issue("scalar", instr, max(MIN_II, data.free_size), (data, bias, scale), (dst,), _lanes(data))
+    _issue("scalar", instr, max(MIN_II, data.free_size), (data, bias, scale), (dst,), _lanes(data),
+           accumulates=_activation_accumulates(dst, op, data, bias, scale))
     if reduce_res is not None:  # [arch] "ActReadAccumulator ... roughly 64 ScalarE cycles"
         _issue("scalar", instr + " (read accumulators)", MIN_II, (), (reduce_res,), overhead=0)
     if not state().compute:
@@ -588,6 +607,19 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
         regs[:p] += out.reshape(p, -1).sum(axis=1, keepdims=True)
     if reduce_res is not None:
         reduce_res.write(regs[:p])
+
+
+def _activation_accumulates(dst: NkiTensor, op: nl._Op, data: NkiTensor, bias: Any, scale: Any) -> str:
+    """`activation(op=nl.copy)` computes data * scale + bias: over `data` in place that is `acc * scale`
+    (qkv_cte.py and output_projection_tkg.py of nki-library dequantize so) or, at scale 1, `acc + bias`.
+    Any other function of acc (exp, ...) is no reduction, nor is the accumulator in `bias` or `scale`."""
+    if op is not nl.copy or dst.region() != data.region():
+        return ""
+    if any(isinstance(t, NkiTensor) and t.region() == dst.region() for t in (bias, scale)):
+        return ""
+    unit_scale = not isinstance(scale, NkiTensor) and float(scale) == 1.0
+    steps = ([] if unit_scale else [("multiply", True)]) + ([("add", True)] if bias is not None else [])
+    return loops.associative_update(steps) if steps else ""
 
 
 def activation_reduce(dst, op, data, reduce_op, reduce_res, bias=None, scale=1.0, name=None):

@@ -19,16 +19,17 @@ Three kinds are refused, each between two iterations of one running ``affine_ran
 * a write over what another iteration wrote (output dependency, write after write).
 
 Exempt, as the stub's associative reductions: accumulating writes over accumulating
-writes (``nc_matmul`` into PSUM, ``dma_copy`` with ``dst_rmw_op``, and an instruction
-whose destination is also one of its operands: ``acc = acc + x``), and an accumulating
-instruction's read of its own destination. Anything written or read before the loop
-began, or by an inner loop that has finished, relates to no running iteration.
+writes with the same operator (``nc_matmul`` into PSUM and ``dma_copy`` with
+``dst_rmw_op`` add; an instruction that updates one of its inputs in place accumulates
+when ``associative_update`` says so), and an accumulating instruction's read of its own
+destination. Anything written or read before the loop began, or by an inner loop that has
+finished, relates to no running iteration.
 
 How: every byte range a kernel touches while an ``affine_range`` runs is stamped with the
-loop iterations (the nest) that enclose the access: the last writer, whether that write
-accumulated, and a summary of the readers. Stamps follow views of any dtype (``.ap(dtype=)``
-reinterprets a tile): the tracking unit shrinks to the largest byte count that divides
-every view's element size, offset and strides.
+loop iterations (the nest) that enclose the access: the last writer, the operator that
+write accumulated with (if it did), and a summary of the readers. Stamps follow views of
+any dtype (``.ap(dtype=)`` reinterprets a tile): the tracking unit shrinks to the largest
+byte count that divides every view's element size, offset and strides.
 
 Python-level effects (lists of tiles built by appending inside the loop) keep program
 order in the compiler's tracer, so the emulator does not reorder iterations.
@@ -50,6 +51,36 @@ if TYPE_CHECKING:
 # (loop instance, iteration): one level of the running affine_range nest
 Level = tuple[int, int]
 
+# The stub exempts associative reductions (nki/api/nki/language/__init__.py lines 168-172): the
+# iterations' contributions may be combined in any order and grouping. An in-place update
+# `acc = acc op x_i` is one when `op` is associative and commutative (REDUCTION_OPS, by nl name),
+# the accumulator in either operand. `acc - x_i` is `acc + (-x_i)`, an add reduction of the
+# negated x_i, so subtract counts with the accumulator as its first operand only: `x_i - acc`
+# alternates the sign of acc and each x_i with the iteration order. Not reductions: any other
+# position or operator (`power`, comparisons, shifts), an activation function (`exp(acc)` is not
+# `acc op x_i`), and two steps of different families (`acc * a_i + b_i` is a scan).
+REDUCTION_OPS = ("add", "multiply", "maximum", "minimum", "bitwise_and", "bitwise_or", "bitwise_xor",
+                 "logical_and", "logical_or", "logical_xor")
+_FAMILY_CODES = {name: code for code, name in enumerate(REDUCTION_OPS, start=1)}
+ASSOCIATIVE = "add, subtract (accumulator first), multiply, maximum, minimum and the bitwise and logical and/or/xor"
+
+
+def associative_update(steps: list[tuple[str, bool]]) -> str:
+    """The reduction family of an in-place update made of `steps`, '' when it is not an associative reduction.
+
+    Each step is (operator name, whether the value holding the accumulator is its first operand), in the
+    order the instruction applies them; every step must accumulate, all in one family.
+    """
+    families = set()
+    for name, accumulator_first in steps:
+        if name == "subtract" and accumulator_first:
+            families.add("add")
+        elif name in REDUCTION_OPS:
+            families.add(name)
+        else:
+            return ""
+    return families.pop() if len(families) == 1 else ""
+
 RULE = ("nki.language.affine_range / sequential_range: a loop-carried dependency in affine_range 'is considered "
         "unsafe and could lead to numerical errors'; associative reductions into the same tile excepted")
 
@@ -57,7 +88,8 @@ RULE = ("nki.language.affine_range / sequential_range: a loop-carried dependency
 class _Track:
     """What one allocation's bytes saw since the outermost affine loop began, `unit` bytes per entry.
 
-    `written`: stamp of the last write (0: none); `accumulated`: that write was an accumulation;
+    `written`: stamp of the last write (0: none); `accumulated`: the reduction family code of that write
+    (0: not an accumulation; `_FAMILY_CODES`);
     `read`: the reader summary (0: none; see `AffineLoops._merge_read`). Each is made when first needed.
     """
 
@@ -82,7 +114,7 @@ class _Track:
     def array(self, name: str) -> np.ndarray:
         marks = getattr(self, name)
         if marks is None:
-            marks = np.zeros(self.entries, bool if name == "accumulated" else np.int32)
+            marks = np.zeros(self.entries, np.int8 if name == "accumulated" else np.int32)
             setattr(self, name, marks)
         return marks
 
@@ -127,43 +159,46 @@ class AffineLoops:
         self.tracks.pop(alloc_id, None)
 
     def access(self, instr: str, reads: tuple[NkiTensor, ...], writes: tuple[NkiTensor, ...],
-               accumulates: bool = False) -> None:
+               accumulates: str = "") -> None:
         """Check one instruction against the other iterations' accesses, then stamp its own.
 
-        `accumulates`: every write adds into its destination (nc_matmul into PSUM, an accumulating
-        DMA). A write whose destination is also one of the instruction's operands accumulates too,
-        and that operand is not a read another iteration's write must wait for.
+        `accumulates`: the reduction family every write accumulates in ('' when none: see
+        `associative_update`). The operand that is the accumulating destination itself is part of the
+        reduction, not a read another iteration's write must wait for; an instruction that reads its own
+        destination without accumulating reads what the other iterations wrote.
         """
         current = self._stamp_id()
         own = {w.region() for w in writes}
-        operands = [t for t in reads if t.region() not in own]
-        read_regions = {t.region() for t in reads}
+        operands = [t for t in reads if not (accumulates and t.region() in own)]
         spans = self._spans((*operands, *writes))
+        in_place = {r.region() for r in reads} & own
         for tensor in operands:
-            self._check_read(instr, tensor, spans[id(tensor)], current)
-        stamped = [(w, spans[id(w)], accumulates or w.region() in read_regions) for w in writes]
-        for tensor, span, accumulating in stamped:
-            self._check_write(instr, tensor, span, current, accumulating)
+            self._check_read(instr, tensor, spans[id(tensor)], current, tensor.region() in in_place)
+        code = _FAMILY_CODES[accumulates] if accumulates else 0
+        for tensor in writes:
+            self._check_write(instr, tensor, spans[id(tensor)], current, code)
         for tensor in operands:
             self._record_read(spans[id(tensor)], current)
-        for _, span, accumulating in stamped:
+        for tensor in writes:
+            span = spans[id(tensor)]
             if span is not None:
                 self._view(span, "written")[...] = current
-                self._view(span, "accumulated")[...] = accumulating
+                self._view(span, "accumulated")[...] = code
 
     # ------------------------------------------------------------------ checks
-    def _check_read(self, instr: str, tensor: NkiTensor, span: Span | None, current: int) -> None:
+    def _check_read(self, instr: str, tensor: NkiTensor, span: Span | None, current: int, in_place: bool) -> None:
         written = self._existing(span, "written")
         for stamp, loop in self._conflicting(written, current):
-            raise self._error(instr, "read", tensor, loop, stamp)
+            raise self._error(instr, "read in place" if in_place else "read", tensor, loop, stamp)
 
-    def _check_write(self, instr: str, tensor: NkiTensor, span: Span | None, current: int,
-                     accumulating: bool) -> None:
+    def _check_write(self, instr: str, tensor: NkiTensor, span: Span | None, current: int, code: int) -> None:
         written = self._existing(span, "written")
         for stamp, loop in self._conflicting(written, current):
-            if accumulating and bool(self._existing(span, "accumulated")[written == stamp].all()):
-                continue  # accumulations into the same elements: an associative reduction
-            raise self._error(instr, "overwrite", tensor, loop, stamp)
+            earlier = self._existing(span, "accumulated")[written == stamp]
+            if code and bool((earlier == code).all()):
+                continue  # accumulations of one family into the same elements: an associative reduction
+            kind = "mix" if code and bool(earlier.all()) else "overwrite"  # accumulations of two families
+            raise self._error(instr, kind, tensor, loop, stamp)
         read = self._existing(span, "read")
         for stamp, loop in self._conflicting(read, current):
             raise self._error(instr, "overwrite-read", tensor, loop, stamp)
@@ -287,6 +322,18 @@ class AffineLoops:
             return NKIRuleError(
                 f"{instr}: an affine_range iteration must not read what another iteration wrote ({RULE}) "
                 f"({where} reads {name}, written by iteration {theirs}; use nl.sequential_range for this loop)")
+        if kind == "read in place":
+            return NKIRuleError(
+                f"{instr}: an affine_range iteration must not read what another iteration wrote ({RULE}) "
+                f"({where} updates {name} in place, written by iteration {theirs}, and this update is not an "
+                f"associative reduction: only acc = acc op x with op {ASSOCIATIVE}, one operator family per "
+                f"accumulator, may be reordered; use nl.sequential_range for this loop)")
+        if kind == "mix":
+            return NKIRuleError(
+                f"{instr}: an affine_range iteration must not overwrite what another iteration wrote ({RULE}) "
+                f"({where} accumulates into {name} with another operator than iteration {theirs} did: two "
+                f"reductions of different operators into one tile, such as acc = acc * a + b, are a scan, not an "
+                f"associative reduction; use nl.sequential_range for this loop)")
         fix = ("allocate it inside the loop body, one copy per iteration (nki-migration-guide.rst: with one buffer "
                "outside the loop 'the loop carries a dependency on' it), or use nl.sequential_range for this loop")
         if kind == "overwrite":
