@@ -77,6 +77,46 @@ def test_eval_writes_its_report_into_the_output_dir(run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", [["eval"], ["inspect"], ["generate", "--prompt", "x"]])
+def test_a_run_that_ended_before_its_first_checkpoint_says_so(command, run, tmp_path, capsys):
+    """What a run killed or failed before its first checkpoint leaves (`layout.abandoned_attempt`): its logs."""
+    attempt = tmp_path / "attempt"
+    (attempt / "tensorboard").mkdir(parents=True)
+    for name in ("metrics.jsonl", "recipe.json"):
+        shutil.copy(run / name, attempt / name)
+    name, *options = command
+    assert _error(capsys, [name, str(attempt), *options, "--device", "cpu"]) == (
+        f"error: {attempt} holds no checkpoint yet: its run ended before its first checkpoint (only its logs are "
+        "there); train it again with the same --output-dir, which starts afresh there and replaces these logs")
+    assert sorted(p.name for p in attempt.iterdir()) == ["metrics.jsonl", "recipe.json", "tensorboard"]
+
+
+@pytest.mark.parametrize(("command", "report"), [(["eval", "--lengths", "1", "--batches", "1"], "length_eval"),
+                                                 (["inspect", "--sequences", "1"], "memory")])
+def test_each_model_of_a_run_gets_its_own_output_folder(command, report, run, capsys):
+    """The run directory (its final export) and a checkpoint of it write apart: neither overwrites the other.
+    The fixture's export holds the same weights as its last checkpoint (step 3), so on the CPU the two
+    reports are equal to the bit."""
+    name, *options = command
+    written = {}
+    for target, folder in [(run, "final"), (run / "step-0000003", "step-0000003")]:
+        assert cli.main([name, str(target), *options, "--device", "cpu"]) == 0
+        out = run / "eval" / folder
+        assert f"wrote {out / (report + '.json')} and {out / (report + '.png')}" in capsys.readouterr().out
+        assert (out / (report + ".png")).stat().st_size > 0
+        written[folder] = json.loads((out / (report + ".json")).read_text())
+        if isinstance(written[folder], dict):  # inspect's report names the model it read
+            assert written[folder].pop("source") == str(run / folder)
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["final", "step-0000003"]
+    assert written["final"] == written["step-0000003"]
+
+
+def test_a_folder_that_is_the_model_itself_writes_into_its_own_eval(run, tmp_path, capsys):
+    export = Path(shutil.copytree(run / "final", tmp_path / "converted"))
+    assert cli.main(["eval", str(export), "--lengths", "1", "--batches", "1", "--device", "cpu"]) == 0
+    assert f"wrote {export / 'eval' / 'length_eval.json'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["eval"], ["inspect"], ["generate", "--prompt", "x"]])
 def test_device_choices_of_the_inference_commands(command, run, capsys):
     name, *options = command
     for device in ("tpu", "neuron", "cudax"):

@@ -411,15 +411,15 @@ def test_cli_train_eval_generate(tmp_path, capsys):
     run = runs[0]
     assert cli.main(["eval", str(run), "--lengths", "1,2", "--batches", "1", "--device", "cpu"]) == 0
     table = capsys.readouterr().out
-    assert "recall" in table and (run / "eval" / "length_eval.png").is_file()
-    rows = json.loads((run / "eval" / "length_eval.json").read_text())
+    assert "recall" in table and (run / "eval" / "final" / "length_eval.png").is_file()
+    rows = json.loads((run / "eval" / "final" / "length_eval.json").read_text())
     assert [r["seq_len"] for r in rows] == [64, 128]
     bmojo = out / "bmojo"
     assert cli.main(["inspect", str(bmojo), "--sequences", "2", "--device", "cpu"]) == 0
     table = capsys.readouterr().out
     assert "memory after each chunk" in table and "values in memory" in table
-    assert (bmojo / "eval" / "memory.png").stat().st_size > 0
-    report = json.loads((bmojo / "eval" / "memory.json").read_text())
+    assert (bmojo / "eval" / "final" / "memory.png").stat().st_size > 0
+    report = json.loads((bmojo / "eval" / "final" / "memory.json").read_text())
     assert [c["layer"] for c in report["coverage"]] == [0, 1] and report["coverage"][0]["queries"] > 0
     misses = report["coverage"][0]["misses_by_value_place"]
     assert misses.keys() == report["coverage"][0]["values"].keys()

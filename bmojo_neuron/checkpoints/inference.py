@@ -20,7 +20,8 @@ from bmojo_neuron.configuration_bmojo import BMojoConfig
 from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
 
 from .export import quiet_transformers
-from .layout import CONFIG_FILE, FINAL, RUN_INFO_FILE, STEP_PATTERN, is_complete, latest_checkpoint
+from .layout import (CONFIG_FILE, FINAL, RUN_INFO_FILE, STEP_PATTERN, abandoned_attempt, is_complete,
+                     latest_checkpoint)
 from .local import load_model_weights
 from .manifest import check_safetensors, verify_manifest
 from .sharded import consolidated_model, is_sharded
@@ -35,7 +36,7 @@ class Trained:
     recipe: dict[str, Any]
     tokenizer: str
     source: Path  # the export or checkpoint directory actually read
-    run_dir: Path  # where eval outputs go by default
+    run_dir: Path  # the run (or model) folder: eval outputs go under its eval/ by default
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -52,6 +53,10 @@ def resolve_model_dir(path: str | Path) -> Path:
         return latest
     if (path / CONFIG_FILE).is_file():  # a plain save_pretrained export
         return path
+    if abandoned_attempt(path):  # a run that failed or was stopped before its first checkpoint
+        raise FileNotFoundError(f"{path} holds no checkpoint yet: its run ended before its first checkpoint (only "
+                                "its logs are there); train it again with the same --output-dir, which starts "
+                                "afresh there and replaces these logs")
     raise FileNotFoundError(f"{path} is neither a run directory, a checkpoint (step-XXXXXXX) nor a final export")
 
 

@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the run's train.batch_size")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--output-dir", default=None,
-                        help="where length_eval.{png,json} go (default: <run dir>/eval)")
+                        help="where length_eval.{png,json} go (default: <run dir>/eval/<model folder>, "
+                             "e.g. eval/final or eval/step-0000600)")
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -84,12 +85,22 @@ def count_option(option: str, value: int | None, default: int) -> int:
     return value
 
 
+def default_output_dir(trained: Any) -> Path:
+    """``<run dir>/eval/<model folder>`` (``eval/final``, ``eval/step-0000600``): one folder per model a run
+    holds, so evaluating a checkpoint never overwrites the results of its final export, nor of another
+    checkpoint. A folder that is itself the model (a converted or primed one) holds one model: ``<folder>/eval``.
+    """
+    if trained.source == trained.run_dir:
+        return trained.run_dir / "eval"
+    return trained.run_dir / "eval" / trained.source.name
+
+
 def output_dir(option: str | None, trained: Any) -> Path:
-    """Where eval and inspect write: ``--output-dir``, else ``<run dir>/eval``; created and checked writable
+    """Where eval and inspect write: ``--output-dir``, else `default_output_dir`; created and checked writable
     now, so a bad folder fails before the evaluation rather than after it."""
     from bmojo_neuron.preflight import check_writable
 
-    out = Path(option) if option is not None else trained.run_dir / "eval"
+    out = Path(option) if option is not None else default_output_dir(trained)
     check_writable(out, "pick another --output-dir")
     return out
 

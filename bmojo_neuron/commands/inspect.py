@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "stretches it (MQAR: every pair and query position p moves to M*p; default 1)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--output-dir", default=None,
-                        help="where memory.{png,json} go (default: <run dir>/eval)")
+                        help="where memory.{png,json} go (default: <run dir>/eval/<model folder>, "
+                             "e.g. eval/final or eval/step-0000600)")
 
 
 @register_command("inspect", help="show what each B layer's eidetic memory holds (table + PNG)",
