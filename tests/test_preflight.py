@@ -133,6 +133,21 @@ def test_a_run_that_diverges_ends_in_one_line_and_a_retry_just_works(tmp_path, c
     assert not set(old_events) & {p.name for p in (tmp_path / "tensorboard").iterdir()}
 
 
+def test_a_damaged_checkpoint_is_not_taken_for_an_abandoned_attempt(tmp_path, capsys):
+    """A step folder that lost a file is not resumable, but a new run would replace it when it saves that step:
+    training again without --resume is refused, as for any used run directory, and the folder is kept."""
+    assert cli.main(["train", "cpu-tiny", *TOY, "--output-dir", str(tmp_path), "--no-progress"]) == 0
+    shutil.rmtree(tmp_path / "final")
+    for step in layout.list_checkpoints(tmp_path):
+        (step / layout.STATE_FILE).unlink()
+    capsys.readouterr()
+    assert not layout.list_checkpoints(tmp_path) and not layout.abandoned_attempt(tmp_path)
+    assert cli.main(["train", "cpu-tiny", *TOY, "--output-dir", str(tmp_path), "--no-progress"]) == 2
+    want = f"error: {tmp_path} already holds a run; pass --resume to continue it, or pick another --output-dir"
+    assert one_error_line(capsys).strip() == want
+    assert (tmp_path / "step-0000004" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize(("error", "message"), [
     (PermissionError(errno.EACCES, "Permission denied", "/data/x"), "Permission denied: /data/x"),
     (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/run"), "Read-only file system: /mnt/ro/run"),

@@ -104,10 +104,19 @@ def _resume_candidates(run_dir: Path) -> list[Path]:
 def has_run(run_dir: Path) -> bool:
     """True when `run_dir` holds checkpoints or an export of an earlier run: what a new run would overwrite.
 
-    The logs alone (`abandoned_attempt`) do not count: nothing there can be resumed, and a
-    retry that is refused them would only be told to ``--resume``, which starts afresh anyway.
+    A step folder counts even when damaged (a file of it lost): a new run would replace it when
+    it saves that step, and its weights may still be worth recovering by hand. The logs alone
+    (`abandoned_attempt`) do not count: nothing there can be resumed, and a retry that is
+    refused them would only be told to ``--resume``, which starts afresh anyway.
     """
-    return bool(list_checkpoints(run_dir)) or (run_dir / FINAL).exists()
+    return any(_step_folders(run_dir)) or (run_dir / FINAL).exists()
+
+
+def _step_folders(run_dir: Path) -> list[Path]:
+    """Every ``step-*`` folder of `run_dir`, complete or not."""
+    if not run_dir.is_dir():
+        return []
+    return [entry for entry in run_dir.iterdir() if STEP_PATTERN.match(entry.name) and entry.is_dir()]
 
 
 def abandoned_attempt(run_dir: Path) -> bool:
