@@ -44,16 +44,17 @@ def is_complete(path: Path) -> bool:
     return any(all((path / f).is_file() for f in files) for files in (REQUIRED_FILES, SHARDED_REQUIRED_FILES))
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete published checkpoints, oldest first."""
+def step_folders(run_dir: str | Path) -> list[Path]:
+    """Every ``step-*`` folder of `run_dir`, complete or not, in no particular order."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         return []
-    found = []
-    for entry in run_dir.iterdir():
-        match = STEP_PATTERN.match(entry.name)
-        if match and entry.is_dir() and is_complete(entry):
-            found.append((int(match.group(1)), entry))
+    return [entry for entry in run_dir.iterdir() if STEP_PATTERN.match(entry.name) and entry.is_dir()]
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete published checkpoints, oldest first."""
+    found = [(int(STEP_PATTERN.match(p.name).group(1)), p) for p in step_folders(run_dir) if is_complete(p)]
     return [path for _, path in sorted(found)]
 
 
@@ -109,14 +110,7 @@ def has_run(run_dir: Path) -> bool:
     (`abandoned_attempt`) do not count: nothing there can be resumed, and a retry that is
     refused them would only be told to ``--resume``, which starts afresh anyway.
     """
-    return any(_step_folders(run_dir)) or (run_dir / FINAL).exists()
-
-
-def _step_folders(run_dir: Path) -> list[Path]:
-    """Every ``step-*`` folder of `run_dir`, complete or not."""
-    if not run_dir.is_dir():
-        return []
-    return [entry for entry in run_dir.iterdir() if STEP_PATTERN.match(entry.name) and entry.is_dir()]
+    return bool(step_folders(run_dir)) or (run_dir / FINAL).exists()
 
 
 def abandoned_attempt(run_dir: Path) -> bool:

@@ -234,9 +234,10 @@ def compiler_flags(cache_dir: str) -> list[str]:
     ``--enable-saturate-infinity``: the compiler's own matrix-multiply transposes turn an infinity into NaN on
     trn1 (0 * inf, as NxD v2.28.0's test/integration/modules/moe/test_moe_spmd.py line 172 puts it); the flag
     clamps +/-inf to the largest finite values first (compiler/neuronx-cc/api-reference-guide/index.rst line
-    153: "Only needed on trn1", with "a potential performance impact"). Our step graphs carry -inf on purpose (the eidetic memory's retention scores of
-    empty slots, layers/eidetic_memory.py `retention_scores`), so every plan, all for trn1, sets it, as NxD
-    v2.28.0's GPT-NeoX, Mixtral and DBRX training scripts do (docs/trn1.md, "What the plan contains").
+    153: "Only needed on trn1", with "a potential performance impact"). Our step graphs carry -inf on purpose
+    (the eidetic memory's retention scores of empty slots, layers/eidetic_memory.py `retention_scores`), so
+    every plan, all for trn1, sets it, as NxD v2.28.0's GPT-NeoX, Mixtral and DBRX training scripts do
+    (docs/trn1.md, "What the plan contains").
     A cache folder with white space in its name is refused: the flags are one space-separated string, so the
     folder would reach the compiler as several words.
     """
