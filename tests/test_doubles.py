@@ -384,7 +384,47 @@ def test_rendezvous_takes_bytes_and_all_replicas_only():
         xm.rendezvous("tag", b"", [0, 1])
     assert env.log.syncs == [] and env.log.rendezvous == []
     assert xm.rendezvous("tag", b"x", [0]) == [b"x"]
-    assert env.log.rendezvous == ["tag"] and len(env.log.syncs) == 1
+    assert env.log.rendezvous == ["tag"]
+
+
+def test_rendezvous_syncs_twice_and_once_more_for_a_payload():
+    """``xla_rendezvous`` (xla_model.py 1306-1358) syncs, all-gathers the payload sizes in a graph of its own and
+    syncs again; a non-empty payload takes one more all-gather and sync. Each sync runs the step closures."""
+    env = Env(XlaLog())
+    xm = xla_modules(env)["torch_xla.core.xla_model"]
+    ran: list[int] = []
+    xm.add_step_closure(lambda: ran.append(len(env.log.syncs)))
+    assert xm.rendezvous("tag") == [b""]
+    assert len(env.log.syncs) == 2 and ran == [1]  # the closure ran after the first sync, before the gather
+    assert [e[0] for e in env.log.graphs[1][1:]] == ["all_gather"]
+    assert xm.rendezvous("tag", b"abc") == [b"abc"]
+    assert len(env.log.syncs) == 5
+    assert [g[1:] for g in env.log.graphs[3:5]] == [[("all_gather", "None", "0", "(1,)", "torch.int32")],
+                                                    [("all_gather", "None", "0", "(3,)", "torch.uint8")]]
+
+
+def test_xla_seed_steps_at_every_sync_and_random_op():
+    """torch's lazy-tensor generator, which torch-xla 2.9 uses (torch/csrc/lazy/core/lazy_graph_executor.cpp
+    ``DeviceContextArena::SetRngSeed`` / ``MarkStep`` / ``GetRngSeed``; torch-xla's xla_graph_executor.cpp 147-181
+    and 439-446): a sync steps the base seed (x 7012063 + 1012031), a traced random op the running seed
+    (x 214013 + 2531011), both mod 2**64; ``get_rng_state`` is the running seed, 101 before any is set."""
+    modules, env = _doubles_and_env()
+    xla, xm = modules["torch_xla"], modules["torch_xla.core.xla_model"]
+    assert xm.get_rng_state() == 101
+    xm.set_rng_state(5)
+    xla.sync()
+    after_sync = (1012031 + 7012063 * 5) % 2**64
+    assert xm.get_rng_state() == after_sync
+    nxd_model = modules["neuronx_distributed.trainer.model"].NxDModel
+    model = nxd_model(torch.nn.Dropout(0.5), {"pipeline_parallel_size": 1})
+    model(torch.ones(4))  # a training forward with dropout: one random op on the device
+    assert env.log.random_ops == ["bernoulli"]  # dropout's mask (one seed, whatever aten op draws it)
+    assert xm.get_rng_state() == (2531011 + 214013 * after_sync) % 2**64
+    xla.sync()  # the next base seed comes from the base seed, not the running one
+    assert xm.get_rng_state() == (1012031 + 7012063 * after_sync) % 2**64
+    xm.set_rng_state(2**64 - 1)
+    xla.sync()
+    assert xm.get_rng_state() == (1012031 + 7012063 * (2**64 - 1)) % 2**64
 
 
 def test_set_rng_state_takes_an_unsigned_64_bit_seed():
@@ -604,6 +644,20 @@ def test_set_tensor_model_parallel_attributes_warns_without_num_partitions():
         utils.set_tensor_model_parallel_attributes(p, True, 0, 1, num_partitions=2)
 
 
+def test_move_all_tensor_to_cpu_rebuilds_containers_as_torch_xla_does():
+    """NxD's ``move_all_tensor_to_cpu`` rewrites its input with torch-xla's ``for_each_instance_rewrite``
+    (torch_xla/utils/utils.py 165-211): tuples come back as lists, dict subclasses as dicts, and a tensor met twice
+    becomes one host tensor."""
+    from collections import OrderedDict
+
+    utils = _doubles()["neuronx_distributed.parallel_layers.utils"]
+    t = torch.ones(2)
+    out = utils.move_all_tensor_to_cpu({"pair": (t, t), "state": OrderedDict(w=t), "n": 3})
+    assert type(out["pair"]) is list and type(out["state"]) is dict and out["n"] == 3
+    assert out["pair"][0] is out["pair"][1] is out["state"]["w"] and out["pair"][0] is not t
+    assert torch.equal(out["pair"][0], t)
+
+
 def test_extraction_run_hands_back_zeros_and_records_the_read(monkeypatch):
     """neuron_parallel_compile's trial run executes empty stubs with zero outputs: every device value read
     there is invalid (torch-neuronx's NEURON_EXTRACT_GRAPHS_ONLY)."""
@@ -702,6 +756,22 @@ def test_tensor_parallel_replica_groups_list_every_rank(one_rank, monkeypatch):
     state.initialize_model_parallel(pipeline_model_parallel_size=2)
     assert state.get_tensor_model_parallel_replica_groups() == [[0], [1]]
 
+def test_model_moves_to_the_device_in_waves_of_local_ordinals(one_rank, monkeypatch):
+    """NxD's ``get_model_sequential`` (utils/model_utils.py 335-356) counts its waves over the node's processes
+    (torch-xla's ``local_process_count()``: ``LOCAL_WORLD_SIZE`` under torchrun) and places a rank by its local
+    ordinal (``LOCAL_RANK``), so on the second node of a run rank 45 (local rank 13) moves in the second wave."""
+    modules, env = _doubles_and_env()
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    monkeypatch.setenv("LOCAL_RANK", "13")
+    monkeypatch.setattr(env, "rank", lambda: 45)
+    trainer = modules["neuronx_distributed.trainer"]
+    config = trainer.neuronx_distributed_config()
+    trainer.initialize_parallel_model(config, lambda: torch.nn.Linear(2, 2))
+    assert env.log.rendezvous == [f"get_model_sequential{w}" for w in range(3)]  # ceil(32 / 11)
+    assert env.log.calls["moved_in_wave"] == 1
+
+
 def test_zero1_needs_the_parallel_state(one_rank):
     modules = _doubles()
     zero1 = modules["neuronx_distributed.optimizer"].NeuronZero1Optimizer
@@ -737,6 +807,36 @@ def test_zero1_set_up_reads_nxd_environment_switches(one_rank, monkeypatch, envi
     assert (zero1.bucket_cap_mb_all_gather, zero1.bucket_cap_mb_reduce_scatter) == caps
     assert zero1.optimizer_dtype == dtype
     assert {p.dtype for g in zero1.base_optimizer.param_groups for p in g["params"]} == {dtype}
+
+
+def test_nxd_optimizer_speaks_for_the_wrapped_optimizer_and_sums_sequence_parallel_gradients(one_rank, monkeypatch):
+    """NxD's ``NxDOptimizer`` (trainer/optimizer.py at v2.28.0): ``state``, ``param_groups`` and ``defaults`` are
+    read and set through (30-52), ``add_param_group`` and ``__getstate__`` are the wrapped optimizer's (54-72), and
+    ``step`` sums the sequence-parallel gradients through ``grads.allreduce_sequence_parallel_gradients`` when the
+    config says ``sequence_parallel`` (126-128), before the step."""
+    modules = _doubles()
+    trainer, grads = modules[nxd_api.TRAINER], modules[nxd_api.GRADS]
+    layer = torch.nn.Linear(2, 2)
+    config = trainer.neuronx_distributed_config(sequence_parallel=True)
+    optimizer = trainer.initialize_parallel_optimizer(config, torch.optim.SGD, layer.parameters(), lr=0.1)
+    inner = optimizer.optimizer
+    groups, state, defaults = [dict(inner.param_groups[0])], {}, dict(inner.defaults)
+    optimizer.param_groups, optimizer.state, optimizer.defaults = groups, state, defaults
+    assert (inner.param_groups, inner.state, inner.defaults) == (groups, state, defaults)
+    assert inner.param_groups is groups and inner.state is state
+    extra = torch.nn.Parameter(torch.ones(1))
+    optimizer.add_param_group({"params": [extra]})
+    assert inner.param_groups[-1]["params"] == [extra] and len(optimizer.params) == 2  # NxD's list stays as built
+    assert optimizer.__getstate__()["param_groups"] is inner.param_groups
+    assert repr(optimizer).startswith("NxDOptimizer(SGD (")
+    seen = []
+    monkeypatch.setattr(grads, "allreduce_sequence_parallel_gradients",
+                        lambda opt: seen.append([p.grad.clone() for p in layer.parameters()]))
+    layer(torch.ones(2)).sum().backward()
+    before = [p.detach().clone() for p in layer.parameters()]
+    optimizer.step()
+    assert len(seen) == 1 and torch.equal(seen[0][0], torch.ones(2, 2))  # before the clipping (norm 6 ** 0.5)
+    assert all(not torch.equal(b, p) for b, p in zip(before, layer.parameters()))  # then the step ran
 
 
 def test_bucket_caps_must_be_integers(one_rank, monkeypatch):
@@ -905,6 +1005,20 @@ def test_pipeline_shape_inference_runs_with_grad_enabled(one_rank):
         lambda module, *args: seen.append((pipeline.tracing, torch.is_grad_enabled(), module.training)))
     assert pipeline.run_eval(x=torch.randn(2, 3), y=torch.randn(2, 3)) is None  # not the last stage
     assert seen == [(True, True, True), (False, False, False)]
+
+def test_torch_distributed_collectives_called_by_our_code_are_recorded(one_rank, monkeypatch):
+    """On torch-xla's "xla" process group ``dist.barrier`` meets no one (xla_backend.py 230-231) and the other
+    collectives want XLA tensors; the doubles' group is gloo, so a call from bmojo_neuron is recorded instead
+    (the doubles' and the tests' own calls are not)."""
+    from bmojo_neuron.parallel.collectives import _all_reduce
+
+    log = neuron_sdk.install(monkeypatch)
+    dist.barrier()
+    assert log.dist_calls == []
+    assert torch.equal(_all_reduce(torch.ones(2), None), torch.ones(2))
+    assert [c.split(" at ")[0] for c in log.dist_calls] == ["dist.all_reduce"]
+    assert log.dist_calls[0].split(" at ")[1].startswith("collectives.py:")
+
 
 def test_nxd_parallel_layers_package_holds_only_nxd_names(monkeypatch):
     """NxD's ``parallel_layers/__init__.py`` (v2.28.0) imports four of the mapping functions into the package;

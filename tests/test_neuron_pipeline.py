@@ -220,7 +220,7 @@ def _summary(result, log=None, reads=None) -> dict:
     out = {"metrics": result.metrics, "lengths": [x.__dict__ for x in result.length_eval],
            "final": str(result.final_dir)}
     if log is not None:
-        out["log"] = {"syncs": log.syncs, "violations": log.violations, "reads": reads,
+        out["log"] = {"syncs": log.syncs, "violations": log.violations, "reads": reads, "dist": log.dist_calls,
                       "train_forwards": log.train_forwards, "eval_forwards": log.eval_forwards,
                       "closures_run": log.closures_run, "pipeline": log.calls["pipeline"],
                       "shared": log.calls["shared_weights"], "graphs": mpmd.graphs_of(log)}
@@ -275,11 +275,12 @@ def test_both_stages_cut_the_same_graphs_and_collectives(pp_runs):
 def test_pipeline_step_marks_once_reads_nothing_and_passes_nxd_our_settings(pp_runs):
     """Each rank: NxD cuts its own graphs inside run_train; our loop adds exactly one mark_step per step, no
     host read inside a step, the loss stays on the device; NxD got host batches, our cuts and spec, and shares
-    the tied embedding between stage 0 (the embedding) and stage 1 (lm_head)."""
+    the tied embedding between stage 0 (the embedding) and stage 1 (lm_head). Our code calls no
+    torch.distributed collective (on the "xla" group a ``dist.barrier`` would meet no one)."""
     _, ranks = pp_runs
     for rank, summary in enumerate(ranks):
         log = summary["whole"]["log"]
-        assert log["reads"] == [] and log["violations"] == [], rank
+        assert log["reads"] == [] and log["violations"] == [] and log["dist"] == [], rank
         ours = [s for s in log["syncs"] if s["source"] == "code" and s["step_work"]]
         assert len(ours) == STEPS and not any(s["source"] == "loader" for s in log["syncs"])
         assert sum(s["source"] == "pipeline" for s in log["syncs"]) > 2 * STEPS

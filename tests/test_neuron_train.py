@@ -17,6 +17,7 @@ import warnings
 import pytest
 import torch
 from doubles import neuron_sdk
+from doubles.xla import RENDEZVOUS_GRAPH
 from test_training import TINY_RECIPE
 
 from bmojo_neuron import BMojoForCausalLM, cli
@@ -108,6 +109,15 @@ def test_the_run_calls_no_deprecated_torch_xla_function(neuron_run):
     _, log, _ = neuron_run
     assert log.deprecated == []
     assert [s["source"] for s in log.syncs].count("code") >= STEPS  # its own syncs went through torch_xla.sync
+
+
+def test_no_graph_draws_a_random_number_on_the_device(neuron_run):
+    """torch-xla steps its generator's seed at every sync (a rendezvous syncs two or three times) and at every
+    random op a graph traces, so the XLA seed a checkpoint keeps is where the generator stood during the save, and
+    a resumed run's start-up syncs move on from it. That reaches no number only because no graph draws one: a
+    random op (dropout ...) traced inside NxD's model wrapper would be recorded here."""
+    _, log, _ = neuron_run
+    assert log.train_forwards > 0 and log.random_ops == []
 
 
 def test_a_graph_per_micro_batch_one_for_the_update_and_no_host_reads_inside(neuron_run):
@@ -355,7 +365,9 @@ def test_graph_extraction_run_reads_no_device_value_finishes_and_cuts_the_real_g
                                                                                        monkeypatch):
     """`bmojo-neuron precompile`'s trial run (its overrides) under NEURON_EXTRACT_GRAPHS_ONLY, where the device
     values are zeros from empty stubs: it reads none of them (no loss closure, no eval sums, no checkpoint
-    copies), finishes, and traces and cuts the very graphs the real run does (steps, evals, the ZeRO-1 save)."""
+    copies), finishes, and traces and cuts the very graphs the real run does (steps, evals, the ZeRO-1 save).
+    The real run meets at more rendezvous (a checkpoint's), each cutting the one rendezvous graph, which the
+    trial run cuts too."""
     from bmojo_neuron.launch.precompile import trial_overrides
 
     settings = {"parallel.zero1": True, "train.precision": "bf16", "train.activation_checkpointing": True}
@@ -367,7 +379,8 @@ def test_graph_extraction_run_reads_no_device_value_finishes_and_cuts_the_real_g
         with neuron_sdk.host_reads_in_steps(doubles) as reads:
             result = train(recipe(**settings, **trial), run_dir, progress=False)
         work = [g[1:] for g in doubles.graphs[start:] if g[1:]]  # what each graph holds, whatever cut it
-        return result, work, reads
+        assert RENDEZVOUS_GRAPH in work
+        return result, [g for g in work if g != RENDEZVOUS_GRAPH], reads
 
     real, real_graphs, _ = graphs(tmp_path / "real")
     assert doubles.extraction_reads == []

@@ -11,8 +11,16 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2] / "bmojo_neuron")
+# torch's lazy-tensor generator (torch/csrc/lazy/core/lazy_graph_executor.{h,cpp}, which torch-xla 2.9's
+# XLAGraphExecutor reuses): a device's seed starts at 101; every random op traced steps the running seed with
+# 214013 / 2531011 (``GetRngSeed``, also xla_graph_executor.cpp 147-181); every mark_step steps the base seed with
+# 7012063 / 1012031 and restarts the running seed from it (``DeviceContextArena::MarkStep``); uint64 arithmetic.
+XLA_DEFAULT_SEED = 101
+SEED_OP_MUL, SEED_OP_ADD = 214013, 2531011
+SEED_STEP_MUL, SEED_STEP_ADD = 7012063, 1012031
 ON_DEVICE = "_bmojo_xla_batch"  # set by the MpDeviceLoader double on the tensors it hands out
 
 
@@ -50,8 +58,11 @@ class XlaLog:
     violations: list[str] = field(default_factory=list)  # eval / host copies while a step was pending
     rendezvous: list[str] = field(default_factory=list)
     deprecated: list[str] = field(default_factory=list)  # deprecated torch-xla calls made by bmojo_neuron code
+    dist_calls: list[str] = field(default_factory=list)  # torch.distributed collectives called by bmojo_neuron code
     calls: dict[str, Any] = field(default_factory=dict)  # NxD calls: config kwargs, optimizer defaults ...
-    rng: int = 0
+    rng: int = XLA_DEFAULT_SEED  # the running seed ``xm.get_rng_state`` returns
+    rng_base: int = XLA_DEFAULT_SEED  # the seed the pending graph's random ops start from
+    random_ops: list[str] = field(default_factory=list)  # random ops traced into a graph (aten names)
     env: Any = None  # the `Env` of the doubles (set by `neuron_sdk.install`)
     graphs: list[list[tuple]] = field(default_factory=list)  # what each cut graph held (see `trace`)
     extraction_reads: list[str] = field(default_factory=list)  # device values read with NEURON_EXTRACT_GRAPHS_ONLY
@@ -69,11 +80,23 @@ class XlaLog:
         self.graphs.append([(source,), *self._events])
         self._events = []
 
+    def set_seed(self, seed: int) -> None:
+        """``xm.set_rng_state``: the base and the running seed (``DeviceContextArena::SetRngSeed``)."""
+        self.rng = self.rng_base = seed
+
+    def random_op(self, name: str) -> None:
+        """A random op traced into the pending graph takes the next running seed (``GetRngSeed``)."""
+        self.random_ops.append(name)
+        self.trace("random", name)
+        self.rng = (SEED_OP_ADD + SEED_OP_MUL * self.rng) % 2**64
+
     def sync(self, source: str) -> None:
         """A ``mark_step`` from the loader, our code or NxD's pipeline (``"pipeline"``: the graphs NxD cuts
-        inside ``run_train`` / ``run_eval``; the step stays pending until the caller's own mark_step)."""
+        inside ``run_train`` / ``run_eval``; the step stays pending until the caller's own mark_step). Each one
+        steps the XLA seed (``DeviceContextArena::MarkStep``), random ops traced or not."""
         self.syncs.append({"source": source, "step_work": self.step_work, "forwards": self._forwards})
         self.cut(source)
+        self.rng = self.rng_base = (SEED_STEP_ADD + SEED_STEP_MUL * self.rng_base) % 2**64
         if source == "pipeline":
             return
         self.step_work = self.in_step = False
@@ -148,3 +171,26 @@ class Env:
         out = x.detach().clone()
         dist.all_reduce(out, group=self.group_of(mine))
         return out * scale
+
+
+# The aten ops (overload packets, trailing "_" dropped) that take a seed from torch-xla's generator when traced:
+# each calls ``XLAGraphExecutor::GetRngSeed`` once (torch_xla/csrc/tensor_methods.cpp: bernoulli, dropout,
+# exponential, normal, random, randperm, uniform ...).
+RANDOM_OPS = frozenset({"bernoulli", "cauchy", "exponential", "geometric", "log_normal", "multinomial",
+                        "native_dropout", "normal", "poisson", "rand", "rand_like", "randint", "randint_like",
+                        "randn", "randn_like", "random", "randperm", "rrelu_with_noise", "uniform"})
+
+
+class DeviceRandomOps(TorchDispatchMode):
+    """Inside NxD's model wrapper (where every tensor is on the XLA device): each random op is recorded and steps
+    the XLA running seed, as tracing it on XLA would (`XlaLog.random_op`)."""
+
+    def __init__(self, log: XlaLog) -> None:
+        super().__init__()
+        self.log = log
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        name = func.overloadpacket.__name__.rstrip("_")
+        if name in RANDOM_OPS:
+            self.log.random_op(name)
+        return func(*args, **(kwargs or {}))

@@ -10,9 +10,11 @@ import too. What the doubles do: `doubles.xla`, `doubles.nxd_runtime`, `doubles.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Callable
 
-from .env import Env, XlaLog, fake_module
+import torch.distributed as dist
+
+from .env import PACKAGE_ROOT, Env, XlaLog, bmojo_caller, fake_module
 from .nxd_runtime import nxd_modules
 from .xla import host_reads_in_steps, xla_modules
 
@@ -35,5 +37,26 @@ def install(monkeypatch: Any) -> XlaLog:
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setitem(sys.modules, "transformers.utils.fx", None)  # None: "not importable"
     monkeypatch.setattr(transformers.utils, "fx", None, raising=False)
+    for name in DIST_COLLECTIVES:
+        monkeypatch.setattr(dist, name, _recorded(getattr(dist, name), name, env.log))
     env.log.env = env
     return env.log
+
+
+# torch.distributed's collectives. On the "xla" process group (torch-xla 2.9
+# torch_xla/distributed/xla_backend.py) ``barrier`` returns at once without meeting anyone (lines 230-231) and
+# the others run XLA collectives on XLA tensors; the double's group is gloo, where they would work on the host.
+# Our Neuron code meets through ``xm.rendezvous`` and reduces through ``xm`` / NxD: a call made by bmojo_neuron
+# is recorded in ``XlaLog.dist_calls`` (the doubles' own gloo traffic is not).
+DIST_COLLECTIVES = ("barrier", "monitored_barrier", "all_reduce", "all_gather", "all_gather_into_tensor",
+                    "all_gather_object", "broadcast", "broadcast_object_list", "reduce", "reduce_scatter",
+                    "reduce_scatter_tensor", "gather", "gather_object", "scatter", "scatter_object_list",
+                    "all_to_all", "send", "recv", "isend", "irecv")
+
+
+def _recorded(collective: Callable[..., Any], name: str, log: XlaLog) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if sys._getframe(1).f_code.co_filename.startswith(PACKAGE_ROOT):
+            log.dist_calls.append(f"dist.{name} at {bmojo_caller()}")
+        return collective(*args, **kwargs)
+    return call

@@ -430,8 +430,9 @@ def make(tp: Any, built: list, fake_module: Callable[..., types.ModuleType], **s
         return _ParallelCrossEntropy.apply(vocab_parallel_logits, target, label_smoothing, tp)
 
     def allreduce_sequence_parallel_gradients(optimizer: Any) -> None:
-        # NxD (grads.py 340-346): the gradient, or the ZeRO-1 hooks' main_grad when they took it
-        for group in optimizer.param_groups:
+        # NxD (grads.py 330-346): the groups from ``optimizer.__getstate__()`` (NxDOptimizer's is the wrapped
+        # optimizer's); the gradient, or the ZeRO-1 hooks' main_grad when they took it
+        for group in optimizer.__getstate__()["param_groups"]:
             for p in group["params"]:
                 if getattr(p, "sequence_parallel_enabled", False):
                     if p.grad is not None:

@@ -14,8 +14,8 @@ parallelism, one stage per process over gloo):
   (parameter names carry ``_checkpoint_wrapped_module.``, module names do not) running
   torch-xla's *reentrant* checkpoint (no keyword arguments; parameter gradients only
   flow when an input requires grad; the wrapped forward runs again in backward);
-- ``initialize_parallel_optimizer`` wraps AdamW in ``NxDOptimizer`` (gradient
-  clipping, ``grad_norm``) or, with ZeRO-1, in a ZeRO-1 optimizer holding fp32
+- ``initialize_parallel_optimizer`` wraps AdamW in ``NxDOptimizer`` (the sequence-parallel
+  sum when the config asks for it, gradient clipping, ``grad_norm``) or, with ZeRO-1, in a ZeRO-1 optimizer holding fp32
   shards of every parameter in a ``base_optimizer`` (torch-xla's layout: dim 0 padded
   to a multiple of dp and chunked; with dp = 1 the shard is the whole tensor). With
   ``use_fp32_grad_acc`` (bf16 + ZeRO-1) its gradient-accumulation hooks move each
@@ -58,12 +58,15 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 
 from . import nxd_api, nxd_pp
-from .env import Env, bmojo_caller, fake_module
-from .xla import reentrant_checkpoint
+from .env import DeviceRandomOps, Env, bmojo_caller, fake_module
+from .xla import local_ordinal, local_process_count, reentrant_checkpoint
 
 
 class NxDModel(nn.Module):
-    """NxD 0.17's ``trainer.model.NxDModel``: forwards to its module; under pp it speaks for the local stage."""
+    """NxD 0.17's ``trainer.model.NxDModel``: forwards to its module; under pp it speaks for the local stage.
+    What runs inside it runs on the XLA device: its random ops step torch-xla's seed (`DeviceRandomOps`)."""
+
+    env: Env  # set on the class `nxd_modules` binds
 
     def __init__(self, module, nxd_config):
         super().__init__()
@@ -80,17 +83,20 @@ class NxDModel(nn.Module):
 
     def run_train(self, *args: Any, **kwargs: Any) -> Any:
         if self.pp_enabled:
-            return self.module.run_train(*args, **kwargs)
+            with DeviceRandomOps(self.env.log):
+                return self.module.run_train(*args, **kwargs)
         loss = self.forward(*args, **kwargs)
         loss.backward()
         return loss
 
     def run_eval(self, *args: Any, **kwargs: Any) -> Any:
         assert self.pp_enabled, "`run_eval` should be used only when pipeline parallel is enabled."
-        return self.module.run_eval(*args, **kwargs)
+        with DeviceRandomOps(self.env.log):
+            return self.module.run_eval(*args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
+        with DeviceRandomOps(self.env.log):
+            return self.module(*args, **kwargs)
 
     # NxD's wrapper names everything as its module does (no "module." prefix); under pp, the local stage's
     def named_parameters(self, *args: Any, **kwargs: Any) -> Iterator[tuple[str, nn.Parameter]]:
@@ -162,21 +168,49 @@ def clip_global_norm(params: list[nn.Parameter], max_norm: float, env: Env) -> t
 
 
 class NxDOptimizer(torch.optim.Optimizer):
-    """NxD 0.17's ``trainer.optimizer.NxDOptimizer`` for dp = 1: clipping and ``grad_norm`` around an optimizer."""
+    """NxD 0.17's ``trainer.optimizer.NxDOptimizer`` (trainer/optimizer.py at v2.28.0) for dp = 1: clipping,
+    ``grad_norm`` and the sequence-parallel all-reduce around an optimizer it speaks for (``state``,
+    ``param_groups``, ``defaults`` read and set through, ``add_param_group``, pickling state)."""
 
     env: Env  # set on the class `nxd_modules` binds
+    grads: types.ModuleType  # NxD's ``parallel_layers.grads`` (bound with it)
 
     def __init__(self, optimizer, nxd_config):  # no super().__init__, as NxD
         self.optimizer, self.nxd_config, self._grad_norm = optimizer, nxd_config, None
         self.params = [p for group in self.param_groups for p in group["params"]]
 
+    def __repr__(self) -> str:
+        return f"NxDOptimizer({self.optimizer!r})"
+
     grad_norm = property(lambda self: self._grad_norm)
-    state = property(lambda self: self.optimizer.state)
-    defaults = property(lambda self: self.optimizer.defaults)
+
+    # optimizer.py 30-55: read and written through to the wrapped optimizer
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, state: Any) -> None:
+        self.optimizer.state = state
 
     @property
     def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, param_groups: list[dict]) -> None:
+        self.optimizer.param_groups = param_groups
+
+    @property
+    def defaults(self) -> dict:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, defaults: dict) -> None:
+        self.optimizer.defaults = defaults
+
+    def add_param_group(self, param_group):
+        self.optimizer.add_param_group(param_group)  # NxD's ``params`` list stays as built
 
     def state_dict(self) -> dict:
         return self.optimizer.state_dict()
@@ -187,8 +221,18 @@ class NxDOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none=False):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def __getstate__(self):  # optimizer.py 68-72: the wrapped optimizer's (NxD's grads read param_groups there)
+        return self.optimizer.__getstate__()
+
+    def __setstate__(self, state):
+        self.optimizer.__setstate__(state)
+
     def step(self, closure=None):
+        """optimizer.py 122-147: the sequence-parallel gradients summed over the tensor-parallel group when the
+        config says ``sequence_parallel``; without ZeRO-1 the data-parallel reduction and clipping; the step."""
         self.env.log.trace("optimizer_step", len(self.params))
+        if self.nxd_config["sequence_parallel"]:
+            self.grads.allreduce_sequence_parallel_gradients(self)
         config = self.nxd_config["optimizer_config"]
         if not config["zero_one_enabled"]:
             # NxD's bucket_allreduce_gradients reads its bucket size on every step (parallel_layers/grads.py 264);
@@ -196,7 +240,7 @@ class NxDOptimizer(torch.optim.Optimizer):
             int(os.environ.get("ALLREDUCE_BUCKET_CAP_MB", 512))
             if config["grad_clipping"]:
                 self._grad_norm = clip_global_norm(self.params, config["max_grad_norm"], self.env)
-        result = self.optimizer.step(closure)
+        result = self.optimizer.step(closure=closure)
         if config["zero_one_enabled"]:
             self._grad_norm = self.optimizer.grad_norm
         return result
@@ -322,6 +366,7 @@ def nxd_modules(env: Env) -> dict[str, types.ModuleType]:
     bound = {name: type(name, (cls,), {"env": env}) for name, cls in
              (("NxDModel", NxDModel), ("NxDOptimizer", NxDOptimizer), ("NeuronZero1Optimizer", Zero1Optimizer),
               ("NxDPPModel", nxd_pp.NxDPPModel))}
+    bound["NxDOptimizer"].grads = api[nxd_api.GRADS]
     mappings, loss_functions = api[nxd_api.MAPPINGS], api[nxd_api.LOSS_FUNCTIONS]
     utils = _utils(env)
     trainer = _trainer(env, initialize, bound)
@@ -365,8 +410,8 @@ def _model_parallel_initializer(env: Env) -> Callable[..., None]:
         cp = min(context_parallel_size, world)
         if world % (tp * pp * cp):
             raise RuntimeError(f"invalid implied data parallel degree: `world_size` ({world}) is not divisible by "
-                               f"tensor_model_parallel_size ({tp}) x pipeline_model_parallel_size ({pp}) x "
-                               f"context_parallel_size ({cp})")
+                               f"tensor_model_parallel_size ({tp}) x pipeline_model_parallel_size ({pp})"
+                               f"context_parallel_size ({cp})")  # sic: NxD's message joins these two
         if cp != 1 or expert_model_parallel_size != 1 or skip_collective_init or mesh_only:
             raise NotImplementedError("the doubles model tensor and pipeline parallelism only")
         if tp != 1 or pp * tp != world:
@@ -452,23 +497,32 @@ def extracting() -> bool:
 
 
 def _host_copy(data: Any) -> Any:
-    if isinstance(data, torch.Tensor):
-        return data.detach().to("cpu", copy=True)
-    if isinstance(data, dict):
-        return {k: _host_copy(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return type(data)(_host_copy(v) for v in data)
-    return data
+    return _rewrite(data, lambda t: t.detach().to("cpu", copy=True), {})
 
 
 def _zeros_like(data: Any) -> Any:
+    return _rewrite(data, lambda t: torch.zeros_like(t, device="cpu"), {})
+
+
+def _rewrite(data: Any, convert: Callable[[torch.Tensor], torch.Tensor], done: dict[int, Any]) -> Any:
+    """torch-xla's ``for_each_instance_rewrite`` (torch_xla/utils/utils.py 165-211), as NxD's
+    ``move_all_tensor_to_cpu`` applies it (``ToXlaTensorArena``, xla_model.py 298-342): dicts come back as plain
+    dicts, lists and tuples as lists, sets as sets, and an object met twice is converted once (the same result
+    in both places)."""
+    if id(data) in done:
+        return done[id(data)]
     if isinstance(data, torch.Tensor):
-        return torch.zeros_like(data, device="cpu")
-    if isinstance(data, dict):
-        return {k: _zeros_like(v) for k, v in data.items()}
-    if isinstance(data, (list, tuple)):
-        return type(data)(_zeros_like(v) for v in data)
-    return data
+        result: Any = convert(data)
+    elif isinstance(data, dict):
+        result = {_rewrite(k, convert, done): _rewrite(v, convert, done) for k, v in data.items()}
+    elif isinstance(data, set):
+        result = {_rewrite(x, convert, done) for x in data}
+    elif isinstance(data, (list, tuple)):
+        result = [_rewrite(x, convert, done) for x in data]
+    else:
+        return data
+    done[id(data)] = result
+    return result
 
 
 def _trainer(env: Env, initialize: Callable[..., None], bound: dict[str, type]) -> types.ModuleType:
@@ -553,10 +607,13 @@ def zero1_bucket_cap(use_master_weights: bool) -> int:
 
 
 def _move_in_waves(env: Env, module: nn.Module, sequential_move_factor: int) -> None:
-    """NxD's ``get_model_sequential``: the local ranks move their model to the device in waves of
-    `sequential_move_factor`, every rank meeting at a rendezvous after each wave."""
-    local_world = dist.get_world_size() if dist.is_initialized() else 1  # one node in the doubles
+    """NxD's ``get_model_sequential`` (utils/model_utils.py 335-356 at v2.28.0): the ranks of a node move their
+    model to the device in waves of `sequential_move_factor` local ordinals, every rank meeting at a rendezvous
+    after each wave; the waves are counted over the node's processes (``get_local_world_size``,
+    parallel_layers/utils.py 246-256: torch-xla's ``local_process_count()`` on Neuron)."""
+    local_rank, local_world = local_ordinal(), local_process_count()
     for wave in range(math.ceil(local_world / sequential_move_factor)):
-        if env.rank() // sequential_move_factor == wave:
+        if local_rank // sequential_move_factor == wave:
             module.to(torch.device("cpu"))
+            env.log.calls["moved_in_wave"] = wave
         env.rendezvous(f"get_model_sequential{wave}")

@@ -14,7 +14,11 @@
   the global ordinal;
 - ``xm.set_rng_state`` takes an unsigned 64-bit seed only (TypeError otherwise, as its pybind11 binding);
 - ``xm.rendezvous`` takes a ``bytes`` payload only (TypeError) and all replicas only
-  (ValueError), syncs, meets the other ranks and returns every rank's payload;
+  (ValueError), syncs, meets the other ranks, syncs again (and a third time when a payload is
+  not empty: its all-gathers are graphs of their own) and returns every rank's payload;
+- ``xm.get_rng_state`` / ``set_rng_state`` play torch's lazy-tensor generator (`env.XlaLog.sync`,
+  `env.XlaLog.random_op`): every sync steps the seed, every random op NxD's model wrapper traces
+  steps the running seed that ``get_rng_state`` returns;
 - ``xm.all_reduce`` with one replica in the world returns a clone and ignores ``scale``
   (as torch-xla 2.9 does unless ``XLA_ALWAYS_ALLREDUCE``); otherwise it sums over this
   rank's group of ``groups``, all ranks when ``groups`` is None (a gloo all-reduce when
@@ -50,6 +54,10 @@ import torch.utils.checkpoint
 import torch.distributed as dist
 
 from .env import ON_DEVICE, PACKAGE_ROOT, Env, XlaLog, bmojo_caller, fake_module
+
+# What the graph between a rendezvous' first two syncs holds: the all-gather of every replica's payload size
+# (the same graph at every rendezvous, so it compiles once).
+RENDEZVOUS_GRAPH = [("all_gather", "None", "0", "(1,)", "torch.int32")]
 
 
 def _deprecated(log: XlaLog, name: str, replacement: str) -> None:
@@ -111,14 +119,14 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
         return device
 
     def get_rng_state(device=None):
-        return log.rng
+        return log.rng  # the running seed (init_python_bindings.cpp 752-755: GetRunningSeed)
 
     def set_rng_state(seed, device=None):
         # torch-xla 2.9 hands the seed to ``_xla_set_rng_seed(uint64_t seed, ...)`` (csrc/init_python_bindings.cpp):
         # pybind11 refuses a float or an int outside [0, 2**64) with a TypeError
         if isinstance(seed, float) or not hasattr(seed, "__index__") or not 0 <= operator.index(seed) < 2**64:
             raise TypeError(f"_xla_set_rng_seed(): incompatible function arguments (seed: uint64), got {seed!r}")
-        log.rng = operator.index(seed)
+        log.set_seed(operator.index(seed))
 
     def get_local_ordinal():
         return local_ordinal()  # xla_model.py 86-94: still there in 2.9, not deprecated
@@ -127,16 +135,25 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
         return (local_ordinal() if local else global_ordinal()) == 0  # xla_model.py 97-110
 
     def rendezvous(tag, payload=b"", replicas=[]):
-        if replicas and len(replicas) != world_size():  # xla_rendezvous: all replicas or none named
+        """``xla_rendezvous`` (xla_model.py 1306-1358): a sync, an all-gather of the payload sizes and a second
+        sync; when some payload is not empty, an all-gather of the padded payloads and a third sync."""
+        if replicas and len(replicas) != world_size():  # all replicas or none named
             raise ValueError("Only global rendezvous is supported")
         if not isinstance(payload, bytes):
             raise TypeError("`payload` must be bytes, not {}".format(type(payload)))
-        sync()  # torch-xla 2.9's rendezvous syncs first (then exchanges payloads with collectives)
+        sync()
         log.rendezvous.append(tag)
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return [payload]
-        payloads: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(payloads, payload)  # every rank waits for all: a barrier
+        payloads: list[Any] = [payload]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            payloads = [None] * dist.get_world_size()
+            dist.all_gather_object(payloads, payload)  # every rank waits for all: a barrier
+        log.trace("all_gather", None, 0, (1,), torch.int32)  # the sizes: RENDEZVOUS_GRAPH
+        sync()
+        longest = max(len(p) for p in payloads)
+        if longest < 1:
+            return [b"" for _ in payloads]
+        log.trace("all_gather", None, 0, (longest,), torch.uint8)  # the payloads, padded to the longest
+        sync()
         return payloads
 
     env.rendezvous = rendezvous
@@ -167,14 +184,6 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
     def global_ordinal():
         return env.rank()
 
-    def local_ordinal():
-        # runtime.py 143-149: PJRT_LOCAL_PROCESS_RANK x devices per process (1 on Neuron) + the device index (0);
-        # under torchrun torch-xla's Neuron set-up (_internal/neuron.py 49-89) sets that variable from LOCAL_RANK
-        # when torch_xla is imported
-        from torch.distributed import is_torchelastic_launched
-        name = "LOCAL_RANK" if is_torchelastic_launched() else "PJRT_LOCAL_PROCESS_RANK"
-        return int(os.environ.get(name, "0"))
-
     def torch_xla_device(index=None):
         return device
 
@@ -195,6 +204,25 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
             "torch_xla.distributed.parallel_loader", MpDeviceLoader=MpDeviceLoader, ParallelLoader=ParallelLoader),
         "torch_xla.distributed.xla_backend": fake_module("torch_xla.distributed.xla_backend"),
     }
+
+
+def local_ordinal() -> int:
+    """``runtime.local_ordinal()`` (runtime.py 143-149): ``PJRT_LOCAL_PROCESS_RANK`` x devices per process (1 on
+    Neuron) + the device index (0); under torchrun torch-xla's Neuron set-up sets that variable from
+    ``LOCAL_RANK`` when torch_xla is imported (_internal/neuron.py 89)."""
+    return _pjrt_env("PJRT_LOCAL_PROCESS_RANK", "LOCAL_RANK", "0")
+
+
+def local_process_count() -> int:
+    """``runtime.local_process_count()`` (runtime.py 96-98): ``PJRT_LOCAL_PROCESS_COUNT``, 1 when unset; under
+    torchrun torch-xla's Neuron set-up sets it from ``LOCAL_WORLD_SIZE`` (_internal/neuron.py 71-72)."""
+    return _pjrt_env("PJRT_LOCAL_PROCESS_COUNT", "LOCAL_WORLD_SIZE", "1")
+
+
+def _pjrt_env(name: str, torchrun_name: str, default: str) -> int:
+    from torch.distributed import is_torchelastic_launched
+
+    return int(os.environ.get(torchrun_name if is_torchelastic_launched() else name, default))
 
 
 class ParallelLoader:
