@@ -153,6 +153,7 @@ def cli_arguments(words: list[str]) -> list[list[str]]:
 
 
 def filled_in(args: list[str]) -> list[str]:
+    """`args` with the docs' placeholders replaced (`PLACEHOLDERS`) and shell variables dropped."""
     out = []
     for arg in args:
         key, equals, value = arg.rpartition("=")
@@ -170,8 +171,10 @@ def commands_in(lines: list[str], first: int, where: str) -> list[tuple[str, lis
     (``[key=value ...]``) are left out."""
     commands = []
     for number, line in shell_lines(lines, first):
-        if "bmojo-neuron" in line or "bmojo_neuron.cli" in line:
-            for args in cli_arguments(shlex.split(line.replace("$T", "mqar"), comments=True)):
+        if "bmojo-neuron" not in line and "bmojo_neuron.cli" not in line:
+            continue
+        for variant in sorted({line.replace("$T", kind) for kind in ("mqar", "text")}):  # priming.md's T=mqar|text
+            for args in cli_arguments(shlex.split(variant, comments=True)):
                 if args and not any(arg.startswith("[") for arg in args):
                     commands.append((f"{where}:{number}", filled_in(args)))
     return commands
@@ -306,6 +309,52 @@ def test_prime_options_of_documented_commands_are_bmojo_options():
     assert sum(bool(parse_args(build_parser(), args).overrides) for _, args in primes) >= 4
 
 
+RECIPE_KEY = re.compile(r"(?<![\w./-])(run|data|model|optim|train|eval|checkpoint|parallel|init|distill)\.(\w+)(?=$|=)")
+
+
+FILE_SUFFIXES = {"md", "json", "jsonl", "py", "yaml", "sbatch", "png", "txt", "pt", "log"}
+
+
+def recipe_keys() -> dict[str, set[str]]:
+    """Every valid ``section.key`` of a recipe, by section (``model``: the `BMojoConfig` arguments)."""
+    import dataclasses
+    import inspect
+
+    from bmojo_neuron import BMojoConfig
+    from bmojo_neuron import recipes
+
+    sections = {"run": recipes.RunSection, "optim": recipes.OptimSection, "train": recipes.TrainSection,
+                "eval": recipes.EvalSection, "checkpoint": recipes.CheckpointSection,
+                "parallel": recipes.ParallelSection, "init": recipes.InitSection, "distill": recipes.DistillSection}
+    keys = {name: {field.name for field in dataclasses.fields(cls)} for name, cls in sections.items()}
+    keys["data"] = {field.name for cls in (recipes.MqarDataSection, recipes.TextDataSection)
+                    for field in dataclasses.fields(cls)}
+    keys["model"] = set(inspect.signature(BMojoConfig).parameters)
+    return keys
+
+
+def test_recipe_keys_named_in_the_prose_exist():
+    """An inline `section.key` or `section.key=value` of the docs' prose names a real recipe key. File names
+    (`data.md`, `parallel.json`) are not keys, and `model.x` alone is as often a parameter name
+    (`model.embed_tokens`), so the model section is checked where a value follows."""
+    keys = recipe_keys()
+    problems, checked = [], 0
+    for doc in DOCS:
+        for number, line in prose_lines(doc):
+            for span in INLINE_CODE.findall(line):
+                for word in span.strip("`").split():
+                    found = RECIPE_KEY.match(word)
+                    if (not found or found.group(2) in FILE_SUFFIXES
+                            or (found.group(1) == "model" and "=" not in word)):
+                        continue
+                    checked += 1
+                    section, key = found.groups()
+                    if key not in keys[section]:
+                        problems.append(f"{doc.relative_to(ROOT)}:{number}: {section}.{key}")
+    assert not problems, "not recipe keys:\n" + "\n".join(problems)
+    assert checked > 100
+
+
 # --- Python snippets -----------------------------------------------------------------------------------------
 
 def python_blocks(doc: Path) -> list[str]:
@@ -357,6 +406,7 @@ def tiny_runs(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.filterwarnings("ignore:.pin_memory. argument")  # Trainer on a machine without an accelerator
 def test_hf_md_python_snippets_run(tiny_runs):
     """docs/hf.md's blocks, in order, in one namespace: loading, a padded batch through `generate`, and
     `Trainer`. What the prose leaves to the reader is given: the tokenizer and model of the text export,
