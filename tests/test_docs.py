@@ -427,7 +427,7 @@ def test_hf_md_python_snippets_run(tiny_runs):
     assert out.shape[0] == 2 and out.shape[1] <= batch["input_ids"].shape[1] + 20
     assert bool((batch["attention_mask"][0] == 0).any())  # left-padded: the short prompt's row
 
-    rows = torch.randint(1, 256, (8, 16)).tolist()
+    rows = torch.randint(1, 256, (8, 16), generator=torch.Generator().manual_seed(0)).tolist()
     namespace["dataset"] = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows})
     before = {k: v.clone() for k, v in namespace["model"].state_dict().items()}
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
