@@ -20,6 +20,8 @@ import os
 import socket
 from pathlib import Path
 
+from bmojo_neuron.compile_cache.location import is_s3
+
 MOUNTINFO = Path("/proc/self/mountinfo")
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre")
 
@@ -74,9 +76,10 @@ def shared_cache_problem(cache_dir: str, nodes: int, mountinfo: str | None = Non
                          hostname: str | None = None) -> str | None:
     """Why `cache_dir` cannot serve a run on `nodes` nodes, or None: one folder on a network filesystem.
 
-    A folder named after this host is the guide's own workaround (one folder per instance) and passes.
+    A folder named after this host is the guide's own workaround (one folder per instance) and passes, and
+    so does an ``s3://`` cache (each node's compiler reads and writes the bucket; no shared folder).
     """
-    if nodes <= 1 or names_this_host(cache_dir, hostname):
+    if nodes <= 1 or is_s3(cache_dir) or names_this_host(cache_dir, hostname):
         return None
     fs_type = filesystem_type(cache_dir, mountinfo)
     if fs_type not in NETWORK_FILESYSTEMS:
