@@ -1,10 +1,15 @@
-"""`bmojo-neuron plan RECIPE [key=value ...]`: the Trn1 launch plan of a recipe, without running anything."""
+"""`bmojo-neuron plan RECIPE [key=value ...]`: the Trn1 launch plan of a recipe, without running anything.
+
+``--check-graph`` adds the CPU trace of the recipe's training step and what neuronx-cc would refuse in it
+(`bmojo_neuron.training.step_graph`; docs/trn1.md, "Checking the graph before the first compile").
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 from bmojo_neuron.cli import register_command
@@ -53,14 +58,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_graph(recipe: str, overrides: list[str]) -> Any:
-    """The graph check of the recipe's training step, with its progress on stderr."""
-    from bmojo_neuron.training.step_graph import check_recipe_graph
-
+    """The graph check of the recipe's training step, with its progress on stderr; its time includes loading
+    torch and the model code."""
     def progress(line: str) -> None:
         print(f"graph check: {line}", file=sys.stderr, flush=True)
 
+    start = time.monotonic()
     progress(f"{recipe}: loading torch and the model")
-    return check_recipe_graph(recipe, overrides, progress)
+    from bmojo_neuron.training.step_graph import check_recipe_graph
+
+    check = check_recipe_graph(recipe, overrides, progress)
+    return check._replace(seconds=time.monotonic() - start)
 
 
 def check_lines(check: Any) -> list[str]:

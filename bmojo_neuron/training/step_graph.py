@@ -26,12 +26,17 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import ExportedProgram
 from torch.fx import Graph, Node
 from torch.utils import _pytree as pytree
 
 from bmojo_neuron import ops
 from bmojo_neuron.compiler_rules import Violation, compiler_violations, op_name, source_line
+from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
+from bmojo_neuron.priming.distill import freeze_shared
+from bmojo_neuron.recipes import load_recipe
+from bmojo_neuron.training.objective import objective_for
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # aten ops whose output shape or value must be read back from the device.
@@ -178,11 +183,6 @@ def fake_training_step(name: str, overrides: list[str] | None = None) -> tuple[A
     The recipe is loaded with `overrides`, then its depth is reduced (`one_layer_per_kind`); the model is
     built in the recipe's training dtype (`.to(dtype)` cannot swap tied fake weights).
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
-    from bmojo_neuron.recipes import load_recipe
-
     overrides = list(overrides or [])
     pattern = one_layer_per_kind(load_recipe(name, overrides).model_config().layer_pattern)
     recipe = load_recipe(name, [*overrides, f"model.num_hidden_layers={len(pattern)}",
@@ -203,9 +203,6 @@ def fake_training_step(name: str, overrides: list[str] | None = None) -> tuple[A
 def training_loss(recipe: Any, model: nn.Module) -> TrainingLoss:
     """The module whose export is the recipe's training step: its objective, with a distill recipe's frozen
     source weights marked as such (they get no gradient)."""
-    from bmojo_neuron.priming.distill import freeze_shared
-    from bmojo_neuron.training.objective import objective_for
-
     if recipe.distill is not None:
         freeze_shared(model, recipe.model_config())
     return TrainingLoss(model, objective_for(recipe))
