@@ -81,9 +81,14 @@ def op_name(target) -> str | None:
 
 
 def source_line(node: Node) -> str:
-    """'at File "...", line N, in fn' of the innermost frame that made `node`, if recorded."""
+    """'at File "...", line N, in fn' of the innermost frame that made `node`, if recorded.
+
+    Frames of code torch.fx generated (``File "<eval_with_key>.N ..."``) are left out: a joint graph
+    derived from an exported one records only those, which name no line of the model.
+    """
     trace = (node.meta.get("stack_trace") or "").splitlines()
-    frames = [line.strip() for line in trace if line.strip().startswith("File ")]
+    frames = [line.strip() for line in trace
+              if line.strip().startswith("File ") and not line.strip().startswith('File "<eval_with_key>')]
     return f"at {frames[-1]}" if frames else ""
 
 

@@ -74,6 +74,57 @@ def test_pypi_placeholders_are_reported_as_such(monkeypatch):
     require_neuron_if_needed(TRN1, ["run.device=cpu"])  # another device needs nothing
 
 
+# ------------------------------------------------------------------ the compile cache of a multi-node run
+
+
+@pytest.fixture
+def trn1_cache_on_lustre(monkeypatch, tmp_path):
+    """A Trainium train on this machine (the Neuron check passed), its cache folder (NEURON_CC_FLAGS, as the plan
+    exports it) on a Lustre mount, and the data path missing: the check after the cache's is the data's."""
+    import bmojo_neuron.compile_cache.shared_fs as shared_fs
+    from bmojo_neuron.commands import train
+
+    cache = tmp_path / "fsx" / "neuron-compile-cache"
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text("22 1 259:1 / / rw,relatime shared:1 - ext4 /dev/root rw\n"
+                         f"90 22 0:50 / {tmp_path / 'fsx'} rw,relatime shared:40 - lustre 10.0.0.5@tcp:/fsx rw\n")
+    monkeypatch.setattr(shared_fs, "MOUNTINFO", mountinfo)
+    monkeypatch.setattr(train, "require_neuron_if_needed", lambda name, overrides: None)
+    monkeypatch.setenv("NEURON_CC_FLAGS", f"--model-type transformer --cache_dir={cache} -O1")
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "64", "LOCAL_WORLD_SIZE": "32"}.items():
+        monkeypatch.setenv(name, value)  # node 0 of two, as torchrun --nnodes 2 --nproc-per-node 32 sets them
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    return cache
+
+
+def _train_trn1(tmp_path, *overrides) -> list[str]:
+    return ["train", TRN1, f"data.path={tmp_path / 'no-data'}", "--output-dir", str(tmp_path / "run"), *overrides]
+
+
+def test_a_multi_node_train_refuses_a_cache_folder_all_nodes_share(capsys, tmp_path, trn1_cache_on_lustre):
+    """Neuron's training troubleshooting guide: one cache folder shared by several instances over NFS/EFS/FSx
+    fails multi-instance runs. `train` under torchrun on 2 nodes refuses it first, as `precompile --nodes 2`."""
+    assert cli.main(_train_trn1(tmp_path)) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and not (tmp_path / "run").exists()
+    assert err.startswith(f"error: the compile cache {trn1_cache_on_lustre} is on lustre, so all 2 nodes would "
+                          "share one cache folder")
+    assert "bmojo-neuron cache push/pull" in err and "(the cache comes from --cache_dir in NEURON_CC_FLAGS)" in err
+
+
+@pytest.mark.parametrize("env", [
+    {"WORLD_SIZE": "32", "LOCAL_WORLD_SIZE": "32"},  # one node of 32 ranks: its own folder, wherever it is
+    {"NEURON_CC_FLAGS": "--cache_dir=s3://bucket/neuron-cache"},  # every node's compiler uses the bucket
+])
+def test_one_node_or_an_s3_cache_passes_the_check(capsys, monkeypatch, tmp_path, trn1_cache_on_lustre, env):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(trn1_cache_on_lustre.parent.parent)  # an s3:// URL is no folder under the working directory
+    assert cli.main(_train_trn1(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "compile cache" not in err and "no-data" in err  # stopped by the next check, the data's
+
+
 # ------------------------------------------------------------------ --recipe
 
 

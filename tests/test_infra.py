@@ -679,7 +679,8 @@ def stub_filesystem(env: dict[str, str], fs_type: str) -> None:
     stub.chmod(0o755)
 
 
-@pytest.mark.parametrize("fs_type", ["lustre", "nfs"])  # FSx for Lustre; NFS, EFS and FSx for ONTAP/OpenZFS
+# FSx for Lustre; NFS, EFS and FSx for ONTAP/OpenZFS; SMB (FSx for Windows), as GNU stat -f names them
+@pytest.mark.parametrize("fs_type", ["lustre", "nfs", "cifs", "smb2"])
 def test_sbatch_refuses_a_compile_cache_all_nodes_share(tmp_path, fs_type):
     """Neuron's training troubleshooting guide: one cache folder shared by several instances over NFS/EFS/FSx
     fails multi-instance runs; the job stops before the plan, naming the node-local + S3 alternative."""

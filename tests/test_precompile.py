@@ -168,6 +168,10 @@ def test_dry_run_runs_nothing(setup, capsys):
     assert code == 0 and not setup["record"].exists()
     assert "neuron_parallel_compile torchrun --nproc-per-node 2" in out and "train.steps=3" in out
     assert f"--cache_dir={setup['cache']}" in out and f"found at {setup['bin']}" in out
+    # the graph check is plan's (too slow for every dry run): the line to run it, with the same overrides
+    graph_check = shlex.join(["bmojo-neuron", "plan", RECIPE, *setup["overrides"], "--check-graph"])
+    assert f"  the step graph against neuronx-cc's refusals: not run here (a minute or more, any machine): " \
+           f"{graph_check}\n" in out
 
 
 def test_missing_tool_names_the_neuron_packages(setup, capsys, monkeypatch):

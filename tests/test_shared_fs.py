@@ -17,6 +17,21 @@ MOUNTINFO = "\n".join([
     "93 90 259:2 / /fsx/local rw,relatime shared:43 - xfs /dev/nvme1n1 rw",
     "94 22 0:53 / /var/tmp/neuron-compile-cache rw,relatime shared:44 master:2 - ext4 /dev/nvme2n1 rw",
 ]) + "\n"
+# Network filesystems other than NFS and Lustre, as mountinfo names them: SMB (FSx for Windows) through the
+# kernel's cifs client under both of its type names, and FUSE daemons, with their subtype or (none set) with
+# their name as the mount source; beside them local FUSE mounts that must not count.
+OTHER_MOUNTS = "\n".join([
+    "22 1 259:1 / / rw,relatime shared:1 - ext4 /dev/nvme0n1p1 rw",
+    "100 22 0:60 / /mnt/smb rw,relatime shared:50 - cifs //fs-1.corp.example.com/share rw,vers=3.1.1",
+    "101 22 0:61 / /mnt/smb3 rw,relatime shared:51 - smb3 //10.0.0.12/cache rw,vers=3.0",
+    "102 22 0:62 / /mnt/s3fs rw,nosuid,nodev,relatime shared:52 - fuse.s3fs s3fs rw,user_id=0,group_id=0",
+    "103 22 0:63 / /mnt/bucket rw,nosuid,nodev,relatime shared:53 - fuse.mountpoint-s3 mountpoint-s3 rw,user_id=0",
+    "104 22 0:64 / /mnt/bucket2 rw,nosuid,nodev,relatime shared:54 - fuse mountpoint-s3 rw,user_id=0,group_id=0",
+    "105 22 0:65 / /mnt/ssh rw,nosuid,nodev,relatime shared:55 - fuse.sshfs ubuntu@10.0.0.9:/data rw,user_id=0",
+    "106 22 0:66 / /var/lib/lxcfs rw,nosuid,nodev,relatime shared:56 - fuse.lxcfs lxcfs rw,user_id=0",
+    "107 22 8:17 / /mnt/usb rw,relatime shared:57 - fuseblk /dev/sdb1 rw,user_id=0,group_id=0,allow_other",
+    "108 22 0:67 / /mnt/local-fuse rw,nosuid,nodev,relatime shared:58 - fuse myfs rw,user_id=0",
+]) + "\n"
 
 
 @pytest.mark.parametrize("path, fs_type", [
@@ -47,6 +62,35 @@ def test_shared_cache_problem(path, nodes, refused):
     assert (problem is not None) == refused
     if refused:
         assert problem.startswith(f"the compile cache {path} is on ") and f"all {nodes} nodes" in problem
+
+
+@pytest.mark.parametrize("path, named", [
+    ("/mnt/smb/neuron-cache", "cifs"),
+    ("/mnt/smb3/neuron-cache", "smb3"),
+    ("/mnt/s3fs/neuron-cache", "fuse.s3fs"),
+    ("/mnt/bucket/neuron-cache", "fuse.mountpoint-s3"),
+    ("/mnt/bucket2/neuron-cache", "fuse (mountpoint-s3)"),  # no subtype: the daemon's name is the source
+    ("/mnt/ssh/neuron-cache", "fuse.sshfs"),
+])
+def test_smb_and_network_fuse_mounts_are_shared_filesystems(path, named):
+    problem = shared_cache_problem(path, 2, OTHER_MOUNTS, hostname="trn1-st-trn1-1")
+    assert problem is not None and problem.startswith(f"the compile cache {path} is on {named}, so all 2 nodes")
+    assert shared_cache_problem(path, 1, OTHER_MOUNTS, hostname="trn1-st-trn1-1") is None
+
+
+@pytest.mark.parametrize("path", ["/var/lib/lxcfs/cache", "/mnt/usb/cache", "/mnt/local-fuse/cache", "/opt/cache"])
+def test_local_fuse_mounts_are_not(path):
+    """The FUSE type alone does not say where the files are: lxcfs (the host's /proc), ntfs-3g (fuseblk: a
+    local disk) and an unknown daemon pass."""
+    assert shared_cache_problem(path, 4, OTHER_MOUNTS, hostname="trn1-st-trn1-1") is None
+
+
+def test_an_s3_cache_is_never_a_shared_folder(monkeypatch):
+    """An s3:// URL is not a path: under a working directory on Lustre it would otherwise read as one there."""
+    monkeypatch.chdir("/")
+    on_lustre = "22 1 259:1 / / rw,relatime shared:1 - lustre 10.0.0.5@tcp:/fsx rw\n"
+    assert shared_cache_problem("s3://bucket/neuron-cache", 4, on_lustre, hostname="h") is None
+    assert shared_cache_problem("s3:/bucket/neuron-cache", 4, on_lustre, hostname="h") is not None
 
 
 def test_unreadable_mountinfo_says_nothing(monkeypatch, tmp_path):

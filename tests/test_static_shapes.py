@@ -22,6 +22,8 @@ each kind in the pattern; the layers of a kind are the same graph), the micro-ba
 the gradients) and, where recipes differ only in width
 (hidden size, head counts: 130m and 370m), the wider one is represented by the
 narrower. The negative tests show that the same check rejects each banned construct.
+The export and the scans are `bmojo_neuron.training.step_graph`, which `bmojo-neuron plan
+--check-graph` runs for one recipe (tests/test_plan_graph_check.py).
 """
 
 from __future__ import annotations
@@ -29,132 +31,27 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
-from torch.fx import Graph, Node
-from torch.utils import _pytree as pytree
+from torch.fx import Graph
 
 from bmojo_neuron import ops
-from bmojo_neuron.compiler_rules import compiler_violations, op_name, source_line
+from bmojo_neuron.compiler_rules import compiler_violations
 from bmojo_neuron.recipes import load_recipe, repository_root
+from bmojo_neuron.training.step_graph import (
+    CompilerRuleViolation,
+    StaticShapeViolation,
+    TrainingLoss,
+    export_training_step,
+    fake_training_step,
+    graph_violations,
+    joint_program,
+    one_layer_per_kind,
+    training_loss,
+)
 
 TRN1_RECIPES = sorted(f"trn1/{p.stem}" for p in (repository_root() / "recipes" / "trn1").glob("*.yaml"))
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-# aten ops whose output shape or value must be read back from the device.
-BANNED_OPS = frozenset({
-    "nonzero", "nonzero_numpy", "argwhere", "masked_select", "unique", "_unique", "_unique2",
-    "unique_dim", "unique_consecutive", "item", "_local_scalar_dense",
-})
 # How Dynamo words its refusal of `if tensor...:` / `bool(tensor)` (the wording varies by version).
 DATA_DEPENDENT_BRANCH = r"(?i)data-dependent (branching|expression)"
-INDEX_OPS = frozenset({"index", "_unsafe_index", "index_put", "index_put_", "_unsafe_index_put", "_index_put_impl_"})
-
-
-class StaticShapeViolation(AssertionError):
-    """The traced training step has a data-dependent shape, a host sync or a value branch."""
-
-
-class CompilerRuleViolation(AssertionError):
-    """The traced training step has an op, dtype or constant that neuronx-cc refuses (`compiler_rules`)."""
-
-
-# ----------------------------------------------------------------------------- the check
-def _bool_index(node: Node) -> bool:
-    """An index/index_put whose indices include a boolean mask (a hidden nonzero)."""
-    indices = node.args[1] if len(node.args) > 1 else ()
-    return any(
-        isinstance(i, Node) and isinstance(i.meta.get("val"), torch.Tensor) and i.meta["val"].dtype == torch.bool
-        for i in indices or ()
-    )
-
-
-def _symbolic(value) -> bool:
-    """A SymInt/SymFloat/SymBool, or a tensor with a symbolic size: something read from data."""
-    for leaf in pytree.tree_leaves(value):
-        if isinstance(leaf, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-            return True
-        if isinstance(leaf, torch.Tensor) and not all(type(size) is int for size in leaf.shape):
-            return True
-    return False
-
-
-def graph_violations(graph: Graph) -> list[str]:
-    """Every node of `graph` that is a banned op, a boolean-mask index, or has a non-static value."""
-    problems = []
-    for node in graph.nodes:
-        if node.op not in ("call_function", "placeholder"):
-            continue
-        name = op_name(node.target)
-        where = source_line(node)
-        if name in BANNED_OPS:
-            problems.append(f"{node.name}: aten.{name} (data-dependent result or host sync) {where}")
-        elif name in INDEX_OPS and _bool_index(node):
-            problems.append(f"{node.name}: aten.{name} with a boolean mask (data-dependent shape) {where}")
-        elif _symbolic(node.meta.get("val")):
-            problems.append(f"{node.name}: {node.target} has a data-dependent (symbolic) value {node.meta['val']}")
-    return problems
-
-
-def _fail_on(graph: Graph, what: str) -> None:
-    problems = graph_violations(graph)
-    if problems:
-        raise StaticShapeViolation(f"{what} graph is not static:\n  " + "\n  ".join(problems[:20]))
-    refused = [str(v) for v in compiler_violations(graph)]
-    if refused:
-        raise CompilerRuleViolation(f"neuronx-cc would refuse the {what} graph:\n  " + "\n  ".join(refused[:20]))
-
-
-def joint_program(forward: ExportedProgram) -> ExportedProgram:
-    """Forward + backward graph of `forward` (output 0 is the loss), as autograd emits it.
-
-    No decomposition table: the ops stay those torch-xla lowers (and tracing is faster
-    than `torch.export.experimental._export_forward_backward`'s core-ATen pass).
-    """
-    from torch.export.exported_program import _decompose_exported_program
-
-    return _decompose_exported_program(
-        forward, cia_to_decomp={}, python_decomp_table={}, joint_loss_index=0, decompose_custom_triton_ops=False
-    )
-
-
-def export_training_step(module: nn.Module, args: tuple) -> tuple[ExportedProgram, ExportedProgram]:
-    """Strict `torch.export` of `module(*args)` (a scalar loss) and its joint forward+backward.
-
-    Raises `StaticShapeViolation` when Dynamo refuses the code (a branch on a tensor
-    value, an unsupported host sync) or when either graph has a banned op or a
-    symbolic shape, and `CompilerRuleViolation` when either graph breaks a rule of
-    neuronx-cc's error-code pages (`bmojo_neuron.compiler_rules`). Returns (forward
-    program, joint program).
-    """
-    try:
-        forward = torch.export.export(module, args, strict=True)
-    except Exception as err:  # Dynamo's refusals have many types; all mean "not one static graph"
-        raise StaticShapeViolation(f"torch.export (strict) failed: {type(err).__name__}: {err}") from err
-    _fail_on(forward.graph, "forward")
-    joint = joint_program(forward)
-    _fail_on(joint.graph, "forward+backward")
-    return forward, joint
-
-
-# ----------------------------------------------------------------------------- the model
-class TrainingLoss(nn.Module):
-    """What the training step differentiates: the recipe's objective (default: the model's own loss, lm +
-    innovation aux; a distill recipe: the layer-by-layer distillation against the model's own attention)."""
-
-    def __init__(self, model: nn.Module, objective=None) -> None:
-        super().__init__()
-        self.model = model
-        self.objective = objective
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.objective is not None:
-            return self.objective(self.model, input_ids, labels)[0]
-        return self.model(input_ids, labels=labels).loss  # the training loop passes no attention_mask
-
-
-def _one_layer_per_kind(pattern: str) -> str:
-    return "".join(dict.fromkeys(pattern))
 
 
 def _kept_settings(name: str) -> tuple:
@@ -162,7 +59,7 @@ def _kept_settings(name: str) -> tuple:
     recipe = load_recipe(name)
     c = recipe.model_config()
     return (
-        recipe.data.block_size, recipe.train.precision, _one_layer_per_kind(c.layer_pattern), c.vocab_size,
+        recipe.data.block_size, recipe.train.precision, one_layer_per_kind(c.layer_pattern), c.vocab_size,
         c.head_dim, c.num_attention_heads // c.num_key_value_heads, c.window_size, c.fading_window,
         c.memory_chunk, c.memory_size, c.memory_picks, c.memory_lag, c.ssm_mixer, c.ssm_state_size,
         c.ssm_head_dim, c.ssm_n_groups, c.ssm_chunk_size, c.ssm_conv_kernel, c.tie_word_embeddings,
@@ -181,27 +78,6 @@ def _recipe_groups() -> list[list[str]]:
 RECIPE_GROUPS = _recipe_groups()
 
 
-def _fake_training_step(name: str):
-    """Fake-tensor model (one layer per kind) and inputs at the recipe's sequence length."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
-
-    pattern = _one_layer_per_kind(load_recipe(name).model_config().layer_pattern)
-    recipe = load_recipe(name, [f"model.num_hidden_layers={len(pattern)}", f"model.layer_pattern={pattern}"])
-    length = recipe.data.block_size
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(DTYPES[recipe.train.precision])  # `.to(dtype)` cannot swap tied fake weights
-    try:
-        with FakeTensorMode():
-            model = BMojoForCausalLM(recipe.model_config())
-            input_ids = torch.zeros(1, length, dtype=torch.long)
-            labels = torch.zeros(1, length, dtype=torch.long)
-    finally:
-        torch.set_default_dtype(default)
-    return recipe, model, (input_ids, labels)
-
-
 def _shapes(graph: Graph) -> set[tuple[int, ...]]:
     return {tuple(n.meta["val"].shape) for n in graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}
 
@@ -209,14 +85,9 @@ def _shapes(graph: Graph) -> set[tuple[int, ...]]:
 @pytest.mark.parametrize("names", RECIPE_GROUPS, ids=["+".join(n.removeprefix("trn1/") for n in g)
                                                      for g in RECIPE_GROUPS])
 def test_trn1_training_step_is_static(names):
-    from bmojo_neuron.priming.distill import freeze_shared
-    from bmojo_neuron.training.objective import objective_for
-
-    recipe, model, args = _fake_training_step(names[0])
-    if recipe.distill is not None:  # the frozen source weights get no gradient
-        freeze_shared(model, recipe.model_config())
+    recipe, model, args = fake_training_step(names[0])
     with ops.use_backend("torch"):  # resolved before tracing: no dispatch-table writes inside the graph
-        forward, joint = export_training_step(TrainingLoss(model, objective_for(recipe)), args)
+        forward, joint = export_training_step(training_loss(recipe, model), args)  # distill: frozen source
 
     # The graph runs the recipe's sequence shapes: memory per query chunk, SSD chunks, attention heads.
     c, length = recipe.model_config(), recipe.data.block_size
@@ -246,7 +117,7 @@ class PaddedTrainingLoss(TrainingLoss):
 def test_padded_training_step_is_static():
     # Packing is model-level code whose graph does not change with the sequence length, so the shortest
     # B'MOJO recipe (2K tokens) proves it; the 8K recipe's export takes three times as long.
-    recipe, model, (input_ids, labels) = _fake_training_step("trn1/bmojo-130m")
+    recipe, model, (input_ids, labels) = fake_training_step("trn1/bmojo-130m")
     mask = torch.ones_like(input_ids)  # a fake tensor too; its values never matter to the graph
     with ops.use_backend("torch"):
         forward, joint = export_training_step(PaddedTrainingLoss(model), (input_ids, labels, mask))

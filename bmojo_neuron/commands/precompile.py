@@ -91,7 +91,10 @@ def describe(job: TrialRun, args: argparse.Namespace, cache_url: str, cache_sour
                                cache_url=cache_url, master_port=args.master_port, output_dir=args.output_dir)
         lines += ["", "on every node (Slurm):", f"  {srun}"]
     found = f"found at {tool}" if tool else "NOT on PATH (install torch-neuronx / neuronx-cc)"
+    graph_check = shlex.join(["bmojo-neuron", "plan", plan.recipe, *plan.overrides, "--check-graph"])
     lines += ["", "checks:", "  recipe, Trainium shapes, HBM estimate: ok", f"  {TOOL}: {found}",
+              f"  the step graph against neuronx-cc's refusals: not run here (a minute or more, any machine): "
+              f"{graph_check}",
               "", "afterwards, the real run (same nodes, recipe, overrides and NEURON_CC_FLAGS) uses the cache:",
               f"  {plan.torchrun}"]
     if plan.notes:

@@ -240,6 +240,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {note}", file=sys.stderr)
     if args.dry_run:
         return dry_run(recipe, name, overrides, args)
+    if recipe.run.device == "neuron":
+        check_cache_not_shared()
     runs = plan_runs(recipe, args.output_dir)
     for variant, _ in runs:  # check every run before the first long one starts
         variant.check()
@@ -260,6 +262,19 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, or pick another "
                                  "--output-dir")
         return train_all(runs, args, recipe, main)
+
+
+def check_cache_not_shared() -> None:
+    """A run on several nodes refuses a compile cache folder on a network filesystem, as `precompile --nodes`
+    does (`compile_cache.shared_fs`): the same path would be one folder for every node."""
+    from bmojo_neuron.compile_cache import resolve_cache_dir
+    from bmojo_neuron.compile_cache.shared_fs import shared_cache_problem
+    from bmojo_neuron.parallel.layout import torchrun_nodes
+
+    url, source = resolve_cache_dir()
+    problem = shared_cache_problem(url, torchrun_nodes())
+    if problem:
+        raise ValueError(f"{problem} (the cache comes from {source})")
 
 
 def use_compile_cache(locks: contextlib.ExitStack, run_name: str) -> None:

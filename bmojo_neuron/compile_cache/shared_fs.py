@@ -6,12 +6,17 @@ compile cache folder on an NFS drive shared by several instances can fail multi-
 training (file not found, corruption, KeyError: file locking is limited on NFS, and
 "EFS/FSx also exhibit similar limitation") and asks for one cache root per instance. A
 multi-node run given one path on such a filesystem would put every node in one folder, so
-`bmojo-neuron precompile --nodes N` refuses it, unless a folder of the path is the host's
-name, the guide's own per-instance layout (docs/compile-cache.md, Multi-node).
+`bmojo-neuron precompile --nodes N` and a multi-node Trainium `train` refuse it, unless a
+folder of the path is the host's name, the guide's own per-instance layout
+(docs/compile-cache.md, Multi-node).
 
 The filesystem is read from /proc/self/mountinfo (Linux, proc(5)): the mount whose mount
 point is the longest whole-component prefix of the folder. EFS and FSx for ONTAP / OpenZFS
-mount as ``nfs4``, FSx for Lustre as ``lustre``.
+mount as ``nfs4``, FSx for Lustre as ``lustre``, SMB shares (FSx for Windows, FSx for ONTAP
+over SMB) as ``cifs`` or ``smb3``. A FUSE filesystem shows as ``fuse.<subtype>`` (or
+``fuse`` with the daemon's name as the mount source, when it sets no subtype); which FUSE
+daemons reach a network is a list of names (`NETWORK_FUSE`), since the type alone does not
+say: ``fuse.lxcfs`` or ``fuseblk`` (ntfs-3g) are local.
 """
 
 from __future__ import annotations
@@ -19,9 +24,29 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import NamedTuple
+
+from bmojo_neuron.compile_cache.location import is_s3
 
 MOUNTINFO = Path("/proc/self/mountinfo")
-NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre")
+# Kernel filesystems whose files live on a server other instances mount too.
+NETWORK_FILESYSTEMS = frozenset({"nfs", "nfs4", "lustre", "cifs", "smb3", "smbfs", "ceph", "gpfs", "beegfs", "afs"})
+# FUSE daemons that serve a network store: SSH, object stores (S3, GCS, Azure Blob), and cluster filesystems.
+NETWORK_FUSE = frozenset({"sshfs", "s3fs", "mountpoint-s3", "goofys", "rclone", "gcsfuse", "blobfuse",
+                          "blobfuse2", "juicefs", "ceph-fuse", "glusterfs"})
+
+
+class Mount(NamedTuple):
+    point: str
+    fs_type: str  # mountinfo's filesystem type: "ext4", "nfs4", "fuse.s3fs", ...
+    source: str  # mountinfo's mount source: a device, "server:/export", a FUSE daemon's name
+
+    def is_network(self) -> bool:
+        """Whether the files are on a network store (`NETWORK_FILESYSTEMS`, `NETWORK_FUSE`)."""
+        if self.fs_type in NETWORK_FILESYSTEMS:
+            return True
+        kind, _, subtype = self.fs_type.partition(".")
+        return kind == "fuse" and (subtype or self.source) in NETWORK_FUSE
 
 
 def _unescape(field: str) -> str:
@@ -31,20 +56,20 @@ def _unescape(field: str) -> str:
     return field
 
 
-def _mounts(mountinfo: str) -> list[tuple[str, str]]:
-    """(mount point, filesystem type) of every line: the 5th field, and the first field after the ``-``."""
+def _mounts(mountinfo: str) -> list[Mount]:
+    """Every line's mount: its 5th field, and the two fields after the ``-`` (type and source)."""
     mounts = []
     for line in mountinfo.splitlines():
         fields = line.split()
-        if "-" not in fields[6:]:
+        if "-" not in fields[6:] or len(fields) < fields.index("-", 6) + 3:
             continue
         dash = fields.index("-", 6)
-        mounts.append((_unescape(fields[4]), fields[dash + 1]))
+        mounts.append(Mount(_unescape(fields[4]), fields[dash + 1], _unescape(fields[dash + 2])))
     return mounts
 
 
-def filesystem_type(path: str | Path, mountinfo: str | None = None) -> str | None:
-    """The type of the filesystem that holds, or will hold, `path`; None when unknown.
+def mount_of(path: str | Path, mountinfo: str | None = None) -> Mount | None:
+    """The mount that holds, or will hold, `path`; None when unknown.
 
     The path is made absolute with its existing symlinks resolved (`os.path.realpath`; a cache folder may not
     exist yet, and every mount point does), then matched against the mount points.
@@ -55,12 +80,19 @@ def filesystem_type(path: str | Path, mountinfo: str | None = None) -> str | Non
         except OSError:  # not Linux, or no /proc: nothing to say
             return None
     folder = Path(os.path.realpath(Path(path).expanduser()))
-    best: tuple[int, str] | None = None
-    for point, fs_type in _mounts(mountinfo):
-        inside = folder == Path(point) or Path(point) in folder.parents
-        if inside and (best is None or len(point) >= best[0]):  # later lines of an equal point mount over
-            best = (len(point), fs_type)
-    return best[1] if best else None
+    best: Mount | None = None
+    for mount in _mounts(mountinfo):
+        inside = folder == Path(mount.point) or Path(mount.point) in folder.parents
+        # ">=": of two mounts on one point, the later line is the one mounted on top
+        if inside and (best is None or len(mount.point) >= len(best.point)):
+            best = mount
+    return best
+
+
+def filesystem_type(path: str | Path, mountinfo: str | None = None) -> str | None:
+    """The type of the filesystem that holds, or will hold, `path`; None when unknown (`mount_of`)."""
+    mount = mount_of(path, mountinfo)
+    return mount.fs_type if mount else None
 
 
 def names_this_host(path: str | Path, hostname: str | None = None) -> bool:
@@ -74,13 +106,15 @@ def shared_cache_problem(cache_dir: str, nodes: int, mountinfo: str | None = Non
                          hostname: str | None = None) -> str | None:
     """Why `cache_dir` cannot serve a run on `nodes` nodes, or None: one folder on a network filesystem.
 
-    A folder named after this host is the guide's own workaround (one folder per instance) and passes.
+    A folder named after this host is the guide's own workaround (one folder per instance) and passes, and
+    so does an ``s3://`` cache (each node's compiler reads and writes the bucket; no shared folder).
     """
-    if nodes <= 1 or names_this_host(cache_dir, hostname):
+    if nodes <= 1 or is_s3(cache_dir) or names_this_host(cache_dir, hostname):
         return None
-    fs_type = filesystem_type(cache_dir, mountinfo)
-    if fs_type not in NETWORK_FILESYSTEMS:
+    mount = mount_of(cache_dir, mountinfo)
+    if mount is None or not mount.is_network():
         return None
+    fs_type = f"fuse ({mount.source})" if mount.fs_type == "fuse" else mount.fs_type
     return (f"the compile cache {cache_dir} is on {fs_type}, so all {nodes} nodes would share one cache folder, "
             "which Neuron's training troubleshooting guide warns fails multi-instance runs (file locking over "
             "NFS/EFS/FSx); give each node a local cache (the default /var/tmp/neuron-compile-cache) and share "

@@ -97,6 +97,17 @@ class ProcessGroups:
         return groups
 
 
+def torchrun_nodes() -> int:
+    """How many nodes a torchrun job spans: ``WORLD_SIZE`` over ``LOCAL_WORLD_SIZE`` (the ranks of this node),
+    rounded up; 1 without torchrun. torch's elastic agent sets both for every worker
+    (`torch/distributed/elastic/agent/server/local_elastic_agent.py` lines 420-421, torch 2.13)."""
+    try:
+        world, local = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_WORLD_SIZE", 0))
+    except ValueError as error:
+        raise ValueError(f"WORLD_SIZE / LOCAL_WORLD_SIZE must be integers: {error}") from None
+    return -(-world // local) if local > 0 else 1
+
+
 def torchrun_env() -> tuple[int, int, int]:
     """``(rank, local_rank, world_size)`` from the variables torchrun sets (``(0, 0, 1)`` without it)."""
     try:

@@ -1,0 +1,116 @@
+"""`bmojo-neuron plan --check-graph`: the training step's graph scanned on CPU for neuronx-cc's refusals.
+
+The scan is `bmojo_neuron.training.step_graph` (the one `tests/test_static_shapes.py`
+runs on every trn1 recipe) with the rules of `bmojo_neuron.compiler_rules`; here the
+command around it: one line per finding with its code and error-code page, exit
+status 1 on findings, the time taken, and bad input refused before anything is traced.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from bmojo_neuron.cli import main
+from bmojo_neuron.compiler_rules import Violation
+from bmojo_neuron.training import objective, step_graph
+
+# 512 tokens (a multiple of 128 and of the recipe's memory_chunk 256) trace faster than the recipe's 2048;
+# the graph has the same ops.
+SHORT = ["data.block_size=512"]
+
+
+def plan(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["plan", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_the_shipped_recipe_passes(capsys):
+    code, out, err = plan(capsys, "trn1/bmojo-130m", "--check-graph")
+    assert code == 0, out
+    assert "tp 1 × pp 1 × dp 32" in out  # the plan is printed as without the check
+    assert re.search(r"\nno finding \(\d+\.\d s\)\n$", out), out
+    assert "layers B (one per kind" in out and "1 × 2048 tokens" in out
+    assert "graph check: forward graph:" in err and "forward+backward graph:" in err  # progress, on stderr
+    assert "Warning" not in err
+
+
+def _refusing_objective(model, input_ids, labels):
+    """The model's loss plus an integer sort (a TopK on integers) and a float64 round trip."""
+    loss, metrics = objective.causal_lm_loss(model, input_ids, labels)
+    ranks = torch.sort(labels.int(), dim=-1, stable=True).values  # NCC_EVRF013
+    return loss.double().float() + ranks.sum().to(loss.dtype) * 0, metrics  # NCC_ESPP004
+
+
+def test_a_refused_op_fails_the_check_with_its_code_and_line(capsys, monkeypatch):
+    monkeypatch.setattr(step_graph, "objective_for", lambda recipe: _refusing_objective)
+    code, out, err = plan(capsys, "trn1/bmojo-130m", *SHORT, "--check-graph")
+    assert code == 1
+    lines = out[out.index("graph check (") :].splitlines()
+    sort = [line for line in lines if line.startswith("  NCC_EVRF013 ")]
+    float64 = [line for line in lines if line.startswith("  NCC_ESPP004 ")]
+    assert len(sort) == 1 and len(float64) == 1, lines  # once each, though the joint graph repeats the forward
+    assert sort[0].startswith("  NCC_EVRF013 compiler/error-codes/EVRF013.rst: aten.sort of a torch.int32 tensor")
+    assert 'test_plan_graph_check.py", line' in sort[0] and sort[0].endswith("in _refusing_objective [forward graph]")
+    assert float64[0].startswith("  NCC_ESPP004 compiler/error-codes/ESPP004.rst: float64 is not")
+    assert re.fullmatch(r"\d+ findings: the compiler would refuse the step, .* \(\d+\.\d s\)", lines[-1])
+    assert "1 × 512 tokens" in lines[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["trn1/no-such-recipe"], "no-such-recipe"),
+    (["trn1/bmojo-130m", "data.block_size=2000"], "data.block_size"),
+])
+def test_bad_input_is_one_error_line_before_any_trace(capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(step_graph, "check_recipe_graph", lambda *a, **k: pytest.fail("traced a bad recipe"))
+    code, out, err = plan(capsys, *argv, "--check-graph")
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_json_carries_the_findings(capsys, monkeypatch):
+    found = step_graph.Finding("forward", Violation("sort", "EVRF013", "aten.sort of a torch.int64 tensor", "at x"))
+    monkeypatch.setattr(step_graph, "check_recipe_graph",
+                        lambda *a, **k: step_graph.GraphCheck([found], 1.34, "B", 2048))
+    code, out, _ = plan(capsys, "trn1/bmojo-130m", "--check-graph", "--json")
+    data = json.loads(out)
+    assert code == 1 and data["world"] == 32
+    assert data["graph_check"]["findings"] == [{"graph": "forward", "code": "NCC_EVRF013",
+                                                "page": "compiler/error-codes/EVRF013.rst",
+                                                "problem": "aten.sort of a torch.int64 tensor", "where": "at x",
+                                                "node": "sort"}]
+    assert isinstance(data["graph_check"]["seconds"], float)  # the command's own time, imports included
+    assert (data["graph_check"]["layers"], data["graph_check"]["tokens"]) == ("B", 2048)
+
+
+class _Scaled(nn.Module):
+    def __init__(self, reduce) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(4, 8))
+        self.reduce = reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reduce(self.weight * x)
+
+
+def test_the_scan_lists_each_problem_once_in_the_graph_it_first_appears():
+    """A boolean-mask gather is a static-shape finding in the forward graph (the joint graph repeats it) and
+    its backward, a boolean-mask index_put, one of the joint graph; a refusal of export itself is one finding."""
+    findings = step_graph.scan_training_step(_Scaled(lambda y: y[y > 0].sum()), (torch.randn(4, 8),))
+    lines = [str(f) for f in findings]
+    index = [line for line in lines if "aten.index with a boolean mask" in line]
+    index_put = [line for line in lines if "aten.index_put with a boolean mask" in line]
+    assert len(index) == 1 and index[0].endswith("[forward graph]")
+    assert len(index_put) == 1 and index_put[0].endswith("at node index_put [forward+backward graph]")
+    assert all(line.startswith("static-shape docs/design.md#static-shapes: ") for line in index + index_put)
+
+    def branch(y):
+        return y.sum() * 2 if y.sum() > 0 else y.sum()
+
+    (refused,) = step_graph.scan_training_step(_Scaled(branch), (torch.randn(4, 8),))
+    assert str(refused).startswith("static-shape docs/design.md#static-shapes: torch.export (strict) failed")
