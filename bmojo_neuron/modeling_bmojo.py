@@ -222,11 +222,13 @@ class BMojoModel(BMojoPreTrainedModel):
             if cache is not None:
                 raise ValueError("BMojoModel: decoding with a cache is not supported under sequence parallelism")
             hidden = self.factory.scatter_sequence(hidden)
+        # Decoding is chosen on the cache's structure, not its position's value (a compiled step reads the position
+        # as a tensor): a cache holds a position once a forward has read a token.
+        if (cache is not None and layout is None and cache.position is not None and hidden.shape[1] == 1
+                and not output_hidden_states):
+            return self._decode_token(hidden, cache)
         start = cache.seen_tokens if cache is not None else 0
         real = layout.real if layout is not None else None
-
-        if cache is not None and layout is None and start > 0 and hidden.shape[1] == 1 and not output_hidden_states:
-            return self._decode_token(hidden, start, cache)
         all_hidden = (hidden,) if output_hidden_states else None
         innovations = []
         for idx, layer in enumerate(self.layers):
@@ -240,7 +242,7 @@ class BMojoModel(BMojoPreTrainedModel):
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden,)
         if cache is not None:
-            cache.seen_tokens += hidden.shape[1]  # no sequence parallelism here (checked above)
+            cache.advance(hidden.shape[1], hidden.device)  # no sequence parallelism here (checked above)
         if layout is not None:
             hidden = unpack(hidden, layout)
             all_hidden = None if all_hidden is None else tuple(unpack(h, layout) for h in all_hidden)
@@ -248,17 +250,21 @@ class BMojoModel(BMojoPreTrainedModel):
         innovation = torch.stack(innovations).mean() if innovations else None
         return BMojoModelOutput(hidden, cache, all_hidden, innovation)
 
-    def _decode_token(self, hidden: Tensor, position: int, cache: BMojoCache) -> BMojoModelOutput:
-        """One token (batch, 1, d) at `position` through every layer's decode step, as rows (batch, d).
+    def _decode_token(self, hidden: Tensor, cache: BMojoCache, static: bool | None = None) -> BMojoModelOutput:
+        """One token (batch, 1, d) at the cache's position through every layer's decode step, as rows (batch, d).
 
         What the layer loop of `_forward_packed` does for a decoded token, without a module
         call and a sequence axis added and dropped per layer (at one token per step those
-        cost about as much as a norm).
+        cost about as much as a norm). The layers get the position as an int eagerly (their
+        Python branches skip what a token does not need), and as the cache's 0-d tensor when
+        `static` (default: under `torch.compile`), so one graph serves every position.
         """
+        static = torch.compiler.is_compiling() if static is None else static
+        position = cache.position if static else int(cache.position)
         h = hidden.squeeze(1)
         for idx, layer in enumerate(self.layers):
             h = layer.decode_token(h, position, self._layer_cache(cache, idx, layer, hidden))
-        cache.seen_tokens += 1
+        cache.position.add_(1)
         return BMojoModelOutput(norm_rows(self.norm, h).unsqueeze(1), cache, None, None)
 
     def _forward_rows(
@@ -308,7 +314,7 @@ class BMojoModel(BMojoPreTrainedModel):
                     innovation_sum = innovation_sum + out.innovation * (n * len(rows))
                     innovation_tokens += n * len(rows)
         cache.groups = groups
-        cache.seen_tokens += length
+        cache.advance(length, attention_mask.device)
 
         if packed[0] is None:  # no real token in this call
             reference = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings().weight
