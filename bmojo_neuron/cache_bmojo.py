@@ -9,7 +9,8 @@ layers, whose KV cache grows by design):
   values, ``[in-context ring (w) | fading ring (w_f) | memory (M)]``, an additive bias
   saying which slots the next query reads, and a side ring of the fading keys of the
   last ``w`` tokens, which start to fade when they leave the window; a token writes its
-  keys in place (`layers.attention.DecodeSlots`). ``A`` layers keep a growing KV cache;
+  keys in place (`layers.attention.DecodeSlots`). ``A`` layers keep every token's keys in
+  a buffer with room for ``max_length`` tokens (eagerly it doubles when full);
 * eidetic memory: a ring of the memories after the last ``g`` complete chunks (chunk
   ``j`` reads the one after chunk ``j - g``, the next chunk to complete updates the one
   after the last), and the current chunk's un-rotated keys, values and the SSM outputs
@@ -21,7 +22,7 @@ Every tensor above has a fixed size and decoding writes into it in place; the po
 is a 0-d tensor too (`BMojoCache.position`). So a one-token decode step has static shapes
 and, given the position as a tensor, no Python branch on it: `torch.compile(model,
 fullgraph=True)` runs it as one graph, and later steps reuse that graph (docs/hf.md,
-"Compiled decoding"). Only ``A`` layers' KV caches grow.
+"Compiled decoding"); with ``A`` layers the cache needs its ``max_length`` for that.
 
 A padded batch (an ``attention_mask`` with zeros) keeps its rows in groups instead
 (`BMojoCache.groups`): rows that hold different numbers of real tokens sit at
@@ -45,19 +46,18 @@ from .layers.ssm_state import SSMState
 class AttentionLayerCache:
     """Decode state of one B/F/S/A layer. Key/value buffers are (batch, kv_heads, n, head_dim)."""
 
-    kv: Tensor | None = None  # B/F/S: (2, batch, kv_heads, slots, head_dim), [0] rotated keys, [1] values
+    kv: Tensor | None = None  # (2, batch, kv_heads, slots, head_dim), [0] rotated keys, [1] values; A: token t in slot t
     bias: Tensor | None = None  # (batch, 1, 1, slots): 0 where the next query reads the slot, -inf elsewhere
     pending: Tensor | None = None  # (2, batch, kv_heads, w, head_dim): rotated fading keys and values not yet read
-    ctx_k: Tensor | None = None  # A: every token so far
-    ctx_v: Tensor | None = None
     ssm: SSMState | None = None
     prev_ssm_out: Tensor | None = None  # (batch, hidden)
     ring: MemoryState | None = None  # (batch, g, M, ...): slot j % g holds the memory after chunk j
     chunk_kv: Tensor | None = None  # (2, batch, c, kv_heads, head_dim): un-rotated keys, values; rows up to position % c are set
     chunk_ssm_prev: Tensor | None = None  # (batch, c, hidden): row i holds S of the token before the chunk's i-th
+    max_length: int | None = None  # A: the tokens its buffer holds from the prompt on (`BMojoCache.max_length`)
 
     def reorder(self, index: Tensor) -> None:
-        for name in ("bias", "ctx_k", "ctx_v", "prev_ssm_out", "chunk_ssm_prev"):
+        for name in ("bias", "prev_ssm_out", "chunk_ssm_prev"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, index))
@@ -70,12 +70,11 @@ class AttentionLayerCache:
         if self.ring is not None:
             self.ring = self.ring.reorder(index)
 
-    # Decoding writes into these in place; the A layers' KV cache it replaces (it grows).
+    # Decoding writes into these in place (an A layer's buffer, when full, it replaces with a larger one).
     WRITTEN_IN_PLACE = ("kv", "bias", "pending", "prev_ssm_out", "chunk_kv", "chunk_ssm_prev")
 
     def copy(self) -> AttentionLayerCache:
-        """A cache that decodes independently of this one: the tensors decoding writes into are cloned, the
-        A layers' KV cache (which decoding replaces) is shared."""
+        """A cache that decodes independently of this one: the tensors decoding writes into are cloned."""
         ssm = self.ssm.copy() if self.ssm is not None else None
         ring = self.ring.clone() if self.ring is not None else None
         own = {name: getattr(self, name).clone() for name in self.WRITTEN_IN_PLACE if getattr(self, name) is not None}
@@ -101,8 +100,13 @@ class BMojoCache:
 
     is_compileable = True
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, max_length: int | None = None) -> None:
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"BMojoCache: max_length must be a positive int or None, got {max_length!r}")
         self.layers: list[AttentionLayerCache | SSMState | None] = [None] * num_layers
+        # Tokens the A layers' buffers hold from the prompt on (None: the prompt's length, rounded up); a compiled
+        # decode step cannot grow them, so it needs this.
+        self.max_length = max_length
         # Input positions read, pads included: a 0-d long tensor on the model's device once a forward has read a
         # token (None before), advanced in place, so a compiled decode step reads it as an input, not a constant.
         self.position: Tensor | None = None
@@ -125,7 +129,7 @@ class BMojoCache:
         """Move the batch's state into one group of all its rows (they have all read the same tokens so far)."""
         if self.groups is not None:
             return
-        whole = BMojoCache(len(self.layers))
+        whole = BMojoCache(len(self.layers), self.max_length)
         whole.layers, whole.position = self.layers, self.position
         self.groups = [RowGroup(list(range(batch_size)), whole)]
         self.layers = [None] * len(self.layers)
@@ -138,7 +142,7 @@ class BMojoCache:
 
     def copy(self) -> BMojoCache:
         """A cache that decodes independently of this one (`AttentionLayerCache.copy`)."""
-        new = BMojoCache(len(self.layers))
+        new = BMojoCache(len(self.layers), self.max_length)
         new.position = None if self.position is None else self.position.clone()
         new.layers = [None if layer is None else layer.copy() for layer in self.layers]
         if self.groups is not None:

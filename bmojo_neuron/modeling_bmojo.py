@@ -330,7 +330,7 @@ class BMojoModel(BMojoPreTrainedModel):
             if layer.kind == "M":
                 cache.layers[idx] = layer.mixer.init_state(hidden.shape[0], hidden.device, hidden.dtype)
             else:
-                cache.layers[idx] = AttentionLayerCache()
+                cache.layers[idx] = AttentionLayerCache(max_length=cache.max_length)
         return cache.layers[idx]
 
 

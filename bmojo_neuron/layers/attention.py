@@ -178,7 +178,7 @@ class BMojoAttention(nn.Module):
 
         if self.kind == "A":
             if cache is not None:
-                cache.ctx_k, cache.ctx_v = k, v_t
+                self._fill_full_cache(cache, k, v_t)
             return self._output(self._causal_attention(q, k, v_t)), None
 
         s = None
@@ -356,12 +356,7 @@ class BMojoAttention(nn.Module):
         batch = x.shape[0]
         cos, sin = self.rotary.at_position(position, x.dtype, x.device)
         if self.kind == "A":
-            q = self._token_query(x, cos, sin)  # the full KV cache grows by design
-            k = apply_rotary_rolled(self._token_heads(self.k_proj(x), 1, batch, self.kv_heads, self.k_norm), cos, sin)
-            cache.ctx_k = torch.cat([cache.ctx_k, k.permute(1, 2, 0, 3)], dim=2)
-            v = self._token_heads(self.v_proj(x), 1, batch, self.kv_heads)
-            cache.ctx_v = torch.cat([cache.ctx_v, v.permute(1, 2, 0, 3)], dim=2)
-            return self._token_output(_attend(q, cache.ctx_k, cache.ctx_v))
+            return self._decode_full(x, position, cache, cos, sin)
 
         s = self.ssm.step(x, cache.ssm) if self.ssm is not None else None
         features = s if s is None or self.ssm_norm is None else norm_rows(self.ssm_norm, s)  # `_ssm_features`
@@ -445,6 +440,39 @@ class BMojoAttention(nn.Module):
         if self.ssm_residual_gain is not None and s is not None:
             return torch.addcmul(mixed, self.ssm_residual_gain, s)
         return mixed
+
+    # An A layer keeps every token's keys: token t in slot t of a buffer of `capacity` slots, read up to the
+    # current token through the bias. Eagerly the buffer doubles when full; a compiled step cannot grow it (its
+    # shapes are fixed), so it needs the capacity from the start (`BMojoCache(max_length=...)`), and writing past it
+    # fails as an index out of range.
+    def _fill_full_cache(self, cache: AttentionLayerCache, k: Tensor, v: Tensor) -> None:
+        """Keys and values (batch, kv_heads, L, D) of a prompt into a buffer with room for more tokens."""
+        batch, _, length, _ = k.shape
+        capacity = max(cache.max_length or 0, 1 << length.bit_length())  # > length
+        cache.kv = self._new_buffer(k, batch, capacity)
+        cache.kv[:, :, :, :length] = torch.stack([k, v])
+        cache.bias = torch.full((batch, 1, 1, capacity), float("-inf"), dtype=k.dtype, device=k.device)
+        cache.bias[..., :length] = 0.0
+
+    def _decode_full(self, x: Tensor, position: int | Tensor, cache: AttentionLayerCache, cos: Tensor, sin: Tensor
+                     ) -> Tensor:
+        """An A layer's decode step: the token's keys into slot `position`, attention over the slots so far."""
+        if not isinstance(position, Tensor) and position >= cache.kv.shape[3]:
+            self._grow(cache, 2 * position)
+        batch = x.shape[0]
+        q = self._token_query(x, cos, sin)
+        k = apply_rotary_rolled(self._token_heads(self.k_proj(x), 1, batch, self.kv_heads, self.k_norm), cos, sin)
+        v = self._token_heads(self.v_proj(x), 1, batch, self.kv_heads)
+        _put(cache.kv, 3, position, torch.cat([k, v]))
+        _open(cache.bias, position)
+        return self._token_output(_attend(q, cache.kv[0], cache.kv[1], cache.bias))
+
+    @staticmethod
+    def _grow(cache: AttentionLayerCache, capacity: int) -> None:
+        """Room for `capacity` tokens in an A layer's buffer (new slots unread)."""
+        extra = capacity - cache.kv.shape[3]
+        cache.kv = torch.cat([cache.kv, cache.kv.new_zeros(*cache.kv.shape[:3], extra, cache.kv.shape[4])], dim=3)
+        cache.bias = F.pad(cache.bias, (0, extra), value=float("-inf"))
 
     def _write_token(self, cache: AttentionLayerCache, position: int | Tensor, kv: Tensor) -> None:
         """Write the token's rotated keys and values (2, 1 or 2, batch, kv_heads, D) into the rings (row 0: its
