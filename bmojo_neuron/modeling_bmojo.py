@@ -63,9 +63,9 @@ class BMojoPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["BMojoDecoderLayer"]
     _is_stateful = True
-    # Not declared compilable: the decode step keeps Python state per chunk (memory snapshots,
-    # windows that grow to their size), so `generate` must not auto-compile it (docs/hf.md).
-    _can_compile_fullgraph = False
+    # A one-token decode step compiles as one graph with static shapes (`BMojoCache`; docs/hf.md,
+    # "Compiled decoding"); tests/test_compiled_decode.py checks it.
+    _can_compile_fullgraph = True
 
     def __init__(self, config: BMojoConfig, *inputs: Any, **kwargs: Any) -> None:
         # `from_pretrained(path, window_size=...)` sets keyword overrides on the config after
@@ -444,6 +444,42 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # B'MOJO brings its own recurrent cache
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode, batch_size: int,
+                                      max_cache_length: int) -> None:
+        """With a ``compile_config`` and no cache given, start `generate` with a `BMojoCache` sized for the whole
+        generation (its A layers' buffers hold ``max_cache_length`` tokens), where `generate` finds it when deciding
+        whether to compile; otherwise as transformers does (the first step makes the cache)."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                              max_cache_length)
+        name = _generation_cache_name()
+        if (generation_config.compile_config is not None and generation_config.use_cache is not False
+                and model_kwargs.get(name) is None and model_kwargs.get("past_key_values") is None):
+            model_kwargs[name] = BMojoCache(self.config.num_hidden_layers, max_length=max_cache_length)
+
+    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
+        """Whether `generate` runs its decode steps through `torch.compile` (transformers' hook, read once per call).
+
+        Only when asked, with a ``compile_config`` (compiling costs seconds to minutes, more
+        than short generations gain), on any device (CPU included), for a batch without
+        padding: a padded batch decodes its rows in groups of changing size (docs/hf.md,
+        "Padding"), which one graph cannot hold, so it decodes eagerly.
+        """
+        if generation_config.compile_config is None or generation_config.disable_compile:
+            return False
+        cache = model_kwargs.get(_generation_cache_name())
+        mask = model_kwargs.get("attention_mask")
+        reason = None
+        if not isinstance(cache, BMojoCache):
+            reason = "no cache (use_cache=False)"
+        elif cache.groups is not None or (mask is not None and has_padding(mask)):
+            reason = "a padded batch decodes its rows in groups"
+        elif getattr(self, "hf_quantizer", None) is not None and not self.hf_quantizer.is_compileable:
+            reason = "the quantization method does not compile"
+        if reason is not None:
+            logger.warning_once(f"{type(self).__name__}.generate: compile_config given, decoding eagerly: {reason}")
+            return False
+        return True
+
     def prepare_inputs_for_generation(
         self,
         input_ids: Tensor,
@@ -466,8 +502,16 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         check_cache_type(cache, type(self).__name__)
         if use_cache is not False and cache is None:
             cache = BMojoCache(self.config.num_hidden_layers)
+        if attention_mask is not None and cache is not None and cache.groups is None and cache.position is not None \
+                and not has_padding(attention_mask):
+            # A mask of ones changes nothing once the cache holds an unpadded batch; left out, a compiled decode step
+            # does not see an input that grows by a column per token.
+            attention_mask = None
         inputs: dict[str, Any] = {"cache": cache, "use_cache": use_cache, "attention_mask": attention_mask}
-        inputs.update(_unseen_inputs(input_ids, inputs_embeds, cache, next_sequence_length))
+        # Own copies with their own strides: a slice of the growing sequence has a stride that changes every step,
+        # which a compiled decode step would take for a new input layout and recompile for.
+        inputs.update({name: t.clone(memory_format=torch.contiguous_format)
+                       for name, t in _unseen_inputs(input_ids, inputs_embeds, cache, next_sequence_length).items()})
         if logits_to_keep is not None:
             inputs["logits_to_keep"] = logits_to_keep
         for name, value in kwargs.items():

@@ -518,10 +518,7 @@ class BMojoAttention(nn.Module):
         _put(cache.chunk_kv, 2, at, kv_raw)
         _put(cache.chunk_ssm_prev, 1, at, cache.prev_ssm_out)
         cache.prev_ssm_out.copy_(features)
-        slots = self._slots()
-        operands = (cache.chunk_kv, cache.chunk_ssm_prev, *cache.ring._tensors(),
-                    cache.kv.narrow(3, slots.memory_start, slots.memory), cache.bias.narrow(3, slots.memory_start,
-                                                                                            slots.memory))
+        operands = (cache.chunk_kv, cache.chunk_ssm_prev, *cache.ring._tensors(), cache.kv, cache.bias)
         if isinstance(position, Tensor):
             chunk = position // self.chunk
             if torch.compiler.is_compiling():
@@ -537,26 +534,27 @@ class BMojoAttention(nn.Module):
             _put(ring, 1, chunk % self.lag, snapshot)
         self._store_memory_slots(cache, *new[5:])
 
-    def _end_chunk(self, chunk: Tensor, chunk_kv: Tensor, chunk_ssm_prev: Tensor, *ring_and_slots: Tensor
+    def _end_chunk(self, chunk: Tensor, chunk_kv: Tensor, chunk_ssm_prev: Tensor, *ring_and_buffers: Tensor
                    ) -> tuple[Tensor, ...]:
         """At the end of chunk `chunk` (0-d): the memory after it (its five tensors, for ring slot chunk % g), and
         the keys, values (2, batch, kv_heads, M, D) and bias (batch, 1, 1, M) of the memory slots for the next
         chunk. Pure (a `torch.cond` branch): the caller writes the results."""
-        ring = ring_and_slots[:5]
+        ring = ring_and_buffers[:5]  # then the decode buffer and its bias, which `_keep_chunk` reads
         chunk_k, chunk_v = chunk_kv.unbind(0)
         innovation = self._innovation(chunk_k, self.innovation_proj(chunk_ssm_prev))
         previous = self._ring_entry(ring, (chunk - 1) % self.lag, chunk >= 1)  # the memory after chunk - 1
         memory = update_memory(previous, chunk_k, chunk_v, innovation, chunk * self.chunk, chunk, self.picks,
                                self.decay)
         # The next chunk reads the memory after chunk + 1 - g, in a slot the new memory does not overwrite (g >= 2).
-        return (*memory._tensors(), *self._memory_slots(ring, chunk + 1))
+        return _own_contiguous(*memory._tensors(), *self._memory_slots(ring, chunk + 1))
 
-    def _keep_chunk(self, chunk: Tensor, chunk_kv: Tensor, chunk_ssm_prev: Tensor, *ring_and_slots: Tensor
+    def _keep_chunk(self, chunk: Tensor, chunk_kv: Tensor, chunk_ssm_prev: Tensor, *ring_and_buffers: Tensor
                     ) -> tuple[Tensor, ...]:
         """`_end_chunk`'s results for a token inside a chunk: what ring slot chunk % g and the memory slots hold."""
-        ring, (slot_kv, slot_bias) = ring_and_slots[:5], ring_and_slots[5:]
-        kept = [_take(t, 1, chunk % self.lag).clone() for t in ring]
-        return (*kept, slot_kv.clone(), slot_bias.clone())
+        ring, (kv, bias) = ring_and_buffers[:5], ring_and_buffers[5:]
+        slots = self._slots()
+        kept = [_take(t, 1, chunk % self.lag) for t in ring]
+        return _own_contiguous(*kept, *(t.narrow(3, slots.memory_start, slots.memory) for t in (kv, bias)))
 
     def _ring_entry(self, ring: tuple[Tensor, ...], slot: Tensor, present: Tensor) -> MemoryState:
         """The memory in ring slot `slot` (0-d) where `present` (0-d bool), else an empty memory."""
@@ -636,6 +634,13 @@ def _take(buffer: Tensor, dim: int, index: int | Tensor) -> Tensor:
     if isinstance(index, Tensor):
         return buffer.index_select(dim, index.view(1)).squeeze(dim)
     return buffer.select(dim, index)
+
+
+def _own_contiguous(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Contiguous copies: a `torch.cond` branch must not return its inputs, and both branches' results get one
+    layout (torch 2.13 merges the two branches' strides, torch/_higher_order_ops/cond.py `_bound_stride`, and
+    fails on some size-1 axes of differing strides)."""
+    return tuple(t.clone(memory_format=torch.contiguous_format) for t in tensors)
 
 
 def _maybe(condition: bool | Tensor) -> bool:

@@ -170,7 +170,7 @@ class Mamba2Mixer(nn.Module):
         ``BMOJO_COMPILE_DECODE=1`` it runs compiled (`layers.compiled_step`).
         """
         conv_state, ssm_state = state.conv_states["xbc"], state.ssm_state
-        pack = None if compiled_decode_enabled() or torch.compiler.is_compiling() else packed(self, "_decode_packed", state, self._pack_sources,
+        pack = None if torch.compiler.is_compiling() or compiled_decode_enabled() else packed(self, "_decode_packed", state, self._pack_sources,
                                                               self._build_pack)
         if pack is None:  # compiled, under autograd, or projections that are not plain linears
             out, conv_state, ssm_state = _STEP(self, h, conv_state, ssm_state)
