@@ -9,12 +9,20 @@ layers, whose KV cache grows by design):
   values, ``[in-context ring (w) | fading ring (w_f) | memory (M)]``, an additive bias
   saying which slots the next query reads, and a side ring of the fading keys of the
   last ``w`` tokens, which start to fade when they leave the window; a token writes its
-  keys in place (`layers.attention.DecodeSlots`). ``A`` layers keep a growing KV cache;
-* eidetic memory: the memory after the last complete chunk, the snapshots of the
-  last ``g`` chunks (chunk ``j`` reads the one after chunk ``j - g``), and the
-  current chunk's un-rotated keys, values and the SSM outputs its innovation predictor
-  reads (preallocated, ``c`` rows; the innovations are scored when the chunk completes);
+  keys in place (`layers.attention.DecodeSlots`). ``A`` layers keep every token's keys in
+  a buffer with room for ``max_length`` tokens (eagerly it doubles when full);
+* eidetic memory: a ring of the memories after the last ``g`` complete chunks (chunk
+  ``j`` reads the one after chunk ``j - g``, the next chunk to complete updates the one
+  after the last), and the current chunk's un-rotated keys, values and the SSM outputs
+  its innovation predictor reads (preallocated, ``c`` rows; the innovations are scored
+  when the chunk completes, which also puts the next chunk's memory in its slots);
 * the previous SSM output.
+
+Every tensor above has a fixed size and decoding writes into it in place; the position
+is a 0-d tensor too (`BMojoCache.position`). So a one-token decode step has static shapes
+and, given the position as a tensor, no Python branch on it: `torch.compile(model,
+fullgraph=True)` runs it as one graph, and later steps reuse that graph (docs/hf.md,
+"Compiled decoding"); with ``A`` layers the cache needs its ``max_length`` for that.
 
 A padded batch (an ``attention_mask`` with zeros) keeps its rows in groups instead
 (`BMojoCache.groups`): rows that hold different numbers of real tokens sit at
@@ -25,7 +33,7 @@ so only rows of equal length share a batched cache (docs/hf.md, "Padding").
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -38,21 +46,18 @@ from .layers.ssm_state import SSMState
 class AttentionLayerCache:
     """Decode state of one B/F/S/A layer. Key/value buffers are (batch, kv_heads, n, head_dim)."""
 
-    kv: Tensor | None = None  # B/F/S: (2, batch, kv_heads, slots, head_dim), [0] rotated keys, [1] values
+    kv: Tensor | None = None  # (2, batch, kv_heads, slots, head_dim), [0] rotated keys, [1] values; A: token t in slot t
     bias: Tensor | None = None  # (batch, 1, 1, slots): 0 where the next query reads the slot, -inf elsewhere
     pending: Tensor | None = None  # (2, batch, kv_heads, w, head_dim): rotated fading keys and values not yet read
-    ctx_k: Tensor | None = None  # A: every token so far
-    ctx_v: Tensor | None = None
     ssm: SSMState | None = None
     prev_ssm_out: Tensor | None = None  # (batch, hidden)
-    memory: MemoryState | None = None
-    snapshots: dict[int, MemoryState] = field(default_factory=dict)
-    memory_read: int | None = None  # the chunk whose visible memory is in the memory slots
+    ring: MemoryState | None = None  # (batch, g, M, ...): slot j % g holds the memory after chunk j
     chunk_kv: Tensor | None = None  # (2, batch, c, kv_heads, head_dim): un-rotated keys, values; rows up to position % c are set
     chunk_ssm_prev: Tensor | None = None  # (batch, c, hidden): row i holds S of the token before the chunk's i-th
+    max_length: int | None = None  # A: the tokens its buffer holds from the prompt on (`BMojoCache.max_length`)
 
     def reorder(self, index: Tensor) -> None:
-        for name in ("bias", "ctx_k", "ctx_v", "prev_ssm_out", "chunk_ssm_prev"):
+        for name in ("bias", "prev_ssm_out", "chunk_ssm_prev"):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.index_select(0, index))
@@ -62,19 +67,18 @@ class AttentionLayerCache:
                 setattr(self, name, value.index_select(1, index))
         if self.ssm is not None:
             self.ssm.reorder(index)
-        if self.memory is not None:
-            self.memory = self.memory.reorder(index)
-        self.snapshots = {j: m.reorder(index) for j, m in self.snapshots.items()}
+        if self.ring is not None:
+            self.ring = self.ring.reorder(index)
 
-    # Decoding writes into these in place (one token's slots); every other tensor it replaces.
-    WRITTEN_IN_PLACE = ("kv", "bias", "pending", "chunk_kv", "chunk_ssm_prev")
+    # Decoding writes into these in place (an A layer's buffer, when full, it replaces with a larger one).
+    WRITTEN_IN_PLACE = ("kv", "bias", "pending", "prev_ssm_out", "chunk_kv", "chunk_ssm_prev")
 
     def copy(self) -> AttentionLayerCache:
-        """A cache that decodes independently of this one: the buffers decoding writes into are cloned, the
-        tensors it only replaces are shared."""
+        """A cache that decodes independently of this one: the tensors decoding writes into are cloned."""
         ssm = self.ssm.copy() if self.ssm is not None else None
+        ring = self.ring.clone() if self.ring is not None else None
         own = {name: getattr(self, name).clone() for name in self.WRITTEN_IN_PLACE if getattr(self, name) is not None}
-        return dataclasses.replace(self, ssm=ssm, snapshots=dict(self.snapshots), **own)
+        return dataclasses.replace(self, ssm=ssm, ring=ring, **own)
 
 
 @dataclass
@@ -94,19 +98,39 @@ class BMojoCache:
     batched cache; `layers` is then unused.
     """
 
-    is_compileable = False
+    is_compileable = True
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, max_length: int | None = None) -> None:
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"BMojoCache: max_length must be a positive int or None, got {max_length!r}")
         self.layers: list[AttentionLayerCache | SSMState | None] = [None] * num_layers
-        self.seen_tokens = 0  # input positions read, pads included
+        # Tokens the A layers' buffers hold from the prompt on (None: the prompt's length, rounded up); a compiled
+        # decode step cannot grow them, so it needs this.
+        self.max_length = max_length
+        # Input positions read, pads included: a 0-d long tensor on the model's device once a forward has read a
+        # token (None before), advanced in place, so a compiled decode step reads it as an input, not a constant.
+        self.position: Tensor | None = None
         self.groups: list[RowGroup] | None = None
+
+    @property
+    def seen_tokens(self) -> int:
+        """Input positions read so far, pads included (`position` as an int)."""
+        return 0 if self.position is None else int(self.position)
+
+    def advance(self, tokens: int, device: torch.device) -> None:
+        """Count `tokens` more input positions read (none: nothing changes)."""
+        if tokens == 0:
+            return
+        if self.position is None:
+            self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.position.add_(tokens)
 
     def start_row_groups(self, batch_size: int) -> None:
         """Move the batch's state into one group of all its rows (they have all read the same tokens so far)."""
         if self.groups is not None:
             return
-        whole = BMojoCache(len(self.layers))
-        whole.layers, whole.seen_tokens = self.layers, self.seen_tokens
+        whole = BMojoCache(len(self.layers), self.max_length)
+        whole.layers, whole.position = self.layers, self.position
         self.groups = [RowGroup(list(range(batch_size)), whole)]
         self.layers = [None] * len(self.layers)
 
@@ -118,8 +142,8 @@ class BMojoCache:
 
     def copy(self) -> BMojoCache:
         """A cache that decodes independently of this one (`AttentionLayerCache.copy`)."""
-        new = BMojoCache(len(self.layers))
-        new.seen_tokens = self.seen_tokens
+        new = BMojoCache(len(self.layers), self.max_length)
+        new.position = None if self.position is None else self.position.clone()
         new.layers = [None if layer is None else layer.copy() for layer in self.layers]
         if self.groups is not None:
             new.groups = [RowGroup(list(g.rows), g.cache.copy()) for g in self.groups]

@@ -63,9 +63,9 @@ class BMojoPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["BMojoDecoderLayer"]
     _is_stateful = True
-    # Not declared compilable: the decode step keeps Python state per chunk (memory snapshots,
-    # windows that grow to their size), so `generate` must not auto-compile it (docs/hf.md).
-    _can_compile_fullgraph = False
+    # A one-token decode step compiles as one graph with static shapes (`BMojoCache`; docs/hf.md,
+    # "Compiled decoding"); tests/test_compiled_decode.py checks it.
+    _can_compile_fullgraph = True
 
     def __init__(self, config: BMojoConfig, *inputs: Any, **kwargs: Any) -> None:
         # `from_pretrained(path, window_size=...)` sets keyword overrides on the config after
@@ -222,11 +222,13 @@ class BMojoModel(BMojoPreTrainedModel):
             if cache is not None:
                 raise ValueError("BMojoModel: decoding with a cache is not supported under sequence parallelism")
             hidden = self.factory.scatter_sequence(hidden)
+        # Decoding is chosen on the cache's structure, not its position's value (a compiled step reads the position
+        # as a tensor): a cache holds a position once a forward has read a token.
+        if (cache is not None and layout is None and cache.position is not None and hidden.shape[1] == 1
+                and not output_hidden_states):
+            return self._decode_token(hidden, cache)
         start = cache.seen_tokens if cache is not None else 0
         real = layout.real if layout is not None else None
-
-        if cache is not None and layout is None and start > 0 and hidden.shape[1] == 1 and not output_hidden_states:
-            return self._decode_token(hidden, start, cache)
         all_hidden = (hidden,) if output_hidden_states else None
         innovations = []
         for idx, layer in enumerate(self.layers):
@@ -240,7 +242,7 @@ class BMojoModel(BMojoPreTrainedModel):
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (hidden,)
         if cache is not None:
-            cache.seen_tokens += hidden.shape[1]  # no sequence parallelism here (checked above)
+            cache.advance(hidden.shape[1], hidden.device)  # no sequence parallelism here (checked above)
         if layout is not None:
             hidden = unpack(hidden, layout)
             all_hidden = None if all_hidden is None else tuple(unpack(h, layout) for h in all_hidden)
@@ -248,17 +250,21 @@ class BMojoModel(BMojoPreTrainedModel):
         innovation = torch.stack(innovations).mean() if innovations else None
         return BMojoModelOutput(hidden, cache, all_hidden, innovation)
 
-    def _decode_token(self, hidden: Tensor, position: int, cache: BMojoCache) -> BMojoModelOutput:
-        """One token (batch, 1, d) at `position` through every layer's decode step, as rows (batch, d).
+    def _decode_token(self, hidden: Tensor, cache: BMojoCache, static: bool | None = None) -> BMojoModelOutput:
+        """One token (batch, 1, d) at the cache's position through every layer's decode step, as rows (batch, d).
 
         What the layer loop of `_forward_packed` does for a decoded token, without a module
         call and a sequence axis added and dropped per layer (at one token per step those
-        cost about as much as a norm).
+        cost about as much as a norm). The layers get the position as an int eagerly (their
+        Python branches skip what a token does not need), and as the cache's 0-d tensor when
+        `static` (default: under `torch.compile`), so one graph serves every position.
         """
+        static = torch.compiler.is_compiling() if static is None else static
+        position = cache.position if static else int(cache.position)
         h = hidden.squeeze(1)
         for idx, layer in enumerate(self.layers):
             h = layer.decode_token(h, position, self._layer_cache(cache, idx, layer, hidden))
-        cache.seen_tokens += 1
+        cache.position.add_(1)
         return BMojoModelOutput(norm_rows(self.norm, h).unsqueeze(1), cache, None, None)
 
     def _forward_rows(
@@ -308,7 +314,7 @@ class BMojoModel(BMojoPreTrainedModel):
                     innovation_sum = innovation_sum + out.innovation * (n * len(rows))
                     innovation_tokens += n * len(rows)
         cache.groups = groups
-        cache.seen_tokens += length
+        cache.advance(length, attention_mask.device)
 
         if packed[0] is None:  # no real token in this call
             reference = inputs_embeds if inputs_embeds is not None else self.get_input_embeddings().weight
@@ -324,7 +330,7 @@ class BMojoModel(BMojoPreTrainedModel):
             if layer.kind == "M":
                 cache.layers[idx] = layer.mixer.init_state(hidden.shape[0], hidden.device, hidden.dtype)
             else:
-                cache.layers[idx] = AttentionLayerCache()
+                cache.layers[idx] = AttentionLayerCache(max_length=cache.max_length)
         return cache.layers[idx]
 
 
@@ -438,6 +444,42 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # B'MOJO brings its own recurrent cache
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode, batch_size: int,
+                                      max_cache_length: int) -> None:
+        """With a ``compile_config`` and no cache given, start `generate` with a `BMojoCache` sized for the whole
+        generation (its A layers' buffers hold ``max_cache_length`` tokens), where `generate` finds it when deciding
+        whether to compile; otherwise as transformers does (the first step makes the cache)."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                              max_cache_length)
+        name = _generation_cache_name()
+        if (generation_config.compile_config is not None and generation_config.use_cache is not False
+                and model_kwargs.get(name) is None and model_kwargs.get("past_key_values") is None):
+            model_kwargs[name] = BMojoCache(self.config.num_hidden_layers, max_length=max_cache_length)
+
+    def _valid_auto_compile_criteria(self, model_kwargs: dict, generation_config) -> bool:
+        """Whether `generate` runs its decode steps through `torch.compile` (transformers' hook, read once per call).
+
+        Only when asked, with a ``compile_config`` (compiling costs seconds to minutes, more
+        than short generations gain), on any device (CPU included), for a batch without
+        padding: a padded batch decodes its rows in groups of changing size (docs/hf.md,
+        "Padding"), which one graph cannot hold, so it decodes eagerly.
+        """
+        if generation_config.compile_config is None or generation_config.disable_compile:
+            return False
+        cache = model_kwargs.get(_generation_cache_name())
+        mask = model_kwargs.get("attention_mask")
+        reason = None
+        if not isinstance(cache, BMojoCache):
+            reason = "no cache (use_cache=False)"
+        elif cache.groups is not None or (mask is not None and has_padding(mask)):
+            reason = "a padded batch decodes its rows in groups"
+        elif getattr(self, "hf_quantizer", None) is not None and not self.hf_quantizer.is_compileable:
+            reason = "the quantization method does not compile"
+        if reason is not None:
+            logger.warning_once(f"{type(self).__name__}.generate: compile_config given, decoding eagerly: {reason}")
+            return False
+        return True
+
     def prepare_inputs_for_generation(
         self,
         input_ids: Tensor,
@@ -460,8 +502,16 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         check_cache_type(cache, type(self).__name__)
         if use_cache is not False and cache is None:
             cache = BMojoCache(self.config.num_hidden_layers)
+        if attention_mask is not None and cache is not None and cache.groups is None and cache.position is not None \
+                and not has_padding(attention_mask):
+            # A mask of ones changes nothing once the cache holds an unpadded batch; left out, a compiled decode step
+            # does not see an input that grows by a column per token.
+            attention_mask = None
         inputs: dict[str, Any] = {"cache": cache, "use_cache": use_cache, "attention_mask": attention_mask}
-        inputs.update(_unseen_inputs(input_ids, inputs_embeds, cache, next_sequence_length))
+        # Own copies with their own strides: a slice of the growing sequence has a stride that changes every step,
+        # which a compiled decode step would take for a new input layout and recompile for.
+        inputs.update({name: t.clone(memory_format=torch.contiguous_format)
+                       for name, t in _unseen_inputs(input_ids, inputs_embeds, cache, next_sequence_length).items()})
         if logits_to_keep is not None:
             inputs["logits_to_keep"] = logits_to_keep
         for name, value in kwargs.items():

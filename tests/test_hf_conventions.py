@@ -590,9 +590,12 @@ def test_generation_config_comes_from_the_model_config():
 
 
 def test_declarations_for_generate():
-    """Stateful: transformers keeps assisted decoding away; not compilable: no auto-compile (docs/hf.md)."""
-    assert BMojoForCausalLM._is_stateful and not BMojoForCausalLM._can_compile_fullgraph
-    assert BMojoCache.is_compileable is False
+    """Stateful: transformers keeps assisted decoding away; compilable: the decode step is one static graph
+    (tests/test_compiled_decode.py), compiled by `generate` only with a compile_config (docs/hf.md)."""
+    assert BMojoForCausalLM._is_stateful and BMojoForCausalLM._can_compile_fullgraph
+    assert BMojoCache.is_compileable is True
+    with pytest.raises(ValueError, match="max_length"):
+        BMojoCache(2, max_length=0)
     model = build()
     with pytest.raises(ValueError):
         model.generate(ids(batch=1, length=5), max_new_tokens=2, assistant_model=copy.deepcopy(model))

@@ -57,7 +57,7 @@ class BMojoAttention(nn.Module):
         self.chunk = config.memory_chunk
         self.picks = config.memory_picks
         self.decay = config.memory_decay
-        self.lag = config.memory_lag
+        self.lag = config.memory_lag  # >= 2: the decode ring's slots for the memory read and the one written differ
         self.horizon = config.memory_horizon
 
         hidden, bias = config.hidden_size, config.attention_bias
@@ -81,6 +81,8 @@ class BMojoAttention(nn.Module):
             self.ssm_residual_gain = layers.gain(hidden, config.ssm_residual_init)
         self.tie_fading = config.tie_fading_projections
         self.fading_overlap = config.fading_overlap
+        pending = 0 if self.fading_window == 0 or self.fading_overlap else self.window
+        self.decode_slots = DecodeSlots(self.window, self.fading_window, self.memory_size, pending)
         if self.fading_window > 0 and not self.tie_fading:
             self.k_fading_proj = layers.column_linear(hidden, kv_width, bias=bias)
             self.v_fading_proj = layers.column_linear(hidden, kv_width, bias=bias)
@@ -176,7 +178,7 @@ class BMojoAttention(nn.Module):
 
         if self.kind == "A":
             if cache is not None:
-                cache.ctx_k, cache.ctx_v = k, v_t
+                self._fill_full_cache(cache, k, v_t)
             return self._output(self._causal_attention(q, k, v_t)), None
 
         s = None
@@ -267,14 +269,14 @@ class BMojoAttention(nn.Module):
     # per chunk. Softmax attention does not care about key order, so the rings need no
     # reordering. Fading keys wait in a side ring of `w` slots until their token leaves the
     # window, so the attended buffer holds only keys the query may read.
+    #
+    # The position is an int (eager decoding: Python branches skip the writes a token does
+    # not need) or a 0-d tensor (a compiled step: the same writes made unconditionally where
+    # they are idempotent, `torch.where` where they are not, and the chunk's end as
+    # `torch.cond`), so the step has static shapes and one graph serves every position.
     def _slots(self) -> DecodeSlots:
-        """The buffer's layout, made once (the sizes are fixed at construction; a token asks twice)."""
-        slots = self.__dict__.get("_decode_slots")
-        if slots is None:
-            pending = 0 if self.fading_window == 0 or self.fading_overlap else self.window
-            slots = self.__dict__["_decode_slots"] = DecodeSlots(self.window, self.fading_window, self.memory_size,
-                                                                 pending)
-        return slots
+        """The buffer's layout (the sizes are fixed at construction)."""
+        return self.decode_slots
 
     def _new_buffer(self, like: Tensor, batch: int, slots: int) -> Tensor:
         """Zeros for keys and values of `slots` slots, (2, batch, kv_heads, slots, D): [0] keys, [1] values.
@@ -305,22 +307,31 @@ class BMojoAttention(nn.Module):
             cache.pending[0][:, :, t % slots.pending] = k_fading[:, :, t]
             cache.pending[1][:, :, t % slots.pending] = v_fading[:, :, t]
         if self.memory_size > 0:
-            cache.prev_ssm_out = s[:, -1].clone()  # own copy: the cache must not hold the prompt's SSM output
-            done = selection.position.shape[1]
-            first = max(0, done - self.lag)
-            recent = gather_memory(k_raw, v_raw, Selection(*(t[:, first:] for t in selection)))
-            # Own copies, not views of the whole sequence's selection: the cache must not grow with the prompt.
-            cache.snapshots = {j: recent.at(j - first).clone() for j in range(first, done)}
-            cache.memory = cache.snapshots[done - 1] if done else self._empty_memory(k_raw)
-            cache.memory_read = None
-            start = done * self.chunk
-            tail = length - start
-            cache.chunk_kv = k_raw.new_zeros(2, batch, self.chunk, self.kv_heads, self.head_dim)
-            cache.chunk_ssm_prev = s.new_zeros(batch, self.chunk, s.shape[-1])
-            cache.chunk_kv[0, :, :tail] = k_raw[:, start:]
-            cache.chunk_kv[1, :, :tail] = v_raw[:, start:]
-            # row i: S of the token before token start + i (zero before the first token)
-            cache.chunk_ssm_prev[:, :tail] = F.pad(s[:, max(0, start - 1) : last], (0, 0, 1 if start == 0 else 0, 0))
+            self._fill_memory(cache, s, k_raw, v_raw, selection, length)
+
+    def _fill_memory(self, cache, s: Tensor, k_raw: Tensor, v_raw: Tensor, selection: Selection, length: int) -> None:
+        """The memory ring, the memory slots the next token reads and the current chunk's rows, after a prompt."""
+        batch = k_raw.shape[0]
+        cache.prev_ssm_out = s[:, -1].clone()  # own copy: the cache must not hold the prompt's SSM output
+        done = selection.position.shape[1]
+        first = max(0, done - self.lag)
+        recent = gather_memory(k_raw, v_raw, Selection(*(t[:, first:] for t in selection)))
+        empty = self._empty_memory(k_raw)
+        # Own tensors, not views of the whole sequence's selection: the cache must not grow with the prompt.
+        cache.ring = MemoryState(*(t.unsqueeze(1).repeat(1, self.lag, *(1,) * (t.dim() - 1)) for t in empty._tensors()))
+        for j in range(first, done):
+            for ring, snapshot in zip(cache.ring._tensors(), recent.at(j - first)._tensors()):
+                ring[:, j % self.lag] = snapshot
+        next_chunk = torch.tensor(length // self.chunk, device=k_raw.device)
+        self._store_memory_slots(cache, *self._memory_slots(cache.ring._tensors(), next_chunk))
+        start = done * self.chunk
+        tail = length - start
+        cache.chunk_kv = k_raw.new_zeros(2, batch, self.chunk, self.kv_heads, self.head_dim)
+        cache.chunk_ssm_prev = s.new_zeros(batch, self.chunk, s.shape[-1])
+        cache.chunk_kv[0, :, :tail] = k_raw[:, start:]
+        cache.chunk_kv[1, :, :tail] = v_raw[:, start:]
+        # row i: S of the token before token start + i (zero before the first token)
+        cache.chunk_ssm_prev[:, :tail] = F.pad(s[:, max(0, start - 1) : length - 1], (0, 0, 1 if start == 0 else 0, 0))
 
     @staticmethod
     def _write_slots(cache, index: Tensor, k: Tensor, v: Tensor, valid: Tensor | None = None) -> None:
@@ -335,8 +346,9 @@ class BMojoAttention(nn.Module):
     def _empty_memory(self, like: Tensor) -> MemoryState:
         return MemoryState.empty(like.shape[0], self.memory_size, self.kv_heads, self.head_dim, like)
 
-    def decode_token(self, x: Tensor, position: int, cache: AttentionLayerCache) -> Tensor:
-        """One token `x` (batch, d) at `position`, reading and advancing `cache`; returns (batch, d).
+    def decode_token(self, x: Tensor, position: int | Tensor, cache: AttentionLayerCache) -> Tensor:
+        """One token `x` (batch, d) at `position` (an int, or a 0-d long tensor in a compiled step), reading and
+        advancing `cache`; returns (batch, d).
 
         Rows in, rows out: at one token per step the per-op overhead, not the arithmetic, is
         the cost, so nothing here adds or drops a sequence axis, and the reshapes are views.
@@ -344,12 +356,7 @@ class BMojoAttention(nn.Module):
         batch = x.shape[0]
         cos, sin = self.rotary.at_position(position, x.dtype, x.device)
         if self.kind == "A":
-            q = self._token_query(x, cos, sin)  # the full KV cache grows by design
-            k = apply_rotary_rolled(self._token_heads(self.k_proj(x), 1, batch, self.kv_heads, self.k_norm), cos, sin)
-            cache.ctx_k = torch.cat([cache.ctx_k, k.permute(1, 2, 0, 3)], dim=2)
-            v = self._token_heads(self.v_proj(x), 1, batch, self.kv_heads)
-            cache.ctx_v = torch.cat([cache.ctx_v, v.permute(1, 2, 0, 3)], dim=2)
-            return self._token_output(_attend(q, cache.ctx_k, cache.ctx_v))
+            return self._decode_full(x, position, cache, cos, sin)
 
         s = self.ssm.step(x, cache.ssm) if self.ssm is not None else None
         features = s if s is None or self.ssm_norm is None else norm_rows(self.ssm_norm, s)  # `_ssm_features`
@@ -363,12 +370,12 @@ class BMojoAttention(nn.Module):
         else:
             q, kv, raw = self._packed_token(x, features, position, pack)
         self._write_token(cache, position, kv)
-        if self.memory_size > 0:
-            self._read_memory(cache, position)
+        out = self._token_output(_attend(q, cache.kv[0], cache.kv[1], cache.bias), s)
+        if self.memory_size > 0:  # after the attention: a chunk's end puts the next chunk's memory in the slots
             if raw is None:
                 raw = torch.stack([k_raw, v]).select(1, 0)
             self._advance_memory(cache, position, raw, features)
-        return self._token_output(_attend(q, cache.kv[0], cache.kv[1], cache.bias), s)
+        return out
 
     # With tied fading projections the token and its SSM output both go through k_proj and
     # v_proj, and the token through q_proj: one product over the three weights packed side by
@@ -434,71 +441,140 @@ class BMojoAttention(nn.Module):
             return torch.addcmul(mixed, self.ssm_residual_gain, s)
         return mixed
 
-    def _write_token(self, cache: AttentionLayerCache, position: int, kv: Tensor) -> None:
+    # An A layer keeps every token's keys: token t in slot t of a buffer of `capacity` slots, read up to the
+    # current token through the bias. Eagerly the buffer doubles when full; a compiled step cannot grow it (its
+    # shapes are fixed), so it needs the capacity from the start (`BMojoCache(max_length=...)`), and writing past it
+    # fails as an index out of range.
+    def _fill_full_cache(self, cache: AttentionLayerCache, k: Tensor, v: Tensor) -> None:
+        """Keys and values (batch, kv_heads, L, D) of a prompt into a buffer with room for more tokens."""
+        batch, _, length, _ = k.shape
+        capacity = max(cache.max_length or 0, 1 << length.bit_length())  # > length
+        cache.kv = self._new_buffer(k, batch, capacity)
+        cache.kv[:, :, :, :length] = torch.stack([k, v])
+        cache.bias = torch.full((batch, 1, 1, capacity), float("-inf"), dtype=k.dtype, device=k.device)
+        cache.bias[..., :length] = 0.0
+
+    def _decode_full(self, x: Tensor, position: int | Tensor, cache: AttentionLayerCache, cos: Tensor, sin: Tensor
+                     ) -> Tensor:
+        """An A layer's decode step: the token's keys into slot `position`, attention over the slots so far."""
+        if not isinstance(position, Tensor) and position >= cache.kv.shape[3]:
+            self._grow(cache, 2 * position)
+        batch = x.shape[0]
+        q = self._token_query(x, cos, sin)
+        k = apply_rotary_rolled(self._token_heads(self.k_proj(x), 1, batch, self.kv_heads, self.k_norm), cos, sin)
+        v = self._token_heads(self.v_proj(x), 1, batch, self.kv_heads)
+        _put(cache.kv, 3, position, torch.cat([k, v]))
+        _open(cache.bias, position)
+        return self._token_output(_attend(q, cache.kv[0], cache.kv[1], cache.bias))
+
+    @staticmethod
+    def _grow(cache: AttentionLayerCache, capacity: int) -> None:
+        """Room for `capacity` tokens in an A layer's buffer (new slots unread)."""
+        extra = capacity - cache.kv.shape[3]
+        cache.kv = torch.cat([cache.kv, cache.kv.new_zeros(*cache.kv.shape[:3], extra, cache.kv.shape[4])], dim=3)
+        cache.bias = F.pad(cache.bias, (0, extra), value=float("-inf"))
+
+    def _write_token(self, cache: AttentionLayerCache, position: int | Tensor, kv: Tensor) -> None:
         """Write the token's rotated keys and values (2, 1 or 2, batch, kv_heads, D) into the rings (row 0: its
         own, row 1: its fading ones); move the fading key and value of the token leaving the window from the side
         ring into the fading ring.
 
-        Writes are `select(...).copy_`: at one token per step, indexing syntax costs as much as the copy.
+        Eager writes are `select(...).copy_`: at one token per step, indexing syntax costs as much as the copy.
         """
         slots = self._slots()
         slot = position % slots.window
-        cache.kv.select(3, slot).copy_(kv.select(1, 0))
-        if position < slots.window:  # filling the ring; afterwards every in-context slot stays readable
-            cache.bias[..., slot] = 0.0
+        _put(cache.kv, 3, slot, kv.select(1, 0))
+        if _maybe(position < slots.window):  # filling the ring; afterwards every in-context slot stays readable
+            _open(cache.bias, slot)
         if not slots.fading:
             return
         if slots.pending:
-            if position >= self.window:  # token position - w leaves the window and starts to fade
+            # token position - w leaves the window and starts to fade. A compiled step moves the side ring's slot
+            # at every position: before the window is full its target slot is unread (bias -inf) and later
+            # overwritten with the key it should hold.
+            if _maybe(position >= self.window):
                 fading_slot = slots.window + (position - self.window) % slots.fading
-                cache.kv.select(3, fading_slot).copy_(cache.pending.select(3, slot))
-                if position - self.window < slots.fading:
+                _put(cache.kv, 3, fading_slot, _take(cache.pending, 3, slot))
+                if isinstance(position, Tensor):
+                    _set_bias(cache.bias, fading_slot, position >= self.window)
+                elif position - self.window < slots.fading:
                     cache.bias[..., fading_slot] = 0.0
-            cache.pending.select(3, slot).copy_(kv.select(1, 1))
+            _put(cache.pending, 3, slot, kv.select(1, 1))
         else:  # overlapping fading keys are read from their own token on
             fading_slot = slots.window + position % slots.fading
-            cache.kv.select(3, fading_slot).copy_(kv.select(1, 1))
-            if position < slots.fading:
-                cache.bias[..., fading_slot] = 0.0
+            _put(cache.kv, 3, fading_slot, kv.select(1, 1))
+            if _maybe(position < slots.fading):
+                _open(cache.bias, fading_slot)
 
-    def _read_memory(self, cache: AttentionLayerCache, position: int) -> None:
-        """Put the memory visible to `position`'s chunk in the memory slots (once per chunk)."""
-        chunk = position // self.chunk
-        if cache.memory_read == chunk:
-            return
-        memory = cache.snapshots.get(chunk - self.lag)
-        if memory is None:
-            memory = self._empty_memory(cache.kv[0])
-        slots = self._slots()
-        cos, sin = self.rotary(self._memory_rotation(torch.tensor([chunk], device=cache.kv.device)), cache.kv.dtype)
-        index = torch.arange(slots.memory_start, slots.total, device=cache.kv.device)
-        self._write_slots(cache, index, apply_rotary(memory.k.transpose(1, 2), cos, sin), memory.v.transpose(1, 2))
-        cache.bias[..., index] = cache.bias[..., index].masked_fill(~memory.valid[:, None, None], float("-inf"))
-        cache.memory_read = chunk
-
-    def _advance_memory(self, cache, position, kv_raw, features) -> None:
+    def _advance_memory(self, cache, position: int | Tensor, kv_raw: Tensor, features: Tensor) -> None:
         """Add the token (un-rotated key and value (2, batch, kv_heads, D), SSM features (batch, d)) to the current
-        chunk; when the chunk completes, score its innovations, pick and snapshot.
+        chunk; when the chunk completes, score its innovations, pick, keep the new memory in the ring and put the
+        memory the next chunk reads in the memory slots.
 
         The innovations are needed only at the chunk's end, so they are computed then, for the
         whole chunk in one product, from the SSM outputs kept per row.
         """
         at = position % self.chunk
-        cache.chunk_kv.select(2, at).copy_(kv_raw)
-        cache.chunk_ssm_prev.select(1, at).copy_(cache.prev_ssm_out)
-        cache.prev_ssm_out = features
-        if at < self.chunk - 1:
+        _put(cache.chunk_kv, 2, at, kv_raw)
+        _put(cache.chunk_ssm_prev, 1, at, cache.prev_ssm_out)
+        cache.prev_ssm_out.copy_(features)
+        operands = (cache.chunk_kv, cache.chunk_ssm_prev, *cache.ring._tensors(), cache.kv, cache.bias)
+        if isinstance(position, Tensor):
+            chunk = position // self.chunk
+            if torch.compiler.is_compiling():
+                new = torch.cond(at == self.chunk - 1, self._end_chunk, self._keep_chunk, (chunk, *operands))
+            else:
+                new = (self._end_chunk if bool(at == self.chunk - 1) else self._keep_chunk)(chunk, *operands)
+        elif at == self.chunk - 1:
+            chunk = torch.tensor(position // self.chunk, device=cache.kv.device)
+            new = self._end_chunk(chunk, *operands)
+        else:
             return
-        j = position // self.chunk
-        chunk_k, chunk_v = cache.chunk_kv
-        innovation = self._innovation(chunk_k, self.innovation_proj(cache.chunk_ssm_prev))
-        cache.memory = update_memory(
-            cache.memory if cache.memory is not None else self._empty_memory(chunk_k),
-            chunk_k, chunk_v, innovation,
-            j * self.chunk, j, self.picks, self.decay,
-        )
-        cache.snapshots[j] = cache.memory
-        cache.snapshots.pop(j - self.lag, None)  # chunk j + 1 reads j + 1 - lag onwards
+        for ring, snapshot in zip(cache.ring._tensors(), new[:5]):
+            _put(ring, 1, chunk % self.lag, snapshot)
+        self._store_memory_slots(cache, *new[5:])
+
+    def _end_chunk(self, chunk: Tensor, chunk_kv: Tensor, chunk_ssm_prev: Tensor, *ring_and_buffers: Tensor
+                   ) -> tuple[Tensor, ...]:
+        """At the end of chunk `chunk` (0-d): the memory after it (its five tensors, for ring slot chunk % g), and
+        the keys, values (2, batch, kv_heads, M, D) and bias (batch, 1, 1, M) of the memory slots for the next
+        chunk. Pure (a `torch.cond` branch): the caller writes the results."""
+        ring = ring_and_buffers[:5]  # then the decode buffer and its bias, which `_keep_chunk` reads
+        chunk_k, chunk_v = chunk_kv.unbind(0)
+        innovation = self._innovation(chunk_k, self.innovation_proj(chunk_ssm_prev))
+        previous = self._ring_entry(ring, (chunk - 1) % self.lag, chunk >= 1)  # the memory after chunk - 1
+        memory = update_memory(previous, chunk_k, chunk_v, innovation, chunk * self.chunk, chunk, self.picks,
+                               self.decay)
+        # The next chunk reads the memory after chunk + 1 - g, in a slot the new memory does not overwrite (g >= 2).
+        return _own_contiguous(*memory._tensors(), *self._memory_slots(ring, chunk + 1))
+
+    def _keep_chunk(self, chunk: Tensor, chunk_kv: Tensor, chunk_ssm_prev: Tensor, *ring_and_buffers: Tensor
+                    ) -> tuple[Tensor, ...]:
+        """`_end_chunk`'s results for a token inside a chunk: what ring slot chunk % g and the memory slots hold."""
+        ring, (kv, bias) = ring_and_buffers[:5], ring_and_buffers[5:]
+        slots = self._slots()
+        kept = [_take(t, 1, chunk % self.lag) for t in ring]
+        return _own_contiguous(*kept, *(t.narrow(3, slots.memory_start, slots.memory) for t in (kv, bias)))
+
+    def _ring_entry(self, ring: tuple[Tensor, ...], slot: Tensor, present: Tensor) -> MemoryState:
+        """The memory in ring slot `slot` (0-d) where `present` (0-d bool), else an empty memory."""
+        entry = MemoryState(*(_take(t, 1, slot) for t in ring))
+        empty = self._empty_memory(entry.k)
+        return MemoryState(*(torch.where(present, t, e) for t, e in zip(entry._tensors(), empty._tensors())))
+
+    def _memory_slots(self, ring: tuple[Tensor, ...], chunk: Tensor) -> tuple[Tensor, Tensor]:
+        """What chunk `chunk` (0-d) reads in the memory slots: the memory after chunk - g, rotated to the chunk's
+        memory position, as keys and values (2, batch, kv_heads, M, D) and bias (batch, 1, 1, M)."""
+        memory = self._ring_entry(ring, (chunk - self.lag) % self.lag, chunk >= self.lag)
+        cos, sin = self.rotary(self._memory_rotation(chunk).view(1), memory.k.dtype)
+        kv = torch.stack([apply_rotary(memory.k.transpose(1, 2), cos, sin), memory.v.transpose(1, 2)])
+        bias = torch.zeros_like(memory.innovation).masked_fill(~memory.valid, float("-inf"))
+        return kv, bias[:, None, None]
+
+    def _store_memory_slots(self, cache, kv: Tensor, bias: Tensor) -> None:
+        slots = self._slots()
+        cache.kv.narrow(3, slots.memory_start, slots.memory).copy_(kv)
+        cache.bias.narrow(3, slots.memory_start, slots.memory).copy_(bias)
 
 
 @dataclass(frozen=True)
@@ -543,6 +619,47 @@ class HeadRMSNorm(RMSNorm):
         ct = torch.promote_types(x.dtype, torch.float32)
         weight = self.factory.share_across_tp(self.weight)
         return (rms_normalize(x.to(ct), self.eps) * weight.to(ct)).to(x.dtype)
+
+
+def _put(buffer: Tensor, dim: int, index: int | Tensor, value: Tensor) -> None:
+    """``buffer.select(dim, index) = value``, for an int index or a 0-d tensor (a compiled step's)."""
+    if isinstance(index, Tensor):
+        buffer.index_copy_(dim, index.view(1), value.unsqueeze(dim))
+    else:
+        buffer.select(dim, index).copy_(value)
+
+
+def _take(buffer: Tensor, dim: int, index: int | Tensor) -> Tensor:
+    """``buffer.select(dim, index)``, for an int index or a 0-d tensor."""
+    if isinstance(index, Tensor):
+        return buffer.index_select(dim, index.view(1)).squeeze(dim)
+    return buffer.select(dim, index)
+
+
+def _own_contiguous(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Contiguous copies: a `torch.cond` branch must not return its inputs, and both branches' results get one
+    layout (torch 2.13 merges the two branches' strides, torch/_higher_order_ops/cond.py `_bound_stride`, and
+    fails on some size-1 axes of differing strides)."""
+    return tuple(t.clone(memory_format=torch.contiguous_format) for t in tensors)
+
+
+def _maybe(condition: bool | Tensor) -> bool:
+    """An eager branch's condition; True for a tensor condition (a compiled step makes the write either way)."""
+    return True if isinstance(condition, Tensor) else condition
+
+
+def _open(bias: Tensor, slot: int | Tensor) -> None:
+    """Let queries read bias slot `slot` (last axis)."""
+    if isinstance(slot, Tensor):
+        bias.index_fill_(-1, slot.view(1), 0.0)
+    else:
+        bias[..., slot] = 0.0
+
+
+def _set_bias(bias: Tensor, slot: Tensor, readable: Tensor) -> None:
+    """Open bias slot `slot` where `readable` (0-d bool); leave it as it is elsewhere."""
+    index = slot.view(1)
+    bias.index_copy_(-1, index, torch.where(readable, 0.0, bias.index_select(-1, index)))
 
 
 def _attend(q: Tensor, keys: Tensor, values: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -57,7 +57,9 @@ class CompiledOrEager:
         self.failed = False
 
     def __call__(self, *args: Any) -> Any:
-        if self.failed or not compiled_decode_enabled():
+        # Inside a compiled model the step is part of the model's graph (asked first: reading the setting may
+        # write it, which the model's graph would take for a changed input).
+        if torch.compiler.is_compiling() or self.failed or not compiled_decode_enabled():
             return self.fn(*args)
         try:
             if self.compiled is None:

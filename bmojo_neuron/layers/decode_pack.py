@@ -13,7 +13,8 @@ as the dispatch a pack saves, so they are read once per decode state (a new cach
 copy of one), not per token: weights changed in the middle of decoding with one cache,
 or written through ``.data`` (which bypasses the version counter), are not seen.
 
-Packs apply only where they give what the modules give: without autograd (a copy carries
+Packs apply only where they give what the modules give, and only eagerly (a compiled step
+fuses the products itself, and the keys above are not traceable): without autograd (a copy carries
 no gradient back to the parameters) and for plain `nn.Linear` projections (a sharded or
 wrapped projection computes more than its weight product); `build` returns None otherwise.
 """
@@ -59,9 +60,9 @@ def packed(owner: nn.Module, name: str, state: Any, sources: Callable[[], Sequen
 
     `state` is the decode state the step advances: while it is the one of the last call the
     pack is used as it is; for a new one, `sources()` are checked and the pack rebuilt if
-    any changed. Without autograd only: with it on, None.
+    any changed. Without autograd and outside `torch.compile` only: otherwise None.
     """
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
     entry = owner.__dict__.get(name)
     if entry is not None and entry.state() is state:

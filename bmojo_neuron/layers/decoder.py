@@ -53,8 +53,8 @@ class BMojoDecoderLayer(GradientCheckpointingLayer):
             hidden_states = hidden_states + self.mlp(self.mlp_norm(hidden_states))
         return hidden_states, innovation
 
-    def decode_token(self, h: Tensor, position: int, cache) -> Tensor:
-        """One token's hidden state `h` (batch, d) at `position` through the layer, advancing its `cache`.
+    def decode_token(self, h: Tensor, position: int | Tensor, cache) -> Tensor:
+        """One token's hidden state `h` (batch, d) at `position` (int or 0-d tensor) through the layer, advancing its `cache`.
 
         Rows in, rows out (the decode steps of the mixers work on rows): every linear then
         is one matrix product, with no sequence axis to add and drop around it.

@@ -131,16 +131,17 @@ def merge_into_memory(
     new_v: Tensor,
     new_innovation: Tensor,
     new_position: Tensor,
-    chunk_index: int,
+    chunk_index: int | Tensor,
     decay: float,
 ) -> MemoryState:
-    """Memory after chunk `chunk_index`: the best ``M`` of old entries and new picks.
+    """Memory after chunk `chunk_index` (an int, or a 0-d tensor in a compiled decode step): the best ``M`` of
+    old entries and new picks.
 
     Score = innovation * decay ** (chunk_index - pick_chunk); empty slots never win;
     equal scores go to the more recent (higher position) entry.
     """
     size = memory.position.shape[1]
-    new_chunk = torch.full_like(new_position, chunk_index)
+    new_chunk = torch.zeros_like(new_position) + chunk_index
     k = torch.cat([memory.k, new_k], dim=1)
     v = torch.cat([memory.v, new_v], dim=1)
     innovation = torch.cat([memory.innovation, new_innovation], dim=1)
@@ -161,12 +162,13 @@ def update_memory(
     chunk_k: Tensor,
     chunk_v: Tensor,
     chunk_innovation: Tensor,
-    chunk_start: int,
-    chunk_index: int,
+    chunk_start: int | Tensor,
+    chunk_index: int | Tensor,
     picks: int,
     decay: float,
 ) -> MemoryState:
-    """Pick from one complete chunk (tensors (batch, c, ...)) and merge the picks into `memory`."""
+    """Pick from one complete chunk (tensors (batch, c, ...)) and merge the picks into `memory`; the chunk's start
+    and index are ints or 0-d tensors."""
     index = pick_tokens(chunk_innovation, picks)
     gather_vec = index[:, :, None, None].expand(-1, -1, *chunk_k.shape[2:])
     return merge_into_memory(

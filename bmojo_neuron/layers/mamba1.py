@@ -108,7 +108,7 @@ class Mamba1Mixer(nn.Module):
             device=device,
             dtype=torch.promote_types(dtype, torch.float32),
         )
-        return SSMState(conv_states={"x": conv}, ssm_state=ssm, seen_tokens=0)
+        return SSMState(conv_states={"x": conv}, ssm_state=ssm, counter=torch.zeros((), dtype=torch.long, device=device))
 
     def _dt_b_c(self, x_dbl: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """dt for this rank's channels, and B, C (shared by every rank's channels)."""
@@ -147,8 +147,8 @@ class Mamba1Mixer(nn.Module):
         if state is not None:
             y, last = out
             state.conv_states["x"] = conv_tail
-            state.ssm_state = last
-            state.seen_tokens += hidden_states.shape[1]
+            state.ssm_state = last.contiguous()  # the layout every decode step writes into
+            state.counter.add_(hidden_states.shape[1])
         else:
             y = out
         return self.out_proj(y.transpose(1, 2))
@@ -175,7 +175,5 @@ class Mamba1Mixer(nn.Module):
             dt_bias=self.dt_bias,
             dt_softplus=True,
         )
-        state.conv_states["x"] = conv_state
-        state.ssm_state = new_state
-        state.seen_tokens += 1
+        state.store_step("x", conv_state, new_state)
         return self.out_proj(y)

@@ -107,7 +107,7 @@ class Mamba2Mixer(nn.Module):
             device=device,
             dtype=torch.promote_types(dtype, torch.float32),
         )
-        return SSMState(conv_states=conv_states, ssm_state=ssm, seen_tokens=0)
+        return SSMState(conv_states=conv_states, ssm_state=ssm, counter=torch.zeros((), dtype=torch.long, device=device))
 
     def _split_bc(self, bc: Tensor) -> tuple[Tensor, Tensor]:
         """(..., G*2*N) group-major -> B, C each (..., G, N)."""
@@ -152,8 +152,8 @@ class Mamba2Mixer(nn.Module):
         if state is not None:
             y, final = out
             state.conv_states["xbc"] = torch.cat([x_tail, bc_tail], dim=1)
-            state.ssm_state = final
-            state.seen_tokens += length
+            state.ssm_state = final.contiguous()  # the layout every decode step writes into
+            state.counter.add_(length)
         else:
             y = out
         y = self.norm(y.reshape(batch, length, self.d_inner_local), z)
@@ -170,7 +170,7 @@ class Mamba2Mixer(nn.Module):
         ``BMOJO_COMPILE_DECODE=1`` it runs compiled (`layers.compiled_step`).
         """
         conv_state, ssm_state = state.conv_states["xbc"], state.ssm_state
-        pack = None if compiled_decode_enabled() else packed(self, "_decode_packed", state, self._pack_sources,
+        pack = None if torch.compiler.is_compiling() or compiled_decode_enabled() else packed(self, "_decode_packed", state, self._pack_sources,
                                                               self._build_pack)
         if pack is None:  # compiled, under autograd, or projections that are not plain linears
             out, conv_state, ssm_state = _STEP(self, h, conv_state, ssm_state)
@@ -179,9 +179,7 @@ class Mamba2Mixer(nn.Module):
             out, conv_state, ssm_state = self._step_from(
                 F.linear(h, weight, bias), conv_weight, conv_bias, A, conv_state, ssm_state, plain_out=True
             )
-        state.conv_states["xbc"] = conv_state
-        state.ssm_state = ssm_state
-        state.seen_tokens += 1
+        state.store_step("xbc", conv_state, ssm_state)
         return out
 
     def _pack_sources(self) -> list[Tensor | None]:

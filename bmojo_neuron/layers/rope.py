@@ -92,13 +92,16 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat([freqs, freqs], dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def at_position(self, position: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    def at_position(self, position: int | Tensor, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos and *signed* sin (head_dim,) of one position, for `apply_rotary_rolled` (decoding).
 
         The same numbers as ``forward`` at that position (the angle is the same float
         division), with sin's first half negated, so the rotation needs a roll instead of
-        the negated, concatenated halves.
+        the negated, concatenated halves. `position` is an int (eager decoding: tables kept
+        per position) or a 0-d tensor (a compiled step: computed in the graph).
         """
+        if isinstance(position, Tensor):
+            return self._tables_at(position, dtype, device)
         shared = (self._settings, dtype, device)
         last = RotaryEmbedding._last_position.get(shared)
         if last is not None and last[0] == position:
@@ -107,7 +110,7 @@ class RotaryEmbedding(nn.Module):
         RotaryEmbedding._last_position[shared] = (position, cos, sin)
         return cos, sin
 
-    def at_position_for_heads(self, position: int, dtype: torch.dtype, device: torch.device,
+    def at_position_for_heads(self, position: int | Tensor, dtype: torch.dtype, device: torch.device,
                               layout: tuple[tuple[int, bool], ...]) -> tuple[Tensor, Tensor]:
         """`at_position`'s tables for consecutive groups of heads, (heads, head_dim): `layout` lists (heads,
         rotated); heads that are not rotated get cos 1 and sin 0, so `apply_rotary_rolled` returns them exactly.
@@ -115,29 +118,37 @@ class RotaryEmbedding(nn.Module):
         Lets one rotation cover keys, values and queries projected side by side (decoding).
         """
         shared = (self._settings, dtype, device, layout)
-        last = RotaryEmbedding._last_position.get(shared)
+        last = None if isinstance(position, Tensor) else RotaryEmbedding._last_position.get(shared)
         if last is not None and last[0] == position:
             return last[1], last[2]
         cos, sin = self.at_position(position, dtype, device)
         one, zero = torch.ones_like(cos), torch.zeros_like(sin)
         cos = torch.cat([(cos if rotated else one).expand(heads, -1) for heads, rotated in layout])
         sin = torch.cat([(sin if rotated else zero).expand(heads, -1) for heads, rotated in layout])
-        RotaryEmbedding._last_position[shared] = (position, cos, sin)
+        if not isinstance(position, Tensor):
+            RotaryEmbedding._last_position[shared] = (position, cos, sin)
         return cos, sin
 
-    def _tables_at(self, position: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-        key = (dtype, torch.device(device))
-        if key not in self._decode_constants:
-            compute = torch.float64 if dtype == torch.float64 else torch.float32
-            periods = rotation_periods(self.head_dim, self.theta, self.scaling, compute).to(device)
-            half = periods.shape[0]
-            sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(device=device, dtype=compute)
-            self._decode_constants[key] = torch.cat([periods, periods]), sign
-        periods, sign = self._decode_constants[key]
-        compute = periods.dtype
-        angles = torch.full_like(periods, float(position)).div_(periods)
+    def _tables_at(self, position: int | Tensor, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        if isinstance(position, Tensor):  # a compiled step: constants made in the graph (folded by the compiler)
+            periods, sign = self._periods_and_sign(compute, device)
+            angles = position.to(compute) / periods
+        else:
+            key = (dtype, torch.device(device))
+            if key not in self._decode_constants:
+                self._decode_constants[key] = self._periods_and_sign(compute, device)
+            periods, sign = self._decode_constants[key]
+            angles = torch.full_like(periods, float(position)).div_(periods)
         cos, sin = angles.cos(), angles.sin().mul_(sign)
         return (cos, sin) if dtype == compute else (cos.to(dtype), sin.to(dtype))
+
+    def _periods_and_sign(self, compute: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The head_dim periods (each half's) and the sign of sin per channel, -1 on the first half."""
+        periods = rotation_periods(self.head_dim, self.theta, self.scaling, compute).to(device)
+        half = periods.shape[0]
+        sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(device=device, dtype=compute)
+        return torch.cat([periods, periods]), sign
 
 
 def apply_rotary_rolled(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:

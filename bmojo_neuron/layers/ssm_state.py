@@ -27,17 +27,34 @@ __all__ = ["SSMState", "causal_conv1d", "causal_conv1d_rows", "causal_conv1d_ste
 class SSMState:
     """Conv windows, SSM state and the number of tokens already folded in.
 
-    The mixer replaces the tensors (it does not write into them), so a state can be
-    snapshotted by a shallow `copy()`.
+    A decode step writes the new states into the tensors it holds (the same tensors,
+    same strides, from step to step: what lets `torch.compile` run the step as one
+    graph without recompiling); a prefill replaces them. The token count is a 0-d
+    tensor for the same reason (a Python int would be a constant of the graph);
+    `seen_tokens` reads it as an int.
     """
 
     conv_states: dict[str, Tensor] = field(default_factory=dict)
     ssm_state: Tensor | None = None
-    seen_tokens: int = 0
+    counter: Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+
+    @property
+    def seen_tokens(self) -> int:
+        return int(self.counter)
+
+    @seen_tokens.setter
+    def seen_tokens(self, value: int) -> None:
+        self.counter.fill_(value)
 
     @property
     def batch_size(self) -> int:
         return self.ssm_state.shape[0] if self.ssm_state is not None else 0
+
+    def store_step(self, name: str, conv_state: Tensor, ssm_state: Tensor) -> None:
+        """Write one decode step's new conv state `name` and SSM state into the held tensors; count the token."""
+        self.conv_states[name].copy_(conv_state)
+        self.ssm_state.copy_(ssm_state)
+        self.counter.add_(1)
 
     def reorder(self, index: torch.LongTensor) -> SSMState:
         """Select/permute batch rows in place (beam search); returns self."""
@@ -49,15 +66,16 @@ class SSMState:
         return self
 
     def copy(self) -> SSMState:
-        """A new state object sharing the (never mutated in place) tensors."""
-        return SSMState(dict(self.conv_states), self.ssm_state, self.seen_tokens)
+        """A state that decodes independently of this one (decoding writes into the tensors: they are cloned)."""
+        ssm = None if self.ssm_state is None else self.ssm_state.clone()
+        return SSMState({name: t.clone() for name, t in self.conv_states.items()}, ssm, self.counter.clone())
 
     def reset(self) -> SSMState:
         """Zero everything in place and forget all tokens; returns self."""
         self.conv_states = {name: torch.zeros_like(t) for name, t in self.conv_states.items()}
         if self.ssm_state is not None:
             self.ssm_state = torch.zeros_like(self.ssm_state)
-        self.seen_tokens = 0
+        self.counter = torch.zeros_like(self.counter)
         return self
 
 

@@ -1,0 +1,172 @@
+"""A one-token decode step compiled with `torch.compile(fullgraph=True)`: one graph, no recompiles, eager's numbers.
+
+The decode cache holds fixed-size tensors written in place and a tensor position
+(`BMojoCache`), so the step has static shapes and no Python branch on the position.
+Graph capture is checked with dynamo's counting backend (it runs the captured graph
+as it is, in seconds); inductor's generated code once, on the smallest model.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import warnings
+
+import pytest
+import torch
+from naive import tiny_config
+from torch._dynamo.testing import CompileCounter
+from transformers import CompileConfig
+
+from bmojo_neuron import BMojoCache, BMojoForCausalLM
+
+# w = 4, w_f = 3, c = 5 (tiny_config): from a 9-token prompt, 21 steps fill the rings and end four chunks.
+PROMPT, LENGTH = 9, 30
+
+
+@pytest.fixture(autouse=True)
+def one_graph_only():
+    """A recompile fails the test (limit 1, hard failure); compiled graphs are dropped after each test."""
+    config = torch._dynamo.config
+    with config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        yield
+    torch._dynamo.reset()
+    gc.collect()
+
+
+class SharedCompileCounter(CompileCounter):
+    """Dynamo's counting backend, shared by the copies `CompileConfig.to_dict` makes (a deep copy)."""
+
+    def __deepcopy__(self, memo: dict) -> SharedCompileCounter:
+        return self
+
+
+def build(**overrides) -> BMojoForCausalLM:
+    torch.manual_seed(0)
+    return BMojoForCausalLM(tiny_config(**overrides)).eval()
+
+
+def token_ids(batch: int = 2, length: int = LENGTH, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, 60, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def decode(model: BMojoForCausalLM, ids: torch.Tensor, step=None, max_length: int | None = 64) -> torch.Tensor:
+    """Logits of the tokens after the prompt: the prompt through the parallel forward, then `step` (default the
+    model) one token at a time."""
+    step = model if step is None else step
+    cache = BMojoCache(model.config.num_hidden_layers, max_length=max_length)
+    with torch.no_grad():
+        model(ids[:, :PROMPT], cache=cache, use_cache=True)
+        logits = [step(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(PROMPT, ids.shape[1])]
+    return torch.cat(logits, dim=1)
+
+
+def decode_static_eagerly(model: BMojoForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    """`decode` with the positions as the cache's tensor, as a compiled step reads them, run without compiling."""
+    cache = BMojoCache(model.config.num_hidden_layers, max_length=64)
+    with torch.no_grad():
+        model(ids[:, :PROMPT], cache=cache, use_cache=True)
+        logits = []
+        for t in range(PROMPT, ids.shape[1]):
+            hidden = model.model._decode_token(model.model.embed_tokens(ids[:, t : t + 1]), cache, static=True)
+            logits.append(model.lm_head(hidden.last_hidden_state))
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("options", [
+    {"layer_pattern": "BFMSA"},
+    {"layer_pattern": "BFM", "ssm_mixer": "mamba1", "fading_overlap": True},
+    {"layer_pattern": "BF", "tie_fading_projections": False, "fading_norm": True, "qk_norm": True},
+    {"layer_pattern": "B", "memory_decay": 0.0},
+])
+def test_tensor_positions_decode_what_int_positions_decode(options):
+    """The static form of the step (writes made unconditionally or through torch.where, the chunk's end as a
+    branch on a tensor) decodes what the eager form (Python branches on an int position) and the forward give."""
+    model = build(**options)
+    ids = token_ids()
+    with torch.no_grad():
+        full = model(ids).logits[:, PROMPT:]
+    static = decode_static_eagerly(model, ids)
+    torch.testing.assert_close(static, decode(model, ids, max_length=None), rtol=0, atol=1e-6)
+    torch.testing.assert_close(static, full, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
+def test_compiled_decode_step_is_one_graph_for_every_position(mixer):
+    """fullgraph=True (a graph break raises), one frame compiled for 21 steps that fill the windows and end four
+    memory chunks (a recompile raises), every layer kind, and the eager step's logits."""
+    model = build(layer_pattern="BFMSA", ssm_mixer=mixer)
+    ids = token_ids()
+    counter = CompileCounter()
+    compiled = decode(model, ids, torch.compile(model, fullgraph=True, dynamic=False, backend=counter))
+    assert counter.frame_count == 1
+    torch.testing.assert_close(compiled, decode(model, ids), rtol=0, atol=1e-6)
+
+
+def test_compiled_decode_continues_after_a_beam_reorder_and_on_a_copy():
+    """Beam search's reorder and `select_rows` / `copy` give caches with the same layout: the same graph decodes
+    them, as the eager step does."""
+    model = build(layer_pattern="BMA")
+    ids = token_ids(batch=3)
+    counter = CompileCounter()
+    compiled_model = torch.compile(model, fullgraph=True, dynamic=False, backend=counter)
+    results = []
+    for step in (model, compiled_model):
+        cache = BMojoCache(model.config.num_hidden_layers, max_length=64)
+        with torch.no_grad():
+            model(ids[:, :PROMPT], cache=cache, use_cache=True)
+            step(ids[:, PROMPT : PROMPT + 1], cache=cache, use_cache=True)
+            cache.reorder_cache(torch.tensor([2, 0, 0]))
+            twin = cache.select_rows(torch.tensor([1, 2, 0])).copy()
+            out = [step(ids[:, t : t + 1], cache=c, use_cache=True).logits
+                   for t in range(PROMPT + 1, PROMPT + 8) for c in (cache, twin)]
+        results.append(torch.cat(out, dim=1))
+    assert counter.frame_count == 1
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-6)
+
+
+def test_compiled_a_layers_need_the_cache_sized_for_the_generation():
+    """A compiled step cannot grow an A layer's buffer: writing past it fails rather than decoding wrong tokens."""
+    model = build(layer_pattern="A")
+    compiled_model = torch.compile(model, fullgraph=True, dynamic=False, backend=CompileCounter())
+    with pytest.raises(Exception, match="out of (bounds|range)"):
+        decode(model, token_ids(), compiled_model, max_length=None)  # the prompt's 9 tokens: room for 16
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="inductor needs a C++ compiler")
+def test_inductor_compiled_decode_equals_eager():
+    """Inductor's generated code for the step of a B layer (the memory's chunk end included) gives eager's logits
+    within float32 rounding."""
+    model = build(layer_pattern="B", intermediate_size=0)
+    ids = token_ids(batch=1, length=PROMPT + 7)  # ends chunk 1 (position 9) and starts chunk 2's
+    compiled = decode(model, ids, torch.compile(model, fullgraph=True, dynamic=False, backend="inductor"))
+    torch.testing.assert_close(compiled, decode(model, ids), rtol=0, atol=1e-5)
+
+
+def test_generate_with_a_compile_config_compiles_the_decode_steps():
+    """`generate(compile_config=...)` on CPU: transformers compiles the decode steps (the prefill runs eagerly)
+    into one graph, greedy and beam search give the eager tokens."""
+    model = build(layer_pattern="BMA")
+    prompt = token_ids(length=PROMPT)
+    counter = SharedCompileCounter()
+    config = CompileConfig(fullgraph=True, dynamic=False, backend=counter, mode=None)
+    for beams in (1, 2):
+        kwargs = dict(max_new_tokens=12, do_sample=False, num_beams=beams, pad_token_id=63)
+        eager = model.generate(prompt, **kwargs)
+        assert torch.equal(model.generate(prompt, compile_config=config, **kwargs), eager)
+    assert counter.frame_count == 1
+
+
+def test_generate_decodes_a_padded_batch_eagerly_with_a_compile_config():
+    """Padded rows decode in groups of changing size: with a compile_config they decode eagerly, with a warning."""
+    model = build(layer_pattern="BM")
+    prompt = token_ids(length=PROMPT)
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    counter = SharedCompileCounter()
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=63)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = model.generate(prompt, compile_config=CompileConfig(backend=counter, mode=None), **kwargs)
+    assert counter.frame_count == 0
+    assert torch.equal(got, model.generate(prompt, **kwargs))
