@@ -321,7 +321,7 @@ class AffineLoops:
             in_place = tensor.region() in {w.region() for w in writes}
             raise self._error(instr, "read in place" if in_place else "read", tensor, loop, stamp)
 
-    def _check_write(self, instr: str, tensor: NkiTensor, seen: tuple[_Track, _Access] | None, current: int,
+    def _check_write(self, instr: str, tensor: NkiTensor, seen: tuple[_Track, _Access], current: int,
                      code: int) -> None:
         written, accumulated = self._last_writers(seen, current)
         for stamp, loop in self._conflicting(written, current):
@@ -330,23 +330,18 @@ class AffineLoops:
                 continue  # accumulations of one family into the same elements: an associative reduction
             kind = "mix" if code and bool(earlier.all()) else "overwrite"  # accumulations of two families
             raise self._error(instr, kind, tensor, loop, stamp)
-        if seen is None:
-            return
         track, access = seen
         readers = sorted(summary for summary, other in track.reads.values() if _meet(access, other))
         for stamp, loop in self._conflicting(np.array(readers, np.int64), current):
             raise self._error(instr, "overwrite-read", tensor, loop, stamp)
 
-    def _last_writers(self, seen: tuple[_Track, _Access] | None, current: int
-                      ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def _last_writers(self, seen: tuple[_Track, _Access], current: int) -> tuple[np.ndarray, np.ndarray]:
         """(stamp, family code) of the last write of each byte of the access that another write reached.
 
         Enough for the checks: when no write that meets the access conflicts with `current`, just their
         stamps; when one write meets it, its stamp and code; otherwise each byte's last writer, painting the
         writes that meet it in the order they happened.
         """
-        if seen is None:
-            return None, None
         track, access = seen
         met = [w for w in track.writes.values() if _meet(access, w[2])]
         if len(met) <= 1 or all(self._conflict(stamp, current) is None for stamp, _, _ in met):
@@ -361,9 +356,9 @@ class AffineLoops:
         mine = access.units(unit) - low
         return stamps[mine], codes[mine]
 
-    def _conflicting(self, marks: np.ndarray | None, current: int) -> Iterator[tuple[int, int]]:
+    def _conflicting(self, marks: np.ndarray, current: int) -> Iterator[tuple[int, int]]:
         """(stamp, loop) for each stamp in `marks` taken in another iteration of a loop still running."""
-        if marks is None or marks.size == 0:
+        if marks.size == 0:
             return
         low, high = int(marks.min()), int(marks.max())
         if high == 0 or (high == current and low in (0, current)):
