@@ -11,7 +11,7 @@ import pytest
 import emulator_helpers
 from emulator_helpers import load, raises, rand, run, store
 
-from nki_kernels.emulator import NKIRuleError, nisa, nl
+from nki_kernels.emulator import NKIRuleError, nisa, nki, nl
 
 CARRIED = "an affine_range iteration must not read what another iteration wrote"
 OVERWRITTEN = "an affine_range iteration must not overwrite what another iteration wrote"
@@ -386,3 +386,112 @@ def test_accumulations_of_two_operators_into_one_tile_are_refused():
     msg = raises(updated_in_place, rand(8, 5), multiply_then_add, F32, 0.0, match=OVERWRITTEN)
     assert msg.startswith("nisa.tensor_scalar:") and "iteration 1 of the affine_range at" in msg
     assert "accumulates into acc with another operator than iteration 0 did" in msg and "a scan" in msg
+
+
+# ---------------------------------------------------------------- accesses compared as boxes (loops._meet)
+def interleaved(a, second_start):
+    """Two iterations fill one tile allocated before the loop, column by column with step 2: iteration 0 the
+    columns 0, 2, 4, ..., iteration 1 those from `second_start` on (1: the odd ones, disjoint; 2: even ones
+    again, overlapping iteration 0's)."""
+    parts, n = a.shape
+    t = nl.ndarray((parts, 2 * n), dtype=nl.float32, buffer=nl.sbuf)
+    for i in nl.affine_range(2):
+        first = 0 if i == 0 else second_start
+        count = (2 * n - first + 1) // 2
+        nisa.tensor_scalar(dst=t[:, first:first + 2 * count - 1:2], data=load(a[:, 0:count]), op0=nl.add,
+                           operand0=float(i + 1))
+    return store(t)
+
+
+def test_even_and_odd_columns_written_by_two_iterations_are_independent():
+    a = rand(4, 3)
+    expected = np.empty((4, 6), np.float32)
+    expected[:, 0::2], expected[:, 1::2] = a + 1, a + 2
+    np.testing.assert_array_equal(run(interleaved, a, 1), expected)
+
+
+def test_strided_writes_that_share_a_column_are_refused():
+    """Iteration 1 writes columns 2, 4 over iteration 0's 0, 2, 4: an output dependency on two elements."""
+    msg = raises(interleaved, rand(4, 3), 2, match=OVERWRITTEN)
+    assert msg.startswith("nisa.tensor_scalar:") and "iteration 1 of the affine_range" in msg
+    assert "also written by iteration 0" in msg
+
+
+def test_a_dependency_is_refused_in_a_cost_only_run():
+    """The check stays on where no values are computed (bench shapes run cost-only)."""
+    a = rand(8, 16)
+    with pytest.raises(NKIRuleError, match=CARRIED):
+        nki.simulate(chunked_scan, a, a, nl.affine_range, cost_only=True)
+    nki.simulate(chunked_scan, a, a, nl.sequential_range, cost_only=True)
+    nki.simulate(interleaved, rand(4, 3), 1, cost_only=True)
+
+
+def _random_view(rng: np.random.Generator, data: np.ndarray) -> np.ndarray:
+    """A view of `data` a kernel could make: slices with steps (some reversed), a reshape, a dtype view."""
+    view = data
+    if view.dtype.itemsize == 4 and view.shape[-1] % 2 == 0 and rng.random() < 0.3:
+        view = view.view(np.uint16)  # two halves per element, as .ap(dtype=) reinterprets
+    elif view.dtype.itemsize == 2 and view.shape[-1] % 2 == 0 and rng.random() < 0.2:
+        view = view.view(np.float32)  # one element over two
+    key = []
+    for n in view.shape:
+        lo = int(rng.integers(0, n))
+        hi = int(rng.integers(lo + 1, n + 1))
+        step = int(rng.integers(1, 4))
+        key.append(slice(hi - 1, lo - 1 if lo else None, -step) if rng.random() < 0.1 else slice(lo, hi, step))
+    view = view[tuple(key)]
+    if view.ndim >= 2 and view.flags.c_contiguous and rng.random() < 0.3:
+        view = view.reshape(view.shape[0], -1)
+        if view.shape[1] % 2 == 0 and rng.random() < 0.5:
+            view = view.reshape(view.shape[0], 2, -1)
+    return view
+
+
+def _bytes_of(data: np.ndarray, view: np.ndarray) -> set[int]:
+    """The naive answer: every byte offset the view covers, element by element."""
+    base = view.__array_interface__["data"][0] - data.__array_interface__["data"][0]
+    covered = set()
+    for index in np.ndindex(*view.shape):
+        start = base + sum(i * s for i, s in zip(index, view.strides))
+        covered.update(range(start, start + view.dtype.itemsize))
+    return covered
+
+
+def test_two_accesses_meet_exactly_when_they_share_a_byte():
+    """loops._meet (boxes of progressions, or elements where a view is no box) against byte sets, on random
+    views of random allocations: even/odd interleaves, steps 2 and 3, reversed slices, reshapes, dtype views."""
+    from nki_kernels.emulator.loops import _meet, _Track
+
+    rng = np.random.default_rng(3)
+    boxes = tried = 0
+    for _ in range(1000):
+        shape = tuple(int(n) for n in rng.integers(1, 7, size=int(rng.integers(1, 4))))
+        data = np.zeros(shape, [np.float32, np.uint16, np.uint8][int(rng.integers(0, 3))])
+        track = _Track(0, _Track.axes_of(data))
+        views = [_random_view(rng, data) for _ in range(2)]
+        if any(v.size == 0 for v in views):
+            continue
+        accesses = [track.access(v.__array_interface__["data"][0] - data.__array_interface__["data"][0],
+                                 v.shape, v.strides, v.dtype.itemsize) for v in views]
+        expected = bool(_bytes_of(data, views[0]) & _bytes_of(data, views[1]))
+        assert _meet(*accesses) == expected, (shape, data.dtype, [(v.shape, v.strides) for v in views])
+        boxes += all(a.box is not None for a in accesses)
+        tried += 1
+    assert boxes > tried // 2  # most pairs took the box path, the rest the element path
+
+
+@pytest.mark.parametrize("first, second, shared", [
+    ((0, 2), (1, 2), False), ((1, 2), (0, 2), False), ((0, 2), (2, 2), True), ((0, 3), (1, 2), True),
+    ((1, 4), (2, 4), False), ((0, 4), (2, 6), True), ((0, 4), (1, 6), False), ((0, 6), (3, 6), False)])
+def test_strided_columns_meet_where_their_progressions_share_a_column(first, second, shared):
+    """Columns start::step of a (4, 40) tile: even/odd interleaves and steps with a common multiple."""
+    from nki_kernels.emulator.loops import _meet, _Track
+
+    data = np.zeros((4, 40), np.float32)
+    track = _Track(0, _Track.axes_of(data))
+    views = [data[:, start::step] for start, step in (first, second)]
+    accesses = [track.access(v.__array_interface__["data"][0] - data.__array_interface__["data"][0],
+                             v.shape, v.strides, v.dtype.itemsize) for v in views]
+    assert all(a.box is not None for a in accesses)
+    assert bool(set(range(40)[first[0]::first[1]]) & set(range(40)[second[0]::second[1]])) == shared
+    assert _meet(*accesses) == shared

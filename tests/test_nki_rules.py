@@ -460,6 +460,38 @@ def test_partition_dimension_and_start():
     np.testing.assert_array_equal(run(good_start, a), a[32:48])
 
 
+def test_an_operand_walks_at_most_four_free_axes_with_int16_strides():
+    """[arch] 'Accessing SBUF/PSUM tensors': up to four free axes per operand, each stride an int16 count of
+    elements; axes that continue one another count as one."""
+
+    def corners(a, last):
+        """Copy a[:, 0:2, 0:2, 0:2, 0:2, last] of a (P, 3, 3, 3, 3, 3) tile: five strided axes when `last` is
+        0:2, four when it is the whole innermost axis (3 elements, contiguous)."""
+        t = load(a)
+        picked = t[:, 0:2, 0:2, 0:2, 0:2, last]
+        out = nl.ndarray(picked.shape, dtype=nl.float32)
+        nisa.tensor_copy(dst=out, src=picked)
+        return store(out)
+
+    a = rand(2, 3, 3, 3, 3, 3)
+    np.testing.assert_array_equal(run(corners, a, slice(None)), a[:, 0:2, 0:2, 0:2, 0:2, :])
+    msg = raises(corners, a, slice(0, 2), match="free access pattern has at most 4 axes")
+    assert msg.startswith("nisa.tensor_copy:") and "strides [81, 27, 9, 3, 1] elements" in msg
+
+    def every(a, step):
+        """Columns 0 and `step` of a bf16 tile: one axis of 2 elements `step` apart."""
+        t = load(a, dtype=nl.bfloat16)
+        out = nl.ndarray((a.shape[0], 2), dtype=nl.bfloat16)
+        nisa.tensor_copy(dst=out, src=t[:, 0:step + 1:step])
+        return store(out)
+
+    a = rand(2, 40000)
+    np.testing.assert_array_equal(run(every, a, 32767).astype(np.float32),
+                                  a[:, [0, 32767]].astype(ml_dtypes.bfloat16).astype(np.float32))
+    msg = raises(every, a, 32768, match="a free-axis stride is an int16 count of elements")
+    assert "src (2, 2) steps 32768 elements" in msg
+
+
 def test_usable_sbuf_is_192_kib_less_the_runtime_reservation():
     per_partition = SBUF_USABLE_BYTES_PER_PARTITION  # 180,216 B
     assert per_partition == 192 * 1024 - 16 * 1024 - 8

@@ -156,8 +156,8 @@ class RunState:
         # shared_hbm tensors allocated without a name, with the kernel line that made them: one that
         # is not a kernel output needs a name (checked when the kernel returns, frontend.check_outputs)
         self.unnamed_shared_hbm: list[tuple["_Allocation", str, int]] = []
-        # the running affine_range nest and its write stamps (loops.AffineLoops), made by the first
-        # affine_range of a run that computes values; None skips the loop-carried dependency check
+        # the running affine_range nest and the accesses made in it (loops.AffineLoops), made by the
+        # run's first affine_range
         self.affine_loops: Any = None
 
     def issue(self, engine: str, instr: str, cycles: float, reads: tuple["NkiTensor", ...],
@@ -346,6 +346,8 @@ class NkiTensor:
         self.pstart = pstart  # first partition of this view (on-chip buffers)
         self.indexed = indexed
         self._region: tuple | None = None
+        self._offset: int | None = None
+        self.dependency_access: Any = None  # what loops.AffineLoops found this view covers, kept for its next use
         # PSUM only: True where the last write was an nc_matmul (its accumulation group is open)
         self._acc = acc if acc is not None else (
             np.zeros(view.shape, dtype=bool) if alloc.buffer == PSUM else None)
@@ -475,9 +477,16 @@ class NkiTensor:
             self._region = self._compute_region()
         return self._region
 
+    def byte_offset(self) -> int:
+        """Bytes from the allocation's start to this view's first element (reading the view's address
+        costs tens of microseconds: the region and the loop check share it)."""
+        if self._offset is None:
+            self._offset = self._view.__array_interface__["data"][0] - self._alloc.base_address
+        return self._offset
+
     def _compute_region(self) -> tuple:
         view = self._view
-        off = view.__array_interface__["data"][0] - self._alloc.base_address
+        off = self.byte_offset()
         if view.ndim == 0 or view.size == 0:
             return (self._alloc.id, 0, 0, 0, 0)
         strides = view.strides

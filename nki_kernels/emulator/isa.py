@@ -117,7 +117,42 @@ def _tile(instr: str, name: str, t: Any, buffers: tuple[str, ...] = (SBUF, PSUM)
     if not _partition_start_ok(t.partitions, t.pstart):
         raise rule_error(instr, "partition start rule (>64 partitions start at 0; 33-64 at 0 or 64; "
                          "<=32 at 0, 32, 64 or 96)", f"{name} {t.shape} starts at partition {t.pstart}")
+    _free_pattern(instr, name, t)
     return t
+
+
+# [arch] "Accessing SBUF/PSUM tensors using compute engines" (trainium_inferentia2_arch.rst lines 715-718):
+# within a partition an engine instruction's operand is an access pattern of up to four free axes, each with
+# "a size expressed in uint16 and a stride expressed in int16, measured in data elements"; nki-aps.rst
+# "Hardware Capability" (lines 24-28): "up to four-dimensional arrays" in the free dimension.
+MAX_FREE_AXES = 4
+STRIDE_RANGE = (-2 ** 15, 2 ** 15 - 1)
+
+
+def _free_pattern(instr: str, name: str, t: NkiTensor) -> None:
+    """The free axes of an on-chip operand as the hardware walks them: axes of one element dropped, and an
+    axis merged into the next outer one where that continues it (a reshape, whole rows). More than four, or
+    a stride outside int16 elements, cannot be encoded."""
+    view = t._view
+    item = view.dtype.itemsize
+    axes: list[tuple[int, int]] = []  # (stride in elements, count), outermost first
+    for count, stride in zip(view.shape[1:], view.strides[1:]):
+        if count > 1:
+            axes.append((stride // item, count))
+    merged: list[tuple[int, int]] = []
+    for stride, count in reversed(axes):  # innermost first
+        if merged and stride == merged[-1][0] * merged[-1][1]:
+            merged[-1] = (merged[-1][0], merged[-1][1] * count)
+        else:
+            merged.append((stride, count))
+    if len(merged) > MAX_FREE_AXES:
+        raise rule_error(instr, f"an operand's free access pattern has at most {MAX_FREE_AXES} axes (trainium_"
+                         "inferentia2_arch.rst 'Accessing SBUF/PSUM tensors'; nki-aps.rst 'Hardware Capability')",
+                         f"{name} {t.shape} walks {len(merged)} (strides {[a for a, _ in reversed(merged)]} elements)")
+    for stride, _ in merged:
+        if not STRIDE_RANGE[0] <= stride <= STRIDE_RANGE[1]:
+            raise rule_error(instr, "a free-axis stride is an int16 count of elements (trainium_inferentia2_arch.rst "
+                             "'Accessing SBUF/PSUM tensors')", f"{name} {t.shape} steps {stride} elements")
 
 
 def _free_limit(instr: str, tiles: dict[str, NkiTensor]) -> None:

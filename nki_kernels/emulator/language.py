@@ -104,14 +104,12 @@ def ds(start, size):
 
 # ---------------------------------------------------------------- loop ranges (the emulator runs them in order)
 def affine_range(start, stop=None, step=1):
-    """The iterations in order; where values are computed, a dependency between two iterations
-    (a read or overwrite of what another wrote, an overwrite of what another read) is a rule
-    error (`loops.AffineLoops`: the compiler may reorder the iterations). Cost-only runs skip
-    the check: its stamps are as large as the data (docs/kernels.md, "Loop-carried dependencies")."""
+    """The iterations in order; a dependency between two iterations (a read or overwrite of what
+    another wrote, an overwrite of what another read) is a rule error (`loops.AffineLoops`: the
+    compiler may reorder the iterations), in cost-only runs too: the check keeps one record per
+    distinct access, not per element (docs/kernels.md, "Loop-carried dependencies")."""
     values = range(start, stop, step) if stop is not None else range(start)
     run = core.state()
-    if not run.compute:
-        return values
     if run.affine_loops is None:
         run.affine_loops = AffineLoops()
     return run.affine_loops.iterate(values)

@@ -25,11 +25,18 @@ when ``associative_update`` says so), and an accumulating instruction's read of 
 destination. Anything written or read before the loop began, or by an inner loop that has
 finished, relates to no running iteration.
 
-How: every byte range a kernel touches while an ``affine_range`` runs is stamped with the
-loop iterations (the nest) that enclose the access: the last writer, the operator that
-write accumulated with (if it did), and a summary of the readers. Stamps follow views of
-any dtype (``.ap(dtype=)`` reinterprets a tile): the tracking unit shrinks to the largest
-byte count that divides every view's element size, offset and strides.
+How: while an ``affine_range`` runs, each distinct access an instruction makes (a view: its
+allocation, first byte, shape, strides, element size) is recorded once per allocation with the
+loop iterations (the nest) that made it: for writes the last nest that wrote exactly those bytes
+and whether it accumulated (with which operator); for reads a summary of the reader nests. A new
+access is compared only with the allocation's records from another iteration of a running loop.
+Two accesses meet when their byte ranges overlap and, where both are boxes (one arithmetic
+progression of indices per axis of the allocation, plus the bytes within an element; views of
+another dtype and reshapes included), every axis's progressions share a value, which is exact
+(gcd and a modular inverse per axis); a view that is no box is compared element by element. Which
+write last reached each byte is decided by painting the records that meet the access in the order
+they were written, done only where more than one meets it and one of them conflicts. The records
+are as many as the distinct views, not the elements, so cost-only runs at full size check too.
 
 Python-level effects (lists of tiles built by appending inside the loop) keep program
 order in the compiler's tracer, so the emulator does not reorder iterations.
@@ -85,42 +92,142 @@ RULE = ("nki.language.affine_range / sequential_range: a loop-carried dependency
         "unsafe and could lead to numerical errors'; associative reductions into the same tile excepted")
 
 
-class _Track:
-    """What one allocation's bytes saw since the outermost affine loop began, `unit` bytes per entry.
+# A term (stride in bytes, count): one axis of an access, count positions stride bytes apart. An access is
+# `lo` plus every sum of one position per term; its last term has stride 1 and counts the bytes of an element.
+Term = tuple[int, int]
+# One axis of an allocation's box: (first index, step, count) along that axis of the allocation.
+Progression = tuple[int, int, int]
 
-    `written`: stamp of the last write (0: none); `accumulated`: the reduction family code of that write
-    (0: not an accumulation; `_FAMILY_CODES`);
-    `read`: the reader summary (0: none; see `AffineLoops._merge_read`). Each is made when first needed.
+
+class _Access:
+    """The bytes one view covers in its allocation, as an affine pattern and, when it is one, as a box.
+
+    `box`: per axis of the allocation (its axes longer than 1, then the bytes of one element) the indices the
+    view covers, an arithmetic progression each; the view covers exactly their product. None when the
+    pattern is no such product (a view whose axes straddle the allocation's, e.g. some `.ap` patterns):
+    then intersections are found element by element.
     """
 
-    __slots__ = ("unit", "entries", "written", "accumulated", "read")
+    __slots__ = ("key", "lo", "hi", "terms", "box", "grain")
 
-    def __init__(self, unit: int, nbytes: int) -> None:
-        self.unit = unit
-        self.entries = nbytes // unit
-        self.written: np.ndarray | None = None
-        self.accumulated: np.ndarray | None = None
-        self.read: np.ndarray | None = None
+    def __init__(self, lo: int, terms: tuple[Term, ...], box: tuple[Progression, ...] | None) -> None:
+        self.key = (lo, terms)
+        self.lo = lo
+        self.hi = lo + sum(t * (n - 1) for t, n in terms) + 1
+        self.terms = terms
+        self.box = box
+        self.grain = math.gcd(lo, *(n if t == 1 else t for t, n in terms))
 
-    def refine(self, unit: int) -> None:
-        """Split every entry into entries of `unit` bytes (a view with a smaller element or offset)."""
-        factor = self.unit // unit
-        for name in ("written", "accumulated", "read"):
-            marks = getattr(self, name)
-            if marks is not None:
-                setattr(self, name, np.repeat(marks, factor))
-        self.unit, self.entries = unit, self.entries * factor
-
-    def array(self, name: str) -> np.ndarray:
-        marks = getattr(self, name)
-        if marks is None:
-            marks = np.zeros(self.entries, np.int8 if name == "accumulated" else np.int32)
-            setattr(self, name, marks)
-        return marks
+    def units(self, unit: int) -> np.ndarray:
+        """Index (in `unit`-byte steps) of every unit the access covers; `unit` divides `grain`."""
+        offsets = np.array([self.lo // unit], np.int64)
+        for t, n in self.terms:
+            axis = np.arange(n // unit, dtype=np.int64) if t == 1 else np.arange(n, dtype=np.int64) * (t // unit)
+            offsets = np.add.outer(offsets, axis).ravel()
+        return offsets
 
 
-# (track, first entry, shape, strides in entries, unit): where a tensor's bytes lie in its allocation's stamps
-Span = tuple[_Track, int, tuple[int, ...], tuple[int, ...], int]
+class _Track:
+    """The accesses one allocation saw since the outermost affine loop began.
+
+    `axes`: (length, byte stride) of the allocation's axes longer than 1, then (element size, 1) for the
+    bytes of one element. `writes`: access key -> (stamp, reduction family code (0: not an accumulation;
+    `_FAMILY_CODES`), access) of the last write of exactly those bytes, in the order of those writes, so
+    painting them in order gives each byte its last writer. `reads`: access key -> (reader summary, access)
+    (see `AffineLoops._merge_read`).
+    """
+
+    __slots__ = ("layout", "axes", "writes", "reads", "stamps")
+
+    def __init__(self, layout: int, axes: tuple[tuple[int, int], ...]) -> None:
+        self.layout = layout  # allocations of one shape and element size share accesses (AffineLoops.patterns)
+        self.axes = axes
+        self.writes: dict[tuple, tuple[int, int, _Access]] = {}
+        self.reads: dict[tuple, tuple[int, _Access]] = {}
+        self.stamps: set[int] = set()  # every stamp and reader summary recorded (a superset of those left)
+
+    @staticmethod
+    def axes_of(data: np.ndarray) -> tuple[tuple[int, int], ...]:
+        axes = [(n, s) for n, s in zip(data.shape, data.strides) if n > 1]
+        return (*axes, (data.itemsize, 1)) if data.itemsize > 1 else tuple(axes)
+
+    def access(self, offset: int, shape: tuple[int, ...], strides: tuple[int, ...], item: int) -> _Access:
+        """The access of a view `offset` bytes into the allocation."""
+        lo, terms = offset, []
+        for n, s in zip(shape, strides):
+            if n > 1 and s != 0:
+                if s < 0:
+                    lo, s = lo + s * (n - 1), -s
+                terms.append((s, n))
+        terms.append((1, item))
+        terms.sort(reverse=True)
+        merged: list[Term] = []
+        for t, n in terms:  # axes that continue one another are one axis (a reshape, a whole row)
+            if merged and merged[-1][0] == t * n:
+                merged[-1] = (t, merged[-1][1] * n)
+            else:
+                merged.append((t, n))
+        return _Access(lo, tuple(merged), self._box(lo, merged))
+
+    def _box(self, lo: int, terms: list[Term]) -> tuple[Progression, ...] | None:
+        """The access as a product of one progression per allocation axis (None: it is not one)."""
+        axes = self.axes
+        starts = [(lo // stride) % length for length, stride in axes]
+        box: list[Progression | None] = [None] * len(axes)
+        pending = list(terms)
+        while pending:
+            t, n = pending.pop()
+            axis = next((i for i, (length, stride) in enumerate(axes) if stride <= t < stride * length), None)
+            if axis is None or t % axes[axis][1] or box[axis] is not None:
+                return None
+            length, stride = axes[axis]
+            step = t // stride
+            if starts[axis] + step * (n - 1) < length:
+                box[axis] = (starts[axis], step, n)
+                continue
+            # the term wraps into the next outer axis: split it there, when every row holds the same columns
+            per_row = length // step
+            if starts[axis] >= step or length % step or n % per_row:
+                return None
+            box[axis] = (starts[axis], step, per_row)
+            pending.append((stride * length, n // per_row))
+        return tuple(b if b is not None else (starts[i], 1, 1) for i, b in enumerate(box))
+
+
+def _progressions_meet(a: Progression, b: Progression) -> bool:
+    """Whether two arithmetic progressions of integers share a value."""
+    (x, s, n), (y, t, m) = a, b
+    low, high = max(x, y), min(x + s * (n - 1), y + t * (m - 1))
+    if low > high:
+        return False
+    if n == 1 or m == 1:
+        value, (first, step) = (x, (y, t)) if n == 1 else (y, (x, s))
+        return (value - first) % step == 0
+    g = math.gcd(s, t)
+    if (y - x) % g:
+        return False
+    modulus = t // g  # x + s*k = y (mod t): k = (y - x)/g * (s/g)^-1 (mod t/g)
+    k = (y - x) // g * pow(s // g, -1, modulus) % modulus if modulus > 1 else 0
+    period = s // g * t
+    first = x + s * k
+    return low + (first - low) % period <= high
+
+
+def _meet(a: _Access, b: _Access) -> bool:
+    """Whether two accesses of one allocation share a byte: by boxes where both are boxes, else by elements."""
+    if a.lo >= b.hi or b.lo >= a.hi:
+        return False
+    if a.box is not None and b.box is not None:
+        return all(_progressions_meet(p, q) for p, q in zip(a.box, b.box))
+    unit = math.gcd(a.grain, b.grain)
+    low, high = max(a.lo, b.lo) // unit, -(-min(a.hi, b.hi) // unit)
+    covered = np.zeros(high - low, bool)
+    units = a.units(unit)
+    units = units[(units >= low) & (units < high)]
+    covered[units - low] = True
+    units = b.units(unit)
+    units = units[(units >= low) & (units < high)]
+    return bool(covered[units - low].any())
 
 
 class AffineLoops:
@@ -132,7 +239,10 @@ class AffineLoops:
         self.next_loop = 0
         self.stamps: list[tuple[Level, ...]] = [()]  # stamp id -> the nest it was taken in (0: none)
         self.stamp_ids: dict[tuple[Level, ...], int] = {(): 0}
-        self.tracks: dict[int, _Track] = {}  # allocation id -> its stamps
+        self.current = 0  # the stamp of the running nest
+        self.tracks: dict[int, _Track] = {}  # allocation id -> its accesses
+        self.layouts: dict[tuple, tuple] = {}  # (shape, element size) of an allocation -> (number, axes)
+        self.patterns: dict[tuple, _Access | None] = {}  # (layout, offset, shape, strides, item) -> access
         self.conflicts: dict[tuple[int, int], int | None] = {}
         self.merges: dict[tuple[int, int], int] = {}
 
@@ -147,10 +257,12 @@ class AffineLoops:
         try:
             for i in values:
                 self.stack.append((loop, i))
+                self.current = self._stamp_id()
                 try:
                     yield i
                 finally:
                     self.stack.remove((loop, i))
+                    self.current = self._stamp_id()
         finally:
             if not self.stack:  # the outermost affine loop ended: no stamp can conflict any more
                 self.tracks.clear()
@@ -160,52 +272,93 @@ class AffineLoops:
 
     def access(self, instr: str, reads: tuple[NkiTensor, ...], writes: tuple[NkiTensor, ...],
                accumulates: str = "") -> None:
-        """Check one instruction against the other iterations' accesses, then stamp its own.
+        """Check one instruction against the other iterations' accesses, then record its own.
 
         `accumulates`: the reduction family every write accumulates in ('' when none: see
         `associative_update`). The operand that is the accumulating destination itself is part of the
         reduction, not a read another iteration's write must wait for; an instruction that reads its own
         destination without accumulating reads what the other iterations wrote.
         """
-        current = self._stamp_id()
-        own = {w.region() for w in writes}
-        operands = [t for t in reads if not (accumulates and t.region() in own)]
-        spans = self._spans((*operands, *writes))
-        in_place = {r.region() for r in reads} & own
-        for tensor in operands:
-            self._check_read(instr, tensor, spans[id(tensor)], current, tensor.region() in in_place)
+        current = self.current
+        if accumulates:
+            own = {w.region() for w in writes}
+            reads = tuple(t for t in reads if t.region() not in own)
+        operands = [(t, seen) for t in reads for seen in (self._access(t),) if seen is not None]
+        destinations = [(t, seen) for t in writes for seen in (self._access(t),) if seen is not None]
+        # only tracks holding a stamp of another iteration of a running loop can conflict with this one
+        for tensor, seen in operands:
+            if self._exposed(seen[0].stamps, current):
+                self._check_read(instr, tensor, seen, current, writes)
         code = _FAMILY_CODES[accumulates] if accumulates else 0
-        for tensor in writes:
-            self._check_write(instr, tensor, spans[id(tensor)], current, code)
-        for tensor in operands:
-            self._record_read(spans[id(tensor)], current)
-        for tensor in writes:
-            span = spans[id(tensor)]
-            if span is not None:
-                self._view(span, "written")[...] = current
-                self._view(span, "accumulated")[...] = code
+        for tensor, seen in destinations:
+            if self._exposed(seen[0].stamps, current):
+                self._check_write(instr, tensor, seen, current, code)
+        for _, (track, access) in operands:
+            earlier = track.reads.get(access.key)
+            if earlier is None:
+                track.reads[access.key] = (current, access)
+                track.stamps.add(current)
+            elif earlier[0] != current:
+                summary = self._merge_read(earlier[0], current)
+                track.reads[access.key] = (summary, access)
+                track.stamps.add(summary)
+        for _, (track, access) in destinations:
+            track.writes.pop(access.key, None)  # re-inserted last: the order of the writes
+            track.writes[access.key] = (current, code, access)
+            track.stamps.add(current)
+
+    def _exposed(self, stamps: set[int], current: int) -> bool:
+        """Whether a track with these stamps holds one of another iteration of a loop still running."""
+        if len(stamps) < 2 and (not stamps or current in stamps):
+            return False
+        return any(stamp != current and self._conflict(stamp, current) is not None for stamp in stamps)
 
     # ------------------------------------------------------------------ checks
-    def _check_read(self, instr: str, tensor: NkiTensor, span: Span | None, current: int, in_place: bool) -> None:
-        written = self._existing(span, "written")
+    def _check_read(self, instr: str, tensor: NkiTensor, seen: tuple[_Track, _Access], current: int,
+                    writes: tuple[NkiTensor, ...]) -> None:
+        written, _ = self._last_writers(seen, current)
         for stamp, loop in self._conflicting(written, current):
+            in_place = tensor.region() in {w.region() for w in writes}
             raise self._error(instr, "read in place" if in_place else "read", tensor, loop, stamp)
 
-    def _check_write(self, instr: str, tensor: NkiTensor, span: Span | None, current: int, code: int) -> None:
-        written = self._existing(span, "written")
+    def _check_write(self, instr: str, tensor: NkiTensor, seen: tuple[_Track, _Access], current: int,
+                     code: int) -> None:
+        written, accumulated = self._last_writers(seen, current)
         for stamp, loop in self._conflicting(written, current):
-            earlier = self._existing(span, "accumulated")[written == stamp]
+            earlier = accumulated[written == stamp]
             if code and bool((earlier == code).all()):
                 continue  # accumulations of one family into the same elements: an associative reduction
             kind = "mix" if code and bool(earlier.all()) else "overwrite"  # accumulations of two families
             raise self._error(instr, kind, tensor, loop, stamp)
-        read = self._existing(span, "read")
-        for stamp, loop in self._conflicting(read, current):
+        track, access = seen
+        readers = sorted(summary for summary, other in track.reads.values() if _meet(access, other))
+        for stamp, loop in self._conflicting(np.array(readers, np.int64), current):
             raise self._error(instr, "overwrite-read", tensor, loop, stamp)
 
-    def _conflicting(self, marks: np.ndarray | None, current: int) -> Iterator[tuple[int, int]]:
+    def _last_writers(self, seen: tuple[_Track, _Access], current: int) -> tuple[np.ndarray, np.ndarray]:
+        """(stamp, family code) of the last write of each byte of the access that another write reached.
+
+        Enough for the checks: when no write that meets the access conflicts with `current`, just their
+        stamps; when one write meets it, its stamp and code; otherwise each byte's last writer, painting the
+        writes that meet it in the order they happened.
+        """
+        track, access = seen
+        met = [w for w in track.writes.values() if _meet(access, w[2])]
+        if len(met) <= 1 or all(self._conflict(stamp, current) is None for stamp, _, _ in met):
+            return np.array([w[0] for w in met], np.int64), np.array([w[1] for w in met], np.int8)
+        unit = math.gcd(access.grain, *(w[2].grain for w in met))
+        low, high = access.lo // unit, -(-access.hi // unit)
+        stamps, codes = np.zeros(high - low, np.int64), np.zeros(high - low, np.int8)
+        for stamp, code, other in met:
+            units = other.units(unit)
+            units = units[(units >= low) & (units < high)] - low
+            stamps[units], codes[units] = stamp, code
+        mine = access.units(unit) - low
+        return stamps[mine], codes[mine]
+
+    def _conflicting(self, marks: np.ndarray, current: int) -> Iterator[tuple[int, int]]:
         """(stamp, loop) for each stamp in `marks` taken in another iteration of a loop still running."""
-        if marks is None:
+        if marks.size == 0:
             return
         low, high = int(marks.min()), int(marks.max())
         if high == 0 or (high == current and low in (0, current)):
@@ -214,19 +367,6 @@ class AffineLoops:
             loop = self._conflict(int(stamp), current)
             if loop is not None:
                 yield int(stamp), loop
-
-    def _record_read(self, span: Span | None, current: int) -> None:
-        if span is None:
-            return
-        read = self._view(span, "read")
-        low, high = int(read.min()), int(read.max())
-        if high == 0 or (high == current and low in (0, current)):
-            read[...] = current
-            return
-        for stamp in np.unique(read):
-            merged = self._merge_read(int(stamp), current)
-            if merged != stamp:
-                read[read == stamp] = merged
 
     # ------------------------------------------------------------------ stamps
     def _stamp_id(self, nest: tuple[Level, ...] | None = None) -> int:
@@ -268,47 +408,46 @@ class AffineLoops:
             self.merges[key] = current if depth is None else self._stamp_id(self.stamps[summary][:depth + 1])
         return self.merges[key]
 
-    # ------------------------------------------------------------------ views of the stamps
-    def _spans(self, tensors: tuple[NkiTensor, ...]) -> dict[int, Span | None]:
-        """The span of each tensor (by id), in the units its track has once all of them are seen."""
-        spans = {id(t): self._span(t) for t in tensors}
-        if any(s is not None and s[0].unit != s[4] for s in spans.values()):
-            spans = {id(t): self._span(t) for t in tensors}  # a later view refined an earlier one's track
-        return spans
+    # ------------------------------------------------------------------ accesses
+    def _access(self, tensor: NkiTensor) -> tuple[_Track, _Access] | None:
+        """The track of `tensor`'s allocation and the bytes it covers there (None: untracked)."""
+        kept = tensor.dependency_access  # valid while its track is (the outermost loop's end drops them all)
+        if kept is not None and kept[0] is self.tracks.get(tensor._alloc.id):
+            return kept[1]
+        seen = self._find_access(tensor)
+        tensor.dependency_access = (seen[0] if seen is not None else None, seen)
+        return seen
 
-    def _span(self, tensor: NkiTensor) -> Span | None:
-        """(track, first entry, shape, strides in entries, unit) of the bytes `tensor` covers (None: untracked)."""
-        alloc, view = tensor._alloc, tensor._view
-        if view.size == 0 or not alloc.data.flags.c_contiguous:
-            return None  # e.g. a broadcast input of a cost-only run
-        item = view.dtype.itemsize
-        offset = view.__array_interface__["data"][0] - alloc.base_address
-        low = offset + sum(min(0, s * (n - 1)) for s, n in zip(view.strides, view.shape))
-        high = offset + sum(max(0, s * (n - 1)) for s, n in zip(view.strides, view.shape)) + item
-        if low < 0 or high > alloc.data.nbytes:
-            return None
+    def _find_access(self, tensor: NkiTensor) -> tuple[_Track, _Access] | None:
+        alloc = tensor._alloc
         track = self.tracks.get(alloc.id)
         if track is None:
-            track = self.tracks[alloc.id] = _Track(alloc.data.dtype.itemsize, alloc.data.nbytes)
-        unit = math.gcd(track.unit, item, offset, *(abs(s) for s in view.strides))
-        if unit < track.unit:
-            track.refine(unit)
-        shape = (*view.shape, item // unit)
-        strides = (*(s // unit for s in view.strides), 1)
-        return track, offset // unit, shape, strides, unit
+            if not alloc.data.flags.c_contiguous:
+                return None  # e.g. a broadcast input of a cost-only run
+            layout = self.layouts.get((alloc.data.shape, alloc.data.itemsize))
+            if layout is None:
+                layout = self.layouts[(alloc.data.shape, alloc.data.itemsize)] = (
+                    len(self.layouts), _Track.axes_of(alloc.data))
+            track = self.tracks[alloc.id] = _Track(*layout)
+        view = tensor._view
+        key = (track.layout, tensor.byte_offset(), view.shape, view.strides, view.dtype.itemsize)
+        access = self.patterns.get(key, False)
+        if access is False:
+            access = self.patterns[key] = self._pattern(track, alloc.data.nbytes, *key[1:])
+        return None if access is None else (track, access)
 
-    def _view(self, span: Span, name: str) -> np.ndarray:
-        """`name`'s stamps of the span, laid out like the tensor plus a last axis of its bytes' entries."""
-        track, first, shape, strides, _ = span
-        marks = track.array(name)
-        return np.lib.stride_tricks.as_strided(marks[first:], shape=shape,
-                                               strides=[s * marks.itemsize for s in strides])
-
-    def _existing(self, span: Span | None, name: str) -> np.ndarray | None:
-        """`name`'s stamps of the span, or None when nothing of that kind was stamped there yet."""
-        if span is None or getattr(span[0], name) is None:
+    @staticmethod
+    def _pattern(track: _Track, nbytes: int, offset: int, shape: tuple[int, ...], strides: tuple[int, ...],
+                 item: int) -> _Access | None:
+        """The access of a view (None: an empty view, or one reaching outside its allocation, which no
+        tracked view does)."""
+        if 0 in shape:
             return None
-        return self._view(span, name)
+        low = offset + sum(min(0, s * (n - 1)) for s, n in zip(strides, shape))
+        high = offset + sum(max(0, s * (n - 1)) for s, n in zip(strides, shape)) + item
+        if low < 0 or high > nbytes:
+            return None
+        return track.access(offset, shape, strides, item)
 
     # ------------------------------------------------------------------ messages
     def _error(self, instr: str, kind: str, tensor: NkiTensor, loop: int, other: int) -> NKIRuleError:
