@@ -1,4 +1,4 @@
-"""Suite-wide settings: one intra-op thread.
+"""Suite-wide settings: one intra-op thread; no step of the torch-xla double left open.
 
 The test tensors are tiny, so extra threads only add synchronisation; on a loaded
 2-core machine torch's worker threads wait on busy cores and a test can run 10x
@@ -29,3 +29,13 @@ def stop_signals_caught():
     yield caught
     for signum, handler in previous.items():
         signal.signal(signum, handler)
+
+
+@pytest.fixture(autouse=True)
+def no_step_left_open():
+    """A test that leaves a step of the torch-xla double without its sync (an error, or NxD's run_train called
+    alone) leaves the double's host-tensor mode on torch's mode stack: it is dropped before the next test."""
+    yield
+    from doubles.xla_host import drop_left_over_modes
+
+    drop_left_over_modes()

@@ -225,8 +225,11 @@ def test_tensor_parallel_distillation_equals_one_process(primed, distilled, tmp_
 def test_neuron_backend_distillation_equals_the_cpu_run(primed, distilled, monkeypatch, tmp_path):
     monkeypatch.setenv("BMOJO_OPS_BACKEND", "torch")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    neuron_sdk.install(monkeypatch)
-    result = train(distill_recipe(primed, **{"run.device": "neuron"}), tmp_path / "neuron", progress=False)
+    log = neuron_sdk.install(monkeypatch)
+    with neuron_sdk.host_reads_in_steps(log) as reads:
+        result = train(distill_recipe(primed, **{"run.device": "neuron"}), tmp_path / "neuron", progress=False)
+    assert log.fetches > 0  # the steps ran on the doubles' loader: the host-tensor checks were on
+    assert reads == [] and log.host_transfers == []  # the teacher's forward and the losses stay on the device
     for got, want in zip(result.metrics, distilled.metrics):
         if want["type"] == "train":
             for key in ("loss", "hidden_mse", "kl"):

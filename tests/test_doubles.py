@@ -1075,3 +1075,122 @@ def test_every_name_a_double_module_holds_is_in_the_real_module():
     missing = [n for n in NXD_PARALLEL_LAYERS_NAMES
                if not _real_module_has(roots, "neuronx_distributed.parallel_layers", n)]
     assert missing == [], f"NXD_PARALLEL_LAYERS_NAMES holds {missing}, NxD's parallel_layers does not"
+
+
+# ------------------------------------------------------------------ host tensors inside a step (doubles.xla_host)
+
+
+class _HostCausalMask(torch.nn.Module):
+    """Attention scores masked with a causal mask built on the host: ``torch.arange`` without ``device=``."""
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        n = scores.shape[-1]
+        return scores.masked_fill(torch.arange(n)[None, :] > torch.arange(n)[:, None], float("-inf"))
+
+
+class _DeviceCausalMask(torch.nn.Module):
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        n, device = scores.shape[-1], scores.device
+        return scores.masked_fill(torch.arange(n, device=device)[None, :] > torch.arange(n, device=device)[:, None],
+                                  float("-inf"))
+
+
+def _in_a_step(work, x: torch.Tensor, log: XlaLog | None = None) -> tuple[object, XlaLog]:
+    """`work` of the batch ``{"x": x}`` handed out by the MpDeviceLoader double, before the step's sync."""
+    log = log or XlaLog()
+    loader = xla_modules(Env(log))["torch_xla.distributed.parallel_loader"].MpDeviceLoader([{"x": x}], "cpu")
+    batches = iter(loader)
+    try:
+        return work(next(batches)["x"]), log
+    finally:
+        log.sync("code")  # the step's sync: the double leaves the step even when `work` raised
+
+
+def test_a_host_tensor_in_a_step_op_fails_with_torch_xla_message():
+    """torch-xla 2.9 lowers ``masked_fill`` through its code generator, which takes a host operand only as a
+    wrapped number (one element, no dimension: aten_xla_bridge.cpp 169-179) and otherwise asks
+    ``bridge::GetXlaTensor``: ``Expected XLA tensor. Got: CPUBoolType`` (101-111). The mask made with
+    ``device=`` gives the numbers the host mask gives outside a step (where the double checks nothing); a
+    wrapped number is copied over."""
+    scores = torch.randn(2, 4, 4)
+    with pytest.raises(RuntimeError, match=r"^Expected XLA tensor\. Got: CPUBoolType$"):
+        _in_a_step(_HostCausalMask(), scores)
+    got, log = _in_a_step(_DeviceCausalMask(), scores)
+    assert torch.equal(got, _HostCausalMask()(scores)) and log.host_transfers == []
+    masked, log = _in_a_step(lambda x: x.masked_fill(torch.tensor(True), 0.0), scores)  # a wrapped number
+    assert torch.equal(masked, torch.zeros_like(scores))
+    assert [t.split(" at ")[0] for t in log.host_transfers] == ["masked_fill with a host wrapped number"]
+
+
+@pytest.mark.parametrize("work, message", [
+    (lambda x: torch.where(torch.ones(4, dtype=torch.bool), x, x), "Expected XLA tensor. Got: CPUBoolType"),
+    (lambda x: torch.where(x > 0, x, torch.tensor(0.0)), "Expected XLA tensor. Got: CPUFloatType"),  # 0-dim too
+    (lambda x: x @ torch.ones(4, 4), "Expected XLA tensor. Got: CPUFloatType"),
+    (lambda x: torch.cat([x, torch.zeros(4)]), "Expected all tensors in the given list to be XLA tensors. "
+                                               "Element at index 1 is not an XLA tensor. Got: CPUFloatType"),
+    (lambda x: torch.zeros(4).add_(x), "Expected XLA tensor. Got: CPUFloatType"),
+    (lambda x: torch.zeros(4)[x.long()], "indices should be either on cpu or on the same device as the indexed "
+                                         "tensor (XLA). When using XLA, the indexed tensor must be an XLA tensor."),
+])
+def test_ops_mixing_a_host_tensor_fail_as_in_torch_xla(work, message):
+    """``where`` and ``mm`` take their operands with ``bridge::GetXlaTensor`` (aten_xla_type.cpp), ``cat`` with
+    ``GetXlaTensors`` and its list message, an in-place op on a host tensor reaches the XLA kernel (torchgen's
+    functionalization lets XLA operands through), ``index`` needs the indexed tensor on the device."""
+    with pytest.raises(RuntimeError) as raised:
+        _in_a_step(work, torch.ones(4))
+    assert str(raised.value) == message
+
+
+def test_host_operands_torch_xla_copies_over_are_recorded_transfers():
+    """``add`` / ``mul`` ... take a host operand with ``GetOrCreateXlaTensor`` (aten_xla_type.cpp 345-359): it
+    works, as a host-to-device copy at every step, recorded; so are host indices, an explicit ``.to(device)``
+    (which leaves the host tensor on the host) and ``torch.tensor(<list>, device=...)``."""
+    x = torch.arange(4.0)
+    got, log = _in_a_step(lambda x: x + torch.arange(4), x)
+    assert torch.equal(got, 2 * x) and [t.split(" at ")[0] for t in log.host_transfers] == ["add with a host tensor"]
+    got, log = _in_a_step(lambda x: x[torch.tensor([3, 0])], x)
+    assert got.tolist() == [3.0, 0.0] and [t.split(" at ")[0] for t in log.host_transfers] == [
+        "__getitem__ with host indices"]
+
+    def moved(x):
+        host = torch.arange(4)
+        on_device = host.to(x.device)
+        assert on_device is not host and on_device.dtype == host.dtype
+        torch.where(x > 0, x, on_device)  # the copy is a device tensor
+        with pytest.raises(RuntimeError, match="CPULongType"):
+            torch.where(x > 0, x, host)  # the original stays on the host
+        return torch.tensor([1.0], device=x.device) + on_device.to(torch.float32)
+
+    got, log = _in_a_step(moved, x)
+    assert got.tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert [t.split(" at ")[0] for t in log.host_transfers] == ["to(<device>) of a host tensor",
+                                                                 "tensor(<host data>, device=)"]
+
+
+def test_host_tensors_are_followed_only_inside_a_step():
+    """Outside a step (before the loader's first batch, after the step's sync) nothing is checked."""
+    log = XlaLog()
+    loader = iter(xla_modules(Env(log))["torch_xla.distributed.parallel_loader"].MpDeviceLoader(
+        [{"x": torch.ones(4)}], "cpu"))
+    assert _HostCausalMask()(torch.zeros(4, 4)).isinf().sum() == 6
+    next(loader)
+    with pytest.raises(StopIteration):
+        next(loader)  # its sync ends the step
+    assert _HostCausalMask()(torch.zeros(4, 4)).isinf().sum() == 6 and log.host_transfers == []
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_printing_a_device_value_in_a_step_is_a_host_read_and_a_host_tensor_read_is_not():
+    """Formatting a tensor reads its value (``Tensor.__format__``: ``item()`` for a 0-dim tensor): on XLA a run
+    of the pending graph, as ``.item()`` is; reading a tensor made on the host runs nothing."""
+    from doubles.env import PACKAGE_ROOT
+
+    code = compile("def report(loss, host):\n    return f'{loss:.3f}', host.item()\n",
+                   str(Path(PACKAGE_ROOT) / "report.py"), "exec")  # code that counts as bmojo_neuron's
+    space: dict = {}
+    exec(code, space)
+    log = XlaLog()
+    with neuron_sdk.host_reads_in_steps(log) as reads:
+        got = _in_a_step(lambda x: space["report"](x.sum(), torch.tensor(2.0)), torch.ones(2), log)[0]
+    assert got == ("2.000", 2.0)
+    assert [r.split(" at ")[0] for r in reads] == ["Tensor.__format__"]

@@ -79,7 +79,8 @@ def _stop_worker(rank: int, init: str, out: str, asked: int, where: str) -> None
         summary = {"step": result.step, "final": str(result.final_dir), "latest": latest.name,
                    "files": sorted(p.name for p in latest.iterdir()),
                    "train_steps": [x["step"] for x in result.metrics if x["type"] == "train"],
-                   "reads": reads, "violations": log.violations, "graphs": mpmd.graphs_of(log)}
+                   "reads": reads, "violations": log.violations,
+                   "host_transfers": log.host_transfers, "graphs": mpmd.graphs_of(log)}
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(summary, default=str))
         dist.barrier()  # all ranks done before any tears the group down: an early exit can abort a peer
     finally:
@@ -106,12 +107,16 @@ def test_a_stop_asked_on_one_rank_stops_every_rank_at_the_same_step_with_one_che
     """Rank 1 (not the main rank) asks while tracing step 2: its flag rides in step 2's graph, summed over the
     ranks there, and every rank reads the sum after queuing step 3 (docs/trn1.md, Stopping a run). So both stop
     after step 3, log it, and write checkpoint step 3 whole (both stages' files); no host read inside a step,
-    and the stages' collectives (the flag's all-reduce among them) meet."""
+    no host tensor in a step graph but the stop flag's uploads, and the stages' collectives (the flag's
+    all-reduce among them) meet."""
     ranks = _run_ranks(tmp_path, asked=1, where="step")
     for rank, got in enumerate(ranks):
         assert got["step"] == ASKED_AFTER_STEP + 1 and got["final"] == "None", (rank, got["step"])
         assert got["latest"] == "step-0000003" and got["train_steps"] == [1, 2, 3], rank
         assert got["reads"] == [] and got["violations"] == [], rank
+        # the stop flag is a graph input uploaded when this rank's wish changes, not at every step: once at
+        # step 1 (no stop) and, on the asking rank, once more at step 2 (stop)
+        assert [t.split(" at ")[1].split(":")[0] for t in got["host_transfers"]] == ["neuron.py"] * (1 + rank), rank
     assert {"rank-00-00.safetensors", "rank-00-01.safetensors", "optim-00-00-000.pt",
             "optim-00-01-000.pt"} <= set(ranks[0]["files"])
     graphs = {rank: mpmd.from_json(got["graphs"]) for rank, got in enumerate(ranks)}

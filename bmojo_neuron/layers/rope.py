@@ -32,14 +32,17 @@ from ..ops.reference.eager_cpu import fused_kernel_available
 
 
 def rotation_periods(
-    head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32
+    head_dim: int, theta: float, scaling: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
 ) -> Tensor:
-    """The head_dim / 2 divisors ``p_i`` of the rotation angles (``angle_i = position / p_i``), in `dtype`.
+    """The head_dim / 2 divisors ``p_i`` of the rotation angles (``angle_i = position / p_i``), in `dtype`, on
+    `device`.
 
     Unscaled, ``p_i = theta^(2i / head_dim)``; a scaling divides the inverse frequencies
-    ``1 / p_i`` as `scaling` says.
+    ``1 / p_i`` as `scaling` says. Made where they are used: inside a forward on XLA, a table made on the
+    host and moved over would be a host-to-device copy at every step.
     """
-    periods = theta ** (torch.arange(0, head_dim, 2, dtype=dtype) / head_dim)
+    periods = theta ** (torch.arange(0, head_dim, 2, dtype=dtype, device=device) / head_dim)
     rope_type = (scaling or {}).get("rope_type", "default")
     if rope_type == "linear":
         return periods * scaling["factor"]
@@ -87,7 +90,7 @@ class RotaryEmbedding(nn.Module):
         Computed in float32 (Trainium has no float64), or float64 for a float64 model.
         """
         compute = torch.float64 if dtype == torch.float64 else torch.float32
-        periods = rotation_periods(self.head_dim, self.theta, self.scaling, compute).to(positions.device)
+        periods = rotation_periods(self.head_dim, self.theta, self.scaling, compute, positions.device)
         freqs = positions.to(compute)[..., None] / periods
         angles = torch.cat([freqs, freqs], dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)

@@ -66,6 +66,8 @@ class XlaLog:
     env: Any = None  # the `Env` of the doubles (set by `neuron_sdk.install`)
     graphs: list[list[tuple]] = field(default_factory=list)  # what each cut graph held (see `trace`)
     extraction_reads: list[str] = field(default_factory=list)  # device values read with NEURON_EXTRACT_GRAPHS_ONLY
+    host_transfers: list[str] = field(default_factory=list)  # host tensors copied into a step's graph (xla_host)
+    host_tensors: Any = None  # the `xla_host.HostTensors` mode while a step runs
     _forwards: int = 0  # training forwards since the last sync
     _events: list[tuple] = field(default_factory=list)  # traced since the last graph cut
 
@@ -99,6 +101,9 @@ class XlaLog:
         self.rng = self.rng_base = (SEED_STEP_ADD + SEED_STEP_MUL * self.rng_base) % 2**64
         if source == "pipeline":
             return
+        from .xla_host import leave_step
+
+        leave_step(self)
         self.step_work = self.in_step = False
         self._forwards = 0
         closures, self.closures = self.closures, []

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from .env import PACKAGE_ROOT, Env, XlaLog, bmojo_caller, fake_module
 from .nxd_runtime import nxd_modules
 from .xla import host_reads_in_steps, xla_modules
+from .xla_host import drop_left_over_modes
 
 __all__ = ["host_reads_in_steps", "install"]
 
@@ -29,6 +30,7 @@ def install(monkeypatch: Any) -> XlaLog:
     """
     import transformers.utils
 
+    drop_left_over_modes()
     env = Env(XlaLog())
     modules = {**xla_modules(env), **nxd_modules(env)}
     for name in ("torch_neuronx", "neuronxcc", "nki"):  # present and importable: the SDK "is installed"

@@ -58,6 +58,7 @@ from torch.fx.passes.split_module import split_module
 from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 
 from .env import ON_DEVICE
+from .xla_host import enter_step
 
 CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
 PARALLEL_MODULE_NAMES = ["ColumnParallelLinear", "RowParallelLinear", "ParallelEmbedding"]
@@ -376,6 +377,7 @@ class NxDPPModel(nn.Module):
         inputs = kwargs
         self._mark_step()
         self.log.step_work = self.log.in_step = True  # a step graph is pending until the caller's mark_step
+        enter_step(self.log)  # host tensors made until then are followed (`xla_host`)
         loss = self._run(inputs, train=True)
         self._mark_step()
         return loss

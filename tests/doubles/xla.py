@@ -54,6 +54,7 @@ import torch.utils.checkpoint
 import torch.distributed as dist
 
 from .env import ON_DEVICE, PACKAGE_ROOT, Env, XlaLog, bmojo_caller, fake_module
+from .xla_host import enter_step, is_host
 
 # What the graph between a rendezvous' first two syncs holds: the all-gather of every replica's payload size
 # (the same graph at every rendezvous, so it compiles once).
@@ -283,11 +284,15 @@ class _PerDeviceLoader:
         on_device = {k: v.to("cpu") for k, v in batch.items()}
         for tensor in on_device.values():
             setattr(tensor, ON_DEVICE, True)  # NxD's pipeline refuses device batches
+        enter_step(self.log)  # host tensors made in the step are followed until its sync (`xla_host`)
         return on_device
 
 
 # Every Tensor method that hands a device value to the host: on XLA each runs the pending graph first.
-HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
+# ``__format__`` / ``__repr__`` read the value too (torch/_tensor.py: ``item()`` for a 0-dim tensor, the
+# printer's ``tolist`` otherwise); a host tensor (`xla_host`) reads nothing from the device.
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy", "__format__",
+              "__repr__", "__array__")
 
 
 @contextmanager
@@ -302,7 +307,7 @@ def host_reads_in_steps(log: XlaLog) -> Iterator[list[str]]:
 
         def read(self: torch.Tensor, *args: Any) -> Any:
             caller = sys._getframe(1)  # the code that asked for the value (torch internals do not count)
-            if log.in_step and caller.f_code.co_filename.startswith(PACKAGE_ROOT):
+            if log.in_step and not is_host(self) and caller.f_code.co_filename.startswith(PACKAGE_ROOT):
                 found.append(f"Tensor.{name} at {Path(caller.f_code.co_filename).name}:{caller.f_lineno}")
             return original(self, *args)
         return read

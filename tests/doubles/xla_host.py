@@ -1,0 +1,215 @@
+"""Host tensors inside a step on the torch-xla double: what torch-xla 2.9 does when one meets a device tensor.
+
+On the double the "XLA device" is the CPU, so a tensor our code creates inside a step without
+``device=`` (``torch.arange(n)``, ``torch.zeros(...)``, ``torch.tensor([...])``, ``torch.from_numpy``)
+would look like any other. `HostTensors`, a ``TorchFunctionMode`` pushed when the loader double hands
+out a batch (or NxD's ``run_train`` starts under pp) and popped at the step's sync, marks such tensors
+made by our code (not by torch, another library or the doubles) as host tensors, keeps the mark through
+ops on host tensors only and drops it at ``.to(<device>)``. When an op mixes a host tensor with device
+tensors it does what torch-xla v2.9.0 does:
+
+- the binary ops lowered through ``GetBinaryOperands`` (``add``, ``sub``, ``mul``, ``div``, ``rsub``,
+  ``pow``, ``fmod``, shifts; torch_xla/csrc/aten_xla_type.cpp 345-359, 387-395), ``nll_loss``, indexing
+  and ``index_put_`` with host indices (``index`` 1970-1997) copy the host tensor to the device
+  (``bridge::GetOrCreateXlaTensor``, aten_xla_bridge.cpp 181-200): it works, as a host-to-device copy at
+  every step;
+- the code-generated lowerings (``full_codegen``, codegen/xla_native_functions.yaml 11-106: comparisons,
+  ``masked_fill``, ``maximum``, ``clamp`` ...) take a host tensor of one element and no dimension as a
+  wrapped number (``GetXlaTensorOrCreateForWrappedNumber``, aten_xla_bridge.cpp 169-179: copied over
+  too), no other;
+- every other lowering takes its operands with ``bridge::GetXlaTensor`` (``mm``, ``bmm``, ``where``,
+  ``stack`` ...) and refuses a host tensor: ``RuntimeError: Expected XLA tensor. Got: CPUFloatType``
+  (aten_xla_bridge.cpp 101-111; ``cat``'s list message at 114-127; the status message alone unless
+  ``TORCH_SHOW_CPP_STACKTRACES``, status.cpp ``ThrowStatusError``);
+- an in-place op on a host tensor with a device operand reaches the XLA kernel (torchgen's
+  functionalization lets it through when an XLA tensor is among the operands,
+  gen_functionalization_type.py), whose ``GetXlaTensor(self)`` refuses it; but ``host.copy_(device)``
+  reads the device value back (``_copy_from``, aten_xla_type.cpp 669-692: ``ToTensor`` runs the graph).
+
+The copies (and ``.to(<device>)`` of a host tensor, ``torch.tensor(<host data>, device=...)``,
+``host.copy_(device)``) are recorded in ``XlaLog.host_transfers``.
+
+Not modelled: an explicit ``device="cpu"`` (on the double the device is the CPU, so any explicit
+``device=`` counts as the XLA device), host tensors made before the step or by torch, another library or
+the doubles, and ops torch-xla runs through its CPU fallback (they take host tensors).
+"""
+
+from __future__ import annotations
+
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from .env import XlaLog, bmojo_caller
+
+HOST = "_bmojo_host_tensor"  # set on a tensor our code made on the host inside a step
+
+# Python-level names whose XLA lowering copies a host operand to the device (aten_xla_type.cpp: DoBinaryOp /
+# GetBinaryOperands users add, sub, mul, div, rsub, pow, fmod, __lshift__, __rshift__; nll_loss_forward /
+# backward; batch norm; index_copy).
+TRANSFERRING = frozenset({
+    "add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "subtract", "__sub__", "__rsub__", "__isub__",
+    "rsub", "mul", "mul_", "multiply", "__mul__", "__rmul__", "__imul__", "div", "div_", "divide", "true_divide",
+    "__truediv__", "__rtruediv__", "__itruediv__", "__div__", "__rdiv__", "pow", "pow_", "__pow__", "__rpow__",
+    "__ipow__", "fmod", "fmod_", "__lshift__", "__rshift__", "index_copy", "index_copy_", "nll_loss",
+    "cross_entropy", "batch_norm", "copy_",  # copy_ into a device tensor: ``_copy_from`` 669-692
+})
+# Indexing: host indices are copied to the device (``index``, ``index_put_``); the indexed tensor must be on it.
+INDEXING = frozenset({"__getitem__", "__setitem__", "index", "index_put", "index_put_"})
+# full_codegen lowerings (codegen/xla_native_functions.yaml 11-106) our kind of code calls: a one-element,
+# no-dimension host tensor is taken as a wrapped number, any other host tensor refused.
+WRAPPED_NUMBER_OK = frozenset({
+    "eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__",
+    "masked_fill", "masked_fill_", "maximum", "minimum", "clamp", "clamp_", "clip", "clamp_min", "clamp_max",
+    "logical_and", "logical_or", "logical_xor", "addcmul", "addcmul_", "addcdiv", "addcdiv_", "tril", "triu",
+    "take", "repeat", "bitwise_left_shift", "bitwise_right_shift", "all", "any", "amax", "amin",
+})
+# Factories of a host value (a Python list, a NumPy array): given the device, each call uploads it.
+HOST_DATA = frozenset({"tensor", "as_tensor", "asarray"})
+LIST_OPERANDS = frozenset({"cat", "concat", "concatenate"})  # ``bridge::GetXlaTensors``: the list message
+
+
+def is_host(tensor: torch.Tensor) -> bool:
+    return getattr(tensor, HOST, False)
+
+
+def xla_type_string(tensor: torch.Tensor) -> str:
+    """``at::Tensor::toString()`` of a CPU tensor: "CPU" + scalar type + "Type" (``CPUFloatType``)."""
+    return "CPU" + {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+                    torch.bfloat16: "BFloat16", torch.int64: "Long", torch.int32: "Int", torch.int16: "Short",
+                    torch.int8: "Char", torch.uint8: "Byte", torch.bool: "Bool"}.get(tensor.dtype, "") + "Type"
+
+
+def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    found = []
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(v for v in value if isinstance(v, torch.Tensor))
+    return found
+
+
+def _mark(out: Any) -> Any:
+    for tensor in (out if isinstance(out, (list, tuple)) else (out,)):
+        if isinstance(tensor, torch.Tensor):
+            setattr(tensor, HOST, True)
+    return out
+
+
+def _asks_for_a_device(args: tuple, kwargs: dict) -> bool:
+    """``Tensor.to`` / ``Tensor.cuda`` given a device (a ``torch.device``, a string, or another tensor)."""
+    if kwargs.get("device") is not None:
+        return True
+    return any(isinstance(a, (torch.device, str, int)) and not isinstance(a, bool) or
+               isinstance(a, torch.Tensor) and not is_host(a) for a in args[1:])
+
+
+class HostTensors(TorchFunctionMode):
+    """While ``log.in_step``: marks the tensors bmojo_neuron makes on the host, and rejects (or records) an op
+    that mixes one with device tensors as torch-xla 2.9 does (module docstring)."""
+
+    def __init__(self, log: XlaLog) -> None:
+        super().__init__()
+        self.log = log
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if not self.log.in_step:
+            return func(*args, **kwargs)
+        tensors = _tensors(args, kwargs)
+        if not tensors:  # a factory (or no tensor at all): on the host unless given a device
+            out = func(*args, **kwargs)
+            if not _from_our_code():
+                return out
+            if kwargs.get("device") is None:
+                _mark(out)
+            elif getattr(func, "__name__", "") in HOST_DATA:
+                self.log.host_transfers.append(f"{func.__name__}(<host data>, device=) at {bmojo_caller() or 'test'}")
+            return out
+        host = [t for t in tensors if is_host(t)]
+        name = getattr(func, "__name__", "")
+        if not host:
+            out = func(*args, **kwargs)
+            if name == "cpu" and _from_our_code():
+                _mark(out)
+            return out
+        if name in ("to", "cuda") and _asks_for_a_device(args, kwargs):
+            self.log.host_transfers.append(f"{name}(<device>) of a host tensor at {bmojo_caller() or 'torch'}")
+            out = func(*args, **kwargs)
+            return out.clone() if out is args[0] else out  # a new device tensor; the host one stays
+        if len(host) == len(tensors):  # host only: the result stays on the host
+            return _mark(func(*args, **kwargs))
+        self._mixed(name, args, tensors, host)
+        return func(*args, **kwargs)
+
+    def _mixed(self, name: str, args: tuple, tensors: list[torch.Tensor], host: list[torch.Tensor]) -> None:
+        """An op with host and device tensors: record the transfer it costs on XLA, or raise as torch-xla does."""
+        self_arg = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        where = bmojo_caller() or "outside bmojo_neuron"
+        if self_arg is not None and is_host(self_arg) and _in_place(name):
+            if name == "copy_":  # _copy_from: the device value is read back to the host
+                self.log.host_transfers.append(f"device-to-host copy_ (runs the graph) at {where}")
+                return
+            raise RuntimeError(f"Expected XLA tensor. Got: {xla_type_string(self_arg)}")
+        if name in INDEXING:
+            if self_arg is not None and is_host(self_arg):
+                raise RuntimeError("indices should be either on cpu or on the same device as the indexed tensor "
+                                   "(XLA). When using XLA, the indexed tensor must be an XLA tensor.")
+            self.log.host_transfers.append(f"{name} with host indices at {where}")
+            return
+        if name in TRANSFERRING:
+            self.log.host_transfers.append(f"{name} with a host tensor at {where}")
+            return
+        if name in WRAPPED_NUMBER_OK and all(t.dim() == 0 and t.numel() == 1 for t in host):
+            self.log.host_transfers.append(f"{name} with a host wrapped number at {where}")
+            return
+        if name in LIST_OPERANDS:
+            listed = next((a for a in args if isinstance(a, (list, tuple))), tensors)
+            index = next(i for i, t in enumerate(listed) if is_host(t))
+            raise RuntimeError("Expected all tensors in the given list to be XLA tensors. Element at index "
+                               f"{index} is not an XLA tensor. Got: {xla_type_string(listed[index])}")
+        raise RuntimeError(f"Expected XLA tensor. Got: {xla_type_string(host[0])}")
+
+
+def _in_place(name: str) -> bool:
+    return name.endswith("_") and not name.endswith("__") or name.startswith("__i") and name not in ("__index__",
+                                                                                                    "__int__")
+
+
+def enter_step(log: XlaLog) -> None:
+    """The loader double handed out a batch: the step's ops run under `HostTensors` until its sync."""
+    if log.host_tensors is None:
+        log.host_tensors = HostTensors(log)
+        log.host_tensors.__enter__()
+
+
+def leave_step(log: XlaLog) -> None:
+    """The step's sync: `HostTensors` leaves the mode stack (it must be on top: modes nest)."""
+    mode, log.host_tensors = log.host_tensors, None
+    if mode is not None:
+        top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
+        assert top is mode, f"a torch function mode entered inside the step is still active at its sync: {top}"
+        mode.__exit__(None, None, None)
+
+
+def drop_left_over_modes() -> None:
+    """Pop the `HostTensors` a failed step left on the mode stack (its sync never came)."""
+    while torch._C._len_torch_function_stack() and isinstance(
+            torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1), HostTensors):
+        torch._C._pop_torch_function_stack()
+
+
+# Code whose tensors the double does not follow: torch's and the other libraries' (what they make for our code
+# is theirs to place), and the doubles' own.
+NOT_FOLLOWED = (str(Path(torch.__file__).parent), sysconfig.get_paths()["purelib"], str(Path(__file__).parent))
+
+
+def _from_our_code() -> bool:
+    """Whether the torch call being handled was made by our code, bmojo_neuron's or a test's (frame 0: this
+    function, 1: the mode)."""
+    return not sys._getframe(2).f_code.co_filename.startswith(NOT_FOLLOWED)
