@@ -27,7 +27,7 @@ from typing import Any
 
 from bmojo_neuron.fsutil import write_text_atomic
 
-from .names import FINAL, RECIPE_FILE, RUN_INFO_FILE, STATE_FILE, STEP_PATTERN
+from .names import FINAL, RECIPE_FILE, RUN_INFO_FILE, STATE_FILE, STEP_PATTERN, step_folders
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = 1
@@ -52,16 +52,12 @@ def repair_advice(directory: Path) -> str:
         return (f"the export is damaged (copy it again, or delete it and consolidate it again: bmojo-neuron "
                 f"checkpoint consolidate {source} {directory})")
     run = directory.parent
-    if directory.name == FINAL and (run / RECIPE_FILE).is_file() and _has_complete_step(run):
+    has_checkpoint = any((step / STATE_FILE).is_file() for step in step_folders(run))  # its state is written last
+    if directory.name == FINAL and (run / RECIPE_FILE).is_file() and has_checkpoint:
         # resuming a finished run redoes its export from the last checkpoint
         return (f"the export is damaged (copy it again, or export it again from the run's last checkpoint: "
                 f"bmojo-neuron train {run / RECIPE_FILE} --resume --output-dir {run})")
     return "the export is damaged (copy it again, or export it again from the checkpoint it was made from)"
-
-
-def _has_complete_step(run: Path) -> bool:
-    """Whether `run` holds a step checkpoint whose trainer state (written last) is on disk."""
-    return any(STEP_PATTERN.match(p.name) and (p / STATE_FILE).is_file() for p in run.iterdir())
 
 
 def _consolidated_from(run_info: Path) -> str | None:

@@ -1,4 +1,4 @@
-"""The names in a run directory: its files, its step folders, its export.
+"""The names in a run directory: its files, its step folders (and the scan that finds them by name), its export.
 
 They sit apart from `layout` (which finds, publishes and prunes checkpoints) so that
 `manifest` can word its damage advice by what a folder is without importing `layout`,
@@ -8,6 +8,7 @@ which imports it.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 LATEST = "latest"
 FINAL = "final"
@@ -26,3 +27,11 @@ SHARDED_REQUIRED_FILES = (PARALLEL_FILE, RECIPE_FILE, CONFIG_FILE, STATE_FILE)
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:07d}"
+
+
+def step_folders(run_dir: str | Path) -> list[Path]:
+    """Every ``step-*`` folder of `run_dir`, complete or not, in no particular order (none when it is no folder)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return [entry for entry in run_dir.iterdir() if STEP_PATTERN.match(entry.name) and entry.is_dir()]
