@@ -77,6 +77,33 @@ def test_eval_writes_its_report_into_the_output_dir(run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", [["eval"], ["inspect"], ["generate", "--prompt", "x"]])
+def test_a_folder_of_runs_names_them_and_the_command_for_one(command, run, tmp_path, capsys):
+    """A suite's output dir (one run per model, e.g. the quick start's) is not one model: the error names its runs
+    and the command to give one of them, and the table that compares them."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    for name in ("mamba", "bmojo"):
+        shutil.copytree(run, suite / name)
+    (suite / "data-cache").mkdir()  # not a run: not named
+    name, *options = command
+    argv = [name, str(suite), *options, "--device", "cpu"]
+    expected = (f"error: {suite} holds 2 runs (bmojo, mamba), not one model: give one run's folder, e.g. "
+                f"bmojo-neuron {name} {suite / 'bmojo'}")
+    assert _error(capsys, argv) == expected
+    (suite / "summary.txt").write_text("table")
+    assert _error(capsys, argv) == f"{expected}; {suite / 'summary.txt'} compares them"
+    assert sorted(p.name for p in suite.iterdir()) == ["bmojo", "data-cache", "mamba", "summary.txt"]
+
+
+def test_a_folder_of_runs_as_init_weights_is_named_by_its_key(run, tmp_path, capsys):
+    shutil.copytree(run, tmp_path / "suite" / "only")
+    argv = ["train", "cpu-tiny", "suite=none", f"init.weights={tmp_path / 'suite'}", "--output-dir",
+            str(tmp_path / "new")]
+    assert _error(capsys, argv) == (f"error: recipe key init.weights: {tmp_path / 'suite'} holds 1 run (only), not "
+                                    f"one model: give one run's folder, e.g. {tmp_path / 'suite' / 'only'}")
+
+
+@pytest.mark.parametrize("command", [["eval"], ["inspect"], ["generate", "--prompt", "x"]])
 def test_a_run_that_ended_before_its_first_checkpoint_says_so(command, run, tmp_path, capsys):
     """What a run killed or failed before its first checkpoint leaves (`layout.abandoned_attempt`): its logs."""
     attempt = tmp_path / "attempt"

@@ -22,10 +22,14 @@ from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
 from .export import quiet_transformers
 from .layout import (CONFIG_FILE, FINAL, RUN_INFO_FILE, STEP_PATTERN, abandoned_attempt, is_complete,
                      latest_checkpoint)
+from .names import SUMMARY_FILE
 from .local import load_model_weights
 from .manifest import check_safetensors, verify_manifest
 from .sharded import consolidated_model, is_sharded
 from .state import read_recipe
+
+
+SHOWN_RUNS = 8  # runs named in the refusal of a folder of runs; the rest are counted
 
 
 @dataclass
@@ -39,11 +43,31 @@ class Trained:
     run_dir: Path  # the run (or model) folder: eval outputs go under its eval/ by default
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """An export dir, a checkpoint dir, or a run dir (its ``final``, else its latest checkpoint)."""
+def resolve_model_dir(path: str | Path, command: str | None = None) -> Path:
+    """An export dir, a checkpoint dir, or a run dir (its ``final``, else its latest checkpoint).
+
+    A folder of runs (a suite's or comparison's output dir, one run per model) is refused naming them; `command`
+    (``"eval"``, ...) is the subcommand the message tells to run on one of them.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    model = _model_in(path)
+    if model is not None:
+        return model
+    if abandoned_attempt(path):  # a run that failed or was stopped before its first checkpoint
+        raise FileNotFoundError(f"{path} holds no checkpoint yet: its run ended before its first checkpoint (only "
+                                "its logs are there); train it again with the same --output-dir, which starts "
+                                "afresh there and replaces these logs")
+    runs = [entry for entry in sorted(path.iterdir()) if entry.is_dir() and _model_in(entry) is not None] \
+        if path.is_dir() else []
+    if runs:
+        raise FileNotFoundError(several_runs_message(path, runs, command))
+    raise FileNotFoundError(f"{path} is neither a run directory, a checkpoint (step-XXXXXXX) nor a final export")
+
+
+def _model_in(path: Path) -> Path | None:
+    """The model folder `path` stands for (itself, its ``final``, its latest checkpoint), or None."""
     if (path / RUN_INFO_FILE).is_file() or is_complete(path):
         return path
     if (path / FINAL / RUN_INFO_FILE).is_file():
@@ -53,16 +77,23 @@ def resolve_model_dir(path: str | Path) -> Path:
         return latest
     if (path / CONFIG_FILE).is_file():  # a plain save_pretrained export
         return path
-    if abandoned_attempt(path):  # a run that failed or was stopped before its first checkpoint
-        raise FileNotFoundError(f"{path} holds no checkpoint yet: its run ended before its first checkpoint (only "
-                                "its logs are there); train it again with the same --output-dir, which starts "
-                                "afresh there and replaces these logs")
-    raise FileNotFoundError(f"{path} is neither a run directory, a checkpoint (step-XXXXXXX) nor a final export")
+    return None
 
 
-def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Trained:
-    """Load the model behind `path` (see `resolve_model_dir`) in eval mode on `device`."""
-    source = resolve_model_dir(path)
+def several_runs_message(folder: Path, runs: list[Path], command: str | None) -> str:
+    """Why `folder`, which holds `runs` (a suite's output dir), is not one model, and what to give instead."""
+    shown = ", ".join(run.name for run in runs[:SHOWN_RUNS]) + (f" and {len(runs) - SHOWN_RUNS} more"
+                                                                 if len(runs) > SHOWN_RUNS else "")
+    example = f"bmojo-neuron {command} {runs[0]}" if command else str(runs[0])
+    summary = folder / SUMMARY_FILE
+    compared = f"; {summary} compares them" if summary.is_file() else ""
+    return (f"{folder} holds {len(runs)} run{'s' if len(runs) > 1 else ''} ({shown}), not one model: give one "
+            f"run's folder, e.g. {example}{compared}")
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu", command: str | None = None) -> Trained:
+    """Load the model behind `path` (see `resolve_model_dir`, which `command` is for) in eval mode on `device`."""
+    source = resolve_model_dir(path, command)
     verify_manifest(source)  # a damaged file fails here in one line, not deep inside a loader
     check_safetensors(source)  # the same for a directory written before manifests existed
     if is_complete(source):  # a training checkpoint

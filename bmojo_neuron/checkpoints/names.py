@@ -20,6 +20,7 @@ STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete
 RECIPE_FILE = "recipe.json"
 CONFIG_FILE = "config.json"
 RUN_INFO_FILE = "bmojo_run.json"
+SUMMARY_FILE = "summary.txt"  # the table `train` writes beside the runs of a suite or comparison
 PARALLEL_FILE = "parallel.json"  # marks a sharded checkpoint (`bmojo_neuron.checkpoints.sharded`)
 REQUIRED_FILES = (MODEL_FILE, OPTIM_FILE, RECIPE_FILE, CONFIG_FILE, STATE_FILE)
 SHARDED_REQUIRED_FILES = (PARALLEL_FILE, RECIPE_FILE, CONFIG_FILE, STATE_FILE)
