@@ -443,8 +443,9 @@ def _read_document(path: Path) -> dict[str, Any]:
         document = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except yaml.YAMLError as err:
         raise ValueError(f"recipe {path}: not valid YAML: {_yaml_problem(err, in_file=True)}") from None
-    if document is None:
-        document = {}
+    if document is None:  # an empty file, or comments only: most likely not the file meant (cut short, unsaved)
+        raise ValueError(f"recipe {path}: is empty; write the sections it changes (e.g. train: {{steps: 100}}), "
+                         "or `{}` for every default")
     if not isinstance(document, dict):
         raise ValueError(f"recipe {path}: must be a mapping of sections, got {type(document).__name__}")
     document.setdefault("run", {})

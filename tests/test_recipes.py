@@ -222,6 +222,18 @@ def test_a_recipe_file_that_is_not_yaml_is_one_line_naming_where(tmp_path) -> No
                               "but got '<stream end>' (line 3, column 1)")
 
 
+@pytest.mark.parametrize("text", ["", "# a recipe\n\n"])
+def test_an_empty_recipe_file_is_refused_rather_than_read_as_every_default(tmp_path, text) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(text)
+    with pytest.raises(ValueError) as err:
+        load_recipe(str(empty))
+    assert str(err.value) == (f"recipe {empty}: is empty; write the sections it changes (e.g. train: "
+                              "{steps: 100}), or `{}` for every default")
+    empty.write_text("{}")  # every default, said so
+    assert load_recipe(str(empty)).train.steps == Recipe.from_dict({}).train.steps
+
+
 def test_text_path_is_not_checked_at_parse_time() -> None:
     recipe = Recipe.from_dict({"data": {"kind": "text", "path": "/definitely/missing"}})
     assert recipe.data.path == "/definitely/missing"
