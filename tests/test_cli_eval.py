@@ -95,6 +95,19 @@ def test_a_folder_of_runs_names_them_and_the_command_for_one(command, run, tmp_p
     assert sorted(p.name for p in suite.iterdir()) == ["bmojo", "data-cache", "mamba", "summary.txt"]
 
 
+@pytest.mark.parametrize("command", [["eval"], ["inspect"], ["generate", "--prompt", "x"]])
+def test_a_file_given_for_the_model_names_the_folder_to_give(command, run, tmp_path, capsys):
+    name, *options = command
+    (tmp_path / "notes.txt").write_text("not a model")
+    for file, advice in [(run / "final" / "model.safetensors", f"the folder that holds it, {run / 'final'}"),
+                         (run / "step-0000003" / "trainer_state.json", f"the folder that holds it, "
+                                                                       f"{run / 'step-0000003'}"),
+                         (run / "recipe.json", f"the folder that holds it, {run}"),
+                         (tmp_path / "notes.txt", "a run directory, a checkpoint (step-XXXXXXX) or a final export")]:
+        assert _error(capsys, [name, str(file), *options, "--device", "cpu"]) == (
+            f"error: {file} is a file, not a model's folder: give {advice}")
+
+
 def test_a_folder_of_runs_as_init_weights_is_named_by_its_key(run, tmp_path, capsys):
     shutil.copytree(run, tmp_path / "suite" / "only")
     argv = ["train", "cpu-tiny", "suite=none", f"init.weights={tmp_path / 'suite'}", "--output-dir",

@@ -52,6 +52,11 @@ def resolve_model_dir(path: str | Path, command: str | None = None) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_dir():  # e.g. the model.safetensors of an export
+        holder = path.parent if _model_in(path.parent) is not None else None
+        raise FileNotFoundError(f"{path} is a file, not a model's folder: give " + (
+            f"the folder that holds it, {holder}" if holder is not None else
+            "a run directory, a checkpoint (step-XXXXXXX) or a final export"))
     model = _model_in(path)
     if model is not None:
         return model
@@ -59,8 +64,7 @@ def resolve_model_dir(path: str | Path, command: str | None = None) -> Path:
         raise FileNotFoundError(f"{path} holds no checkpoint yet: its run ended before its first checkpoint (only "
                                 "its logs are there); train it again with the same --output-dir, which starts "
                                 "afresh there and replaces these logs")
-    runs = [entry for entry in sorted(path.iterdir()) if entry.is_dir() and _model_in(entry) is not None] \
-        if path.is_dir() else []
+    runs = [entry for entry in sorted(path.iterdir()) if entry.is_dir() and _model_in(entry) is not None]
     if runs:
         raise FileNotFoundError(several_runs_message(path, runs, command))
     raise FileNotFoundError(f"{path} is neither a run directory, a checkpoint (step-XXXXXXX) nor a final export")
