@@ -759,6 +759,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if value is None:  # `key:` with nothing after it in a file, `key=` on the command line
+        _fail(key, f"must be {_type_name(hint)}, got no value (null)")
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         _fail(key, f"must be {_type_name(hint)}, got {type(value).__name__} {value!r}")
     if hint is float and not math.isfinite(value):

@@ -201,7 +201,8 @@ def test_validation_errors_name_the_key(document: dict, match: str) -> None:
                         r"compare\); change one of its keys with compare.name=... or compare.overrides=...$"),
         ("suite=[]", r"^override 'suite': suite=none is the only value accepted \(it drops the recipe's suite\); "
                      r"its entries are set in the recipe file$"),  # suite.name=... is no override: a list has no keys
-        ("compare.name=", r"recipe key compare.name: must be a string, got NoneType"),
+        ("compare.name=", r"^recipe key compare.name: must be a string, got no value \(null\)$"),
+        ("train.steps=", r"^recipe key train.steps: must be an integer, got no value \(null\)$"),
         ("optim.betas=[0.9", r"^override 'optim.betas=\[0.9': not valid YAML: while parsing a flow sequence, "
                              r"expected ',' or '\]', but got '<stream end>' \(at character 5 of the value\)$"),
         ('run.name="abc', r"^override 'run.name=\"abc': not valid YAML: while scanning a quoted scalar, "
