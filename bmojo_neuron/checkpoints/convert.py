@@ -25,7 +25,7 @@ from bmojo_neuron.parallel.sharding import shard_shapes, shard_state_dict
 from . import layout
 from . import sharded as fmt
 from .export import save_for_hf
-from .manifest import read_safetensors, read_torch_file, verify_manifest, write_manifest
+from .manifest import check_readable, read_safetensors, read_torch_file, verify_manifest, write_manifest
 from .state import TrainerState, rng_states
 
 
@@ -63,6 +63,7 @@ def consolidate_checkpoint(source: str | Path, output: str | Path) -> Path:
     if output.exists():
         raise ValueError(f"{output} already exists; pick a new output directory")
     verify_manifest(source)
+    check_readable(source)  # the same for a checkpoint written before manifests existed
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = layout.new_tmp_dir(output.parent, output.name)
     try:
@@ -109,6 +110,7 @@ def shard_checkpoint(source: str | Path, run_dir: str | Path, tp: int, pp: int =
     if layout.has_run(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pick a new --output-dir")
     verify_manifest(source)
+    check_readable(source)  # the same for a directory written before manifests existed
     config = BMojoConfig.from_json_file(str(source / layout.CONFIG_FILE))
     if pp > config.num_hidden_layers:
         raise ValueError(f"--pp {pp} exceeds the model's {config.num_hidden_layers} layers")

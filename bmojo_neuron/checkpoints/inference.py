@@ -24,7 +24,7 @@ from .layout import (CONFIG_FILE, FINAL, RUN_INFO_FILE, STEP_PATTERN, abandoned_
                      latest_checkpoint)
 from .names import SUMMARY_FILE
 from .local import load_model_weights
-from .manifest import check_safetensors, verify_manifest
+from .manifest import check_readable, verify_manifest
 from .sharded import consolidated_model, is_sharded
 from .state import read_recipe
 
@@ -99,7 +99,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", command: 
     """Load the model behind `path` (see `resolve_model_dir`, which `command` is for) in eval mode on `device`."""
     source = resolve_model_dir(path, command)
     verify_manifest(source)  # a damaged file fails here in one line, not deep inside a loader
-    check_safetensors(source)  # the same for a directory written before manifests existed
+    check_readable(source)  # the same for a directory written before manifests existed
     if is_complete(source):  # a training checkpoint
         if is_sharded(source):
             model = consolidated_model(source)
