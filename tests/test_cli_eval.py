@@ -206,3 +206,21 @@ def test_generate_says_when_it_stopped_at_the_end_of_sequence_token(run, capsys,
     assert cli.main(["generate", str(run), "--prompt", "x", "--max-new-tokens", "3", "--device", "cpu"]) == 0
     out, err = capsys.readouterr()
     assert out == "x" + "".join(chr(i) for i in new_ids) + "\n" and err == note
+
+
+@pytest.mark.parametrize("command", [["eval"], ["generate", "--prompt", "x"]])
+def test_a_folder_transformers_cannot_load_is_one_error_line(command, run, tmp_path, capsys):
+    """A folder with a config.json is read as an export by `transformers`; one it cannot load (no weights, a
+    model_type it does not know, whose message runs over three lines) is one line naming the folder."""
+    name, *options = command
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert _error(capsys, [name, str(folder), *options, "--device", "cpu"]) == (
+        f"error: {folder} has a config.json but no weights (model.safetensors): not a whole export; copy it again, "
+        "or give the run or checkpoint it was made from")
+    shutil.copy(run / "final" / "model.safetensors", folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    line = _error(capsys, [name, str(folder), *options, "--device", "cpu"])
+    assert line.startswith(f"error: {folder}: not a loadable model (The checkpoint you are trying to load has "
+                           "model type `no-such-architecture` but Transformers does not recognize"), line

@@ -7,7 +7,6 @@ Nothing here imports the trainer: a one-process checkpoint is read with
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,11 @@ from bmojo_neuron.configuration_bmojo import BMojoConfig
 from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
 
 from .export import quiet_transformers
-from .layout import (CONFIG_FILE, FINAL, RUN_INFO_FILE, STEP_PATTERN, abandoned_attempt, is_complete,
+from .layout import (CONFIG_FILE, FINAL, MODEL_FILE, RUN_INFO_FILE, STEP_PATTERN, abandoned_attempt, is_complete,
                      latest_checkpoint)
 from .names import SUMMARY_FILE
 from .local import load_model_weights
-from .manifest import check_readable, verify_manifest
+from .manifest import check_readable, read_json_object, verify_manifest
 from .sharded import consolidated_model, is_sharded
 from .state import read_recipe
 
@@ -109,14 +108,30 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", command: 
         recipe = read_recipe(source)
         tokenizer = str(recipe.get("data", {}).get("tokenizer") or "byte")
     else:
-        with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(str(source))
+        model = _from_pretrained(source)
         info_file = source / RUN_INFO_FILE
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        info = read_json_object(info_file) if info_file.is_file() else {}
         recipe = info.get("recipe", {})
         tokenizer = str(info.get("tokenizer") or "byte")
     run_dir = source.parent if (source.name == FINAL or STEP_PATTERN.match(source.name)) else source
     return Trained(model.to(device).eval(), recipe, tokenizer, source, run_dir)
+
+
+def _from_pretrained(source: Path) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` of an export; a folder it cannot load as a model (no weights file,
+    say: a config.json alone) is one FileNotFoundError naming the folder, not a traceback from `transformers`."""
+    if not any(source.glob("*.safetensors")) and not any(source.glob("pytorch_model*.bin")):
+        raise FileNotFoundError(f"{source} has a {CONFIG_FILE} but no weights ({MODEL_FILE}): not a whole "
+                                "export; copy it again, or give the run or checkpoint it was made from")
+    try:
+        with quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(str(source))
+    except (OSError, ValueError) as exc:  # how transformers says a folder is not a model it can load
+        if isinstance(exc, OSError) and exc.errno is not None:  # the file system's own error: the CLI names it
+            raise
+        # its messages run over several lines (an unknown model_type adds install advice): the first says it
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FileNotFoundError(f"{source}: not a loadable model ({detail})") from None
 
 
 def initial_weights_dir(path: str | Path) -> Path:
