@@ -575,6 +575,14 @@ def _data_section(values: Mapping[str, Any] | None, run: RunSection) -> MqarData
     values = dict(values or {})
     kind = values.get("kind", "mqar")
     _choice("data.kind", kind, DATA_KINDS)
+    own = {f.name for f in dataclasses.fields(DATA_SECTIONS[kind])}
+    for key in values:
+        other = next((k for k, cls in DATA_SECTIONS.items() if key not in own
+                      and key in {f.name for f in dataclasses.fields(cls)}), None)
+        if other is not None:  # e.g. data.kind=text given to an MQAR recipe: its MQAR keys are left over
+            _fail(f"data.{key}", f"is a key of {other} data, but data.kind is {kind}: data.kind alone does not "
+                                 f"switch the section; give a whole {kind} data section without the {other} keys "
+                                 "(in a recipe file; eval: --data RECIPE)")
     section = _section(DATA_SECTIONS[kind], "data", values)
     if isinstance(section, TextDataSection) and section.cache_dir is None:
         section.cache_dir = str(Path(run.output_dir).parent / "data-cache")
