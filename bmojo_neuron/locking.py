@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO
 
 LOCK_NAME = ".lock"
+OPEN_TRIES = 5  # a directory removed between our mkdir and open each time this often is not a race: fail
 USERS_SUFFIX = ".users"
 # errno of a filesystem without flock (e.g. Lustre mounted without the flock option)
 LOCK_UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
@@ -118,12 +119,14 @@ class DirectoryLock:
 
     def _open(self) -> IO[str]:
         """The lock file, opened (created if missing) for reading and appending."""
-        while True:
+        for _ in range(OPEN_TRIES - 1):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 return open(self.path, "a+")
             except FileNotFoundError:  # the directory was removed since mkdir (a `leave_no_trace` holder's): again
                 continue
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return open(self.path, "a+")
 
     def _still_at_path(self, f: IO[str]) -> bool:
         """Whether the file `f` locked is still the one at the lock's path."""

@@ -575,10 +575,9 @@ def _data_section(values: Mapping[str, Any] | None, run: RunSection) -> MqarData
     values = dict(values or {})
     kind = values.get("kind", "mqar")
     _choice("data.kind", kind, DATA_KINDS)
-    own = {f.name for f in dataclasses.fields(DATA_SECTIONS[kind])}
-    for key in values:
-        other = next((k for k, cls in DATA_SECTIONS.items() if key not in own
-                      and key in {f.name for f in dataclasses.fields(cls)}), None)
+    keys = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in DATA_SECTIONS.items()}
+    for key in (key for key in values if key not in keys[kind]):
+        other = next((name for name, names in keys.items() if key in names), None)
         if other is not None:  # e.g. data.kind=text given to an MQAR recipe: its MQAR keys are left over
             _fail(f"data.{key}", f"is a key of {other} data, but data.kind is {kind}: data.kind alone does not "
                                  f"switch the section; give a whole {kind} data section without the {other} keys "

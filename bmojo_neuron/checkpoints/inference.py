@@ -21,9 +21,9 @@ from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
 from .export import quiet_transformers
 from .layout import (CONFIG_FILE, FINAL, MODEL_FILE, RUN_INFO_FILE, STEP_PATTERN, abandoned_attempt, is_complete,
                      latest_checkpoint)
-from .names import SUMMARY_FILE
 from .local import load_model_weights
 from .manifest import check_readable, read_json_object, verify_manifest
+from .names import SUMMARY_FILE
 from .sharded import consolidated_model, is_sharded
 from .state import read_recipe
 

@@ -57,8 +57,8 @@ def repair_advice(directory: Path) -> str:
         return (f"the export is damaged (copy it again, or delete it and consolidate it again: bmojo-neuron "
                 f"checkpoint consolidate {source} {directory})")
     run = directory.parent
-    has_checkpoint = any((step / STATE_FILE).is_file() for step in step_folders(run))  # its state is written last
-    if directory.name == FINAL and (run / RECIPE_FILE).is_file() and has_checkpoint:
+    if directory.name == FINAL and (run / RECIPE_FILE).is_file() and any(
+            (step / STATE_FILE).is_file() for step in step_folders(run)):  # a step's state is written last
         # resuming a finished run redoes its export from the last checkpoint
         return (f"the export is damaged (copy it again, or export it again from the run's last checkpoint: "
                 f"bmojo-neuron train {run / RECIPE_FILE} --resume --output-dir {run})")
