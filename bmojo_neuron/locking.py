@@ -13,6 +13,12 @@ Two modes:
   holder also keeps an exclusive lock on a file of its own under ``<lock file>.users/``, which
   is how the exclusive side can tell live users (named in its error) from files left by dead
   ones (deleted).
+
+An exclusive holder may delete the lock file as it releases it (``leave_no_trace``, for a run
+directory its run never wrote). It deletes it while still holding the lock, and `acquire` checks,
+once it has the lock, that the file it locked is still the one at the path (else it locks that
+one), so a process that opened the old file meanwhile never ends up holding a deleted file beside
+a holder of the new one.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import IO
 
 LOCK_NAME = ".lock"
+OPEN_TRIES = 5  # a directory removed between our mkdir and open each time this often is not a race: fail
 USERS_SUFFIX = ".users"
 # errno of a filesystem without flock (e.g. Lustre mounted without the flock option)
 LOCK_UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
@@ -47,13 +54,17 @@ class DirectoryLock:
     `lock_file` (relative to `directory`, default ``.lock``) is the file that is locked; `what`
     names the directory in errors ("run directory", "compile cache"); `purpose` is recorded with
     the holder's pid and host. ``shared=True`` takes a shared lock (see the module docstring);
-    `wait` is how many seconds `acquire` keeps trying before it refuses.
+    `wait` is how many seconds `acquire` keeps trying before it refuses. ``leave_no_trace=True``
+    (exclusive only): `release` deletes the lock file when `directory` holds nothing else.
     """
 
     def __init__(self, directory: str | os.PathLike, what: str = "run directory", *, lock_file: str = LOCK_NAME,
-                 shared: bool = False, purpose: str = "", wait: float = 0.0) -> None:
+                 shared: bool = False, purpose: str = "", wait: float = 0.0, leave_no_trace: bool = False) -> None:
+        if shared and leave_no_trace:
+            raise ValueError("only an exclusive lock may delete its lock file")
         self.directory = Path(directory)
         self.what, self.lock_file, self.shared, self.purpose, self.wait = what, lock_file, shared, purpose, wait
+        self.leave_no_trace = leave_no_trace
         self._file: IO[str] | None = None
         self._user_file: IO[str] | None = None
 
@@ -66,19 +77,18 @@ class DirectoryLock:
         return self.path.with_name(self.path.name + USERS_SUFFIX)
 
     def acquire(self) -> DirectoryLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
         deadline, waited = time.monotonic() + self.wait, False
         while True:
+            f = self._open()
             try:
                 fcntl.flock(f, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
                 if time.monotonic() < deadline:
                     if not waited:
                         print(f"waiting up to {self.wait:.0f} s for {'; '.join(self._holders(f)) or 'another process'}"
                               f" to release {self.directory}", file=sys.stderr, flush=True)
                         waited = True
+                    f.close()
                     time.sleep(0.2)
                     continue
                 holders = self._holders(f)
@@ -93,6 +103,9 @@ class DirectoryLock:
                 print(f"warning: {self.path.parent} does not support file locks ({exc.strerror}); nothing keeps "
                       f"a second process out of this {self.what}", file=sys.stderr)
                 return self
+            if self._still_at_path(f):
+                break
+            f.close()  # its holder deleted it as it released it (`leave_no_trace`): lock the file now at the path
         self._file = f
         f.seek(0)
         f.truncate()  # shared: an exclusive holder's leftover line (it was killed) no longer applies
@@ -104,7 +117,29 @@ class DirectoryLock:
             self._remove_dead_users()
         return self
 
+    def _open(self) -> IO[str]:
+        """The lock file, opened (created if missing) for reading and appending."""
+        for _ in range(OPEN_TRIES - 1):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                return open(self.path, "a+")
+            except FileNotFoundError:  # the directory was removed since mkdir (a `leave_no_trace` holder's): again
+                continue
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return open(self.path, "a+")
+
+    def _still_at_path(self, f: IO[str]) -> bool:
+        """Whether the file `f` locked is still the one at the lock's path."""
+        try:
+            at_path = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(f.fileno())
+        return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)
+
     def release(self) -> None:
+        if self._file is not None and self.leave_no_trace and self._alone():
+            self.path.unlink(missing_ok=True)  # still locked: see the module docstring
         if self._user_file is not None:
             Path(self._user_file.name).unlink(missing_ok=True)
             self._user_file.close()
@@ -115,6 +150,13 @@ class DirectoryLock:
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
+
+    def _alone(self) -> bool:
+        """Whether the lock file is all there is in the directory."""
+        try:
+            return [entry.name for entry in self.directory.iterdir()] == [self.lock_file]
+        except OSError:
+            return False
 
     def __enter__(self) -> DirectoryLock:
         return self.acquire()

@@ -443,8 +443,9 @@ def _read_document(path: Path) -> dict[str, Any]:
         document = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except yaml.YAMLError as err:
         raise ValueError(f"recipe {path}: not valid YAML: {_yaml_problem(err, in_file=True)}") from None
-    if document is None:
-        document = {}
+    if document is None:  # an empty file, or comments only: most likely not the file meant (cut short, unsaved)
+        raise ValueError(f"recipe {path}: is empty; write the sections it changes (e.g. train: {{steps: 100}}), "
+                         "or `{}` for every default")
     if not isinstance(document, dict):
         raise ValueError(f"recipe {path}: must be a mapping of sections, got {type(document).__name__}")
     document.setdefault("run", {})
@@ -574,6 +575,13 @@ def _data_section(values: Mapping[str, Any] | None, run: RunSection) -> MqarData
     values = dict(values or {})
     kind = values.get("kind", "mqar")
     _choice("data.kind", kind, DATA_KINDS)
+    keys = {name: {f.name for f in dataclasses.fields(cls)} for name, cls in DATA_SECTIONS.items()}
+    for key in (key for key in values if key not in keys[kind]):
+        other = next((name for name, names in keys.items() if key in names), None)
+        if other is not None:  # e.g. data.kind=text given to an MQAR recipe: its MQAR keys are left over
+            _fail(f"data.{key}", f"is a key of {other} data, but data.kind is {kind}: data.kind alone does not "
+                                 f"switch the section; give a whole {kind} data section without the {other} keys "
+                                 "(in a recipe file; eval: --data RECIPE)")
     section = _section(DATA_SECTIONS[kind], "data", values)
     if isinstance(section, TextDataSection) and section.cache_dir is None:
         section.cache_dir = str(Path(run.output_dir).parent / "data-cache")
@@ -758,6 +766,8 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if value is None:  # `key:` with nothing after it in a file, `key=` on the command line
+        _fail(key, f"must be {_type_name(hint)}, got no value (null)")
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         _fail(key, f"must be {_type_name(hint)}, got {type(value).__name__} {value!r}")
     if hint is float and not math.isfinite(value):

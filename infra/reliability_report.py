@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,12 +64,17 @@ def cases(work: Path) -> list[Case]:
         Case("an override value that is not YAML", [*train, "optim.betas=[0.9"]),
         Case("a length multiple given twice", [*train, "eval.length_multipliers=[1,1]"]),
         Case("an empty --output-dir", ["train", "--output-dir", ""]),
+        Case("an empty recipe file", ["train", str(work / "empty.yaml"), "--output-dir", out], "empty"),
         Case("a resume with a changed learning rate", [*train, *TINY, "optim.lr=2e-3", "--resume"], "used"),
         Case("an unknown hub tokenizer, offline", ["train", "cpu-text", "--output-dir", str(work / "tokenizer"),
                                                     "data.tokenizer=no-such-tokenizer", "suite=none",
                                                     "train.steps=2"]),
         Case("eval with zero batches", ["eval", out, "--batches", "0"], "used"),
         Case("eval of an MQAR model on text (a larger vocabulary)", ["eval", out, "--data", "cpu-text"], "used"),
+        Case("eval of a suite's folder (one run per model)", ["eval", str(work / "suite")], "suite"),
+        Case("eval of a weights file instead of its folder", ["eval", str(work / "out" / "final" / "model.safetensors")],
+             "used"),
+        Case("consolidate of a one-process run", ["checkpoint", "consolidate", out, str(work / "full")], "used"),
         Case("eval into an output directory that is a file", ["eval", out, "--output-dir",
                                                                str(work / "a-file")], "file"),
         Case("export-transformer of a Hugging Face Llama (not B'MOJO)",
@@ -96,6 +102,12 @@ def prepare(step: str, work: Path) -> None:
         os.chmod(work / "ro", 0o555)
     elif step == "used" and not (work / "out" / "final").exists():
         cli(["train", "--no-progress", "--output-dir", str(work / "out"), *TINY], work)
+    elif step == "empty":
+        (work / "empty.yaml").write_text("# nothing saved yet\n")
+    elif step == "suite" and not (work / "suite").exists():
+        prepare("used", work)
+        for name in ("bmojo", "mamba"):  # as `train` lays out a suite: <output dir>/<name>
+            shutil.copytree(work / "out", work / "suite" / name)
     elif step == "file":
         (work / "a-file").write_text("not a directory\n")
     elif step == "llama" and not (work / "llama").exists():
@@ -173,7 +185,9 @@ def write_doc(rows: list) -> None:
         "  checkpoint is named in one line and `--resume` falls back to the intact step before it;",
         "  `checkpoint consolidate` / `shard` of a damaged source, and `eval` of weights without a",
         "  manifest that safetensors cannot read, end in one `error:` line naming the file.",
-        "- `tests/test_locking.py`: two runs on one directory, and a resume of a live run, are refused.",
+        "- `tests/test_locking.py`: two runs on one directory, and a resume of a live run, are refused;",
+        "  `tests/test_cli_train.py`: a run that fails before writing its directory leaves no folder",
+        "  (nor `.lock`) behind, and a folder that was there before stays.",
         "- `tests/test_cli.py`: a reader that closes stdout early (`bmojo-neuron cache ls --json | head -1`)",
         "  ends any command, `--help` and `--version` included, quietly with exit status 141 (128 + SIGPIPE,",
         "  what a shell reports for tools that SIGPIPE ends), no traceback.",

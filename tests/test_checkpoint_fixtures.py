@@ -86,14 +86,32 @@ def test_the_sharded_fixture_consolidates_to_its_export(tmp_path):
     assert not (out / "tokenizer.json").exists() and json.loads((out / "config.json").read_text())["vocab_size"] == 16
 
 
-@pytest.mark.parametrize("source", ["tp2-pp2", "tp2-pp2/step-0000003", "one-process/step-0000002"])
-def test_shard_refuses_a_run_or_checkpoint_and_names_consolidate(tmp_path, source):
-    """`checkpoint shard` takes one full copy: a run or a checkpoint (sharded, or one process's without the
-    consolidated training state) is refused naming `consolidate`, and nothing is written."""
+@pytest.mark.parametrize("source", ["tp2-pp2", "tp2-pp2/step-0000003"])
+def test_shard_refuses_a_sharded_run_or_checkpoint_and_names_consolidate(tmp_path, source):
+    """`checkpoint shard` takes one full copy: a sharded run or checkpoint is refused naming `consolidate`, and
+    nothing is written."""
     with pytest.raises(ValueError, match=r"not one full copy of a model: convert it with `bmojo-neuron checkpoint "
                                          r"consolidate .* FULL` first"):
         shard_checkpoint(FIXTURES / source, tmp_path / "out", tp=1)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("source", "what"), [("one-process", "a run of one-process checkpoints"),
+                                              ("one-process/step-0000002", "a one-process checkpoint")])
+def test_a_one_process_checkpoint_is_refused_by_both_naming_init_weights(tmp_path, source, what):
+    """`consolidate` cannot read a one-process optimizer (its states are by parameter index), so neither it nor
+    `shard` sends the user to the other: both name what does train its weights at other degrees."""
+    path = FIXTURES / source
+    advice = (f"{path} is {what}: its weights are whole already and its optimizer state (by parameter index) is "
+              "not converted ({}); to train it at other parallel degrees, start a new run from its weights: "
+              f"bmojo-neuron train RECIPE init.weights={path} parallel.tp=N (step 0, a fresh optimizer)")
+    with pytest.raises(ValueError) as refused:
+        shard_checkpoint(path, tmp_path / "out", tp=2)
+    assert str(refused.value) == advice.format("shard reads a consolidated copy")
+    with pytest.raises(ValueError) as refused:
+        consolidate_checkpoint(path, tmp_path / "full")
+    assert str(refused.value) == advice.format("consolidate joins the files of a sharded one")
+    assert sorted(tmp_path.iterdir()) == []
 
 
 def test_a_fixture_trained_before_the_ssm_residual_default_will_not_resume_with_it(tmp_path):

@@ -208,3 +208,34 @@ def test_eval_of_truncated_weights_without_a_manifest_is_one_error_line(finished
     truncate(target / layout.MODEL_FILE, keep=500)
     assert cli.main(["eval", str(target), "--lengths", "1"]) == 2
     assert f"{target / layout.MODEL_FILE}: not a readable safetensors file (" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(("what", "file", "text", "problem"), [
+    ("final", "config.json", "{", "not a readable JSON file (Expecting property name"),
+    ("final", "bmojo_run.json", "[1]", "holds a JSON list, not an object"),
+    ("step-0000006", "config.json", '{"model_type": ', "not a readable JSON file (Expecting value"),
+    ("step-0000006", "recipe.json", "[]", "holds a JSON list, not an object"),
+    ("step-0000006", "trainer_state.json", "\xff", "not a readable JSON file ("),
+])
+def test_a_cut_or_edited_json_file_without_a_manifest_is_named_in_one_line(finished, tmp_path, capsys, what, file,
+                                                                           text, problem):
+    """Without a manifest (a copy written before them) a JSON file that does not parse, or holds no object, is
+    named as damaged: read by `transformers` or the checkpoint code it was a traceback or a bare JSON error."""
+    target = tmp_path / what
+    shutil.copytree(finished.run_dir / what, target)
+    (target / manifest.MANIFEST_FILE).unlink()
+    (target / file).write_text(text, encoding="latin-1")
+    assert cli.main(["eval", str(target), "--lengths", "1", "--device", "cpu"]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: {target / file}: {problem}") and "is damaged" in line, line
+
+
+def test_resume_of_a_checkpoint_whose_recipe_is_no_object_is_one_error_line(finished, tmp_path, capsys):
+    run = Path(shutil.copytree(finished.run_dir, tmp_path / "run"))
+    step = layout.latest_checkpoint(run)
+    (step / manifest.MANIFEST_FILE).unlink()
+    (step / layout.RECIPE_FILE).write_text("[1]")
+    argv = ["train", str(run / layout.RECIPE_FILE), "--resume", "--output-dir", str(run), "--no-progress"]
+    assert cli.main(argv) == 2
+    assert one_error_line(capsys) == (f"error: {step / layout.RECIPE_FILE}: holds a JSON list, not an object; the "
+                                      "checkpoint is damaged (copy it again, or use an earlier step)")

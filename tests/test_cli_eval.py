@@ -77,6 +77,46 @@ def test_eval_writes_its_report_into_the_output_dir(run, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("command", [["eval"], ["inspect"], ["generate", "--prompt", "x"]])
+def test_a_folder_of_runs_names_them_and_the_command_for_one(command, run, tmp_path, capsys):
+    """A suite's output dir (one run per model, e.g. the quick start's) is not one model: the error names its runs
+    and the command to give one of them, and the table that compares them."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    for name in ("mamba", "bmojo"):
+        shutil.copytree(run, suite / name)
+    (suite / "data-cache").mkdir()  # not a run: not named
+    name, *options = command
+    argv = [name, str(suite), *options, "--device", "cpu"]
+    expected = (f"error: {suite} holds 2 runs (bmojo, mamba), not one model: give one run's folder, e.g. "
+                f"bmojo-neuron {name} {suite / 'bmojo'}")
+    assert _error(capsys, argv) == expected
+    (suite / "summary.txt").write_text("table")
+    assert _error(capsys, argv) == f"{expected}; {suite / 'summary.txt'} compares them"
+    assert sorted(p.name for p in suite.iterdir()) == ["bmojo", "data-cache", "mamba", "summary.txt"]
+
+
+@pytest.mark.parametrize("command", [["eval"], ["inspect"], ["generate", "--prompt", "x"]])
+def test_a_file_given_for_the_model_names_the_folder_to_give(command, run, tmp_path, capsys):
+    name, *options = command
+    (tmp_path / "notes.txt").write_text("not a model")
+    for file, advice in [(run / "final" / "model.safetensors", f"the folder that holds it, {run / 'final'}"),
+                         (run / "step-0000003" / "trainer_state.json", f"the folder that holds it, "
+                                                                       f"{run / 'step-0000003'}"),
+                         (run / "recipe.json", f"the folder that holds it, {run}"),
+                         (tmp_path / "notes.txt", "a run directory, a checkpoint (step-XXXXXXX) or a final export")]:
+        assert _error(capsys, [name, str(file), *options, "--device", "cpu"]) == (
+            f"error: {file} is a file, not a model's folder: give {advice}")
+
+
+def test_a_folder_of_runs_as_init_weights_is_named_by_its_key(run, tmp_path, capsys):
+    shutil.copytree(run, tmp_path / "suite" / "only")
+    argv = ["train", "cpu-tiny", "suite=none", f"init.weights={tmp_path / 'suite'}", "--output-dir",
+            str(tmp_path / "new")]
+    assert _error(capsys, argv) == (f"error: recipe key init.weights: {tmp_path / 'suite'} holds 1 run (only), not "
+                                    f"one model: give one run's folder, e.g. {tmp_path / 'suite' / 'only'}")
+
+
+@pytest.mark.parametrize("command", [["eval"], ["inspect"], ["generate", "--prompt", "x"]])
 def test_a_run_that_ended_before_its_first_checkpoint_says_so(command, run, tmp_path, capsys):
     """What a run killed or failed before its first checkpoint leaves (`layout.abandoned_attempt`): its logs."""
     attempt = tmp_path / "attempt"
@@ -166,3 +206,21 @@ def test_generate_says_when_it_stopped_at_the_end_of_sequence_token(run, capsys,
     assert cli.main(["generate", str(run), "--prompt", "x", "--max-new-tokens", "3", "--device", "cpu"]) == 0
     out, err = capsys.readouterr()
     assert out == "x" + "".join(chr(i) for i in new_ids) + "\n" and err == note
+
+
+@pytest.mark.parametrize("command", [["eval"], ["generate", "--prompt", "x"]])
+def test_a_folder_transformers_cannot_load_is_one_error_line(command, run, tmp_path, capsys):
+    """A folder with a config.json is read as an export by `transformers`; one it cannot load (no weights, a
+    model_type it does not know, whose message runs over three lines) is one line naming the folder."""
+    name, *options = command
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert _error(capsys, [name, str(folder), *options, "--device", "cpu"]) == (
+        f"error: {folder} has a config.json but no weights (model.safetensors): not a whole export; copy it again, "
+        "or give the run or checkpoint it was made from")
+    shutil.copy(run / "final" / "model.safetensors", folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    line = _error(capsys, [name, str(folder), *options, "--device", "cpu"])
+    assert line.startswith(f"error: {folder}: not a loadable model (The checkpoint you are trying to load has "
+                           "model type `no-such-architecture` but Transformers does not recognize"), line

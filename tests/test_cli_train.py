@@ -19,6 +19,7 @@ from test_training import TINY_RECIPE
 from bmojo_neuron import cli
 from bmojo_neuron.checkpoints import layout
 from bmojo_neuron.commands.train import require_neuron_if_needed
+from bmojo_neuron.locking import DirectoryLock
 from bmojo_neuron.neuron import INSTALL_COMMAND, TRAINING_PACKAGES, NeuronUnavailableError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -211,6 +212,29 @@ def test_a_missing_init_weights_folder_is_named_by_its_key(capsys, tmp_path):
     assert cli.main(argv) == 2
     assert capsys.readouterr().err == f"error: recipe key init.weights: {missing} does not exist\n"
     assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def test_a_run_that_fails_before_writing_its_directory_leaves_no_folder(capsys, tmp_path, monkeypatch):
+    """The tokenizer is first read while the data is built, after the run directory is locked: the failed run
+    deletes its lock file and the folders it made (parents too), and keeps a folder that was there before."""
+    locked = []
+    acquire = DirectoryLock.acquire
+    monkeypatch.setattr(DirectoryLock, "acquire", lambda self: locked.append(self.path) or acquire(self))
+    missing = tmp_path / "no-tokenizer"
+    argv = ["train", "cpu-text", f"data.tokenizer={missing}", "train.steps=2", "--no-progress", "--output-dir"]
+    refusal = f"error: data.tokenizer '{missing}': no such folder"
+    run = tmp_path / "new" / "run"
+    assert cli.main([*argv, str(run)]) == 2
+    assert capsys.readouterr().err.startswith(refusal)
+    assert locked == [run / ".lock"] and list(tmp_path.iterdir()) == []
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert cli.main([*argv, str(existing)]) == 2
+    assert capsys.readouterr().err.startswith(refusal)
+    assert list(tmp_path.iterdir()) == [existing] and list(existing.iterdir()) == []
+    (existing / "notes.txt").write_text("mine")  # something else there: nothing is deleted
+    assert cli.main([*argv, str(existing)]) == 2
+    assert sorted(p.name for p in existing.iterdir()) == [".lock", "notes.txt"]
 
 
 def test_an_override_that_is_not_yaml_is_one_error_line(capsys):

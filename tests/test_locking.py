@@ -43,6 +43,33 @@ def test_a_live_holder_is_named_and_a_dead_one_is_taken_over(tmp_path):
         pass
 
 
+def test_a_lock_file_its_holder_deleted_is_never_held_beside_the_new_one(tmp_path):
+    """``leave_no_trace`` deletes the lock file as its holder releases it. A process that opened the old file
+    before then gets a lock on a deleted file: it must see that and lock the file now at the path (held by
+    another process here), not go on as a second holder."""
+    first = DirectoryLock(tmp_path, leave_no_trace=True).acquire()
+    late = DirectoryLock(tmp_path)
+    opened_early = late._open()  # opened while `first` still held it
+    first.release()
+    assert list(tmp_path.iterdir()) == []  # the directory held nothing else: the file went with the lock
+    holder = hold_in_child(tmp_path)  # a new process locks a new file at the path
+    try:
+        opens = iter([opened_early])
+        late._open = lambda: next(opens, None) or DirectoryLock._open(late)
+        with pytest.raises(DirectoryLocked, match=f"pid {holder.pid} on host"):
+            late.acquire()
+    finally:
+        kill(holder)
+
+
+def test_leave_no_trace_keeps_the_lock_file_beside_anything_else(tmp_path):
+    with DirectoryLock(tmp_path, leave_no_trace=True):
+        (tmp_path / "notes.txt").write_text("kept")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "notes.txt"]
+    with pytest.raises(ValueError, match="only an exclusive lock"):
+        DirectoryLock(tmp_path, shared=True, leave_no_trace=True)
+
+
 def test_train_on_a_live_run_directory_is_refused_in_one_line(tmp_path, capsys):
     child = hold_in_child(tmp_path / "bmojo")  # the first run of cpu-tiny's suite
     try:

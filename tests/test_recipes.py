@@ -149,7 +149,9 @@ def test_model_config_fills_vocab_from_data() -> None:
         ({"model": {"layer_pattern": "BX", "num_hidden_layers": 2}}, r"recipe key model.layer_pattern: has letters"),
         ({"model": {"vocab_size": 16}}, r"model.vocab_size: is 16, smaller than data.vocab_size"),
         ({"data": {"kind": "audio"}}, r"data.kind: is 'audio'; choose one of mqar, text"),
-        ({"data": {"kind": "text", "seq_len": 8}}, r"data.seq_len: unknown key; valid keys of data: kind, path"),
+        ({"data": {"kind": "text", "seq_len": 8}}, r"data.seq_len: is a key of mqar data, but data.kind is text"),
+        ({"data": {"kind": "text", "sequence_len": 8}}, r"data.sequence_len: unknown key; valid keys of data: kind, "
+                                                        r"path"),
         ({"data": {"seq_len": 8, "num_kv_pairs": 4}}, r"recipe key data: seq_len 8 is too short"),
         ({"optim": {"betas": [0.9]}}, r"optim.betas: is \[0.9\]"),
         ({"optim": {"betas": 0.9}}, r"optim.betas: must be a list"),
@@ -201,7 +203,11 @@ def test_validation_errors_name_the_key(document: dict, match: str) -> None:
                         r"compare\); change one of its keys with compare.name=... or compare.overrides=...$"),
         ("suite=[]", r"^override 'suite': suite=none is the only value accepted \(it drops the recipe's suite\); "
                      r"its entries are set in the recipe file$"),  # suite.name=... is no override: a list has no keys
-        ("compare.name=", r"recipe key compare.name: must be a string, got NoneType"),
+        ("data.kind=text", r"^recipe key data.vocab_size: is a key of mqar data, but data.kind is text: data.kind "
+                           r"alone does not switch the section; give a whole text data section without the mqar "
+                           r"keys \(in a recipe file; eval: --data RECIPE\)$"),
+        ("compare.name=", r"^recipe key compare.name: must be a string, got no value \(null\)$"),
+        ("train.steps=", r"^recipe key train.steps: must be an integer, got no value \(null\)$"),
         ("optim.betas=[0.9", r"^override 'optim.betas=\[0.9': not valid YAML: while parsing a flow sequence, "
                              r"expected ',' or '\]', but got '<stream end>' \(at character 5 of the value\)$"),
         ('run.name="abc', r"^override 'run.name=\"abc': not valid YAML: while scanning a quoted scalar, "
@@ -220,6 +226,18 @@ def test_a_recipe_file_that_is_not_yaml_is_one_line_naming_where(tmp_path) -> No
         load_recipe(str(bad))
     assert str(err.value) == (f"recipe {bad}: not valid YAML: while parsing a flow mapping, expected ',' or '}}', "
                               "but got '<stream end>' (line 3, column 1)")
+
+
+@pytest.mark.parametrize("text", ["", "# a recipe\n\n"])
+def test_an_empty_recipe_file_is_refused_rather_than_read_as_every_default(tmp_path, text) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(text)
+    with pytest.raises(ValueError) as err:
+        load_recipe(str(empty))
+    assert str(err.value) == (f"recipe {empty}: is empty; write the sections it changes (e.g. train: "
+                              "{steps: 100}), or `{}` for every default")
+    empty.write_text("{}")  # every default, said so
+    assert load_recipe(str(empty)).train.steps == Recipe.from_dict({}).train.steps
 
 
 def test_text_path_is_not_checked_at_parse_time() -> None:

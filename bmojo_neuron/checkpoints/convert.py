@@ -25,7 +25,7 @@ from bmojo_neuron.parallel.sharding import shard_shapes, shard_state_dict
 from . import layout
 from . import sharded as fmt
 from .export import save_for_hf
-from .manifest import read_safetensors, read_torch_file, verify_manifest, write_manifest
+from .manifest import check_readable, read_safetensors, read_torch_file, verify_manifest, write_manifest
 from .state import TrainerState, rng_states
 
 
@@ -35,8 +35,10 @@ def resolve_sharded(path: str | Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if not fmt.is_sharded(path):
-        latest = layout.latest_checkpoint(path)
-        if latest is None or not fmt.is_sharded(latest):
+        latest = path if layout.is_complete(path) else layout.latest_checkpoint(path)
+        if latest is not None and not fmt.is_sharded(latest):
+            raise ValueError(one_process_refusal(path, "consolidate joins the files of a sharded one"))
+        if latest is None:
             raise FileNotFoundError(f"{path} is neither a sharded checkpoint (with {fmt.PARALLEL_FILE}) nor a run "
                                     "directory whose latest checkpoint is one")
         path = latest
@@ -45,12 +47,23 @@ def resolve_sharded(path: str | Path) -> Path:
     return path
 
 
+def one_process_refusal(path: Path, why: str) -> str:
+    """Why a one-process checkpoint (or a run of them) at `path` is not converted, and how to train its weights at
+    other degrees instead: its ``optimizer.pt`` keeps AdamW's states by parameter index, not by name, so only
+    the optimizer it came from reads them, and a run at other degrees starts from the weights alone."""
+    subject = "a one-process checkpoint" if layout.is_complete(path) else "a run of one-process checkpoints"
+    return (f"{path} is {subject}: its weights are whole already and its optimizer state (by parameter index) "
+            f"is not converted ({why}); to train it at other parallel degrees, start a new run from its weights: "
+            f"bmojo-neuron train RECIPE init.weights={path} parallel.tp=N (step 0, a fresh optimizer)")
+
+
 def consolidate_checkpoint(source: str | Path, output: str | Path) -> Path:
     """Write the full model of a sharded checkpoint (and its training state) to `output`."""
     source, output = resolve_sharded(source), Path(output)
     if output.exists():
         raise ValueError(f"{output} already exists; pick a new output directory")
     verify_manifest(source)
+    check_readable(source)  # the same for a checkpoint written before manifests existed
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = layout.new_tmp_dir(output.parent, output.name)
     try:
@@ -87,6 +100,9 @@ def shard_checkpoint(source: str | Path, run_dir: str | Path, tp: int, pp: int =
     if layout.has_run(source) or (source / layout.STATE_FILE).is_file():
         # A checkpoint's files are shards or lack the consolidated training state: read as an export they
         # would give a fresh step-0 optimizer, or no model at all.
+        checkpoint = source if layout.is_complete(source) else layout.latest_checkpoint(source)
+        if checkpoint is not None and not fmt.is_sharded(checkpoint):
+            raise ValueError(one_process_refusal(source, "shard reads a consolidated copy"))
         raise ValueError(f"{source} is a training run or checkpoint, not one full copy of a model: convert it with "
                          f"`bmojo-neuron checkpoint consolidate {source} FULL` first, then shard FULL")
     if not (source / layout.CONFIG_FILE).is_file():
@@ -94,6 +110,7 @@ def shard_checkpoint(source: str | Path, run_dir: str | Path, tp: int, pp: int =
     if layout.has_run(run_dir):
         raise ValueError(f"{run_dir} already holds a run; pick a new --output-dir")
     verify_manifest(source)
+    check_readable(source)  # the same for a directory written before manifests existed
     config = BMojoConfig.from_json_file(str(source / layout.CONFIG_FILE))
     if pp > config.num_hidden_layers:
         raise ValueError(f"--pp {pp} exceeds the model's {config.num_hidden_layers} layers")

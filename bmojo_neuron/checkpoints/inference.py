@@ -7,7 +7,6 @@ Nothing here imports the trainer: a one-process checkpoint is read with
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +19,16 @@ from bmojo_neuron.configuration_bmojo import BMojoConfig
 from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
 
 from .export import quiet_transformers
-from .layout import (CONFIG_FILE, FINAL, RUN_INFO_FILE, STEP_PATTERN, abandoned_attempt, is_complete,
+from .layout import (CONFIG_FILE, FINAL, MODEL_FILE, RUN_INFO_FILE, STEP_PATTERN, abandoned_attempt, is_complete,
                      latest_checkpoint)
 from .local import load_model_weights
-from .manifest import check_safetensors, verify_manifest
+from .manifest import check_readable, read_json_object, verify_manifest
+from .names import SUMMARY_FILE
 from .sharded import consolidated_model, is_sharded
 from .state import read_recipe
+
+
+SHOWN_RUNS = 8  # runs named in the refusal of a folder of runs; the rest are counted
 
 
 @dataclass
@@ -39,11 +42,35 @@ class Trained:
     run_dir: Path  # the run (or model) folder: eval outputs go under its eval/ by default
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """An export dir, a checkpoint dir, or a run dir (its ``final``, else its latest checkpoint)."""
+def resolve_model_dir(path: str | Path, command: str | None = None) -> Path:
+    """An export dir, a checkpoint dir, or a run dir (its ``final``, else its latest checkpoint).
+
+    A folder of runs (a suite's or comparison's output dir, one run per model) is refused naming them; `command`
+    (``"eval"``, ...) is the subcommand the message tells to run on one of them.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    if not path.is_dir():  # e.g. the model.safetensors of an export
+        holder = path.parent if _model_in(path.parent) is not None else None
+        raise FileNotFoundError(f"{path} is a file, not a model's folder: give " + (
+            f"the folder that holds it, {holder}" if holder is not None else
+            "a run directory, a checkpoint (step-XXXXXXX) or a final export"))
+    model = _model_in(path)
+    if model is not None:
+        return model
+    if abandoned_attempt(path):  # a run that failed or was stopped before its first checkpoint
+        raise FileNotFoundError(f"{path} holds no checkpoint yet: its run ended before its first checkpoint (only "
+                                "its logs are there); train it again with the same --output-dir, which starts "
+                                "afresh there and replaces these logs")
+    runs = [entry for entry in sorted(path.iterdir()) if entry.is_dir() and _model_in(entry) is not None]
+    if runs:
+        raise FileNotFoundError(several_runs_message(path, runs, command))
+    raise FileNotFoundError(f"{path} is neither a run directory, a checkpoint (step-XXXXXXX) nor a final export")
+
+
+def _model_in(path: Path) -> Path | None:
+    """The model folder `path` stands for (itself, its ``final``, its latest checkpoint), or None."""
     if (path / RUN_INFO_FILE).is_file() or is_complete(path):
         return path
     if (path / FINAL / RUN_INFO_FILE).is_file():
@@ -53,18 +80,25 @@ def resolve_model_dir(path: str | Path) -> Path:
         return latest
     if (path / CONFIG_FILE).is_file():  # a plain save_pretrained export
         return path
-    if abandoned_attempt(path):  # a run that failed or was stopped before its first checkpoint
-        raise FileNotFoundError(f"{path} holds no checkpoint yet: its run ended before its first checkpoint (only "
-                                "its logs are there); train it again with the same --output-dir, which starts "
-                                "afresh there and replaces these logs")
-    raise FileNotFoundError(f"{path} is neither a run directory, a checkpoint (step-XXXXXXX) nor a final export")
+    return None
 
 
-def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Trained:
-    """Load the model behind `path` (see `resolve_model_dir`) in eval mode on `device`."""
-    source = resolve_model_dir(path)
+def several_runs_message(folder: Path, runs: list[Path], command: str | None) -> str:
+    """Why `folder`, which holds `runs` (a suite's output dir), is not one model, and what to give instead."""
+    shown = ", ".join(run.name for run in runs[:SHOWN_RUNS]) + (f" and {len(runs) - SHOWN_RUNS} more"
+                                                                 if len(runs) > SHOWN_RUNS else "")
+    example = f"bmojo-neuron {command} {runs[0]}" if command else str(runs[0])
+    summary = folder / SUMMARY_FILE
+    compared = f"; {summary} compares them" if summary.is_file() else ""
+    return (f"{folder} holds {len(runs)} run{'s' if len(runs) > 1 else ''} ({shown}), not one model: give one "
+            f"run's folder, e.g. {example}{compared}")
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu", command: str | None = None) -> Trained:
+    """Load the model behind `path` (see `resolve_model_dir`, which `command` is for) in eval mode on `device`."""
+    source = resolve_model_dir(path, command)
     verify_manifest(source)  # a damaged file fails here in one line, not deep inside a loader
-    check_safetensors(source)  # the same for a directory written before manifests existed
+    check_readable(source)  # the same for a directory written before manifests existed
     if is_complete(source):  # a training checkpoint
         if is_sharded(source):
             model = consolidated_model(source)
@@ -74,14 +108,30 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
         recipe = read_recipe(source)
         tokenizer = str(recipe.get("data", {}).get("tokenizer") or "byte")
     else:
-        with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(str(source))
+        model = _from_pretrained(source)
         info_file = source / RUN_INFO_FILE
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        info = read_json_object(info_file) if info_file.is_file() else {}
         recipe = info.get("recipe", {})
         tokenizer = str(info.get("tokenizer") or "byte")
     run_dir = source.parent if (source.name == FINAL or STEP_PATTERN.match(source.name)) else source
     return Trained(model.to(device).eval(), recipe, tokenizer, source, run_dir)
+
+
+def _from_pretrained(source: Path) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` of an export; a folder it cannot load as a model (no weights file,
+    say: a config.json alone) is one FileNotFoundError naming the folder, not a traceback from `transformers`."""
+    if not any(source.glob("*.safetensors")) and not any(source.glob("pytorch_model*.bin")):
+        raise FileNotFoundError(f"{source} has a {CONFIG_FILE} but no weights ({MODEL_FILE}): not a whole "
+                                "export; copy it again, or give the run or checkpoint it was made from")
+    try:
+        with quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(str(source))
+    except (OSError, ValueError) as exc:  # how transformers says a folder is not a model it can load
+        if isinstance(exc, OSError) and exc.errno is not None:  # the file system's own error: the CLI names it
+            raise
+        # its messages run over several lines (an unknown model_type adds install advice): the first says it
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FileNotFoundError(f"{source}: not a loadable model ({detail})") from None
 
 
 def initial_weights_dir(path: str | Path) -> Path:

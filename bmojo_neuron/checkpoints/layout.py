@@ -33,7 +33,8 @@ from bmojo_neuron.fsutil import fsync_dir, publish_dir, write_text_atomic
 
 from .manifest import DamagedCheckpointError, damage, has_manifest, write_manifest
 from .names import (CONFIG_FILE, FINAL, LATEST, METRICS_FILE, MODEL_FILE, OPTIM_FILE, PARALLEL_FILE, RECIPE_FILE,
-                    REQUIRED_FILES, RUN_INFO_FILE, SHARDED_REQUIRED_FILES, STATE_FILE, STEP_PATTERN, step_dir_name)
+                    REQUIRED_FILES, RUN_INFO_FILE, SHARDED_REQUIRED_FILES, STATE_FILE, STEP_PATTERN, step_dir_name,
+                    step_folders)
 
 
 # ------------------------------------------------------------------ discovery
@@ -42,14 +43,6 @@ from .names import (CONFIG_FILE, FINAL, LATEST, METRICS_FILE, MODEL_FILE, OPTIM_
 def is_complete(path: Path) -> bool:
     """A one-process or sharded checkpoint whose trainer state (written last) is on disk."""
     return any(all((path / f).is_file() for f in files) for files in (REQUIRED_FILES, SHARDED_REQUIRED_FILES))
-
-
-def step_folders(run_dir: str | Path) -> list[Path]:
-    """Every ``step-*`` folder of `run_dir`, complete or not, in no particular order."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return []
-    return [entry for entry in run_dir.iterdir() if STEP_PATTERN.match(entry.name) and entry.is_dir()]
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -90,11 +83,8 @@ def latest_intact_checkpoint(run_dir: str | Path, hashes: bool = True,
 def _resume_candidates(run_dir: Path) -> list[Path]:
     """Published step directories that are complete or have a manifest: the one `latest` names first, then
     the others, newest first."""
-    if not run_dir.is_dir():
-        return []
-    found = sorted((int(m.group(1)), entry) for entry in run_dir.iterdir()
-                   if (m := STEP_PATTERN.match(entry.name)) and entry.is_dir()
-                   and (is_complete(entry) or has_manifest(entry)))
+    found = sorted((int(STEP_PATTERN.match(entry.name).group(1)), entry) for entry in step_folders(run_dir)
+                   if is_complete(entry) or has_manifest(entry))
     candidates = [path for _, path in reversed(found)]
     pointer = run_dir / LATEST
     named = pointer.read_text().strip() if pointer.is_file() else ""

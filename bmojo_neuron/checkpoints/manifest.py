@@ -13,7 +13,8 @@ hashes read every byte, so they are checked where a damaged file would otherwise
 surface as a deep traceback or a silently wrong model: loading for `eval` /
 `generate`, resuming a one-process run, `checkpoint consolidate` and `shard`.
 A directory without a manifest is read through `read_safetensors` / `read_torch_file` /
-`check_safetensors`, which turn a file their parser rejects into the same one-line error.
+`read_json_object` / `check_readable`, which turn a file their parser rejects into the same
+one-line error.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ from typing import Any
 
 from bmojo_neuron.fsutil import write_text_atomic
 
-from .names import FINAL, RECIPE_FILE, RUN_INFO_FILE, STATE_FILE, STEP_PATTERN
+from .names import (CONFIG_FILE, FINAL, PARALLEL_FILE, RECIPE_FILE, RUN_INFO_FILE, STATE_FILE, STEP_PATTERN,
+                    step_folders)
 
 MANIFEST_FILE = "manifest.json"
+# the JSON files of a checkpoint or export that are read when it is loaded (generation_config.json is
+# `transformers`' own, read by `generate` with its defaults when absent)
+JSON_FILES = (CONFIG_FILE, RECIPE_FILE, STATE_FILE, RUN_INFO_FILE, PARALLEL_FILE, "generation_config.json")
 FORMAT = 1
 _CHUNK = 8 * 1024 * 1024
 
@@ -52,16 +57,12 @@ def repair_advice(directory: Path) -> str:
         return (f"the export is damaged (copy it again, or delete it and consolidate it again: bmojo-neuron "
                 f"checkpoint consolidate {source} {directory})")
     run = directory.parent
-    if directory.name == FINAL and (run / RECIPE_FILE).is_file() and _has_complete_step(run):
+    if directory.name == FINAL and (run / RECIPE_FILE).is_file() and any(
+            (step / STATE_FILE).is_file() for step in step_folders(run)):  # a step's state is written last
         # resuming a finished run redoes its export from the last checkpoint
         return (f"the export is damaged (copy it again, or export it again from the run's last checkpoint: "
                 f"bmojo-neuron train {run / RECIPE_FILE} --resume --output-dir {run})")
     return "the export is damaged (copy it again, or export it again from the checkpoint it was made from)"
-
-
-def _has_complete_step(run: Path) -> bool:
-    """Whether `run` holds a step checkpoint whose trainer state (written last) is on disk."""
-    return any(STEP_PATTERN.match(p.name) and (p / STATE_FILE).is_file() for p in run.iterdir())
 
 
 def _consolidated_from(run_info: Path) -> str | None:
@@ -149,6 +150,28 @@ def check_safetensors(directory: Path) -> None:
             raise
         except Exception as exc:  # safetensors' own error type differs between its releases
             raise _unreadable(file, "safetensors", exc) from None
+
+
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A checkpoint's or export's JSON file (config, recipe, trainer state, run info), which holds an object; one
+    that does not parse, or holds anything else, is a `DamagedCheckpointError`."""
+    file = Path(file)
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as exc:  # bad JSON, or bytes that are not UTF-8
+        raise _unreadable(file, "JSON", exc) from None
+    if not isinstance(value, dict):
+        raise DamagedCheckpointError(file.parent, file.name, f"holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def check_readable(directory: Path) -> None:
+    """`check_safetensors`, and every JSON file the loaders read (`JSON_FILES`) an object: a file cut or edited
+    into something else fails here in one line naming it, not as a traceback inside `transformers`."""
+    check_safetensors(directory)
+    for name in JSON_FILES:
+        if (Path(directory) / name).is_file():
+            read_json_object(Path(directory) / name)
 
 
 def read_safetensors(file: Path) -> dict[str, Any]:

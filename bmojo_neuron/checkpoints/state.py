@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from bmojo_neuron.configuration_bmojo import model_fields_as_trained
 from bmojo_neuron.recipes import resume_conflicts
 
 from .layout import CONFIG_FILE, PARALLEL_FILE, RECIPE_FILE, STATE_FILE
+from .manifest import read_json_object
 
 
 @dataclass
@@ -45,11 +45,11 @@ class Checkpoint:
 
 
 def read_trainer_state(path: Path) -> TrainerState:
-    return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    return TrainerState(**read_json_object(path / STATE_FILE))
 
 
 def read_recipe(path: Path) -> dict[str, Any]:
-    return json.loads((path / RECIPE_FILE).read_text())
+    return read_json_object(path / RECIPE_FILE)
 
 
 def resume_refusal(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> str | None:
@@ -63,7 +63,7 @@ def resume_refusal(checkpoint: Path, saved: dict[str, Any], current: dict[str, A
     if not set(saved) - {"parallel"}:
         return _recipe_free_refusal(checkpoint)
     config_file = checkpoint / CONFIG_FILE
-    saved_config = json.loads(config_file.read_text()) if config_file.exists() else None
+    saved_config = read_json_object(config_file) if config_file.exists() else None
     diff = resume_conflicts(
         {**saved, "model": model_fields_as_trained(saved.get("model") or {}, saved_config)},
         {**current, "model": model_fields_as_trained(current.get("model") or {}, None)})
@@ -81,7 +81,7 @@ def _recipe_free_refusal(checkpoint: Path) -> str:
     what the user wants is a new run from those weights, which `init.weights` starts (and shards).
     """
     try:
-        source = json.loads((checkpoint / PARALLEL_FILE).read_text()).get("sharded_from")
+        source = read_json_object(checkpoint / PARALLEL_FILE).get("sharded_from")
     except (OSError, ValueError, AttributeError):
         source = None
     weights = source or "<the folder it was sharded from>"

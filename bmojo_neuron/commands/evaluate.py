@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     require_nonempty("--output-dir", args.output_dir)
     device = resolve_device(args.device, "--device", neuron=False)
     set_cpu_threads()
-    trained = load_trained(args.path, device)
+    trained = load_trained(args.path, device, "eval")
     recipe = eval_recipe(trained.recipe, args.data)
     batch_size = count_option("--batch-size", args.batch_size, recipe.train.batch_size)
     batches = count_option("--batches", args.batches, recipe.eval.batches)

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device, "--device", neuron=False)
     set_cpu_threads()
-    trained = load_trained(args.path, device)
+    trained = load_trained(args.path, device, "generate")
     new, text = generate_text(trained, args.prompt, args.max_new_tokens, args.greedy, args.temperature,
                               args.top_k, args.top_p, args.seed)
     print(args.prompt + text)

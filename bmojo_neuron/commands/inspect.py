@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     require_nonempty("--output-dir", args.output_dir)
     device = resolve_device(args.device, "--device", neuron=False)
     set_cpu_threads()
-    trained = load_trained(args.path, device)
+    trained = load_trained(args.path, device, "inspect")
     recipe = eval_recipe(trained.recipe, args.data)
     check_vocabulary(trained.model, recipe)
     out = output_dir(args.output_dir, trained)

@@ -250,14 +250,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(problem)
     if args.resume:
         check_resumable(runs)
-    if main:  # data there, output writable, room on disk
-        check_run_dirs(runs, [count_parameters(variant) for variant, _ in runs], args.resume)
     with contextlib.ExitStack() as locks:
+        if main:  # data there, output writable (which creates the run directories), room on disk
+            locks.enter_context(removing_unused_folders([run_dir for _, run_dir in runs]))
+            check_run_dirs(runs, [count_parameters(variant) for variant, _ in runs], args.resume)
         if recipe.run.device == "neuron" and torchrun_env()[1] == 0:
             use_compile_cache(locks, recipe.run.name)
         for variant, run_dir in runs:
             if main:  # held for the whole command: a second train or --resume on a live run is refused
-                locks.enter_context(DirectoryLock(run_dir))
+                locks.enter_context(DirectoryLock(run_dir, leave_no_trace=True))
             if not args.resume and has_run(run_dir):
                 raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, or pick another "
                                  "--output-dir")
@@ -275,6 +276,27 @@ def check_cache_not_shared() -> None:
     problem = shared_cache_problem(url, torchrun_nodes())
     if problem:
         raise ValueError(f"{problem} (the cache comes from {source})")
+
+
+@contextlib.contextmanager
+def removing_unused_folders(run_dirs: list[Path]) -> Iterator[None]:
+    """When the command ends, however it ends, remove the folders it created for `run_dirs` (each one and its
+    missing parents) that are still empty.
+
+    A run that fails before writing its directory (a tokenizer found missing while the data is built, a full
+    disk found by the preflight, a suite stopped before the run's turn) then leaves nothing for the user to
+    find. Only empty folders go (`rmdir` refuses any other), so nothing a run wrote is ever removed; a folder
+    that existed before stays. The run directory's lock file is gone by then when the run wrote nothing else
+    (`DirectoryLock`'s ``leave_no_trace``). A kill that ends the process at once (SIGKILL) skips this.
+    """
+    created = sorted({folder for run_dir in run_dirs for folder in (run_dir, *run_dir.parents)
+                      if not folder.exists()}, key=lambda folder: len(folder.parts), reverse=True)
+    try:
+        yield
+    finally:
+        for folder in created:  # deepest first, so a parent is empty once its new children are gone
+            with contextlib.suppress(OSError):  # not empty: something was written there, so it stays
+                folder.rmdir()
 
 
 def use_compile_cache(locks: contextlib.ExitStack, run_name: str) -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bmojo_neuron.checkpoints.names import SUMMARY_FILE
 from bmojo_neuron.data.mqar import chance_recall, guess_recall
 
 from .progress import format_seconds
@@ -123,7 +124,7 @@ def plot_summary(rows: list[dict[str, Any]], path: Path, title: str = "") -> Pat
 
 def write_summary(base: Path, rows: list[dict[str, Any]]) -> Path:
     """``summary.txt`` (the table), ``summary.json`` (the rows) and ``summary.png`` in `base`; returns the text file."""
-    (base / "summary.txt").write_text(summary_table(rows) + "\n")
+    (base / SUMMARY_FILE).write_text(summary_table(rows) + "\n")
     (base / "summary.json").write_text(json.dumps(rows, indent=2))
     plot_summary(rows, base / "summary.png", title=base.name)
-    return base / "summary.txt"
+    return base / SUMMARY_FILE
