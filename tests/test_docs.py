@@ -409,12 +409,16 @@ def tiny_runs(tmp_path, monkeypatch):
 @pytest.mark.filterwarnings("ignore:.pin_memory. argument")  # Trainer on a machine without an accelerator
 def test_hf_md_python_snippets_run(tiny_runs):
     """docs/hf.md's blocks, in order, in one namespace: loading, a padded batch through `generate`, and
-    `Trainer`. What the prose leaves to the reader is given: the tokenizer and model of the text export,
+    `Trainer` (the compiled-decoding block is only parsed). What the prose leaves to the reader is given: the tokenizer and model of the text export,
     and a small dataset of input_ids and labels."""
     import datasets
     import torch
 
-    loading, padding, trainer = python_blocks(ROOT / "docs" / "hf.md")
+    loading, compiled, padding, trainer = python_blocks(ROOT / "docs" / "hf.md")
+    # The compiled-decoding block only parses here: compiling takes minutes, and what it shows runs in
+    # tests/test_compiled_decode.py (generate with a compile_config; the by-hand prefill and compiled step).
+    compile(compiled, "docs/hf.md (Compiled decoding)", "exec")
+    assert "compile_config=CompileConfig(" in compiled and "BMojoCache(model.config.num_hidden_layers" in compiled
     namespace: dict = {}
     exec(compile(loading, "docs/hf.md (Loading)", "exec"), namespace)
     assert type(namespace["model"]).__name__ == "BMojoForCausalLM"
