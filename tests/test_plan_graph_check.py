@@ -13,7 +13,7 @@ import re
 
 import pytest
 import torch
-from torch import nn
+from toy_graphs import Scaled
 
 from bmojo_neuron.cli import main
 from bmojo_neuron.compiler_rules import Violation
@@ -98,20 +98,10 @@ def test_json_carries_the_findings(capsys, monkeypatch):
     assert (data["graph_check"]["layers"], data["graph_check"]["tokens"]) == ("B", 2048)
 
 
-class _Scaled(nn.Module):
-    def __init__(self, reduce) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(4, 8))
-        self.reduce = reduce
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reduce(self.weight * x)
-
-
 def test_the_scan_lists_each_problem_once_in_the_graph_it_first_appears():
     """A boolean-mask gather is a static-shape finding in the forward graph (the joint graph repeats it) and
     its backward, a boolean-mask index_put, one of the joint graph; a refusal of export itself is one finding."""
-    findings = step_graph.scan_training_step(_Scaled(lambda y: y[y > 0].sum()), (torch.randn(4, 8),))
+    findings = step_graph.scan_training_step(Scaled(lambda y: y[y > 0].sum()), (torch.randn(4, 8),))
     lines = [str(f) for f in findings]
     index = [line for line in lines if "aten.index with a boolean mask" in line]
     index_put = [line for line in lines if "aten.index_put with a boolean mask" in line]
@@ -122,5 +112,5 @@ def test_the_scan_lists_each_problem_once_in_the_graph_it_first_appears():
     def branch(y):
         return y.sum() * 2 if y.sum() > 0 else y.sum()
 
-    (refused,) = step_graph.scan_training_step(_Scaled(branch), (torch.randn(4, 8),))
+    (refused,) = step_graph.scan_training_step(Scaled(branch), (torch.randn(4, 8),))
     assert str(refused).startswith("static-shape docs/design.md#static-shapes: torch.export (strict) failed")

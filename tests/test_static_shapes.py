@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.fx import Graph
+from toy_graphs import Scaled
 
 from bmojo_neuron import ops
 from bmojo_neuron.compiler_rules import compiler_violations
@@ -133,18 +134,6 @@ def test_every_trn1_recipe_is_traced():
 
 
 # ----------------------------------------------------------------------------- the check can fail
-class _Scaled(nn.Module):
-    """A parameter times the input, then `reduce`: the loss of a one-weight model."""
-
-    def __init__(self, reduce) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(4, 8))
-        self.reduce = reduce
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.reduce(self.weight * x)
-
-
 def _python_branch(y: torch.Tensor) -> torch.Tensor:
     if y.sum() > 0:
         return y.sum() * 2
@@ -172,17 +161,17 @@ def _padding_check(y: torch.Tensor) -> torch.Tensor:
 ], ids=["item", "nonzero", "bool-mask", "masked_select", "unique", "int", "tolist", "python-branch", "padding-check"])
 def test_the_check_rejects_data_dependent_code(reduce, reason):
     with pytest.raises(StaticShapeViolation, match=reason):
-        export_training_step(_Scaled(reduce), (torch.randn(4, 8),))
+        export_training_step(Scaled(reduce), (torch.randn(4, 8),))
 
 
 def test_the_check_passes_a_static_module():
-    forward, joint = export_training_step(_Scaled(lambda y: (y * (y > 0)).sum()), (torch.randn(4, 8),))
+    forward, joint = export_training_step(Scaled(lambda y: (y * (y > 0)).sum()), (torch.randn(4, 8),))
     assert graph_violations(forward.graph) == [] and graph_violations(joint.graph) == []
 
 
 def test_the_backward_scan_sees_backward_ops():
     """A boolean-mask gather's backward is a boolean-mask index_put: the joint scan flags it too."""
-    module = _Scaled(lambda y: y[y > 0].sum())
+    module = Scaled(lambda y: y[y > 0].sum())
     joint = joint_program(torch.export.export(module, (torch.randn(4, 8),), strict=True))
     flagged = " ".join(graph_violations(joint.graph))
     assert "aten.index_put with a boolean mask" in flagged and "aten.index with a boolean mask" in flagged
@@ -223,13 +212,13 @@ def _triangular_solve(y: torch.Tensor) -> torch.Tensor:
 def test_the_check_rejects_what_neuronx_cc_refuses(reduce, code):
     with pytest.raises(CompilerRuleViolation, match=rf"NCC_{code} \(compiler/error-codes/{code}\.rst, "
                                                    rf"aws-neuron-sdk 3c46990d\).* at File .*test_static_shapes\.py"):
-        export_training_step(_Scaled(reduce), (torch.randn(4, 8),))
+        export_training_step(Scaled(reduce), (torch.randn(4, 8),))
 
 
 def test_the_backward_of_a_strided_dilated_convolution_is_refused():
     """The forward conv (stride 2, dilation 2) compiles; its input gradient dilates input and kernel."""
     conv = lambda y: torch.nn.functional.conv1d(y.unsqueeze(0), torch.ones(4, 4, 2), stride=2, dilation=2).sum()
-    forward = torch.export.export(_Scaled(conv), (torch.randn(4, 8),), strict=True)
+    forward = torch.export.export(Scaled(conv), (torch.randn(4, 8),), strict=True)
     assert compiler_violations(forward.graph) == []
     (refused,) = compiler_violations(joint_program(forward).graph)
     assert refused.code == "EVRF010" and "convolution_backward" in refused.problem
@@ -261,7 +250,7 @@ def test_the_compiler_rules_pass_what_neuronx_cc_takes(reduce):
     """The allowed side of each rule: floating-point TopK and scatter-reduce, constants within 32 bits (a
     slice's open end, sys.maxsize, is a shape, not a constant), an int32 shift, stride without dilation, a
     cumsum (a one-operand reduce-window), the FP8 type the device lists."""
-    export_training_step(_Scaled(reduce), (torch.randn(4, 8),))
+    export_training_step(Scaled(reduce), (torch.randn(4, 8),))
 
 
 # ----------------------------------------------------------------------------- the static losses
