@@ -147,10 +147,12 @@ class RotaryEmbedding(nn.Module):
         return (cos, sin) if dtype == compute else (cos.to(dtype), sin.to(dtype))
 
     def _periods_and_sign(self, compute: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-        """The head_dim periods (each half's) and the sign of sin per channel, -1 on the first half."""
-        periods = rotation_periods(self.head_dim, self.theta, self.scaling, compute).to(device)
+        """The head_dim periods (each half's) and the sign of sin per channel, -1 on the first half; made on
+        `device` (in a compiled step, host-made constants would be copied over at every token)."""
+        periods = rotation_periods(self.head_dim, self.theta, self.scaling, compute, device)
         half = periods.shape[0]
-        sign = torch.cat([torch.full((half,), -1.0), torch.ones(half)]).to(device=device, dtype=compute)
+        sign = torch.ones(2 * half, dtype=compute, device=device)
+        sign[:half] = -1.0
         return torch.cat([periods, periods]), sign
 
 
