@@ -368,6 +368,7 @@ def test_ssd_fused_path_in_sub_chunks_matches_reference_and_gradcheck(monkeypatc
 def test_ssd_in_slices_of_chunks_matches_recurrence_and_gradcheck(monkeypatch, per_slice, path):
     """Chunks taken a few at a time (the carried state links the slices): same outputs, state and gradients."""
     monkeypatch.setattr(ssd_module, "chunks_per_slice", lambda *shape: per_slice)
+    monkeypatch.setattr(ssd_module, "cpu_cache_slicing", lambda x: True)  # the traced path slices too, here
     inp = ssd_inputs(length=37, groups=2, seed=20 + per_slice)  # 5 chunks of 8, the last padded
     args = (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"])
     kw = dict(D=inp["D"], dt_bias=inp["dt_bias"])
@@ -377,6 +378,27 @@ def test_ssd_in_slices_of_chunks_matches_recurrence_and_gradcheck(monkeypatch, p
     y_rec, final_rec = naive_ssd(*args, **kw, h0=inp["initial_state"])
     torch.testing.assert_close(y, y_rec, atol=TOL, rtol=0)
     torch.testing.assert_close(final, final_rec, atol=TOL, rtol=0)
+
+
+def test_ssd_slices_only_on_a_cpu_outside_traced_device_code(monkeypatch):
+    """Slicing is a CPU cache measure: the code an XLA device traces (`fused_kernels_disabled`, as the Neuron
+    backend's CPU stand-in and `plan --check-graph` run it) takes every chunk in one slice, so its graph holds
+    one copy of the chunk code, not one per slice; CPU code on the plain path (as `torch.compile` traces it)
+    still slices."""
+    calls = []
+    scan_slice = ssd_module._scan_slice
+    monkeypatch.setattr(ssd_module, "_scan_slice", lambda *a: calls.append(a[0].shape[1]) or scan_slice(*a))
+    monkeypatch.setattr(ssd_module, "chunks_per_slice", lambda *shape: 1)
+    inp = ssd_inputs(length=32, groups=2, seed=5)  # 4 chunks of 8
+    args = [inp[k] for k in ("x", "dt", "A", "B", "C")]
+    with fused_kernels_disabled():
+        traced = ssd_scan(*args, 8, D=inp["D"])
+    assert calls == [4]
+    calls.clear()
+    monkeypatch.setattr(ssd_module, "fused_kernel_available", lambda *tensors: False)  # the plain path on CPU
+    sliced = ssd_scan(*args, 8, D=inp["D"])
+    assert calls == [1, 1, 1, 1]
+    torch.testing.assert_close(sliced, traced, atol=TOL, rtol=0)
 
 
 def test_ssd_slices_keep_chunk_by_chunk_tensors_within_budget():

@@ -34,6 +34,7 @@ from torch.utils import _pytree as pytree
 from bmojo_neuron import ops
 from bmojo_neuron.compiler_rules import Violation, compiler_violations, op_name, source_line
 from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
+from bmojo_neuron.ops.reference.eager_cpu import fused_kernels_disabled
 from bmojo_neuron.priming.distill import freeze_shared
 from bmojo_neuron.recipes import load_recipe
 from bmojo_neuron.training.objective import objective_for
@@ -119,15 +120,21 @@ def joint_program(forward: ExportedProgram) -> ExportedProgram:
     """
     from torch.export.exported_program import _decompose_exported_program
 
-    return _decompose_exported_program(
-        forward, cia_to_decomp={}, python_decomp_table={}, joint_loss_index=0, decompose_custom_triton_ops=False
-    )
+    with fused_kernels_disabled():  # traced as on the Neuron device (see `export_forward`)
+        return _decompose_exported_program(
+            forward, cia_to_decomp={}, python_decomp_table={}, joint_loss_index=0, decompose_custom_triton_ops=False
+        )
 
 
 def export_forward(module: nn.Module, args: tuple) -> ExportedProgram:
-    """Strict `torch.export` of `module(*args)`; `StaticShapeViolation` when Dynamo refuses the code."""
+    """Strict `torch.export` of `module(*args)`; `StaticShapeViolation` when Dynamo refuses the code.
+
+    The fake tensors are CPU tensors; `fused_kernels_disabled` makes the ops take the code an XLA device
+    traces (no CPU-only paths, such as cache-sized slicing), as the Neuron backend's CPU stand-in does.
+    """
     try:
-        return torch.export.export(module, args, strict=True)
+        with fused_kernels_disabled():
+            return torch.export.export(module, args, strict=True)
     except Exception as err:  # Dynamo's refusals have many types; all mean "not one static graph"
         raise StaticShapeViolation(f"torch.export (strict) failed: {type(err).__name__}: {err}") from err
 

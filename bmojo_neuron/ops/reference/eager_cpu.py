@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["fused_kernel_available", "fused_kernels_disabled"]
+__all__ = ["cpu_cache_slicing", "fused_kernel_available", "fused_kernels_disabled"]
 
 _disabled = False  # process-wide, not per thread: NxD may run pipeline stages on other threads
 
@@ -55,3 +55,14 @@ def fused_kernel_available(*tensors: Tensor | None) -> bool:
         and (t.dtype in (torch.float32, torch.float64) or not t.is_floating_point())
         for t in tensors if t is not None
     )
+
+
+def cpu_cache_slicing(x: Tensor) -> bool:
+    """Whether a plain expression should walk its input a cache-sized slice at a time.
+
+    Slicing pays on a CPU, whose caches are small; elsewhere it only multiplies the ops:
+    a Neuron/XLA graph (or its CPU stand-in, `fused_kernels_disabled`) would be traced
+    with one copy of the sliced code per slice, and a GPU would launch each slice's
+    kernels separately. So: CPU tensors only, and never inside `fused_kernels_disabled`.
+    """
+    return not _disabled and x.device.type == "cpu"

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .eager_cpu import fused_kernel_available
+from .eager_cpu import cpu_cache_slicing, fused_kernel_available
 from .ssd_fused import SSDChunks
 
 __all__ = ["ssd_scan", "ssd_state_update"]
@@ -125,9 +125,10 @@ def ssd_scan(
         h = initial_state.to(ct).reshape(batch, groups, hpg, head_dim, state_size)
     else:
         h = x_f.new_zeros(batch, groups, hpg, head_dim, state_size)
-    # The chunks are taken a slice at a time so that the (chunk x chunk) decay and score
-    # tensors of a slice stay cache-resident; the carried state h links the slices.
-    step = chunks_per_slice(batch, T, heads, x_f.element_size())
+    # On a CPU the chunks are taken a slice at a time so that the (chunk x chunk) decay and
+    # score tensors of a slice stay cache-resident; the carried state h links the slices.
+    # A traced (Neuron/XLA) graph or a GPU takes them all at once (`cpu_cache_slicing`).
+    step = chunks_per_slice(batch, T, heads, x_f.element_size()) if cpu_cache_slicing(x_f) else n_chunks
     # split(), not slicing: its backward concatenates the slices' gradients once, where
     # each slice's backward would write into a zero tensor of the whole sequence.
     ys = []
