@@ -267,6 +267,25 @@ def test_a_closed_stdout_ends_the_command_quietly_with_141(tmp_path):
         os.close(write)
 
 
+def test_module_entry_points_into_a_closed_stdout_end_quietly_with_141(tmp_path):
+    """`python -m bmojo_neuron.bench.table bench/*.json | head` ends as the CLI does, without a traceback."""
+    import os
+
+    machine = {"cpu": "x", "cpu_count": 2, "torch_threads": 2, "torch": "2.13", "transformers": "5",
+               "load_average_start": 0.0}
+    report = tmp_path / "skipped.json"
+    report.write_text(json.dumps({"schema": "bmojo-neuron-bench/1", "suite": "decode", "created": "today",
+                                  "machine": machine, "status": "skipped", "message": "no device " * 2000}))
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "bmojo_neuron.bench.table", str(report)], cwd=ROOT,
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
 def test_help_and_version_into_a_closed_stdout_end_with_141_like_other_output(tmp_path):
     """`bmojo-neuron --help | head -1`: argparse would swallow the broken pipe and exit 0."""
     import os
