@@ -173,6 +173,10 @@ def test_require_neuron_message():
     assert "NKI selective scan" in message
     assert 'pip install "bmojo-neuron[neuron]" --extra-index-url https://pip.repos.neuron.amazonaws.com' in message
     assert "torch_neuronx" in message
+    assert "\n" not in message  # one `error:` line, the missing packages and the fix on it
+    clause = message.split("not installed: ", 1)[1].split(")", 1)[0].split(", ")
+    absent = {name for name, s in neuron.neuron_status().items() if s["status"] == neuron.NOT_INSTALLED}
+    assert set(clause) == absent & set(neuron.DEFAULT_REQUIRED)
 
 
 def test_placeholder_detected(fake_packages):
@@ -185,8 +189,10 @@ def test_placeholder_detected(fake_packages):
         assert status[name]["importable"] is False
         assert status[name]["status"] == "placeholder"
         assert "placeholder" in status[name]["reason"] and "WRONG PACKAGE" in status[name]["reason"]
-    with pytest.raises(neuron.NeuronUnavailableError, match="placeholder"):
+    with pytest.raises(neuron.NeuronUnavailableError, match="placeholder") as exc:
         neuron.require_neuron("training on Trainium")
+    assert "\n" not in str(exc.value)
+    assert "torch_neuronx: PyPI placeholder installed (WRONG PACKAGE)" in str(exc.value)
     assert not neuron.is_neuron_available()
 
     nki, nl, nisa, reason = compat._probe()
