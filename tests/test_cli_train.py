@@ -158,6 +158,29 @@ def test_dry_run_of_a_neuron_recipe_prints_the_plan_and_the_checks(capsys, tmp_p
     assert f"output {run_dir}: new run" in out and not run_dir.exists()
 
 
+def test_dry_run_says_whether_the_run_downloads_its_tokenizer(capsys, tmp_path, monkeypatch):
+    """A hub tokenizer missing from the local Hugging Face cache is a download at the run's start (offline, a
+    stop): the dry run says so and how to fetch it ahead; once cached, that it is read from the cache."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    args = ["train", TRN1, f"data.path={ROOT / 'README.md'}", "--dry-run", "--output-dir", str(tmp_path / "r")]
+    assert cli.main(args) == 0
+    name = "EleutherAI/gpt-neox-20b"  # the trn1 recipes' tokenizer
+    out = capsys.readouterr().out
+    assert (f"tokenizer: {name}: not in the local Hugging Face cache, so the run downloads it from the hub "
+            f"when it starts (offline it stops there); fetch it ahead with `hf download {name}`") in out
+    snapshot = tmp_path / "hub" / "models--EleutherAI--gpt-neox-20b" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "tokenizer_config.json").write_text("{}")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc")
+    assert cli.main(args) == 0
+    assert f"tokenizer: {name} (in the local Hugging Face cache: no download)" in capsys.readouterr().out
+    assert cli.main(args + ["data.tokenizer=./no/such/folder"]) == 0
+    assert "tokenizer: PROBLEM: data.tokenizer './no/such/folder': no such folder" in capsys.readouterr().out
+
+
 def test_dry_run_refuses_shapes_trainium_cannot_tile(capsys):
     assert cli.main(["train", TRN1, "data.block_size=1000", "--dry-run"]) == 2
     assert "data.block_size: is 1000; on Trainium the sequence length must be a multiple of 128" \
