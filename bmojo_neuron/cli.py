@@ -30,12 +30,10 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
-import io
 import json
 import os
 import pkgutil
 import platform
-import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Callable
 
 from bmojo_neuron._version import __version__
+from bmojo_neuron.closed_stdout import exit_status_on_closed_stdout
 from bmojo_neuron.fsutil import disk_full_cause
 from bmojo_neuron.neuron import NeuronUnavailableError, neuron_status
 
@@ -53,7 +52,6 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     NeuronUnavailableError,
     FloatingPointError,  # a run that diverged (the message says what to change)
 )
-SIGPIPE_STATUS = 128 + 13  # what a shell reports for a process that SIGPIPE ended
 # OSErrors the user fixes on their side (space, permissions, paths), shown as one line wherever they arise.
 USER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
                          errno.EISDIR, errno.ENAMETOOLONG, errno.EEXIST, errno.ENOENT})
@@ -113,7 +111,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse's parser, except that `--help` / `--version` into a closed stdout end like any other output to it.
 
     argparse swallows an OSError from writing its help, so ``bmojo-neuron --help | head -1`` would exit 0 where
-    every other command exits `SIGPIPE_STATUS`; the BrokenPipeError is let through for `main` to handle.
+    every other command exits 141 (`closed_stdout`); the BrokenPipeError is let through for `main` to handle.
     Subcommand parsers are of this class too (argparse makes them of the parent's class).
     """
 
@@ -243,35 +241,8 @@ def require_nonempty(option: str, value: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit status. A reader that closes our stdout early (``cmd | head -1``) ends the
-    command quietly with `SIGPIPE_STATUS`, as a shell reports a tool that SIGPIPE ended."""
-    try:
-        try:
-            return _run_command(argv)
-        finally:  # `--help`'s SystemExit included: a closed pipe shows here, not in the interpreter's exit flush
-            sys.stdout.flush()
-    except BrokenPipeError:
-        if not _stdout_is_pipe():  # then the pipe was another one (a subprocess, a socket): a real error
-            raise
-        _discard_stdout()
-        return SIGPIPE_STATUS
-
-
-def _stdout_is_pipe() -> bool:
-    try:
-        mode = os.fstat(sys.stdout.fileno()).st_mode
-    except (OSError, ValueError, io.UnsupportedOperation):
-        return False
-    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
-
-
-def _discard_stdout() -> None:
-    """Point stdout at /dev/null, so that nothing flushed later (at exit) meets the closed pipe again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, io.UnsupportedOperation):  # a stdout without a file descriptor: nothing flushes
-        pass
+    command quietly with status 141, as a shell reports a tool that SIGPIPE ended (`closed_stdout`)."""
+    return exit_status_on_closed_stdout(lambda: _run_command(argv))
 
 
 def _run_command(argv: list[str] | None) -> int:

@@ -120,14 +120,20 @@ def require_neuron(feature: str, packages: tuple[str, ...] | list[str] = DEFAULT
     missing = _missing(packages)
     if not missing:
         return
-    lines = [f"{feature} needs the AWS Neuron SDK (2.28), which is not available here:"]
-    lines += [f"  - {name}: {s['reason']}" for name, s in missing.items()]
-    lines.append(
-        f"Install it on a Trn1 instance with the Neuron driver and runtime: {INSTALL_COMMAND} "
-        '(from a checkout: pip install -e ".[neuron]" --extra-index-url '
-        f"{NEURON_INDEX_URL})."
+    raise NeuronUnavailableError(
+        f"{feature} needs the AWS Neuron SDK (2.28), which is not available here ({_why_unusable(missing)}); "
+        f"install it on a Trn1 instance with the Neuron driver and runtime: {INSTALL_COMMAND} "
+        f'(from a checkout: pip install -e ".[neuron]" --extra-index-url {NEURON_INDEX_URL})'
     )
-    raise NeuronUnavailableError("\n".join(lines))
+
+
+def _why_unusable(missing: dict[str, dict]) -> str:
+    """One clause for the packages that do not import: those merely not installed named together (the usual
+    case: no SDK at all), each of the others with its own reason (a placeholder, a failed import)."""
+    absent = [name for name, s in missing.items() if s["status"] == NOT_INSTALLED]
+    parts = [f"not installed: {', '.join(absent)}"] if absent else []
+    parts += [f"{name}: {s['reason']}" for name, s in missing.items() if s["status"] != NOT_INSTALLED]
+    return "; ".join(parts)
 
 
 def import_neuron_module(name: str, feature: str) -> ModuleType:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
 
 from bmojo_neuron import BMojoCache
 from bmojo_neuron.bench.candidates import CandidateFactory, Shape
+from bmojo_neuron.closed_stdout import exit_status_on_closed_stdout
 
 
 def main() -> None:
@@ -67,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status_on_closed_stdout(main))

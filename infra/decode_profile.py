@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
+import sys
 import time
 
 import torch
@@ -23,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from bmojo_neuron.bench.candidates import CandidateFactory, Shape
 from bmojo_neuron.bench.suites import Decoder
+from bmojo_neuron.closed_stdout import exit_status_on_closed_stdout
 
 
 class OpCounter(TorchDispatchMode):
@@ -73,4 +75,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status_on_closed_stdout(main))

@@ -17,6 +17,7 @@ the forward is compared there.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from bmojo_neuron.closed_stdout import exit_status_on_closed_stdout
 from bmojo_neuron.ops.reference.eidetic_attention import eidetic_attention
 
 
@@ -123,4 +125,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status_on_closed_stdout(main))

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bmojo_neuron.closed_stdout import exit_status_on_closed_stdout
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "reliability.md"
 TINY = ["train.steps=2", "eval.every=2", "eval.batches=1", "checkpoint.every=2", "suite=none",
@@ -210,4 +212,4 @@ def write_doc(rows: list) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status_on_closed_stdout(main))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from collections.abc import Callable
 
@@ -34,6 +35,7 @@ from train_step_profile import Capture, forward_backward
 import bmojo_neuron.layers.attention as attention_module
 from bmojo_neuron.bench.candidates import CandidateFactory, Shape, first_layer
 from bmojo_neuron.bench.harness import fit_exponent
+from bmojo_neuron.closed_stdout import exit_status_on_closed_stdout
 from bmojo_neuron.host_allocator import keep_freed_memory
 from bmojo_neuron.ops.reference.eidetic_attention_fused import call_pieces, default_block
 
@@ -112,4 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status_on_closed_stdout(main))

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 
+from bmojo_neuron.closed_stdout import exit_status_on_closed_stdout
 import bmojo_neuron.ops.reference.ssd as ssd
 
 # (name, batch, length, heads, head_dim P, state N, model chunk)
@@ -86,4 +88,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status_on_closed_stdout(main))

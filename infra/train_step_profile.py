@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 import bmojo_neuron.layers.attention as attention_module
 import bmojo_neuron.layers.mamba2 as mamba2_module
 from bmojo_neuron.bench.candidates import CandidateFactory, Shape
+from bmojo_neuron.closed_stdout import exit_status_on_closed_stdout
 
 
 def _detached(x: Any) -> Any:
@@ -143,4 +145,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status_on_closed_stdout(main))

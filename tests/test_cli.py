@@ -173,6 +173,10 @@ def test_require_neuron_message():
     assert "NKI selective scan" in message
     assert 'pip install "bmojo-neuron[neuron]" --extra-index-url https://pip.repos.neuron.amazonaws.com' in message
     assert "torch_neuronx" in message
+    assert "\n" not in message  # one `error:` line, the missing packages and the fix on it
+    clause = message.split("not installed: ", 1)[1].split(")", 1)[0].split(", ")
+    absent = {name for name, s in neuron.neuron_status().items() if s["status"] == neuron.NOT_INSTALLED}
+    assert set(clause) == absent & set(neuron.DEFAULT_REQUIRED)
 
 
 def test_placeholder_detected(fake_packages):
@@ -185,8 +189,10 @@ def test_placeholder_detected(fake_packages):
         assert status[name]["importable"] is False
         assert status[name]["status"] == "placeholder"
         assert "placeholder" in status[name]["reason"] and "WRONG PACKAGE" in status[name]["reason"]
-    with pytest.raises(neuron.NeuronUnavailableError, match="placeholder"):
+    with pytest.raises(neuron.NeuronUnavailableError, match="placeholder") as exc:
         neuron.require_neuron("training on Trainium")
+    assert "\n" not in str(exc.value)
+    assert "torch_neuronx: PyPI placeholder installed (WRONG PACKAGE)" in str(exc.value)
     assert not neuron.is_neuron_available()
 
     nki, nl, nisa, reason = compat._probe()
@@ -265,6 +271,25 @@ def test_a_closed_stdout_ends_the_command_quietly_with_141(tmp_path):
             assert (done.returncode, done.stderr) == (141, ""), args  # 128 + SIGPIPE, as a shell reports
     finally:
         os.close(write)
+
+
+def test_module_entry_points_into_a_closed_stdout_end_quietly_with_141(tmp_path):
+    """`python -m bmojo_neuron.bench.table bench/*.json | head` ends as the CLI does, without a traceback."""
+    import os
+
+    machine = {"cpu": "x", "cpu_count": 2, "torch_threads": 2, "torch": "2.13", "transformers": "5",
+               "load_average_start": 0.0}
+    report = tmp_path / "skipped.json"
+    report.write_text(json.dumps({"schema": "bmojo-neuron-bench/1", "suite": "decode", "created": "today",
+                                  "machine": machine, "status": "skipped", "message": "no device " * 2000}))
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run([sys.executable, "-m", "bmojo_neuron.bench.table", str(report)], cwd=ROOT,
+                              stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")
 
 
 def test_help_and_version_into_a_closed_stdout_end_with_141_like_other_output(tmp_path):

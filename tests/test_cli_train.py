@@ -39,8 +39,9 @@ def test_neuron_recipe_without_neuron_exits_2_naming_packages_and_install_comman
     done = _cli("train", "--recipe", TRN1)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("error: training on Trainium (run.device: neuron) needs the AWS Neuron SDK")
+    assert done.stderr.count("\n") == 1  # one line, naming every package that does not import
     for name in TRAINING_PACKAGES:
-        assert f"  - {name}: " in done.stderr
+        assert name in done.stderr
     assert INSTALL_COMMAND in done.stderr and "Traceback" not in done.stderr
 
 
@@ -155,6 +156,29 @@ def test_dry_run_of_a_neuron_recipe_prints_the_plan_and_the_checks(capsys, tmp_p
     assert "Neuron SDK: missing here" in out and INSTALL_COMMAND in out
     assert "data: PROBLEM: data.path /path/to/your/dataset: no such file or folder" in out
     assert f"output {run_dir}: new run" in out and not run_dir.exists()
+
+
+def test_dry_run_says_whether_the_run_downloads_its_tokenizer(capsys, tmp_path, monkeypatch):
+    """A hub tokenizer missing from the local Hugging Face cache is a download at the run's start (offline, a
+    stop): the dry run says so and how to fetch it ahead; once cached, that it is read from the cache."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    args = ["train", TRN1, f"data.path={ROOT / 'README.md'}", "--dry-run", "--output-dir", str(tmp_path / "r")]
+    assert cli.main(args) == 0
+    name = "EleutherAI/gpt-neox-20b"  # the trn1 recipes' tokenizer
+    out = capsys.readouterr().out
+    assert (f"tokenizer: {name}: not in the local Hugging Face cache, so the run downloads it from the hub "
+            f"when it starts (offline it stops there); fetch it ahead with `hf download {name}`") in out
+    snapshot = tmp_path / "hub" / "models--EleutherAI--gpt-neox-20b" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "tokenizer_config.json").write_text("{}")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc")
+    assert cli.main(args) == 0
+    assert f"tokenizer: {name} (in the local Hugging Face cache: no download)" in capsys.readouterr().out
+    assert cli.main(args + ["data.tokenizer=./no/such/folder"]) == 0
+    assert "tokenizer: PROBLEM: data.tokenizer './no/such/folder': no such folder" in capsys.readouterr().out
 
 
 def test_dry_run_refuses_shapes_trainium_cannot_tile(capsys):
@@ -435,7 +459,8 @@ def test_data_prepare_builds_the_cache_once(capsys, tmp_path):
     cache = tmp_path / "cache"
     args = ["data", "prepare", "cpu-text", f"data.cache_dir={cache}", "data.block_size=512"]
     assert cli.main(args) == 0
-    first = capsys.readouterr().out
+    first, err = capsys.readouterr()
+    assert "%|" not in err  # stderr is not a terminal here: no datasets progress bars in the log
     entries = list(cache.glob("text-*"))
     assert len(entries) == 1 and (entries[0] / "meta.json").is_file()
     train, evaluation = load_text_dataset(block_size=512, cache_dir=cache)  # the recipe's other data settings

@@ -10,6 +10,8 @@ import json
 import sys
 from typing import Any
 
+from bmojo_neuron.closed_stdout import exit_status_on_closed_stdout
+
 
 def _fmt(x: Any, digits: int = 3) -> str:
     if x is None:
@@ -141,4 +143,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status_on_closed_stdout(main))

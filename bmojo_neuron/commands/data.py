@@ -10,6 +10,7 @@ launching: the ranks then only read it.
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from bmojo_neuron.cli import register_command, require_nonempty
@@ -26,11 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prepare.add_argument("--output-dir", default=None,
                          help="the --output-dir the training will get: the cache is built where that run reads "
                               "it (<dir>/../data-cache, a suite's <dir>/data-cache, unless data.cache_dir is set)")
+    prepare.add_argument("--no-progress", action="store_true",
+                         help="no progress bars from the datasets library (the default when stderr is not a "
+                              "terminal: a log file or a pipe)")
 
 
 @register_command("data", help="prepare training data ahead of a run (`data prepare RECIPE`)",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
+    from bmojo_neuron.data import library_progress_bars
     from bmojo_neuron.data.prepare import prepare_text
     from bmojo_neuron.recipes import load_recipe
     from bmojo_neuron.training.suite import plan_runs
@@ -44,10 +49,12 @@ def run(args: argparse.Namespace) -> int:
     # The data section of each run `train` would start: the cache's default folder derives from the run's
     # output dir, which --output-dir and a suite's run folders move, so the recipe's own would miss it.
     prepared: list[Any] = []
-    for variant, _ in plan_runs(recipe, args.output_dir):
-        if variant.data not in prepared:
-            prepared.append(variant.data)
-            print("\n".join(report_lines(variant, prepare_text(variant))))
+    # Bars redraw in place: in a log file or a pipe each redraw is another line of carriage returns.
+    with library_progress_bars(not args.no_progress and sys.stderr.isatty()):
+        for variant, _ in plan_runs(recipe, args.output_dir):
+            if variant.data not in prepared:
+                prepared.append(variant.data)
+                print("\n".join(report_lines(variant, prepare_text(variant))), flush=True)
     return 0
 
 

@@ -133,6 +133,8 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[s
                      f"Neuron SDK: missing here, training would stop: {'; '.join(missing)}; install with "
                      f"{INSTALL_COMMAND}")
     lines.append(f"data: {data_line(runs[0][0])}")  # a run's recipe: its cache follows its output dir
+    if recipe.data.kind == "text":
+        lines.append(f"tokenizer: {tokenizer_line(recipe)}")
     if recipe.init.weights:
         lines.append(f"init.weights: {init_line(recipe)}")
     from bmojo_neuron.checkpoints.layout import abandoned_attempt, has_run, latest_checkpoint
@@ -218,6 +220,16 @@ def data_line(recipe: Any) -> str:
         return f"{source} ({kind}): already tokenized and packed in {cached} (a `data prepare` or an earlier run)"
     return (f"{source} ({kind}): tokenized and packed into {d.cache_dir} on first use; build it once ahead with "
             "`bmojo-neuron data prepare` (the same overrides and --output-dir) before launching many ranks")
+
+
+def tokenizer_line(recipe: Any) -> str:
+    """Where the text data's tokenizer comes from, and whether the run will download it."""
+    from bmojo_neuron.data.tokenizer import tokenizer_source
+
+    try:
+        return tokenizer_source(str(recipe.data.tokenizer or "byte"))
+    except ValueError as error:
+        return f"PROBLEM: {error}"
 
 
 @register_command("train", help="train a recipe (default cpu-tiny: B'MOJO against B'MOJO-F and Mamba on MQAR)",

@@ -101,6 +101,26 @@ def _check_on_hub(name: str) -> None:
                          "at a folder with its files") from None
 
 
+def tokenizer_source(name_or_path: str) -> str:
+    """Where `load_tokenizer` would read `name_or_path` from, without loading it (a dry run's line).
+
+    Says when the run would need the network: a hub name not in the local Hugging Face cache.
+    Raises the same ValueError as `load_tokenizer` for a mistyped local path.
+    """
+    if name_or_path == BYTE_TOKENIZER:
+        return "byte (built in, nothing to download)"
+    if Path(name_or_path).expanduser().exists():
+        return f"{name_or_path} (a local folder)"
+    _refuse_missing_local_path(name_or_path)
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name_or_path, "tokenizer_config.json"), str):
+        return f"{name_or_path} (in the local Hugging Face cache: no download)"
+    return (f"{name_or_path}: not in the local Hugging Face cache, so the run downloads it from the hub when it "
+            f"starts (offline it stops there); fetch it ahead with `hf download {name_or_path}` where the ranks' "
+            "HF_HOME can read it, or set data.tokenizer to a folder with its files")
+
+
 def encode_batch(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text, without special tokens."""
     if isinstance(tokenizer, ByteTokenizer):

@@ -19,6 +19,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from bmojo_neuron.closed_stdout import exit_status_on_closed_stdout
 from bmojo_neuron.launch.memory import stage_parameters
 from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
 from bmojo_neuron.parallel.one_device_init import (
@@ -105,4 +106,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(exit_status_on_closed_stdout(lambda: main(sys.argv[1:])))
