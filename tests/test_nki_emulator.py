@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emulator_helpers import load, rand, run, store
+from emulator_helpers import load, raises, rand, run, store
 
 from nki_kernels import compat
 from nki_kernels.emulator import nisa, nki, nl
@@ -58,6 +58,21 @@ def test_dma_copy_converts_integers_through_float32():
     assert widened.dtype == np.uint32
     np.testing.assert_array_equal(widened, [[2 ** 24, 2 ** 24 + 4]])
     np.testing.assert_array_equal(summed, [[2 ** 24 + 2]])  # float32(2^24 + 1) = 2^24, + 2
+
+
+def test_dma_copy_converts_floats_to_integers_only_where_no_rounding_mode_matters():
+    """dma_copy allows float -> integer ("any supported NKI data types"), but 3c46990d documents neither the
+    rounding of a fraction nor the saturation of a value beyond the type: whole values in range convert,
+    others are refused as not emulated rather than guessed."""
+    def to_int8(a):
+        out = nl.ndarray(a.shape, dtype=nl.int8, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=out, src=load(a))
+        return out
+
+    np.testing.assert_array_equal(run(to_int8, np.array([[-128.0, 3.0, 127.0]], np.float32)), [[-128, 3, 127]])
+    for bad in (2.5, 128.0, np.nan):
+        raises(to_int8, np.array([[1.0, bad]], np.float32),
+               match=r"nisa.dma_copy: the DMA's float32-to-int8 step is not documented .*not emulated")
 
 
 def test_tensor_copy_memset_and_new_tiles_are_nan():

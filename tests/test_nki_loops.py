@@ -217,6 +217,40 @@ def test_matmuls_accumulating_into_one_psum_tile_are_accepted():
     np.testing.assert_allclose(run(summed_products, x, y), x.T @ y, rtol=1e-4, atol=1e-4)
 
 
+def guarded_initialisation(a, where: str, loop):
+    """Column sums of `a` accumulated across a loop with an in-place add into one SBUF tile, the accumulator
+    set to 0 before the loop (`where="before"`, the stub's example 2 zeroes result_psum so) or by the first
+    iteration (`"first"`: `if k == 0: memset(acc)`), whole or only its first column (`"first, one column"`,
+    the accumulation then spanning more than was set), or by iteration 1 while iteration 0 accumulates
+    before it (`"second"`)."""
+    parts, n = a.shape
+    acc = nl.ndarray((parts, 4), dtype=nl.float32, buffer=nl.sbuf)
+    if where == "before":
+        nisa.memset(dst=acc, value=0.0)
+    elif where == "first, one column":
+        nisa.memset(dst=acc[:, 1:4], value=0.0)
+    for k in loop(n // 4):
+        if where.startswith("first") and k == 0:
+            nisa.memset(dst=acc[:, 0:1] if where == "first, one column" else acc, value=0.0)
+        if where == "second" and k == 1:
+            nisa.memset(dst=acc, value=0.0)
+        nisa.tensor_tensor(dst=acc, data1=acc, data2=load(a[:, 4 * k:4 * k + 4]), op=nl.add)
+    return store(acc)
+
+
+def test_an_accumulator_set_by_one_iteration_is_refused_and_one_set_before_the_loop_is_accepted():
+    a = rand(4, 12)
+    sums = a.reshape(4, 3, 4).sum(axis=1)
+    np.testing.assert_allclose(run(guarded_initialisation, a, "before", nl.affine_range), sums, rtol=1e-6)
+    np.testing.assert_allclose(run(guarded_initialisation, a, "first", nl.sequential_range), sums, rtol=1e-6)
+    for where in ("first", "first, one column"):
+        msg = raises(guarded_initialisation, a, where, nl.affine_range, match=OVERWRITTEN)
+        assert msg.startswith("nisa.tensor_tensor:") and "iteration 1 of the affine_range" in msg
+        assert "which iteration 0 set before accumulating into it" in msg and "before the loop" in msg
+    msg = raises(guarded_initialisation, a, "second", nl.affine_range, match=OVERWRITTEN)
+    assert msg.startswith("nisa.memset:") and "also written by iteration 0" in msg
+
+
 def row_differences(a):
     """Outer affine loop over row blocks, inner affine loop over columns; the inner loop reads the previous
     column of `prev`, written by its own previous iteration."""

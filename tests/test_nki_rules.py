@@ -110,7 +110,7 @@ def test_alu_table_has_no_divide():
         t = load(a, nl.uint8)
         nisa.tensor_tensor(dst=nl.ndarray(a.shape, dtype=nl.uint8), data1=t, data2=t, op=nl.logical_not)
 
-    raises(logical_not, rand(8, 4), match="tensor_tensor: op must be listed in the ALU operator table")
+    raises(logical_not, np.ones((8, 4), np.float32), match="tensor_tensor: op must be listed in the ALU operator table")
 
     def reciprocal_then_multiply(a, d):
         inv = nl.ndarray(d.shape, dtype=nl.float32)
@@ -701,7 +701,7 @@ def test_scalar_tensor_tensor():
         nisa.scalar_tensor_tensor(dst=out, data=load(a, nl.int32), op0=nl.bitwise_and, operand0=1,
                                   op1=nl.add, operand1=load(b, nl.int32))
 
-    raises(bitvec, a, b, match="op0 and op1 must be arithmetic operators")
+    raises(bitvec, np.round(a * 8), np.round(b * 8), match="op0 and op1 must be arithmetic operators")
 
 
 # ----------------------------------------------------------------------------- operands, dtypes, placement
@@ -919,6 +919,44 @@ def test_affine_select_compares():
 
     a = rand(4, 4)
     np.testing.assert_array_equal(run(strict_upper, a), np.triu(a, 1))
+
+
+def test_affine_select_requires_what_the_stub_lists_without_a_default():
+    """The 0.2.0 stub: affine_select(dst, pattern, offset, channel_multiplier, on_true_tile, on_false_value,
+    cmp_op=nl.equal, name=None); `offset` alone may be left out (nki-library's cascaded_max.py does)."""
+    def select(a, given):
+        t, out = load(a), nl.ndarray(a.shape, dtype=nl.float32)
+        nisa.affine_select(out, [[1, 4]], on_true_tile=t, **given)
+        return store(out)
+
+    a = rand(4, 4)
+    upper = {"channel_multiplier": -1, "on_false_value": 0.0, "cmp_op": nl.greater_equal}
+    np.testing.assert_array_equal(run(select, a, upper), np.triu(a))
+    for given, missing in (({"on_false_value": 0.0}, "channel_multiplier"), ({"channel_multiplier": -1},
+                                                                             "on_false_value")):
+        with pytest.raises(TypeError, match=rf"affine_select\(\) missing required argument\(s\): {missing}"):
+            run(select, a, given)
+
+
+def test_an_axis_longer_than_a_uint16_count_is_refused():
+    """trainium_inferentia2_arch.rst lines 715-718: each free axis of an access pattern has "a size expressed in
+    uint16": 65,537 (a prime) elements in a row cannot be walked; 65,536 = 2 x 32,768 can, as two axes."""
+    def ramp(n):
+        t = nl.ndarray((1, n), dtype=nl.uint8)
+        nisa.iota(dst=t, pattern=[[0, 1], [0, n]], offset=0)
+        copy = nl.ndarray((1, n), dtype=nl.uint8)
+        nisa.tensor_copy(dst=copy, src=t)
+
+    raises(ramp, 2 ** 16 + 1, match=r"nisa.iota: a free axis has at most 65535 elements.*\[65537\]")
+    raises(ramp, 2 ** 16, match=r"nisa.iota: each pattern num is 1 to 65535")
+    def copy_row(n):
+        t = nl.ndarray((1, n), dtype=nl.uint8)
+        nisa.memset(dst=t, value=3)
+        copy = nl.ndarray((1, n), dtype=nl.uint8)
+        nisa.tensor_copy(dst=copy, src=t)
+        return store(copy)
+
+    np.testing.assert_array_equal(run(copy_row, 2 ** 16), np.full((1, 2 ** 16), 3, np.uint8))
 
 
 # ----------------------------------------------------------------------------- kernel launches

@@ -127,6 +127,17 @@ def _tile(instr: str, name: str, t: Any, buffers: tuple[str, ...] = (SBUF, PSUM)
 # "Hardware Capability" (lines 24-28): "up to four-dimensional arrays" in the free dimension.
 MAX_FREE_AXES = 4
 STRIDE_RANGE = (-2 ** 15, 2 ** 15 - 1)
+AXIS_SIZE_MAX = 2 ** 16 - 1  # a uint16 count (the same arch lines); nki-library's cross_entropy.py: 65535
+
+
+def _axes_for(count: int) -> int:
+    """How many uint16-sized axes a run of `count` evenly spaced elements takes (MAX_FREE_AXES + 1: none fit)."""
+    if count <= AXIS_SIZE_MAX:
+        return 1
+    smallest = -(-count // AXIS_SIZE_MAX)  # the fewest elements the outer axis of two can have
+    if any(count % d == 0 and count // d <= AXIS_SIZE_MAX for d in range(smallest, AXIS_SIZE_MAX + 1)):
+        return 2
+    return MAX_FREE_AXES + 1
 
 
 def _free_pattern(instr: str, name: str, t: NkiTensor) -> None:
@@ -149,6 +160,11 @@ def _free_pattern(instr: str, name: str, t: NkiTensor) -> None:
         raise rule_error(instr, f"an operand's free access pattern has at most {MAX_FREE_AXES} axes (trainium_"
                          "inferentia2_arch.rst 'Accessing SBUF/PSUM tensors'; nki-aps.rst 'Hardware Capability')",
                          f"{name} {t.shape} walks {len(merged)} (strides {[a for a, _ in reversed(merged)]} elements)")
+    # an axis longer than a uint16 count can be walked as two when its length factors into two such counts
+    if sum(_axes_for(count) for _, count in merged) > MAX_FREE_AXES:
+        raise rule_error(instr, f"a free axis has at most {AXIS_SIZE_MAX} elements, a uint16 count, and an operand "
+                         f"at most {MAX_FREE_AXES} such axes (trainium_inferentia2_arch.rst lines 715-718)",
+                         f"{name} {t.shape} walks axes of {[c for _, c in reversed(merged)]} elements")
     for stride, _ in merged:
         if not STRIDE_RANGE[0] <= stride <= STRIDE_RANGE[1]:
             raise rule_error(instr, "a free-axis stride is an int16 count of elements (trainium_inferentia2_arch.rst "
@@ -290,13 +306,25 @@ def _dma_convert(src: NkiTensor, dst: NkiTensor, add: bool) -> np.ndarray:
     `dst.dtype`, and a read-modify-write casts its inputs to float32 and adds there; the DMA
     overview (get-started/about/nki-dma-overview.rst) says the same "if working with integer
     types". So integers beyond float32's 24-bit mantissa round (to nearest even) on the way,
-    integer to integer included. The float32-to-integer step is not documented: the emulator
-    truncates toward zero and wraps out-of-range values as NumPy's int64 casts do.
+    integer to integer included. Float to integer is allowed ("any supported NKI data types"),
+    but how the float32-to-integer step rounds a fraction and treats a value outside the
+    integer type is not documented at 3c46990d: the emulator converts what every rounding
+    mode agrees on (whole numbers the type holds) and refuses the rest rather than guess.
     """
     values = src.read().astype(np.float32).reshape(dst.shape)
     if add:
         values = dst.read().astype(np.float32).reshape(dst.shape) + values
-    return values if is_float(dst.dtype) else values.astype(np.int64)
+    if is_float(dst.dtype):
+        return values
+    info = np.iinfo(dst.dtype)
+    whole = np.isfinite(values) & (values == np.trunc(values))
+    fits = whole & (values >= info.min) & (values <= info.max)
+    if not fits.all():
+        bad = values[~fits].flat[0]
+        raise rule_error("nisa.dma_copy", f"the DMA's float32-to-{dst.dtype} step is not documented for a value "
+                         f"that is not a whole number within {dst.dtype} (rounding, saturation): not emulated",
+                         f"{int((~fits).sum())} such values, e.g. {bad!r}")
+    return values.astype(np.int64)
 
 
 def tensor_copy(dst, src, engine=engine.unknown, name=None, dtype=None):
@@ -764,6 +792,9 @@ def _affine_values(instr: str, dst: NkiTensor, pattern: Any, offset: int, channe
     dims = [list(map(int, d)) for d in pattern]
     if not 1 <= len(dims) <= 4:
         raise rule_error(instr, "pattern has 1 to 4 [step, num] pairs", f"pattern={pattern}")
+    if any(not 1 <= num <= AXIS_SIZE_MAX for _, num in dims):  # the sizes of an access pattern are uint16 counts
+        raise rule_error(instr, f"each pattern num is 1 to {AXIS_SIZE_MAX} (a uint16 count, trainium_inferentia2_"
+                         "arch.rst lines 715-718)", f"pattern={pattern}")
     count = int(np.prod([num for _, num in dims]))
     if count != dst.free_size:
         raise rule_error(instr, "pattern must cover exactly the elements per partition of dst",
@@ -791,13 +822,22 @@ def iota(dst, pattern, offset=0, channel_multiplier=0, name=None):
         dst.write(values.astype(np.int32).astype(np.float64))
 
 
-def affine_select(dst, pattern, offset=0, channel_multiplier=0, on_true_tile=None, on_false_value=0.0,
-                  cmp_op=nl.equal, name=None):
+_REQUIRED: Any = object()  # a parameter the stub lists without a default, after one given a default here
+
+
+def affine_select(dst, pattern, offset=0, channel_multiplier=_REQUIRED, on_true_tile=_REQUIRED,
+                  on_false_value=_REQUIRED, cmp_op=nl.equal, name=None):
     """dst = on_true_tile where cmp_op(affine value, 0) else on_false_value (GpSimd; [isa] affine_select).
 
-    `offset` / `channel_multiplier` default as nki-library's calls need (cascaded_max.py omits `offset`).
+    The stub's signature (nki/api/nki/isa/__init__.py line 255 at 3c46990d) gives only `cmp_op`
+    and `name` defaults. `offset` defaults to 0 here because nki-library's cascaded_max.py (line
+    266 at 0759719) omits it, as the later stub's signature allows; the other three are required.
     """
     instr = "nisa.affine_select"
+    missing = [nm for nm, v in (("channel_multiplier", channel_multiplier), ("on_true_tile", on_true_tile),
+                                ("on_false_value", on_false_value)) if v is _REQUIRED]
+    if missing:
+        raise TypeError(f"affine_select() missing required argument(s): {', '.join(missing)}")
     _tile(instr, "dst", dst, (SBUF,))
     _tile(instr, "on_true_tile", on_true_tile, (SBUF,))
     _same_layout(instr, ("dst", "on_true_tile"), (dst, on_true_tile))

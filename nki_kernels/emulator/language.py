@@ -68,6 +68,8 @@ class tile_size(NKIObject):  # noqa: N801 - NKI's name
     gemm_stationary_fmax: int = core.GEMM_STATIONARY_FMAX
     gemm_moving_fmax: int = core.GEMM_MOVING_FMAX
     bn_stats_fmax: int = 512
+    # The stub declares both (nki/api/nki/language/__init__.py lines 327-331 at 3c46990d) without a value, and
+    # no SDK doc or nki-library kernel (0759719) gives or uses one: placeholders, not enforced (docs/kernels.md).
     psum_min_align: int = 4
     sbuf_min_align: int = 1
     total_available_sbuf_size: int = core.SBUF_USABLE_BYTES_PER_PARTITION

@@ -69,6 +69,13 @@ Level = tuple[int, int]
 REDUCTION_OPS = ("add", "multiply", "maximum", "minimum", "bitwise_and", "bitwise_or", "bitwise_xor",
                  "logical_and", "logical_or", "logical_xor")
 _FAMILY_CODES = {name: code for code, name in enumerate(REDUCTION_OPS, start=1)}
+# Added to a family code where the accumulation ran over bytes the same iteration had first set with a plain
+# write (`if k == 0: memset(acc)`, then `acc += x_k` in every iteration). The stub's associative reduction
+# accumulates "into the same output buffer defined outside of this loop level", its example zeroing
+# `result_psum` before the loop (nki/api/nki/language/__init__.py lines 170-172, 217-223): an initialisation
+# inside one iteration orders it before every other iteration's accumulation, which a reordering compiler does
+# not keep, so another iteration's accumulation meeting such bytes is an output dependency on that write.
+SET_THEN_ACCUMULATED = 16
 ASSOCIATIVE = "add, subtract (accumulator first), multiply, maximum, minimum and the bitwise and logical and/or/xor"
 
 
@@ -303,8 +310,11 @@ class AffineLoops:
                 track.reads[access.key] = (summary, access)
                 track.stamps.add(summary)
         for _, (track, access) in destinations:
-            track.writes.pop(access.key, None)  # re-inserted last: the order of the writes
-            track.writes[access.key] = (current, code, access)
+            earlier = track.writes.pop(access.key, None)  # re-inserted last: the order of the writes
+            mark = code
+            if code and earlier is not None and earlier[0] == current and not 0 < earlier[1] < SET_THEN_ACCUMULATED:
+                mark = code + SET_THEN_ACCUMULATED  # this iteration set these very bytes before accumulating
+            track.writes[access.key] = (current, mark, access)
             track.stamps.add(current)
 
     def _exposed(self, stamps: set[int], current: int) -> bool:
@@ -328,6 +338,8 @@ class AffineLoops:
             earlier = accumulated[written == stamp]
             if code and bool((earlier == code).all()):
                 continue  # accumulations of one family into the same elements: an associative reduction
+            if code and bool((earlier > SET_THEN_ACCUMULATED).any()):
+                raise self._error(instr, "initialised", tensor, loop, stamp)
             kind = "mix" if code and bool(earlier.all()) else "overwrite"  # accumulations of two families
             raise self._error(instr, kind, tensor, loop, stamp)
         track, access = seen
@@ -352,6 +364,10 @@ class AffineLoops:
         for stamp, code, other in met:
             units = other.units(unit)
             units = units[(units >= low) & (units < high)] - low
+            if stamp and 0 < code < SET_THEN_ACCUMULATED:  # an accumulation over bytes its iteration set plainly
+                before = codes[units]
+                set_here = (stamps[units] == stamp) & ((before == 0) | (before > SET_THEN_ACCUMULATED))
+                code = np.where(set_here, code + SET_THEN_ACCUMULATED, code)
             stamps[units], codes[units] = stamp, code
         mine = access.units(unit) - low
         return stamps[mine], codes[mine]
@@ -473,6 +489,13 @@ class AffineLoops:
                 f"({where} accumulates into {name} with another operator than iteration {theirs} did: two "
                 f"reductions of different operators into one tile, such as acc = acc * a + b, are a scan, not an "
                 f"associative reduction; use nl.sequential_range for this loop)")
+        if kind == "initialised":
+            return NKIRuleError(
+                f"{instr}: an affine_range iteration must not overwrite what another iteration wrote ({RULE}) "
+                f"({where} accumulates into {name}, which iteration {theirs} set before accumulating into it: "
+                f"the iterations have no order, so that initialisation may run after this accumulation and erase "
+                f"it; set the accumulator before the loop, as the stub's affine_range example zeroes result_psum, "
+                f"or use nl.sequential_range for this loop)")
         fix = ("allocate it inside the loop body, one copy per iteration (nki-migration-guide.rst: with one buffer "
                "outside the loop 'the loop carries a dependency on' it), or use nl.sequential_range for this loop")
         if kind == "overwrite":
