@@ -33,6 +33,7 @@ so only rows of equal length share a batched cache (docs/hf.md, "Padding").
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,21 @@ class AttentionLayerCache:
         own = {name: getattr(self, name).clone() for name in self.WRITTEN_IN_PLACE if getattr(self, name) is not None}
         return dataclasses.replace(self, ssm=ssm, ring=ring, **own)
 
+    def tensors(self) -> Iterator[Tensor]:
+        """Every tensor this layer's decoding reads or writes."""
+        yield from (getattr(self, name) for name in self.WRITTEN_IN_PLACE if getattr(self, name) is not None)
+        if self.ssm is not None:
+            yield from ssm_state_tensors(self.ssm)
+        if self.ring is not None:
+            yield from self.ring._tensors()
+
+
+def ssm_state_tensors(state: SSMState) -> Iterator[Tensor]:
+    yield from state.conv_states.values()
+    if state.ssm_state is not None:
+        yield state.ssm_state
+    yield state.counter
+
 
 @dataclass
 class RowGroup:
@@ -110,12 +126,21 @@ class BMojoCache:
         # Input positions read, pads included: a 0-d long tensor on the model's device once a forward has read a
         # token (None before), advanced in place, so a compiled decode step reads it as an input, not a constant.
         self.position: Tensor | None = None
+        # `position` as a host int, kept in step with it, so eager decoding never reads the tensor back (on CUDA a
+        # read is a device sync per token). None while unknown: a compiled step advances the tensor without it
+        # (reading it there would make the int a constant of the graph, guarded, recompiled every token).
+        self._host_position: int | None = None
+        self.holds_inference_tensors = False  # made under torch.inference_mode() (`note_new_tensors`)
         self.groups: list[RowGroup] | None = None
 
     @property
     def seen_tokens(self) -> int:
-        """Input positions read so far, pads included (`position` as an int)."""
-        return 0 if self.position is None else int(self.position)
+        """Input positions read so far, pads included (`position` as an int, read back only after compiled steps)."""
+        if self.position is None:
+            return 0
+        if self._host_position is None:
+            self._host_position = int(self.position)
+        return self._host_position
 
     def advance(self, tokens: int, device: torch.device) -> None:
         """Count `tokens` more input positions read (none: nothing changes)."""
@@ -123,14 +148,66 @@ class BMojoCache:
             return
         if self.position is None:
             self.position = torch.zeros((), dtype=torch.long, device=device)
+            self._host_position = 0
         self.position.add_(tokens)
+        if self._host_position is not None:
+            self._host_position += tokens
+
+    def count_decoded_token(self, static: bool) -> None:
+        """Count one decoded token; `static` (a compiled step): the host int is left unknown (`_host_position`)."""
+        self.position.add_(1)
+        self._host_position = None if static else self._host_position + 1
+
+    def tensors(self) -> Iterator[Tensor]:
+        """The position and every layer's decode tensors (those of `groups` excluded: a padded batch is not
+        compiled, `BMojoForCausalLM._valid_auto_compile_criteria`)."""
+        if self.position is not None:
+            yield self.position
+        for layer in self.layers:
+            if isinstance(layer, SSMState):
+                yield from ssm_state_tensors(layer)
+            elif layer is not None:
+                yield from layer.tensors()
+
+    def note_new_tensors(self) -> None:
+        """After an eager forward that filled the cache, a reorder or a copy (new decode tensors): mark them static
+        and note whether they are inference tensors (`check_continuable`)."""
+        if torch.compiler.is_compiling():
+            return
+        tensors = list(self.tensors())
+        self.holds_inference_tensors = any(tensor.is_inference() for tensor in tensors)
+        for tensor in tensors:
+            # The decode tensors keep their addresses from step to step (they are written in place): so marked,
+            # CUDA graphs (``mode="reduce-overhead"``) read them where they are instead of copying each into the
+            # graph's own input buffers every step. transformers' StaticCache marks its buffers where it allocates
+            # them, outside compiled code (`mark_static_address` is refused there): src/transformers/cache_utils.py,
+            # `StaticLayer.lazy_initialization` (5.25.0). Eager code is unaffected.
+            torch._dynamo.mark_static_address(tensor)
+
+    def check_continuable(self) -> None:
+        """Refuse, before any work, to continue outside `torch.inference_mode()` a cache filled under it.
+
+        Its tensors are inference tensors, which torch lets no code outside inference mode
+        update in place, as decoding does; transformers' StaticCache fails the same way, at
+        its first write. A `copy` made outside inference mode holds ordinary tensors and
+        continues. Checked on a flag, without reading the tensors (nor under compiling).
+        """
+        if torch.compiler.is_compiling():
+            return
+        if self.holds_inference_tensors and not torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "BMojoCache: this cache was filled under torch.inference_mode(), and its tensors cannot be updated "
+                "outside it; continue it under torch.inference_mode() too, or continue its cache.copy() made outside "
+                "it, or fill it under torch.no_grad() instead"
+            )
 
     def start_row_groups(self, batch_size: int) -> None:
         """Move the batch's state into one group of all its rows (they have all read the same tokens so far)."""
         if self.groups is not None:
             return
         whole = BMojoCache(len(self.layers), self.max_length)
-        whole.layers, whole.position = self.layers, self.position
+        whole.layers, whole.position, whole._host_position = self.layers, self.position, self._host_position
+        whole.holds_inference_tensors = self.holds_inference_tensors
         self.groups = [RowGroup(list(range(batch_size)), whole)]
         self.layers = [None] * len(self.layers)
 
@@ -144,9 +221,11 @@ class BMojoCache:
         """A cache that decodes independently of this one (`AttentionLayerCache.copy`)."""
         new = BMojoCache(len(self.layers), self.max_length)
         new.position = None if self.position is None else self.position.clone()
+        new._host_position = self._host_position
         new.layers = [None if layer is None else layer.copy() for layer in self.layers]
         if self.groups is not None:
             new.groups = [RowGroup(list(g.rows), g.cache.copy()) for g in self.groups]
+        new.note_new_tensors()
         return new
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -168,6 +247,7 @@ class BMojoCache:
         for layer in self.layers:
             if layer is not None:
                 layer.reorder(beam_idx)
+        self.note_new_tensors()
 
     def _reordered_groups(self, beam_idx: torch.LongTensor) -> list[RowGroup]:
         """New row i takes old row ``beam_idx[i]``: rows drawn from one group form a new group."""

@@ -162,6 +162,8 @@ class BMojoModel(BMojoPreTrainedModel):
         self._refuse_attention_outputs(kwargs.get("output_attentions"))
         cache = cache if cache is not None else past_key_values
         check_cache_type(cache, type(self).__name__)
+        if cache is not None:
+            cache.check_continuable()
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("BMojoModel: pass exactly one of input_ids or inputs_embeds")
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -243,6 +245,7 @@ class BMojoModel(BMojoPreTrainedModel):
             all_hidden = all_hidden[:-1] + (hidden,)
         if cache is not None:
             cache.advance(hidden.shape[1], hidden.device)  # no sequence parallelism here (checked above)
+            cache.note_new_tensors()  # the buffers a compiled decode step will write in place
         if layout is not None:
             hidden = unpack(hidden, layout)
             all_hidden = None if all_hidden is None else tuple(unpack(h, layout) for h in all_hidden)
@@ -260,11 +263,11 @@ class BMojoModel(BMojoPreTrainedModel):
         `static` (default: under `torch.compile`), so one graph serves every position.
         """
         static = torch.compiler.is_compiling() if static is None else static
-        position = cache.position if static else int(cache.position)
+        position = cache.position if static else cache.seen_tokens  # eagerly the host int: no read of the tensor
         h = hidden.squeeze(1)
         for idx, layer in enumerate(self.layers):
             h = layer.decode_token(h, position, self._layer_cache(cache, idx, layer, hidden))
-        cache.position.add_(1)
+        cache.count_decoded_token(static)
         return BMojoModelOutput(norm_rows(self.norm, h).unsqueeze(1), cache, None, None)
 
     def _forward_rows(
@@ -339,8 +342,8 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     # Assisted and prompt-lookup decoding verify drafts by cropping the cache back,
-    # which a recurrent state cannot do. transformers up to 5.24 refused them for any
-    # `_is_stateful` model; later releases ask each model for the modes it supports.
+    # which a recurrent state cannot do. transformers 5.24 and 5.25 ask each model for the modes
+    # it supports; 5.24 also refuses assisted decoding for any `_is_stateful` model.
     _supported_generation_modes = [
         GenerationMode.GREEDY_SEARCH,
         GenerationMode.SAMPLE,

@@ -41,6 +41,16 @@ class SharedCompileCounter(CompileCounter):
         return self
 
 
+class StaticInputsCounter(CompileCounter):
+    """Dynamo's counting backend that also records, for the cache's inputs of the last graph, whether dynamo took
+    each as a static address (`torch._dynamo.mark_static_address`), which CUDA graphs then do not copy."""
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        self.cache_inputs = {node.name: node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")
+                             for node in gm.graph.nodes if node.op == "placeholder" and node.name.startswith("l_cache")}
+        return super().__call__(gm, example_inputs)
+
+
 def build(**overrides) -> BMojoForCausalLM:
     torch.manual_seed(0)
     return BMojoForCausalLM(tiny_config(**overrides)).eval()
@@ -105,10 +115,10 @@ def test_compiled_decode_step_is_one_graph_for_every_position(mixer):
 
 def test_compiled_decode_continues_after_a_beam_reorder_and_on_a_copy():
     """Beam search's reorder and `select_rows` / `copy` give caches with the same layout: the same graph decodes
-    them, as the eager step does."""
+    them, as the eager step does; dynamo takes every cache tensor as a static address."""
     model = build(layer_pattern="BMA")
     ids = token_ids(batch=3)
-    counter = CompileCounter()
+    counter = StaticInputsCounter()
     compiled_model = torch.compile(model, fullgraph=True, dynamic=False, backend=counter)
     results = []
     for step in (model, compiled_model):
@@ -121,7 +131,12 @@ def test_compiled_decode_continues_after_a_beam_reorder_and_on_a_copy():
             out = [step(ids[:, t : t + 1], cache=c, use_cache=True).logits
                    for t in range(PROMPT + 1, PROMPT + 8) for c in (cache, twin)]
         results.append(torch.cat(out, dim=1))
+        # As transformers' StaticCache: every decode tensor marked a static address (CUDA graphs do not copy it
+        # in at each step), the new tensors of a reorder and a copy too.
+        for c in (cache, twin):
+            assert {getattr(t, "_dynamo_static_input_type", None) for t in c.tensors()} == {"unguarded"}
     assert counter.frame_count == 1
+    assert len(counter.cache_inputs) == 20 and set(counter.cache_inputs.values()) == {"unguarded"}
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-6)
 
 

@@ -11,7 +11,8 @@ embeddings, training with gradient checkpointing, no dropout, the loss conventio
 ``shift_labels`` and ``num_items_in_batch``), and `generate` (greedy, sampling, beam
 search and beam sampling with and without the cache, dict outputs with scores, logits
 and hidden states, ``inputs_embeds``, a continued cache under either name, a
-transformers cache refused, eos). Padding has its own module (test_padding.py).
+transformers cache refused, eos), and the cache's use (eager steps that read no tensor
+back, a module pickled before it kept its decode slots, `torch.inference_mode()`). Padding has its own module (test_padding.py).
 docs/hf.md lists what B'MOJO does not support and why.
 """
 
@@ -22,6 +23,7 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig
 
 from bmojo_neuron import BMojoCache, BMojoConfig, BMojoForCausalLM, BMojoModel
@@ -545,6 +547,86 @@ def test_a_transformers_cache_is_refused_with_a_clear_error():
     with pytest.raises(TypeError, match="must be a BMojoCache"):
         model.generate(ids(), cache=DynamicCache(), max_new_tokens=2)
     assert model.generate(ids(), cache=BMojoCache(2), max_new_tokens=2).shape == (BATCH, LENGTH + 2)
+
+
+class ScalarReads(TorchDispatchMode):
+    """Counts reads of a tensor's value back to the host (`.item()`, `int()`, `bool()`: aten's _local_scalar_dense;
+    on CUDA each waits for the device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_decoding_reads_nothing_back_and_the_host_position_follows_the_cache():
+    """Eager steps take the position from the cache's host int, never from its tensor; every cache operation keeps
+    the two equal (after static, i.e. compiled-form, steps the int is read back once)."""
+    model = build(layer_pattern="BMA", num_hidden_layers=3)
+    prompt = ids()
+    cache = BMojoCache(3)
+
+    def agree(c: BMojoCache) -> bool:
+        return c._host_position == int(c.position)
+
+    with torch.no_grad():
+        whole = model(prompt).logits
+        model(prompt[:, :6], cache=cache)
+        assert agree(cache)
+        with ScalarReads() as reads:
+            steps = [model(prompt[:, t : t + 1], cache=cache).logits for t in range(6, 10)]
+        assert reads.count == 0 and agree(cache)
+        torch.testing.assert_close(torch.cat(steps, dim=1), whole[:, 6:10], rtol=1e-4, atol=1e-4)
+        cache.reorder_cache(torch.tensor([2, 1, 0]))
+        twin = cache.select_rows(torch.tensor([0, 0])).copy()
+        assert agree(cache) and agree(twin)
+        model.model._decode_token(model.model.embed_tokens(prompt[:2, 10:11]), twin, static=True)
+        assert twin._host_position is None and twin.seen_tokens == int(twin.position) == 11 and agree(twin)
+        padded = torch.ones(3, 2, dtype=torch.long)
+        padded[0, 0] = 0
+        model(prompt[:, 10:12], attention_mask=torch.cat([torch.ones(3, 10, dtype=torch.long), padded], 1),
+              cache=cache)
+        assert agree(cache) and cache.seen_tokens == 12 and all(agree(g.cache) for g in cache.groups)
+
+
+def test_a_module_pickled_without_its_decode_slots_still_decodes(tmp_path):
+    """`torch.save` of a whole model pickles its attention modules' attributes; one saved before they kept
+    `decode_slots` gets them on loading, from the sizes it kept, and decodes what the forward gives."""
+    model = build()
+    del model.model.layers[0].mixer.decode_slots
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        whole = loaded(ids()).logits
+        cache = loaded(ids()[:, :8], use_cache=True).cache
+        steps = [loaded(ids()[:, t : t + 1], cache=cache).logits for t in range(8, LENGTH)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole[:, 8:], rtol=1e-4, atol=1e-4)
+
+
+def test_a_cache_filled_under_inference_mode_continues_only_under_it():
+    """Inference tensors cannot be written in place outside inference mode: one clear error before any work, and
+    under inference mode the cache decodes what the forward gives. transformers' StaticCache fails there too."""
+    model = build()
+    with torch.no_grad():
+        whole = model(ids()).logits
+    with torch.inference_mode():
+        cache = model(ids()[:, :8], use_cache=True).cache
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"filled under torch.inference_mode\(\).*continue it"):
+        model(ids()[:, 8:9], cache=cache)
+    twin = cache.copy()  # made outside inference mode: ordinary tensors, which continue there
+    with torch.no_grad():
+        twin_steps = [model(ids()[:, t : t + 1], cache=twin).logits for t in range(8, LENGTH)]
+    with torch.inference_mode():
+        steps = [model(ids()[:, t : t + 1], cache=cache).logits for t in range(8, LENGTH)]
+    for decoded in (steps, twin_steps):
+        torch.testing.assert_close(torch.cat(decoded, dim=1), whole[:, 8:], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        normal = model(ids()[:, :8], use_cache=True).cache
+    with torch.inference_mode():
+        model(ids()[:, 8:9], cache=normal)  # a cache filled outside continues inside (an in-place write is allowed)
 
 
 def test_generate_returns_several_sequences_per_prompt():

@@ -81,8 +81,7 @@ class BMojoAttention(nn.Module):
             self.ssm_residual_gain = layers.gain(hidden, config.ssm_residual_init)
         self.tie_fading = config.tie_fading_projections
         self.fading_overlap = config.fading_overlap
-        pending = 0 if self.fading_window == 0 or self.fading_overlap else self.window
-        self.decode_slots = DecodeSlots(self.window, self.fading_window, self.memory_size, pending)
+        self.decode_slots = self._new_decode_slots()
         if self.fading_window > 0 and not self.tie_fading:
             self.k_fading_proj = layers.column_linear(hidden, kv_width, bias=bias)
             self.v_fading_proj = layers.column_linear(hidden, kv_width, bias=bias)
@@ -277,6 +276,17 @@ class BMojoAttention(nn.Module):
     def _slots(self) -> DecodeSlots:
         """The buffer's layout (the sizes are fixed at construction)."""
         return self.decode_slots
+
+    def _new_decode_slots(self) -> DecodeSlots:
+        pending = 0 if self.fading_window == 0 or self.fading_overlap else self.window
+        return DecodeSlots(self.window, self.fading_window, self.memory_size, pending)
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling (`torch.save` of the whole module): a module pickled before it kept its `decode_slots` gets
+        them from its sizes, which it did keep."""
+        super().__setstate__(state)
+        if "decode_slots" not in self.__dict__:
+            self.decode_slots = self._new_decode_slots()
 
     def _new_buffer(self, like: Tensor, batch: int, slots: int) -> Tensor:
         """Zeros for keys and values of `slots` slots, (2, batch, kv_heads, slots, D): [0] keys, [1] values.
