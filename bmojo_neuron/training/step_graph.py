@@ -11,8 +11,12 @@ compiler refuses by its error-code pages (`bmojo_neuron.compiler_rules`).
 
 `fake_training_step` builds a recipe's model on fake tensors (no weight is allocated,
 nothing is computed) with one decoder layer of each kind in its pattern (the layers
-of a kind are the same graph, and every rule is per op) and a micro-batch of 1 (no
-rule depends on it), at the recipe's sequence length and dtype. The torch reference
+of a kind are the same graph, and every rule is per op), at the recipe's sequence length
+and dtype, and a micro-batch of 1 by default; `plan --check-graph` traces the recipe's
+own micro-batch per NeuronCore, so the 4 GB tensor limit (NCC_EVRF024) is checked at the
+true size of every tensor that grows with the batch (logits, activations). Depth changes
+no tensor's size: the only tensors that stack the layers are one scalar per layer (the
+innovation and distillation losses). The torch reference
 ops are traced: the NKI kernels are custom calls with static shapes of their own.
 Used by `bmojo-neuron plan --check-graph` and `tests/test_static_shapes.py`.
 """
@@ -184,8 +188,9 @@ def one_layer_per_kind(pattern: str) -> str:
     return "".join(dict.fromkeys(pattern))
 
 
-def fake_training_step(name: str, overrides: list[str] | None = None) -> tuple[Any, nn.Module, tuple]:
-    """(recipe, fake-tensor model with one layer per kind, (input_ids, labels) of one sequence of its length).
+def fake_training_step(name: str, overrides: list[str] | None = None, batch: int = 1
+                       ) -> tuple[Any, nn.Module, tuple]:
+    """(recipe, fake-tensor model with one layer per kind, (input_ids, labels) of `batch` sequences of its length).
 
     The recipe is loaded with `overrides`, then its depth is reduced (`one_layer_per_kind`); the model is
     built in the recipe's training dtype (`.to(dtype)` cannot swap tied fake weights).
@@ -200,8 +205,8 @@ def fake_training_step(name: str, overrides: list[str] | None = None) -> tuple[A
     try:
         with FakeTensorMode():
             model = BMojoForCausalLM(recipe.model_config())
-            input_ids = torch.zeros(1, length, dtype=torch.long)
-            labels = torch.zeros(1, length, dtype=torch.long)
+            input_ids = torch.zeros(batch, length, dtype=torch.long)
+            labels = torch.zeros(batch, length, dtype=torch.long)
     finally:
         torch.set_default_dtype(default)
     return recipe, model, (input_ids, labels)
@@ -281,18 +286,20 @@ class GraphCheck(NamedTuple):
     seconds: float
     pattern: str  # the layer pattern traced (one layer per kind)
     length: int  # the sequence length traced
+    batch: int = 1  # the micro-batch traced (sequences)
 
 
 def check_recipe_graph(name: str, overrides: list[str] | None = None,
-                       progress: Callable[[str], None] = lambda _: None) -> GraphCheck:
-    """Trace the recipe's training step on fake tensors (one layer per kind) and scan both graphs."""
+                       progress: Callable[[str], None] = lambda _: None, batch: int = 1) -> GraphCheck:
+    """Trace the recipe's training step on fake tensors (one layer per kind, `batch` sequences: the micro-batch
+    of one NeuronCore, for the tensor-size limit) and scan both graphs."""
     start = time.monotonic()
-    recipe, model, args = fake_training_step(name, overrides)
+    recipe, model, args = fake_training_step(name, overrides, batch)
     pattern, length = recipe.model_config().layer_pattern, recipe.data.block_size
-    progress(f"tracing the training step on fake tensors: layers {pattern} (one per kind), 1 × {length} tokens, "
-             f"{recipe.train.precision}")
+    progress(f"tracing the training step on fake tensors: layers {pattern} (one per kind), {batch} × {length} "
+             f"tokens, {recipe.train.precision}")
     with ops.use_backend("torch"), warnings.catch_warnings():  # the backend is resolved before tracing
         # torch.export's own pytree code warns of its deprecated LeafSpec check (torch 2.13); not the user's to fix
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
         findings = scan_training_step(training_loss(recipe, model), args, progress)
-    return GraphCheck(findings, time.monotonic() - start, pattern, length)
+    return GraphCheck(findings, time.monotonic() - start, pattern, length, batch)
