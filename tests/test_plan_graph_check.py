@@ -139,15 +139,35 @@ def test_the_4_gb_limit_is_checked_at_the_micro_batch_of_a_neuroncore(capsys, mo
                    for line in over), over
 
 
+def _strided_dilated_conv(y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.conv1d(y.unsqueeze(0), torch.ones(4, 4, 2), stride=2, dilation=2).sum()
+
+
+def test_a_refusal_of_the_backward_alone_names_the_forward_line_it_differentiates():
+    """The strided, dilated conv1d compiles; its input gradient (convolution_backward) dilates input and kernel,
+    a node only the joint graph has, which torch's retrace records without the model's line."""
+    (finding,) = step_graph.scan_training_step(Scaled(_strided_dilated_conv), (torch.randn(4, 8),))
+    d = finding.to_dict()
+    assert (d["graph"], d["code"], d["node"]) == ("forward+backward", "NCC_EVRF010", "convolution_backward")
+    line = _strided_dilated_conv.__code__.co_firstlineno + 1
+    assert d["where"] == (f'at File "{__file__}", line {line}, in _strided_dilated_conv '
+                          "(backward of aten.convolution)"), d["where"]
+    assert str(finding).endswith("(backward of aten.convolution) [forward+backward graph]")
+
+
 def test_the_scan_lists_each_problem_once_in_the_graph_it_first_appears():
     """A boolean-mask gather is a static-shape finding in the forward graph (the joint graph repeats it) and
-    its backward, a boolean-mask index_put, one of the joint graph; a refusal of export itself is one finding."""
+    its backward, a boolean-mask index_put, one of the joint graph, at the gather's line; a refusal of export
+    itself is one finding."""
     findings = step_graph.scan_training_step(Scaled(lambda y: y[y > 0].sum()), (torch.randn(4, 8),))
     lines = [str(f) for f in findings]
     index = [line for line in lines if "aten.index with a boolean mask" in line]
     index_put = [line for line in lines if "aten.index_put with a boolean mask" in line]
     assert len(index) == 1 and index[0].endswith("[forward graph]")
-    assert len(index_put) == 1 and index_put[0].endswith("at node index_put [forward+backward graph]")
+    assert len(index_put) == 1 and index_put[0].endswith(
+        "in <lambda> (backward of aten.index) [forward+backward graph]"), index_put
+    gather_line = index[0].split(" at ")[1].split(" [")[0]
+    assert 'test_plan_graph_check.py", line' in gather_line and gather_line in index_put[0]
     assert all(line.startswith("static-shape docs/design.md#static-shapes: ") for line in index + index_put)
 
     def branch(y):

@@ -23,16 +23,20 @@ Used by `bmojo-neuron plan --check-graph` and `tests/test_static_shapes.py`.
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import ExportedProgram
-from torch.fx import Graph, Node
+from torch.fx import Graph, GraphModule, Node
+from torch.fx import traceback as fx_traceback
+from torch.fx.experimental import proxy_tensor
 from torch.utils import _pytree as pytree
 
 from bmojo_neuron import ops
@@ -236,7 +240,8 @@ class Finding(NamedTuple):
 
     def to_dict(self) -> dict[str, str]:
         """{graph, code, page, problem, where, node}; code "static-shape" for a problem that is not the
-        compiler's. `where` is empty for a node of the backward (the joint graph records no source line)."""
+        compiler's. `where` of a node of the backward is the line of the forward op it differentiates, with
+        "(backward of aten.op)"; empty where neither is known."""
         refusal = self.refusal
         if isinstance(refusal, Violation):
             code, page = f"NCC_{refusal.code}", f"compiler/error-codes/{refusal.code}.rst"
@@ -267,9 +272,87 @@ def _once(findings: list[Finding], known: Sequence[Finding] = (), by_line: bool 
     return [f for k, f in first.items() if k not in seen]
 
 
+# ----------------------------------------------------------------------------- a backward node's source line
+_GENERATED_FRAME = re.compile(r'File "(<eval_with_key>[^"]*)", line (\d+)')
+
+
+class TracedGraphs:
+    """The graph modules traced while deriving the joint graph, to give a backward node its forward's source line.
+
+    torch's `aot_export_module` (torch/_functorch/aot_autograd.py, the `make_fx(flattened_joint, ...)` at the end)
+    traces the joint graph once, then traces that graph module again, flat; only the first trace runs autograd.
+    Under `torch.fx.traceback.preserve_node_meta`, autograd's hooks (`setup_stacktrace_preservation_hooks`,
+    torch/_functorch/_aot_autograd/logging_utils.py) give each node of a backward function the stack trace and
+    ``seq_nr`` of the forward op it differentiates, and mark it ``autograd_backward``. The second trace records
+    only the line of the first one's generated code (``File "<eval_with_key>.N", line L``), which the first's
+    ``_lineno_map`` maps back to its node, as torch's own profiler does (torch/fx/graph_module.py, `recompile`).
+    """
+
+    def __init__(self) -> None:
+        self.modules: list[GraphModule] = []
+
+    @contextmanager
+    def recording(self) -> Iterator[TracedGraphs]:
+        """Keep every graph module `make_fx` returns, with node metadata preserved, while the block runs
+        (nothing is kept where torch has no `_MakefxTracer.trace`: backward nodes then have no source line)."""
+        tracer = getattr(proxy_tensor, "_MakefxTracer", None)
+        original = getattr(tracer, "trace", None)
+        if original is None:
+            yield self
+            return
+
+        def trace(tracer_self: Any, f: Callable, *args: Any) -> GraphModule:
+            module = original(tracer_self, f, *args)
+            self.modules.append(module)
+            return module
+
+        tracer.trace = trace
+        try:
+            with fx_traceback.preserve_node_meta():
+                yield self
+        finally:
+            tracer.trace = original
+
+    def _traced_node(self, node: Node) -> Node | None:
+        """The node of the first trace that `node` (of the joint graph) was made from, if recorded."""
+        # by the code's file name now: aot_autograd recompiles a module after tracing it (a new name)
+        by_file = {module.forward.__code__.co_filename: module for module in self.modules}
+        for filename, line in reversed(_GENERATED_FRAME.findall(node.meta.get("stack_trace") or "")):
+            module = by_file.get(filename)
+            lines = getattr(module, "_lineno_map", None) or {}
+            index = lines.get(int(line) - getattr(module, "_prologue_start", 0))
+            if index is not None:
+                return list(module.graph.nodes)[index]
+        return None
+
+    def backward_source(self, node: Node) -> str:
+        """'at File ..., line N, in f (backward of aten.op)' for a node of autograd's backward; '' if unknown."""
+        traced = self._traced_node(node)
+        if traced is None or not traced.meta.get("autograd_backward"):
+            return ""
+        where = source_line(traced)
+        forward = next((n for n in traced.graph.nodes if n.op == "call_function" and not n.meta.get("autograd_backward")
+                        and n.meta.get("seq_nr") == traced.meta.get("seq_nr")), None)
+        name = op_name(forward.target) if forward is not None else None
+        return f"{where} (backward of aten.{name})" if where and name else where
+
+
+def _with_backward_sources(findings: list[Finding], graph: Graph, traced: TracedGraphs) -> list[Finding]:
+    """`findings` of the joint graph, each node without a source line given its forward op's."""
+    nodes = {node.name: node for node in graph.nodes}
+    sourced = []
+    for finding in findings:
+        refusal = finding.refusal
+        if not isinstance(refusal, str) and not refusal.where and refusal.node in nodes:
+            refusal = refusal._replace(where=traced.backward_source(nodes[refusal.node]))
+        sourced.append(finding._replace(refusal=refusal))
+    return sourced
+
+
 def scan_training_step(module: nn.Module, args: tuple, progress: Callable[[str], None] = lambda _: None
                        ) -> list[Finding]:
-    """Every finding of `module(*args)`'s forward graph, then those its backward adds."""
+    """Every finding of `module(*args)`'s forward graph, then those its backward adds (a node of the backward
+    with the source line of the forward op it differentiates)."""
     try:
         forward = export_forward(module, args)
     except StaticShapeViolation as err:
@@ -278,7 +361,16 @@ def scan_training_step(module: nn.Module, args: tuple, progress: Callable[[str],
     findings = _once(_graph_findings(forward.graph, "forward"))
     joint = joint_program(forward)
     progress(f"forward+backward graph: {len(joint.graph.nodes)} nodes; scanning")
-    return findings + _once(_graph_findings(joint.graph, "forward+backward"), findings, by_line=False)
+    added = _once(_graph_findings(joint.graph, "forward+backward"), findings, by_line=False)
+    if not any(isinstance(f.refusal, (Violation, StaticProblem)) and not f.refusal.where for f in added):
+        return findings + added
+    # Recording the traces with their node metadata makes the derivation about a third slower, so it is
+    # done again only when the backward has a finding to place.
+    progress("the backward has findings: deriving it again with node metadata, for their forward lines")
+    with TracedGraphs().recording() as traced:
+        joint = joint_program(forward)
+    added = _once(_graph_findings(joint.graph, "forward+backward"), findings, by_line=False)
+    return findings + _with_backward_sources(added, joint.graph, traced)
 
 
 class GraphCheck(NamedTuple):
