@@ -11,17 +11,20 @@ from __future__ import annotations
 import json
 import re
 
+from typing import NamedTuple
+
 import pytest
 import torch
+from torch import nn
 from toy_graphs import Scaled
 
 from bmojo_neuron.cli import main
 from bmojo_neuron.compiler_rules import Violation
 from bmojo_neuron.training import objective, step_graph
 
-# 512 tokens (a multiple of 128 and of the recipe's memory_chunk 256) trace faster than the recipe's 2048;
-# the graph has the same ops.
-SHORT = ["data.block_size=512"]
+# 512 tokens (a multiple of 128 and of the recipe's memory_chunk 256) and one sequence a NeuronCore (32 over
+# 32) trace faster than the recipe's 8 × 2048; the graph has the same ops.
+SHORT = ["data.block_size=512", "train.batch_size=32"]
 
 
 def plan(capsys, *argv: str) -> tuple[int, str, str]:
@@ -33,7 +36,7 @@ def plan(capsys, *argv: str) -> tuple[int, str, str]:
 def _no_finding(module, args, progress):
     """The scan's contract without its minute of tracing: the shipped recipes' own scan runs in
     `tests/test_static_shapes.py` (`export_training_step` fails on any finding)."""
-    assert isinstance(module, step_graph.TrainingLoss) and args[0].shape == (1, 2048)
+    assert isinstance(module, step_graph.TrainingLoss) and args[0].shape == (8, 2048)  # 256 over 32 cores
     progress("forward graph: 1 nodes; deriving the backward")
     progress("forward+backward graph: 1 nodes; scanning")
     return []
@@ -45,7 +48,7 @@ def test_the_shipped_recipe_passes(capsys, monkeypatch):
     assert code == 0, out
     assert "tp 1 × pp 1 × dp 32" in out  # the plan is printed as without the check
     assert re.search(r"\nno finding \(\d+\.\d s\)\n$", out), out
-    assert "layers B (one per kind" in out and "1 × 2048 tokens" in out
+    assert "layers B (one per kind" in out and "8 × 2048 tokens" in out
     assert "graph check: forward graph:" in err and "forward+backward graph:" in err  # progress, on stderr
     assert "Warning" not in err
 
@@ -86,7 +89,7 @@ def test_bad_input_is_one_error_line_before_any_trace(capsys, monkeypatch, argv,
 def test_json_carries_the_findings(capsys, monkeypatch):
     found = step_graph.Finding("forward", Violation("sort", "EVRF013", "aten.sort of a torch.int64 tensor", "at x"))
     monkeypatch.setattr(step_graph, "check_recipe_graph",
-                        lambda *a, **k: step_graph.GraphCheck([found], 1.34, "B", 2048))
+                        lambda *a, **k: step_graph.GraphCheck([found], 1.34, "B", 2048, 8))
     code, out, _ = plan(capsys, "trn1/bmojo-130m", "--check-graph", "--json")
     data = json.loads(out)
     assert code == 1 and data["world"] == 32
@@ -95,18 +98,76 @@ def test_json_carries_the_findings(capsys, monkeypatch):
                                                 "problem": "aten.sort of a torch.int64 tensor", "where": "at x",
                                                 "node": "sort"}]
     assert isinstance(data["graph_check"]["seconds"], float)  # the command's own time, imports included
-    assert (data["graph_check"]["layers"], data["graph_check"]["tokens"]) == ("B", 2048)
+    assert (data["graph_check"]["layers"], data["graph_check"]["tokens"], data["graph_check"]["batch"]) == (
+        "B", 2048, 8)
+
+
+class LossOutput(NamedTuple):
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    aux_loss: None = None
+
+
+class LogitsOnly(nn.Module):
+    """The recipe's embedding, tied vocabulary projection and float32 loss without the decoder: the step's
+    largest tensors (batch × sequence × vocabulary), traced in a second instead of a minute."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, use_cache: bool = False) -> LossOutput:
+        logits = (self.embed(input_ids) @ self.embed.weight.T).float()
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        return LossOutput(loss, loss)
+
+
+@pytest.mark.parametrize("batch_size, refused", [(352, True), (320, False)])
+def test_the_4_gb_limit_is_checked_at_the_micro_batch_of_a_neuroncore(capsys, monkeypatch, batch_size, refused):
+    """Over 32 NeuronCores, 352 sequences are 11 a core: float32 logits of 11 × 2048 × 50304 are 4.53e9 bytes,
+    above 2^32; 320 (10 a core) are 4.12e9, under it. A trace of one sequence sees 0.41e9 either way."""
+    monkeypatch.setattr(step_graph, "BMojoForCausalLM", LogitsOnly)
+    code, out, _ = plan(capsys, "trn1/bmojo-130m", f"train.batch_size={batch_size}", "--check-graph")
+    lines = out[out.index("graph check (") :].splitlines()
+    assert f"{batch_size // 32} × 2048 tokens" in lines[0]
+    over = [line for line in lines if line.startswith("  NCC_EVRF024 compiler/error-codes/EVRF024.rst: a tensor of ")]
+    assert code == int(refused) and bool(over) == refused, lines
+    if refused:
+        assert all(line.endswith("graph]") for line in over)
+        assert any("(11, 2048, 50304) torch.float32 is 4532994048 bytes" in line and
+                   'test_plan_graph_check.py", line' in line and "in forward [forward graph]" in line
+                   for line in over), over
+
+
+def _strided_dilated_conv(y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.conv1d(y.unsqueeze(0), torch.ones(4, 4, 2), stride=2, dilation=2).sum()
+
+
+def test_a_refusal_of_the_backward_alone_names_the_forward_line_it_differentiates():
+    """The strided, dilated conv1d compiles; its input gradient (convolution_backward) dilates input and kernel,
+    a node only the joint graph has, which torch's retrace records without the model's line."""
+    (finding,) = step_graph.scan_training_step(Scaled(_strided_dilated_conv), (torch.randn(4, 8),))
+    d = finding.to_dict()
+    assert (d["graph"], d["code"], d["node"]) == ("forward+backward", "NCC_EVRF010", "convolution_backward")
+    line = _strided_dilated_conv.__code__.co_firstlineno + 1
+    assert d["where"] == (f'at File "{__file__}", line {line}, in _strided_dilated_conv '
+                          "(backward of aten.convolution)"), d["where"]
+    assert str(finding).endswith("(backward of aten.convolution) [forward+backward graph]")
 
 
 def test_the_scan_lists_each_problem_once_in_the_graph_it_first_appears():
     """A boolean-mask gather is a static-shape finding in the forward graph (the joint graph repeats it) and
-    its backward, a boolean-mask index_put, one of the joint graph; a refusal of export itself is one finding."""
+    its backward, a boolean-mask index_put, one of the joint graph, at the gather's line; a refusal of export
+    itself is one finding."""
     findings = step_graph.scan_training_step(Scaled(lambda y: y[y > 0].sum()), (torch.randn(4, 8),))
     lines = [str(f) for f in findings]
     index = [line for line in lines if "aten.index with a boolean mask" in line]
     index_put = [line for line in lines if "aten.index_put with a boolean mask" in line]
     assert len(index) == 1 and index[0].endswith("[forward graph]")
-    assert len(index_put) == 1 and index_put[0].endswith("at node index_put [forward+backward graph]")
+    assert len(index_put) == 1 and index_put[0].endswith(
+        "in <lambda> (backward of aten.index) [forward+backward graph]"), index_put
+    gather_line = index[0].split(" at ")[1].split(" [")[0]
+    assert 'test_plan_graph_check.py", line' in gather_line and gather_line in index_put[0]
     assert all(line.startswith("static-shape docs/design.md#static-shapes: ") for line in index + index_put)
 
     def branch(y):

@@ -18,8 +18,8 @@ own). What is kept from each recipe (`_kept_settings`): the sequence length
 picks / lag, the SSM mixer, state size, head dim, groups, conv and chunk, the
 vocabulary, the tying and the training dtype. What is shrunk: depth (one layer of
 each kind in the pattern; the layers of a kind are the same graph), the micro-batch
-(1: no rule depends on it; the outputs, whose size the 4 GB limit bounds, are the loss and
-the gradients) and, where recipes differ only in width
+(1: no rule but the 4 GB tensor limit depends on it, and `plan --check-graph` checks that one at
+the recipe's micro-batch, tests/test_plan_graph_check.py) and, where recipes differ only in width
 (hidden size, head counts: 130m and 370m), the wider one is represented by the
 narrower. The negative tests show that the same check rejects each banned construct.
 The export and the scans are `bmojo_neuron.training.step_graph`, which `bmojo-neuron plan

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.json:  # the plan first: it is ready long before the trace
         print(plan.format(), flush=True)
-    check = check_graph(args.recipe, args.overrides)
+    check = check_graph(args.recipe, args.overrides, plan.memory.microbatch_size)
     if args.json:
         print(json.dumps({**plan.to_dict(), "graph_check": check_json(check)}, indent=2))
     else:
@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
     return 1 if check.findings else 0
 
 
-def check_graph(recipe: str, overrides: list[str]) -> Any:
-    """The graph check of the recipe's training step, with its progress on stderr; its time includes loading
-    torch and the model code."""
+def check_graph(recipe: str, overrides: list[str], batch: int) -> Any:
+    """The graph check of the recipe's training step at `batch` sequences (one NeuronCore's micro-batch), with
+    its progress on stderr; its time includes loading torch and the model code."""
     def progress(line: str) -> None:
         print(f"graph check: {line}", file=sys.stderr, flush=True)
 
@@ -67,7 +67,7 @@ def check_graph(recipe: str, overrides: list[str]) -> Any:
     progress(f"{recipe}: loading torch and the model")
     from bmojo_neuron.training.step_graph import check_recipe_graph
 
-    check = check_recipe_graph(recipe, overrides, progress)
+    check = check_recipe_graph(recipe, overrides, progress, batch)
     return check._replace(seconds=time.monotonic() - start)
 
 
@@ -75,7 +75,7 @@ def check_lines(check: Any) -> list[str]:
     """The findings, one a line (code, page, what, where, graph), and the summary with the time taken."""
     from bmojo_neuron.compiler_rules import SDK_DOCS
 
-    traced = (f"layers {check.pattern} (one per kind: findings are per op), 1 × {check.length} tokens, "
+    traced = (f"layers {check.pattern} (one per kind: findings are per op), {check.batch} × {check.length} tokens, "
               "torch reference ops in place of the NKI kernels")
     head = [f"graph check (neuronx-cc 2.23 error-code pages, {SDK_DOCS}; {traced}):"]
     count = len(check.findings)
@@ -88,4 +88,4 @@ def check_json(check: Any) -> dict[str, Any]:
     from bmojo_neuron.compiler_rules import SDK_DOCS
 
     return {"findings": [f.to_dict() for f in check.findings], "seconds": round(check.seconds, 1),
-            "layers": check.pattern, "tokens": check.length, "sdk_docs": SDK_DOCS}
+            "layers": check.pattern, "tokens": check.length, "batch": check.batch, "sdk_docs": SDK_DOCS}

@@ -11,24 +11,32 @@ compiler refuses by its error-code pages (`bmojo_neuron.compiler_rules`).
 
 `fake_training_step` builds a recipe's model on fake tensors (no weight is allocated,
 nothing is computed) with one decoder layer of each kind in its pattern (the layers
-of a kind are the same graph, and every rule is per op) and a micro-batch of 1 (no
-rule depends on it), at the recipe's sequence length and dtype. The torch reference
+of a kind are the same graph, and every rule is per op), at the recipe's sequence length
+and dtype, and a micro-batch of 1 by default; `plan --check-graph` traces the recipe's
+own micro-batch per NeuronCore, so the 4 GB tensor limit (NCC_EVRF024) is checked at the
+true size of every tensor that grows with the batch (logits, activations). Depth changes
+no tensor's size: the only tensors that stack the layers are one scalar per layer (the
+innovation and distillation losses). The torch reference
 ops are traced: the NKI kernels are custom calls with static shapes of their own.
 Used by `bmojo-neuron plan --check-graph` and `tests/test_static_shapes.py`.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import ExportedProgram
-from torch.fx import Graph, Node
+from torch.fx import Graph, GraphModule, Node
+from torch.fx import traceback as fx_traceback
+from torch.fx.experimental import proxy_tensor
 from torch.utils import _pytree as pytree
 
 from bmojo_neuron import ops
@@ -184,8 +192,9 @@ def one_layer_per_kind(pattern: str) -> str:
     return "".join(dict.fromkeys(pattern))
 
 
-def fake_training_step(name: str, overrides: list[str] | None = None) -> tuple[Any, nn.Module, tuple]:
-    """(recipe, fake-tensor model with one layer per kind, (input_ids, labels) of one sequence of its length).
+def fake_training_step(name: str, overrides: list[str] | None = None, batch: int = 1
+                       ) -> tuple[Any, nn.Module, tuple]:
+    """(recipe, fake-tensor model with one layer per kind, (input_ids, labels) of `batch` sequences of its length).
 
     The recipe is loaded with `overrides`, then its depth is reduced (`one_layer_per_kind`); the model is
     built in the recipe's training dtype (`.to(dtype)` cannot swap tied fake weights).
@@ -200,8 +209,8 @@ def fake_training_step(name: str, overrides: list[str] | None = None) -> tuple[A
     try:
         with FakeTensorMode():
             model = BMojoForCausalLM(recipe.model_config())
-            input_ids = torch.zeros(1, length, dtype=torch.long)
-            labels = torch.zeros(1, length, dtype=torch.long)
+            input_ids = torch.zeros(batch, length, dtype=torch.long)
+            labels = torch.zeros(batch, length, dtype=torch.long)
     finally:
         torch.set_default_dtype(default)
     return recipe, model, (input_ids, labels)
@@ -231,7 +240,8 @@ class Finding(NamedTuple):
 
     def to_dict(self) -> dict[str, str]:
         """{graph, code, page, problem, where, node}; code "static-shape" for a problem that is not the
-        compiler's. `where` is empty for a node of the backward (the joint graph records no source line)."""
+        compiler's. `where` of a node of the backward is the line of the forward op it differentiates, with
+        "(backward of aten.op)"; empty where neither is known."""
         refusal = self.refusal
         if isinstance(refusal, Violation):
             code, page = f"NCC_{refusal.code}", f"compiler/error-codes/{refusal.code}.rst"
@@ -262,9 +272,87 @@ def _once(findings: list[Finding], known: Sequence[Finding] = (), by_line: bool 
     return [f for k, f in first.items() if k not in seen]
 
 
+# ----------------------------------------------------------------------------- a backward node's source line
+_GENERATED_FRAME = re.compile(r'File "(<eval_with_key>[^"]*)", line (\d+)')
+
+
+class TracedGraphs:
+    """The graph modules traced while deriving the joint graph, to give a backward node its forward's source line.
+
+    torch's `aot_export_module` (torch/_functorch/aot_autograd.py, the `make_fx(flattened_joint, ...)` at the end)
+    traces the joint graph once, then traces that graph module again, flat; only the first trace runs autograd.
+    Under `torch.fx.traceback.preserve_node_meta`, autograd's hooks (`setup_stacktrace_preservation_hooks`,
+    torch/_functorch/_aot_autograd/logging_utils.py) give each node of a backward function the stack trace and
+    ``seq_nr`` of the forward op it differentiates, and mark it ``autograd_backward``. The second trace records
+    only the line of the first one's generated code (``File "<eval_with_key>.N", line L``), which the first's
+    ``_lineno_map`` maps back to its node, as torch's own profiler does (torch/fx/graph_module.py, `recompile`).
+    """
+
+    def __init__(self) -> None:
+        self.modules: list[GraphModule] = []
+
+    @contextmanager
+    def recording(self) -> Iterator[TracedGraphs]:
+        """Keep every graph module `make_fx` returns, with node metadata preserved, while the block runs
+        (nothing is kept where torch has no `_MakefxTracer.trace`: backward nodes then have no source line)."""
+        tracer = getattr(proxy_tensor, "_MakefxTracer", None)
+        original = getattr(tracer, "trace", None)
+        if original is None:
+            yield self
+            return
+
+        def trace(tracer_self: Any, f: Callable, *args: Any) -> GraphModule:
+            module = original(tracer_self, f, *args)
+            self.modules.append(module)
+            return module
+
+        tracer.trace = trace
+        try:
+            with fx_traceback.preserve_node_meta():
+                yield self
+        finally:
+            tracer.trace = original
+
+    def _traced_node(self, node: Node) -> Node | None:
+        """The node of the first trace that `node` (of the joint graph) was made from, if recorded."""
+        # by the code's file name now: aot_autograd recompiles a module after tracing it (a new name)
+        by_file = {module.forward.__code__.co_filename: module for module in self.modules}
+        for filename, line in reversed(_GENERATED_FRAME.findall(node.meta.get("stack_trace") or "")):
+            module = by_file.get(filename)
+            lines = getattr(module, "_lineno_map", None) or {}
+            index = lines.get(int(line) - getattr(module, "_prologue_start", 0))
+            if index is not None:
+                return list(module.graph.nodes)[index]
+        return None
+
+    def backward_source(self, node: Node) -> str:
+        """'at File ..., line N, in f (backward of aten.op)' for a node of autograd's backward; '' if unknown."""
+        traced = self._traced_node(node)
+        if traced is None or not traced.meta.get("autograd_backward"):
+            return ""
+        where = source_line(traced)
+        forward = next((n for n in traced.graph.nodes if n.op == "call_function" and not n.meta.get("autograd_backward")
+                        and n.meta.get("seq_nr") == traced.meta.get("seq_nr")), None)
+        name = op_name(forward.target) if forward is not None else None
+        return f"{where} (backward of aten.{name})" if where and name else where
+
+
+def _with_backward_sources(findings: list[Finding], graph: Graph, traced: TracedGraphs) -> list[Finding]:
+    """`findings` of the joint graph, each node without a source line given its forward op's."""
+    nodes = {node.name: node for node in graph.nodes}
+    sourced = []
+    for finding in findings:
+        refusal = finding.refusal
+        if not isinstance(refusal, str) and not refusal.where and refusal.node in nodes:
+            refusal = refusal._replace(where=traced.backward_source(nodes[refusal.node]))
+        sourced.append(finding._replace(refusal=refusal))
+    return sourced
+
+
 def scan_training_step(module: nn.Module, args: tuple, progress: Callable[[str], None] = lambda _: None
                        ) -> list[Finding]:
-    """Every finding of `module(*args)`'s forward graph, then those its backward adds."""
+    """Every finding of `module(*args)`'s forward graph, then those its backward adds (a node of the backward
+    with the source line of the forward op it differentiates)."""
     try:
         forward = export_forward(module, args)
     except StaticShapeViolation as err:
@@ -273,7 +361,16 @@ def scan_training_step(module: nn.Module, args: tuple, progress: Callable[[str],
     findings = _once(_graph_findings(forward.graph, "forward"))
     joint = joint_program(forward)
     progress(f"forward+backward graph: {len(joint.graph.nodes)} nodes; scanning")
-    return findings + _once(_graph_findings(joint.graph, "forward+backward"), findings, by_line=False)
+    added = _once(_graph_findings(joint.graph, "forward+backward"), findings, by_line=False)
+    if not any(isinstance(f.refusal, (Violation, StaticProblem)) and not f.refusal.where for f in added):
+        return findings + added
+    # Recording the traces with their node metadata makes the derivation about a third slower, so it is
+    # done again only when the backward has a finding to place.
+    progress("the backward has findings: deriving it again with node metadata, for their forward lines")
+    with TracedGraphs().recording() as traced:
+        joint = joint_program(forward)
+    added = _once(_graph_findings(joint.graph, "forward+backward"), findings, by_line=False)
+    return findings + _with_backward_sources(added, joint.graph, traced)
 
 
 class GraphCheck(NamedTuple):
@@ -281,18 +378,20 @@ class GraphCheck(NamedTuple):
     seconds: float
     pattern: str  # the layer pattern traced (one layer per kind)
     length: int  # the sequence length traced
+    batch: int = 1  # the micro-batch traced (sequences)
 
 
 def check_recipe_graph(name: str, overrides: list[str] | None = None,
-                       progress: Callable[[str], None] = lambda _: None) -> GraphCheck:
-    """Trace the recipe's training step on fake tensors (one layer per kind) and scan both graphs."""
+                       progress: Callable[[str], None] = lambda _: None, batch: int = 1) -> GraphCheck:
+    """Trace the recipe's training step on fake tensors (one layer per kind, `batch` sequences: the micro-batch
+    of one NeuronCore, for the tensor-size limit) and scan both graphs."""
     start = time.monotonic()
-    recipe, model, args = fake_training_step(name, overrides)
+    recipe, model, args = fake_training_step(name, overrides, batch)
     pattern, length = recipe.model_config().layer_pattern, recipe.data.block_size
-    progress(f"tracing the training step on fake tensors: layers {pattern} (one per kind), 1 × {length} tokens, "
-             f"{recipe.train.precision}")
+    progress(f"tracing the training step on fake tensors: layers {pattern} (one per kind), {batch} × {length} "
+             f"tokens, {recipe.train.precision}")
     with ops.use_backend("torch"), warnings.catch_warnings():  # the backend is resolved before tracing
         # torch.export's own pytree code warns of its deprecated LeafSpec check (torch 2.13); not the user's to fix
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
         findings = scan_training_step(training_loss(recipe, model), args, progress)
-    return GraphCheck(findings, time.monotonic() - start, pattern, length)
+    return GraphCheck(findings, time.monotonic() - start, pattern, length, batch)
