@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import io
 import json
 import re
 import subprocess
@@ -259,13 +260,23 @@ def test_registered_command_errors(registry, capsys):
 
 
 def test_a_closed_stdout_ends_the_command_quietly_with_141(tmp_path):
-    """`bmojo-neuron cache ls --json | head -1`: the reader is gone, so the command stops, without a traceback."""
+    """`bmojo-neuron cache ls --json | head -1`: the reader is gone, so the command stops, without a traceback,
+    whether the write fails in the last flush (a short output) or inside the command (more than stdout's buffer)."""
     import os
 
+    empty, full = tmp_path / "empty", tmp_path / "full"
+    empty.mkdir()
+    for n in range(200):  # incomplete entries: a table row of ~80 characters each
+        module = full / "neuronxcc-2.23.6484.0+ab12cd34" / f"MODULE_{n}+d41d8cd9"
+        module.mkdir(parents=True)
+        (module / "model.hlo_module.pb").write_bytes(b"hlo")
+    table = subprocess.run([sys.executable, "-m", "bmojo_neuron.cli", "cache", "ls", "--cache-dir", str(full)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0 and len(table.stdout) > 2 * io.DEFAULT_BUFFER_SIZE, table.stdout[-300:]
     read, write = os.pipe()
     os.close(read)  # every write to `write` fails with EPIPE, as after `head -1` has exited
     try:
-        for args in (["cache", "ls", "--json", "--cache-dir", str(tmp_path)], ["plan", "trn1/bmojo-130m"]):
+        for args in (["cache", "ls", "--json", "--cache-dir", str(empty)], ["cache", "ls", "--cache-dir", str(full)]):
             done = subprocess.run([sys.executable, "-m", "bmojo_neuron.cli", *args], cwd=ROOT, stdout=write,
                                   stderr=subprocess.PIPE, text=True, timeout=120)
             assert (done.returncode, done.stderr) == (141, ""), args  # 128 + SIGPIPE, as a shell reports
