@@ -256,9 +256,11 @@ def test_a_run_that_fails_before_writing_its_directory_leaves_no_folder(capsys, 
     assert cli.main([*argv, str(existing)]) == 2
     assert capsys.readouterr().err.startswith(refusal)
     assert list(tmp_path.iterdir()) == [existing] and list(existing.iterdir()) == []
-    (existing / "notes.txt").write_text("mine")  # something else there: nothing is deleted
+    (existing / "metrics.jsonl").write_text("")  # an earlier attempt's logs and a file of the user's: kept
+    (existing / "notes.txt").write_text("mine")
     assert cli.main([*argv, str(existing)]) == 2
-    assert sorted(p.name for p in existing.iterdir()) == [".lock", "notes.txt"]
+    assert capsys.readouterr().err.startswith(refusal)
+    assert sorted(p.name for p in existing.iterdir()) == [".lock", "metrics.jsonl", "notes.txt"]
 
 
 def test_an_override_that_is_not_yaml_is_one_error_line(capsys):
@@ -553,3 +555,46 @@ def test_dry_run_sees_a_data_cache_already_built(capsys, tmp_path):
     assert cli.main(["train", *args, "data.block_size=16", "--dry-run"]) == 0
     assert f"data: {corpus} (text-file): tokenized and packed into {out.parent / 'data-cache'} on first use" \
            in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ the output folder
+
+
+def test_an_output_dir_of_unrelated_files_is_refused_before_any_work(capsys, tmp_path):
+    """docs/training.md, The output directory: a folder of someone's files and no run (`~`, a project folder) is
+    refused in one line naming it, a few of its entries and a subfolder to use; an empty folder trains, and a
+    run folder resumes with a file of the user's beside the run, as does a suite's folder holding its runs."""
+    home, recipe = tmp_path / "home", write_suite(tmp_path / "suite.yaml")
+    for folder in ("Documents", "project"):
+        (home / folder).mkdir(parents=True)
+    for name in ("notes.txt", "a.py", ".bashrc", ".DS_Store"):
+        (home / name).write_text("mine")
+    before = sorted(p.name for p in home.iterdir())
+    argv = ["train", str(recipe), "suite=none", "--no-progress", "--output-dir"]
+    problem = (f"--output-dir {home} is a folder of other files (Documents, a.py, notes.txt, project, ... "
+               "(5 entries)) and holds no run (no recipe.json, metrics.jsonl or step-* checkpoint): the run would "
+               "write its checkpoints and logs among them; pick a new or empty folder, e.g. --output-dir "
+               f"{home / 'tiny'}")
+    for extra in ([], ["--resume"]):
+        assert cli.main([*argv, str(home), *extra]) == 2
+        assert capsys.readouterr().err == f"error: {problem}\n"
+    assert sorted(p.name for p in home.iterdir()) == before  # not even a lock file
+    assert cli.main([*argv, str(home), "--dry-run"]) == 0
+    assert f"output: PROBLEM: {problem}\n" in capsys.readouterr().out
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".DS_Store").write_text("")  # what a file manager leaves does not make a folder someone's
+    assert cli.main([*argv, str(run)]) == 0
+    (run / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert cli.main([*argv, str(run), "--resume", "--dry-run"]) == 0  # the check train makes, as above
+    out = capsys.readouterr().out
+    assert f"output {run}: resumes from step-0000002\n" in out and "PROBLEM" not in out
+
+    suite_root = tmp_path / "suite"
+    (suite_root / "first").mkdir(parents=True)
+    (suite_root / "first" / "metrics.jsonl").write_text("")
+    (suite_root / "README.md").write_text("mine")
+    assert cli.main(["train", str(recipe), "--dry-run", "--output-dir", str(suite_root)]) == 0
+    assert "PROBLEM" not in capsys.readouterr().out
