@@ -492,6 +492,30 @@ def test_data_prepare_builds_the_cache_where_train_reads_it(capsys, tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "pair", "pair.yaml"]  # no runs/ in the cwd
 
 
+def test_a_hub_dataset_the_hub_cannot_serve_is_one_error_at_once(capsys, monkeypatch, tmp_path):
+    """With no network (here) the look-up before load_dataset fails at once, instead of load_dataset's five
+    retries (about 30 s); with one the name is not on the hub. Offline mode skips the look-up and names the
+    Hugging Face cache the dataset is not in."""
+    import time
+
+    import datasets.config
+
+    name = "bmojo-neuron-test/no-such-dataset"
+    argv = ["data", "prepare", "cpu-text", f"data.path={name}", "--output-dir", str(tmp_path / "run")]
+    start = time.monotonic()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: data.path {name}: ")
+    assert ("a hub dataset, and the hub cannot be reached" in err and "HF_HUB_OFFLINE=1" in err) or \
+        "the hub has no such dataset" in err
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: data.path {name}: a hub dataset, not in the Hugging Face "
+                                              "cache, and offline mode is on")
+    assert time.monotonic() - start < 10  # both, on a loaded machine; well under a second each when idle
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_data_prepare_has_nothing_to_do_for_mqar(capsys):
     assert cli.main(["data", "prepare", "cpu-tiny"]) == 0
     assert "nothing to prepare" in capsys.readouterr().out
