@@ -114,6 +114,19 @@ def test_a_multi_node_train_refuses_a_cache_folder_all_nodes_share(capsys, tmp_p
     assert "bmojo-neuron cache push/pull" in err and "(the cache comes from --cache_dir in NEURON_CC_FLAGS)" in err
 
 
+def test_a_multi_node_train_warns_of_a_cache_folder_that_may_be_shared(capsys, tmp_path, trn1_cache_on_lustre):
+    """virtiofs (a host folder in a VM, a Kata pod's root filesystem) may or may not be one folder for all
+    nodes: one warning line, and the run goes on (to the next check, the data's)."""
+    fsx = trn1_cache_on_lustre.parent
+    (tmp_path / "mountinfo").write_text("22 1 259:1 / / rw,relatime shared:1 - ext4 /dev/root rw\n"
+                                        f"90 22 0:50 / {fsx} rw,relatime shared:40 - virtiofs kataShared rw\n")
+    assert cli.main(_train_trn1(tmp_path)) == 2
+    warning, error = capsys.readouterr().err.splitlines()
+    assert warning.startswith(f"warning: the compile cache {trn1_cache_on_lustre} is on virtiofs, a host folder "
+                              "shared into this VM or container: if the 2 nodes see one folder there")
+    assert warning.endswith("(the cache comes from --cache_dir in NEURON_CC_FLAGS)") and "no-data" in error
+
+
 @pytest.mark.parametrize("env", [
     {"WORLD_SIZE": "32", "LOCAL_WORLD_SIZE": "32"},  # one node of 32 ranks: its own folder, wherever it is
     {"NEURON_CC_FLAGS": "--cache_dir=s3://bucket/neuron-cache"},  # every node's compiler uses the bucket

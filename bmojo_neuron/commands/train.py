@@ -289,15 +289,19 @@ def run(args: argparse.Namespace) -> int:
 
 def check_cache_not_shared() -> None:
     """A run on several nodes refuses a compile cache folder on a network filesystem, as `precompile --nodes`
-    does (`compile_cache.shared_fs`): the same path would be one folder for every node."""
+    does (`compile_cache.shared_fs`): the same path would be one folder for every node. One that may be shared
+    (an unknown FUSE daemon, 9p, virtiofs) gets a warning from rank 0."""
     from bmojo_neuron.compile_cache import resolve_cache_dir
-    from bmojo_neuron.compile_cache.shared_fs import shared_cache_problem
-    from bmojo_neuron.parallel.layout import torchrun_nodes
+    from bmojo_neuron.compile_cache.shared_fs import shared_cache_doubt, shared_cache_problem
+    from bmojo_neuron.parallel.layout import torchrun_env, torchrun_nodes
 
     url, source = resolve_cache_dir()
     problem = shared_cache_problem(url, torchrun_nodes())
     if problem:
         raise ValueError(f"{problem} (the cache comes from {source})")
+    doubt = shared_cache_doubt(url, torchrun_nodes())
+    if doubt and torchrun_env()[0] == 0:
+        print(f"warning: {doubt} (the cache comes from {source})", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

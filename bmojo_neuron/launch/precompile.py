@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from bmojo_neuron.compile_cache.location import is_s3
-from bmojo_neuron.compile_cache.shared_fs import shared_cache_problem
+from bmojo_neuron.compile_cache.shared_fs import shared_cache_doubt, shared_cache_problem
 from bmojo_neuron.launch.plan import LaunchPlan, build_plan
 from bmojo_neuron.fsutil import unwritable_reason
 from bmojo_neuron.recipes import load_recipe
@@ -128,6 +129,9 @@ def check_cache_dir(url: str, nodes: int = 1) -> None:
     problem = shared_cache_problem(url, nodes)
     if problem:
         raise ValueError(problem)
+    doubt = shared_cache_doubt(url, nodes)
+    if doubt:
+        print(f"warning: {doubt}", file=sys.stderr, flush=True)
 
 
 def check_output_dir(run_dir: Path) -> None:
