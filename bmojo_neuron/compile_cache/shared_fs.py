@@ -63,10 +63,6 @@ class Mount(NamedTuple):
     fs_type: str  # mountinfo's filesystem type: "ext4", "nfs4", "fuse.s3fs", ...
     source: str  # mountinfo's mount source: a device, "server:/export", a FUSE daemon's name
 
-    def is_network(self) -> bool:
-        """Whether the files are on a network store (`NETWORK_FILESYSTEMS`, `NETWORK_FUSE`)."""
-        return self.sharing() == Sharing.NETWORK
-
     def sharing(self) -> str:
         """`Sharing.NETWORK`, `Sharing.MAYBE` or `Sharing.LOCAL` (the module docstring says which is which)."""
         if self.fs_type in NETWORK_FILESYSTEMS:
