@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bmojo_neuron.checkpoints.inference import initial_weights_dir
-from bmojo_neuron.checkpoints.layout import foreign_entries, holds_run_files, latest_intact_checkpoint
+from bmojo_neuron.checkpoints.layout import latest_intact_checkpoint
 from bmojo_neuron.checkpoints.state import read_recipe, resume_refusal
 from bmojo_neuron.compile_cache.units import format_size
 from bmojo_neuron.data.text import source_kind
@@ -126,26 +126,6 @@ def check_run_dirs(runs: list[tuple[Any, Path]], parameters: list[int], resume: 
         by_filesystem.setdefault(run_dir.stat().st_dev, []).append((run_dir, need))
     for needs in by_filesystem.values():
         check_free_space(needs)
-
-
-def unrelated_folder_problem(root: Path, run_dirs: list[Path], option: str, run_name: str) -> str | None:
-    """Why `train` may not write into output folder `root`, or None: it holds someone else's files and no run.
-
-    A run writes its checkpoints, logs and plots at the top of its folder (and a suite its runs' folders and
-    summary), so an output folder given by mistake (``~``, a project folder) would get them among the files
-    already there. A folder that is new, empty, or holds a run of ours (`holds_run_files`: the run itself, a
-    suite's summary, or one of the runs a suite plans) is fine, whatever else the user put in it since.
-    `option` is where the folder came from (``--output-dir`` or ``run.output_dir``), for the advice.
-    """
-    entries = foreign_entries(root)
-    if not entries or any(holds_run_files(folder) for folder in {root, *run_dirs}):
-        return None
-    shown = ", ".join(entries[:4]) + (f", ... ({len(entries)} entries)" if len(entries) > 4 else "")
-    subfolder = root / run_name
-    advice = f"--output-dir {subfolder}" if option == "--output-dir" else f"run.output_dir={subfolder}"
-    return (f"{option} {root} is a folder of other files ({shown}) and holds no run (no recipe.json, metrics.jsonl "
-            f"or step-* checkpoint): the run would write its checkpoints and logs among them; pick a new or empty "
-            f"folder, e.g. {advice}")
 
 
 def check_resumable(runs: list[tuple[Any, Path]]) -> None:

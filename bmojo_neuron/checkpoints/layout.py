@@ -131,6 +131,26 @@ def foreign_entries(folder: Path) -> list[str]:
     return sorted(names, key=lambda name: (name.startswith("."), name))
 
 
+def unrelated_folder_problem(root: Path, run_dirs: list[Path], option: str, run_name: str) -> str | None:
+    """Why `train` may not write into output folder `root`, or None: it holds someone else's files and no run.
+
+    A run writes its checkpoints, logs and plots at the top of its folder (and a suite its runs' folders and
+    summary), so an output folder given by mistake (``~``, a project folder) would get them among the files
+    already there. A folder that is new, empty, or holds a run of ours (`holds_run_files`: the run itself, a
+    suite's summary, or one of the runs a suite plans) is fine, whatever else the user put in it since.
+    `option` is where the folder came from (``--output-dir`` or ``run.output_dir``), for the advice.
+    """
+    entries = foreign_entries(root)
+    if not entries or any(holds_run_files(folder) for folder in {root, *run_dirs}):
+        return None
+    shown = ", ".join(entries[:4]) + (f", ... ({len(entries)} entries)" if len(entries) > 4 else "")
+    subfolder = root / run_name
+    advice = f"--output-dir {subfolder}" if option == "--output-dir" else f"run.output_dir={subfolder}"
+    return (f"{option} {root} is a folder of other files ({shown}) and holds no run (no recipe.json, metrics.jsonl "
+            f"or step-* checkpoint): the run would write its checkpoints and logs among them; pick a new or empty "
+            f"folder, e.g. {advice}")
+
+
 def abandoned_attempt(run_dir: Path) -> bool:
     """True when `run_dir` holds only the logs (``metrics.jsonl``, ``recipe.json``, TensorBoard) of a run that
     ended before its first checkpoint: failed, killed or interrupted early. A new run replaces them."""

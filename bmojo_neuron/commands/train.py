@@ -163,8 +163,8 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], args: argparse.Namespac
 
 def output_root_problem(recipe: Any, runs: list[tuple[Any, Path]], args: argparse.Namespace) -> str | None:
     """Why the output folder may not take this recipe's runs, or None: a folder of unrelated files
-    (`preflight.unrelated_folder_problem`). The folder is the run's own, or the one a suite's runs go into."""
-    from bmojo_neuron.preflight import unrelated_folder_problem
+    (`checkpoints.layout.unrelated_folder_problem`). The folder is the run's own, or the one a suite's runs go into."""
+    from bmojo_neuron.checkpoints.layout import unrelated_folder_problem
 
     root = Path(args.output_dir or recipe.run.output_dir).expanduser()
     option = "--output-dir" if args.output_dir else "run.output_dir"

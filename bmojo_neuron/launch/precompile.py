@@ -137,8 +137,7 @@ def check_cache_dir(url: str, nodes: int = 1) -> None:
 def check_output_dir(run_dir: Path, run_name: str) -> None:
     """The trial run's ``--output-dir`` must be writable (or creatable), hold no run, and be no folder of other
     files, as `train` requires: otherwise the trial run would stop there only after the launch."""
-    from bmojo_neuron.checkpoints.layout import has_run  # the checkpoints package imports torch
-    from bmojo_neuron.preflight import unrelated_folder_problem
+    from bmojo_neuron.checkpoints.layout import has_run, unrelated_folder_problem  # the package imports torch
 
     folder = run_dir.expanduser()
     _check_writable_folder("--output-dir", folder)
