@@ -114,6 +114,19 @@ def test_a_multi_node_train_refuses_a_cache_folder_all_nodes_share(capsys, tmp_p
     assert "bmojo-neuron cache push/pull" in err and "(the cache comes from --cache_dir in NEURON_CC_FLAGS)" in err
 
 
+def test_a_multi_node_train_warns_of_a_cache_folder_that_may_be_shared(capsys, tmp_path, trn1_cache_on_lustre):
+    """virtiofs (a host folder in a VM, a Kata pod's root filesystem) may or may not be one folder for all
+    nodes: one warning line, and the run goes on (to the next check, the data's)."""
+    fsx = trn1_cache_on_lustre.parent
+    (tmp_path / "mountinfo").write_text("22 1 259:1 / / rw,relatime shared:1 - ext4 /dev/root rw\n"
+                                        f"90 22 0:50 / {fsx} rw,relatime shared:40 - virtiofs kataShared rw\n")
+    assert cli.main(_train_trn1(tmp_path)) == 2
+    warning, error = capsys.readouterr().err.splitlines()
+    assert warning.startswith(f"warning: the compile cache {trn1_cache_on_lustre} is on virtiofs, a host folder "
+                              "shared into this VM or container: if the 2 nodes see one folder there")
+    assert warning.endswith("(the cache comes from --cache_dir in NEURON_CC_FLAGS)") and "no-data" in error
+
+
 @pytest.mark.parametrize("env", [
     {"WORLD_SIZE": "32", "LOCAL_WORLD_SIZE": "32"},  # one node of 32 ranks: its own folder, wherever it is
     {"NEURON_CC_FLAGS": "--cache_dir=s3://bucket/neuron-cache"},  # every node's compiler uses the bucket
@@ -256,9 +269,11 @@ def test_a_run_that_fails_before_writing_its_directory_leaves_no_folder(capsys, 
     assert cli.main([*argv, str(existing)]) == 2
     assert capsys.readouterr().err.startswith(refusal)
     assert list(tmp_path.iterdir()) == [existing] and list(existing.iterdir()) == []
-    (existing / "notes.txt").write_text("mine")  # something else there: nothing is deleted
+    (existing / "metrics.jsonl").write_text("")  # an earlier attempt's logs and a file of the user's: kept
+    (existing / "notes.txt").write_text("mine")
     assert cli.main([*argv, str(existing)]) == 2
-    assert sorted(p.name for p in existing.iterdir()) == [".lock", "notes.txt"]
+    assert capsys.readouterr().err.startswith(refusal)
+    assert sorted(p.name for p in existing.iterdir()) == [".lock", "metrics.jsonl", "notes.txt"]
 
 
 def test_an_override_that_is_not_yaml_is_one_error_line(capsys):
@@ -490,6 +505,30 @@ def test_data_prepare_builds_the_cache_where_train_reads_it(capsys, tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "pair", "pair.yaml"]  # no runs/ in the cwd
 
 
+def test_a_hub_dataset_the_hub_cannot_serve_is_one_error_at_once(capsys, monkeypatch, tmp_path):
+    """With no network (here) the look-up before load_dataset fails at once, instead of load_dataset's five
+    retries (about 30 s); with one the name is not on the hub. Offline mode skips the look-up and names the
+    Hugging Face cache the dataset is not in."""
+    import time
+
+    import datasets.config
+
+    name = "bmojo-neuron-test/no-such-dataset"
+    argv = ["data", "prepare", "cpu-text", f"data.path={name}", "--output-dir", str(tmp_path / "run")]
+    start = time.monotonic()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: data.path {name}: ")
+    assert ("a hub dataset, and the hub cannot be reached" in err and "HF_HUB_OFFLINE=1" in err) or \
+        "the hub has no such dataset" in err
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"error: data.path {name}: a hub dataset, not in the Hugging Face "
+                                              "cache, and offline mode is on")
+    assert time.monotonic() - start < 10  # both, on a loaded machine; well under a second each when idle
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_data_prepare_has_nothing_to_do_for_mqar(capsys):
     assert cli.main(["data", "prepare", "cpu-tiny"]) == 0
     assert "nothing to prepare" in capsys.readouterr().out
@@ -553,3 +592,46 @@ def test_dry_run_sees_a_data_cache_already_built(capsys, tmp_path):
     assert cli.main(["train", *args, "data.block_size=16", "--dry-run"]) == 0
     assert f"data: {corpus} (text-file): tokenized and packed into {out.parent / 'data-cache'} on first use" \
            in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ the output folder
+
+
+def test_an_output_dir_of_unrelated_files_is_refused_before_any_work(capsys, tmp_path):
+    """docs/training.md, The output directory: a folder of someone's files and no run (`~`, a project folder) is
+    refused in one line naming it, a few of its entries and a subfolder to use; an empty folder trains, and a
+    run folder resumes with a file of the user's beside the run, as does a suite's folder holding its runs."""
+    home, recipe = tmp_path / "home", write_suite(tmp_path / "suite.yaml")
+    for folder in ("Documents", "project"):
+        (home / folder).mkdir(parents=True)
+    for name in ("notes.txt", "a.py", ".bashrc", ".DS_Store"):
+        (home / name).write_text("mine")
+    before = sorted(p.name for p in home.iterdir())
+    argv = ["train", str(recipe), "suite=none", "--no-progress", "--output-dir"]
+    problem = (f"--output-dir {home} is a folder of other files (Documents, a.py, notes.txt, project, ... "
+               "(5 entries)) and holds no run (no recipe.json, metrics.jsonl or step-* checkpoint): the run would "
+               "write its checkpoints and logs among them; pick a new or empty folder, e.g. --output-dir "
+               f"{home / 'tiny'}")
+    for extra in ([], ["--resume"]):
+        assert cli.main([*argv, str(home), *extra]) == 2
+        assert capsys.readouterr().err == f"error: {problem}\n"
+    assert sorted(p.name for p in home.iterdir()) == before  # not even a lock file
+    assert cli.main([*argv, str(home), "--dry-run"]) == 0
+    assert f"output: PROBLEM: {problem}\n" in capsys.readouterr().out
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".DS_Store").write_text("")  # what a file manager leaves does not make a folder someone's
+    assert cli.main([*argv, str(run)]) == 0
+    (run / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert cli.main([*argv, str(run), "--resume", "--dry-run"]) == 0  # the check train makes, as above
+    out = capsys.readouterr().out
+    assert f"output {run}: resumes from step-0000002\n" in out and "PROBLEM" not in out
+
+    suite_root = tmp_path / "suite"
+    (suite_root / "first").mkdir(parents=True)
+    (suite_root / "first" / "metrics.jsonl").write_text("")
+    (suite_root / "README.md").write_text("mine")
+    assert cli.main(["train", str(recipe), "--dry-run", "--output-dir", str(suite_root)]) == 0
+    assert "PROBLEM" not in capsys.readouterr().out

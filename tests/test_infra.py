@@ -672,24 +672,56 @@ def test_sbatch_stops_at_the_plan_before_any_node_runs(tmp_path):
     assert [c["tool"] for c in read_log(log)] == ["bmojo-neuron"]
 
 
-def stub_filesystem(env: dict[str, str], fs_type: str) -> None:
-    """A `stat` in the job's venv that names every path's filesystem `fs_type`, as `stat -f -c %T` prints it."""
-    stub = Path(env["BMOJO_VENV"]) / "bin" / "stat"
-    stub.write_text(f"#!/usr/bin/env bash\n[[ $1 == -f && $2 == -c && $3 == %T ]] || exit 9\necho {fs_type}\n")
-    stub.chmod(0o755)
+def stub_filesystem(env: dict[str, str], fs_type: str, source: str) -> None:
+    """The job's mount table: /fsx on `fs_type` from `source` (a mountinfo line, proc(5)), read by the real
+    `shared_fs` in the job's python3, which a sitecustomize points at this table instead of /proc."""
+    home, python3 = Path(env["HOME"]), Path(env["BMOJO_VENV"]) / "bin" / "python3"
+    mountinfo = home / "mountinfo"
+    mountinfo.write_text("22 1 259:1 / / rw - ext4 /dev/nvme0n1p1 rw\n"
+                         f"90 22 0:50 / /fsx rw,relatime shared:40 - {fs_type} {source} rw\n")
+    (home / "site").mkdir()
+    (home / "site" / "sitecustomize.py").write_text(
+        "import pathlib\nimport bmojo_neuron.compile_cache.shared_fs as shared_fs\n"
+        f"shared_fs.MOUNTINFO = pathlib.Path({str(mountinfo)!r})\n")
+    python3.unlink()  # `write_stubs`'s link to this interpreter, replaced (not written through)
+    python3.write_text(f'#!/bin/sh\nPYTHONPATH="{home / "site"}:$PYTHONPATH" exec {sys.executable} "$@"\n')
+    python3.chmod(0o755)
 
 
-# FSx for Lustre; NFS, EFS and FSx for ONTAP/OpenZFS; SMB (FSx for Windows), as GNU stat -f names them
-@pytest.mark.parametrize("fs_type", ["lustre", "nfs", "cifs", "smb2"])
-def test_sbatch_refuses_a_compile_cache_all_nodes_share(tmp_path, fs_type):
+# FSx for Lustre; EFS and FSx for ONTAP/OpenZFS; SMB (FSx for Windows); S3 through FUSE, with a subtype or with
+# the daemon as the source: what GNU stat -f could not tell from a local FUSE mount
+@pytest.mark.parametrize("fs_type, source, named", [
+    ("lustre", "10.0.0.5@tcp:/abcdef", "lustre"),
+    ("nfs4", "fs-1.efs.us-east-1.amazonaws.com:/", "nfs4"),
+    ("cifs", "//fs-1.corp.example.com/share", "cifs"),
+    ("fuse.s3fs", "s3fs", "fuse.s3fs"),
+    ("fuse", "mountpoint-s3", "fuse (mountpoint-s3)"),
+])
+def test_sbatch_refuses_a_compile_cache_all_nodes_share(tmp_path, fs_type, source, named):
     """Neuron's training troubleshooting guide: one cache folder shared by several instances over NFS/EFS/FSx
     fails multi-instance runs; the job stops before the plan, naming the node-local + S3 alternative."""
     env, log = slurm_env(tmp_path, 4, BMOJO_CACHE_DIR="/fsx/neuron-compile-cache")
-    stub_filesystem(env, fs_type)
+    stub_filesystem(env, fs_type, source)
     result = run_sbatch(["trn1/bmojo-1.4b", "train.batch_size=64"], env)
     assert result.returncode == 2 and read_log(log) == []
-    assert f"BMOJO_CACHE_DIR=/fsx/neuron-compile-cache is on {fs_type}, so all 4 nodes would share" in result.stderr
+    assert f"BMOJO_CACHE_DIR=/fsx/neuron-compile-cache is on {named}, so all 4 nodes would share" in result.stderr
     assert "BMOJO_CACHE_S3" in result.stderr
+
+
+def test_sbatch_warns_of_a_cache_that_may_be_shared_and_keeps_a_local_one(tmp_path):
+    """An unknown FUSE daemon (or 9p, virtiofs) may be one folder for all nodes: a warning, and the job goes on
+    (its plan here: the real one, which refuses 1.4B's batch on 4 nodes); fuseblk, a block device, is local."""
+    for fs_type, source, warned in [("fuse.myfs", "myfs", True), ("fuseblk", "/dev/sdb1", False)]:
+        job = tmp_path / fs_type
+        job.mkdir()
+        # the plan stub fails (no plan file): the job stops at the plan, after the check
+        env, log = slurm_env(job, 4, BMOJO_CACHE_DIR="/fsx/neuron-compile-cache", STUB_PLAN_JSON=str(job / "none"))
+        stub_filesystem(env, fs_type, source)
+        result = run_sbatch(["trn1/bmojo-1.4b"], env)
+        warning = (f"warning: BMOJO_CACHE_DIR=/fsx/neuron-compile-cache is on {fs_type}, which may be one folder "
+                   "for all 4 nodes")
+        assert (warning in result.stderr) == warned and "error: BMOJO_CACHE_DIR" not in result.stderr
+        assert [c["tool"] for c in read_log(log)] == ["bmojo-neuron"]  # it went on to the plan
 
 
 def test_sbatch_keeps_a_shared_filesystem_cache_for_one_node(tmp_path):
@@ -697,7 +729,7 @@ def test_sbatch_keeps_a_shared_filesystem_cache_for_one_node(tmp_path):
     recipe = "trn1/bmojo-130m"
     plan_file, _ = plan_json(tmp_path, recipe, [], 1, "/fsx/neuron-compile-cache")
     env, log = slurm_env(tmp_path, 1, STUB_PLAN_JSON=str(plan_file), BMOJO_CACHE_DIR="/fsx/neuron-compile-cache")
-    stub_filesystem(env, "lustre")
+    stub_filesystem(env, "lustre", "10.0.0.5@tcp:/abcdef")
     result = run_sbatch(["--no-precompile", recipe], env)
     assert result.returncode == 0, result.stderr
     assert [c["tool"] for c in read_log(log) if c["tool"] != "srun"] == ["bmojo-neuron", "torchrun"]

@@ -242,13 +242,18 @@ def test_bad_input_fails_before_running(setup, capsys, extra, overrides, message
 
 
 def test_bad_output_dir_fails_before_running(setup, capsys):
-    """--output-dir is checked as train checks its run directory: writable, and not holding a run."""
+    """--output-dir is checked as train checks its run directory: writable, not holding a run, and no folder of
+    other files."""
     used = setup["tmp"] / "used"
     (used / "final").mkdir(parents=True)  # a finished run's export
     a_file = setup["tmp"] / "a-file"
     a_file.write_text("")
+    others = setup["tmp"] / "project"  # a folder of someone's files, as train refuses it
+    others.mkdir()
+    (others / "main.py").write_text("")
     for output_dir, message in [
         (used, f"error: --output-dir {used} already holds a run; the trial run would refuse it"),
+        (others, f"error: --output-dir {others} is a folder of other files (main.py) and holds no run"),
         (a_file / "run", f"error: --output-dir {a_file / 'run'}: {a_file} is a file, not a folder"),
     ]:
         for dry_run in ([], ["--dry-run"]):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bmojo_neuron.compile_cache.shared_fs import filesystem_type, shared_cache_problem
+from bmojo_neuron.compile_cache.shared_fs import (cache_sharing, filesystem_type, shared_cache_doubt,
+                                                  shared_cache_problem)
 
 # A trn1 node of ParallelCluster: root on ext4, FSx for Lustre at /fsx, the head node's /home over NFS, EFS over
 # nfs4 at a path with a space (mountinfo escapes it as \040), and /fsx/local over-mounted by a local disk.
@@ -31,6 +32,10 @@ OTHER_MOUNTS = "\n".join([
     "106 22 0:66 / /var/lib/lxcfs rw,nosuid,nodev,relatime shared:56 - fuse.lxcfs lxcfs rw,user_id=0",
     "107 22 8:17 / /mnt/usb rw,relatime shared:57 - fuseblk /dev/sdb1 rw,user_id=0,group_id=0,allow_other",
     "108 22 0:67 / /mnt/local-fuse rw,nosuid,nodev,relatime shared:58 - fuse myfs rw,user_id=0",
+    "109 22 0:68 / /mnt/c rw,noatime shared:59 - 9p drvfs rw,aname=drvfs;path=C:\\;uid=1000;gid=1000",
+    "110 22 0:69 / /run/kata rw,relatime shared:60 - virtiofs kataShared rw",
+    "111 22 0:70 / /containers rw,nodev,relatime shared:61 - fuse.fuse-overlayfs fuse-overlayfs rw,user_id=0",
+    "112 22 8:33 / /mnt/exfat rw,relatime shared:62 - fuseblk.exfat /dev/sdc1 rw,user_id=0",
 ]) + "\n"
 
 
@@ -78,11 +83,28 @@ def test_smb_and_network_fuse_mounts_are_shared_filesystems(path, named):
     assert shared_cache_problem(path, 1, OTHER_MOUNTS, hostname="trn1-st-trn1-1") is None
 
 
-@pytest.mark.parametrize("path", ["/var/lib/lxcfs/cache", "/mnt/usb/cache", "/mnt/local-fuse/cache", "/opt/cache"])
-def test_local_fuse_mounts_are_not(path):
-    """The FUSE type alone does not say where the files are: lxcfs (the host's /proc), ntfs-3g (fuseblk: a
-    local disk) and an unknown daemon pass."""
-    assert shared_cache_problem(path, 4, OTHER_MOUNTS, hostname="trn1-st-trn1-1") is None
+@pytest.mark.parametrize("path, sharing, named", [
+    ("/var/lib/lxcfs/cache", "local", "fuse.lxcfs"),  # the host's /proc view for containers
+    ("/containers/cache", "local", "fuse.fuse-overlayfs"),  # a rootless container's root filesystem
+    ("/mnt/usb/cache", "local", "fuseblk"),  # ntfs-3g: fuseblk always mounts a block device of this machine
+    ("/mnt/exfat/cache", "local", "fuseblk.exfat"),
+    ("/opt/cache", "local", "ext4"),
+    ("/mnt/local-fuse/cache", "maybe", "fuse (myfs)"),  # a daemon on neither list: the type does not say
+    ("/mnt/c/cache", "maybe", "9p"),  # WSL2's Windows drive; QEMU's virtfs
+    ("/run/kata/cache", "maybe", "virtiofs"),  # a host folder in a VM or a Kata pod
+    ("/mnt/s3fs/cache", "network", "fuse.s3fs"),
+])
+def test_local_fuse_mounts_pass_and_undecidable_ones_get_a_warning(path, sharing, named):
+    """Only a network store is refused; a filesystem that may or may not be one folder for all nodes gets a
+    warning naming it (and not for one node, nor for a folder named after the host)."""
+    assert cache_sharing(path, OTHER_MOUNTS) == (sharing, named)
+    problem = shared_cache_problem(path, 4, OTHER_MOUNTS, hostname="trn1-st-trn1-1")
+    doubt = shared_cache_doubt(path, 4, OTHER_MOUNTS, hostname="trn1-st-trn1-1")
+    assert (problem is not None, doubt is not None) == (sharing == "network", sharing == "maybe")
+    if doubt:
+        assert doubt.startswith(f"the compile cache {path} is on {named}, ") and "if the 4 nodes see one" in doubt
+        assert shared_cache_doubt(path, 1, OTHER_MOUNTS, hostname="h") is None
+        assert shared_cache_doubt(f"{path}/trn1-st-trn1-1", 4, OTHER_MOUNTS, hostname="trn1-st-trn1-1") is None
 
 
 def test_an_s3_cache_is_never_a_shared_folder(monkeypatch):

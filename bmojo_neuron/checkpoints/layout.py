@@ -33,8 +33,8 @@ from bmojo_neuron.fsutil import fsync_dir, publish_dir, write_text_atomic
 
 from .manifest import DamagedCheckpointError, damage, has_manifest, write_manifest
 from .names import (CONFIG_FILE, FINAL, LATEST, METRICS_FILE, MODEL_FILE, OPTIM_FILE, PARALLEL_FILE, RECIPE_FILE,
-                    REQUIRED_FILES, RUN_INFO_FILE, SHARDED_REQUIRED_FILES, STATE_FILE, STEP_PATTERN, step_dir_name,
-                    step_folders)
+                    REQUIRED_FILES, RUN_INFO_FILE, SHARDED_REQUIRED_FILES, STATE_FILE, STEP_PATTERN, SUMMARY_FILE,
+                    step_dir_name, step_folders)
 
 
 # ------------------------------------------------------------------ discovery
@@ -101,6 +101,54 @@ def has_run(run_dir: Path) -> bool:
     refused them would only be told to ``--resume``, which starts afresh anyway.
     """
     return bool(step_folders(run_dir)) or (run_dir / FINAL).exists()
+
+
+# What a run, or a suite's folder of runs, writes at the top of its directory (the hidden `.lock`, ``.tmp-`` and
+# ``.trash-`` leftovers aside): a folder holding one of these is a run directory of ours, not someone's folder.
+RUN_FILES = frozenset({LATEST, FINAL, METRICS_FILE, RECIPE_FILE, RUN_INFO_FILE, SUMMARY_FILE, "summary.json",
+                       "tensorboard", "training.png"})
+OUR_HIDDEN = (".lock", ".tmp-", ".trash-")
+# Files a desktop or file manager leaves in any folder it shows: they make no folder someone else's.
+DESKTOP_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+
+def holds_run_files(folder: Path) -> bool:
+    """True when `folder` holds a file or folder a run (or a suite's summary) writes: a run directory of ours.
+
+    The hidden ones count too: a run's `.lock` alone is a live run that has written nothing yet, or one killed
+    before it wrote anything."""
+    return folder.is_dir() and any(entry.name in RUN_FILES or STEP_PATTERN.match(entry.name)
+                                   or entry.name.startswith(OUR_HIDDEN) for entry in folder.iterdir())
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """The names in `folder` that no run wrote (our hidden leftovers and desktop files aside), sorted with the
+    hidden ones last; empty when the folder is missing or holds nothing else."""
+    if not folder.is_dir():
+        return []
+    names = [entry.name for entry in folder.iterdir()
+             if not entry.name.startswith(OUR_HIDDEN) and entry.name not in DESKTOP_FILES]
+    return sorted(names, key=lambda name: (name.startswith("."), name))
+
+
+def unrelated_folder_problem(root: Path, run_dirs: list[Path], option: str, run_name: str) -> str | None:
+    """Why `train` may not write into output folder `root`, or None: it holds someone else's files and no run.
+
+    A run writes its checkpoints, logs and plots at the top of its folder (and a suite its runs' folders and
+    summary), so an output folder given by mistake (``~``, a project folder) would get them among the files
+    already there. A folder that is new, empty, or holds a run of ours (`holds_run_files`: the run itself, a
+    suite's summary, or one of the runs a suite plans) is fine, whatever else the user put in it since.
+    `option` is where the folder came from (``--output-dir`` or ``run.output_dir``), for the advice.
+    """
+    entries = foreign_entries(root)
+    if not entries or any(holds_run_files(folder) for folder in {root, *run_dirs}):
+        return None
+    shown = ", ".join(entries[:4]) + (f", ... ({len(entries)} entries)" if len(entries) > 4 else "")
+    subfolder = root / run_name
+    advice = f"--output-dir {subfolder}" if option == "--output-dir" else f"run.output_dir={subfolder}"
+    return (f"{option} {root} is a folder of other files ({shown}) and holds no run (no recipe.json, metrics.jsonl "
+            f"or step-* checkpoint): the run would write its checkpoints and logs among them; pick a new or empty "
+            f"folder, e.g. {advice}")
 
 
 def abandoned_attempt(run_dir: Path) -> bool:

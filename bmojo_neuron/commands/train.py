@@ -101,7 +101,7 @@ def dry_run(recipe: Any, name: str | None, overrides: list[str], args: argparse.
         print("\nlaunch plan (as `bmojo-neuron plan`; 1 × trn1.32xlarge, other clusters: plan --nodes/--instance):")
         print(build_plan(recipe, name or DEFAULT_RECIPE, overrides).format())
     print("\nchecks:")
-    for line in readiness(recipe, runs, args.resume):
+    for line in readiness(recipe, runs, args):
         print(f"  {line}")
     print("dry run: nothing was started or written")
     return 0
@@ -121,9 +121,9 @@ def parallel_line(recipe: Any) -> str:
             "world from torchrun's WORLD_SIZE)")
 
 
-def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[str]:
+def readiness(recipe: Any, runs: list[tuple[Any, Path]], args: argparse.Namespace) -> list[str]:
     """One line per thing the run needs from this machine: Neuron packages, the data, the run directories."""
-    lines = []
+    resume, lines = args.resume, []
     if recipe.run.device == "neuron":
         from bmojo_neuron.neuron import INSTALL_COMMAND, TRAINING_PACKAGES, neuron_status
 
@@ -141,7 +141,7 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[s
     from bmojo_neuron.preflight import describe_output, space_need
     from bmojo_neuron.recipes import count_parameters
 
-    problem = suite_root_problem(recipe, runs)
+    problem = output_root_problem(recipe, runs, args) or suite_root_problem(recipe, runs)
     if problem:
         lines.append(f"output: PROBLEM: {problem}")
     for variant, run_dir in runs:
@@ -159,6 +159,16 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], resume: bool) -> list[s
         need = space_need(count_parameters(variant), variant.checkpoint.keep_last, resume)
         lines.append(f"  disk {describe_output(run_dir, need)}")
     return lines
+
+
+def output_root_problem(recipe: Any, runs: list[tuple[Any, Path]], args: argparse.Namespace) -> str | None:
+    """Why the output folder may not take this recipe's runs, or None: a folder of unrelated files
+    (`checkpoints.layout.unrelated_folder_problem`). The folder is the run's own, or the one a suite's runs go into."""
+    from bmojo_neuron.checkpoints.layout import unrelated_folder_problem
+
+    root = Path(args.output_dir or recipe.run.output_dir).expanduser()
+    option = "--output-dir" if args.output_dir else "run.output_dir"
+    return unrelated_folder_problem(root, [run_dir for _, run_dir in runs], option, recipe.run.name)
 
 
 def init_line(recipe: Any) -> str:
@@ -257,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
     runs = plan_runs(recipe, args.output_dir)
     for variant, _ in runs:  # check every run before the first long one starts
         variant.check()
-    problem = suite_root_problem(recipe, runs)
+    problem = output_root_problem(recipe, runs, args) or suite_root_problem(recipe, runs)
     if problem:
         raise ValueError(problem)
     if args.resume:
@@ -279,15 +289,19 @@ def run(args: argparse.Namespace) -> int:
 
 def check_cache_not_shared() -> None:
     """A run on several nodes refuses a compile cache folder on a network filesystem, as `precompile --nodes`
-    does (`compile_cache.shared_fs`): the same path would be one folder for every node."""
+    does (`compile_cache.shared_fs`): the same path would be one folder for every node. One that may be shared
+    (an unknown FUSE daemon, 9p, virtiofs) gets a warning from rank 0."""
     from bmojo_neuron.compile_cache import resolve_cache_dir
-    from bmojo_neuron.compile_cache.shared_fs import shared_cache_problem
-    from bmojo_neuron.parallel.layout import torchrun_nodes
+    from bmojo_neuron.compile_cache.shared_fs import shared_cache_doubt, shared_cache_problem
+    from bmojo_neuron.parallel.layout import torchrun_env, torchrun_nodes
 
     url, source = resolve_cache_dir()
     problem = shared_cache_problem(url, torchrun_nodes())
     if problem:
         raise ValueError(f"{problem} (the cache comes from {source})")
+    doubt = shared_cache_doubt(url, torchrun_nodes())
+    if doubt and torchrun_env()[0] == 0:
+        print(f"warning: {doubt} (the cache comes from {source})", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

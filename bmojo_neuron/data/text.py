@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from bmojo_neuron.data.hub import may_be_hub_name
+from bmojo_neuron.data.hub import check_hub_dataset, datasets_offline, may_be_hub_name, offline_error
 from bmojo_neuron.data.tokenizer import encode_batch, eos_token_id, load_tokenizer, tokenizer_fingerprint
 
 if TYPE_CHECKING:
@@ -270,9 +270,13 @@ def _documents(source: str, kind: str, text_column: str) -> Dataset:
     elif kind == "disk":
         docs = load_from_disk(source)
     else:
+        if kind == "hub":
+            check_hub_dataset(source)  # an unreachable hub: one error now, not after load_dataset's retries
         try:
             docs = load_dataset(source, split="train")
         except Exception as err:  # noqa: BLE001 - datasets raises many types; report them all the same way
+            if kind == "hub" and datasets_offline():
+                raise offline_error(source, err) from None
             if kind == "hub":
                 raise FileNotFoundError(f"data.path {source}: not a local path, nor a hub dataset: {err}") from None
             raise ValueError(

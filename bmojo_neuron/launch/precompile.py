@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from bmojo_neuron.compile_cache.location import is_s3
-from bmojo_neuron.compile_cache.shared_fs import shared_cache_problem
+from bmojo_neuron.compile_cache.shared_fs import shared_cache_doubt, shared_cache_problem
 from bmojo_neuron.launch.plan import LaunchPlan, build_plan
 from bmojo_neuron.fsutil import unwritable_reason
 from bmojo_neuron.recipes import load_recipe
@@ -57,7 +58,7 @@ def plan_trial_run(recipe_name: str, overrides: Sequence[str], *, nodes: int, in
     plan = build_plan(recipe, recipe_name, list(overrides), nodes=nodes, instance=instance,
                       cache_dir=cache_url, master_port=master_port)
     if output_dir:
-        check_output_dir(Path(output_dir))
+        check_output_dir(Path(output_dir), recipe.run.name)
     run_dir = Path(output_dir) if output_dir else scratch_dir(recipe, nodes, environ)
     extra = trial_overrides(steps, run_dir)
     load_recipe(recipe_name, [*overrides, *extra])  # the trial run's recipe must load too
@@ -128,17 +129,24 @@ def check_cache_dir(url: str, nodes: int = 1) -> None:
     problem = shared_cache_problem(url, nodes)
     if problem:
         raise ValueError(problem)
+    doubt = shared_cache_doubt(url, nodes)
+    if doubt:
+        print(f"warning: {doubt}", file=sys.stderr, flush=True)
 
 
-def check_output_dir(run_dir: Path) -> None:
-    """The trial run's ``--output-dir`` must be writable (or creatable) and hold no run, as `train` requires:
-    otherwise the trial run would stop there only after the compiler had started."""
-    from bmojo_neuron.checkpoints.layout import has_run  # the checkpoints package imports torch
+def check_output_dir(run_dir: Path, run_name: str) -> None:
+    """The trial run's ``--output-dir`` must be writable (or creatable), hold no run, and be no folder of other
+    files, as `train` requires: otherwise the trial run would stop there only after the launch."""
+    from bmojo_neuron.checkpoints.layout import has_run, unrelated_folder_problem  # the package imports torch
 
-    _check_writable_folder("--output-dir", run_dir.expanduser())
-    if has_run(run_dir.expanduser()):
+    folder = run_dir.expanduser()
+    _check_writable_folder("--output-dir", folder)
+    if has_run(folder):
         raise ValueError(f"--output-dir {run_dir} already holds a run; the trial run would refuse it: pick an "
                          "empty folder, or leave --output-dir out for a scratch folder removed afterwards")
+    problem = unrelated_folder_problem(folder, [folder], "--output-dir", run_name)
+    if problem:
+        raise ValueError(problem)
 
 
 def _check_writable_folder(option: str, path: Path) -> None:
