@@ -762,6 +762,7 @@ def test_model_moves_to_the_device_in_waves_of_local_ordinals(one_rank, monkeypa
     (torch-xla's ``local_process_count()``: ``LOCAL_WORLD_SIZE`` under torchrun) and places a rank by its local
     ordinal (``LOCAL_RANK``), so on the second node of a run rank 45 (local rank 13) moves in the second wave."""
     modules, env = _doubles_and_env()
+    monkeypatch.setenv("PJRT_DEVICE", "NEURON")  # NxD's Neuron branch (``is_pjrt_device``)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
     monkeypatch.setenv("LOCAL_RANK", "13")

@@ -190,7 +190,8 @@ def enter_step(log: XlaLog) -> None:
     if log.host_tensors is None:
         log.host_tensors = HostTensors(log)
         log.host_tensors.__enter__()
-    if log.fallback_mode is None:  # the step's aten ops torch-xla would run on the host (`xla_lowerings`)
+    if log.fallback_mode is None and log.fallback_steps_left > 0:  # ops torch-xla runs on the host (`xla_lowerings`)
+        log.fallback_steps_left -= 1
         log.fallback_mode = CpuFallbacks(log)
         log.fallback_mode.__enter__()
 

@@ -3,8 +3,9 @@
 An op with no XLA kernel runs on torch-xla's CPU fallback (``xla_fallback``, torch_xla/csrc/aten_fallback.cpp
 37-65: ``at::native::cpu_fallback``): its operands are copied to the host, the op runs there and its results are
 copied back, which cuts the pending graph and costs a device-host round trip at every step. The ops that have an
-XLA kernel are the ones listed in ``codegen/xla_native_functions.yaml`` at v2.9.0 under ``full_codegen`` (lines 11-106), ``supported`` (129-433)
-and ``autograd`` (453-458); torchgen reads an entry without an overload name as the default overload only.
+XLA kernel are the ones listed in ``codegen/xla_native_functions.yaml`` at v2.9.0 under ``full_codegen``
+(lines 11-106), ``supported`` (129-433) and ``autograd`` (453-458); torchgen reads an entry without an overload
+name as the default overload only.
 (``ir_gen``, 111-121, declares IR nodes and registers no kernel; ``symint``, 434-452, only marks entries of the
 other lists.) `parse_native_functions` reads those lists; ``xla_native_functions_v2.9.0.txt`` holds what it reads
 from that file, so the tests need no copy of torch-xla.
@@ -87,21 +88,33 @@ def _reaches_xla_as(func: Any) -> list[str]:
 
 def falls_back(func: Any) -> bool:
     """Whether torch-xla 2.9 runs the aten op `func` (an ``OpOverload``) on its CPU fallback."""
-    if func.namespace != "aten":
-        return False
-    return not any(name in LOWERED or _has_shared_kernel(name) for name in _reaches_xla_as(func))
+    known = _FALLS_BACK.get(func)
+    if known is None:
+        known = _FALLS_BACK[func] = func.namespace == "aten" and func._opname not in CPU_DEVICE_CHOICES and not any(
+            name in LOWERED or _has_shared_kernel(name) for name in _reaches_xla_as(func))
+    return known
+
+
+# Kernels torch picks because the double's tensors are on the CPU, where an XLA tensor takes another path:
+# ``scaled_dot_product_attention`` asks its fused-kernel choice only of devices that register one
+# (``_fused_sdp_choice_stub.is_device_supported``, aten/src/ATen/native/transformers/attention.cpp), and takes the
+# composite math path (``_scaled_dot_product_attention_math``: matmuls and a softmax) on XLA.
+CPU_DEVICE_CHOICES = frozenset({"_scaled_dot_product_flash_attention_for_cpu",
+                                "_scaled_dot_product_flash_attention_for_cpu_backward"})
+_FALLS_BACK: dict[Any, bool] = {}  # by op overload: a step runs the same few ops many times
 
 
 class CpuFallbacks(TorchDispatchMode):
-    """While a step runs: records in ``XlaLog.cpu_fallbacks`` every aten op torch-xla 2.9 has no kernel for
-    ("op at file:line", the innermost bmojo_neuron frame, or "outside bmojo_neuron")."""
+    """While the first step of a log runs (`xla_host.enter_step`): records in ``XlaLog.cpu_fallbacks`` every aten
+    op torch-xla 2.9 has no kernel for ("op at file:line", the innermost bmojo_neuron frame, or "outside
+    bmojo_neuron")."""
 
     def __init__(self, log: XlaLog) -> None:
         super().__init__()
         self.log = log
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if falls_back(func):
+        if _FALLS_BACK.get(func, True) and falls_back(func):
             name = _full_name(func._schema.name.split("::", 1)[1], func._overloadname)
             self.log.cpu_fallbacks.append(f"{name} at {bmojo_caller() or 'outside bmojo_neuron'}")
         return func(*args, **(kwargs or {}))
