@@ -230,6 +230,7 @@ def test_neuron_backend_distillation_equals_the_cpu_run(primed, distilled, monke
         result = train(distill_recipe(primed, **{"run.device": "neuron"}), tmp_path / "neuron", progress=False)
     assert log.fetches > 0  # the steps ran on the doubles' loader: the host-tensor checks were on
     assert reads == [] and log.host_transfers == []  # the teacher's forward and the losses stay on the device
+    assert log.cpu_fallbacks == []  # nor do they run an op torch-xla lacks
     for got, want in zip(result.metrics, distilled.metrics):
         if want["type"] == "train":
             for key in ("loss", "hidden_mse", "kl"):

@@ -32,6 +32,7 @@ from doubles import mpmd, neuron_sdk, nxd_api
 from doubles.env import Env, XlaLog, fake_module
 from doubles.nxd_runtime import nxd_modules
 from doubles.xla import xla_modules
+from doubles.xla_lowerings import LOWERED, parse_native_functions
 
 PARALLEL_STATE = "neuronx_distributed.parallel_layers.parallel_state"
 
@@ -761,6 +762,7 @@ def test_model_moves_to_the_device_in_waves_of_local_ordinals(one_rank, monkeypa
     (torch-xla's ``local_process_count()``: ``LOCAL_WORLD_SIZE`` under torchrun) and places a rank by its local
     ordinal (``LOCAL_RANK``), so on the second node of a run rank 45 (local rank 13) moves in the second wave."""
     modules, env = _doubles_and_env()
+    monkeypatch.setenv("PJRT_DEVICE", "NEURON")  # NxD's Neuron branch (``is_pjrt_device``)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
     monkeypatch.setenv("LOCAL_RANK", "13")
@@ -1194,3 +1196,34 @@ def test_printing_a_device_value_in_a_step_is_a_host_read_and_a_host_tensor_read
         got = _in_a_step(lambda x: space["report"](x.sum(), torch.tensor(2.0)), torch.ones(2), log)[0]
     assert got == ("2.000", 2.0)
     assert [r.split(" at ")[0] for r in reads] == ["Tensor.__format__"]
+
+
+XLA_MIRROR = Path("/work/.mirror/pytorch+xla/repo")
+
+
+def test_ops_torch_xla_has_no_kernel_for_are_recorded_as_cpu_fallbacks():
+    """A step's aten ops, forward and backward, that torch-xla 2.9 runs on its CPU fallback: ``_fft_r2c`` and
+    its backward's ``_fft_c2c`` (no FFT lowering) and ``unfold_backward`` (``unfold`` reaches XLA as
+    ``unfold_copy``, torch's composite kernel; its backward has CPU and CUDA kernels only). In-place ops count as
+    their functional variant (``mul_.Scalar`` as ``mul.Scalar``), and torch's composite ops as what they
+    decompose into. The stored op list is what the parser reads from torch-xla v2.9.0 (checked where the mirror
+    of torch-xla is at hand)."""
+    from toy_graphs import Scaled
+
+    def fallbacks(reduce) -> list[str]:
+        def step(x):
+            Scaled(reduce)(x).backward()
+        return [f.split(" at ")[0] for f in _in_a_step(step, torch.randn(4, 8))[1].cpu_fallbacks]
+
+    assert fallbacks(lambda y: torch.fft.rfft(y).abs().sum()) == ["_fft_r2c", "_fft_c2c"]  # forward, backward
+    assert fallbacks(lambda y: y.unfold(1, 4, 2).sum()) == ["unfold_backward"]
+    assert fallbacks(lambda y: F.softplus(y).mul_(2.0).logsumexp(-1).mean()) == []
+    text = "backend: XLA\nfull_codegen:\n  - abs\n  # a comment\nir_gen:\n  - atan2\nsupported:\n  - add.Tensor\n" \
+           "symint:\n  - view\nautograd:\n  - einsum\n"
+    assert parse_native_functions(text) == {"abs", "add.Tensor", "einsum"}  # ir_gen, symint: no kernel of their own
+    if XLA_MIRROR.exists():
+        import subprocess
+
+        yaml = subprocess.run(["git", f"--git-dir={XLA_MIRROR}", "show", "v2.9.0:codegen/xla_native_functions.yaml"],
+                              capture_output=True, text=True, check=True).stdout
+        assert parse_native_functions(yaml) == LOWERED

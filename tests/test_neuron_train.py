@@ -16,7 +16,9 @@ import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
 from doubles import neuron_sdk
+from doubles.nxd_runtime import local_world_size
 from doubles.xla import RENDEZVOUS_GRAPH
 from test_training import TINY_RECIPE
 
@@ -124,6 +126,7 @@ def test_a_graph_per_micro_batch_one_for_the_update_and_no_host_reads_inside(neu
     result, log, reads = neuron_run
     assert reads == []  # no .item() / .tolist() / float() by our code between a batch and its mark_step
     assert log.host_transfers == []  # no host tensor made inside a step and copied into its graph
+    assert log.cpu_fallbacks == []  # no op of a step (forward, backward, update) on torch-xla's CPU fallback
     assert log.violations == []  # no eval forward, no host copy while a step graph was pending
     graphs = step_graphs(log)
     kinds = [[e[0] for e in g if e[0] in ("forward", "optimizer_step")] for g in graphs]
@@ -303,6 +306,21 @@ def test_device_eval_equals_the_cpu_evaluate(doubles):
     assert got == pytest.approx(want, rel=RTOL)
 
 
+def test_a_pjrt_device_other_than_neuron_is_refused_before_nxd_meets_it(doubles, monkeypatch):
+    """With ``PJRT_DEVICE`` other than NEURON, NxD v2.28's ``get_local_world_size`` (parallel_layers/utils.py
+    246-256) reads ``xenv.HOST_WORLD_SIZE``, which torch-xla 2.9 no longer has (the double raises that
+    AttributeError); the runtime refuses such a setting at start, naming it."""
+    from bmojo_neuron.training.neuron_runtime import NeuronRuntime
+
+    assert local_world_size() == 1  # NEURON: torch-xla's local process count
+    monkeypatch.setenv("PJRT_DEVICE", "CPU")
+    with pytest.raises(AttributeError, match="HOST_WORLD_SIZE"):
+        local_world_size()
+    with pytest.raises(ValueError, match=r"^PJRT_DEVICE is 'CPU': Neuron training runs on PJRT_DEVICE=NEURON"):
+        NeuronRuntime.start({})
+    assert not dist.is_initialized()  # refused before the process group
+
+
 def test_a_negative_seed_seeds_the_xla_generator_as_torch_reads_it(doubles):
     """``run.seed`` may be negative (torch.manual_seed takes it as seed + 2**64); torch-xla's generator takes an
     unsigned 64-bit seed only, so the runtime hands it the seed torch uses."""
@@ -389,6 +407,7 @@ def test_graph_extraction_run_reads_no_device_value_finishes_and_cuts_the_real_g
     trial_run, trial_graphs, reads = graphs(tmp_path / "trial")
     assert doubles.extraction_reads == [] and reads == []  # nothing read back
     assert doubles.host_transfers == []  # ZeRO-1, bf16, activation checkpointing: no host tensor in a step
+    assert doubles.cpu_fallbacks == []  # nor an op torch-xla would run on its CPU fallback
     assert trial_run.step == 3 and trial_graphs == real_graphs  # the same graphs, in the same order
     assert any(e[0] == "all_gather" for g in trial_graphs for e in g)  # the ZeRO-1 save's graph is among them
     assert not train_records(trial_run.metrics) and not layout.list_checkpoints(tmp_path / "trial")

@@ -73,6 +73,12 @@ class NeuronRuntime:
         for key, value in env.items():
             os.environ.setdefault(key, value)
         xla = import_neuron_module("torch_xla", FEATURE)
+        if (pjrt := os.environ.get("PJRT_DEVICE")) != "NEURON":
+            # ``import torch_xla`` sets NEURON when it finds the Neuron plugin and nothing set it before; with
+            # another device NxD (v2.28 parallel_layers/utils.py 246-256) reads ``xenv.HOST_WORLD_SIZE``, which
+            # torch-xla 2.9 no longer has: an AttributeError in the first ZeRO-1 or one-device build, not here.
+            raise ValueError(f"PJRT_DEVICE is {pjrt!r}: Neuron training runs on PJRT_DEVICE=NEURON (unset it, and "
+                             "import torch_xla picks NEURON on a Trn1 host)")
         xm = import_neuron_module("torch_xla.core.xla_model", FEATURE)
         import_neuron_module("torch_xla.distributed.xla_backend", FEATURE)  # registers the "xla" backend
         state = import_neuron_module("neuronx_distributed.parallel_layers.parallel_state", FEATURE)

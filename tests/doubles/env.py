@@ -68,6 +68,11 @@ class XlaLog:
     extraction_reads: list[str] = field(default_factory=list)  # device values read with NEURON_EXTRACT_GRAPHS_ONLY
     host_transfers: list[str] = field(default_factory=list)  # host tensors copied into a step's graph (xla_host)
     host_tensors: Any = None  # the `xla_host.HostTensors` mode while a step runs
+    cpu_fallbacks: list[str] = field(default_factory=list)  # aten ops of a step torch-xla has no kernel for
+    fallback_mode: Any = None  # the `xla_lowerings.CpuFallbacks` mode while a step runs
+    # Steps whose ops are still to be checked: every step of a run traces the same ops (the static-shape tests
+    # hold that), and the mode's Python call at every aten op would slow each later step down.
+    fallback_steps_left: int = 1
     _forwards: int = 0  # training forwards since the last sync
     _events: list[tuple] = field(default_factory=list)  # traced since the last graph cut
 

@@ -9,6 +9,7 @@ import too. What the doubles do: `doubles.xla`, `doubles.nxd_runtime`, `doubles.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Callable
 
@@ -31,6 +32,8 @@ def install(monkeypatch: Any) -> XlaLog:
     import transformers.utils
 
     drop_left_over_modes()
+    if "PJRT_DEVICE" not in os.environ:  # what ``import torch_xla`` does on a Trn1 host (runtime.py 57-69,
+        monkeypatch.setenv("PJRT_DEVICE", "NEURON")  # ``_maybe_select_default_device``: libneuronpjrt found)
     env = Env(XlaLog())
     modules = {**xla_modules(env), **nxd_modules(env)}
     for name in ("torch_neuronx", "neuronxcc", "nki"):  # present and importable: the SDK "is installed"

@@ -611,9 +611,18 @@ def _move_in_waves(env: Env, module: nn.Module, sequential_move_factor: int) -> 
     model to the device in waves of `sequential_move_factor` local ordinals, every rank meeting at a rendezvous
     after each wave; the waves are counted over the node's processes (``get_local_world_size``,
     parallel_layers/utils.py 246-256: torch-xla's ``local_process_count()`` on Neuron)."""
-    local_rank, local_world = local_ordinal(), local_process_count()
+    local_rank, local_world = local_ordinal(), local_world_size()
     for wave in range(math.ceil(local_world / sequential_move_factor)):
         if local_rank // sequential_move_factor == wave:
             module.to(torch.device("cpu"))
             env.log.calls["moved_in_wave"] = wave
         env.rendezvous(f"get_model_sequential{wave}")
+
+
+def local_world_size() -> int:
+    """NxD's ``get_local_world_size`` (parallel_layers/utils.py 246-256 at v2.28.0): torch-xla's
+    ``local_process_count()`` when ``PJRT_DEVICE`` is ``NEURON`` (``is_pjrt_device``, 171-172); otherwise it reads
+    ``xenv.HOST_WORLD_SIZE``, which torch-xla 2.9's ``core/xla_env_vars.py`` no longer defines."""
+    if os.environ.get("PJRT_DEVICE") != "NEURON":
+        raise AttributeError("module 'torch_xla.core.xla_env_vars' has no attribute 'HOST_WORLD_SIZE'")
+    return local_process_count()

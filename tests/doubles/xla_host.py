@@ -31,7 +31,8 @@ The copies (and ``.to(<device>)`` of a host tensor, ``torch.tensor(<host data>, 
 
 Not modelled: an explicit ``device="cpu"`` (on the double the device is the CPU, so any explicit
 ``device=`` counts as the XLA device), host tensors made before the step or by torch, another library or
-the doubles, and ops torch-xla runs through its CPU fallback (they take host tensors).
+the doubles, and the host operands of ops torch-xla runs through its CPU fallback (they take host tensors;
+`xla_lowerings.CpuFallbacks` records the ops).
 """
 
 from __future__ import annotations
@@ -44,7 +45,10 @@ from typing import Any, Callable
 import torch
 from torch.overrides import TorchFunctionMode
 
+from torch.utils import _python_dispatch
+
 from .env import XlaLog, bmojo_caller
+from .xla_lowerings import CpuFallbacks
 
 HOST = "_bmojo_host_tensor"  # set on a tensor our code made on the host inside a step
 
@@ -186,10 +190,17 @@ def enter_step(log: XlaLog) -> None:
     if log.host_tensors is None:
         log.host_tensors = HostTensors(log)
         log.host_tensors.__enter__()
+    if log.fallback_mode is None and log.fallback_steps_left > 0:  # ops torch-xla runs on the host (`xla_lowerings`)
+        log.fallback_steps_left -= 1
+        log.fallback_mode = CpuFallbacks(log)
+        log.fallback_mode.__enter__()
 
 
 def leave_step(log: XlaLog) -> None:
     """The step's sync: `HostTensors` leaves the mode stack (it must be on top: modes nest)."""
+    fallbacks, log.fallback_mode = log.fallback_mode, None
+    if fallbacks is not None:
+        fallbacks.__exit__(None, None, None)
     mode, log.host_tensors = log.host_tensors, None
     if mode is not None:
         top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
@@ -202,6 +213,9 @@ def drop_left_over_modes() -> None:
     while torch._C._len_torch_function_stack() and isinstance(
             torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1), HostTensors):
         torch._C._pop_torch_function_stack()
+    while _python_dispatch._get_current_dispatch_mode_stack() and isinstance(
+            _python_dispatch._get_current_dispatch_mode_stack()[-1], CpuFallbacks):
+        _python_dispatch._pop_mode()
 
 
 # Code whose tensors the double does not follow: torch's and the other libraries' (what they make for our code

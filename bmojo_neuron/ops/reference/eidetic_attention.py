@@ -157,13 +157,16 @@ def _band(k: Tensor, v: Tensor, lag: int, width: int, block: int, n_blocks: int)
     front, back = lag, max(0, needed - lag - length)
     kp = F.pad(k, (0, 0, front, back))[:, :, :needed]
     vp = F.pad(v, (0, 0, front, back))[:, :, :needed]
-    k_band = kp.unfold(2, span, block).transpose(-1, -2)
-    v_band = vp.unfold(2, span, block).transpose(-1, -2)
+    # Gathered with one index (n_blocks, span), not Tensor.unfold: torch-xla 2.9 has no kernel for unfold's
+    # backward (unfold_backward is not in codegen/xla_native_functions.yaml), so training on XLA would run it on
+    # the CPU fallback at every step; index and its backward (index_put) are lowered.
+    padded_pos = torch.arange(n_blocks, device=k.device)[:, None] * block + torch.arange(span, device=k.device)
+    k_band, v_band = kp[:, :, padded_pos], vp[:, :, padded_pos]
 
     rows = torch.arange(block, device=k.device)[:, None]
     cols = torch.arange(span, device=k.device)[None, :]
     in_band = (cols >= rows) & (cols < rows + width)
-    key_pos = torch.arange(n_blocks, device=k.device)[:, None] * block - lag + torch.arange(span, device=k.device)
+    key_pos = padded_pos - lag
     mask = in_band[None] & (key_pos >= 0)[:, None, :]
     return k_band, v_band, mask
 

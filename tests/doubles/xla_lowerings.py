@@ -1,0 +1,120 @@
+"""Which aten ops torch-xla 2.9 lowers, and a mode that records the ones a step runs that it does not.
+
+An op with no XLA kernel runs on torch-xla's CPU fallback (``xla_fallback``, torch_xla/csrc/aten_fallback.cpp
+37-65: ``at::native::cpu_fallback``): its operands are copied to the host, the op runs there and its results are
+copied back, which cuts the pending graph and costs a device-host round trip at every step. The ops that have an
+XLA kernel are the ones listed in ``codegen/xla_native_functions.yaml`` at v2.9.0 under ``full_codegen``
+(lines 11-106), ``supported`` (129-433) and ``autograd`` (453-458); torchgen reads an entry without an overload
+name as the default overload only.
+(``ir_gen``, 111-121, declares IR nodes and registers no kernel; ``symint``, 434-452, only marks entries of the
+other lists.) `parse_native_functions` reads those lists; ``xla_native_functions_v2.9.0.txt`` holds what it reads
+from that file, so the tests need no copy of torch-xla.
+
+Besides its own kernels an XLA tensor gets torch's: the CompositeImplicitAutograd ones decompose before the
+backend is chosen (a dispatch mode never sees those ops), and the CompositeExplicitAutograd ones are registered
+for every backend. torch-xla runs its graphs functionalized (``XLA_DISABLE_FUNCTIONALIZATION`` unset), so an
+in-place op reaches it as its functional variant (``add_.Tensor`` as ``add.Tensor``) and a view op as its
+``_copy`` variant (``transpose.int`` as ``transpose_copy.int``).
+
+Not modelled: what a CompositeExplicitAutograd kernel decomposes into (taken as lowered), and the ops torch-xla
+lowers only for some dtypes or shapes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .env import XlaLog, bmojo_caller
+
+LISTS_WITH_KERNELS = ("full_codegen", "supported", "autograd")
+OP_LIST = Path(__file__).with_name("xla_native_functions_v2.9.0.txt")
+# Keys whose kernels an XLA tensor uses when torch-xla has none of its own.
+SHARED_KEYS = ("CompositeImplicitAutograd", "CompositeExplicitAutograd", "CompositeExplicitAutogradNonFunctional")
+
+
+def parse_native_functions(text: str) -> frozenset[str]:
+    """The op names ("name" or "name.overload") listed under the sections of `text` (torch-xla's
+    ``codegen/xla_native_functions.yaml``) that register an XLA kernel."""
+    names, section = set(), None
+    for line in text.splitlines():
+        stripped = line.split("#", 1)[0].rstrip()
+        if not stripped:
+            continue
+        if not line.startswith((" ", "-")):  # a top-level key: "full_codegen:", "backend: XLA" ...
+            section = stripped.split(":", 1)[0]
+        elif section in LISTS_WITH_KERNELS and stripped.lstrip().startswith("- "):
+            names.add(stripped.lstrip()[2:].strip())
+    return frozenset(names)
+
+
+def lowered_ops() -> frozenset[str]:
+    """The op names of ``xla_native_functions_v2.9.0.txt`` (one a line, ``#`` comments)."""
+    lines = OP_LIST.read_text().splitlines()
+    return frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+
+
+LOWERED = lowered_ops() if OP_LIST.exists() else frozenset()
+
+
+def _full_name(packet: str, overload: str) -> str:
+    return packet if overload in ("", "default") else f"{packet}.{overload}"
+
+
+def _has_shared_kernel(name: str) -> bool:
+    if not torch._C._dispatch_has_kernel(f"aten::{name}"):  # no such op (a variant that does not exist)
+        return False
+    return any(torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{name}", key) for key in SHARED_KEYS)
+
+
+def _reaches_xla_as(func: Any) -> list[str]:
+    """The names under which `func` may reach torch-xla: its own, its functional variant (in-place ops: the
+    overload of the same argument types, as torchgen pairs them, ``bernoulli_.float`` with ``bernoulli.p``) and
+    its ``_copy`` variant (view ops, same overload)."""
+    packet, overload = func._schema.name.split("::", 1)[1], func._overloadname
+    names = [_full_name(packet, overload)]
+    if packet.endswith("_") and not packet.endswith("__") and hasattr(torch.ops.aten, packet[:-1]):
+        functional = getattr(torch.ops.aten, packet[:-1])
+        types = [str(a.type) for a in func._schema.arguments]
+        names += [_full_name(packet[:-1], o) for o in functional.overloads()
+                  if [str(a.type) for a in getattr(functional, o)._schema.arguments] == types]
+    if torch.Tag.view_copy not in func.tags and func.is_view:
+        names.append(_full_name(packet + "_copy", overload))
+    return names
+
+
+def falls_back(func: Any) -> bool:
+    """Whether torch-xla 2.9 runs the aten op `func` (an ``OpOverload``) on its CPU fallback."""
+    known = _FALLS_BACK.get(func)
+    if known is None:
+        known = _FALLS_BACK[func] = func.namespace == "aten" and func._opname not in CPU_DEVICE_CHOICES and not any(
+            name in LOWERED or _has_shared_kernel(name) for name in _reaches_xla_as(func))
+    return known
+
+
+# Kernels torch picks because the double's tensors are on the CPU, where an XLA tensor takes another path:
+# ``scaled_dot_product_attention`` asks its fused-kernel choice only of devices that register one
+# (``_fused_sdp_choice_stub.is_device_supported``, aten/src/ATen/native/transformers/attention.cpp), and takes the
+# composite math path (``_scaled_dot_product_attention_math``: matmuls and a softmax) on XLA.
+CPU_DEVICE_CHOICES = frozenset({"_scaled_dot_product_flash_attention_for_cpu",
+                                "_scaled_dot_product_flash_attention_for_cpu_backward"})
+_FALLS_BACK: dict[Any, bool] = {}  # by op overload: a step runs the same few ops many times
+
+
+class CpuFallbacks(TorchDispatchMode):
+    """While the first step of a log runs (`xla_host.enter_step`): records in ``XlaLog.cpu_fallbacks`` every aten
+    op torch-xla 2.9 has no kernel for ("op at file:line", the innermost bmojo_neuron frame, or "outside
+    bmojo_neuron")."""
+
+    def __init__(self, log: XlaLog) -> None:
+        super().__init__()
+        self.log = log
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if _FALLS_BACK.get(func, True) and falls_back(func):
+            name = _full_name(func._schema.name.split("::", 1)[1], func._overloadname)
+            self.log.cpu_fallbacks.append(f"{name} at {bmojo_caller() or 'outside bmojo_neuron'}")
+        return func(*args, **(kwargs or {}))
