@@ -8,9 +8,14 @@ Every run is `bmojo-neuron train RECIPE suite=none ...` (`--recipe`, default cpu
 overrides of its regime (`regime_overrides`), so what the grid measures is what a user gets
 from the CLI. Windows and chunks scale with the sequence (``w = w_f = c = L / 16``, at least
 4); every token is a candidate (``k = c``) and the memory holds half the sequence
-(``M = L / 2``), the default run's proportions. Each pattern keeps the SwiGLU width the
+(``M = L / 2``), the default run's proportions, and the vocabulary is 128 (``--vocab``).
+``--keep-recipe-sizes`` keeps the recipe's own windows, chunks, picks, memory and vocabulary
+instead (only the sequence and the pairs change), for a cell of the recipe's regime such as the
+mqar-suite's at 8 pairs. Each pattern keeps the SwiGLU width the
 recipe's own suite gives it (its parameters within 10% of the B'MOJO model's). Run seed and
-data seed are both the seed. A finished run (a final eval in its ``metrics.jsonl``) is not
+data seed are both the seed. Every run's recipe is loaded and checked before the first run
+starts, so a cell the recipe cannot hold (more pairs than its vocabulary has keys) is one error
+line, not a failed run in a log. A finished run (a final eval in its ``metrics.jsonl``) is not
 run again, so an interrupted grid resumes where it stopped. Recipe overrides go before the
 options or after ``--``: the list options (``--kv``, ``--seq``, ``--seeds``, ``--patterns``,
 ``--include``) take every word up to the next option.
@@ -43,13 +48,18 @@ def mlp_widths(recipe: str) -> dict[str, int]:
     return widths
 
 
-def regime_overrides(kv: int, seq: int, vocab: int = 128) -> list[str]:
-    """Data and model overrides of one regime: windows, chunk and memory scaled with the sequence."""
+def regime_overrides(kv: int, seq: int, vocab: int | None = None, keep_recipe_sizes: bool = False) -> list[str]:
+    """Data and model overrides of one regime: windows, chunk and memory scaled with the sequence, vocabulary
+    `vocab` (default 128). With `keep_recipe_sizes` only the sequence and the pairs are set (and the
+    vocabulary if `vocab` is given): the recipe's windows, chunks, picks, memory and vocabulary stay."""
+    overrides = [f"data.seq_len={seq}", f"data.num_kv_pairs={kv}"]
+    if keep_recipe_sizes:
+        return overrides + ([] if vocab is None else [f"data.vocab_size={vocab}"])
     window = max(4, seq // 16)
-    return [f"data.seq_len={seq}", f"data.num_kv_pairs={kv}", f"data.vocab_size={vocab}",
-            f"model.window_size={window}", f"model.fading_window={window}", f"model.memory_chunk={window}",
-            f"model.memory_picks={window}", f"model.memory_size={seq // 2}",
-            f"model.ssm_chunk_size={min(seq, 64)}"]
+    return overrides + [f"data.vocab_size={128 if vocab is None else vocab}",
+                        f"model.window_size={window}", f"model.fading_window={window}",
+                        f"model.memory_chunk={window}", f"model.memory_picks={window}",
+                        f"model.memory_size={seq // 2}", f"model.ssm_chunk_size={min(seq, 64)}"]
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -71,8 +81,27 @@ def final_recall(run_dir: Path) -> float | None:
     return evals[-1]["eval_accuracy"] if evals else None
 
 
+def run_overrides(name: str, width: int, pattern: str, seed: int, steps: int, eval_every: int,
+                  regime: list[str], extra: list[str]) -> list[str]:
+    """Every recipe override of one grid run after ``suite=none``: its name and seeds, its layer kind at its
+    SwiGLU width, its budget, its regime and the extra overrides (last, so they win)."""
+    return [f"run.name={name}", f"run.seed={seed}", f"data.seed={seed}", f"model.layer_pattern={pattern}",
+            f"model.intermediate_size={width}", f"model.num_hidden_layers={len(pattern)}", f"train.steps={steps}",
+            f"eval.every={eval_every or steps}", f"checkpoint.every={steps}", "eval.length_multipliers=[1]",
+            *regime, *extra]
+
+
+def run_recipe(recipe: str, name: str, width: int, pattern: str, seed: int, steps: int, eval_every: int,
+               regime: list[str], extra: list[str]):
+    """The recipe one grid run trains (`recipe` with ``suite=none`` and the run's overrides), loaded and checked."""
+    from bmojo_neuron.recipes import load_recipe
+
+    return load_recipe(recipe, ["suite=none", *run_overrides(name, width, pattern, seed, steps, eval_every, regime,
+                                                              extra)])
+
+
 def train_one(out: Path, recipe: str, width: int, pattern: str, variant: str, extra: list[str], kv: int, seq: int,
-              seed: int, steps: int, eval_every: int, vocab: int) -> dict:
+              seed: int, steps: int, eval_every: int, regime: list[str]) -> dict:
     name = run_name(pattern, variant, kv, seq, seed)
     run_dir = out / name
     recall = final_recall(run_dir)
@@ -80,11 +109,8 @@ def train_one(out: Path, recipe: str, width: int, pattern: str, variant: str, ex
         if run_dir.exists():
             subprocess.run(["rm", "-rf", str(run_dir)], check=True)
         argv = ["nice", "-n", "10", sys.executable, "-m", "bmojo_neuron.cli", "train", recipe, "suite=none",
-                "--output-dir", str(run_dir), "--no-progress", f"run.name={name}", f"run.seed={seed}",
-                f"data.seed={seed}", f"model.layer_pattern={pattern}",
-                f"model.intermediate_size={width}", f"model.num_hidden_layers={len(pattern)}", f"train.steps={steps}",
-                f"eval.every={eval_every or steps}", f"checkpoint.every={steps}", "eval.length_multipliers=[1]",
-                *regime_overrides(kv, seq, vocab), *extra]
+                "--output-dir", str(run_dir), "--no-progress",
+                *run_overrides(name, width, pattern, seed, steps, eval_every, regime, extra)]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with open(out / f"{name}.log", "w") as log:
             subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False)
@@ -184,7 +210,7 @@ def grid_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer{misplaced_override_hint(text)}") from None
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder of the runs, results.jsonl, grid.md, grid.png")
     parser.add_argument("--recipe", default="cpu-tiny", help="base recipe; its suite gives each kind's SwiGLU width")
@@ -194,7 +220,12 @@ def main() -> None:
     parser.add_argument("--seq", type=grid_int, nargs="+", default=[64, 256])
     parser.add_argument("--seeds", type=grid_int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--vocab", type=int, default=128, help="MQAR vocabulary (keys below V/2: 128 holds 32 pairs)")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="MQAR vocabulary (keys below V/2: 128 holds 32 pairs; default 128, or the recipe's "
+                             "with --keep-recipe-sizes)")
+    parser.add_argument("--keep-recipe-sizes", action="store_true",
+                        help="keep the recipe's windows, chunks, picks, memory and vocabulary instead of scaling "
+                             "them with the sequence; only --seq and --kv change the regime")
     parser.add_argument("--eval-every", type=int, default=0, help="steps between evals (default: only at the end)")
     parser.add_argument("--variant", action="append", default=None, metavar="NAME[:KEY=VALUE,...]",
                         help="a model variant: its name (part of each run's name) and its overrides; repeat "
@@ -205,6 +236,11 @@ def main() -> None:
     parser.add_argument("--include", type=Path, nargs="+", default=[], metavar="RESULTS_JSONL",
                         help="results.jsonl files of runs made elsewhere, added to the table and plot")
     parser.add_argument("overrides", nargs="*", help="extra recipe overrides for every run, key=value")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     widths = mlp_widths(args.recipe)
     for pattern in args.patterns:
@@ -217,12 +253,18 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     variants = [parse_variant(text) for text in args.variant or [""]]
     if not args.report:
-        jobs = [(p, name, extra, kv, seq, seed) for seq in args.seq for kv in args.kv for seed in args.seeds
+        jobs = [(widths[p[0]], p, name, [*args.overrides, *extra], kv, seq, seed, args.steps, args.eval_every,
+                 regime_overrides(kv, seq, args.vocab, args.keep_recipe_sizes))
+                for seq in args.seq for kv in args.kv for seed in args.seeds
                 for p in args.patterns for name, extra in variants if 4 * kv <= seq]
+        for width, pattern, variant, extra, kv, seq, seed, steps, eval_every, regime in jobs:  # before any run
+            name = run_name(pattern, variant, kv, seq, seed)
+            try:
+                run_recipe(args.recipe, name, width, pattern, seed, steps, eval_every, regime, extra).model_config()
+            except ValueError as err:
+                parser.error(f"{name}: {err}")
         with ThreadPoolExecutor(args.jobs) as pool, open(args.out / "results.jsonl", "a") as results:
-            for row in pool.map(lambda job: train_one(args.out, args.recipe, widths[job[0][0]], job[0], job[1],
-                                                      [*args.overrides, *job[2]], *job[3:], args.steps,
-                                                      args.eval_every, args.vocab), jobs):
+            for row in pool.map(lambda job: train_one(args.out, args.recipe, *job), jobs):
                 results.write(json.dumps(row) + "\n")
                 results.flush()
     rows = collect(args.out, args.include)

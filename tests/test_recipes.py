@@ -331,6 +331,42 @@ def test_the_recall_grid_matches_parameters_in_every_regime() -> None:
         assert all(abs(n / counts["B"] - 1) <= 0.1 for n in counts.values()), (kv, seq, counts)
 
 
+def test_the_recall_grid_keeps_the_recipe_sizes_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """infra/recall_grid.py --keep-recipe-sizes: a run trains the recipe's own windows, chunks, picks, memory and
+    vocabulary (only the sequence and the pairs change), so the mqar-suite's B'MOJO at 8 pairs is the recipe's
+    model field for field, and the same recipe as the suite's sizes given back as overrides (how docs/results.md
+    ran the cell before); without the flag they scale with L. A cell the recipe's vocabulary cannot hold is one
+    error line before any run starts."""
+    import dataclasses
+
+    grid = _load_recall_grid()
+    args = grid.build_parser().parse_args(["--out", str(tmp_path), "--keep-recipe-sizes", "--kv", "8", "--seq", "64"])
+    regime = grid.regime_overrides(8, 64, args.vocab, args.keep_recipe_sizes)
+    run = grid.run_recipe("mqar-suite", "BB_kv8_L64_s1", 128, "BB", 1, 4000, 250, regime, [])
+    suite = load_recipe("mqar-suite", ["suite=none", "data.num_kv_pairs=8"])
+    sizes = ("window_size", "fading_window", "memory_chunk", "memory_picks", "memory_size", "ssm_chunk_size")
+    assert [run.model[key] for key in sizes] == [8, 8, 8, 4, 32, 32] and run.model == suite.model
+    assert run.data == dataclasses.replace(suite.data, seed=1) and run.data.vocab_size == 64
+    assert (run.train.steps, run.eval.every, run.run.seed) == (4000, 250, 1)
+    given_back = ["model.window_size=8", "model.fading_window=8", "model.memory_chunk=8", "model.memory_picks=4",
+                  "model.memory_size=32", "model.ssm_chunk_size=32"]
+    assert run == grid.run_recipe("mqar-suite", "BB_kv8_L64_s1", 128, "BB", 1, 4000, 250,
+                                  grid.regime_overrides(8, 64, 64), given_back)
+    assert "data.vocab_size=96" in grid.regime_overrides(8, 64, 96, keep_recipe_sizes=True)  # an explicit --vocab wins
+    scaled = grid.run_recipe("mqar-suite", "BB_kv8_L64_s1", 128, "BB", 1, 4000, 250, grid.regime_overrides(8, 64), [])
+    assert [scaled.model[key] for key in sizes] == [4, 4, 4, 4, 32, 64] and scaled.data.vocab_size == 128
+    out = tmp_path / "out"
+    monkeypatch.setattr("sys.argv", ["recall_grid.py", "--out", str(out), "--recipe", "mqar-suite", "--patterns", "BB",
+                                     "--keep-recipe-sizes", "--kv", "32", "--seq", "128", "--seeds", "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        grid.main()
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("recall_grid.py: error: BB_kv32_L128_s0:") and "vocab_size 64" in error, error
+    assert not (out / "BB_kv32_L128_s0.log").exists()
+
+
 def test_the_recall_grid_report_merges_runs_made_elsewhere_and_judges_the_rule(tmp_path: Path) -> None:
     """infra/recall_grid.py --report: runs recorded in an --include file join this folder's runs (a run of this
     folder replaces the same run recorded elsewhere), and each regime with BB, MM and FF is judged by means
