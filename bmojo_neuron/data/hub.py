@@ -47,7 +47,8 @@ def check_hub_dataset(name: str) -> None:
                                 "private: log in with `hf auth login`)") from None
     except Exception as err:  # offline, no route, DNS, TLS, timeout: the transport's error types vary
         raise ValueError(f"data.path {name}: a hub dataset, and the hub cannot be reached ({type(err).__name__}: "
-                         f"{err}); {FETCH_ADVICE.format(name=name)}") from None
+                         f"{err}); {FETCH_ADVICE.format(name=name)}, or set HF_HUB_OFFLINE=1 to read a copy already "
+                         "in the Hugging Face cache") from None
 
 
 def datasets_offline() -> bool:
@@ -59,13 +60,10 @@ def datasets_offline() -> bool:
 
 
 FETCH_ADVICE = ("download it where online (`hf download {name} --repo-type dataset`) and set data.path to that "
-                "folder, or run `bmojo-neuron data prepare` there, or set HF_HUB_OFFLINE=1 to read a copy already "
-                "in the Hugging Face cache")
+                "folder, or run `bmojo-neuron data prepare` there")
 
 
 def offline_error(name: str, err: Exception) -> ValueError:
     """The ``data.path`` error of a hub dataset that offline mode found missing from the Hugging Face cache."""
     return ValueError(f"data.path {name}: a hub dataset, not in the Hugging Face cache, and offline mode is on "
-                      f"(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE: {type(err).__name__}); download it where online "
-                      f"(`hf download {name} --repo-type dataset`) and set data.path to that folder, or run "
-                      "`bmojo-neuron data prepare` there")
+                      f"(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE: {type(err).__name__}); {FETCH_ADVICE.format(name=name)}")
