@@ -33,10 +33,11 @@ so only rows of equal length share a batched cache (docs/hf.md, "Padding").
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .layers.eidetic_memory import MemoryState
@@ -71,8 +72,23 @@ class AttentionLayerCache:
         if self.ring is not None:
             self.ring = self.ring.reorder(index)
 
-    # Decoding writes into these in place (an A layer's buffer, when full, it replaces with a larger one).
+    # Decoding writes into these in place (an A layer's buffer, when full, it replaces with a larger one: `grow`).
     WRITTEN_IN_PLACE = ("kv", "bias", "pending", "prev_ssm_out", "chunk_kv", "chunk_ssm_prev")
+
+    def grow(self, capacity: int) -> None:
+        """Room for `capacity` tokens in an A layer's buffer (new slots unread); eager decoding only.
+
+        The larger buffer and bias replace the old ones, so they are marked static as the
+        old ones were (`BMojoCache.note_new_tensors`): a compiled step run after this one
+        then reads them where they are. They are inference tensors only if the old ones
+        were, so `BMojoCache.holds_inference_tensors` stays true of the cache when an
+        ordinary cache grows under `torch.inference_mode()`.
+        """
+        extra = capacity - self.kv.shape[3]
+        with torch.inference_mode(self.kv.is_inference()):
+            self.kv = torch.cat([self.kv, self.kv.new_zeros(*self.kv.shape[:3], extra, self.kv.shape[4])], dim=3)
+            self.bias = F.pad(self.bias, (0, extra), value=float("-inf"))
+        mark_static_addresses((self.kv, self.bias))
 
     def copy(self) -> AttentionLayerCache:
         """A cache that decodes independently of this one: the tensors decoding writes into are cloned."""
@@ -88,6 +104,21 @@ class AttentionLayerCache:
             yield from ssm_state_tensors(self.ssm)
         if self.ring is not None:
             yield from self.ring._tensors()
+
+
+def mark_static_addresses(tensors: Iterable[Tensor]) -> None:
+    """Mark decode tensors, which keep their addresses from step to step, with `torch._dynamo.mark_static_address`.
+
+    So marked, CUDA graphs (``mode="reduce-overhead"``) read them where they are instead
+    of copying each into the graph's own input buffers every step. transformers'
+    StaticCache marks its buffers where it allocates them, outside compiled code
+    (`mark_static_address` is refused there): src/transformers/cache_utils.py,
+    `StaticLayer.lazy_initialization` (5.25.0). Eager code is unaffected.
+    """
+    if torch.compiler.is_compiling():
+        return
+    for tensor in tensors:
+        torch._dynamo.mark_static_address(tensor)
 
 
 def ssm_state_tensors(state: SSMState) -> Iterator[Tensor]:
@@ -171,18 +202,13 @@ class BMojoCache:
 
     def note_new_tensors(self) -> None:
         """After an eager forward that filled the cache, a reorder or a copy (new decode tensors): mark them static
-        and note whether they are inference tensors (`check_continuable`)."""
+        (`mark_static_addresses`; an A layer's buffer that grows marks its own, `AttentionLayerCache.grow`) and note
+        whether they are inference tensors (`check_continuable`)."""
         if torch.compiler.is_compiling():
             return
         tensors = list(self.tensors())
         self.holds_inference_tensors = any(tensor.is_inference() for tensor in tensors)
-        for tensor in tensors:
-            # The decode tensors keep their addresses from step to step (they are written in place): so marked,
-            # CUDA graphs (``mode="reduce-overhead"``) read them where they are instead of copying each into the
-            # graph's own input buffers every step. transformers' StaticCache marks its buffers where it allocates
-            # them, outside compiled code (`mark_static_address` is refused there): src/transformers/cache_utils.py,
-            # `StaticLayer.lazy_initialization` (5.25.0). Eager code is unaffected.
-            torch._dynamo.mark_static_address(tensor)
+        mark_static_addresses(tensors)
 
     def check_continuable(self) -> None:
         """Refuse, before any work, to continue outside `torch.inference_mode()` a cache filled under it.

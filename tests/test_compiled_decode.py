@@ -140,6 +140,31 @@ def test_compiled_decode_continues_after_a_beam_reorder_and_on_a_copy():
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-6)
 
 
+def test_compiled_decode_continues_after_an_a_layer_buffer_grew_eagerly():
+    """An A layer's buffer that doubles in an eager step is replaced by a new tensor, marked static as the one it
+    replaces: a compiled step after it takes every cache input as a static address and gives eager's logits.
+    Grown under torch.inference_mode(), an ordinary cache's buffer stays ordinary: the cache continues outside it."""
+    model = build(layer_pattern="BA")
+    ids = token_ids(length=PROMPT + 12)
+    counter = StaticInputsCounter()
+    compiled_model = torch.compile(model, fullgraph=True, dynamic=False, backend=counter)
+    results = []
+    for step in (model, compiled_model):
+        cache = BMojoCache(model.config.num_hidden_layers)  # no max_length: the prompt's 9 tokens, room for 16
+        with torch.no_grad():
+            model(ids[:, :PROMPT], cache=cache, use_cache=True)
+        with torch.inference_mode():  # the token at position 16 doubles the buffer
+            out = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits.clone() for t in range(PROMPT, 17)]
+        assert cache.layers[1].kv.shape[3] == 32 and not cache.layers[1].kv.is_inference()
+        with torch.no_grad():
+            out += [step(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(17, ids.shape[1])]
+        results.append(torch.cat(out, dim=1))
+        assert {getattr(t, "_dynamo_static_input_type", None) for t in cache.tensors()} == {"unguarded"}
+    assert counter.frame_count == 1
+    assert counter.cache_inputs and set(counter.cache_inputs.values()) == {"unguarded"}
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=1e-6)
+
+
 def test_compiled_a_layers_need_the_cache_sized_for_the_generation():
     """A compiled step cannot grow an A layer's buffer: writing past it fails rather than decoding wrong tokens."""
     model = build(layer_pattern="A")

@@ -468,7 +468,7 @@ class BMojoAttention(nn.Module):
                      ) -> Tensor:
         """An A layer's decode step: the token's keys into slot `position`, attention over the slots so far."""
         if not isinstance(position, Tensor) and position >= cache.kv.shape[3]:
-            self._grow(cache, 2 * position)
+            cache.grow(2 * position)
         batch = x.shape[0]
         q = self._token_query(x, cos, sin)
         k = apply_rotary_rolled(self._token_heads(self.k_proj(x), 1, batch, self.kv_heads, self.k_norm), cos, sin)
@@ -476,13 +476,6 @@ class BMojoAttention(nn.Module):
         _put(cache.kv, 3, position, torch.cat([k, v]))
         _open(cache.bias, position)
         return self._token_output(_attend(q, cache.kv[0], cache.kv[1], cache.bias))
-
-    @staticmethod
-    def _grow(cache: AttentionLayerCache, capacity: int) -> None:
-        """Room for `capacity` tokens in an A layer's buffer (new slots unread)."""
-        extra = capacity - cache.kv.shape[3]
-        cache.kv = torch.cat([cache.kv, cache.kv.new_zeros(*cache.kv.shape[:3], extra, cache.kv.shape[4])], dim=3)
-        cache.bias = F.pad(cache.bias, (0, extra), value=float("-inf"))
 
     def _write_token(self, cache: AttentionLayerCache, position: int | Tensor, kv: Tensor) -> None:
         """Write the token's rotated keys and values (2, 1 or 2, batch, kv_heads, D) into the rings (row 0: its
