@@ -58,6 +58,17 @@ class AttentionLayerCache:
     chunk_ssm_prev: Tensor | None = None  # (batch, c, hidden): row i holds S of the token before the chunk's i-th
     max_length: int | None = None  # A: the tokens its buffer holds from the prompt on (`BMojoCache.max_length`)
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling: a field added since the cache was pickled takes its default (every field has one); a field
+        this layout no longer has (an older layout: separate keys and values, A layers' growing `ctx_k`, memory
+        snapshots) cannot be converted, and raises one error naming it."""
+        fields = {field.name: field.default for field in dataclasses.fields(self)}
+        unknown = sorted(set(state) - set(fields))
+        if unknown:
+            raise ValueError(older_layout_error(f"its layers hold {', '.join(unknown)}"))
+        self.__dict__.update(fields)
+        self.__dict__.update(state)
+
     def reorder(self, index: Tensor) -> None:
         for name in ("bias", "prev_ssm_out", "chunk_ssm_prev"):
             value = getattr(self, name)
@@ -104,6 +115,11 @@ class AttentionLayerCache:
             yield from ssm_state_tensors(self.ssm)
         if self.ring is not None:
             yield from self.ring._tensors()
+
+
+def older_layout_error(what: str) -> str:
+    return (f"BMojoCache: this cache was pickled by an older bmojo-neuron ({what}), whose layout this version cannot "
+            "continue; run the prompt through the model again to fill a new cache")
 
 
 def mark_static_addresses(tensors: Iterable[Tensor]) -> None:
@@ -163,6 +179,18 @@ class BMojoCache:
         self._host_position: int | None = None
         self.holds_inference_tensors = False  # made under torch.inference_mode() (`note_new_tensors`)
         self.groups: list[RowGroup] | None = None
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickling. Attributes added since the cache was pickled are rebuilt: no `max_length` (A layers' buffers
+        sized from their prompt, as they were), the host position unknown (read back from the tensor once, at the
+        next use). The inference flag is taken from the loaded tensors, which unpickling makes ordinary tensors
+        whatever they were, and they are marked static again (`note_new_tensors`). A cache that kept its position
+        as an int (no `position` tensor) has an older layer layout too: one error says it cannot be continued."""
+        if "position" not in state:
+            raise ValueError(older_layout_error("its position an int, not a tensor"))
+        self.__dict__.update(max_length=None, _host_position=None, holds_inference_tensors=False, groups=None)
+        self.__dict__.update(state)
+        self.note_new_tensors()
 
     @property
     def seen_tokens(self) -> int:

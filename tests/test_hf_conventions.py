@@ -12,7 +12,8 @@ embeddings, training with gradient checkpointing, no dropout, the loss conventio
 search and beam sampling with and without the cache, dict outputs with scores, logits
 and hidden states, ``inputs_embeds``, a continued cache under either name, a
 transformers cache refused, eos), and the cache's use (eager steps that read no tensor
-back, a module pickled before it kept its decode slots, `torch.inference_mode()`). Padding has its own module (test_padding.py).
+back, a module pickled before it kept its decode slots, a cache pickled by an earlier version,
+`torch.inference_mode()`). Padding has its own module (test_padding.py).
 docs/hf.md lists what B'MOJO does not support and why.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig
 
 from bmojo_neuron import BMojoCache, BMojoConfig, BMojoForCausalLM, BMojoModel
+from bmojo_neuron.cache_bmojo import AttentionLayerCache
 
 VOCAB, BATCH, LENGTH = 99, 3, 13
 NEW_TOKENS = 4
@@ -604,6 +607,37 @@ def test_a_module_pickled_without_its_decode_slots_still_decodes(tmp_path):
         cache = loaded(ids()[:, :8], use_cache=True).cache
         steps = [loaded(ids()[:, t : t + 1], cache=cache).logits for t in range(8, LENGTH)]
     torch.testing.assert_close(torch.cat(steps, dim=1), whole[:, 8:], rtol=1e-4, atol=1e-4)
+
+
+def test_a_cache_pickled_by_an_earlier_version_decodes_or_names_its_layout():
+    """A cache pickled before the class kept its host position, inference flag and max_length gets them on loading
+    and decodes what the forward gives; so does one pickled now: unpickled inference tensors are ordinary ones, so
+    either continues outside inference mode, with its tensors marked static. An older layout (an int position,
+    A layers' growing keys) raises one error naming what it holds."""
+    model = build(num_hidden_layers=3, layer_pattern="BMA")
+    with torch.no_grad():
+        whole = model(ids()).logits
+    with torch.inference_mode():
+        cache = model(ids()[:, :8], use_cache=True).cache
+    earlier = object.__new__(BMojoCache)  # the state an earlier version of the class pickled
+    new_attributes = ("_host_position", "holds_inference_tensors", "max_length")
+    earlier.__dict__.update({k: v for k, v in vars(cache).items() if k not in new_attributes})
+    for pickled in (earlier, cache):
+        loaded = pickle.loads(pickle.dumps(pickled))
+        assert loaded.seen_tokens == 8 and not loaded.holds_inference_tensors and loaded.max_length is None
+        assert {getattr(t, "_dynamo_static_input_type", None) for t in loaded.tensors()} == {"unguarded"}
+        with torch.no_grad():
+            steps = [model(ids()[:, t : t + 1], cache=loaded).logits for t in range(8, LENGTH)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), whole[:, 8:], rtol=1e-4, atol=1e-4)
+        assert loaded.seen_tokens == LENGTH
+    int_position = object.__new__(BMojoCache)
+    int_position.__dict__.update(layers=[None] * 3, seen_tokens=8, groups=None)
+    with pytest.raises(ValueError, match=r"older bmojo-neuron \(its position an int.*run the prompt"):
+        pickle.loads(pickle.dumps(int_position))
+    growing_keys = AttentionLayerCache()
+    growing_keys.__dict__.update(ctx_k=torch.zeros(1), ctx_v=torch.zeros(1))
+    with pytest.raises(ValueError, match=r"older bmojo-neuron \(its layers hold ctx_k, ctx_v\)"):
+        pickle.loads(pickle.dumps(growing_keys))
 
 
 def test_a_cache_filled_under_inference_mode_continues_only_under_it():
