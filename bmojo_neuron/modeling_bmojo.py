@@ -378,7 +378,7 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | Tensor = 0,
         past_key_values: BMojoCache | None = None,
         **kwargs: Any,
     ) -> BMojoCausalLMOutput | tuple:
@@ -416,8 +416,8 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
             return_dict=True,
         )
         hidden = outputs.last_hidden_state
-        if logits_to_keep and not self.factory.sequence_parallel:
-            hidden = hidden[:, -logits_to_keep:]
+        if not self.factory.sequence_parallel:
+            hidden = positions_to_keep(hidden, logits_to_keep)
         logits = self.lm_head(hidden)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # this rank's vocabulary shard (all of it on one device)
 
@@ -591,6 +591,20 @@ def _members_by_count(rows: list[int], counts: list[int]) -> dict[int, list[int]
     for offset, row in enumerate(rows):
         members.setdefault(counts[row], []).append(offset)
     return members
+
+
+def positions_to_keep(hidden: Tensor, logits_to_keep: int | Tensor) -> Tensor:
+    """The rows of `hidden` (batch, L, d) whose logits are computed, read as transformers' causal LMs read
+    `logits_to_keep` (`slice_logits_to_keep`, src/transformers/modeling_utils.py, 5.25.0): an int N keeps the last N
+    positions (0: all); a 1-D tensor, these positions of every row; a 2-D integer tensor (batch, n), these positions
+    of each row; a 2-D boolean mask (batch, L), its True positions, flattened to (count, d)."""
+    if isinstance(logits_to_keep, int):
+        return hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+    if logits_to_keep.ndim == 2 and logits_to_keep.dtype == torch.bool:
+        return hidden[logits_to_keep]
+    if logits_to_keep.ndim == 2:
+        return hidden.gather(1, logits_to_keep.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return hidden[:, logits_to_keep]
 
 
 def shift_targets(labels: Tensor) -> Tensor:

@@ -220,12 +220,19 @@ def test_output_attentions_is_refused_with_a_clear_error(cls):
             model.generate(ids(), max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
 
 
-def test_logits_to_keep_gives_the_last_positions():
+def test_logits_to_keep_gives_the_positions_asked_for():
+    """As transformers' causal LMs: an int keeps the last positions (0: all), a 1-D tensor the same positions of
+    every row, a 2-D integer tensor positions per row, a 2-D boolean mask its positions, flattened."""
     model = build()
+    mask = torch.zeros(BATCH, LENGTH, dtype=torch.bool)
+    mask[0, [1, 4]] = mask[2, 12] = True
+    per_row = torch.tensor([[0, 12], [5, 5], [3, 1]])
     with torch.no_grad():
         full = model(ids(), use_cache=False).logits
-        for keep in (1, 5):
-            torch.testing.assert_close(model(ids(), logits_to_keep=keep, use_cache=False).logits, full[:, -keep:],
+        expected = {1: full[:, -1:], 5: full[:, -5:], 0: full, torch.tensor([2, 0, 7]): full[:, [2, 0, 7]],
+                    per_row: torch.stack([full[b, per_row[b]] for b in range(BATCH)]), mask: full[mask]}
+        for keep, logits in expected.items():
+            torch.testing.assert_close(model(ids(), logits_to_keep=keep, use_cache=False).logits, logits,
                                        rtol=0, atol=1e-6)  # the head over fewer rows: summation order only
 
 
