@@ -226,9 +226,8 @@ class BMojoModel(BMojoPreTrainedModel):
             hidden = self.factory.scatter_sequence(hidden)
         # Decoding is chosen on the cache's structure, not its position's value (a compiled step reads the position
         # as a tensor): a cache holds a position once a forward has read a token.
-        if (cache is not None and layout is None and cache.position is not None and hidden.shape[1] == 1
-                and not output_hidden_states):
-            return self._decode_token(hidden, cache)
+        if cache is not None and layout is None and cache.position is not None and hidden.shape[1] == 1:
+            return self._decode_token(hidden, cache, output_hidden_states=output_hidden_states)
         start = cache.seen_tokens if cache is not None else 0
         real = layout.real if layout is not None else None
         all_hidden = (hidden,) if output_hidden_states else None
@@ -253,22 +252,29 @@ class BMojoModel(BMojoPreTrainedModel):
         innovation = torch.stack(innovations).mean() if innovations else None
         return BMojoModelOutput(hidden, cache, all_hidden, innovation)
 
-    def _decode_token(self, hidden: Tensor, cache: BMojoCache, static: bool | None = None) -> BMojoModelOutput:
+    def _decode_token(self, hidden: Tensor, cache: BMojoCache, static: bool | None = None,
+                      output_hidden_states: bool = False) -> BMojoModelOutput:
         """One token (batch, 1, d) at the cache's position through every layer's decode step, as rows (batch, d).
 
         What the layer loop of `_forward_packed` does for a decoded token, without a module
         call and a sequence axis added and dropped per layer (at one token per step those
         cost about as much as a norm). The layers get the position as an int eagerly (their
         Python branches skip what a token does not need), and as the cache's 0-d tensor when
-        `static` (default: under `torch.compile`), so one graph serves every position.
+        `static` (default: under `torch.compile`), so one graph serves every position, hidden
+        states asked for or not (`generate(output_hidden_states=True)` compiled).
         """
         static = torch.compiler.is_compiling() if static is None else static
         position = cache.position if static else cache.seen_tokens  # eagerly the host int: no read of the tensor
         h = hidden.squeeze(1)
+        layer_outputs = []
         for idx, layer in enumerate(self.layers):
+            layer_outputs.append(h)
             h = layer.decode_token(h, position, self._layer_cache(cache, idx, layer, hidden))
         cache.count_decoded_token(static)
-        return BMojoModelOutput(norm_rows(self.norm, h).unsqueeze(1), cache, None, None)
+        out = norm_rows(self.norm, h).unsqueeze(1)
+        # As the layer loop: the embeddings, each layer's output, the last one after the final norm.
+        all_hidden = tuple(x.unsqueeze(1) for x in layer_outputs) + (out,) if output_hidden_states else None
+        return BMojoModelOutput(out, cache, all_hidden, None)
 
     def _forward_rows(
         self,

@@ -185,16 +185,29 @@ def test_inductor_compiled_decode_equals_eager():
 
 def test_generate_with_a_compile_config_compiles_the_decode_steps():
     """`generate(compile_config=...)` on CPU: transformers compiles the decode steps (the prefill runs eagerly)
-    into one graph, greedy and beam search give the eager tokens."""
+    into one graph, with scores, logits and hidden states asked for (they come from the same one-token step);
+    greedy and beam search give the eager outputs, and each eager step's hidden states are the forward's."""
     model = build(layer_pattern="BMA")
     prompt = token_ids(length=PROMPT)
     counter = SharedCompileCounter()
     config = CompileConfig(fullgraph=True, dynamic=False, backend=counter, mode=None)
+    outputs = dict(return_dict_in_generate=True, output_scores=True, output_logits=True, output_hidden_states=True)
+    eager = {}
     for beams in (1, 2):
-        kwargs = dict(max_new_tokens=12, do_sample=False, num_beams=beams, pad_token_id=63)
-        eager = model.generate(prompt, **kwargs)
-        assert torch.equal(model.generate(prompt, compile_config=config, **kwargs), eager)
+        kwargs = dict(max_new_tokens=12, do_sample=False, num_beams=beams, pad_token_id=63, **outputs)
+        eager[beams] = model.generate(prompt, **kwargs)
+        compiled = model.generate(prompt, compile_config=config, **kwargs)
+        assert torch.equal(compiled.sequences, eager[beams].sequences)
+        for got, want in [(compiled.scores, eager[beams].scores), (compiled.logits, eager[beams].logits),
+                          *zip(compiled.hidden_states, eager[beams].hidden_states)]:
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert counter.frame_count == 1
+    greedy = eager[1]
+    with torch.no_grad():
+        forward = model(greedy.sequences[:, :-1], output_hidden_states=True, use_cache=False).hidden_states
+    for step, per_layer in enumerate(greedy.hidden_states[1:], start=PROMPT):
+        for got, want in zip(per_layer, forward, strict=True):
+            torch.testing.assert_close(got, want[:, step : step + 1], rtol=1e-4, atol=1e-4)
 
 
 def test_generate_decodes_a_padded_batch_eagerly_with_a_compile_config():
