@@ -175,6 +175,8 @@ class BMojoModel(BMojoPreTrainedModel):
         tokens = input_ids if input_ids is not None else inputs_embeds
         if attention_mask is not None:
             attention_mask = mask_for_inputs(attention_mask, tokens.shape[1])
+        if kwargs.get("position_ids") is not None:
+            check_position_ids(kwargs["position_ids"], attention_mask)
         if use_cache and cache is None:
             cache = BMojoCache(self.config.num_hidden_layers)
         if cache is not None and attention_mask is not None and (cache.groups is not None or has_padding(attention_mask)):
@@ -420,6 +422,7 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
             output_hidden_states=output_hidden_states,
             attention_mask=attention_mask,
             return_dict=True,
+            position_ids=kwargs.get("position_ids"),
         )
         hidden = outputs.last_hidden_state
         if not self.factory.sequence_parallel:
@@ -540,6 +543,29 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
 
 # `generate`'s own bookkeeping, never a `forward` input (transformers drops them the same way).
 GENERATE_ONLY_KEYWORDS = frozenset({"labels", "is_first_iteration", "cache_position", "position_ids"})
+
+
+def check_position_ids(position_ids: Tensor, attention_mask: Tensor | None) -> None:
+    """Accept `position_ids` only where they say what the model counts itself: one more from each real token to the
+    next real token of its row (what `generate` and a padding tokenizer give); the values are not read further.
+
+    The model counts positions from the cache and the attention mask. Ids that restart inside a row mark packed
+    documents (transformers' `DataCollatorWithFlattening`), which attention models keep apart by their positions;
+    here the SSM state, windows and memory would carry from one document into the next, so they are refused. One
+    read of a flag back to the host, only when `position_ids` are given (`generate` does not pass them).
+    """
+    ids = position_ids.reshape(-1, position_ids.shape[-1])
+    steps = ids[:, 1:] - ids[:, :-1]
+    if attention_mask is not None:
+        real = attention_mask != 0
+        steps = torch.where(real[:, 1:] & real[:, :-1], steps, 1)  # pads take any id
+    if bool((steps != 1).any()):
+        raise ValueError(
+            "BMojoModel: position_ids must count up by one from token to token within a row; ids that restart "
+            "(packed documents, as DataCollatorWithFlattening makes) are not supported: the SSM state, windows and "
+            "memory would run on from one document into the next. Put each document in its own row, padded, "
+            "with an attention_mask"
+        )
 
 
 def check_cache_type(cache: object, owner: str) -> None:

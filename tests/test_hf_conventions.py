@@ -6,7 +6,7 @@ in CI. This module checks the same conventions with tests of our own: the config
 (serialisation, defaults, common keyword arguments), the model (save/load, bfloat16 and
 ``dtype="auto"`` loading, meta-device init, batching, positional arguments,
 ``output_hidden_states`` and ``use_cache`` from argument or config, ``output_attentions``
-refused, tuple outputs, ``inputs_embeds``, ``logits_to_keep``, tied and resized
+refused, tuple outputs, ``inputs_embeds``, ``logits_to_keep``, ``position_ids``, tied and resized
 embeddings, training with gradient checkpointing, no dropout, the loss conventions
 ``shift_labels`` and ``num_items_in_batch``), and `generate` (greedy, sampling, beam
 search and beam sampling with and without the cache, dict outputs with scores, logits
@@ -234,6 +234,26 @@ def test_logits_to_keep_gives_the_positions_asked_for():
         for keep, logits in expected.items():
             torch.testing.assert_close(model(ids(), logits_to_keep=keep, use_cache=False).logits, logits,
                                        rtol=0, atol=1e-6)  # the head over fewer rows: summation order only
+
+
+def test_position_ids_that_count_up_are_accepted_and_restarting_ones_refused():
+    """The model counts positions itself: ids one apart from real token to real token (a plain range, or
+    transformers' ids for a left-padded batch, pads set to 1) change nothing; ids that restart inside a row (packed
+    documents) are refused before any work, on both classes."""
+    model = build()
+    mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
+    mask[0, :4] = mask[1, :1] = 0
+    left_padded = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    packed = torch.cat([torch.arange(5), torch.arange(LENGTH - 5)])[None]
+    with torch.no_grad():
+        for kwargs in ({}, {"attention_mask": mask}):
+            plain = model(ids(), use_cache=False, **kwargs).logits
+            given = left_padded if kwargs else torch.arange(LENGTH)[None] + 3
+            torch.testing.assert_close(model(ids(), use_cache=False, position_ids=given, **kwargs).logits, plain,
+                                       rtol=0, atol=0)
+        for cls in (BMojoForCausalLM, BMojoModel):
+            with pytest.raises(ValueError, match="position_ids must count up by one.*packed documents"):
+                build(cls)(ids(), use_cache=False, position_ids=packed)
 
 
 def test_no_dropout_so_training_mode_gives_the_eval_outputs():
@@ -691,6 +711,8 @@ def test_generate_from_inputs_embeds_matches_input_ids():
 
 
 def test_generate_continues_a_cache():
+    """A cache filled by a forward, or returned by an earlier `generate` (its `cache`: the prompt and every new
+    token but the last read), continues as one longer generation would."""
     model = build()
     prompt = ids(batch=2, length=10)
     full = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -698,6 +720,10 @@ def test_generate_continues_a_cache():
         cache = model(prompt[:, :7], use_cache=True).cache
     continued = model.generate(prompt, cache=cache, max_new_tokens=NEW_TOKENS, do_sample=False)
     assert torch.equal(continued, full)
+    first = model.generate(prompt, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    assert first.cache.seen_tokens == 11
+    second = model.generate(first.sequences, cache=first.cache, max_new_tokens=NEW_TOKENS - 2, do_sample=False)
+    assert torch.equal(second, full)
 
 
 def test_generate_without_a_prompt_starts_from_bos():
