@@ -458,13 +458,22 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, generation_mode, batch_size: int,
                                       max_cache_length: int) -> None:
-        """With a ``compile_config`` and no cache given, start `generate` with a `BMojoCache` sized for the whole
-        generation (its A layers' buffers hold ``max_cache_length`` tokens), where `generate` finds it when deciding
-        whether to compile; otherwise as transformers does (the first step makes the cache)."""
+        """With a ``compile_config`` or a ``prefill_chunk_size`` and no cache given, start `generate` with a
+        `BMojoCache` sized for the whole generation (its A layers' buffers hold ``max_cache_length`` tokens), where
+        `generate` looks for one when deciding whether to compile and before prefilling in chunks (it refuses to
+        without); otherwise as transformers does (the first step makes the cache)."""
         super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
                                               max_cache_length)
         name = _generation_cache_name()
-        if (generation_config.compile_config is not None and generation_config.use_cache is not False
+        given = model_kwargs.get(name) if model_kwargs.get(name) is not None else model_kwargs.get("past_key_values")
+        if getattr(generation_config, "prefill_chunk_size", None) is not None and isinstance(given, BMojoCache) \
+                and given.position is not None:
+            # Its first chunk would be read as the whole sequence, and cut by what the cache holds (`_unseen_inputs`).
+            raise ValueError(f"{type(self).__name__}.generate: prefill_chunk_size starts from an empty cache; this "
+                             "cache already holds tokens: prefill the rest of the prompt in one piece instead")
+        wanted = (generation_config.compile_config is not None
+                  or getattr(generation_config, "prefill_chunk_size", None) is not None)
+        if (wanted and generation_config.use_cache is not False
                 and model_kwargs.get(name) is None and model_kwargs.get("past_key_values") is None):
             model_kwargs[name] = BMojoCache(self.config.num_hidden_layers, max_length=max_cache_length)
 
@@ -514,16 +523,16 @@ class BMojoForCausalLM(BMojoPreTrainedModel, GenerationMixin):
         check_cache_type(cache, type(self).__name__)
         if use_cache is not False and cache is None:
             cache = BMojoCache(self.config.num_hidden_layers)
+        # Own copies with their own strides: a slice of the growing sequence has a stride that changes every step,
+        # which a compiled decode step would take for a new input layout and recompile for.
+        unseen = {name: t.clone(memory_format=torch.contiguous_format)
+                  for name, t in _unseen_inputs(input_ids, inputs_embeds, cache, next_sequence_length).items()}
         if attention_mask is not None and cache is not None and cache.groups is None and cache.position is not None \
                 and not has_padding(attention_mask):
             # A mask of ones changes nothing once the cache holds an unpadded batch; left out, a compiled decode step
             # does not see an input that grows by a column per token.
             attention_mask = None
-        inputs: dict[str, Any] = {"cache": cache, "use_cache": use_cache, "attention_mask": attention_mask}
-        # Own copies with their own strides: a slice of the growing sequence has a stride that changes every step,
-        # which a compiled decode step would take for a new input layout and recompile for.
-        inputs.update({name: t.clone(memory_format=torch.contiguous_format)
-                       for name, t in _unseen_inputs(input_ids, inputs_embeds, cache, next_sequence_length).items()})
+        inputs: dict[str, Any] = {"cache": cache, "use_cache": use_cache, "attention_mask": attention_mask, **unseen}
         if logits_to_keep is not None:
             inputs["logits_to_keep"] = logits_to_keep
         for name, value in kwargs.items():
@@ -591,12 +600,17 @@ def _unseen_inputs(
 
     The sequence is the prompt (ids, or `inputs_embeds` whose ids `generate` does not
     know) followed by the generated ids. transformers >= 5.24 says how many tokens are
-    new (`next_sequence_length`); otherwise the cache's length tells.
+    new (`next_sequence_length`); otherwise the cache's length tells, unless the ids are
+    no longer than what the cache holds, so cannot be the whole sequence: then they are
+    the new ones (transformers 5.25's chunked prefill passes its chunks after the first
+    so, `GenerationMixin._prefill`; its first chunk starts an empty cache, below).
     """
+    seen = cache.seen_tokens if cache is not None else 0
+    if next_sequence_length is None and inputs_embeds is None and 0 < input_ids.shape[1] <= seen:
+        next_sequence_length = input_ids.shape[1]  # no longer than what the cache holds: not the whole sequence
     if inputs_embeds is not None and cache is None:
         raise ValueError("BMojoForCausalLM.generate from inputs_embeds needs use_cache=True: without a cache, "
                          "later steps would have to re-read the prompt, which generate passes only once")
-    seen = cache.seen_tokens if cache is not None else 0
     if inputs_embeds is not None and seen < inputs_embeds.shape[1]:
         return {"inputs_embeds": inputs_embeds[:, seen:]}
     if next_sequence_length is not None:

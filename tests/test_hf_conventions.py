@@ -726,6 +726,24 @@ def test_generate_continues_a_cache():
     assert torch.equal(second, full)
 
 
+def test_generate_prefills_in_chunks_as_in_one_piece():
+    """`prefill_chunk_size`: transformers feeds the prompt chunk by chunk into the cache; the tokens equal a
+    one-piece prefill's, left-padded rows included. A cache that already holds tokens is refused (its first chunk
+    would be taken for the whole sequence)."""
+    model = build()
+    prompt = ids(batch=2, length=11)
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    for kwargs in ({}, {"attention_mask": mask}):
+        whole = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, **kwargs)
+        chunked = model.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, prefill_chunk_size=4, **kwargs)
+        assert torch.equal(chunked, whole)
+    with torch.no_grad():
+        cache = model(prompt[:, :2], use_cache=True).cache
+    with pytest.raises(ValueError, match="prefill_chunk_size starts from an empty cache"):
+        model.generate(prompt, cache=cache, max_new_tokens=1, prefill_chunk_size=4)
+
+
 def test_generate_without_a_prompt_starts_from_bos():
     model = build()
     out = model.generate(max_new_tokens=3, do_sample=False)
