@@ -194,16 +194,71 @@ def test_rmsnorm_tkg(library, batch, seqlen, hidden, hidden_actual, dtype):
     assert np.allclose(result.astype(np.float32), golden, rtol=2e-2, atol=1e-5)
 
 
-def test_rmsnorm_tkg_paths_that_need_a_later_neuroncore(library):
+def test_rmsnorm_tkg_hidden_dim_tp(library):
+    """Its hidden_dim_tp layout loads the input with nisa.dma_transpose; checked against the same torch
+    reference with hidden_dim_tp=True, rtol 2e-2, atol 1e-5 (its test's tolerances)."""
+    import torch
+
+    mod = _import(library, "nkilib_src.nkilib.core.subkernels.rmsnorm_tkg")
+    reference = importlib.import_module("nkilib_src.nkilib.core.subkernels.rmsnorm_torch")
+    np.random.seed(42)
+    x, gamma = np.random.randn(1, 8, 4096).astype(np.float16), np.random.randn(1, 4096).astype(np.float16)
+    out = np.zeros((128, 8, 32), dtype=np.float16)
+    result = _run_subkernel(mod.rmsnorm_tkg, x, gamma, out, hidden_dim_tp=True)
+    golden = reference.rmsnorm_tkg_torch_ref_lnc1(torch.from_numpy(x), torch.from_numpy(gamma), torch.from_numpy(out),
+                                                  hidden_dim_tp=True)["out"].float().numpy()
+    assert np.allclose(result.astype(np.float32), golden, rtol=2e-2, atol=1e-5)
+
+
+def test_rmsnorm_tkg_path_that_needs_a_later_neuroncore(library):
     """Its few-token path for H <= 2048 transposes fp16 on the PE array into an fp16 PSUM tile (bf16/fp16
-    transpose mode is NeuronCore-v3 on: [lib] qkv_cte_utils.py; v2 writes fp32), and its hidden_dim_tp
-    layout loads with nisa.dma_transpose, which the emulator does not implement."""
+    transpose mode is NeuronCore-v3 on: [lib] qkv_cte_utils.py; v2 writes fp32)."""
     mod = _import(library, "nkilib_src.nkilib.core.subkernels.rmsnorm_tkg")
     x, gamma = RNG.standard_normal((1, 4, 2048)).astype(np.float16), RNG.standard_normal((1, 2048)).astype(np.float16)
     with pytest.raises(NKIRuleError, match="nc_transpose: a Tensor-engine transpose writes a float32 PSUM tile"):
         _run_subkernel(mod.rmsnorm_tkg, x, gamma, np.zeros((128, 4, 16), np.float16))
-    with pytest.raises(NKIRuleError, match="nisa.dma_transpose: is in NKI 0.2.0 but not emulated"):
-        _run_subkernel(mod.rmsnorm_tkg, x, gamma, np.zeros((128, 4, 16), np.float16), hidden_dim_tp=True)
+
+
+def test_rope(library):
+    """nki-library's RoPE (x (d, B, N, S), cos/sin (d/2, B, S), contiguous halves): out = x·cos + rotate_half(x)·sin,
+    written here in NumPy; its test's tolerances (test_rope.py: rtol bf16 eps, atol 1e-3). d 64, 2 heads, S 128."""
+    mod = _import(library, "nkilib_src.nkilib.core.embeddings.rope")
+    x = RNG.standard_normal((64, 1, 2, 128)).astype(np.float32)
+    cos, sin = (RNG.standard_normal((32, 1, 128)).astype(np.float32) for _ in range(2))
+    out = mod.RoPE(x, cos, sin)
+    c, s_ = cos[:, :, None, :], sin[:, :, None, :]
+    golden = np.concatenate((x[:32] * c - x[32:] * s_, x[32:] * c + x[:32] * s_))
+    assert np.allclose(out, golden, rtol=2 ** -7, atol=1e-3)
+
+
+def test_qkv_and_output_projection_tkg(library):
+    """Two token-generation projections, bf16 inputs uniform in [0, 1) as their tests draw them (np_random_sample),
+    against x @ W in float64 with their tests' tolerances (rtol 2e-2, atol 1e-5; test_qkv_tkg.py,
+    test_output_proj_tkg.py). qkv: input (B, S, H), fused weights (H, (Nq + 2 Nkv)·d), layout BSD (no norm, bias or
+    RoPE). output_projection_tkg: attention (d, B, N, S), weight (N·d, H)."""
+    qkv = _import(library, "nkilib_src.nkilib.core.qkv.qkv")
+    x, w = RNG.random((1, 4, 512)).astype(BF16), RNG.random((512, 384)).astype(BF16)
+    golden = x.astype(np.float64) @ w.astype(np.float64)
+    assert np.allclose(qkv.qkv(x, w).astype(np.float64), golden, rtol=2e-2, atol=1e-5)
+
+    proj = _import(library, "nkilib_src.nkilib.core.output_projection.output_projection_tkg")
+    attention, weight = RNG.random((64, 1, 2, 4)).astype(BF16), RNG.random((128, 256)).astype(BF16)
+    flat = attention.astype(np.float64).transpose(1, 3, 2, 0).reshape(4, 128)
+    out = proj.output_projection_tkg(attention, weight).astype(np.float64)
+    assert np.allclose(out.reshape(4, 256), flat @ weight.astype(np.float64), rtol=2e-2, atol=1e-5)
+
+
+def test_attention_cte(library):
+    """nki-library's context-encoding attention, causal, scale 0.5, fp32 inputs uniform in [0, 1) as its test draws
+    them (np_random_sample), its default layouts q (B, S, d), k (B, d, S), v (B, S, d), against softmax(q·k·scale)·v
+    in float64 with its test's tolerances (rtol 2e-2, atol 1e-5). S 512, d 128: one section of its K/V loop."""
+    mod = _import(library, "nkilib_src.nkilib.core.attention.attention_cte")
+    q, k, v = (RNG.random(shape, dtype=np.float32) for shape in ((1, 512, 128), (1, 128, 512), (1, 512, 128)))
+    out = mod.attention_cte(q, k, v, scale=0.5)
+    scores = np.where(np.tril(np.ones((512, 512), bool)), q[0].astype(np.float64) @ k[0] * 0.5, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    golden = (weights / weights.sum(-1, keepdims=True)) @ v[0]
+    assert np.allclose(out[0], golden, rtol=2e-2, atol=1e-5)
 
 
 def test_attention_bwd_needs_neuroncore_v3(library):
@@ -233,6 +288,10 @@ FRONT_END_MODULES = [
     ("library", "nkilib_src.nkilib.core.max.cascaded_max"),
     ("library", "nkilib_src.nkilib.core.attention.attention_bwd"),
     ("library", "nkilib_src.nkilib.core.subkernels.rmsnorm_tkg"),  # a sub-kernel: its test framework jits it
+    ("library", "nkilib_src.nkilib.core.embeddings.rope"),
+    ("library", "nkilib_src.nkilib.core.qkv.qkv"),
+    ("library", "nkilib_src.nkilib.core.output_projection.output_projection_tkg"),
+    ("library", "nkilib_src.nkilib.core.attention.attention_cte"),
 ]
 SUBKERNELS = {"nkilib_src.nkilib.core.subkernels.rmsnorm_tkg": "rmsnorm_tkg"}
 

@@ -362,6 +362,19 @@ def test_matmul_v2_modes():
     a = rand(8, 16)
     np.testing.assert_allclose(run(rows64, a), a.T @ a, rtol=1e-5, atol=1e-5)
 
+    def columns(a, position, size):  # [isa] nc_matmul: columns are tiled "in the same fashion" as rows
+        ps = nl.ndarray((a.shape[1], 16), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps, stationary=load(a), moving=load(a[:, 0:16]), tile_position=position, tile_size=size)
+        out = nl.ndarray((a.shape[1], 16), dtype=nl.float32)
+        nisa.tensor_copy(dst=out, src=ps)
+        return store(out)
+
+    a = rand(128, 64)
+    np.testing.assert_allclose(run(columns, a, (0, 64), (128, 64)), a.T @ a[:, :16], rtol=1e-5, atol=1e-5)
+    raises(columns, a, (0, 32), (128, 32), match="column tile size is 64 or 128 on NeuronCore-v2")
+    raises(columns, a, (0, 32), (128, 64), match="start_column must be a multiple of the column tile size")
+    raises(columns, rand(128, 96), (0, 0), (128, 64), match="stationary free size must fit the column tile")
+
 
 def test_tensor_engine_transpose_writes_fp32_on_v2():
     def bf16_transpose_to_bf16(a):
@@ -439,11 +452,17 @@ def test_partition_dimension_and_start():
     msg = raises(tall, match="partition dimension must be <= 128")
     assert "nl.ndarray" in msg and "(256, 4)" in msg
 
-    def index_partition(a):
+    def index_partition(a, row):  # language guide, Tensor Indexing: an integer picks one partition
+        tile = load(a)
         out = nl.ndarray((4,), dtype=nl.float32, buffer=nl.shared_hbm)
-        nisa.dma_copy(dst=out, src=load(a)[3])
+        nisa.dma_copy(dst=out, src=tile[row])
+        assert tile[row, :].shape == (1, 4)
+        return out
 
-    raises(index_partition, rand(8, 4), match="partition axis must stay first")
+    a = rand(8, 4)
+    np.testing.assert_array_equal(run(index_partition, a, 3), a[3])
+    np.testing.assert_array_equal(run(index_partition, a, -1), a[7])
+    raises(index_partition, a, 8, match="partition index out of range")
 
     def bad_start(a):
         out = nl.ndarray((4, 8), dtype=nl.float32)
