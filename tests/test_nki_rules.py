@@ -1047,3 +1047,74 @@ def test_program_id_names_an_axis_of_the_grid():
 
     raises(programs_on_second_axis, match=r"nl.num_programs: a launch grid has one axis")
     np.testing.assert_array_equal(_launch_queries[1](), [[0, 1, 1, 1]])
+
+
+# ----------------------------------------------------------------------------- instructions nki-library needs
+def test_dma_transpose_permutes_by_rank_and_keeps_the_dtype():
+    """[isa] dma_transpose: (1, 0) for 2-d, (2, 1, 0) for 3-d, (3, 1, 2, 0) for 4-d; hwdge needs v3."""
+
+    def transpose(a, axes=None, dge_mode=nisa.dge_mode.unknown, dst_dtype=None):
+        perm = (1, 0) if a.ndim == 2 else (2, 1, 0) if a.ndim == 3 else (3, 1, 2, 0)
+        shape = a.shape[::-1] if a.ndim < 4 else (a.shape[3], a.shape[1], a.shape[2], a.shape[0])
+        out = nl.ndarray(shape, dtype=dst_dtype or a.dtype, buffer=nl.shared_hbm)
+        nisa.dma_transpose(dst=out, src=a, axes=axes, dge_mode=dge_mode)
+        return out
+
+    for shape, perm in (((16, 128), (1, 0)), ((4, 8, 16), (2, 1, 0)), ((2, 3, 4, 5), (3, 1, 2, 0))):
+        a = rand(*shape)
+        np.testing.assert_array_equal(run(transpose, a), a.transpose(perm))
+        np.testing.assert_array_equal(run(transpose, a, perm), a.transpose(perm))
+    raises(transpose, rand(4, 8, 16), (1, 0, 2), match="axes for a 3-d tile must be \\(2, 1, 0\\)")
+    raises(transpose, rand(16, 128), None, nisa.dge_mode.hwdge, match="needs NeuronCore-v3")
+    raises(transpose, rand(16, 128), None, nisa.dge_mode.swdge, match="only valid dge_modes are unknown and hwdge")
+    raises(transpose, rand(16, 128), None, nisa.dge_mode.unknown, nl.bfloat16, match="same dtype")
+    raises(transpose, rand(8), match="2-d, 3-d or 4-d")
+
+
+def test_tensor_scalar_reduce():
+    """[isa] tensor_scalar_reduce: dst = data op0 operand0, reduce_res = reduce_op over the free axes of dst."""
+
+    def scale_and_max(a, op0=nl.multiply, reduce_op=nl.maximum, reverse0=False):
+        x = load(a)
+        out, red = nl.ndarray(a.shape, dtype=nl.float32), nl.ndarray((a.shape[0], 1), dtype=nl.float32)
+        nisa.tensor_scalar_reduce(dst=out, data=x, op0=op0, operand0=-2.0, reduce_op=reduce_op, reduce_res=red,
+                                  reverse0=reverse0)
+        return store(out), store(red)
+
+    a = rand(16, 64)
+    out, red = run(scale_and_max, a)
+    np.testing.assert_allclose(out, -2 * a, rtol=1e-6)
+    np.testing.assert_allclose(red, (-2 * a).max(axis=1, keepdims=True), rtol=1e-6)
+    out, red = run(scale_and_max, a, nl.add, nl.add)
+    np.testing.assert_allclose(red, (a - 2).sum(axis=1, keepdims=True), rtol=1e-5)
+    raises(scale_and_max, a, nl.bitwise_and, match="op0 must be an arithmetic operator")
+    raises(scale_and_max, a, nl.multiply, nl.divide, match="op must be listed in the ALU operator table")
+    raises(scale_and_max, a, nl.multiply, nl.maximum, True, match="reverse0 is not supported yet")
+
+
+def test_placed_tiles_leave_the_live_count_but_must_fit():
+    """A tile given address= is placed by the kernel (nki-library's allocator reuses addresses while older tiles
+    are referenced): it must fit the buffer there, and does not count against the live tiles."""
+
+    def nine_placed_banks(a):
+        tiles = [nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum, address=(0, (i % 8) * 2048))
+                 for i in range(9)]
+        return store(load(a))
+
+    a = rand(4, 4)
+    np.testing.assert_array_equal(run(nine_placed_banks, a), a)
+
+    def nine_banks(a):
+        tiles = [nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum) for _ in range(9)]
+
+    raises(nine_banks, a, match="PSUM has 8 banks")
+
+    def beyond_sbuf(a):
+        nl.ndarray((128, 1024), dtype=nl.float32, address=(0, SBUF_USABLE_BYTES_PER_PARTITION - 1024))
+
+    raises(beyond_sbuf, a, match="a placed tile must fit the sbuf")
+
+    def beyond_partitions(a):
+        nl.ndarray((64, 16), dtype=nl.float32, address=(96, 0))
+
+    raises(beyond_partitions, a, match="a placed tile must fit the sbuf")
