@@ -109,8 +109,8 @@ def _ref_conv1d(x, filters, **kw):
 def _ref_depthwise_conv1d(img, filt, **kw):
     s = filt.shape[-1]
     q = img.shape[-1] - s + 1
-    img, filt = img.astype(np.float64), filt.astype(np.float64)
-    return sum(img[..., i:i + q] * filt[None, :, :, i:i + 1][..., 0][..., None] for i in range(s))
+    img, w = img.astype(np.float64), filt[:, 0, 0, :].astype(np.float64)  # (N, C, 1, W), (C, S)
+    return sum(img[..., i:i + q] * w[None, :, None, i:i + 1] for i in range(s))
 
 
 def _ref_nonzero_with_count(x, **kw):
@@ -139,6 +139,17 @@ def _ref_mlp(h, gate, up, down, **kw):
 
 def _ref_qkv(x, w, **kw):
     return x.astype(np.float64) @ w.astype(np.float64)
+
+
+def _moe_inputs(rng: np.random.Generator) -> tuple[tuple, dict]:
+    """Its docstring's layouts: T 512 tokens, H 512, E 2 experts, I 512, blocks of 256 (one per expert)."""
+    t, h, e, i, block = 512, 512, 2, 512, 256
+    hidden = _randn(rng, t, h, dtype=BF16)
+    affinities = rng.random(((t + 1) * e, 1)).astype(BF16)
+    gate_up, down = _randn(rng, e, h, 2, i, dtype=BF16) * 0.05, _randn(rng, e, i, h, dtype=BF16) * 0.05
+    positions = np.arange(2 * block, dtype=np.int32)
+    experts = np.arange(2, dtype=np.int32).reshape(2, 1)
+    return (hidden, affinities, gate_up, down, block, positions, experts), {}
 
 
 def _rmsnorm_quant_args():
@@ -201,8 +212,8 @@ def _cases() -> list[Case]:
         Case("core.router_topk.router_topk", "router_topk", lambda r: ((), {})),
         Case("core.moe_block.moe_block_tkg", "moe_block_tkg", lambda r: ((), {})),
         Case("core.moe.moe_cte.moe_cte", "moe_cte", lambda r: ((), {})),
-        Case("core.moe.moe_cte.bwmm_shard_on_block", "bwmm_shard_on_block", lambda r: ((), {})),
-        Case("core.moe.moe_cte.bwmm_shard_on_I", "blockwise_mm_baseline_shard_intermediate", lambda r: ((), {})),
+        Case("core.moe.moe_cte.bwmm_shard_on_block", "bwmm_shard_on_block", _moe_inputs),
+        Case("core.moe.moe_cte.bwmm_shard_on_I", "blockwise_mm_baseline_shard_intermediate", _moe_inputs),
         Case("experimental.mxfp_subkernels.mxfp_load_utils", "mxfp_load_performance_wrapper",
              lambda r: ((_randn(r, 128, 512, dtype=BF16),), {})),
         Case("experimental.collectives.sb2sb_allgather", "allgather_sb2sb", lambda r: ((), {})),

@@ -1118,3 +1118,23 @@ def test_placed_tiles_leave_the_live_count_but_must_fit():
         nl.ndarray((64, 16), dtype=nl.float32, address=(96, 0))
 
     raises(beyond_partitions, a, match="a placed tile must fit the sbuf")
+
+
+def test_access_pattern_with_a_scalar_offset():
+    """nki-migration-guide.rst, "Scalar Dynamic Access": the start moves by the SBUF value times the elements to
+    the right of indirect_dim in the base tensor (its example: A (512, 512), rows 384.. via batch_idx = 384)."""
+
+    def rows_from(a, start, indirect_dim=0, offset_dtype=nl.int32):
+        index = nl.ndarray((1, 1), dtype=offset_dtype)
+        nisa.memset(dst=index, value=start)
+        out = nl.ndarray((128, 256), dtype=a.dtype, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=out, src=a.ap(pattern=[[512, 128], [1, 256]], offset=0, scalar_offset=index,
+                                        indirect_dim=indirect_dim))
+        return out
+
+    a = rand(512, 512)
+    np.testing.assert_array_equal(run(rows_from, a, 384), a[384:, :256])
+    np.testing.assert_array_equal(run(rows_from, a, 7, 1), a.reshape(-1)[7:][: 128 * 512].reshape(128, 512)[:, :256])
+    raises(rows_from, a, 385, match="access pattern reaches outside the tensor")
+    raises(rows_from, a, 3, 0, nl.float32, match="scalar_offset must be one integer element")
+    raises(rows_from, a, 3, 2, match="indirect_dim must be an axis of the tensor")

@@ -445,12 +445,17 @@ class NkiTensor:
 
         `pattern` is [[step, num], ...] in elements, outermost first; on SBUF/PSUM the
         first pair walks the partitions and its step must be the tensor's free size.
-        Dynamic offsets (`scalar_offset`, `vector_offset`) are not emulated.
+        `scalar_offset` (an SBUF element holding an index on `indirect_dim` of this tensor)
+        moves the start by that index times the elements to the right of `indirect_dim`
+        (nki-migration-guide.rst, "Scalar Dynamic Access": `offset + scalar_offset *
+        prod(A.shape[indirect_dim+1:])`); `vector_offset` is not emulated.
         """
         instr = "tensor.ap"
         self._no_nesting(instr)
-        if scalar_offset is not None or vector_offset is not None:
-            raise NotImplementedError("tensor.ap with a dynamic (register / vector) offset is not emulated")
+        if vector_offset is not None:
+            raise NotImplementedError("tensor.ap with a vector_offset (dynamic per-partition rows) is not emulated")
+        if scalar_offset is not None:
+            offset = int(offset) + self._dynamic_start(instr, scalar_offset, indirect_dim)
         dims = [(int(step), int(num)) for step, num in pattern]
         if not dims:
             raise rule_error(instr, "pattern needs at least one [step, num] pair", f"pattern={pattern}")
@@ -476,6 +481,21 @@ class NkiTensor:
         pstart = self.pstart + (offset // free if self.buffer in ON_CHIP else 0)
         acc = np.zeros(view.shape, dtype=bool) if self.buffer == PSUM else None
         return NkiTensor(self._alloc, view, pstart, acc, indexed=True)
+
+    def _dynamic_start(self, instr: str, scalar_offset: Any, indirect_dim: int) -> int:
+        """Elements a `scalar_offset` moves the access: its value (read now, in program order) times the
+        size of one step of `indirect_dim` in this (base) tensor. A cost-only run has no values: 0."""
+        if not isinstance(scalar_offset, NkiTensor) or scalar_offset.buffer != SBUF:
+            raise rule_error(instr, "scalar_offset must be an SBUF location", f"got {scalar_offset!r}")
+        if scalar_offset.numpy().size != 1 or is_float(scalar_offset.dtype):
+            raise rule_error(instr, "scalar_offset must be one integer element",
+                             f"{scalar_offset.shape} {scalar_offset.dtype}")
+        if not 0 <= indirect_dim < len(self.shape):
+            raise rule_error(instr, "indirect_dim must be an axis of the tensor", f"indirect_dim={indirect_dim}")
+        if not state().compute:
+            return 0
+        step = int(np.prod(self.shape[indirect_dim + 1:], dtype=np.int64))
+        return int(scalar_offset.numpy().reshape(-1)[0]) * step
 
     # helpers for instructions -------------------------------------------------------
     @property
