@@ -219,7 +219,7 @@ def _cases() -> list[Case]:
         Case("experimental.collectives.sb2sb_allgather", "allgather_sb2sb", lambda r: ((), {})),
         Case("experimental.transformer.attention_block_tkg", "attention_block_tkg", lambda r: ((), {})),
         Case("experimental.moe.bwd.blockwise_mm_backward", "blockwise_mm_bwd", lambda r: ((), {})),
-        Case("experimental.moe.forward.bwmm_shard_on_H", "blockwise_mm_baseline_shard_hidden", lambda r: ((), {})),
+        Case("experimental.moe.forward.bwmm_shard_on_H", "blockwise_mm_baseline_shard_hidden", _moe_inputs),
     ]
 
 
