@@ -1138,3 +1138,16 @@ def test_access_pattern_with_a_scalar_offset():
     raises(rows_from, a, 385, match="access pattern reaches outside the tensor")
     raises(rows_from, a, 3, 0, nl.float32, match="scalar_offset must be one integer element")
     raises(rows_from, a, 3, 2, match="indirect_dim must be an axis of the tensor")
+
+
+def test_instructions_of_later_neuroncores_are_refused_for_that_reason():
+    """[isa] "Available only on NeuronCore-v3 (v4) and newer": refused on the v2 the emulator models."""
+
+    def nonzero(a):
+        out = nl.ndarray((128, 9), dtype=nl.int32)
+        nisa.nonzero_with_count(dst=out, src=load(a))
+
+    raises(nonzero, rand(128, 8), match="nisa.nonzero_with_count: available only on NeuronCore-v3 and newer")
+    for name, version in (("sendrecv", 3), ("range_select", 3), ("exponential", 4), ("quantize_mx", 4)):
+        with pytest.raises(NKIRuleError, match=f"available only on NeuronCore-v{version} and newer"):
+            getattr(nisa, name)()

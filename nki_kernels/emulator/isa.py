@@ -995,15 +995,35 @@ def nc_find_index8(dst, data, vals, name=None):
 
 # In the 0.2.0 stub but not emulated: callable names that raise when a kernel reaches them.
 NOT_EMULATED = (
-    "bn_aggr", "bn_stats", "core_barrier", "dma_compute", "exponential",
-    "dropout", "local_gather", "nc_match_replace8", "nc_matmul_mx", "nc_n_gather", "nc_stream_shuffle",
-    "nonzero_with_count", "quantize_mx", "rand2", "rand_get_state", "rand_set_state", "range_select",
+    "bn_aggr", "bn_stats", "dma_compute",
+    "dropout", "local_gather", "nc_match_replace8", "nc_n_gather", "nc_stream_shuffle",
+    "rand_get_state", "rand_set_state",
     "register_alloc", "register_load", "register_move", "register_store", "rng",
-    "select_reduce", "sendrecv", "sequence_bounds", "set_rng_seed", "tensor_copy_predicated",
+    "select_reduce", "sequence_bounds", "set_rng_seed", "tensor_copy_predicated",
     "tensor_partition_reduce", "tensor_scalar_cumulative",
 )
 for _name in NOT_EMULATED:
     globals()[_name] = core.not_emulated(f"nisa.{_name}")
+
+# [isa] "Available only on NeuronCore-vN and newer" (the stub line of each note): a Trn1 is NeuronCore-v2,
+# so these are refused for that reason, as neuronx-cc would, whatever their arguments.
+LATER_NEURONCORE = {
+    "core_barrier": (3, 402), "exponential": (4, 630), "nc_matmul_mx": (4, 1147), "nonzero_with_count": (3, 1392),
+    "quantize_mx": (4, 1496), "rand2": (4, 1568), "range_select": (3, 1686), "sendrecv": (3, 2078),
+}
+
+
+def _later_neuroncore(name: str, version: int, line: int):
+    def unsupported(*args: Any, **kwargs: Any) -> None:
+        raise rule_error(f"nisa.{name}", f"available only on NeuronCore-v{version} and newer (stub line {line}); "
+                         "a Trn1 is NeuronCore-v2", "the emulator models v2")
+
+    unsupported.__name__ = unsupported.__qualname__ = name
+    return unsupported
+
+
+for _name, (_version, _line) in LATER_NEURONCORE.items():
+    globals()[_name] = _later_neuroncore(_name, _version, _line)
 
 
 __all__ = [
