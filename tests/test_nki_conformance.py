@@ -323,6 +323,26 @@ def test_depthwise_conv1d(library):
     assert np.allclose(out, golden, atol=1e-2, rtol=1e-2)
 
 
+def test_rmsnorm_quant(library):
+    """nki-library's RMSNorm + row fp8 quantisation: each row of (B, S, H + 4) fp8e4m3 is H quantised values then the
+    4 bytes of its fp32 dequantisation scale. Reference and tolerances of its test (test_rmsnorm_quant.py,
+    rmsnorm_quant_ref written here in NumPy): RMSNorm in fp32 (eps 1e-6) times gamma, scale = max|row| / 240,
+    values cast to float8_e4m3; compared as its maxAllClose does, |a - b| <= rtol · max|b|, rtol 0.072 (values)
+    and 0.007 (scales). bf16, 4 rows, H 512."""
+    mod = _import(library, "nkilib_src.nkilib.core.rmsnorm.rmsnorm_quant")
+    x, gamma = RNG.standard_normal((1, 4, 512)).astype(BF16), RNG.standard_normal((1, 512)).astype(BF16)
+    with _no_language_warning():
+        out = mod.rmsnorm_quant_kernel(x, gamma, mod.RmsNormQuantKernelArgs())
+    assert out.shape == (1, 4, 516) and out.dtype == ml_dtypes.float8_e4m3
+    values, scales = out[..., :512].astype(np.float32), np.ascontiguousarray(out[..., 512:]).view(np.float32)
+    xf = x.astype(np.float32)
+    norm = xf / (np.sqrt(np.mean(np.square(xf), axis=-1, keepdims=True)) + 1e-6) * gamma.astype(np.float32)
+    golden_scales = np.abs(norm).max(axis=-1, keepdims=True) / 240.0
+    golden = (norm / golden_scales).astype(ml_dtypes.float8_e4m3).astype(np.float32)
+    assert np.abs(values - golden).max() <= 0.072 * np.abs(golden).max()
+    assert np.abs(scales - golden_scales).max() <= 0.007 * np.abs(golden_scales).max()
+
+
 # ----------------------------------------------------------------------------- the front end accepts them
 FRONT_END_MODULES = [
     ("sdk", "tensor_addition.tensor_addition_nki_kernels"),
