@@ -14,6 +14,7 @@ own small kernels in test_nki_rules.py / test_nki_language.py.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import os
@@ -66,6 +67,14 @@ def sdk(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def library(tmp_path_factory) -> Path:
     return _export("BMOJO_NKI_LIBRARY", LIBRARY_COMMIT, ["src"], tmp_path_factory.mktemp("nkilib")) / "src"
+
+
+@contextlib.contextmanager
+def _no_language_warning():
+    """A kernel run whose front-end check (done before every run) must find no error and no warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NKILanguageWarning)
+        yield
 
 
 def _kernels(module) -> list:
@@ -194,16 +203,76 @@ def test_rmsnorm_tkg(library, batch, seqlen, hidden, hidden_actual, dtype):
     assert np.allclose(result.astype(np.float32), golden, rtol=2e-2, atol=1e-5)
 
 
-def test_rmsnorm_tkg_paths_that_need_a_later_neuroncore(library):
+def test_rmsnorm_tkg_hidden_dim_tp(library):
+    """Its hidden_dim_tp layout loads the input with nisa.dma_transpose; checked against the same torch
+    reference with hidden_dim_tp=True, rtol 2e-2, atol 1e-5 (its test's tolerances)."""
+    import torch
+
+    mod = _import(library, "nkilib_src.nkilib.core.subkernels.rmsnorm_tkg")
+    reference = importlib.import_module("nkilib_src.nkilib.core.subkernels.rmsnorm_torch")
+    np.random.seed(42)
+    x, gamma = np.random.randn(1, 8, 4096).astype(np.float16), np.random.randn(1, 4096).astype(np.float16)
+    out = np.zeros((128, 8, 32), dtype=np.float16)
+    result = _run_subkernel(mod.rmsnorm_tkg, x, gamma, out, hidden_dim_tp=True)
+    golden = reference.rmsnorm_tkg_torch_ref_lnc1(torch.from_numpy(x), torch.from_numpy(gamma), torch.from_numpy(out),
+                                                  hidden_dim_tp=True)["out"].float().numpy()
+    assert np.allclose(result.astype(np.float32), golden, rtol=2e-2, atol=1e-5)
+
+
+def test_rmsnorm_tkg_path_that_needs_a_later_neuroncore(library):
     """Its few-token path for H <= 2048 transposes fp16 on the PE array into an fp16 PSUM tile (bf16/fp16
-    transpose mode is NeuronCore-v3 on: [lib] qkv_cte_utils.py; v2 writes fp32), and its hidden_dim_tp
-    layout loads with nisa.dma_transpose, which the emulator does not implement."""
+    transpose mode is NeuronCore-v3 on: [lib] qkv_cte_utils.py; v2 writes fp32)."""
     mod = _import(library, "nkilib_src.nkilib.core.subkernels.rmsnorm_tkg")
     x, gamma = RNG.standard_normal((1, 4, 2048)).astype(np.float16), RNG.standard_normal((1, 2048)).astype(np.float16)
     with pytest.raises(NKIRuleError, match="nc_transpose: a Tensor-engine transpose writes a float32 PSUM tile"):
         _run_subkernel(mod.rmsnorm_tkg, x, gamma, np.zeros((128, 4, 16), np.float16))
-    with pytest.raises(NKIRuleError, match="nisa.dma_transpose: is in NKI 0.2.0 but not emulated"):
-        _run_subkernel(mod.rmsnorm_tkg, x, gamma, np.zeros((128, 4, 16), np.float16), hidden_dim_tp=True)
+
+
+def test_rope(library):
+    """nki-library's RoPE (x (d, B, N, S), cos/sin (d/2, B, S), contiguous halves): out = x·cos + rotate_half(x)·sin,
+    written here in NumPy; its test's tolerances (test_rope.py: rtol bf16 eps, atol 1e-3). d 64, 2 heads, S 128."""
+    mod = _import(library, "nkilib_src.nkilib.core.embeddings.rope")
+    x = RNG.standard_normal((64, 1, 2, 128)).astype(np.float32)
+    cos, sin = (RNG.standard_normal((32, 1, 128)).astype(np.float32) for _ in range(2))
+    with _no_language_warning():
+        out = mod.RoPE(x, cos, sin)
+    c, s_ = cos[:, :, None, :], sin[:, :, None, :]
+    golden = np.concatenate((x[:32] * c - x[32:] * s_, x[32:] * c + x[:32] * s_))
+    assert np.allclose(out, golden, rtol=2 ** -7, atol=1e-3)
+
+
+def test_qkv_and_output_projection_tkg(library):
+    """Two token-generation projections, bf16 inputs uniform in [0, 1) as their tests draw them (np_random_sample),
+    against x @ W in float64 with their tests' tolerances (rtol 2e-2, atol 1e-5; test_qkv_tkg.py,
+    test_output_proj_tkg.py). qkv: input (B, S, H), fused weights (H, (Nq + 2 Nkv)·d), layout BSD (no norm, bias or
+    RoPE). output_projection_tkg: attention (d, B, N, S), weight (N·d, H)."""
+    qkv = _import(library, "nkilib_src.nkilib.core.qkv.qkv")
+    x, w = RNG.random((1, 4, 512)).astype(BF16), RNG.random((512, 384)).astype(BF16)
+    golden = x.astype(np.float64) @ w.astype(np.float64)
+    with _no_language_warning():
+        out = qkv.qkv(x, w).astype(np.float64)
+    assert np.allclose(out, golden, rtol=2e-2, atol=1e-5)
+
+    proj = _import(library, "nkilib_src.nkilib.core.output_projection.output_projection_tkg")
+    attention, weight = RNG.random((64, 1, 2, 4)).astype(BF16), RNG.random((128, 256)).astype(BF16)
+    flat = attention.astype(np.float64).transpose(1, 3, 2, 0).reshape(4, 128)
+    with _no_language_warning():
+        out = proj.output_projection_tkg(attention, weight).astype(np.float64)
+    assert np.allclose(out.reshape(4, 256), flat @ weight.astype(np.float64), rtol=2e-2, atol=1e-5)
+
+
+def test_attention_cte(library):
+    """nki-library's context-encoding attention, causal, scale 0.5, fp32 inputs uniform in [0, 1) as its test draws
+    them (np_random_sample), its default layouts q (B, S, d), k (B, d, S), v (B, S, d), against softmax(q·k·scale)·v
+    in float64 with its test's tolerances (rtol 2e-2, atol 1e-5). S 512, d 128: one section of its K/V loop."""
+    mod = _import(library, "nkilib_src.nkilib.core.attention.attention_cte")
+    q, k, v = (RNG.random(shape, dtype=np.float32) for shape in ((1, 512, 128), (1, 128, 512), (1, 512, 128)))
+    with _no_language_warning():
+        out = mod.attention_cte(q, k, v, scale=0.5)
+    scores = np.where(np.tril(np.ones((512, 512), bool)), q[0].astype(np.float64) @ k[0] * 0.5, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    golden = (weights / weights.sum(-1, keepdims=True)) @ v[0]
+    assert np.allclose(out[0], golden, rtol=2e-2, atol=1e-5)
 
 
 def test_attention_bwd_needs_neuroncore_v3(library):
@@ -224,6 +293,56 @@ def test_attention_bwd_needs_neuroncore_v3(library):
                           mixed_precision=True)
 
 
+def test_cross_entropy_forward(library):
+    """nki-library's cross-entropy forward (online log-sum-exp over vocabulary chunks; its index loads use
+    `.ap(scalar_offset=...)`): fp32 randn logits, its torch reference cross_entropy_forward_torch_ref (loss, lse),
+    its fp32 tolerances (atol = rtol = 1e-5, test_cross_entropy_forward.py). 8 positions, V 2048 in one chunk."""
+    import torch
+
+    mod = _import(library, "nkilib_src.nkilib.experimental.loss.cross_entropy")
+    reference = importlib.import_module("nkilib_src.nkilib.experimental.loss.cross_entropy_torch")
+    logits = RNG.standard_normal((8, 2048)).astype(np.float32)
+    targets = RNG.integers(0, 2048, 8).astype(np.int32)
+    with _no_language_warning():
+        loss, lse = mod.cross_entropy_forward(logits, targets, positions_per_batch=8, chunk_size=2048, dtype=np.float32)
+    golden = reference.cross_entropy_forward_torch_ref(torch.from_numpy(logits), torch.from_numpy(targets).long())
+    for out, gold in zip((loss, lse), golden):
+        assert np.allclose(out, gold.float().numpy(), atol=1e-5, rtol=1e-5)
+
+
+def test_depthwise_conv1d(library):
+    """nki-library's depthwise conv1d (implicit GEMM): img (N, C, 1, W), filter (C, 1, 1, S), feature_group_count C;
+    out[n, c, 0, q] = sum_s img[n, c, 0, q + s] · filter[c, 0, 0, s], in NumPy; its test's tolerances (1e-2)."""
+    mod = _import(library, "nkilib_src.nkilib.experimental.conv.depthwise_conv1d")
+    img, filt = RNG.standard_normal((1, 128, 1, 256)).astype(np.float32), RNG.standard_normal((128, 1, 1, 4)).astype(
+        np.float32)
+    with _no_language_warning():
+        out = mod.depthwise_conv1d_implicit_gemm(img, filt, feature_group_count=128)
+    w = filt[:, 0, 0, :]
+    golden = sum(img[..., s:s + 253] * w[None, :, None, s:s + 1] for s in range(4))
+    assert np.allclose(out, golden, atol=1e-2, rtol=1e-2)
+
+
+def test_rmsnorm_quant(library):
+    """nki-library's RMSNorm + row fp8 quantisation: each row of (B, S, H + 4) fp8e4m3 is H quantised values then the
+    4 bytes of its fp32 dequantisation scale. Reference and tolerances of its test (test_rmsnorm_quant.py,
+    rmsnorm_quant_ref written here in NumPy): RMSNorm in fp32 (eps 1e-6) times gamma, scale = max|row| / 240,
+    values cast to float8_e4m3; compared as its maxAllClose does, |a - b| <= rtol · max|b|, rtol 0.072 (values)
+    and 0.007 (scales). bf16, 4 rows, H 512."""
+    mod = _import(library, "nkilib_src.nkilib.core.rmsnorm.rmsnorm_quant")
+    x, gamma = RNG.standard_normal((1, 4, 512)).astype(BF16), RNG.standard_normal((1, 512)).astype(BF16)
+    with _no_language_warning():
+        out = mod.rmsnorm_quant_kernel(x, gamma, mod.RmsNormQuantKernelArgs())
+    assert out.shape == (1, 4, 516) and out.dtype == ml_dtypes.float8_e4m3
+    values, scales = out[..., :512].astype(np.float32), np.ascontiguousarray(out[..., 512:]).view(np.float32)
+    xf = x.astype(np.float32)
+    norm = xf / (np.sqrt(np.mean(np.square(xf), axis=-1, keepdims=True)) + 1e-6) * gamma.astype(np.float32)
+    golden_scales = np.abs(norm).max(axis=-1, keepdims=True) / 240.0
+    golden = (norm / golden_scales).astype(ml_dtypes.float8_e4m3).astype(np.float32)
+    assert np.abs(values - golden).max() <= 0.072 * np.abs(golden).max()
+    assert np.abs(scales - golden_scales).max() <= 0.007 * np.abs(golden_scales).max()
+
+
 # ----------------------------------------------------------------------------- the front end accepts them
 FRONT_END_MODULES = [
     ("sdk", "tensor_addition.tensor_addition_nki_kernels"),
@@ -234,6 +353,8 @@ FRONT_END_MODULES = [
     ("library", "nkilib_src.nkilib.core.attention.attention_bwd"),
     ("library", "nkilib_src.nkilib.core.subkernels.rmsnorm_tkg"),  # a sub-kernel: its test framework jits it
 ]
+# The kernels tested since (RoPE, qkv, output_projection_tkg, attention_cte, cross_entropy_forward,
+# depthwise_conv1d) run under `_no_language_warning`: the run's own front-end check then stands for this test.
 SUBKERNELS = {"nkilib_src.nkilib.core.subkernels.rmsnorm_tkg": "rmsnorm_tkg"}
 
 

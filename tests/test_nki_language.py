@@ -390,3 +390,83 @@ def test_device_print_takes_a_string_and_an_sbuf_or_hbm_tensor(capsys):
     a = np.ones((2, 2), np.float32)
     run(from_sbuf, a)
     assert capsys.readouterr().out.startswith("tile [[1. 1.]")
+
+
+# ----------------------------------------------------------------------------- API surface nki-library uses
+def test_nki_modules_and_shared_constants_nki_library_imports():
+    """`nki.isa.constants` (the isa enums), `nki.dtype`, `nki.tensor` trace-time tensors turned into HBM tensors by
+    `nl.shared_constant` / `nl.shared_identity_matrix`, and `nki.collectives` names that refuse to run."""
+    import importlib
+
+    from nki_kernels.emulator import as_nki
+
+    with as_nki():
+        constants = importlib.import_module("nki.isa.constants")
+        ntensor = importlib.import_module("nki.tensor")
+        ncc = importlib.import_module("nki.collectives")
+    assert constants.oob_mode.skip is nisa.oob_mode.skip and nisa.constants.engine.tensor is nisa.engine.tensor
+    assert isinstance(nl.bfloat16, nki.dtype)
+
+    def identity_rows(a):
+        eye = nl.shared_constant(ntensor.identity(8, nl.int8), dtype=nl.float32)
+        ramp = nl.shared_constant(ntensor.arange(0, 8, 1, dtype=nl.int32))
+        ones = nl.shared_identity_matrix(4, dtype=nl.float32)
+        tile = nl.ndarray((8, 8), dtype=nl.float32)
+        nisa.dma_copy(dst=tile, src=eye)
+        return store(tile), ramp, ones
+
+    eye, ramp, ones = run(identity_rows, rand(1, 1))
+    np.testing.assert_array_equal(eye, np.eye(8))
+    assert ramp.dtype == np.int32 and list(ramp) == list(range(8))
+    np.testing.assert_array_equal(ones, np.eye(4))
+    np.testing.assert_array_equal(ntensor.zeros((2, 3), dtype=nl.int8) + 1, np.ones((2, 3)))
+    with pytest.raises(TypeError, match="trace-time tensor"):
+        nl.shared_constant([1, 2, 3])
+    group = ncc.ReplicaGroup([[0, 1]])
+    with pytest.raises(NKIRuleError, match="nki.collectives.all_gather: is in NKI 0.2.0 but not emulated"):
+        ncc.all_gather(srcs=[], dsts=[], replica_group=group, collective_dim=0)
+
+
+def test_nki_classes_get_the_compilers_initialiser():
+    """Language guide, Class Support: with or without @dataclass, a class without its own __init__ takes its fields
+    as optional arguments (default the class value, else None) and runs __post_init__; frozen ones too."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Section(nl.NKIObject):  # plain class attributes, as nki-library's SectionParams
+        index = None
+        offset = 0
+
+        def end(self):
+            return self.offset + 1
+
+    @dataclass(frozen=True)
+    class Info(nl.NKIObject):
+        rows: int
+        cols: int = 4
+
+        def __post_init__(self):
+            assert self.cols > 0
+
+    s = Section(index=2)
+    assert (s.index, s.offset, s.end()) == (2, 0, 1)
+    assert (Info(3).rows, Info(3).cols, Info().rows, Info(1, 5).cols) == (3, 4, None, 5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'width'"):
+        Section(width=3)
+    with pytest.raises(AssertionError):
+        Info(1, 0)
+    assert _Tiles(3).n == 3  # a class with its own __init__ keeps it
+
+
+def test_neuroncore_versions_are_ordered():
+    """nki-library gates its paths on `nisa.get_nc_version() >= nisa.nc_version.gen3`; the guide's
+    equality-only rule stays for enums a kernel defines."""
+
+    def gated(a):
+        if nisa.get_nc_version() >= nisa.nc_version.gen3:
+            return store(load(a))
+        return copy_kernel(a)
+
+    a = rand(4, 4)
+    np.testing.assert_array_equal(run(gated, a), a)
+    assert nisa.nc_version.gen2 < nisa.nc_version.gen3 < nisa.nc_version.gen4

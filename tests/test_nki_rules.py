@@ -362,6 +362,19 @@ def test_matmul_v2_modes():
     a = rand(8, 16)
     np.testing.assert_allclose(run(rows64, a), a.T @ a, rtol=1e-5, atol=1e-5)
 
+    def columns(a, position, size):  # [isa] nc_matmul: columns are tiled "in the same fashion" as rows
+        ps = nl.ndarray((a.shape[1], 16), dtype=nl.float32, buffer=nl.psum)
+        nisa.nc_matmul(dst=ps, stationary=load(a), moving=load(a[:, 0:16]), tile_position=position, tile_size=size)
+        out = nl.ndarray((a.shape[1], 16), dtype=nl.float32)
+        nisa.tensor_copy(dst=out, src=ps)
+        return store(out)
+
+    a = rand(128, 64)
+    np.testing.assert_allclose(run(columns, a, (0, 64), (128, 64)), a.T @ a[:, :16], rtol=1e-5, atol=1e-5)
+    raises(columns, a, (0, 32), (128, 32), match="column tile size is 64 or 128 on NeuronCore-v2")
+    raises(columns, a, (0, 32), (128, 64), match="start_column must be a multiple of the column tile size")
+    raises(columns, rand(128, 96), (0, 0), (128, 64), match="stationary free size must fit the column tile")
+
 
 def test_tensor_engine_transpose_writes_fp32_on_v2():
     def bf16_transpose_to_bf16(a):
@@ -439,11 +452,17 @@ def test_partition_dimension_and_start():
     msg = raises(tall, match="partition dimension must be <= 128")
     assert "nl.ndarray" in msg and "(256, 4)" in msg
 
-    def index_partition(a):
+    def index_partition(a, row):  # language guide, Tensor Indexing: an integer picks one partition
+        tile = load(a)
         out = nl.ndarray((4,), dtype=nl.float32, buffer=nl.shared_hbm)
-        nisa.dma_copy(dst=out, src=load(a)[3])
+        nisa.dma_copy(dst=out, src=tile[row])
+        assert tile[row, :].shape == (1, 4)
+        return out
 
-    raises(index_partition, rand(8, 4), match="partition axis must stay first")
+    a = rand(8, 4)
+    np.testing.assert_array_equal(run(index_partition, a, 3), a[3])
+    np.testing.assert_array_equal(run(index_partition, a, -1), a[7])
+    raises(index_partition, a, 8, match="partition index out of range")
 
     def bad_start(a):
         out = nl.ndarray((4, 8), dtype=nl.float32)
@@ -1028,3 +1047,107 @@ def test_program_id_names_an_axis_of_the_grid():
 
     raises(programs_on_second_axis, match=r"nl.num_programs: a launch grid has one axis")
     np.testing.assert_array_equal(_launch_queries[1](), [[0, 1, 1, 1]])
+
+
+# ----------------------------------------------------------------------------- instructions nki-library needs
+def test_dma_transpose_permutes_by_rank_and_keeps_the_dtype():
+    """[isa] dma_transpose: (1, 0) for 2-d, (2, 1, 0) for 3-d, (3, 1, 2, 0) for 4-d; hwdge needs v3."""
+
+    def transpose(a, axes=None, dge_mode=nisa.dge_mode.unknown, dst_dtype=None):
+        perm = (1, 0) if a.ndim == 2 else (2, 1, 0) if a.ndim == 3 else (3, 1, 2, 0)
+        shape = a.shape[::-1] if a.ndim < 4 else (a.shape[3], a.shape[1], a.shape[2], a.shape[0])
+        out = nl.ndarray(shape, dtype=dst_dtype or a.dtype, buffer=nl.shared_hbm)
+        nisa.dma_transpose(dst=out, src=a, axes=axes, dge_mode=dge_mode)
+        return out
+
+    for shape, perm in (((16, 128), (1, 0)), ((4, 8, 16), (2, 1, 0)), ((2, 3, 4, 5), (3, 1, 2, 0))):
+        a = rand(*shape)
+        np.testing.assert_array_equal(run(transpose, a), a.transpose(perm))
+        np.testing.assert_array_equal(run(transpose, a, perm), a.transpose(perm))
+    raises(transpose, rand(4, 8, 16), (1, 0, 2), match="axes for a 3-d tile must be \\(2, 1, 0\\)")
+    raises(transpose, rand(16, 128), None, nisa.dge_mode.hwdge, match="needs NeuronCore-v3")
+    raises(transpose, rand(16, 128), None, nisa.dge_mode.swdge, match="only valid dge_modes are unknown and hwdge")
+    raises(transpose, rand(16, 128), None, nisa.dge_mode.unknown, nl.bfloat16, match="same dtype")
+    raises(transpose, rand(8), match="2-d, 3-d or 4-d")
+
+
+def test_tensor_scalar_reduce():
+    """[isa] tensor_scalar_reduce: dst = data op0 operand0, reduce_res = reduce_op over the free axes of dst."""
+
+    def scale_and_max(a, op0=nl.multiply, reduce_op=nl.maximum, reverse0=False):
+        x = load(a)
+        out, red = nl.ndarray(a.shape, dtype=nl.float32), nl.ndarray((a.shape[0], 1), dtype=nl.float32)
+        nisa.tensor_scalar_reduce(dst=out, data=x, op0=op0, operand0=-2.0, reduce_op=reduce_op, reduce_res=red,
+                                  reverse0=reverse0)
+        return store(out), store(red)
+
+    a = rand(16, 64)
+    out, red = run(scale_and_max, a)
+    np.testing.assert_allclose(out, -2 * a, rtol=1e-6)
+    np.testing.assert_allclose(red, (-2 * a).max(axis=1, keepdims=True), rtol=1e-6)
+    out, red = run(scale_and_max, a, nl.add, nl.add)
+    np.testing.assert_allclose(red, (a - 2).sum(axis=1, keepdims=True), rtol=1e-5)
+    raises(scale_and_max, a, nl.bitwise_and, match="op0 must be an arithmetic operator")
+    raises(scale_and_max, a, nl.multiply, nl.divide, match="op must be listed in the ALU operator table")
+    raises(scale_and_max, a, nl.multiply, nl.maximum, True, match="reverse0 is not supported yet")
+
+
+def test_placed_tiles_leave_the_live_count_but_must_fit():
+    """A tile given address= is placed by the kernel (nki-library's allocator reuses addresses while older tiles
+    are referenced): it must fit the buffer there, and does not count against the live tiles."""
+
+    def nine_placed_banks(a):
+        tiles = [nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum, address=(0, (i % 8) * 2048))
+                 for i in range(9)]
+        return store(load(a))
+
+    a = rand(4, 4)
+    np.testing.assert_array_equal(run(nine_placed_banks, a), a)
+
+    def nine_banks(a):
+        tiles = [nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum) for _ in range(9)]
+
+    raises(nine_banks, a, match="PSUM has 8 banks")
+
+    def beyond_sbuf(a):
+        nl.ndarray((128, 1024), dtype=nl.float32, address=(0, SBUF_USABLE_BYTES_PER_PARTITION - 1024))
+
+    raises(beyond_sbuf, a, match="a placed tile must fit the sbuf")
+
+    def beyond_partitions(a):
+        nl.ndarray((64, 16), dtype=nl.float32, address=(96, 0))
+
+    raises(beyond_partitions, a, match="a placed tile must fit the sbuf")
+
+
+def test_access_pattern_with_a_scalar_offset():
+    """nki-migration-guide.rst, "Scalar Dynamic Access": the start moves by the SBUF value times the elements to
+    the right of indirect_dim in the base tensor (its example: A (512, 512), rows 384.. via batch_idx = 384)."""
+
+    def rows_from(a, start, indirect_dim=0, offset_dtype=nl.int32):
+        index = nl.ndarray((1, 1), dtype=offset_dtype)
+        nisa.memset(dst=index, value=start)
+        out = nl.ndarray((128, 256), dtype=a.dtype, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=out, src=a.ap(pattern=[[512, 128], [1, 256]], offset=0, scalar_offset=index,
+                                        indirect_dim=indirect_dim))
+        return out
+
+    a = rand(512, 512)
+    np.testing.assert_array_equal(run(rows_from, a, 384), a[384:, :256])
+    np.testing.assert_array_equal(run(rows_from, a, 7, 1), a.reshape(-1)[7:][: 128 * 512].reshape(128, 512)[:, :256])
+    raises(rows_from, a, 385, match="access pattern reaches outside the tensor")
+    raises(rows_from, a, 3, 0, nl.float32, match="scalar_offset must be one integer element")
+    raises(rows_from, a, 3, 2, match="indirect_dim must be an axis of the tensor")
+
+
+def test_instructions_of_later_neuroncores_are_refused_for_that_reason():
+    """[isa] "Available only on NeuronCore-v3 (v4) and newer": refused on the v2 the emulator models."""
+
+    def nonzero(a):
+        out = nl.ndarray((128, 9), dtype=nl.int32)
+        nisa.nonzero_with_count(dst=out, src=load(a))
+
+    raises(nonzero, rand(128, 8), match="nisa.nonzero_with_count: available only on NeuronCore-v3 and newer")
+    for name, version in (("sendrecv", 3), ("range_select", 3), ("exponential", 4), ("quantize_mx", 4)):
+        with pytest.raises(NKIRuleError, match=f"available only on NeuronCore-v{version} and newer"):
+            getattr(nisa, name)()

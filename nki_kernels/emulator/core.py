@@ -18,6 +18,7 @@ MAX_AVAILABLE_SBUF_SIZE, written for the 224 KiB partitions of NeuronCore-v3). P
 from __future__ import annotations
 
 import math
+import operator
 import os
 import sys
 from dataclasses import dataclass, field
@@ -326,6 +327,24 @@ class _Allocation:
             run.profile.timeline.forget(self.id)
 
 
+def _one_partition(first: Any, partitions: int, key: tuple) -> slice:
+    """The partition-axis part of an on-chip index as a slice.
+
+    An integer selects one partition (language guide, "Tensor Indexing": `t[0,0,10]`, `t[0,...]`
+    on an SBUF tensor; nki-library 0759719 writes `sink_sb[0, 0]`, `mx_dequant_sb[0, :]`:
+    `core/attention/attention_cte.py` line 624, `core/qkv/qkv_cte.py` line 1903). The view keeps
+    that partition as an axis of size 1, so the partition axis stays first; the guide's `.shape`
+    drops it (docs/kernels.md, "What the emulator does not model").
+    """
+    if isinstance(first, slice):
+        return first
+    index = operator.index(first)
+    if not -partitions <= index < partitions:
+        raise rule_error("indexing", "partition index out of range", f"index {index} of {partitions}, key {key!r}")
+    index %= partitions
+    return slice(index, index + 1)
+
+
 def _is_whole(key: tuple) -> bool:
     return all(k is Ellipsis or (isinstance(k, slice) and k == slice(None)) for k in key)
 
@@ -396,11 +415,8 @@ class NkiTensor:
             return self
         pstart = self.pstart
         if self.buffer in ON_CHIP and key and key[0] is not Ellipsis:
-            first = key[0]
-            if not isinstance(first, slice):
-                raise rule_error("indexing", "the partition axis must stay first (slice it, never index it)",
-                                 f"tensor {self.shape} in {self.buffer}, key {key!r}")
-            start, _, step = first.indices(self.shape[0])
+            key = (_one_partition(key[0], self.shape[0], key), *key[1:])
+            start, _, step = key[0].indices(self.shape[0])
             if step != 1:
                 raise rule_error("indexing", "partition slices must be contiguous (step 1)",
                                  f"tensor {self.shape}, key {key!r}")
@@ -429,12 +445,17 @@ class NkiTensor:
 
         `pattern` is [[step, num], ...] in elements, outermost first; on SBUF/PSUM the
         first pair walks the partitions and its step must be the tensor's free size.
-        Dynamic offsets (`scalar_offset`, `vector_offset`) are not emulated.
+        `scalar_offset` (an SBUF element holding an index on `indirect_dim` of this tensor)
+        moves the start by that index times the elements to the right of `indirect_dim`
+        (nki-migration-guide.rst, "Scalar Dynamic Access": `offset + scalar_offset *
+        prod(A.shape[indirect_dim+1:])`); `vector_offset` is not emulated.
         """
         instr = "tensor.ap"
         self._no_nesting(instr)
-        if scalar_offset is not None or vector_offset is not None:
-            raise NotImplementedError("tensor.ap with a dynamic (register / vector) offset is not emulated")
+        if vector_offset is not None:
+            raise NotImplementedError("tensor.ap with a vector_offset (dynamic per-partition rows) is not emulated")
+        if scalar_offset is not None:
+            offset = int(offset) + self._dynamic_start(instr, scalar_offset, indirect_dim)
         dims = [(int(step), int(num)) for step, num in pattern]
         if not dims:
             raise rule_error(instr, "pattern needs at least one [step, num] pair", f"pattern={pattern}")
@@ -460,6 +481,21 @@ class NkiTensor:
         pstart = self.pstart + (offset // free if self.buffer in ON_CHIP else 0)
         acc = np.zeros(view.shape, dtype=bool) if self.buffer == PSUM else None
         return NkiTensor(self._alloc, view, pstart, acc, indexed=True)
+
+    def _dynamic_start(self, instr: str, scalar_offset: Any, indirect_dim: int) -> int:
+        """Elements a `scalar_offset` moves the access: its value (read now, in program order) times the
+        size of one step of `indirect_dim` in this (base) tensor. A cost-only run has no values: 0."""
+        if not isinstance(scalar_offset, NkiTensor) or scalar_offset.buffer != SBUF:
+            raise rule_error(instr, "scalar_offset must be an SBUF location", f"got {scalar_offset!r}")
+        if scalar_offset.numpy().size != 1 or is_float(scalar_offset.dtype):
+            raise rule_error(instr, "scalar_offset must be one integer element",
+                             f"{scalar_offset.shape} {scalar_offset.dtype}")
+        if not 0 <= indirect_dim < len(self.shape):
+            raise rule_error(instr, "indirect_dim must be an axis of the tensor", f"indirect_dim={indirect_dim}")
+        if not state().compute:
+            return 0
+        step = int(np.prod(self.shape[indirect_dim + 1:], dtype=np.int64))
+        return int(scalar_offset.numpy().reshape(-1)[0]) * step
 
     # helpers for instructions -------------------------------------------------------
     @property
@@ -541,8 +577,15 @@ def _fill_value(dtype: np.dtype) -> Any:
 
 
 def allocate(shape: tuple[int, ...] | list[int], dtype: Any, buffer: str | None, name: str,
-             fill: Any = "nan", instr: str = "nl.ndarray") -> NkiTensor:
-    """A new tensor in `buffer` (default sbuf), checked against partition and capacity rules."""
+             fill: Any = "nan", instr: str = "nl.ndarray", address: Any = None) -> NkiTensor:
+    """A new tensor in `buffer` (default sbuf), checked against partition and capacity rules.
+
+    A tile the kernel places itself (`address=(partition, byte offset)`) must fit the buffer at
+    that address and is not counted among the live tiles the compiler would place: kernels
+    that manage memory (nki-library's `core/utils/allocator.py` line 306) reuse addresses
+    while older tiles are still referenced. Overlaps between placed tiles are not checked and
+    each still gets its own storage ("What the emulator does not model").
+    """
     buffer = buffer or SBUF
     if buffer not in ON_CHIP + HBM_BUFFERS:
         raise rule_error(instr, "unknown buffer", f"buffer={buffer!r}")
@@ -551,9 +594,12 @@ def allocate(shape: tuple[int, ...] | list[int], dtype: Any, buffer: str | None,
     per_partition = int(np.prod(shape[1:], dtype=np.int64)) * dt.itemsize if len(shape) > 1 else dt.itemsize
     charge = per_partition
     if buffer in ON_CHIP:
-        _check_on_chip_alloc(instr, shape, dt, buffer, per_partition)
+        _check_on_chip_alloc(instr, shape, dt, buffer, per_partition, placed=address is not None)
         if buffer == PSUM:  # whole banks
             charge = -(-per_partition // PSUM_BANK_BYTES) * PSUM_BANK_BYTES
+        if address is not None:
+            _check_placement(instr, shape, buffer, per_partition, address)
+            charge = 0
     run = state()
     data = np.empty(shape, dtype=dt)
     if run.compute:
@@ -576,13 +622,24 @@ def kernel_site() -> tuple[str, int]:
     return (frame.f_code.co_filename, frame.f_lineno) if frame is not None else ("<kernel>", 0)
 
 
-def _check_on_chip_alloc(instr: str, shape: tuple[int, ...], dt: np.dtype, buffer: str, per_partition: int) -> None:
+def _check_placement(instr: str, shape: tuple[int, ...], buffer: str, per_partition: int, address: Any) -> None:
+    partition, offset = (int(a) for a in address)
+    capacity = SBUF_USABLE_BYTES_PER_PARTITION if buffer == SBUF else PSUM_BANKS * PSUM_BANK_BYTES
+    if partition < 0 or partition + shape[0] > PMAX or offset < 0 or offset + per_partition > capacity:
+        raise rule_error(instr, f"a placed tile must fit the {buffer} ({PMAX} partitions, {capacity} B each)",
+                         f"shape {shape} ({per_partition} B/partition) at address {tuple(address)}")
+
+
+def _check_on_chip_alloc(instr: str, shape: tuple[int, ...], dt: np.dtype, buffer: str, per_partition: int,
+                         placed: bool = False) -> None:
     if len(shape) < 2:
         raise rule_error(instr, "on-chip tiles need a partition axis first and at least one free axis",
                          f"shape {shape} in {buffer}")
     if shape[0] > PMAX:
         raise rule_error(instr, f"partition dimension must be <= {PMAX} and first", f"shape {shape} in {buffer}")
     run = state()
+    if placed:
+        return
     if buffer == SBUF:
         if run.live[SBUF] + per_partition > SBUF_USABLE_BYTES_PER_PARTITION:
             raise rule_error(instr, f"usable SBUF is {SBUF_USABLE_BYTES_PER_PARTITION} bytes per partition "

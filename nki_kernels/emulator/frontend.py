@@ -539,7 +539,8 @@ class _FunctionWalker(ast.NodeVisitor):
     def visit_Compare(self, node: ast.Compare) -> None:
         left = node.left
         for op, right in zip(node.ops, node.comparators):
-            if not isinstance(op, _ENUM_COMPARE_OK) and (self._enum_value(left) or self._enum_value(right)):
+            if (not isinstance(op, _ENUM_COMPARE_OK) and (self._enum_value(left) or self._enum_value(right))
+                    and not (self._nc_version(left) and self._nc_version(right))):
                 self.add(node, ENUM_OPS, f"{type(op).__name__} between {ast.unparse(left)} and {ast.unparse(right)}")
             left = right
         for op, right in zip(node.ops, node.comparators):
@@ -558,6 +559,19 @@ class _FunctionWalker(ast.NodeVisitor):
             cls = self.globals.get(self.types[node.id])
             return isinstance(cls, type) and issubclass(cls, enum.Enum)
         return False
+
+    def _nc_version(self, node: ast.AST) -> bool:
+        """`nisa.get_nc_version()` or a `nisa.nc_version` member. The guide's enumeration rule is
+        about the enum classes a kernel defines, which the compiler translates to NKIObjects; the
+        target version is the API's own and ordered: nki-library 0759719 gates its paths on
+        `nisa.get_nc_version() >= nisa.nc_version.gen3` (`core/qkv/qkv_cte_utils.py` line 663,
+        `core/moe/moe_cte/moe_cte_utils.py` line 201, `core/attention/attention_tkg.py` line 2315)."""
+        if isinstance(node, ast.Call) and not node.args and not node.keywords:
+            return getattr(self.resolve(node.func), "__name__", "") == "get_nc_version" and _is_isa(
+                self.resolve(node.func))
+        member = self.resolve(node)
+        return isinstance(member, enum.Enum) and type(member).__name__ == "nc_version" and type(member).__module__ in (
+            "nki.isa", "nki_kernels.emulator.isa")
 
     def _result_used(self, value: ast.AST) -> None:
         if isinstance(value, ast.Call) and _is_isa(self.resolve(value.func)):

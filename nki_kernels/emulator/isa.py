@@ -16,6 +16,7 @@ v2 code paths show the rule).
 
 from __future__ import annotations
 
+import functools
 from enum import Enum
 from typing import Any
 
@@ -43,10 +44,19 @@ class engine(Enum):  # noqa: N801
     unknown = 0
 
 
+@functools.total_ordering
 class nc_version(Enum):  # noqa: N801
+    """Ordered by generation, as nki-library 0759719 compares them (`get_nc_version() >= nc_version.gen3`,
+    `core/qkv/qkv_cte_utils.py` line 663); the stub gives the values 2, 3, 4 (line 51)."""
+
     gen2 = 2
     gen3 = 3
     gen4 = 4
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, nc_version):
+            return NotImplemented
+        return self.value < other.value
 
 
 class oob_mode(Enum):  # noqa: N801
@@ -299,6 +309,47 @@ def dma_copy(dst, src, dst_rmw_op=None, oob_mode=oob_mode.error, dge_mode=dge_mo
     dst.write(_dma_convert(src, dst, dst_rmw_op is not None))
 
 
+# [isa] dma_transpose (stub lines 581-623): the permutation for each rank; `axes` may only restate it.
+_DMA_TRANSPOSE_AXES = {2: (1, 0), 3: (2, 1, 0), 4: (3, 1, 2, 0)}
+
+
+def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, oob_mode=oob_mode.error, name=None):
+    """dst = src permuted by the DMA engine: (1, 0), (2, 1, 0) or (3, 1, 2, 0) by rank ([isa] dma_transpose).
+
+    src is in HBM or SBUF; "the only valid dge_modes are unknown and hwdge", and hardware DGE
+    needs NeuronCore-v3 (as for `dma_copy`). The stub describes no conversion, so the dtypes
+    must match; the indirect (software DGE) form has no index argument in this signature.
+    """
+    instr = "nisa.dma_transpose"
+    for nm, t in (("dst", dst), ("src", src)):
+        if not isinstance(t, NkiTensor):
+            raise rule_error(instr, f"{nm} must be a tensor", f"got {type(t).__name__}")
+        if t.buffer == PSUM:
+            raise rule_error(instr, f"{nm} must be in HBM or SBUF", f"{nm} {t.shape} in psum")
+    perm = _DMA_TRANSPOSE_AXES.get(len(src.shape))
+    if perm is None:
+        raise rule_error(instr, "src must be a 2-d, 3-d or 4-d tile", f"src {src.shape}")
+    if axes is not None and tuple(axes) != perm:
+        raise rule_error(instr, f"axes for a {len(src.shape)}-d tile must be {perm}", f"axes={tuple(axes)}")
+    if dge_mode == _DGE_MODE.hwdge:
+        raise rule_error(instr, "dge_mode=hwdge (hardware DGE) needs NeuronCore-v3 or newer", "dge_mode=hwdge")
+    if dge_mode != _DGE_MODE.unknown:
+        raise rule_error(instr, "the only valid dge_modes are unknown and hwdge", f"dge_mode={dge_mode}")
+    expected = tuple(src.shape[i] for i in perm)
+    if tuple(dst.shape) != expected:
+        raise rule_error(instr, "dst must have the transposed shape of src", f"dst {dst.shape}, src {src.shape} -> "
+                         f"{expected}")
+    if dst.dtype != src.dtype:
+        raise rule_error(instr, "src and dst must have the same dtype", f"dst {dst.dtype}, src {src.dtype}")
+    if dst.buffer == SBUF and dst.partitions > core.PMAX:
+        raise rule_error(instr, "partition dimension must be <= 128", f"dst {dst.shape}")
+    run = state()
+    hbm = sum(t.nbytes for t in (src, dst) if t.buffer in core.HBM_BUFFERS)
+    run.dma(instr, dst, src, hbm)
+    if run.compute:  # same dtype: the bits move
+        dst.numpy()[...] = src.numpy().transpose(perm)
+
+
 def _dma_convert(src: NkiTensor, dst: NkiTensor, add: bool) -> np.ndarray:
     """What a converting or read-modify-write DMA writes, before the cast to `dst.dtype`.
 
@@ -363,24 +414,26 @@ def memset(dst, value, engine=engine.unknown, name=None):
 
 # ------------------------------------------------------------------ Tensor engine
 def _matmul_tiling(instr: str, stationary: NkiTensor, tile_position: Any, tile_size: Any) -> None:
-    """[isa] nc_matmul "Tiling mode" on NeuronCore-v2: 2x64 row tiles only; column_size 128, start_column 0."""
+    """[isa] nc_matmul "Tiling mode" on NeuronCore-v2 (stub lines 1023-1041): rows in 2x64 tiles
+    ("NeuronCore-v2 or newer"; 4x32 needs v3), columns "in the same fashion", so 64 or 128 each;
+    a start a multiple of its tile size within 128; the stationary tile fits the chosen tile."""
     if not tile_position and not tile_size:
         return
     if not tile_position or not tile_size:
         raise rule_error(instr, "tile_position and tile_size must both be set to enable tiling mode",
                          f"tile_position={tile_position}, tile_size={tile_size}")
     (row0, col0), (rows, cols) = tile_position, tile_size
-    if rows not in (64, 128):
-        raise rule_error(instr, "row tile size is 64 or 128 on NeuronCore-v2 (32 needs NeuronCore-v3)",
-                         f"tile_size={tile_size}")
-    if cols != 128 or col0 != 0:
-        raise rule_error(instr, "column tiling is not available: column_size must be 128 and start_column 0",
-                         f"tile_position={tile_position}, tile_size={tile_size}")
-    if row0 % rows or row0 + rows > 128:
-        raise rule_error(instr, "start_row must be a multiple of the row tile size within 128",
-                         f"tile_position={tile_position}, tile_size={tile_size}")
+    for axis, size, start in (("row", rows, row0), ("column", cols, col0)):
+        if size not in (64, 128):
+            raise rule_error(instr, f"{axis} tile size is 64 or 128 on NeuronCore-v2 (32 needs NeuronCore-v3)",
+                             f"tile_size={tile_size}")
+        if start % size or start + size > 128:
+            raise rule_error(instr, f"start_{axis} must be a multiple of the {axis} tile size within 128",
+                             f"tile_position={tile_position}, tile_size={tile_size}")
     if stationary.partitions > rows:
         raise rule_error(instr, "stationary partitions must fit the row tile", f"{stationary.shape}, rows {rows}")
+    if stationary.free_size > cols:
+        raise rule_error(instr, "stationary free size must fit the column tile", f"{stationary.shape}, columns {cols}")
 
 
 def nc_matmul(dst, stationary, moving, is_stationary_onezero=False, is_moving_onezero=False, is_transpose=False,
@@ -565,6 +618,39 @@ def tensor_scalar(dst, data, op0, operand0, reverse0=False, op1=None, operand1=N
     if op1 is not None:
         x = op1.fn(v1, x) if reverse1 else op1.fn(x, v1)
     dst.write(x)
+
+
+def tensor_scalar_reduce(dst, data, op0, operand0, reduce_op, reduce_res, reverse0=False, name=None):
+    """dst = data op0 operand0 on the Vector engine, and reduce_res = reduce_op over all free axes of
+    that result, one value per partition ([isa] tensor_scalar_reduce, stub lines 2459-2495).
+
+    op0 is an arithmetic ALU operator (no bitvec); reverse0 is "not supported yet"; reduce_op a
+    legal reduction operator of the ALU table (the stub's "nl.max or nl.min" are `nl.maximum` /
+    `nl.minimum`, which nki-library passes); reduce_res a (P, 1) tile.
+    """
+    instr = "nisa.tensor_scalar_reduce"
+    _tile(instr, "dst", dst)
+    _tile(instr, "data", data)
+    _tile(instr, "reduce_res", reduce_res)
+    _same_layout(instr, ("dst", "data"), (dst, data))
+    op0, reduce_op = _op(instr, op0, "alu"), _op(instr, reduce_op, "alu")
+    if not op0.is_("arith"):
+        raise rule_error(instr, "op0 must be an arithmetic operator (bitvec operators are not supported)", f"{op0!r}")
+    if not reduce_op.reducible:
+        raise rule_error(instr, "reduce_op is not a legal reduction operator (ALU table, 'Legal Reduction op')",
+                         f"reduce_op {reduce_op!r}")
+    if reverse0:
+        raise rule_error(instr, "reverse0 is not supported yet", "reverse0=True")
+    if reduce_res.partitions != data.partitions or reduce_res.free_size != 1:
+        raise rule_error(instr, "reduce_res must be a (partitions, 1) tile",
+                         f"reduce_res {reduce_res.shape}, data {data.shape}")
+    v0 = _scalar_operand(instr, "operand0", operand0, data.partitions)
+    _free_limit(instr, {"dst": dst, "data": data})
+    _issue("vector", instr, max(MIN_II, data.free_size), (data, operand0), (dst, reduce_res), _lanes(data))
+    if not state().compute:
+        return
+    dst.write(op0.fn(data.read(), v0))
+    reduce_res.write(reduce_op.reducer(dst.read()).reshape(-1, 1))  # the stub: reduce_op(dst, axis=<FreeAxis>)
 
 
 def scalar_tensor_tensor(dst, data, op0, operand0, op1, operand1, reverse0=False, reverse1=False, name=None):
@@ -909,19 +995,40 @@ def nc_find_index8(dst, data, vals, name=None):
 
 # In the 0.2.0 stub but not emulated: callable names that raise when a kernel reaches them.
 NOT_EMULATED = (
-    "bn_aggr", "bn_stats", "core_barrier", "dma_compute", "dma_transpose", "exponential",
-    "dropout", "local_gather", "nc_match_replace8", "nc_matmul_mx", "nc_n_gather", "nc_stream_shuffle",
-    "nonzero_with_count", "quantize_mx", "rand2", "rand_get_state", "rand_set_state", "range_select",
+    "bn_aggr", "bn_stats", "dma_compute",
+    "dropout", "local_gather", "nc_match_replace8", "nc_n_gather", "nc_stream_shuffle",
+    "rand_get_state", "rand_set_state",
     "register_alloc", "register_load", "register_move", "register_store", "rng",
-    "select_reduce", "sendrecv", "sequence_bounds", "set_rng_seed", "tensor_copy_predicated",
-    "tensor_partition_reduce", "tensor_scalar_cumulative", "tensor_scalar_reduce",
+    "select_reduce", "sequence_bounds", "set_rng_seed", "tensor_copy_predicated",
+    "tensor_partition_reduce", "tensor_scalar_cumulative",
 )
 for _name in NOT_EMULATED:
     globals()[_name] = core.not_emulated(f"nisa.{_name}")
 
+# [isa] "Available only on NeuronCore-vN and newer" (the stub line of each note): a Trn1 is NeuronCore-v2,
+# so these are refused for that reason, as neuronx-cc would, whatever their arguments.
+LATER_NEURONCORE = {
+    "core_barrier": (3, 402), "exponential": (4, 630), "nc_matmul_mx": (4, 1147), "nonzero_with_count": (3, 1392),
+    "quantize_mx": (4, 1496), "rand2": (4, 1568), "range_select": (3, 1686), "sendrecv": (3, 2078),
+}
+
+
+def _later_neuroncore(name: str, version: int, line: int):
+    def unsupported(*args: Any, **kwargs: Any) -> None:
+        raise rule_error(f"nisa.{name}", f"available only on NeuronCore-v{version} and newer (stub line {line}); "
+                         "a Trn1 is NeuronCore-v2", "the emulator models v2")
+
+    unsupported.__name__ = unsupported.__qualname__ = name
+    return unsupported
+
+
+for _name, (_version, _line) in LATER_NEURONCORE.items():
+    globals()[_name] = _later_neuroncore(_name, _version, _line)
+
 
 __all__ = [
-    "activation", "activation_reduce", "affine_select", "dge_mode", "dma_copy", "engine", "get_nc_version", "iota",
+    "activation", "activation_reduce", "affine_select", "dge_mode", "dma_copy", "dma_transpose", "engine",
+    "get_nc_version", "iota",
     "matmul_perf_mode", "max8", "memset", "nc_find_index8", "nc_matmul", "nc_transpose", "nc_version", "oob_mode", "reciprocal", "reduce_cmd",
-    "tensor_copy", "tensor_reduce", "tensor_scalar", "tensor_tensor", "tensor_tensor_scan",
+    "tensor_copy", "tensor_reduce", "tensor_scalar", "tensor_scalar_reduce", "tensor_tensor", "tensor_tensor_scan",
 ]

@@ -24,12 +24,66 @@ from .core import BFLOAT16, allocate
 from .loops import AffineLoops
 
 
-class NKIObject:
+class _NKIClass(type):
+    """Builds NKI class instances as the compiler does: `@dataclass` changes nothing (guide line 449),
+    so a class with no `__init__` written in it or its bases gets `NKIObject.__init__` even
+    when `dataclasses` generated one (whose fields would leave out un-annotated attributes)."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        if any(vars(klass).get("_nki_own_init") for klass in cls.__mro__):
+            return super().__call__(*args, **kwargs)
+        obj = cls.__new__(cls)
+        NKIObject.__init__(obj, *args, **kwargs)
+        return obj
+
+
+class NKIObject(metaclass=_NKIClass):
     """Base class every user class in a NKI kernel must inherit (and no other class).
 
     NKI language guide, "Class Support": the compiler only brings in class definitions
-    that derive from `NKIObject`; `nki_kernels.emulator.frontend` enforces it.
+    that derive from `NKIObject`; `nki_kernels.emulator.frontend` enforces it. "In NKI all
+    classes are similar to Python data classes ... The @dataclass decorator is optional":
+    a class without an `__init__` of its own gets one taking its fields, in order, as
+    optional arguments (default: the class value, else None), which then calls
+    `__post_init__` (guide lines 449-462). nki-library relies on it: `SectionParams(section_idx=...)`
+    (`core/attention/attention_cte.py` line 810) declares plain class attributes and no `__init__`.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._nki_own_init = "__init__" in vars(cls)  # written in the class body, before any decorator runs
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        fields = _fields(type(self))
+        if len(args) > len(fields):
+            raise TypeError(f"{type(self).__name__}() takes {len(fields)} field arguments, got {len(args)}")
+        values = dict(zip(fields, args))
+        for name, value in kwargs.items():
+            if name not in fields:
+                raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {name!r}")
+            if name in values:
+                raise TypeError(f"{type(self).__name__}() got multiple values for argument {name!r}")
+            values[name] = value
+        for name in fields:  # as a dataclass initialiser does, also for a frozen one
+            object.__setattr__(self, name, values.get(name, getattr(type(self), name, None)))
+        post_init = getattr(self, "__post_init__", None)
+        if post_init is not None:
+            post_init()
+
+
+def _fields(cls: type) -> list[str]:
+    """A NKI class's fields: annotated names, then other plain class attributes, base classes first."""
+    fields: list[str] = []
+    for klass in reversed(cls.__mro__):
+        if klass is object or klass is NKIObject:
+            continue
+        names = [*vars(klass).get("__annotations__", {}), *vars(klass)]
+        for name in names:
+            value = vars(klass).get(name)
+            plain = not (callable(value) or isinstance(value, (property, staticmethod, classmethod)))
+            if not name.startswith("__") and name != "_nki_own_init" and plain and name not in fields:
+                fields.append(name)
+    return fields
 
 
 # ---------------------------------------------------------------- dtypes (NumPy dtypes)
@@ -46,9 +100,29 @@ float8_e4m3fn = np.dtype(ml_dtypes.float8_e4m3fn)
 float8_e5m2_x4 = core.NotEmulatedDtype("float8_e5m2_x4")
 float8_e4m3fn_x4 = core.NotEmulatedDtype("float8_e4m3fn_x4")
 float4_e2m1fn_x4 = core.NotEmulatedDtype("float4_e2m1fn_x4")
-# functions of the 0.2.0 stub the emulator does not implement: calling one is an error
-shared_constant = core.not_emulated("nl.shared_constant")
-shared_identity_matrix = core.not_emulated("nl.shared_identity_matrix")
+
+# ---------------------------------------------------------------- shared constants
+def shared_constant(constant: np.ndarray, dtype: Any = None) -> core.NkiTensor:
+    """An HBM tensor holding `constant` (a trace-time tensor of `nki.tensor`), as `dtype`.
+
+    The 0.2.0 stub (`nki/api/nki/language/__init__.py` lines 97-149) says `dtype` "must be
+    specified", yet declares it `dtype=None` and nki-library calls
+    `nl.shared_constant(ntensor.identity(P_MAX, nl.int8))` (`core/subkernels/
+    find_nonzero_indices.py` line 138): without one the constant keeps its own dtype. The data
+    are fixed at compile time, so building the tensor costs no instruction.
+    """
+    if not isinstance(constant, np.ndarray):
+        raise TypeError(f"nl.shared_constant: constant must be a trace-time tensor of nki.tensor (zeros, identity, "
+                        f"arange), got {type(constant).__name__}")
+    target = constant.dtype if dtype is None else core.as_dtype(dtype)
+    return core.wrap_hbm(np.ascontiguousarray(constant.astype(target)), name="shared_constant")
+
+
+def shared_identity_matrix(n: int, dtype: Any = "uint8") -> core.NkiTensor:
+    """An n x n identity matrix as a shared constant (stub line 151: "the same behavior" as
+    `shared_constant`, default dtype uint8)."""
+    return shared_constant(np.eye(n), dtype)
+
 
 # ---------------------------------------------------------------- buffers
 sbuf, psum, hbm, shared_hbm, private_hbm = core.SBUF, core.PSUM, core.HBM, core.SHARED_HBM, core.PRIVATE_HBM
@@ -79,15 +153,16 @@ class tile_size(NKIObject):  # noqa: N801 - NKI's name
 def ndarray(shape, dtype, buffer=None, name="", address=None):
     """New tensor in `buffer` (default sbuf), filled with NaN so uninitialised reads show.
 
-    `address` (the migration guide's manual placement, (partition, byte offset)) is
-    otherwise ignored: the emulator allocates every tensor separately. A PSUM address
-    must start a bank (nki-migration-guide.rst: "The allocation for PSUM tensors must start
-    at the beginning of each bank - the compiler will throw an error otherwise").
+    `address` (the migration guide's manual placement, (partition, byte offset)) must fit
+    the buffer and takes the tile out of the live-tile count (`core.allocate`); the emulator
+    still stores every tensor separately. A PSUM address must start a bank
+    (nki-migration-guide.rst: "The allocation for PSUM tensors must start at the beginning
+    of each bank - the compiler will throw an error otherwise").
     """
     if address is not None and buffer == psum and int(address[1]) % core.PSUM_BANK_BYTES:
         raise core.rule_error("nl.ndarray", f"a PSUM address must start a bank (a multiple of "
                               f"{core.PSUM_BANK_BYTES} bytes)", f"address={tuple(address)}, shape {tuple(shape)}")
-    return allocate(shape, dtype, buffer, name, fill="nan", instr="nl.ndarray")
+    return allocate(shape, dtype, buffer, name, fill="nan", instr="nl.ndarray", address=address)
 
 
 def zeros(shape, dtype, buffer=None, name=""):
