@@ -537,6 +537,8 @@ def _build_recipe(raw: dict[str, Any], source: str | None, check_variants: bool 
     run = _section(RunSection, "run", raw.get("run"))
     if run.output_dir is None:
         run.output_dir = str(Path("runs") / run.name)
+    else:  # ``~/x`` from YAML or an override (no shell expands ``run.output_dir=~/x``) is the home folder's, here
+        run.output_dir = str(Path(run.output_dir).expanduser())  # where it enters, so the data cache follows it
     data = _data_section(raw.get("data"), run)
     init = _section(InitSection, "init", raw.get("init"))
     model = _model_section(raw.get("model"), data, init)
