@@ -22,6 +22,8 @@ from typing import Any, Mapping, Sequence, Union
 
 import yaml
 
+from bmojo_neuron.config_fields import BMojoFields
+
 DEFAULT_RECIPE = "cpu-tiny"
 RECIPE_DIR = "recipes"
 DEVICES = ("auto", "cpu", "cuda", "neuron")  # neuron: Trainium through torch-xla + NxD (the neuron training backend)
@@ -344,6 +346,11 @@ class Recipe:
         """The `BMojoConfig` of this recipe (vocab_size filled from the data when the model omits it)."""
         return _model_config(self.model, self.data, self.init)
 
+    def model_fields(self) -> BMojoFields:
+        """The same fields and derived sizes as `model_config`, without the transformers import: for checks
+        that read the model's shape (`plan`'s Trainium rules, the distill checks) and build nothing."""
+        return _model_fields(self.model, self.data, self.init)
+
     def variants(self) -> list[Variant]:
         """The suite entries, or (name, no overrides) for this recipe alone."""
         return list(self.suite) or [Variant(self.run.name, {})]
@@ -530,6 +537,8 @@ def _build_recipe(raw: dict[str, Any], source: str | None, check_variants: bool 
     run = _section(RunSection, "run", raw.get("run"))
     if run.output_dir is None:
         run.output_dir = str(Path("runs") / run.name)
+    else:  # ``~/x`` from YAML or an override (no shell expands ``run.output_dir=~/x``) is the home folder's, here
+        run.output_dir = str(Path(run.output_dir).expanduser())  # where it enters, so the data cache follows it
     data = _data_section(raw.get("data"), run)
     init = _section(InitSection, "init", raw.get("init"))
     model = _model_section(raw.get("model"), data, init)
@@ -595,23 +604,39 @@ def _model_section(values: Mapping[str, Any] | None, data: Any, init: InitSectio
         if key not in hints:
             raise ValueError(f"recipe key model.{key}: unknown BMojoConfig field; valid fields: {', '.join(hints)}")
         _check_type(f"model.{key}", value, hints[key])  # checked, kept as written (an int stays an int)
-    config = _model_config(model, data, init)
-    if isinstance(data, MqarDataSection) and config.vocab_size < data.vocab_size:
-        _fail("model.vocab_size", f"is {config.vocab_size}, smaller than data.vocab_size ({data.vocab_size})")
+    fields = _model_fields(model, data, init)
+    if isinstance(data, MqarDataSection) and fields.vocab_size < data.vocab_size:
+        _fail("model.vocab_size", f"is {fields.vocab_size}, smaller than data.vocab_size ({data.vocab_size})")
     return model
 
 
 def _model_config(model: Mapping[str, Any], data: Any, init: InitSection | None = None) -> Any:
-    from bmojo_neuron import BMojoConfig
+    from bmojo_neuron import BMojoConfig  # transformers (and torch, with the model classes it registers)
 
+    return _build_fields(BMojoConfig, _config_arguments(model, data, init))
+
+
+def _model_fields(model: Mapping[str, Any], data: Any, init: InitSection | None = None) -> BMojoFields:
+    """The model's fields, checked by `BMojoConfig`'s own validation without importing transformers."""
+    return _build_fields(BMojoFields, _config_arguments(model, data, init))
+
+
+def _config_arguments(model: Mapping[str, Any], data: Any, init: InitSection | None) -> dict[str, Any]:
+    """The keyword arguments of the model's config: ``init.weights``' config, the model section over it, and
+    vocab_size from the data when neither gives it."""
     fields = {**_init_config_fields(init), **model}
     if "vocab_size" not in fields:
         if isinstance(data, MqarDataSection):
             fields["vocab_size"] = data.vocab_size
         elif isinstance(data, TextDataSection) and data.tokenizer == "byte":
             fields["vocab_size"] = BYTE_VOCAB_SIZE
+    return fields
+
+
+def _build_fields(cls: type, fields: dict[str, Any]) -> Any:
+    """`cls(**fields)`, its validation error turned into the recipe key it names."""
     try:
-        return BMojoConfig(**fields)
+        return cls(**fields)
     except ValueError as err:
         match = re.match(r"BMojoConfig\.(\w+) (.*)", str(err), re.S)
         if match:
@@ -650,11 +675,12 @@ def _model_folder(path: Path) -> Path | None:
 
 
 def _config_fields() -> dict[str, Any]:
-    """Every `BMojoConfig` argument with its type hint, in signature order."""
-    from bmojo_neuron import BMojoConfig
+    """Every `BMojoConfig` argument with its type hint, in signature order.
 
-    hints = typing.get_type_hints(BMojoConfig.__init__)
-    params = inspect.signature(BMojoConfig.__init__).parameters.values()
+    Read from `BMojoFields`, whose `__init__` `BMojoConfig` is (tests/test_recipes.py checks it stays so), so
+    the recipe schema needs no transformers import."""
+    hints = typing.get_type_hints(BMojoFields.__init__)
+    params = inspect.signature(BMojoFields.__init__).parameters.values()
     return {p.name: hints.get(p.name, Any) for p in params
             if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD}
 
@@ -674,7 +700,7 @@ def _check_distill(recipe: Recipe) -> None:
              "must name the primed model a distill run starts from (bmojo-neuron prime writes it)")
     _require(recipe.parallel.pp == 1, "parallel.pp", "must be 1 with distill: the teacher pass runs every layer")
     _require(not recipe.parallel.sp, "parallel.sp", "must be false with distill (the layer losses need whole sequences)")
-    config = recipe.model_config()
+    config = recipe.model_fields()
     pattern = config.layer_pattern
     _require("M" not in pattern, "model.layer_pattern",
              f"is {pattern!r}; an M layer keeps no attention weights, so the model holds no teacher for it "

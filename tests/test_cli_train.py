@@ -635,3 +635,38 @@ def test_an_output_dir_of_unrelated_files_is_refused_before_any_work(capsys, tmp
     (suite_root / "README.md").write_text("mine")
     assert cli.main(["train", str(recipe), "--dry-run", "--output-dir", str(suite_root)]) == 0
     assert "PROBLEM" not in capsys.readouterr().out
+
+
+def test_a_tilde_is_the_home_folder_and_python_callers_get_the_same_refusal(capsys, tmp_path, monkeypatch):
+    """A literal ``~`` (quoted, ``--output-dir=~``, ``run.output_dir=~/x``, YAML) is the home folder wherever an
+    output path enters: the CLI, the suite planner, the recipe and `training.train`; and `training.train` called
+    from Python refuses a folder of other files with the CLI's error, before writing anything."""
+    from bmojo_neuron.recipes import load_recipe
+    from bmojo_neuron.training import train
+    from bmojo_neuron.training.suite import plan_runs
+
+    home, cwd, suite = tmp_path / "home", tmp_path / "cwd", write_suite(tmp_path / "suite.yaml")
+    for folder in (home, cwd):
+        folder.mkdir()
+    (home / "notes.txt").write_text("mine")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    problem = (f"{{}} {home} is a folder of other files (notes.txt) and holds no run (no recipe.json, metrics.jsonl "
+               "or step-* checkpoint): the run would write its checkpoints and logs among them; pick a new or empty "
+               f"folder, e.g. {{}}{home / 'tiny'}")
+    assert cli.main(["train", str(suite), "suite=none", "--output-dir=~"]) == 2
+    assert capsys.readouterr().err == f"error: {problem.format('--output-dir', '--output-dir ')}\n"
+    alone = load_recipe(str(suite), ["suite=none"])
+    with pytest.raises(ValueError) as given:
+        train(alone, "~")
+    assert str(given.value) == problem.format("output_dir", "output_dir=")
+    with pytest.raises(ValueError) as in_recipe:
+        train(alone.with_overrides(["run.output_dir=~/"]))  # a bare ~ is YAML's null: the default folder
+    assert str(in_recipe.value) == problem.format("run.output_dir", "run.output_dir=")
+    assert [p.name for p in home.iterdir()] == ["notes.txt"] and list(cwd.iterdir()) == []
+
+    assert [str(d) for _, d in plan_runs(load_recipe(str(suite)), "~/runs")] == [
+        str(home / "runs" / "first"), str(home / "runs" / "second")]
+    text = load_recipe("cpu-text", ["run.output_dir=~/runs/text"])
+    assert text.run.output_dir == str(home / "runs" / "text")
+    assert text.data.cache_dir == str(home / "runs" / "data-cache")

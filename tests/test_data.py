@@ -401,6 +401,45 @@ def test_a_missing_hub_tokenizer_fails_fast_offline(tmp_path: Path, monkeypatch:
     assert time.monotonic() - start < NO_RETRIES_S and capsys.readouterr().err.startswith(f"error: {expected}")
 
 
+def test_tokenizer_and_dataset_look_ups_share_one_helper_and_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`data.hub.look_up_on_hub` asks the hub for both, with one timeout; each caller keeps its own words for a
+    name the hub lacks and for a hub that does not answer (a stand-in for `huggingface_hub.repo_info`)."""
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from bmojo_neuron.data import hub
+    from bmojo_neuron.data.tokenizer import _check_on_hub
+
+    asked, answer = [], {}
+
+    def repo_info(name: str, *, repo_type: str, timeout: float) -> None:
+        asked.append((name, repo_type, timeout))
+        raise answer["error"]
+
+    monkeypatch.setattr(huggingface_hub, "repo_info", repo_info)
+    monkeypatch.setattr(hub, "datasets_offline", lambda: False)
+    missing = RepositoryNotFoundError("404", response=httpx2.Response(404, request=httpx2.Request("GET", "http://hub")))
+    tok = "data.tokenizer 'someone/tok': not 'byte', not a local folder and not in the local Hugging Face cache, and "
+    for error, tok_end, data_error in [
+            (missing, "the hub has no such repository (or it is private: log in with `hf auth login`)",
+             (FileNotFoundError, "data.path someone/data: not a local path, and the hub has no such dataset (or it "
+                                 "is private: log in with `hf auth login`)")),
+            (TimeoutError("timed out"), "the hub cannot be reached (TimeoutError: timed out); download it where "
+                                        "online, or point data.tokenizer at a folder with its files",
+             (ValueError, "data.path someone/data: a hub dataset, and the hub cannot be reached (TimeoutError: "
+                          f"timed out); {hub.FETCH_ADVICE.format(name='someone/data')}, or set HF_HUB_OFFLINE=1 "
+                          "to read a copy already in the Hugging Face cache"))]:
+        answer["error"] = error
+        with pytest.raises(ValueError) as tokenizer:
+            _check_on_hub("someone/tok")
+        with pytest.raises(data_error[0]) as dataset:
+            hub.check_hub_dataset("someone/data")
+        assert (str(tokenizer.value), str(dataset.value)) == (tok + tok_end, data_error[1])
+    timeout = hub.HUB_LOOKUP_TIMEOUT
+    assert asked == [("someone/tok", "model", timeout), ("someone/data", "dataset", timeout)] * 2 and timeout == 5
+
+
 def _run_with_hub(code: str, **env: str) -> subprocess.CompletedProcess:
     """`code` in a fresh interpreter whose huggingface_hub reads `env` (its settings are read once, at import);
     offline only when `env` says so."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,7 @@ from bmojo_neuron.launch.memory import NEURONCORE_HBM_BYTES, parameter_bytes, st
 from bmojo_neuron.recipes import count_parameters, load_recipe
 
 GIB = 1024**3
+ROOT = Path(__file__).resolve().parents[1]
 # The ladder at its intended degrees on one trn1.32xlarge (the recipes' comments): train.batch_size is the
 # global micro-batch (the recipes' per-worker batch × dp), Mamba-2 groups must divide by tp, and the 130M
 # recipe's 8 × 2048 tokens per core need activation checkpointing to fit 16 GiB (about 19 GiB without).
@@ -29,6 +33,23 @@ SMALL = ["model.num_hidden_layers=2", "model.layer_pattern=BB"]
 
 def recipe(name="trn1/bmojo-130m", *overrides):
     return load_recipe(name, [*LADDER.get(name, []), *overrides])
+
+
+def test_a_refused_recipe_is_answered_before_torch_or_transformers_load():
+    """`plan` and `train --dry-run` check the recipe, its model fields and the Trainium rules without importing
+    transformers or torch (seconds of start-up): only a plan that passes builds the model to count it."""
+    commands = [["plan", "mqar-suite"], ["plan", "trn1/bmojo-130m", "model.head_dim=3"],
+                ["train", "--dry-run", "cpu-tiny", "model.memory_picks=999"]]
+    code = ("import sys; from bmojo_neuron.cli import main; "
+            f"codes = [main(args) for args in {commands!r}]; "
+            "print(codes, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "[2, 2, 2] []", done.stderr
+    assert done.stderr.splitlines() == [
+        "error: recipe key data.seq_len: is 64; on Trainium the sequence length must be a multiple of 128 "
+        "(the partition tile of the attention and scan kernels)",
+        "error: recipe key model.head_dim: is 3; RoPE needs an even head_dim",
+        "error: recipe key model.memory_picks: (999) cannot exceed memory_chunk (4)"]
 
 
 def test_parameter_part_is_count_parameters_times_bytes():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,26 @@ def test_every_shipped_recipe_validates() -> None:
         for variant in ([recipe.compare] if recipe.compare else []) + recipe.suite:
             assert isinstance(recipe.with_overrides(variant.overrides).model_config(), BMojoConfig)
         assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+def test_the_recipe_schema_is_the_config_class_fields() -> None:
+    """Recipes check the model section with `BMojoFields` (no transformers import); `BMojoConfig` must take the
+    same arguments with the same hints, and build the same values and derived sizes from them."""
+    from bmojo_neuron.recipes import _config_fields
+
+    params = [p for p in inspect.signature(BMojoConfig.__init__).parameters.values()
+              if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    hints = typing.get_type_hints(BMojoConfig.__init__)
+    assert _config_fields() == {p.name: hints.get(p.name, typing.Any) for p in params}
+    assert list(_config_fields()) == [p.name for p in params] and len(params) > 40
+    for name in ("cpu-tiny", "cpu-text", "trn1/bmojo-130m", "mqar-suite"):
+        recipe = load_recipe(name)
+        config, fields = recipe.model_config(), recipe.model_fields()
+        assert type(fields) is not BMojoConfig
+        assert {key: getattr(config, key) for key in vars(fields)} == vars(fields), name
+        derived = ("ssm_inner_size", "ssm_num_heads", "memory_horizon", "memory_lag")
+        assert [getattr(fields, d) for d in derived] == [getattr(config, d) for d in derived], name
+        assert fields.ssm_layers() == config.ssm_layers(), name
 
 
 @pytest.mark.parametrize("name", sorted(LADDER))

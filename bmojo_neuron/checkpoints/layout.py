@@ -138,14 +138,15 @@ def unrelated_folder_problem(root: Path, run_dirs: list[Path], option: str, run_
     summary), so an output folder given by mistake (``~``, a project folder) would get them among the files
     already there. A folder that is new, empty, or holds a run of ours (`holds_run_files`: the run itself, a
     suite's summary, or one of the runs a suite plans) is fine, whatever else the user put in it since.
-    `option` is where the folder came from (``--output-dir`` or ``run.output_dir``), for the advice.
+    `option` is where the folder came from (``--output-dir``, ``run.output_dir``, or `training.train`'s
+    ``output_dir``), for the advice.
     """
     entries = foreign_entries(root)
     if not entries or any(holds_run_files(folder) for folder in {root, *run_dirs}):
         return None
     shown = ", ".join(entries[:4]) + (f", ... ({len(entries)} entries)" if len(entries) > 4 else "")
     subfolder = root / run_name
-    advice = f"--output-dir {subfolder}" if option == "--output-dir" else f"run.output_dir={subfolder}"
+    advice = f"{option} {subfolder}" if option.startswith("--") else f"{option}={subfolder}"
     return (f"{option} {root} is a folder of other files ({shown}) and holds no run (no recipe.json, metrics.jsonl "
             f"or step-* checkpoint): the run would write its checkpoints and logs among them; pick a new or empty "
             f"folder, e.g. {advice}")

@@ -249,13 +249,14 @@ def run(args: argparse.Namespace) -> int:
     require_nonempty("--output-dir", args.output_dir)
     if not args.dry_run:
         require_neuron_if_needed(name, overrides)  # before anything imports torch
+    from bmojo_neuron.recipes import count_parameters, load_recipe, shadowed_overrides
+
+    recipe = load_recipe(name, overrides)  # before torch and transformers load: a bad recipe is refused at once
     from bmojo_neuron.checkpoints.layout import has_run
     from bmojo_neuron.parallel.layout import torchrun_env
     from bmojo_neuron.preflight import check_resumable, check_run_dirs
-    from bmojo_neuron.recipes import count_parameters, load_recipe, shadowed_overrides
     from bmojo_neuron.training.suite import plan_runs
 
-    recipe = load_recipe(name, overrides)
     main = torchrun_env()[0] == 0  # under torchrun only rank 0 prints and writes summaries
     if main:
         for note in shadowed_overrides(recipe, overrides):

@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from bmojo_neuron.data.hub import may_be_hub_name
+from bmojo_neuron.data.hub import HubUnreachable, NotOnHub, look_up_on_hub, may_be_hub_name
 
 BYTE_TOKENIZER = "byte"
-HUB_LOOKUP_TIMEOUT = 10.0  # seconds for the one look-up of a tokenizer that is not cached here
 
 
 class ByteTokenizer:
@@ -86,19 +85,15 @@ def _cached_hub_tokenizer(name: str) -> Any | None:
 
 def _check_on_hub(name: str) -> None:
     """Raise the ``data.tokenizer`` error at once when hub repository `name` does not exist or the hub is unreachable."""
-    import huggingface_hub
-    from huggingface_hub.errors import RepositoryNotFoundError
-
     hint = "not 'byte', not a local folder and not in the local Hugging Face cache"
     try:
-        huggingface_hub.model_info(name, timeout=HUB_LOOKUP_TIMEOUT)
-    except RepositoryNotFoundError:
+        look_up_on_hub(name, "model")
+    except NotOnHub:
         raise ValueError(f"data.tokenizer {name!r}: {hint}, and the hub has no such repository (or it is "
                          "private: log in with `hf auth login`)") from None
-    except Exception as err:  # offline mode, no route, DNS, TLS, timeout: the transport's error types vary
-        raise ValueError(f"data.tokenizer {name!r}: {hint}, and the hub cannot be reached "
-                         f"({type(err).__name__}: {err}); download it where online, or point data.tokenizer "
-                         "at a folder with its files") from None
+    except HubUnreachable as err:
+        raise ValueError(f"data.tokenizer {name!r}: {hint}, and the hub cannot be reached ({err}); download it "
+                         "where online, or point data.tokenizer at a folder with its files") from None
 
 
 def tokenizer_source(name_or_path: str) -> str:

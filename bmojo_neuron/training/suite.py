@@ -26,7 +26,7 @@ def plan_runs(recipe: Any, output_dir: str | Path | None = None) -> list[tuple[A
     derives from it (the text data cache ``<output dir>/../data-cache`` unless
     ``data.cache_dir`` is set, the stored ``recipe.json``) follows it too.
     """
-    base = Path(output_dir or recipe.run.output_dir)
+    base = Path(output_dir or recipe.run.output_dir).expanduser()  # a quoted or `--output-dir=~/x` tilde
     if recipe.suite:
         variants = [(v.name, v.overrides) for v in recipe.suite]
     elif recipe.compare is not None:

@@ -31,7 +31,7 @@ from typing import Any
 from torch import Tensor
 
 from bmojo_neuron.checkpoints.layout import (FINAL, RECIPE_FILE, abandoned_attempt, clean_stale, has_run,
-                                             list_checkpoints)
+                                             list_checkpoints, unrelated_folder_problem)
 from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState, resume_refusal
 from bmojo_neuron.data import build_datasets, library_progress_bars
 from bmojo_neuron.evaluation import LengthResult, format_length_table, plot_length
@@ -75,8 +75,10 @@ def train(
     stop_after: int | None = None,
     datasets: tuple[Any, Any] | None = None,
 ) -> TrainResult:
-    """Train `recipe` into `output_dir` (default ``recipe.run.output_dir``).
+    """Train `recipe` into `output_dir` (default ``recipe.run.output_dir``; ``~`` is the home folder).
 
+    A folder of other files that holds no run is refused with `bmojo-neuron train`'s error
+    (`checkpoints.layout.unrelated_folder_problem`) before anything is built or written.
     ``resume=True`` continues from the latest checkpoint there (starting fresh when
     there is none). `stop_after` halts cleanly after that many optimizer steps with a
     checkpoint and no final export, as if the job had been preempted. `datasets`
@@ -86,9 +88,14 @@ def train(
     """
     started = time.perf_counter()
     recipe.check()  # before any process group, data or weights
+    run_dir = Path(output_dir or recipe.run.output_dir).expanduser()
+    problem = unrelated_folder_problem(run_dir, [run_dir], "output_dir" if output_dir else "run.output_dir",
+                                       recipe.run.name)
+    if problem:
+        raise ValueError(problem)
     backend = open_backend(recipe)
     try:
-        trainer = Trainer(recipe, backend, Path(output_dir or recipe.run.output_dir), progress)
+        trainer = Trainer(recipe, backend, run_dir, progress)
         # the data libraries' bars only beside this run's live bar: not with plain lines, nor on other ranks
         with stop_on_signals(trainer, announce=backend.is_main, prefix=trainer.prefix), \
                 library_progress_bars(trainer.progress is True):
