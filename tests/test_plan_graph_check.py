@@ -19,7 +19,12 @@ from torch import nn
 from toy_graphs import Scaled
 
 from bmojo_neuron.cli import main
+from bmojo_neuron.commands.plan import check_lines
 from bmojo_neuron.compiler_rules import Violation
+from bmojo_neuron.layers.factory import get_layer_factory
+from bmojo_neuron.modeling_bmojo import causal_lm_loss
+from bmojo_neuron.parallel.sharding import shard_shapes
+from bmojo_neuron.recipes import load_recipe
 from bmojo_neuron.training import objective, step_graph
 
 # 512 tokens (a multiple of 128 and of the recipe's memory_chunk 256) and one sequence a NeuronCore (32 over
@@ -137,6 +142,66 @@ def test_the_4_gb_limit_is_checked_at_the_micro_batch_of_a_neuroncore(capsys, mo
         assert any("(11, 2048, 50304) torch.float32 is 4532994048 bytes" in line and
                    'test_plan_graph_check.py", line' in line and "in forward [forward graph]" in line
                    for line in over), over
+
+
+class ShardedLogits(nn.Module):
+    """`LogitsOnly` through the layer factory, as the model builds them: the embedding, the column-parallel
+    vocabulary projection, the factory's cross-entropy, the sequence scatter of sequence parallelism and the
+    vocabulary gather of the logits the model hands back (dead code in the step: only the loss is kept)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.factory = get_layer_factory()
+        self.embed = self.factory.embedding(config.vocab_size, config.hidden_size)
+        self.lm_head = self.factory.column_linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, use_cache: bool = False) -> LossOutput:
+        hidden = self.factory.scatter_sequence(self.embed(input_ids))
+        logits = self.lm_head(hidden).float()
+        loss = causal_lm_loss(logits, labels, self.factory)
+        self.factory.gather_vocab(logits)
+        return LossOutput(loss, loss)
+
+
+@pytest.mark.parametrize("batch, shard", [(11, "(11, 2048, 25152)"), (22, "(22, 2048, 25152)")])
+def test_the_4_gb_limit_counts_one_tensor_parallel_rank_s_shard(monkeypatch, batch, shard):
+    """At tp 2 (sp on), float32 logits of 11 × 2048 × 50304 (4.53e9 bytes, refused at tp 1 above) are a shard of
+    11 × 2048 × 25152 on a core, 2.27e9: no finding. At 22 sequences a core the shard is 4.53e9, a finding
+    either way. (The plan's micro-batch is the test above's; the plan itself is left out: it takes seconds at tp 2.)"""
+    monkeypatch.setattr(step_graph, "BMojoForCausalLM", ShardedLogits)
+    check = step_graph.check_recipe_graph("trn1/bmojo-790m", ["data.block_size=2048", "parallel.tp=2",
+                                                              "parallel.sp=true"], batch=batch)
+    assert (check.tp, check.sp) == (2, True)
+    assert f"{batch} × 2048 tokens, the shards of tensor-parallel rank 0 of 2 (sequence-parallel)," in check_lines(check)[0]
+    over = [str(f) for f in check.findings if f.refusal.code == "EVRF024"]
+    assert [str(f) for f in check.findings] == over and bool(over) == (batch == 22), over
+    assert not any("50304" in line for line in over), over  # the vocabulary gather is not in the step
+    if over:
+        assert any(f"{shard} torch.float32 is 4532994048 bytes" in line for line in over), over
+
+
+def test_the_traced_model_holds_the_shards_of_a_tensor_parallel_rank():
+    """The traced weights (so their gradients) have the shapes of rank 0 of the model's tensor-parallel layers
+    (`shard_shapes`: `TorchTensorParallelFactory`, NxD's layout), at the shipped recipes' tp 2 and 4."""
+    for name, tp in (("trn1/bmojo-790m", 2), ("trn1/bmojo-1.4b", 4)):
+        recipe, model, _ = step_graph.fake_training_step(name)
+        assert recipe.parallel.tp == tp
+        shapes = {key: value.shape for key, value in model.state_dict().items()}
+        assert shapes == shard_shapes(recipe.model_config(), tp)
+        assert shapes["model.embed_tokens.weight"][0] * tp == recipe.model_config().vocab_size
+
+
+def test_a_pipeline_stage_s_batch_of_every_micro_batch_is_checked_against_the_4_gb_limit():
+    """At pp 2, the data rank's input_ids and labels (int64) hold all 4 × 2 (grad_accum) micro-batches: 8 × 32769
+    rows of 2048 tokens are 4295098368 bytes, above 2^32; 8 × 32768 rows are 2^32 exactly; pp 1 has no such buffer."""
+    recipe = load_recipe("trn1/bmojo-130m", ["parallel.pp=2", "parallel.microbatches=4", "train.grad_accum=2"])
+    findings = step_graph.pipeline_findings(recipe, 32769)
+    assert [str(f) for f in findings] == [
+        f"NCC_EVRF024 compiler/error-codes/EVRF024.rst: the {name} of all 8 micro-batches: a tensor of (262152, 2048) "
+        "torch.int64 is 4295098368 bytes, above the 4 GB output-tensor limit (2^32 = 4294967296) [pipeline stage]"
+        for name in ("input_ids", "labels")]
+    assert step_graph.pipeline_findings(recipe, 32768) == []
+    assert step_graph.pipeline_findings(load_recipe("trn1/bmojo-130m", ["train.grad_accum=2"]), 32769) == []
 
 
 def _strided_dilated_conv(y: torch.Tensor) -> torch.Tensor:
