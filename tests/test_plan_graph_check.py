@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 
 from typing import NamedTuple
 
 import pytest
 import torch
 from torch import nn
+from torch.fx.experimental import proxy_tensor
 from toy_graphs import Scaled
 
 from bmojo_neuron.cli import main
@@ -240,3 +242,18 @@ def test_the_scan_lists_each_problem_once_in_the_graph_it_first_appears():
 
     (refused,) = step_graph.scan_training_step(Scaled(branch), (torch.randn(4, 8),))
     assert str(refused).startswith("static-shape docs/design.md#static-shapes: torch.export (strict) failed")
+
+
+def test_the_backward_line_rests_on_a_private_hook_of_torch_and_falls_back_without_it(monkeypatch):
+    """torch (2.9 to 2.13) has no public way to give a node of the derived backward its forward line:
+    `preserve_node_meta` alone leaves it the retrace's generated line, and the derivation calls `make_fx` itself
+    (no `record_stack_traces` to pass). So `TracedGraphs` wraps `proxy_tensor._MakefxTracer.trace`; this fails
+    by name when torch drops it. Without it a finding keeps its node name instead of a line."""
+    tracer = getattr(proxy_tensor, "_MakefxTracer", None)
+    assert callable(getattr(tracer, "trace", None)), (
+        "torch.fx.experimental.proxy_tensor._MakefxTracer.trace is gone: step_graph.TracedGraphs can no longer "
+        "give backward findings their forward source line; find its replacement in this torch")
+    monkeypatch.setattr(step_graph, "proxy_tensor", SimpleNamespace())  # what TracedGraphs sees of a torch without it
+    (finding,) = step_graph.scan_training_step(Scaled(_strided_dilated_conv), (torch.randn(4, 8),))
+    assert finding.to_dict()["where"] == "" and str(finding).endswith(
+        "at node convolution_backward [forward+backward graph]"), str(finding)

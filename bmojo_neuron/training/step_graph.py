@@ -16,7 +16,10 @@ and dtype, and a micro-batch of 1 by default; `plan --check-graph` traces the re
 own micro-batch per NeuronCore, so the 4 GB tensor limit (NCC_EVRF024) is checked at the
 true size of every tensor that grows with the batch (logits, activations). Depth changes
 no tensor's size: the only tensors that stack the layers are one scalar per layer (the
-innovation and distillation losses). The torch reference
+innovation and distillation losses). At ``parallel.tp > 1`` the model is tensor-parallel rank 0's
+shard (`bmojo_neuron.parallel.core_tensors`), so a sharded tensor is counted at the size one
+NeuronCore holds; at ``parallel.pp > 1`` `pipeline_findings` adds the stage's batch of every
+micro-batch. The torch reference
 ops are traced: the NKI kernels are custom calls with static shapes of their own.
 Used by `bmojo-neuron plan --check-graph` and `tests/test_static_shapes.py`.
 """
@@ -150,13 +153,19 @@ def export_forward(module: nn.Module, args: tuple) -> ExportedProgram:
         raise StaticShapeViolation(f"torch.export (strict) failed: {type(err).__name__}: {err}") from err
 
 
-def without_dead_code(program: ExportedProgram) -> ExportedProgram:
-    """`program` less the nodes no output needs (torch.export keeps them), such as the vocabulary gather of the
-    logits the model hands back beside its loss at tp > 1: torch-xla computes only the lazy tensors still held
-    when the step's graph is cut (`xm.mark_step`), and the training step holds its loss, not the model's output."""
-    if program.graph_module.graph.eliminate_dead_code():
-        program.graph_module.recompile()
-    return program
+def dead_nodes(graph: Graph) -> set[str]:
+    """Names of the nodes of `graph` no output needs and that change nothing (torch.export keeps them), such as
+    the vocabulary gather of the logits the model hands back beside its loss at tp > 1: torch-xla computes only
+    the lazy tensors still held when the step's graph is cut (`xm.mark_step`), and the training step holds its
+    loss, not the model's output. Inputs count as needed (a parameter is on the device whether used or not)."""
+    live: set[Node] = set()
+    stack = [node for node in graph.nodes if node.op in ("output", "placeholder") or node.is_impure()]
+    while stack:
+        node = stack.pop()
+        if node not in live:
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+    return {node.name for node in graph.nodes if node not in live}
 
 
 def _fail_on(graph: Graph, what: str) -> None:
@@ -272,8 +281,11 @@ class Finding(NamedTuple):
 
 
 def _graph_findings(graph: Graph, what: str) -> list[Finding]:
+    """The static-shape problems of `graph` and the compiler refusals of the nodes the step computes (a host
+    sync cuts the lazy graph even when its value goes unused, so those are kept)."""
+    dead = dead_nodes(graph)
     return ([Finding(what, p) for p in static_problems(graph)]
-            + [Finding(what, v) for v in compiler_violations(graph)])
+            + [Finding(what, v) for v in compiler_violations(graph) if v.node not in dead])
 
 
 def _once(findings: list[Finding], known: Sequence[Finding] = (), by_line: bool = True) -> list[Finding]:
@@ -372,7 +384,7 @@ def scan_training_step(module: nn.Module, args: tuple, progress: Callable[[str],
     """Every finding of `module(*args)`'s forward graph, then those its backward adds (a node of the backward
     with the source line of the forward op it differentiates)."""
     try:
-        forward = without_dead_code(export_forward(module, args))
+        forward = export_forward(module, args)
     except StaticShapeViolation as err:
         return [Finding("forward", str(err).splitlines()[0])]
     progress(f"forward graph: {len(forward.graph.nodes)} nodes; deriving the backward")
