@@ -172,7 +172,8 @@ def _fail_on(graph: Graph, what: str) -> None:
     problems = graph_violations(graph)
     if problems:
         raise StaticShapeViolation(f"{what} graph is not static:\n  " + "\n  ".join(problems[:20]))
-    refused = [str(v) for v in compiler_violations(graph)]
+    dead = dead_nodes(graph)
+    refused = [str(v) for v in compiler_violations(graph) if v.node not in dead]
     if refused:
         raise CompilerRuleViolation(f"neuronx-cc would refuse the {what} graph:\n  " + "\n  ".join(refused[:20]))
 
