@@ -105,8 +105,7 @@ def test_json_carries_the_findings(capsys, monkeypatch):
                                                 "problem": "aten.sort of a torch.int64 tensor", "where": "at x",
                                                 "node": "sort"}]
     assert isinstance(data["graph_check"]["seconds"], float)  # the command's own time, imports included
-    assert (data["graph_check"]["layers"], data["graph_check"]["tokens"], data["graph_check"]["batch"]) == (
-        "B", 2048, 8)
+    assert [data["graph_check"][key] for key in ("layers", "tokens", "batch", "tp", "sp")] == ["B", 2048, 8, 1, False]
 
 
 class LossOutput(NamedTuple):

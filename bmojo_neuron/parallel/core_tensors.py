@@ -49,8 +49,13 @@ def _gathered(x: Tensor, dim: int, tp: int) -> Tensor:
 
 
 def _scattered(x: Tensor, tp: int) -> Tensor:
-    """The shape and dtype of one rank's slice of `x`'s sequence (a reduce-scatter or scatter)."""
-    return x.narrow(SEQ_DIM, 0, x.shape[SEQ_DIM] // tp)
+    """The shape and dtype of one rank's slice of `x`'s sequence (a reduce-scatter or scatter); like
+    `NxDTensorParallelFactory.scatter_sequence` and `collectives._local_slice`, a sequence `tp` does not divide
+    is refused."""
+    length = x.shape[SEQ_DIM]
+    if length % tp:
+        raise ValueError(f"sequence length {length} is not divisible by the tensor-parallel size {tp}")
+    return x.narrow(SEQ_DIM, 0, length // tp)
 
 
 class _ColumnShard(ColumnParallelLinear):
