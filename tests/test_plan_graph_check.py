@@ -173,7 +173,8 @@ def test_the_4_gb_limit_counts_one_tensor_parallel_rank_s_shard(monkeypatch, bat
     check = step_graph.check_recipe_graph("trn1/bmojo-790m", ["data.block_size=2048", "parallel.tp=2",
                                                               "parallel.sp=true"], batch=batch)
     assert (check.tp, check.sp) == (2, True)
-    assert f"{batch} × 2048 tokens, the shards of tensor-parallel rank 0 of 2 (sequence-parallel)," in check_lines(check)[0]
+    head = check_lines(check)[0]
+    assert f"{batch} × 2048 tokens, the shards of tensor-parallel rank 0 of 2 (sequence-parallel)," in head
     over = [str(f) for f in check.findings if f.refusal.code == "EVRF024"]
     assert [str(f) for f in check.findings] == over and bool(over) == (batch == 22), over
     assert not any("50304" in line for line in over), over  # the vocabulary gather is not in the step

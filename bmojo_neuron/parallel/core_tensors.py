@@ -21,9 +21,9 @@ collective is replaced by a local op whose output has the shape and dtype of the
 The stand-ins move no data between ranks, so the values are not those of any rank: the trace is of shapes,
 dtypes and ops (fake tensors compute nothing). The vocabulary all-gather of the logits is dead code in the
 training step (the step keeps only the loss), so the graph check drops it before its scan
-(`step_graph.dead_nodes`), as torch-xla never computes a lazy tensor nothing holds. The ops of NxD's own layers (its masked lookup, its cross-entropy's in-place
-shift) are not traced; their largest tensors have the shapes traced here (NxD v2.28.0
-``loss_functions.py`` lines 43-64: the ``(rows, V/tp)`` logits and their exp).
+(`step_graph.dead_nodes`), as torch-xla never computes a lazy tensor nothing holds. The ops of NxD's own
+layers (its masked lookup, its cross-entropy's in-place shift) are not traced; their largest tensors have the
+shapes traced here (NxD v2.28.0 ``loss_functions.py`` lines 43-64: the ``(rows, V/tp)`` logits and their exp).
 
 `pipeline_buffers` lists what one pipeline stage holds that the graph of one micro-batch does not show whole.
 """
