@@ -239,14 +239,23 @@ NODE_RULES: tuple[Callable[[Node, str], Iterator[tuple[str, str]]], ...] = (
 )
 
 
+def tensor_size_problem(shape: tuple[int, ...], dtype: torch.dtype, size: int) -> str | None:
+    """EVRF024's problem for one tensor of `shape` and `dtype` holding `size` bytes; None within the limit."""
+    if size <= OUTPUT_TENSOR_LIMIT_BYTES:
+        return None
+    return (f"a tensor of {tuple(shape)} {dtype} is {size} bytes, above the 4 GB output-tensor limit "
+            f"(2^32 = {OUTPUT_TENSOR_LIMIT_BYTES})")
+
+
 def _tensor_size_rule(node: Node) -> Iterator[tuple[str, str]]:
     """EVRF024: a tensor above the 4 GB output-tensor limit (one finding per node: its largest tensor)."""
     sizes = [(t.numel() * t.element_size(), t) for t in _tensors(node.meta.get("val"))]
-    sizes = [(size, t) for size, t in sizes if isinstance(size, int) and size > OUTPUT_TENSOR_LIMIT_BYTES]
+    sizes = [(size, t) for size, t in sizes if isinstance(size, int)]
     if sizes:
         size, tensor = max(sizes, key=lambda pair: pair[0])
-        yield "EVRF024", (f"a tensor of {tuple(tensor.shape)} {tensor.dtype} is {size} bytes, above the 4 GB "
-                          f"output-tensor limit (2^32 = {OUTPUT_TENSOR_LIMIT_BYTES})")
+        problem = tensor_size_problem(tuple(tensor.shape), tensor.dtype, size)
+        if problem:
+            yield "EVRF024", problem
 
 
 def _node_violations(node: Node) -> Iterator[tuple[str, str]]:

@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 
 from typing import NamedTuple
 
 import pytest
 import torch
 from torch import nn
+from torch.fx.experimental import proxy_tensor
 from toy_graphs import Scaled
 
 from bmojo_neuron.cli import main
+from bmojo_neuron.commands.plan import check_lines
 from bmojo_neuron.compiler_rules import Violation
+from bmojo_neuron.layers.factory import get_layer_factory
+from bmojo_neuron.modeling_bmojo import causal_lm_loss
+from bmojo_neuron.parallel.sharding import shard_shapes
+from bmojo_neuron.recipes import load_recipe
 from bmojo_neuron.training import objective, step_graph
 
 # 512 tokens (a multiple of 128 and of the recipe's memory_chunk 256) and one sequence a NeuronCore (32 over
@@ -98,8 +105,7 @@ def test_json_carries_the_findings(capsys, monkeypatch):
                                                 "problem": "aten.sort of a torch.int64 tensor", "where": "at x",
                                                 "node": "sort"}]
     assert isinstance(data["graph_check"]["seconds"], float)  # the command's own time, imports included
-    assert (data["graph_check"]["layers"], data["graph_check"]["tokens"], data["graph_check"]["batch"]) == (
-        "B", 2048, 8)
+    assert [data["graph_check"][key] for key in ("layers", "tokens", "batch", "tp", "sp")] == ["B", 2048, 8, 1, False]
 
 
 class LossOutput(NamedTuple):
@@ -139,6 +145,67 @@ def test_the_4_gb_limit_is_checked_at_the_micro_batch_of_a_neuroncore(capsys, mo
                    for line in over), over
 
 
+class ShardedLogits(nn.Module):
+    """`LogitsOnly` through the layer factory, as the model builds them: the embedding, the column-parallel
+    vocabulary projection, the factory's cross-entropy, the sequence scatter of sequence parallelism and the
+    vocabulary gather of the logits the model hands back (dead code in the step: only the loss is kept)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.factory = get_layer_factory()
+        self.embed = self.factory.embedding(config.vocab_size, config.hidden_size)
+        self.lm_head = self.factory.column_linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, use_cache: bool = False) -> LossOutput:
+        hidden = self.factory.scatter_sequence(self.embed(input_ids))
+        logits = self.lm_head(hidden).float()
+        loss = causal_lm_loss(logits, labels, self.factory)
+        self.factory.gather_vocab(logits)
+        return LossOutput(loss, loss)
+
+
+@pytest.mark.parametrize("batch, shard", [(11, "(11, 2048, 25152)"), (22, "(22, 2048, 25152)")])
+def test_the_4_gb_limit_counts_one_tensor_parallel_rank_s_shard(monkeypatch, batch, shard):
+    """At tp 2 (sp on), float32 logits of 11 × 2048 × 50304 (4.53e9 bytes, refused at tp 1 above) are a shard of
+    11 × 2048 × 25152 on a core, 2.27e9: no finding. At 22 sequences a core the shard is 4.53e9, a finding
+    either way. (The plan's micro-batch is the test above's; the plan itself is left out: it takes seconds at tp 2.)"""
+    monkeypatch.setattr(step_graph, "BMojoForCausalLM", ShardedLogits)
+    check = step_graph.check_recipe_graph("trn1/bmojo-790m", ["data.block_size=2048", "parallel.tp=2",
+                                                              "parallel.sp=true"], batch=batch)
+    assert (check.tp, check.sp) == (2, True)
+    head = check_lines(check)[0]
+    assert f"{batch} × 2048 tokens, the shards of tensor-parallel rank 0 of 2 (sequence-parallel)," in head
+    over = [str(f) for f in check.findings if f.refusal.code == "EVRF024"]
+    assert [str(f) for f in check.findings] == over and bool(over) == (batch == 22), over
+    assert not any("50304" in line for line in over), over  # the vocabulary gather is not in the step
+    if over:
+        assert any(f"{shard} torch.float32 is 4532994048 bytes" in line for line in over), over
+
+
+def test_the_traced_model_holds_the_shards_of_a_tensor_parallel_rank():
+    """The traced weights (so their gradients) have the shapes of rank 0 of the model's tensor-parallel layers
+    (`shard_shapes`: `TorchTensorParallelFactory`, NxD's layout), at the shipped recipes' tp 2 and 4."""
+    for name, tp in (("trn1/bmojo-790m", 2), ("trn1/bmojo-1.4b", 4)):
+        recipe, model, _ = step_graph.fake_training_step(name)
+        assert recipe.parallel.tp == tp
+        shapes = {key: value.shape for key, value in model.state_dict().items()}
+        assert shapes == shard_shapes(recipe.model_config(), tp)
+        assert shapes["model.embed_tokens.weight"][0] * tp == recipe.model_config().vocab_size
+
+
+def test_a_pipeline_stage_s_batch_of_every_micro_batch_is_checked_against_the_4_gb_limit():
+    """At pp 2, the data rank's input_ids and labels (int64) hold all 4 × 2 (grad_accum) micro-batches: 8 × 32769
+    rows of 2048 tokens are 4295098368 bytes, above 2^32; 8 × 32768 rows are 2^32 exactly; pp 1 has no such buffer."""
+    recipe = load_recipe("trn1/bmojo-130m", ["parallel.pp=2", "parallel.microbatches=4", "train.grad_accum=2"])
+    findings = step_graph.pipeline_findings(recipe, 32769)
+    assert [str(f) for f in findings] == [
+        f"NCC_EVRF024 compiler/error-codes/EVRF024.rst: the {name} of all 8 micro-batches: a tensor of (262152, 2048) "
+        "torch.int64 is 4295098368 bytes, above the 4 GB output-tensor limit (2^32 = 4294967296) [pipeline stage]"
+        for name in ("input_ids", "labels")]
+    assert step_graph.pipeline_findings(recipe, 32768) == []
+    assert step_graph.pipeline_findings(load_recipe("trn1/bmojo-130m", ["train.grad_accum=2"]), 32769) == []
+
+
 def _strided_dilated_conv(y: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.conv1d(y.unsqueeze(0), torch.ones(4, 4, 2), stride=2, dilation=2).sum()
 
@@ -175,3 +242,18 @@ def test_the_scan_lists_each_problem_once_in_the_graph_it_first_appears():
 
     (refused,) = step_graph.scan_training_step(Scaled(branch), (torch.randn(4, 8),))
     assert str(refused).startswith("static-shape docs/design.md#static-shapes: torch.export (strict) failed")
+
+
+def test_the_backward_line_rests_on_a_private_hook_of_torch_and_falls_back_without_it(monkeypatch):
+    """torch (2.9 to 2.13) has no public way to give a node of the derived backward its forward line:
+    `preserve_node_meta` alone leaves it the retrace's generated line, and the derivation calls `make_fx` itself
+    (no `record_stack_traces` to pass). So `TracedGraphs` wraps `proxy_tensor._MakefxTracer.trace`; this fails
+    by name when torch drops it. Without it a finding keeps its node name instead of a line."""
+    tracer = getattr(proxy_tensor, "_MakefxTracer", None)
+    assert callable(getattr(tracer, "trace", None)), (
+        "torch.fx.experimental.proxy_tensor._MakefxTracer.trace is gone: step_graph.TracedGraphs can no longer "
+        "give backward findings their forward source line; find its replacement in this torch")
+    monkeypatch.setattr(step_graph, "proxy_tensor", SimpleNamespace())  # what TracedGraphs sees of a torch without it
+    (finding,) = step_graph.scan_training_step(Scaled(_strided_dilated_conv), (torch.randn(4, 8),))
+    assert finding.to_dict()["where"] == "" and str(finding).endswith(
+        "at node convolution_backward [forward+backward graph]"), str(finding)

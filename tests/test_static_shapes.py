@@ -95,7 +95,7 @@ def test_trn1_training_step_is_static(names):
     shapes = _shapes(forward.graph)
     assert (1, length // c.memory_chunk, c.memory_size) in shapes  # which memory slots each chunk reads
     assert any(s[:3] == (1, length // c.ssm_chunk_size, c.ssm_chunk_size) for s in shapes)
-    assert (1, c.num_attention_heads, length, c.head_dim) in shapes
+    assert (1, c.num_attention_heads // recipe.parallel.tp, length, c.head_dim) in shapes  # one rank's heads
     (loss,) = [s for s in forward.graph_signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
     assert next(n for n in forward.graph.nodes if n.name == loss.arg.name).meta["val"].shape == ()
     # The joint graph holds the whole backward: one gradient output per parameter.

@@ -75,8 +75,10 @@ def check_lines(check: Any) -> list[str]:
     """The findings, one a line (code, page, what, where, graph), and the summary with the time taken."""
     from bmojo_neuron.compiler_rules import SDK_DOCS
 
-    traced = (f"layers {check.pattern} (one per kind: findings are per op), {check.batch} × {check.length} tokens, "
-              "torch reference ops in place of the NKI kernels")
+    shards = (f", the shards of tensor-parallel rank 0 of {check.tp}{' (sequence-parallel)' if check.sp else ''}"
+              if check.tp > 1 else "")
+    traced = (f"layers {check.pattern} (one per kind: findings are per op), {check.batch} × {check.length} tokens"
+              f"{shards}, torch reference ops in place of the NKI kernels")
     head = [f"graph check (neuronx-cc 2.23 error-code pages, {SDK_DOCS}; {traced}):"]
     count = len(check.findings)
     verdict = (f"{count} finding{'s' if count != 1 else ''}: the compiler would refuse the step, or compile a new "
@@ -88,4 +90,5 @@ def check_json(check: Any) -> dict[str, Any]:
     from bmojo_neuron.compiler_rules import SDK_DOCS
 
     return {"findings": [f.to_dict() for f in check.findings], "seconds": round(check.seconds, 1),
-            "layers": check.pattern, "tokens": check.length, "batch": check.batch, "sdk_docs": SDK_DOCS}
+            "layers": check.pattern, "tokens": check.length, "batch": check.batch, "tp": check.tp, "sp": check.sp,
+            "sdk_docs": SDK_DOCS}

@@ -16,7 +16,10 @@ and dtype, and a micro-batch of 1 by default; `plan --check-graph` traces the re
 own micro-batch per NeuronCore, so the 4 GB tensor limit (NCC_EVRF024) is checked at the
 true size of every tensor that grows with the batch (logits, activations). Depth changes
 no tensor's size: the only tensors that stack the layers are one scalar per layer (the
-innovation and distillation losses). The torch reference
+innovation and distillation losses). At ``parallel.tp > 1`` the model is tensor-parallel rank 0's
+shard (`bmojo_neuron.parallel.core_tensors`), so a sharded tensor is counted at the size one
+NeuronCore holds; at ``parallel.pp > 1`` `pipeline_findings` adds the stage's batch of every
+micro-batch. The torch reference
 ops are traced: the NKI kernels are custom calls with static shapes of their own.
 Used by `bmojo-neuron plan --check-graph` and `tests/test_static_shapes.py`.
 """
@@ -40,8 +43,11 @@ from torch.fx.experimental import proxy_tensor
 from torch.utils import _pytree as pytree
 
 from bmojo_neuron import ops
-from bmojo_neuron.compiler_rules import Violation, compiler_violations, op_name, source_line
+from bmojo_neuron.compiler_rules import Violation, compiler_violations, op_name, source_line, tensor_size_problem
+from bmojo_neuron.layers.factory import use_layer_factory
 from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
+from bmojo_neuron.parallel.core_tensors import pipeline_buffers, trace_factory
+from bmojo_neuron.parallel.nxd_training import nxd_microbatches
 from bmojo_neuron.ops.reference.eager_cpu import fused_kernels_disabled
 from bmojo_neuron.priming.distill import freeze_shared
 from bmojo_neuron.recipes import load_recipe
@@ -147,11 +153,27 @@ def export_forward(module: nn.Module, args: tuple) -> ExportedProgram:
         raise StaticShapeViolation(f"torch.export (strict) failed: {type(err).__name__}: {err}") from err
 
 
+def dead_nodes(graph: Graph) -> set[str]:
+    """Names of the nodes of `graph` no output needs and that change nothing (torch.export keeps them), such as
+    the vocabulary gather of the logits the model hands back beside its loss at tp > 1: torch-xla computes only
+    the lazy tensors still held when the step's graph is cut (`xm.mark_step`), and the training step holds its
+    loss, not the model's output. Inputs count as needed (a parameter is on the device whether used or not)."""
+    live: set[Node] = set()
+    stack = [node for node in graph.nodes if node.op in ("output", "placeholder") or node.is_impure()]
+    while stack:
+        node = stack.pop()
+        if node not in live:
+            live.add(node)
+            stack.extend(node.all_input_nodes)
+    return {node.name for node in graph.nodes if node not in live}
+
+
 def _fail_on(graph: Graph, what: str) -> None:
     problems = graph_violations(graph)
     if problems:
         raise StaticShapeViolation(f"{what} graph is not static:\n  " + "\n  ".join(problems[:20]))
-    refused = [str(v) for v in compiler_violations(graph)]
+    dead = dead_nodes(graph)
+    refused = [str(v) for v in compiler_violations(graph) if v.node not in dead]
     if refused:
         raise CompilerRuleViolation(f"neuronx-cc would refuse the {what} graph:\n  " + "\n  ".join(refused[:20]))
 
@@ -197,7 +219,8 @@ def fake_training_step(name: str, overrides: list[str] | None = None, batch: int
     """(recipe, fake-tensor model with one layer per kind, (input_ids, labels) of `batch` sequences of its length).
 
     The recipe is loaded with `overrides`, then its depth is reduced (`one_layer_per_kind`); the model is
-    built in the recipe's training dtype (`.to(dtype)` cannot swap tied fake weights).
+    built in the recipe's training dtype (`.to(dtype)` cannot swap tied fake weights), as one tensor-parallel
+    rank's shard at ``parallel.tp > 1`` (`bmojo_neuron.parallel.core_tensors`).
     """
     overrides = list(overrides or [])
     pattern = one_layer_per_kind(load_recipe(name, overrides).model_config().layer_pattern)
@@ -207,7 +230,7 @@ def fake_training_step(name: str, overrides: list[str] | None = None, batch: int
     default = torch.get_default_dtype()
     torch.set_default_dtype(DTYPES[recipe.train.precision])
     try:
-        with FakeTensorMode():
+        with FakeTensorMode(), use_layer_factory(trace_factory(recipe.parallel.tp, recipe.parallel.sp)):
             model = BMojoForCausalLM(recipe.model_config())
             input_ids = torch.zeros(batch, length, dtype=torch.long)
             labels = torch.zeros(batch, length, dtype=torch.long)
@@ -225,10 +248,14 @@ def training_loss(recipe: Any, model: nn.Module) -> TrainingLoss:
 
 
 # ----------------------------------------------------------------------------- the check of a recipe
+GRAPHS = ("forward", "forward+backward")
+PIPELINE_STAGE = "pipeline stage"
+
+
 class Finding(NamedTuple):
     """One thing that would stop the step compiling as one graph, in the graph where it was first seen."""
 
-    graph: str  # "forward" or "forward+backward"
+    graph: str  # "forward" or "forward+backward" (`GRAPHS`), or PIPELINE_STAGE for a buffer of the schedule
     refusal: Violation | StaticProblem | str  # a compiler rule, a static-shape problem, or export's refusal
 
     def __str__(self) -> str:
@@ -236,7 +263,8 @@ class Finding(NamedTuple):
         torch.int64 tensor ... at File "...", line 9, in f [forward graph]``."""
         d = self.to_dict()
         where = d["where"] or (f"at node {d['node']}" if d["node"] else "")
-        return f"{d['code']} {d['page']}: {d['problem']} {where}".rstrip() + f" [{self.graph} graph]"
+        graph = f"{self.graph} graph" if self.graph in GRAPHS else self.graph
+        return f"{d['code']} {d['page']}: {d['problem']} {where}".rstrip() + f" [{graph}]"
 
     def to_dict(self) -> dict[str, str]:
         """{graph, code, page, problem, where, node}; code "static-shape" for a problem that is not the
@@ -254,8 +282,11 @@ class Finding(NamedTuple):
 
 
 def _graph_findings(graph: Graph, what: str) -> list[Finding]:
+    """The static-shape problems of `graph` and the compiler refusals of the nodes the step computes (a host
+    sync cuts the lazy graph even when its value goes unused, so those are kept)."""
+    dead = dead_nodes(graph)
     return ([Finding(what, p) for p in static_problems(graph)]
-            + [Finding(what, v) for v in compiler_violations(graph)])
+            + [Finding(what, v) for v in compiler_violations(graph) if v.node not in dead])
 
 
 def _once(findings: list[Finding], known: Sequence[Finding] = (), by_line: bool = True) -> list[Finding]:
@@ -373,18 +404,34 @@ def scan_training_step(module: nn.Module, args: tuple, progress: Callable[[str],
     return findings + _with_backward_sources(added, joint.graph, traced)
 
 
+def pipeline_findings(recipe: Any, batch: int) -> list[Finding]:
+    """EVRF024 for each tensor a pipeline stage holds that no micro-batch's graph shows whole (none at pp 1):
+    `bmojo_neuron.parallel.core_tensors.pipeline_buffers` at `batch` sequences a micro-batch."""
+    p = recipe.parallel
+    buffers = pipeline_buffers(p.pp, batch, nxd_microbatches(p, recipe.train.grad_accum), recipe.data.block_size)
+    findings = []
+    for buffer in buffers:
+        problem = tensor_size_problem(buffer.shape, buffer.dtype, buffer.nbytes)
+        if problem:
+            findings.append(Finding(PIPELINE_STAGE, Violation("", "EVRF024", f"{buffer.name}: {problem}", "")))
+    return findings
+
+
 class GraphCheck(NamedTuple):
     findings: list[Finding]
     seconds: float
     pattern: str  # the layer pattern traced (one layer per kind)
     length: int  # the sequence length traced
     batch: int = 1  # the micro-batch traced (sequences)
+    tp: int = 1  # the tensor-parallel degree whose rank-0 shards were traced
+    sp: bool = False  # whether that rank held a slice of the sequence between layers
 
 
 def check_recipe_graph(name: str, overrides: list[str] | None = None,
                        progress: Callable[[str], None] = lambda _: None, batch: int = 1) -> GraphCheck:
     """Trace the recipe's training step on fake tensors (one layer per kind, `batch` sequences: the micro-batch
-    of one NeuronCore, for the tensor-size limit) and scan both graphs."""
+    of one NeuronCore, for the tensor-size limit; one tensor-parallel rank's shards) and scan both graphs, then
+    check the pipeline stage's buffers (`pipeline_findings`)."""
     start = time.monotonic()
     recipe, model, args = fake_training_step(name, overrides, batch)
     pattern, length = recipe.model_config().layer_pattern, recipe.data.block_size
@@ -394,4 +441,6 @@ def check_recipe_graph(name: str, overrides: list[str] | None = None,
         # torch.export's own pytree code warns of its deprecated LeafSpec check (torch 2.13); not the user's to fix
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
         findings = scan_training_step(training_loss(recipe, model), args, progress)
-    return GraphCheck(findings, time.monotonic() - start, pattern, length, batch)
+    findings += pipeline_findings(recipe, batch)
+    return GraphCheck(findings, time.monotonic() - start, pattern, length, batch, recipe.parallel.tp,
+                      recipe.parallel.sp)

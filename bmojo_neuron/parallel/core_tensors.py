@@ -1,0 +1,155 @@
+"""What one NeuronCore holds under tensor and pipeline parallelism, for the graph check (`plan --check-graph`).
+
+The graph check traces one NeuronCore's training step on fake tensors. At ``parallel.tp > 1`` a core holds
+only its shard of every column- or row-parallel weight and of the vocabulary, the activations those layers
+make from it, their gradients, and under ``parallel.sp`` its slice of the sequence between layers.
+`ShardTraceFactory` builds the model with exactly those shapes: its layers are the shard-shaped layers of
+`TorchTensorParallelFactory` (same constructors, so the same shard rule as the model's tensor-parallel runs,
+which follow NxD v2.28.0's ``parallel_layers/layers.py``: ``ColumnParallelLinear`` weight
+``(output_size / tp, input_size)``, lines 630 and 664; ``RowParallelLinear`` ``(output_size, input_size / tp)``,
+lines 888 and 913; ``ParallelEmbedding`` ``(num_embeddings / tp, embedding_dim)``, lines 274-293), and each
+collective is replaced by a local op whose output has the shape and dtype of the collective's on one rank:
+
+| collective (NxD ``mappings.py``) | one rank's output | stand-in |
+|---|---|---|
+| all-reduce (row-parallel output, embedding lookup) | same shape | identity |
+| sequence all-gather (column-parallel input under sp) | ``(B, S, ...)`` from ``(B, S/tp, ...)`` | repeat along dim 1 |
+| sequence reduce-scatter (row-parallel output under sp) | ``(B, S/tp, ...)`` | the first slice of dim 1 |
+| scatter to the sequence region (after the embedding) | ``(B, S/tp, ...)`` | the first slice of dim 1 |
+| vocabulary all-gather (logits handed back) | ``(..., V)`` | repeat along the last dim |
+
+The stand-ins move no data between ranks, so the values are not those of any rank: the trace is of shapes,
+dtypes and ops (fake tensors compute nothing). The vocabulary all-gather of the logits is dead code in the
+training step (the step keeps only the loss), so the graph check drops it before its scan
+(`step_graph.dead_nodes`), as torch-xla never computes a lazy tensor nothing holds. The ops of NxD's own
+layers (its masked lookup, its cross-entropy's in-place shift) are not traced; their largest tensors have the
+shapes traced here (NxD v2.28.0 ``loss_functions.py`` lines 43-64: the ``(rows, V/tp)`` logits and their exp).
+
+`pipeline_buffers` lists what one pipeline stage holds that the graph of one micro-batch does not show whole.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers.factory import IGNORE_INDEX, LayerFactory
+from .collectives import SEQ_DIM
+from .tensor_parallel import ColumnParallelLinear, RowParallelLinear, TorchTensorParallelFactory, VocabParallelEmbedding
+
+
+def _gathered(x: Tensor, dim: int, tp: int) -> Tensor:
+    """The shape and dtype of an all-gather of `x` along `dim` over `tp` ranks."""
+    repeats = [1] * x.dim()
+    repeats[dim] = tp
+    return x.repeat(repeats)
+
+
+def _scattered(x: Tensor, tp: int) -> Tensor:
+    """The shape and dtype of one rank's slice of `x`'s sequence (a reduce-scatter or scatter); like
+    `NxDTensorParallelFactory.scatter_sequence` and `collectives._local_slice`, a sequence `tp` does not divide
+    is refused."""
+    length = x.shape[SEQ_DIM]
+    if length % tp:
+        raise ValueError(f"sequence length {length} is not divisible by the tensor-parallel size {tp}")
+    return x.narrow(SEQ_DIM, 0, length // tp)
+
+
+class _ColumnShard(ColumnParallelLinear):
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gather_sequence:
+            x = _gathered(x, SEQ_DIM, self.factory.tp_size)
+        return F.linear(x, self.weight, self.bias)
+
+
+class _RowShard(RowParallelLinear):
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.linear(x, self.weight)
+        if self.scatter_sequence:
+            out = _scattered(out, self.factory.tp_size)
+        return out if self.bias is None else out + self.bias
+
+
+class _EmbeddingShard(VocabParallelEmbedding):
+    def forward(self, ids: Tensor) -> Tensor:
+        local_ids = ids - self.start
+        outside = (local_ids < 0) | (local_ids >= self.weight.shape[0])
+        return F.embedding(local_ids.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0.0)
+
+
+class ShardTraceFactory(TorchTensorParallelFactory):
+    """Rank 0's shard-shaped layers with local stand-ins for the collectives: for tracing one core's step only."""
+
+    def __init__(self, tp: int, sequence_parallel: bool) -> None:  # no process group: nothing is communicated
+        self.group, self.tp_size, self.tp_rank, self.sequence_parallel = None, tp, 0, sequence_parallel
+
+    def column_linear(self, in_features: int, out_features: int, bias: bool = False,
+                      sequence_parallel: bool = True) -> nn.Module:
+        return _ColumnShard(in_features, out_features, bias, self, self.sequence_parallel and sequence_parallel)
+
+    def row_linear(self, in_features: int, out_features: int, bias: bool = False,
+                   sequence_parallel: bool = True) -> nn.Module:
+        return _RowShard(in_features, out_features, bias, self, self.sequence_parallel and sequence_parallel)
+
+    def embedding(self, num_embeddings: int, embedding_dim: int) -> nn.Module:
+        return _EmbeddingShard(num_embeddings, embedding_dim, self)
+
+    def share_across_tp(self, x: Tensor) -> Tensor:
+        return x
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        return x
+
+    def scatter_sequence(self, x: Tensor) -> Tensor:
+        return _scattered(x, self.tp_size) if self.sequence_parallel else x
+
+    def gather_vocab(self, logits: Tensor) -> Tensor:
+        return _gathered(logits, -1, self.tp_size)
+
+    def cross_entropy(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The loss over this rank's vocabulary shard (the labels folded into it; -100 stays ignored)."""
+        return F.cross_entropy(logits, labels.clamp(max=logits.shape[-1] - 1), ignore_index=IGNORE_INDEX)
+
+
+def trace_factory(tp: int, sequence_parallel: bool) -> LayerFactory:
+    """The factory to build one NeuronCore's model for the trace: the plain layers at tp 1."""
+    return ShardTraceFactory(tp, sequence_parallel) if tp > 1 else LayerFactory()
+
+
+class Buffer(NamedTuple):
+    """A tensor one pipeline stage holds that no single micro-batch's graph shows whole."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * self.dtype.itemsize
+
+
+def pipeline_buffers(pp: int, microbatch: int, microbatches: int, length: int) -> list[Buffer]:
+    """The tensors one stage of NxD v2.28.0's pipeline (``pipeline/model.py``) holds that no micro-batch's graph
+    shows whole; [] at pp 1.
+
+    - The data rank's batch (``input_ids``, ``labels``: int64 of `length` tokens), stacked over the
+      `microbatches` micro-batches of `microbatch` rows: each micro-batch's graph takes it and slices its
+      rows (``x[start:end]``, lines 1078-1087).
+    - Not listed: the stage-boundary activations. Per micro-batch, a stage receives one buffer per tensor
+      (``recv_op``, lines 1440-1447) and keeps what it sent for the backward (lines 1296-1324), each its own
+      tensor of one micro-batch: a decoder layer's output (this rank's sequence slice under sp) and the
+      ``(1,)`` float32 innovation sum of `bmojo_neuron.parallel.nxd_pipeline`, the shapes and dtypes the
+      trace of one micro-batch already holds and checks. How many are held at once (1F1B: up to
+      ``pp - stage`` micro-batches) is a per-core total, which the plan's HBM estimate counts, not this check.
+    """
+    if pp <= 1:
+        return []
+    rows = microbatch * microbatches
+    return [Buffer(f"the {name} of all {microbatches} micro-batches", (rows, length), torch.int64)
+            for name in ("input_ids", "labels")]
