@@ -1227,3 +1227,41 @@ def test_ops_torch_xla_has_no_kernel_for_are_recorded_as_cpu_fallbacks():
         yaml = subprocess.run(["git", f"--git-dir={XLA_MIRROR}", "show", "v2.9.0:codegen/xla_native_functions.yaml"],
                               capture_output=True, text=True, check=True).stdout
         assert parse_native_functions(yaml) == LOWERED
+
+
+class _FftSgd(torch.optim.Optimizer):
+    """SGD along the real part of each gradient's FFT: an update with an op torch-xla 2.9 has no kernel for."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.sub_(group["lr"] * torch.fft.fft(p.grad).real)
+
+
+def test_the_update_after_accumulated_micro_batches_is_checked_for_cpu_fallbacks(one_rank, monkeypatch):
+    """Under gradient accumulation our step cuts the last micro-batch's graph itself (``torch_xla.sync``) and the
+    optimizer update traces into a graph of its own: that graph is the step's, so the fallback check covers it
+    (``fft`` of a real tensor reaches torch-xla as ``_fft_r2c``, which has no kernel). The check ends with the
+    first step's last sync: the second step is not checked (its ops are the first's)."""
+    from toy_graphs import Scaled
+
+    monkeypatch.setenv("PJRT_DEVICE", "NEURON")
+    modules, env = _doubles_and_env()
+    trainer, xla = modules[nxd_api.TRAINER], modules["torch_xla"]
+    config = trainer.neuronx_distributed_config()
+    model = trainer.initialize_parallel_model(config, lambda: Scaled(lambda y: y.sum()))
+    optimizer = trainer.initialize_parallel_optimizer(config, _FftSgd, model.parameters(), lr=0.1)
+    loader = modules["torch_xla.distributed.parallel_loader"].MpDeviceLoader([{"x": torch.ones(4, 8)}] * 4, "cpu")
+    micro_batches = iter(loader)
+    for _ in range(2):  # two steps of two micro-batches, as `NeuronBackend.accumulated_losses` cuts them
+        for _ in range(2):
+            model(next(micro_batches)["x"]).backward()
+        xla.sync()
+        optimizer.step()
+        xla.sync()
+    assert [f.split(" at ")[0] for f in env.log.cpu_fallbacks] == ["_fft_r2c"]
+    assert env.log.fallback_steps_left == 0 and not env.log.in_step

@@ -231,6 +231,7 @@ class NxDOptimizer(torch.optim.Optimizer):
         """optimizer.py 122-147: the sequence-parallel gradients summed over the tensor-parallel group when the
         config says ``sequence_parallel``; without ZeRO-1 the data-parallel reduction and clipping; the step."""
         self.env.log.trace("optimizer_step", len(self.params))
+        self.env.log.update_traced = True  # the step's checks last until the sync after this (`XlaLog.sync`)
         if self.nxd_config["sequence_parallel"]:
             self.grads.allreduce_sequence_parallel_gradients(self)
         config = self.nxd_config["optimizer_config"]

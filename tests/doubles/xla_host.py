@@ -191,16 +191,18 @@ def enter_step(log: XlaLog) -> None:
         log.host_tensors = HostTensors(log)
         log.host_tensors.__enter__()
     if log.fallback_mode is None and log.fallback_steps_left > 0:  # ops torch-xla runs on the host (`xla_lowerings`)
-        log.fallback_steps_left -= 1
         log.fallback_mode = CpuFallbacks(log)
         log.fallback_mode.__enter__()
 
 
 def leave_step(log: XlaLog) -> None:
-    """The step's sync: `HostTensors` leaves the mode stack (it must be on top: modes nest)."""
+    """A sync inside a step: `HostTensors` leaves the mode stack (it must be on top: modes nest)."""
     fallbacks, log.fallback_mode = log.fallback_mode, None
     if fallbacks is not None:
         fallbacks.__exit__(None, None, None)
+        if log.update_traced:  # the step's last graph, its optimizer update, is checked (`XlaLog.update_traced`)
+            log.fallback_steps_left -= 1
+    log.update_traced = False
     mode, log.host_tensors = log.host_tensors, None
     if mode is not None:
         top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
