@@ -280,8 +280,8 @@ class _PerDeviceLoader:
             raise StopIteration
         self.log.fetches += 1
         self.log.trace("batch", sorted((k, tuple(v.shape)) for k, v in batch.items()))
+        on_device = {k: v.to("cpu") for k, v in batch.items()}  # the upload comes before the step's graph
         self.log.in_step = True
-        on_device = {k: v.to("cpu") for k, v in batch.items()}
         for tensor in on_device.values():
             setattr(tensor, ON_DEVICE, True)  # NxD's pipeline refuses device batches
         enter_step(self.log)  # host tensors made in the step are followed until its sync (`xla_host`)

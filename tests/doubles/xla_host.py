@@ -5,7 +5,9 @@ On the double the "XLA device" is the CPU, so a tensor our code creates inside a
 would look like any other. `HostTensors`, a ``TorchFunctionMode`` pushed when the loader double hands
 out a batch (or NxD's ``run_train`` starts under pp) and popped at the step's sync, marks such tensors
 made by our code (not by torch, another library or the doubles) as host tensors, keeps the mark through
-ops on host tensors only and drops it at ``.to(<device>)``. When an op mixes a host tensor with device
+ops on host tensors only and drops it at ``.to(<device>)``. Once NxD's model initialisation moved a model to
+the device the mode stays, marking between steps too, until NxD's teardown (`follow_host_tensors`), so the
+host tensors made before a step meet the same rules in it. When an op mixes a host tensor with device
 tensors it does what torch-xla v2.9.0 does:
 
 - the binary ops lowered through ``GetBinaryOperands`` (``add``, ``sub``, ``mul``, ``div``, ``rsub``,
@@ -30,9 +32,10 @@ The copies (and ``.to(<device>)`` of a host tensor, ``torch.tensor(<host data>, 
 ``host.copy_(device)``) are recorded in ``XlaLog.host_transfers``.
 
 Not modelled: an explicit ``device="cpu"`` (on the double the device is the CPU, so any explicit
-``device=`` counts as the XLA device), host tensors made before the step or by torch, another library or
-the doubles, and the host operands of ops torch-xla runs through its CPU fallback (they take host tensors;
-`xla_lowerings.CpuFallbacks` records the ops).
+``device=`` counts as the XLA device), host tensors made before NxD's move or by torch, another library or
+the doubles, a parameter registered after the move (``nn.Parameter`` makes a new, unmarked tensor), and the
+host operands of ops torch-xla runs through its CPU fallback (they take host tensors; `xla_lowerings.CpuFallbacks`
+records the ops).
 """
 
 from __future__ import annotations
@@ -123,8 +126,7 @@ class HostTensors(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if not self.log.in_step:
-            return func(*args, **kwargs)
+        in_step = self.log.in_step  # outside a step (a run-wide mode, `follow_host_tensors`): marks only, no check
         tensors = _tensors(args, kwargs)
         if not tensors:  # a factory (or no tensor at all): on the host unless given a device
             out = func(*args, **kwargs)
@@ -132,7 +134,7 @@ class HostTensors(TorchFunctionMode):
                 return out
             if kwargs.get("device") is None:
                 _mark(out)
-            elif getattr(func, "__name__", "") in HOST_DATA:
+            elif in_step and getattr(func, "__name__", "") in HOST_DATA:
                 self.log.host_transfers.append(f"{func.__name__}(<host data>, device=) at {bmojo_caller() or 'test'}")
             return out
         host = [t for t in tensors if is_host(t)]
@@ -143,12 +145,14 @@ class HostTensors(TorchFunctionMode):
                 _mark(out)
             return out
         if name in ("to", "cuda") and _asks_for_a_device(args, kwargs):
-            self.log.host_transfers.append(f"{name}(<device>) of a host tensor at {bmojo_caller() or 'torch'}")
+            if in_step:
+                self.log.host_transfers.append(f"{name}(<device>) of a host tensor at {bmojo_caller() or 'torch'}")
             out = func(*args, **kwargs)
             return out.clone() if out is args[0] else out  # a new device tensor; the host one stays
         if len(host) == len(tensors):  # host only: the result stays on the host
             return _mark(func(*args, **kwargs))
-        self._mixed(name, args, tensors, host)
+        if in_step:
+            self._mixed(name, args, tensors, host)
         return func(*args, **kwargs)
 
     def _mixed(self, name: str, args: tuple, tensors: list[torch.Tensor], host: list[torch.Tensor]) -> None:
@@ -185,8 +189,31 @@ def _in_place(name: str) -> bool:
                                                                                                     "__int__")
 
 
+def follow_host_tensors(log: XlaLog, moved: torch.nn.Module) -> None:
+    """NxD moved `moved` to the device: from now on, for the rest of the run, `HostTensors` marks the host
+    tensors our code makes, in a step or not, so the step's rules see those made before it (a buffer registered
+    after the move, a tensor kept in an attribute, an optimizer state made on the host). The plain tensor
+    attributes of its modules stay on the host: ``Module.to`` moves only ``_parameters`` and ``_buffers``
+    (``Module._apply``, torch/nn/modules/module.py)."""
+    for module in moved.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                setattr(value, HOST, True)
+    if log.host_tensors is None:
+        log.host_tensors, log.host_tensors_run_wide = HostTensors(log), True
+        log.host_tensors.__enter__()
+
+
+def stop_following_host_tensors(log: XlaLog) -> None:
+    """NxD's parallel state is torn down (the run is over): the run-wide `HostTensors` leaves the mode stack."""
+    if log.host_tensors_run_wide and not log.in_step:
+        leave_mode, log.host_tensors, log.host_tensors_run_wide = log.host_tensors, None, False
+        _leave(leave_mode)
+
+
 def enter_step(log: XlaLog) -> None:
-    """The loader double handed out a batch: the step's ops run under `HostTensors` until its sync."""
+    """The loader double handed out a batch: the step's ops run under `HostTensors` until its sync (the
+    run-wide one once NxD moved a model, `follow_host_tensors`)."""
     if log.host_tensors is None:
         log.host_tensors = HostTensors(log)
         log.host_tensors.__enter__()
@@ -203,15 +230,21 @@ def leave_step(log: XlaLog) -> None:
         if log.update_traced:  # the step's last graph, its optimizer update, is checked (`XlaLog.update_traced`)
             log.fallback_steps_left -= 1
     log.update_traced = False
+    if log.host_tensors_run_wide:  # it stays until the test ends (`drop_left_over_modes`)
+        return
     mode, log.host_tensors = log.host_tensors, None
     if mode is not None:
-        top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
-        assert top is mode, f"a torch function mode entered inside the step is still active at its sync: {top}"
-        mode.__exit__(None, None, None)
+        _leave(mode)
+
+
+def _leave(mode: HostTensors) -> None:
+    top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
+    assert top is mode, f"a torch function mode entered after `HostTensors` is still active: {top}"
+    mode.__exit__(None, None, None)
 
 
 def drop_left_over_modes() -> None:
-    """Pop the `HostTensors` a failed step left on the mode stack (its sync never came)."""
+    """Pop the `HostTensors` a failed step left on the mode stack (its sync never came), and the run-wide one."""
     while torch._C._len_torch_function_stack() and isinstance(
             torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1), HostTensors):
         torch._C._pop_torch_function_stack()
