@@ -1349,3 +1349,38 @@ def test_host_tensors_made_before_the_step_meet_torch_xla_rules_in_it(one_rank, 
 
     assert fails(lambda m: setattr(m, "reduce_with", lambda y: y.sum()), momentum_on_the_host) == \
         "Expected XLA tensor. Got: CPUFloatType"
+
+
+def test_explicit_host_placement_and_reads_in_a_step_are_caught():
+    """The double's XLA device is ``cpu:0`` (torch-xla's is ``xla:0``) and our code sees it as ``t.device`` of a
+    device tensor, so an explicit ``device="cpu"`` / ``torch.device("cpu")`` makes a host tensor (refused by
+    ``where``, ``bridge::GetXlaTensor``), while ``device=x.device`` makes a device one; ``.cpu()``, ``.to("cpu")``,
+    ``.item()``, ``.tolist()`` and ``float()`` of a device value each run the pending graph and copy the value
+    to the host, recorded in ``XlaLog.host_reads``; the copies are host tensors, the original stays on the
+    device."""
+    xla = xla_modules(Env(XlaLog()))["torch_xla"]
+
+    def placed(x):
+        assert x.device == xla.device() and x.device != torch.device("cpu")
+        for host in (torch.zeros(4, device="cpu"), torch.zeros(4, device=torch.device("cpu"))):
+            with pytest.raises(RuntimeError, match=r"^Expected XLA tensor\. Got: CPUFloatType$"):
+                torch.where(x > 0, x, host)
+        return torch.where(x > 0, x, torch.zeros(4, device=x.device))
+
+    got, log = _in_a_step(placed, torch.ones(4))
+    assert torch.equal(got, torch.ones(4)) and log.host_reads == [] and log.host_transfers == []
+
+    def read(x):
+        copies = [x.cpu(), x.to("cpu"), x.to(device=torch.device("cpu"))]
+        values = x.sum().item(), x.tolist(), float(x[0])
+        for copy in copies:
+            assert copy is not x and copy.device == torch.device("cpu")
+            with pytest.raises(RuntimeError, match="CPUFloatType"):
+                torch.where(x > 0, x, copy)
+        return torch.where(x > 0, x, x * 2), values
+
+    (got, values), log = _in_a_step(read, torch.ones(4))
+    assert torch.equal(got, torch.ones(4)) and values == (4.0, [1.0] * 4, 1.0)
+    assert [r.split(" at ")[0] for r in log.host_reads] == [
+        "Tensor.cpu(<host>)", "Tensor.to(<host>)", "Tensor.to(<host>)", "Tensor.item", "Tensor.tolist",
+        "Tensor.__float__"]

@@ -67,6 +67,7 @@ class XlaLog:
     graphs: list[list[tuple]] = field(default_factory=list)  # what each cut graph held (see `trace`)
     extraction_reads: list[str] = field(default_factory=list)  # device values read with NEURON_EXTRACT_GRAPHS_ONLY
     host_transfers: list[str] = field(default_factory=list)  # host tensors copied into a step's graph (xla_host)
+    host_reads: list[str] = field(default_factory=list)  # device values our code copied or read to the host in a step
     host_tensors: Any = None  # the `xla_host.HostTensors` mode while a step runs (for good once NxD moved a model)
     host_tensors_run_wide: bool = False  # `xla_host.follow_host_tensors`: the mode is not popped at a sync
     cpu_fallbacks: list[str] = field(default_factory=list)  # aten ops of a step torch-xla has no kernel for

@@ -31,8 +31,13 @@ tensors it does what torch-xla v2.9.0 does:
 The copies (and ``.to(<device>)`` of a host tensor, ``torch.tensor(<host data>, device=...)``,
 ``host.copy_(device)``) are recorded in ``XlaLog.host_transfers``.
 
-Not modelled: an explicit ``device="cpu"`` (on the double the device is the CPU, so any explicit
-``device=`` counts as the XLA device), host tensors made before NxD's move or by torch, another library or
+The double's XLA device is ``cpu:0`` (`XLA_DEVICE`; torch-xla's is ``xla:0``): the index tells it from the
+host, ``cpu``. Our code reads ``t.device`` of a device tensor as ``cpu:0`` here, so ``device=x.device`` is the
+device and an explicit ``device="cpu"`` makes a host tensor; ``.cpu()`` / ``.to("cpu")`` of a device tensor and
+the reads of its value (``.item()``, ``.tolist()``, ``float()`` ...) by our code in a step run the graph early
+on XLA and are recorded in ``XlaLog.host_reads`` (the copies are host tensors).
+
+Not modelled: host tensors made before NxD's move or by torch, another library or
 the doubles, a parameter registered after the move (``nn.Parameter`` makes a new, unmarked tensor), and the
 host operands of ops torch-xla runs through its CPU fallback (they take host tensors; `xla_lowerings.CpuFallbacks`
 records the ops).
@@ -78,6 +83,15 @@ WRAPPED_NUMBER_OK = frozenset({
 # Factories of a host value (a Python list, a NumPy array): given the device, each call uploads it.
 HOST_DATA = frozenset({"tensor", "as_tensor", "asarray"})
 LIST_OPERANDS = frozenset({"cat", "concat", "concatenate"})  # ``bridge::GetXlaTensors``: the list message
+# Tensor methods that hand a device value to the host: on XLA each runs the pending graph first (``item`` through
+# ``_local_scalar_dense``, aten_xla_type.cpp 4164-4175; the others through ``_to_copy`` to the CPU, 725-769).
+# ``__format__`` / ``__repr__`` read the value too (torch/_tensor.py: ``item()`` or the printer's ``tolist``).
+HOST_READS = frozenset({"item", "tolist", "numpy", "__array__", "__float__", "__int__", "__bool__", "__index__",
+                        "__format__", "__repr__"})
+# The double's XLA device: torch-xla's is ``xla:0``; on the CPU the index tells it from the host (``cpu``), as our
+# code sees it in ``torch_xla.device()`` and, through `HostTensors`, in ``t.device`` of a device tensor.
+XLA_DEVICE, HOST_DEVICE = torch.device("cpu", 0), torch.device("cpu")
+DEVICE_PROPERTY = torch._C.TensorBase.__dict__["device"]  # ``Tensor.device``: a getset a mode sees as ``__get__``
 
 
 def is_host(tensor: torch.Tensor) -> bool:
@@ -108,12 +122,22 @@ def _mark(out: Any) -> Any:
     return out
 
 
-def _asks_for_a_device(args: tuple, kwargs: dict) -> bool:
-    """``Tensor.to`` / ``Tensor.cuda`` given a device (a ``torch.device``, a string, or another tensor)."""
+def names_the_host(device: Any) -> bool:
+    """Whether a ``device=`` argument is the host: ``"cpu"`` or ``torch.device("cpu")``, not `XLA_DEVICE`."""
+    return isinstance(device, (str, torch.device)) and torch.device(device) == HOST_DEVICE
+
+
+def _asked_device(args: tuple, kwargs: dict) -> Any:
+    """The device ``Tensor.to`` / ``Tensor.cuda`` is given (a ``torch.device``, a string, an index, or another
+    tensor: its device), None when only a dtype is."""
     if kwargs.get("device") is not None:
-        return True
-    return any(isinstance(a, (torch.device, str, int)) and not isinstance(a, bool) or
-               isinstance(a, torch.Tensor) and not is_host(a) for a in args[1:])
+        return kwargs["device"]
+    for a in args[1:]:
+        if isinstance(a, torch.Tensor):
+            return HOST_DEVICE if is_host(a) else XLA_DEVICE
+        if isinstance(a, (torch.device, str, int)) and not isinstance(a, bool):
+            return a
+    return None
 
 
 class HostTensors(TorchFunctionMode):
@@ -127,12 +151,14 @@ class HostTensors(TorchFunctionMode):
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         in_step = self.log.in_step  # outside a step (a run-wide mode, `follow_host_tensors`): marks only, no check
+        if getattr(func, "__self__", None) is DEVICE_PROPERTY:  # ``t.device``: our code sees the XLA device
+            return XLA_DEVICE if not is_host(args[0]) and _from_our_code() else func(*args, **kwargs)
         tensors = _tensors(args, kwargs)
-        if not tensors:  # a factory (or no tensor at all): on the host unless given a device
+        if not tensors:  # a factory (or no tensor at all): on the host unless given the device
             out = func(*args, **kwargs)
             if not _from_our_code():
                 return out
-            if kwargs.get("device") is None:
+            if kwargs.get("device") is None or names_the_host(kwargs["device"]):
                 _mark(out)
             elif in_step and getattr(func, "__name__", "") in HOST_DATA:
                 self.log.host_transfers.append(f"{func.__name__}(<host data>, device=) at {bmojo_caller() or 'test'}")
@@ -140,11 +166,13 @@ class HostTensors(TorchFunctionMode):
         host = [t for t in tensors if is_host(t)]
         name = getattr(func, "__name__", "")
         if not host:
-            out = func(*args, **kwargs)
-            if name == "cpu" and _from_our_code():
-                _mark(out)
-            return out
-        if name in ("to", "cuda") and _asks_for_a_device(args, kwargs):
+            if (name == "cpu" or name == "to" and names_the_host(_asked_device(args, kwargs))) and _from_our_code():
+                return self._to_host(func, name, args, kwargs)  # the device value copied to the host
+            if name in HOST_READS and in_step and _from_our_code():
+                self.log.host_reads.append(f"Tensor.{name} at {bmojo_caller() or 'test'}")
+            return func(*args, **kwargs)
+        if name in ("to", "cuda") and _asked_device(args, kwargs) is not None \
+                and not names_the_host(_asked_device(args, kwargs)):
             if in_step:
                 self.log.host_transfers.append(f"{name}(<device>) of a host tensor at {bmojo_caller() or 'torch'}")
             out = func(*args, **kwargs)
@@ -154,6 +182,14 @@ class HostTensors(TorchFunctionMode):
         if in_step:
             self._mixed(name, args, tensors, host)
         return func(*args, **kwargs)
+
+    def _to_host(self, func: Callable, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+        """``.cpu()`` / ``.to("cpu")`` of a device tensor: in a step a run of the pending graph and a copy to the
+        host (recorded); the copy is a new host tensor (on the double the same device, so copied here)."""
+        if self.log.in_step:
+            self.log.host_reads.append(f"Tensor.{name}(<host>) at {bmojo_caller() or 'test'}")
+        out = func(*args, **kwargs)
+        return _mark(out.clone() if out is args[0] else out)
 
     def _mixed(self, name: str, args: tuple, tensors: list[torch.Tensor], host: list[torch.Tensor]) -> None:
         """An op with host and device tensors: record the transfer it costs on XLA, or raise as torch-xla does."""
