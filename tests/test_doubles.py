@@ -1267,88 +1267,48 @@ def test_the_update_after_accumulated_micro_batches_is_checked_for_cpu_fallbacks
     assert env.log.fallback_steps_left == 0 and not env.log.in_step
 
 
-def _after_the_move(build, step, monkeypatch) -> tuple[object, XlaLog]:
-    """`build(module)` once NxD's model initialisation moved a ``Scaled`` to the device, then `step(model, x)` on
-    the loader double's first batch, then the step's sync; the run's end (NxD's state torn down) in any case."""
+def _after_the_move(reduce_with, monkeypatch, **attributes: torch.Tensor) -> tuple[object, XlaLog]:
+    """A ``Scaled`` holding `attributes` as plain tensor attributes, moved to the device by NxD's model
+    initialisation; ``reduce_with(module, y)`` ends its forward on the loader double's first batch, then the
+    step's sync."""
     from toy_graphs import Scaled
 
     monkeypatch.setenv("PJRT_DEVICE", "NEURON")
     modules, env = _doubles_and_env()
     trainer = modules[nxd_api.TRAINER]
-    holder: list = []
 
     def model_fn():
-        holder.append(Scaled(lambda y: holder[0].reduce_with(y)))
-        holder[0].offset = torch.ones(8, 8)  # a plain attribute: ``Module.to`` leaves it where it is
-        return holder[0]
+        module = Scaled(lambda y: reduce_with(module, y))
+        for name, value in attributes.items():
+            setattr(module, name, value)  # not a buffer: ``Module.to`` leaves it where it is
+        return module
 
     model = trainer.initialize_parallel_model(trainer.neuronx_distributed_config(), model_fn)
+    loader = modules["torch_xla.distributed.parallel_loader"].MpDeviceLoader([{"x": torch.ones(4, 8)}], "cpu")
     try:
-        build(holder[0])
-        loader = modules["torch_xla.distributed.parallel_loader"].MpDeviceLoader([{"x": torch.ones(4, 8)}], "cpu")
-        try:
-            return step(model, next(iter(loader))["x"]), env.log
-        finally:
-            modules["torch_xla"].sync()
+        return model(next(iter(loader))["x"]), env.log
     finally:
-        modules[PARALLEL_STATE].destroy_model_parallel()
+        modules["torch_xla"].sync()
 
 
-def test_host_tensors_made_before_the_step_meet_torch_xla_rules_in_it(one_rank, monkeypatch):
-    """Once NxD moved the model, a tensor our code makes on the host stays there: a plain tensor attribute of a
-    module (``Module._apply`` moves parameters and buffers only), a buffer registered after the move, a scalar
-    kept for later, an optimizer state made with ``torch.zeros``. In the step they meet the rules of tensors made
-    inside it (`test_ops_mixing_a_host_tensor_fail_as_in_torch_xla`): ``mm`` / ``masked_fill`` / ``where`` /
-    an in-place ``add_`` refuse them; a 0-dim one is a wrapped number for ``masked_fill`` and copied over by
-    ``mul``, both recorded. The same tensors moved with ``.to(device)`` are device tensors."""
-
-    def fails(build, step=None) -> str:
-        with pytest.raises(RuntimeError) as raised:
-            _after_the_move(build, step or (lambda model, x: model(x)), monkeypatch)
-        return str(raised.value)
-
-    def plain_attribute(module):
-        module.reduce_with = lambda y: (y @ module.offset).sum()
-
-    def late_buffer(module, device=None):
-        module.register_buffer("mask", torch.zeros(4, 8, dtype=torch.bool, device=device))
-        module.reduce_with = lambda y: y.masked_fill(module.mask, 0.0).sum()
-
-    assert fails(plain_attribute) == "Expected XLA tensor. Got: CPUFloatType"
-    assert fails(late_buffer) == "Expected XLA tensor. Got: CPUBoolType"
-    zero = {}
-
-    def kept_scalar(module):
-        zero["t"] = torch.tensor(0.0)
-        module.reduce_with = lambda y: torch.where(y > 0, y, zero["t"]).sum()
-
-    assert fails(kept_scalar) == "Expected XLA tensor. Got: CPUFloatType"  # where: no wrapped number
-
-    def wrapped(module):
-        scale, flag = torch.tensor(2.0), torch.tensor(False)
-        module.reduce_with = lambda y: (y * scale).masked_fill(flag, 0.0).sum()
-
-    got, log = _after_the_move(wrapped, lambda model, x: model(x), monkeypatch)
+def test_tensor_attributes_nxd_does_not_move_meet_torch_xla_rules_in_the_step(one_rank, monkeypatch):
+    """``Module._apply`` moves parameters and buffers only: a plain tensor attribute made before NxD's move stays
+    on the host, and in the step meets the rules of a host tensor made inside it
+    (`test_ops_mixing_a_host_tensor_fail_as_in_torch_xla`): ``mm`` and ``where`` refuse it, even 0-dim (no wrapped
+    number for ``where``); a 0-dim one is a wrapped number for ``masked_fill`` and copied over by ``mul``, both
+    recorded. Moved with ``.to(device)`` in the step, it is a device tensor."""
+    with pytest.raises(RuntimeError, match=r"^Expected XLA tensor\. Got: CPUFloatType$"):
+        _after_the_move(lambda m, y: (y @ m.offset).sum(), monkeypatch, offset=torch.ones(8, 8))
+    with pytest.raises(RuntimeError, match=r"^Expected XLA tensor\. Got: CPUFloatType$"):
+        _after_the_move(lambda m, y: torch.where(y > 0, y, m.zero).sum(), monkeypatch, zero=torch.tensor(0.0))
+    got, log = _after_the_move(lambda m, y: (y * m.scale).masked_fill(m.flag, 0.0).sum(), monkeypatch,
+                               scale=torch.tensor(2.0), flag=torch.tensor(False))
     assert got.item() == 64.0
     assert [t.split(" at ")[0] for t in log.host_transfers] == ["mul with a host tensor",
                                                                 "masked_fill with a host wrapped number"]
-
-    def moved(module):
-        late_buffer(module, device=module.weight.device)
-        module.offset = module.offset.to(module.weight.device)
-        module.reduce_with = lambda y: (y @ module.offset).masked_fill(module.mask, 0.0).sum()
-
-    got, log = _after_the_move(moved, lambda model, x: model(x), monkeypatch)
-    assert got.item() == 256.0 and log.host_transfers == []
-
-    def momentum_on_the_host(model, x):
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        optimizer.state[model.module.weight]["momentum_buffer"] = torch.zeros(4, 8)
-        model(x).backward()
-        optimizer.step()
-
-    assert fails(lambda m: setattr(m, "reduce_with", lambda y: y.sum()), momentum_on_the_host) == \
-        "Expected XLA tensor. Got: CPUFloatType"
+    got, log = _after_the_move(lambda m, y: (y @ m.offset.to(y.device)).sum(), monkeypatch, offset=torch.ones(8, 8))
+    assert got.item() == 256.0 and [t.split(" at ")[0] for t in log.host_transfers] == [
+        "to(<device>) of a host tensor"]
 
 
 def test_explicit_host_placement_and_reads_in_a_step_are_caught():

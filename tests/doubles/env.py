@@ -68,15 +68,15 @@ class XlaLog:
     extraction_reads: list[str] = field(default_factory=list)  # device values read with NEURON_EXTRACT_GRAPHS_ONLY
     host_transfers: list[str] = field(default_factory=list)  # host tensors copied into a step's graph (xla_host)
     host_reads: list[str] = field(default_factory=list)  # device values our code copied or read to the host in a step
-    host_tensors: Any = None  # the `xla_host.HostTensors` mode while a step runs (for good once NxD moved a model)
-    host_tensors_run_wide: bool = False  # `xla_host.follow_host_tensors`: the mode is not popped at a sync
+    host_tensors: Any = None  # the `xla_host.HostTensors` mode while a step runs
     cpu_fallbacks: list[str] = field(default_factory=list)  # aten ops of a step torch-xla has no kernel for
     fallback_mode: Any = None  # the `xla_lowerings.CpuFallbacks` mode while a step runs
     # Steps whose ops are still to be checked: every step of a run traces the same ops (the static-shape tests
     # hold that), and the mode's Python call at every aten op would slow each later step down. A step counts as
     # checked at the sync that follows its optimizer update (`update_traced`), so under gradient accumulation
-    # every micro-batch's graph and the update's graph are checked.
+    # the first micro-batch's graph and the update's graph are checked.
     fallback_steps_left: int = 1
+    micro_batch_checked: bool = False  # the first step's first graph went through the fallback check
     update_traced: bool = False  # an optimizer update (NxD's optimizer double) traced since the step began
     _forwards: int = 0  # training forwards since the last sync
     _events: list[tuple] = field(default_factory=list)  # traced since the last graph cut
@@ -125,7 +125,7 @@ class XlaLog:
             self.closures_run += 1
         if update_follows:
             self.in_step = True
-            enter_step(self)
+            enter_step(self, update=True)
 
     def step_syncs(self) -> list[dict]:
         return [s for s in self.syncs if s["step_work"]]

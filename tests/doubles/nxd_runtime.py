@@ -60,7 +60,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from . import nxd_api, nxd_pp
 from .env import DeviceRandomOps, Env, bmojo_caller, fake_module
 from .xla import local_ordinal, local_process_count, reentrant_checkpoint
-from .xla_host import follow_host_tensors, stop_following_host_tensors
+from .xla_host import mark_attributes_left_on_the_host
 
 
 class NxDModel(nn.Module):
@@ -442,7 +442,6 @@ def _parallel_state(env: Env, initialize: Callable[..., None]) -> dict[str, Call
     def destroy_model_parallel() -> None:
         grid.clear()
         env.groups.clear()
-        stop_following_host_tensors(env.log)  # the run is over
 
     tp, dp, pp = "intra_layer_model parallel", "data parallel", "pipeline_model parallel"
     return dict(
@@ -618,7 +617,7 @@ def _move_in_waves(env: Env, module: nn.Module, sequential_move_factor: int) -> 
     for wave in range(math.ceil(local_world / sequential_move_factor)):
         if local_rank // sequential_move_factor == wave:
             module.to(torch.device("cpu"))
-            follow_host_tensors(env.log, module)
+            mark_attributes_left_on_the_host(module)
             env.log.calls["moved_in_wave"] = wave
         env.rendezvous(f"get_model_sequential{wave}")
 

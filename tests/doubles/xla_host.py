@@ -5,9 +5,8 @@ On the double the "XLA device" is the CPU, so a tensor our code creates inside a
 would look like any other. `HostTensors`, a ``TorchFunctionMode`` pushed when the loader double hands
 out a batch (or NxD's ``run_train`` starts under pp) and popped at the step's sync, marks such tensors
 made by our code (not by torch, another library or the doubles) as host tensors, keeps the mark through
-ops on host tensors only and drops it at ``.to(<device>)``. Once NxD's model initialisation moved a model to
-the device the mode stays, marking between steps too, until NxD's teardown (`follow_host_tensors`), so the
-host tensors made before a step meet the same rules in it. When an op mixes a host tensor with device
+ops on host tensors only and drops it at ``.to(<device>)``. The plain tensor attributes of the modules NxD
+moves to the device are marked at the move (`mark_attributes_left_on_the_host`): ``Module.to`` leaves them. When an op mixes a host tensor with device
 tensors it does what torch-xla v2.9.0 does:
 
 - the binary ops lowered through ``GetBinaryOperands`` (``add``, ``sub``, ``mul``, ``div``, ``rsub``,
@@ -37,10 +36,11 @@ device and an explicit ``device="cpu"`` makes a host tensor; ``.cpu()`` / ``.to(
 the reads of its value (``.item()``, ``.tolist()``, ``float()`` ...) by our code in a step run the graph early
 on XLA and are recorded in ``XlaLog.host_reads`` (the copies are host tensors).
 
-Not modelled: host tensors made before NxD's move or by torch, another library or
-the doubles, a parameter registered after the move (``nn.Parameter`` makes a new, unmarked tensor), and the
-host operands of ops torch-xla runs through its CPU fallback (they take host tensors; `xla_lowerings.CpuFallbacks`
-records the ops).
+Not modelled: host tensors made before the step but those attributes (a buffer registered after the move, a
+tensor kept in a closure or in an optimizer state: following them would need the mode between steps too, a
+Python call at every op of evaluations and checkpoints), host tensors made by torch, another library or the
+doubles, and the host operands of ops torch-xla runs through its CPU fallback (they take host tensors;
+`xla_lowerings.CpuFallbacks` records the ops).
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ class HostTensors(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        in_step = self.log.in_step  # outside a step (a run-wide mode, `follow_host_tensors`): marks only, no check
+        if not self.log.in_step:
+            return func(*args, **kwargs)
         if getattr(func, "__self__", None) is DEVICE_PROPERTY:  # ``t.device``: our code sees the XLA device
             return XLA_DEVICE if not is_host(args[0]) and _from_our_code() else func(*args, **kwargs)
         tensors = _tensors(args, kwargs)
@@ -160,7 +161,7 @@ class HostTensors(TorchFunctionMode):
                 return out
             if kwargs.get("device") is None or names_the_host(kwargs["device"]):
                 _mark(out)
-            elif in_step and getattr(func, "__name__", "") in HOST_DATA:
+            elif getattr(func, "__name__", "") in HOST_DATA:
                 self.log.host_transfers.append(f"{func.__name__}(<host data>, device=) at {bmojo_caller() or 'test'}")
             return out
         host = [t for t in tensors if is_host(t)]
@@ -168,26 +169,23 @@ class HostTensors(TorchFunctionMode):
         if not host:
             if (name == "cpu" or name == "to" and names_the_host(_asked_device(args, kwargs))) and _from_our_code():
                 return self._to_host(func, name, args, kwargs)  # the device value copied to the host
-            if name in HOST_READS and in_step and _from_our_code():
+            if name in HOST_READS and _from_our_code():
                 self.log.host_reads.append(f"Tensor.{name} at {bmojo_caller() or 'test'}")
             return func(*args, **kwargs)
         if name in ("to", "cuda") and _asked_device(args, kwargs) is not None \
                 and not names_the_host(_asked_device(args, kwargs)):
-            if in_step:
-                self.log.host_transfers.append(f"{name}(<device>) of a host tensor at {bmojo_caller() or 'torch'}")
+            self.log.host_transfers.append(f"{name}(<device>) of a host tensor at {bmojo_caller() or 'torch'}")
             out = func(*args, **kwargs)
             return out.clone() if out is args[0] else out  # a new device tensor; the host one stays
         if len(host) == len(tensors):  # host only: the result stays on the host
             return _mark(func(*args, **kwargs))
-        if in_step:
-            self._mixed(name, args, tensors, host)
+        self._mixed(name, args, tensors, host)
         return func(*args, **kwargs)
 
     def _to_host(self, func: Callable, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
         """``.cpu()`` / ``.to("cpu")`` of a device tensor: in a step a run of the pending graph and a copy to the
         host (recorded); the copy is a new host tensor (on the double the same device, so copied here)."""
-        if self.log.in_step:
-            self.log.host_reads.append(f"Tensor.{name}(<host>) at {bmojo_caller() or 'test'}")
+        self.log.host_reads.append(f"Tensor.{name}(<host>) at {bmojo_caller() or 'test'}")
         out = func(*args, **kwargs)
         return _mark(out.clone() if out is args[0] else out)
 
@@ -225,35 +223,24 @@ def _in_place(name: str) -> bool:
                                                                                                     "__int__")
 
 
-def follow_host_tensors(log: XlaLog, moved: torch.nn.Module) -> None:
-    """NxD moved `moved` to the device: from now on, for the rest of the run, `HostTensors` marks the host
-    tensors our code makes, in a step or not, so the step's rules see those made before it (a buffer registered
-    after the move, a tensor kept in an attribute, an optimizer state made on the host). The plain tensor
-    attributes of its modules stay on the host: ``Module.to`` moves only ``_parameters`` and ``_buffers``
-    (``Module._apply``, torch/nn/modules/module.py)."""
+def mark_attributes_left_on_the_host(moved: torch.nn.Module) -> None:
+    """NxD moved `moved` to the device: the plain tensor attributes of its modules stay on the host, since
+    ``Module.to`` moves only ``_parameters`` and ``_buffers`` (``Module._apply``, torch/nn/modules/module.py);
+    a step that reads one meets the rules of a host tensor made inside it."""
     for module in moved.modules():
         for value in vars(module).values():
             if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
                 setattr(value, HOST, True)
-    if log.host_tensors is None:
-        log.host_tensors, log.host_tensors_run_wide = HostTensors(log), True
-        log.host_tensors.__enter__()
 
 
-def stop_following_host_tensors(log: XlaLog) -> None:
-    """NxD's parallel state is torn down (the run is over): the run-wide `HostTensors` leaves the mode stack."""
-    if log.host_tensors_run_wide and not log.in_step:
-        leave_mode, log.host_tensors, log.host_tensors_run_wide = log.host_tensors, None, False
-        _leave(leave_mode)
-
-
-def enter_step(log: XlaLog) -> None:
-    """The loader double handed out a batch: the step's ops run under `HostTensors` until its sync (the
-    run-wide one once NxD moved a model, `follow_host_tensors`)."""
+def enter_step(log: XlaLog, update: bool = False) -> None:
+    """The loader double handed out a batch (or, with `update`, the step goes on after our code's sync with its
+    update): the step's ops run under `HostTensors` until its sync. Of the first step the fallback check sees the
+    first micro-batch's graph and the update's (the other micro-batches trace the first one's ops)."""
     if log.host_tensors is None:
         log.host_tensors = HostTensors(log)
         log.host_tensors.__enter__()
-    if log.fallback_mode is None and log.fallback_steps_left > 0:  # ops torch-xla runs on the host (`xla_lowerings`)
+    if log.fallback_mode is None and log.fallback_steps_left > 0 and (update or not log.micro_batch_checked):
         log.fallback_mode = CpuFallbacks(log)
         log.fallback_mode.__enter__()
 
@@ -263,11 +250,10 @@ def leave_step(log: XlaLog) -> None:
     fallbacks, log.fallback_mode = log.fallback_mode, None
     if fallbacks is not None:
         fallbacks.__exit__(None, None, None)
+        log.micro_batch_checked = True
         if log.update_traced:  # the step's last graph, its optimizer update, is checked (`XlaLog.update_traced`)
             log.fallback_steps_left -= 1
     log.update_traced = False
-    if log.host_tensors_run_wide:  # it stays until the test ends (`drop_left_over_modes`)
-        return
     mode, log.host_tensors = log.host_tensors, None
     if mode is not None:
         _leave(mode)
@@ -280,7 +266,7 @@ def _leave(mode: HostTensors) -> None:
 
 
 def drop_left_over_modes() -> None:
-    """Pop the `HostTensors` a failed step left on the mode stack (its sync never came), and the run-wide one."""
+    """Pop the `HostTensors` a failed step left on the mode stack (its sync never came)."""
     while torch._C._len_torch_function_stack() and isinstance(
             torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1), HostTensors):
         torch._C._pop_torch_function_stack()
