@@ -6,8 +6,8 @@ would look like any other. `HostTensors`, a ``TorchFunctionMode`` pushed when th
 out a batch (or NxD's ``run_train`` starts under pp) and popped at the step's sync, marks such tensors
 made by our code (not by torch, another library or the doubles) as host tensors, keeps the mark through
 ops on host tensors only and drops it at ``.to(<device>)``. The plain tensor attributes of the modules NxD
-moves to the device are marked at the move (`mark_attributes_left_on_the_host`): ``Module.to`` leaves them. When an op mixes a host tensor with device
-tensors it does what torch-xla v2.9.0 does:
+moves to the device are marked at the move (`mark_attributes_left_on_the_host`): ``Module.to`` leaves them.
+When an op mixes a host tensor with device tensors it does what torch-xla v2.9.0 does:
 
 - the binary ops lowered through ``GetBinaryOperands`` (``add``, ``sub``, ``mul``, ``div``, ``rsub``,
   ``pow``, ``fmod``, shifts; torch_xla/csrc/aten_xla_type.cpp 345-359, 387-395), ``nll_loss``, indexing
@@ -256,13 +256,9 @@ def leave_step(log: XlaLog) -> None:
     log.update_traced = False
     mode, log.host_tensors = log.host_tensors, None
     if mode is not None:
-        _leave(mode)
-
-
-def _leave(mode: HostTensors) -> None:
-    top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
-    assert top is mode, f"a torch function mode entered after `HostTensors` is still active: {top}"
-    mode.__exit__(None, None, None)
+        top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
+        assert top is mode, f"a torch function mode entered inside the step is still active at its sync: {top}"
+        mode.__exit__(None, None, None)
 
 
 def drop_left_over_modes() -> None:
