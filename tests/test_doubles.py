@@ -1227,3 +1227,120 @@ def test_ops_torch_xla_has_no_kernel_for_are_recorded_as_cpu_fallbacks():
         yaml = subprocess.run(["git", f"--git-dir={XLA_MIRROR}", "show", "v2.9.0:codegen/xla_native_functions.yaml"],
                               capture_output=True, text=True, check=True).stdout
         assert parse_native_functions(yaml) == LOWERED
+
+
+class _FftSgd(torch.optim.Optimizer):
+    """SGD along the real part of each gradient's FFT: an update with an op torch-xla 2.9 has no kernel for."""
+
+    def __init__(self, params, lr: float) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.sub_(group["lr"] * torch.fft.fft(p.grad).real)
+
+
+def test_the_update_after_accumulated_micro_batches_is_checked_for_cpu_fallbacks(one_rank, monkeypatch):
+    """Under gradient accumulation our step cuts the last micro-batch's graph itself (``torch_xla.sync``) and the
+    optimizer update traces into a graph of its own: that graph is the step's, so the fallback check covers it
+    (``fft`` of a real tensor reaches torch-xla as ``_fft_r2c``, which has no kernel). The check ends with the
+    first step's last sync: the second step is not checked (its ops are the first's)."""
+    from toy_graphs import Scaled
+
+    monkeypatch.setenv("PJRT_DEVICE", "NEURON")
+    modules, env = _doubles_and_env()
+    trainer, xla = modules[nxd_api.TRAINER], modules["torch_xla"]
+    config = trainer.neuronx_distributed_config()
+    model = trainer.initialize_parallel_model(config, lambda: Scaled(lambda y: y.sum()))
+    optimizer = trainer.initialize_parallel_optimizer(config, _FftSgd, model.parameters(), lr=0.1)
+    loader = modules["torch_xla.distributed.parallel_loader"].MpDeviceLoader([{"x": torch.ones(4, 8)}] * 4, "cpu")
+    micro_batches = iter(loader)
+    for _ in range(2):  # two steps of two micro-batches, as `NeuronBackend.accumulated_losses` cuts them
+        for _ in range(2):
+            model(next(micro_batches)["x"]).backward()
+        xla.sync()
+        optimizer.step()
+        xla.sync()
+    assert [f.split(" at ")[0] for f in env.log.cpu_fallbacks] == ["_fft_r2c"]
+    assert env.log.fallback_steps_left == 0 and not env.log.in_step
+
+
+def _after_the_move(reduce_with, monkeypatch, **attributes: torch.Tensor) -> tuple[object, XlaLog]:
+    """A ``Scaled`` holding `attributes` as plain tensor attributes, moved to the device by NxD's model
+    initialisation; ``reduce_with(module, y)`` ends its forward on the loader double's first batch, then the
+    step's sync."""
+    from toy_graphs import Scaled
+
+    monkeypatch.setenv("PJRT_DEVICE", "NEURON")
+    modules, env = _doubles_and_env()
+    trainer = modules[nxd_api.TRAINER]
+
+    def model_fn():
+        module = Scaled(lambda y: reduce_with(module, y))
+        for name, value in attributes.items():
+            setattr(module, name, value)  # not a buffer: ``Module.to`` leaves it where it is
+        return module
+
+    model = trainer.initialize_parallel_model(trainer.neuronx_distributed_config(), model_fn)
+    loader = modules["torch_xla.distributed.parallel_loader"].MpDeviceLoader([{"x": torch.ones(4, 8)}], "cpu")
+    try:
+        return model(next(iter(loader))["x"]), env.log
+    finally:
+        modules["torch_xla"].sync()
+
+
+def test_tensor_attributes_nxd_does_not_move_meet_torch_xla_rules_in_the_step(one_rank, monkeypatch):
+    """``Module._apply`` moves parameters and buffers only: a plain tensor attribute made before NxD's move stays
+    on the host, and in the step meets the rules of a host tensor made inside it
+    (`test_ops_mixing_a_host_tensor_fail_as_in_torch_xla`): ``mm`` and ``where`` refuse it, even 0-dim (no wrapped
+    number for ``where``); a 0-dim one is a wrapped number for ``masked_fill`` and copied over by ``mul``, both
+    recorded. Moved with ``.to(device)`` in the step, it is a device tensor."""
+    with pytest.raises(RuntimeError, match=r"^Expected XLA tensor\. Got: CPUFloatType$"):
+        _after_the_move(lambda m, y: (y @ m.offset).sum(), monkeypatch, offset=torch.ones(8, 8))
+    with pytest.raises(RuntimeError, match=r"^Expected XLA tensor\. Got: CPUFloatType$"):
+        _after_the_move(lambda m, y: torch.where(y > 0, y, m.zero).sum(), monkeypatch, zero=torch.tensor(0.0))
+    got, log = _after_the_move(lambda m, y: (y * m.scale).masked_fill(m.flag, 0.0).sum(), monkeypatch,
+                               scale=torch.tensor(2.0), flag=torch.tensor(False))
+    assert got.item() == 64.0
+    assert [t.split(" at ")[0] for t in log.host_transfers] == ["mul with a host tensor",
+                                                                "masked_fill with a host wrapped number"]
+    got, log = _after_the_move(lambda m, y: (y @ m.offset.to(y.device)).sum(), monkeypatch, offset=torch.ones(8, 8))
+    assert got.item() == 256.0 and [t.split(" at ")[0] for t in log.host_transfers] == [
+        "to(<device>) of a host tensor"]
+
+
+def test_explicit_host_placement_and_reads_in_a_step_are_caught():
+    """The double's XLA device is ``cpu:0`` (torch-xla's is ``xla:0``) and our code sees it as ``t.device`` of a
+    device tensor, so an explicit ``device="cpu"`` / ``torch.device("cpu")`` makes a host tensor (refused by
+    ``where``, ``bridge::GetXlaTensor``), while ``device=x.device`` makes a device one; ``.cpu()``, ``.to("cpu")``,
+    ``.item()``, ``.tolist()`` and ``float()`` of a device value each run the pending graph and copy the value
+    to the host, recorded in ``XlaLog.host_reads``; the copies are host tensors, the original stays on the
+    device."""
+    xla = xla_modules(Env(XlaLog()))["torch_xla"]
+
+    def placed(x):
+        assert x.device == xla.device() and x.device != torch.device("cpu")
+        for host in (torch.zeros(4, device="cpu"), torch.zeros(4, device=torch.device("cpu"))):
+            with pytest.raises(RuntimeError, match=r"^Expected XLA tensor\. Got: CPUFloatType$"):
+                torch.where(x > 0, x, host)
+        return torch.where(x > 0, x, torch.zeros(4, device=x.device))
+
+    got, log = _in_a_step(placed, torch.ones(4))
+    assert torch.equal(got, torch.ones(4)) and log.host_reads == [] and log.host_transfers == []
+
+    def read(x):
+        copies = [x.cpu(), x.to("cpu"), x.to(device=torch.device("cpu"))]
+        values = x.sum().item(), x.tolist(), float(x[0])
+        for copy in copies:
+            assert copy is not x and copy.device == torch.device("cpu")
+            with pytest.raises(RuntimeError, match="CPUFloatType"):
+                torch.where(x > 0, x, copy)
+        return torch.where(x > 0, x, x * 2), values
+
+    (got, values), log = _in_a_step(read, torch.ones(4))
+    assert torch.equal(got, torch.ones(4)) and values == (4.0, [1.0] * 4, 1.0)
+    assert [r.split(" at ")[0] for r in log.host_reads] == [
+        "Tensor.cpu(<host>)", "Tensor.to(<host>)", "Tensor.to(<host>)", "Tensor.item", "Tensor.tolist",
+        "Tensor.__float__"]

@@ -221,7 +221,7 @@ def _summary(result, log=None, reads=None) -> dict:
            "final": str(result.final_dir)}
     if log is not None:
         out["log"] = {"syncs": log.syncs, "violations": log.violations, "reads": reads, "dist": log.dist_calls,
-                      "host_transfers": log.host_transfers, "cpu_fallbacks": log.cpu_fallbacks,
+                      "host_transfers": log.host_transfers, "cpu_fallbacks": log.cpu_fallbacks, "host_reads": log.host_reads,
                       "train_forwards": log.train_forwards, "eval_forwards": log.eval_forwards,
                       "closures_run": log.closures_run, "pipeline": log.calls["pipeline"],
                       "shared": log.calls["shared_weights"], "graphs": mpmd.graphs_of(log)}
@@ -283,6 +283,7 @@ def test_pipeline_step_marks_once_reads_nothing_and_passes_nxd_our_settings(pp_r
         log = summary["whole"]["log"]
         assert log["reads"] == [] and log["violations"] == [] and log["dist"] == [], rank
         assert log["cpu_fallbacks"] == [], rank  # no op of a stage's step on torch-xla's CPU fallback
+        assert log["host_reads"] == [], rank  # no device value copied to the host by our code in a step
         # no host tensor in a step graph but the stop flag, uploaded once (at the first step: no rank asks)
         assert [t.split(" at ")[1].split(":")[0] for t in log["host_transfers"]] == ["neuron.py"], rank
         ours = [s for s in log["syncs"] if s["source"] == "code" and s["step_work"]]

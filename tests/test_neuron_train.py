@@ -126,6 +126,7 @@ def test_a_graph_per_micro_batch_one_for_the_update_and_no_host_reads_inside(neu
     result, log, reads = neuron_run
     assert reads == []  # no .item() / .tolist() / float() by our code between a batch and its mark_step
     assert log.host_transfers == []  # no host tensor made inside a step and copied into its graph
+    assert log.host_reads == []  # no .cpu() / .to("cpu") / .item() of a device value by our code in a step
     assert log.cpu_fallbacks == []  # no op of a step (forward, backward, update) on torch-xla's CPU fallback
     assert log.violations == []  # no eval forward, no host copy while a step graph was pending
     graphs = step_graphs(log)
@@ -406,7 +407,8 @@ def test_graph_extraction_run_reads_no_device_value_finishes_and_cuts_the_real_g
     monkeypatch.setenv("NEURON_EXTRACT_GRAPHS_ONLY", "1")
     trial_run, trial_graphs, reads = graphs(tmp_path / "trial")
     assert doubles.extraction_reads == [] and reads == []  # nothing read back
-    assert doubles.host_transfers == []  # ZeRO-1, bf16, activation checkpointing: no host tensor in a step
+    assert doubles.host_transfers == [] and doubles.host_reads == []  # ZeRO-1, bf16, activation checkpointing:
+    # no host tensor in a step, no device value copied to the host in one
     assert doubles.cpu_fallbacks == []  # nor an op torch-xla would run on its CPU fallback
     assert trial_run.step == 3 and trial_graphs == real_graphs  # the same graphs, in the same order
     assert any(e[0] == "all_gather" for g in trial_graphs for e in g)  # the ZeRO-1 save's graph is among them

@@ -15,8 +15,9 @@ They mirror the pinned SDK 2.28 stack: NeuronX Distributed (NxD) 0.17 as in
 - `nxd_gloo`: NxD's tensor-parallel layers and collectives over gloo (tp = world size).
 - `xla`: torch-xla's ``xla_model``, ``runtime``, ``MpDeviceLoader`` and ``"xla"``
   backend on the CPU, syncs and step closures recorded.
-- `xla_host`: the host tensors our code makes inside a step, and what torch-xla does
-  when an op mixes one with device tensors (its error, or a recorded copy).
+- `xla_host`: the host tensors our code makes inside a step (and the tensor attributes NxD's
+  move leaves on the host), what torch-xla does when a step's op mixes one with device
+  tensors (its error, or a recorded copy), and the device values our code reads back in a step.
 - `env`: what the torch-xla and NxD doubles share (the log of what they saw, the graphs
   each rank cut, NxD's grid);
 - `mpmd`: whether ranks cut the same graphs (one program per pipeline stage);

@@ -67,12 +67,17 @@ class XlaLog:
     graphs: list[list[tuple]] = field(default_factory=list)  # what each cut graph held (see `trace`)
     extraction_reads: list[str] = field(default_factory=list)  # device values read with NEURON_EXTRACT_GRAPHS_ONLY
     host_transfers: list[str] = field(default_factory=list)  # host tensors copied into a step's graph (xla_host)
+    host_reads: list[str] = field(default_factory=list)  # device values our code copied or read to the host in a step
     host_tensors: Any = None  # the `xla_host.HostTensors` mode while a step runs
     cpu_fallbacks: list[str] = field(default_factory=list)  # aten ops of a step torch-xla has no kernel for
     fallback_mode: Any = None  # the `xla_lowerings.CpuFallbacks` mode while a step runs
     # Steps whose ops are still to be checked: every step of a run traces the same ops (the static-shape tests
-    # hold that), and the mode's Python call at every aten op would slow each later step down.
+    # hold that), and the mode's Python call at every aten op would slow each later step down. A step counts as
+    # checked at the sync that follows its optimizer update (`update_traced`), so under gradient accumulation
+    # the first micro-batch's graph and the update's graph are checked.
     fallback_steps_left: int = 1
+    micro_batch_checked: bool = False  # the first step's first graph went through the fallback check
+    update_traced: bool = False  # an optimizer update (NxD's optimizer double) traced since the step began
     _forwards: int = 0  # training forwards since the last sync
     _events: list[tuple] = field(default_factory=list)  # traced since the last graph cut
 
@@ -106,8 +111,11 @@ class XlaLog:
         self.rng = self.rng_base = (SEED_STEP_ADD + SEED_STEP_MUL * self.rng_base) % 2**64
         if source == "pipeline":
             return
-        from .xla_host import leave_step
+        from .xla_host import enter_step, leave_step
 
+        # Under gradient accumulation our code cuts the last micro-batch's graph itself, and the optimizer update
+        # (with what comes before it in the step) traces into a graph of its own: still the step's.
+        update_follows = source == "code" and self.step_work and not self.update_traced and self.fetches > 0
         leave_step(self)
         self.step_work = self.in_step = False
         self._forwards = 0
@@ -115,6 +123,9 @@ class XlaLog:
         for closure in closures:  # after the graph ran, in the order they were added
             closure()
             self.closures_run += 1
+        if update_follows:
+            self.in_step = True
+            enter_step(self, update=True)
 
     def step_syncs(self) -> list[dict]:
         return [s for s in self.syncs if s["step_work"]]

@@ -60,6 +60,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 from . import nxd_api, nxd_pp
 from .env import DeviceRandomOps, Env, bmojo_caller, fake_module
 from .xla import local_ordinal, local_process_count, reentrant_checkpoint
+from .xla_host import mark_attributes_left_on_the_host
 
 
 class NxDModel(nn.Module):
@@ -231,6 +232,7 @@ class NxDOptimizer(torch.optim.Optimizer):
         """optimizer.py 122-147: the sequence-parallel gradients summed over the tensor-parallel group when the
         config says ``sequence_parallel``; without ZeRO-1 the data-parallel reduction and clipping; the step."""
         self.env.log.trace("optimizer_step", len(self.params))
+        self.env.log.update_traced = True  # the step's checks last until the sync after this (`XlaLog.sync`)
         if self.nxd_config["sequence_parallel"]:
             self.grads.allreduce_sequence_parallel_gradients(self)
         config = self.nxd_config["optimizer_config"]
@@ -615,6 +617,7 @@ def _move_in_waves(env: Env, module: nn.Module, sequential_move_factor: int) -> 
     for wave in range(math.ceil(local_world / sequential_move_factor)):
         if local_rank // sequential_move_factor == wave:
             module.to(torch.device("cpu"))
+            mark_attributes_left_on_the_host(module)
             env.log.calls["moved_in_wave"] = wave
         env.rendezvous(f"get_model_sequential{wave}")
 

@@ -54,7 +54,7 @@ import torch.utils.checkpoint
 import torch.distributed as dist
 
 from .env import ON_DEVICE, PACKAGE_ROOT, Env, XlaLog, bmojo_caller, fake_module
-from .xla_host import enter_step, is_host
+from .xla_host import XLA_DEVICE, enter_step, is_host
 
 # What the graph between a rendezvous' first two syncs holds: the all-gather of every replica's payload size
 # (the same graph at every rendezvous, so it compiles once).
@@ -72,7 +72,7 @@ def _deprecated(log: XlaLog, name: str, replacement: str) -> None:
 
 def xla_modules(env: Env) -> dict[str, types.ModuleType]:
     """torch-xla's modules by import name, recording into ``env.log``."""
-    device, log = torch.device("cpu"), env.log
+    device, log = XLA_DEVICE, env.log
 
     def sync(wait=False, reset_scope=True):
         caller = sys._getframe(1).f_code
@@ -280,8 +280,8 @@ class _PerDeviceLoader:
             raise StopIteration
         self.log.fetches += 1
         self.log.trace("batch", sorted((k, tuple(v.shape)) for k, v in batch.items()))
+        on_device = {k: v.to(XLA_DEVICE) for k, v in batch.items()}  # the upload comes before the step's graph
         self.log.in_step = True
-        on_device = {k: v.to("cpu") for k, v in batch.items()}
         for tensor in on_device.values():
             setattr(tensor, ON_DEVICE, True)  # NxD's pipeline refuses device batches
         enter_step(self.log)  # host tensors made in the step are followed until its sync (`xla_host`)

@@ -5,8 +5,9 @@ On the double the "XLA device" is the CPU, so a tensor our code creates inside a
 would look like any other. `HostTensors`, a ``TorchFunctionMode`` pushed when the loader double hands
 out a batch (or NxD's ``run_train`` starts under pp) and popped at the step's sync, marks such tensors
 made by our code (not by torch, another library or the doubles) as host tensors, keeps the mark through
-ops on host tensors only and drops it at ``.to(<device>)``. When an op mixes a host tensor with device
-tensors it does what torch-xla v2.9.0 does:
+ops on host tensors only and drops it at ``.to(<device>)``. The plain tensor attributes of the modules NxD
+moves to the device are marked at the move (`mark_attributes_left_on_the_host`): ``Module.to`` leaves them.
+When an op mixes a host tensor with device tensors it does what torch-xla v2.9.0 does:
 
 - the binary ops lowered through ``GetBinaryOperands`` (``add``, ``sub``, ``mul``, ``div``, ``rsub``,
   ``pow``, ``fmod``, shifts; torch_xla/csrc/aten_xla_type.cpp 345-359, 387-395), ``nll_loss``, indexing
@@ -29,9 +30,16 @@ tensors it does what torch-xla v2.9.0 does:
 The copies (and ``.to(<device>)`` of a host tensor, ``torch.tensor(<host data>, device=...)``,
 ``host.copy_(device)``) are recorded in ``XlaLog.host_transfers``.
 
-Not modelled: an explicit ``device="cpu"`` (on the double the device is the CPU, so any explicit
-``device=`` counts as the XLA device), host tensors made before the step or by torch, another library or
-the doubles, and the host operands of ops torch-xla runs through its CPU fallback (they take host tensors;
+The double's XLA device is ``cpu:0`` (`XLA_DEVICE`; torch-xla's is ``xla:0``): the index tells it from the
+host, ``cpu``. Our code reads ``t.device`` of a device tensor as ``cpu:0`` here, so ``device=x.device`` is the
+device and an explicit ``device="cpu"`` makes a host tensor; ``.cpu()`` / ``.to("cpu")`` of a device tensor and
+the reads of its value (``.item()``, ``.tolist()``, ``float()`` ...) by our code in a step run the graph early
+on XLA and are recorded in ``XlaLog.host_reads`` (the copies are host tensors).
+
+Not modelled: host tensors made before the step but those attributes (a buffer registered after the move, a
+tensor kept in a closure or in an optimizer state: following them would need the mode between steps too, a
+Python call at every op of evaluations and checkpoints), host tensors made by torch, another library or the
+doubles, and the host operands of ops torch-xla runs through its CPU fallback (they take host tensors;
 `xla_lowerings.CpuFallbacks` records the ops).
 """
 
@@ -75,6 +83,15 @@ WRAPPED_NUMBER_OK = frozenset({
 # Factories of a host value (a Python list, a NumPy array): given the device, each call uploads it.
 HOST_DATA = frozenset({"tensor", "as_tensor", "asarray"})
 LIST_OPERANDS = frozenset({"cat", "concat", "concatenate"})  # ``bridge::GetXlaTensors``: the list message
+# Tensor methods that hand a device value to the host: on XLA each runs the pending graph first (``item`` through
+# ``_local_scalar_dense``, aten_xla_type.cpp 4164-4175; the others through ``_to_copy`` to the CPU, 725-769).
+# ``__format__`` / ``__repr__`` read the value too (torch/_tensor.py: ``item()`` or the printer's ``tolist``).
+HOST_READS = frozenset({"item", "tolist", "numpy", "__array__", "__float__", "__int__", "__bool__", "__index__",
+                        "__format__", "__repr__"})
+# The double's XLA device: torch-xla's is ``xla:0``; on the CPU the index tells it from the host (``cpu``), as our
+# code sees it in ``torch_xla.device()`` and, through `HostTensors`, in ``t.device`` of a device tensor.
+XLA_DEVICE, HOST_DEVICE = torch.device("cpu", 0), torch.device("cpu")
+DEVICE_PROPERTY = torch._C.TensorBase.__dict__["device"]  # ``Tensor.device``: a getset a mode sees as ``__get__``
 
 
 def is_host(tensor: torch.Tensor) -> bool:
@@ -105,12 +122,22 @@ def _mark(out: Any) -> Any:
     return out
 
 
-def _asks_for_a_device(args: tuple, kwargs: dict) -> bool:
-    """``Tensor.to`` / ``Tensor.cuda`` given a device (a ``torch.device``, a string, or another tensor)."""
+def names_the_host(device: Any) -> bool:
+    """Whether a ``device=`` argument is the host: ``"cpu"`` or ``torch.device("cpu")``, not `XLA_DEVICE`."""
+    return isinstance(device, (str, torch.device)) and torch.device(device) == HOST_DEVICE
+
+
+def _asked_device(args: tuple, kwargs: dict) -> Any:
+    """The device ``Tensor.to`` / ``Tensor.cuda`` is given (a ``torch.device``, a string, an index, or another
+    tensor: its device), None when only a dtype is."""
     if kwargs.get("device") is not None:
-        return True
-    return any(isinstance(a, (torch.device, str, int)) and not isinstance(a, bool) or
-               isinstance(a, torch.Tensor) and not is_host(a) for a in args[1:])
+        return kwargs["device"]
+    for a in args[1:]:
+        if isinstance(a, torch.Tensor):
+            return HOST_DEVICE if is_host(a) else XLA_DEVICE
+        if isinstance(a, (torch.device, str, int)) and not isinstance(a, bool):
+            return a
+    return None
 
 
 class HostTensors(TorchFunctionMode):
@@ -125,12 +152,14 @@ class HostTensors(TorchFunctionMode):
         kwargs = kwargs or {}
         if not self.log.in_step:
             return func(*args, **kwargs)
+        if getattr(func, "__self__", None) is DEVICE_PROPERTY:  # ``t.device``: our code sees the XLA device
+            return XLA_DEVICE if not is_host(args[0]) and _from_our_code() else func(*args, **kwargs)
         tensors = _tensors(args, kwargs)
-        if not tensors:  # a factory (or no tensor at all): on the host unless given a device
+        if not tensors:  # a factory (or no tensor at all): on the host unless given the device
             out = func(*args, **kwargs)
             if not _from_our_code():
                 return out
-            if kwargs.get("device") is None:
+            if kwargs.get("device") is None or names_the_host(kwargs["device"]):
                 _mark(out)
             elif getattr(func, "__name__", "") in HOST_DATA:
                 self.log.host_transfers.append(f"{func.__name__}(<host data>, device=) at {bmojo_caller() or 'test'}")
@@ -138,11 +167,13 @@ class HostTensors(TorchFunctionMode):
         host = [t for t in tensors if is_host(t)]
         name = getattr(func, "__name__", "")
         if not host:
-            out = func(*args, **kwargs)
-            if name == "cpu" and _from_our_code():
-                _mark(out)
-            return out
-        if name in ("to", "cuda") and _asks_for_a_device(args, kwargs):
+            if (name == "cpu" or name == "to" and names_the_host(_asked_device(args, kwargs))) and _from_our_code():
+                return self._to_host(func, name, args, kwargs)  # the device value copied to the host
+            if name in HOST_READS and _from_our_code():
+                self.log.host_reads.append(f"Tensor.{name} at {bmojo_caller() or 'test'}")
+            return func(*args, **kwargs)
+        if name in ("to", "cuda") and _asked_device(args, kwargs) is not None \
+                and not names_the_host(_asked_device(args, kwargs)):
             self.log.host_transfers.append(f"{name}(<device>) of a host tensor at {bmojo_caller() or 'torch'}")
             out = func(*args, **kwargs)
             return out.clone() if out is args[0] else out  # a new device tensor; the host one stays
@@ -150,6 +181,13 @@ class HostTensors(TorchFunctionMode):
             return _mark(func(*args, **kwargs))
         self._mixed(name, args, tensors, host)
         return func(*args, **kwargs)
+
+    def _to_host(self, func: Callable, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+        """``.cpu()`` / ``.to("cpu")`` of a device tensor: in a step a run of the pending graph and a copy to the
+        host (recorded); the copy is a new host tensor (on the double the same device, so copied here)."""
+        self.log.host_reads.append(f"Tensor.{name}(<host>) at {bmojo_caller() or 'test'}")
+        out = func(*args, **kwargs)
+        return _mark(out.clone() if out is args[0] else out)
 
     def _mixed(self, name: str, args: tuple, tensors: list[torch.Tensor], host: list[torch.Tensor]) -> None:
         """An op with host and device tensors: record the transfer it costs on XLA, or raise as torch-xla does."""
@@ -185,22 +223,37 @@ def _in_place(name: str) -> bool:
                                                                                                     "__int__")
 
 
-def enter_step(log: XlaLog) -> None:
-    """The loader double handed out a batch: the step's ops run under `HostTensors` until its sync."""
+def mark_attributes_left_on_the_host(moved: torch.nn.Module) -> None:
+    """NxD moved `moved` to the device: the plain tensor attributes of its modules stay on the host, since
+    ``Module.to`` moves only ``_parameters`` and ``_buffers`` (``Module._apply``, torch/nn/modules/module.py);
+    a step that reads one meets the rules of a host tensor made inside it."""
+    for module in moved.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+                setattr(value, HOST, True)
+
+
+def enter_step(log: XlaLog, update: bool = False) -> None:
+    """The loader double handed out a batch (or, with `update`, the step goes on after our code's sync with its
+    update): the step's ops run under `HostTensors` until its sync. Of the first step the fallback check sees the
+    first micro-batch's graph and the update's (the other micro-batches trace the first one's ops)."""
     if log.host_tensors is None:
         log.host_tensors = HostTensors(log)
         log.host_tensors.__enter__()
-    if log.fallback_mode is None and log.fallback_steps_left > 0:  # ops torch-xla runs on the host (`xla_lowerings`)
-        log.fallback_steps_left -= 1
+    if log.fallback_mode is None and log.fallback_steps_left > 0 and (update or not log.micro_batch_checked):
         log.fallback_mode = CpuFallbacks(log)
         log.fallback_mode.__enter__()
 
 
 def leave_step(log: XlaLog) -> None:
-    """The step's sync: `HostTensors` leaves the mode stack (it must be on top: modes nest)."""
+    """A sync inside a step: `HostTensors` leaves the mode stack (it must be on top: modes nest)."""
     fallbacks, log.fallback_mode = log.fallback_mode, None
     if fallbacks is not None:
         fallbacks.__exit__(None, None, None)
+        log.micro_batch_checked = True
+        if log.update_traced:  # the step's last graph, its optimizer update, is checked (`XlaLog.update_traced`)
+            log.fallback_steps_left -= 1
+    log.update_traced = False
     mode, log.host_tensors = log.host_tensors, None
     if mode is not None:
         top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1)
