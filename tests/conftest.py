@@ -17,6 +17,13 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))  # tests import the shared naive oracles from naive.py
 
 
+def pytest_collection_finish(session):
+    """Start the fork server of the multi-rank tests (`rank_processes`) when a collected module uses it: it
+    imports torch, transformers and the package on the core the suite leaves idle while earlier tests run."""
+    if "rank_processes" in sys.modules:
+        sys.modules["rank_processes"].start_server()
+
+
 @pytest.fixture
 def stop_signals_caught():
     """SIGTERM / SIGINT recorded, not fatal, for a test that raises one in this process: if the code under test

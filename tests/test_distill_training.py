@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from doubles import neuron_sdk
+from rank_processes import start_ranks
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -211,8 +211,7 @@ def test_tensor_parallel_distillation_equals_one_process(primed, distilled, tmp_
     losses = [r["loss"] for r in distilled.metrics if r["type"] == "train"]
     pattern = distill_recipe(primed).model_config().layer_pattern
     new_values = sum(t.numel() for n, t in weights(primed).items() if is_new_parameter(n, pattern))
-    mp.start_processes(_tp_worker, args=(str(tmp_path / "init"), str(primed), str(tmp_path), losses, new_values),
-                       nprocs=2, start_method="spawn", join=True)
+    start_ranks(_tp_worker, (str(tmp_path / "init"), str(primed), str(tmp_path), losses, new_values), nprocs=2)
     want, got = weights(distilled.final_dir), weights(tmp_path / "tp2" / "final")
     # atol 1e-4, a thirtieth of one step's lr (3e-3): AdamW's first updates are lr * g / |g|-like, so an
     # entry whose gradient is near zero moves by a visible fraction of lr when the tensor shards sum its

@@ -2,7 +2,7 @@
 
 No Neuron here. `doubles.neuron_sdk` plays torch-xla 2.9 and NxD 0.17; its ``NxDPPModel``
 (`doubles.nxd_pp`) traces and cuts the model with ``torch.fx`` as NxD 0.17 does and runs
-one stage per process, sending activations and gradients over gloo. Two spawned ranks
+one stage per process, sending activations and gradients over gloo. Two gloo ranks
 (pp = 2) run `train()` on a ``run.device: neuron`` recipe through the real loop, and the
 results must equal the one-process CPU loop on the same recipe.
 
@@ -27,8 +27,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from doubles import mpmd, neuron_sdk, nxd_pp
+from rank_processes import start_ranks
 from safetensors.torch import load_file
 from test_neuron_train import TINY
 
@@ -189,7 +189,7 @@ def test_trainium_checks_accept_tied_embeddings_under_pp():
     validate_for_trainium(r, 32)
 
 
-# ------------------------------------------------------------------ training on two ranks (spawned)
+# ------------------------------------------------------------------ training on two ranks (`rank_processes`)
 
 
 def _worker(rank: int, init: str, out: str) -> None:
@@ -231,7 +231,7 @@ def _summary(result, log=None, reads=None) -> dict:
 @pytest.fixture(scope="module")
 def pp_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("neuron-pp")
-    mp.start_processes(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, start_method="spawn", join=True)
+    start_ranks(_worker, (str(out / "init"), str(out)), nprocs=WORLD)
     return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

@@ -1,6 +1,6 @@
 """A stop asked on one Neuron rank stops every rank together, in the step loop and in the finish.
 
-A signal reaches the ranks of a job at different moments. Two spawned gloo ranks run the
+A signal reaches the ranks of a job at different moments. Two gloo ranks run the
 Neuron backend on the torch-xla / NxD doubles (pp = 2, as in tests/test_neuron_pipeline.py:
 the stages trace different graphs, and a rank that stops alone leaves the other waiting in a
 collective) and only one rank is asked to stop. Every rank must stop at the same step with
@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from doubles import mpmd, neuron_sdk
+from rank_processes import start_ranks
 from test_neuron_pipeline import PP, recipe
 
 from bmojo_neuron.checkpoints import layout
@@ -90,8 +90,7 @@ def _stop_worker(rank: int, init: str, out: str, asked: int, where: str) -> None
 
 def _run_ranks(out: Path, asked: int, where: str) -> list[dict]:
     """Both ranks' summaries; fails when they are not back within `DEADLINE_S` (a rank waits in a collective)."""
-    context = mp.start_processes(_stop_worker, args=(str(out / "init"), str(out), asked, where), nprocs=WORLD,
-                                 start_method="spawn", join=False)
+    context = start_ranks(_stop_worker, (str(out / "init"), str(out), asked, where), nprocs=WORLD, join=False)
     deadline = time.monotonic() + DEADLINE_S
     while not context.join(timeout=5):
         if time.monotonic() > deadline:

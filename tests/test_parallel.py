@@ -1,8 +1,8 @@
 """Tensor (and sequence) parallelism over gloo on CPU equals the single-process model.
 
-One spawn of two ranks runs every case (process start-up dominates the cost). Each
+One start of two ranks (`rank_processes`) runs every case (process start-up dominates the cost). Each
 rank builds the single-process model itself (same seed), so no tensors travel
-between the test and the workers; assertions inside a rank fail the spawn.
+between the test and the workers; assertions inside a rank fail the start.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from doubles import nxd_api
 from naive import tiny_config
+from rank_processes import start_ranks
 
 from bmojo_neuron import BMojoCache, BMojoForCausalLM
 from bmojo_neuron.layers.factory import use_layer_factory
@@ -89,7 +89,7 @@ def assert_rank_matches(model, out, full, ref, shapes: dict, world: int, rtol: f
 
 
 def run_cases(rank: int, init_file: str, world: int, check, cases: list[tuple[str, bool]]) -> None:
-    """In a spawned rank: join the gloo group, then `check(rank, mixer, sequence_parallel)` for each case."""
+    """In a rank's process: join the gloo group, then `check(rank, mixer, sequence_parallel)` for each case."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -138,7 +138,7 @@ def _worker(rank: int, init_file: str) -> None:
 
 
 def test_tensor_and_sequence_parallel_equal_single_process(tmp_path):
-    mp.start_processes(_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, start_method="spawn", join=True)
+    start_ranks(_worker, (str(tmp_path / "init"),), nprocs=WORLD)
 
 
 @pytest.mark.parametrize(

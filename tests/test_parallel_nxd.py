@@ -10,9 +10,9 @@ import inspect
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from doubles import nxd_api, nxd_gloo
 from naive import tiny_config
+from rank_processes import start_ranks
 from test_parallel import assert_rank_matches, gather_grad, run_cases, single_process_run
 
 from bmojo_neuron import BMojoConfig, BMojoForCausalLM
@@ -273,7 +273,7 @@ def _check_nxd_distill(rank: int, mixer: str, sequence_parallel: bool) -> None:
 
 
 def _nxd_worker(rank: int, init_file: str) -> None:
-    nxd.import_neuron_module = lambda name, feature: nxd_gloo.modules()[name]  # this spawned process only
+    nxd.import_neuron_module = lambda name, feature: nxd_gloo.modules()[name]  # this rank's process only
     run_cases(rank, init_file, WORLD, _check_nxd_case, [("mamba1", True), ("mamba2", True), ("mamba2", False)])
     run_cases(rank, init_file + "-bf16", WORLD, _check_nxd_bf16, [("mamba2", False), ("mamba2", True)])
     run_cases(rank, init_file + "-distill", WORLD, _check_nxd_distill, [("mamba2", False)])
@@ -284,4 +284,4 @@ def test_nxd_factory_over_gloo_doubles_equals_single_process(tmp_path):
     in fp32, loss, logits and every gradient equal the float64 single-process model (rtol 2e-4, atol 1e-5),
     with and without sequence parallelism; in bf16 every output stays bf16 and the checkpointed layer
     inputs are the bytes the plan counts; the distillation objective equals the one-device one."""
-    mp.start_processes(_nxd_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, start_method="spawn", join=True)
+    start_ranks(_nxd_worker, (str(tmp_path / "init"),), nprocs=WORLD)

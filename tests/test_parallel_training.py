@@ -1,7 +1,7 @@
 """`train` under tensor/sequence parallelism, data parallelism with ZeRO-1, sharded checkpoints and their
 conversion equal one-process training.
 
-The one-process reference runs here; one spawn of two gloo ranks then runs every
+The one-process reference runs here; one start of two gloo ranks then runs every
 parallel case by calling `training.train` directly (no torchrun). ``train.batch_size``
 is the global micro-batch, so a data-parallel run sees exactly the reference's batches.
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from baseline import RECORDED_RECIPE, check_run
+from rank_processes import start_ranks
 from safetensors.torch import load_file
 
 from bmojo_neuron.checkpoints import sharded as fmt
@@ -120,8 +120,7 @@ def test_parallel_training_equals_one_process(tmp_path):
     ref = train(_recipe(), tmp_path / "reference", progress=False)
     reference = _losses(ref.metrics)
     assert len(reference) == STEPS
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path), reference), nprocs=WORLD,
-                       start_method="spawn", join=True)
+    start_ranks(_worker, (str(tmp_path / "init"), str(tmp_path), reference), nprocs=WORLD)
 
     for name in ("reference", "tp2-sp", "dp2-zero1", "tp1"):
         check_run(f"parallel-{name}", tmp_path / name)
@@ -253,8 +252,7 @@ def _pipeline_worker(rank: int, init_file: str) -> None:
 def test_pipeline_parallel_equals_one_process_over_microbatches(tmp_path):
     """A 2-stage GPipe schedule over 4 micro-batches (float64, static shapes) gives the one-process loss and
     every gradient; with tied embeddings the two copies' gradients sum to the one-process gradient."""
-    mp.start_processes(_pipeline_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, start_method="spawn",
-                       join=True)
+    start_ranks(_pipeline_worker, (str(tmp_path / "init"),), nprocs=WORLD)
 
 
 def test_pipeline_split_and_tied_embeddings():

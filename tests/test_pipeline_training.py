@@ -2,7 +2,7 @@
 checkpoints, resume and degree conversion equal one-process training.
 
 The one-process references run here (float32, as the recipe trains); the parallel
-runs call `training.train` in spawned gloo ranks (no torchrun). The model has every
+runs call `training.train` in gloo ranks (`rank_processes`) (no torchrun). The model has every
 layer kind (``BFMSA``); the untied runs use Mamba-2, the tied ones Mamba-1.
 
 Tolerances (float32): logged losses, gradient norms and eval numbers rtol 1e-5;
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from baseline import RECORDED_RECIPE, check_run
+from rank_processes import start_ranks
 from safetensors.torch import load_file
 
 from bmojo_neuron.checkpoints import sharded as fmt
@@ -155,8 +155,7 @@ def test_pipeline_training_equals_one_process(tmp_path):
 
     ref = train(_recipe(), tmp_path / "reference", progress=False)
     ref_tied = train(_recipe(*TIED), tmp_path / "reference-tied", progress=False)
-    mp.start_processes(_pp_worker, args=(str(tmp_path / "init"), str(tmp_path), _numbers(ref), _numbers(ref_tied)),
-                       nprocs=2, start_method="spawn", join=True)
+    start_ranks(_pp_worker, (str(tmp_path / "init"), str(tmp_path), _numbers(ref), _numbers(ref_tied)), nprocs=2)
 
     for name in ("reference", "reference-tied", "pp2", "pp2-tied"):
         check_run(f"pipeline-{name}", tmp_path / name)
@@ -228,8 +227,7 @@ def test_tensor_times_pipeline_parallel_equals_one_process(tmp_path):
     from bmojo_neuron.training import train
 
     ref = train(_recipe(), tmp_path / "reference", progress=False)
-    mp.start_processes(_tp_pp_worker, args=(str(tmp_path / "init"), str(tmp_path), _numbers(ref)), nprocs=4,
-                       start_method="spawn", join=True)
+    start_ranks(_tp_pp_worker, (str(tmp_path / "init"), str(tmp_path), _numbers(ref)), nprocs=4)
     check_run("pipeline-reference", tmp_path / "reference")
     check_run("pipeline-tp2-pp2-sp", tmp_path / "tp2pp2")
     check_run("pipeline-pp2-dp2-zero1-from-tp2-pp2", tmp_path / "pp2dp2")
