@@ -155,9 +155,14 @@ def test_parallel_training_equals_one_process(tmp_path):
 
 def test_layout_puts_tensor_parallel_ranks_next_to_each_other():
     layout = ParallelLayout.from_world(8, tp=2, pp=2, rank=5)
-    assert (layout.dp, layout.dp_rank, layout.pp_rank, layout.tp_rank) == (2, 1, 0, 1)
+    # NxD v2.28's order (parallel_state.py, the ranks reshaped to [pp, dp, cp, tp]): pipeline slowest.
+    assert (layout.dp, layout.dp_rank, layout.pp_rank, layout.tp_rank) == (2, 0, 1, 1)
     assert layout.tp_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert layout.pp_groups()[0] == [0, 2] and layout.dp_groups()[0] == [0, 4]
+    assert layout.pp_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert layout.dp_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    for r in range(8):
+        at = ParallelLayout(2, 2, 2, r)
+        assert at.rank_of(at.dp_rank, at.pp_rank, at.tp_rank) == r
     with pytest.raises(ValueError, match="not divisible by parallel.tp × parallel.pp"):
         ParallelLayout.from_world(6, tp=4, pp=1)
 

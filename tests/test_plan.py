@@ -102,7 +102,29 @@ def test_pipeline_stages_split_layers_and_sum_to_the_model():
     assert [s.layers for s in stages] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
     assert sum(s.total for s in stages) == count_parameters(r)
     plan = build_plan(r, "trn1/bmojo-130m", nodes=1)
-    assert plan.dp == 8 and plan.rank_layout["stages"][1]["ranks"][:2] == [1, 5]
+    assert plan.dp == 8 and plan.rank_layout["stages"][1]["ranks"] == list(range(8, 16))  # NxD: pipeline slowest
+
+
+def test_the_plan_shows_the_groups_nxd_builds_on_trn1_and_refuses_what_it_cannot_build():
+    from bmojo_neuron.parallel.layout import trainium_groups
+
+    # The examples of NxD v2.28.0 parallel_state.py: TP=8 PP=4 on 32 cores (lines 444-472) and TP=4 PP=1 on two
+    # trn1.32xlarge (lines 597-604, the strided tp=4 case).
+    g = trainium_groups(32, tp=8, pp=4, local_world=32)
+    assert g["pp"][:2] == [[0, 8, 16, 24], [1, 9, 17, 25]] and g["pp"][-1] == [7, 15, 23, 31]
+    assert g["tp"] == [list(range(s, s + 8)) for s in (0, 8, 16, 24)] and g["dp"][:2] == [[0], [1]]
+    g = trainium_groups(64, tp=4, pp=1, local_world=32)
+    assert g["tp"][:2] == [[0, 8, 16, 24], [1, 9, 17, 25]] and g["tp"][8] == [32, 40, 48, 56]
+    assert g["dp"] == [[*range(s, s + 8), *range(s + 32, s + 40)] for s in (0, 8, 16, 24)]
+    assert all(len(group) == 1 for group in g["pp"])  # no pipeline parallelism
+    for kind in ("tp", "pp", "dp"):
+        assert sorted(sum(g[kind], [])) == list(range(64))  # every rank in exactly one group of each kind
+    plan = build_plan(recipe("trn1/bmojo-1.4b"), "trn1/bmojo-1.4b", nodes=1)
+    assert plan.tp == 4 and plan.rank_layout["tp_groups"][0] == [0, 8, 16, 24]
+    assert "every 8th core of one node" in plan.format()
+    # At tp 4 NxD reshapes the ranks to [pp, dp / 8, 1, 4, 8] on a 32-core node: pp 2 leaves dp 4, which fails.
+    with pytest.raises(ValueError, match="multiple of 8"):
+        build_plan(recipe("trn1/bmojo-1.4b", "parallel.pp=2"), "trn1/bmojo-1.4b", nodes=1)
 
 
 def test_tied_embeddings_under_pp_count_the_last_stage_copy():

@@ -66,8 +66,7 @@ class LaunchPlan:
         lines = [
             f"recipe      {self.recipe}" + (f" {' '.join(self.overrides)}" if self.overrides else ""),
             f"cluster     {self.nodes} × {self.instance} = {self.world} NeuronCores",
-            f"layout      tp {self.tp} × pp {self.pp} × dp {self.dp} (tensor fastest: "
-            "rank = (dp_rank·pp + pp_rank)·tp + tp_rank)",
+            f"layout      tp {self.tp} × pp {self.pp} × dp {self.dp} ({self.rank_layout['order']})",
         ]
         for stage in self.rank_layout["stages"]:
             first, last = stage["layers"][0], stage["layers"][-1]
@@ -184,17 +183,19 @@ def _check_ssm_tiles(config: Any, tp: int) -> None:
               "raise model.ssm_head_dim or parallel.tp")
 
 
-def rank_layout(world: int, tp: int, pp: int, num_layers: int) -> dict[str, Any]:
-    from bmojo_neuron.parallel.layout import ParallelLayout
+def rank_layout(world: int, tp: int, pp: int, num_layers: int, local_world: int) -> dict[str, Any]:
+    """Each pipeline stage's layers and ranks, and the groups, as NxD builds them on trn1 (`trainium_groups`)."""
+    from bmojo_neuron.parallel.layout import TRN1_STRIDED_TP, trainium_groups
     from bmojo_neuron.parallel.pipeline import split_layers
 
-    layout = ParallelLayout.from_world(world, tp, pp)
+    groups = trainium_groups(world, tp, pp, local_world)
     blocks = split_layers(num_layers, pp)
-    stages = [{"stage": s, "layers": list(block),
-               "ranks": sorted(r for group in layout.pp_groups() for r in [group[s]])}
+    stages = [{"stage": s, "layers": list(block), "ranks": sorted(group[s] for group in groups["pp"])}
               for s, block in enumerate(blocks)]
-    return {"order": "rank = (dp_rank * pp + pp_rank) * tp + tp_rank", "stages": stages,
-            "tp_groups": layout.tp_groups(), "pp_groups": layout.pp_groups(), "dp_groups": layout.dp_groups()}
+    order = ("tensor fastest: rank = (pp_rank·dp + dp_rank)·tp + tp_rank" if tp != TRN1_STRIDED_TP else
+             f"tp 4 on trn1: each tensor group every {local_world // tp}th core of one node (NxD)")
+    return {"order": order, "stages": stages,
+            "tp_groups": groups["tp"], "pp_groups": groups["pp"], "dp_groups": groups["dp"]}
 
 
 STOCHASTIC_ROUNDING = "NEURON_RT_STOCHASTIC_ROUNDING_EN"
@@ -277,6 +278,9 @@ def build_plan(recipe: Any, recipe_arg: str, overrides: Sequence[str] = (), node
     cores = INSTANCES[instance]
     world = nodes * cores
     validate_for_trainium(recipe, world)
+    from bmojo_neuron.parallel.layout import check_trainium_layout
+
+    check_trainium_layout(world, recipe.parallel.tp, recipe.parallel.pp, cores)
     memory = estimate_memory(recipe, world)
     memory.check()
     from bmojo_neuron.launch.host_memory import estimate_host_memory
@@ -314,7 +318,7 @@ def build_plan(recipe: Any, recipe_arg: str, overrides: Sequence[str] = (), node
                      "placement group with EFA interfaces")
     return LaunchPlan(
         recipe=recipe_arg, overrides=list(overrides), instance=instance, nodes=nodes, cores_per_node=cores,
-        world=world, tp=p.tp, pp=p.pp, dp=dp, rank_layout=rank_layout(world, p.tp, p.pp, config.num_hidden_layers),
+        world=world, tp=p.tp, pp=p.pp, dp=dp, rank_layout=rank_layout(world, p.tp, p.pp, config.num_hidden_layers, cores),
         memory=memory, host=host, env=neuron_env(recipe, nodes, cache_dir), torchrun=torchrun, srun=srun,
         notes=notes,
     )

@@ -1,9 +1,16 @@
 """How the ranks of a job are split into data-, pipeline- and tensor-parallel groups.
 
-``world = dp × pp × tp`` with tensor parallelism fastest (Megatron's and NxD's
-order): ranks ``0..tp-1`` form the first tensor-parallel group, so the ranks that
-exchange activations every layer sit next to each other (same node, same chip).
-A global rank is ``(dp_rank * pp + pp_rank) * tp + tp_rank``.
+``world = pp × dp × tp``, in NeuronX Distributed's order (v2.28.0,
+`parallel_layers/parallel_state.py`: `initialize_model_parallel` reshapes the ranks to
+``[pp, dp, cp, tp]``, lines 619-636, and `ascending_ring_PG_group`, the grouping NxD
+chooses on trn1, lines 107-174 and 341-388, takes each group along one axis): tensor
+parallelism fastest, so ranks ``0..tp-1`` form the first tensor-parallel group on
+neighbouring cores, pipeline parallelism slowest. A global rank is
+``(pp_rank * dp + dp_rank) * tp + tp_rank``. A run on torch.distributed places its ranks by
+the same arithmetic, so it is grouped as the same recipe is on Trainium.
+
+NxD makes one exception on trn1, at tp = 4 (lines 594-618): `trainium_groups` gives the
+groups a Trainium job gets, that case included.
 """
 
 from __future__ import annotations
@@ -12,12 +19,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch.distributed as dist
-
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """The coordinates of one rank in a ``dp × pp × tp`` grid (no process groups: pure arithmetic)."""
+    """The coordinates of one rank in a ``pp × dp × tp`` grid (no process groups: pure arithmetic)."""
 
     tp: int
     pp: int
@@ -51,23 +56,69 @@ class ParallelLayout:
 
     @property
     def pp_rank(self) -> int:
-        return (self.rank // self.tp) % self.pp
+        return self.rank // (self.tp * self.dp)
 
     @property
     def dp_rank(self) -> int:
-        return self.rank // (self.tp * self.pp)
+        return (self.rank // self.tp) % self.dp
 
     def rank_of(self, dp_rank: int, pp_rank: int, tp_rank: int) -> int:
-        return (dp_rank * self.pp + pp_rank) * self.tp + tp_rank
+        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
 
     def tp_groups(self) -> list[list[int]]:
-        return [[self.rank_of(d, p, t) for t in range(self.tp)] for d in range(self.dp) for p in range(self.pp)]
+        return [[self.rank_of(d, p, t) for t in range(self.tp)] for p in range(self.pp) for d in range(self.dp)]
 
     def pp_groups(self) -> list[list[int]]:
         return [[self.rank_of(d, p, t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
 
     def dp_groups(self) -> list[list[int]]:
         return [[self.rank_of(d, p, t) for d in range(self.dp)] for p in range(self.pp) for t in range(self.tp)]
+
+
+# NxD groups a trn1 job's tensor-parallel ranks of 4 across the node (parallel_state.py lines 594-618), so that
+# none of them sits on another node. Its reshape needs every node to hold whole data-parallel blocks.
+TRN1_STRIDED_TP = 4
+
+
+def trainium_groups(world: int, tp: int, pp: int, local_world: int) -> dict[str, list[list[int]]]:
+    """The tensor-, pipeline- and data-parallel groups NxD v2.28 builds for a trn1 job of `world` ranks,
+    `local_world` per node (torchrun's ``LOCAL_WORLD_SIZE``, NxD's reading of it at line 608).
+
+    As `ParallelLayout`, except at tp = 4: NxD then lays the ranks out as ``[pp, dp / n, tp, n]`` with
+    ``n = local_world / 4`` and swaps the last two axes, so a tensor group takes every n-th core of one node
+    (``[0, 8, 16, 24]`` on a trn1.32xlarge) and a data group blocks of n neighbours. ValueError where that
+    reshape fails in NxD (`check_trainium_layout`).
+    """
+    layout = ParallelLayout.from_world(world, tp, pp)
+    if tp != TRN1_STRIDED_TP:
+        return {"tp": layout.tp_groups(), "pp": layout.pp_groups(), "dp": layout.dp_groups()}
+    check_trainium_layout(world, tp, pp, local_world)
+    n, dp = local_world // tp, layout.dp
+
+    def rank(p: int, d: int, t: int) -> int:  # NxD's [p, d, t] after the swap: [p, d // n, t, d % n] before it
+        return ((p * (dp // n) + d // n) * tp + t) * n + d % n
+
+    return {"tp": [[rank(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)],
+            "pp": [[rank(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)],
+            "dp": [[rank(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)]}
+
+
+def check_trainium_layout(world: int, tp: int, pp: int, local_world: int) -> None:
+    """Refuse, before any launch, a trn1 layout that NxD v2.28's `initialize_model_parallel` cannot build.
+
+    At tp = 4 it reshapes the ranks to ``[pp, dp // n, 1, 4, n]`` with ``n = local_world / 4`` (lines 608-612),
+    which holds `world` ranks only when n divides dp: otherwise torch's reshape fails on every rank at start-up.
+    """
+    if tp != TRN1_STRIDED_TP:
+        return
+    dp = world // (tp * pp)
+    n = local_world // tp
+    if local_world % tp or n == 0 or dp % n:
+        raise ValueError(
+            f"parallel.tp=4 with parallel.pp={pp} on {world} NeuronCores ({local_world} per node) leaves a "
+            f"data-parallel degree of {dp}: on trn1 NeuronX Distributed places tp=4 groups across each node and "
+            f"needs the data-parallel degree to be a multiple of {max(n, 1)} (NeuronCores per node / 4); "
+            f"use parallel.tp 2 or 8, a smaller parallel.pp, or more nodes")
 
 
 @dataclass
@@ -83,6 +134,8 @@ class ProcessGroups:
     @classmethod
     def create(cls, layout: ParallelLayout) -> ProcessGroups:
         """Create every group (each rank must call `new_group` for all of them, in the same order)."""
+        import torch.distributed as dist  # here, so that the layout arithmetic (`plan`) does not load torch
+
         if not dist.is_initialized():
             raise RuntimeError("ProcessGroups.create needs torch.distributed to be initialised first")
         if dist.get_world_size() != layout.world:
