@@ -150,7 +150,8 @@ def _remember_parsers(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
-    """`parse_args`, except that ``key=value`` overrides may also follow the options.
+    """`parse_args`, except that ``key=value`` overrides may also follow the options, and a ``~`` that the
+    shell left in ``--output-dir`` is the home folder, for every command.
 
     argparse stops filling a ``nargs="*"`` positional at the first option, so
     ``train RECIPE --dry-run run.seed=1`` would otherwise reject ``run.seed=1``.
@@ -161,6 +162,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
         args.overrides.extend(extra)
     elif extra:
         getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    if isinstance(getattr(args, "output_dir", None), str):
+        # A shell expands ``~`` only at the start of a word: ``--output-dir=~/runs`` arrives as typed.
+        args.output_dir = os.path.expanduser(args.output_dir)
     return args
 
 

@@ -527,3 +527,14 @@ def test_one_process_prints_its_error(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert cli.main(["train", "no-such-recipe"]) == 2
     assert capsys.readouterr().err.startswith(ERROR) and failure_message(tmp_path / "error.json").startswith(ERROR)
+
+
+def test_a_tilde_left_by_the_shell_in_output_dir_is_the_home_folder_for_every_command(monkeypatch, tmp_path):
+    # bash expands `~` only at the start of a word, so `--output-dir=~/runs` reaches us as typed.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    commands = [["train", "cpu-tiny"], ["eval", "run"], ["inspect", "run"], ["data", "prepare", "cpu-tiny"],
+                ["checkpoint", "shard", "src", "--tp", "2"], ["precompile", "trn1/bmojo-130m"]]
+    for command in commands:
+        args = cli.parse_args(cli.build_parser(), [*command, "--output-dir=~/runs"])
+        assert args.output_dir == str(tmp_path / "runs"), command
+    assert cli.parse_args(cli.build_parser(), ["eval", "run"]).output_dir is None
