@@ -268,14 +268,15 @@ class BMojoModel(BMojoPreTrainedModel):
         static = torch.compiler.is_compiling() if static is None else static
         position = cache.position if static else cache.seen_tokens  # eagerly the host int: no read of the tensor
         h = hidden.squeeze(1)
-        layer_outputs = []
+        layer_inputs = []  # kept only when asked for: otherwise each layer's rows are freed as the next one runs
         for idx, layer in enumerate(self.layers):
-            layer_outputs.append(h)
+            if output_hidden_states:
+                layer_inputs.append(h)
             h = layer.decode_token(h, position, self._layer_cache(cache, idx, layer, hidden))
         cache.count_decoded_token(static)
         out = norm_rows(self.norm, h).unsqueeze(1)
         # As the layer loop: the embeddings, each layer's output, the last one after the final norm.
-        all_hidden = tuple(x.unsqueeze(1) for x in layer_outputs) + (out,) if output_hidden_states else None
+        all_hidden = tuple(x.unsqueeze(1) for x in layer_inputs) + (out,) if output_hidden_states else None
         return BMojoModelOutput(out, cache, all_hidden, None)
 
     def _forward_rows(
