@@ -605,8 +605,12 @@ def _unseen_inputs(
     no longer than what the cache holds, so cannot be the whole sequence: then they are
     the new ones (transformers 5.25's chunked prefill passes its chunks after the first
     so, `GenerationMixin._prefill`; its first chunk starts an empty cache, below).
+    A count of zero or less (a cache that holds the whole prompt already) is refused:
+    `nothing_left_to_read`.
     """
     seen = cache.seen_tokens if cache is not None else 0
+    if next_sequence_length is not None and next_sequence_length <= 0:
+        raise ValueError(nothing_left_to_read(seen, seen + next_sequence_length))
     if next_sequence_length is None and inputs_embeds is None and 0 < input_ids.shape[1] <= seen:
         next_sequence_length = input_ids.shape[1]  # no longer than what the cache holds: not the whole sequence
     if inputs_embeds is not None and cache is None:
@@ -619,6 +623,24 @@ def _unseen_inputs(
     if inputs_embeds is not None:  # input_ids hold only the ids generated after the embedded prompt
         return {"input_ids": input_ids[:, seen - inputs_embeds.shape[1]:]}
     return {"input_ids": input_ids[:, seen:] if cache is not None else input_ids}
+
+
+def nothing_left_to_read(seen: int, prompt_length: int) -> str:
+    """Why `generate` cannot start from a cache that has read the whole prompt (or more), and what to do instead.
+
+    The first new token is drawn from the logits of the prompt's last token, which the
+    cache has already read. transformers 5.25 computes the count of new tokens as prompt
+    length minus cache length (`GenerationMixin._prefill`, src/transformers/generation/utils.py)
+    and slices ``input_ids[:, -0:]`` for a count of 0, so Mistral and Mamba2 read the whole
+    prompt a second time on top of their cache; a shorter prompt slices to nothing and
+    fails inside the model. Its authors' remedy is to roll the cache back one token and
+    read that token again; a recurrent state cannot be rolled back, so the caller leaves
+    the last token out of the prefill instead (docs/hf.md, "Generation").
+    """
+    return (f"BMojoForCausalLM.generate: the cache has already read {seen} tokens and the prompt has {prompt_length}, "
+            "so no prompt token is left to read, and the first new token comes from the logits of the prompt's last "
+            "token, which a recurrent cache cannot read again; fill the cache with all but the prompt's last token "
+            "(model(input_ids[:, :-1], cache=cache)) and pass the whole prompt, the tokens the cache has read included")
 
 
 @functools.cache  # read per decode step; the installed transformers does not change

@@ -726,6 +726,63 @@ def test_generate_continues_a_cache():
     assert torch.equal(second, full)
 
 
+def _last_logits(model, sequence: torch.Tensor) -> torch.Tensor:
+    """Logits of the last position of one row, by a plain forward without a cache."""
+    with torch.no_grad():
+        return model(sequence[None], use_cache=False).logits[0, -1]
+
+
+def test_generate_from_a_cache_that_holds_the_whole_prompt_is_refused():
+    """A cache that has read the whole prompt (or more) has nothing left to read for the first new token, whose
+    logits are the prompt's last token's: `generate` refuses before any work (transformers 5.25 would read the
+    prompt a second time on top of the cache). The way that works, the cache filled with all but the last prompt
+    token, gives at every step the logits of a plain forward over the sequence so far."""
+    model = build()
+    prompt = ids(batch=2, length=10)
+    with torch.no_grad():
+        whole = model(prompt, use_cache=True).cache
+    for kwargs in ({"input_ids": prompt}, {"input_ids": prompt, "attention_mask": torch.ones_like(prompt)},
+                   {"inputs_embeds": model.get_input_embeddings()(prompt).detach()}, {"input_ids": prompt[:, 7:]}):
+        with pytest.raises(ValueError, match="no prompt token is left to read.*all but the prompt's last token"):
+            model.generate(**kwargs, cache=whole, max_new_tokens=2, do_sample=False)
+        assert whole.seen_tokens == 10
+    with torch.no_grad():
+        cache = model(prompt[:, :-1], use_cache=True).cache
+    out = model.generate(prompt, cache=cache, max_new_tokens=3, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True)
+    for step, scores in enumerate(out.scores):
+        for row in range(2):
+            torch.testing.assert_close(scores[row], _last_logits(model, out.sequences[row, :10 + step]),
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_scale_gives_the_scores_of_two_plain_forwards():
+    """`guidance_scale` g (transformers 5.25: `UnbatchedClassifierFreeGuidanceLogitsProcessor`,
+    src/transformers/generation/logits_process.py) scores g * (c - u) + u, with c and u the log-softmax of the
+    conditional logits and of an unconditional pass over the negative prompt (default: the prompt's last token)
+    followed by the generated tokens, run on a second cache of the processor's own (or without one). Checked
+    greedy against two plain forwards per step, a left-padded negative prompt included."""
+    model = build()
+    prompt, negative = ids(batch=2, length=9), ids(batch=2, length=5, seed=3)
+    negative_mask = torch.ones_like(negative)
+    negative_mask[0, :2] = 0
+    padded_negative = {"negative_prompt_ids": negative, "negative_prompt_attention_mask": negative_mask}
+    scale = 1.7
+    cases = [({}, [prompt[0, -1:], prompt[1, -1:]]), (padded_negative, [negative[0, 2:], negative[1]]),
+             ({**padded_negative, "use_cache": False}, [negative[0, 2:], negative[1]])]
+    for kwargs, unconditional in cases:
+        out = model.generate(prompt, max_new_tokens=3, do_sample=False, guidance_scale=scale, output_scores=True,
+                             return_dict_in_generate=True, **kwargs)
+        for step, scores in enumerate(out.scores):
+            for row in range(2):
+                new = out.sequences[row, 9:9 + step]
+                c = _last_logits(model, torch.cat([prompt[row], new])).log_softmax(-1)
+                u = _last_logits(model, torch.cat([unconditional[row], new])).log_softmax(-1)
+                expected = scale * (c - u) + u
+                torch.testing.assert_close(scores[row], expected, rtol=1e-5, atol=1e-5)
+                assert out.sequences[row, 9 + step] == expected.argmax()
+
+
 def test_generate_prefills_in_chunks_as_in_one_piece():
     """`prefill_chunk_size`: transformers feeds the prompt chunk by chunk into the cache; the tokens equal a
     one-piece prefill's, left-padded rows included. A cache that already holds tokens is refused (its first chunk
