@@ -10,7 +10,8 @@ refused, tuple outputs, ``inputs_embeds``, ``logits_to_keep``, ``position_ids``,
 embeddings, training with gradient checkpointing, no dropout, the loss conventions
 ``shift_labels`` and ``num_items_in_batch``), and `generate` (greedy, sampling, beam
 search and beam sampling with and without the cache, dict outputs with scores, logits
-and hidden states, ``inputs_embeds``, a continued cache under either name, a
+and hidden states, ``inputs_embeds``, a continued cache under either name, a cache that
+has read the whole prompt refused, ``guidance_scale`` against plain forwards, a
 transformers cache refused, eos), and the cache's use (eager steps that read no tensor
 back, a module pickled before it kept its decode slots, a cache pickled by an earlier version,
 `torch.inference_mode()`). Padding has its own module (test_padding.py).
