@@ -630,8 +630,8 @@ def nothing_left_to_read(seen: int, prompt_length: int) -> str:
 
     The first new token is drawn from the logits of the prompt's last token, which the
     cache has already read. transformers 5.25 computes the count of new tokens as prompt
-    length minus cache length (`GenerationMixin._prefill`, src/transformers/generation/utils.py)
-    and slices ``input_ids[:, -0:]`` for a count of 0, so Mistral and Mamba2 read the whole
+    length minus cache length (`GenerationMixin._prefill`, src/transformers/generation/utils.py
+    lines 4321-4336, 5.25.0) and slices ``input_ids[:, -0:]`` for a count of 0 (line 704), so Mistral and Mamba2 read the whole
     prompt a second time on top of their cache; a shorter prompt slices to nothing and
     fails inside the model. Its authors' remedy is to roll the cache back one token and
     read that token again; a recurrent state cannot be rolled back, so the caller leaves
