@@ -1172,6 +1172,12 @@ def test_placed_tiles_share_memory():
 
     raises(off_quadrant, a, match="partition start rule .* starts at partition 16")
 
+    def past_the_row(a):  # on the hardware the bytes after a placed row are more placed memory: not emulated
+        tile = nl.ndarray((128, 64), dtype=nl.float32, address=(0, 0))
+        tile.ap([[64, 2], [1, 64]], offset=1)  # row 0 from column 1 runs one element past its end
+
+    raises(past_the_row, a, match="not emulated .*a pattern that leaves a placed tile's row")
+
 
 def test_access_pattern_with_a_scalar_offset():
     """nki-migration-guide.rst, "Scalar Dynamic Access": the start moves by the SBUF value times the elements to

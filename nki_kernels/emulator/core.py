@@ -164,10 +164,11 @@ class RunState:
         self.placed: dict[str, "_Allocation"] = {}
 
     def placed_memory(self, buffer: str) -> "_Allocation":
-        """The kernel's `buffer` as bytes (partitions x usable bytes). Placed tiles are views of it, so tiles placed at overlapping addresses share
-        their bytes as on the hardware (nki-language-guide.rst lines 210-218: tensors made over the same
-        region "use the same underlying memory"). It starts as 0xFF bytes: NaN in every float type, so
-        reads of placed memory nothing wrote show (as `nl.ndarray`'s NaN fill does); -1 in integer types."""
+        """The kernel's `buffer` as bytes (partitions x usable bytes). Placed tiles are views of it, so
+        tiles placed at overlapping addresses share their bytes as on the hardware (nki-language-guide.rst
+        lines 210-218: tensors made over the same region "use the same underlying memory"). It starts as
+        0xFF bytes: NaN in every float type, so reads of placed memory nothing wrote show (as
+        `nl.ndarray`'s NaN fill does); -1 in integer types."""
         if buffer not in self.placed:
             per_partition = SBUF_USABLE_BYTES_PER_PARTITION if buffer == SBUF else PSUM_BANKS * PSUM_BANK_BYTES
             data = np.full((PMAX, per_partition), 0xFF, np.uint8) if self.compute else np.empty(
@@ -350,7 +351,7 @@ class _PlacedAllocation(_Allocation):
 
     __slots__ = ()
 
-    def __init__(self, memory: _Allocation, name: str) -> None:  # shares memory's fields: no new storage
+    def __init__(self, memory: _Allocation, name: str) -> None:  # memory's fields, not a new allocation
         for slot in ("data", "buffer", "bytes_per_partition", "base_address", "row_bytes", "id", "_run"):
             setattr(self, slot, getattr(memory, slot))
         self.name = name
@@ -511,16 +512,7 @@ class NkiTensor:
                              f"pattern {pattern} offset {offset} on {self.shape} ({flat_size} elements)")
         itemsize = base.dtype.itemsize
         if self.buffer in ON_CHIP and base.ndim > 1 and not base.flags.c_contiguous:
-            # a placed tile: each partition's row is contiguous, the rows are a partition of memory apart
-            row, column = divmod(offset, free)
-            inner = [(s, n) for s, n in dims[1:]]
-            if (column + sum(min(0, s * (n - 1)) for s, n in inner) < 0
-                    or column + sum(max(0, s * (n - 1)) for s, n in inner) >= free):
-                raise rule_error(instr, NOT_EMULATED, f"a pattern that leaves a placed tile's row: pattern {pattern} "
-                                 f"offset {offset} on {self.shape}")
-            start = base.reshape(base.shape[0], free)[row:, column:]
-            view = np.lib.stride_tricks.as_strided(start, shape=[n for _, n in dims],
-                                                   strides=[base.strides[0]] + [s * itemsize for s, _ in dims[1:]])
+            view = _placed_pattern(instr, base, dims, offset, free)
         elif base.flags.c_contiguous:
             flat = base.reshape(-1)
             view = np.lib.stride_tricks.as_strided(flat[offset:], shape=[n for _, n in dims],
@@ -616,6 +608,19 @@ class NkiTensor:
     def covered_view(self) -> np.ndarray:
         """The memory this tensor may touch, as a view of its allocation (the loop-dependency check)."""
         return self._view
+
+
+def _placed_pattern(instr: str, base: np.ndarray, dims: list[tuple[int, int]], offset: int, free: int) -> np.ndarray:
+    """An access pattern over a placed tile, whose partitions' rows are contiguous but a whole partition of
+    placed memory apart: the leading pair steps by that distance, the others within a row."""
+    row, column = divmod(offset, free)
+    if (column + sum(min(0, s * (n - 1)) for s, n in dims[1:]) < 0
+            or column + sum(max(0, s * (n - 1)) for s, n in dims[1:]) >= free):
+        raise rule_error(instr, NOT_EMULATED, f"a pattern that leaves a placed tile's row: pattern "
+                         f"{[list(d) for d in dims]} offset {offset} on {base.shape}")
+    start = base.reshape(base.shape[0], free)[row:, column:]
+    strides = [base.strides[0]] + [s * base.dtype.itemsize for s, _ in dims[1:]]
+    return np.lib.stride_tricks.as_strided(start, shape=[n for _, n in dims], strides=strides)
 
 
 class IndirectTensor(NkiTensor):
