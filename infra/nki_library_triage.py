@@ -52,6 +52,7 @@ class Case:
     atol: float = 1e-5
     rtol: float = 1e-5
     subkernel: bool = False  # no @nki.jit of its own: its tests jit it, here it is simulated
+    grid: int | None = None  # launched as kernel[grid](...) (a launcher that takes the grid, rotational_topk's topk)
 
 
 def _randn(rng: np.random.Generator, *shape: int, dtype: Any = np.float32) -> np.ndarray:
@@ -152,6 +153,42 @@ def _moe_inputs(rng: np.random.Generator) -> tuple[tuple, dict]:
     return (hidden, affinities, gate_up, down, block, positions, experts), {}
 
 
+def _moe_one_block(rng: np.random.Generator, padding_row: bool = False) -> tuple:
+    """The MoE kernels' smallest legal layouts: T 256 (+1 padding row where the docstring has T+1), H 512, one
+    expert, I 128, one block of 256."""
+    t, h, e, i, block = 256, 512, 1, 128, 256
+    rows = t + 1 if padding_row else t
+    return (_randn(rng, rows, h, dtype=BF16), rng.random(((t + 1) * e, 1)).astype(BF16),
+            _randn(rng, e, h, 2, i, dtype=BF16) * 0.05, _randn(rng, e, i, h, dtype=BF16) * 0.05, block,
+            np.arange(block, dtype=np.int32), np.zeros((1, 1), np.int32))
+
+
+def _moe_backward_inputs(rng: np.random.Generator) -> tuple[tuple, dict]:
+    """Its docstring's layouts: T 256, H 512, one expert, I 128, two blocks of 128."""
+    b, t, n, h, i, e = 128, 256, 2, 512, 128, 1
+    return ((_randn(rng, t, h, dtype=BF16), rng.random((t * e, 1)).astype(BF16),
+             _randn(rng, e, h, 2, i, dtype=BF16) * 0.05, _randn(rng, e, i, h, dtype=BF16) * 0.05,
+             _randn(rng, n, 2, i, b, dtype=BF16), _randn(rng, n, b, h, dtype=BF16), np.arange(n * b, dtype=np.int32),
+             np.zeros((n, 1), np.int32), _randn(rng, t, h, dtype=BF16), b), {})
+
+
+def _circulant(column: np.ndarray) -> np.ndarray:
+    """scipy.linalg.circulant (the one SciPy function rotational_topk uses): entry (i, j) is column[(i - j) % n]."""
+    column = np.asarray(column).ravel()
+    n = len(column)
+    return column[(np.arange(n)[:, None] - np.arange(n)[None, :]) % n]
+
+
+def _scipy_stand_in() -> None:
+    """Where SciPy is not installed, a `scipy.linalg` holding only `_circulant`, for rotational_topk's import."""
+    try:
+        importlib.import_module("scipy.linalg")
+    except ImportError:
+        scipy, linalg = (type(sys)(name) for name in ("scipy", "scipy.linalg"))
+        linalg.circulant, scipy.linalg = _circulant, linalg
+        sys.modules.update({"scipy": scipy, "scipy.linalg": linalg})
+
+
 def _rmsnorm_quant_args():
     return importlib.import_module(LIB + "core.rmsnorm.rmsnorm_quant").RmsNormQuantKernelArgs()
 
@@ -208,18 +245,25 @@ def _cases() -> list[Case]:
              _ref_qkv, 2e-2, 2e-2),
         Case("core.rmsnorm.rmsnorm_quant", "rmsnorm_quant_kernel",
              lambda r: ((_randn(r, 1, 4, 512, dtype=BF16), _randn(r, 1, 512, dtype=BF16), _rmsnorm_quant_args()), {})),
-        Case("core.topk.rotational_topk", "rotational_topk", lambda r: ((), {})),
+        Case("core.topk.rotational_topk", "topk", lambda r: ((_randn(r, 1, 4, 4096), 8), {}),
+             lambda x, k: np.sort(x, -1)[..., ::-1][..., :k].astype(np.float64), grid=1),
         Case("core.router_topk.router_topk", "router_topk", lambda r: ((), {})),
         Case("core.moe_block.moe_block_tkg", "moe_block_tkg", lambda r: ((), {})),
         Case("core.moe.moe_cte.moe_cte", "moe_cte", lambda r: ((), {})),
         Case("core.moe.moe_cte.bwmm_shard_on_block", "bwmm_shard_on_block", _moe_inputs),
-        Case("core.moe.moe_cte.bwmm_shard_on_I", "blockwise_mm_baseline_shard_intermediate", _moe_inputs),
+        Case("core.moe.moe_cte.bwmm_shard_on_I", "blockwise_mm_baseline_shard_intermediate",
+             lambda r: (_moe_one_block(r), {})),
+        Case("core.moe.moe_cte.bwmm_shard_on_I", "blockwise_mm_baseline_shard_intermediate_hybrid",
+             lambda r: ((np.array([1, 0], np.int32), *_moe_one_block(r, padding_row=True)), {})),
+        Case("core.moe.moe_cte.bwmm_shard_on_I", "blockwise_mm_shard_intermediate_dropping",
+             lambda r: (_moe_one_block(r, padding_row=True), {})),
         Case("experimental.mxfp_subkernels.mxfp_load_utils", "mxfp_load_performance_wrapper",
              lambda r: ((_randn(r, 128, 512, dtype=BF16),), {})),
         Case("experimental.collectives.sb2sb_allgather", "allgather_sb2sb", lambda r: ((), {})),
         Case("experimental.transformer.attention_block_tkg", "attention_block_tkg", lambda r: ((), {})),
-        Case("experimental.moe.bwd.blockwise_mm_backward", "blockwise_mm_bwd", lambda r: ((), {})),
-        Case("experimental.moe.forward.bwmm_shard_on_H", "blockwise_mm_baseline_shard_hidden", _moe_inputs),
+        Case("experimental.moe.bwd.blockwise_mm_backward", "blockwise_mm_bwd", _moe_backward_inputs),
+        Case("experimental.moe.forward.bwmm_shard_on_H", "blockwise_mm_baseline_shard_hidden",
+             lambda r: (_moe_one_block(r), {})),
     ]
 
 
@@ -250,6 +294,8 @@ def run_case(case: Case, seed: int = 0) -> tuple[str, float]:
             module = importlib.import_module(LIB + case.module)
         kernel = getattr(module, case.kernel)
         args, kwargs = case.inputs(np.random.default_rng(seed))
+        if case.grid is not None:
+            kernel = kernel[case.grid]
         with as_nki():
             out = nki.simulate_kernel(kernel, *args, **kwargs) if case.subkernel else kernel(*args, **kwargs)
         if case.reference is None:
@@ -273,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.repo:
         print("error: give the path of an nki-library git clone (or set BMOJO_NKI_LIBRARY)", file=sys.stderr)
         return 2
+    _scipy_stand_in()
     with tempfile.TemporaryDirectory() as tmp:
         src = export(args.repo, Path(tmp))
         sys.path.insert(0, str(src))

@@ -293,6 +293,75 @@ def test_attention_bwd_needs_neuroncore_v3(library):
                           mixed_precision=True)
 
 
+def test_moe_token_gather_and_scatter(library):
+    """nki-library's blockwise MoE moves each block's tokens with `.ap(vector_offset=...)` DMAs: its
+    `load_hidden_states` and `load_old_block` gather rows of the (T, H) hidden states and output, and
+    `store_block_output_shard_over_block_size` scatters the block back (`core/moe/moe_cte/bwmm_shard_on_I.py`
+    lines 697-733, 1435-1507, 1830-1891), all with `SkipMode(skip_token=True)`: a -1 token index is out of
+    bounds and skipped (oob_mode.skip; the gathered row keeps the memset 0). Run unchanged inside a small
+    driver kernel, bf16 (the bits move), against NumPy indexing. The whole kernels cannot run on v2
+    (test_moe_kernels_need_neuroncore_v3)."""
+    mod = _import(library, "nkilib_src.nkilib.core.moe.moe_cte.bwmm_shard_on_I")
+    utils = importlib.import_module("nkilib_src.nkilib.core.moe.moe_cte.moe_cte_utils")
+    tokens, hidden_size, n_tiles = 300, 256, 2
+    hidden, previous = (RNG.standard_normal((tokens, hidden_size)).astype(BF16) for _ in range(2))
+    order = RNG.permutation(tokens)[:128 * n_tiles].astype(np.int32)
+    order[[3, 200, 255]] = -1  # padding slots of the block
+    token_indices = order.reshape(n_tiles, 128).T.copy()  # (128, tiles): tile t holds order[128 t: 128 (t + 1)]
+
+    def driver(hidden, previous, token_indices):
+        idx = nl.ndarray((128, n_tiles), dtype=nl.int32, buffer=nl.sbuf)
+        nisa.dma_copy(dst=idx, src=token_indices)
+        skip = utils.SkipMode(skip_token=True)
+        block = [nl.ndarray((128, hidden_size), dtype=hidden.dtype, buffer=nl.sbuf) for _ in range(n_tiles)]
+        mod.load_hidden_states(hidden, block, idx, n_tiles, hidden.dtype, skip)
+        old = mod.load_old_block(previous, idx, n_tiles, previous.dtype, skip)
+        out = nl.ndarray((tokens, hidden_size), dtype=previous.dtype, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=out, src=previous)
+        dims = mod.DimensionSizes(B=128 * n_tiles, H=hidden_size, T=tokens, E=1, N=1, I_TP=128)
+        dims.derive_all_dims()
+        mod.store_block_output_shard_over_block_size(out, block, idx, dims, 0, skip)
+        gathered = nl.ndarray((n_tiles, 2, 128, hidden_size), dtype=hidden.dtype, buffer=nl.shared_hbm)
+        for t in range(n_tiles):
+            nisa.dma_copy(dst=gathered[t, 0], src=block[t])
+            nisa.dma_copy(dst=gathered[t, 1], src=old[t])
+        return out, gathered
+
+    nl, nisa = mod.nl, mod.nisa
+    with _no_language_warning():
+        out, gathered = _run_subkernel(driver, hidden, previous, token_indices)
+    valid = order >= 0
+    expected_hidden = np.where(valid[:, None], hidden[order], 0).reshape(n_tiles, 128, hidden_size)
+    expected_old = np.where(valid[:, None], previous[order], 0).reshape(n_tiles, 128, hidden_size)
+    np.testing.assert_array_equal(gathered[:, 0], expected_hidden)
+    np.testing.assert_array_equal(gathered[:, 1], expected_old)
+    expected_out = previous.copy()
+    expected_out[order[valid]] = hidden[order[valid]]
+    np.testing.assert_array_equal(out, expected_out)
+
+
+def test_moe_kernels_need_neuroncore_v3(library):
+    """The blockwise MoE kernels (`@nki.jit(platform_target="trn2")`), T 256, H 512, one expert, I 128, one
+    block of 256 (their validation's smallest), run their gathers, then stop where NeuronCore-v2 differs: `blockwise_mm_baseline_shard_intermediate` copies PSUM
+    to SBUF on the Scalar engine (bwmm_shard_on_I.py line 1676, [isa] tensor_copy: not on v2), and
+    `blockwise_mm_baseline_shard_hidden` transposes bf16 on the PE array into a bf16 PSUM tile
+    (experimental/moe/forward/bwmm_shard_on_H.py line 177; v2's Tensor engine writes fp32)."""
+    t, h, e, i, block = 256, 512, 1, 128, 256  # one block; H 512 and blocks of 256 are its smallest legal
+    hidden = RNG.standard_normal((t, h)).astype(BF16)
+    affinities = RNG.random(((t + 1) * e, 1)).astype(BF16)
+    gate_up = (RNG.standard_normal((e, h, 2, i)) * 0.05).astype(BF16)
+    down = (RNG.standard_normal((e, i, h)) * 0.05).astype(BF16)
+    args = (hidden, affinities, gate_up, down, block, np.arange(block, dtype=np.int32), np.zeros((1, 1), np.int32))
+    for module, kernel, match in (
+            ("core.moe.moe_cte.bwmm_shard_on_I", "blockwise_mm_baseline_shard_intermediate",
+             "tensor_copy: runs on vector/gpsimd only \\(NeuronCore-v2\\) \\(engine=scalar\\)"),
+            ("experimental.moe.forward.bwmm_shard_on_H", "blockwise_mm_baseline_shard_hidden",
+             "nc_transpose: a Tensor-engine transpose writes a float32 PSUM tile on NeuronCore-v2")):
+        mod = _import(library, "nkilib_src.nkilib." + module)
+        with pytest.raises(NKIRuleError, match=match):
+            getattr(mod, kernel)(*args)
+
+
 def test_cross_entropy_forward(library):
     """nki-library's cross-entropy forward (online log-sum-exp over vocabulary chunks; its index loads use
     `.ap(scalar_offset=...)`): fp32 randn logits, its torch reference cross_entropy_forward_torch_ref (loss, lse),

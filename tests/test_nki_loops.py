@@ -80,6 +80,25 @@ def test_a_buffer_every_iteration_reuses_is_refused_and_one_per_iteration_is_acc
     assert "allocate it inside the loop body" in msg and "nl.sequential_range" in msg
 
 
+def placed_scratch(a, step: int):
+    """A scratch tile placed inside the loop at byte `step * i`: one memory for every iteration when step is 0."""
+    parts, n = a.shape
+    out = nl.ndarray((parts, n), dtype=nl.float32, buffer=nl.shared_hbm)
+    for i in nl.affine_range(n // 4):
+        scratch = nl.ndarray((parts, 4), dtype=nl.float32, buffer=nl.sbuf, address=(0, step * i))
+        nisa.tensor_scalar(dst=scratch, data=load(a[:, 4 * i:4 * i + 4]), op0=nl.multiply, operand0=2.0)
+        nisa.dma_copy(dst=out[:, 4 * i:4 * i + 4], src=scratch)
+    return out
+
+
+def test_placed_tiles_at_one_address_are_one_buffer_to_the_loop_check():
+    """Tiles placed at the same address share their bytes (docs/kernels.md, "address="): allocating one per
+    iteration there is the reused buffer above; at distinct addresses the iterations are independent."""
+    a = rand(8, 16)
+    np.testing.assert_array_equal(run(placed_scratch, a, 16), 2 * a)
+    raises(placed_scratch, a, 0, match=OVERWRITTEN)
+
+
 def shift_left(a, loop):
     """x[:, i] = x[:, i + 1] in place: each iteration overwrites the column the previous one read."""
     parts, n = a.shape

@@ -1120,6 +1120,65 @@ def test_placed_tiles_leave_the_live_count_but_must_fit():
     raises(beyond_partitions, a, match="a placed tile must fit the sbuf")
 
 
+def test_placed_tiles_share_memory():
+    """Tiles placed at overlapping addresses are views of the same bytes (nki-language-guide.rst lines 210-218:
+    tensors over the same region "use the same underlying memory"; nki-migration-guide.rst "Improved Allocation
+    API": address = (partition, byte offset)): a write through one is read through the other, across dtypes,
+    partitions, access patterns and PSUM; placed memory nothing wrote reads NaN."""
+    a = rand(128, 64)
+
+    def aliases(a, identity):
+        wide = nl.ndarray((128, 64), dtype=nl.float32, address=(0, 256))
+        right = nl.ndarray((128, 32), dtype=nl.float32, address=(0, 384))  # wide[:, 32:]
+        halves = nl.ndarray((128, 128), dtype=nl.bfloat16, address=(0, 256))  # wide's bytes as bf16
+        lower = nl.ndarray((32, 64), dtype=nl.float32, address=(32, 256))  # wide[32:64]
+        nisa.dma_copy(dst=wide, src=a)
+        seen = [store(right), store(halves), store(lower)]
+        nisa.memset(dst=right, value=1.0)
+        seen.append(store(wide))
+        every_other = wide.ap([[64, 128], [2, 16]], offset=1)  # columns 1, 3, .., 31
+        seen.append(store(every_other))
+        bank = nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum, address=(0, 2048))
+        head = nl.ndarray((128, 64), dtype=nl.float32, buffer=nl.psum, address=(0, 2048))
+        nisa.tensor_copy(dst=head, src=wide)
+        back = nl.ndarray((128, 64), dtype=nl.float32)
+        nisa.tensor_copy(dst=back, src=bank[:, 0:64])
+        seen.append(store(back))
+        seen.append(store(nl.ndarray((4, 8), dtype=nl.float32, address=(0, 4096))))
+        # a new PSUM tile starts its own accumulation group: its first matmul overwrites the old tile's sums
+        eye = load(identity)
+        for _ in range(2):
+            sums = nl.ndarray((64, 64), dtype=nl.float32, buffer=nl.psum, address=(0, 4096))
+            nisa.nc_matmul(dst=sums, stationary=eye, moving=wide)  # wide's first 64 partitions
+        nisa.tensor_copy(dst=back[0:64, :], src=bank[0:64, 0:64])
+        seen.append(store(back))
+        return tuple(seen)
+
+    right, halves, lower, wide, every_other, through_psum, fresh, product = run(aliases, a, np.eye(128, 64, dtype=np.float32))
+    np.testing.assert_array_equal(right, a[:, 32:])
+    np.testing.assert_array_equal(halves, a.view(ml_dtypes.bfloat16))
+    np.testing.assert_array_equal(lower, a[32:64])
+    expected = a.copy()
+    expected[:, 32:] = 1.0
+    np.testing.assert_array_equal(wide, expected)
+    np.testing.assert_array_equal(every_other, a[:, 1:32:2])
+    np.testing.assert_array_equal(through_psum, expected)
+    assert np.isnan(fresh).all()
+    np.testing.assert_array_equal(product[:64], expected[:64])
+
+    def off_quadrant(a):  # placed at partition 16: 16 partitions must start at 0, 32, 64 or 96
+        tile = nl.ndarray((16, 64), dtype=nl.float32, address=(16, 0))
+        nisa.memset(dst=tile, value=0.0)
+
+    raises(off_quadrant, a, match="partition start rule .* starts at partition 16")
+
+    def past_the_row(a):  # on the hardware the bytes after a placed row are more placed memory: not emulated
+        tile = nl.ndarray((128, 64), dtype=nl.float32, address=(0, 0))
+        tile.ap([[64, 2], [1, 64]], offset=1)  # row 0 from column 1 runs one element past its end
+
+    raises(past_the_row, a, match="not emulated .*a pattern that leaves a placed tile's row")
+
+
 def test_access_pattern_with_a_scalar_offset():
     """nki-migration-guide.rst, "Scalar Dynamic Access": the start moves by the SBUF value times the elements to
     the right of indirect_dim in the base tensor (its example: A (512, 512), rows 384.. via batch_idx = 384)."""
@@ -1151,3 +1210,127 @@ def test_instructions_of_later_neuroncores_are_refused_for_that_reason():
     for name, version in (("sendrecv", 3), ("range_select", 3), ("exponential", 4), ("quantize_mx", 4)):
         with pytest.raises(NKIRuleError, match=f"available only on NeuronCore-v{version} and newer"):
             getattr(nisa, name)()
+
+
+def _indices_tile(idx):
+    """An SBUF (rows, 1) int32 tile of the HBM indices `idx`."""
+    tile = nl.ndarray(idx.shape, dtype=nl.int32)
+    nisa.dma_copy(dst=tile, src=idx)
+    return tile
+
+
+def test_access_pattern_with_a_vector_offset_gathers_and_scatters():
+    """nki-migration-guide.rst "Vector Dynamic Access" (lines 609-654): element [w, z] is
+    flat(A)[offset + idx[w] * prod(A.shape[1:]) + z * z_step]; the leading pair's step is ignored. The DMA
+    gathers (src) or scatters (dst) those rows ([isa] dma_copy lines 523-530); oob_mode.error raises on a row
+    outside the tensor, oob_mode.skip leaves it; scatter indices must be unique unless dst_rmw_op is given with
+    unique_indices=False."""
+    a = rand(128, 512)
+    idx = np.array([5, 0, 127, 64, 3, 3, 99, 1], np.int32).reshape(8, 1)  # a repeated row is fine in a gather
+
+    def gather(a, idx, lead_step=512, offset=0, oob=nisa.oob_mode.error):
+        out = nl.ndarray((8, 256), dtype=nl.float32)
+        nisa.memset(dst=out, value=-7.0)
+        nisa.dma_copy(dst=out, src=a.ap([[lead_step, 8], [1, 256]], offset, vector_offset=_indices_tile(idx),
+                                         indirect_dim=0), oob_mode=oob)
+        return store(out)
+
+    rows = idx[:, 0]
+    np.testing.assert_array_equal(run(gather, a, idx), a[rows, :256])
+    np.testing.assert_array_equal(run(gather, a, idx, 3, 100), a[rows, 100:356])  # step 3: ignored
+    outside = idx.copy()
+    outside[[2, 6], 0] = [-1, 128]
+    raises(gather, a, outside, match="vector_offset index reaches outside the tensor.*rows \\[2, 6\\]")
+    raises(gather, a, idx, 512, 257, match="rows \\[2\\]")  # row 127 from column 257 runs past the end
+    skipped = run(gather, a, outside, 512, 0, nisa.oob_mode.skip)
+    keep = [0, 1, 3, 4, 5, 7]
+    np.testing.assert_array_equal(skipped[keep], a[rows[keep], :256])
+    assert (skipped[[2, 6]] == -7.0).all()
+
+    def scatter(a, idx, add=None, unique=True, oob=nisa.oob_mode.error):
+        out = nl.ndarray(a.shape, dtype=nl.float32, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=out, src=a)
+        src = nl.ndarray((8, 512), dtype=nl.bfloat16)
+        nisa.memset(dst=src, value=0.5)
+        nisa.dma_copy(dst=out.ap([[512, 8], [1, 512]], 0, vector_offset=_indices_tile(idx), indirect_dim=0),
+                      src=src, dst_rmw_op=add, unique_indices=unique, oob_mode=oob)
+        return out
+
+    unique_rows = np.array([5, 0, 127, 64, 3, 2, 99, 1], np.int32).reshape(8, 1)
+    expected = a.copy()
+    expected[unique_rows[:, 0]] = 0.5
+    np.testing.assert_array_equal(run(scatter, a, unique_rows), expected)
+    expected = a.copy()
+    np.add.at(expected, rows, np.float32(0.5))
+    np.testing.assert_allclose(run(scatter, a, idx, nl.add, False), expected, rtol=1e-6)
+    raises(scatter, a, idx, match="scatter indices must be unique")
+    raises(scatter, a, idx, nl.add, True, match="scatter indices must be unique")
+    expected = a.copy()
+    expected[unique_rows[[0, 1, 3, 4, 5, 7], 0]] = 0.5
+    outside = unique_rows.copy()
+    outside[[2, 6], 0] = [-1, 128]
+    np.testing.assert_array_equal(run(scatter, a, outside, None, True, nisa.oob_mode.skip), expected)
+    raises(scatter, a, outside, nl.add, True, nisa.oob_mode.skip, match="allows only oob_mode.error")
+
+
+def test_vector_offset_rules():
+    """What the sources refuse about a vector_offset: with a scalar_offset (nki-aps.rst lines 64-65), on another
+    indirect_dim ([mig] line 613), an index tile that is not an SBUF (rows, 1) integer tile (nki-aps.rst line 65,
+    [mig] lines 622-653), a compute instruction reading it or a DMA without software DGE ([isa] dma_copy lines
+    515-526)."""
+    a = rand(128, 64)
+    idx = np.arange(8, dtype=np.int32).reshape(8, 1)
+
+    def access(a, idx, kw):
+        kw = dict(kw)
+        index = _indices_tile(idx)
+        if kw.pop("float_index", False):
+            index = nl.ndarray(idx.shape, dtype=nl.float32)
+            nisa.memset(dst=index, value=1.0)
+        ap = a.ap([[64, idx.shape[0]], [1, 64]], 0, vector_offset=kw.pop("vector_offset", index),
+                  indirect_dim=kw.pop("indirect_dim", 0), scalar_offset=kw.pop("scalar_offset", None))
+        out = nl.ndarray((idx.shape[0], 64), dtype=nl.float32)
+        if kw.pop("compute", False):
+            nisa.tensor_copy(dst=out, src=ap)
+        nisa.dma_copy(dst=out, src=ap, **kw)
+
+    raises(access, a, idx, {"indirect_dim": 1}, match="supports only indirect_dim=0")
+    raises(access, a, idx, {"float_index": True}, match="one integer per step of the pattern's leading pair")
+    raises(access, a, np.arange(16, dtype=np.int32).reshape(8, 2), {}, match="one integer per step")
+    raises(access, a, idx, {"vector_offset": a}, match="vector_offset must be an SBUF location")
+    raises(access, a, idx, {"scalar_offset": a}, match="at most one of scalar_offset and vector_offset")
+    raises(access, a, idx, {"compute": True}, match="tensor_copy: a vector_offset access .* only by nisa.dma_copy")
+    raises(access, a, idx, {"dge_mode": nisa.dge_mode.none}, match="needs software DGE")
+    run(access, a, idx, {"dge_mode": nisa.dge_mode.swdge})
+
+
+def test_nc_stream_shuffle():
+    """[isa] nc_stream_shuffle (stub lines 1301-1340): dst partition q*32+i copies src partition q*32+mask[i] in
+    each quadrant, 255 leaves it unmodified; the starts follow num_active_partitions = max partitions rounded up
+    to 32 (64: start 0 or 64), which a 32-partition dst at 32 breaks when src spans 40."""
+    a = rand(64, 8)
+    mask = [31 - i for i in range(32)]
+    mask[5] = 255
+
+    def shuffle(a, mask):
+        src = load(a)
+        dst = nl.ndarray((64, 8), dtype=nl.float32)
+        nisa.memset(dst=dst, value=2.0)
+        nisa.nc_stream_shuffle(dst=dst, src=src, shuffle_mask=mask)
+        wide = nl.ndarray((32, 8), dtype=nl.float32)
+        nisa.nc_stream_shuffle(dst=wide, src=src[0:1, :], shuffle_mask=[0] * 32)  # one row to a quadrant
+        return store(dst), store(wide)
+
+    out, wide = run(shuffle, a, mask)
+    expected = np.concatenate([a[31::-1], a[63:31:-1]])
+    expected[[5, 37]] = 2.0
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(wide, np.repeat(a[:1], 32, 0))
+
+    def misplaced(a):
+        src = load(a)
+        dst = nl.ndarray((64, 8), dtype=nl.float32)
+        nisa.nc_stream_shuffle(dst=dst[32:64, :], src=src[0:40, :], shuffle_mask=list(range(32)))
+
+    raises(misplaced, a, match="with 64 active partitions the start partition must be one of \\(0, 64\\)")
+    raises(shuffle, a, [1] * 31, match="shuffle_mask is a 32-element list")

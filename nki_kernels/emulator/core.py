@@ -160,6 +160,21 @@ class RunState:
         # the running affine_range nest and the accesses made in it (loops.AffineLoops), made by the
         # run's first affine_range
         self.affine_loops: Any = None
+        # per on-chip buffer, the memory tiles placed with `address=` live in (placed_memory)
+        self.placed: dict[str, "_Allocation"] = {}
+
+    def placed_memory(self, buffer: str) -> "_Allocation":
+        """The kernel's `buffer` as bytes (partitions x usable bytes). Placed tiles are views of it, so
+        tiles placed at overlapping addresses share their bytes as on the hardware (nki-language-guide.rst
+        lines 210-218: tensors made over the same region "use the same underlying memory"). It starts as
+        0xFF bytes: NaN in every float type, so reads of placed memory nothing wrote show (as
+        `nl.ndarray`'s NaN fill does); -1 in integer types."""
+        if buffer not in self.placed:
+            per_partition = SBUF_USABLE_BYTES_PER_PARTITION if buffer == SBUF else PSUM_BANKS * PSUM_BANK_BYTES
+            data = np.full((PMAX, per_partition), 0xFF, np.uint8) if self.compute else np.empty(
+                (PMAX, per_partition), np.uint8)
+            self.placed[buffer] = _Allocation(data, buffer, f"placed {buffer}", 0)
+        return self.placed[buffer]
 
     def issue(self, engine: str, instr: str, cycles: float, reads: tuple["NkiTensor", ...],
               writes: tuple["NkiTensor", ...], useful: float = 0.0, overhead: float = ACCESS_OVERHEAD,
@@ -182,18 +197,20 @@ class RunState:
         self.profile.timeline.issue(engine, instr, cycles, [t.region() for t in reads],
                                     [t.region() for t in writes], ports)
 
-    def dma(self, instr: str, dst: "NkiTensor", src: "NkiTensor", hbm_bytes: int, accumulates: str = "") -> None:
+    def dma(self, instr: str, dst: "NkiTensor", src: "NkiTensor", hbm_bytes: int, accumulates: str = "",
+            indices: tuple["NkiTensor", ...] = ()) -> None:
         """Charge one DMA transfer (bytes moved = the larger side) and place it on the DMA queues.
-        `accumulates`: "add" when it adds into `dst` (`dst_rmw_op`), an associative reduction."""
+        `accumulates`: "add" when it adds into `dst` (`dst_rmw_op`), an associative reduction;
+        `indices`: the `vector_offset` tiles a gather / scatter reads."""
         if self.affine_loops is not None and self.affine_loops.active:
-            self.affine_loops.access(instr, (src,), (dst,), accumulates)
+            self.affine_loops.access(instr, (src, *indices), (dst,), accumulates)
         nbytes = max(src.nbytes, dst.nbytes)
         rows = max(t.partitions if t.buffer in ON_CHIP else 1 for t in (dst, src))
         rows = rows if any(t.buffer in ON_CHIP for t in (dst, src)) else costmodel.DMA_QUEUES
         self.profile.hbm_bytes += int(hbm_bytes)
         self.profile.dma_bytes += int(nbytes)
         self.profile.dma_count += 1
-        reads = [src.region()] + ([dst.region()] if hbm_bytes > nbytes else [])
+        reads = [src.region(), *(t.region() for t in indices)] + ([dst.region()] if hbm_bytes > nbytes else [])
         self.profile.timeline.dma(instr, nbytes, rows, hbm_bytes, reads, [dst.region()])
 
     def allocate(self, buffer: str, nbytes: int) -> int:
@@ -327,6 +344,23 @@ class _Allocation:
             run.profile.timeline.forget(self.id)
 
 
+class _PlacedAllocation(_Allocation):
+    """A tile placed with `address=`: its own name and site, but the identity, memory and addresses of its
+    buffer's placed memory (`RunState.placed_memory`), so the timeline and the loop check see the bytes it
+    shares with other placed tiles. Dropping it frees nothing: the placed memory lives as long as the run."""
+
+    __slots__ = ()
+
+    def __init__(self, memory: _Allocation, name: str) -> None:  # memory's fields, not a new allocation
+        for slot in ("data", "buffer", "bytes_per_partition", "base_address", "row_bytes", "id", "_run"):
+            setattr(self, slot, getattr(memory, slot))
+        self.name = name
+        self.site = None
+
+    def __del__(self) -> None:
+        pass
+
+
 def _one_partition(first: Any, partitions: int, key: tuple) -> slice:
     """The partition-axis part of an on-chip index as a slice.
 
@@ -448,18 +482,23 @@ class NkiTensor:
         `scalar_offset` (an SBUF element holding an index on `indirect_dim` of this tensor)
         moves the start by that index times the elements to the right of `indirect_dim`
         (nki-migration-guide.rst, "Scalar Dynamic Access": `offset + scalar_offset *
-        prod(A.shape[indirect_dim+1:])`); `vector_offset` is not emulated.
+        prod(A.shape[indirect_dim+1:])`). `vector_offset` (an SBUF (rows, 1) integer tile) picks
+        the row of each step of the leading pair at run time: an `IndirectTensor`, which only
+        `nisa.dma_copy` reads or writes (a gather or a scatter).
         """
         instr = "tensor.ap"
         self._no_nesting(instr)
-        if vector_offset is not None:
-            raise NotImplementedError("tensor.ap with a vector_offset (dynamic per-partition rows) is not emulated")
+        if scalar_offset is not None and vector_offset is not None:  # nki-aps.rst lines 64-65
+            raise rule_error(instr, "at most one of scalar_offset and vector_offset can be specified "
+                             "(nki-aps.rst lines 64-65)", "both given")
         if scalar_offset is not None:
             offset = int(offset) + self._dynamic_start(instr, scalar_offset, indirect_dim)
         dims = [(int(step), int(num)) for step, num in pattern]
         if not dims:
             raise rule_error(instr, "pattern needs at least one [step, num] pair", f"pattern={pattern}")
         base = self._view if dtype is None else self._view.view(nki_dtype(instr, dtype))
+        if vector_offset is not None:
+            return IndirectTensor(self._alloc, base, dims, int(offset), vector_offset, indirect_dim)
         flat_size = base.size
         free = int(np.prod(base.shape[1:], dtype=np.int64)) if base.ndim > 1 else 1
         if self.buffer in ON_CHIP and dims[0][0] != free and dims[0][1] > 1:
@@ -472,7 +511,9 @@ class NkiTensor:
             raise rule_error(instr, "access pattern reaches outside the tensor",
                              f"pattern {pattern} offset {offset} on {self.shape} ({flat_size} elements)")
         itemsize = base.dtype.itemsize
-        if base.flags.c_contiguous:
+        if self.buffer in ON_CHIP and base.ndim > 1 and not base.flags.c_contiguous:
+            view = _placed_pattern(instr, base, dims, offset, free)
+        elif base.flags.c_contiguous:
             flat = base.reshape(-1)
             view = np.lib.stride_tricks.as_strided(flat[offset:], shape=[n for _, n in dims],
                                                    strides=[s * itemsize for s, _ in dims])
@@ -564,6 +605,107 @@ class NkiTensor:
     def numpy(self) -> np.ndarray:
         return self._view
 
+    def covered_view(self) -> np.ndarray:
+        """The memory this tensor may touch, as a view of its allocation (the loop-dependency check)."""
+        return self._view
+
+
+def _placed_pattern(instr: str, base: np.ndarray, dims: list[tuple[int, int]], offset: int, free: int) -> np.ndarray:
+    """An access pattern over a placed tile, whose partitions' rows are contiguous but a whole partition of
+    placed memory apart: the leading pair steps by that distance, the others within a row."""
+    row, column = divmod(offset, free)
+    if (column + sum(min(0, s * (n - 1)) for s, n in dims[1:]) < 0
+            or column + sum(max(0, s * (n - 1)) for s, n in dims[1:]) >= free):
+        raise rule_error(instr, NOT_EMULATED, f"a pattern that leaves a placed tile's row: pattern "
+                         f"{[list(d) for d in dims]} offset {offset} on {base.shape}")
+    start = base.reshape(base.shape[0], free)[row:, column:]
+    strides = [base.strides[0]] + [s * base.dtype.itemsize for s, _ in dims[1:]]
+    return np.lib.stride_tricks.as_strided(start, shape=[n for _, n in dims], strides=strides)
+
+
+class IndirectTensor(NkiTensor):
+    """`t.ap(pattern, offset, vector_offset=idx, indirect_dim=0)`: a gather / scatter access.
+
+    nki-migration-guide.rst "Vector Dynamic Access" (lines 609-654 at 3c46990d): element
+    [w, z, ...] is `flat(t)[offset + idx[w] * prod(t.shape[1:]) + z * z_step + ...]`; only
+    `indirect_dim=0` is supported; the step of the leading pair is ignored (the base tensor's
+    row size is used). nki-aps.rst line 65: `vector_offset` is an SBUF memory location. The
+    values are read when the DMA runs (program order), and a row whose elements fall outside the
+    tensor is out of bounds: `dma_copy`'s `oob_mode` raises or skips it (isa stub lines 523-530).
+    Only `nisa.dma_copy` moves data through it ("can also perform a gather or scatter
+    operation", isa stub line 525); compute instructions refuse it.
+    """
+
+    def __init__(self, alloc: _Allocation, base: np.ndarray, dims: list[tuple[int, int]], offset: int,
+                 index: Any, indirect_dim: int) -> None:
+        instr = "tensor.ap"
+        if indirect_dim != 0:
+            raise rule_error(instr, "a vector_offset supports only indirect_dim=0 (nki-migration-guide.rst "
+                             "'Vector Dynamic Access', line 613)", f"indirect_dim={indirect_dim}")
+        if not isinstance(index, NkiTensor) or index.buffer != SBUF or isinstance(index, IndirectTensor):
+            raise rule_error(instr, "vector_offset must be an SBUF location (nki-aps.rst line 65)",
+                             f"got {index!r}")
+        rows = dims[0][1]
+        if is_float(index.dtype) or index.partitions != rows or index.free_size != 1:
+            raise rule_error(instr, "vector_offset must hold one integer per step of the pattern's leading pair: "
+                             "an SBUF (rows, 1) integer tile (nki-migration-guide.rst lines 622-653: "
+                             "dynamic_idx_legal[w] for w in range(64))",
+                             f"vector_offset {index.shape} {index.dtype} for pattern {[list(d) for d in dims]}")
+        self.index = index
+        self.row_elements = int(np.prod(base.shape[1:], dtype=np.int64)) if base.ndim > 1 else 1
+        self.flat = base.reshape(-1) if base.flags.c_contiguous else None  # None: a cost-only broadcast input
+        if self.flat is None and alloc.buffer in ON_CHIP:
+            raise rule_error(instr, NOT_EMULATED, "a vector_offset access of a placed tile")
+        self.flat_size = int(base.size)
+        self.offset = offset
+        inner = np.zeros((), np.int64)
+        for step, num in dims[1:]:
+            inner = inner[..., None] + step * np.arange(num, dtype=np.int64)
+        self.inner = inner  # element offsets within one row, the pattern's other pairs
+        placeholder = np.broadcast_to(np.zeros((), base.dtype), [n for _, n in dims])
+        super().__init__(alloc, placeholder, 0, None, indexed=True)
+        self._acc = None
+
+    def addresses(self) -> np.ndarray:
+        """Flat element indices of the access, the pattern's shape (reads the index tile now)."""
+        rows = self.index.numpy().reshape(-1).astype(np.int64)
+        return self.offset + rows.reshape(-1, *([1] * self.inner.ndim)) * self.row_elements + self.inner
+
+    def rows_in_bounds(self, addresses: np.ndarray) -> np.ndarray:
+        """(rows,) True where every element of the row lies inside the tensor."""
+        inside = (addresses >= 0) & (addresses < self.flat_size)
+        return inside.reshape(len(inside), -1).all(axis=1)
+
+    def _refuse(self) -> NKIRuleError:
+        return rule_error("tensor.ap", "a vector_offset access (gather / scatter) is read and written only by "
+                          "nisa.dma_copy (isa stub dma_copy, lines 523-526)", f"{self!r}")
+
+    def read(self) -> np.ndarray:
+        raise self._refuse()
+
+    def write(self, values: np.ndarray, accumulate_group: bool = False) -> None:
+        raise self._refuse()
+
+    def numpy(self) -> np.ndarray:
+        raise self._refuse()
+
+    def covered_view(self) -> np.ndarray:
+        """Any row of the tensor: which ones is known only when the DMA runs."""
+        return self._alloc.data
+
+    def byte_offset(self) -> int:
+        return 0
+
+    def _compute_region(self) -> tuple:
+        data = self._alloc.data
+        if self.buffer in ON_CHIP:
+            return (self._alloc.id, 0, data.shape[0], 0, self._alloc.row_bytes)
+        return (self._alloc.id, 0, 1, 0, max(data.nbytes, 1))
+
+    def __repr__(self) -> str:
+        return (f"IndirectTensor({self.buffer}, shape={self.shape}, dtype={self.dtype}, "
+                f"vector_offset {self.index.shape})")
+
 
 class DynSlice:
     """`nl.ds(start, size)`."""
@@ -601,6 +743,8 @@ def allocate(shape: tuple[int, ...] | list[int], dtype: Any, buffer: str | None,
             _check_placement(instr, shape, buffer, per_partition, address)
             charge = 0
     run = state()
+    if address is not None and buffer in ON_CHIP:
+        return _placed(run, shape, dt, buffer, name, address, per_partition)
     data = np.empty(shape, dtype=dt)
     if run.compute:
         data.fill(_fill_value(dt) if isinstance(fill, str) else fill)
@@ -609,6 +753,21 @@ def allocate(shape: tuple[int, ...] | list[int], dtype: Any, buffer: str | None,
     if buffer == SHARED_HBM and not name:
         run.unnamed_shared_hbm.append((alloc, *alloc.site))
     return NkiTensor(alloc, data)
+
+
+def _placed(run: RunState, shape: tuple[int, ...], dt: np.dtype, buffer: str, name: str, address: Any,
+            per_partition: int) -> NkiTensor:
+    """A tile at `address` = (partition, byte offset) of the kernel's placed memory: a view of those bytes,
+    not new storage. Its first partition is the address's. In PSUM it starts with no open accumulation group
+    of its own, as every new tile does: the first `nc_matmul` into it overwrites what an earlier tile at
+    that address left (the compiler's accumulation groups belong to the tile, not to the bytes)."""
+    memory = run.placed_memory(buffer)
+    partition, offset = (int(a) for a in address)
+    rows = slice(partition, partition + shape[0])
+    data = memory.data[rows, offset:offset + per_partition].view(dt).reshape(shape)
+    alloc = _PlacedAllocation(memory, name)
+    alloc.site = kernel_site()
+    return NkiTensor(alloc, data, partition)
 
 
 _EMULATOR_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -666,6 +825,6 @@ def ceil_div(a: int, b: int) -> int:
 
 
 __all__ = [
-    "BFLOAT16", "DynSlice", "NKIRuleError", "NkiTensor", "Profile", "RunState", "allocate", "as_dtype",
+    "BFLOAT16", "DynSlice", "IndirectTensor", "NKIRuleError", "NkiTensor", "Profile", "RunState", "allocate", "as_dtype",
     "ceil_div", "is_float", "kernel_site", "nki_dtype", "rule_error", "state", "wrap_hbm",
 ]

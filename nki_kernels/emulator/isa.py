@@ -24,7 +24,7 @@ import numpy as np
 
 from . import core, costmodel, loops
 from . import language as nl
-from .core import MIN_II, PSUM, SBUF, NkiTensor, is_float, rule_error, state
+from .core import MIN_II, PSUM, SBUF, IndirectTensor, NkiTensor, is_float, rule_error, state
 
 
 class dge_mode(Enum):  # noqa: N801
@@ -82,6 +82,7 @@ gpsimd_engine, dma_engine, unknown_engine = engine.gpsimd, engine.dma, engine.un
 _ENGINE_ENUM = engine
 _REDUCE_CMD = reduce_cmd
 _DGE_MODE = dge_mode
+_OOB_MODE = oob_mode
 
 
 def get_nc_version():
@@ -120,6 +121,9 @@ def _tile(instr: str, name: str, t: Any, buffers: tuple[str, ...] = (SBUF, PSUM)
     SBUF/PSUM tensors using compute engines": start_partition rule)."""
     if not isinstance(t, NkiTensor):
         raise rule_error(instr, f"{name} must be a tile", f"got {type(t).__name__}")
+    if isinstance(t, IndirectTensor):  # isa stub dma_copy lines 523-526: gather / scatter is a DMA operation
+        raise rule_error(instr, "a vector_offset access (gather / scatter) is read and written only by "
+                         "nisa.dma_copy (isa stub lines 523-526)", f"{name} {t!r}")
     if t.buffer not in buffers:
         raise rule_error(instr, f"{name} must be in {'/'.join(buffers)}", f"{name} {t.shape} is in {t.buffer}")
     if t.partitions > core.PMAX:
@@ -278,7 +282,11 @@ def _issue(engine_name: str, instr: str, cycles: float, reads: tuple, writes: tu
 # ------------------------------------------------------------------ data movement
 def dma_copy(dst, src, dst_rmw_op=None, oob_mode=oob_mode.error, dge_mode=dge_mode.unknown, unique_indices=True,
              name=None):
-    """dst = src (or dst += src) between HBM and SBUF; element counts must match ([isa] dma_copy)."""
+    """dst = src (or dst += src) between HBM and SBUF; element counts must match ([isa] dma_copy).
+
+    Either side may be a `vector_offset` access (`core.IndirectTensor`): a gather from, or a
+    scatter into, rows picked at run time (`_gather_scatter`).
+    """
     instr = "nisa.dma_copy"
     for nm, t in (("dst", dst), ("src", src)):
         if not isinstance(t, NkiTensor):
@@ -288,18 +296,25 @@ def dma_copy(dst, src, dst_rmw_op=None, oob_mode=oob_mode.error, dge_mode=dge_mo
                              f"{nm} {t.shape} in psum")
         if t.buffer == SBUF and t.partitions > core.PMAX:
             raise rule_error(instr, "partition dimension must be <= 128", f"{nm} {t.shape}")
-    if dst.numpy().size != src.numpy().size:
+    if int(np.prod(dst.shape)) != int(np.prod(src.shape)):
         raise rule_error(instr, "src and dst must hold the same number of elements", f"dst {dst.shape}, src {src.shape}")
     if dge_mode == _DGE_MODE.hwdge:  # [isa] dma_copy: "Hardware based DGE is only supported for NeuronCore-v3 or newer"
         raise rule_error(instr, "dge_mode=hwdge (hardware DGE) needs NeuronCore-v3 or newer", "dge_mode=hwdge")
     if dst_rmw_op is not None and dst_rmw_op is not nl.add:  # [isa] "only nl.add is supported"
         raise rule_error(instr, "dst_rmw_op supports only nl.add", f"got {dst_rmw_op!r}")
+    indirect = tuple(t for t in (dst, src) if isinstance(t, IndirectTensor))
+    if indirect:
+        _check_gather_scatter(instr, dst, src, dst_rmw_op, oob_mode, dge_mode)
     run = state()
     hbm = src.nbytes if src.buffer in core.HBM_BUFFERS else 0
     if dst.buffer in core.HBM_BUFFERS:
         hbm += dst.nbytes * (2 if dst_rmw_op is not None else 1)
-    run.dma(instr, dst, src, hbm, accumulates="add" if dst_rmw_op is not None else "")
+    run.dma(instr, dst, src, hbm, accumulates="add" if dst_rmw_op is not None else "",
+            indices=tuple(t.index for t in indirect))
     if not run.compute:
+        return
+    if indirect:
+        _gather_scatter(instr, dst, src, dst_rmw_op is not None, oob_mode == _OOB_MODE.skip, unique_indices)
         return
     if dst.dtype == src.dtype and dst_rmw_op is None:  # nothing to convert: the bits move
         dst.numpy()[...] = src.numpy().reshape(dst.shape)
@@ -307,6 +322,64 @@ def dma_copy(dst, src, dst_rmw_op=None, oob_mode=oob_mode.error, dge_mode=dge_mo
             dst._acc[...] = False
         return
     dst.write(_dma_convert(src, dst, dst_rmw_op is not None))
+
+
+def _check_gather_scatter(instr: str, dst: NkiTensor, src: NkiTensor, dst_rmw_op: Any, oob: Any, dge: Any) -> None:
+    """[isa] dma_copy (stub lines 523-530): indices from SBUF drive a gather or scatter only with software
+    DGE (`swdge`, or `unknown`, the compiler's choice; `none` means descriptors written before the kernel
+    runs, which cannot depend on its values); a read-modify-write allows only `oob_mode.error`."""
+    if dge == _DGE_MODE.none:
+        raise rule_error(instr, "a gather / scatter (vector_offset) needs software DGE: dge_mode swdge or unknown "
+                         "(isa stub dma_copy lines 515-525)", "dge_mode=none")
+    if isinstance(dst, IndirectTensor) and isinstance(src, IndirectTensor):
+        raise rule_error(instr, core.NOT_EMULATED, "a vector_offset on both src and dst (no source describes it)")
+    if dst_rmw_op is not None and oob == _OOB_MODE.skip:
+        raise rule_error(instr, "with dst_rmw_op a dynamic DMA allows only oob_mode.error (isa stub line 530)",
+                         "oob_mode=skip")
+
+
+def _gather_scatter(instr: str, dst: NkiTensor, src: NkiTensor, add: bool, skip: bool, unique: bool) -> None:
+    """Move the data of a DMA with one `IndirectTensor` side; rows out of bounds raise or are skipped."""
+    side = dst if isinstance(dst, IndirectTensor) else src
+    addresses = side.addresses()
+    inside = side.rows_in_bounds(addresses)
+    if not inside.all() and not skip:  # [isa] oob_mode.error: "Raises an error when encountering out-of-bounds indices"
+        bad = np.flatnonzero(~inside)[:4]
+        raise rule_error(instr, "a vector_offset index reaches outside the tensor; oob_mode.error raises at run time "
+                         "(isa stub dma_copy lines 526-527, 571-576)",
+                         f"rows {bad.tolist()} hold {side.index.numpy().reshape(-1)[bad].tolist()} on {side.shape} "
+                         f"of a {side.flat_size}-element tensor")
+    keep = np.broadcast_to(inside.reshape(-1, *([1] * (addresses.ndim - 1))), addresses.shape).reshape(-1)
+    if side is src:
+        values = src.flat[addresses.reshape(-1)[keep]]
+        target = np.array(dst.numpy()).reshape(-1)  # the rows skipped keep dst's values
+        target[keep] = _dma_values(values, dst.dtype, target[keep] if add else None)
+        dst.numpy()[...] = target.reshape(dst.shape)
+        return
+    kept = np.flatnonzero(inside)
+    rows = side.index.numpy().reshape(-1)[kept]
+    if len(np.unique(rows)) != len(rows) and (not add or unique):
+        raise rule_error(instr, "scatter indices must be unique (isa stub dma_copy line 525: 'a list of unique "
+                         "dynamic indices'; with dst_rmw_op, unique_indices=False declares repeats)",
+                         f"vector_offset holds {rows.tolist()}")
+    targets = addresses.reshape(-1)[keep]
+    values = src.numpy().reshape(-1)[keep]
+    if add and not unique:  # repeated rows: every addition lands (in float32, as the DMA computes)
+        total = dst.flat.astype(np.float32)
+        np.add.at(total, targets, values.astype(np.float32))
+        dst.flat[targets] = _dma_values(total[targets], dst.dtype, None)
+        return
+    dst.flat[targets] = _dma_values(values, dst.dtype, dst.flat[targets] if add else None)
+
+
+def _dma_values(values: np.ndarray, dtype: np.dtype, current: np.ndarray | None) -> np.ndarray:
+    """What a DMA stores: the bits when nothing converts, else through float32 (`_dma_convert`)."""
+    if current is None and values.dtype == dtype:
+        return values
+    out = values.astype(np.float32)
+    if current is not None:
+        out = current.astype(np.float32) + out
+    return _to_dtype(out, dtype).astype(dtype)
 
 
 # [isa] dma_transpose (stub lines 581-623): the permutation for each rank; `axes` may only restate it.
@@ -324,6 +397,8 @@ def dma_transpose(dst, src, axes=None, dge_mode=dge_mode.unknown, oob_mode=oob_m
     for nm, t in (("dst", dst), ("src", src)):
         if not isinstance(t, NkiTensor):
             raise rule_error(instr, f"{nm} must be a tensor", f"got {type(t).__name__}")
+        if isinstance(t, IndirectTensor):  # the stub's indirect transpose names an `indices` this signature lacks
+            raise rule_error(instr, core.NOT_EMULATED, f"an indirect (vector_offset) transpose, {nm} {t!r}")
         if t.buffer == PSUM:
             raise rule_error(instr, f"{nm} must be in HBM or SBUF", f"{nm} {t.shape} in psum")
     perm = _DMA_TRANSPOSE_AXES.get(len(src.shape))
@@ -365,15 +440,20 @@ def _dma_convert(src: NkiTensor, dst: NkiTensor, add: bool) -> np.ndarray:
     values = src.read().astype(np.float32).reshape(dst.shape)
     if add:
         values = dst.read().astype(np.float32).reshape(dst.shape) + values
-    if is_float(dst.dtype):
+    return _to_dtype(values, dst.dtype)
+
+
+def _to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The float32-to-`dtype` step of a DMA: refuses what `_dma_convert` says is undocumented."""
+    if is_float(dtype):
         return values
-    info = np.iinfo(dst.dtype)
+    info = np.iinfo(dtype)
     whole = np.isfinite(values) & (values == np.trunc(values))
     fits = whole & (values >= info.min) & (values <= info.max)
     if not fits.all():
         bad = values[~fits].flat[0]
-        raise rule_error("nisa.dma_copy", f"the DMA's float32-to-{dst.dtype} step is not documented for a value "
-                         f"that is not a whole number within {dst.dtype} (rounding, saturation): not emulated",
+        raise rule_error("nisa.dma_copy", f"the DMA's float32-to-{dtype} step is not documented for a value "
+                         f"that is not a whole number within {dtype} (rounding, saturation): not emulated",
                          f"{int((~fits).sum())} such values, e.g. {bad!r}")
     return values.astype(np.int64)
 
@@ -398,6 +478,44 @@ def tensor_copy(dst, src, engine=engine.unknown, name=None, dtype=None):
             dst.write(src.numpy().reshape(dst.shape))
         else:
             dst.write(src.read())
+
+
+def nc_stream_shuffle(dst, src, shuffle_mask, name=None):
+    """Cross-partition move within each quadrant of 32 partitions on the Vector engine ([isa]
+    nc_stream_shuffle, stub lines 1301-1340): dst partition q*32+i copies src partition
+    q*32+shuffle_mask[i]; 255 leaves it unmodified; the same dtype and elements per partition;
+    both starts follow the rule for `num_active_partitions` (max partitions rounded up to 32)."""
+    instr = "nisa.nc_stream_shuffle"
+    _tile(instr, "dst", dst)
+    _tile(instr, "src", src)
+    mask = [int(m) for m in shuffle_mask]
+    if len(mask) != 32 or any(not (0 <= m < 32 or m == 255) for m in mask):
+        raise rule_error(instr, "shuffle_mask is a 32-element list of partitions 0-31 (or 255: unmodified)",
+                         f"shuffle_mask={shuffle_mask!r}")
+    if dst.dtype != src.dtype or dst.free_size != src.free_size:
+        raise rule_error(instr, "dst must have src's dtype and number of elements per partition",
+                         f"dst {dst.shape} {dst.dtype}, src {src.shape} {src.dtype}")
+    active = -(-max(dst.partitions, src.partitions) // 32) * 32
+    starts = {96: (0,), 128: (0,), 64: (0, 64), 32: (0, 32, 64, 96)}[active]
+    for nm, t in (("dst", dst), ("src", src)):
+        if t.pstart not in starts:
+            raise rule_error(instr, f"with {active} active partitions the start partition must be one of {starts}",
+                             f"{nm} {t.shape} starts at partition {t.pstart}")
+    _free_limit(instr, {"dst": dst, "src": src})
+    _issue("vector", instr, max(MIN_II, src.free_size), (src,), (dst,), _lanes(src))
+    if not state().compute:
+        return
+    values, out = src.numpy().reshape(src.partitions, -1).copy(), dst.read()
+    for row in range(dst.partitions):
+        pick = mask[row % 32]
+        if pick == 255:
+            continue
+        source = row - row % 32 + pick
+        if source >= src.partitions:
+            raise rule_error(instr, "shuffle_mask picks a partition src does not access",
+                             f"dst partition {row} <- src partition {source} of {src.partitions}")
+        out[row] = values[source]
+    dst.write(out if is_float(dst.dtype) else out.astype(np.int64))
 
 
 def memset(dst, value, engine=engine.unknown, name=None):
@@ -996,7 +1114,7 @@ def nc_find_index8(dst, data, vals, name=None):
 # In the 0.2.0 stub but not emulated: callable names that raise when a kernel reaches them.
 NOT_EMULATED = (
     "bn_aggr", "bn_stats", "dma_compute",
-    "dropout", "local_gather", "nc_match_replace8", "nc_n_gather", "nc_stream_shuffle",
+    "dropout", "local_gather", "nc_match_replace8", "nc_n_gather",
     "rand_get_state", "rand_set_state",
     "register_alloc", "register_load", "register_move", "register_store", "rng",
     "select_reduce", "sequence_bounds", "set_rng_seed", "tensor_copy_predicated",
@@ -1029,6 +1147,6 @@ for _name, (_version, _line) in LATER_NEURONCORE.items():
 __all__ = [
     "activation", "activation_reduce", "affine_select", "dge_mode", "dma_copy", "dma_transpose", "engine",
     "get_nc_version", "iota",
-    "matmul_perf_mode", "max8", "memset", "nc_find_index8", "nc_matmul", "nc_transpose", "nc_version", "oob_mode", "reciprocal", "reduce_cmd",
+    "matmul_perf_mode", "max8", "memset", "nc_find_index8", "nc_matmul", "nc_stream_shuffle", "nc_transpose", "nc_version", "oob_mode", "reciprocal", "reduce_cmd",
     "tensor_copy", "tensor_reduce", "tensor_scalar", "tensor_scalar_reduce", "tensor_tensor", "tensor_tensor_scan",
 ]

@@ -445,7 +445,7 @@ class AffineLoops:
                 layout = self.layouts[(alloc.data.shape, alloc.data.itemsize)] = (
                     len(self.layouts), _Track.axes_of(alloc.data))
             track = self.tracks[alloc.id] = _Track(*layout)
-        view = tensor._view
+        view = tensor.covered_view()
         key = (track.layout, tensor.byte_offset(), view.shape, view.strides, view.dtype.itemsize)
         access = self.patterns.get(key, False)
         if access is False:
