@@ -47,7 +47,7 @@ def bmojo_caller() -> str:
 class XlaLog:
     """What the doubles saw."""
 
-    syncs: list[dict] = field(default_factory=list)  # {"source": "loader" | "code", "step_work", "forwards"}
+    syncs: list[dict] = field(default_factory=list)  # {"source": "loader" | "code", "step_work", "forwards", "rng"}
     fetches: int = 0
     train_forwards: int = 0
     eval_forwards: int = 0
@@ -106,7 +106,8 @@ class XlaLog:
         """A ``mark_step`` from the loader, our code or NxD's pipeline (``"pipeline"``: the graphs NxD cuts
         inside ``run_train`` / ``run_eval``; the step stays pending until the caller's own mark_step). Each one
         steps the XLA seed (``DeviceContextArena::MarkStep``), random ops traced or not."""
-        self.syncs.append({"source": source, "step_work": self.step_work, "forwards": self._forwards})
+        self.syncs.append({"source": source, "step_work": self.step_work, "forwards": self._forwards,
+                           "rng": self.rng})  # the seed ``get_rng_state`` gave just before this sync
         self.cut(source)
         self.rng = self.rng_base = (SEED_STEP_ADD + SEED_STEP_MUL * self.rng_base) % 2**64
         if source == "pipeline":
