@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import inspect
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -1204,6 +1205,38 @@ def test_host_operands_torch_xla_copies_over_are_recorded_transfers():
     assert got.tolist() == [1.0, 2.0, 3.0, 4.0]
     assert [t.split(" at ")[0] for t in log.host_transfers] == ["to(<device>) of a host tensor",
                                                                  "tensor(<host data>, device=)"]
+
+
+def test_a_state_torch_load_read_in_a_neuron_run_is_on_the_host_until_moved(one_rank, tmp_path, monkeypatch):
+    """In a Neuron run a checkpoint's tensors come back on the host: an AdamW state left there fails torch-xla's
+    update (``exp_avg.lerp_(grad)``, in place on a host tensor with a device operand: ``Expected XLA tensor``);
+    ``.to(<device>)`` gives a device tensor with which the step gives plain AdamW's numbers. Outside a run (no
+    NxD state) ``torch.load`` is untouched, and NxD's host copy gives plain tensors back."""
+    from doubles.xla_host import XLA_DEVICE, is_host
+
+    neuron_sdk.install(monkeypatch)
+    torch.save({"exp_avg": torch.full((4,), 0.5), "exp_avg_sq": torch.full((4,), 0.25), "step": torch.tensor(3.0)},
+               tmp_path / "state.pt")
+    assert not is_host(torch.load(tmp_path / "state.pt")["exp_avg"])
+    sys.modules[PARALLEL_STATE].initialize_model_parallel()
+    loaded = torch.load(tmp_path / "state.pt")
+    assert is_host(loaded["exp_avg"]) and is_host(loaded["exp_avg"][:2] * 2)  # what ops on it make too
+
+    def adamw(state: dict) -> torch.Tensor:
+        param = torch.nn.Parameter(torch.ones(4))
+        optimizer = torch.optim.AdamW([param], lr=0.1)
+        optimizer.state[param] = state
+        _in_a_step(lambda x: (setattr(param, "grad", x), optimizer.step()), torch.arange(4.0))
+        return param.detach()
+
+    with pytest.raises(RuntimeError, match=r"^Expected XLA tensor\. Got: CPUFloatType$"):
+        adamw(dict(loaded))
+    moved = {k: v.to(XLA_DEVICE) if v.dim() else v for k, v in loaded.items()}
+    assert not is_host(moved["exp_avg"]) and is_host(loaded["exp_avg"])  # the host tensor stays one
+    plain = {k: v.as_subclass(torch.Tensor).clone() for k, v in loaded.items()}
+    assert torch.equal(adamw(moved), adamw(plain))
+    copy = sys.modules["neuronx_distributed.parallel_layers.utils"].move_all_tensor_to_cpu(loaded)
+    assert type(copy["exp_avg"]) is torch.Tensor
 
 
 def test_host_tensors_are_followed_only_inside_a_step():

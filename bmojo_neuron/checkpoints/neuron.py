@@ -52,6 +52,8 @@ class NeuronRanks(ShardRanks, Protocol):
     @property
     def is_main(self) -> bool: ...
     @property
+    def device(self) -> torch.device: ...
+    @property
     def dp(self) -> int: ...
     @property
     def last_stage(self) -> bool: ...
@@ -93,11 +95,14 @@ def dp_slice(full: Tensor, dp: int, dp_rank: int) -> Tensor:
     return full.chunk(dp)[dp_rank]
 
 
-def _state_to_device(value: Any, like: Tensor) -> Any:
-    """An AdamW state value for a parameter like `like`; the scalar ``step`` stays a host tensor (as AdamW keeps it)."""
+def _state_to_device(value: Any, like: Tensor, device: torch.device) -> Any:
+    """An AdamW state value read from a checkpoint (on the host) for a parameter like `like`, on the XLA `device`
+    (AdamW updates it in place with the device gradient, which torch-xla refuses for a host tensor); the scalar
+    ``step`` stays a host tensor, as AdamW keeps it. The runtime's device, not ``like.device``: the same on
+    Trainium, and on the test doubles the one that tells the device from the host outside a step."""
     if not isinstance(value, Tensor) or value.dim() == 0:
         return value
-    return value.to(like.device, like.dtype)
+    return value.to(device, like.dtype)
 
 
 # ------------------------------------------------------------------------------ save
@@ -222,12 +227,12 @@ def restore_training_state(model: nn.Module, optimizer: Any, scheduler: Any, pre
         inner = getattr(optimizer, "optimizer", optimizer)
         for group in inner.param_groups:
             for p in group["params"]:
-                inner.state[p] = {k: _state_to_device(v, p) for k, v in states_of(p).items()}
+                inner.state[p] = {k: _state_to_device(v, p, runtime.device) for k, v in states_of(p).items()}
     else:
         dp, rank = zero.local_world_size, zero.local_rank
         for param, shard in _zero1_pairs(zero):
             cut = {k: dp_slice(v, dp, rank) if isinstance(v, Tensor) else v for k, v in states_of(param).items()}
-            zero.base_optimizer.state[shard] = {k: _state_to_device(v, shard) for k, v in cut.items()}
+            zero.base_optimizer.state[shard] = {k: _state_to_device(v, shard, runtime.device) for k, v in cut.items()}
             name = names[id(param)]
             if shard.dtype != param.dtype and name in weights:  # the exact fp32 master copy
                 with torch.no_grad():

@@ -543,7 +543,8 @@ def extracting() -> bool:
 
 
 def _host_copy(data: Any) -> Any:
-    return _rewrite(data, lambda t: t.detach().to("cpu", copy=True), {})
+    """Plain host tensors (never `LoadedOnHost`, which a checkpoint would pickle by its class)."""
+    return _rewrite(data, lambda t: t.detach().to("cpu", copy=True).as_subclass(torch.Tensor), {})
 
 
 def _zeros_like(data: Any) -> Any:
