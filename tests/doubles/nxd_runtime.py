@@ -6,7 +6,8 @@ parallelism, one stage per process over gloo):
 - every callable has NxD's (or torch-xla's) exact signature (``tests/test_doubles.py``);
 - ``neuronx_distributed_config`` fills the same defaults and initialises the
   parallel state when a process group exists, with NxD's checks (``parallel_state.py``:
-  a process group, degrees clipped to the world, the world divisible by tp x pp); the
+  a process group, degrees clipped to the world, the world divisible by tp x pp) and NxD's
+  replica groups (`nxd_replica_groups`: trn1's strided tp = 4 and its refusals too); the
   ``parallel_state`` getters, ZeRO-1 and ``NxDPPModel`` assert that it was initialised; ``initialize_parallel_model`` builds
   through ``model_fn``, moves to the device in NxD's waves of
   ``sequential_move_factor`` local ranks (a rendezvous after each wave), wraps in

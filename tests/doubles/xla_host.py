@@ -36,11 +36,14 @@ device and an explicit ``device="cpu"`` makes a host tensor; ``.cpu()`` / ``.to(
 the reads of its value (``.item()``, ``.tolist()``, ``float()`` ...) by our code in a step run the graph early
 on XLA and are recorded in ``XlaLog.host_reads`` (the copies are host tensors).
 
-Not modelled: host tensors made before the step but those attributes (a buffer registered after the move, a
-tensor kept in a closure or in an optimizer state: following them would need the mode between steps too, a
-Python call at every op of evaluations and checkpoints), host tensors made by torch, another library or the
-doubles, and the host operands of ops torch-xla runs through its CPU fallback (they take host tensors;
-`xla_lowerings.CpuFallbacks` records the ops).
+What ``torch.load`` reads during a Neuron run is on the host too (`LoadedOnHost`, installed by
+`neuron_sdk.install`): a checkpoint's optimizer state not moved to the device fails the step's update.
+
+Not modelled: other host tensors made before the step but those attributes (a buffer registered after the move,
+a tensor kept in a closure, an optimizer state made outside a step without ``device=``: following them would
+need the mode between steps too, a Python call at every op of evaluations and checkpoints), host tensors made by
+torch (but ``torch.load``), another library or the doubles, and the host operands of ops torch-xla runs through
+its CPU fallback (they take host tensors; `xla_lowerings.CpuFallbacks` records the ops).
 """
 
 from __future__ import annotations
