@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import inspect
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -757,6 +758,43 @@ def test_tensor_parallel_replica_groups_list_every_rank(one_rank, monkeypatch):
     state.initialize_model_parallel(pipeline_model_parallel_size=2)
     assert state.get_tensor_model_parallel_replica_groups() == [[0], [1]]
 
+def test_nxd_groups_are_our_layouts_and_nxd_refuses_what_we_refuse(one_rank, monkeypatch):
+    """The double builds NxD v2.28.0's replica groups (parallel_state.py 594-636: the ``[pp, dp, cp, tp]`` grid and
+    trn1's strided tp = 4), which are the groups our ``ParallelLayout`` / ``trainium_groups`` give; a tp = 4 layout
+    NxD cannot reshape fails in both, and a double initialised for the training loop hands out those groups."""
+    from bmojo_neuron.parallel.layout import ParallelLayout, check_trainium_layout, trainium_groups
+
+    state = _doubles()[PARALLEL_STATE]
+    world_size = {"n": 1}
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: world_size["n"])
+    for world, tp, pp, local in [(32, 8, 4, 32), (64, 4, 1, 32), (64, 4, 2, 32), (128, 4, 4, 32), (16, 2, 2, 16),
+                                 (8, 1, 8, 8), (8, 4, 1, 8)]:
+        world_size["n"] = world
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+        mesh = state.initialize_model_parallel(tp, pp, mesh_only=True)
+        ours = trainium_groups(world, tp, pp, local)
+        assert (mesh.tp_groups, mesh.pp_groups, mesh.dp_groups) == (ours["tp"], ours["pp"], ours["dp"]), (world, tp, pp)
+        if tp != 4:
+            layout = ParallelLayout.from_world(world, tp, pp)
+            assert (layout.tp_groups(), layout.pp_groups(), layout.dp_groups()) == (ours["tp"], ours["pp"], ours["dp"])
+    assert not state.model_parallel_is_initialized()  # mesh_only builds nothing
+    for world, pp, local, error in [(32, 2, 32, RuntimeError), (8, 1, 2, ZeroDivisionError)]:
+        world_size["n"] = world
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+        with pytest.raises(error):
+            state.initialize_model_parallel(4, pp)
+        with pytest.raises(ValueError, match="multiple of"):
+            check_trainium_layout(world, 4, pp, local)
+    world_size["n"] = 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    modules, env = _doubles_and_env()
+    monkeypatch.setattr(env, "group_of", lambda ranks: None)
+    state = modules[PARALLEL_STATE]
+    state.initialize_model_parallel(pipeline_model_parallel_size=2)
+    assert (state.get_tensor_model_parallel_replica_groups(), state.get_pipeline_model_parallel_replica_groups(),
+            state.get_data_parallel_replica_groups()) == ([[0], [1]], [[0, 1]], [[0], [1]])
+
+
 def test_model_moves_to_the_device_in_waves_of_local_ordinals(one_rank, monkeypatch):
     """NxD's ``get_model_sequential`` (utils/model_utils.py 335-356) counts its waves over the node's processes
     (torch-xla's ``local_process_count()``: ``LOCAL_WORLD_SIZE`` under torchrun) and places a rank by its local
@@ -1167,6 +1205,38 @@ def test_host_operands_torch_xla_copies_over_are_recorded_transfers():
     assert got.tolist() == [1.0, 2.0, 3.0, 4.0]
     assert [t.split(" at ")[0] for t in log.host_transfers] == ["to(<device>) of a host tensor",
                                                                  "tensor(<host data>, device=)"]
+
+
+def test_a_state_torch_load_read_in_a_neuron_run_is_on_the_host_until_moved(one_rank, tmp_path, monkeypatch):
+    """In a Neuron run a checkpoint's tensors come back on the host: an AdamW state left there fails torch-xla's
+    update (``exp_avg.lerp_(grad)``, in place on a host tensor with a device operand: ``Expected XLA tensor``);
+    ``.to(<device>)`` gives a device tensor with which the step gives plain AdamW's numbers. Outside a run (no
+    NxD state) ``torch.load`` is untouched, and NxD's host copy gives plain tensors back."""
+    from doubles.xla_host import XLA_DEVICE, is_host
+
+    neuron_sdk.install(monkeypatch)
+    torch.save({"exp_avg": torch.full((4,), 0.5), "exp_avg_sq": torch.full((4,), 0.25), "step": torch.tensor(3.0)},
+               tmp_path / "state.pt")
+    assert not is_host(torch.load(tmp_path / "state.pt")["exp_avg"])
+    sys.modules[PARALLEL_STATE].initialize_model_parallel()
+    loaded = torch.load(tmp_path / "state.pt")
+    assert is_host(loaded["exp_avg"]) and is_host(loaded["exp_avg"][:2] * 2)  # what ops on it make too
+
+    def adamw(state: dict) -> torch.Tensor:
+        param = torch.nn.Parameter(torch.ones(4))
+        optimizer = torch.optim.AdamW([param], lr=0.1)
+        optimizer.state[param] = state
+        _in_a_step(lambda x: (setattr(param, "grad", x), optimizer.step()), torch.arange(4.0))
+        return param.detach()
+
+    with pytest.raises(RuntimeError, match=r"^Expected XLA tensor\. Got: CPUFloatType$"):
+        adamw(dict(loaded))
+    moved = {k: v.to(XLA_DEVICE) if v.dim() else v for k, v in loaded.items()}
+    assert not is_host(moved["exp_avg"]) and is_host(loaded["exp_avg"])  # the host tensor stays one
+    plain = {k: v.as_subclass(torch.Tensor).clone() for k, v in loaded.items()}
+    assert torch.equal(adamw(moved), adamw(plain))
+    copy = sys.modules["neuronx_distributed.parallel_layers.utils"].move_all_tensor_to_cpu(loaded)
+    assert type(copy["exp_avg"]) is torch.Tensor
 
 
 def test_host_tensors_are_followed_only_inside_a_step():

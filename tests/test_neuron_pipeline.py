@@ -205,7 +205,9 @@ def _worker(rank: int, init: str, out: str) -> None:
             whole = train(recipe(**PP), out_dir / "whole", progress=False)
         summary["whole"] = _summary(whole, log, reads)
         train(recipe(**PP), out_dir / "cut", progress=False, stop_after=2)
+        before = len(log.syncs)
         summary["resumed"] = _summary(train(recipe(**PP), out_dir / "cut", resume=True, progress=False))
+        summary["resumed"]["step_seeds"] = _step_seeds(log.syncs[before:])
         train(recipe(**PP, **ZERO1), out_dir / "zero1", progress=False, stop_after=2)
         summary["zero1"] = _summary(train(recipe(**PP, **ZERO1), out_dir / "zero1", resume=True,
                                                progress=False))
@@ -214,6 +216,11 @@ def _worker(rank: int, init: str, out: str) -> None:
     finally:
         patch.undo()
         dist.destroy_process_group()
+
+
+def _step_seeds(syncs: list[dict]) -> list[int]:
+    """torch-xla's seed at our sync of each step (after NxD's pipeline syncs inside the step)."""
+    return [s["rng"] for s in syncs if s["source"] == "code" and s["step_work"]]
 
 
 def _summary(result, log=None, reads=None) -> dict:
@@ -325,7 +332,11 @@ def test_pipeline_checkpoints_hold_each_stage_and_consolidate(pp_runs, tmp_path)
 
 
 def test_pipeline_resume_reproduces_the_uninterrupted_run(pp_runs):
-    _, (main, _) = pp_runs
+    _, ranks = pp_runs
+    for summary in ranks:  # each stage's XLA seed sequence over steps 3.. is the uninterrupted one's
+        whole = _step_seeds(summary["whole"]["log"]["syncs"])
+        assert len(whole) == STEPS and summary["resumed"]["step_seeds"] == whole[2:]
+    main = ranks[0]
     keys = ("step", *TRAIN_KEYS)
     assert [[r[k] for k in keys] for r in _train(main["resumed"]["metrics"])] == \
         [[r[k] for k in keys] for r in _train(main["whole"]["metrics"])]  # bitwise

@@ -114,10 +114,9 @@ def test_the_run_calls_no_deprecated_torch_xla_function(neuron_run):
 
 
 def test_no_graph_draws_a_random_number_on_the_device(neuron_run):
-    """torch-xla steps its generator's seed at every sync (a rendezvous syncs two or three times) and at every
-    random op a graph traces, so the XLA seed a checkpoint keeps is where the generator stood during the save, and
-    a resumed run's start-up syncs move on from it. That reaches no number only because no graph draws one: a
-    random op (dropout ...) traced inside NxD's model wrapper would be recorded here."""
+    """No graph draws a random number (the model has no dropout): a random op traced inside NxD's model wrapper
+    would be recorded here. Each would take the next XLA seed, which a resumed run reproduces
+    (`test_resume_reproduces_the_uninterrupted_run`)."""
     _, log, _ = neuron_run
     assert log.train_forwards > 0 and log.random_ops == []
 
@@ -182,10 +181,14 @@ def test_checkpoints_use_the_sharded_layout_and_consolidate_to_a_hf_model(neuron
 
 
 def test_resume_reproduces_the_uninterrupted_run(neuron_run, doubles, tmp_path):
-    result, _, _ = neuron_run
+    result, log, _ = neuron_run
     first = train(recipe(), tmp_path, progress=False, stop_after=3)
     assert first.final_dir is None and first.step == 3 and layout.latest_checkpoint(tmp_path).name == "step-0000003"
     second = train(recipe(), tmp_path, resume=True, progress=False)
+    # torch-xla's seed (``get_rng_state``) at every sync of steps 4-6 is the uninterrupted run's, though the
+    # uninterrupted run synced for its eval and checkpoint before step 4 and the resumed one for its start-up
+    seeds = [s["rng"] for s in doubles.step_syncs()]
+    assert len(seeds) == 2 * 3 * ACCUM and seeds[3 * ACCUM:] == [s["rng"] for s in log.step_syncs()][3 * ACCUM:]
     keys = ("step", "loss", "lm_loss", "aux_loss", "grad_norm", "lr", "tokens")
     assert [[r[k] for k in keys] for r in train_records(second.metrics)] == \
         [[r[k] for k in keys] for r in train_records(result.metrics)]  # bitwise
@@ -333,6 +336,9 @@ def test_a_negative_seed_seeds_the_xla_generator_as_torch_reads_it(doubles):
         torch.manual_seed(-3)
         assert runtime.rng_state() == torch.initial_seed() == 2**64 - 3
         runtime.seed(7)
+        assert runtime.rng_state() == 7
+        runtime.set_rng_state_one_sync_back(7)  # what a resumed pipeline's first step starts from
+        runtime.sync()
         assert runtime.rng_state() == 7
     finally:
         runtime.close()

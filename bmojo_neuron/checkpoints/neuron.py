@@ -52,6 +52,8 @@ class NeuronRanks(ShardRanks, Protocol):
     @property
     def is_main(self) -> bool: ...
     @property
+    def device(self) -> torch.device: ...
+    @property
     def dp(self) -> int: ...
     @property
     def last_stage(self) -> bool: ...
@@ -59,8 +61,6 @@ class NeuronRanks(ShardRanks, Protocol):
     def sync(self) -> None: ...
     def gather_over(self, x: Tensor, groups: Any) -> Tensor: ...
     def barrier(self, tag: str) -> None: ...
-    def rng_state(self) -> int: ...
-    def set_rng_state(self, value: int | None) -> None: ...
 
 
 def parameter_names(model: nn.Module) -> dict[int, str]:
@@ -95,11 +95,14 @@ def dp_slice(full: Tensor, dp: int, dp_rank: int) -> Tensor:
     return full.chunk(dp)[dp_rank]
 
 
-def _state_to_device(value: Any, like: Tensor) -> Any:
-    """An AdamW state value for a parameter like `like`; the scalar ``step`` stays a host tensor (as AdamW keeps it)."""
+def _state_to_device(value: Any, like: Tensor, device: torch.device) -> Any:
+    """An AdamW state value read from a checkpoint (on the host) for a parameter like `like`, on the XLA `device`
+    (AdamW updates it in place with the device gradient, which torch-xla refuses for a host tensor); the scalar
+    ``step`` stays a host tensor, as AdamW keeps it. The runtime's device, not ``like.device``: the same on
+    Trainium, and on the test doubles the one that tells the device from the host outside a step."""
     if not isinstance(value, Tensor) or value.dim() == 0:
         return value
-    return value.to(like.device, like.dtype)
+    return value.to(device, like.dtype)
 
 
 # ------------------------------------------------------------------------------ save
@@ -168,8 +171,13 @@ def trace_save(model: nn.Module, optimizer: Any, runtime: NeuronRanks) -> None:
 
 
 def save_checkpoint(run_dir: Path, runtime: NeuronRanks, model: nn.Module, optimizer: Any, scheduler: Any,
-                    state: TrainerState, recipe: dict[str, Any], keep_last: int, meta: dict[str, Any]) -> Path:
-    """Every rank writes its files into one temp dir; rank 0 publishes it (then `latest`) after a barrier."""
+                    state: TrainerState, recipe: dict[str, Any], keep_last: int, meta: dict[str, Any],
+                    xla_seed: int | None) -> Path:
+    """Every rank writes its files into one temp dir; rank 0 publishes it (then `latest`) after a barrier.
+
+    `xla_seed` is the XLA seed the next step starts from (the backend's ``step_seed``), kept as ``rng["xla"]``:
+    not the seed as it stands during the save, which the save's own syncs have moved on.
+    """
 
     def write_rank_files(tmp: Path) -> None:
         weights, states = host_state(model, optimizer, runtime)
@@ -177,7 +185,7 @@ def save_checkpoint(run_dir: Path, runtime: NeuronRanks, model: nn.Module, optim
             fmt.save_tensors(weights, tmp / fmt.model_file(runtime.tp_rank, runtime.pp_rank),
                              fmt.tied_names(model.config))
         blob = {"optimizer": states, "scheduler": scheduler.state_dict(),
-                "rng": {**rng_states(), "xla": runtime.rng_state()}}
+                "rng": {**rng_states(), "xla": xla_seed}}
         torch.save(blob, tmp / fmt.optim_file(runtime.tp_rank, runtime.pp_rank, runtime.dp_rank))
 
     return fmt.save_sharded(run_dir, state, runtime.is_main, runtime.barrier, write_rank_files, meta, recipe,
@@ -202,7 +210,8 @@ def restore_weights(model: nn.Module, previous: Checkpoint, runtime: NeuronRanks
 
 def restore_training_state(model: nn.Module, optimizer: Any, scheduler: Any, previous: Checkpoint,
                            weights: dict[str, Tensor], runtime: NeuronRanks) -> None:
-    """Optimizer states (ZeRO-1: this rank's slices and fp32 master weights), scheduler and RNG."""
+    """Optimizer states (ZeRO-1: this rank's slices and fp32 master weights), scheduler and the host RNGs (the
+    XLA seed, ``previous.rng["xla"]``, is the backend's to set when its first step starts)."""
     if previous.scheduler is None:  # `checkpoint shard` of a plain export: a warm start at step 0
         return
     names = parameter_names(model)
@@ -218,12 +227,12 @@ def restore_training_state(model: nn.Module, optimizer: Any, scheduler: Any, pre
         inner = getattr(optimizer, "optimizer", optimizer)
         for group in inner.param_groups:
             for p in group["params"]:
-                inner.state[p] = {k: _state_to_device(v, p) for k, v in states_of(p).items()}
+                inner.state[p] = {k: _state_to_device(v, p, runtime.device) for k, v in states_of(p).items()}
     else:
         dp, rank = zero.local_world_size, zero.local_rank
         for param, shard in _zero1_pairs(zero):
             cut = {k: dp_slice(v, dp, rank) if isinstance(v, Tensor) else v for k, v in states_of(param).items()}
-            zero.base_optimizer.state[shard] = {k: _state_to_device(v, shard) for k, v in cut.items()}
+            zero.base_optimizer.state[shard] = {k: _state_to_device(v, shard, runtime.device) for k, v in cut.items()}
             name = names[id(param)]
             if shard.dtype != param.dtype and name in weights:  # the exact fp32 master copy
                 with torch.no_grad():
@@ -231,4 +240,3 @@ def restore_training_state(model: nn.Module, optimizer: Any, scheduler: Any, pre
     scheduler.load_state_dict(previous.scheduler)
     fmt.restore_lr(optimizer, scheduler)
     set_rng_states(previous.rng)
-    runtime.set_rng_state(previous.rng.get("xla"))

@@ -33,6 +33,18 @@ from bmojo_neuron.neuron import TRAINING_PACKAGES, import_neuron_module, require
 EXTRACT_GRAPHS_ONLY = "NEURON_EXTRACT_GRAPHS_ONLY"
 
 
+# torch-xla 2.9's generator is torch's lazy-tensor one: every ``torch_xla.sync`` / ``mark_step`` sets the device's
+# seed to ``seed * 7012063 + 1012031`` mod 2**64 (torch/csrc/lazy/core/lazy_graph_executor.cpp,
+# ``DeviceContextArena::MarkStep``, which torch-xla's XLAGraphExecutor reuses). The multiplier is odd, so the step
+# can be undone.
+SYNC_SEED_MUL, SYNC_SEED_ADD = 7012063, 1012031
+
+
+def seed_before_sync(seed: int) -> int:
+    """The XLA seed that one sync turns into `seed` (the inverse of torch-xla's step of the seed at a sync)."""
+    return (seed - SYNC_SEED_ADD) * pow(SYNC_SEED_MUL, -1, 2**64) % 2**64
+
+
 def extracting_graphs() -> bool:
     """Whether this process is ``neuron_parallel_compile``'s trial run: torch-neuronx then only extracts the
     graphs and executes empty stubs with zero outputs, so no device value read back means anything."""
@@ -162,6 +174,10 @@ class NeuronRuntime:
     def set_rng_state(self, value: int | None) -> None:
         if value is not None:
             self.xm.set_rng_state(int(value))
+
+    def set_rng_state_one_sync_back(self, value: int) -> None:
+        """Set the XLA seed that one ``torch_xla.sync`` turns into `value` (`seed_before_sync`)."""
+        self.xm.set_rng_state(seed_before_sync(value))
 
     # ------------------------------------------------------------------ data-parallel collectives
 

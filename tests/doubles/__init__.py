@@ -10,14 +10,16 @@ They mirror the pinned SDK 2.28 stack: NeuronX Distributed (NxD) 0.17 as in
   size 1, recording every layer built; and a spy of ``neuronx_distributed.trainer``
   that records its calls.
 - `nxd_runtime`: NxD's trainer for the Neuron training loop (``NxDModel``,
-  ``NxDOptimizer``, ZeRO-1, parallel state over gloo, ``parallel_layers.utils``).
+  ``NxDOptimizer``, ZeRO-1, parallel state over gloo with NxD's replica groups,
+  ``parallel_layers.utils``).
 - `nxd_pp`: NxD's ``NxDPPModel`` (pipeline parallelism), one stage per process over gloo.
 - `nxd_gloo`: NxD's tensor-parallel layers and collectives over gloo (tp = world size).
 - `xla`: torch-xla's ``xla_model``, ``runtime``, ``MpDeviceLoader`` and ``"xla"``
   backend on the CPU, syncs and step closures recorded.
 - `xla_host`: the host tensors our code makes inside a step (and the tensor attributes NxD's
-  move leaves on the host), what torch-xla does when a step's op mixes one with device
-  tensors (its error, or a recorded copy), and the device values our code reads back in a step.
+  move leaves on the host, and what ``torch.load`` reads in a Neuron run), what torch-xla does
+  when a step's op mixes one with device tensors (its error, or a recorded copy), and the
+  device values our code reads back in a step.
 - `env`: what the torch-xla and NxD doubles share (the log of what they saw, the graphs
   each rank cut, NxD's grid);
 - `mpmd`: whether ranks cut the same graphs (one program per pipeline stage);

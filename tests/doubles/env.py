@@ -47,7 +47,7 @@ def bmojo_caller() -> str:
 class XlaLog:
     """What the doubles saw."""
 
-    syncs: list[dict] = field(default_factory=list)  # {"source": "loader" | "code", "step_work", "forwards"}
+    syncs: list[dict] = field(default_factory=list)  # {"source": "loader" | "code", "step_work", "forwards", "rng"}
     fetches: int = 0
     train_forwards: int = 0
     eval_forwards: int = 0
@@ -106,7 +106,8 @@ class XlaLog:
         """A ``mark_step`` from the loader, our code or NxD's pipeline (``"pipeline"``: the graphs NxD cuts
         inside ``run_train`` / ``run_eval``; the step stays pending until the caller's own mark_step). Each one
         steps the XLA seed (``DeviceContextArena::MarkStep``), random ops traced or not."""
-        self.syncs.append({"source": source, "step_work": self.step_work, "forwards": self._forwards})
+        self.syncs.append({"source": source, "step_work": self.step_work, "forwards": self._forwards,
+                           "rng": self.rng})  # the seed ``get_rng_state`` gave just before this sync
         self.cut(source)
         self.rng = self.rng_base = (SEED_STEP_ADD + SEED_STEP_MUL * self.rng_base) % 2**64
         if source == "pipeline":
@@ -149,6 +150,8 @@ class Env:
 
     log: XlaLog
     grid: dict[str, int] = field(default_factory=dict)  # tp, pp, dp once NxD's parallel state is initialised
+    replica_groups: dict[str, list[list[int]]] = field(default_factory=dict)  # NxD's groups by kind ("tp", "dp" ...)
+    platform: str = "trn1"  # what torch-neuronx's ``get_platform_target()`` says NxD runs on (a Trn1 instance)
     groups: dict[tuple[int, ...], Any] = field(default_factory=dict)
     nxd_packages: list[types.ModuleType] = field(default_factory=list)  # NxD's own autowrap modules
     parallel_functions: list[Callable] = field(default_factory=list)  # NxD's PARALLEL_FUNCTIONS
@@ -168,11 +171,13 @@ class Env:
         return pp_rank
 
     def pp_groups(self) -> list[list[int]]:
-        return [list(range(self.grid.get("pp", 1)))]
+        """NxD's pipeline groups once its parallel state is initialised (before: the one stage)."""
+        return self.replica_groups.get("pp") or [list(range(self.grid.get("pp", 1)))]
 
     def dp_groups(self) -> list[list[int]]:
+        """NxD's data-parallel groups once its parallel state is initialised (before: every rank in one)."""
         world = dist.get_world_size() if dist.is_initialized() else 1
-        return [[r] for r in range(world)] if self.grid.get("pp", 1) > 1 else [list(range(world))]
+        return self.replica_groups.get("dp") or [list(range(world))]
 
     def group_of(self, ranks: list[int]) -> Any:
         """The gloo group of `ranks` (created on first use: every rank must ask, in the same order)."""

@@ -13,12 +13,13 @@ import os
 import sys
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 
 from .env import PACKAGE_ROOT, Env, XlaLog, bmojo_caller, fake_module
 from .nxd_runtime import nxd_modules
 from .xla import host_reads_in_steps, xla_modules
-from .xla_host import drop_left_over_modes
+from .xla_host import drop_left_over_modes, host_load
 
 __all__ = ["host_reads_in_steps", "install"]
 
@@ -44,6 +45,7 @@ def install(monkeypatch: Any) -> XlaLog:
     monkeypatch.setattr(transformers.utils, "fx", None, raising=False)
     for name in DIST_COLLECTIVES:
         monkeypatch.setattr(dist, name, _recorded(getattr(dist, name), name, env.log))
+    monkeypatch.setattr(torch, "load", host_load(torch.load, lambda: bool(env.grid)))
     env.log.env = env
     return env.log
 

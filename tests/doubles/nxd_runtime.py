@@ -6,7 +6,8 @@ parallelism, one stage per process over gloo):
 - every callable has NxD's (or torch-xla's) exact signature (``tests/test_doubles.py``);
 - ``neuronx_distributed_config`` fills the same defaults and initialises the
   parallel state when a process group exists, with NxD's checks (``parallel_state.py``:
-  a process group, degrees clipped to the world, the world divisible by tp x pp); the
+  a process group, degrees clipped to the world, the world divisible by tp x pp) and NxD's
+  replica groups (`nxd_replica_groups`: trn1's strided tp = 4 and its refusals too); the
   ``parallel_state`` getters, ZeRO-1 and ``NxDPPModel`` assert that it was initialised; ``initialize_parallel_model`` builds
   through ``model_fn``, moves to the device in NxD's waves of
   ``sequential_move_factor`` local ranks (a rendezvous after each wave), wraps in
@@ -40,10 +41,12 @@ arguments, optimizer defaults, layers built; forwards; host copies while a step 
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import types
 import warnings
+from collections import namedtuple
 from functools import partial
 from typing import Any, Callable, Iterator
 
@@ -399,9 +402,11 @@ def nxd_modules(env: Env) -> dict[str, types.ModuleType]:
     }
 
 
-def _model_parallel_initializer(env: Env) -> Callable[..., None]:
-    """``parallel_state.initialize_model_parallel``: NxD's checks, then the grid (tp = 1, dp = 1) and, under pp,
-    its gloo group."""
+def _model_parallel_initializer(env: Env) -> Callable[..., Any]:
+    """``parallel_state.initialize_model_parallel``: NxD's checks and NxD's replica groups (`nxd_replica_groups`,
+    so a layout NxD cannot build fails here as there), then, for the training loop, the grid (tp = 1, dp = 1)
+    and, under pp, its gloo group. ``mesh_only=True`` returns the groups (NxD's ``ParallelGroups``, line 673)
+    for any layout, as NxD does, without initialising anything."""
     def initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                   context_parallel_size=1, expert_model_parallel_size=1, skip_collective_init=False,
                                   lnc_size=1, mesh_only=False):
@@ -414,15 +419,54 @@ def _model_parallel_initializer(env: Env) -> Callable[..., None]:
             raise RuntimeError(f"invalid implied data parallel degree: `world_size` ({world}) is not divisible by "
                                f"tensor_model_parallel_size ({tp}) x pipeline_model_parallel_size ({pp})"
                                f"context_parallel_size ({cp})")  # sic: NxD's message joins these two
-        if cp != 1 or expert_model_parallel_size != 1 or skip_collective_init or mesh_only:
+        if cp != 1 or expert_model_parallel_size != 1 or skip_collective_init:
             raise NotImplementedError("the doubles model tensor and pipeline parallelism only")
+        groups = nxd_replica_groups(world, tp, pp, env.platform)
+        if mesh_only:
+            # with expert degree 1 the expert groups are the data groups and one rank each (lines 149-170)
+            return ParallelGroups(groups["tp"], groups["dp"], groups["pp"], groups["cp"], groups["dp"], groups["cp"])
         if tp != 1 or pp * tp != world:
             raise NotImplementedError(f"the doubles run tp = 1 and dp = 1, got tp = {tp}, pp = {pp}, world {world}")
         env.grid.update(tp=tp, pp=pp, dp=world // (tp * pp))
+        env.replica_groups.update(groups)
         if pp > 1:
             env.group_of(list(range(pp)))  # NxD creates its groups here, on every rank
         env.log.calls["initialize_model_parallel"] = env.log.calls.get("initialize_model_parallel", 0) + 1
+        return None
     return initialize_model_parallel
+
+
+# NxD's ``ParallelGroups`` (parallel_state.py line 105): what ``initialize_model_parallel(mesh_only=True)`` returns
+ParallelGroups = namedtuple("ParallelGroups", ["tp_groups", "dp_groups", "pp_groups", "ep_model_groups",
+                                               "ep_data_groups", "cp_groups"])
+
+
+def nxd_replica_groups(world: int, tp: int, pp: int, platform: str = "trn1") -> dict[str, list[list[int]]]:
+    """The tensor-, data-, pipeline- and context-parallel replica groups NxD v2.28.0 builds (context and expert
+    degree 1).
+
+    ``parallel_state.py`` lays the ranks out as a ``[pp, dp, cp, tp]`` grid (lines 619-636) and takes each group
+    along one axis (``ascending_ring_PG_group``, lines 107-174, the logic ``get_logic_chosen`` picks on trn1).
+    On trn1 at tp = 4 (lines 594-618) the grid is ``[pp, dp // n, cp, tp, n]`` with ``n = LOCAL_WORLD_SIZE // tp``
+    (the variable read at line 608, the world size when unset), its last two axes swapped: a tensor group takes
+    every n-th rank of a node. That reshape is where NxD fails on a layout it cannot build, and so does this:
+    a ``RuntimeError`` from torch when n does not divide dp, a ``ZeroDivisionError`` when a node has fewer than
+    tp ranks.
+    """
+    dp = world // (tp * pp)
+    if tp == 4 and platform in TRN1_PLATFORMS:
+        n = int(os.environ.get("LOCAL_WORLD_SIZE", world)) // tp
+        grid = torch.arange(world).reshape(pp, dp // n, 1, tp, n).transpose(-1, -2).reshape(pp, dp, 1, tp)
+    else:
+        grid = torch.arange(world).reshape(pp, dp, 1, tp)
+    return {"tp": [grid[p, d, 0, :].tolist() for p, d in itertools.product(range(pp), range(dp))],
+            "dp": [grid[p, :, 0, t].tolist() for p, t in itertools.product(range(pp), range(tp))],
+            "pp": [grid[:, d, 0, t].tolist() for d, t in itertools.product(range(dp), range(tp))],
+            "cp": [grid[p, d, :, t].tolist() for p, d, t in itertools.product(range(pp), range(dp), range(tp))]}
+
+
+# The platform strings NxD's ``hardware`` enum maps to TRN1 (utils/utils.py lines 6-27 at v2.28.0)
+TRN1_PLATFORMS = ("trn1", "trn1n", "inf2")
 
 
 def _parallel_state(env: Env, initialize: Callable[..., None]) -> dict[str, Callable]:
@@ -441,6 +485,7 @@ def _parallel_state(env: Env, initialize: Callable[..., None]) -> dict[str, Call
 
     def destroy_model_parallel() -> None:
         grid.clear()
+        env.replica_groups.clear()
         env.groups.clear()
 
     tp, dp, pp = "intra_layer_model parallel", "data parallel", "pipeline_model parallel"
@@ -453,10 +498,10 @@ def _parallel_state(env: Env, initialize: Callable[..., None]) -> dict[str, Call
         get_pipeline_model_parallel_rank=initialized(pp, env.pp_rank),
         get_data_parallel_size=initialized(dp, lambda: grid["dp"]),
         get_data_parallel_rank=initialized(dp, lambda: 0),
+        # every group of the world, as NxD's (parallel_state.py 847-850, 875-878, 1089-1092), as it built them
         get_data_parallel_replica_groups=initialized(dp, env.dp_groups),
         get_pipeline_model_parallel_replica_groups=initialized(pp, env.pp_groups),
-        # every tp group of the world, as NxD's (parallel_state.py 847-850): one rank each at tp = 1
-        get_tensor_model_parallel_replica_groups=initialized(tp, lambda: [[r] for r in range(env.world())]),
+        get_tensor_model_parallel_replica_groups=initialized(tp, lambda: env.replica_groups["tp"]),
         is_global_rank_zero=lambda: env.rank() == 0,
     )
 
@@ -499,7 +544,8 @@ def extracting() -> bool:
 
 
 def _host_copy(data: Any) -> Any:
-    return _rewrite(data, lambda t: t.detach().to("cpu", copy=True), {})
+    """Plain host tensors (never `LoadedOnHost`, which a checkpoint would pickle by its class)."""
+    return _rewrite(data, lambda t: t.detach().to("cpu", copy=True).as_subclass(torch.Tensor), {})
 
 
 def _zeros_like(data: Any) -> Any:

@@ -36,11 +36,14 @@ device and an explicit ``device="cpu"`` makes a host tensor; ``.cpu()`` / ``.to(
 the reads of its value (``.item()``, ``.tolist()``, ``float()`` ...) by our code in a step run the graph early
 on XLA and are recorded in ``XlaLog.host_reads`` (the copies are host tensors).
 
-Not modelled: host tensors made before the step but those attributes (a buffer registered after the move, a
-tensor kept in a closure or in an optimizer state: following them would need the mode between steps too, a
-Python call at every op of evaluations and checkpoints), host tensors made by torch, another library or the
-doubles, and the host operands of ops torch-xla runs through its CPU fallback (they take host tensors;
-`xla_lowerings.CpuFallbacks` records the ops).
+What ``torch.load`` reads during a Neuron run is on the host too (`LoadedOnHost`, installed by
+`neuron_sdk.install`): a checkpoint's optimizer state not moved to the device fails the step's update.
+
+Not modelled: other host tensors made before the step but those attributes (a buffer registered after the move,
+a tensor kept in a closure, an optimizer state made outside a step without ``device=``: following them would
+need the mode between steps too, a Python call at every op of evaluations and checkpoints), host tensors made by
+torch (but ``torch.load``), another library or the doubles, and the host operands of ops torch-xla runs through
+its CPU fallback (they take host tensors; `xla_lowerings.CpuFallbacks` records the ops).
 """
 
 from __future__ import annotations
@@ -221,6 +224,49 @@ class HostTensors(TorchFunctionMode):
 def _in_place(name: str) -> bool:
     return name.endswith("_") and not name.endswith("__") or name.startswith("__i") and name not in ("__index__",
                                                                                                     "__int__")
+
+
+class LoadedOnHost(torch.Tensor):
+    """A tensor ``torch.load`` read during a Neuron run (`loaded_on_host`): it is on the host, where torch-xla
+    needs ``.to(<device>)`` to make a device tensor of it. A host tensor to `HostTensors` (so a step op that mixes
+    it with device tensors meets torch-xla's rules: AdamW's in-place update of a state left on the host fails with
+    ``Expected XLA tensor``), and so is what ops on it make (torch's subclass propagation); ``.to(<device>)`` or
+    ``.cuda()`` gives a plain tensor, the device copy."""
+
+    _bmojo_host_tensor = True  # `HOST`, read by `is_host`
+
+    @classmethod
+    def __torch_function__(cls, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        asked = _asked_device(args, kwargs) if getattr(func, "__name__", "") in ("to", "cuda") else None
+        if asked is None or names_the_host(asked):
+            return super().__torch_function__(func, types, args, kwargs)
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        return (out.clone() if out is args[0] else out).as_subclass(torch.Tensor)
+
+
+def loaded_on_host(data: Any) -> Any:
+    """What ``torch.load`` returned, its tensors (in dicts, lists and tuples) made `LoadedOnHost`."""
+    if isinstance(data, torch.Tensor) and not isinstance(data, torch.nn.Parameter):
+        return data.as_subclass(LoadedOnHost)
+    if isinstance(data, dict):
+        for key, value in data.items():
+            data[key] = loaded_on_host(value)
+    elif isinstance(data, list):
+        data[:] = [loaded_on_host(x) for x in data]
+    elif type(data) is tuple:
+        return tuple(loaded_on_host(x) for x in data)
+    return data
+
+
+def host_load(load: Callable[..., Any], running: Callable[[], bool]) -> Callable[..., Any]:
+    """``torch.load`` whose tensors are `LoadedOnHost` while `running` (NxD's parallel state is up: a Neuron run):
+    a checkpoint our resume reads is on the host (``map_location="cpu"``, or CPU tensors saved), as on Trainium."""
+    def load_on_host(*args: Any, **kwargs: Any) -> Any:
+        data = load(*args, **kwargs)
+        return loaded_on_host(data) if running() else data
+    return load_on_host
 
 
 def mark_attributes_left_on_the_host(moved: torch.nn.Module) -> None:

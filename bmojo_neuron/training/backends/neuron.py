@@ -28,6 +28,11 @@ device:
   in each step's graph, read one step later (`finish_step`);
 - eval and checkpoints run after the step's ``torch_xla.sync``, as graphs of their own; a
   checkpoint reads everything it saves in one host copy;
+- torch-xla steps its RNG seed at every sync (eval, checkpoint rendezvous and start-up
+  syncs included), so each step starts from the seed the previous step's final sync left
+  (`step_seed`), which is what a checkpoint keeps and a resumed run starts its first
+  step from: the resumed run's seed sequence is the uninterrupted run's whatever syncs
+  its start-up and the save made;
 - under ``neuron_parallel_compile``'s trial run (``NEURON_EXTRACT_GRAPHS_ONLY``, set
   by `bmojo-neuron precompile`) every graph is traced and cut as in a real run, but
   no device value is read (they are zeros there): no loss closures, evaluations
@@ -102,6 +107,10 @@ class NeuronBackend:
         self.restored: dict[str, Tensor] = {}  # this rank's weights read on resume (ZeRO-1's fp32 masters)
         self.stop_flag: tuple[bool, Tensor] | None = None  # this rank's wish to stop, as the step graphs take it
         self.stop_votes: Tensor | None = None  # the last step graph's sum of the ranks' stop flags, unread
+        # The XLA seed each step starts from: the one the previous step's final sync left (a checkpoint's, on
+        # resume); None before the first step of a fresh run, which starts where the start-up left the seed.
+        self.step_seed: int | None = None
+        self.pipeline_ran = False  # NxD's pipeline ran a run_train / run_eval (its first infers the stage shapes)
         # For the whole run (undone by `close`): the hot ops on NKI, and where the torch backend is chosen, its
         # blocked attention (what an XLA graph runs), never the CPU-only fused kernels.
         self.ops = contextlib.ExitStack()
@@ -163,7 +172,11 @@ class NeuronBackend:
         return build_nxd_optimizer(parameter_groups(model, o.weight_decay, o.lr, o.lr_multipliers), self.nxd_cfg, o)
 
     def restore(self, previous: Checkpoint, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
+        """The checkpoint's training state; its XLA seed is set when the first step starts (`step`), after every
+        sync of this run's start-up (each steps the seed), as the uninterrupted run's next step started from it."""
         neuron_checkpoints.restore_training_state(model, optimizer, scheduler, previous, self.restored, self.rt)
+        if previous.scheduler is not None:  # not a warm start from an export, which has no training state
+            self.step_seed = previous.rng.get("xla")
 
     def parameter_count(self, model: nn.Module, which: Callable[[str], bool] | None = None) -> int:
         skip = tied_names(self.recipe.model_config())
@@ -189,12 +202,28 @@ class NeuronBackend:
     def step(self, model: nn.Module, optimizer: Any, batch: Any) -> Tensor:
         """Trace one optimizer step (`finish_step` runs it); no host read inside."""
         rt = self.rt
+        self.restart_seed()
         losses = self.pipeline_losses(model, batch) if rt.pp > 1 else self.accumulated_losses(model, batch)
+        self.pipeline_ran = rt.pp > 1
         losses = rt.mean_over_dp(losses)  # the logged loss is the global batch's
         optimizer.step()  # NxD: gradients averaged over data ranks, clipped (grad_norm), AdamW
         grad_norm = optimizer.grad_norm
         grad_norm = torch.zeros((), device=rt.device) if grad_norm is None else grad_norm.detach().float()
         return torch.cat([losses, grad_norm.reshape(1)])
+
+    def restart_seed(self) -> None:
+        """Before a step's first sync: the XLA seed where the previous step's final sync left it (`step_seed`), so
+        the eval and checkpoint syncs since then, or a resumed run's start-up syncs, do not move it. A fresh run's
+        first step starts where the start-up left it."""
+        if self.step_seed is None:
+            return
+        if self.rt.pp > 1 and not self.pipeline_ran:
+            # NxD's first run_train of this model (a resumed run's first step) infers the stage shapes and syncs
+            # once more before its schedule (pipeline/model.py 902-929 at v2.28.0): start one sync back, so the
+            # schedule's graphs get the seeds they got in the uninterrupted run
+            self.rt.set_rng_state_one_sync_back(self.step_seed)
+        else:
+            self.rt.set_rng_state(self.step_seed)
 
     def accumulated_losses(self, model: nn.Module, micro_batches: Iterator[dict[str, Tensor]]) -> Tensor:
         """Forward + backward of the step's ``train.grad_accum`` micro-batches, a graph each (the loader's fetch
@@ -235,6 +264,7 @@ class NeuronBackend:
         if log and records and not rt.extracting:
             rt.add_step_closure(lambda: read(self.host_mean(records)))
         rt.sync()
+        self.step_seed = rt.rng_state()  # where the next step starts (`step`), and what a checkpoint keeps
         stop = self.settle_stop(stop_requested, votes)
         if stop and not log and records and not rt.extracting:
             read(self.host_mean(records))
@@ -277,12 +307,14 @@ class NeuronBackend:
     def evaluate(self, model: nn.Module, eval_data: Any) -> dict[str, float]:
         r = self.recipe
         if self.rt.pp > 1:
+            self.pipeline_ran = True
             return evaluate_pipeline(model, self.stats, eval_data, r.train.batch_size, r.train.grad_accum, self.rt,
                                      r.eval.batches, self.mqar)
         return evaluate_on_device(model, eval_data, r.train.batch_size, self.rt, r.eval.batches, self.mqar)
 
     def length_eval(self, model: nn.Module, eval_data: Any, multipliers: list[int]) -> list[LengthResult]:
         r = self.recipe
+        self.pipeline_ran = self.rt.pp > 1
         return length_eval_on_device(model, r, eval_data, multipliers, r.train.batch_size, self.rt, r.eval.batches,
                                      self.stats)
 
@@ -292,7 +324,7 @@ class NeuronBackend:
             neuron_checkpoints.trace_save(model, optimizer, self.rt)
             return
         neuron_checkpoints.save_checkpoint(run_dir, self.rt, model, optimizer, scheduler, state, recipe,
-                                           self.recipe.checkpoint.keep_last, self.meta)
+                                           self.recipe.checkpoint.keep_last, self.meta, self.step_seed)
 
     def export(self, run_dir: Path, model: nn.Module, recipe: dict[str, Any], tokenizer: str,
                metrics: dict[str, Any]) -> Path:
