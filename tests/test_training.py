@@ -152,6 +152,50 @@ def test_request_stop_ends_the_run_at_a_step_boundary_with_a_checkpoint(referenc
     assert train_losses(resumed.metrics) == train_losses(reference.metrics)
 
 
+def _tensorboard_steps(run_dir) -> dict[str, list[int]] | None:
+    """The steps of each TensorBoard scalar in `run_dir`, as TensorBoard shows them (purged events dropped)."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return None
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [e.step for e in events.Scalars(tag)] for tag in ("train/loss", "eval/eval_loss")}
+
+
+def test_stops_between_log_steps_resume_to_the_uninterrupted_runs_records(reference, tmp_path):
+    """Stopped at steps 2 and 3 of a 4-step log window and resumed twice, the run logs what the uninterrupted
+    run logs: one record at step 4 averaging steps 1-4, one at 6 averaging 5-6, bitwise on CPU (the window's
+    rows travel in the checkpoint). Each stop shows its partial window in metrics.jsonl until the resume."""
+    recipe, run_dir = tiny_recipe(**{"train.log_every": 4, "checkpoint.every": 6}), tmp_path / "run"
+    per_step = {r["step"]: r for r in reference.metrics if r["type"] == "train"}  # log_every 1: every step
+
+    def window(steps: range) -> dict:
+        """The uninterrupted run's record at the window's last step: its per-step numbers averaged (float32,
+        as the step computes them), its lr and token count."""
+        names = ["loss", "lm_loss", "aux_loss", "grad_norm"]
+        means = torch.tensor([[per_step[s][k] for k in names] for s in steps]).mean(0).tolist()
+        last = per_step[steps[-1]]
+        return {"type": "train", "step": last["step"], **dict(zip(names, means)), "lr": last["lr"],
+                "tokens": last["tokens"]}
+
+    def on_disk() -> list[dict]:
+        return _without_clock([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()])
+
+    evals = {r["step"]: r for r in reference.metrics if r["type"] == "eval"}
+    train(recipe, run_dir, progress=False, stop_after=2)
+    assert on_disk() == [window(range(1, 3))]
+    train(recipe, run_dir, resume=True, progress=False, stop_after=3)
+    assert on_disk() == [window(range(1, 4)), evals[3]]  # step 2's partial record replaced by the longer one
+    resumed = train(recipe, run_dir, resume=True, progress=False)
+
+    expected = [evals[3], window(range(1, 5)), window(range(5, 7)), evals[6]]
+    assert _without_clock(resumed.metrics) == expected  # bitwise: floats compared with ==
+    assert on_disk() == expected
+    shown = _tensorboard_steps(run_dir)
+    assert shown is None or shown == {"train/loss": [4, 6], "eval/eval_loss": [3, 6]}
+
+
 def test_the_objective_is_what_the_step_minimises(reference, tmp_path):
     """A backend calls its objective once per micro-batch; the default one is the model's causal-LM loss."""
     recipe, calls = tiny_recipe(), []
