@@ -10,6 +10,7 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
+from rank_processes import start_server
 
 from bmojo_neuron import BMojoConfig, BMojoForCausalLM, cli
 from bmojo_neuron.checkpoints import layout, local
@@ -83,7 +84,18 @@ def _without_clock(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
 
 
-def test_runs_trained_at_once_equal_runs_trained_alone(reference, tmp_path):
+@pytest.fixture
+def forked_workers(monkeypatch):
+    """The run pool's workers forked from the suite's preloaded fork server (`rank_processes`), not spawned: a
+    spawned worker imports torch and the package afresh, 10-20 s on two busy cores. The pool's bookkeeping is
+    the same either way; a spawned pool's start-up is tested by the signal test below."""
+    from bmojo_neuron.training import run_pool
+
+    start_server()
+    monkeypatch.setattr(run_pool, "START_METHOD", "forkserver")
+
+
+def test_runs_trained_at_once_equal_runs_trained_alone(reference, tmp_path, forked_workers):
     """`run.jobs`: runs trained in worker processes log the numbers they log alone."""
     from bmojo_neuron.training.run_pool import train_in_processes
 
@@ -95,7 +107,7 @@ def test_runs_trained_at_once_equal_runs_trained_alone(reference, tmp_path):
     assert all(r.final_dir is not None and (r.final_dir / "model.safetensors").is_file() for r in pooled)
 
 
-def test_a_failing_run_stops_the_pool_and_is_named(tmp_path):
+def test_a_failing_run_stops_the_pool_and_is_named(tmp_path, forked_workers):
     from bmojo_neuron.training.run_pool import RunFailed, train_in_processes
 
     bad = tiny_recipe(**{"run.name": "diverges", "optim.lr": 1e6, "optim.warmup_steps": 0, "train.log_every": 1})
