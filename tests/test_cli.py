@@ -423,9 +423,11 @@ def test_readme_lists_every_command():
 
 
 def test_overrides_may_follow_options(capsys):
-    assert cli.main(["plan", "trn1/bmojo-130m", "--json", "parallel.zero1=true", "train.batch_size=64"]) == 0
+    # two layers: the plan builds the model to count it, which takes seconds at the recipe's twelve
+    overrides = ["parallel.zero1=true", "train.batch_size=64", "model.num_hidden_layers=2", "model.layer_pattern=BB"]
+    assert cli.main(["plan", "trn1/bmojo-130m", "--json", *overrides]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["overrides"] == ["parallel.zero1=true", "train.batch_size=64"]
+    assert plan["overrides"] == overrides
     assert plan["memory"]["zero1"] is True and plan["memory"]["microbatch_size"] == 2
 
 

@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from rank_processes import start_ranks
 
 from bmojo_neuron.cli import main
 from bmojo_neuron.compile_cache.local import QUIET_SECONDS, LocalCache
@@ -509,17 +510,19 @@ def test_pull_replaces_a_failed_local_entry_but_not_one_in_use(tmp_path, bucket)
     assert good2.is_dir()
 
 
-def _pull_worker(url: str, cache_dir: str, barrier, queue) -> None:
+def _pull_worker(rank: int, url: str, cache_dir: str, barrier, out: str) -> None:
     from bmojo_neuron.compile_cache import sync
     from bmojo_neuron.compile_cache.local import LocalCache
     from bmojo_neuron.compile_cache.s3 import S3Store
 
-    barrier.wait(timeout=60)  # all start pulling together
-    report = sync.pull(S3Store(url), LocalCache(cache_dir), log=lambda _: None)
-    queue.put((report.done, report.present, report.skipped))
+    store, cache = S3Store(url), LocalCache(cache_dir)  # boto3 imported before the race starts
+    barrier.wait(timeout=60)  # both start pulling together
+    report = sync.pull(store, cache, log=lambda _: None)
+    Path(out, f"pull{rank}.json").write_text(json.dumps([report.done, report.present, report.skipped]))
 
 
 def test_concurrent_pulls_share_one_cache_safely(tmp_path, bucket):
+    """Two pulls race for the same three entries of one shared cache: each entry is downloaded once, whole."""
     from bmojo_neuron.compile_cache import sync
     from bmojo_neuron.compile_cache.s3 import S3Store
 
@@ -527,15 +530,11 @@ def test_concurrent_pulls_share_one_cache_safely(tmp_path, bucket):
     folders = [make_entry(src, m, size=200_000) for m in ("1", "2", "3")]
     sync.push(LocalCache(src), S3Store(bucket), log=lambda _: None)
     dst = tmp_path / "shared"
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process with the moto server thread
-    queue, barrier = ctx.Queue(), ctx.Barrier(4)
-    workers = [ctx.Process(target=_pull_worker, args=(bucket, str(dst), barrier, queue)) for _ in range(4)]
-    for w in workers:
-        w.start()
-    results = [queue.get(timeout=60) for _ in workers]
-    for w in workers:
-        w.join(timeout=60)
-        assert w.exitcode == 0
+    # forked from the suite's preloaded fork server (not from this process, which runs the moto server thread),
+    # with this process's environment: the bucket's endpoint and credentials
+    barrier = multiprocessing.get_context("forkserver").Barrier(2)
+    start_ranks(_pull_worker, (bucket, str(dst), barrier, str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"pull{rank}.json").read_text()) for rank in range(2)]
     done = [key for d, _, _ in results for key in d]
     assert sorted(done) == sorted(entry_key(m) for m in ("1", "2", "3"))  # each entry downloaded once
     assert all(not skipped for _, _, skipped in results)

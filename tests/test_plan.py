@@ -37,12 +37,13 @@ def recipe(name="trn1/bmojo-130m", *overrides):
 
 def test_a_refused_recipe_is_answered_before_torch_or_transformers_load():
     """`plan` and `train --dry-run` check the recipe, its model fields and the Trainium rules without importing
-    transformers or torch (seconds of start-up): only a plan that passes builds the model to count it."""
+    transformers or torch (seconds of start-up), nor numpy (0.2-0.3 s): only a plan that passes builds the model
+    to count it."""
     commands = [["plan", "mqar-suite"], ["plan", "trn1/bmojo-130m", "model.head_dim=3"],
                 ["train", "--dry-run", "cpu-tiny", "model.memory_picks=999"]]
     code = ("import sys; from bmojo_neuron.cli import main; "
             f"codes = [main(args) for args in {commands!r}]; "
-            "print(codes, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+            "print(codes, sorted(m for m in ('numpy', 'torch', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "[2, 2, 2] []", done.stderr
     assert done.stderr.splitlines() == [

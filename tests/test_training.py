@@ -10,6 +10,7 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
+from rank_processes import start_server
 
 from bmojo_neuron import BMojoConfig, BMojoForCausalLM, cli
 from bmojo_neuron.checkpoints import layout, local
@@ -83,7 +84,18 @@ def _without_clock(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
 
 
-def test_runs_trained_at_once_equal_runs_trained_alone(reference, tmp_path):
+@pytest.fixture
+def forked_workers(monkeypatch):
+    """The run pool's workers forked from the suite's preloaded fork server (`rank_processes`), not spawned: a
+    spawned worker imports torch and the package afresh, 10-20 s on two busy cores. The pool's bookkeeping is
+    the same either way; a spawned pool's start-up is tested by the signal test below."""
+    from bmojo_neuron.training import run_pool
+
+    start_server()
+    monkeypatch.setattr(run_pool, "START_METHOD", "forkserver")
+
+
+def test_runs_trained_at_once_equal_runs_trained_alone(reference, tmp_path, forked_workers):
     """`run.jobs`: runs trained in worker processes log the numbers they log alone."""
     from bmojo_neuron.training.run_pool import train_in_processes
 
@@ -95,7 +107,7 @@ def test_runs_trained_at_once_equal_runs_trained_alone(reference, tmp_path):
     assert all(r.final_dir is not None and (r.final_dir / "model.safetensors").is_file() for r in pooled)
 
 
-def test_a_failing_run_stops_the_pool_and_is_named(tmp_path):
+def test_a_failing_run_stops_the_pool_and_is_named(tmp_path, forked_workers):
     from bmojo_neuron.training.run_pool import RunFailed, train_in_processes
 
     bad = tiny_recipe(**{"run.name": "diverges", "optim.lr": 1e6, "optim.warmup_steps": 0, "train.log_every": 1})
@@ -150,6 +162,50 @@ def test_request_stop_ends_the_run_at_a_step_boundary_with_a_checkpoint(referenc
     assert layout.latest_checkpoint(run_dir).name == "step-0000002"  # not a checkpoint.every step
     resumed = train(tiny_recipe(), run_dir, resume=True, progress=False)
     assert train_losses(resumed.metrics) == train_losses(reference.metrics)
+
+
+def _tensorboard_steps(run_dir) -> dict[str, list[int]] | None:
+    """The steps of each TensorBoard scalar in `run_dir`, as TensorBoard shows them (purged events dropped)."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return None
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [e.step for e in events.Scalars(tag)] for tag in ("train/loss", "eval/eval_loss")}
+
+
+def test_stops_between_log_steps_resume_to_the_uninterrupted_runs_records(reference, tmp_path):
+    """Stopped at steps 2 and 3 of a 4-step log window and resumed twice, the run logs what the uninterrupted
+    run logs: one record at step 4 averaging steps 1-4, one at 6 averaging 5-6, bitwise on CPU (the window's
+    rows travel in the checkpoint). Each stop shows its partial window in metrics.jsonl until the resume."""
+    recipe, run_dir = tiny_recipe(**{"train.log_every": 4, "checkpoint.every": 6}), tmp_path / "run"
+    per_step = {r["step"]: r for r in reference.metrics if r["type"] == "train"}  # log_every 1: every step
+
+    def window(steps: range) -> dict:
+        """The uninterrupted run's record at the window's last step: its per-step numbers averaged (float32,
+        as the step computes them), its lr and token count."""
+        names = ["loss", "lm_loss", "aux_loss", "grad_norm"]
+        means = torch.tensor([[per_step[s][k] for k in names] for s in steps]).mean(0).tolist()
+        last = per_step[steps[-1]]
+        return {"type": "train", "step": last["step"], **dict(zip(names, means)), "lr": last["lr"],
+                "tokens": last["tokens"]}
+
+    def on_disk() -> list[dict]:
+        return _without_clock([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()])
+
+    evals = {r["step"]: r for r in reference.metrics if r["type"] == "eval"}
+    train(recipe, run_dir, progress=False, stop_after=2)
+    assert on_disk() == [window(range(1, 3))]
+    train(recipe, run_dir, resume=True, progress=False, stop_after=3)
+    assert on_disk() == [window(range(1, 4)), evals[3]]  # step 2's partial record replaced by the longer one
+    resumed = train(recipe, run_dir, resume=True, progress=False)
+
+    expected = [evals[3], window(range(1, 5)), window(range(5, 7)), evals[6]]
+    assert _without_clock(resumed.metrics) == expected  # bitwise: floats compared with ==
+    assert on_disk() == expected
+    shown = _tensorboard_steps(run_dir)
+    assert shown is None or shown == {"train/loss": [4, 6], "eval/eval_loss": [3, 6]}
 
 
 def test_the_objective_is_what_the_step_minimises(reference, tmp_path):

@@ -26,6 +26,10 @@ class TrainerState:
     position: int = 0  # micro-batches already taken from that epoch's permutation
     tokens: int = 0  # training tokens consumed
     metrics: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl records so far
+    # The per-step metric rows since the last record, kept by a run stopped between log steps so that the
+    # resumed run's next record averages the steps the uninterrupted run's does. A checkpoint written before
+    # this field existed holds none: that resumed run's next record averages only the steps after it.
+    log_window: list[list[float]] = field(default_factory=list)
 
 
 @dataclass

@@ -64,11 +64,12 @@ class Backend(Protocol):
         then ``optimizer.step()``. Returns the objective's numbers and the gradient norm (``[loss, lm_loss,
         aux_loss, grad_norm]``) on the device, unread."""
 
-    def finish_step(self, records: Sequence[Tensor], read: Callable[[list[float]], None], log: bool,
+    def finish_step(self, records: Sequence[Tensor], read: Callable[[Tensor], None], log: bool,
                     stop_requested: bool) -> bool:
         """End the step and say whether the run stops after it: true on every process or on none, once any asked
         (`stop_requested` is this one's wish; a signal reaches ranks at different moments). When `log` is set or
-        the run stops, `read` gets the mean of `records` on the host once they are computed."""
+        the run stops, `read` gets `records` on the host once they are computed: one row per step, in a tensor of
+        their dtype (the trainer averages them with any rows a resumed checkpoint carried)."""
 
     def evaluate(self, model: nn.Module, eval_data: Any) -> dict[str, float]:
         """Held-out loss, perplexity (and MQAR recall) over ``eval.batches`` batches, on every rank."""

@@ -13,15 +13,41 @@ TENSORBOARD_DIR = "tensorboard"  # the run directory's TensorBoard event files
 _TB_NOTICE_SHOWN = False
 
 
-class MetricsLogger:
-    """Appends records to ``metrics.jsonl`` (and TensorBoard when installed).
+class RecordsOnly:
+    """The records of a run, kept in memory: the metrics logger of ranks other than 0, which write nothing.
+
+    A provisional record (the partial window a run stopped between log steps logs) stays out
+    of the checkpoint (`lasting`): the resumed run logs that window whole, as the
+    uninterrupted run does.
+    """
+
+    def __init__(self, records: list[dict[str, Any]]) -> None:
+        self.records = list(records)
+        self.provisional: list[dict[str, Any]] = []
+
+    def log(self, record: dict[str, Any], provisional: bool = False) -> None:
+        self.records.append(record)
+        if provisional:
+            self.provisional.append(record)
+
+    def lasting(self) -> list[dict[str, Any]]:
+        """The records a checkpoint keeps: all but the provisional ones."""
+        return [r for r in self.records if not any(r is p for p in self.provisional)]
+
+    def close(self) -> None:
+        pass
+
+
+class MetricsLogger(RecordsOnly):
+    """Appends records to ``metrics.jsonl`` (and TensorBoard when installed): rank 0's logger.
 
     On resume the file is rewritten from the checkpoint's records, dropping whatever
-    the interrupted run logged after its last checkpoint.
+    the interrupted run logged after its last checkpoint, and TensorBoard drops its
+    events after the checkpoint's step. Provisional records go to ``metrics.jsonl`` only.
     """
 
     def __init__(self, run_dir: Path, records: list[dict[str, Any]], step: int) -> None:
-        self.records = list(records)
+        super().__init__(records)
         path = run_dir / METRICS_FILE
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
         self._file = open(path, "a")
@@ -29,18 +55,21 @@ class MetricsLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=step or None)
+            # A SummaryWriter's purge_step hides the events at that step and after (torch/utils/tensorboard/writer.py,
+            # SummaryWriter.__init__ docstring; tensorboard 2.21 event_accumulator.py `_Purge` keeps step < purge
+            # step): the events of the checkpoint's own step are its records and stay.
+            self._tb = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=step + 1 if step else None)
         except ImportError:
             global _TB_NOTICE_SHOWN
             if not _TB_NOTICE_SHOWN:
                 print("tensorboard is not installed: skipping TensorBoard logs (metrics.jsonl has them all)")
                 _TB_NOTICE_SHOWN = True
 
-    def log(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
+    def log(self, record: dict[str, Any], provisional: bool = False) -> None:
+        super().log(record, provisional)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
+        if self._tb is not None and not provisional:
             prefix = record["type"]
             for key, value in record.items():
                 if key not in ("type", "step") and isinstance(value, (int, float)):
@@ -50,19 +79,6 @@ class MetricsLogger:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
-
-
-class RecordsOnly:
-    """The metrics logger of ranks other than 0: keeps the records, writes nothing."""
-
-    def __init__(self, records: list[dict[str, Any]]) -> None:
-        self.records = list(records)
-
-    def log(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-
-    def close(self) -> None:
-        pass
 
 
 def plot_training(records: list[dict[str, Any]], path: Path, title: str = "") -> Path:

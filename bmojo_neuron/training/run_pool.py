@@ -36,6 +36,12 @@ from .signals import STOP_SIGNALS, hold_stop_signals
 from .trainer import TrainResult, train
 
 
+# A fresh interpreter per worker: a fork would inherit this process's torch thread pools (libgomp's does not
+# survive fork() of a process that used it). Tests that only check the pool's bookkeeping may fork workers from
+# a preloaded fork server instead (tests/rank_processes.py).
+START_METHOD = "spawn"
+
+
 class RunFailed(RuntimeError):
     """A worker's run raised; the message holds its name and traceback.
 
@@ -59,7 +65,7 @@ def train_in_processes(runs: list[tuple[Any, Path]], jobs: int, resume: bool = F
     passed on: a signal that came as the last running runs finished stopped no run but
     still kept the rest from starting.
     """
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    context = multiprocessing.get_context(START_METHOD)
     results: dict[int, TrainResult] = {}
     waiting = list(enumerate(runs))
     active: dict[int, tuple[Any, Connection]] = {}  # index -> (process, its end of the result pipe)

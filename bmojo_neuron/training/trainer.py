@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from bmojo_neuron.checkpoints.layout import (FINAL, RECIPE_FILE, abandoned_attempt, clean_stale, has_run,
@@ -154,15 +155,17 @@ class Trainer:
         logger = MetricsLogger(self.run_dir, state.metrics, state.step) if be.is_main else RecordsOnly(state.metrics)
         bar = Progress(r.run.name, t.steps, state.step, enabled=self.progress)
         params = be.parameter_count(model)
-        window = LogWindow(t.batch_size * t.grad_accum * len(train_data[0]["input_ids"]))
+        window = LogWindow(t.batch_size * t.grad_accum * len(train_data[0]["input_ids"]), state.log_window)
 
         names = getattr(be.objective, "metric_names", LM_METRICS)  # loss first
 
-        def log_train(values: list[float], step: int, lr: float, tokens: int) -> None:
-            *parts, grad_norm = values
+        def log_train(rows: Tensor, step: int, lr: float, tokens: int, between: bool) -> None:
+            """Log the mean of the window's rows; `between` log steps (a stop), the record is provisional."""
+            *parts, grad_norm = window.mean(rows, carry=between)
             loss, tps = parts[0], window.tokens_per_s()
             logger.log({"type": "train", "step": step, **dict(zip(names, parts)),
-                        "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "tokens_per_s": tps})
+                        "grad_norm": grad_norm, "lr": lr, "tokens": tokens, "tokens_per_s": tps},
+                       provisional=between)
             bar.show(step, loss, tps)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"training loss is {loss} at step {step}; {self.retry_advice()}")
@@ -191,11 +194,13 @@ class Trainer:
 
             last = state.step == t.steps
             stop_after_reached = stop_after is not None and state.step >= stop_after  # every process at once
-            save_now = last or stop_after_reached or state.step % c.every == 0
+            checkpoint_step = last or state.step % c.every == 0
+            save_now = checkpoint_step or stop_after_reached
             eval_now = last or state.step % e.every == 0
-            log_now = state.step % t.log_every == 0 or save_now
-            read = (lambda values, step=state.step, lr=scheduler.get_last_lr()[0], tokens=state.tokens:
-                    log_train(values, step, lr, tokens))
+            log_step = state.step % t.log_every == 0 or checkpoint_step  # a record here, interrupted or not
+            log_now = log_step or stop_after_reached
+            read = (lambda rows, step=state.step, lr=scheduler.get_last_lr()[0], tokens=state.tokens:
+                    log_train(rows, step, lr, tokens, between=not log_step))
             # On XLA the losses are read after the graph ran. A stop asked on any process stops every one after
             # the same step (on Neuron one step after the request reached the graphs); its losses are logged.
             stop = be.finish_step(window.pending, read, log_now, self.stop_requested) or stop_after_reached
@@ -206,7 +211,7 @@ class Trainer:
             if eval_now:
                 eval_result = run_eval()
             if save_now:
-                state.metrics = logger.records
+                state.metrics, state.log_window = logger.lasting(), window.carried
                 be.save(self.run_dir, model, optimizer, scheduler, state, self.recipe_dict)
             if eval_now or save_now:
                 window.restart_clock()  # keep eval and checkpoint time out of tokens/s
@@ -316,13 +321,28 @@ def tokenizer_name(recipe: Any) -> str:
 
 
 class LogWindow:
-    """Per-step loss records waiting for the next log step, and the tokens/s clock."""
+    """The per-step metric rows a train record averages, and the tokens/s clock.
 
-    def __init__(self, tokens_per_step: int) -> None:
+    A run stopped between log steps logs the mean of the rows so far and carries them into
+    its checkpoint (`TrainerState.log_window`); the resumed run starts its window with them,
+    so its next record averages the same steps, in the same order, as the uninterrupted
+    run's (bitwise on CPU). Tokens/s is timing and restarts with each process.
+    """
+
+    def __init__(self, tokens_per_step: int, carried: list[list[float]] | None = None) -> None:
         self.tokens_per_step = tokens_per_step
-        self.pending: list[Tensor] = []
+        self.pending: list[Tensor] = []  # this window's device rows, not read yet
+        self.carried: list[list[float]] = list(carried or [])  # read at a stop between log steps
         self.tokens = 0  # since the last log
         self.since = time.perf_counter()
+
+    def mean(self, rows: Tensor, carry: bool) -> list[float]:
+        """The mean of the window: the carried rows, then `rows` (read on the host); `carry` keeps them all for
+        the checkpoint of a stop between log steps, otherwise the next window starts empty."""
+        if self.carried:
+            rows = torch.cat([torch.tensor(self.carried, dtype=rows.dtype), rows])
+        self.carried = rows.tolist() if carry else []
+        return rows.mean(0).tolist()
 
     def add(self, record: Tensor) -> None:
         self.pending.append(record)

@@ -146,11 +146,11 @@ class LocalBackend:
     def clip(self, model: nn.Module, max_norm: float) -> Tensor:
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
-    def finish_step(self, records: Sequence[Tensor], read: Callable[[list[float]], None], log: bool,
+    def finish_step(self, records: Sequence[Tensor], read: Callable[[Tensor], None], log: bool,
                     stop_requested: bool) -> bool:
         stop = self.agree_to_stop(stop_requested)  # torchrun: an all-reduce (this class is its base)
         if records and (log or stop):
-            read(torch.stack(list(records)).mean(0).tolist())
+            read(torch.stack(list(records)).cpu())
         return stop
 
     # ------------------------------------------------------------------ eval, checkpoints, export

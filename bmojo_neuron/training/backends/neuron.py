@@ -252,7 +252,7 @@ class NeuronBackend:
         model.run_train(input_ids=batch["input_ids"], labels=batch["labels"])
         return self.rt.sum_over_pp(self.stats.train_losses(self.rt.device))
 
-    def finish_step(self, records: Sequence[Tensor], read: Callable[[list[float]], None], log: bool,
+    def finish_step(self, records: Sequence[Tensor], read: Callable[[Tensor], None], log: bool,
                     stop_requested: bool) -> bool:
         """The step's final ``torch_xla.sync``, and whether every rank stops after this step.
 
@@ -262,16 +262,16 @@ class NeuronBackend:
         records, rt = list(records), self.rt
         votes = self.vote_to_stop(stop_requested)
         if log and records and not rt.extracting:
-            rt.add_step_closure(lambda: read(self.host_mean(records)))
+            rt.add_step_closure(lambda: read(self.host_rows(records)))
         rt.sync()
         self.step_seed = rt.rng_state()  # where the next step starts (`step`), and what a checkpoint keeps
         stop = self.settle_stop(stop_requested, votes)
         if stop and not log and records and not rt.extracting:
-            read(self.host_mean(records))
+            read(self.host_rows(records))
         return stop
 
-    def host_mean(self, records: list[Tensor]) -> list[float]:
-        return torch.stack(self.rt.to_cpu(records)).mean(0).tolist()
+    def host_rows(self, records: list[Tensor]) -> Tensor:
+        return torch.stack(self.rt.to_cpu(records))
 
     def vote_to_stop(self, requested: bool) -> Tensor | None:
         """This rank's stop flag summed over every rank, traced into the pending step graph (None with one rank).
