@@ -406,7 +406,7 @@ def test_rendezvous_syncs_twice_and_once_more_for_a_payload():
 
 def test_pipeline_mark_step_runs_the_step_closures():
     """NxD's pipeline cuts its graphs with ``xm.mark_step()`` (pipeline/model.py 1934-1936), which is
-    ``torch_xla.sync()`` and runs the queued step closures (torch_xla.py ``sync``, xla_model.py 1011-1028): a
+    ``torch_xla.sync()`` and runs the queued step closures (torch_xla.py 78-96, xla_model.py 1011-1028): a
     closure queued before ``run_train`` runs at its first cut, while the step's graph stays pending."""
     from types import SimpleNamespace
 

@@ -111,7 +111,7 @@ class XlaLog:
         self.rng = self.rng_base = (SEED_STEP_ADD + SEED_STEP_MUL * self.rng_base) % 2**64
         if source == "pipeline":
             # NxD's pipeline cuts with ``xm.mark_step()`` (pipeline/model.py 1934-1936), which is
-            # ``torch_xla.sync()``: it runs the queued step closures too (torch_xla.py ``sync``)
+            # ``torch_xla.sync()``: it runs the queued step closures too (torch_xla.py 78-96)
             self._run_closures()
             return
         from .xla_host import enter_step, leave_step
