@@ -405,6 +405,24 @@ def test_rendezvous_syncs_twice_and_once_more_for_a_payload():
                                                     [("all_gather", "None", "0", "(3,)", "torch.uint8")]]
 
 
+def test_pipeline_mark_step_runs_the_step_closures():
+    """NxD's pipeline cuts its graphs with ``xm.mark_step()`` (pipeline/model.py 1934-1936), which is
+    ``torch_xla.sync()`` and runs the queued step closures (torch_xla.py 78-96, xla_model.py 1011-1028): a
+    closure queued before ``run_train`` runs at its first cut, while the step's graph stays pending."""
+    from types import SimpleNamespace
+
+    modules, env = _doubles_and_env()
+    xm, pipeline = modules["torch_xla.core.xla_model"], modules["neuronx_distributed.pipeline"]
+    ran: list[int] = []
+    xm.add_step_closure(ran.append, (7,))
+    xm.add_step_closure(ran.append, (8,))
+    env.log.step_work = True
+    pipeline.NxDPPModel._mark_step(SimpleNamespace(log=env.log))
+    assert ran == [7, 8] and env.log.closures_run == 2 and env.log.closures == []
+    assert env.log.step_work  # a pipeline cut leaves the step pending for the caller's own sync
+    assert [s["source"] for s in env.log.syncs] == ["pipeline"]
+
+
 def test_xla_seed_steps_at_every_sync_and_random_op():
     """torch's lazy-tensor generator, which torch-xla 2.9 uses (torch/csrc/lazy/core/lazy_graph_executor.cpp
     ``DeviceContextArena::SetRngSeed`` / ``MarkStep`` / ``GetRngSeed``; torch-xla's xla_graph_executor.cpp 147-181
@@ -822,6 +840,23 @@ def test_zero1_needs_the_parallel_state(one_rank):
     assert zero1(torch.nn.Linear(2, 2).parameters(), torch.optim.AdamW, lr=0.1).optimizer_dtype == torch.float32
 
 
+def test_zero1_shards_dim_0_as_torch_xla(one_rank):
+    """torch-xla's ZeRO-1 (zero_redundancy_optimizer.py 121-134, 183-197) finds this rank in its sharding groups
+    (a ValueError when no group holds it) and shards each parameter's dim 0: a 0-dim parameter has none, an
+    IndexError when the optimizer is built."""
+    zero1 = _initialized()["neuronx_distributed.optimizer"].NeuronZero1Optimizer
+    scalar = torch.nn.Parameter(torch.tensor(1.0))
+    with pytest.raises(IndexError, match="dimension"):
+        zero1([scalar], torch.optim.AdamW, lr=0.1)
+    with pytest.raises(ValueError, match=r"Current rank 0 is missing from the sharding_groups \[\[1\]\]"):
+        zero1([torch.nn.Parameter(torch.ones(3))], torch.optim.AdamW, sharding_groups=[[1]], lr=0.1)
+    weight = torch.nn.Parameter(torch.arange(6.0).view(3, 2))
+    optimizer = zero1([weight], torch.optim.AdamW, sharding_groups=[[0]], lr=0.1)
+    (shard,) = optimizer.base_optimizer.param_groups[0]["params"]
+    assert (optimizer.local_world_size, optimizer.local_rank) == (1, 0)
+    assert torch.equal(shard, weight.detach()) and shard.data_ptr() != weight.data_ptr()
+
+
 @pytest.mark.parametrize("environ, master, caps, dtype", [
     ({}, True, (130, 130), torch.float32),
     ({"XLA_DOWNCAST_BF16": "0"}, True, (65, 65), torch.float32),
@@ -934,6 +969,22 @@ def test_column_parallel_gather_output_with_sequence_parallel_fails_in_forward()
     out = layers.ColumnParallelLinear(4, 4, gather_output=False, sequence_parallel_enabled=True,
                                       sequence_dimension=1)(torch.randn(2, 3, 4))
     assert out.shape == (2, 3, 4)
+
+
+def test_sequence_parallel_layers_warn_as_nxd():
+    """NxD's constructors warn when sequence parallelism runs over one rank (``ColumnParallelLinear`` only,
+    layers.py 641-643) and when it has no sequence dimension (then 0; 645-649 and 894-898)."""
+    layers = nxd_api.parallel_layers([])[nxd_api.LAYERS]  # one tensor-parallel rank
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layers.ColumnParallelLinear(4, 4, gather_output=False, sequence_parallel_enabled=True, sequence_dimension=1)
+        row = layers.RowParallelLinear(4, 4, input_is_parallel=True, sequence_parallel_enabled=True)
+        layers.ColumnParallelLinear(4, 4, gather_output=False)
+    assert [str(w.message) for w in caught] == [
+        "`sequence_parallel_enabled` is set to `True`, but got world_size of 1",
+        "`sequence_parallel_enabled` is set to `True`, but got `sequence_dimension` as `None`. Defaulting "
+        "`sequence_dimension` to 0."]
+    assert row.sequence_dimension == 0
 
 
 class _Layer(torch.nn.Module):

@@ -111,6 +111,9 @@ class XlaLog:
         self.cut(source)
         self.rng = self.rng_base = (SEED_STEP_ADD + SEED_STEP_MUL * self.rng_base) % 2**64
         if source == "pipeline":
+            # NxD's pipeline cuts with ``xm.mark_step()`` (pipeline/model.py 1934-1936), which is
+            # ``torch_xla.sync()``: it runs the queued step closures too (torch_xla.py 78-96)
+            self._run_closures()
             return
         from .xla_host import enter_step, leave_step
 
@@ -120,13 +123,17 @@ class XlaLog:
         leave_step(self)
         self.step_work = self.in_step = False
         self._forwards = 0
-        closures, self.closures = self.closures, []
-        for closure in closures:  # after the graph ran, in the order they were added
-            closure()
-            self.closures_run += 1
+        self._run_closures()
         if update_follows:
             self.in_step = True
             enter_step(self, update=True)
+
+    def _run_closures(self) -> None:
+        """``xm._run_step_closures`` (xla_model.py 1011-1028): after the graph ran, in the order they were added."""
+        closures, self.closures = self.closures, []
+        for closure in closures:
+            closure()
+            self.closures_run += 1
 
     def step_syncs(self) -> list[dict]:
         return [s for s in self.syncs if s["step_work"]]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import inspect
 import math
 import types
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -253,6 +254,11 @@ class ParallelEmbedding(_Recorded):
 _EMBEDDING_DEFAULTS = inspect.signature(ParallelEmbedding.__init__).parameters
 
 
+# NxD's words (layers.py 646-647, 896-897) when sequence parallelism is on without a sequence dimension
+_NO_SEQUENCE_DIMENSION = ("`sequence_parallel_enabled` is set to `True`, but got `sequence_dimension` as `None`. "
+                          "Defaulting `sequence_dimension` to 0.")
+
+
 class ColumnParallelLinear(_Recorded):
     kind = "column"
 
@@ -270,8 +276,11 @@ class ColumnParallelLinear(_Recorded):
                 or tensor_model_parallel_group is not None or rank_ordering is not None):
             _not_modelled("ColumnParallelLinear beyond a plain sharded linear on the CPU")
         tp = self.tp
+        if sequence_parallel_enabled and tp.size <= 1:  # NxD's constructor (layers.py 641-643): sp over one rank
+            warnings.warn(f"`sequence_parallel_enabled` is set to `True`, but got world_size of {tp.size}")
         if sequence_parallel_enabled and sequence_dimension is None:
-            sequence_dimension = 0  # NxD warns and uses 0
+            warnings.warn(_NO_SEQUENCE_DIMENSION)  # layers.py 645-649
+            sequence_dimension = 0
         if output_size % tp.size:
             raise AssertionError(f"{output_size} is not divisible by {tp.size}")
         self.gather_output, self.dtype = gather_output, dtype
@@ -323,7 +332,8 @@ class RowParallelLinear(_Recorded):
         if sequence_parallel_enabled and not input_is_parallel:
             raise RuntimeError("To enable `sequence_parallel_enabled`, `input_is_parallel` must be `True`")
         if sequence_parallel_enabled and sequence_dimension is None:
-            sequence_dimension = 0  # NxD warns and uses 0
+            warnings.warn(_NO_SEQUENCE_DIMENSION)  # layers.py 894-898
+            sequence_dimension = 0
         if input_size % tp.size:
             raise AssertionError(f"{input_size} is not divisible by {tp.size}")
         self.input_is_parallel, self.dtype = input_is_parallel, dtype

@@ -52,6 +52,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     _CHECKPOINT_PREFIX,
@@ -267,7 +268,8 @@ class Zero1Optimizer(torch.optim.Optimizer):
             raise NotImplementedError("the ZeRO-1 double does not model lazy_init")
         self.optimizer_dtype = optimizer_dtype if optimizer_dtype is not None else torch.float32
         self.grad_clipping, self.max_norm = grad_clipping, 1.0 if max_norm is None else max_norm
-        self._sharding_groups, self.local_world_size, self.local_rank = sharding_groups or [[0]], 1, 0
+        self._sharding_groups = sharding_groups or [list(range(self.env.world()))]
+        self.local_world_size, self.local_rank = self._local_rank()
         self.use_grad_acc_hook, self.higher_cc_precision = use_grad_acc_hook, higher_cc_precision
         # kept as torch-xla keeps them (zero_redundancy_optimizer.py 105-108); one replica: nothing to bucket
         self.bucket_cap_mb_all_gather, self.bucket_cap_mb_reduce_scatter = (bucket_cap_mb_all_gather,
@@ -276,8 +278,8 @@ class Zero1Optimizer(torch.optim.Optimizer):
         self._grad_norm = None
         shard_groups = []
         for group in self.param_groups:
-            shards = [nn.Parameter(p.detach().clone().to(self.optimizer_dtype), requires_grad=p.requires_grad)
-                      for p in group["params"]]
+            shards = [nn.Parameter(self._shard_tensor(p.detach()).clone().to(self.optimizer_dtype),
+                                   requires_grad=p.requires_grad) for p in group["params"]]
             for p, shard in zip(group["params"], shards):
                 if hasattr(p, "shared"):  # as NxD's ZeRO-1 copies it, for the gradient norm
                     shard.shared = p.shared
@@ -288,6 +290,25 @@ class Zero1Optimizer(torch.optim.Optimizer):
 
     grad_norm = property(lambda self: self._grad_norm)
     sharding_groups = property(lambda self: self._sharding_groups)
+
+    def _local_rank(self) -> tuple[int, int]:
+        """``init_zero`` (torch-xla zero_redundancy_optimizer.py 121-134): the shard count is the first group's
+        size, this rank's index in the group holding it; a rank in no group is a ValueError."""
+        rank, local = self.env.rank(), None
+        for group in self._sharding_groups:
+            if rank in group:
+                local = list(group).index(rank)
+        if local is None:
+            raise ValueError(f"Current rank {rank} is missing from the sharding_groups {self._sharding_groups}")
+        return len(self._sharding_groups[0]), local
+
+    def _shard_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``_pad_to_world_size`` + ``_shard_tensor`` (same file, 183-197): dim 0 padded to a multiple of the
+        shard count, then chunked; ``tensor.size(0)`` makes a 0-dim parameter an IndexError there, as here."""
+        if tensor.size(0) % self.local_world_size != 0:
+            pad = self.local_world_size - tensor.size(0) % self.local_world_size
+            tensor = F.pad(tensor, [0, 0] * (tensor.dim() - 1) + [0, pad])
+        return tensor.chunk(self.local_world_size)[self.local_rank]
 
     def _register_hook(self, param: nn.Parameter, shard: nn.Parameter) -> None:
         """torch-xla's gradient-accumulation hook: on the parameter's grad accumulator, after each accumulation
