@@ -393,6 +393,32 @@ def test_priming_plans_on_one_trn1_32xlarge(name):
     assert any(note.startswith("distill:") for note in plan.notes) == distilling
 
 
+def test_a_plan_builds_the_model_shapes_once_for_both_estimates(monkeypatch):
+    """At tp > 1 the HBM and host estimates both count the parameters of the one-device model and of rank 0's
+    shard: `build_plan` builds each once on the meta device (one build at tp 1) and hands them to both, with the
+    numbers of the estimates built alone."""
+    from bmojo_neuron.launch.host_memory import estimate_host_memory
+    from bmojo_neuron.parallel import one_device_init, sharding
+
+    r = recipe("trn1/bmojo-790m", *SMALL)
+    built = []
+
+    def counted(config, tp, tp_rank=0):
+        built.append(tp)
+        return shard_shapes(config, tp, tp_rank)
+
+    shard_shapes = sharding.shard_shapes
+    monkeypatch.setattr(sharding, "shard_shapes", counted)
+    monkeypatch.setattr(one_device_init, "shard_shapes", counted)
+    plan = build_plan(r, "trn1/bmojo-790m")
+    assert built == [1, 2]
+    assert plan.memory == estimate_memory(r, 32) and plan.host == estimate_host_memory(r, 32, "trn1.32xlarge")
+    from bmojo_neuron.launch.memory import model_shapes
+
+    with pytest.raises(ValueError, match="shapes of tensor-parallel degree 2 given for tp 1"):
+        stage_parameters(r.model_config(), 1, 1, shapes=model_shapes(r.model_config(), 2))
+
+
 def test_hbm_estimate_of_a_hand_computed_case():
     """Two full-attention layers, fp32, one core: every term worked out by hand below."""
     r = load_recipe("cpu-tiny", [
