@@ -238,8 +238,10 @@ def layer_activation_bytes(config: Any, kind: str, tp: int, sp: bool, act: int) 
 def microbatches_in_flight(stage: int, pp: int, microbatches: int) -> int:
     """Micro-batches whose activations stage `stage` holds at once under NxD's 1F1B pipeline schedule.
 
-    1F1B runs ``pp - stage`` forwards before its first backward, then alternates, so
-    stage 0 holds the most; a step of fewer micro-batches holds them all. One stage: 1.
+    NxD v2.28.0's ``Train1F1BSchedule`` (``pipeline/scheduler.py`` lines 179-184) runs
+    ``min(pp - stage - 1, microbatches)`` warm-up forwards, then one forward before each
+    backward, so ``pp - stage`` micro-batches are held before the first backward frees one:
+    stage 0 holds the most, and a step of fewer micro-batches holds them all. One stage: 1.
     (The Neuron loop gives NxD ``parallel.microbatches × train.grad_accum`` per step.)
     """
     return min(microbatches, pp - stage) if pp > 1 else 1
@@ -298,6 +300,13 @@ def estimate_memory(recipe: Any, world: int, shapes: ModelShapes | None = None) 
         if sp_.stage == pp - 1:
             # final norm input + output, logits (vocab shard) and their fp32 copy for the cross-entropy
             extra += 2 * res * act + config.vocab_size / tp * (act + FP32)
+        else:
+            # The stage's output (the last layer's, sent on): no op here saves it for the backward, the norm that
+            # reads it being on the next stage, but NxD v2.28.0 keeps each sent tensor that needs a gradient until
+            # that micro-batch's backward (pipeline/model.py lines 1325 and 1366); `deallocate_pipeline_outputs`,
+            # which would shrink it after the send, is off by default (line 97) and `nxd_training.pipeline_config`
+            # leaves it so. The (1,) float32 innovation sum sent beside it is left out.
+            extra += res * act
         tokens = micro * seq
         if recipe.distill is not None:
             per_layer, extra = _distill_activations(recipe, config, sp_.layers, per_layer, extra, res, act, tp)
