@@ -25,14 +25,16 @@ training step (the step keeps only the loss), so the graph check drops it before
 layers (its masked lookup, its cross-entropy's in-place shift) are not traced; their largest tensors have the
 shapes traced here (NxD v2.28.0 ``loss_functions.py`` lines 43-64: the ``(rows, V/tp)`` logits and their exp).
 
-`pipeline_buffers` lists what one pipeline stage holds that the graph of one micro-batch does not show whole.
+At ``parallel.pp > 1`` a stage holds no tensor larger than the trace's: NxD v2.28.0's pipeline takes the step's
+batch as host tensors (``pipeline/model.py`` lines 1113-1118), cuts it into micro-batches on the host (lines
+1078-1088) and moves each to the device on its own (``MpDeviceLoader``, line 1950), and what crosses a stage
+boundary is one micro-batch's decoder-layer output (and the ``(1,)`` innovation sum), a tensor the trace holds.
+How many micro-batches a stage holds at once is HBM, which the plan's memory estimate counts.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -117,39 +119,3 @@ class ShardTraceFactory(TorchTensorParallelFactory):
 def trace_factory(tp: int, sequence_parallel: bool) -> LayerFactory:
     """The factory to build one NeuronCore's model for the trace: the plain layers at tp 1."""
     return ShardTraceFactory(tp, sequence_parallel) if tp > 1 else LayerFactory()
-
-
-class Buffer(NamedTuple):
-    """A tensor one pipeline stage holds that no single micro-batch's graph shows whole."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * self.dtype.itemsize
-
-
-def pipeline_buffers(pp: int, microbatch: int, microbatches: int, length: int) -> list[Buffer]:
-    """The tensors one stage of NxD v2.28.0's pipeline (``pipeline/model.py``) holds that no micro-batch's graph
-    shows whole; [] at pp 1.
-
-    - The data rank's batch (``input_ids``, ``labels``: int64 of `length` tokens), stacked over the
-      `microbatches` micro-batches of `microbatch` rows: each micro-batch's graph takes it and slices its
-      rows (``x[start:end]``, lines 1078-1087).
-    - Not listed: the stage-boundary activations. Per micro-batch, a stage receives one buffer per tensor
-      (``recv_op``, lines 1440-1447) and keeps what it sent for the backward (lines 1296-1324), each its own
-      tensor of one micro-batch: a decoder layer's output (this rank's sequence slice under sp) and the
-      ``(1,)`` float32 innovation sum of `bmojo_neuron.parallel.nxd_pipeline`, the shapes and dtypes the
-      trace of one micro-batch already holds and checks. How many are held at once (1F1B: up to
-      ``pp - stage`` micro-batches) is a per-core total, which the plan's HBM estimate counts, not this check.
-    """
-    if pp <= 1:
-        return []
-    rows = microbatch * microbatches
-    return [Buffer(f"the {name} of all {microbatches} micro-batches", (rows, length), torch.int64)
-            for name in ("input_ids", "labels")]
