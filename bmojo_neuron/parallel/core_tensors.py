@@ -21,9 +21,9 @@ collective is replaced by a local op whose output has the shape and dtype of the
 The stand-ins move no data between ranks, so the values are not those of any rank: the trace is of shapes,
 dtypes and ops (fake tensors compute nothing). The vocabulary all-gather of the logits is dead code in the
 training step (the step keeps only the loss), so the graph check drops it before its scan
-(`step_graph.dead_nodes`), as torch-xla never computes a lazy tensor nothing holds. The ops of NxD's own
-layers (its masked lookup, its cross-entropy's in-place shift) are not traced; their largest tensors have the
-shapes traced here (NxD v2.28.0 ``loss_functions.py`` lines 43-64: the ``(rows, V/tp)`` logits and their exp).
+(`step_graph.dead_nodes`), as torch-xla never computes a lazy tensor nothing holds. NxD's cross-entropy, whose
+backward is its own code, is traced apart (`NxDCrossEntropyStep`); the ops of NxD's other layers (its
+embedding's masked lookup) are not, and their largest tensors have the shapes traced here.
 
 At ``parallel.pp > 1`` a stage holds no tensor larger than the trace's: NxD v2.28.0's pipeline takes the step's
 batch as host tensors (``pipeline/model.py`` lines 1113-1118), cuts it into micro-batches on the host (lines
@@ -35,6 +35,7 @@ How many micro-batches a stage holds at once is HBM, which the plan's memory est
 from __future__ import annotations
 
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -119,3 +120,37 @@ class ShardTraceFactory(TorchTensorParallelFactory):
 def trace_factory(tp: int, sequence_parallel: bool) -> LayerFactory:
     """The factory to build one NeuronCore's model for the trace: the plain layers at tp 1."""
     return ShardTraceFactory(tp, sequence_parallel) if tp > 1 else LayerFactory()
+
+
+class NxDCrossEntropyStep(nn.Module):
+    """The ops of NxD v2.28.0's vocabulary-parallel cross-entropy on one rank's shard, forward then backward, for
+    the graph check: ``(logits (rows, V/tp), targets (rows,)) -> (per-row loss, gradient of the logits)``.
+
+    NxD writes it as an autograd Function (``parallel_layers/loss_functions.py`` lines 10-129) whose backward is
+    its own code, which torch.export does not carry into the joint graph (the traced loss comes out with no
+    gradient), so this module runs the same op sequence with both passes written out, on a loss gradient of
+    ones. Its three all-reduces (lines 17, 54 and 66) are identities, as in `ShardTraceFactory`; the rank's
+    vocabulary starts at 0 (rank 0, line 30). In place where NxD is: the shift by the row maximum (NxD shifts its
+    input; here a copy of it, of the same shape, so that the caller's tensor is left as it was), the
+    normalisation of the exponent, the correction at the targets and the scaling in the backward.
+    """
+
+    def forward(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        vocab, start = logits.size(-1), 0  # rank 0's shard begins the vocabulary (line 30)
+        shifted = logits.clone()
+        shifted.sub_(torch.max(shifted, dim=-1)[0].unsqueeze(dim=-1))  # lines 16-23 (all-reduce MAX: identity)
+        in_shard = (targets >= start) & (targets < start + vocab)  # lines 36-38: a target elsewhere reads column 0
+        local_targets = torch.mul(targets.clone() - start, in_shard.long()).view(-1)
+        rows = torch.arange(start=0, end=shifted.view(-1, vocab).size()[0], dtype=torch.long)  # line 45
+        picked = shifted.view(-1, vocab)[rows, local_targets].clone().contiguous().view_as(targets)  # lines 43-48
+        picked = torch.mul(picked, in_shard.float())  # line 52 (then an all-reduce SUM: identity)
+        probabilities = torch.exp(shifted)  # lines 64-65 (the sum's all-reduce: identity)
+        total = probabilities.sum(dim=-1)
+        loss = torch.log(total) - picked  # line 73
+        probabilities.div_(total.unsqueeze(dim=-1))  # line 76: the softmax kept for the backward
+        gradient = probabilities  # backward, lines 105-127: the softmax, less 1 at each target in the shard ...
+        gradient_rows = gradient.view(-1, vocab)
+        backward_rows = torch.arange(start=0, end=gradient_rows.size()[0], dtype=torch.long)
+        gradient_rows[backward_rows, local_targets] -= in_shard.view(-1).float()
+        gradient.mul_(torch.ones_like(loss).unsqueeze(dim=-1))  # ... times the loss gradient
+        return loss, gradient
