@@ -394,6 +394,32 @@ def test_priming_plans_on_one_trn1_32xlarge(name):
     assert any(note.startswith("distill:") for note in plan.notes) == distilling
 
 
+def test_a_plan_builds_the_model_shapes_once_for_both_estimates(monkeypatch):
+    """At tp > 1 the HBM and host estimates both count the parameters of the one-device model and of rank 0's
+    shard: `build_plan` builds each once on the meta device (one build at tp 1) and hands them to both, with the
+    numbers of the estimates built alone."""
+    from bmojo_neuron.launch.host_memory import estimate_host_memory
+    from bmojo_neuron.parallel import one_device_init, sharding
+
+    r = recipe("trn1/bmojo-790m", *SMALL)
+    built = []
+
+    def counted(config, tp, tp_rank=0):
+        built.append(tp)
+        return shard_shapes(config, tp, tp_rank)
+
+    shard_shapes = sharding.shard_shapes
+    monkeypatch.setattr(sharding, "shard_shapes", counted)
+    monkeypatch.setattr(one_device_init, "shard_shapes", counted)
+    plan = build_plan(r, "trn1/bmojo-790m")
+    assert built == [1, 2]
+    assert plan.memory == estimate_memory(r, 32) and plan.host == estimate_host_memory(r, 32, "trn1.32xlarge")
+    from bmojo_neuron.launch.memory import model_shapes
+
+    with pytest.raises(ValueError, match="shapes of tensor-parallel degree 2 given for tp 1"):
+        stage_parameters(r.model_config(), 1, 1, shapes=model_shapes(r.model_config(), 2))
+
+
 def test_hbm_estimate_of_a_hand_computed_case():
     """Two full-attention layers, fp32, one core: every term worked out by hand below."""
     r = load_recipe("cpu-tiny", [
@@ -416,6 +442,27 @@ def test_hbm_estimate_of_a_hand_computed_case():
     assert s.activations_checkpointed == tokens * (2 * 128 * 4 + layer + outside) == 3_540_992
     assert s.activations == s.activations_full and s.microbatches_in_flight == 1
     assert s.total == 16 * n + 5_640_192
+
+
+def test_hbm_estimate_of_a_hand_counted_two_stage_pipeline():
+    """The hand-computed case above (per token: 9224 bytes a layer, 512 a residual-stream tensor, 2048 the logits
+    and their fp32 copy) cut into pp 2 stages of one layer each, 4 micro-batches of 2 × 128 tokens a step.
+    NxD v2.28.0's 1F1B (pipeline/scheduler.py lines 179-184): stage 0 warms up with pp - 0 - 1 = 1 forward, runs
+    a 2nd before its first backward, then one forward per backward, so it holds 2 micro-batches at its peak;
+    stage 1 has no warm-up (forward, backward, ...): 1. Stage 0 keeps, besides its layer, the embedding output
+    and the output it sent to stage 1 (NxD holds it for the backward, pipeline/model.py lines 1325 and 1366);
+    stage 1 the final norm's input and output and the logits."""
+    r = load_recipe("cpu-tiny", [
+        "model.layer_pattern=AA", "model.num_hidden_layers=2", "model.hidden_size=128",
+        "model.num_attention_heads=2", "model.num_key_value_heads=2", "model.intermediate_size=256",
+        "model.tie_word_embeddings=false", "data.vocab_size=256", "data.seq_len=128", "train.batch_size=8",
+        "train.precision=fp32", "train.activation_checkpointing=false", "parallel.pp=2", "parallel.microbatches=4"])
+    first, last = estimate_memory(r, 2).stages  # dp 1: 8 sequences, 4 micro-batches of 2
+    tokens = 2 * 128
+    assert first.activations_full == tokens * (9224 + 512 + 512) == 2_623_488
+    assert last.activations_full == tokens * (9224 + 2 * 512 + 256 * (4 + 4)) == 3_147_776
+    assert (first.microbatches_in_flight, last.microbatches_in_flight) == (2, 1)
+    assert (first.activations, last.activations) == (2 * 2_623_488, 3_147_776)
 
 
 def test_1f1b_keeps_pp_minus_stage_microbatches_in_flight():

@@ -25,6 +25,7 @@ from bmojo_neuron.commands.plan import check_lines
 from bmojo_neuron.compiler_rules import Violation
 from bmojo_neuron.layers.factory import get_layer_factory
 from bmojo_neuron.modeling_bmojo import causal_lm_loss
+from bmojo_neuron.parallel.core_tensors import NxDCrossEntropyStep
 from bmojo_neuron.parallel.sharding import shard_shapes
 from bmojo_neuron.recipes import load_recipe
 from bmojo_neuron.training import objective, step_graph
@@ -193,17 +194,35 @@ def test_the_traced_model_holds_the_shards_of_a_tensor_parallel_rank():
         assert shapes["model.embed_tokens.weight"][0] * tp == recipe.model_config().vocab_size
 
 
-def test_a_pipeline_stage_s_batch_of_every_micro_batch_is_checked_against_the_4_gb_limit():
-    """At pp 2, the data rank's input_ids and labels (int64) hold all 4 × 2 (grad_accum) micro-batches: 8 × 32769
-    rows of 2048 tokens are 4295098368 bytes, above 2^32; 8 × 32768 rows are 2^32 exactly; pp 1 has no such buffer."""
-    recipe = load_recipe("trn1/bmojo-130m", ["parallel.pp=2", "parallel.microbatches=4", "train.grad_accum=2"])
-    findings = step_graph.pipeline_findings(recipe, 32769)
-    assert [str(f) for f in findings] == [
-        f"NCC_EVRF024 compiler/error-codes/EVRF024.rst: the {name} of all 8 micro-batches: a tensor of (262152, 2048) "
-        "torch.int64 is 4295098368 bytes, above the 4 GB output-tensor limit (2^32 = 4294967296) [pipeline stage]"
-        for name in ("input_ids", "labels")]
-    assert step_graph.pipeline_findings(recipe, 32768) == []
-    assert step_graph.pipeline_findings(load_recipe("trn1/bmojo-130m", ["train.grad_accum=2"]), 32769) == []
+def test_nxd_s_cross_entropy_ops_compute_torch_s_loss_and_gradient_on_a_shard():
+    """`NxDCrossEntropyStep` (NxD's forward and backward ops, all-reduces as identities) on the whole vocabulary
+    is torch's cross-entropy and its gradient (softmax less the one-hot target), to float64 rounding; a target
+    outside the shard (12, 20 of 10 columns) picks nothing: the log-sum-exp of the row less its maximum, and the
+    plain softmax as gradient, what this rank adds before NxD's all-reduce sums the ranks."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 10, dtype=torch.float64, generator=generator) * 3
+    targets = torch.tensor([0, 3, 9, 12, 5, 20])
+    loss, gradient = NxDCrossEntropyStep()(logits, targets)
+    inside = targets < 10
+    torch_loss = torch.nn.functional.cross_entropy(logits, targets.clamp(max=9), reduction="none")
+    outside_loss = torch.logsumexp(logits, -1) - logits.max(-1).values
+    torch.testing.assert_close(loss, torch.where(inside, torch_loss, outside_loss), rtol=0, atol=1e-12)
+    one_hot = torch.nn.functional.one_hot(targets.clamp(max=9), 10).to(logits.dtype) * inside[:, None]
+    torch.testing.assert_close(gradient, logits.softmax(-1) - one_hot, rtol=0, atol=1e-12)
+
+
+def test_nxd_s_cross_entropy_is_scanned_at_the_logits_of_a_tensor_parallel_rank():
+    """At tp 2 the 790M recipe's 22 × 4096 tokens hand NxD's loss 22 × 4095 rows of 50304 / 2 float32 logits,
+    9.06e9 bytes: one EVRF024 finding in the loss's own graph, at its first op over the shard; 4 sequences (the
+    recipe's micro-batch) fit; at tp 1 the loss is torch's, in the step's graphs."""
+    recipe = load_recipe("trn1/bmojo-790m")
+    assert recipe.parallel.tp == 2
+    (finding,) = step_graph.nxd_loss_findings(recipe, 22)
+    assert str(finding).startswith("NCC_EVRF024 compiler/error-codes/EVRF024.rst: a tensor of (90090, 25152) "
+                                   "torch.float32 is 9063774720 bytes, above the 4 GB output-tensor limit")
+    assert "core_tensors.py" in finding.refusal.where and str(finding).endswith("[NxD cross-entropy graph]")
+    assert step_graph.nxd_loss_findings(recipe, 4) == []
+    assert step_graph.nxd_loss_findings(load_recipe("trn1/bmojo-130m"), 22) == []
 
 
 def _strided_dilated_conv(y: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from bmojo_neuron.closed_stdout import exit_status_on_closed_stdout
-from bmojo_neuron.launch.memory import stage_parameters
+from bmojo_neuron.launch.memory import ModelShapes, stage_parameters
 from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
 from bmojo_neuron.parallel.one_device_init import (
     BUILD_OVERHEAD,
@@ -56,13 +56,14 @@ class HostMemoryEstimate:
 
 
 def estimate_host_memory(recipe: Any, local_world: int, instance: str | None = None,
-                         one_device_init: bool = True) -> HostMemoryEstimate:
-    """Host memory at start-up of `recipe` on a node of `local_world` ranks (its ``parallel`` degrees)."""
+                         one_device_init: bool = True, shapes: ModelShapes | None = None) -> HostMemoryEstimate:
+    """Host memory at start-up of `recipe` on a node of `local_world` ranks (its ``parallel`` degrees); `shapes`:
+    its model's `bmojo_neuron.launch.memory.model_shapes` at ``parallel.tp``, when the caller has them already."""
     config = recipe.model_config()
     p = recipe.parallel
     element = 2 if recipe.train.precision == "bf16" else FP32
-    shard = element * max(s.total for s in stage_parameters(config, p.tp, p.pp))
-    full = full_model_bytes(config)
+    shard = element * max(s.total for s in stage_parameters(config, p.tp, p.pp, shapes=shapes))
+    full = full_model_bytes(config, shapes.full if shapes is not None else None)
     build = int(BUILD_OVERHEAD * full) if one_device_init else 0
     per_wave = min(ranks_per_wave(full), local_world) if one_device_init else local_world
     waves = build_waves(local_world, full) if one_device_init else 1

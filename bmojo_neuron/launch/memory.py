@@ -10,7 +10,10 @@ estimate. Everything here is arithmetic: nothing is allocated or compiled.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+if TYPE_CHECKING:  # torch is imported where the shapes are built: validating a recipe needs none of it
+    import torch
 
 GIB = 1024**3
 NEURONCORE_HBM_BYTES = 16 * GIB  # NeuronCore-v2: 32 GiB HBM per Trn1 chip, two cores share it
@@ -121,21 +124,44 @@ def _layer_index(name: str) -> int | None:
     return None
 
 
-def stage_parameters(config: Any, tp: int, pp: int, trains: Callable[[str], bool] | None = None) -> list[StageParams]:
-    """Exact parameter counts per pipeline stage for one tensor rank (meta device, instant).
+class ModelShapes(NamedTuple):
+    """State-dict shapes of a model: the one-device model's (`full`) and tensor-parallel rank 0's shard
+    (`local`, the same dict at tp 1). Each is a build of the model on the meta device (about 0.15 s of CPU for the
+    1.4B recipe), so a plan builds them once (`model_shapes`) and hands them to each estimate that counts them."""
+
+    tp: int
+    full: dict[str, torch.Size]
+    local: dict[str, torch.Size]
+
+
+def model_shapes(config: Any, tp: int) -> ModelShapes:
+    """The shapes of `config`'s model at tensor-parallel degree `tp` (one meta build at tp 1, two above)."""
+    from bmojo_neuron.parallel.sharding import shard_shapes
+
+    full = shard_shapes(config, 1)
+    return ModelShapes(tp, full, full if tp == 1 else shard_shapes(config, tp))
+
+
+def stage_parameters(config: Any, tp: int, pp: int, trains: Callable[[str], bool] | None = None,
+                     shapes: ModelShapes | None = None) -> list[StageParams]:
+    """Exact parameter counts per pipeline stage for one tensor rank, from `shapes` (`model_shapes` of
+    `config` at `tp`; built here when not given).
 
     Stage 0 holds the embedding, the last stage the final norm and ``lm_head``. A tied
     ``lm_head`` is the embedding itself with one stage; with several, the last stage
     holds its own copy (kept equal by summing the two gradients), counted there too.
     `trains` (a parameter name -> bool) counts the trainable ones, when not all are.
     """
-    from bmojo_neuron.parallel.sharding import shard_shapes, tied_names
+    from bmojo_neuron.parallel.sharding import tied_names
     from bmojo_neuron.parallel.pipeline import split_layers
 
+    if shapes is None:
+        shapes = model_shapes(config, tp)
+    elif shapes.tp != tp:
+        raise ValueError(f"shapes of tensor-parallel degree {shapes.tp} given for tp {tp}")
     blocks = split_layers(config.num_hidden_layers, pp)
     stage_of_layer = {i: s for s, block in enumerate(blocks) for i in block}
-    full = shard_shapes(config, 1)
-    local = full if tp == 1 else shard_shapes(config, tp)
+    full, local = shapes.full, shapes.local
     out = [StageParams(s, list(block), 0, 0, trainable=-1 if trains is None else 0) for s, block in enumerate(blocks)]
     skip = tied_names(config) if pp == 1 else set()
     for name, shape in local.items():
@@ -212,8 +238,10 @@ def layer_activation_bytes(config: Any, kind: str, tp: int, sp: bool, act: int) 
 def microbatches_in_flight(stage: int, pp: int, microbatches: int) -> int:
     """Micro-batches whose activations stage `stage` holds at once under NxD's 1F1B pipeline schedule.
 
-    1F1B runs ``pp - stage`` forwards before its first backward, then alternates, so
-    stage 0 holds the most; a step of fewer micro-batches holds them all. One stage: 1.
+    NxD v2.28.0's ``Train1F1BSchedule`` (``pipeline/scheduler.py`` lines 179-184) runs
+    ``min(pp - stage - 1, microbatches)`` warm-up forwards, then one forward before each
+    backward, so ``pp - stage`` micro-batches are held before the first backward frees one:
+    stage 0 holds the most, and a step of fewer micro-batches holds them all. One stage: 1.
     (The Neuron loop gives NxD ``parallel.microbatches × train.grad_accum`` per step.)
     """
     return min(microbatches, pp - stage) if pp > 1 else 1
@@ -241,8 +269,9 @@ def parameter_bytes(precision: str, zero1: bool) -> tuple[int, int, int]:
     return 2, 2, 2 * 2
 
 
-def estimate_memory(recipe: Any, world: int) -> MemoryEstimate:
-    """Per-NeuronCore bytes of `recipe` on `world` ranks (degrees from ``recipe.parallel``)."""
+def estimate_memory(recipe: Any, world: int, shapes: ModelShapes | None = None) -> MemoryEstimate:
+    """Per-NeuronCore bytes of `recipe` on `world` ranks (degrees from ``recipe.parallel``); `shapes`: its
+    model's `model_shapes` at ``parallel.tp``, when the caller has them already."""
     config = recipe.model_config()
     p, t = recipe.parallel, recipe.train
     tp, pp = p.tp, p.pp
@@ -261,7 +290,7 @@ def estimate_memory(recipe: Any, world: int) -> MemoryEstimate:
         from bmojo_neuron.priming.distill import is_new_parameter
 
         trains = lambda name: is_new_parameter(name, pattern)  # noqa: E731
-    for sp_ in stage_parameters(config, tp, pp, trains):
+    for sp_ in stage_parameters(config, tp, pp, trains, shapes):
         params, trained = sp_.total, sp_.trained
         optim_params = -(-trained // dp) if p.zero1 else trained
         per_layer = [layer_activation_bytes(config, pattern[i], tp, p.sp, act) for i in sp_.layers]
@@ -271,6 +300,13 @@ def estimate_memory(recipe: Any, world: int) -> MemoryEstimate:
         if sp_.stage == pp - 1:
             # final norm input + output, logits (vocab shard) and their fp32 copy for the cross-entropy
             extra += 2 * res * act + config.vocab_size / tp * (act + FP32)
+        else:
+            # The stage's output (the last layer's, sent on): no op here saves it for the backward, the norm that
+            # reads it being on the next stage, but NxD v2.28.0 keeps each sent tensor that needs a gradient until
+            # that micro-batch's backward (pipeline/model.py lines 1325 and 1366); `deallocate_pipeline_outputs`,
+            # which would shrink it after the send, is off by default (line 97) and `nxd_training.pipeline_config`
+            # leaves it so. The (1,) float32 innovation sum sent beside it is left out.
+            extra += res * act
         tokens = micro * seq
         if recipe.distill is not None:
             per_layer, extra = _distill_activations(recipe, config, sp_.layers, per_layer, extra, res, act, tp)

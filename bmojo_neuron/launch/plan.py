@@ -12,7 +12,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
-from bmojo_neuron.launch.memory import MemoryEstimate, estimate_memory, gib, seq_len_of
+from bmojo_neuron.launch.memory import MemoryEstimate, estimate_memory, gib, model_shapes, seq_len_of
 
 if TYPE_CHECKING:  # imported where used: `python -m bmojo_neuron.launch.host_memory` runs that module
     from bmojo_neuron.launch.host_memory import HostMemoryEstimate
@@ -281,12 +281,13 @@ def build_plan(recipe: Any, recipe_arg: str, overrides: Sequence[str] = (), node
     from bmojo_neuron.parallel.layout import check_trainium_layout
 
     check_trainium_layout(world, recipe.parallel.tp, recipe.parallel.pp, cores)
-    memory = estimate_memory(recipe, world)
+    p = recipe.parallel
+    shapes = model_shapes(recipe.model_config(), p.tp)  # the model's meta builds, once for both estimates
+    memory = estimate_memory(recipe, world, shapes)
     memory.check()
     from bmojo_neuron.launch.host_memory import estimate_host_memory
 
-    host = estimate_host_memory(recipe, cores, instance)
-    p = recipe.parallel
+    host = estimate_host_memory(recipe, cores, instance, shapes=shapes)
     dp = world // (p.tp * p.pp)
     config = recipe.model_fields()
     master = "localhost" if nodes == 1 else "$MASTER_ADDR"

@@ -21,16 +21,19 @@ collective is replaced by a local op whose output has the shape and dtype of the
 The stand-ins move no data between ranks, so the values are not those of any rank: the trace is of shapes,
 dtypes and ops (fake tensors compute nothing). The vocabulary all-gather of the logits is dead code in the
 training step (the step keeps only the loss), so the graph check drops it before its scan
-(`step_graph.dead_nodes`), as torch-xla never computes a lazy tensor nothing holds. The ops of NxD's own
-layers (its masked lookup, its cross-entropy's in-place shift) are not traced; their largest tensors have the
-shapes traced here (NxD v2.28.0 ``loss_functions.py`` lines 43-64: the ``(rows, V/tp)`` logits and their exp).
+(`step_graph.dead_nodes`), as torch-xla never computes a lazy tensor nothing holds. NxD's cross-entropy, whose
+backward is its own code, is traced apart (`NxDCrossEntropyStep`); the ops of NxD's other layers (its
+embedding's masked lookup) are not, and their largest tensors have the shapes traced here.
 
-`pipeline_buffers` lists what one pipeline stage holds that the graph of one micro-batch does not show whole.
+At ``parallel.pp > 1`` a stage holds no tensor larger than the trace's: NxD v2.28.0's pipeline takes the step's
+batch as host tensors (``pipeline/model.py`` lines 1113-1118), cuts it into micro-batches on the host (lines
+1078-1088) and moves each to the device on its own (``MpDeviceLoader``, line 1950), and what crosses a stage
+boundary is one micro-batch's decoder-layer output (and the ``(1,)`` innovation sum), a tensor the trace holds.
+How many micro-batches a stage holds at once is HBM, which the plan's memory estimate counts.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -119,37 +122,35 @@ def trace_factory(tp: int, sequence_parallel: bool) -> LayerFactory:
     return ShardTraceFactory(tp, sequence_parallel) if tp > 1 else LayerFactory()
 
 
-class Buffer(NamedTuple):
-    """A tensor one pipeline stage holds that no single micro-batch's graph shows whole."""
+class NxDCrossEntropyStep(nn.Module):
+    """The ops of NxD v2.28.0's vocabulary-parallel cross-entropy on one rank's shard, forward then backward, for
+    the graph check: ``(logits (rows, V/tp), targets (rows,)) -> (per-row loss, gradient of the logits)``.
 
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count * self.dtype.itemsize
-
-
-def pipeline_buffers(pp: int, microbatch: int, microbatches: int, length: int) -> list[Buffer]:
-    """The tensors one stage of NxD v2.28.0's pipeline (``pipeline/model.py``) holds that no micro-batch's graph
-    shows whole; [] at pp 1.
-
-    - The data rank's batch (``input_ids``, ``labels``: int64 of `length` tokens), stacked over the
-      `microbatches` micro-batches of `microbatch` rows: each micro-batch's graph takes it and slices its
-      rows (``x[start:end]``, lines 1078-1087).
-    - Not listed: the stage-boundary activations. Per micro-batch, a stage receives one buffer per tensor
-      (``recv_op``, lines 1440-1447) and keeps what it sent for the backward (lines 1296-1324), each its own
-      tensor of one micro-batch: a decoder layer's output (this rank's sequence slice under sp) and the
-      ``(1,)`` float32 innovation sum of `bmojo_neuron.parallel.nxd_pipeline`, the shapes and dtypes the
-      trace of one micro-batch already holds and checks. How many are held at once (1F1B: up to
-      ``pp - stage`` micro-batches) is a per-core total, which the plan's HBM estimate counts, not this check.
+    NxD writes it as an autograd Function (``parallel_layers/loss_functions.py`` lines 10-129) whose backward is
+    its own code, which torch.export does not carry into the joint graph (the traced loss comes out with no
+    gradient), so this module runs the same op sequence with both passes written out, on a loss gradient of
+    ones. Its three all-reduces (lines 17, 54 and 66) are identities, as in `ShardTraceFactory`; the rank's
+    vocabulary starts at 0 (rank 0, line 30). In place where NxD is: the shift by the row maximum (NxD shifts its
+    input; here a copy of it, of the same shape, so that the caller's tensor is left as it was), the
+    normalisation of the exponent, the correction at the targets and the scaling in the backward.
     """
-    if pp <= 1:
-        return []
-    rows = microbatch * microbatches
-    return [Buffer(f"the {name} of all {microbatches} micro-batches", (rows, length), torch.int64)
-            for name in ("input_ids", "labels")]
+
+    def forward(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        vocab, start = logits.size(-1), 0  # rank 0's shard begins the vocabulary (line 30)
+        shifted = logits.clone()
+        shifted.sub_(torch.max(shifted, dim=-1)[0].unsqueeze(dim=-1))  # lines 16-23 (all-reduce MAX: identity)
+        in_shard = (targets >= start) & (targets < start + vocab)  # lines 36-38: a target elsewhere reads column 0
+        local_targets = torch.mul(targets.clone() - start, in_shard.long()).view(-1)
+        rows = torch.arange(start=0, end=shifted.view(-1, vocab).size()[0], dtype=torch.long)  # line 45
+        picked = shifted.view(-1, vocab)[rows, local_targets].clone().contiguous().view_as(targets)  # lines 43-48
+        picked = torch.mul(picked, in_shard.float())  # line 52 (then an all-reduce SUM: identity)
+        probabilities = torch.exp(shifted)  # lines 64-65 (the sum's all-reduce: identity)
+        total = probabilities.sum(dim=-1)
+        loss = torch.log(total) - picked  # line 73
+        probabilities.div_(total.unsqueeze(dim=-1))  # line 76: the softmax kept for the backward
+        gradient = probabilities  # backward, lines 105-127: the softmax, less 1 at each target in the shard ...
+        gradient_rows = gradient.view(-1, vocab)
+        backward_rows = torch.arange(start=0, end=gradient_rows.size()[0], dtype=torch.long)
+        gradient_rows[backward_rows, local_targets] -= in_shard.view(-1).float()
+        gradient.mul_(torch.ones_like(loss).unsqueeze(dim=-1))  # ... times the loss gradient
+        return loss, gradient

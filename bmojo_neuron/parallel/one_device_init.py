@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -34,10 +35,12 @@ BUILD_OVERHEAD = 1.31  # measured: bmojo-130m, (peak RSS after the build - befor
 HOST_BUILD_BUDGET = 128 * 1024**3  # transient full models per node: a quarter of a trn1.32xlarge's 512 GiB
 
 
-def full_model_bytes(config: Any) -> int:
-    """fp32 bytes of the whole one-device model (meta device: nothing allocated)."""
+def full_model_bytes(config: Any, full_shapes: Mapping[str, torch.Size] | None = None) -> int:
+    """fp32 bytes of the whole one-device model, from its state-dict shapes (`full_shapes`, or built on the meta
+    device: nothing allocated)."""
     skip = tied_names(config)
-    return FP32 * sum(shape.numel() for name, shape in shard_shapes(config, 1).items() if name not in skip)
+    shapes = shard_shapes(config, 1) if full_shapes is None else full_shapes
+    return FP32 * sum(shape.numel() for name, shape in shapes.items() if name not in skip)
 
 
 def ranks_per_wave(full_bytes: int, budget: int | None = None) -> int:

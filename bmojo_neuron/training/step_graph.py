@@ -18,9 +18,9 @@ true size of every tensor that grows with the batch (logits, activations). Depth
 no tensor's size: the only tensors that stack the layers are one scalar per layer (the
 innovation and distillation losses). At ``parallel.tp > 1`` the model is tensor-parallel rank 0's
 shard (`bmojo_neuron.parallel.core_tensors`), so a sharded tensor is counted at the size one
-NeuronCore holds; at ``parallel.pp > 1`` `pipeline_findings` adds the stage's batch of every
-micro-batch. The torch reference
-ops are traced: the NKI kernels are custom calls with static shapes of their own.
+NeuronCore holds; at ``parallel.pp > 1`` a stage holds no larger tensor than this one-stage step (see
+`bmojo_neuron.parallel.core_tensors`). The torch reference ops are traced: the NKI kernels are custom calls
+with static shapes of their own.
 Used by `bmojo-neuron plan --check-graph` and `tests/test_static_shapes.py`.
 """
 
@@ -43,11 +43,10 @@ from torch.fx.experimental import proxy_tensor
 from torch.utils import _pytree as pytree
 
 from bmojo_neuron import ops
-from bmojo_neuron.compiler_rules import Violation, compiler_violations, op_name, source_line, tensor_size_problem
+from bmojo_neuron.compiler_rules import Violation, compiler_violations, op_name, source_line
 from bmojo_neuron.layers.factory import use_layer_factory
 from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
-from bmojo_neuron.parallel.core_tensors import pipeline_buffers, trace_factory
-from bmojo_neuron.parallel.nxd_training import nxd_microbatches
+from bmojo_neuron.parallel.core_tensors import NxDCrossEntropyStep, trace_factory
 from bmojo_neuron.ops.reference.eager_cpu import fused_kernels_disabled
 from bmojo_neuron.priming.distill import freeze_shared
 from bmojo_neuron.recipes import load_recipe
@@ -249,13 +248,13 @@ def training_loss(recipe: Any, model: nn.Module) -> TrainingLoss:
 
 # ----------------------------------------------------------------------------- the check of a recipe
 GRAPHS = ("forward", "forward+backward")
-PIPELINE_STAGE = "pipeline stage"
+NXD_LOSS = "NxD cross-entropy"  # the graph of `nxd_loss_findings`
 
 
 class Finding(NamedTuple):
     """One thing that would stop the step compiling as one graph, in the graph where it was first seen."""
 
-    graph: str  # "forward" or "forward+backward" (`GRAPHS`), or PIPELINE_STAGE for a buffer of the schedule
+    graph: str  # "forward" or "forward+backward" (`GRAPHS`), or NXD_LOSS
     refusal: Violation | StaticProblem | str  # a compiler rule, a static-shape problem, or export's refusal
 
     def __str__(self) -> str:
@@ -263,8 +262,7 @@ class Finding(NamedTuple):
         torch.int64 tensor ... at File "...", line 9, in f [forward graph]``."""
         d = self.to_dict()
         where = d["where"] or (f"at node {d['node']}" if d["node"] else "")
-        graph = f"{self.graph} graph" if self.graph in GRAPHS else self.graph
-        return f"{d['code']} {d['page']}: {d['problem']} {where}".rstrip() + f" [{graph}]"
+        return f"{d['code']} {d['page']}: {d['problem']} {where}".rstrip() + f" [{self.graph} graph]"
 
     def to_dict(self) -> dict[str, str]:
         """{graph, code, page, problem, where, node}; code "static-shape" for a problem that is not the
@@ -404,17 +402,24 @@ def scan_training_step(module: nn.Module, args: tuple, progress: Callable[[str],
     return findings + _with_backward_sources(added, joint.graph, traced)
 
 
-def pipeline_findings(recipe: Any, batch: int) -> list[Finding]:
-    """EVRF024 for each tensor a pipeline stage holds that no micro-batch's graph shows whole (none at pp 1):
-    `bmojo_neuron.parallel.core_tensors.pipeline_buffers` at `batch` sequences a micro-batch."""
-    p = recipe.parallel
-    buffers = pipeline_buffers(p.pp, batch, nxd_microbatches(p, recipe.train.grad_accum), recipe.data.block_size)
-    findings = []
-    for buffer in buffers:
-        problem = tensor_size_problem(buffer.shape, buffer.dtype, buffer.nbytes)
-        if problem:
-            findings.append(Finding(PIPELINE_STAGE, Violation("", "EVRF024", f"{buffer.name}: {problem}", "")))
-    return findings
+def nxd_loss_findings(recipe: Any, batch: int, known: Sequence[Finding] = ()) -> list[Finding]:
+    """At ``parallel.tp > 1``, the findings (less those in `known`) of NxD's vocabulary-parallel cross-entropy, whose
+    forward and backward are NxD's own code (`bmojo_neuron.parallel.core_tensors.NxDCrossEntropyStep`), on the
+    logits tensor-parallel rank 0 hands it: `batch` × (length − 1) rows (the last position has no target,
+    `causal_lm_loss`) of its vocabulary shard, in float32 or wider (the model casts its logits up). None at tp 1,
+    where the loss is torch's and the step's graphs hold its ops."""
+    tp = recipe.parallel.tp
+    if tp == 1:
+        return []
+    rows = batch * (recipe.data.block_size - 1)
+    dtype = torch.promote_types(DTYPES[recipe.train.precision], torch.float32)
+    with FakeTensorMode():  # `make_fx`, not torch.export: the code is ours and has no Python branch for Dynamo
+        logits = torch.zeros(rows, recipe.model_config().vocab_size // tp, dtype=dtype)
+        graph = proxy_tensor.make_fx(NxDCrossEntropyStep(), record_stack_traces=True)(
+            logits, torch.zeros(rows, dtype=torch.long)).graph
+    inputs = {node.name for node in graph.nodes if node.op == "placeholder"}  # the step's logits: checked there
+    ops = [f for f in _graph_findings(graph, NXD_LOSS) if f.refusal.node not in inputs]
+    return _once(ops, known, by_line=False)
 
 
 class GraphCheck(NamedTuple):
@@ -430,8 +435,8 @@ class GraphCheck(NamedTuple):
 def check_recipe_graph(name: str, overrides: list[str] | None = None,
                        progress: Callable[[str], None] = lambda _: None, batch: int = 1) -> GraphCheck:
     """Trace the recipe's training step on fake tensors (one layer per kind, `batch` sequences: the micro-batch
-    of one NeuronCore, for the tensor-size limit; one tensor-parallel rank's shards) and scan both graphs, then
-    check the pipeline stage's buffers (`pipeline_findings`)."""
+    of one NeuronCore, for the tensor-size limit; one tensor-parallel rank's shards) and scan both graphs, and
+    at tp > 1 the ops of NxD's cross-entropy (`nxd_loss_findings`)."""
     start = time.monotonic()
     recipe, model, args = fake_training_step(name, overrides, batch)
     pattern, length = recipe.model_config().layer_pattern, recipe.data.block_size
@@ -441,6 +446,8 @@ def check_recipe_graph(name: str, overrides: list[str] | None = None,
         # torch.export's own pytree code warns of its deprecated LeafSpec check (torch 2.13); not the user's to fix
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
         findings = scan_training_step(training_loss(recipe, model), args, progress)
-    findings += pipeline_findings(recipe, batch)
+        if recipe.parallel.tp > 1:
+            progress("NxD's cross-entropy on rank 0's vocabulary shard, forward and its own backward")
+            findings += nxd_loss_findings(recipe, batch, findings)
     return GraphCheck(findings, time.monotonic() - start, pattern, length, batch, recipe.parallel.tp,
                       recipe.parallel.sp)
