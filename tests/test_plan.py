@@ -434,14 +434,15 @@ def test_hbm_estimate_of_a_hand_computed_case():
     # Per token, 4-byte elements: residual stream 4·128 = 512; q, rope(q), k, rope(k), v, attention
     # output 3·(2·64) + 3·(2·64) = 768; SwiGLU 4·256 = 1024; plus 2 fp32 log-sum-exps (one per head).
     layer = (512 + 768 + 1024) * 4 + 2 * 4  # 9224 bytes
-    # Embedding output 128 elements; final norm in + out 2·128 and the logits 256 plus their fp32 copy.
-    outside = 128 * 4 + 2 * 128 * 4 + 256 * (4 + 4)  # 3584 bytes
+    # Outside the layers: final norm in + out 2·128 and the logits 256 plus their fp32 copy. The embedding
+    # output is layer 0's input, already in the layer's residual stream.
+    outside = 2 * 128 * 4 + 256 * (4 + 4)  # 3072 bytes
     tokens = 2 * 128
-    assert s.activations_full == tokens * (2 * layer + outside) == 5_640_192
+    assert s.activations_full == tokens * (2 * layer + outside) == 5_509_120
     # Checkpointed: each layer's input (128 elements) kept, one layer recomputed at a time.
-    assert s.activations_checkpointed == tokens * (2 * 128 * 4 + layer + outside) == 3_540_992
+    assert s.activations_checkpointed == tokens * (2 * 128 * 4 + layer + outside) == 3_409_920
     assert s.activations == s.activations_full and s.microbatches_in_flight == 1
-    assert s.total == 16 * n + 5_640_192
+    assert s.total == 16 * n + 5_509_120
 
 
 def test_hbm_estimate_of_a_hand_counted_two_stage_pipeline():
@@ -449,8 +450,8 @@ def test_hbm_estimate_of_a_hand_counted_two_stage_pipeline():
     and their fp32 copy) cut into pp 2 stages of one layer each, 4 micro-batches of 2 × 128 tokens a step.
     NxD v2.28.0's 1F1B (pipeline/scheduler.py lines 179-184): stage 0 warms up with pp - 0 - 1 = 1 forward, runs
     a 2nd before its first backward, then one forward per backward, so it holds 2 micro-batches at its peak;
-    stage 1 has no warm-up (forward, backward, ...): 1. Stage 0 keeps, besides its layer, the embedding output
-    and the output it sent to stage 1 (NxD holds it for the backward, pipeline/model.py lines 1325 and 1366);
+    stage 1 has no warm-up (forward, backward, ...): 1. Stage 0 keeps, besides its layer (whose input is the
+    embedding output), the output it sent to stage 1 (NxD holds it for the backward, pipeline/model.py lines 1325 and 1366);
     stage 1 the final norm's input and output and the logits."""
     r = load_recipe("cpu-tiny", [
         "model.layer_pattern=AA", "model.num_hidden_layers=2", "model.hidden_size=128",
@@ -459,10 +460,10 @@ def test_hbm_estimate_of_a_hand_counted_two_stage_pipeline():
         "train.precision=fp32", "train.activation_checkpointing=false", "parallel.pp=2", "parallel.microbatches=4"])
     first, last = estimate_memory(r, 2).stages  # dp 1: 8 sequences, 4 micro-batches of 2
     tokens = 2 * 128
-    assert first.activations_full == tokens * (9224 + 512 + 512) == 2_623_488
+    assert first.activations_full == tokens * (9224 + 512) == 2_492_416
     assert last.activations_full == tokens * (9224 + 2 * 512 + 256 * (4 + 4)) == 3_147_776
     assert (first.microbatches_in_flight, last.microbatches_in_flight) == (2, 1)
-    assert (first.activations, last.activations) == (2 * 2_623_488, 3_147_776)
+    assert (first.activations, last.activations) == (2 * 2_492_416, 3_147_776)
 
 
 def test_1f1b_keeps_pp_minus_stage_microbatches_in_flight():

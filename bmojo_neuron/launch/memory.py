@@ -294,9 +294,9 @@ def estimate_memory(recipe: Any, world: int, shapes: ModelShapes | None = None) 
         params, trained = sp_.total, sp_.trained
         optim_params = -(-trained // dp) if p.zero1 else trained
         per_layer = [layer_activation_bytes(config, pattern[i], tp, p.sp, act) for i in sp_.layers]
+        # Stage 0's embedding output is layer 0's input, counted with the layer (its norm keeps it); the
+        # embedding's backward needs only the token ids.
         extra = 0.0
-        if sp_.stage == 0:
-            extra += res * act  # embedding output
         if sp_.stage == pp - 1:
             # final norm input + output, logits (vocab shard) and their fp32 copy for the cross-entropy
             extra += 2 * res * act + config.vocab_size / tp * (act + FP32)
