@@ -360,6 +360,34 @@ def test_command_modules_are_discovered(registry, monkeypatch, tmp_path, capsys)
     assert cli.main(["info", "--json"]) == 0  # still there
 
 
+def test_a_missing_model_path_is_answered_before_torch_or_transformers_load(tmp_path):
+    """`eval`, `generate`, `inspect`, `export-transformer` and `checkpoint consolidate / shard` of a path that
+    is not there say so in one line without first importing torch and transformers (seconds of start-up)."""
+    missing = str(tmp_path / "runs" / "nope")
+    commands = [["eval", missing], ["generate", missing, "--prompt", "hi"], ["inspect", missing],
+                ["export-transformer", missing, str(tmp_path / "out")],
+                ["checkpoint", "consolidate", missing, str(tmp_path / "out")],
+                ["checkpoint", "shard", missing, "--tp", "2", "--output-dir", str(tmp_path / "out")]]
+    code = ("import sys; from bmojo_neuron.cli import main; "
+            f"codes = [main(args) for args in {commands!r}]; "
+            "print(codes, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == f"{[2] * len(commands)} []", done.stderr
+    assert done.stderr.splitlines() == [f"error: {missing} does not exist"] * len(commands)
+    assert not (tmp_path / "out").exists()
+
+
+def test_subcommand_help_describes_the_action(capsys):
+    """Each action of `checkpoint` and `cache` says what it does at the top of its own --help, as commands do."""
+    for argv in (["checkpoint", "consolidate"], ["checkpoint", "shard"], ["cache", "ls"], ["cache", "prune"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([*argv, "--help"])
+        assert exc.value.code == 0
+        usage, description = capsys.readouterr().out.split("\n\n")[:2]
+        assert usage.startswith(f"usage: bmojo-neuron {' '.join(argv)}") and not description.startswith(
+            ("positional arguments:", "options:")), (argv, description)
+
+
 def test_no_command_is_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([])

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bmojo_neuron.cli import register_command, require_nonempty
+from bmojo_neuron.cli import register_command, require_existing, require_nonempty
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,6 +109,7 @@ def output_dir(option: str | None, trained: Any) -> Path:
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
     lengths = parse_lengths(args.lengths)
+    require_existing(args.path)
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.data import build_datasets
     from bmojo_neuron.device import resolve_device, set_cpu_threads
