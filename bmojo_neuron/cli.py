@@ -14,6 +14,9 @@ module there is imported when the parser is built, so registering is enough:
     def run(args: argparse.Namespace) -> int | None:
         ...  # return an exit code, or None for 0
 
+Give a ``nargs="*"`` positional (``key=value`` overrides) ``default=[]``: without a default argparse counts it
+as required, and a command called without its other arguments names it among the missing ones.
+
 Import heavy things (torch, datasets, Neuron) inside `run`, not at module top, so
 `bmojo-neuron --help` stays fast. Modules whose name starts with ``_`` are skipped;
 a module that fails to import is reported as a warning on stderr and its commands

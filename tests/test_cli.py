@@ -388,6 +388,18 @@ def test_subcommand_help_describes_the_action(capsys):
             ("positional arguments:", "options:")), (argv, description)
 
 
+def test_usage_errors_name_only_the_arguments_that_are_required(capsys):
+    """A command given nothing names what it needs, not its optional ``key=value`` overrides."""
+    expected = {("plan",): "recipe", ("precompile",): "recipe", ("data", "prepare"): "recipe",
+                ("prime",): "SOURCE, OUTPUT, --pattern"}
+    for argv, required in expected.items():
+        with pytest.raises(SystemExit) as exc:
+            cli.main(list(argv))
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"bmojo-neuron {' '.join(argv)}: error: the following arguments are required: {required}")
+
+
 def test_no_command_is_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([])

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              description="tokenize and pack the recipe's text data into data.cache_dir "
                                          "(a save_to_disk folder), then print where it is and its size")
     prepare.add_argument("recipe", help="recipe name under recipes/ or a YAML path")
-    prepare.add_argument("overrides", nargs="*", metavar="key=value",
+    prepare.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                          help="recipe overrides, e.g. data.path=/data/corpus data.cache_dir=/fsx/cache")
     prepare.add_argument("--output-dir", default=None,
                          help="the --output-dir the training will get: the cache is built where that run reads "

@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recipe name under recipes/ or a YAML path (default: cpu-tiny)")
     parser.add_argument("--recipe", dest="recipe_option", metavar="RECIPE", default=None,
                         help="the recipe, as an option (instead of the positional RECIPE)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                         help="recipe overrides, e.g. train.steps=100 model.layer_pattern=MB")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in the output directory")
