@@ -58,7 +58,7 @@ def test_an_output_dir_that_is_a_file_fails_before_evaluating(command, run, tmp_
     file.write_text("")
     argv = [command, str(run), "--device", "cpu", "--output-dir", str(file)]
     assert _error(capsys, argv) == (
-        f"error: output directory {file} is not writable: File exists; pick another --output-dir")
+        f"error: output directory {file} is a file, not a folder; pick another --output-dir")
 
 
 @pytest.mark.parametrize("command", [["eval", "RUN"], ["inspect", "RUN"], ["train", "cpu-tiny", "--dry-run"]])
