@@ -72,7 +72,10 @@ def test_eval_writes_its_report_into_the_output_dir(run, tmp_path, capsys):
     out = tmp_path / "new" / "eval"
     argv = ["eval", str(run), "--lengths", "1", "--batches", "1", "--device", "cpu", "--output-dir", str(out)]
     assert cli.main(argv) == 0
-    assert f"wrote {out / 'length_eval.json'}" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert f"wrote {out / 'length_eval.json'}" in printed.out
+    assert printed.err == (f"evaluating {run / 'final'} at 1x the training length (16 tokens), up to 1 batch of "
+                           "4 sequences each\n")  # before the work, which takes tens of seconds at full size
     assert [row["seq_len"] for row in json.loads((out / "length_eval.json").read_text())] == [16]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,10 @@ def run(args: argparse.Namespace) -> int:
     batches = count_option("--batches", args.batches, recipe.eval.batches)
     check_vocabulary(trained.model, recipe)
     out = output_dir(args.output_dir, trained)
+    # Several lengths take tens of seconds on a CPU before the table prints: say what is being done.
+    multiples = ", ".join(f"{m}x" for m in lengths)
+    print(f"evaluating {trained.source} at {multiples} the training length ({recipe.data.seq_len} tokens), up to "
+          f"{batches} batch{'es' if batches > 1 else ''} of {batch_size} sequences each", file=sys.stderr, flush=True)
     _, eval_data = build_datasets(recipe)
     rows = length_generalisation(trained.model, recipe, eval_data, lengths, batch_size, device, batches,
                                  recipe.train.precision)
