@@ -400,6 +400,17 @@ def test_usage_errors_name_only_the_arguments_that_are_required(capsys):
             f"bmojo-neuron {' '.join(argv)}: error: the following arguments are required: {required}")
 
 
+def test_model_commands_name_their_argument_as_the_readme_does(capsys):
+    """The README's command table and each command's usage line call the model argument the same."""
+    readme = (ROOT / "README.md").read_text()
+    for command in ("eval", "generate", "inspect", "export-transformer"):
+        assert f"`bmojo-neuron {command} RUN_OR_EXPORT" in readme
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        usage = capsys.readouterr().out.split("\n\n")[0]
+        assert usage.split()[-1] == "RUN_OR_EXPORT" or " RUN_OR_EXPORT OUTPUT" in usage, usage
+
+
 def test_no_command_is_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([])

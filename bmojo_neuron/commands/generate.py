@@ -9,8 +9,9 @@ from bmojo_neuron.cli import register_command, require_existing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", metavar="CHECKPOINT_OR_EXPORT_DIR",
-                        help="a run directory, a step-XXXXXXX checkpoint or a final export")
+    parser.add_argument("path", metavar="RUN_OR_EXPORT",
+                        help="a run directory (uses final/, else the latest checkpoint), a step-XXXXXXX "
+                             "checkpoint or a final export")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, > 0 (default 1.0)")

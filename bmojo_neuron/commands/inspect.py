@@ -19,7 +19,7 @@ from bmojo_neuron.cli import register_command, require_existing, require_nonempt
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", metavar="CHECKPOINT_OR_EXPORT_DIR",
+    parser.add_argument("path", metavar="RUN_OR_EXPORT",
                         help="a run directory (uses final/, else the latest checkpoint), a step-XXXXXXX "
                              "checkpoint or a final export")
     parser.add_argument("--sequences", type=int, default=8,
