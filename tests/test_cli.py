@@ -362,18 +362,24 @@ def test_command_modules_are_discovered(registry, monkeypatch, tmp_path, capsys)
 
 def test_a_missing_model_path_is_answered_before_torch_or_transformers_load(tmp_path):
     """`eval`, `generate`, `inspect`, `export-transformer` and `checkpoint consolidate / shard` of a path that
-    is not there say so in one line without first importing torch and transformers (seconds of start-up)."""
+    is not there say so in one line without first importing torch and transformers (seconds of start-up), as
+    `data prepare` answers a bad recipe or one with nothing to prepare."""
     missing = str(tmp_path / "runs" / "nope")
     commands = [["eval", missing], ["generate", missing, "--prompt", "hi"], ["inspect", missing],
                 ["export-transformer", missing, str(tmp_path / "out")],
                 ["checkpoint", "consolidate", missing, str(tmp_path / "out")],
-                ["checkpoint", "shard", missing, "--tp", "2", "--output-dir", str(tmp_path / "out")]]
+                ["checkpoint", "shard", missing, "--tp", "2", "--output-dir", str(tmp_path / "out")],
+                ["data", "prepare", "cpu-tiny", "train.stesp=5"], ["data", "prepare", "cpu-tiny"]]
     code = ("import sys; from bmojo_neuron.cli import main; "
             f"codes = [main(args) for args in {commands!r}]; "
-            "print(codes, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert done.stdout.strip() == f"{[2] * len(commands)} []", done.stderr
-    assert done.stderr.splitlines() == [f"error: {missing} does not exist"] * len(commands)
+            "print(codes, sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines() == [  # MQAR data: nothing to prepare, said as quickly
+        "cpu-tiny: data.kind is mqar: generated in memory when training starts, nothing to prepare",
+        f"{[2] * 7 + [0]} []"], done.stderr
+    assert done.stderr.splitlines() == [f"error: {missing} does not exist"] * 6 + [
+        "error: recipe key train.stesp: unknown key; valid keys of train: steps, batch_size, grad_accum, precision, "
+        "activation_checkpointing, log_every, compile"]
     assert not (tmp_path / "out").exists()
 
 
