@@ -14,6 +14,9 @@ module there is imported when the parser is built, so registering is enough:
     def run(args: argparse.Namespace) -> int | None:
         ...  # return an exit code, or None for 0
 
+Give a ``nargs="*"`` positional (``key=value`` overrides) ``default=[]``: without a default argparse counts it
+as required, and a command called without its other arguments names it among the missing ones.
+
 Import heavy things (torch, datasets, Neuron) inside `run`, not at module top, so
 `bmojo-neuron --help` stays fast. Modules whose name starts with ``_`` are skipped;
 a module that fails to import is reported as a warning on stderr and its commands
@@ -241,6 +244,13 @@ def require_nonempty(option: str, value: str | None) -> None:
     """ValueError for an option given as an empty string, which would otherwise quietly mean its default."""
     if value is not None and not value.strip():
         raise ValueError(f"{option} must not be empty")
+
+
+def require_existing(path: str) -> None:
+    """FileNotFoundError for a model or run path that is not there, raised before a command imports torch and
+    transformers (seconds of start-up, more on a busy machine), with the line the loaders give for it later."""
+    if not os.path.lexists(path):
+        raise FileNotFoundError(f"{path} does not exist")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -198,6 +198,27 @@ class DirectoryLock:
                 path.unlink(missing_ok=True)
 
 
+def exclusive_holder(directory: str | os.PathLike, lock_file: str = LOCK_NAME) -> str | None:
+    """Who holds `directory`'s exclusive lock now (``pid 123 on host node-1``), or None; writes nothing.
+
+    For a dry run, which must neither create the lock file nor record itself in it: a shared probe of the
+    existing file, dropped at once, fails only while an exclusive holder has it.
+    """
+    try:
+        with open(Path(directory) / lock_file) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return f.read().strip() or "an unknown process"
+            except OSError as exc:
+                if exc.errno in LOCK_UNSUPPORTED:
+                    return None
+                raise
+            return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
 def _probe_user(path: Path) -> tuple[bool, str]:
     """(whether the shared user that wrote `path` is alive, what it recorded)."""
     try:

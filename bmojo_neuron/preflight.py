@@ -67,6 +67,10 @@ def check_writable(directory: Path, remedy: str = "pick another --output-dir (or
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as exc:
+        blocker = next(p for p in [directory, *directory.parents] if p.exists())
+        if not blocker.is_dir():  # the OS says "File exists" or "Not a directory": name the file in the way
+            where = "is a file" if blocker == directory else f"cannot be made: {blocker} is a file"
+            raise ValueError(f"output directory {directory} {where}, not a folder; {remedy}") from None
         full = " (disk full)" if exc.errno in DISK_FULL else ""
         raise ValueError(f"output directory {directory} is not writable: {exc.strerror}{full}; {remedy}") from None
 

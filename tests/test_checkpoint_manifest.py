@@ -12,6 +12,7 @@ from test_training import tiny_recipe, train_losses
 
 from bmojo_neuron import BMojoConfig, BMojoForCausalLM, cli
 from bmojo_neuron.checkpoints import layout, local, manifest
+from bmojo_neuron.checkpoints.convert import shard_checkpoint
 from bmojo_neuron.checkpoints.inference import load_trained
 from bmojo_neuron.training import train
 
@@ -239,3 +240,10 @@ def test_resume_of_a_checkpoint_whose_recipe_is_no_object_is_one_error_line(fini
     assert cli.main(argv) == 2
     assert one_error_line(capsys) == (f"error: {step / layout.RECIPE_FILE}: holds a JSON list, not an object; the "
                                       "checkpoint is damaged (copy it again, or use an earlier step)")
+
+
+def test_checkpoint_shard_names_each_degree_and_a_missing_source(tmp_path, capsys):
+    assert cli.main(["checkpoint", "shard", str(tmp_path), "--tp", "0", "--output-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == "error: --tp and --pp must be >= 1, got --tp 0 --pp 1\n"
+    with pytest.raises(FileNotFoundError, match=r"^\S+/nope does not exist$"):  # from Python, past the CLI's check
+        shard_checkpoint(tmp_path / "nope", tmp_path / "o", tp=2)

@@ -360,6 +360,63 @@ def test_command_modules_are_discovered(registry, monkeypatch, tmp_path, capsys)
     assert cli.main(["info", "--json"]) == 0  # still there
 
 
+def test_a_missing_model_path_is_answered_before_torch_or_transformers_load(tmp_path):
+    """`eval`, `generate`, `inspect`, `export-transformer` and `checkpoint consolidate / shard` of a path that
+    is not there say so in one line without first importing torch and transformers (seconds of start-up), as
+    `data prepare` answers a bad recipe or one with nothing to prepare."""
+    missing = str(tmp_path / "runs" / "nope")
+    commands = [["eval", missing], ["generate", missing, "--prompt", "hi"], ["inspect", missing],
+                ["export-transformer", missing, str(tmp_path / "out")],
+                ["checkpoint", "consolidate", missing, str(tmp_path / "out")],
+                ["checkpoint", "shard", missing, "--tp", "2", "--output-dir", str(tmp_path / "out")],
+                ["data", "prepare", "cpu-tiny", "train.stesp=5"], ["data", "prepare", "cpu-tiny"]]
+    code = ("import sys; from bmojo_neuron.cli import main; "
+            f"codes = [main(args) for args in {commands!r}]; "
+            "print(codes, sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines() == [  # MQAR data: nothing to prepare, said as quickly
+        "cpu-tiny: data.kind is mqar: generated in memory when training starts, nothing to prepare",
+        f"{[2] * 7 + [0]} []"], done.stderr
+    assert done.stderr.splitlines() == [f"error: {missing} does not exist"] * 6 + [
+        "error: recipe key train.stesp: unknown key; valid keys of train: steps, batch_size, grad_accum, precision, "
+        "activation_checkpointing, log_every, compile"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_subcommand_help_describes_the_action(capsys):
+    """Each action of `checkpoint` and `cache` says what it does at the top of its own --help, as commands do."""
+    for argv in (["checkpoint", "consolidate"], ["checkpoint", "shard"], ["cache", "ls"], ["cache", "prune"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([*argv, "--help"])
+        assert exc.value.code == 0
+        usage, description = capsys.readouterr().out.split("\n\n")[:2]
+        assert usage.startswith(f"usage: bmojo-neuron {' '.join(argv)}") and not description.startswith(
+            ("positional arguments:", "options:")), (argv, description)
+
+
+def test_usage_errors_name_only_the_arguments_that_are_required(capsys):
+    """A command given nothing names what it needs, not its optional ``key=value`` overrides."""
+    expected = {("plan",): "recipe", ("precompile",): "recipe", ("data", "prepare"): "recipe",
+                ("prime",): "SOURCE, OUTPUT, --pattern"}
+    for argv, required in expected.items():
+        with pytest.raises(SystemExit) as exc:
+            cli.main(list(argv))
+        assert exc.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"bmojo-neuron {' '.join(argv)}: error: the following arguments are required: {required}")
+
+
+def test_model_commands_name_their_argument_as_the_readme_does(capsys):
+    """The README's command table and each command's usage line call the model argument the same."""
+    readme = (ROOT / "README.md").read_text()
+    for command in ("eval", "generate", "inspect", "export-transformer"):
+        assert f"`bmojo-neuron {command} RUN_OR_EXPORT" in readme
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        usage = capsys.readouterr().out.split("\n\n")[0]
+        assert usage.split()[-1] == "RUN_OR_EXPORT" or " RUN_OR_EXPORT OUTPUT" in usage, usage
+
+
 def test_no_command_is_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main([])

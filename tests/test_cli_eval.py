@@ -58,7 +58,7 @@ def test_an_output_dir_that_is_a_file_fails_before_evaluating(command, run, tmp_
     file.write_text("")
     argv = [command, str(run), "--device", "cpu", "--output-dir", str(file)]
     assert _error(capsys, argv) == (
-        f"error: output directory {file} is not writable: File exists; pick another --output-dir")
+        f"error: output directory {file} is a file, not a folder; pick another --output-dir")
 
 
 @pytest.mark.parametrize("command", [["eval", "RUN"], ["inspect", "RUN"], ["train", "cpu-tiny", "--dry-run"]])
@@ -72,7 +72,10 @@ def test_eval_writes_its_report_into_the_output_dir(run, tmp_path, capsys):
     out = tmp_path / "new" / "eval"
     argv = ["eval", str(run), "--lengths", "1", "--batches", "1", "--device", "cpu", "--output-dir", str(out)]
     assert cli.main(argv) == 0
-    assert f"wrote {out / 'length_eval.json'}" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert f"wrote {out / 'length_eval.json'}" in printed.out
+    assert printed.err == (f"evaluating {run / 'final'} at 1x the training length (16 tokens), up to 1 batch of "
+                           "4 sequences each\n")  # before the work, which takes tens of seconds at full size
     assert [row["seq_len"] for row in json.loads((out / "length_eval.json").read_text())] == [16]
 
 

@@ -19,7 +19,7 @@ from test_training import TINY_RECIPE
 from bmojo_neuron import cli
 from bmojo_neuron.checkpoints import layout
 from bmojo_neuron.commands.train import require_neuron_if_needed
-from bmojo_neuron.locking import DirectoryLock
+from bmojo_neuron.locking import LOCK_NAME, DirectoryLock
 from bmojo_neuron.neuron import INSTALL_COMMAND, TRAINING_PACKAGES, NeuronUnavailableError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,6 +224,23 @@ def test_dry_run_sees_the_logs_of_an_abandoned_attempt(capsys, tmp_path):
     out = capsys.readouterr().out
     assert (f"output {tmp_path}: new run, replacing the logs of an attempt that ended before its first "
             "checkpoint") in out and "PROBLEM" not in out
+
+
+def test_dry_run_sees_a_run_directory_in_use(capsys, tmp_path):
+    """A live run's folder (a run still training there) is a PROBLEM naming its holder, as train would refuse it;
+    the dry run leaves the lock file as it found it, and once the holder is gone the folder is free again."""
+    run_dir = tmp_path / "run"
+    argv = ["train", "cpu-tiny", "suite=none", "--dry-run", "--output-dir", str(run_dir)]
+    with DirectoryLock(run_dir, purpose="train") as lock:
+        held = lock.path.read_text()
+        assert cli.main(argv) == 0
+        assert (f"output {run_dir}: PROBLEM: in use by {held.strip()}; train would refuse it until that process "
+                "ends\n") in capsys.readouterr().out
+        assert cli.main([*argv, "--resume"]) == 0
+        assert f"output {run_dir}: PROBLEM: in use by" in capsys.readouterr().out
+        assert lock.path.read_text() == held and [p.name for p in run_dir.iterdir()] == [LOCK_NAME]
+    assert cli.main(argv) == 0
+    assert f"output {run_dir}: new run\n" in capsys.readouterr().out
 
 
 def test_dry_run_resume_makes_the_recipe_check_of_the_real_resume(capsys, tmp_path):

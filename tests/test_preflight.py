@@ -44,7 +44,9 @@ def no_long_work(monkeypatch):
 def test_an_output_directory_that_cannot_be_created_is_refused_first(tmp_path, capsys, no_long_work):
     (tmp_path / "a-file").write_text("")
     assert cli.main(["train", "cpu-tiny", *TOY, "--output-dir", str(tmp_path / "a-file" / "run")]) == 2
-    assert "a-file/run is not writable: Not a directory" in one_error_line(capsys)
+    assert one_error_line(capsys).rstrip() == (f"error: output directory {tmp_path / 'a-file' / 'run'} cannot be made: "
+                                      f"{tmp_path / 'a-file'} is a file, not a folder; pick another --output-dir "
+                                      "(or run.output_dir)")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")

@@ -96,7 +96,9 @@ def shard_checkpoint(source: str | Path, run_dir: str | Path, tp: int, pp: int =
     """
     source, run_dir = Path(source), Path(run_dir)
     if tp < 1 or pp < 1:
-        raise ValueError(f"--tp and --pp must be >= 1, got {tp}, {pp}")
+        raise ValueError(f"--tp and --pp must be >= 1, got --tp {tp} --pp {pp}")
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist")
     if layout.has_run(source) or (source / layout.STATE_FILE).is_file():
         # A checkpoint's files are shards or lack the consolidated training state: read as an export they
         # would give a fresh step-0 optimizer, or no model at all.

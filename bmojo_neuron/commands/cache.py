@@ -23,22 +23,27 @@ def _cache_dir_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=argparse.SUPPRESS, help=CACHE_DIR_HELP)
 
 
+def _action(actions: Any, name: str, summary: str) -> argparse.ArgumentParser:
+    """A sub-parser whose --help starts with `summary`, the line `cache --help` lists it with."""
+    return actions.add_parser(name, help=summary, description=summary)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     _cache_dir_option(parser)
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    ls = actions.add_parser("ls", help="one line per cache entry: compiler, module, size, age, status")
+    ls = _action(actions, "ls", "one line per cache entry: compiler, module, size, age, status")
     ls.add_argument("--json", action="store_true", help="print the entries and totals as JSON")
-    verify = actions.add_parser("verify", help="list failed and incomplete entries; exit status 1 when any")
+    verify = _action(actions, "verify", "list failed and incomplete entries; exit status 1 when any")
     verify.add_argument("--json", action="store_true", help="print the report as JSON")
-    prune = actions.add_parser("prune", help="delete entries by age, total size or failure (never one in use)")
+    prune = _action(actions, "prune", "delete entries by age, total size or failure (never one in use)")
     prune.add_argument("--older-than", type=float, metavar="DAYS", help="entries not written for DAYS days")
     prune.add_argument("--max-size", metavar="SIZE",
                        help="then the oldest entries until the cache fits in SIZE (e.g. 50G; binary units)")
     prune.add_argument("--failed", action="store_true", help="failed compiles (so they are compiled again)")
     prune.add_argument("--dry-run", action="store_true", help="show what would be deleted; delete nothing")
-    push = actions.add_parser("push", help="publish complete local entries to s3://bucket/prefix")
+    push = _action(actions, "push", "publish complete local entries to s3://bucket/prefix")
     push.add_argument("url", metavar="s3://bucket/prefix")
-    pull = actions.add_parser("pull", help="fetch published entries from s3://bucket/prefix into the local cache")
+    pull = _action(actions, "pull", "fetch published entries from s3://bucket/prefix into the local cache")
     pull.add_argument("url", metavar="s3://bucket/prefix")
     for sub in (ls, verify, prune, push, pull):
         _cache_dir_option(sub)

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from bmojo_neuron.cli import register_command
+from bmojo_neuron.cli import register_command, require_existing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="{consolidate,shard}")
-    con = sub.add_parser("consolidate", help="sharded checkpoint (or run dir) -> one save_pretrained directory")
+    con = sub.add_parser("consolidate", help="sharded checkpoint (or run dir) -> one save_pretrained directory",
+                         description="write the full model of a sharded checkpoint (or of a run directory's "
+                                     "latest checkpoint) and its training state to one save_pretrained directory")
     con.add_argument("source", help="a sharded step-XXXXXXX directory, or a run directory (its latest checkpoint)")
     con.add_argument("output", help="new directory for the Hugging Face export (+ training_state.pt)")
-    shard = sub.add_parser("shard", help="save_pretrained directory -> sharded checkpoint at any degree")
+    shard = sub.add_parser("shard", help="save_pretrained directory -> sharded checkpoint at any degree",
+                           description="write a save_pretrained directory as the sharded checkpoint of a new "
+                                       "run at tensor degree --tp and pipeline degree --pp")
     shard.add_argument("source", help="a save_pretrained directory (from `checkpoint consolidate` to keep the "
                                       "optimizer and data position; a plain export or `prime` output starts at step 0)")
     shard.add_argument("--tp", type=int, required=True, help="tensor-parallel degree of the new run")
@@ -26,6 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 @register_command("checkpoint", help="consolidate a sharded checkpoint, or shard a model at new parallel degrees",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
+    require_existing(args.source)
     from bmojo_neuron.checkpoints.convert import consolidate_checkpoint, shard_checkpoint
 
     if args.action == "consolidate":

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              description="tokenize and pack the recipe's text data into data.cache_dir "
                                          "(a save_to_disk folder), then print where it is and its size")
     prepare.add_argument("recipe", help="recipe name under recipes/ or a YAML path")
-    prepare.add_argument("overrides", nargs="*", metavar="key=value",
+    prepare.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                          help="recipe overrides, e.g. data.path=/data/corpus data.cache_dir=/fsx/cache")
     prepare.add_argument("--output-dir", default=None,
                          help="the --output-dir the training will get: the cache is built where that run reads "
@@ -35,10 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 @register_command("data", help="prepare training data ahead of a run (`data prepare RECIPE`)",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
-    from bmojo_neuron.data import library_progress_bars
-    from bmojo_neuron.data.prepare import prepare_text
-    from bmojo_neuron.recipes import load_recipe
-    from bmojo_neuron.training.suite import plan_runs
+    from bmojo_neuron.recipes import load_recipe  # checks the recipe without torch or datasets: a bad one fails fast
 
     require_nonempty("--output-dir", args.output_dir)
     recipe = load_recipe(args.recipe, args.overrides)
@@ -46,6 +43,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{recipe.run.name}: data.kind is {recipe.data.kind}: generated in memory when training starts, "
               "nothing to prepare")
         return 0
+    from bmojo_neuron.data import library_progress_bars
+    from bmojo_neuron.data.prepare import prepare_text
+    from bmojo_neuron.training.suite import plan_runs
+
     # The data section of each run `train` would start: the cache's default folder derives from the run's
     # output dir, which --output-dir and a suite's run folders move, so the recipe's own would miss it.
     prepared: list[Any] = []

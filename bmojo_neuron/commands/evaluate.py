@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from bmojo_neuron.cli import register_command, require_nonempty
+from bmojo_neuron.cli import register_command, require_existing, require_nonempty
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", metavar="CHECKPOINT_OR_EXPORT_DIR",
+    parser.add_argument("path", metavar="RUN_OR_EXPORT",
                         help="a run directory (uses final/, else the latest checkpoint), a step-XXXXXXX "
                              "checkpoint or a final export")
     parser.add_argument("--data", nargs="+", default=[], metavar="RECIPE|key=value",
@@ -109,6 +110,7 @@ def output_dir(option: str | None, trained: Any) -> Path:
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
     lengths = parse_lengths(args.lengths)
+    require_existing(args.path)
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.data import build_datasets
     from bmojo_neuron.device import resolve_device, set_cpu_threads
@@ -123,6 +125,10 @@ def run(args: argparse.Namespace) -> int:
     batches = count_option("--batches", args.batches, recipe.eval.batches)
     check_vocabulary(trained.model, recipe)
     out = output_dir(args.output_dir, trained)
+    # Several lengths take tens of seconds on a CPU before the table prints: say what is being done.
+    multiples = ", ".join(f"{m}x" for m in lengths)
+    print(f"evaluating {trained.source} at {multiples} the training length ({recipe.data.seq_len} tokens), up to "
+          f"{batches} batch{'es' if batches > 1 else ''} of {batch_size} sequences each", file=sys.stderr, flush=True)
     _, eval_data = build_datasets(recipe)
     rows = length_generalisation(trained.model, recipe, eval_data, lengths, batch_size, device, batches,
                                  recipe.train.precision)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bmojo_neuron.cli import register_command
+from bmojo_neuron.cli import register_command, require_existing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                   help="write an all-attention (all A) model as a Hugging Face Llama / Qwen2 / Qwen3 checkpoint",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
+    require_existing(args.path)
     from bmojo_neuron.priming.export import export_transformer
 
     output = export_transformer(args.path, args.output, overwrite=args.overwrite)

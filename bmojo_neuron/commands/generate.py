@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bmojo_neuron.cli import register_command
+from bmojo_neuron.cli import register_command, require_existing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", metavar="CHECKPOINT_OR_EXPORT_DIR",
-                        help="a run directory, a step-XXXXXXX checkpoint or a final export")
+    parser.add_argument("path", metavar="RUN_OR_EXPORT",
+                        help="a run directory (uses final/, else the latest checkpoint), a step-XXXXXXX "
+                             "checkpoint or a final export")
     parser.add_argument("--prompt", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature, > 0 (default 1.0)")
@@ -40,6 +41,7 @@ def check_arguments(args: argparse.Namespace) -> None:
 @register_command("generate", help="continue a prompt with a trained model", add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
+    require_existing(args.path)
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.device import resolve_device, set_cpu_threads
     from bmojo_neuron.generation import generate_text

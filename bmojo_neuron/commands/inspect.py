@@ -15,11 +15,11 @@ import argparse
 import json
 from typing import Any
 
-from bmojo_neuron.cli import register_command, require_nonempty
+from bmojo_neuron.cli import register_command, require_existing, require_nonempty
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", metavar="CHECKPOINT_OR_EXPORT_DIR",
+    parser.add_argument("path", metavar="RUN_OR_EXPORT",
                         help="a run directory (uses final/, else the latest checkpoint), a step-XXXXXXX "
                              "checkpoint or a final export")
     parser.add_argument("--sequences", type=int, default=8,
@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--row must be in [0, --sequences) = [0, {args.sequences}), got {args.row}")
     if args.length < 1:
         raise ValueError(f"--length must be >= 1, got {args.length}")
+    require_existing(args.path)
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.commands.evaluate import check_vocabulary, eval_recipe, output_dir
     from bmojo_neuron.data import build_eval_dataset

@@ -17,7 +17,7 @@ from bmojo_neuron.cli import register_command
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe name under recipes/ (e.g. trn1/bmojo-130m) or a YAML path")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                         help="recipe overrides, passed on to `train` as well, e.g. parallel.tp=2")
     parser.add_argument("--nodes", type=int, default=1, help="number of instances (default 1)")
     parser.add_argument("--instance", default="trn1.32xlarge", choices=("trn1.32xlarge", "trn1.2xlarge"),

@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pattern", required=True,
                         help="layer kinds, one letter per layer (A keeps full attention; B, F, S, M replace it), "
                              "or a group repeated over the layers, e.g. AB")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                         help="B'MOJO options (BMojoConfig fields), e.g. window_size=512 memory_size=64")
     parser.add_argument("--ssm-init", default="auto", choices=("auto", "attention", "random"),
                         help="seed the SSM from the layer's attention weights, or keep the Mamba init; auto "

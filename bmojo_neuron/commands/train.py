@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recipe name under recipes/ or a YAML path (default: cpu-tiny)")
     parser.add_argument("--recipe", dest="recipe_option", metavar="RECIPE", default=None,
                         help="the recipe, as an option (instead of the positional RECIPE)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                         help="recipe overrides, e.g. train.steps=100 model.layer_pattern=MB")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in the output directory")
@@ -138,6 +138,7 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], args: argparse.Namespac
     if recipe.init.weights:
         lines.append(f"init.weights: {init_line(recipe)}")
     from bmojo_neuron.checkpoints.layout import abandoned_attempt, has_run, latest_checkpoint
+    from bmojo_neuron.locking import exclusive_holder
     from bmojo_neuron.preflight import describe_output, space_need
     from bmojo_neuron.recipes import count_parameters
 
@@ -146,7 +147,11 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], args: argparse.Namespac
         lines.append(f"output: PROBLEM: {problem}")
     for variant, run_dir in runs:
         latest = latest_checkpoint(run_dir)
-        if resume:
+        holder = exclusive_holder(run_dir)
+        if holder:
+            lines.append(f"output {run_dir}: PROBLEM: in use by {holder}; train would refuse it until that "
+                         "process ends")
+        elif resume:
             lines.append(f"output {run_dir}: " + (resume_line(variant, latest) if latest else "no checkpoint yet, "
                                                    "starts from scratch"))
         elif has_run(run_dir):
