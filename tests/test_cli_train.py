@@ -415,6 +415,7 @@ def test_no_progress_drops_only_the_bar_not_the_step_and_eval_lines(capsys, tmp_
     assert [line.split("  loss")[0] for line in out.splitlines() if " step " in line] == ["tiny step 1/2",
                                                                                         "tiny step 2/2"]
     assert "\nstep 2: eval loss " in out
+    assert ", eval recall " in out and "accuracy" not in out  # the MQAR eval's accuracy is printed as recall
 
 
 def write_three(path: Path) -> Path:

@@ -105,6 +105,12 @@ def train(
         backend.close()
 
 
+# An MQAR eval's "accuracy" is the share of queries answered right: the summary table, the
+# docs and `inspect` call it recall, so the progress line does too (metrics.jsonl keeps
+# `eval_accuracy`, the key TensorBoard and saved runs already use).
+PRINTED_NAMES = {"accuracy": "recall"}
+
+
 class Trainer:
     """One run of a recipe on one backend (one process of it)."""
 
@@ -173,8 +179,8 @@ class Trainer:
         def run_eval() -> dict[str, float]:
             result = be.evaluate(model, eval_data)
             logger.log({"type": "eval", "step": state.step, **{f"eval_{k}": v for k, v in result.items()}})
-            bar.write(f"step {state.step}: " + ", ".join(f"eval {k} {v:.4g}" for k, v in result.items()
-                                                         if k != "tokens"))
+            bar.write(f"step {state.step}: " + ", ".join(f"eval {PRINTED_NAMES.get(k, k)} {v:.4g}"
+                                                         for k, v in result.items() if k != "tokens"))
             return result
 
         # ---------------------------------------------------------------- the loop
