@@ -153,6 +153,21 @@ def test_each_model_of_a_run_gets_its_own_output_folder(command, report, run, ca
     assert written["final"] == written["step-0000003"]
 
 
+def test_other_data_write_beside_the_run_s_own_eval(run, capsys):
+    """`--data` results go to a folder of their own inside the model's: the report on the run's own data stays."""
+    from bmojo_neuron.commands.evaluate import data_folder_name
+
+    base = ["eval", str(run), "--lengths", "1", "--batches", "1", "--device", "cpu"]
+    assert cli.main(base) == 0
+    own = (run / "eval" / "final" / "length_eval.json").read_text()
+    assert cli.main([*base, "--data", "num_kv_pairs=3"]) == 0
+    other = run / "eval" / "final" / "data-num_kv_pairs=3" / "length_eval.json"
+    assert f"wrote {other}" in capsys.readouterr().out
+    assert (run / "eval" / "final" / "length_eval.json").read_text() == own
+    assert json.loads(other.read_text()) != json.loads(own)  # three kv pairs instead of the run's two: other numbers
+    assert data_folder_name(["recipes/my recipe.yaml", "seq_len=128"]) == "data-my-recipe_seq_len=128"
+
+
 def test_a_folder_that_is_the_model_itself_writes_into_its_own_eval(run, tmp_path, capsys):
     export = Path(shutil.copytree(run / "final", tmp_path / "converted"))
     assert cli.main(["eval", str(export), "--lengths", "1", "--batches", "1", "--device", "cpu"]) == 0

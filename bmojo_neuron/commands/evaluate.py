@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from bmojo_neuron.cli import register_command, require_existing, require_nonempty
 
@@ -25,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--output-dir", default=None,
                         help="where length_eval.{png,json} go (default: <run dir>/eval/<model folder>, "
-                             "e.g. eval/final or eval/step-0000600)")
+                             "e.g. eval/final or eval/step-0000600; with --data, a data-... folder inside it)")
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -86,22 +87,30 @@ def count_option(option: str, value: int | None, default: int) -> int:
     return value
 
 
-def default_output_dir(trained: Any) -> Path:
+def default_output_dir(trained: Any, data_args: Sequence[str] = ()) -> Path:
     """``<run dir>/eval/<model folder>`` (``eval/final``, ``eval/step-0000600``): one folder per model a run
     holds, so evaluating a checkpoint never overwrites the results of its final export, nor of another
     checkpoint. A folder that is itself the model (a converted or primed one) holds one model: ``<folder>/eval``.
+    Other data (`--data`) get a folder of their own inside it, named after the arguments
+    (``eval/final/data-num_kv_pairs=16``), so they never overwrite the results on the run's own data.
     """
-    if trained.source == trained.run_dir:
-        return trained.run_dir / "eval"
-    return trained.run_dir / "eval" / trained.source.name
+    base = trained.run_dir / "eval" if trained.source == trained.run_dir else trained.run_dir / "eval" / trained.source.name
+    return base / data_folder_name(data_args) if data_args else base
 
 
-def output_dir(option: str | None, trained: Any) -> Path:
+def data_folder_name(data_args: Sequence[str]) -> str:
+    """``data-`` and the `--data` arguments, a recipe by its file stem, joined by ``_``; characters a folder
+    name should not hold become ``-``."""
+    parts = [Path(a).stem if "=" not in a else a for a in data_args]
+    return "data-" + re.sub(r"[^A-Za-z0-9._=+-]", "-", "_".join(parts))
+
+
+def output_dir(option: str | None, trained: Any, data_args: Sequence[str] = ()) -> Path:
     """Where eval and inspect write: ``--output-dir``, else `default_output_dir`; created and checked writable
     now, so a bad folder fails before the evaluation rather than after it."""
     from bmojo_neuron.preflight import check_writable
 
-    out = Path(option) if option is not None else default_output_dir(trained)
+    out = Path(option) if option is not None else default_output_dir(trained, data_args)
     check_writable(out, "pick another --output-dir")
     return out
 
@@ -124,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     batch_size = count_option("--batch-size", args.batch_size, recipe.train.batch_size)
     batches = count_option("--batches", args.batches, recipe.eval.batches)
     check_vocabulary(trained.model, recipe)
-    out = output_dir(args.output_dir, trained)
+    out = output_dir(args.output_dir, trained, args.data)
     # Several lengths take tens of seconds on a CPU before the table prints: say what is being done.
     multiples = ", ".join(f"{m}x" for m in lengths)
     print(f"evaluating {trained.source} at {multiples} the training length ({recipe.data.seq_len} tokens), up to "

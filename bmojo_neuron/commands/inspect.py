@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--output-dir", default=None,
                         help="where memory.{png,json} go (default: <run dir>/eval/<model folder>, "
-                             "e.g. eval/final or eval/step-0000600)")
+                             "e.g. eval/final or eval/step-0000600; with --data, a data-... folder inside it)")
 
 
 @register_command("inspect", help="show what each B layer's eidetic memory holds (table + PNG)",
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     trained = load_trained(args.path, device, "inspect")
     recipe = eval_recipe(trained.recipe, args.data)
     check_vocabulary(trained.model, recipe)
-    out = output_dir(args.output_dir, trained)
+    out = output_dir(args.output_dir, trained, args.data)
     eval_data = build_eval_dataset(recipe, args.length)
     rows = eval_data[: args.sequences]
     if len(rows["input_ids"]) <= args.row:
