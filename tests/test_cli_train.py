@@ -243,6 +243,16 @@ def test_dry_run_sees_a_run_directory_in_use(capsys, tmp_path):
     assert f"output {run_dir}: new run\n" in capsys.readouterr().out
 
 
+def test_dry_run_sees_a_file_in_the_way_of_the_run_directory(capsys, tmp_path):
+    """An output folder that is a file is one PROBLEM line per run, not "new run" beside a disk problem."""
+    (tmp_path / "afile").write_text("")
+    run_dir = tmp_path / "afile" / "run"
+    assert cli.main(["train", "cpu-tiny", "suite=none", "--dry-run", "--output-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert (f"output {run_dir}: PROBLEM: cannot be made or written: {tmp_path / 'afile'} is a file, not a folder\n"
+            in out) and "new run" not in out and "disk" not in out
+
+
 def test_dry_run_resume_makes_the_recipe_check_of_the_real_resume(capsys, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(FIXTURES / "one-process", run_dir)  # stopped after step 2

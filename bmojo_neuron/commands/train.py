@@ -138,6 +138,7 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], args: argparse.Namespac
     if recipe.init.weights:
         lines.append(f"init.weights: {init_line(recipe)}")
     from bmojo_neuron.checkpoints.layout import abandoned_attempt, has_run, latest_checkpoint
+    from bmojo_neuron.fsutil import unwritable_reason
     from bmojo_neuron.locking import exclusive_holder
     from bmojo_neuron.preflight import describe_output, space_need
     from bmojo_neuron.recipes import count_parameters
@@ -146,6 +147,10 @@ def readiness(recipe: Any, runs: list[tuple[Any, Path]], args: argparse.Namespac
     if problem:
         lines.append(f"output: PROBLEM: {problem}")
     for variant, run_dir in runs:
+        blocked = unwritable_reason(run_dir)
+        if blocked:  # a file in the way, or a folder this process may not write: not a "new run"
+            lines.append(f"output {run_dir}: PROBLEM: cannot be made or written: {blocked}")
+            continue
         latest = latest_checkpoint(run_dir)
         holder = exclusive_holder(run_dir)
         if holder:
