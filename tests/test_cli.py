@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -392,6 +393,24 @@ def test_subcommand_help_describes_the_action(capsys):
         usage, description = capsys.readouterr().out.split("\n\n")[:2]
         assert usage.startswith(f"usage: bmojo-neuron {' '.join(argv)}") and not description.startswith(
             ("positional arguments:", "options:")), (argv, description)
+
+
+def _options(parser: argparse.ArgumentParser, command: tuple[str, ...] = ()):
+    """(command, option strings, help) of every option of `parser` and of its sub-commands, --help aside."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _options(sub, (*command, name))
+        elif action.option_strings and not isinstance(action, argparse._HelpAction):
+            yield command, action.option_strings, action.help
+
+
+def test_every_option_of_every_command_has_help_and_cache_dir_says_what_each_action_reads():
+    options = list(_options(cli.build_parser()))
+    assert len(options) > 50 and [(c, o) for c, o, h in options if not h] == []
+    cache_dir = {c: h for c, o, h in options if o == ["--cache-dir"]}
+    assert all("s3://" not in cache_dir[("cache", a)] for a in ("prune", "push", "pull"))
+    assert all("s3://" in cache_dir[("cache", a)] for a in ("ls", "verify"))
 
 
 def test_usage_errors_name_only_the_arguments_that_are_required(capsys):

@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch intra-op threads (default: every usable core but one, at least one; "
                              "OMP_NUM_THREADS wins when set)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda (cuda:N) or auto")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the models' weights and inputs (default 0)")
     parser.add_argument("--no-probe", action="store_true",
                         help="probe in this process instead of a separate one: the cap is checked only after "
                              "the fact and CPU memory is not measured")

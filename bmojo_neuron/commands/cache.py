@@ -14,13 +14,18 @@ from typing import Any
 
 from bmojo_neuron.cli import register_command
 
-CACHE_DIR_HELP = ("compile cache folder, or s3://bucket/prefix for ls/verify (default: --cache_dir in "
-                  "NEURON_CC_FLAGS, else NEURON_COMPILE_CACHE_URL, else /var/tmp/neuron-compile-cache)")
+CACHE_DIR_DEFAULT = ("default: --cache_dir in NEURON_CC_FLAGS, else NEURON_COMPILE_CACHE_URL, else "
+                     "/var/tmp/neuron-compile-cache")
+CACHE_DIR_HELP = {  # ls and verify also read a published cache; prune, push and pull work on a local one
+    "any": f"compile cache folder, or s3://bucket/prefix for ls/verify ({CACHE_DIR_DEFAULT})",
+    "remote": f"compile cache folder, or a published s3://bucket/prefix ({CACHE_DIR_DEFAULT})",
+    "local": f"local compile cache folder ({CACHE_DIR_DEFAULT})",
+}
 
 
-def _cache_dir_option(parser: argparse.ArgumentParser) -> None:
+def _cache_dir_option(parser: argparse.ArgumentParser, reads: str) -> None:
     # SUPPRESS: a value given before or after the action survives (a sub-parser default would erase it)
-    parser.add_argument("--cache-dir", default=argparse.SUPPRESS, help=CACHE_DIR_HELP)
+    parser.add_argument("--cache-dir", default=argparse.SUPPRESS, help=CACHE_DIR_HELP[reads])
 
 
 def _action(actions: Any, name: str, summary: str) -> argparse.ArgumentParser:
@@ -29,7 +34,7 @@ def _action(actions: Any, name: str, summary: str) -> argparse.ArgumentParser:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    _cache_dir_option(parser)
+    _cache_dir_option(parser, "any")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     ls = _action(actions, "ls", "one line per cache entry: compiler, module, size, age, status")
     ls.add_argument("--json", action="store_true", help="print the entries and totals as JSON")
@@ -45,8 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     push.add_argument("url", metavar="s3://bucket/prefix")
     pull = _action(actions, "pull", "fetch published entries from s3://bucket/prefix into the local cache")
     pull.add_argument("url", metavar="s3://bucket/prefix")
-    for sub in (ls, verify, prune, push, pull):
-        _cache_dir_option(sub)
+    for sub in (ls, verify):
+        _cache_dir_option(sub, "remote")
+    for sub in (prune, push, pull):
+        _cache_dir_option(sub, "local")
 
 
 @register_command("cache", help="list, verify, prune and S3 push/pull the Neuron compile cache (NEFFs)",
