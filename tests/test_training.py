@@ -78,6 +78,10 @@ def test_resume_equals_uninterrupted(reference, tmp_path):
     a = BMojoForCausalLM.from_pretrained(reference.final_dir).state_dict()
     b = BMojoForCausalLM.from_pretrained(second.final_dir).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # The time reported is the whole run's: the first attempt's up to its checkpoint, then the second's.
+    kept = json.loads((run_dir / "step-0000003" / layout.STATE_FILE).read_text())["seconds"]
+    assert 0 < kept <= first.seconds and second.seconds > kept
+    assert json.loads((run_dir / "step-0000006" / layout.STATE_FILE).read_text())["seconds"] <= second.seconds
 
 
 def _without_clock(records: list[dict]) -> list[dict]:

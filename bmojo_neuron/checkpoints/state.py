@@ -30,6 +30,9 @@ class TrainerState:
     # resumed run's next record averages the steps the uninterrupted run's does. A checkpoint written before
     # this field existed holds none: that resumed run's next record averages only the steps after it.
     log_window: list[list[float]] = field(default_factory=list)
+    # Wall seconds the run has trained up to this checkpoint, over every attempt (each from its start to its
+    # save): a resumed run reports the time its result took, not only its own part (0 in older checkpoints).
+    seconds: float = 0.0
 
 
 @dataclass

@@ -64,7 +64,7 @@ class TrainResult:
     final_eval: dict[str, float] = field(default_factory=dict)
     length_eval: list[LengthResult] = field(default_factory=list)
     metrics: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the training, every attempt of a resumed run included
     stop_signal: int | None = None  # the signal that stopped the run early, if one did
 
 
@@ -157,6 +157,8 @@ class Trainer:
             self.say(f"resuming {self.run_dir} from {previous.path.name} (step {state.step})")
         elif resume:
             self.say(f"no checkpoint in {self.run_dir}: starting from scratch")
+        earlier = state.seconds  # the attempts before this one, up to the checkpoint it resumes
+        elapsed = lambda: earlier + time.perf_counter() - started  # noqa: E731
         self.prepare_run_dir(fresh=previous is None)
         logger = MetricsLogger(self.run_dir, state.metrics, state.step) if be.is_main else RecordsOnly(state.metrics)
         bar = Progress(r.run.name, t.steps, state.step, enabled=self.progress)
@@ -217,7 +219,7 @@ class Trainer:
             if eval_now:
                 eval_result = run_eval()
             if save_now:
-                state.metrics, state.log_window = logger.lasting(), window.carried
+                state.metrics, state.log_window, state.seconds = logger.lasting(), window.carried, elapsed()
                 be.save(self.run_dir, model, optimizer, scheduler, state, self.recipe_dict)
             if eval_now or save_now:
                 window.restart_clock()  # keep eval and checkpoint time out of tokens/s
@@ -225,7 +227,7 @@ class Trainer:
                 bar.close()
                 logger.close()
                 return TrainResult(self.run_dir, params, state.step, metrics=logger.records,
-                                   seconds=time.perf_counter() - started, stop_signal=self.stop_signal)
+                                   seconds=elapsed(), stop_signal=self.stop_signal)
         bar.close()
 
         # ---------------------------------------------------------------- finish: final eval, plots, export
@@ -237,7 +239,7 @@ class Trainer:
             self.say(f"{signal_name(self.stop_signal)} came after the last step: skipped {what}; --resume does it")
             logger.close()
             return TrainResult(self.run_dir, params, state.step, metrics=logger.records,
-                               seconds=time.perf_counter() - started, stop_signal=self.stop_signal)
+                               seconds=elapsed(), stop_signal=self.stop_signal)
 
         if not eval_result:  # resumed a run that had already finished: reuse its last eval
             done = [x for x in logger.records if x["type"] == "eval" and x["step"] == state.step]
@@ -263,7 +265,7 @@ class Trainer:
             plot_training(logger.records, self.run_dir / PLOT_FILE, title=r.run.name)
         final_dir = be.export(self.run_dir, model, self.recipe_dict, tokenizer_name(r), eval_result)
         return TrainResult(self.run_dir, params, state.step, final_dir, eval_result, lengths, logger.records,
-                           time.perf_counter() - started)
+                           elapsed())
 
     def stop_before(self) -> bool:
         """Whether a stop was asked for on any process (every rank calls it at the same points of the finish, and
