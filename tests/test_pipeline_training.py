@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from baseline import RECORDED_RECIPE, check_run
@@ -150,19 +151,30 @@ def _pp_worker(rank: int, init_file: str, root: str, ref: dict, ref_tied: dict) 
         dist.destroy_process_group()
 
 
-def test_pipeline_training_equals_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, dict]:
+    """The one-process run both parallel tests compare with (its run folder and `_numbers`)."""
     from bmojo_neuron.training import train
 
-    ref = train(_recipe(), tmp_path / "reference", progress=False)
-    ref_tied = train(_recipe(*TIED), tmp_path / "reference-tied", progress=False)
-    start_ranks(_pp_worker, (str(tmp_path / "init"), str(tmp_path), _numbers(ref), _numbers(ref_tied)), nprocs=2)
+    run_dir = tmp_path_factory.mktemp("pipeline") / "reference"
+    numbers = _numbers(train(_recipe(), run_dir, progress=False))
+    check_run("pipeline-reference", run_dir)
+    return run_dir, numbers
 
-    for name in ("reference", "reference-tied", "pp2", "pp2-tied"):
+
+def test_pipeline_training_equals_one_process(tmp_path, reference):
+    from bmojo_neuron.training import train
+
+    ref_dir, ref = reference
+    ref_tied = train(_recipe(*TIED), tmp_path / "reference-tied", progress=False)
+    start_ranks(_pp_worker, (str(tmp_path / "init"), str(tmp_path), ref, _numbers(ref_tied)), nprocs=2)
+
+    for name in ("reference-tied", "pp2", "pp2-tied"):
         check_run(f"pipeline-{name}", tmp_path / name)
     check_run("pipeline-pp2", tmp_path / "pp2-resumed")
     check_run("pipeline-tp2-from-pp2", tmp_path / "tp2-from-pp2")
 
-    want, want_tied = _weights(tmp_path / "reference"), _weights(tmp_path / "reference-tied")
+    want, want_tied = _weights(ref_dir), _weights(tmp_path / "reference-tied")
     _assert_weights(_weights(tmp_path / "pp2"), want, "pp=2")
     _assert_weights(_weights(tmp_path / "pp2-tied"), want_tied, "pp=2, tied")
     resumed = _weights(tmp_path / "pp2-resumed")
@@ -223,15 +235,12 @@ def _tp_pp_worker(rank: int, init_file: str, root: str, ref: dict) -> None:
         dist.destroy_process_group()
 
 
-def test_tensor_times_pipeline_parallel_equals_one_process(tmp_path):
-    from bmojo_neuron.training import train
-
-    ref = train(_recipe(), tmp_path / "reference", progress=False)
-    start_ranks(_tp_pp_worker, (str(tmp_path / "init"), str(tmp_path), _numbers(ref)), nprocs=4)
-    check_run("pipeline-reference", tmp_path / "reference")
+def test_tensor_times_pipeline_parallel_equals_one_process(tmp_path, reference):
+    ref_dir, ref = reference
+    start_ranks(_tp_pp_worker, (str(tmp_path / "init"), str(tmp_path), ref), nprocs=4)
     check_run("pipeline-tp2-pp2-sp", tmp_path / "tp2pp2")
     check_run("pipeline-pp2-dp2-zero1-from-tp2-pp2", tmp_path / "pp2dp2")
-    want = _weights(tmp_path / "reference")
+    want = _weights(ref_dir)
     _assert_weights(_weights(tmp_path / "tp2pp2"), want, "tp=2 × pp=2")
     _assert_weights(_weights(tmp_path / "pp2dp2"), want, "converted to pp=2 × dp=2")
     names = sorted(p.name for p in (tmp_path / "tp2pp2" / "step-0000004").glob("rank-*"))
