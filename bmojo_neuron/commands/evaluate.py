@@ -94,7 +94,9 @@ def default_output_dir(trained: Any, data_args: Sequence[str] = ()) -> Path:
     Other data (`--data`) get a folder of their own inside it, named after the arguments
     (``eval/final/data-num_kv_pairs=16``), so they never overwrite the results on the run's own data.
     """
-    base = trained.run_dir / "eval" if trained.source == trained.run_dir else trained.run_dir / "eval" / trained.source.name
+    base = trained.run_dir / "eval"
+    if trained.source != trained.run_dir:
+        base = base / trained.source.name
     return base / data_folder_name(data_args) if data_args else base
 
 
