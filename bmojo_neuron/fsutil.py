@@ -70,11 +70,17 @@ def publish_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` if it exists, else the nearest path above it that does: where a file in the way would be (the OS
+    names one only as "File exists" / "Not a directory")."""
+    return next(p for p in [path, *path.parents] if p.exists())
+
+
 def unwritable_reason(path: Path) -> str | None:
     """Why a folder could not be made or filled at `path`, checked without creating anything (a dry run, or a
     check before long work): the nearest part of it that exists must be a folder this process may write
     into. None when it could."""
-    existing = next(p for p in [path, *path.parents] if p.exists())
+    existing = nearest_existing(path)
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
     if not os.access(existing, os.W_OK | os.X_OK):

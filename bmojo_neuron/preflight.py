@@ -19,7 +19,7 @@ from bmojo_neuron.checkpoints.layout import latest_intact_checkpoint
 from bmojo_neuron.checkpoints.state import read_recipe, resume_refusal
 from bmojo_neuron.compile_cache.units import format_size
 from bmojo_neuron.data.text import source_kind
-from bmojo_neuron.fsutil import DISK_FULL, unwritable_reason
+from bmojo_neuron.fsutil import DISK_FULL, nearest_existing, unwritable_reason
 
 # Per parameter on disk: fp32 weights (4 B) and AdamW's two fp32 moments (8 B) in a checkpoint;
 # the weights again in the final export. Each also holds a few small files (config, recipe, RNG
@@ -67,7 +67,7 @@ def check_writable(directory: Path, remedy: str = "pick another --output-dir (or
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as exc:
-        blocker = next(p for p in [directory, *directory.parents] if p.exists())
+        blocker = nearest_existing(directory)
         if not blocker.is_dir():  # the OS says "File exists" or "Not a directory": name the file in the way
             where = "is a file" if blocker == directory else f"cannot be made: {blocker} is a file"
             raise ValueError(f"output directory {directory} {where}, not a folder; {remedy}") from None
