@@ -61,6 +61,15 @@ def rule_error(instr: str, rule: str, detail: str) -> NKIRuleError:
 
 
 # --------------------------------------------------------------------- profile / run state
+def bound_of(busy: dict[str, float]) -> str:
+    """`Profile.bound` from seconds busy per resource (`Profile.busy_s`), also for figures derived from
+    several profiles."""
+    single = {k: v for k, v in busy.items() if k not in (SBUF_PORT, PSUM_PORT)}
+    top = max(single, key=single.get)
+    port = max((SBUF_PORT, PSUM_PORT), key=busy.get)
+    return port if busy[port] > 1.02 * single[top] else top
+
+
 @dataclass
 class Profile:
     """What one emulated kernel run costs on a Trn1 NeuronCore (modelled, not measured).
@@ -118,11 +127,7 @@ class Profile:
         """What bounds the kernel: the busiest engine, 'dma' or 'hbm' - or a shared SRAM port
         ('sbuf_port': Vector + GpSimd, 'psum_port': Vector + Scalar) when sharing it costs more
         than 2 % over the busiest single resource."""
-        busy = self.busy_s
-        single = {k: v for k, v in busy.items() if k not in (SBUF_PORT, PSUM_PORT)}
-        top = max(single, key=single.get)
-        port = max((SBUF_PORT, PSUM_PORT), key=busy.get)
-        return port if busy[port] > 1.02 * single[top] else top
+        return bound_of(self.busy_s)
 
     def to_dict(self) -> dict[str, Any]:
         return {
