@@ -233,3 +233,41 @@ def test_cost_model_charges_documented_cycles():
     assert prof.hbm_bytes == 2 * a.nbytes
     assert prof.peak_psum_bytes == 2048 and prof.peak_sbuf_bytes >= 2 * 2048
     assert prof.bound == "vector" and prof.time_serial_s > prof.time_overlapped_s
+
+
+def test_an_operand_striding_over_16_bytes_halves_an_engines_bandwidth():
+    """[arch] lines 757-762: SBUF/PSUM supply peak bandwidth while the most-minor free axis steps less than
+    16 bytes and half beyond: "roughly 50% performance hit on the instructions". A Vector copy, a Scalar
+    activation and a GpSimd memset over every 8th float32 (32-byte steps) cost twice the contiguous
+    instruction's cycles (the 60-cycle access overhead once); 16-byte steps (every 4th float32, every 8th
+    bfloat16) and the Tensor engine's reads cost the same as contiguous ones."""
+    from nki_kernels.emulator.costmodel import ACCESS_OVERHEAD
+
+    def cycles(step, dtype=nl.float32, engine="vector"):
+        """Cycles of one instruction reading or writing every `step`-th element of a row, less the overhead."""
+        def kernel(a, charge):
+            t = nl.ndarray((128, 512 * step), dtype=dtype)
+            nisa.memset(dst=t, value=1.0)
+            out = nl.ndarray((128, 512), dtype=dtype)
+            if charge and engine == "scalar":
+                nisa.activation(dst=out, op=nl.copy, data=t[:, ::step])
+            elif charge and engine == "gpsimd":
+                nisa.memset(dst=t[:, ::step], value=2.0, engine=nisa.engine.gpsimd)
+            elif charge and engine == "tensor":
+                ps = nl.ndarray((128, 512), dtype=nl.float32, buffer=nl.psum)
+                nisa.nc_matmul(dst=ps, stationary=t[:, 0:128], moving=t[:, ::step])
+            elif charge:
+                nisa.tensor_copy(dst=out, src=t[:, ::step])
+
+        with_it, without = (nki.simulate(kernel, np.zeros((1, 1), np.float32), charge)[1].cycles[engine]
+                            for charge in (True, False))
+        return with_it - without - (ACCESS_OVERHEAD if engine != "tensor" else 0)
+
+    contiguous = cycles(1)
+    assert contiguous == 512
+    assert cycles(8) == 2 * contiguous  # 32 bytes
+    assert cycles(4) == contiguous  # 16 bytes: not beyond
+    assert cycles(8, nl.bfloat16) == contiguous and cycles(9, nl.bfloat16) == 2 * contiguous  # 16 and 18 bytes
+    assert cycles(1, engine="scalar") == 512 and cycles(8, engine="scalar") == 2 * 512
+    assert cycles(1, engine="gpsimd") == 512 and cycles(8, engine="gpsimd") == 2 * 512
+    assert cycles(1, engine="tensor") == cycles(8, engine="tensor") == 512 * 4  # fp32 matmul, as above

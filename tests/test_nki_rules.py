@@ -568,6 +568,35 @@ def test_psum_accumulation_group():
     np.testing.assert_allclose(second, x.T @ y, rtol=1e-5, atol=1e-5)
 
 
+def test_psum_access_patterns_share_the_tiles_accumulation_group():
+    """An access pattern over a PSUM tile is the same PSUM region of the same tile as a slice is: a matmul
+    through it continues the tile's open group, and another write through it closes the group ([arch]
+    "Near-memory accumulation in PSUM": a group is the matmuls accumulating into the same PSUM bank data)."""
+
+    def kernel(x, y):
+        acc = nl.ndarray((16, 32), dtype=nl.float32, buffer=nl.psum)
+        xs, ys = load(x), load(y)
+        nisa.nc_matmul(dst=acc, stationary=xs, moving=ys)
+        nisa.nc_matmul(dst=acc.ap([[32, 16], [1, 32]]), stationary=xs, moving=ys)  # accumulates: 2 x^T y
+        nisa.nc_matmul(dst=acc.ap([[32, 16], [1, 8]], offset=8), stationary=xs, moving=ys[:, 8:16])  # 3x there
+        sums = nl.ndarray((16, 32), dtype=nl.float32)
+        nisa.tensor_copy(dst=sums, src=acc)
+        nisa.memset(dst=acc.ap([[32, 16], [1, 16]]), value=5.0)  # closes the group on columns 0-15
+        nisa.nc_matmul(dst=acc, stationary=xs, moving=ys)  # overwrites there, accumulates on 16-31
+        again = nl.ndarray((16, 32), dtype=nl.float32)
+        nisa.tensor_copy(dst=again, src=acc)
+        return store(sums), store(again)
+
+    x, y = rand(8, 16), rand(8, 32)
+    sums, again = run(kernel, x, y)
+    product = x.T @ y
+    expected = 2 * product
+    expected[:, 8:16] += product[:, 8:16]
+    np.testing.assert_allclose(sums, expected, rtol=1e-5, atol=1e-5)
+    expected = np.concatenate([product[:, :16], 3 * product[:, 16:]], axis=1)
+    np.testing.assert_allclose(again, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_two_psum_inputs_are_not_allowed():
     def both(a):
         p1 = nl.ndarray((8, 8), dtype=nl.float32, buffer=nl.psum)

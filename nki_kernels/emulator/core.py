@@ -189,6 +189,10 @@ class RunState:
         ("add" for nc_matmul into PSUM; "" when they do not; loops.associative_update)."""
         if self.affine_loops is not None and self.affine_loops.active:
             self.affine_loops.access(instr, reads, writes, accumulates)
+        if engine in costmodel.STREAMING_ENGINES and any(
+                t.buffer in ON_CHIP and t.minor_stride_bytes() > costmodel.STRIDE_PENALTY_BYTES
+                for t in (*reads, *writes)):
+            cycles *= costmodel.STRIDE_PENALTY
         cycles = cycles + overhead
         self.profile.cycles[engine] += cycles
         self.profile.instructions[engine] += 1
@@ -525,8 +529,20 @@ class NkiTensor:
         else:  # a broadcast (cost-only) input: contents are never read
             view = np.broadcast_to(np.zeros((), base.dtype), [n for _, n in dims])
         pstart = self.pstart + (offset // free if self.buffer in ON_CHIP else 0)
-        acc = np.zeros(view.shape, dtype=bool) if self.buffer == PSUM else None
-        return NkiTensor(self._alloc, view, pstart, acc, indexed=True)
+        return NkiTensor(self._alloc, view, pstart, self._pattern_group(base, dims, offset), indexed=True)
+
+    def _pattern_group(self, base: np.ndarray, dims: list[tuple[int, int]], offset: int) -> np.ndarray | None:
+        """The accumulation-group mask of a PSUM access pattern: the same pattern over this tile's mask, so
+        the pattern and the tile are one PSUM region of one tile ("Near-memory accumulation in PSUM", [arch]:
+        a group is the matmuls "accumulating into the same PSUM bank data"), as slices and reshapes are. A
+        pattern that reads the tile as another element size has no element-wise mask there: its own."""
+        if self.buffer != PSUM:
+            return None
+        if base.dtype.itemsize != self.dtype.itemsize or not self._acc.flags.c_contiguous:
+            return np.zeros([n for _, n in dims], dtype=bool)
+        flat = self._acc.reshape(-1)
+        return np.lib.stride_tricks.as_strided(flat[offset:], shape=[n for _, n in dims],
+                                               strides=[s * flat.itemsize for s, _ in dims])
 
     def _dynamic_start(self, instr: str, scalar_offset: Any, indirect_dim: int) -> int:
         """Elements a `scalar_offset` moves the access: its value (read now, in program order) times the
@@ -552,6 +568,14 @@ class NkiTensor:
     @property
     def free_size(self) -> int:
         return math.prod(self._view.shape[1:])
+
+    def minor_stride_bytes(self) -> int:
+        """Bytes between neighbours along the innermost free axis of more than one element (0 for none): the
+        step an engine's access pattern takes at its fastest axis ([arch] lines 757-762)."""
+        for count, stride in zip(reversed(self._view.shape[1:]), reversed(self._view.strides[1:])):
+            if count > 1:
+                return abs(stride)
+        return 0
 
     def region(self) -> tuple:
         """(allocation id, p0, p1, f0, f1): the partitions and per-partition bytes this view covers."""
@@ -730,8 +754,9 @@ def allocate(shape: tuple[int, ...] | list[int], dtype: Any, buffer: str | None,
     A tile the kernel places itself (`address=(partition, byte offset)`) must fit the buffer at
     that address and is not counted among the live tiles the compiler would place: kernels
     that manage memory (nki-library's `core/utils/allocator.py` line 306) reuse addresses
-    while older tiles are still referenced. Overlaps between placed tiles are not checked and
-    each still gets its own storage ("What the emulator does not model").
+    while older tiles are still referenced. Placed tiles are views of one memory per buffer
+    (`_placed`), so overlapping ones share bytes; overlaps are not checked (no source states
+    a rule: "What the emulator does not model").
     """
     buffer = buffer or SBUF
     if buffer not in ON_CHIP + HBM_BUFFERS:

@@ -26,6 +26,9 @@ HBM and SBUF using DMAs"); a transfer is split across at most one queue per part
 row it touches (each SBUF partition is a separate DMA buffer) and occupies those queues
 for bytes / (queues x 27 GiB/s). HBM traffic is also capped at the device's 820 GB/s.
 
+An engine instruction whose SBUF/PSUM operand steps more than 16 bytes along its innermost axis streams at
+half bandwidth (arch guide, "Access pattern"): its cycles double (`STRIDE_PENALTY`).
+
 What the model leaves out (docs/kernels.md): DMA descriptor overheads and latency,
 semaphore latency between engines, instruction-fetch stalls, SBUF bank conflicts, the
 compiler's reordering across engines beyond program order per engine, and allocation
@@ -47,6 +50,15 @@ DEPENDENT_STALL = 100  # extra cycles when an instruction waits on its engine's 
 # scalar_tensor_tensor). The arch guide says "roughly 2N"; fitted to the fused-Mamba tutorial's measurement
 # instead (docs/kernels.md, "Calibration").
 TWO_INPUT_CYCLES_PER_ELEMENT = 1.12
+# "When the most-minor F dimension stride is less than 16 bytes, SBUF/PSUM on NeuronCore-v2 can supply a peak
+# bandwidth of 128 elements/cycle ... If the most-minor F dimension stride exceeds 16 bytes, the achievable
+# bandwidth of each tensor read/write interface will be half of the peak bandwidth, which translates to roughly
+# 50% performance hit on the instructions" (trainium_inferentia2_arch.rst lines 757-762): an instruction of the
+# engines that stream their operands element by element (Vector, Scalar, GpSimd) with an SBUF/PSUM operand whose
+# innermost walked axis steps more than 16 bytes takes twice its cycles (the access overhead aside).
+STRIDE_PENALTY_BYTES = 16
+STRIDE_PENALTY = 2.0
+STREAMING_ENGINES = ("vector", "scalar", "gpsimd")
 DMA_QUEUES = 16
 DMA_QUEUE_BYTES_PER_S = 27 * 2 ** 30
 HBM_BYTES_PER_S = 820e9  # per device (two NeuronCores); one kernel alone on the chip

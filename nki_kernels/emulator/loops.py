@@ -61,7 +61,11 @@ Level = tuple[int, int]
 # The stub exempts associative reductions (nki/api/nki/language/__init__.py lines 168-172): the
 # iterations' contributions may be combined in any order and grouping. An in-place update
 # `acc = acc op x_i` is one when `op` is associative and commutative (REDUCTION_OPS, by nl name),
-# the accumulator in either operand. `acc - x_i` is `acc + (-x_i)`, an add reduction of the
+# the accumulator in either operand. The operators are the ALU table's "Legal Reduction op"
+# column (nki/api/nki.api.shared.rst lines 61-118: Y for add, subtract, multiply, maximum,
+# minimum and the bitwise and logical and/or/xor; `nl` marks them `reducible`), the ISA's own
+# list of operators that fold values in any order; which in-place updates neuronx-cc treats as
+# reductions in a loop no source says (docs/kernels.md, "What the emulator does not model"). `acc - x_i` is `acc + (-x_i)`, an add reduction of the
 # negated x_i, so subtract counts with the accumulator as its first operand only: `x_i - acc`
 # alternates the sign of acc and each x_i with the iteration order. Not reductions: any other
 # position or operator (`power`, comparisons, shifts), an activation function (`exp(acc)` is not
