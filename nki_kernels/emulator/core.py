@@ -21,6 +21,7 @@ import math
 import operator
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,14 @@ class NKIRuleError(ValueError):
 
 def rule_error(instr: str, rule: str, detail: str) -> NKIRuleError:
     return NKIRuleError(f"{instr}: {rule} ({detail})")
+
+
+class NKISpillWarning(UserWarning):
+    """More live tiles than an on-chip buffer holds. neuronx-cc accepts such a kernel and spills: "If the
+    total size of the live data being used by a NKI kernel overflows the capacity of any on-chip memory,
+    the Neuron compiler will insert the necessary spills or refills between that memory and the next-tier
+    memory in the hierarchy" (nki/get-started/about/memory-hierarchy-overview.rst line 86). The emulator
+    runs on; which tiles spill and the traffic they cost are not modelled (no source says)."""
 
 
 # --------------------------------------------------------------------- profile / run state
@@ -167,6 +176,7 @@ class RunState:
         self.affine_loops: Any = None
         # per on-chip buffer, the memory tiles placed with `address=` live in (placed_memory)
         self.placed: dict[str, "_Allocation"] = {}
+        self.spilled: set[str] = set()  # the on-chip buffers whose live tiles overflowed (NKISpillWarning)
 
     def placed_memory(self, buffer: str) -> "_Allocation":
         """The kernel's `buffer` as bytes (partitions x usable bytes). Placed tiles are views of it, so
@@ -829,20 +839,32 @@ def _check_on_chip_alloc(instr: str, shape: tuple[int, ...], dt: np.dtype, buffe
     run = state()
     if placed:
         return
+    usable = f"usable SBUF is {SBUF_USABLE_BYTES_PER_PARTITION} bytes per partition ({SBUF_BYTES_PER_PARTITION} " \
+        f"less the {SBUF_RESERVED_BYTES_PER_PARTITION} the runtime reserves)"
     if buffer == SBUF:
+        if per_partition > SBUF_USABLE_BYTES_PER_PARTITION:  # no spill makes room for it
+            raise rule_error(instr, usable, f"tile {shape} {dt} needs {per_partition} B/partition")
         if run.live[SBUF] + per_partition > SBUF_USABLE_BYTES_PER_PARTITION:
-            raise rule_error(instr, f"usable SBUF is {SBUF_USABLE_BYTES_PER_PARTITION} bytes per partition "
-                             f"({SBUF_BYTES_PER_PARTITION} less the {SBUF_RESERVED_BYTES_PER_PARTITION} the runtime "
-                             "reserves)", f"new tile {shape} {dt} needs {per_partition} B/partition, "
-                             f"{run.live[SBUF]} B already live")
+            _spill(run, SBUF, f"{instr}: {usable}: new tile {shape} {dt} needs {per_partition} B/partition, "
+                   f"{run.live[SBUF]} B already live")
         return
     banks = -(-per_partition // PSUM_BANK_BYTES)
     if banks > PSUM_BANKS:
         raise rule_error(instr, f"PSUM holds {PSUM_BANKS * PSUM_BANK_BYTES} bytes per partition",
                          f"tile {shape} {dt} needs {per_partition} B/partition")
     if run.live[PSUM] + banks * PSUM_BANK_BYTES > PSUM_BANKS * PSUM_BANK_BYTES:
-        raise rule_error(instr, f"PSUM has {PSUM_BANKS} banks of {PSUM_BANK_BYTES} B per partition; too few are free",
-                         f"new tile {shape} {dt} needs {banks}; {run.live[PSUM] // PSUM_BANK_BYTES} banks live")
+        _spill(run, PSUM, f"{instr}: PSUM has {PSUM_BANKS} banks of {PSUM_BANK_BYTES} B per partition: new tile "
+               f"{shape} {dt} needs {banks}, {run.live[PSUM] // PSUM_BANK_BYTES} banks live")
+
+
+def _spill(run: RunState, buffer: str, what: str) -> None:
+    """Live tiles overflow `buffer`: the compiler spills (NKISpillWarning); warned once per run and buffer."""
+    if buffer not in run.spilled:
+        run.spilled.add(buffer)
+        file, line = kernel_site()
+        warnings.warn_explicit(NKISpillWarning(f"{what}; neuronx-cc spills live tiles to the next memory "
+                                               "(memory-hierarchy-overview.rst line 86): spill traffic is not "
+                                               "modelled"), NKISpillWarning, file, line)
 
 
 def wrap_hbm(array: np.ndarray, name: str = "") -> NkiTensor:
@@ -855,6 +877,6 @@ def ceil_div(a: int, b: int) -> int:
 
 
 __all__ = [
-    "BFLOAT16", "DynSlice", "IndirectTensor", "NKIRuleError", "NkiTensor", "Profile", "RunState", "allocate", "as_dtype",
-    "ceil_div", "is_float", "kernel_site", "nki_dtype", "rule_error", "state", "wrap_hbm",
+    "BFLOAT16", "DynSlice", "IndirectTensor", "NKIRuleError", "NKISpillWarning", "NkiTensor", "Profile", "RunState",
+    "allocate", "as_dtype", "ceil_div", "is_float", "kernel_site", "nki_dtype", "rule_error", "state", "wrap_hbm",
 ]
