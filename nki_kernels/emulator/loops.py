@@ -65,9 +65,10 @@ Level = tuple[int, int]
 # column (nki/api/nki.api.shared.rst lines 61-118: Y for add, subtract, multiply, maximum,
 # minimum and the bitwise and logical and/or/xor; `nl` marks them `reducible`), the ISA's own
 # list of operators that fold values in any order; which in-place updates neuronx-cc treats as
-# reductions in a loop no source says (docs/kernels.md, "What the emulator does not model"). `acc - x_i` is `acc + (-x_i)`, an add reduction of the
-# negated x_i, so subtract counts with the accumulator as its first operand only: `x_i - acc`
-# alternates the sign of acc and each x_i with the iteration order. Not reductions: any other
+# reductions in a loop no source says (docs/kernels.md, "What the emulator does not model").
+# `acc - x_i` is `acc + (-x_i)`, an add reduction of the negated x_i, so subtract counts with the
+# accumulator as its first operand only: `x_i - acc` alternates the sign of acc and each x_i with the
+# iteration order. Not reductions: any other
 # position or operator (`power`, comparisons, shifts), an activation function (`exp(acc)` is not
 # `acc op x_i`), and two steps of different families (`acc * a_i + b_i` is a scan).
 REDUCTION_OPS = ("add", "multiply", "maximum", "minimum", "bitwise_and", "bitwise_or", "bitwise_xor",
