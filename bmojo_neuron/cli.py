@@ -246,13 +246,6 @@ def require_nonempty(option: str, value: str | None) -> None:
         raise ValueError(f"{option} must not be empty")
 
 
-def require_existing(path: str) -> None:
-    """FileNotFoundError for a model or run path that is not there, raised before a command imports torch and
-    transformers (seconds of start-up, more on a busy machine), with the line the loaders give for it later."""
-    if not os.path.lexists(path):
-        raise FileNotFoundError(f"{path} does not exist")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit status. A reader that closes our stdout early (``cmd | head -1``) ends the
     command quietly with status 141, as a shell reports a tool that SIGPIPE ended (`closed_stdout`)."""
