@@ -246,6 +246,15 @@ def require_nonempty(option: str, value: str | None) -> None:
         raise ValueError(f"{option} must not be empty")
 
 
+def say_on_terminal(line: str) -> None:
+    """`line` on stderr when stderr is a terminal: what a command does during a wait it has no result for yet
+    (seconds importing torch and building the model, more on a busy machine), for the person watching. Output
+    that a script or log captures is left as it was: a refusal that comes after the wait is its `error:` line
+    alone, and stdout stays the result (``--json`` parseable)."""
+    if sys.stderr.isatty():
+        print(line, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit status. A reader that closes our stdout early (``cmd | head -1``) ends the
     command quietly with status 141, as a shell reports a tool that SIGPIPE ended (`closed_stdout`)."""

@@ -154,6 +154,18 @@ def test_cli_over_budget_prints_nothing_but_the_error(capsys):
     assert code == 2 and out == "" and "16 GiB" in err
 
 
+def test_plan_says_on_a_terminal_what_it_loads_and_keeps_json_on_stdout(capsys, monkeypatch):
+    """Building the model's shapes needs torch (seconds, more on a busy machine): on a terminal `plan` says so on
+    stderr before the wait; stdout holds the plan alone, so ``--json`` parses. Off a terminal stderr stays empty."""
+    argv = ["plan", "trn1/bmojo-130m", "data.path=/data/pile", "--json"]
+    for terminal, said in [(True, "planning trn1/bmojo-130m: loading torch to build the model's shapes (no weights) "
+                                  "for the memory estimate\n"), (False, "")]:
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+        assert main(argv) == 0
+        out, err = capsys.readouterr()
+        assert err == said and json.loads(out)["recipe"] == "trn1/bmojo-130m"
+
+
 @pytest.mark.parametrize("port", ["0", "99999", "-1"])
 def test_master_port_outside_the_tcp_range_is_refused(port, capsys):
     """A port torchrun cannot bind would otherwise go into every launch line and fail only at rendezvous."""

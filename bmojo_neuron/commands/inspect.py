@@ -15,7 +15,7 @@ import argparse
 import json
 from typing import Any
 
-from bmojo_neuron.cli import register_command, require_nonempty
+from bmojo_neuron.cli import register_command, require_nonempty, say_on_terminal
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     require_nonempty("--output-dir", args.output_dir)
     from bmojo_neuron.checkpoints.locate import resolve_model_dir
 
-    resolve_model_dir(args.path, "inspect")  # a path that is no model: one line, before torch loads
+    model_dir = resolve_model_dir(args.path, "inspect")  # a path that is no model: one line, before torch loads
+    say_on_terminal(f"inspecting {model_dir}: loading torch and the model, then tracing the eidetic memory over "
+                    f"{args.sequences} eval sequence{'s' if args.sequences > 1 else ''}")
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.commands.evaluate import check_vocabulary, eval_recipe, output_dir
     from bmojo_neuron.data import build_eval_dataset
