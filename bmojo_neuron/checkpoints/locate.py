@@ -2,9 +2,10 @@
 
 A run directory stands for its ``final/`` export, else its latest checkpoint; a checkpoint or an export stands
 for itself. Everything here reads folder listings and file names only, never a tensor, and imports neither torch
-nor transformers: `eval`, `inspect`, `generate`, `export-transformer` and `checkpoint` call it first, so a file
-given for a folder, a folder of runs or a run without checkpoints is answered in one line before seconds of
-start-up. The loaders (`inference`, `convert`) call the same functions, so a library caller hears the same.
+nor transformers: `eval`, `inspect`, `generate`, `export-transformer`, `checkpoint` and `train` (for
+``init.weights``) call it first, so a file given for a folder, a folder of runs or a run without checkpoints is
+answered in one line before seconds of start-up. The loaders (`inference`, `convert`) and the preflight call
+the same functions, so a library caller hears the same.
 """
 
 from __future__ import annotations
