@@ -246,11 +246,13 @@ def require_nonempty(option: str, value: str | None) -> None:
         raise ValueError(f"{option} must not be empty")
 
 
-def require_existing(path: str) -> None:
-    """FileNotFoundError for a model or run path that is not there, raised before a command imports torch and
-    transformers (seconds of start-up, more on a busy machine), with the line the loaders give for it later."""
-    if not os.path.lexists(path):
-        raise FileNotFoundError(f"{path} does not exist")
+def say_on_terminal(line: str) -> None:
+    """`line` on stderr when stderr is a terminal: what a command does during a wait it has no result for yet
+    (seconds importing torch and building the model, more on a busy machine), for the person watching. Output
+    that a script or log captures is left as it was: a refusal that comes after the wait is its `error:` line
+    alone, and stdout stays the result (``--json`` parseable)."""
+    if sys.stderr.isatty():
+        print(line, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bmojo_neuron.checkpoints.inference import initial_weights_dir
 from bmojo_neuron.checkpoints.layout import latest_intact_checkpoint
+from bmojo_neuron.checkpoints.locate import initial_weights_dir
 from bmojo_neuron.checkpoints.state import read_recipe, resume_refusal
 from bmojo_neuron.compile_cache.units import format_size
 from bmojo_neuron.data.text import source_kind

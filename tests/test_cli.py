@@ -361,15 +361,25 @@ def test_command_modules_are_discovered(registry, monkeypatch, tmp_path, capsys)
     assert cli.main(["info", "--json"]) == 0  # still there
 
 
-def test_a_missing_model_path_is_answered_before_torch_or_transformers_load(tmp_path):
-    """`eval`, `generate`, `inspect`, `export-transformer` and `checkpoint consolidate / shard` of a path that
-    is not there say so in one line without first importing torch and transformers (seconds of start-up), as
-    `data prepare` answers a bad recipe or one with nothing to prepare."""
+def test_a_path_that_is_no_model_is_answered_before_torch_or_transformers_load(tmp_path):
+    """`eval`, `generate`, `inspect`, `export-transformer`, `checkpoint consolidate / shard` and `train`'s
+    ``init.weights`` of a path that is not there, or is a file, or a folder of runs, or a run of the wrong kind,
+    say so in one line without first importing torch and transformers (seconds of start-up), as `data prepare`
+    answers a bad recipe or one with nothing to prepare."""
     missing = str(tmp_path / "runs" / "nope")
+    fixtures = ROOT / "tests" / "golden" / "checkpoints"  # three runs, read only: every command here refuses them
+    run, weights, out = fixtures / "finished", fixtures / "finished" / "final" / "model.safetensors", tmp_path / "out"
     commands = [["eval", missing], ["generate", missing, "--prompt", "hi"], ["inspect", missing],
-                ["export-transformer", missing, str(tmp_path / "out")],
-                ["checkpoint", "consolidate", missing, str(tmp_path / "out")],
-                ["checkpoint", "shard", missing, "--tp", "2", "--output-dir", str(tmp_path / "out")],
+                ["export-transformer", missing, str(out)],
+                ["checkpoint", "consolidate", missing, str(out)],
+                ["checkpoint", "shard", missing, "--tp", "2", "--output-dir", str(out)],
+                ["eval", str(weights)], ["inspect", str(run / "recipe.json")],
+                ["generate", str(weights), "--prompt", "hi"], ["export-transformer", str(weights), str(out)],
+                ["eval", str(fixtures)],
+                ["checkpoint", "consolidate", str(weights), str(out)],
+                ["checkpoint", "shard", str(weights), "--tp", "2", "--output-dir", str(out)],
+                ["checkpoint", "shard", str(run), "--tp", "2", "--output-dir", str(out)],
+                ["train", "cpu-tiny", "suite=none", f"init.weights={weights}", "--output-dir", str(out)],
                 ["data", "prepare", "cpu-tiny", "train.stesp=5"], ["data", "prepare", "cpu-tiny"]]
     code = ("import sys; from bmojo_neuron.cli import main; "
             f"codes = [main(args) for args in {commands!r}]; "
@@ -377,11 +387,23 @@ def test_a_missing_model_path_is_answered_before_torch_or_transformers_load(tmp_
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.stdout.splitlines() == [  # MQAR data: nothing to prepare, said as quickly
         "cpu-tiny: data.kind is mqar: generated in memory when training starts, nothing to prepare",
-        f"{[2] * 7 + [0]} []"], done.stderr
+        f"{[2] * 16 + [0]} []"], done.stderr
+    holder = f"is a file, not a model's folder: give the folder that holds it, {run / 'final'}"
     assert done.stderr.splitlines() == [f"error: {missing} does not exist"] * 6 + [
+        f"error: {weights} {holder}", f"error: {run / 'recipe.json'} is a file, not a model's folder: give the "
+        f"folder that holds it, {run}", f"error: {weights} {holder}", f"error: {weights} {holder}",
+        f"error: {fixtures} holds 3 runs (finished, one-process, tp2-pp2), not one model: give one run's folder, "
+        f"e.g. bmojo-neuron eval {run}",
+        f"error: {weights} is neither a sharded checkpoint (with parallel.json) nor a run directory whose latest "
+        "checkpoint is one",
+        f"error: {weights} has no config.json: not a save_pretrained directory",
+        f"error: {run} is a run of one-process checkpoints: its weights are whole already and its optimizer state "
+        "(by parameter index) is not converted (shard reads a consolidated copy); to train it at other parallel "
+        f"degrees, start a new run from its weights: bmojo-neuron train RECIPE init.weights={run} parallel.tp=N "
+        "(step 0, a fresh optimizer)", f"error: recipe key init.weights: {weights} {holder}",
         "error: recipe key train.stesp: unknown key; valid keys of train: steps, batch_size, grad_accum, precision, "
         "activation_checkpointing, log_every, compile"]
-    assert not (tmp_path / "out").exists()
+    assert not out.exists()
 
 
 def test_subcommand_help_describes_the_action(capsys):

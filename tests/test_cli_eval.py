@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,18 @@ def test_a_folder_transformers_cannot_load_is_one_error_line(command, run, tmp_p
     line = _error(capsys, [name, str(folder), *options, "--device", "cpu"])
     assert line.startswith(f"error: {folder}: not a loadable model (The checkpoint you are trying to load has "
                            "model type `no-such-architecture` but Transformers does not recognize"), line
+
+
+def test_inspect_says_on_a_terminal_what_it_loads_before_the_wait(run, tmp_path, capsys, monkeypatch):
+    """Importing torch and loading the model is most of `inspect`'s time (half a minute on a busy machine): on a
+    terminal a line says what is going on before it, and a refusal found after the load follows that line. Off a
+    terminal (a script, a log) the refusal stays its one line (`test_an_output_dir_that_is_a_file_fails_...`)."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    (tmp_path / "taken").write_text("")
+    argv = ["inspect", str(run), "--sequences", "3", "--device", "cpu", "--output-dir", str(tmp_path / "taken")]
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[0] == (
+        f"inspecting {run / 'final'}: loading torch and the model, then tracing the eidetic memory over 3 eval "
+        "sequences") and err.splitlines()[1:] == [
+            f"error: output directory {tmp_path / 'taken'} is a file, not a folder; pick another --output-dir"], err

@@ -192,10 +192,8 @@ LAZY_IMPORTS: dict[str, tuple[set[str], str]] = {
     "bmojo_neuron.launch.plan": ({"bmojo_neuron.launch.host_memory", "bmojo_neuron.parallel.layout",
                                   "bmojo_neuron.parallel.pipeline"},
                                  "launch is torch-free: `plan` starts without torch"),
-    "bmojo_neuron.launch.precompile": ({"bmojo_neuron.checkpoints.layout", "bmojo_neuron.compile_cache.s3",
-                                        "bmojo_neuron.data.text"},
-                                       "the checkpoints package imports torch: only for an --output-dir; boto3 "
-                                       "only for an S3 cache; tokenizers only for text recipes"),
+    "bmojo_neuron.launch.precompile": ({"bmojo_neuron.compile_cache.s3", "bmojo_neuron.data.text"},
+                                       "boto3 only for an S3 cache; tokenizers only for text recipes"),
     "bmojo_neuron.ops": ({"bmojo_neuron.ops.nki_backend", "nki_kernels", "nki_kernels.emulator"},
                          "the NKI backends load when first chosen"),
     "bmojo_neuron.recipes": ({"bmojo_neuron", "bmojo_neuron.data.mqar"},

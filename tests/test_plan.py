@@ -154,6 +154,18 @@ def test_cli_over_budget_prints_nothing_but_the_error(capsys):
     assert code == 2 and out == "" and "16 GiB" in err
 
 
+def test_plan_says_on_a_terminal_what_it_loads_and_keeps_json_on_stdout(capsys, monkeypatch):
+    """Building the model's shapes needs torch (seconds, more on a busy machine): on a terminal `plan` says so on
+    stderr before the wait; stdout holds the plan alone, so ``--json`` parses. Off a terminal stderr stays empty."""
+    argv = ["plan", "trn1/bmojo-130m", "data.path=/data/pile", "--json"]
+    for terminal, said in [(True, "planning trn1/bmojo-130m: loading torch to build the model's shapes (no weights) "
+                                  "for the memory estimate\n"), (False, "")]:
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+        assert main(argv) == 0
+        out, err = capsys.readouterr()
+        assert err == said and json.loads(out)["recipe"] == "trn1/bmojo-130m"
+
+
 @pytest.mark.parametrize("port", ["0", "99999", "-1"])
 def test_master_port_outside_the_tcp_range_is_refused(port, capsys):
     """A port torchrun cannot bind would otherwise go into every launch line and fail only at rendezvous."""
@@ -439,10 +451,50 @@ def test_hbm_estimate_of_a_hand_computed_case():
     outside = 2 * 128 * 4 + 256 * (4 + 4)  # 3072 bytes
     tokens = 2 * 128
     assert s.activations_full == tokens * (2 * layer + outside) == 5_509_120
-    # Checkpointed: each layer's input (128 elements) kept, one layer recomputed at a time.
-    assert s.activations_checkpointed == tokens * (2 * 128 * 4 + layer + outside) == 3_409_920
+    # Checkpointed: each layer's input (128 elements) kept, one layer recomputed at a time on that kept input, so
+    # its residual stream adds three tensors, not four (`test_the_recomputed_layer_reads_the_kept_input_itself`).
+    assert s.activations_checkpointed == tokens * (2 * 128 * 4 + layer - 128 * 4 + outside) == 3_278_848
     assert s.activations == s.activations_full and s.microbatches_in_flight == 1
     assert s.total == 16 * n + 5_509_120
+
+
+def test_the_recomputed_layer_reads_the_kept_input_itself():
+    """The checkpointed figure counts a recomputed layer's input once, as the kept one: NxD v2.28.0 checkpoints a
+    decoder layer with torch-xla's reentrant checkpoint (utils/activation_checkpoint.py lines 37-46), which keeps
+    the layer's inputs (torch_xla/utils/checkpoint.py v2.9.0 line 136) and recomputes on `detach_variable` of them
+    (lines 190-195), as torch's reentrant checkpoint does (the test double's). Here, on the CPU: every tensor the
+    recomputed layers save that holds a kept input's bytes holds that very storage, never a copy."""
+    import torch
+    from doubles.nxd_runtime import nxd_checkpoint_wrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    from bmojo_neuron import BMojoConfig, BMojoForCausalLM
+    from bmojo_neuron.modeling_bmojo import BMojoDecoderLayer
+
+    config = BMojoConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2, layer_pattern="AB",
+                         num_attention_heads=2, num_key_value_heads=1, intermediate_size=32, window_size=4,
+                         fading_window=4, memory_chunk=4, memory_size=4, memory_picks=1, ssm_state_size=8,
+                         ssm_head_dim=8, ssm_chunk_size=16)
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(config)
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=nxd_checkpoint_wrapper,
+                                   check_fn=lambda m: isinstance(m, BMojoDecoderLayer))
+    kept = []
+    for module in model.modules():
+        if type(module).__name__ == "NxDCheckpointWrapper":
+            module.register_forward_pre_hook(lambda m, a: kept.extend(t for t in a if torch.is_tensor(t)))
+    ids = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(1))
+    loss = model(ids, labels=ids).loss
+    assert len(kept) == 2 and all(t.shape == (2, 16, 16) for t in kept)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss.backward()  # the recomputation of each layer is what saves tensors here
+    for kept_input in kept:  # the norm saves its input, here as a (tokens, d) view
+        holding = [t for t in saved if t.numel() == kept_input.numel() and t.dtype == kept_input.dtype
+                   and torch.equal(t.reshape(kept_input.shape), kept_input)]
+        assert holding, "the recomputed layer saves nothing of its input: the estimate would count it for nothing"
+        pointer = kept_input.untyped_storage().data_ptr()
+        assert all(t.untyped_storage().data_ptr() == pointer for t in holding), "a copy of the kept input"
 
 
 def test_hbm_estimate_of_a_hand_counted_two_stage_pipeline():

@@ -25,36 +25,9 @@ from bmojo_neuron.parallel.sharding import shard_shapes, shard_state_dict
 from . import layout
 from . import sharded as fmt
 from .export import save_for_hf
+from .locate import check_shard_request, resolve_sharded
 from .manifest import check_readable, read_safetensors, read_torch_file, verify_manifest, write_manifest
 from .state import TrainerState, rng_states
-
-
-def resolve_sharded(path: str | Path) -> Path:
-    """A sharded ``step-XXXXXXX`` dir, or a run dir (its latest checkpoint)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if not fmt.is_sharded(path):
-        latest = path if layout.is_complete(path) else layout.latest_checkpoint(path)
-        if latest is not None and not fmt.is_sharded(latest):
-            raise ValueError(one_process_refusal(path, "consolidate joins the files of a sharded one"))
-        if latest is None:
-            raise FileNotFoundError(f"{path} is neither a sharded checkpoint (with {fmt.PARALLEL_FILE}) nor a run "
-                                    "directory whose latest checkpoint is one")
-        path = latest
-    if not layout.is_complete(path):
-        raise FileNotFoundError(f"{path} is incomplete (no {layout.STATE_FILE})")
-    return path
-
-
-def one_process_refusal(path: Path, why: str) -> str:
-    """Why a one-process checkpoint (or a run of them) at `path` is not converted, and how to train its weights at
-    other degrees instead: its ``optimizer.pt`` keeps AdamW's states by parameter index, not by name, so only
-    the optimizer it came from reads them, and a run at other degrees starts from the weights alone."""
-    subject = "a one-process checkpoint" if layout.is_complete(path) else "a run of one-process checkpoints"
-    return (f"{path} is {subject}: its weights are whole already and its optimizer state (by parameter index) "
-            f"is not converted ({why}); to train it at other parallel degrees, start a new run from its weights: "
-            f"bmojo-neuron train RECIPE init.weights={path} parallel.tp=N (step 0, a fresh optimizer)")
 
 
 def consolidate_checkpoint(source: str | Path, output: str | Path) -> Path:
@@ -95,22 +68,7 @@ def shard_checkpoint(source: str | Path, run_dir: str | Path, tp: int, pp: int =
     ``lm_head.weight`` is stored once, as stage 0's embedding.
     """
     source, run_dir = Path(source), Path(run_dir)
-    if tp < 1 or pp < 1:
-        raise ValueError(f"--tp and --pp must be >= 1, got --tp {tp} --pp {pp}")
-    if not source.exists():
-        raise FileNotFoundError(f"{source} does not exist")
-    if layout.has_run(source) or (source / layout.STATE_FILE).is_file():
-        # A checkpoint's files are shards or lack the consolidated training state: read as an export they
-        # would give a fresh step-0 optimizer, or no model at all.
-        checkpoint = source if layout.is_complete(source) else layout.latest_checkpoint(source)
-        if checkpoint is not None and not fmt.is_sharded(checkpoint):
-            raise ValueError(one_process_refusal(source, "shard reads a consolidated copy"))
-        raise ValueError(f"{source} is a training run or checkpoint, not one full copy of a model: convert it with "
-                         f"`bmojo-neuron checkpoint consolidate {source} FULL` first, then shard FULL")
-    if not (source / layout.CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{source} has no {layout.CONFIG_FILE}: not a save_pretrained directory")
-    if layout.has_run(run_dir):
-        raise ValueError(f"{run_dir} already holds a run; pick a new --output-dir")
+    check_shard_request(source, run_dir, tp, pp)
     verify_manifest(source)
     check_readable(source)  # the same for a directory written before manifests existed
     config = BMojoConfig.from_json_file(str(source / layout.CONFIG_FILE))

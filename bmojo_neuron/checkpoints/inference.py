@@ -19,16 +19,12 @@ from bmojo_neuron.configuration_bmojo import BMojoConfig
 from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
 
 from .export import quiet_transformers
-from .layout import (CONFIG_FILE, FINAL, MODEL_FILE, RUN_INFO_FILE, STEP_PATTERN, abandoned_attempt, is_complete,
-                     latest_checkpoint)
+from .layout import CONFIG_FILE, FINAL, MODEL_FILE, RUN_INFO_FILE, STEP_PATTERN, is_complete
 from .local import load_model_weights
+from .locate import initial_weights_dir, resolve_model_dir
 from .manifest import check_readable, read_json_object, verify_manifest
-from .names import SUMMARY_FILE
 from .sharded import consolidated_model, is_sharded
 from .state import read_recipe
-
-
-SHOWN_RUNS = 8  # runs named in the refusal of a folder of runs; the rest are counted
 
 
 @dataclass
@@ -40,58 +36,6 @@ class Trained:
     tokenizer: str
     source: Path  # the export or checkpoint directory actually read
     run_dir: Path  # the run (or model) folder: eval outputs go under its eval/ by default
-
-
-def resolve_model_dir(path: str | Path, command: str | None = None) -> Path:
-    """An export dir, a checkpoint dir, or a run dir (its ``final``, else its latest checkpoint).
-
-    A folder of runs (a suite's or comparison's output dir, one run per model) is refused naming them; `command`
-    (``"eval"``, ...) is the subcommand the message tells to run on one of them.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    if not path.is_dir():  # e.g. the model.safetensors of an export
-        holder = path.parent if _model_in(path.parent) is not None else None
-        raise FileNotFoundError(f"{path} is a file, not a model's folder: give " + (
-            f"the folder that holds it, {holder}" if holder is not None else
-            "a run directory, a checkpoint (step-XXXXXXX) or a final export"))
-    model = _model_in(path)
-    if model is not None:
-        return model
-    if abandoned_attempt(path):  # a run that failed or was stopped before its first checkpoint
-        raise FileNotFoundError(f"{path} holds no checkpoint yet: its run ended before its first checkpoint (only "
-                                "its logs are there); train it again with the same --output-dir, which starts "
-                                "afresh there and replaces these logs")
-    runs = [entry for entry in sorted(path.iterdir()) if entry.is_dir() and _model_in(entry) is not None]
-    if runs:
-        raise FileNotFoundError(several_runs_message(path, runs, command))
-    raise FileNotFoundError(f"{path} is neither a run directory, a checkpoint (step-XXXXXXX) nor a final export")
-
-
-def _model_in(path: Path) -> Path | None:
-    """The model folder `path` stands for (itself, its ``final``, its latest checkpoint), or None."""
-    if (path / RUN_INFO_FILE).is_file() or is_complete(path):
-        return path
-    if (path / FINAL / RUN_INFO_FILE).is_file():
-        return path / FINAL
-    latest = latest_checkpoint(path)
-    if latest is not None:
-        return latest
-    if (path / CONFIG_FILE).is_file():  # a plain save_pretrained export
-        return path
-    return None
-
-
-def several_runs_message(folder: Path, runs: list[Path], command: str | None) -> str:
-    """Why `folder`, which holds `runs` (a suite's output dir), is not one model, and what to give instead."""
-    shown = ", ".join(run.name for run in runs[:SHOWN_RUNS]) + (f" and {len(runs) - SHOWN_RUNS} more"
-                                                                 if len(runs) > SHOWN_RUNS else "")
-    example = f"bmojo-neuron {command} {runs[0]}" if command else str(runs[0])
-    summary = folder / SUMMARY_FILE
-    compared = f"; {summary} compares them" if summary.is_file() else ""
-    return (f"{folder} holds {len(runs)} run{'s' if len(runs) > 1 else ''} ({shown}), not one model: give one "
-            f"run's folder, e.g. {example}{compared}")
 
 
 def load_trained(path: str | Path, device: str | torch.device = "cpu", command: str | None = None) -> Trained:
@@ -132,15 +76,6 @@ def _from_pretrained(source: Path) -> nn.Module:
         # its messages run over several lines (an unknown model_type adds install advice): the first says it
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FileNotFoundError(f"{source}: not a loadable model ({detail})") from None
-
-
-def initial_weights_dir(path: str | Path) -> Path:
-    """The model folder behind ``init.weights`` (`resolve_model_dir`); FileNotFoundError naming the key when
-    there is none, so the message says which setting to fix."""
-    try:
-        return resolve_model_dir(Path(path).expanduser())
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"recipe key init.weights: {err}") from None
 
 
 def initial_weights(path: str | Path) -> dict[str, torch.Tensor]:

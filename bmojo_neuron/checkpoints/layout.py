@@ -45,6 +45,11 @@ def is_complete(path: Path) -> bool:
     return any(all((path / f).is_file() for f in files) for files in (REQUIRED_FILES, SHARDED_REQUIRED_FILES))
 
 
+def is_sharded(path: str | Path) -> bool:
+    """A checkpoint of a parallel run (`sharded`'s format): its degrees file is there."""
+    return (Path(path) / PARALLEL_FILE).is_file()
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete published checkpoints, oldest first."""
     found = [(int(STEP_PATTERN.match(p.name).group(1)), p) for p in step_folders(run_dir) if is_complete(p)]

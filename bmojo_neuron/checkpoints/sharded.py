@@ -42,7 +42,7 @@ from bmojo_neuron.configuration_bmojo import BMojoConfig
 from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
 from bmojo_neuron.parallel.sharding import EMBEDDING, TIED_HEAD, load_into, split_dims, tied_names
 
-from .layout import CONFIG_FILE, PARALLEL_FILE, latest_intact_checkpoint, publish_step, step_dir_name
+from .layout import CONFIG_FILE, PARALLEL_FILE, is_sharded, latest_intact_checkpoint, publish_step, step_dir_name
 from .manifest import DamagedCheckpointError, read_safetensors, read_torch_file
 from .state import Checkpoint, TrainerState, read_recipe, read_trainer_state
 
@@ -74,10 +74,6 @@ def model_file(tp_rank: int, pp_rank: int) -> str:
 
 def optim_file(tp_rank: int, pp_rank: int, dp_rank: int) -> str:
     return f"optim-{tp_rank:02d}-{pp_rank:02d}-{dp_rank:03d}.pt"
-
-
-def is_sharded(path: str | Path) -> bool:
-    return (Path(path) / PARALLEL_FILE).is_file()
 
 
 def read_meta_for(path: str | Path, tp: int, pp: int, hint: str) -> dict[str, Any]:

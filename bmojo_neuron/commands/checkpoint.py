@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bmojo_neuron.cli import register_command, require_existing
+from bmojo_neuron.cli import register_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 @register_command("checkpoint", help="consolidate a sharded checkpoint, or shard a model at new parallel degrees",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
-    require_existing(args.source)
+    from bmojo_neuron.checkpoints.locate import check_shard_request, resolve_sharded  # reads folders only: no torch
+
+    # a source of the wrong kind is one line before torch loads (the converters check again for library callers)
+    if args.action == "consolidate":
+        resolve_sharded(args.source)
+    else:
+        check_shard_request(args.source, args.output_dir, args.tp, args.pp)
     from bmojo_neuron.checkpoints.convert import consolidate_checkpoint, shard_checkpoint
 
     if args.action == "consolidate":

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from bmojo_neuron.cli import register_command, require_existing, require_nonempty
+from bmojo_neuron.cli import register_command, require_nonempty
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,13 +121,15 @@ def output_dir(option: str | None, trained: Any, data_args: Sequence[str] = ()) 
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
     lengths = parse_lengths(args.lengths)
-    require_existing(args.path)
+    require_nonempty("--output-dir", args.output_dir)
+    from bmojo_neuron.checkpoints.locate import resolve_model_dir
+
+    resolve_model_dir(args.path, "eval")  # a path that is no model: one line, before torch loads
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.data import build_datasets
     from bmojo_neuron.device import resolve_device, set_cpu_threads
     from bmojo_neuron.evaluation import format_length_table, length_generalisation, plot_length
 
-    require_nonempty("--output-dir", args.output_dir)
     device = resolve_device(args.device, "--device", neuron=False)
     set_cpu_threads()
     trained = load_trained(args.path, device, "eval")

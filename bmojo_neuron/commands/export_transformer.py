@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bmojo_neuron.cli import register_command, require_existing
+from bmojo_neuron.cli import register_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                   help="write an all-attention (all A) model as a Hugging Face Llama / Qwen2 / Qwen3 checkpoint",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
-    require_existing(args.path)
+    from bmojo_neuron.checkpoints.locate import resolve_model_dir
+
+    resolve_model_dir(args.path, "export-transformer")  # a path that is no model: one line, before torch loads
     from bmojo_neuron.priming.export import export_transformer
 
     output = export_transformer(args.path, args.output, overwrite=args.overwrite)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bmojo_neuron.cli import register_command, require_existing
+from bmojo_neuron.cli import register_command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +41,9 @@ def check_arguments(args: argparse.Namespace) -> None:
 @register_command("generate", help="continue a prompt with a trained model", add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
-    require_existing(args.path)
+    from bmojo_neuron.checkpoints.locate import resolve_model_dir
+
+    resolve_model_dir(args.path, "generate")  # a path that is no model: one line, before torch loads
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.device import resolve_device, set_cpu_threads
     from bmojo_neuron.generation import generate_text

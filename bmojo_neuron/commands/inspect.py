@@ -15,7 +15,7 @@ import argparse
 import json
 from typing import Any
 
-from bmojo_neuron.cli import register_command, require_existing, require_nonempty
+from bmojo_neuron.cli import register_command, require_nonempty, say_on_terminal
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +45,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--row must be in [0, --sequences) = [0, {args.sequences}), got {args.row}")
     if args.length < 1:
         raise ValueError(f"--length must be >= 1, got {args.length}")
-    require_existing(args.path)
+    require_nonempty("--output-dir", args.output_dir)
+    from bmojo_neuron.checkpoints.locate import resolve_model_dir
+
+    model_dir = resolve_model_dir(args.path, "inspect")  # a path that is no model: one line, before torch loads
+    say_on_terminal(f"inspecting {model_dir}: loading torch and the model, then tracing the eidetic memory over "
+                    f"{args.sequences} eval sequence{'s' if args.sequences > 1 else ''}")
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.commands.evaluate import check_vocabulary, eval_recipe, output_dir
     from bmojo_neuron.data import build_eval_dataset
@@ -60,7 +65,6 @@ def run(args: argparse.Namespace) -> int:
         trace_memory,
     )
 
-    require_nonempty("--output-dir", args.output_dir)
     device = resolve_device(args.device, "--device", neuron=False)
     set_cpu_threads()
     trained = load_trained(args.path, device, "inspect")

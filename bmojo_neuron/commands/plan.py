@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Any
 
-from bmojo_neuron.cli import register_command
+from bmojo_neuron.cli import register_command, say_on_terminal
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_cache_location(args.cache_dir, "--cache-dir")
     recipe = load_recipe(args.recipe, args.overrides)
+    say_on_terminal(f"planning {args.recipe}: loading torch to build the model's shapes (no weights) for the "
+                    "memory estimate")
     plan = build_plan(recipe, args.recipe, args.overrides, nodes=args.nodes, instance=args.instance,
                       cache_dir=args.cache_dir, master_port=args.master_port)
     if not args.check_graph:

@@ -262,6 +262,8 @@ def run(args: argparse.Namespace) -> int:
     from bmojo_neuron.recipes import count_parameters, load_recipe, shadowed_overrides
 
     recipe = load_recipe(name, overrides)  # before torch and transformers load: a bad recipe is refused at once
+    if not args.dry_run and not args.resume:  # a resumed run starts from its checkpoint, not init.weights
+        check_init_weights_early(recipe)
     from bmojo_neuron.checkpoints.layout import has_run
     from bmojo_neuron.parallel.layout import torchrun_env
     from bmojo_neuron.preflight import check_resumable, check_run_dirs
@@ -296,6 +298,22 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, or pick another "
                                  "--output-dir")
         return train_all(runs, args, recipe, main)
+
+
+def check_init_weights_early(recipe: Any) -> None:
+    """Each run's ``init.weights`` names a model folder (`checkpoints.locate` reads folder listings only), so a
+    file or a folder of runs given for it is one line before torch loads; the preflight checks it again."""
+    from bmojo_neuron.checkpoints.locate import initial_weights_dir
+
+    # the runs `training.suite.plan_runs` makes of the recipe, as the dotted overrides each applies to it
+    if recipe.suite:
+        runs = [variant.overrides for variant in recipe.suite]
+    else:
+        runs = [{}] + ([recipe.compare.overrides] if recipe.compare is not None else [])
+    for run_overrides in runs:
+        weights = run_overrides.get("init.weights", recipe.init.weights)
+        if weights:
+            initial_weights_dir(weights)
 
 
 def check_cache_not_shared() -> None:

@@ -52,7 +52,7 @@ class StageMemory:
     optimizer: int
     activations_per_microbatch: int  # with the recipe's activation_checkpointing setting
     activations_full: int  # per micro-batch, every layer's tensors kept
-    activations_checkpointed: int  # per micro-batch, layer inputs kept + one layer recomputed
+    activations_checkpointed: int  # per micro-batch, layer inputs kept + one layer recomputed on its kept input
     layer_inputs: int  # per micro-batch, the decoder layers' inputs (what checkpointing keeps of them)
     microbatches_in_flight: int
     activations: int  # per_microbatch × in flight
@@ -312,7 +312,13 @@ def estimate_memory(recipe: Any, world: int, shapes: ModelShapes | None = None) 
             per_layer, extra = _distill_activations(recipe, config, sp_.layers, per_layer, extra, res, act, tp)
         full = tokens * (sum(per_layer) + extra)
         layer_inputs = tokens * len(per_layer) * res * act
-        ckpt = layer_inputs + tokens * (max(per_layer, default=0) + extra)
+        # One layer is recomputed at a time, on the input checkpointing kept, not a copy of it: NxD v2.28.0 wraps
+        # each decoder layer in torch-xla's reentrant checkpoint (utils/activation_checkpoint.py lines 37-46),
+        # which keeps the layer's tensor inputs (torch-xla v2.9.0 torch_xla/utils/checkpoint.py line 136) and
+        # reruns the layer on `detach_variable` of them (lines 155 and 190-195): views of the same storage. So
+        # the recomputed layer's residual-stream input, in its count, is already among `layer_inputs`.
+        recomputed = max(per_layer) - res * act if per_layer else 0
+        ckpt = layer_inputs + tokens * (recomputed + extra)
         per_micro = ckpt if t.activation_checkpointing else full
         in_flight = microbatches_in_flight(sp_.stage, pp, p.microbatches * t.grad_accum)
         estimate.stages.append(StageMemory(

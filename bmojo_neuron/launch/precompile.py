@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from bmojo_neuron.checkpoints.layout import has_run, unrelated_folder_problem
 from bmojo_neuron.compile_cache.location import is_s3
 from bmojo_neuron.compile_cache.shared_fs import shared_cache_doubt, shared_cache_problem
 from bmojo_neuron.launch.plan import LaunchPlan, build_plan
@@ -137,8 +138,6 @@ def check_cache_dir(url: str, nodes: int = 1) -> None:
 def check_output_dir(run_dir: Path, run_name: str) -> None:
     """The trial run's ``--output-dir`` must be writable (or creatable), hold no run, and be no folder of other
     files, as `train` requires: otherwise the trial run would stop there only after the launch."""
-    from bmojo_neuron.checkpoints.layout import has_run, unrelated_folder_problem  # the package imports torch
-
     folder = run_dir.expanduser()
     _check_writable_folder("--output-dir", folder)
     if has_run(folder):

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from ..checkpoints.export import quiet_transformers, save_tokenizer_files
-from ..checkpoints.inference import load_trained, resolve_model_dir
+from ..checkpoints.inference import load_trained
+from ..checkpoints.locate import resolve_model_dir
 from ..checkpoints.layout import CONFIG_FILE
 from ..configuration_bmojo import BMojoConfig
 from ..fsutil import publish_dir
