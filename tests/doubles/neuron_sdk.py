@@ -19,7 +19,7 @@ import torch.distributed as dist
 from .env import PACKAGE_ROOT, Env, XlaLog, bmojo_caller, fake_module
 from .nxd_runtime import nxd_modules
 from .xla import host_reads_in_steps, xla_modules
-from .xla_host import drop_left_over_modes, host_load
+from .xla_host import drop_left_over_modes, follow_factories, host_load
 
 __all__ = ["host_reads_in_steps", "install"]
 
@@ -46,6 +46,7 @@ def install(monkeypatch: Any) -> XlaLog:
     for name in DIST_COLLECTIVES:
         monkeypatch.setattr(dist, name, _recorded(getattr(dist, name), name, env.log))
     monkeypatch.setattr(torch, "load", host_load(torch.load, lambda: bool(env.grid)))
+    follow_factories(monkeypatch, lambda: bool(env.grid))
     env.log.env = env
     return env.log
 
