@@ -1516,3 +1516,35 @@ def test_zero1_takes_parameters_on_one_xla_device_and_keeps_fp32_masters(one_ran
     assert torch.equal(weight.detach(), master.detach().bfloat16()) and weight[0].item() == 1.0
     state = optimizer.state_dict()
     assert torch.equal(state["sharded_master_weights"][0], master.detach()) and state["shape_info"] == {0: (3,)}
+
+
+def test_gradients_are_averaged_over_the_data_groups_in_nxd_s_buckets(monkeypatch):
+    """NxD's ``bucket_allreduce_gradients`` (parallel_layers/grads.py 259-327): per dtype, last gradient first, each
+    divided by dp in place, summed over the data groups in coalesced all-reduces of at most
+    ``ALLREDUCE_BUCKET_CAP_MB``, a larger gradient alone; torch-xla's ``CoalescingBuckets`` (xla_model.py 596-671)
+    puts a large tensor with a small bucket and sends them at once. Rank 1 of a world of 2, data groups [[0, 1]],
+    gloo standing in (each rank holding the same gradients)."""
+    from doubles.nxd_runtime import bucket_allreduce_gradients, coalescing_buckets
+
+    env = Env(XlaLog())
+    xla_modules(env)
+    env.grid.update(tp=1, pp=1, dp=2)
+    env.replica_groups["dp"] = [[0, 1]]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(env, "group_of", lambda ranks: tuple(ranks))
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, group=None: tensor.mul_(2))
+    monkeypatch.setenv("ALLREDUCE_BUCKET_CAP_MB", "1")
+    quarter, big = 2**16, 3 * 2**17  # float32 elements: 0.25 MB and 1.5 MB
+    grads = [torch.full((quarter,), 3.0), torch.full((big,), 5.0), torch.full((quarter,), 1.0),
+             torch.full((quarter,), 7.0, dtype=torch.bfloat16)]
+    bucket_allreduce_gradients(grads, env)
+    assert [g[0].item() for g in grads] == [3.0, 5.0, 1.0, 7.0]  # the mean of two equal gradients
+    kinds = [(e[0], e[1], e[2], e[3]) for e in env.log._events]
+    assert kinds == [("all_reduce", "[[0, 1]]", f"[({quarter},)]", "torch.float32"),  # the last gradient first
+                     ("all_reduce", "[[0, 1]]", f"[({big},)]", "torch.float32"),  # over the cap: alone
+                     ("all_reduce", "[[0, 1]]", f"[({quarter},)]", "torch.float32"),
+                     ("all_reduce", "[[0, 1]]", f"[({quarter},)]", "torch.bfloat16")]
+    assert coalescing_buckets([torch.empty(quarter), torch.empty(big), torch.empty(quarter)], 1) == [[0, 1], [2]]
+    assert coalescing_buckets([torch.empty(quarter)] * 5, 1) == [[0, 1, 2, 3], [4]]

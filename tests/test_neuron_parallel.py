@@ -33,8 +33,9 @@ from bmojo_neuron.recipes import Recipe
 from bmojo_neuron.training import train
 
 WORLD = 2
-STEPS = 3
-SETTINGS = {"model.num_key_value_heads": 2, "model.ssm_n_groups": 2, "train.steps": STEPS, "eval.every": STEPS, "checkpoint.every": STEPS}
+STEPS = 2
+SETTINGS = {"model.num_key_value_heads": 2, "model.ssm_n_groups": 2, "train.steps": STEPS, "eval.every": STEPS,
+            "eval.batches": 1, "checkpoint.every": STEPS}
 RUNS = {"tp2": {"parallel.tp": 2}, "dp2-zero1": {"parallel.zero1": True}}
 RTOL, ATOL = 1e-5, 1e-6
 TRAIN_KEYS = ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "tokens")

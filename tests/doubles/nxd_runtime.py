@@ -305,7 +305,7 @@ class NxDOptimizer(torch.optim.Optimizer):
         self.optimizer.__setstate__(state)
 
     def _fetch_gradients(self) -> list[torch.Tensor]:
-        """optimizer.py 95-114: each parameter's gradient, or the ZeRO-1 hooks' ``main_grad`` when they took it,
+        """optimizer.py 101-120: each parameter's gradient, or the ZeRO-1 hooks' ``main_grad`` when they took it,
         in the wrapped optimizer's group order (no expert parallelism here)."""
         found = []
         for group in self.optimizer.__getstate__()["param_groups"]:
@@ -317,7 +317,7 @@ class NxDOptimizer(torch.optim.Optimizer):
         return found
 
     def step(self, closure=None):
-        """optimizer.py 116-147: the sequence-parallel gradients summed over the tensor-parallel group when the
+        """optimizer.py 122-147: the sequence-parallel gradients summed over the tensor-parallel group when the
         config says ``sequence_parallel``; without ZeRO-1 the data-parallel reduction (`bucket_allreduce_gradients`)
         and clipping (`clip_global_norm`); the wrapped optimizer's step."""
         self.env.log.trace("optimizer_step", len(self.params))
