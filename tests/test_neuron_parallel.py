@@ -7,7 +7,8 @@ gradients over the data groups (``bucket_allreduce_gradients``) or its ZeRO-1 op
 and fp32 copies over them (reduce-scatter, update of the shard, all-gather), as ``grads.py``,
 ``optimizer/zero_redundancy_optimizer.py`` and torch-xla's ``zero_redundancy_optimizer.py`` do at the pins. Two
 gloo ranks run `train()` on a ``run.device: neuron`` recipe through the real loop, once at tp = 2 and once at
-dp = 2 with ZeRO-1, and each must equal the one-process Neuron run of the same recipe.
+dp = 2 with ZeRO-1, and four ranks once at tp = 2 × dp = 2 without ZeRO-1; each must equal the one-process Neuron
+run of the same recipe.
 
 Tolerances (float32): logged losses and gradient norms rtol 1e-5, final weights rtol 1e-5 with atol 1e-6. At
 tp = 2 a vocabulary- or head-sharded matmul adds its halves in another order, and at dp = 2 each data rank's loss
@@ -138,3 +139,40 @@ def test_the_ranks_issue_the_collectives_nxd_issues(runs):
     forward = runs[0]["tp2"]["forward"]
     assert ["all_reduce", pair] in forward and forward == runs[1]["tp2"]["forward"]
     assert runs[0]["dp2-zero1"]["forward"] == []  # no tensor-parallel collective at tp = 1
+
+
+def _worker_of_four(rank: int, init: str, out: str) -> None:
+    os.environ["BMOJO_OPS_BACKEND"] = "torch"
+    os.environ.pop("WORLD_SIZE", None)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=4)
+    patch = pytest.MonkeyPatch()
+    log = neuron_sdk.install(patch)
+    try:
+        result = train(recipe(**{"parallel.tp": 2}), Path(out) / "tp2dp2", progress=False)
+        updates = [g[1:] for g in log.graphs if any(e[0] == "optimizer_step" for e in g)]
+        summary = {"metrics": result.metrics, "final": str(result.final_dir), "update": updates[-1],
+                   "dist": list(log.dist_calls), "violations": list(log.violations)}
+        (Path(out) / f"four{rank}.json").write_text(json.dumps(summary, default=str))
+        dist.barrier()
+    finally:
+        patch.undo()
+        dist.destroy_process_group()
+
+
+def test_tp2_dp2_on_four_ranks_equals_the_one_process_run(tmp_path, one_process):
+    """tp = 2 × dp = 2 without ZeRO-1: NxD's layers over the tensor groups [[0, 1], [2, 3]], the gradients averaged
+    over the data groups [[0, 2], [1, 3]] in one bucket, the norm summed over the tensor groups."""
+    start_ranks(_worker_of_four, (str(tmp_path / "init"), str(tmp_path)), nprocs=4)
+    runs = [json.loads((tmp_path / f"four{r}.json").read_text()) for r in range(4)]
+    for g, w in zip(_records(runs[0]["metrics"], "train"), _records(one_process.metrics, "train"), strict=True):
+        for key in TRAIN_KEYS:
+            assert g[key] == pytest.approx(w[key], rel=RTOL), (g["step"], key)
+    weights = BMojoForCausalLM.from_pretrained(runs[0]["final"]).state_dict()
+    for key, tensor in BMojoForCausalLM.from_pretrained(one_process.final_dir).state_dict().items():
+        torch.testing.assert_close(weights[key], tensor, rtol=RTOL, atol=ATOL, msg=key)
+    for rank, run in enumerate(runs):
+        assert run["dist"] == [] and run["violations"] == [], rank
+        assert [e[:2] for e in run["update"]] == [
+            ["all_reduce", "[[0, 2], [1, 3]]"], ["optimizer_step", "44"], ["all_reduce", "[[0, 2], [1, 3]]"],
+            ["all_reduce", "[[0, 1], [2, 3]]"], ["all_reduce", "None"]], rank
