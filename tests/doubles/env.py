@@ -163,7 +163,7 @@ class Env:
     nxd_packages: list[types.ModuleType] = field(default_factory=list)  # NxD's own autowrap modules
     parallel_functions: list[Callable] = field(default_factory=list)  # NxD's PARALLEL_FUNCTIONS
     rendezvous: Callable[[str], Any] = lambda tag: None  # ``xm.rendezvous`` (set by the torch-xla double)
-    all_reduce: Callable[..., Any] = None  # ``xm.all_reduce`` (set by the torch-xla double)
+    all_reduce: Callable[..., Any] | None = None  # ``xm.all_reduce`` (set by the torch-xla double)
 
     def rank(self) -> int:
         return dist.get_rank() if dist.is_initialized() else 0

@@ -29,6 +29,8 @@ def install(monkeypatch: Any) -> XlaLog:
 
     ``transformers.utils.fx`` is hidden, as in transformers 5 (NxD 0.17 imports it; see
     `bmojo_neuron.nxd_compat`), and whatever stands in for it is removed afterwards.
+    During a Neuron run (NxD's parallel state up) what ``torch.load`` reads, and what our code's factory
+    calls make without ``device=``, are host tensors (`xla_host.host_load`, `xla_host.follow_factories`).
     """
     import transformers.utils
 
