@@ -154,3 +154,40 @@ def test_dispatch_routes_only_ssd_scan(c_cache, monkeypatch):
     assert dispatch.resolve("ssd_scan") is c_ssd.ssd_scan
     with pytest.raises(ValueError, match="has no implementation of 'eidetic_attention'"):
         ops.set_backend("cpu-c", ["eidetic_attention"])
+
+
+def test_model_runs_the_c_core_through_the_dispatch(c_cache):
+    """A tiny B'MOJO model's loss and gradients with `ssd_scan` on ``cpu-c`` against the torch backend; the
+    C core is what ran (its backward node is in the graph)."""
+    from naive import tiny_config
+
+    from bmojo_neuron import BMojoForCausalLM
+
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(tiny_config()).train()
+    ids = torch.randint(0, 64, (2, 23), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for backend in ("torch", "cpu-c"):
+        model.zero_grad(set_to_none=True)
+        with ops.use_backend(backend, ["ssd_scan"]):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[backend] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None],
+                            _backward_names(loss.grad_fn))
+    (want, want_grads, torch_nodes), (got, got_grads, c_nodes) = results["torch"], results["cpu-c"]
+    assert "CSSDChunksBackward" in c_nodes and "CSSDChunksBackward" not in torch_nodes
+    assert abs(got - want) <= F32_TOL * abs(want)
+    for w, g in zip(want_grads, got_grads, strict=True):
+        assert (g - w).abs().max() <= F32_TOL * max(w.abs().max(), 1e-3)
+
+
+def _backward_names(node) -> set[str]:
+    names, stack, seen = set(), [node], set()
+    while stack:
+        n = stack.pop()
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        names.add(type(n).__name__)
+        stack.extend(f for f, _ in n.next_functions)
+    return names
