@@ -245,6 +245,11 @@ class ParallelSection:
     def check(self) -> None:
         for key in ("tp", "pp", "microbatches"):
             _positive(f"parallel.{key}", getattr(self, key))
+        # sequence parallelism splits the sequence over the tensor-parallel ranks: over one it does nothing (NxD
+        # only warns), so the run would not be the one the recipe describes
+        _require(not self.sp or self.tp > 1, "parallel.sp",
+                 "is true with parallel.tp 1: sequence parallelism splits the sequence over the tensor-parallel "
+                 "ranks, so with one it does nothing; set parallel.sp=false, or parallel.tp above 1")
 
 
 @dataclass

@@ -25,6 +25,7 @@ depend on which test happened to start it.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -43,6 +44,10 @@ PRELOAD = [
     "transformers.models.llama.modeling_llama", "bmojo_neuron", "bmojo_neuron.training", "bmojo_neuron.cli",
     "bmojo_neuron.checkpoints.convert", "bmojo_neuron.evaluation", "bmojo_neuron.generation",
     "bmojo_neuron.priming", "bmojo_neuron.parallel.nxd_pipeline",
+    # what a training run imports late: ``datasets`` (its progress bars are turned off around the data
+    # set-up, `bmojo_neuron.data.text.library_progress_bars`) and matplotlib (the metrics plot): 5-10 s in
+    # each rank's first run otherwise
+    "datasets", "matplotlib.pyplot",
 ]
 _SESSION_ENVIRONMENT = dict(os.environ)  # this module is imported at collection, before any test changes it
 
@@ -59,6 +64,9 @@ def start_ranks(worker: Callable[..., None], args: tuple = (), nprocs: int = 2, 
 def _in_environment(rank: int, environment: dict[str, str], worker: Callable[..., None], *args: Any) -> None:
     os.environ.clear()
     os.environ.update(environment)
+    # what the server preloaded lives as long as the rank: out of the collector's way, so a full collection (the
+    # one-device initialisation runs one per model built) walks only what the rank makes
+    gc.freeze()
     worker(rank, *args)
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import torch.nn.init as init
 from doubles import mpmd, neuron_sdk, nxd_api
 from doubles.env import Env, XlaLog, fake_module
-from doubles.nxd_runtime import nxd_modules
+from doubles.nxd_runtime import nxd_modules, on_device
 from doubles.xla import xla_modules
 from doubles.xla_lowerings import LOWERED, parse_native_functions
 
@@ -617,7 +617,8 @@ def test_zero1_grad_hooks_move_gradients_into_fp32_main_grad(one_rank):
     modules = _initialized()
     zero1 = modules["neuronx_distributed.optimizer"].NeuronZero1Optimizer
     layer = torch.nn.Linear(4, 3).to(torch.bfloat16)
-    optimizer = zero1(layer.parameters(), torch.optim.AdamW, use_grad_acc_hook=True, higher_cc_precision=True,
+    optimizer = zero1(on_device(layer.parameters()), torch.optim.AdamW, use_grad_acc_hook=True,
+                      higher_cc_precision=True,
                       lr=0.1)
     x = torch.randn(2, 4, dtype=torch.bfloat16)
     layer(x).float().sum().backward()
@@ -837,7 +838,8 @@ def test_zero1_needs_the_parallel_state(one_rank):
                                            "NeuronZero1Optimizer"):
         zero1(torch.nn.Linear(2, 2).parameters(), torch.optim.AdamW, lr=0.1)
     modules[PARALLEL_STATE].initialize_model_parallel()
-    assert zero1(torch.nn.Linear(2, 2).parameters(), torch.optim.AdamW, lr=0.1).optimizer_dtype == torch.float32
+    assert zero1(on_device(torch.nn.Linear(2, 2).parameters()), torch.optim.AdamW, lr=0.1).optimizer_dtype == \
+        torch.float32
 
 
 def test_zero1_shards_dim_0_as_torch_xla(one_rank):
@@ -845,12 +847,12 @@ def test_zero1_shards_dim_0_as_torch_xla(one_rank):
     (a ValueError when no group holds it) and shards each parameter's dim 0: a 0-dim parameter has none, an
     IndexError when the optimizer is built."""
     zero1 = _initialized()["neuronx_distributed.optimizer"].NeuronZero1Optimizer
-    scalar = torch.nn.Parameter(torch.tensor(1.0))
+    (scalar,) = on_device([torch.nn.Parameter(torch.tensor(1.0))])
     with pytest.raises(IndexError, match="dimension"):
         zero1([scalar], torch.optim.AdamW, lr=0.1)
     with pytest.raises(ValueError, match=r"Current rank 0 is missing from the sharding_groups \[\[1\]\]"):
-        zero1([torch.nn.Parameter(torch.ones(3))], torch.optim.AdamW, sharding_groups=[[1]], lr=0.1)
-    weight = torch.nn.Parameter(torch.arange(6.0).view(3, 2))
+        zero1(on_device([torch.nn.Parameter(torch.ones(3))]), torch.optim.AdamW, sharding_groups=[[1]], lr=0.1)
+    (weight,) = on_device([torch.nn.Parameter(torch.arange(6.0).view(3, 2))])
     optimizer = zero1([weight], torch.optim.AdamW, sharding_groups=[[0]], lr=0.1)
     (shard,) = optimizer.base_optimizer.param_groups[0]["params"]
     assert (optimizer.local_world_size, optimizer.local_rank) == (1, 0)
@@ -878,7 +880,8 @@ def test_zero1_set_up_reads_nxd_environment_switches(one_rank, monkeypatch, envi
         optimizer_config={"zero_one_enabled": True},
         mixed_precision_config={"use_master_weights": master, "use_fp32_grad_acc": False})
     layer = torch.nn.Linear(2, 2)
-    zero1 = trainer.initialize_parallel_optimizer(config, torch.optim.AdamW, layer.parameters(), lr=0.1).optimizer
+    zero1 = trainer.initialize_parallel_optimizer(config, torch.optim.AdamW, on_device(layer.parameters()),
+                                                  lr=0.1).optimizer
     assert (zero1.bucket_cap_mb_all_gather, zero1.bucket_cap_mb_reduce_scatter) == caps
     assert zero1.optimizer_dtype == dtype
     assert {p.dtype for g in zero1.base_optimizer.param_groups for p in g["params"]} == {dtype}
@@ -1465,3 +1468,83 @@ def test_explicit_host_placement_and_reads_in_a_step_are_caught():
     assert [r.split(" at ")[0] for r in log.host_reads] == [
         "Tensor.cpu(<host>)", "Tensor.to(<host>)", "Tensor.to(<host>)", "Tensor.item", "Tensor.tolist",
         "Tensor.__float__"]
+
+
+def test_an_optimizer_state_made_on_the_host_outside_a_step_fails_the_update(one_rank, monkeypatch):
+    """A state our code (or a test) makes with a factory and no ``device=`` before the step is a host tensor on
+    torch-xla: NxD's optimizer step refuses it as torch-xla refuses AdamW's in-place update of it (``Expected XLA
+    tensor``); made with the device, or moved there, it updates; AdamW's own scalar ``step`` stays on the host."""
+    from doubles.xla_host import XLA_DEVICE
+
+    neuron_sdk.install(monkeypatch)
+    sys.modules[PARALLEL_STATE].initialize_model_parallel()
+    trainer = sys.modules[nxd_api.TRAINER]
+    config = trainer.neuronx_distributed_config()
+
+    def update(make_state) -> None:
+        (param,) = on_device([torch.nn.Parameter(torch.ones(4, device=XLA_DEVICE))])
+        optimizer = trainer.initialize_parallel_optimizer(config, torch.optim.AdamW, [param], lr=0.1)
+        optimizer.state[param] = {"step": torch.tensor(0.0), **make_state()}
+        param.grad = torch.ones(4, device=XLA_DEVICE)
+        optimizer.step()
+
+    with pytest.raises(RuntimeError, match=r"^Expected XLA tensor\. Got: CPUFloatType$"):
+        update(lambda: {"exp_avg": torch.zeros(4), "exp_avg_sq": torch.zeros(4, device=XLA_DEVICE)})
+    update(lambda: {"exp_avg": torch.zeros(4).to(XLA_DEVICE), "exp_avg_sq": torch.zeros(4, device=XLA_DEVICE)})
+
+
+def test_zero1_takes_parameters_on_one_xla_device_and_keeps_fp32_masters(one_rank, caplog):
+    """NxD's ZeRO-1 turns torch-xla's one-device assertion into its RuntimeError (optimizer/
+    zero_redundancy_optimizer.py 59-69; torch-xla 234-247): a parameter NxD did not move to the device is refused.
+    torch-xla warns unless master weights are saved (86-89); a bf16 parameter gets an fp32 shard, its master, which
+    the step updates and rounds to nearest into the parameter (440-465), and ``state_dict`` holds the shards under
+    ``sharded_master_weights`` with ``save_master_weights`` (496-510)."""
+    zero1 = _initialized()["neuronx_distributed.optimizer"].NeuronZero1Optimizer
+    with pytest.raises(RuntimeError, match="all parameters passed in should on the same XLA device"):
+        zero1([torch.nn.Parameter(torch.ones(3))], torch.optim.AdamW, lr=0.1)
+    (weight,) = on_device([torch.nn.Parameter(torch.full((3,), 1.0, dtype=torch.bfloat16))])
+    caplog.clear()
+    zero1([weight], torch.optim.AdamW, lr=0.1)
+    assert "Not saving master weights may have accuracy issues when resuming training!" in caplog.text
+    caplog.clear()
+    optimizer = zero1([weight], torch.optim.SGD, save_master_weights=True, grad_clipping=False, lr=1e-3)
+    assert caplog.text == ""
+    weight.grad = torch.ones(3, dtype=torch.bfloat16)
+    optimizer.step()
+    (master,) = optimizer.base_optimizer.param_groups[0]["params"]
+    assert master.dtype == torch.float32 and master[0].item() == pytest.approx(0.999)  # bf16 cannot hold it
+    assert torch.equal(weight.detach(), master.detach().bfloat16()) and weight[0].item() == 1.0
+    state = optimizer.state_dict()
+    assert torch.equal(state["sharded_master_weights"][0], master.detach()) and state["shape_info"] == {0: (3,)}
+
+
+def test_gradients_are_averaged_over_the_data_groups_in_nxd_s_buckets(monkeypatch):
+    """NxD's ``bucket_allreduce_gradients`` (parallel_layers/grads.py 259-327): per dtype, last gradient first, each
+    divided by dp in place, summed over the data groups in coalesced all-reduces of at most
+    ``ALLREDUCE_BUCKET_CAP_MB``, a larger gradient alone; torch-xla's ``CoalescingBuckets`` (xla_model.py 596-671)
+    puts a large tensor with a small bucket and sends them at once. Rank 1 of a world of 2, data groups [[0, 1]],
+    gloo standing in (each rank holding the same gradients)."""
+    from doubles.nxd_runtime import bucket_allreduce_gradients, coalescing_buckets
+
+    env = Env(XlaLog())
+    xla_modules(env)
+    env.grid.update(tp=1, pp=1, dp=2)
+    env.replica_groups["dp"] = [[0, 1]]
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(env, "group_of", lambda ranks: tuple(ranks))
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, group=None: tensor.mul_(2))
+    monkeypatch.setenv("ALLREDUCE_BUCKET_CAP_MB", "1")
+    quarter, big = 2**16, 3 * 2**17  # float32 elements: 0.25 MB and 1.5 MB
+    grads = [torch.full((quarter,), 3.0), torch.full((big,), 5.0), torch.full((quarter,), 1.0),
+             torch.full((quarter,), 7.0, dtype=torch.bfloat16)]
+    bucket_allreduce_gradients(grads, env)
+    assert [g[0].item() for g in grads] == [3.0, 5.0, 1.0, 7.0]  # the mean of two equal gradients
+    kinds = [(e[0], e[1], e[2], e[3]) for e in env.log._events]
+    assert kinds == [("all_reduce", "[[0, 1]]", f"[({quarter},)]", "torch.float32"),  # the last gradient first
+                     ("all_reduce", "[[0, 1]]", f"[({big},)]", "torch.float32"),  # over the cap: alone
+                     ("all_reduce", "[[0, 1]]", f"[({quarter},)]", "torch.float32"),
+                     ("all_reduce", "[[0, 1]]", f"[({quarter},)]", "torch.bfloat16")]
+    assert coalescing_buckets([torch.empty(quarter), torch.empty(big), torch.empty(quarter)], 1) == [[0, 1], [2]]
+    assert coalescing_buckets([torch.empty(quarter)] * 5, 1) == [[0, 1, 2, 3], [4]]

@@ -179,6 +179,10 @@ def test_model_config_fills_vocab_from_data() -> None:
         ({"optim": {"betas": 0.9}}, r"optim.betas: must be a list"),
         ({"parallel": {"tp": 0}}, r"parallel.tp: is 0; must be a positive integer"),
         ({"parallel": {"sp": 1}}, r"parallel.sp: must be true or false"),
+        # sp over one tensor-parallel rank does nothing (NxD only warns): the run would not be the recipe's
+        ({"parallel": {"sp": True}}, r"^recipe key parallel.sp: is true with parallel.tp 1: sequence parallelism "
+                                     r"splits the sequence over the tensor-parallel ranks, so with one it does "
+                                     r"nothing; set parallel.sp=false, or parallel.tp above 1$"),
         ({"eval": {"length_multipliers": [1, 0]}}, r"eval.length_multipliers: is 0"),
         ({"eval": {"length_multipliers": [1, 2, 1]}},
          r"^recipe key eval.length_multipliers: is \[1, 2, 1\]; each length must appear once \(repeated: 1\)$"),

@@ -11,7 +11,7 @@ from typing import Any
 
 from bmojo_neuron.neuron import INSTALL_COMMAND, is_neuron_available
 
-from . import dispatch
+from . import cpu_c, dispatch
 from .dispatch import available_backends, get_backend, register_backend, set_backend, use_backend
 from .reference.eidetic_attention import eidetic_attention as attention_ref
 from .reference.selective_scan import selective_scan as scan_ref
@@ -80,6 +80,7 @@ def _nki_sim_impls() -> dict:
 register_backend("torch", lambda: (True, "reference implementation"), _torch_impls)
 register_backend("nki", _nki_availability, _nki_impls)
 register_backend("nki-sim", _nki_sim_availability, _nki_sim_impls)
+register_backend("cpu-c", cpu_c.availability, cpu_c.impls)
 
 __all__ = [
     "available_backends",

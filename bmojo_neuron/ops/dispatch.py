@@ -4,6 +4,7 @@ Backends:
   * ``torch``   -- the reference implementations in this package (CPU, CUDA).
   * ``nki``     -- NKI kernels on Trainium (needs the Neuron SDK).
   * ``nki-sim`` -- the same NKI kernels executed on CPU by the project's emulator.
+  * ``cpu-c``   -- plain-C/OpenMP kernels for eager CPU float32 (`ssd_scan`; `ops.cpu_c`).
 
 Model code calls `ops.selective_scan(...)`, `ops.ssd_scan(...)` and
 `ops.eidetic_attention(...)`; which implementation runs is chosen here, globally
@@ -58,8 +59,22 @@ def get_backend(op: str = "selective_scan") -> str:
     """Name of the backend that runs `op` now."""
     _check_op(op)
     if op not in _active:
-        _active[op] = os.environ.get(ENV_VAR, "torch")
+        _active[op] = _from_environment(op)
     return _active[op]
+
+
+def _from_environment(op: str) -> str:
+    """``BMOJO_OPS_BACKEND`` for `op`, as `set_backend(name)` without ops routes it: to the named backend if it
+    implements `op`, else to ``torch`` (``cpu-c`` has only `ssd_scan`). An unknown or unavailable name is
+    kept, so that `resolve` raises its error."""
+    name = os.environ.get(ENV_VAR, "torch")
+    backend = _BACKENDS.get(name)
+    if backend is None:
+        return name
+    try:
+        return name if op in backend.impls() else "torch"
+    except ValueError:
+        return name
 
 
 def set_backend(name: str, ops: Sequence[str] | None = None) -> None:

@@ -10,8 +10,8 @@ They mirror the pinned SDK 2.28 stack: NeuronX Distributed (NxD) 0.17 as in
   size 1, recording every layer built; and a spy of ``neuronx_distributed.trainer``
   that records its calls.
 - `nxd_runtime`: NxD's trainer for the Neuron training loop (``NxDModel``,
-  ``NxDOptimizer``, ZeRO-1, parallel state over gloo with NxD's replica groups,
-  ``parallel_layers.utils``).
+  ``NxDOptimizer`` with its data-parallel reduction, ZeRO-1 over the data groups, parallel
+  state over gloo with NxD's replica groups, ``parallel_layers.utils``).
 - `nxd_pp`: NxD's ``NxDPPModel`` (pipeline parallelism), one stage per process over gloo.
 - `nxd_gloo`: NxD's tensor-parallel layers and collectives over gloo (tp = world size).
 - `xla`: torch-xla's ``xla_model``, ``runtime``, ``MpDeviceLoader`` and ``"xla"``

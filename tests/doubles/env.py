@@ -163,6 +163,7 @@ class Env:
     nxd_packages: list[types.ModuleType] = field(default_factory=list)  # NxD's own autowrap modules
     parallel_functions: list[Callable] = field(default_factory=list)  # NxD's PARALLEL_FUNCTIONS
     rendezvous: Callable[[str], Any] = lambda tag: None  # ``xm.rendezvous`` (set by the torch-xla double)
+    all_reduce: Callable[..., Any] | None = None  # ``xm.all_reduce`` (set by the torch-xla double)
 
     def rank(self) -> int:
         return dist.get_rank() if dist.is_initialized() else 0
@@ -170,6 +171,13 @@ class Env:
     def world(self) -> int:
         """The ranks of NxD's grid (tp x pp x dp)."""
         return self.grid["tp"] * self.grid["pp"] * self.grid["dp"]
+
+    def group_index(self, kind: str) -> tuple[list[int], int]:
+        """This rank's group among NxD's `kind` replica groups ("tp", "dp", "pp") and its index in it: NxD's rank
+        in that group (parallel_state.py's getters); before NxD's initialisation, a group of this rank alone."""
+        rank = self.rank()
+        mine = next((list(g) for g in self.replica_groups.get(kind, []) if rank in g), [rank])
+        return mine, mine.index(rank)
 
     def pp_rank(self) -> int:
         return self.rank() if self.grid.get("pp", 1) > 1 else 0  # pp = world: the global rank is the stage
@@ -193,10 +201,12 @@ class Env:
             self.groups[key] = dist.new_group(list(key))
         return self.groups[key]
 
-    def reduce(self, x: torch.Tensor, groups: Any, scale: float = 1.0) -> torch.Tensor:
+    def reduce(self, x: torch.Tensor, groups: Any, scale: float = 1.0, trace: bool = True) -> torch.Tensor:
         """``xm.all_reduce(REDUCE_SUM, x, scale, groups)``: over this rank's group of `groups`, every rank when
-        `groups` is None or empty (torch-xla 2.9: one group of all replicas); world 1: x."""
-        self.log.trace("all_reduce", groups, tuple(x.shape), x.dtype)
+        `groups` is None or empty (torch-xla 2.9: one group of all replicas); world 1: x. `trace`: record it in
+        the pending graph (False for a tensor of a coalesced list, recorded once for the list)."""
+        if trace:
+            self.log.trace("all_reduce", groups, tuple(x.shape), x.dtype)
         world = dist.get_world_size() if dist.is_initialized() else 1
         mine = next((g for g in (groups or [list(range(world))]) if self.rank() in g), [self.rank()])
         if len(mine) == 1:

@@ -2,8 +2,9 @@
 
 One double of ``neuronx_distributed.parallel_layers`` (``layers``, ``mappings``,
 ``loss_functions``, ``grads``; tag ``v2.28.0``) for two groups: `SingleRank`
-(tp = 1, no process group: `doubles.nxd_api`) and `GlooWorld` (tp = the gloo world:
-`doubles.nxd_gloo`). Every class and function has NxD's exact signature
+(tp = 1, no process group: `doubles.nxd_api`), `GlooWorld` (tp = the gloo world:
+`doubles.nxd_gloo`) and `GridGroup` (this rank's tensor-parallel group of NxD's grid: the training loop's
+`doubles.nxd_runtime`). Every class and function has NxD's exact signature
 (``tests/test_doubles.py`` holds the real ones as data); what the double does not
 model raises ``NotImplementedError`` instead of quietly doing something else.
 
@@ -37,6 +38,7 @@ import inspect
 import math
 import types
 import warnings
+from functools import partial
 from typing import Any, Callable, Optional
 
 import torch
@@ -91,8 +93,17 @@ class SingleRank:
         return x
 
 
+def _identity_on_one_rank(collective: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """A collective over a group of one rank returns its input (no gloo group of one rank is made)."""
+    def run(self: Any, x: Tensor, *args: Any) -> Tensor:
+        return x if self.size == 1 else collective(self, x, *args)
+    return run
+
+
 class GlooWorld:
-    """The whole gloo world is the tensor-parallel group (autograd-aware, `bmojo_neuron.parallel.collectives`)."""
+    """The whole gloo world is the tensor-parallel group. The collectives are autograd-aware (Megatron's pairs, as
+    NxD's mappings: the backward of each makes a replicated loss's gradients exact) and the doubles' own, so a
+    torch.distributed call recorded as our code's (`doubles.neuron_sdk`) is never one the double made."""
 
     def __init__(self) -> None:
         import torch.distributed as dist
@@ -100,64 +111,125 @@ class GlooWorld:
         self.dist = dist
         self.size, self.rank = dist.get_world_size(), dist.get_rank()
 
+    @property
+    def group(self) -> Any:
+        """The gloo group the collectives run over (None: the world)."""
+        return None
+
+    def traced(self, kind: str, x: Tensor) -> None:
+        """Where a collective is recorded (`GridGroup` records into the doubles' log)."""
+
+    # the forward and backward halves, over `group`
+    def _sum(self, x: Tensor) -> Tensor:
+        out = x.contiguous().clone()
+        self.dist.all_reduce(out, group=self.group)
+        return out
+
+    def _gather(self, x: Tensor, dim: int) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        self.dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def _slice(self, x: Tensor, dim: int) -> Tensor:
+        if x.shape[dim] % self.size:
+            raise ValueError(f"dimension {dim} of size {x.shape[dim]} is not divisible by the tensor-parallel size "
+                             f"{self.size}")
+        return x.chunk(self.size, dim=dim)[self.rank].contiguous()
+
+    @_identity_on_one_rank
     def all_reduce(self, x: Tensor, op: str = "sum") -> Tensor:
-        self.dist.all_reduce(x, op=self.dist.ReduceOp.MAX if op == "max" else self.dist.ReduceOp.SUM)
+        self.traced("all_reduce", x)
+        self.dist.all_reduce(x, op=self.dist.ReduceOp.MAX if op == "max" else self.dist.ReduceOp.SUM,
+                             group=self.group)
         return x
 
+    @_identity_on_one_rank
     def copy_to(self, x: Tensor) -> Tensor:
-        from bmojo_neuron.parallel import collectives as C
+        return _Paired.apply(x, lambda t: t.view_as(t), self._sum)
 
-        return C.copy_to_tp(x)
-
+    @_identity_on_one_rank
     def reduce_from(self, x: Tensor) -> Tensor:
-        return _ReduceInPlace.apply(x, self.dist)
+        self.traced("all_reduce", x)
+        return _ReduceInPlace.apply(x, self.dist, self.group)
 
+    @_identity_on_one_rank
     def gather(self, x: Tensor, dim: int) -> Tensor:
-        from bmojo_neuron.parallel import collectives as C
-
         if dim % x.dim() != x.dim() - 1:
             _not_modelled("a gather along a dimension other than the last")
-        return C.gather_last_dim(x)
+        self.traced("all_gather", x)
+        return _Paired.apply(x, partial(self._gather, dim=-1), partial(self._slice, dim=-1))
 
+    @_identity_on_one_rank
     def scatter(self, x: Tensor, dim: int) -> Tensor:
-        from bmojo_neuron.parallel import collectives as C
+        return _Paired.apply(x, partial(self._slice, dim=dim), partial(self._gather, dim=dim))
 
-        return _on_dim(C.scatter_sequence, x, dim)
-
+    @_identity_on_one_rank
     def gather_sequence(self, x: Tensor, dim: int) -> Tensor:
-        from bmojo_neuron.parallel import collectives as C
+        self.traced("all_gather", x)
+        return _Paired.apply(x, partial(self._gather, dim=dim), lambda g: self._slice(self._sum(g), dim))
 
-        return _on_dim(C.gather_sequence, x, dim)
-
+    @_identity_on_one_rank
     def reduce_scatter(self, x: Tensor, dim: int) -> Tensor:
-        from bmojo_neuron.parallel import collectives as C
+        self.traced("reduce_scatter", x)
+        return _Paired.apply(x, lambda t: self._slice(self._sum(t), dim), partial(self._gather, dim=dim))
 
-        return _on_dim(C.reduce_scatter_sequence, x, dim)
+
+class _Paired(torch.autograd.Function):
+    """A collective `forward` whose gradient is the collective `backward` of the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, forward: Callable[[Tensor], Tensor], backward: Callable[[Tensor], Tensor]) -> Tensor:
+        ctx.backward_collective = backward
+        return forward(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.backward_collective(grad), None, None
+
+
+class GridGroup(GlooWorld):
+    """This rank's tensor-parallel group in NxD's grid (`doubles.env.Env`, set by ``initialize_model_parallel``),
+    read when a layer is built or runs: tp = 1 (or no grid yet) is `SingleRank`'s identity; at tp > 1 the
+    collectives run over the gloo group of this rank's tensor-parallel replica group and each forward collective
+    is traced into the pending graph (as NxD's ``xm`` collectives are)."""
+
+    def __init__(self, env: Any) -> None:
+        import torch.distributed as dist
+
+        self.dist, self.env = dist, env
+
+    @property
+    def size(self) -> int:  # type: ignore[override]
+        return self.env.grid.get("tp", 1)
+
+    @property
+    def rank(self) -> int:  # type: ignore[override]
+        return self.env.group_index("tp")[1]
+
+    @property
+    def group(self) -> Any:
+        return self.env.group_of(self.env.group_index("tp")[0])
+
+    def traced(self, kind: str, x: Tensor) -> None:
+        self.env.log.trace(kind, self.env.replica_groups["tp"], tuple(x.shape), x.dtype)
 
 
 class _ReduceInPlace(torch.autograd.Function):
     """NxD's ``reduce_from_tensor_model_parallel_region``: an all-reduce *in place* (NxD's ``comm.all_reduce``)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, dist: Any) -> Tensor:
+    def forward(ctx, x: Tensor, dist: Any, group: Any = None) -> Tensor:
         if x.is_contiguous():
-            dist.all_reduce(x)
+            dist.all_reduce(x, group=group)
         else:  # XLA has no strides; gloo needs a contiguous buffer
             summed = x.contiguous()
-            dist.all_reduce(summed)
+            dist.all_reduce(summed, group=group)
             x.copy_(summed)
         return x
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad, None
-
-
-def _on_dim(collective: Callable[[Tensor], Tensor], x: Tensor, dim: int) -> Tensor:
-    """Apply a sequence collective of `collectives` (which works on dim 1) along `dim`."""
-    if dim % x.dim() == 1:
-        return collective(x)
-    return collective(x.transpose(dim, 1)).transpose(dim, 1)
+        return grad, None, None
 
 
 # ---------------------------------------------------------------------------------------- layers

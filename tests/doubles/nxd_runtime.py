@@ -1,7 +1,7 @@
 """A double of NxD 0.17's trainer (``aws-neuron/neuronx-distributed`` v2.28.0) for the Neuron training loop.
 
-One process per rank on the CPU, tensor-parallel size 1, one data rank (with pipeline
-parallelism, one stage per process over gloo):
+One process per rank on the CPU, over gloo: pp = 1 with any tensor- and data-parallel degrees, or
+pipeline parallelism with one stage per process (tp = dp = 1):
 
 - every callable has NxD's (or torch-xla's) exact signature (``tests/test_doubles.py``);
 - ``neuronx_distributed_config`` fills the same defaults and initialises the
@@ -18,7 +18,10 @@ parallelism, one stage per process over gloo):
 - ``initialize_parallel_optimizer`` wraps AdamW in ``NxDOptimizer`` (the sequence-parallel
   sum when the config asks for it, gradient clipping, ``grad_norm``) or, with ZeRO-1, in a ZeRO-1 optimizer holding fp32
   shards of every parameter in a ``base_optimizer`` (torch-xla's layout: dim 0 padded
-  to a multiple of dp and chunked; with dp = 1 the shard is the whole tensor). With
+  to a multiple of dp and chunked; with dp = 1 the shard is the whole tensor), stepped as torch-xla steps it:
+  reduce-scatter of the gradients over the data groups, NxD's gradient norm, AdamW on the shards, all-gather
+  of the weights (each coalesced collective traced once into the update graph); it refuses parameters NxD
+  did not move to the device, as NxD does. With
   ``use_fp32_grad_acc`` (bf16 + ZeRO-1) its gradient-accumulation hooks move each
   gradient into an fp32 ``main_grad`` of the parameter's full shape as backward
   produces it and set ``param.grad`` to None; ``zero_grad`` zeroes ``main_grad``.
@@ -31,7 +34,11 @@ parallelism, one stage per process over gloo):
   and ``NxDModel`` speaks for the local stage (``named_parameters``, ``state_dict``,
   children); the gradient norm sums the stages' squares over the pipeline group and
   skips NxD's ``shared`` parameters;
-- ``parallel_layers`` is `doubles.nxd_api`'s (tp = 1) with the full ``parallel_state``
+- without ZeRO-1, ``NxDOptimizer.step`` reduces the gradients over the data groups in NxD's buckets
+  (`bucket_allreduce_gradients`) and clips with NxD's norm (`clip_global_norm`: over the tensor and pipeline
+  groups); it refuses an optimizer state left on the host (`xla_host.check_states_on_device`);
+- ``parallel_layers`` is `doubles.nxd_layers`' over this rank's tensor-parallel group (`nxd_layers.GridGroup`)
+  with the full ``parallel_state``
   and ``utils`` (``move_all_tensor_to_cpu``, ``set_tensor_model_parallel_attributes``,
   which warns as NxD does when ``num_partitions`` is left out).
 
@@ -42,13 +49,14 @@ arguments, optimizer defaults, layers built; forwards; host copies while a step 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import types
 import warnings
 from collections import namedtuple
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -61,10 +69,12 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     apply_activation_checkpointing,
 )
 
-from . import nxd_api, nxd_pp
+from . import nxd_api, nxd_layers, nxd_pp
 from .env import DeviceRandomOps, Env, bmojo_caller, fake_module
 from .xla import local_ordinal, local_process_count, reentrant_checkpoint
-from .xla_host import mark_attributes_left_on_the_host
+from .xla_host import check_states_on_device, mark_attributes_left_on_the_host
+
+ON_XLA_DEVICE = "_bmojo_on_xla_device"  # set on the parameters NxD's initialize_parallel_model moved
 
 
 class NxDModel(nn.Module):
@@ -149,20 +159,32 @@ class NxDModel(nn.Module):
         return self.original_module().name_or_path
 
 
-def clip_global_norm(params: list[nn.Parameter], max_norm: float, env: Env) -> torch.Tensor:
-    """NxD's gradient clipping, norm type 2 at tp = 1 (``parallel_layers/grads.py`` ``get_grad_norm`` 41-189 and
-    ``clip_grad_norm`` / ``clip_grads_with_norm`` 192-256 at v2.28.0): each gradient's norm squared is added, one
-    after the other, into a one-element tensor of the *first parameter's* dtype (a bf16 model's norm is summed in
-    bf16), a ``shared`` parameter (a later use of one Parameter by another stage) skipped; the sum is all-reduced
-    over the pipeline group, its square root taken, and every gradient scaled by max_norm / (norm + 1e-6) where
-    that is below 1. Returns the norm, shape (1,)."""
-    first = params[0]
+def clip_global_norm(params: list[nn.Parameter], max_norm: float, env: Env,
+                     zero1_groups: list[list[int]] | None = None) -> torch.Tensor:
+    """NxD's gradient clipping, norm type 2 (``parallel_layers/grads.py`` ``get_grad_norm`` 41-189 with its default
+    ``force_spmd=True``, ``clip_grads_with_norm`` 238-256 at v2.28.0). The squares of the gradient norms are added,
+    one after the other, into a one-element tensor of the *first parameter's* dtype (a bf16 model's norm is summed
+    in bf16), a ``shared`` parameter (a later use of one Parameter by another stage) skipped: first those of the
+    parameters without ``tensor_model_parallel`` (every tensor rank holds them whole), that sum divided by tp,
+    then those of the tensor-parallel shards (145-184). The sum is all-reduced over the tensor-parallel group when
+    tp > 1 and over the pipeline group when pp > 1 (torch.distributed on the "xla" group: an ``xm.all_reduce``),
+    then, for ZeRO-1, over its sharding groups (`zero1_groups`, 111-117); its square root taken, and every gradient
+    scaled by max_norm / (norm + 1e-6) where that is below 1. Returns the norm, shape (1,)."""
+    first, grid = params[0], env.grid
     total = torch.zeros(1, dtype=first.dtype, device=first.device)
-    for p in params:
-        if p.grad is not None and not getattr(p, "shared", False):
-            total += torch.norm(p.grad.detach(), 2.0) ** 2.0
-    if env.grid.get("pp", 1) > 1:
+    counted = [p for p in params if p.grad is not None and not getattr(p, "shared", False)]
+    sharded = [getattr(p, "tensor_model_parallel", False) for p in counted]
+    for p in (p for p, tp_param in zip(counted, sharded) if not tp_param):
+        total += torch.norm(p.grad.detach(), 2.0) ** 2.0
+    total /= grid.get("tp", 1)
+    for p in (p for p, tp_param in zip(counted, sharded) if tp_param):
+        total += torch.norm(p.grad.detach(), 2.0) ** 2.0
+    if grid.get("tp", 1) > 1:
+        total = env.reduce(total, env.replica_groups["tp"])
+    if grid.get("pp", 1) > 1:
         total = env.reduce(total, env.pp_groups())
+    if zero1_groups is not None:  # NxD's comm.all_reduce: xm.all_reduce of [total] in place
+        env.all_reduce("sum", [total], groups=zero1_groups, pin_layout=True)
     total = torch.pow(total, 0.5)
     coeff = max_norm / (total + 1.0e-6)
     one = torch.tensor(1.0, dtype=total.dtype, device=total.device)
@@ -172,9 +194,59 @@ def clip_global_norm(params: list[nn.Parameter], max_norm: float, env: Env) -> t
     return total
 
 
+def bucket_allreduce_gradients(gradients: list[torch.Tensor], env: Env) -> None:
+    """NxD's data-parallel gradient reduction (``parallel_layers/grads.py`` ``bucket_allreduce_gradients`` 259-327
+    at v2.28.0): per dtype, last gradient first, each divided by dp in place, then summed in place over the
+    data-parallel groups in buckets of ``ALLREDUCE_BUCKET_CAP_MB`` (512 MB; read at every call, ``int()`` of it): a
+    gradient over the cap alone, after flushing the bucket before it. Each bucket is one coalesced
+    ``xm.all_reduce`` (``comm.all_reduce`` 200-220), which torch-xla skips with one replica in the world."""
+    cap = int(os.environ.get("ALLREDUCE_BUCKET_CAP_MB", 512)) * 1024 * 1024
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for grad in gradients:
+        by_dtype.setdefault(grad.dtype, []).append(grad)
+    groups, size = env.dp_groups(), env.grid.get("dp", 1)
+    for same_dtype in by_dtype.values():
+        bucket, total = [], 0
+        for grad in reversed(same_dtype):
+            grad.data /= size
+            nbytes = grad.numel() * grad.element_size()
+            if nbytes > cap:
+                if bucket:
+                    env.all_reduce("sum", bucket, groups=groups)
+                    bucket, total = [], 0
+                env.all_reduce("sum", [grad], groups=groups)
+                continue
+            total += nbytes
+            if total > cap:
+                env.all_reduce("sum", bucket, groups=groups)
+                bucket, total = [], nbytes
+            bucket.append(grad)
+        if bucket:
+            env.all_reduce("sum", bucket, groups=groups)
+
+
+def coalescing_buckets(tensors: list[torch.Tensor], cap_mb: int) -> list[list[int]]:
+    """torch-xla 2.9's ``CoalescingBuckets`` (core/xla_model.py 596-671): the indices of `tensors` each coalesced
+    collective takes. A tensor over the cap joins a bucket under half the cap when both stay within twice the cap,
+    and that bucket goes at once; otherwise a bucket goes before the tensor that would take it over the cap."""
+    cap, buckets, bucket, total = cap_mb * 1024 * 1024, [], [], 0
+    for index, tensor in enumerate(tensors):
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > cap and total < 0.5 * cap and total + nbytes <= 2 * cap:
+            buckets.append(bucket + [index])
+            bucket, total = [], 0
+            continue
+        if total + nbytes > cap and bucket:
+            buckets.append(bucket)
+            bucket, total = [], 0
+        bucket.append(index)
+        total += nbytes
+    return buckets + ([bucket] if bucket else [])
+
+
 class NxDOptimizer(torch.optim.Optimizer):
-    """NxD 0.17's ``trainer.optimizer.NxDOptimizer`` (trainer/optimizer.py at v2.28.0) for dp = 1: clipping,
-    ``grad_norm`` and the sequence-parallel all-reduce around an optimizer it speaks for (``state``,
+    """NxD 0.17's ``trainer.optimizer.NxDOptimizer`` (trainer/optimizer.py at v2.28.0): the data-parallel
+    reduction, clipping, ``grad_norm`` and the sequence-parallel all-reduce around an optimizer it speaks for (``state``,
     ``param_groups``, ``defaults`` read and set through, ``add_param_group``, pickling state)."""
 
     env: Env  # set on the class `nxd_modules` binds
@@ -232,18 +304,30 @@ class NxDOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state):
         self.optimizer.__setstate__(state)
 
+    def _fetch_gradients(self) -> list[torch.Tensor]:
+        """optimizer.py 101-120: each parameter's gradient, or the ZeRO-1 hooks' ``main_grad`` when they took it,
+        in the wrapped optimizer's group order (no expert parallelism here)."""
+        found = []
+        for group in self.optimizer.__getstate__()["param_groups"]:
+            for p in group["params"]:
+                if p.grad is not None:
+                    found.append(p.grad.data)
+                elif hasattr(p, "main_grad"):
+                    found.append(p.main_grad.data)
+        return found
+
     def step(self, closure=None):
         """optimizer.py 122-147: the sequence-parallel gradients summed over the tensor-parallel group when the
-        config says ``sequence_parallel``; without ZeRO-1 the data-parallel reduction and clipping; the step."""
+        config says ``sequence_parallel``; without ZeRO-1 the data-parallel reduction (`bucket_allreduce_gradients`)
+        and clipping (`clip_global_norm`); the wrapped optimizer's step."""
         self.env.log.trace("optimizer_step", len(self.params))
         self.env.log.update_traced = True  # the step's checks last until the sync after this (`XlaLog.sync`)
+        check_states_on_device(self.optimizer)
         if self.nxd_config["sequence_parallel"]:
             self.grads.allreduce_sequence_parallel_gradients(self)
         config = self.nxd_config["optimizer_config"]
         if not config["zero_one_enabled"]:
-            # NxD's bucket_allreduce_gradients reads its bucket size on every step (parallel_layers/grads.py 264);
-            # one data rank: nothing to reduce
-            int(os.environ.get("ALLREDUCE_BUCKET_CAP_MB", 512))
+            bucket_allreduce_gradients(self._fetch_gradients(), self.env)
             if config["grad_clipping"]:
                 self._grad_norm = clip_global_norm(self.params, config["max_grad_norm"], self.env)
         result = self.optimizer.step(closure=closure)
@@ -253,7 +337,9 @@ class NxDOptimizer(torch.optim.Optimizer):
 
 
 class Zero1Optimizer(torch.optim.Optimizer):
-    """torch-xla 2.9's ``ZeroRedundancyOptimizer`` (as NxD's ``NeuronZero1Optimizer``) for one data rank."""
+    """torch-xla 2.9's ``ZeroRedundancyOptimizer`` (distributed/zero_redundancy_optimizer.py) as NxD's
+    ``NeuronZero1Optimizer`` (optimizer/zero_redundancy_optimizer.py at v2.28.0) subclasses it, sharded over the
+    data-parallel groups NxD's trainer passes."""
 
     env: Env  # set on the class `nxd_modules` binds
 
@@ -263,26 +349,30 @@ class Zero1Optimizer(torch.optim.Optimizer):
                  save_master_weights=False, higher_cc_precision=False, **defaults):
         if not self.env.grid:  # NxD's NeuronZero1Optimizer.__init__ (optimizer/zero_redundancy_optimizer.py 32)
             raise RuntimeError("initialize_model_parallel need to be called before creating NeuronZero1Optimizer")
-        super().__init__(params, defaults)
         if lazy_init:
             raise NotImplementedError("the ZeRO-1 double does not model lazy_init")
+        if not save_master_weights:  # torch-xla's constructor, every time (86-89)
+            logging.warning("Not saving master weights may have accuracy issues when resuming training!")
+        super().__init__(params, defaults)
         self.optimizer_dtype = optimizer_dtype if optimizer_dtype is not None else torch.float32
         self.grad_clipping, self.max_norm = grad_clipping, 1.0 if max_norm is None else max_norm
-        self._sharding_groups = sharding_groups or [list(range(self.env.world()))]
+        self.pin_layout, self.save_master_weights = pin_layout, save_master_weights
+        # NxD's default: its data-parallel replica groups (36-37)
+        self._sharding_groups = sharding_groups or self.env.dp_groups()
+        self._grad_norm_groups = grad_norm_groups
         self.local_world_size, self.local_rank = self._local_rank()
         self.use_grad_acc_hook, self.higher_cc_precision = use_grad_acc_hook, higher_cc_precision
-        # kept as torch-xla keeps them (zero_redundancy_optimizer.py 105-108); one replica: nothing to bucket
+        # torch-xla coalesces its collectives when a bucket cap is set (105-108)
         self.bucket_cap_mb_all_gather, self.bucket_cap_mb_reduce_scatter = (bucket_cap_mb_all_gather,
                                                                             bucket_cap_mb_reduce_scatter)
         self.grad_acc_hooks: list[Any] = []
         self._grad_norm = None
+        self._check_one_xla_device()
         shard_groups = []
         for group in self.param_groups:
             shards = [nn.Parameter(self._shard_tensor(p.detach()).clone().to(self.optimizer_dtype),
                                    requires_grad=p.requires_grad) for p in group["params"]]
             for p, shard in zip(group["params"], shards):
-                if hasattr(p, "shared"):  # as NxD's ZeRO-1 copies it, for the gradient norm
-                    shard.shared = p.shared
                 if use_grad_acc_hook:
                     self._register_hook(p, shard)
             shard_groups.append({**group, "params": shards})
@@ -290,6 +380,16 @@ class Zero1Optimizer(torch.optim.Optimizer):
 
     grad_norm = property(lambda self: self._grad_norm)
     sharding_groups = property(lambda self: self._sharding_groups)
+
+    def _check_one_xla_device(self) -> None:
+        """``_shard_parameters`` (torch-xla 234-247) asserts that every parameter is on one device, an XLA one;
+        NxD turns that AssertionError into its RuntimeError (58-69). On the double a parameter is on the XLA
+        device once NxD's ``initialize_parallel_model`` moved it (`_move_in_waves` marks it): a parameter of
+        another stage, or one made after the move, is not."""
+        if not all(getattr(p, ON_XLA_DEVICE, False) for group in self.param_groups for p in group["params"]):
+            raise RuntimeError("To use NeuronZero1Optimizer, all parameters passed in should on the same XLA device."
+                               "If you are using pipeline parallel, use `model.local_parameters` or "
+                               "`model.local_named_parameters`.")
 
     def _local_rank(self) -> tuple[int, int]:
         """``init_zero`` (torch-xla zero_redundancy_optimizer.py 121-134): the shard count is the first group's
@@ -302,17 +402,22 @@ class Zero1Optimizer(torch.optim.Optimizer):
             raise ValueError(f"Current rank {rank} is missing from the sharding_groups {self._sharding_groups}")
         return len(self._sharding_groups[0]), local
 
-    def _shard_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``_pad_to_world_size`` + ``_shard_tensor`` (same file, 183-197): dim 0 padded to a multiple of the
-        shard count, then chunked; ``tensor.size(0)`` makes a 0-dim parameter an IndexError there, as here."""
+    def _pad(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``_pad_to_world_size`` (183-189): dim 0 padded to a multiple of the shard count; ``tensor.size(0)``
+        makes a 0-dim parameter an IndexError there, as here."""
         if tensor.size(0) % self.local_world_size != 0:
             pad = self.local_world_size - tensor.size(0) % self.local_world_size
             tensor = F.pad(tensor, [0, 0] * (tensor.dim() - 1) + [0, pad])
-        return tensor.chunk(self.local_world_size)[self.local_rank]
+        return tensor
+
+    def _shard_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``_shard_tensor`` (191-197): this rank's chunk of the padded tensor."""
+        return self._pad(tensor).chunk(self.local_world_size)[self.local_rank]
 
     def _register_hook(self, param: nn.Parameter, shard: nn.Parameter) -> None:
-        """torch-xla's gradient-accumulation hook: on the parameter's grad accumulator, after each accumulation
-        the gradient moves into an fp32 ``main_grad`` of the parameter's full shape and ``param.grad`` is freed."""
+        """torch-xla's gradient-accumulation hook (199-226): on the parameter's grad accumulator, after each
+        accumulation the gradient moves into an fp32 ``main_grad`` of the parameter's full shape and ``param.grad``
+        is freed."""
         def move_to_main_grad(*unused: Any) -> None:
             if param.grad is not None:
                 if not hasattr(shard, "main_grad"):
@@ -334,26 +439,84 @@ class Zero1Optimizer(torch.optim.Optimizer):
     def _has_grad(self, param: nn.Parameter, shard: nn.Parameter) -> bool:
         return param.grad is not None or (self.use_grad_acc_hook and hasattr(shard, "main_grad"))
 
+    def _buckets(self, tensors: list[torch.Tensor], cap_mb: int) -> list[list[int]]:
+        """The coalesced collectives over `tensors` (one each without a cap: torch-xla's uncoalesced path)."""
+        return coalescing_buckets(tensors, cap_mb) if cap_mb > 0 else [[i] for i in range(len(tensors))]
+
+    def _reduce_gradients(self) -> None:
+        """``_reduce_gradients`` (339-401): each (main) gradient padded, in fp32 with ``higher_cc_precision``,
+        reduce-scattered over the sharding groups with scale 1 / shard count; this rank's shard of the mean becomes
+        its shard's gradient (gloo has no reduce-scatter: a sum, then this rank's chunk)."""
+        pairs = [(p, s) for p, s in self._pairs() if self._has_grad(p, s)]
+        padded = [self._pad(s.main_grad if self.use_grad_acc_hook else p.grad) for p, s in pairs]
+        if self.higher_cc_precision:
+            padded = [g.to(self.optimizer_dtype) for g in padded]
+        for bucket in self._buckets(padded, self.bucket_cap_mb_reduce_scatter):
+            self.env.log.trace("reduce_scatter", self._sharding_groups, [tuple(padded[i].shape) for i in bucket],
+                               padded[bucket[0]].dtype)
+            for i in bucket:
+                summed = self.env.reduce(padded[i], self._sharding_groups, 1.0 / self.local_world_size, trace=False)
+                pairs[i][1].grad = summed.chunk(self.local_world_size)[self.local_rank].to(self.optimizer_dtype)
+
+    def _clip_grad_norm(self) -> None:
+        """NxD's ``_clip_grad_norm`` (71-104): the shards' gradients (carrying their parameters' ``shared`` and
+        ``tensor_model_parallel``) through NxD's norm, summed over the sharding groups too; the shards clipped."""
+        shards = []
+        for param, shard in self._pairs():
+            if shard.grad is not None:
+                for attribute in ("shared", "tensor_model_parallel"):
+                    if hasattr(param, attribute):
+                        setattr(shard, attribute, getattr(param, attribute))
+                shards.append(shard)
+        self._grad_norm = clip_global_norm(shards, self.max_norm, self.env, self._sharding_groups).detach().clone()
+
+    def _all_gather_weights(self) -> None:
+        """``allgather_weights_and_update_full_parameter`` (440-486): each updated shard in its parameter's dtype
+        (a bf16 model's fp32 master rounded to nearest), all-gathered over the sharding groups along dim 0, the
+        padding cut off and copied into the parameter."""
+        pairs = [(p, s) for p, s in self._pairs() if self._has_grad(p, s)]
+        data = [s.data.to(p.dtype) for p, s in pairs]
+        for bucket in self._buckets(data, self.bucket_cap_mb_all_gather):
+            self.env.log.trace("all_gather", self._sharding_groups, [tuple(data[i].shape) for i in bucket],
+                               data[bucket[0]].dtype)
+            for i in bucket:
+                param = pairs[i][0]
+                param.data.copy_(self._gathered(data[i])[: param.size(0)])
+
+    def _gathered(self, shard: torch.Tensor) -> torch.Tensor:
+        mine = next(list(g) for g in self._sharding_groups if self.env.rank() in g)
+        if len(mine) == 1:
+            return shard
+        parts = [torch.empty_like(shard) for _ in mine]
+        dist.all_gather(parts, shard.contiguous(), group=self.env.group_of(mine))
+        return torch.cat(parts, 0)
+
     @torch.no_grad()
     def step(self, closure=None, **kwargs):
+        """torch-xla's ``step`` (418-438): sync the groups to the base optimizer, reduce-scatter the gradients, clip,
+        step the base optimizer on the shards, drop their gradients, all-gather the weights, sync the groups back."""
         if kwargs:
             raise NotImplementedError(f"the ZeRO-1 double does not model step arguments {sorted(kwargs)}")
-        for group, shard_group in zip(self.param_groups, self.base_optimizer.param_groups):
-            shard_group.update({k: v for k, v in group.items() if k != "params"})
-        for param, shard in self._pairs():  # reduce-scatter of one replica: the (main) gradient itself
-            if self._has_grad(param, shard):
-                grad = shard.main_grad if self.use_grad_acc_hook else param.grad
-                shard.grad = grad.to(self.optimizer_dtype)
-        shards = [s for _, s in self._pairs() if s.grad is not None]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._sync_groups(self.param_groups, self.base_optimizer.param_groups)
+        self._reduce_gradients()
         if self.grad_clipping:
-            self._grad_norm = clip_global_norm(shards, self.max_norm, self.env)
+            self._clip_grad_norm()
         self.base_optimizer.step()
         self.base_optimizer.zero_grad(set_to_none=True)
-        for param, shard in self._pairs():  # all-gather of one replica
-            if self._has_grad(param, shard):
-                param.data.copy_(shard.data.to(param.dtype))
-        for group, shard_group in zip(self.param_groups, self.base_optimizer.param_groups):
-            group.update({k: v for k, v in shard_group.items() if k != "params"})
+        self._all_gather_weights()
+        self._sync_groups(self.base_optimizer.param_groups, self.param_groups)
+        return loss
+
+    @staticmethod
+    def _sync_groups(source: list[dict], target: list[dict]) -> None:
+        """``_sync_param_groups`` (156-181): every group setting but ``params``."""
+        assert len(source) == len(target), "Mismatch between number of source and destination parameter groups"
+        for src, dst in zip(source, target):
+            dst.update({k: v for k, v in src.items() if k != "params"})
 
     def zero_grad(self, set_to_none=False):
         super().zero_grad(set_to_none=set_to_none)
@@ -361,6 +524,29 @@ class Zero1Optimizer(torch.optim.Optimizer):
             for _, shard in self._pairs():
                 if hasattr(shard, "main_grad"):
                     shard.main_grad.zero_()
+
+    def state_dict(self) -> dict:
+        """torch-xla's ``state_dict`` (496-510): the wrapper's, with the base optimizer's per-shard states, the
+        full shapes and, with ``save_master_weights``, the shards themselves (the fp32 masters)."""
+        state = super().state_dict()
+        state["base_state"] = self.base_optimizer.state_dict()["state"]
+        state["shape_info"] = {i: p.shape for i, (p, _) in enumerate(self._pairs())}
+        if self.save_master_weights:
+            state["sharded_master_weights"] = {i: s.data for i, (_, s) in enumerate(self._pairs())}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        raise NotImplementedError("the ZeRO-1 double does not model load_state_dict (our checkpoints restore the "
+                                  "base optimizer's states and the masters themselves)")
+
+
+def on_device(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
+    """`params`, marked as NxD's ``initialize_parallel_model`` leaves the parameters it moved to the device (for a
+    test that builds an optimizer over a module of its own, as ``module.to(xla_device)`` would)."""
+    params = list(params)
+    for param in params:
+        setattr(param, ON_XLA_DEVICE, True)
+    return params
 
 
 class NxDCheckpointWrapper(CheckpointWrapper):
@@ -388,7 +574,8 @@ PACKAGE_MAPPINGS = ("copy_to_tensor_model_parallel_region", "gather_from_tensor_
 def nxd_modules(env: Env) -> dict[str, types.ModuleType]:
     """NxD's modules by import name, recording into ``env.log``."""
     initialize = _model_parallel_initializer(env)
-    api = nxd_api.parallel_layers(env.log.calls.setdefault("layers", []), **_parallel_state(env, initialize))
+    api = nxd_layers.make(nxd_layers.GridGroup(env), env.log.calls.setdefault("layers", []), fake_module,
+                          **_parallel_state(env, initialize))
     bound = {name: type(name, (cls,), {"env": env}) for name, cls in
              (("NxDModel", NxDModel), ("NxDOptimizer", NxDOptimizer), ("NeuronZero1Optimizer", Zero1Optimizer),
               ("NxDPPModel", nxd_pp.NxDPPModel))}
@@ -425,8 +612,8 @@ def nxd_modules(env: Env) -> dict[str, types.ModuleType]:
 
 def _model_parallel_initializer(env: Env) -> Callable[..., Any]:
     """``parallel_state.initialize_model_parallel``: NxD's checks and NxD's replica groups (`nxd_replica_groups`,
-    so a layout NxD cannot build fails here as there), then, for the training loop, the grid (tp = 1, dp = 1)
-    and, under pp, its gloo group. ``mesh_only=True`` returns the groups (NxD's ``ParallelGroups``, line 673)
+    so a layout NxD cannot build fails here as there), then, for the training loop, the grid (pp = 1, or
+    tp = dp = 1 under pp) and a gloo group for every replica group of more than one rank. ``mesh_only=True`` returns the groups (NxD's ``ParallelGroups``, line 673)
     for any layout, as NxD does, without initialising anything."""
     def initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                   context_parallel_size=1, expert_model_parallel_size=1, skip_collective_init=False,
@@ -446,12 +633,15 @@ def _model_parallel_initializer(env: Env) -> Callable[..., Any]:
         if mesh_only:
             # with expert degree 1 the expert groups are the data groups and one rank each (lines 149-170)
             return ParallelGroups(groups["tp"], groups["dp"], groups["pp"], groups["cp"], groups["dp"], groups["cp"])
-        if tp != 1 or pp * tp != world:
-            raise NotImplementedError(f"the doubles run tp = 1 and dp = 1, got tp = {tp}, pp = {pp}, world {world}")
+        if pp > 1 and (tp != 1 or pp != world):
+            raise NotImplementedError(f"the doubles run pipeline parallelism with tp = 1 and dp = 1, got tp = {tp}, "
+                                      f"pp = {pp}, world {world}")
         env.grid.update(tp=tp, pp=pp, dp=world // (tp * pp))
         env.replica_groups.update(groups)
-        if pp > 1:
-            env.group_of(list(range(pp)))  # NxD creates its groups here, on every rank
+        for kind in ("tp", "dp", "pp"):  # NxD creates its groups here, every rank each group in the same order
+            for group in groups[kind]:
+                if len(group) > 1:
+                    env.group_of(group)
         env.log.calls["initialize_model_parallel"] = env.log.calls.get("initialize_model_parallel", 0) + 1
         return None
     return initialize_model_parallel
@@ -491,7 +681,8 @@ TRN1_PLATFORMS = ("trn1", "trn1n", "inf2")
 
 
 def _parallel_state(env: Env, initialize: Callable[..., None]) -> dict[str, Callable]:
-    """``parallel_state``'s functions beyond the tp = 1 basics of `nxd_api`, read from ``env.grid``.
+    """``parallel_state``'s functions, read from ``env.grid`` and NxD's replica groups (a rank's tensor- and
+    data-parallel rank is its index in its group).
 
     As NxD's, every getter of a group, size or rank asserts that ``initialize_model_parallel`` ran (and
     ``destroy_model_parallel`` did not since): NxD reads them from its process groups.
@@ -514,11 +705,11 @@ def _parallel_state(env: Env, initialize: Callable[..., None]) -> dict[str, Call
         initialize_model_parallel=initialize, model_parallel_is_initialized=lambda: bool(grid),
         destroy_model_parallel=destroy_model_parallel,
         get_tensor_model_parallel_size=initialized(tp, lambda: grid["tp"]),
-        get_tensor_model_parallel_rank=initialized(tp, lambda: 0),
+        get_tensor_model_parallel_rank=initialized(tp, lambda: env.group_index("tp")[1]),
         get_pipeline_model_parallel_size=initialized(pp, lambda: grid["pp"]),
         get_pipeline_model_parallel_rank=initialized(pp, env.pp_rank),
         get_data_parallel_size=initialized(dp, lambda: grid["dp"]),
-        get_data_parallel_rank=initialized(dp, lambda: 0),
+        get_data_parallel_rank=initialized(dp, lambda: env.group_index("dp")[1]),
         # every group of the world, as NxD's (parallel_state.py 847-850, 875-878, 1089-1092), as it built them
         get_data_parallel_replica_groups=initialized(dp, env.dp_groups),
         get_pipeline_model_parallel_replica_groups=initialized(pp, env.pp_groups),
@@ -642,7 +833,7 @@ def _trainer(env: Env, initialize: Callable[..., None], bound: dict[str, type]) 
         if optimizer_config["zero_one_enabled"]:
             bucket_cap = zero1_bucket_cap(precision["use_master_weights"])
             zero1 = {"grad_clipping": optimizer_config["grad_clipping"], "pin_layout": False,
-                     "sharding_groups": env.dp_groups(), "grad_norm_groups": [[r] for r in range(env.world())],
+                     "sharding_groups": env.dp_groups(), "grad_norm_groups": env.replica_groups["tp"],
                      "bucket_cap_mb_all_gather": max(1, bucket_cap // grid.get("dp", 1)),
                      "bucket_cap_mb_reduce_scatter": bucket_cap}
             if precision["use_master_weights"] and os.environ.get("XLA_DOWNCAST_BF16") == "1":
@@ -685,6 +876,8 @@ def _move_in_waves(env: Env, module: nn.Module, sequential_move_factor: int) -> 
         if local_rank // sequential_move_factor == wave:
             module.to(torch.device("cpu"))
             mark_attributes_left_on_the_host(module)
+            # on the device: this rank's parameters (under pp its stage's, as NxD moves only those)
+            on_device(module.local_parameters() if hasattr(module, "local_parameters") else module.parameters())
             env.log.calls["moved_in_wave"] = wave
         env.rendezvous(f"get_model_sequential{wave}")
 

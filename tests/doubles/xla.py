@@ -20,10 +20,10 @@
   `env.XlaLog.random_op`): every sync steps the seed, every random op NxD's model wrapper traces
   steps the running seed that ``get_rng_state`` returns;
 - ``xm.all_reduce`` with one replica in the world returns a clone and ignores ``scale``
-  (as torch-xla 2.9 does unless ``XLA_ALWAYS_ALLREDUCE``); otherwise it sums over this
-  rank's group of ``groups``, all ranks when ``groups`` is None (a gloo all-reduce when
-  that group has several ranks: NxD's pipeline group, the world), out of place for a
-  tensor, in place for a list of tensors;
+  (as torch-xla 2.9 does unless ``XLA_ALWAYS_ALLREDUCE``, which only changes that case:
+  not modelled, docs/trn1.md); otherwise it sums over this rank's group of ``groups``, all
+  ranks when ``groups`` is None (a gloo all-reduce when that group has several ranks), out of
+  place for a tensor, in place for a list of tensors (one coalesced all-reduce in the graph);
 - ``xm.all_gather`` concatenates the shards of the caller's group along ``dim`` (gloo when
   the group has several ranks), groups of one size asserted without ``pin_layout``;
 - the functions torch-xla 2.7 removed from ``xla_model`` (``xrt_world_size``,
@@ -92,9 +92,11 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
         if world_size() == 1:  # torch-xla 2.9: a no-op with one device, `scale` not applied
             return inputs.clone() if isinstance(inputs, torch.Tensor) else inputs
         if isinstance(inputs, torch.Tensor):
-            return env.reduce(inputs, groups, scale)  # one replica per group but the pipeline's
-        for tensor in inputs:  # a list: reduced in place, the list itself returned
-            tensor.copy_(env.reduce(tensor, groups, scale))
+            return env.reduce(inputs, groups, scale)
+        # a list: one coalesced all-reduce in place (``_xla_all_reduce_inplace``), the list itself returned
+        log.trace("all_reduce", groups, [tuple(t.shape) for t in inputs], inputs[0].dtype if inputs else None)
+        for tensor in inputs:
+            tensor.copy_(env.reduce(tensor, groups, scale, trace=False))
         return inputs
 
     def all_gather(value, dim=0, groups=None, output=None, pin_layout=True, channel_id=None,
@@ -157,7 +159,7 @@ def xla_modules(env: Env) -> dict[str, types.ModuleType]:
         sync()
         return payloads
 
-    env.rendezvous = rendezvous
+    env.rendezvous, env.all_reduce = rendezvous, all_reduce
     xm = fake_module(
         "torch_xla.core.xla_model", REDUCE_SUM="sum", xla_device=xla_device, mark_step=mark_step,
         add_step_closure=add_step_closure, all_reduce=all_reduce, all_gather=all_gather, rendezvous=rendezvous,

@@ -48,6 +48,7 @@ its CPU fallback (they take host tensors; `xla_lowerings.CpuFallbacks` records t
 
 from __future__ import annotations
 
+import functools
 import sys
 import sysconfig
 from pathlib import Path
@@ -324,5 +325,69 @@ NOT_FOLLOWED = (str(Path(torch.__file__).parent), sysconfig.get_paths()["purelib
 
 def _from_our_code() -> bool:
     """Whether the torch call being handled was made by our code, bmojo_neuron's or a test's (frame 0: this
-    function, 1: the mode)."""
-    return not sys._getframe(2).f_code.co_filename.startswith(NOT_FOLLOWED)
+    function, 1: the mode; the wrappers `follow_factories` puts around torch's factories and ``Tensor.to`` are
+    passed over)."""
+    frame = sys._getframe(2)
+    while frame.f_code in WRAPPER_CODE:
+        frame = frame.f_back
+    return not frame.f_code.co_filename.startswith(NOT_FOLLOWED)
+
+
+# ------------------------------------------------------------------ host tensors made outside a step
+
+# Set on what a factory called by our code outside a step (a bmojo_neuron module's or a test's), without
+# ``device=`` or with the host, returned during a Neuron run: on torch-xla a host tensor.
+MADE_ON_HOST = "_bmojo_made_on_host"
+# torch's factories of a new tensor that take no tensor to copy a device from (``*_like`` take their input's)
+FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "as_tensor", "arange", "rand", "randn", "randint",
+             "linspace", "eye", "from_numpy")
+
+
+def follow_factories(monkeypatch: Any, running: Callable[[], bool]) -> None:
+    """Mark what our code's factory calls make on the host while `running` (NxD's parallel state is up), for the
+    one check that reads the mark: the optimizer step's states (`check_states_on_device`). ``.to(<device>)`` of a
+    marked tensor gives an unmarked copy (on the CPU ``.to`` would return the tensor itself)."""
+    for name in FACTORIES:
+        monkeypatch.setattr(torch, name, _marking(getattr(torch, name), running))
+    to = torch.Tensor.to
+
+    @functools.wraps(to)  # named ``to``: a subclass's ``__torch_function__`` may get this function (`LoadedOnHost`)
+    def to_device(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = to(self, *args, **kwargs)
+        if out is self and getattr(self, MADE_ON_HOST, False):
+            asked = _asked_device((self, *args), kwargs)
+            if asked is not None and not names_the_host(asked):
+                return out.clone()  # the device copy: a new tensor, unmarked
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", to_device)
+    WRAPPER_CODE.add(to_device.__code__)
+
+
+WRAPPER_CODE: set = set()  # the code of those wrappers: frames `_from_our_code` passes over
+
+
+def _marking(factory: Callable[..., Any], running: Callable[[], bool]) -> Callable[..., Any]:
+    def make(*args: Any, **kwargs: Any) -> Any:
+        out = factory(*args, **kwargs)
+        device = kwargs.get("device")
+        if (isinstance(out, torch.Tensor) and (device is None or names_the_host(device)) and running()
+                and not sys._getframe(1).f_code.co_filename.startswith(NOT_FOLLOWED)):
+            setattr(out, MADE_ON_HOST, True)
+        return out
+    WRAPPER_CODE.add(make.__code__)
+    return make
+
+
+def check_states_on_device(optimizer: Any) -> None:
+    """At the optimizer step: every state tensor but AdamW's scalar ``step`` (a host tensor AdamW makes itself) must
+    be on the device. AdamW updates its states in place with the device gradient (``exp_avg.lerp_(grad, ...)``): an
+    in-place op on a host tensor with a device operand, which torch-xla 2.9's ``GetXlaTensor(self)`` refuses
+    (aten_xla_bridge.cpp 101-111) with this message. Catches a state our code made with a factory and no
+    ``device=`` outside a step (`follow_factories`) as well as one ``torch.load`` left on the host."""
+    inner = getattr(optimizer, "base_optimizer", optimizer)
+    for state in inner.state.values():
+        for key, value in state.items():
+            if key != "step" and isinstance(value, torch.Tensor) and (getattr(value, MADE_ON_HOST, False)
+                                                                        or is_host(value)):
+                raise RuntimeError(f"Expected XLA tensor. Got: {xla_type_string(value)}")

@@ -1,0 +1,139 @@
+"""Build the plain-C kernels of this package once per user and load them with `ctypes`.
+
+The library is compiled on first use (``cc -O3 -march=native -fopenmp -shared``, well
+under a second: the C files include no torch headers) into a per-user cache folder,
+named by a hash of the source, the compiler, its flags and the machine, so an edited
+source or another CPU gets its own build. The compiler writes to a temporary file in
+that folder which is then renamed into place (`os.replace`, atomic on one file
+system): a build killed half way leaves no library that would load broken.
+
+Nothing here raises on a missing compiler or a failed build: `load` returns the reason
+instead, and the caller runs the torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["CACHE_ENV", "OFF_ENV", "Loaded", "cache_dir", "load", "reset"]
+
+OFF_ENV = "BMOJO_CPU_C"  # "0" turns the C kernels off: the torch path runs
+CACHE_ENV = "BMOJO_CPU_C_CACHE"  # where the built library goes (default: the user cache folder)
+SOURCE = Path(__file__).with_name("ssd_chunks.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+BUILD_TIMEOUT_S = 120
+
+_float_p, _long, _int, _float = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+# The C functions' parameters (ssd_chunks.c): pointers, then the sizes, the decay floor and the thread count.
+_SIGNATURES = {
+    "ssd_chunks_forward": [_float_p] * 9 + [_long] * 7 + [_float, _int],
+    "ssd_chunks_backward": [_float_p] * 14 + [_long] * 7 + [_float, _int],
+}
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The loaded library, or None and why not."""
+
+    library: ctypes.CDLL | None
+    reason: str
+
+
+_loaded: Loaded | None = None
+
+
+def cache_dir() -> Path:
+    """`BMOJO_CPU_C_CACHE`, else ``$XDG_CACHE_HOME/bmojo-neuron/cpu-c`` (``~/.cache`` by default)."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "bmojo-neuron" / "cpu-c"
+
+
+def turned_off() -> bool:
+    return os.environ.get(OFF_ENV, "1").strip().lower() in ("0", "off", "false", "no")
+
+
+def load() -> Loaded:
+    """The kernels' library, built if needed; once per process (`reset` forgets it)."""
+    global _loaded
+    if turned_off():
+        return Loaded(None, f"turned off by {OFF_ENV}={os.environ[OFF_ENV]}")
+    if _loaded is None:
+        _loaded = _build_and_load()
+    return _loaded
+
+
+def reset() -> None:
+    """Forget the loaded library (tests change the compiler or the cache folder)."""
+    global _loaded
+    _loaded = None
+
+
+def _key(compiler: str) -> str:
+    parts = [SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode(),
+             _cpu_model().encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def _cpu_model() -> str:
+    """The CPU's model line (``-march=native`` builds for it), or "" where /proc/cpuinfo is absent."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_and_load() -> Loaded:
+    compiler = os.environ.get("CC") or "cc"
+    path = shutil.which(compiler)
+    if path is None:
+        return Loaded(None, f"no C compiler: {compiler!r} is not on PATH (set CC)")
+    folder = cache_dir()
+    library = folder / f"ssd_chunks-{_key(path)}.so"
+    if not library.exists():
+        reason = _build(path, folder, library)
+        if reason:
+            return Loaded(None, reason)
+    try:
+        lib = ctypes.CDLL(str(library))
+    except OSError as exc:
+        return Loaded(None, f"the built library {library} does not load: {exc}")
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return Loaded(lib, f"built with {path} {' '.join(FLAGS)} in {library}")
+
+
+def _build(compiler: str, folder: Path, library: Path) -> str:
+    """Compile into a temporary file next to `library`, then rename it there; "" or why it failed."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=library.stem + ".", suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:
+        return f"cannot write the kernel cache folder {folder}: {exc.strerror or exc}"
+    try:
+        done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+                              timeout=BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            first = (done.stderr.strip().splitlines() or ["no message"])[0]
+            return f"compiling {SOURCE.name} with {compiler} failed (exit {done.returncode}): {first}"
+        os.replace(tmp, library)
+        return ""
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"compiling {SOURCE.name} with {compiler} failed: {exc}"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

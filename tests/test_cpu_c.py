@@ -1,0 +1,193 @@
+"""The ``cpu-c`` ops backend (`ops/cpu_c`): the SSD chunked core in C against the torch reference.
+
+The C library is built once per test session into a temporary cache folder (well under
+a second). Outputs and every gradient are compared with the reference `ssd_scan` in
+float64 and float32, on shapes with odd sizes, several B/C groups, lengths that are not
+a multiple of the chunk and an initial state; then the fallbacks: no compiler, a failed
+build, the off switch and float64 inputs all run the torch path (warning once, except
+for the off switch), and the dispatch routes only `ssd_scan` to the backend.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from bmojo_neuron import ops
+from bmojo_neuron.ops.cpu_c import build
+from bmojo_neuron.ops.cpu_c import ssd as c_ssd
+from bmojo_neuron.ops.reference import ssd as ref_ssd
+
+# Each output and gradient of the float32 C path is within this much of the float64 reference, relative to
+# the reference's largest magnitude: float32 round-off of sums over a few hundred terms (the torch float32
+# path's own worst on these shapes is 1.3e-5, the C path's 7e-6, both on dA, a sum over every token).
+F32_TOL = 3e-5
+
+
+@pytest.fixture(scope="session")
+def c_cache(tmp_path_factory):
+    """One build per session, in a temporary cache folder."""
+    folder = tmp_path_factory.mktemp("cpu-c-cache")
+    previous = os.environ.get(build.CACHE_ENV)
+    os.environ[build.CACHE_ENV] = str(folder)
+    build.reset()
+    assert build.load().library is not None, build.load().reason
+    yield folder
+    if previous is None:
+        os.environ.pop(build.CACHE_ENV)
+    else:
+        os.environ[build.CACHE_ENV] = previous
+    build.reset()
+
+
+@pytest.fixture
+def fresh_build(c_cache, monkeypatch, tmp_path):
+    """A build that starts from nothing (its own empty cache folder); the session's library afterwards."""
+    monkeypatch.setenv(build.CACHE_ENV, str(tmp_path / "cache"))
+    c_ssd._warned.clear()
+    build.reset()
+    yield tmp_path / "cache"
+    build.reset()
+    c_ssd._warned.clear()
+
+
+def _inputs(batch, length, heads, head_dim, groups, state, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    return dict(x=r(batch, length, heads, head_dim), dt=r(batch, length, heads), A=-(torch.rand(heads, generator=g,
+                dtype=dtype) * 4 + 0.5), B=r(batch, length, groups, state), C=r(batch, length, groups, state),
+                D=r(heads), dt_bias=r(heads) * 0.5, initial_state=r(batch, heads, head_dim, state))
+
+
+def _outputs_and_grads(scan, inputs, chunk, dtype):
+    """y, the final state and the gradients of every input of a random linear loss on both."""
+    leaves = {k: v.detach().to(dtype, copy=True).requires_grad_() for k, v in inputs.items()}
+    y, h = scan(chunk_size=chunk, return_final_state=True, **leaves)
+    g = torch.Generator().manual_seed(1)
+    loss = (y * torch.randn(y.shape, generator=g, dtype=torch.float64).to(dtype)).sum()
+    loss = loss + (h * torch.randn(h.shape, generator=g, dtype=torch.float64).to(dtype)).sum()
+    loss.backward()
+    return {"y": y, "final_state": h, **{f"d_{k}": v.grad for k, v in leaves.items()}}
+
+
+@pytest.mark.parametrize("shape, chunk", [
+    ((2, 37, 6, 5, 3, 7), 8),      # 3 groups of 2 heads, odd sizes, L padded to 40
+    ((3, 33, 1, 17, 1, 9), 4),     # one head, 9 chunks, a one-token last chunk
+    ((1, 64, 2, 16, 1, 16), 64),   # model chunk 64 halved by `fused_chunk` (to 16)
+])
+def test_c_core_matches_reference(c_cache, shape, chunk):
+    inputs = _inputs(*shape)
+    exact = _outputs_and_grads(ref_ssd.ssd_scan, inputs, chunk, torch.float64)
+    torch32 = _outputs_and_grads(ref_ssd.ssd_scan, inputs, chunk, torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float32 CPU inputs with a built library: no fallback
+        c32 = _outputs_and_grads(c_ssd.ssd_scan, inputs, chunk, torch.float32)
+    for name, want in exact.items():
+        scale = want.abs().max().item()
+        err = (c32[name].double() - want).abs().max().item() / scale
+        assert err < F32_TOL, f"{name}: C path off the float64 reference by {err:.2e} of its scale"
+        err32 = (c32[name] - torch32[name]).abs().max().item() / scale
+        assert err32 < F32_TOL, f"{name}: C path off the torch float32 path by {err32:.2e} of its scale"
+
+
+def test_c_core_without_final_state_gradient(c_cache):
+    """The model's case: no final state asked, so the backward gets no gradient for it."""
+    inputs = _inputs(2, 24, 4, 8, 2, 6)
+    del inputs["initial_state"]
+    grads = []
+    for scan in (ref_ssd.ssd_scan, c_ssd.ssd_scan):
+        leaves = {k: v.detach().float().requires_grad_() for k, v in inputs.items()}
+        y = scan(chunk_size=8, **leaves)
+        y.backward(torch.ones_like(y))
+        grads.append([y] + [v.grad for v in leaves.values()])
+    for want, got in zip(*grads):
+        assert (got - want).abs().max() <= F32_TOL * want.abs().max()
+
+
+def test_fallbacks_run_the_torch_path(fresh_build, monkeypatch):
+    inputs = {k: v.float() for k, v in _inputs(2, 20, 2, 4, 1, 3).items()}
+    want = ref_ssd.ssd_scan(chunk_size=8, **inputs)
+
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.warns(RuntimeWarning, match="runs the torch path: no C compiler: '/nonexistent/cc'"):
+        assert torch.equal(c_ssd.ssd_scan(chunk_size=8, **inputs), want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per reason
+        c_ssd.ssd_scan(chunk_size=8, **inputs)
+
+    build.reset()
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails: no library, no temporary file left behind
+    with pytest.warns(RuntimeWarning, match=r"compiling ssd_chunks.c with .*false failed \(exit 1\)"):
+        assert torch.equal(c_ssd.ssd_scan(chunk_size=8, **inputs), want)
+    assert list(fresh_build.iterdir()) == []
+
+    monkeypatch.delenv("CC")
+    monkeypatch.setenv(build.OFF_ENV, "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # turned off on purpose: no warning
+        assert torch.equal(c_ssd.ssd_scan(chunk_size=8, **inputs), want)
+
+    monkeypatch.delenv(build.OFF_ENV)
+    wide = {k: v.double() for k, v in inputs.items()}
+    with pytest.warns(RuntimeWarning, match="float64 inputs"):
+        assert torch.equal(c_ssd.ssd_scan(chunk_size=8, **wide), ref_ssd.ssd_scan(chunk_size=8, **wide))
+
+
+def test_build_is_cached_and_renamed_into_place(c_cache):
+    (library,) = c_cache.iterdir()  # the library only: the temporary file it was written to was renamed
+    assert library.name.startswith("ssd_chunks-") and library.suffix == ".so"
+    built_at = library.stat().st_mtime_ns
+    build.reset()
+    assert build.load().library is not None and library.stat().st_mtime_ns == built_at  # loaded, not rebuilt
+
+
+def test_dispatch_routes_only_ssd_scan(c_cache, monkeypatch):
+    from bmojo_neuron.ops import dispatch
+
+    monkeypatch.setattr(dispatch, "_active", {})
+    monkeypatch.setenv(dispatch.ENV_VAR, "cpu-c")
+    assert ops.get_backend("ssd_scan") == "cpu-c"
+    assert ops.get_backend("eidetic_attention") == "torch"  # not implemented there
+    assert dispatch.resolve("ssd_scan") is c_ssd.ssd_scan
+    with pytest.raises(ValueError, match="has no implementation of 'eidetic_attention'"):
+        ops.set_backend("cpu-c", ["eidetic_attention"])
+
+
+def test_model_runs_the_c_core_through_the_dispatch(c_cache):
+    """A tiny B'MOJO model's loss and gradients with `ssd_scan` on ``cpu-c`` against the torch backend; the
+    C core is what ran (its backward node is in the graph)."""
+    from naive import tiny_config
+
+    from bmojo_neuron import BMojoForCausalLM
+
+    torch.manual_seed(0)
+    model = BMojoForCausalLM(tiny_config()).train()
+    ids = torch.randint(0, 64, (2, 23), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for backend in ("torch", "cpu-c"):
+        model.zero_grad(set_to_none=True)
+        with ops.use_backend(backend, ["ssd_scan"]):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results[backend] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None],
+                            _backward_names(loss.grad_fn))
+    (want, want_grads, torch_nodes), (got, got_grads, c_nodes) = results["torch"], results["cpu-c"]
+    assert "CSSDChunksBackward" in c_nodes and "CSSDChunksBackward" not in torch_nodes
+    assert abs(got - want) <= F32_TOL * abs(want)
+    for w, g in zip(want_grads, got_grads, strict=True):
+        assert (g - w).abs().max() <= F32_TOL * max(w.abs().max(), 1e-3)
+
+
+def _backward_names(node) -> set[str]:
+    names, stack, seen = set(), [node], set()
+    while stack:
+        n = stack.pop()
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        names.add(type(n).__name__)
+        stack.extend(f for f, _ in n.next_functions)
+    return names
