@@ -153,6 +153,19 @@ def test_each_model_of_a_run_gets_its_own_output_folder(command, report, run, ca
     assert written["final"] == written["step-0000003"]
 
 
+def test_the_line_before_the_evaluation_names_a_text_recipe_s_block_size():
+    """A text recipe's sequence length is `data.block_size` (an MQAR one's `data.seq_len`); eval prints it on the
+    line before the work, for a text run as for the MQAR fixture above."""
+    from bmojo_neuron.commands.evaluate import evaluating_line
+    from bmojo_neuron.recipes import load_recipe
+
+    text = load_recipe("cpu-text", ["data.block_size=96"])
+    assert evaluating_line(Path("runs/x/final"), text, [1, 2], 3, 8) == (
+        "evaluating runs/x/final at 1x, 2x the training length (96 tokens), up to 3 batches of 8 sequences each")
+    mqar = load_recipe("cpu-tiny", ["data.seq_len=48"])
+    assert "(48 tokens)" in evaluating_line(Path("m"), mqar, [1], 1, 4)
+
+
 def test_other_data_write_beside_the_run_s_own_eval(run, capsys):
     """`--data` results go to a folder of their own inside the model's: the report on the run's own data stays."""
     from bmojo_neuron.commands.evaluate import data_folder_name

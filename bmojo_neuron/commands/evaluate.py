@@ -117,6 +117,13 @@ def output_dir(option: str | None, trained: Any, data_args: Sequence[str] = ()) 
     return out
 
 
+def evaluating_line(source: Path, recipe: Any, lengths: Sequence[int], batches: int, batch_size: int) -> str:
+    """What eval is about to do: the model, the length multiples with the training length, the batches."""
+    multiples = ", ".join(f"{m}x" for m in lengths)
+    return (f"evaluating {source} at {multiples} the training length ({recipe.data.sequence_length} tokens), up to "
+            f"{batches} batch{'es' if batches > 1 else ''} of {batch_size} sequences each")
+
+
 @register_command("eval", help="evaluate a trained model: loss, perplexity, MQAR recall, length generalisation",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
@@ -137,9 +144,7 @@ def run(args: argparse.Namespace) -> int:
     check_vocabulary(trained.model, recipe)
     out = output_dir(args.output_dir, trained, args.data)
     # Several lengths take tens of seconds on a CPU before the table prints: say what is being done.
-    multiples = ", ".join(f"{m}x" for m in lengths)
-    print(f"evaluating {trained.source} at {multiples} the training length ({recipe.data.seq_len} tokens), up to "
-          f"{batches} batch{'es' if batches > 1 else ''} of {batch_size} sequences each", file=sys.stderr, flush=True)
+    print(evaluating_line(trained.source, recipe, lengths, batches, batch_size), file=sys.stderr, flush=True)
     _, eval_data = build_datasets(recipe)
     rows = length_generalisation(trained.model, recipe, eval_data, lengths, batch_size, device, batches,
                                  recipe.train.precision)

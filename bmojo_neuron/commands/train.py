@@ -67,13 +67,12 @@ def require_neuron_if_needed(name: str | None, overrides: list[str]) -> None:
 def describe(recipe: Any, params: int, run_dir: Path) -> str:
     config = recipe.model_config()
     d, t = recipe.data, recipe.train
-    length = d.seq_len if d.kind == "mqar" else d.block_size
     data = (f"mqar (vocab {d.vocab_size}, {d.num_kv_pairs} kv pairs, {d.train_examples} train examples)"
             if d.kind == "mqar" else f"text ({d.path or 'bundled corpus'}, tokenizer {d.tokenizer})")
     return "\n".join([
         f"== {recipe.run.name} ==",
         f"  model    {config.layer_pattern}  d={config.hidden_size}  {params:,} parameters",
-        f"  data     {data}, length {length}",
+        f"  data     {data}, length {d.sequence_length}",
         f"  train    {t.steps} steps x batch {t.batch_size} x accum {t.grad_accum}, lr {recipe.optim.lr}, "
         f"{t.precision}, device {recipe.run.device}",
         f"  output   {run_dir}",
