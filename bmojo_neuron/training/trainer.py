@@ -247,6 +247,10 @@ class Trainer:
         lengths: list[LengthResult] = []
         multipliers = [int(m) for m in (e.length_multipliers or [])]
         if any(m != 1 for m in multipliers):
+            # Every length runs the eval batches again, longer sequences each time: tens of seconds on a CPU
+            # before the table prints, so say what is being done first.
+            self.say(f"length generalisation: evaluating at {', '.join(f'{m}x' for m in multipliers)} the "
+                     f"training length")
             for index, m in enumerate(multipliers):  # one length at a time: a signal waits for one length only
                 if self.stop_before():
                     left = ", ".join(f"x{x}" for x in multipliers[index:])
