@@ -120,6 +120,18 @@ def parallel_line(recipe: Any) -> str:
             "world from torchrun's WORLD_SIZE)")
 
 
+def start_lines(recipe: Any, params: int, run_dir: Path) -> str:
+    """What `train` prints as a run starts: `describe`, and for a cpu/cuda run with several ranks or
+    ``parallel.*`` set, its rank layout (what the dry run shows). The layout is checked here, so a world that
+    does not divide it is refused before the run looks started."""
+    from bmojo_neuron.training.backends.torchrun import wants_parallel
+
+    lines = describe(recipe, params, run_dir)
+    if recipe.run.device == "neuron" or not wants_parallel(recipe):
+        return lines
+    return f"{lines}\n  parallel {parallel_line(recipe)}"
+
+
 def readiness(recipe: Any, runs: list[tuple[Any, Path]], args: argparse.Namespace) -> list[str]:
     """One line per thing the run needs from this machine: Neuron packages, the data, the run directories."""
     resume, lines = args.resume, []
@@ -388,7 +400,7 @@ def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: An
 
     if main:
         for variant, run_dir in runs:
-            print(describe(variant, count_parameters(variant), run_dir), flush=True)
+            print(start_lines(variant, count_parameters(variant), run_dir), flush=True)
     jobs = run_jobs(recipe, len(runs))
     if jobs > 1:
         print(f"training {len(runs)} runs, {jobs} at a time (run.jobs)", flush=True)
