@@ -370,17 +370,20 @@ def test_a_missing_model_path_is_answered_before_torch_or_transformers_load(tmp_
                 ["export-transformer", missing, str(tmp_path / "out")],
                 ["checkpoint", "consolidate", missing, str(tmp_path / "out")],
                 ["checkpoint", "shard", missing, "--tp", "2", "--output-dir", str(tmp_path / "out")],
-                ["data", "prepare", "cpu-tiny", "train.stesp=5"], ["data", "prepare", "cpu-tiny"]]
+                ["data", "prepare", "cpu-tiny", "train.stesp=5"], ["data", "prepare", "cpu-text", f"data.path={missing}"],
+                ["data", "prepare", "cpu-tiny"]]
     code = ("import sys; from bmojo_neuron.cli import main; "
             f"codes = [main(args) for args in {commands!r}]; "
             "print(codes, sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.stdout.splitlines() == [  # MQAR data: nothing to prepare, said as quickly
         "cpu-tiny: data.kind is mqar: generated in memory when training starts, nothing to prepare",
-        f"{[2] * 7 + [0]} []"], done.stderr
+        f"{[2] * 8 + [0]} []"], done.stderr
     assert done.stderr.splitlines() == [f"error: {missing} does not exist"] * 6 + [
         "error: recipe key train.stesp: unknown key; valid keys of train: steps, batch_size, grad_accum, precision, "
-        "activation_checkpointing, log_every, compile"]
+        "activation_checkpointing, log_every, compile",
+        f"error: data.path {missing}: no such file or folder (a hub dataset would be named owner/name, e.g. "
+        "roneneldan/TinyStories)"]
     assert not (tmp_path / "out").exists()
 
 
