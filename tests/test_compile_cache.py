@@ -229,7 +229,7 @@ def test_prune_older_than_and_dry_run(tmp_path, capsys):
     assert code == 0 and f"would remove {entry_key('old')}" in out and entry_key("new") not in out
     assert keys_in(tmp_path) == {entry_key("old"), entry_key("new")}  # dry run deleted nothing
     code, out, _ = cli(capsys, "cache", "prune", "--older-than", "30", "--cache-dir", str(tmp_path))
-    assert code == 0 and "removed 1 entries" in out
+    assert code == 0 and "removed 1 entry, freed" in out
     assert keys_in(tmp_path) == {entry_key("new")}
     assert not [p for p in (tmp_path / VERSION).iterdir() if p.name.startswith(".bmojo-")]  # no leftovers
 

@@ -110,10 +110,10 @@ def _table(entries: list, now: float, remote: bool) -> list[str]:
 
 def _totals_line(entries: list) -> str:
     from bmojo_neuron.compile_cache.layout import totals
-    from bmojo_neuron.compile_cache.units import format_size
+    from bmojo_neuron.compile_cache.units import format_entries, format_size
 
     t = totals(entries)
-    return (f"{t['entries']} entries, {format_size(t['bytes'])}: {t['ok']} ok, {t['failed']} failed, "
+    return (f"{format_entries(t['entries'])}, {format_size(t['bytes'])}: {t['ok']} ok, {t['failed']} failed, "
             f"{t['incomplete']} incomplete")
 
 
@@ -180,7 +180,7 @@ def _prune(args: argparse.Namespace, url: str, source: str) -> int:
 
 def _prune_locked(args: argparse.Namespace, url: str, cache: Any, entries: list, max_size: int | None) -> int:
     from bmojo_neuron.compile_cache.prune import apply, select
-    from bmojo_neuron.compile_cache.units import format_age, format_size
+    from bmojo_neuron.compile_cache.units import format_age, format_entries, format_size
 
     now = time.time()
     plan = select(entries, cache.busy_reason, now=now, older_than_days=args.older_than, max_size=max_size,
@@ -196,7 +196,7 @@ def _prune_locked(args: argparse.Namespace, url: str, cache: Any, entries: list,
         return 0
     removed, freed = apply(cache, plan)
     cache.clean_leftovers()
-    print(f"removed {removed} entries, freed {format_size(freed)}; {format_size(plan.size_before - freed)} left "
+    print(f"removed {format_entries(removed)}, freed {format_size(freed)}; {format_size(plan.size_before - freed)} left "
           f"in {url}")
     return 0
 
