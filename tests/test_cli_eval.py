@@ -119,6 +119,23 @@ def test_a_folder_of_runs_as_init_weights_is_named_by_its_key(run, tmp_path, cap
                                     f"one model: give one run's folder, e.g. {tmp_path / 'suite' / 'only'}")
 
 
+def test_init_weights_of_another_model_are_refused_before_the_run_starts(run, tmp_path, capsys):
+    """cpu-tiny's model section restates sizes (d 128, BB) that the fixture's model (d 8, BM) does not have: the
+    run is refused before its start lines, naming the keys that differ, and the dry run reports the same."""
+    argv = ["train", "cpu-tiny", "suite=none", "data.vocab_size=16", "data.num_kv_pairs=2", f"init.weights={run}",
+            "--output-dir", str(tmp_path / "new")]
+    error = _error(capsys, argv)
+    assert error.startswith(f"error: init.weights {run}: its model does not have the recipe's layers (missing [")
+    assert error.endswith("; the model section sets hidden_size 128 (the folder's: 8), layer_pattern 'BB' (the "
+                          "folder's: 'BM'), num_attention_heads 4 (the folder's: 2), intermediate_size 0 (the "
+                          "folder's: 16), memory_size 32 (the folder's: 4), memory_picks 4 (the folder's: 1), "
+                          "memory_decay 1.0 (the folder's: 0.99), ssm_head_dim 32 (the folder's: 4), ssm_chunk_size "
+                          "32 (the folder's: 8): leave these keys out to take the folder's")
+    assert not (tmp_path / "new").exists()
+    assert cli.main([*argv, "--dry-run"]) == 0
+    assert f"  init.weights: PROBLEM: {error.removeprefix('error: ')}\n" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("command", [["eval"], ["inspect"], ["generate", "--prompt", "x"]])
 def test_a_run_that_ended_before_its_first_checkpoint_says_so(command, run, tmp_path, capsys):
     """What a run killed or failed before its first checkpoint leaves (`layout.abandoned_attempt`): its logs."""

@@ -198,7 +198,7 @@ def init_line(recipe: Any) -> str:
 
     try:
         check_init_weights(recipe)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         return f"PROBLEM: {error}"
     return f"{recipe.init.weights}: ok"
 
