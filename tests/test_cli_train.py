@@ -588,18 +588,25 @@ def test_data_prepare_has_nothing_to_do_for_mqar(capsys):
     assert "nothing to prepare" in capsys.readouterr().out
 
 
-def test_no_progress_silences_the_data_libraries_bars_and_restores_them(capsys, tmp_path):
-    """Building a text cache under --no-progress prints no datasets bars (tokenize, pack, save_to_disk);
-    the process's own setting is back afterwards."""
+def test_no_live_bar_silences_the_data_libraries_bars_and_restores_them(capsys, tmp_path, monkeypatch):
+    """Building a text cache without a live bar (output redirected, as here, or --no-progress) prints no
+    datasets bars (tokenize, pack, save_to_disk); the process's own setting is back afterwards."""
     import datasets
     from huggingface_hub.utils import are_progress_bars_disabled
+
+    from bmojo_neuron.training.progress import shows_live_bar
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert [shows_live_bar(p) for p in (True, "lines", "shared", False)] == [True, False, False, False]
+    monkeypatch.undo()
 
     tiny = ["data.block_size=32", "train.steps=1", "train.batch_size=2", "eval.batches=1",
             "eval.length_multipliers=[1]", "model.hidden_size=32", "model.intermediate_size=32",
             "model.num_hidden_layers=2", "model.layer_pattern=BM", f"data.cache_dir={tmp_path / 'cache'}"]
     assert datasets.is_progress_bar_enabled() and not are_progress_bars_disabled()
     capsys.readouterr()
-    assert cli.main(["train", "cpu-text", *tiny, "--no-progress", "--output-dir", str(tmp_path / "run")]) == 0
+    assert not sys.stderr.isatty()  # pytest's capture: a run's output redirected
+    assert cli.main(["train", "cpu-text", *tiny, "--output-dir", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err
     assert len(list((tmp_path / "cache").glob("text-*"))) == 1  # the cache was built in this run
     for bar in ("tokenize", "pack", "Saving the dataset", "%|", "\r"):
