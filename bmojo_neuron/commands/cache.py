@@ -67,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ ls, verify
+def where_from(source: str) -> str:
+    """Where the cache folder came from (`resolve_cache_dir`'s source), for a message about that folder."""
+    return "the Neuron default; name another with --cache-dir" if source == "default" else f"from {source}"
+
+
 def _entries(url: str, source: str) -> list:
     from bmojo_neuron.compile_cache import open_cache
     from bmojo_neuron.compile_cache.s3 import s3_errors
@@ -75,7 +80,7 @@ def _entries(url: str, source: str) -> list:
         with s3_errors(url):
             return open_cache(url).entries()
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{exc} (cache dir from {source})") from None
+        raise FileNotFoundError(f"{exc} ({where_from(source)})") from None
 
 
 def _entry_dict(entry: Any, now: float, remote: bool) -> dict[str, Any]:
@@ -222,7 +227,7 @@ def _push(args: argparse.Namespace, url: str, source: str) -> int:
         with s3_errors(store.url):
             report = push(cache, store)
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{exc} (cache dir from {source})") from None
+        raise FileNotFoundError(f"{exc} ({where_from(source)})") from None
     for key, why in report.skipped:
         print(f"not pushed {key}: {why}")
     print(f"{report.summary('pushed')} -> {store.url}")
