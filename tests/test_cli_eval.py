@@ -152,10 +152,24 @@ def test_a_run_that_ended_before_its_first_checkpoint_says_so(command, run, tmp_
 
 @pytest.mark.parametrize(("command", "report"), [(["eval", "--lengths", "1", "--batches", "1"], "length_eval"),
                                                  (["inspect", "--sequences", "1"], "memory")])
-def test_each_model_of_a_run_gets_its_own_output_folder(command, report, run, capsys):
+def test_each_model_of_a_run_gets_its_own_output_folder(command, report, run, capsys, monkeypatch):
     """The run directory (its final export) and a checkpoint of it write apart: neither overwrites the other.
     The fixture's export holds the same weights as its last checkpoint (step 3), so on the CPU the two
-    reports are equal to the bit."""
+    reports are equal to the bit. Their data is built with the datasets library's bars off (stderr is not a
+    terminal here), and the setting is back after."""
+    import datasets
+
+    import bmojo_neuron.data
+
+    bars: list[bool] = []
+    def recording(real):
+        def build(*args, **kwargs):
+            bars.append(datasets.is_progress_bar_enabled())
+            return real(*args, **kwargs)
+        return build
+
+    for builder in ("build_datasets", "build_eval_dataset"):
+        monkeypatch.setattr(bmojo_neuron.data, builder, recording(getattr(bmojo_neuron.data, builder)))
     name, *options = command
     written = {}
     for target, folder in [(run, "final"), (run / "step-0000003", "step-0000003")]:
@@ -168,6 +182,7 @@ def test_each_model_of_a_run_gets_its_own_output_folder(command, report, run, ca
             assert written[folder].pop("source") == str(run / folder)
     assert sorted(p.name for p in (run / "eval").iterdir()) == ["final", "step-0000003"]
     assert written["final"] == written["step-0000003"]
+    assert bars == [False, False] and datasets.is_progress_bar_enabled()
 
 
 def test_the_line_before_the_evaluation_names_a_text_recipe_s_block_size():

@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     lengths = parse_lengths(args.lengths)
     require_existing(args.path)
     from bmojo_neuron.checkpoints.inference import load_trained
-    from bmojo_neuron.data import build_datasets
+    from bmojo_neuron.data import build_datasets, library_progress_bars
     from bmojo_neuron.device import resolve_device, set_cpu_threads
     from bmojo_neuron.evaluation import format_length_table, length_generalisation, plot_length
 
@@ -145,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     out = output_dir(args.output_dir, trained, args.data)
     # Several lengths take tens of seconds on a CPU before the table prints: say what is being done.
     print(evaluating_line(trained.source, recipe, lengths, batches, batch_size), file=sys.stderr, flush=True)
-    _, eval_data = build_datasets(recipe)
+    with library_progress_bars(sys.stderr.isatty()):  # in a log or a pipe each bar's redraw is another line
+        _, eval_data = build_datasets(recipe)
     rows = length_generalisation(trained.model, recipe, eval_data, lengths, batch_size, device, batches,
                                  recipe.train.precision)
     title = f"{recipe.run.name} ({trained.source})"
