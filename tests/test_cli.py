@@ -370,7 +370,8 @@ def test_a_missing_model_path_is_answered_before_torch_or_transformers_load(tmp_
                 ["export-transformer", missing, str(tmp_path / "out")],
                 ["checkpoint", "consolidate", missing, str(tmp_path / "out")],
                 ["checkpoint", "shard", missing, "--tp", "2", "--output-dir", str(tmp_path / "out")],
-                ["data", "prepare", "cpu-tiny", "train.stesp=5"], ["data", "prepare", "cpu-text", f"data.path={missing}"],
+                ["data", "prepare", "cpu-tiny", "train.stesp=5"],
+                ["data", "prepare", "cpu-text", f"data.path={missing}"],
                 ["data", "prepare", "cpu-tiny"]]
     code = ("import sys; from bmojo_neuron.cli import main; "
             f"codes = [main(args) for args in {commands!r}]; "

@@ -201,8 +201,8 @@ def _prune_locked(args: argparse.Namespace, url: str, cache: Any, entries: list,
         return 0
     removed, freed = apply(cache, plan)
     cache.clean_leftovers()
-    print(f"removed {format_entries(removed)}, freed {format_size(freed)}; {format_size(plan.size_before - freed)} left "
-          f"in {url}")
+    print(f"removed {format_entries(removed)}, freed {format_size(freed)}; "
+          f"{format_size(plan.size_before - freed)} left in {url}")
     return 0
 
 

@@ -39,8 +39,8 @@ class SyncReport:
     bytes: int = 0
 
     def summary(self, verb: str) -> str:
-        return (f"{verb} {format_entries(len(self.done))} ({format_size(self.bytes)}), {len(self.present)} already there, "
-                f"{len(self.skipped)} skipped")
+        return (f"{verb} {format_entries(len(self.done))} ({format_size(self.bytes)}), "
+                f"{len(self.present)} already there, {len(self.skipped)} skipped")
 
 
 def remote_manifest(store: S3Store, entry: Entry) -> tuple[Manifest | None, str]:
