@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bmojo_neuron.checkpoints.inference import check_initial_config
 from bmojo_neuron.checkpoints.layout import latest_intact_checkpoint
-from bmojo_neuron.checkpoints.locate import initial_weights_dir
 from bmojo_neuron.checkpoints.state import read_recipe, resume_refusal
 from bmojo_neuron.compile_cache.units import format_size
 from bmojo_neuron.data.text import source_kind
@@ -109,9 +109,10 @@ def check_data_source(recipe: Any) -> None:
 
 
 def check_init_weights(recipe: Any) -> None:
-    """A new run's ``init.weights`` must name a model folder, so a typo fails before the run starts."""
+    """A new run's ``init.weights`` must name a model folder holding the recipe's model, so a typo or a model
+    section that restates other sizes fails before the run starts (and before its data is built)."""
     if recipe.init.weights:
-        initial_weights_dir(recipe.init.weights)
+        check_initial_config(recipe.init.weights, recipe.model_config(), recipe.model)
 
 
 def check_run_dirs(runs: list[tuple[Any, Path]], parameters: list[int], resume: bool) -> None:

@@ -113,6 +113,11 @@ class MqarDataSection:
     eval_examples: int = 1000
     seed: int = 0
 
+    @property
+    def sequence_length(self) -> int:
+        """Tokens per training sequence (a text section calls it ``block_size``)."""
+        return self.seq_len
+
     def check(self) -> None:
         for key in ("vocab_size", "seq_len", "num_kv_pairs", "train_examples", "eval_examples"):
             _positive(f"data.{key}", getattr(self, key))
@@ -144,6 +149,11 @@ class TextDataSection:
     cache_dir: str | None = None  # default: <output_dir>/../data-cache
     eval_fraction: float = 0.05
     text_column: str = "text"
+
+    @property
+    def sequence_length(self) -> int:
+        """Tokens per training sequence (an MQAR section calls it ``seq_len``)."""
+        return self.block_size
 
     def check(self) -> None:
         _positive("data.block_size", self.block_size)

@@ -380,14 +380,15 @@ def test_a_path_that_is_no_model_is_answered_before_torch_or_transformers_load(t
                 ["checkpoint", "shard", str(weights), "--tp", "2", "--output-dir", str(out)],
                 ["checkpoint", "shard", str(run), "--tp", "2", "--output-dir", str(out)],
                 ["train", "cpu-tiny", "suite=none", f"init.weights={weights}", "--output-dir", str(out)],
-                ["data", "prepare", "cpu-tiny", "train.stesp=5"], ["data", "prepare", "cpu-tiny"]]
+                ["data", "prepare", "cpu-tiny", "train.stesp=5"],
+                ["data", "prepare", "cpu-text", f"data.path={missing}"], ["data", "prepare", "cpu-tiny"]]
     code = ("import sys; from bmojo_neuron.cli import main; "
             f"codes = [main(args) for args in {commands!r}]; "
             "print(codes, sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.stdout.splitlines() == [  # MQAR data: nothing to prepare, said as quickly
         "cpu-tiny: data.kind is mqar: generated in memory when training starts, nothing to prepare",
-        f"{[2] * 16 + [0]} []"], done.stderr
+        f"{[2] * 17 + [0]} []"], done.stderr
     holder = f"is a file, not a model's folder: give the folder that holds it, {run / 'final'}"
     assert done.stderr.splitlines() == [f"error: {missing} does not exist"] * 6 + [
         f"error: {weights} {holder}", f"error: {run / 'recipe.json'} is a file, not a model's folder: give the "
@@ -402,7 +403,9 @@ def test_a_path_that_is_no_model_is_answered_before_torch_or_transformers_load(t
         f"degrees, start a new run from its weights: bmojo-neuron train RECIPE init.weights={run} parallel.tp=N "
         "(step 0, a fresh optimizer)", f"error: recipe key init.weights: {weights} {holder}",
         "error: recipe key train.stesp: unknown key; valid keys of train: steps, batch_size, grad_accum, precision, "
-        "activation_checkpointing, log_every, compile"]
+        "activation_checkpointing, log_every, compile",
+        f"error: data.path {missing}: no such file or folder (a hub dataset would be named owner/name, e.g. "
+        "roneneldan/TinyStories)"]
     assert not out.exists()
 
 

@@ -120,6 +120,23 @@ def test_a_folder_of_runs_as_init_weights_is_named_by_its_key(run, tmp_path, cap
                                     f"one model: give one run's folder, e.g. {tmp_path / 'suite' / 'only'}")
 
 
+def test_init_weights_of_another_model_are_refused_before_the_run_starts(run, tmp_path, capsys):
+    """cpu-tiny's model section restates sizes (d 128, BB) that the fixture's model (d 8, BM) does not have: the
+    run is refused before its start lines, naming the keys that differ, and the dry run reports the same."""
+    argv = ["train", "cpu-tiny", "suite=none", "data.vocab_size=16", "data.num_kv_pairs=2", f"init.weights={run}",
+            "--output-dir", str(tmp_path / "new")]
+    error = _error(capsys, argv)
+    assert error.startswith(f"error: init.weights {run}: its model does not have the recipe's layers (missing [")
+    assert error.endswith("; the model section sets hidden_size 128 (the folder's: 8), layer_pattern 'BB' (the "
+                          "folder's: 'BM'), num_attention_heads 4 (the folder's: 2), intermediate_size 0 (the "
+                          "folder's: 16), memory_size 32 (the folder's: 4), memory_picks 4 (the folder's: 1), "
+                          "memory_decay 1.0 (the folder's: 0.99), ssm_head_dim 32 (the folder's: 4), ssm_chunk_size "
+                          "32 (the folder's: 8): leave these keys out to take the folder's")
+    assert not (tmp_path / "new").exists()
+    assert cli.main([*argv, "--dry-run"]) == 0
+    assert f"  init.weights: PROBLEM: {error.removeprefix('error: ')}\n" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("command", [["eval"], ["inspect"], ["generate", "--prompt", "x"]])
 def test_a_run_that_ended_before_its_first_checkpoint_says_so(command, run, tmp_path, capsys):
     """What a run killed or failed before its first checkpoint leaves (`layout.abandoned_attempt`): its logs."""
@@ -136,10 +153,24 @@ def test_a_run_that_ended_before_its_first_checkpoint_says_so(command, run, tmp_
 
 @pytest.mark.parametrize(("command", "report"), [(["eval", "--lengths", "1", "--batches", "1"], "length_eval"),
                                                  (["inspect", "--sequences", "1"], "memory")])
-def test_each_model_of_a_run_gets_its_own_output_folder(command, report, run, capsys):
+def test_each_model_of_a_run_gets_its_own_output_folder(command, report, run, capsys, monkeypatch):
     """The run directory (its final export) and a checkpoint of it write apart: neither overwrites the other.
     The fixture's export holds the same weights as its last checkpoint (step 3), so on the CPU the two
-    reports are equal to the bit."""
+    reports are equal to the bit. Their data is built with the datasets library's bars off (stderr is not a
+    terminal here), and the setting is back after."""
+    import datasets
+
+    import bmojo_neuron.data
+
+    bars: list[bool] = []
+    def recording(real):
+        def build(*args, **kwargs):
+            bars.append(datasets.is_progress_bar_enabled())
+            return real(*args, **kwargs)
+        return build
+
+    for builder in ("build_datasets", "build_eval_dataset"):
+        monkeypatch.setattr(bmojo_neuron.data, builder, recording(getattr(bmojo_neuron.data, builder)))
     name, *options = command
     written = {}
     for target, folder in [(run, "final"), (run / "step-0000003", "step-0000003")]:
@@ -152,6 +183,20 @@ def test_each_model_of_a_run_gets_its_own_output_folder(command, report, run, ca
             assert written[folder].pop("source") == str(run / folder)
     assert sorted(p.name for p in (run / "eval").iterdir()) == ["final", "step-0000003"]
     assert written["final"] == written["step-0000003"]
+    assert bars == [False, False] and datasets.is_progress_bar_enabled()
+
+
+def test_the_line_before_the_evaluation_names_a_text_recipe_s_block_size():
+    """A text recipe's sequence length is `data.block_size` (an MQAR one's `data.seq_len`); eval prints it on the
+    line before the work, for a text run as for the MQAR fixture above."""
+    from bmojo_neuron.commands.evaluate import evaluating_line
+    from bmojo_neuron.recipes import load_recipe
+
+    text = load_recipe("cpu-text", ["data.block_size=96"])
+    assert evaluating_line(Path("runs/x/final"), text, [1, 2], 3, 8) == (
+        "evaluating runs/x/final at 1x, 2x the training length (96 tokens), up to 3 batches of 8 sequences each")
+    mqar = load_recipe("cpu-tiny", ["data.seq_len=48"])
+    assert "(48 tokens)" in evaluating_line(Path("m"), mqar, [1], 1, 4)
 
 
 def test_other_data_write_beside_the_run_s_own_eval(run, capsys):

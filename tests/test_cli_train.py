@@ -210,6 +210,29 @@ def test_dry_run_of_a_cpu_recipe_describes_every_run(capsys, tmp_path, monkeypat
     assert not any(tmp_path.iterdir())
 
 
+def test_a_parallel_run_shows_its_layout_and_a_bad_one_is_refused_before_it_starts(capsys, tmp_path, monkeypatch):
+    """Under torchrun (or with parallel.* set) the lines a run starts with include its rank layout, as the dry
+    run's do; a layout the world cannot hold is one error line with nothing printed before it."""
+    from bmojo_neuron.commands.train import describe, start_lines
+    from bmojo_neuron.recipes import load_recipe
+
+    plain = load_recipe("cpu-tiny", ["suite=none"])
+    assert start_lines(plain, 10, tmp_path) == describe(plain, 10, tmp_path)  # one process: no layout line
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun --nproc-per-node 2
+    zero1 = load_recipe("cpu-tiny", ["suite=none", "parallel.zero1=true"])
+    assert start_lines(zero1, 10, tmp_path).endswith(
+        "\n  parallel tp 1 × pp 1 × dp 2 = 2 ranks (sp False, zero1 True; world from torchrun's WORLD_SIZE)")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    argv = ["train", "cpu-tiny", "suite=none", "parallel.tp=2", "model.ssm_n_groups=2", "--output-dir",
+            str(tmp_path / "run")]
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (
+        "error: parallel.tp × parallel.pp = 2 × 1 needs 2 ranks and this is one process (world size 1): launch it "
+        "with torchrun --nproc-per-node 2 -m bmojo_neuron.cli train RECIPE ... (docs/parallel.md)\n")
+    assert not (tmp_path / "run").exists()
+
+
 def test_dry_run_sees_a_used_run_directory(capsys, tmp_path):
     (tmp_path / "final").mkdir()  # a finished run's export
     assert cli.main(["train", "cpu-text", "--dry-run", "--output-dir", str(tmp_path)]) == 0
@@ -565,18 +588,25 @@ def test_data_prepare_has_nothing_to_do_for_mqar(capsys):
     assert "nothing to prepare" in capsys.readouterr().out
 
 
-def test_no_progress_silences_the_data_libraries_bars_and_restores_them(capsys, tmp_path):
-    """Building a text cache under --no-progress prints no datasets bars (tokenize, pack, save_to_disk);
-    the process's own setting is back afterwards."""
+def test_no_live_bar_silences_the_data_libraries_bars_and_restores_them(capsys, tmp_path, monkeypatch):
+    """Building a text cache without a live bar (output redirected, as here, or --no-progress) prints no
+    datasets bars (tokenize, pack, save_to_disk); the process's own setting is back afterwards."""
     import datasets
     from huggingface_hub.utils import are_progress_bars_disabled
+
+    from bmojo_neuron.training.progress import shows_live_bar
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert [shows_live_bar(p) for p in (True, "lines", "shared", False)] == [True, False, False, False]
+    monkeypatch.undo()
 
     tiny = ["data.block_size=32", "train.steps=1", "train.batch_size=2", "eval.batches=1",
             "eval.length_multipliers=[1]", "model.hidden_size=32", "model.intermediate_size=32",
             "model.num_hidden_layers=2", "model.layer_pattern=BM", f"data.cache_dir={tmp_path / 'cache'}"]
     assert datasets.is_progress_bar_enabled() and not are_progress_bars_disabled()
     capsys.readouterr()
-    assert cli.main(["train", "cpu-text", *tiny, "--no-progress", "--output-dir", str(tmp_path / "run")]) == 0
+    assert not sys.stderr.isatty()  # pytest's capture: a run's output redirected
+    assert cli.main(["train", "cpu-text", *tiny, "--output-dir", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err
     assert len(list((tmp_path / "cache").glob("text-*"))) == 1  # the cache was built in this run
     for bar in ("tokenize", "pack", "Saving the dataset", "%|", "\r"):

@@ -199,7 +199,11 @@ def test_cache_dir_comes_from_the_environment(tmp_path, capsys, monkeypatch):
 def test_ls_of_a_missing_cache_is_a_clear_error(tmp_path, capsys):
     code, out, err = cli(capsys, "cache", "ls", "--cache-dir", str(tmp_path / "nope"))
     assert code == 2 and out == ""
-    assert "does not exist" in err and str(tmp_path / "nope") in err
+    assert err == f"error: compile cache {tmp_path / 'nope'} does not exist (from --cache-dir)\n"
+    (tmp_path / "file").write_text("")
+    code, out, err = cli(capsys, "cache", "verify", "--cache-dir", str(tmp_path / "file"))
+    assert (code, out, err) == (2, "", f"error: compile cache {tmp_path / 'file'} is a file, not a folder (from "
+                                       "--cache-dir)\n")
 
 
 def test_verify_exit_status(tmp_path, capsys):
@@ -229,7 +233,7 @@ def test_prune_older_than_and_dry_run(tmp_path, capsys):
     assert code == 0 and f"would remove {entry_key('old')}" in out and entry_key("new") not in out
     assert keys_in(tmp_path) == {entry_key("old"), entry_key("new")}  # dry run deleted nothing
     code, out, _ = cli(capsys, "cache", "prune", "--older-than", "30", "--cache-dir", str(tmp_path))
-    assert code == 0 and "removed 1 entries" in out
+    assert code == 0 and "removed 1 entry, freed" in out
     assert keys_in(tmp_path) == {entry_key("new")}
     assert not [p for p in (tmp_path / VERSION).iterdir() if p.name.startswith(".bmojo-")]  # no leftovers
 

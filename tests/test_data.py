@@ -336,6 +336,11 @@ def test_text_that_is_not_utf8_names_the_file_and_byte_offset(tmp_path: Path) ->
     offset = len("naïve café\n".encode("utf-8")) + len("second line: caf")
     with pytest.raises(ValueError, match=rf"notes.txt is not UTF-8 text: byte 0xe9 at offset {offset} \(line 2\)"):
         load_text_dataset(tmp_path / "notes.txt", cache_dir=tmp_path / "cache")
+    spaced = tmp_path / "my notes.txt"  # the suggested iconv command is quoted for the shell
+    spaced.write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError) as error:
+        load_text_dataset(spaced, cache_dir=tmp_path / "cache")
+    assert str(error.value).endswith(f"convert it, e.g. iconv -f latin1 -t utf-8 '{spaced}' > 'my notes.utf8.txt'")
     (tmp_path / "docs.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"docs.jsonl is not UTF-8 text: byte 0xe9 at offset 30 \(line 2\)"):
         load_text_dataset(tmp_path / "docs.jsonl", cache_dir=tmp_path / "cache")

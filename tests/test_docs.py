@@ -387,6 +387,31 @@ def test_ops_md_python_snippet_runs():
             ops.set_backend(backend, [op])
 
 
+def test_priming_md_tiny_source_primes_as_shown(tmp_path, capsys):
+    """docs/priming.md's tiny Qwen3, saved by its Python block, primed by the command after it: the printed
+    report is the one the page shows (the logits' difference, which the random init decides, within a factor
+    of 2), and the primed folder names its copied tokenizer."""
+    import json
+
+    from bmojo_neuron import cli
+
+    doc = ROOT / "docs" / "priming.md"
+    (snippet, *_) = python_blocks(doc)
+    source, primed = tmp_path / "qwen3-tiny", tmp_path / "primed"
+    exec(compile(snippet.replace("/tmp/qwen3-tiny", str(source)), "docs/priming.md", "exec"), {})
+    shown = next(lines for language, _, lines in fenced_blocks(doc)
+                 if language == "text" and lines[0].startswith("$ bmojo-neuron prime /tmp/qwen3-tiny"))
+    command = shlex.split(shown[0].removeprefix("$ bmojo-neuron "))
+    assert command[1:3] == ["/tmp/qwen3-tiny", "/tmp/primed"]
+    assert cli.main([command[0], str(source), str(primed), *command[3:]]) == 0
+    printed = capsys.readouterr().out.replace(str(primed), "/tmp/primed").splitlines()
+    assert printed[:-1] == shown[1:-1]
+    number = re.compile(r"difference (\S+)$")
+    documented, measured = (float(number.search(line).group(1)) for line in (shown[-1], printed[-1]))
+    assert documented / 2 < measured < documented * 2, printed[-1]
+    assert json.loads((primed / "bmojo_run.json").read_text())["tokenizer"] == str(primed)
+
+
 @pytest.fixture
 def tiny_runs(tmp_path, monkeypatch):
     """The two exports hf.md loads, as tiny models: an MQAR run's (64 task ids, no tokenizer files) and a text

@@ -456,6 +456,9 @@ def test_cli_train_eval_generate(tmp_path, capsys):
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
     assert "parameters" in printed and "chance" in printed and "recall" in printed
+    # the length evaluation is announced before it runs (tens of seconds on a CPU), then its table prints
+    announced = printed.index("length generalisation: evaluating at 1x, 2x the training length\n")
+    assert announced < printed.index("bmojo: length generalisation\n")
     runs = [p for p in out.iterdir() if p.is_dir()]
     assert len(runs) == 3  # cpu-tiny trains B'MOJO and its two baselines (`suite`)
     for run in runs:

@@ -67,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ ls, verify
+def where_from(source: str) -> str:
+    """Where the cache folder came from (`resolve_cache_dir`'s source), for a message about that folder."""
+    return "the Neuron default; name another with --cache-dir" if source == "default" else f"from {source}"
+
+
 def _entries(url: str, source: str) -> list:
     from bmojo_neuron.compile_cache import open_cache
     from bmojo_neuron.compile_cache.s3 import s3_errors
@@ -75,7 +80,7 @@ def _entries(url: str, source: str) -> list:
         with s3_errors(url):
             return open_cache(url).entries()
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{exc} (cache dir from {source})") from None
+        raise FileNotFoundError(f"{exc} ({where_from(source)})") from None
 
 
 def _entry_dict(entry: Any, now: float, remote: bool) -> dict[str, Any]:
@@ -110,10 +115,10 @@ def _table(entries: list, now: float, remote: bool) -> list[str]:
 
 def _totals_line(entries: list) -> str:
     from bmojo_neuron.compile_cache.layout import totals
-    from bmojo_neuron.compile_cache.units import format_size
+    from bmojo_neuron.compile_cache.units import format_entries, format_size
 
     t = totals(entries)
-    return (f"{t['entries']} entries, {format_size(t['bytes'])}: {t['ok']} ok, {t['failed']} failed, "
+    return (f"{format_entries(t['entries'])}, {format_size(t['bytes'])}: {t['ok']} ok, {t['failed']} failed, "
             f"{t['incomplete']} incomplete")
 
 
@@ -180,7 +185,7 @@ def _prune(args: argparse.Namespace, url: str, source: str) -> int:
 
 def _prune_locked(args: argparse.Namespace, url: str, cache: Any, entries: list, max_size: int | None) -> int:
     from bmojo_neuron.compile_cache.prune import apply, select
-    from bmojo_neuron.compile_cache.units import format_age, format_size
+    from bmojo_neuron.compile_cache.units import format_age, format_entries, format_size
 
     now = time.time()
     plan = select(entries, cache.busy_reason, now=now, older_than_days=args.older_than, max_size=max_size,
@@ -196,8 +201,8 @@ def _prune_locked(args: argparse.Namespace, url: str, cache: Any, entries: list,
         return 0
     removed, freed = apply(cache, plan)
     cache.clean_leftovers()
-    print(f"removed {removed} entries, freed {format_size(freed)}; {format_size(plan.size_before - freed)} left "
-          f"in {url}")
+    print(f"removed {format_entries(removed)}, freed {format_size(freed)}; "
+          f"{format_size(plan.size_before - freed)} left in {url}")
     return 0
 
 
@@ -222,7 +227,7 @@ def _push(args: argparse.Namespace, url: str, source: str) -> int:
         with s3_errors(store.url):
             report = push(cache, store)
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"{exc} (cache dir from {source})") from None
+        raise FileNotFoundError(f"{exc} ({where_from(source)})") from None
     for key, why in report.skipped:
         print(f"not pushed {key}: {why}")
     print(f"{report.summary('pushed')} -> {store.url}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 from bmojo_neuron.cli import register_command, require_nonempty
@@ -43,6 +44,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{recipe.run.name}: data.kind is {recipe.data.kind}: generated in memory when training starts, "
               "nothing to prepare")
         return 0
+    if recipe.data.path is not None:  # a missing source is refused before torch and datasets load (seconds)
+        from bmojo_neuron.data.text import source_kind
+
+        source_kind(str(Path(recipe.data.path).expanduser()))
     from bmojo_neuron.data import library_progress_bars
     from bmojo_neuron.data.prepare import prepare_text
     from bmojo_neuron.training.suite import plan_runs

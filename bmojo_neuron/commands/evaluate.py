@@ -117,6 +117,13 @@ def output_dir(option: str | None, trained: Any, data_args: Sequence[str] = ()) 
     return out
 
 
+def evaluating_line(source: Path, recipe: Any, lengths: Sequence[int], batches: int, batch_size: int) -> str:
+    """What eval is about to do: the model, the length multiples with the training length, the batches."""
+    multiples = ", ".join(f"{m}x" for m in lengths)
+    return (f"evaluating {source} at {multiples} the training length ({recipe.data.sequence_length} tokens), up to "
+            f"{batches} batch{'es' if batches > 1 else ''} of {batch_size} sequences each")
+
+
 @register_command("eval", help="evaluate a trained model: loss, perplexity, MQAR recall, length generalisation",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
@@ -126,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
     resolve_model_dir(args.path, "eval")  # a path that is no model: one line, before torch loads
     from bmojo_neuron.checkpoints.inference import load_trained
-    from bmojo_neuron.data import build_datasets
+    from bmojo_neuron.data import build_datasets, library_progress_bars
     from bmojo_neuron.device import resolve_device, set_cpu_threads
     from bmojo_neuron.evaluation import format_length_table, length_generalisation, plot_length
 
@@ -139,10 +146,9 @@ def run(args: argparse.Namespace) -> int:
     check_vocabulary(trained.model, recipe)
     out = output_dir(args.output_dir, trained, args.data)
     # Several lengths take tens of seconds on a CPU before the table prints: say what is being done.
-    multiples = ", ".join(f"{m}x" for m in lengths)
-    print(f"evaluating {trained.source} at {multiples} the training length ({recipe.data.seq_len} tokens), up to "
-          f"{batches} batch{'es' if batches > 1 else ''} of {batch_size} sequences each", file=sys.stderr, flush=True)
-    _, eval_data = build_datasets(recipe)
+    print(evaluating_line(trained.source, recipe, lengths, batches, batch_size), file=sys.stderr, flush=True)
+    with library_progress_bars(sys.stderr.isatty()):  # in a log or a pipe each bar's redraw is another line
+        _, eval_data = build_datasets(recipe)
     rows = length_generalisation(trained.model, recipe, eval_data, lengths, batch_size, device, batches,
                                  recipe.train.precision)
     title = f"{recipe.run.name} ({trained.source})"

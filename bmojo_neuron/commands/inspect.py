@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from bmojo_neuron.cli import register_command, require_nonempty, say_on_terminal
@@ -53,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
                     f"{args.sequences} eval sequence{'s' if args.sequences > 1 else ''}")
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.commands.evaluate import check_vocabulary, eval_recipe, output_dir
-    from bmojo_neuron.data import build_eval_dataset
+    from bmojo_neuron.data import build_eval_dataset, library_progress_bars
     from bmojo_neuron.device import resolve_device, set_cpu_threads
     from bmojo_neuron.memory_inspection import (
         answer_breakdown,
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = eval_recipe(trained.recipe, args.data)
     check_vocabulary(trained.model, recipe)
     out = output_dir(args.output_dir, trained, args.data)
-    eval_data = build_eval_dataset(recipe, args.length)
+    with library_progress_bars(sys.stderr.isatty()):  # in a log or a pipe each bar's redraw is another line
+        eval_data = build_eval_dataset(recipe, args.length)
     rows = eval_data[: args.sequences]
     if len(rows["input_ids"]) <= args.row:
         raise ValueError(f"the eval data has only {len(rows['input_ids'])} sequences; lower --row")

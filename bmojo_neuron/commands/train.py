@@ -67,13 +67,12 @@ def require_neuron_if_needed(name: str | None, overrides: list[str]) -> None:
 def describe(recipe: Any, params: int, run_dir: Path) -> str:
     config = recipe.model_config()
     d, t = recipe.data, recipe.train
-    length = d.seq_len if d.kind == "mqar" else d.block_size
     data = (f"mqar (vocab {d.vocab_size}, {d.num_kv_pairs} kv pairs, {d.train_examples} train examples)"
             if d.kind == "mqar" else f"text ({d.path or 'bundled corpus'}, tokenizer {d.tokenizer})")
     return "\n".join([
         f"== {recipe.run.name} ==",
         f"  model    {config.layer_pattern}  d={config.hidden_size}  {params:,} parameters",
-        f"  data     {data}, length {length}",
+        f"  data     {data}, length {d.sequence_length}",
         f"  train    {t.steps} steps x batch {t.batch_size} x accum {t.grad_accum}, lr {recipe.optim.lr}, "
         f"{t.precision}, device {recipe.run.device}",
         f"  output   {run_dir}",
@@ -119,6 +118,18 @@ def parallel_line(recipe: Any) -> str:
     p = recipe.parallel
     return (f"tp {layout.tp} × pp {layout.pp} × dp {layout.dp} = {layout.world} ranks (sp {p.sp}, zero1 {p.zero1}; "
             "world from torchrun's WORLD_SIZE)")
+
+
+def start_lines(recipe: Any, params: int, run_dir: Path) -> str:
+    """What `train` prints as a run starts: `describe`, and for a cpu/cuda run with several ranks or
+    ``parallel.*`` set, its rank layout (what the dry run shows). The layout is checked here, so a world that
+    does not divide it is refused before the run looks started."""
+    from bmojo_neuron.training.backends.torchrun import wants_parallel
+
+    lines = describe(recipe, params, run_dir)
+    if recipe.run.device == "neuron" or not wants_parallel(recipe):
+        return lines
+    return f"{lines}\n  parallel {parallel_line(recipe)}"
 
 
 def readiness(recipe: Any, runs: list[tuple[Any, Path]], args: argparse.Namespace) -> list[str]:
@@ -187,7 +198,7 @@ def init_line(recipe: Any) -> str:
 
     try:
         check_init_weights(recipe)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         return f"PROBLEM: {error}"
     return f"{recipe.init.weights}: ok"
 
@@ -407,7 +418,7 @@ def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: An
 
     if main:
         for variant, run_dir in runs:
-            print(describe(variant, count_parameters(variant), run_dir), flush=True)
+            print(start_lines(variant, count_parameters(variant), run_dir), flush=True)
     jobs = run_jobs(recipe, len(runs))
     if jobs > 1:
         print(f"training {len(runs)} runs, {jobs} at a time (run.jobs)", flush=True)

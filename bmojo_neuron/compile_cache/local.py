@@ -67,7 +67,8 @@ class LocalCache:
     def entries(self) -> list[Entry]:
         """Every entry with its files; FileNotFoundError when the cache folder does not exist."""
         if not self.root.is_dir():
-            raise FileNotFoundError(f"compile cache {self.root} does not exist (or is not a folder)")
+            what = "is a file, not a folder" if self.root.exists() else "does not exist"
+            raise FileNotFoundError(f"compile cache {self.root} {what}")
         return group_entries(self._listing(), lambda v, m: str(self.root / v / m))
 
     def entry(self, version: str, module: str) -> Entry | None:

@@ -24,7 +24,7 @@ from bmojo_neuron.compile_cache.local import LocalCache
 from bmojo_neuron.compile_cache.manifest import (Manifest, build_manifest, listing_mismatch, parse_manifest,
                                                  sha256_of)
 from bmojo_neuron.compile_cache.s3 import STAGING, S3Store
-from bmojo_neuron.compile_cache.units import format_size
+from bmojo_neuron.compile_cache.units import format_entries, format_size
 
 STALE_STAGING_SECONDS = 24 * 3600  # staging objects older than this belong to pushes that died
 
@@ -39,8 +39,8 @@ class SyncReport:
     bytes: int = 0
 
     def summary(self, verb: str) -> str:
-        return (f"{verb} {len(self.done)} entries ({format_size(self.bytes)}), {len(self.present)} already there, "
-                f"{len(self.skipped)} skipped")
+        return (f"{verb} {format_entries(len(self.done))} ({format_size(self.bytes)}), "
+                f"{len(self.present)} already there, {len(self.skipped)} skipped")
 
 
 def remote_manifest(store: S3Store, entry: Entry) -> tuple[Manifest | None, str]:

@@ -1,4 +1,4 @@
-"""Sizes and ages as people type and read them: ``50G`` in, ``1.5 GiB`` and ``3d`` out."""
+"""Sizes, ages and counts as people type and read them: ``50G`` in, ``1.5 GiB``, ``3d`` and ``1 entry`` out."""
 
 from __future__ import annotations
 
@@ -33,3 +33,8 @@ def format_age(seconds: float) -> str:
         if seconds >= length:
             return f"{int(seconds // length)}{unit}"
     return f"{int(seconds)}s"
+
+
+def format_entries(count: int) -> str:
+    """``1 entry``, ``0 entries``, ``3 entries``."""
+    return f"{count} {'entry' if count == 1 else 'entries'}"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -309,7 +310,8 @@ def read_utf8(file: Path) -> str:
         line = data.count(b"\n", 0, err.start) + 1
         raise ValueError(
             f"data.path: {file} is not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start} (line {line}) "
-            f"{err.reason}; convert it, e.g. iconv -f latin1 -t utf-8 {file} > {file.stem}.utf8{file.suffix}"
+            f"{err.reason}; convert it, e.g. iconv -f latin1 -t utf-8 {shlex.quote(str(file))} > "
+            f"{shlex.quote(file.stem + '.utf8' + file.suffix)}"  # quoted: the command is pasted into a shell
         ) from None
 
 

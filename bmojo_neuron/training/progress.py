@@ -21,7 +21,7 @@ class Progress:
     def __init__(self, name: str, total: int, initial: int, enabled: bool | str = True) -> None:
         self.name, self.total, self.enabled = name, total, enabled
         self.prefix = run_prefix(name, enabled)
-        self.live = enabled is True and sys.stderr.isatty()
+        self.live = shows_live_bar(enabled)
         self.start_step, self.start_time = initial, time.perf_counter()
         width = {"dynamic_ncols": True} if _stderr_columns() > 0 else {"ncols": 100, "nrows": 30}  # sizeless pty
         self.bar = tqdm(total=total, initial=initial, unit="step", desc=name, disable=not self.live, **width)
@@ -44,6 +44,13 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def shows_live_bar(progress: bool | str) -> bool:
+    """Whether a run with this `progress` setting (`Progress`'s ``enabled``) draws a live bar: asked for, and
+    stderr a terminal. Without one the data libraries' bars are off too (`library_progress_bars`): in a log file
+    or a pipe each of their redraws would be another line."""
+    return progress is True and sys.stderr.isatty()
 
 
 def run_prefix(name: str, progress: bool | str) -> str:

@@ -44,7 +44,7 @@ from .data_order import position_after
 from .metrics import TENSORBOARD_DIR, MetricsLogger, RecordsOnly, plot_training
 from .objective import LM_METRICS
 from .optim import build_scheduler, describe_lr_multipliers
-from .progress import Progress, run_prefix
+from .progress import Progress, run_prefix, shows_live_bar
 from .signals import signal_name, stop_on_signals
 
 PLOT_FILE = "training.png"
@@ -97,9 +97,10 @@ def train(
     backend = open_backend(recipe)
     try:
         trainer = Trainer(recipe, backend, run_dir, progress)
-        # the data libraries' bars only beside this run's live bar: not with plain lines, nor on other ranks
+        # the data libraries' bars only beside this run's live bar: not with plain lines (--no-progress, output
+        # redirected), nor on other ranks
         with stop_on_signals(trainer, announce=backend.is_main, prefix=trainer.prefix), \
-                library_progress_bars(trainer.progress is True):
+                library_progress_bars(shows_live_bar(trainer.progress)):
             return trainer.run(resume, stop_after, datasets, started)
     finally:
         backend.close()
@@ -247,6 +248,10 @@ class Trainer:
         lengths: list[LengthResult] = []
         multipliers = [int(m) for m in (e.length_multipliers or [])]
         if any(m != 1 for m in multipliers):
+            # Every length runs the eval batches again, longer sequences each time: tens of seconds on a CPU
+            # before the table prints, so say what is being done first.
+            self.say(f"length generalisation: evaluating at {', '.join(f'{m}x' for m in multipliers)} the "
+                     f"training length")
             for index, m in enumerate(multipliers):  # one length at a time: a signal waits for one length only
                 if self.stop_before():
                     left = ", ".join(f"x{x}" for x in multipliers[index:])
