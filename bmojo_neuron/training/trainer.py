@@ -99,7 +99,7 @@ def train(
         trainer = Trainer(recipe, backend, run_dir, progress)
         # the data libraries' bars only beside this run's live bar: not with plain lines, nor on other ranks
         with stop_on_signals(trainer, announce=backend.is_main, prefix=trainer.prefix), \
-                library_progress_bars(trainer.progress is True):
+                library_progress_bars(trainer.progress is True, datasets_too=recipe.data.kind == "text"):
             return trainer.run(resume, stop_after, datasets, started)
     finally:
         backend.close()
