@@ -516,3 +516,26 @@ def test_default_threads_leave_one_core_free(monkeypatch, restore_threads):
     assert device.set_cpu_threads(4) == 4  # an explicit count is used as given
     monkeypatch.setenv("OMP_NUM_THREADS", "4")  # torch applied it: left alone
     assert device.set_cpu_threads(0) == 4
+
+
+def test_an_mqar_run_without_progress_never_imports_datasets(tmp_path, monkeypatch):
+    """`datasets` is only for text data: an MQAR run under --no-progress turns the hub's bars off and leaves
+    `datasets` unimported (its import is about a second of every quick-start run's start-up)."""
+    import sys
+
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    import bmojo_neuron.training.trainer as trainer_module
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # from here on, `import datasets` raises ImportError
+    real, inside = trainer_module.library_progress_bars, []
+
+    def recording(enabled, **kwargs):
+        inside.append(enabled)
+        return real(enabled, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "library_progress_bars", recording)
+    monkeypatch.setattr(trainer_module.Trainer, "run", lambda self, *args: inside.append(are_progress_bars_disabled()))
+    train(tiny_recipe(), tmp_path / "run", progress=False)
+    assert inside == [False, True]  # bars off around the run, without importing datasets
+    assert not are_progress_bars_disabled()  # and back on after it

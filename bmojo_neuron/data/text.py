@@ -106,20 +106,25 @@ def _cache_folder(settings: dict[str, Any], cache_dir: str | os.PathLike | None)
 
 
 @contextmanager
-def library_progress_bars(enabled: bool) -> Iterator[None]:
+def library_progress_bars(enabled: bool, datasets_too: bool = True) -> Iterator[None]:
     """With `enabled` False, no progress bars from `datasets` (tokenize, pack, save_to_disk, load_from_disk) or
     `huggingface_hub` (hub downloads) inside the block; each library's previous setting is restored after it.
 
     Both switches are process-wide, so a caller that prints its own progress as plain lines (``train
-    --no-progress``) turns the libraries' bars off around the work that builds its data.
+    --no-progress``) turns the libraries' bars off around the work that builds its data. With `datasets_too`
+    False, `datasets` is left alone and not imported: work that never reads text data (an MQAR run) would
+    otherwise pay its import, about a second of start-up, for a switch nothing reads.
     """
     if enabled:
         yield
         return
-    import datasets
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    datasets_on, hub_on = datasets.is_progress_bar_enabled(), not are_progress_bars_disabled()
+    datasets = None
+    if datasets_too:
+        import datasets
+    datasets_on = datasets is not None and datasets.is_progress_bar_enabled()
+    hub_on = not are_progress_bars_disabled()
     if datasets_on:
         datasets.disable_progress_bars()
     if hub_on:

@@ -100,7 +100,7 @@ def train(
         # the data libraries' bars only beside this run's live bar: not with plain lines (--no-progress, output
         # redirected), nor on other ranks
         with stop_on_signals(trainer, announce=backend.is_main, prefix=trainer.prefix), \
-                library_progress_bars(shows_live_bar(trainer.progress)):
+                library_progress_bars(shows_live_bar(trainer.progress), datasets_too=recipe.data.kind == "text"):
             return trainer.run(resume, stop_after, datasets, started)
     finally:
         backend.close()
