@@ -16,7 +16,11 @@ recipe's own suite gives it (its parameters within 10% of the B'MOJO model's). R
 data seed are both the seed. Every run's recipe is loaded and checked before the first run
 starts, so a cell the recipe cannot hold (more pairs than its vocabulary has keys) is one error
 line, not a failed run in a log. A finished run (a final eval in its ``metrics.jsonl``) is not
-run again, so an interrupted grid resumes where it stopped. Recipe overrides go before the
+run again, so an interrupted grid resumes where it stopped. A run evaluates at the training length
+only (``eval.length_multipliers=[1]``) unless an override asks for more, e.g.
+``eval.length_multipliers=[1,2,4]``; its row then also carries ``length_recall`` (multiplier ->
+recall, from the run's ``length_eval.json``), which the table reports beside the recall. Rows
+without it (older files, runs at 1x only) stay valid. Recipe overrides go before the
 options or after ``--``: the list options (``--kv``, ``--seq``, ``--seeds``, ``--patterns``,
 ``--include``) take every word up to the next option.
 """
@@ -81,6 +85,17 @@ def final_recall(run_dir: Path) -> float | None:
     return evals[-1]["eval_accuracy"] if evals else None
 
 
+def length_recall(run_dir: Path) -> dict[str, float] | None:
+    """Recall at each longer length the run evaluated (``length_eval.json``), keyed by the multiplier as a
+    string (a JSON object's key); None when it evaluated at the training length only."""
+    path = run_dir / "length_eval.json"
+    if not path.exists():
+        return None
+    longer = {str(r["multiplier"]): r["accuracy"] for r in json.loads(path.read_text())
+              if r["multiplier"] != 1 and r.get("accuracy") is not None}  # a skipped length has no accuracy
+    return longer or None
+
+
 def run_overrides(name: str, width: int, pattern: str, seed: int, steps: int, eval_every: int,
                   regime: list[str], extra: list[str]) -> list[str]:
     """Every recipe override of one grid run after ``suite=none``: its name and seeds, its layer kind at its
@@ -116,8 +131,10 @@ def train_one(out: Path, recipe: str, width: int, pattern: str, variant: str, ex
             subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, check=False)
         recall = final_recall(run_dir)
     print(f"{name}: recall {recall}", flush=True)
-    return {"pattern": pattern, "variant": variant, "kv": kv, "seq": seq, "seed": seed, "steps": steps,
-            "recall": recall}
+    row = {"pattern": pattern, "variant": variant, "kv": kv, "seq": seq, "seed": seed, "steps": steps,
+           "recall": recall}
+    longer = length_recall(run_dir) if recall is not None else None
+    return row if longer is None else {**row, "length_recall": longer}
 
 
 def collect(out: Path, include: Sequence[Path] = ()) -> list[dict]:
@@ -131,17 +148,36 @@ def collect(out: Path, include: Sequence[Path] = ()) -> list[dict]:
     return [r for r in latest.values() if r["recall"] is not None]
 
 
+def length_cell(rows: list[dict]) -> str:
+    """Mean recall over seeds at each longer length the rows carry (``2x 0.211 / 4x 0.094``), with the count
+    of seeds when only some rows carry it; "-" when none does."""
+    lengths: dict[str, list[float]] = {}
+    for r in rows:
+        for multiplier, recall in (r.get("length_recall") or {}).items():
+            lengths.setdefault(multiplier, []).append(recall)
+    parts = []
+    for multiplier, values in sorted(lengths.items(), key=lambda item: float(item[0])):
+        some = f" ({len(values)} of {len(rows)} seeds)" if len(values) < len(rows) else ""
+        parts.append(f"{multiplier}x {statistics.mean(values):.3f}{some}")
+    return " / ".join(parts) or "-"
+
+
 def table(rows: list[dict]) -> str:
-    """Markdown: one line per (model, regime, steps), recall mean ± std over seeds."""
-    groups: dict[tuple, list[float]] = {}
+    """Markdown: one line per (model, regime, steps), recall mean ± std over seeds; with a column of the mean
+    recall at longer lengths when any row carries ``length_recall``."""
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["kv"], r["seq"], r["steps"], r["pattern"] + (f" {r['variant']}" if r["variant"] else "")),
-                          []).append(r["recall"])
+                          []).append(r)
+    with_lengths = any(r.get("length_recall") for r in rows)
     lines = ["| kv pairs | seq | steps | model | recall (mean ± std) | seeds |", "|---|---|---|---|---|---|"]
-    for (kv, seq, steps, model), values in sorted(groups.items()):
+    if with_lengths:
+        lines = [lines[0] + " longer lengths (mean) |", lines[1] + "---|"]
+    for (kv, seq, steps, model), group in sorted(groups.items()):
+        values = [r["recall"] for r in group]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         lines.append(f"| {kv} | {seq} | {steps} | {model} | {statistics.mean(values):.3f} ± {spread:.3f} | "
-                     f"{len(values)} |")
+                     f"{len(values)} |" + (f" {length_cell(group)} |" if with_lengths else ""))
     return "\n".join(lines)
 
 

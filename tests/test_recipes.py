@@ -428,6 +428,47 @@ def test_the_recall_grid_report_merges_runs_made_elsewhere_and_judges_the_rule(t
     assert (tmp_path / "grid.png").stat().st_size > 0
 
 
+def test_the_recall_grid_records_recall_at_longer_lengths(tmp_path: Path) -> None:
+    """infra/recall_grid.py: a finished run's row carries ``length_recall`` (multiplier -> recall, from its
+    length_eval.json, a skipped length left out) only when it evaluated beyond 1x, so rows without it stay as
+    they were; the table adds a column of the means over seeds only when some row carries it, and the rows
+    recorded in docs/data read back with the 2x / 4x numbers docs/results.md quotes."""
+    import json
+
+    grid = _load_recall_grid()
+
+    def finished_run(name: str, recall: float, lengths: list[tuple[int, float | None]] | None) -> Path:
+        run_dir = tmp_path / name
+        (run_dir / "final").mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"type": "eval", "step": 10, "eval_accuracy": recall}) + "\n")
+        if lengths is not None:
+            records = [{"multiplier": m, "accuracy": a} for m, a in lengths]
+            (run_dir / "length_eval.json").write_text(json.dumps(records))
+        return run_dir
+
+    finished_run("BB_kv4_L64_s0", 0.9, [(1, 0.9), (2, 0.5), (4, 0.25), (8, None)])
+    finished_run("BB_kv4_L64_s1", 0.7, [(1, 0.7), (2, 0.3), (4, 0.15)])
+    finished_run("MM_kv4_L64_s0", 0.4, [(1, 0.4)])  # the grid's own 1x-only eval
+    finished_run("MM_kv4_L64_s1", 0.2, None)
+    rows = [grid.train_one(tmp_path, "cpu-tiny", 0, pattern, "", [], 4, 64, seed, 10, 0, [])
+            for pattern in ("BB", "MM") for seed in (0, 1)]
+    assert [r.get("length_recall") for r in rows] == [{"2": 0.5, "4": 0.25}, {"2": 0.3, "4": 0.15}, None, None]
+    assert all(set(r) == {"pattern", "variant", "kv", "seq", "seed", "steps", "recall"} for r in rows[2:])
+    assert grid.table(rows[2:]).splitlines()[0] == "| kv pairs | seq | steps | model | recall (mean ± std) | seeds |"
+    lines = grid.table(rows).splitlines()
+    assert lines[2:] == ["| 4 | 64 | 10 | BB | 0.800 ± 0.141 | 2 | 2x 0.400 / 4x 0.200 |",
+                         "| 4 | 64 | 10 | MM | 0.300 ± 0.141 | 2 | - |"]
+    assert grid.length_cell([rows[0], rows[2]]) == "2x 0.500 (1 of 2 seeds) / 4x 0.250 (1 of 2 seeds)"
+    data = Path(__file__).parents[1] / "docs" / "data"
+    recorded = grid.collect(tmp_path / "none", [data / "recall-grid.jsonl", data / "recall-filler.jsonl"])
+    longer = {(r["pattern"], r["variant"], r["kv"], r["seed"], r["steps"]): r["length_recall"]
+              for r in recorded if "length_recall" in r}
+    assert longer[("BB", "cpu-tiny", 8, 0, 600)] == {"2": 0.830, "4": 0.727}  # "The default run"
+    assert longer[("MM", "", 4, 2, 2000)] == {"2": 0.208, "4": 0.105}  # the 4-pair suite cell
+    assert all(set(v) == {"2", "4"} and all(0 <= x <= 1 for x in v.values()) for v in longer.values())
+    assert "longer lengths (mean)" in grid.table(recorded)
+
+
 def test_the_recall_grid_names_an_override_caught_by_a_list_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                      capsys: pytest.CaptureFixture) -> None:
     """infra/recall_grid.py: --kv, --seq, --seeds, --patterns and --include take every word up to the next option,
