@@ -140,16 +140,16 @@ def test_tied_embeddings_under_pp_count_the_last_stage_copy():
 
 
 def test_over_budget_raises_before_anything_else():
-    r = recipe("trn1/bmojo-1.4b", "parallel.tp=1", "model.ssm_n_groups=1", "parallel.zero1=false",
-               "train.activation_checkpointing=false", "train.batch_size=32")
+    r = recipe("trn1/bmojo-1.4b", "parallel.tp=1", "parallel.sp=false", "model.ssm_n_groups=1",
+               "parallel.zero1=false", "train.activation_checkpointing=false", "train.batch_size=32")
     assert estimate_memory(r, 32).total > NEURONCORE_HBM_BYTES
     with pytest.raises(ValueError, match=r"GiB of HBM per NeuronCore.*16 GiB of a NeuronCore-v2"):
         build_plan(r, "trn1/bmojo-1.4b")
 
 
 def test_cli_over_budget_prints_nothing_but_the_error(capsys):
-    code = main(["plan", "trn1/bmojo-1.4b", "parallel.tp=1", "model.ssm_n_groups=1", "parallel.zero1=false",
-                 "train.activation_checkpointing=false", "train.batch_size=32"])
+    code = main(["plan", "trn1/bmojo-1.4b", "parallel.tp=1", "parallel.sp=false", "model.ssm_n_groups=1",
+                 "parallel.zero1=false", "train.activation_checkpointing=false", "train.batch_size=32"])
     out, err = capsys.readouterr()
     assert code == 2 and out == "" and "16 GiB" in err
 
