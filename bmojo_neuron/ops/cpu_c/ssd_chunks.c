@@ -211,13 +211,8 @@ static void forward_group(const dims_t *d, long b, long g, const float *x, const
             gemm(N, P, T, s->at, T, 1, s->xdt, P, st, P, 0);
         }
     }
-    for (long k = 0; k < hpg; k++) {
-        long h = g * hpg + k;
-        const float *st = s->states + k * NP;
-        float *dst = h_final + (b * H + h) * P * N;
-        for (long p = 0; p < P; p++)
-            for (long n = 0; n < N; n++) dst[p * N + n] = st[n * P + p];
-    }
+    for (long k = 0; k < hpg; k++) /* the states are kept (N, P): the caller's are (P, N) */
+        transpose(N, P, s->states + k * NP, P, h_final + (b * H + g * hpg + k) * P * N);
 }
 
 int ssd_chunks_forward(const float *x, const float *dt, const float *A, const float *B, const float *C,
@@ -364,13 +359,8 @@ static void backward_group(const dims_t *d, long b, long g, const float *x, cons
         gemm(T, N, T, s->dcb, T, 1, Bc, GN, dC + ((b * L + t0) * G + g) * N, GN, 1);
         gemm(T, N, T, s->dcb, 1, T, Cc, GN, dB + ((b * L + t0) * G + g) * N, GN, 0);
     }
-    for (long k = 0; k < hpg; k++) {
-        long h = g * hpg + k;
-        const float *ds = s->states + k * NP;
-        float *dst = d_h0 + (b * H + h) * P * N;
-        for (long p = 0; p < P; p++)
-            for (long n = 0; n < N; n++) dst[p * N + n] = ds[n * P + p];
-    }
+    for (long k = 0; k < hpg; k++) /* (N, P) kept, (P, N) given back, as the forward's final states */
+        transpose(N, P, s->states + k * NP, P, d_h0 + (b * H + g * hpg + k) * P * N);
 }
 
 /* dB, dC and d_a (batch, H) must be zero on entry; dx, d_dt and d_h0 are written whole. g_final may be NULL. */
