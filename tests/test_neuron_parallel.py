@@ -19,7 +19,6 @@ the two halves' means is the batch mean) and the gradients are summed over the r
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -47,14 +46,8 @@ def recipe(**overrides) -> Recipe:
 
 
 def _worker(rank: int, init: str, out: str) -> None:
-    os.environ["BMOJO_OPS_BACKEND"] = "torch"
-    os.environ.pop("WORLD_SIZE", None)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)
-    patch = pytest.MonkeyPatch()
-    log = neuron_sdk.install(patch)
-    summary = {}
-    try:
+    with neuron_sdk.gloo_rank(rank, init, WORLD) as log:
+        summary = {}
         for name, overrides in RUNS.items():
             log.graphs.clear()
             result = train(recipe(**overrides), Path(out) / name, progress=False)
@@ -65,9 +58,6 @@ def _worker(rank: int, init: str, out: str) -> None:
                              "dist": list(log.dist_calls), "violations": list(log.violations)}
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(summary, default=str))
         dist.barrier()
-    finally:
-        patch.undo()
-        dist.destroy_process_group()
 
 
 def _collectives(graph: list[tuple]) -> list[list[str]]:
@@ -142,22 +132,13 @@ def test_the_ranks_issue_the_collectives_nxd_issues(runs):
 
 
 def _worker_of_four(rank: int, init: str, out: str) -> None:
-    os.environ["BMOJO_OPS_BACKEND"] = "torch"
-    os.environ.pop("WORLD_SIZE", None)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=4)
-    patch = pytest.MonkeyPatch()
-    log = neuron_sdk.install(patch)
-    try:
+    with neuron_sdk.gloo_rank(rank, init, 4) as log:
         result = train(recipe(**{"parallel.tp": 2}), Path(out) / "tp2dp2", progress=False)
         updates = [g[1:] for g in log.graphs if any(e[0] == "optimizer_step" for e in g)]
         summary = {"metrics": result.metrics, "final": str(result.final_dir), "update": updates[-1],
                    "dist": list(log.dist_calls), "violations": list(log.violations)}
         (Path(out) / f"four{rank}.json").write_text(json.dumps(summary, default=str))
         dist.barrier()
-    finally:
-        patch.undo()
-        dist.destroy_process_group()
 
 
 def test_tp2_dp2_on_four_ranks_equals_the_one_process_run(tmp_path, one_process):

@@ -21,7 +21,6 @@ is compared bitwise.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -193,14 +192,8 @@ def test_trainium_checks_accept_tied_embeddings_under_pp():
 
 
 def _worker(rank: int, init: str, out: str) -> None:
-    os.environ["BMOJO_OPS_BACKEND"] = "torch"
-    os.environ.pop("WORLD_SIZE", None)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD)
-    patch = pytest.MonkeyPatch()
-    log = neuron_sdk.install(patch)
-    out_dir, summary = Path(out), {}
-    try:
+    with neuron_sdk.gloo_rank(rank, init, WORLD) as log:
+        out_dir, summary = Path(out), {}
         with neuron_sdk.host_reads_in_steps(log) as reads:
             whole = train(recipe(**PP), out_dir / "whole", progress=False)
         summary["whole"] = _summary(whole, log, reads)
@@ -213,9 +206,6 @@ def _worker(rank: int, init: str, out: str) -> None:
                                                progress=False))
         (out_dir / f"rank{rank}.json").write_text(json.dumps(summary))
         dist.barrier()  # all ranks done before any tears the group down: an early exit can abort a peer
-    finally:
-        patch.undo()
-        dist.destroy_process_group()
 
 
 def _step_seeds(syncs: list[dict]) -> list[int]:

@@ -11,13 +11,10 @@ the ranks: a rank stuck in a collective fails the test instead of blocking it.
 from __future__ import annotations
 
 import json
-import os
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed as dist
 from doubles import mpmd, neuron_sdk
 from rank_processes import start_ranks
@@ -36,14 +33,7 @@ SETTINGS = {**PP, "train.steps": STEPS, "checkpoint.every": STEPS, "eval.every":
 def _stop_worker(rank: int, init: str, out: str, asked: int, where: str) -> None:
     """Train on rank `rank`; on rank `asked` only, ask to stop while tracing step ``ASKED_AFTER_STEP`` (`where` =
     "step") or after the first length of the finish's length evaluation ("finish")."""
-    os.environ["BMOJO_OPS_BACKEND"] = "torch"
-    os.environ.pop("WORLD_SIZE", None)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=DEADLINE_S))
-    patch = pytest.MonkeyPatch()
-    log = neuron_sdk.install(patch)
-    try:
+    with neuron_sdk.gloo_rank(rank, init, WORLD, timeout_s=DEADLINE_S) as log:
         from bmojo_neuron.training import Trainer
         from bmojo_neuron.training.backend import open_backend
 
@@ -83,9 +73,6 @@ def _stop_worker(rank: int, init: str, out: str, asked: int, where: str) -> None
                    "host_transfers": log.host_transfers, "graphs": mpmd.graphs_of(log)}
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(summary, default=str))
         dist.barrier()  # all ranks done before any tears the group down: an early exit can abort a peer
-    finally:
-        patch.undo()
-        dist.destroy_process_group()
 
 
 def _run_ranks(out: Path, asked: int, where: str) -> list[dict]:

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, Callable, Iterator
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -62,6 +65,25 @@ DIST_COLLECTIVES = ("barrier", "monitored_barrier", "all_reduce", "all_gather", 
                     "all_gather_object", "broadcast", "broadcast_object_list", "reduce", "reduce_scatter",
                     "reduce_scatter_tensor", "gather", "gather_object", "scatter", "scatter_object_list",
                     "all_to_all", "send", "recv", "isend", "irecv")
+
+
+@contextmanager
+def gloo_rank(rank: int, init: str, world: int, timeout_s: float | None = None) -> Iterator[XlaLog]:
+    """One rank of a multi-process Neuron test: the torch ops, one thread, a gloo group over the file `init`, and
+    every double installed (their log is yielded). The doubles and the group are torn down after the block, which
+    should end on a barrier: a rank that leaves early can abort a peer's collective."""
+    os.environ["BMOJO_OPS_BACKEND"] = "torch"
+    os.environ.pop("WORLD_SIZE", None)
+    torch.set_num_threads(1)
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world, **timeout)
+    patch = pytest.MonkeyPatch()
+    log = install(patch)
+    try:
+        yield log
+    finally:
+        patch.undo()
+        dist.destroy_process_group()
 
 
 def _recorded(collective: Callable[..., Any], name: str, log: XlaLog) -> Callable[..., Any]:
