@@ -362,10 +362,10 @@ def test_command_modules_are_discovered(registry, monkeypatch, tmp_path, capsys)
 
 
 def test_a_path_that_is_no_model_is_answered_before_torch_or_transformers_load(tmp_path):
-    """`eval`, `generate`, `inspect`, `export-transformer`, `checkpoint consolidate / shard` and `train`'s
-    ``init.weights`` of a path that is not there, or is a file, or a folder of runs, or a run of the wrong kind,
-    say so in one line without first importing torch and transformers (seconds of start-up), as `data prepare`
-    answers a bad recipe or one with nothing to prepare."""
+    """`eval`, `generate`, `inspect`, `export-transformer`, `checkpoint consolidate / shard`, and `train`'s
+    ``init.weights`` or text ``data.path``, of a path that is not there, or is a file, or a folder of runs, or a
+    run of the wrong kind, say so in one line without first importing torch and transformers (seconds of
+    start-up), as `data prepare` answers a bad recipe or one with nothing to prepare."""
     missing = str(tmp_path / "runs" / "nope")
     fixtures = ROOT / "tests" / "golden" / "checkpoints"  # three runs, read only: every command here refuses them
     run, weights, out = fixtures / "finished", fixtures / "finished" / "final" / "model.safetensors", tmp_path / "out"
@@ -380,6 +380,7 @@ def test_a_path_that_is_no_model_is_answered_before_torch_or_transformers_load(t
                 ["checkpoint", "shard", str(weights), "--tp", "2", "--output-dir", str(out)],
                 ["checkpoint", "shard", str(run), "--tp", "2", "--output-dir", str(out)],
                 ["train", "cpu-tiny", "suite=none", f"init.weights={weights}", "--output-dir", str(out)],
+                ["train", "cpu-text", f"data.path={missing}", "--output-dir", str(out)],
                 ["data", "prepare", "cpu-tiny", "train.stesp=5"],
                 ["data", "prepare", "cpu-text", f"data.path={missing}"], ["data", "prepare", "cpu-tiny"]]
     code = ("import sys; from bmojo_neuron.cli import main; "
@@ -388,7 +389,7 @@ def test_a_path_that_is_no_model_is_answered_before_torch_or_transformers_load(t
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.stdout.splitlines() == [  # MQAR data: nothing to prepare, said as quickly
         "cpu-tiny: data.kind is mqar: generated in memory when training starts, nothing to prepare",
-        f"{[2] * 17 + [0]} []"], done.stderr
+        f"{[2] * 18 + [0]} []"], done.stderr
     holder = f"is a file, not a model's folder: give the folder that holds it, {run / 'final'}"
     assert done.stderr.splitlines() == [f"error: {missing} does not exist"] * 6 + [
         f"error: {weights} {holder}", f"error: {run / 'recipe.json'} is a file, not a model's folder: give the "
@@ -402,6 +403,8 @@ def test_a_path_that_is_no_model_is_answered_before_torch_or_transformers_load(t
         "(by parameter index) is not converted (shard reads a consolidated copy); to train it at other parallel "
         f"degrees, start a new run from its weights: bmojo-neuron train RECIPE init.weights={run} parallel.tp=N "
         "(step 0, a fresh optimizer)", f"error: recipe key init.weights: {weights} {holder}",
+        f"error: data.path {missing}: no such file or folder (a hub dataset would be named owner/name, e.g. "
+        "roneneldan/TinyStories)",
         "error: recipe key train.stesp: unknown key; valid keys of train: steps, batch_size, grad_accum, precision, "
         "activation_checkpointing, log_every, compile",
         f"error: data.path {missing}: no such file or folder (a hub dataset would be named owner/name, e.g. "

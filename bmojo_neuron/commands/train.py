@@ -273,8 +273,10 @@ def run(args: argparse.Namespace) -> int:
     from bmojo_neuron.recipes import count_parameters, load_recipe, shadowed_overrides
 
     recipe = load_recipe(name, overrides)  # before torch and transformers load: a bad recipe is refused at once
-    if not args.dry_run and not args.resume:  # a resumed run starts from its checkpoint, not init.weights
-        check_init_weights_early(recipe)
+    if not args.dry_run:  # --dry-run lists every problem instead
+        if recipe.run.device == "neuron":  # a cache every node would share fails the run: the first thing said
+            check_cache_not_shared()
+        check_sources_early(recipe, args.resume)
     from bmojo_neuron.checkpoints.layout import has_run
     from bmojo_neuron.parallel.layout import torchrun_env
     from bmojo_neuron.preflight import check_resumable, check_run_dirs
@@ -286,8 +288,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {note}", file=sys.stderr)
     if args.dry_run:
         return dry_run(recipe, name, overrides, args)
-    if recipe.run.device == "neuron":
-        check_cache_not_shared()
     runs = plan_runs(recipe, args.output_dir)
     for variant, _ in runs:  # check every run before the first long one starts
         variant.check()
@@ -311,10 +311,12 @@ def run(args: argparse.Namespace) -> int:
         return train_all(runs, args, recipe, main)
 
 
-def check_init_weights_early(recipe: Any) -> None:
-    """Each run's ``init.weights`` names a model folder (`checkpoints.locate` reads folder listings only), so a
-    file or a folder of runs given for it is one line before torch loads; the preflight checks it again."""
+def check_sources_early(recipe: Any, resume: bool) -> None:
+    """Each run's text ``data.path`` is there and, for a new run, its ``init.weights`` names a model folder (a
+    resumed run starts from its checkpoint): one line before torch loads, since `data.text.source_kind` and
+    `checkpoints.locate` read the file system only. The preflight checks both again."""
     from bmojo_neuron.checkpoints.locate import initial_weights_dir
+    from bmojo_neuron.data.text import source_kind
 
     # the runs `training.suite.plan_runs` makes of the recipe, as the dotted overrides each applies to it
     if recipe.suite:
@@ -322,8 +324,12 @@ def check_init_weights_early(recipe: Any) -> None:
     else:
         runs = [{}] + ([recipe.compare.overrides] if recipe.compare is not None else [])
     for run_overrides in runs:
+        kind = run_overrides.get("data.kind", recipe.data.kind)
+        path = run_overrides.get("data.path", getattr(recipe.data, "path", None))
+        if kind == "text" and path is not None:
+            source_kind(str(Path(path).expanduser()))
         weights = run_overrides.get("init.weights", recipe.init.weights)
-        if weights:
+        if weights and not resume:
             initial_weights_dir(weights)
 
 
