@@ -44,10 +44,9 @@ PRELOAD = [
     "transformers.models.llama.modeling_llama", "bmojo_neuron", "bmojo_neuron.training", "bmojo_neuron.cli",
     "bmojo_neuron.checkpoints.convert", "bmojo_neuron.evaluation", "bmojo_neuron.generation",
     "bmojo_neuron.priming", "bmojo_neuron.parallel.nxd_pipeline",
-    # what a training run imports late: ``datasets`` (its progress bars are turned off around the data
-    # set-up, `bmojo_neuron.data.text.library_progress_bars`) and matplotlib (the metrics plot): 5-10 s in
-    # each rank's first run otherwise
-    "datasets", "matplotlib.pyplot",
+    # what a training run imports late, matplotlib (the metrics plot): seconds in each rank's first run otherwise.
+    # The MQAR runs here never import ``datasets`` (only text data does), so it is not preloaded.
+    "matplotlib.pyplot",
 ]
 _SESSION_ENVIRONMENT = dict(os.environ)  # this module is imported at collection, before any test changes it
 
