@@ -1,14 +1,15 @@
 """Build the plain-C kernels of this package once per user and load them with `ctypes`.
 
-The library is compiled on first use (``cc -O3 -march=native -fopenmp -shared``, well
-under a second: the C files include no torch headers) into a per-user cache folder,
-named by a hash of the source, the compiler, its flags and the machine, so an edited
-source or another CPU gets its own build. The compiler writes to a temporary file in
+Every ``*.c`` file of this folder goes into one library, compiled on first use
+(``cc -O3 -march=native -fopenmp -shared``, about a second: the C files include no torch
+headers) into a per-user cache folder, named by a hash of the sources, the compiler, its
+flags and the machine, so an edited source or another CPU gets its own build. The compiler writes to a temporary file in
 that folder which is then renamed into place (`os.replace`, atomic on one file
 system): a build killed half way leaves no library that would load broken.
 
 Nothing here raises on a missing compiler or a failed build: `load` returns the reason
-instead, and the caller runs the torch path.
+instead, and the caller runs the torch path. Each kernel's Python module declares its C
+functions' argument types and calls them through `function`.
 """
 
 from __future__ import annotations
@@ -23,20 +24,17 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CACHE_ENV", "OFF_ENV", "Loaded", "cache_dir", "load", "reset"]
+__all__ = ["CACHE_ENV", "FLOAT_P", "INT", "LONG", "OFF_ENV", "FLOAT", "Loaded", "cache_dir", "function", "load", "reset",
+           "sources"]
 
 OFF_ENV = "BMOJO_CPU_C"  # "0" turns the C kernels off: the torch path runs
 CACHE_ENV = "BMOJO_CPU_C_CACHE"  # where the built library goes (default: the user cache folder)
-SOURCE = Path(__file__).with_name("ssd_chunks.c")
+LIBRARY_STEM = "bmojo-kernels"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120
 
-_float_p, _long, _int, _float = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
-# The C functions' parameters (ssd_chunks.c): pointers, then the sizes, the decay floor and the thread count.
-_SIGNATURES = {
-    "ssd_chunks_forward": [_float_p] * 9 + [_long] * 7 + [_float, _int],
-    "ssd_chunks_backward": [_float_p] * 14 + [_long] * 7 + [_float, _int],
-}
+# The C types the kernels' parameters use (every kernel function returns an int status, 0 for success).
+FLOAT_P, LONG, INT, FLOAT = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 
 
 @dataclass(frozen=True)
@@ -72,6 +70,19 @@ def load() -> Loaded:
     return _loaded
 
 
+def function(name: str, argtypes: list) -> ctypes._CFuncPtr:
+    """The loaded library's C function `name` with its argument types set; call only after `load` succeeded."""
+    fn = getattr(load().library, name)  # ctypes caches the attribute, so the types are set once
+    if fn.argtypes is None:
+        fn.argtypes, fn.restype = argtypes, ctypes.c_int
+    return fn
+
+
+def sources() -> list[Path]:
+    """The C files built into the library: every ``*.c`` beside this module, in name order."""
+    return sorted(Path(__file__).parent.glob("*.c"))
+
+
 def reset() -> None:
     """Forget the loaded library (tests change the compiler or the cache folder)."""
     global _loaded
@@ -79,7 +90,8 @@ def reset() -> None:
 
 
 def _key(compiler: str) -> str:
-    parts = [SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode(),
+    parts = [b for source in sources() for b in (source.name.encode(), source.read_bytes())]
+    parts += [compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode(),
              _cpu_model().encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
@@ -101,7 +113,7 @@ def _build_and_load() -> Loaded:
     if path is None:
         return Loaded(None, f"no C compiler: {compiler!r} is not on PATH (set CC)")
     folder = cache_dir()
-    library = folder / f"ssd_chunks-{_key(path)}.so"
+    library = folder / f"{LIBRARY_STEM}-{_key(path)}.so"
     if not library.exists():
         reason = _build(path, folder, library)
         if reason:
@@ -110,9 +122,6 @@ def _build_and_load() -> Loaded:
         lib = ctypes.CDLL(str(library))
     except OSError as exc:
         return Loaded(None, f"the built library {library} does not load: {exc}")
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, ctypes.c_int
     return Loaded(lib, f"built with {path} {' '.join(FLAGS)} in {library}")
 
 
@@ -125,15 +134,20 @@ def _build(compiler: str, folder: Path, library: Path) -> str:
     except OSError as exc:
         return f"cannot write the kernel cache folder {folder}: {exc.strerror or exc}"
     try:
-        done = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+        files = sources()
+        done = subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, files)], capture_output=True, text=True,
                               timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
-            return f"compiling {SOURCE.name} with {compiler} failed (exit {done.returncode}): {first}"
+            return f"compiling {_names(files)} with {compiler} failed (exit {done.returncode}): {first}"
         os.replace(tmp, library)
         return ""
     except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"compiling {SOURCE.name} with {compiler} failed: {exc}"
+        return f"compiling {_names(sources())} with {compiler} failed: {exc}"
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _names(files: list[Path]) -> str:
+    return ", ".join(f.name for f in files)

@@ -25,6 +25,10 @@ __all__ = ["CSSDChunks", "c_core_unavailable", "ssd_scan"]
 
 _warned: set[str] = set()
 
+# ssd_chunks.c's parameters: pointers, then the sizes (b, L, H, P, G, N, chunk), the decay floor, the thread count.
+_FORWARD_ARGS = [build.FLOAT_P] * 9 + [build.LONG] * 7 + [build.FLOAT, build.INT]
+_BACKWARD_ARGS = [build.FLOAT_P] * 14 + [build.LONG] * 7 + [build.FLOAT, build.INT]
+
 
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
@@ -49,7 +53,7 @@ class CSSDChunks(torch.autograd.Function):
         G, N = B.shape[-2:]
         y, h = torch.empty_like(x), torch.empty_like(h0)
         starts = x.new_empty(b, L // chunk, H, N, P)
-        status = build.load().library.ssd_chunks_forward(
+        status = build.function("ssd_chunks_forward", _FORWARD_ARGS)(
             *map(_ptr, (x, dt, A, B, C, h0, y, h, starts)), b, L, H, P, G, N, chunk, _floor(x.dtype), _threads())
         if status:
             raise MemoryError("ssd_chunks_forward: out of memory for its scratch buffers")
@@ -66,7 +70,7 @@ class CSSDChunks(torch.autograd.Function):
         g_final = None if g_final is None else g_final.contiguous()
         dx, d_dt, d_h0 = torch.empty_like(x), torch.empty_like(dt), x.new_empty(b, H, P, N)
         d_a, dB, dC = x.new_zeros(b, H), torch.zeros_like(B), torch.zeros_like(C)
-        status = build.load().library.ssd_chunks_backward(
+        status = build.function("ssd_chunks_backward", _BACKWARD_ARGS)(
             *map(_ptr, (x, dt, A, B, C, starts, gy, g_final, dx, d_dt, d_a, dB, dC, d_h0)),
             b, L, H, P, G, N, ctx.chunk, _floor(x.dtype), _threads())
         if status:
