@@ -24,6 +24,7 @@ import tarfile
 import tempfile
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +35,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from nki_kernels.emulator import as_nki, nki  # noqa: E402
+from nki_kernels.emulator import NKILoopDependencyWarning, NKISpillWarning, as_nki, nisa, nki, nl  # noqa: E402
 
 LIBRARY_COMMIT = "0759719"
 BF16 = ml_dtypes.bfloat16
@@ -53,6 +54,7 @@ class Case:
     rtol: float = 1e-5
     subkernel: bool = False  # no @nki.jit of its own: its tests jit it, here it is simulated
     grid: int | None = None  # launched as kernel[grid](...) (a launcher that takes the grid, rotational_topk's topk)
+    harness: Callable[..., Any] | None = None  # our kernel that calls the sub-kernel (`SUBKERNEL`) between HBM tensors
 
 
 def _randn(rng: np.random.Generator, *shape: int, dtype: Any = np.float32) -> np.ndarray:
@@ -140,6 +142,39 @@ def _ref_mlp(h, gate, up, down, **kw):
 
 def _ref_qkv(x, w, **kw):
     return x.astype(np.float64) @ w.astype(np.float64)
+
+
+def _ref_masked_affinities(affinities, index, rank, e_local, **kw):
+    # its docstring (and moe_tkg's test golden): the rank's slice of experts, zeroed where a token chose none of them
+    offset = int(rank[0, 0]) * e_local
+    local = affinities[:, offset:offset + e_local].astype(np.float64)
+    chosen = (index[:, :, None] == offset + np.arange(e_local)[None, None, :]).any(axis=1)
+    return local * chosen
+
+
+# The sub-kernel a `Case.harness` calls, set by `run_case` (a harness is our own NKI 0.2 code, run through the
+# emulator's front end with the sub-kernel it reaches).
+SUBKERNEL: dict[str, Callable[..., Any]] = {}
+
+
+def _mask_expert_affinities_harness(affinities, index, rank, e_local):
+    """moe_tkg's all-expert affinity masking (`mask_expert_affinities`, mask_unselected_experts=True, its SBUF
+    output) between HBM tensors: the top-K indices loaded to SBUF first, the masked affinities stored back."""
+    tokens, top_k = index.shape
+    index_sbuf = nl.ndarray((tokens, top_k), dtype=index.dtype, buffer=nl.sbuf)
+    nisa.dma_copy(dst=index_sbuf, src=index)
+    masked = SUBKERNEL["mask_expert_affinities"](affinities, index_sbuf, rank, e_local, tokens, top_k,
+                                                  affinities.dtype, True, True)
+    out = nl.ndarray((tokens, e_local), dtype=affinities.dtype, buffer=nl.shared_hbm)
+    nisa.dma_copy(dst=out, src=masked)
+    return out
+
+
+def _masking_inputs(rng: np.random.Generator, top_k: int) -> tuple[tuple, dict]:
+    """T 32 tokens, E 8 experts, 4 local ones at rank 1, top-k indices int32 (moe_tkg's test layouts)."""
+    tokens, experts, e_local = 32, 8, 4
+    index = np.stack([rng.permutation(experts)[:top_k] for _ in range(tokens)]).astype(np.int32)
+    return (rng.random((tokens, experts)).astype(np.float32), index, np.ones((1, 1), np.uint32), e_local), {}
 
 
 def _moe_inputs(rng: np.random.Generator) -> tuple[tuple, dict]:
@@ -247,6 +282,10 @@ def _cases() -> list[Case]:
              lambda r: ((_randn(r, 1, 4, 512, dtype=BF16), _randn(r, 1, 512, dtype=BF16), _rmsnorm_quant_args()), {})),
         Case("core.topk.rotational_topk", "topk", lambda r: ((_randn(r, 1, 4, 4096), 8), {}),
              lambda x, k: np.sort(x, -1)[..., ::-1][..., :k].astype(np.float64), grid=1),
+        Case("core.moe.moe_tkg.moe_tkg_affinity_masking", "mask_expert_affinities",
+             lambda r: _masking_inputs(r, 1), _ref_masked_affinities, 0, 0, harness=_mask_expert_affinities_harness),
+        Case("core.moe.moe_tkg.moe_tkg_affinity_masking", "mask_expert_affinities",
+             lambda r: _masking_inputs(r, 2), _ref_masked_affinities, 0, 0, harness=_mask_expert_affinities_harness),
         Case("core.router_topk.router_topk", "router_topk", lambda r: ((), {})),
         Case("core.moe_block.moe_block_tkg", "moe_block_tkg", lambda r: ((), {})),
         Case("core.moe.moe_cte.moe_cte", "moe_cte", lambda r: ((), {})),
@@ -287,26 +326,36 @@ def _compare(case: Case, out: Any, expected: Any) -> bool:
 
 
 def run_case(case: Case, seed: int = 0) -> tuple[str, float]:
-    """Run one case; returns (outcome, seconds)."""
+    """Run one case; returns (outcome, seconds). The emulator's warnings (a loop-carried dependency in an
+    affine_range, spilled tiles: neuronx-cc accepts both) are appended to a run's outcome."""
     start = time.perf_counter()
-    try:
-        with as_nki():
-            module = importlib.import_module(LIB + case.module)
-        kernel = getattr(module, case.kernel)
-        args, kwargs = case.inputs(np.random.default_rng(seed))
-        if case.grid is not None:
-            kernel = kernel[case.grid]
-        with as_nki():
-            out = nki.simulate_kernel(kernel, *args, **kwargs) if case.subkernel else kernel(*args, **kwargs)
-        if case.reference is None:
-            outcome = "ran (no reference)"
-        else:
-            outcome = "matched" if _compare(case, out, case.reference(*args, **kwargs)) else "MISMATCH"
-    except Exception as exc:  # noqa: BLE001 - the outcome of the triage is the error itself
-        frame = next((f for f in reversed(traceback.extract_tb(exc.__traceback__)) if "nkilib_src" in f.filename),
-                     None)
-        where = f" [{Path(frame.filename).name}:{frame.lineno}]" if frame else ""
-        outcome = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{where}"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NKILoopDependencyWarning)
+        warnings.simplefilter("always", NKISpillWarning)
+        try:
+            with as_nki():
+                module = importlib.import_module(LIB + case.module)
+            kernel = getattr(module, case.kernel)
+            args, kwargs = case.inputs(np.random.default_rng(seed))
+            if case.grid is not None:
+                kernel = kernel[case.grid]
+            if case.harness is not None:
+                SUBKERNEL[case.kernel], kernel = kernel, case.harness
+            with as_nki():
+                simulated = case.subkernel or case.harness is not None
+                out = nki.simulate_kernel(kernel, *args, **kwargs) if simulated else kernel(*args, **kwargs)
+            if case.reference is None:
+                outcome = "ran (no reference)"
+            else:
+                outcome = "matched" if _compare(case, out, case.reference(*args, **kwargs)) else "MISMATCH"
+        except Exception as exc:  # noqa: BLE001 - the outcome of the triage is the error itself
+            frame = next((f for f in reversed(traceback.extract_tb(exc.__traceback__)) if "nkilib_src" in f.filename),
+                         None)
+            where = f" [{Path(frame.filename).name}:{frame.lineno}]" if frame else ""
+            outcome = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{where}"
+    for w in caught:
+        if issubclass(w.category, (NKILoopDependencyWarning, NKISpillWarning)):
+            outcome += f"; warned {w.category.__name__} [{Path(w.filename).name}:{w.lineno}]: {str(w.message)[:160]}"
     return outcome, time.perf_counter() - start
 
 

@@ -28,7 +28,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from nki_kernels.emulator import NKILanguageWarning, NKIRuleError, as_nki, frontend, nki
+from nki_kernels.emulator import NKILanguageWarning, NKILoopDependencyWarning, NKIRuleError, as_nki, frontend, nki
 
 SDK_COMMIT = "3c46990de45d2ed76e22fe5990f8dcb6a7763f00"
 LIBRARY_COMMIT = "0759719"
@@ -338,6 +338,42 @@ def test_moe_token_gather_and_scatter(library):
     expected_out = previous.copy()
     expected_out[order[valid]] = hidden[order[valid]]
     np.testing.assert_array_equal(out, expected_out)
+
+
+def test_moe_tkg_affinity_masking_runs_its_carried_offset_in_order(library):
+    """moe_tkg's `mask_expert_affinities` (core/moe/moe_tkg/moe_tkg_affinity_masking.py) compares each local
+    expert's index with `expert_offset_f` and adds 1 to it "for next iteration" inside an affine_range (lines
+    259-292): a loop-carried dependency, which neuronx-cc accepts (docs/kernels.md, "Loop-carried
+    dependencies"). Top-1 (T 32, E 8, 4 local experts at rank 1): it runs in order with one warning for that loop
+    and matches its test's golden (moe_tkg test utils: the rank's slice, zeroed where a token chose none of
+    those experts). Top-2 then stops where v2 differs: an odd k copies on the Scalar engine (line 252)."""
+    mod = _import(library, "nkilib_src.nkilib.core.moe.moe_tkg.moe_tkg_affinity_masking")
+    nl, nisa = mod.nl, mod.nisa
+    tokens, experts, e_local, rank = 32, 8, 4, 1
+
+    def driver(affinities, index, rank_id):
+        top_k = index.shape[1]
+        index_sbuf = nl.ndarray((tokens, top_k), dtype=index.dtype, buffer=nl.sbuf)
+        nisa.dma_copy(dst=index_sbuf, src=index)
+        masked = mod.mask_expert_affinities(affinities, index_sbuf, rank_id, e_local, tokens, top_k, affinities.dtype,
+                                            mask_unselected_experts=True, output_in_sbuf=True)
+        out = nl.ndarray((tokens, e_local), dtype=affinities.dtype, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=out, src=masked)
+        return out
+
+    affinities = RNG.random((tokens, experts)).astype(np.float32)
+    rank_id = np.full((1, 1), rank, np.uint32)
+    top1 = RNG.integers(0, experts, (tokens, 1)).astype(np.int32)
+    with pytest.warns(NKILoopDependencyWarning, match="nisa.tensor_tensor: a loop-carried dependency in "
+                                                      "affine_range: an iteration reads what another") as record:
+        out = _run_subkernel(driver, affinities, top1, rank_id)
+    assert [(w.filename.endswith("moe_tkg_affinity_masking.py"), w.lineno) for w in record] == [(True, 262)]
+    local = slice(rank * e_local, (rank + 1) * e_local)
+    expected = affinities[:, local] * (top1 == np.arange(experts)[local][None, :])
+    np.testing.assert_array_equal(out, expected)
+    top2 = np.stack([RNG.permutation(experts)[:2] for _ in range(tokens)]).astype(np.int32)
+    with pytest.raises(NKIRuleError, match="tensor_copy: runs on vector/gpsimd only \\(NeuronCore-v2\\)"):
+        _run_subkernel(driver, affinities, top2, rank_id)
 
 
 def test_moe_kernels_need_neuroncore_v3(library):

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from . import collectives, core, costmodel, frontend, isa, isa_constants, language, launch, tensor
-from .core import NKIRuleError, NKISpillWarning, NkiTensor, Profile
+from .core import NKILoopDependencyWarning, NKIRuleError, NKISpillWarning, NkiTensor, Profile
 from .frontend import NKILanguageError, NKILanguageWarning
 
 __version__ = "0.2.0-emulated"
@@ -167,6 +167,7 @@ dtype = np.dtype
 nl = language
 nisa = isa
 
-__all__ = ["Kernel", "NKILanguageError", "NKILanguageWarning", "NKIRuleError", "NKISpillWarning", "Profile", "as_nki",
+__all__ = ["Kernel", "NKILanguageError", "NKILanguageWarning", "NKILoopDependencyWarning", "NKIRuleError",
+           "NKISpillWarning", "Profile", "as_nki",
            "collectives", "costmodel", "dtype", "frontend", "isa", "isa_constants", "jit", "language", "launch", "nisa",
            "nki", "nl", "simulate", "simulate_kernel", "tensor"]

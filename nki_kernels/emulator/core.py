@@ -69,6 +69,13 @@ class NKISpillWarning(UserWarning):
     runs on; which tiles spill and the traffic they cost are not modelled (no source says)."""
 
 
+class NKILoopDependencyWarning(UserWarning):
+    """A loop-carried dependency between iterations of an ``nl.affine_range`` (emulator/loops.py). neuronx-cc
+    accepts such a loop: the stub warns it "is considered unsafe and could lead to numerical errors"
+    (nki/api/nki/language/__init__.py lines 251-252) and no 0.2.0 source names a compile error for it. The
+    emulator runs the iterations in order and goes on."""
+
+
 # --------------------------------------------------------------------- profile / run state
 def bound_of(busy: dict[str, float]) -> str:
     """`Profile.bound` from seconds busy per resource (`Profile.busy_s`), also for figures derived from
@@ -877,6 +884,7 @@ def ceil_div(a: int, b: int) -> int:
 
 
 __all__ = [
-    "BFLOAT16", "DynSlice", "IndirectTensor", "NKIRuleError", "NKISpillWarning", "NkiTensor", "Profile", "RunState",
+    "BFLOAT16", "DynSlice", "IndirectTensor", "NKILoopDependencyWarning", "NKIRuleError", "NKISpillWarning",
+    "NkiTensor", "Profile", "RunState",
     "allocate", "as_dtype", "ceil_div", "is_float", "kernel_site", "nki_dtype", "rule_error", "state", "wrap_hbm",
 ]

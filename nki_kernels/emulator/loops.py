@@ -1,18 +1,26 @@
-"""Loop-carried dependencies inside ``nl.affine_range``, found as the kernel runs.
+"""Loop-carried dependencies inside ``nl.affine_range``, found as the kernel runs and warned about.
 
 The 0.2.0 stub (``nki.language.affine_range``, ``sequential_range``) calls the
 iterations of an ``affine_range`` parallel: the compiler may reorder, vectorize or
 pipeline them, and using one where the iterations carry a dependency "is considered
-unsafe and could lead to numerical errors". Associative reductions (matmuls accumulating
-into one PSUM tile) are named as not being such a dependency. A buffer allocated outside
-the loop and reused by every iteration is one: the migration guide
-(nki-migration-guide.rst, ``sb_blocks_migrated_incorrect``) says "the loop carries a
-dependency on" it, where a buffer allocated inside the loop body gets one copy per
-iteration. neuronx-cc does not reject such a kernel; on a Trn1 it may compute wrong
-numbers. The emulator runs the iterations in order, so the kernel would give the right
-numbers here and pass its tests: this module turns the dependency into a rule error.
+unsafe and could lead to numerical errors" (nki/api/nki/language/__init__.py lines
+251-252). Associative reductions (matmuls accumulating into one PSUM tile) are named as
+not being such a dependency. A buffer allocated outside the loop and reused by every
+iteration is one: the migration guide (nki-migration-guide.rst, ``sb_blocks_migrated_incorrect``)
+says "the loop carries a dependency on" it, where a buffer allocated inside the loop body
+gets one copy per iteration.
 
-Three kinds are refused, each between two iterations of one running ``affine_range``:
+No 0.2.0 source says the compiler rejects such a loop. The stub speaks of wrong numbers, not
+of a compile error, and the 0.2.0 guides call the range functions hints to the compiler that do
+not change what a loop computes: every kind of loop gives the result of the basic range loop
+(nki/get-started/nki-language-guide.rst line 344; nki/get-started/about/index.rst lines 135 and
+503, "The compiler will always make sure your code works correctly"). So the emulator accepts the
+kernel, runs the iterations in order (the basic range loop's result), and warns with
+``NKILoopDependencyWarning`` once per ``affine_range`` line and tensor: on the stub's reading a
+Trn1 may compute other numbers. The project's pytest settings turn that warning into an error,
+so our own kernels keep none.
+
+Three kinds are reported, each between two iterations of one running ``affine_range``:
 
 * a read of what another iteration wrote (true dependency, read after write);
 * a write over what another iteration read (anti-dependency, write after read);
@@ -50,7 +58,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .core import NKIRuleError, kernel_site
+import warnings
+
+from .core import NKILoopDependencyWarning, kernel_site
 
 if TYPE_CHECKING:
     from .core import NkiTensor
@@ -100,8 +110,10 @@ def associative_update(steps: list[tuple[str, bool]]) -> str:
             return ""
     return families.pop() if len(families) == 1 else ""
 
-RULE = ("nki.language.affine_range / sequential_range: a loop-carried dependency in affine_range 'is considered "
-        "unsafe and could lead to numerical errors'; associative reductions into the same tile excepted")
+DEPENDENCY = "a loop-carried dependency in affine_range"  # every warning's text starts with the instruction, then this
+RULE = ("neuronx-cc accepts it and the emulator runs the iterations in order, but the stub calls affine_range over a "
+        "loop-carried dependency 'unsafe' with possible 'numerical errors' (nki.language.sequential_range); "
+        "associative reductions into the same tile are no such dependency")
 
 
 # A term (stride in bytes, count): one axis of an access, count positions stride bytes apart. An access is
@@ -257,6 +269,7 @@ class AffineLoops:
         self.patterns: dict[tuple, _Access | None] = {}  # (layout, offset, shape, strides, item) -> access
         self.conflicts: dict[tuple[int, int], int | None] = {}
         self.merges: dict[tuple[int, int], int] = {}
+        self.reported: set[tuple[tuple[str, int], int]] = set()  # (affine_range line, allocation) warned about
 
     @property
     def active(self) -> bool:
@@ -334,7 +347,8 @@ class AffineLoops:
         written, _ = self._last_writers(seen, current)
         for stamp, loop in self._conflicting(written, current):
             in_place = tensor.region() in {w.region() for w in writes}
-            raise self._error(instr, "read in place" if in_place else "read", tensor, loop, stamp)
+            self._report(instr, "read in place" if in_place else "read", tensor, loop, stamp)
+            return
 
     def _check_write(self, instr: str, tensor: NkiTensor, seen: tuple[_Track, _Access], current: int,
                      code: int) -> None:
@@ -344,13 +358,16 @@ class AffineLoops:
             if code and bool((earlier == code).all()):
                 continue  # accumulations of one family into the same elements: an associative reduction
             if code and bool((earlier > SET_THEN_ACCUMULATED).any()):
-                raise self._error(instr, "initialised", tensor, loop, stamp)
+                self._report(instr, "initialised", tensor, loop, stamp)
+                return
             kind = "mix" if code and bool(earlier.all()) else "overwrite"  # accumulations of two families
-            raise self._error(instr, kind, tensor, loop, stamp)
+            self._report(instr, kind, tensor, loop, stamp)
+            return
         track, access = seen
         readers = sorted(summary for summary, other in track.reads.values() if _meet(access, other))
         for stamp, loop in self._conflicting(np.array(readers, np.int64), current):
-            raise self._error(instr, "overwrite-read", tensor, loop, stamp)
+            self._report(instr, "overwrite-read", tensor, loop, stamp)
+            return
 
     def _last_writers(self, seen: tuple[_Track, _Access], current: int) -> tuple[np.ndarray, np.ndarray]:
         """(stamp, family code) of the last write of each byte of the access that another write reached.
@@ -471,43 +488,47 @@ class AffineLoops:
         return track.access(offset, shape, strides, item)
 
     # ------------------------------------------------------------------ messages
-    def _error(self, instr: str, kind: str, tensor: NkiTensor, loop: int, other: int) -> NKIRuleError:
+    def _report(self, instr: str, kind: str, tensor: NkiTensor, loop: int, other: int) -> None:
+        """Warn of a dependency, once per affine_range line and allocation (the first one found there)."""
+        key = (self.sites[loop], tensor._alloc.id)
+        if key in self.reported:
+            return
+        self.reported.add(key)
+        file, line = kernel_site()
+        warnings.warn_explicit(NKILoopDependencyWarning(self._message(instr, kind, tensor, loop, other)),
+                               NKILoopDependencyWarning, file, line)
+
+    def _message(self, instr: str, kind: str, tensor: NkiTensor, loop: int, other: int) -> str:
         path, line = self.sites[loop]
         theirs = dict(self.stamps[other])[loop]
         ours = dict(self.stack)[loop]
         site = tensor._alloc.site
         name = tensor.name or (f"the tensor allocated at {site[0]}:{site[1]}" if site else "a tensor")
         where = f"iteration {ours} of the affine_range at {path}:{line}"
+        head = f"{instr}: {DEPENDENCY}"
+        sequential = "use nl.sequential_range for this loop"
         if kind == "read":
-            return NKIRuleError(
-                f"{instr}: an affine_range iteration must not read what another iteration wrote ({RULE}) "
-                f"({where} reads {name}, written by iteration {theirs}; use nl.sequential_range for this loop)")
+            return (f"{head}: an iteration reads what another iteration wrote ({where} reads {name}, written by "
+                    f"iteration {theirs}; {sequential}) ({RULE})")
         if kind == "read in place":
-            return NKIRuleError(
-                f"{instr}: an affine_range iteration must not read what another iteration wrote ({RULE}) "
-                f"({where} updates {name} in place, written by iteration {theirs}, and this update is not an "
-                f"associative reduction: only acc = acc op x with op {ASSOCIATIVE}, one operator family per "
-                f"accumulator, may be reordered; use nl.sequential_range for this loop)")
+            return (f"{head}: an iteration reads what another iteration wrote ({where} updates {name} in place, "
+                    f"written by iteration {theirs}, and this update is not an associative reduction: only "
+                    f"acc = acc op x with op {ASSOCIATIVE}, one operator family per accumulator, may be reordered; "
+                    f"{sequential}) ({RULE})")
         if kind == "mix":
-            return NKIRuleError(
-                f"{instr}: an affine_range iteration must not overwrite what another iteration wrote ({RULE}) "
-                f"({where} accumulates into {name} with another operator than iteration {theirs} did: two "
-                f"reductions of different operators into one tile, such as acc = acc * a + b, are a scan, not an "
-                f"associative reduction; use nl.sequential_range for this loop)")
+            return (f"{head}: an iteration overwrites what another iteration wrote ({where} accumulates into {name} "
+                    f"with another operator than iteration {theirs} did: two reductions of different operators into "
+                    f"one tile, such as acc = acc * a + b, are a scan, not an associative reduction; {sequential}) "
+                    f"({RULE})")
         if kind == "initialised":
-            return NKIRuleError(
-                f"{instr}: an affine_range iteration must not overwrite what another iteration wrote ({RULE}) "
-                f"({where} accumulates into {name}, which iteration {theirs} set before accumulating into it: "
-                f"the iterations have no order, so that initialisation may run after this accumulation and erase "
-                f"it; set the accumulator before the loop, as the stub's affine_range example zeroes result_psum, "
-                f"or use nl.sequential_range for this loop)")
+            return (f"{head}: an iteration overwrites what another iteration wrote ({where} accumulates into {name}, "
+                    f"which iteration {theirs} set before accumulating into it: the iterations have no order, so "
+                    f"that initialisation may run after this accumulation and erase it; set the accumulator before "
+                    f"the loop, as the stub's affine_range example zeroes result_psum, or {sequential}) ({RULE})")
         fix = ("allocate it inside the loop body, one copy per iteration (nki-migration-guide.rst: with one buffer "
-               "outside the loop 'the loop carries a dependency on' it), or use nl.sequential_range for this loop")
+               f"outside the loop 'the loop carries a dependency on' it), or {sequential}")
         if kind == "overwrite":
-            return NKIRuleError(
-                f"{instr}: an affine_range iteration must not overwrite what another iteration wrote ({RULE}) "
-                f"({where} writes {name}, also written by "
-                f"iteration {theirs}; {fix})")
-        return NKIRuleError(
-            f"{instr}: an affine_range iteration must not overwrite what another iteration read ({RULE}) "
-            f"({where} writes {name}, read by iteration {theirs}; {fix})")
+            return (f"{head}: an iteration overwrites what another iteration wrote ({where} writes {name}, also "
+                    f"written by iteration {theirs}; {fix}) ({RULE})")
+        return (f"{head}: an iteration overwrites what another iteration read ({where} writes {name}, read by "
+                f"iteration {theirs}; {fix}) ({RULE})")
