@@ -1243,6 +1243,34 @@ def test_access_pattern_with_a_scalar_offset():
     raises(rows_from, a, 3, 2, match="indirect_dim must be an axis of the tensor")
 
 
+def test_a_dynamic_start_address_needs_dge():
+    """[isa] dma_copy (stub lines 515-524): with software or hardware DGE the tensors "can have a dynamic start
+    address"; with dge_mode none the runtime writes the descriptors before the kernel runs. So a scalar_offset
+    access (or a slice of one), on either side, is refused with dge_mode none; swdge and unknown move it."""
+
+    def rows_from(a, dge_mode, side="src", sliced=False):
+        index = nl.ndarray((1, 1), dtype=nl.int32)
+        nisa.memset(dst=index, value=2)
+        if side == "src":
+            out = nl.ndarray((4, 8), dtype=a.dtype, buffer=nl.shared_hbm)
+            moved = a.ap(pattern=[[8, 4], [1, 8]], offset=0, scalar_offset=index, indirect_dim=0)
+            nisa.dma_copy(dst=out, src=moved[:, 0:8] if sliced else moved, dge_mode=dge_mode)
+            return out
+        out = nl.ndarray((8, 8), dtype=a.dtype, buffer=nl.shared_hbm)
+        nisa.dma_copy(dst=out, src=a, dge_mode=dge_mode)  # a static address: any DGE mode
+        nisa.dma_copy(dst=out.ap(pattern=[[8, 4], [1, 8]], offset=0, scalar_offset=index, indirect_dim=0),
+                      src=load(a[0:4, :]), dge_mode=dge_mode)
+        return out
+
+    a = rand(8, 8)
+    for dge in (nisa.dge_mode.swdge, nisa.dge_mode.unknown):
+        np.testing.assert_array_equal(run(rows_from, a, dge), a[2:6])
+    np.testing.assert_array_equal(run(rows_from, a, nisa.dge_mode.swdge, "dst"), np.concatenate([a[:2], a[:4], a[6:]]))
+    for side, sliced in (("src", False), ("src", True), ("dst", False)):
+        raises(rows_from, a, nisa.dge_mode.none, side, sliced,
+               match=f"dma_copy: a dynamic start address .* needs DGE.*\\({side} with dge_mode=none\\)")
+
+
 def test_instructions_of_later_neuroncores_are_refused_for_that_reason():
     """[isa] "Available only on NeuronCore-v3 (v4) and newer": refused on the v2 the emulator models."""
 

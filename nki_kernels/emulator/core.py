@@ -427,6 +427,8 @@ class NkiTensor:
         self._region: tuple | None = None
         self._offset: int | None = None
         self.dependency_access: Any = None  # what loops.AffineLoops found this view covers, kept for its next use
+        # a view whose start an `.ap(scalar_offset=...)` moves at run time (slices of it too): a DMA needs DGE for it
+        self.dynamic_start = False
         # PSUM only: True where the last write was an nc_matmul (its accumulation group is open)
         self._acc = acc if acc is not None else (
             np.zeros(view.shape, dtype=bool) if alloc.buffer == PSUM else None)
@@ -483,7 +485,9 @@ class NkiTensor:
             pstart += start
         view = self._view[key]
         acc = self._acc[key] if self._acc is not None else None
-        return NkiTensor(self._alloc, view, pstart, acc, indexed=True)
+        sliced = NkiTensor(self._alloc, view, pstart, acc, indexed=True)
+        sliced.dynamic_start = self.dynamic_start
+        return sliced
 
     def __setitem__(self, key: Any, value: Any) -> None:
         raise rule_error("assignment", "NKI 0.2 tiles are written by instructions only",
@@ -546,7 +550,9 @@ class NkiTensor:
         else:  # a broadcast (cost-only) input: contents are never read
             view = np.broadcast_to(np.zeros((), base.dtype), [n for _, n in dims])
         pstart = self.pstart + (offset // free if self.buffer in ON_CHIP else 0)
-        return NkiTensor(self._alloc, view, pstart, self._pattern_group(base, dims, offset), indexed=True)
+        pattern = NkiTensor(self._alloc, view, pstart, self._pattern_group(base, dims, offset), indexed=True)
+        pattern.dynamic_start = scalar_offset is not None
+        return pattern
 
     def _pattern_group(self, base: np.ndarray, dims: list[tuple[int, int]], offset: int) -> np.ndarray | None:
         """The accumulation-group mask of a PSUM access pattern: the same pattern over this tile's mask, so

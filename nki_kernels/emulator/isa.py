@@ -302,6 +302,11 @@ def dma_copy(dst, src, dst_rmw_op=None, oob_mode=oob_mode.error, dge_mode=dge_mo
         raise rule_error(instr, "dge_mode=hwdge (hardware DGE) needs NeuronCore-v3 or newer", "dge_mode=hwdge")
     if dst_rmw_op is not None and dst_rmw_op is not nl.add:  # [isa] "only nl.add is supported"
         raise rule_error(instr, "dst_rmw_op supports only nl.add", f"got {dst_rmw_op!r}")
+    dynamic = [nm for nm, t in (("dst", dst), ("src", src)) if t.dynamic_start]
+    if dynamic and dge_mode == _DGE_MODE.none:  # [isa] dma_copy lines 523-524: dynamic addresses need sw/hw DGE
+        raise rule_error(instr, "a dynamic start address (.ap(scalar_offset=...)) needs DGE: dge_mode swdge or "
+                         "unknown (isa stub dma_copy lines 515-524: with dge_mode none the descriptors are made "
+                         "before the kernel runs)", f"{' and '.join(dynamic)} with dge_mode=none")
     indirect = tuple(t for t in (dst, src) if isinstance(t, IndirectTensor))
     if indirect:
         _check_gather_scatter(instr, dst, src, dst_rmw_op, oob_mode, dge_mode)
