@@ -153,9 +153,10 @@ class tile_size(NKIObject):  # noqa: N801 - NKI's name
 def ndarray(shape, dtype, buffer=None, name="", address=None):
     """New tensor in `buffer` (default sbuf), filled with NaN so uninitialised reads show.
 
-    `address` (the migration guide's manual placement, (partition, byte offset)) must fit
-    the buffer and takes the tile out of the live-tile count (`core.allocate`); the emulator
-    still stores every tensor separately. A PSUM address must start a bank
+    `address` (the migration guide's manual placement, (partition, byte offset): bytes as in
+    its PSUM example and the SDK's allocator.rst, docs/kernels.md "The emulator") must fit the
+    buffer and takes the tile out of the live-tile count; tiles placed at overlapping addresses
+    share their bytes (`core.allocate`). A PSUM address must start a bank
     (nki-migration-guide.rst: "The allocation for PSUM tensors must start at the beginning
     of each bank - the compiler will throw an error otherwise").
     """
