@@ -25,6 +25,8 @@ DMA: 16 DMA engines per NeuronCore, 27 GiB/s each (arch guide, "Data movement be
 HBM and SBUF using DMAs"); a transfer is split across at most one queue per partition
 row it touches (each SBUF partition is a separate DMA buffer) and occupies those queues
 for bytes / (queues x 27 GiB/s). HBM traffic is also capped at the device's 820 GB/s.
+(nki-dma-overview.rst line 34 gives each engine typically eight partitions, which would put a
+transfer over fewer than 128 partitions on fewer queues; not applied: docs/kernels.md, "Cost model".)
 
 An engine instruction whose SBUF/PSUM operand steps more than 16 bytes along its innermost axis streams at
 half bandwidth (arch guide, "Access pattern"): its cycles double (`STRIDE_PENALTY`).
