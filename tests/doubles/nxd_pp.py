@@ -272,11 +272,13 @@ class NxDPPModel(nn.Module):
                 if not any(s == stage for _, s in uses):
                     uses.append((name, stage))
         self.shared: dict[str, Any] = {}
+        pipelines, here = self.env.pp_groups(), self.env.group_index("pp")[0]
         for uses in (u for u in seen.values() if len(u) > 1):
-            group = self.env.group_of([s for _, s in uses])  # every rank asks, in the same order
-            mine = [name for name, s in uses if s == self.stage]
-            if mine:
-                self.shared[mine[0]] = group
+            for pipeline in pipelines:  # each data rank's copy of the stages: every rank asks, in the same order
+                group = self.env.group_of([pipeline[s] for _, s in uses])
+                mine = [name for name, s in uses if s == self.stage]
+                if mine and pipeline == here:
+                    self.shared[mine[0]] = group
         self.log.calls["shared_weights"] = sorted(self.shared)
 
     def _sync_shared_weights(self) -> None:
@@ -546,7 +548,10 @@ class NxDPPModel(nn.Module):
 
     def _reduce_grads(self) -> None:
         if not self.use_zero1_optimizer and not self.use_optimizer_wrapper:
-            self.log.calls["pipeline_dp_grad_average"] = True  # dp = 1 in the doubles: nothing to average
+            if self.env.grid.get("dp", 1) > 1:
+                raise NotImplementedError("the pipeline double does not model NxD's own data-parallel gradient "
+                                          "average (without use_optimizer_wrapper or use_zero1_optimizer)")
+            self.log.calls["pipeline_dp_grad_average"] = True  # dp = 1: nothing to average
         params = dict(self.local_stage_modules[0].named_parameters())
         for name, group in self.shared.items():
             p = params[name]

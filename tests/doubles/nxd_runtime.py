@@ -633,9 +633,8 @@ def _model_parallel_initializer(env: Env) -> Callable[..., Any]:
         if mesh_only:
             # with expert degree 1 the expert groups are the data groups and one rank each (lines 149-170)
             return ParallelGroups(groups["tp"], groups["dp"], groups["pp"], groups["cp"], groups["dp"], groups["cp"])
-        if pp > 1 and (tp != 1 or pp != world):
-            raise NotImplementedError(f"the doubles run pipeline parallelism with tp = 1 and dp = 1, got tp = {tp}, "
-                                      f"pp = {pp}, world {world}")
+        if pp > 1 and tp != 1:
+            raise NotImplementedError(f"the doubles run pipeline parallelism with tp = 1, got tp = {tp}, pp = {pp}")
         env.grid.update(tp=tp, pp=pp, dp=world // (tp * pp))
         env.replica_groups.update(groups)
         for kind in ("tp", "dp", "pp"):  # NxD creates its groups here, every rank each group in the same order
