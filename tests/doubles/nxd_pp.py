@@ -29,7 +29,7 @@ wiring depends on it, and fails where NxD would fail:
   is read with ``output_loss_value_spec`` (``find_loss_from_output_and_spec``) and
   ``loss / num_microbatches`` is back-propagated, gradients flowing back stage by
   stage; without ``use_optimizer_wrapper`` / ``use_zero1_optimizer`` gradients would
-  also be averaged over data ranks (recorded). ``mark_step`` runs before and after a
+  also be averaged over data ranks (recorded at dp = 1, refused above). ``mark_step`` runs before and after a
   run and after every task (source ``"pipeline"`` in the log); the mean loss returns
   on the last stage, moved to the host when ``return_loss_on_cpu`` (a host sync inside
   the step, recorded as a violation);
@@ -40,7 +40,8 @@ wiring depends on it, and fails where NxD would fail:
 
 Micro-batches run one after the other (forward then backward), not in NxD's 1F1B
 order: the same gradients, not the same timeline. Transfers go straight from the
-producing stage to the consuming one (tested with two stages).
+producing stage to the consuming one in this rank's pipeline group, the stage being the rank's index in it
+(tested with two stages, at dp = 1 and 2); a shared Parameter's group is made for every pipeline group.
 """
 
 from __future__ import annotations
