@@ -23,14 +23,14 @@ Modelled as NxD does it, because a wrong call gives wrong numbers or wrong dtype
   bias carries ``sequence_parallel_enabled``;
 - ``RowParallelLinear`` reduces in ``reduce_dtype`` (fp32 by default) and casts back
   to its input's dtype; sequence-parallel layers default ``sequence_dimension`` to 0;
+  ``ColumnParallelLinear`` refuses ``gather_output`` with sequence parallelism in its
+  forward (not when built, as NxD);
 - the backward issues NxD's collectives, in NxD's order: each mapping's pair (``mappings.py``), and the
   parallel linear layers' matmul is NxD's ``LinearWithAsyncCommunication`` (`_LinearWithAsyncCommunication`):
   a column-parallel layer all-reduces its input gradient in its backward (no copy mapping in its forward at
   tp > 1), under sequence parallelism all-gathers its input again and reduce-scatters its input gradient; at
   bf16 with the default fp32 ``reduce_dtype`` NxD's all-reduce of the input gradient lands in a cast copy and
   is lost, so the double's is too;
-  ``ColumnParallelLinear`` refuses ``gather_output`` with sequence parallelism in its
-  forward (not when built, as NxD);
 - ``parallel_cross_entropy`` subtracts each row's maximum from its input *in place*
   (``loss_functions.py``: ``vocab_parallel_logits.sub_``), so a caller's logits
   change when it passes a view of them;
