@@ -340,3 +340,40 @@ def test_pipeline_zero1_with_activation_checkpointing_resumes_to_the_cpu_run(pp_
     checkpointing of the pipeline's layers, cut and resumed: the one-process numbers."""
     _, (main, _) = pp_runs
     _assert_numbers_equal(main["zero1"], cpu_run)
+
+
+
+# 2 rows per data rank and step: NxD's 2 micro-batches. Two steps, one eval batch: the cheap end of the CPU run.
+PP_DP = {"parallel.pp": 2, "parallel.microbatches": 1, "train.steps": 2, "eval.every": 2, "eval.batches": 1,
+         "eval.length_multipliers": [1]}
+
+
+def _worker_of_four(rank: int, init: str, out: str) -> None:
+    with neuron_sdk.gloo_rank(rank, init, 4) as log:
+        result = train(recipe(**PP_DP), Path(out) / "pp2dp2", progress=False)
+        (Path(out) / f"four{rank}.json").write_text(json.dumps(_summary(result, log)))
+        dist.barrier()
+
+
+def test_pp2_dp2_on_four_ranks_equals_the_cpu_run(tmp_path, cpu_run):
+    """pp = 2 × dp = 2: NxD's pipeline groups [[0, 2], [1, 3]] (the stage is the index in the group: ranks 0 and 1
+    hold the first stage) and data groups [[0, 1], [2, 3]]; the tied embedding's gradient summed over each pipeline
+    group, the gradients averaged over the data groups and the norm summed over the pipeline groups. The two steps'
+    numbers and weights are the one-process CPU run's after its step 2; each pipeline's stages cut matching graphs."""
+    start_ranks(_worker_of_four, (str(tmp_path / "init"), str(tmp_path)), nprocs=4)
+    runs = [json.loads((tmp_path / f"four{r}.json").read_text()) for r in range(4)]
+    for g, w in zip(_train(runs[0]["metrics"]), _train(cpu_run.metrics)[:2], strict=True):
+        for key in TRAIN_KEYS:
+            assert g[key] == pytest.approx(w[key], rel=RTOL), (g["step"], key)
+    final = BMojoForCausalLM.from_pretrained(runs[0]["final"]).state_dict()
+    step2 = load_file(str(layout.list_checkpoints(cpu_run.run_dir)[0] / "model.safetensors"))
+    assert step2.keys() <= final.keys()
+    for name, tensor in step2.items():
+        torch.testing.assert_close(final[name], tensor, rtol=RTOL, atol=ATOL, msg=name)
+    graphs = {rank: mpmd.from_json(run["log"]["graphs"]) for rank, run in enumerate(runs)}
+    assert mpmd.mismatches(graphs, {0: 0, 1: 0, 2: 1, 3: 1}) == []
+    for rank, run in enumerate(runs):
+        assert run["log"]["dist"] == [] and run["log"]["violations"] == [], rank
+        update = next(g for g in reversed(graphs[rank]) if any(e[0] == "optimizer_step" for e in g))
+        reduced = {e[1] for e in update if e[0] == "all_reduce"}
+        assert {"[[0, 1], [2, 3]]", "[[0, 2], [1, 3]]"} <= reduced, (rank, reduced)

@@ -29,6 +29,14 @@ and fp32 inputs to bf16 kernels). Build a bf16 model with ``dtype=torch.bfloat16
 `check_nxd_dtypes` refuses a model whose NxD layers disagree with its weights. Other
 dtypes cannot be expressed at tp > 1 (NxD would hand out bf16), so they are refused.
 
+A column-parallel layer without sequence parallelism gets ``reduce_dtype`` equal to its weights' dtype. NxD
+0.17 all-reduces such a layer's input gradient in its backward (``LinearWithAsyncCommunication``, no copy
+mapping in the forward at tp > 1) after casting it to ``reduce_dtype`` (fp32 by default), *into the cast*, and
+then keeps the uncast tensor (``layers_utils.py`` 98-102, 135-138): with bf16 weights and the default, every
+rank keeps its own partial input gradient and the layers below it train on wrong gradients. With
+``reduce_dtype=bfloat16`` the cast is the tensor itself and the sum lands in it (in bf16). Under sequence
+parallelism NxD keeps the fp32 reduce-scatter's result, so those layers keep the default.
+
 NxD's ``parallel_cross_entropy`` subtracts each row's maximum from its input *in place*.
 `cross_entropy` passes it the caller's logits (no copy: a vocabulary shard of fp32
 logits is the largest activation of a step), so after a forward with labels the
@@ -84,9 +92,13 @@ class NxDTensorParallelFactory(LayerFactory):
         return {"sequence_parallel_enabled": True, "sequence_dimension": SEQUENCE_DIM}
 
     def column_linear(self, in_features: int, out_features: int, bias: bool = False, sequence_parallel: bool = True) -> nn.Module:
+        sp = self._sp_kwargs(sequence_parallel)
+        # Without sequence parallelism NxD all-reduces the input gradient in its backward into a copy cast to
+        # reduce_dtype and drops that copy when the cast made one (layers_utils.py 98-102): only a reduce_dtype
+        # equal to the weights' dtype reduces it. Under sequence parallelism NxD keeps the reduce-scatter's result.
+        precision = {} if sp else {"reduce_dtype": self.dtype}
         return self.layers.ColumnParallelLinear(
-            in_features, out_features, bias=bias, gather_output=False, dtype=self.dtype,
-            **self._sp_kwargs(sequence_parallel),
+            in_features, out_features, bias=bias, gather_output=False, dtype=self.dtype, **sp, **precision,
         )
 
     def row_linear(self, in_features: int, out_features: int, bias: bool = False, sequence_parallel: bool = True) -> nn.Module:

@@ -180,10 +180,12 @@ class Env:
         return mine, mine.index(rank)
 
     def pp_rank(self) -> int:
-        return self.rank() if self.grid.get("pp", 1) > 1 else 0  # pp = world: the global rank is the stage
+        """This rank's pipeline stage: its index in its pipeline group (0 before NxD's initialisation)."""
+        return self.group_index("pp")[1] if self.grid.get("pp", 1) > 1 else 0
 
     def global_rank(self, pp_rank: int) -> int:
-        return pp_rank
+        """The rank holding stage `pp_rank` in this rank's pipeline group (NxD's send / recv peers)."""
+        return self.group_index("pp")[0][pp_rank]
 
     def pp_groups(self) -> list[list[int]]:
         """NxD's pipeline groups once its parallel state is initialised (before: the one stage)."""

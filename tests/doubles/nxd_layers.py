@@ -25,6 +25,12 @@ Modelled as NxD does it, because a wrong call gives wrong numbers or wrong dtype
   to its input's dtype; sequence-parallel layers default ``sequence_dimension`` to 0;
   ``ColumnParallelLinear`` refuses ``gather_output`` with sequence parallelism in its
   forward (not when built, as NxD);
+- the backward issues NxD's collectives, in NxD's order: each mapping's pair (``mappings.py``), and the
+  parallel linear layers' matmul is NxD's ``LinearWithAsyncCommunication`` (`_LinearWithAsyncCommunication`):
+  a column-parallel layer all-reduces its input gradient in its backward (no copy mapping in its forward at
+  tp > 1), under sequence parallelism all-gathers its input again and reduce-scatters its input gradient; at
+  bf16 with the default fp32 ``reduce_dtype`` NxD's all-reduce of the input gradient lands in a cast copy and
+  is lost, so the double's is too;
 - ``parallel_cross_entropy`` subtracts each row's maximum from its input *in place*
   (``loss_functions.py``: ``vocab_parallel_logits.sub_``), so a caller's logits
   change when it passes a view of them;
@@ -86,11 +92,12 @@ class SingleRank:
     def scatter(self, x: Tensor, dim: int) -> Tensor:
         return x
 
-    def gather_sequence(self, x: Tensor, dim: int) -> Tensor:
+    def reduce_scatter(self, x: Tensor, dim: int, grad_dtype: Optional[torch.dtype] = None) -> Tensor:
         return x
 
-    def reduce_scatter(self, x: Tensor, dim: int) -> Tensor:
-        return x
+    def linear(self, x: Tensor, weight: Tensor, async_grad_allreduce: bool, sequence_parallel: bool,
+               sequence_dimension: Optional[int], reduce_dtype: torch.dtype) -> Tensor:
+        return torch.einsum("...m,mn->...n", x, weight.t())
 
 
 def _identity_on_one_rank(collective: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -101,9 +108,12 @@ def _identity_on_one_rank(collective: Callable[..., Tensor]) -> Callable[..., Te
 
 
 class GlooWorld:
-    """The whole gloo world is the tensor-parallel group. The collectives are autograd-aware (Megatron's pairs, as
-    NxD's mappings: the backward of each makes a replicated loss's gradients exact) and the doubles' own, so a
-    torch.distributed call recorded as our code's (`doubles.neuron_sdk`) is never one the double made."""
+    """The whole gloo world is the tensor-parallel group. Each mapping is an autograd Function whose backward
+    issues the collective NxD's does (``mappings.py`` 290-467 at v2.28.0: an all-reduce for a copy, an all-gather
+    for a scatter, a split for a gather, an all-gather for a reduce-scatter), and the linear layers' backward
+    issues those of NxD's ``LinearWithAsyncCommunication`` (`_LinearWithAsyncCommunication`). Every collective,
+    forward or backward, goes through `traced`. They are the doubles' own, so a torch.distributed call recorded
+    as our code's (`doubles.neuron_sdk`) is never one the double made."""
 
     def __init__(self) -> None:
         import torch.distributed as dist
@@ -116,19 +126,43 @@ class GlooWorld:
         """The gloo group the collectives run over (None: the world)."""
         return None
 
-    def traced(self, kind: str, x: Tensor) -> None:
-        """Where a collective is recorded (`GridGroup` records into the doubles' log)."""
+    def traced(self, kind: str, x: Tensor, backward: bool = False) -> None:
+        """Where a collective is recorded (`GridGroup` records into the doubles' log); `backward`: issued by an
+        autograd Function's backward."""
 
-    # the forward and backward halves, over `group`
-    def _sum(self, x: Tensor) -> Tensor:
+    # the collectives over `group`, each recorded where it is issued (`backward`: by a backward)
+    def _sum(self, x: Tensor, backward: bool = False) -> Tensor:
+        self.traced("all_reduce", x, backward)
         out = x.contiguous().clone()
         self.dist.all_reduce(out, group=self.group)
         return out
 
-    def _gather(self, x: Tensor, dim: int) -> Tensor:
+    def _sum_in_place(self, x: Tensor, backward: bool = False) -> None:
+        """An all-reduce into `x` itself (gloo needs a contiguous buffer; XLA has no strides)."""
+        self.traced("all_reduce", x, backward)
+        if x.is_contiguous():
+            self.dist.all_reduce(x, group=self.group)
+        else:
+            summed = x.contiguous()
+            self.dist.all_reduce(summed, group=self.group)
+            x.copy_(summed)
+
+    def _gather(self, x: Tensor, dim: int, backward: bool = False) -> Tensor:
+        self.traced("all_gather", x, backward)
         parts = [torch.empty_like(x) for _ in range(self.size)]
         self.dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
+
+    def _reduce_scatter(self, x: Tensor, dim: int, backward: bool = False) -> Tensor:
+        """NxD's ``_reduce_scatter_along_dim`` (mappings.py 235-272): its error for a dimension it cannot split;
+        gloo has no reduce-scatter here, so a sum, then this rank's block (what the collective leaves)."""
+        if x.shape[dim] % self.size:
+            raise RuntimeError(f"unable to create {self.size} partitions along dim {dim} of tensor of shape "
+                               f"{tuple(x.shape)} due to not being evenly divisible.")
+        self.traced("reduce_scatter", x, backward)
+        out = x.contiguous().clone()
+        self.dist.all_reduce(out, group=self.group)
+        return out.chunk(self.size, dim=dim)[self.rank].contiguous()
 
     def _slice(self, x: Tensor, dim: int) -> Tensor:
         if x.shape[dim] % self.size:
@@ -145,37 +179,48 @@ class GlooWorld:
 
     @_identity_on_one_rank
     def copy_to(self, x: Tensor) -> Tensor:
-        return _Paired.apply(x, lambda t: t.view_as(t), self._sum)
+        """``_CopyToModelParallelRegion``: the identity; backward, an all-reduce."""
+        return _Mapping.apply(x, lambda t: t.view_as(t), partial(self._sum, backward=True))
 
     @_identity_on_one_rank
     def reduce_from(self, x: Tensor) -> Tensor:
-        self.traced("all_reduce", x)
-        return _ReduceInPlace.apply(x, self.dist, self.group)
+        """``_ReduceFromModelParallelRegion``: an all-reduce in place; backward, the identity."""
+        return _ReduceInPlace.apply(x, self)
 
     @_identity_on_one_rank
     def gather(self, x: Tensor, dim: int) -> Tensor:
+        """``_GatherFromModelParallelRegion``: an all-gather along the last dimension; backward, a split."""
         if dim % x.dim() != x.dim() - 1:
             _not_modelled("a gather along a dimension other than the last")
-        self.traced("all_gather", x)
-        return _Paired.apply(x, partial(self._gather, dim=-1), partial(self._slice, dim=-1))
+        return _Mapping.apply(x, partial(self._gather, dim=-1), partial(self._slice, dim=-1))
 
     @_identity_on_one_rank
     def scatter(self, x: Tensor, dim: int) -> Tensor:
-        return _Paired.apply(x, partial(self._slice, dim=dim), partial(self._gather, dim=dim))
+        """``_ScatterToModelParallelRegion`` (last dimension) or ``_ScatterToSequenceParallelRegion``: a split;
+        backward, an all-gather."""
+        return _Mapping.apply(x, partial(self._slice, dim=dim), partial(self._gather, dim=dim, backward=True))
 
     @_identity_on_one_rank
-    def gather_sequence(self, x: Tensor, dim: int) -> Tensor:
-        self.traced("all_gather", x)
-        return _Paired.apply(x, partial(self._gather, dim=dim), lambda g: self._slice(self._sum(g), dim))
+    def reduce_scatter(self, x: Tensor, dim: int, grad_dtype: Optional[torch.dtype] = None) -> Tensor:
+        """``_ReduceScatterToSequenceParallelRegion`` (437-467): a reduce-scatter; backward, the gradient cast to
+        `grad_dtype` (its ``dtype`` argument) when given, then an all-gather."""
+        def backward(grad: Tensor) -> Tensor:
+            return self._gather(grad if grad_dtype is None else grad.to(grad_dtype), dim, backward=True)
+        return _Mapping.apply(x, partial(self._reduce_scatter, dim=dim), backward)
 
-    @_identity_on_one_rank
-    def reduce_scatter(self, x: Tensor, dim: int) -> Tensor:
-        self.traced("reduce_scatter", x)
-        return _Paired.apply(x, lambda t: self._slice(self._sum(t), dim), partial(self._gather, dim=dim))
+    def linear(self, x: Tensor, weight: Tensor, async_grad_allreduce: bool, sequence_parallel: bool,
+               sequence_dimension: Optional[int], reduce_dtype: torch.dtype) -> Tensor:
+        """NxD's ``linear_with_async_allreduce`` (layers.py 508-533): at tp = 1 no collective runs, as NxD's bypass
+        the group of one (a plain matmul here)."""
+        if self.size == 1:
+            return torch.einsum("...m,mn->...n", x, weight.t())
+        return _LinearWithAsyncCommunication.apply(x, weight, self, async_grad_allreduce, sequence_parallel,
+                                                   sequence_dimension, reduce_dtype)
 
 
-class _Paired(torch.autograd.Function):
-    """A collective `forward` whose gradient is the collective `backward` of the incoming gradient."""
+class _Mapping(torch.autograd.Function):
+    """One of NxD's mappings: a collective `forward` whose gradient is the collective `backward` of the incoming
+    gradient."""
 
     @staticmethod
     def forward(ctx, x: Tensor, forward: Callable[[Tensor], Tensor], backward: Callable[[Tensor], Tensor]) -> Tensor:
@@ -187,11 +232,54 @@ class _Paired(torch.autograd.Function):
         return ctx.backward_collective(grad), None, None
 
 
+class _LinearWithAsyncCommunication(torch.autograd.Function):
+    """NxD's ``LinearWithAsyncCommunication`` (layers.py 435-505, with ``layers_utils.py`` 16-140 at v2.28.0), the
+    matmul of both parallel linear layers, no bias (the layers add theirs).
+
+    Forward: with sequence parallelism the input is all-gathered along the sequence dimension first. Backward,
+    in NxD's order: with sequence parallelism the saved (local) input is all-gathered again for the weight
+    gradient; without it and with ``async_grad_allreduce`` (a column-parallel layer at tp > 1) the input gradient
+    is cast to ``reduce_dtype`` and all-reduced *into that cast*; with sequence parallelism the input gradient is
+    cast to ``reduce_dtype``, reduce-scattered and cast back. When the cast is a copy (a bf16 layer with NxD's
+    fp32 default), NxD's all-reduce lands in the copy, which ``_linear_autograd_bwd_grad_reduce`` drops (it
+    rebinds its own local name, 98-102): the layer's input gradient stays this rank's partial sum, as here."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, tp: Any, async_grad_allreduce: bool, sequence_parallel: bool,
+                sequence_dimension: Optional[int], reduce_dtype: torch.dtype) -> Tensor:
+        ctx.tp, ctx.async_grad_allreduce, ctx.sequence_parallel = tp, async_grad_allreduce, sequence_parallel
+        ctx.sequence_dimension, ctx.reduce_dtype = sequence_dimension, reduce_dtype
+        ctx.save_for_backward(x, weight)
+        total = tp._gather(x, sequence_dimension) if sequence_parallel else x
+        return torch.einsum("...m,mn->...n", total, weight.t())
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        tp, total, (x, weight) = ctx.tp, None, ctx.saved_tensors
+        weight_grad = weight.requires_grad  # NxD's compute_weight_gradient
+        if weight_grad:
+            total = tp._gather(x, ctx.sequence_dimension, backward=True) if ctx.sequence_parallel else x
+        grad_input = grad_output.matmul(weight)
+        original = grad_input.dtype
+        if ctx.async_grad_allreduce:  # reduces `grad_input` itself only when the cast is no copy
+            tp._sum_in_place(grad_input.to(ctx.reduce_dtype), backward=True)
+        grad_weight = None
+        if weight_grad:  # NxD views 3-d tensors as 2-d (reshape: an XLA tensor has no strides to refuse a view)
+            flat_out = grad_output.reshape(-1, grad_output.shape[-1]) if grad_output.dim() == 3 else grad_output
+            flat_in = total.reshape(-1, total.shape[-1]) if total.dim() == 3 else total
+            grad_weight = flat_out.t().matmul(flat_in)
+        if ctx.sequence_parallel:
+            grad_input = tp._reduce_scatter(grad_input.to(ctx.reduce_dtype), ctx.sequence_dimension,
+                                            backward=True).to(original)
+        return grad_input, grad_weight, None, None, None, None, None
+
+
 class GridGroup(GlooWorld):
     """This rank's tensor-parallel group in NxD's grid (`doubles.env.Env`, set by ``initialize_model_parallel``),
     read when a layer is built or runs: tp = 1 (or no grid yet) is `SingleRank`'s identity; at tp > 1 the
-    collectives run over the gloo group of this rank's tensor-parallel replica group and each forward collective
-    is traced into the pending graph (as NxD's ``xm`` collectives are)."""
+    collectives run over the gloo group of this rank's tensor-parallel replica group and each one, forward or
+    backward, is traced into the pending graph (as NxD's ``xm`` collectives are: forward and backward of a
+    micro-batch are one XLA graph), a backward's with a last ``"backward"`` field (the doubles' own mark)."""
 
     def __init__(self, env: Any) -> None:
         import torch.distributed as dist
@@ -210,26 +298,22 @@ class GridGroup(GlooWorld):
     def group(self) -> Any:
         return self.env.group_of(self.env.group_index("tp")[0])
 
-    def traced(self, kind: str, x: Tensor) -> None:
-        self.env.log.trace(kind, self.env.replica_groups["tp"], tuple(x.shape), x.dtype)
+    def traced(self, kind: str, x: Tensor, backward: bool = False) -> None:
+        self.env.log.trace(kind, self.env.replica_groups["tp"], tuple(x.shape), x.dtype,
+                           *(("backward",) if backward else ()))
 
 
 class _ReduceInPlace(torch.autograd.Function):
     """NxD's ``reduce_from_tensor_model_parallel_region``: an all-reduce *in place* (NxD's ``comm.all_reduce``)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, dist: Any, group: Any = None) -> Tensor:
-        if x.is_contiguous():
-            dist.all_reduce(x, group=group)
-        else:  # XLA has no strides; gloo needs a contiguous buffer
-            summed = x.contiguous()
-            dist.all_reduce(summed, group=group)
-            x.copy_(summed)
+    def forward(ctx, x: Tensor, tp: Any) -> Tensor:
+        tp._sum_in_place(x)
         return x
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad, None, None
+        return grad, None
 
 
 # ---------------------------------------------------------------------------------------- layers
@@ -373,8 +457,12 @@ class ColumnParallelLinear(_Recorded):
         if slice_indices is not None:
             _not_modelled("slice_indices")
         tp = self.tp
-        x = tp.gather_sequence(input, self.sequence_dimension) if self.sequence_parallel_enabled else tp.copy_to(input)
-        out = torch.einsum("...m,mn->...n", x, self.weight.t())
+        # NxD (layers.py 640, 803-813): at tp > 1 the input gradient's all-reduce (or, with sequence parallelism,
+        # the all-gather and reduce-scatter) belong to the matmul's autograd Function; at tp = 1, a copy
+        async_grad_allreduce = not self.sequence_parallel_enabled and tp.size > 1
+        x = input if async_grad_allreduce or self.sequence_parallel_enabled else tp.copy_to(input)
+        out = tp.linear(x, self.weight, async_grad_allreduce, self.sequence_parallel_enabled, self.sequence_dimension,
+                        self.reduce_dtype)
         if self.gather_output:
             assert not self.sequence_parallel_enabled  # NxD's forward (layers.py 794), not its constructor
             out = tp.gather(out, -1)
@@ -425,10 +513,13 @@ class RowParallelLinear(_Recorded):
             _not_modelled("slice_indices")
         tp = self.tp
         x = input_ if self.input_is_parallel else tp.scatter(input_, -1)
-        out = torch.einsum("...m,mn->...n", x, self.weight.t())
+        out = tp.linear(x, self.weight, False, False, self.sequence_dimension, self.reduce_dtype)
         original = out.dtype
         out = out.to(self.reduce_dtype)
-        out = tp.reduce_scatter(out, self.sequence_dimension) if self.sequence_parallel_enabled else tp.reduce_from(out)
+        if self.sequence_parallel_enabled:  # layers.py 1036-1044: the gradient cast back before its all-gather
+            out = tp.reduce_scatter(out, self.sequence_dimension, original)
+        else:
+            out = tp.reduce_from(out)
         out = out.to(original)
         return out if self.bias is None else out + self.bias
 

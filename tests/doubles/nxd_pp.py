@@ -29,7 +29,7 @@ wiring depends on it, and fails where NxD would fail:
   is read with ``output_loss_value_spec`` (``find_loss_from_output_and_spec``) and
   ``loss / num_microbatches`` is back-propagated, gradients flowing back stage by
   stage; without ``use_optimizer_wrapper`` / ``use_zero1_optimizer`` gradients would
-  also be averaged over data ranks (recorded). ``mark_step`` runs before and after a
+  also be averaged over data ranks (recorded at dp = 1, refused above). ``mark_step`` runs before and after a
   run and after every task (source ``"pipeline"`` in the log); the mean loss returns
   on the last stage, moved to the host when ``return_loss_on_cpu`` (a host sync inside
   the step, recorded as a violation);
@@ -40,7 +40,8 @@ wiring depends on it, and fails where NxD would fail:
 
 Micro-batches run one after the other (forward then backward), not in NxD's 1F1B
 order: the same gradients, not the same timeline. Transfers go straight from the
-producing stage to the consuming one (tested with two stages).
+producing stage to the consuming one in this rank's pipeline group, the stage being the rank's index in it
+(tested with two stages, at dp = 1 and 2); a shared Parameter's group is made for every pipeline group.
 """
 
 from __future__ import annotations
@@ -272,11 +273,13 @@ class NxDPPModel(nn.Module):
                 if not any(s == stage for _, s in uses):
                     uses.append((name, stage))
         self.shared: dict[str, Any] = {}
+        pipelines, here = self.env.pp_groups(), self.env.group_index("pp")[0]
         for uses in (u for u in seen.values() if len(u) > 1):
-            group = self.env.group_of([s for _, s in uses])  # every rank asks, in the same order
-            mine = [name for name, s in uses if s == self.stage]
-            if mine:
-                self.shared[mine[0]] = group
+            for pipeline in pipelines:  # each data rank's copy of the stages: every rank asks, in the same order
+                group = self.env.group_of([pipeline[s] for _, s in uses])
+                mine = [name for name, s in uses if s == self.stage]
+                if mine and pipeline == here:
+                    self.shared[mine[0]] = group
         self.log.calls["shared_weights"] = sorted(self.shared)
 
     def _sync_shared_weights(self) -> None:
@@ -546,7 +549,10 @@ class NxDPPModel(nn.Module):
 
     def _reduce_grads(self) -> None:
         if not self.use_zero1_optimizer and not self.use_optimizer_wrapper:
-            self.log.calls["pipeline_dp_grad_average"] = True  # dp = 1 in the doubles: nothing to average
+            if self.env.grid.get("dp", 1) > 1:
+                raise NotImplementedError("the pipeline double does not model NxD's own data-parallel gradient "
+                                          "average (without use_optimizer_wrapper or use_zero1_optimizer)")
+            self.log.calls["pipeline_dp_grad_average"] = True  # dp = 1: nothing to average
         params = dict(self.local_stage_modules[0].named_parameters())
         for name, group in self.shared.items():
             p = params[name]

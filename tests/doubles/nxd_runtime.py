@@ -1,7 +1,7 @@
 """A double of NxD 0.17's trainer (``aws-neuron/neuronx-distributed`` v2.28.0) for the Neuron training loop.
 
 One process per rank on the CPU, over gloo: pp = 1 with any tensor- and data-parallel degrees, or
-pipeline parallelism with one stage per process (tp = dp = 1):
+pipeline parallelism with one stage per process and any data-parallel degree (tp = 1):
 
 - every callable has NxD's (or torch-xla's) exact signature (``tests/test_doubles.py``);
 - ``neuronx_distributed_config`` fills the same defaults and initialises the
@@ -29,7 +29,7 @@ pipeline parallelism with one stage per process (tp = dp = 1):
   ``XLA_DOWNCAST_BF16=1`` with master weights makes the shards float64,
   ``XLA_DOWNCAST_BF16=0`` with master weights halves the bucket caps and
   ``ALL_GATHER_REDUCE_SCATTER_BUCKET_CAP_MB`` sets them (``zero1_bucket_cap``);
-- pipeline parallelism (``pipeline_parallel_size`` = world, tp = dp = 1):
+- pipeline parallelism (``pipeline_parallel_size`` × dp = world, tp = 1):
   ``initialize_parallel_model`` wraps the model in the `doubles.nxd_pp` ``NxDPPModel``
   and ``NxDModel`` speaks for the local stage (``named_parameters``, ``state_dict``,
   children); the gradient norm sums the stages' squares over the pipeline group and
@@ -613,7 +613,7 @@ def nxd_modules(env: Env) -> dict[str, types.ModuleType]:
 def _model_parallel_initializer(env: Env) -> Callable[..., Any]:
     """``parallel_state.initialize_model_parallel``: NxD's checks and NxD's replica groups (`nxd_replica_groups`,
     so a layout NxD cannot build fails here as there), then, for the training loop, the grid (pp = 1, or
-    tp = dp = 1 under pp) and a gloo group for every replica group of more than one rank. ``mesh_only=True`` returns the groups (NxD's ``ParallelGroups``, line 673)
+    tp = 1 under pp) and a gloo group for every replica group of more than one rank. ``mesh_only=True`` returns the groups (NxD's ``ParallelGroups``, line 673)
     for any layout, as NxD does, without initialising anything."""
     def initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                   context_parallel_size=1, expert_model_parallel_size=1, skip_collective_init=False,
@@ -633,9 +633,8 @@ def _model_parallel_initializer(env: Env) -> Callable[..., Any]:
         if mesh_only:
             # with expert degree 1 the expert groups are the data groups and one rank each (lines 149-170)
             return ParallelGroups(groups["tp"], groups["dp"], groups["pp"], groups["cp"], groups["dp"], groups["cp"])
-        if pp > 1 and (tp != 1 or pp != world):
-            raise NotImplementedError(f"the doubles run pipeline parallelism with tp = 1 and dp = 1, got tp = {tp}, "
-                                      f"pp = {pp}, world {world}")
+        if pp > 1 and tp != 1:
+            raise NotImplementedError(f"the doubles run pipeline parallelism with tp = 1, got tp = {tp}, pp = {pp}")
         env.grid.update(tp=tp, pp=pp, dp=world // (tp * pp))
         env.replica_groups.update(groups)
         for kind in ("tp", "dp", "pp"):  # NxD creates its groups here, every rank each group in the same order
