@@ -175,7 +175,7 @@ def test_model_runs_the_c_core_through_the_dispatch(c_cache):
         results[backend] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None],
                             _backward_names(loss.grad_fn))
     (want, want_grads, torch_nodes), (got, got_grads, c_nodes) = results["torch"], results["cpu-c"]
-    assert "CSSDChunksBackward" in c_nodes and "CSSDChunksBackward" not in torch_nodes
+    assert "CSSDScanBackward" in c_nodes and "CSSDScanBackward" not in torch_nodes
     assert abs(got - want) <= F32_TOL * abs(want)
     for w, g in zip(want_grads, got_grads, strict=True):
         assert (g - w).abs().max() <= F32_TOL * max(w.abs().max(), 1e-3)
