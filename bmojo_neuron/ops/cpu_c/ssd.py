@@ -29,9 +29,10 @@ from . import build
 __all__ = ["C_CHUNK", "CSSDScan", "c_unavailable", "ssd_scan"]
 
 # The chunk the C code runs in, whatever the model's chunk_size (chunking is exact). With 8 heads of
-# P 64 and N 64 (the bench's model), forward + backward on one thread: chunks of 32 and 64 within
-# noise of each other, 16 a quarter slower, 128 a third slower (docs/ops.md, "The cpu-c backend").
-C_CHUNK = 64
+# P 64 and N 64 (the bench's model), forward + backward on one thread, chunks of 32, 48 and 64 run
+# within noise of each other (16 and 96 slower, docs/ops.md); 32 has the smaller round-off in dA
+# (its in-chunk sums are shorter).
+C_CHUNK = 32
 
 _warned: set[str] = set()
 
@@ -78,7 +79,7 @@ class CSSDScan(torch.autograd.Function):
         G, N = B.shape[-2:]
         B, C, bc_row, bc_group = _bc_strides(B, C)
         y, h = torch.empty_like(x), x.new_empty(b, H, P, N)
-        starts, dt_out = x.new_empty(b, -(-L // chunk), H, P, N), torch.empty_like(dt)
+        starts, dt_out = x.new_empty(b, -(-L // chunk), H, N, P), torch.empty_like(dt)
         status = build.function("ssd_chunks_forward", _FORWARD_ARGS)(
             *map(_ptr, (x, dt, dt_bias, A, B, C, D, h0, y, h, starts, dt_out)), b, L, H, P, G, N, chunk,
             bc_row, bc_group, int(softplus), decay_floor(x.dtype), _threads())

@@ -20,8 +20,8 @@
  *   x, y, gy, dx (batch, L, H, P), contiguous; dt, dt_raw (batch, L, H), contiguous; A, D, dt_bias (H)
  *   B, C (batch, L, G, N): element (b, t, g, n) at (b L + t) bc_row + g bc_group + n (the model's B and C
  *   are strided views of one projection); dB, dC contiguous (batch, L, G, N)
- *   h0, h_final, d_h0 (batch, H, P, N); starts (batch, ceil(L / T), H, P, N), the state entering each
- *   chunk (saved by the forward for the backward)
+ *   h0, h_final, d_h0 (batch, H, P, N); starts (batch, ceil(L / T), H, N, P), the state entering each
+ *   chunk, transposed (saved by the forward for the backward: written in the layout the forward keeps)
  *   d_a, d_d, d_bias (batch, H): per batch row, summed by the caller (no two tasks write one float)
  * Head h reads group h / (H / G).
  */
@@ -184,17 +184,17 @@ typedef struct {
     float *xt;           /* (P x T): (dt x)^T */
     float *dxdt;         /* (T x P) */
     float *q, *ec;       /* (T x N) */
-    float *dst;          /* (P x N) */
+    float *dst, *st;     /* (P x N): dS^T, S^T */
     float *dt, *cs, *e, *to_end, *dcs; /* (T) */
     float *block;
 } scratch_t;
 
 static int scratch_new(scratch_t *s, const dims_t *d) {
     long hpg = d->H / d->G, T = d->T, N = d->N, P = d->P, TT = T * T;
-    long sizes[] = {hpg * (N + T) * P, T * (N + T), TT, TT, TT, TT, N * T, T * P, P * T, T * P, T * N, T * N, P * N,
-                    T, T, T, T, T};
+    long sizes[] = {hpg * (N + T) * P, T * (N + T), TT, TT, TT, TT, N * T, T * P, P * T, T * P, T * N, T * N,
+                    P * N, P * N, T, T, T, T, T};
     float **slots[] = {&s->sx, &s->ay, &s->dm, &s->cb, &s->dcb, &s->dw, &s->bt, &s->xs, &s->xt, &s->dxdt, &s->q,
-                       &s->ec, &s->dst, &s->dt, &s->cs, &s->e, &s->to_end, &s->dcs};
+                       &s->ec, &s->dst, &s->st, &s->dt, &s->cs, &s->e, &s->to_end, &s->dcs};
     long total = 0;
     for (unsigned i = 0; i < sizeof sizes / sizeof *sizes; i++) total += sizes[i];
     float *p = calloc((size_t)total, sizeof(float)); /* zero: the parts above the diagonals are never written */
@@ -263,7 +263,7 @@ static void forward_head(const dims_t *d, const inputs_t *in, long b, long h, lo
 #pragma omp simd
         for (long j = 0; j <= i; j++) wr[j] = cb[j] * decay(csi - s->cs[j], floor);
     }
-    transpose(N, P, sx, P, starts + ((b * n_chunks + c) * H + h) * P * N, N);
+    memcpy(starts + ((b * n_chunks + c) * H + h) * N * P, sx, sizeof(float) * N * P);
     gemm(tc, P, N + tc, s->ay, NT, 1, sx, P, y + row0 * HP + h * P, HP, LOWER, N, 0, KEEP);
     float e_end = s->e[tc - 1];  /* S = e_end S + B^T (to_end dt x) */
     for (long i = 0; i < N * P; i++) sx[i] *= e_end;
@@ -329,7 +329,7 @@ static void backward_head(const dims_t *d, const inputs_t *in, const grads_t *gr
     long L = d->L, H = d->H, P = d->P, N = d->N, T = d->T, HP = H * P, GN = d->G * N;
     long n_chunks = (L + T - 1) / T, row0 = b * L + c * T;
     const float *gyc = gr->gy + row0 * HP + h * P, *xc = in->x + row0 * HP + h * P;
-    const float *st = gr->starts + ((b * n_chunks + c) * H + h) * P * N; /* (P, N) */
+    const float *start = gr->starts + ((b * n_chunks + c) * H + h) * N * P; /* (N, P) */
     float a = in->A[h], floor = d->floor, *dcs = s->dcs, *w = s->ay, *dm = s->dm;
     chunk_decays(d, in, gr->dt, row0, h, tc, s);
     for (long t = 0; t < tc; t++) {  /* to_end dt x, (dt x)^T */
@@ -355,8 +355,10 @@ static void backward_head(const dims_t *d, const inputs_t *in, const grads_t *gr
 
     /* The state leaving the chunk, e_end S + B^T (to_end dt x). */
     transpose(N, P, dS, P, s->dst, N);
+    transpose(N, P, start, P, s->st, N);
     float dot = 0.f;
-    for (long i = 0; i < N * P; i++) dot += s->dst[i] * st[i];
+#pragma omp simd reduction(+ : dot)
+    for (long i = 0; i < N * P; i++) dot += dS[i] * start[i];
     dcs[tc - 1] += e_end * dot;
     gemm(tc, P, N, Bc, d->bc_row, 1, dS, P, s->dxdt, P, FULL, 0, 0, ZERO);  /* u = B dS */
     float to_end_sum = 0.f;
@@ -377,7 +379,7 @@ static void backward_head(const dims_t *d, const inputs_t *in, const grads_t *gr
     gemm(tc, N, P, s->xs, P, 1, s->dst, N, dBc, GN, FULL, 0, 0, KEEP);  /* dB += (to_end dt x) dS^T */
 
     /* Read-out of the entering state, y_i += e_i C_i S. */
-    gemm(tc, N, P, gyc, HP, 1, st, N, s->q, N, FULL, 0, 0, ZERO);  /* q = gy S^T */
+    gemm(tc, N, P, gyc, HP, 1, s->st, N, s->q, N, FULL, 0, 0, ZERO);  /* q = gy S^T */
     for (long i = 0; i < tc; i++) {
         const float *q = s->q + i * N, *ci = Cc + i * d->bc_row;
         float *dci = dCc + i * GN, *eci = s->ec + i * N, ei = s->e[i], t = 0.f;
