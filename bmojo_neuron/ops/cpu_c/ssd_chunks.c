@@ -163,15 +163,46 @@ typedef struct {
     const float *x, *dt_raw, *dt_bias, *A, *B, *C, *D;
 } inputs_t;
 
-/* softplus(v) as torch computes it (beta 1, threshold 20), and its derivative sigmoid(v) from its value
- * sp: 1 - exp(-sp), which is 1 in float32 where torch's threshold makes it 1. */
-static inline float softplus(float v) { return v > 20.f ? v : log1pf(expf(v)); }
-static inline float softplus_slope(float sp) { return -expm1f(-sp); }
+/* softplus(v) = max(v, 0) + log1p(exp(-|v|)), log1p(u) for u in (0, 1] as 2 atanh(u / (2 + u)) by its
+ * series (s <= 1/3: eight terms leave under 1e-8 relative), so that a loop over it vectorises; within
+ * an ulp or two of torch's float32 softplus (beta 1, threshold 20: above 20 both give v). */
+static inline float softplus(float v) {
+    float u = fast_exp(v < 0.f ? v : -v), s = u / (2.f + u), s2 = s * s;
+    float p = 1.f / 15.f;
+    p = p * s2 + 1.f / 13.f;
+    p = p * s2 + 1.f / 11.f;
+    p = p * s2 + 1.f / 9.f;
+    p = p * s2 + 1.f / 7.f;
+    p = p * s2 + 1.f / 5.f;
+    p = p * s2 + 1.f / 3.f;
+    p = p * s2 + 1.f;
+    return (v > 0.f ? v : 0.f) + 2.f * s * p;
+}
 
-/* The discretised dt of one token and head. */
-static inline float discretise(const dims_t *d, const inputs_t *in, long row, long h) {
-    float v = in->dt_raw[row * d->H + h] + (in->dt_bias ? in->dt_bias[h] : 0.f);
-    return d->softplus ? softplus(v) : v;
+/* softplus's derivative, sigmoid(v) (the argument kept where exp stays normal). */
+static inline float sigmoid(float v) {
+    float vc = v < -80.f ? -80.f : (v > 80.f ? 80.f : v);
+    return 1.f / (1.f + fast_exp(-vc));
+}
+
+/* dt of one chunk of tc tokens (rows row0 ...) for the group's heads [h0, h0 + hpg): softplus(dt_raw +
+ * dt_bias) into `dt_out` (as dt_raw, rows of H), or, with `slope`, softplus's derivative there into
+ * slope (tc x hpg). */
+static void discretise(const dims_t *d, const inputs_t *in, long row0, long tc, long h0, float *dt_out,
+                       float *slope) {
+    long H = d->H, hpg = H / d->G;
+    for (long t = 0; t < tc; t++) {
+        const float *raw = in->dt_raw + (row0 + t) * H + h0;
+        float *out = dt_out + (row0 + t) * H + h0, *sl = slope + t * hpg;
+#pragma omp simd
+        for (long k = 0; k < hpg; k++) {
+            float v = raw[k] + (in->dt_bias ? in->dt_bias[h0 + k] : 0.f);
+            if (slope)
+                sl[k] = sigmoid(v);
+            else
+                out[k] = d->softplus ? softplus(v) : v;
+        }
+    }
 }
 
 typedef struct {
@@ -186,15 +217,16 @@ typedef struct {
     float *q, *ec;       /* (T x N) */
     float *dst, *st;     /* (P x N): dS^T, S^T */
     float *dt, *cs, *e, *to_end, *dcs; /* (T) */
+    float *slope;        /* (T x heads per group): softplus's derivative at the chunk's dt */
     float *block;
 } scratch_t;
 
 static int scratch_new(scratch_t *s, const dims_t *d) {
     long hpg = d->H / d->G, T = d->T, N = d->N, P = d->P, TT = T * T;
     long sizes[] = {hpg * (N + T) * P, T * (N + T), TT, TT, TT, TT, N * T, T * P, P * T, T * P, T * N, T * N,
-                    P * N, P * N, T, T, T, T, T};
+                    P * N, P * N, T, T, T, T, T, T * hpg};
     float **slots[] = {&s->sx, &s->ay, &s->dm, &s->cb, &s->dcb, &s->dw, &s->bt, &s->xs, &s->xt, &s->dxdt, &s->q,
-                       &s->ec, &s->dst, &s->st, &s->dt, &s->cs, &s->e, &s->to_end, &s->dcs};
+                       &s->ec, &s->dst, &s->st, &s->dt, &s->cs, &s->e, &s->to_end, &s->dcs, &s->slope};
     long total = 0;
     for (unsigned i = 0; i < sizeof sizes / sizeof *sizes; i++) total += sizes[i];
     float *p = calloc((size_t)total, sizeof(float)); /* zero: the parts above the diagonals are never written */
@@ -207,13 +239,13 @@ static int scratch_new(scratch_t *s, const dims_t *d) {
     return 0;
 }
 
-/* One head's dt (discretised, or read from `saved`), cs, e and to_end over a chunk of tc tokens
- * starting at row `row0`. */
-static void chunk_decays(const dims_t *d, const inputs_t *in, const float *saved, long row0, long h, long tc,
+/* One head's dt (from the discretised `dt`), cs, e and to_end over a chunk of tc tokens starting at
+ * row `row0`. */
+static void chunk_decays(const dims_t *d, const inputs_t *in, const float *dt, long row0, long h, long tc,
                          scratch_t *s) {
     float a = in->A[h], run = 0.f;
     for (long t = 0; t < tc; t++) {
-        float dtt = saved ? saved[(row0 + t) * d->H + h] : discretise(d, in, row0 + t, h);
+        float dtt = dt[(row0 + t) * d->H + h];
         s->dt[t] = dtt;
         run += dtt * a;
         s->cs[t] = run;
@@ -239,14 +271,13 @@ static void forward_head(const dims_t *d, const inputs_t *in, long b, long h, lo
                          const float *Bc, float *y, float *starts, float *dt_out, float *sx, scratch_t *s) {
     long L = d->L, H = d->H, P = d->P, N = d->N, T = d->T, HP = H * P, NT = N + T;
     long n_chunks = (L + T - 1) / T, row0 = b * L + c * T;
-    chunk_decays(d, in, NULL, row0, h, tc, s);
+    chunk_decays(d, in, dt_out, row0, h, tc, s);
     float dd = in->D ? in->D[h] : 0.f;
     float *xdt = sx + N * P;
     for (long t = 0; t < tc; t++) {  /* dt x into the stack under the state, to_end dt x, y = D x */
         const float *xr = in->x + (row0 + t) * HP + h * P;
         float *o = xdt + t * P, *os = s->xs + t * P, *yr = y + (row0 + t) * HP + h * P;
         float dtt = s->dt[t], te = s->to_end[t];
-        dt_out[(row0 + t) * H + h] = dtt;
 #pragma omp simd
         for (long p = 0; p < P; p++) {
             o[p] = dtt * xr[p];
@@ -285,6 +316,7 @@ static void forward_group(const dims_t *d, const inputs_t *in, long b, long g, c
         const float *Bc = in->B + (b * L + t0) * d->bc_row + g * d->bc_group;
         const float *Cc = in->C + (b * L + t0) * d->bc_row + g * d->bc_group;
         chunk_scores(d, Bc, Cc, tc, s);
+        discretise(d, in, b * L + t0, tc, g * hpg, dt_out, NULL);
         for (long k = 0; k < hpg; k++)
             forward_head(d, in, b, g * hpg + k, c, tc, Cc, Bc, y, starts, dt_out, s->sx + k * NTP, s);
     }
@@ -430,7 +462,7 @@ static void backward_head(const dims_t *d, const inputs_t *in, const grads_t *gr
             gx += gt[p] * xt[p];
         }
         float g_dt = s_dot + (float)acc * a;
-        if (d->softplus) g_dt *= softplus_slope(dtt);
+        if (d->softplus) g_dt *= s->slope[t * (H / d->G) + h % (H / d->G)];
         gr->d_dt[(row0 + t) * H + h] = g_dt;
         da += acc * dtt;
         dd += gx;
@@ -458,6 +490,7 @@ static void backward_group(const dims_t *d, const inputs_t *in, const grads_t *g
         const float *Cc = in->C + (b * L + t0) * d->bc_row + g * d->bc_group;
         float *dBc = gr->dB + (b * L + t0) * GN + g * N, *dCc = gr->dC + (b * L + t0) * GN + g * N;
         chunk_scores(d, Bc, Cc, tc, s);
+        if (d->softplus) discretise(d, in, b * L + t0, tc, g * hpg, NULL, s->slope);
         memset(s->dcb, 0, sizeof(float) * T * T);
         for (long k = 0; k < hpg; k++)
             backward_head(d, in, gr, b, g * hpg + k, c, tc, Bc, Cc, dBc, dCc, s->sx + k * NP, s);
