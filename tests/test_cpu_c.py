@@ -26,8 +26,8 @@ from bmojo_neuron.ops.reference import ssd as ref_ssd
 from bmojo_neuron.ops.reference.eager_cpu import fused_kernels_disabled
 
 # Each output and gradient of the float32 C path is within this much of the float64 reference, relative to
-# the reference's largest magnitude: float32 round-off of sums over a few hundred terms (the torch float32
-# path's own worst on these shapes is 1.3e-5, the C path's 7e-6, both on dA, a sum over every token).
+# the reference's largest magnitude: float32 round-off of sums over a few hundred terms (on these shapes the
+# C path's worst is 4.6e-6, the torch float32 path's 3.3e-6, both on dA, a sum over every token).
 F32_TOL = 3e-5
 
 
@@ -108,10 +108,11 @@ def test_c_scan_options(c_cache, monkeypatch, drop, softplus, strided_bc):
     inputs = {k: v for k, v in _inputs(2, 29, 4, 8, 2, 6).items() if k not in drop}
     if not softplus:
         inputs["dt"] = inputs["dt"].abs() * 0.5  # dt used as given must be >= 0 (decays at most 1)
-    results = {name: _outputs_and_grads(functools.partial(_bc_views if strided_bc else _as_given, scan,
-                                                          dt_softplus=softplus), inputs, 8, dtype)
-               for name, scan, dtype in (("exact", ref_ssd.ssd_scan, torch.float64),
-                                         ("c", c_ssd.ssd_scan, torch.float32), ("again", c_ssd.ssd_scan, torch.float32))}
+    runs = (("exact", ref_ssd.ssd_scan, torch.float64), ("c", c_ssd.ssd_scan, torch.float32),
+            ("again", c_ssd.ssd_scan, torch.float32))
+    wrap = _bc_views if strided_bc else _as_given
+    results = {name: _outputs_and_grads(functools.partial(wrap, scan, dt_softplus=softplus), inputs, 8, dtype)
+               for name, scan, dtype in runs}
     for name, want in results["exact"].items():
         got = results["c"][name]
         assert (got.double() - want).abs().max() < F32_TOL * want.abs().max(), name

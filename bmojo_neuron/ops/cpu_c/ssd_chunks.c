@@ -20,8 +20,8 @@
  *   x, y, gy, dx (batch, L, H, P), contiguous; dt, dt_raw (batch, L, H), contiguous; A, D, dt_bias (H)
  *   B, C (batch, L, G, N): element (b, t, g, n) at (b L + t) bc_row + g bc_group + n (the model's B and C
  *   are strided views of one projection); dB, dC contiguous (batch, L, G, N)
- *   h0, h_final, d_h0 (batch, H, P, N); starts (batch, ceil(L / T), H, N, P), the state entering each
- *   chunk, transposed (saved by the forward for the backward: written in the layout the forward keeps)
+ *   h0, h_final, d_h0 (batch, H, P, N); starts (batch, ceil(L / T), H, N, P): the state entering each
+ *   chunk, saved by the forward for the backward in the (N, P) layout the forward keeps it in
  *   d_a, d_d, d_bias (batch, H): per batch row, summed by the caller (no two tasks write one float)
  * Head h reads group h / (H / G).
  */
@@ -156,7 +156,7 @@ static void transpose(long rows, long cols, const float *src, long ld_src, float
 typedef struct {
     long batch, L, H, P, G, N, T, bc_row, bc_group;
     float floor;
-    int softplus;
+    int dt_softplus;
 } dims_t;
 
 typedef struct {
@@ -185,23 +185,28 @@ static inline float sigmoid(float v) {
     return 1.f / (1.f + fast_exp(-vc));
 }
 
-/* dt of one chunk of tc tokens (rows row0 ...) for the group's heads [h0, h0 + hpg): softplus(dt_raw +
- * dt_bias) into `dt_out` (as dt_raw, rows of H), or, with `slope`, softplus's derivative there into
- * slope (tc x hpg). */
-static void discretise(const dims_t *d, const inputs_t *in, long row0, long tc, long h0, float *dt_out,
-                       float *slope) {
+/* dt of one chunk of tc tokens (rows row0 ...) for the group's heads [h0, h0 + hpg): dt_raw + dt_bias,
+ * through softplus where asked, into dt_out (rows of H, as dt_raw). */
+static void discretise(const dims_t *d, const inputs_t *in, long row0, long tc, long h0, float *dt_out) {
     long H = d->H, hpg = H / d->G;
     for (long t = 0; t < tc; t++) {
         const float *raw = in->dt_raw + (row0 + t) * H + h0;
-        float *out = dt_out + (row0 + t) * H + h0, *sl = slope + t * hpg;
+        float *out = dt_out + (row0 + t) * H + h0;
 #pragma omp simd
         for (long k = 0; k < hpg; k++) {
             float v = raw[k] + (in->dt_bias ? in->dt_bias[h0 + k] : 0.f);
-            if (slope)
-                sl[k] = sigmoid(v);
-            else
-                out[k] = d->softplus ? softplus(v) : v;
+            out[k] = d->dt_softplus ? softplus(v) : v;
         }
+    }
+}
+
+/* softplus's derivative at the same dt_raw + dt_bias, into slope (tc x hpg). */
+static void softplus_slopes(const dims_t *d, const inputs_t *in, long row0, long tc, long h0, float *slope) {
+    long H = d->H, hpg = H / d->G;
+    for (long t = 0; t < tc; t++) {
+        const float *raw = in->dt_raw + (row0 + t) * H + h0;
+#pragma omp simd
+        for (long k = 0; k < hpg; k++) slope[t * hpg + k] = sigmoid(raw[k] + (in->dt_bias ? in->dt_bias[h0 + k] : 0.f));
     }
 }
 
@@ -316,7 +321,7 @@ static void forward_group(const dims_t *d, const inputs_t *in, long b, long g, c
         const float *Bc = in->B + (b * L + t0) * d->bc_row + g * d->bc_group;
         const float *Cc = in->C + (b * L + t0) * d->bc_row + g * d->bc_group;
         chunk_scores(d, Bc, Cc, tc, s);
-        discretise(d, in, b * L + t0, tc, g * hpg, dt_out, NULL);
+        discretise(d, in, b * L + t0, tc, g * hpg, dt_out);
         for (long k = 0; k < hpg; k++)
             forward_head(d, in, b, g * hpg + k, c, tc, Cc, Bc, y, starts, dt_out, s->sx + k * NTP, s);
     }
@@ -462,7 +467,7 @@ static void backward_head(const dims_t *d, const inputs_t *in, const grads_t *gr
             gx += gt[p] * xt[p];
         }
         float g_dt = s_dot + (float)acc * a;
-        if (d->softplus) g_dt *= s->slope[t * (H / d->G) + h % (H / d->G)];
+        if (d->dt_softplus) g_dt *= s->slope[t * (H / d->G) + h % (H / d->G)];
         gr->d_dt[(row0 + t) * H + h] = g_dt;
         da += acc * dtt;
         dd += gx;
@@ -490,7 +495,7 @@ static void backward_group(const dims_t *d, const inputs_t *in, const grads_t *g
         const float *Cc = in->C + (b * L + t0) * d->bc_row + g * d->bc_group;
         float *dBc = gr->dB + (b * L + t0) * GN + g * N, *dCc = gr->dC + (b * L + t0) * GN + g * N;
         chunk_scores(d, Bc, Cc, tc, s);
-        if (d->softplus) discretise(d, in, b * L + t0, tc, g * hpg, NULL, s->slope);
+        if (d->dt_softplus) softplus_slopes(d, in, b * L + t0, tc, g * hpg, s->slope);
         memset(s->dcb, 0, sizeof(float) * T * T);
         for (long k = 0; k < hpg; k++)
             backward_head(d, in, gr, b, g * hpg + k, c, tc, Bc, Cc, dBc, dCc, s->sx + k * NP, s);
