@@ -69,7 +69,7 @@ def bmojo_scopes() -> Iterator[None]:
         (mamba2_module, "causal_conv1d_rows", "Mamba-2: conv + SiLU (x and B/C)"),
         (ops, "ssd_scan", "Mamba-2: ssd_scan op (softplus, pad, D, casts)"),
         (ssd_module, "_scan_fused", "Mamba-2: SSD chunk core"),
-        (cpu_c_ssd, "_c_core", "Mamba-2: SSD chunk core"),
+        (cpu_c_ssd, "_scan_in_c", "Mamba-2: SSD chunk core"),  # under cpu-c: the whole op in C
         (norms_module.GatedRMSNorm, "forward", "Mamba-2: gated RMS norm"),
         (norms_module.RMSNorm, "forward", "RMS norms (pre-norms, final)"),
         (SwiGLU, "forward", "SwiGLU MLP (silu * up)"),

@@ -1,15 +1,18 @@
-"""The ``cpu-c`` ops backend (`ops/cpu_c`): the SSD chunked core in C against the torch reference.
+"""The ``cpu-c`` ops backend (`ops/cpu_c`): `ssd_scan` in C against the torch reference.
 
 The C library is built once per test session into a temporary cache folder (well under
 a second). Outputs and every gradient are compared with the reference `ssd_scan` in
-float64 and float32, on shapes with odd sizes, several B/C groups, lengths that are not
-a multiple of the chunk and an initial state; then the fallbacks: no compiler, a failed
-build, the off switch and float64 inputs all run the torch path (warning once, except
-for the off switch), and the dispatch routes only `ssd_scan` to the backend.
+float64 and float32, on shapes with odd sizes, several B/C groups, lengths that leave a
+short last chunk (the C code does not pad) and an initial state, and over the op's options
+(no D, no dt_bias, no softplus, B and C as strided views of one projection, bfloat16
+inputs, autocast); then the fallbacks: no compiler, a failed build, the off switch,
+float64 inputs and inputs that may not take a fast path all run the torch path (warning
+once, except for the off switch), and the dispatch routes only `ssd_scan` to the backend.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -20,10 +23,11 @@ from bmojo_neuron import ops
 from bmojo_neuron.ops.cpu_c import build
 from bmojo_neuron.ops.cpu_c import ssd as c_ssd
 from bmojo_neuron.ops.reference import ssd as ref_ssd
+from bmojo_neuron.ops.reference.eager_cpu import fused_kernels_disabled
 
 # Each output and gradient of the float32 C path is within this much of the float64 reference, relative to
-# the reference's largest magnitude: float32 round-off of sums over a few hundred terms (the torch float32
-# path's own worst on these shapes is 1.3e-5, the C path's 7e-6, both on dA, a sum over every token).
+# the reference's largest magnitude: float32 round-off of sums over a few hundred terms (on these shapes the
+# C path's worst is 4.6e-6, the torch float32 path's 3.3e-6, both on dA, a sum over every token).
 F32_TOL = 3e-5
 
 
@@ -73,12 +77,13 @@ def _outputs_and_grads(scan, inputs, chunk, dtype):
     return {"y": y, "final_state": h, **{f"d_{k}": v.grad for k, v in leaves.items()}}
 
 
-@pytest.mark.parametrize("shape, chunk", [
-    ((2, 37, 6, 5, 3, 7), 8),      # 3 groups of 2 heads, odd sizes, L padded to 40
-    ((3, 33, 1, 17, 1, 9), 4),     # one head, 9 chunks, a one-token last chunk
-    ((1, 64, 2, 16, 1, 16), 64),   # model chunk 64 halved by `fused_chunk` (to 16)
+@pytest.mark.parametrize("shape, chunk, c_chunk", [
+    ((2, 37, 6, 5, 3, 7), 8, 8),      # 3 groups of 2 heads, odd sizes, 5 C chunks, the last of 5 tokens
+    ((3, 33, 1, 17, 1, 9), 4, 7),     # one head, an odd C chunk: 5 chunks, the last of 5 tokens
+    ((1, 70, 2, 16, 1, 16), 64, 32),  # the default C chunk: whole 16-column tiles, the last chunk of 6
 ])
-def test_c_core_matches_reference(c_cache, shape, chunk):
+def test_c_core_matches_reference(c_cache, monkeypatch, shape, chunk, c_chunk):
+    monkeypatch.setattr(c_ssd, "C_CHUNK", c_chunk)
     inputs = _inputs(*shape)
     exact = _outputs_and_grads(ref_ssd.ssd_scan, inputs, chunk, torch.float64)
     torch32 = _outputs_and_grads(ref_ssd.ssd_scan, inputs, chunk, torch.float32)
@@ -91,6 +96,55 @@ def test_c_core_matches_reference(c_cache, shape, chunk):
         assert err < F32_TOL, f"{name}: C path off the float64 reference by {err:.2e} of its scale"
         err32 = (c32[name] - torch32[name]).abs().max().item() / scale
         assert err32 < F32_TOL, f"{name}: C path off the torch float32 path by {err32:.2e} of its scale"
+
+
+@pytest.mark.parametrize("drop, softplus, strided_bc", [
+    ((), False, True),                                   # dt as given (no softplus), B/C views of one tensor
+    (("D", "dt_bias", "initial_state"), True, False),    # the optional inputs left out
+])
+def test_c_scan_options(c_cache, monkeypatch, drop, softplus, strided_bc):
+    """Every option of the op in C against the float64 reference, and bitwise repeatable."""
+    monkeypatch.setattr(c_ssd, "C_CHUNK", 8)
+    inputs = {k: v for k, v in _inputs(2, 29, 4, 8, 2, 6).items() if k not in drop}
+    if not softplus:
+        inputs["dt"] = inputs["dt"].abs() * 0.5  # dt used as given must be >= 0 (decays at most 1)
+    runs = (("exact", ref_ssd.ssd_scan, torch.float64), ("c", c_ssd.ssd_scan, torch.float32),
+            ("again", c_ssd.ssd_scan, torch.float32))
+    wrap = _bc_views if strided_bc else _as_given
+    results = {name: _outputs_and_grads(functools.partial(wrap, scan, dt_softplus=softplus), inputs, 8, dtype)
+               for name, scan, dtype in runs}
+    for name, want in results["exact"].items():
+        got = results["c"][name]
+        assert (got.double() - want).abs().max() < F32_TOL * want.abs().max(), name
+        assert torch.equal(got, results["again"][name]), f"{name}: not repeatable"
+    assert set(results["c"]) == {"y", "final_state"} | {f"d_{k}" for k in inputs}
+
+
+def _as_given(scan, **kwargs):
+    return scan(**kwargs)
+
+
+def _bc_views(scan, B, C, **kwargs):
+    """`scan` with B and C as the model passes them: views of one (batch, L, G, 2, N) projection."""
+    bc = torch.stack([B, C], dim=-2)
+    assert not bc[..., 0, :].is_contiguous()
+    return scan(B=bc[..., 0, :], C=bc[..., 1, :], **kwargs)
+
+
+def test_c_scan_bfloat16_and_autocast(c_cache):
+    """bfloat16 inputs are cast to float32 and run in C, as the reference casts them; under CPU autocast
+    the C path computes in float32 too, so its result is the one without autocast, bit for bit."""
+    inputs = {k: v.float() for k, v in _inputs(1, 20, 2, 8, 1, 4).items()}
+    half = {k: v.bfloat16() for k, v in inputs.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # runs in C: no fallback warning
+        got = c_ssd.ssd_scan(chunk_size=8, **half)
+    want = ref_ssd.ssd_scan(chunk_size=8, **half)
+    assert got.dtype == torch.bfloat16 and (got.float() - want.float()).abs().max() <= 1e-2 * want.abs().max()
+    plain = c_ssd.ssd_scan(chunk_size=8, **inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = c_ssd.ssd_scan(chunk_size=8, **inputs)
+    assert torch.equal(autocast, plain)
 
 
 def test_c_core_without_final_state_gradient(c_cache):
@@ -135,6 +189,13 @@ def test_fallbacks_run_the_torch_path(fresh_build, monkeypatch):
     with pytest.warns(RuntimeWarning, match="float64 inputs"):
         assert torch.equal(c_ssd.ssd_scan(chunk_size=8, **wide), ref_ssd.ssd_scan(chunk_size=8, **wide))
 
+    with fused_kernels_disabled():  # as a traced (Neuron) graph: the reference's plain expressions
+        with pytest.warns(RuntimeWarning, match="not eager CPU tensors"):
+            got = c_ssd.ssd_scan(chunk_size=8, **inputs)
+        assert torch.equal(got, ref_ssd.ssd_scan(chunk_size=8, **inputs))
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):  # bad arguments: the reference's errors
+        c_ssd.ssd_scan(chunk_size=0, **inputs)
+
 
 def test_build_is_cached_and_renamed_into_place(c_cache):
     (library,) = c_cache.iterdir()  # the library only: the temporary file it was written to was renamed
@@ -175,7 +236,7 @@ def test_model_runs_the_c_core_through_the_dispatch(c_cache):
         results[backend] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None],
                             _backward_names(loss.grad_fn))
     (want, want_grads, torch_nodes), (got, got_grads, c_nodes) = results["torch"], results["cpu-c"]
-    assert "CSSDChunksBackward" in c_nodes and "CSSDChunksBackward" not in torch_nodes
+    assert "CSSDScanBackward" in c_nodes and "CSSDScanBackward" not in torch_nodes
     assert abs(got - want) <= F32_TOL * abs(want)
     for w, g in zip(want_grads, got_grads, strict=True):
         assert (g - w).abs().max() <= F32_TOL * max(w.abs().max(), 1e-3)

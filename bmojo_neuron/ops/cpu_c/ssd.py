@@ -1,11 +1,16 @@
-"""`ssd_scan` with its chunked core in C (`ssd_chunks.c`), forward and backward, on float32 CPU tensors.
+"""`ssd_scan` in C (`ssd_chunks.c`), forward and backward, on float32 CPU tensors.
 
-The op is the reference `ssd_scan` (discretisation, padding, ``D`` in torch) with the
-eager-CPU core `SSDChunks` swapped for `CSSDChunks`: the same recurrence, products and
-decay floor, each chunk's element-wise work done in C while the chunk is in cache
-instead of as whole-tensor torch ops. Where the C core cannot run (no compiler, a failed
-build, ``BMOJO_CPU_C=0``, inputs that are not float32 CPU tensors, tracing) the torch
-path runs, with one warning per reason.
+The whole op runs in C: dt's bias and softplus, the chunked core, ``D x``, and a short
+last chunk instead of padding. Only the casts to float32 (no-ops for float32 inputs) and
+the sums over the batch of the per-row parameter gradients stay in torch. The math is the
+reference `ssd_scan`'s, with the eager-CPU core `SSDChunks`'s decay floor; the chunk
+length is the C code's own (`C_CHUNK`, chunking is exact). Where C cannot run (no
+compiler, a failed build, ``BMOJO_CPU_C=0``, float64 inputs, tensors that are not eager
+CPU ones, tracing) the reference runs, with one warning per reason.
+
+Under CPU autocast the C path computes in float32, as `ssd_scan` does outside autocast:
+there is no bfloat16 arithmetic to gain in plain C, and float32 is the op's compute dtype
+(the torch core's products would run in bfloat16 there).
 """
 
 from __future__ import annotations
@@ -18,16 +23,24 @@ from torch import Tensor
 
 from ..reference import ssd as ssd_reference
 from ..reference.eager_cpu import fused_kernel_available
-from ..reference.ssd_fused import _floor
+from ..reference.ssd_fused import decay_floor
 from . import build
 
-__all__ = ["CSSDChunks", "c_core_unavailable", "ssd_scan"]
+__all__ = ["C_CHUNK", "CSSDScan", "c_unavailable", "ssd_scan"]
+
+# The chunk the C code runs in, whatever the model's chunk_size (chunking is exact). With 8 heads of
+# P 64 and N 64 (the bench's model), forward + backward on one thread, chunks of 32, 48 and 64 run
+# within noise of each other (16 and 96 slower, docs/ops.md); 32 has the smaller round-off in dA
+# (its in-chunk sums are shorter).
+C_CHUNK = 32
 
 _warned: set[str] = set()
 
-# ssd_chunks.c's parameters: pointers, then the sizes (b, L, H, P, G, N, chunk), the decay floor, the thread count.
-_FORWARD_ARGS = [build.FLOAT_P] * 9 + [build.LONG] * 7 + [build.FLOAT, build.INT]
-_BACKWARD_ARGS = [build.FLOAT_P] * 14 + [build.LONG] * 7 + [build.FLOAT, build.INT]
+# ssd_chunks.c's parameters: pointers, then the sizes (b, L, H, P, G, N, chunk, B/C row and group
+# strides), the softplus flag, the decay floor and the thread count.
+_SIZES = [build.LONG] * 9 + [build.INT, build.FLOAT, build.INT]
+_FORWARD_ARGS = [build.FLOAT_P] * 12 + _SIZES
+_BACKWARD_ARGS = [build.FLOAT_P] * 19 + _SIZES
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -39,65 +52,72 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-class CSSDChunks(torch.autograd.Function):
-    """y and final state of the SSD recurrence over whole chunks, in C.
+def _bc_strides(B: Tensor, C: Tensor) -> tuple[Tensor, Tensor, int, int]:
+    """B and C as the C code reads them: rows of tokens with a common row and group stride (the
+    model's B and C are such views of one projection); contiguous copies otherwise."""
+    batch, length = B.shape[:2]
+    s = B.stride()
+    if s == C.stride() and s[3] == 1 and (batch == 1 or s[0] == length * s[1]):
+        return B, C, s[1], s[2]
+    B, C = B.contiguous(), C.contiguous()
+    return B, C, B.stride(1), B.stride(2)
 
-    x (b, L, H, P); dt (b, L, H) discretised; A (H,); B, C (b, L, G, N); h0 (b, H, P, N);
-    all contiguous float32, L a multiple of `chunk`. Returns y (b, L, H, P) and the final
-    state (b, H, P, N). Saves the inputs and the state entering each chunk.
+
+class CSSDScan(torch.autograd.Function):
+    """y (with ``D x``) and final state of `ssd_scan` on float32 CPU tensors, in C.
+
+    x (b, L, H, P) and dt (b, L, H) contiguous; A, D, dt_bias (H,) contiguous, D and dt_bias
+    may be None; B, C (b, L, G, N) with unit stride along N and the token and group strides
+    of `_bc_strides`; h0 (b, H, P, N) contiguous or None. Saves the inputs, the discretised
+    dt and the state entering each chunk.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor, chunk: int):
+    def forward(ctx, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None,
+                dt_bias: Tensor | None, h0: Tensor | None, softplus: bool, chunk: int):
         b, L, H, P = x.shape
         G, N = B.shape[-2:]
-        y, h = torch.empty_like(x), torch.empty_like(h0)
-        starts = x.new_empty(b, L // chunk, H, N, P)
+        B, C, bc_row, bc_group = _bc_strides(B, C)
+        y, h = torch.empty_like(x), x.new_empty(b, H, P, N)
+        starts, dt_out = x.new_empty(b, -(-L // chunk), H, N, P), torch.empty_like(dt)
         status = build.function("ssd_chunks_forward", _FORWARD_ARGS)(
-            *map(_ptr, (x, dt, A, B, C, h0, y, h, starts)), b, L, H, P, G, N, chunk, _floor(x.dtype), _threads())
+            *map(_ptr, (x, dt, dt_bias, A, B, C, D, h0, y, h, starts, dt_out)), b, L, H, P, G, N, chunk,
+            bc_row, bc_group, int(softplus), decay_floor(x.dtype), _threads())
         if status:
             raise MemoryError("ssd_chunks_forward: out of memory for its scratch buffers")
-        ctx.save_for_backward(x, dt, A, B, C, starts)
-        ctx.chunk = chunk
+        ctx.save_for_backward(x, dt, dt_bias, A, B, C, D, dt_out, starts)
+        ctx.sizes = (chunk, bc_row, bc_group, int(softplus), h0 is not None)
         return y, h
 
     @staticmethod
     def backward(ctx, gy: Tensor | None, g_final: Tensor | None):
-        x, dt, A, B, C, starts = ctx.saved_tensors
+        x, dt, dt_bias, A, B, C, D, dt_out, starts = ctx.saved_tensors
+        chunk, bc_row, bc_group, softplus, has_h0 = ctx.sizes
         b, L, H, P = x.shape
         G, N = B.shape[-2:]
         gy = torch.zeros_like(x) if gy is None else gy.contiguous()
         g_final = None if g_final is None else g_final.contiguous()
         dx, d_dt, d_h0 = torch.empty_like(x), torch.empty_like(dt), x.new_empty(b, H, P, N)
-        d_a, dB, dC = x.new_zeros(b, H), torch.zeros_like(B), torch.zeros_like(C)
+        per_row = x.new_zeros(3, b, H)  # dA, dD, d dt_bias per batch row, summed here (deterministic)
+        dB, dC = x.new_zeros(b, L, G, N), x.new_zeros(b, L, G, N)
         status = build.function("ssd_chunks_backward", _BACKWARD_ARGS)(
-            *map(_ptr, (x, dt, A, B, C, starts, gy, g_final, dx, d_dt, d_a, dB, dC, d_h0)),
-            b, L, H, P, G, N, ctx.chunk, _floor(x.dtype), _threads())
+            *map(_ptr, (x, dt, dt_bias, A, B, C, D, dt_out, starts, gy, g_final, dx, d_dt, per_row[0], per_row[1],
+                        per_row[2], dB, dC, d_h0)),
+            b, L, H, P, G, N, chunk, bc_row, bc_group, softplus, decay_floor(x.dtype), _threads())
         if status:
             raise MemoryError("ssd_chunks_backward: out of memory for its scratch buffers")
-        return dx, d_dt, d_a.sum(0), dB, dC, d_h0, None
+        d_a, d_d, d_bias = per_row.sum(1)
+        return (dx, d_dt, d_a, dB, dC, d_d if D is not None else None, d_bias if dt_bias is not None else None,
+                d_h0 if has_h0 else None, None, None)
 
 
-def _c_core(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, initial_state: Tensor | None,
-            chunk: int) -> tuple[Tensor, Tensor]:
-    """`ssd_reference.ChunkCore` in C (contiguous operands, the chunk the torch core would take), or the
-    torch core with a warning where the C one cannot run."""
-    reason = c_core_unavailable(x)
-    if reason:
-        _warn_once(reason)
-        return ssd_reference._scan_fused(x, dt, A, B, C, initial_state, chunk)
-    batch, _, heads, head_dim = x.shape
-    state_size = B.shape[-1]
-    chunk = ssd_reference.fused_chunk(chunk, head_dim, state_size)
-    h0 = x.new_zeros(batch, heads, head_dim, state_size) if initial_state is None else initial_state.to(x.dtype)
-    return CSSDChunks.apply(x.contiguous(), dt.contiguous(), A.contiguous(), B.contiguous(), C.contiguous(),
-                            h0.contiguous(), chunk)
-
-
-def c_core_unavailable(x: Tensor) -> str:
-    """Why the C core cannot run on the core's input `x` (in the compute dtype; "" when it can)."""
-    if x.dtype != torch.float32:
-        return f"{str(x.dtype).removeprefix('torch.')} inputs (the C kernels take float32)"
+def c_unavailable(*tensors: Tensor | None) -> str:
+    """Why the C code cannot run on these inputs (cast to the op's compute dtype; "" when it can)."""
+    if not fused_kernel_available(*tensors):
+        return "inputs that are not eager CPU tensors (another device, tracing or fused_kernels_disabled)"
+    dtype = tensors[0].dtype
+    if dtype != torch.float32:
+        return f"{str(dtype).removeprefix('torch.')} inputs (the C kernels take float32)"
     loaded = build.load()
     return "" if loaded.library is not None else loaded.reason
 
@@ -108,15 +128,31 @@ def _warn_once(reason: str) -> None:
         warnings.warn(f"ops backend 'cpu-c': ssd_scan runs the torch path: {reason}", RuntimeWarning, stacklevel=4)
 
 
+def _scan_in_c(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor | None,
+               dt_softplus: bool, initial_state: Tensor | None) -> tuple[Tensor, Tensor]:
+    """y (float32) and the final state through `CSSDScan`, operands in the layouts it reads."""
+    contiguous = [None if t is None else t.contiguous() for t in (x, dt, A, D, dt_bias, initial_state)]
+    x, dt, A, D, dt_bias, h0 = contiguous
+    return CSSDScan.apply(x, dt, A, B, C, D, dt_bias, h0, dt_softplus, C_CHUNK)
+
+
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
              dt_bias: Tensor | None = None, dt_softplus: bool = True, initial_state: Tensor | None = None,
              return_final_state: bool = False) -> Any:
-    """The `ssd_scan` op (reference signature and layouts) with the chunked core in C where it can run.
+    """The `ssd_scan` op (reference signature, layouts and results) in C where it can run.
 
-    Inputs that are not eager CPU tensors (another device, tracing, `fused_kernels_disabled`) never reach
-    a chunked core: the reference's traced form runs them, as under the torch backend.
+    Inputs are cast to the op's compute dtype (float32 at least) first, as the reference
+    does; the reference runs (and raises on bad arguments) wherever C cannot.
     """
-    if not fused_kernel_available(x, dt, A, B, C, D, dt_bias, initial_state):
-        _warn_once("inputs that are not eager CPU tensors (another device, tracing or fused_kernels_disabled)")
-    return ssd_reference.ssd_scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state,
-                                  return_final_state, chunk_core=_c_core)
+    heads, groups = x.shape[2], B.shape[-2]
+    ct = torch.promote_types(x.dtype, torch.float32)
+    cast = [None if t is None else t.to(ct) for t in (x, dt, A, B, C, D, dt_bias, initial_state)]
+    reason = c_unavailable(*cast)
+    if chunk_size < 1 or groups < 1 or heads % groups or reason:
+        if reason:
+            _warn_once(reason)
+        return ssd_reference.ssd_scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state,
+                                      return_final_state)
+    y, h = _scan_in_c(*cast[:7], dt_softplus, cast[7])
+    y = y.to(x.dtype)
+    return (y, h) if return_final_state else y

@@ -1,33 +1,48 @@
-/* The SSD scan's chunked core, forward and backward, for float32 CPU buffers.
+/* The SSD scan (`ssd_scan` without its casts), forward and backward, for float32 CPU buffers.
  *
- * Same math as bmojo_neuron/ops/reference/ssd_fused.py (`SSDChunks`), written so that
- * each token's data is read once per pass: every product is a small matrix product on
- * one chunk of one (batch, B/C group), and the element-wise work around it (decays,
- * cumulative sums, the dt scaling, the causal mask) happens on the chunk while it sits
- * in the core's L1/L2 cache. One OpenMP task per (batch, group): the chunks of a group
- * are sequential (the state is carried), the groups are independent.
+ * Same math as bmojo_neuron/ops/reference/ssd.py and ssd_fused.py (`SSDChunks`), plus what
+ * `ssd_scan` does around that core: dt = softplus(dt + dt_bias), y += D x, and a last chunk
+ * shorter than the others instead of padding. Per (batch, B/C group) one OpenMP task runs
+ * the chunks in order (the state is carried); the groups are independent.
  *
- * Layouts (contiguous, row-major):
- *   x (batch, L, H, P); dt (batch, L, H), already discretised; A (H)
- *   B, C (batch, L, G, N); head h reads group h / (H / G)
- *   h0, h_final, d_h0 (batch, H, P, N)
- *   starts (batch, L / T, H, N, P): the state entering each chunk, transposed (saved
- *   by the forward for the backward)
- * L is a multiple of the chunk T (the caller pads with dt = 0).
+ * Per chunk of T tokens (cs = in-chunk cumulative sum of dt A, e = decay(cs),
+ * to_end_j = decay(cs_end - cs_j), w_ij = (C_i . B_j) decay(cs_i - cs_j) for j <= i, S the
+ * state (N x P) entering the chunk):
+ *   y_i   = e_i C_i S + sum_{j <= i} w_ij dt_j x_j + D x_i
+ *   S_out = e_end S + sum_j to_end_j B_j^T (dt_j x_j)
+ * The forward forms y as ONE product per head, [e C | w] (T x (N + T)) times [S ; dt x]
+ * ((N + T) x P), the state and the chunk's inputs stacked in one buffer; the backward runs
+ * the transposed products, each reading its operands in the layout they are stored in.
+ * Decays exp(t) are taken at t >= floor (2 log eps of float32), as `ssd_fused._exp` does,
+ * so that no product reads a subnormal float.
  *
- * Decays exp(t) are taken at t >= floor (2 log eps of float32), as `ssd_fused._exp`
- * does, so that no product reads a subnormal float.
+ * Layouts (row-major):
+ *   x, y, gy, dx (batch, L, H, P), contiguous; dt, dt_raw (batch, L, H), contiguous; A, D, dt_bias (H)
+ *   B, C (batch, L, G, N): element (b, t, g, n) at (b L + t) bc_row + g bc_group + n (the model's B and C
+ *   are strided views of one projection); dB, dC contiguous (batch, L, G, N)
+ *   h0, h_final, d_h0 (batch, H, P, N); starts (batch, ceil(L / T), H, N, P): the state entering each
+ *   chunk, saved by the forward for the backward in the (N, P) layout the forward keeps it in
+ *   d_a, d_d, d_bias (batch, H): per batch row, summed by the caller (no two tasks write one float)
+ * Head h reads group h / (H / G).
  */
+/* Float compares may be if-converted (GCC's default -ftrapping-math keeps every `x < lo ? lo : x` a
+ * branch, and a loop with a branch is not vectorised). The kernels never read the floating-point
+ * exception flags, and no result changes. */
+#pragma GCC optimize("no-trapping-math")
+
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 /* exp(x) to about 1 ulp, written so that loops over it vectorise (libm's expf is a scalar call):
  * x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7 (truncation < 1e-8
- * relative), 2^n put into the exponent bits. x below -87 gives 0 (no subnormals), above 88.7 inf. */
+ * relative), 2^n put into the exponent bits. n is rounded by adding and subtracting 1.5 2^23 (no
+ * floorf: GCC keeps it a call, which stops the vectoriser). x below -87 gives 0 (no subnormals),
+ * above 88.7 inf. */
 static inline float fast_exp(float x) {
-    float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    float n = floorf(xc * 1.44269504088896341f + 0.5f);
+    float xc = x < -87.0f ? -87.0f : x;
+    xc = xc > 88.0f ? 88.0f : xc;
+    float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = xc - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
     float p = 1.f / 5040.f;
     p = p * r + 1.f / 720.f;
@@ -47,84 +62,181 @@ static inline float fast_exp(float x) {
 
 static inline float decay(float t, float floor) { return fast_exp(t < floor ? floor : t); }
 
-/* out[i*ldc + j] += sum_k a[i*ars + k*acs] * b[k*ldb + j], i < m, j < n, k < kk (k < min(kk, i + 1) rows
- * at a time when `lower`, for a lower-triangular a). Blocks of 4 rows x 16 columns kept in registers. */
-static void gemm(long m, long n, long kk, const float *a, long ars, long acs, const float *b, long ldb,
-                 float *out, long ldc, int lower) {
-    long i0 = 0;
-    for (; i0 + 4 <= m; i0 += 4) {
-        long kend = lower ? (i0 + 4 < kk ? i0 + 4 : kk) : kk;
-        long j0 = 0;
-        for (; j0 + 16 <= n; j0 += 16) {
-            float acc[4][16] = {{0}};
-            for (long k = 0; k < kend; k++) {
-                const float *bk = b + k * ldb + j0;
-                for (int r = 0; r < 4; r++) {
-                    float av = a[(i0 + r) * ars + k * acs];
-#pragma omp simd
-                    for (int j = 0; j < 16; j++) acc[r][j] += av * bk[j];
-                }
-            }
-            for (int r = 0; r < 4; r++) {
-                float *o = out + (i0 + r) * ldc + j0;
-#pragma omp simd
-                for (int j = 0; j < 16; j++) o[j] += acc[r][j];
-            }
+/* ---- The small products: register tiles of up to 6 rows x 16 columns. ----
+ * 12 accumulators of 8 floats, two vectors of a row of b and one broadcast of a: 15 of the 16
+ * AVX2 registers, two fused multiply-adds per broadcast. Written with GCC's vector extension
+ * (no intrinsics), so other targets get their own vectors of 8 floats. */
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
+static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
+static inline v8 splat8(float x) { return (v8){x, x, x, x, x, x, x, x}; }
+
+enum { KEEP = 0, ZERO = 1 };      /* out += a b, or out = a b */
+enum { FULL, LOWER, UPPER };      /* which part of a is not zero: see rows_block */
+
+/* Rows [0, R) x columns [0, 16) of out (+)= a[:, k0:k1] b[k0:k1, :]; R is a constant at each call. */
+static inline __attribute__((always_inline)) void tile16(int R, long k0, long k1, const float *a, long ars, long acs,
+                                                         const float *b, long ldb, float *out, long ldc, int zero) {
+    v8 c0[6], c1[6];
+    for (int r = 0; r < R; r++) c0[r] = c1[r] = splat8(0.f);
+    const float *ak = a + k0 * acs, *bk = b + k0 * ldb;
+    for (long k = k0; k < k1; k++, ak += acs, bk += ldb) {
+        v8 b0 = load8(bk), b1 = load8(bk + 8);
+        for (int r = 0; r < R; r++) {
+            v8 av = splat8(ak[r * ars]);
+            c0[r] += av * b0;
+            c1[r] += av * b1;
         }
-        for (; j0 < n; j0++)
-            for (int r = 0; r < 4; r++) {
-                float s = 0.f;
-                for (long k = 0; k < kend; k++) s += a[(i0 + r) * ars + k * acs] * b[k * ldb + j0];
-                out[(i0 + r) * ldc + j0] += s;
-            }
     }
-    for (; i0 < m; i0++) {
-        long kend = lower ? (i0 + 1 < kk ? i0 + 1 : kk) : kk;
-        float *o = out + i0 * ldc;
-        for (long k = 0; k < kend; k++) {
-            float av = a[i0 * ars + k * acs];
-            const float *bk = b + k * ldb;
-#pragma omp simd
-            for (long j = 0; j < n; j++) o[j] += av * bk[j];
-        }
+    for (int r = 0; r < R; r++) {
+        float *o = out + r * ldc;
+        store8(o, zero ? c0[r] : load8(o) + c0[r]);
+        store8(o + 8, zero ? c1[r] : load8(o + 8) + c1[r]);
     }
 }
 
-/* dst (cols x rows) = transpose of src (rows x cols, row stride ld). */
-static void transpose(long rows, long cols, const float *src, long ld, float *dst) {
-    for (long r = 0; r < rows; r++)
-        for (long c = 0; c < cols; c++) dst[c * rows + r] = src[r * ld + c];
+/* The same for the last nc < 16 columns (odd sizes only). */
+static void tile_tail(int R, long nc, long k0, long k1, const float *a, long ars, long acs, const float *b, long ldb,
+                      float *out, long ldc, int zero) {
+    for (int r = 0; r < R; r++)
+        for (long j = 0; j < nc; j++) {
+            float s = 0.f;
+            for (long k = k0; k < k1; k++) s += a[r * ars + k * acs] * b[k * ldb + j];
+            out[r * ldc + j] = zero ? s : out[r * ldc + j] + s;
+        }
 }
+
+/* Rows [i0, i0 + R) of the product, columns [0, min(n, ncols)). The k it reads: all of [0, kk) for a
+ * FULL a; for a LOWER one (a[i][k] = 0 for k > i + shift) [0, i0 + R + shift), for an UPPER one
+ * (a[i][k] = 0 for k < i + shift) [i0 + shift, kk). */
+static inline __attribute__((always_inline)) void rows_block(int R, long i0, long n, long kk, const float *a,
+                                                             long ars, long acs, const float *b, long ldb, float *out,
+                                                             long ldc, int shape, long shift, long ncols, int zero) {
+    long k0 = 0, k1 = kk;
+    if (shape == LOWER && i0 + R + shift < kk) k1 = i0 + R + shift;
+    if (shape == UPPER && i0 + shift > 0) k0 = i0 + shift;
+    const float *ai = a + i0 * ars;
+    float *oi = out + i0 * ldc;
+    long j0 = 0, nend = ncols < n ? ncols : n;
+    for (; j0 + 16 <= nend; j0 += 16) tile16(R, k0, k1, ai, ars, acs, b + j0, ldb, oi + j0, ldc, zero);
+    if (j0 < nend) tile_tail(R, nend - j0, k0, k1, ai, ars, acs, b + j0, ldb, oi + j0, ldc, zero);
+}
+
+/* out (m x n, row stride ldc) (+)= a (m x kk, a[i][k] at a[i ars + k acs]) times b (kk x n, row stride
+ * ldb). `shape` and `shift` say which part of a may be non-zero (rows_block); `lower_out` forms only
+ * the columns j < i + 1 of row i (rounded up to whole tiles) for an output whose upper triangle is
+ * never read. */
+static void gemm(long m, long n, long kk, const float *a, long ars, long acs, const float *b, long ldb, float *out,
+                 long ldc, int shape, long shift, int lower_out, int zero) {
+    long i0 = 0;
+    for (; i0 + 6 <= m; i0 += 6)
+        rows_block(6, i0, n, kk, a, ars, acs, b, ldb, out, ldc, shape, shift, lower_out ? (i0 + 21) / 16 * 16 : n,
+                   zero);
+    long cols = lower_out ? (m + 15) / 16 * 16 : n;
+    if (m - i0 >= 4) {
+        rows_block(4, i0, n, kk, a, ars, acs, b, ldb, out, ldc, shape, shift, cols, zero);
+        i0 += 4;
+    }
+    if (m - i0 >= 2) {
+        rows_block(2, i0, n, kk, a, ars, acs, b, ldb, out, ldc, shape, shift, cols, zero);
+        i0 += 2;
+    }
+    if (m - i0 >= 1) rows_block(1, i0, n, kk, a, ars, acs, b, ldb, out, ldc, shape, shift, cols, zero);
+}
+
+/* dst (cols x rows, row stride ld_dst) = transpose of src (rows x cols, row stride ld_src). */
+static void transpose(long rows, long cols, const float *src, long ld_src, float *dst, long ld_dst) {
+    for (long r = 0; r < rows; r++)
+        for (long c = 0; c < cols; c++) dst[c * ld_dst + r] = src[r * ld_src + c];
+}
+
+/* ---- Shapes, inputs and the per-task scratch. ---- */
 
 typedef struct {
-    long batch, L, H, P, G, N, T;
+    long batch, L, H, P, G, N, T, bc_row, bc_group;
     float floor;
+    int dt_softplus;
 } dims_t;
 
-/* Per-task scratch, all float. */
 typedef struct {
-    float *states;          /* (hpg, N, P): state (forward) or its gradient (backward) per head */
-    float *cb, *w, *dcb, *dw, *dm; /* (T, T); dm: decay(cs_i - cs_j) on and below the diagonal */
-    float *bt, *at;         /* (N, T) */
-    float *xdt, *tp, *tp2;  /* (T, P) */
-    float *tn;              /* (T, N) */
-    float *np, *pn;         /* (N, P), (P, N) */
-    float *pt;              /* (P, T) */
-    float *cs, *e, *dcs, *to_end; /* (T); to_end: decay(cs_end - cs_j) */
+    const float *x, *dt_raw, *dt_bias, *A, *B, *C, *D;
+} inputs_t;
+
+/* softplus(v) = max(v, 0) + log1p(exp(-|v|)), log1p(u) for u in (0, 1] as 2 atanh(u / (2 + u)) by its
+ * series (s <= 1/3: eight terms leave under 1e-8 relative), so that a loop over it vectorises; within
+ * an ulp or two of torch's float32 softplus (beta 1, threshold 20: above 20 both give v). */
+static inline float softplus(float v) {
+    float u = fast_exp(v < 0.f ? v : -v), s = u / (2.f + u), s2 = s * s;
+    float p = 1.f / 15.f;
+    p = p * s2 + 1.f / 13.f;
+    p = p * s2 + 1.f / 11.f;
+    p = p * s2 + 1.f / 9.f;
+    p = p * s2 + 1.f / 7.f;
+    p = p * s2 + 1.f / 5.f;
+    p = p * s2 + 1.f / 3.f;
+    p = p * s2 + 1.f;
+    return (v > 0.f ? v : 0.f) + 2.f * s * p;
+}
+
+/* softplus's derivative, sigmoid(v) (the argument kept where exp stays normal). */
+static inline float sigmoid(float v) {
+    float vc = v < -80.f ? -80.f : (v > 80.f ? 80.f : v);
+    return 1.f / (1.f + fast_exp(-vc));
+}
+
+/* dt of one chunk of tc tokens (rows row0 ...) for the group's heads [h0, h0 + hpg): dt_raw + dt_bias,
+ * through softplus where asked, into dt_out (rows of H, as dt_raw). */
+static void discretise(const dims_t *d, const inputs_t *in, long row0, long tc, long h0, float *dt_out) {
+    long H = d->H, hpg = H / d->G;
+    for (long t = 0; t < tc; t++) {
+        const float *raw = in->dt_raw + (row0 + t) * H + h0;
+        float *out = dt_out + (row0 + t) * H + h0;
+#pragma omp simd
+        for (long k = 0; k < hpg; k++) {
+            float v = raw[k] + (in->dt_bias ? in->dt_bias[h0 + k] : 0.f);
+            out[k] = d->dt_softplus ? softplus(v) : v;
+        }
+    }
+}
+
+/* softplus's derivative at the same dt_raw + dt_bias, into slope (tc x hpg). */
+static void softplus_slopes(const dims_t *d, const inputs_t *in, long row0, long tc, long h0, float *slope) {
+    long H = d->H, hpg = H / d->G;
+    for (long t = 0; t < tc; t++) {
+        const float *raw = in->dt_raw + (row0 + t) * H + h0;
+#pragma omp simd
+        for (long k = 0; k < hpg; k++) slope[t * hpg + k] = sigmoid(raw[k] + (in->dt_bias ? in->dt_bias[h0 + k] : 0.f));
+    }
+}
+
+typedef struct {
+    float *sx;           /* forward: per head ((N + T) x P), the state over the chunk's dt x; backward: dS (N x P) */
+    float *ay;           /* forward: (T x (N + T)) rows [e_i C_i | w_i]; backward: w (T x T) */
+    float *dm;           /* backward: decay(cs_i - cs_j) (T x T) */
+    float *cb, *dcb, *dw;  /* (T x T) */
+    float *bt;           /* (N x T): B^T of the chunk */
+    float *xs;           /* (T x P): to_end_j dt_j x_j */
+    float *xt;           /* (P x T): (dt x)^T */
+    float *dxdt;         /* (T x P) */
+    float *q, *ec;       /* (T x N) */
+    float *dst, *st;     /* (P x N): dS^T, S^T */
+    float *dt, *cs, *e, *to_end, *dcs; /* (T) */
+    float *slope;        /* (T x heads per group): softplus's derivative at the chunk's dt */
     float *block;
 } scratch_t;
 
 static int scratch_new(scratch_t *s, const dims_t *d) {
-    long hpg = d->H / d->G, T = d->T, N = d->N, P = d->P;
-    long sizes[] = {hpg * N * P, T * T, T * T, T * T, T * T, T * T, N * T, N * T, T * P, T * P, T * P, T * N,
-                    N * P, P * N, P * T, T, T, T, T};
+    long hpg = d->H / d->G, T = d->T, N = d->N, P = d->P, TT = T * T;
+    long sizes[] = {hpg * (N + T) * P, T * (N + T), TT, TT, TT, TT, N * T, T * P, P * T, T * P, T * N, T * N,
+                    P * N, P * N, T, T, T, T, T, T * hpg};
+    float **slots[] = {&s->sx, &s->ay, &s->dm, &s->cb, &s->dcb, &s->dw, &s->bt, &s->xs, &s->xt, &s->dxdt, &s->q,
+                       &s->ec, &s->dst, &s->st, &s->dt, &s->cs, &s->e, &s->to_end, &s->dcs, &s->slope};
     long total = 0;
     for (unsigned i = 0; i < sizeof sizes / sizeof *sizes; i++) total += sizes[i];
-    float *p = calloc((size_t)total, sizeof(float));
+    float *p = calloc((size_t)total, sizeof(float)); /* zero: the parts above the diagonals are never written */
     if (!p) return -1;
     s->block = p;
-    float **slots[] = {&s->states, &s->cb, &s->w, &s->dcb, &s->dw, &s->dm, &s->bt, &s->at, &s->xdt, &s->tp,
-                       &s->tp2, &s->tn, &s->np, &s->pn, &s->pt, &s->cs, &s->e, &s->dcs, &s->to_end};
     for (unsigned i = 0; i < sizeof sizes / sizeof *sizes; i++) {
         *slots[i] = p;
         p += sizes[i];
@@ -132,93 +244,97 @@ static int scratch_new(scratch_t *s, const dims_t *d) {
     return 0;
 }
 
-/* One chunk's shared pieces for a group: bt = B^T (N x T), cb = C B^T (T x T, lower part). */
-static void chunk_scores(const dims_t *d, const float *Bc, const float *Cc, scratch_t *s) {
-    long T = d->T, N = d->N, GN = d->G * d->N;
-    transpose(T, N, Bc, GN, s->bt);
-    memset(s->cb, 0, sizeof(float) * T * T);
-    gemm(T, T, N, Cc, GN, 1, s->bt, T, s->cb, T, 0);
-}
-
-/* A head's per-chunk pieces: cs (in-chunk cumulative sum of dt A), e = decay(cs), xdt = dt x (T x P),
- * w = cb * decay(cs_i - cs_j) on and below the diagonal, zero above. */
-static void chunk_head(const dims_t *d, const float *xc, const float *dtc, float a, scratch_t *s) {
-    long T = d->T, P = d->P, H = d->H;
-    float run = 0.f;
-    for (long t = 0; t < T; t++) {
-        float dtt = dtc[t * H];
+/* One head's dt (from the discretised `dt`), cs, e and to_end over a chunk of tc tokens starting at
+ * row `row0`. */
+static void chunk_decays(const dims_t *d, const inputs_t *in, const float *dt, long row0, long h, long tc,
+                         scratch_t *s) {
+    float a = in->A[h], run = 0.f;
+    for (long t = 0; t < tc; t++) {
+        float dtt = dt[(row0 + t) * d->H + h];
+        s->dt[t] = dtt;
         run += dtt * a;
         s->cs[t] = run;
-        const float *xt = xc + t * H * P;
-        float *o = s->xdt + t * P;
-#pragma omp simd
-        for (long p = 0; p < P; p++) o[p] = dtt * xt[p];
     }
-    float floor = d->floor, cs_end = s->cs[T - 1];
+    float floor = d->floor, cs_end = s->cs[tc - 1];
 #pragma omp simd
-    for (long t = 0; t < T; t++) {
+    for (long t = 0; t < tc; t++) {
         s->e[t] = decay(s->cs[t], floor);
         s->to_end[t] = decay(cs_end - s->cs[t], floor);
     }
-    for (long i = 0; i < T; i++) {
-        float csi = s->cs[i];
-        float *dm = s->dm + i * T, *w = s->w + i * T;
-        const float *cb = s->cb + i * T;
-#pragma omp simd
-        for (long j = 0; j <= i; j++) {
-            dm[j] = decay(csi - s->cs[j], floor);
-            w[j] = cb[j] * dm[j];
-        }
-        for (long j = i + 1; j < T; j++) dm[j] = w[j] = 0.f;
-    }
 }
 
-static void forward_group(const dims_t *d, long b, long g, const float *x, const float *dt, const float *A,
-                          const float *B, const float *C, const float *h0, float *y, float *h_final,
-                          float *starts, scratch_t *s) {
-    long L = d->L, H = d->H, P = d->P, G = d->G, N = d->N, T = d->T, hpg = H / G, NP = N * P;
-    long n_chunks = L / T;
-    for (long k = 0; k < hpg; k++) {  /* states as (N, P) */
-        long h = g * hpg + k;
-        float *st = s->states + k * NP;
-        const float *src = h0 + (b * H + h) * P * N;
-        for (long p = 0; p < P; p++)
-            for (long n = 0; n < N; n++) st[n * P + p] = src[p * N + n];
-    }
-    for (long c = 0; c < n_chunks; c++) {
-        long t0 = c * T;
-        const float *Bc = B + ((b * L + t0) * G + g) * N, *Cc = C + ((b * L + t0) * G + g) * N;
-        chunk_scores(d, Bc, Cc, s);
-        for (long k = 0; k < hpg; k++) {
-            long h = g * hpg + k;
-            const float *xc = x + ((b * L + t0) * H + h) * P;
-            chunk_head(d, xc, dt + (b * L + t0) * H + h, A[h], s);
-            float *st = s->states + k * NP;
-            memcpy(starts + ((b * n_chunks + c) * H + h) * NP, st, sizeof(float) * NP);
-            /* y = e * (C . state) + w (dt x) */
-            memset(s->tp, 0, sizeof(float) * T * P);
-            gemm(T, P, N, Cc, G * N, 1, st, P, s->tp, P, 0);
-            for (long i = 0; i < T; i++)
-                for (long p = 0; p < P; p++) s->tp[i * P + p] *= s->e[i];
-            gemm(T, P, T, s->w, T, 1, s->xdt, P, s->tp, P, 1);
-            for (long i = 0; i < T; i++) memcpy(y + ((b * L + t0 + i) * H + h) * P, s->tp + i * P, sizeof(float) * P);
-            /* state = decay(cs_end) state + sum_j decay(cs_end - cs_j) B_j (dt x)_j */
-            float e_end = s->e[T - 1];
-            for (long i = 0; i < NP; i++) st[i] *= e_end;
-            for (long n = 0; n < N; n++)
-#pragma omp simd
-                for (long t = 0; t < T; t++) s->at[n * T + t] = s->bt[n * T + t] * s->to_end[t];
-            gemm(N, P, T, s->at, T, 1, s->xdt, P, st, P, 0);
-        }
-    }
-    for (long k = 0; k < hpg; k++) /* the states are kept (N, P): the caller's are (P, N) */
-        transpose(N, P, s->states + k * NP, P, h_final + (b * H + g * hpg + k) * P * N);
+/* The chunk's B^T (N x tc) and lower triangle of the scores C B^T (tc x tc). */
+static void chunk_scores(const dims_t *d, const float *Bc, const float *Cc, long tc, scratch_t *s) {
+    long T = d->T, N = d->N;
+    transpose(tc, N, Bc, d->bc_row, s->bt, T);
+    gemm(tc, tc, N, Cc, d->bc_row, 1, s->bt, T, s->cb, T, FULL, 0, 1, ZERO);
 }
 
-int ssd_chunks_forward(const float *x, const float *dt, const float *A, const float *B, const float *C,
-                       const float *h0, float *y, float *h_final, float *starts, long batch, long L, long H,
-                       long P, long G, long N, long T, float floor, int threads) {
-    dims_t d = {batch, L, H, P, G, N, T, floor};
+/* ---- Forward. ---- */
+
+static void forward_head(const dims_t *d, const inputs_t *in, long b, long h, long c, long tc, const float *Cc,
+                         const float *Bc, float *y, float *starts, float *dt_out, float *sx, scratch_t *s) {
+    long L = d->L, H = d->H, P = d->P, N = d->N, T = d->T, HP = H * P, NT = N + T;
+    long n_chunks = (L + T - 1) / T, row0 = b * L + c * T;
+    chunk_decays(d, in, dt_out, row0, h, tc, s);
+    float dd = in->D ? in->D[h] : 0.f;
+    float *xdt = sx + N * P;
+    for (long t = 0; t < tc; t++) {  /* dt x into the stack under the state, to_end dt x, y = D x */
+        const float *xr = in->x + (row0 + t) * HP + h * P;
+        float *o = xdt + t * P, *os = s->xs + t * P, *yr = y + (row0 + t) * HP + h * P;
+        float dtt = s->dt[t], te = s->to_end[t];
+#pragma omp simd
+        for (long p = 0; p < P; p++) {
+            o[p] = dtt * xr[p];
+            os[p] = te * o[p];
+            yr[p] = dd * xr[p];
+        }
+    }
+    float floor = d->floor;
+    for (long i = 0; i < tc; i++) {  /* rows [e_i C_i | w_i] */
+        float *row = s->ay + i * NT, *wr = row + N, ei = s->e[i], csi = s->cs[i];
+        const float *ci = Cc + i * d->bc_row, *cb = s->cb + i * T;
+#pragma omp simd
+        for (long n = 0; n < N; n++) row[n] = ei * ci[n];
+#pragma omp simd
+        for (long j = 0; j <= i; j++) wr[j] = cb[j] * decay(csi - s->cs[j], floor);
+    }
+    memcpy(starts + ((b * n_chunks + c) * H + h) * N * P, sx, sizeof(float) * N * P);
+    gemm(tc, P, N + tc, s->ay, NT, 1, sx, P, y + row0 * HP + h * P, HP, LOWER, N, 0, KEEP);
+    float e_end = s->e[tc - 1];  /* S = e_end S + B^T (to_end dt x) */
+    for (long i = 0; i < N * P; i++) sx[i] *= e_end;
+    gemm(N, P, tc, Bc, 1, d->bc_row, s->xs, P, sx, P, FULL, 0, 0, KEEP);
+}
+
+static void forward_group(const dims_t *d, const inputs_t *in, long b, long g, const float *h0, float *y,
+                          float *h_final, float *starts, float *dt_out, scratch_t *s) {
+    long L = d->L, H = d->H, P = d->P, N = d->N, T = d->T, hpg = H / d->G, NTP = (N + T) * P;
+    for (long k = 0; k < hpg; k++) {  /* the states as (N, P), on top of each head's stack */
+        float *st = s->sx + k * NTP;
+        if (h0)
+            transpose(P, N, h0 + (b * H + g * hpg + k) * P * N, N, st, P);
+        else
+            memset(st, 0, sizeof(float) * N * P);
+    }
+    for (long c = 0, t0 = 0; t0 < L; c++, t0 += T) {
+        long tc = L - t0 < T ? L - t0 : T;
+        const float *Bc = in->B + (b * L + t0) * d->bc_row + g * d->bc_group;
+        const float *Cc = in->C + (b * L + t0) * d->bc_row + g * d->bc_group;
+        chunk_scores(d, Bc, Cc, tc, s);
+        discretise(d, in, b * L + t0, tc, g * hpg, dt_out);
+        for (long k = 0; k < hpg; k++)
+            forward_head(d, in, b, g * hpg + k, c, tc, Cc, Bc, y, starts, dt_out, s->sx + k * NTP, s);
+    }
+    for (long k = 0; k < hpg; k++) /* back to the caller's (P, N) */
+        transpose(N, P, s->sx + k * NTP, P, h_final + (b * H + g * hpg + k) * P * N, N);
+}
+
+int ssd_chunks_forward(const float *x, const float *dt_raw, const float *dt_bias, const float *A, const float *B,
+                       const float *C, const float *D, const float *h0, float *y, float *h_final, float *starts,
+                       float *dt_out, long batch, long L, long H, long P, long G, long N, long T, long bc_row,
+                       long bc_group, int softplus_dt, float floor, int threads) {
+    dims_t d = {batch, L, H, P, G, N, T, bc_row, bc_group, floor, softplus_dt};
+    inputs_t in = {x, dt_raw, dt_bias, A, B, C, D};
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
@@ -228,147 +344,179 @@ int ssd_chunks_forward(const float *x, const float *dt, const float *A, const fl
         } else {
 #pragma omp for schedule(static)
             for (long bg = 0; bg < batch * G; bg++)
-                forward_group(&d, bg / G, bg % G, x, dt, A, B, C, h0, y, h_final, starts, &s);
+                forward_group(&d, &in, bg / G, bg % G, h0, y, h_final, starts, dt_out, &s);
             free(s.block);
         }
     }
     return failed ? -1 : 0;
 }
 
-/* Gradients of one head in one chunk; accumulates into dcb (the group's score gradient), the rows of
- * d_b / d_c, and writes the head's dx, d_dt rows and the gradient of the state entering the chunk. */
-static void backward_head(const dims_t *d, long b, long g, long h, long c, const float *x, const float *dt,
-                          const float *A, const float *B, const float *C, const float *starts, const float *gy,
-                          float *dx, float *d_dt, float *d_a, float *dB, float *dC, float *dstate, scratch_t *s) {
-    long L = d->L, H = d->H, P = d->P, G = d->G, N = d->N, T = d->T, NP = N * P, GN = G * N, HP = H * P;
-    long n_chunks = L / T, t0 = c * T;
-    const float *Bc = B + ((b * L + t0) * G + g) * N, *Cc = C + ((b * L + t0) * G + g) * N;
-    float *dBc = dB + ((b * L + t0) * G + g) * N, *dCc = dC + ((b * L + t0) * G + g) * N;
-    const float *xc = x + ((b * L + t0) * H + h) * P, *dtc = dt + (b * L + t0) * H + h;
-    const float *gyc = gy + ((b * L + t0) * H + h) * P;
-    const float *st = starts + ((b * n_chunks + c) * H + h) * NP;
-    float a = A[h];
-    chunk_head(d, xc, dtc, a, s);
-    float *dxdt = s->tp2, *dcs = s->dcs;
-    memset(dxdt, 0, sizeof(float) * T * P);
-    memset(dcs, 0, sizeof(float) * T);
-    float e_end = s->e[T - 1];
+/* ---- Backward. ---- */
 
-    /* The state carried out of the chunk: e_end * start + sum_j decay(cs_end - cs_j) B_j (dt x)_j. */
-    float dot = 0.f;
-    for (long i = 0; i < NP; i++) dot += dstate[i] * st[i];
-    dcs[T - 1] += e_end * dot;
-    memset(s->tp, 0, sizeof(float) * T * P);  /* u = B . dstate */
-    gemm(T, P, N, Bc, GN, 1, dstate, P, s->tp, P, 0);
-    transpose(N, P, dstate, P, s->pn);
-    memset(s->tn, 0, sizeof(float) * T * N);  /* v = (dt x) . dstate^T */
-    gemm(T, N, P, s->xdt, P, 1, s->pn, N, s->tn, N, 0);
-    for (long j = 0; j < T; j++) {
-        float ej = s->to_end[j], t = 0.f;
-        const float *u = s->tp + j * P, *xj = s->xdt + j * P;
+typedef struct {
+    const float *dt, *starts, *gy;
+    float *dx, *d_dt, *d_a, *d_d, *d_bias, *dB, *dC;
+} grads_t;
+
+/* Gradients of one head in one chunk. Accumulates the group's score gradient (dcb) and the chunk's
+ * rows of dB and dC, writes the head's dx and dt rows, and turns dS (the gradient of the state
+ * leaving the chunk, N x P) into that of the state entering it. */
+static void backward_head(const dims_t *d, const inputs_t *in, const grads_t *gr, long b, long h, long c, long tc,
+                          const float *Bc, const float *Cc, float *dBc, float *dCc, float *dS, scratch_t *s) {
+    long L = d->L, H = d->H, P = d->P, N = d->N, T = d->T, HP = H * P, GN = d->G * N;
+    long n_chunks = (L + T - 1) / T, row0 = b * L + c * T;
+    const float *gyc = gr->gy + row0 * HP + h * P, *xc = in->x + row0 * HP + h * P;
+    const float *start = gr->starts + ((b * n_chunks + c) * H + h) * N * P; /* (N, P) */
+    float a = in->A[h], floor = d->floor, *dcs = s->dcs, *w = s->ay, *dm = s->dm;
+    chunk_decays(d, in, gr->dt, row0, h, tc, s);
+    for (long t = 0; t < tc; t++) {  /* to_end dt x, (dt x)^T */
+        const float *xr = xc + t * HP;
+        float dtt = s->dt[t], te = s->to_end[t], *os = s->xs + t * P;
         for (long p = 0; p < P; p++) {
-            dxdt[j * P + p] += ej * u[p];
-            t += xj[p] * u[p];
+            float v = dtt * xr[p];
+            os[p] = te * v;
+            s->xt[p * T + t] = v;
         }
-        t *= ej;
-        dcs[j] -= t;
-        dcs[T - 1] += t;
-        for (long n = 0; n < N; n++) dBc[j * GN + n] += ej * s->tn[j * N + n];
+        dcs[t] = 0.f;
     }
-
-    /* Read-out of the entering state: y_i += e_i C_i . start. */
-    transpose(N, P, st, P, s->pn);
-    memset(s->tn, 0, sizeof(float) * T * N);  /* q = gy . start^T */
-    gemm(T, N, P, gyc, HP, 1, s->pn, N, s->tn, N, 0);
-    for (long i = 0; i < T; i++) {
-        float t = 0.f;
-        for (long n = 0; n < N; n++) {
-            float q = s->tn[i * N + n];
-            dCc[i * GN + n] += s->e[i] * q;
-            t += Cc[i * GN + n] * q;
-        }
-        dcs[i] += s->e[i] * t;
-    }
-    /* Gradient of the entering state: e_end * dstate + sum_i e_i C_i^T gy_i (into dstate, in place). */
-    for (long i = 0; i < NP; i++) dstate[i] *= e_end;
-    for (long n = 0; n < N; n++)
-        for (long t = 0; t < T; t++) s->at[n * T + t] = Cc[t * GN + n] * s->e[t];
-    gemm(N, P, T, s->at, T, 1, gyc, HP, dstate, P, 0);
-
-    /* In-chunk outputs: y_i += sum_{j <= i} w_ij (dt x)_j. */
-    transpose(T, P, s->xdt, P, s->pt);
-    memset(s->dw, 0, sizeof(float) * T * T);
-    gemm(T, T, P, gyc, HP, 1, s->pt, T, s->dw, T, 0);
-    gemm(T, P, T, s->w, 1, T, gyc, HP, dxdt, P, 0);  /* w^T gy */
-    for (long i = 0; i < T; i++) {
-        const float *dw = s->dw + i * T, *w = s->w + i * T, *dm = s->dm + i * T;
-        float *dcb = s->dcb + i * T, row = 0.f;
-#pragma omp simd reduction(+ : row)
+    for (long i = 0; i < tc; i++) {  /* decay(cs_i - cs_j) and w on and below the diagonal */
+        float csi = s->cs[i], *wr = w + i * T, *dmr = dm + i * T;
+        const float *cb = s->cb + i * T;
+#pragma omp simd
         for (long j = 0; j <= i; j++) {
-            dcb[j] += dw[j] * dm[j];
-            float dseg = dw[j] * w[j];
+            dmr[j] = decay(csi - s->cs[j], floor);
+            wr[j] = cb[j] * dmr[j];
+        }
+    }
+    float e_end = s->e[tc - 1];
+
+    /* The state leaving the chunk, e_end S + B^T (to_end dt x). */
+    transpose(N, P, dS, P, s->dst, N);
+    transpose(N, P, start, P, s->st, N);
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (long i = 0; i < N * P; i++) dot += dS[i] * start[i];
+    dcs[tc - 1] += e_end * dot;
+    gemm(tc, P, N, Bc, d->bc_row, 1, dS, P, s->dxdt, P, FULL, 0, 0, ZERO);  /* u = B dS */
+    float to_end_sum = 0.f;
+    for (long j = 0; j < tc; j++) {  /* d to_end_j to_end_j = (to_end dt x)_j . u_j; d(dt x)_j = to_end_j u_j */
+        float *u = s->dxdt + j * P, t = 0.f, te = s->to_end[j];
+        const float *xs = s->xs + j * P;
+#pragma omp simd reduction(+ : t)
+        for (long p = 0; p < P; p++) {
+            t += xs[p] * u[p];
+            u[p] *= te;
+        }
+        if (j < tc - 1) {  /* - to cs_j, + to cs_end: the last token's two cancel exactly */
+            dcs[j] -= t;
+            to_end_sum += t;
+        }
+    }
+    dcs[tc - 1] += to_end_sum;
+    gemm(tc, N, P, s->xs, P, 1, s->dst, N, dBc, GN, FULL, 0, 0, KEEP);  /* dB += (to_end dt x) dS^T */
+
+    /* Read-out of the entering state, y_i += e_i C_i S. */
+    gemm(tc, N, P, gyc, HP, 1, s->st, N, s->q, N, FULL, 0, 0, ZERO);  /* q = gy S^T */
+    for (long i = 0; i < tc; i++) {
+        const float *q = s->q + i * N, *ci = Cc + i * d->bc_row;
+        float *dci = dCc + i * GN, *eci = s->ec + i * N, ei = s->e[i], t = 0.f;
+#pragma omp simd reduction(+ : t)
+        for (long n = 0; n < N; n++) {
+            dci[n] += ei * q[n];
+            t += ci[n] * q[n];
+            eci[n] = ei * ci[n];
+        }
+        dcs[i] += ei * t;
+    }
+
+    /* In-chunk outputs, y_i += sum_{j <= i} w_ij (dt x)_j. */
+    gemm(tc, tc, P, gyc, HP, 1, s->xt, T, s->dw, T, FULL, 0, 1, ZERO);  /* dw = gy (dt x)^T, lower part */
+    gemm(tc, P, tc, w, 1, T, gyc, HP, s->dxdt, P, UPPER, 0, 0, KEEP);  /* d(dt x) += w^T gy */
+    for (long i = 0; i < tc; i++) {
+        const float *dw = s->dw + i * T, *wr = w + i * T, *dmr = dm + i * T;
+        float *dcb = s->dcb + i * T, row = 0.f;
+#pragma omp simd
+        for (long j = 0; j <= i; j++) dcb[j] += dw[j] * dmr[j];
+        /* d/d(cs_i - cs_j): + to cs_i, - to cs_j; the diagonal's two cancel exactly, so it is left out
+         * (its terms are the largest, and their round-off would add up in the cumulative sum below). */
+#pragma omp simd reduction(+ : row)
+        for (long j = 0; j < i; j++) {
+            float dseg = dw[j] * wr[j];
             row += dseg;
             dcs[j] -= dseg;
         }
         dcs[i] += row;
     }
 
-    /* Back through xdt = dt x and cs = cumsum(dt a). */
-    float da = 0.f, acc = 0.f;
-    for (long t = T - 1; t >= 0; t--) {
+    /* Gradient of the entering state: e_end dS + (e C)^T gy, in place. */
+    for (long i = 0; i < N * P; i++) dS[i] *= e_end;
+    gemm(N, P, tc, s->ec, 1, N, gyc, HP, dS, P, FULL, 0, 0, KEEP);
+
+    /* Back through dt x, cs = cumsum(dt a), y += D x and dt = softplus(dt_raw + dt_bias). */
+    double da = 0., acc = 0.;
+    float dd = 0.f, dbias = 0.f, dh = in->D ? in->D[h] : 0.f;
+    for (long t = tc - 1; t >= 0; t--) {
         acc += dcs[t];
-        float dtt = dtc[t * H], s_dot = 0.f;
-        const float *xt = xc + t * HP;
-        float *dxt = dx + ((b * L + t0 + t) * H + h) * P;
+        float dtt = s->dt[t], s_dot = 0.f, gx = 0.f;
+        const float *xt = xc + t * HP, *gt = gyc + t * HP, *dxdt = s->dxdt + t * P;
+        float *dxt = gr->dx + (row0 + t) * HP + h * P;
+#pragma omp simd reduction(+ : s_dot, gx)
         for (long p = 0; p < P; p++) {
-            dxt[p] = dtt * dxdt[t * P + p];
-            s_dot += xt[p] * dxdt[t * P + p];
+            dxt[p] = dtt * dxdt[p] + dh * gt[p];
+            s_dot += xt[p] * dxdt[p];
+            gx += gt[p] * xt[p];
         }
-        d_dt[(b * L + t0 + t) * H + h] = s_dot + acc * a;
+        float g_dt = s_dot + (float)acc * a;
+        if (d->dt_softplus) g_dt *= s->slope[t * (H / d->G) + h % (H / d->G)];
+        gr->d_dt[(row0 + t) * H + h] = g_dt;
         da += acc * dtt;
+        dd += gx;
+        dbias += g_dt;
     }
-    d_a[b * H + h] += da;
+    gr->d_a[b * H + h] += da;
+    gr->d_d[b * H + h] += dd;
+    gr->d_bias[b * H + h] += dbias;
 }
 
-static void backward_group(const dims_t *d, long b, long g, const float *x, const float *dt, const float *A,
-                           const float *B, const float *C, const float *starts, const float *gy,
-                           const float *g_final, float *dx, float *d_dt, float *d_a, float *dB, float *dC,
-                           float *d_h0, scratch_t *s) {
-    long L = d->L, H = d->H, P = d->P, G = d->G, N = d->N, T = d->T, hpg = H / G, NP = N * P, GN = G * N;
-    long n_chunks = L / T;
-    for (long k = 0; k < hpg; k++) {  /* gradient of the final state, as (N, P) */
-        long h = g * hpg + k;
-        float *ds = s->states + k * NP;
-        if (!g_final) {
-            memset(ds, 0, sizeof(float) * NP);
-            continue;
-        }
-        const float *src = g_final + (b * H + h) * P * N;
-        for (long p = 0; p < P; p++)
-            for (long n = 0; n < N; n++) ds[n * P + p] = src[p * N + n];
+static void backward_group(const dims_t *d, const inputs_t *in, const grads_t *gr, long b, long g,
+                           const float *g_final, float *d_h0, scratch_t *s) {
+    long L = d->L, H = d->H, P = d->P, N = d->N, T = d->T, hpg = H / d->G, NP = N * P, GN = d->G * N;
+    for (long k = 0; k < hpg; k++) {  /* the gradient of the final state, as (N, P) */
+        float *dS = s->sx + k * NP;
+        if (g_final)
+            transpose(P, N, g_final + (b * H + g * hpg + k) * P * N, N, dS, P);
+        else
+            memset(dS, 0, sizeof(float) * NP);
     }
+    long n_chunks = (L + T - 1) / T;
     for (long c = n_chunks - 1; c >= 0; c--) {
-        long t0 = c * T;
-        const float *Bc = B + ((b * L + t0) * G + g) * N, *Cc = C + ((b * L + t0) * G + g) * N;
-        chunk_scores(d, Bc, Cc, s);
+        long t0 = c * T, tc = L - t0 < T ? L - t0 : T;
+        const float *Bc = in->B + (b * L + t0) * d->bc_row + g * d->bc_group;
+        const float *Cc = in->C + (b * L + t0) * d->bc_row + g * d->bc_group;
+        float *dBc = gr->dB + (b * L + t0) * GN + g * N, *dCc = gr->dC + (b * L + t0) * GN + g * N;
+        chunk_scores(d, Bc, Cc, tc, s);
+        if (d->dt_softplus) softplus_slopes(d, in, b * L + t0, tc, g * hpg, s->slope);
         memset(s->dcb, 0, sizeof(float) * T * T);
         for (long k = 0; k < hpg; k++)
-            backward_head(d, b, g, g * hpg + k, c, x, dt, A, B, C, starts, gy, dx, d_dt, d_a, dB, dC,
-                          s->states + k * NP, s);
-        /* scores cb = C B^T: dC += dcb B, dB += dcb^T C */
-        gemm(T, N, T, s->dcb, T, 1, Bc, GN, dC + ((b * L + t0) * G + g) * N, GN, 1);
-        gemm(T, N, T, s->dcb, 1, T, Cc, GN, dB + ((b * L + t0) * G + g) * N, GN, 0);
+            backward_head(d, in, gr, b, g * hpg + k, c, tc, Bc, Cc, dBc, dCc, s->sx + k * NP, s);
+        /* scores C B^T: dC += dcb B, dB += dcb^T C */
+        gemm(tc, N, tc, s->dcb, T, 1, Bc, d->bc_row, dCc, GN, LOWER, 0, 0, KEEP);
+        gemm(tc, N, tc, s->dcb, 1, T, Cc, d->bc_row, dBc, GN, UPPER, 0, 0, KEEP);
     }
-    for (long k = 0; k < hpg; k++) /* (N, P) kept, (P, N) given back, as the forward's final states */
-        transpose(N, P, s->states + k * NP, P, d_h0 + (b * H + g * hpg + k) * P * N);
+    for (long k = 0; k < hpg; k++) /* back to the caller's (P, N) */
+        transpose(N, P, s->sx + k * NP, P, d_h0 + (b * H + g * hpg + k) * P * N, N);
 }
 
-/* dB, dC and d_a (batch, H) must be zero on entry; dx, d_dt and d_h0 are written whole. g_final may be NULL. */
-int ssd_chunks_backward(const float *x, const float *dt, const float *A, const float *B, const float *C,
-                        const float *starts, const float *gy, const float *g_final, float *dx, float *d_dt,
-                        float *d_a, float *dB, float *dC, float *d_h0, long batch, long L, long H, long P, long G,
-                        long N, long T, float floor, int threads) {
-    dims_t d = {batch, L, H, P, G, N, T, floor};
+/* dB, dC, d_a, d_d and d_bias must be zero on entry; dx, d_dt (the gradient of dt_raw) and d_h0 are
+ * written whole. g_final, dt_bias and D may be NULL. */
+int ssd_chunks_backward(const float *x, const float *dt_raw, const float *dt_bias, const float *A, const float *B,
+                        const float *C, const float *D, const float *dt, const float *starts, const float *gy,
+                        const float *g_final, float *dx, float *d_dt, float *d_a, float *d_d, float *d_bias,
+                        float *dB, float *dC, float *d_h0, long batch, long L, long H, long P, long G, long N, long T,
+                        long bc_row, long bc_group, int softplus_dt, float floor, int threads) {
+    dims_t d = {batch, L, H, P, G, N, T, bc_row, bc_group, floor, softplus_dt};
+    inputs_t in = {x, dt_raw, dt_bias, A, B, C, D};
+    grads_t gr = {dt, starts, gy, dx, d_dt, d_a, d_d, d_bias, dB, dC};
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
@@ -378,8 +526,7 @@ int ssd_chunks_backward(const float *x, const float *dt, const float *A, const f
         } else {
 #pragma omp for schedule(static)
             for (long bg = 0; bg < batch * G; bg++)
-                backward_group(&d, bg / G, bg % G, x, dt, A, B, C, starts, gy, g_final, dx, d_dt, d_a, dB, dC,
-                               d_h0, &s);
+                backward_group(&d, &in, &gr, bg / G, bg % G, g_final, d_h0, &s);
             free(s.block);
         }
     }

@@ -28,7 +28,6 @@ Layouts follow mamba_ssm's `mamba_chunk_scan_combined`: time before heads.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +45,6 @@ SLICE_BYTES = 1 << 21
 # Longest and shortest chunk the eager CPU path (`ssd_fused`) aims at; see `fused_chunk`.
 FUSED_CHUNK = 64
 FUSED_CHUNK_MIN = 16
-
-ChunkCore = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, "Tensor | None", int], "tuple[Tensor, Tensor]"]
-"""The chunked core on eager CPU: (x, dt, A, B, C, initial_state, chunk) -> (y, final state), with x
-(batch, L, H, P), dt (batch, L, H) discretised, B, C (batch, L, G, N), L a multiple of the chunk, in the
-compute dtype; `_scan_fused` is the torch one."""
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -86,8 +80,6 @@ def ssd_scan(
     dt_softplus: bool = True,
     initial_state: Tensor | None = None,
     return_final_state: bool = False,
-    *,
-    chunk_core: ChunkCore | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Mamba-2 SSD scan over the whole sequence (parallel/training form).
 
@@ -98,10 +90,6 @@ def ssd_scan(
 
     Math in fp32 (fp64 for fp64 inputs); y (batch, L, H, P) in ``x.dtype``, plus the
     final state (batch, H, P, N) in the compute dtype if ``return_final_state``.
-
-    `chunk_core` replaces the eager-CPU chunked core (`SSDChunks`, see `ChunkCore`); a
-    backend with its own kernel for it (``cpu-c``) passes it, the discretisation,
-    padding and ``D`` staying here.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -123,7 +111,7 @@ def ssd_scan(
     n_chunks = (length + pad) // chunk_size
     T = chunk_size
     if fused_kernel_available(x_f, dt_f, B_f, C_f, initial_state):
-        y, h = (chunk_core or _scan_fused)(x_f, dt_f, A.to(ct), B_f, C_f, initial_state, T)
+        y, h = _scan_fused(x_f, dt_f, A.to(ct), B_f, C_f, initial_state, T)
         return _finish(y, x, x_f, D, h, length, return_final_state)
 
     # Heads split as (group, head-in-group) so B/C are never copied per head.

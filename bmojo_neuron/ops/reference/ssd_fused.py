@@ -30,7 +30,7 @@ from torch import Tensor
 
 
 def _exp(t: Tensor) -> Tensor:
-    """``exp(t)``, at least ``eps**2`` of the dtype (`_floor`).
+    """``exp(t)``, at least ``eps**2`` of the dtype (`decay_floor`).
 
     Decays of long spans underflow, and on x86 an exponential whose result is subnormal
     or zero, and every product that reads a subnormal, runs 10-100x slower than on
@@ -39,10 +39,11 @@ def _exp(t: Tensor) -> Tensor:
     most ``eps**2`` times its terms' magnitude: ``eps`` times below the sum's own
     round-off (``eps`` times the terms' magnitude).
     """
-    return t.clamp(min=_floor(t.dtype)).exp_()
+    return t.clamp(min=decay_floor(t.dtype)).exp_()
 
 
-def _floor(dtype: torch.dtype) -> float:
+def decay_floor(dtype: torch.dtype) -> float:
+    """The least exponent a decay is taken at, ``2 log eps`` of `dtype` (see `_exp`); the C core takes it too."""
     return 2.0 * math.log(torch.finfo(dtype).eps)
 
 
@@ -83,7 +84,7 @@ class _Intra:
         causal = torch.ones(T, T, dtype=torch.bool, device=cs.device).tril()
         seg = csh.unsqueeze(-1) - csh.unsqueeze(-2)  # (b, s, H, i, j)
         # Above the diagonal: exp of the floor, then exactly zero (no overflow, no subnormals; see `_exp`).
-        floor = _floor(seg.dtype)
+        floor = decay_floor(seg.dtype)
         self.decay = seg.masked_fill_(~causal, floor).clamp_(min=floor).exp_().masked_fill_(~causal, 0.0)
         self.scores = _mm(Cg, Bg.transpose(-1, -2))  # (b, s, G, i, j)
         self.weights = (self.decay.view(b, s, groups, H // groups, T, T) * self.scores.unsqueeze(3)).view(b, s, H, T, T)
