@@ -129,10 +129,8 @@ def start_lines(recipe: Any, params: int, run_dir: Path) -> str:
     lines = describe(recipe, params, run_dir)
     if recipe.run.device == "neuron":
         return lines
-    lines += f"\n  ops      {ops_line(recipe)}"
-    if not wants_parallel(recipe):
-        return lines
-    return f"{lines}\n  parallel {parallel_line(recipe)}"
+    layout = f"\n  parallel {parallel_line(recipe)}" if wants_parallel(recipe) else ""  # a refusal comes first
+    return f"{lines}\n  ops      {ops_line(recipe)}{layout}"
 
 
 def ops_line(recipe: Any) -> str:
