@@ -24,6 +24,7 @@ rank; `describe` says which backend a run gets and why, and `train`, `bench` and
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -86,7 +87,8 @@ def describe(device: str = "cpu", precision: str = "fp32") -> str:
     """One short line: which backend runs the hot ops of a run on `device` at `precision`, and why."""
     chosen = {op: dispatch.get_backend(op) for op in dispatch.OP_NAMES}
     if set(chosen.values()) - {dispatch.AUTO, "torch"} or dispatch.AUTO not in chosen.values():
-        return f"{_grouped(chosen)} ({dispatch.ENV_VAR} or set_backend)"
+        default = dispatch.DEFAULT_BACKEND == "torch" and not os.environ.get(dispatch.ENV_VAR)
+        return f"{_grouped(chosen)} ({'the default' if default else f'{dispatch.ENV_VAR} or set_backend'})"
     why_not = c_runs_here(device, precision)
     if why_not:
         return f"torch (the default, auto: {why_not})"
