@@ -305,12 +305,13 @@ def _torch_info() -> dict[str, Any]:
 def _op_backends() -> dict[str, Any]:
     """`bmojo_neuron.ops.available_backends()`, or status "unknown" if it cannot be called."""
     try:
-        from bmojo_neuron.ops import available_backends
+        from bmojo_neuron.ops import auto, available_backends
 
         backends = available_backends()
         return {
             "status": "ok",
             "reason": None,
+            "selected": auto.describe(),  # on this machine's CPU, float32: builds the C kernels if needed
             "backends": {
                 name: {"available": bool(ok), "reason": str(reason or "")}
                 for name, (ok, reason) in backends.items()
@@ -357,6 +358,8 @@ def _format_info(info: dict[str, Any]) -> str:
     for name, b in ops["backends"].items():
         state = "available" if b["available"] else "unavailable"
         lines.append(f"  {name:<20} {state}" + (f": {b['reason']}" if b["reason"] else ""))
+    if ops.get("selected"):
+        lines.append(f"  selected (CPU)       {ops['selected']}")
     lines += ["", "neuron packages:"]
     for name, s in info["neuron"].items():
         detail = s["version"] if s["importable"] else f"unavailable: {s['reason']}"

@@ -22,17 +22,44 @@ import json
 import math
 import os
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file
+
+from bmojo_neuron.ops import dispatch
 
 GOLDEN = Path(__file__).parent / "golden" / "training_baseline.json"
 # The recipe the recorded runs start from (the default recipe when they were recorded).
 RECORDED_RECIPE = str(Path(__file__).parent / "golden" / "recorded-recipe.yaml")
 UPDATE = os.environ.get("BMOJO_UPDATE_GOLDEN") == "1"
 TOLERANCE = 1e-5  # relative, used only where the recording environment differs
+
+
+@contextmanager
+def reference_ops() -> Iterator[None]:
+    """The torch reference ops (``BMOJO_OPS_BACKEND=torch``) for this process and the ranks it starts.
+
+    The recorded numbers are the reference's, bit for bit, and check the trainer. The default
+    backend's C kernels (docs/ops.md, "The default: auto") agree with the reference only to
+    float32 round-off (tests/test_cpu_c*.py check that), and their bits would move with every
+    edit of the C code, so the recorded runs keep the reference."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(dispatch.ENV_VAR, "torch")
+        patch.setattr(dispatch, "_active", {})
+        yield
+
+
+@pytest.fixture(scope="module")
+def reference_ops_for_module() -> Iterator[None]:
+    """`reference_ops` for a whole test module (``pytestmark = pytest.mark.usefixtures(...)`` after importing it),
+    module-scoped so that module-scoped fixtures that train run under it too."""
+    with reference_ops():
+        yield
 
 
 def environment() -> dict[str, str]:

@@ -73,6 +73,16 @@ def test_train_step_all_candidates(tmp_path):
     assert all(r["status"] == "ok" for r in report["results"]), report["results"]
     for row in report["results"]:
         assert row["tokens_per_s"] > 0
+    # which backend ran each hot op, per row: B'MOJO's SSD scan on the default's C kernels (float32 CPU, built
+    # here), the attention on torch; the HF models call none of the ops
+    from bmojo_neuron.ops import auto, dispatch
+
+    assert report["machine"]["ops"] == auto.describe("cpu")
+    ops = {r["candidate"]: r["ops"] for r in report["results"]}
+    chosen = dispatch.get_backend("ssd_scan")
+    want_ssd = ("cpu-c" if auto.c_runs_here("cpu") == "" else "torch") if chosen == dispatch.AUTO else chosen
+    assert ops["bmojo"] == {"ssd_scan": want_ssd, "eidetic_attention": "torch"}, ops
+    assert ops["hf-mistral-swa"] == {} and ops["swa-only"] == {"eidetic_attention": "torch"}, ops
     pairs = {(s["candidate"], s["baseline"]) for s in report["speedups"]}
     assert ("bmojo", "hf-mamba2") in pairs and ("bmojo", "hf-mistral") in pairs
     assert {t["name"] for t in report["targets"]} >= {

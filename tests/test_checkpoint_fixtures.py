@@ -17,13 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from baseline import UPDATE, environment
+from baseline import UPDATE, environment, reference_ops_for_module  # noqa: F401
 from safetensors.torch import load_file
 
 from bmojo_neuron.checkpoints.convert import consolidate_checkpoint, shard_checkpoint
 from bmojo_neuron.checkpoints.inference import load_trained
 from bmojo_neuron.recipes import load_recipe
 from bmojo_neuron.training import train
+
+# The recorded numbers are the torch reference ops' (baseline.reference_ops).
+pytestmark = pytest.mark.usefixtures("reference_ops_for_module")
 
 FIXTURES = Path(__file__).parent / "golden" / "checkpoints"
 EXPECTED = FIXTURES / "expected.json"

@@ -122,10 +122,12 @@ def test_info_json(capsys):
     assert isinstance(info["torch"]["cuda_available"], bool)
     assert info["transformers"]["version"] and info["datasets"]["version"]
 
+    from bmojo_neuron.ops import auto
+
     ops = info["op_backends"]
     assert ops["status"] in ("ok", "unknown")
     if ops["status"] == "ok":
-        assert ops["backends"]
+        assert ops["backends"] and ops["selected"] == auto.describe()
         for backend in ops["backends"].values():
             assert isinstance(backend["available"], bool) and isinstance(backend["reason"], str)
     else:
@@ -146,7 +148,7 @@ def test_info_text(capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"bmojo-neuron  {__version__}")
-    for word in ("python", "torch", "transformers", "datasets", "op backends:",
+    for word in ("python", "torch", "transformers", "datasets", "op backends:", "selected (CPU)",
                  "neuron packages:", "torch_neuronx"):
         assert word in out
 

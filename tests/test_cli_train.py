@@ -214,10 +214,12 @@ def test_a_parallel_run_shows_its_layout_and_a_bad_one_is_refused_before_it_star
     """Under torchrun (or with parallel.* set) the lines a run starts with include its rank layout, as the dry
     run's do; a layout the world cannot hold is one error line with nothing printed before it."""
     from bmojo_neuron.commands.train import describe, start_lines
+    from bmojo_neuron.ops import auto
     from bmojo_neuron.recipes import load_recipe
 
     plain = load_recipe("cpu-tiny", ["suite=none"])
-    assert start_lines(plain, 10, tmp_path) == describe(plain, 10, tmp_path)  # one process: no layout line
+    # one process: no layout line; the ops line says which backend runs the hot ops
+    assert start_lines(plain, 10, tmp_path) == f"{describe(plain, 10, tmp_path)}\n  ops      {auto.describe()}"
     monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun --nproc-per-node 2
     zero1 = load_recipe("cpu-tiny", ["suite=none", "parallel.zero1=true"])
     assert start_lines(zero1, 10, tmp_path).endswith(

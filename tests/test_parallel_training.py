@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from baseline import RECORDED_RECIPE, check_run
+from baseline import RECORDED_RECIPE, check_run, reference_ops_for_module  # noqa: F401
 from rank_processes import start_ranks
 from safetensors.torch import load_file
 
@@ -22,6 +22,9 @@ from bmojo_neuron.checkpoints import sharded as fmt
 from bmojo_neuron.checkpoints.convert import consolidate_checkpoint, shard_checkpoint
 from bmojo_neuron.parallel.layout import ParallelLayout
 from bmojo_neuron.recipes import load_recipe
+
+# The recorded numbers are the torch reference ops' (baseline.reference_ops).
+pytestmark = pytest.mark.usefixtures("reference_ops_for_module")
 
 WORLD = 2
 STEPS = 4

@@ -22,13 +22,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from baseline import RECORDED_RECIPE, check_run
+from baseline import RECORDED_RECIPE, check_run, reference_ops_for_module  # noqa: F401
 from rank_processes import start_ranks
 from safetensors.torch import load_file
 
 from bmojo_neuron.checkpoints import sharded as fmt
 from bmojo_neuron.checkpoints.convert import consolidate_checkpoint, shard_checkpoint
 from bmojo_neuron.recipes import Recipe, load_recipe
+
+# The recorded numbers are the torch reference ops' (baseline.reference_ops).
+pytestmark = pytest.mark.usefixtures("reference_ops_for_module")
 
 STEPS = 4
 BASE = [

@@ -8,10 +8,14 @@ parallel run is checked against the same file in tests/test_pipeline_training.py
 
 from __future__ import annotations
 
-from baseline import RECORDED_RECIPE, check_run
+import pytest
+from baseline import RECORDED_RECIPE, check_run, reference_ops_for_module  # noqa: F401
 
 from bmojo_neuron.recipes import load_recipe
 from bmojo_neuron.training import train
+
+# The recorded numbers are the torch reference ops' (baseline.reference_ops).
+pytestmark = pytest.mark.usefixtures("reference_ops_for_module")
 
 # The recorded recipe's B'MOJO model and data, 6 steps: 4 micro-batches per epoch, so the run crosses an
 # epoch boundary, evaluates twice (with a x2 length row) and checkpoints at steps 3 and 6.

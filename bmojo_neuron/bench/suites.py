@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from bmojo_neuron.cache_bmojo import BMojoCache
+from bmojo_neuron.ops import auto, dispatch
 
 from . import harness
 from .candidates import (ALL, COMPILED, HF, OURS, TOY_SHAPE, CandidateFactory, Shape, build_candidate,
@@ -187,6 +188,9 @@ def run_suite(settings: Settings, log: Log = print) -> dict[str, Any]:
         "ratios": [],  # reported ratios that are not targets (train-step: the compiled candidates)
     }
     body = {"train-step": _train_step, "scaling": _scaling, "decode": _decode, "kernels": _kernels}[s.suite]
+    if s.suite != "kernels":  # builds the C kernels now if the default runs them, not inside a timed unit
+        report["machine"]["ops"] = auto.describe(torch.device(s.device).type)
+        log(f"ops: {report['machine']['ops']}")
     if s.busy and s.suite != "kernels":
         with harness.BusyLoad() as load:
             s.extra["busy"] = load
@@ -396,6 +400,19 @@ def _describe(report: dict[str, Any], factory: CandidateFactory, built: dict, lo
             f"  ({info['params_vs_bmojo']:.3f}x B'MOJO)")
 
 
+def _recording_ops(run: Callable[[], Any], into: dict[str, set[str]]) -> Callable[[], Any]:
+    """`run`, noting into `into` which backend ran each hot op it called (B'MOJO's; the HF models call none)."""
+
+    def recorded() -> Any:
+        with dispatch.recording() as ran:
+            result = run()
+        for op, names in ran.items():
+            into.setdefault(op, set()).update(names)
+        return result
+
+    return recorded
+
+
 def _row(name: str, length: int, status: str, **values: Any) -> dict[str, Any]:
     row = {"candidate": name, "role": "baseline" if is_baseline(name) else "ours", "length": length,
            "status": status, "median_s": None, "times_s": [], "peak_memory_bytes": None, "memory_warm": None,
@@ -449,7 +466,8 @@ def _cells(s: Settings, report: dict[str, Any], log: Log, cache: dict[str, Any],
                 units[name] = harness._load(builder)(dict(spec, phase="time"), cache)
             except Exception as exc:
                 rows[name] = _row(name, length, ERROR, note=f"{type(exc).__name__}: {exc}")
-        runs = {n: u.run for n, u in units.items()}
+        ran: dict[str, dict[str, set[str]]] = {n: {} for n in units}
+        runs = {n: _recording_ops(u.run, ran[n]) for n, u in units.items()}
         load = s.extra.get("busy")
         if load is not None and QUIET_TOO in units:
             runs[QUIET_TOO + QUIET] = load.paused(units[QUIET_TOO].run)
@@ -464,6 +482,7 @@ def _cells(s: Settings, report: dict[str, Any], log: Log, cache: dict[str, Any],
                               memory_warm=p.memory_warm, probe_s=harness.rounded(p.seconds, 4), note=t.error)
             rows[name].update({f"probe_{k}": v for k, v in p.info.items()})
             rows[name].update(units[name].info())
+            rows[name]["ops"] = {op: "+".join(sorted(names)) for op, names in ran[name].items()}
             if name == QUIET_TOO and quiet is not None:
                 rows[name].update(quiet_median_s=harness.rounded(quiet.median),
                                   quiet_times_s=[harness.rounded(x) for x in quiet.times],

@@ -121,15 +121,24 @@ def parallel_line(recipe: Any) -> str:
 
 
 def start_lines(recipe: Any, params: int, run_dir: Path) -> str:
-    """What `train` prints as a run starts: `describe`, and for a cpu/cuda run with several ranks or
-    ``parallel.*`` set, its rank layout (what the dry run shows). The layout is checked here, so a world that
+    """What `train` prints as a run starts: `describe`, for a cpu/cuda run the hot ops' backend, and with
+    several ranks or ``parallel.*`` set, its rank layout (what the dry run shows). The layout is checked here, so a world that
     does not divide it is refused before the run looks started."""
     from bmojo_neuron.training.backends.torchrun import wants_parallel
 
     lines = describe(recipe, params, run_dir)
-    if recipe.run.device == "neuron" or not wants_parallel(recipe):
+    if recipe.run.device == "neuron":
         return lines
-    return f"{lines}\n  parallel {parallel_line(recipe)}"
+    layout = f"\n  parallel {parallel_line(recipe)}" if wants_parallel(recipe) else ""  # a refusal comes first
+    return f"{lines}\n  ops      {ops_line(recipe)}{layout}"
+
+
+def ops_line(recipe: Any) -> str:
+    """Which backend runs the hot ops of a cpu/cuda run (`ops.auto.describe`; builds the C kernels if needed)."""
+    from bmojo_neuron.device import resolve_device
+    from bmojo_neuron.ops import auto
+
+    return auto.describe(resolve_device(recipe.run.device, neuron=False).type, recipe.train.precision)
 
 
 def readiness(recipe: Any, runs: list[tuple[Any, Path]], args: argparse.Namespace) -> list[str]:

@@ -1,7 +1,8 @@
 """Hot ops (selective scans, eidetic-window attention) behind one dispatch point.
 
 Call these functions, never a backend directly: `dispatch` routes each call to the
-active backend (``torch`` reference, ``nki`` on Trainium, ``nki-sim`` on CPU).
+active backend (``torch`` reference, ``nki`` on Trainium, ``nki-sim`` on CPU, ``cpu-c``
+C kernels; by default ``auto``: ``cpu-c`` on eager CPU float32, ``torch`` elsewhere).
 Decode-step updates are small and always run in torch.
 """
 
@@ -11,7 +12,7 @@ from typing import Any
 
 from bmojo_neuron.neuron import INSTALL_COMMAND, is_neuron_available
 
-from . import cpu_c, dispatch
+from . import auto, cpu_c, dispatch
 from .dispatch import available_backends, get_backend, register_backend, set_backend, use_backend
 from .reference.eidetic_attention import eidetic_attention as attention_ref
 from .reference.selective_scan import selective_scan as scan_ref
@@ -81,6 +82,7 @@ register_backend("torch", lambda: (True, "reference implementation"), _torch_imp
 register_backend("nki", _nki_availability, _nki_impls)
 register_backend("nki-sim", _nki_sim_availability, _nki_sim_impls)
 register_backend("cpu-c", cpu_c.availability, cpu_c.impls)
+register_backend(dispatch.AUTO, auto.availability, auto.impls)  # the default: cpu-c where it runs, else torch
 
 __all__ = [
     "available_backends",

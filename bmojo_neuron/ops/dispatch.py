@@ -5,11 +5,14 @@ Backends:
   * ``nki``     -- NKI kernels on Trainium (needs the Neuron SDK).
   * ``nki-sim`` -- the same NKI kernels executed on CPU by the project's emulator.
   * ``cpu-c``   -- plain-C/OpenMP kernels for eager CPU float32 (`ssd_scan`; `ops.cpu_c`).
+  * ``auto``    -- per call, ``cpu-c`` where its kernels can run (eager CPU float32 inputs, the library
+                   built), ``torch`` elsewhere, silently (`ops.auto`); `DEFAULT_BACKEND`.
 
 Model code calls `ops.selective_scan(...)`, `ops.ssd_scan(...)` and
 `ops.eidetic_attention(...)`; which implementation runs is chosen here, globally
 or per op, with `set_backend` / `use_backend` or the ``BMOJO_OPS_BACKEND``
-environment variable. Every backend takes the reference signatures and layouts.
+environment variable (unset: `DEFAULT_BACKEND`). Every backend takes the reference
+signatures and layouts.
 """
 
 from __future__ import annotations
@@ -19,8 +22,14 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import torch
+
 OP_NAMES = ("selective_scan", "ssd_scan", "eidetic_attention")
 ENV_VAR = "BMOJO_OPS_BACKEND"
+# The backend with BMOJO_OPS_BACKEND unset (or empty): "auto" runs the cpu-c kernels where they can run and the
+# torch reference elsewhere; "torch" would make the reference the default everywhere. The one switch.
+AUTO = "auto"
+DEFAULT_BACKEND = AUTO
 
 
 @dataclass
@@ -64,10 +73,10 @@ def get_backend(op: str = "selective_scan") -> str:
 
 
 def _from_environment(op: str) -> str:
-    """``BMOJO_OPS_BACKEND`` for `op`, as `set_backend(name)` without ops routes it: to the named backend if it
-    implements `op`, else to ``torch`` (``cpu-c`` has only `ssd_scan`). An unknown or unavailable name is
-    kept, so that `resolve` raises its error."""
-    name = os.environ.get(ENV_VAR, "torch")
+    """``BMOJO_OPS_BACKEND`` (unset: `DEFAULT_BACKEND`) for `op`, as `set_backend(name)` without ops routes it:
+    to the named backend if it implements `op`, else to ``torch`` (``cpu-c`` and ``auto`` have only the ops
+    with C kernels). An unknown or unavailable name is kept, so that `resolve` raises its error."""
+    name = os.environ.get(ENV_VAR) or DEFAULT_BACKEND
     backend = _BACKENDS.get(name)
     if backend is None:
         return name
@@ -111,7 +120,36 @@ def resolve(op: str) -> Callable:
     name = get_backend(op)
     if name not in _BACKENDS:
         raise ValueError(f"{ENV_VAR} or set_backend named unknown ops backend {name!r}; choose one of {sorted(_BACKENDS)}")
-    return _BACKENDS[name].impls()[op]
+    impl = _BACKENDS[name].impls()[op]
+    if not torch.compiler.is_compiling() and _recorders and name != AUTO:
+        note_ran(op, name)  # `auto` notes the backend it picks, per call
+    return impl
+
+
+def implementations(name: str) -> dict[str, Callable]:
+    """Backend `name`'s op implementations (loaded on first use; ValueError if it cannot run here)."""
+    return _BACKENDS[name].impls()
+
+
+# What ran, for a report that says so (`recording`): one dict per open `recording` block, op -> backends.
+_recorders: list[dict[str, set[str]]] = []
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[dict[str, set[str]]]:
+    """Collect, for the block, which backend ran each op called eagerly (``auto`` notes ``cpu-c`` or
+    ``torch`` per call). Calls traced into a compiled graph are not seen."""
+    ran: dict[str, set[str]] = {}
+    _recorders.append(ran)
+    try:
+        yield ran
+    finally:
+        _recorders.remove(ran)
+
+
+def note_ran(op: str, backend: str) -> None:
+    for ran in _recorders:
+        ran.setdefault(op, set()).add(backend)
 
 
 def _check_op(op: str) -> None:

@@ -4,7 +4,9 @@ Implements `ssd_scan` (its chunked core, forward and backward, in `ssd_chunks.c`
 other ops keep their backend. The C files include no torch headers, so a build takes
 under a second (`build`); tensors cross as `data_ptr()` of contiguous float32 buffers.
 Off with ``BMOJO_CPU_C=0``; wherever the C core cannot run, the torch path runs, with
-one warning naming why (docs/ops.md, "The cpu-c backend").
+one warning naming why (docs/ops.md, "The cpu-c backend"). Chosen explicitly with
+``BMOJO_OPS_BACKEND=cpu-c``; the default backend (`ops.auto`) calls these kernels only
+for the inputs they take, without warnings.
 """
 
 from __future__ import annotations

@@ -5,7 +5,17 @@ Every ``*.c`` file of this folder goes into one library, compiled on first use
 headers) into a per-user cache folder, named by a hash of the sources, the compiler, its
 flags and the machine, so an edited source or another CPU gets its own build. The compiler writes to a temporary file in
 that folder which is then renamed into place (`os.replace`, atomic on one file
-system): a build killed half way leaves no library that would load broken.
+system): a build killed half way leaves no library that would load broken, and
+processes that build at once (test workers, torchrun ranks starting together) each
+write their own temporary file, the last rename winning with an identical library.
+A temporary file a killed process left behind is removed by a later build once it is
+older than any build can take.
+
+OpenMP: the library links ``libgomp.so.1``; torch's CPU wheels ship their own copy with
+that soname, which the dynamic loader reuses when torch is already loaded (it is: the
+kernels' modules import torch first), so the kernels and torch share one thread pool.
+`openmp_runtimes` lists the runtimes a process has mapped, for the tests and the load
+message when a torch build brings a differently named one.
 
 Nothing here raises on a missing compiler or a failed build: `load` returns the reason
 instead, and the caller runs the torch path. Each kernel's Python module declares its C
@@ -21,11 +31,13 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CACHE_ENV", "FLOAT_P", "INT", "LONG", "OFF_ENV", "FLOAT", "Loaded", "cache_dir", "function", "load", "reset",
-           "sources"]
+__all__ = ["CACHE_ENV", "FLOAT_P", "INT", "LONG", "OFF_ENV", "FLOAT", "Loaded", "cache_dir", "function", "load",
+           "openmp_runtimes", "reset", "sources"]
 
 OFF_ENV = "BMOJO_CPU_C"  # "0" turns the C kernels off: the torch path runs
 CACHE_ENV = "BMOJO_CPU_C_CACHE"  # where the built library goes (default: the user cache folder)
@@ -46,6 +58,7 @@ class Loaded:
 
 
 _loaded: Loaded | None = None
+_lock = threading.Lock()  # one build per process, also when threads (NxD's pipeline stages) call at once
 
 
 def cache_dir() -> Path:
@@ -65,8 +78,9 @@ def load() -> Loaded:
     global _loaded
     if turned_off():
         return Loaded(None, f"turned off by {OFF_ENV}={os.environ[OFF_ENV]}")
-    if _loaded is None:
-        _loaded = _build_and_load()
+    with _lock:
+        if _loaded is None:
+            _loaded = _build_and_load()
     return _loaded
 
 
@@ -118,17 +132,31 @@ def _build_and_load() -> Loaded:
         reason = _build(path, folder, library)
         if reason:
             return Loaded(None, reason)
+    runtimes = openmp_runtimes()
     try:
         lib = ctypes.CDLL(str(library))
     except OSError as exc:
         return Loaded(None, f"the built library {library} does not load: {exc}")
-    return Loaded(lib, f"built with {path} {' '.join(FLAGS)} in {library}")
+    added = sorted(set(openmp_runtimes()) - set(runtimes))
+    second = f"; a second OpenMP runtime ({', '.join(added)}) beside torch's" if runtimes and added else ""
+    return Loaded(lib, f"built with {path} {' '.join(FLAGS)} in {library}{second}")
+
+
+def openmp_runtimes() -> list[str]:
+    """The OpenMP runtime files this process has mapped (libgomp, libiomp, libomp), from /proc/self/maps."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    paths = {line.split(maxsplit=5)[-1] for line in lines if len(line.split(maxsplit=5)) == 6}
+    return sorted(p for p in paths if Path(p).name.startswith(("libgomp", "libiomp", "libomp")))
 
 
 def _build(compiler: str, folder: Path, library: Path) -> str:
     """Compile into a temporary file next to `library`, then rename it there; "" or why it failed."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(folder)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=library.stem + ".", suffix=".tmp")
         os.close(fd)
     except OSError as exc:
@@ -147,6 +175,16 @@ def _build(compiler: str, folder: Path, library: Path) -> str:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _remove_abandoned(folder: Path) -> None:
+    """Delete temporary files older than any live build (`BUILD_TIMEOUT_S`, twice): a killed process's."""
+    for tmp in folder.glob(f"{LIBRARY_STEM}-*.tmp"):
+        try:
+            if time.time() - tmp.stat().st_mtime > 2 * BUILD_TIMEOUT_S:
+                tmp.unlink()
+        except OSError:  # another process removed it first
+            pass
 
 
 def _names(files: list[Path]) -> str:

@@ -7,6 +7,7 @@
 # The files are a record of the on-disk format that every later version must keep reading: regenerate them
 # only to add a format, never to replace one.
 set -euo pipefail
+export BMOJO_OPS_BACKEND=torch  # the torch reference ops, as tests/test_checkpoint_fixtures.py runs them
 here=tests/golden/checkpoints
 rm -rf "$here/one-process" "$here/finished" "$here/tp2-pp2"
 python - "$here" <<'PY'
