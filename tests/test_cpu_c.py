@@ -1,16 +1,16 @@
 """The ``cpu-c`` ops backend (`ops/cpu_c`): the SSD chunked core in C against the torch reference.
 
-The C library is built once per test session into a temporary cache folder (well under
-a second). Outputs and every gradient are compared with the reference `ssd_scan` in
-float64 and float32, on shapes with odd sizes, several B/C groups, lengths that are not
-a multiple of the chunk and an initial state; then the fallbacks: no compiler, a failed
-build, the off switch and float64 inputs all run the torch path (warning once, except
-for the off switch), and the dispatch routes only `ssd_scan` to the backend.
+The C library is built once per test session into a temporary cache folder (`c_cache`, in
+conftest.py, shared by every `test_cpu_c*` file). Outputs and every gradient are compared
+with the reference `ssd_scan` in float64 and float32, on shapes with odd sizes, several B/C
+groups, lengths that are not a multiple of the chunk and an initial state; then the
+fallbacks: no compiler, a failed build, the off switch and float64 inputs all run the
+torch path (warning once, except for the off switch), and the dispatch routes only
+`ssd_scan` to the backend.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -25,22 +25,6 @@ from bmojo_neuron.ops.reference import ssd as ref_ssd
 # the reference's largest magnitude: float32 round-off of sums over a few hundred terms (the torch float32
 # path's own worst on these shapes is 1.3e-5, the C path's 7e-6, both on dA, a sum over every token).
 F32_TOL = 3e-5
-
-
-@pytest.fixture(scope="session")
-def c_cache(tmp_path_factory):
-    """One build per session, in a temporary cache folder."""
-    folder = tmp_path_factory.mktemp("cpu-c-cache")
-    previous = os.environ.get(build.CACHE_ENV)
-    os.environ[build.CACHE_ENV] = str(folder)
-    build.reset()
-    assert build.load().library is not None, build.load().reason
-    yield folder
-    if previous is None:
-        os.environ.pop(build.CACHE_ENV)
-    else:
-        os.environ[build.CACHE_ENV] = previous
-    build.reset()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ path runs, with one warning per reason.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -19,11 +18,11 @@ from torch import Tensor
 from ..reference import ssd as ssd_reference
 from ..reference.eager_cpu import fused_kernel_available
 from ..reference.ssd_fused import _floor
-from . import build
+from . import build, common
 
 __all__ = ["CSSDChunks", "c_core_unavailable", "ssd_scan"]
 
-_warned: set[str] = set()
+_warned = common.warned
 
 # ssd_chunks.c's parameters: pointers, then the sizes (b, L, H, P, G, N, chunk), the decay floor, the thread count.
 _FORWARD_ARGS = [build.FLOAT_P] * 9 + [build.LONG] * 7 + [build.FLOAT, build.INT]
@@ -103,9 +102,7 @@ def c_core_unavailable(x: Tensor) -> str:
 
 
 def _warn_once(reason: str) -> None:
-    if reason not in _warned and not build.turned_off():
-        _warned.add(reason)
-        warnings.warn(f"ops backend 'cpu-c': ssd_scan runs the torch path: {reason}", RuntimeWarning, stacklevel=4)
+    common.warn_once("ssd_scan", reason, stacklevel=5)
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
@@ -117,6 +114,6 @@ def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size:
     a chunked core: the reference's traced form runs them, as under the torch backend.
     """
     if not fused_kernel_available(x, dt, A, B, C, D, dt_bias, initial_state):
-        _warn_once("inputs that are not eager CPU tensors (another device, tracing or fused_kernels_disabled)")
+        _warn_once(common.NOT_EAGER)
     return ssd_reference.ssd_scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, initial_state,
                                   return_final_state, chunk_core=_c_core)
