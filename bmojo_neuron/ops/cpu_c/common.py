@@ -4,7 +4,8 @@ cannot, and the thread count.
 A C kernel takes eager CPU float32 tensors from a library that built and loaded; anything
 else (another device, tracing, `fused_kernels_disabled`, another dtype, no compiler, a
 failed build, ``BMOJO_CPU_C=0``) runs the op's torch implementation instead, with one
-`RuntimeWarning` per op and reason (none for the off switch, which is a choice).
+`RuntimeWarning` per op and reason (none for the off switch, which is a choice, nor inside
+a `torch.compile` trace).
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ def c_unavailable(*tensors: Tensor | None) -> str:
 
 
 def warn_once(op: str, reason: str, stacklevel: int = 4) -> None:
-    """Warn that `op` runs its torch path because of `reason`, once per process and pair."""
+    """Warn that `op` runs its torch path because of `reason`, once per process and pair.
+
+    Not while `torch.compile` traces: the graph holds the torch expressions by design, and a
+    warning there is a call Dynamo cannot trace (a `fullgraph` compile would fail on it).
+    """
+    if torch.compiler.is_compiling():
+        return
     if (op, reason) not in warned and not build.turned_off():
         warned.add((op, reason))
         warnings.warn(f"ops backend 'cpu-c': {op} runs the torch path: {reason}", RuntimeWarning,
