@@ -21,7 +21,7 @@ from bmojo_neuron import ops
 from bmojo_neuron.ops import dispatch
 from bmojo_neuron.ops.cpu_c import build, common
 from bmojo_neuron.ops.cpu_c import norms as c_norms
-from bmojo_neuron.ops.reference import norms as ref_norms
+from bmojo_neuron.ops.reference import elementwise as ref_elementwise
 from bmojo_neuron.ops.reference.eager_cpu import fused_kernels_disabled
 
 # Each float32 output and gradient is within this much of the float64 formula, relative to the formula's
@@ -65,9 +65,9 @@ CASES = [  # (shape, group_size or None for the plain norm)
 
 def _norms(group_size):
     if group_size is None:
-        return (lambda x, z, w: c_norms.rms_norm(x, w, EPS), lambda x, z, w: ref_norms.rms_norm(x, w, EPS))
+        return (lambda x, z, w: c_norms.rms_norm(x, w, EPS), lambda x, z, w: ref_elementwise.rms_norm(x, w, EPS))
     return (lambda x, z, w: c_norms.gated_rms_norm(x, z, w, group_size, EPS),
-            lambda x, z, w: ref_norms.gated_rms_norm(x, z, w, group_size, EPS))
+            lambda x, z, w: ref_elementwise.gated_rms_norm(x, z, w, group_size, EPS))
 
 
 @pytest.mark.parametrize("shape, group_size", CASES)
@@ -159,16 +159,16 @@ def test_fallbacks_run_the_torch_path(c_cache, monkeypatch):
         common.warned.clear()
         with pytest.warns(RuntimeWarning, match=f"gated_rms_norm runs the torch path: {reason}"):
             got = c_norms.gated_rms_norm(a, b, w, 4, EPS)
-        assert torch.equal(got, ref_norms.gated_rms_norm(a, b, w, 4, EPS))
+        assert torch.equal(got, ref_elementwise.gated_rms_norm(a, b, w, 4, EPS))
     with pytest.warns(RuntimeWarning, match="rms_norm runs the torch path: float64 inputs"):
         assert torch.equal(c_norms.rms_norm(x.double(), weight.double(), EPS),
-                           ref_norms.rms_norm(x.double(), weight.double(), EPS))
+                           ref_elementwise.rms_norm(x.double(), weight.double(), EPS))
     with fused_kernels_disabled():  # a traced graph's stand-in: the plain expressions, as the torch backend runs
         with pytest.warns(RuntimeWarning, match="not eager CPU tensors"):
             got = c_norms.gated_rms_norm(x, z, weight, 4, EPS)
-        assert torch.equal(got, ref_norms.gated_rms_norm(x, z, weight, 4, EPS))
+        assert torch.equal(got, ref_elementwise.gated_rms_norm(x, z, weight, 4, EPS))
         with pytest.warns(RuntimeWarning, match="rms_norm runs the torch path: inputs that are not eager"):
-            assert torch.equal(c_norms.rms_norm(x, weight, EPS), ref_norms.rms_norm(x, weight, EPS))
+            assert torch.equal(c_norms.rms_norm(x, weight, EPS), ref_elementwise.rms_norm(x, weight, EPS))
     with pytest.warns(RuntimeWarning, match="shapes that do not fit"), pytest.raises(RuntimeError):
         c_norms.rms_norm(x, weight[:5], EPS)  # the torch path's own error, not a read past the weight
     with warnings.catch_warnings():
@@ -179,14 +179,14 @@ def test_fallbacks_run_the_torch_path(c_cache, monkeypatch):
     common.warned.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # turned off on purpose: no warning
-        assert torch.equal(c_norms.rms_norm(x, weight, EPS), ref_norms.rms_norm(x, weight, EPS))
+        assert torch.equal(c_norms.rms_norm(x, weight, EPS), ref_elementwise.rms_norm(x, weight, EPS))
 
 
 def test_no_compiler_runs_the_torch_path(no_compiler):
     x, z, weight = (t.float() for t in _inputs((2, 5, 8), gated=True))
     with pytest.warns(RuntimeWarning, match="gated_rms_norm runs the torch path: no C compiler"):
         assert torch.equal(c_norms.gated_rms_norm(x, z, weight, 8, EPS),
-                           ref_norms.gated_rms_norm(x, z, weight, 8, EPS))
+                           ref_elementwise.gated_rms_norm(x, z, weight, 8, EPS))
 
 
 def test_dispatch_routes_the_norms(c_cache, monkeypatch):
@@ -197,12 +197,12 @@ def test_dispatch_routes_the_norms(c_cache, monkeypatch):
         assert ops.get_backend(op) == "cpu-c" and dispatch.resolve(op) is impl
     # A backend with only ssd_scan, as the NKI ones (selective_scan, ssd_scan, eidetic_attention; importing
     # their emulator costs seconds): the norms stay on torch.
-    scans_only = dispatch.Backend("scans-only", lambda: (True, ""), lambda: {"ssd_scan": ref_norms.rms_norm})
+    scans_only = dispatch.Backend("scans-only", lambda: (True, ""), lambda: {"ssd_scan": ref_elementwise.rms_norm})
     monkeypatch.setitem(dispatch._BACKENDS, "scans-only", scans_only)
     monkeypatch.setattr(dispatch, "_active", {})
     monkeypatch.setenv(dispatch.ENV_VAR, "scans-only")
     assert ops.get_backend("ssd_scan") == "scans-only"
     assert ops.get_backend("rms_norm") == ops.get_backend("gated_rms_norm") == "torch"
-    assert dispatch.resolve("gated_rms_norm") is ref_norms.gated_rms_norm
+    assert dispatch.resolve("gated_rms_norm") is ref_elementwise.gated_rms_norm
     with pytest.raises(ValueError, match="has no implementation of 'rms_norm'"):
         ops.set_backend("scans-only", ["rms_norm"])

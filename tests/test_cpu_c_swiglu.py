@@ -18,7 +18,7 @@ import torch
 from bmojo_neuron import ops
 from bmojo_neuron.ops.cpu_c import common
 from bmojo_neuron.ops.cpu_c import swiglu as c_swiglu
-from bmojo_neuron.ops.reference import norms as ref_norms
+from bmojo_neuron.ops.reference import elementwise as ref_elementwise
 from bmojo_neuron.ops.reference.eager_cpu import fused_kernels_disabled
 
 # Element-wise work: each float32 value is a few ulp off the float64 formula (exp to 1 ulp, a division, three
@@ -44,7 +44,7 @@ def _run(product, gate, up, grad):
 def test_c_product_matches_float64_and_torch(c_cache):
     gate, up, grad = (t.reshape(3, 7, 433) for t in _inputs(3 * 7 * 433))  # 9,093 elements: two spans and a tail
     exact, _ = _run(lambda a, b: a * torch.sigmoid(a) * b, gate, up, grad)
-    want32, _ = _run(ref_norms.swiglu_product, gate.float(), up.float(), grad.float())
+    want32, _ = _run(ref_elementwise.swiglu_product, gate.float(), up.float(), grad.float())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         got, node = _run(c_swiglu.swiglu_product, gate.float(), up.float(), grad.float())
@@ -79,9 +79,9 @@ def test_fallbacks_run_the_torch_path(c_cache):
                          (gate.view(5, 6), up.view(1, 5, 6), "different shapes")):
         with pytest.warns(RuntimeWarning, match=f"swiglu_product runs the torch path: .*{reason}"):
             got = c_swiglu.swiglu_product(a, b)
-        assert torch.equal(got, ref_norms.swiglu_product(a, b))
+        assert torch.equal(got, ref_elementwise.swiglu_product(a, b))
     with fused_kernels_disabled(), pytest.warns(RuntimeWarning, match="not eager CPU tensors"):
-        assert torch.equal(c_swiglu.swiglu_product(gate, up), ref_norms.swiglu_product(gate, up))
+        assert torch.equal(c_swiglu.swiglu_product(gate, up), ref_elementwise.swiglu_product(gate, up))
 
 
 def test_model_runs_the_c_kernels_through_the_dispatch(c_cache):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.reference.norms import rms_normalize
+from ..ops.reference.elementwise import rms_normalize
 
 __all__ = ["GatedRMSNorm", "RMSNorm", "norm_rows", "rms_normalize"]
 

@@ -13,7 +13,7 @@ from bmojo_neuron.neuron import INSTALL_COMMAND, is_neuron_available
 
 from . import cpu_c, dispatch
 from .dispatch import available_backends, get_backend, register_backend, set_backend, use_backend
-from .reference import norms as norms_ref
+from .reference import elementwise as elementwise_ref
 from .reference.eidetic_attention import eidetic_attention as attention_ref
 from .reference.selective_scan import selective_scan as scan_ref
 from .reference.selective_scan import selective_state_update
@@ -37,24 +37,24 @@ def eidetic_attention(*args: Any, **kwargs: Any) -> Any:
 
 
 def rms_norm(x: Any, weight: Any, eps: float) -> Any:
-    """``x / rms(x) * weight`` over the last dim; see `ops.reference.norms.rms_norm`."""
+    """``x / rms(x) * weight`` over the last dim; see `ops.reference.elementwise.rms_norm`."""
     return dispatch.resolve("rms_norm")(x, weight, eps)
 
 
 def gated_rms_norm(x: Any, z: Any, weight: Any, group_size: int, eps: float) -> Any:
-    """Mamba-2's ``rmsnorm_per_group(x * silu(z)) * weight``; see `ops.reference.norms.gated_rms_norm`."""
+    """Mamba-2's ``rmsnorm_per_group(x * silu(z)) * weight``; see `ops.reference.elementwise.gated_rms_norm`."""
     return dispatch.resolve("gated_rms_norm")(x, z, weight, group_size, eps)
 
 
 def swiglu_product(gate: Any, up: Any) -> Any:
-    """SwiGLU's ``silu(gate) * up``; see `ops.reference.norms.swiglu_product`."""
+    """SwiGLU's ``silu(gate) * up``; see `ops.reference.elementwise.swiglu_product`."""
     return dispatch.resolve("swiglu_product")(gate, up)
 
 
 def _torch_impls() -> dict:
     return {"selective_scan": scan_ref, "ssd_scan": ssd_ref, "eidetic_attention": attention_ref,
-            "rms_norm": norms_ref.rms_norm, "gated_rms_norm": norms_ref.gated_rms_norm,
-            "swiglu_product": norms_ref.swiglu_product}
+            "rms_norm": elementwise_ref.rms_norm, "gated_rms_norm": elementwise_ref.gated_rms_norm,
+            "swiglu_product": elementwise_ref.swiglu_product}
 
 
 def _nki_availability() -> tuple[bool, str]:

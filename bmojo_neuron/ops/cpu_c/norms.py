@@ -1,6 +1,6 @@
 """The ops `rms_norm` and `gated_rms_norm` in C (`norms.c`), forward and backward, on float32 CPU tensors.
 
-Same math as the torch implementations (`ops.reference.norms`, whose eager-CPU form is
+Same math as the torch implementations (`ops.reference.elementwise`, whose eager-CPU form is
 `elementwise_fused`'s row-sliced Functions), one row at a time in C: the forward saves
 one inverse RMS per row (and group), the backward recomputes the rest. Where the C kernels
 cannot run (`common.c_unavailable`; no gate for the gated norm) the torch implementation
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..reference import norms as reference
+from ..reference import elementwise as reference
 from . import build, common
 
 __all__ = ["CGatedRMSNorm", "CRMSNorm", "gated_rms_norm", "rms_norm"]
@@ -103,7 +103,7 @@ def _needs_grad(*tensors: Tensor) -> bool:
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """The `rms_norm` op (signature of `ops.reference.norms.rms_norm`) in C where it can run."""
+    """The `rms_norm` op (signature of `ops.reference.elementwise.rms_norm`) in C where it can run."""
     reason = common.c_unavailable(x, weight) or _shape_problem(x, None, weight, 1)
     if reason:
         common.warn_once("rms_norm", reason)
@@ -116,7 +116,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def gated_rms_norm(x: Tensor, z: Tensor | None, weight: Tensor, group_size: int, eps: float) -> Tensor:
-    """The `gated_rms_norm` op (signature of `ops.reference.norms.gated_rms_norm`) in C where it can run."""
+    """The `gated_rms_norm` op (signature of `ops.reference.elementwise.gated_rms_norm`) in C where it can run."""
     reason = "no gate (z is None)" if z is None else common.c_unavailable(x, z, weight)
     reason = reason or _shape_problem(x, z, weight, group_size)
     if reason:

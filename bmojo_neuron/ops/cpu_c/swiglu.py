@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..reference import norms as reference
+from ..reference import elementwise as reference
 from . import build, common
 
 __all__ = ["CSwiGLUProduct", "swiglu_product"]
@@ -49,7 +49,7 @@ class CSwiGLUProduct(torch.autograd.Function):
 
 
 def swiglu_product(gate: Tensor, up: Tensor) -> Tensor:
-    """The `swiglu_product` op (signature of `ops.reference.norms.swiglu_product`) in C where it can run."""
+    """The `swiglu_product` op (signature of `ops.reference.elementwise.swiglu_product`) in C where it can run."""
     reason = common.c_unavailable(gate, up)
     if not reason and gate.shape != up.shape:
         reason = "gate and up of different shapes (broadcasting)"

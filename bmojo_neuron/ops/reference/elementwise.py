@@ -1,10 +1,9 @@
 """The layers' element-wise chains as ops: RMS norm, Mamba-2's gated RMS norm, SwiGLU's product.
 
-These are the torch implementations behind the ops of the same names (`ops.rms_norm`,
-`ops.gated_rms_norm`, `ops.swiglu_product`): exactly what `layers.norms` and
-`layers.mlp` computed inline before the ops existed, including the choice the layers
-make between the eager-CPU row-sliced Functions (`elementwise_fused`) and the plain
-expressions, which traced graphs (Neuron/XLA, `torch.compile`) and CUDA run.
+The torch implementations behind the ops of the same names (`ops.rms_norm`,
+`ops.gated_rms_norm`, `ops.swiglu_product`), which `RMSNorm`, `GatedRMSNorm` and
+`SwiGLU` call: on eager CPU the row-sliced Functions of `elementwise_fused`, elsewhere
+the plain expressions, which traced graphs (Neuron/XLA, `torch.compile`) and CUDA run.
 """
 
 from __future__ import annotations
