@@ -7,6 +7,7 @@ slower. One thread also keeps results independent of the machine.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -46,3 +47,22 @@ def no_step_left_open():
     from doubles.xla_host import drop_left_over_modes
 
     drop_left_over_modes()
+
+
+@pytest.fixture(scope="session")
+def c_cache(tmp_path_factory):
+    """The ``cpu-c`` kernels built once per session, in a temporary cache folder (shared by the `test_cpu_c*`
+    files: a build compiles every C file, seconds on a loaded machine)."""
+    from bmojo_neuron.ops.cpu_c import build
+
+    folder = tmp_path_factory.mktemp("cpu-c-cache")
+    previous = os.environ.get(build.CACHE_ENV)
+    os.environ[build.CACHE_ENV] = str(folder)
+    build.reset()
+    assert build.load().library is not None, build.load().reason
+    yield folder
+    if previous is None:
+        os.environ.pop(build.CACHE_ENV)
+    else:
+        os.environ[build.CACHE_ENV] = previous
+    build.reset()

@@ -1,7 +1,7 @@
 """The ``cpu-c`` ops backend (`ops/cpu_c`): `ssd_scan` in C against the torch reference.
 
-The C library is built once per test session into a temporary cache folder (well under
-a second). Outputs and every gradient are compared with the reference `ssd_scan` in
+The C library is built once per test session into a temporary cache folder (`c_cache`, in
+conftest.py, shared by every `test_cpu_c*` file). Outputs and every gradient are compared with the reference `ssd_scan` in
 float64 and float32, on shapes with odd sizes, several B/C groups, lengths that leave a
 short last chunk (the C code does not pad) and an initial state, and over the op's options
 (no D, no dt_bias, no softplus, B and C as strided views of one projection, bfloat16
@@ -13,7 +13,6 @@ once, except for the off switch), and the dispatch routes only `ssd_scan` to the
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import pytest
@@ -29,22 +28,6 @@ from bmojo_neuron.ops.reference.eager_cpu import fused_kernels_disabled
 # the reference's largest magnitude: float32 round-off of sums over a few hundred terms (on these shapes the
 # C path's worst is 4.6e-6, the torch float32 path's 3.3e-6, both on dA, a sum over every token).
 F32_TOL = 3e-5
-
-
-@pytest.fixture(scope="session")
-def c_cache(tmp_path_factory):
-    """One build per session, in a temporary cache folder."""
-    folder = tmp_path_factory.mktemp("cpu-c-cache")
-    previous = os.environ.get(build.CACHE_ENV)
-    os.environ[build.CACHE_ENV] = str(folder)
-    build.reset()
-    assert build.load().library is not None, build.load().reason
-    yield folder
-    if previous is None:
-        os.environ.pop(build.CACHE_ENV)
-    else:
-        os.environ[build.CACHE_ENV] = previous
-    build.reset()
 
 
 @pytest.fixture

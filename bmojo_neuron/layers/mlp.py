@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
 from .decode_pack import plain_linears
 from .factory import get_layer_factory
 
@@ -20,7 +21,7 @@ class SwiGLU(nn.Module):
         self.down_proj = layers.row_linear(intermediate_size, hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(ops.swiglu_product(self.gate_proj(x), self.up_proj(x)))
 
     def rows(self, x: Tensor) -> Tensor:
         """`forward` for the decode step: plain linears as their weight products, without module calls (at one
@@ -28,5 +29,5 @@ class SwiGLU(nn.Module):
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
         if not plain_linears(gate, up, down):
             return self.forward(x)
-        return F.linear(F.silu(F.linear(x, gate.weight, gate.bias)) * F.linear(x, up.weight, up.bias),
+        return F.linear(ops.swiglu_product(F.linear(x, gate.weight, gate.bias), F.linear(x, up.weight, up.bias)),
                         down.weight, down.bias)

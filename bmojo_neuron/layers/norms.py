@@ -4,6 +4,8 @@
 ``silu(z)`` is applied first, then each group of ``group_size`` channels is normalised
 on its own. Grouping by the SSM's ``n_groups`` makes the result independent of how
 many tensor-parallel ranks the channels are split over (each rank holds whole groups).
+The modules hold the weights; the norms themselves are the ops `ops.rms_norm` and
+`ops.gated_rms_norm`, so an ops backend can run them (docs/ops.md).
 """
 
 from __future__ import annotations
@@ -12,15 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.reference.eager_cpu import fused_kernel_available
-from ..ops.reference.elementwise_fused import gated_rms_norm, rms_norm
+from .. import ops
+from ..ops.reference.elementwise import rms_normalize
 
 __all__ = ["GatedRMSNorm", "RMSNorm", "norm_rows", "rms_normalize"]
-
-
-def rms_normalize(x: Tensor, eps: float) -> Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
-
 
 _WIDE = (torch.float32, torch.float64)
 
@@ -28,10 +25,6 @@ _WIDE = (torch.float32, torch.float64)
 def norm_rows(norm: nn.Module, x: Tensor) -> Tensor:
     """`norm(x)` for the decode step: `RMSNorm.rows` for an `RMSNorm`, else the module's own call."""
     return norm.rows(x) if type(norm) is RMSNorm else norm(x)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 class RMSNorm(nn.Module):
@@ -49,11 +42,7 @@ class RMSNorm(nn.Module):
             self.weight.fill_(1.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        if fused_kernel_available(x, self.weight) and x.dtype == self.weight.dtype:
-            return rms_norm(x, self.weight, self.eps)  # eager CPU: a slice of rows at a time (`elementwise_fused`)
-        ct = _compute_dtype(x.dtype)
-        y = rms_normalize(x.to(ct), self.eps) * self.weight.to(ct)
-        return y.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
     def rows(self, x: Tensor) -> Tensor:
         """`forward` for the decode step: one fused `F.rms_norm` where x and the weight are both fp32 or fp64
@@ -86,20 +75,7 @@ class GatedRMSNorm(nn.Module):
             self.weight.fill_(1.0)
 
     def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
-        if z is not None and fused_kernel_available(x, z, self.weight) and x.dtype == z.dtype == self.weight.dtype:
-            # Eager CPU: the same chain a slice of rows at a time (`elementwise_fused`); 2x faster at 16K tokens.
-            return gated_rms_norm(x, z, self.weight, self.group_size, self.eps)
-        ct = _compute_dtype(x.dtype)
-        h = x.to(ct)
-        if z is not None:
-            h = h * F.silu(z.to(ct))
-        if self.group_size == self.dim:  # one group: no reshapes (decoding runs this once per token and layer)
-            h = rms_normalize(h, self.eps)
-        else:
-            shape = h.shape
-            h = rms_normalize(h.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size), self.eps)
-            h = h.reshape(shape)
-        return (h * self.weight.to(ct)).to(x.dtype)
+        return ops.gated_rms_norm(x, z, self.weight, self.group_size, self.eps)
 
     def rows(self, x: Tensor, z: Tensor) -> Tensor:
         """`forward` for the decode step (see `RMSNorm.rows`): fused where there is one group and fp32/fp64."""

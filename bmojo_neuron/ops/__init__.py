@@ -1,4 +1,4 @@
-"""Hot ops (selective scans, eidetic-window attention) behind one dispatch point.
+"""Hot ops (selective scans, eidetic-window attention, the norms and SwiGLU's product) behind one dispatch point.
 
 Call these functions, never a backend directly: `dispatch` routes each call to the
 active backend (``torch`` reference, ``nki`` on Trainium, ``nki-sim`` on CPU, ``cpu-c``
@@ -14,6 +14,7 @@ from bmojo_neuron.neuron import INSTALL_COMMAND, is_neuron_available
 
 from . import auto, cpu_c, dispatch
 from .dispatch import available_backends, get_backend, register_backend, set_backend, use_backend
+from .reference import elementwise as elementwise_ref
 from .reference.eidetic_attention import eidetic_attention as attention_ref
 from .reference.selective_scan import selective_scan as scan_ref
 from .reference.selective_scan import selective_state_update
@@ -36,8 +37,25 @@ def eidetic_attention(*args: Any, **kwargs: Any) -> Any:
     return dispatch.resolve("eidetic_attention")(*args, **kwargs)
 
 
+def rms_norm(x: Any, weight: Any, eps: float) -> Any:
+    """``x / rms(x) * weight`` over the last dim; see `ops.reference.elementwise.rms_norm`."""
+    return dispatch.resolve("rms_norm")(x, weight, eps)
+
+
+def gated_rms_norm(x: Any, z: Any, weight: Any, group_size: int, eps: float) -> Any:
+    """Mamba-2's ``rmsnorm_per_group(x * silu(z)) * weight``; see `ops.reference.elementwise.gated_rms_norm`."""
+    return dispatch.resolve("gated_rms_norm")(x, z, weight, group_size, eps)
+
+
+def swiglu_product(gate: Any, up: Any) -> Any:
+    """SwiGLU's ``silu(gate) * up``; see `ops.reference.elementwise.swiglu_product`."""
+    return dispatch.resolve("swiglu_product")(gate, up)
+
+
 def _torch_impls() -> dict:
-    return {"selective_scan": scan_ref, "ssd_scan": ssd_ref, "eidetic_attention": attention_ref}
+    return {"selective_scan": scan_ref, "ssd_scan": ssd_ref, "eidetic_attention": attention_ref,
+            "rms_norm": elementwise_ref.rms_norm, "gated_rms_norm": elementwise_ref.gated_rms_norm,
+            "swiglu_product": elementwise_ref.swiglu_product}
 
 
 def _nki_availability() -> tuple[bool, str]:
@@ -87,12 +105,15 @@ register_backend(dispatch.AUTO, auto.availability, auto.impls)  # the default: c
 __all__ = [
     "available_backends",
     "eidetic_attention",
+    "gated_rms_norm",
     "get_backend",
     "register_backend",
+    "rms_norm",
     "selective_scan",
     "selective_state_update",
     "set_backend",
     "ssd_scan",
     "ssd_state_update",
+    "swiglu_product",
     "use_backend",
 ]

@@ -4,12 +4,13 @@ Backends:
   * ``torch``   -- the reference implementations in this package (CPU, CUDA).
   * ``nki``     -- NKI kernels on Trainium (needs the Neuron SDK).
   * ``nki-sim`` -- the same NKI kernels executed on CPU by the project's emulator.
-  * ``cpu-c``   -- plain-C/OpenMP kernels for eager CPU float32 (`ssd_scan`; `ops.cpu_c`).
+  * ``cpu-c``   -- plain-C/OpenMP kernels for eager CPU float32 (`ops.cpu_c`).
   * ``auto``    -- per call, ``cpu-c`` where its kernels can run (eager CPU float32 inputs, the library
                    built), ``torch`` elsewhere, silently (`ops.auto`); `DEFAULT_BACKEND`.
 
-Model code calls `ops.selective_scan(...)`, `ops.ssd_scan(...)` and
-`ops.eidetic_attention(...)`; which implementation runs is chosen here, globally
+Model code calls `ops.selective_scan(...)`, `ops.ssd_scan(...)`,
+`ops.eidetic_attention(...)` and the element-wise chains `ops.rms_norm(...)`,
+`ops.gated_rms_norm(...)`, `ops.swiglu_product(...)`; which implementation runs is chosen here, globally
 or per op, with `set_backend` / `use_backend` or the ``BMOJO_OPS_BACKEND``
 environment variable (unset: `DEFAULT_BACKEND`). Every backend takes the reference
 signatures and layouts.
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-OP_NAMES = ("selective_scan", "ssd_scan", "eidetic_attention")
+OP_NAMES = ("selective_scan", "ssd_scan", "eidetic_attention", "rms_norm", "gated_rms_norm", "swiglu_product")
 ENV_VAR = "BMOJO_OPS_BACKEND"
 # The backend with BMOJO_OPS_BACKEND unset (or empty): "auto" runs the cpu-c kernels where they can run and the
 # torch reference elsewhere; "torch" would make the reference the default everywhere. The one switch.

@@ -1,6 +1,7 @@
 """The ``cpu-c`` ops backend: plain-C/OpenMP kernels for eager CPU float32, built on first use.
 
-Implements `ssd_scan` (its chunked core, forward and backward, in `ssd_chunks.c`); the
+Implements `ssd_scan` (its chunked core, forward and backward, in `ssd_chunks.c`), the
+norms `rms_norm` and `gated_rms_norm` (`norms.c`) and `swiglu_product` (`swiglu.c`); the
 other ops keep their backend. The C files include no torch headers, so a build takes
 under a second (`build`); tensors cross as `data_ptr()` of contiguous float32 buffers.
 Off with ``BMOJO_CPU_C=0``; wherever the C core cannot run, the torch path runs, with
@@ -13,13 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .norms import gated_rms_norm, rms_norm
 from .ssd import ssd_scan
+from .swiglu import swiglu_product
 
 
 def availability() -> tuple[bool, str]:
     """Always selectable: inputs the C core cannot take run the torch path (with a warning)."""
-    return True, "C/OpenMP kernels for eager CPU float32 (ssd_scan), built on first use; the torch path elsewhere"
+    return True, ("C/OpenMP kernels for eager CPU float32 (ssd_scan, rms_norm, gated_rms_norm, swiglu_product), "
+                  "built on first use; the torch path elsewhere")
 
 
 def impls() -> dict[str, Callable]:
-    return {"ssd_scan": ssd_scan}
+    return {"ssd_scan": ssd_scan, "rms_norm": rms_norm, "gated_rms_norm": gated_rms_norm,
+            "swiglu_product": swiglu_product}

@@ -15,16 +15,15 @@ there is no bfloat16 arithmetic to gain in plain C, and float32 is the op's comp
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..reference import ssd as ssd_reference
-from ..reference.eager_cpu import fused_kernel_available
 from ..reference.ssd_fused import decay_floor
-from . import build
+from . import build, common
+from .common import c_unavailable
 
 __all__ = ["C_CHUNK", "CSSDScan", "c_unavailable", "ssd_scan"]
 
@@ -34,7 +33,7 @@ __all__ = ["C_CHUNK", "CSSDScan", "c_unavailable", "ssd_scan"]
 # (its in-chunk sums are shorter).
 C_CHUNK = 32
 
-_warned: set[str] = set()
+_warned = common.warned
 
 # ssd_chunks.c's parameters: pointers, then the sizes (b, L, H, P, G, N, chunk, B/C row and group
 # strides), the softplus flag, the decay floor and the thread count.
@@ -111,21 +110,8 @@ class CSSDScan(torch.autograd.Function):
                 d_h0 if has_h0 else None, None, None)
 
 
-def c_unavailable(*tensors: Tensor | None) -> str:
-    """Why the C code cannot run on these inputs (cast to the op's compute dtype; "" when it can)."""
-    if not fused_kernel_available(*tensors):
-        return "inputs that are not eager CPU tensors (another device, tracing or fused_kernels_disabled)"
-    dtype = tensors[0].dtype
-    if dtype != torch.float32:
-        return f"{str(dtype).removeprefix('torch.')} inputs (the C kernels take float32)"
-    loaded = build.load()
-    return "" if loaded.library is not None else loaded.reason
-
-
 def _warn_once(reason: str) -> None:
-    if reason not in _warned and not build.turned_off():
-        _warned.add(reason)
-        warnings.warn(f"ops backend 'cpu-c': ssd_scan runs the torch path: {reason}", RuntimeWarning, stacklevel=4)
+    common.warn_once("ssd_scan", reason, stacklevel=5)
 
 
 def _scan_in_c(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor | None,
