@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from baseline import reference_ops
 
 import bmojo_neuron.ops.reference.elementwise_fused as elementwise_fused
 from bmojo_neuron.layers.norms import GatedRMSNorm, RMSNorm
@@ -113,10 +114,12 @@ def test_conv_rows_equals_conv1d(tiny_slices, with_bias, length, silu):
                                    eps=1e-6, atol=1e-7)
 
 
+@reference_ops()
 def test_layers_take_the_sliced_chains_on_eager_cpu_only():
-    """On eager CPU float32 the norms and the conv + SiLU run the sliced Functions, with the plain
-    path's values to round-off at a size where the slices are real (several, 256 KiB each); under
-    `fused_kernels_disabled` (what traced graphs run) they do not; bfloat16 keeps the plain path."""
+    """Under the torch ops (the default sends eager CPU float32 to C, tests/test_cpu_c*.py), on eager CPU
+    float32 the norms and the conv + SiLU run the sliced Functions, with the plain path's values to
+    round-off at a size where the slices are real (several, 256 KiB each); under `fused_kernels_disabled`
+    (what traced graphs run) they do not; bfloat16 keeps the plain path."""
     g = torch.Generator().manual_seed(0)
     norm = GatedRMSNorm(512, group_size=256)
     with torch.no_grad():
