@@ -1,4 +1,4 @@
-"""Hot ops (selective scans, eidetic-window attention) behind one dispatch point.
+"""Hot ops (selective scans, eidetic-window attention, Mamba-2's causal conv) behind one dispatch point.
 
 Call these functions, never a backend directly: `dispatch` routes each call to the
 active backend (``torch`` reference, ``nki`` on Trainium, ``nki-sim`` on CPU).
@@ -13,6 +13,7 @@ from bmojo_neuron.neuron import INSTALL_COMMAND, is_neuron_available
 
 from . import cpu_c, dispatch
 from .dispatch import available_backends, get_backend, register_backend, set_backend, use_backend
+from .reference.causal_conv import causal_conv1d_rows as conv_rows_ref
 from .reference.eidetic_attention import eidetic_attention as attention_ref
 from .reference.selective_scan import selective_scan as scan_ref
 from .reference.selective_scan import selective_state_update
@@ -35,8 +36,15 @@ def eidetic_attention(*args: Any, **kwargs: Any) -> Any:
     return dispatch.resolve("eidetic_attention")(*args, **kwargs)
 
 
+def causal_conv1d_rows(*args: Any, **kwargs: Any) -> Any:
+    """Causal depthwise conv of time-major rows (+ SiLU) continuing from a conv state; see
+    `ops.reference.causal_conv` for layouts. Decode steps run `layers.ssm_state.causal_conv1d_step`."""
+    return dispatch.resolve("causal_conv1d_rows")(*args, **kwargs)
+
+
 def _torch_impls() -> dict:
-    return {"selective_scan": scan_ref, "ssd_scan": ssd_ref, "eidetic_attention": attention_ref}
+    return {"selective_scan": scan_ref, "ssd_scan": ssd_ref, "eidetic_attention": attention_ref,
+            "causal_conv1d_rows": conv_rows_ref}
 
 
 def _nki_availability() -> tuple[bool, str]:
@@ -84,6 +92,7 @@ register_backend("cpu-c", cpu_c.availability, cpu_c.impls)
 
 __all__ = [
     "available_backends",
+    "causal_conv1d_rows",
     "eidetic_attention",
     "get_backend",
     "register_backend",

@@ -4,10 +4,10 @@ Backends:
   * ``torch``   -- the reference implementations in this package (CPU, CUDA).
   * ``nki``     -- NKI kernels on Trainium (needs the Neuron SDK).
   * ``nki-sim`` -- the same NKI kernels executed on CPU by the project's emulator.
-  * ``cpu-c``   -- plain-C/OpenMP kernels for eager CPU float32 (`ssd_scan`; `ops.cpu_c`).
+  * ``cpu-c``   -- plain-C/OpenMP kernels for eager CPU float32 (`ssd_scan`, `causal_conv1d_rows`; `ops.cpu_c`).
 
-Model code calls `ops.selective_scan(...)`, `ops.ssd_scan(...)` and
-`ops.eidetic_attention(...)`; which implementation runs is chosen here, globally
+Model code calls `ops.selective_scan(...)`, `ops.ssd_scan(...)`,
+`ops.eidetic_attention(...)` and `ops.causal_conv1d_rows(...)`; which implementation runs is chosen here, globally
 or per op, with `set_backend` / `use_backend` or the ``BMOJO_OPS_BACKEND``
 environment variable. Every backend takes the reference signatures and layouts.
 """
@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-OP_NAMES = ("selective_scan", "ssd_scan", "eidetic_attention")
+OP_NAMES = ("selective_scan", "ssd_scan", "eidetic_attention", "causal_conv1d_rows")
 ENV_VAR = "BMOJO_OPS_BACKEND"
 
 
@@ -65,7 +65,7 @@ def get_backend(op: str = "selective_scan") -> str:
 
 def _from_environment(op: str) -> str:
     """``BMOJO_OPS_BACKEND`` for `op`, as `set_backend(name)` without ops routes it: to the named backend if it
-    implements `op`, else to ``torch`` (``cpu-c`` has only `ssd_scan`). An unknown or unavailable name is
+    implements `op`, else to ``torch`` (the NKI backends have no `causal_conv1d_rows`). An unknown or unavailable name is
     kept, so that `resolve` raises its error."""
     name = os.environ.get(ENV_VAR, "torch")
     backend = _BACKENDS.get(name)

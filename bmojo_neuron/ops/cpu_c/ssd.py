@@ -102,10 +102,12 @@ def c_core_unavailable(x: Tensor) -> str:
     return "" if loaded.library is not None else loaded.reason
 
 
-def _warn_once(reason: str) -> None:
-    if reason not in _warned and not build.turned_off():
-        _warned.add(reason)
-        warnings.warn(f"ops backend 'cpu-c': ssd_scan runs the torch path: {reason}", RuntimeWarning, stacklevel=4)
+def _warn_once(reason: str, op: str = "ssd_scan") -> None:
+    """One warning per op and reason that `op` runs the torch path (every C kernel of the backend uses this)."""
+    message = f"ops backend 'cpu-c': {op} runs the torch path: {reason}"
+    if message not in _warned and not build.turned_off():
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
