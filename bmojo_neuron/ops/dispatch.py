@@ -7,8 +7,8 @@ Backends:
   * ``cpu-c``   -- plain-C/OpenMP kernels for eager CPU float32 (`ssd_scan`, `causal_conv1d_rows`; `ops.cpu_c`).
 
 Model code calls `ops.selective_scan(...)`, `ops.ssd_scan(...)`,
-`ops.eidetic_attention(...)` and `ops.causal_conv1d_rows(...)`; which implementation runs is chosen here, globally
-or per op, with `set_backend` / `use_backend` or the ``BMOJO_OPS_BACKEND``
+`ops.eidetic_attention(...)` and `ops.causal_conv1d_rows(...)`; which implementation runs is
+chosen here, globally or per op, with `set_backend` / `use_backend` or the ``BMOJO_OPS_BACKEND``
 environment variable. Every backend takes the reference signatures and layouts.
 """
 
@@ -65,8 +65,8 @@ def get_backend(op: str = "selective_scan") -> str:
 
 def _from_environment(op: str) -> str:
     """``BMOJO_OPS_BACKEND`` for `op`, as `set_backend(name)` without ops routes it: to the named backend if it
-    implements `op`, else to ``torch`` (the NKI backends have no `causal_conv1d_rows`). An unknown or unavailable name is
-    kept, so that `resolve` raises its error."""
+    implements `op`, else to ``torch`` (the NKI backends have no `causal_conv1d_rows`). An unknown or
+    unavailable name is kept, so that `resolve` raises its error."""
     name = os.environ.get(ENV_VAR, "torch")
     backend = _BACKENDS.get(name)
     if backend is None:

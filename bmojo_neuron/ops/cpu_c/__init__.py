@@ -18,7 +18,8 @@ from .ssd import ssd_scan
 
 def availability() -> tuple[bool, str]:
     """Always selectable: inputs the C core cannot take run the torch path (with a warning)."""
-    return True, "C/OpenMP kernels for eager CPU float32 (ssd_scan, causal_conv1d_rows), built on first use; the torch path elsewhere"
+    return True, ("C/OpenMP kernels for eager CPU float32 (ssd_scan, causal_conv1d_rows), built on first use; "
+                  "the torch path elsewhere")
 
 
 def impls() -> dict[str, Callable]:

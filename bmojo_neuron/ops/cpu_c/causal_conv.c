@@ -196,12 +196,10 @@ int causal_conv_forward(const float *x, const float *head, const float *w, const
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long i = 0; i < batch * blocks; i++) {
         long b = i / blocks, t0 = (i % blocks) * BLOCK_ROWS, t1 = t0 + BLOCK_ROWS < L ? t0 + BLOCK_ROWS : L;
-        switch (K) { /* the usual kernel sizes with the taps unrolled */
-        case 2: forward_block(&cv, 2, b, t0, t1, x, head, silu, out); break;
-        case 3: forward_block(&cv, 3, b, t0, t1, x, head, silu, out); break;
-        case 4: forward_block(&cv, 4, b, t0, t1, x, head, silu, out); break;
-        default: forward_block(&cv, K, b, t0, t1, x, head, silu, out);
-        }
+        if (K == 4) /* Mamba's kernel size, with the taps unrolled */
+            forward_block(&cv, 4, b, t0, t1, x, head, silu, out);
+        else
+            forward_block(&cv, K, b, t0, t1, x, head, silu, out);
     }
     free(consts);
     return 0;
@@ -233,12 +231,10 @@ int causal_conv_backward(const float *x, const float *head, const float *w, cons
                 long b = i / blocks, t0 = (i % blocks) * BLOCK_ROWS;
                 long t1 = t0 + BLOCK_ROWS < L ? t0 + BLOCK_ROWS : L;
                 float *part = parts + i * (K + 1) * C;
-                switch (K) {
-                case 2: backward_block(&cv, 2, b, t0, t1, x, head, g, silu, dx, d_head, dp, part); break;
-                case 3: backward_block(&cv, 3, b, t0, t1, x, head, g, silu, dx, d_head, dp, part); break;
-                case 4: backward_block(&cv, 4, b, t0, t1, x, head, g, silu, dx, d_head, dp, part); break;
-                default: backward_block(&cv, K, b, t0, t1, x, head, g, silu, dx, d_head, dp, part);
-                }
+                if (K == 4)
+                    backward_block(&cv, 4, b, t0, t1, x, head, g, silu, dx, d_head, dp, part);
+                else
+                    backward_block(&cv, K, b, t0, t1, x, head, g, silu, dx, d_head, dp, part);
             }
             free(dp);
         }

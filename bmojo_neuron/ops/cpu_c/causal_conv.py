@@ -70,11 +70,11 @@ class CCausalConv(torch.autograd.Function):
 
 def c_conv_unavailable(x: Tensor, weight: Tensor, bias: Tensor | None, prefix: Tensor | None) -> str:
     """Why the C conv cannot run on these inputs ("" when it can)."""
-    if not fused_kernel_available(x, weight, bias, prefix):
-        return "inputs that are not eager CPU tensors (another device, tracing or fused_kernels_disabled)"
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is not None and t.dtype != torch.float32:
             return f"{str(t.dtype).removeprefix('torch.')} {name} (the C kernels take float32)"
+    if not fused_kernel_available(x, weight, bias, prefix):
+        return "inputs that are not eager CPU tensors (another device, tracing or fused_kernels_disabled)"
     loaded = build.load()
     return "" if loaded.library is not None else loaded.reason
 
