@@ -2,8 +2,8 @@
  * CPU buffers.
  *
  * Same math as bmojo_neuron/ops/reference/causal_conv.py (`causal_conv1d_rows`, whose eager-CPU form is
- * `elementwise_fused._ConvRows`), done in one pass over each row of channels instead of K + 2 whole-tensor
- * torch ops, with the history read from a separate `head` buffer instead of a concatenated copy of x.
+ * `elementwise_fused._ConvRows`), done in one pass over each row of channels instead of K + 2 torch ops per
+ * slice of rows, with the history read from a separate `head` buffer instead of a concatenated copy of x.
  *
  * Layouts (contiguous, row-major; channels fastest, so every loop over channels is one vector loop):
  *   x, out, g (the gradient of out), dx   (batch, L, C): time-major rows
@@ -35,8 +35,8 @@
  * 88 by an integer compare of its bits (exp(88) is finite; a NaN becomes 88, and the SiLU still returns NaN
  * through its other factor); x = n ln2 + r with n rounded to nearest by adding and subtracting 1.5 * 2^23,
  * |r| <= ln2 / 2 (ln2 split in two so that n ln2 is exact); exp(r) by its Taylor polynomial to r^7 (error
- * below 1e-8 relative); 2^n written into the exponent bits (n = -127 gives 0: no subnormal results).
- * Within 1.3 ulp of exp over [-87, 87]. */
+ * below 1e-8 relative); 2^n written into the exponent bits (n = -127, x below about -87.7, gives 0).
+ * Within 1.3 ulp of exp over [-87, 87]; for the SiLU only exp(-pre) near 1 and above matters. */
 static inline float vexp(float x) {
     uint32_t u;
     memcpy(&u, &x, sizeof u);
