@@ -170,6 +170,16 @@ def test_fallbacks_run_the_torch_path(c_cache, fresh_build, monkeypatch):
     assert (out - want[0]).abs().max() <= F32_TOL * want[0].abs().max()
 
 
+def test_a_compiled_graph_takes_the_traced_form_whole(c_cache):
+    """Under torch.compile (``fullgraph``, as `train.compile` asks) the op runs the reference's traced form and
+    warns nothing: a `warnings.warn` inside would make Dynamo fail the whole graph."""
+    x, w, b = torch.randn(2, 5, 3, requires_grad=True), torch.randn(3, 1, 4), torch.randn(3)
+    compiled = torch.compile(lambda x: c_conv.causal_conv1d_rows(x, w, b, silu=True)[0], fullgraph=True,
+                             backend="eager")
+    want = ref_conv.causal_conv1d_rows(x, w, b, silu=True)[0]
+    assert (compiled(x) - want).abs().max() <= F32_TOL * want.abs().max()
+
+
 def test_sizes_that_do_not_fit_are_refused(c_cache):
     x, w = torch.randn(2, 5, 6), torch.randn(6, 1, 4)
     with pytest.raises(ValueError, match=r"weight must be \(6, 1, K\)"):

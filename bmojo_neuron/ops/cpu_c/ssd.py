@@ -103,9 +103,12 @@ def c_core_unavailable(x: Tensor) -> str:
 
 
 def _warn_once(reason: str, op: str = "ssd_scan") -> None:
-    """One warning per op and reason that `op` runs the torch path (every C kernel of the backend uses this)."""
+    """One warning per op and reason that `op` runs the torch path (every C kernel of the backend uses this).
+
+    None while torch.compile traces: Dynamo cannot trace `warnings.warn`, and a graph it must
+    capture whole (``fullgraph``, as `train.compile` asks) would fail on it."""
     message = f"ops backend 'cpu-c': {op} runs the torch path: {reason}"
-    if message not in _warned and not build.turned_off():
+    if message not in _warned and not build.turned_off() and not torch.compiler.is_compiling():
         _warned.add(message)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
