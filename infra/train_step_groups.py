@@ -66,7 +66,7 @@ def bmojo_scopes() -> Iterator[None]:
         (attention_module.BMojoAttention, "_output", "B mixer: o_proj + gain * S"),
         (attention_module.ops, "eidetic_attention", "attention op (pieces, merges; kernels apart)"),
         (mamba2_module.Mamba2Mixer, "forward", "Mamba-2: projections, A, reshapes"),
-        (mamba2_module, "causal_conv1d_rows", "Mamba-2: conv + SiLU (x and B/C)"),
+        (ops, "causal_conv1d_rows", "Mamba-2: conv + SiLU (x and B/C)"),
         (ops, "ssd_scan", "Mamba-2: ssd_scan op (softplus, pad, D, casts)"),
         (ssd_module, "_scan_fused", "Mamba-2: SSD chunk core"),
         (cpu_c_ssd, "_scan_in_c", "Mamba-2: SSD chunk core"),  # under cpu-c: the whole op in C

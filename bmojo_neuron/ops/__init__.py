@@ -1,4 +1,5 @@
-"""Hot ops (selective scans, eidetic-window attention, the norms and SwiGLU's product) behind one dispatch point.
+"""Hot ops (selective scans, eidetic-window attention, Mamba-2's causal conv, the norms and SwiGLU's product)
+behind one dispatch point.
 
 Call these functions, never a backend directly: `dispatch` routes each call to the
 active backend (``torch`` reference, ``nki`` on Trainium, ``nki-sim`` on CPU, ``cpu-c``
@@ -15,6 +16,7 @@ from bmojo_neuron.neuron import INSTALL_COMMAND, is_neuron_available
 from . import auto, cpu_c, dispatch
 from .dispatch import available_backends, get_backend, register_backend, set_backend, use_backend
 from .reference import elementwise as elementwise_ref
+from .reference.causal_conv import causal_conv1d_rows as conv_rows_ref
 from .reference.eidetic_attention import eidetic_attention as attention_ref
 from .reference.selective_scan import selective_scan as scan_ref
 from .reference.selective_scan import selective_state_update
@@ -52,10 +54,17 @@ def swiglu_product(gate: Any, up: Any) -> Any:
     return dispatch.resolve("swiglu_product")(gate, up)
 
 
+def causal_conv1d_rows(*args: Any, **kwargs: Any) -> Any:
+    """Causal depthwise conv of time-major rows (+ SiLU) continuing from a conv state; see
+    `ops.reference.causal_conv` for layouts. Decode steps run `layers.ssm_state.causal_conv1d_step`."""
+    return dispatch.resolve("causal_conv1d_rows")(*args, **kwargs)
+
+
 def _torch_impls() -> dict:
     return {"selective_scan": scan_ref, "ssd_scan": ssd_ref, "eidetic_attention": attention_ref,
             "rms_norm": elementwise_ref.rms_norm, "gated_rms_norm": elementwise_ref.gated_rms_norm,
-            "swiglu_product": elementwise_ref.swiglu_product}
+            "swiglu_product": elementwise_ref.swiglu_product,
+            "causal_conv1d_rows": conv_rows_ref}
 
 
 def _nki_availability() -> tuple[bool, str]:
@@ -104,6 +113,7 @@ register_backend(dispatch.AUTO, auto.availability, auto.impls)  # the default: c
 
 __all__ = [
     "available_backends",
+    "causal_conv1d_rows",
     "eidetic_attention",
     "gated_rms_norm",
     "get_backend",

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..reference.eager_cpu import fused_kernel_available
 from . import build
 
-__all__ = ["NOT_EAGER", "c_unavailable", "threads", "warn_once", "warned"]
+__all__ = ["NOT_EAGER", "c_unavailable", "ptr", "threads", "warn_once", "warned"]
 
 NOT_EAGER = "inputs that are not eager CPU tensors (another device, tracing or fused_kernels_disabled)"
 
@@ -48,6 +48,11 @@ def warn_once(op: str, reason: str, stacklevel: int = 4) -> None:
         warned.add((op, reason))
         warnings.warn(f"ops backend 'cpu-c': {op} runs the torch path: {reason}", RuntimeWarning,
                       stacklevel=stacklevel)
+
+
+def ptr(t: Tensor | None) -> int | None:
+    """The address a C kernel reads `t` at (NULL for None, an absent optional operand)."""
+    return None if t is None else t.data_ptr()
 
 
 def threads() -> int:

@@ -4,7 +4,7 @@ Three chains run over every token of a layer and are pure element-wise work (plu
 per-row reduction): the RMS norms (``x / rms(x) * w``: the layers' pre-norms, a `B`
 layer's norm of the SSM output), Mamba-2's gated output norm
 ``rmsnorm_per_group(x * silu(z)) * w``, and the causal depthwise conv with its SiLU
-(`layers.ssm_state.causal_conv1d_rows`). Under plain autograd each is 3-8 ops, each of
+(`reference.causal_conv.causal_conv1d_rows`). Under plain autograd each is 3-8 ops, each of
 which reads and writes whole ``(tokens, width)`` tensors and saves some of them for the
 backward. Once those tensors outgrow the CPU caches (a 16K-token sequence at width 512
 is 32 MiB per tensor, the size of this machine's L3) every op streams them from memory,
