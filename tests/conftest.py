@@ -66,3 +66,17 @@ def c_cache(tmp_path_factory):
     else:
         os.environ[build.CACHE_ENV] = previous
     build.reset()
+
+
+@pytest.fixture
+def fresh_build(c_cache, monkeypatch, tmp_path):
+    """A ``cpu-c`` build that starts from nothing (its own empty cache folder), with no warning yet given;
+    the session's library afterwards."""
+    from bmojo_neuron.ops.cpu_c import build, common
+
+    monkeypatch.setenv(build.CACHE_ENV, str(tmp_path / "cache"))
+    common.warned.clear()
+    build.reset()
+    yield tmp_path / "cache"
+    build.reset()
+    common.warned.clear()

@@ -30,17 +30,6 @@ from bmojo_neuron.ops.reference.eager_cpu import fused_kernels_disabled
 F32_TOL = 3e-5
 
 
-@pytest.fixture
-def fresh_build(c_cache, monkeypatch, tmp_path):
-    """A build that starts from nothing (its own empty cache folder); the session's library afterwards."""
-    monkeypatch.setenv(build.CACHE_ENV, str(tmp_path / "cache"))
-    c_ssd._warned.clear()
-    build.reset()
-    yield tmp_path / "cache"
-    build.reset()
-    c_ssd._warned.clear()
-
-
 def _inputs(batch, length, heads, head_dim, groups, state, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731

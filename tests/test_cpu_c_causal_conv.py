@@ -17,7 +17,6 @@ import warnings
 import pytest
 import torch
 from naive import tiny_config
-from test_cpu_c import c_cache, fresh_build  # noqa: F401  (the session's build, shared with the SSD tests)
 
 from bmojo_neuron import ops
 from bmojo_neuron.layers.mamba2 import Mamba2Mixer

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cpu_c import _inputs, fresh_build  # noqa: F401  (fresh_build is a fixture; c_cache comes from conftest.py)
+from test_cpu_c import _inputs
 
 from bmojo_neuron import ops
 from bmojo_neuron.ops import auto, dispatch
