@@ -303,3 +303,22 @@ def test_inspect_says_on_a_terminal_what_it_loads_before_the_wait(run, tmp_path,
         f"inspecting {run / 'final'}: loading torch and the model, then tracing the eidetic memory over 3 eval "
         "sequences") and err.splitlines()[1:] == [
             f"error: output directory {tmp_path / 'taken'} is a file, not a folder; pick another --output-dir"], err
+
+
+def test_eval_and_generate_say_on_a_terminal_what_they_load_before_the_wait(run, capsys, monkeypatch):
+    """As `inspect` does: on a terminal a line says what is loading before torch and the model (seconds, half a
+    minute on a busy machine), and a refusal found after the wait follows it; off a terminal the refusal is its
+    one line; under torchrun only rank 0 says it (every rank shares the terminal)."""
+    said = {"eval": f"eval {run / 'final'}: loading torch and the model, then the evaluation data",
+            "generate": f"generate from {run / 'final'}: loading torch and the model"}
+    refusal = "error: --device must be cpu, cuda or auto, got 'tpu'"
+    for name, options in (("eval", ["--lengths", "1"]), ("generate", ["--prompt", "x"])):
+        argv = [name, str(run), *options, "--device", "tpu"]  # refused after the imports
+        for terminal, rank, lines in ((True, "0", [said[name], refusal]), (False, "0", [refusal]),
+                                      (True, "1", [refusal.replace("error:", "error: rank 1:")])):
+            monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+            monkeypatch.setenv("RANK", rank)
+            monkeypatch.setenv("WORLD_SIZE", "2")
+            assert cli.main(argv) == 2
+            out, err = capsys.readouterr()
+            assert out == "" and err.splitlines() == lines, (name, terminal, rank, err)

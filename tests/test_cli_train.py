@@ -233,6 +233,45 @@ def test_a_parallel_run_shows_its_layout_and_a_bad_one_is_refused_before_it_star
     assert not (tmp_path / "run").exists()
 
 
+def test_train_says_on_a_terminal_what_it_loads_and_its_start_lines_say_where_the_weights_come_from(
+        capsys, tmp_path, monkeypatch):
+    """Before torch loads (seconds; under torchrun every rank at once) a terminal gets one line from rank 0, and a
+    refusal found after the wait follows it; the start lines name the first weights: a random init, the folder
+    ``init.weights`` resolves to, or the run's checkpoint on --resume."""
+    from bmojo_neuron.commands.train import describe, loading_line
+    from bmojo_neuron.recipes import load_recipe
+
+    argv = ["train", "cpu-tiny", "suite=none", "parallel.tp=2", "model.ssm_n_groups=2", "--output-dir",
+            str(tmp_path / "run")]  # refused once torch is there: one process cannot hold tp 2
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    for rank, world, said in (("0", "1", ["training cpu-tiny: loading torch; the run's lines follow"]),
+                              ("1", "2", [])):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", world)
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err[:-1] == said and err[-1].startswith("error: "), err
+    monkeypatch.setenv("RANK", "0")  # torchrun's rank 0 of 2
+    assert loading_line(load_recipe("cpu-tiny", ["suite=none"]), dry_run=False) == (
+        "training cpu-tiny on 2 ranks: loading torch in every rank; the run's lines follow")
+    assert cli.main(argv[:3] + ["--dry-run", "--output-dir", str(tmp_path / "dry")]) == 0
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "dry run of cpu-tiny: loading torch to count the parameters of the model")
+
+    def weights(overrides: list[str], run_dir: Path, resume: bool = False) -> str:
+        lines = describe(load_recipe(str(FIXTURES / "fixture.yaml"), overrides), 10, run_dir, resume).splitlines()
+        return next(line for line in lines if line.startswith("  weights  "))[len("  weights  "):]
+
+    finished = FIXTURES / "finished"
+    assert weights(["run.seed=3"], tmp_path) == "random init (run.seed 3)"
+    assert weights([f"init.weights={finished}"], tmp_path) == (
+        f"init.weights {finished} (model folder {finished / 'final'})")
+    assert weights([f"init.weights={finished / 'final'}"], tmp_path) == f"init.weights {finished / 'final'}"
+    assert weights([f"init.weights={finished}"], finished, resume=True) == (
+        "from its checkpoint (--resume; newest step-0000003)")
+    assert weights([], tmp_path, resume=True) == "random init (run.seed 5)"  # nothing to resume: starts afresh
+
+
 def test_dry_run_sees_a_used_run_directory(capsys, tmp_path):
     (tmp_path / "final").mkdir()  # a finished run's export
     assert cli.main(["train", "cpu-text", "--dry-run", "--output-dir", str(tmp_path)]) == 0

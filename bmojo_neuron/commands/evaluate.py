@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from bmojo_neuron.cli import register_command, require_nonempty
+from bmojo_neuron.cli import register_command, require_nonempty, say_on_terminal
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     require_nonempty("--output-dir", args.output_dir)
     from bmojo_neuron.checkpoints.locate import resolve_model_dir
 
-    resolve_model_dir(args.path, "eval")  # a path that is no model: one line, before torch loads
+    model_dir = resolve_model_dir(args.path, "eval")  # a path that is no model: one line, before torch loads
+    say_on_terminal(f"eval {model_dir}: loading torch and the model, then the evaluation data")
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.data import build_datasets, library_progress_bars
     from bmojo_neuron.device import resolve_device, set_cpu_threads
