@@ -568,15 +568,18 @@ def test_data_prepare_builds_the_cache_once(capsys, tmp_path):
     args = ["data", "prepare", "cpu-text", f"data.cache_dir={cache}", "data.block_size=512"]
     assert cli.main(args) == 0
     first, err = capsys.readouterr()
-    assert "%|" not in err  # stderr is not a terminal here: no datasets progress bars in the log
+    assert "%|" not in err  # stderr is not a terminal here: no datasets progress bars in the log, plain lines
     entries = list(cache.glob("text-*"))
+    stages = [line.split(" ", 2)[1] for line in err.splitlines() if not line.startswith("cpu-text:   ")]
+    assert stages == ["tokenizing", "packing", "saving", "built"] and err.startswith("cpu-text: tokenizing"), err
     assert len(entries) == 1 and (entries[0] / "meta.json").is_file()
     train, evaluation = load_text_dataset(block_size=512, cache_dir=cache)  # the recipe's other data settings
     assert f"{entries[0].resolve()} (built now)" in first
     assert f"train  {len(train):,} blocks × 512 tokens = {len(train) * 512:,} tokens" in first
     assert f"eval   {len(evaluation):,} blocks × 512 tokens" in first
     assert cli.main(args) == 0
-    assert "(already there)" in capsys.readouterr().out and list(cache.glob("text-*")) == entries
+    out, err = capsys.readouterr()
+    assert "(already there)" in out and err == "" and list(cache.glob("text-*")) == entries
 
 
 def test_data_prepare_builds_the_cache_where_train_reads_it(capsys, tmp_path, monkeypatch):
@@ -743,7 +746,7 @@ def test_a_tilde_is_the_home_folder_and_python_callers_get_the_same_refusal(caps
     from Python refuses a folder of other files with the CLI's error, before writing anything."""
     from bmojo_neuron.recipes import load_recipe
     from bmojo_neuron.training import train
-    from bmojo_neuron.training.suite import plan_runs
+    from bmojo_neuron.recipe_runs import plan_runs
 
     home, cwd, suite = tmp_path / "home", tmp_path / "cwd", write_suite(tmp_path / "suite.yaml")
     for folder in (home, cwd):

@@ -108,7 +108,7 @@ def weights_text(recipe: Any, run_dir: Path, resume: bool) -> str:
 def dry_run(recipe: Any, name: str | None, overrides: list[str], args: argparse.Namespace) -> int:
     """Validate every run of the recipe and print what `train` would do; start nothing, write nothing."""
     from bmojo_neuron.recipes import DEFAULT_RECIPE, count_parameters
-    from bmojo_neuron.training.suite import plan_runs
+    from bmojo_neuron.recipe_runs import plan_runs
 
     runs = plan_runs(recipe, args.output_dir)
     for variant, _ in runs:
@@ -304,7 +304,7 @@ def run(args: argparse.Namespace) -> int:
     from bmojo_neuron.checkpoints.layout import has_run
     from bmojo_neuron.parallel.layout import torchrun_env
     from bmojo_neuron.preflight import check_resumable, check_run_dirs
-    from bmojo_neuron.training.suite import plan_runs
+    from bmojo_neuron.recipe_runs import plan_runs
 
     main = torchrun_env()[0] == 0  # under torchrun only rank 0 prints and writes summaries
     if main:
@@ -354,7 +354,7 @@ def check_sources_early(recipe: Any, resume: bool) -> None:
     from bmojo_neuron.checkpoints.locate import initial_weights_dir
     from bmojo_neuron.data.text import source_kind
 
-    # the runs `training.suite.plan_runs` makes of the recipe, as the dotted overrides each applies to it
+    # the runs `recipe_runs.plan_runs` makes of the recipe, as the dotted overrides each applies to it
     if recipe.suite:
         runs = [variant.overrides for variant in recipe.suite]
     else:

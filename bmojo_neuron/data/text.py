@@ -24,8 +24,9 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
+from bmojo_neuron.data.build_progress import BuildProgress
 from bmojo_neuron.data.hub import check_hub_dataset, datasets_offline, may_be_hub_name, offline_error
 from bmojo_neuron.data.tokenizer import encode_batch, eos_token_id, load_tokenizer, tokenizer_fingerprint
 
@@ -47,11 +48,13 @@ def load_text_dataset(
     cache_dir: str | os.PathLike | None = None,
     eval_fraction: float = 0.05,
     text_column: str = "text",
+    progress: BuildProgress | None = None,
 ) -> tuple[Dataset, Dataset]:
     """(train, eval) datasets of packed ``input_ids``/``labels`` blocks; builds the cache on first use.
 
     ``path=None`` reads the corpus shipped in ``bmojo_neuron/data/corpus``; ``cache_dir=None``
-    uses ``~/.cache/bmojo-neuron``.
+    uses ``~/.cache/bmojo-neuron``. `progress` gets plain lines of a build's stages (none when the cache is
+    there), for output where the `datasets` bars are off.
     """
     from datasets import load_from_disk
 
@@ -67,7 +70,7 @@ def load_text_dataset(
     settings = _cache_settings(source, kind, tokenizer, block_size, eval_fraction, text_column)
     final = _cache_folder(settings, cache_dir)
     if not (final / "meta.json").is_file():
-        _build_cache(source, kind, tokenizer, block_size, eval_fraction, text_column, settings, final)
+        _build_cache(source, kind, tokenizer, block_size, eval_fraction, text_column, settings, final, progress)
     cached = load_from_disk(str(final))
     return cached["train"], cached["eval"]
 
@@ -157,13 +160,15 @@ def source_kind(source: str) -> str:
     return "hub"
 
 
-def pack_blocks(tokenized: Dataset, block_size: int, cache_file: str | None = None) -> Dataset:
-    """Concatenate the ``ids`` column in order and cut it into ``block_size`` blocks (tail dropped)."""
+def pack_blocks(tokenized: Dataset, block_size: int, cache_file: str | None = None,
+                advance: Callable[[int], None] | None = None) -> Dataset:
+    """Concatenate the ``ids`` column in order and cut it into ``block_size`` blocks (tail dropped); `advance`
+    is told the documents of each batch done."""
     from datasets import Features, Sequence, Value
 
     column = Sequence(Value("int64"), length=block_size)
     return tokenized.map(
-        _Packer(block_size),
+        _Packer(block_size, advance),
         batched=True,
         batch_size=MAP_BATCH,
         remove_columns=tokenized.column_names,
@@ -181,11 +186,14 @@ class _Packer:
     carried remainder makes the packing exactly that of the whole token stream.
     """
 
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, advance: Callable[[int], None] | None = None) -> None:
         self.block_size = block_size
+        self.advance = advance
         self.carry: list[int] = []
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        if self.advance is not None:
+            self.advance(len(batch["ids"]))
         stream = self.carry
         for ids in batch["ids"]:
             stream.extend(ids)
@@ -205,22 +213,28 @@ def _build_cache(
     text_column: str,
     settings: dict[str, Any],
     final: Path,
+    progress: BuildProgress | None = None,
 ) -> None:
     """Tokenize, pack, split and save under `final` via a temporary folder and a rename."""
     from datasets import DatasetDict
 
+    progress = progress or BuildProgress(lambda line: None)
     tokenizer = load_tokenizer(tokenizer_name)
-    docs = _documents(source, kind, text_column)
+    docs = _documents(source, kind, text_column)  # a source that cannot be read: its error line alone
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
-        tokens = _tokenize_documents(docs, tokenizer, text_column, str(work / "tokens.arrow"))
+        progress.stage(f"tokenizing {len(docs):,} document{'s' if len(docs) != 1 else ''} of {source} (tokenizer "
+                       f"{tokenizer_name})", len(docs), "documents")
+        tokens = _tokenize_documents(docs, tokenizer, text_column, str(work / "tokens.arrow"), progress.advance)
         total = _count_tokens(tokens)
         if total == 0:
             raise ValueError(f"data.path {source}: no text (every document is empty)")
-        packed = pack_blocks(tokens, block_size, str(work / "blocks.arrow"))
+        progress.stage(f"packing {total:,} tokens into blocks of {block_size}", len(tokens), "documents")
+        packed = pack_blocks(tokens, block_size, str(work / "blocks.arrow"), progress.advance)
         train, evaluation = _split(packed, eval_fraction, total, block_size, source)
         out = work / "dataset"
+        progress.stage(f"saving {len(packed):,} blocks into {final}")
         DatasetDict({"train": train, "eval": evaluation}).save_to_disk(str(out))
         meta = dict(settings, tokens=total, blocks=len(packed), train_blocks=len(train), eval_blocks=len(evaluation))
         (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -229,17 +243,20 @@ def _build_cache(
         except OSError:
             if not (final / "meta.json").is_file():  # not a concurrent writer that won
                 raise
+        progress.finish("built")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _tokenize_documents(docs: Dataset, tokenizer: Any, text_column: str, cache_file: str) -> Dataset:
-    """Batched map: each non-empty document's ids followed by eos."""
+def _tokenize_documents(docs: Dataset, tokenizer: Any, text_column: str, cache_file: str,
+                        advance: Callable[[int], None]) -> Dataset:
+    """Batched map: each non-empty document's ids followed by eos; `advance` is told each batch's documents."""
     from datasets import Features, Sequence, Value
 
     eos = eos_token_id(tokenizer)
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        advance(len(batch[text_column]))
         return {"ids": [ids + [eos] if ids else [] for ids in encode_batch(tokenizer, batch[text_column])]}
 
     return docs.map(
