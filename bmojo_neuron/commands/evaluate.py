@@ -66,6 +66,27 @@ def eval_recipe(saved: dict, data_args: list[str]):
     return recipe
 
 
+def with_model_data_cache(recipe: Any, trained: Any, data_args: Sequence[str]) -> Any:
+    """The recipe, its text data cache moved to where the model keeps its data, unless it was placed on purpose.
+
+    A recipe's default ``data.cache_dir`` is relative, derived from a ``run.output_dir`` relative to wherever it
+    was trained or is named from (``runs/data-cache``): read from this working folder it would build a new
+    cache in any folder eval is started from. A model in a run (its ``final/`` or a checkpoint) uses the cache
+    `train` put beside that run, ``<run dir>/../data-cache``, so the run's own text data is found built there;
+    a folder that is itself the model (primed, converted) belongs to no run and uses the user cache,
+    ``~/.cache/bmojo-neuron``. An absolute ``data.cache_dir`` (set in the run's or the named recipe), and
+    ``--data data.cache_dir=...``, stay as they are.
+    """
+    from bmojo_neuron.data.text import DEFAULT_CACHE_DIR
+
+    given = any(item.split("=", 1)[0] in ("cache_dir", "data.cache_dir") for item in data_args if "=" in item)
+    if recipe.data.kind != "text" or given or Path(recipe.data.cache_dir).expanduser().is_absolute():
+        return recipe
+    in_run = trained.run_dir != trained.source
+    home = trained.run_dir.absolute().parent / "data-cache" if in_run else DEFAULT_CACHE_DIR
+    return recipe.with_overrides({"data.cache_dir": str(home)})
+
+
 def check_vocabulary(model: Any, recipe: Any) -> None:
     """ValueError when the evaluation data holds token ids the model has no embedding for (data of a larger
     vocabulary than the one it was trained on), before any data is built."""
@@ -141,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, "--device", neuron=False)
     set_cpu_threads()
     trained = load_trained(args.path, device, "eval")
-    recipe = eval_recipe(trained.recipe, args.data)
+    recipe = with_model_data_cache(eval_recipe(trained.recipe, args.data), trained, args.data)
     batch_size = count_option("--batch-size", args.batch_size, recipe.train.batch_size)
     batches = count_option("--batches", args.batches, recipe.eval.batches)
     check_vocabulary(trained.model, recipe)
