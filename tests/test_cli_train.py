@@ -625,6 +625,35 @@ def test_a_hub_dataset_the_hub_cannot_serve_is_one_error_at_once(capsys, monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_bad_data_file_is_one_line_of_one_format_in_train_data_prepare_and_eval(capsys, tmp_path):
+    """Missing, empty, binary, Latin-1 and UTF-16 files are each refused in the same words by the three commands
+    that read data, ``error: data.path <file>: <problem>``, as one line before any work: the file's first MiB is
+    read before torch loads (eval: before the model loads, so no `evaluating` line comes first)."""
+    model = Path(shutil.copytree(FIXTURES / "finished", tmp_path / "model"))
+    files = {"missing.txt": None, "empty.txt": b"", "image.txt": b"\x89PNG\r\n\x1a\n\x00\x00",
+             "latin1.txt": "one line\ncaf\xe9\n".encode("latin-1"), "wide.txt": "hi".encode("utf-16")}
+    problems = {
+        "missing.txt": "no such file or folder (a hub dataset would be named owner/name, e.g. roneneldan/TinyStories)",
+        "empty.txt": "no text (an empty file)",
+        "image.txt": "not text: a NUL byte at offset 8, as in a binary file; give UTF-8 text (.txt, .md) or JSON "
+                     "lines (.jsonl)",
+        "latin1.txt": "not UTF-8 text: byte 0xe9 at offset 12 (line 2) invalid continuation byte; convert it, e.g. "
+                      f"iconv -f latin1 -t utf-8 {tmp_path / 'latin1.txt'} > latin1.utf8.txt",
+        "wide.txt": "not UTF-8 text: UTF-16 (it starts with a UTF-16 byte-order mark); convert it with iconv -f "
+                    "utf-16 -t utf-8"}
+    for name, data in files.items():
+        path = tmp_path / name
+        if data is not None:
+            path.write_bytes(data)
+        for argv in (["train", "cpu-text", f"data.path={path}", "--output-dir", str(tmp_path / "run")],
+                     ["data", "prepare", "cpu-text", f"data.path={path}", "--output-dir", str(tmp_path / "run")],
+                     ["eval", str(model), "--data", "cpu-text", f"data.path={path}", "--device", "cpu"]):
+            assert cli.main(argv) == 2
+            out, err = capsys.readouterr()
+            assert out == "" and err == f"error: data.path {path}: {problems[name]}\n", (argv, err)
+    assert not (tmp_path / "run").exists() and not (model / "eval").exists()
+
+
 def test_data_prepare_has_nothing_to_do_for_mqar(capsys):
     assert cli.main(["data", "prepare", "cpu-tiny"]) == 0
     assert "nothing to prepare" in capsys.readouterr().out

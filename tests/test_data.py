@@ -229,7 +229,7 @@ def test_text_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="17 tokens make 0 block"):
         load_text_dataset(tmp_path / "short.txt", block_size=64, cache_dir=tmp_path / "cache")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "x"}), encoding="utf-8")
-    with pytest.raises(ValueError, match="data.text_column 'text'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 1 has no key 'text' \(data.text_column; its keys: body\)"):
         load_text_dataset(tmp_path / "bad.jsonl", cache_dir=tmp_path / "cache")
     (tmp_path / "x.pdf").write_bytes(b"%PDF")
     with pytest.raises(ValueError, match="unsupported file type"):
@@ -334,7 +334,7 @@ def test_build_datasets_mqar_and_text(tmp_path: Path) -> None:
 def test_text_that_is_not_utf8_names_the_file_and_byte_offset(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_bytes("naïve café\n".encode("utf-8") + "second line: café\n".encode("latin-1"))
     offset = len("naïve café\n".encode("utf-8")) + len("second line: caf")
-    with pytest.raises(ValueError, match=rf"notes.txt is not UTF-8 text: byte 0xe9 at offset {offset} \(line 2\)"):
+    with pytest.raises(ValueError, match=rf"notes.txt: not UTF-8 text: byte 0xe9 at offset {offset} \(line 2\)"):
         load_text_dataset(tmp_path / "notes.txt", cache_dir=tmp_path / "cache")
     spaced = tmp_path / "my notes.txt"  # the suggested iconv command is quoted for the shell
     spaced.write_bytes("café".encode("latin-1"))
@@ -342,13 +342,13 @@ def test_text_that_is_not_utf8_names_the_file_and_byte_offset(tmp_path: Path) ->
         load_text_dataset(spaced, cache_dir=tmp_path / "cache")
     assert str(error.value).endswith(f"convert it, e.g. iconv -f latin1 -t utf-8 '{spaced}' > 'my notes.utf8.txt'")
     (tmp_path / "docs.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
-    with pytest.raises(ValueError, match=r"docs.jsonl is not UTF-8 text: byte 0xe9 at offset 30 \(line 2\)"):
+    with pytest.raises(ValueError, match=r"docs.jsonl: not UTF-8 text: byte 0xe9 at offset 30 \(line 2\)"):
         load_text_dataset(tmp_path / "docs.jsonl", cache_dir=tmp_path / "cache")
     (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n\n{"text": "cut\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"broken.jsonl line 3 is not JSON"):
+    with pytest.raises(ValueError, match=r"broken.jsonl: line 3 is not JSON"):
         load_text_dataset(tmp_path / "broken.jsonl", cache_dir=tmp_path / "cache")
     (tmp_path / "numbers.jsonl").write_text('{"text": 12}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"numbers.jsonl line 1 holds int 12, not a string"):
+    with pytest.raises(ValueError, match=r"numbers.jsonl: line 1: 'text' \(data.text_column\) holds int 12, not a string"):
         load_text_dataset(tmp_path / "numbers.jsonl", cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()  # every file is read before anything is written
 

@@ -87,6 +87,23 @@ def with_model_data_cache(recipe: Any, trained: Any, data_args: Sequence[str]) -
     return recipe.with_overrides({"data.cache_dir": str(home)})
 
 
+def check_data_source_early(data_args: Sequence[str]) -> None:
+    """The text ``data.path`` that ``--data`` names (an override, else the last recipe named), when it is missing,
+    an empty or a binary file: one line before torch loads, as `train` and `data prepare` answer it
+    (`data.text.source_kind`, which reads the file system only). Overrides win over a named recipe's path, as
+    in `eval_recipe`."""
+    from bmojo_neuron.data.text import source_kind
+    from bmojo_neuron.recipes import load_recipe
+
+    paths = [item.split("=", 1)[1] for item in data_args if item.split("=", 1)[0] in ("path", "data.path")]
+    for item in (item for item in data_args if "=" not in item):
+        data = load_recipe(item).data
+        if data.kind == "text" and data.path is not None:
+            paths.insert(0, data.path)
+    if paths and paths[-1] not in ("", "null", "None"):
+        source_kind(str(Path(paths[-1]).expanduser()))
+
+
 def check_vocabulary(model: Any, recipe: Any) -> None:
     """ValueError when the evaluation data holds token ids the model has no embedding for (data of a larger
     vocabulary than the one it was trained on), before any data is built."""
@@ -153,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
     from bmojo_neuron.checkpoints.locate import resolve_model_dir
 
     model_dir = resolve_model_dir(args.path, "eval")  # a path that is no model: one line, before torch loads
+    check_data_source_early(args.data)
     say_on_terminal(f"eval {model_dir}: loading torch and the model, then the evaluation data")
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.data import build_datasets, library_progress_bars
