@@ -626,9 +626,9 @@ def test_a_hub_dataset_the_hub_cannot_serve_is_one_error_at_once(capsys, monkeyp
 
 
 def test_a_bad_data_file_is_one_line_of_one_format_in_train_data_prepare_and_eval(capsys, tmp_path):
-    """Missing, empty, binary, Latin-1 and UTF-16 files are each refused in the same words by the three commands
-    that read data, ``error: data.path <file>: <problem>``, as one line before any work: the file's first MiB is
-    read before torch loads (eval: before the model loads, so no `evaluating` line comes first)."""
+    """Missing, empty, binary, Latin-1 and UTF-16 files are each refused in the same words by the commands that
+    read data, ``error: data.path <file>: <problem>``, as one line before any work: the file's first MiB is read
+    before torch loads (eval, inspect: before the model loads, so no `evaluating` line comes first)."""
     model = Path(shutil.copytree(FIXTURES / "finished", tmp_path / "model"))
     files = {"missing.txt": None, "empty.txt": b"", "image.txt": b"\x89PNG\r\n\x1a\n\x00\x00",
              "latin1.txt": "one line\ncaf\xe9\n".encode("latin-1"), "wide.txt": "hi".encode("utf-16")}
@@ -647,7 +647,8 @@ def test_a_bad_data_file_is_one_line_of_one_format_in_train_data_prepare_and_eva
             path.write_bytes(data)
         for argv in (["train", "cpu-text", f"data.path={path}", "--output-dir", str(tmp_path / "run")],
                      ["data", "prepare", "cpu-text", f"data.path={path}", "--output-dir", str(tmp_path / "run")],
-                     ["eval", str(model), "--data", "cpu-text", f"data.path={path}", "--device", "cpu"]):
+                     ["eval", str(model), "--data", "cpu-text", f"data.path={path}", "--device", "cpu"],
+                     ["inspect", str(model), "--data", "cpu-text", f"data.path={path}", "--device", "cpu"]):
             assert cli.main(argv) == 2
             out, err = capsys.readouterr()
             assert out == "" and err == f"error: data.path {path}: {problems[name]}\n", (argv, err)
