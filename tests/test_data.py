@@ -348,7 +348,8 @@ def test_text_that_is_not_utf8_names_the_file_and_byte_offset(tmp_path: Path) ->
     with pytest.raises(ValueError, match=r"broken.jsonl: line 3 is not JSON"):
         load_text_dataset(tmp_path / "broken.jsonl", cache_dir=tmp_path / "cache")
     (tmp_path / "numbers.jsonl").write_text('{"text": 12}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"numbers.jsonl: line 1: 'text' \(data.text_column\) holds int 12, not a string"):
+    with pytest.raises(ValueError, match=r"numbers.jsonl: line 1: 'text' \(data.text_column\) holds int 12, not a "
+                                         "string"):
         load_text_dataset(tmp_path / "numbers.jsonl", cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()  # every file is read before anything is written
 

@@ -200,7 +200,8 @@ def binary_problem(data: bytes) -> str | None:
     """Why `data` is no UTF-8 text at a glance, or None: UTF-16 (its byte-order mark; every ASCII letter then
     comes with a NUL byte), or a NUL byte, at its offset, as in a binary file."""
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return "not UTF-8 text: UTF-16 (it starts with a UTF-16 byte-order mark); convert it with iconv -f utf-16 -t utf-8"
+        return ("not UTF-8 text: UTF-16 (it starts with a UTF-16 byte-order mark); convert it with iconv -f utf-16 "
+                "-t utf-8")
     offset = data.find(b"\0")
     if offset < 0:
         return None
@@ -348,7 +349,8 @@ def _documents(source: str, kind: str, text_column: str) -> Dataset:
             if kind == "hub" and datasets_offline():
                 raise offline_error(source, err) from None
             if kind == "hub":
-                raise FileNotFoundError(data_path_error(source, f"not a local path, nor a hub dataset: {err}")) from None
+                raise FileNotFoundError(data_path_error(source, f"not a local path, nor a hub dataset: {err}")
+                                        ) from None
             raise ValueError(data_path_error(source, "no .txt/.md/.jsonl files in this folder, and "
                                                      f"datasets.load_dataset cannot read it either: {err}")) from None
     if hasattr(docs, "keys"):  # DatasetDict: prefer train
