@@ -235,9 +235,10 @@ def test_a_parallel_run_shows_its_layout_and_a_bad_one_is_refused_before_it_star
 
 def test_train_says_on_a_terminal_what_it_loads_and_its_start_lines_say_where_the_weights_come_from(
         capsys, tmp_path, monkeypatch):
-    """Before torch loads (seconds; under torchrun every rank at once) a terminal gets one line from rank 0, and a
-    refusal found after the wait follows it; the start lines name the first weights: a random init, the folder
-    ``init.weights`` resolves to, or the run's checkpoint on --resume."""
+    """Before torch loads (seconds; under torchrun every rank at once) a terminal gets one line, and a refusal
+    found after the wait follows it; under torchrun rank 0 alone says it, in a log too (torchrun's output is never
+    one error line). The start lines name the first weights: a random init, the folder ``init.weights`` resolves
+    to, or the run's checkpoint on --resume."""
     from bmojo_neuron.commands.train import describe, loading_line
     from bmojo_neuron.recipes import load_recipe
 
@@ -251,12 +252,16 @@ def test_train_says_on_a_terminal_what_it_loads_and_its_start_lines_say_where_th
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.splitlines()
         assert err[:-1] == said and err[-1].startswith("error: "), err
-    monkeypatch.setenv("RANK", "0")  # torchrun's rank 0 of 2
-    assert loading_line(load_recipe("cpu-tiny", ["suite=none"]), dry_run=False) == (
-        "training cpu-tiny on 2 ranks: loading torch in every rank; the run's lines follow")
-    assert cli.main(argv[:3] + ["--dry-run", "--output-dir", str(tmp_path / "dry")]) == 0
-    assert capsys.readouterr().err.splitlines()[0] == (
-        "dry run of cpu-tiny: loading torch to count the parameters of the model")
+    monkeypatch.setenv("RANK", "0")  # torchrun's rank 0 of 2, its stderr a log: says it all the same
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert cli.main(["train", "cpu-tiny", "suite=none", "parallel.tp=4", "model.ssm_n_groups=4", "--output-dir",
+                     str(tmp_path / "run")]) == 2  # 4 ranks wanted, 2 there: refused once torch is there
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "training cpu-tiny on 2 ranks: loading torch in every rank; the run's lines follow"
+    assert len(err) == 2 and err[1].startswith("error: "), err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert loading_line(load_recipe("cpu-tiny"), dry_run=True) == (
+        "dry run of cpu-tiny: loading torch to count the parameters of 3 models")
 
     def weights(overrides: list[str], run_dir: Path, resume: bool = False) -> str:
         lines = describe(load_recipe(str(FIXTURES / "fixture.yaml"), overrides), 10, run_dir, resume).splitlines()

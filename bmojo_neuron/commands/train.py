@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
         if recipe.run.device == "neuron":  # a cache every node would share fails the run: the first thing said
             check_cache_not_shared()
         check_sources_early(recipe, args.resume)
-    say_on_terminal(loading_line(recipe, args.dry_run))  # the checks above took a blink; torch takes seconds
+    say_loading(loading_line(recipe, args.dry_run))  # the checks above took a blink; torch takes seconds
     from bmojo_neuron.checkpoints.layout import has_run
     from bmojo_neuron.parallel.layout import torchrun_env
     from bmojo_neuron.preflight import check_resumable, check_run_dirs
@@ -345,6 +345,17 @@ def loading_line(recipe: Any, dry_run: bool) -> str:
     world = launch_rank()[1]
     where = f" on {world} ranks: loading torch in every rank" if world > 1 else ": loading torch"
     return f"training {recipe.run.name}{where}; the run's lines follow"
+
+
+def say_loading(line: str) -> None:
+    """`loading_line` on a terminal (`say_on_terminal`), and under torchrun from rank 0 wherever its stderr goes:
+    a torchrun log (``torchrun ... 2>&1 | tee run.log``) is torchrun's banner, its per-rank failure summary and
+    the ranks' lines, never one `error:` line a script reads alone, and its ranks wait longest."""
+    rank, world = launch_rank()
+    if world > 1 and rank == 0:
+        print(line, file=sys.stderr, flush=True)
+    else:
+        say_on_terminal(line)
 
 
 def check_sources_early(recipe: Any, resume: bool) -> None:
