@@ -650,10 +650,12 @@ def test_a_bad_data_file_is_one_line_of_one_format_in_train_data_prepare_and_eva
         path = tmp_path / name
         if data is not None:
             path.write_bytes(data)
-        for argv in (["train", "cpu-text", f"data.path={path}", "--output-dir", str(tmp_path / "run")],
-                     ["data", "prepare", "cpu-text", f"data.path={path}", "--output-dir", str(tmp_path / "run")],
-                     ["eval", str(model), "--data", "cpu-text", f"data.path={path}", "--device", "cpu"],
-                     ["inspect", str(model), "--data", "cpu-text", f"data.path={path}", "--device", "cpu"]):
+        commands = [["train", "cpu-text", f"data.path={path}", "--output-dir", str(tmp_path / "run")]]
+        if name in ("missing.txt", "latin1.txt"):  # one check (`source_kind`) behind all: two files show it
+            commands += [["data", "prepare", "cpu-text", f"data.path={path}", "--output-dir", str(tmp_path / "run")],
+                         ["eval", str(model), "--data", "cpu-text", f"data.path={path}", "--device", "cpu"],
+                         ["inspect", str(model), "--data", "cpu-text", f"data.path={path}", "--device", "cpu"]]
+        for argv in commands:
             assert cli.main(argv) == 2
             out, err = capsys.readouterr()
             assert out == "" and err == f"error: data.path {path}: {problems[name]}\n", (argv, err)
