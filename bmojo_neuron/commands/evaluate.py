@@ -89,7 +89,7 @@ def with_model_data_cache(recipe: Any, trained: Any, data_args: Sequence[str]) -
 
 def check_data_source_early(data_args: Sequence[str]) -> None:
     """The text ``data.path`` that ``--data`` names (an override, else the last recipe named), when it is missing,
-    an empty or a binary file: one line before torch loads, as `train` and `data prepare` answer it
+    empty or not text at a glance: one line before torch loads, as `train` and `data prepare` answer it
     (`data.text.source_kind`, which reads the file system only). Overrides win over a named recipe's path, as
     in `eval_recipe`."""
     from bmojo_neuron.data.text import source_kind
