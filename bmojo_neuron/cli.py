@@ -199,7 +199,7 @@ def print_error(message: str) -> None:
     launcher set RANK) prints it prefixed with its rank. Every rank still exits non-zero.
     """
     line = f"error: {message}"
-    rank, world = _launch_rank()
+    rank, world = launch_rank()
     handed_over = record_for_torchrun(line)
     if rank == 0 or world <= 1:
         print(line, file=sys.stderr)
@@ -207,7 +207,7 @@ def print_error(message: str) -> None:
         print(f"error: rank {rank}: {message}", file=sys.stderr)
 
 
-def _launch_rank() -> tuple[int, int]:
+def launch_rank() -> tuple[int, int]:
     """``(rank, world size)`` from torchrun's variables; ``(0, 1)`` without them or when they are not numbers.
     (`parallel.layout.torchrun_env` reads the same, but its module imports torch, which the CLI defers.)"""
     try:
@@ -250,8 +250,9 @@ def say_on_terminal(line: str) -> None:
     """`line` on stderr when stderr is a terminal: what a command does during a wait it has no result for yet
     (seconds importing torch and building the model, more on a busy machine), for the person watching. Output
     that a script or log captures is left as it was: a refusal that comes after the wait is its `error:` line
-    alone, and stdout stays the result (``--json`` parseable)."""
-    if sys.stderr.isatty():
+    alone, and stdout stays the result (``--json`` parseable). Under torchrun every rank shares the terminal:
+    rank 0 alone says it, as it alone prints the run's lines."""
+    if sys.stderr.isatty() and launch_rank()[0] == 0:
         print(line, file=sys.stderr, flush=True)
 
 

@@ -66,10 +66,17 @@ def check_candidates(report: dict, names: list[str]) -> None:
     assert {(r["candidate"], r["length"]) for r in report["results"]} == {(n, L) for n in names for L in lengths}
 
 
-def test_train_step_all_candidates(tmp_path):
+def test_train_step_all_candidates(tmp_path, capfd):
     names = ["bmojo", "bmojo-f", "mamba-only", "swa-only", "hf-mamba", "hf-mamba2", "hf-mistral-swa", "hf-mistral"]
     report = run_bench(tmp_path, "train-step", *FAST, "--lengths", "32")
     check_candidates(report, names)
+    # transformers' fallback warnings (the HF Mamba models on CPU), from the probe processes and this one: kept
+    # in the report and named in one line, never written between the rows
+    out, err = capfd.readouterr()
+    assert "falling back" not in err and "falling back" not in out.replace("library_notes", ""), err
+    fallbacks = [note.split("`")[1] for note in report["library_notes"] if "falling back to its reference" in note]
+    assert {"mamba_inner_fn", "mamba_chunk_scan_combined"} <= set(fallbacks) and len(set(fallbacks)) == len(fallbacks)
+    assert "  note: transformers logged its reference PyTorch path for " in out
     assert all(r["status"] == "ok" for r in report["results"]), report["results"]
     for row in report["results"]:
         assert row["tokens_per_s"] > 0
@@ -536,3 +543,32 @@ def test_hf_mamba2_is_matched_at_any_width_its_config_takes():
     shape = replace(TOY_SHAPE, hidden_size=48)
     assert _width_grid("hf-mamba2", shape) == list(range(96, 16 * 48 + 1, 96))
     check_buildable(["hf-mamba2"], shape, num_layers=3)  # no error
+
+
+def test_library_warnings_are_kept_once_and_the_handlers_come_back(capfd):
+    """`keeping_library_warnings`: inside, transformers' warnings (each once) go to the list and not to stderr;
+    after it, its handlers are back. A --toy suite times two rounds without a warm-up."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from bmojo_neuron.bench import suites
+    from bmojo_neuron.bench.library_notes import keeping_library_warnings, notes_line
+
+    hf_logging.get_logger("transformers")  # its default stderr handler is in place
+    logger = logging.getLogger("transformers.integrations.hub_kernels")
+    handlers = logging.getLogger("transformers").handlers[:]
+    fallback = ("`f_fn` is falling back to its reference PyTorch implementation because `pkg` is either not "
+                "installed or doesn't support the device of the inputs. This is correct but much slower.")
+    with keeping_library_warnings() as notes:
+        for message in (fallback, fallback, "something else"):
+            logger.warning(message)
+        logger.info("not kept: below a warning")
+    assert notes == [fallback, "something else"] and "falling back" not in capfd.readouterr().err
+    assert logging.getLogger("transformers").handlers == handlers and handlers  # its own handlers are back
+    assert notes_line(notes) == "  note: transformers logged 2 warnings; the messages are in the report's library_notes"
+    assert notes_line(notes[:1]) == ("  note: transformers logged its reference PyTorch path for f_fn (the Hugging "
+                                     "Face baselines are timed on it); the messages are in the report's library_notes")
+    assert notes_line([]) is None
+    toy = suites.resolve(suites.Settings(suite="train-step", toy=True))
+    assert (toy.repeats, toy.warmup, toy.lengths) == (2, 0, [64, 128])

@@ -303,3 +303,52 @@ def test_inspect_says_on_a_terminal_what_it_loads_before_the_wait(run, tmp_path,
         f"inspecting {run / 'final'}: loading torch and the model, then tracing the eidetic memory over 3 eval "
         "sequences") and err.splitlines()[1:] == [
             f"error: output directory {tmp_path / 'taken'} is a file, not a folder; pick another --output-dir"], err
+
+
+def test_eval_and_generate_say_on_a_terminal_what_they_load_before_the_wait(run, capsys, monkeypatch):
+    """As `inspect` does: on a terminal a line says what is loading before torch and the model (seconds, half a
+    minute on a busy machine), and a refusal found after the wait follows it; off a terminal the refusal is its
+    one line; under torchrun only rank 0 says it (every rank shares the terminal)."""
+    said = {"eval": f"eval {run / 'final'}: loading torch and the model, then the evaluation data",
+            "generate": f"generate from {run / 'final'}: loading torch and the model"}
+    refusal = "error: --device must be cpu, cuda or auto, got 'tpu'"
+    for name, options in (("eval", ["--lengths", "1"]), ("generate", ["--prompt", "x"])):
+        argv = [name, str(run), *options, "--device", "tpu"]  # refused after the imports
+        for terminal, rank, lines in ((True, "0", [said[name], refusal]), (False, "0", [refusal]),
+                                      (True, "1", [refusal.replace("error:", "error: rank 1:")])):
+            monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+            monkeypatch.setenv("RANK", rank)
+            monkeypatch.setenv("WORLD_SIZE", "2")
+            assert cli.main(argv) == 2
+            out, err = capsys.readouterr()
+            assert out == "" and err.splitlines() == lines, (name, terminal, rank, err)
+
+
+def test_eval_data_builds_its_text_cache_where_the_model_keeps_its_data_not_in_the_working_folder(tmp_path):
+    """``eval RUN --data cpu-text``: the recipe's cache, ``runs/data-cache``, is relative to wherever eval starts;
+    a model in a run uses the cache `train` put beside that run (so the run's own text is found built), a folder
+    that is the model the user cache; a cache_dir placed on purpose (absolute, or given in --data) stays."""
+    from types import SimpleNamespace
+
+    from bmojo_neuron.commands.evaluate import eval_recipe, with_model_data_cache
+    from bmojo_neuron.data.text import DEFAULT_CACHE_DIR
+    from bmojo_neuron.recipes import load_recipe
+
+    saved = json.loads((FIXTURE / "recipe.json").read_text())  # an MQAR run's recipe
+    run_dir = tmp_path / "exp" / "mqar"
+    in_run = SimpleNamespace(source=run_dir / "final", run_dir=run_dir)
+    alone = SimpleNamespace(source=tmp_path / "primed", run_dir=tmp_path / "primed")
+
+    def cache(trained, data_args, stored=saved):
+        return with_model_data_cache(eval_recipe(stored, data_args), trained, data_args).data.cache_dir
+
+    assert eval_recipe(saved, ["cpu-text"]).data.cache_dir == "runs/data-cache"  # what it would read from the cwd
+    assert cache(in_run, ["cpu-text"]) == str(tmp_path / "exp" / "data-cache")
+    assert cache(alone, ["cpu-text"]) == cache(alone, ["cpu-text"], stored={}) == str(DEFAULT_CACHE_DIR)
+    assert cache(in_run, ["cpu-text", "data.cache_dir=mine"]) == "mine"  # given: as given
+    assert cache(in_run, ["cpu-text", f"cache_dir={tmp_path / 'abs'}"]) == str(tmp_path / "abs")
+    text_run = load_recipe("cpu-text", [f"data.cache_dir={tmp_path / 'fsx'}"]).to_dict()
+    assert cache(in_run, ["block_size=32"], stored=text_run) == str(tmp_path / "fsx")  # the run's own, absolute
+    assert with_model_data_cache(eval_recipe(saved, []), in_run, []).data.kind == "mqar"  # nothing to cache
+    relative = SimpleNamespace(source=Path("exp/mqar/final"), run_dir=Path("exp/mqar"))
+    assert cache(relative, ["cpu-text"]) == str(Path.cwd() / "exp" / "data-cache")

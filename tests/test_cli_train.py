@@ -235,6 +235,50 @@ def test_a_parallel_run_shows_its_layout_and_a_bad_one_is_refused_before_it_star
     assert not (tmp_path / "run").exists()
 
 
+def test_train_says_on_a_terminal_what_it_loads_and_its_start_lines_say_where_the_weights_come_from(
+        capsys, tmp_path, monkeypatch):
+    """Before torch loads (seconds; under torchrun every rank at once) a terminal gets one line, and a refusal
+    found after the wait follows it; under torchrun rank 0 alone says it, in a log too (torchrun's output is never
+    one error line). The start lines name the first weights: a random init, the folder ``init.weights`` resolves
+    to, or the run's checkpoint on --resume."""
+    from bmojo_neuron.commands.train import describe, loading_line
+    from bmojo_neuron.recipes import load_recipe
+
+    argv = ["train", "cpu-tiny", "suite=none", "parallel.tp=2", "model.ssm_n_groups=2", "--output-dir",
+            str(tmp_path / "run")]  # refused once torch is there: one process cannot hold tp 2
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    for rank, world, said in (("0", "1", ["training cpu-tiny: loading torch; the run's lines follow"]),
+                              ("1", "2", [])):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", world)
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err[:-1] == said and err[-1].startswith("error: "), err
+    monkeypatch.setenv("RANK", "0")  # torchrun's rank 0 of 2, its stderr a log: says it all the same
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert cli.main(["train", "cpu-tiny", "suite=none", "parallel.tp=4", "model.ssm_n_groups=4", "--output-dir",
+                     str(tmp_path / "run")]) == 2  # 4 ranks wanted, 2 there: refused once torch is there
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "training cpu-tiny on 2 ranks: loading torch in every rank; the run's lines follow"
+    assert len(err) == 2 and err[1].startswith("error: "), err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert loading_line(load_recipe("cpu-tiny"), dry_run=True) == (
+        "dry run of cpu-tiny: loading torch to count the parameters of 3 models")
+
+    def weights(overrides: list[str], run_dir: Path, resume: bool = False) -> str:
+        lines = describe(load_recipe(str(FIXTURES / "fixture.yaml"), overrides), 10, run_dir, resume).splitlines()
+        return next(line for line in lines if line.startswith("  weights  "))[len("  weights  "):]
+
+    finished = FIXTURES / "finished"
+    assert weights(["run.seed=3"], tmp_path) == "random init (run.seed 3)"
+    assert weights([f"init.weights={finished}"], tmp_path) == (
+        f"init.weights {finished} (model folder {finished / 'final'})")
+    assert weights([f"init.weights={finished / 'final'}"], tmp_path) == f"init.weights {finished / 'final'}"
+    assert weights([f"init.weights={finished}"], finished, resume=True) == (
+        "from its checkpoint (--resume; newest step-0000003)")
+    assert weights([], tmp_path, resume=True) == "random init (run.seed 5)"  # nothing to resume: starts afresh
+
+
 def test_dry_run_sees_a_used_run_directory(capsys, tmp_path):
     (tmp_path / "final").mkdir()  # a finished run's export
     assert cli.main(["train", "cpu-text", "--dry-run", "--output-dir", str(tmp_path)]) == 0
@@ -531,15 +575,18 @@ def test_data_prepare_builds_the_cache_once(capsys, tmp_path):
     args = ["data", "prepare", "cpu-text", f"data.cache_dir={cache}", "data.block_size=512"]
     assert cli.main(args) == 0
     first, err = capsys.readouterr()
-    assert "%|" not in err  # stderr is not a terminal here: no datasets progress bars in the log
+    assert "%|" not in err  # stderr is not a terminal here: no datasets progress bars in the log, plain lines
     entries = list(cache.glob("text-*"))
+    stages = [line.split(" ", 2)[1] for line in err.splitlines() if not line.startswith("cpu-text:   ")]
+    assert stages == ["tokenizing", "packing", "saving", "built"] and err.startswith("cpu-text: tokenizing"), err
     assert len(entries) == 1 and (entries[0] / "meta.json").is_file()
     train, evaluation = load_text_dataset(block_size=512, cache_dir=cache)  # the recipe's other data settings
     assert f"{entries[0].resolve()} (built now)" in first
     assert f"train  {len(train):,} blocks × 512 tokens = {len(train) * 512:,} tokens" in first
     assert f"eval   {len(evaluation):,} blocks × 512 tokens" in first
     assert cli.main(args) == 0
-    assert "(already there)" in capsys.readouterr().out and list(cache.glob("text-*")) == entries
+    out, err = capsys.readouterr()
+    assert "(already there)" in out and err == "" and list(cache.glob("text-*")) == entries
 
 
 def test_data_prepare_builds_the_cache_where_train_reads_it(capsys, tmp_path, monkeypatch):
@@ -583,6 +630,38 @@ def test_a_hub_dataset_the_hub_cannot_serve_is_one_error_at_once(capsys, monkeyp
                                               "cache, and offline mode is on")
     assert time.monotonic() - start < 10  # both, on a loaded machine; well under a second each when idle
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_bad_data_file_is_one_line_of_one_format_in_train_data_prepare_and_eval(capsys, tmp_path):
+    """Missing, empty, binary, Latin-1 and UTF-16 files are each refused in the same words by the commands that
+    read data, ``error: data.path <file>: <problem>``, as one line before any work: the file's first MiB is read
+    before torch loads (eval, inspect: before the model loads, so no `evaluating` line comes first)."""
+    model = Path(shutil.copytree(FIXTURES / "finished", tmp_path / "model"))
+    files = {"missing.txt": None, "empty.txt": b"", "image.txt": b"\x89PNG\r\n\x1a\n\x00\x00",
+             "latin1.txt": "one line\ncaf\xe9\n".encode("latin-1"), "wide.txt": "hi".encode("utf-16")}
+    problems = {
+        "missing.txt": "no such file or folder (a hub dataset would be named owner/name, e.g. roneneldan/TinyStories)",
+        "empty.txt": "no text (an empty file)",
+        "image.txt": "not text: a NUL byte at offset 8, as in a binary file; give UTF-8 text (.txt, .md) or JSON "
+                     "lines (.jsonl)",
+        "latin1.txt": "not UTF-8 text: byte 0xe9 at offset 12 (line 2) invalid continuation byte; convert it, e.g. "
+                      f"iconv -f latin1 -t utf-8 {tmp_path / 'latin1.txt'} > latin1.utf8.txt",
+        "wide.txt": "not UTF-8 text: UTF-16 (it starts with a UTF-16 byte-order mark); convert it with iconv -f "
+                    "utf-16 -t utf-8"}
+    for name, data in files.items():
+        path = tmp_path / name
+        if data is not None:
+            path.write_bytes(data)
+        commands = [["train", "cpu-text", f"data.path={path}", "--output-dir", str(tmp_path / "run")]]
+        if name in ("missing.txt", "latin1.txt"):  # one check (`source_kind`) behind all: two files show it
+            commands += [["data", "prepare", "cpu-text", f"data.path={path}", "--output-dir", str(tmp_path / "run")],
+                         ["eval", str(model), "--data", "cpu-text", f"data.path={path}", "--device", "cpu"],
+                         ["inspect", str(model), "--data", "cpu-text", f"data.path={path}", "--device", "cpu"]]
+        for argv in commands:
+            assert cli.main(argv) == 2
+            out, err = capsys.readouterr()
+            assert out == "" and err == f"error: data.path {path}: {problems[name]}\n", (argv, err)
+    assert not (tmp_path / "run").exists() and not (model / "eval").exists()
 
 
 def test_data_prepare_has_nothing_to_do_for_mqar(capsys):
@@ -706,7 +785,7 @@ def test_a_tilde_is_the_home_folder_and_python_callers_get_the_same_refusal(caps
     from Python refuses a folder of other files with the CLI's error, before writing anything."""
     from bmojo_neuron.recipes import load_recipe
     from bmojo_neuron.training import train
-    from bmojo_neuron.training.suite import plan_runs
+    from bmojo_neuron.recipe_runs import plan_runs
 
     home, cwd, suite = tmp_path / "home", tmp_path / "cwd", write_suite(tmp_path / "suite.yaml")
     for folder in (home, cwd):

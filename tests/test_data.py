@@ -229,7 +229,7 @@ def test_text_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="17 tokens make 0 block"):
         load_text_dataset(tmp_path / "short.txt", block_size=64, cache_dir=tmp_path / "cache")
     (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "x"}), encoding="utf-8")
-    with pytest.raises(ValueError, match="data.text_column 'text'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 1 has no key 'text' \(data.text_column; its keys: body\)"):
         load_text_dataset(tmp_path / "bad.jsonl", cache_dir=tmp_path / "cache")
     (tmp_path / "x.pdf").write_bytes(b"%PDF")
     with pytest.raises(ValueError, match="unsupported file type"):
@@ -334,7 +334,7 @@ def test_build_datasets_mqar_and_text(tmp_path: Path) -> None:
 def test_text_that_is_not_utf8_names_the_file_and_byte_offset(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_bytes("naïve café\n".encode("utf-8") + "second line: café\n".encode("latin-1"))
     offset = len("naïve café\n".encode("utf-8")) + len("second line: caf")
-    with pytest.raises(ValueError, match=rf"notes.txt is not UTF-8 text: byte 0xe9 at offset {offset} \(line 2\)"):
+    with pytest.raises(ValueError, match=rf"notes.txt: not UTF-8 text: byte 0xe9 at offset {offset} \(line 2\)"):
         load_text_dataset(tmp_path / "notes.txt", cache_dir=tmp_path / "cache")
     spaced = tmp_path / "my notes.txt"  # the suggested iconv command is quoted for the shell
     spaced.write_bytes("café".encode("latin-1"))
@@ -342,13 +342,14 @@ def test_text_that_is_not_utf8_names_the_file_and_byte_offset(tmp_path: Path) ->
         load_text_dataset(spaced, cache_dir=tmp_path / "cache")
     assert str(error.value).endswith(f"convert it, e.g. iconv -f latin1 -t utf-8 '{spaced}' > 'my notes.utf8.txt'")
     (tmp_path / "docs.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
-    with pytest.raises(ValueError, match=r"docs.jsonl is not UTF-8 text: byte 0xe9 at offset 30 \(line 2\)"):
+    with pytest.raises(ValueError, match=r"docs.jsonl: not UTF-8 text: byte 0xe9 at offset 30 \(line 2\)"):
         load_text_dataset(tmp_path / "docs.jsonl", cache_dir=tmp_path / "cache")
     (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n\n{"text": "cut\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"broken.jsonl line 3 is not JSON"):
+    with pytest.raises(ValueError, match=r"broken.jsonl: line 3 is not JSON"):
         load_text_dataset(tmp_path / "broken.jsonl", cache_dir=tmp_path / "cache")
     (tmp_path / "numbers.jsonl").write_text('{"text": 12}\n', encoding="utf-8")
-    with pytest.raises(ValueError, match=r"numbers.jsonl line 1 holds int 12, not a string"):
+    with pytest.raises(ValueError, match=r"numbers.jsonl: line 1: 'text' \(data.text_column\) holds int 12, not a "
+                                         "string"):
         load_text_dataset(tmp_path / "numbers.jsonl", cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists()  # every file is read before anything is written
 
@@ -487,3 +488,36 @@ def test_a_cached_hub_tokenizer_loads_offline(tmp_path: Path) -> None:
             "print(load_tokenizer('someone/tok').encode('hi', add_special_tokens=False))")
     done = _run_with_hub(code, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
     assert done.returncode == 0 and done.stdout.strip() == "[104, 105]", done.stderr[-2000:]
+
+
+def test_a_cache_build_says_its_stages_and_counts_at_most_every_interval(tmp_path: Path) -> None:
+    """`BuildProgress`: one line as each stage starts, and within tokenize and pack a count line only once the
+    interval has passed (here a clock that moves 6 s per reading against a 10 s interval: batches of 1000 documents
+    are counted at 6 s, 12 s and 18 s after the stage's line, and the second is the one said); none when the cache is
+    there already. The final count (every document) is left to the next stage's line."""
+    import re
+
+    from bmojo_neuron.data.build_progress import BuildProgress
+
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": f"document {i} " * 3}) + "\n" for i in range(2500)))
+    ticks = iter(range(0, 10_000, 6))
+    lines: list[str] = []
+    progress = BuildProgress(lines.append, every=10, clock=lambda: float(next(ticks)))
+    train, evaluation = load_text_dataset(source, block_size=64, cache_dir=tmp_path / "cache", progress=progress)
+    tokens = sum(len(f"document {i} " * 3) + 1 for i in range(2500))  # bytes and one eos per document
+    blocks = len(train) + len(evaluation)
+    assert blocks == tokens // 64
+    final = next((tmp_path / "cache").glob("text-*"))
+    stages = [line for line in lines if not line.startswith("  ")]
+    assert stages[:3] == [f"tokenizing 2,500 documents of {source} (tokenizer byte)",
+                          f"packing {tokens:,} tokens into blocks of 64", f"saving {blocks:,} blocks into {final}"]
+    assert len(stages) == 4 and re.fullmatch(r"built in \d+\.\ds", stages[3]), stages
+    packing, saving = lines.index(stages[1]), lines.index(stages[2])
+    for stage_counts in (lines[1:packing], lines[packing + 1:saving]):  # tokenize's, pack's
+        assert len(stage_counts) == 1, lines
+        assert re.fullmatch(r"  2,000 of 2,500 documents \(80%\), \d+s in", stage_counts[0]), lines
+    assert saving + 2 == len(lines)  # saving, built: nothing counted
+    lines.clear()
+    load_text_dataset(source, block_size=64, cache_dir=tmp_path / "cache", progress=progress)
+    assert lines == []

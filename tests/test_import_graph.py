@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("model", ("bmojo_neuron.config_fields", "bmojo_neuron.configuration_bmojo", "bmojo_neuron.ops",
                "bmojo_neuron.layers", "bmojo_neuron.cache_bmojo", "bmojo_neuron.modeling_bmojo", "bmojo_neuron")),
     ("parallel", ("bmojo_neuron.parallel",)),
-    ("data", ("bmojo_neuron.data", "bmojo_neuron.recipes", "bmojo_neuron.compile_cache")),
+    ("data", ("bmojo_neuron.data", "bmojo_neuron.recipes", "bmojo_neuron.recipe_runs", "bmojo_neuron.compile_cache")),
     ("checkpoints", ("bmojo_neuron.checkpoints", "bmojo_neuron.evaluation", "bmojo_neuron.memory_inspection",
                      "bmojo_neuron.generation")),
     ("priming", ("bmojo_neuron.priming",)),

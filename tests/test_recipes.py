@@ -61,7 +61,7 @@ def test_default_recipe_trains_bmojo_against_its_ssm_and_fading_memory() -> None
     on the same data and steps, in the regime docs/recipes.md describes: more kv pairs than the SSM state's
     dimension, both windows shorter than the block of pairs, and a memory with room for every pair and query
     token but not for the whole sequence (innovation must choose)."""
-    from bmojo_neuron.training.suite import plan_runs
+    from bmojo_neuron.recipe_runs import plan_runs
 
     default = load_recipe()
     runs = plan_runs(default, "out")
@@ -85,7 +85,7 @@ def test_default_recipe_trains_bmojo_against_its_ssm_and_fading_memory() -> None
 ])
 def test_ablations_of_the_default_are_command_line_overrides(overrides: dict) -> None:
     """docs/results.md's ablations: `suite=none model.<key>=<value>` trains one B'MOJO run with that change."""
-    from bmojo_neuron.training.suite import plan_runs
+    from bmojo_neuron.recipe_runs import plan_runs
 
     recipe = load_recipe(None, ["suite=none", *(f"model.{k}={str(v).lower()}" for k, v in overrides.items())])
     [(run, _)] = plan_runs(recipe, "out")

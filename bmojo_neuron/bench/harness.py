@@ -45,6 +45,7 @@ from typing import Any, Callable
 
 import torch
 
+from bmojo_neuron.bench.library_notes import keeping_library_warnings
 from bmojo_neuron.host_allocator import return_freed_memory
 
 SCHEMA = "bmojo-neuron-bench/1"
@@ -178,6 +179,7 @@ class Probe:
     memory_warm: bool | None = None  # peak from a second (warm) run, not the cold first one
     error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # the libraries' warnings in the probe (`library_notes`)
 
 
 def _load(builder: str) -> Callable:
@@ -216,7 +218,13 @@ def measure_call(fn: Callable[[], Any], device: str) -> tuple[float, int | None]
 
 
 def _probe_child(builder: str, spec: dict[str, Any], threads: int, cap_seconds: float, conn) -> None:
-    """Probe process: build the unit, run it once (the parent enforces the cap), run it again for memory."""
+    """Probe process: build the unit, run it once (the parent enforces the cap), run it again for memory; the
+    libraries' warnings go to the parent with the result, not to the terminal the suite prints its table on."""
+    with keeping_library_warnings() as notes:
+        _probe_unit(builder, spec, threads, cap_seconds, conn, notes)
+
+
+def _probe_unit(builder: str, spec: dict[str, Any], threads: int, cap_seconds: float, conn, notes: list[str]) -> None:
     try:
         torch.set_num_threads(threads)
         device = spec.get("device", "cpu")
@@ -231,10 +239,10 @@ def _probe_child(builder: str, spec: dict[str, Any], threads: int, cap_seconds: 
             _, peak = _measure(unit, device)
             warm = True
         info = unit.info() if hasattr(unit, "info") else {}
-        conn.send({"event": "done", "seconds": seconds, "peak": peak, "warm": warm, "info": info})
+        conn.send({"event": "done", "seconds": seconds, "peak": peak, "warm": warm, "info": info, "notes": notes})
     except BaseException as exc:  # noqa: BLE001 - report everything to the parent
         conn.send({"event": "error", "error": f"{type(exc).__name__}: {exc}",
-                   "trace": traceback.format_exc(limit=6)})
+                   "trace": traceback.format_exc(limit=6), "notes": notes})
     finally:
         conn.close()
 
@@ -290,10 +298,11 @@ def probe(builder: str, spec: dict[str, Any], cap_seconds: float, build_seconds:
             elif event == "done":
                 seconds = float(message["seconds"])
                 result = Probe(CAPPED if seconds > cap_seconds else OK, seconds, message.get("peak"),
-                               message.get("warm"), info=message.get("info") or {})
+                               message.get("warm"), info=message.get("info") or {}, notes=message.get("notes") or [])
                 break
             elif event == "error":
-                result = Probe(ERROR, error=message.get("error"), info={"trace": message.get("trace")})
+                result = Probe(ERROR, error=message.get("error"), info={"trace": message.get("trace")},
+                               notes=message.get("notes") or [])
                 break
     finally:
         if process.is_alive():

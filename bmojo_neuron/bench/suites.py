@@ -24,6 +24,7 @@ from . import harness
 from .candidates import (ALL, COMPILED, HF, OURS, TOY_SHAPE, CandidateFactory, Shape, build_candidate,
                          check_buildable, check_names, first_layer, is_baseline)
 from .harness import CAPPED, ERROR, OK, SKIPPED
+from .library_notes import keeping_library_warnings, merge_notes
 
 Log = Callable[[str], None]
 
@@ -82,6 +83,7 @@ DEFAULTS = {
                         cap_seconds=120.0, batch=1, toy_batch=1),
 }
 SUITES = tuple(DEFAULTS)
+TOY_REPEATS = 2  # timed rounds of a --toy suite, no warm-up (`resolve`)
 SETUP_SECONDS = 120.0  # building a candidate's unit in a probe process (`harness.probe`'s build_seconds)
 COMPILE_SECONDS = 600.0  # the same for a compiled candidate, whose set-up compiles (minutes on a small CPU)
 SEED_RANGE = (-2**63, 2**64 - 1)  # what `torch.manual_seed` accepts (a 64-bit seed, signed or not)
@@ -95,10 +97,12 @@ def resolve(settings: Settings) -> Settings:
     s = replace(settings, extra=dict(settings.extra))
     if s.lengths is None:
         s.lengths = list(d.toy_lengths if s.toy else d.lengths)
+    # The toy checks the plumbing (probe, alternating rounds, median, report, plot, targets): two timed rounds
+    # take a median of more than one, and a warm-up round would only time first-call costs nobody reads.
     if s.repeats is None:
-        s.repeats = min(d.repeats, 3) if s.toy else d.repeats
+        s.repeats = min(d.repeats, TOY_REPEATS) if s.toy else d.repeats
     if s.warmup is None:
-        s.warmup = min(d.warmup, 1) if s.toy else d.warmup
+        s.warmup = 0 if s.toy else d.warmup
     if s.cap_seconds is None:
         s.cap_seconds = d.toy_cap_seconds if s.toy else d.cap_seconds
     if s.batch is None:
@@ -186,20 +190,23 @@ def run_suite(settings: Settings, log: Log = print) -> dict[str, Any]:
         "fits": [],
         "targets": [],
         "ratios": [],  # reported ratios that are not targets (train-step: the compiled candidates)
+        "library_notes": [],  # the libraries' warnings, each once, here and in the probes (`library_notes`)
     }
     body = {"train-step": _train_step, "scaling": _scaling, "decode": _decode, "kernels": _kernels}[s.suite]
     if s.suite != "kernels":  # builds the C kernels now if the default runs them, not inside a timed unit
         report["machine"]["ops"] = auto.describe(torch.device(s.device).type)
         log(f"ops: {report['machine']['ops']}")
-    if s.busy and s.suite != "kernels":
-        with harness.BusyLoad() as load:
-            s.extra["busy"] = load
-            report["machine"]["busy_load"] = load.describe()
-            log(f"busy: a single-threaded busy loop on core {load.core} for the whole suite; "
-                f"{QUIET_TOO} is also timed with it paused")
+    with keeping_library_warnings() as notes:
+        if s.busy and s.suite != "kernels":
+            with harness.BusyLoad() as load:
+                s.extra["busy"] = load
+                report["machine"]["busy_load"] = load.describe()
+                log(f"busy: a single-threaded busy loop on core {load.core} for the whole suite; "
+                    f"{QUIET_TOO} is also timed with it paused")
+                body(s, report, log)
+        else:
             body(s, report, log)
-    else:
-        body(s, report, log)
+    merge_notes(report["library_notes"], notes)
     report["machine"]["load_average_end"] = harness.load_average()
     report["elapsed_s"] = round(time.perf_counter() - started, 2)
     return report
@@ -456,6 +463,7 @@ def _cells(s: Settings, report: dict[str, Any], log: Log, cache: dict[str, Any],
             spec = dict(base, name=name, length=length, width=cache[name].width, phase="probe", isolated=s.probe)
             p = harness.probe(builder, spec, s.cap_seconds, build_seconds=_setup_seconds(s, name), isolate=s.probe)
             probes[name] = p
+            merge_notes(report["library_notes"], p.notes)
             if p.status != OK:
                 rows[name] = _row(name, length, p.status, probe_s=harness.rounded(p.seconds, 4), note=p.error)
                 if p.status == CAPPED:

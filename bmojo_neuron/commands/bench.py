@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from bmojo_neuron.cli import register_command, require_nonempty
+from bmojo_neuron.cli import register_command, require_nonempty, say_on_terminal
 from bmojo_neuron.fsutil import unwritable_reason
 
 SUITES = ("train-step", "scaling", "decode", "kernels")
@@ -198,9 +198,12 @@ def run(args: argparse.Namespace) -> int:
     require_nonempty("--plot", args.plot_path)
     _check_options_apply(args)
     json_path, plot_path = output_paths(args)
+    say_on_terminal(f"bench {args.suite}{' --toy' if args.toy else ''}: loading torch and the candidates' "
+                    "libraries (transformers), then building the candidates")
     import torch
 
     from bmojo_neuron.bench import harness
+    from bmojo_neuron.bench.library_notes import notes_line
     from bmojo_neuron.bench.plot import plot_report
     from bmojo_neuron.bench.suites import Settings, run_suite
     from bmojo_neuron.device import resolve_device, set_cpu_threads
@@ -231,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or report.get("message") or "no results"
     print(f"bench {args.suite}: {summary}; {report['elapsed_s']} s; wrote {json_path} and {plot_path}")
+    if (notes := notes_line(report.get("library_notes", []))) is not None:
+        print(notes)
     if args.toy and report["targets"]:
         print(f"  {TOY_VERDICTS}")
     for target in report["targets"]:

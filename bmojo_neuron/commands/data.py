@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bmojo_neuron.cli import register_command, require_nonempty
 
@@ -49,19 +49,28 @@ def run(args: argparse.Namespace) -> int:
 
         source_kind(str(Path(recipe.data.path).expanduser()))
     from bmojo_neuron.data import library_progress_bars
+    from bmojo_neuron.data.build_progress import BuildProgress
     from bmojo_neuron.data.prepare import prepare_text
-    from bmojo_neuron.training.suite import plan_runs
+    from bmojo_neuron.recipe_runs import plan_runs
 
     # The data section of each run `train` would start: the cache's default folder derives from the run's
     # output dir, which --output-dir and a suite's run folders move, so the recipe's own would miss it.
     prepared: list[Any] = []
-    # Bars redraw in place: in a log file or a pipe each redraw is another line of carriage returns.
-    with library_progress_bars(not args.no_progress and sys.stderr.isatty()):
+    # Bars redraw in place: in a log file or a pipe each redraw is another line of carriage returns, so there
+    # the build says its stages in plain lines instead.
+    bars = not args.no_progress and sys.stderr.isatty()
+    with library_progress_bars(bars):
         for variant, _ in plan_runs(recipe, args.output_dir):
             if variant.data not in prepared:
                 prepared.append(variant.data)
-                print("\n".join(report_lines(variant, prepare_text(variant))), flush=True)
+                progress = None if bars else BuildProgress(stderr_lines(variant.run.name))
+                print("\n".join(report_lines(variant, prepare_text(variant, progress))), flush=True)
     return 0
+
+
+def stderr_lines(name: str) -> Callable[[str], None]:
+    """Print a progress line on stderr, after the run's name, at once (a log shows it as it happens)."""
+    return lambda line: print(f"{name}: {line}", file=sys.stderr, flush=True)
 
 
 def report_lines(recipe: Any, report: dict[str, Any]) -> list[str]:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from bmojo_neuron.cli import register_command, require_nonempty
+from bmojo_neuron.cli import register_command, require_nonempty, say_on_terminal
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +64,44 @@ def eval_recipe(saved: dict, data_args: list[str]):
     if overrides:
         recipe = recipe.with_overrides([f"{k}={v}" for k, v in overrides.items()])
     return recipe
+
+
+def with_model_data_cache(recipe: Any, trained: Any, data_args: Sequence[str]) -> Any:
+    """The recipe, its text data cache moved to where the model keeps its data, unless it was placed on purpose.
+
+    A recipe's default ``data.cache_dir`` is relative, derived from a ``run.output_dir`` relative to wherever it
+    was trained or is named from (``runs/data-cache``): read from this working folder it would build a new
+    cache in any folder eval is started from. A model in a run (its ``final/`` or a checkpoint) uses the cache
+    `train` put beside that run, ``<run dir>/../data-cache``, so the run's own text data is found built there;
+    a folder that is itself the model (primed, converted) belongs to no run and uses the user cache,
+    ``~/.cache/bmojo-neuron``. An absolute ``data.cache_dir`` (set in the run's or the named recipe), and
+    ``--data data.cache_dir=...``, stay as they are.
+    """
+    from bmojo_neuron.data.text import DEFAULT_CACHE_DIR
+
+    given = any(item.split("=", 1)[0] in ("cache_dir", "data.cache_dir") for item in data_args if "=" in item)
+    if recipe.data.kind != "text" or given or Path(recipe.data.cache_dir).expanduser().is_absolute():
+        return recipe
+    in_run = trained.run_dir != trained.source
+    home = trained.run_dir.absolute().parent / "data-cache" if in_run else DEFAULT_CACHE_DIR
+    return recipe.with_overrides({"data.cache_dir": str(home)})
+
+
+def check_data_source_early(data_args: Sequence[str]) -> None:
+    """The text ``data.path`` that ``--data`` names (an override, else the last recipe named), when it is missing,
+    empty or not text at a glance: one line before torch loads, as `train` and `data prepare` answer it
+    (`data.text.source_kind`, which reads the file system only). Overrides win over a named recipe's path, as
+    in `eval_recipe`."""
+    from bmojo_neuron.data.text import source_kind
+    from bmojo_neuron.recipes import load_recipe
+
+    paths = [item.split("=", 1)[1] for item in data_args if item.split("=", 1)[0] in ("path", "data.path")]
+    for item in (item for item in data_args if "=" not in item):
+        data = load_recipe(item).data
+        if data.kind == "text" and data.path is not None:
+            paths.insert(0, data.path)
+    if paths and paths[-1] not in ("", "null", "None"):
+        source_kind(str(Path(paths[-1]).expanduser()))
 
 
 def check_vocabulary(model: Any, recipe: Any) -> None:
@@ -131,7 +169,9 @@ def run(args: argparse.Namespace) -> int:
     require_nonempty("--output-dir", args.output_dir)
     from bmojo_neuron.checkpoints.locate import resolve_model_dir
 
-    resolve_model_dir(args.path, "eval")  # a path that is no model: one line, before torch loads
+    model_dir = resolve_model_dir(args.path, "eval")  # a path that is no model: one line, before torch loads
+    check_data_source_early(args.data)
+    say_on_terminal(f"eval {model_dir}: loading torch and the model, then the evaluation data")
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.data import build_datasets, library_progress_bars
     from bmojo_neuron.device import resolve_device, set_cpu_threads
@@ -140,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, "--device", neuron=False)
     set_cpu_threads()
     trained = load_trained(args.path, device, "eval")
-    recipe = eval_recipe(trained.recipe, args.data)
+    recipe = with_model_data_cache(eval_recipe(trained.recipe, args.data), trained, args.data)
     batch_size = count_option("--batch-size", args.batch_size, recipe.train.batch_size)
     batches = count_option("--batches", args.batches, recipe.eval.batches)
     check_vocabulary(trained.model, recipe)

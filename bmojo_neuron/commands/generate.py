@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bmojo_neuron.cli import register_command
+from bmojo_neuron.cli import register_command, say_on_terminal
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     check_arguments(args)
     from bmojo_neuron.checkpoints.locate import resolve_model_dir
 
-    resolve_model_dir(args.path, "generate")  # a path that is no model: one line, before torch loads
+    model_dir = resolve_model_dir(args.path, "generate")  # a path that is no model: one line, before torch loads
+    say_on_terminal(f"generate from {model_dir}: loading torch and the model")  # stdout: the text alone
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.device import resolve_device, set_cpu_threads
     from bmojo_neuron.generation import generate_text

@@ -50,10 +50,13 @@ def run(args: argparse.Namespace) -> int:
     from bmojo_neuron.checkpoints.locate import resolve_model_dir
 
     model_dir = resolve_model_dir(args.path, "inspect")  # a path that is no model: one line, before torch loads
+    from bmojo_neuron.commands.evaluate import (check_data_source_early, check_vocabulary, eval_recipe, output_dir,
+                                                with_model_data_cache)
+
+    check_data_source_early(args.data)  # so is a --data file that is missing, empty or not text
     say_on_terminal(f"inspecting {model_dir}: loading torch and the model, then tracing the eidetic memory over "
                     f"{args.sequences} eval sequence{'s' if args.sequences > 1 else ''}")
     from bmojo_neuron.checkpoints.inference import load_trained
-    from bmojo_neuron.commands.evaluate import check_vocabulary, eval_recipe, output_dir
     from bmojo_neuron.data import build_eval_dataset, library_progress_bars
     from bmojo_neuron.device import resolve_device, set_cpu_threads
     from bmojo_neuron.memory_inspection import (
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, "--device", neuron=False)
     set_cpu_threads()
     trained = load_trained(args.path, device, "inspect")
-    recipe = eval_recipe(trained.recipe, args.data)
+    recipe = with_model_data_cache(eval_recipe(trained.recipe, args.data), trained, args.data)
     check_vocabulary(trained.model, recipe)
     out = output_dir(args.output_dir, trained, args.data)
     with library_progress_bars(sys.stderr.isatty()):  # in a log or a pipe each bar's redraw is another line

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bmojo_neuron.cli import record_for_torchrun, register_command, require_nonempty
+from bmojo_neuron.cli import (launch_rank, record_for_torchrun, register_command, require_nonempty,
+                              say_on_terminal)
 from bmojo_neuron.fsutil import disk_full_cause
 from bmojo_neuron.locking import DirectoryLock
 
@@ -64,7 +65,7 @@ def require_neuron_if_needed(name: str | None, overrides: list[str]) -> None:
         require_neuron(TRAINING_FEATURE, TRAINING_PACKAGES)
 
 
-def describe(recipe: Any, params: int, run_dir: Path) -> str:
+def describe(recipe: Any, params: int, run_dir: Path, resume: bool = False) -> str:
     config = recipe.model_config()
     d, t = recipe.data, recipe.train
     data = (f"mqar (vocab {d.vocab_size}, {d.num_kv_pairs} kv pairs, {d.train_examples} train examples)"
@@ -75,8 +76,30 @@ def describe(recipe: Any, params: int, run_dir: Path) -> str:
         f"  data     {data}, length {d.sequence_length}",
         f"  train    {t.steps} steps x batch {t.batch_size} x accum {t.grad_accum}, lr {recipe.optim.lr}, "
         f"{t.precision}, device {recipe.run.device}",
+        f"  weights  {weights_text(recipe, run_dir, resume)}",
         f"  output   {run_dir}",
     ])
+
+
+def weights_text(recipe: Any, run_dir: Path, resume: bool) -> str:
+    """Where the run's first weights come from: its checkpoint (``--resume`` of a run that has one), the model
+    folder ``init.weights`` names (the folder it resolves to, when that is another: a run's ``final/``), or a
+    random init from ``run.seed``. Reads folder listings only (`checkpoints.locate`)."""
+    from bmojo_neuron.checkpoints.layout import latest_checkpoint
+
+    if resume and (latest := latest_checkpoint(run_dir)) is not None:
+        return f"from its checkpoint (--resume; newest {latest.name})"
+    path = recipe.init.weights
+    if not path:
+        return f"random init (run.seed {recipe.run.seed})"
+    from bmojo_neuron.checkpoints.locate import initial_weights_dir
+
+    try:
+        folder = initial_weights_dir(path)
+    except FileNotFoundError:  # `init_line` and the preflight say what is wrong
+        return f"init.weights {path} (not found)"
+    shown = "" if folder == Path(path).expanduser() else f" (model folder {folder})"
+    return f"init.weights {path}{shown}"
 
 
 # ------------------------------------------------------------------------ --dry-run
@@ -85,13 +108,13 @@ def describe(recipe: Any, params: int, run_dir: Path) -> str:
 def dry_run(recipe: Any, name: str | None, overrides: list[str], args: argparse.Namespace) -> int:
     """Validate every run of the recipe and print what `train` would do; start nothing, write nothing."""
     from bmojo_neuron.recipes import DEFAULT_RECIPE, count_parameters
-    from bmojo_neuron.training.suite import plan_runs
+    from bmojo_neuron.recipe_runs import plan_runs
 
     runs = plan_runs(recipe, args.output_dir)
     for variant, _ in runs:
         variant.check()
     for variant, run_dir in runs:
-        print(describe(variant, count_parameters(variant), run_dir))
+        print(describe(variant, count_parameters(variant), run_dir, args.resume))
         if variant.run.device != "neuron":
             print(f"  parallel {parallel_line(variant)}")
     if recipe.run.device == "neuron":
@@ -120,13 +143,13 @@ def parallel_line(recipe: Any) -> str:
             "world from torchrun's WORLD_SIZE)")
 
 
-def start_lines(recipe: Any, params: int, run_dir: Path) -> str:
+def start_lines(recipe: Any, params: int, run_dir: Path, resume: bool = False) -> str:
     """What `train` prints as a run starts: `describe`, for a cpu/cuda run the hot ops' backend, and with
     several ranks or ``parallel.*`` set, its rank layout (what the dry run shows). The layout is checked here, so a world that
     does not divide it is refused before the run looks started."""
     from bmojo_neuron.training.backends.torchrun import wants_parallel
 
-    lines = describe(recipe, params, run_dir)
+    lines = describe(recipe, params, run_dir, resume)
     if recipe.run.device == "neuron":
         return lines
     layout = f"\n  parallel {parallel_line(recipe)}" if wants_parallel(recipe) else ""  # a refusal comes first
@@ -286,10 +309,11 @@ def run(args: argparse.Namespace) -> int:
         if recipe.run.device == "neuron":  # a cache every node would share fails the run: the first thing said
             check_cache_not_shared()
         check_sources_early(recipe, args.resume)
+    say_loading(loading_line(recipe, args.dry_run))  # the checks above took a blink; torch takes seconds
     from bmojo_neuron.checkpoints.layout import has_run
     from bmojo_neuron.parallel.layout import torchrun_env
     from bmojo_neuron.preflight import check_resumable, check_run_dirs
-    from bmojo_neuron.training.suite import plan_runs
+    from bmojo_neuron.recipe_runs import plan_runs
 
     main = torchrun_env()[0] == 0  # under torchrun only rank 0 prints and writes summaries
     if main:
@@ -320,6 +344,29 @@ def run(args: argparse.Namespace) -> int:
         return train_all(runs, args, recipe, main)
 
 
+def loading_line(recipe: Any, dry_run: bool) -> str:
+    """What `train` says on a terminal before torch loads: the wait that follows (seconds; under torchrun every
+    rank imports torch at once, on a busy machine twenty seconds and more) has no other output."""
+    if dry_run:
+        runs = len(recipe.suite) if recipe.suite else 1 + (recipe.compare is not None)
+        models = f"{runs} models" if runs > 1 else "the model"
+        return f"dry run of {recipe.run.name}: loading torch to count the parameters of {models}"
+    world = launch_rank()[1]
+    where = f" on {world} ranks: loading torch in every rank" if world > 1 else ": loading torch"
+    return f"training {recipe.run.name}{where}; the run's lines follow"
+
+
+def say_loading(line: str) -> None:
+    """`loading_line` on a terminal (`say_on_terminal`), and under torchrun from rank 0 wherever its stderr goes:
+    a torchrun log (``torchrun ... 2>&1 | tee run.log``) is torchrun's banner, its per-rank failure summary and
+    the ranks' lines, never one `error:` line a script reads alone, and its ranks wait longest."""
+    rank, world = launch_rank()
+    if world > 1 and rank == 0:
+        print(line, file=sys.stderr, flush=True)
+    else:
+        say_on_terminal(line)
+
+
 def check_sources_early(recipe: Any, resume: bool) -> None:
     """Each run's text ``data.path`` is there and, for a new run, its ``init.weights`` names a model folder (a
     resumed run starts from its checkpoint): one line before torch loads, since `data.text.source_kind` and
@@ -327,7 +374,7 @@ def check_sources_early(recipe: Any, resume: bool) -> None:
     from bmojo_neuron.checkpoints.locate import initial_weights_dir
     from bmojo_neuron.data.text import source_kind
 
-    # the runs `training.suite.plan_runs` makes of the recipe, as the dotted overrides each applies to it
+    # the runs `recipe_runs.plan_runs` makes of the recipe, as the dotted overrides each applies to it
     if recipe.suite:
         runs = [variant.overrides for variant in recipe.suite]
     else:
@@ -433,7 +480,7 @@ def train_all(runs: list[tuple[Any, Path]], args: argparse.Namespace, recipe: An
 
     if main:
         for variant, run_dir in runs:
-            print(start_lines(variant, count_parameters(variant), run_dir), flush=True)
+            print(start_lines(variant, count_parameters(variant), run_dir, args.resume), flush=True)
     jobs = run_jobs(recipe, len(runs))
     if jobs > 1:
         print(f"training {len(runs)} runs, {jobs} at a time (run.jobs)", flush=True)

@@ -16,6 +16,7 @@ renamed into place, so an interrupted run never leaves a half-written cache.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -24,8 +25,9 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
+from bmojo_neuron.data.build_progress import BuildProgress
 from bmojo_neuron.data.hub import check_hub_dataset, datasets_offline, may_be_hub_name, offline_error
 from bmojo_neuron.data.tokenizer import encode_batch, eos_token_id, load_tokenizer, tokenizer_fingerprint
 
@@ -38,6 +40,7 @@ CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = Path("~/.cache/bmojo-neuron").expanduser()
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 MAP_BATCH = 1000
+SNIFF_BYTES = 1 << 20  # how much of a data file `file_start_problem` reads before torch loads: a millisecond
 
 
 def load_text_dataset(
@@ -47,11 +50,13 @@ def load_text_dataset(
     cache_dir: str | os.PathLike | None = None,
     eval_fraction: float = 0.05,
     text_column: str = "text",
+    progress: BuildProgress | None = None,
 ) -> tuple[Dataset, Dataset]:
     """(train, eval) datasets of packed ``input_ids``/``labels`` blocks; builds the cache on first use.
 
     ``path=None`` reads the corpus shipped in ``bmojo_neuron/data/corpus``; ``cache_dir=None``
-    uses ``~/.cache/bmojo-neuron``.
+    uses ``~/.cache/bmojo-neuron``. `progress` gets plain lines of a build's stages (none when the cache is
+    there), for output where the `datasets` bars are off.
     """
     from datasets import load_from_disk
 
@@ -67,7 +72,7 @@ def load_text_dataset(
     settings = _cache_settings(source, kind, tokenizer, block_size, eval_fraction, text_column)
     final = _cache_folder(settings, cache_dir)
     if not (final / "meta.json").is_file():
-        _build_cache(source, kind, tokenizer, block_size, eval_fraction, text_column, settings, final)
+        _build_cache(source, kind, tokenizer, block_size, eval_fraction, text_column, settings, final, progress)
     cached = load_from_disk(str(final))
     return cached["train"], cached["eval"]
 
@@ -142,28 +147,77 @@ def source_kind(source: str) -> str:
     """Classify a data source: text-file, jsonl-file, folder, disk, packed, hub; raise if a local path is missing."""
     path = Path(source)
     if path.is_file():
-        if path.suffix in TEXT_SUFFIXES:
-            return "text-file"
-        if path.suffix in JSONL_SUFFIXES:
-            return "jsonl-file"
-        raise ValueError(f"data.path {source}: unsupported file type {path.suffix!r}; use .txt, .md or .jsonl")
+        if path.suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES:
+            raise ValueError(data_path_error(source, f"unsupported file type {path.suffix!r}; use .txt, .md or "
+                                                     ".jsonl"))
+        problem = file_start_problem(path)
+        if problem:
+            raise ValueError(data_path_error(source, problem))
+        return "text-file" if path.suffix in TEXT_SUFFIXES else "jsonl-file"
     if path.is_dir():
         if _is_saved_dataset(path):
             return "packed" if _is_packed(path) else "disk"
         return "folder" if _text_files(path) else "load_dataset"
     if not may_be_hub_name(source):
-        raise FileNotFoundError(f"data.path {source}: no such file or folder (a hub dataset would be named "
-                                "owner/name, e.g. roneneldan/TinyStories)")
+        raise FileNotFoundError(data_path_error(source, "no such file or folder (a hub dataset would be named "
+                                                        "owner/name, e.g. roneneldan/TinyStories)"))
     return "hub"
 
 
-def pack_blocks(tokenized: Dataset, block_size: int, cache_file: str | None = None) -> Dataset:
-    """Concatenate the ``ids`` column in order and cut it into ``block_size`` blocks (tail dropped)."""
+def data_path_error(source: str | os.PathLike, problem: str, file: Path | None = None) -> str:
+    """The one format of every problem with the data a recipe names: ``data.path <source>: <problem>``, and the
+    file inside a folder source it is in, ``data.path <folder>: <file>: <problem>``, so `train`, `data prepare`
+    and `eval --data` word a missing, empty, binary or mis-encoded file alike."""
+    where = f"{source}: {file}" if file is not None and Path(file) != Path(source) else f"{source}"
+    return f"data.path {where}: {problem}"
+
+
+def file_start_problem(file: Path) -> str | None:
+    """What makes `file` no UTF-8 text at a glance, or None: no bytes at all, or its first `SNIFF_BYTES` binary
+    (`binary_problem`) or not UTF-8 (`utf8_problem`). A glance, not a read: a large corpus is checked this way
+    before torch loads, and the rest of it as it is read (`read_utf8`)."""
+    if file.stat().st_size == 0:
+        return "no text (an empty file)"
+    with file.open("rb") as f:
+        start = f.read(SNIFF_BYTES)
+    return binary_problem(start) or utf8_problem(start, file, whole=len(start) == file.stat().st_size)
+
+
+def utf8_problem(data: bytes, file: Path, whole: bool = True) -> str | None:
+    """Why `data` (the bytes of `file`, all of them when `whole`, else its start, whose last character may be
+    cut) is not UTF-8, naming the byte, its offset and line and the command that converts the file; or None."""
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(data, final=whole)
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        return (f"not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start} (line {line}) {err.reason}; "
+                f"convert it, e.g. iconv -f latin1 -t utf-8 {shlex.quote(str(file))} > "
+                f"{shlex.quote(file.stem + '.utf8' + file.suffix)}")  # quoted: the command is pasted into a shell
+    return None
+
+
+def binary_problem(data: bytes) -> str | None:
+    """Why `data` is no UTF-8 text at a glance, or None: UTF-16 (its byte-order mark; every ASCII letter then
+    comes with a NUL byte), or a NUL byte, at its offset, as in a binary file."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return ("not UTF-8 text: UTF-16 (it starts with a UTF-16 byte-order mark); convert it with iconv -f utf-16 "
+                "-t utf-8")
+    offset = data.find(b"\0")
+    if offset < 0:
+        return None
+    return (f"not text: a NUL byte at offset {offset}, as in a binary file; give UTF-8 text (.txt, .md) or JSON "
+            "lines (.jsonl)")
+
+
+def pack_blocks(tokenized: Dataset, block_size: int, cache_file: str | None = None,
+                advance: Callable[[int], None] | None = None) -> Dataset:
+    """Concatenate the ``ids`` column in order and cut it into ``block_size`` blocks (tail dropped); `advance`
+    is told the documents of each batch done."""
     from datasets import Features, Sequence, Value
 
     column = Sequence(Value("int64"), length=block_size)
     return tokenized.map(
-        _Packer(block_size),
+        _Packer(block_size, advance),
         batched=True,
         batch_size=MAP_BATCH,
         remove_columns=tokenized.column_names,
@@ -181,11 +235,14 @@ class _Packer:
     carried remainder makes the packing exactly that of the whole token stream.
     """
 
-    def __init__(self, block_size: int) -> None:
+    def __init__(self, block_size: int, advance: Callable[[int], None] | None = None) -> None:
         self.block_size = block_size
+        self.advance = advance
         self.carry: list[int] = []
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        if self.advance is not None:
+            self.advance(len(batch["ids"]))
         stream = self.carry
         for ids in batch["ids"]:
             stream.extend(ids)
@@ -205,22 +262,28 @@ def _build_cache(
     text_column: str,
     settings: dict[str, Any],
     final: Path,
+    progress: BuildProgress | None = None,
 ) -> None:
     """Tokenize, pack, split and save under `final` via a temporary folder and a rename."""
     from datasets import DatasetDict
 
+    progress = progress or BuildProgress(lambda line: None)
     tokenizer = load_tokenizer(tokenizer_name)
-    docs = _documents(source, kind, text_column)
+    docs = _documents(source, kind, text_column)  # a source that cannot be read: its error line alone
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
-        tokens = _tokenize_documents(docs, tokenizer, text_column, str(work / "tokens.arrow"))
+        progress.stage(f"tokenizing {len(docs):,} document{'s' if len(docs) != 1 else ''} of {source} (tokenizer "
+                       f"{tokenizer_name})", len(docs), "documents")
+        tokens = _tokenize_documents(docs, tokenizer, text_column, str(work / "tokens.arrow"), progress.advance)
         total = _count_tokens(tokens)
         if total == 0:
-            raise ValueError(f"data.path {source}: no text (every document is empty)")
-        packed = pack_blocks(tokens, block_size, str(work / "blocks.arrow"))
+            raise ValueError(data_path_error(source, "no text (every document is empty)"))
+        progress.stage(f"packing {total:,} tokens into blocks of {block_size}", len(tokens), "documents")
+        packed = pack_blocks(tokens, block_size, str(work / "blocks.arrow"), progress.advance)
         train, evaluation = _split(packed, eval_fraction, total, block_size, source)
         out = work / "dataset"
+        progress.stage(f"saving {len(packed):,} blocks into {final}")
         DatasetDict({"train": train, "eval": evaluation}).save_to_disk(str(out))
         meta = dict(settings, tokens=total, blocks=len(packed), train_blocks=len(train), eval_blocks=len(evaluation))
         (out / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
@@ -229,17 +292,20 @@ def _build_cache(
         except OSError:
             if not (final / "meta.json").is_file():  # not a concurrent writer that won
                 raise
+        progress.finish("built")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _tokenize_documents(docs: Dataset, tokenizer: Any, text_column: str, cache_file: str) -> Dataset:
-    """Batched map: each non-empty document's ids followed by eos."""
+def _tokenize_documents(docs: Dataset, tokenizer: Any, text_column: str, cache_file: str,
+                        advance: Callable[[int], None]) -> Dataset:
+    """Batched map: each non-empty document's ids followed by eos; `advance` is told each batch's documents."""
     from datasets import Features, Sequence, Value
 
     eos = eos_token_id(tokenizer)
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        advance(len(batch[text_column]))
         return {"ids": [ids + [eos] if ids else [] for ids in encode_batch(tokenizer, batch[text_column])]}
 
     return docs.map(
@@ -258,10 +324,9 @@ def _split(packed: Dataset, eval_fraction: float, total: int, block_size: int, s
     """The last `eval_fraction` of the blocks (at least one) is the eval split."""
     blocks = len(packed)
     if blocks < 2:
-        raise ValueError(
-            f"data.path {source}: {total} tokens make {blocks} block(s) of block_size {block_size}; "
-            f"need at least 2 blocks ({2 * block_size} tokens) for a train and an eval split"
-        )
+        raise ValueError(data_path_error(
+            source, f"{total} tokens make {blocks} block(s) of block_size {block_size}; need at least 2 blocks "
+                    f"({2 * block_size} tokens) for a train and an eval split"))
     n_eval = min(blocks - 1, max(1, round(blocks * eval_fraction)))
     return packed.select(range(blocks - n_eval)), packed.select(range(blocks - n_eval, blocks))
 
@@ -272,7 +337,7 @@ def _documents(source: str, kind: str, text_column: str) -> Dataset:
 
     if kind in ("text-file", "jsonl-file", "folder"):
         files = [Path(source)] if kind != "folder" else _text_files(Path(source))
-        docs = Dataset.from_dict({text_column: list(_read_files(files, text_column))})
+        docs = Dataset.from_dict({text_column: list(_read_files(source, files, text_column))})
     elif kind == "disk":
         docs = load_from_disk(source)
     else:
@@ -284,56 +349,60 @@ def _documents(source: str, kind: str, text_column: str) -> Dataset:
             if kind == "hub" and datasets_offline():
                 raise offline_error(source, err) from None
             if kind == "hub":
-                raise FileNotFoundError(f"data.path {source}: not a local path, nor a hub dataset: {err}") from None
-            raise ValueError(
-                f"data.path {source}: no .txt/.md/.jsonl files in this folder, and datasets.load_dataset "
-                f"cannot read it either: {err}"
-            ) from None
+                raise FileNotFoundError(data_path_error(source, f"not a local path, nor a hub dataset: {err}")
+                                        ) from None
+            raise ValueError(data_path_error(source, "no .txt/.md/.jsonl files in this folder, and "
+                                                     f"datasets.load_dataset cannot read it either: {err}")) from None
     if hasattr(docs, "keys"):  # DatasetDict: prefer train
         docs = docs["train"] if "train" in docs else docs[next(iter(docs))]
     if text_column not in docs.column_names:
-        raise ValueError(f"data.text_column {text_column!r}: not a column of {source} (columns: {docs.column_names})")
+        raise ValueError(data_path_error(source, f"no column {text_column!r} (data.text_column); its columns: "
+                                                 f"{', '.join(docs.column_names)}"))
     if len(docs) == 0:
-        raise ValueError(f"data.path {source}: no text (no documents)")
+        raise ValueError(data_path_error(source, "no text (no documents)"))
     return docs.select_columns([text_column])
 
 
-def _read_files(files: list[Path], text_column: str) -> Iterable[str]:
+def _read_files(source: str, files: list[Path], text_column: str) -> Iterable[str]:
     for file in files:
         if file.suffix in JSONL_SUFFIXES:
-            yield from _read_jsonl(file, text_column)
+            yield from _read_jsonl(source, file, text_column)
         else:
-            yield read_utf8(file)
+            yield read_utf8(file, source)
 
 
-def read_utf8(file: Path) -> str:
-    """The text of `file`; a ValueError naming the file, byte offset and line when it is not UTF-8."""
+def read_utf8(file: Path, source: str | None = None) -> str:
+    """The text of `file`; a ValueError in `data_path_error`'s format (`source`: the folder it was found in)
+    when it holds a NUL byte (binary) or is not UTF-8, naming the byte, its offset and line."""
     data = file.read_bytes()
+    source = str(file) if source is None else source
+    problem = binary_problem(data)
+    if problem:
+        raise ValueError(data_path_error(source, problem, file))
     try:
         return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise ValueError(
-            f"data.path: {file} is not UTF-8 text: byte 0x{data[err.start]:02x} at offset {err.start} (line {line}) "
-            f"{err.reason}; convert it, e.g. iconv -f latin1 -t utf-8 {shlex.quote(str(file))} > "
-            f"{shlex.quote(file.stem + '.utf8' + file.suffix)}"  # quoted: the command is pasted into a shell
-        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(data_path_error(source, str(utf8_problem(data, file)), file)) from None
 
 
-def _read_jsonl(file: Path, text_column: str) -> Iterable[str]:
-    for number, line in enumerate(read_utf8(file).split("\n"), 1):
+def _read_jsonl(source: str, file: Path, text_column: str) -> Iterable[str]:
+    for number, line in enumerate(read_utf8(file, source).split("\n"), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"data.path: {file} line {number} is not JSON: {err.msg} at column {err.colno}") from None
+            raise ValueError(data_path_error(source, f"line {number} is not JSON: {err.msg} at column {err.colno}",
+                                             file)) from None
         if not isinstance(record, dict) or text_column not in record:
-            keys = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}, not an object"
-            raise ValueError(f"data.text_column {text_column!r}: missing in {file} line {number} (keys: {keys})")
+            keys = (f"its keys: {', '.join(sorted(record))}" if isinstance(record, dict) else
+                    f"a JSON {type(record).__name__}, not an object")
+            raise ValueError(data_path_error(source, f"line {number} has no key {text_column!r} (data.text_column; "
+                                                     f"{keys})", file))
         if not isinstance(record[text_column], str):
-            raise ValueError(f"data.text_column {text_column!r}: {file} line {number} holds "
-                             f"{type(record[text_column]).__name__} {record[text_column]!r}, not a string")
+            raise ValueError(data_path_error(source, f"line {number}: {text_column!r} (data.text_column) holds "
+                                                     f"{type(record[text_column]).__name__} "
+                                                     f"{record[text_column]!r}, not a string", file))
         yield record[text_column]
 
 
