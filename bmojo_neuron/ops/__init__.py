@@ -14,6 +14,7 @@ from bmojo_neuron.neuron import INSTALL_COMMAND, is_neuron_available
 from . import cpu_c, dispatch
 from .dispatch import available_backends, get_backend, register_backend, set_backend, use_backend
 from .reference.eidetic_attention import eidetic_attention as attention_ref
+from .reference.rotary import rotary as rotary_ref
 from .reference.selective_scan import selective_scan as scan_ref
 from .reference.selective_scan import selective_state_update
 from .reference.ssd import ssd_scan as ssd_ref
@@ -35,8 +36,13 @@ def eidetic_attention(*args: Any, **kwargs: Any) -> Any:
     return dispatch.resolve("eidetic_attention")(*args, **kwargs)
 
 
+def rotary(*args: Any, **kwargs: Any) -> Any:
+    """Rotate-half RoPE of `x` by cos/sin tables; see `ops.reference.rotary`."""
+    return dispatch.resolve("rotary")(*args, **kwargs)
+
+
 def _torch_impls() -> dict:
-    return {"selective_scan": scan_ref, "ssd_scan": ssd_ref, "eidetic_attention": attention_ref}
+    return {"selective_scan": scan_ref, "ssd_scan": ssd_ref, "eidetic_attention": attention_ref, "rotary": rotary_ref}
 
 
 def _nki_availability() -> tuple[bool, str]:
@@ -87,6 +93,7 @@ __all__ = [
     "eidetic_attention",
     "get_backend",
     "register_backend",
+    "rotary",
     "selective_scan",
     "selective_state_update",
     "set_backend",

@@ -4,10 +4,10 @@ Backends:
   * ``torch``   -- the reference implementations in this package (CPU, CUDA).
   * ``nki``     -- NKI kernels on Trainium (needs the Neuron SDK).
   * ``nki-sim`` -- the same NKI kernels executed on CPU by the project's emulator.
-  * ``cpu-c``   -- plain-C/OpenMP kernels for eager CPU float32 (`ssd_scan`; `ops.cpu_c`).
+  * ``cpu-c``   -- plain-C/OpenMP kernels for eager CPU float32 (`ssd_scan`, `rotary`; `ops.cpu_c`).
 
-Model code calls `ops.selective_scan(...)`, `ops.ssd_scan(...)` and
-`ops.eidetic_attention(...)`; which implementation runs is chosen here, globally
+Model code calls `ops.selective_scan(...)`, `ops.ssd_scan(...)`,
+`ops.eidetic_attention(...)` and `ops.rotary(...)`; which implementation runs is chosen here, globally
 or per op, with `set_backend` / `use_backend` or the ``BMOJO_OPS_BACKEND``
 environment variable. Every backend takes the reference signatures and layouts.
 """
@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-OP_NAMES = ("selective_scan", "ssd_scan", "eidetic_attention")
+OP_NAMES = ("selective_scan", "ssd_scan", "eidetic_attention", "rotary")
 ENV_VAR = "BMOJO_OPS_BACKEND"
 
 

@@ -23,7 +23,7 @@ from . import build
 
 __all__ = ["CSSDChunks", "c_core_unavailable", "ssd_scan"]
 
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()  # (op, reason) pairs warned about
 
 # ssd_chunks.c's parameters: pointers, then the sizes (b, L, H, P, G, N, chunk), the decay floor, the thread count.
 _FORWARD_ARGS = [build.FLOAT_P] * 9 + [build.LONG] * 7 + [build.FLOAT, build.INT]
@@ -102,10 +102,10 @@ def c_core_unavailable(x: Tensor) -> str:
     return "" if loaded.library is not None else loaded.reason
 
 
-def _warn_once(reason: str) -> None:
-    if reason not in _warned and not build.turned_off():
-        _warned.add(reason)
-        warnings.warn(f"ops backend 'cpu-c': ssd_scan runs the torch path: {reason}", RuntimeWarning, stacklevel=4)
+def _warn_once(reason: str, op: str = "ssd_scan") -> None:
+    if (op, reason) not in _warned and not build.turned_off():
+        _warned.add((op, reason))
+        warnings.warn(f"ops backend 'cpu-c': {op} runs the torch path: {reason}", RuntimeWarning, stacklevel=4)
 
 
 def ssd_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
