@@ -36,7 +36,7 @@ def _rows_view(t: Tensor, table_dims: int) -> Tensor | None:
     None where its strides allow no such view."""
     outer = t.shape[:t.dim() - table_dims]
     rows = math.prod(t.shape[t.dim() - table_dims:-1])
-    lead = (1, *outer)[-2:] if len(outer) <= 1 else (-1, outer[-1]) if len(outer) > 2 else outer
+    lead = (1, 1, *outer)[-2:] if len(outer) <= 2 else (-1, outer[-1])
     try:
         return t.view(*lead, rows, t.shape[-1])
     except RuntimeError:

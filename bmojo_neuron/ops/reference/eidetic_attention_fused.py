@@ -21,7 +21,7 @@ materialising a score matrix in memory:
 * the memory: queries in chunks of ``chunk`` rows against that chunk's ``M`` slots
   (empty slots masked); no piece at all when no slot is valid (the model's memory is empty
   while the sequence is at most ``memory_lag`` chunks long: 1K tokens with the default 512-token
-  chunks and lag 3), since such a memory adds nothing to any softmax and gets zero gradients.
+  chunks and lag 3), since such a memory adds nothing to any softmax; its gradients are zeros.
 
 Each piece returns its output normalised over its own keys and its log-sum-exp
 ``lse_p``; the softmax over the union of all keys is then
@@ -185,7 +185,8 @@ class _Layout:
         # A memory with no valid slot anywhere adds exp(-inf) = 0 to every softmax and gets zero gradients: its
         # piece is skipped (the model's memory is empty while the sequence is no longer than `memory_lag`
         # chunks). Reading the flag back is free on eager CPU tensors, the only ones this module takes.
-        self.use_memory = mem_k is not None and mem_k.shape[3] > 0 and bool(mem_valid.any())
+        self.has_memory = mem_k is not None and mem_k.shape[3] > 0
+        self.use_memory = self.has_memory and bool(mem_valid.any())
         self.n_chunks = mem_k.shape[2] if self.use_memory else 0
 
     def slices(self, head_dim: int, itemsize: int) -> list[tuple[int, int]]:
@@ -311,6 +312,8 @@ class _EideticAttention(torch.autograd.Function):
             grad_lse = layout.blocks(layout.canon(grad_lse.contiguous()[..., None]))
             keys, grad, out = _fold_lse_gradient(keys, grad, out, grad_lse)
         grads = _backward_pieces(layout, *keys, mem_valid, grad, out, lse)
+        if layout.has_memory and not layout.use_memory:  # an empty memory: its gradients are zeros, as before
+            grads = (*grads[:5], torch.zeros_like(mem_k), torch.zeros_like(mem_v))
         head_dim = layout.head_dim
         return (*(None if t is None else t[..., :head_dim] for t in grads), None, None)
 
@@ -417,8 +420,8 @@ def eidetic_attention_fused(q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid
     use_fading = any(p.keys == "fading" for p in layout.pieces)
     out, lse = _EideticAttention.apply(
         cast(q), cast(k), cast(v), cast(k_fading) if use_fading else None, cast(v_fading) if use_fading else None,
-        cast(mem_k) if layout.use_memory else None, cast(mem_v) if layout.use_memory else None,
-        mem_valid if layout.use_memory else None, layout)
+        cast(mem_k) if layout.has_memory else None, cast(mem_v) if layout.has_memory else None,
+        mem_valid if layout.has_memory else None, layout)
     return out.to(q.dtype), lse
 
 
