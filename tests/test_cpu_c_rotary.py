@@ -140,3 +140,11 @@ def test_rotary_dispatch_and_the_model_on_cpu_c(c_cache, monkeypatch):
     assert abs(got - want) <= 1e-5 * abs(want)
     for w, g in zip(want_grads, got_grads, strict=True):
         assert (g - w).abs().max() <= 1e-5 * max(w.abs().max(), 1e-3)
+
+
+def test_c_rotary_under_a_compiled_graph_runs_the_torch_op(c_cache):
+    """A compiled layer (`fullgraph=True`) traces the torch op without a warning (Dynamo cannot trace one)."""
+    x, cos, sin = _case("queries")
+    with ops.use_backend("cpu-c", ["rotary"]):
+        compiled = torch.compile(lambda t: ops.rotary(t, cos, sin), fullgraph=True, backend="eager")
+        assert torch.equal(compiled(x), ref_rotary.rotary(x, cos, sin))

@@ -103,6 +103,10 @@ def c_core_unavailable(x: Tensor) -> str:
 
 
 def _warn_once(reason: str, op: str = "ssd_scan") -> None:
+    """One RuntimeWarning per (op, reason) that the torch path runs; none while a graph is traced (Dynamo cannot
+    trace `warnings.warn`, and a traced graph takes the torch path by design, as under the torch backend)."""
+    if torch.compiler.is_compiling():
+        return
     if (op, reason) not in _warned and not build.turned_off():
         _warned.add((op, reason))
         warnings.warn(f"ops backend 'cpu-c': {op} runs the torch path: {reason}", RuntimeWarning, stacklevel=4)
