@@ -61,6 +61,7 @@ def bmojo_scopes() -> Iterator[None]:
         (BMojoDecoderLayer, "forward", "layer: residual adds"),
         (attention_module.BMojoAttention, "forward", "B mixer: q/k/v/o, innovation proj, rest"),
         (attention_module.BMojoAttention, "_rotate", "B mixer: rotary (q, k, fading k)"),
+        (attention_module.BMojoAttention, "_rotary_tables", "B mixer: rotary (q, k, fading k)"),
         (attention_module.BMojoAttention, "_select_memory", "B mixer: memory selection (innovation, picks)"),
         (attention_module.BMojoAttention, "_memory_for_chunks", "B mixer: memory gathers + rotation"),
         (attention_module.BMojoAttention, "_output", "B mixer: o_proj + gain * S"),

@@ -191,6 +191,38 @@ def test_fused_equals_blocked_with_overlapping_fading_keys(length, window, fadin
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
+def test_fused_skips_an_empty_memory_and_reuses_its_pieces(monkeypatch):
+    """A memory with no valid slot (the model's, while the sequence is at most `memory_lag` chunks long) costs no
+    kernel call: outputs and the other gradients equal those without a memory, its own gradients are zeros.
+    The pieces (and their masks) are made once per settings."""
+    calls = []
+    flash, flash_backward = fused_module._flash, fused_module._flash_backward
+    monkeypatch.setattr(fused_module, "_flash", lambda *a, **k: calls.append("forward") or flash(*a, **k))
+    monkeypatch.setattr(fused_module, "_flash_backward",
+                        lambda *a, **k: calls.append("backward") or flash_backward(*a, **k))
+    inputs = list(make_inputs(24, 6, 6, 8, 3, 2, 2))
+    inputs[7] = torch.zeros_like(inputs[7])  # no valid slot
+    leaves = [t.requires_grad_() for t in inputs if t is not None and t.is_floating_point()]
+    results = []
+    for memory in (inputs[5:], [None] * 3):
+        calls.clear()
+        out, lse = eidetic_attention_fused(*inputs[:5], *memory, window=6, fading_window=6, chunk=8, scale=None,
+                                           block=4)
+        grads = torch.autograd.grad(out.sum() + lse.sum(), leaves, allow_unused=True)
+        results.append((out, lse, *grads[:5], list(calls)))
+    (out, lse, *grads, with_memory_calls), (want_out, want_lse, *want_grads, without_calls) = results
+    assert with_memory_calls == without_calls  # no call for the memory, forward or backward
+    torch.testing.assert_close((out, lse, *grads), (want_out, want_lse, *want_grads), rtol=0, atol=1e-12)
+    d_mem_k, d_mem_v = torch.autograd.grad(
+        eidetic_attention_fused(*inputs, window=6, fading_window=6, chunk=8, scale=None, block=4)[0].sum(),
+        leaves[5:])
+    assert not d_mem_k.any() and not d_mem_v.any() and d_mem_k.shape == inputs[5].shape
+    first = fused_module.call_pieces(24, 6, 6, 4, torch.float64, "cpu")
+    again = fused_module.call_pieces(24, 6, 6, 4, torch.float64, "cpu")
+    assert any(p.mask is not None for p in first)
+    assert all(a.mask is b.mask for a, b in zip(first, again))
+
+
 def test_lower_triangle_pieces_are_marked_causal():
     """The first in-context offset and the first fading one (when the fading band starts on a block edge)
     are exactly the lower triangle; the edge pieces beyond them are not."""

@@ -96,6 +96,24 @@ def test_default_falls_back_silently_where_c_cannot_build(c_cache, fresh_build, 
     assert _scan()[1] == {"cpu-c"}
 
 
+def test_a_kernel_turning_to_torch_is_silent_under_the_default_only(c_cache, default_selection, monkeypatch):
+    """Inputs the default hands to C that a kernel still declines (SwiGLU operands that broadcast) run its torch
+    path without a warning under the default, with one under an explicit ``cpu-c``."""
+    from bmojo_neuron.ops.cpu_c import common
+    from bmojo_neuron.ops.reference import elementwise
+
+    gate, up = torch.randn(4, 8), torch.randn(1, 8)
+    want = elementwise.swiglu_product(gate, up)
+    monkeypatch.setattr(common, "warned", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with dispatch.recording() as ran:
+            got = ops.swiglu_product(gate, up)
+    assert ran.get("swiglu_product") == {"cpu-c"} and torch.equal(got, want)
+    with ops.use_backend("cpu-c"), pytest.warns(RuntimeWarning, match="swiglu_product runs the torch path"):
+        assert torch.equal(ops.swiglu_product(gate, up), want)
+
+
 def _builder(cache: Path, env: dict | None = None) -> subprocess.Popen:
     """A process that loads `build.py` alone (no torch: it starts in milliseconds) and builds into `cache`."""
     code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('b', sys.argv[1]); "

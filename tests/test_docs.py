@@ -376,7 +376,7 @@ def test_ops_md_python_snippet_runs():
     from bmojo_neuron.ops import dispatch
 
     (snippet, *_) = python_blocks(ROOT / "docs" / "ops.md")
-    before = {op: dispatch.get_backend(op) for op in ("selective_scan", "ssd_scan", "eidetic_attention")}
+    before = {op: dispatch.get_backend(op) for op in dispatch.OP_NAMES}
     try:
         exec(compile(snippet.replace("    ...", "    inside = dispatch.get_backend('ssd_scan')"), "docs/ops.md",
                      "exec"), namespace := {"dispatch": dispatch})

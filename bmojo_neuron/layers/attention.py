@@ -106,10 +106,13 @@ class BMojoAttention(nn.Module):
         k = self._heads((proj or self.k_proj)(x), self.kv_heads)
         return k if self.k_norm is None else self.k_norm(k)
 
-    def _rotate(self, x: Tensor, positions: Tensor) -> Tensor:
-        """Rotate (batch, heads, L, head_dim) at `positions` (L,)."""
-        cos, sin = self.rotary(positions, x.dtype)
-        return apply_rotary(x, cos, sin)
+    def _rotary_tables(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin (L, head_dim) of `positions` (L,): made once per forward, shared by q, k and the fading k."""
+        return self.rotary(positions, dtype)
+
+    def _rotate(self, x: Tensor, tables: tuple[Tensor, Tensor]) -> Tensor:
+        """Rotate (batch, heads, L, head_dim) by `_rotary_tables`."""
+        return apply_rotary(x, *tables)
 
     def _fading_kv(self, s: Tensor) -> tuple[Tensor, Tensor]:
         """Fading keys/values (batch, L, kv_heads, head_dim) from the SSM output."""
@@ -154,9 +157,9 @@ class BMojoAttention(nn.Module):
         teacher): it reads the same q/k/v/o weights, so the teacher costs no memory.
         """
         q = self._queries(x)
-        positions = torch.arange(q.shape[1], device=x.device)
-        q = self._rotate(q.transpose(1, 2), positions)
-        k = self._rotate(self._keys(x).transpose(1, 2), positions)
+        tables = self._rotary_tables(torch.arange(q.shape[1], device=x.device), q.dtype)
+        q = self._rotate(q.transpose(1, 2), tables)
+        k = self._rotate(self._keys(x).transpose(1, 2), tables)
         v = self._heads(self.v_proj(x), self.kv_heads).transpose(1, 2)
         return self._output(self._causal_attention(q, k, v))
 
@@ -168,11 +171,11 @@ class BMojoAttention(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         q = self._queries(x)  # the whole sequence, even when x is a sequence-parallel shard
         batch, length = q.shape[:2]
-        positions = torch.arange(length, device=x.device)
-        q = self._rotate(q.transpose(1, 2), positions)
+        tables = self._rotary_tables(torch.arange(length, device=x.device), q.dtype)
+        q = self._rotate(q.transpose(1, 2), tables)
         k_raw = self._keys(x)
         v = self._heads(self.v_proj(x), self.kv_heads)
-        k = self._rotate(k_raw.transpose(1, 2), positions)
+        k = self._rotate(k_raw.transpose(1, 2), tables)
         v_t = v.transpose(1, 2)
 
         if self.kind == "A":
@@ -191,7 +194,7 @@ class BMojoAttention(nn.Module):
         k_fading = v_fading = None
         if self.fading_window > 0:
             kf_raw, v_fading = self._fading_kv(features)
-            k_fading = self._rotate(kf_raw.transpose(1, 2), positions)
+            k_fading = self._rotate(kf_raw.transpose(1, 2), tables)
             v_fading = v_fading.transpose(1, 2)
 
         mean_innovation = None

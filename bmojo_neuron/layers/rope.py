@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..ops.reference.eager_cpu import fused_kernel_available
+from .. import ops
 
 
 def rotation_periods(
@@ -166,40 +166,7 @@ def apply_rotary_rolled(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate `x` (..., L, head_dim) by tables broadcastable to it.
-
-    On eager CPU tensors it runs as `_Rotary` (no concatenated copy, no saved input, a
-    three-op backward, where autograd records five ops and their backward); elsewhere
-    (traced graphs, CUDA) as the plain expression. Same products and sums either way.
-    """
-    if (not cos.requires_grad and not sin.requires_grad and fused_kernel_available(x, cos, sin)
-            and torch.broadcast_shapes(x.shape, cos.shape, sin.shape) == x.shape):
-        return _Rotary.apply(x, cos, sin)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-class _Rotary(torch.autograd.Function):
-    """``x cos + rotate_half(x) sin`` with rotate_half(x) = [-x_b, x_a]: out_a = x_a cos_a - x_b sin_a,
-    out_b = x_b cos_b + x_a sin_b; the backward is the transposed rotation of the gradient."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        half = x.shape[-1] // 2
-        # Products rounded, then added, as the plain expression does (no fused multiply-add), so the
-        # rotation is bit for bit the decode path's (`apply_rotary_rolled`).
-        out = x * cos
-        out[..., :half] -= x[..., half:] * sin[..., :half]
-        out[..., half:] += x[..., :half] * sin[..., half:]
-        ctx.save_for_backward(cos, sin)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        cos, sin = ctx.saved_tensors
-        half = grad.shape[-1] // 2
-        d_x = grad * cos
-        d_x[..., :half].addcmul_(grad[..., half:], sin[..., half:])
-        d_x[..., half:].addcmul_(grad[..., :half], sin[..., :half], value=-1)
-        return d_x, None, None
+    """Rotate `x` (..., L, head_dim) by tables broadcastable to it: the `rotary` op (`ops.reference.rotary`), so
+    the active ops backend runs it (the torch one: an in-place form on eager CPU tensors, the plain
+    expression elsewhere)."""
+    return ops.rotary(x, cos, sin)

@@ -18,6 +18,7 @@ from .dispatch import available_backends, get_backend, register_backend, set_bac
 from .reference import elementwise as elementwise_ref
 from .reference.causal_conv import causal_conv1d_rows as conv_rows_ref
 from .reference.eidetic_attention import eidetic_attention as attention_ref
+from .reference.rotary import rotary as rotary_ref
 from .reference.selective_scan import selective_scan as scan_ref
 from .reference.selective_scan import selective_state_update
 from .reference.ssd import ssd_scan as ssd_ref
@@ -60,11 +61,16 @@ def causal_conv1d_rows(*args: Any, **kwargs: Any) -> Any:
     return dispatch.resolve("causal_conv1d_rows")(*args, **kwargs)
 
 
+def rotary(*args: Any, **kwargs: Any) -> Any:
+    """Rotate-half RoPE of `x` by cos/sin tables; see `ops.reference.rotary`."""
+    return dispatch.resolve("rotary")(*args, **kwargs)
+
+
 def _torch_impls() -> dict:
     return {"selective_scan": scan_ref, "ssd_scan": ssd_ref, "eidetic_attention": attention_ref,
             "rms_norm": elementwise_ref.rms_norm, "gated_rms_norm": elementwise_ref.gated_rms_norm,
             "swiglu_product": elementwise_ref.swiglu_product,
-            "causal_conv1d_rows": conv_rows_ref}
+            "causal_conv1d_rows": conv_rows_ref, "rotary": rotary_ref}
 
 
 def _nki_availability() -> tuple[bool, str]:
@@ -119,6 +125,7 @@ __all__ = [
     "get_backend",
     "register_backend",
     "rms_norm",
+    "rotary",
     "selective_scan",
     "selective_state_update",
     "set_backend",

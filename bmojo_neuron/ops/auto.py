@@ -32,7 +32,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 from . import dispatch
-from .cpu_c import build
+from .cpu_c import build, common
 from .reference.eager_cpu import fused_kernel_available
 
 __all__ = ["availability", "c_runs_here", "describe", "impls"]
@@ -54,9 +54,12 @@ def _router(op: str, reference: Callable, kernel: Callable) -> Callable:
     def route(*args: Any, **kwargs: Any) -> Any:
         if torch.compiler.is_compiling():  # first, so that a trace sees only this branch
             return reference(*args, **kwargs)
-        chosen, name = (kernel, "cpu-c") if _c_takes(args, kwargs) else (reference, "torch")
-        dispatch.note_ran(op, name)
-        return chosen(*args, **kwargs)
+        if not _c_takes(args, kwargs):
+            dispatch.note_ran(op, "torch")
+            return reference(*args, **kwargs)
+        dispatch.note_ran(op, "cpu-c")
+        with common.silenced():  # a kernel that still turns to torch (a shape it does not take) stays silent here
+            return kernel(*args, **kwargs)
 
     return route
 

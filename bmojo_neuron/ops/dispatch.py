@@ -9,7 +9,7 @@ Backends:
                    built), ``torch`` elsewhere, silently (`ops.auto`); `DEFAULT_BACKEND`.
 
 Model code calls `ops.selective_scan(...)`, `ops.ssd_scan(...)`,
-`ops.eidetic_attention(...)`, Mamba-2's conv `ops.causal_conv1d_rows(...)` and the element-wise chains `ops.rms_norm(...)`,
+`ops.eidetic_attention(...)`, `ops.rotary(...)`, Mamba-2's conv `ops.causal_conv1d_rows(...)` and the element-wise chains `ops.rms_norm(...)`,
 `ops.gated_rms_norm(...)`, `ops.swiglu_product(...)`; which implementation runs is chosen here, globally
 or per op, with `set_backend` / `use_backend` or the ``BMOJO_OPS_BACKEND``
 environment variable (unset: `DEFAULT_BACKEND`). Every backend takes the reference
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 OP_NAMES = ("selective_scan", "ssd_scan", "eidetic_attention", "causal_conv1d_rows", "rms_norm", "gated_rms_norm",
-            "swiglu_product")
+            "swiglu_product", "rotary")
 ENV_VAR = "BMOJO_OPS_BACKEND"
 # The backend with BMOJO_OPS_BACKEND unset (or empty): "auto" runs the cpu-c kernels where they can run and the
 # torch reference elsewhere; "torch" would make the reference the default everywhere. The one switch.

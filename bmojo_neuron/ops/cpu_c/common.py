@@ -10,7 +10,10 @@ a `torch.compile` trace).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -18,11 +21,25 @@ from torch import Tensor
 from ..reference.eager_cpu import fused_kernel_available
 from . import build
 
-__all__ = ["NOT_EAGER", "c_unavailable", "ptr", "threads", "warn_once", "warned"]
+__all__ = ["NOT_EAGER", "c_unavailable", "ptr", "silenced", "threads", "warn_once", "warned"]
 
 NOT_EAGER = "inputs that are not eager CPU tensors (another device, tracing or fused_kernels_disabled)"
 
 warned: set[tuple[str, str]] = set()  # (op, reason) pairs already warned about in this process
+
+# Set while the default backend (`ops.auto`) calls a kernel: the default is silent where C cannot run, so a
+# kernel that still turns to its torch path (a shape or argument it does not take) says nothing there.
+_silenced: contextvars.ContextVar[bool] = contextvars.ContextVar("bmojo_cpu_c_silenced", default=False)
+
+
+@contextlib.contextmanager
+def silenced() -> Iterator[None]:
+    """No `warn_once` warnings in the block (the default backend's calls; an explicit ``cpu-c`` keeps them)."""
+    token = _silenced.set(True)
+    try:
+        yield
+    finally:
+        _silenced.reset(token)
 
 
 def c_unavailable(*tensors: Tensor | None) -> str:
@@ -42,7 +59,7 @@ def warn_once(op: str, reason: str, stacklevel: int = 4) -> None:
     Not while `torch.compile` traces: the graph holds the torch expressions by design, and a
     warning there is a call Dynamo cannot trace (a `fullgraph` compile would fail on it).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _silenced.get():
         return
     if (op, reason) not in warned and not build.turned_off():
         warned.add((op, reason))

@@ -19,7 +19,9 @@ materialising a score matrix in memory:
   has the lower triangle there, which the kernel's own causal flag expresses without
   a mask tensor (not with query groups: the flag reads rows as positions);
 * the memory: queries in chunks of ``chunk`` rows against that chunk's ``M`` slots
-  (empty slots masked).
+  (empty slots masked); no piece at all when no slot is valid (the model's memory is empty
+  while the sequence is at most ``memory_lag`` chunks long: 1K tokens with the default 512-token
+  chunks and lag 3), since such a memory adds nothing to any softmax; its gradients are zeros.
 
 Each piece returns its output normalised over its own keys and its log-sum-exp
 ``lse_p``; the softmax over the union of all keys is then
@@ -51,8 +53,9 @@ log-sum-exp, gives exactly that piece's share of the gradients (it recomputes th
 probabilities ``exp(s - lse)`` and the row term ``sum(dout * out)`` from what it is
 given), so the pieces' gradients add up to the gradient of the whole softmax. This is
 the split flash-attention backward uses for key blocks; the gradients add up in the
-blocked layout, each slice zeroing the query and key blocks it is the first to reach
-(key block ``j`` gets its shares from query blocks ``j`` and later). A gradient flowing into the
+blocked layout, the first share a block gets copied into it and the later ones added (no
+zeroing pass; key block ``j`` gets its shares from query blocks ``j`` and later, so a slice
+reaches new blocks while they are in cache). A gradient flowing into the
 returned log-sum-exp is folded into the same calls through one extra feature column
 (`_fold_lse_gradient`); when the caller drops the lse (the model does) it costs nothing.
 
@@ -117,14 +120,33 @@ def call_pieces(length: int, window: int, fading_window: int, block: int, dtype:
     """The band pieces one call over `length` queries runs (``fading_window`` 0: no fading keys).
 
     Only offsets some query block reaches are kept; the fading band exists once the window
-    no longer covers the whole sequence (or always, with ``fading_overlap``)."""
+    no longer covers the whole sequence (or always, with ``fading_overlap``). Every layer of a
+    model asks for the same pieces at every step, so they are made once per settings and kept
+    (their masks are only ever read); a tensor made under inference mode is kept apart from one
+    made outside it, which autograd may record."""
+    key = (length, window, fading_window, block, dtype, str(device), fading_overlap,
+           torch.is_inference_mode_enabled())
+    pieces = _PIECES.get(key)
+    if pieces is None:
+        if len(_PIECES) >= _PIECES_KEPT:
+            _PIECES.clear()
+        pieces = _PIECES[key] = _make_call_pieces(length, window, fading_window, block, dtype, device, fading_overlap)
+    return list(pieces)
+
+
+_PIECES: dict[tuple, tuple[BandPiece, ...]] = {}
+_PIECES_KEPT = 64  # settings kept at most (a model has one or two; tests many)
+
+
+def _make_call_pieces(length: int, window: int, fading_window: int, block: int, dtype: torch.dtype, device,
+                      fading_overlap: bool) -> tuple[BandPiece, ...]:
     window = min(window, length)
     pieces = band_pieces("ctx", 0, window - 1, block, dtype, device)
     if fading_window > 0 and (fading_overlap or window < length):
         nearest = 0 if fading_overlap else window  # overlap: the fading keys span the window's own distances
         pieces += band_pieces("fading", nearest, nearest + fading_window - 1, block, dtype, device)
     n_blocks = -(-length // block)
-    return [p for p in pieces if p.offset < n_blocks]
+    return tuple(p for p in pieces if p.offset < n_blocks)
 
 
 def _to_blocks(x: Tensor, size: int, n: int) -> Tensor:
@@ -148,7 +170,8 @@ def _from_blocks(x: Tensor, g: int, length: int) -> Tensor:
 class _Layout:
     """Shapes and the pieces of one call."""
 
-    def __init__(self, q, k, k_fading, mem_k, window, fading_window, chunk, block, scale, dtype, fading_overlap):
+    def __init__(self, q, k, k_fading, mem_k, mem_valid, window, fading_window, chunk, block, scale, dtype,
+                 fading_overlap):
         self.batch, self.q_heads, self.length, self.head_dim = q.shape
         self.kv_heads = k.shape[1]
         self.groups = self.q_heads // self.kv_heads
@@ -159,7 +182,11 @@ class _Layout:
         self.scale = scale
         self.pieces = call_pieces(self.length, window, fading_window if k_fading is not None else 0, block,
                                   dtype, q.device, fading_overlap)
-        self.use_memory = mem_k is not None and mem_k.shape[3] > 0
+        # A memory with no valid slot anywhere adds exp(-inf) = 0 to every softmax and gets zero gradients: its
+        # piece is skipped (the model's memory is empty while the sequence is no longer than `memory_lag`
+        # chunks). Reading the flag back is free on eager CPU tensors, the only ones this module takes.
+        self.has_memory = mem_k is not None and mem_k.shape[3] > 0
+        self.use_memory = self.has_memory and bool(mem_valid.any())
         self.n_chunks = mem_k.shape[2] if self.use_memory else 0
 
     def slices(self, head_dim: int, itemsize: int) -> list[tuple[int, int]]:
@@ -251,9 +278,14 @@ def _forward_slice(layout: _Layout, qb, keys, memory, s: int, e: int, merged: Te
     for i, (skip, _, piece_lse) in enumerate(parts):
         lses[i, :, skip:] = piece_lse
     torch.logsumexp(lses, dim=0, out=lse)  # finite: every query sees its own key
-    merged.zero_()
-    for (skip, out, _), piece_lse in zip(parts, lses):
-        merged[:, skip:].addcmul_(out, torch.exp(piece_lse[:, skip:] - lse[:, skip:])[..., None])
+    for i, ((skip, out, _), piece_lse) in enumerate(zip(parts, lses)):
+        weight = torch.exp(piece_lse[:, skip:] - lse[:, skip:])[..., None]
+        if i == 0 and skip == 0:  # the in-context piece at offset 0 covers every query block: no zeroing pass
+            torch.mul(out, weight, out=merged)
+            continue
+        if i == 0:
+            merged.zero_()
+        merged[:, skip:].addcmul_(out, weight)
 
 
 class _EideticAttention(torch.autograd.Function):
@@ -280,6 +312,8 @@ class _EideticAttention(torch.autograd.Function):
             grad_lse = layout.blocks(layout.canon(grad_lse.contiguous()[..., None]))
             keys, grad, out = _fold_lse_gradient(keys, grad, out, grad_lse)
         grads = _backward_pieces(layout, *keys, mem_valid, grad, out, lse)
+        if layout.has_memory and not layout.use_memory:  # an empty memory: its gradients are zeros, as before
+            grads = (*grads[:5], torch.zeros_like(mem_k), torch.zeros_like(mem_v))
         head_dim = layout.head_dim
         return (*(None if t is None else t[..., :head_dim] for t in grads), None, None)
 
@@ -321,13 +355,10 @@ def _backward_pieces(layout: _Layout, q, k, v, k_fading, v_fading, mem_k, mem_v,
                for name in dict.fromkeys(piece.keys for piece in layout.pieces)}
     dq = torch.empty_like(qb)
     grads = {name: (torch.empty_like(kb), torch.empty_like(vb)) for name, (kb, vb) in blocked.items()}
+    # Blocks [0, written) of a gradient hold a sum, the others nothing yet (`_add_blocks`): key block j gets its
+    # shares from query blocks j and later (offsets >= 0), so a slice reaches new blocks while they are in cache.
+    written = dict.fromkeys(("q", *grads), 0)
     for s, e in layout.slices(qb.shape[-1], qb.element_size()):
-        # Key block j gets its shares from query blocks j and later (offsets >= 0): the slices before
-        # this one never touched key blocks from s on, so they start at zero here, in cache.
-        dq[:, s:e].zero_()
-        for dk, dv in grads.values():
-            dk[:, s:e].zero_()
-            dv[:, s:e].zero_()
         for piece in layout.pieces:
             first = max(s, piece.offset)
             if first >= e:
@@ -338,10 +369,12 @@ def _backward_pieces(layout: _Layout, q, k, v, k_fading, v_fading, mem_k, mem_v,
             dq_p, dk_p, dv_p = _flash_backward(grad[:, first:e], qb[:, first:e], kb[:, keys], vb[:, keys],
                                                out[:, first:e], lse[:, first:e], 0.0, causal, attn_mask=mask,
                                                scale=layout.scale)
-            dq[:, first:e] += dq_p
+            written["q"] = _add_blocks(dq, first, dq_p, written["q"])
             dk, dv = grads[piece.keys]
-            dk[:, keys] += dk_p
-            dv[:, keys] += dv_p
+            _add_blocks(dv, keys.start, dv_p, written[piece.keys])
+            written[piece.keys] = _add_blocks(dk, keys.start, dk_p, written[piece.keys])
+    for name, total in (("q", dq), *((name, t) for name, pair in grads.items() for t in pair)):
+        total[:, written[name]:].zero_()  # blocks no piece reached (key blocks behind the last query block)
     d_q = _from_blocks(dq, g, layout.length)
     d_mem_k = d_mem_v = None
     if layout.use_memory:
@@ -358,6 +391,22 @@ def _backward_pieces(layout: _Layout, q, k, v, k_fading, v_fading, mem_k, mem_v,
     return d_q.reshape_as(q), d_k, d_v, d_kf, d_vf, d_mem_k, d_mem_v
 
 
+def _add_blocks(total: Tensor, start: int, part: Tensor, written: int) -> int:
+    """Add `part` (N, n, ...) into blocks [start, start + n) of `total`, whose blocks [0, written) hold values and
+    the others nothing yet; returns the new frontier. Copied where nothing is written yet, added elsewhere, so
+    no block is zeroed first (a gap before `start` is zeroed)."""
+    end = start + part.shape[1]
+    if start > written:
+        total[:, written:start].zero_()
+        written = start
+    split = min(written, end)
+    if split > start:
+        total[:, start:split] += part[:, :split - start]
+    if end > split:
+        total[:, split:end].copy_(part[:, split - start:])
+    return max(written, end)
+
+
 def eidetic_attention_fused(q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, *, window: int,
                             fading_window: int, chunk: int, scale: float | None, block: int | None,
                             fading_overlap: bool = False) -> tuple[Tensor, Tensor]:
@@ -365,13 +414,14 @@ def eidetic_attention_fused(q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid
     dtype = torch.promote_types(q.dtype, torch.float32)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     block = block or default_block(window, q.shape[2])
-    layout = _Layout(q, k, k_fading, mem_k, window, fading_window, chunk, block, scale, dtype, fading_overlap)
+    layout = _Layout(q, k, k_fading, mem_k, mem_valid, window, fading_window, chunk, block, scale, dtype,
+                     fading_overlap)
     cast = (lambda t: None if t is None else t.to(dtype).contiguous())
     use_fading = any(p.keys == "fading" for p in layout.pieces)
     out, lse = _EideticAttention.apply(
         cast(q), cast(k), cast(v), cast(k_fading) if use_fading else None, cast(v_fading) if use_fading else None,
-        cast(mem_k) if layout.use_memory else None, cast(mem_v) if layout.use_memory else None,
-        mem_valid if layout.use_memory else None, layout)
+        cast(mem_k) if layout.has_memory else None, cast(mem_v) if layout.has_memory else None,
+        mem_valid if layout.has_memory else None, layout)
     return out.to(q.dtype), lse
 
 
