@@ -86,10 +86,14 @@ def test_train_step_all_candidates(tmp_path, capfd):
 
     assert report["machine"]["ops"] == auto.describe("cpu")
     ops = {r["candidate"]: r["ops"] for r in report["results"]}
-    chosen = dispatch.get_backend("ssd_scan")
-    want_ssd = ("cpu-c" if auto.c_runs_here("cpu") == "" else "torch") if chosen == dispatch.AUTO else chosen
-    assert ops["bmojo"] == {"ssd_scan": want_ssd, "eidetic_attention": "torch"}, ops
-    assert ops["hf-mistral-swa"] == {} and ops["swa-only"] == {"eidetic_attention": "torch"}, ops
+
+    def want(*names: str) -> dict[str, str]:  # the backend each op ran on: auto picks cpu-c where it builds
+        c_here = "cpu-c" if auto.c_runs_here("cpu") == "" else "torch"
+        return {op: c_here if dispatch.get_backend(op) == dispatch.AUTO else dispatch.get_backend(op) for op in names}
+
+    layer_ops = ("eidetic_attention", "rms_norm", "rotary", "swiglu_product")  # an S layer's, and the pre-norms
+    assert ops["bmojo"] == want(*layer_ops, "ssd_scan", "causal_conv1d_rows", "gated_rms_norm"), ops
+    assert ops["hf-mistral-swa"] == {} and ops["swa-only"] == want(*layer_ops), ops
     pairs = {(s["candidate"], s["baseline"]) for s in report["speedups"]}
     assert ("bmojo", "hf-mamba2") in pairs and ("bmojo", "hf-mistral") in pairs
     assert {t["name"] for t in report["targets"]} >= {

@@ -8,12 +8,12 @@ Backends:
   * ``auto``    -- per call, ``cpu-c`` where its kernels can run (eager CPU float32 inputs, the library
                    built), ``torch`` elsewhere, silently (`ops.auto`); `DEFAULT_BACKEND`.
 
-Model code calls `ops.selective_scan(...)`, `ops.ssd_scan(...)`,
-`ops.eidetic_attention(...)`, `ops.rotary(...)`, Mamba-2's conv `ops.causal_conv1d_rows(...)` and the element-wise chains `ops.rms_norm(...)`,
-`ops.gated_rms_norm(...)`, `ops.swiglu_product(...)`; which implementation runs is chosen here, globally
-or per op, with `set_backend` / `use_backend` or the ``BMOJO_OPS_BACKEND``
-environment variable (unset: `DEFAULT_BACKEND`). Every backend takes the reference
-signatures and layouts.
+Model code calls the ops (`ops.selective_scan(...)`, `ops.ssd_scan(...)`,
+`ops.eidetic_attention(...)`, `ops.rotary(...)`, Mamba-2's conv `ops.causal_conv1d_rows(...)`
+and the element-wise chains `ops.rms_norm(...)`, `ops.gated_rms_norm(...)`,
+`ops.swiglu_product(...)`); which implementation runs is chosen here, globally or per op,
+with `set_backend` / `use_backend` or the ``BMOJO_OPS_BACKEND`` environment variable
+(unset: `DEFAULT_BACKEND`). Every backend takes the reference signatures and layouts.
 """
 
 from __future__ import annotations
