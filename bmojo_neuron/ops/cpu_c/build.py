@@ -104,7 +104,8 @@ def reset() -> None:
 
 
 def _key(compiler: str) -> str:
-    parts = [b for source in sources() for b in (source.name.encode(), source.read_bytes())]
+    files = sources() + sorted(Path(__file__).parent.glob("*.h"))  # the headers they include count too
+    parts = [b for source in files for b in (source.name.encode(), source.read_bytes())]
     parts += [compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode(),
              _cpu_model().encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]

@@ -28,15 +28,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fast_exp.h"
+
 #define BLOCK_ROWS 64
 
-/* exp(x), written so that loops over it vectorise (libm's expf is a scalar call, and GCC keeps a loop with
- * floorf or a float compare feeding arithmetic scalar unless -fno-trapping-math): |x| is first clamped to
- * 88 by an integer compare of its bits (exp(88) is finite; a NaN becomes 88, and the SiLU still returns NaN
- * through its other factor); x = n ln2 + r with n rounded to nearest by adding and subtracting 1.5 * 2^23,
- * |r| <= ln2 / 2 (ln2 split in two so that n ln2 is exact); exp(r) by its Taylor polynomial to r^7 (error
- * below 1e-8 relative); 2^n written into the exponent bits (n = -127, x below about -87.7, gives 0).
- * Within 1.3 ulp of exp over [-87, 87]; for the SiLU only exp(-pre) near 1 and above matters. */
+/* exp(x) (fast_exp.h) with |x| first clamped to 88 by an integer compare of its bits: GCC keeps a loop with a
+ * float compare feeding arithmetic scalar unless -fno-trapping-math. exp(88) is finite; a NaN becomes 88,
+ * and the SiLU still returns NaN through its other factor; x below about -87.7 gives 0. Within 1.3 ulp of
+ * exp over [-87, 87]; for the SiLU only exp(-pre) near 1 and above matters. */
 static inline float vexp(float x) {
     uint32_t u;
     memcpy(&u, &x, sizeof u);
@@ -44,20 +43,7 @@ static inline float vexp(float x) {
     mag = mag > 0x42b00000u ? 0x42b00000u : mag; /* 0x42b00000 is 88.0f */
     u = (u & 0x80000000u) | mag;
     memcpy(&x, &u, sizeof x);
-    float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-    float r = x - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
-    float p = 1.f / 5040.f;
-    p = p * r + 1.f / 720.f;
-    p = p * r + 1.f / 120.f;
-    p = p * r + 1.f / 24.f;
-    p = p * r + 1.f / 6.f;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    return exp_in_range(x);
 }
 
 static inline float sigmoid(float x) { return 1.f / (1.f + vexp(-x)); }

@@ -27,43 +27,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* GCC vectorises a loop with float comparisons (fast_exp's clamps) only where they may not trap; these
+/* GCC vectorises a loop with float comparisons (exp_clamped's clamps) only where they may not trap; these
  * kernels never read the floating-point exception flags, so this changes no result (clang ignores it). */
 #pragma GCC optimize("no-trapping-math")
+
+#include "fast_exp.h"
 
 #define LANES 16
 #define BLOCK_ROWS 64
 
-/* exp(x) to 1 ulp (within 9e-8 relative, measured on [-87, 88]), written so that loops over it vectorise
- * (libm's expf is a scalar call): x = n ln2 + r with |r| <= ln2 / 2, n rounded by adding 1.5 * 2^23 (its bits
- * then hold n), exp(r) by its Taylor series to r^7, 2^n put into the exponent bits. x is clamped to
- * [-87, 88] first, so the result is a normal float: exp(-87) = 1.6e-38 below, exp(88) = 1.7e38 above. In a
- * sigmoid, 1 / (1 + exp(-z)), the clamp changes nothing visible: s is 1 within round-off for z > 17, and for
- * z < -88 it stays at sigmoid(-88) = 6e-39 instead of falling further. */
-static inline float fast_exp(float x) {
-    const float shifter = 12582912.0f;
-    float xc = x < -87.0f ? -87.0f : x;
-    xc = xc > 88.0f ? 88.0f : xc;
-    float t = xc * 1.44269504088896341f + shifter;
-    float n = t - shifter;
-    float r = xc - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
-    float p = 1.f / 5040.f;
-    p = p * r + 1.f / 720.f;
-    p = p * r + 1.f / 120.f;
-    p = p * r + 1.f / 24.f;
-    p = p * r + 1.f / 6.f;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    int32_t t_bits, bits;
-    memcpy(&t_bits, &t, sizeof t_bits);
-    bits = (t_bits - 0x4B400000 + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
-static inline float sigmoid(float z) { return 1.f / (1.f + fast_exp(-z)); }
+static inline float sigmoid(float z) { return 1.f / (1.f + exp_clamped(-z)); }
 
 static inline float tree_sum(float acc[LANES]) {
     for (int width = LANES / 2; width > 0; width /= 2)

@@ -34,28 +34,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* exp(x) to about 1 ulp, written so that loops over it vectorise (libm's expf is a scalar call):
- * x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7 (truncation < 1e-8
- * relative), 2^n put into the exponent bits. n is rounded by adding and subtracting 1.5 2^23 (no
- * floorf: GCC keeps it a call, which stops the vectoriser). x below -87 gives 0 (no subnormals),
- * above 88.7 inf. */
+#include "fast_exp.h"
+
+/* exp(x) (fast_exp.h) with the edges of libm's expf: below -87 gives 0 (no subnormals), above 88.7 inf. */
 static inline float fast_exp(float x) {
-    float xc = x < -87.0f ? -87.0f : x;
-    xc = xc > 88.0f ? 88.0f : xc;
-    float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = xc - n * 0.693145751953125f - n * 1.42860682030941723e-6f;
-    float p = 1.f / 5040.f;
-    p = p * r + 1.f / 720.f;
-    p = p * r + 1.f / 120.f;
-    p = p * r + 1.f / 24.f;
-    p = p * r + 1.f / 6.f;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    int bits = ((int)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    float v = p * scale;
+    float v = exp_clamped(x);
     v = x < -87.0f ? 0.f : v;
     return x > 88.7f ? INFINITY : v;
 }
