@@ -39,6 +39,7 @@ def default_selection(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     monkeypatch.setattr(dispatch, "_active", {})
     monkeypatch.setattr(dispatch, "DEFAULT_BACKEND", dispatch.AUTO)
+    monkeypatch.setattr(auto, "MIN_C_ELEMENTS", 0)  # these tests' small inputs stand for large ones (one test below)
 
 
 def _float_inputs(dtype=torch.float32) -> dict:
@@ -68,6 +69,15 @@ def test_default_runs_c_only_on_eager_cpu_float32(c_cache, default_selection, mo
             y, ran, inputs = _scan()
             assert ran == {"torch"} and torch.equal(y, ref_ssd.ssd_scan(chunk_size=8, **inputs))
     assert "cpu-c for ssd_scan" in auto.describe("cpu") and auto.describe("cuda").startswith("torch")
+
+    monkeypatch.setattr(auto, "MIN_C_ELEMENTS", 1 << 14)  # as shipped: a decoding step's few rows stay on torch
+    y, ran, inputs = _scan()
+    assert ran == {"torch"} and torch.equal(y, ref_ssd.ssd_scan(chunk_size=8, **inputs))
+    big = {k: v.repeat(1, 64, 1, 1) if v.dim() == 4 else (v.repeat(1, 64, 1) if v.dim() == 3 else v)
+           for k, v in _float_inputs().items()}  # 2 x 1280 tokens: above the threshold
+    with dispatch.recording() as ran:
+        ops.ssd_scan(chunk_size=8, **big)
+    assert ran["ssd_scan"] == {"cpu-c"}
 
     monkeypatch.setattr(dispatch, "_active", {})
     monkeypatch.setenv(dispatch.ENV_VAR, "torch")  # the documented way to the pure reference

@@ -10,10 +10,8 @@ a `torch.compile` trace).
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import warnings
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -21,7 +19,7 @@ from torch import Tensor
 from ..reference.eager_cpu import fused_kernel_available
 from . import build
 
-__all__ = ["NOT_EAGER", "c_unavailable", "ptr", "silenced", "threads", "warn_once", "warned"]
+__all__ = ["NOT_EAGER", "c_unavailable", "ptr", "silence", "threads", "unsilence", "warn_once", "warned"]
 
 NOT_EAGER = "inputs that are not eager CPU tensors (another device, tracing or fused_kernels_disabled)"
 
@@ -32,14 +30,14 @@ warned: set[tuple[str, str]] = set()  # (op, reason) pairs already warned about 
 _silenced: contextvars.ContextVar[bool] = contextvars.ContextVar("bmojo_cpu_c_silenced", default=False)
 
 
-@contextlib.contextmanager
-def silenced() -> Iterator[None]:
-    """No `warn_once` warnings in the block (the default backend's calls; an explicit ``cpu-c`` keeps them)."""
-    token = _silenced.set(True)
-    try:
-        yield
-    finally:
-        _silenced.reset(token)
+def silence() -> contextvars.Token:
+    """No `warn_once` warnings until `unsilence` (the default backend's calls; an explicit ``cpu-c`` keeps
+    them). Two plain calls rather than a context manager: the default backend pays this on every op call."""
+    return _silenced.set(True)
+
+
+def unsilence(token: contextvars.Token) -> None:
+    _silenced.reset(token)
 
 
 def c_unavailable(*tensors: Tensor | None) -> str:
