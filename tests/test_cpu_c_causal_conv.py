@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from test_cpu_c import _backward_names
 from naive import tiny_config
 
 from bmojo_neuron import ops
@@ -229,14 +230,3 @@ def test_mamba2_mixer_runs_the_c_conv_from_a_state(c_cache):
     for w, g in zip(want, got, strict=True):
         assert (g - w).abs().max() <= 2 * F32_TOL * max(w.abs().max(), 1e-3)
 
-
-def _backward_names(node) -> set[str]:
-    names, stack, seen = set(), [node], set()
-    while stack:
-        n = stack.pop()
-        if n is None or id(n) in seen:
-            continue
-        seen.add(id(n))
-        names.add(type(n).__name__)
-        stack.extend(f for f, _ in n.next_functions)
-    return names

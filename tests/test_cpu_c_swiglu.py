@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from test_cpu_c import _backward_names
 
 from bmojo_neuron import ops
 from bmojo_neuron.ops.cpu_c import common
@@ -110,14 +111,3 @@ def test_model_runs_the_c_kernels_through_the_dispatch(c_cache):
     for w, g in zip(want_grads, got_grads, strict=True):
         assert (g - w).abs().max() <= 1e-5 * max(w.abs().max(), 1e-3)
 
-
-def _backward_names(node) -> set[str]:
-    names, stack, seen = set(), [node], set()
-    while stack:
-        n = stack.pop()
-        if n is None or id(n) in seen:
-            continue
-        seen.add(id(n))
-        names.add(type(n).__name__)
-        stack.extend(f for f, _ in n.next_functions)
-    return names
