@@ -123,7 +123,7 @@ def resolve(op: str) -> Callable:
     if name not in _BACKENDS:
         raise ValueError(f"{ENV_VAR} or set_backend named unknown ops backend {name!r}; choose one of {sorted(_BACKENDS)}")
     impl = _BACKENDS[name].impls()[op]
-    if not torch.compiler.is_compiling() and _recorders and name != AUTO:
+    if _recorders and name != AUTO and not torch.compiler.is_compiling():  # nothing to do unless recording
         note_ran(op, name)  # `auto` notes the backend it picks, per call
     return impl
 

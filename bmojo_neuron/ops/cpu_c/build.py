@@ -78,9 +78,10 @@ def load() -> Loaded:
     global _loaded
     if turned_off():
         return Loaded(None, f"turned off by {OFF_ENV}={os.environ[OFF_ENV]}")
-    with _lock:
-        if _loaded is None:
-            _loaded = _build_and_load()
+    if _loaded is None:  # the lock only until the first load: the default backend asks on every op call
+        with _lock:
+            if _loaded is None:
+                _loaded = _build_and_load()
     return _loaded
 
 
