@@ -123,7 +123,9 @@ def resolve(op: str) -> Callable:
     if name not in _BACKENDS:
         raise ValueError(f"{ENV_VAR} or set_backend named unknown ops backend {name!r}; choose one of {sorted(_BACKENDS)}")
     impl = _BACKENDS[name].impls()[op]
-    if _recorders and name != AUTO and not torch.compiler.is_compiling():  # nothing to do unless recording
+    # Compiling first: under a trace Dynamo would otherwise read `_recorders` and guard on it, and a graph
+    # compiled outside a `recording` block would recompile inside one (a timed bench step).
+    if not torch.compiler.is_compiling() and _recorders and name != AUTO:
         note_ran(op, name)  # `auto` notes the backend it picks, per call
     return impl
 
