@@ -235,6 +235,31 @@ def test_cost_model_charges_documented_cycles():
     assert prof.bound == "vector" and prof.time_serial_s > prof.time_overlapped_s
 
 
+def test_dma_engines_serve_eight_partitions_each():
+    """nki-dma-overview.rst line 34: each of the 16 DMA engines moves the data of eight SBUF partitions, and
+    arch guide lines 615-616: an engine processes one transfer at a time at 27 GiB/s. The overview's examples:
+    32 KiB over 4 partitions keep one engine busy (lines 57, 120); 32 KiB over 128 partitions put 2 KiB on each
+    of the 16 (lines 131, 192). The cost model alone, no kernel."""
+    from nki_kernels.emulator.costmodel import DMA_ENGINE_BYTES_PER_S as BW
+    from nki_kernels.emulator.costmodel import Timeline
+
+    def region(i, p0, p1):
+        return (i, p0, p1, 0, 1 << 20)
+
+    t = Timeline()
+    assert t.dma("4 rows", 32768, 4, 0, [], [region(1, 0, 4)]) == pytest.approx(32768 / BW)
+    assert t.dma("128 rows", 32768, 128, 0, [], [region(2, 0, 128)]) == pytest.approx(2048 / BW)
+    assert t.dma("12 rows", 12 * 1024, 12, 0, [], [region(3, 0, 12)]) == pytest.approx(8 * 1024 / BW)  # 8 + 4
+    assert t.dma("hbm to hbm", 16 * 1024, None, 0, [], [region(4, 0, 1)]) == pytest.approx(1024 / BW)
+
+    t = Timeline(record=True)  # 16 independent 8-partition transfers run side by side; the 17th waits for one
+    for i in range(17):
+        t.dma(f"d{i}", 8192, 8, 0, [], [region(10 + i, 0, 8)])
+    starts = [start for _, _, start, _ in t.events]
+    assert starts[:16] == [0.0] * 16 and starts[16] == pytest.approx(8192 / BW)
+    assert t.busy["dma"] == pytest.approx(17 * 8192 / BW / 16)
+
+
 def test_an_operand_striding_over_16_bytes_halves_an_engines_bandwidth():
     """[arch] lines 757-762: SBUF/PSUM supply peak bandwidth while the most-minor free axis steps less than
     16 bytes and half beyond: "roughly 50% performance hit on the instructions". A Vector copy, a Scalar

@@ -539,6 +539,21 @@ def test_usable_sbuf_is_192_kib_less_the_runtime_reservation():
     raises(bigger_than_sbuf, match="usable SBUF is 180216 bytes per partition")
 
 
+def test_sbuf_size_follows_the_target_generation():
+    """Physical SBUF per partition from each arch guide (v2 24 MiB / 128 = 192 KiB, v3 224 KiB, v4 32 MiB / 128
+    = 256 KiB), less nki-library's 16,392 B of runtime reservations; the emulator runs v2, whose figure is
+    `nl.tile_size.total_available_sbuf_size` and the capacity it enforces, not the 262,144 B (v4's whole
+    partition) the SDK's allocator example prints."""
+    from nki_kernels.emulator.core import SBUF_BYTES_PER_PARTITION_BY_GEN, usable_sbuf_bytes_per_partition
+
+    assert SBUF_BYTES_PER_PARTITION_BY_GEN == {2: 24 * 2 ** 20 // 128, 3: 28 * 2 ** 20 // 128, 4: 32 * 2 ** 20 // 128}
+    assert [usable_sbuf_bytes_per_partition(g) for g in (2, 3, 4)] == [180_216, 212_984, 245_752]
+    with pytest.raises(ValueError, match="error: no SBUF size known for NeuronCore-v5"):
+        usable_sbuf_bytes_per_partition(5)
+    assert nisa.get_nc_version() == nisa.nc_version.gen2
+    assert nl.tile_size.total_available_sbuf_size == SBUF_USABLE_BYTES_PER_PARTITION == 180_216
+
+
 def test_psum_has_eight_banks_and_tiles_take_whole_banks():
     def nine_banks():
         tiles = [nl.ndarray((128, 2), dtype=nl.float32, buffer=nl.psum) for _ in range(9)]  # 8 B each, a bank each
@@ -909,6 +924,13 @@ def test_activation_has_no_load_reduce():
                         reduce_cmd=nisa.reduce_cmd.load_reduce)
 
     raises(load_reduce, rand(4, 4), match="activation: reduce_cmd=load_reduce is not documented for activation")
+
+    def reduce_without_op(a):  # [isa] activation lines 114-116, 142-145: the reduction is reduce_op's, nl.add
+        nisa.activation(dst=nl.ndarray(a.shape, dtype=nl.float32), op=nl.copy, data=load(a),
+                        reduce_cmd=nisa.reduce_cmd.reset_reduce)
+
+    raises(reduce_without_op, rand(4, 4), match="activation: a reducing reduce_cmd needs reduce_op=nl.add "
+                                                r"\(reduce_cmd=reset_reduce, reduce_op=None\)")
 
     def two_steps(a, b):
         out = nl.ndarray(a.shape, dtype=nl.float32)

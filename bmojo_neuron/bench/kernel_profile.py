@@ -78,7 +78,7 @@ def profile_kernel(kernel: str, shape: dict[str, Any]) -> dict[str, Any]:
 
 def _times(prof: Profile, time_s: float | None = None) -> dict[str, Any]:
     """The row's modelled times: `time_ms` from the contention-aware timeline (engines in program order,
-    shared SBUF/PSUM ports, DMA queues, dependencies), `overlap_ms` the perfect-overlap lower bound
+    shared SBUF/PSUM ports, DMA engines, dependencies), `overlap_ms` the perfect-overlap lower bound
     (busiest engine alone), `serial_ms` no overlap at all; what bounds it and that engine's peak share."""
     bound = prof.bound
     engine = bound if bound in prof.cycles else None  # a port, 'dma' or 'hbm' has no peak share

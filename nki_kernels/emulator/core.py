@@ -7,10 +7,11 @@ in fp32 as the engines do, and issues itself to the cost model (`costmodel.Timel
 The rules are enforced here rather than trusted to code review because a kernel that
 violates one compiles to nothing (or to wrong answers) on a Trn1 we may not have.
 
-Capacities (NeuronCore-v2): SBUF 24 MiB = 128 partitions x 192 KiB, of which a kernel
-may use 192 KiB - 16 KiB (dynamic-DMA scratch) - 8 B (an accelerator-reserved word)
-per partition: the reservations nki-library makes (`core/mlp/mlp_cte/mlp_cte_constants.py`,
-MAX_AVAILABLE_SBUF_SIZE, written for the 224 KiB partitions of NeuronCore-v3). PSUM
+Capacities: SBUF per partition by NeuronCore generation (`SBUF_BYTES_PER_PARTITION_BY_GEN`);
+the emulator models NeuronCore-v2 (Trn1, `EMULATED_GEN`): 24 MiB = 128 partitions x 192 KiB,
+of which a kernel may use 192 KiB - 16 KiB (dynamic-DMA scratch) - 8 B (an accelerator-reserved
+word) per partition: the reservations nki-library makes (`core/mlp/mlp_cte/mlp_cte_constants.py`
+line 47, MAX_AVAILABLE_SBUF_SIZE, written for the 224 KiB partitions of NeuronCore-v3). PSUM
 2 MiB = 128 partitions x 16 KiB in 8 banks of 2 KiB; PSUM tensors start at a bank
 (nki-migration-guide.rst, "Improved Allocation API"), so each takes whole banks.
 """
@@ -34,9 +35,30 @@ from .costmodel import (ACCESS_OVERHEAD, CLOCK_HZ, ENGINES, HBM_BYTES_PER_S, MIN
 
 # --------------------------------------------------------------------- capacities
 PMAX = 128  # partitions
-SBUF_BYTES_PER_PARTITION = 192 * 1024  # physical: 24 MiB / 128
-SBUF_RESERVED_BYTES_PER_PARTITION = 16 * 1024 + 8  # dynamic-DMA scratch + accelerator-reserved word
-SBUF_USABLE_BYTES_PER_PARTITION = SBUF_BYTES_PER_PARTITION - SBUF_RESERVED_BYTES_PER_PARTITION  # 180,216 B
+EMULATED_GEN = 2  # NeuronCore-v2 (Trn1/Inf2): `nisa.get_nc_version()` is `nc_version.gen2`
+# Physical SBUF bytes per partition (capacity / 128 partitions), by NeuronCore generation, from the arch guides
+# at 3c46990d: v2 trainium_inferentia2_arch.rst lines 76-78 ("24MiB", "192KiB" per partition, Trn1/Inf2);
+# v3 trainium2_arch.rst line 39 ("28MiB", "128 partitions of 224KiB", Trn2); v4 trainium3_arch.rst line 36
+# ("32 MiB", Trn3). The 262,144 B that `library/kernel-utils/allocator.rst` lines 195-199 print as
+# `total_available_sbuf_size` (an address of it - 512 shown as 261632) is v4's whole partition; it is no
+# NeuronCore-v2 figure (docs/kernels.md, "Instruction and hardware rules").
+SBUF_BYTES_PER_PARTITION_BY_GEN = {2: 192 * 1024, 3: 224 * 1024, 4: 256 * 1024}
+# dynamic-DMA scratch + accelerator-reserved word: nki-library's "Total available SBUF - DynamicDMAScratchLoc -
+# EvalAccelReservedLoc" (mlp_cte_constants.py lines 46-47; its further 256 B are that kernel's own identity tile)
+SBUF_RESERVED_BYTES_PER_PARTITION = 16 * 1024 + 8
+
+
+def usable_sbuf_bytes_per_partition(gen: int) -> int:
+    """SBUF bytes per partition a kernel may allocate on NeuronCore-v`gen`: the physical partition
+    less the runtime's reservations (180,216 B on v2, 212,984 B on v3, 245,752 B on v4)."""
+    if gen not in SBUF_BYTES_PER_PARTITION_BY_GEN:
+        raise ValueError(f"error: no SBUF size known for NeuronCore-v{gen}; "
+                         f"known: {sorted(SBUF_BYTES_PER_PARTITION_BY_GEN)}")
+    return SBUF_BYTES_PER_PARTITION_BY_GEN[gen] - SBUF_RESERVED_BYTES_PER_PARTITION
+
+
+SBUF_BYTES_PER_PARTITION = SBUF_BYTES_PER_PARTITION_BY_GEN[EMULATED_GEN]
+SBUF_USABLE_BYTES_PER_PARTITION = usable_sbuf_bytes_per_partition(EMULATED_GEN)  # 180,216 B
 PSUM_BANK_BYTES = 2 * 1024  # per partition per bank: 512 fp32
 PSUM_BANKS = 8
 GEMM_STATIONARY_FMAX = 128
@@ -93,7 +115,7 @@ class Profile:
     `time_s` is the contention-aware timeline's makespan (costmodel.Timeline);
     `time_overlapped_s` the old perfect-overlap figure (busiest engine alone, no shared
     ports, no dependencies), kept for comparison; `busy_s` per resource (engines, the
-    two shared SRAM ports, the DMA queues, HBM) says what bounds the kernel.
+    two shared SRAM ports, the DMA engines, HBM) says what bounds the kernel.
     """
 
     cycles: dict[str, float] = field(default_factory=lambda: {e: 0.0 for e in ENGINES})
@@ -225,19 +247,19 @@ class RunState:
 
     def dma(self, instr: str, dst: "NkiTensor", src: "NkiTensor", hbm_bytes: int, accumulates: str = "",
             indices: tuple["NkiTensor", ...] = ()) -> None:
-        """Charge one DMA transfer (bytes moved = the larger side) and place it on the DMA queues.
+        """Charge one DMA transfer (bytes moved = the larger side) and place it on the DMA engines.
         `accumulates`: "add" when it adds into `dst` (`dst_rmw_op`), an associative reduction;
         `indices`: the `vector_offset` tiles a gather / scatter reads."""
         if self.affine_loops is not None and self.affine_loops.active:
             self.affine_loops.access(instr, (src, *indices), (dst,), accumulates)
         nbytes = max(src.nbytes, dst.nbytes)
-        rows = max(t.partitions if t.buffer in ON_CHIP else 1 for t in (dst, src))
-        rows = rows if any(t.buffer in ON_CHIP for t in (dst, src)) else costmodel.DMA_QUEUES
+        on_chip = [t.partitions for t in (dst, src) if t.buffer in ON_CHIP]
+        partitions = max(on_chip) if on_chip else None
         self.profile.hbm_bytes += int(hbm_bytes)
         self.profile.dma_bytes += int(nbytes)
         self.profile.dma_count += 1
         reads = [src.region(), *(t.region() for t in indices)] + ([dst.region()] if hbm_bytes > nbytes else [])
-        self.profile.timeline.dma(instr, nbytes, rows, hbm_bytes, reads, [dst.region()])
+        self.profile.timeline.dma(instr, nbytes, partitions, hbm_bytes, reads, [dst.region()])
 
     def allocate(self, buffer: str, nbytes: int) -> int:
         self.live[buffer] += nbytes
@@ -853,7 +875,7 @@ def _check_on_chip_alloc(instr: str, shape: tuple[int, ...], dt: np.dtype, buffe
     if placed:
         return
     usable = f"usable SBUF is {SBUF_USABLE_BYTES_PER_PARTITION} bytes per partition ({SBUF_BYTES_PER_PARTITION} " \
-        f"less the {SBUF_RESERVED_BYTES_PER_PARTITION} the runtime reserves)"
+        f"on NeuronCore-v{EMULATED_GEN} less the {SBUF_RESERVED_BYTES_PER_PARTITION} the runtime reserves)"
     if buffer == SBUF:
         if per_partition > SBUF_USABLE_BYTES_PER_PARTITION:  # no spill makes room for it
             raise rule_error(instr, usable, f"tile {shape} {dt} needs {per_partition} B/partition")

@@ -1,4 +1,4 @@
-"""Trn1 (NeuronCore-v2) cost model: engine queues, shared SRAM ports, DMA queues, dependencies.
+"""Trn1 (NeuronCore-v2) cost model: engine queues, shared SRAM ports, DMA engines, dependencies.
 
 Every instruction the emulator runs is *issued* here with its engine, its cycle count
 (the per-instruction formulas live in `isa.py`) and the tensor regions it reads and
@@ -21,12 +21,21 @@ An instruction that depends on the previous instruction of its own engine pays t
 documented static overhead of 100 cycles (arch guide, Vector Engine cost model:
 "every instruction depending on the output tile of the previous instruction").
 
-DMA: 16 DMA engines per NeuronCore, 27 GiB/s each (arch guide, "Data movement between
-HBM and SBUF using DMAs"); a transfer is split across at most one queue per partition
-row it touches (each SBUF partition is a separate DMA buffer) and occupies those queues
-for bytes / (queues x 27 GiB/s). HBM traffic is also capped at the device's 820 GB/s.
-(nki-dma-overview.rst line 34 gives each engine typically eight partitions, which would put a
-transfer over fewer than 128 partitions on fewer queues; not applied: docs/kernels.md, "Cost model".)
+DMA: 16 DMA engines per NeuronCore, each moving one transfer at a time at 27 GiB/s
+(trainium_inferentia2_arch.rst lines 615-616: "Each DMA engine can process one DMA transfer at a
+time driving a peak bandwidth of 27 GiB/s, but all DMA engines can process different DMA transfers
+in parallel"). Each engine serves eight SBUF partitions (get-started/about/nki-dma-overview.rst
+line 34: "each DMA engine is typically responsible for moving data for eight SBUF partitions (128
+partitions / 16 DMA engines)"; its example of 4 partitions keeps one engine busy, lines 57 and
+120, and 128 partitions all 16, lines 131 and 192; the arch guide splits a 128-partition load
+into 16 transfers of 8 partitions each, lines 661-662). So a transfer over P partitions is cut into
+ceil(P / 8) pieces of at most 8 partitions, each on its own engine (the ones free earliest: the
+compiler assigns the engines, arch guide lines 660-661, and no source gives a fixed map), and lasts as
+long as its largest piece: bytes x min(8, P) / P at 27 GiB/s. A transfer with no on-chip side
+(HBM to HBM) uses all 16. An engine's 16 queues (nki-dma-overview.rst line 29) share that one
+engine: transfers on it run one after another in issue order, the same throughput as the round
+robin between queues the source describes, though a transfer's own finish can come earlier than
+it would interleaved. HBM traffic is also capped at the device's 820 GB/s.
 
 An engine instruction whose SBUF/PSUM operand steps more than 16 bytes along its innermost axis streams at
 half bandwidth (arch guide, "Access pattern"): its cycles double (`STRIDE_PENALTY`).
@@ -39,6 +48,7 @@ compiler's reordering across engines beyond program order per engine, and alloca
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -61,8 +71,9 @@ TWO_INPUT_CYCLES_PER_ELEMENT = 1.12
 STRIDE_PENALTY_BYTES = 16
 STRIDE_PENALTY = 2.0
 STREAMING_ENGINES = ("vector", "scalar", "gpsimd")
-DMA_QUEUES = 16
-DMA_QUEUE_BYTES_PER_S = 27 * 2 ** 30
+DMA_ENGINES = 16
+PARTITIONS_PER_DMA_ENGINE = 8  # nki-dma-overview.rst line 34
+DMA_ENGINE_BYTES_PER_S = 27 * 2 ** 30
 HBM_BYTES_PER_S = 820e9  # per device (two NeuronCores); one kernel alone on the chip
 SBUF_PORT, PSUM_PORT = "sbuf_port", "psum_port"  # the two shared SRAM interfaces
 RESOURCES = (*ENGINES, "dma", SBUF_PORT, PSUM_PORT)
@@ -103,12 +114,12 @@ def _bounded(records: list[tuple[Region, float, int]]) -> list[tuple[Region, flo
 
 @dataclass
 class Timeline:
-    """List scheduler over the engines, the two shared ports and the DMA queues."""
+    """List scheduler over the engines, the two shared ports and the DMA engines."""
 
     record: bool = False
     free: dict[str, float] = field(default_factory=lambda: {e: 0.0 for e in ENGINES})
     port_free: dict[str, float] = field(default_factory=lambda: {SBUF_PORT: 0.0, PSUM_PORT: 0.0})
-    dma_free: list[float] = field(default_factory=lambda: [0.0] * DMA_QUEUES)
+    dma_free: list[float] = field(default_factory=lambda: [0.0] * DMA_ENGINES)  # per DMA engine
     busy: dict[str, float] = field(default_factory=lambda: {r: 0.0 for r in RESOURCES})
     last_instr: dict[str, int] = field(default_factory=dict)  # engine -> id of its last instruction
     makespan: float = 0.0
@@ -177,21 +188,22 @@ class Timeline:
         return duration
 
     # ---------------------------------------------------------------- DMA
-    def dma(self, name: str, nbytes: int, rows: int, hbm_bytes: int, reads: list[Region],
+    def dma(self, name: str, nbytes: int, partitions: int | None, hbm_bytes: int, reads: list[Region],
             writes: list[Region]) -> float:
-        """Place one DMA transfer on up to `rows` (<= 16) queues; returns its duration in seconds."""
+        """Place one DMA transfer over `partitions` SBUF/PSUM partitions (None: no on-chip side) on
+        the DMA engines that serve them; returns its duration in seconds."""
         iid = self._next_id
         self._next_id += 1
         ready, _ = self._ready(reads, writes)
-        queues = max(1, min(DMA_QUEUES, rows))
-        order = sorted(range(DMA_QUEUES), key=self.dma_free.__getitem__)[:queues]
-        duration = nbytes / (queues * DMA_QUEUE_BYTES_PER_S)
+        engines, piece_bytes = dma_pieces(nbytes, partitions)
+        order = sorted(range(DMA_ENGINES), key=self.dma_free.__getitem__)[:engines]
+        duration = piece_bytes / DMA_ENGINE_BYTES_PER_S
         self.hbm_time += hbm_bytes / HBM_BYTES_PER_S
         start = max(ready, *(self.dma_free[q] for q in order))
         end = start + duration
         for q in order:
             self.dma_free[q] = end
-        self.busy["dma"] += duration * queues / DMA_QUEUES  # share of the aggregate DMA throughput
+        self.busy["dma"] += duration * engines / DMA_ENGINES  # share of the aggregate DMA throughput
         self._record(iid, reads, writes, end)
         self.makespan = max(self.makespan, end, self.hbm_time)
         if self.record:
@@ -199,5 +211,17 @@ class Timeline:
         return duration
 
 
-__all__ = ["ACCESS_OVERHEAD", "CLOCK_HZ", "DEPENDENT_STALL", "DMA_QUEUES", "DMA_QUEUE_BYTES_PER_S", "ENGINES",
-           "HBM_BYTES_PER_S", "MIN_II", "PSUM_PORT", "RESOURCES", "SBUF_PORT", "Timeline"]
+def dma_pieces(nbytes: int, partitions: int | None) -> tuple[int, float]:
+    """(DMA engines a transfer occupies, bytes its largest piece moves): one engine per eight
+    partitions, all 16 for a transfer with no on-chip side (module docstring)."""
+    if partitions is None:
+        return DMA_ENGINES, nbytes / DMA_ENGINES
+    partitions = max(1, partitions)
+    engines = min(DMA_ENGINES, math.ceil(partitions / PARTITIONS_PER_DMA_ENGINE))
+    largest_piece = max(min(PARTITIONS_PER_DMA_ENGINE, partitions), math.ceil(partitions / DMA_ENGINES))
+    return engines, nbytes * largest_piece / partitions
+
+
+__all__ = ["ACCESS_OVERHEAD", "CLOCK_HZ", "DEPENDENT_STALL", "DMA_ENGINES", "DMA_ENGINE_BYTES_PER_S", "ENGINES",
+           "HBM_BYTES_PER_S", "MIN_II", "PARTITIONS_PER_DMA_ENGINE", "PSUM_PORT", "RESOURCES", "SBUF_PORT",
+           "Timeline", "dma_pieces"]

@@ -86,8 +86,8 @@ _OOB_MODE = oob_mode
 
 
 def get_nc_version():
-    """The emulator models Trn1 (NeuronCore-v2)."""
-    return nc_version.gen2
+    """The emulator models Trn1 (NeuronCore-v2): its SBUF size and rules (core.EMULATED_GEN)."""
+    return nc_version(core.EMULATED_GEN)
 
 
 # [isa] nc_matmul "Data types": float8_e4m3/float8_e5m2/bfloat16/float16/tfloat32/float32
@@ -852,6 +852,11 @@ def activation(dst, op, data, bias=None, scale=1.0, reduce_op=None, reduce_res=N
         b = bias.read() if state().compute else 0.0
     if reduce_op is not None and reduce_op is not nl.add:
         raise rule_error(instr, "reduce_op must be nl.add on NeuronCore-v2", f"reduce_op={reduce_op!r}")
+    if reduce_op is None and reduce_cmd in (_REDUCE_CMD.reduce, _REDUCE_CMD.reset_reduce):
+        # [isa] activation (stub lines 114-116, 142-145): the registers take reduce_op(output) under these two
+        # commands, and "reduce_op must be nl.add"; with no reduce_op there is no reduction to store
+        raise rule_error(instr, "a reducing reduce_cmd needs reduce_op=nl.add",
+                         f"reduce_cmd={reduce_cmd.name}, reduce_op=None")
     if reduce_cmd == _REDUCE_CMD.load_reduce:  # [isa] activation documents reset, idle, reduce, reset_reduce only
         raise rule_error(instr, "reduce_cmd=load_reduce is not documented for activation (it takes no value to "
                          "load) and is not emulated", "reduce_cmd=load_reduce")

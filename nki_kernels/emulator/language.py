@@ -134,7 +134,8 @@ class tile_size(NKIObject):  # noqa: N801 - NKI's name
     `total_available_sbuf_size` is bytes *per partition* a kernel may allocate: nki-library
     uses it as the upper bound of its per-partition SBUF allocator (`utils/allocator.py`),
     and reserves the dynamic-DMA scratch and an accelerator word below the physical size
-    (`mlp_cte_constants.py`: MAX_AVAILABLE_SBUF_SIZE); see core.SBUF_USABLE_BYTES_PER_PARTITION.
+    (`mlp_cte_constants.py`: MAX_AVAILABLE_SBUF_SIZE); core.usable_sbuf_bytes_per_partition gives it
+    per generation, this is the emulated NeuronCore-v2's.
     """
 
     pmax: int = core.PMAX
