@@ -63,7 +63,7 @@ def scan_table(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{r['shape']:<24} {r['kernel']:<11} {r['dims']:<30} {r['time_ms']:>9.2f} "
                      f"{r['overlap_ms']:>10.2f} {r['serial_ms']:>10.2f} {r['bound']:<9} {share:>7}")
     lines.append("time = the contention-aware timeline (engines in program order, the shared SBUF port of Vector + "
-                 "GpSimd and PSUM port of Vector + Scalar, DMA queues, dependencies) on one Trn1 NeuronCore, batch 1; "
+                 "GpSimd and PSUM port of Vector + Scalar, DMA engines, dependencies) on one Trn1 NeuronCore, batch 1; "
                  "overlap = busiest engine alone (lower bound); serial = no overlap. Calibration: the tutorial's "
                  "Mamba-1 forward measured 27.8 ms.")
     return "\n".join(lines)
