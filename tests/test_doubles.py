@@ -1435,6 +1435,77 @@ def test_tensor_attributes_nxd_does_not_move_meet_torch_xla_rules_in_the_step(on
         "to(<device>) of a host tensor"]
 
 
+def test_nxd_move_gives_new_parameters_with_only_nxd_attributes_and_reties(one_rank, monkeypatch):
+    """On XLA ``Module.to`` makes every parameter a new ``Parameter`` (no shallow copy between a CPU and an XLA
+    tensor, torch's ``Module._apply``): NxD's ``move_model_to_device`` (utils/model_utils.py 148-235 at v2.28.0)
+    puts back its parallel attributes by name (``rank_ordering`` as None) and ``sequence_parallel_enabled``, drops
+    every other attribute, and re-ties a shared Parameter: a transformers model through its ``tie_weights``,
+    another module by the names found before the move. The objects held before the move are not the model's."""
+    from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
+    from naive import tiny_config
+
+    monkeypatch.setenv("PJRT_DEVICE", "NEURON")
+    modules, _ = _doubles_and_env()
+    trainer, utils = modules[nxd_api.TRAINER], modules["neuronx_distributed.parallel_layers.utils"]
+    config = trainer.neuronx_distributed_config()
+    before: dict = {}
+
+    def plain():
+        module = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False))
+        module[1].weight = module[0].weight  # shared: one Parameter in two modules
+        module[0].weight.sequence_parallel_enabled = True
+        module[0].weight.no_decay = True  # not an attribute NxD keeps
+        utils.set_tensor_model_parallel_attributes(module[0].weight, True, 0, 1, num_partitions=1, rank_ordering=[0])
+        before["weight"] = module[0].weight
+        return module
+
+    moved = trainer.initialize_parallel_model(config, plain).module
+    weight = moved[0].weight
+    assert weight is not before["weight"] and torch.equal(weight, before["weight"])
+    assert moved[1].weight is weight  # re-tied
+    assert (weight.sequence_parallel_enabled, weight.tensor_model_parallel, weight.partition_dim,
+            weight.num_partitions, weight.rank_ordering) == (True, True, 0, 1, None)
+    assert not hasattr(weight, "no_decay")
+
+    def causal_lm():
+        lm = BMojoForCausalLM(tiny_config(tie_word_embeddings=True))
+        before["lm"] = dict(lm.named_parameters())
+        return lm
+
+    lm = trainer.initialize_parallel_model(config, causal_lm).module
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight  # transformers' tie_weights re-tied it
+    assert not any(p is before["lm"][name] for name, p in lm.named_parameters())
+
+
+def test_a_buffer_registered_after_the_move_is_on_the_host(one_rank, monkeypatch):
+    """NxD moves the model's buffers with it; one registered afterwards from a tensor made without ``device=``
+    stays on the host, and in the step ``mm`` refuses it (``bridge::GetXlaTensor``) as it refuses a plain tensor
+    attribute. One made on the device, or moved there, is a device tensor."""
+    from doubles.xla_host import XLA_DEVICE
+
+    def step_with_buffer(make) -> float:
+        log = neuron_sdk.install(monkeypatch)
+        trainer = sys.modules[nxd_api.TRAINER]
+        from toy_graphs import Scaled
+
+        model = trainer.initialize_parallel_model(trainer.neuronx_distributed_config(),
+                                                  lambda: Scaled(lambda y: (y @ model.module.offset).sum()))
+        model.module.register_buffer("offset", make())
+        loader = sys.modules["torch_xla.distributed.parallel_loader"].MpDeviceLoader([{"x": torch.ones(4, 8)}], "cpu")
+        try:
+            return model(next(iter(loader))["x"]).item()
+        finally:
+            sys.modules["torch_xla"].sync()
+            sys.modules[PARALLEL_STATE].destroy_model_parallel()
+            assert log.moved_modules
+
+    monkeypatch.setenv("PJRT_DEVICE", "NEURON")
+    with pytest.raises(RuntimeError, match=r"^Expected XLA tensor\. Got: CPUFloatType$"):
+        step_with_buffer(lambda: torch.ones(8, 8))
+    assert step_with_buffer(lambda: torch.ones(8, 8, device=XLA_DEVICE)) == 256.0
+    assert step_with_buffer(lambda: torch.ones(8, 8).to(XLA_DEVICE)) == 256.0
+
+
 def test_explicit_host_placement_and_reads_in_a_step_are_caught():
     """The double's XLA device is ``cpu:0`` (torch-xla's is ``xla:0``) and our code sees it as ``t.device`` of a
     device tensor, so an explicit ``device="cpu"`` / ``torch.device("cpu")`` makes a host tensor (refused by
