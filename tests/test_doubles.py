@@ -780,29 +780,33 @@ def test_tensor_parallel_replica_groups_list_every_rank(one_rank, monkeypatch):
 def test_nxd_groups_are_our_layouts_and_nxd_refuses_what_we_refuse(one_rank, monkeypatch):
     """The double builds NxD v2.28.0's replica groups (parallel_state.py 594-636: the ``[pp, dp, cp, tp]`` grid and
     trn1's strided tp = 4), which are the groups our ``ParallelLayout`` / ``trainium_groups`` give; a tp = 4 layout
-    NxD cannot reshape fails in both, and a double initialised for the training loop hands out those groups."""
+    NxD cannot reshape fails in both, one it can (a node of 6 or 12 ranks too: n = LOCAL_WORLD_SIZE // 4) passes
+    both, and a double initialised for the training loop hands out those groups."""
     from bmojo_neuron.parallel.layout import ParallelLayout, check_trainium_layout, trainium_groups
 
     state = _doubles()[PARALLEL_STATE]
     world_size = {"n": 1}
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: world_size["n"])
     for world, tp, pp, local in [(32, 8, 4, 32), (64, 4, 1, 32), (64, 4, 2, 32), (128, 4, 4, 32), (16, 2, 2, 16),
-                                 (8, 1, 8, 8), (8, 4, 1, 8)]:
+                                 (8, 1, 8, 8), (8, 4, 1, 8), (12, 4, 1, 6), (48, 4, 2, 12)]:  # 6, 12: not x4 per node
         world_size["n"] = world
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
         mesh = state.initialize_model_parallel(tp, pp, mesh_only=True)
         ours = trainium_groups(world, tp, pp, local)
         assert (mesh.tp_groups, mesh.pp_groups, mesh.dp_groups) == (ours["tp"], ours["pp"], ours["dp"]), (world, tp, pp)
+        check_trainium_layout(world, tp, pp, local)  # NxD builds it: so do we
         if tp != 4:
             layout = ParallelLayout.from_world(world, tp, pp)
             assert (layout.tp_groups(), layout.pp_groups(), layout.dp_groups()) == (ours["tp"], ours["pp"], ours["dp"])
     assert not state.model_parallel_is_initialized()  # mesh_only builds nothing
-    for world, pp, local, error in [(32, 2, 32, RuntimeError), (8, 1, 2, ZeroDivisionError)]:
+    for world, pp, local, error, why in [(32, 2, 32, RuntimeError, "multiple of 8"),
+                                         (60, 1, 10, RuntimeError, "multiple of 2"),
+                                         (8, 1, 2, ZeroDivisionError, "at least 4")]:
         world_size["n"] = world
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
         with pytest.raises(error):
             state.initialize_model_parallel(4, pp)
-        with pytest.raises(ValueError, match="multiple of"):
+        with pytest.raises(ValueError, match=why):
             check_trainium_layout(world, 4, pp, local)
     world_size["n"] = 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
