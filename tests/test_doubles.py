@@ -1439,6 +1439,19 @@ def test_tensor_attributes_nxd_does_not_move_meet_torch_xla_rules_in_the_step(on
         "to(<device>) of a host tensor"]
 
 
+def test_a_parallel_layer_built_before_nxd_state_fails_as_nxd_fallback_does(one_rank):
+    """NxD's ``BaseParallelLayer`` (layers.py 174-183 at v2.28.0) built before ``initialize_model_parallel`` warns
+    and starts a one-rank fallback state with ``init_process_group``, which torch refuses when a process group
+    exists (every Neuron run of ours has one): the layer is never built. After the initialisation it is."""
+    modules = _doubles()
+    layers = modules["neuronx_distributed.parallel_layers.layers"]
+    with pytest.warns(UserWarning, match="Parallel state is not initialized"), \
+            pytest.raises(ValueError, match="default process group twice"):
+        layers.ColumnParallelLinear(4, 4)
+    modules[PARALLEL_STATE].initialize_model_parallel()
+    assert layers.RowParallelLinear(4, 4).weight.shape == (4, 4)
+
+
 def test_nxd_move_gives_new_parameters_with_only_nxd_attributes_and_reties(one_rank, monkeypatch):
     """On XLA ``Module.to`` makes every parameter a new ``Parameter`` (no shallow copy between a CPU and an XLA
     tensor, torch's ``Module._apply``): NxD's ``move_model_to_device`` (utils/model_utils.py 148-235 at v2.28.0)
