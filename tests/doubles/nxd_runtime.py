@@ -10,7 +10,8 @@ pipeline parallelism with one stage per process and any data-parallel degree (tp
   replica groups (`nxd_replica_groups`: trn1's strided tp = 4 and its refusals too); the
   ``parallel_state`` getters, ZeRO-1 and ``NxDPPModel`` assert that it was initialised; ``initialize_parallel_model`` builds
   through ``model_fn``, moves to the device in NxD's waves of
-  ``sequential_move_factor`` local ranks (a rendezvous after each wave), wraps in
+  ``sequential_move_factor`` local ranks (a rendezvous after each wave; each parameter and buffer a new object,
+  with only NxD's attributes and ties put back, `doubles.nxd_move`), wraps in
   ``NxDModel`` and applies NxD's activation checkpointing: an ``NxDCheckpointWrapper``
   (parameter names carry ``_checkpoint_wrapped_module.``, module names do not) running
   torch-xla's *reentrant* checkpoint (no keyword arguments; parameter gradients only

@@ -39,8 +39,11 @@ on XLA and are recorded in ``XlaLog.host_reads`` (the copies are host tensors).
 What ``torch.load`` reads during a Neuron run is on the host too (`LoadedOnHost`, installed by
 `neuron_sdk.install`): a checkpoint's optimizer state not moved to the device fails the step's update.
 
-Not modelled: other host tensors made before the step but those attributes (a buffer registered after the move,
-a tensor kept in a closure, an optimizer state made outside a step without ``device=``: following them would
+A buffer registered on a moved module after NxD's move, from a tensor our code made without ``device=``
+(`follow_factories`), is marked when the next step begins (`mark_buffers_left_on_the_host`, `doubles.nxd_move`).
+
+Not modelled: other host tensors made before the step but those (a buffer made by torch or another library and
+registered after the move, a tensor kept in a closure, an optimizer state made outside a step without ``device=``: following them would
 need the mode between steps too, a Python call at every op of evaluations and checkpoints), host tensors made by
 torch (but ``torch.load``), another library or the doubles, and the host operands of ops torch-xla runs through
 its CPU fallback (they take host tensors; `xla_lowerings.CpuFallbacks` records the ops).
