@@ -42,10 +42,11 @@ What ``torch.load`` reads during a Neuron run is on the host too (`LoadedOnHost`
 A buffer registered on a moved module after NxD's move, from a tensor our code made without ``device=``
 (`follow_factories`), is marked when the next step begins (`mark_buffers_left_on_the_host`, `doubles.nxd_move`).
 
-Not modelled: other host tensors made before the step but those (a buffer made by torch or another library and
-registered after the move, a tensor kept in a closure, an optimizer state made outside a step without ``device=``: following them would
-need the mode between steps too, a Python call at every op of evaluations and checkpoints), host tensors made by
-torch (but ``torch.load``), another library or the doubles, and the host operands of ops torch-xla runs through
+Not modelled: other host tensors made before the step but those (a buffer made by torch or another library
+and registered after the move, a tensor kept in a closure, an optimizer state made outside a step without
+``device=``: following them would need the mode between steps too, a Python call at every op of evaluations
+and checkpoints), host tensors made by torch (but ``torch.load``), another library or the doubles, and the host
+operands of ops torch-xla runs through
 its CPU fallback (they take host tensors; `xla_lowerings.CpuFallbacks` records the ops).
 """
 
