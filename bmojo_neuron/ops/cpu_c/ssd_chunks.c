@@ -28,7 +28,9 @@
 /* Float compares may be if-converted (GCC's default -ftrapping-math keeps every `x < lo ? lo : x` a
  * branch, and a loop with a branch is not vectorised). The kernels never read the floating-point
  * exception flags, and no result changes. */
-#pragma GCC optimize("no-trapping-math")
+#if defined(__GNUC__) && !defined(__clang__) /* clang defines __GNUC__ too, and warns on GCC's optimize pragma; */
+#pragma GCC optimize("no-trapping-math")     /* its default already lets compares be if-converted */
+#endif
 
 #include <math.h>
 #include <stdlib.h>
