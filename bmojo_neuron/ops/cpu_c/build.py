@@ -50,8 +50,11 @@ OFF_ENV = "BMOJO_CPU_C"  # "0" turns the C kernels off: the torch path runs
 CACHE_ENV = "BMOJO_CPU_C_CACHE"  # where the built library goes (default: the user cache folder)
 LIBRARY_STEM = "bmojo-kernels"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-# The flags tried in order until one set compiles: FLAGS; without OpenMP (one thread); portable ones.
+# The flags tried in order: FLAGS; without OpenMP (one thread); portable ones. The next set is tried only
+# where the compiler exited naming what it drops (a rejected flag, or an OpenMP runtime the linker lacks):
+# another failure (an error in a source, a killed or timed-out compiler) would fail the same way again.
 ATTEMPTS = (FLAGS, ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"), ("-O3", "-shared", "-fPIC"))
+_OPENMP_LIBRARIES = ("gomp", "-lomp", "libomp", "iomp")
 BUILD_TIMEOUT_S = 120  # per attempt
 
 # The C types the kernels' parameters use (every kernel function returns an int status, 0 for success).
@@ -156,7 +159,7 @@ def _build_and_load() -> Loaded:
     added = sorted(set(openmp_runtimes()) - set(runtimes))
     second = f"; a second OpenMP runtime ({', '.join(added)}) beside torch's" if runtimes and added else ""
     openmp = bool(function_of(lib, "bmojo_kernels_openmp", [])())
-    threads = "with OpenMP" if openmp else "without OpenMP (the compiler has none: every kernel runs on one thread)"
+    threads = "with OpenMP" if openmp else "without OpenMP (none with this compiler: every kernel runs on one thread)"
     return Loaded(lib, f"built with {path} {threads} in {library}{second}", openmp)
 
 
@@ -191,12 +194,26 @@ def _build(compiler: str, folder: Path, library: Path) -> str:
                 return ""
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
             failures.append(f"compiling {_names(files)} with {compiler} failed (exit {done.returncode}): {first}")
+            if not _rejected_what_the_next_drops(flags, done.returncode, done.stderr):
+                break
         return failures[0]
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"compiling {_names(sources())} with {compiler} failed: {exc}"
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _rejected_what_the_next_drops(flags: tuple[str, ...], returncode: int, stderr: str) -> bool:
+    """Whether a failed compile with `flags` exited (not killed) naming a flag the next attempt drops or,
+    with ``-fopenmp``, an OpenMP runtime library."""
+    later = ATTEMPTS[ATTEMPTS.index(flags) + 1:] if flags in ATTEMPTS else ()
+    if returncode <= 0 or not later:
+        return False
+    dropped = [f for f in flags if f not in later[0]]
+    if "-fopenmp" in dropped:
+        dropped += _OPENMP_LIBRARIES
+    return any(name in stderr for name in dropped)
 
 
 def _remove_abandoned(folder: Path) -> None:
