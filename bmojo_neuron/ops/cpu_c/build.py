@@ -11,11 +11,13 @@ write their own temporary file, the last rename winning with an identical librar
 A temporary file a killed process left behind is removed by a later build once it is
 older than any build can take.
 
-OpenMP: the library links ``libgomp.so.1``; torch's CPU wheels ship their own copy with
-that soname, which the dynamic loader reuses when torch is already loaded (it is: the
-kernels' modules import torch first), so the kernels and torch share one thread pool.
-`openmp_runtimes` lists the runtimes a process has mapped, for the tests and the load
-message when a torch build brings a differently named one.
+OpenMP: nothing here looks for torch's runtime. ``-fopenmp`` makes the library need the
+compiler's own runtime by its soname (GCC's ``libgomp.so.1``, LLVM's ``libomp.so``); torch's
+CPU wheels ship a ``libgomp.so.1``, which the dynamic loader reuses when torch is already
+loaded (it is: the kernels' modules import torch first), so with GCC the kernels and torch
+share one thread pool. Under another name the loader maps the compiler's runtime as a
+second one: `openmp_runtimes` lists the runtimes a process has mapped, and the load
+reason names one the library added (docs/ops.md, "One OpenMP runtime").
 
 Where the compiler rejects a flag the build falls back (`ATTEMPTS`): without OpenMP
 (Apple's clang has no ``-fopenmp``; ``-fopenmp-simd`` keeps the ``omp simd`` loops

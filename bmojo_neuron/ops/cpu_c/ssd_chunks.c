@@ -12,7 +12,8 @@
  *   S_out = e_end S + sum_j to_end_j B_j^T (dt_j x_j)
  * The forward forms y as ONE product per head, [e C | w] (T x (N + T)) times [S ; dt x]
  * ((N + T) x P), the state and the chunk's inputs stacked in one buffer; the backward runs
- * the transposed products, each reading its operands in the layout they are stored in.
+ * the transposed products, each reading its operands in the layout they are stored in, and
+ * stacks the operands that two products share (scratch_t) so that those run as one.
  * Decays exp(t) are taken at t >= floor (2 log eps of float32), as `ssd_fused._exp` does,
  * so that no product reads a subnormal float.
  *
