@@ -106,6 +106,7 @@ def function(name: str, argtypes: list) -> ctypes._CFuncPtr:
 
 
 def function_of(library: ctypes.CDLL, name: str, argtypes: list) -> ctypes._CFuncPtr:
+    """`library`'s C function `name` with its argument types set (int result)."""
     fn = getattr(library, name)  # ctypes caches the attribute, so the types are set once
     if fn.argtypes is None:
         fn.argtypes, fn.restype = argtypes, ctypes.c_int
@@ -126,8 +127,8 @@ def reset() -> None:
 def _key(compiler: str) -> str:
     files = sources() + sorted(Path(__file__).parent.glob("*.h"))  # the headers they include count too
     parts = [b for source in files for b in (source.name.encode(), source.read_bytes())]
-    parts += [compiler.encode(), " | ".join(" ".join(flags) for flags in ATTEMPTS).encode(), platform.machine().encode(),
-             _cpu_model().encode()]
+    flag_sets = " | ".join(" ".join(flags) for flags in ATTEMPTS)
+    parts += [compiler.encode(), flag_sets.encode(), platform.machine().encode(), _cpu_model().encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
