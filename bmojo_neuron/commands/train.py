@@ -269,11 +269,11 @@ def data_line(recipe: Any) -> str:
     d = recipe.data
     if d.kind == "mqar":
         return "MQAR, generated in memory at start (nothing to prepare)"
-    from bmojo_neuron.data.text import CORPUS_DIR, built_cache, source_kind
+    from bmojo_neuron.data.text import CORPUS_DIR, built_cache, check_source
 
     source = str(CORPUS_DIR if d.path is None else Path(d.path).expanduser())
     try:
-        kind = source_kind(source)
+        kind = check_source(source, d.text_column)
     except (FileNotFoundError, ValueError) as error:
         return f"PROBLEM: {error}"
     if kind == "packed":
@@ -368,22 +368,26 @@ def say_loading(line: str) -> None:
 
 
 def check_sources_early(recipe: Any, resume: bool) -> None:
-    """Each run's text ``data.path`` is there and, for a new run, its ``init.weights`` names a model folder (a
-    resumed run starts from its checkpoint): one line before torch loads, since `data.text.source_kind` and
-    `checkpoints.locate` read the file system only. The preflight checks both again."""
+    """Each run's text ``data.path`` is there and, at a glance, text the build takes (`data.text.check_source`:
+    a folder's files and JSON lines too) and, for a new run, its ``init.weights`` names a model folder (a resumed
+    run starts from its checkpoint): one line before torch loads, since both read the file system only. The
+    preflight checks both again."""
     from bmojo_neuron.checkpoints.locate import initial_weights_dir
-    from bmojo_neuron.data.text import source_kind
+    from bmojo_neuron.data.text import check_source
 
     # the runs `recipe_runs.plan_runs` makes of the recipe, as the dotted overrides each applies to it
     if recipe.suite:
         runs = [variant.overrides for variant in recipe.suite]
     else:
         runs = [{}] + ([recipe.compare.overrides] if recipe.compare is not None else [])
+    checked: set[tuple[str, str]] = set()  # a suite's runs mostly share one source: glance at it once
     for run_overrides in runs:
         kind = run_overrides.get("data.kind", recipe.data.kind)
         path = run_overrides.get("data.path", getattr(recipe.data, "path", None))
-        if kind == "text" and path is not None:
-            source_kind(str(Path(path).expanduser()))
+        column = run_overrides.get("data.text_column", getattr(recipe.data, "text_column", "text"))
+        if kind == "text" and path is not None and (str(path), str(column)) not in checked:
+            checked.add((str(path), str(column)))
+            check_source(str(Path(path).expanduser()), column)
         weights = run_overrides.get("init.weights", recipe.init.weights)
         if weights and not resume:
             initial_weights_dir(weights)
