@@ -55,6 +55,10 @@ def cases(work: Path) -> list[Case]:
                                                               "data.path=my_corpus"]),
         Case("a Latin-1 text file", ["train", "cpu-text", "--output-dir", out, f"data.path={work / 'latin1.txt'}"],
              "latin1"),
+        Case("a binary file inside a data folder", ["train", "cpu-text", "--output-dir", out,
+                                                    f"data.path={work / 'corpus'}"], "corpus"),
+        Case("a JSON-lines file with a line that is not JSON", ["data", "prepare", "cpu-text", "--output-dir", out,
+                                                                 f"data.path={work / 'docs.jsonl'}"], "jsonl"),
         *([] if os.geteuid() == 0 else [  # root writes into read-only folders
             Case("a read-only output directory", ["train", "--no-progress", "--output-dir", str(work / "ro" / "run"),
                                                   *TINY], "read_only")]),
@@ -106,6 +110,12 @@ def cli(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def prepare(step: str, work: Path) -> None:
     if step == "latin1":
         (work / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 50)
+    elif step == "corpus":
+        (work / "corpus" / "notes").mkdir(parents=True, exist_ok=True)
+        (work / "corpus" / "story.txt").write_text("Once upon a time.\n" * 50)
+        (work / "corpus" / "notes" / "scan.md").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    elif step == "jsonl":
+        (work / "docs.jsonl").write_text('{"text": "one"}\n{"text": "two", }\n')
     elif step == "read_only":
         (work / "ro").mkdir(exist_ok=True)
         os.chmod(work / "ro", 0o555)

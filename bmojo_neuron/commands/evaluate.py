@@ -181,6 +181,8 @@ def build_lines(recipe: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     lengths = parse_lengths(args.lengths)
     require_nonempty("--output-dir", args.output_dir)
+    for option, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
+        count_option(option, value, 1)  # a count below 1 is refused before torch loads; the defaults come later
     from bmojo_neuron.checkpoints.locate import resolve_model_dir
 
     model_dir = resolve_model_dir(args.path, "eval")  # a path that is no model: one line, before torch loads
