@@ -665,12 +665,14 @@ def test_a_bad_data_file_is_one_line_of_one_format_in_train_data_prepare_and_eva
     assert not (tmp_path / "run").exists() and not (model / "eval").exists()
 
 
-def test_a_bad_file_in_a_folder_and_a_bad_json_line_are_refused_before_torch_loads(tmp_path):
+def test_bad_data_files_a_used_run_directory_and_bad_counts_are_refused_before_torch_loads(tmp_path):
     """A binary file inside a folder source, a JSON-lines file with a line that is not JSON, and a folder's one whose
     line lacks the recipe's ``data.text_column``: `train`, `data prepare` and `eval --data` each refuse them in the
     one ``data.path`` format, naming the file and line, from a glance at the files before torch, transformers or
     datasets load (the build would find each only after them). A good folder passes the glance, an empty file in it
-    too (the build skips it)."""
+    too (the build skips it). So do, from their folders and arguments alone, `train` into a run directory that holds
+    a run (without --resume), `eval --batches 0` and `kernels profile` of no kernels (before the kernels and their
+    emulator import)."""
     from bmojo_neuron.data.text import check_source
 
     folder, keyless, docs = tmp_path / "corpus", tmp_path / "keyless", tmp_path / "docs.jsonl"
@@ -682,23 +684,29 @@ def test_a_bad_file_in_a_folder_and_a_bad_json_line_are_refused_before_torch_loa
     (keyless / "sub" / "rows.jsonl").write_text('{"text": "one"}\n{"body": "two"}\n')
     docs.write_text('{"text": "one"}\n\n{"text": "two"\n{"text": "three"}\n')
     model, out = FIXTURES / "finished", str(tmp_path / "run")
+    used = Path(shutil.copytree(model, tmp_path / "used"))
     commands = [["train", "cpu-text", f"data.path={folder}", "--output-dir", out],
                 ["data", "prepare", "cpu-text", f"data.path={folder}"],
                 ["eval", str(model), "--data", "cpu-text", f"data.path={folder}"],
                 ["train", "cpu-text", f"data.path={docs}", "--output-dir", out],
                 ["eval", str(model), "--data", f"data.path={docs}"],
-                ["data", "prepare", "cpu-text", f"data.path={keyless}", "--output-dir", out]]
+                ["data", "prepare", "cpu-text", f"data.path={keyless}", "--output-dir", out],
+                ["train", "cpu-tiny", "suite=none", "--output-dir", str(used)],
+                ["eval", str(model), "--batches", "0"], ["kernels", "profile", "--kernels", ""]]
     code = ("import sys; from bmojo_neuron.cli import main; "
             f"codes = [main(args) for args in {commands!r}]; "
-            "print(codes, sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
+            "print(codes, sorted(m for m in ('torch', 'transformers', 'datasets', 'nki_kernels') if m in sys.modules))")
     done = _cli(code=code)
-    assert done.stdout.splitlines() == [f"{[2] * 6} []"], done.stderr
+    assert done.stdout.splitlines() == [f"{[2] * 9} []"], done.stderr
     photo = (f"error: data.path {folder}: {folder / 'sub' / 'photo.md'}: not text: a NUL byte at offset 4, as in a "
              "binary file; give UTF-8 text (.txt, .md) or JSON lines (.jsonl)")
     line = f"error: data.path {docs}: line 3 is not JSON: Expecting ',' delimiter at column 15"
     key = (f"error: data.path {keyless}: {keyless / 'sub' / 'rows.jsonl'}: line 2 has no key 'text' "
            "(data.text_column; its keys: body)")
-    assert done.stderr.splitlines() == [photo] * 3 + [line] * 2 + [key]
+    assert done.stderr.splitlines()[:6] == [photo] * 3 + [line] * 2 + [key]
+    assert done.stderr.splitlines()[6:8] == [f"error: {used} already holds a run; pass --resume to continue it, or "
+                                             "pick another --output-dir", "error: --batches must be >= 1, got 0"]
+    assert done.stderr.splitlines()[8].startswith("error: no kernels given: --kernels is empty")
     assert not Path(out).exists() and not (model / "eval").exists()
     (folder / "sub" / "photo.md").unlink()
     assert check_source(str(folder), "text") == "folder"
