@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="the --output-dir the training will get: the cache is built where that run reads "
                               "it (<dir>/../data-cache, a suite's <dir>/data-cache, unless data.cache_dir is set)")
     prepare.add_argument("--no-progress", action="store_true",
-                         help="no progress bars from the datasets library (the default when stderr is not a "
-                              "terminal: a log file or a pipe)")
+                         help="plain lines of each stage on stderr instead of the datasets library's progress "
+                              "bars (the default when stderr is not a terminal: a log file or a pipe)")
 
 
 @register_command("data", help="prepare training data ahead of a run (`data prepare RECIPE`)",
