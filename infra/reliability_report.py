@@ -228,7 +228,6 @@ def write_doc(rows: list, load: float, cores: int) -> None:
         "training starts. (A read-only output directory is caught by the same preflight check, tested in",
         "`tests/test_preflight.py`; it is not tried here when the script runs as root, who can write anyway.)",
         "",
-        "",
         f"Seconds: the wall-clock time of each command as this table was made (load average {load:.1f} on "
         f"{cores} cores",
         "at the start), and its CPU time (user + system), which other work on the machine does not inflate: on an",
