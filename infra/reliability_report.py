@@ -1,6 +1,6 @@
 """Try bad inputs on the command line as a user would; write docs/reliability.md from what happened.
 
-    python infra/reliability_report.py            # about six minutes on 2 idle cores
+    python infra/reliability_report.py            # 4-8 minutes on 2 busy shared cores
 
 Each case runs `bmojo-neuron` in a fresh process and is handled when the command
 exits with status 2, its error output starts with ``error:`` (argparse's own
