@@ -710,6 +710,9 @@ def test_bad_data_files_a_used_run_directory_and_bad_counts_are_refused_before_t
     assert not Path(out).exists() and not (model / "eval").exists()
     (folder / "sub" / "photo.md").unlink()
     assert check_source(str(folder), "text") == "folder"
+    docs.write_text('{"text": "one"}\n["two"]\n')  # with the column not known yet (eval of a model's own column)
+    with pytest.raises(ValueError, match=r"docs.jsonl: line 2 is a JSON list, not an object$"):
+        check_source(str(docs), None)
 
 
 def test_data_prepare_has_nothing_to_do_for_mqar(capsys):

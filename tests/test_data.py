@@ -494,7 +494,8 @@ def test_a_cache_build_says_its_stages_and_counts_at_most_every_interval(tmp_pat
     """`BuildProgress`: one line as each stage starts (the first names the cache folder), and within tokenize and
     pack a count line only once the interval has passed (here a clock that moves 6 s per reading against a 10 s
     interval: batches of 1000 documents are counted at 6 s, 12 s and 18 s after the stage's line, and the second is
-    the one said); none when the cache is there already. The final count (every document) is left to the next stage's line."""
+    the one said); none when the cache is there already. The final count (every document) is left to the next
+    stage's line."""
     import re
 
     from bmojo_neuron.data.build_progress import BuildProgress

@@ -456,8 +456,9 @@ def jsonl_document(line: str, number: int, text_column: str | None) -> tuple[Any
     except json.JSONDecodeError as err:
         return None, f"line {number} is not JSON: {err.msg} at column {err.colno}"
     if text_column is None:
-        problem = None if isinstance(record, dict) else f"line {number} is a JSON {type(record).__name__}, not an object"
-        return record, problem
+        if isinstance(record, dict):
+            return record, None
+        return None, f"line {number} is a JSON {type(record).__name__}, not an object"
     if not isinstance(record, dict) or text_column not in record:
         keys = (f"its keys: {', '.join(sorted(record))}" if isinstance(record, dict) else
                 f"a JSON {type(record).__name__}, not an object")
