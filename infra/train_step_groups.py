@@ -3,8 +3,9 @@
     python infra/train_step_groups.py --length 1024 --rounds 3
     python infra/train_step_groups.py --candidate hf-mistral-swa
 
-Builds the candidate as `bmojo-neuron bench train-step` does (batch 4) and profiles
-whole train steps (forward, loss, backward) with `torch.profiler`, one thread. Every
+Builds the candidate as `bmojo-neuron bench train-step` does (batch 4, and the same
+allocator setting, `host_allocator.keep_freed_memory`, so that no row counts the page
+faults of fresh activation memory the bench never pays) and profiles whole train steps (forward, loss, backward) with `torch.profiler`, one thread. Every
 B'MOJO part of interest (conv + SiLU, the SSD op, the gated norm, the RMS norms, the
 rotary, memory selection, memory gathers, the attention op, ...) runs inside a
 `record_function` scope; each op's self CPU time goes to the innermost scope around it.
@@ -34,6 +35,7 @@ import bmojo_neuron.layers.mamba2 as mamba2_module
 from bmojo_neuron import ops
 from bmojo_neuron.bench.candidates import CandidateFactory, Shape
 from bmojo_neuron.closed_stdout import exit_status_on_closed_stdout
+from bmojo_neuron.host_allocator import keep_freed_memory
 from bmojo_neuron.layers import norms as norms_module
 from bmojo_neuron.ops.cpu_c import ssd as cpu_c_ssd
 from bmojo_neuron.ops.reference import ssd as ssd_module
@@ -142,6 +144,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    keep_freed_memory()  # as `bench` times (`commands/bench.py`)
     shape = Shape()
     model = CandidateFactory(shape).build(args.candidate).model.train()
     ids = torch.randint(0, shape.vocab_size, (args.batch, args.length), generator=torch.Generator().manual_seed(0))

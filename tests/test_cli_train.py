@@ -578,7 +578,8 @@ def test_data_prepare_builds_the_cache_once(capsys, tmp_path):
     assert "%|" not in err  # stderr is not a terminal here: no datasets progress bars in the log, plain lines
     entries = list(cache.glob("text-*"))
     stages = [line.split(" ", 2)[1] for line in err.splitlines() if not line.startswith("cpu-text:   ")]
-    assert stages == ["tokenizing", "packing", "saving", "built"] and err.startswith("cpu-text: tokenizing"), err
+    assert stages == ["building", "tokenizing", "packing", "saving", "built"], err
+    assert err.startswith(f"cpu-text: building the data cache {cache}/text-"), err
     assert len(entries) == 1 and (entries[0] / "meta.json").is_file()
     train, evaluation = load_text_dataset(block_size=512, cache_dir=cache)  # the recipe's other data settings
     assert f"{entries[0].resolve()} (built now)" in first
@@ -653,7 +654,7 @@ def test_a_bad_data_file_is_one_line_of_one_format_in_train_data_prepare_and_eva
         if data is not None:
             path.write_bytes(data)
         commands = [["train", "cpu-text", f"data.path={path}", "--output-dir", str(tmp_path / "run")]]
-        if name in ("missing.txt", "latin1.txt"):  # one check (`source_kind`) behind all: two files show it
+        if name in ("missing.txt", "latin1.txt"):  # one check (`check_source`) behind all: two files show it
             commands += [["data", "prepare", "cpu-text", f"data.path={path}", "--output-dir", str(tmp_path / "run")],
                          ["eval", str(model), "--data", "cpu-text", f"data.path={path}", "--device", "cpu"],
                          ["inspect", str(model), "--data", "cpu-text", f"data.path={path}", "--device", "cpu"]]
@@ -664,6 +665,56 @@ def test_a_bad_data_file_is_one_line_of_one_format_in_train_data_prepare_and_eva
     assert not (tmp_path / "run").exists() and not (model / "eval").exists()
 
 
+def test_bad_data_files_a_used_run_directory_and_bad_counts_are_refused_before_torch_loads(tmp_path):
+    """A binary file inside a folder source, a JSON-lines file with a line that is not JSON, and a folder's one whose
+    line lacks the recipe's ``data.text_column``: `train`, `data prepare` and `eval --data` each refuse them in the
+    one ``data.path`` format, naming the file and line, from a glance at the files before torch, transformers or
+    datasets load (the build would find each only after them). A good folder passes the glance, an empty file in it
+    too (the build skips it). So do, from their folders and arguments alone, `train` into a run directory that holds
+    a run (without --resume), `eval --batches 0` and `kernels profile` of no kernels (before the kernels and their
+    emulator import)."""
+    from bmojo_neuron.data.text import check_source
+
+    folder, keyless, docs = tmp_path / "corpus", tmp_path / "keyless", tmp_path / "docs.jsonl"
+    for root in (folder, keyless):
+        (root / "sub").mkdir(parents=True)
+        (root / "a.txt").write_text("some text\n")
+    (folder / "empty.md").write_bytes(b"")
+    (folder / "sub" / "photo.md").write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")
+    (keyless / "sub" / "rows.jsonl").write_text('{"text": "one"}\n{"body": "two"}\n')
+    docs.write_text('{"text": "one"}\n\n{"text": "two"\n{"text": "three"}\n')
+    model, out = FIXTURES / "finished", str(tmp_path / "run")
+    used = Path(shutil.copytree(model, tmp_path / "used"))
+    commands = [["train", "cpu-text", f"data.path={folder}", "--output-dir", out],
+                ["data", "prepare", "cpu-text", f"data.path={folder}"],
+                ["eval", str(model), "--data", "cpu-text", f"data.path={folder}"],
+                ["train", "cpu-text", f"data.path={docs}", "--output-dir", out],
+                ["eval", str(model), "--data", f"data.path={docs}"],
+                ["data", "prepare", "cpu-text", f"data.path={keyless}", "--output-dir", out],
+                ["train", "cpu-tiny", "suite=none", "--output-dir", str(used)],
+                ["eval", str(model), "--batches", "0"], ["kernels", "profile", "--kernels", ""]]
+    code = ("import sys; from bmojo_neuron.cli import main; "
+            f"codes = [main(args) for args in {commands!r}]; "
+            "print(codes, sorted(m for m in ('torch', 'transformers', 'datasets', 'nki_kernels') if m in sys.modules))")
+    done = _cli(code=code)
+    assert done.stdout.splitlines() == [f"{[2] * 9} []"], done.stderr
+    photo = (f"error: data.path {folder}: {folder / 'sub' / 'photo.md'}: not text: a NUL byte at offset 4, as in a "
+             "binary file; give UTF-8 text (.txt, .md) or JSON lines (.jsonl)")
+    line = f"error: data.path {docs}: line 3 is not JSON: Expecting ',' delimiter at column 15"
+    key = (f"error: data.path {keyless}: {keyless / 'sub' / 'rows.jsonl'}: line 2 has no key 'text' "
+           "(data.text_column; its keys: body)")
+    assert done.stderr.splitlines()[:6] == [photo] * 3 + [line] * 2 + [key]
+    assert done.stderr.splitlines()[6:8] == [f"error: {used} already holds a run; pass --resume to continue it, or "
+                                             "pick another --output-dir", "error: --batches must be >= 1, got 0"]
+    assert done.stderr.splitlines()[8].startswith("error: no kernels given: --kernels is empty")
+    assert not Path(out).exists() and not (model / "eval").exists()
+    (folder / "sub" / "photo.md").unlink()
+    assert check_source(str(folder), "text") == "folder"
+    docs.write_text('{"text": "one"}\n["two"]\n')  # with the column not known yet (eval of a model's own column)
+    with pytest.raises(ValueError, match=r"docs.jsonl: line 2 is a JSON list, not an object$"):
+        check_source(str(docs), None)
+
+
 def test_data_prepare_has_nothing_to_do_for_mqar(capsys):
     assert cli.main(["data", "prepare", "cpu-tiny"]) == 0
     assert "nothing to prepare" in capsys.readouterr().out
@@ -671,10 +722,13 @@ def test_data_prepare_has_nothing_to_do_for_mqar(capsys):
 
 def test_no_live_bar_silences_the_data_libraries_bars_and_restores_them(capsys, tmp_path, monkeypatch):
     """Building a text cache without a live bar (output redirected, as here, or --no-progress) prints no
-    datasets bars (tokenize, pack, save_to_disk); the process's own setting is back afterwards."""
+    datasets bars (tokenize, pack, save_to_disk); the process's own setting is back afterwards. The build says
+    its stages in plain lines instead, as `data prepare` does: `train` among its run's lines before the first
+    step, `eval` (here of another block size, a cache of its own) on stderr, its stdout left to the table."""
     import datasets
     from huggingface_hub.utils import are_progress_bars_disabled
 
+    from bmojo_neuron.data.text import CORPUS_DIR
     from bmojo_neuron.training.progress import shows_live_bar
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
@@ -688,11 +742,28 @@ def test_no_live_bar_silences_the_data_libraries_bars_and_restores_them(capsys, 
     capsys.readouterr()
     assert not sys.stderr.isatty()  # pytest's capture: a run's output redirected
     assert cli.main(["train", "cpu-text", *tiny, "--output-dir", str(tmp_path / "run")]) == 0
-    err = capsys.readouterr().err
-    assert len(list((tmp_path / "cache").glob("text-*"))) == 1  # the cache was built in this run
+    out, err = capsys.readouterr()
+    entries = list((tmp_path / "cache").glob("text-*"))
+    assert len(entries) == 1  # the cache was built in this run
     for bar in ("tokenize", "pack", "Saving the dataset", "%|", "\r"):
         assert bar not in err, err
     assert datasets.is_progress_bar_enabled() and not are_progress_bars_disabled()
+    lines = out.splitlines()
+    stages = [next(i for i, line in enumerate(lines) if line.startswith(stage)) for stage in
+              (f"building the data cache {entries[0]}: reading {CORPUS_DIR}", "tokenizing 4 documents of "
+               f"{CORPUS_DIR} (tokenizer byte)", "packing ", "saving ", "built in ", "cpu-text step 1/1 ")]
+    assert stages == sorted(stages) and lines[stages[3]].endswith(f" blocks into {entries[0]}"), out
+
+    import bmojo_neuron.evaluation
+
+    monkeypatch.setattr(bmojo_neuron.evaluation, "plot_length", lambda *args, **kwargs: None)  # matplotlib: 1-2 s
+    argv = ["eval", str(tmp_path / "run"), "--data", "block_size=16", "--lengths", "1", "--batches", "1"]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    built = set((tmp_path / "cache").glob("text-*")) - set(entries)
+    assert len(built) == 1 and "building" not in out and "loss" in out
+    assert f"cpu-text: building the data cache {built.pop()}: reading {CORPUS_DIR}\n" in err
+    assert "\ncpu-text: built in " in err and "%|" not in err, err
 
 
 def test_text_cache_follows_the_output_dir_and_nothing_lands_in_the_cwd(capsys, tmp_path, monkeypatch):

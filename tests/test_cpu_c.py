@@ -224,3 +224,61 @@ def _backward_names(node) -> set[str]:
         names.add(type(n).__name__)
         stack.extend(f for f, _ in n.next_functions)
     return names
+
+
+def test_a_compiler_without_openmp_builds_a_one_thread_library(fresh_build, monkeypatch, tmp_path):
+    """A compiler that rejects ``-fopenmp`` (Apple's clang) gets the build without OpenMP, not the torch path:
+    the kernels run, on one thread, with the results of the OpenMP build. Two sources keep the build short."""
+    from bmojo_neuron.ops import auto
+    from bmojo_neuron.ops.cpu_c import swiglu as c_swiglu
+
+    fake = tmp_path / "cc-without-openmp"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do\n  if [ "$a" = -fopenmp ]; then\n'
+                    '    echo "clang: error: unsupported option \'-fopenmp\'" >&2; exit 1\n  fi\ndone\nexec cc "$@"\n')
+    fake.chmod(0o755)
+    here = build.sources()[0].parent
+    monkeypatch.setattr(build, "sources", lambda: [here / "build_info.c", here / "swiglu.c"])
+    gate, up = torch.randn(3, 70, generator=torch.Generator().manual_seed(0)).unbind(0)[:2]
+    monkeypatch.setenv("CC", str(fake))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the library builds
+        loaded = build.load()
+        assert loaded.library is not None and not loaded.openmp, loaded.reason
+        assert "without OpenMP" in loaded.reason and "one thread" in auto.describe("cpu")
+        runs = []
+        for threads in (1, 2):
+            with _threads(threads):
+                runs.append(c_swiglu.swiglu_product(gate, up))
+    assert torch.equal(runs[0], runs[1])
+    want = torch.nn.functional.silu(gate.double()) * up.double()
+    torch.testing.assert_close(runs[0].double(), want, rtol=0, atol=1e-6)
+
+    build.reset()  # a compiler that rejects every flag set fails with the first (the usual build's) message
+    monkeypatch.setenv("CC", "false")
+    assert build.load().library is None and "failed (exit 1)" in build.load().reason
+
+
+def _threads(n):
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+    return scope()
+
+
+def test_c_scan_same_bits_for_any_thread_count(c_cache):
+    """Each (batch row, group) task writes its own outputs and per-row partial sums: 1 and 3 threads over
+    2 x 3 tasks give the same bits, outputs and every gradient."""
+    inputs = {k: v.float() for k, v in _inputs(2, 37, 6, 5, 3, 7).items()}
+    runs = []
+    for threads in (1, 3):
+        with _threads(threads):
+            runs.append(_outputs_and_grads(c_ssd.ssd_scan, inputs, 8, torch.float32))
+    for name, value in runs[0].items():
+        assert torch.equal(value, runs[1][name]), name

@@ -230,3 +230,16 @@ def test_mamba2_mixer_runs_the_c_conv_from_a_state(c_cache):
     for w, g in zip(want, got, strict=True):
         assert (g - w).abs().max() <= 2 * F32_TOL * max(w.abs().max(), 1e-3)
 
+
+
+def test_a_sum_gradient_is_read_while_alive(c_cache):
+    """The gradient of a sum is an expanded tensor: the backward's contiguous copy of it must stay alive while
+    C reads it (40 MB, above glibc's largest mmap threshold, so a copy freed too early is unmapped)."""
+    g = torch.Generator().manual_seed(0)
+    w, bias = torch.randn(160, 1, 4, generator=g), torch.randn(160, generator=g)
+    big = torch.randn(1, 1 << 16, 160, generator=g, requires_grad=True)
+    out, _ = c_conv.causal_conv1d_rows(big, w, bias, None, silu=True)
+    out.sum().backward()  # an expanded gradient (stride 0)
+    want = torch.autograd.grad(c_conv.causal_conv1d_rows(big, w, bias, None, silu=True)[0], big,
+                               torch.ones(out.shape))[0]
+    assert torch.equal(big.grad, want)

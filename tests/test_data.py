@@ -491,10 +491,11 @@ def test_a_cached_hub_tokenizer_loads_offline(tmp_path: Path) -> None:
 
 
 def test_a_cache_build_says_its_stages_and_counts_at_most_every_interval(tmp_path: Path) -> None:
-    """`BuildProgress`: one line as each stage starts, and within tokenize and pack a count line only once the
-    interval has passed (here a clock that moves 6 s per reading against a 10 s interval: batches of 1000 documents
-    are counted at 6 s, 12 s and 18 s after the stage's line, and the second is the one said); none when the cache is
-    there already. The final count (every document) is left to the next stage's line."""
+    """`BuildProgress`: one line as each stage starts (the first names the cache folder), and within tokenize and
+    pack a count line only once the interval has passed (here a clock that moves 6 s per reading against a 10 s
+    interval: batches of 1000 documents are counted at 6 s, 12 s and 18 s after the stage's line, and the second is
+    the one said); none when the cache is there already. The final count (every document) is left to the next
+    stage's line."""
     import re
 
     from bmojo_neuron.data.build_progress import BuildProgress
@@ -510,11 +511,13 @@ def test_a_cache_build_says_its_stages_and_counts_at_most_every_interval(tmp_pat
     assert blocks == tokens // 64
     final = next((tmp_path / "cache").glob("text-*"))
     stages = [line for line in lines if not line.startswith("  ")]
-    assert stages[:3] == [f"tokenizing 2,500 documents of {source} (tokenizer byte)",
+    assert stages[:4] == [f"building the data cache {final}: reading {source}",
+                          f"tokenizing 2,500 documents of {source} (tokenizer byte)",
                           f"packing {tokens:,} tokens into blocks of 64", f"saving {blocks:,} blocks into {final}"]
-    assert len(stages) == 4 and re.fullmatch(r"built in \d+\.\ds", stages[3]), stages
-    packing, saving = lines.index(stages[1]), lines.index(stages[2])
-    for stage_counts in (lines[1:packing], lines[packing + 1:saving]):  # tokenize's, pack's
+    assert len(stages) == 5 and re.fullmatch(r"built in \d+\.\ds", stages[4]), stages
+    assert lines[1] == stages[1]  # reading the source counts nothing
+    packing, saving = lines.index(stages[2]), lines.index(stages[3])
+    for stage_counts in (lines[2:packing], lines[packing + 1:saving]):  # tokenize's, pack's
         assert len(stage_counts) == 1, lines
         assert re.fullmatch(r"  2,000 of 2,500 documents \(80%\), \d+s in", stage_counts[0]), lines
     assert saving + 2 == len(lines)  # saving, built: nothing counted

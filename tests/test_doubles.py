@@ -780,29 +780,33 @@ def test_tensor_parallel_replica_groups_list_every_rank(one_rank, monkeypatch):
 def test_nxd_groups_are_our_layouts_and_nxd_refuses_what_we_refuse(one_rank, monkeypatch):
     """The double builds NxD v2.28.0's replica groups (parallel_state.py 594-636: the ``[pp, dp, cp, tp]`` grid and
     trn1's strided tp = 4), which are the groups our ``ParallelLayout`` / ``trainium_groups`` give; a tp = 4 layout
-    NxD cannot reshape fails in both, and a double initialised for the training loop hands out those groups."""
+    NxD cannot reshape fails in both, one it can (a node of 6 or 12 ranks too: n = LOCAL_WORLD_SIZE // 4) passes
+    both, and a double initialised for the training loop hands out those groups."""
     from bmojo_neuron.parallel.layout import ParallelLayout, check_trainium_layout, trainium_groups
 
     state = _doubles()[PARALLEL_STATE]
     world_size = {"n": 1}
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: world_size["n"])
     for world, tp, pp, local in [(32, 8, 4, 32), (64, 4, 1, 32), (64, 4, 2, 32), (128, 4, 4, 32), (16, 2, 2, 16),
-                                 (8, 1, 8, 8), (8, 4, 1, 8)]:
+                                 (8, 1, 8, 8), (8, 4, 1, 8), (12, 4, 1, 6), (48, 4, 2, 12)]:  # 6, 12: not x4 per node
         world_size["n"] = world
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
         mesh = state.initialize_model_parallel(tp, pp, mesh_only=True)
         ours = trainium_groups(world, tp, pp, local)
         assert (mesh.tp_groups, mesh.pp_groups, mesh.dp_groups) == (ours["tp"], ours["pp"], ours["dp"]), (world, tp, pp)
+        check_trainium_layout(world, tp, pp, local)  # NxD builds it: so do we
         if tp != 4:
             layout = ParallelLayout.from_world(world, tp, pp)
             assert (layout.tp_groups(), layout.pp_groups(), layout.dp_groups()) == (ours["tp"], ours["pp"], ours["dp"])
     assert not state.model_parallel_is_initialized()  # mesh_only builds nothing
-    for world, pp, local, error in [(32, 2, 32, RuntimeError), (8, 1, 2, ZeroDivisionError)]:
+    for world, pp, local, error, why in [(32, 2, 32, RuntimeError, "multiple of 8"),
+                                         (60, 1, 10, RuntimeError, "multiple of 2"),
+                                         (8, 1, 2, ZeroDivisionError, "at least 4")]:
         world_size["n"] = world
         monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
         with pytest.raises(error):
             state.initialize_model_parallel(4, pp)
-        with pytest.raises(ValueError, match="multiple of"):
+        with pytest.raises(ValueError, match=why):
             check_trainium_layout(world, 4, pp, local)
     world_size["n"] = 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
@@ -1433,6 +1437,90 @@ def test_tensor_attributes_nxd_does_not_move_meet_torch_xla_rules_in_the_step(on
     got, log = _after_the_move(lambda m, y: (y @ m.offset.to(y.device)).sum(), monkeypatch, offset=torch.ones(8, 8))
     assert got.item() == 256.0 and [t.split(" at ")[0] for t in log.host_transfers] == [
         "to(<device>) of a host tensor"]
+
+
+def test_a_parallel_layer_built_before_nxd_state_fails_as_nxd_fallback_does(one_rank):
+    """NxD's ``BaseParallelLayer`` (layers.py 174-183 at v2.28.0) built before ``initialize_model_parallel`` warns
+    and starts a one-rank fallback state with ``init_process_group``, which torch refuses when a process group
+    exists (every Neuron run of ours has one): the layer is never built. After the initialisation it is."""
+    modules = _doubles()
+    layers = modules["neuronx_distributed.parallel_layers.layers"]
+    with pytest.warns(UserWarning, match="Parallel state is not initialized"), \
+            pytest.raises(ValueError, match="default process group twice"):
+        layers.ColumnParallelLinear(4, 4)
+    modules[PARALLEL_STATE].initialize_model_parallel()
+    assert layers.RowParallelLinear(4, 4).weight.shape == (4, 4)
+
+
+def test_nxd_move_gives_new_parameters_with_only_nxd_attributes_and_reties(one_rank, monkeypatch):
+    """On XLA ``Module.to`` makes every parameter a new ``Parameter`` (no shallow copy between a CPU and an XLA
+    tensor, torch's ``Module._apply``): NxD's ``move_model_to_device`` (utils/model_utils.py 148-235 at v2.28.0)
+    puts back its parallel attributes by name (``rank_ordering`` as None) and ``sequence_parallel_enabled``, drops
+    every other attribute, and re-ties a shared Parameter: a transformers model through its ``tie_weights``,
+    another module by the names found before the move. The objects held before the move are not the model's."""
+    from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
+    from naive import tiny_config
+
+    monkeypatch.setenv("PJRT_DEVICE", "NEURON")
+    modules, _ = _doubles_and_env()
+    trainer, utils = modules[nxd_api.TRAINER], modules["neuronx_distributed.parallel_layers.utils"]
+    config = trainer.neuronx_distributed_config()
+    before: dict = {}
+
+    def plain():
+        module = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False))
+        module[1].weight = module[0].weight  # shared: one Parameter in two modules
+        module[0].weight.sequence_parallel_enabled = True
+        module[0].weight.no_decay = True  # not an attribute NxD keeps
+        utils.set_tensor_model_parallel_attributes(module[0].weight, True, 0, 1, num_partitions=1, rank_ordering=[0])
+        before["weight"] = module[0].weight
+        return module
+
+    moved = trainer.initialize_parallel_model(config, plain).module
+    weight = moved[0].weight
+    assert weight is not before["weight"] and torch.equal(weight, before["weight"])
+    assert moved[1].weight is weight  # re-tied
+    assert (weight.sequence_parallel_enabled, weight.tensor_model_parallel, weight.partition_dim,
+            weight.num_partitions, weight.rank_ordering) == (True, True, 0, 1, None)
+    assert not hasattr(weight, "no_decay")
+
+    def causal_lm():
+        lm = BMojoForCausalLM(tiny_config(tie_word_embeddings=True))
+        before["lm"] = dict(lm.named_parameters())
+        return lm
+
+    lm = trainer.initialize_parallel_model(config, causal_lm).module
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight  # transformers' tie_weights re-tied it
+    assert not any(p is before["lm"][name] for name, p in lm.named_parameters())
+
+
+def test_a_buffer_registered_after_the_move_is_on_the_host(one_rank, monkeypatch):
+    """NxD moves the model's buffers with it; one registered afterwards from a tensor made without ``device=``
+    stays on the host, and in the step ``mm`` refuses it (``bridge::GetXlaTensor``) as it refuses a plain tensor
+    attribute. One made on the device, or moved there, is a device tensor."""
+    from doubles.xla_host import XLA_DEVICE
+
+    def step_with_buffer(make) -> float:
+        log = neuron_sdk.install(monkeypatch)
+        trainer = sys.modules[nxd_api.TRAINER]
+        from toy_graphs import Scaled
+
+        model = trainer.initialize_parallel_model(trainer.neuronx_distributed_config(),
+                                                  lambda: Scaled(lambda y: (y @ model.module.offset).sum()))
+        model.module.register_buffer("offset", make())
+        loader = sys.modules["torch_xla.distributed.parallel_loader"].MpDeviceLoader([{"x": torch.ones(4, 8)}], "cpu")
+        try:
+            return model(next(iter(loader))["x"]).item()
+        finally:
+            sys.modules["torch_xla"].sync()
+            sys.modules[PARALLEL_STATE].destroy_model_parallel()
+            assert log.moved_modules
+
+    monkeypatch.setenv("PJRT_DEVICE", "NEURON")
+    with pytest.raises(RuntimeError, match=r"^Expected XLA tensor\. Got: CPUFloatType$"):
+        step_with_buffer(lambda: torch.ones(8, 8))
+    assert step_with_buffer(lambda: torch.ones(8, 8, device=XLA_DEVICE)) == 256.0
+    assert step_with_buffer(lambda: torch.ones(8, 8).to(XLA_DEVICE)) == 256.0
 
 
 def test_explicit_host_placement_and_reads_in_a_step_are_caught():

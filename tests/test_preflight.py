@@ -35,7 +35,7 @@ def no_long_work(monkeypatch):
     """Fail the test if the run gets as far as building its data."""
     from bmojo_neuron.training import trainer
 
-    def build_datasets(recipe):
+    def build_datasets(recipe, progress=None):
         raise AssertionError("the run started before its output directory was checked")
 
     monkeypatch.setattr(trainer, "build_datasets", build_datasets)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bmojo_neuron.cli import register_command, require_nonempty
 
@@ -29,8 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="the --output-dir the training will get: the cache is built where that run reads "
                               "it (<dir>/../data-cache, a suite's <dir>/data-cache, unless data.cache_dir is set)")
     prepare.add_argument("--no-progress", action="store_true",
-                         help="no progress bars from the datasets library (the default when stderr is not a "
-                              "terminal: a log file or a pipe)")
+                         help="plain lines of each stage on stderr instead of the datasets library's progress "
+                              "bars (the default when stderr is not a terminal: a log file or a pipe)")
 
 
 @register_command("data", help="prepare training data ahead of a run (`data prepare RECIPE`)",
@@ -44,12 +44,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"{recipe.run.name}: data.kind is {recipe.data.kind}: generated in memory when training starts, "
               "nothing to prepare")
         return 0
-    if recipe.data.path is not None:  # a missing source is refused before torch and datasets load (seconds)
-        from bmojo_neuron.data.text import source_kind
+    if recipe.data.path is not None:  # a missing or bad source is refused before torch and datasets load (seconds)
+        from bmojo_neuron.data.text import check_source
 
-        source_kind(str(Path(recipe.data.path).expanduser()))
+        check_source(str(Path(recipe.data.path).expanduser()), recipe.data.text_column)
     from bmojo_neuron.data import library_progress_bars
-    from bmojo_neuron.data.build_progress import BuildProgress
+    from bmojo_neuron.data.build_progress import BuildProgress, stderr_lines
     from bmojo_neuron.data.prepare import prepare_text
     from bmojo_neuron.recipe_runs import plan_runs
 
@@ -63,14 +63,9 @@ def run(args: argparse.Namespace) -> int:
         for variant, _ in plan_runs(recipe, args.output_dir):
             if variant.data not in prepared:
                 prepared.append(variant.data)
-                progress = None if bars else BuildProgress(stderr_lines(variant.run.name))
+                progress = None if bars else BuildProgress(stderr_lines(f"{variant.run.name}: "))
                 print("\n".join(report_lines(variant, prepare_text(variant, progress))), flush=True)
     return 0
-
-
-def stderr_lines(name: str) -> Callable[[str], None]:
-    """Print a progress line on stderr, after the run's name, at once (a log shows it as it happens)."""
-    return lambda line: print(f"{name}: {line}", file=sys.stderr, flush=True)
 
 
 def report_lines(recipe: Any, report: dict[str, Any]) -> list[str]:

@@ -90,18 +90,24 @@ def with_model_data_cache(recipe: Any, trained: Any, data_args: Sequence[str]) -
 def check_data_source_early(data_args: Sequence[str]) -> None:
     """The text ``data.path`` that ``--data`` names (an override, else the last recipe named), when it is missing,
     empty or not text at a glance: one line before torch loads, as `train` and `data prepare` answer it
-    (`data.text.source_kind`, which reads the file system only). Overrides win over a named recipe's path, as
-    in `eval_recipe`."""
-    from bmojo_neuron.data.text import source_kind
+    (`data.text.check_source`, which reads the file system only). Overrides win over a named recipe's path and
+    text column, as in `eval_recipe`; without either the column is the model's, not known yet, and its key is
+    left to the build."""
+    from bmojo_neuron.data.text import check_source
     from bmojo_neuron.recipes import load_recipe
 
-    paths = [item.split("=", 1)[1] for item in data_args if item.split("=", 1)[0] in ("path", "data.path")]
+    def given(key: str) -> list[str]:
+        return [item.split("=", 1)[1] for item in data_args if item.split("=", 1)[0] in (key, f"data.{key}")]
+
+    paths, columns = given("path"), given("text_column")
     for item in (item for item in data_args if "=" not in item):
         data = load_recipe(item).data
         if data.kind == "text" and data.path is not None:
             paths.insert(0, data.path)
+        if data.kind == "text":
+            columns.insert(0, data.text_column)
     if paths and paths[-1] not in ("", "null", "None"):
-        source_kind(str(Path(paths[-1]).expanduser()))
+        check_source(str(Path(paths[-1]).expanduser()), columns[-1] if columns else None)
 
 
 def check_vocabulary(model: Any, recipe: Any) -> None:
@@ -162,11 +168,21 @@ def evaluating_line(source: Path, recipe: Any, lengths: Sequence[int], batches: 
             f"{batches} batch{'es' if batches > 1 else ''} of {batch_size} sequences each")
 
 
+def build_lines(recipe: Any) -> Any:
+    """Where the libraries' bars are off (stderr not a terminal: a log, a pipe), a `BuildProgress` that says a
+    text cache build's stages on stderr after the run's name, as `data prepare` does; None on a terminal."""
+    from bmojo_neuron.data.build_progress import BuildProgress, stderr_lines
+
+    return None if sys.stderr.isatty() else BuildProgress(stderr_lines(f"{recipe.run.name}: "))
+
+
 @register_command("eval", help="evaluate a trained model: loss, perplexity, MQAR recall, length generalisation",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
     lengths = parse_lengths(args.lengths)
     require_nonempty("--output-dir", args.output_dir)
+    for option, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
+        count_option(option, value, 1)  # a count below 1 is refused before torch loads; the defaults come later
     from bmojo_neuron.checkpoints.locate import resolve_model_dir
 
     model_dir = resolve_model_dir(args.path, "eval")  # a path that is no model: one line, before torch loads
@@ -188,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     # Several lengths take tens of seconds on a CPU before the table prints: say what is being done.
     print(evaluating_line(trained.source, recipe, lengths, batches, batch_size), file=sys.stderr, flush=True)
     with library_progress_bars(sys.stderr.isatty()):  # in a log or a pipe each bar's redraw is another line
-        _, eval_data = build_datasets(recipe)
+        _, eval_data = build_datasets(recipe, build_lines(recipe))
     rows = length_generalisation(trained.model, recipe, eval_data, lengths, batch_size, device, batches,
                                  recipe.train.precision)
     title = f"{recipe.run.name} ({trained.source})"

@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from bmojo_neuron.checkpoints.locate import resolve_model_dir
 
     model_dir = resolve_model_dir(args.path, "inspect")  # a path that is no model: one line, before torch loads
-    from bmojo_neuron.commands.evaluate import (check_data_source_early, check_vocabulary, eval_recipe, output_dir,
-                                                with_model_data_cache)
+    from bmojo_neuron.commands.evaluate import (build_lines, check_data_source_early, check_vocabulary, eval_recipe,
+                                                output_dir, with_model_data_cache)
 
     check_data_source_early(args.data)  # so is a --data file that is missing, empty or not text
     say_on_terminal(f"inspecting {model_dir}: loading torch and the model, then tracing the eidetic memory over "
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     check_vocabulary(trained.model, recipe)
     out = output_dir(args.output_dir, trained, args.data)
     with library_progress_bars(sys.stderr.isatty()):  # in a log or a pipe each bar's redraw is another line
-        eval_data = build_eval_dataset(recipe, args.length)
+        eval_data = build_eval_dataset(recipe, args.length, build_lines(recipe))
     rows = eval_data[: args.sequences]
     if len(rows["input_ids"]) <= args.row:
         raise ValueError(f"the eval data has only {len(rows['input_ids'])} sequences; lower --row")

@@ -30,12 +30,12 @@ def _names(text: str) -> list[str]:
 @register_command("kernels", help="NKI kernel tools: `kernels profile` models each kernel's Trn1 time",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int | None:
-    from bmojo_neuron.bench import kernel_profile as kp
-
     kernels, attention_kernels = _names(args.kernels), _names(args.attention)
     if not kernels and not args.kernels.strip():
         raise ValueError(f"no kernels given: --kernels is empty; name some of {SCAN_KERNELS}, or none for "
                          "attention kernels only")
+    from bmojo_neuron.bench import kernel_profile as kp  # the kernels and their emulator: seconds of imports
+
     kp.check_kernels(kernels, kp.SCAN_KERNELS)
     kp.check_kernels(attention_kernels, kp.ATTENTION_KERNELS, "attention kernels")
     if args.calibration_only:

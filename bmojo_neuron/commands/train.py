@@ -269,11 +269,11 @@ def data_line(recipe: Any) -> str:
     d = recipe.data
     if d.kind == "mqar":
         return "MQAR, generated in memory at start (nothing to prepare)"
-    from bmojo_neuron.data.text import CORPUS_DIR, built_cache, source_kind
+    from bmojo_neuron.data.text import CORPUS_DIR, built_cache, check_source
 
     source = str(CORPUS_DIR if d.path is None else Path(d.path).expanduser())
     try:
-        kind = source_kind(source)
+        kind = check_source(source, d.text_column)
     except (FileNotFoundError, ValueError) as error:
         return f"PROBLEM: {error}"
     if kind == "packed":
@@ -305,15 +305,16 @@ def run(args: argparse.Namespace) -> int:
     from bmojo_neuron.recipes import count_parameters, load_recipe, shadowed_overrides
 
     recipe = load_recipe(name, overrides)  # before torch and transformers load: a bad recipe is refused at once
+    runs: list[tuple[Any, Path]] = []
     if not args.dry_run:  # --dry-run lists every problem instead
         if recipe.run.device == "neuron":  # a cache every node would share fails the run: the first thing said
             check_cache_not_shared()
         check_sources_early(recipe, args.resume)
+        runs = check_runs_early(recipe, args)
     say_loading(loading_line(recipe, args.dry_run))  # the checks above took a blink; torch takes seconds
     from bmojo_neuron.checkpoints.layout import has_run
     from bmojo_neuron.parallel.layout import torchrun_env
     from bmojo_neuron.preflight import check_resumable, check_run_dirs
-    from bmojo_neuron.recipe_runs import plan_runs
 
     main = torchrun_env()[0] == 0  # under torchrun only rank 0 prints and writes summaries
     if main:
@@ -321,12 +322,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {note}", file=sys.stderr)
     if args.dry_run:
         return dry_run(recipe, name, overrides, args)
-    runs = plan_runs(recipe, args.output_dir)
-    for variant, _ in runs:  # check every run before the first long one starts
-        variant.check()
-    problem = output_root_problem(recipe, runs, args) or suite_root_problem(recipe, runs)
-    if problem:
-        raise ValueError(problem)
     if args.resume:
         check_resumable(runs)
     with contextlib.ExitStack() as locks:
@@ -339,9 +334,33 @@ def run(args: argparse.Namespace) -> int:
             if main:  # held for the whole command: a second train or --resume on a live run is refused
                 locks.enter_context(DirectoryLock(run_dir, leave_no_trace=True))
             if not args.resume and has_run(run_dir):
-                raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it, or pick another "
-                                 "--output-dir")
+                raise ValueError(used_dir_refusal(run_dir))
         return train_all(runs, args, recipe, main)
+
+
+def check_runs_early(recipe: Any, args: argparse.Namespace) -> list[tuple[Any, Path]]:
+    """The runs of the recipe (`recipe_runs.plan_runs`), each checked, and the refusals that read only folders:
+    an output folder that may not take them, and without ``--resume`` a run directory that already holds a run.
+    All before torch loads (seconds). A directory a live run holds is left to the lock, whose refusal names the
+    process; the check after taking the lock is the one that counts."""
+    from bmojo_neuron.checkpoints.layout import has_run
+    from bmojo_neuron.locking import exclusive_holder
+    from bmojo_neuron.recipe_runs import plan_runs
+
+    runs = plan_runs(recipe, args.output_dir)
+    for variant, _ in runs:  # check every run before the first long one starts
+        variant.check()
+    problem = output_root_problem(recipe, runs, args) or suite_root_problem(recipe, runs)
+    if problem:
+        raise ValueError(problem)
+    for _, run_dir in runs:
+        if not args.resume and has_run(run_dir) and not exclusive_holder(run_dir):
+            raise ValueError(used_dir_refusal(run_dir))
+    return runs
+
+
+def used_dir_refusal(run_dir: Path) -> str:
+    return f"{run_dir} already holds a run; pass --resume to continue it, or pick another --output-dir"
 
 
 def loading_line(recipe: Any, dry_run: bool) -> str:
@@ -368,22 +387,26 @@ def say_loading(line: str) -> None:
 
 
 def check_sources_early(recipe: Any, resume: bool) -> None:
-    """Each run's text ``data.path`` is there and, for a new run, its ``init.weights`` names a model folder (a
-    resumed run starts from its checkpoint): one line before torch loads, since `data.text.source_kind` and
-    `checkpoints.locate` read the file system only. The preflight checks both again."""
+    """Each run's text ``data.path`` is there and, at a glance, text the build takes (`data.text.check_source`:
+    a folder's files and JSON lines too) and, for a new run, its ``init.weights`` names a model folder (a resumed
+    run starts from its checkpoint): one line before torch loads, since both read the file system only. The
+    preflight checks both again."""
     from bmojo_neuron.checkpoints.locate import initial_weights_dir
-    from bmojo_neuron.data.text import source_kind
+    from bmojo_neuron.data.text import check_source
 
     # the runs `recipe_runs.plan_runs` makes of the recipe, as the dotted overrides each applies to it
     if recipe.suite:
         runs = [variant.overrides for variant in recipe.suite]
     else:
         runs = [{}] + ([recipe.compare.overrides] if recipe.compare is not None else [])
+    checked: set[tuple[str, str]] = set()  # a suite's runs mostly share one source: glance at it once
     for run_overrides in runs:
         kind = run_overrides.get("data.kind", recipe.data.kind)
         path = run_overrides.get("data.path", getattr(recipe.data, "path", None))
-        if kind == "text" and path is not None:
-            source_kind(str(Path(path).expanduser()))
+        column = run_overrides.get("data.text_column", getattr(recipe.data, "text_column", "text"))
+        if kind == "text" and path is not None and (str(path), str(column)) not in checked:
+            checked.add((str(path), str(column)))
+            check_source(str(Path(path).expanduser()), column)
         weights = run_overrides.get("init.weights", recipe.init.weights)
         if weights and not resume:
             initial_weights_dir(weights)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from bmojo_neuron.data.build_progress import BuildProgress
 from bmojo_neuron.data.mqar import IGNORE_INDEX, generate_mqar, mqar_accuracy
 from bmojo_neuron.data.text import library_progress_bars, load_text_dataset
 from bmojo_neuron.data.tokenizer import ByteTokenizer, load_tokenizer
@@ -21,25 +22,26 @@ if TYPE_CHECKING:
 EVAL_SEED_OFFSET = 1_000_003  # eval MQAR examples come from a different stream than train
 
 
-def build_datasets(recipe: Recipe) -> tuple[Dataset, Dataset]:
-    """(train, eval) datasets for ``recipe.data`` at the training length, in torch format."""
+def build_datasets(recipe: Recipe, progress: BuildProgress | None = None) -> tuple[Dataset, Dataset]:
+    """(train, eval) datasets for ``recipe.data`` at the training length, in torch format. `progress` gets the
+    plain lines of a text cache's build (`text.load_text_dataset`), for a log where no bar is drawn."""
     data = recipe.data
     if data.kind == "mqar":
         train = _mqar(recipe, data.train_examples, data.seed, 1, data.train_spacings)
         evaluation = _mqar(recipe, data.eval_examples, data.seed + EVAL_SEED_OFFSET, 1)
     elif data.kind == "text":
-        train, evaluation = _text(recipe, data.block_size)
+        train, evaluation = _text(recipe, data.block_size, progress)
     else:
         raise ValueError(f"recipe key data.kind: unknown kind {data.kind!r}")
     return train.with_format("torch"), evaluation.with_format("torch")
 
 
-def build_eval_dataset(recipe: Recipe, length_multiplier: int = 1) -> Dataset:
+def build_eval_dataset(recipe: Recipe, length_multiplier: int = 1, progress: BuildProgress | None = None) -> Dataset:
     """The eval split at ``length_multiplier`` times the training length (for `eval.length_multipliers`).
 
     MQAR stretches each training-length layout (same kv pairs, every pair-to-query
     distance times the multiplier: `mqar_arrays`'s ``spacing``); text is re-packed
-    into longer blocks (a separate cache entry).
+    into longer blocks (a separate cache entry), whose build `progress` is told of as in `build_datasets`.
     """
     if length_multiplier < 1:
         raise ValueError(f"length_multiplier is {length_multiplier}; must be >= 1")
@@ -47,7 +49,7 @@ def build_eval_dataset(recipe: Recipe, length_multiplier: int = 1) -> Dataset:
     if data.kind == "mqar":
         evaluation = _mqar(recipe, data.eval_examples, data.seed + EVAL_SEED_OFFSET, length_multiplier)
     else:
-        _, evaluation = _text(recipe, data.block_size * length_multiplier)
+        _, evaluation = _text(recipe, data.block_size * length_multiplier, progress)
     return evaluation.with_format("torch")
 
 
@@ -77,7 +79,7 @@ def _mqar(recipe: Recipe, examples: int, seed: int, multiplier: int, spacings: l
     )
 
 
-def _text(recipe: Recipe, block_size: int) -> tuple[Dataset, Dataset]:
+def _text(recipe: Recipe, block_size: int, progress: BuildProgress | None) -> tuple[Dataset, Dataset]:
     data = recipe.data
     return load_text_dataset(
         path=data.path,
@@ -86,10 +88,12 @@ def _text(recipe: Recipe, block_size: int) -> tuple[Dataset, Dataset]:
         cache_dir=data.cache_dir,
         eval_fraction=data.eval_fraction,
         text_column=data.text_column,
+        progress=progress,
     )
 
 
 __all__ = [
+    "BuildProgress",
     "IGNORE_INDEX",
     "ByteTokenizer",
     "build_datasets",

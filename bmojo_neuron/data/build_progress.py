@@ -9,6 +9,7 @@ plain line per ``train.log_every`` steps in a log.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable
 
@@ -45,3 +46,9 @@ class BuildProgress:
     def finish(self, line: str) -> None:
         """The build is done: `line` and the seconds it took."""
         self.say(f"{line} in {self.clock() - self.started:.1f}s")
+
+
+def stderr_lines(prefix: str) -> Callable[[str], None]:
+    """A `say` for `BuildProgress` that prints each line on stderr after `prefix`, at once (a log shows it as it
+    happens)."""
+    return lambda line: print(f"{prefix}{line}", file=sys.stderr, flush=True)

@@ -41,6 +41,8 @@ DEFAULT_CACHE_DIR = Path("~/.cache/bmojo-neuron").expanduser()
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 MAP_BATCH = 1000
 SNIFF_BYTES = 1 << 20  # how much of a data file `file_start_problem` reads before torch loads: a millisecond
+FOLDER_SNIFF_BYTES = 1 << 16  # of each file of a folder source: enough for its first JSON lines, and a
+# folder of many files is not read a second time before its build reads it
 
 
 def load_text_dataset(
@@ -164,6 +166,48 @@ def source_kind(source: str) -> str:
     return "hub"
 
 
+def check_source(source: str, text_column: str | None = None) -> str:
+    """`source_kind`, and for a folder of text files a glance at each (`FOLDER_SNIFF_BYTES`), and for JSON lines
+    the complete lines of the glance (`jsonl_document`; their key `text_column` too when it is given): a
+    ValueError in `data_path_error`'s format for what the build would refuse after torch loads. What the glance
+    does not reach is checked as the build reads it."""
+    kind = source_kind(source)
+    if kind in ("text-file", "jsonl-file"):
+        files, budget = [Path(source)], SNIFF_BYTES
+    elif kind == "folder":
+        files, budget = _text_files(Path(source)), FOLDER_SNIFF_BYTES
+    else:
+        return kind
+    for file in files:
+        problem = glance_problem(file, budget, text_column, in_folder=kind == "folder")
+        if problem:
+            raise ValueError(data_path_error(source, problem, file))
+    return kind
+
+
+def glance_problem(file: Path, budget: int, text_column: str | None, in_folder: bool) -> str | None:
+    """What the first `budget` bytes of `file` show the build would refuse, or None. An empty file is a problem
+    alone (a folder's build skips it, as an empty document)."""
+    size = file.stat().st_size
+    if size == 0:
+        return None if in_folder else "no text (an empty file)"
+    with file.open("rb") as f:
+        start = f.read(budget)
+    whole = len(start) == size
+    problem = binary_problem(start) or utf8_problem(start, file, whole)
+    if problem or file.suffix not in JSONL_SUFFIXES:
+        return problem
+    lines = start.split(b"\n")
+    if not whole:
+        lines.pop()  # cut by the glance: the build reads it whole
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            _, problem = jsonl_document(line.decode("utf-8"), number, text_column)
+            if problem:
+                return problem
+    return None
+
+
 def data_path_error(source: str | os.PathLike, problem: str, file: Path | None = None) -> str:
     """The one format of every problem with the data a recipe names: ``data.path <source>: <problem>``, and the
     file inside a folder source it is in, ``data.path <folder>: <file>: <problem>``, so `train`, `data prepare`
@@ -269,7 +313,15 @@ def _build_cache(
 
     progress = progress or BuildProgress(lambda line: None)
     tokenizer = load_tokenizer(tokenizer_name)
-    docs = _documents(source, kind, text_column)  # a source that cannot be read: its error line alone
+    # First the cache's folder, which a later run with these data settings reads instead of the source. Files
+    # this module reads are said before the read, the long part of a large corpus (its start passed the glance,
+    # `check_source`); what `datasets` loads, after it: a source that cannot be read is its error line alone.
+    read_here = kind in ("text-file", "jsonl-file", "folder")
+    if read_here:
+        progress.stage(f"building the data cache {final}: reading {source}")
+    docs = _documents(source, kind, text_column)
+    if not read_here:
+        progress.stage(f"building the data cache {final} from {source}")
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
     try:
@@ -389,21 +441,32 @@ def _read_jsonl(source: str, file: Path, text_column: str) -> Iterable[str]:
     for number, line in enumerate(read_utf8(file, source).split("\n"), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(data_path_error(source, f"line {number} is not JSON: {err.msg} at column {err.colno}",
-                                             file)) from None
-        if not isinstance(record, dict) or text_column not in record:
-            keys = (f"its keys: {', '.join(sorted(record))}" if isinstance(record, dict) else
-                    f"a JSON {type(record).__name__}, not an object")
-            raise ValueError(data_path_error(source, f"line {number} has no key {text_column!r} (data.text_column; "
-                                                     f"{keys})", file))
-        if not isinstance(record[text_column], str):
-            raise ValueError(data_path_error(source, f"line {number}: {text_column!r} (data.text_column) holds "
-                                                     f"{type(record[text_column]).__name__} "
-                                                     f"{record[text_column]!r}, not a string", file))
-        yield record[text_column]
+        document, problem = jsonl_document(line, number, text_column)
+        if problem:
+            raise ValueError(data_path_error(source, problem, file))
+        yield document
+
+
+def jsonl_document(line: str, number: int, text_column: str | None) -> tuple[Any, str | None]:
+    """``(document, None)`` for line `number` of a JSON-lines file, or ``(None, why it is no document)``: not JSON,
+    not an object, or without the key `text_column` or a string under it. With `text_column` None (not known
+    yet) only the first two are checked, and the document is the whole object."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return None, f"line {number} is not JSON: {err.msg} at column {err.colno}"
+    if text_column is None:
+        if isinstance(record, dict):
+            return record, None
+        return None, f"line {number} is a JSON {type(record).__name__}, not an object"
+    if not isinstance(record, dict) or text_column not in record:
+        keys = (f"its keys: {', '.join(sorted(record))}" if isinstance(record, dict) else
+                f"a JSON {type(record).__name__}, not an object")
+        return None, f"line {number} has no key {text_column!r} (data.text_column; {keys})"
+    if not isinstance(record[text_column], str):
+        return None, (f"line {number}: {text_column!r} (data.text_column) holds {type(record[text_column]).__name__} "
+                      f"{record[text_column]!r}, not a string")
+    return record[text_column], None
 
 
 def _load_packed(source: str, block_size: int) -> DatasetDict:

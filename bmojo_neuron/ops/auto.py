@@ -110,7 +110,8 @@ def describe(device: str = "cpu", precision: str = "fp32") -> str:
     if why_not:
         return f"torch (the default, auto: {why_not})"
     chosen = {op: "cpu-c" if name == dispatch.AUTO else name for op, name in chosen.items()}
-    return f"{_grouped(chosen)} (the default, auto; {dispatch.ENV_VAR}=torch: the reference)"
+    single = "" if build.load().openmp else ", one thread: built without OpenMP"
+    return f"{_grouped(chosen)} (the default, auto{single}; {dispatch.ENV_VAR}=torch: the reference)"
 
 
 def _grouped(chosen: dict[str, str]) -> str:

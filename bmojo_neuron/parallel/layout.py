@@ -84,8 +84,8 @@ def trainium_groups(world: int, tp: int, pp: int, local_world: int) -> dict[str,
     """The tensor-, pipeline- and data-parallel groups NxD v2.28 builds for a trn1 job of `world` ranks,
     `local_world` per node (torchrun's ``LOCAL_WORLD_SIZE``, NxD's reading of it at line 608).
 
-    As `ParallelLayout`, except at tp = 4: NxD then lays the ranks out as ``[pp, dp / n, tp, n]`` with
-    ``n = local_world / 4`` and swaps the last two axes, so a tensor group takes every n-th core of one node
+    As `ParallelLayout`, except at tp = 4: NxD then lays the ranks out as ``[pp, dp // n, tp, n]`` with
+    ``n = local_world // 4`` and swaps the last two axes, so a tensor group takes every n-th core of one node
     (``[0, 8, 16, 24]`` on a trn1.32xlarge) and a data group blocks of n neighbours. ValueError where that
     reshape fails in NxD (`check_trainium_layout`).
     """
@@ -106,18 +106,24 @@ def trainium_groups(world: int, tp: int, pp: int, local_world: int) -> dict[str,
 def check_trainium_layout(world: int, tp: int, pp: int, local_world: int) -> None:
     """Refuse, before any launch, a trn1 layout that NxD v2.28's `initialize_model_parallel` cannot build.
 
-    At tp = 4 it reshapes the ranks to ``[pp, dp // n, 1, 4, n]`` with ``n = local_world / 4`` (lines 608-612),
-    which holds `world` ranks only when n divides dp: otherwise torch's reshape fails on every rank at start-up.
+    At tp = 4 it reshapes the ranks to ``[pp, dp // n, 1, 4, n]`` with ``n = local_world // 4`` (parallel_state.py
+    lines 607-612, a floor division): that fails on every rank at start-up when a node has fewer than 4 ranks
+    (n = 0: ``dp // 0``) or when n does not divide dp (torch's reshape). Nothing else is refused there: a node of,
+    say, 6 ranks gives n = 1 and NxD's contiguous groups of 4, which then span nodes.
     """
     if tp != TRN1_STRIDED_TP:
         return
     dp = world // (tp * pp)
     n = local_world // tp
-    if local_world % tp or n == 0 or dp % n:
+    if n == 0:
+        raise ValueError(
+            f"parallel.tp=4 on {local_world} NeuronCores per node: on trn1 NeuronX Distributed places tp=4 groups "
+            f"within a node and needs at least 4 NeuronCores per node; use parallel.tp 1 or 2")
+    if dp % n:
         raise ValueError(
             f"parallel.tp=4 with parallel.pp={pp} on {world} NeuronCores ({local_world} per node) leaves a "
             f"data-parallel degree of {dp}: on trn1 NeuronX Distributed places tp=4 groups across each node and "
-            f"needs the data-parallel degree to be a multiple of {max(n, 1)} (NeuronCores per node / 4); "
+            f"needs the data-parallel degree to be a multiple of {n} (NeuronCores per node // 4); "
             f"use parallel.tp 2 or 8, a smaller parallel.pp, or more nodes")
 
 

@@ -34,7 +34,7 @@ from torch import Tensor
 from bmojo_neuron.checkpoints.layout import (FINAL, RECIPE_FILE, abandoned_attempt, clean_stale, has_run,
                                              list_checkpoints, unrelated_folder_problem)
 from bmojo_neuron.checkpoints.state import Checkpoint, TrainerState, resume_refusal
-from bmojo_neuron.data import build_datasets, library_progress_bars
+from bmojo_neuron.data import BuildProgress, build_datasets, library_progress_bars
 from bmojo_neuron.evaluation import LengthResult, format_length_table, plot_length
 from bmojo_neuron.fsutil import write_text_atomic
 from bmojo_neuron.priming.distill import freeze_shared, is_new_parameter
@@ -300,7 +300,10 @@ class Trainer:
         be = self.backend
         if not be.is_main:
             be.barrier("data-built")
-        datasets = build_datasets(self.recipe)
+        # Without a live bar (a log, --no-progress) the libraries' bars are off: a cache build says its stages in
+        # plain lines instead, as `data prepare` does.
+        progress = None if shows_live_bar(self.progress) or not be.is_main else BuildProgress(self.say)
+        datasets = build_datasets(self.recipe, progress)
         if be.is_main:
             be.barrier("data-built")
         return datasets

@@ -22,6 +22,7 @@ XLA_DEFAULT_SEED = 101
 SEED_OP_MUL, SEED_OP_ADD = 214013, 2531011
 SEED_STEP_MUL, SEED_STEP_ADD = 7012063, 1012031
 ON_DEVICE = "_bmojo_xla_batch"  # set by the MpDeviceLoader double on the tensors it hands out
+ON_XLA_DEVICE = "_bmojo_on_xla_device"  # set on the parameters and buffers NxD's initialize_parallel_model moved
 
 
 def fake_module(name: str, **attrs: Any) -> types.ModuleType:
@@ -69,6 +70,7 @@ class XlaLog:
     host_transfers: list[str] = field(default_factory=list)  # host tensors copied into a step's graph (xla_host)
     host_reads: list[str] = field(default_factory=list)  # device values our code copied or read to the host in a step
     host_tensors: Any = None  # the `xla_host.HostTensors` mode while a step runs
+    moved_modules: list = field(default_factory=list)  # what NxD's initialize_parallel_model moved to the device
     cpu_fallbacks: list[str] = field(default_factory=list)  # aten ops of a step torch-xla has no kernel for
     fallback_mode: Any = None  # the `xla_lowerings.CpuFallbacks` mode while a step runs
     # Steps whose ops are still to be checked: every step of a run traces the same ops (the static-shape tests

@@ -287,6 +287,11 @@ class GridGroup(GlooWorld):
         self.dist, self.env = dist, env
 
     @property
+    def initialized(self) -> bool:
+        """Whether NxD's parallel state is up (``model_parallel_is_initialized``)."""
+        return bool(self.env.grid)
+
+    @property
     def size(self) -> int:  # type: ignore[override]
         return self.env.grid.get("tp", 1)
 
@@ -347,10 +352,28 @@ class _Recorded(nn.Module):
     built: list = []
     tp: Any = SingleRank()
 
+    def __init__(self) -> None:
+        super().__init__()
+        if not getattr(self.tp, "initialized", True):
+            _fall_back_to_one_rank()
+
     def _record(self, args: tuple, given: dict, signature: Any) -> None:
         """Append ``(kind, args, the keyword arguments that differ from NxD's defaults)``."""
         changed = {k: v for k, v in given.items() if not _is_default(v, signature[k].default)}
         self.built.append((self.kind, args, changed))
+
+
+def _fall_back_to_one_rank() -> None:
+    """NxD's ``BaseParallelLayer`` built before ``initialize_model_parallel`` (layers.py 174-183): a warning, then
+    ``initialize_fallback_parallel_state`` (utils.py 318-335), whose ``init_process_group(world_size=1, rank=0)``
+    torch refuses when a process group exists, as it does in every run of ours (``NeuronRuntime.start``)."""
+    import torch.distributed as dist
+
+    warnings.warn("Parallel state is not initialized. Falling back to non-parallel equivalent.", UserWarning,
+                  stacklevel=3)
+    if dist.is_initialized():
+        raise ValueError("trying to initialize the default process group twice!")
+    _not_modelled("NxD's one-rank fallback state (a parallel layer built before any process group)")
 
 
 def _is_default(value: Any, default: Any) -> bool:

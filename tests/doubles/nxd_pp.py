@@ -59,6 +59,7 @@ from torch.fx.passes.split_module import split_module
 from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, treespec_loads
 
 from .env import ON_DEVICE
+from .nxd_move import move_model_to_device
 from .xla_host import enter_step
 
 CHECKPOINT_PREFIX = "_checkpoint_wrapped_module."
@@ -281,6 +282,13 @@ class NxDPPModel(nn.Module):
                 if mine and pipeline == here:
                     self.shared[mine[0]] = group
         self.log.calls["shared_weights"] = sorted(self.shared)
+
+    def move_model_to_device(self) -> None:
+        """NxD (pipeline/model.py 1963-1972): each local stage module moved as ``move_model_to_device`` moves a
+        module (its parameters new objects, see `nxd_move`), then the shared weights synced again."""
+        for local in self.local_stage_modules:
+            move_model_to_device(local)
+            self._sync_shared_weights()
 
     def _sync_shared_weights(self) -> None:
         params = dict(self.local_stage_modules[0].named_parameters())

@@ -10,7 +10,8 @@ pipeline parallelism with one stage per process and any data-parallel degree (tp
   replica groups (`nxd_replica_groups`: trn1's strided tp = 4 and its refusals too); the
   ``parallel_state`` getters, ZeRO-1 and ``NxDPPModel`` assert that it was initialised; ``initialize_parallel_model`` builds
   through ``model_fn``, moves to the device in NxD's waves of
-  ``sequential_move_factor`` local ranks (a rendezvous after each wave), wraps in
+  ``sequential_move_factor`` local ranks (a rendezvous after each wave; each parameter and buffer a new object,
+  with only NxD's attributes and ties put back, `doubles.nxd_move`), wraps in
   ``NxDModel`` and applies NxD's activation checkpointing: an ``NxDCheckpointWrapper``
   (parameter names carry ``_checkpoint_wrapped_module.``, module names do not) running
   torch-xla's *reentrant* checkpoint (no keyword arguments; parameter gradients only
@@ -70,11 +71,10 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 
 from . import nxd_api, nxd_layers, nxd_pp
-from .env import DeviceRandomOps, Env, bmojo_caller, fake_module
+from .env import ON_XLA_DEVICE, DeviceRandomOps, Env, bmojo_caller, fake_module
 from .xla import local_ordinal, local_process_count, reentrant_checkpoint
+from .nxd_move import move_model_to_device
 from .xla_host import check_states_on_device, mark_attributes_left_on_the_host
-
-ON_XLA_DEVICE = "_bmojo_on_xla_device"  # set on the parameters NxD's initialize_parallel_model moved
 
 
 class NxDModel(nn.Module):
@@ -873,10 +873,13 @@ def _move_in_waves(env: Env, module: nn.Module, sequential_move_factor: int) -> 
     local_rank, local_world = local_ordinal(), local_world_size()
     for wave in range(math.ceil(local_world / sequential_move_factor)):
         if local_rank // sequential_move_factor == wave:
-            module.to(torch.device("cpu"))
+            # this rank's parameters and buffers (under pp its stage's, as NxD moves only those): new objects
+            if isinstance(module, nxd_pp.NxDPPModel):
+                module.move_model_to_device()
+            else:
+                move_model_to_device(module)
             mark_attributes_left_on_the_host(module)
-            # on the device: this rank's parameters (under pp its stage's, as NxD moves only those)
-            on_device(module.local_parameters() if hasattr(module, "local_parameters") else module.parameters())
+            env.log.moved_modules.append(module)
             env.log.calls["moved_in_wave"] = wave
         env.rendezvous(f"get_model_sequential{wave}")
 

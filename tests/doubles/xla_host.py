@@ -39,10 +39,14 @@ on XLA and are recorded in ``XlaLog.host_reads`` (the copies are host tensors).
 What ``torch.load`` reads during a Neuron run is on the host too (`LoadedOnHost`, installed by
 `neuron_sdk.install`): a checkpoint's optimizer state not moved to the device fails the step's update.
 
-Not modelled: other host tensors made before the step but those attributes (a buffer registered after the move,
-a tensor kept in a closure, an optimizer state made outside a step without ``device=``: following them would
-need the mode between steps too, a Python call at every op of evaluations and checkpoints), host tensors made by
-torch (but ``torch.load``), another library or the doubles, and the host operands of ops torch-xla runs through
+A buffer registered on a moved module after NxD's move, from a tensor our code made without ``device=``
+(`follow_factories`), is marked when the next step begins (`mark_buffers_left_on_the_host`, `doubles.nxd_move`).
+
+Not modelled: other host tensors made before the step but those (a buffer made by torch or another library
+and registered after the move, a tensor kept in a closure, an optimizer state made outside a step without
+``device=``: following them would need the mode between steps too, a Python call at every op of evaluations
+and checkpoints), host tensors made by torch (but ``torch.load``), another library or the doubles, and the host
+operands of ops torch-xla runs through
 its CPU fallback (they take host tensors; `xla_lowerings.CpuFallbacks` records the ops).
 """
 
@@ -59,7 +63,7 @@ from torch.overrides import TorchFunctionMode
 
 from torch.utils import _python_dispatch
 
-from .env import XlaLog, bmojo_caller
+from .env import ON_XLA_DEVICE, XlaLog, bmojo_caller
 from .xla_lowerings import CpuFallbacks
 
 HOST = "_bmojo_host_tensor"  # set on a tensor our code made on the host inside a step
@@ -280,11 +284,21 @@ def mark_attributes_left_on_the_host(moved: torch.nn.Module) -> None:
                 setattr(value, HOST, True)
 
 
+def mark_buffers_left_on_the_host(modules: list[torch.nn.Module]) -> None:
+    """Buffers of the `modules` NxD moved to the device that it did not move (registered after the move, from a
+    tensor our code made on the host outside a step, `follow_factories`): host tensors in the step, as on XLA."""
+    for module in modules:
+        for buffer in module.buffers():
+            if not getattr(buffer, ON_XLA_DEVICE, False) and getattr(buffer, MADE_ON_HOST, False):
+                setattr(buffer, HOST, True)
+
+
 def enter_step(log: XlaLog, update: bool = False) -> None:
     """The loader double handed out a batch (or, with `update`, the step goes on after our code's sync with its
     update): the step's ops run under `HostTensors` until its sync. Of the first step the fallback check sees the
     first micro-batch's graph and the update's (the other micro-batches trace the first one's ops)."""
     if log.host_tensors is None:
+        mark_buffers_left_on_the_host(log.moved_modules)
         log.host_tensors = HostTensors(log)
         log.host_tensors.__enter__()
     if log.fallback_mode is None and log.fallback_steps_left > 0 and (update or not log.micro_batch_checked):

@@ -11,11 +11,20 @@ write their own temporary file, the last rename winning with an identical librar
 A temporary file a killed process left behind is removed by a later build once it is
 older than any build can take.
 
-OpenMP: the library links ``libgomp.so.1``; torch's CPU wheels ship their own copy with
-that soname, which the dynamic loader reuses when torch is already loaded (it is: the
-kernels' modules import torch first), so the kernels and torch share one thread pool.
-`openmp_runtimes` lists the runtimes a process has mapped, for the tests and the load
-message when a torch build brings a differently named one.
+OpenMP: nothing here looks for torch's runtime. ``-fopenmp`` makes the library need the
+compiler's own runtime by its soname (GCC's ``libgomp.so.1``, LLVM's ``libomp.so``); torch's
+CPU wheels ship a ``libgomp.so.1``, which the dynamic loader reuses when torch is already
+loaded (it is: the kernels' modules import torch first), so with GCC the kernels and torch
+share one thread pool. Under another name the loader maps the compiler's runtime as a
+second one: `openmp_runtimes` lists the runtimes a process has mapped, and the load
+reason names one the library added (docs/ops.md, "One OpenMP runtime").
+
+Where the compiler rejects a flag the build falls back (`ATTEMPTS`): without OpenMP
+(Apple's clang has no ``-fopenmp``; ``-fopenmp-simd`` keeps the ``omp simd`` loops
+vectorised, and GCC and clang ignore the other OpenMP pragmas under it), then with
+portable flags only. A library built without OpenMP runs every kernel on one thread, with
+the same results (no kernel's result depends on its thread count); `Loaded.openmp` and the
+load reason say so.
 
 Nothing here raises on a missing compiler or a failed build: `load` returns the reason
 instead, and the caller runs the torch path. Each kernel's Python module declares its C
@@ -36,14 +45,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CACHE_ENV", "FLOAT_P", "INT", "LONG", "OFF_ENV", "FLOAT", "Loaded", "cache_dir", "function", "load",
-           "openmp_runtimes", "reset", "sources"]
+__all__ = ["ATTEMPTS", "CACHE_ENV", "FLOAT_P", "INT", "LONG", "OFF_ENV", "FLOAT", "Loaded", "cache_dir", "function",
+           "function_of", "load", "openmp_runtimes", "reset", "sources"]
 
 OFF_ENV = "BMOJO_CPU_C"  # "0" turns the C kernels off: the torch path runs
 CACHE_ENV = "BMOJO_CPU_C_CACHE"  # where the built library goes (default: the user cache folder)
 LIBRARY_STEM = "bmojo-kernels"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-BUILD_TIMEOUT_S = 120
+# The flags tried in order: FLAGS; without OpenMP (one thread); portable ones. The next set is tried only
+# where the compiler exited naming what it drops (a rejected flag, or an OpenMP runtime the linker lacks):
+# another failure (an error in a source, a killed or timed-out compiler) would fail the same way again.
+ATTEMPTS = (FLAGS, ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"), ("-O3", "-shared", "-fPIC"))
+_OPENMP_LIBRARIES = ("gomp", "-lomp", "libomp", "iomp")
+BUILD_TIMEOUT_S = 120  # per attempt
 
 # The C types the kernels' parameters use (every kernel function returns an int status, 0 for success).
 FLOAT_P, LONG, INT, FLOAT = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
@@ -51,10 +65,11 @@ FLOAT_P, LONG, INT, FLOAT = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes
 
 @dataclass(frozen=True)
 class Loaded:
-    """The loaded library, or None and why not."""
+    """The loaded library (and whether it was built with OpenMP), or None and why not."""
 
     library: ctypes.CDLL | None
     reason: str
+    openmp: bool = False
 
 
 _loaded: Loaded | None = None
@@ -87,7 +102,12 @@ def load() -> Loaded:
 
 def function(name: str, argtypes: list) -> ctypes._CFuncPtr:
     """The loaded library's C function `name` with its argument types set; call only after `load` succeeded."""
-    fn = getattr(load().library, name)  # ctypes caches the attribute, so the types are set once
+    return function_of(load().library, name, argtypes)
+
+
+def function_of(library: ctypes.CDLL, name: str, argtypes: list) -> ctypes._CFuncPtr:
+    """`library`'s C function `name` with its argument types set (int result)."""
+    fn = getattr(library, name)  # ctypes caches the attribute, so the types are set once
     if fn.argtypes is None:
         fn.argtypes, fn.restype = argtypes, ctypes.c_int
     return fn
@@ -107,8 +127,8 @@ def reset() -> None:
 def _key(compiler: str) -> str:
     files = sources() + sorted(Path(__file__).parent.glob("*.h"))  # the headers they include count too
     parts = [b for source in files for b in (source.name.encode(), source.read_bytes())]
-    parts += [compiler.encode(), " ".join(FLAGS).encode(), platform.machine().encode(),
-             _cpu_model().encode()]
+    flag_sets = " | ".join(" ".join(flags) for flags in ATTEMPTS)
+    parts += [compiler.encode(), flag_sets.encode(), platform.machine().encode(), _cpu_model().encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
@@ -141,7 +161,9 @@ def _build_and_load() -> Loaded:
         return Loaded(None, f"the built library {library} does not load: {exc}")
     added = sorted(set(openmp_runtimes()) - set(runtimes))
     second = f"; a second OpenMP runtime ({', '.join(added)}) beside torch's" if runtimes and added else ""
-    return Loaded(lib, f"built with {path} {' '.join(FLAGS)} in {library}{second}")
+    openmp = bool(function_of(lib, "bmojo_kernels_openmp", [])())
+    threads = "with OpenMP" if openmp else "without OpenMP (none with this compiler: every kernel runs on one thread)"
+    return Loaded(lib, f"built with {path} {threads} in {library}{second}", openmp)
 
 
 def openmp_runtimes() -> list[str]:
@@ -155,7 +177,8 @@ def openmp_runtimes() -> list[str]:
 
 
 def _build(compiler: str, folder: Path, library: Path) -> str:
-    """Compile into a temporary file next to `library`, then rename it there; "" or why it failed."""
+    """Compile into a temporary file next to `library` with the first of `ATTEMPTS` that compiles, then rename
+    it there; "" or why it failed (the first attempt's message: the usual build's)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _remove_abandoned(folder)
@@ -165,13 +188,18 @@ def _build(compiler: str, folder: Path, library: Path) -> str:
         return f"cannot write the kernel cache folder {folder}: {exc.strerror or exc}"
     try:
         files = sources()
-        done = subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, files)], capture_output=True, text=True,
-                              timeout=BUILD_TIMEOUT_S)
-        if done.returncode != 0:
+        failures = []
+        for flags in ATTEMPTS:
+            done = subprocess.run([compiler, *flags, "-o", tmp, *map(str, files)], capture_output=True, text=True,
+                                  timeout=BUILD_TIMEOUT_S)
+            if done.returncode == 0:
+                os.replace(tmp, library)
+                return ""
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
-            return f"compiling {_names(files)} with {compiler} failed (exit {done.returncode}): {first}"
-        os.replace(tmp, library)
-        return ""
+            failures.append(f"compiling {_names(files)} with {compiler} failed (exit {done.returncode}): {first}")
+            if not _rejected_what_the_next_drops(flags, done.returncode, done.stderr):
+                break
+        return failures[0]
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"compiling {_names(sources())} with {compiler} failed: {exc}"
     finally:
@@ -179,11 +207,23 @@ def _build(compiler: str, folder: Path, library: Path) -> str:
             os.unlink(tmp)
 
 
+def _rejected_what_the_next_drops(flags: tuple[str, ...], returncode: int, stderr: str) -> bool:
+    """Whether a failed compile with `flags` exited (not killed) naming a flag the next attempt drops or,
+    with ``-fopenmp``, an OpenMP runtime library."""
+    later = ATTEMPTS[ATTEMPTS.index(flags) + 1:] if flags in ATTEMPTS else ()
+    if returncode <= 0 or not later:
+        return False
+    dropped = [f for f in flags if f not in later[0]]
+    if "-fopenmp" in dropped:
+        dropped += _OPENMP_LIBRARIES
+    return any(name in stderr for name in dropped)
+
+
 def _remove_abandoned(folder: Path) -> None:
-    """Delete temporary files older than any live build (`BUILD_TIMEOUT_S`, twice): a killed process's."""
+    """Delete temporary files older than any live build (every attempt's timeout, twice): a killed process's."""
     for tmp in folder.glob(f"{LIBRARY_STEM}-*.tmp"):
         try:
-            if time.time() - tmp.stat().st_mtime > 2 * BUILD_TIMEOUT_S:
+            if time.time() - tmp.stat().st_mtime > 2 * BUILD_TIMEOUT_S * len(ATTEMPTS):
                 tmp.unlink()
         except OSError:  # another process removed it first
             pass

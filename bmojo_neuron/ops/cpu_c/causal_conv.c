@@ -71,11 +71,36 @@ INLINE float pre_at(const float *restrict wt, const float *const *rows, const fl
     return acc + bias[c];
 }
 
-/* One output row: out = silu(pre) or pre. K is a constant where the caller passes one (4): the taps
- * unroll and each channel is done in registers in one pass. */
+/* The pre-activations of one row into o for a K that is not a constant: one vector loop over the
+ * channels per tap (a loop over the taps inside the channel loop has a trip count unknown to the
+ * compiler and stays scalar), adding in `pre_at`'s order, so any K gives the bits K = 4 gives. */
+INLINE void pre_row_by_taps(const conv_t *cv, const float *const *rows, long K, float *restrict o) {
+    const float *restrict wt = cv->wt, *restrict bias = cv->bias, *newest = rows[K - 1];
+    long C = cv->C;
+#pragma omp simd
+    for (long c = 0; c < C; c++) o[c] = wt[(K - 1) * C + c] * newest[c];
+    for (long k = 0; k + 1 < K; k++) {
+        const float *restrict wk = wt + k * C, *restrict rk = rows[k];
+#pragma omp simd
+        for (long c = 0; c < C; c++) o[c] += wk[c] * rk[c];
+    }
+#pragma omp simd
+    for (long c = 0; c < C; c++) o[c] += bias[c];
+}
+
+/* One output row: out = silu(pre) or pre. Where K is the constant 4 (Mamba's) the taps unroll and each
+ * channel is done in registers in one pass; any other K goes tap by tap (`pre_row_by_taps`). */
 INLINE void forward_row(const conv_t *cv, const float *const *rows, long K, int silu, float *restrict o) {
     const float *restrict wt = cv->wt, *restrict bias = cv->bias;
     long C = cv->C;
+    if (K != 4) {
+        pre_row_by_taps(cv, rows, K, o);
+        if (silu) {
+#pragma omp simd
+            for (long c = 0; c < C; c++) o[c] = o[c] * sigmoid(o[c]);
+        }
+        return;
+    }
     if (silu) {
 #pragma omp simd
         for (long c = 0; c < C; c++) {
@@ -94,7 +119,14 @@ INLINE void d_pre_row(const conv_t *cv, const float *const *rows, long K, int si
                       float *restrict d, float *restrict part) {
     const float *restrict wt = cv->wt, *restrict bias = cv->bias;
     long C = cv->C;
-    if (silu) {
+    if (silu && K != 4) {  /* tap by tap (`pre_row_by_taps`) */
+        pre_row_by_taps(cv, rows, K, d);
+#pragma omp simd
+        for (long c = 0; c < C; c++) {
+            float a = d[c], s = sigmoid(a);
+            d[c] = g[c] * (s * (1.f + a * (1.f - s)));
+        }
+    } else if (silu) {
 #pragma omp simd
         for (long c = 0; c < C; c++) {
             float a = pre_at(wt, rows, bias, C, K, c), s = sigmoid(a);
@@ -104,6 +136,17 @@ INLINE void d_pre_row(const conv_t *cv, const float *const *rows, long K, int si
         memcpy(d, g, sizeof(float) * (size_t)C);
     }
     if (!part) return;
+    if (K != 4) {  /* one vector loop per tap, as above */
+        for (long k = 0; k < K; k++) {
+            float *restrict pk = part + k * C;
+            const float *restrict rk = rows[k];
+#pragma omp simd
+            for (long c = 0; c < C; c++) pk[c] += d[c] * rk[c];
+        }
+#pragma omp simd
+        for (long c = 0; c < C; c++) part[K * C + c] += d[c];
+        return;
+    }
 #pragma omp simd
     for (long c = 0; c < C; c++) {
         float dc = d[c];
@@ -117,6 +160,16 @@ INLINE void d_pre_row(const conv_t *cv, const float *const *rows, long K, int si
 INLINE void dx_row(const conv_t *cv, const float *const *drows, long K, float *restrict o) {
     const float *restrict wt = cv->wt;
     long C = cv->C;
+    if (K != 4) {  /* one vector loop per tap, adding in the order below */
+#pragma omp simd
+        for (long c = 0; c < C; c++) o[c] = 0.f;
+        for (long k = 0; k < K; k++) {
+            const float *restrict wk = wt + k * C, *restrict dk = drows[k];
+#pragma omp simd
+            for (long c = 0; c < C; c++) o[c] += wk[c] * dk[c];
+        }
+        return;
+    }
 #pragma omp simd
     for (long c = 0; c < C; c++) {
         float acc = 0.f;

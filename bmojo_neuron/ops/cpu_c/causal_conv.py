@@ -61,8 +61,11 @@ class CCausalConv(torch.autograd.Function):
         dx, dw = torch.empty_like(x), torch.empty_like(weight)
         d_head = torch.empty_like(head) if ctx.needs_input_grad[1] else None
         d_bias = None if bias is None else torch.empty_like(bias)
+        # Bound to a name: a copy made inside the argument tuple below is freed once its address is taken,
+        # before C reads it (an expanded gradient, such as that of a sum, is such a copy).
+        grad = grad.contiguous()
         _check(build.function("causal_conv_backward", _BACKWARD_ARGS)(
-            *map(common.ptr, (x, head, weight, bias, grad.contiguous(), dx, d_head, dw, d_bias)), batch, length, channels,
+            *map(common.ptr, (x, head, weight, bias, grad, dx, d_head, dw, d_bias)), batch, length, channels,
             weight.shape[1], int(ctx.silu), common.threads()), "causal_conv_backward")
         return dx, d_head, dw, d_bias, None
 

@@ -28,8 +28,10 @@
 #include <string.h>
 
 /* GCC vectorises a loop with float comparisons (exp_clamped's clamps) only where they may not trap; these
- * kernels never read the floating-point exception flags, so this changes no result (clang ignores it). */
-#pragma GCC optimize("no-trapping-math")
+ * kernels never read the floating-point exception flags, so this changes no result. */
+#if defined(__GNUC__) && !defined(__clang__) /* clang defines __GNUC__ too, and warns on GCC's optimize pragma; */
+#pragma GCC optimize("no-trapping-math")     /* its default already lets compares be if-converted */
+#endif
 
 #include "fast_exp.h"
 

@@ -12,7 +12,8 @@
  *   S_out = e_end S + sum_j to_end_j B_j^T (dt_j x_j)
  * The forward forms y as ONE product per head, [e C | w] (T x (N + T)) times [S ; dt x]
  * ((N + T) x P), the state and the chunk's inputs stacked in one buffer; the backward runs
- * the transposed products, each reading its operands in the layout they are stored in.
+ * the transposed products, each reading its operands in the layout they are stored in, and
+ * stacks the operands that two products share (scratch_t) so that those run as one.
  * Decays exp(t) are taken at t >= floor (2 log eps of float32), as `ssd_fused._exp` does,
  * so that no product reads a subnormal float.
  *
@@ -28,7 +29,9 @@
 /* Float compares may be if-converted (GCC's default -ftrapping-math keeps every `x < lo ? lo : x` a
  * branch, and a loop with a branch is not vectorised). The kernels never read the floating-point
  * exception flags, and no result changes. */
-#pragma GCC optimize("no-trapping-math")
+#if defined(__GNUC__) && !defined(__clang__) /* clang defines __GNUC__ too, and warns on GCC's optimize pragma; */
+#pragma GCC optimize("no-trapping-math")     /* its default already lets compares be if-converted */
+#endif
 
 #include <math.h>
 #include <stdlib.h>
@@ -106,17 +109,21 @@ static inline __attribute__((always_inline)) void rows_block(int R, long i0, lon
     if (j0 < nend) tile_tail(R, nend - j0, k0, k1, ai, ars, acs, b + j0, ldb, oi + j0, ldc, zero);
 }
 
+enum { ALL_COLUMNS = -1 };
+
 /* out (m x n, row stride ldc) (+)= a (m x kk, a[i][k] at a[i ars + k acs]) times b (kk x n, row stride
- * ldb). `shape` and `shift` say which part of a may be non-zero (rows_block); `lower_out` forms only
- * the columns j < i + 1 of row i (rounded up to whole tiles) for an output whose upper triangle is
- * never read. */
+ * ldb). `shape` and `shift` say which part of a may be non-zero (rows_block). `lower_from` >= 0 forms
+ * only the columns j < lower_from + i + 1 of row i (rounded up to whole tiles past lower_from), for an
+ * output whose columns from lower_from on hold a lower triangle and whose upper one is never read;
+ * ALL_COLUMNS forms every column. */
 static void gemm(long m, long n, long kk, const float *a, long ars, long acs, const float *b, long ldb, float *out,
-                 long ldc, int shape, long shift, int lower_out, int zero) {
+                 long ldc, int shape, long shift, long lower_from, int zero) {
+    int lower = lower_from >= 0;
     long i0 = 0;
     for (; i0 + 6 <= m; i0 += 6)
-        rows_block(6, i0, n, kk, a, ars, acs, b, ldb, out, ldc, shape, shift, lower_out ? (i0 + 21) / 16 * 16 : n,
-                   zero);
-    long cols = lower_out ? (m + 15) / 16 * 16 : n;
+        rows_block(6, i0, n, kk, a, ars, acs, b, ldb, out, ldc, shape, shift,
+                   lower ? lower_from + (i0 + 21) / 16 * 16 : n, zero);
+    long cols = lower ? lower_from + (m + 15) / 16 * 16 : n;
     if (m - i0 >= 4) {
         rows_block(4, i0, n, kk, a, ars, acs, b, ldb, out, ldc, shape, shift, cols, zero);
         i0 += 4;
@@ -193,28 +200,30 @@ static void softplus_slopes(const dims_t *d, const inputs_t *in, long row0, long
     }
 }
 
+/* The backward stacks operands as the forward does, so that products sharing one operand run as one:
+ * [q | dw] = gy [S^T | (dt x)^T] reads each row of gy once, and [dS ; d(dt x)] += [e C | w]^T gy each
+ * column of gy once (the transposed product of the forward's). */
 typedef struct {
-    float *sx;           /* forward: per head ((N + T) x P), the state over the chunk's dt x; backward: dS (N x P) */
-    float *ay;           /* forward: (T x (N + T)) rows [e_i C_i | w_i]; backward: w (T x T) */
+    float *sx;           /* per head ((N + T) x P): forward the state over the chunk's dt x; backward dS over
+                            d(dt x) */
+    float *ay;           /* (T x (N + T)): rows [e_i C_i | w_i] */
+    float *qdw;          /* backward (T x (N + T)): rows [q_i | dw_i], q = gy S^T, dw = gy (dt x)^T */
+    float *sxt;          /* backward (P x (N + T)): rows [S^T_p | (dt x)^T_p] */
     float *dm;           /* backward: decay(cs_i - cs_j) (T x T) */
-    float *cb, *dcb, *dw;  /* (T x T) */
+    float *cb, *dcb;     /* (T x T) */
     float *bt;           /* (N x T): B^T of the chunk */
     float *xs;           /* (T x P): to_end_j dt_j x_j */
-    float *xt;           /* (P x T): (dt x)^T */
-    float *dxdt;         /* (T x P) */
-    float *q, *ec;       /* (T x N) */
-    float *dst, *st;     /* (P x N): dS^T, S^T */
+    float *dst;          /* (P x N): dS^T */
     float *dt, *cs, *e, *to_end, *dcs; /* (T) */
     float *slope;        /* (T x heads per group): softplus's derivative at the chunk's dt */
     float *block;
 } scratch_t;
 
 static int scratch_new(scratch_t *s, const dims_t *d) {
-    long hpg = d->H / d->G, T = d->T, N = d->N, P = d->P, TT = T * T;
-    long sizes[] = {hpg * (N + T) * P, T * (N + T), TT, TT, TT, TT, N * T, T * P, P * T, T * P, T * N, T * N,
-                    P * N, P * N, T, T, T, T, T, T * hpg};
-    float **slots[] = {&s->sx, &s->ay, &s->dm, &s->cb, &s->dcb, &s->dw, &s->bt, &s->xs, &s->xt, &s->dxdt, &s->q,
-                       &s->ec, &s->dst, &s->st, &s->dt, &s->cs, &s->e, &s->to_end, &s->dcs, &s->slope};
+    long hpg = d->H / d->G, T = d->T, N = d->N, P = d->P, TT = T * T, NT = N + T;
+    long sizes[] = {hpg * NT * P, T * NT, T * NT, P * NT, TT, TT, TT, N * T, T * P, P * N, T, T, T, T, T, T * hpg};
+    float **slots[] = {&s->sx, &s->ay, &s->qdw, &s->sxt, &s->dm, &s->cb, &s->dcb, &s->bt, &s->xs, &s->dst, &s->dt,
+                       &s->cs, &s->e, &s->to_end, &s->dcs, &s->slope};
     long total = 0;
     for (unsigned i = 0; i < sizeof sizes / sizeof *sizes; i++) total += sizes[i];
     float *p = calloc((size_t)total, sizeof(float)); /* zero: the parts above the diagonals are never written */
@@ -250,7 +259,7 @@ static void chunk_decays(const dims_t *d, const inputs_t *in, const float *dt, l
 static void chunk_scores(const dims_t *d, const float *Bc, const float *Cc, long tc, scratch_t *s) {
     long T = d->T, N = d->N;
     transpose(tc, N, Bc, d->bc_row, s->bt, T);
-    gemm(tc, tc, N, Cc, d->bc_row, 1, s->bt, T, s->cb, T, FULL, 0, 1, ZERO);
+    gemm(tc, tc, N, Cc, d->bc_row, 1, s->bt, T, s->cb, T, FULL, 0, 0, ZERO);
 }
 
 /* ---- Forward. ---- */
@@ -283,10 +292,10 @@ static void forward_head(const dims_t *d, const inputs_t *in, long b, long h, lo
         for (long j = 0; j <= i; j++) wr[j] = cb[j] * decay(csi - s->cs[j], floor);
     }
     memcpy(starts + ((b * n_chunks + c) * H + h) * N * P, sx, sizeof(float) * N * P);
-    gemm(tc, P, N + tc, s->ay, NT, 1, sx, P, y + row0 * HP + h * P, HP, LOWER, N, 0, KEEP);
+    gemm(tc, P, N + tc, s->ay, NT, 1, sx, P, y + row0 * HP + h * P, HP, LOWER, N, ALL_COLUMNS, KEEP);
     float e_end = s->e[tc - 1];  /* S = e_end S + B^T (to_end dt x) */
     for (long i = 0; i < N * P; i++) sx[i] *= e_end;
-    gemm(N, P, tc, Bc, 1, d->bc_row, s->xs, P, sx, P, FULL, 0, 0, KEEP);
+    gemm(N, P, tc, Bc, 1, d->bc_row, s->xs, P, sx, P, FULL, 0, ALL_COLUMNS, KEEP);
 }
 
 static void forward_group(const dims_t *d, const inputs_t *in, long b, long g, const float *h0, float *y,
@@ -343,28 +352,31 @@ typedef struct {
 
 /* Gradients of one head in one chunk. Accumulates the group's score gradient (dcb) and the chunk's
  * rows of dB and dC, writes the head's dx and dt rows, and turns dS (the gradient of the state
- * leaving the chunk, N x P) into that of the state entering it. */
+ * leaving the chunk, the top N x P of the head's stack `ds`) into that of the state entering it. */
 static void backward_head(const dims_t *d, const inputs_t *in, const grads_t *gr, long b, long h, long c, long tc,
-                          const float *Bc, const float *Cc, float *dBc, float *dCc, float *dS, scratch_t *s) {
-    long L = d->L, H = d->H, P = d->P, N = d->N, T = d->T, HP = H * P, GN = d->G * N;
+                          const float *Bc, const float *Cc, float *dBc, float *dCc, float *ds, scratch_t *s) {
+    long L = d->L, H = d->H, P = d->P, N = d->N, T = d->T, HP = H * P, GN = d->G * N, NT = N + T;
     long n_chunks = (L + T - 1) / T, row0 = b * L + c * T;
     const float *gyc = gr->gy + row0 * HP + h * P, *xc = in->x + row0 * HP + h * P;
     const float *start = gr->starts + ((b * n_chunks + c) * H + h) * N * P; /* (N, P) */
-    float a = in->A[h], floor = d->floor, *dcs = s->dcs, *w = s->ay, *dm = s->dm;
+    float a = in->A[h], floor = d->floor, *dcs = s->dcs, *dm = s->dm, *dS = ds, *dxdt = ds + N * P;
     chunk_decays(d, in, gr->dt, row0, h, tc, s);
+    transpose(N, P, start, P, s->sxt, NT);  /* S^T beside (dt x)^T */
     for (long t = 0; t < tc; t++) {  /* to_end dt x, (dt x)^T */
         const float *xr = xc + t * HP;
-        float dtt = s->dt[t], te = s->to_end[t], *os = s->xs + t * P;
+        float dtt = s->dt[t], te = s->to_end[t], *os = s->xs + t * P, *xt = s->sxt + N + t;
         for (long p = 0; p < P; p++) {
             float v = dtt * xr[p];
             os[p] = te * v;
-            s->xt[p * T + t] = v;
+            xt[p * NT] = v;
         }
         dcs[t] = 0.f;
     }
-    for (long i = 0; i < tc; i++) {  /* decay(cs_i - cs_j) and w on and below the diagonal */
-        float csi = s->cs[i], *wr = w + i * T, *dmr = dm + i * T;
-        const float *cb = s->cb + i * T;
+    for (long i = 0; i < tc; i++) {  /* rows [e_i C_i | w_i], w and decay(cs_i - cs_j) on and below the diagonal */
+        float csi = s->cs[i], ei = s->e[i], *eci = s->ay + i * NT, *wr = eci + N, *dmr = dm + i * T;
+        const float *cb = s->cb + i * T, *ci = Cc + i * d->bc_row;
+#pragma omp simd
+        for (long n = 0; n < N; n++) eci[n] = ei * ci[n];
 #pragma omp simd
         for (long j = 0; j <= i; j++) {
             dmr[j] = decay(csi - s->cs[j], floor);
@@ -375,15 +387,14 @@ static void backward_head(const dims_t *d, const inputs_t *in, const grads_t *gr
 
     /* The state leaving the chunk, e_end S + B^T (to_end dt x). */
     transpose(N, P, dS, P, s->dst, N);
-    transpose(N, P, start, P, s->st, N);
     float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
     for (long i = 0; i < N * P; i++) dot += dS[i] * start[i];
     dcs[tc - 1] += e_end * dot;
-    gemm(tc, P, N, Bc, d->bc_row, 1, dS, P, s->dxdt, P, FULL, 0, 0, ZERO);  /* u = B dS */
+    gemm(tc, P, N, Bc, d->bc_row, 1, dS, P, dxdt, P, FULL, 0, ALL_COLUMNS, ZERO);  /* u = B dS */
     float to_end_sum = 0.f;
     for (long j = 0; j < tc; j++) {  /* d to_end_j to_end_j = (to_end dt x)_j . u_j; d(dt x)_j = to_end_j u_j */
-        float *u = s->dxdt + j * P, t = 0.f, te = s->to_end[j];
+        float *u = dxdt + j * P, t = 0.f, te = s->to_end[j];
         const float *xs = s->xs + j * P;
 #pragma omp simd reduction(+ : t)
         for (long p = 0; p < P; p++) {
@@ -396,27 +407,23 @@ static void backward_head(const dims_t *d, const inputs_t *in, const grads_t *gr
         }
     }
     dcs[tc - 1] += to_end_sum;
-    gemm(tc, N, P, s->xs, P, 1, s->dst, N, dBc, GN, FULL, 0, 0, KEEP);  /* dB += (to_end dt x) dS^T */
+    gemm(tc, N, P, s->xs, P, 1, s->dst, N, dBc, GN, FULL, 0, ALL_COLUMNS, KEEP);  /* dB += (to_end dt x) dS^T */
 
-    /* Read-out of the entering state, y_i += e_i C_i S. */
-    gemm(tc, N, P, gyc, HP, 1, s->st, N, s->q, N, FULL, 0, 0, ZERO);  /* q = gy S^T */
-    for (long i = 0; i < tc; i++) {
-        const float *q = s->q + i * N, *ci = Cc + i * d->bc_row;
-        float *dci = dCc + i * GN, *eci = s->ec + i * N, ei = s->e[i], t = 0.f;
+    /* One product for the read-out of the entering state (q) and the in-chunk outputs (dw):
+     * [q | dw] = gy [S^T | (dt x)^T], dw's lower part only. */
+    gemm(tc, N + tc, P, gyc, HP, 1, s->sxt, NT, s->qdw, NT, FULL, 0, N, ZERO);
+    for (long i = 0; i < tc; i++) {  /* y_i += e_i C_i S */
+        const float *q = s->qdw + i * NT, *ci = Cc + i * d->bc_row;
+        float *dci = dCc + i * GN, ei = s->e[i], t = 0.f;
 #pragma omp simd reduction(+ : t)
         for (long n = 0; n < N; n++) {
             dci[n] += ei * q[n];
             t += ci[n] * q[n];
-            eci[n] = ei * ci[n];
         }
         dcs[i] += ei * t;
     }
-
-    /* In-chunk outputs, y_i += sum_{j <= i} w_ij (dt x)_j. */
-    gemm(tc, tc, P, gyc, HP, 1, s->xt, T, s->dw, T, FULL, 0, 1, ZERO);  /* dw = gy (dt x)^T, lower part */
-    gemm(tc, P, tc, w, 1, T, gyc, HP, s->dxdt, P, UPPER, 0, 0, KEEP);  /* d(dt x) += w^T gy */
-    for (long i = 0; i < tc; i++) {
-        const float *dw = s->dw + i * T, *wr = w + i * T, *dmr = dm + i * T;
+    for (long i = 0; i < tc; i++) {  /* y_i += sum_{j <= i} w_ij (dt x)_j */
+        const float *dw = s->qdw + i * NT + N, *wr = s->ay + i * NT + N, *dmr = dm + i * T;
         float *dcb = s->dcb + i * T, row = 0.f;
 #pragma omp simd
         for (long j = 0; j <= i; j++) dcb[j] += dw[j] * dmr[j];
@@ -431,9 +438,11 @@ static void backward_head(const dims_t *d, const inputs_t *in, const grads_t *gr
         dcs[i] += row;
     }
 
-    /* Gradient of the entering state: e_end dS + (e C)^T gy, in place. */
+    /* One product for the gradients of the entering state and of dt x:
+     * [dS ; d(dt x)] = [e_end dS ; d(dt x)] + [e C | w]^T gy, in place (w^T is upper triangular: rows
+     * N + j read k >= j, the UPPER shape with shift -N). */
     for (long i = 0; i < N * P; i++) dS[i] *= e_end;
-    gemm(N, P, tc, s->ec, 1, N, gyc, HP, dS, P, FULL, 0, 0, KEEP);
+    gemm(N + tc, P, tc, s->ay, 1, NT, gyc, HP, ds, P, UPPER, -N, ALL_COLUMNS, KEEP);
 
     /* Back through dt x, cs = cumsum(dt a), y += D x and dt = softplus(dt_raw + dt_bias). */
     double da = 0., acc = 0.;
@@ -441,12 +450,12 @@ static void backward_head(const dims_t *d, const inputs_t *in, const grads_t *gr
     for (long t = tc - 1; t >= 0; t--) {
         acc += dcs[t];
         float dtt = s->dt[t], s_dot = 0.f, gx = 0.f;
-        const float *xt = xc + t * HP, *gt = gyc + t * HP, *dxdt = s->dxdt + t * P;
+        const float *xt = xc + t * HP, *gt = gyc + t * HP, *dxr = dxdt + t * P;
         float *dxt = gr->dx + (row0 + t) * HP + h * P;
 #pragma omp simd reduction(+ : s_dot, gx)
         for (long p = 0; p < P; p++) {
-            dxt[p] = dtt * dxdt[p] + dh * gt[p];
-            s_dot += xt[p] * dxdt[p];
+            dxt[p] = dtt * dxr[p] + dh * gt[p];
+            s_dot += xt[p] * dxr[p];
             gx += gt[p] * xt[p];
         }
         float g_dt = s_dot + (float)acc * a;
@@ -464,8 +473,9 @@ static void backward_head(const dims_t *d, const inputs_t *in, const grads_t *gr
 static void backward_group(const dims_t *d, const inputs_t *in, const grads_t *gr, long b, long g,
                            const float *g_final, float *d_h0, scratch_t *s) {
     long L = d->L, H = d->H, P = d->P, N = d->N, T = d->T, hpg = H / d->G, NP = N * P, GN = d->G * N;
-    for (long k = 0; k < hpg; k++) {  /* the gradient of the final state, as (N, P) */
-        float *dS = s->sx + k * NP;
+    long NTP = (N + T) * P;
+    for (long k = 0; k < hpg; k++) {  /* the gradient of the final state, as (N, P), on top of each head's stack */
+        float *dS = s->sx + k * NTP;
         if (g_final)
             transpose(P, N, g_final + (b * H + g * hpg + k) * P * N, N, dS, P);
         else
@@ -481,13 +491,13 @@ static void backward_group(const dims_t *d, const inputs_t *in, const grads_t *g
         if (d->dt_softplus) softplus_slopes(d, in, b * L + t0, tc, g * hpg, s->slope);
         memset(s->dcb, 0, sizeof(float) * T * T);
         for (long k = 0; k < hpg; k++)
-            backward_head(d, in, gr, b, g * hpg + k, c, tc, Bc, Cc, dBc, dCc, s->sx + k * NP, s);
+            backward_head(d, in, gr, b, g * hpg + k, c, tc, Bc, Cc, dBc, dCc, s->sx + k * NTP, s);
         /* scores C B^T: dC += dcb B, dB += dcb^T C */
-        gemm(tc, N, tc, s->dcb, T, 1, Bc, d->bc_row, dCc, GN, LOWER, 0, 0, KEEP);
-        gemm(tc, N, tc, s->dcb, 1, T, Cc, d->bc_row, dBc, GN, UPPER, 0, 0, KEEP);
+        gemm(tc, N, tc, s->dcb, T, 1, Bc, d->bc_row, dCc, GN, LOWER, 0, ALL_COLUMNS, KEEP);
+        gemm(tc, N, tc, s->dcb, 1, T, Cc, d->bc_row, dBc, GN, UPPER, 0, ALL_COLUMNS, KEEP);
     }
     for (long k = 0; k < hpg; k++) /* back to the caller's (P, N) */
-        transpose(N, P, s->sx + k * NP, P, d_h0 + (b * H + g * hpg + k) * P * N, N);
+        transpose(N, P, s->sx + k * NTP, P, d_h0 + (b * H + g * hpg + k) * P * N, N);
 }
 
 /* dB, dC, d_a, d_d and d_bias must be zero on entry; dx, d_dt (the gradient of dt_raw) and d_h0 are
