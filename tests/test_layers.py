@@ -398,3 +398,44 @@ def test_padded_blocks_do_not_leak_into_short_sequences():
     prefix, _ = layer(x[:, :21])
     torch.testing.assert_close(full[:, :21], prefix, rtol=0, atol=1e-12)
     assert F.mse_loss(full, torch.zeros_like(full)) > 0
+
+
+def _output_and_gradients(layer: BMojoAttention, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The layer's output and the gradients of every parameter and of `x` (zeros where none reaches them) of a
+    loss reading the output and the mean innovation."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    out, mean_innovation = layer(x)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    ((out * weights).sum() + mean_innovation).backward()
+    grads = {name: p.grad if p.grad is not None else torch.zeros_like(p) for name, p in layer.named_parameters()}
+    return out.detach(), {**grads, "x": x.grad}
+
+
+@pytest.mark.parametrize(("tie", "overlap", "qk_norm"), [(True, False, False), (False, False, True), (True, True, False)])
+def test_fading_keys_are_projected_only_where_read_with_the_same_output_and_gradients(tie, overlap, qk_norm,
+                                                                                        monkeypatch):
+    """Without a decode cache the fading keys of the last `window` positions are never read (without
+    fading_overlap): they are not projected, and the output and every gradient equal those of projecting every
+    position. Lengths: under the window (no fading band), equal to it, inside the fading band's first reach,
+    and not a multiple of the attention's block (16) over several memory chunks."""
+    from bmojo_neuron.layers import attention
+
+    window = 4
+    layer = make_layer(window_size=window, fading_window=3, tie_fading_projections=tie, fading_overlap=overlap,
+                       qk_norm=qk_norm).train()
+    fading_proj = layer.k_proj if tie else layer.k_fading_proj
+    rows_seen = []
+    fading_proj.register_forward_hook(lambda module, args, out: rows_seen.append(args[0].shape[1]))
+    for length in (3, 4, 6, 41):
+        x = torch.randn(2, length, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(length))
+        rows_seen.clear()
+        got, got_grads = _output_and_gradients(layer, x)
+        read = length if overlap else max(0, length - window)
+        assert rows_seen == ([length] if tie else []) + ([read] if read else []), (length, rows_seen)
+        with monkeypatch.context() as every_position:
+            every_position.setattr(attention, "fused_kernel_available", lambda *tensors: False)
+            want, want_grads = _output_and_gradients(layer, x)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, rtol=0, atol=1e-12, msg=lambda m: f"{name}, L={length}: {m}")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..cache_bmojo import AttentionLayerCache
 from ..configuration_bmojo import BMojoConfig
+from ..ops.reference.eager_cpu import fused_kernel_available
 from ..padding import masked_mean
 from .eidetic_memory import (
     MemoryState,
@@ -114,11 +115,40 @@ class BMojoAttention(nn.Module):
         """Rotate (batch, heads, L, head_dim) by `_rotary_tables`."""
         return apply_rotary(x, *tables)
 
-    def _fading_kv(self, s: Tensor) -> tuple[Tensor, Tensor]:
-        """Fading keys/values (batch, L, kv_heads, head_dim) from the SSM output."""
+    def _fading_kv(self, s: Tensor, tables: tuple[Tensor, Tensor], length: int, whole: bool
+                   ) -> tuple[Tensor | None, Tensor | None]:
+        """Rotated fading keys and values (batch, kv_heads, L, head_dim) from the SSM features `s`.
+
+        Unless `whole` (a prefill, which fills every fading slot of the cache), an eager CPU
+        forward through plain linear projections projects and rotates only the positions
+        some query reads (`_fading_read`) and leaves zeros, which no query reads, in the
+        others: None for both when no query reads any. A sharded projection (whose input
+        may be a sequence-parallel shard) and a traced graph keep every position.
+        """
         k_proj = self.k_proj if self.tie_fading else self.k_fading_proj
         v_proj = self.v_proj if self.tie_fading else self.v_fading_proj
-        return self._keys(s, k_proj), self._heads(v_proj(s), self.kv_heads)
+        rows = length
+        if not whole and plain_linears(k_proj, v_proj) and fused_kernel_available(s):
+            rows = self._fading_read(length)
+            if rows == 0:
+                return None, None
+            s = s[:, :rows]
+        k = self._rotate(self._keys(s, k_proj).transpose(1, 2), tuple(t[:rows] for t in tables))
+        v = v_proj(s)
+        if rows < length:
+            k, v = F.pad(k, (0, 0, 0, length - rows)), F.pad(v, (0, 0, 0, length - rows))
+        return k, self._heads(v, self.kv_heads).transpose(1, 2)
+
+    def _fading_read(self, length: int) -> int:
+        """How many leading positions of a forward over `length` tokens have fading keys some query reads.
+
+        Query i reads the fading keys of positions (i - window - fading_window, i - window]
+        (ops/reference/eidetic_attention.py, module docstring), so the last one read is
+        L - 1 - window and the last `window` positions are never read; with `fading_overlap`
+        the band is (i - fading_window, i] and reaches every position. A function of L and
+        the config only: the shapes stay static.
+        """
+        return length if self.fading_overlap else max(0, length - self.window)
 
     def _innovation(self, k_raw: Tensor, k_hat: Tensor) -> Tensor:
         """Innovation (batch, L) of keys against their predictions (both (batch, L, local kv heads * D)).
@@ -193,9 +223,7 @@ class BMojoAttention(nn.Module):
 
         k_fading = v_fading = None
         if self.fading_window > 0:
-            kf_raw, v_fading = self._fading_kv(features)
-            k_fading = self._rotate(kf_raw.transpose(1, 2), tables)
-            v_fading = v_fading.transpose(1, 2)
+            k_fading, v_fading = self._fading_kv(features, tables, length, whole=cache is not None)
 
         mean_innovation = None
         mem_k = mem_v = mem_valid = None
