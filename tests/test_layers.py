@@ -398,3 +398,31 @@ def test_padded_blocks_do_not_leak_into_short_sequences():
     prefix, _ = layer(x[:, :21])
     torch.testing.assert_close(full[:, :21], prefix, rtol=0, atol=1e-12)
     assert F.mse_loss(full, torch.zeros_like(full)) > 0
+
+
+def test_a_sequence_no_chunk_of_which_reads_a_memory_selects_none(monkeypatch):
+    """Chunk j reads the memory after chunk j - lag: with at most `lag` chunks (15 tokens, chunks of 5, lag 3) no
+    chunk reads one, so nothing is selected or gathered; the outputs equal the first 15 of a 16-token sequence's
+    (whose fourth chunk reads a memory), and the innovation predictor's gradient equals the definition's
+    (``K_hat_t = P(S_{t-1})``, zero at t = 0) at both lengths."""
+    layer = make_layer(window_size=4, fading_window=3, memory_chunk=5, memory_size=3, memory_picks=2)
+    assert layer.lag == 3
+    selected = []
+    select = eidetic_memory.select_memory
+    monkeypatch.setattr("bmojo_neuron.layers.attention.select_memory", lambda *a, **k: selected.append(1) or select(*a, **k))
+    x = torch.randn(2, 16, 32, dtype=torch.float64)
+    weight = layer.innovation_proj.weight
+    outputs = {}
+    for length in (15, 16):
+        selected.clear()
+        got, mean_innovation = layer(x[:, :length])
+        assert len(selected) == (length > 15)
+        s = layer.ssm(x[:, :length])
+        s_prev = torch.cat([torch.zeros_like(s[:, :1]), s[:, :-1]], dim=1).detach()
+        _, k, _ = project(layer, x[:, :length])
+        want = (k.detach() - layer.innovation_proj(s_prev).view_as(k)).pow(2).mean()
+        torch.testing.assert_close(mean_innovation, want, rtol=0, atol=1e-12)
+        (grad,) = torch.autograd.grad(mean_innovation, weight)
+        torch.testing.assert_close(grad, torch.autograd.grad(want, weight)[0], rtol=0, atol=1e-12)
+        outputs[length] = got
+    torch.testing.assert_close(outputs[15], outputs[16][:, :15], rtol=0, atol=1e-12)
