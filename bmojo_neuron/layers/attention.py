@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..cache_bmojo import AttentionLayerCache
 from ..configuration_bmojo import BMojoConfig
+from ..ops.reference.eager_cpu import fused_kernel_available
 from ..padding import masked_mean
 from .eidetic_memory import (
     MemoryState,
@@ -205,9 +206,11 @@ class BMojoAttention(nn.Module):
         selection = None
         innovation = None
         if self.memory_size > 0:
-            # Chunk j reads the memory after chunk j - lag: a sequence of at most `lag` chunks reads none, so its
-            # picks and gathers would only feed an empty memory (a static branch: on the length and the config).
-            reads_memory = -(-length // self.chunk) > self.lag
+            # Chunk j reads the memory after chunk j - lag, so a sequence of at most `lag` chunks reads none. On the
+            # eager-CPU fast paths its picks and gathers (which would only feed an empty memory) are skipped; a traced
+            # graph (Neuron/XLA, torch.compile) keeps them, so it has the same ops at every length, short traces of
+            # the graph checks included.
+            reads_memory = -(-length // self.chunk) > self.lag or not fused_kernel_available(k_raw, v)
             innovation, selection = self._select_memory(k_raw, features, select=reads_memory or cache is not None)
             mean_innovation = masked_mean(innovation, real_tokens)
             if reads_memory:
