@@ -320,3 +320,29 @@ def test_shape_errors_name_the_problem():
         eidetic_attention(q, k, v, kf, vf, mem_k[:, :, :1], mem_v, mem_valid, window=4, fading_window=2, chunk=4)
     with pytest.raises(ValueError, match="kv heads"):
         eidetic_attention(q[:, :1].expand(-1, 3, -1, -1), k.expand(-1, 2, -1, -1), v.expand(-1, 2, -1, -1), window=4)
+
+
+def test_fused_memory_piece_runs_only_over_the_chunks_that_read_a_memory(monkeypatch):
+    """The memory kernel calls cover the chunks from the first to the last with a valid slot (the model's first
+    `memory_lag` chunks read an empty memory): here chunks 2-3 of 5, forward and backward; outputs and gradients
+    still equal the blocked op's."""
+    shapes = []
+    flash, flash_backward = fused_module._flash, fused_module._flash_backward
+    monkeypatch.setattr(fused_module, "_flash", lambda *a, **k: shapes.append(a[1].shape) or flash(*a, **k))
+    monkeypatch.setattr(fused_module, "_flash_backward",
+                        lambda *a, **k: shapes.append(a[2].shape) or flash_backward(*a, **k))
+    inputs = list(make_inputs(37, 5, 3, 8, 3, 4, 2))
+    inputs[7] = inputs[7].clone()
+    inputs[7][:, [0, 1, 4]] = False
+    inputs[7][:, 2:4, 0] = True
+    leaves = [t.requires_grad_() for t in inputs if t is not None and t.is_floating_point()]
+    results = {}
+    for name, impl in IMPLEMENTATIONS.items():
+        shapes.clear()
+        out, lse = impl(*inputs, window=5, fading_window=3, chunk=8, scale=None, block=None)
+        results[name] = (out, lse, *torch.autograd.grad(out.sum() + lse.sum(), leaves))
+        if name == "fused":
+            memory_calls = [s for s in shapes if s[-2] == 3]  # the memory's keys: (N, chunks, M = 3, D)
+            assert [s[1] for s in memory_calls] == [2, 2]
+    for got, want in zip(results["fused"], results["blocked"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)

@@ -13,6 +13,7 @@ from bmojo_neuron.layers.attention import BMojoAttention
 from bmojo_neuron.layers import eidetic_memory
 from bmojo_neuron.layers.eidetic_memory import MemoryState, memory_after_each_chunk, update_memory, visible_memory
 from bmojo_neuron.layers.rope import RotaryEmbedding, apply_rotary, apply_rotary_rolled
+from bmojo_neuron.ops.reference.eager_cpu import fused_kernels_disabled
 
 
 def make_layer(**overrides) -> BMojoAttention:
@@ -439,3 +440,37 @@ def test_fading_keys_are_projected_only_where_read_with_the_same_output_and_grad
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
         for name, grad in want_grads.items():
             torch.testing.assert_close(got_grads[name], grad, rtol=0, atol=1e-12, msg=lambda m: f"{name}, L={length}: {m}")
+
+
+def test_a_sequence_no_chunk_of_which_reads_a_memory_selects_none(monkeypatch):
+    """Chunk j reads the memory after chunk j - lag: with at most `lag` chunks (15 tokens, chunks of 5, lag 3) no
+    chunk reads one, so nothing is selected or gathered; the outputs equal the first 15 of a 16-token sequence's
+    (whose fourth chunk reads a memory), and the innovation predictor's gradient equals the definition's
+    (``K_hat_t = P(S_{t-1})``, zero at t = 0) at both lengths. A traced graph keeps the selection at every length
+    (`fused_kernels_disabled` runs the ops it is traced from)."""
+    layer = make_layer(window_size=4, fading_window=3, memory_chunk=5, memory_size=3, memory_picks=2)
+    assert layer.lag == 3
+    selected = []
+    select = eidetic_memory.select_memory
+    monkeypatch.setattr("bmojo_neuron.layers.attention.select_memory", lambda *a, **k: selected.append(1) or select(*a, **k))
+    x = torch.randn(2, 16, 32, dtype=torch.float64)
+    weight = layer.innovation_proj.weight
+    outputs = {}
+    for length in (15, 16):
+        selected.clear()
+        got, mean_innovation = layer(x[:, :length])
+        assert len(selected) == (length > 15)
+        s = layer.ssm(x[:, :length])
+        s_prev = torch.cat([torch.zeros_like(s[:, :1]), s[:, :-1]], dim=1).detach()
+        _, k, _ = project(layer, x[:, :length])
+        want = (k.detach() - layer.innovation_proj(s_prev).view_as(k)).pow(2).mean()
+        torch.testing.assert_close(mean_innovation, want, rtol=0, atol=1e-12)
+        (grad,) = torch.autograd.grad(mean_innovation, weight)
+        torch.testing.assert_close(grad, torch.autograd.grad(want, weight)[0], rtol=0, atol=1e-12)
+        outputs[length] = got
+    torch.testing.assert_close(outputs[15], outputs[16][:, :15], rtol=0, atol=1e-12)
+    selected.clear()
+    with fused_kernels_disabled():
+        traced, _ = layer(x[:, :15])
+    assert len(selected) == 1
+    torch.testing.assert_close(traced, outputs[15], rtol=0, atol=1e-12)

@@ -28,6 +28,7 @@ from .eidetic_memory import (
     gather_memory,
     gather_memory_by_head,
     innovation_scores,
+    next_token_innovation,
     select_memory,
     update_memory,
     visible_selection,
@@ -150,15 +151,17 @@ class BMojoAttention(nn.Module):
         """
         return length if self.fading_overlap else max(0, length - self.window)
 
-    def _innovation(self, k_raw: Tensor, k_hat: Tensor) -> Tensor:
-        """Innovation (batch, L) of keys against their predictions (both (batch, L, local kv heads * D)).
+    def _innovation(self, k_raw: Tensor, k_hat: Tensor, predicts_next: bool = False) -> Tensor:
+        """Innovation (batch, L) of keys against their predictions (both (batch, L, local kv heads * D)); with
+        `predicts_next`, row t of `k_hat` predicts the key of token t + 1 (`next_token_innovation`).
 
         The target is detached (and the predictor reads a detached S): the auxiliary
         loss trains only the predictor (docs/design.md). Under tensor parallelism each
         rank holds some kv heads, so the squared errors are summed over ranks before
         anything is picked: every rank then selects the same tokens.
         """
-        local = innovation_scores(k_raw.detach(), self._heads(k_hat, self.kv_heads))
+        scores = next_token_innovation if predicts_next else innovation_scores
+        local = scores(k_raw.detach(), self._heads(k_hat, self.kv_heads))
         return self.factory.all_reduce(local * (self.kv_heads * self.head_dim)) / self.kv_width
 
     def _memory_rotation(self, chunk_index: Tensor) -> Tensor:
@@ -230,9 +233,15 @@ class BMojoAttention(nn.Module):
         selection = None
         innovation = None
         if self.memory_size > 0:
-            innovation, selection = self._select_memory(k_raw, features)
+            # Chunk j reads the memory after chunk j - lag, so a sequence of at most `lag` chunks reads none. On the
+            # eager-CPU fast paths its picks and gathers (which would only feed an empty memory) are skipped; a traced
+            # graph (Neuron/XLA, torch.compile) keeps them, so it has the same ops at every length, short traces of
+            # the graph checks included.
+            reads_memory = -(-length // self.chunk) > self.lag or not fused_kernel_available(k_raw, v)
+            innovation, selection = self._select_memory(k_raw, features, select=reads_memory or cache is not None)
             mean_innovation = masked_mean(innovation, real_tokens)
-            mem_k, mem_v, mem_valid = self._memory_for_chunks(selection, length, k_raw, v)
+            if reads_memory:
+                mem_k, mem_v, mem_valid = self._memory_for_chunks(selection, length, k_raw, v)
 
         out, _ = ops.eidetic_attention(
             q, k, v_t, k_fading, v_fading, mem_k, mem_v, mem_valid,
@@ -243,11 +252,14 @@ class BMojoAttention(nn.Module):
             self._fill_cache(cache, k, v_t, k_fading, v_fading, features, k_raw, v, innovation, selection)
         return self._output(out, s), mean_innovation
 
-    def _select_memory(self, k_raw: Tensor, features: Tensor) -> tuple[Tensor, Selection]:
-        """Innovation (batch, L) of every token and which tokens are in memory after each complete chunk."""
-        # K_hat_t = P(S_{t-1}), zero at t = 0; P is linear, so shift its output.
-        k_hat = F.pad(self.innovation_proj(features.detach()), (0, 0, 1, 0))[:, :-1]
-        innovation = self._innovation(k_raw, k_hat)
+    def _select_memory(self, k_raw: Tensor, features: Tensor, select: bool = True
+                       ) -> tuple[Tensor, Selection | None]:
+        """Innovation (batch, L) of every token and which tokens are in memory after each complete chunk (None
+        unless `select`)."""
+        # K_hat_t = P(S_{t-1}), zero at t = 0: row t of P(S) predicts the key of token t + 1.
+        innovation = self._innovation(k_raw, self.innovation_proj(features.detach()), predicts_next=True)
+        if not select:
+            return innovation, None
         selection = select_memory(
             innovation, chunk=self.chunk, picks=self.picks, size=self.memory_size, decay=self.decay
         )
@@ -288,7 +300,7 @@ class BMojoAttention(nn.Module):
         batch, _, length, _ = out.shape
         mixed = self.o_proj(out.transpose(1, 2).reshape(batch, length, self.q_heads * self.head_dim))
         if self.ssm_residual_gain is not None and s is not None:  # no S: the A kind, or the full-attention teacher
-            mixed = mixed + self.ssm_residual_gain * s
+            mixed = torch.addcmul(mixed, self.ssm_residual_gain, s)
         return mixed
 
     # ------------------------------------------------------------------ decode

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 NEG_INF = float("-inf")
@@ -88,8 +89,26 @@ class Selection(NamedTuple):
 
 
 def innovation_scores(k_raw: Tensor, k_predicted: Tensor) -> Tensor:
-    """``e_t = mean((K_t - K_hat_t)^2)`` over kv heads and head dim; inputs (batch, L, kv_heads, head_dim)."""
-    return (k_raw - k_predicted).pow(2).mean(dim=(-2, -1))
+    """``e_t = mean((K_t - K_hat_t)^2)`` over kv heads and head dim; inputs (batch, L, kv_heads, head_dim).
+
+    The squared error is one op (`mse_loss`), forward and backward, where ``(a - b).pow(2)`` is two
+    passes forward and four back; the same float operations (a difference, then its square).
+    """
+    return F.mse_loss(k_predicted, k_raw, reduction="none").mean(dim=(-2, -1))
+
+
+def next_token_innovation(k_raw: Tensor, k_next: Tensor) -> Tensor:
+    """`innovation_scores` of ``K_t`` against ``K_hat_t = k_next[t - 1]`` (``K_hat_0 = 0``); (batch, L).
+
+    Row t of `k_next` predicts the key of token t + 1 (the forward's ``P(S_t)``). The keys,
+    detached, are shifted back to meet it, not the prediction forward: a shift of the prediction
+    would copy its gradient back out of a pad. Row L - 1 predicts past the sequence; its score
+    (against a placeholder) is dropped, so it gets no gradient.
+    """
+    target = torch.cat([k_raw[:, 1:], k_raw[:, -1:]], dim=1)
+    ahead = innovation_scores(target, k_next)
+    first = k_raw[:, :1].pow(2).mean(dim=(-2, -1))  # K_hat_0 = 0
+    return torch.cat([first, ahead[:, :-1]], dim=1)
 
 
 def pick_tokens(innovation: Tensor, picks: int) -> Tensor:

@@ -19,9 +19,11 @@ materialising a score matrix in memory:
   has the lower triangle there, which the kernel's own causal flag expresses without
   a mask tensor (not with query groups: the flag reads rows as positions);
 * the memory: queries in chunks of ``chunk`` rows against that chunk's ``M`` slots
-  (empty slots masked); no piece at all when no slot is valid (the model's memory is empty
-  while the sequence is at most ``memory_lag`` chunks long: 1K tokens with the default 512-token
-  chunks and lag 3), since such a memory adds nothing to any softmax; its gradients are zeros.
+  (empty slots masked), over the chunks from the first to the last with a valid slot only, since
+  an empty memory adds nothing to any softmax and gets zero gradients: none at all when no slot
+  is valid, and none for the first ``memory_lag`` chunks of the model, which read the memory
+  before any chunk was picked from (at 2K tokens with the default 512-token chunks and lag 3,
+  one chunk of four has a memory piece).
 
 Each piece returns its output normalised over its own keys and its log-sum-exp
 ``lse_p``; the softmax over the union of all keys is then
@@ -186,8 +188,12 @@ class _Layout:
         # piece is skipped (the model's memory is empty while the sequence is no longer than `memory_lag`
         # chunks). Reading the flag back is free on eager CPU tensors, the only ones this module takes.
         self.has_memory = mem_k is not None and mem_k.shape[3] > 0
-        self.use_memory = self.has_memory and bool(mem_valid.any())
+        # Likewise only the chunks from the first to the last one with a valid slot get a memory piece (the model's
+        # first `memory_lag` chunks read an empty memory).
+        read = mem_valid.any(dim=-1).any(dim=0).nonzero() if self.has_memory else torch.zeros(0, dtype=torch.long)
+        self.use_memory = read.numel() > 0
         self.n_chunks = mem_k.shape[2] if self.use_memory else 0
+        self.memory_chunks = slice(int(read[0]), int(read[-1]) + 1) if self.use_memory else slice(0, 0)
 
     def slices(self, head_dim: int, itemsize: int) -> list[tuple[int, int]]:
         """Consecutive ranges ``[s, e)`` of query blocks, each holding about `SLICE_BYTES` of one blocked
@@ -212,9 +218,19 @@ class _Layout:
 
 
 def _memory_bias(mem_valid: Tensor, layout: _Layout, dtype: torch.dtype) -> Tensor:
-    """Additive mask (N, n_chunks, 1, M) from mem_valid (batch, n_chunks, M)."""
+    """Additive mask (N, chunks, 1, M) from mem_valid (batch, chunks, M)."""
     bias = torch.zeros(mem_valid.shape, dtype=dtype, device=mem_valid.device).masked_fill(~mem_valid, NEG_INF)
-    return bias[:, None, :, None, :].expand(-1, layout.kv_heads, -1, -1, -1).reshape(layout.N, layout.n_chunks, 1, -1)
+    return bias[:, None, :, None, :].expand(-1, layout.kv_heads, -1, -1, -1).reshape(layout.N, mem_valid.shape[1], 1, -1)
+
+
+def _memory_operands(layout: _Layout, q, mem_k, mem_v, mem_valid) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The memory piece's kernel inputs over `layout.memory_chunks` only: query chunks (N, chunks, g * chunk, D),
+    memory keys and values (N, chunks, M, D), the additive mask (N, chunks, 1, M) and the chunks' validity."""
+    read = layout.memory_chunks
+    mk = mem_k.reshape(layout.N, layout.n_chunks, *mem_k.shape[3:])[:, read]
+    mv = mem_v.reshape(layout.N, layout.n_chunks, *mem_v.shape[3:])[:, read]
+    valid = mem_valid[:, read]
+    return layout.chunks(layout.canon(q))[:, read], mk, mv, _memory_bias(valid, layout, q.dtype), valid
 
 
 def _kernel_mask(layout: _Layout, piece: BandPiece) -> tuple[Tensor | None, bool]:
@@ -227,14 +243,16 @@ def _kernel_mask(layout: _Layout, piece: BandPiece) -> tuple[Tensor | None, bool
 
 
 def _memory_forward(layout: _Layout, q, mem_k, mem_v, mem_valid) -> tuple[Tensor, Tensor]:
-    """The memory piece's (output, lse), computed per chunk and returned in the blocked layout."""
+    """The memory piece's (output, lse), computed per chunk and returned in the blocked layout (output 0 and lse
+    -inf outside `layout.memory_chunks`)."""
     g, L = layout.groups, layout.length
-    mk = mem_k.reshape(layout.N, layout.n_chunks, *mem_k.shape[3:])
-    mv = mem_v.reshape(layout.N, layout.n_chunks, *mem_v.shape[3:])
-    out, lse = _flash(layout.chunks(layout.canon(q)), mk, mv, attn_mask=_memory_bias(mem_valid, layout, q.dtype),
-                      scale=layout.scale)
-    any_valid = mem_valid.any(dim=-1)[:, None, :, None].expand(-1, layout.kv_heads, -1, -1)
-    lse = lse.masked_fill(~any_valid.reshape(layout.N, layout.n_chunks, 1), NEG_INF)
+    qc, mk, mv, bias, valid = _memory_operands(layout, q, mem_k, mem_v, mem_valid)
+    part_out, part_lse = _flash(qc, mk, mv, attn_mask=bias, scale=layout.scale)
+    any_valid = valid.any(dim=-1)[:, None, :, None].expand(-1, layout.kv_heads, -1, -1)
+    out = part_out.new_zeros(layout.N, layout.n_chunks, *part_out.shape[2:])
+    lse = part_lse.new_full((layout.N, layout.n_chunks, part_lse.shape[2]), NEG_INF)
+    out[:, layout.memory_chunks] = part_out
+    lse[:, layout.memory_chunks] = part_lse.masked_fill(~any_valid.reshape(layout.N, -1, 1), NEG_INF)
     return layout.blocks(_from_blocks(out, g, L)), layout.blocks(_from_blocks(lse, g, L)[..., None])[..., 0]
 
 
@@ -334,15 +352,19 @@ def _fold_lse_gradient(keys, grad, out, grad_lse):
 
 
 def _memory_backward(layout: _Layout, q, mem_k, mem_v, mem_valid, grad, out, lse):
-    """The memory piece's (dq in canonical layout, d mem_k, d mem_v); grad, out, lse blocked."""
-    g, L = layout.groups, layout.length
-    chunks = (lambda x: layout.chunks(_from_blocks(x, g, L)))
-    mk = mem_k.reshape(layout.N, layout.n_chunks, *mem_k.shape[3:])
-    mv = mem_v.reshape(layout.N, layout.n_chunks, *mem_v.shape[3:])
-    dq, d_mem_k, d_mem_v = _flash_backward(
-        chunks(grad), layout.chunks(layout.canon(q)), mk, mv, chunks(out), chunks(lse[..., None])[..., 0], 0.0,
-        False, attn_mask=_memory_bias(mem_valid, layout, q.dtype), scale=layout.scale)
-    return _from_blocks(dq, g, L), d_mem_k.view_as(mem_k), d_mem_v.view_as(mem_v)
+    """The memory piece's (dq over the query rows of `layout.memory_chunks` (N, g, rows, D) and the first of those
+    rows, d mem_k, d mem_v); grad, out, lse blocked."""
+    g, L, read = layout.groups, layout.length, layout.memory_chunks
+    chunks = (lambda x: layout.chunks(_from_blocks(x, g, L))[:, read])
+    qc, mk, mv, bias, _ = _memory_operands(layout, q, mem_k, mem_v, mem_valid)
+    dq, dk_part, dv_part = _flash_backward(
+        chunks(grad), qc, mk, mv, chunks(out), chunks(lse[..., None])[..., 0], 0.0, False, attn_mask=bias,
+        scale=layout.scale)
+    d_mem_k, d_mem_v = torch.zeros_like(mem_k), torch.zeros_like(mem_v)
+    d_mem_k.view(layout.N, layout.n_chunks, *mem_k.shape[3:])[:, read] = dk_part
+    d_mem_v.view(layout.N, layout.n_chunks, *mem_v.shape[3:])[:, read] = dv_part
+    first_row = read.start * layout.chunk
+    return _from_blocks(dq, g, L - first_row), first_row, d_mem_k, d_mem_v
 
 
 def _backward_pieces(layout: _Layout, q, k, v, k_fading, v_fading, mem_k, mem_v, mem_valid, grad, out, lse):
@@ -378,8 +400,8 @@ def _backward_pieces(layout: _Layout, q, k, v, k_fading, v_fading, mem_k, mem_v,
     d_q = _from_blocks(dq, g, layout.length)
     d_mem_k = d_mem_v = None
     if layout.use_memory:
-        dq_m, d_mem_k, d_mem_v = _memory_backward(layout, q, mem_k, mem_v, mem_valid, grad, out, lse)
-        d_q.add_(dq_m)  # d_q is this function's own tensor (a view of dq at most)
+        dq_m, first_row, d_mem_k, d_mem_v = _memory_backward(layout, q, mem_k, mem_v, mem_valid, grad, out, lse)
+        d_q[:, :, first_row:first_row + dq_m.shape[2]] += dq_m  # d_q is this function's own tensor (a view of dq)
 
     def unblock(t: Tensor | None, like: Tensor | None) -> Tensor | None:
         return None if t is None else _from_blocks(t, 1, layout.length).view_as(like)
