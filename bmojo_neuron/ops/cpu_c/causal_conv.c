@@ -227,6 +227,7 @@ static float *constants(const float *w, const float *bias, long C, long K) {
 
 int causal_conv_forward(const float *x, const float *head, const float *w, const float *bias, float *out,
                         long batch, long L, long C, long K, int silu, int threads) {
+    (void)threads; /* read by the OpenMP pragmas only: unused in a build without OpenMP */
     if (K < 1 || L < 0 || C < 0 || batch < 0) return -2;
     float *consts = constants(w, bias, C, K);
     if (!consts) return -1;
@@ -247,6 +248,7 @@ int causal_conv_forward(const float *x, const float *head, const float *w, const
 int causal_conv_backward(const float *x, const float *head, const float *w, const float *bias, const float *g,
                          float *dx, float *d_head, float *dw, float *dbias, long batch, long L, long C, long K,
                          int silu, int threads) {
+    (void)threads; /* read by the OpenMP pragmas only: unused in a build without OpenMP */
     if (K < 1 || L < 0 || C < 0 || batch < 0) return -2;
     long blocks = (L + BLOCK_ROWS - 1) / BLOCK_ROWS, n_parts = batch * blocks;
     float *consts = constants(w, bias, C, K);

@@ -77,6 +77,7 @@ static void reduce_blocks(const float *partial, long blocks, long dim, float *dw
 
 int norms_rms_forward(const float *x, const float *w, float *out, float *inv_rms, long n, long dim, float eps,
                       int threads) {
+    (void)threads; /* read by the OpenMP pragmas only: unused in a build without OpenMP */
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long row = 0; row < n; row++) {
         const float *xr = x + row * dim;
@@ -113,6 +114,7 @@ static void rms_backward_row(const float *xr, const float *gr, const float *w, f
 
 int norms_rms_backward(const float *x, const float *w, const float *inv_rms, const float *gy, float *dx, float *dw,
                        long n, long dim, int threads) {
+    (void)threads; /* read by the OpenMP pragmas only: unused in a build without OpenMP */
     long blocks = blocks_of(n);
     float *partial = calloc((size_t)(blocks > 0 ? blocks : 1) * dim, sizeof(float));
     if (!partial) return 1;
@@ -132,6 +134,7 @@ int norms_rms_backward(const float *x, const float *w, const float *inv_rms, con
 
 int norms_gated_forward(const float *x, const float *z, const float *w, float *out, float *inv_rms, long n,
                         long groups, long size, float eps, int threads) {
+    (void)threads; /* read by the OpenMP pragmas only: unused in a build without OpenMP */
     long dim = groups * size;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long row = 0; row < n; row++) {
@@ -176,6 +179,7 @@ static void gated_backward_group(const float *xr, const float *zr, const float *
 
 int norms_gated_backward(const float *x, const float *z, const float *w, const float *inv_rms, const float *gy,
                          float *dx, float *dz, float *dw, long n, long groups, long size, int threads) {
+    (void)threads; /* read by the OpenMP pragmas only: unused in a build without OpenMP */
     long dim = groups * size, blocks = blocks_of(n);
     float *partial = calloc((size_t)(blocks > 0 ? blocks : 1) * dim, sizeof(float));
     if (!partial) return 1;

@@ -38,6 +38,7 @@ static void rotary_row(const float *restrict in, float *restrict out, const floa
 int rotary_apply(const float *in, long in0, long in1, long in_r, float *out, long out0, long out1, long out_r,
                  const float *cos_table, const float *sin_table, long n0, long n1, long rows, long width,
                  int transpose, int threads) {
+    (void)threads; /* read by the OpenMP pragmas only: unused in a build without OpenMP */
     if (width % 2)
         return 1;
     long half = width / 2, total = n0 * n1 * rows;

@@ -33,22 +33,11 @@ __all__ = ["C_CHUNK", "CSSDScan", "c_unavailable", "ssd_scan"]
 # (its in-chunk sums are shorter).
 C_CHUNK = 32
 
-_warned = common.warned
-
 # ssd_chunks.c's parameters: pointers, then the sizes (b, L, H, P, G, N, chunk, B/C row and group
 # strides), the softplus flag, the decay floor and the thread count.
 _SIZES = [build.LONG] * 9 + [build.INT, build.FLOAT, build.INT]
 _FORWARD_ARGS = [build.FLOAT_P] * 12 + _SIZES
 _BACKWARD_ARGS = [build.FLOAT_P] * 19 + _SIZES
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def _threads() -> int:
-    """The C kernels use as many threads as torch's intra-op pool (the bench sets it to 1)."""
-    return max(1, torch.get_num_threads())
 
 
 def _bc_strides(B: Tensor, C: Tensor) -> tuple[Tensor, Tensor, int, int]:
@@ -80,8 +69,8 @@ class CSSDScan(torch.autograd.Function):
         y, h = torch.empty_like(x), x.new_empty(b, H, P, N)
         starts, dt_out = x.new_empty(b, -(-L // chunk), H, N, P), torch.empty_like(dt)
         status = build.function("ssd_chunks_forward", _FORWARD_ARGS)(
-            *map(_ptr, (x, dt, dt_bias, A, B, C, D, h0, y, h, starts, dt_out)), b, L, H, P, G, N, chunk,
-            bc_row, bc_group, int(softplus), decay_floor(x.dtype), _threads())
+            *map(common.ptr, (x, dt, dt_bias, A, B, C, D, h0, y, h, starts, dt_out)), b, L, H, P, G, N, chunk,
+            bc_row, bc_group, int(softplus), decay_floor(x.dtype), common.threads())
         if status:
             raise MemoryError("ssd_chunks_forward: out of memory for its scratch buffers")
         ctx.save_for_backward(x, dt, dt_bias, A, B, C, D, dt_out, starts)
@@ -100,9 +89,9 @@ class CSSDScan(torch.autograd.Function):
         per_row = x.new_zeros(3, b, H)  # dA, dD, d dt_bias per batch row, summed here (deterministic)
         dB, dC = x.new_zeros(b, L, G, N), x.new_zeros(b, L, G, N)
         status = build.function("ssd_chunks_backward", _BACKWARD_ARGS)(
-            *map(_ptr, (x, dt, dt_bias, A, B, C, D, dt_out, starts, gy, g_final, dx, d_dt, per_row[0], per_row[1],
-                        per_row[2], dB, dC, d_h0)),
-            b, L, H, P, G, N, chunk, bc_row, bc_group, softplus, decay_floor(x.dtype), _threads())
+            *map(common.ptr, (x, dt, dt_bias, A, B, C, D, dt_out, starts, gy, g_final, dx, d_dt, per_row[0],
+                              per_row[1], per_row[2], dB, dC, d_h0)),
+            b, L, H, P, G, N, chunk, bc_row, bc_group, softplus, decay_floor(x.dtype), common.threads())
         if status:
             raise MemoryError("ssd_chunks_backward: out of memory for its scratch buffers")
         d_a, d_d, d_bias = per_row.sum(1)

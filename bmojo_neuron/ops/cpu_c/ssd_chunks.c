@@ -51,7 +51,11 @@ static inline float decay(float t, float floor) { return fast_exp(t < floor ? fl
 /* ---- The small products: register tiles of up to 6 rows x 16 columns. ----
  * 12 accumulators of 8 floats, two vectors of a row of b and one broadcast of a: 15 of the 16
  * AVX2 registers, two fused multiply-adds per broadcast. Written with GCC's vector extension
- * (no intrinsics), so other targets get their own vectors of 8 floats. */
+ * (no intrinsics), so other targets get their own vectors of 8 floats. Only this file's static
+ * functions take or return one, so no vector crosses the library's ABI: the compilers' note that such
+ * a vector is passed differently without AVX (-Wpsabi, build.py's portable build) does not apply, and
+ * is off for the whole file (GCC reports it at the file's end, past any push / pop). */
+#pragma GCC diagnostic ignored "-Wpsabi"
 typedef float v8 __attribute__((vector_size(32)));
 
 static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
@@ -325,6 +329,7 @@ int ssd_chunks_forward(const float *x, const float *dt_raw, const float *dt_bias
                        const float *C, const float *D, const float *h0, float *y, float *h_final, float *starts,
                        float *dt_out, long batch, long L, long H, long P, long G, long N, long T, long bc_row,
                        long bc_group, int softplus_dt, float floor, int threads) {
+    (void)threads; /* read by the OpenMP pragmas only: unused in a build without OpenMP */
     dims_t d = {batch, L, H, P, G, N, T, bc_row, bc_group, floor, softplus_dt};
     inputs_t in = {x, dt_raw, dt_bias, A, B, C, D};
     int failed = 0;
@@ -507,6 +512,7 @@ int ssd_chunks_backward(const float *x, const float *dt_raw, const float *dt_bia
                         const float *g_final, float *dx, float *d_dt, float *d_a, float *d_d, float *d_bias,
                         float *dB, float *dC, float *d_h0, long batch, long L, long H, long P, long G, long N, long T,
                         long bc_row, long bc_group, int softplus_dt, float floor, int threads) {
+    (void)threads; /* read by the OpenMP pragmas only: unused in a build without OpenMP */
     dims_t d = {batch, L, H, P, G, N, T, bc_row, bc_group, floor, softplus_dt};
     inputs_t in = {x, dt_raw, dt_bias, A, B, C, D};
     grads_t gr = {dt, starts, gy, dx, d_dt, d_a, d_d, d_bias, dB, dC};

@@ -24,6 +24,7 @@
 static inline float sigmoid(float z) { return 1.f / (1.f + exp_clamped(-z)); }
 
 int swiglu_forward(const float *gate, const float *up, float *out, long n, int threads) {
+    (void)threads; /* read by the OpenMP pragmas only: unused in a build without OpenMP */
     long spans = (n + SPAN - 1) / SPAN;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long sp = 0; sp < spans; sp++) {
@@ -36,6 +37,7 @@ int swiglu_forward(const float *gate, const float *up, float *out, long n, int t
 
 int swiglu_backward(const float *gate, const float *up, const float *gy, float *d_gate, float *d_up, long n,
                     int threads) {
+    (void)threads; /* read by the OpenMP pragmas only: unused in a build without OpenMP */
     long spans = (n + SPAN - 1) / SPAN;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (long sp = 0; sp < spans; sp++) {
