@@ -12,8 +12,9 @@
  *   S_out = e_end S + sum_j to_end_j B_j^T (dt_j x_j)
  * The forward forms y as ONE product per head, [e C | w] (T x (N + T)) times [S ; dt x]
  * ((N + T) x P), the state and the chunk's inputs stacked in one buffer; the backward runs
- * the transposed products, each reading its operands in the layout they are stored in, and
- * stacks the operands that two products share (scratch_t) so that those run as one.
+ * the transposed products (the state, its gradient and dt x read through transposed copies,
+ * `transpose`) and stacks the operands that two products share (scratch_t) so that those run
+ * as one.
  * Decays exp(t) are taken at t >= floor (2 log eps of float32), as `ssd_fused._exp` does,
  * so that no product reads a subnormal float.
  *
@@ -139,10 +140,59 @@ static void gemm(long m, long n, long kk, const float *a, long ars, long acs, co
     if (m - i0 >= 1) rows_block(1, i0, n, kk, a, ars, acs, b, ldb, out, ldc, shape, shift, cols, zero);
 }
 
+/* ---- Transposes: the tiles read b a row at a time, so B (the scores), and in the backward the saved
+ * state and its gradient, are read through transposed copies. ----
+ * An element at a time, a transpose stores one float at a time into a column of strided rows; 8 x 8
+ * blocks transposed in registers (three rounds of shuffles, the AVX unpack / shuffle / lane-swap
+ * pattern) load and store whole rows instead. Only values move: every result has the same bits either
+ * way. Compilers without `__builtin_shufflevector` (GCC < 12) keep the element loop. */
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define HAVE_SHUFFLEVECTOR 1
+#endif
+#endif
+
+/* dst (cols x rows, row stride ld_dst) = transpose of src (rows x cols, row stride ld_src), elements
+ * [r0, rows) x [c0, cols) only: the part the 8 x 8 blocks leave. */
+static void transpose_rest(long r0, long c0, long rows, long cols, const float *src, long ld_src, float *dst,
+                           long ld_dst) {
+    for (long r = 0; r < rows; r++)
+        for (long c = r < r0 ? c0 : 0; c < cols; c++) dst[c * ld_dst + r] = src[r * ld_src + c];
+}
+
+#ifdef HAVE_SHUFFLEVECTOR
+#define SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+
+/* One 8 x 8 block: rows a..h of src become columns of dst. */
+static inline void transpose8(const float *src, long ld_src, float *dst, long ld_dst) {
+    v8 r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = load8(src + i * ld_src);
+    for (int i = 0; i < 8; i += 2) { /* pairs of rows interleaved: (a0 b0 a1 b1 | a4 b4 a5 b5), ... */
+        t[i] = SHUF(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = SHUF(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 8; i += 4) { /* quads: (a0 b0 c0 d0 | a4 b4 c4 d4), ... */
+        u[i] = SHUF(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[i + 1] = SHUF(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        u[i + 2] = SHUF(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[i + 3] = SHUF(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    for (int i = 0; i < 4; i++) { /* the two halves of rows a-d and e-h joined: columns i and i + 4 */
+        store8(dst + i * ld_dst, SHUF(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11));
+        store8(dst + (i + 4) * ld_dst, SHUF(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+    }
+}
+#endif
+
 /* dst (cols x rows, row stride ld_dst) = transpose of src (rows x cols, row stride ld_src). */
 static void transpose(long rows, long cols, const float *src, long ld_src, float *dst, long ld_dst) {
-    for (long r = 0; r < rows; r++)
-        for (long c = 0; c < cols; c++) dst[c * ld_dst + r] = src[r * ld_src + c];
+    long r0 = 0, c0 = 0;
+#ifdef HAVE_SHUFFLEVECTOR
+    r0 = rows / 8 * 8, c0 = cols / 8 * 8;
+    for (long r = 0; r < r0; r += 8)
+        for (long c = 0; c < c0; c += 8) transpose8(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst);
+#endif
+    transpose_rest(r0, c0, rows, cols, src, ld_src, dst, ld_dst);
 }
 
 /* ---- Shapes, inputs and the per-task scratch. ---- */
