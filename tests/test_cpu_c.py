@@ -299,11 +299,13 @@ def _threads(n):
 
 def test_c_scan_same_bits_for_any_thread_count(c_cache):
     """Each (batch row, group) task writes its own outputs and per-row partial sums: 1 and 3 threads over
-    2 x 3 tasks give the same bits, outputs and every gradient."""
-    inputs = {k: v.float() for k, v in _inputs(2, 37, 6, 5, 3, 7).items()}
-    runs = []
-    for threads in (1, 3):
-        with _threads(threads):
-            runs.append(_outputs_and_grads(c_ssd.ssd_scan, inputs, 8, torch.float32))
-    for name, value in runs[0].items():
-        assert torch.equal(value, runs[1][name]), name
+    2 x 3 tasks give the same bits, outputs and every gradient; on odd sizes, and on sizes whose
+    transposes run in whole 8 x 8 blocks (P 16, N 24)."""
+    for shape in ((2, 37, 6, 5, 3, 7), (2, 40, 6, 16, 3, 24)):
+        inputs = {k: v.float() for k, v in _inputs(*shape).items()}
+        runs = []
+        for threads in (1, 3):
+            with _threads(threads):
+                runs.append(_outputs_and_grads(c_ssd.ssd_scan, inputs, 8, torch.float32))
+        for name, value in runs[0].items():
+            assert torch.equal(value, runs[1][name]), (shape, name)
