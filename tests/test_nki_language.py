@@ -470,3 +470,23 @@ def test_neuroncore_versions_are_ordered():
     a = rand(4, 4)
     np.testing.assert_array_equal(run(gated, a), a)
     assert nisa.nc_version.gen2 < nisa.nc_version.gen3 < nisa.nc_version.gen4
+
+
+def test_sequential_range_takes_ranges_forms_and_the_stubs_keywords():
+    """The stub's `sequential_range(start, stop, step)` (no defaults, nki/api/nki/language/__init__.py line 235)
+    against its example `sequential_range(n)` (line 271) and "any use of Python range(...) will be replaced with
+    sequential_range(...)" (line 244): range's positional forms, or the stub's three keywords; not a partial
+    keyword call, which the stub and range both refuse."""
+    assert list(nl.sequential_range(4)) == [0, 1, 2, 3]
+    assert list(nl.sequential_range(2, 5)) == [2, 3, 4]
+    assert list(nl.sequential_range(9, 0, -3)) == [9, 6, 3]
+    assert list(nl.sequential_range(start=1, stop=7, step=2)) == [1, 3, 5]
+    assert list(nl.sequential_range(1, 7, step=3)) == [1, 4]
+    for args, kwargs in (((8,), {"step": 2}), ((), {"stop": 8}), ((), {"start": 8}), ((0,), {"stop": 8}),
+                         ((0, 8, 1), {"step": 2})):
+        with pytest.raises(TypeError, match=r"sequential_range\(.*\): .*(range's positional forms)"):
+            nl.sequential_range(*args, **kwargs)
+    with pytest.raises(TypeError, match="takes 1 to 3 positional arguments as range does, got 4"):
+        nl.sequential_range(0, 8, 1, 1)
+    with pytest.raises(TypeError, match="takes 1 to 3 positional arguments as range does, got 0"):
+        nl.sequential_range()

@@ -554,6 +554,38 @@ def test_sbuf_size_follows_the_target_generation():
     assert nl.tile_size.total_available_sbuf_size == SBUF_USABLE_BYTES_PER_PARTITION == 180_216
 
 
+def test_target_comes_from_neuron_platform_target_override(monkeypatch):
+    """The `nki.jit` docstring's variable (lines 14-16) picks the target when the kernel runs: unset, empty,
+    "trn1" or "gen2" run the emulated NeuronCore-v2; "trn2"/"gen3"/"trn3"/"gen4" are v3/v4 targets, refused
+    before the kernel starts (v2's rules would refuse what they accept); any other value is an error."""
+    started = []
+
+    @nki.jit
+    def copy(a):
+        started.append(True)
+        t = load(a)
+        return store(t)
+
+    a = rand(4, 8)
+    for value in (None, "", "trn1", "gen2"):
+        if value is None:
+            monkeypatch.delenv("NEURON_PLATFORM_TARGET_OVERRIDE", raising=False)
+        else:
+            monkeypatch.setenv("NEURON_PLATFORM_TARGET_OVERRIDE", value)
+        np.testing.assert_array_equal(copy(a), a)
+    assert len(started) == 4
+    for value, gen in (("trn2", 3), ("gen3", 3), ("trn3", 4), ("gen4", 4)):
+        monkeypatch.setenv("NEURON_PLATFORM_TARGET_OVERRIDE", value)
+        with pytest.raises(NKIRuleError, match=f"error: NEURON_PLATFORM_TARGET_OVERRIDE='{value}' compiles for "
+                                               f"NeuronCore-v{gen}; the emulator models NeuronCore-v2"):
+            copy(a)
+    for value in ("inf2", "TRN1", "trn1n"):  # the compiler's --target names, not the variable's
+        monkeypatch.setenv("NEURON_PLATFORM_TARGET_OVERRIDE", value)
+        with pytest.raises(ValueError, match=f"error: NEURON_PLATFORM_TARGET_OVERRIDE='{value}' is not a target"):
+            copy(a)
+    assert len(started) == 4  # refused before the kernel ran
+
+
 def test_psum_has_eight_banks_and_tiles_take_whole_banks():
     def nine_banks():
         tiles = [nl.ndarray((128, 2), dtype=nl.float32, buffer=nl.psum) for _ in range(9)]  # 8 B each, a bank each

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import collectives, core, costmodel, frontend, isa, isa_constants, language, launch, tensor
+from . import collectives, core, costmodel, frontend, isa, isa_constants, language, launch, target, tensor
 from .core import NKILoopDependencyWarning, NKIRuleError, NKISpillWarning, NkiTensor, Profile
 from .frontend import NKILanguageError, NKILanguageWarning
 
@@ -63,6 +63,7 @@ def simulate(kernel: Callable, *args: Any, cost_only: bool = False, record_timel
     instruction's (resource, name, start, end) in ``profile.timeline.events``. A launched
     kernel (``kernel[n]``) runs with its grid; a Trn1 allows only ``n = 1`` (`launch`).
     """
+    target.require_emulated_target()  # NEURON_PLATFORM_TARGET_OVERRIDE, read when the kernel is compiled
     func = _unwrap(kernel)
     grid = getattr(kernel, "__nki_grid__", ())
     frontend.check_kernel(func, args, kwargs)
@@ -170,4 +171,4 @@ nisa = isa
 __all__ = ["Kernel", "NKILanguageError", "NKILanguageWarning", "NKILoopDependencyWarning", "NKIRuleError",
            "NKISpillWarning", "Profile", "as_nki",
            "collectives", "costmodel", "dtype", "frontend", "isa", "isa_constants", "jit", "language", "launch", "nisa",
-           "nki", "nl", "simulate", "simulate_kernel", "tensor"]
+           "nki", "nl", "simulate", "simulate_kernel", "target", "tensor"]
