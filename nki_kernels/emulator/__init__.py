@@ -126,8 +126,9 @@ def jit(func=None, mode="auto", **kwargs):
 
     `mode` must be one NKI 0.2.0 supports (or Beta 1's "trace", which AWS's 0.2 kernels still
     pass; "baremetal" and "simulation" are gone); whatever the mode, the emulator runs the
-    kernel on NumPy arrays. Other keyword arguments are accepted, as the 0.2.0 signature's
-    ``**kwargs`` does, and ignored.
+    kernel on NumPy arrays. Other keyword arguments (nki-library's ``platform_target=``) are
+    accepted, as the 0.2.0 signature's ``**kwargs`` does, and ignored: the target is
+    ``NEURON_PLATFORM_TARGET_OVERRIDE``'s, read when the kernel runs (`target`).
     """
     if mode not in ACCEPTED_MODES:
         raise ValueError(f"nki.jit: mode must be one of {list(JIT_MODES)} in NKI 0.2.0, got {mode!r}")
