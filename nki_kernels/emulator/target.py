@@ -4,19 +4,19 @@ The `nki.jit` docstring (`nki/api/nki/__init__.py` lines 14-16 at 3c46990d) sets
 the ``NEURON_PLATFORM_TARGET_OVERRIDE`` environment variable, "trn1"/"gen2", "trn2"/"gen3" or
 "trn3"/"gen4"; the quickstart (`nki/get-started/quickstart-implement-run-kernel.rst` lines
 240-242) says it "sets the target architecture for compilation" and gives trn1 for Trn1 and
-Inf2. AWS's examples set it before the kernel is compiled (`tensor_addition_nki_kernels.py`
-line 13, at import), so it is read when a kernel runs, not when it is decorated.
+Inf2. A kernel is compiled when it is called, so the variable is read then (AWS's examples set
+it at import, before either: `tensor_addition_nki_kernels.py` line 13).
 
-Unset, the real stack compiles for the instance it runs on ("You might need to explicitly
-set"); the emulator stands for a Trn1, so it takes "trn1" (NeuronCore-v2). The SDK's own
-simulator tests agree that v2 is what runs without a target: the ones that use v3 features
-name `platform_target="trn2"` and the others name nothing (`nki/test/test_nki_isa_dma_transpose.py`
-lines 23-73, the Beta 1 API).
+Unset, the stack picks a target itself ("You might need to explicitly set the target
+platform"; no 0.2.0 source says how); the emulator stands for a Trn1, so it takes "trn1"
+(NeuronCore-v2). The SDK's simulator tests point the same way: those using v3 features name
+`platform_target="trn2"`, the others nothing (`nki/test/test_nki_isa_dma_transpose.py` lines
+23-73, the Beta 1 API).
 
-Only NeuronCore-v2 is emulated: its rules (engines per instruction, fp32 PSUM transposes and
-matmul outputs, no hardware DGE, 64/128 matmul tiles, no scalar activation bias, one logical
-core) and its cost model. A v3 or v4 target is refused before the kernel runs rather than
-checked against v2's rules, which would refuse what those targets accept.
+Only NeuronCore-v2 is emulated: its rules where generations differ (engines per instruction,
+fp32 Tensor-engine transposes, no hardware DGE, 64/128 matmul tiles, no scalar activation
+bias, one logical core) and its cost model. A v3 or v4 target is refused before the kernel
+runs rather than checked against v2's rules, which would refuse what those targets accept.
 """
 
 from __future__ import annotations
