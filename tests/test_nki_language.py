@@ -490,3 +490,23 @@ def test_sequential_range_takes_ranges_forms_and_the_stubs_keywords():
         nl.sequential_range(0, 8, 1, 1)
     with pytest.raises(TypeError, match="takes 1 to 3 positional arguments as range does, got 0"):
         nl.sequential_range()
+
+
+def test_affine_and_static_range_refuse_a_step_without_a_stop():
+    """`affine_range` / `static_range(start, stop=None, step=1)` (stub lines 166, 288): one argument is range(n),
+    two or three are range's; a step with no stop has no documented meaning and was silently dropped."""
+
+    def loops(n):
+        seen = list(nl.affine_range(n)) + list(nl.affine_range(1, n, 2))
+        return seen + list(nl.static_range(n)) + list(nl.static_range(n, 0, -2))
+
+    from nki_kernels.emulator import core
+
+    core.push_state(core.RunState())  # affine_range records its iterations in the running kernel's state
+    try:
+        assert loops(5) == [0, 1, 2, 3, 4, 1, 3, 0, 1, 2, 3, 4, 5, 3, 1]
+        for make in (nl.affine_range, nl.static_range):
+            with pytest.raises(NKIRuleError, match=rf"nl.{make.__name__}: a step without a stop is not documented"):
+                list(make(8, step=2))
+    finally:
+        core.pop_state()

@@ -183,12 +183,25 @@ def ds(start, size):
 
 
 # ---------------------------------------------------------------- loop ranges (the emulator runs them in order)
+def _range_values(name: str, start: Any, stop: Any, step: Any) -> range:
+    """The iterations of `affine_range` / `static_range(start, stop=None, step=1)` (the stub's signature,
+    nki/api/nki/language/__init__.py lines 166 and 288): range(start) without a stop, else range(start,
+    stop, step). A step given without a stop (`affine_range(8, step=2)`) has no documented meaning (the
+    stubs' examples pass one argument or a stop), so it is refused rather than dropped."""
+    if stop is None:
+        if step != 1:
+            raise core.rule_error(f"nl.{name}", "a step without a stop is not documented: not emulated",
+                                  f"start={start!r}, step={step!r}")
+        return range(start)
+    return range(start, stop, step)
+
+
 def affine_range(start, stop=None, step=1):
     """The iterations in order; a dependency between two iterations (a read or overwrite of what
-    another wrote, an overwrite of what another read) is a rule error (`loops.AffineLoops`: the
+    another wrote, an overwrite of what another read) is warned about (`loops.AffineLoops`: the
     compiler may reorder the iterations), in cost-only runs too: the check keeps one record per
     distinct access, not per element (docs/kernels.md, "Loop-carried dependencies")."""
-    values = range(start, stop, step) if stop is not None else range(start)
+    values = _range_values("affine_range", start, stop, step)
     run = core.state()
     if run.affine_loops is None:
         run.affine_loops = AffineLoops()
@@ -227,7 +240,7 @@ def _call_text(args: tuple, kwargs: dict) -> str:
 
 
 def static_range(start, stop=None, step=1):
-    return range(start, stop, step) if stop is not None else range(start)
+    return _range_values("static_range", start, stop, step)
 
 
 # ---------------------------------------------------------------- the launch grid (rules in `launch`)
