@@ -470,3 +470,43 @@ def test_neuroncore_versions_are_ordered():
     a = rand(4, 4)
     np.testing.assert_array_equal(run(gated, a), a)
     assert nisa.nc_version.gen2 < nisa.nc_version.gen3 < nisa.nc_version.gen4
+
+
+def test_sequential_range_takes_ranges_forms_and_the_stubs_keywords():
+    """The stub's `sequential_range(start, stop, step)` (no defaults, nki/api/nki/language/__init__.py line 235)
+    against its example `sequential_range(n)` (line 271) and "any use of Python range(...) will be replaced with
+    sequential_range(...)" (line 244): range's positional forms, or the stub's three keywords; not a partial
+    keyword call, which the stub and range both refuse."""
+    assert list(nl.sequential_range(4)) == [0, 1, 2, 3]
+    assert list(nl.sequential_range(2, 5)) == [2, 3, 4]
+    assert list(nl.sequential_range(9, 0, -3)) == [9, 6, 3]
+    assert list(nl.sequential_range(start=1, stop=7, step=2)) == [1, 3, 5]
+    assert list(nl.sequential_range(1, 7, step=3)) == [1, 4]
+    for args, kwargs in (((8,), {"step": 2}), ((), {"stop": 8}), ((), {"start": 8}), ((0,), {"stop": 8}),
+                         ((0, 8, 1), {"step": 2})):
+        with pytest.raises(TypeError, match=r"sequential_range\(.*\): .*(range's positional forms)"):
+            nl.sequential_range(*args, **kwargs)
+    with pytest.raises(TypeError, match="takes 1 to 3 positional arguments as range does, got 4"):
+        nl.sequential_range(0, 8, 1, 1)
+    with pytest.raises(TypeError, match="takes 1 to 3 positional arguments as range does, got 0"):
+        nl.sequential_range()
+
+
+def test_affine_and_static_range_refuse_a_step_without_a_stop():
+    """`affine_range` / `static_range(start, stop=None, step=1)` (stub lines 166, 288): one argument is range(n),
+    two or three are range's; a step with no stop has no documented meaning and was silently dropped."""
+
+    def loops(n):
+        seen = list(nl.affine_range(n)) + list(nl.affine_range(1, n, 2))
+        return seen + list(nl.static_range(n)) + list(nl.static_range(n, 0, -2))
+
+    from nki_kernels.emulator import core
+
+    core.push_state(core.RunState())  # affine_range records its iterations in the running kernel's state
+    try:
+        assert loops(5) == [0, 1, 2, 3, 4, 1, 3, 0, 1, 2, 3, 4, 5, 3, 1]
+        for make in (nl.affine_range, nl.static_range):
+            with pytest.raises(NKIRuleError, match=rf"nl.{make.__name__}: a step without a stop is not documented"):
+                list(make(8, step=2))
+    finally:
+        core.pop_state()

@@ -6,6 +6,8 @@ The honouring kernels also check their numbers against NumPy where the rule is a
 
 from __future__ import annotations
 
+import re
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -80,6 +82,35 @@ def test_gpsimd_cannot_reach_psum():
         return store(out)
 
     assert (run(vector_psum) == 2.0).all()
+
+
+def test_memset_of_a_value_the_dtype_cannot_hold():
+    """No source says what memset makes of a value the tile's dtype cannot hold ([isa] memset: "all valid NKI
+    dtypes", nothing more): an integer tile takes whole values in range and refuses the rest, in cost-only
+    runs too (the value is a compile-time constant); a float tile rounds as every engine output does."""
+
+    def fill(dtype, value):
+        def kernel():
+            t = nl.ndarray((4, 8), dtype=dtype)
+            nisa.memset(dst=t, value=value)
+            out = nl.ndarray((4, 8), dtype=dtype, buffer=nl.shared_hbm)
+            nisa.dma_copy(dst=out, src=t)
+            return out
+        return kernel
+
+    for dtype, value in ((nl.uint8, 255), (nl.uint8, 0.0), (nl.int8, -128), (nl.int32, 2 ** 31 - 1),
+                         (nl.uint32, 2 ** 32 - 1), (nl.int16, -7.0)):
+        assert (run(fill(dtype, value)) == value).all(), (dtype, value)
+    for dtype, value in ((nl.uint8, 256), (nl.uint8, -1), (nl.int8, 128), (nl.int32, 0.5), (nl.int32, 2 ** 31),
+                         (nl.int16, float("nan")), (nl.uint16, float("inf"))):
+        for cost_only in (False, True):
+            with pytest.raises(NKIRuleError, match=rf"nisa.memset: what a {np.dtype(dtype)} tile holds after a "
+                                                   "memset of a value it cannot hold .* is not documented"):
+                nki.simulate(fill(dtype, value), cost_only=cost_only)
+    assert (run(fill(nl.bfloat16, -9948.0)).astype(np.float32) == -9920.0).all()  # nearest: bf16 steps by 64 there
+    with np.errstate(over="ignore"):  # NumPy's cast notes the overflow to infinity
+        assert (run(fill(nl.float16, 1e6)) == np.inf).all()
+    assert (run(fill(nl.float32, -3.4028235e38)) == np.float32(-3.4028235e38)).all()
 
 
 def test_power_runs_on_gpsimd():
@@ -552,6 +583,69 @@ def test_sbuf_size_follows_the_target_generation():
         usable_sbuf_bytes_per_partition(5)
     assert nisa.get_nc_version() == nisa.nc_version.gen2
     assert nl.tile_size.total_available_sbuf_size == SBUF_USABLE_BYTES_PER_PARTITION == 180_216
+
+
+def test_target_comes_from_neuron_platform_target_override(monkeypatch):
+    """The `nki.jit` docstring's variable (lines 14-16) picks the target when the kernel runs: unset, empty,
+    "trn1" or "gen2" run the emulated NeuronCore-v2; "trn2"/"gen3"/"trn3"/"gen4" are v3/v4 targets, refused
+    before the kernel starts (v2's rules would refuse what they accept); any other value is an error."""
+    started = []
+
+    @nki.jit
+    def copy(a):
+        started.append(True)
+        t = load(a)
+        return store(t)
+
+    a = rand(4, 8)
+    for value in (None, "", "trn1", "gen2"):
+        if value is None:
+            monkeypatch.delenv("NEURON_PLATFORM_TARGET_OVERRIDE", raising=False)
+        else:
+            monkeypatch.setenv("NEURON_PLATFORM_TARGET_OVERRIDE", value)
+        np.testing.assert_array_equal(copy(a), a)
+    assert len(started) == 4
+    for value, gen in (("trn2", 3), ("gen3", 3), ("trn3", 4), ("gen4", 4)):
+        monkeypatch.setenv("NEURON_PLATFORM_TARGET_OVERRIDE", value)
+        with pytest.raises(NKIRuleError, match=f"error: NEURON_PLATFORM_TARGET_OVERRIDE='{value}' compiles for "
+                                               f"NeuronCore-v{gen}; the emulator models NeuronCore-v2"):
+            copy(a)
+    for value in ("inf2", "TRN1", "trn1n"):  # the compiler's --target names, not the variable's
+        monkeypatch.setenv("NEURON_PLATFORM_TARGET_OVERRIDE", value)
+        with pytest.raises(ValueError, match=f"error: NEURON_PLATFORM_TARGET_OVERRIDE='{value}' is not a target"):
+            copy(a)
+    assert len(started) == 4  # refused before the kernel ran
+
+
+def test_tensor_names_are_unique_on_the_neuroncore():
+    """[nl] ndarray: `name` "has to be unique for tensors on each Physical NeuronCore" (lines 70-72): a second
+    declaration with a name already given (SBUF, PSUM, HBM; nl.zeros too) is refused; one line reached again
+    (a loop) and same-named shared_hbm tensors (linked across cores, lines 74-77) are accepted."""
+
+    def two_tiles_one_name(a):
+        t = nl.ndarray(a.shape, dtype=nl.float32, name="t")
+        u = nl.zeros(a.shape, dtype=nl.float32, buffer=nl.psum, name="t")
+
+    msg = raises(two_tiles_one_name, rand(4, 8), match=r"nl.zeros: a tensor name must be unique on the NeuronCore")
+    assert re.search(r"name 't' at test_nki_rules.py:\d+, already given at test_nki_rules.py:\d+", msg)
+
+    def two_hbm_tensors_one_name(a):
+        x = nl.ndarray(a.shape, dtype=nl.float32, buffer=nl.hbm, name="scratch")
+        y = nl.ndarray(a.shape, dtype=nl.float32, buffer=nl.hbm, name="scratch")
+
+    raises(two_hbm_tensors_one_name, rand(4, 8), match="nl.ndarray: a tensor name must be unique")
+
+    def named_in_a_loop_and_shared(a):
+        for i in nl.affine_range(2):
+            t = nl.ndarray(a.shape, dtype=nl.float32, name="tile")
+            nisa.dma_copy(dst=t, src=a)
+        out = nl.ndarray(a.shape, dtype=nl.float32, buffer=nl.shared_hbm, name="out")
+        alias = nl.ndarray(a.shape, dtype=nl.float32, buffer=nl.shared_hbm, name="out")
+        nisa.dma_copy(dst=out, src=t)
+        return out
+
+    a = rand(4, 8)
+    np.testing.assert_array_equal(run(named_in_a_loop_and_shared, a), a)
 
 
 def test_psum_has_eight_banks_and_tiles_take_whole_banks():

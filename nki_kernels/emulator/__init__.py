@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from . import collectives, core, costmodel, frontend, isa, isa_constants, language, launch, tensor
+from . import collectives, core, costmodel, frontend, isa, isa_constants, language, launch, target, tensor
 from .core import NKILoopDependencyWarning, NKIRuleError, NKISpillWarning, NkiTensor, Profile
 from .frontend import NKILanguageError, NKILanguageWarning
 
@@ -63,6 +63,7 @@ def simulate(kernel: Callable, *args: Any, cost_only: bool = False, record_timel
     instruction's (resource, name, start, end) in ``profile.timeline.events``. A launched
     kernel (``kernel[n]``) runs with its grid; a Trn1 allows only ``n = 1`` (`launch`).
     """
+    target.require_emulated_target()  # NEURON_PLATFORM_TARGET_OVERRIDE, read when the kernel is compiled
     func = _unwrap(kernel)
     grid = getattr(kernel, "__nki_grid__", ())
     frontend.check_kernel(func, args, kwargs)
@@ -125,8 +126,9 @@ def jit(func=None, mode="auto", **kwargs):
 
     `mode` must be one NKI 0.2.0 supports (or Beta 1's "trace", which AWS's 0.2 kernels still
     pass; "baremetal" and "simulation" are gone); whatever the mode, the emulator runs the
-    kernel on NumPy arrays. Other keyword arguments are accepted, as the 0.2.0 signature's
-    ``**kwargs`` does, and ignored.
+    kernel on NumPy arrays. Other keyword arguments (nki-library's ``platform_target=``) are
+    accepted, as the 0.2.0 signature's ``**kwargs`` does, and ignored: the target is
+    ``NEURON_PLATFORM_TARGET_OVERRIDE``'s, read when the kernel runs (`target`).
     """
     if mode not in ACCEPTED_MODES:
         raise ValueError(f"nki.jit: mode must be one of {list(JIT_MODES)} in NKI 0.2.0, got {mode!r}")
@@ -170,4 +172,4 @@ nisa = isa
 __all__ = ["Kernel", "NKILanguageError", "NKILanguageWarning", "NKILoopDependencyWarning", "NKIRuleError",
            "NKISpillWarning", "Profile", "as_nki",
            "collectives", "costmodel", "dtype", "frontend", "isa", "isa_constants", "jit", "language", "launch", "nisa",
-           "nki", "nl", "simulate", "simulate_kernel", "tensor"]
+           "nki", "nl", "simulate", "simulate_kernel", "target", "tensor"]

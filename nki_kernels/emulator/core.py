@@ -206,6 +206,7 @@ class RunState:
         # per on-chip buffer, the memory tiles placed with `address=` live in (placed_memory)
         self.placed: dict[str, "_Allocation"] = {}
         self.spilled: set[str] = set()  # the on-chip buffers whose live tiles overflowed (NKISpillWarning)
+        self.tensor_names: dict[str, tuple[str, int]] = {}  # a tensor name -> the kernel line that first gave it
 
     def placed_memory(self, buffer: str) -> "_Allocation":
         """The kernel's `buffer` as bytes (partitions x usable bytes). Placed tiles are views of it, so
@@ -818,6 +819,7 @@ def allocate(shape: tuple[int, ...] | list[int], dtype: Any, buffer: str | None,
             _check_placement(instr, shape, buffer, per_partition, address)
             charge = 0
     run = state()
+    _check_unique_name(run, instr, name, buffer)
     if address is not None and buffer in ON_CHIP:
         return _placed(run, shape, dt, buffer, name, address, per_partition)
     data = np.empty(shape, dtype=dt)
@@ -828,6 +830,23 @@ def allocate(shape: tuple[int, ...] | list[int], dtype: Any, buffer: str | None,
     if buffer == SHARED_HBM and not name:
         run.unnamed_shared_hbm.append((alloc, *alloc.site))
     return NkiTensor(alloc, data)
+
+
+def _check_unique_name(run: RunState, instr: str, name: str, buffer: str) -> None:
+    """[nl] `ndarray`: a tensor's `name` "has to be unique for tensors on each Physical NeuronCore" (lines
+    70-72); nki-library's allocator says "Must be unique in the kernel" (`core/utils/allocator.py` lines 239,
+    273, 338). So two declarations (call sites) giving one name in a run are refused. Not checked: one call
+    site reached again (a loop the compiler may trace once, a helper called twice: the sources do not say
+    whether the compiler sees one declaration or several), and `shared_hbm`, whose names link tensors
+    across NeuronCores (lines 74-77), a sharing one program cannot show."""
+    if not name or buffer == SHARED_HBM:
+        return
+    site = kernel_site()
+    first = run.tensor_names.setdefault(name, site)
+    if first != site:
+        raise rule_error(instr, "a tensor name must be unique on the NeuronCore (nki.language.ndarray)",
+                         f"name {name!r} at {os.path.basename(site[0])}:{site[1]}, already given at "
+                         f"{os.path.basename(first[0])}:{first[1]}")
 
 
 def _placed(run: RunState, shape: tuple[int, ...], dt: np.dtype, buffer: str, name: str, address: Any,

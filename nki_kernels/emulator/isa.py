@@ -17,6 +17,7 @@ v2 code paths show the rule).
 from __future__ import annotations
 
 import functools
+import math
 from enum import Enum
 from typing import Any
 
@@ -524,11 +525,24 @@ def nc_stream_shuffle(dst, src, shuffle_mask, name=None):
 
 
 def memset(dst, value, engine=engine.unknown, name=None):
-    """Fill `dst` with a compile-time constant on Vector or GpSimd ([isa] memset)."""
+    """Fill `dst` with a compile-time constant on Vector or GpSimd ([isa] memset).
+
+    The stub says only that memset "supports all valid NKI dtypes" (lines 888-889); no source at
+    3c46990d says what a value `dst.dtype` cannot hold becomes. A float `dst` gets the value rounded
+    as every engine output is (to float32, then to nearest even in the dtype; beyond its range,
+    infinity, or NaN in float8_e4m3fn, which has none). An integer `dst` takes whole values within
+    its range; a fraction, a value outside the range, NaN or infinity is refused as undocumented
+    (truncate, round, wrap or saturate), as the DMA's float-to-integer step is (`_to_dtype`)."""
     instr = "nisa.memset"
     _tile(instr, "dst", dst)
     if not isinstance(value, (int, float, np.floating, np.integer)):  # [isa] "a compile-time constant value"
         raise rule_error(instr, "value must be a compile-time constant", f"got {type(value).__name__}")
+    if not is_float(dst.dtype):
+        info = np.iinfo(dst.dtype)
+        if not (math.isfinite(value) and value == math.trunc(value) and info.min <= value <= info.max):
+            raise rule_error(instr, f"what a {dst.dtype} tile holds after a memset of a value it cannot hold "
+                             "(rounding, wrapping, saturation) is not documented: not emulated",
+                             f"value={value!r}, {dst.dtype} holds whole numbers {info.min}..{info.max}")
     eng = _engine(instr, engine, "vector" if dst.buffer == PSUM else "gpsimd", ("vector", "gpsimd"), (dst,))
     _issue(eng, instr, max(MIN_II, dst.free_size), (), (dst,), _lanes(dst))
     if state().compute:

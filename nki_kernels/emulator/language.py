@@ -13,6 +13,7 @@ table, so no instruction takes it as `op=`.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable
 
@@ -182,24 +183,64 @@ def ds(start, size):
 
 
 # ---------------------------------------------------------------- loop ranges (the emulator runs them in order)
+def _range_values(name: str, start: Any, stop: Any, step: Any) -> range:
+    """The iterations of `affine_range` / `static_range(start, stop=None, step=1)` (the stub's signature,
+    nki/api/nki/language/__init__.py lines 166 and 288): range(start) without a stop, else range(start,
+    stop, step). A step given without a stop (`affine_range(8, step=2)`) has no documented meaning (the
+    stubs' examples pass one argument or a stop), so it is refused rather than dropped."""
+    if stop is None:
+        if step != 1:
+            raise core.rule_error(f"nl.{name}", "a step without a stop is not documented: not emulated",
+                                  f"start={start!r}, step={step!r}")
+        return range(start)
+    return range(start, stop, step)
+
+
 def affine_range(start, stop=None, step=1):
     """The iterations in order; a dependency between two iterations (a read or overwrite of what
-    another wrote, an overwrite of what another read) is a rule error (`loops.AffineLoops`: the
+    another wrote, an overwrite of what another read) is warned about (`loops.AffineLoops`: the
     compiler may reorder the iterations), in cost-only runs too: the check keeps one record per
     distinct access, not per element (docs/kernels.md, "Loop-carried dependencies")."""
-    values = range(start, stop, step) if stop is not None else range(start)
+    values = _range_values("affine_range", start, stop, step)
     run = core.state()
     if run.affine_loops is None:
         run.affine_loops = AffineLoops()
     return run.affine_loops.iterate(values)
 
 
-def sequential_range(start, stop=None, step=1):
-    return range(start, stop, step) if stop is not None else range(start)
+def sequential_range(*args, **kwargs):
+    """The iterations in order. The stub's signature is `sequential_range(start, stop, step)`, all three
+    required (nki/api/nki/language/__init__.py line 235), while its example (line 271), its note that the
+    compiler replaces "any use of Python range(...)" with it (line 244), the language guide (every range
+    "equivalent ... to the basic range loop", nki-language-guide.rst line 344) and every call in the SDK's
+    0.2 docs and nki-library 0759719 pass Python range's positional forms (stop) or (start, stop[, step]).
+    So exactly those are accepted, and keywords only as the stub names them, all three given; other
+    forms (`sequential_range(8, step=2)`, a lone `stop=8`) are TypeErrors, as both the stub's signature
+    and range refuse them."""
+    if kwargs:
+        try:
+            bound = inspect.signature(_SEQUENTIAL_RANGE_STUB).bind(*args, **kwargs)
+        except TypeError as err:
+            raise TypeError(f"sequential_range{_call_text(args, kwargs)}: {err}; it takes range's positional "
+                            "forms (stop), (start, stop), (start, stop, step), or the stub's keywords start=, "
+                            "stop=, step= all three (nki/api/nki/language/__init__.py line 235)") from None
+        args = tuple(bound.arguments[name] for name in ("start", "stop", "step"))
+    if not 1 <= len(args) <= 3:
+        raise TypeError(f"sequential_range{_call_text(args, kwargs)}: takes 1 to 3 positional arguments as range "
+                        f"does, got {len(args)}")
+    return range(*args)
+
+
+def _SEQUENTIAL_RANGE_STUB(start, stop, step):  # noqa: N802 - the 0.2.0 stub's signature (line 235)
+    """Only its signature is used: what keyword calls of `sequential_range` must bind to."""
+
+
+def _call_text(args: tuple, kwargs: dict) -> str:
+    return "(" + ", ".join([repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()]) + ")"
 
 
 def static_range(start, stop=None, step=1):
-    return range(start, stop, step) if stop is not None else range(start)
+    return _range_values("static_range", start, stop, step)
 
 
 # ---------------------------------------------------------------- the launch grid (rules in `launch`)

@@ -1,0 +1,56 @@
+"""The NeuronCore generation a kernel is compiled for, as NKI 0.2.0 picks it.
+
+The `nki.jit` docstring (`nki/api/nki/__init__.py` lines 14-16 at 3c46990d) sets the target with
+the ``NEURON_PLATFORM_TARGET_OVERRIDE`` environment variable, "trn1"/"gen2", "trn2"/"gen3" or
+"trn3"/"gen4"; the quickstart (`nki/get-started/quickstart-implement-run-kernel.rst` lines
+240-242) says it "sets the target architecture for compilation" and gives trn1 for Trn1 and
+Inf2. A kernel is compiled when it is called, so the variable is read then (AWS's examples set
+it at import, before either: `tensor_addition_nki_kernels.py` line 13).
+
+Unset, the stack picks a target itself ("You might need to explicitly set the target
+platform"; no 0.2.0 source says how); the emulator stands for a Trn1, so it takes "trn1"
+(NeuronCore-v2). The SDK's simulator tests point the same way: those using v3 features name
+`platform_target="trn2"`, the others nothing (`nki/test/test_nki_isa_dma_transpose.py` lines
+23-73, the Beta 1 API).
+
+Only NeuronCore-v2 is emulated: its rules where generations differ (engines per instruction,
+fp32 Tensor-engine transposes, no hardware DGE, 64/128 matmul tiles, no scalar activation
+bias, one logical core) and its cost model. A v3 or v4 target is refused before the kernel
+runs rather than checked against v2's rules, which would refuse what those targets accept.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .core import EMULATED_GEN, NKIRuleError
+
+ENV_VAR = "NEURON_PLATFORM_TARGET_OVERRIDE"
+# nki/api/nki/__init__.py lines 15-16: 'Supported values are "trn1"/"gen2", "trn2"/"gen3", and "trn3"/"gen4"'
+GEN_BY_TARGET = {"trn1": 2, "gen2": 2, "trn2": 3, "gen3": 3, "trn3": 4, "gen4": 4}
+DEFAULT_TARGET = "trn1"  # the emulator stands for a Trn1 (module docstring)
+EMULATED_GENS = (EMULATED_GEN,)
+
+
+def target_name() -> str:
+    """The target the environment names, or the default when the variable is unset or empty."""
+    return os.environ.get(ENV_VAR, "") or DEFAULT_TARGET
+
+
+def target_gen() -> int:
+    """The NeuronCore generation of the target; a value NKI 0.2.0 does not list is an error."""
+    name = target_name()
+    if name not in GEN_BY_TARGET:
+        raise ValueError(f"error: {ENV_VAR}={name!r} is not a target NKI 0.2.0 supports; supported: "
+                         f"{', '.join(GEN_BY_TARGET)} (nki/api/nki/__init__.py lines 14-16)")
+    return GEN_BY_TARGET[name]
+
+
+def require_emulated_target() -> int:
+    """The target's generation, if the emulator models it; otherwise one clear error before any work."""
+    gen = target_gen()
+    if gen not in EMULATED_GENS:
+        raise NKIRuleError(f"error: {ENV_VAR}={target_name()!r} compiles for NeuronCore-v{gen}; the emulator models "
+                           "NeuronCore-v2 (trn1/gen2) only, whose rules would refuse what v"
+                           f"{gen} accepts: unset the variable or set it to trn1 (docs/kernels.md)")
+    return gen
