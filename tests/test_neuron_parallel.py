@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from doubles import neuron_sdk
+from doubles import mpmd, neuron_sdk
 from rank_processes import start_ranks
 from test_neuron_train import TINY
 
@@ -210,3 +210,31 @@ def test_tp2_dp2_zero1_sp_on_four_ranks_equals_the_one_process_run(tmp_path, one
     for rank, run in enumerate(runs):
         assert run["dist"] == [] and run["violations"] == [], rank
         assert [e[:2] for e in run["update"]] == want, rank
+
+
+def _worker_tp_pp(rank: int, init: str, out: str) -> None:
+    with neuron_sdk.gloo_rank(rank, init, 4) as log:
+        result = train(recipe(**{"parallel.tp": 2, "parallel.pp": 2}), Path(out) / "tp2pp2", progress=False)
+        updates = [g[1:] for g in log.graphs if any(e[0] == "optimizer_step" for e in g)]
+        summary = {"metrics": result.metrics, "final": str(result.final_dir), "update": updates[-1],
+                   "dist": list(log.dist_calls), "violations": list(log.violations), "graphs": mpmd.graphs_of(log)}
+        (Path(out) / f"tp{rank}.json").write_text(json.dumps(summary, default=str))
+        dist.barrier()
+
+
+def test_tp2_pp2_on_four_ranks_equals_the_one_process_run(tmp_path, one_process):
+    """tp = 2 inside each stage of pp = 2, which NxD 0.17 runs (its pipeline sends over the pipeline groups,
+    pipeline/model.py, and its layers reduce over the tensor groups): NxD's tensor groups [[0, 1], [2, 3]] are the
+    stages, its pipeline groups [[0, 2], [1, 3]] pair each tensor rank's two stages. The numbers and exported
+    weights are the one-process run's; the two tensor ranks of a stage cut the same graphs, and the stages' shared
+    collectives meet; the update ends with the norm summed over the tensor group, then the pipeline group (grads.py
+    99-110), and our stop vote."""
+    start_ranks(_worker_tp_pp, (str(tmp_path / "init"), str(tmp_path)), nprocs=4)
+    runs = [json.loads((tmp_path / f"tp{r}.json").read_text()) for r in range(4)]
+    _assert_equals_one_process(runs[0], one_process, "tp2pp2")
+    graphs = {rank: mpmd.from_json(run["graphs"]) for rank, run in enumerate(runs)}
+    assert mpmd.mismatches(graphs, {0: 0, 1: 0, 2: 1, 3: 1}) == []
+    for rank, run in enumerate(runs):
+        assert run["dist"] == [] and run["violations"] == [], rank
+        assert [e[:2] for e in run["update"]][-3:] == [["all_reduce", "[[0, 1], [2, 3]]"],
+                                                       ["all_reduce", "[[0, 2], [1, 3]]"], ["all_reduce", "None"]], rank

@@ -452,7 +452,10 @@ class NxDPPModel(nn.Module):
         if t.shape[0] % self.num_microbatches:
             raise RuntimeError(f"Input batch size {t.shape[0]} must be divisible with the num_microbatches "
                                f"{self.num_microbatches}")
-        return list(t.chunk(self.num_microbatches))
+        # NxD hands the micro-batches to an ``MpDeviceLoader`` (pipeline/model.py 1946-1951), which uploads each one
+        # before the graph that reads it: device tensors in the step (on the double a copy, not a host tensor)
+        with torch._C.DisableTorchFunction():
+            return [piece.clone() for piece in t.chunk(self.num_microbatches)]
 
     def _forward(self, inputs: dict[str, Tensor], train: bool) -> tuple[Any, list[tuple[int, Tensor]], list]:
         """This stage's part of one micro-batch: receive, run, send. Returns (last stage's output or None,
