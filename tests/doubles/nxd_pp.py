@@ -20,7 +20,8 @@ wiring depends on it, and fails where NxD would fail:
   stages stop requiring grad; names map back to the original module's;
 - ``run_train(**inputs)`` / ``run_eval(**inputs)``: host tensors named as
   ``input_names`` (a batch from ``MpDeviceLoader`` is refused), split into
-  ``num_microbatches`` along dim 0; the first call runs one shape-inference forward
+  ``num_microbatches`` along dim 0 and uploaded (device tensors in the step, as NxD's ``MpDeviceLoader`` over
+  the micro-batches makes them); the first call runs one shape-inference forward
   per stage (``tracing`` set meanwhile, grad enabled, the stage in the mode it was
   left in, even in ``run_eval``, as NxD), and later calls must keep the shapes
   passed between stages; every

@@ -1,7 +1,7 @@
 """A double of NxD 0.17's trainer (``aws-neuron/neuronx-distributed`` v2.28.0) for the Neuron training loop.
 
-One process per rank on the CPU, over gloo: pp = 1 with any tensor- and data-parallel degrees, or
-pipeline parallelism with one stage per process and any data-parallel degree (tp = 1):
+One process per rank on the CPU, over gloo, any tensor-, pipeline- and data-parallel degrees NxD builds (one
+pipeline stage per process, several tensor-parallel ranks to a stage when tp > 1):
 
 - every callable has NxD's (or torch-xla's) exact signature (``tests/test_doubles.py``);
 - ``neuronx_distributed_config`` fills the same defaults and initialises the
@@ -30,7 +30,7 @@ pipeline parallelism with one stage per process and any data-parallel degree (tp
   ``XLA_DOWNCAST_BF16=1`` with master weights makes the shards float64,
   ``XLA_DOWNCAST_BF16=0`` with master weights halves the bucket caps and
   ``ALL_GATHER_REDUCE_SCATTER_BUCKET_CAP_MB`` sets them (``zero1_bucket_cap``);
-- pipeline parallelism (``pipeline_parallel_size`` × dp = world, tp = 1):
+- pipeline parallelism (``pipeline_parallel_size`` × tp × dp = world):
   ``initialize_parallel_model`` wraps the model in the `doubles.nxd_pp` ``NxDPPModel``
   and ``NxDModel`` speaks for the local stage (``named_parameters``, ``state_dict``,
   children); the gradient norm sums the stages' squares over the pipeline group and
@@ -76,8 +76,8 @@ from . import nxd_api, nxd_layers, nxd_pp
 from .env import ON_XLA_DEVICE, DeviceRandomOps, Env, bmojo_caller, fake_module
 from .xla import local_ordinal, local_process_count, reentrant_checkpoint
 from .nxd_move import move_model_to_device
-from .xla_host import (HOST, LoadedOnHost, check_states_on_device, mark_attributes_left_on_the_host,
-                       mark_steps_on_host, on_host)
+from .xla_host import (HOST, MADE_ON_HOST, LoadedOnHost, check_states_on_device, hold_on_host,
+                       mark_attributes_left_on_the_host, mark_steps_on_host, on_host)
 
 
 class NxDModel(nn.Module):
@@ -616,8 +616,8 @@ def nxd_modules(env: Env) -> dict[str, types.ModuleType]:
 
 def _model_parallel_initializer(env: Env) -> Callable[..., Any]:
     """``parallel_state.initialize_model_parallel``: NxD's checks and NxD's replica groups (`nxd_replica_groups`,
-    so a layout NxD cannot build fails here as there), then, for the training loop, the grid (pp = 1, or
-    tp = 1 under pp) and a gloo group for every replica group of more than one rank. ``mesh_only=True`` returns the groups (NxD's ``ParallelGroups``, line 673)
+    so a layout NxD cannot build fails here as there), then, for the training loop, the grid and a gloo
+    group for every replica group of more than one rank. ``mesh_only=True`` returns the groups (NxD's ``ParallelGroups``, line 673)
     for any layout, as NxD does, without initialising anything."""
     def initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                   context_parallel_size=1, expert_model_parallel_size=1, skip_collective_init=False,
@@ -791,9 +791,12 @@ def _host_alias(tensor: torch.Tensor) -> torch.Tensor:
     """What the rewrite makes of a host tensor: ``copy.copy`` of it (every unselected object with a ``__dict__``
     is shallow-copied, torch_xla/utils/utils.py 199-204), which for a tensor is a new tensor object over the same
     storage (``Tensor.__reduce_ex__`` rebuilds from its storage): writing into one writes into the other. A
-    `LoadedOnHost` comes back as a plain tensor (it stands for one), still marked as on the host."""
+    `LoadedOnHost` comes back as a plain tensor (it stands for one), without the double's marks (a checkpoint
+    would pickle them) but known to be on the host."""
     alias = copy.copy(tensor.as_subclass(torch.Tensor) if isinstance(tensor, LoadedOnHost) else tensor)
-    setattr(alias, HOST, True)
+    for mark in (HOST, MADE_ON_HOST):
+        alias.__dict__.pop(mark, None)
+    hold_on_host(alias)
     return alias
 
 

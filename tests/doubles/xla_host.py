@@ -60,6 +60,7 @@ from __future__ import annotations
 import functools
 import sys
 import sysconfig
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -130,7 +131,7 @@ def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
 
 def _mark(out: Any) -> Any:
     for tensor in (out if isinstance(out, (list, tuple)) else (out,)):
-        if isinstance(tensor, torch.Tensor):
+        if isinstance(tensor, torch.Tensor) and not on_host(tensor):  # one held already stays unmarked (`on_host`)
             setattr(tensor, HOST, True)
     return out
 
@@ -417,11 +418,25 @@ def _marking(factory: Callable[..., Any], running: Callable[[], bool]) -> Callab
     return make
 
 
+# Host tensors the double knows of without a mark in their ``__dict__`` (which ``torch.save`` would write into a
+# checkpoint): AdamW's ``step`` and NxD's host aliases, by id, each with a weak reference that tells a reused id.
+_HELD_ON_HOST: dict[int, weakref.ref] = {}
+
+
+def hold_on_host(tensor: torch.Tensor) -> None:
+    """Record `tensor` as a host tensor (`on_host`) without touching its attributes."""
+    key = id(tensor)
+    _HELD_ON_HOST[key] = weakref.ref(tensor, lambda _ref: _HELD_ON_HOST.pop(key, None))
+
+
 def on_host(tensor: torch.Tensor) -> bool:
     """Whether `tensor` is a host tensor to the double outside a step too: marked in a step or at NxD's move
-    (`is_host`, `LoadedOnHost`), or made by our code's factory without ``device=`` during a Neuron run
-    (`follow_factories`), or AdamW's ``step`` (`mark_steps_on_host`)."""
-    return is_host(tensor) or getattr(tensor, MADE_ON_HOST, False)
+    (`is_host`, `LoadedOnHost`), made by our code's factory without ``device=`` during a Neuron run
+    (`follow_factories`), AdamW's ``step`` (`mark_steps_on_host`) or NxD's host copy of a host tensor."""
+    if is_host(tensor) or getattr(tensor, MADE_ON_HOST, False):
+        return True
+    held = _HELD_ON_HOST.get(id(tensor))
+    return held is not None and held() is tensor
 
 
 def mark_steps_on_host(optimizer: Any) -> None:
@@ -432,8 +447,8 @@ def mark_steps_on_host(optimizer: Any) -> None:
     inner = getattr(optimizer, "base_optimizer", optimizer)
     for state in inner.state.values():
         step = state.get("step")
-        if isinstance(step, torch.Tensor) and step.dim() == 0 and not is_host(step):
-            setattr(step, HOST, True)
+        if isinstance(step, torch.Tensor) and step.dim() == 0 and not on_host(step):
+            hold_on_host(step)
 
 
 def check_states_on_device(optimizer: Any) -> None:
