@@ -23,6 +23,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -677,6 +678,32 @@ def test_move_all_tensor_to_cpu_rebuilds_containers_as_torch_xla_does():
     assert type(out["pair"]) is list and type(out["state"]) is dict and out["n"] == 3
     assert out["pair"][0] is out["pair"][1] is out["state"]["w"] and out["pair"][0] is not t
     assert torch.equal(out["pair"][0], t)
+
+
+def test_move_all_tensor_to_cpu_hands_host_tensors_back_as_aliases(monkeypatch):
+    """torch-xla's rewrite selects only XLA tensors (NxD utils.py 231-241) and shallow-copies every other object
+    with a ``__dict__`` (torch_xla/utils/utils.py 198-204): a host tensor, such as AdamW's ``step``, comes back as
+    a new tensor over the same storage, so it follows the optimizer's later steps. Without an XLA tensor in the
+    input nothing is synced (nor when nothing is pending); an extraction run zeroes the device values only."""
+    from doubles.xla_host import LoadedOnHost, mark_steps_on_host
+
+    env = Env(XlaLog())
+    utils = nxd_modules(env)["neuronx_distributed.parallel_layers.utils"]
+    state = {"step": torch.tensor(1.0), "exp_avg": torch.ones(2)}  # AdamW's, after one step
+    mark_steps_on_host(SimpleNamespace(state={"param": state}))
+    env.log.trace("all_gather", "[[0]]", 0, "(2,)", torch.float32)  # pending work the copy runs
+    out = utils.move_all_tensor_to_cpu({"step": state["step"], "exp_avg": state["exp_avg"]})
+    assert out["step"] is not state["step"] and out["step"].data_ptr() == state["step"].data_ptr()
+    assert out["exp_avg"].data_ptr() != state["exp_avg"].data_ptr() and len(env.log.graphs) == 1
+    state["step"] += 1  # AdamW's next step (``step_t += 1``)
+    state["exp_avg"].mul_(0.9)
+    assert out["step"].item() == 2.0 and torch.equal(out["exp_avg"], torch.ones(2))  # the live counter
+    loaded = torch.arange(3.0).as_subclass(LoadedOnHost)
+    alone = utils.move_all_tensor_to_cpu([loaded])[0]
+    assert type(alone) is torch.Tensor and alone.data_ptr() == loaded.data_ptr() and len(env.log.graphs) == 1
+    monkeypatch.setenv("NEURON_EXTRACT_GRAPHS_ONLY", "1")
+    read = utils.move_all_tensor_to_cpu([loaded, state["exp_avg"]])
+    assert torch.equal(read[0], torch.arange(3.0)) and not read[1].any() and len(env.log.graphs) == 1
 
 
 def test_extraction_run_hands_back_zeros_and_records_the_read(monkeypatch):
@@ -1579,6 +1606,32 @@ def test_an_optimizer_state_made_on_the_host_outside_a_step_fails_the_update(one
     with pytest.raises(RuntimeError, match=r"^Expected XLA tensor\. Got: CPUFloatType$"):
         update(lambda: {"exp_avg": torch.zeros(4), "exp_avg_sq": torch.zeros(4, device=XLA_DEVICE)})
     update(lambda: {"exp_avg": torch.zeros(4).to(XLA_DEVICE), "exp_avg_sq": torch.zeros(4, device=XLA_DEVICE)})
+
+
+def test_host_tensors_made_before_the_step_meet_its_rules_and_host_scalars_0_or_1_are_graph_constants(
+        one_rank, monkeypatch):
+    """A tensor our code made with a factory and no ``device=`` during a Neuron run, before the step (kept by a
+    closure), is a host tensor in the step: ``mm`` refuses it (``bridge::GetXlaTensor``), ``add`` copies it over.
+    A no-dimension host tensor copied into the graph is a constant of the graph when it holds 0, 1 or -1 and device
+    data otherwise (``XLATensor::GetIrValueForTensor``, tensor.cpp 428-445; torch's ``IsSpecialScalar``): a flag
+    going 0, 1, 2, 3 traces three different step graphs (two recompiles); a one-element, one-dimension flag (our
+    stop vote's) is device data whatever it holds."""
+    neuron_sdk.install(monkeypatch)
+    sys.modules[PARALLEL_STATE].initialize_model_parallel()
+    kept = torch.ones(4, 4)
+    with pytest.raises(RuntimeError, match=r"^Expected XLA tensor\. Got: CPUFloatType$"):
+        _in_a_step(lambda x: x @ kept, torch.ones(4))
+    got, log = _in_a_step(lambda x: x + kept[0], torch.ones(4))
+    assert torch.equal(got, torch.full((4,), 2.0))
+    assert [t.split(" at ")[0] for t in log.host_transfers] == ["add with a host tensor"]
+
+    def step_graph(flag: torch.Tensor) -> tuple:
+        _, log = _in_a_step(lambda x: x * flag, torch.ones(4))
+        return tuple(log.graphs[-1][1:])
+
+    scalars = [step_graph(torch.tensor(v)) for v in (0.0, 1.0, 2.0, 3.0)]
+    assert len(set(scalars)) == 3 and scalars[2] == scalars[3] and ("constant", "0.0", "torch.float32") in scalars[0]
+    assert step_graph(torch.tensor([0.0])) == step_graph(torch.tensor([1.0])) == scalars[3]
 
 
 def test_zero1_takes_parameters_on_one_xla_device_and_keeps_fp32_masters(one_rank, caplog):

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from doubles import neuron_sdk
+from doubles import mpmd, neuron_sdk
 from rank_processes import start_ranks
 from test_neuron_train import TINY
 
@@ -42,7 +42,8 @@ STEPS = 2
 SETTINGS = {"model.num_key_value_heads": 2, "model.ssm_n_groups": 2, "train.steps": STEPS, "eval.every": STEPS,
             "eval.batches": 1, "checkpoint.every": STEPS}
 RUNS = {"tp2": {"parallel.tp": 2}, "tp2-sp": {"parallel.tp": 2, "parallel.sp": True}, "dp2": {}}
-FOUR_RUN = {"parallel.tp": 2, "parallel.sp": True, "parallel.zero1": True}  # the 1.4B recipes' set-up
+FOUR_RUNS = {"tp2dp2": {"parallel.tp": 2, "parallel.sp": True, "parallel.zero1": True},  # the 1.4B recipes' set-up
+             "tp2pp2": {"parallel.tp": 2, "parallel.pp": 2}}
 RTOL, ATOL = 1e-5, 1e-6
 TRAIN_KEYS = ("loss", "lm_loss", "aux_loss", "grad_norm", "lr", "tokens")
 
@@ -186,22 +187,32 @@ def test_the_backward_issues_the_collectives_of_nxds_autograd_functions(runs):
 
 def _worker_of_four(rank: int, init: str, out: str) -> None:
     with neuron_sdk.gloo_rank(rank, init, 4) as log:
-        result = train(recipe(**FOUR_RUN), Path(out) / "tp2dp2", progress=False)
-        updates = [g[1:] for g in log.graphs if any(e[0] == "optimizer_step" for e in g)]
-        summary = {"metrics": result.metrics, "final": str(result.final_dir), "update": updates[-1],
-                   "dist": list(log.dist_calls), "violations": list(log.violations)}
+        summary = {}
+        for name, overrides in FOUR_RUNS.items():
+            log.graphs.clear()
+            result = train(recipe(**overrides), Path(out) / name, progress=False)
+            updates = [g[1:] for g in log.graphs if any(e[0] == "optimizer_step" for e in g)]
+            summary[name] = {"metrics": result.metrics, "final": str(result.final_dir), "update": updates[-1],
+                             "dist": list(log.dist_calls), "violations": list(log.violations),
+                             "graphs": mpmd.graphs_of(log)}
         (Path(out) / f"four{rank}.json").write_text(json.dumps(summary, default=str))
         dist.barrier()
 
 
-def test_tp2_dp2_zero1_sp_on_four_ranks_equals_the_one_process_run(tmp_path, one_process):
+@pytest.fixture(scope="module")
+def four_runs(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("neuron-four")
+    start_ranks(_worker_of_four, (str(out / "init"), str(out)), nprocs=4)
+    return [json.loads((out / f"four{r}.json").read_text()) for r in range(4)]
+
+
+def test_tp2_dp2_zero1_sp_on_four_ranks_equals_the_one_process_run(four_runs, one_process):
     """tp = 2 × dp = 2 with ZeRO-1 and sequence parallelism: NxD's layers over the tensor groups [[0, 1], [2, 3]];
     in the update, the loss mean over the data groups [[0, 2], [1, 3]] (ours), the residual-width gradients summed
     over the tensor groups, then ZeRO-1's reduce-scatter bucket over the data (sharding) groups, the norm summed over
     the tensor groups and then the sharding groups (grads.py 99-117) and the all-gather bucket over the data groups
     (torch-xla's ``step``); our stop vote over every rank."""
-    start_ranks(_worker_of_four, (str(tmp_path / "init"), str(tmp_path)), nprocs=4)
-    runs = [json.loads((tmp_path / f"four{r}.json").read_text()) for r in range(4)]
+    runs = [run["tp2dp2"] for run in four_runs]
     _assert_equals_one_process(runs[0], one_process, "tp2dp2-zero1-sp")
     data, tensor = "[[0, 2], [1, 3]]", "[[0, 1], [2, 3]]"
     want = [["all_reduce", data], ["optimizer_step", "44"], *[["all_reduce", tensor]] * _residual_width_vectors(),
@@ -210,3 +221,20 @@ def test_tp2_dp2_zero1_sp_on_four_ranks_equals_the_one_process_run(tmp_path, one
     for rank, run in enumerate(runs):
         assert run["dist"] == [] and run["violations"] == [], rank
         assert [e[:2] for e in run["update"]] == want, rank
+
+
+def test_tp2_pp2_on_four_ranks_equals_the_one_process_run(four_runs, one_process):
+    """tp = 2 inside each stage of pp = 2, which NxD 0.17 runs (its pipeline sends over the pipeline groups,
+    pipeline/model.py, and its layers reduce over the tensor groups): NxD's tensor groups [[0, 1], [2, 3]] are the
+    stages, its pipeline groups [[0, 2], [1, 3]] pair each tensor rank's two stages. The numbers and exported
+    weights are the one-process run's; the two tensor ranks of a stage cut the same graphs, and the stages' shared
+    collectives meet; the update ends with the norm summed over the tensor group, then the pipeline group (grads.py
+    99-110), and our stop vote."""
+    runs = [run["tp2pp2"] for run in four_runs]
+    _assert_equals_one_process(runs[0], one_process, "tp2pp2")
+    graphs = {rank: mpmd.from_json(run["graphs"]) for rank, run in enumerate(runs)}
+    assert mpmd.mismatches(graphs, {0: 0, 1: 0, 2: 1, 3: 1}) == []
+    for rank, run in enumerate(runs):
+        assert run["dist"] == [] and run["violations"] == [], rank
+        assert [e[:2] for e in run["update"]][-3:] == [["all_reduce", "[[0, 1], [2, 3]]"],
+                                                       ["all_reduce", "[[0, 2], [1, 3]]"], ["all_reduce", "None"]], rank

@@ -89,6 +89,10 @@ class XlaLog:
         events, or cut their graphs at different points (`doubles.mpmd`)."""
         self._events.append(tuple(str(e) for e in event))
 
+    def pending(self) -> bool:
+        """Whether work was traced since the last cut (a sync of device data alone executes no graph)."""
+        return bool(self._events)
+
     def cut(self, source: str) -> None:
         """A graph boundary: the events traced since the last one form a graph."""
         self.graphs.append([(source,), *self._events])

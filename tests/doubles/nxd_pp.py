@@ -20,7 +20,8 @@ wiring depends on it, and fails where NxD would fail:
   stages stop requiring grad; names map back to the original module's;
 - ``run_train(**inputs)`` / ``run_eval(**inputs)``: host tensors named as
   ``input_names`` (a batch from ``MpDeviceLoader`` is refused), split into
-  ``num_microbatches`` along dim 0; the first call runs one shape-inference forward
+  ``num_microbatches`` along dim 0 and uploaded (device tensors in the step, as NxD's ``MpDeviceLoader`` over
+  the micro-batches makes them); the first call runs one shape-inference forward
   per stage (``tracing`` set meanwhile, grad enabled, the stage in the mode it was
   left in, even in ``run_eval``, as NxD), and later calls must keep the shapes
   passed between stages; every
@@ -452,7 +453,10 @@ class NxDPPModel(nn.Module):
         if t.shape[0] % self.num_microbatches:
             raise RuntimeError(f"Input batch size {t.shape[0]} must be divisible with the num_microbatches "
                                f"{self.num_microbatches}")
-        return list(t.chunk(self.num_microbatches))
+        # NxD hands the micro-batches to an ``MpDeviceLoader`` (pipeline/model.py 1946-1951), which uploads each one
+        # before the graph that reads it: device tensors in the step (on the double a copy, not a host tensor)
+        with torch._C.DisableTorchFunction():
+            return [piece.clone() for piece in t.chunk(self.num_microbatches)]
 
     def _forward(self, inputs: dict[str, Tensor], train: bool) -> tuple[Any, list[tuple[int, Tensor]], list]:
         """This stage's part of one micro-batch: receive, run, send. Returns (last stage's output or None,

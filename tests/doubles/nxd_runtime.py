@@ -1,7 +1,7 @@
 """A double of NxD 0.17's trainer (``aws-neuron/neuronx-distributed`` v2.28.0) for the Neuron training loop.
 
-One process per rank on the CPU, over gloo: pp = 1 with any tensor- and data-parallel degrees, or
-pipeline parallelism with one stage per process and any data-parallel degree (tp = 1):
+One process per rank on the CPU, over gloo, any tensor-, pipeline- and data-parallel degrees NxD builds (one
+pipeline stage per process, several tensor-parallel ranks to a stage when tp > 1):
 
 - every callable has NxD's (or torch-xla's) exact signature (``tests/test_doubles.py``);
 - ``neuronx_distributed_config`` fills the same defaults and initialises the
@@ -30,7 +30,7 @@ pipeline parallelism with one stage per process and any data-parallel degree (tp
   ``XLA_DOWNCAST_BF16=1`` with master weights makes the shards float64,
   ``XLA_DOWNCAST_BF16=0`` with master weights halves the bucket caps and
   ``ALL_GATHER_REDUCE_SCATTER_BUCKET_CAP_MB`` sets them (``zero1_bucket_cap``);
-- pipeline parallelism (``pipeline_parallel_size`` × dp = world, tp = 1):
+- pipeline parallelism (``pipeline_parallel_size`` × tp × dp = world):
   ``initialize_parallel_model`` wraps the model in the `doubles.nxd_pp` ``NxDPPModel``
   and ``NxDModel`` speaks for the local stage (``named_parameters``, ``state_dict``,
   children); the gradient norm sums the stages' squares over the pipeline group and
@@ -40,8 +40,9 @@ pipeline parallelism with one stage per process and any data-parallel degree (tp
   groups); it refuses an optimizer state left on the host (`xla_host.check_states_on_device`);
 - ``parallel_layers`` is `doubles.nxd_layers`' over this rank's tensor-parallel group (`nxd_layers.GridGroup`)
   with the full ``parallel_state``
-  and ``utils`` (``move_all_tensor_to_cpu``, ``set_tensor_model_parallel_attributes``,
-  which warns as NxD does when ``num_partitions`` is left out).
+  and ``utils`` (``move_all_tensor_to_cpu``: host copies of the device tensors, the host tensors handed back
+  as aliases of themselves; ``set_tensor_model_parallel_attributes``, which warns as NxD does when
+  ``num_partitions`` is left out).
 
 Everything is recorded in the `XlaLog` of the `Env` given (``log.calls``: config
 arguments, optimizer defaults, layers built; forwards; host copies while a step was pending).
@@ -49,6 +50,7 @@ arguments, optimizer defaults, layers built; forwards; host copies while a step 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -74,7 +76,8 @@ from . import nxd_api, nxd_layers, nxd_pp
 from .env import ON_XLA_DEVICE, DeviceRandomOps, Env, bmojo_caller, fake_module
 from .xla import local_ordinal, local_process_count, reentrant_checkpoint
 from .nxd_move import move_model_to_device
-from .xla_host import check_states_on_device, mark_attributes_left_on_the_host
+from .xla_host import (HOST, MADE_ON_HOST, LoadedOnHost, check_states_on_device, hold_on_host,
+                       mark_attributes_left_on_the_host, mark_steps_on_host, on_host)
 
 
 class NxDModel(nn.Module):
@@ -331,6 +334,7 @@ class NxDOptimizer(torch.optim.Optimizer):
             if config["grad_clipping"]:
                 self._grad_norm = clip_global_norm(self.params, config["max_grad_norm"], self.env)
         result = self.optimizer.step(closure=closure)
+        mark_steps_on_host(self.optimizer)
         if config["zero_one_enabled"]:
             self._grad_norm = self.optimizer.grad_norm
         return result
@@ -612,8 +616,8 @@ def nxd_modules(env: Env) -> dict[str, types.ModuleType]:
 
 def _model_parallel_initializer(env: Env) -> Callable[..., Any]:
     """``parallel_state.initialize_model_parallel``: NxD's checks and NxD's replica groups (`nxd_replica_groups`,
-    so a layout NxD cannot build fails here as there), then, for the training loop, the grid (pp = 1, or
-    tp = 1 under pp) and a gloo group for every replica group of more than one rank. ``mesh_only=True`` returns the groups (NxD's ``ParallelGroups``, line 673)
+    so a layout NxD cannot build fails here as there), then, for the training loop, the grid and a gloo
+    group for every replica group of more than one rank. ``mesh_only=True`` returns the groups (NxD's ``ParallelGroups``, line 673)
     for any layout, as NxD does, without initialising anything."""
     def initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                   context_parallel_size=1, expert_model_parallel_size=1, skip_collective_init=False,
@@ -633,8 +637,6 @@ def _model_parallel_initializer(env: Env) -> Callable[..., Any]:
         if mesh_only:
             # with expert degree 1 the expert groups are the data groups and one rank each (lines 149-170)
             return ParallelGroups(groups["tp"], groups["dp"], groups["pp"], groups["cp"], groups["dp"], groups["cp"])
-        if pp > 1 and tp != 1:
-            raise NotImplementedError(f"the doubles run pipeline parallelism with tp = 1, got tp = {tp}, pp = {pp}")
         env.grid.update(tp=tp, pp=pp, dp=world // (tp * pp))
         env.replica_groups.update(groups)
         for kind in ("tp", "dp", "pp"):  # NxD creates its groups here, every rank each group in the same order
@@ -722,11 +724,18 @@ def _utils(env: Env) -> types.ModuleType:
     log = env.log
 
     def move_all_tensor_to_cpu(data, convert=True):
+        """utils.py 230-243: the XLA tensors in `data` synced together and copied to the host; a host tensor is not
+        selected, so the rewrite hands it back as an alias (`_rewrite`). Without any XLA tensor nothing is synced
+        (``ToXlaTensorArena._convert`` calls ``convert_fn`` only when it collected one, xla_model.py 312-317), and
+        a sync of tensors that are device data already executes no graph."""
         if not convert:
             raise NotImplementedError("the doubles model convert=True only")
+        if not _has_device_tensor(data, set()):
+            return _rewrite(data, _host_alias, {})
         if log.step_work:
             log.violations.append(f"host copy while a step graph was pending ({bmojo_caller()})")
-        log.cut("to_cpu")  # NxD syncs the tensors it copies: their pending graph runs now
+        if log.pending():
+            log.cut("to_cpu")  # NxD syncs the tensors it copies: their pending graph runs now
         if extracting():  # neuron_parallel_compile's trial run: the graphs ran as stubs with zero outputs
             log.extraction_reads.append(bmojo_caller() or "move_all_tensor_to_cpu")
             return _zeros_like(data)
@@ -763,15 +772,45 @@ def _zeros_like(data: Any) -> Any:
     return _rewrite(data, lambda t: torch.zeros_like(t, device="cpu"), {})
 
 
+def _has_device_tensor(data: Any, seen: set[int]) -> bool:
+    """Whether the rewrite would collect any XLA tensor in `data` (``for_each_instance``, utils.py 139-162; NxD's
+    ``is_xla_tensor``, utils.py 231-232, selects what is not on the host: `xla_host.on_host`)."""
+    if id(data) in seen:
+        return False
+    seen.add(id(data))
+    if isinstance(data, torch.Tensor):
+        return not on_host(data)
+    if isinstance(data, dict):
+        return any(_has_device_tensor(k, seen) or _has_device_tensor(v, seen) for k, v in data.items())
+    if isinstance(data, (list, tuple, set)):
+        return any(_has_device_tensor(x, seen) for x in data)
+    return False
+
+
+def _host_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """What the rewrite makes of a host tensor: ``copy.copy`` of it (every unselected object with a ``__dict__``
+    is shallow-copied, torch_xla/utils/utils.py 199-204), which for a tensor is a new tensor object over the same
+    storage (``Tensor.__reduce_ex__`` rebuilds from its storage): writing into one writes into the other. A
+    `LoadedOnHost` comes back as a plain tensor (it stands for one), without the double's marks (a checkpoint
+    would pickle them) but known to be on the host."""
+    alias = copy.copy(tensor.as_subclass(torch.Tensor) if isinstance(tensor, LoadedOnHost) else tensor)
+    for mark in (HOST, MADE_ON_HOST):
+        alias.__dict__.pop(mark, None)
+    hold_on_host(alias)
+    return alias
+
+
 def _rewrite(data: Any, convert: Callable[[torch.Tensor], torch.Tensor], done: dict[int, Any]) -> Any:
     """torch-xla's ``for_each_instance_rewrite`` (torch_xla/utils/utils.py 165-211), as NxD's
-    ``move_all_tensor_to_cpu`` applies it (``ToXlaTensorArena``, xla_model.py 298-342): dicts come back as plain
-    dicts, lists and tuples as lists, sets as sets, and an object met twice is converted once (the same result
-    in both places)."""
+    ``move_all_tensor_to_cpu`` applies it (``ToXlaTensorArena``, xla_model.py 298-342): the device tensors are
+    `convert`-ed, a host tensor becomes an alias of itself (`_host_alias`), dicts come back as plain dicts, lists
+    and tuples as lists, sets as sets, and an object met twice is converted once (the same result in both places).
+    Other objects with a ``__dict__`` (which torch-xla shallow-copies and rewrites attribute by attribute) are
+    handed back as they are: our code passes none."""
     if id(data) in done:
         return done[id(data)]
     if isinstance(data, torch.Tensor):
-        result: Any = convert(data)
+        result: Any = _host_alias(data) if on_host(data) else convert(data)
     elif isinstance(data, dict):
         result = {_rewrite(k, convert, done): _rewrite(v, convert, done) for k, v in data.items()}
     elif isinstance(data, set):

@@ -54,7 +54,7 @@ import torch.utils.checkpoint
 import torch.distributed as dist
 
 from .env import ON_DEVICE, PACKAGE_ROOT, Env, XlaLog, bmojo_caller, fake_module
-from .xla_host import XLA_DEVICE, enter_step, is_host
+from .xla_host import XLA_DEVICE, enter_step, on_host
 
 # What the graph between a rendezvous' first two syncs holds: the all-gather of every replica's payload size
 # (the same graph at every rendezvous, so it compiles once).
@@ -309,7 +309,7 @@ def host_reads_in_steps(log: XlaLog) -> Iterator[list[str]]:
 
         def read(self: torch.Tensor, *args: Any) -> Any:
             caller = sys._getframe(1)  # the code that asked for the value (torch internals do not count)
-            if log.in_step and not is_host(self) and caller.f_code.co_filename.startswith(PACKAGE_ROOT):
+            if log.in_step and not on_host(self) and caller.f_code.co_filename.startswith(PACKAGE_ROOT):
                 found.append(f"Tensor.{name} at {Path(caller.f_code.co_filename).name}:{caller.f_lineno}")
             return original(self, *args)
         return read

@@ -40,14 +40,19 @@ What ``torch.load`` reads during a Neuron run is on the host too (`LoadedOnHost`
 `neuron_sdk.install`): a checkpoint's optimizer state not moved to the device fails the step's update.
 
 A buffer registered on a moved module after NxD's move, from a tensor our code made without ``device=``
-(`follow_factories`), is marked when the next step begins (`mark_buffers_left_on_the_host`, `doubles.nxd_move`).
+(`follow_factories`), is marked when the next step begins (`mark_buffers_left_on_the_host`, `doubles.nxd_move`);
+any tensor our code made so before the step (one a closure keeps) is a host tensor in it (`on_host`).
 
-Not modelled: other host tensors made before the step but those (a buffer made by torch or another library
-and registered after the move, a tensor kept in a closure, an optimizer state made outside a step without
-``device=``: following them would need the mode between steps too, a Python call at every op of evaluations
-and checkpoints), host tensors made by torch (but ``torch.load``), another library or the doubles, and the host
-operands of ops torch-xla runs through
-its CPU fallback (they take host tensors; `xla_lowerings.CpuFallbacks` records the ops).
+A no-dimension host tensor copied into the graph holding 0, 1 or -1 is a constant of the graph, any other
+value device data (`trace_uploads`): the constant is traced, so a step whose host scalar changes between those
+values and others cuts a different graph, as torch-xla recompiles.
+
+Not modelled: what ops on such a tensor make outside a step, and host tensors made before the step by torch or
+another library (a buffer registered after the move; following them would need the mode between steps too, a
+Python call at every op of evaluations and checkpoints), host tensors made by torch (but ``torch.load`` and
+AdamW's ``step``), another library or the doubles, the host operands of ops torch-xla runs through its CPU
+fallback (they take host tensors; `xla_lowerings.CpuFallbacks` records the ops), and the constants Python
+numbers in ops make (``XLAGraphExecutor::GetIrValueForScalar``, the same 0 / ±1 rule).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from __future__ import annotations
 import functools
 import sys
 import sysconfig
+import weakref
 from pathlib import Path
 from typing import Any, Callable
 
@@ -125,7 +131,7 @@ def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
 
 def _mark(out: Any) -> Any:
     for tensor in (out if isinstance(out, (list, tuple)) else (out,)):
-        if isinstance(tensor, torch.Tensor):
+        if isinstance(tensor, torch.Tensor) and not on_host(tensor):  # one held already stays unmarked (`on_host`)
             setattr(tensor, HOST, True)
     return out
 
@@ -142,7 +148,7 @@ def _asked_device(args: tuple, kwargs: dict) -> Any:
         return kwargs["device"]
     for a in args[1:]:
         if isinstance(a, torch.Tensor):
-            return HOST_DEVICE if is_host(a) else XLA_DEVICE
+            return HOST_DEVICE if on_host(a) else XLA_DEVICE
         if isinstance(a, (torch.device, str, int)) and not isinstance(a, bool):
             return a
     return None
@@ -161,7 +167,7 @@ class HostTensors(TorchFunctionMode):
         if not self.log.in_step:
             return func(*args, **kwargs)
         if getattr(func, "__self__", None) is DEVICE_PROPERTY:  # ``t.device``: our code sees the XLA device
-            return XLA_DEVICE if not is_host(args[0]) and _from_our_code() else func(*args, **kwargs)
+            return XLA_DEVICE if not on_host(args[0]) and _from_our_code() else func(*args, **kwargs)
         tensors = _tensors(args, kwargs)
         if not tensors:  # a factory (or no tensor at all): on the host unless given the device
             out = func(*args, **kwargs)
@@ -171,8 +177,9 @@ class HostTensors(TorchFunctionMode):
                 _mark(out)
             elif getattr(func, "__name__", "") in HOST_DATA:
                 self.log.host_transfers.append(f"{func.__name__}(<host data>, device=) at {bmojo_caller() or 'test'}")
+                trace_uploads(self.log, [out])
             return out
-        host = [t for t in tensors if is_host(t)]
+        host = [t for t in tensors if on_host(t)]
         name = getattr(func, "__name__", "")
         if not host:
             if (name == "cpu" or name == "to" and names_the_host(_asked_device(args, kwargs))) and _from_our_code():
@@ -183,11 +190,12 @@ class HostTensors(TorchFunctionMode):
         if name in ("to", "cuda") and _asked_device(args, kwargs) is not None \
                 and not names_the_host(_asked_device(args, kwargs)):
             self.log.host_transfers.append(f"{name}(<device>) of a host tensor at {bmojo_caller() or 'torch'}")
+            trace_uploads(self.log, host)
             out = func(*args, **kwargs)
             return out.clone() if out is args[0] else out  # a new device tensor; the host one stays
         if len(host) == len(tensors):  # host only: the result stays on the host
             return _mark(func(*args, **kwargs))
-        self._mixed(name, args, tensors, host)
+        trace_uploads(self.log, self._mixed(name, args, tensors, host))
         return func(*args, **kwargs)
 
     def _to_host(self, func: Callable, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -197,33 +205,50 @@ class HostTensors(TorchFunctionMode):
         out = func(*args, **kwargs)
         return _mark(out.clone() if out is args[0] else out)
 
-    def _mixed(self, name: str, args: tuple, tensors: list[torch.Tensor], host: list[torch.Tensor]) -> None:
-        """An op with host and device tensors: record the transfer it costs on XLA, or raise as torch-xla does."""
+    def _mixed(self, name: str, args: tuple, tensors: list[torch.Tensor],
+               host: list[torch.Tensor]) -> list[torch.Tensor]:
+        """An op with host and device tensors: record the transfer it costs on XLA and return the host tensors it
+        copies to the device, or raise as torch-xla does."""
         self_arg = args[0] if args and isinstance(args[0], torch.Tensor) else None
         where = bmojo_caller() or "outside bmojo_neuron"
-        if self_arg is not None and is_host(self_arg) and _in_place(name):
+        if self_arg is not None and on_host(self_arg) and _in_place(name):
             if name == "copy_":  # _copy_from: the device value is read back to the host
                 self.log.host_transfers.append(f"device-to-host copy_ (runs the graph) at {where}")
-                return
+                return []
             raise RuntimeError(f"Expected XLA tensor. Got: {xla_type_string(self_arg)}")
         if name in INDEXING:
-            if self_arg is not None and is_host(self_arg):
+            if self_arg is not None and on_host(self_arg):
                 raise RuntimeError("indices should be either on cpu or on the same device as the indexed tensor "
                                    "(XLA). When using XLA, the indexed tensor must be an XLA tensor.")
             self.log.host_transfers.append(f"{name} with host indices at {where}")
-            return
+            return host
         if name in TRANSFERRING:
             self.log.host_transfers.append(f"{name} with a host tensor at {where}")
-            return
+            return host
         if name in WRAPPED_NUMBER_OK and all(t.dim() == 0 and t.numel() == 1 for t in host):
             self.log.host_transfers.append(f"{name} with a host wrapped number at {where}")
-            return
+            return host
         if name in LIST_OPERANDS:
             listed = next((a for a in args if isinstance(a, (list, tuple))), tensors)
-            index = next(i for i, t in enumerate(listed) if is_host(t))
+            index = next(i for i, t in enumerate(listed) if on_host(t))
             raise RuntimeError("Expected all tensors in the given list to be XLA tensors. Element at index "
                                f"{index} is not an XLA tensor. Got: {xla_type_string(listed[index])}")
         raise RuntimeError(f"Expected XLA tensor. Got: {xla_type_string(host[0])}")
+
+
+def trace_uploads(log: XlaLog, uploaded: list[torch.Tensor]) -> None:
+    """Host tensors copied into the pending graph. A one-element, no-dimension one holding 0, 1 or -1 goes in as a
+    constant of the graph, any other as device data (``XLATensor::GetIrValueForTensor``, torch_xla/csrc/tensor.cpp
+    428-445, with torch's ``IsSpecialScalar``, torch/csrc/lazy/core/helpers.cpp, which torch-xla switches on unless
+    ``XLA_NO_SPECIAL_SCALARS``, init_python_bindings.cpp 1022-1024): a step whose host scalar holds 0 or 1 at one
+    step and another value at the next traces two graphs, a recompile. The constant is traced as an event of the
+    graph; device data changes no graph and is not."""
+    for tensor in uploaded:
+        if tensor.dim() == 0 and not (tensor.is_complex() or tensor.dtype == torch.bool):
+            with torch._C.DisableTorchFunction():
+                value = tensor.item()
+            if value == 0 or abs(value) == 1:
+                log.trace("constant", value, tensor.dtype)
 
 
 def _in_place(name: str) -> bool:
@@ -391,6 +416,39 @@ def _marking(factory: Callable[..., Any], running: Callable[[], bool]) -> Callab
         return out
     WRAPPER_CODE.add(make.__code__)
     return make
+
+
+# Host tensors the double knows of without a mark in their ``__dict__`` (which ``torch.save`` would write into a
+# checkpoint): AdamW's ``step`` and NxD's host aliases, by id, each with a weak reference that tells a reused id.
+_HELD_ON_HOST: dict[int, weakref.ref] = {}
+
+
+def hold_on_host(tensor: torch.Tensor) -> None:
+    """Record `tensor` as a host tensor (`on_host`) without touching its attributes."""
+    key = id(tensor)
+    _HELD_ON_HOST[key] = weakref.ref(tensor, lambda _ref: _HELD_ON_HOST.pop(key, None))
+
+
+def on_host(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a host tensor to the double outside a step too: marked in a step or at NxD's move
+    (`is_host`, `LoadedOnHost`), made by our code's factory without ``device=`` during a Neuron run
+    (`follow_factories`), AdamW's ``step`` (`mark_steps_on_host`) or NxD's host copy of a host tensor."""
+    if is_host(tensor) or getattr(tensor, MADE_ON_HOST, False):
+        return True
+    held = _HELD_ON_HOST.get(id(tensor))
+    return held is not None and held() is tensor
+
+
+def mark_steps_on_host(optimizer: Any) -> None:
+    """AdamW keeps each parameter's ``step`` as a 0-dim host tensor (``torch.tensor(0.0, ..., device="cpu")`` in
+    ``Adam._init_group``, torch/optim/adam.py, unless ``capturable`` or ``fused``), made inside torch where the
+    factory marks do not reach: marked here after each optimizer step, so a host copy of the states sees it as a
+    host tensor (NxD's ``move_all_tensor_to_cpu`` hands it back as an alias)."""
+    inner = getattr(optimizer, "base_optimizer", optimizer)
+    for state in inner.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor) and step.dim() == 0 and not on_host(step):
+            hold_on_host(step)
 
 
 def check_states_on_device(optimizer: Any) -> None:
