@@ -1,4 +1,8 @@
-"""What a checkpoint restores besides the weights: where training stands, the recipe, the RNG streams."""
+"""What a checkpoint restores besides the weights: where training stands, the recipe, the RNG streams.
+
+Only the RNG functions need torch and NumPy, and import them: `train --resume` checks a checkpoint's recipe
+(`resume_refusal`) before torch loads (seconds).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from bmojo_neuron.configuration_bmojo import model_fields_as_trained
+from bmojo_neuron.config_fields import model_fields_as_trained
 from bmojo_neuron.recipes import resume_conflicts
 
 from .layout import CONFIG_FILE, PARALLEL_FILE, RECIPE_FILE, STATE_FILE
@@ -98,6 +99,9 @@ def _recipe_free_refusal(checkpoint: Path) -> str:
 
 def rng_states() -> dict[str, Any]:
     """The Python, NumPy, torch (and CUDA, once initialised) generator states of this process."""
+    import numpy as np
+    import torch
+
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -105,6 +109,9 @@ def rng_states() -> dict[str, Any]:
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])

@@ -161,6 +161,15 @@ def output_dir(option: str | None, trained: Any, data_args: Sequence[str] = ()) 
     return out
 
 
+def check_output_dir_early(option: str | None) -> None:
+    """A ``--output-dir`` that a file stands in, refused before torch loads (`output_dir` checks the folder whole
+    once the model is loaded, which its default needs)."""
+    if option is not None:
+        from bmojo_neuron.preflight import check_no_file_in_the_way
+
+        check_no_file_in_the_way(Path(option), "pick another --output-dir")
+
+
 def evaluating_line(source: Path, recipe: Any, lengths: Sequence[int], batches: int, batch_size: int) -> str:
     """What eval is about to do: the model, the length multiples with the training length, the batches."""
     multiples = ", ".join(f"{m}x" for m in lengths)
@@ -187,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
 
     model_dir = resolve_model_dir(args.path, "eval")  # a path that is no model: one line, before torch loads
     check_data_source_early(args.data)
+    check_output_dir_early(args.output_dir)
     say_on_terminal(f"eval {model_dir}: loading torch and the model, then the evaluation data")
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.data import build_datasets, library_progress_bars
