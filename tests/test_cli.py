@@ -418,9 +418,12 @@ def test_a_path_that_is_no_model_is_answered_before_torch_or_transformers_load(t
 def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     """What files and the recipe alone decide is refused in one line before torch, transformers and datasets
     load (seconds): `export-transformer` of a hybrid, an OUTPUT or --output-dir that a file stands in (export,
-    prime, train, eval, inspect), `train --resume` with a changed recipe, and a hub tokenizer that is neither
-    here nor reachable offline (`train`, `data prepare`). No folder is left behind."""
+    prime, train, eval, inspect), `train --resume` with a changed recipe, a hub tokenizer that is neither here
+    nor reachable offline (`train`, `data prepare`), and a weights file its manifest shows truncated (`eval`,
+    `generate`, `export-transformer`). No folder is left behind."""
     import shutil
+
+    from bmojo_neuron.checkpoints.manifest import write_manifest
 
     run = tmp_path / "finished"  # a one-process run of a B M model; resumed here, so a copy
     shutil.copytree(ROOT / "tests" / "golden" / "checkpoints" / "finished", run)
@@ -432,6 +435,11 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     file = tmp_path / "a-file"
     file.write_text("x")
     out, under_file = tmp_path / "out", file / "out"
+    damaged = tmp_path / "damaged"  # an export whose weights file was cut short after its manifest was written
+    shutil.copytree(run / "final", damaged)
+    write_manifest(damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
     commands = [["export-transformer", str(run), str(out)],
                 ["export-transformer", str(attention), str(file)],
                 ["export-transformer", str(attention), str(run)],
@@ -443,7 +451,9 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
                 ["train", "cpu-text", "data.tokenizer=no-such/tokenizer", "--output-dir", str(out)],
                 ["data", "prepare", "cpu-text", "data.tokenizer=no-such-tokenizer", "--output-dir", str(out)],
                 ["eval", str(run), "--output-dir", str(file)],
-                ["inspect", str(run), "--output-dir", str(under_file)]]
+                ["inspect", str(run), "--output-dir", str(under_file)],
+                ["eval", str(damaged)], ["generate", str(damaged), "--prompt", "hi"],
+                ["export-transformer", str(damaged), str(out)]]
     code = ("import sys; from bmojo_neuron.cli import main; "
             f"codes = [main(args) for args in {commands!r}]; "
             "print(codes, sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
@@ -467,12 +477,15 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
         f"error: data.tokenizer 'no-such/tokenizer': {offline}",
         f"error: data.tokenizer 'no-such-tokenizer': {offline}",
         f"error: output directory {file} is a file, not a folder; {remedy}",
-        f"error: output directory {under_file} cannot be made: {file} is a file, not a folder; {remedy}"]
+        f"error: output directory {under_file} cannot be made: {file} is a file, not a folder; {remedy}",
+        *[f"error: {weights}: 200 bytes, manifest.json says {(run / 'final' / 'model.safetensors').stat().st_size} "
+          "(truncated or replaced)"] * 3]
     lines = done.stderr.splitlines()
     assert len(lines) == len(expected), done.stderr
     for line, start in zip(lines, expected):
         assert line.startswith(start), (line, start)
-    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "all-a", "finished"]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "all-a", "damaged",
+                                                                                 "finished"]
 
 
 def test_a_missing_action_is_named_with_its_choices(capsys):

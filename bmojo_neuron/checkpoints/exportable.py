@@ -12,7 +12,7 @@ from pathlib import Path
 
 from bmojo_neuron.config_fields import MODEL_TYPE, BMojoFields, saved_defaults, transformer_family
 
-from .locate import resolve_model_dir
+from .locate import resolve_sized_model_dir
 from .names import CONFIG_FILE
 
 
@@ -23,7 +23,7 @@ def exported_family(path: str | Path) -> str | None:
     None when the config.json cannot tell (missing, not JSON, or fields this version refuses): the loader then
     reads the folder and says what is wrong with it.
     """
-    config_file = resolve_model_dir(path, "export-transformer") / CONFIG_FILE
+    config_file = resolve_sized_model_dir(path, "export-transformer") / CONFIG_FILE
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError):

@@ -192,9 +192,10 @@ def run(args: argparse.Namespace) -> int:
     require_nonempty("--output-dir", args.output_dir)
     for option, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
         count_option(option, value, 1)  # a count below 1 is refused before torch loads; the defaults come later
-    from bmojo_neuron.checkpoints.locate import resolve_model_dir
+    from bmojo_neuron.checkpoints.locate import resolve_sized_model_dir
 
-    model_dir = resolve_model_dir(args.path, "eval")  # a path that is no model: one line, before torch loads
+    # a path that is no model, or a model with a missing or truncated file: one line, before torch loads
+    model_dir = resolve_sized_model_dir(args.path, "eval")
     check_data_source_early(args.data)
     check_output_dir_early(args.output_dir)
     say_on_terminal(f"eval {model_dir}: loading torch and the model, then the evaluation data")

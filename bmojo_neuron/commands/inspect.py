@@ -47,9 +47,10 @@ def run(args: argparse.Namespace) -> int:
     if args.length < 1:
         raise ValueError(f"--length must be >= 1, got {args.length}")
     require_nonempty("--output-dir", args.output_dir)
-    from bmojo_neuron.checkpoints.locate import resolve_model_dir
+    from bmojo_neuron.checkpoints.locate import resolve_sized_model_dir
 
-    model_dir = resolve_model_dir(args.path, "inspect")  # a path that is no model: one line, before torch loads
+    # a path that is no model, or a model with a missing or truncated file: one line, before torch loads
+    model_dir = resolve_sized_model_dir(args.path, "inspect")
     from bmojo_neuron.commands.evaluate import (build_lines, check_data_source_early, check_output_dir_early,
                                                 check_vocabulary, eval_recipe, output_dir, with_model_data_cache)
 
