@@ -27,7 +27,8 @@ def _names(text: str) -> list[str]:
     return [k.strip() for k in text.split(",") if k.strip() and k.strip() != "none"]
 
 
-@register_command("kernels", help="NKI kernel tools: `kernels profile` models each kernel's Trn1 time",
+@register_command("kernels", help="NKI kernel tools: `kernels profile` models each kernel's Trn1 time (minutes of "
+                                  "cost modelling for every kernel and shape)",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int | None:
     kernels, attention_kernels = _names(args.kernels), _names(args.attention)
