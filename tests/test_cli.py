@@ -419,8 +419,9 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     """What files and the recipe alone decide is refused in one line before torch, transformers and datasets
     load (seconds): `export-transformer` of a hybrid, an OUTPUT or --output-dir that a file stands in (export,
     prime, train, eval, inspect), `train --resume` with a changed recipe, a hub tokenizer that is neither here
-    nor reachable offline (`train`, `data prepare`), and a weights file its manifest shows truncated (`eval`,
-    `generate`, `export-transformer`). No folder is left behind."""
+    nor reachable offline (`train`, `data prepare`), a weights file its manifest shows truncated (`eval`,
+    `generate`, `export-transformer`), and byte-level text for a model of 16 ids (`eval`, `inspect` --data). No
+    folder is left behind."""
     import shutil
 
     from bmojo_neuron.checkpoints.manifest import write_manifest
@@ -453,7 +454,8 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
                 ["eval", str(run), "--output-dir", str(file)],
                 ["inspect", str(run), "--output-dir", str(under_file)],
                 ["eval", str(damaged)], ["generate", str(damaged), "--prompt", "hi"],
-                ["export-transformer", str(damaged), str(out)]]
+                ["export-transformer", str(damaged), str(out)],
+                ["eval", str(run), "--data", "cpu-text"], ["inspect", str(run), "--data", "cpu-text"]]
     code = ("import sys; from bmojo_neuron.cli import main; "
             f"codes = [main(args) for args in {commands!r}]; "
             "print(codes, sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
@@ -479,7 +481,9 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
         f"error: output directory {file} is a file, not a folder; {remedy}",
         f"error: output directory {under_file} cannot be made: {file} is a file, not a folder; {remedy}",
         *[f"error: {weights}: 200 bytes, manifest.json says {(run / 'final' / 'model.safetensors').stat().st_size} "
-          "(truncated or replaced)"] * 3]
+          "(truncated or replaced)"] * 3,
+        *["error: the evaluation data has token ids up to 255 (tokenizer 'byte', 256 ids), outside this model's "
+          "vocabulary (16); pick --data of the kind the model was trained on"] * 2]
     lines = done.stderr.splitlines()
     assert len(lines) == len(expected), done.stderr
     for line, start in zip(lines, expected):

@@ -14,7 +14,7 @@ from typing import Any
 from bmojo_neuron.config_fields import model_fields_as_trained
 from bmojo_neuron.recipes import resume_conflicts
 
-from .layout import CONFIG_FILE, PARALLEL_FILE, RECIPE_FILE, STATE_FILE
+from .layout import CONFIG_FILE, PARALLEL_FILE, RECIPE_FILE, RUN_INFO_FILE, STATE_FILE, is_complete
 from .manifest import read_json_object
 
 
@@ -58,6 +58,15 @@ def read_trainer_state(path: Path) -> TrainerState:
 
 def read_recipe(path: Path) -> dict[str, Any]:
     return read_json_object(path / RECIPE_FILE)
+
+
+def stored_recipe(model_dir: Path) -> dict[str, Any]:
+    """The recipe a model folder holds, as `inference.load_trained` reads it: a checkpoint's recipe.json, an
+    export's ``recipe`` in bmojo_run.json, {} for a folder that stores none (primed, converted)."""
+    if is_complete(model_dir):
+        return read_recipe(model_dir)
+    info = model_dir / RUN_INFO_FILE
+    return read_json_object(info).get("recipe", {}) if info.is_file() else {}
 
 
 def resume_refusal(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> str | None:

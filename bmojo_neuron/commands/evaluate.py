@@ -115,8 +115,30 @@ def check_vocabulary(model: Any, recipe: Any) -> None:
     vocabulary than the one it was trained on), before any data is built."""
     from bmojo_neuron.data import data_vocabulary
 
-    size, source = data_vocabulary(recipe.data)
-    vocab = model.config.vocab_size
+    refuse_larger_vocabulary(data_vocabulary(recipe.data), model.config.vocab_size)
+
+
+def check_vocabulary_early(model_dir: Path, data_args: Sequence[str]) -> None:
+    """`check_vocabulary` before torch loads, where files decide it: the model's vocabulary from its config.json,
+    the data from its stored recipe and ``--data`` (`eval_recipe`, whose refusals come here too), when its ids
+    are counted without a tokenizer's files (MQAR's ``data.vocab_size``, the byte tokenizer's 256). Any other
+    tokenizer is counted after the load (`check_vocabulary`): counting it imports transformers."""
+    from bmojo_neuron.checkpoints.state import stored_recipe
+    from bmojo_neuron.data import data_vocabulary
+    from bmojo_neuron.data.tokenizer import BYTE_TOKENIZER
+
+    try:
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError):  # the loader says what is wrong with the folder
+        return
+    data = eval_recipe(stored_recipe(model_dir), list(data_args)).data
+    if isinstance(vocab, int) and (data.kind == "mqar" or (data.tokenizer or BYTE_TOKENIZER) == BYTE_TOKENIZER):
+        refuse_larger_vocabulary(data_vocabulary(data), vocab)
+
+
+def refuse_larger_vocabulary(data: tuple[int, str], vocab: int) -> None:
+    """ValueError when data of `data` = (ids, what sets their count) does not fit a model of `vocab` ids."""
+    size, source = data
     if size > vocab:
         raise ValueError(f"the evaluation data has token ids up to {size - 1} ({source}), outside this model's "
                          f"vocabulary ({vocab}); pick --data of the kind the model was trained on")
@@ -198,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = resolve_sized_model_dir(args.path, "eval")
     check_data_source_early(args.data)
     check_output_dir_early(args.output_dir)
+    check_vocabulary_early(model_dir, args.data)
     say_on_terminal(f"eval {model_dir}: loading torch and the model, then the evaluation data")
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.data import build_datasets, library_progress_bars
