@@ -80,8 +80,9 @@ def check_tokenizer_reachable(name_or_path: str) -> None:
         _check_on_hub(name_or_path)
 
 
-# The files `AutoTokenizer.from_pretrained` starts from (the tokenizer's config, or the model's, or a fast
-# tokenizer alone); one of them in the Hugging Face cache means the tokenizer may load offline.
+# The files `AutoTokenizer.from_pretrained` starts from: the model's config.json, tokenizer_config.json and a fast
+# tokenizer's tokenizer.json (transformers 5.25.0 models/auto/tokenization_auto.py, lines 806, 819 and 856); one
+# of them in the Hugging Face cache means the tokenizer may load offline, which the load itself then decides.
 TOKENIZER_ENTRY_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")
 
 
