@@ -118,6 +118,23 @@ class _Parser(argparse.ArgumentParser):
     Subcommand parsers are of this class too (argparse makes them of the parent's class).
     """
 
+    def error(self, message: str) -> Any:
+        """argparse's error, naming the choices of a missing action (``bmojo-neuron data`` alone: ``prepare``),
+        which a metavar such as ACTION hides."""
+        return super().error(message + self._choices_of_missing(message))
+
+    def _choices_of_missing(self, message: str) -> str:
+        prefix = "the following arguments are required: "
+        if not message.startswith(prefix):
+            return ""
+        missing = message[len(prefix):].split(", ")
+        for action in self._actions:
+            name = action.metavar or action.dest
+            choices = list(action.choices or ())
+            if not action.option_strings and choices and name in missing and not all(c in name for c in choices):
+                return f" (choose from {', '.join(repr(c) for c in choices)})"
+        return ""
+
     def _print_message(self, message: str, file: Any = None) -> None:
         if message and file is sys.stdout:
             file.write(message)

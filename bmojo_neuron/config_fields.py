@@ -7,10 +7,14 @@ torch. `BMojoConfig` (configuration_bmojo.py) is these same fields on a transfor
 check run the model's own validation without paying the transformers import (seconds).
 The fields follow the model definition in docs/design.md. Validation runs at
 construction and raises `ValueError` naming the offending field.
+The saved-config helpers (`saved_defaults`, `model_fields_as_trained`) and
+`transformer_family` live here too, free of torch, so the CLI can check a checkpoint's
+config.json against a recipe or an export before torch loads.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -338,6 +342,52 @@ class BMojoFields:
             f"is {self.ssm_A_init_range}; must be [low, high] with 0 < low <= high",
         )
 
+
+
+MODEL_TYPE = "bmojo"  # the ``model_type`` of a saved B'MOJO config.json (`BMojoConfig.model_type`)
+
+# Fields whose default has changed, with the value they had before they were written to
+# config.json: a saved B'MOJO config without the field comes from a model trained with that value.
+DEFAULTS_BEFORE_SAVED = {"ssm_residual": False}
+
+
+def saved_defaults(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """`config_dict` with `DEFAULTS_BEFORE_SAVED` filled in when it is a saved B'MOJO config (it names the model type)."""
+    if config_dict.get("model_type") != MODEL_TYPE:
+        return config_dict
+    return {**DEFAULTS_BEFORE_SAVED, **config_dict}
+
+
+def model_fields_as_trained(model_fields: dict[str, Any], saved_config: dict[str, Any] | None) -> dict[str, Any]:
+    """A recipe's ``model`` section with every field of `DEFAULTS_BEFORE_SAVED` written out: as the saved
+    config of a checkpoint says its weights were trained (`saved_config`, its config.json), or today's
+    default. A resumed run compares these, so a changed default cannot silently change the layer."""
+    out = dict(model_fields)
+    saved = saved_defaults(saved_config) if saved_config is not None else {}
+    defaults = inspect.signature(BMojoFields.__init__).parameters
+    for name in DEFAULTS_BEFORE_SAVED:
+        out.setdefault(name, saved.get(name, defaults[name].default))
+    return out
+
+
+def transformer_family(config: BMojoFields) -> str:
+    """``llama``, ``qwen2`` or ``qwen3``: the Hugging Face family whose layout holds this all-attention config;
+    ValueError for any other (`export-transformer` checks a saved config.json with it before torch loads)."""
+    if set(config.layer_pattern) != {"A"}:
+        raise ValueError(f"layer_pattern {config.layer_pattern!r}: only an all-attention (all A) model is a "
+                         "transformer; prime turns transformers into hybrids, not back")
+    if config.intermediate_size == 0:
+        raise ValueError("intermediate_size 0 (no MLP): Llama and Qwen layers always have one")
+    output_bias = config.attention_output_bias
+    if config.qk_norm:
+        if config.attention_bias != output_bias:
+            raise ValueError("qk_norm with biases on q/k/v but not o has no Hugging Face family (Qwen3 has both or neither)")
+        return "qwen3"
+    if config.attention_bias and not output_bias:
+        return "qwen2"
+    if output_bias and not config.attention_bias:
+        raise ValueError("a bias on o but not on q/k/v has no Hugging Face family")
+    return "llama"
 
 
 ROPE_TYPES = {  # rope_type -> required keys of rope_scaling_params

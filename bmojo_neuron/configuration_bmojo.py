@@ -7,16 +7,16 @@ needs: the model type, loading saved configs, and saving a directory that loads 
 
 from __future__ import annotations
 
-import inspect
 import os
 from typing import Any
 
 from transformers import PretrainedConfig
 
-from .config_fields import LAYER_KINDS, MAX_HEAD_DIM, SSM_MIXERS, BMojoFields, check_rope_scaling
+from .config_fields import (DEFAULTS_BEFORE_SAVED, LAYER_KINDS, MAX_HEAD_DIM, MODEL_TYPE, SSM_MIXERS, BMojoFields,
+                            check_rope_scaling, model_fields_as_trained, saved_defaults)
 
-__all__ = ["BMojoConfig", "LAYER_KINDS", "MAX_HEAD_DIM", "SSM_MIXERS", "check_rope_scaling", "saved_defaults",
-           "model_fields_as_trained"]
+__all__ = ["BMojoConfig", "DEFAULTS_BEFORE_SAVED", "LAYER_KINDS", "MAX_HEAD_DIM", "SSM_MIXERS", "check_rope_scaling",
+           "saved_defaults", "model_fields_as_trained"]
 
 
 class BMojoConfig(BMojoFields, PretrainedConfig):
@@ -28,7 +28,7 @@ class BMojoConfig(BMojoFields, PretrainedConfig):
     `bmojo_neuron.auto_map`, so the directory loads by name.
     """
 
-    model_type = "bmojo"
+    model_type = MODEL_TYPE
     # What `Trainer.predict` / `evaluate` leave out of the predictions, so they are the logits alone.
     keys_to_ignore_at_inference = ["cache", "past_key_values", "lm_loss", "aux_loss"]
     # Named in the class itself: transformers 5 makes every config subclass a dataclass and, when the class
@@ -56,27 +56,3 @@ class BMojoConfig(BMojoFields, PretrainedConfig):
         self.auto_map = {**(getattr(self, "auto_map", None) or {}), **AUTO_MAP}
         write_loader(save_directory)  # before the parent, which may push the directory to the Hub
         super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
-
-
-# Fields whose default has changed, with the value they had before they were written to
-# config.json: a saved B'MOJO config without the field comes from a model trained with that value.
-DEFAULTS_BEFORE_SAVED = {"ssm_residual": False}
-
-
-def saved_defaults(config_dict: dict[str, Any]) -> dict[str, Any]:
-    """`config_dict` with `DEFAULTS_BEFORE_SAVED` filled in when it is a saved B'MOJO config (it names the model type)."""
-    if config_dict.get("model_type") != BMojoConfig.model_type:
-        return config_dict
-    return {**DEFAULTS_BEFORE_SAVED, **config_dict}
-
-
-def model_fields_as_trained(model_fields: dict[str, Any], saved_config: dict[str, Any] | None) -> dict[str, Any]:
-    """A recipe's ``model`` section with every field of `DEFAULTS_BEFORE_SAVED` written out: as the saved
-    config of a checkpoint says its weights were trained (`saved_config`, its config.json), or today's
-    default. A resumed run compares these, so a changed default cannot silently change the layer."""
-    out = dict(model_fields)
-    saved = saved_defaults(saved_config) if saved_config is not None else {}
-    defaults = inspect.signature(BMojoConfig.__init__).parameters
-    for name in DEFAULTS_BEFORE_SAVED:
-        out.setdefault(name, saved.get(name, defaults[name].default))
-    return out

@@ -88,6 +88,18 @@ def unwritable_reason(path: Path) -> str | None:
     return None
 
 
+def check_new_output(output: Path, overwrite: bool) -> None:
+    """ValueError when the folder `output` (a command's OUTPUT) cannot receive a new model: a file is in the way
+    (at it or above it), or it holds files and `overwrite` (``--overwrite``) is not given. Reads the file system
+    only, so a command asks it before torch loads."""
+    blocker = nearest_existing(output)
+    if not blocker.is_dir():
+        where = "is a file" if blocker == output else f"cannot be made: {blocker} is a file"
+        raise ValueError(f"OUTPUT {output} {where}, not a folder; give a folder's path")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise ValueError(f"OUTPUT {output} exists and is not empty; pass --overwrite to replace it")
+
+
 def disk_full_cause(exc: BaseException) -> OSError | None:
     """The "no space left" / "quota exceeded" OSError behind `exc`, if any.
 

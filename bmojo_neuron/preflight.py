@@ -3,6 +3,8 @@
 `train` calls `check_run_dirs` before it builds data or weights, so a read-only or full
 output directory, or a data path that is not there, is one ``error:`` line within seconds
 rather than a traceback after minutes. ``train --dry-run`` prints the same findings.
+Only `check_init_weights` imports torch (it reads the weights' shapes): `train` makes the other checks that
+read files alone (`check_resumable`, `check_no_file_in_the_way`) before torch loads.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bmojo_neuron.checkpoints.inference import check_initial_config
 from bmojo_neuron.checkpoints.layout import latest_intact_checkpoint
 from bmojo_neuron.checkpoints.state import read_recipe, resume_refusal
 from bmojo_neuron.compile_cache.units import format_size
@@ -67,12 +68,18 @@ def check_writable(directory: Path, remedy: str = "pick another --output-dir (or
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as exc:
-        blocker = nearest_existing(directory)
-        if not blocker.is_dir():  # the OS says "File exists" or "Not a directory": name the file in the way
-            where = "is a file" if blocker == directory else f"cannot be made: {blocker} is a file"
-            raise ValueError(f"output directory {directory} {where}, not a folder; {remedy}") from None
+        check_no_file_in_the_way(directory, remedy)  # the OS says "File exists" or "Not a directory": name it
         full = " (disk full)" if exc.errno in DISK_FULL else ""
         raise ValueError(f"output directory {directory} is not writable: {exc.strerror}{full}; {remedy}") from None
+
+
+def check_no_file_in_the_way(directory: Path, remedy: str = "pick another --output-dir (or run.output_dir)") -> None:
+    """ValueError when a file stands where the output folder `directory` (or a folder above it) would be, in
+    `check_writable`'s words; creates nothing, so a command asks it before torch loads."""
+    blocker = nearest_existing(directory)
+    if not blocker.is_dir():
+        where = "is a file" if blocker == directory else f"cannot be made: {blocker} is a file"
+        raise ValueError(f"output directory {directory} {where}, not a folder; {remedy}")
 
 
 def check_free_space(needs: list[tuple[Path, SpaceNeed]]) -> None:
@@ -112,6 +119,8 @@ def check_init_weights(recipe: Any) -> None:
     """A new run's ``init.weights`` must name a model folder holding the recipe's model, so a typo or a model
     section that restates other sizes fails before the run starts (and before its data is built)."""
     if recipe.init.weights:
+        from bmojo_neuron.checkpoints.inference import check_initial_config  # torch: the weights' shapes
+
         check_initial_config(recipe.init.weights, recipe.model_config(), recipe.model)
 
 

@@ -577,3 +577,30 @@ def test_library_warnings_are_kept_once_and_the_handlers_come_back(capfd):
     assert notes_line([]) is None
     toy = suites.resolve(suites.Settings(suite="train-step", toy=True))
     assert (toy.repeats, toy.warmup, toy.lengths) == (2, 0, [64, 128])
+
+
+def test_kernels_profile_says_each_kernel_on_a_terminal_before_modelling_it(capsys, monkeypatch):
+    """Each emulator run takes seconds to a minute and the table prints at the end: on a terminal every run is
+    announced, numbered, before it starts; stdout stays the table alone. (Fake runs: the order is what counts.)"""
+    import sys
+
+    from bmojo_neuron.bench import kernel_profile as kp
+
+    done: list[str] = []
+
+    def fake(kernel, shape):
+        done.append(f"{kernel} at {shape['name']}")
+        return {"shape": shape["name"], "kernel": kernel, "dims": "-", "time_ms": 1.0, "overlap_ms": 1.0,
+                "serial_ms": 1.0, "bound": "vector", "peak_share": None, "tensor_util": 0.5}
+
+    monkeypatch.setattr(kp, "profile_kernel", fake)
+    monkeypatch.setattr(kp, "profile_attention", fake)
+    monkeypatch.setattr(kp, "ladder_shapes", lambda: [{"name": "ladder"}])
+    monkeypatch.setattr(kp, "attention_shapes", lambda: [{"name": "window"}])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["kernels", "profile", "--kernels", "ssd_fwd", "--attention", "attention_fwd"]) == 0
+    out, err = capsys.readouterr()
+    assert done == ["ssd_fwd at calibration (tutorial)", "ssd_fwd at ladder", "attention_fwd at window"]
+    assert err.splitlines() == ["kernels profile: loading the NKI kernels and their emulator",
+                                *(f"  [{i}/3] {run}" for i, run in enumerate(done, 1))]
+    assert "ssd_fwd" in out and "attention_fwd" in out and "[1/3]" not in out

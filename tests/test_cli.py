@@ -8,6 +8,7 @@ import importlib.machinery
 import importlib.util
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -412,6 +413,101 @@ def test_a_path_that_is_no_model_is_answered_before_torch_or_transformers_load(t
         f"error: data.path {missing}: no such file or folder (a hub dataset would be named owner/name, e.g. "
         "roneneldan/TinyStories)"]
     assert not out.exists()
+
+
+def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
+    """What files and the recipe alone decide is refused in one line before torch, transformers and datasets
+    load (seconds): `export-transformer` of a hybrid, an OUTPUT or --output-dir that a file stands in (export,
+    prime, train, eval, inspect), `train --resume` with a changed recipe, a hub tokenizer that is neither here
+    nor reachable offline (`train`, `data prepare`), a weights file its manifest shows truncated (`eval`,
+    `generate`, `export-transformer`), and byte-level text for a model of 16 ids (`eval`, `inspect` --data). No
+    folder is left behind."""
+    import shutil
+
+    from bmojo_neuron.checkpoints.manifest import write_manifest
+
+    run = tmp_path / "finished"  # a one-process run of a B M model; resumed here, so a copy
+    shutil.copytree(ROOT / "tests" / "golden" / "checkpoints" / "finished", run)
+    attention = tmp_path / "all-a"  # an all-attention export's config.json (nothing else is read)
+    attention.mkdir()
+    (attention / "config.json").write_text(json.dumps({"model_type": "bmojo", "layer_pattern": "AA",
+                                                       "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2,
+                                                       "num_attention_heads": 2, "intermediate_size": 64}))
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    out, under_file = tmp_path / "out", file / "out"
+    damaged = tmp_path / "damaged"  # an export whose weights file was cut short after its manifest was written
+    shutil.copytree(run / "final", damaged)
+    write_manifest(damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    commands = [["export-transformer", str(run), str(out)],
+                ["export-transformer", str(attention), str(file)],
+                ["export-transformer", str(attention), str(run)],
+                ["prime", str(attention), str(under_file), "--pattern", "A"],
+                ["train", "cpu-tiny", "suite=none", "--output-dir", str(file)],
+                ["train", "cpu-tiny", "--output-dir", str(under_file)],
+                ["train", str(run / "recipe.json"), "optim.lr=0.5", "model.ssm_residual=false", "--resume",
+                 "--output-dir", str(run)],  # the fixture's model predates the ssm_residual default
+                ["train", "cpu-text", "data.tokenizer=no-such/tokenizer", "--output-dir", str(out)],
+                ["data", "prepare", "cpu-text", "data.tokenizer=no-such-tokenizer", "--output-dir", str(out)],
+                ["eval", str(run), "--output-dir", str(file)],
+                ["inspect", str(run), "--output-dir", str(under_file)],
+                ["eval", str(damaged)], ["generate", str(damaged), "--prompt", "hi"],
+                ["export-transformer", str(damaged), str(out)],
+                ["eval", str(run), "--data", "cpu-text"], ["inspect", str(run), "--data", "cpu-text"]]
+    code = ("import sys; from bmojo_neuron.cli import main; "
+            f"codes = [main(args) for args in {commands!r}]; "
+            "print(codes, sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.stdout.splitlines() == [f"{[2] * len(commands)} []"], done.stderr
+    offline = ("not 'byte', not a local folder and not in the local Hugging Face cache, and the hub cannot be "
+               "reached (OfflineModeIsEnabled: ")
+    remedy = "pick another --output-dir"
+    expected = [
+        f"error: {run}: layer_pattern 'BM': only an all-attention (all A) model is a transformer; prime turns "
+        "transformers into hybrids, not back",
+        f"error: OUTPUT {file} is a file, not a folder; give a folder's path",
+        f"error: OUTPUT {run} exists and is not empty; pass --overwrite to replace it",
+        f"error: OUTPUT {under_file} cannot be made: {file} is a file, not a folder; give a folder's path",
+        f"error: output directory {file} is a file, not a folder; {remedy} (or run.output_dir)",
+        f"error: output directory {under_file / 'bmojo'} cannot be made: {file} is a file, not a folder; {remedy} "
+        "(or run.output_dir)",
+        f"error: cannot resume {run / 'step-0000003'}: the recipe changed in optim.lr (0.003 in the checkpoint, "
+        "0.5 now)",
+        f"error: data.tokenizer 'no-such/tokenizer': {offline}",
+        f"error: data.tokenizer 'no-such-tokenizer': {offline}",
+        f"error: output directory {file} is a file, not a folder; {remedy}",
+        f"error: output directory {under_file} cannot be made: {file} is a file, not a folder; {remedy}",
+        *[f"error: {weights}: 200 bytes, manifest.json says {(run / 'final' / 'model.safetensors').stat().st_size} "
+          "(truncated or replaced)"] * 3,
+        *["error: the evaluation data has token ids up to 255 (tokenizer 'byte', 256 ids), outside this model's "
+          "vocabulary (16); pick --data of the kind the model was trained on"] * 2]
+    lines = done.stderr.splitlines()
+    assert len(lines) == len(expected), done.stderr
+    for line, start in zip(lines, expected):
+        assert line.startswith(start), (line, start)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "all-a", "damaged",
+                                                                                 "finished"]
+
+
+def test_a_missing_action_is_named_with_its_choices(capsys):
+    """A command run without its action (``bmojo-neuron data``) names every action it takes, whatever metavar
+    (ACTION) its usage shows; the top level names the commands."""
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    grouped = {name: [a for a in sub._actions if not a.option_strings and a.choices]
+               for name, sub in commands.items()}
+    grouped = {name: actions[0] for name, actions in grouped.items() if actions}
+    assert {"data", "cache", "checkpoint", "kernels", "bench"} <= set(grouped)
+    for argv, choices in [([], commands), *(([name], action.choices) for name, action in grouped.items())]:
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        line = capsys.readouterr().err.splitlines()[-1]
+        assert "the following arguments are required" in line, line
+        assert all(f"'{choice}'" in line or choice in line.split("required: ")[1].split(" ")[0]
+                   for choice in choices), line
 
 
 def test_subcommand_help_describes_the_action(capsys):

@@ -295,14 +295,12 @@ def test_inspect_says_on_a_terminal_what_it_loads_before_the_wait(run, tmp_path,
     terminal a line says what is going on before it, and a refusal found after the load follows that line. Off a
     terminal (a script, a log) the refusal stays its one line (`test_an_output_dir_that_is_a_file_fails_...`)."""
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    (tmp_path / "taken").write_text("")
-    argv = ["inspect", str(run), "--sequences", "3", "--device", "cpu", "--output-dir", str(tmp_path / "taken")]
+    argv = ["inspect", str(run), "--sequences", "3", "--device", "tpu"]  # refused after the imports
     assert cli.main(argv) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.splitlines()[0] == (
         f"inspecting {run / 'final'}: loading torch and the model, then tracing the eidetic memory over 3 eval "
-        "sequences") and err.splitlines()[1:] == [
-            f"error: output directory {tmp_path / 'taken'} is a file, not a folder; pick another --output-dir"], err
+        "sequences") and err.splitlines()[1:] == ["error: --device must be cpu, cuda or auto, got 'tpu'"], err
 
 
 def test_eval_and_generate_say_on_a_terminal_what_they_load_before_the_wait(run, capsys, monkeypatch):

@@ -347,15 +347,17 @@ def test_a_missing_init_weights_folder_is_named_by_its_key(capsys, tmp_path):
     assert not (tmp_path / "run").exists()  # refused before the run directory was made
 
 
-def test_a_run_that_fails_before_writing_its_directory_leaves_no_folder(capsys, tmp_path, monkeypatch):
-    """The tokenizer is first read while the data is built, after the run directory is locked: the failed run
+def test_a_run_that_fails_before_writing_its_directory_leaves_no_folder(capsys, tmp_path, tmp_path_factory,
+                                                                        monkeypatch):
+    """A tokenizer folder is first read while the data is built, after the run directory is locked (one that is
+    not there is refused before: `test_refusals_read_from_files_come_before_torch_loads`): the failed run
     deletes its lock file and the folders it made (parents too), and keeps a folder that was there before."""
     locked = []
     acquire = DirectoryLock.acquire
     monkeypatch.setattr(DirectoryLock, "acquire", lambda self: locked.append(self.path) or acquire(self))
-    missing = tmp_path / "no-tokenizer"
-    argv = ["train", "cpu-text", f"data.tokenizer={missing}", "train.steps=2", "--no-progress", "--output-dir"]
-    refusal = f"error: data.tokenizer '{missing}': no such folder"
+    empty = tmp_path_factory.mktemp("empty-tokenizer")  # there, but no tokenizer's files in it
+    argv = ["train", "cpu-text", f"data.tokenizer={empty}", "train.steps=2", "--no-progress", "--output-dir"]
+    refusal = f"error: data.tokenizer '{empty}': not 'byte' and not loadable as a Hugging Face tokenizer"
     run = tmp_path / "new" / "run"
     assert cli.main([*argv, str(run)]) == 2
     assert capsys.readouterr().err.startswith(refusal)

@@ -524,3 +524,37 @@ def test_a_cache_build_says_its_stages_and_counts_at_most_every_interval(tmp_pat
     lines.clear()
     load_text_dataset(source, block_size=64, cache_dir=tmp_path / "cache", progress=progress)
     assert lines == []
+
+
+def test_the_early_tokenizer_check_asks_only_when_the_cache_must_be_built(tmp_path, monkeypatch):
+    """`train` and `data prepare` check a text run's tokenizer before torch loads only when its data cache is not
+    built yet: a node with the cache (built elsewhere by `data prepare`) never loads the tokenizer, so an
+    unreachable hub there must not stop it. The hub look-up is replaced by one that fails as offline mode does."""
+    from types import SimpleNamespace
+
+    from bmojo_neuron.data import tokenizer as tokenizers
+    from bmojo_neuron.data.hub import HubUnreachable
+
+    asked: list[str] = []
+
+    def offline(name, repo_type):
+        asked.append(name)
+        raise HubUnreachable("OfflineModeIsEnabled: offline")
+
+    monkeypatch.setattr(tokenizers, "look_up_on_hub", offline)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("some text\n" * 20)
+    data = SimpleNamespace(path=str(corpus), tokenizer="no-such/tokenizer", block_size=8, cache_dir=str(tmp_path),
+                           eval_fraction=0.25, text_column="text")
+    with pytest.raises(ValueError, match="data.tokenizer 'no-such/tokenizer': not 'byte', not a local folder"):
+        text.check_build_tokenizer(data)
+    assert asked == ["no-such/tokenizer"]
+    with pytest.raises(ValueError, match="no such folder"):  # a local path is never looked up
+        text.check_build_tokenizer(SimpleNamespace(**{**vars(data), "tokenizer": str(tmp_path / "tok")}))
+    folder = text._cache_folder(text._cache_settings(str(corpus), "text-file", data.tokenizer, 8, 0.25, "text"),
+                                tmp_path)
+    folder.mkdir()
+    (folder / "meta.json").write_text("{}")  # the cache `data prepare` would have built
+    text.check_build_tokenizer(data)
+    text.check_build_tokenizer(SimpleNamespace(**{**vars(data), "tokenizer": "byte"}))
+    assert asked == ["no-such/tokenizer"]

@@ -1,7 +1,7 @@
 """Which model folder a user's path stands for, and why a path that stands for none is refused.
 
 A run directory stands for its ``final/`` export, else its latest checkpoint; a checkpoint or an export stands
-for itself. Everything here reads folder listings and file names only, never a tensor, and imports neither torch
+for itself. Everything here reads folder listings, file names and sizes only, never a tensor, and imports neither torch
 nor transformers: `eval`, `inspect`, `generate`, `export-transformer`, `checkpoint` and `train` (for
 ``init.weights``) call it first, so a file given for a folder, a folder of runs or a run without checkpoints is
 answered in one line before seconds of start-up. The loaders (`inference`, `convert`) and the preflight call
@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .layout import abandoned_attempt, has_run, is_complete, is_sharded, latest_checkpoint
+from .manifest import verify_manifest
 from .names import CONFIG_FILE, FINAL, PARALLEL_FILE, RUN_INFO_FILE, STATE_FILE, SUMMARY_FILE
 
 SHOWN_RUNS = 8  # runs named in the refusal of a folder of runs; the rest are counted
@@ -43,6 +44,15 @@ def resolve_model_dir(path: str | Path, command: str | None = None) -> Path:
     if runs:
         raise FileNotFoundError(several_runs_message(path, runs, command))
     raise FileNotFoundError(f"{path} is neither a run directory, a checkpoint (step-XXXXXXX) nor a final export")
+
+
+def resolve_sized_model_dir(path: str | Path, command: str | None = None) -> Path:
+    """`resolve_model_dir`, whose files must also have the sizes its manifest lists (`manifest.verify_manifest`
+    without the hashes, which the loader computes as it reads them): a missing or truncated weights file is one
+    line from a command before torch loads, not after."""
+    folder = resolve_model_dir(path, command)
+    verify_manifest(folder, hashes=False)
+    return folder
 
 
 def _model_in(path: Path) -> Path | None:

@@ -1,4 +1,8 @@
-"""What a checkpoint restores besides the weights: where training stands, the recipe, the RNG streams."""
+"""What a checkpoint restores besides the weights: where training stands, the recipe, the RNG streams.
+
+Only the RNG functions need torch and NumPy, and import them: `train --resume` checks a checkpoint's recipe
+(`resume_refusal`) before torch loads (seconds).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from bmojo_neuron.configuration_bmojo import model_fields_as_trained
+from bmojo_neuron.config_fields import model_fields_as_trained
 from bmojo_neuron.recipes import resume_conflicts
 
-from .layout import CONFIG_FILE, PARALLEL_FILE, RECIPE_FILE, STATE_FILE
+from .layout import CONFIG_FILE, PARALLEL_FILE, RECIPE_FILE, RUN_INFO_FILE, STATE_FILE, is_complete
 from .manifest import read_json_object
 
 
@@ -59,6 +60,15 @@ def read_recipe(path: Path) -> dict[str, Any]:
     return read_json_object(path / RECIPE_FILE)
 
 
+def stored_recipe(model_dir: Path) -> dict[str, Any]:
+    """The recipe a model folder holds, as `inference.load_trained` reads it: a checkpoint's recipe.json, an
+    export's ``recipe`` in bmojo_run.json, {} for a folder that stores none (primed, converted)."""
+    if is_complete(model_dir):
+        return read_recipe(model_dir)
+    info = model_dir / RUN_INFO_FILE
+    return read_json_object(info).get("recipe", {}) if info.is_file() else {}
+
+
 def resume_refusal(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> str | None:
     """Why `checkpoint` (whose recipe is `saved`) cannot be resumed with the recipe `current`, or None.
 
@@ -98,6 +108,9 @@ def _recipe_free_refusal(checkpoint: Path) -> str:
 
 def rng_states() -> dict[str, Any]:
     """The Python, NumPy, torch (and CUDA, once initialised) generator states of this process."""
+    import numpy as np
+    import torch
+
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -105,6 +118,9 @@ def rng_states() -> dict[str, Any]:
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])

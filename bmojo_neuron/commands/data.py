@@ -48,19 +48,25 @@ def run(args: argparse.Namespace) -> int:
         from bmojo_neuron.data.text import check_source
 
         check_source(str(Path(recipe.data.path).expanduser()), recipe.data.text_column)
-    from bmojo_neuron.data import library_progress_bars
-    from bmojo_neuron.data.build_progress import BuildProgress, stderr_lines
-    from bmojo_neuron.data.prepare import prepare_text
+    from bmojo_neuron.data.text import check_build_tokenizer
     from bmojo_neuron.recipe_runs import plan_runs
 
     # The data section of each run `train` would start: the cache's default folder derives from the run's
     # output dir, which --output-dir and a suite's run folders move, so the recipe's own would miss it.
+    runs = plan_runs(recipe, args.output_dir)
+    for variant, _ in runs:  # a tokenizer that can be neither read nor fetched: one line before datasets loads
+        if variant.data.kind == "text":
+            check_build_tokenizer(variant.data)
+    from bmojo_neuron.data import library_progress_bars
+    from bmojo_neuron.data.build_progress import BuildProgress, stderr_lines
+    from bmojo_neuron.data.prepare import prepare_text
+
     prepared: list[Any] = []
     # Bars redraw in place: in a log file or a pipe each redraw is another line of carriage returns, so there
     # the build says its stages in plain lines instead.
     bars = not args.no_progress and sys.stderr.isatty()
     with library_progress_bars(bars):
-        for variant, _ in plan_runs(recipe, args.output_dir):
+        for variant, _ in runs:
             if variant.data not in prepared:
                 prepared.append(variant.data)
                 progress = None if bars else BuildProgress(stderr_lines(f"{variant.run.name}: "))

@@ -115,8 +115,30 @@ def check_vocabulary(model: Any, recipe: Any) -> None:
     vocabulary than the one it was trained on), before any data is built."""
     from bmojo_neuron.data import data_vocabulary
 
-    size, source = data_vocabulary(recipe.data)
-    vocab = model.config.vocab_size
+    refuse_larger_vocabulary(data_vocabulary(recipe.data), model.config.vocab_size)
+
+
+def check_vocabulary_early(model_dir: Path, data_args: Sequence[str]) -> None:
+    """`check_vocabulary` before torch loads, where files decide it: the model's vocabulary from its config.json,
+    the data from its stored recipe and ``--data`` (`eval_recipe`, whose refusals come here too), when its ids
+    are counted without a tokenizer's files (MQAR's ``data.vocab_size``, the byte tokenizer's 256). Any other
+    tokenizer is counted after the load (`check_vocabulary`): counting it imports transformers."""
+    from bmojo_neuron.checkpoints.state import stored_recipe
+    from bmojo_neuron.data import data_vocabulary
+    from bmojo_neuron.data.tokenizer import BYTE_TOKENIZER
+
+    try:
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError):  # the loader says what is wrong with the folder
+        return
+    data = eval_recipe(stored_recipe(model_dir), list(data_args)).data
+    if isinstance(vocab, int) and (data.kind == "mqar" or (data.tokenizer or BYTE_TOKENIZER) == BYTE_TOKENIZER):
+        refuse_larger_vocabulary(data_vocabulary(data), vocab)
+
+
+def refuse_larger_vocabulary(data: tuple[int, str], vocab: int) -> None:
+    """ValueError when data of `data` = (ids, what sets their count) does not fit a model of `vocab` ids."""
+    size, source = data
     if size > vocab:
         raise ValueError(f"the evaluation data has token ids up to {size - 1} ({source}), outside this model's "
                          f"vocabulary ({vocab}); pick --data of the kind the model was trained on")
@@ -161,6 +183,15 @@ def output_dir(option: str | None, trained: Any, data_args: Sequence[str] = ()) 
     return out
 
 
+def check_output_dir_early(option: str | None) -> None:
+    """A ``--output-dir`` that a file stands in, refused before torch loads (`output_dir` checks the folder whole
+    once the model is loaded, which its default needs)."""
+    if option is not None:
+        from bmojo_neuron.preflight import check_no_file_in_the_way
+
+        check_no_file_in_the_way(Path(option), "pick another --output-dir")
+
+
 def evaluating_line(source: Path, recipe: Any, lengths: Sequence[int], batches: int, batch_size: int) -> str:
     """What eval is about to do: the model, the length multiples with the training length, the batches."""
     multiples = ", ".join(f"{m}x" for m in lengths)
@@ -183,10 +214,13 @@ def run(args: argparse.Namespace) -> int:
     require_nonempty("--output-dir", args.output_dir)
     for option, value in (("--batches", args.batches), ("--batch-size", args.batch_size)):
         count_option(option, value, 1)  # a count below 1 is refused before torch loads; the defaults come later
-    from bmojo_neuron.checkpoints.locate import resolve_model_dir
+    from bmojo_neuron.checkpoints.locate import resolve_sized_model_dir
 
-    model_dir = resolve_model_dir(args.path, "eval")  # a path that is no model: one line, before torch loads
+    # a path that is no model, or a model with a missing or truncated file: one line, before torch loads
+    model_dir = resolve_sized_model_dir(args.path, "eval")
     check_data_source_early(args.data)
+    check_output_dir_early(args.output_dir)
+    check_vocabulary_early(model_dir, args.data)
     say_on_terminal(f"eval {model_dir}: loading torch and the model, then the evaluation data")
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.data import build_datasets, library_progress_bars

@@ -18,9 +18,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                   help="write an all-attention (all A) model as a Hugging Face Llama / Qwen2 / Qwen3 checkpoint",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
-    from bmojo_neuron.checkpoints.locate import resolve_model_dir
+    from pathlib import Path
 
-    resolve_model_dir(args.path, "export-transformer")  # a path that is no model: one line, before torch loads
+    from bmojo_neuron.checkpoints.exportable import exported_family
+    from bmojo_neuron.fsutil import check_new_output
+
+    # Read from folders and config.json alone, so each is one line before torch loads: a path that is no model,
+    # a model that is no B'MOJO or not all attention, an OUTPUT that is a file or (without --overwrite) not empty.
+    exported_family(args.path)
+    check_new_output(Path(args.output).expanduser(), args.overwrite)
     from bmojo_neuron.priming.export import export_transformer
 
     output = export_transformer(args.path, args.output, overwrite=args.overwrite)

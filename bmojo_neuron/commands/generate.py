@@ -41,9 +41,10 @@ def check_arguments(args: argparse.Namespace) -> None:
 @register_command("generate", help="continue a prompt with a trained model", add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
     check_arguments(args)
-    from bmojo_neuron.checkpoints.locate import resolve_model_dir
+    from bmojo_neuron.checkpoints.locate import resolve_sized_model_dir
 
-    model_dir = resolve_model_dir(args.path, "generate")  # a path that is no model: one line, before torch loads
+    # a path that is no model, or a model with a missing or truncated file: one line, before torch loads
+    model_dir = resolve_sized_model_dir(args.path, "generate")
     say_on_terminal(f"generate from {model_dir}: loading torch and the model")  # stdout: the text alone
     from bmojo_neuron.checkpoints.inference import load_trained
     from bmojo_neuron.device import resolve_device, set_cpu_threads

@@ -47,13 +47,17 @@ def run(args: argparse.Namespace) -> int:
     if args.length < 1:
         raise ValueError(f"--length must be >= 1, got {args.length}")
     require_nonempty("--output-dir", args.output_dir)
-    from bmojo_neuron.checkpoints.locate import resolve_model_dir
+    from bmojo_neuron.checkpoints.locate import resolve_sized_model_dir
 
-    model_dir = resolve_model_dir(args.path, "inspect")  # a path that is no model: one line, before torch loads
-    from bmojo_neuron.commands.evaluate import (build_lines, check_data_source_early, check_vocabulary, eval_recipe,
-                                                output_dir, with_model_data_cache)
+    # a path that is no model, or a model with a missing or truncated file: one line, before torch loads
+    model_dir = resolve_sized_model_dir(args.path, "inspect")
+    from bmojo_neuron.commands.evaluate import (build_lines, check_data_source_early, check_output_dir_early,
+                                                check_vocabulary, check_vocabulary_early, eval_recipe, output_dir,
+                                                with_model_data_cache)
 
     check_data_source_early(args.data)  # so is a --data file that is missing, empty or not text
+    check_output_dir_early(args.output_dir)  # and an --output-dir that is a file
+    check_vocabulary_early(model_dir, args.data)  # and data the model has no embedding for
     say_on_terminal(f"inspecting {model_dir}: loading torch and the model, then tracing the eidetic memory over "
                     f"{args.sequences} eval sequence{'s' if args.sequences > 1 else ''}")
     from bmojo_neuron.checkpoints.inference import load_trained

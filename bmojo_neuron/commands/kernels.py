@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from bmojo_neuron.cli import register_command
+from bmojo_neuron.cli import register_command, say_on_terminal
 
 SCAN_KERNELS = "mamba1_fwd,mamba1_bwd,ssd_fwd,ssd_bwd"
 ATTENTION_KERNELS = "attention_fwd,attention_bwd,attention_2pass"
@@ -27,13 +27,15 @@ def _names(text: str) -> list[str]:
     return [k.strip() for k in text.split(",") if k.strip() and k.strip() != "none"]
 
 
-@register_command("kernels", help="NKI kernel tools: `kernels profile` models each kernel's Trn1 time",
+@register_command("kernels", help="NKI kernel tools: `kernels profile` models each kernel's Trn1 time (minutes of "
+                                  "cost modelling for every kernel and shape)",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int | None:
     kernels, attention_kernels = _names(args.kernels), _names(args.attention)
     if not kernels and not args.kernels.strip():
         raise ValueError(f"no kernels given: --kernels is empty; name some of {SCAN_KERNELS}, or none for "
                          "attention kernels only")
+    say_on_terminal("kernels profile: loading the NKI kernels and their emulator")
     from bmojo_neuron.bench import kernel_profile as kp  # the kernels and their emulator: seconds of imports
 
     kp.check_kernels(kernels, kp.SCAN_KERNELS)
@@ -44,14 +46,26 @@ def run(args: argparse.Namespace) -> int | None:
         raise ValueError("no kernels given: --kernels and --attention (skipped with --calibration-only) select "
                          "none; name at least one kernel")
     shapes = [kp.CALIBRATION] + ([] if args.calibration_only else kp.ladder_shapes())
-    rows = [kp.profile_kernel(k, s) for s in shapes for k in kernels]
-    attention = kp.attention_profiles(attention_kernels) if attention_kernels else []
+    jobs = [(kp.profile_kernel, k, s) for s in shapes for k in kernels]
+    scan_jobs = len(jobs)
+    jobs += [(kp.profile_attention, k, s) for s in (kp.attention_shapes() if attention_kernels else [])
+             for k in attention_kernels]
+    results = [run_job(job, index, len(jobs)) for index, job in enumerate(jobs, 1)]
+    rows, attention = results[:scan_jobs], results[scan_jobs:]
     if args.json:
         print(json.dumps(rows + attention, indent=1))
     else:
         tables = ([scan_table(rows)] if rows else []) + ([attention_table(attention)] if attention else [])
         print("\n\n".join(tables))
     return 0
+
+
+def run_job(job: tuple[Any, str, dict[str, Any]], index: int, total: int) -> dict[str, Any]:
+    """One kernel modelled at one shape, said first on a terminal: each takes seconds to a minute of the
+    emulator's cost model, the whole profile minutes, and the table prints only at the end."""
+    profile, kernel, shape = job
+    say_on_terminal(f"  [{index}/{total}] {kernel} at {shape['name']}")
+    return profile(kernel, shape)
 
 
 def scan_table(rows: list[dict[str, Any]]) -> str:

@@ -43,12 +43,17 @@ def parse_overrides(items: list[str]) -> dict:
 @register_command("prime", help="initialise a B'MOJO model from a Llama, Mistral or Qwen checkpoint",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
-    from bmojo_neuron.priming import prime
-    from bmojo_neuron.priming.compare import compare_with_source
+    from pathlib import Path
+
+    from bmojo_neuron.fsutil import check_new_output
 
     if args.compare_tokens < 0:
         raise ValueError(f"--compare-tokens must be >= 0, got {args.compare_tokens}")
     overrides = parse_overrides(args.overrides)
+    check_new_output(Path(args.output).expanduser(), args.overwrite)  # before torch loads (seconds)
+    from bmojo_neuron.priming import prime
+    from bmojo_neuron.priming.compare import compare_with_source
+
     primed = prime(args.source, args.output, args.pattern, overrides, ssm_init=args.ssm_init, seed=args.seed,
                    dtype=args.dtype, overwrite=args.overwrite)
     print(format_report(primed, args.output))

@@ -314,7 +314,7 @@ def run(args: argparse.Namespace) -> int:
     say_loading(loading_line(recipe, args.dry_run))  # the checks above took a blink; torch takes seconds
     from bmojo_neuron.checkpoints.layout import has_run
     from bmojo_neuron.parallel.layout import torchrun_env
-    from bmojo_neuron.preflight import check_resumable, check_run_dirs
+    from bmojo_neuron.preflight import check_run_dirs
 
     main = torchrun_env()[0] == 0  # under torchrun only rank 0 prints and writes summaries
     if main:
@@ -322,8 +322,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"note: {note}", file=sys.stderr)
     if args.dry_run:
         return dry_run(recipe, name, overrides, args)
-    if args.resume:
-        check_resumable(runs)
     with contextlib.ExitStack() as locks:
         if main:  # data there, output writable (which creates the run directories), room on disk
             locks.enter_context(removing_unused_folders([run_dir for _, run_dir in runs]))
@@ -339,12 +337,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_runs_early(recipe: Any, args: argparse.Namespace) -> list[tuple[Any, Path]]:
-    """The runs of the recipe (`recipe_runs.plan_runs`), each checked, and the refusals that read only folders:
-    an output folder that may not take them, and without ``--resume`` a run directory that already holds a run.
-    All before torch loads (seconds). A directory a live run holds is left to the lock, whose refusal names the
-    process; the check after taking the lock is the one that counts."""
+    """The runs of the recipe (`recipe_runs.plan_runs`), each checked, and the refusals that read only files:
+    an output folder that may not take them or that a file stands in, without ``--resume`` a run directory that
+    already holds a run, with it a checkpoint whose recipe differs (`preflight.check_resumable`), and a text
+    run's tokenizer that can be neither read here nor fetched (`check_tokenizers_early`). All before torch loads
+    (seconds). A directory a live run holds is left to the lock, whose refusal names the process; the check
+    after taking the lock is the one that counts."""
     from bmojo_neuron.checkpoints.layout import has_run
     from bmojo_neuron.locking import exclusive_holder
+    from bmojo_neuron.preflight import check_no_file_in_the_way, check_resumable
     from bmojo_neuron.recipe_runs import plan_runs
 
     runs = plan_runs(recipe, args.output_dir)
@@ -354,9 +355,24 @@ def check_runs_early(recipe: Any, args: argparse.Namespace) -> list[tuple[Any, P
     if problem:
         raise ValueError(problem)
     for _, run_dir in runs:
+        check_no_file_in_the_way(run_dir)
         if not args.resume and has_run(run_dir) and not exclusive_holder(run_dir):
             raise ValueError(used_dir_refusal(run_dir))
+    if args.resume:
+        check_resumable(runs)
+    check_tokenizers_early(runs)
     return runs
+
+
+def check_tokenizers_early(runs: list[tuple[Any, Path]]) -> None:
+    """Each text run that will build its data cache can load its tokenizer (`data.text.check_build_tokenizer`):
+    a hub name neither on this machine nor on the hub (or, offline, not in the Hugging Face cache) is one line
+    before torch loads, not after the model is built. A run whose cache is built never loads it."""
+    from bmojo_neuron.data.text import check_build_tokenizer
+
+    for variant, _ in runs:
+        if variant.data.kind == "text":
+            check_build_tokenizer(variant.data)
 
 
 def used_dir_refusal(run_dir: Path) -> str:

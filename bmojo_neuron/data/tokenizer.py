@@ -66,6 +66,33 @@ def load_tokenizer(name_or_path: str) -> Any:
         ) from None
 
 
+def check_tokenizer_reachable(name_or_path: str) -> None:
+    """The ValueError `load_tokenizer` would raise for a tokenizer it can neither read here nor fetch: a missing
+    local path, or a hub name that is not in the local Hugging Face cache and that the hub does not have (or,
+    offline, cannot be asked for). Imports neither transformers nor torch, so `train` and `data prepare` ask it
+    before torch loads; the hub is asked only for a name the cache does not hold (`_check_on_hub`, seconds at
+    most). Lenient where unsure: a cache folder holding some of the tokenizer's files passes, and the load says
+    whether they are enough."""
+    if name_or_path == BYTE_TOKENIZER or Path(name_or_path).expanduser().exists():
+        return
+    _refuse_missing_local_path(name_or_path)
+    if not _in_hub_cache(name_or_path):
+        _check_on_hub(name_or_path)
+
+
+# The files `AutoTokenizer.from_pretrained` starts from: the model's config.json, tokenizer_config.json and a fast
+# tokenizer's tokenizer.json (transformers 5.25.0 models/auto/tokenization_auto.py, lines 806, 819 and 856); one
+# of them in the Hugging Face cache means the tokenizer may load offline, which the load itself then decides.
+TOKENIZER_ENTRY_FILES = ("tokenizer_config.json", "tokenizer.json", "config.json")
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the local Hugging Face cache holds a file the tokenizer of hub repository `name` starts from."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(name, file), str) for file in TOKENIZER_ENTRY_FILES)
+
+
 def _refuse_missing_local_path(name: str) -> None:
     """A name that is not on this machine and cannot be a hub name is a mistyped local path: fail at once."""
     if not may_be_hub_name(name, bare=True):
@@ -107,9 +134,7 @@ def tokenizer_source(name_or_path: str) -> str:
     if Path(name_or_path).expanduser().exists():
         return f"{name_or_path} (a local folder)"
     _refuse_missing_local_path(name_or_path)
-    from huggingface_hub import try_to_load_from_cache
-
-    if isinstance(try_to_load_from_cache(name_or_path, "tokenizer_config.json"), str):
+    if _in_hub_cache(name_or_path):
         return f"{name_or_path} (in the local Hugging Face cache: no download)"
     return (f"{name_or_path}: not in the local Hugging Face cache, so the run downloads it from the hub when it "
             f"starts (offline it stops there); fetch it ahead with `hf download {name_or_path}` where the ranks' "

@@ -106,13 +106,15 @@ def launch_argv(plan: Any, environ: Any, strict: bool = True) -> list[str]:
 
 
 def check_data(recipe: Any) -> None:
-    """A missing local data.path fails here, not minutes into the trial run."""
+    """The trial run's text data.path, checked as `train` checks it before torch loads (`data.text.check_source`:
+    there, and at a glance text the build takes), so a missing or unreadable source fails here, not minutes into
+    the trial run."""
     if recipe.data.kind != "text" or not recipe.data.path:
         return
-    from bmojo_neuron.data.text import source_kind  # pulls in the tokenizers: only for text recipes
+    from bmojo_neuron.data.text import check_source
 
     try:
-        source_kind(str(Path(recipe.data.path).expanduser()))
+        check_source(str(Path(recipe.data.path).expanduser()), recipe.data.text_column)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"recipe key {exc}; set data.path=<your data> (the trn1 recipes ship a "
                                 "placeholder) and prepare it with `bmojo-neuron data prepare`") from None

@@ -17,33 +17,13 @@ import torch
 
 from ..checkpoints.export import quiet_transformers, save_tokenizer_files
 from ..checkpoints.inference import load_trained
-from ..checkpoints.locate import resolve_model_dir
-from ..checkpoints.layout import CONFIG_FILE
-from ..configuration_bmojo import BMojoConfig
-from ..fsutil import publish_dir
+from ..checkpoints.exportable import exported_family
+from ..config_fields import transformer_family
+from ..fsutil import check_new_output, publish_dir
 from ..modeling_bmojo import BMojoForCausalLM
 from .mapping import ATTENTION, LAYER_NORMS, MLP, QK_NORMS
 from .prime import RUN_INFO_FILE
 from .source import copy_tokenizer_files
-
-
-def transformer_family(config) -> str:
-    """``llama``, ``qwen2`` or ``qwen3``: the family whose layout holds this all-attention config."""
-    if set(config.layer_pattern) != {"A"}:
-        raise ValueError(f"layer_pattern {config.layer_pattern!r}: only an all-attention (all A) model is a "
-                         "transformer; prime turns transformers into hybrids, not back")
-    if config.intermediate_size == 0:
-        raise ValueError("intermediate_size 0 (no MLP): Llama and Qwen layers always have one")
-    output_bias = config.attention_output_bias
-    if config.qk_norm:
-        if config.attention_bias != output_bias:
-            raise ValueError("qk_norm with biases on q/k/v but not o has no Hugging Face family (Qwen3 has both or neither)")
-        return "qwen3"
-    if config.attention_bias and not output_bias:
-        return "qwen2"
-    if output_bias and not config.attention_bias:
-        raise ValueError("a bias on o but not on q/k/v has no Hugging Face family")
-    return "llama"
 
 
 def transformer_config(config, dtype: torch.dtype = torch.float32, max_position_embeddings: int | None = None):
@@ -97,9 +77,8 @@ def export_transformer(path: str | Path, output_dir: str | Path, overwrite: bool
     from transformers import AutoModelForCausalLM
 
     output = Path(output_dir).expanduser()
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise ValueError(f"OUTPUT {output} exists and is not empty; pass --overwrite to replace it")
-    _require_bmojo(path)
+    check_new_output(output, overwrite)
+    exported_family(path)  # a Hugging Face model or a hybrid is refused before any weight is read
     trained = load_trained(path)
     if not isinstance(trained.model, BMojoForCausalLM):
         raise ValueError(f"{path} is not a B'MOJO model (it holds a {type(trained.model).__name__})")
@@ -122,21 +101,6 @@ def export_transformer(path: str | Path, output_dir: str | Path, overwrite: bool
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return output
-
-
-def _require_bmojo(path: str | Path) -> None:
-    """Refuse, before any weight is read, a folder whose config.json is not a B'MOJO model's (e.g. a
-    Hugging Face transformer, which needs no export)."""
-    config_file = resolve_model_dir(path) / CONFIG_FILE
-    if not config_file.is_file():
-        return  # load_trained says what is missing
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return
-    if model_type != BMojoConfig.model_type:
-        raise ValueError(f"{path} is not a B'MOJO model (its config.json has model_type {model_type!r}); "
-                         "export-transformer writes an all-attention B'MOJO model as a transformer")
 
 
 def _source_max_positions(model_dir: Path) -> int | None:

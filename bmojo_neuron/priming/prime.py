@@ -20,7 +20,7 @@ import torch
 
 from ..checkpoints.export import quiet_transformers
 from ..configuration_bmojo import LAYER_KINDS, BMojoConfig
-from ..fsutil import publish_dir
+from ..fsutil import check_new_output, publish_dir
 from ..modeling_bmojo import BMojoForCausalLM
 from .mapping import SSM_INITS, attention_ssm_mismatch, new_weights, seeded_paths, shared_weights
 from .source import SourceModel, copy_tokenizer_files, load_source_weights, read_source
@@ -155,8 +155,7 @@ def prime(
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if output.resolve() == Path(source_dir).expanduser().resolve():
         raise ValueError(f"OUTPUT {output} is the source folder; write the primed model elsewhere")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise ValueError(f"OUTPUT {output} exists and is not empty; pass --overwrite to replace it")
+    check_new_output(output, overwrite)
     primed = prime_model(source_dir, pattern, overrides, ssm_init, seed)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".tmp-prime-{uuid.uuid4().hex[:8]}"
