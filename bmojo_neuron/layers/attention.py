@@ -33,7 +33,7 @@ from .eidetic_memory import (
     visible_selection,
 )
 from .decode_pack import linear_weights, packed, plain_linears
-from .shared_input import eager_untraced, shared_input_linears
+from .eager_gate import eager_untraced
 from .factory import LayerFactory, check_tp_split, get_layer_factory
 from .norms import RMSNorm, norm_rows, rms_normalize
 from .rope import RotaryEmbedding, apply_rotary, apply_rotary_rolled
@@ -100,20 +100,12 @@ class BMojoAttention(nn.Module):
 
     def _queries(self, x: Tensor) -> Tensor:
         """Un-rotated queries (batch, L, q_heads, head_dim), normalised per head with qk_norm."""
-        return self._query_heads(self.q_proj(x))
-
-    def _query_heads(self, projected: Tensor) -> Tensor:
-        """q_proj's output as un-rotated queries (batch, L, q_heads, head_dim), normalised per head with qk_norm."""
-        q = self._heads(projected, self.q_heads)
+        q = self._heads(self.q_proj(x), self.q_heads)
         return q if self.q_norm is None else self.q_norm(q)
 
     def _keys(self, x: Tensor, proj: nn.Module | None = None) -> Tensor:
         """Un-rotated keys (batch, L, kv_heads, head_dim) of `x` through `proj` (default k_proj)."""
-        return self._key_heads((proj or self.k_proj)(x))
-
-    def _key_heads(self, projected: Tensor) -> Tensor:
-        """A key projection's output as un-rotated keys (batch, L, kv_heads, head_dim), normalised with qk_norm."""
-        k = self._heads(projected, self.kv_heads)
+        k = self._heads((proj or self.k_proj)(x), self.kv_heads)
         return k if self.k_norm is None else self.k_norm(k)
 
     def _rotary_tables(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -143,8 +135,8 @@ class BMojoAttention(nn.Module):
             if rows == 0:
                 return None, None
             s = s[:, :rows]
-        k_rows, v = shared_input_linears(s, k_proj, v_proj)
-        k = self._rotate(self._key_heads(k_rows).transpose(1, 2), tuple(t[:rows] for t in tables))
+        k = self._rotate(self._keys(s, k_proj).transpose(1, 2), tuple(t[:rows] for t in tables))
+        v = v_proj(s)
         if rows < length:
             k, v = F.pad(k, (0, 0, 0, length - rows)), F.pad(v, (0, 0, 0, length - rows))
         return k, self._heads(v, self.kv_heads).transpose(1, 2)
@@ -216,13 +208,12 @@ class BMojoAttention(nn.Module):
     def _forward_parallel(
         self, x: Tensor, cache: AttentionLayerCache | None, real_tokens: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
-        q, k_raw, v = shared_input_linears(x, self.q_proj, self.k_proj, self.v_proj)
-        q = self._query_heads(q)  # the whole sequence, even when x is a sequence-parallel shard
+        q = self._queries(x)  # the whole sequence, even when x is a sequence-parallel shard
         batch, length = q.shape[:2]
         tables = self._rotary_tables(torch.arange(length, device=x.device), q.dtype)
         q = self._rotate(q.transpose(1, 2), tables)
-        k_raw = self._key_heads(k_raw)
-        v = self._heads(v, self.kv_heads)
+        k_raw = self._keys(x)
+        v = self._heads(self.v_proj(x), self.kv_heads)
         k = self._rotate(k_raw.transpose(1, 2), tables)
         v_t = v.transpose(1, 2)
 

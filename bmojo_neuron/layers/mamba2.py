@@ -26,7 +26,6 @@ from bmojo_neuron.layers.decode_pack import linear_weights, packed, plain_linear
 from bmojo_neuron.layers.factory import check_tp_split, get_layer_factory
 from bmojo_neuron.layers.mamba1 import _mark_no_weight_decay, _wide, init_dt_bias_
 from bmojo_neuron.layers.norms import GatedRMSNorm
-from bmojo_neuron.layers.shared_input import shared_input_linears
 from bmojo_neuron.layers.ssm_state import SSMState, causal_conv1d_step, depthwise_conv
 
 __all__ = ["Mamba2Mixer"]
@@ -124,16 +123,17 @@ class Mamba2Mixer(nn.Module):
         """
         if state is not None and hidden_states.shape[1] == 1:
             return self.step(hidden_states[:, 0], state).unsqueeze(1)
-        # dt: (batch, L, H); the input gradient of the four projections accumulates in their GEMMs (`shared_input`)
-        z, dt, x, bc = shared_input_linears(hidden_states, self.in_proj_z, self.in_proj_dt, self.in_proj_x,
-                                            self.in_proj_bc)
+        z = self.in_proj_z(hidden_states)
         batch, length, _ = z.shape  # whole sequence (the input may be a sequence-parallel shard)
+        dt = self.in_proj_dt(hidden_states)  # (batch, L, H)
         x_prefix = bc_prefix = None
         if state is not None:
             x_prefix, bc_prefix = state.conv_states["xbc"].split([self.d_inner_local, self.conv_bc.in_channels], 1)
         # The convs (with their SiLU) run on the projections' time-major rows (batch, L, channels).
-        x, x_tail = ops.causal_conv1d_rows(x, self.conv_x.weight, self.conv_x.bias, x_prefix, silu=True)
-        bc, bc_tail = ops.causal_conv1d_rows(bc, self.conv_bc.weight, self.conv_bc.bias, bc_prefix, silu=True)
+        x, x_tail = ops.causal_conv1d_rows(self.in_proj_x(hidden_states), self.conv_x.weight, self.conv_x.bias,
+                                           x_prefix, silu=True)
+        bc, bc_tail = ops.causal_conv1d_rows(self.in_proj_bc(hidden_states), self.conv_bc.weight, self.conv_bc.bias,
+                                             bc_prefix, silu=True)
         x = x.reshape(batch, length, self.num_heads_local, self.head_dim)
         B, C = self._split_bc(bc)
         out = ops.ssd_scan(

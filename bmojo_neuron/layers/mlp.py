@@ -8,7 +8,6 @@ from torch import Tensor, nn
 from .. import ops
 from .decode_pack import plain_linears
 from .factory import get_layer_factory
-from .shared_input import shared_input_linears
 
 
 class SwiGLU(nn.Module):
@@ -22,8 +21,7 @@ class SwiGLU(nn.Module):
         self.down_proj = layers.row_linear(intermediate_size, hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = shared_input_linears(x, self.gate_proj, self.up_proj)  # one accumulated input gradient
-        return self.down_proj(ops.swiglu_product(gate, up))
+        return self.down_proj(ops.swiglu_product(self.gate_proj(x), self.up_proj(x)))
 
     def rows(self, x: Tensor) -> Tensor:
         """`forward` for the decode step: plain linears as their weight products, without module calls (at one
