@@ -435,7 +435,7 @@ def test_fading_keys_are_projected_only_where_read_with_the_same_output_and_grad
         read = length if overlap else max(0, length - window)
         assert rows_seen == ([length] if tie else []) + ([read] if read else []), (length, rows_seen)
         with monkeypatch.context() as every_position:
-            every_position.setattr(attention, "fused_kernel_available", lambda *tensors: False)
+            every_position.setattr(attention, "eager_untraced", lambda *tensors: False)
             want, want_grads = _output_and_gradients(layer, x)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
         for name, grad in want_grads.items():

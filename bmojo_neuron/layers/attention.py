@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from .. import ops
 from ..cache_bmojo import AttentionLayerCache
 from ..configuration_bmojo import BMojoConfig
-from ..ops.reference.eager_cpu import fused_kernel_available
 from ..padding import masked_mean
 from .eidetic_memory import (
     MemoryState,
@@ -34,6 +33,7 @@ from .eidetic_memory import (
     visible_selection,
 )
 from .decode_pack import linear_weights, packed, plain_linears
+from .eager_gate import eager_untraced
 from .factory import LayerFactory, check_tp_split, get_layer_factory
 from .norms import RMSNorm, norm_rows, rms_normalize
 from .rope import RotaryEmbedding, apply_rotary, apply_rotary_rolled
@@ -120,16 +120,17 @@ class BMojoAttention(nn.Module):
                    ) -> tuple[Tensor | None, Tensor | None]:
         """Rotated fading keys and values (batch, kv_heads, L, head_dim) from the SSM features `s`.
 
-        Unless `whole` (a prefill, which fills every fading slot of the cache), an eager CPU
-        forward through plain linear projections projects and rotates only the positions
-        some query reads (`_fading_read`) and leaves zeros, which no query reads, in the
-        others: None for both when no query reads any. A sharded projection (whose input
-        may be a sequence-parallel shard) and a traced graph keep every position.
+        Unless `whole` (a prefill, which fills every fading slot of the cache), an eager
+        forward (any device: the cut is slices and pads) through plain linear projections
+        projects and rotates only the positions some query reads (`_fading_read`) and leaves
+        zeros, which no query reads, in the others: None for both when no query reads any. A
+        sharded projection (whose input may be a sequence-parallel shard) and a traced graph
+        (whose ops the step-graph checks pin) keep every position.
         """
         k_proj = self.k_proj if self.tie_fading else self.k_fading_proj
         v_proj = self.v_proj if self.tie_fading else self.v_fading_proj
         rows = length
-        if not whole and plain_linears(k_proj, v_proj) and fused_kernel_available(s):
+        if self._cuts_fading(whole, k_proj, v_proj, s):
             rows = self._fading_read(length)
             if rows == 0:
                 return None, None
@@ -139,6 +140,11 @@ class BMojoAttention(nn.Module):
         if rows < length:
             k, v = F.pad(k, (0, 0, 0, length - rows)), F.pad(v, (0, 0, 0, length - rows))
         return k, self._heads(v, self.kv_heads).transpose(1, 2)
+
+    @staticmethod
+    def _cuts_fading(whole: bool, k_proj: nn.Module, v_proj: nn.Module, s: Tensor) -> bool:
+        """Whether `_fading_kv` projects only the positions read: not a prefill, plain linears, eager tensors."""
+        return not whole and plain_linears(k_proj, v_proj) and eager_untraced(s)
 
     def _fading_read(self, length: int) -> int:
         """How many leading positions of a forward over `length` tokens have fading keys some query reads.
@@ -233,11 +239,11 @@ class BMojoAttention(nn.Module):
         selection = None
         innovation = None
         if self.memory_size > 0:
-            # Chunk j reads the memory after chunk j - lag, so a sequence of at most `lag` chunks reads none. On the
-            # eager-CPU fast paths its picks and gathers (which would only feed an empty memory) are skipped; a traced
+            # Chunk j reads the memory after chunk j - lag, so a sequence of at most `lag` chunks reads none. Eagerly
+            # (any device) its picks and gathers (which would only feed an empty memory) are skipped; a traced
             # graph (Neuron/XLA, torch.compile) keeps them, so it has the same ops at every length, short traces of
             # the graph checks included.
-            reads_memory = -(-length // self.chunk) > self.lag or not fused_kernel_available(k_raw, v)
+            reads_memory = -(-length // self.chunk) > self.lag or not eager_untraced(k_raw, v)
             innovation, selection = self._select_memory(k_raw, features, select=reads_memory or cache is not None)
             mean_innovation = masked_mean(innovation, real_tokens)
             if reads_memory:

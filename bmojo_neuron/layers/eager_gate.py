@@ -1,0 +1,40 @@
+"""When a layer may take a shape cut that only an eager run allows, on any device.
+
+Some layer paths compute less than the traced graph does, with the same result: the B
+layer projects fading keys only where some query reads them and skips selecting a
+memory no chunk reads (`layers/attention.py`). They are slices, pads and skipped ops,
+not CPU kernels, so they do not need `fused_kernel_available` (CPU float32/float64
+only); they need only that the run is eager: a traced graph (Neuron/XLA,
+`torch.compile`, `torch.jit`, the step-graph export on fake tensors) must keep the
+ops it is checked and compiled with at every length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.reference.eager_cpu import fused_kernel_available
+
+__all__ = ["eager_untraced", "executes_eagerly"]
+
+_TRACED_DEVICES = ("xla", "meta")  # lazy-graph and shape-only devices: their programs are traced, not run op by op
+
+
+def executes_eagerly(device_type: str) -> bool:
+    """Whether tensors on this kind of device (``torch.device.type``) run op by op: CPU, CUDA, MPS, ...; not XLA
+    (torch-xla records a lazy graph) and not meta (shapes only)."""
+    return device_type not in _TRACED_DEVICES
+
+
+def eager_untraced(*tensors: Tensor | None) -> bool:
+    """Whether these tensors (None skipped) run op by op outside any trace.
+
+    No `torch.compile` or `torch.jit` trace, no `fused_kernels_disabled` block (the CPU
+    stand-in of a Neuron/XLA run), plain tensors (no fake, functional or proxy wrappers)
+    on a device that `executes_eagerly`; any dtype.
+    """
+    if torch.jit.is_tracing() or not fused_kernel_available():  # no tensors: only the trace and disabled checks
+        return False
+    return all(type(t) in (torch.Tensor, nn.Parameter) and executes_eagerly(t.device.type)
+               for t in tensors if t is not None)
