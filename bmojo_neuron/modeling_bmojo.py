@@ -697,12 +697,16 @@ def causal_lm_loss(
     shard: the factory's cross-entropy combines the shards (and keeps static shapes:
     no selection of the counted rows).
     """
-    if shift_labels is None:
-        # The last position has no target: leave it out (this also hands the factory a copy
-        # of the logits for batches > 1; NxD's cross-entropy shifts its input in place).
+    if shift_labels is not None:
+        targets = shift_labels
+    elif factory.cross_entropy_writes_logits:
+        # The last position has no target: leave it out, which also hands the factory a copy of the
+        # logits for batches > 1 (NxD's cross-entropy shifts its input in place).
         logits, targets = logits[:, :-1], labels[:, 1:]
     else:
-        targets = shift_labels
+        # The last position's target is -100, as transformers' loss pads its labels: the logits are
+        # read where they are, never copied (forward, nor their gradient in the backward).
+        targets = shift_targets(labels)
     flat = targets.reshape(-1).to(logits.device)
     mean = factory.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat)
     if num_items_in_batch is None:

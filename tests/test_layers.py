@@ -124,6 +124,43 @@ def test_tables_for_heads_rotate_some_heads_and_leave_the_others_exactly(dtype):
         assert torch.equal(got[:, :, 2:4], x[:, :, 2:4])
 
 
+def test_tables_of_a_forward_are_kept_on_eager_runs_only_and_equal_the_made_ones():
+    """`prefix` (positions 0..L-1, asked by every attention layer at every step) hands out `forward`'s tables bit
+    for bit; eager runs keep them, shared between equal settings, at most `_PREFIX_TABLES_KEPT` of them; a traced
+    graph (here its stand-in, `fused_kernels_disabled`) and a fake tensor get new ones at every call. Tables first
+    made under inference mode serve a later training step."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    kept = RotaryEmbedding._prefix_tables
+    kept.clear()
+    a, b, other = RotaryEmbedding(8, 10000.0), RotaryEmbedding(8, 10000.0), RotaryEmbedding(8, 500.0, LLAMA3)
+    for rotary in (a, other):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            like = torch.zeros(1, dtype=dtype)
+            made = rotary(torch.arange(13), dtype)
+            with torch.inference_mode():
+                first = rotary.prefix(13, like)
+            assert all(torch.equal(got, want) and got.dtype == dtype for got, want in zip(first, made))
+            again = (b if rotary is a else rotary).prefix(13, like)
+            assert again[0] is first[0] and again[1] is first[1]
+            with fused_kernels_disabled():
+                traced = rotary.prefix(13, like)
+            assert traced[0] is not first[0] and all(torch.equal(t, m) for t, m in zip(traced, made))
+    assert len(kept) == RotaryEmbedding._PREFIX_TABLES_KEPT
+    with FakeTensorMode() as mode:
+        fake = a.prefix(13, mode.from_tensor(torch.zeros(1)))
+    assert type(fake[0]) is not torch.Tensor and len(kept) == RotaryEmbedding._PREFIX_TABLES_KEPT
+    a.prefix(13, torch.zeros(1, dtype=torch.float64))  # kept: the trace below must make its own anyway
+    graph = make_fx(lambda t: a.prefix(13, t)[0])(torch.zeros(1, dtype=torch.float64))  # real tensors, a mode
+    assert torch.ops.aten.cos.default in {node.target for node in graph.graph.nodes}
+    x = torch.randn(1, 2, 13, 8, requires_grad=True)  # training on tables made under inference mode
+    with torch.inference_mode():
+        tables = a.prefix(13, x)
+    apply_rotary(x, *a.prefix(13, x)).sum().backward()
+    assert a.prefix(13, x)[0] is tables[0] and x.grad is not None
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_norm_rows_equal_the_norms(dtype):
     """The decode step's fused norms (`rows`) give the modules' outputs; other dtypes and groups fall back."""

@@ -270,6 +270,52 @@ def test_losses_reported_separately_and_summed():
     assert build(tiny_config(memory_size=0))(ids, labels=labels).aux_loss is None
 
 
+def test_loss_reads_the_logits_in_place_unless_the_factory_writes_them():
+    """`causal_lm_loss` scores position t against label t + 1 by padding the targets with -100, as transformers'
+    loss does: the factory's cross-entropy gets the caller's logits themselves (no (batch, L-1, V) copy), and the
+    loss, its gradient and the `num_items_in_batch` sum equal the sliced computation's (float64, written here) to
+    float32 round-off (the mean sums in another order: rtol 1e-6). A factory whose cross-entropy writes its input
+    (NxD's) gets a copy of the scored positions instead, and the caller's logits stay as they were."""
+    from bmojo_neuron.layers.factory import LayerFactory
+    from bmojo_neuron.modeling_bmojo import causal_lm_loss
+
+    class Recording(LayerFactory):
+        def cross_entropy(self, logits, labels):
+            self.seen = logits
+            return super().cross_entropy(logits, labels)
+
+    class Writing(Recording):
+        cross_entropy_writes_logits = True
+
+        def cross_entropy(self, logits, labels):
+            logits = logits.detach()  # as NxD's autograd Function sees it
+            logits.sub_(logits.max(dim=-1, keepdim=True).values)
+            return super().cross_entropy(logits, labels)
+
+    generator = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 7, 11, generator=generator)).requires_grad_()
+    labels = torch.randint(0, 11, (3, 7), generator=generator)
+    labels[0, :4] = labels[2, 5] = -100
+    scored = labels[:, 1:].reshape(-1)
+    wide = logits.detach().double().requires_grad_()
+    want = torch.nn.functional.cross_entropy(wide[:, :-1].reshape(-1, 11), scored, ignore_index=-100)
+    want.backward()
+    factory = Recording()
+    got = causal_lm_loss(logits, labels, factory)
+    got.backward()
+    assert factory.seen.data_ptr() == logits.data_ptr() and factory.seen.shape == (21, 11)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(logits.grad.double(), wide.grad, rtol=1e-6, atol=1e-8)
+    summed = causal_lm_loss(logits, labels, factory, num_items_in_batch=torch.tensor(40))
+    torch.testing.assert_close(summed.double(), want * (scored != -100).sum() / 40, rtol=1e-6, atol=0)
+    aligned = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    assert torch.equal(causal_lm_loss(logits, None, factory, shift_labels=aligned), got)
+    before = logits.detach().clone()
+    writing = Writing()
+    torch.testing.assert_close(causal_lm_loss(logits, labels, writing).double(), want, rtol=1e-6, atol=0)
+    assert writing.seen.shape == (18, 11) and torch.equal(logits.detach(), before)
+
+
 def test_innovation_predictor_learns_only_from_aux_loss():
     model = build(tiny_config(layer_pattern="BB"))
     model.train()

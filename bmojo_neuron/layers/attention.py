@@ -108,9 +108,9 @@ class BMojoAttention(nn.Module):
         k = self._heads((proj or self.k_proj)(x), self.kv_heads)
         return k if self.k_norm is None else self.k_norm(k)
 
-    def _rotary_tables(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos, sin (L, head_dim) of `positions` (L,): made once per forward, shared by q, k and the fading k."""
-        return self.rotary(positions, dtype)
+    def _rotary_tables(self, length: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin (L, head_dim) of positions 0..L-1 in `like`'s dtype, shared by q, k and the fading k."""
+        return self.rotary.prefix(length, like)
 
     def _rotate(self, x: Tensor, tables: tuple[Tensor, Tensor]) -> Tensor:
         """Rotate (batch, heads, L, head_dim) by `_rotary_tables`."""
@@ -196,7 +196,7 @@ class BMojoAttention(nn.Module):
         teacher): it reads the same q/k/v/o weights, so the teacher costs no memory.
         """
         q = self._queries(x)
-        tables = self._rotary_tables(torch.arange(q.shape[1], device=x.device), q.dtype)
+        tables = self._rotary_tables(q.shape[1], q)
         q = self._rotate(q.transpose(1, 2), tables)
         k = self._rotate(self._keys(x).transpose(1, 2), tables)
         v = self._heads(self.v_proj(x), self.kv_heads).transpose(1, 2)
@@ -210,7 +210,7 @@ class BMojoAttention(nn.Module):
     ) -> tuple[Tensor, Tensor | None]:
         q = self._queries(x)  # the whole sequence, even when x is a sequence-parallel shard
         batch, length = q.shape[:2]
-        tables = self._rotary_tables(torch.arange(length, device=x.device), q.dtype)
+        tables = self._rotary_tables(length, q)
         q = self._rotate(q.transpose(1, 2), tables)
         k_raw = self._keys(x)
         v = self._heads(self.v_proj(x), self.kv_heads)

@@ -58,6 +58,9 @@ class LayerFactory:
     tp_size: int = 1
     tp_rank: int = 0
     sequence_parallel: bool = False
+    # Whether `cross_entropy` writes into its logits argument: `causal_lm_loss` then hands it a
+    # copy of the scored positions instead of all the logits with an ignored last target.
+    cross_entropy_writes_logits: bool = False
 
     def column_linear(self, in_features: int, out_features: int, bias: bool = False, sequence_parallel: bool = True) -> nn.Module:
         return nn.Linear(in_features, out_features, bias=bias)

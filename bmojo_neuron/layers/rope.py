@@ -22,6 +22,7 @@ rescale cos/sin (``yarn``, ``longrope``) are not supported.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops.reference.eager_cpu import keeps_eager_constants
 
 
 def rotation_periods(
@@ -94,6 +96,33 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.to(compute)[..., None] / periods
         angles = torch.cat([freqs, freqs], dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    # The tables of positions 0..L-1, the ones every forward over L tokens asks for (once per attention layer),
+    # kept on eager runs per settings, length, dtype and device, shared by all instances, never written after
+    # they are made; the oldest is dropped beyond `_PREFIX_TABLES_KEPT` (a few lengths: training and
+    # evaluation, at most ~8 MB a table at 16K tokens and head_dim 64 in float32).
+    _prefix_tables: OrderedDict[tuple, tuple[Tensor, Tensor]] = OrderedDict()
+    _PREFIX_TABLES_KEPT = 4
+
+    def prefix(self, length: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """`forward` of positions ``0..length-1`` in `like`'s dtype and on its device, (length, head_dim) each.
+
+        Made once and handed out again where `keeps_eager_constants(like)` (eager CPU and CUDA); a traced graph
+        makes them in the graph at every call, as `forward` does (on Neuron, constants the compiler folds).
+        """
+        if not keeps_eager_constants(like):
+            return self(torch.arange(length, device=like.device), like.dtype)
+        key = (self._settings, length, like.dtype, like.device)
+        kept = RotaryEmbedding._prefix_tables
+        if key in kept:
+            kept.move_to_end(key)
+            return kept[key]
+        with torch.inference_mode(False), torch.no_grad():  # usable by a later training step, too
+            tables = self(torch.arange(length, device=like.device), like.dtype)
+        kept[key] = tables
+        while len(kept) > RotaryEmbedding._PREFIX_TABLES_KEPT:
+            kept.popitem(last=False)
+        return tables
 
     def at_position(self, position: int | Tensor, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos and *signed* sin (head_dim,) of one position, for `apply_rotary_rolled` (decoding).

@@ -73,6 +73,8 @@ NXD_LAYERS = ("ParallelEmbedding", "ColumnParallelLinear", "RowParallelLinear")
 class NxDTensorParallelFactory(LayerFactory):
     """Layers from `neuronx_distributed.parallel_layers`, sharded over NxD's tensor-parallel group."""
 
+    cross_entropy_writes_logits = True  # `parallel_cross_entropy`'s in-place `sub_` (loss_functions.py line 23, v2.28.0)
+
     def __init__(self, sequence_parallel: bool = False, dtype: torch.dtype = torch.float32) -> None:
         self.layers = import_neuron_module("neuronx_distributed.parallel_layers.layers", FEATURE)
         self.mappings = import_neuron_module("neuronx_distributed.parallel_layers.mappings", FEATURE)

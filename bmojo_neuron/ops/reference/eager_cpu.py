@@ -17,8 +17,9 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["cpu_cache_slicing", "fused_kernel_available", "fused_kernels_disabled"]
+__all__ = ["cpu_cache_slicing", "fused_kernel_available", "fused_kernels_disabled", "keeps_eager_constants"]
 
 _disabled = False  # process-wide, not per thread: NxD may run pipeline stages on other threads
 
@@ -40,21 +41,41 @@ def fused_kernels_disabled() -> Iterator[None]:
         _disabled = previous
 
 
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_WIDE_FLOATS = (torch.float32, torch.float64)
+
+
 def fused_kernel_available(*tensors: Tensor | None) -> bool:
     """Whether the eager-CPU fast paths may run these inputs (None entries are skipped).
 
     True for plain CPU tensors that are float32, float64 or not floating point (masks,
     indices), outside tracing and outside `fused_kernels_disabled`. Lower-precision
     floats keep the plain expressions, which autocast and the dtype rules already cover.
+    Asked by several ops per layer: a plain loop (no generator) keeps it cheap at short lengths.
     """
     if _disabled or torch.compiler.is_compiling():
         return False
-    return all(
+    for t in tensors:
         # The type first: no fake/functional wrappers, and no FX proxy, whose attributes are proxies too.
-        type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
-        and (t.dtype in (torch.float32, torch.float64) or not t.is_floating_point())
-        for t in tensors if t is not None
-    )
+        if t is not None and not (type(t) in _PLAIN_TENSORS and t.device.type == "cpu"
+                                  and (t.dtype in _WIDE_FLOATS or not t.is_floating_point())):
+            return False
+    return True
+
+
+def keeps_eager_constants(like: Tensor) -> bool:
+    """Whether a constant made from shapes only (a rotary table) for `like`'s dtype and device may be kept and
+    handed out again by later calls, instead of being made afresh each time.
+
+    Only on an eager CPU or CUDA run: a traced graph (torch.compile, torch.export, `torch.jit.trace`, the
+    stand-in of a Neuron graph under `fused_kernels_disabled`) and an XLA device, whose lazy tensors are traced
+    too, keep making it in the graph, where a kept tensor would become an input or a baked-in constant instead;
+    a fake or functional tensor, or a dispatch mode (FakeTensorMode, `make_fx`), would mix kept real tensors
+    with its own.
+    """
+    return (not _disabled and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and type(like) in _PLAIN_TENSORS and like.device.type in ("cpu", "cuda")
+            and _get_current_dispatch_mode() is None)
 
 
 def cpu_cache_slicing(x: Tensor) -> bool:
