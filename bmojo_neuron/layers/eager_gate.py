@@ -1,4 +1,4 @@
-"""When a layer may take a shape cut that only an eager run allows, on any device.
+"""When a layer may take a shortcut that only an eager run allows, on any device.
 
 Some layer paths compute less than the traced graph does, with the same result: the B
 layer projects fading keys only where some query reads them and skips selecting a
@@ -6,17 +6,19 @@ memory no chunk reads (`layers/attention.py`). They are slices, pads and skipped
 not CPU kernels, so they do not need `fused_kernel_available` (CPU float32/float64
 only); they need only that the run is eager: a traced graph (Neuron/XLA,
 `torch.compile`, `torch.jit`, the step-graph export on fake tensors) must keep the
-ops it is checked and compiled with at every length.
+ops it is checked and compiled with at every length. Likewise the rotary tables of
+positions 0..L-1 are kept between forwards only on an eager run (`keeps_eager_constants`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ..ops.reference.eager_cpu import fused_kernel_available
 
-__all__ = ["eager_untraced", "executes_eagerly"]
+__all__ = ["eager_untraced", "executes_eagerly", "keeps_eager_constants"]
 
 _TRACED_DEVICES = ("xla", "meta")  # lazy-graph and shape-only devices: their programs are traced, not run op by op
 
@@ -38,3 +40,15 @@ def eager_untraced(*tensors: Tensor | None) -> bool:
         return False
     return all(type(t) in (torch.Tensor, nn.Parameter) and executes_eagerly(t.device.type)
                for t in tensors if t is not None)
+
+
+def keeps_eager_constants(like: Tensor) -> bool:
+    """Whether a constant made from shapes only (a rotary table) for `like`'s dtype and device may be kept and
+    handed out again by later calls, instead of being made afresh each time.
+
+    Stricter than `eager_untraced`: a kept tensor outlives the call, so besides traces and lazy devices it must
+    not meet a dispatch mode (FakeTensorMode, `make_fx`), which would mix a kept real tensor with its own
+    tensors, and it is kept only on CPU and CUDA, the devices this is tested on.
+    """
+    return (eager_untraced(like) and like.device.type in ("cpu", "cuda")
+            and _get_current_dispatch_mode() is None)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops.reference.eager_cpu import keeps_eager_constants
+from .eager_gate import keeps_eager_constants
 
 
 def rotation_periods(

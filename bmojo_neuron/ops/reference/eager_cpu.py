@@ -17,9 +17,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ["cpu_cache_slicing", "fused_kernel_available", "fused_kernels_disabled", "keeps_eager_constants"]
+__all__ = ["cpu_cache_slicing", "fused_kernel_available", "fused_kernels_disabled"]
 
 _disabled = False  # process-wide, not per thread: NxD may run pipeline stages on other threads
 
@@ -61,21 +60,6 @@ def fused_kernel_available(*tensors: Tensor | None) -> bool:
                                   and (t.dtype in _WIDE_FLOATS or not t.is_floating_point())):
             return False
     return True
-
-
-def keeps_eager_constants(like: Tensor) -> bool:
-    """Whether a constant made from shapes only (a rotary table) for `like`'s dtype and device may be kept and
-    handed out again by later calls, instead of being made afresh each time.
-
-    Only on an eager CPU or CUDA run: a traced graph (torch.compile, torch.export, `torch.jit.trace`, the
-    stand-in of a Neuron graph under `fused_kernels_disabled`) and an XLA device, whose lazy tensors are traced
-    too, keep making it in the graph, where a kept tensor would become an input or a baked-in constant instead;
-    a fake or functional tensor, or a dispatch mode (FakeTensorMode, `make_fx`), would mix kept real tensors
-    with its own.
-    """
-    return (not _disabled and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
-            and type(like) in _PLAIN_TENSORS and like.device.type in ("cpu", "cuda")
-            and _get_current_dispatch_mode() is None)
 
 
 def cpu_cache_slicing(x: Tensor) -> bool:
