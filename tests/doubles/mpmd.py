@@ -63,8 +63,7 @@ def without_zero_constants(graphs: dict[int, list[list[tuple]]]) -> dict[int, li
     """The ranks' graphs less their constant-0 events. The vocabulary shard's first index, 0 on tensor rank 0 and
     ``rank * shard`` on the others, is a Python number in NxD's ``ParallelEmbedding`` (parallel_layers/layers.py
     342-345: ``input_ >= start_index``, ``input_.clone() - start_index``) and ``parallel_cross_entropy``
-    (loss_functions.py 36-37), and in ours (`parallel.core_tensors`, `parallel.tensor_parallel`): torch-xla makes the
-    0 a graph constant and the others device data (`xla_host.trace_python_scalars`), so tensor rank 0 traces its
+    (loss_functions.py 36-37): torch-xla makes the 0 a graph constant and the others device data (`xla_host.trace_python_scalars`), so tensor rank 0 traces its
     own variant of those graphs (one more compile, at the first step only). Comparing the rest checks that the
     ranks run one program otherwise."""
     return {rank: [[e for e in graph if e[:2] != ("constant", "0.0")] for graph in ranked]
