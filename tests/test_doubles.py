@@ -690,7 +690,7 @@ def test_move_all_tensor_to_cpu_hands_host_tensors_back_as_aliases(monkeypatch):
     env = Env(XlaLog())
     utils = nxd_modules(env)["neuronx_distributed.parallel_layers.utils"]
     state = {"step": torch.tensor(1.0), "exp_avg": torch.ones(2)}  # AdamW's, after one step
-    mark_steps_on_host(SimpleNamespace(state={"param": state}))
+    mark_steps_on_host(SimpleNamespace(state={"param": state}, param_groups=[{"params": ["param"]}]))
     env.log.trace("all_gather", "[[0]]", 0, "(2,)", torch.float32)  # pending work the copy runs
     out = utils.move_all_tensor_to_cpu({"step": state["step"], "exp_avg": state["exp_avg"]})
     assert out["step"] is not state["step"] and out["step"].data_ptr() == state["step"].data_ptr()
@@ -1608,6 +1608,41 @@ def test_an_optimizer_state_made_on_the_host_outside_a_step_fails_the_update(one
     update(lambda: {"exp_avg": torch.zeros(4).to(XLA_DEVICE), "exp_avg_sq": torch.zeros(4, device=XLA_DEVICE)})
 
 
+def test_a_capturable_adamw_keeps_step_on_the_device_and_refuses_a_host_one(one_rank, monkeypatch):
+    """``capturable=True``: torch's AdamW makes ``step`` on the parameter's device and asserts that it is there at
+    each update (torch/optim/adam.py ``_single_tensor_adam``; torch-xla's ``xla`` is among
+    ``_get_capturable_supported_devices``): a host ``step`` next to a device parameter is refused with torch's
+    message, a device one is counted on the device and stays there, and the update equals the host-step AdamW's
+    to float32 rounding (the bias corrections in float32 tensors instead of float64 numbers)."""
+    from doubles.xla_host import XLA_DEVICE, on_host
+
+    neuron_sdk.install(monkeypatch)
+    sys.modules[PARALLEL_STATE].initialize_model_parallel()
+    trainer = sys.modules[nxd_api.TRAINER]
+    config = trainer.neuronx_distributed_config()
+
+    def update(step: torch.Tensor | None, capturable: bool = True) -> tuple[torch.Tensor, dict]:
+        (param,) = on_device([torch.nn.Parameter(torch.arange(4.0, device=XLA_DEVICE))])
+        optimizer = trainer.initialize_parallel_optimizer(config, torch.optim.AdamW, [param], lr=0.1,
+                                                          betas=(0.9, 0.95), capturable=capturable)
+        if step is not None:
+            zeros = torch.zeros(4, device=XLA_DEVICE)
+            optimizer.optimizer.state[param] = {"step": step, "exp_avg": zeros, "exp_avg_sq": zeros.clone()}
+        param.grad = torch.full((4,), 0.5, device=XLA_DEVICE)
+        optimizer.step()
+        return param.detach(), optimizer.optimizer.state[param]
+
+    with pytest.raises(AssertionError, match=r"^If capturable=True, params and state_steps must be on supported "
+                                             r"devices: \[.*'xla'\]\.$"):
+        update(torch.tensor(0.0))
+    moved, state = update(torch.tensor(0.0).to(XLA_DEVICE))
+    made, made_state = update(None)
+    host, host_state = update(None, capturable=False)
+    assert not on_host(state["step"]) and not on_host(made_state["step"]) and on_host(host_state["step"])
+    assert state["step"].item() == made_state["step"].item() == 1.0
+    assert torch.equal(moved, made) and (made - host).abs().max().item() <= 1e-7, made - host
+
+
 def test_host_tensors_made_before_the_step_meet_its_rules_and_host_scalars_0_or_1_are_graph_constants(
         one_rank, monkeypatch):
     """A tensor our code made with a factory and no ``device=`` during a Neuron run, before the step (kept by a
@@ -1632,6 +1667,30 @@ def test_host_tensors_made_before_the_step_meet_its_rules_and_host_scalars_0_or_
     scalars = [step_graph(torch.tensor(v)) for v in (0.0, 1.0, 2.0, 3.0)]
     assert len(set(scalars)) == 3 and scalars[2] == scalars[3] and ("constant", "0.0", "torch.float32") in scalars[0]
     assert step_graph(torch.tensor([0.0])) == step_graph(torch.tensor([1.0])) == scalars[3]
+
+
+def test_python_numbers_0_or_1_in_a_step_op_are_graph_constants():
+    """A Python number in an op on a device tensor is device data unless it is 0, 1 or -1 (torch's
+    ``IsSpecialScalar`` through ``XLAGraphExecutor::GetIrValueForScalar``, xla_graph_executor.cpp 294-300, or a
+    wrapped-number tensor through ``GetIrValueForTensor``, tensor.cpp 428-445): AdamW's ``denom`` divided by
+    ``bias_correction2 ** 0.5`` in float64 traces one graph while that number is below 1 and another once it is
+    exactly 1.0 (from update 709 with beta2 = 0.95); a number that never gets there traces one graph; an int 1 counts as
+    the float 1.0, a bool does not count."""
+    def step_graph(work) -> tuple:
+        _, log = _in_a_step(work, torch.ones(4))
+        return tuple(log.graphs[-1][1:])
+
+    def adam_denominator(step: int):
+        return lambda x: (x.sqrt() / (1 - 0.95 ** step) ** 0.5).add_(1e-8)
+
+    before, at, after = ([step_graph(adam_denominator(step)) for step in steps] for steps in ((1, 2, 708), (709,),
+                                                                                              (729, 730, 731)))
+    assert len(set(before)) == 1 and set(at) == set(after) and at[0] != before[0]
+    assert ("constant", "1.0") in at[0]  # Python's ``** 0.5`` of 1 - 2**-53 rounds to 1.0 (from 709 on)
+    assert len({step_graph(lambda x, lr=lr: x.addcdiv(x, x, value=-lr)) for lr in (1e-3, 5e-4, 3e-5)}) == 1
+    assert step_graph(lambda x: x * 1) == step_graph(lambda x: x * 1.0) != step_graph(lambda x: x * 2.0)
+    assert step_graph(lambda x: x.lerp(x, 0.0)) != step_graph(lambda x: x.lerp(x, 0.1))
+    assert step_graph(lambda x: x.masked_fill(x > 0, True)) == step_graph(lambda x: x.masked_fill(x > 0, False))
 
 
 def test_zero1_takes_parameters_on_one_xla_device_and_keeps_fp32_masters(one_rank, caplog):

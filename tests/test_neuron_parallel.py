@@ -75,6 +75,12 @@ def _collectives(graph: list[tuple]) -> list[list[str]]:
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter")
 
 
+def _work(update: list[list[str]]) -> list[list[str]]:
+    """``[kind, detail]`` of the events of an update graph but its constants (the special Python numbers of its ops,
+    `xla_host.trace_python_scalars`): the optimizer step and the collectives, in order."""
+    return [e[:2] for e in update if e[0] != "constant"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("neuron-tp-dp")
@@ -143,7 +149,7 @@ def test_the_ranks_issue_the_collectives_nxd_issues(runs):
     for name, events in want.items():
         for rank in range(WORLD):
             update = runs[rank][name]["update"]
-            assert runs[rank][name]["updates"] == STEPS and [e[:2] for e in update] == events, (name, rank)
+            assert runs[rank][name]["updates"] == STEPS and _work(update) == events, (name, rank)
             buckets = [e for e in update[1:-1] if e[1] == (pair if name == "dp2" else one_rank_groups)]
             assert all(e[2].count("(") == 44 for e in buckets), (name, rank)  # one bucket of every gradient
         assert runs[0][name]["update"] == runs[1][name]["update"], name
@@ -220,7 +226,7 @@ def test_tp2_dp2_zero1_sp_on_four_ranks_equals_the_one_process_run(four_runs, on
             ["all_reduce", "None"]]
     for rank, run in enumerate(runs):
         assert run["dist"] == [] and run["violations"] == [], rank
-        assert [e[:2] for e in run["update"]] == want, rank
+        assert _work(run["update"]) == want, rank
 
 
 def test_tp2_pp2_on_four_ranks_equals_the_one_process_run(four_runs, one_process):
@@ -233,8 +239,8 @@ def test_tp2_pp2_on_four_ranks_equals_the_one_process_run(four_runs, one_process
     runs = [run["tp2pp2"] for run in four_runs]
     _assert_equals_one_process(runs[0], one_process, "tp2pp2")
     graphs = {rank: mpmd.from_json(run["graphs"]) for rank, run in enumerate(runs)}
-    assert mpmd.mismatches(graphs, {0: 0, 1: 0, 2: 1, 3: 1}) == []
+    assert mpmd.mismatches(mpmd.without_zero_constants(graphs), {0: 0, 1: 0, 2: 1, 3: 1}) == []
     for rank, run in enumerate(runs):
         assert run["dist"] == [] and run["violations"] == [], rank
-        assert [e[:2] for e in run["update"]][-3:] == [["all_reduce", "[[0, 1], [2, 3]]"],
+        assert _work(run["update"])[-3:] == [["all_reduce", "[[0, 1], [2, 3]]"],
                                                        ["all_reduce", "[[0, 2], [1, 3]]"], ["all_reduce", "None"]], rank

@@ -133,6 +133,7 @@ def test_a_graph_per_micro_batch_one_for_the_update_and_no_host_reads_inside(neu
     assert kinds == ([["forward"]] * ACCUM + [["optimizer_step"]]) * STEPS
     # every micro-batch is a device input of its own: the same shapes in every micro-batch graph
     assert len({tuple(g) for g, k in zip(graphs, kinds) if k == ["forward"]}) == 1
+    assert len({tuple(g) for g, k in zip(graphs, kinds) if k == ["optimizer_step"]}) == 1  # one update graph
     # the loader's fetch cut the graph before every micro-batch but a step's first; ours cut before the update
     # and ran it
     assert [s["source"] for s in log.step_syncs()] == (["loader"] * (ACCUM - 1) + ["code"]) * STEPS
@@ -153,6 +154,33 @@ def test_grad_accum_4_cuts_one_graph_per_micro_batch_and_one_for_the_update(doub
     assert doubles.fetches == 4 * steps
     cuts = [s["source"] for s in doubles.step_syncs()]
     assert cuts == (["loader"] * 3 + ["code"]) * steps
+
+
+def test_the_update_graph_stays_the_same_past_the_update_where_adamw_s_corrections_reach_1(doubles, tmp_path,
+                                                                                            monkeypatch):
+    """The update graph is the same at every update, across the warm-up's end and the update where the
+    non-capturable AdamW's ``bias_correction2 ** 0.5`` (a Python float) turns exactly 1.0 (709 with beta2 = 0.95),
+    which torch-xla would make a graph constant instead of device data (`xla_host.trace_python_scalars`): the
+    Neuron AdamW keeps its bias corrections on the device (``capturable``). AdamW's ``step`` is moved to 707 after
+    the first update, so the run's updates are 1, 708 (past the warm-up) and 709."""
+    adamw_step, updates = torch.optim.AdamW.step, []
+
+    def step_then_skip_ahead(self, *args, **kwargs):
+        out = adamw_step(self, *args, **kwargs)
+        updates.append(self)
+        if len(updates) == 1:
+            for state in self.state.values():
+                state["step"].fill_(707)
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_skip_ahead)
+    steps = 3
+    result = train(recipe(**{"train.grad_accum": 1, "train.steps": steps, "optim.warmup_steps": 2, "eval.every": 10,
+                             "checkpoint.every": 10}), tmp_path / "run", progress=False)
+    assert result.step == steps and len(updates) == steps
+    assert all(float(s["step"]) == 707 + steps - 1 for s in updates[-1].state.values())
+    update_graphs = [tuple(g) for g in step_graphs(doubles) if any(e[0] == "optimizer_step" for e in g)]
+    assert len(update_graphs) == steps and len(set(update_graphs)) == 1
 
 
 # ------------------------------------------------------------------ checkpoints and resume

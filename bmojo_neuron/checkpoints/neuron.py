@@ -97,12 +97,14 @@ def dp_slice(full: Tensor, dp: int, dp_rank: int) -> Tensor:
 
 def _state_to_device(value: Any, like: Tensor, device: torch.device) -> Any:
     """An AdamW state value read from a checkpoint (on the host) for a parameter like `like`, on the XLA `device`
-    (AdamW updates it in place with the device gradient, which torch-xla refuses for a host tensor); the scalar
-    ``step`` stays a host tensor, as AdamW keeps it. The runtime's device, not ``like.device``: the same on
+    (AdamW updates it in place with the device gradient, which torch-xla refuses for a host tensor). The scalar
+    ``step`` goes to the device too, in its own dtype: the Neuron AdamW is ``capturable`` (`build_nxd_optimizer`),
+    which wants it on the parameter's device, as torch's own ``load_state_dict`` puts it (optim/optimizer.py
+    ``_process_value_according_to_param_policy``). The runtime's device, not ``like.device``: the same on
     Trainium, and on the test doubles the one that tells the device from the host outside a step."""
-    if not isinstance(value, Tensor) or value.dim() == 0:
+    if not isinstance(value, Tensor):
         return value
-    return value.to(device, like.dtype)
+    return value.to(device) if value.dim() == 0 else value.to(device, like.dtype)
 
 
 # ------------------------------------------------------------------------------ save

@@ -174,9 +174,16 @@ def build_nxd_optimizer(param_groups: list[dict], nxd_cfg: dict, optim_section: 
         # ZeroRedundancyOptimizer then clips at its default 1.0); its `max_norm` argument comes through
         # these keyword defaults. Without ZeRO-1 the defaults go to AdamW, which has no such argument.
         extra["max_norm"] = float(optimizer_config["max_grad_norm"])
+    # capturable: AdamW keeps `step` on the device and computes its bias corrections there, so the update graph
+    # is the same at every update. Without it they are Python floats in the update's ops, and torch-xla makes a
+    # float that is exactly 0 or ±1 a constant of the graph (torch's IsSpecialScalar), any other device data:
+    # `bias_correction2 ** 0.5` turns 1.0 at update 709 with beta2 = 0.95, a second graph and a recompile (docs/trn1.md).
+    # torch's single-tensor AdamW accepts an XLA parameter with it (optim/adam.py `_single_tensor_adam`,
+    # `_get_capturable_supported_devices` lists "xla"); NxD and torch-xla's ZeRO-1 hand it to AdamW with the
+    # other keywords (trainer.py 296-310; zero_redundancy_optimizer.py 138).
     return trainer.initialize_parallel_optimizer(
         nxd_cfg, torch.optim.AdamW, param_groups,
-        lr=o.lr, betas=(b1, b2), eps=o.eps, weight_decay=o.weight_decay, **extra,
+        lr=o.lr, betas=(b1, b2), eps=o.eps, weight_decay=o.weight_decay, capturable=True, **extra,
     )
 
 

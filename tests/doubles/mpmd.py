@@ -59,6 +59,17 @@ def mismatches(graphs: dict[int, list[list[tuple]]], stage_of: dict[int, int] | 
     return found
 
 
+def without_zero_constants(graphs: dict[int, list[list[tuple]]]) -> dict[int, list[list[tuple]]]:
+    """The ranks' graphs less their constant-0 events. The vocabulary shard's first index, 0 on tensor rank 0 and
+    ``rank * shard`` on the others, is a Python number in NxD's ``ParallelEmbedding`` (parallel_layers/layers.py
+    342-345: ``input_ >= start_index``, ``input_.clone() - start_index``) and ``parallel_cross_entropy``
+    (loss_functions.py 36-37): torch-xla makes the 0 a graph constant and the others device data (`xla_host.trace_python_scalars`), so tensor rank 0 traces its
+    own variant of those graphs (one more compile, at the first step only). Comparing the rest checks that the
+    ranks run one program otherwise."""
+    return {rank: [[e for e in graph if e[:2] != ("constant", "0.0")] for graph in ranked]
+            for rank, ranked in graphs.items()}
+
+
 def graphs_of(log: Any) -> list[list[list[str]]]:
     """A rank's graphs as JSON-friendly lists (to carry them out of a spawned process)."""
     return [[list(event) for event in graph] for graph in log.graphs]

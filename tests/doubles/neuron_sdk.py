@@ -22,7 +22,7 @@ import torch.distributed as dist
 from .env import PACKAGE_ROOT, Env, XlaLog, bmojo_caller, fake_module
 from .nxd_runtime import nxd_modules
 from .xla import host_reads_in_steps, xla_modules
-from .xla_host import drop_left_over_modes, follow_factories, host_load
+from .xla_host import capturable_on_the_device, drop_left_over_modes, follow_factories, host_load
 
 __all__ = ["host_reads_in_steps", "install"]
 
@@ -33,7 +33,8 @@ def install(monkeypatch: Any) -> XlaLog:
     ``transformers.utils.fx`` is hidden, as in transformers 5 (NxD 0.17 imports it; see
     `bmojo_neuron.nxd_compat`), and whatever stands in for it is removed afterwards.
     During a Neuron run (NxD's parallel state up) what ``torch.load`` reads, and what our code's factory
-    calls make without ``device=``, are host tensors (`xla_host.host_load`, `xla_host.follow_factories`).
+    calls make without ``device=``, are host tensors (`xla_host.host_load`, `xla_host.follow_factories`), and
+    AdamW's ``capturable`` path takes the double's device (`xla_host.capturable_on_the_device`).
     """
     import transformers.utils
 
@@ -52,6 +53,7 @@ def install(monkeypatch: Any) -> XlaLog:
         monkeypatch.setattr(dist, name, _recorded(getattr(dist, name), name, env.log))
     monkeypatch.setattr(torch, "load", host_load(torch.load, lambda: bool(env.grid)))
     follow_factories(monkeypatch, lambda: bool(env.grid))
+    capturable_on_the_device(monkeypatch, lambda: bool(env.grid))
     env.log.env = env
     return env.log
 

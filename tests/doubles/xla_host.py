@@ -51,8 +51,13 @@ Not modelled: what ops on such a tensor make outside a step, and host tensors ma
 another library (a buffer registered after the move; following them would need the mode between steps too, a
 Python call at every op of evaluations and checkpoints), host tensors made by torch (but ``torch.load`` and
 AdamW's ``step``), another library or the doubles, the host operands of ops torch-xla runs through its CPU
-fallback (they take host tensors; `xla_lowerings.CpuFallbacks` records the ops), and the constants Python
-numbers in ops make (``XLAGraphExecutor::GetIrValueForScalar``, the same 0 / ±1 rule).
+fallback (they take host tensors; `xla_lowerings.CpuFallbacks` records the ops).
+
+A Python number in a step op on a device tensor follows the same rule (`trace_python_scalars`): ``x / 0.5`` takes
+0.5 as device data, ``x / 1.0`` (or ``x / 1``) the constant 1, so a number that reaches 0 or ±1 at some step (AdamW's
+``bias_correction2 ** 0.5`` without ``capturable``) cuts a different graph there. Only the ops in
+`SCALAR_OPERAND_OPS` are followed (their numbers are ``at::Scalar`` operands); the numbers of other ops (dims,
+sizes, indices, ``dropout``'s ``p``) are not.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ from typing import Any, Callable
 
 import torch
 from torch.overrides import TorchFunctionMode
+import torch.optim.adam as ADAM  # the module AdamW's step reads its capturable devices from
 
 from torch.utils import _python_dispatch
 
@@ -93,6 +99,23 @@ WRAPPED_NUMBER_OK = frozenset({
     "masked_fill", "masked_fill_", "maximum", "minimum", "clamp", "clamp_", "clip", "clamp_min", "clamp_max",
     "logical_and", "logical_or", "logical_xor", "addcmul", "addcmul_", "addcdiv", "addcdiv_", "tril", "triu",
     "take", "repeat", "bitwise_left_shift", "bitwise_right_shift", "all", "any", "amax", "amin",
+})
+# Ops whose Python-number operands become values of the graph, with the special-scalar rule (`trace_python_scalars`):
+# a number given to a tensor op is a wrapped-number tensor (``x * 0.5``: ``GetBinaryOperands``, aten_xla_type.cpp
+# 345-359, through ``GetOrCreateXlaTensor`` to ``XLATensor::GetIrValueForTensor``, tensor.cpp 428-445) or an
+# ``at::Scalar`` (``alpha``, ``value``, ``weight``, ``exponent``, ``min`` / ``max``, a Scalar overload's ``other``:
+# ``XLAGraphExecutor::GetIrValueForScalar``, xla_graph_executor.cpp 294-300, called by tensor_methods.cpp ``add``
+# 1198, ``div`` 1676, ``fill_`` 1871, ``lerp`` 2125, ``mul`` 2490, ``pow`` 2833 / 2858, ``rsub`` 3180, ``sub`` 3544;
+# the ``full_codegen`` ops ``addcdiv`` / ``addcmul`` / ``clamp`` / ``masked_fill`` through torchgen's
+# ``GetIrValueForScalarFromCodegen``, torch/csrc/lazy/core/lazy_graph_executor.cpp): all test ``IsSpecialScalar``.
+SCALAR_OPERAND_OPS = frozenset({
+    "add", "add_", "__add__", "__radd__", "__iadd__", "sub", "sub_", "subtract", "__sub__", "__rsub__", "__isub__",
+    "rsub", "mul", "mul_", "multiply", "__mul__", "__rmul__", "__imul__", "div", "div_", "divide", "true_divide",
+    "__truediv__", "__rtruediv__", "__itruediv__", "__div__", "__rdiv__", "pow", "pow_", "__pow__", "__rpow__",
+    "__ipow__", "fmod", "fmod_", "remainder", "remainder_", "lerp", "lerp_", "addcdiv", "addcdiv_", "addcmul",
+    "addcmul_", "clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_max", "masked_fill", "masked_fill_", "fill_",
+    "full_like", "where", "eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__", "__lt__", "__le__", "__gt__",
+    "__ge__",
 })
 # Factories of a host value (a Python list, a NumPy array): given the device, each call uploads it.
 HOST_DATA = frozenset({"tensor", "as_tensor", "asarray"})
@@ -181,6 +204,8 @@ class HostTensors(TorchFunctionMode):
             return out
         host = [t for t in tensors if on_host(t)]
         name = getattr(func, "__name__", "")
+        if name in SCALAR_OPERAND_OPS and len(host) < len(tensors):  # an op on the device
+            trace_python_scalars(self.log, args, kwargs)
         if not host:
             if (name == "cpu" or name == "to" and names_the_host(_asked_device(args, kwargs))) and _from_our_code():
                 return self._to_host(func, name, args, kwargs)  # the device value copied to the host
@@ -249,6 +274,18 @@ def trace_uploads(log: XlaLog, uploaded: list[torch.Tensor]) -> None:
                 value = tensor.item()
             if value == 0 or abs(value) == 1:
                 log.trace("constant", value, tensor.dtype)
+
+
+def trace_python_scalars(log: XlaLog, args: tuple, kwargs: dict) -> None:
+    """The Python numbers of an op on a device tensor (one of `SCALAR_OPERAND_OPS`): torch's ``IsSpecialScalar``
+    (torch/csrc/lazy/core/helpers.cpp) makes an integer or floating-point 0, 1 or -1 a constant of the graph, the int
+    1 and the float 1.0 alike (``isIntegral(false) || isFloatingPoint()``: a bool is neither, and is device data), any
+    other number device data. Either becomes a constant of the op's type (``ScalarOp(value, type)``; a wrapped number
+    is cast to it first, ``UnwrapNumber``, torch/csrc/lazy/core/helpers.h), so ``x * 1`` and ``x * 1.0`` trace the
+    same graph. The constant is traced, as in `trace_uploads`; device data changes no graph."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and (value == 0 or abs(value) == 1):
+            log.trace("constant", float(value))
 
 
 def _in_place(name: str) -> bool:
@@ -443,11 +480,11 @@ def mark_steps_on_host(optimizer: Any) -> None:
     """AdamW keeps each parameter's ``step`` as a 0-dim host tensor (``torch.tensor(0.0, ..., device="cpu")`` in
     ``Adam._init_group``, torch/optim/adam.py, unless ``capturable`` or ``fused``), made inside torch where the
     factory marks do not reach: marked here after each optimizer step, so a host copy of the states sees it as a
-    host tensor (NxD's ``move_all_tensor_to_cpu`` hands it back as an alias)."""
-    inner = getattr(optimizer, "base_optimizer", optimizer)
-    for state in inner.state.values():
+    host tensor (NxD's ``move_all_tensor_to_cpu`` hands it back as an alias). A ``capturable`` group's ``step`` is
+    made on the parameter's device (``torch.zeros((), ..., device=p.device)``, the same lines) and left unmarked."""
+    for group, state in _states_by_group(optimizer):
         step = state.get("step")
-        if isinstance(step, torch.Tensor) and step.dim() == 0 and not on_host(step):
+        if not group.get("capturable") and isinstance(step, torch.Tensor) and step.dim() == 0 and not on_host(step):
             hold_on_host(step)
 
 
@@ -456,10 +493,37 @@ def check_states_on_device(optimizer: Any) -> None:
     be on the device. AdamW updates its states in place with the device gradient (``exp_avg.lerp_(grad, ...)``): an
     in-place op on a host tensor with a device operand, which torch-xla 2.9's ``GetXlaTensor(self)`` refuses
     (aten_xla_bridge.cpp 101-111) with this message. Catches a state our code made with a factory and no
-    ``device=`` outside a step (`follow_factories`) as well as one ``torch.load`` left on the host."""
-    inner = getattr(optimizer, "base_optimizer", optimizer)
-    for state in inner.state.values():
+    ``device=`` outside a step (`follow_factories`) as well as one ``torch.load`` left on the host. In a
+    ``capturable`` group the ``step`` must be on the device too: ``_single_tensor_adam`` asserts that it is on the
+    parameter's device type (torch/optim/adam.py), which a host ``step`` (``cpu``) next to an ``xla`` parameter is
+    not."""
+    for group, state in _states_by_group(optimizer):
         for key, value in state.items():
-            if key != "step" and isinstance(value, torch.Tensor) and (getattr(value, MADE_ON_HOST, False)
-                                                                        or is_host(value)):
+            if not isinstance(value, torch.Tensor) or not (getattr(value, MADE_ON_HOST, False) or on_host(value)):
+                continue
+            if key != "step":
                 raise RuntimeError(f"Expected XLA tensor. Got: {xla_type_string(value)}")
+            if group.get("capturable"):
+                raise AssertionError("If capturable=True, params and state_steps must be on supported devices: "
+                                     f"{CAPTURABLE_DEVICES()}.")
+
+
+def _states_by_group(optimizer: Any) -> list[tuple[dict, dict]]:
+    """(param group, state) of each parameter with a state in the optimizer NxD wraps (ZeRO-1: its base)."""
+    inner = getattr(optimizer, "base_optimizer", optimizer)
+    return [(group, inner.state[p]) for group in inner.param_groups for p in group["params"] if p in inner.state]
+
+
+# torch's list of the devices a capturable optimizer takes (optim/optimizer.py), read where AdamW reads it; on
+# torch-xla it holds "xla", the device type of a parameter there. The double's device is the CPU: during a Neuron
+# run `capturable_on_the_device` adds "cpu" to what AdamW reads, standing for "xla", and `check_states_on_device`
+# refuses the host ``step`` that torch's own check can no longer tell from the device.
+CAPTURABLE_DEVICES = ADAM._get_capturable_supported_devices
+
+
+def capturable_on_the_device(monkeypatch: Any, running: Callable[[], bool]) -> None:
+    """Let AdamW's ``capturable`` path take the double's device-type ``cpu`` while `running` (a Neuron run)."""
+    def supported(supports_xla: bool = True) -> list[str]:
+        devices = CAPTURABLE_DEVICES(supports_xla)
+        return devices + [XLA_DEVICE.type] if running() and "xla" in devices else devices
+    monkeypatch.setattr(ADAM, "_get_capturable_supported_devices", supported)
