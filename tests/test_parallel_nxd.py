@@ -97,8 +97,10 @@ def test_build_nxd_optimizer_uses_the_decay_and_no_decay_groups(fake_nxd):
     opt = nxd_training.build_nxd_optimizer(parameter_groups(model, o.weight_decay), cfg, o)
     got_cfg, cls, groups, defaults = fake_nxd["optimizer"]
     assert got_cfg is cfg and cls is torch.optim.AdamW
-    # max_norm: NxD 0.17 does not pass optimizer_config["max_grad_norm"] to its ZeRO-1 optimizer
-    assert defaults == {"lr": 3e-4, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.05, "max_norm": 1.0}
+    # max_norm: NxD 0.17 does not pass optimizer_config["max_grad_norm"] to its ZeRO-1 optimizer;
+    # capturable: AdamW's step on the device, so the update graph is the same at every update
+    assert defaults == {"lr": 3e-4, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.05, "max_norm": 1.0,
+                        "capturable": True}
     want = parameter_groups(model, 0.05)
     assert [g["name"] for g in groups] == ["decay", "no_decay"]
     for g, w in zip(groups, want):
