@@ -12,7 +12,10 @@ change to the algorithm moves a loss.
 
 After an intended change of the numbers, regenerate and review the diff:
 
-    BMOJO_UPDATE_GOLDEN=1 python -m pytest -q tests/test_training_baseline.py tests/test_pipeline_training.py
+    BMOJO_UPDATE_GOLDEN=1 python -m pytest -q tests/test_training_baseline.py \\
+        tests/test_pipeline_training.py tests/test_parallel_training.py
+
+(every test file that calls `check_run`: each records its own runs in the one file).
 """
 
 from __future__ import annotations
