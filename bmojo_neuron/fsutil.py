@@ -88,14 +88,22 @@ def unwritable_reason(path: Path) -> str | None:
     return None
 
 
+def file_in_the_way(folder: Path) -> str | None:
+    """Why no folder can be at `folder` because a file stands there or above it ("is a file", "cannot be made:
+    <file> is a file"), or None. Creates nothing, so a command asks it before torch loads."""
+    blocker = nearest_existing(folder)
+    if blocker.is_dir():
+        return None
+    return "is a file" if blocker == folder else f"cannot be made: {blocker} is a file"
+
+
 def check_new_output(output: Path, overwrite: bool) -> None:
     """ValueError when the folder `output` (a command's OUTPUT) cannot receive a new model: a file is in the way
     (at it or above it), or it holds files and `overwrite` (``--overwrite``) is not given. Reads the file system
     only, so a command asks it before torch loads."""
-    blocker = nearest_existing(output)
-    if not blocker.is_dir():
-        where = "is a file" if blocker == output else f"cannot be made: {blocker} is a file"
-        raise ValueError(f"OUTPUT {output} {where}, not a folder; give a folder's path")
+    problem = file_in_the_way(output)
+    if problem:
+        raise ValueError(f"OUTPUT {output} {problem}, not a folder; give a folder's path")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise ValueError(f"OUTPUT {output} exists and is not empty; pass --overwrite to replace it")
 

@@ -20,7 +20,7 @@ from bmojo_neuron.checkpoints.layout import latest_intact_checkpoint
 from bmojo_neuron.checkpoints.state import read_recipe, resume_refusal
 from bmojo_neuron.compile_cache.units import format_size
 from bmojo_neuron.data.text import source_kind
-from bmojo_neuron.fsutil import DISK_FULL, nearest_existing, unwritable_reason
+from bmojo_neuron.fsutil import DISK_FULL, file_in_the_way, unwritable_reason
 
 # Per parameter on disk: fp32 weights (4 B) and AdamW's two fp32 moments (8 B) in a checkpoint;
 # the weights again in the final export. Each also holds a few small files (config, recipe, RNG
@@ -76,10 +76,9 @@ def check_writable(directory: Path, remedy: str = "pick another --output-dir (or
 def check_no_file_in_the_way(directory: Path, remedy: str = "pick another --output-dir (or run.output_dir)") -> None:
     """ValueError when a file stands where the output folder `directory` (or a folder above it) would be, in
     `check_writable`'s words; creates nothing, so a command asks it before torch loads."""
-    blocker = nearest_existing(directory)
-    if not blocker.is_dir():
-        where = "is a file" if blocker == directory else f"cannot be made: {blocker} is a file"
-        raise ValueError(f"output directory {directory} {where}, not a folder; {remedy}")
+    problem = file_in_the_way(directory)
+    if problem:
+        raise ValueError(f"output directory {directory} {problem}, not a folder; {remedy}")
 
 
 def check_free_space(needs: list[tuple[Path, SpaceNeed]]) -> None:
