@@ -544,10 +544,12 @@ def test_the_early_tokenizer_check_asks_only_when_the_cache_must_be_built(tmp_pa
     monkeypatch.setattr(tokenizers, "look_up_on_hub", offline)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("some text\n" * 20)
-    data = SimpleNamespace(path=str(corpus), tokenizer="no-such/tokenizer", block_size=8, cache_dir=str(tmp_path),
-                           eval_fraction=0.25, text_column="text")
+    data = SimpleNamespace(kind="text", path=str(corpus), tokenizer="no-such/tokenizer", block_size=8,
+                           cache_dir=str(tmp_path), eval_fraction=0.25, text_column="text")
     with pytest.raises(ValueError, match="data.tokenizer 'no-such/tokenizer': not 'byte', not a local folder"):
         text.check_build_tokenizer(data)
+    assert asked == ["no-such/tokenizer"]
+    text.check_build_tokenizer(SimpleNamespace(**{**vars(data), "kind": "mqar"}))  # no tokenizer to check
     assert asked == ["no-such/tokenizer"]
     with pytest.raises(ValueError, match="no such folder"):  # a local path is never looked up
         text.check_build_tokenizer(SimpleNamespace(**{**vars(data), "tokenizer": str(tmp_path / "tok")}))

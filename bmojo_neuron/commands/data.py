@@ -55,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
     # output dir, which --output-dir and a suite's run folders move, so the recipe's own would miss it.
     runs = plan_runs(recipe, args.output_dir)
     for variant, _ in runs:  # a tokenizer that can be neither read nor fetched: one line before datasets loads
-        if variant.data.kind == "text":
-            check_build_tokenizer(variant.data)
+        check_build_tokenizer(variant.data)
     from bmojo_neuron.data import library_progress_bars
     from bmojo_neuron.data.build_progress import BuildProgress, stderr_lines
     from bmojo_neuron.data.prepare import prepare_text

@@ -340,10 +340,11 @@ def check_runs_early(recipe: Any, args: argparse.Namespace) -> list[tuple[Any, P
     """The runs of the recipe (`recipe_runs.plan_runs`), each checked, and the refusals that read only files:
     an output folder that may not take them or that a file stands in, without ``--resume`` a run directory that
     already holds a run, with it a checkpoint whose recipe differs (`preflight.check_resumable`), and a text
-    run's tokenizer that can be neither read here nor fetched (`check_tokenizers_early`). All before torch loads
-    (seconds). A directory a live run holds is left to the lock, whose refusal names the process; the check
+    run's tokenizer that can be neither read here nor fetched (`data.text.check_build_tokenizer`). All before
+    torch loads (seconds). A directory a live run holds is left to the lock, whose refusal names the process; the check
     after taking the lock is the one that counts."""
     from bmojo_neuron.checkpoints.layout import has_run
+    from bmojo_neuron.data.text import check_build_tokenizer
     from bmojo_neuron.locking import exclusive_holder
     from bmojo_neuron.preflight import check_no_file_in_the_way, check_resumable
     from bmojo_neuron.recipe_runs import plan_runs
@@ -360,19 +361,9 @@ def check_runs_early(recipe: Any, args: argparse.Namespace) -> list[tuple[Any, P
             raise ValueError(used_dir_refusal(run_dir))
     if args.resume:
         check_resumable(runs)
-    check_tokenizers_early(runs)
-    return runs
-
-
-def check_tokenizers_early(runs: list[tuple[Any, Path]]) -> None:
-    """Each text run that will build its data cache can load its tokenizer (`data.text.check_build_tokenizer`):
-    a hub name neither on this machine nor on the hub (or, offline, not in the Hugging Face cache) is one line
-    before torch loads, not after the model is built. A run whose cache is built never loads it."""
-    from bmojo_neuron.data.text import check_build_tokenizer
-
     for variant, _ in runs:
-        if variant.data.kind == "text":
-            check_build_tokenizer(variant.data)
+        check_build_tokenizer(variant.data)
+    return runs
 
 
 def used_dir_refusal(run_dir: Path) -> str:

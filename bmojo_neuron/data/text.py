@@ -95,11 +95,11 @@ def built_cache(path: str | os.PathLike | None = None, tokenizer: str = "byte", 
 
 
 def check_build_tokenizer(data: Any) -> None:
-    """When the text data section `data` (a recipe's ``data``) has no built cache and a source that is not packed
-    blocks, so that the run tokenizes it, its tokenizer must be loadable (`check_tokenizer_reachable`). Reads
-    file names, sizes and times only; a run whose cache is built never loads the tokenizer, so an offline node
-    without it still trains."""
-    if data.tokenizer in (None, BYTE_TOKENIZER):
+    """When the data section `data` (a recipe's ``data``) is text with no built cache and a source that is not
+    packed blocks, so that the run tokenizes it, its tokenizer must be loadable (`check_tokenizer_reachable`).
+    Reads file names, sizes and times only; a run whose cache is built never loads the tokenizer, so an offline
+    node without it still trains. Other kinds of data (MQAR) have no tokenizer to check."""
+    if data.kind != "text" or data.tokenizer in (None, BYTE_TOKENIZER):
         return
     source = str(CORPUS_DIR if data.path is None else Path(data.path).expanduser())
     if source_kind(source) == "packed":
