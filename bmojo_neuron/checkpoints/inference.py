@@ -24,7 +24,7 @@ from .local import load_model_weights
 from .locate import initial_weights_dir, resolve_model_dir
 from .manifest import check_readable, read_json_object, verify_manifest
 from .sharded import consolidated_model, is_sharded
-from .state import read_recipe
+from .state import stored_recipe
 
 
 @dataclass
@@ -43,20 +43,18 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu", command: 
     source = resolve_model_dir(path, command)
     verify_manifest(source)  # a damaged file fails here in one line, not deep inside a loader
     check_readable(source)  # the same for a directory written before manifests existed
+    recipe = stored_recipe(source)
     if is_complete(source):  # a training checkpoint
         if is_sharded(source):
             model = consolidated_model(source)
         else:
             model = BMojoForCausalLM(BMojoConfig.from_json_file(str(source / CONFIG_FILE)))
             load_model_weights(model, source)
-        recipe = read_recipe(source)
         tokenizer = str(recipe.get("data", {}).get("tokenizer") or "byte")
     else:
         model = _from_pretrained(source)
         info_file = source / RUN_INFO_FILE
-        info = read_json_object(info_file) if info_file.is_file() else {}
-        recipe = info.get("recipe", {})
-        tokenizer = str(info.get("tokenizer") or "byte")
+        tokenizer = str((read_json_object(info_file) if info_file.is_file() else {}).get("tokenizer") or "byte")
     run_dir = source.parent if (source.name == FINAL or STEP_PATTERN.match(source.name)) else source
     return Trained(model.to(device).eval(), recipe, tokenizer, source, run_dir)
 
