@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from ..ops.reference.eager_cpu import fused_kernel_available
+from ..ops.reference.eager_cpu import shortcuts_allowed
 
 __all__ = ["eager_untraced", "executes_eagerly", "keeps_eager_constants"]
 
@@ -36,7 +36,7 @@ def eager_untraced(*tensors: Tensor | None) -> bool:
     stand-in of a Neuron/XLA run), plain tensors (no fake, functional or proxy wrappers)
     on a device that `executes_eagerly`; any dtype.
     """
-    if torch.jit.is_tracing() or not fused_kernel_available():  # no tensors: only the trace and disabled checks
+    if torch.jit.is_tracing() or not shortcuts_allowed():
         return False
     return all(type(t) in (torch.Tensor, nn.Parameter) and executes_eagerly(t.device.type)
                for t in tensors if t is not None)

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["cpu_cache_slicing", "fused_kernel_available", "fused_kernels_disabled"]
+__all__ = ["cpu_cache_slicing", "fused_kernel_available", "fused_kernels_disabled", "shortcuts_allowed"]
 
 _disabled = False  # process-wide, not per thread: NxD may run pipeline stages on other threads
 
@@ -44,6 +44,13 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _WIDE_FLOATS = (torch.float32, torch.float64)
 
 
+def shortcuts_allowed() -> bool:
+    """Whether code may leave the traced graph's ops for an eager shortcut at all: not inside a
+    `torch.compile` trace and not inside `fused_kernels_disabled`. What the tensors themselves must
+    be (device, dtype, plain type) is each caller's own check."""
+    return not _disabled and not torch.compiler.is_compiling()
+
+
 def fused_kernel_available(*tensors: Tensor | None) -> bool:
     """Whether the eager-CPU fast paths may run these inputs (None entries are skipped).
 
@@ -52,7 +59,7 @@ def fused_kernel_available(*tensors: Tensor | None) -> bool:
     floats keep the plain expressions, which autocast and the dtype rules already cover.
     Asked by several ops per layer: a plain loop (no generator) keeps it cheap at short lengths.
     """
-    if _disabled or torch.compiler.is_compiling():
+    if not shortcuts_allowed():
         return False
     for t in tensors:
         # The type first: no fake/functional wrappers, and no FX proxy, whose attributes are proxies too.
