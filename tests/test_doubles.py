@@ -1693,6 +1693,48 @@ def test_python_numbers_0_or_1_in_a_step_op_are_graph_constants():
     assert step_graph(lambda x: x.masked_fill(x > 0, True)) == step_graph(lambda x: x.masked_fill(x > 0, False))
 
 
+def test_fill_values_follow_the_special_scalar_rule_dims_sizes_and_indices_do_not():
+    """torch-xla v2.9.0 makes a device ``full``'s fill value a graph value through ``GetIrValueForScalar``
+    (aten_xla_type.cpp 1889-1914, tensor_methods.cpp ``full``): 0, 1 or -1 a constant, any other number device
+    data; ``new_full`` of a device tensor likewise. Dims, sizes and indices are attributes of the op (``Select``
+    hashes dim, start, end, stride: ops/select.cpp 17), never values, so a 0, 1 or -1 among them is no constant."""
+    def step_graph(work) -> tuple:
+        _, log = _in_a_step(work, torch.ones(4))
+        return tuple(log.graphs[-1][1:])
+
+    def full(v):
+        return lambda x: x * torch.full((4,), v, device=x.device)
+
+    def new_full(v):
+        return lambda x: x * x.new_full((4,), fill_value=v)
+
+    for fill in (full, new_full):
+        graphs = [step_graph(fill(v)) for v in (1.0, 2.0, 3.0, -1)]
+        assert graphs[1] == graphs[2] != graphs[0] and ("constant", "1.0") in graphs[0]
+        assert ("constant", "-1.0") in graphs[3] and not [e for e in graphs[1] if e[0] == "constant"]
+    assert step_graph(lambda x: x * torch.full((4,), 1.0, device="cpu").to(x.device)) == step_graph(full(2.0))
+    for indexing in (lambda x: x.view(1, -1)[0, 1:], lambda x: x.narrow(0, 1, 1), lambda x: x.unsqueeze(-1).sum(0),
+                     lambda x: x.reshape(-1, 1)[:, -1], lambda x: x.new_full((1, 1), 2.0)):
+        assert not [e for e in step_graph(indexing) if e[0] == "constant"]
+
+
+def test_dropout_p_is_device_data_and_p_0_draws_nothing():
+    """On XLA ``dropout`` is not fused (torch's ``is_fused_kernel_acceptable`` takes CUDA, XPU, lazy and
+    privateuse1 tensors), so ``_dropout_impl`` draws ``bernoulli_(1 - p)`` and divides by ``1 - p``: both numbers
+    go through ``GetIrValueForScalar`` (tensor_methods.cpp ``bernoulli`` 1307-1314 after functionalization), device
+    data for 0 < p < 1, so p = 0.1 and p = 0.25 trace one graph; p = 0 returns the input and draws no random number,
+    another graph (and the seed does not step)."""
+    graphs = {}
+    for p in (0.1, 0.25, 0.0):
+        modules, env = _doubles_and_env()
+        model = modules["neuronx_distributed.trainer.model"].NxDModel(torch.nn.Dropout(p), {"pipeline_parallel_size": 1})
+        model(torch.ones(4))
+        env.log.sync("code")
+        graphs[p] = env.log.graphs[-1][1:]
+    assert graphs[0.1] == graphs[0.25] != graphs[0.0] and ("random", "bernoulli") in graphs[0.1]
+    assert not [e for e in graphs[0.1] if e[0] == "constant"]
+
+
 def test_zero1_takes_parameters_on_one_xla_device_and_keeps_fp32_masters(one_rank, caplog):
     """NxD's ZeRO-1 turns torch-xla's one-device assertion into its RuntimeError (optimizer/
     zero_redundancy_optimizer.py 59-69; torch-xla 234-247): a parameter NxD did not move to the device is refused.
