@@ -162,7 +162,9 @@ def test_the_update_graph_stays_the_same_past_the_update_where_adamw_s_correctio
     non-capturable AdamW's ``bias_correction2 ** 0.5`` (a Python float) turns exactly 1.0 (709 with beta2 = 0.95),
     which torch-xla would make a graph constant instead of device data (`xla_host.trace_python_scalars`): the
     Neuron AdamW keeps its bias corrections on the device (``capturable``). AdamW's ``step`` is moved to 707 after
-    the first update, so the run's updates are 1, 708 (past the warm-up) and 709."""
+    the first update, so the run's updates are 1, 708 (past the warm-up) and 709. (A non-capturable AdamW traces
+    as many constants at 1 as at 709, so 708 must be among them.) One row a micro-batch, one eval batch and no
+    plot keep the run short."""
     adamw_step, updates = torch.optim.AdamW.step, []
 
     def step_then_skip_ahead(self, *args, **kwargs):
@@ -174,9 +176,11 @@ def test_the_update_graph_stays_the_same_past_the_update_where_adamw_s_correctio
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step_then_skip_ahead)
+    monkeypatch.setattr("bmojo_neuron.training.trainer.plot_training", lambda *args, **kwargs: None)
     steps = 3
-    result = train(recipe(**{"train.grad_accum": 1, "train.steps": steps, "optim.warmup_steps": 2, "eval.every": 10,
-                             "checkpoint.every": 10}), tmp_path / "run", progress=False)
+    result = train(recipe(**{"train.grad_accum": 1, "train.batch_size": 1, "train.steps": steps,
+                             "optim.warmup_steps": 2, "eval.every": 10, "eval.batches": 1, "checkpoint.every": 10}),
+                   tmp_path / "run", progress=False)
     assert result.step == steps and len(updates) == steps
     assert all(float(s["step"]) == 707 + steps - 1 for s in updates[-1].state.values())
     update_graphs = [tuple(g) for g in step_graphs(doubles) if any(e[0] == "optimizer_step" for e in g)]
