@@ -1384,6 +1384,27 @@ def test_ops_torch_xla_has_no_kernel_for_are_recorded_as_cpu_fallbacks():
         assert parse_native_functions(yaml) == LOWERED
 
 
+def test_value_dependent_shapes_run_on_the_cpu_fallback_unless_the_experiment_is_on(monkeypatch):
+    """torch-xla v2.9.0 lists ``nonzero`` and ``masked_select`` but its kernels call the CPU fallback unless
+    ``XLA_EXPERIMENTAL`` names them (aten_xla_type.cpp 2269-2283, 2805-2814; debug_util.cpp 44-54), and ``index`` /
+    ``index_put`` take a bool or byte mask as ``mask.nonzero()`` (ops/index_ops.cpp 49-76): a boolean-mask read or
+    write falls back too. Integer indices do not, nor ``where`` (its shape does not depend on the values)."""
+    def fallbacks(work) -> list[str]:
+        return [f.split(" at ")[0] for f in _in_a_step(work, torch.randn(4, 8))[1].cpu_fallbacks]
+
+    def masked_write(x):
+        x[x > 0] = 0.0
+
+    assert fallbacks(lambda x: x.nonzero()) == ["nonzero"]
+    assert fallbacks(lambda x: x.masked_select(x > 0)) == ["masked_select"]
+    assert fallbacks(lambda x: x[x > 0]) == ["nonzero (a boolean mask in index.Tensor)"]
+    assert fallbacks(masked_write) == ["nonzero (a boolean mask in index_put_)"]
+    assert fallbacks(lambda x: x[torch.tensor([0, 2], device=x.device)]) == []
+    assert fallbacks(lambda x: torch.where(x > 0, x, 0.0)) == []
+    monkeypatch.setenv("XLA_EXPERIMENTAL", "nonzero:masked_select")
+    assert fallbacks(lambda x: (x.nonzero(), x.masked_select(x > 0), x[x > 0])) == []
+
+
 class _FftSgd(torch.optim.Optimizer):
     """SGD along the real part of each gradient's FFT: an update with an op torch-xla 2.9 has no kernel for."""
 

@@ -16,12 +16,19 @@ for every backend. torch-xla runs its graphs functionalized (``XLA_DISABLE_FUNCT
 in-place op reaches it as its functional variant (``add_.Tensor`` as ``add.Tensor``) and a view op as its
 ``_copy`` variant (``transpose.int`` as ``transpose_copy.int``).
 
-Not modelled: what a CompositeExplicitAutograd kernel decomposes into (taken as lowered), and the ops torch-xla
-lowers only for some dtypes or shapes.
+Two listed kernels call the fallback themselves unless ``XLA_EXPERIMENTAL`` (names joined by ":", read once per
+process: debug_util.cpp 44-54, 234-237) enables their experiment: ``nonzero`` and ``masked_select``
+(aten_xla_type.cpp 2805-2814, 2269-2283), whose output shapes depend on the values. ``index`` and ``index_put``
+turn a bool or byte mask among their indices into ``mask.nonzero()`` (``ExpandByteTensors``, ops/index_ops.cpp
+49-76), so a boolean-mask read or write on the device falls back the same way (`experiment_fallback`).
+
+Not modelled: what a CompositeExplicitAutograd kernel decomposes into (taken as lowered), and the other ops
+torch-xla lowers only for some dtypes or shapes.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +109,28 @@ def falls_back(func: Any) -> bool:
 CPU_DEVICE_CHOICES = frozenset({"_scaled_dot_product_flash_attention_for_cpu",
                                 "_scaled_dot_product_flash_attention_for_cpu_backward"})
 _FALLS_BACK: dict[Any, bool] = {}  # by op overload: a step runs the same few ops many times
+# Listed ops whose XLA kernel calls ``xla_fallback`` unless the experiment of that name is enabled (module docstring).
+EXPERIMENT_GATED = frozenset({"nonzero", "masked_select"})
+MASK_INDEXING = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})  # ExpandByteTensors' callers
+
+
+def experiment_fallback(func: Any, args: tuple, kwargs: dict) -> str | None:
+    """The experiment-gated op that aten op `func` runs on the CPU fallback with these arguments (itself, or the
+    ``nonzero`` of a boolean-mask index), None when it runs on the device."""
+    packet = func._schema.name.split("::", 1)[1]
+    if packet in EXPERIMENT_GATED:
+        gated = packet
+    elif packet in MASK_INDEXING and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                                         for i in _indices(args, kwargs)):
+        gated = "nonzero"
+    else:
+        return None
+    return None if gated in os.environ.get("XLA_EXPERIMENTAL", "").split(":") else gated
+
+
+def _indices(args: tuple, kwargs: dict) -> list:
+    indices = kwargs.get("indices", args[1] if len(args) > 1 else ())
+    return list(indices) if isinstance(indices, (list, tuple)) else []
 
 
 class CpuFallbacks(TorchDispatchMode):
@@ -114,7 +143,11 @@ class CpuFallbacks(TorchDispatchMode):
         self.log = log
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if _FALLS_BACK.get(func, True) and falls_back(func):
+        kwargs = kwargs or {}
+        gated = experiment_fallback(func, args, kwargs)
+        if gated is not None or _FALLS_BACK.get(func, True) and falls_back(func):
             name = _full_name(func._schema.name.split("::", 1)[1], func._overloadname)
+            if gated is not None and gated != func._schema.name.split("::", 1)[1]:
+                name = f"{gated} (a boolean mask in {name})"
             self.log.cpu_fallbacks.append(f"{name} at {bmojo_caller() or 'outside bmojo_neuron'}")
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
