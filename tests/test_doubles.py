@@ -1405,6 +1405,21 @@ def test_value_dependent_shapes_run_on_the_cpu_fallback_unless_the_experiment_is
     assert fallbacks(lambda x: (x.nonzero(), x.masked_select(x > 0), x[x > 0])) == []
 
 
+def test_random_ops_given_a_generator_and_scaled_addmm_run_on_the_cpu_fallback():
+    """Every torch-xla v2.9.0 kernel that takes a ``generator`` falls back when one is given (its numbers come from
+    that CPU generator, not the XLA seed: aten_xla_type.cpp 1267, 1810, 2562 ...), and ``addmm`` when ``beta`` or
+    ``alpha`` is not 1 (898-901); without them both run on the device."""
+    def fallbacks(work) -> list[str]:
+        return [f.split(" at ")[0] for f in _in_a_step(work, torch.rand(4, 4))[1].cpu_fallbacks]
+
+    generator = torch.Generator().manual_seed(0)
+    assert fallbacks(lambda x: torch.bernoulli(x, generator=generator)) == ["bernoulli (given a generator)"]
+    assert fallbacks(lambda x: x.clone().uniform_(generator=generator)) == ["uniform_ (given a generator)"]
+    assert fallbacks(lambda x: (torch.bernoulli(x), x.clone().uniform_())) == []
+    assert fallbacks(lambda x: torch.addmm(x, x, x, beta=0.5)) == ["addmm (beta or alpha not 1)"]
+    assert fallbacks(lambda x: (torch.addmm(x, x, x), F.linear(x, x, x[0]))) == []
+
+
 class _FftSgd(torch.optim.Optimizer):
     """SGD along the real part of each gradient's FFT: an update with an op torch-xla 2.9 has no kernel for."""
 

@@ -20,7 +20,10 @@ Two listed kernels call the fallback themselves unless ``XLA_EXPERIMENTAL`` (nam
 process: debug_util.cpp 44-54, 234-237) enables their experiment: ``nonzero`` and ``masked_select``
 (aten_xla_type.cpp 2805-2814, 2269-2283), whose output shapes depend on the values. ``index`` and ``index_put``
 turn a bool or byte mask among their indices into ``mask.nonzero()`` (``ExpandByteTensors``, ops/index_ops.cpp
-49-76), so a boolean-mask read or write on the device falls back the same way (`experiment_fallback`).
+49-76), so a boolean-mask read or write on the device falls back the same way. Other kernels fall back for some
+arguments: every one taking a ``generator`` when one is given (its numbers come from that CPU generator; the
+``generator->defined()`` checks, e.g. aten_xla_type.cpp 1267, 1810, 2562), and ``addmm`` when ``beta`` or ``alpha``
+is not 1 (898-901). `argument_fallback` says which applies.
 
 Not modelled: what a CompositeExplicitAutograd kernel decomposes into (taken as lowered), and the other ops
 torch-xla lowers only for some dtypes or shapes.
@@ -114,23 +117,27 @@ EXPERIMENT_GATED = frozenset({"nonzero", "masked_select"})
 MASK_INDEXING = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})  # ExpandByteTensors' callers
 
 
-def experiment_fallback(func: Any, args: tuple, kwargs: dict) -> str | None:
-    """The experiment-gated op that aten op `func` runs on the CPU fallback with these arguments (itself, or the
-    ``nonzero`` of a boolean-mask index), None when it runs on the device."""
+def argument_fallback(func: Any, args: tuple, kwargs: dict) -> str | None:
+    """What runs on the CPU fallback when the aten op `func`, which has an XLA kernel, is called with these
+    arguments (module docstring), or None when the kernel runs on the device."""
     packet = func._schema.name.split("::", 1)[1]
+    name = _full_name(packet, func._overloadname)
+    bound = {a.name: v for a, v in zip(func._schema.arguments, args)} | kwargs
+    indices = bound.get("indices") if packet in MASK_INDEXING else None
     if packet in EXPERIMENT_GATED:
-        gated = packet
-    elif packet in MASK_INDEXING and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
-                                         for i in _indices(args, kwargs)):
-        gated = "nonzero"
-    else:
-        return None
-    return None if gated in os.environ.get("XLA_EXPERIMENTAL", "").split(":") else gated
+        return None if _experiment_enabled(packet) else name
+    if isinstance(indices, (list, tuple)) and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                                                  for i in indices):
+        return None if _experiment_enabled("nonzero") else f"nonzero (a boolean mask in {name})"
+    if isinstance(bound.get("generator"), torch.Generator):
+        return f"{name} (given a generator)"
+    if packet == "addmm" and (bound.get("beta", 1) != 1 or bound.get("alpha", 1) != 1):
+        return f"{name} (beta or alpha not 1)"
+    return None
 
 
-def _indices(args: tuple, kwargs: dict) -> list:
-    indices = kwargs.get("indices", args[1] if len(args) > 1 else ())
-    return list(indices) if isinstance(indices, (list, tuple)) else []
+def _experiment_enabled(name: str) -> bool:
+    return name in os.environ.get("XLA_EXPERIMENTAL", "").split(":")
 
 
 class CpuFallbacks(TorchDispatchMode):
@@ -144,10 +151,9 @@ class CpuFallbacks(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        gated = experiment_fallback(func, args, kwargs)
-        if gated is not None or _FALLS_BACK.get(func, True) and falls_back(func):
-            name = _full_name(func._schema.name.split("::", 1)[1], func._overloadname)
-            if gated is not None and gated != func._schema.name.split("::", 1)[1]:
-                name = f"{gated} (a boolean mask in {name})"
-            self.log.cpu_fallbacks.append(f"{name} at {bmojo_caller() or 'outside bmojo_neuron'}")
+        what = argument_fallback(func, args, kwargs) if func.namespace == "aten" else None
+        if what is None and _FALLS_BACK.get(func, True) and falls_back(func):
+            what = _full_name(func._schema.name.split("::", 1)[1], func._overloadname)
+        if what is not None:
+            self.log.cpu_fallbacks.append(f"{what} at {bmojo_caller() or 'outside bmojo_neuron'}")
         return func(*args, **kwargs)
