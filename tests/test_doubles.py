@@ -1763,7 +1763,8 @@ def test_dropout_p_is_device_data_and_p_0_draws_nothing():
     graphs = {}
     for p in (0.1, 0.25, 0.0):
         modules, env = _doubles_and_env()
-        model = modules["neuronx_distributed.trainer.model"].NxDModel(torch.nn.Dropout(p), {"pipeline_parallel_size": 1})
+        nxd_model = modules["neuronx_distributed.trainer.model"].NxDModel
+        model = nxd_model(torch.nn.Dropout(p), {"pipeline_parallel_size": 1})
         model(torch.ones(4))
         env.log.sync("code")
         graphs[p] = env.log.graphs[-1][1:]
