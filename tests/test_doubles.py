@@ -1405,10 +1405,11 @@ def test_value_dependent_shapes_run_on_the_cpu_fallback_unless_the_experiment_is
     assert fallbacks(lambda x: (x.nonzero(), x.masked_select(x > 0), x[x > 0])) == []
 
 
-def test_random_ops_given_a_generator_and_scaled_addmm_run_on_the_cpu_fallback():
+def test_random_ops_given_a_generator_scaled_addmm_and_int64_cumprod_run_on_the_cpu_fallback():
     """Every torch-xla v2.9.0 kernel that takes a ``generator`` falls back when one is given (its numbers come from
-    that CPU generator, not the XLA seed: aten_xla_type.cpp 1267, 1810, 2562 ...), and ``addmm`` when ``beta`` or
-    ``alpha`` is not 1 (898-901); without them both run on the device."""
+    that CPU generator, not the XLA seed: aten_xla_type.cpp 1267, 1810, 2562 ...), ``addmm`` when ``beta`` or
+    ``alpha`` is not 1 (898-901), ``cumprod`` in int64, where integer inputs are promoted (1498-1512); otherwise
+    they run on the device (``cumsum`` of int64 too, 1514-1520)."""
     def fallbacks(work) -> list[str]:
         return [f.split(" at ")[0] for f in _in_a_step(work, torch.rand(4, 4))[1].cpu_fallbacks]
 
@@ -1418,6 +1419,9 @@ def test_random_ops_given_a_generator_and_scaled_addmm_run_on_the_cpu_fallback()
     assert fallbacks(lambda x: (torch.bernoulli(x), x.clone().uniform_())) == []
     assert fallbacks(lambda x: torch.addmm(x, x, x, beta=0.5)) == ["addmm (beta or alpha not 1)"]
     assert fallbacks(lambda x: (torch.addmm(x, x, x), F.linear(x, x, x[0]))) == []
+    assert fallbacks(lambda x: (x > 0).int().cumprod(1)) == ["cumprod (in int64)"]  # promoted to int64
+    assert fallbacks(lambda x: x.cumprod(1, dtype=torch.int64)) == ["cumprod (in int64)"]
+    assert fallbacks(lambda x: (x.cumprod(1), (x > 0).int().cumprod(1, dtype=torch.float32), x.long().cumsum(1))) == []
 
 
 class _FftSgd(torch.optim.Optimizer):

@@ -22,8 +22,10 @@ process: debug_util.cpp 44-54, 234-237) enables their experiment: ``nonzero`` an
 turn a bool or byte mask among their indices into ``mask.nonzero()`` (``ExpandByteTensors``, ops/index_ops.cpp
 49-76), so a boolean-mask read or write on the device falls back the same way. Other kernels fall back for some
 arguments: every one taking a ``generator`` when one is given (its numbers come from that CPU generator; the
-``generator->defined()`` checks, e.g. aten_xla_type.cpp 1267, 1810, 2562), and ``addmm`` when ``beta`` or ``alpha``
-is not 1 (898-901). `argument_fallback` says which applies.
+``generator->defined()`` checks, e.g. aten_xla_type.cpp 1267, 1810, 2562), ``addmm`` when ``beta`` or ``alpha``
+is not 1 (898-901), and ``cumprod`` in int64, which an integer or bool input is promoted to without a ``dtype``
+(1498-1512, ``PromoteIntegralType`` 291-296: "XLA reduce-window does not support S64 mode"). `argument_fallback`
+says which applies.
 
 Not modelled: what a CompositeExplicitAutograd kernel decomposes into (taken as lowered), and the other ops
 torch-xla lowers only for some dtypes or shapes.
@@ -133,7 +135,16 @@ def argument_fallback(func: Any, args: tuple, kwargs: dict) -> str | None:
         return f"{name} (given a generator)"
     if packet == "addmm" and (bound.get("beta", 1) != 1 or bound.get("alpha", 1) != 1):
         return f"{name} (beta or alpha not 1)"
+    if packet == "cumprod" and _cumprod_in_int64(bound["self"], bound.get("dtype")):
+        return f"{name} (in int64)"
     return None
+
+
+def _cumprod_in_int64(tensor: torch.Tensor, dtype: torch.dtype | None) -> bool:
+    """``IsOperationOnType(PromoteIntegralType(...), self, Long)`` of torch-xla's ``cumprod``."""
+    promoted = dtype if dtype is not None else (torch.int64 if not tensor.is_floating_point()
+                                                and not tensor.is_complex() else None)
+    return promoted == torch.int64 or tensor.dtype == torch.int64
 
 
 def _experiment_enabled(name: str) -> bool:
