@@ -1384,6 +1384,46 @@ def test_ops_torch_xla_has_no_kernel_for_are_recorded_as_cpu_fallbacks():
         assert parse_native_functions(yaml) == LOWERED
 
 
+def test_value_dependent_shapes_run_on_the_cpu_fallback_unless_the_experiment_is_on(monkeypatch):
+    """torch-xla v2.9.0 lists ``nonzero`` and ``masked_select`` but its kernels call the CPU fallback unless
+    ``XLA_EXPERIMENTAL`` names them (aten_xla_type.cpp 2269-2283, 2805-2814; debug_util.cpp 44-54), and ``index`` /
+    ``index_put`` take a bool or byte mask as ``mask.nonzero()`` (ops/index_ops.cpp 49-76): a boolean-mask read or
+    write falls back too. Integer indices do not, nor ``where`` (its shape does not depend on the values)."""
+    def fallbacks(work) -> list[str]:
+        return [f.split(" at ")[0] for f in _in_a_step(work, torch.randn(4, 8))[1].cpu_fallbacks]
+
+    def masked_write(x):
+        x[x > 0] = 0.0
+
+    assert fallbacks(lambda x: x.nonzero()) == ["nonzero"]
+    assert fallbacks(lambda x: x.masked_select(x > 0)) == ["masked_select"]
+    assert fallbacks(lambda x: x[x > 0]) == ["nonzero (a boolean mask in index.Tensor)"]
+    assert fallbacks(masked_write) == ["nonzero (a boolean mask in index_put_)"]
+    assert fallbacks(lambda x: x[torch.tensor([0, 2], device=x.device)]) == []
+    assert fallbacks(lambda x: torch.where(x > 0, x, 0.0)) == []
+    monkeypatch.setenv("XLA_EXPERIMENTAL", "nonzero:masked_select")
+    assert fallbacks(lambda x: (x.nonzero(), x.masked_select(x > 0), x[x > 0])) == []
+
+
+def test_random_ops_given_a_generator_scaled_addmm_and_int64_cumprod_run_on_the_cpu_fallback():
+    """Every torch-xla v2.9.0 kernel that takes a ``generator`` falls back when one is given (its numbers come from
+    that CPU generator, not the XLA seed: aten_xla_type.cpp 1267, 1810, 2562 ...), ``addmm`` when ``beta`` or
+    ``alpha`` is not 1 (898-901), ``cumprod`` in int64, where integer inputs are promoted (1498-1512); otherwise
+    they run on the device (``cumsum`` of int64 too, 1514-1520)."""
+    def fallbacks(work) -> list[str]:
+        return [f.split(" at ")[0] for f in _in_a_step(work, torch.rand(4, 4))[1].cpu_fallbacks]
+
+    generator = torch.Generator().manual_seed(0)
+    assert fallbacks(lambda x: torch.bernoulli(x, generator=generator)) == ["bernoulli (given a generator)"]
+    assert fallbacks(lambda x: x.clone().uniform_(generator=generator)) == ["uniform_ (given a generator)"]
+    assert fallbacks(lambda x: (torch.bernoulli(x), x.clone().uniform_())) == []
+    assert fallbacks(lambda x: torch.addmm(x, x, x, beta=0.5)) == ["addmm (beta or alpha not 1)"]
+    assert fallbacks(lambda x: (torch.addmm(x, x, x), F.linear(x, x, x[0]))) == []
+    assert fallbacks(lambda x: (x > 0).int().cumprod(1)) == ["cumprod (in int64)"]  # promoted to int64
+    assert fallbacks(lambda x: x.cumprod(1, dtype=torch.int64)) == ["cumprod (in int64)"]
+    assert fallbacks(lambda x: (x.cumprod(1), (x > 0).int().cumprod(1, dtype=torch.float32), x.long().cumsum(1))) == []
+
+
 class _FftSgd(torch.optim.Optimizer):
     """SGD along the real part of each gradient's FFT: an update with an op torch-xla 2.9 has no kernel for."""
 
@@ -1691,6 +1731,49 @@ def test_python_numbers_0_or_1_in_a_step_op_are_graph_constants():
     assert step_graph(lambda x: x * 1) == step_graph(lambda x: x * 1.0) != step_graph(lambda x: x * 2.0)
     assert step_graph(lambda x: x.lerp(x, 0.0)) != step_graph(lambda x: x.lerp(x, 0.1))
     assert step_graph(lambda x: x.masked_fill(x > 0, True)) == step_graph(lambda x: x.masked_fill(x > 0, False))
+
+
+def test_fill_values_follow_the_special_scalar_rule_dims_sizes_and_indices_do_not():
+    """torch-xla v2.9.0 makes a device ``full``'s fill value a graph value through ``GetIrValueForScalar``
+    (aten_xla_type.cpp 1889-1914, tensor_methods.cpp ``full``): 0, 1 or -1 a constant, any other number device
+    data; ``new_full`` of a device tensor likewise. Dims, sizes and indices are attributes of the op (``Select``
+    hashes dim, start, end, stride: ops/select.cpp 17), never values, so a 0, 1 or -1 among them is no constant."""
+    def step_graph(work) -> tuple:
+        _, log = _in_a_step(work, torch.ones(4))
+        return tuple(log.graphs[-1][1:])
+
+    def full(v):
+        return lambda x: x * torch.full((4,), v, device=x.device)
+
+    def new_full(v):
+        return lambda x: x * x.new_full((4,), fill_value=v)
+
+    for fill in (full, new_full):
+        graphs = [step_graph(fill(v)) for v in (1.0, 2.0, 3.0, -1)]
+        assert graphs[1] == graphs[2] != graphs[0] and ("constant", "1.0") in graphs[0]
+        assert ("constant", "-1.0") in graphs[3] and not [e for e in graphs[1] if e[0] == "constant"]
+    assert step_graph(lambda x: x * torch.full((4,), 1.0, device="cpu").to(x.device)) == step_graph(full(2.0))
+    for indexing in (lambda x: x.view(1, -1)[0, 1:], lambda x: x.narrow(0, 1, 1), lambda x: x.unsqueeze(-1).sum(0),
+                     lambda x: x.reshape(-1, 1)[:, -1], lambda x: x.new_full((1, 1), 2.0)):
+        assert not [e for e in step_graph(indexing) if e[0] == "constant"]
+
+
+def test_dropout_p_is_device_data_and_p_0_draws_nothing():
+    """On XLA ``dropout`` is not fused (torch's ``is_fused_kernel_acceptable`` takes CUDA, XPU, lazy and
+    privateuse1 tensors), so ``_dropout_impl`` draws ``bernoulli_(1 - p)`` and divides by ``1 - p``: both numbers
+    go through ``GetIrValueForScalar`` (tensor_methods.cpp ``bernoulli`` 1307-1314 after functionalization), device
+    data for 0 < p < 1, so p = 0.1 and p = 0.25 trace one graph; p = 0 returns the input and draws no random number,
+    another graph (and the seed does not step)."""
+    graphs = {}
+    for p in (0.1, 0.25, 0.0):
+        modules, env = _doubles_and_env()
+        nxd_model = modules["neuronx_distributed.trainer.model"].NxDModel
+        model = nxd_model(torch.nn.Dropout(p), {"pipeline_parallel_size": 1})
+        model(torch.ones(4))
+        env.log.sync("code")
+        graphs[p] = env.log.graphs[-1][1:]
+    assert graphs[0.1] == graphs[0.25] != graphs[0.0] and ("random", "bernoulli") in graphs[0.1]
+    assert not [e for e in graphs[0.1] if e[0] == "constant"]
 
 
 def test_zero1_takes_parameters_on_one_xla_device_and_keeps_fp32_masters(one_rank, caplog):

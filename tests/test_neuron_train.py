@@ -162,7 +162,9 @@ def test_the_update_graph_stays_the_same_past_the_update_where_adamw_s_correctio
     non-capturable AdamW's ``bias_correction2 ** 0.5`` (a Python float) turns exactly 1.0 (709 with beta2 = 0.95),
     which torch-xla would make a graph constant instead of device data (`xla_host.trace_python_scalars`): the
     Neuron AdamW keeps its bias corrections on the device (``capturable``). AdamW's ``step`` is moved to 707 after
-    the first update, so the run's updates are 1, 708 (past the warm-up) and 709."""
+    the first update, so the run's updates are 1, 708 (past the warm-up) and 709. (A non-capturable AdamW traces
+    as many constants at 1 as at 709, so 708 must be among them.) One row a micro-batch, one eval batch and no
+    plot keep the run short."""
     adamw_step, updates = torch.optim.AdamW.step, []
 
     def step_then_skip_ahead(self, *args, **kwargs):
@@ -174,9 +176,11 @@ def test_the_update_graph_stays_the_same_past_the_update_where_adamw_s_correctio
         return out
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step_then_skip_ahead)
+    monkeypatch.setattr("bmojo_neuron.training.trainer.plot_training", lambda *args, **kwargs: None)
     steps = 3
-    result = train(recipe(**{"train.grad_accum": 1, "train.steps": steps, "optim.warmup_steps": 2, "eval.every": 10,
-                             "checkpoint.every": 10}), tmp_path / "run", progress=False)
+    result = train(recipe(**{"train.grad_accum": 1, "train.batch_size": 1, "train.steps": steps,
+                             "optim.warmup_steps": 2, "eval.every": 10, "eval.batches": 1, "checkpoint.every": 10}),
+                   tmp_path / "run", progress=False)
     assert result.step == steps and len(updates) == steps
     assert all(float(s["step"]) == 707 + steps - 1 for s in updates[-1].state.values())
     update_graphs = [tuple(g) for g in step_graphs(doubles) if any(e[0] == "optimizer_step" for e in g)]
@@ -490,3 +494,49 @@ def test_a_zero1_checkpoint_reads_everything_in_one_host_copy(doubles):
     for name, p in model.named_parameters():
         if name in params:
             assert torch.equal(weights[name], masters[id(p)].detach()), name  # the exact fp32 master
+
+
+def test_a_save_writes_its_host_copies_before_the_next_step(doubles, tmp_path):
+    """NxD's ``move_all_tensor_to_cpu`` hands a host tensor back as an alias (utils.py 230-243; torch-xla's rewrite
+    shallow-copies it, torch_xla/utils/utils.py 198-204) and NxD's own async save queues what it returns as it is
+    (trainer/checkpoint.py 151-159, 174-183): nothing copies it. AdamW's ``step`` is such a host tensor unless
+    ``capturable`` (ours is, but a non-capturable one must save right too), so `save_checkpoint` has to write its
+    files before it returns: the file keeps the step of the save while the host copy it wrote from follows the
+    next update."""
+    from naive import tiny_config
+
+    from bmojo_neuron.checkpoints import sharded
+    from bmojo_neuron.checkpoints.neuron import host_state, save_checkpoint
+    from bmojo_neuron.checkpoints.state import TrainerState
+    from bmojo_neuron.parallel import nxd_training
+    from bmojo_neuron.recipes import OptimSection, ParallelSection
+    from bmojo_neuron.training.neuron_runtime import NeuronRuntime
+    from bmojo_neuron.training.optim import parameter_groups
+
+    runtime = NeuronRuntime.start({})
+    try:
+        config = tiny_config(layer_pattern="BM")
+        cfg = nxd_training.nxd_config(ParallelSection(), False, True)
+        model = nxd_training.build_nxd_model(config, cfg, dtype=torch.float32, one_device_init=True)
+        optimizer = nxd_training.build_nxd_optimizer(parameter_groups(model, 0.1), cfg, OptimSection())
+        for group in optimizer.param_groups:
+            group["capturable"] = False  # its ``step`` on the host (torch optim/adam.py ``_init_group``)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        ids = torch.randint(0, config.vocab_size, (2, 10))
+
+        def update() -> None:
+            model(ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            runtime.sync()
+
+        update()
+        saved = save_checkpoint(tmp_path, runtime, model, optimizer, scheduler, TrainerState(step=1), {}, 2, {}, 7)
+        _, read = host_state(model, optimizer, runtime)  # the host copies a save writes from
+        update()
+    finally:
+        runtime.close()
+    name = next(iter(read))
+    assert read[name]["step"].item() == 2.0  # the alias followed the second update
+    written = torch.load(saved / sharded.optim_file(0, 0, 0), weights_only=False)["optimizer"]
+    assert set(written) == set(read) and {s["step"].item() for s in written.values()} == {1.0}

@@ -617,6 +617,36 @@ def test_target_comes_from_neuron_platform_target_override(monkeypatch):
     assert len(started) == 4  # refused before the kernel ran
 
 
+def test_platform_target_in_the_decorator_is_checked_like_the_variable(monkeypatch):
+    """`@nki.jit(platform_target=...)` (the 0.2.0 stub's **kwargs; nki-library passes "trn2"/"trn3") names the
+    kernel's target: "trn1" runs, "trn2"/"trn3" are refused before the kernel starts, launched or not, as the
+    variable's v3/v4 values are; a value that is not one of nki-library's `Platforms` targets is refused at
+    decoration; and a trn1 kernel is still refused when the variable names another generation."""
+    started = []
+
+    def copy(a):
+        started.append(True)
+        return store(load(a))
+
+    monkeypatch.delenv("NEURON_PLATFORM_TARGET_OVERRIDE", raising=False)
+    a = rand(4, 8)
+    np.testing.assert_array_equal(nki.jit(copy, platform_target="trn1")(a), a)
+    np.testing.assert_array_equal(nki.jit(platform_target="trn1")(copy)[1](a), a)
+    for value, gen in (("trn2", 3), ("trn3", 4)):
+        kernel = nki.jit(mode="trace", platform_target=value)(copy)
+        for runnable in (kernel, kernel[1]):
+            with pytest.raises(NKIRuleError, match=rf"error: @nki.jit\(platform_target='{value}'\) compiles for "
+                                                   f"NeuronCore-v{gen}; the emulator models NeuronCore-v2"):
+                runnable(a)
+    for value in ("gen3", "inf2", "TRN2", "trn3_a0"):
+        with pytest.raises(ValueError, match=f"error: nki.jit: platform_target='{value}' is not a target"):
+            nki.jit(copy, platform_target=value)
+    monkeypatch.setenv("NEURON_PLATFORM_TARGET_OVERRIDE", "trn2")
+    with pytest.raises(NKIRuleError, match="NEURON_PLATFORM_TARGET_OVERRIDE='trn2' compiles for NeuronCore-v3"):
+        nki.jit(copy, platform_target="trn1")(a)
+    assert len(started) == 2
+
+
 def test_tensor_names_are_unique_on_the_neuroncore():
     """[nl] ndarray: `name` "has to be unique for tensors on each Physical NeuronCore" (lines 70-72): a second
     declaration with a name already given (SBUF, PSUM, HBM; nl.zeros too) is refused; one line reached again

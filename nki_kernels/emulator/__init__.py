@@ -63,7 +63,8 @@ def simulate(kernel: Callable, *args: Any, cost_only: bool = False, record_timel
     instruction's (resource, name, start, end) in ``profile.timeline.events``. A launched
     kernel (``kernel[n]``) runs with its grid; a Trn1 allows only ``n = 1`` (`launch`).
     """
-    target.require_emulated_target()  # NEURON_PLATFORM_TARGET_OVERRIDE, read when the kernel is compiled
+    # @nki.jit(platform_target=...) and NEURON_PLATFORM_TARGET_OVERRIDE, read when the kernel is compiled
+    target.require_emulated_target(getattr(kernel, "__nki_platform_target__", None))
     func = _unwrap(kernel)
     grid = getattr(kernel, "__nki_grid__", ())
     frontend.check_kernel(func, args, kwargs)
@@ -90,10 +91,11 @@ class Kernel:
 
     __nki_jit__ = True
 
-    def __init__(self, func: Callable, grid: tuple[int, ...] = ()) -> None:
+    def __init__(self, func: Callable, grid: tuple[int, ...] = (), platform_target: str | None = None) -> None:
         functools.update_wrapper(self, func)
         self.__nki_func__ = func
         self.__nki_grid__ = grid
+        self.__nki_platform_target__ = platform_target
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if core.kernel_running():  # called from a kernel's body: a sub-kernel
@@ -105,7 +107,7 @@ class Kernel:
     def __getitem__(self, subscript: Any) -> "Kernel":
         if self.__nki_grid__:
             raise TypeError(f"{self.__name__}{list(self.__nki_grid__)} is already launched with a grid")
-        return Kernel(self.__nki_func__, launch.launch_grid(self.__name__, subscript))
+        return Kernel(self.__nki_func__, launch.launch_grid(self.__name__, subscript), self.__nki_platform_target__)
 
     def __repr__(self) -> str:
         grid = list(self.__nki_grid__) if self.__nki_grid__ else ""
@@ -126,15 +128,19 @@ def jit(func=None, mode="auto", **kwargs):
 
     `mode` must be one NKI 0.2.0 supports (or Beta 1's "trace", which AWS's 0.2 kernels still
     pass; "baremetal" and "simulation" are gone); whatever the mode, the emulator runs the
-    kernel on NumPy arrays. Other keyword arguments (nki-library's ``platform_target=``) are
-    accepted, as the 0.2.0 signature's ``**kwargs`` does, and ignored: the target is
-    ``NEURON_PLATFORM_TARGET_OVERRIDE``'s, read when the kernel runs (`target`).
+    kernel on NumPy arrays. ``platform_target`` (nki-library's "trn2"/"trn3") names the
+    kernel's target: a value that is not one is refused here, a target other than trn1 when
+    the kernel is called, as ``NEURON_PLATFORM_TARGET_OVERRIDE``'s is (`target`). Other keyword
+    arguments are accepted, as the 0.2.0 signature's ``**kwargs`` does, and ignored.
     """
     if mode not in ACCEPTED_MODES:
         raise ValueError(f"nki.jit: mode must be one of {list(JIT_MODES)} in NKI 0.2.0, got {mode!r}")
+    platform_target = kwargs.get("platform_target")
+    if platform_target is not None:
+        target.platform_target_gen(platform_target)
     if func is None:
         return functools.partial(jit, mode=mode, **kwargs)
-    return Kernel(func)
+    return Kernel(func, platform_target=platform_target)
 
 
 @contextlib.contextmanager

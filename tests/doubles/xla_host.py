@@ -56,8 +56,14 @@ fallback (they take host tensors; `xla_lowerings.CpuFallbacks` records the ops).
 A Python number in a step op on a device tensor follows the same rule (`trace_python_scalars`): ``x / 0.5`` takes
 0.5 as device data, ``x / 1.0`` (or ``x / 1``) the constant 1, so a number that reaches 0 or ±1 at some step (AdamW's
 ``bias_correction2 ** 0.5`` without ``capturable``) cuts a different graph there. Only the ops in
-`SCALAR_OPERAND_OPS` are followed (their numbers are ``at::Scalar`` operands); the numbers of other ops (dims,
-sizes, indices, ``dropout``'s ``p``) are not.
+`SCALAR_OPERAND_OPS` are followed (their numbers are ``at::Scalar`` operands), and the fill value of a device
+``full`` / ``new_full`` (`FILL_VALUE_AT`). The other numbers of an op are not values of the graph: dims, sizes
+and indices are attributes of its nodes (``Select`` hashes dim, start, end, stride: ops/select.cpp 17), so any
+change to one is a new graph, whatever the number; the double follows shapes through the forwards and batches
+it traces, not op by op. ``dropout``'s ``p`` reaches torch-xla as ``bernoulli_(1 - p)`` and a division by
+``1 - p`` (torch's ``_dropout_impl``: the fused ``native_dropout``, whose ``p`` is an attribute, is for CUDA, XPU
+and lazy tensors only), device data for 0 < p < 1; ``p = 0`` draws nothing, which the random ops traced in
+NxD's model wrapper show (`env.DeviceRandomOps`).
 """
 
 from __future__ import annotations
@@ -117,6 +123,10 @@ SCALAR_OPERAND_OPS = frozenset({
     "full_like", "where", "eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__", "__lt__", "__le__", "__gt__",
     "__ge__",
 })
+# Factories whose fill value (at this position of the call) is a Python number of the graph, with the same rule:
+# ``full`` (aten_xla_type.cpp 1889-1914 to tensor_methods.cpp ``full``, ``GetIrValueForScalar(fill_value, shape)``)
+# given the device, ``new_full`` of a device tensor (the same ``full``). Their sizes are the shape, not values.
+FILL_VALUE_AT = {"full": 1, "new_full": 2}
 # Factories of a host value (a Python list, a NumPy array): given the device, each call uploads it.
 HOST_DATA = frozenset({"tensor", "as_tensor", "asarray"})
 LIST_OPERANDS = frozenset({"cat", "concat", "concatenate"})  # ``bridge::GetXlaTensors``: the list message
@@ -192,6 +202,9 @@ class HostTensors(TorchFunctionMode):
         if getattr(func, "__self__", None) is DEVICE_PROPERTY:  # ``t.device``: our code sees the XLA device
             return XLA_DEVICE if not on_host(args[0]) and _from_our_code() else func(*args, **kwargs)
         tensors = _tensors(args, kwargs)
+        name = getattr(func, "__name__", "")
+        if name in FILL_VALUE_AT and _fills_on_the_device(tensors, kwargs):
+            trace_fill_value(self.log, FILL_VALUE_AT[name], args, kwargs)
         if not tensors:  # a factory (or no tensor at all): on the host unless given the device
             out = func(*args, **kwargs)
             if not _from_our_code():
@@ -203,7 +216,6 @@ class HostTensors(TorchFunctionMode):
                 trace_uploads(self.log, [out])
             return out
         host = [t for t in tensors if on_host(t)]
-        name = getattr(func, "__name__", "")
         if name in SCALAR_OPERAND_OPS and len(host) < len(tensors):  # an op on the device
             trace_python_scalars(self.log, args, kwargs)
         if not host:
@@ -286,6 +298,23 @@ def trace_python_scalars(log: XlaLog, args: tuple, kwargs: dict) -> None:
     for value in (*args, *kwargs.values()):
         if isinstance(value, (int, float)) and not isinstance(value, bool) and (value == 0 or abs(value) == 1):
             log.trace("constant", float(value))
+
+
+def trace_fill_value(log: XlaLog, position: int, args: tuple, kwargs: dict) -> None:
+    """The fill value of a device ``full`` / ``new_full``, under `trace_python_scalars`' rule; the sizes before it
+    are the shape (attributes of the graph, like dims and indices: any change is a new graph, and the double
+    follows shapes through the forwards it traces, not op by op)."""
+    value = kwargs.get("fill_value", args[position] if len(args) > position else None)
+    trace_python_scalars(log, (value,), {})
+
+
+def _fills_on_the_device(tensors: list[torch.Tensor], kwargs: dict) -> bool:
+    """Whether a ``full`` (no tensor: given the device) or ``new_full`` (of a device tensor, not sent to the host)
+    makes a device tensor."""
+    device = kwargs.get("device")
+    if not tensors:
+        return device is not None and not names_the_host(device)
+    return not on_host(tensors[0]) and (device is None or not names_the_host(device))
 
 
 def _in_place(name: str) -> bool:

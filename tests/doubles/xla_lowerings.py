@@ -16,12 +16,24 @@ for every backend. torch-xla runs its graphs functionalized (``XLA_DISABLE_FUNCT
 in-place op reaches it as its functional variant (``add_.Tensor`` as ``add.Tensor``) and a view op as its
 ``_copy`` variant (``transpose.int`` as ``transpose_copy.int``).
 
-Not modelled: what a CompositeExplicitAutograd kernel decomposes into (taken as lowered), and the ops torch-xla
-lowers only for some dtypes or shapes.
+Two listed kernels call the fallback themselves unless ``XLA_EXPERIMENTAL`` (names joined by ":", read once per
+process: debug_util.cpp 44-54, 234-237) enables their experiment: ``nonzero`` and ``masked_select``
+(aten_xla_type.cpp 2805-2814, 2269-2283), whose output shapes depend on the values. ``index`` and ``index_put``
+turn a bool or byte mask among their indices into ``mask.nonzero()`` (``ExpandByteTensors``, ops/index_ops.cpp
+49-76), so a boolean-mask read or write on the device falls back the same way. Other kernels fall back for some
+arguments: every one taking a ``generator`` when one is given (its numbers come from that CPU generator; the
+``generator->defined()`` checks, e.g. aten_xla_type.cpp 1267, 1810, 2562), ``addmm`` when ``beta`` or ``alpha``
+is not 1 (898-901), and ``cumprod`` in int64, which an integer or bool input is promoted to without a ``dtype``
+(1498-1512, ``PromoteIntegralType`` 291-296: "XLA reduce-window does not support S64 mode"). `argument_fallback`
+says which applies.
+
+Not modelled: what a CompositeExplicitAutograd kernel decomposes into (taken as lowered), and the other ops
+torch-xla lowers only for some dtypes or shapes.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +114,41 @@ def falls_back(func: Any) -> bool:
 CPU_DEVICE_CHOICES = frozenset({"_scaled_dot_product_flash_attention_for_cpu",
                                 "_scaled_dot_product_flash_attention_for_cpu_backward"})
 _FALLS_BACK: dict[Any, bool] = {}  # by op overload: a step runs the same few ops many times
+# Listed ops whose XLA kernel calls ``xla_fallback`` unless the experiment of that name is enabled (module docstring).
+EXPERIMENT_GATED = frozenset({"nonzero", "masked_select"})
+MASK_INDEXING = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})  # ExpandByteTensors' callers
+
+
+def argument_fallback(func: Any, args: tuple, kwargs: dict) -> str | None:
+    """What runs on the CPU fallback when the aten op `func`, which has an XLA kernel, is called with these
+    arguments (module docstring), or None when the kernel runs on the device."""
+    packet = func._schema.name.split("::", 1)[1]
+    name = _full_name(packet, func._overloadname)
+    bound = {a.name: v for a, v in zip(func._schema.arguments, args)} | kwargs
+    indices = bound.get("indices") if packet in MASK_INDEXING else None
+    if packet in EXPERIMENT_GATED:
+        return None if _experiment_enabled(packet) else name
+    if isinstance(indices, (list, tuple)) and any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
+                                                  for i in indices):
+        return None if _experiment_enabled("nonzero") else f"nonzero (a boolean mask in {name})"
+    if isinstance(bound.get("generator"), torch.Generator):
+        return f"{name} (given a generator)"
+    if packet == "addmm" and (bound.get("beta", 1) != 1 or bound.get("alpha", 1) != 1):
+        return f"{name} (beta or alpha not 1)"
+    if packet == "cumprod" and _cumprod_in_int64(bound["self"], bound.get("dtype")):
+        return f"{name} (in int64)"
+    return None
+
+
+def _cumprod_in_int64(tensor: torch.Tensor, dtype: torch.dtype | None) -> bool:
+    """``IsOperationOnType(PromoteIntegralType(...), self, Long)`` of torch-xla's ``cumprod``."""
+    promoted = dtype if dtype is not None else (torch.int64 if not tensor.is_floating_point()
+                                                and not tensor.is_complex() else None)
+    return promoted == torch.int64 or tensor.dtype == torch.int64
+
+
+def _experiment_enabled(name: str) -> bool:
+    return name in os.environ.get("XLA_EXPERIMENTAL", "").split(":")
 
 
 class CpuFallbacks(TorchDispatchMode):
@@ -114,7 +161,10 @@ class CpuFallbacks(TorchDispatchMode):
         self.log = log
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if _FALLS_BACK.get(func, True) and falls_back(func):
-            name = _full_name(func._schema.name.split("::", 1)[1], func._overloadname)
-            self.log.cpu_fallbacks.append(f"{name} at {bmojo_caller() or 'outside bmojo_neuron'}")
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        what = argument_fallback(func, args, kwargs) if func.namespace == "aten" else None
+        if what is None and _FALLS_BACK.get(func, True) and falls_back(func):
+            what = _full_name(func._schema.name.split("::", 1)[1], func._overloadname)
+        if what is not None:
+            self.log.cpu_fallbacks.append(f"{what} at {bmojo_caller() or 'outside bmojo_neuron'}")
+        return func(*args, **kwargs)
