@@ -320,7 +320,7 @@ static void chunk_scores(const dims_t *d, const float *Bc, const float *Cc, long
  * stride of H P: each piece's first touch would wait on memory, one head after the other. So each
  * head's loop first asks for the next head's pieces (the next chunk's first head after the last),
  * which then arrive while the current head runs. Into L2 and not L1 (prefetcht1): a head's working set
- * already fills L1, and pulling the next head's rows into it ran slower than no prefetch at all. ---- */
+ * already fills L1, and pulling the next head's rows into it (or non-temporal) gained nothing. ---- */
 
 /* Ask for head h's rows [row0, row0 + tc) of a (batch L, H, P) tensor. */
 static inline void prefetch_head_rows(const dims_t *d, const float *t, long row0, long tc, long h) {
