@@ -263,19 +263,16 @@ def test_a_compiler_without_openmp_builds_a_one_thread_library(fresh_build, monk
 
 
 def test_sources_compile_warning_clean_under_every_flag_set():
-    """Every C source compiles with ``-Wall -Wextra -Werror`` under each of the build's flag sets (with OpenMP,
-    without it, portable), with `cc` and with clang where installed. The front end's checks only
-    (``-fsyntax-only``, the runs side by side: well under a second of CPU in all): unused parameters, ABI notes
-    on vector types. With no OpenMP flag at all, GCC ignores the ``omp`` pragmas by design: the portable set
-    adds ``-Wno-unknown-pragmas``."""
+    """Every C source compiles with ``-Wall -Wextra -Werror`` under each of the build's flag sets as they are (with
+    OpenMP, without it, portable), with `cc` and with clang where installed. The front end's checks only
+    (``-fsyntax-only``, the runs side by side: about 0.3 s of CPU in all with GCC): unused parameters, ABI notes
+    on vector types, OpenMP pragmas a flag set leaves unknown."""
     compilers = {os.path.realpath(p): p for p in map(shutil.which, ("cc", "clang", "clang-14")) if p}
     sources = [str(p) for p in build.sources()]
     runs = {}
     for compiler in compilers.values():
         for flags in build.ATTEMPTS:
             checked = [f for f in flags if f not in ("-shared", "-fPIC")]
-            if not any("openmp" in f for f in flags):
-                checked.append("-Wno-unknown-pragmas")
             command = [compiler, "-fsyntax-only", "-Wall", "-Wextra", "-Werror", *checked]
             runs[" ".join(command)] = subprocess.Popen(command + sources, stderr=subprocess.PIPE, text=True)
     for command, run in runs.items():

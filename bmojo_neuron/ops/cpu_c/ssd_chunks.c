@@ -316,6 +316,19 @@ static void chunk_scores(const dims_t *d, const float *Bc, const float *Cc, long
     gemm(tc, tc, N, Cc, d->bc_row, 1, s->bt, T, s->cb, T, FULL, 0, 0, ZERO);
 }
 
+/* ---- Prefetch. A head's rows of x (and, backward, gy) in a chunk are tc pieces of P floats at a
+ * stride of H P: each piece's first touch would wait on memory, one head after the other. So each
+ * head's loop first asks for the next head's pieces (the next chunk's first head after the last),
+ * which then arrive while the current head runs. Into L2 and not L1 (prefetcht1): a head's working set
+ * already fills L1, and pulling the next head's rows into it (or non-temporal) gained nothing. ---- */
+
+/* Ask for head h's rows [row0, row0 + tc) of a (batch L, H, P) tensor. */
+static inline void prefetch_head_rows(const dims_t *d, const float *t, long row0, long tc, long h) {
+    long HP = d->H * d->P;
+    for (long r = 0; r < tc; r++)
+        for (long p = 0; p < d->P; p += 16) __builtin_prefetch(t + (row0 + r) * HP + h * d->P + p, 0, 2);
+}
+
 /* ---- Forward. ---- */
 
 static void forward_head(const dims_t *d, const inputs_t *in, long b, long h, long c, long tc, const float *Cc,
@@ -368,8 +381,13 @@ static void forward_group(const dims_t *d, const inputs_t *in, long b, long g, c
         const float *Cc = in->C + (b * L + t0) * d->bc_row + g * d->bc_group;
         chunk_scores(d, Bc, Cc, tc, s);
         discretise(d, in, b * L + t0, tc, g * hpg, dt_out);
-        for (long k = 0; k < hpg; k++)
+        for (long k = 0; k < hpg; k++) {
+            if (k + 1 < hpg)
+                prefetch_head_rows(d, in->x, b * L + t0, tc, g * hpg + k + 1);
+            else if (t0 + T < L)  /* the next chunk's first head */
+                prefetch_head_rows(d, in->x, b * L + t0 + T, L - t0 - T < T ? L - t0 - T : T, g * hpg);
             forward_head(d, in, b, g * hpg + k, c, tc, Cc, Bc, y, starts, dt_out, s->sx + k * NTP, s);
+        }
     }
     for (long k = 0; k < hpg; k++) /* back to the caller's (P, N) */
         transpose(N, P, s->sx + k * NTP, P, h_final + (b * H + g * hpg + k) * P * N, N);
@@ -545,8 +563,16 @@ static void backward_group(const dims_t *d, const inputs_t *in, const grads_t *g
         chunk_scores(d, Bc, Cc, tc, s);
         if (d->dt_softplus) softplus_slopes(d, in, b * L + t0, tc, g * hpg, s->slope);
         memset(s->dcb, 0, sizeof(float) * T * T);
-        for (long k = 0; k < hpg; k++)
+        for (long k = 0; k < hpg; k++) {
+            long next_row0 = b * L + t0, next_tc = tc, next_h = g * hpg + k + 1;
+            if (k + 1 == hpg)  /* the previous chunk's first head (a whole chunk: only the last may be short) */
+                next_row0 -= T, next_tc = T, next_h = g * hpg;
+            if (next_row0 >= b * L) {
+                prefetch_head_rows(d, in->x, next_row0, next_tc, next_h);
+                prefetch_head_rows(d, gr->gy, next_row0, next_tc, next_h);
+            }
             backward_head(d, in, gr, b, g * hpg + k, c, tc, Bc, Cc, dBc, dCc, s->sx + k * NTP, s);
+        }
         /* scores C B^T: dC += dcb B, dB += dcb^T C */
         gemm(tc, N, tc, s->dcb, T, 1, Bc, d->bc_row, dCc, GN, LOWER, 0, ALL_COLUMNS, KEEP);
         gemm(tc, N, tc, s->dcb, 1, T, Cc, d->bc_row, dBc, GN, UPPER, 0, ALL_COLUMNS, KEEP);
