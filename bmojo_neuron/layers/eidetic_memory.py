@@ -121,9 +121,10 @@ class _NextTokenInnovation(torch.autograd.Function):
     ``k_next[t - 1] - K_t``; the score is its mean square over heads and head dim.
 
     The float operations are `mse_loss`'s and `mean`'s (a difference, its square, the same
-    reduction; the gradient ``2 * error * grad / n``), so the scores and the gradient keep the
-    plain formula's bits; the plain ops would copy the shifted keys forward and take three
-    passes (the mean's expansion, the loss's zeroed buffer and its product) backward.
+    reduction; the gradient ``2 * error * grad / n``), so in float32 and float64 the scores and
+    the gradient keep the plain formula's bits (a half-precision loss kernel that squares in a
+    wider type may round differently). The plain ops would copy the shifted keys forward and
+    take three passes (the mean's expansion, the loss's zeroed buffer and its product) backward.
     """
 
     @staticmethod
