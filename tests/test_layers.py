@@ -7,6 +7,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from naive import naive_attention, naive_memory_selection, naive_rope, tiny_config
 
 from bmojo_neuron.layers.attention import BMojoAttention
@@ -429,6 +430,45 @@ def test_innovation_is_zero_prediction_at_the_first_token():
     torch.testing.assert_close(mean_innovation, k.pow(2).mean(), rtol=0, atol=1e-12)
 
 
+class _FullSizeOps(TorchDispatchMode):
+    """Names of the ops that make a tensor of `numel` elements, forward and backward."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.names = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        made = isinstance(out, torch.Tensor) and out.numel() == self.numel and not out._is_view()
+        if made and func is not torch.ops.aten.detach.default:
+            self.names.append(func.overloadpacket.__name__)
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_next_token_innovation_scores_shifted_keys_without_copying_them(dtype):
+    """``e_t = mean((P(S_{t-1}) - K_t)^2)``, ``e_0 = mean(K_0^2)``: an eager run gives the plain formula's bits,
+    scores and predictor gradient (row L - 1 predicts past the sequence: zero), but makes no shifted copy of the
+    keys forward and writes the gradient in one product backward."""
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 37, 2, 8, generator=gen, dtype=dtype)
+    predicted = torch.randn(3, 37, 2, 8, generator=gen, dtype=dtype, requires_grad=True)
+    weights = torch.randn(3, 37, generator=gen, dtype=dtype)
+    with fused_kernels_disabled():  # the ops a traced graph keeps
+        want = eidetic_memory.next_token_innovation(keys, predicted)
+        (want_grad,) = torch.autograd.grad(want, predicted, weights)
+    with _FullSizeOps(keys.numel()) as made:
+        got = eidetic_memory.next_token_innovation(keys, predicted)
+        forward = list(made.names)
+        (got_grad,) = torch.autograd.grad(got, predicted, weights)
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
+    shifted = torch.cat([torch.zeros_like(predicted[:, :1]), predicted[:, :-1]], dim=1)
+    torch.testing.assert_close(got, (shifted - keys).pow(2).mean(dim=(-2, -1)), rtol=0, atol=1e-6)
+    assert not got_grad[:, -1].any()
+    assert "cat" not in forward, forward
+    assert len(made.names) - len(forward) == 1, made.names  # the gradient, written by one product
+
+
 def test_padded_blocks_do_not_leak_into_short_sequences():
     layer = make_layer(layer_pattern="F", window_size=16, fading_window=8)
     x = torch.randn(1, 37, 32, dtype=torch.float64)
@@ -477,6 +517,31 @@ def test_fading_keys_are_projected_only_where_read_with_the_same_output_and_grad
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
         for name, grad in want_grads.items():
             torch.testing.assert_close(got_grads[name], grad, rtol=0, atol=1e-12, msg=lambda m: f"{name}, L={length}: {m}")
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_cut_fading_keys_reach_the_attention_in_its_layout_from_one_copy_of_the_read_rows(tie, monkeypatch):
+    """The cut fading path copies the rows it reads once (both projections read that copy, not each a strided
+    slice of its own), and pads keys and values heads first: the attention op gets contiguous (batch, kv_heads,
+    L, D) tensors, which it reads without copying them again."""
+    from bmojo_neuron.layers import attention
+
+    layer = make_layer(window_size=4, fading_window=3, tie_fading_projections=tie)
+    inputs, handed = [], {}
+    fading_proj = layer.k_proj if tie else layer.k_fading_proj
+    fading_proj.register_forward_hook(lambda module, args, out: inputs.append(args[0]))
+    op = attention.ops.eidetic_attention
+
+    def spy(q, k, v, k_fading, v_fading, *rest, **kwargs):
+        handed.update(k_fading=k_fading, v_fading=v_fading)
+        return op(q, k, v, k_fading, v_fading, *rest, **kwargs)
+
+    monkeypatch.setattr(attention.ops, "eidetic_attention", spy)
+    layer(torch.randn(2, 11, 32, dtype=torch.float64))
+    cut = inputs[-1]
+    assert cut.shape[1] == 11 - 4 and cut.is_contiguous()
+    for name, t in handed.items():
+        assert t.shape == (2, layer.kv_heads, 11, layer.head_dim) and t.is_contiguous(), name
 
 
 def test_a_sequence_no_chunk_of_which_reads_a_memory_selects_none(monkeypatch):

@@ -134,12 +134,15 @@ class BMojoAttention(nn.Module):
             rows = self._fading_read(length)
             if rows == 0:
                 return None, None
-            s = s[:, :rows]
+            # One copy of the rows both projections read; each product would copy the strided slice itself.
+            s = s[:, :rows].contiguous()
         k = self._rotate(self._keys(s, k_proj).transpose(1, 2), tuple(t[:rows] for t in tables))
-        v = v_proj(s)
+        v = self._heads(v_proj(s), self.kv_heads).transpose(1, 2)
         if rows < length:
+            # Padded heads first, the pad's copy is the (batch, kv_heads, L, D) layout the attention op reads, which
+            # it would otherwise copy again out of the transposed view.
             k, v = F.pad(k, (0, 0, 0, length - rows)), F.pad(v, (0, 0, 0, length - rows))
-        return k, self._heads(v, self.kv_heads).transpose(1, 2)
+        return k, v
 
     @staticmethod
     def _cuts_fading(whole: bool, k_proj: nn.Module, v_proj: nn.Module, s: Tensor) -> bool:

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .eager_gate import eager_untraced
+
 NEG_INF = float("-inf")
 # Masked-sort work per batch row and block: chunks in the block x candidates.
 BLOCK_ELEMENTS = 1 << 16
@@ -100,15 +102,47 @@ def innovation_scores(k_raw: Tensor, k_predicted: Tensor) -> Tensor:
 def next_token_innovation(k_raw: Tensor, k_next: Tensor) -> Tensor:
     """`innovation_scores` of ``K_t`` against ``K_hat_t = k_next[t - 1]`` (``K_hat_0 = 0``); (batch, L).
 
-    Row t of `k_next` predicts the key of token t + 1 (the forward's ``P(S_t)``). The keys,
-    detached, are shifted back to meet it, not the prediction forward: a shift of the prediction
-    would copy its gradient back out of a pad. Row L - 1 predicts past the sequence; its score
-    (against a placeholder) is dropped, so it gets no gradient.
+    Row t of `k_next` predicts the key of token t + 1 (the forward's ``P(S_t)``); `k_raw` is read
+    detached. Row L - 1 predicts past the sequence and gets no gradient. An eager run scores the
+    shifted views in one autograd step (`_NextTokenInnovation`: no shifted copy of the keys, one
+    product for the gradient); a traced graph keeps the plain ops, which give the same numbers.
     """
+    k_raw = k_raw.detach()
+    if eager_untraced(k_raw, k_next) and k_raw.dtype == k_next.dtype:
+        return _NextTokenInnovation.apply(k_raw, k_next)
     target = torch.cat([k_raw[:, 1:], k_raw[:, -1:]], dim=1)
     ahead = innovation_scores(target, k_next)
     first = k_raw[:, :1].pow(2).mean(dim=(-2, -1))  # K_hat_0 = 0
     return torch.cat([first, ahead[:, :-1]], dim=1)
+
+
+class _NextTokenInnovation(torch.autograd.Function):
+    """`next_token_innovation` from one error tensor: row 0 ``-K_0`` (``K_hat_0 = 0``), row t
+    ``k_next[t - 1] - K_t``; the score is its mean square over heads and head dim.
+
+    The float operations are `mse_loss`'s and `mean`'s (a difference, its square, the same
+    reduction; the gradient ``2 * error * grad / n``), so in float32 and float64 the scores and
+    the gradient keep the plain formula's bits (a half-precision loss kernel that squares in a
+    wider type may round differently). The plain ops would copy the shifted keys forward and
+    take three passes (the mean's expansion, the loss's zeroed buffer and its product) backward.
+    """
+
+    @staticmethod
+    def forward(ctx, k_raw: Tensor, k_next: Tensor) -> Tensor:
+        error = torch.empty_like(k_next, memory_format=torch.contiguous_format)
+        torch.neg(k_raw[:, :1], out=error[:, :1])
+        torch.sub(k_next[:, :-1], k_raw[:, 1:], out=error[:, 1:])
+        ctx.save_for_backward(error)
+        return (error * error).mean(dim=(-2, -1))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor]:
+        (error,) = ctx.saved_tensors
+        scale = grad.div(error.shape[-2] * error.shape[-1]).mul_(2)[:, 1:, None, None]
+        grad_next = torch.empty_like(error)
+        torch.mul(error[:, 1:], scale, out=grad_next[:, :-1])
+        grad_next[:, -1:].zero_()  # row L - 1 predicts past the sequence
+        return None, grad_next
 
 
 def pick_tokens(innovation: Tensor, picks: int) -> Tensor:

@@ -110,9 +110,12 @@ class Mamba2Mixer(nn.Module):
         return SSMState(conv_states=conv_states, ssm_state=ssm, counter=torch.zeros((), dtype=torch.long, device=device))
 
     def _split_bc(self, bc: Tensor) -> tuple[Tensor, Tensor]:
-        """(..., G*2*N) group-major -> B, C each (..., G, N)."""
-        bc = bc.unflatten(-1, (self.n_groups_local, 2, self.state_size))
-        return bc[..., 0, :], bc[..., 1, :]
+        """(..., G*2*N) group-major -> B, C each (..., G, N).
+
+        One `unbind`, not two selects: its backward stacks both gradients in one pass, where each select's
+        would zero a tensor of the whole input, copy its half in, and the two would be added.
+        """
+        return bc.unflatten(-1, (self.n_groups_local, 2, self.state_size)).unbind(-2)
 
     def forward(self, hidden_states: Tensor, state: SSMState | None = None) -> Tensor:
         """Parallel forward; with ``state`` also continue from and update it.
