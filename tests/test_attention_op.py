@@ -346,3 +346,33 @@ def test_fused_memory_piece_runs_only_over_the_chunks_that_read_a_memory(monkeyp
             assert [s[1] for s in memory_calls] == [2, 2]
     for got, want in zip(results["fused"], results["blocked"]):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("uses", ["out", "out_and_lse"])
+def test_fused_backward_hands_the_kernel_dense_output_gradients_in_one_block_slices(uses, monkeypatch):
+    """With one query block per slice (the train step's shapes), every band piece's kernel call gets an output
+    gradient already dense in the kernel's own (N, rows, blocks, D) order, which its backward would otherwise copy
+    at every call; the model's gradient arrives strided (the output projection's input, transposed). Outputs and
+    gradients, through the output alone and through the lse too, equal the blocked op's."""
+    length, window, fading_window, chunk, memory, q_heads, kv_heads, block = 30, 8, 8, 8, 3, 4, 2, 4
+    monkeypatch.setattr(fused_module, "SLICE_BYTES", 2 * q_heads * block * 8 * 8)  # one query block of every head
+    dense = []
+    flash_backward = fused_module._flash_backward
+    monkeypatch.setattr(fused_module, "_flash_backward",
+                        lambda *a, **k: dense.append(a[0].transpose(1, 2).is_contiguous()) or flash_backward(*a, **k))
+    inputs = make_inputs(length, window, fading_window, chunk, memory, q_heads, kv_heads)
+    leaves = [t.requires_grad_() for t in inputs if t is not None and t.is_floating_point()]
+    gen = torch.Generator().manual_seed(11)
+    d_out = torch.randn(2, length, q_heads, 8, generator=gen, dtype=torch.float64).transpose(1, 2)  # strided
+    d_lse = torch.randn(2, q_heads, length, generator=gen, dtype=torch.float64) if uses == "out_and_lse" else None
+    results = {}
+    for name, impl in IMPLEMENTATIONS.items():
+        dense.clear()
+        out, lse = impl(*inputs, window=window, fading_window=fading_window, chunk=chunk, scale=None, block=block)
+        loss = (out * d_out).sum() + (0 if d_lse is None else (lse * d_lse).sum())
+        results[name] = (out, lse, *torch.autograd.grad(loss, leaves))
+        if name == "fused":
+            band_calls = dense[:-1]  # the last call is the memory piece's, over chunks
+            assert len(band_calls) > -(-length // block) and all(band_calls)
+    for got, want in zip(results["fused"], results["blocked"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)

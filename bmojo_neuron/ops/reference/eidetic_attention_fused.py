@@ -324,11 +324,11 @@ class _EideticAttention(torch.autograd.Function):
         layout: _Layout = ctx.layout
         if grad_out is None and grad_lse is None:
             return (None,) * 9
-        grad = torch.zeros_like(out) if grad_out is None else layout.blocks(layout.canon(grad_out.contiguous()))
+        grad = _gradient_blocks(layout, grad_out, out, ones_column=grad_lse is not None)
         keys = (q, k, v, k_fading, v_fading, mem_k, mem_v)
         if grad_lse is not None:
             grad_lse = layout.blocks(layout.canon(grad_lse.contiguous()[..., None]))
-            keys, grad, out = _fold_lse_gradient(keys, grad, out, grad_lse)
+            keys, out = _fold_lse_gradient(keys, out, grad_lse)
         grads = _backward_pieces(layout, *keys, mem_valid, grad, out, lse)
         if layout.has_memory and not layout.use_memory:  # an empty memory: its gradients are zeros, as before
             grads = (*grads[:5], torch.zeros_like(mem_k), torch.zeros_like(mem_v))
@@ -336,19 +336,47 @@ class _EideticAttention(torch.autograd.Function):
         return (*(None if t is None else t[..., :head_dim] for t in grads), None, None)
 
 
-def _fold_lse_gradient(keys, grad, out, grad_lse):
+def _gradient_blocks(layout: _Layout, grad_out: Tensor | None, like: Tensor, ones_column: bool) -> Tensor:
+    """The output gradient in the blocked layout of `like` (N, n, g * block, D), plus a column of ones with
+    `ones_column` (`_fold_lse_gradient`), copied from `grad_out` (batch, q heads, L, D; None: zeros) of any
+    strides in one pass.
+
+    torch's CPU flash backward copies its output gradient into its own (N, rows, blocks, D) order at every
+    call unless it is dense in that order already (``grad_out.contiguous()`` in its kernel): that is a copy
+    of the slice per piece. When every slice is one query block (`_Layout.slices`; the train step's shapes)
+    the gradient is stored block-major, so each slice's part is dense in that order and no call copies it."""
+    N, n, rows, D = like.shape
+    width = D + ones_column
+    one_block = all(e - s == 1 for s, e in layout.slices(width, like.element_size()))
+    grad = like.new_empty(n, N, rows, width).transpose(0, 1) if one_block else like.new_empty(N, n, rows, width)
+    if ones_column:
+        grad[..., D].fill_(1)
+    target = grad[..., :D]
+    if grad_out is None:
+        target.zero_()
+        return grad
+    block, length = layout.block, layout.length
+    if n * block != length:
+        grad_out = F.pad(grad_out, (0, 0, 0, n * block - length))
+    # Both as (batch, kv head, block, group, row, D): one copy whatever the strides of grad_out.
+    source = grad_out.unflatten(1, (layout.kv_heads, layout.groups)).unflatten(3, (n, block)).transpose(2, 3)
+    target.unflatten(0, (layout.batch, layout.kv_heads)).unflatten(3, (layout.groups, block)).copy_(source)
+    return grad
+
+
+def _fold_lse_gradient(keys, out, grad_lse):
     """Inputs for the fused backward that also carry the gradient flowing into the log-sum-exp.
 
     The kernel's score gradient is ``p * (dO . v - D)`` with ``D = rowsum(dO * out)``;
     ``d lse / d s = p`` adds ``grad_lse * p``, i.e. ``D`` becomes ``D - grad_lse``. One
     extra feature column does that without touching anything else: ``dO`` gains a
-    column of ones and ``out`` one of ``-grad_lse`` (so ``D`` gains ``-grad_lse``), while
-    q, k, v gain a column of zeros (scores and ``dO . v`` unchanged, the scale is passed
-    explicitly). The extra column of every returned gradient is dropped by the caller.
+    column of ones (`_gradient_blocks`) and ``out`` one of ``-grad_lse`` (so ``D`` gains
+    ``-grad_lse``), while q, k, v gain a column of zeros (scores and ``dO . v`` unchanged,
+    the scale is passed explicitly). The extra column of every returned gradient is
+    dropped by the caller.
     """
     pad = (lambda t: None if t is None else F.pad(t, (0, 1)))
-    ones = torch.ones_like(grad[..., :1])
-    return [pad(t) for t in keys], torch.cat([grad, ones], dim=-1), torch.cat([out, -grad_lse.to(out.dtype)], dim=-1)
+    return [pad(t) for t in keys], torch.cat([out, -grad_lse.to(out.dtype)], dim=-1)
 
 
 def _memory_backward(layout: _Layout, q, mem_k, mem_v, mem_valid, grad, out, lse):
