@@ -145,16 +145,19 @@ def test_gradients_through_out_and_lse_match_per_query_loop(case, uses, impl):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("key_major", [False, True])
 @pytest.mark.parametrize("blocks_per_slice", [1, 2, 3])
 @pytest.mark.parametrize("case", CASES)
-def test_fused_in_slices_of_query_blocks_equals_blocked(case, blocks_per_slice, monkeypatch):
+def test_fused_in_slices_of_query_blocks_equals_blocked(case, blocks_per_slice, key_major, monkeypatch):
     """The fused op runs its pieces a slice of query blocks at a time; with slices of 1-3 blocks (the
     merge, the lse and every gradient cut at slice edges, keys shared across them) outputs and gradients,
-    through both outputs, still equal the blocked op's."""
+    through both outputs, still equal the blocked op's. `key_major`: the backward runs every band of two or
+    more pieces key block by key block (`KEY_MAJOR_ROWS` lowered to reach these small blocks)."""
     length, window, fading_window, chunk, memory, q_heads, kv_heads, block = case
     block = block or fused_module.default_block(window, length)
     per_block = 2 * q_heads * block * 8 * 8  # batch 2, head_dim 8, float64: one query block of every head
     monkeypatch.setattr(fused_module, "SLICE_BYTES", blocks_per_slice * per_block)
+    monkeypatch.setattr(fused_module, "KEY_MAJOR_ROWS", 1 if key_major else 1 << 30)
     inputs = make_inputs(length, window, fading_window, chunk, memory, q_heads, kv_heads, seed=blocks_per_slice)
     leaves = [t.requires_grad_() for t in inputs if t is not None and t.is_floating_point()]
     gen = torch.Generator().manual_seed(length)
@@ -376,3 +379,28 @@ def test_fused_backward_hands_the_kernel_dense_output_gradients_in_one_block_sli
             assert len(band_calls) > -(-length // block) and all(band_calls)
     for got, want in zip(results["fused"], results["blocked"]):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_fused_backward_runs_a_band_key_block_by_key_block(monkeypatch):
+    """Once a key block's query blocks in a band hold `KEY_MAJOR_ROWS` rows, the backward makes one call per key
+    block over all of them (their rows consecutive), not one per offset: here w = w_f = 2 blocks, so both bands
+    have three offsets; gradients equal the blocked op's (the query-major calls' sums, in another order)."""
+    length, window, block, q_heads = 30, 8, 4, 2
+    n_blocks = -(-length // block)
+    monkeypatch.setattr(fused_module, "KEY_MAJOR_ROWS", 3 * block)
+    rows = []
+    flash_backward = fused_module._flash_backward
+    monkeypatch.setattr(fused_module, "_flash_backward",
+                        lambda *a, **k: rows.append(a[1].shape[1:3]) or flash_backward(*a, **k))
+    inputs = make_inputs(length, window, window, window, 0, q_heads, 2)
+    leaves = [t.requires_grad_() for t in inputs if t is not None and t.is_floating_point()]
+    results = {}
+    for name, impl in IMPLEMENTATIONS.items():
+        out, lse = impl(*inputs, window=window, fading_window=window, chunk=window, scale=None, block=block)
+        results[name] = torch.autograd.grad(out.sum() + lse.sum(), leaves)
+    # In-context keys j meet query blocks j..j+2, fading keys j query blocks j+2..j+4 (clipped at the last one).
+    want = [(1, block * min(3, n_blocks - j)) for j in range(n_blocks)]
+    want += [(1, block * min(3, n_blocks - j - 2)) for j in range(n_blocks - 2)]
+    assert sorted(rows) == sorted(want)
+    for got, expected in zip(results["fused"], results["blocked"]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
