@@ -179,8 +179,12 @@ def test_fused_in_slices_of_query_blocks_equals_blocked(case, blocks_per_slice, 
     (26, 8, 8, 2, 2, 7),  # w_f a multiple of the block: its first piece is a lower triangle (the causal flag)
     (26, 8, 8, 2, 4, 7),  # the same with query groups (the flag only without)
 ])
-def test_fused_equals_blocked_with_overlapping_fading_keys(length, window, fading_window, slots, q_heads, seed):
-    """fading_overlap: the fading keys cover distances [0, w_f - 1], over the window; outputs and gradients."""
+@pytest.mark.parametrize("key_major", [False, True])
+def test_fused_equals_blocked_with_overlapping_fading_keys(length, window, fading_window, slots, q_heads, seed,
+                                                           key_major, monkeypatch):
+    """fading_overlap: the fading keys cover distances [0, w_f - 1], over the window; outputs and gradients,
+    with the bands query-major and key-major (`KEY_MAJOR_ROWS` lowered to reach these small blocks)."""
+    monkeypatch.setattr(fused_module, "KEY_MAJOR_ROWS", 1 if key_major else 1 << 30)
     inputs = make_inputs(length, window, fading_window, 8, slots, q_heads, 2)
     leaves = [t.requires_grad_() for t in inputs if t is not None and t.is_floating_point()]
     gen = torch.Generator().manual_seed(seed)
@@ -381,26 +385,29 @@ def test_fused_backward_hands_the_kernel_dense_output_gradients_in_one_block_sli
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
 
 
-def test_fused_backward_runs_a_band_key_block_by_key_block(monkeypatch):
-    """Once a key block's query blocks in a band hold `KEY_MAJOR_ROWS` rows, the backward makes one call per key
-    block over all of them (their rows consecutive), not one per offset: here w = w_f = 2 blocks, so both bands
-    have three offsets; gradients equal the blocked op's (the query-major calls' sums, in another order)."""
+def test_fused_runs_a_band_key_block_by_key_block(monkeypatch):
+    """Once a key block's query blocks in a band hold `KEY_MAJOR_ROWS` rows, forward and backward make one call
+    per key block over all of them (their rows consecutive), not one per offset: here w = w_f = 2 blocks, so
+    both bands have three offsets; outputs and gradients equal the blocked op's (the same sums, in another
+    order)."""
     length, window, block, q_heads = 30, 8, 4, 2
     n_blocks = -(-length // block)
     monkeypatch.setattr(fused_module, "KEY_MAJOR_ROWS", 3 * block)
-    rows = []
-    flash_backward = fused_module._flash_backward
+    rows = {"forward": [], "backward": []}
+    flash, flash_backward = fused_module._flash, fused_module._flash_backward
+    monkeypatch.setattr(fused_module, "_flash",
+                        lambda *a, **k: rows["forward"].append(a[0].shape[1:3]) or flash(*a, **k))
     monkeypatch.setattr(fused_module, "_flash_backward",
-                        lambda *a, **k: rows.append(a[1].shape[1:3]) or flash_backward(*a, **k))
+                        lambda *a, **k: rows["backward"].append(a[1].shape[1:3]) or flash_backward(*a, **k))
     inputs = make_inputs(length, window, window, window, 0, q_heads, 2)
     leaves = [t.requires_grad_() for t in inputs if t is not None and t.is_floating_point()]
     results = {}
     for name, impl in IMPLEMENTATIONS.items():
         out, lse = impl(*inputs, window=window, fading_window=window, chunk=window, scale=None, block=block)
-        results[name] = torch.autograd.grad(out.sum() + lse.sum(), leaves)
+        results[name] = (out, lse, *torch.autograd.grad(out.sum() + lse.sum(), leaves))
     # In-context keys j meet query blocks j..j+2, fading keys j query blocks j+2..j+4 (clipped at the last one).
     want = [(1, block * min(3, n_blocks - j)) for j in range(n_blocks)]
     want += [(1, block * min(3, n_blocks - j - 2)) for j in range(n_blocks - 2)]
-    assert sorted(rows) == sorted(want)
+    assert sorted(rows["forward"]) == sorted(want) and sorted(rows["backward"]) == sorted(want)
     for got, expected in zip(results["fused"], results["blocked"]):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
