@@ -351,12 +351,16 @@ def _merge(parts: list[tuple[int, Tensor, Tensor]], s: int, e: int, merged: Tens
         lses[i, :, lo - s:hi - s] = part_lse[:, lo - first:hi - first]
         spans.append((lo - s, hi - s, out[:, lo - first:hi - first]))
     torch.logsumexp(lses, dim=0, out=lse)  # finite: every query sees its own key
-    for i, ((lo, hi, out), part_lse) in enumerate(zip(spans, lses)):
-        weight = torch.exp(part_lse[:, lo:hi] - lse[:, lo:hi])[..., None]
-        if i == 0 and (lo, hi) == (0, e - s):  # the first part covers the slice (offset 0): no zeroing pass
+    # A part covering the whole slice (there is one unless key-major parts end inside it) is written first, so
+    # the result needs no zeroing pass.
+    order = sorted(range(len(parts)), key=lambda i: spans[i][:2] != (0, e - s))
+    for i in order:
+        lo, hi, out = spans[i]
+        weight = torch.exp(lses[i, :, lo:hi] - lse[:, lo:hi])[..., None]
+        if i == order[0] and (lo, hi) == (0, e - s):
             torch.mul(out, weight, out=merged)
             continue
-        if i == 0:
+        if i == order[0]:
             merged.zero_()
         merged[:, lo:hi].addcmul_(out, weight)
 
