@@ -145,16 +145,19 @@ def test_gradients_through_out_and_lse_match_per_query_loop(case, uses, impl):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("key_major", [False, True])
 @pytest.mark.parametrize("blocks_per_slice", [1, 2, 3])
 @pytest.mark.parametrize("case", CASES)
-def test_fused_in_slices_of_query_blocks_equals_blocked(case, blocks_per_slice, monkeypatch):
+def test_fused_in_slices_of_query_blocks_equals_blocked(case, blocks_per_slice, key_major, monkeypatch):
     """The fused op runs its pieces a slice of query blocks at a time; with slices of 1-3 blocks (the
     merge, the lse and every gradient cut at slice edges, keys shared across them) outputs and gradients,
-    through both outputs, still equal the blocked op's."""
+    through both outputs, still equal the blocked op's. `key_major`: the backward runs every band of two or
+    more pieces key block by key block (`KEY_MAJOR_ROWS` lowered to reach these small blocks)."""
     length, window, fading_window, chunk, memory, q_heads, kv_heads, block = case
     block = block or fused_module.default_block(window, length)
     per_block = 2 * q_heads * block * 8 * 8  # batch 2, head_dim 8, float64: one query block of every head
     monkeypatch.setattr(fused_module, "SLICE_BYTES", blocks_per_slice * per_block)
+    monkeypatch.setattr(fused_module, "KEY_MAJOR_ROWS", 1 if key_major else 1 << 30)
     inputs = make_inputs(length, window, fading_window, chunk, memory, q_heads, kv_heads, seed=blocks_per_slice)
     leaves = [t.requires_grad_() for t in inputs if t is not None and t.is_floating_point()]
     gen = torch.Generator().manual_seed(length)
@@ -176,8 +179,12 @@ def test_fused_in_slices_of_query_blocks_equals_blocked(case, blocks_per_slice, 
     (26, 8, 8, 2, 2, 7),  # w_f a multiple of the block: its first piece is a lower triangle (the causal flag)
     (26, 8, 8, 2, 4, 7),  # the same with query groups (the flag only without)
 ])
-def test_fused_equals_blocked_with_overlapping_fading_keys(length, window, fading_window, slots, q_heads, seed):
-    """fading_overlap: the fading keys cover distances [0, w_f - 1], over the window; outputs and gradients."""
+@pytest.mark.parametrize("key_major", [False, True])
+def test_fused_equals_blocked_with_overlapping_fading_keys(length, window, fading_window, slots, q_heads, seed,
+                                                           key_major, monkeypatch):
+    """fading_overlap: the fading keys cover distances [0, w_f - 1], over the window; outputs and gradients,
+    with the bands query-major and key-major (`KEY_MAJOR_ROWS` lowered to reach these small blocks)."""
+    monkeypatch.setattr(fused_module, "KEY_MAJOR_ROWS", 1 if key_major else 1 << 30)
     inputs = make_inputs(length, window, fading_window, 8, slots, q_heads, 2)
     leaves = [t.requires_grad_() for t in inputs if t is not None and t.is_floating_point()]
     gen = torch.Generator().manual_seed(seed)
@@ -346,3 +353,61 @@ def test_fused_memory_piece_runs_only_over_the_chunks_that_read_a_memory(monkeyp
             assert [s[1] for s in memory_calls] == [2, 2]
     for got, want in zip(results["fused"], results["blocked"]):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("uses", ["out", "out_and_lse"])
+def test_fused_backward_hands_the_kernel_dense_output_gradients_in_one_block_slices(uses, monkeypatch):
+    """With one query block per slice (the train step's shapes), every band piece's kernel call gets an output
+    gradient already dense in the kernel's own (N, rows, blocks, D) order, which its backward would otherwise copy
+    at every call; the model's gradient arrives strided (the output projection's input, transposed). Outputs and
+    gradients, through the output alone and through the lse too, equal the blocked op's."""
+    length, window, fading_window, chunk, memory, q_heads, kv_heads, block = 30, 8, 8, 8, 3, 4, 2, 4
+    monkeypatch.setattr(fused_module, "SLICE_BYTES", 2 * q_heads * block * 8 * 8)  # one query block of every head
+    dense = []
+    flash_backward = fused_module._flash_backward
+    monkeypatch.setattr(fused_module, "_flash_backward",
+                        lambda *a, **k: dense.append(a[0].transpose(1, 2).is_contiguous()) or flash_backward(*a, **k))
+    inputs = make_inputs(length, window, fading_window, chunk, memory, q_heads, kv_heads)
+    leaves = [t.requires_grad_() for t in inputs if t is not None and t.is_floating_point()]
+    gen = torch.Generator().manual_seed(11)
+    d_out = torch.randn(2, length, q_heads, 8, generator=gen, dtype=torch.float64).transpose(1, 2)  # strided
+    d_lse = torch.randn(2, q_heads, length, generator=gen, dtype=torch.float64) if uses == "out_and_lse" else None
+    results = {}
+    for name, impl in IMPLEMENTATIONS.items():
+        dense.clear()
+        out, lse = impl(*inputs, window=window, fading_window=fading_window, chunk=chunk, scale=None, block=block)
+        loss = (out * d_out).sum() + (0 if d_lse is None else (lse * d_lse).sum())
+        results[name] = (out, lse, *torch.autograd.grad(loss, leaves))
+        if name == "fused":
+            band_calls = dense[:-1]  # the last call is the memory piece's, over chunks
+            assert len(band_calls) > -(-length // block) and all(band_calls)
+    for got, want in zip(results["fused"], results["blocked"]):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+
+
+def test_fused_runs_a_band_key_block_by_key_block(monkeypatch):
+    """Once a key block's query blocks in a band hold `KEY_MAJOR_ROWS` rows, forward and backward make one call
+    per key block over all of them (their rows consecutive), not one per offset: here w = w_f = 2 blocks, so
+    both bands have three offsets; outputs and gradients equal the blocked op's (the same sums, in another
+    order)."""
+    length, window, block, q_heads = 30, 8, 4, 2
+    n_blocks = -(-length // block)
+    monkeypatch.setattr(fused_module, "KEY_MAJOR_ROWS", 3 * block)
+    rows = {"forward": [], "backward": []}
+    flash, flash_backward = fused_module._flash, fused_module._flash_backward
+    monkeypatch.setattr(fused_module, "_flash",
+                        lambda *a, **k: rows["forward"].append(a[0].shape[1:3]) or flash(*a, **k))
+    monkeypatch.setattr(fused_module, "_flash_backward",
+                        lambda *a, **k: rows["backward"].append(a[1].shape[1:3]) or flash_backward(*a, **k))
+    inputs = make_inputs(length, window, window, window, 0, q_heads, 2)
+    leaves = [t.requires_grad_() for t in inputs if t is not None and t.is_floating_point()]
+    results = {}
+    for name, impl in IMPLEMENTATIONS.items():
+        out, lse = impl(*inputs, window=window, fading_window=window, chunk=window, scale=None, block=block)
+        results[name] = (out, lse, *torch.autograd.grad(out.sum() + lse.sum(), leaves))
+    # In-context keys j meet query blocks j..j+2, fading keys j query blocks j+2..j+4 (clipped at the last one).
+    want = [(1, block * min(3, n_blocks - j)) for j in range(n_blocks)]
+    want += [(1, block * min(3, n_blocks - j - 2)) for j in range(n_blocks - 2)]
+    assert sorted(rows["forward"]) == sorted(want) and sorted(rows["backward"]) == sorted(want)
+    for got, expected in zip(results["fused"], results["blocked"]):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)

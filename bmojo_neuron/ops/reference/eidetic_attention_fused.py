@@ -28,12 +28,25 @@ materialising a score matrix in memory:
 Each piece returns its output normalised over its own keys and its log-sum-exp
 ``lse_p``; the softmax over the union of all keys is then
 ``out = sum_p exp(lse_p - lse) out_p`` with ``lse = logsumexp_p lse_p``. The merge
-happens in the blocked layout ``(N, n_blocks, groups * block, D)``: a piece at offset
-``o`` covers query blocks ``o..`` of it, so its lse is written into one
-``(pieces, N, blocks, groups * block)`` buffer (``-inf`` before ``o``) and its output
-added in place into the result, with no per-piece padding or layout copy; the memory
+happens in the blocked layout ``(N, n_blocks, groups * block, D)``: a part (one kernel
+call's output) covers a range of query blocks of it, so its lse is written into one
+``(parts, N, blocks, groups * block)`` buffer (``-inf`` outside its range) and its output
+added in place into the result, with no per-part padding or layout copy; the memory
 piece alone is converted from chunks to blocks. The merged output and lse stay
 blocked for the backward.
+
+Key-major runs: the kernel tiles a head's queries by 256 rows from `KEY_MAJOR_ROWS`
+(768) query rows on and by 64 below, and the larger tiles are faster per query-key pair.
+A band whose pieces sit at consecutive offsets ``o_min .. o_max`` (they always do) and
+give one key block that many query rows (the in-context band at ``w = 512`` with 256-row
+blocks: offsets 0-2) runs key block by key block instead (`KeyMajorRun`): key block j
+and query blocks ``j + o_min .. j + o_max``, consecutive rows of the blocked layout, in
+one call under the pieces' masks stacked. Its forward parts reach query blocks of later
+slices, which merge them when they come; its backward call returns key block j's whole
+gradient (no adds) and shares of the query blocks' ones. Measured at the train step's
+shapes (16 heads x 256 rows, one thread, per key block of the in-context band): forward
+11.3 ms key-major against 12.4 ms for the three query-major calls, backward 25.4 against
+26.7 ms (the stacked mask and the kernel's copy of the output gradient included).
 
 Slices of query blocks: forward and backward run every piece over one slice of
 consecutive query blocks (about `SLICE_BYTES` of a blocked tensor) before moving to
@@ -60,6 +73,9 @@ zeroing pass; key block ``j`` gets its shares from query blocks ``j`` and later,
 reaches new blocks while they are in cache). A gradient flowing into the
 returned log-sum-exp is folded into the same calls through one extra feature column
 (`_fold_lse_gradient`); when the caller drops the lse (the model does) it costs nothing.
+ The output gradient is stored
+block-major when slices are one block (`_gradient_blocks`), so the query-major calls'
+slices are dense in the kernel's own order, which it would otherwise copy at every call.
 
 Work per query is about ``w + w_f + M + 2 * block`` keys, all inside fused kernels;
 memory beyond inputs and outputs is O(L) (no L x keys tensor).
@@ -78,6 +94,11 @@ NEG_INF = float("-inf")
 # Bytes of one blocked (N, blocks, rows, D) tensor per slice of query blocks: every piece of a slice
 # then reads its queries, keys, outputs and gradients from the CPU caches (see the module docstring).
 SLICE_BYTES = 1 << 20
+# torch's CPU flash kernel tiles a head's queries by 256 rows from 768 query rows on, by 64 below
+# (`flash_attention_kernel_impl` in aten/src/ATen/native/cpu/FlashAttentionKernel.cpp): faster per
+# query-key pair, so a band runs key block by key block (`KeyMajorRun`) once one key block's query
+# blocks hold that many rows.
+KEY_MAJOR_ROWS = 768
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -182,6 +203,7 @@ class _Layout:
         self.n_blocks = -(-self.length // block)
         self.chunk = chunk
         self.scale = scale
+        self.dtype, self.device = dtype, q.device
         self.pieces = call_pieces(self.length, window, fading_window if k_fading is not None else 0, block,
                                   dtype, q.device, fading_overlap)
         # A memory with no valid slot anywhere adds exp(-inf) = 0 to every softmax and gets zero gradients: its
@@ -194,6 +216,7 @@ class _Layout:
         self.use_memory = read.numel() > 0
         self.n_chunks = mem_k.shape[2] if self.use_memory else 0
         self.memory_chunks = slice(int(read[0]), int(read[-1]) + 1) if self.use_memory else slice(0, 0)
+        self.runs, self.query_major = _key_major_runs(self)
 
     def slices(self, head_dim: int, itemsize: int) -> list[tuple[int, int]]:
         """Consecutive ranges ``[s, e)`` of query blocks, each holding about `SLICE_BYTES` of one blocked
@@ -266,20 +289,25 @@ def _forward(layout: _Layout, q, k, v, k_fading, v_fading, mem_k, mem_v, mem_val
     memory = _memory_forward(layout, q, mem_k, mem_v, mem_valid) if layout.use_memory else None
     merged = torch.empty_like(qb)
     lse = qb.new_empty(qb.shape[:3])
+    pending: list[tuple[int, Tensor, Tensor]] = []  # key-major parts reaching query blocks of later slices
     for s, e in layout.slices(qb.shape[-1], qb.element_size()):
-        _forward_slice(layout, qb, keys, memory, s, e, merged[:, s:e], lse[:, s:e])
+        parts = [part for part in pending if part[0] + part[1].shape[1] > s]
+        for run in layout.runs:
+            parts += _key_major_forward(layout, run, s, e, qb, keys[run.keys])
+        pending = [part for part in parts if part[0] + part[1].shape[1] > e]
+        parts += _query_major_forward(layout, qb, keys, s, e)
+        if memory is not None:
+            parts.append((s, memory[0][:, s:e], memory[1][:, s:e]))
+        _merge(parts, s, e, merged[:, s:e], lse[:, s:e])
     return merged, lse
 
 
-def _forward_slice(layout: _Layout, qb, keys, memory, s: int, e: int, merged: Tensor, lse: Tensor) -> None:
-    """Query blocks [s, e): every piece's (output, lse), merged into `merged` and `lse` (views of the result).
-
-    The pieces' lses go into one (pieces, N, e - s, g * block) buffer, -inf where a query block has no key
-    block at the piece's offset; their logsumexp is the merged lse, and each piece's output is added into
-    the result rescaled by ``exp(lse_p - lse)``."""
+def _query_major_forward(layout: _Layout, qb, keys, s: int, e: int) -> list[tuple[int, Tensor, Tensor]]:
+    """(first query block, output, lse) of every query-major piece over query blocks [s, e): one call per piece
+    over all of them (query blocks before a piece's offset have no key block at it)."""
     parts = []
-    for piece in layout.pieces:
-        first = max(s, piece.offset)  # query blocks before the offset have no key block at it
+    for piece in layout.query_major:
+        first = max(s, piece.offset)
         if first >= e:
             continue
         kb, vb = keys[piece.keys]
@@ -289,21 +317,61 @@ def _forward_slice(layout: _Layout, qb, keys, memory, s: int, e: int, merged: Te
                                 is_causal=causal, attn_mask=mask, scale=layout.scale)
         if piece.row_has_key is not None:
             piece_lse.masked_fill_(~layout.tile_rows(piece.row_has_key), NEG_INF)
-        parts.append((first - s, out, piece_lse))
-    if memory is not None:
-        parts.append((0, memory[0][:, s:e], memory[1][:, s:e]))
+        parts.append((first, out, piece_lse))
+    return parts
+
+
+def _key_major_forward(layout: _Layout, run: KeyMajorRun, s: int, e: int, qb, keys) -> list[tuple[int, Tensor, Tensor]]:
+    """(first query block, output, lse) of a run's calls for the key blocks whose first query block is in [s, e);
+    each reaches up to ``run.length`` query blocks, later slices' ones too."""
+    kb, vb = keys
+    N, n_blocks, rows, D = qb.shape
+    parts = []
+    for j, first, last in _run_windows(run, s, e, n_blocks):
+        n = last - first
+        out, part_lse = _flash(qb[:, first:last].reshape(N, 1, n * rows, D), kb[:, j:j + 1], vb[:, j:j + 1],
+                               attn_mask=run.masks[:n * rows], scale=layout.scale)
+        if run.row_has_key is not None:
+            part_lse.masked_fill_(~run.row_has_key[:n * rows], NEG_INF)
+        parts.append((first, out.reshape(N, n, rows, D), part_lse.reshape(N, n, rows)))
+    return parts
+
+
+def _merge(parts: list[tuple[int, Tensor, Tensor]], s: int, e: int, merged: Tensor, lse: Tensor) -> None:
+    """Merge the parts (first query block, output, lse) over query blocks [s, e) into `merged` and `lse` (views of
+    the result).
+
+    The parts' lses go into one (parts, N, e - s, g * block) buffer, -inf where a part has no query block;
+    their logsumexp is the merged lse, and each part's output is added into the result rescaled by
+    ``exp(lse_p - lse)``."""
     lses = torch.full((len(parts), *lse.shape), NEG_INF, dtype=lse.dtype, device=lse.device)
-    for i, (skip, _, piece_lse) in enumerate(parts):
-        lses[i, :, skip:] = piece_lse
+    spans = []
+    for i, (first, out, part_lse) in enumerate(parts):
+        lo, hi = max(first, s), min(first + out.shape[1], e)
+        lses[i, :, lo - s:hi - s] = part_lse[:, lo - first:hi - first]
+        spans.append((lo - s, hi - s, out[:, lo - first:hi - first]))
     torch.logsumexp(lses, dim=0, out=lse)  # finite: every query sees its own key
-    for i, ((skip, out, _), piece_lse) in enumerate(zip(parts, lses)):
-        weight = torch.exp(piece_lse[:, skip:] - lse[:, skip:])[..., None]
-        if i == 0 and skip == 0:  # the in-context piece at offset 0 covers every query block: no zeroing pass
+    # A part covering the whole slice (there is one unless key-major parts end inside it) is written first, so
+    # the result needs no zeroing pass.
+    order = sorted(range(len(parts)), key=lambda i: spans[i][:2] != (0, e - s))
+    for i in order:
+        lo, hi, out = spans[i]
+        weight = torch.exp(lses[i, :, lo:hi] - lse[:, lo:hi])[..., None]
+        if i == order[0] and (lo, hi) == (0, e - s):
             torch.mul(out, weight, out=merged)
             continue
-        if i == 0:
+        if i == order[0]:
             merged.zero_()
-        merged[:, skip:].addcmul_(out, weight)
+        merged[:, lo:hi].addcmul_(out, weight)
+
+
+def _run_windows(run: KeyMajorRun, s: int, e: int, n_blocks: int) -> list[tuple[int, int, int]]:
+    """(key block j, first query block, end query block) of a run's calls whose first query block is in [s, e)."""
+    windows = []
+    for j in range(max(0, s - run.first), min(e, n_blocks) - run.first):
+        first = j + run.first
+        windows.append((j, first, min(first + run.length, n_blocks)))
+    return windows
 
 
 class _EideticAttention(torch.autograd.Function):
@@ -324,11 +392,11 @@ class _EideticAttention(torch.autograd.Function):
         layout: _Layout = ctx.layout
         if grad_out is None and grad_lse is None:
             return (None,) * 9
-        grad = torch.zeros_like(out) if grad_out is None else layout.blocks(layout.canon(grad_out.contiguous()))
+        grad = _gradient_blocks(layout, grad_out, out, ones_column=grad_lse is not None)
         keys = (q, k, v, k_fading, v_fading, mem_k, mem_v)
         if grad_lse is not None:
             grad_lse = layout.blocks(layout.canon(grad_lse.contiguous()[..., None]))
-            keys, grad, out = _fold_lse_gradient(keys, grad, out, grad_lse)
+            keys, out = _fold_lse_gradient(keys, out, grad_lse)
         grads = _backward_pieces(layout, *keys, mem_valid, grad, out, lse)
         if layout.has_memory and not layout.use_memory:  # an empty memory: its gradients are zeros, as before
             grads = (*grads[:5], torch.zeros_like(mem_k), torch.zeros_like(mem_v))
@@ -336,19 +404,47 @@ class _EideticAttention(torch.autograd.Function):
         return (*(None if t is None else t[..., :head_dim] for t in grads), None, None)
 
 
-def _fold_lse_gradient(keys, grad, out, grad_lse):
+def _gradient_blocks(layout: _Layout, grad_out: Tensor | None, like: Tensor, ones_column: bool) -> Tensor:
+    """The output gradient in the blocked layout of `like` (N, n, g * block, D), plus a column of ones with
+    `ones_column` (`_fold_lse_gradient`), copied from `grad_out` (batch, q heads, L, D; None: zeros) of any
+    strides in one pass.
+
+    torch's CPU flash backward copies its output gradient into its own (N, rows, blocks, D) order at every
+    call unless it is dense in that order already (``grad_out.contiguous()`` in its kernel): that is a copy
+    of the slice per piece. When every slice is one query block (`_Layout.slices`; the train step's shapes)
+    the gradient is stored block-major, so each slice's part is dense in that order and no call copies it."""
+    N, n, rows, D = like.shape
+    width = D + ones_column
+    one_block = all(e - s == 1 for s, e in layout.slices(width, like.element_size()))
+    grad = like.new_empty(n, N, rows, width).transpose(0, 1) if one_block else like.new_empty(N, n, rows, width)
+    if ones_column:
+        grad[..., D].fill_(1)
+    target = grad[..., :D]
+    if grad_out is None:
+        target.zero_()
+        return grad
+    block, length = layout.block, layout.length
+    if n * block != length:
+        grad_out = F.pad(grad_out, (0, 0, 0, n * block - length))
+    # Both as (batch, kv head, block, group, row, D): one copy whatever the strides of grad_out.
+    source = grad_out.unflatten(1, (layout.kv_heads, layout.groups)).unflatten(3, (n, block)).transpose(2, 3)
+    target.unflatten(0, (layout.batch, layout.kv_heads)).unflatten(3, (layout.groups, block)).copy_(source)
+    return grad
+
+
+def _fold_lse_gradient(keys, out, grad_lse):
     """Inputs for the fused backward that also carry the gradient flowing into the log-sum-exp.
 
     The kernel's score gradient is ``p * (dO . v - D)`` with ``D = rowsum(dO * out)``;
     ``d lse / d s = p`` adds ``grad_lse * p``, i.e. ``D`` becomes ``D - grad_lse``. One
     extra feature column does that without touching anything else: ``dO`` gains a
-    column of ones and ``out`` one of ``-grad_lse`` (so ``D`` gains ``-grad_lse``), while
-    q, k, v gain a column of zeros (scores and ``dO . v`` unchanged, the scale is passed
-    explicitly). The extra column of every returned gradient is dropped by the caller.
+    column of ones (`_gradient_blocks`) and ``out`` one of ``-grad_lse`` (so ``D`` gains
+    ``-grad_lse``), while q, k, v gain a column of zeros (scores and ``dO . v`` unchanged,
+    the scale is passed explicitly). The extra column of every returned gradient is
+    dropped by the caller.
     """
     pad = (lambda t: None if t is None else F.pad(t, (0, 1)))
-    ones = torch.ones_like(grad[..., :1])
-    return [pad(t) for t in keys], torch.cat([grad, ones], dim=-1), torch.cat([out, -grad_lse.to(out.dtype)], dim=-1)
+    return [pad(t) for t in keys], torch.cat([out, -grad_lse.to(out.dtype)], dim=-1)
 
 
 def _memory_backward(layout: _Layout, q, mem_k, mem_v, mem_valid, grad, out, lse):
@@ -381,7 +477,9 @@ def _backward_pieces(layout: _Layout, q, k, v, k_fading, v_fading, mem_k, mem_v,
     # shares from query blocks j and later (offsets >= 0), so a slice reaches new blocks while they are in cache.
     written = dict.fromkeys(("q", *grads), 0)
     for s, e in layout.slices(qb.shape[-1], qb.element_size()):
-        for piece in layout.pieces:
+        for run in layout.runs:
+            _key_major_backward(layout, run, s, e, qb, blocked[run.keys], grad, out, lse, dq, grads[run.keys], written)
+        for piece in layout.query_major:
             first = max(s, piece.offset)
             if first >= e:
                 continue
@@ -411,6 +509,64 @@ def _backward_pieces(layout: _Layout, q, k, v, k_fading, v_fading, mem_k, mem_v,
     if "fading" in grads:
         d_kf, d_vf = (unblock(t, k_fading) for t in grads["fading"])
     return d_q.reshape_as(q), d_k, d_v, d_kf, d_vf, d_mem_k, d_mem_v
+
+
+@dataclass(frozen=True)
+class KeyMajorRun:
+    """The band pieces of one key tensor at consecutive offsets ``first ..``, run key block by key block: key
+    block j meets query blocks ``j + first`` to ``j + first + length - 1``, whose rows are consecutive in the
+    blocked layout, in one kernel call under the pieces' masks stacked (`masks`, (length * rows, block))."""
+
+    keys: str
+    first: int
+    length: int
+    masks: Tensor
+    row_has_key: Tensor | None  # (length * rows,) bool; None: every row has a key
+
+
+def _key_major_runs(layout: _Layout) -> tuple[list[KeyMajorRun], list[BandPiece]]:
+    """The key-major runs (bands whose pieces reach `KEY_MAJOR_ROWS` query rows per key block) and the pieces
+    left to run query block by query block."""
+    runs, rest = [], []
+    rows = layout.groups * layout.block
+    for name in dict.fromkeys(piece.keys for piece in layout.pieces):
+        band = [piece for piece in layout.pieces if piece.keys == name]
+        consecutive = [piece.offset for piece in band] == list(range(band[0].offset, band[0].offset + len(band)))
+        if not consecutive or len(band) < 2 or len(band) * rows < KEY_MAJOR_ROWS:
+            rest += band
+            continue
+        # Every piece keeps its mask (the lower-triangle ones too): one call cannot mix the causal flag and a mask.
+        all_keys = torch.zeros(rows, layout.block, dtype=layout.dtype, device=layout.device)
+        masks = torch.cat([all_keys if piece.mask is None else layout.tile_rows(piece.mask) for piece in band])
+        row_has_key = None
+        if any(piece.row_has_key is not None for piece in band):
+            every_row = torch.ones(rows, dtype=torch.bool, device=layout.device)
+            row_has_key = torch.cat([every_row if piece.row_has_key is None else layout.tile_rows(piece.row_has_key)
+                                     for piece in band])
+        runs.append(KeyMajorRun(name, band[0].offset, len(band), masks, row_has_key))
+    return runs, rest
+
+
+def _key_major_backward(layout: _Layout, run: KeyMajorRun, s: int, e: int, qb, keys, grad, out, lse, dq, totals,
+                        written: dict) -> None:
+    """A run's backward for the key blocks whose first query block is in the slice [s, e): one call per key
+    block over all its query blocks, adding its share into `dq` and writing the key block's whole gradient
+    (every query block that reads it is in the call)."""
+    kb, vb = keys
+    dk, dv = totals
+    N, n_blocks, rows = qb.shape[:3]
+    for j, first, last in _run_windows(run, s, e, n_blocks):
+        n = last - first
+
+        def window(t: Tensor) -> Tensor:
+            return t[:, first:last].reshape(N, 1, n * rows, *t.shape[3:])
+
+        dq_p, dk_p, dv_p = _flash_backward(window(grad), window(qb), kb[:, j:j + 1], vb[:, j:j + 1], window(out),
+                                           window(lse), 0.0, False, attn_mask=run.masks[:n * rows],
+                                           scale=layout.scale)
+        written["q"] = _add_blocks(dq, first, dq_p.reshape(N, n, rows, dq_p.shape[-1]), written["q"])
+        _add_blocks(dv, j, dv_p, written[run.keys])
+        written[run.keys] = _add_blocks(dk, j, dk_p, written[run.keys])
 
 
 def _add_blocks(total: Tensor, start: int, part: Tensor, written: int) -> int:
