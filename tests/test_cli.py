@@ -415,13 +415,39 @@ def test_a_path_that_is_no_model_is_answered_before_torch_or_transformers_load(t
     assert not out.exists()
 
 
+def write_llama_folder(folder: Path, layers: int = 2, truncate: bool = False, **config_changes) -> None:
+    """A Llama checkpoint folder written by hand, without torch: config.json of a 2-layer model (`config_changes`
+    applied) and a model.safetensors of `layers` layers of zeros (8-byte header length, JSON header, data), cut
+    short by 4 bytes with `truncate`."""
+    d, inner, vocab = 8, 16, 32
+    config = {"model_type": "llama", "vocab_size": vocab, "hidden_size": d, "intermediate_size": inner,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "rms_norm_eps": 1e-6}
+    shapes = {"model.embed_tokens.weight": [vocab, d], "model.norm.weight": [d], "lm_head.weight": [vocab, d]}
+    for i in range(layers):
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in [
+            ("input_layernorm.weight", [d]), ("post_attention_layernorm.weight", [d]),
+            ("mlp.gate_proj.weight", [inner, d]), ("mlp.up_proj.weight", [inner, d]),
+            ("mlp.down_proj.weight", [d, inner]), *((f"self_attn.{p}_proj.weight", [d, d]) for p in "qkvo")]})
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 4 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
+    data = len(encoded).to_bytes(8, "little") + encoded + bytes(offset)
+    (folder / "model.safetensors").write_bytes(data[:-4] if truncate else data)
+
+
 def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     """What files and the recipe alone decide is refused in one line before torch, transformers and datasets
     load (seconds): `export-transformer` of a hybrid, an OUTPUT or --output-dir that a file stands in (export,
     prime, train, eval, inspect), `train --resume` with a changed recipe, a hub tokenizer that is neither here
     nor reachable offline (`train`, `data prepare`), a weights file its manifest shows truncated (`eval`,
-    `generate`, `export-transformer`), and byte-level text for a model of 16 ids (`eval`, `inspect` --data). No
-    folder is left behind."""
+    `generate`, `export-transformer`), byte-level text for a model of 16 ids (`eval`, `inspect` --data), and a
+    `prime` SOURCE whose safetensors header is not what its config.json describes (a shape, the layer count) or
+    places tensors past the end of the file. No folder is left behind."""
     import shutil
 
     from bmojo_neuron.checkpoints.manifest import write_manifest
@@ -441,6 +467,10 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     write_manifest(damaged)
     weights = damaged / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
+    llama = {name: tmp_path / name for name in ("wide", "three-layers", "cut-short")}
+    write_llama_folder(llama["wide"], intermediate_size=24)
+    write_llama_folder(llama["three-layers"], layers=3)
+    write_llama_folder(llama["cut-short"], truncate=True)
     commands = [["export-transformer", str(run), str(out)],
                 ["export-transformer", str(attention), str(file)],
                 ["export-transformer", str(attention), str(run)],
@@ -455,7 +485,8 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
                 ["inspect", str(run), "--output-dir", str(under_file)],
                 ["eval", str(damaged)], ["generate", str(damaged), "--prompt", "hi"],
                 ["export-transformer", str(damaged), str(out)],
-                ["eval", str(run), "--data", "cpu-text"], ["inspect", str(run), "--data", "cpu-text"]]
+                ["eval", str(run), "--data", "cpu-text"], ["inspect", str(run), "--data", "cpu-text"],
+                *(["prime", str(folder), str(out), "--pattern", "AB"] for folder in llama.values())]
     code = ("import sys; from bmojo_neuron.cli import main; "
             f"codes = [main(args) for args in {commands!r}]; "
             "print(codes, sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
@@ -483,13 +514,18 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
         *[f"error: {weights}: 200 bytes, manifest.json says {(run / 'final' / 'model.safetensors').stat().st_size} "
           "(truncated or replaced)"] * 3,
         *["error: the evaluation data has token ids up to 255 (tokenizer 'byte', 256 ids), outside this model's "
-          "vocabulary (16); pick --data of the kind the model was trained on"] * 2]
+          "vocabulary (16); pick --data of the kind the model was trained on"] * 2,
+        f"error: source {llama['wide']}: model.layers.0.mlp.gate_proj.weight has shape (16, 8) in the weights, but "
+        "config.json implies (24, 8); the config does not describe these weights",
+        f"error: source {llama['three-layers']}: the weights hold 3 layers, but config.json says num_hidden_layers "
+        "2; the config does not describe these weights",
+        f"error: source {llama['cut-short']}: model.safetensors is not a readable weight file ("]
     lines = done.stderr.splitlines()
     assert len(lines) == len(expected), done.stderr
     for line, start in zip(lines, expected):
         assert line.startswith(start), (line, start)
-    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "all-a", "damaged",
-                                                                                 "finished"]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["a-file", "all-a", "damaged", "finished", *llama])
 
 
 def test_a_missing_action_is_named_with_its_choices(capsys):

@@ -253,7 +253,9 @@ def _truncate_weights(folder):
     (_edit_config(head_dim=None, hidden_size=60, num_attention_heads=8),
      r"could not be read as a llama config: .*hidden size \(60\) is not a multiple"),
     (_truncate_weights, r"model\.safetensors is not a readable weight file \(.*\); is it complete\?"),
-], ids=["hidden_size", "vocab_size", "intermediate_size", "odd_head_dim", "heads_do_not_divide", "truncated"])
+    (_edit_config(num_hidden_layers=3), r"the weights hold 2 layers, but config\.json says num_hidden_layers 3"),
+], ids=["hidden_size", "vocab_size", "intermediate_size", "odd_head_dim", "heads_do_not_divide", "truncated",
+        "layers"])
 def test_cli_refuses_a_damaged_source_with_one_error_line(tmp_path, capsys, damage, message):
     """A config.json that does not describe the weights (edited sizes), one transformers refuses, or a truncated
     weight file: one error line naming it, no traceback, nothing written."""
@@ -265,6 +267,19 @@ def test_cli_refuses_a_damaged_source_with_one_error_line(tmp_path, capsys, dama
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: source {tmp_path / 'source'}")
     assert __import__("re").search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layers, message", [
+    (1, "the weights hold 2 layers, but config.json says num_hidden_layers 1"),
+    (3, "the weights hold 2 layers, but config.json says num_hidden_layers 3"),
+])
+def test_prime_model_refuses_weights_of_another_layer_count(tmp_path, layers, message):
+    """`prime_model` (no CLI, so no quick look at the files first) checks the tensors it loaded against the config:
+    a layer more or fewer in config.json than in the weights is refused, not primed from part of them."""
+    build_source(tmp_path / "source", "mistral")
+    _edit_config(num_hidden_layers=layers)(tmp_path / "source")
+    with pytest.raises(ValueError, match=f"source {tmp_path / 'source'}: {message}"):
+        prime_model(tmp_path / "source", "A")
 
 
 @pytest.mark.parametrize("tied, seeded", [

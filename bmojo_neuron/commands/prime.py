@@ -46,11 +46,16 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bmojo_neuron.fsutil import check_new_output
+    from bmojo_neuron.priming.source_files import check_source_files
 
     if args.compare_tokens < 0:
         raise ValueError(f"--compare-tokens must be >= 0, got {args.compare_tokens}")
     overrides = parse_overrides(args.overrides)
-    check_new_output(Path(args.output).expanduser(), args.overwrite)  # before torch loads (seconds)
+    # What the folders and files show is refused before torch and transformers load (seconds): an OUTPUT that
+    # cannot be written, a SOURCE that is no checkpoint of a family prime reads, or whose weights' headers are
+    # not what its config.json describes.
+    check_new_output(Path(args.output).expanduser(), args.overwrite)
+    check_source_files(args.source)
     from bmojo_neuron.priming import prime
     from bmojo_neuron.priming.compare import compare_with_source
 
