@@ -445,7 +445,8 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     load (seconds): `export-transformer` of a hybrid, an OUTPUT or --output-dir that a file stands in (export,
     prime, train, eval, inspect), `train --resume` with a changed recipe, a hub tokenizer that is neither here
     nor reachable offline (`train`, `data prepare`), a weights file its manifest shows truncated (`eval`,
-    `generate`, `export-transformer`), byte-level text for a model of 16 ids (`eval`, `inspect` --data), and a
+    `generate`, `export-transformer`), byte-level text or a local tokenizer folder's text for a model of 16 ids
+    (`eval`, `inspect` --data), and a
     `prime` SOURCE whose safetensors header is not what its config.json describes (a shape, the layer count) or
     places tensors past the end of the file. No folder is left behind."""
     import shutil
@@ -471,6 +472,12 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     write_llama_folder(llama["wide"], intermediate_size=24)
     write_llama_folder(llama["three-layers"], layers=3)
     write_llama_folder(llama["cut-short"], truncate=True)
+    tokenizer = tmp_path / "tokenizer"  # a local tokenizer of 40 ids, counted from its tokenizer.json
+    tokenizer.mkdir()
+    eos = {"id": 39, "content": "</s>", "special": True, "single_word": False, "lstrip": False, "rstrip": False,
+           "normalized": False}
+    (tokenizer / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordLevel", "unk_token": "w0", "vocab": {
+        f"w{i}": i for i in range(39)}}, "added_tokens": [eos]}))
     commands = [["export-transformer", str(run), str(out)],
                 ["export-transformer", str(attention), str(file)],
                 ["export-transformer", str(attention), str(run)],
@@ -486,6 +493,7 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
                 ["eval", str(damaged)], ["generate", str(damaged), "--prompt", "hi"],
                 ["export-transformer", str(damaged), str(out)],
                 ["eval", str(run), "--data", "cpu-text"], ["inspect", str(run), "--data", "cpu-text"],
+                ["eval", str(run), "--data", "cpu-text", f"data.tokenizer={tokenizer}"],
                 *(["prime", str(folder), str(out), "--pattern", "AB"] for folder in llama.values())]
     code = ("import sys; from bmojo_neuron.cli import main; "
             f"codes = [main(args) for args in {commands!r}]; "
@@ -515,6 +523,8 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
           "(truncated or replaced)"] * 3,
         *["error: the evaluation data has token ids up to 255 (tokenizer 'byte', 256 ids), outside this model's "
           "vocabulary (16); pick --data of the kind the model was trained on"] * 2,
+        f"error: the evaluation data has token ids up to 39 (tokenizer '{tokenizer}', 40 ids), outside this model's "
+        "vocabulary (16)",
         f"error: source {llama['wide']}: model.layers.0.mlp.gate_proj.weight has shape (16, 8) in the weights, but "
         "config.json implies (24, 8); the config does not describe these weights",
         f"error: source {llama['three-layers']}: the weights hold 3 layers, but config.json says num_hidden_layers "
@@ -525,7 +535,7 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     for line, start in zip(lines, expected):
         assert line.startswith(start), (line, start)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["a-file", "all-a", "damaged", "finished", *llama])
+        ["a-file", "all-a", "damaged", "finished", "tokenizer", *llama])
 
 
 def test_a_missing_action_is_named_with_its_choices(capsys):
