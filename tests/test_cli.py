@@ -502,7 +502,7 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.stdout.splitlines() == [f"{[2] * len(commands)} []"], done.stderr
     offline = ("not 'byte', not a local folder and not in the local Hugging Face cache, and the hub cannot be "
-               "reached (OfflineModeIsEnabled: ")
+               "reached (offline mode is on: HF_HUB_OFFLINE is set); download it where online")
     remedy = "pick another --output-dir"
     expected = [
         f"error: {run}: layer_pattern 'BM': only an all-attention (all A) model is a transformer; prime turns "
@@ -536,6 +536,15 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
         assert line.startswith(start), (line, start)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["a-file", "all-a", "damaged", "finished", "tokenizer", *llama])
+
+
+def test_the_parser_is_built_once_and_a_parse_leaves_it_as_it_was():
+    """`main` called again in one process reuses the parser; overrides that follow the options are in their own
+    call's arguments only, not in the parser's empty default that a call without overrides gets."""
+    parser = cli.build_parser()
+    assert cli.build_parser() is parser
+    assert cli.parse_args(parser, ["train", "cpu-tiny", "--dry-run", "run.seed=1"]).overrides == ["run.seed=1"]
+    assert cli.parse_args(parser, ["train", "cpu-tiny", "--dry-run"]).overrides == []
 
 
 def test_a_missing_action_is_named_with_its_choices(capsys):

@@ -395,7 +395,7 @@ def test_a_missing_hub_tokenizer_fails_fast_offline(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read once at import: the running process's switch
     Recipe.from_dict({"data": {"kind": "text"}}).model_config()  # imports done before the clock starts
     expected = ("data.tokenizer 'nosuchtok': not 'byte', not a local folder and not in the local Hugging Face "
-                "cache, and the hub cannot be reached (OfflineModeIsEnabled: ")
+                "cache, and the hub cannot be reached (offline mode is on: HF_HUB_OFFLINE is set); download it")
     start = time.monotonic()
     with pytest.raises(ValueError) as error:
         load_tokenizer("nosuchtok")
