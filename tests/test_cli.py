@@ -443,12 +443,12 @@ def write_llama_folder(folder: Path, layers: int = 2, truncate: bool = False, **
 def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     """What files and the recipe alone decide is refused in one line before torch, transformers and datasets
     load (seconds): `export-transformer` of a hybrid, an OUTPUT or --output-dir that a file stands in (export,
-    prime, train, eval, inspect), `train --resume` with a changed recipe, a hub tokenizer that is neither here
-    nor reachable offline (`train`, `data prepare`), a weights file its manifest shows truncated (`eval`,
-    `generate`, `export-transformer`), byte-level text or a local tokenizer folder's text for a model of 16 ids
-    (`eval`, `inspect` --data), and a
-    `prime` SOURCE whose safetensors header is not what its config.json describes (a shape, the layer count) or
-    places tensors past the end of the file. No folder is left behind."""
+    prime, train, eval, inspect), `train --resume` with a changed recipe (another recipe's run: its most telling
+    changes and the command that continues it), a hub tokenizer that is neither here nor reachable offline
+    (`train`, `data prepare`), a weights file its manifest shows truncated (`eval`, `generate`,
+    `export-transformer`), byte-level text or a local tokenizer folder's text for a model of 16 ids (`eval`,
+    `inspect` --data), and a `prime` SOURCE whose safetensors header is not what its config.json describes (a
+    shape, the layer count) or places tensors past the end of the file. No folder is left behind."""
     import shutil
 
     from bmojo_neuron.checkpoints.manifest import write_manifest
@@ -487,6 +487,7 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
                 ["train", str(run / "recipe.json"), "optim.lr=0.5", "model.ssm_residual=false", "--resume",
                  "--output-dir", str(run)],  # the fixture's model predates the ssm_residual default
                 ["train", "cpu-text", "data.tokenizer=no-such/tokenizer", "--output-dir", str(out)],
+                ["train", "cpu-text", "--resume", "--output-dir", str(run)],  # another recipe's run: summed up
                 ["data", "prepare", "cpu-text", "data.tokenizer=no-such-tokenizer", "--output-dir", str(out)],
                 ["eval", str(run), "--output-dir", str(file)],
                 ["inspect", str(run), "--output-dir", str(under_file)],
@@ -516,6 +517,12 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
         f"error: cannot resume {run / 'step-0000003'}: the recipe changed in optim.lr (0.003 in the checkpoint, "
         "0.5 now)",
         f"error: data.tokenizer 'no-such/tokenizer': {offline}",
+        f"error: cannot resume {run / 'step-0000003'}: the recipe changed in 37 keys, among them data.kind ('mqar' in "
+        "the checkpoint, 'text' now), data.tokenizer (None in the checkpoint, 'byte' now), model.hidden_size (8 in "
+        "the checkpoint, 128 now), model.layer_pattern ('BM' in the checkpoint, 'BMBM' now), model.num_hidden_layers "
+        f"(2 in the checkpoint, 4 now): the folder holds a run of another recipe; continue it with its own "
+        f"(bmojo-neuron train {run / 'recipe.json'} --resume --output-dir {run}), or pick another --output-dir for "
+        "this one",
         f"error: data.tokenizer 'no-such-tokenizer': {offline}",
         f"error: output directory {file} is a file, not a folder; {remedy}",
         f"error: output directory {under_file} cannot be made: {file} is a file, not a folder; {remedy}",
