@@ -447,8 +447,10 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     changes and the command that continues it), a hub tokenizer that is neither here nor reachable offline
     (`train`, `data prepare`), a weights file its manifest shows truncated (`eval`, `generate`,
     `export-transformer`), byte-level text or a local tokenizer folder's text for a model of 16 ids (`eval`,
-    `inspect` --data), and a `prime` SOURCE whose safetensors header is not what its config.json describes (a
-    shape, the layer count) or places tensors past the end of the file. No folder is left behind."""
+    `inspect` --data), a `prime` SOURCE whose safetensors header is not what its config.json describes (a
+    shape, the layer count) or places tensors past the end of the file, and a `prime` --pattern or option that
+    does not fit (a letter, the layer count, a name no B'MOJO option has, a size the source fixes). No folder is
+    left behind."""
     import shutil
 
     from bmojo_neuron.checkpoints.manifest import write_manifest
@@ -472,6 +474,7 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     write_llama_folder(llama["wide"], intermediate_size=24)
     write_llama_folder(llama["three-layers"], layers=3)
     write_llama_folder(llama["cut-short"], truncate=True)
+    write_llama_folder(tmp_path / "llama")  # files that match: what prime is asked to make is checked next
     tokenizer = tmp_path / "tokenizer"  # a local tokenizer of 40 ids, counted from its tokenizer.json
     tokenizer.mkdir()
     eos = {"id": 39, "content": "</s>", "special": True, "single_word": False, "lstrip": False, "rstrip": False,
@@ -495,7 +498,10 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
                 ["export-transformer", str(damaged), str(out)],
                 ["eval", str(run), "--data", "cpu-text"], ["inspect", str(run), "--data", "cpu-text"],
                 ["eval", str(run), "--data", "cpu-text", f"data.tokenizer={tokenizer}"],
-                *(["prime", str(folder), str(out), "--pattern", "AB"] for folder in llama.values())]
+                *(["prime", str(folder), str(out), "--pattern", "AB"] for folder in llama.values()),
+                *(["prime", str(tmp_path / "llama"), str(out), *asked] for asked in (
+                    ["--pattern", "AXB"], ["--pattern", "ABA"], ["--pattern", "B", "windw_size=8"],
+                    ["--pattern", "B", "hidden_size=16"]))]
     code = ("import sys; from bmojo_neuron.cli import main; "
             f"codes = [main(args) for args in {commands!r}]; "
             "print(codes, sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
@@ -536,13 +542,18 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
         "config.json implies (24, 8); the config does not describe these weights",
         f"error: source {llama['three-layers']}: the weights hold 3 layers, but config.json says num_hidden_layers "
         "2; the config does not describe these weights",
-        f"error: source {llama['cut-short']}: model.safetensors is not a readable weight file ("]
+        f"error: source {llama['cut-short']}: model.safetensors is not a readable weight file (",
+        "error: --pattern 'AXB': use the letters BFMSA (one per layer, or a group repeated over the 2 layers)",
+        "error: --pattern 'ABA' has 3 letters; the source has 2 layers, so give one letter per layer or a group whose "
+        "length divides it",
+        "error: windw_size=8: not a B'MOJO option (BMojoConfig field); docs/priming.md lists the ones a primed model "
+        "takes", "error: hidden_size=16: comes from the source checkpoint and cannot be set"]
     lines = done.stderr.splitlines()
     assert len(lines) == len(expected), done.stderr
     for line, start in zip(lines, expected):
         assert line.startswith(start), (line, start)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["a-file", "all-a", "damaged", "finished", "tokenizer", *llama])
+        ["a-file", "all-a", "damaged", "finished", "llama", "tokenizer", *llama])
 
 
 def test_the_parser_is_built_once_and_a_parse_leaves_it_as_it_was():

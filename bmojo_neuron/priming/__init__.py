@@ -1,7 +1,7 @@
 """Priming: start a B'MOJO model from a pretrained transformer (Llama, Mistral, Qwen2, Qwen3).
 
-`source_files` reads a local Hugging Face checkpoint folder's files (config.json, safetensors headers) without
-torch, `source` reads and checks its config and weights, `mapping` says where every weight of the primed model
+`source_files` reads a local Hugging Face checkpoint folder's files (config.json, safetensors headers) and
+`options` checks the pattern and options asked for, both without torch; `source` reads and checks its config and weights, `mapping` says where every weight of the primed model
 comes from (copied, seeded from the attention, or initialised), and `prime` builds and writes the primed model.
 docs/priming.md has the weight map, the initialisation choices and the stages that follow (distillation,
 fine-tuning).
@@ -23,7 +23,7 @@ _LAZY = {
     "SourceModel": "source",
     "attention_ssm_mismatch": "mapping",
     "check_source_files": "source_files",
-    "expand_pattern": "prime",
+    "expand_pattern": "options",
     "load_source_weights": "source",
     "prime": "prime",
     "prime_model": "prime",
@@ -34,7 +34,8 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .mapping import SSM_INITS, attention_ssm_mismatch, ssm_from_attention
-    from .prime import PrimedModel, expand_pattern, prime, prime_model, primed_config
+    from .options import expand_pattern
+    from .prime import PrimedModel, prime, prime_model, primed_config
     from .source import SourceModel, load_source_weights, read_source
     from .source_files import SUPPORTED_TYPES, check_source_files
 

@@ -196,11 +196,12 @@ def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
     return {name: tuple(int(n) for n in entry.get("shape", ())) for name, entry in tensors.items()}
 
 
-def check_source_files(path: str | Path) -> None:
+def check_source_files(path: str | Path) -> dict[str, Any]:
     """What the source folder `path` shows without torch: a folder of a supported family, with no feature
     B'MOJO lacks (`refuse_unsupported`) and a head size it takes, whose safetensors
     weights (their headers) are the ones its config.json describes. ``pytorch_model.bin`` weights are pickles,
-    read only by torch: the load checks them. A config.json without every size is left to transformers."""
+    read only by torch: the load checks them. A config.json without every size is left to transformers.
+    Returns config.json as written."""
     path = Path(path).expanduser()
     config = raw_config(path)
     refuse_unsupported(path, config)
@@ -209,8 +210,9 @@ def check_source_files(path: str | Path) -> None:
     sizes = sizes_written(config)
     files = weight_files(path)
     if sizes is None or any(file.suffix != ".safetensors" for file in files):
-        return
+        return config
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         shapes.update(safetensors_shapes(file))
     check_layout(path, sizes, {llama_names(shapes)[name]: shape for name, shape in shapes.items()})
+    return config
