@@ -449,8 +449,9 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     `export-transformer`), byte-level text or a local tokenizer folder's text for a model of 16 ids (`eval`,
     `inspect` --data), a `prime` SOURCE whose safetensors header is not what its config.json describes (a
     shape, the layer count) or places tensors past the end of the file, and a `prime` --pattern or option that
-    does not fit (a letter, the layer count, a name no B'MOJO option has, a size the source fixes). No folder is
-    left behind."""
+    does not fit (a letter, the layer count, a name no B'MOJO option has, a size the source fixes) or a SOURCE
+    that is a B'MOJO run or export (with the command that makes a transformer of one). No folder is left
+    behind."""
     import shutil
 
     from bmojo_neuron.checkpoints.manifest import write_manifest
@@ -501,7 +502,8 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
                 *(["prime", str(folder), str(out), "--pattern", "AB"] for folder in llama.values()),
                 *(["prime", str(tmp_path / "llama"), str(out), *asked] for asked in (
                     ["--pattern", "AXB"], ["--pattern", "ABA"], ["--pattern", "B", "windw_size=8"],
-                    ["--pattern", "B", "hidden_size=16"]))]
+                    ["--pattern", "B", "hidden_size=16"])),
+                ["prime", str(run), str(out), "--pattern", "A"], ["prime", str(run / "final"), str(out), "--pattern", "A"]]
     code = ("import sys; from bmojo_neuron.cli import main; "
             f"codes = [main(args) for args in {commands!r}]; "
             "print(codes, sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
@@ -547,7 +549,11 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
         "error: --pattern 'ABA' has 3 letters; the source has 2 layers, so give one letter per layer or a group whose "
         "length divides it",
         "error: windw_size=8: not a B'MOJO option (BMojoConfig field); docs/priming.md lists the ones a primed model "
-        "takes", "error: hidden_size=16: comes from the source checkpoint and cannot be set"]
+        "takes", "error: hidden_size=16: comes from the source checkpoint and cannot be set",
+        f"error: source {run}: a bmojo-neuron run's folder: its model is B'MOJO already; prime reads a transformer "
+        "(an all-attention B'MOJO model is written as one by `bmojo-neuron export-transformer RUN OUTPUT`)",
+        f"error: source {run / 'final'}: is already a B'MOJO checkpoint; prime reads a transformer (an all-attention "
+        "B'MOJO model is written as one by `bmojo-neuron export-transformer RUN OUTPUT`)"]
     lines = done.stderr.splitlines()
     assert len(lines) == len(expected), done.stderr
     for line, start in zip(lines, expected):

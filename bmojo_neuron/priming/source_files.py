@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from ..checkpoints.layout import has_run
+
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -24,6 +26,8 @@ TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 # and reading it would cost what the quick look exists to avoid
 MAX_HEADER_BYTES = 100_000_000
 MAX_HEAD_DIM = 128
+# What a user who points prime at a B'MOJO model may have meant: a transformer made of one (all `A` layers)
+EXPORT_HINT = " (an all-attention B'MOJO model is written as one by `bmojo-neuron export-transformer RUN OUTPUT`)"
 # Per decoder layer, the tensors priming copies whatever the pattern (`mapping.shared_weights`)
 LAYER_TENSORS = ("input_layernorm.weight", "post_attention_layernorm.weight", "mlp.gate_proj.weight",
                  "mlp.up_proj.weight", "mlp.down_proj.weight")
@@ -48,6 +52,9 @@ def raw_config(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise FileNotFoundError(f"source {path}: not a local directory (prime reads a Hugging Face checkpoint folder)")
     if not (path / "config.json").is_file():
+        if has_run(path):
+            raise ValueError(f"source {path}: a bmojo-neuron run's folder: its model is B'MOJO already; prime reads "
+                             f"a transformer{EXPORT_HINT}")
         raise FileNotFoundError(f"source {path}: no config.json (not a Hugging Face checkpoint folder)")
     try:
         config = json.loads((path / "config.json").read_text())
@@ -57,7 +64,7 @@ def raw_config(path: Path) -> dict[str, Any]:
         raise ValueError(f"source {path}: config.json is not readable JSON: not an object")
     model_type = config.get("model_type")
     if model_type == "bmojo":
-        raise ValueError(f"source {path}: is already a B'MOJO checkpoint; prime reads a transformer")
+        raise ValueError(f"source {path}: is already a B'MOJO checkpoint; prime reads a transformer{EXPORT_HINT}")
     if model_type not in SUPPORTED_TYPES:
         raise ValueError(f"source {path}: model_type {model_type!r} is not supported; prime reads "
                          f"{', '.join(SUPPORTED_TYPES)} checkpoints")
