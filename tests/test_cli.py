@@ -445,7 +445,7 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     load (seconds): `export-transformer` of a hybrid, an OUTPUT or --output-dir that a file stands in (export,
     prime, train, eval, inspect), `train --resume` with a changed recipe (another recipe's run: its most telling
     changes and the command that continues it), a hub tokenizer that is neither here nor reachable offline
-    (`train`, `data prepare`), a weights file its manifest shows truncated (`eval`, `generate`,
+    (`train`, `data prepare`, `precompile` of a trn1 recipe), a weights file its manifest shows truncated (`eval`, `generate`,
     `export-transformer`), byte-level text or a local tokenizer folder's text for a model of 16 ids (`eval`,
     `inspect` --data), a `prime` SOURCE whose safetensors header is not what its config.json describes (a
     shape, the layer count) or places tensors past the end of the file, and a `prime` --pattern or option that
@@ -476,6 +476,8 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     write_llama_folder(llama["three-layers"], layers=3)
     write_llama_folder(llama["cut-short"], truncate=True)
     write_llama_folder(tmp_path / "llama")  # files that match: what prime is asked to make is checked next
+    story = tmp_path / "story.txt"
+    story.write_text("Once upon a time.\n" * 20)
     tokenizer = tmp_path / "tokenizer"  # a local tokenizer of 40 ids, counted from its tokenizer.json
     tokenizer.mkdir()
     eos = {"id": 39, "content": "</s>", "special": True, "single_word": False, "lstrip": False, "rstrip": False,
@@ -493,6 +495,7 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
                 ["train", "cpu-text", "data.tokenizer=no-such/tokenizer", "--output-dir", str(out)],
                 ["train", "cpu-text", "--resume", "--output-dir", str(run)],  # another recipe's run: summed up
                 ["data", "prepare", "cpu-text", "data.tokenizer=no-such-tokenizer", "--output-dir", str(out)],
+                ["precompile", "trn1/bmojo-130m", f"data.path={story}", "--cache-dir", str(out)],
                 ["eval", str(run), "--output-dir", str(file)],
                 ["inspect", str(run), "--output-dir", str(under_file)],
                 ["eval", str(damaged)], ["generate", str(damaged), "--prompt", "hi"],
@@ -532,6 +535,7 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
         f"(bmojo-neuron train {run / 'recipe.json'} --resume --output-dir {run}), or pick another --output-dir for "
         "this one",
         f"error: data.tokenizer 'no-such-tokenizer': {offline}",
+        f"error: data.tokenizer 'EleutherAI/gpt-neox-20b': {offline}",
         f"error: output directory {file} is a file, not a folder; {remedy}",
         f"error: output directory {under_file} cannot be made: {file} is a file, not a folder; {remedy}",
         *[f"error: {weights}: 200 bytes, manifest.json says {(run / 'final' / 'model.safetensors').stat().st_size} "
@@ -559,7 +563,7 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     for line, start in zip(lines, expected):
         assert line.startswith(start), (line, start)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["a-file", "all-a", "damaged", "finished", "llama", "tokenizer", *llama])
+        ["a-file", "all-a", "damaged", "finished", "llama", "story.txt", "tokenizer", *llama])
 
 
 def test_the_parser_is_built_once_and_a_parse_leaves_it_as_it_was():

@@ -264,10 +264,12 @@ def test_node_0_clears_a_trial_run_a_killed_precompile_left(setup, capsys, monke
 @pytest.mark.parametrize("extra, overrides, message", [
     (["--steps", "0"], None, "--steps is 0"),
     ([], ["model.num_hidden_layers=2", "model.layer_pattern=BB", "train.batch_size=2"], "data.path"),
-    ([], ["train.batch_size=3", "data.path=/tmp"], "train.batch_size"),
+    ([], ["train.batch_size=3", "data.path=DATA", "data.tokenizer=byte"], "train.batch_size"),
     ([], ["trian.steps=3"], "trian"),
 ])
 def test_bad_input_fails_before_running(setup, capsys, extra, overrides, message):
+    data = next(o for o in setup["overrides"] if o.startswith("data.path="))
+    overrides = overrides and [data if o == "data.path=DATA" else o for o in overrides]
     code, out, err = precompile(capsys, setup, *extra, overrides=overrides)
     assert code == 2 and message in err and not setup["record"].exists()
 

@@ -56,6 +56,7 @@ def plan_trial_run(recipe_name: str, overrides: Sequence[str], *, nodes: int, in
     if steps < 1:
         raise ValueError(f"--steps is {steps}; must be >= 1")
     recipe = load_recipe(recipe_name, list(overrides))
+    check_data(recipe, tokenizer_too=strict)  # files and names only: before the plan builds the model (seconds)
     plan = build_plan(recipe, recipe_name, list(overrides), nodes=nodes, instance=instance,
                       cache_dir=cache_url, master_port=master_port)
     if output_dir:
@@ -63,7 +64,6 @@ def plan_trial_run(recipe_name: str, overrides: Sequence[str], *, nodes: int, in
     run_dir = Path(output_dir) if output_dir else scratch_dir(recipe, nodes, environ)
     extra = trial_overrides(steps, run_dir)
     load_recipe(recipe_name, [*overrides, *extra])  # the trial run's recipe must load too
-    check_data(recipe, tokenizer_too=strict)
     check_cache_dir(cache_url, nodes)
     base = launch_argv(plan, environ, strict=strict)
     first_node = plan.nodes == 1 or base[base.index("--node-rank") + 1] == "0"
