@@ -269,6 +269,25 @@ def test_cli_refuses_a_damaged_source_with_one_error_line(tmp_path, capsys, dama
     assert not (tmp_path / "out").exists()
 
 
+def test_the_header_gives_the_shapes_torch_reads_and_a_bad_one_is_refused(tmp_path):
+    """`safetensors_shapes` reads a file's header without torch: the names and shapes of a checkpoint
+    transformers wrote are those safetensors loads; a header without a tensor's extent, or a file too short for
+    a header, is the one-line refusal of a weight file that cannot be read."""
+    from bmojo_neuron.priming.source_files import safetensors_shapes
+
+    build_source(tmp_path / "source", "qwen3-qk-norm")
+    weights = tmp_path / "source" / "model.safetensors"
+    assert safetensors_shapes(weights) == {name: tuple(t.shape) for name, t in load_file(str(weights)).items()}
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2]}}).encode()
+    weights.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable weight file \(its safetensors "
+                                         r"header lacks a tensor's shape or data_offsets\); is it complete\?"):
+        safetensors_shapes(weights)
+    weights.write_bytes(b"abc")
+    with pytest.raises(ValueError, match=r"not a readable weight file \(no safetensors header\)"):
+        safetensors_shapes(weights)
+
+
 @pytest.mark.parametrize("layers, message", [
     (1, "the weights hold 2 layers, but config.json says num_hidden_layers 1"),
     (3, "the weights hold 2 layers, but config.json says num_hidden_layers 3"),

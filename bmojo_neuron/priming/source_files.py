@@ -196,11 +196,15 @@ def safetensors_shapes(file: Path) -> dict[str, tuple[int, ...]]:
             raise unreadable_weights(file, "its safetensors header is not JSON") from None
     if not isinstance(header, dict):
         raise unreadable_weights(file, "its safetensors header is not JSON")
-    tensors = {name: entry for name, entry in header.items() if name != "__metadata__" and isinstance(entry, dict)}
-    end = max((int(entry.get("data_offsets", [0, 0])[1]) for entry in tensors.values()), default=0)
+    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    try:
+        end = max((int(entry["data_offsets"][1]) for entry in tensors.values()), default=0)
+        shapes = {name: tuple(int(n) for n in entry["shape"]) for name, entry in tensors.items()}
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise unreadable_weights(file, "its safetensors header lacks a tensor's shape or data_offsets") from None
     if 8 + length + end > size:
         raise unreadable_weights(file, f"{size} bytes, its header places tensors up to byte {8 + length + end}")
-    return {name: tuple(int(n) for n in entry.get("shape", ())) for name, entry in tensors.items()}
+    return shapes
 
 
 def check_source_files(path: str | Path) -> dict[str, Any]:
