@@ -575,6 +575,22 @@ def test_the_parser_is_built_once_and_a_parse_leaves_it_as_it_was():
     assert cli.parse_args(parser, ["train", "cpu-tiny", "--dry-run"]).overrides == []
 
 
+def test_an_option_named_like_a_recipe_key_names_the_override_that_sets_it(capsys):
+    """``train --steps 5`` is no option: recipe keys are ``key=value`` overrides. A command that takes overrides
+    says which one an unknown option may have meant (every section's key of that name, its value carried over);
+    an option no key is named like, and a command without overrides, get argparse's words alone."""
+    cases = [(["train", "cpu-tiny"], "--steps 5", " (recipe keys are set as key=value: train.steps=5)"),
+             (["plan", "trn1/bmojo-130m"], "--batch-size=4", " (recipe keys are set as key=value: train.batch_size=4)"),
+             (["train"], "--seq-len", " (recipe keys are set as key=value: data.seq_len=VALUE)"),
+             (["train", "cpu-tiny"], "--window-size 8", " (recipe keys are set as key=value: model.window_size=8)"),
+             (["train"], "--bogus", ""), (["eval", "RUN"], "--steps 5", "")]
+    for command, strays, hint in cases:
+        with pytest.raises(SystemExit):
+            cli.main([*command, *strays.split()])
+        line = capsys.readouterr().err.splitlines()[-1]
+        assert line.endswith(f"error: unrecognized arguments: {strays}{hint}"), line
+
+
 def test_a_missing_action_is_named_with_its_choices(capsys):
     """A command run without its action (``bmojo-neuron data``) names every action it takes, whatever metavar
     (ACTION) its usage shows; the top level names the commands."""
