@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import inspect
 import json
 import os
 import pkgutil
@@ -142,8 +143,23 @@ class _Parser(argparse.ArgumentParser):
         super()._print_message(message, file)
 
 
+# The parser of each set of registered commands: `main` called many times in one process (a test running
+# commands in turn) would otherwise build twenty-odd subparsers, about 10 ms, at every call. Parsing leaves a
+# parser as it was (`parse_args` copies what it extends), so one serves every call.
+_PARSERS: dict[tuple[str, frozenset[Command]], argparse.ArgumentParser] = {}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The `bmojo-neuron` parser of every registered command (the modules of `COMMANDS_PACKAGE` imported first);
+    built once per set of commands."""
     _load_command_modules()
+    key = (COMMANDS_PACKAGE, frozenset(COMMANDS.values()))
+    if key not in _PARSERS:
+        _PARSERS[key] = _new_parser()
+    return _PARSERS[key]
+
+
+def _new_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="bmojo-neuron",
         description="Train and run B'MOJO language models on CPU, CUDA and AWS Trainium.",
@@ -179,13 +195,39 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     args, extra = parser.parse_known_args(argv)
     strays = [a for a in extra if a.startswith("-") or "=" not in a]
     if extra and not strays and isinstance(getattr(args, "overrides", None), list):
-        args.overrides.extend(extra)
+        args.overrides = [*args.overrides, *extra]  # a new list: without overrides it is the parser's default
     elif extra:
-        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+        hint = override_hint(extra) if isinstance(getattr(args, "overrides", None), list) else ""
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if isinstance(getattr(args, "output_dir", None), str):
         # A shell expands ``~`` only at the start of a word: ``--output-dir=~/runs`` arrives as typed.
         args.output_dir = os.path.expanduser(args.output_dir)
     return args
+
+
+def override_hint(extra: list[str]) -> str:
+    """For a command that takes recipe overrides, what an option it does not know (``--steps 5``) may have meant:
+    the recipe key of that name as ``key=value`` (`` (recipe keys are set as key=value: train.steps=5)``), or ""
+    when no key is named so."""
+    import dataclasses
+
+    from bmojo_neuron.config_fields import BMojoFields
+    from bmojo_neuron.recipes import DATA_SECTIONS, SECTIONS
+
+    option = next((a for a in extra if a.startswith("--")), None)
+    if option is None:
+        return ""
+    name, _, value = option[2:].partition("=")
+    after = extra[extra.index(option) + 1:]
+    value = value or (after[0] if after and not after[0].startswith("-") else "VALUE")
+    classes = [(section, cls) for section, cls in SECTIONS.items() if dataclasses.is_dataclass(cls)]
+    classes += [("data", cls) for cls in DATA_SECTIONS.values()]
+    keys = {f"{section}.{field.name}" for section, cls in classes for field in dataclasses.fields(cls)}
+    keys |= {f"model.{field}" for field in inspect.signature(BMojoFields.__init__).parameters if field != "self"}
+    matches = sorted(key for key in keys if key.split(".", 1)[1] == name.replace("-", "_"))
+    if not matches:
+        return ""
+    return f" (recipe keys are set as key=value: {' or '.join(f'{key}={value}' for key in matches)})"
 
 
 def user_error(exc: BaseException) -> str | None:

@@ -622,6 +622,10 @@ def _model_section(values: Mapping[str, Any] | None, data: Any, init: InitSectio
     fields = _model_fields(model, data, init)
     if isinstance(data, MqarDataSection) and fields.vocab_size < data.vocab_size:
         _fail("model.vocab_size", f"is {fields.vocab_size}, smaller than data.vocab_size ({data.vocab_size})")
+    byte_text = isinstance(data, TextDataSection) and (data.tokenizer or "byte") == "byte"
+    if byte_text and fields.vocab_size < BYTE_VOCAB_SIZE:
+        _fail("model.vocab_size", f"is {fields.vocab_size}, smaller than the byte tokenizer's {BYTE_VOCAB_SIZE} ids "
+                                  "(data.tokenizer: byte); the embedding needs a row for every id")
     return model
 
 

@@ -11,6 +11,7 @@ traceback. The kill tests are run by the test suite; their figures are quoted.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import resource
@@ -104,6 +105,19 @@ def cases(work: Path) -> list[Case]:
                                                      "A"], "file"),
         Case("prime from a Llama whose config.json does not match its weights",
              ["prime", str(work / "llama-edited"), str(work / "primed"), "--pattern", "A"], "llama_edited"),
+        Case("prime from a Llama whose weights hold fewer layers than its config.json says",
+             ["prime", str(work / "llama-layers"), str(work / "primed"), "--pattern", "A"], "llama_layers"),
+        Case("prime with a --pattern letter that does not exist",
+             ["prime", str(work / "llama"), str(work / "primed"), "--pattern", "AXB"], "llama"),
+        Case("a text model with fewer ids than the byte tokenizer", ["train", "cpu-text", "--output-dir", out,
+                                                                    "model.vocab_size=100"]),
+        Case("train --resume into another recipe's run", ["train", "cpu-text", "--resume", "--output-dir", out],
+             "used"),
+        Case("eval of an MQAR model on text of a local tokenizer with more ids",
+             ["eval", out, "--data", "cpu-text", f"data.tokenizer={work / 'tokenizer-300'}"], "tokenizer_300"),
+        Case("precompile of a trn1 recipe whose hub tokenizer is not cached, offline",
+             ["precompile", "trn1/bmojo-130m", f"data.path={work / 'story.txt'}", "--cache-dir",
+              str(work / "neff-cache")], "story"),
         Case("a launch plan with port 99999", ["plan", "trn1/bmojo-130m", "--master-port", "99999"]),
         Case("an option that does not exist", [*train, "--bogus"]),
         Case("a Neuron recipe without the Neuron SDK", ["train", "trn1/bmojo-130m", "--output-dir", out]),
@@ -145,6 +159,18 @@ def prepare(step: str, work: Path) -> None:
         save_tiny_llama(work / "llama-edited")
         config = work / "llama-edited" / "config.json"
         config.write_text(config.read_text().replace('"vocab_size": 128', '"vocab_size": 200'))
+    elif step == "llama_layers" and not (work / "llama-layers").exists():
+        save_tiny_llama(work / "llama-layers")
+        config = work / "llama-layers" / "config.json"
+        config.write_text(config.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
+    elif step == "tokenizer_300":
+        prepare("used", work)
+        (work / "tokenizer-300").mkdir(exist_ok=True)
+        vocab = {f"w{i}": i for i in range(300)}
+        (work / "tokenizer-300" / "tokenizer.json").write_text(
+            json.dumps({"model": {"type": "WordLevel", "unk_token": "w0", "vocab": vocab}, "added_tokens": []}))
+    elif step == "story":
+        (work / "story.txt").write_text("Once upon a time.\n" * 50)
     elif step == "damaged" and not (work / "damaged" / "final").exists():
         cli(["train", "--no-progress", "--output-dir", str(work / "damaged"), *TINY], work)
         weights = work / "damaged" / "final" / "model.safetensors"

@@ -415,13 +415,43 @@ def test_a_path_that_is_no_model_is_answered_before_torch_or_transformers_load(t
     assert not out.exists()
 
 
+def write_llama_folder(folder: Path, layers: int = 2, truncate: bool = False, **config_changes) -> None:
+    """A Llama checkpoint folder written by hand, without torch: config.json of a 2-layer model (`config_changes`
+    applied) and a model.safetensors of `layers` layers of zeros (8-byte header length, JSON header, data), cut
+    short by 4 bytes with `truncate`."""
+    d, inner, vocab = 8, 16, 32
+    config = {"model_type": "llama", "vocab_size": vocab, "hidden_size": d, "intermediate_size": inner,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "rms_norm_eps": 1e-6}
+    shapes = {"model.embed_tokens.weight": [vocab, d], "model.norm.weight": [d], "lm_head.weight": [vocab, d]}
+    for i in range(layers):
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in [
+            ("input_layernorm.weight", [d]), ("post_attention_layernorm.weight", [d]),
+            ("mlp.gate_proj.weight", [inner, d]), ("mlp.up_proj.weight", [inner, d]),
+            ("mlp.down_proj.weight", [d, inner]), *((f"self_attn.{p}_proj.weight", [d, d]) for p in "qkvo")]})
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 4 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
+    data = len(encoded).to_bytes(8, "little") + encoded + bytes(offset)
+    (folder / "model.safetensors").write_bytes(data[:-4] if truncate else data)
+
+
 def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     """What files and the recipe alone decide is refused in one line before torch, transformers and datasets
     load (seconds): `export-transformer` of a hybrid, an OUTPUT or --output-dir that a file stands in (export,
-    prime, train, eval, inspect), `train --resume` with a changed recipe, a hub tokenizer that is neither here
-    nor reachable offline (`train`, `data prepare`), a weights file its manifest shows truncated (`eval`,
-    `generate`, `export-transformer`), and byte-level text for a model of 16 ids (`eval`, `inspect` --data). No
-    folder is left behind."""
+    prime, train, eval, inspect), `train --resume` with a changed recipe (another recipe's run: its most telling
+    changes and the command that continues it), a hub tokenizer that is neither here nor reachable offline
+    (`train`, `data prepare`, `precompile` of a trn1 recipe), a weights file its manifest shows truncated (`eval`, `generate`,
+    `export-transformer`), byte-level text or a local tokenizer folder's text for a model of 16 ids (`eval`,
+    `inspect` --data), a `prime` SOURCE whose safetensors header is not what its config.json describes (a
+    shape, the layer count) or places tensors past the end of the file, and a `prime` --pattern or option that
+    does not fit (a letter, the layer count, a name no B'MOJO option has, a size the source fixes) or a SOURCE
+    that is a B'MOJO run or export (with the command that makes a transformer of one). No folder is left
+    behind."""
     import shutil
 
     from bmojo_neuron.checkpoints.manifest import write_manifest
@@ -441,6 +471,19 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     write_manifest(damaged)
     weights = damaged / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
+    llama = {name: tmp_path / name for name in ("wide", "three-layers", "cut-short")}
+    write_llama_folder(llama["wide"], intermediate_size=24)
+    write_llama_folder(llama["three-layers"], layers=3)
+    write_llama_folder(llama["cut-short"], truncate=True)
+    write_llama_folder(tmp_path / "llama")  # files that match: what prime is asked to make is checked next
+    story = tmp_path / "story.txt"
+    story.write_text("Once upon a time.\n" * 20)
+    tokenizer = tmp_path / "tokenizer"  # a local tokenizer of 40 ids, counted from its tokenizer.json
+    tokenizer.mkdir()
+    eos = {"id": 39, "content": "</s>", "special": True, "single_word": False, "lstrip": False, "rstrip": False,
+           "normalized": False}
+    (tokenizer / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordLevel", "unk_token": "w0", "vocab": {
+        f"w{i}": i for i in range(39)}}, "added_tokens": [eos]}))
     commands = [["export-transformer", str(run), str(out)],
                 ["export-transformer", str(attention), str(file)],
                 ["export-transformer", str(attention), str(run)],
@@ -450,12 +493,20 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
                 ["train", str(run / "recipe.json"), "optim.lr=0.5", "model.ssm_residual=false", "--resume",
                  "--output-dir", str(run)],  # the fixture's model predates the ssm_residual default
                 ["train", "cpu-text", "data.tokenizer=no-such/tokenizer", "--output-dir", str(out)],
+                ["train", "cpu-text", "--resume", "--output-dir", str(run)],  # another recipe's run: summed up
                 ["data", "prepare", "cpu-text", "data.tokenizer=no-such-tokenizer", "--output-dir", str(out)],
+                ["precompile", "trn1/bmojo-130m", f"data.path={story}", "--cache-dir", str(out)],
                 ["eval", str(run), "--output-dir", str(file)],
                 ["inspect", str(run), "--output-dir", str(under_file)],
                 ["eval", str(damaged)], ["generate", str(damaged), "--prompt", "hi"],
                 ["export-transformer", str(damaged), str(out)],
-                ["eval", str(run), "--data", "cpu-text"], ["inspect", str(run), "--data", "cpu-text"]]
+                ["eval", str(run), "--data", "cpu-text"], ["inspect", str(run), "--data", "cpu-text"],
+                ["eval", str(run), "--data", "cpu-text", f"data.tokenizer={tokenizer}"],
+                *(["prime", str(folder), str(out), "--pattern", "AB"] for folder in llama.values()),
+                *(["prime", str(tmp_path / "llama"), str(out), *asked] for asked in (
+                    ["--pattern", "AXB"], ["--pattern", "ABA"], ["--pattern", "B", "windw_size=8"],
+                    ["--pattern", "B", "hidden_size=16"])),
+                ["prime", str(run), str(out), "--pattern", "A"], ["prime", str(run / "final"), str(out), "--pattern", "A"]]
     code = ("import sys; from bmojo_neuron.cli import main; "
             f"codes = [main(args) for args in {commands!r}]; "
             "print(codes, sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
@@ -463,7 +514,7 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.stdout.splitlines() == [f"{[2] * len(commands)} []"], done.stderr
     offline = ("not 'byte', not a local folder and not in the local Hugging Face cache, and the hub cannot be "
-               "reached (OfflineModeIsEnabled: ")
+               "reached (offline mode is on: HF_HUB_OFFLINE is set); download it where online")
     remedy = "pick another --output-dir"
     expected = [
         f"error: {run}: layer_pattern 'BM': only an all-attention (all A) model is a transformer; prime turns "
@@ -477,19 +528,67 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
         f"error: cannot resume {run / 'step-0000003'}: the recipe changed in optim.lr (0.003 in the checkpoint, "
         "0.5 now)",
         f"error: data.tokenizer 'no-such/tokenizer': {offline}",
+        f"error: cannot resume {run / 'step-0000003'}: the recipe changed in 37 keys, among them data.kind ('mqar' in "
+        "the checkpoint, 'text' now), data.tokenizer (None in the checkpoint, 'byte' now), model.hidden_size (8 in "
+        "the checkpoint, 128 now), model.layer_pattern ('BM' in the checkpoint, 'BMBM' now), model.num_hidden_layers "
+        f"(2 in the checkpoint, 4 now): the folder holds a run of another recipe; continue it with its own "
+        f"(bmojo-neuron train {run / 'recipe.json'} --resume --output-dir {run}), or pick another --output-dir for "
+        "this one",
         f"error: data.tokenizer 'no-such-tokenizer': {offline}",
+        f"error: data.tokenizer 'EleutherAI/gpt-neox-20b': {offline}",
         f"error: output directory {file} is a file, not a folder; {remedy}",
         f"error: output directory {under_file} cannot be made: {file} is a file, not a folder; {remedy}",
         *[f"error: {weights}: 200 bytes, manifest.json says {(run / 'final' / 'model.safetensors').stat().st_size} "
           "(truncated or replaced)"] * 3,
         *["error: the evaluation data has token ids up to 255 (tokenizer 'byte', 256 ids), outside this model's "
-          "vocabulary (16); pick --data of the kind the model was trained on"] * 2]
+          "vocabulary (16); pick --data of the kind the model was trained on"] * 2,
+        f"error: the evaluation data has token ids up to 39 (tokenizer '{tokenizer}', 40 ids), outside this model's "
+        "vocabulary (16)",
+        f"error: source {llama['wide']}: model.layers.0.mlp.gate_proj.weight has shape (16, 8) in the weights, but "
+        "config.json implies (24, 8); the config does not describe these weights",
+        f"error: source {llama['three-layers']}: the weights hold 3 layers, but config.json says num_hidden_layers "
+        "2; the config does not describe these weights",
+        f"error: source {llama['cut-short']}: model.safetensors is not a readable weight file (",
+        "error: --pattern 'AXB': use the letters BFMSA (one per layer, or a group repeated over the 2 layers)",
+        "error: --pattern 'ABA' has 3 letters; the source has 2 layers, so give one letter per layer or a group whose "
+        "length divides it",
+        "error: windw_size=8: not a B'MOJO option (BMojoConfig field); docs/priming.md lists the ones a primed model "
+        "takes", "error: hidden_size=16: comes from the source checkpoint and cannot be set",
+        f"error: source {run}: a bmojo-neuron run's folder: its model is B'MOJO already; prime reads a transformer "
+        "(an all-attention B'MOJO model is written as one by `bmojo-neuron export-transformer RUN OUTPUT`)",
+        f"error: source {run / 'final'}: is already a B'MOJO checkpoint; prime reads a transformer (an all-attention "
+        "B'MOJO model is written as one by `bmojo-neuron export-transformer RUN OUTPUT`)"]
     lines = done.stderr.splitlines()
     assert len(lines) == len(expected), done.stderr
     for line, start in zip(lines, expected):
         assert line.startswith(start), (line, start)
-    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "all-a", "damaged",
-                                                                                 "finished"]
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["a-file", "all-a", "damaged", "finished", "llama", "story.txt", "tokenizer", *llama])
+
+
+def test_the_parser_is_built_once_and_a_parse_leaves_it_as_it_was():
+    """`main` called again in one process reuses the parser; overrides that follow the options are in their own
+    call's arguments only, not in the parser's empty default that a call without overrides gets."""
+    parser = cli.build_parser()
+    assert cli.build_parser() is parser
+    assert cli.parse_args(parser, ["train", "cpu-tiny", "--dry-run", "run.seed=1"]).overrides == ["run.seed=1"]
+    assert cli.parse_args(parser, ["train", "cpu-tiny", "--dry-run"]).overrides == []
+
+
+def test_an_option_named_like_a_recipe_key_names_the_override_that_sets_it(capsys):
+    """``train --steps 5`` is no option: recipe keys are ``key=value`` overrides. A command that takes overrides
+    says which one an unknown option may have meant (every section's key of that name, its value carried over);
+    an option no key is named like, and a command without overrides, get argparse's words alone."""
+    cases = [(["train", "cpu-tiny"], "--steps 5", " (recipe keys are set as key=value: train.steps=5)"),
+             (["plan", "trn1/bmojo-130m"], "--batch-size=4", " (recipe keys are set as key=value: train.batch_size=4)"),
+             (["train"], "--seq-len", " (recipe keys are set as key=value: data.seq_len=VALUE)"),
+             (["train", "cpu-tiny"], "--window-size 8", " (recipe keys are set as key=value: model.window_size=8)"),
+             (["train"], "--bogus", ""), (["eval", "RUN"], "--steps 5", "")]
+    for command, strays, hint in cases:
+        with pytest.raises(SystemExit):
+            cli.main([*command, *strays.split()])
+        line = capsys.readouterr().err.splitlines()[-1]
+        assert line.endswith(f"error: unrecognized arguments: {strays}{hint}"), line
 
 
 def test_a_missing_action_is_named_with_its_choices(capsys):

@@ -673,8 +673,9 @@ def test_bad_data_files_a_used_run_directory_and_bad_counts_are_refused_before_t
     one ``data.path`` format, naming the file and line, from a glance at the files before torch, transformers or
     datasets load (the build would find each only after them). A good folder passes the glance, an empty file in it
     too (the build skips it). So do, from their folders and arguments alone, `train` into a run directory that holds
-    a run (without --resume), `eval --batches 0` and `kernels profile` of no kernels (before the kernels and their
-    emulator import)."""
+    a run (without --resume), `eval --batches 0`, `kernels profile` of no kernels (before the kernels and their
+    emulator import), and `train` of a model with fewer ids than its text's tokenizer (the byte one, or a local
+    folder's tokenizer.json), which would otherwise stop at the first step on an index error."""
     from bmojo_neuron.data.text import check_source
 
     folder, keyless, docs = tmp_path / "corpus", tmp_path / "keyless", tmp_path / "docs.jsonl"
@@ -687,6 +688,10 @@ def test_bad_data_files_a_used_run_directory_and_bad_counts_are_refused_before_t
     docs.write_text('{"text": "one"}\n\n{"text": "two"\n{"text": "three"}\n')
     model, out = FIXTURES / "finished", str(tmp_path / "run")
     used = Path(shutil.copytree(model, tmp_path / "used"))
+    tokenizer = tmp_path / "tokenizer"  # 300 ids, in tokenizer.json: more than cpu-text's model has (256)
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordLevel", "unk_token": "w0", "vocab": {
+        f"w{i}": i for i in range(300)}}, "added_tokens": []}))
     commands = [["train", "cpu-text", f"data.path={folder}", "--output-dir", out],
                 ["data", "prepare", "cpu-text", f"data.path={folder}"],
                 ["eval", str(model), "--data", "cpu-text", f"data.path={folder}"],
@@ -694,12 +699,14 @@ def test_bad_data_files_a_used_run_directory_and_bad_counts_are_refused_before_t
                 ["eval", str(model), "--data", f"data.path={docs}"],
                 ["data", "prepare", "cpu-text", f"data.path={keyless}", "--output-dir", out],
                 ["train", "cpu-tiny", "suite=none", "--output-dir", str(used)],
-                ["eval", str(model), "--batches", "0"], ["kernels", "profile", "--kernels", ""]]
+                ["eval", str(model), "--batches", "0"], ["kernels", "profile", "--kernels", ""],
+                ["train", "cpu-text", "model.vocab_size=100", "--output-dir", out],
+                ["train", "cpu-text", f"data.tokenizer={tokenizer}", "--output-dir", out]]
     code = ("import sys; from bmojo_neuron.cli import main; "
             f"codes = [main(args) for args in {commands!r}]; "
             "print(codes, sorted(m for m in ('torch', 'transformers', 'datasets', 'nki_kernels') if m in sys.modules))")
     done = _cli(code=code)
-    assert done.stdout.splitlines() == [f"{[2] * 9} []"], done.stderr
+    assert done.stdout.splitlines() == [f"{[2] * 11} []"], done.stderr
     photo = (f"error: data.path {folder}: {folder / 'sub' / 'photo.md'}: not text: a NUL byte at offset 4, as in a "
              "binary file; give UTF-8 text (.txt, .md) or JSON lines (.jsonl)")
     line = f"error: data.path {docs}: line 3 is not JSON: Expecting ',' delimiter at column 15"
@@ -709,6 +716,11 @@ def test_bad_data_files_a_used_run_directory_and_bad_counts_are_refused_before_t
     assert done.stderr.splitlines()[6:8] == [f"error: {used} already holds a run; pass --resume to continue it, or "
                                              "pick another --output-dir", "error: --batches must be >= 1, got 0"]
     assert done.stderr.splitlines()[8].startswith("error: no kernels given: --kernels is empty")
+    embedding = "; the embedding needs a row for every id"
+    assert done.stderr.splitlines()[9:] == [
+        "error: recipe key model.vocab_size: is 100, smaller than the byte tokenizer's 256 ids (data.tokenizer: byte)"
+        + embedding, f"error: recipe key model.vocab_size: is 256, smaller than the 300 ids of data.tokenizer "
+        f"'{tokenizer}' (its tokenizer.json)" + embedding]
     assert not Path(out).exists() and not (model / "eval").exists()
     (folder / "sub" / "photo.md").unlink()
     assert check_source(str(folder), "text") == "folder"

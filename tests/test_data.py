@@ -395,7 +395,7 @@ def test_a_missing_hub_tokenizer_fails_fast_offline(tmp_path: Path, monkeypatch:
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read once at import: the running process's switch
     Recipe.from_dict({"data": {"kind": "text"}}).model_config()  # imports done before the clock starts
     expected = ("data.tokenizer 'nosuchtok': not 'byte', not a local folder and not in the local Hugging Face "
-                "cache, and the hub cannot be reached (OfflineModeIsEnabled: ")
+                "cache, and the hub cannot be reached (offline mode is on: HF_HUB_OFFLINE is set); download it")
     start = time.monotonic()
     with pytest.raises(ValueError) as error:
         load_tokenizer("nosuchtok")
@@ -488,6 +488,56 @@ def test_a_cached_hub_tokenizer_loads_offline(tmp_path: Path) -> None:
             "print(load_tokenizer('someone/tok').encode('hi', add_special_tokens=False))")
     done = _run_with_hub(code, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
     assert done.returncode == 0 and done.stdout.strip() == "[104, 105]", done.stderr[-2000:]
+
+
+def _word_level_tokenizer(folder: Path) -> None:
+    """A 40-token WordLevel tokenizer with one added token beyond the vocabulary and one inside it, plus an eos
+    (a special token transformers adds) and a pad token that only tokenizer_config.json names."""
+    from tokenizers import Tokenizer, models
+    from transformers import AddedToken, PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(40)}, unk_token="w0"))
+    backend.add_tokens(["<extra>", "w3"])
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+    hf.add_special_tokens({"pad_token": AddedToken("<pad>", special=True)})
+    hf.save_pretrained(str(folder))
+
+
+def _unigram_tokenizer(folder: Path) -> None:
+    """A Unigram tokenizer (its vocabulary a list of [piece, score]) of 30 pieces, eos among them."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.Unigram([(f"p{i}", -float(i)) for i in range(29)] + [("</s>", 0.0)], unk_id=0))
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>").save_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("build", [_word_level_tokenizer, _unigram_tokenizer], ids=["word-level", "unigram"])
+def test_a_local_tokenizer_folder_is_counted_from_its_files_as_transformers_counts_it(tmp_path, build):
+    """`vocabulary_in_files` reads tokenizer.json (and tokenizer_config.json's added tokens) without transformers
+    and gives the number of ids `len()` of the loaded tokenizer gives; a folder without tokenizer.json, or a hub
+    name, is left to the load (None)."""
+    from transformers import AutoTokenizer
+
+    from bmojo_neuron.data.tokenizer import vocabulary_in_files
+
+    build(tmp_path / "tok")
+    assert vocabulary_in_files(str(tmp_path / "tok")) == len(AutoTokenizer.from_pretrained(str(tmp_path / "tok")))
+    (tmp_path / "empty").mkdir()
+    assert vocabulary_in_files(str(tmp_path / "empty")) is None
+    assert vocabulary_in_files("someone/tokenizer") is None
+
+
+def test_a_malformed_tokenizer_json_is_one_error_naming_the_tokenizer(tmp_path):
+    """The tokenizers library refuses a tokenizer.json with a field missing by raising a bare Exception: it is the
+    ``data.tokenizer`` error all the same, not a traceback."""
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordLevel", "unk_token": "w0", "vocab": {
+        "w0": 0}}, "added_tokens": [{"id": 1, "content": "</s>"}]}))
+    with pytest.raises(ValueError, match=f"data.tokenizer '{folder}': not 'byte' and not loadable as a Hugging Face "
+                                         "tokenizer .*: missing field `"):
+        load_tokenizer(str(folder))
 
 
 def test_a_cache_build_says_its_stages_and_counts_at_most_every_interval(tmp_path: Path) -> None:

@@ -83,7 +83,7 @@ def setup(tmp_path, monkeypatch):
     data = tmp_path / "data.txt"
     data.write_text("some text to train on\n" * 10)
     overrides = ["model.num_hidden_layers=2", "model.layer_pattern=BB", "train.batch_size=2",
-                 f"data.path={data}"]
+                 f"data.path={data}", "data.tokenizer=byte"]  # the recipe's hub tokenizer: its own tests
     return {"tmp": tmp_path, "record": record, "cache": tmp_path / "cache", "overrides": overrides,
             "bin": bin_dir}
 
@@ -174,6 +174,37 @@ def test_dry_run_runs_nothing(setup, capsys):
            f"{graph_check}\n" in out
 
 
+def test_a_tokenizer_the_trial_run_could_not_get_fails_before_running(setup, capsys, monkeypatch):
+    """The recipe's hub tokenizer, neither in the Hugging Face cache nor reachable (the look-up is replaced by one
+    that fails as offline mode does), is refused in one line before the tool starts, as `train` refuses it; a dry
+    run names where the tokenizer comes from instead, as `train --dry-run` does, and asks no hub."""
+    from bmojo_neuron.data import tokenizer as tokenizers
+    from bmojo_neuron.data.hub import HubUnreachable
+
+    asked: list[str] = []
+
+    def offline(name, repo_type):
+        asked.append(name)
+        raise HubUnreachable("OfflineModeIsEnabled: offline")
+
+    monkeypatch.setattr(tokenizers, "look_up_on_hub", offline)
+    monkeypatch.setattr(tokenizers, "_in_hub_cache", lambda name: False)
+    hub_tokenizer = [o for o in setup["overrides"] if not o.startswith("data.tokenizer=")]
+    code, out, err = precompile(capsys, setup, overrides=hub_tokenizer)
+    assert code == 2 and not setup["record"].exists() and out == ""
+    assert err.splitlines() == ["error: data.tokenizer 'EleutherAI/gpt-neox-20b': not 'byte', not a local folder "
+                                "and not in the local Hugging Face cache, and the hub cannot be reached "
+                                "(OfflineModeIsEnabled: offline); download it where online, or point "
+                                "data.tokenizer at a folder with its files"]
+    assert asked == ["EleutherAI/gpt-neox-20b"]
+    code, out, _ = precompile(capsys, setup, "--dry-run", overrides=hub_tokenizer)
+    assert code == 0 and asked == ["EleutherAI/gpt-neox-20b"]
+    assert "\n  tokenizer: EleutherAI/gpt-neox-20b: not in the local Hugging Face cache, so the run downloads it " \
+           "from the hub when it starts (offline it stops there)" in out
+    code, out, _ = precompile(capsys, setup, "--dry-run")
+    assert code == 0 and "\n  tokenizer: byte (built in, nothing to download)\n" in out
+
+
 def test_missing_tool_names_the_neuron_packages(setup, capsys, monkeypatch):
     empty = setup["tmp"] / "empty-bin"
     empty.mkdir()
@@ -233,10 +264,12 @@ def test_node_0_clears_a_trial_run_a_killed_precompile_left(setup, capsys, monke
 @pytest.mark.parametrize("extra, overrides, message", [
     (["--steps", "0"], None, "--steps is 0"),
     ([], ["model.num_hidden_layers=2", "model.layer_pattern=BB", "train.batch_size=2"], "data.path"),
-    ([], ["train.batch_size=3", "data.path=/tmp"], "train.batch_size"),
+    ([], ["train.batch_size=3", "data.path=DATA", "data.tokenizer=byte"], "train.batch_size"),
     ([], ["trian.steps=3"], "trian"),
 ])
 def test_bad_input_fails_before_running(setup, capsys, extra, overrides, message):
+    data = next(o for o in setup["overrides"] if o.startswith("data.path="))
+    overrides = overrides and [data if o == "data.path=DATA" else o for o in overrides]
     code, out, err = precompile(capsys, setup, *extra, overrides=overrides)
     assert code == 2 and message in err and not setup["record"].exists()
 

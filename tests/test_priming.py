@@ -253,7 +253,9 @@ def _truncate_weights(folder):
     (_edit_config(head_dim=None, hidden_size=60, num_attention_heads=8),
      r"could not be read as a llama config: .*hidden size \(60\) is not a multiple"),
     (_truncate_weights, r"model\.safetensors is not a readable weight file \(.*\); is it complete\?"),
-], ids=["hidden_size", "vocab_size", "intermediate_size", "odd_head_dim", "heads_do_not_divide", "truncated"])
+    (_edit_config(num_hidden_layers=3), r"the weights hold 2 layers, but config\.json says num_hidden_layers 3"),
+], ids=["hidden_size", "vocab_size", "intermediate_size", "odd_head_dim", "heads_do_not_divide", "truncated",
+        "layers"])
 def test_cli_refuses_a_damaged_source_with_one_error_line(tmp_path, capsys, damage, message):
     """A config.json that does not describe the weights (edited sizes), one transformers refuses, or a truncated
     weight file: one error line naming it, no traceback, nothing written."""
@@ -265,6 +267,38 @@ def test_cli_refuses_a_damaged_source_with_one_error_line(tmp_path, capsys, dama
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: source {tmp_path / 'source'}")
     assert __import__("re").search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_header_gives_the_shapes_torch_reads_and_a_bad_one_is_refused(tmp_path):
+    """`safetensors_shapes` reads a file's header without torch: the names and shapes of a checkpoint
+    transformers wrote are those safetensors loads; a header without a tensor's extent, or a file too short for
+    a header, is the one-line refusal of a weight file that cannot be read."""
+    from bmojo_neuron.priming.source_files import safetensors_shapes
+
+    build_source(tmp_path / "source", "qwen3-qk-norm")
+    weights = tmp_path / "source" / "model.safetensors"
+    assert safetensors_shapes(weights) == {name: tuple(t.shape) for name, t in load_file(str(weights)).items()}
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2]}}).encode()
+    weights.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable weight file \(its safetensors "
+                                         r"header lacks a tensor's shape or data_offsets\); is it complete\?"):
+        safetensors_shapes(weights)
+    weights.write_bytes(b"abc")
+    with pytest.raises(ValueError, match=r"not a readable weight file \(no safetensors header\)"):
+        safetensors_shapes(weights)
+
+
+@pytest.mark.parametrize("layers, message", [
+    (1, "the weights hold 2 layers, but config.json says num_hidden_layers 1"),
+    (3, "the weights hold 2 layers, but config.json says num_hidden_layers 3"),
+])
+def test_prime_model_refuses_weights_of_another_layer_count(tmp_path, layers, message):
+    """`prime_model` (no CLI, so no quick look at the files first) checks the tensors it loaded against the config:
+    a layer more or fewer in config.json than in the weights is refused, not primed from part of them."""
+    build_source(tmp_path / "source", "mistral")
+    _edit_config(num_hidden_layers=layers)(tmp_path / "source")
+    with pytest.raises(ValueError, match=f"source {tmp_path / 'source'}: {message}"):
+        prime_model(tmp_path / "source", "A")
 
 
 @pytest.mark.parametrize("tied, seeded", [

@@ -69,6 +69,13 @@ def stored_recipe(model_dir: Path) -> dict[str, Any]:
     return read_json_object(info).get("recipe", {}) if info.is_file() else {}
 
 
+# A refusal lists every changed key up to this many; more mean the folder holds another recipe's run, and a
+# screenful of keys would hide that: the most telling (`TELLING_KEYS`) are named and the rest counted.
+MAX_CHANGES_LISTED = 5
+TELLING_KEYS = ("data.kind", "data.path", "data.tokenizer", "model.layer_pattern", "model.hidden_size",
+                "model.num_hidden_layers", "model.vocab_size")
+
+
 def resume_refusal(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> str | None:
     """Why `checkpoint` (whose recipe is `saved`) cannot be resumed with the recipe `current`, or None.
 
@@ -87,8 +94,15 @@ def resume_refusal(checkpoint: Path, saved: dict[str, Any], current: dict[str, A
     if not diff:
         return None
     # Each key with both values: the override that makes the run resumable is then on the screen.
-    changes = ", ".join(f"{key} ({old!r} in the checkpoint, {new!r} now)" for key, (old, new) in diff.items())
-    return f"cannot resume {checkpoint}: the recipe changed in {changes}"
+    changes = [f"{key} ({old!r} in the checkpoint, {new!r} now)" for key, (old, new) in diff.items()]
+    if len(changes) <= MAX_CHANGES_LISTED:
+        return f"cannot resume {checkpoint}: the recipe changed in {', '.join(changes)}"
+    telling = sorted(range(len(changes)), key=lambda i: (list(diff)[i] not in TELLING_KEYS, i))[:MAX_CHANGES_LISTED]
+    recipe = checkpoint.parent / RECIPE_FILE
+    own = f"bmojo-neuron train {recipe} --resume --output-dir {checkpoint.parent}" if recipe.is_file() else None
+    return (f"cannot resume {checkpoint}: the recipe changed in {len(changes)} keys, among them "
+            f"{', '.join(changes[i] for i in sorted(telling))}: the folder holds a run of another recipe; "
+            + (f"continue it with its own ({own}), or " if own else "") + "pick another --output-dir for this one")
 
 
 def _recipe_free_refusal(checkpoint: Path) -> str:

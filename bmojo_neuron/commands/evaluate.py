@@ -121,19 +121,20 @@ def check_vocabulary(model: Any, recipe: Any) -> None:
 def check_vocabulary_early(model_dir: Path, data_args: Sequence[str]) -> None:
     """`check_vocabulary` before torch loads, where files decide it: the model's vocabulary from its config.json,
     the data from its stored recipe and ``--data`` (`eval_recipe`, whose refusals come here too), when its ids
-    are counted without a tokenizer's files (MQAR's ``data.vocab_size``, the byte tokenizer's 256). Any other
-    tokenizer is counted after the load (`check_vocabulary`): counting it imports transformers."""
+    are counted without transformers (`data.data_vocabulary_from_files`: MQAR's ``data.vocab_size``, the byte
+    tokenizer's 256, a local tokenizer folder's tokenizer.json). Any other tokenizer is counted after the load
+    (`check_vocabulary`): counting it imports transformers."""
     from bmojo_neuron.checkpoints.state import stored_recipe
-    from bmojo_neuron.data import data_vocabulary
-    from bmojo_neuron.data.tokenizer import BYTE_TOKENIZER
+    from bmojo_neuron.data import data_vocabulary_from_files
 
     try:
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     except (OSError, ValueError, KeyError, TypeError):  # the loader says what is wrong with the folder
         return
     data = eval_recipe(stored_recipe(model_dir), list(data_args)).data
-    if isinstance(vocab, int) and (data.kind == "mqar" or (data.tokenizer or BYTE_TOKENIZER) == BYTE_TOKENIZER):
-        refuse_larger_vocabulary(data_vocabulary(data), vocab)
+    counted = data_vocabulary_from_files(data)
+    if isinstance(vocab, int) and counted is not None:
+        refuse_larger_vocabulary(counted, vocab)
 
 
 def refuse_larger_vocabulary(data: tuple[int, str], vocab: int) -> None:

@@ -92,7 +92,7 @@ def describe(job: TrialRun, args: argparse.Namespace, cache_url: str, cache_sour
         lines += ["", "on every node (Slurm):", f"  {srun}"]
     found = f"found at {tool}" if tool else "NOT on PATH (install torch-neuronx / neuronx-cc)"
     graph_check = shlex.join(["bmojo-neuron", "plan", plan.recipe, *plan.overrides, "--check-graph"])
-    lines += ["", "checks:", "  recipe, Trainium shapes, HBM estimate: ok", f"  {TOOL}: {found}",
+    lines += ["", "checks:", "  recipe, Trainium shapes, HBM estimate: ok", *tokenizer_lines(args), f"  {TOOL}: {found}",
               f"  the step graph against neuronx-cc's refusals: not run here (a minute or more, any machine): "
               f"{graph_check}",
               "", "afterwards, the real run (same nodes, recipe, overrides and NEURON_CC_FLAGS) uses the cache:",
@@ -100,6 +100,21 @@ def describe(job: TrialRun, args: argparse.Namespace, cache_url: str, cache_sour
     if plan.notes:
         lines += ["", "notes:", *(f"  - {n}" for n in plan.notes)]
     return "\n".join(lines)
+
+
+def tokenizer_lines(args: argparse.Namespace) -> list[str]:
+    """Where a text recipe's tokenizer comes from, and whether the trial run would download it (the line of
+    `train --dry-run`; a real precompile refuses one it can neither read here nor fetch before it starts)."""
+    from bmojo_neuron.data.tokenizer import tokenizer_source
+    from bmojo_neuron.recipes import load_recipe
+
+    data = load_recipe(args.recipe, list(args.overrides)).data
+    if data.kind != "text":
+        return []
+    try:
+        return [f"  tokenizer: {tokenizer_source(str(data.tokenizer or 'byte'))}"]
+    except ValueError as error:
+        return [f"  tokenizer: PROBLEM: {error}"]
 
 
 # ------------------------------------------------------------------ running

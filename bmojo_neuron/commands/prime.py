@@ -46,11 +46,21 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from bmojo_neuron.fsutil import check_new_output
+    from bmojo_neuron.priming.options import check_options, expand_pattern
+    from bmojo_neuron.priming.source_files import check_source_files
 
     if args.compare_tokens < 0:
         raise ValueError(f"--compare-tokens must be >= 0, got {args.compare_tokens}")
     overrides = parse_overrides(args.overrides)
-    check_new_output(Path(args.output).expanduser(), args.overwrite)  # before torch loads (seconds)
+    # What the folders, the files and the arguments show is refused before torch and transformers load (seconds):
+    # an OUTPUT that cannot be written, a SOURCE that is no checkpoint of a family prime reads or whose weights'
+    # headers are not what its config.json describes, an option that is no B'MOJO one, a pattern that does not
+    # fit the source's layers.
+    check_new_output(Path(args.output).expanduser(), args.overwrite)
+    config = check_source_files(args.source)
+    check_options(overrides)
+    layers = config.get("num_hidden_layers")
+    expand_pattern(args.pattern, layers if isinstance(layers, int) and layers > 0 else len(args.pattern))
     from bmojo_neuron.priming import prime
     from bmojo_neuron.priming.compare import compare_with_source
 

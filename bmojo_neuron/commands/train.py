@@ -340,9 +340,10 @@ def check_runs_early(recipe: Any, args: argparse.Namespace) -> list[tuple[Any, P
     """The runs of the recipe (`recipe_runs.plan_runs`), each checked, and the refusals that read only files:
     an output folder that may not take them or that a file stands in, without ``--resume`` a run directory that
     already holds a run, with it a checkpoint whose recipe differs (`preflight.check_resumable`), and a text
-    run's tokenizer that can be neither read here nor fetched (`data.text.check_build_tokenizer`). All before
-    torch loads (seconds). A directory a live run holds is left to the lock, whose refusal names the process; the check
-    after taking the lock is the one that counts."""
+    run's tokenizer that can be neither read here nor fetched (`data.text.check_build_tokenizer`) or that counts
+    more ids than the model has (`check_vocabulary_fits`). All before torch loads (seconds). A directory a live
+    run holds is left to the lock, whose refusal names the process; the check after taking the lock is the one
+    that counts."""
     from bmojo_neuron.checkpoints.layout import has_run
     from bmojo_neuron.data.text import check_build_tokenizer
     from bmojo_neuron.locking import exclusive_holder
@@ -363,7 +364,24 @@ def check_runs_early(recipe: Any, args: argparse.Namespace) -> list[tuple[Any, P
         check_resumable(runs)
     for variant, _ in runs:
         check_build_tokenizer(variant.data)
+        check_vocabulary_fits(variant)
     return runs
+
+
+def check_vocabulary_fits(recipe: Any) -> None:
+    """ValueError when the text data's token ids, where files count them without transformers (a local tokenizer
+    folder's tokenizer.json: `data.data_vocabulary_from_files`), reach past the model's vocabulary, which would
+    stop the run at its first step with an index error; the byte tokenizer is the recipe's own check."""
+    from bmojo_neuron.data import data_vocabulary_from_files
+
+    if recipe.data.kind != "text":
+        return
+    counted = data_vocabulary_from_files(recipe.data)
+    vocab = recipe.model_fields().vocab_size
+    if counted is not None and counted[0] > vocab:
+        raise ValueError(f"recipe key model.vocab_size: is {vocab}, smaller than the {counted[0]} ids of "
+                         f"data.tokenizer {recipe.data.tokenizer!r} (its tokenizer.json); the embedding needs a row "
+                         "for every id")
 
 
 def used_dir_refusal(run_dir: Path) -> str:

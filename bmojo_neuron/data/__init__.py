@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from bmojo_neuron.data.build_progress import BuildProgress
 from bmojo_neuron.data.mqar import IGNORE_INDEX, generate_mqar, mqar_accuracy
 from bmojo_neuron.data.text import library_progress_bars, load_text_dataset
-from bmojo_neuron.data.tokenizer import ByteTokenizer, load_tokenizer
+from bmojo_neuron.data.tokenizer import BYTE_TOKENIZER, ByteTokenizer, load_tokenizer, vocabulary_in_files
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -62,6 +62,15 @@ def data_vocabulary(data: MqarDataSection | TextDataSection) -> tuple[int, str]:
     return size, f"tokenizer {data.tokenizer!r}, {size} ids"
 
 
+def data_vocabulary_from_files(data: MqarDataSection | TextDataSection) -> tuple[int, str] | None:
+    """`data_vocabulary` where no tokenizer need load (no transformers): MQAR's, the byte tokenizer's, and a local
+    tokenizer folder's lower bound (`tokenizer.vocabulary_in_files`); None for any other tokenizer."""
+    if data.kind == "mqar" or (data.tokenizer or BYTE_TOKENIZER) == BYTE_TOKENIZER:
+        return data_vocabulary(data)
+    size = vocabulary_in_files(str(data.tokenizer))
+    return None if size is None else (size, f"tokenizer {data.tokenizer!r}, {size} ids")
+
+
 def _mqar(recipe: Recipe, examples: int, seed: int, multiplier: int, spacings: list[int] | None = None) -> Dataset:
     """`examples` MQAR rows at `multiplier` times the training length, stretched by it; `spacings`
     (at multiplier 1: the training set's ``data.train_spacings``) mixes stretches row by row instead."""
@@ -99,6 +108,7 @@ __all__ = [
     "build_datasets",
     "build_eval_dataset",
     "data_vocabulary",
+    "data_vocabulary_from_files",
     "generate_mqar",
     "library_progress_bars",
     "load_tokenizer",

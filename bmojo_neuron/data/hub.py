@@ -22,6 +22,9 @@ from pathlib import Path
 HUB_LOOKUP_TIMEOUT = 5.0
 
 
+OFFLINE = "offline mode is on: HF_HUB_OFFLINE is set"
+
+
 class NotOnHub(LookupError):
     """The hub has no such repository (or it is private and this machine is not logged in)."""
 
@@ -33,10 +36,16 @@ class HubUnreachable(ConnectionError):
 def look_up_on_hub(name: str, repo_type: str) -> None:
     """Ask the hub once whether repository `name` (``repo_type`` ``"model"`` or ``"dataset"``) exists.
 
-    Raises `NotOnHub`, or `HubUnreachable` whose message is the transport's error (``"<type>: <message>"``).
+    Raises `NotOnHub`, or `HubUnreachable` whose message is the transport's error (``"<type>: <message>"``). In
+    offline mode (``HF_HUB_OFFLINE``, as huggingface_hub read it) nothing is asked: huggingface_hub would refuse
+    the request all the same, after building an HTTP client and its TLS context (tens of milliseconds).
     """
     import huggingface_hub
+    from huggingface_hub import constants
     from huggingface_hub.errors import RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        raise HubUnreachable(OFFLINE)
 
     try:
         huggingface_hub.repo_info(name, repo_type=repo_type, timeout=HUB_LOOKUP_TIMEOUT)

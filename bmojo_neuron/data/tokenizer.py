@@ -7,6 +7,7 @@ as the end-of-document token ``eos_token_id = 0`` placed between packed document
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -59,7 +60,7 @@ def load_tokenizer(name_or_path: str) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a malformed file
         raise ValueError(
             f"data.tokenizer {name_or_path!r}: not 'byte' and not loadable as a Hugging Face tokenizer "
             f"(a local folder with tokenizer files, or a hub name when online): {err}"
@@ -139,6 +140,35 @@ def tokenizer_source(name_or_path: str) -> str:
     return (f"{name_or_path}: not in the local Hugging Face cache, so the run downloads it from the hub when it "
             f"starts (offline it stops there); fetch it ahead with `hf download {name_or_path}` where the ranks' "
             "HF_HOME can read it, or set data.tokenizer to a folder with its files")
+
+
+def vocabulary_in_files(name_or_path: str) -> int | None:
+    """How many token ids the local tokenizer folder `name_or_path` has at least, read from its files without
+    transformers (whose import costs seconds): the distinct tokens of tokenizer.json's model vocabulary and added
+    tokens, and of tokenizer_config.json's ``added_tokens_decoder``. None when it is not a local folder with a
+    readable tokenizer.json (a slow tokenizer's files, a hub name): `load_tokenizer` counts those.
+
+    `len()` of the loaded tokenizer is the number of distinct tokens of its vocabulary with the added ones
+    (transformers 5.25.0 tokenization_utils_tokenizers.py ``__len__``: ``get_vocab_size(with_added_tokens=True)``
+    of the tokenizers library). Loading may add more (special tokens missing from the vocabulary), never fewer,
+    so a count from the files that is already too large for a model is a refusal the load would make too."""
+    folder = Path(name_or_path).expanduser()
+    try:
+        document = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+        vocab = document["model"]["vocab"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    tokens = set(vocab) if isinstance(vocab, dict) else {entry[0] for entry in vocab if isinstance(entry, list)}
+    tokens |= {entry.get("content") for entry in document.get("added_tokens") or [] if isinstance(entry, dict)}
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        added = config.get("added_tokens_decoder") or {}
+    except (OSError, ValueError, AttributeError):
+        added = {}
+    if isinstance(added, dict):
+        tokens |= {entry.get("content") for entry in added.values() if isinstance(entry, dict)}
+    tokens.discard(None)
+    return len(tokens)
 
 
 def encode_batch(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:

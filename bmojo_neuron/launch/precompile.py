@@ -56,6 +56,7 @@ def plan_trial_run(recipe_name: str, overrides: Sequence[str], *, nodes: int, in
     if steps < 1:
         raise ValueError(f"--steps is {steps}; must be >= 1")
     recipe = load_recipe(recipe_name, list(overrides))
+    check_data(recipe, tokenizer_too=strict)  # files and names only: before the plan builds the model (seconds)
     plan = build_plan(recipe, recipe_name, list(overrides), nodes=nodes, instance=instance,
                       cache_dir=cache_url, master_port=master_port)
     if output_dir:
@@ -63,7 +64,6 @@ def plan_trial_run(recipe_name: str, overrides: Sequence[str], *, nodes: int, in
     run_dir = Path(output_dir) if output_dir else scratch_dir(recipe, nodes, environ)
     extra = trial_overrides(steps, run_dir)
     load_recipe(recipe_name, [*overrides, *extra])  # the trial run's recipe must load too
-    check_data(recipe)
     check_cache_dir(cache_url, nodes)
     base = launch_argv(plan, environ, strict=strict)
     first_node = plan.nodes == 1 or base[base.index("--node-rank") + 1] == "0"
@@ -105,19 +105,22 @@ def launch_argv(plan: Any, environ: Any, strict: bool = True) -> list[str]:
     return [master if a == "$MASTER_ADDR" else rank if a == "$NODE_RANK" else a for a in argv]
 
 
-def check_data(recipe: Any) -> None:
-    """The trial run's text data.path, checked as `train` checks it before torch loads (`data.text.check_source`:
-    there, and at a glance text the build takes), so a missing or unreadable source fails here, not minutes into
-    the trial run."""
+def check_data(recipe: Any, tokenizer_too: bool = True) -> None:
+    """The trial run's text data, checked as `train` checks it before torch loads, so that what would stop the
+    trial run fails here, not minutes into it: data.path (`data.text.check_source`: there, and at a glance text
+    the build takes) and, with `tokenizer_too`, a tokenizer the run needs and can neither read here nor fetch
+    (`data.text.check_build_tokenizer`; a dry run names where it comes from instead, as `train --dry-run` does)."""
     if recipe.data.kind != "text" or not recipe.data.path:
         return
-    from bmojo_neuron.data.text import check_source
+    from bmojo_neuron.data.text import check_build_tokenizer, check_source
 
     try:
         check_source(str(Path(recipe.data.path).expanduser()), recipe.data.text_column)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"recipe key {exc}; set data.path=<your data> (the trn1 recipes ship a "
                                 "placeholder) and prepare it with `bmojo-neuron data prepare`") from None
+    if tokenizer_too:
+        check_build_tokenizer(recipe.data)
 
 
 def check_cache_dir(url: str, nodes: int = 1) -> None:

@@ -8,7 +8,6 @@ that `generate`, `eval` and the training recipes read.
 
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 import uuid
@@ -19,10 +18,11 @@ from typing import Any, Mapping
 import torch
 
 from ..checkpoints.export import quiet_transformers
-from ..configuration_bmojo import LAYER_KINDS, BMojoConfig
+from ..configuration_bmojo import BMojoConfig
 from ..fsutil import check_new_output, publish_dir
 from ..modeling_bmojo import BMojoForCausalLM
 from .mapping import SSM_INITS, attention_ssm_mismatch, new_weights, seeded_paths, shared_weights
+from .options import check_options, expand_pattern
 from .source import SourceModel, copy_tokenizer_files, load_source_weights, read_source
 
 RUN_INFO_FILE = "bmojo_run.json"  # the run-info file every exported model carries (tokenizer, recipe, ...)
@@ -36,41 +36,14 @@ class PrimedModel:
     report: dict[str, Any]
 
 
-def expand_pattern(pattern: str, layers: int) -> str:
-    """`pattern` itself when it has one letter per layer, else repeated when its length divides `layers`."""
-    bad = sorted(set(pattern) - set(LAYER_KINDS))
-    if not pattern or bad:
-        raise ValueError(f"--pattern {pattern!r}: use the letters {''.join(LAYER_KINDS)} (one per layer, or a "
-                         f"group repeated over the {layers} layers)")
-    if len(pattern) == layers:
-        return pattern
-    if layers % len(pattern):
-        raise ValueError(f"--pattern {pattern!r} has {len(pattern)} letters; the source has {layers} layers, "
-                         "so give one letter per layer or a group whose length divides it")
-    return pattern * (layers // len(pattern))
-
-
 def primed_config(source: SourceModel, pattern: str, overrides: Mapping[str, Any] | None = None) -> BMojoConfig:
     """The B'MOJO config of `source` primed with layer `pattern` and B'MOJO-specific `overrides`."""
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(config_field_names()))
-    if unknown:
-        raise ValueError(f"{unknown[0]}={overrides[unknown[0]]!r}: not a B'MOJO option (BMojoConfig field); "
-                         "docs/priming.md lists the ones a primed model takes")
     fixed = source.config_fields()
-    clash = sorted(set(overrides) & (set(fixed) | {"layer_pattern", "num_hidden_layers"}))
-    if clash:
-        raise ValueError(f"{clash[0]}={overrides[clash[0]]!r}: comes from the source checkpoint"
-                         + (" (use --pattern)" if clash[0] == "layer_pattern" else "") + " and cannot be set")
+    check_options(overrides, set(fixed) | {"layer_pattern", "num_hidden_layers"})
     fields = {**default_bmojo_fields(source), **overrides, **fixed,
               "layer_pattern": expand_pattern(pattern, source.num_layers)}
     return BMojoConfig(**fields)
-
-
-def config_field_names() -> list[str]:
-    """The keyword arguments of `BMojoConfig` (the keys a recipe's model section and `prime` accept)."""
-    params = inspect.signature(BMojoConfig.__init__).parameters.values()
-    return [p.name for p in params if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
 
 
 def default_bmojo_fields(source: SourceModel) -> dict[str, Any]:

@@ -16,7 +16,6 @@ q/k RMSNorms, and Mistral / Qwen sliding windows (recorded per layer, see
 
 from __future__ import annotations
 
-import json
 import pickle
 import shutil
 from dataclasses import dataclass, field
@@ -26,11 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+from .source_files import (SUPPORTED_TYPES, SourceSizes, check_head_dim, check_layout, llama_names, raw_config,
+                           refuse_unsupported, unreadable_weights, weight_files)
+
 ROPE_TYPES = ("default", "linear", "llama3")
-MAX_HEAD_DIM = 128
-SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
-TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -100,21 +98,12 @@ def copy_tokenizer_files(source: Path, folder: Path, replace: bool = True) -> bo
 def read_source(path: str | Path) -> SourceModel:
     """Check and describe the checkpoint in the local directory `path`."""
     path = Path(path).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"source {path}: not a local directory (prime reads a Hugging Face checkpoint folder)")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"source {path}: no config.json (not a Hugging Face checkpoint folder)")
     config = _load_config(path)
-    model_type = config.get("model_type")
-    if model_type == "bmojo":
-        raise ValueError(f"source {path}: is already a B'MOJO checkpoint; prime reads a transformer")
-    if model_type not in SUPPORTED_TYPES:
-        raise ValueError(f"source {path}: model_type {model_type!r} is not supported; prime reads "
-                         f"{', '.join(SUPPORTED_TYPES)} checkpoints")
-    _refuse_unsupported(path, config)
+    model_type = config["model_type"]
+    refuse_unsupported(path, config)
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    _check_head_dim(path, head_dim)
+    check_head_dim(path, head_dim)
     theta, scaling = _rope(path, config)
     attention_bias = bool(config.get("attention_bias", False))
     return SourceModel(
@@ -145,41 +134,15 @@ def _load_config(path: Path) -> dict[str, Any]:
     from huggingface_hub.errors import StrictDataclassError  # transformers' config validation errors
     from transformers import AutoConfig
 
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"source {path}: config.json is not readable JSON: {err}") from None
-    if raw.get("model_type") not in SUPPORTED_TYPES:
-        return raw
+    raw = raw_config(path)
     if isinstance(raw.get("head_dim"), int):  # transformers refuses some (odd) with its own, longer message
-        _check_head_dim(path, raw["head_dim"])
+        check_head_dim(path, raw["head_dim"])
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True).to_dict()
     except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as err:
         message = " ".join(str(err).split())  # transformers' validation messages span several lines
         raise ValueError(f"source {path}: config.json could not be read as a {raw['model_type']} config: "
                          f"{message}") from None
-
-
-def _check_head_dim(path: Path, head_dim: int) -> None:
-    """Refuse a head_dim B'MOJO's kernels do not take (rotary pairs need it even; one tile holds 128)."""
-    if head_dim > MAX_HEAD_DIM or head_dim % 2:
-        raise ValueError(f"source {path}: head_dim {head_dim} is not supported (B'MOJO needs an even head_dim "
-                         f"<= {MAX_HEAD_DIM}, one Trainium partition tile)")
-
-
-def _refuse_unsupported(path: Path, config: dict[str, Any]) -> None:
-    act = config.get("hidden_act", "silu")
-    problems = [
-        (act != "silu", f"hidden_act {act!r} (B'MOJO's MLP is SwiGLU: silu)"),
-        (bool(config.get("mlp_bias")), "mlp_bias true (B'MOJO's MLP has no biases)"),
-        (config.get("quantization_config") is not None, "quantized weights (quantization_config); "
-                                                        "prime a full-precision checkpoint"),
-        (config.get("num_experts") or config.get("num_local_experts"), "mixture-of-experts layers"),
-    ]
-    for bad, what in problems:
-        if bad:
-            raise ValueError(f"source {path}: {what} is not supported")
 
 
 def _rope(path: Path, config: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -221,59 +184,16 @@ def _sliding_windows(config: dict[str, Any]) -> list[int | None]:
 
 def load_source_weights(source: SourceModel, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """Every tensor of the checkpoint, named ``model.…`` / ``lm_head.weight`` as in `LlamaForCausalLM`, in `dtype`;
-    a tensor whose shape is not the one config.json implies is refused, naming it."""
-    files = _weight_files(source.path)
+    weights that config.json does not describe (a shape, a missing tensor, another layer count) are refused,
+    naming what differs (`source_files.check_layout`)."""
     tensors: dict[str, Tensor] = {}
-    for file in files:
+    for file in weight_files(source.path):
         tensors.update(_read_weight_file(file))
-    if tensors and not any(name.startswith("model.") for name in tensors):  # saved from the bare decoder
-        tensors = {(n if n == "lm_head.weight" else f"model.{n}"): t for n, t in tensors.items()}
-    _check_shapes(source, tensors)
+    tensors = {llama: tensors[name] for name, llama in llama_names(tensors).items()}
+    sizes = SourceSizes(source.vocab_size, source.hidden_size, source.intermediate_size, source.num_layers,
+                        source.num_heads, source.num_kv_heads, source.head_dim)
+    check_layout(source.path, sizes, {name: tuple(t.shape) for name, t in tensors.items()})
     return {name: t.to(dtype) for name, t in tensors.items()}
-
-
-def expected_shapes(source: SourceModel) -> dict[str, tuple[int, ...]]:
-    """The shape config.json implies for each tensor priming reads (Llama names; biases and q/k norms included
-    whether or not the source has them: only the names present are compared)."""
-    d, inner = source.hidden_size, source.intermediate_size
-    q, kv = source.num_heads * source.head_dim, source.num_kv_heads * source.head_dim
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (source.vocab_size, d), "lm_head.weight": (source.vocab_size, d),
-        "model.norm.weight": (d,),
-    }
-    per_layer = {
-        "input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,),
-        "mlp.gate_proj.weight": (inner, d), "mlp.up_proj.weight": (inner, d), "mlp.down_proj.weight": (d, inner),
-        "self_attn.q_proj.weight": (q, d), "self_attn.k_proj.weight": (kv, d), "self_attn.v_proj.weight": (kv, d),
-        "self_attn.o_proj.weight": (d, q), "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
-        "self_attn.v_proj.bias": (kv,), "self_attn.o_proj.bias": (d,),
-        "self_attn.q_norm.weight": (source.head_dim,), "self_attn.k_norm.weight": (source.head_dim,),
-    }
-    for i in range(source.num_layers):
-        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
-    return shapes
-
-
-def _check_shapes(source: SourceModel, tensors: dict[str, Tensor]) -> None:
-    """Refuse weights whose shapes are not the ones config.json describes (an edited or mismatched config)."""
-    for name, shape in expected_shapes(source).items():
-        if name in tensors and tuple(tensors[name].shape) != shape:
-            raise ValueError(f"source {source.path}: {name} has shape {tuple(tensors[name].shape)} in the weights, "
-                             f"but config.json implies {shape}; the config does not describe these weights")
-
-
-def _weight_files(path: Path) -> list[Path]:
-    for single, index in ((SAFETENSORS, SAFETENSORS_INDEX), (TORCH_BIN, TORCH_BIN_INDEX)):
-        if (path / single).is_file():
-            return [path / single]
-        if (path / index).is_file():
-            shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (path / s).is_file()]
-            if missing:
-                raise FileNotFoundError(f"source {path}: {index} names missing files: {', '.join(missing)}")
-            return [path / s for s in shards]
-    raise FileNotFoundError(f"source {path}: no weights ({SAFETENSORS}, {SAFETENSORS_INDEX}, {TORCH_BIN} "
-                            f"or {TORCH_BIN_INDEX})")
 
 
 def _read_weight_file(file: Path) -> dict[str, Tensor]:
@@ -286,6 +206,4 @@ def _read_weight_file(file: Path) -> dict[str, Tensor]:
             return load_file(str(file))
         return torch.load(file, map_location="cpu", weights_only=True)
     except (SafetensorError, EOFError, RuntimeError, pickle.UnpicklingError) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        raise ValueError(f"source {file.parent}: {file.name} is not a readable weight file ({message}); "
-                         "is it complete?") from None
+        raise unreadable_weights(file, " ".join(str(err).split()) or type(err).__name__) from None
