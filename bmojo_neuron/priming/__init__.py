@@ -1,8 +1,9 @@
 """Priming: start a B'MOJO model from a pretrained transformer (Llama, Mistral, Qwen2, Qwen3).
 
 `source_files` reads a local Hugging Face checkpoint folder's files (config.json, safetensors headers) and
-`options` checks the pattern and options asked for, both without torch; `source` reads and checks its config and weights, `mapping` says where every weight of the primed model
-comes from (copied, seeded from the attention, or initialised), and `prime` builds and writes the primed model.
+`options` checks the pattern and options asked for, both without torch; `source` reads and checks its config
+and weights, `mapping` says where every weight of the primed model comes from (copied, seeded from the
+attention, or initialised), and `primed` builds and writes the primed model.
 docs/priming.md has the weight map, the initialisation choices and the stages that follow (distillation,
 fine-tuning).
 """
@@ -10,8 +11,6 @@ fine-tuning).
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 # public name -> the submodule that defines it. They load on first use (PEP 562), so that `source_files` imports
@@ -19,15 +18,15 @@ from typing import TYPE_CHECKING, Any
 _LAZY = {
     "SSM_INITS": "mapping",
     "SUPPORTED_TYPES": "source_files",
-    "PrimedModel": "prime",
+    "PrimedModel": "primed",
     "SourceModel": "source",
     "attention_ssm_mismatch": "mapping",
     "check_source_files": "source_files",
     "expand_pattern": "options",
     "load_source_weights": "source",
-    "prime": "prime",
-    "prime_model": "prime",
-    "primed_config": "prime",
+    "prime": "primed",
+    "prime_model": "primed",
+    "primed_config": "primed",
     "read_source": "source",
     "ssm_from_attention": "mapping",
 }
@@ -35,7 +34,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from .mapping import SSM_INITS, attention_ssm_mismatch, ssm_from_attention
     from .options import expand_pattern
-    from .prime import PrimedModel, prime, prime_model, primed_config
+    from .primed import PrimedModel, prime, prime_model, primed_config
     from .source import SourceModel, load_source_weights, read_source
     from .source_files import SUPPORTED_TYPES, check_source_files
 
@@ -47,20 +46,6 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
-
-
-class _Package(types.ModuleType):
-    """This package, except that a public name stays the function it names when a submodule of the same name
-    loads (`prime`): the import system sets each loaded submodule as an attribute of its package, which would
-    otherwise put the submodule `prime` where `from bmojo_neuron.priming import prime` expects the function."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return  # `__getattr__` finds the function in the submodule when it is asked for
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 __all__ = sorted(_LAZY)

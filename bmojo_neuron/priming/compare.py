@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..checkpoints.export import quiet_transformers
-from .prime import PrimedModel
+from .primed import PrimedModel
 
 
 def relative_difference(reference: torch.Tensor, other: torch.Tensor) -> float:

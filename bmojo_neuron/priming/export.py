@@ -22,7 +22,7 @@ from ..config_fields import transformer_family
 from ..fsutil import check_new_output, publish_dir
 from ..modeling_bmojo import BMojoForCausalLM
 from .mapping import ATTENTION, LAYER_NORMS, MLP, QK_NORMS
-from .prime import RUN_INFO_FILE
+from .primed import RUN_INFO_FILE
 from .source import copy_tokenizer_files
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .source_files import (SUPPORTED_TYPES, SourceSizes, check_head_dim, check_layout, llama_names, raw_config,
+from .source_files import (SourceSizes, check_head_dim, check_layout, llama_names, raw_config,
                            refuse_unsupported, unreadable_weights, weight_files)
 
 ROPE_TYPES = ("default", "linear", "llama3")
