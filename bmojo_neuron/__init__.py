@@ -13,11 +13,11 @@ does it explicitly.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from . import auto_registration
 from ._version import __version__
+from .lazy_exports import lazy_getattr
 
 # public name -> the submodule that defines it
 _LAZY = {
@@ -34,14 +34,8 @@ if TYPE_CHECKING:
     from .modeling_bmojo import BMojoForCausalLM, BMojoModel, BMojoPreTrainedModel
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'bmojo_neuron' has no attribute {name!r}")
-    importlib.import_module(".modeling_bmojo", __name__)  # with the Auto classes it imports, "bmojo" registers
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+# modeling_bmojo first: with the Auto classes it imports, "bmojo" registers
+__getattr__ = lazy_getattr(__name__, _LAZY, globals(), first="modeling_bmojo")
 
 
 def register_auto_classes() -> None:

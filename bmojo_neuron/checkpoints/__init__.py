@@ -21,8 +21,9 @@ docs/training.md for the run directory and docs/parallel.md for the sharded form
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy_exports import lazy_getattr
 
 # public name -> the submodule that defines it. They load on first use (PEP 562), so that the modules that only
 # read folders (`names`, `layout`, `manifest`, `locate`) import without torch: a command refuses a path that is
@@ -55,13 +56,7 @@ if TYPE_CHECKING:
     from .state import Checkpoint, TrainerState
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 __all__ = [

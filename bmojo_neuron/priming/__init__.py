@@ -10,8 +10,9 @@ fine-tuning).
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy_exports import lazy_getattr
 
 # public name -> the submodule that defines it. They load on first use (PEP 562), so that `source_files` imports
 # without torch: `prime` refuses a source folder its files show wrong before torch and transformers load.
@@ -39,13 +40,7 @@ if TYPE_CHECKING:
     from .source_files import SUPPORTED_TYPES, check_source_files
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 __all__ = sorted(_LAZY)
