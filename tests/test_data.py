@@ -528,6 +528,75 @@ def test_a_local_tokenizer_folder_is_counted_from_its_files_as_transformers_coun
     assert vocabulary_in_files("someone/tokenizer") is None
 
 
+def _generic_tokenizer(folder: Path, config: dict | None, special_tokens_map: dict | None = None) -> None:
+    """A 40-token WordLevel tokenizer.json with `config` as its tokenizer_config.json (none for None) and
+    `special_tokens_map` as its special_tokens_map.json (none for None)."""
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": None, "decoder": None,
+        "model": {"type": "WordLevel", "unk_token": "w0", "vocab": {f"w{i}": i for i in range(40)}}}))
+    for name, document in (("tokenizer_config.json", config), ("special_tokens_map.json", special_tokens_map)):
+        if document is not None:
+            (folder / name).write_text(json.dumps(document))
+
+
+GENERIC = {"tokenizer_class": "TokenizersBackend"}
+
+
+@pytest.mark.parametrize("config, special_tokens_map, decided", [
+    (GENERIC, None, False),
+    ({"tokenizer_class": "PreTrainedTokenizerFast"}, {"pad_token": "w1"}, False),
+    ({**GENERIC, "eos_token": "w5"}, None, True),
+    ({**GENERIC, "eos_token": "</s>"}, None, True),  # not in the vocabulary: the load adds it
+    (GENERIC, {"eos_token": "w5"}, True),
+    ({**GENERIC, "added_tokens_decoder": {}}, {"eos_token": "w5"}, False),  # the map is not read then
+    ({"tokenizer_class": "LlamaTokenizer"}, None, None),  # the class's own default eos
+    (None, None, None),
+], ids=["none", "pad-only", "config", "config-new-token", "special-map", "map-ignored", "model-class", "no-config"])
+def test_whether_a_tokenizer_has_an_eos_is_read_from_its_files_as_transformers_reads_them(
+        tmp_path, config, special_tokens_map, decided):
+    """`eos_named_in_files` says whether the loaded tokenizer will have an eos id, without transformers, wherever
+    the files decide it (a generic tokenizer class); where they do not (a model's own class, which may default
+    one, or no tokenizer_config.json) it says None and the load decides."""
+    from transformers import AutoTokenizer
+
+    from bmojo_neuron.data.tokenizer import eos_named_in_files
+
+    _generic_tokenizer(tmp_path / "tok", config, special_tokens_map)
+    assert eos_named_in_files(str(tmp_path / "tok")) is decided
+    if decided is not None:
+        assert (AutoTokenizer.from_pretrained(str(tmp_path / "tok")).eos_token_id is not None) is decided
+
+
+def test_a_hub_tokenizer_in_the_local_cache_is_read_from_its_files(tmp_path, monkeypatch):
+    """A hub name whose tokenizer is in the local Hugging Face cache is counted (`vocabulary_in_files`) and its eos
+    read (`eos_named_in_files`) from the cached files, as a local folder's are; a file the cache never fetched
+    leaves the answer to the load (None)."""
+    from huggingface_hub import constants
+    from transformers import AutoTokenizer
+
+    from bmojo_neuron.data.tokenizer import eos_named_in_files, vocabulary_in_files
+
+    repo = tmp_path / "hub" / "models--someone--tok"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.parent.mkdir(parents=True)
+    _word_level_tokenizer(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert vocabulary_in_files("someone/tok") == len(AutoTokenizer.from_pretrained(str(snapshot))) == 43
+    assert eos_named_in_files("someone/tok") is True
+    _generic_tokenizer(tmp_path / "noeos", GENERIC)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (snapshot / name).write_text((tmp_path / "noeos" / name).read_text())
+    assert eos_named_in_files("someone/tok") is None  # special_tokens_map.json is not in the cache
+    (repo / ".no_exist" / ("0" * 40)).mkdir(parents=True)
+    (repo / ".no_exist" / ("0" * 40) / "special_tokens_map.json").write_text("")  # the hub said it has none
+    assert eos_named_in_files("someone/tok") is False
+    assert vocabulary_in_files("someone/other") is None and eos_named_in_files("someone/other") is None
+
+
 def test_a_malformed_tokenizer_json_is_one_error_naming_the_tokenizer(tmp_path):
     """The tokenizers library refuses a tokenizer.json with a field missing by raising a bare Exception: it is the
     ``data.tokenizer`` error all the same, not a traceback."""

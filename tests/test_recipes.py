@@ -245,6 +245,23 @@ def test_bad_overrides(override: str, match: str) -> None:
         load_recipe("cpu-tiny", [override])
 
 
+def test_libyaml_reads_every_bundled_recipe_as_pyyaml_does() -> None:
+    """`parse_yaml` reads recipes with libyaml's parser where PyYAML has it: every bundled recipe is the same
+    document as PyYAML's own parser makes of it, ``3e-4`` a float in both (a refusal is PyYAML's own message: the
+    not-valid-YAML tests)."""
+    import yaml
+
+    from bmojo_neuron import recipes
+
+    files = sorted(Path(recipes.__file__).resolve().parents[1].joinpath("recipes").rglob("*.yaml"))
+    assert len(files) >= 5
+    for file in files:
+        text = file.read_text(encoding="utf-8")
+        assert recipes.parse_yaml(text) == yaml.load(text, Loader=recipes._Loader), file
+    assert recipes.parse_yaml("lr: 3e-4\nbetas: [0.9, 1e-2]") == {"lr": 3e-4, "betas": [0.9, 1e-2]}
+    assert recipes._LibyamlLoader.__mro__[1] is getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def test_a_recipe_file_that_is_not_yaml_is_one_line_naming_where(tmp_path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("run: {name: x}\ntrain: {steps: 5\n")

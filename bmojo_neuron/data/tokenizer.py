@@ -7,6 +7,7 @@ as the end-of-document token ``eos_token_id = 0`` placed between packed document
 
 from __future__ import annotations
 
+import enum
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -142,33 +143,107 @@ def tokenizer_source(name_or_path: str) -> str:
             "HF_HOME can read it, or set data.tokenizer to a folder with its files")
 
 
+class NotHere(enum.Enum):
+    """Why `tokenizer_file` has no path: the tokenizer has no such file, or this machine cannot tell."""
+
+    ABSENT = "absent"
+    UNKNOWN = "unknown"
+
+
+def tokenizer_file(name_or_path: str, file: str) -> Path | NotHere:
+    """The tokenizer's file `file` on this machine, found without transformers (whose import costs seconds): in
+    the local folder `name_or_path`, or for a hub name, in the local Hugging Face cache (the snapshot
+    `load_tokenizer` reads offline). ABSENT when the folder lacks it or the cache recorded that the repository has
+    none; UNKNOWN for a hub file never fetched, or a name that is neither."""
+    folder = Path(name_or_path).expanduser()
+    if folder.exists():
+        return folder / file if (folder / file).is_file() else NotHere.ABSENT
+    if not may_be_hub_name(name_or_path, bare=True):
+        return NotHere.UNKNOWN
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(name_or_path, file)
+    except ValueError:  # a name the hub's validation refuses: `check_tokenizer_reachable` says so
+        return NotHere.UNKNOWN
+    if isinstance(cached, str):
+        return Path(cached)
+    return NotHere.UNKNOWN if cached is None else NotHere.ABSENT
+
+
+def _json_object(location: Path | NotHere) -> dict[str, Any] | None:
+    """The JSON object in the file at `location`; None when there is none or it is not one (the load says why)."""
+    if isinstance(location, NotHere):
+        return None
+    try:
+        document = json.loads(location.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return document if isinstance(document, dict) else None
+
+
 def vocabulary_in_files(name_or_path: str) -> int | None:
-    """How many token ids the local tokenizer folder `name_or_path` has at least, read from its files without
-    transformers (whose import costs seconds): the distinct tokens of tokenizer.json's model vocabulary and added
-    tokens, and of tokenizer_config.json's ``added_tokens_decoder``. None when it is not a local folder with a
-    readable tokenizer.json (a slow tokenizer's files, a hub name): `load_tokenizer` counts those.
+    """How many token ids the tokenizer `name_or_path` has at least, read from its files without transformers
+    (`tokenizer_file`: a local folder, or a hub name in the local Hugging Face cache): the distinct tokens of
+    tokenizer.json's model vocabulary and added tokens, and of tokenizer_config.json's ``added_tokens_decoder``.
+    None without a readable tokenizer.json here (a slow tokenizer's files, a hub name not in the cache):
+    `load_tokenizer` counts those.
 
     `len()` of the loaded tokenizer is the number of distinct tokens of its vocabulary with the added ones
     (transformers 5.25.0 tokenization_utils_tokenizers.py ``__len__``: ``get_vocab_size(with_added_tokens=True)``
     of the tokenizers library). Loading may add more (special tokens missing from the vocabulary), never fewer,
     so a count from the files that is already too large for a model is a refusal the load would make too."""
-    folder = Path(name_or_path).expanduser()
+    document = _json_object(tokenizer_file(name_or_path, "tokenizer.json"))
     try:
-        document = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-        vocab = document["model"]["vocab"]
-    except (OSError, ValueError, KeyError, TypeError):
+        vocab = document["model"]["vocab"]  # a WordLevel/BPE/WordPiece map, or a Unigram list of [piece, score]
+        tokens = set(vocab) if isinstance(vocab, dict) else {entry[0] for entry in vocab if isinstance(entry, list)}
+        tokens |= {entry.get("content") for entry in document.get("added_tokens") or [] if isinstance(entry, dict)}
+    except (KeyError, TypeError, IndexError):  # no document, or not a tokenizer.json: the load says what is wrong
         return None
-    tokens = set(vocab) if isinstance(vocab, dict) else {entry[0] for entry in vocab if isinstance(entry, list)}
-    tokens |= {entry.get("content") for entry in document.get("added_tokens") or [] if isinstance(entry, dict)}
-    try:
-        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-        added = config.get("added_tokens_decoder") or {}
-    except (OSError, ValueError, AttributeError):
-        added = {}
+    config = _json_object(tokenizer_file(name_or_path, "tokenizer_config.json")) or {}
+    added = config.get("added_tokens_decoder") or {}
     if isinstance(added, dict):
         tokens |= {entry.get("content") for entry in added.values() if isinstance(entry, dict)}
     tokens.discard(None)
     return len(tokens)
+
+
+# Tokenizer classes with no special tokens of their own: the tokenizers library's generic backend, and the name
+# transformers before 5 saved it under. A model's own class may give a default (transformers 5.25.0
+# LlamaTokenizer's eos "</s>"), so only with one of these do the files alone decide whether there is an eos.
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def eos_named_in_files(name_or_path: str) -> bool | None:
+    """Whether the tokenizer `name_or_path` has an eos token, read from its files without transformers
+    (`tokenizer_file`); None when the files do not decide it (no tokenizer_config.json here, a tokenizer class
+    that is not generic, a hub file not in the cache).
+
+    As transformers 5.25.0 reads them (tokenization_utils_base.py ``_from_pretrained``, 1887-1920): the
+    ``eos_token`` of tokenizer_config.json, else of special_tokens_map.json, which is read only when
+    tokenizer_config.json has no ``added_tokens_decoder``. A named token is added when the vocabulary lacks it,
+    so any name gives an id."""
+    config = _json_object(tokenizer_file(name_or_path, "tokenizer_config.json"))
+    if config is None or config.get("tokenizer_class") not in GENERIC_TOKENIZER_CLASSES:
+        return None
+    if config.get("eos_token") is not None:
+        return True
+    if "added_tokens_decoder" in config:
+        return False
+    special_map = tokenizer_file(name_or_path, "special_tokens_map.json")
+    if special_map is NotHere.ABSENT:
+        return False
+    specials = _json_object(special_map)
+    return None if specials is None else specials.get("eos_token") is not None
+
+
+def check_eos_in_files(name_or_path: str) -> None:
+    """The ValueError `eos_token_id` raises after the load, for a tokenizer whose files (`eos_named_in_files`)
+    already show it has no eos token: one line before transformers loads."""
+    if eos_named_in_files(name_or_path) is False:
+        raise ValueError(f"data.tokenizer {name_or_path!r}: has no eos token (neither its tokenizer_config.json nor "
+                         "special_tokens_map.json names one); packing needs one to separate documents: set "
+                         '"eos_token" in its tokenizer_config.json')
 
 
 def encode_batch(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
