@@ -411,3 +411,35 @@ def test_fused_runs_a_band_key_block_by_key_block(monkeypatch):
     assert sorted(rows["forward"]) == sorted(want) and sorted(rows["backward"]) == sorted(want)
     for got, expected in zip(results["fused"], results["blocked"]):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
+
+
+def test_fused_key_major_runs_are_made_once_per_settings(monkeypatch):
+    """The runs' stacked masks are kept with the pieces: a second call with the same settings builds none,
+    while other query groups, another `KEY_MAJOR_ROWS` or inference mode each get their own."""
+    made = []
+    key_major_runs = fused_module._key_major_runs
+    monkeypatch.setattr(fused_module, "_PIECES", {})
+    monkeypatch.setattr(fused_module, "_key_major_runs", lambda *a: made.append(a) or key_major_runs(*a))
+    monkeypatch.setattr(fused_module, "KEY_MAJOR_ROWS", 12)
+    length, window, block = 30, 8, 4
+
+    def attend(q_heads):
+        inputs = make_inputs(length, window, window, window, 0, q_heads, 2)
+        return eidetic_attention_fused(*inputs, window=window, fading_window=window, chunk=window, scale=None,
+                                       block=block)
+
+    first = attend(2)
+    assert len(made) == 1
+    torch.testing.assert_close(attend(2), first, rtol=0, atol=0)
+    assert len(made) == 1  # kept
+    runs, _ = fused_module.call_runs(length, window, window, block, 1, torch.float64, "cpu")
+    again, _ = fused_module.call_runs(length, window, window, block, 1, torch.float64, "cpu")
+    assert runs and all(a.masks is b.masks for a, b in zip(runs, again))
+    attend(4)
+    assert len(made) == 2  # two query heads per kv head: other rows
+    monkeypatch.setattr(fused_module, "KEY_MAJOR_ROWS", 1 << 30)
+    attend(2)
+    assert len(made) == 3
+    with torch.inference_mode():
+        attend(2)
+    assert len(made) == 4

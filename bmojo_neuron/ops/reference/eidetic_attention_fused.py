@@ -143,21 +143,49 @@ def call_pieces(length: int, window: int, fading_window: int, block: int, dtype:
     """The band pieces one call over `length` queries runs (``fading_window`` 0: no fading keys).
 
     Only offsets some query block reaches are kept; the fading band exists once the window
-    no longer covers the whole sequence (or always, with ``fading_overlap``). Every layer of a
-    model asks for the same pieces at every step, so they are made once per settings and kept
-    (their masks are only ever read); a tensor made under inference mode is kept apart from one
-    made outside it, which autograd may record."""
+    no longer covers the whole sequence (or always, with ``fading_overlap``)."""
+    return list(_kept_pieces(length, window, fading_window, block, dtype, device, fading_overlap).pieces)
+
+
+def call_runs(length: int, window: int, fading_window: int, block: int, groups: int, dtype: torch.dtype, device,
+              fading_overlap: bool = False) -> tuple[list[KeyMajorRun], list[BandPiece]]:
+    """`call_pieces` split into key-major runs and the pieces left query-major (`_key_major_runs`) for
+    `groups` query heads per kv head, kept with the pieces: the stacked masks cost a few fresh
+    tensors per call otherwise, at every layer of every step."""
+    kept = _kept_pieces(length, window, fading_window, block, dtype, device, fading_overlap)
+    key = (groups, KEY_MAJOR_ROWS)  # the threshold is read at call time (tests lower it)
+    split = kept.runs.get(key)
+    if split is None:
+        split = kept.runs[key] = _key_major_runs(kept.pieces, groups, block, dtype, device)
+    runs, rest = split
+    return list(runs), list(rest)
+
+
+@dataclass
+class _KeptPieces:
+    """One settings' pieces and, per (groups, `KEY_MAJOR_ROWS`), their split into runs and query-major pieces."""
+
+    pieces: tuple[BandPiece, ...]
+    runs: dict[tuple[int, int], tuple[tuple[KeyMajorRun, ...], tuple[BandPiece, ...]]]
+
+
+def _kept_pieces(length: int, window: int, fading_window: int, block: int, dtype: torch.dtype, device,
+                 fading_overlap: bool) -> _KeptPieces:
+    """Every layer of a model asks for the same pieces at every step, so they are made once per settings and
+    kept (their masks are only ever read); a tensor made under inference mode is kept apart from one made
+    outside it, which autograd may record."""
     key = (length, window, fading_window, block, dtype, str(device), fading_overlap,
            torch.is_inference_mode_enabled())
-    pieces = _PIECES.get(key)
-    if pieces is None:
+    kept = _PIECES.get(key)
+    if kept is None:
         if len(_PIECES) >= _PIECES_KEPT:
             _PIECES.clear()
-        pieces = _PIECES[key] = _make_call_pieces(length, window, fading_window, block, dtype, device, fading_overlap)
-    return list(pieces)
+        pieces = _make_call_pieces(length, window, fading_window, block, dtype, device, fading_overlap)
+        kept = _PIECES[key] = _KeptPieces(pieces, {})
+    return kept
 
 
-_PIECES: dict[tuple, tuple[BandPiece, ...]] = {}
+_PIECES: dict[tuple, _KeptPieces] = {}
 _PIECES_KEPT = 64  # settings kept at most (a model has one or two; tests many)
 
 
@@ -204,8 +232,8 @@ class _Layout:
         self.chunk = chunk
         self.scale = scale
         self.dtype, self.device = dtype, q.device
-        self.pieces = call_pieces(self.length, window, fading_window if k_fading is not None else 0, block,
-                                  dtype, q.device, fading_overlap)
+        settings = (self.length, window, fading_window if k_fading is not None else 0, block)
+        self.pieces = call_pieces(*settings, dtype, q.device, fading_overlap)
         # A memory with no valid slot anywhere adds exp(-inf) = 0 to every softmax and gets zero gradients: its
         # piece is skipped (the model's memory is empty while the sequence is no longer than `memory_lag`
         # chunks). Reading the flag back is free on eager CPU tensors, the only ones this module takes.
@@ -216,7 +244,7 @@ class _Layout:
         self.use_memory = read.numel() > 0
         self.n_chunks = mem_k.shape[2] if self.use_memory else 0
         self.memory_chunks = slice(int(read[0]), int(read[-1]) + 1) if self.use_memory else slice(0, 0)
-        self.runs, self.query_major = _key_major_runs(self)
+        self.runs, self.query_major = call_runs(*settings, self.groups, dtype, q.device, fading_overlap)
 
     def slices(self, head_dim: int, itemsize: int) -> list[tuple[int, int]]:
         """Consecutive ranges ``[s, e)`` of query blocks, each holding about `SLICE_BYTES` of one blocked
@@ -236,8 +264,12 @@ class _Layout:
         return _to_blocks(x, self.chunk, self.n_chunks)
 
     def tile_rows(self, t: Tensor | None) -> Tensor | None:
-        """A per-row (block, ...) tensor repeated for every query group: (g * block, ...)."""
-        return t if t is None or self.groups == 1 else t.repeat(self.groups, *(1,) * (t.dim() - 1))
+        return None if t is None else _tile_rows(t, self.groups)
+
+
+def _tile_rows(t: Tensor, groups: int) -> Tensor:
+    """A per-row (block, ...) tensor repeated for every query group: (groups * block, ...)."""
+    return t if groups == 1 else t.repeat(groups, *(1,) * (t.dim() - 1))
 
 
 def _memory_bias(mem_valid: Tensor, layout: _Layout, dtype: torch.dtype) -> Tensor:
@@ -524,27 +556,29 @@ class KeyMajorRun:
     row_has_key: Tensor | None  # (length * rows,) bool; None: every row has a key
 
 
-def _key_major_runs(layout: _Layout) -> tuple[list[KeyMajorRun], list[BandPiece]]:
+def _key_major_runs(pieces: tuple[BandPiece, ...], groups: int, block: int, dtype: torch.dtype, device
+                    ) -> tuple[tuple[KeyMajorRun, ...], tuple[BandPiece, ...]]:
     """The key-major runs (bands whose pieces reach `KEY_MAJOR_ROWS` query rows per key block) and the pieces
     left to run query block by query block."""
     runs, rest = [], []
-    rows = layout.groups * layout.block
-    for name in dict.fromkeys(piece.keys for piece in layout.pieces):
-        band = [piece for piece in layout.pieces if piece.keys == name]
+    rows = groups * block
+
+    for name in dict.fromkeys(piece.keys for piece in pieces):
+        band = [piece for piece in pieces if piece.keys == name]
         consecutive = [piece.offset for piece in band] == list(range(band[0].offset, band[0].offset + len(band)))
         if not consecutive or len(band) < 2 or len(band) * rows < KEY_MAJOR_ROWS:
             rest += band
             continue
         # Every piece keeps its mask (the lower-triangle ones too): one call cannot mix the causal flag and a mask.
-        all_keys = torch.zeros(rows, layout.block, dtype=layout.dtype, device=layout.device)
-        masks = torch.cat([all_keys if piece.mask is None else layout.tile_rows(piece.mask) for piece in band])
+        all_keys = torch.zeros(rows, block, dtype=dtype, device=device)
+        masks = torch.cat([all_keys if piece.mask is None else _tile_rows(piece.mask, groups) for piece in band])
         row_has_key = None
         if any(piece.row_has_key is not None for piece in band):
-            every_row = torch.ones(rows, dtype=torch.bool, device=layout.device)
-            row_has_key = torch.cat([every_row if piece.row_has_key is None else layout.tile_rows(piece.row_has_key)
+            every_row = torch.ones(rows, dtype=torch.bool, device=device)
+            row_has_key = torch.cat([every_row if piece.row_has_key is None else _tile_rows(piece.row_has_key, groups)
                                      for piece in band])
         runs.append(KeyMajorRun(name, band[0].offset, len(band), masks, row_has_key))
-    return runs, rest
+    return tuple(runs), tuple(rest)
 
 
 def _key_major_backward(layout: _Layout, run: KeyMajorRun, s: int, e: int, qb, keys, grad, out, lse, dq, totals,
