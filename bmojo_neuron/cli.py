@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
-import inspect
 import json
 import os
 import pkgutil
@@ -209,10 +208,7 @@ def override_hint(extra: list[str]) -> str:
     """For a command that takes recipe overrides, what an option it does not know (``--steps 5``) may have meant:
     the recipe key of that name as ``key=value`` (`` (recipe keys are set as key=value: train.steps=5)``), or ""
     when no key is named so."""
-    import dataclasses
-
-    from bmojo_neuron.config_fields import BMojoFields
-    from bmojo_neuron.recipes import DATA_SECTIONS, SECTIONS
+    from bmojo_neuron.recipes import keys_named
 
     option = next((a for a in extra if a.startswith("--")), None)
     if option is None:
@@ -220,11 +216,7 @@ def override_hint(extra: list[str]) -> str:
     name, _, value = option[2:].partition("=")
     after = extra[extra.index(option) + 1:]
     value = value or (after[0] if after and not after[0].startswith("-") else "VALUE")
-    classes = [(section, cls) for section, cls in SECTIONS.items() if dataclasses.is_dataclass(cls)]
-    classes += [("data", cls) for cls in DATA_SECTIONS.values()]
-    keys = {f"{section}.{field.name}" for section, cls in classes for field in dataclasses.fields(cls)}
-    keys |= {f"model.{field}" for field in inspect.signature(BMojoFields.__init__).parameters if field != "self"}
-    matches = sorted(key for key in keys if key.split(".", 1)[1] == name.replace("-", "_"))
+    matches = keys_named(name.replace("-", "_"))
     if not matches:
         return ""
     return f" (recipe keys are set as key=value: {' or '.join(f'{key}={value}' for key in matches)})"

@@ -709,6 +709,17 @@ def _model_folder(path: Path) -> Path | None:
     return next((c for c in candidates if (c / "config.json").is_file()), None)
 
 
+def keys_named(name: str) -> list[str]:
+    """The recipe keys (``section.field``) whose field is called `name` (``steps`` -> ``train.steps``), sorted:
+    what an unknown ``--steps`` option may have meant."""
+    classes = [(section, cls) for section, cls in SECTIONS.items() if dataclasses.is_dataclass(cls)]
+    classes += [("data", cls) for cls in DATA_SECTIONS.values()]
+    keys = {f"{section}.{f.name}" for section, cls in classes for f in dataclasses.fields(cls) if f.name == name}
+    if name in _config_fields():
+        keys.add(f"model.{name}")
+    return sorted(keys)
+
+
 def _config_fields() -> dict[str, Any]:
     """Every `BMojoConfig` argument with its type hint, in signature order.
 
