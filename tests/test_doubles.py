@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torch.nn.init as init
 from doubles import mpmd, neuron_sdk, nxd_api
-from doubles.env import Env, XlaLog, fake_module
+from doubles.env import XLA_DEFAULT_SEED, Env, XlaLog, fake_module
 from doubles.nxd_runtime import nxd_modules, on_device
 from doubles.xla import xla_modules
 from doubles.xla_lowerings import LOWERED, parse_native_functions
@@ -1424,6 +1424,42 @@ def test_random_ops_given_a_generator_scaled_addmm_and_int64_cumprod_run_on_the_
     assert fallbacks(lambda x: (x.cumprod(1), (x > 0).int().cumprod(1, dtype=torch.float32), x.long().cumsum(1))) == []
 
 
+def test_dilated_max_pooling_mean_embedding_bags_and_scatter_reductions_run_on_the_cpu_fallback():
+    """torch-xla v2.9.0 falls back for some arguments of kernels it has: max pooling with a dilation other than 1,
+    forward and backward (aten_xla_type.cpp 2325, 2348; aten_autograd_ops.cpp 17-21, 81-83),
+    ``_embedding_bag_forward_only`` in mode mean or with a ``padding_idx`` (1681-1689), ``scatter`` with a
+    reduction other than "add" (3395-3406, 3410-3427) and ``scatter_reduce`` but for sum / prod / amin / amax with
+    ``include_self`` (3470-3486); the lowered variants run on the device."""
+    def fallbacks(work) -> list[str]:
+        return [f.split(" at ")[0] for f in _in_a_step(work, torch.rand(2, 3, 8, 8))[1].cpu_fallbacks]
+
+    def pooled(dilation: int):
+        def step(x):
+            F.max_pool2d(x.clone().requires_grad_(), 2, dilation=dilation).sum().backward()
+        return step
+
+    assert fallbacks(pooled(2)) == ["max_pool2d_with_indices (dilation not 1)",
+                                    "max_pool2d_with_indices_backward (dilation not 1)"]
+    assert fallbacks(pooled(1)) == []
+    weight, ids, offsets = torch.rand(10, 4), torch.tensor([1, 2, 4, 5, 4, 3]), torch.tensor([0, 3])
+    bag = "_embedding_bag_forward_only (mode mean, scale_grad_by_freq, sparse or a padding_idx)"
+    assert fallbacks(lambda x: F.embedding_bag(ids, weight, offsets, mode="mean")) == [bag]
+    assert fallbacks(lambda x: F.embedding_bag(ids, weight, offsets, mode="sum", padding_idx=0)) == [bag]
+    assert fallbacks(lambda x: (F.embedding_bag(ids, weight, offsets, mode="sum"),
+                                F.embedding_bag(ids, weight, offsets, mode="max"))) == []
+
+    def scatters(x, reduce: str, include_self: bool = True):
+        flat, index = x.flatten(), torch.tensor([0, 1], device=x.device)
+        return flat.scatter_reduce(0, index, flat[:2], reduce, include_self=include_self)
+
+    assert fallbacks(lambda x: x.flatten().scatter(0, torch.tensor([0, 1], device=x.device), 2.0,
+                                                   reduce="multiply")) == ["scatter.value_reduce (reduce 'multiply')"]
+    assert fallbacks(lambda x: scatters(x, "mean")) == ["scatter_reduce.two (reduce 'mean', include_self True)"]
+    assert fallbacks(lambda x: scatters(x, "amax", False)) == ["scatter_reduce.two (reduce 'amax', include_self False)"]
+    assert fallbacks(lambda x: (scatters(x, "amax"), scatters(x, "sum"), x.flatten().scatter(
+        0, torch.tensor([0, 1], device=x.device), 2.0, reduce="add"))) == []
+
+
 class _FftSgd(torch.optim.Optimizer):
     """SGD along the real part of each gradient's FFT: an update with an op torch-xla 2.9 has no kernel for."""
 
@@ -1758,22 +1794,83 @@ def test_fill_values_follow_the_special_scalar_rule_dims_sizes_and_indices_do_no
         assert not [e for e in step_graph(indexing) if e[0] == "constant"]
 
 
-def test_dropout_p_is_device_data_and_p_0_draws_nothing():
+def test_an_index_that_moves_between_steps_is_a_new_graph_at_each_value():
+    """torch-xla v2.9.0 hashes a slice's start into its IR node (``Select``: dim, start, end, stride, ops/select.cpp
+    17, canonical after ``tensor_methods::slice``), so a step whose ``narrow`` / slice / ``select`` start moves with
+    the step cuts a new graph at every new start, shapes unchanged: a compile each. The same slice written another
+    way (a negative index, an end past the size) is one graph; a tensor index is device data, one graph whatever it
+    holds; ``roll``'s shifts are hashed as given (ops/roll.cpp 10)."""
+    x = torch.arange(24.0).view(4, 6)
+
+    def step_graphs(work, values) -> list[tuple]:
+        log = XlaLog()
+        for value in values:  # one step each, on one log: its graphs in order
+            _in_a_step(lambda batch: work(batch, value), x, log)
+        return [tuple(g[1:]) for g in log.graphs if g[1:]]  # less the empty ones the loader cut before a batch
+
+    for moving in (lambda b, s: b.narrow(1, s, 2), lambda b, s: b[:, s:s + 2], lambda b, s: b.select(1, s),
+                   lambda b, s: b[s], lambda b, s: b.roll(s, 1), lambda b, s: b.clone().__setitem__((0, s), 0.0)):
+        assert len(set(step_graphs(moving, (0, 1, 2, 1)))) == 3  # three starts, three graphs: two recompiles
+        assert len(set(step_graphs(moving, (1, 1, 1)))) == 1
+    assert len(set(step_graphs(lambda b, s: b[:, s], (-1, 5)))) == 1  # one canonical position
+    assert len(set(step_graphs(lambda b, s: b[:, 2:s], (6, 9, 100)))) == 1  # an end past the size is the size
+    assert len(set(step_graphs(lambda b, s: b[torch.tensor([s]), 1:], (0, 1, 3)))) == 1  # device data
+
+
+def test_a_0_dim_device_index_is_read_to_the_host_and_its_value_is_a_new_graph():
+    """torch's indexing reads a 0-dim integer (or bool) tensor index with ``item()`` and selects with the number
+    (``handleDimInMultiDimIndexing``, ATen/TensorIndexing.h): on XLA a device index runs the pending graph to read
+    it, and each value is another ``select``, another graph. A one-element, one-dimension index and
+    ``index_select`` stay device data: no read, one graph."""
+    x = torch.arange(24.0).view(4, 6)
+
+    def step(work, value) -> tuple[list[str], tuple]:
+        _, log = _in_a_step(lambda batch: work(batch, torch.tensor(value, device=batch.device)), x)
+        return [r.split(" at ")[0] for r in log.host_reads], tuple(log.graphs[-1][1:])
+
+    reads, graph = step(lambda b, i: b[i], 2)  # 2 and 3: uploaded as device data, not as constants
+    assert reads == ["Tensor.__getitem__ with a 0-dim device index (item())"] and graph != step(lambda b, i: b[i], 3)[1]
+    assert step(lambda b, i: b.clone().__setitem__((0, i), 0.0), 2)[0] == [
+        "Tensor.__setitem__ with a 0-dim device index (item())"]
+    for device_data in (lambda b, i: b[i.view(1)], lambda b, i: b.index_select(0, i.view(1))):
+        (reads, one), (_, two) = step(device_data, 2), step(device_data, 3)
+        assert reads == [] and one == two
+
+
+def test_a_python_list_index_in_a_step_is_uploaded_at_every_step():
+    """torch makes a list index an index tensor from the host data on the indexed tensor's device
+    (``indexing_tensor_from_data``, torch/csrc/utils/tensor_new.h 45): on XLA an upload at every step, as
+    ``torch.tensor([...], device=...)`` is. A device index tensor or a slice uploads nothing."""
+    def transfers(work) -> list[str]:
+        return [t.split(" at ")[0] for t in _in_a_step(work, torch.arange(24.0).view(4, 6))[1].host_transfers]
+
+    assert transfers(lambda x: x[[0, 2]]) == ["__getitem__ with a Python list index"]
+    assert transfers(lambda x: x[:, range(2)]) == ["__getitem__ with a Python list index"]
+    assert transfers(lambda x: x.clone().__setitem__([1, 3], 0.0)) == ["__setitem__ with a Python list index"]
+    assert transfers(lambda x: (x[torch.arange(0, 4, 2, device=x.device)], x[0:3:2], x[(0, 2)])) == []
+
+
+def test_dropout_p_is_device_data_and_p_0_or_1_draws_nothing():
     """On XLA ``dropout`` is not fused (torch's ``is_fused_kernel_acceptable`` takes CUDA, XPU, lazy and
     privateuse1 tensors), so ``_dropout_impl`` draws ``bernoulli_(1 - p)`` and divides by ``1 - p``: both numbers
     go through ``GetIrValueForScalar`` (tensor_methods.cpp ``bernoulli`` 1307-1314 after functionalization), device
     data for 0 < p < 1, so p = 0.1 and p = 0.25 trace one graph; p = 0 returns the input and draws no random number,
-    another graph (and the seed does not step)."""
-    graphs = {}
-    for p in (0.1, 0.25, 0.0):
+    another graph (and the seed does not step); p = 1 draws nothing either and returns ``input * at::zeros({})``:
+    zeros, no NaN, and a third graph, whose zeros are the constant 0 (torch-xla's ``zero_``, tensor_methods.cpp
+    3878-3882)."""
+    graphs, outputs, seeds = {}, {}, {}
+    for p in (0.1, 0.25, 0.0, 1.0):
         modules, env = _doubles_and_env()
         nxd_model = modules["neuronx_distributed.trainer.model"].NxDModel
         model = nxd_model(torch.nn.Dropout(p), {"pipeline_parallel_size": 1})
-        model(torch.ones(4))
+        outputs[p], seeds[p] = model(torch.ones(4)), env.log.rng
         env.log.sync("code")
         graphs[p] = env.log.graphs[-1][1:]
     assert graphs[0.1] == graphs[0.25] != graphs[0.0] and ("random", "bernoulli") in graphs[0.1]
     assert not [e for e in graphs[0.1] if e[0] == "constant"]
+    assert len({tuple(graphs[p]) for p in (0.1, 0.0, 1.0)}) == 3 and ("constant", "0.0") in graphs[1.0]
+    assert torch.equal(outputs[1.0], torch.zeros(4)) and torch.equal(outputs[0.0], torch.ones(4))
+    assert seeds[0.0] == seeds[1.0] == XLA_DEFAULT_SEED != seeds[0.1]
 
 
 def test_zero1_takes_parameters_on_one_xla_device_and_keeps_fp32_masters(one_rank, caplog):

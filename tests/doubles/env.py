@@ -232,9 +232,16 @@ RANDOM_OPS = frozenset({"bernoulli", "cauchy", "exponential", "geometric", "log_
                         "randn", "randn_like", "random", "randperm", "rrelu_with_noise", "uniform"})
 
 
+# Device tensors of zeros torch's composites make: ``zeros`` is ``empty`` + ``zero_``, and torch-xla's ``zero_`` fills
+# with ``GetIrValueForScalar(0.0)`` (torch_xla/csrc/tensor_methods.cpp 3878-3882), a special scalar, so a constant of
+# the graph. ``dropout`` at p = 1 is one: torch's ``_dropout_impl`` returns ``input * at::zeros({})`` and draws nothing.
+ZERO_FACTORIES = frozenset({"zeros", "zero"})
+
+
 class DeviceRandomOps(TorchDispatchMode):
     """Inside NxD's model wrapper (where every tensor is on the XLA device): each random op is recorded and steps
-    the XLA running seed, as tracing it on XLA would (`XlaLog.random_op`)."""
+    the XLA running seed, as tracing it on XLA would (`XlaLog.random_op`); a tensor of zeros is traced as the
+    constant 0 it is on XLA (`ZERO_FACTORIES`)."""
 
     def __init__(self, log: XlaLog) -> None:
         super().__init__()
@@ -244,4 +251,6 @@ class DeviceRandomOps(TorchDispatchMode):
         name = func.overloadpacket.__name__.rstrip("_")
         if name in RANDOM_OPS:
             self.log.random_op(name)
+        elif name in ZERO_FACTORIES:
+            self.log.trace("constant", 0.0)
         return func(*args, **(kwargs or {}))

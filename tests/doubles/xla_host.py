@@ -60,10 +60,13 @@ A Python number in a step op on a device tensor follows the same rule (`trace_py
 ``full`` / ``new_full`` (`FILL_VALUE_AT`). The other numbers of an op are not values of the graph: dims, sizes
 and indices are attributes of its nodes (``Select`` hashes dim, start, end, stride: ops/select.cpp 17), so any
 change to one is a new graph, whatever the number; the double follows shapes through the forwards and batches
-it traces, not op by op. ``dropout``'s ``p`` reaches torch-xla as ``bernoulli_(1 - p)`` and a division by
-``1 - p`` (torch's ``_dropout_impl``: the fused ``native_dropout``, whose ``p`` is an attribute, is for CUDA, XPU
-and lazy tensors only), device data for 0 < p < 1; ``p = 0`` draws nothing, which the random ops traced in
-NxD's model wrapper show (`env.DeviceRandomOps`).
+it traces, and the index numbers of our code's slicing, ``narrow``, ``select``, ``roll`` ... on a device tensor
+(`xla_indices.trace_index_attributes`); a 0-dim device tensor index is a host read too (torch reads it with
+``item()``: `xla_indices.read_indices`), a Python list index an upload (`xla_indices.host_data_indices`).
+``dropout``'s ``p`` reaches torch-xla as ``bernoulli_(1 - p)`` and a division by ``1 - p`` (torch's
+``_dropout_impl``: the fused ``native_dropout``, whose ``p`` is an attribute, is for CUDA, XPU and lazy tensors
+only), device data for 0 < p < 1; ``p = 0`` draws nothing, which the random ops traced in NxD's model wrapper show
+(`env.DeviceRandomOps`), nor does ``p = 1``, a product with the constant 0 (`env.ZERO_FACTORIES`).
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ import torch.optim.adam as ADAM  # the module AdamW's step reads its capturable 
 from torch.utils import _python_dispatch
 
 from .env import ON_XLA_DEVICE, XlaLog, bmojo_caller
+from .xla_indices import INDEXED, host_data_indices, read_indices, trace_index_attributes
 from .xla_lowerings import CpuFallbacks
 
 HOST = "_bmojo_host_tensor"  # set on a tensor our code made on the host inside a step
@@ -218,6 +222,13 @@ class HostTensors(TorchFunctionMode):
         host = [t for t in tensors if on_host(t)]
         if name in SCALAR_OPERAND_OPS and len(host) < len(tensors):  # an op on the device
             trace_python_scalars(self.log, args, kwargs)
+        if name in INDEXED and args and args[0] is tensors[0] and not on_host(args[0]) and _from_our_code():
+            trace_index_attributes(self.log, func, name, args, kwargs)
+            if name in INDEXING and any(not on_host(t) for t in read_indices(args[1])):
+                self.log.host_reads.append(f"Tensor.{name} with a 0-dim device index (item()) at "
+                                           f"{bmojo_caller() or 'test'}")
+            if name in INDEXING and host_data_indices(args[1]):
+                self.log.host_transfers.append(f"{name} with a Python list index at {bmojo_caller() or 'test'}")
         if not host:
             if (name == "cpu" or name == "to" and names_the_host(_asked_device(args, kwargs))) and _from_our_code():
                 return self._to_host(func, name, args, kwargs)  # the device value copied to the host

@@ -24,11 +24,17 @@ turn a bool or byte mask among their indices into ``mask.nonzero()`` (``ExpandBy
 arguments: every one taking a ``generator`` when one is given (its numbers come from that CPU generator; the
 ``generator->defined()`` checks, e.g. aten_xla_type.cpp 1267, 1810, 2562), ``addmm`` when ``beta`` or ``alpha``
 is not 1 (898-901), and ``cumprod`` in int64, which an integer or bool input is promoted to without a ``dtype``
-(1498-1512, ``PromoteIntegralType`` 291-296: "XLA reduce-window does not support S64 mode"). `argument_fallback`
-says which applies.
+(1498-1512, ``PromoteIntegralType`` 291-296: "XLA reduce-window does not support S64 mode"), max pooling with a
+dilation other than 1 (2325, 2348, 2380, 2402; aten_autograd_ops.cpp 81, 134, 184, 214),
+``_embedding_bag_forward_only`` in mode 1 (mean), with ``scale_grad_by_freq``, ``sparse`` or a ``padding_idx``
+(1681-1689), ``scatter`` with a reduction other than
+"add" (3395-3406, 3410-3427) and ``scatter_reduce`` but for "sum", "prod", "amin", "amax" with ``include_self``
+(3470-3486). `argument_fallback` says which applies.
 
-Not modelled: what a CompositeExplicitAutograd kernel decomposes into (taken as lowered), and the other ops
-torch-xla lowers only for some dtypes or shapes.
+Not modelled: what a CompositeExplicitAutograd kernel decomposes into (taken as lowered), ``_embedding_bag_backward``
+(its kernel always falls back while functionalization is on, 1727-1735, but on the CPU it decomposes before a
+dispatch mode sees it), ``norm`` with p = 0 (2822-2872; ``torch.norm`` reaches ``linalg_vector_norm`` instead),
+``dot`` of 64-bit integers on TPU and ``full`` with another layout or pinned memory (1596-1604, 1896-1900).
 """
 
 from __future__ import annotations
@@ -117,6 +123,11 @@ _FALLS_BACK: dict[Any, bool] = {}  # by op overload: a step runs the same few op
 # Listed ops whose XLA kernel calls ``xla_fallback`` unless the experiment of that name is enabled (module docstring).
 EXPERIMENT_GATED = frozenset({"nonzero", "masked_select"})
 MASK_INDEXING = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})  # ExpandByteTensors' callers
+# Max pooling with a dilation other than 1 (aten_xla_type.cpp 2325, 2348, 2380, 2402; the autograd functions of
+# ``max_pool2d`` / ``max_pool3d``, aten_autograd_ops.cpp 17-21, 81, 134, 184, 214).
+DILATED_POOLS = frozenset({"max_pool2d", "max_pool3d", "max_pool2d_with_indices", "max_pool3d_with_indices",
+                           "max_pool2d_with_indices_backward", "max_pool3d_with_indices_backward"})
+SCATTER_REDUCTIONS = frozenset({"sum", "prod", "amin", "amax"})  # scatter_reduce's lowered ones, with include_self
 
 
 def argument_fallback(func: Any, args: tuple, kwargs: dict) -> str | None:
@@ -137,6 +148,21 @@ def argument_fallback(func: Any, args: tuple, kwargs: dict) -> str | None:
         return f"{name} (beta or alpha not 1)"
     if packet == "cumprod" and _cumprod_in_int64(bound["self"], bound.get("dtype")):
         return f"{name} (in int64)"
+    return _shape_or_mode_fallback(packet, name, bound)
+
+
+def _shape_or_mode_fallback(packet: str, name: str, bound: dict) -> str | None:
+    """The kernels that call ``xla_fallback`` for some of their non-tensor arguments (module docstring)."""
+    if packet in DILATED_POOLS and any(d != 1 for d in bound.get("dilation", ())):  # IsNonTrivialDilation
+        return f"{name} (dilation not 1)"
+    if packet == "_embedding_bag_forward_only" and (bound.get("mode", 0) == 1 or bound.get("scale_grad_by_freq")
+                                                    or bound.get("sparse") or bound.get("padding_idx", -1) != -1):
+        return f"{name} (mode mean, scale_grad_by_freq, sparse or a padding_idx)"
+    if packet == "scatter" and bound.get("reduce") not in (None, "add"):
+        return f"{name} (reduce {bound['reduce']!r})"
+    lowered_reduction = bound.get("reduce") in SCATTER_REDUCTIONS and bound.get("include_self", True)
+    if packet == "scatter_reduce" and not lowered_reduction:
+        return f"{name} (reduce {bound.get('reduce')!r}, include_self {bound.get('include_self', True)})"
     return None
 
 
