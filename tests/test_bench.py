@@ -579,6 +579,26 @@ def test_library_warnings_are_kept_once_and_the_handlers_come_back(capfd):
     assert (toy.repeats, toy.warmup, toy.lengths) == (2, 0, [64, 128])
 
 
+def test_kernel_shapes_read_every_trn1_recipe_as_the_recipe_loader_reads_it():
+    """`ladder_shapes` and `attention_shapes` read each recipe of recipes/trn1 (the recipes' own YAML loader): one
+    shape per file in name order, the attention's followed by the long-window example, with the sizes that
+    `load_recipe` validates (a key a recipe leaves out takes the profile's default)."""
+    from bmojo_neuron.bench import kernel_profile as kp
+    from bmojo_neuron.recipes import load_recipe, repository_root
+
+    paths = sorted((repository_root() / "recipes" / "trn1").glob("*.yaml"))
+    ladder, attention = kp.ladder_shapes(), kp.attention_shapes()
+    assert len(paths) == 7 and [s["name"] for s in ladder] == [p.stem for p in paths]
+    assert [s["name"] for s in attention] == [p.stem for p in paths] + [kp.ATTENTION_EXAMPLE["name"]]
+    for path, scan, window in zip(paths, ladder, attention):
+        recipe = load_recipe(str(path))
+        model = recipe.model
+        assert scan["d_inner"] == (model.get("ssm_expand") or 2) * model["hidden_size"], path.stem
+        assert scan["length"] == window["length"] == recipe.data.block_size, path.stem
+        assert scan["n2"] == model["ssm_state_size"] and window["heads"] == model["num_attention_heads"], path.stem
+        assert (window["window"], window["memory"]) == (model["window_size"], model["memory_size"]), path.stem
+
+
 def test_kernels_profile_says_each_kernel_on_a_terminal_before_modelling_it(capsys, monkeypatch):
     """Each emulator run takes seconds to a minute and the table prints at the end: on a terminal every run is
     announced, numbered, before it starts; stdout stays the table alone. (Fake runs: the order is what counts.)"""

@@ -609,6 +609,39 @@ def test_a_malformed_tokenizer_json_is_one_error_naming_the_tokenizer(tmp_path):
         load_tokenizer(str(folder))
 
 
+def test_a_tokenizer_json_that_is_not_json_is_one_error_naming_the_tokenizer(tmp_path: Path) -> None:
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text('{"model": ')
+    with pytest.raises(ValueError, match=f"data.tokenizer '{folder}': not 'byte' and not loadable as a Hugging Face "
+                                         "tokenizer .*: Expecting value: line 1 column 11"):
+        load_tokenizer(str(folder))
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("a bug inside the load"), Exception("a bare one, not the file's")])
+def test_an_error_inside_the_tokenizer_load_is_not_called_a_bad_tokenizer(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         failure: Exception) -> None:
+    """Only the file's refusal becomes the ``data.tokenizer`` error: another error raised while transformers loads a
+    good tokenizer folder (here the byte tokenizer's, saved) propagates as it is, a bare Exception included (the
+    tokenizers library reads the file without one)."""
+    import transformers
+
+    from bmojo_neuron.data.tokenizer import hf_byte_tokenizer
+
+    folder = tmp_path / "tok"
+    hf_byte_tokenizer().save_pretrained(str(folder))
+    assert load_tokenizer(str(folder)).encode("hi", add_special_tokens=False) == [104, 105]
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
+    with pytest.raises(Exception) as error:
+        load_tokenizer(str(folder))
+    assert error.value is failure
+
+
 def test_a_cache_build_says_its_stages_and_counts_at_most_every_interval(tmp_path: Path) -> None:
     """`BuildProgress`: one line as each stage starts (the first names the cache folder), and within tokenize and
     pack a count line only once the interval has passed (here a clock that moves 6 s per reading against a 10 s

@@ -16,9 +16,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-import yaml
 
-from bmojo_neuron.recipes import repository_root
+from bmojo_neuron.recipes import parse_yaml, repository_root
 from nki_kernels.attention_bwd import eidetic_attention_bwd
 from nki_kernels.attention_fwd import eidetic_attention_fwd
 from nki_kernels.emulator import simulate
@@ -39,7 +38,7 @@ def ladder_shapes() -> list[dict[str, Any]]:
     """Kernel shapes of the recipes in recipes/trn1 (one sequence each)."""
     shapes = []
     for path in sorted(Path(repository_root(), "recipes", "trn1").glob("*.yaml")):
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
         model, data = raw.get("model", {}), raw.get("data", {})
         d_inner = int(model.get("ssm_expand", 2)) * int(model["hidden_size"])
         shapes.append({"name": path.stem, "d_inner": d_inner, "length": int(data.get("block_size", 2048)),
@@ -98,7 +97,7 @@ def attention_shapes() -> list[dict[str, Any]]:
     """Attention shapes of the recipes in recipes/trn1 (one sequence each) plus a long-window example."""
     shapes = []
     for path in sorted(Path(repository_root(), "recipes", "trn1").glob("*.yaml")):
-        raw = yaml.safe_load(path.read_text())
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
         model, data = raw.get("model", {}), raw.get("data", {})
         heads = int(model["num_attention_heads"])
         window = int(model.get("window_size", 512))

@@ -61,11 +61,36 @@ def load_tokenizer(name_or_path: str) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
-    except Exception as err:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a malformed file
-        raise ValueError(
-            f"data.tokenizer {name_or_path!r}: not 'byte' and not loadable as a Hugging Face tokenizer "
-            f"(a local folder with tokenizer files, or a hub name when online): {err}"
-        ) from None
+    except (OSError, ValueError) as err:  # no tokenizer files there, or a file that is not JSON (a ValueError)
+        raise _not_loadable(name_or_path, err) from None
+    except Exception as err:
+        if not _refused_by_tokenizers(name_or_path, err):
+            raise
+        raise _not_loadable(name_or_path, err) from None
+
+
+def _not_loadable(name_or_path: str, err: Exception) -> ValueError:
+    return ValueError(f"data.tokenizer {name_or_path!r}: not 'byte' and not loadable as a Hugging Face tokenizer "
+                      f"(a local folder with tokenizer files, or a hub name when online): {err}")
+
+
+def _refused_by_tokenizers(name_or_path: str, err: Exception) -> bool:
+    """Whether `err` from the load is the tokenizers library refusing the tokenizer's tokenizer.json: for JSON that
+    is not a tokenizer it can build (a field missing, a wrong type) it raises a bare `Exception` naming the field,
+    so the type alone is the sign, confirmed by the library refusing the file again here. Any other error (a bug
+    in transformers or in the tokenizers library) is not this tokenizer's fault and keeps its traceback."""
+    if type(err) is not Exception:
+        return False
+    location = tokenizer_file(name_or_path, "tokenizer.json")
+    if isinstance(location, NotHere):
+        return False
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(location))
+    except Exception as again:  # noqa: BLE001 - the library's refusal is a bare Exception
+        return type(again) is Exception
+    return False
 
 
 def check_tokenizer_reachable(name_or_path: str) -> None:

@@ -45,8 +45,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ATTEMPTS", "CACHE_ENV", "FLOAT_P", "INT", "LONG", "OFF_ENV", "FLOAT", "Loaded", "cache_dir", "function",
-           "function_of", "load", "openmp_runtimes", "reset", "sources"]
+__all__ = ["ATTEMPTS", "CACHE_ENV", "FLOAT_P", "INT", "LONG", "OFF_ENV", "FLOAT", "Loaded", "cache_dir",
+           "compile_command", "function", "function_of", "load", "openmp_runtimes", "reset", "sources"]
 
 OFF_ENV = "BMOJO_CPU_C"  # "0" turns the C kernels off: the torch path runs
 CACHE_ENV = "BMOJO_CPU_C_CACHE"  # where the built library goes (default: the user cache folder)
@@ -57,7 +57,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # another failure (an error in a source, a killed or timed-out compiler) would fail the same way again.
 # The portable set names no OpenMP flag, so the compiler skips the sources' `omp` pragmas, as intended
 # there: `-Wno-unknown-pragmas` keeps that set as warning-clean under `-Wall` as the other two (GCC and
-# clang both take the flag; tests/test_cpu_c.py compiles every set with `-Wall -Wextra -Werror`).
+# clang both take the flag; tests/test_cpu_c.py builds every set with `-Wall -Wextra -Werror`).
 ATTEMPTS = (FLAGS, ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC"),
             ("-O3", "-Wno-unknown-pragmas", "-shared", "-fPIC"))
 _OPENMP_LIBRARIES = ("gomp", "-lomp", "libomp", "iomp")
@@ -120,6 +120,11 @@ def function_of(library: ctypes.CDLL, name: str, argtypes: list) -> ctypes._CFun
 def sources() -> list[Path]:
     """The C files built into the library: every ``*.c`` beside this module, in name order."""
     return sorted(Path(__file__).parent.glob("*.c"))
+
+
+def compile_command(compiler: str, flags: tuple[str, ...], output: str | Path) -> list[str]:
+    """The command that builds the library from `sources` into `output` with `flags` (one of `ATTEMPTS`)."""
+    return [compiler, *flags, "-o", str(output), *map(str, sources())]
 
 
 def reset() -> None:
@@ -194,7 +199,7 @@ def _build(compiler: str, folder: Path, library: Path) -> str:
         files = sources()
         failures = []
         for flags in ATTEMPTS:
-            done = subprocess.run([compiler, *flags, "-o", tmp, *map(str, files)], capture_output=True, text=True,
+            done = subprocess.run(compile_command(compiler, flags, tmp), capture_output=True, text=True,
                                   timeout=BUILD_TIMEOUT_S)
             if done.returncode == 0:
                 os.replace(tmp, library)

@@ -52,16 +52,17 @@ static inline float decay(float t, float floor) { return fast_exp(t < floor ? fl
 /* ---- The small products: register tiles of up to 6 rows x 16 columns. ----
  * 12 accumulators of 8 floats, two vectors of a row of b and one broadcast of a: 15 of the 16
  * AVX2 registers, two fused multiply-adds per broadcast. Written with GCC's vector extension
- * (no intrinsics), so other targets get their own vectors of 8 floats. Only this file's static
- * functions take or return one, so no vector crosses the library's ABI: the compilers' note that such
- * a vector is passed differently without AVX (-Wpsabi, build.py's portable build) does not apply, and
- * is off for the whole file (GCC reports it at the file's end, past any push / pop). */
-#pragma GCC diagnostic ignored "-Wpsabi"
+ * (no intrinsics), so other targets get their own vectors of 8 floats. No function takes or returns a
+ * vector: the helpers below write or read one at an address. Without AVX (build.py's portable build)
+ * a 32-byte vector passed or returned by value has a calling convention that changed in GCC 4.6, and
+ * GCC says so (-Wpsabi) even for a static inline function. splat8 is a helper rather than an
+ * initializer written in the tile's loop, which GCC's portable build builds an element at a time (the
+ * scan then runs seven times slower there). */
 typedef float v8 __attribute__((vector_size(32)));
 
-static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
-static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
-static inline v8 splat8(float x) { return (v8){x, x, x, x, x, x, x, x}; }
+static inline void load8(v8 *v, const float *p) { memcpy(v, p, sizeof *v); }
+static inline void store8(float *p, const v8 *v) { memcpy(p, v, sizeof *v); }
+static inline void splat8(v8 *v, float x) { *v = (v8){x, x, x, x, x, x, x, x}; }
 
 enum { KEEP = 0, ZERO = 1 };      /* out += a b, or out = a b */
 enum { FULL, LOWER, UPPER };      /* which part of a is not zero: see rows_block */
@@ -69,21 +70,32 @@ enum { FULL, LOWER, UPPER };      /* which part of a is not zero: see rows_block
 /* Rows [0, R) x columns [0, 16) of out (+)= a[:, k0:k1] b[k0:k1, :]; R is a constant at each call. */
 static inline __attribute__((always_inline)) void tile16(int R, long k0, long k1, const float *a, long ars, long acs,
                                                          const float *b, long ldb, float *out, long ldc, int zero) {
-    v8 c0[6], c1[6];
-    for (int r = 0; r < R; r++) c0[r] = c1[r] = splat8(0.f);
+    v8 c0[6], c1[6], b0, b1;
+    for (int r = 0; r < R; r++) {
+        splat8(&c0[r], 0.f);
+        c1[r] = c0[r];
+    }
     const float *ak = a + k0 * acs, *bk = b + k0 * ldb;
     for (long k = k0; k < k1; k++, ak += acs, bk += ldb) {
-        v8 b0 = load8(bk), b1 = load8(bk + 8);
+        load8(&b0, bk);
+        load8(&b1, bk + 8);
         for (int r = 0; r < R; r++) {
-            v8 av = splat8(ak[r * ars]);
+            v8 av;
+            splat8(&av, ak[r * ars]);
             c0[r] += av * b0;
             c1[r] += av * b1;
         }
     }
     for (int r = 0; r < R; r++) {
         float *o = out + r * ldc;
-        store8(o, zero ? c0[r] : load8(o) + c0[r]);
-        store8(o + 8, zero ? c1[r] : load8(o + 8) + c1[r]);
+        /* out is read for ZERO too, where the select drops it: a branch instead costs GCC's portable build 25 % */
+        v8 o0, o1;
+        load8(&o0, o);
+        load8(&o1, o + 8);
+        o0 = zero ? c0[r] : o0 + c0[r];
+        o1 = zero ? c1[r] : o1 + c1[r];
+        store8(o, &o0);
+        store8(o + 8, &o1);
     }
 }
 
@@ -166,7 +178,7 @@ static void transpose_rest(long r0, long c0, long rows, long cols, const float *
 /* One 8 x 8 block: rows a..h of src become columns of dst. */
 static inline void transpose8(const float *src, long ld_src, float *dst, long ld_dst) {
     v8 r[8], t[8], u[8];
-    for (int i = 0; i < 8; i++) r[i] = load8(src + i * ld_src);
+    for (int i = 0; i < 8; i++) load8(&r[i], src + i * ld_src);
     for (int i = 0; i < 8; i += 2) { /* pairs of rows interleaved: (a0 b0 a1 b1 | a4 b4 a5 b5), ... */
         t[i] = SHUF(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
         t[i + 1] = SHUF(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
@@ -178,8 +190,10 @@ static inline void transpose8(const float *src, long ld_src, float *dst, long ld
         u[i + 3] = SHUF(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
     }
     for (int i = 0; i < 4; i++) { /* the two halves of rows a-d and e-h joined: columns i and i + 4 */
-        store8(dst + i * ld_dst, SHUF(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11));
-        store8(dst + (i + 4) * ld_dst, SHUF(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+        v8 col = SHUF(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        v8 col4 = SHUF(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+        store8(dst + i * ld_dst, &col);
+        store8(dst + (i + 4) * ld_dst, &col4);
     }
 }
 #endif
