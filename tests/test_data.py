@@ -609,6 +609,17 @@ def test_a_malformed_tokenizer_json_is_one_error_naming_the_tokenizer(tmp_path):
         load_tokenizer(str(folder))
 
 
+def test_a_tokenizer_json_of_another_json_type_is_one_error_naming_the_tokenizer(tmp_path: Path) -> None:
+    """A tokenizer.json holding a JSON list: transformers fails on it with a TypeError of its own, and the tokenizers
+    library refuses the file, so it is the ``data.tokenizer`` error too."""
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text("[]")
+    with pytest.raises(ValueError, match=f"data.tokenizer '{folder}': not 'byte' and not loadable as a Hugging Face "
+                                         "tokenizer "):
+        load_tokenizer(str(folder))
+
+
 def test_a_tokenizer_json_that_is_not_json_is_one_error_naming_the_tokenizer(tmp_path: Path) -> None:
     folder = tmp_path / "tok"
     folder.mkdir()

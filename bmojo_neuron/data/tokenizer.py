@@ -64,7 +64,7 @@ def load_tokenizer(name_or_path: str) -> Any:
     except (OSError, ValueError) as err:  # no tokenizer files there, or a file that is not JSON (a ValueError)
         raise _not_loadable(name_or_path, err) from None
     except Exception as err:
-        if not _refused_by_tokenizers(name_or_path, err):
+        if not _refused_by_tokenizers(name_or_path):
             raise
         raise _not_loadable(name_or_path, err) from None
 
@@ -74,13 +74,12 @@ def _not_loadable(name_or_path: str, err: Exception) -> ValueError:
                       f"(a local folder with tokenizer files, or a hub name when online): {err}")
 
 
-def _refused_by_tokenizers(name_or_path: str, err: Exception) -> bool:
-    """Whether `err` from the load is the tokenizers library refusing the tokenizer's tokenizer.json: for JSON that
-    is not a tokenizer it can build (a field missing, a wrong type) it raises a bare `Exception` naming the field,
-    so the type alone is the sign, confirmed by the library refusing the file again here. Any other error (a bug
-    in transformers or in the tokenizers library) is not this tokenizer's fault and keeps its traceback."""
-    if type(err) is not Exception:
-        return False
+def _refused_by_tokenizers(name_or_path: str) -> bool:
+    """Whether the tokenizers library refuses the tokenizer's tokenizer.json. For JSON that is not a tokenizer it
+    can build (a field missing, a wrong type) it raises a bare `Exception` naming the field, and transformers fails
+    on such a file with whatever its own code meets first (`[]` gives a TypeError), so the file's refusal, not the
+    error's type, says the tokenizer is at fault. Any error from the load of a file the library accepts (a bug in
+    transformers or in the tokenizers library) is not this tokenizer's fault and keeps its traceback."""
     location = tokenizer_file(name_or_path, "tokenizer.json")
     if isinstance(location, NotHere):
         return False
@@ -88,8 +87,8 @@ def _refused_by_tokenizers(name_or_path: str, err: Exception) -> bool:
 
     try:
         Tokenizer.from_file(str(location))
-    except Exception as again:  # noqa: BLE001 - the library's refusal is a bare Exception
-        return type(again) is Exception
+    except Exception as refusal:  # noqa: BLE001 - the library's refusal is a bare Exception
+        return type(refusal) is Exception
     return False
 
 
