@@ -514,7 +514,12 @@ def resolve_recipe_path(path_or_name: str) -> Path:
     # an absolute path is looked up nowhere else, so "no /abs/x.yaml under recipes/" would mislead
     where = "no such file" if candidate.is_absolute() else (
         f"not a file, and no {name} under {', '.join(map(str, roots))}")
-    raise FileNotFoundError(f"recipe {path_or_name!r} not found: {where}; known recipes: {', '.join(known) or 'none'}")
+    if not known:  # the shipped recipes sit beside the package in a checkout, not inside it
+        raise FileNotFoundError(f"recipe {path_or_name!r} not found: {where}, and no recipes/ folder there: the "
+                                f"shipped recipes live in the repository's recipes/ folder, which an install from a "
+                                "wheel or `pip install .` leaves behind; install the checkout with `pip install -e .`, "
+                                "run from the checkout, or give a recipe's YAML path")
+    raise FileNotFoundError(f"recipe {path_or_name!r} not found: {where}; known recipes: {', '.join(known)}")
 
 
 def repository_root() -> Path:

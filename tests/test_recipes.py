@@ -540,6 +540,21 @@ def test_the_recall_grid_names_an_override_caught_by_a_list_option(tmp_path: Pat
     assert (tmp_path / "out" / "grid.md").is_file()
 
 
+def test_an_install_without_the_recipes_folder_says_where_the_recipes_are(tmp_path, monkeypatch, capsys):
+    """A wheel or `pip install .` puts the package in site-packages without the checkout's recipes/: the default
+    `bmojo-neuron train` then says how to get them, instead of listing no known recipes."""
+    from bmojo_neuron import cli, recipes
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(recipes, "repository_root", lambda: tmp_path / "site-packages")
+    assert cli.main(["train", "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: recipe 'cpu-tiny' not found: not a file, and no cpu-tiny.yaml under {tmp_path / 'recipes'}, "
+        f"{tmp_path / 'site-packages' / 'recipes'}, and no recipes/ folder there: the shipped recipes live in the "
+        "repository's recipes/ folder, which an install from a wheel or `pip install .` leaves behind; install the "
+        "checkout with `pip install -e .`, run from the checkout, or give a recipe's YAML path\n")
+
+
 def test_a_shipped_recipe_path_resolves_from_any_folder(tmp_path, monkeypatch, capsys):
     """docs/priming.md writes `bmojo-neuron train recipes/priming/cpu-mqar-source.yaml`: it works outside the checkout."""
     from bmojo_neuron import cli
