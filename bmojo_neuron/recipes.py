@@ -516,7 +516,7 @@ def resolve_recipe_path(path_or_name: str) -> Path:
         f"not a file, and no {name} under {', '.join(map(str, roots))}")
     if not known:  # the shipped recipes sit beside the package in a checkout, not inside it
         raise FileNotFoundError(f"recipe {path_or_name!r} not found: {where}, and no recipes/ folder there: the "
-                                f"shipped recipes live in the repository's recipes/ folder, which an install from a "
+                                "shipped recipes live in the repository's recipes/ folder, which an install from a "
                                 "wheel or `pip install .` leaves behind; install the checkout with `pip install -e .`, "
                                 "run from the checkout, or give a recipe's YAML path")
     raise FileNotFoundError(f"recipe {path_or_name!r} not found: {where}; known recipes: {', '.join(known)}")
