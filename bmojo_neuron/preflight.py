@@ -9,6 +9,7 @@ read files alone (`check_resumable`, `check_no_file_in_the_way`) before torch lo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -17,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from bmojo_neuron.checkpoints.layout import latest_intact_checkpoint
-from bmojo_neuron.checkpoints.state import read_recipe, resume_refusal
+from bmojo_neuron.checkpoints.locate import initial_weights_dir
+from bmojo_neuron.checkpoints.state import read_recipe, resume_refusal, stored_tokenizer
 from bmojo_neuron.compile_cache.units import format_size
 from bmojo_neuron.data.text import source_kind
+from bmojo_neuron.data.tokenizer import BYTE_TOKENIZER, hf_byte_tokenizer, tokenizer_file
 from bmojo_neuron.fsutil import DISK_FULL, file_in_the_way, unwritable_reason
 
 # Per parameter on disk: fp32 weights (4 B) and AdamW's two fp32 moments (8 B) in a checkpoint;
@@ -131,12 +134,9 @@ def check_init_tokenizer(recipe: Any) -> None:
     the wrong tokens, and nothing else would say so. Tokenizers are compared by their tokenizer.json's model,
     normalizer and pre-tokenizer (a byte-level folder `prime` or an export wrote is the ``byte`` tokenizer); one
     that cannot be read here (a hub name not in the local cache) is not judged."""
-    from bmojo_neuron.checkpoints.locate import initial_weights_dir
-    from bmojo_neuron.checkpoints.state import stored_tokenizer
-
     if recipe.data.kind != "text":
         return
-    learned, given = stored_tokenizer(initial_weights_dir(recipe.init.weights)), recipe.data.tokenizer or "byte"
+    learned, given = stored_tokenizer(initial_weights_dir(recipe.init.weights)), recipe.data.tokenizer or BYTE_TOKENIZER
     if learned is None or _same_name(learned, given):
         return
     learned_ids, given_ids = _token_ids_definition(learned), _token_ids_definition(given)
@@ -152,10 +152,6 @@ def _same_name(first: str, second: str) -> bool:
 def _token_ids_definition(tokenizer: str) -> dict[str, Any] | None:
     """What decides a tokenizer's ids for a text: its tokenizer.json's model, normalizer and pre-tokenizer, read
     from the file (the byte tokenizer: its byte-level equivalent's); None when there is no file to read."""
-    import json
-
-    from bmojo_neuron.data.tokenizer import BYTE_TOKENIZER, hf_byte_tokenizer, tokenizer_file
-
     if tokenizer == BYTE_TOKENIZER:
         document = json.loads(hf_byte_tokenizer().backend_tokenizer.to_str())
     else:
