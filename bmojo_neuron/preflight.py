@@ -9,6 +9,7 @@ read files alone (`check_resumable`, `check_no_file_in_the_way`) before torch lo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -17,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from bmojo_neuron.checkpoints.layout import latest_intact_checkpoint
-from bmojo_neuron.checkpoints.state import read_recipe, resume_refusal
+from bmojo_neuron.checkpoints.locate import initial_weights_dir
+from bmojo_neuron.checkpoints.state import read_recipe, resume_refusal, stored_tokenizer
 from bmojo_neuron.compile_cache.units import format_size
 from bmojo_neuron.data.text import source_kind
+from bmojo_neuron.data.tokenizer import BYTE_TOKENIZER, hf_byte_tokenizer, tokenizer_file
 from bmojo_neuron.fsutil import DISK_FULL, file_in_the_way, unwritable_reason
 
 # Per parameter on disk: fp32 weights (4 B) and AdamW's two fp32 moments (8 B) in a checkpoint;
@@ -116,11 +119,50 @@ def check_data_source(recipe: Any) -> None:
 
 def check_init_weights(recipe: Any) -> None:
     """A new run's ``init.weights`` must name a model folder holding the recipe's model, so a typo or a model
-    section that restates other sizes fails before the run starts (and before its data is built)."""
+    section that restates other sizes fails before the run starts (and before its data is built); a text run
+    must also read its data with the tokenizer that model learned."""
     if recipe.init.weights:
         from bmojo_neuron.checkpoints.inference import check_initial_config  # torch: the weights' shapes
 
         check_initial_config(recipe.init.weights, recipe.model_config(), recipe.model)
+        check_init_tokenizer(recipe)
+
+
+def check_init_tokenizer(recipe: Any) -> None:
+    """ValueError when a text recipe's ``data.tokenizer`` gives other ids than the tokenizer ``init.weights``'
+    model learned (a primed Llama fed the byte tokenizer of a shipped recipe): its embeddings would be read for
+    the wrong tokens, and nothing else would say so. Tokenizers are compared by their tokenizer.json's model,
+    normalizer and pre-tokenizer (a byte-level folder `prime` or an export wrote is the ``byte`` tokenizer); one
+    that cannot be read here (a hub name not in the local cache) is not judged."""
+    if recipe.data.kind != "text":
+        return
+    learned, given = stored_tokenizer(initial_weights_dir(recipe.init.weights)), recipe.data.tokenizer or BYTE_TOKENIZER
+    if learned is None or _same_name(learned, given):
+        return
+    learned_ids, given_ids = _token_ids_definition(learned), _token_ids_definition(given)
+    if learned_ids is not None and given_ids is not None and learned_ids != given_ids:
+        raise ValueError(f"init.weights {recipe.init.weights}: its model learned the ids of the tokenizer {learned}, "
+                         f"but data.tokenizer is {given}, which gives other ids; set data.tokenizer={learned}")
+
+
+def _same_name(first: str, second: str) -> bool:
+    return first == second or Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
+
+
+def _token_ids_definition(tokenizer: str) -> dict[str, Any] | None:
+    """What decides a tokenizer's ids for a text: its tokenizer.json's model, normalizer and pre-tokenizer, read
+    from the file (the byte tokenizer: its byte-level equivalent's); None when there is no file to read."""
+    if tokenizer == BYTE_TOKENIZER:
+        document = json.loads(hf_byte_tokenizer().backend_tokenizer.to_str())
+    else:
+        location = tokenizer_file(tokenizer, "tokenizer.json")
+        try:
+            document = json.loads(location.read_text(encoding="utf-8")) if isinstance(location, Path) else None
+        except (OSError, ValueError):  # unreadable: the data build names it
+            return None
+    if not isinstance(document, dict):
+        return None
+    return {key: document.get(key) for key in ("model", "normalizer", "pre_tokenizer")}
 
 
 def check_run_dirs(runs: list[tuple[Any, Path]], parameters: list[int], resume: bool) -> None:

@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence, Union
 
 import yaml
 
-from bmojo_neuron.config_fields import BMojoFields
+from bmojo_neuron.config_fields import BMojoFields, saved_defaults
 
 DEFAULT_RECIPE = "cpu-tiny"
 RECIPE_DIR = "recipes"
@@ -327,7 +327,9 @@ SECTIONS: dict[str, type] = {
 DATA_SECTIONS: dict[str, type] = {"mqar": MqarDataSection, "text": TextDataSection}
 OVERRIDABLE = ("run", "model", "data", "optim", "train", "eval", "checkpoint", "parallel", "init", "distill",
                "compare")
-SWITCHABLE = ("compare", "suite")  # ``compare=none`` / ``suite=none`` (also null, ~, false, off) drops the section
+# ``compare=none`` / ``suite=none`` / ``model=none`` (also null, ~, false, off) drops the section: the model's,
+# so that ``init.weights``' config is taken whole where a shipped recipe's model section restates other sizes
+SWITCHABLE = ("compare", "suite", "model")
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -512,7 +514,12 @@ def resolve_recipe_path(path_or_name: str) -> Path:
     # an absolute path is looked up nowhere else, so "no /abs/x.yaml under recipes/" would mislead
     where = "no such file" if candidate.is_absolute() else (
         f"not a file, and no {name} under {', '.join(map(str, roots))}")
-    raise FileNotFoundError(f"recipe {path_or_name!r} not found: {where}; known recipes: {', '.join(known) or 'none'}")
+    if not known:  # the shipped recipes sit beside the package in a checkout, not inside it
+        raise FileNotFoundError(f"recipe {path_or_name!r} not found: {where}, and no recipes/ folder there: the "
+                                "shipped recipes live in the repository's recipes/ folder, which an install from a "
+                                "wheel or `pip install .` leaves behind; install the checkout with `pip install -e .`, "
+                                "run from the checkout, or give a recipe's YAML path")
+    raise FileNotFoundError(f"recipe {path_or_name!r} not found: {where}; known recipes: {', '.join(known)}")
 
 
 def repository_root() -> Path:
@@ -544,7 +551,7 @@ def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any] | Sequenc
     """A copy of the raw document with dotted overrides set."""
     raw = copy.deepcopy(raw)
     for key, value in _normalise_overrides(overrides):
-        if key in SWITCHABLE:  # compare=none / suite=none
+        if key in SWITCHABLE:  # compare=none / suite=none / model=none; later model.KEY=VALUE set keys again
             raw[key] = None
             continue
         section, sub = key.split(".", 1)
@@ -697,7 +704,8 @@ def _init_config_fields(init: InitSection | None) -> dict[str, Any]:
         _fail("init.weights", f"{folder} holds a {config.get('model_type')!r} model, not a B'MOJO one; "
                               "start from it with `bmojo-neuron prime` first")
     valid = set(_config_fields())
-    return {key: value for key, value in config.items() if key in valid}
+    # a field the folder's config predates is the value its weights were trained with, not today's default
+    return {key: value for key, value in saved_defaults(config).items() if key in valid}
 
 
 def _model_folder(path: Path) -> Path | None:
@@ -791,9 +799,10 @@ def _normalise_overrides(overrides: Mapping[str, Any] | Sequence[str]) -> list[t
     for key, value in pairs:
         if key in SWITCHABLE:
             if not (value is None or value is False or value == "none"):
-                # compare is a section with keys; a suite is a list, whose entries only the recipe file sets
-                how = (f"change one of its keys with {key}.name=... or {key}.overrides=..." if key == "compare"
-                       else "its entries are set in the recipe file")
+                # compare and model are sections with keys; a suite is a list, whose entries only the recipe file sets
+                how = {"compare": "change one of its keys with compare.name=... or compare.overrides=...",
+                       "model": "set one of its keys with model.KEY=VALUE, e.g. model.window_size=64"}.get(
+                           key, "its entries are set in the recipe file")
                 raise ValueError(f"override {key!r}: {key}=none is the only value accepted (it drops the recipe's "
                                  f"{key}); {how}")
             continue

@@ -624,3 +624,18 @@ def test_kernels_profile_says_each_kernel_on_a_terminal_before_modelling_it(caps
     assert err.splitlines() == ["kernels profile: loading the NKI kernels and their emulator",
                                 *(f"  [{i}/3] {run}" for i, run in enumerate(done, 1))]
     assert "ssd_fwd" in out and "attention_fwd" in out and "[1/3]" not in out
+
+
+def test_kernels_profile_tables_keep_their_columns_for_long_shape_names():
+    """The Trn1 recipes' names (`prime-llama-3.2-1b-finetune`, 27 characters) are wider than the shape column
+    once was: every row's kernel, dims and numbers still start where the header's do."""
+    from bmojo_neuron.commands.kernels import attention_table, scan_table
+
+    row = {"kernel": "ssd_fwd", "dims": "L=2048", "time_ms": 1.0, "overlap_ms": 0.5, "serial_ms": 2.0,
+           "bound": "dma", "peak_share": 0.5, "tensor_util": 0.25}
+    rows = [{**row, "shape": name} for name in ("bmojo-130m", "prime-llama-3.2-1b-finetune")]
+    for table in (scan_table(rows), attention_table(rows)):
+        head, _, *body = table.splitlines()
+        for line in body[:2]:
+            assert line.index(" ssd_fwd ") + 1 == head.index("kernel")
+            assert line.index(" L=2048 ") + 1 == head.index("dims")

@@ -131,10 +131,15 @@ def test_init_weights_of_another_model_are_refused_before_the_run_starts(run, tm
                           "folder's: 'BM'), num_attention_heads 4 (the folder's: 2), intermediate_size 0 (the "
                           "folder's: 16), memory_size 32 (the folder's: 4), memory_picks 4 (the folder's: 1), "
                           "memory_decay 1.0 (the folder's: 0.99), ssm_head_dim 32 (the folder's: 4), ssm_chunk_size "
-                          "32 (the folder's: 8): leave these keys out to take the folder's")
+                          "32 (the folder's: 8): leave these keys out to take the folder's (the override "
+                          "model=none drops the recipe's whole model section)")
     assert not (tmp_path / "new").exists()
     assert cli.main([*argv, "--dry-run"]) == 0
     assert f"  init.weights: PROBLEM: {error.removeprefix('error: ')}\n" in capsys.readouterr().out
+    # the advice, followed on the command line: the folder's model whole, and nothing left to refuse
+    assert cli.main([*argv, "model=none", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"  init.weights: {run}: ok\n" in out and "  model    BM  d=8  " in out
 
 
 @pytest.mark.parametrize("command", [["eval"], ["inspect"], ["generate", "--prompt", "x"]])

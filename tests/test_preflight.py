@@ -168,3 +168,41 @@ def test_a_disk_full_wrapped_by_another_error_is_still_named():
     except RuntimeError as wrapped:
         assert cli.user_error(wrapped).startswith("disk full: No space left on device")
     assert cli.user_error(RuntimeError("a bug")) is None  # not the user's: a traceback
+
+
+def _primed_folder(folder: Path, tokenizer) -> Path:
+    """A tiny B'MOJO model folder as `prime` writes one: weights, config, the source's tokenizer files, and
+    bmojo_run.json naming the folder as its tokenizer."""
+    from naive import tiny_config
+
+    from bmojo_neuron import BMojoForCausalLM
+
+    torch.manual_seed(0)
+    BMojoForCausalLM(tiny_config(vocab_size=300)).save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    (folder / "bmojo_run.json").write_text(json.dumps({"tokenizer": str(folder), "recipe": {}}))
+    return folder
+
+
+def test_a_text_run_from_init_weights_reads_the_ids_that_model_learned(tmp_path, capsys, no_long_work):
+    """A model primed from a transformer with its own tokenizer, trained on a shipped text recipe (the byte
+    tokenizer) would have its embeddings read for other tokens: refused before the run starts, naming the
+    tokenizer to set. The byte-level folder an export or `prime` of a byte model writes is the byte tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from bmojo_neuron.data.tokenizer import hf_byte_tokenizer
+
+    backend = Tokenizer(models.WordLevel(vocab={**{f"w{i}": i for i in range(299)}, "</s>": 299}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    words = _primed_folder(tmp_path / "words", PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>"))
+    argv = ["train", "cpu-text", f"init.weights={words}", "model=none", "--output-dir", str(tmp_path / "run")]
+    capsys.readouterr()  # the save's progress bars
+    assert cli.main(argv) == 2
+    assert one_error_line(capsys) == (f"error: init.weights {words}: its model learned the ids of the tokenizer "
+                                      f"{words}, but data.tokenizer is byte, which gives other ids; set "
+                                      f"data.tokenizer={words}\n")
+    assert not (tmp_path / "run").exists()
+    for fine in ([f"init.weights={words}", f"data.tokenizer={words}"],
+                 [f"init.weights={_primed_folder(tmp_path / 'bytes', hf_byte_tokenizer())}"]):
+        preflight.check_init_tokenizer(load_recipe("cpu-text", [*fine, "model=none"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import typing
 from pathlib import Path
 
@@ -227,6 +228,8 @@ def test_validation_errors_name_the_key(document: dict, match: str) -> None:
         ("model.hidden_size=abc", r"recipe key model.hidden_size: must be an integer, got str 'abc'"),
         ("compare=yes", r"override 'compare': compare=none is the only value accepted \(it drops the recipe's "
                         r"compare\); change one of its keys with compare.name=... or compare.overrides=...$"),
+        ("model={}", r"^override 'model': model=none is the only value accepted \(it drops the recipe's model\); "
+                     r"set one of its keys with model.KEY=VALUE, e.g. model.window_size=64$"),
         ("suite=[]", r"^override 'suite': suite=none is the only value accepted \(it drops the recipe's suite\); "
                      r"its entries are set in the recipe file$"),  # suite.name=... is no override: a list has no keys
         ("data.kind=text", r"^recipe key data.vocab_size: is a key of mqar data, but data.kind is text: data.kind "
@@ -341,6 +344,35 @@ def test_compare_and_suite_can_be_switched_off_on_the_command_line(off: str, tmp
     assert load_recipe("cpu-tiny", [f"suite={off}"]).suite == []  # the B'MOJO run alone (the ablations)
     again = load_recipe(str(paired), ["compare=none", "compare.name=again", "compare.overrides={}"])
     assert again.compare is not None and again.compare.name == "again"  # later overrides win, in order
+
+
+def test_init_weights_saved_before_a_field_existed_build_the_layers_they_were_trained_with() -> None:
+    """The committed checkpoint's config.json predates `ssm_residual` (its B layer has no residual gain): a recipe
+    starting from it takes the value its weights were trained with, not today's default, which would add a
+    tensor the weights do not have."""
+    folder = Path(__file__).parent / "golden" / "checkpoints" / "finished"
+    assert "ssm_residual" not in json.loads((folder / "final" / "config.json").read_text())
+    recipe = Recipe.from_dict({"init": {"weights": str(folder)}, "data": {"vocab_size": 16, "num_kv_pairs": 2}})
+    assert recipe.model_config().ssm_residual is False
+    assert recipe.model_fields().ssm_residual is False
+
+
+def test_model_none_takes_the_init_weights_config_whole(tmp_path: Path) -> None:
+    """A shipped recipe restates its sizes in its model section; ``model=none`` drops that section, so a primed
+    folder's config (here d 64, ABAB, window 16) is the run's model, and later ``model.KEY`` overrides apply."""
+    folder = tmp_path / "primed"
+    folder.mkdir()
+    saved = BMojoConfig(vocab_size=256, hidden_size=64, num_hidden_layers=4, layer_pattern="ABAB",
+                        num_attention_heads=4, window_size=16, memory_chunk=16, ssm_chunk_size=16)
+    saved.save_pretrained(folder)
+    restated = load_recipe("cpu-text", [f"init.weights={folder}"])
+    assert restated.model_config().hidden_size == 128  # the recipe's own section wins over the folder's
+    taken = load_recipe("cpu-text", [f"init.weights={folder}", "model=none"])
+    assert taken.model == {}
+    config = taken.model_config()
+    assert (config.hidden_size, config.layer_pattern, config.window_size) == (64, "ABAB", 16)
+    changed = load_recipe("cpu-text", [f"init.weights={folder}", "model=none", "model.window_size=32"])
+    assert changed.model == {"window_size": 32} and changed.model_config().hidden_size == 64
 
 
 def _load_recall_grid():
@@ -506,6 +538,21 @@ def test_the_recall_grid_names_an_override_caught_by_a_list_option(tmp_path: Pat
                                      "model.ssm_state_size=16"])
     grid.main()  # no runs to report, and no error
     assert (tmp_path / "out" / "grid.md").is_file()
+
+
+def test_an_install_without_the_recipes_folder_says_where_the_recipes_are(tmp_path, monkeypatch, capsys):
+    """A wheel or `pip install .` puts the package in site-packages without the checkout's recipes/: the default
+    `bmojo-neuron train` then says how to get them, instead of listing no known recipes."""
+    from bmojo_neuron import cli, recipes
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(recipes, "repository_root", lambda: tmp_path / "site-packages")
+    assert cli.main(["train", "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: recipe 'cpu-tiny' not found: not a file, and no cpu-tiny.yaml under {tmp_path / 'recipes'}, "
+        f"{tmp_path / 'site-packages' / 'recipes'}, and no recipes/ folder there: the shipped recipes live in the "
+        "repository's recipes/ folder, which an install from a wheel or `pip install .` leaves behind; install the "
+        "checkout with `pip install -e .`, run from the checkout, or give a recipe's YAML path\n")
 
 
 def test_a_shipped_recipe_path_resolves_from_any_folder(tmp_path, monkeypatch, capsys):

@@ -123,8 +123,9 @@ def check_initial_config(path: str | Path, config: BMojoConfig, section: dict[st
         if not differ:
             raise
         layers = str(error).removesuffix(f"; {MATCH_ADVICE}")
+        # a shipped recipe's section cannot be edited from the command line, but it can be dropped there
         raise ValueError(f"{layers}; the model section sets {', '.join(differ)}: leave these keys out to take "
-                         "the folder's") from None
+                         "the folder's (the override model=none drops the recipe's whole model section)") from None
 
 
 def load_initial_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:

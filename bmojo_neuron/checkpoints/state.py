@@ -69,6 +69,18 @@ def stored_recipe(model_dir: Path) -> dict[str, Any]:
     return read_json_object(info).get("recipe", {}) if info.is_file() else {}
 
 
+def stored_tokenizer(model_dir: Path) -> str | None:
+    """The tokenizer whose ids the model in `model_dir` learned: a checkpoint's text ``data.tokenizer``, an
+    export's or primed folder's ``tokenizer`` in bmojo_run.json; None where none is recorded (an MQAR run's
+    task ids, a source primed without tokenizer files)."""
+    if is_complete(model_dir):
+        data = read_recipe(model_dir).get("data", {})
+        return str(data.get("tokenizer") or "byte") if data.get("kind") == "text" else None
+    info = model_dir / RUN_INFO_FILE
+    tokenizer = read_json_object(info).get("tokenizer") if info.is_file() else None
+    return str(tokenizer) if tokenizer else None
+
+
 # A refusal lists every changed key up to this many; more mean the folder holds another recipe's run, and a
 # screenful of keys would hide that: the most telling (`TELLING_KEYS`) are named and the rest counted.
 MAX_CHANGES_LISTED = 5

@@ -68,13 +68,19 @@ def run_job(job: tuple[Any, str, dict[str, Any]], index: int, total: int) -> dic
     return profile(kernel, shape)
 
 
+def shape_width(rows: list[dict[str, Any]]) -> int:
+    """The shape column's width: the recipes' names (`prime-llama-3.2-1b-finetune`) outgrow the usual 24."""
+    return max([24, *(len(r["shape"]) for r in rows)])
+
+
 def scan_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'shape':<24} {'kernel':<11} {'dims':<30} {'time ms':>9} {'overlap ms':>10} {'serial ms':>10} "
+    width = shape_width(rows)
+    head = (f"{'shape':<{width}} {'kernel':<11} {'dims':<30} {'time ms':>9} {'overlap ms':>10} {'serial ms':>10} "
             f"{'bound':<9} {'peak %':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         share = f"{100 * r['peak_share']:.0f}" if r["peak_share"] is not None else "-"
-        lines.append(f"{r['shape']:<24} {r['kernel']:<11} {r['dims']:<30} {r['time_ms']:>9.2f} "
+        lines.append(f"{r['shape']:<{width}} {r['kernel']:<11} {r['dims']:<30} {r['time_ms']:>9.2f} "
                      f"{r['overlap_ms']:>10.2f} {r['serial_ms']:>10.2f} {r['bound']:<9} {share:>7}")
     lines.append("time = the contention-aware timeline (engines in program order, the shared SBUF port of Vector + "
                  "GpSimd and PSUM port of Vector + Scalar, DMA engines, dependencies) on one Trn1 NeuronCore, batch 1; "
@@ -84,11 +90,12 @@ def scan_table(rows: list[dict[str, Any]]) -> str:
 
 
 def attention_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'shape':<24} {'kernel':<16} {'dims':<50} {'time ms':>8} {'overlap ms':>10} {'serial ms':>9} "
+    width = shape_width(rows)
+    head = (f"{'shape':<{width}} {'kernel':<16} {'dims':<50} {'time ms':>8} {'overlap ms':>10} {'serial ms':>9} "
             f"{'bound':<9} {'TE util %':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['shape']:<24} {r['kernel']:<16} {r['dims']:<50} {r['time_ms']:>8.2f} {r['overlap_ms']:>10.2f} "
+        lines.append(f"{r['shape']:<{width}} {r['kernel']:<16} {r['dims']:<50} {r['time_ms']:>8.2f} {r['overlap_ms']:>10.2f} "
                      f"{r['serial_ms']:>9.2f} {r['bound']:<9} {100 * r['tensor_util']:>9.1f}")
     lines.append("TE util = attention matmul FLOPs (exact attended keys) / (time x 92 TFLOPS bf16); time from the "
                  "contention-aware timeline; batch 1, bf16.")
