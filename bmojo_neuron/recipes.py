@@ -548,11 +548,19 @@ def count_parameters(recipe: Recipe) -> int:
 
 # ----------------------------------------------------------------------------- building
 def _apply_overrides(raw: dict[str, Any], overrides: Mapping[str, Any] | Sequence[str]) -> dict[str, Any]:
-    """A copy of the raw document with dotted overrides set."""
+    """A copy of the raw document with dotted overrides set.
+
+    Section drops (``model=none``) apply before every dotted key, wherever they stand on the command line, so
+    ``model.window_size=64 model=none`` and ``model=none model.window_size=64`` both keep that window: applied in
+    order, the first would drop the key it was just given, silently.
+    """
     raw = copy.deepcopy(raw)
-    for key, value in _normalise_overrides(overrides):
-        if key in SWITCHABLE:  # compare=none / suite=none / model=none; later model.KEY=VALUE set keys again
+    pairs = _normalise_overrides(overrides)
+    for key, _ in pairs:
+        if key in SWITCHABLE:
             raw[key] = None
+    for key, value in pairs:
+        if key in SWITCHABLE:
             continue
         section, sub = key.split(".", 1)
         target = raw.setdefault(section, {})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -624,6 +625,14 @@ def test_kernels_profile_says_each_kernel_on_a_terminal_before_modelling_it(caps
     assert err.splitlines() == ["kernels profile: loading the NKI kernels and their emulator",
                                 *(f"  [{i}/3] {run}" for i, run in enumerate(done, 1))]
     assert "ssd_fwd" in out and "attention_fwd" in out and "[1/3]" not in out
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)  # a log or a pipe: a line as each run finishes
+    done.clear()
+    assert main(["kernels", "profile", "--kernels", "ssd_fwd", "--attention", "attention_fwd", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert len(done) == 3 and len(err.splitlines()) == 3, err
+    for i, (run, line) in enumerate(zip(done, err.splitlines()), 1):
+        assert re.fullmatch(rf"kernels profile: \[{i}/3\] {re.escape(run)}: 1\.00 ms modelled, in \d+s", line), line
+    assert len(json.loads(out)) == 3  # stdout stays the JSON alone
 
 
 def test_kernels_profile_tables_keep_their_columns_for_long_shape_names():

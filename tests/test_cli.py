@@ -610,8 +610,10 @@ def test_a_missing_action_is_named_with_its_choices(capsys):
 
 
 def test_subcommand_help_describes_the_action(capsys):
-    """Each action of `checkpoint` and `cache` says what it does at the top of its own --help, as commands do."""
-    for argv in (["checkpoint", "consolidate"], ["checkpoint", "shard"], ["cache", "ls"], ["cache", "prune"]):
+    """Each action of `checkpoint`, `cache`, `data` and `kernels` says what it does at the top of its own --help,
+    as commands do, under a usage line that names the action."""
+    for argv in (["checkpoint", "consolidate"], ["checkpoint", "shard"], ["cache", "ls"], ["cache", "prune"],
+                 ["data", "prepare"], ["kernels", "profile"]):
         with pytest.raises(SystemExit) as exc:
             cli.main([*argv, "--help"])
         assert exc.value.code == 0

@@ -225,6 +225,22 @@ def test_a_folder_that_is_the_model_itself_writes_into_its_own_eval(run, tmp_pat
     assert f"wrote {export / 'eval' / 'length_eval.json'}" in capsys.readouterr().out
 
 
+def test_the_table_of_a_folder_without_a_recipe_names_the_model_and_the_data_apart(run, tmp_path, capsys):
+    """A primed or converted folder stores no recipe: the recipe ``--data`` names gives the data alone, so the
+    table's title names the folder as the model and that recipe as the data (not the recipe as the model)."""
+    folder = Path(shutil.copytree(run / "final", tmp_path / "primed"))
+    (folder / "bmojo_run.json").unlink()
+    (folder / "recipe.json").unlink()
+    recipe = json.loads((run / "recipe.json").read_text())
+    data = tmp_path / "fixture-data.yaml"
+    data.write_text(json.dumps({"run": {"name": "fixture-data"}, "data": recipe["data"]}), encoding="utf-8")
+    argv = ["eval", str(folder), "--lengths", "1", "--batches", "1", "--device", "cpu"]
+    assert cli.main([*argv, "--data", str(data), "num_kv_pairs=2"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"primed ({folder}), data: fixture-data num_kv_pairs=2"
+    assert cli.main(["eval", str(run), *argv[2:]]) == 0  # a run's own data: its name and the folder read
+    assert capsys.readouterr().out.splitlines()[0] == f"fixture ({run / 'final'})"
+
+
 @pytest.mark.parametrize("command", [["eval"], ["inspect"], ["generate", "--prompt", "x"]])
 def test_device_choices_of_the_inference_commands(command, run, capsys):
     name, *options = command

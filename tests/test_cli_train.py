@@ -581,7 +581,7 @@ def test_data_prepare_builds_the_cache_once(capsys, tmp_path):
     entries = list(cache.glob("text-*"))
     stages = [line.split(" ", 2)[1] for line in err.splitlines() if not line.startswith("cpu-text:   ")]
     assert stages == ["building", "tokenizing", "packing", "saving", "built"], err
-    assert err.startswith(f"cpu-text: building the data cache {cache}/text-"), err
+    assert err.startswith(f"cpu-text: building the data cache {cache.resolve()}/text-"), err
     assert len(entries) == 1 and (entries[0] / "meta.json").is_file()
     train, evaluation = load_text_dataset(block_size=512, cache_dir=cache)  # the recipe's other data settings
     assert f"{entries[0].resolve()} (built now)" in first
@@ -590,6 +590,18 @@ def test_data_prepare_builds_the_cache_once(capsys, tmp_path):
     assert cli.main(args) == 0
     out, err = capsys.readouterr()
     assert "(already there)" in out and err == "" and list(cache.glob("text-*")) == entries
+
+
+def test_data_prepare_names_a_relative_cache_by_one_absolute_path(capsys, tmp_path, monkeypatch):
+    """A relative ``data.cache_dir``: the build's first line and the report at the end name the same folder, the
+    absolute one (a path relative to the folder the command ran in would not be found from another)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["data", "prepare", "cpu-text", "data.cache_dir=cache", "data.block_size=512"]) == 0
+    out, err = capsys.readouterr()
+    (built,) = (tmp_path / "cache").resolve().glob("text-*")
+    assert err.startswith(f"cpu-text: building the data cache {built}: reading "), err
+    assert "saving " in err and f" blocks into {built}\n" in err
+    assert out.startswith(f"cpu-text: {built} (built now)\n"), out
 
 
 def test_data_prepare_builds_the_cache_where_train_reads_it(capsys, tmp_path, monkeypatch):

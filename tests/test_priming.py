@@ -196,9 +196,11 @@ def test_cli_writes_a_loadable_primed_folder_with_the_tokenizer(tmp_path, capsys
     save_tokenizer(source_dir)
     capsys.readouterr()
     assert main(["prime", str(source_dir), str(output), "--pattern", "A", "--compare-tokens", "32"]) == 0
-    printed = capsys.readouterr().out
-    assert "copied" in printed and "max relative difference" in printed
-    assert float(printed.rsplit("difference", 1)[1]) <= TOLERANCE
+    *report, difference, next_line = capsys.readouterr().out.splitlines()
+    assert any("copied" in line for line in report) and "max relative difference" in difference
+    assert float(difference.rsplit("difference", 1)[1]) <= TOLERANCE
+    assert next_line.startswith(f"next: bmojo-neuron train RECIPE init.weights={output} model=none "
+                                f"data.tokenizer={output}  (RECIPE: ")  # the tokenizer it copied, named
     info = json.loads((output / "bmojo_run.json").read_text())
     assert info["tokenizer"] == str(output.resolve()) and info["priming"]["layer_pattern"] == "AA"
     assert AutoTokenizer.from_pretrained(str(output)).encode("w3 w7") == [3, 7]
@@ -206,6 +208,19 @@ def test_cli_writes_a_loadable_primed_folder_with_the_tokenizer(tmp_path, capsys
     ids = random_ids()
     with torch.no_grad():
         assert relative_difference(source_logits(source, ids), trained.model(ids).logits) <= TOLERANCE
+
+
+def test_prime_s_next_line_names_the_tokenizer_only_where_the_model_learned_another(tmp_path, monkeypatch):
+    """Bytes (or no tokenizer recorded: the source had no files) are what a text recipe reads by default; a
+    tokenizer copied into the folder is named by the OUTPUT as given, any other (a hub name) as recorded."""
+    from bmojo_neuron.commands.prime import next_line
+
+    monkeypatch.chdir(tmp_path)
+    plain = "next: bmojo-neuron train RECIPE init.weights=out model=none  (RECIPE: a text recipe, e.g. cpu-text; "
+    assert next_line("out", None).startswith(plain) and next_line("out", "byte").startswith(plain)
+    assert " model=none data.tokenizer=out  (" in next_line("out", str(tmp_path / "out"))
+    assert " model=none data.tokenizer=Qwen/Qwen3-0.6B  (" in next_line("out", "Qwen/Qwen3-0.6B")
+    assert "'init.weights=my primed' model=none" in next_line("my primed", None)  # pasted into a shell whole
 
 
 @pytest.mark.parametrize(

@@ -343,7 +343,7 @@ def test_compare_and_suite_can_be_switched_off_on_the_command_line(off: str, tmp
     assert load_recipe("mqar-suite", [f"suite={off}"]).suite == []
     assert load_recipe("cpu-tiny", [f"suite={off}"]).suite == []  # the B'MOJO run alone (the ablations)
     again = load_recipe(str(paired), ["compare=none", "compare.name=again", "compare.overrides={}"])
-    assert again.compare is not None and again.compare.name == "again"  # later overrides win, in order
+    assert again.compare is not None and again.compare.name == "again"  # the drop first, then its keys
 
 
 def test_init_weights_saved_before_a_field_existed_build_the_layers_they_were_trained_with() -> None:
@@ -373,6 +373,22 @@ def test_model_none_takes_the_init_weights_config_whole(tmp_path: Path) -> None:
     assert (config.hidden_size, config.layer_pattern, config.window_size) == (64, "ABAB", 16)
     changed = load_recipe("cpu-text", [f"init.weights={folder}", "model=none", "model.window_size=32"])
     assert changed.model == {"window_size": 32} and changed.model_config().hidden_size == 64
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model=none", "model.window_size=32"],
+    ["model.window_size=32", "model=none"],
+])
+def test_a_section_drop_applies_before_its_keys_whichever_comes_first(overrides: list[str], tmp_path: Path) -> None:
+    """``X=none`` empties the section before any ``X.KEY=VALUE`` is set, so the command line's order does not
+    decide whether the key survives (applied in order, ``model.window_size=32 model=none`` would lose it)."""
+    assert load_recipe("cpu-text", overrides).model == {"window_size": 32}
+    paired = tmp_path / "paired.yaml"
+    paired.write_text("compare: {name: ssm, overrides: {model.layer_pattern: MMMMMMMMMMMM}}\n", encoding="utf-8")
+    compare = [o.replace("model.window_size=32", "compare.name=again").replace("model=", "compare=")
+               for o in overrides]
+    again = load_recipe(str(paired), [*compare, "compare.overrides={}"])
+    assert (again.compare.name, again.compare.overrides) == ("again", {})
 
 
 def _load_recall_grid():

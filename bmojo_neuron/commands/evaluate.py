@@ -200,6 +200,17 @@ def evaluating_line(source: Path, recipe: Any, lengths: Sequence[int], batches: 
             f"{batches} batch{'es' if batches > 1 else ''} of {batch_size} sequences each")
 
 
+def eval_title(trained: Any, data_args: Sequence[str], where: bool = True) -> str:
+    """The model evaluated and, with ``--data``, the data it was evaluated on, named apart: a folder no run
+    produced (primed, converted) stores no recipe, and the recipe ``--data`` names for it is the data's, not the
+    model's. The model is its run's name, else its folder's; `where` adds the folder read (``runs/x/final``)."""
+    name = (trained.recipe.get("run") or {}).get("name") or trained.source.name
+    title = f"{name} ({trained.source})" if where else str(name)
+    if data_args:
+        title += ", data: " + " ".join(Path(a).stem if "=" not in a else a for a in data_args)
+    return title
+
+
 def build_lines(recipe: Any) -> Any:
     """Where the libraries' bars are off (stderr not a terminal: a log, a pipe), a `BuildProgress` that says a
     text cache build's stages on stderr after the run's name, as `data prepare` does; None on a terminal."""
@@ -242,9 +253,8 @@ def run(args: argparse.Namespace) -> int:
         _, eval_data = build_datasets(recipe, build_lines(recipe))
     rows = length_generalisation(trained.model, recipe, eval_data, lengths, batch_size, device, batches,
                                  recipe.train.precision)
-    title = f"{recipe.run.name} ({trained.source})"
-    print(format_length_table(rows, title=title))
+    print(format_length_table(rows, title=eval_title(trained, args.data)))
     (out / "length_eval.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2))
-    plot = plot_length(rows, out / "length_eval.png", title=recipe.run.name)
+    plot = plot_length(rows, out / "length_eval.png", title=eval_title(trained, args.data, where=False))
     print(f"\nwrote {out / 'length_eval.json'}" + (f" and {plot}" if plot else ""))
     return 0

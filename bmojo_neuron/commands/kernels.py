@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+import sys
+import time
+from typing import Any, Callable
 
 from bmojo_neuron.cli import register_command, say_on_terminal
 
@@ -13,14 +15,20 @@ ATTENTION_KERNELS = "attention_fwd,attention_bwd,attention_2pass"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["profile"], help="what to do (profile: modelled Trn1 time per kernel)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--kernels", default=SCAN_KERNELS, help=f"comma-separated subset of {SCAN_KERNELS}")
-    parser.add_argument("--calibration-only", action="store_true", help="only the tutorial's calibration shape")
-    parser.add_argument("--attention", default=ATTENTION_KERNELS,
-                        help="comma-separated subset of attention_fwd, attention_bwd, attention_2pass (the fused "
-                             "kernel vs two sliding-window passes merged, as B'MOJO-F does), or 'none'; "
-                             "skipped with --calibration-only")
+    # An action of its own parser, so that `kernels profile --help` shows `bmojo-neuron kernels profile` in its
+    # usage line and the options under it, as `data prepare --help` does.
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    profile = sub.add_parser("profile", help="modelled Trn1 time per kernel and shape",
+                             description="model each NKI kernel's Trn1 time with the emulator's cost model, at the "
+                                         "tutorial's calibration shape and each recipes/trn1 shape (minutes), and "
+                                         "print a table")
+    profile.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    profile.add_argument("--kernels", default=SCAN_KERNELS, help=f"comma-separated subset of {SCAN_KERNELS}")
+    profile.add_argument("--calibration-only", action="store_true", help="only the tutorial's calibration shape")
+    profile.add_argument("--attention", default=ATTENTION_KERNELS,
+                         help="comma-separated subset of attention_fwd, attention_bwd, attention_2pass (the fused "
+                              "kernel vs two sliding-window passes merged, as B'MOJO-F does), or 'none'; "
+                              "skipped with --calibration-only")
 
 
 def _names(text: str) -> list[str]:
@@ -60,12 +68,21 @@ def run(args: argparse.Namespace) -> int | None:
     return 0
 
 
-def run_job(job: tuple[Any, str, dict[str, Any]], index: int, total: int) -> dict[str, Any]:
-    """One kernel modelled at one shape, said first on a terminal: each takes seconds to a minute of the
-    emulator's cost model, the whole profile minutes, and the table prints only at the end."""
+def run_job(job: tuple[Any, str, dict[str, Any]], index: int, total: int,
+            clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+    """One kernel modelled at one shape: each takes seconds to a minute of the emulator's cost model, the whole
+    profile minutes, and the table prints only at the end. On a terminal it is named before it starts; in a log
+    or a pipe, where no one watches it start, a line on stderr says it finished, with its modelled and its own
+    time, so the log shows the profile moving (stdout stays the table, or the JSON)."""
     profile, kernel, shape = job
-    say_on_terminal(f"  [{index}/{total}] {kernel} at {shape['name']}")
-    return profile(kernel, shape)
+    what = f"[{index}/{total}] {kernel} at {shape['name']}"
+    say_on_terminal(f"  {what}")
+    start = clock()
+    row = profile(kernel, shape)
+    if not sys.stderr.isatty():
+        print(f"kernels profile: {what}: {row['time_ms']:.2f} ms modelled, in {clock() - start:.0f}s",
+              file=sys.stderr, flush=True)
+    return row
 
 
 def shape_width(rows: list[dict[str, Any]]) -> int:

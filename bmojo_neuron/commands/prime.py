@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+from pathlib import Path
 
 from bmojo_neuron.cli import register_command
 
@@ -43,8 +45,6 @@ def parse_overrides(items: list[str]) -> dict:
 @register_command("prime", help="initialise a B'MOJO model from a Llama, Mistral or Qwen checkpoint",
                   add_arguments=add_arguments)
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from bmojo_neuron.fsutil import check_new_output
     from bmojo_neuron.priming.options import check_options, expand_pattern
     from bmojo_neuron.priming.source_files import check_source_files
@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     check_options(overrides)
     layers = config.get("num_hidden_layers")
     expand_pattern(args.pattern, layers if isinstance(layers, int) and layers > 0 else len(args.pattern))
+    from bmojo_neuron.checkpoints.state import stored_tokenizer
     from bmojo_neuron.priming import prime
     from bmojo_neuron.priming.compare import compare_with_source
 
@@ -70,7 +71,19 @@ def run(args: argparse.Namespace) -> int:
     if args.compare_tokens:
         difference = compare_with_source(primed, args.compare_tokens, seed=args.seed)
         print(f"  logits vs source on {args.compare_tokens} random tokens: max relative difference {difference:.2e}")
+    print(next_line(args.output, stored_tokenizer(Path(args.output).expanduser())))
     return 0
+
+
+def next_line(output: str, tokenizer: str | None) -> str:
+    """The command that trains the primed folder: ``model=none`` drops a shipped recipe's model section, which
+    restates other sizes, so the folder's config is taken whole; a tokenizer other than bytes (the source's,
+    copied into the folder) is named, since a recipe's own would feed the model ids it never learned."""
+    command = ["bmojo-neuron", "train", "RECIPE", f"init.weights={output}", "model=none"]
+    if tokenizer is not None and tokenizer != "byte":
+        same = Path(tokenizer) == Path(output).expanduser().resolve()
+        command.append(f"data.tokenizer={output if same else tokenizer}")
+    return f"next: {shlex.join(command)}  (RECIPE: a text recipe, e.g. cpu-text; docs/priming.md)"
 
 
 def format_report(primed, output: str) -> str:

@@ -125,9 +125,11 @@ def _cache_settings(source: str, kind: str, tokenizer: str, block_size: int, eva
 
 
 def _cache_folder(settings: dict[str, Any], cache_dir: str | os.PathLike | None) -> Path:
+    """The cache folder of `settings` under `cache_dir`, resolved: the build's lines name it as the folder read
+    back names it (`prepare.dataset_dir`), so a relative ``data.cache_dir`` is one absolute path in all of them."""
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
     root = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR
-    return root / f"text-{key}"
+    return root.resolve() / f"text-{key}"
 
 
 @contextmanager
