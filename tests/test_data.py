@@ -611,12 +611,14 @@ def test_a_malformed_tokenizer_json_is_one_error_naming_the_tokenizer(tmp_path):
 
 def test_a_tokenizer_json_of_another_json_type_is_one_error_naming_the_tokenizer(tmp_path: Path) -> None:
     """A tokenizer.json holding a JSON list: transformers fails on it with a TypeError of its own, and the tokenizers
-    library refuses the file, so it is the ``data.tokenizer`` error too."""
+    library refuses the file, so it is the ``data.tokenizer`` error too, which gives the library's reason (the
+    TypeError names nothing in the file)."""
     folder = tmp_path / "tok"
     folder.mkdir()
     (folder / "tokenizer.json").write_text("[]")
     with pytest.raises(ValueError, match=f"data.tokenizer '{folder}': not 'byte' and not loadable as a Hugging Face "
-                                         "tokenizer "):
+                                         r"tokenizer .*\): tokenizer.json: invalid type: sequence, expected struct "
+                                         "Tokenizer at line 1 column 2$"):
         load_tokenizer(str(folder))
 
 
