@@ -70,6 +70,7 @@ def cases(work: Path) -> list[Case]:
         Case("generate from an export with a truncated weights file",
              ["generate", str(work / "damaged" / "final"), "--prompt", "ab"], "damaged"),
         Case("an override value that is not YAML", [*train, "optim.betas=[0.9"]),
+        Case("a section given a value other than none", ["train", "cpu-tiny", "--output-dir", out, "model=64"]),
         Case("a length multiple given twice", [*train, "eval.length_multipliers=[1,1]"]),
         Case("an empty --output-dir", ["train", "--output-dir", ""]),
         Case("an empty recipe file", ["train", str(work / "empty.yaml"), "--output-dir", out], "empty"),
@@ -114,6 +115,15 @@ def cases(work: Path) -> list[Case]:
         Case("a local tokenizer that names no eos token", ["train", "cpu-text", "--output-dir", str(work / "no-eos"),
                                                           f"data.tokenizer={work / 'tokenizer-no-eos'}"],
              "tokenizer_no_eos"),
+        Case("a local tokenizer.json holding a JSON list", ["train", "cpu-text", "--output-dir", str(work / "list"),
+                                                           f"data.tokenizer={work / 'tokenizer-list'}"],
+             "tokenizer_list"),
+        Case("a text run from a primed folder whose model learned another tokenizer (data.tokenizer unset)",
+             ["train", "cpu-text", "--output-dir", str(work / "from-primed"), f"init.weights={work / 'primed-words'}",
+              "model=none"], "primed_words"),
+        Case("a run from a primed folder of another size, without model=none",
+             ["train", "cpu-text", "--output-dir", str(work / "from-primed"), f"init.weights={work / 'primed-words'}"],
+             "primed_words"),
         Case("train --resume into another recipe's run", ["train", "cpu-text", "--resume", "--output-dir", out],
              "used"),
         Case("eval of an MQAR model on text of a local tokenizer with more ids",
@@ -123,6 +133,7 @@ def cases(work: Path) -> list[Case]:
               str(work / "neff-cache")], "story"),
         Case("a launch plan with port 99999", ["plan", "trn1/bmojo-130m", "--master-port", "99999"]),
         Case("an option that does not exist", [*train, "--bogus"]),
+        Case("kernels profile with an option that does not exist", ["kernels", "profile", "--bogus"]),
         Case("a Neuron recipe without the Neuron SDK", ["train", "trn1/bmojo-130m", "--output-dir", out]),
     ]
 
@@ -168,16 +179,21 @@ def prepare(step: str, work: Path) -> None:
         config.write_text(config.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
     elif step == "tokenizer_300":
         prepare("used", work)
-        (work / "tokenizer-300").mkdir(exist_ok=True)
-        vocab = {f"w{i}": i for i in range(300)}
-        (work / "tokenizer-300" / "tokenizer.json").write_text(
-            json.dumps({"model": {"type": "WordLevel", "unk_token": "w0", "vocab": vocab}, "added_tokens": []}))
+        save_word_tokenizer(work / "tokenizer-300", 300)
     elif step == "tokenizer_no_eos":
-        (work / "tokenizer-no-eos").mkdir(exist_ok=True)
-        vocab = {f"w{i}": i for i in range(40)}
-        (work / "tokenizer-no-eos" / "tokenizer.json").write_text(
-            json.dumps({"model": {"type": "WordLevel", "unk_token": "w0", "vocab": vocab}, "added_tokens": []}))
+        save_word_tokenizer(work / "tokenizer-no-eos", 40)
         (work / "tokenizer-no-eos" / "tokenizer_config.json").write_text('{"tokenizer_class": "TokenizersBackend"}')
+    elif step == "tokenizer_list":
+        (work / "tokenizer-list").mkdir(exist_ok=True)
+        (work / "tokenizer-list" / "tokenizer.json").write_text("[]")
+    elif step == "primed_words" and not (work / "primed-words").exists():
+        save_tiny_llama(work / "llama-words", vocab_size=300)  # a source with a tokenizer of its own, as on the hub
+        save_word_tokenizer(work / "llama-words", 300)
+        (work / "llama-words" / "tokenizer_config.json").write_text(
+            '{"tokenizer_class": "TokenizersBackend", "eos_token": "w0"}')
+        primed = cli(["prime", str(work / "llama-words"), str(work / "primed-words"), "--pattern", "A"], work)
+        if primed.returncode != 0:  # its cases would be refused for a missing folder instead, and counted as handled
+            raise RuntimeError(f"prime of the set-up's Llama failed:\n{primed.stderr}")
     elif step == "story":
         (work / "story.txt").write_text("Once upon a time.\n" * 50)
     elif step == "damaged" and not (work / "damaged" / "final").exists():
@@ -186,12 +202,22 @@ def prepare(step: str, work: Path) -> None:
         weights.write_bytes(weights.read_bytes()[:200])
 
 
-def save_tiny_llama(path: Path) -> None:
-    """A 2-layer Llama with random weights (vocabulary 128), as a user's source checkpoint."""
+def save_tiny_llama(path: Path, vocab_size: int = 128) -> None:
+    """A 2-layer Llama with random weights, as a user's source checkpoint."""
     code = ("import sys, torch, transformers as t; torch.manual_seed(0); "
-            "c = t.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, "
-            "num_attention_heads=4, num_key_value_heads=2); t.LlamaForCausalLM(c).save_pretrained(sys.argv[1])")
-    subprocess.run([sys.executable, "-c", code, str(path)], check=True, capture_output=True, timeout=300)
+            "c = t.LlamaConfig(vocab_size=int(sys.argv[2]), hidden_size=64, intermediate_size=128, "
+            "num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2); "
+            "t.LlamaForCausalLM(c).save_pretrained(sys.argv[1])")
+    subprocess.run([sys.executable, "-c", code, str(path), str(vocab_size)], check=True, capture_output=True,
+                   timeout=300)
+
+
+def save_word_tokenizer(folder: Path, ids: int) -> None:
+    """A tokenizer.json of one id per word (w0, w1, ...): a tokenizer other than bytes, written without a hub."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {f"w{i}": i for i in range(ids)}
+    (folder / "tokenizer.json").write_text(
+        json.dumps({"model": {"type": "WordLevel", "unk_token": "w0", "vocab": vocab}, "added_tokens": []}))
 
 
 def handled(done: subprocess.CompletedProcess) -> bool:
@@ -281,11 +307,18 @@ def write_doc(rows: list, load: float, cores: int) -> None:
         "|---|---|---|---|---|---|",
     ]
     for case, ok, code, seconds, cpu, last in rows:
-        shown = last.replace("|", "\\|")
-        if len(shown) > 160:
-            shown = shown[:157] + "..."
+        shown = shortened(last).replace("|", "\\|")
         lines.append(f"| {case.what} | {'yes' if ok else 'NO'} | {code} | {seconds:.1f} | {cpu:.1f} | {shown} |")
     DOC.write_text("\n".join(lines) + "\n")
+
+
+def shortened(line: str, width: int = 160) -> str:
+    """`line` in at most `width` characters, cut in its middle: a refusal's start says what is wrong and its end
+    what to do (the key to set, the override to add), so a row keeps both."""
+    if len(line) <= width:
+        return line
+    head = (width - len(" ... ")) // 2
+    return f"{line[:head]} ... {line[len(line) - (width - len(' ... ') - head):]}"
 
 
 if __name__ == "__main__":

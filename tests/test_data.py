@@ -609,12 +609,15 @@ def test_a_malformed_tokenizer_json_is_one_error_naming_the_tokenizer(tmp_path):
         load_tokenizer(str(folder))
 
 
-@pytest.mark.parametrize("content, says", [('{"model": ', ": Expecting value: line 1 column 11"), ("[]", "")],
-                         ids=["not-json", "a-json-list"])
+@pytest.mark.parametrize("content, says", [
+    ('{"model": ', ": Expecting value: line 1 column 11"),
+    ("[]", r"\): tokenizer.json: invalid type: sequence, expected struct Tokenizer at line 1 column 2$"),
+], ids=["not-json", "a-json-list"])
 def test_a_tokenizer_json_that_is_no_tokenizer_is_one_error_naming_the_tokenizer(tmp_path: Path, content: str,
                                                                                 says: str) -> None:
     """A tokenizer.json that is not JSON (a ValueError), or JSON of another type: transformers fails on a list with a
-    TypeError of its own, and the tokenizers library refuses the file, so it is the ``data.tokenizer`` error too."""
+    TypeError of its own, and the tokenizers library refuses the file, so it is the ``data.tokenizer`` error too,
+    with the library's reason (the TypeError names nothing in the file)."""
     folder = tmp_path / "tok"
     folder.mkdir()
     (folder / "tokenizer.json").write_text(content)

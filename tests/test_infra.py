@@ -790,17 +790,43 @@ def test_runbook_signal_advice_matches_the_script():
     assert "--signal=TERM@300" in text
 
 
-def test_reliability_report_help_runs_nothing(capsys, monkeypatch):
-    """`infra/reliability_report.py --help` prints its usage and exits: a run takes minutes and rewrites
-    docs/reliability.md."""
+def _reliability_report(monkeypatch):
     spec = importlib.util.spec_from_file_location("reliability_report", INFRA / "reliability_report.py")
     report = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, report)  # its dataclasses look their module up there
     spec.loader.exec_module(report)
+    return report
+
+
+def test_reliability_report_help_runs_nothing(capsys, monkeypatch):
+    """`infra/reliability_report.py --help` prints its usage and exits: a run takes minutes and rewrites
+    docs/reliability.md."""
+    report = _reliability_report(monkeypatch)
     report.cli = lambda *a, **k: pytest.fail("--help ran a case")
     with pytest.raises(SystemExit) as exit_:
         report.main(["--help"])
     assert exit_.value.code == 0 and capsys.readouterr().out.startswith("usage: ")
+
+
+def test_reliability_report_rows_keep_both_ends_of_a_long_error_line(tmp_path, monkeypatch):
+    """A long refusal is shortened in its middle: its start says what is wrong, its end what to do (the
+    override model=none, the data.tokenizer to set), and the table's row keeps both."""
+    report = _reliability_report(monkeypatch)
+    monkeypatch.setattr(report, "DOC", tmp_path / "reliability.md")
+    long_line = ("error: init.weights /runs/primed: its model does not have the recipe's layers (missing "
+                 + "['model.layers.0.mixer.ssm.D'], " * 8 + "...); leave these keys out (the override model=none "
+                 "drops the recipe's whole model section)")
+    short_line = "error: --batches must be >= 1, got 0 | a pipe"
+    report.write_doc([(report.Case("long", []), True, 2, 1.0, 0.2, long_line),
+                      (report.Case("short", []), True, 2, 1.0, 0.2, short_line)], 1.0, 2)
+    rows = {row.split(" | ")[0]: row.split(" | ")[-1] for row in report.DOC.read_text().splitlines()
+            if row.startswith(("| long", "| short"))}
+    shown = rows["| long"].removesuffix(" |")
+    assert len(shown) <= 160
+    assert shown.startswith("error: init.weights /runs/primed: its model does not have the recipe's layers")
+    assert shown.endswith("(the override model=none drops the recipe's whole model section)")
+    assert " ... " in shown
+    assert rows["| short"] == "error: --batches must be >= 1, got 0 \\| a pipe |"
 
 
 def test_sbatch_help():

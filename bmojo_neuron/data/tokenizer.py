@@ -63,33 +63,35 @@ def load_tokenizer(name_or_path: str) -> Any:
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:  # no tokenizer files there, or a file that is not JSON (a ValueError)
         raise _not_loadable(name_or_path, err) from None
-    except Exception as err:
-        if not _refused_by_tokenizers(name_or_path):
+    except Exception:
+        refusal = _tokenizers_refusal(name_or_path)
+        if refusal is None:
             raise
-        raise _not_loadable(name_or_path, err) from None
+        raise _not_loadable(name_or_path, f"tokenizer.json: {refusal}") from None
 
 
-def _not_loadable(name_or_path: str, err: Exception) -> ValueError:
+def _not_loadable(name_or_path: str, reason: Exception | str) -> ValueError:
     return ValueError(f"data.tokenizer {name_or_path!r}: not 'byte' and not loadable as a Hugging Face tokenizer "
-                      f"(a local folder with tokenizer files, or a hub name when online): {err}")
+                      f"(a local folder with tokenizer files, or a hub name when online): {reason}")
 
 
-def _refused_by_tokenizers(name_or_path: str) -> bool:
-    """Whether the tokenizers library refuses the tokenizer's tokenizer.json. For JSON that is not a tokenizer it
-    can build (a field missing, a wrong type) it raises a bare `Exception` naming the field, and transformers fails
-    on such a file with whatever its own code meets first (`[]` gives a TypeError), so the file's refusal, not the
-    error's type, says the tokenizer is at fault. Any error from the load of a file the library accepts (a bug in
-    transformers or in the tokenizers library) is not this tokenizer's fault and keeps its traceback."""
+def _tokenizers_refusal(name_or_path: str) -> str | None:
+    """Why the tokenizers library refuses the tokenizer's tokenizer.json, or None when it reads the file. For JSON
+    that is not a tokenizer it can build (a field missing, a wrong type) it raises a bare `Exception` naming what
+    is wrong, and transformers fails on such a file with whatever its own code meets first (`[]` gives a
+    TypeError naming nothing in the file), so the file's refusal, not the error's type, says the tokenizer is at
+    fault, and its words say why. Any error from the load of a file the library accepts (a bug in transformers
+    or in the tokenizers library) is not this tokenizer's fault and keeps its traceback."""
     location = tokenizer_file(name_or_path, "tokenizer.json")
     if isinstance(location, NotHere):
-        return False
+        return None
     from tokenizers import Tokenizer
 
     try:
         Tokenizer.from_file(str(location))
     except Exception as refusal:  # noqa: BLE001 - the library's refusal is a bare Exception
-        return type(refusal) is Exception
-    return False
+        return str(refusal) if type(refusal) is Exception else None
+    return None
 
 
 def check_tokenizer_reachable(name_or_path: str) -> None:
