@@ -318,7 +318,8 @@ def shortened(line: str, width: int = 160) -> str:
     if len(line) <= width:
         return line
     head = (width - len(" ... ")) // 2
-    return f"{line[:head]} ... {line[len(line) - (width - len(' ... ') - head):]}"
+    tail = width - len(" ... ") - head
+    return f"{line[:head].rstrip()} ... {line[len(line) - tail:].lstrip()}"
 
 
 if __name__ == "__main__":
