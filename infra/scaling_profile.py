@@ -18,6 +18,14 @@ grows with L while the windows and the memory fill; the rest should not grow at 
 The exponents printed are the scaling suite's fit (least-squares slope of log time
 against log L) for the layer, the op, the rest, and the layer with the op held at its
 per-token cost at the longest length (what the windows filling adds).
+
+Last, the floor: the exponent the layer would have if its attention computed exactly the
+needed pairs, no more, at the rate torch's fused CPU kernel reaches on this core (measured
+here on the op's tile shape: about the core's matrix-product ceiling). Forward and backward
+of one query-key pair of one head cost ``14 * head_dim`` flops as the kernel does them (the
+backward recomputes the scores), ``12 * head_dim`` if the scores were kept. With the rest
+linear, this is the lowest exponent any exact implementation of the attention reaches on
+this machine: the keys a query needs double from 1K to 16K by the model's definition.
 """
 
 from __future__ import annotations
@@ -38,6 +46,14 @@ from bmojo_neuron.bench.harness import fit_exponent
 from bmojo_neuron.closed_stdout import exit_status_on_closed_stdout
 from bmojo_neuron.host_allocator import keep_freed_memory
 from bmojo_neuron.ops.reference.eidetic_attention_fused import call_pieces, default_block
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# Flops per query-key pair and head, per unit of head_dim, forward + backward: the forward's two products
+# (scores, values) and the backward's five (scores again, the values' and the probabilities' gradients, the
+# queries' and the keys' gradients), each a multiply and an add per element; two fewer if scores were kept.
+FLOPS_PER_PAIR_RECOMPUTED = 14
+FLOPS_PER_PAIR_KEPT = 12
 
 
 def key_pairs(length: int, config) -> tuple[float, float]:
@@ -76,6 +92,26 @@ def layer_and_op(layer: torch.nn.Module, length: int, hidden: int) -> tuple[Call
     return layer_run, forward_backward(*capture.calls["op"])
 
 
+def kernel_flops_per_second(heads: int, head_dim: int, block: int, rounds: int) -> float:
+    """Flops per second of torch's fused CPU attention, forward + backward, on (block x 3 block) tiles."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads * 4, block, head_dim, generator=g)
+    k, v = (torch.randn(1, heads * 4, 3 * block, head_dim, generator=g) for _ in range(2))
+    grad = torch.randn_like(q)
+
+    def run() -> None:
+        out, lse = _flash(q, k, v)
+        _flash_backward(grad, q, k, v, out, lse, 0.0, False)
+
+    seconds = math.inf
+    for r in range(rounds + 1):  # the first round warms up
+        start = time.process_time()
+        run()
+        if r:
+            seconds = min(seconds, time.process_time() - start)
+    return FLOPS_PER_PAIR_RECOMPUTED * head_dim * q.shape[1] * block * 3 * block / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
@@ -111,6 +147,18 @@ def main() -> None:
     print(f"\ntime exponents: layer {exponent(layer_us)}, attention op {exponent(op_us)}, "
           f"rest {exponent(layer_us - op_us)}; the layer with the op at its L={lengths[-1]:,} cost per token "
           f"throughout {exponent(layer_us - op_us + op_us[-1])}")
+
+    config = built.config
+    heads, head_dim = config.num_attention_heads, config.head_dim
+    rate = kernel_flops_per_second(heads, head_dim, default_block(config.window_size, lengths[-1]), args.rounds)
+    needed = np.array([key_pairs(length, config)[1] for length in lengths])
+    rest = layer_us - op_us
+    print(f"\nthe fused kernel, forward + backward: {rate / 1e9:.1f} GFLOP/s on this core; an attention computing "
+          f"only the needed pairs at that rate would leave the layer's exponent at")
+    for label, flops in (("scores recomputed in the backward", FLOPS_PER_PAIR_RECOMPUTED),
+                         ("scores kept from the forward", FLOPS_PER_PAIR_KEPT)):
+        ideal_us = needed * heads * flops * head_dim / rate * 1e6
+        print(f"  {exponent(rest + ideal_us)} ({label}; attention {ideal_us[0]:.1f} -> {ideal_us[-1]:.1f} us per token)")
 
 
 if __name__ == "__main__":
