@@ -8,7 +8,7 @@ tens of seconds on first use (and again for every new batch size), so it is opt-
 It is never required: a compile that fails (no C++ compiler, an unsupported platform)
 warns once and the step runs eagerly from then on. The compiled function is pure (it
 returns the new states, the caller stores them), so a failure leaves nothing half
-written. docs/benchmarks.md ("decode") compares both.
+written. docs/benchmark-log.md ("decode on rows, and a compiled SSM step") compares both.
 """
 
 from __future__ import annotations
