@@ -3,8 +3,8 @@
 `train` calls `check_run_dirs` before it builds data or weights, so a read-only or full
 output directory, or a data path that is not there, is one ``error:`` line within seconds
 rather than a traceback after minutes. ``train --dry-run`` prints the same findings.
-Only `check_init_weights` imports torch (it reads the weights' shapes): `train` makes the other checks that
-read files alone (`check_resumable`, `check_no_file_in_the_way`) before torch loads.
+None of them imports torch or transformers: `train` makes the checks that read files alone
+(`check_resumable`, `check_no_file_in_the_way`, `check_init_weights`) before torch loads.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bmojo_neuron.checkpoints.initial_config import check_initial_config
 from bmojo_neuron.checkpoints.layout import latest_intact_checkpoint
 from bmojo_neuron.checkpoints.locate import initial_weights_dir
 from bmojo_neuron.checkpoints.state import read_recipe, resume_refusal, stored_tokenizer
 from bmojo_neuron.compile_cache.units import format_size
 from bmojo_neuron.data.text import source_kind
-from bmojo_neuron.data.tokenizer import BYTE_TOKENIZER, hf_byte_tokenizer, tokenizer_file
+from bmojo_neuron.data.tokenizer import BYTE_TOKENIZER, byte_level_backend, tokenizer_file
 from bmojo_neuron.fsutil import DISK_FULL, file_in_the_way, unwritable_reason
 
 # Per parameter on disk: fp32 weights (4 B) and AdamW's two fp32 moments (8 B) in a checkpoint;
@@ -122,9 +123,7 @@ def check_init_weights(recipe: Any) -> None:
     section that restates other sizes fails before the run starts (and before its data is built); a text run
     must also read its data with the tokenizer that model learned."""
     if recipe.init.weights:
-        from bmojo_neuron.checkpoints.inference import check_initial_config  # torch: the weights' shapes
-
-        check_initial_config(recipe.init.weights, recipe.model_config(), recipe.model)
+        check_initial_config(recipe.init.weights, recipe.model_fields(), recipe.model)
         check_init_tokenizer(recipe)
 
 
@@ -152,8 +151,8 @@ def _same_name(first: str, second: str) -> bool:
 def _token_ids_definition(tokenizer: str) -> dict[str, Any] | None:
     """What decides a tokenizer's ids for a text: its tokenizer.json's model, normalizer and pre-tokenizer, read
     from the file (the byte tokenizer: its byte-level equivalent's); None when there is no file to read."""
-    if tokenizer == BYTE_TOKENIZER:
-        document = json.loads(hf_byte_tokenizer().backend_tokenizer.to_str())
+    if tokenizer == BYTE_TOKENIZER:  # built by the tokenizers library alone (milliseconds; no transformers)
+        document = json.loads(byte_level_backend().to_str())
     else:
         location = tokenizer_file(tokenizer, "tokenizer.json")
         try:

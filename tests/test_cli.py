@@ -443,7 +443,9 @@ def write_llama_folder(folder: Path, layers: int = 2, truncate: bool = False, **
 def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     """What files and the recipe alone decide is refused in one line before torch, transformers and datasets
     load (seconds): `export-transformer` of a hybrid, an OUTPUT or --output-dir that a file stands in (export,
-    prime, train, eval, inspect), `train --resume` with a changed recipe (another recipe's run: its most telling
+    prime, train, eval, inspect), `train` from an ``init.weights`` folder whose model is of another size than the
+    recipe's or learned another tokenizer than data.tokenizer's, or with a tokenizer.json holding a JSON list,
+    `train --resume` with a changed recipe (another recipe's run: its most telling
     changes and the command that continues it), a hub tokenizer that is neither here nor reachable offline
     (`train`, `data prepare`, `precompile` of a trn1 recipe), a weights file its manifest shows truncated (`eval`, `generate`,
     `export-transformer`), byte-level text or a local tokenizer folder's text for a model of 16 ids (`eval`,
@@ -484,6 +486,17 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
            "normalized": False}
     (tokenizer / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordLevel", "unk_token": "w0", "vocab": {
         f"w{i}": i for i in range(39)}}, "added_tokens": [eos]}))
+    listed = tmp_path / "tokenizer-list"  # a tokenizer.json holding a JSON list
+    listed.mkdir()
+    (listed / "tokenizer.json").write_text("[]")
+    primed = tmp_path / "primed-words"  # a primed folder (config, bmojo_run.json, its source's word tokenizer)
+    primed.mkdir()
+    (primed / "config.json").write_text(json.dumps({"model_type": "bmojo", "layer_pattern": "AA", "vocab_size": 300,
+                                                    "hidden_size": 32, "num_hidden_layers": 2,
+                                                    "num_attention_heads": 2, "intermediate_size": 64}))
+    (primed / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordLevel", "unk_token": "w0", "vocab": {
+        f"w{i}": i for i in range(300)}}, "added_tokens": []}))
+    (primed / "bmojo_run.json").write_text(json.dumps({"tokenizer": str(primed), "recipe": {}}))
     commands = [["export-transformer", str(run), str(out)],
                 ["export-transformer", str(attention), str(file)],
                 ["export-transformer", str(attention), str(run)],
@@ -502,6 +515,9 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
                 ["export-transformer", str(damaged), str(out)],
                 ["eval", str(run), "--data", "cpu-text"], ["inspect", str(run), "--data", "cpu-text"],
                 ["eval", str(run), "--data", "cpu-text", f"data.tokenizer={tokenizer}"],
+                ["train", "cpu-text", f"data.tokenizer={listed}", "--output-dir", str(out)],
+                ["train", "cpu-text", f"init.weights={primed}", "model=none", "--output-dir", str(out)],
+                ["train", "cpu-text", f"init.weights={primed}", "--output-dir", str(out)],
                 *(["prime", str(folder), str(out), "--pattern", "AB"] for folder in llama.values()),
                 *(["prime", str(tmp_path / "llama"), str(out), *asked] for asked in (
                     ["--pattern", "AXB"], ["--pattern", "ABA"], ["--pattern", "B", "windw_size=8"],
@@ -544,6 +560,19 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
           "vocabulary (16); pick --data of the kind the model was trained on"] * 2,
         f"error: the evaluation data has token ids up to 39 (tokenizer '{tokenizer}', 40 ids), outside this model's "
         "vocabulary (16)",
+        f"error: data.tokenizer '{listed}': not 'byte' and not loadable as a Hugging Face tokenizer (a local folder "
+        "with tokenizer files, or a hub name when online): tokenizer.json: invalid type: sequence, expected struct "
+        "Tokenizer at line 1 column 2",
+        f"error: init.weights {primed}: its model learned the ids of the tokenizer {primed}, but data.tokenizer is "
+        f"byte, which gives other ids; set data.tokenizer={primed}",
+        f"error: init.weights {primed}: its model does not have the recipe's layers (missing "
+        "['model.layers.0.mixer.innovation_proj.weight', 'model.layers.0.mixer.ssm.A_log', "
+        "'model.layers.0.mixer.ssm.D'], unexpected ['model.layers.1.mixer.k_proj.weight', "
+        "'model.layers.1.mixer.o_proj.weight', 'model.layers.1.mixer.q_proj.weight']); the model section sets "
+        "vocab_size 256 (the folder's: 300), "
+        "hidden_size 128 (the folder's: 32), num_hidden_layers 4 (the folder's: 2), layer_pattern 'BMBM' (the "
+        "folder's: 'AA'), num_attention_heads 4 (the folder's: 2), intermediate_size 256 (the folder's: 64): leave "
+        "these keys out to take the folder's (the override model=none drops the recipe's whole model section)",
         f"error: source {llama['wide']}: model.layers.0.mlp.gate_proj.weight has shape (16, 8) in the weights, but "
         "config.json implies (24, 8); the config does not describe these weights",
         f"error: source {llama['three-layers']}: the weights hold 3 layers, but config.json says num_hidden_layers "
@@ -563,7 +592,8 @@ def test_refusals_read_from_files_come_before_torch_loads(tmp_path):
     for line, start in zip(lines, expected):
         assert line.startswith(start), (line, start)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["a-file", "all-a", "damaged", "finished", "llama", "story.txt", "tokenizer", *llama])
+        ["a-file", "all-a", "damaged", "finished", "llama", "story.txt", "tokenizer", "tokenizer-list", "primed-words",
+         *llama])
 
 
 def test_the_parser_is_built_once_and_a_parse_leaves_it_as_it_was():

@@ -196,8 +196,6 @@ LAZY_IMPORTS: dict[str, tuple[set[str], str]] = {
                                        "boto3 only for an S3 cache; tokenizers only for text recipes"),
     "bmojo_neuron.ops": ({"bmojo_neuron.ops.nki_backend", "nki_kernels", "nki_kernels.emulator"},
                          "the NKI backends load when first chosen"),
-    "bmojo_neuron.preflight": ({"bmojo_neuron.checkpoints.inference"},
-                               "torch only for init.weights' shapes: `train` makes the other checks before torch"),
     "bmojo_neuron.recipes": ({"bmojo_neuron", "bmojo_neuron.data.mqar"},
                              "recipes are read by `plan` and the launchers, without torch or numpy"),
     "nki_kernels.compat": ({"nki_kernels.emulator"}, "the emulator stands in only where NKI is not installed"),

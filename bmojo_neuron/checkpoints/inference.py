@@ -19,6 +19,7 @@ from bmojo_neuron.configuration_bmojo import BMojoConfig
 from bmojo_neuron.modeling_bmojo import BMojoForCausalLM
 
 from .export import quiet_transformers
+from .initial_config import shape_refusal
 from .layout import CONFIG_FILE, FINAL, MODEL_FILE, RUN_INFO_FILE, STEP_PATTERN, is_complete
 from .local import load_model_weights
 from .locate import initial_weights_dir, resolve_model_dir
@@ -76,9 +77,6 @@ def _from_pretrained(source: Path) -> nn.Module:
         raise FileNotFoundError(f"{source}: not a loadable model ({detail})") from None
 
 
-MATCH_ADVICE = "make the model section match it"  # how a run's weights that do not fit the recipe are refused
-
-
 def initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The whole model's weights behind `path` (export, primed folder, checkpoint or run), float32 on the CPU:
     what a new run with ``init.weights`` starts from. Parallel backends take their shard of it."""
@@ -91,41 +89,11 @@ def initial_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def check_initial_weights(weights: dict[str, torch.Tensor], shapes: dict[str, Any], path: str | Path) -> None:
     """`ValueError` naming the first tensor where `weights` (from `initial_weights`) and the recipe's model
-    (its state-dict `shapes`) differ in name or shape."""
-    missing, extra = sorted(set(shapes) - set(weights)), sorted(set(weights) - set(shapes))
-    if missing or extra:
-        raise ValueError(f"init.weights {path}: its model does not have the recipe's layers (missing "
-                         f"{missing[:3]}, unexpected {extra[:3]}); {MATCH_ADVICE}")
-    for name, shape in shapes.items():
-        if tuple(shape) != tuple(weights[name].shape):
-            raise ValueError(f"init.weights {path}: {name} has shape {tuple(weights[name].shape)}, the recipe's "
-                             f"model {tuple(shape)}; {MATCH_ADVICE}")
-
-
-def check_initial_config(path: str | Path, config: BMojoConfig, section: dict[str, Any]) -> None:
-    """`check_initial_weights` from the two configs alone, both models built on the meta device: a recipe whose
-    model (`config`, from its model `section` over the folder's config) is not the one saved behind
-    ``init.weights`` `path` is refused before any data or weights load, naming the section's keys that differ
-    from the folder's config. A folder that holds no B'MOJO model is left to `initial_weights`, which names it
-    when it reads the folder."""
-    folder = initial_weights_dir(path)
-    saved = read_json_object(folder / CONFIG_FILE)
-    if saved.get("model_type") != BMojoConfig.model_type:
-        return
-    with torch.device("meta"):
-        weights = BMojoForCausalLM(BMojoConfig.from_dict(saved)).state_dict()
-        shapes = {name: tensor.shape for name, tensor in BMojoForCausalLM(config).state_dict().items()}
-    try:
-        check_initial_weights(weights, shapes, path)
-    except ValueError as error:
-        differ = [f"{key} {value!r} (the folder's: {saved[key]!r})" for key, value in section.items()
-                  if key in saved and saved[key] != value]
-        if not differ:
-            raise
-        layers = str(error).removesuffix(f"; {MATCH_ADVICE}")
-        # a shipped recipe's section cannot be edited from the command line, but it can be dropped there
-        raise ValueError(f"{layers}; the model section sets {', '.join(differ)}: leave these keys out to take "
-                         "the folder's (the override model=none drops the recipe's whole model section)") from None
+    (its state-dict `shapes`) differ in name or shape (`initial_config.shape_refusal`)."""
+    refusal = shape_refusal({name: tuple(tensor.shape) for name, tensor in weights.items()},
+                            {name: tuple(shape) for name, shape in shapes.items()}, path)
+    if refusal is not None:
+        raise ValueError(refusal)
 
 
 def load_initial_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: str | Path) -> None:

@@ -339,15 +339,16 @@ def run(args: argparse.Namespace) -> int:
 def check_runs_early(recipe: Any, args: argparse.Namespace) -> list[tuple[Any, Path]]:
     """The runs of the recipe (`recipe_runs.plan_runs`), each checked, and the refusals that read only files:
     an output folder that may not take them or that a file stands in, without ``--resume`` a run directory that
-    already holds a run, with it a checkpoint whose recipe differs (`preflight.check_resumable`), and a text
-    run's tokenizer that can be neither read here nor fetched (`data.text.check_build_tokenizer`) or that counts
-    more ids than the model has (`check_vocabulary_fits`). All before torch loads (seconds). A directory a live
-    run holds is left to the lock, whose refusal names the process; the check after taking the lock is the one
-    that counts."""
+    already holds a run, with it a checkpoint whose recipe differs (`preflight.check_resumable`), a text run's
+    tokenizer that can be neither read here nor fetched (`data.text.check_build_tokenizer`) or that counts more
+    ids than the model has (`check_vocabulary_fits`), and a new run's ``init.weights`` whose model is not the
+    recipe's or learned another tokenizer (`preflight.check_init_weights`). All before torch loads (seconds). A
+    directory a live run holds is left to the lock, whose refusal names the process; the check after taking the
+    lock is the one that counts."""
     from bmojo_neuron.checkpoints.layout import has_run
     from bmojo_neuron.data.text import check_build_tokenizer
     from bmojo_neuron.locking import exclusive_holder
-    from bmojo_neuron.preflight import check_no_file_in_the_way, check_resumable
+    from bmojo_neuron.preflight import check_init_weights, check_no_file_in_the_way, check_resumable
     from bmojo_neuron.recipe_runs import plan_runs
 
     runs = plan_runs(recipe, args.output_dir)
@@ -365,6 +366,8 @@ def check_runs_early(recipe: Any, args: argparse.Namespace) -> list[tuple[Any, P
     for variant, _ in runs:
         check_build_tokenizer(variant.data)
         check_vocabulary_fits(variant)
+        if not args.resume:  # a resumed run starts from its checkpoint
+            check_init_weights(variant)
     return runs
 
 

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from bmojo_neuron.data.build_progress import BuildProgress
 from bmojo_neuron.data.hub import check_hub_dataset, datasets_offline, may_be_hub_name, offline_error
-from bmojo_neuron.data.tokenizer import (BYTE_TOKENIZER, check_eos_in_files, check_tokenizer_reachable,
-                                         encode_batch, eos_token_id, load_tokenizer, tokenizer_fingerprint)
+from bmojo_neuron.data.tokenizer import (BYTE_TOKENIZER, check_eos_in_files, check_tokenizer_json,
+                                         check_tokenizer_reachable, encode_batch, eos_token_id, load_tokenizer,
+                                         tokenizer_fingerprint)
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -96,10 +97,11 @@ def built_cache(path: str | os.PathLike | None = None, tokenizer: str = "byte", 
 
 def check_build_tokenizer(data: Any) -> None:
     """When the data section `data` (a recipe's ``data``) is text with no built cache and a source that is not
-    packed blocks, so that the run tokenizes it, its tokenizer must be loadable (`check_tokenizer_reachable`) and,
-    where its files say, have an eos token to separate the documents (`check_eos_in_files`). Reads file names,
-    sizes and times and the tokenizer's small JSON files; a run whose cache is built never loads the tokenizer, so
-    an offline node without it still trains. Other kinds of data (MQAR) have no tokenizer to check."""
+    packed blocks, so that the run tokenizes it, its tokenizer must be loadable (`check_tokenizer_reachable`), its
+    tokenizer.json, where it has one here, a JSON object (`check_tokenizer_json`), and, where its files say, have
+    an eos token to separate the documents (`check_eos_in_files`). Reads file names, sizes and times and the
+    tokenizer's small JSON files; a run whose cache is built never loads the tokenizer, so an offline node without
+    it still trains. Other kinds of data (MQAR) have no tokenizer to check."""
     if data.kind != "text" or data.tokenizer in (None, BYTE_TOKENIZER):
         return
     source = str(CORPUS_DIR if data.path is None else Path(data.path).expanduser())
@@ -108,6 +110,7 @@ def check_build_tokenizer(data: Any) -> None:
     if built_cache(data.path, data.tokenizer, data.block_size, data.cache_dir, data.eval_fraction,
                    data.text_column) is None:
         check_tokenizer_reachable(str(data.tokenizer))
+        check_tokenizer_json(str(data.tokenizer))
         check_eos_in_files(str(data.tokenizer))
 
 

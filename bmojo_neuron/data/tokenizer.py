@@ -108,6 +108,26 @@ def check_tokenizer_reachable(name_or_path: str) -> None:
         _check_on_hub(name_or_path)
 
 
+def check_tokenizer_json(name_or_path: str) -> None:
+    """The ValueError `load_tokenizer` would raise, in its words, for a tokenizer whose tokenizer.json on this
+    machine (`tokenizer_file`) is not JSON, or is JSON but not an object (a list, a number): no tokenizer loads
+    from such a file, and reading it takes milliseconds where the transformers import takes seconds. Anything
+    else, a wrong field inside an object included, is left to the load."""
+    location = tokenizer_file(name_or_path, "tokenizer.json")
+    if isinstance(location, NotHere):
+        return
+    try:
+        document = json.loads(location.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:  # transformers passes the json module's error on as it is
+        raise _not_loadable(name_or_path, error) from None
+    except (OSError, UnicodeDecodeError):  # unreadable: the load names it
+        return
+    if not isinstance(document, dict):  # transformers' own error names nothing in the file: the library's does
+        refusal = _tokenizers_refusal(name_or_path)
+        if refusal is not None:
+            raise _not_loadable(name_or_path, f"tokenizer.json: {refusal}")
+
+
 # The files `AutoTokenizer.from_pretrained` starts from: the model's config.json, tokenizer_config.json and a fast
 # tokenizer's tokenizer.json (transformers 5.25.0 models/auto/tokenization_auto.py, lines 806, 819 and 856); one
 # of them in the Hugging Face cache means the tokenizer may load offline, which the load itself then decides.
@@ -305,21 +325,37 @@ def hf_tokenizer(name_or_path: str) -> Any:
     return hf_byte_tokenizer() if name_or_path == BYTE_TOKENIZER else load_tokenizer(name_or_path)
 
 
-def hf_byte_tokenizer() -> Any:
-    """`ByteTokenizer` as a `PreTrainedTokenizerFast`: token id = UTF-8 byte value, eos = byte 0.
+def byte_symbols() -> dict[int, str]:
+    """Byte value -> the printable character byte-level BPE stands it for: the GPT-2 convention, which the
+    tokenizers library's ByteLevel pre-tokenizer applies (and transformers' ``bytes_to_unicode`` returns):
+    printable Latin-1 bytes ('!' to '~', '¡' to '¬', '®' to 'ÿ') stand for themselves, the other 68 take the
+    characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
-    A byte-level BPE without merges over the 256 byte symbols gives exactly the byte
-    ids. ``split_special_tokens`` keeps the eos symbol (the character U+0100, byte
-    0's stand-in) from being matched inside text, where `ByteTokenizer` would encode it
-    as its two UTF-8 bytes.
-    """
+
+def byte_level_backend() -> Any:
+    """`ByteTokenizer`'s ids as a tokenizers-library `Tokenizer` (a byte-level BPE without merges over the 256
+    byte symbols gives exactly the byte ids): what `hf_byte_tokenizer` wraps, built without transformers, so
+    its tokenizer.json can be compared with another's before transformers loads."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    symbol = bytes_to_unicode()  # byte value -> the printable character byte-level BPE uses for it
+    symbol = byte_symbols()
     backend = Tokenizer(models.BPE(vocab={symbol[b]: b for b in range(256)}, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    eos = symbol[ByteTokenizer.eos_token_id]
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eos, pad_token=eos, split_special_tokens=True)
+    return backend
+
+
+def hf_byte_tokenizer() -> Any:
+    """`ByteTokenizer` as a `PreTrainedTokenizerFast`: token id = UTF-8 byte value, eos = byte 0.
+
+    ``split_special_tokens`` keeps the eos symbol (the character U+0100, byte 0's stand-in) from being matched
+    inside text, where `ByteTokenizer` would encode it as its two UTF-8 bytes.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    eos = byte_symbols()[ByteTokenizer.eos_token_id]
+    return PreTrainedTokenizerFast(tokenizer_object=byte_level_backend(), eos_token=eos, pad_token=eos,
+                                   split_special_tokens=True)
