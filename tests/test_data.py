@@ -114,6 +114,20 @@ def test_mqar_accuracy_uses_shifted_positions() -> None:
 
 
 # ----------------------------------------------------------------------------- tokenizer
+def test_byte_symbols_are_the_byte_level_convention_and_every_byte_is_its_own_id() -> None:
+    """`byte_symbols` is written here, not imported: it must be the mapping byte-level BPE uses (transformers'
+    `bytes_to_unicode`), and the byte tokenizer built on it must give every byte its value as its id."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from bmojo_neuron.data.tokenizer import byte_level_backend, byte_symbols
+
+    assert byte_symbols() == bytes_to_unicode()
+    backend = byte_level_backend()
+    text = bytes(range(1, 128)).decode("ascii") + "é€😀"
+    assert backend.encode(text).ids == list(text.encode("utf-8"))
+    assert backend.decode(list(text.encode("utf-8"))) == text
+
+
 def test_byte_tokenizer_round_trip() -> None:
     tok = load_tokenizer("byte")
     assert isinstance(tok, ByteTokenizer) and tok.vocab_size == len(tok) == 256 and tok.eos_token_id == 0
