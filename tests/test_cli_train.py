@@ -869,6 +869,17 @@ def test_dry_run_sees_a_data_cache_already_built(capsys, tmp_path):
            in capsys.readouterr().out
 
 
+def test_dry_run_names_a_relative_data_cache_by_its_absolute_path(capsys, tmp_path, monkeypatch):
+    """The dry run names the cache folder as the build and `data prepare` will (one absolute path), not as the
+    recipe or the command line gave it."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a few words of text, repeated. " * 200)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "cpu-text", f"data.path={corpus}", "data.cache_dir=rel/cache", "--output-dir",
+                     "runs/text", "--dry-run"]) == 0
+    assert f"tokenized and packed into {tmp_path / 'rel' / 'cache'} on first use" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------ the output folder
 
 
