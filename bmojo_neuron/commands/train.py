@@ -269,7 +269,7 @@ def data_line(recipe: Any) -> str:
     d = recipe.data
     if d.kind == "mqar":
         return "MQAR, generated in memory at start (nothing to prepare)"
-    from bmojo_neuron.data.text import CORPUS_DIR, DEFAULT_CACHE_DIR, built_cache, check_source
+    from bmojo_neuron.data.text import CORPUS_DIR, built_cache, cache_root, check_source
 
     source = str(CORPUS_DIR if d.path is None else Path(d.path).expanduser())
     try:
@@ -281,10 +281,8 @@ def data_line(recipe: Any) -> str:
     cached = built_cache(d.path, d.tokenizer, d.block_size, d.cache_dir, d.eval_fraction, d.text_column)
     if cached is not None:
         return f"{source} ({kind}): already tokenized and packed in {cached} (a `data prepare` or an earlier run)"
-    # named as the build will name it: one absolute path, whatever the recipe or the command line gave
-    cache_dir = Path(d.cache_dir).expanduser().resolve() if d.cache_dir is not None else DEFAULT_CACHE_DIR
-    return (f"{source} ({kind}): tokenized and packed into {cache_dir} on first use; build it once ahead with "
-            "`bmojo-neuron data prepare` (the same overrides and --output-dir) before launching many ranks")
+    return (f"{source} ({kind}): tokenized and packed into {cache_root(d.cache_dir)} on first use; build it once "
+            "ahead with `bmojo-neuron data prepare` (the same overrides and --output-dir) before launching many ranks")
 
 
 def tokenizer_line(recipe: Any) -> str:

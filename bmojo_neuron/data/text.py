@@ -127,12 +127,17 @@ def _cache_settings(source: str, kind: str, tokenizer: str, block_size: int, eva
     }
 
 
+def cache_root(cache_dir: str | os.PathLike | None) -> Path:
+    """The folder text caches go under (``data.cache_dir``, else the user cache), resolved: the build's lines,
+    `data prepare` and `train --dry-run` name it as the folder read back names it (`prepare.dataset_dir`), so a
+    relative ``data.cache_dir`` is one absolute path in all of them."""
+    return (Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR).resolve()
+
+
 def _cache_folder(settings: dict[str, Any], cache_dir: str | os.PathLike | None) -> Path:
-    """The cache folder of `settings` under `cache_dir`, resolved: the build's lines name it as the folder read
-    back names it (`prepare.dataset_dir`), so a relative ``data.cache_dir`` is one absolute path in all of them."""
+    """The cache folder of `settings` under `cache_dir` (`cache_root`)."""
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
-    root = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE_DIR
-    return root.resolve() / f"text-{key}"
+    return cache_root(cache_dir) / f"text-{key}"
 
 
 @contextmanager
