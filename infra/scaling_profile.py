@@ -112,6 +112,24 @@ def kernel_flops_per_second(heads: int, head_dim: int, block: int, rounds: int) 
     return FLOPS_PER_PAIR_RECOMPUTED * head_dim * q.shape[1] * block * 3 * block / seconds
 
 
+def bmm_flops_per_second(heads: int, head_dim: int, block: int, rounds: int) -> float:
+    """Flops per second of `torch.bmm` on the kernel's products at the same tile: scores (block x head_dim by
+    head_dim x 3 block) and values (block x 3 block by 3 block x head_dim), the ceiling a kernel written for the
+    op would work under."""
+    g = torch.Generator().manual_seed(1)
+    n = heads * 4
+    q, kt = torch.randn(n, block, head_dim, generator=g), torch.randn(n, head_dim, 3 * block, generator=g)
+    p, v = torch.randn(n, block, 3 * block, generator=g), torch.randn(n, 3 * block, head_dim, generator=g)
+    seconds = math.inf
+    for r in range(rounds + 1):  # the first round warms up
+        start = time.process_time()
+        torch.bmm(q, kt)
+        torch.bmm(p, v)
+        if r:
+            seconds = min(seconds, time.process_time() - start)
+    return 2 * 2 * n * block * 3 * block * head_dim / seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="1024,2048,4096,8192,16384")
@@ -153,8 +171,10 @@ def main() -> None:
     rate = kernel_flops_per_second(heads, head_dim, default_block(config.window_size, lengths[-1]), args.rounds)
     needed = np.array([key_pairs(length, config)[1] for length in lengths])
     rest = layer_us - op_us
-    print(f"\nthe fused kernel, forward + backward: {rate / 1e9:.1f} GFLOP/s on this core; an attention computing "
-          f"only the needed pairs at that rate would leave the layer's exponent at")
+    bmm = bmm_flops_per_second(heads, head_dim, default_block(config.window_size, lengths[-1]), args.rounds)
+    print(f"\nthe fused kernel, forward + backward: {rate / 1e9:.1f} GFLOP/s on this core (torch.bmm on the same "
+          f"products: {bmm / 1e9:.1f}); an attention computing only the needed pairs at that rate would leave the "
+          f"layer's exponent at")
     for label, flops in (("scores recomputed in the backward", FLOPS_PER_PAIR_RECOMPUTED),
                          ("scores kept from the forward", FLOPS_PER_PAIR_KEPT)):
         ideal_us = needed * heads * flops * head_dim / rate * 1e6
